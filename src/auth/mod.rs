@@ -1,0 +1,238 @@
+//! Who is calling: accounts, passwords and session tokens.
+//!
+//! [`Auth`] registers users, checks passwords (argon2id, on blocking
+//! threads), issues HMAC-signed session tokens and revokes them on logout.
+//! Checking a token — on every claim — is a signature check and one
+//! revocation-set lookup, with no store access.
+//!
+//! Login answers the same error, after the same argon2 work, for an unknown
+//! user and a wrong password, so responses do not reveal which usernames exist.
+
+pub mod password;
+pub mod session;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use rand::RngCore;
+
+pub use password::HashCost;
+pub use session::{Session, SessionKey, TokenError};
+
+use crate::{
+    config::{now_ms, Config},
+    store::{Store, StoreError, User},
+};
+
+/// Environment variable that overrides `auth.session_secret`.
+pub const SECRET_ENV: &str = "TICKETD_SESSION_SECRET";
+
+/// Why an account operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// `auth.open_registration` is false.
+    #[error("registration is closed")]
+    RegistrationClosed,
+    /// The username exists.
+    #[error("this username is taken")]
+    UsernameTaken,
+    /// Unknown user or wrong password (deliberately the same).
+    #[error("wrong username or password")]
+    BadCredentials,
+    /// A field is unacceptable.
+    #[error("{0}")]
+    InvalidField(String),
+    /// The token is missing, malformed, forged or revoked.
+    #[error("the token is invalid")]
+    TokenInvalid,
+    /// The token expired.
+    #[error("the token has expired; log in again")]
+    TokenExpired,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A hashing task died.
+    #[error("internal error")]
+    Internal,
+}
+
+/// Settings that a reload may change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Settings {
+    open_registration: bool,
+    cost: HashCost,
+    session_ttl_ms: i64,
+}
+
+impl Settings {
+    fn from_config(config: &Config) -> Settings {
+        Settings {
+            open_registration: config.auth.open_registration,
+            cost: HashCost {
+                memory_kib: config.auth.argon2_memory_kib,
+                iterations: config.auth.argon2_iterations,
+            },
+            session_ttl_ms: config.session_ttl_ms(),
+        }
+    }
+}
+
+/// Accounts and sessions.
+pub struct Auth {
+    key: SessionKey,
+    settings: ArcSwap<Settings>,
+    /// Logged-out token ids and when they would expire.
+    revoked: DashMap<[u8; 16], i64>,
+    /// Verified against when the username is unknown, to spend the same time.
+    dummy_hash: ArcSwap<String>,
+    store: Arc<Store>,
+}
+
+/// Checks a username, password and nickname; returns the nickname to use.
+pub fn validate_account(username: &str, password: &str, nickname: Option<&str>) -> Result<String, AuthError> {
+    let name_ok = (3..=32).contains(&username.chars().count())
+        && username.chars().all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '@'));
+    if !name_ok {
+        return Err(AuthError::InvalidField(
+            "username must be 3-32 letters, digits, '_', '-', '.' or '@'".into(),
+        ));
+    }
+    if !(8..=128).contains(&password.chars().count()) {
+        return Err(AuthError::InvalidField("password must be 8-128 characters".into()));
+    }
+    let nickname = nickname.map(str::trim).filter(|n| !n.is_empty()).unwrap_or(username);
+    if nickname.chars().count() > 32 || nickname.chars().any(char::is_control) {
+        return Err(AuthError::InvalidField("nickname must be at most 32 printable characters".into()));
+    }
+    Ok(nickname.to_owned())
+}
+
+impl Auth {
+    /// Sets up signing (key from the environment, the config, or the store)
+    /// and loads the revocation set.
+    pub fn new(config: &Config, store: Arc<Store>) -> Result<Auth, StoreError> {
+        let secret = match std::env::var(SECRET_ENV).ok().filter(|s| !s.is_empty()) {
+            Some(s) => s,
+            None => match &config.auth.session_secret {
+                Some(s) => s.clone(),
+                None => store.secret("session", &|| {
+                    let mut bytes = [0u8; 32];
+                    rand::rngs::OsRng.fill_bytes(&mut bytes);
+                    session::token_id_hex(&bytes[..16].try_into().expect("16"))
+                        + &session::token_id_hex(&bytes[16..].try_into().expect("16"))
+                })?,
+            },
+        };
+        let settings = Settings::from_config(config);
+        let revoked = DashMap::new();
+        for (id, exp) in store.revoked_sessions(now_ms())? {
+            if let Some(bytes) = parse_hex16(&id) {
+                revoked.insert(bytes, exp);
+            }
+        }
+        Ok(Auth {
+            key: SessionKey::new(secret.as_bytes()),
+            dummy_hash: ArcSwap::from_pointee(password::hash("dummy password", settings.cost)),
+            settings: ArcSwap::from_pointee(settings),
+            revoked,
+            store,
+        })
+    }
+
+    /// Applies reloadable settings (registration, argon2 cost, session TTL).
+    pub fn apply(&self, config: &Config) {
+        let new = Settings::from_config(config);
+        if new.cost != self.settings.load().cost {
+            self.dummy_hash.store(Arc::new(password::hash("dummy password", new.cost)));
+        }
+        self.settings.store(Arc::new(new));
+    }
+
+    /// The session behind `token`, if it is valid and not logged out.
+    pub fn authenticate(&self, token: &str) -> Result<Session, AuthError> {
+        let session = self.key.verify(token, now_ms()).map_err(|e| match e {
+            TokenError::Invalid => AuthError::TokenInvalid,
+            TokenError::Expired => AuthError::TokenExpired,
+        })?;
+        if self.revoked.contains_key(&session.token_id) {
+            return Err(AuthError::TokenInvalid);
+        }
+        Ok(session)
+    }
+
+    fn issue(&self, user_id: u64) -> String {
+        let ttl = self.settings.load().session_ttl_ms;
+        self.key.issue(user_id, now_ms().saturating_add(ttl)).0
+    }
+
+    /// Creates an account and logs it in.
+    pub async fn register(self: &Arc<Self>, username: String, password: String, nickname: Option<String>) -> Result<(User, String), AuthError> {
+        let settings = self.settings.load_full();
+        if !settings.open_registration {
+            return Err(AuthError::RegistrationClosed);
+        }
+        let nickname = validate_account(&username, &password, nickname.as_deref())?;
+        let this = self.clone();
+        let user = blocking(move || {
+            let hash = password::hash(&password, settings.cost);
+            this.store.create_user(&username, &nickname, &hash).map_err(|e| match e {
+                StoreError::UsernameTaken => AuthError::UsernameTaken,
+                other => other.into(),
+            })
+        })
+        .await?;
+        let token = self.issue(user.id);
+        Ok((user, token))
+    }
+
+    /// Checks a password and issues a token.
+    pub async fn login(self: &Arc<Self>, username: String, password: String) -> Result<(User, String), AuthError> {
+        let this = self.clone();
+        let user = blocking(move || {
+            let user = this.store.user_by_name(&username)?;
+            let hash = match &user {
+                Some(u) => u.password_hash.clone(),
+                None => this.dummy_hash.load().to_string(),
+            };
+            let ok = password::verify(&password, &hash);
+            match user {
+                Some(u) if ok => Ok(u),
+                _ => Err(AuthError::BadCredentials),
+            }
+        })
+        .await?;
+        let token = self.issue(user.id);
+        Ok((user, token))
+    }
+
+    /// Revokes the session until it would have expired.
+    pub async fn logout(self: &Arc<Self>, session: Session) -> Result<(), AuthError> {
+        self.revoked.insert(session.token_id, session.expires_at_ms);
+        let this = self.clone();
+        blocking(move || {
+            this.store
+                .revoke_session(&session::token_id_hex(&session.token_id), session.expires_at_ms)
+                .map_err(AuthError::from)
+        })
+        .await
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, AuthError> + Send + 'static) -> Result<T, AuthError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "An account task panicked.");
+        Err(AuthError::Internal)
+    })
+}
+
+fn parse_hex16(s: &str) -> Option<[u8; 16]> {
+    let mut out = [0u8; 16];
+    if s.len() != 32 {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}

@@ -1,0 +1,57 @@
+//! Password hashing with argon2id.
+//!
+//! Costs come from `[auth]`; each hash records its own parameters (PHC
+//! string), so raising the cost later does not lock anybody out. Hashing is
+//! deliberately slow and always runs on a blocking thread.
+
+use argon2::{
+    password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
+    Algorithm, Argon2, Params, Version,
+};
+
+/// Argon2id costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashCost {
+    /// Memory in KiB.
+    pub memory_kib: u32,
+    /// Passes.
+    pub iterations: u32,
+}
+
+fn hasher(cost: HashCost) -> Argon2<'static> {
+    // Params are validated by the config (memory >= 8 KiB, iterations >= 1).
+    let params = Params::new(cost.memory_kib.max(8), cost.iterations.max(1), 1, None).expect("valid argon2 params");
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+}
+
+/// Hashes `password` into a PHC string.
+pub fn hash(password: &str, cost: HashCost) -> String {
+    let salt = SaltString::generate(&mut OsRng);
+    hasher(cost)
+        .hash_password(password.as_bytes(), &salt)
+        .expect("argon2 hashing cannot fail with valid params")
+        .to_string()
+}
+
+/// Whether `password` matches the PHC string `phc`. A malformed stored hash never matches.
+pub fn verify(password: &str, phc: &str) -> bool {
+    match PasswordHash::new(phc) {
+        Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_verify_only_their_password() {
+        let cost = HashCost { memory_kib: 8, iterations: 1 };
+        let h = hash("correct horse", cost);
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify("correct horse", &h));
+        assert!(!verify("correct horsE", &h));
+        assert!(!verify("correct horse", "not a hash"));
+    }
+}

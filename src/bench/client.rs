@@ -1,0 +1,118 @@
+//! A small JSON-over-HTTP/1.1 client for the API, with pooled keep-alive
+//! connections and round-robin over several node URLs.
+
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use anyhow::{anyhow, Context};
+use bytes::Bytes;
+use http::{header, Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::TokioExecutor,
+};
+use serde_json::Value;
+
+/// An answer: the status and the parsed JSON body.
+#[derive(Debug, Clone)]
+pub struct ApiResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// The body as JSON (`Value::Null` when it was not JSON).
+    pub body: Value,
+}
+
+impl ApiResponse {
+    /// `error.code` of an error answer.
+    pub fn error_code(&self) -> Option<&str> {
+        self.body.pointer("/error/code").and_then(Value::as_str)
+    }
+
+    /// `data` of a success answer.
+    pub fn data(&self) -> &Value {
+        self.body.get("data").unwrap_or(&Value::Null)
+    }
+}
+
+/// A client for one or more ticketd nodes.
+pub struct ApiClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+    bases: Vec<String>,
+    next: AtomicUsize,
+}
+
+impl ApiClient {
+    /// A client for `bases` (e.g. `http://127.0.0.1:3000`), keeping up to
+    /// `pool` idle connections per node.
+    pub fn new(bases: Vec<String>, pool: usize) -> anyhow::Result<ApiClient> {
+        if bases.is_empty() {
+            return Err(anyhow!("no URL given"));
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(pool)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        let bases = bases.into_iter().map(|b| b.trim_end_matches('/').to_owned()).collect();
+        Ok(ApiClient {
+            client,
+            bases,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    fn base(&self) -> &str {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.bases.len();
+        &self.bases[i]
+    }
+
+    /// Sends one request to the next node; `extra` adds headers.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<ApiResponse> {
+        let url = format!("{}{path}", self.base());
+        let mut req = Request::builder().method(method).uri(&url);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        let payload = match body {
+            Some(b) => {
+                req = req.header(header::CONTENT_TYPE, "application/json");
+                Bytes::from(serde_json::to_vec(b)?)
+            }
+            None => Bytes::new(),
+        };
+        let res = self
+            .client
+            .request(req.body(Full::new(payload))?)
+            .await
+            .with_context(|| format!("request to {url} failed"))?;
+        let status = res.status().as_u16();
+        let bytes = res.into_body().collect().await.context("reading the answer failed")?.to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok(ApiResponse { status, body })
+    }
+
+    /// `GET path`.
+    pub async fn get(&self, path: &str, token: Option<&str>) -> anyhow::Result<ApiResponse> {
+        self.call(Method::GET, path, token, None, &[]).await
+    }
+
+    /// `POST path` with a JSON body.
+    pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> anyhow::Result<ApiResponse> {
+        self.call(Method::POST, path, token, Some(body), &[]).await
+    }
+}

@@ -1,0 +1,158 @@
+//! The catalog: an immutable snapshot of activities and ticket types.
+//!
+//! Request handlers read it through [`SharedCatalog`] (an `ArcSwap`) without
+//! taking a lock. A reload builds a whole new [`Catalog`] from the new config
+//! and swaps it in; requests that already hold the old snapshot finish on it.
+//! Snapshots do not own stock: each ticket type and activity points at its
+//! long-lived [`CodePool`] and [`Ledger`] in the [`Inventory`], so swapping a
+//! snapshot never changes what is in stock or who holds what.
+
+use std::{collections::HashMap, sync::Arc};
+
+use arc_swap::ArcSwap;
+
+use crate::{
+    config::Config,
+    inventory::{CodePool, Inventory, Ledger},
+};
+
+/// The catalog in use, swapped atomically on reload.
+pub type SharedCatalog = ArcSwap<Catalog>;
+
+/// One consistent view of everything on sale.
+pub struct Catalog {
+    activities: Vec<Arc<Activity>>,
+    by_id: HashMap<Arc<str>, usize>,
+}
+
+/// An activity (活动) with its times resolved to Unix milliseconds.
+pub struct Activity {
+    /// `actId`.
+    pub id: Arc<str>,
+    /// Display name.
+    pub name: String,
+    /// Description.
+    pub desc: String,
+    /// Image URL.
+    pub image: String,
+    /// Claiming opens, Unix ms.
+    pub start_ms: i64,
+    /// Claiming closes, Unix ms.
+    pub end_ms: i64,
+    /// Most codes per user.
+    pub per_user_limit: u32,
+    /// Claims are refused while paused.
+    pub paused: bool,
+    /// Ticket types, in config order.
+    pub tickets: Vec<TicketType>,
+    /// Who holds what (lives across reloads).
+    pub ledger: Arc<Ledger>,
+}
+
+/// A ticket type (票).
+pub struct TicketType {
+    /// `ticketId`.
+    pub id: Arc<str>,
+    /// Display name.
+    pub name: String,
+    /// Description.
+    pub desc: String,
+    /// Start of the ticket's own validity, Unix ms.
+    pub valid_from_ms: Option<i64>,
+    /// End of the ticket's own validity, Unix ms.
+    pub valid_until_ms: Option<i64>,
+    /// The unclaimed codes (lives across reloads).
+    pub pool: Arc<CodePool>,
+}
+
+/// Where an activity is in its sale window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Before the start.
+    Upcoming,
+    /// Claims are accepted (unless paused).
+    Open,
+    /// After the end.
+    Ended,
+}
+
+impl Catalog {
+    /// Builds a snapshot of `config`, resolving relative times against
+    /// `node_start_ms` and attaching the inventory's pools and ledgers.
+    pub fn build(config: &Config, node_start_ms: i64, inventory: &Inventory) -> Result<Catalog, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut activities = Vec::with_capacity(config.activities.len());
+        let mut by_id = HashMap::with_capacity(config.activities.len());
+        for a in &config.activities {
+            let (start_ms, end_ms) = (a.start_time.resolve(node_start_ms), a.end_time.resolve(node_start_ms));
+            if end_ms <= start_ms {
+                problems.push(format!("activity `{}` must end after it starts", a.id));
+            }
+            let tickets = a
+                .tickets
+                .iter()
+                .map(|t| TicketType {
+                    id: Arc::from(t.id.as_str()),
+                    name: t.name.clone(),
+                    desc: t.desc.clone(),
+                    valid_from_ms: t.start_time.map(|s| s.resolve(node_start_ms)),
+                    valid_until_ms: t.end_time.map(|s| s.resolve(node_start_ms)),
+                    pool: inventory.pool(&t.id),
+                })
+                .collect();
+            let id: Arc<str> = Arc::from(a.id.as_str());
+            by_id.insert(id.clone(), activities.len());
+            activities.push(Arc::new(Activity {
+                ledger: inventory.ledger(&a.id),
+                id,
+                name: a.name.clone(),
+                desc: a.desc.clone(),
+                image: a.image.clone(),
+                start_ms,
+                end_ms,
+                per_user_limit: a.per_user_limit,
+                paused: a.paused,
+                tickets,
+            }));
+        }
+        if problems.is_empty() {
+            Ok(Catalog { activities, by_id })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The activity with `id`.
+    pub fn activity(&self, id: &str) -> Option<&Arc<Activity>> {
+        self.by_id.get(id).map(|&i| &self.activities[i])
+    }
+
+    /// Every activity, in config order.
+    pub fn activities(&self) -> &[Arc<Activity>] {
+        &self.activities
+    }
+}
+
+impl Activity {
+    /// The ticket type with `id` in this activity.
+    pub fn ticket(&self, id: &str) -> Option<&TicketType> {
+        self.tickets.iter().find(|t| &*t.id == id)
+    }
+
+    /// Where the activity is at `now_ms`.
+    pub fn status(&self, now_ms: i64) -> Status {
+        if now_ms < self.start_ms {
+            Status::Upcoming
+        } else if now_ms < self.end_ms {
+            Status::Open
+        } else {
+            Status::Ended
+        }
+    }
+
+    /// Codes in stock across all ticket types.
+    pub fn remaining(&self) -> usize {
+        self.tickets.iter().map(|t| t.pool.remaining()).sum()
+    }
+}

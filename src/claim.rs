@@ -1,0 +1,321 @@
+//! The claim decision: may this user have a code of this activity now, and
+//! which one?
+//!
+//! The order of checks is the order of cost. Everything before the commit is
+//! in memory and lock-free or shard-locked for a few instructions:
+//!
+//! 1. the activity in the catalog snapshot (404), paused (409), the sale
+//!    window (409 NOT_STARTED / ENDED);
+//! 2. an in-flight budget (503, so a burst cannot queue without bound);
+//! 3. the user's slot in the activity's [`Ledger`]: an idempotency key that
+//!    already has a claim is answered again; a user at the limit is refused
+//!    with their codes (409 LIMIT_REACHED);
+//! 4. a code from the ticket's [`CodePool`] (410 SOLD_OUT when every pool is
+//!    empty — one atomic load each);
+//! 5. the commit: the claim goes to the store ([`Store::commit`]), which
+//!    makes it durable and *settles* it — confirming it in the ledger, or on
+//!    failure putting the code back and releasing the slot. Settlement runs
+//!    in the committer, not in the request, so a client that hangs up while
+//!    waiting can never leave a durable claim unrecorded or a code lost.
+
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc,
+};
+
+use tokio::sync::oneshot;
+
+use crate::{
+    catalog::{Activity, Catalog, TicketType},
+    config::now_ms,
+    inventory::{CodeIdx, CodePool, Ledger, Reservation},
+    journal,
+    metrics::{self, ClaimOutcome},
+    store::Store,
+};
+
+/// A code given to a user: durable once it has an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The claim id (the journal sequence number); 0 until committed.
+    pub id: u64,
+    /// The activity.
+    pub activity_id: Arc<str>,
+    /// The ticket type.
+    pub ticket_id: Arc<str>,
+    /// The redeemable code.
+    pub code: Arc<str>,
+    /// The user who holds it.
+    pub user_id: u64,
+    /// When it was claimed, Unix milliseconds.
+    pub claimed_at_ms: i64,
+    /// The `Idempotency-Key` the claim was made with, if any.
+    pub idempotency_key: Option<Arc<str>>,
+}
+
+/// Why a commit did not make a claim durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CommitError {
+    /// The commit queue is full.
+    #[error("the claim queue is full")]
+    Overloaded,
+    /// The journal or store cannot take writes.
+    #[error("claims cannot be stored right now")]
+    Unavailable,
+}
+
+/// A claim request after authentication and parsing.
+#[derive(Debug)]
+pub struct ClaimRequest<'a> {
+    /// The user.
+    pub user_id: u64,
+    /// `actId`.
+    pub activity_id: &'a str,
+    /// `ticketId`; `None` means any ticket type with stock.
+    pub ticket_id: Option<&'a str>,
+    /// The `Idempotency-Key` header.
+    pub idempotency_key: Option<Arc<str>>,
+}
+
+/// A successful claim.
+#[derive(Debug)]
+pub struct Claimed {
+    /// The claim.
+    pub claim: Claim,
+    /// True when this answers a retry with an already used idempotency key.
+    pub replayed: bool,
+}
+
+/// Why a claim was refused. Each maps to one API error code.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// No such activity.
+    UnknownActivity,
+    /// No such ticket type in this activity.
+    UnknownTicket,
+    /// The organiser paused the activity.
+    Paused,
+    /// Before the start; the start and end in Unix milliseconds.
+    NotStarted {
+        /// Start.
+        start_ms: i64,
+        /// End.
+        end_ms: i64,
+    },
+    /// After the end.
+    Ended {
+        /// Start.
+        start_ms: i64,
+        /// End.
+        end_ms: i64,
+    },
+    /// The user holds the limit already; their codes.
+    LimitReached(Vec<Arc<str>>),
+    /// A claim with the same idempotency key is being committed.
+    InProgress,
+    /// No stock left.
+    SoldOut,
+    /// Too many claims in flight or queued.
+    Overloaded,
+    /// The store cannot take claims.
+    Unavailable,
+}
+
+impl Rejection {
+    fn outcome(&self) -> ClaimOutcome {
+        match self {
+            Rejection::UnknownActivity | Rejection::UnknownTicket => ClaimOutcome::NotFound,
+            Rejection::Paused => ClaimOutcome::Paused,
+            Rejection::NotStarted { .. } => ClaimOutcome::NotStarted,
+            Rejection::Ended { .. } => ClaimOutcome::Ended,
+            Rejection::LimitReached(_) => ClaimOutcome::LimitReached,
+            Rejection::InProgress => ClaimOutcome::InProgress,
+            Rejection::SoldOut => ClaimOutcome::SoldOut,
+            Rejection::Overloaded => ClaimOutcome::Overloaded,
+            Rejection::Unavailable => ClaimOutcome::Unavailable,
+        }
+    }
+}
+
+impl From<CommitError> for Rejection {
+    fn from(e: CommitError) -> Self {
+        match e {
+            CommitError::Overloaded => Rejection::Overloaded,
+            CommitError::Unavailable => Rejection::Unavailable,
+        }
+    }
+}
+
+/// A claim on its way to durability, holding what it needs to settle itself.
+pub struct PendingClaim {
+    claim: Claim,
+    pool: Arc<CodePool>,
+    code_idx: CodeIdx,
+    ledger: Arc<Ledger>,
+    reply: oneshot::Sender<Result<Claim, CommitError>>,
+}
+
+impl journal::Entry for PendingClaim {
+    fn claim(&self) -> &Claim {
+        &self.claim
+    }
+
+    fn settle(self, result: Result<u64, CommitError>) {
+        let PendingClaim {
+            mut claim,
+            pool,
+            code_idx,
+            ledger,
+            reply,
+        } = self;
+        let answer = match result {
+            Ok(id) => {
+                claim.id = id;
+                ledger.confirm(claim.clone());
+                Ok(claim)
+            }
+            Err(e) => {
+                pool.put_back(code_idx);
+                ledger.release(claim.user_id, claim.idempotency_key.as_ref());
+                Err(e)
+            }
+        };
+        // The requester may have gone; the claim stands regardless.
+        let _ = reply.send(answer);
+    }
+}
+
+/// Makes claim decisions against the current catalog.
+pub struct Claimer {
+    store: Arc<Store>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// Decrements the in-flight count when the request finishes or is dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Claimer {
+    /// A claimer committing to `store`, admitting `max_in_flight` claims at once.
+    pub fn new(store: Arc<Store>, max_in_flight: usize) -> Claimer {
+        Claimer {
+            store,
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(max_in_flight),
+        }
+    }
+
+    /// Applies a reloaded `limits.max_in_flight_claims`.
+    pub fn set_max_in_flight(&self, n: usize) {
+        self.max_in_flight.store(n, Ordering::Relaxed);
+    }
+
+    /// Claims currently being decided or committed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Decides `req` against `catalog`, commits, and records the outcome in metrics.
+    pub async fn claim(&self, catalog: &Catalog, req: ClaimRequest<'_>) -> Result<Claimed, Rejection> {
+        let result = self.decide(catalog, req).await;
+        let outcome = match &result {
+            Ok(c) if c.replayed => ClaimOutcome::Replayed,
+            Ok(_) => ClaimOutcome::Success,
+            Err(r) => r.outcome(),
+        };
+        metrics::global().claims.inc(outcome);
+        result
+    }
+
+    async fn decide(&self, catalog: &Catalog, req: ClaimRequest<'_>) -> Result<Claimed, Rejection> {
+        let activity = catalog.activity(req.activity_id).ok_or(Rejection::UnknownActivity)?;
+        let now = now_ms();
+        check_window(activity, now)?;
+        let ticket = match req.ticket_id {
+            Some(id) => Some(activity.ticket(id).ok_or(Rejection::UnknownTicket)?),
+            None => None,
+        };
+        let key = req.idempotency_key;
+        let in_stock = match ticket {
+            Some(t) => t.pool.remaining() > 0,
+            None => activity.tickets.iter().any(|t| t.pool.remaining() > 0),
+        };
+        if !in_stock {
+            // Sold out is answered from memory with read-only look-ups, so the
+            // flood after the sell-out costs no allocation and no write lock.
+            return match activity.ledger.peek(req.user_id, activity.per_user_limit, key.as_deref()) {
+                Some(Reservation::Replay(claim)) => Ok(Claimed { claim, replayed: true }),
+                Some(Reservation::LimitReached(codes)) => Err(Rejection::LimitReached(codes)),
+                _ => Err(Rejection::SoldOut),
+            };
+        }
+
+        let in_flight = self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _guard = InFlight(&self.in_flight);
+        if in_flight >= self.max_in_flight.load(Ordering::Relaxed) {
+            return Err(Rejection::Overloaded);
+        }
+
+        match activity.ledger.reserve(req.user_id, activity.per_user_limit, key.as_ref()) {
+            Reservation::Reserved => {}
+            Reservation::Replay(claim) => return Ok(Claimed { claim, replayed: true }),
+            Reservation::InProgress => return Err(Rejection::InProgress),
+            Reservation::LimitReached(codes) => return Err(Rejection::LimitReached(codes)),
+        }
+        let Some((ticket, code_idx)) = take_code(activity, ticket) else {
+            activity.ledger.release(req.user_id, key.as_ref());
+            return Err(Rejection::SoldOut);
+        };
+
+        let (reply, answer) = oneshot::channel();
+        self.store.commit(PendingClaim {
+            claim: Claim {
+                id: 0,
+                activity_id: activity.id.clone(),
+                ticket_id: ticket.id.clone(),
+                code: ticket.pool.code(code_idx),
+                user_id: req.user_id,
+                claimed_at_ms: now,
+                idempotency_key: key,
+            },
+            pool: ticket.pool.clone(),
+            code_idx,
+            ledger: activity.ledger.clone(),
+            reply,
+        });
+        match answer.await {
+            Ok(Ok(claim)) => Ok(Claimed { claim, replayed: false }),
+            Ok(Err(e)) => Err(e.into()),
+            // The committer always settles; a dropped reply means it is gone.
+            Err(_) => Err(Rejection::Unavailable),
+        }
+    }
+}
+
+fn check_window(activity: &Activity, now: i64) -> Result<(), Rejection> {
+    if activity.paused {
+        return Err(Rejection::Paused);
+    }
+    let (start_ms, end_ms) = (activity.start_ms, activity.end_ms);
+    if now < start_ms {
+        return Err(Rejection::NotStarted { start_ms, end_ms });
+    }
+    if now >= end_ms {
+        return Err(Rejection::Ended { start_ms, end_ms });
+    }
+    Ok(())
+}
+
+/// Takes a code of `ticket`, or of the first ticket type with stock.
+fn take_code<'a>(activity: &'a Activity, ticket: Option<&'a TicketType>) -> Option<(&'a TicketType, CodeIdx)> {
+    match ticket {
+        Some(t) => t.pool.take().map(|idx| (t, idx)),
+        None => activity.tickets.iter().find_map(|t| t.pool.take().map(|idx| (t, idx))),
+    }
+}

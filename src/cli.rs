@@ -1,0 +1,135 @@
+//! The command line: `ticketd serve | import | user | export | check-config | bench`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::LogFormat;
+
+/// ticketd — a ticket-rush (抢票) service that never oversells.
+///
+/// One binary: the HTTP service, the organiser's tools and a load generator.
+/// Every command reads the same config file (default ./config.toml).
+#[derive(Debug, Parser)]
+#[command(name = "ticketd", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Path to the config file.
+    #[arg(long, short, global = true, env = "TICKETD_CONFIG", default_value = "config.toml")]
+    pub config: PathBuf,
+
+    /// Log format; overrides `[log] format`.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API. In embedded mode, imports the config's activities first.
+    ///
+    /// Signals: SIGHUP reloads the config; SIGTERM/SIGINT shut down gracefully
+    /// (a second one exits at once, losing no acknowledged claim).
+    Serve,
+    /// Load the config's activities, ticket types and codes into the store.
+    ///
+    /// Idempotent: running it twice adds nothing twice, and a claimed code is
+    /// never put back. A running node picks new codes up on SIGHUP.
+    Import,
+    /// Manage user accounts.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Stream every claim of an activity as CSV or JSON lines.
+    Export(ExportArgs),
+    /// Validate the config file and print every problem with its line.
+    CheckConfig,
+    /// Rush an activity over HTTP, report throughput and latency, and verify
+    /// that nothing was oversold (exits non-zero on any violation).
+    Bench(BenchArgs),
+}
+
+/// `ticketd user ...`
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create one user. The password is read from stdin (or prompted for on a terminal).
+    Add {
+        /// Login name.
+        #[arg(long)]
+        username: String,
+        /// Display name (defaults to the username).
+        #[arg(long)]
+        nickname: Option<String>,
+    },
+    /// Create users from a CSV file with the columns username,password,nickname
+    /// (a header row is optional). Hashes in parallel; existing usernames are skipped.
+    Import {
+        /// The CSV file.
+        file: PathBuf,
+    },
+    /// List users (id, username, nickname, created).
+    List,
+}
+
+/// Export output formats.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// RFC 4180 CSV with a header row, UTF-8.
+    Csv,
+    /// One JSON object per line.
+    Jsonl,
+}
+
+/// `ticketd export`
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The activity id.
+    #[arg(long)]
+    pub activity: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "csv")]
+    pub format: ExportFormat,
+    /// Write to this file instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// `ticketd bench`
+#[derive(Debug, Args, Clone)]
+pub struct BenchArgs {
+    /// Base URL of a node, e.g. http://127.0.0.1:3000 (repeat for several; used round-robin).
+    #[arg(long = "url", required = true)]
+    pub urls: Vec<String>,
+    /// The activity to rush.
+    #[arg(long)]
+    pub activity: String,
+    /// Number of distinct users.
+    #[arg(long, default_value_t = 1000)]
+    pub users: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Claims each user sends (at the same moment, to test the per-user limit).
+    #[arg(long, default_value_t = 1)]
+    pub claims_per_user: usize,
+    /// Register users that do not exist yet.
+    #[arg(long)]
+    pub create_users: bool,
+    /// Usernames are this prefix plus a number.
+    #[arg(long, default_value = "bench-user-")]
+    pub user_prefix: String,
+    /// Password of every bench user (an example value; bench users are throwaway).
+    #[arg(long, default_value = "bench-password")]
+    pub password: String,
+    /// Claim this ticket type instead of any.
+    #[arg(long)]
+    pub ticket: Option<String>,
+    /// Print the report as JSON on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also measure plain GET /healthz at the same concurrency, for a baseline.
+    #[arg(long)]
+    pub baseline: bool,
+}

@@ -1,0 +1,189 @@
+//! What each subcommand does, on top of the library.
+//!
+//! Errors are `anyhow` here (the edge of the program); `main` prints them as
+//! one sentence and exits non-zero.
+
+use std::{
+    io::{self, BufRead, IsTerminal, Write},
+    path::Path,
+};
+
+use anyhow::{bail, Context};
+use tokio::net::TcpListener;
+
+use crate::{
+    app::App,
+    auth::{password, validate_account, HashCost},
+    cli::{ExportArgs, UserCommand},
+    config::{now_ms, Config},
+    export, signals,
+    store::{Access, Store},
+};
+
+/// Loads the config, with the file name in the error.
+pub fn load_config(path: &Path) -> anyhow::Result<Config> {
+    Ok(Config::load(path)?)
+}
+
+/// `ticketd serve`.
+pub fn serve(config: Config, config_path: &Path) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ticketd-worker")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let addr = config.server.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let signals = signals::install().context("cannot install signal handlers")?;
+        let app = App::start(config, config_path.to_owned())?;
+        app.run(listener, signals.reload, signals.shutdown).await
+    })
+}
+
+/// `ticketd import`.
+pub fn import(config: &Config) -> anyhow::Result<()> {
+    let store = Store::open(config, Access::Tool)?;
+    let report = store.import(config, now_ms())?;
+    for t in &report.tickets {
+        println!("ticket {}: {} codes added, {} in total", t.ticket_id, t.added.len(), t.total);
+    }
+    for c in &report.conflicts {
+        eprintln!("skipped: {c}");
+    }
+    println!("{} activities imported. A running node picks new codes up on SIGHUP.", report.activities);
+    Ok(())
+}
+
+/// `ticketd check-config`.
+pub fn check_config(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let codes: usize = config.activities.iter().flat_map(|a| &a.tickets).map(|t| t.explicit_codes().len()).sum();
+    println!(
+        "{} is valid: {} activities, {} explicit codes.",
+        path.display(),
+        config.activities.len(),
+        codes
+    );
+    Ok(())
+}
+
+fn cost(config: &Config) -> HashCost {
+    HashCost {
+        memory_kib: config.auth.argon2_memory_kib,
+        iterations: config.auth.argon2_iterations,
+    }
+}
+
+/// `ticketd user ...`.
+pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
+    let store = Store::open(config, Access::Tool)?;
+    match command {
+        UserCommand::Add { username, nickname } => {
+            let password = read_password()?;
+            let nickname = validate_account(&username, &password, nickname.as_deref())?;
+            let hash = password::hash(&password, cost(config));
+            let user = store.create_user(&username, &nickname, &hash).map_err(|e| match e {
+                crate::store::StoreError::UsernameTaken => anyhow::anyhow!("the username `{username}` is taken"),
+                other => other.into(),
+            })?;
+            println!("user {} created with id {}", user.username, user.id);
+        }
+        UserCommand::Import { file } => {
+            let rows = read_user_csv(&file)?;
+            let cost = cost(config);
+            let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let chunk = rows.len().div_ceil(threads).max(1);
+            let hashed: Vec<(String, String, String)> = std::thread::scope(|s| {
+                let handles: Vec<_> = rows
+                    .chunks(chunk)
+                    .map(|part| {
+                        s.spawn(move || {
+                            part.iter()
+                                .map(|(u, p, n)| (u.clone(), n.clone(), password::hash(p, cost)))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().flat_map(|h| h.join().expect("hashing thread")).collect()
+            });
+            let created = store.create_users(&hashed)?;
+            println!("{created} users created, {} skipped (username exists)", hashed.len() - created);
+        }
+        UserCommand::List => {
+            let mut out = csv::Writer::from_writer(io::stdout().lock());
+            out.write_record(["id", "username", "nickname", "created_at"])?;
+            for u in store.list_users()? {
+                out.write_record([
+                    u.id.to_string(),
+                    u.username,
+                    u.nickname,
+                    crate::config::rfc3339_ms(u.created_at_ms),
+                ])?;
+            }
+            out.flush()?;
+        }
+    }
+    Ok(())
+}
+
+fn read_password() -> anyhow::Result<String> {
+    let password = if io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ")?;
+        let again = rpassword::prompt_password("Again: ")?;
+        if first != again {
+            bail!("the passwords differ");
+        }
+        first
+    } else {
+        let mut line = String::new();
+        io::stdin().lock().read_line(&mut line).context("cannot read the password from stdin")?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    };
+    Ok(password)
+}
+
+/// Reads `username,password,nickname` rows, validating each; errors name the line.
+fn read_user_csv(file: &Path) -> anyhow::Result<Vec<(String, String, String)>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_path(file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let mut rows = Vec::new();
+    for (i, record) in reader.records().enumerate() {
+        let record = record.with_context(|| format!("{} line {}", file.display(), i + 1))?;
+        let field = |n: usize| record.get(n).unwrap_or("").to_owned();
+        let (username, password, nickname) = (field(0), field(1), field(2));
+        if i == 0 && username.eq_ignore_ascii_case("username") && password.eq_ignore_ascii_case("password") {
+            continue;
+        }
+        let nickname = validate_account(&username, &password, Some(&nickname))
+            .with_context(|| format!("{} line {}", file.display(), i + 1))?;
+        rows.push((username, password, nickname));
+    }
+    Ok(rows)
+}
+
+/// `ticketd export`.
+pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
+    let store = Store::open(config, Access::Tool)?;
+    if !store.has_activity(&args.activity)? {
+        bail!("the store has no activity `{}` (run `ticketd import` or `ticketd serve` first)", args.activity);
+    }
+    let rows = match &args.out {
+        Some(path) => {
+            let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+            let n = export::claims(&store, &args.activity, args.format, io::BufWriter::new(file))?;
+            eprintln!("{n} claims written to {}", path.display());
+            n
+        }
+        None => export::claims(&store, &args.activity, args.format, io::BufWriter::new(io::stdout().lock()))?,
+    };
+    let _ = rows;
+    io::stdout().flush()?;
+    Ok(())
+}

@@ -1,0 +1,410 @@
+//! The configuration tree, modelled once.
+//!
+//! `config.toml` is parsed into [`Config`] with `deny_unknown_fields`, so a
+//! misspelt key is an error, not a silently ignored setting. Every field has a
+//! documented default (a named function below). [`Config::load`] reads the
+//! file, resolves `codes_file` lists relative to the config's directory and
+//! runs [`validate`](validate::validate), which collects *every* problem with
+//! the line it came from — `ticketd check-config` prints them all.
+//!
+//! Reloading (SIGHUP) builds a new `Config` the same way and then asks
+//! [`Config::restart_only_changes`] whether it touches settings that only a
+//! restart can apply (listen address, data path, journal); such a reload is
+//! refused whole.
+
+mod units;
+mod validate;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+pub use units::{now_ms, parse_rfc3339_ms, rfc3339_ms, ByteSize, HumanDuration, TimeSpec};
+pub use validate::Problem;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema.
+    #[error("config file {path} is invalid: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's sentence, with line and column.
+        message: String,
+    },
+    /// The file parsed but its values are inconsistent; every problem is listed.
+    #[error("config file {path} has {} problem(s):\n{}", problems.len(), validate::list(problems))]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Each problem with its line.
+        problems: Vec<Problem>,
+    },
+}
+
+/// The whole configuration of a node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The HTTP listener and its protections.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Where claims, users and codes are kept.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// The claim journal: group commit and fsync policy.
+    #[serde(default)]
+    pub journal: JournalConfig,
+    /// Accounts, passwords and sessions.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Overload protection.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The activities on sale (`[[activity]]` tables).
+    #[serde(default, rename = "activity")]
+    pub activities: Vec<ActivityConfig>,
+    /// The directory of the config file; `codes_file` paths are relative to it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// `[server]`: the HTTP listener.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:3000`. Restart-only.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Open connections beyond this are closed at once. Default 10000.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A client must send its full request head within this time (slowloris). Default `5s`.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: HumanDuration,
+    /// A whole request (body and handler) must finish within this time. Default `10s`.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: HumanDuration,
+    /// Largest accepted request body. Default `16KiB`.
+    #[serde(default = "default_max_body")]
+    pub max_body: ByteSize,
+    /// On shutdown, in-flight requests get this long to finish. Default `10s`.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: HumanDuration,
+}
+
+/// `[storage]`: where state lives.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `"embedded"` (one node, no external service; the default).
+    #[serde(default)]
+    pub mode: StorageMode,
+    /// Data directory (SQLite store, journal, session key). Default `./data`,
+    /// relative to the working directory. Restart-only.
+    #[serde(default = "default_data_path")]
+    pub path: PathBuf,
+}
+
+/// Which store backs the node.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageMode {
+    /// SQLite plus a local claim journal in `storage.path`.
+    #[default]
+    Embedded,
+}
+
+/// `[journal]`: how acknowledged claims are made durable.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JournalConfig {
+    /// `"always"`: fsync every group commit before any claim in it is
+    /// acknowledged (survives power loss). `"never"`: write to the OS before
+    /// acknowledging (survives a crash of ticketd, not of the machine).
+    /// Default `"always"`.
+    #[serde(default)]
+    pub fsync: FsyncPolicy,
+    /// Most claims written by one group commit. Default 4096.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Claims waiting for the journal beyond this are refused with 503. Default 65536.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+    /// A journal segment is closed and a new one started past this size. Default `64MiB`.
+    #[serde(default = "default_segment_size")]
+    pub segment_size: ByteSize,
+}
+
+/// When the journal calls fsync.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// fsync each group commit before acknowledging it.
+    #[default]
+    Always,
+    /// Never fsync; the OS writes back in its own time.
+    Never,
+}
+
+/// `[auth]`: accounts and sessions.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Whether `POST /user/register` is open to anyone. Default true.
+    #[serde(default = "yes")]
+    pub open_registration: bool,
+    /// Argon2id memory cost in KiB. Default 19456 (OWASP's recommendation).
+    #[serde(default = "default_argon2_memory")]
+    pub argon2_memory_kib: u32,
+    /// Argon2id passes. Default 2.
+    #[serde(default = "default_argon2_iterations")]
+    pub argon2_iterations: u32,
+    /// How long a login token stays valid. Default `24h`.
+    #[serde(default = "default_session_ttl")]
+    pub session_ttl: HumanDuration,
+    /// Secret that signs session tokens. EXAMPLE ONLY in the bundled config;
+    /// prefer the `TICKETD_SESSION_SECRET` environment variable. When neither
+    /// is set, a random key is generated once and kept in the data directory.
+    #[serde(default)]
+    pub session_secret: Option<String>,
+}
+
+/// `[limits]`: overload protection.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Claims being processed at once; beyond this `/ticket/get` answers 503
+    /// with Retry-After at once instead of queueing. Default 8192.
+    #[serde(default = "default_max_in_flight_claims")]
+    pub max_in_flight_claims: usize,
+}
+
+/// `[log]`: logging.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `"auto"` (human on a terminal, JSON lines otherwise), `"human"` or `"json"`. Default `"auto"`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// Filter in `RUST_LOG` syntax; `RUST_LOG` wins when set. Default `"info"`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human on a terminal, JSON lines otherwise.
+    #[default]
+    Auto,
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[[activity]]`: one sale.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ActivityConfig {
+    /// Stable identity (`actId` in the API); letters, digits, `-`, `_`, `.`.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Description. Default empty.
+    #[serde(default)]
+    pub desc: String,
+    /// Image URL. Default empty.
+    #[serde(default)]
+    pub image: String,
+    /// When claiming opens (RFC 3339 or relative to node start, e.g. `"+10s"`).
+    pub start_time: TimeSpec,
+    /// When claiming closes.
+    pub end_time: TimeSpec,
+    /// Most codes one user may claim in this activity. Default 1.
+    #[serde(default = "default_per_user_limit")]
+    pub per_user_limit: u32,
+    /// When true, claims answer 409 PAUSED at once; stock is kept. Default false.
+    #[serde(default)]
+    pub paused: bool,
+    /// The ticket types (`[[activity.ticket]]`).
+    #[serde(default, rename = "ticket")]
+    pub tickets: Vec<TicketConfig>,
+}
+
+/// `[[activity.ticket]]`: one ticket type and its codes.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TicketConfig {
+    /// Stable identity (`ticketId` in the claim request), unique across activities.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Description. Default empty.
+    #[serde(default)]
+    pub desc: String,
+    /// Start of the ticket's own validity (when the code can be redeemed). Optional.
+    #[serde(default)]
+    pub start_time: Option<TimeSpec>,
+    /// End of the ticket's own validity. Optional.
+    #[serde(default)]
+    pub end_time: Option<TimeSpec>,
+    /// The codes, inline.
+    #[serde(default)]
+    pub codes: Option<Vec<String>>,
+    /// A file with one code per line (relative to the config file). Read at load.
+    #[serde(default)]
+    pub codes_file: Option<PathBuf>,
+    /// Generate this many codes (CSPRNG, 80 bits each) once; raising it later adds the difference.
+    #[serde(default)]
+    pub generate: Option<u32>,
+}
+
+impl TicketConfig {
+    /// The explicit codes of this ticket (inline or read from `codes_file`); empty for `generate`.
+    pub fn explicit_codes(&self) -> &[String] {
+        self.codes.as_deref().unwrap_or(&[])
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 3000))
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_header_read_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(5))
+}
+fn default_request_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(10))
+}
+fn default_max_body() -> ByteSize {
+    ByteSize(16 << 10)
+}
+fn default_shutdown_grace() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(10))
+}
+fn default_data_path() -> PathBuf {
+    PathBuf::from("./data")
+}
+fn default_max_batch() -> usize {
+    4096
+}
+fn default_queue_capacity() -> usize {
+    65_536
+}
+fn default_segment_size() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn yes() -> bool {
+    true
+}
+fn default_argon2_memory() -> u32 {
+    19_456
+}
+fn default_argon2_iterations() -> u32 {
+    2
+}
+fn default_session_ttl() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(24 * 3600))
+}
+fn default_max_in_flight_claims() -> usize {
+    8192
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+fn default_per_user_limit() -> u32 {
+    1
+}
+
+macro_rules! default_from_serde {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                toml::from_str("").expect("every field of this section has a default")
+            }
+        }
+    )*};
+}
+default_from_serde!(ServerConfig, StorageConfig, JournalConfig, AuthConfig, LimitsConfig, LogConfig);
+
+impl Config {
+    /// Reads, parses and validates the file at `path`, reading `codes_file` lists.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
+        Config::from_toml(&text, path, base_dir)
+    }
+
+    /// Parses and validates config text; `path` only names it in errors.
+    pub fn from_toml(text: &str, path: &Path, base_dir: PathBuf) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        config.base_dir = base_dir;
+        let problems = validate::validate(&mut config, text);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Names the settings that differ from `running` but only apply on restart.
+    pub fn restart_only_changes(&self, running: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.server.listen != running.server.listen {
+            changed.push("server.listen");
+        }
+        if self.server.max_connections != running.server.max_connections {
+            changed.push("server.max_connections");
+        }
+        if self.storage != running.storage {
+            changed.push("storage");
+        }
+        if self.journal != running.journal {
+            changed.push("journal");
+        }
+        if self.auth.session_secret != running.auth.session_secret {
+            changed.push("auth.session_secret");
+        }
+        if self.log != running.log {
+            changed.push("log");
+        }
+        changed
+    }
+
+    /// Drops code lists once they were imported, so a running node does not
+    /// keep a second copy of every code beside its pools.
+    pub fn strip_codes(&mut self) {
+        for t in self.activities.iter_mut().flat_map(|a| a.tickets.iter_mut()) {
+            t.codes = None;
+        }
+    }
+}

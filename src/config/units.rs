@@ -1,0 +1,170 @@
+//! Human units in config values: durations (`"500ms"`, `"24h"`), byte sizes
+//! (`"64MiB"`) and activity times that are either absolute RFC 3339 instants
+//! or offsets from the node's start (`"+10s"`, `"+2h"`).
+//!
+//! Each type parses from a TOML string and reports a sentence on failure, so
+//! `check-config` can print it beside the line it came from.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use serde::{de, Deserialize, Deserializer};
+use time::{format_description::well_known::Rfc3339, OffsetDateTime};
+
+/// A duration written the way people write it: `"500ms"`, `"10s"`, `"2h 30m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        humantime::parse_duration(s.trim())
+            .map(HumanDuration)
+            .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2h\""))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+/// A byte count: a bare integer, or a string with a unit (`"16KiB"`, `"64MiB"`, `"1GiB"`, `"500kB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size; write e.g. 65536, \"16KiB\" or \"64MiB\""))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "kB" | "KB" => 1_000,
+            "KiB" => 1 << 10,
+            "MB" => 1_000_000,
+            "MiB" => 1 << 20,
+            "GB" => 1_000_000_000,
+            "GiB" => 1 << 30,
+            other => return Err(format!("`{other}` is not a size unit; use B, KiB, MiB, GiB, kB, MB or GB")),
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("`{s}` is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => s.parse().map_err(de::Error::custom),
+        }
+    }
+}
+
+/// When an activity or ticket starts or ends.
+///
+/// Absolute times are RFC 3339 (`"2026-12-01T12:00:00+08:00"`). Relative
+/// times (`"+10s"`, `"+2h"`, `"-5m"`) count from the moment the node started,
+/// so the bundled demo is open whenever a newcomer runs it. A reload resolves
+/// them against the same start moment, so reloading never moves them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeSpec {
+    /// A fixed instant.
+    Absolute(OffsetDateTime),
+    /// Milliseconds after (or, when negative, before) the node's start.
+    Relative(i64),
+}
+
+impl TimeSpec {
+    /// The instant in Unix milliseconds, given the node's start in Unix milliseconds.
+    pub fn resolve(self, node_start_ms: i64) -> i64 {
+        match self {
+            TimeSpec::Absolute(t) => (t.unix_timestamp_nanos() / 1_000_000) as i64,
+            TimeSpec::Relative(offset) => node_start_ms.saturating_add(offset),
+        }
+    }
+}
+
+impl FromStr for TimeSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        if let Some(rest) = t.strip_prefix('+').or_else(|| t.strip_prefix('-')) {
+            let d = humantime::parse_duration(rest.trim())
+                .map_err(|e| format!("`{s}` is not a relative time ({e}); write e.g. \"+10s\" or \"+2h\""))?;
+            let ms = i64::try_from(d.as_millis()).map_err(|_| format!("`{s}` is too far away"))?;
+            return Ok(TimeSpec::Relative(if t.starts_with('-') { -ms } else { ms }));
+        }
+        OffsetDateTime::parse(t, &Rfc3339)
+            .map(TimeSpec::Absolute)
+            .map_err(|e| format!("`{s}` is neither RFC 3339 (e.g. \"2026-12-01T12:00:00+08:00\") nor relative (e.g. \"+10s\"): {e}"))
+    }
+}
+
+impl<'de> Deserialize<'de> for TimeSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+/// Formats Unix milliseconds as RFC 3339 in UTC, with milliseconds.
+pub fn rfc3339_ms(ms: i64) -> String {
+    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// Parses an RFC 3339 time into Unix milliseconds.
+pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    OffsetDateTime::parse(s, &Rfc3339)
+        .ok()
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+/// The current wall-clock time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!("64MiB".parse::<ByteSize>().unwrap().0, 64 << 20);
+        assert_eq!("16KiB".parse::<ByteSize>().unwrap().0, 16 << 10);
+        assert_eq!("100".parse::<ByteSize>().unwrap().0, 100);
+        assert!("12 parsecs".parse::<ByteSize>().is_err());
+        assert!("".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn times_parse_absolute_and_relative() {
+        assert_eq!("+10s".parse::<TimeSpec>().unwrap(), TimeSpec::Relative(10_000));
+        assert_eq!("-5m".parse::<TimeSpec>().unwrap(), TimeSpec::Relative(-300_000));
+        let abs: TimeSpec = "2026-12-01T12:00:00+08:00".parse().unwrap();
+        assert_eq!(abs.resolve(0), 1_796_097_600_000);
+        assert_eq!(TimeSpec::Relative(10).resolve(5), 15);
+        assert!("tomorrow".parse::<TimeSpec>().is_err());
+        assert_eq!(rfc3339_ms(1_796_097_600_000), "2026-12-01T04:00:00Z");
+    }
+}

@@ -1,0 +1,148 @@
+//! [`ApiError`]: the one place where failures become HTTP statuses and the
+//! JSON error shape `{"ok":false,"error":{"code","message",...}}`.
+//!
+//! Codes are stable, SCREAMING_SNAKE strings that clients switch on; the
+//! message is for people. Extra fields (the sale window, the user's codes)
+//! sit beside them inside `error`.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+use serde_json::{json, Value};
+
+use crate::{auth::AuthError, claim::Rejection, config::rfc3339_ms, store::StoreError};
+
+/// A failed request, ready to render.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: Cow<'static, str>,
+    extra: Option<Value>,
+    retry_after_secs: Option<u32>,
+}
+
+impl ApiError {
+    /// An error with a status, stable code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: None,
+            retry_after_secs: None,
+        }
+    }
+
+    /// Adds fields beside `code` and `message` (an object).
+    pub fn with(mut self, extra: Value) -> ApiError {
+        self.extra = Some(extra);
+        self
+    }
+
+    /// Adds a `Retry-After` header.
+    pub fn retry_after(mut self, secs: u32) -> ApiError {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
+    /// 400 for a body or parameter that is not acceptable.
+    pub fn bad_request(code: &'static str, message: impl Into<Cow<'static, str>>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 401: no or bad credentials.
+    pub fn unauthorized(message: impl Into<Cow<'static, str>>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message)
+    }
+
+    /// 404 for an unknown thing.
+    pub fn not_found(code: &'static str, message: impl Into<Cow<'static, str>>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    /// 500; the cause is logged, never shown.
+    pub fn internal() -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "something went wrong on our side; please retry")
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The stable error code.
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    /// Renders the JSON response.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let mut error = json!({ "code": self.code, "message": self.message });
+        if let (Some(Value::Object(extra)), Value::Object(obj)) = (self.extra, &mut error) {
+            obj.extend(extra);
+        }
+        let body = serde_json::to_vec(&json!({ "ok": false, "error": error })).unwrap_or_default();
+        let mut res = Response::new(Full::new(Bytes::from(body)));
+        *res.status_mut() = self.status;
+        res.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(secs) = self.retry_after_secs {
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(r: Rejection) -> ApiError {
+        use StatusCode as S;
+        match r {
+            Rejection::UnknownActivity => ApiError::not_found("ACTIVITY_NOT_FOUND", "no such activity"),
+            Rejection::UnknownTicket => ApiError::not_found("TICKET_NOT_FOUND", "no such ticket type in this activity"),
+            Rejection::Paused => ApiError::new(S::CONFLICT, "PAUSED", "the activity is paused; try again later"),
+            Rejection::NotStarted { start_ms, end_ms } => {
+                ApiError::new(S::CONFLICT, "NOT_STARTED", "the activity has not started yet")
+                    .with(json!({ "startTime": rfc3339_ms(start_ms), "endTime": rfc3339_ms(end_ms) }))
+            }
+            Rejection::Ended { start_ms, end_ms } => ApiError::new(S::CONFLICT, "ENDED", "the activity has ended")
+                .with(json!({ "startTime": rfc3339_ms(start_ms), "endTime": rfc3339_ms(end_ms) })),
+            Rejection::LimitReached(codes) => ApiError::new(S::CONFLICT, "LIMIT_REACHED", "you already hold the most codes allowed per user")
+                .with(json!({ "codes": codes.iter().map(|c| &**c).collect::<Vec<_>>() })),
+            Rejection::InProgress => {
+                ApiError::new(S::CONFLICT, "IN_PROGRESS", "a claim with this Idempotency-Key is still being processed").retry_after(1)
+            }
+            Rejection::SoldOut => ApiError::new(S::GONE, "SOLD_OUT", "every code of this activity has been claimed"),
+            Rejection::Overloaded => {
+                ApiError::new(S::SERVICE_UNAVAILABLE, "OVERLOADED", "too many claims right now; retry shortly").retry_after(1)
+            }
+            Rejection::Unavailable => ApiError::new(S::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE", "claims cannot be stored right now")
+                .retry_after(5),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        use StatusCode as S;
+        match e {
+            AuthError::RegistrationClosed => ApiError::new(S::FORBIDDEN, "REGISTRATION_CLOSED", "registration is closed"),
+            AuthError::UsernameTaken => ApiError::new(S::CONFLICT, "USERNAME_TAKEN", "this username is taken"),
+            AuthError::BadCredentials => ApiError::new(S::UNAUTHORIZED, "BAD_CREDENTIALS", "wrong username or password"),
+            AuthError::InvalidField(m) => ApiError::bad_request("INVALID_FIELD", m),
+            AuthError::TokenInvalid => ApiError::unauthorized("the token is invalid or logged out; log in again"),
+            AuthError::TokenExpired => ApiError::new(S::UNAUTHORIZED, "TOKEN_EXPIRED", "the token has expired; log in again"),
+            AuthError::Store(e) => e.into(),
+            AuthError::Internal => ApiError::internal(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        tracing::error!(error = %e, "Store operation failed.");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE", "the store is unavailable; retry shortly").retry_after(5)
+    }
+}

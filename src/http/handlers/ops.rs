@@ -1,0 +1,29 @@
+//! `GET /healthz` and `GET /metrics`.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::{app::AppState, config::now_ms, http::request::ok, http::ApiError};
+
+/// 200 while claims can be committed, 503 otherwise.
+pub fn healthz(state: &AppState) -> Response<Full<Bytes>> {
+    if !state.store.is_healthy() {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNHEALTHY", "the claim journal cannot be written").into_response();
+    }
+    ok(&serde_json::json!({
+        "status": "ok",
+        "uptimeSecs": (now_ms() - state.started_ms) / 1000,
+    }))
+}
+
+/// Prometheus text exposition.
+pub fn metrics(state: &AppState) -> Response<Full<Bytes>> {
+    let body = crate::metrics::global().render(&state.gauges());
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    res
+}

@@ -1,0 +1,97 @@
+//! `POST /ticket/get` (the claim), `GET /ticket/list`, `GET /ticket/detail`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+
+use super::ClaimView;
+use crate::{
+    app::AppState,
+    claim::ClaimRequest,
+    http::{
+        request::{idempotency_key, json_body, ok, session, Id, Query},
+        ApiError,
+    },
+};
+
+/// The claim body.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GetBody {
+    act_id: Id,
+    #[serde(default)]
+    ticket_id: Option<Id>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Claimed<'a> {
+    #[serde(flatten)]
+    claim: ClaimView<'a>,
+    replayed: bool,
+}
+
+/// Claims a code.
+pub async fn get(state: &AppState, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    // Authenticate before reading the body: an anonymous flood costs no parsing.
+    let session = session(state, req.headers())?;
+    let key = idempotency_key(req.headers())?.map(Arc::<str>::from);
+    let body = req.into_body();
+    let body: GetBody = json_body(body, state.max_body()).await?;
+    let catalog = state.catalog.load();
+    let claimed = state
+        .claimer
+        .claim(
+            &catalog,
+            ClaimRequest {
+                user_id: session.user_id,
+                activity_id: &body.act_id.0,
+                ticket_id: body.ticket_id.as_ref().map(|t| t.0.as_str()),
+                idempotency_key: key,
+            },
+        )
+        .await?;
+    Ok(ok(&Claimed {
+        claim: ClaimView::from(&claimed.claim),
+        replayed: claimed.replayed,
+    }))
+}
+
+/// The caller's claims, newest first, paged.
+pub fn list(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let session = session(state, req.headers())?;
+    let query = Query::parse(req.uri().query());
+    let page = query.number("page", 1, 1_000_000)?;
+    let page_size = query.number("pageSize", 20, 100)?;
+    let mut claims = state.inventory.claims_of_user(session.user_id);
+    claims.sort_by(|a, b| b.id.cmp(&a.id));
+    let total = claims.len();
+    let views: Vec<ClaimView<'_>> = claims
+        .iter()
+        .skip(((page - 1) * page_size) as usize)
+        .take(page_size as usize)
+        .map(ClaimView::from)
+        .collect();
+    Ok(ok(&serde_json::json!({
+        "page": page,
+        "pageSize": page_size,
+        "total": total,
+        "claims": views,
+    })))
+}
+
+/// One claim of the caller; anyone else's is indistinguishable from a missing one.
+pub fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let session = session(state, req.headers())?;
+    let query = Query::parse(req.uri().query());
+    let raw = query.require("ticketId")?;
+    let not_found = || ApiError::not_found("CLAIM_NOT_FOUND", "you hold no claim with this id");
+    let id: u64 = raw.parse().map_err(|_| not_found())?;
+    let claims = state.inventory.claims_of_user(session.user_id);
+    let claim = claims.iter().find(|c| c.id == id).ok_or_else(not_found)?;
+    Ok(ok(&ClaimView::from(claim)))
+}

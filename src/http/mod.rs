@@ -1,0 +1,16 @@
+//! The HTTP API: the seed's paths, JSON in and out.
+//!
+//! - [`server`] accepts connections and applies connection-level limits;
+//! - [`router`] maps a request to its handler and counts it;
+//! - [`request`] reads bodies, queries and credentials, refusing bad input
+//!   with 4xx answers;
+//! - [`error`] owns the error shape and status mapping;
+//! - `handlers` hold one module per area (`act`, `ticket`, `user`, `ops`).
+
+pub mod error;
+mod handlers;
+pub mod request;
+pub mod router;
+pub mod server;
+
+pub use error::ApiError;

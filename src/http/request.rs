@@ -1,0 +1,177 @@
+//! Reading requests: bodies with a size cap, query strings, credentials.
+//!
+//! Everything here turns bad input into an [`ApiError`] (400/401/413/415);
+//! nothing panics on any byte sequence.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize};
+
+use super::ApiError;
+use crate::{app::AppState, auth::Session};
+
+/// Longest accepted `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// Reads a JSON body of at most `max` bytes into `T`.
+///
+/// The Content-Type is not checked: the seed's clients (and `curl -d`) send
+/// JSON under `application/x-www-form-urlencoded`, and the body is parsed
+/// strictly as JSON either way.
+pub async fn json_body<T: DeserializeOwned>(body: Incoming, max: usize) -> Result<T, ApiError> {
+    let bytes = match Limited::new(body, max).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "BODY_TOO_LARGE",
+                format!("the body is larger than {max} bytes"),
+            ))
+        }
+        Err(_) => return Err(ApiError::bad_request("BAD_BODY", "the request body could not be read")),
+    };
+    parse_json(&bytes)
+}
+
+/// Parses `bytes` as JSON into `T`, with a sentence on failure.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.is_empty() {
+        return Err(ApiError::bad_request("MALFORMED_JSON", "the body is empty; send a JSON object"));
+    }
+    if std::str::from_utf8(bytes).is_err() {
+        return Err(ApiError::bad_request("MALFORMED_JSON", "the body is not valid UTF-8"));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Data => ApiError::bad_request("INVALID_FIELD", e.to_string()),
+            _ => ApiError::bad_request("MALFORMED_JSON", format!("the body is not valid JSON: {e}")),
+        }
+    })
+}
+
+/// The query string's parameters.
+pub struct Query<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
+
+impl<'a> Query<'a> {
+    /// Parses `application/x-www-form-urlencoded` pairs (invalid UTF-8 is replaced).
+    pub fn parse(query: Option<&'a str>) -> Query<'a> {
+        Query(form_urlencoded::parse(query.unwrap_or("").as_bytes()).collect())
+    }
+
+    /// The first value of `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| &**v)
+    }
+
+    /// A required, non-empty parameter.
+    pub fn require(&self, name: &'static str) -> Result<&str, ApiError> {
+        match self.get(name).map(str::trim) {
+            Some(v) if !v.is_empty() => Ok(v),
+            _ => Err(ApiError::bad_request("MISSING_PARAMETER", format!("the query parameter `{name}` is required"))),
+        }
+    }
+
+    /// An optional positive integer parameter with a default and a maximum.
+    pub fn number(&self, name: &'static str, default: u64, max: u64) -> Result<u64, ApiError> {
+        match self.get(name) {
+            None | Some("") => Ok(default),
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if (1..=max).contains(&n) => Ok(n),
+                _ => Err(ApiError::bad_request("INVALID_PARAMETER", format!("`{name}` must be a whole number from 1 to {max}"))),
+            },
+        }
+    }
+}
+
+/// The session token: `Authorization: Bearer <token>`, or the seed's `token` header.
+pub fn token(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let v = v.trim();
+        return v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .map(str::trim)
+            .or(Some(v));
+    }
+    headers.get("token").and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+/// The caller's session; 401 when there is none or it is not valid.
+pub fn session(state: &AppState, headers: &HeaderMap) -> Result<Session, ApiError> {
+    match token(headers) {
+        Some(t) if !t.is_empty() => Ok(state.auth.authenticate(t)?),
+        _ => Err(ApiError::unauthorized("log in first, then send `Authorization: Bearer <token>`")),
+    }
+}
+
+/// The caller's session if a token was sent (an invalid one is still an error).
+pub fn optional_session(state: &AppState, headers: &HeaderMap) -> Result<Option<Session>, ApiError> {
+    match token(headers) {
+        Some(t) if !t.is_empty() => Ok(Some(state.auth.authenticate(t)?)),
+        _ => Ok(None),
+    }
+}
+
+/// The `Idempotency-Key` header, validated.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
+    match v.to_str() {
+        Ok(k) if !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY && k.bytes().all(|b| b.is_ascii_graphic()) => Ok(Some(k)),
+        _ => Err(ApiError::bad_request(
+            "INVALID_IDEMPOTENCY_KEY",
+            format!("Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+        )),
+    }
+}
+
+/// `{"ok":true,"data":...}` with status 200.
+pub fn ok<T: Serialize>(data: &T) -> Response<Full<Bytes>> {
+    #[derive(Serialize)]
+    struct Envelope<'a, T> {
+        ok: bool,
+        data: &'a T,
+    }
+    match serde_json::to_vec(&Envelope { ok: true, data }) {
+        Ok(body) => {
+            let mut res = Response::new(Full::new(Bytes::from(body)));
+            res.headers_mut()
+                .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            res
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "Could not serialise a response.");
+            ApiError::internal().into_response()
+        }
+    }
+}
+
+/// An id sent as a JSON string or number (`"1001"` or `1001`); at most 64 bytes.
+#[derive(Debug)]
+pub struct Id(pub String);
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct IdVisitor;
+        impl serde::de::Visitor<'_> for IdVisitor {
+            type Value = Id;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an id: a string of 1-64 characters or a whole number")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Id, E> {
+                if v.is_empty() || v.len() > 64 {
+                    return Err(E::invalid_length(v.len(), &self));
+                }
+                Ok(Id(v.to_owned()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Id, E> {
+                Ok(Id(v.to_string()))
+            }
+        }
+        d.deserialize_any(IdVisitor)
+    }
+}

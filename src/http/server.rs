@@ -1,0 +1,109 @@
+//! The accept loop: connection cap, slow-client timeouts, graceful drain.
+//!
+//! Each connection is served by hyper's HTTP/1.1 state machine with keep-alive
+//! and a header-read timeout (a slowloris client that trickles its request
+//! head is cut off). Past `server.max_connections` new connections are closed
+//! at once. On shutdown the listener is dropped first (no new connections),
+//! every connection finishes its in-flight request and closes, and the drain
+//! is bounded by `server.shutdown_grace`.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::watch};
+
+use super::router;
+use crate::app::AppState;
+
+/// Decrements the open-connection gauge when a connection ends.
+struct ConnGuard(Arc<AppState>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if self.0.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.drained.notify_waiters();
+        }
+    }
+}
+
+/// Serves `listener` until `shutdown` turns true, then drains connections.
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(error) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(%error, "Accept failed.");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let open = state.connections.fetch_add(1, Ordering::AcqRel);
+        let guard = ConnGuard(state.clone());
+        if open >= state.max_connections {
+            crate::metrics::global().connections_refused.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let svc_state = state.clone();
+            let svc = service_fn(move |req| {
+                let state = svc_state.clone();
+                async move { Ok::<_, Infallible>(router::handle(&state, req, peer).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(state.header_read_timeout())
+                .keep_alive(true)
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(error) = res {
+                        tracing::debug!(%error, %peer, "Connection ended with an error.");
+                    }
+                }
+                _ = shutdown.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    let grace = state.shutdown_grace();
+    tracing::info!(connections = state.connections.load(Ordering::Acquire), grace = ?grace, "Stopped accepting; draining connections.");
+    let drained = async {
+        loop {
+            let notified = state.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if state.connections.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
+        tracing::warn!(connections = state.connections.load(Ordering::Acquire), "Shutdown grace elapsed; closing remaining connections.");
+    }
+}
+
+/// The address a listener is bound to, for logs.
+pub fn local_addr(listener: &TcpListener) -> Option<SocketAddr> {
+    listener.local_addr().ok()
+}

@@ -1,0 +1,243 @@
+//! A lock-free pool of one ticket type's unclaimed codes.
+//!
+//! Codes live once, as bytes, in an append-only [`CodeArena`]; the pool's
+//! queues hold only their `u32` indexes. That keeps a stocked code at about
+//! its own length plus ~20 bytes (a 4-byte offset and a 16-byte queue slot),
+//! and makes taking one a pop of an integer.
+//!
+//! # Taking without overselling
+//! `remaining` counts codes that are in the queues and not yet promised to
+//! anyone. [`CodePool::take`] first *reserves* by decrementing it with a CAS
+//! (never below zero) and only then pops. Pushes increment it *after* the
+//! code is in a queue. So the queues always hold at least as many codes as
+//! there are reservations, and a reserved taker that scans the shards always
+//! finds one; a taker that cannot reserve answers "sold out" from one atomic
+//! load, touching no queue.
+//!
+//! The queues are sharded so that cores do not fight over one head pointer;
+//! each thread starts at its own shard and moves on when it is empty.
+
+use std::{
+    cell::Cell,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
+
+use arc_swap::ArcSwap;
+use crossbeam_queue::SegQueue;
+use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
+
+/// The index of a code in its pool's arena.
+pub type CodeIdx = u32;
+
+/// Every code a pool has ever held, packed into one buffer.
+#[derive(Default)]
+pub struct CodeArena {
+    bytes: String,
+    ends: Vec<u32>,
+}
+
+impl CodeArena {
+    /// The code at `idx`.
+    pub fn code(&self, idx: CodeIdx) -> &str {
+        let i = idx as usize;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.bytes[start..self.ends[i] as usize]
+    }
+
+    /// How many codes the arena holds.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether the arena holds no code.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Bytes used by the arena's buffers.
+    pub fn heap_bytes(&self) -> usize {
+        self.bytes.capacity() + self.ends.capacity() * std::mem::size_of::<u32>()
+    }
+}
+
+/// The unclaimed codes of one ticket type.
+pub struct CodePool {
+    /// Swapped (copy on grow) only when codes are added, which is rare (start-up, reload).
+    arena: ArcSwap<CodeArena>,
+    shards: Box<[CachePadded<SegQueue<CodeIdx>>]>,
+    remaining: CachePadded<AtomicUsize>,
+    /// Serialises growers; a reload is the only writer, never the claim path.
+    grow: Mutex<()>,
+}
+
+thread_local! {
+    static HOME_SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+static NEXT_HOME: AtomicUsize = AtomicUsize::new(0);
+
+fn home_shard() -> usize {
+    HOME_SHARD.with(|h| {
+        if h.get() == usize::MAX {
+            h.set(NEXT_HOME.fetch_add(1, Ordering::Relaxed));
+        }
+        h.get()
+    })
+}
+
+impl Default for CodePool {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CodePool {
+    /// An empty pool with one shard per available core (at least two).
+    pub fn new() -> CodePool {
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 64);
+        CodePool {
+            arena: ArcSwap::from_pointee(CodeArena::default()),
+            shards: (0..n).map(|_| CachePadded::new(SegQueue::new())).collect(),
+            remaining: CachePadded::new(AtomicUsize::new(0)),
+            grow: Mutex::new(()),
+        }
+    }
+
+    /// Adds codes to the arena and puts them in stock. Callers pass only codes
+    /// that were never claimed and are not in the pool yet.
+    pub fn add_codes<S: AsRef<str>>(&self, codes: &[S]) {
+        if codes.is_empty() {
+            return;
+        }
+        let _grow = self.grow.lock();
+        let old = self.arena.load_full();
+        let added: usize = codes.iter().map(|c| c.as_ref().len()).sum();
+        let mut bytes = String::with_capacity(old.bytes.len() + added);
+        bytes.push_str(&old.bytes);
+        let mut ends = Vec::with_capacity(old.ends.len() + codes.len());
+        ends.extend_from_slice(&old.ends);
+        let first = ends.len();
+        for c in codes {
+            bytes.push_str(c.as_ref());
+            ends.push(u32::try_from(bytes.len()).expect("a pool holds less than 4 GiB of codes"));
+        }
+        let last = ends.len();
+        // Publish the arena before any index into it can be popped.
+        self.arena.store(Arc::new(CodeArena { bytes, ends }));
+        for idx in first..last {
+            self.put_back(idx as CodeIdx);
+        }
+    }
+
+    /// Reserves and removes one code, or `None` when the pool is empty. O(1)
+    /// unless other takers race for the last codes.
+    pub fn take(&self) -> Option<CodeIdx> {
+        let mut cur = self.remaining.load(Ordering::Relaxed);
+        loop {
+            if cur == 0 {
+                return None;
+            }
+            match self.remaining.compare_exchange_weak(cur, cur - 1, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(actual) => cur = actual,
+            }
+        }
+        let n = self.shards.len();
+        let home = home_shard();
+        loop {
+            for i in 0..n {
+                if let Some(idx) = self.shards[(home + i) % n].pop() {
+                    return Some(idx);
+                }
+            }
+            // Our reservation guarantees a code; another reserved taker holds
+            // the one we saw. Spin briefly rather than sleep: this only happens
+            // in the handful of instructions between its pop and ours.
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Returns a taken code that was not handed out (its claim failed).
+    pub fn put_back(&self, idx: CodeIdx) {
+        self.shards[home_shard() % self.shards.len()].push(idx);
+        self.remaining.fetch_add(1, Ordering::Release);
+    }
+
+    /// The code string at `idx`.
+    pub fn code(&self, idx: CodeIdx) -> Arc<str> {
+        Arc::from(self.arena.load().code(idx))
+    }
+
+    /// Codes in stock right now (not counting ones being claimed this instant).
+    pub fn remaining(&self) -> usize {
+        self.remaining.load(Ordering::Relaxed)
+    }
+
+    /// Every code the pool has held, claimed or not.
+    pub fn known(&self) -> usize {
+        self.arena.load().len()
+    }
+
+    /// Approximate heap bytes used by the pool (arena plus queue slots).
+    pub fn heap_bytes(&self) -> usize {
+        // A SegQueue slot of u32 is 16 bytes; blocks hold 31 slots and a pointer.
+        let slots = self.remaining() * 16 * 32 / 31;
+        self.arena.load().heap_bytes() + slots
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn takes_each_code_once_then_runs_dry() {
+        let pool = CodePool::new();
+        pool.add_codes(&["A", "BB", "CCC"]);
+        let mut seen = HashSet::new();
+        while let Some(i) = pool.take() {
+            assert!(seen.insert(pool.code(i)));
+        }
+        assert_eq!(seen.len(), 3);
+        assert!(seen.contains("BB"));
+        assert_eq!(pool.remaining(), 0);
+        pool.put_back(1);
+        assert_eq!(&*pool.code(pool.take().unwrap()), "BB");
+    }
+
+    #[test]
+    fn concurrent_takers_never_share_a_code() {
+        let pool = Arc::new(CodePool::new());
+        let codes: Vec<String> = (0..20_000).map(|i| format!("C{i}")).collect();
+        pool.add_codes(&codes);
+        let taken: Vec<Vec<CodeIdx>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let pool = &pool;
+                    s.spawn(move || std::iter::from_fn(|| pool.take()).collect::<Vec<_>>())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let all: Vec<CodeIdx> = taken.into_iter().flatten().collect();
+        let distinct: HashSet<CodeIdx> = all.iter().copied().collect();
+        assert_eq!(all.len(), 20_000);
+        assert_eq!(distinct.len(), 20_000);
+    }
+
+    #[test]
+    fn codes_added_later_join_the_stock() {
+        let pool = CodePool::new();
+        pool.add_codes(&["A"]);
+        let a = pool.take().unwrap();
+        pool.add_codes(&["B", "C"]);
+        assert_eq!(&*pool.code(a), "A");
+        assert_eq!(pool.remaining(), 2);
+        assert_eq!(pool.known(), 3);
+    }
+}

@@ -1,0 +1,386 @@
+//! The append-only claim journal: how a claim becomes durable before it is
+//! acknowledged, many claims per write and fsync (group commit).
+//!
+//! One writer thread owns the current segment file. Claim handlers hand it
+//! [`Entry`]s through a bounded channel and await their settlement. The
+//! writer takes whatever has queued up (at most `journal.max_batch`), encodes
+//! it into one buffer, writes it with one `write`, calls fsync once when
+//! `journal.fsync = "always"`, and only then settles every entry. While one
+//! fsync runs, the next batch queues, so batches grow with load on their own
+//! and no timer is needed. Settled claims go on to the store's applier, which
+//! copies them into SQLite; segments whose claims are all applied are deleted.
+//!
+//! A full queue settles the entry at once with [`CommitError::Overloaded`]
+//! (the handler answers 503) rather than queue without bound. A failed write
+//! or fsync marks the journal unhealthy: after an fsync error the kernel may
+//! have dropped the data, so every later append fails until a restart replays
+//! the journal from disk.
+//!
+//! The record format is documented in [`record`].
+
+pub mod record;
+
+use std::{
+    collections::VecDeque,
+    fs::{self, File, OpenOptions},
+    io::{self, Write},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::Instant,
+};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use parking_lot::Mutex;
+
+use crate::{
+    claim::{Claim, CommitError},
+    config::{FsyncPolicy, JournalConfig},
+    metrics,
+};
+
+/// Why the journal could not be opened or replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// A file operation failed.
+    #[error("journal I/O error at {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// A record before the end of the journal is damaged.
+    #[error("journal segment {path} is corrupt at byte {offset} (not a torn tail: later data follows); restore it from a backup or move it aside")]
+    Corrupt {
+        /// The segment.
+        path: PathBuf,
+        /// Where the bad record starts.
+        offset: u64,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
+    move |source| JournalError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Something waiting to be made durable.
+pub trait Entry: Send + 'static {
+    /// The claim to write.
+    fn claim(&self) -> &Claim;
+    /// Called once, after the write succeeded (with the claim's id) or failed.
+    fn settle(self, result: Result<u64, CommitError>);
+}
+
+enum Msg<E> {
+    Append(E),
+    Close,
+}
+
+/// The claims found on disk at start-up.
+pub struct Recovered {
+    /// Every intact claim, in sequence order.
+    pub claims: Vec<Claim>,
+    /// The highest sequence number seen (0 if none).
+    pub last_seq: u64,
+}
+
+/// A handle to the journal writer.
+pub struct Journal<E: Entry> {
+    tx: Sender<Msg<E>>,
+    healthy: Arc<AtomicBool>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Where a journal lives and how it writes.
+pub struct JournalSetup {
+    /// The journal directory.
+    pub dir: PathBuf,
+    /// Fsync policy, batch and segment sizes.
+    pub config: JournalConfig,
+    /// The id the next claim gets.
+    pub next_seq: u64,
+    /// Receives every durable batch, in order, for the store to apply.
+    pub applier: Sender<Vec<Claim>>,
+    /// The highest claim id the store has applied durably; older segments are deleted.
+    pub applied_seq: Arc<AtomicU64>,
+}
+
+fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let path = entry.map_err(io_err(dir))?.path();
+        let first = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".journal"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(first) = first {
+            out.push((first, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl<E: Entry> Journal<E> {
+    /// Reads every segment in `dir` (created if missing), truncating a torn
+    /// tail of the last one.
+    pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let segs = segments(dir)?;
+        let mut claims = Vec::new();
+        let mut last_seq = 0;
+        for (i, (_, path)) in segs.iter().enumerate() {
+            let bytes = fs::read(path).map_err(io_err(path))?;
+            let is_last = i + 1 == segs.len();
+            if bytes.len() < record::MAGIC.len() || &bytes[..record::MAGIC.len()] != record::MAGIC {
+                if is_last {
+                    // Crashed while creating the segment: nothing in it was acknowledged.
+                    tracing::warn!(segment = %path.display(), "Journal segment has no header; removing it.");
+                    fs::remove_file(path).map_err(io_err(path))?;
+                    continue;
+                }
+                return Err(JournalError::Corrupt { path: path.clone(), offset: 0 });
+            }
+            let mut offset = record::MAGIC.len();
+            loop {
+                match record::decode(&bytes[offset..]) {
+                    record::Decoded::Record(claim, n) => {
+                        last_seq = last_seq.max(claim.id);
+                        claims.push(claim);
+                        offset += n;
+                    }
+                    record::Decoded::End => break,
+                    record::Decoded::Invalid if is_last => {
+                        tracing::warn!(
+                            segment = %path.display(),
+                            offset,
+                            dropped_bytes = bytes.len() - offset,
+                            "Journal ends in a torn record; truncating it (it was never acknowledged)."
+                        );
+                        let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
+                        f.set_len(offset as u64).map_err(io_err(path))?;
+                        f.sync_all().map_err(io_err(path))?;
+                        break;
+                    }
+                    record::Decoded::Invalid => {
+                        return Err(JournalError::Corrupt {
+                            path: path.clone(),
+                            offset: offset as u64,
+                        })
+                    }
+                }
+            }
+        }
+        Ok(Recovered { claims, last_seq })
+    }
+
+    /// Starts the writer thread on a fresh segment. Every segment already in
+    /// the directory must have been applied by the store: they are deleted.
+    pub fn start(setup: JournalSetup) -> Result<Journal<E>, JournalError> {
+        for (_, path) in segments(&setup.dir)? {
+            fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+        let (tx, rx) = crossbeam_channel::bounded(setup.config.queue_capacity);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let mut writer = Writer {
+            segment: Segment::create(&setup.dir, setup.next_seq, setup.config.fsync)?,
+            closed: VecDeque::new(),
+            setup,
+            buf: Vec::with_capacity(1 << 16),
+            healthy: healthy.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("journal-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io_err(Path::new("journal-writer thread")))?;
+        Ok(Journal {
+            tx,
+            healthy,
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Queues `entry`; it is settled by the writer, or at once if the queue is
+    /// full or the journal is closed or unhealthy. Never blocks.
+    pub fn append(&self, entry: E) {
+        if !self.healthy.load(Ordering::Relaxed) {
+            return entry.settle(Err(CommitError::Unavailable));
+        }
+        match self.tx.try_send(Msg::Append(entry)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(Msg::Append(e))) => e.settle(Err(CommitError::Overloaded)),
+            Err(TrySendError::Disconnected(Msg::Append(e))) => e.settle(Err(CommitError::Unavailable)),
+            Err(_) => unreachable!("only appends are sent with try_send"),
+        }
+    }
+
+    /// Whether the last write succeeded.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Claims waiting to be written.
+    pub fn queue_len(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Writes everything queued, then stops the writer. Idempotent.
+    pub fn close(&self) {
+        let Some(handle) = self.writer.lock().take() else { return };
+        // A blocking send: the queue may be full, and Close must come after it.
+        let _ = self.tx.send(Msg::Close);
+        if handle.join().is_err() {
+            tracing::error!("The journal writer panicked.");
+        }
+    }
+}
+
+struct Segment {
+    file: File,
+    first_seq: u64,
+    len: u64,
+    fsync: FsyncPolicy,
+}
+
+impl Segment {
+    fn create(dir: &Path, first_seq: u64, fsync: FsyncPolicy) -> Result<Segment, JournalError> {
+        let path = dir.join(format!("{first_seq:020}.journal"));
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        file.write_all(record::MAGIC).map_err(io_err(&path))?;
+        if fsync == FsyncPolicy::Always {
+            file.sync_all().map_err(io_err(&path))?;
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+        }
+        Ok(Segment {
+            file,
+            first_seq,
+            len: record::MAGIC.len() as u64,
+            fsync,
+        })
+    }
+
+    fn write(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.file.write_all(buf)?;
+        if self.fsync == FsyncPolicy::Always {
+            let started = Instant::now();
+            self.file.sync_data()?;
+            metrics::global().journal_fsync.observe(started.elapsed());
+        }
+        self.len += buf.len() as u64;
+        Ok(())
+    }
+}
+
+struct Writer {
+    setup: JournalSetup,
+    segment: Segment,
+    /// Closed segments, oldest first, by first sequence number.
+    closed: VecDeque<(u64, PathBuf)>,
+    buf: Vec<u8>,
+    healthy: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn run<E: Entry>(&mut self, rx: Receiver<Msg<E>>) {
+        let max_batch = self.setup.config.max_batch;
+        let mut batch: Vec<E> = Vec::with_capacity(max_batch);
+        let mut closing = false;
+        while !closing {
+            match rx.recv() {
+                Ok(Msg::Append(e)) => batch.push(e),
+                Ok(Msg::Close) | Err(_) => break,
+            }
+            while batch.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(Msg::Append(e)) => batch.push(e),
+                    Ok(Msg::Close) => {
+                        closing = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut batch);
+        }
+        // Anything still queued after Close arrived late; refuse it cleanly.
+        while let Ok(msg) = rx.try_recv() {
+            if let Msg::Append(e) = msg {
+                e.settle(Err(CommitError::Unavailable));
+            }
+        }
+        if let Err(e) = self.segment.file.sync_all() {
+            tracing::error!(error = %e, "Final journal fsync failed.");
+        }
+        tracing::info!(next_seq = self.setup.next_seq, "Journal closed.");
+    }
+
+    fn commit<E: Entry>(&mut self, batch: &mut Vec<E>) {
+        if !self.healthy.load(Ordering::Relaxed) {
+            batch.drain(..).for_each(|e| e.settle(Err(CommitError::Unavailable)));
+            return;
+        }
+        self.buf.clear();
+        let first = self.setup.next_seq;
+        for (i, e) in batch.iter().enumerate() {
+            record::encode(e.claim(), first + i as u64, &mut self.buf);
+        }
+        metrics::global().journal_batch.observe_count(batch.len() as u64);
+        if let Err(error) = self.segment.write(&self.buf) {
+            tracing::error!(%error, "Journal write failed; refusing claims until restart.");
+            self.healthy.store(false, Ordering::Relaxed);
+            batch.drain(..).for_each(|e| e.settle(Err(CommitError::Unavailable)));
+            return;
+        }
+        self.setup.next_seq += batch.len() as u64;
+        let mut durable = Vec::with_capacity(batch.len());
+        for (i, e) in batch.drain(..).enumerate() {
+            let mut claim = e.claim().clone();
+            claim.id = first + i as u64;
+            durable.push(claim);
+            e.settle(Ok(first + i as u64));
+        }
+        // The applier outlives the writer; a send fails only at teardown,
+        // and the claims are in the journal either way.
+        let _ = self.setup.applier.send(durable);
+        self.roll_and_trim();
+    }
+
+    /// Starts a new segment past the size limit; deletes fully applied ones.
+    fn roll_and_trim(&mut self) {
+        if self.segment.len >= self.setup.config.segment_size.0 {
+            match Segment::create(&self.setup.dir, self.setup.next_seq, self.setup.config.fsync) {
+                Ok(next) => {
+                    let old = std::mem::replace(&mut self.segment, next);
+                    let path = self.setup.dir.join(format!("{:020}.journal", old.first_seq));
+                    self.closed.push_back((old.first_seq, path));
+                }
+                Err(error) => tracing::warn!(%error, "Could not start a new journal segment; continuing in the current one."),
+            }
+        }
+        let applied = self.setup.applied_seq.load(Ordering::Acquire);
+        while self.closed.len() >= 1 {
+            // A closed segment ends just before the next one begins.
+            let next_first = self.closed.get(1).map_or(self.segment.first_seq, |s| s.0);
+            if next_first - 1 > applied {
+                break;
+            }
+            let (_, path) = self.closed.pop_front().expect("checked non-empty");
+            if let Err(error) = fs::remove_file(&path) {
+                tracing::warn!(%error, segment = %path.display(), "Could not delete an applied journal segment.");
+            }
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! ticketd — a ticket-rush (抢票) service that never oversells.
+//!
+//! An organiser configures activities (活动); each has ticket types (票) with
+//! a finite list of redeemable codes (券码). At the start time many users race
+//! to claim them. A code goes to at most one user, ever; a user gets at most
+//! the activity's per-user limit; every claim answered "success" survives a
+//! crash.
+//!
+//! A request takes one path through the crate:
+//! `http::server` → `http::router` → a handler → [`claim::Claimer`] →
+//! [`inventory`] (take a code, reserve the user's slot) → [`store::Store::commit`]
+//! (the [`journal`], group commit) → settle → response.
+//!
+//! # Layout
+//! - [`cli`] — clap definitions of every subcommand;
+//! - [`commands`] — what each subcommand does (serve, import, user, export, check-config);
+//! - [`app`] — start-up steps, the shared [`app::AppState`], reload, shutdown order;
+//! - [`signals`] — SIGHUP → reload, SIGTERM/SIGINT → the one shutdown watch;
+//! - [`config`] — the config tree, units, validation with line numbers, reload diff;
+//! - [`catalog`] — the immutable activity/ticket snapshot behind `ArcSwap`;
+//! - [`inventory`] — lock-free code pools per ticket type, claim ledgers per activity;
+//! - [`claim`] — the claim decision and its outcomes;
+//! - [`journal`] — the append-only claim journal: record format, group commit, replay;
+//! - [`store`] — the storage boundary: the embedded SQLite store (cluster backends join here);
+//! - [`auth`] — argon2id passwords, HMAC session tokens, logout revocation;
+//! - [`http`] — accept loop and limits, router, request parsing, the error shape, handlers;
+//! - [`export`] — streaming CSV / JSON-lines exports;
+//! - [`metrics`] — lock-free counters and histograms, Prometheus text;
+//! - [`bench`] — the rush simulator behind `ticketd bench`, and its HTTP client.
+
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod auth;
+pub mod bench;
+pub mod catalog;
+pub mod claim;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod export;
+pub mod http;
+pub mod inventory;
+pub mod journal;
+pub mod metrics;
+pub mod signals;
+pub mod store;
+
+use std::io::IsTerminal;
+
+use cli::{Cli, Command};
+use config::LogFormat;
+
+/// Runs a parsed command line to completion.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::CheckConfig => {
+            init_logging(cli.log_format.unwrap_or_default(), "warn");
+            commands::check_config(&cli.config)
+        }
+        Command::Bench(args) => {
+            init_logging(cli.log_format.unwrap_or_default(), "warn");
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let json = args.json;
+            let report = runtime.block_on(bench::run(args))?;
+            bench::print(&report, json)
+        }
+        command => {
+            let config = commands::load_config(&cli.config)?;
+            let format = cli.log_format.unwrap_or(config.log.format);
+            init_logging(format, &config.log.level);
+            match command {
+                Command::Serve => commands::serve(config, &cli.config),
+                Command::Import => commands::import(&config),
+                Command::User(u) => commands::user(&config, u),
+                Command::Export(args) => commands::export(&config, args),
+                Command::CheckConfig | Command::Bench(_) => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+/// Human lines on a terminal, JSON lines otherwise (systemd/journald), unless set.
+fn init_logging(format: LogFormat, level: &str) {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Human => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).with_current_span(false).try_init()
+    } else {
+        builder.try_init()
+    };
+}

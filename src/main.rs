@@ -1,0 +1,19 @@
+//! The `ticketd` binary: parse the command line, set up logging, hand over
+//! to the library. Errors print as one sentence and exit with status 1.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use ticketd::cli::Cli;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match ticketd::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ticketd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+

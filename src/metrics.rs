@@ -1,0 +1,332 @@
+//! Process-wide counters and histograms, rendered as Prometheus text.
+//!
+//! Every counter is a plain atomic in a fixed array indexed by an enum, so
+//! recording on the claim path is one relaxed `fetch_add` with no lookup,
+//! lock or allocation. Gauges that describe state (stock, queues) are not
+//! stored here; `/metrics` reads them from their owners when scraped.
+
+use std::{
+    fmt::Write as _,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+/// The process's metrics.
+pub fn global() -> &'static Metrics {
+    static METRICS: Metrics = Metrics::new();
+    &METRICS
+}
+
+/// API routes, for per-route counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Route {
+    /// `GET /healthz`
+    Healthz,
+    /// `GET /metrics`
+    Metrics,
+    /// `POST /user/register`
+    UserRegister,
+    /// `POST /user/login`
+    UserLogin,
+    /// `POST /user/logout`
+    UserLogout,
+    /// `GET /act/list`
+    ActList,
+    /// `GET /act/detail`
+    ActDetail,
+    /// `POST /ticket/get`
+    TicketGet,
+    /// `GET /ticket/list`
+    TicketList,
+    /// `GET /ticket/detail`
+    TicketDetail,
+    /// Anything else.
+    Unknown,
+}
+
+impl Route {
+    const ALL: [Route; 11] = [
+        Route::Healthz,
+        Route::Metrics,
+        Route::UserRegister,
+        Route::UserLogin,
+        Route::UserLogout,
+        Route::ActList,
+        Route::ActDetail,
+        Route::TicketGet,
+        Route::TicketList,
+        Route::TicketDetail,
+        Route::Unknown,
+    ];
+
+    /// The path label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::Healthz => "/healthz",
+            Route::Metrics => "/metrics",
+            Route::UserRegister => "/user/register",
+            Route::UserLogin => "/user/login",
+            Route::UserLogout => "/user/logout",
+            Route::ActList => "/act/list",
+            Route::ActDetail => "/act/detail",
+            Route::TicketGet => "/ticket/get",
+            Route::TicketList => "/ticket/list",
+            Route::TicketDetail => "/ticket/detail",
+            Route::Unknown => "other",
+        }
+    }
+}
+
+const STATUSES: [u16; 16] = [200, 201, 400, 401, 403, 404, 405, 408, 409, 410, 413, 415, 429, 500, 503, 0];
+
+fn status_slot(status: u16) -> usize {
+    STATUSES.iter().position(|&s| s == status).unwrap_or(STATUSES.len() - 1)
+}
+
+/// What happened to a claim request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum ClaimOutcome {
+    /// A code was handed out.
+    Success,
+    /// An idempotent retry got its earlier claim again.
+    Replayed,
+    /// Unknown activity or ticket.
+    NotFound,
+    /// Activity paused.
+    Paused,
+    /// Before the start.
+    NotStarted,
+    /// After the end.
+    Ended,
+    /// User at the limit.
+    LimitReached,
+    /// Same idempotency key in flight.
+    InProgress,
+    /// No stock.
+    SoldOut,
+    /// Shed for load.
+    Overloaded,
+    /// Store unavailable.
+    Unavailable,
+}
+
+impl ClaimOutcome {
+    const ALL: [ClaimOutcome; 11] = [
+        ClaimOutcome::Success,
+        ClaimOutcome::Replayed,
+        ClaimOutcome::NotFound,
+        ClaimOutcome::Paused,
+        ClaimOutcome::NotStarted,
+        ClaimOutcome::Ended,
+        ClaimOutcome::LimitReached,
+        ClaimOutcome::InProgress,
+        ClaimOutcome::SoldOut,
+        ClaimOutcome::Overloaded,
+        ClaimOutcome::Unavailable,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            ClaimOutcome::Success => "success",
+            ClaimOutcome::Replayed => "replayed",
+            ClaimOutcome::NotFound => "not_found",
+            ClaimOutcome::Paused => "paused",
+            ClaimOutcome::NotStarted => "not_started",
+            ClaimOutcome::Ended => "ended",
+            ClaimOutcome::LimitReached => "limit_reached",
+            ClaimOutcome::InProgress => "in_progress",
+            ClaimOutcome::SoldOut => "sold_out",
+            ClaimOutcome::Overloaded => "overloaded",
+            ClaimOutcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Claim outcome counters.
+pub struct ClaimCounters([AtomicU64; ClaimOutcome::ALL.len()]);
+
+impl ClaimCounters {
+    /// Counts one claim with `outcome`.
+    pub fn inc(&self, outcome: ClaimOutcome) {
+        self.0[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The count for `outcome`.
+    pub fn get(&self, outcome: ClaimOutcome) -> u64 {
+        self.0[outcome as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// A fixed-bucket histogram.
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: [AtomicU64; 24],
+    count: AtomicU64,
+    /// Sum in millionths of the unit (microseconds for time).
+    sum_micros: AtomicU64,
+}
+
+const LATENCY_BOUNDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const BATCH_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0];
+
+impl Histogram {
+    const fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: [const { AtomicU64::new(0) }; 24],
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    /// Records a duration.
+    pub fn observe(&self, d: Duration) {
+        self.record(d.as_secs_f64(), d.as_micros() as u64);
+    }
+
+    /// Records a count (batch size).
+    pub fn observe_count(&self, n: u64) {
+        self.record(n as f64, n.saturating_mul(1_000_000));
+    }
+
+    fn record(&self, value: f64, micros: u64) {
+        let i = self.bounds.iter().position(|&b| value <= b).unwrap_or(self.bounds.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, bound) in self.bounds.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[self.bounds.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let braced = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braced} {sum}");
+        let _ = writeln!(out, "{name}_count{braced} {}", self.count.load(Ordering::Relaxed));
+    }
+}
+
+/// All of the process's counters.
+pub struct Metrics {
+    requests: [[AtomicU64; STATUSES.len()]; Route::ALL.len()],
+    latency: [Histogram; Route::ALL.len()],
+    /// Claims by outcome.
+    pub claims: ClaimCounters,
+    /// Time spent in journal fsync.
+    pub journal_fsync: Histogram,
+    /// Claims per group commit.
+    pub journal_batch: Histogram,
+    /// Connections closed at once because `server.max_connections` was reached.
+    pub connections_refused: AtomicU64,
+    /// Reloads applied.
+    pub reloads_applied: AtomicU64,
+    /// Reloads refused.
+    pub reloads_refused: AtomicU64,
+}
+
+/// State read from its owners at scrape time.
+pub struct Gauges {
+    /// `(activity, ticket, remaining)` per ticket type.
+    pub stock: Vec<(String, String, usize)>,
+    /// `(activity, claimed)`.
+    pub claimed: Vec<(String, usize)>,
+    /// Claims being decided or committed.
+    pub claims_in_flight: usize,
+    /// Claims waiting for the journal writer.
+    pub journal_queue: usize,
+    /// Open HTTP connections.
+    pub connections: usize,
+    /// Approximate bytes held by code pools.
+    pub stock_bytes: usize,
+}
+
+impl Metrics {
+    const fn new() -> Metrics {
+        Metrics {
+            requests: [const { [const { AtomicU64::new(0) }; STATUSES.len()] }; Route::ALL.len()],
+            latency: [const { Histogram::new(LATENCY_BOUNDS) }; Route::ALL.len()],
+            claims: ClaimCounters([const { AtomicU64::new(0) }; ClaimOutcome::ALL.len()]),
+            journal_fsync: Histogram::new(LATENCY_BOUNDS),
+            journal_batch: Histogram::new(BATCH_BOUNDS),
+            connections_refused: AtomicU64::new(0),
+            reloads_applied: AtomicU64::new(0),
+            reloads_refused: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a finished request.
+    pub fn request(&self, route: Route, status: u16, elapsed: Duration) {
+        self.requests[route as usize][status_slot(status)].fetch_add(1, Ordering::Relaxed);
+        self.latency[route as usize].observe(elapsed);
+    }
+
+    /// Renders everything in the Prometheus text exposition format.
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let mut out = String::with_capacity(16 << 10);
+        out.push_str("# HELP ticketd_http_requests_total HTTP requests by route and status.\n# TYPE ticketd_http_requests_total counter\n");
+        for route in Route::ALL {
+            for (slot, status) in STATUSES.iter().enumerate() {
+                let n = self.requests[route as usize][slot].load(Ordering::Relaxed);
+                if n > 0 {
+                    let status = if *status == 0 { "other".to_owned() } else { status.to_string() };
+                    let _ = writeln!(out, "ticketd_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}", route.label());
+                }
+            }
+        }
+        out.push_str("# HELP ticketd_http_request_duration_seconds Time to answer, by route.\n# TYPE ticketd_http_request_duration_seconds histogram\n");
+        for route in Route::ALL {
+            if self.latency[route as usize].count.load(Ordering::Relaxed) > 0 {
+                let labels = format!("route=\"{}\"", route.label());
+                self.latency[route as usize].render(&mut out, "ticketd_http_request_duration_seconds", &labels);
+            }
+        }
+        out.push_str("# HELP ticketd_claims_total Claim requests by outcome.\n# TYPE ticketd_claims_total counter\n");
+        for o in ClaimOutcome::ALL {
+            let _ = writeln!(out, "ticketd_claims_total{{outcome=\"{}\"}} {}", o.label(), self.claims.get(o));
+        }
+        out.push_str("# HELP ticketd_stock_remaining Codes in stock by activity and ticket type.\n# TYPE ticketd_stock_remaining gauge\n");
+        for (activity, ticket, remaining) in &gauges.stock {
+            let _ = writeln!(out, "ticketd_stock_remaining{{activity=\"{}\",ticket=\"{}\"}} {remaining}", escape(activity), escape(ticket));
+        }
+        out.push_str("# HELP ticketd_claimed Durable claims by activity.\n# TYPE ticketd_claimed gauge\n");
+        for (activity, claimed) in &gauges.claimed {
+            let _ = writeln!(out, "ticketd_claimed{{activity=\"{}\"}} {claimed}", escape(activity));
+        }
+        out.push_str("# HELP ticketd_journal_fsync_seconds Time spent in journal fsync.\n# TYPE ticketd_journal_fsync_seconds histogram\n");
+        self.journal_fsync.render(&mut out, "ticketd_journal_fsync_seconds", "");
+        out.push_str("# HELP ticketd_journal_batch_claims Claims per group commit.\n# TYPE ticketd_journal_batch_claims histogram\n");
+        self.journal_batch.render(&mut out, "ticketd_journal_batch_claims", "");
+        let gauges_list = [
+            ("ticketd_claims_in_flight", "Claims being decided or committed.", gauges.claims_in_flight),
+            ("ticketd_journal_queue", "Claims waiting for the journal writer.", gauges.journal_queue),
+            ("ticketd_http_connections", "Open HTTP connections.", gauges.connections),
+            ("ticketd_stock_bytes", "Approximate heap bytes held by code pools.", gauges.stock_bytes),
+        ];
+        for (name, help, value) in gauges_list {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
+        let counters = [
+            ("ticketd_connections_refused_total", "Connections closed at the connection cap.", &self.connections_refused),
+            ("ticketd_reloads_applied_total", "Config reloads applied.", &self.reloads_applied),
+            ("ticketd_reloads_refused_total", "Config reloads refused.", &self.reloads_refused),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+        }
+        out
+    }
+}
+
+fn escape(label: &str) -> String {
+    label.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}

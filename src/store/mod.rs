@@ -1,0 +1,239 @@
+//! The store boundary: everything the node keeps beyond its memory.
+//!
+//! [`Store`] is an enum over backends rather than a trait object, so the
+//! claim path calls [`Store::commit`] with static dispatch and no boxed
+//! future. Today there is one backend, [`EmbeddedStore`] (SQLite plus the
+//! claim journal in `storage.path`); the cluster backend (Redis leases,
+//! MongoDB write-behind) joins as a second variant behind the same methods.
+
+mod embedded;
+
+use std::sync::Arc;
+
+pub use embedded::EmbeddedStore;
+
+use crate::{
+    claim::{Claim, PendingClaim},
+    config::Config,
+    journal::JournalError,
+};
+
+/// Why the store refused or failed an operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file or directory could not be used.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Another process serves this data directory.
+    #[error("the data directory {0} is in use by another running ticketd (stop it, or use `kill -HUP` to reload it)")]
+    Locked(std::path::PathBuf),
+    /// SQLite failed.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The journal could not be replayed or opened.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The username exists already.
+    #[error("the username is taken")]
+    UsernameTaken,
+}
+
+/// A registered user.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// Stable numeric id.
+    pub id: u64,
+    /// Login name (unique).
+    pub username: String,
+    /// Display name.
+    pub nickname: String,
+    /// The argon2id PHC string.
+    pub password_hash: String,
+    /// Registration time, Unix ms.
+    pub created_at_ms: i64,
+}
+
+/// A claim joined with its user, for export.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClaimRow {
+    /// Claim id.
+    pub claim_id: u64,
+    /// Activity id.
+    pub activity_id: String,
+    /// Ticket type id.
+    pub ticket_id: String,
+    /// The code.
+    pub code: String,
+    /// User id.
+    pub user_id: u64,
+    /// Username.
+    pub username: String,
+    /// Nickname.
+    pub nickname: String,
+    /// Claim time, Unix ms.
+    pub claimed_at_ms: i64,
+}
+
+/// What an import added, per ticket type.
+#[derive(Debug, Default)]
+pub struct ImportReport {
+    /// Activities inserted or updated.
+    pub activities: usize,
+    /// Per ticket: id, codes added now (never claimed), codes known in total.
+    pub tickets: Vec<TicketImport>,
+    /// Codes in the config that already belong to another ticket type (skipped).
+    pub conflicts: Vec<String>,
+}
+
+/// One ticket type's import result.
+#[derive(Debug)]
+pub struct TicketImport {
+    /// Ticket id.
+    pub ticket_id: String,
+    /// Codes inserted by this import.
+    pub added: Vec<String>,
+    /// Codes the store knows for this ticket after the import.
+    pub total: usize,
+}
+
+/// How a process uses the data directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The serving node: takes the directory lock, replays and runs the journal.
+    Serve,
+    /// A command-line tool: shares the store with a running node; when none
+    /// runs, first applies any journal a crashed node left behind.
+    Tool,
+}
+
+/// The store behind a node.
+pub enum Store {
+    /// SQLite and a local journal.
+    Embedded(EmbeddedStore),
+}
+
+impl Store {
+    /// Opens the store configured in `config`.
+    pub fn open(config: &Config, access: Access) -> Result<Arc<Store>, StoreError> {
+        Ok(Arc::new(Store::Embedded(EmbeddedStore::open(config, access)?)))
+    }
+
+    /// Hands a claim to the committer; it settles the claim when durable or failed.
+    pub fn commit(&self, pending: PendingClaim) {
+        match self {
+            Store::Embedded(s) => s.commit(pending),
+        }
+    }
+
+    /// Whether claims can be committed.
+    pub fn is_healthy(&self) -> bool {
+        match self {
+            Store::Embedded(s) => s.is_healthy(),
+        }
+    }
+
+    /// Claims waiting to be made durable.
+    pub fn commit_queue_len(&self) -> usize {
+        match self {
+            Store::Embedded(s) => s.commit_queue_len(),
+        }
+    }
+
+    /// Writes the config's activities, tickets and codes. Idempotent.
+    pub fn import(&self, config: &Config, node_start_ms: i64) -> Result<ImportReport, StoreError> {
+        match self {
+            Store::Embedded(s) => s.import(config, node_start_ms),
+        }
+    }
+
+    /// The codes of `ticket_id` that nobody has claimed.
+    pub fn unclaimed_codes(&self, ticket_id: &str) -> Result<Vec<String>, StoreError> {
+        match self {
+            Store::Embedded(s) => s.unclaimed_codes(ticket_id),
+        }
+    }
+
+    /// Calls `f` with every durable claim, in id order.
+    pub fn for_each_claim(&self, f: &mut dyn FnMut(Claim)) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => s.for_each_claim(f),
+        }
+    }
+
+    /// Calls `f` with every claim of `activity_id` joined with its user, in id order.
+    pub fn export_claims(&self, activity_id: &str, f: &mut dyn FnMut(ClaimRow) -> std::io::Result<()>) -> Result<u64, StoreError> {
+        match self {
+            Store::Embedded(s) => s.export_claims(activity_id, f),
+        }
+    }
+
+    /// Whether the store knows `activity_id`.
+    pub fn has_activity(&self, activity_id: &str) -> Result<bool, StoreError> {
+        match self {
+            Store::Embedded(s) => s.has_activity(activity_id),
+        }
+    }
+
+    /// Creates users; returns how many were new (existing usernames are skipped).
+    pub fn create_users(&self, users: &[(String, String, String)]) -> Result<usize, StoreError> {
+        match self {
+            Store::Embedded(s) => s.create_users(users),
+        }
+    }
+
+    /// Creates one user; [`StoreError::UsernameTaken`] if the name exists.
+    pub fn create_user(&self, username: &str, nickname: &str, password_hash: &str) -> Result<User, StoreError> {
+        match self {
+            Store::Embedded(s) => s.create_user(username, nickname, password_hash),
+        }
+    }
+
+    /// The user called `username`.
+    pub fn user_by_name(&self, username: &str) -> Result<Option<User>, StoreError> {
+        match self {
+            Store::Embedded(s) => s.user_by_name(username),
+        }
+    }
+
+    /// Every user, by id.
+    pub fn list_users(&self) -> Result<Vec<User>, StoreError> {
+        match self {
+            Store::Embedded(s) => s.list_users(),
+        }
+    }
+
+    /// Records that the session `token_id` was logged out.
+    pub fn revoke_session(&self, token_id: &str, expires_at_ms: i64) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => s.revoke_session(token_id, expires_at_ms),
+        }
+    }
+
+    /// Revoked sessions that have not expired yet.
+    pub fn revoked_sessions(&self, now_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        match self {
+            Store::Embedded(s) => s.revoked_sessions(now_ms),
+        }
+    }
+
+    /// A secret kept in the store (the session key when none is configured), created on first use.
+    pub fn secret(&self, name: &str, create: &dyn Fn() -> String) -> Result<String, StoreError> {
+        match self {
+            Store::Embedded(s) => s.secret(name, create),
+        }
+    }
+
+    /// Makes every acknowledged claim durable in the store and stops the committer.
+    pub fn close(&self) {
+        match self {
+            Store::Embedded(s) => s.close(),
+        }
+    }
+}
