@@ -119,8 +119,11 @@ impl App {
 
         let inventory = Arc::new(Inventory::default());
         // Built first: it checks what validation cannot (mixed relative and absolute times).
-        Catalog::build(&config, started_ms, &inventory).map_err(|p| anyhow::anyhow!(p.join("; ")))?;
-        let report = store.import(&config, started_ms).context("cannot import the config's activities")?;
+        Catalog::build(&config, started_ms, &inventory)
+            .map_err(|p| anyhow::anyhow!(p.join("; ")))?;
+        let report = store
+            .import(&config, started_ms)
+            .context("cannot import the config's activities")?;
         log_import(&report);
         for t in config.activities.iter().flat_map(|a| &a.tickets) {
             let codes = store.unclaimed_codes(&t.id).context("cannot load stock")?;
@@ -133,7 +136,8 @@ impl App {
                 restored += 1;
             })
             .context("cannot load claims")?;
-        let catalog = Catalog::build(&config, started_ms, &inventory).map_err(|p| anyhow::anyhow!(p.join("; ")))?;
+        let catalog = Catalog::build(&config, started_ms, &inventory)
+            .map_err(|p| anyhow::anyhow!(p.join("; ")))?;
         for a in catalog.activities() {
             tracing::info!(activity = %a.id, remaining = a.remaining(), claimed = a.ledger.claimed(), "Stock loaded.");
         }
@@ -167,7 +171,12 @@ impl App {
 
     /// Serves `listener` until `shutdown`, reloading on each `reload` message,
     /// then shuts down in order.
-    pub async fn run(self, listener: TcpListener, mut reload: mpsc::Receiver<()>, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        mut reload: mpsc::Receiver<()>,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
         if let Some(addr) = http::server::local_addr(&listener) {
             tracing::info!(%addr, "Listening.");
         }
@@ -221,11 +230,18 @@ impl App {
         let mut new = Config::load(&self.config_path).map_err(|e| e.to_string())?;
         let restart = new.restart_only_changes(&running);
         if !restart.is_empty() {
-            return Err(format!("{} changed, which needs a restart", restart.join(", ")));
+            return Err(format!(
+                "{} changed, which needs a restart",
+                restart.join(", ")
+            ));
         }
         let state = &self.state;
-        let catalog = Catalog::build(&new, state.started_ms, &state.inventory).map_err(|p| p.join("; "))?;
-        let report = state.store.import(&new, state.started_ms).map_err(|e| e.to_string())?;
+        let catalog =
+            Catalog::build(&new, state.started_ms, &state.inventory).map_err(|p| p.join("; "))?;
+        let report = state
+            .store
+            .import(&new, state.started_ms)
+            .map_err(|e| e.to_string())?;
         log_import(&report);
         let mut added = 0;
         for t in &report.tickets {
@@ -234,7 +250,9 @@ impl App {
         }
         state.catalog.store(Arc::new(catalog));
         state.auth.apply(&new);
-        state.claimer.set_max_in_flight(new.limits.max_in_flight_claims);
+        state
+            .claimer
+            .set_max_in_flight(new.limits.max_in_flight_claims);
         state.server.store(Arc::new(new.server.clone()));
         new.strip_codes();
         *running = new;

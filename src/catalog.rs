@@ -80,12 +80,19 @@ pub enum Status {
 impl Catalog {
     /// Builds a snapshot of `config`, resolving relative times against
     /// `node_start_ms` and attaching the inventory's pools and ledgers.
-    pub fn build(config: &Config, node_start_ms: i64, inventory: &Inventory) -> Result<Catalog, Vec<String>> {
+    pub fn build(
+        config: &Config,
+        node_start_ms: i64,
+        inventory: &Inventory,
+    ) -> Result<Catalog, Vec<String>> {
         let mut problems = Vec::new();
         let mut activities = Vec::with_capacity(config.activities.len());
         let mut by_id = HashMap::with_capacity(config.activities.len());
         for a in &config.activities {
-            let (start_ms, end_ms) = (a.start_time.resolve(node_start_ms), a.end_time.resolve(node_start_ms));
+            let (start_ms, end_ms) = (
+                a.start_time.resolve(node_start_ms),
+                a.end_time.resolve(node_start_ms),
+            );
             if end_ms <= start_ms {
                 problems.push(format!("activity `{}` must end after it starts", a.id));
             }

@@ -222,7 +222,11 @@ impl Claimer {
     }
 
     /// Decides `req` against `catalog`, commits, and records the outcome in metrics.
-    pub async fn claim(&self, catalog: &Catalog, req: ClaimRequest<'_>) -> Result<Claimed, Rejection> {
+    pub async fn claim(
+        &self,
+        catalog: &Catalog,
+        req: ClaimRequest<'_>,
+    ) -> Result<Claimed, Rejection> {
         let result = self.decide(catalog, req).await;
         let outcome = match &result {
             Ok(c) if c.replayed => ClaimOutcome::Replayed,
@@ -234,7 +238,9 @@ impl Claimer {
     }
 
     async fn decide(&self, catalog: &Catalog, req: ClaimRequest<'_>) -> Result<Claimed, Rejection> {
-        let activity = catalog.activity(req.activity_id).ok_or(Rejection::UnknownActivity)?;
+        let activity = catalog
+            .activity(req.activity_id)
+            .ok_or(Rejection::UnknownActivity)?;
         let now = now_ms();
         check_window(activity, now)?;
         let ticket = match req.ticket_id {
@@ -249,8 +255,14 @@ impl Claimer {
         if !in_stock {
             // Sold out is answered from memory with read-only look-ups, so the
             // flood after the sell-out costs no allocation and no write lock.
-            return match activity.ledger.peek(req.user_id, activity.per_user_limit, key.as_deref()) {
-                Some(Reservation::Replay(claim)) => Ok(Claimed { claim, replayed: true }),
+            return match activity
+                .ledger
+                .peek(req.user_id, activity.per_user_limit, key.as_deref())
+            {
+                Some(Reservation::Replay(claim)) => Ok(Claimed {
+                    claim,
+                    replayed: true,
+                }),
                 Some(Reservation::LimitReached(codes)) => Err(Rejection::LimitReached(codes)),
                 _ => Err(Rejection::SoldOut),
             };
@@ -262,9 +274,17 @@ impl Claimer {
             return Err(Rejection::Overloaded);
         }
 
-        match activity.ledger.reserve(req.user_id, activity.per_user_limit, key.as_ref()) {
+        match activity
+            .ledger
+            .reserve(req.user_id, activity.per_user_limit, key.as_ref())
+        {
             Reservation::Reserved => {}
-            Reservation::Replay(claim) => return Ok(Claimed { claim, replayed: true }),
+            Reservation::Replay(claim) => {
+                return Ok(Claimed {
+                    claim,
+                    replayed: true,
+                })
+            }
             Reservation::InProgress => return Err(Rejection::InProgress),
             Reservation::LimitReached(codes) => return Err(Rejection::LimitReached(codes)),
         }
@@ -290,7 +310,10 @@ impl Claimer {
             reply,
         });
         match answer.await {
-            Ok(Ok(claim)) => Ok(Claimed { claim, replayed: false }),
+            Ok(Ok(claim)) => Ok(Claimed {
+                claim,
+                replayed: false,
+            }),
             Ok(Err(e)) => Err(e.into()),
             // The committer always settles; a dropped reply means it is gone.
             Err(_) => Err(Rejection::Unavailable),
@@ -313,9 +336,15 @@ fn check_window(activity: &Activity, now: i64) -> Result<(), Rejection> {
 }
 
 /// Takes a code of `ticket`, or of the first ticket type with stock.
-fn take_code<'a>(activity: &'a Activity, ticket: Option<&'a TicketType>) -> Option<(&'a TicketType, CodeIdx)> {
+fn take_code<'a>(
+    activity: &'a Activity,
+    ticket: Option<&'a TicketType>,
+) -> Option<(&'a TicketType, CodeIdx)> {
     match ticket {
         Some(t) => t.pool.take().map(|idx| (t, idx)),
-        None => activity.tickets.iter().find_map(|t| t.pool.take().map(|idx| (t, idx))),
+        None => activity
+            .tickets
+            .iter()
+            .find_map(|t| t.pool.take().map(|idx| (t, idx))),
     }
 }

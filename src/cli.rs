@@ -14,7 +14,13 @@ use crate::config::LogFormat;
 #[command(name = "ticketd", version, about, long_about = None, propagate_version = true)]
 pub struct Cli {
     /// Path to the config file.
-    #[arg(long, short, global = true, env = "TICKETD_CONFIG", default_value = "config.toml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "TICKETD_CONFIG",
+        default_value = "config.toml"
+    )]
     pub config: PathBuf,
 
     /// Log format; overrides `[log] format`.

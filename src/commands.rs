@@ -48,19 +48,32 @@ pub fn import(config: &Config) -> anyhow::Result<()> {
     let store = Store::open(config, Access::Tool)?;
     let report = store.import(config, now_ms())?;
     for t in &report.tickets {
-        println!("ticket {}: {} codes added, {} in total", t.ticket_id, t.added.len(), t.total);
+        println!(
+            "ticket {}: {} codes added, {} in total",
+            t.ticket_id,
+            t.added.len(),
+            t.total
+        );
     }
     for c in &report.conflicts {
         eprintln!("skipped: {c}");
     }
-    println!("{} activities imported. A running node picks new codes up on SIGHUP.", report.activities);
+    println!(
+        "{} activities imported. A running node picks new codes up on SIGHUP.",
+        report.activities
+    );
     Ok(())
 }
 
 /// `ticketd check-config`.
 pub fn check_config(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let codes: usize = config.activities.iter().flat_map(|a| &a.tickets).map(|t| t.explicit_codes().len()).sum();
+    let codes: usize = config
+        .activities
+        .iter()
+        .flat_map(|a| &a.tickets)
+        .map(|t| t.explicit_codes().len())
+        .sum();
     println!(
         "{} is valid: {} activities, {} explicit codes.",
         path.display(),
@@ -85,10 +98,14 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
             let password = read_password()?;
             let nickname = validate_account(&username, &password, nickname.as_deref())?;
             let hash = password::hash(&password, cost(config));
-            let user = store.create_user(&username, &nickname, &hash).map_err(|e| match e {
-                crate::store::StoreError::UsernameTaken => anyhow::anyhow!("the username `{username}` is taken"),
-                other => other.into(),
-            })?;
+            let user = store
+                .create_user(&username, &nickname, &hash)
+                .map_err(|e| match e {
+                    crate::store::StoreError::UsernameTaken => {
+                        anyhow::anyhow!("the username `{username}` is taken")
+                    }
+                    other => other.into(),
+                })?;
             println!("user {} created with id {}", user.username, user.id);
         }
         UserCommand::Import { file } => {
@@ -107,10 +124,16 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
                         })
                     })
                     .collect();
-                handles.into_iter().flat_map(|h| h.join().expect("hashing thread")).collect()
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().expect("hashing thread"))
+                    .collect()
             });
             let created = store.create_users(&hashed)?;
-            println!("{created} users created, {} skipped (username exists)", hashed.len() - created);
+            println!(
+                "{created} users created, {} skipped (username exists)",
+                hashed.len() - created
+            );
         }
         UserCommand::List => {
             let mut out = csv::Writer::from_writer(io::stdout().lock());
@@ -139,7 +162,10 @@ fn read_password() -> anyhow::Result<String> {
         first
     } else {
         let mut line = String::new();
-        io::stdin().lock().read_line(&mut line).context("cannot read the password from stdin")?;
+        io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("cannot read the password from stdin")?;
         line.trim_end_matches(['\r', '\n']).to_owned()
     };
     Ok(password)
@@ -158,7 +184,10 @@ fn read_user_csv(file: &Path) -> anyhow::Result<Vec<(String, String, String)>> {
         let record = record.with_context(|| format!("{} line {}", file.display(), i + 1))?;
         let field = |n: usize| record.get(n).unwrap_or("").to_owned();
         let (username, password, nickname) = (field(0), field(1), field(2));
-        if i == 0 && username.eq_ignore_ascii_case("username") && password.eq_ignore_ascii_case("password") {
+        if i == 0
+            && username.eq_ignore_ascii_case("username")
+            && password.eq_ignore_ascii_case("password")
+        {
             continue;
         }
         let nickname = validate_account(&username, &password, Some(&nickname))
@@ -172,16 +201,30 @@ fn read_user_csv(file: &Path) -> anyhow::Result<Vec<(String, String, String)>> {
 pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
     let store = Store::open(config, Access::Tool)?;
     if !store.has_activity(&args.activity)? {
-        bail!("the store has no activity `{}` (run `ticketd import` or `ticketd serve` first)", args.activity);
+        bail!(
+            "the store has no activity `{}` (run `ticketd import` or `ticketd serve` first)",
+            args.activity
+        );
     }
     let rows = match &args.out {
         Some(path) => {
-            let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-            let n = export::claims(&store, &args.activity, args.format, io::BufWriter::new(file))?;
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            let n = export::claims(
+                &store,
+                &args.activity,
+                args.format,
+                io::BufWriter::new(file),
+            )?;
             eprintln!("{n} claims written to {}", path.display());
             n
         }
-        None => export::claims(&store, &args.activity, args.format, io::BufWriter::new(io::stdout().lock()))?,
+        None => export::claims(
+            &store,
+            &args.activity,
+            args.format,
+            io::BufWriter::new(io::stdout().lock()),
+        )?,
     };
     let _ = rows;
     io::stdout().flush()?;

@@ -78,10 +78,15 @@ impl Route {
     }
 }
 
-const STATUSES: [u16; 16] = [200, 201, 400, 401, 403, 404, 405, 408, 409, 410, 413, 415, 429, 500, 503, 0];
+const STATUSES: [u16; 16] = [
+    200, 201, 400, 401, 403, 404, 405, 408, 409, 410, 413, 415, 429, 500, 503, 0,
+];
 
 fn status_slot(status: u16) -> usize {
-    STATUSES.iter().position(|&s| s == status).unwrap_or(STATUSES.len() - 1)
+    STATUSES
+        .iter()
+        .position(|&s| s == status)
+        .unwrap_or(STATUSES.len() - 1)
 }
 
 /// What happened to a claim request.
@@ -169,9 +174,12 @@ pub struct Histogram {
 }
 
 const LATENCY_BOUNDS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
 ];
-const BATCH_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0];
+const BATCH_BOUNDS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
+];
 
 impl Histogram {
     const fn new(bounds: &'static [f64]) -> Histogram {
@@ -194,7 +202,11 @@ impl Histogram {
     }
 
     fn record(&self, value: f64, micros: u64) {
-        let i = self.bounds.iter().position(|&b| value <= b).unwrap_or(self.bounds.len());
+        let i = self
+            .bounds
+            .iter()
+            .position(|&b| value <= b)
+            .unwrap_or(self.bounds.len());
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_micros.fetch_add(micros, Ordering::Relaxed);
@@ -205,14 +217,28 @@ impl Histogram {
         let sep = if labels.is_empty() { "" } else { "," };
         for (i, bound) in self.bounds.iter().enumerate() {
             cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
         }
         cumulative += self.buckets[self.bounds.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
+        );
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let braced = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let braced = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
         let _ = writeln!(out, "{name}_sum{braced} {sum}");
-        let _ = writeln!(out, "{name}_count{braced} {}", self.count.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "{name}_count{braced} {}",
+            self.count.load(Ordering::Relaxed)
+        );
     }
 }
 
@@ -278,8 +304,16 @@ impl Metrics {
             for (slot, status) in STATUSES.iter().enumerate() {
                 let n = self.requests[route as usize][slot].load(Ordering::Relaxed);
                 if n > 0 {
-                    let status = if *status == 0 { "other".to_owned() } else { status.to_string() };
-                    let _ = writeln!(out, "ticketd_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}", route.label());
+                    let status = if *status == 0 {
+                        "other".to_owned()
+                    } else {
+                        status.to_string()
+                    };
+                    let _ = writeln!(
+                        out,
+                        "ticketd_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
+                        route.label()
+                    );
                 }
             }
         }
@@ -287,46 +321,106 @@ impl Metrics {
         for route in Route::ALL {
             if self.latency[route as usize].count.load(Ordering::Relaxed) > 0 {
                 let labels = format!("route=\"{}\"", route.label());
-                self.latency[route as usize].render(&mut out, "ticketd_http_request_duration_seconds", &labels);
+                self.latency[route as usize].render(
+                    &mut out,
+                    "ticketd_http_request_duration_seconds",
+                    &labels,
+                );
             }
         }
         out.push_str("# HELP ticketd_claims_total Claim requests by outcome.\n# TYPE ticketd_claims_total counter\n");
         for o in ClaimOutcome::ALL {
-            let _ = writeln!(out, "ticketd_claims_total{{outcome=\"{}\"}} {}", o.label(), self.claims.get(o));
+            let _ = writeln!(
+                out,
+                "ticketd_claims_total{{outcome=\"{}\"}} {}",
+                o.label(),
+                self.claims.get(o)
+            );
         }
         out.push_str("# HELP ticketd_stock_remaining Codes in stock by activity and ticket type.\n# TYPE ticketd_stock_remaining gauge\n");
         for (activity, ticket, remaining) in &gauges.stock {
-            let _ = writeln!(out, "ticketd_stock_remaining{{activity=\"{}\",ticket=\"{}\"}} {remaining}", escape(activity), escape(ticket));
+            let _ = writeln!(
+                out,
+                "ticketd_stock_remaining{{activity=\"{}\",ticket=\"{}\"}} {remaining}",
+                escape(activity),
+                escape(ticket)
+            );
         }
-        out.push_str("# HELP ticketd_claimed Durable claims by activity.\n# TYPE ticketd_claimed gauge\n");
+        out.push_str(
+            "# HELP ticketd_claimed Durable claims by activity.\n# TYPE ticketd_claimed gauge\n",
+        );
         for (activity, claimed) in &gauges.claimed {
-            let _ = writeln!(out, "ticketd_claimed{{activity=\"{}\"}} {claimed}", escape(activity));
+            let _ = writeln!(
+                out,
+                "ticketd_claimed{{activity=\"{}\"}} {claimed}",
+                escape(activity)
+            );
         }
         out.push_str("# HELP ticketd_journal_fsync_seconds Time spent in journal fsync.\n# TYPE ticketd_journal_fsync_seconds histogram\n");
-        self.journal_fsync.render(&mut out, "ticketd_journal_fsync_seconds", "");
+        self.journal_fsync
+            .render(&mut out, "ticketd_journal_fsync_seconds", "");
         out.push_str("# HELP ticketd_journal_batch_claims Claims per group commit.\n# TYPE ticketd_journal_batch_claims histogram\n");
-        self.journal_batch.render(&mut out, "ticketd_journal_batch_claims", "");
+        self.journal_batch
+            .render(&mut out, "ticketd_journal_batch_claims", "");
         let gauges_list = [
-            ("ticketd_claims_in_flight", "Claims being decided or committed.", gauges.claims_in_flight),
-            ("ticketd_journal_queue", "Claims waiting for the journal writer.", gauges.journal_queue),
-            ("ticketd_http_connections", "Open HTTP connections.", gauges.connections),
-            ("ticketd_stock_bytes", "Approximate heap bytes held by code pools.", gauges.stock_bytes),
+            (
+                "ticketd_claims_in_flight",
+                "Claims being decided or committed.",
+                gauges.claims_in_flight,
+            ),
+            (
+                "ticketd_journal_queue",
+                "Claims waiting for the journal writer.",
+                gauges.journal_queue,
+            ),
+            (
+                "ticketd_http_connections",
+                "Open HTTP connections.",
+                gauges.connections,
+            ),
+            (
+                "ticketd_stock_bytes",
+                "Approximate heap bytes held by code pools.",
+                gauges.stock_bytes,
+            ),
         ];
         for (name, help, value) in gauges_list {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
         }
         let counters = [
-            ("ticketd_connections_refused_total", "Connections closed at the connection cap.", &self.connections_refused),
-            ("ticketd_reloads_applied_total", "Config reloads applied.", &self.reloads_applied),
-            ("ticketd_reloads_refused_total", "Config reloads refused.", &self.reloads_refused),
+            (
+                "ticketd_connections_refused_total",
+                "Connections closed at the connection cap.",
+                &self.connections_refused,
+            ),
+            (
+                "ticketd_reloads_applied_total",
+                "Config reloads applied.",
+                &self.reloads_applied,
+            ),
+            (
+                "ticketd_reloads_refused_total",
+                "Config reloads refused.",
+                &self.reloads_refused,
+            ),
         ];
         for (name, help, value) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
         }
         out
     }
 }
 
 fn escape(label: &str) -> String {
-    label.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -42,7 +42,10 @@ pub fn install() -> std::io::Result<Signals> {
 
 fn stop(tx: &watch::Sender<bool>, name: &str) {
     if *tx.borrow() {
-        tracing::warn!(signal = name, "Second stop signal; exiting now (acknowledged claims are in the journal).");
+        tracing::warn!(
+            signal = name,
+            "Second stop signal; exiting now (acknowledged claims are in the journal)."
+        );
         std::process::exit(130);
     }
     tracing::info!(signal = name, "Shutting down.");

@@ -90,20 +90,33 @@ pub struct Auth {
 }
 
 /// Checks a username, password and nickname; returns the nickname to use.
-pub fn validate_account(username: &str, password: &str, nickname: Option<&str>) -> Result<String, AuthError> {
+pub fn validate_account(
+    username: &str,
+    password: &str,
+    nickname: Option<&str>,
+) -> Result<String, AuthError> {
     let name_ok = (3..=32).contains(&username.chars().count())
-        && username.chars().all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '@'));
+        && username
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '@'));
     if !name_ok {
         return Err(AuthError::InvalidField(
             "username must be 3-32 letters, digits, '_', '-', '.' or '@'".into(),
         ));
     }
     if !(8..=128).contains(&password.chars().count()) {
-        return Err(AuthError::InvalidField("password must be 8-128 characters".into()));
+        return Err(AuthError::InvalidField(
+            "password must be 8-128 characters".into(),
+        ));
     }
-    let nickname = nickname.map(str::trim).filter(|n| !n.is_empty()).unwrap_or(username);
+    let nickname = nickname
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .unwrap_or(username);
     if nickname.chars().count() > 32 || nickname.chars().any(char::is_control) {
-        return Err(AuthError::InvalidField("nickname must be at most 32 printable characters".into()));
+        return Err(AuthError::InvalidField(
+            "nickname must be at most 32 printable characters".into(),
+        ));
     }
     Ok(nickname.to_owned())
 }
@@ -144,7 +157,8 @@ impl Auth {
     pub fn apply(&self, config: &Config) {
         let new = Settings::from_config(config);
         if new.cost != self.settings.load().cost {
-            self.dummy_hash.store(Arc::new(password::hash("dummy password", new.cost)));
+            self.dummy_hash
+                .store(Arc::new(password::hash("dummy password", new.cost)));
         }
         self.settings.store(Arc::new(new));
     }
@@ -167,7 +181,12 @@ impl Auth {
     }
 
     /// Creates an account and logs it in.
-    pub async fn register(self: &Arc<Self>, username: String, password: String, nickname: Option<String>) -> Result<(User, String), AuthError> {
+    pub async fn register(
+        self: &Arc<Self>,
+        username: String,
+        password: String,
+        nickname: Option<String>,
+    ) -> Result<(User, String), AuthError> {
         let settings = self.settings.load_full();
         if !settings.open_registration {
             return Err(AuthError::RegistrationClosed);
@@ -176,10 +195,12 @@ impl Auth {
         let this = self.clone();
         let user = blocking(move || {
             let hash = password::hash(&password, settings.cost);
-            this.store.create_user(&username, &nickname, &hash).map_err(|e| match e {
-                StoreError::UsernameTaken => AuthError::UsernameTaken,
-                other => other.into(),
-            })
+            this.store
+                .create_user(&username, &nickname, &hash)
+                .map_err(|e| match e {
+                    StoreError::UsernameTaken => AuthError::UsernameTaken,
+                    other => other.into(),
+                })
         })
         .await?;
         let token = self.issue(user.id);
@@ -187,7 +208,11 @@ impl Auth {
     }
 
     /// Checks a password and issues a token.
-    pub async fn login(self: &Arc<Self>, username: String, password: String) -> Result<(User, String), AuthError> {
+    pub async fn login(
+        self: &Arc<Self>,
+        username: String,
+        password: String,
+    ) -> Result<(User, String), AuthError> {
         let this = self.clone();
         let user = blocking(move || {
             let user = this.store.user_by_name(&username)?;
@@ -212,14 +237,19 @@ impl Auth {
         let this = self.clone();
         blocking(move || {
             this.store
-                .revoke_session(&session::token_id_hex(&session.token_id), session.expires_at_ms)
+                .revoke_session(
+                    &session::token_id_hex(&session.token_id),
+                    session.expires_at_ms,
+                )
                 .map_err(AuthError::from)
         })
         .await
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, AuthError> + Send + 'static) -> Result<T, AuthError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AuthError> + Send + 'static,
+) -> Result<T, AuthError> {
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
         tracing::error!(error = %e, "An account task panicked.");
         Err(AuthError::Internal)

@@ -69,7 +69,11 @@ impl SessionKey {
         let mut mac = self.mac.clone();
         mac.update(&payload);
         let tag = mac.finalize().into_bytes();
-        let token = format!("{}.{}", URL_SAFE_NO_PAD.encode(payload), URL_SAFE_NO_PAD.encode(tag));
+        let token = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(payload),
+            URL_SAFE_NO_PAD.encode(tag)
+        );
         (token, session)
     }
 
@@ -82,14 +86,19 @@ impl SessionKey {
         }
         let mut payload = [0u8; PAYLOAD_LEN + 2];
         let mut tag = [0u8; TAG_LEN + 2];
-        let n = URL_SAFE_NO_PAD.decode_slice(payload_b64, &mut payload).map_err(|_| TokenError::Invalid)?;
-        let m = URL_SAFE_NO_PAD.decode_slice(tag_b64, &mut tag).map_err(|_| TokenError::Invalid)?;
+        let n = URL_SAFE_NO_PAD
+            .decode_slice(payload_b64, &mut payload)
+            .map_err(|_| TokenError::Invalid)?;
+        let m = URL_SAFE_NO_PAD
+            .decode_slice(tag_b64, &mut tag)
+            .map_err(|_| TokenError::Invalid)?;
         if n != PAYLOAD_LEN || m != TAG_LEN {
             return Err(TokenError::Invalid);
         }
         let mut mac = self.mac.clone();
         mac.update(&payload[..PAYLOAD_LEN]);
-        mac.verify_slice(&tag[..TAG_LEN]).map_err(|_| TokenError::Invalid)?;
+        mac.verify_slice(&tag[..TAG_LEN])
+            .map_err(|_| TokenError::Invalid)?;
         let session = Session {
             user_id: u64::from_be_bytes(payload[0..8].try_into().expect("8 bytes")),
             expires_at_ms: i64::from_be_bytes(payload[8..16].try_into().expect("8 bytes")),
@@ -129,8 +138,18 @@ mod tests {
         assert_eq!(other.verify(&token, 0), Err(TokenError::Invalid));
         let mut forged = token.clone().into_bytes();
         forged[3] = if forged[3] == b'A' { b'B' } else { b'A' };
-        assert_eq!(key.verify(std::str::from_utf8(&forged).unwrap(), 0), Err(TokenError::Invalid));
-        for junk in ["", ".", "abc", "a.b", &"A".repeat(87), &format!("{}.", "A".repeat(43))] {
+        assert_eq!(
+            key.verify(std::str::from_utf8(&forged).unwrap(), 0),
+            Err(TokenError::Invalid)
+        );
+        for junk in [
+            "",
+            ".",
+            "abc",
+            "a.b",
+            &"A".repeat(87),
+            &format!("{}.", "A".repeat(43)),
+        ] {
             assert_eq!(key.verify(junk, 0), Err(TokenError::Invalid), "{junk}");
         }
     }

@@ -58,7 +58,10 @@ impl ApiClient {
             .pool_max_idle_per_host(pool)
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        let bases = bases.into_iter().map(|b| b.trim_end_matches('/').to_owned()).collect();
+        let bases = bases
+            .into_iter()
+            .map(|b| b.trim_end_matches('/').to_owned())
+            .collect();
         Ok(ApiClient {
             client,
             bases,
@@ -101,7 +104,12 @@ impl ApiClient {
             .await
             .with_context(|| format!("request to {url} failed"))?;
         let status = res.status().as_u16();
-        let bytes = res.into_body().collect().await.context("reading the answer failed")?.to_bytes();
+        let bytes = res
+            .into_body()
+            .collect()
+            .await
+            .context("reading the answer failed")?
+            .to_bytes();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         Ok(ApiResponse { status, body })
     }
@@ -112,7 +120,12 @@ impl ApiClient {
     }
 
     /// `POST path` with a JSON body.
-    pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> anyhow::Result<ApiResponse> {
+    pub async fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> anyhow::Result<ApiResponse> {
         self.call(Method::POST, path, token, Some(body), &[]).await
     }
 }

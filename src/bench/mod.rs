@@ -104,7 +104,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     let detail_path = format!("/act/detail?actId={}", urlencode(&args.activity));
     let detail = client.get(&detail_path, None).await?;
     if detail.status != 200 {
-        bail!("cannot read activity `{}`: {} {}", args.activity, detail.status, detail.body);
+        bail!(
+            "cannot read activity `{}`: {} {}",
+            args.activity,
+            detail.status,
+            detail.body
+        );
     }
     let limit = detail.data()["perUserLimit"].as_u64().unwrap_or(1);
     let total_codes: u64 = detail.data()["tickets"]
@@ -112,7 +117,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         .map(|ts| ts.iter().filter_map(|t| t["total"].as_u64()).sum())
         .unwrap_or(0);
 
-    let baseline = if args.baseline { Some(hello_baseline(&args).await?) } else { None };
+    let baseline = if args.baseline {
+        Some(hello_baseline(&args).await?)
+    } else {
+        None
+    };
 
     eprintln!("bench: logging in {} users ...", args.users);
     let tokens = login_all(&client, &args).await?;
@@ -121,14 +130,31 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         let start_ms = crate::config::parse_rfc3339_ms(start);
         let wait = start_ms.map(|s| s - crate::config::now_ms()).unwrap_or(0);
         if wait > 0 {
-            eprintln!("bench: activity opens in {:.1}s; waiting", wait as f64 / 1000.0);
+            eprintln!(
+                "bench: activity opens in {:.1}s; waiting",
+                wait as f64 / 1000.0
+            );
             tokio::time::sleep(Duration::from_millis(wait as u64 + 50)).await;
         }
     }
 
-    eprintln!("bench: rushing with {} claims at concurrency {} ...", args.users * args.claims_per_user, args.concurrency);
+    eprintln!(
+        "bench: rushing with {} claims at concurrency {} ...",
+        args.users * args.claims_per_user,
+        args.concurrency
+    );
     let outcome = rush(&client, &args, &tokens).await?;
-    let report = verify(&client, &args, &tokens, outcome, baseline, limit, total_codes, &detail_path).await?;
+    let report = verify(
+        &client,
+        &args,
+        &tokens,
+        outcome,
+        baseline,
+        limit,
+        total_codes,
+        &detail_path,
+    )
+    .await?;
     Ok(report)
 }
 
@@ -145,7 +171,8 @@ async fn login_all(client: &Arc<ApiClient>, args: &BenchArgs) -> anyhow::Result<
     let tokens = Arc::new(Mutex::new(vec![String::new(); args.users]));
     let mut tasks = Vec::new();
     for _ in 0..args.concurrency.min(args.users).max(1) {
-        let (client, next, tokens, args) = (client.clone(), next.clone(), tokens.clone(), args.clone());
+        let (client, next, tokens, args) =
+            (client.clone(), next.clone(), tokens.clone(), args.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -158,9 +185,9 @@ async fn login_all(client: &Arc<ApiClient>, args: &BenchArgs) -> anyhow::Result<
                 if res.status == 401 && args.create_users {
                     res = client.post("/user/register", None, &creds).await?;
                 }
-                let token = res.data()["token"]
-                    .as_str()
-                    .with_context(|| format!("cannot log in {username}: {} {}", res.status, res.body))?;
+                let token = res.data()["token"].as_str().with_context(|| {
+                    format!("cannot log in {username}: {} {}", res.status, res.body)
+                })?;
                 tokens.lock()[i] = token.to_owned();
             }
         }));
@@ -172,7 +199,11 @@ async fn login_all(client: &Arc<ApiClient>, args: &BenchArgs) -> anyhow::Result<
     Ok(tokens)
 }
 
-async fn rush(client: &Arc<ApiClient>, args: &BenchArgs, tokens: &[String]) -> anyhow::Result<RushOutcome> {
+async fn rush(
+    client: &Arc<ApiClient>,
+    args: &BenchArgs,
+    tokens: &[String],
+) -> anyhow::Result<RushOutcome> {
     let tokens: Arc<Vec<String>> = Arc::new(tokens.to_vec());
     let total = args.users * args.claims_per_user;
     let next = Arc::new(AtomicUsize::new(0));
@@ -183,7 +214,8 @@ async fn rush(client: &Arc<ApiClient>, args: &BenchArgs, tokens: &[String]) -> a
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.concurrency.max(1) {
-        let (client, next, tokens, body) = (client.clone(), next.clone(), tokens.clone(), body.clone());
+        let (client, next, tokens, body) =
+            (client.clone(), next.clone(), tokens.clone(), body.clone());
         let per_user = args.claims_per_user;
         tasks.push(tokio::spawn(async move {
             let mut hist = new_hist();
@@ -261,7 +293,10 @@ async fn verify(
         let distinct: HashSet<&String> = codes.iter().collect();
         acknowledged += distinct.len();
         if distinct.len() as u64 > limit {
-            violations.push(format!("user {user} was acknowledged {} codes; the limit is {limit}", distinct.len()));
+            violations.push(format!(
+                "user {user} was acknowledged {} codes; the limit is {limit}",
+                distinct.len()
+            ));
         }
         for code in distinct {
             if !all_codes.insert(code.clone()) {
@@ -269,7 +304,9 @@ async fn verify(
             }
         }
         // The server's own view of this user must contain every acknowledged code.
-        let list = client.get("/ticket/list?pageSize=100", Some(&tokens[user])).await?;
+        let list = client
+            .get("/ticket/list?pageSize=100", Some(&tokens[user]))
+            .await?;
         let held: HashSet<String> = list.data()["claims"]
             .as_array()
             .map(|cs| {
@@ -280,11 +317,16 @@ async fn verify(
             })
             .unwrap_or_default();
         if held.len() as u64 > limit {
-            violations.push(format!("user {user} holds {} codes; the limit is {limit}", held.len()));
+            violations.push(format!(
+                "user {user} holds {} codes; the limit is {limit}",
+                held.len()
+            ));
         }
         for code in codes {
             if !held.contains(code) {
-                violations.push(format!("code {code} acknowledged to user {user} is missing from their /ticket/list"));
+                violations.push(format!(
+                    "code {code} acknowledged to user {user} is missing from their /ticket/list"
+                ));
             }
         }
     }
@@ -297,7 +339,9 @@ async fn verify(
         ));
     }
     if acknowledged as u64 > claimed_after {
-        violations.push(format!("{acknowledged} codes acknowledged but only {claimed_after} claimed"));
+        violations.push(format!(
+            "{acknowledged} codes acknowledged but only {claimed_after} claimed"
+        ));
     }
     let report = Report {
         activity: args.activity.clone(),
@@ -327,13 +371,19 @@ pub fn print(report: &Report, as_json: bool) -> anyhow::Result<()> {
                 p.requests, p.seconds, p.requests_per_sec, p.p50_ms, p.p99_ms, p.p999_ms, p.max_ms
             )
         };
-        println!("activity {}  users {}  concurrency {}", report.activity, report.users, report.concurrency);
+        println!(
+            "activity {}  users {}  concurrency {}",
+            report.activity, report.users, report.concurrency
+        );
         if let Some(b) = &report.baseline {
             row("hello", b);
         }
         row("claim", &report.rush);
         if let Some(b) = &report.baseline {
-            println!("claim/hello: {:.0}%", 100.0 * report.rush.requests_per_sec / b.requests_per_sec.max(1e-9));
+            println!(
+                "claim/hello: {:.0}%",
+                100.0 * report.rush.requests_per_sec / b.requests_per_sec.max(1e-9)
+            );
         }
         for (k, v) in &report.outcomes {
             println!("  {k:<18} {v}");
@@ -368,21 +418,33 @@ async fn hello_baseline(args: &BenchArgs) -> anyhow::Result<Phase> {
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     std_listener.set_nonblocking(true)?;
     let addr = std_listener.local_addr()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     runtime.spawn(async move {
         let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             tokio::spawn(async move {
                 let svc = service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"Hello, World!"))))
+                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"Hello, World!"),
+                    )))
                 });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             });
         }
     });
-    let client = Arc::new(ApiClient::new(vec![format!("http://{addr}")], args.concurrency)?);
+    let client = Arc::new(ApiClient::new(
+        vec![format!("http://{addr}")],
+        args.concurrency,
+    )?);
     let total = (args.users * args.claims_per_user).max(1000);
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();

@@ -345,7 +345,14 @@ macro_rules! default_from_serde {
         }
     )*};
 }
-default_from_serde!(ServerConfig, StorageConfig, JournalConfig, AuthConfig, LimitsConfig, LogConfig);
+default_from_serde!(
+    ServerConfig,
+    StorageConfig,
+    JournalConfig,
+    AuthConfig,
+    LimitsConfig,
+    LogConfig
+);
 
 impl Config {
     /// Reads, parses and validates the file at `path`, reading `codes_file` lists.
@@ -403,7 +410,11 @@ impl Config {
     /// Drops code lists once they were imported, so a running node does not
     /// keep a second copy of every code beside its pools.
     pub fn strip_codes(&mut self) {
-        for t in self.activities.iter_mut().flat_map(|a| a.tickets.iter_mut()) {
+        for t in self
+            .activities
+            .iter_mut()
+            .flat_map(|a| a.tickets.iter_mut())
+        {
             t.codes = None;
         }
     }

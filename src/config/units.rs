@@ -19,7 +19,9 @@ impl FromStr for HumanDuration {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         humantime::parse_duration(s.trim())
             .map(HumanDuration)
-            .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2h\""))
+            .map_err(|e| {
+                format!("`{s}` is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2h\"")
+            })
     }
 }
 
@@ -46,9 +48,9 @@ impl FromStr for ByteSize {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("`{s}` is not a size; write e.g. 65536, \"16KiB\" or \"64MiB\""))?;
+        let n: u64 = num.parse().map_err(|_| {
+            format!("`{s}` is not a size; write e.g. 65536, \"16KiB\" or \"64MiB\"")
+        })?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "kB" | "KB" => 1_000,
@@ -57,9 +59,15 @@ impl FromStr for ByteSize {
             "MiB" => 1 << 20,
             "GB" => 1_000_000_000,
             "GiB" => 1 << 30,
-            other => return Err(format!("`{other}` is not a size unit; use B, KiB, MiB, GiB, kB, MB or GB")),
+            other => {
+                return Err(format!(
+                    "`{other}` is not a size unit; use B, KiB, MiB, GiB, kB, MB or GB"
+                ))
+            }
         };
-        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("`{s}` is too large"))
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("`{s}` is too large"))
     }
 }
 
@@ -107,10 +115,15 @@ impl FromStr for TimeSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let t = s.trim();
         if let Some(rest) = t.strip_prefix('+').or_else(|| t.strip_prefix('-')) {
-            let d = humantime::parse_duration(rest.trim())
-                .map_err(|e| format!("`{s}` is not a relative time ({e}); write e.g. \"+10s\" or \"+2h\""))?;
+            let d = humantime::parse_duration(rest.trim()).map_err(|e| {
+                format!("`{s}` is not a relative time ({e}); write e.g. \"+10s\" or \"+2h\"")
+            })?;
             let ms = i64::try_from(d.as_millis()).map_err(|_| format!("`{s}` is too far away"))?;
-            return Ok(TimeSpec::Relative(if t.starts_with('-') { -ms } else { ms }));
+            return Ok(TimeSpec::Relative(if t.starts_with('-') {
+                -ms
+            } else {
+                ms
+            }));
         }
         OffsetDateTime::parse(t, &Rfc3339)
             .map(TimeSpec::Absolute)
@@ -159,8 +172,14 @@ mod tests {
 
     #[test]
     fn times_parse_absolute_and_relative() {
-        assert_eq!("+10s".parse::<TimeSpec>().unwrap(), TimeSpec::Relative(10_000));
-        assert_eq!("-5m".parse::<TimeSpec>().unwrap(), TimeSpec::Relative(-300_000));
+        assert_eq!(
+            "+10s".parse::<TimeSpec>().unwrap(),
+            TimeSpec::Relative(10_000)
+        );
+        assert_eq!(
+            "-5m".parse::<TimeSpec>().unwrap(),
+            TimeSpec::Relative(-300_000)
+        );
         let abs: TimeSpec = "2026-12-01T12:00:00+08:00".parse().unwrap();
         assert_eq!(abs.resolve(0), 1_796_097_600_000);
         assert_eq!(TimeSpec::Relative(10).resolve(5), 15);

@@ -101,7 +101,9 @@ impl Report<'_> {
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID_LEN
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Checks `config` against its source `text`; reads `codes_file` lists into
@@ -117,36 +119,66 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
     let k = Seg::Key;
 
     if config.server.max_connections == 0 {
-        r.add(&[k("server"), k("max_connections")], "server.max_connections must be at least 1".into());
+        r.add(
+            &[k("server"), k("max_connections")],
+            "server.max_connections must be at least 1".into(),
+        );
     }
     if config.server.max_body.0 < 256 {
-        r.add(&[k("server"), k("max_body")], "server.max_body must be at least 256 bytes".into());
+        r.add(
+            &[k("server"), k("max_body")],
+            "server.max_body must be at least 256 bytes".into(),
+        );
     }
     if config.server.header_read_timeout.0.is_zero() || config.server.request_timeout.0.is_zero() {
-        r.add(&[k("server")], "server timeouts must be greater than zero".into());
+        r.add(
+            &[k("server")],
+            "server timeouts must be greater than zero".into(),
+        );
     }
     if config.journal.max_batch == 0 || config.journal.queue_capacity == 0 {
-        r.add(&[k("journal")], "journal.max_batch and journal.queue_capacity must be at least 1".into());
+        r.add(
+            &[k("journal")],
+            "journal.max_batch and journal.queue_capacity must be at least 1".into(),
+        );
     }
     if config.journal.segment_size.0 < 4096 {
-        r.add(&[k("journal"), k("segment_size")], "journal.segment_size must be at least 4KiB".into());
+        r.add(
+            &[k("journal"), k("segment_size")],
+            "journal.segment_size must be at least 4KiB".into(),
+        );
     }
     if config.limits.max_in_flight_claims == 0 {
-        r.add(&[k("limits"), k("max_in_flight_claims")], "limits.max_in_flight_claims must be at least 1".into());
+        r.add(
+            &[k("limits"), k("max_in_flight_claims")],
+            "limits.max_in_flight_claims must be at least 1".into(),
+        );
     }
     if config.auth.argon2_memory_kib < 8 {
-        r.add(&[k("auth"), k("argon2_memory_kib")], "auth.argon2_memory_kib must be at least 8".into());
+        r.add(
+            &[k("auth"), k("argon2_memory_kib")],
+            "auth.argon2_memory_kib must be at least 8".into(),
+        );
     }
     if config.auth.argon2_iterations == 0 {
-        r.add(&[k("auth"), k("argon2_iterations")], "auth.argon2_iterations must be at least 1".into());
+        r.add(
+            &[k("auth"), k("argon2_iterations")],
+            "auth.argon2_iterations must be at least 1".into(),
+        );
     }
     if let Some(secret) = &config.auth.session_secret {
         if secret.len() < 32 {
-            r.add(&[k("auth"), k("session_secret")], "auth.session_secret must be at least 32 characters".into());
+            r.add(
+                &[k("auth"), k("session_secret")],
+                "auth.session_secret must be at least 32 characters".into(),
+            );
         }
     }
     if config.session_ttl_ms() <= 0 {
-        r.add(&[k("auth"), k("session_ttl")], "auth.session_ttl must be greater than zero".into());
+        r.add(
+            &[k("auth"), k("session_ttl")],
+            "auth.session_ttl must be greater than zero".into(),
+        );
     }
 
     let mut activity_ids = HashSet::new();
@@ -157,55 +189,128 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
         let at = [k("activity"), Seg::Index(ai)];
         let field = |f: &'static str| [k("activity"), Seg::Index(ai), k(f)];
         if !valid_id(&act.id) {
-            r.add(&field("id"), format!("activity id `{}` must be 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.'", act.id));
+            r.add(
+                &field("id"),
+                format!(
+                    "activity id `{}` must be 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.'",
+                    act.id
+                ),
+            );
         } else if !activity_ids.insert(act.id.clone()) {
-            r.add(&field("id"), format!("activity id `{}` is used twice", act.id));
+            r.add(
+                &field("id"),
+                format!("activity id `{}` is used twice", act.id),
+            );
         }
         if act.name.trim().is_empty() {
-            r.add(&field("name"), format!("activity `{}` needs a name", act.id));
+            r.add(
+                &field("name"),
+                format!("activity `{}` needs a name", act.id),
+            );
         }
         if !ends_after_start(act.start_time, act.end_time) {
-            r.add(&field("end_time"), format!("activity `{}` must end after it starts", act.id));
+            r.add(
+                &field("end_time"),
+                format!("activity `{}` must end after it starts", act.id),
+            );
         }
         if act.per_user_limit == 0 || act.per_user_limit > 1000 {
-            r.add(&field("per_user_limit"), format!("activity `{}`: per_user_limit must be 1-1000", act.id));
+            r.add(
+                &field("per_user_limit"),
+                format!("activity `{}`: per_user_limit must be 1-1000", act.id),
+            );
         }
         if act.tickets.is_empty() {
-            r.add(&at, format!("activity `{}` has no [[activity.ticket]]", act.id));
+            r.add(
+                &at,
+                format!("activity `{}` has no [[activity.ticket]]", act.id),
+            );
         }
         for (ti, ticket) in act.tickets.iter_mut().enumerate() {
-            let tpath = |f: &'static str| [k("activity"), Seg::Index(ai), k("ticket"), Seg::Index(ti), k(f)];
+            let tpath = |f: &'static str| {
+                [
+                    k("activity"),
+                    Seg::Index(ai),
+                    k("ticket"),
+                    Seg::Index(ti),
+                    k(f),
+                ]
+            };
             if !valid_id(&ticket.id) {
-                r.add(&tpath("id"), format!("ticket id `{}` must be 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.'", ticket.id));
+                r.add(
+                    &tpath("id"),
+                    format!(
+                        "ticket id `{}` must be 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.'",
+                        ticket.id
+                    ),
+                );
             } else if !ticket_ids.insert(ticket.id.clone()) {
-                r.add(&tpath("id"), format!("ticket id `{}` is used twice (ticket ids are unique across activities)", ticket.id));
+                r.add(
+                    &tpath("id"),
+                    format!(
+                        "ticket id `{}` is used twice (ticket ids are unique across activities)",
+                        ticket.id
+                    ),
+                );
             }
             if ticket.name.trim().is_empty() {
-                r.add(&tpath("name"), format!("ticket `{}` needs a name", ticket.id));
+                r.add(
+                    &tpath("name"),
+                    format!("ticket `{}` needs a name", ticket.id),
+                );
             }
             if let (Some(s), Some(e)) = (ticket.start_time, ticket.end_time) {
                 if !ends_after_start(s, e) {
-                    r.add(&tpath("end_time"), format!("ticket `{}` must end after it starts", ticket.id));
+                    r.add(
+                        &tpath("end_time"),
+                        format!("ticket `{}` must end after it starts", ticket.id),
+                    );
                 }
             }
-            let sources = [ticket.codes.is_some(), ticket.codes_file.is_some(), ticket.generate.is_some()];
+            let sources = [
+                ticket.codes.is_some(),
+                ticket.codes_file.is_some(),
+                ticket.generate.is_some(),
+            ];
             if sources.iter().filter(|s| **s).count() != 1 {
-                r.add(&tpath("id"), format!("ticket `{}` needs exactly one of `codes`, `codes_file` or `generate`", ticket.id));
+                r.add(
+                    &tpath("id"),
+                    format!(
+                        "ticket `{}` needs exactly one of `codes`, `codes_file` or `generate`",
+                        ticket.id
+                    ),
+                );
                 continue;
             }
             if let Some(n) = ticket.generate {
                 if n == 0 || n > MAX_GENERATE {
-                    r.add(&tpath("generate"), format!("ticket `{}`: generate must be 1-{MAX_GENERATE}", ticket.id));
+                    r.add(
+                        &tpath("generate"),
+                        format!("ticket `{}`: generate must be 1-{MAX_GENERATE}", ticket.id),
+                    );
                 }
             }
             if let Some(file) = &ticket.codes_file {
                 let full = base_dir.join(file);
                 match std::fs::read_to_string(&full) {
                     Ok(text) => {
-                        ticket.codes = Some(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect());
+                        ticket.codes = Some(
+                            text.lines()
+                                .map(str::trim)
+                                .filter(|l| !l.is_empty())
+                                .map(str::to_owned)
+                                .collect(),
+                        );
                     }
                     Err(e) => {
-                        r.add(&tpath("codes_file"), format!("ticket `{}`: cannot read codes_file {}: {e}", ticket.id, full.display()));
+                        r.add(
+                            &tpath("codes_file"),
+                            format!(
+                                "ticket `{}`: cannot read codes_file {}: {e}",
+                                ticket.id,
+                                full.display()
+                            ),
+                        );
                         continue;
                     }
                 }
@@ -216,19 +321,37 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
     r.problems
 }
 
-fn check_codes(r: &mut Report<'_>, path: &[Seg<'_>], ticket: &TicketConfig, all: &mut HashSet<String>) {
+fn check_codes(
+    r: &mut Report<'_>,
+    path: &[Seg<'_>],
+    ticket: &TicketConfig,
+    all: &mut HashSet<String>,
+) {
     let Some(codes) = &ticket.codes else { return };
     if codes.is_empty() && ticket.codes_file.is_some() {
-        r.add(path, format!("ticket `{}`: codes_file has no codes", ticket.id));
+        r.add(
+            path,
+            format!("ticket `{}`: codes_file has no codes", ticket.id),
+        );
     }
     let mut reported = 0;
     for code in codes {
         let bad = if code.is_empty() || code.len() > MAX_CODE_LEN {
-            Some(format!("ticket `{}`: code `{code}` must be 1-{MAX_CODE_LEN} bytes", ticket.id))
+            Some(format!(
+                "ticket `{}`: code `{code}` must be 1-{MAX_CODE_LEN} bytes",
+                ticket.id
+            ))
         } else if code.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            Some(format!("ticket `{}`: code `{}` contains whitespace or control characters", ticket.id, code.escape_debug()))
+            Some(format!(
+                "ticket `{}`: code `{}` contains whitespace or control characters",
+                ticket.id,
+                code.escape_debug()
+            ))
         } else if !all.insert(code.clone()) {
-            Some(format!("ticket `{}`: code `{code}` appears twice (a code is unique across all tickets)", ticket.id))
+            Some(format!(
+                "ticket `{}`: code `{code}` appears twice (a code is unique across all tickets)",
+                ticket.id
+            ))
         } else {
             None
         };
@@ -240,7 +363,14 @@ fn check_codes(r: &mut Report<'_>, path: &[Seg<'_>], ticket: &TicketConfig, all:
         }
     }
     if reported > 20 {
-        r.add(path, format!("ticket `{}`: {} more code problems not shown", ticket.id, reported - 20));
+        r.add(
+            path,
+            format!(
+                "ticket `{}`: {} more code problems not shown",
+                ticket.id,
+                reported - 20
+            ),
+        );
     }
 }
 
@@ -298,13 +428,38 @@ end_time = "+1h"
   name = "T2"
   generate = 5
 "#;
-        let Err(ConfigError::Invalid { problems, .. }) = load(text) else { panic!("must be invalid") };
+        let Err(ConfigError::Invalid { problems, .. }) = load(text) else {
+            panic!("must be invalid")
+        };
         let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        assert!(shown.contains(&"line 9: activity `a` must end after it starts".to_owned()), "{shown:?}");
-        assert!(shown.iter().any(|p| p.starts_with("line 10: ") && p.contains("per_user_limit")), "{shown:?}");
-        assert!(shown.iter().any(|p| p.starts_with("line 14: ") && p.contains("appears twice")), "{shown:?}");
-        assert!(shown.iter().any(|p| p.starts_with("line 17: ") && p.contains("used twice")), "{shown:?}");
-        assert!(shown.iter().any(|p| p.starts_with("line 22: ") && p.contains("ticket id `t` is used twice")), "{shown:?}");
+        assert!(
+            shown.contains(&"line 9: activity `a` must end after it starts".to_owned()),
+            "{shown:?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|p| p.starts_with("line 10: ") && p.contains("per_user_limit")),
+            "{shown:?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|p| p.starts_with("line 14: ") && p.contains("appears twice")),
+            "{shown:?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|p| p.starts_with("line 17: ") && p.contains("used twice")),
+            "{shown:?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|p| p.starts_with("line 22: ") && p.contains("ticket id `t` is used twice")),
+            "{shown:?}"
+        );
     }
 
     #[test]

@@ -26,7 +26,11 @@ pub struct ApiError {
 
 impl ApiError {
     /// An error with a status, stable code and message.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> ApiError {
+    pub fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<Cow<'static, str>>,
+    ) -> ApiError {
         ApiError {
             status,
             code,
@@ -65,7 +69,11 @@ impl ApiError {
 
     /// 500; the cause is logged, never shown.
     pub fn internal() -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "something went wrong on our side; please retry")
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL",
+            "something went wrong on our side; please retry",
+        )
     }
 
     /// The HTTP status.
@@ -87,10 +95,13 @@ impl ApiError {
         let body = serde_json::to_vec(&json!({ "ok": false, "error": error })).unwrap_or_default();
         let mut res = Response::new(Full::new(Bytes::from(body)));
         *res.status_mut() = self.status;
-        res.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Some(secs) = self.retry_after_secs {
-            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         res
     }
@@ -100,26 +111,57 @@ impl From<Rejection> for ApiError {
     fn from(r: Rejection) -> ApiError {
         use StatusCode as S;
         match r {
-            Rejection::UnknownActivity => ApiError::not_found("ACTIVITY_NOT_FOUND", "no such activity"),
-            Rejection::UnknownTicket => ApiError::not_found("TICKET_NOT_FOUND", "no such ticket type in this activity"),
-            Rejection::Paused => ApiError::new(S::CONFLICT, "PAUSED", "the activity is paused; try again later"),
-            Rejection::NotStarted { start_ms, end_ms } => {
-                ApiError::new(S::CONFLICT, "NOT_STARTED", "the activity has not started yet")
-                    .with(json!({ "startTime": rfc3339_ms(start_ms), "endTime": rfc3339_ms(end_ms) }))
+            Rejection::UnknownActivity => {
+                ApiError::not_found("ACTIVITY_NOT_FOUND", "no such activity")
             }
-            Rejection::Ended { start_ms, end_ms } => ApiError::new(S::CONFLICT, "ENDED", "the activity has ended")
-                .with(json!({ "startTime": rfc3339_ms(start_ms), "endTime": rfc3339_ms(end_ms) })),
-            Rejection::LimitReached(codes) => ApiError::new(S::CONFLICT, "LIMIT_REACHED", "you already hold the most codes allowed per user")
-                .with(json!({ "codes": codes.iter().map(|c| &**c).collect::<Vec<_>>() })),
-            Rejection::InProgress => {
-                ApiError::new(S::CONFLICT, "IN_PROGRESS", "a claim with this Idempotency-Key is still being processed").retry_after(1)
+            Rejection::UnknownTicket => {
+                ApiError::not_found("TICKET_NOT_FOUND", "no such ticket type in this activity")
             }
-            Rejection::SoldOut => ApiError::new(S::GONE, "SOLD_OUT", "every code of this activity has been claimed"),
-            Rejection::Overloaded => {
-                ApiError::new(S::SERVICE_UNAVAILABLE, "OVERLOADED", "too many claims right now; retry shortly").retry_after(1)
+            Rejection::Paused => ApiError::new(
+                S::CONFLICT,
+                "PAUSED",
+                "the activity is paused; try again later",
+            ),
+            Rejection::NotStarted { start_ms, end_ms } => ApiError::new(
+                S::CONFLICT,
+                "NOT_STARTED",
+                "the activity has not started yet",
+            )
+            .with(json!({ "startTime": rfc3339_ms(start_ms), "endTime": rfc3339_ms(end_ms) })),
+            Rejection::Ended { start_ms, end_ms } => {
+                ApiError::new(S::CONFLICT, "ENDED", "the activity has ended").with(
+                    json!({ "startTime": rfc3339_ms(start_ms), "endTime": rfc3339_ms(end_ms) }),
+                )
             }
-            Rejection::Unavailable => ApiError::new(S::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE", "claims cannot be stored right now")
-                .retry_after(5),
+            Rejection::LimitReached(codes) => ApiError::new(
+                S::CONFLICT,
+                "LIMIT_REACHED",
+                "you already hold the most codes allowed per user",
+            )
+            .with(json!({ "codes": codes.iter().map(|c| &**c).collect::<Vec<_>>() })),
+            Rejection::InProgress => ApiError::new(
+                S::CONFLICT,
+                "IN_PROGRESS",
+                "a claim with this Idempotency-Key is still being processed",
+            )
+            .retry_after(1),
+            Rejection::SoldOut => ApiError::new(
+                S::GONE,
+                "SOLD_OUT",
+                "every code of this activity has been claimed",
+            ),
+            Rejection::Overloaded => ApiError::new(
+                S::SERVICE_UNAVAILABLE,
+                "OVERLOADED",
+                "too many claims right now; retry shortly",
+            )
+            .retry_after(1),
+            Rejection::Unavailable => ApiError::new(
+                S::SERVICE_UNAVAILABLE,
+                "STORE_UNAVAILABLE",
+                "claims cannot be stored right now",
+            )
+            .retry_after(5),
         }
     }
 }
@@ -128,12 +170,28 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> ApiError {
         use StatusCode as S;
         match e {
-            AuthError::RegistrationClosed => ApiError::new(S::FORBIDDEN, "REGISTRATION_CLOSED", "registration is closed"),
-            AuthError::UsernameTaken => ApiError::new(S::CONFLICT, "USERNAME_TAKEN", "this username is taken"),
-            AuthError::BadCredentials => ApiError::new(S::UNAUTHORIZED, "BAD_CREDENTIALS", "wrong username or password"),
+            AuthError::RegistrationClosed => ApiError::new(
+                S::FORBIDDEN,
+                "REGISTRATION_CLOSED",
+                "registration is closed",
+            ),
+            AuthError::UsernameTaken => {
+                ApiError::new(S::CONFLICT, "USERNAME_TAKEN", "this username is taken")
+            }
+            AuthError::BadCredentials => ApiError::new(
+                S::UNAUTHORIZED,
+                "BAD_CREDENTIALS",
+                "wrong username or password",
+            ),
             AuthError::InvalidField(m) => ApiError::bad_request("INVALID_FIELD", m),
-            AuthError::TokenInvalid => ApiError::unauthorized("the token is invalid or logged out; log in again"),
-            AuthError::TokenExpired => ApiError::new(S::UNAUTHORIZED, "TOKEN_EXPIRED", "the token has expired; log in again"),
+            AuthError::TokenInvalid => {
+                ApiError::unauthorized("the token is invalid or logged out; log in again")
+            }
+            AuthError::TokenExpired => ApiError::new(
+                S::UNAUTHORIZED,
+                "TOKEN_EXPIRED",
+                "the token has expired; log in again",
+            ),
             AuthError::Store(e) => e.into(),
             AuthError::Internal => ApiError::internal(),
         }
@@ -143,6 +201,11 @@ impl From<AuthError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         tracing::error!(error = %e, "Store operation failed.");
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE", "the store is unavailable; retry shortly").retry_after(5)
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "STORE_UNAVAILABLE",
+            "the store is unavailable; retry shortly",
+        )
+        .retry_after(5)
     }
 }

@@ -32,7 +32,12 @@ pub async fn json_body<T: DeserializeOwned>(body: Incoming, max: usize) -> Resul
                 format!("the body is larger than {max} bytes"),
             ))
         }
-        Err(_) => return Err(ApiError::bad_request("BAD_BODY", "the request body could not be read")),
+        Err(_) => {
+            return Err(ApiError::bad_request(
+                "BAD_BODY",
+                "the request body could not be read",
+            ))
+        }
     };
     parse_json(&bytes)
 }
@@ -40,16 +45,24 @@ pub async fn json_body<T: DeserializeOwned>(body: Incoming, max: usize) -> Resul
 /// Parses `bytes` as JSON into `T`, with a sentence on failure.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
-        return Err(ApiError::bad_request("MALFORMED_JSON", "the body is empty; send a JSON object"));
+        return Err(ApiError::bad_request(
+            "MALFORMED_JSON",
+            "the body is empty; send a JSON object",
+        ));
     }
     if std::str::from_utf8(bytes).is_err() {
-        return Err(ApiError::bad_request("MALFORMED_JSON", "the body is not valid UTF-8"));
+        return Err(ApiError::bad_request(
+            "MALFORMED_JSON",
+            "the body is not valid UTF-8",
+        ));
     }
     serde_json::from_slice(bytes).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
             Category::Data => ApiError::bad_request("INVALID_FIELD", e.to_string()),
-            _ => ApiError::bad_request("MALFORMED_JSON", format!("the body is not valid JSON: {e}")),
+            _ => {
+                ApiError::bad_request("MALFORMED_JSON", format!("the body is not valid JSON: {e}"))
+            }
         }
     })
 }
@@ -72,7 +85,10 @@ impl<'a> Query<'a> {
     pub fn require(&self, name: &'static str) -> Result<&str, ApiError> {
         match self.get(name).map(str::trim) {
             Some(v) if !v.is_empty() => Ok(v),
-            _ => Err(ApiError::bad_request("MISSING_PARAMETER", format!("the query parameter `{name}` is required"))),
+            _ => Err(ApiError::bad_request(
+                "MISSING_PARAMETER",
+                format!("the query parameter `{name}` is required"),
+            )),
         }
     }
 
@@ -82,7 +98,10 @@ impl<'a> Query<'a> {
             None | Some("") => Ok(default),
             Some(v) => match v.parse::<u64>() {
                 Ok(n) if (1..=max).contains(&n) => Ok(n),
-                _ => Err(ApiError::bad_request("INVALID_PARAMETER", format!("`{name}` must be a whole number from 1 to {max}"))),
+                _ => Err(ApiError::bad_request(
+                    "INVALID_PARAMETER",
+                    format!("`{name}` must be a whole number from 1 to {max}"),
+                )),
             },
         }
     }
@@ -90,7 +109,10 @@ impl<'a> Query<'a> {
 
 /// The session token: `Authorization: Bearer <token>`, or the seed's `token` header.
 pub fn token(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         let v = v.trim();
         return v
             .strip_prefix("Bearer ")
@@ -98,19 +120,27 @@ pub fn token(headers: &HeaderMap) -> Option<&str> {
             .map(str::trim)
             .or(Some(v));
     }
-    headers.get("token").and_then(|v| v.to_str().ok()).map(str::trim)
+    headers
+        .get("token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
 }
 
 /// The caller's session; 401 when there is none or it is not valid.
 pub fn session(state: &AppState, headers: &HeaderMap) -> Result<Session, ApiError> {
     match token(headers) {
         Some(t) if !t.is_empty() => Ok(state.auth.authenticate(t)?),
-        _ => Err(ApiError::unauthorized("log in first, then send `Authorization: Bearer <token>`")),
+        _ => Err(ApiError::unauthorized(
+            "log in first, then send `Authorization: Bearer <token>`",
+        )),
     }
 }
 
 /// The caller's session if a token was sent (an invalid one is still an error).
-pub fn optional_session(state: &AppState, headers: &HeaderMap) -> Result<Option<Session>, ApiError> {
+pub fn optional_session(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<Session>, ApiError> {
     match token(headers) {
         Some(t) if !t.is_empty() => Ok(Some(state.auth.authenticate(t)?)),
         _ => Ok(None),
@@ -119,9 +149,17 @@ pub fn optional_session(state: &AppState, headers: &HeaderMap) -> Result<Option<
 
 /// The `Idempotency-Key` header, validated.
 pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
-    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
     match v.to_str() {
-        Ok(k) if !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY && k.bytes().all(|b| b.is_ascii_graphic()) => Ok(Some(k)),
+        Ok(k)
+            if !k.is_empty()
+                && k.len() <= MAX_IDEMPOTENCY_KEY
+                && k.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Ok(Some(k))
+        }
         _ => Err(ApiError::bad_request(
             "INVALID_IDEMPOTENCY_KEY",
             format!("Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
@@ -139,8 +177,10 @@ pub fn ok<T: Serialize>(data: &T) -> Response<Full<Bytes>> {
     match serde_json::to_vec(&Envelope { ok: true, data }) {
         Ok(body) => {
             let mut res = Response::new(Full::new(Bytes::from(body)));
-            res.headers_mut()
-                .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
             res
         }
         Err(e) => {

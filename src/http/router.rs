@@ -11,11 +11,19 @@ use super::{handlers, ApiError};
 use crate::{app::AppState, metrics::Route};
 
 /// Answers one request. Never fails: every error becomes a JSON response.
-pub async fn handle(state: &AppState, req: Request<Incoming>, _peer: SocketAddr) -> Response<Full<Bytes>> {
+pub async fn handle(
+    state: &AppState,
+    req: Request<Incoming>,
+    _peer: SocketAddr,
+) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let (route, allowed) = route_of(req.uri().path());
     let res = if route == Route::Unknown {
-        ApiError::not_found("ROUTE_NOT_FOUND", format!("no route for {}", req.uri().path())).into_response()
+        ApiError::not_found(
+            "ROUTE_NOT_FOUND",
+            format!("no route for {}", req.uri().path()),
+        )
+        .into_response()
     } else if req.method() != allowed && !(allowed == Method::GET && req.method() == Method::HEAD) {
         let mut res = ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -23,15 +31,26 @@ pub async fn handle(state: &AppState, req: Request<Incoming>, _peer: SocketAddr)
             format!("{} takes {allowed}", route.label()),
         )
         .into_response();
-        res.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static(if allowed == Method::GET { "GET, HEAD" } else { "POST" }));
+        res.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static(if allowed == Method::GET {
+                "GET, HEAD"
+            } else {
+                "POST"
+            }),
+        );
         res
     } else {
         let timeout = state.request_timeout();
         match tokio::time::timeout(timeout, dispatch(state, route, req)).await {
             Ok(Ok(res)) => res,
             Ok(Err(e)) => e.into_response(),
-            Err(_) => ApiError::new(StatusCode::REQUEST_TIMEOUT, "REQUEST_TIMEOUT", "the request took too long").into_response(),
+            Err(_) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "REQUEST_TIMEOUT",
+                "the request took too long",
+            )
+            .into_response(),
         }
     };
     crate::metrics::global().request(route, res.status().as_u16(), started.elapsed());
@@ -54,7 +73,11 @@ fn route_of(path: &str) -> (Route, Method) {
     }
 }
 
-async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn dispatch(
+    state: &AppState,
+    route: Route,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     match route {
         Route::TicketGet => handlers::ticket::get(state, req).await,
         Route::ActList => handlers::act::list(state),

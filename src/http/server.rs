@@ -33,7 +33,11 @@ impl Drop for ConnGuard {
 }
 
 /// Serves `listener` until `shutdown` turns true, then drains connections.
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -50,7 +54,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: wa
         let open = state.connections.fetch_add(1, Ordering::AcqRel);
         let guard = ConnGuard(state.clone());
         if open >= state.max_connections {
-            crate::metrics::global().connections_refused.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::global()
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
             drop(stream);
             continue;
         }
@@ -99,7 +105,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: wa
         }
     };
     if tokio::time::timeout(grace, drained).await.is_err() {
-        tracing::warn!(connections = state.connections.load(Ordering::Acquire), "Shutdown grace elapsed; closing remaining connections.");
+        tracing::warn!(
+            connections = state.connections.load(Ordering::Acquire),
+            "Shutdown grace elapsed; closing remaining connections."
+        );
     }
 }
 

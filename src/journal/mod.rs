@@ -147,7 +147,10 @@ impl<E: Entry> Journal<E> {
                     fs::remove_file(path).map_err(io_err(path))?;
                     continue;
                 }
-                return Err(JournalError::Corrupt { path: path.clone(), offset: 0 });
+                return Err(JournalError::Corrupt {
+                    path: path.clone(),
+                    offset: 0,
+                });
             }
             let mut offset = record::MAGIC.len();
             loop {
@@ -165,7 +168,10 @@ impl<E: Entry> Journal<E> {
                             dropped_bytes = bytes.len() - offset,
                             "Journal ends in a torn record; truncating it (it was never acknowledged)."
                         );
-                        let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
+                        let f = OpenOptions::new()
+                            .write(true)
+                            .open(path)
+                            .map_err(io_err(path))?;
                         f.set_len(offset as u64).map_err(io_err(path))?;
                         f.sync_all().map_err(io_err(path))?;
                         break;
@@ -217,7 +223,9 @@ impl<E: Entry> Journal<E> {
         match self.tx.try_send(Msg::Append(entry)) {
             Ok(()) => {}
             Err(TrySendError::Full(Msg::Append(e))) => e.settle(Err(CommitError::Overloaded)),
-            Err(TrySendError::Disconnected(Msg::Append(e))) => e.settle(Err(CommitError::Unavailable)),
+            Err(TrySendError::Disconnected(Msg::Append(e))) => {
+                e.settle(Err(CommitError::Unavailable))
+            }
             Err(_) => unreachable!("only appends are sent with try_send"),
         }
     }
@@ -234,7 +242,9 @@ impl<E: Entry> Journal<E> {
 
     /// Writes everything queued, then stops the writer. Idempotent.
     pub fn close(&self) {
-        let Some(handle) = self.writer.lock().take() else { return };
+        let Some(handle) = self.writer.lock().take() else {
+            return;
+        };
         // A blocking send: the queue may be full, and Close must come after it.
         let _ = self.tx.send(Msg::Close);
         if handle.join().is_err() {
@@ -262,7 +272,9 @@ impl Segment {
         file.write_all(record::MAGIC).map_err(io_err(&path))?;
         if fsync == FsyncPolicy::Always {
             file.sync_all().map_err(io_err(&path))?;
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(dir))?;
         }
         Ok(Segment {
             file,
@@ -329,7 +341,9 @@ impl Writer {
 
     fn commit<E: Entry>(&mut self, batch: &mut Vec<E>) {
         if !self.healthy.load(Ordering::Relaxed) {
-            batch.drain(..).for_each(|e| e.settle(Err(CommitError::Unavailable)));
+            batch
+                .drain(..)
+                .for_each(|e| e.settle(Err(CommitError::Unavailable)));
             return;
         }
         self.buf.clear();
@@ -337,11 +351,15 @@ impl Writer {
         for (i, e) in batch.iter().enumerate() {
             record::encode(e.claim(), first + i as u64, &mut self.buf);
         }
-        metrics::global().journal_batch.observe_count(batch.len() as u64);
+        metrics::global()
+            .journal_batch
+            .observe_count(batch.len() as u64);
         if let Err(error) = self.segment.write(&self.buf) {
             tracing::error!(%error, "Journal write failed; refusing claims until restart.");
             self.healthy.store(false, Ordering::Relaxed);
-            batch.drain(..).for_each(|e| e.settle(Err(CommitError::Unavailable)));
+            batch
+                .drain(..)
+                .for_each(|e| e.settle(Err(CommitError::Unavailable)));
             return;
         }
         self.setup.next_seq += batch.len() as u64;
@@ -361,13 +379,22 @@ impl Writer {
     /// Starts a new segment past the size limit; deletes fully applied ones.
     fn roll_and_trim(&mut self) {
         if self.segment.len >= self.setup.config.segment_size.0 {
-            match Segment::create(&self.setup.dir, self.setup.next_seq, self.setup.config.fsync) {
+            match Segment::create(
+                &self.setup.dir,
+                self.setup.next_seq,
+                self.setup.config.fsync,
+            ) {
                 Ok(next) => {
                     let old = std::mem::replace(&mut self.segment, next);
-                    let path = self.setup.dir.join(format!("{:020}.journal", old.first_seq));
+                    let path = self
+                        .setup
+                        .dir
+                        .join(format!("{:020}.journal", old.first_seq));
                     self.closed.push_back((old.first_seq, path));
                 }
-                Err(error) => tracing::warn!(%error, "Could not start a new journal segment; continuing in the current one."),
+                Err(error) => {
+                    tracing::warn!(%error, "Could not start a new journal segment; continuing in the current one.")
+                }
             }
         }
         let applied = self.setup.applied_seq.load(Ordering::Acquire);

@@ -38,7 +38,12 @@ pub fn encode(claim: &Claim, seq: u64, buf: &mut Vec<u8>) {
     buf.push(KIND_CLAIM);
     buf.extend_from_slice(&claim.claimed_at_ms.to_le_bytes());
     buf.extend_from_slice(&claim.user_id.to_le_bytes());
-    for s in [&*claim.activity_id, &*claim.ticket_id, &*claim.code, claim.idempotency_key.as_deref().unwrap_or("")] {
+    for s in [
+        &*claim.activity_id,
+        &*claim.ticket_id,
+        &*claim.code,
+        claim.idempotency_key.as_deref().unwrap_or(""),
+    ] {
         // Ids, codes and keys are validated far below 64 KiB; clamp defensively.
         let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
         buf.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
@@ -66,13 +71,17 @@ pub fn decode(bytes: &[u8]) -> Decoded {
     if bytes.is_empty() {
         return Decoded::End;
     }
-    let Some(header) = bytes.get(..HEADER_LEN) else { return Decoded::Invalid };
+    let Some(header) = bytes.get(..HEADER_LEN) else {
+        return Decoded::Invalid;
+    };
     let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
     let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
     if len > MAX_BODY {
         return Decoded::Invalid;
     }
-    let Some(body) = bytes.get(HEADER_LEN..HEADER_LEN + len) else { return Decoded::Invalid };
+    let Some(body) = bytes.get(HEADER_LEN..HEADER_LEN + len) else {
+        return Decoded::Invalid;
+    };
     if crc32c::crc32c(body) != crc {
         return Decoded::Invalid;
     }
@@ -145,13 +154,23 @@ mod tests {
         encode(&claim(0), 7, &mut buf);
         let one = buf.len();
         encode(&claim(0), 8, &mut buf);
-        let Decoded::Record(c, n) = decode(&buf) else { panic!() };
-        assert_eq!((c.id, n, &*c.code, c.idempotency_key.as_deref()), (7, one, "门票CODE", Some("k1")));
-        let Decoded::Record(c, _) = decode(&buf[one..]) else { panic!() };
+        let Decoded::Record(c, n) = decode(&buf) else {
+            panic!()
+        };
+        assert_eq!(
+            (c.id, n, &*c.code, c.idempotency_key.as_deref()),
+            (7, one, "门票CODE", Some("k1"))
+        );
+        let Decoded::Record(c, _) = decode(&buf[one..]) else {
+            panic!()
+        };
         assert_eq!(c.id, 8);
         // Every proper prefix of a record is a torn tail.
         for cut in 1..one {
-            assert!(matches!(decode(&buf[..cut]), Decoded::Invalid), "prefix {cut}");
+            assert!(
+                matches!(decode(&buf[..cut]), Decoded::Invalid),
+                "prefix {cut}"
+            );
         }
         let mut bad = buf.clone();
         bad[HEADER_LEN + 3] ^= 1;

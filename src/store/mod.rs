@@ -122,7 +122,9 @@ pub enum Store {
 impl Store {
     /// Opens the store configured in `config`.
     pub fn open(config: &Config, access: Access) -> Result<Arc<Store>, StoreError> {
-        Ok(Arc::new(Store::Embedded(EmbeddedStore::open(config, access)?)))
+        Ok(Arc::new(Store::Embedded(EmbeddedStore::open(
+            config, access,
+        )?)))
     }
 
     /// Hands a claim to the committer; it settles the claim when durable or failed.
@@ -168,7 +170,11 @@ impl Store {
     }
 
     /// Calls `f` with every claim of `activity_id` joined with its user, in id order.
-    pub fn export_claims(&self, activity_id: &str, f: &mut dyn FnMut(ClaimRow) -> std::io::Result<()>) -> Result<u64, StoreError> {
+    pub fn export_claims(
+        &self,
+        activity_id: &str,
+        f: &mut dyn FnMut(ClaimRow) -> std::io::Result<()>,
+    ) -> Result<u64, StoreError> {
         match self {
             Store::Embedded(s) => s.export_claims(activity_id, f),
         }
@@ -189,7 +195,12 @@ impl Store {
     }
 
     /// Creates one user; [`StoreError::UsernameTaken`] if the name exists.
-    pub fn create_user(&self, username: &str, nickname: &str, password_hash: &str) -> Result<User, StoreError> {
+    pub fn create_user(
+        &self,
+        username: &str,
+        nickname: &str,
+        password_hash: &str,
+    ) -> Result<User, StoreError> {
         match self {
             Store::Embedded(s) => s.create_user(username, nickname, password_hash),
         }

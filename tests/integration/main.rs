@@ -1,1 +1,11 @@
-fn main(){}
+//! One integration-test binary: every test starts the real `ticketd` and
+//! talks to it over HTTP (see `common`).
+
+mod common;
+
+mod api;
+mod cli;
+mod crash;
+mod limits;
+mod reload;
+mod rush;

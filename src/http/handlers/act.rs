@@ -90,7 +90,10 @@ pub fn list(state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
 }
 
 /// One activity; with a token, whether the caller joined and their claims.
-pub fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+pub fn detail(
+    state: &AppState,
+    req: &Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let query = Query::parse(req.uri().query());
     let id = query.require("actId")?;
     let session = optional_session(state, req.headers())?;
@@ -104,7 +107,10 @@ pub fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full
         let claims = activity.ledger.claims_of(s.user_id);
         let views: Vec<ClaimView<'_>> = claims.iter().map(ClaimView::from).collect();
         obj.insert("joined".into(), (!claims.is_empty()).into());
-        obj.insert("claims".into(), serde_json::to_value(views).map_err(|_| ApiError::internal())?);
+        obj.insert(
+            "claims".into(),
+            serde_json::to_value(views).map_err(|_| ApiError::internal())?,
+        );
     }
     Ok(ok(&data))
 }

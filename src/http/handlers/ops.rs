@@ -9,7 +9,12 @@ use crate::{app::AppState, config::now_ms, http::request::ok, http::ApiError};
 /// 200 while claims can be committed, 503 otherwise.
 pub fn healthz(state: &AppState) -> Response<Full<Bytes>> {
     if !state.store.is_healthy() {
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNHEALTHY", "the claim journal cannot be written").into_response();
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNHEALTHY",
+            "the claim journal cannot be written",
+        )
+        .into_response();
     }
     ok(&serde_json::json!({
         "status": "ok",

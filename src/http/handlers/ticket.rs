@@ -36,7 +36,10 @@ struct Claimed<'a> {
 }
 
 /// Claims a code.
-pub async fn get(state: &AppState, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+pub async fn get(
+    state: &AppState,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     // Authenticate before reading the body: an anonymous flood costs no parsing.
     let session = session(state, req.headers())?;
     let key = idempotency_key(req.headers())?.map(Arc::<str>::from);
@@ -85,7 +88,10 @@ pub fn list(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<B
 }
 
 /// One claim of the caller; anyone else's is indistinguishable from a missing one.
-pub fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+pub fn detail(
+    state: &AppState,
+    req: &Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let session = session(state, req.headers())?;
     let query = Query::parse(req.uri().query());
     let raw = query.require("ticketId")?;

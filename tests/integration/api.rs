@@ -1,0 +1,512 @@
+//! The HTTP API: each endpoint, each error code, the error shape on bad input.
+
+use serde_json::{json, Value};
+
+use crate::common::{base_config, open_activity, TestApp};
+
+fn assert_error(res: &ticketd::bench::ApiResponse, status: u16, code: &str) {
+    assert_eq!(res.status, status, "{}", res.body);
+    assert_eq!(res.body["ok"], false, "{}", res.body);
+    assert_eq!(res.error_code(), Some(code), "{}", res.body);
+    assert!(res.body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
+}
+
+fn windows() -> String {
+    base_config()
+        + &open_activity("open", 2, 1)
+        + r#"
+[[activity]]
+id = "later"
+name = "Later"
+start_time = "+1h"
+end_time = "+2h"
+  [[activity.ticket]]
+  id = "later-t"
+  name = "T"
+  codes = ["L1"]
+
+[[activity]]
+id = "over"
+name = "Over"
+start_time = "2020-01-01T00:00:00Z"
+end_time = "2020-01-02T00:00:00+08:00"
+  [[activity.ticket]]
+  id = "over-t"
+  name = "T"
+  codes = ["O1"]
+
+[[activity]]
+id = "two"
+name = "Two types"
+start_time = "-1s"
+end_time = "+1h"
+per_user_limit = 3
+  [[activity.ticket]]
+  id = "two-a"
+  name = "A"
+  codes = ["A1"]
+  [[activity.ticket]]
+  id = "two-b"
+  name = "B"
+  codes = ["B1", "B2"]
+"#
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_answers_each_outcome_with_its_own_code() {
+    let app = TestApp::start(&windows());
+    let alice = app.register("alice").await;
+    let bob = app.register("bobby").await;
+    let carol = app.register("carol").await;
+
+    let res = app
+        .client
+        .post("/ticket/get", None, &json!({ "actId": "open" }))
+        .await
+        .unwrap();
+    assert_error(&res, 401, "UNAUTHORIZED");
+    assert_error(&app.claim(&alice, "nope").await, 404, "ACTIVITY_NOT_FOUND");
+    let res = app.claim(&alice, "later").await;
+    assert_error(&res, 409, "NOT_STARTED");
+    assert!(res.body["error"]["startTime"].as_str().is_some());
+    let res = app.claim(&alice, "over").await;
+    assert_error(&res, 409, "ENDED");
+    assert_eq!(res.body["error"]["endTime"], "2020-01-01T16:00:00Z");
+    let res = app
+        .client
+        .post(
+            "/ticket/get",
+            Some(&alice),
+            &json!({ "actId": "two", "ticketId": "open-t" }),
+        )
+        .await
+        .unwrap();
+    assert_error(&res, 404, "TICKET_NOT_FOUND");
+
+    let first = app.claim(&alice, "open").await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.body["ok"], true);
+    let code = first.data()["code"].as_str().unwrap().to_owned();
+    assert_eq!(first.data()["actId"], "open");
+    assert_eq!(first.data()["ticketId"], "open-t");
+    let res = app.claim(&alice, "open").await;
+    assert_error(&res, 409, "LIMIT_REACHED");
+    assert_eq!(res.body["error"]["codes"], json!([code]));
+    assert_eq!(app.claim(&bob, "open").await.status, 200);
+    assert_error(&app.claim(&carol, "open").await, 410, "SOLD_OUT");
+    // A holder who retries after the sell-out still hears about their own codes.
+    assert_error(&app.claim(&alice, "open").await, 409, "LIMIT_REACHED");
+
+    // Choosing a ticket type, and falling through to the next type with stock.
+    let res = app
+        .client
+        .post(
+            "/ticket/get",
+            Some(&carol),
+            &json!({ "actId": "two", "ticketId": "two-b" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.data()["ticketId"], "two-b");
+    assert_eq!(app.claim(&carol, "two").await.data()["code"], "A1");
+    assert_eq!(app.claim(&carol, "two").await.data()["ticketId"], "two-b");
+    assert_error(&app.claim(&bob, "two").await, 410, "SOLD_OUT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_returns_the_same_code_and_never_a_second() {
+    let app = TestApp::start(&(base_config() + &open_activity("idem", 10, 2)));
+    let token = app.register("retry").await;
+    let post = |key: &'static str| {
+        let client = app.client_clone();
+        let token = token.clone();
+        async move {
+            client
+                .call(
+                    http::Method::POST,
+                    "/ticket/get",
+                    Some(&token),
+                    Some(&json!({ "actId": "idem" })),
+                    &[("Idempotency-Key", key)],
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let a = post("key-1").await;
+    let again = post("key-1").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(again.status, 200);
+    assert_eq!(a.data()["code"], again.data()["code"]);
+    assert_eq!(a.data()["claimId"], again.data()["claimId"]);
+    assert_eq!(again.data()["replayed"], true);
+    let b = post("key-2").await;
+    assert_ne!(b.data()["code"], a.data()["code"]);
+    assert_eq!(app.detail("idem").await["remaining"], 8);
+    // At the limit, both keys still answer their own claim.
+    assert_eq!(post("key-1").await.data()["code"], a.data()["code"]);
+    let bad = app
+        .client
+        .call(
+            http::Method::POST,
+            "/ticket/get",
+            Some(&token),
+            Some(&json!({ "actId": "idem" })),
+            &[("Idempotency-Key", "has space")],
+        )
+        .await
+        .unwrap();
+    assert_error(&bad, 400, "INVALID_IDEMPOTENCY_KEY");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_details_and_other_users_claims() {
+    let app = TestApp::start(&windows());
+    let alice = app.register("alice").await;
+    let bob = app.register("bobby").await;
+
+    let list = app.client.get("/act/list", None).await.unwrap();
+    let ids: Vec<&str> = list.data()["activities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["actId"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["open", "later", "two"],
+        "ended activities are not listed"
+    );
+    let later = &list.data()["activities"][1];
+    assert_eq!(later["status"], "upcoming");
+    assert_eq!(later["remaining"], 1);
+    assert_eq!(list.data()["activities"][0]["status"], "open");
+
+    let claim = app.claim(&alice, "open").await;
+    let claim_id = claim.data()["claimId"].as_u64().unwrap();
+
+    let detail = app
+        .client
+        .get("/act/detail?actId=open", Some(&alice))
+        .await
+        .unwrap();
+    assert_eq!(detail.data()["joined"], true);
+    assert_eq!(detail.data()["claims"][0]["code"], claim.data()["code"]);
+    let anon = app
+        .client
+        .get("/act/detail?actId=open", None)
+        .await
+        .unwrap();
+    assert!(anon.data().get("claims").is_none());
+    assert_eq!(
+        app.client
+            .get("/act/detail?actId=open", Some(&bob))
+            .await
+            .unwrap()
+            .data()["joined"],
+        false
+    );
+    assert_error(
+        &app.client.get("/act/detail?actId=zzz", None).await.unwrap(),
+        404,
+        "ACTIVITY_NOT_FOUND",
+    );
+    assert_error(
+        &app.client.get("/act/detail", None).await.unwrap(),
+        400,
+        "MISSING_PARAMETER",
+    );
+
+    let mine = app.client.get("/ticket/list", Some(&alice)).await.unwrap();
+    assert_eq!(mine.data()["total"], 1);
+    assert_eq!(mine.data()["claims"][0]["claimId"], claim_id);
+    assert_eq!(
+        app.client
+            .get("/ticket/list", Some(&bob))
+            .await
+            .unwrap()
+            .data()["total"],
+        0
+    );
+    assert_error(
+        &app.client
+            .get("/ticket/list?page=0", Some(&alice))
+            .await
+            .unwrap(),
+        400,
+        "INVALID_PARAMETER",
+    );
+    assert_error(
+        &app.client.get("/ticket/list", None).await.unwrap(),
+        401,
+        "UNAUTHORIZED",
+    );
+
+    let path = format!("/ticket/detail?ticketId={claim_id}");
+    let own = app.client.get(&path, Some(&alice)).await.unwrap();
+    assert_eq!(own.data()["code"], claim.data()["code"]);
+    // Somebody else's claim is indistinguishable from a missing one.
+    assert_error(
+        &app.client.get(&path, Some(&bob)).await.unwrap(),
+        404,
+        "CLAIM_NOT_FOUND",
+    );
+    assert_error(
+        &app.client
+            .get("/ticket/detail?ticketId=999999", Some(&alice))
+            .await
+            .unwrap(),
+        404,
+        "CLAIM_NOT_FOUND",
+    );
+    assert_error(
+        &app.client
+            .get("/ticket/detail?ticketId=abc", Some(&alice))
+            .await
+            .unwrap(),
+        404,
+        "CLAIM_NOT_FOUND",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_register_login_logout() {
+    let app = TestApp::start(&(base_config() + &open_activity("u", 1, 1)));
+    let token = app.register("dora").await;
+    let res = app
+        .client
+        .post(
+            "/user/register",
+            None,
+            &json!({ "username": "dora", "password": "another-pass" }),
+        )
+        .await
+        .unwrap();
+    assert_error(&res, 409, "USERNAME_TAKEN");
+    let res = app
+        .client
+        .post(
+            "/user/register",
+            None,
+            &json!({ "username": "x", "password": "password-x" }),
+        )
+        .await
+        .unwrap();
+    assert_error(&res, 400, "INVALID_FIELD");
+    let res = app
+        .client
+        .post(
+            "/user/register",
+            None,
+            &json!({ "username": "shorty", "password": "short" }),
+        )
+        .await
+        .unwrap();
+    assert_error(&res, 400, "INVALID_FIELD");
+
+    let wrong = app
+        .client
+        .post(
+            "/user/login",
+            None,
+            &json!({ "username": "dora", "password": "nope-nope" }),
+        )
+        .await
+        .unwrap();
+    let unknown = app
+        .client
+        .post(
+            "/user/login",
+            None,
+            &json!({ "username": "nobody", "password": "nope-nope" }),
+        )
+        .await
+        .unwrap();
+    assert_error(&wrong, 401, "BAD_CREDENTIALS");
+    assert_eq!(wrong.body, unknown.body, "no user enumeration");
+    let again = app.login("dora").await;
+    assert_ne!(again, token);
+
+    let seed_header = app
+        .client
+        .call(
+            http::Method::GET,
+            "/ticket/list",
+            None,
+            None,
+            &[("token", &again)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(seed_header.status, 200, "the seed's `token` header works");
+    let out = app
+        .client
+        .post("/user/logout", Some(&again), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(out.status, 200);
+    assert_error(
+        &app.client.get("/ticket/list", Some(&again)).await.unwrap(),
+        401,
+        "UNAUTHORIZED",
+    );
+    assert_eq!(
+        app.client
+            .get("/ticket/list", Some(&token))
+            .await
+            .unwrap()
+            .status,
+        200,
+        "other sessions live on"
+    );
+
+    let forged = format!("{}x", &token[..token.len() - 1]);
+    assert_error(
+        &app.client.get("/ticket/list", Some(&forged)).await.unwrap(),
+        401,
+        "UNAUTHORIZED",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_can_be_closed() {
+    let config = base_config().replace("[auth]", "[auth]\nopen_registration = false")
+        + &open_activity("c", 1, 1);
+    let app = TestApp::start(&config);
+    let res = app
+        .client
+        .post(
+            "/user/register",
+            None,
+            &json!({ "username": "eve", "password": "password-eve" }),
+        )
+        .await
+        .unwrap();
+    assert_error(&res, 403, "REGISTRATION_CLOSED");
+    let out = app.cli(
+        &["user", "add", "--username", "eve"],
+        Some("password-eve\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    app.login("eve").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_error_shape_never_a_panic() {
+    let config = base_config().replace("[server]", "[server]\nmax_body = \"1KiB\"")
+        + &open_activity("b", 5, 1);
+    let app = TestApp::start(&config);
+    let token = app.register("mallory").await;
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"{\"actId\":".to_vec(), 400, "MALFORMED_JSON"),
+        (b"not json".to_vec(), 400, "MALFORMED_JSON"),
+        (b"".to_vec(), 400, "MALFORMED_JSON"),
+        (vec![0xff, 0xfe, b'{', b'}'], 400, "MALFORMED_JSON"),
+        (b"{\"actId\":[1]}".to_vec(), 400, "INVALID_FIELD"),
+        (b"{\"actId\":true}".to_vec(), 400, "INVALID_FIELD"),
+        (b"{}".to_vec(), 400, "INVALID_FIELD"),
+        (b"[]".to_vec(), 400, "INVALID_FIELD"),
+        (
+            format!("{{\"actId\":\"{}\"}}", "x".repeat(65)).into_bytes(),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            format!("{{\"actId\":\"b\",\"pad\":\"{}\"}}", "x".repeat(2000)).into_bytes(),
+            413,
+            "BODY_TOO_LARGE",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let res = send_raw(&app, &token, body.clone()).await;
+        assert_eq!(
+            (res.0, res.1["error"]["code"].as_str()),
+            (status, Some(code)),
+            "body {:?}: {}",
+            String::from_utf8_lossy(&body),
+            res.1
+        );
+        assert_eq!(res.1["ok"], false);
+    }
+    let res = app.client.get("/no/such/route", None).await.unwrap();
+    assert_error(&res, 404, "ROUTE_NOT_FOUND");
+    let res = app.client.get("/ticket/get", Some(&token)).await.unwrap();
+    assert_error(&res, 405, "METHOD_NOT_ALLOWED");
+    let res = app
+        .client
+        .call(
+            http::Method::GET,
+            "/act/detail?actId=%FF%FE",
+            None,
+            None,
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_error(&res, 404, "ACTIVITY_NOT_FOUND");
+    // Still healthy afterwards, and the claim still works.
+    assert_eq!(app.client.get("/healthz", None).await.unwrap().status, 200);
+    assert_eq!(app.claim(&token, "b").await.status, 200);
+}
+
+/// POSTs raw bytes to /ticket/get over a plain TCP connection.
+async fn send_raw(app: &TestApp, token: &str, body: Vec<u8>) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
+    let head = format!(
+        "POST /ticket/get HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let status: u16 = text.split(' ').nth(1).unwrap().parse().unwrap();
+    let json_start = text.find("\r\n\r\n").unwrap() + 4;
+    (
+        status,
+        serde_json::from_str(&text[json_start..]).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics() {
+    let app = TestApp::start(&(base_config() + &open_activity("m", 3, 1)));
+    let token = app.register("mia").await;
+    app.claim(&token, "m").await;
+    app.claim(&token, "m").await;
+    let health = app.client.get("/healthz", None).await.unwrap();
+    assert_eq!(health.data()["status"], "ok");
+    let text = raw_get(&app, "/metrics").await;
+    for needle in [
+        "ticketd_claims_total{outcome=\"success\"} 1",
+        "ticketd_claims_total{outcome=\"limit_reached\"} 1",
+        "ticketd_http_requests_total{route=\"/ticket/get\",status=\"200\"} 1",
+        "ticketd_http_requests_total{route=\"/ticket/get\",status=\"409\"} 1",
+        "ticketd_stock_remaining{activity=\"m\",ticket=\"m-t\"} 2",
+        "ticketd_journal_fsync_seconds_count 1",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+}
+
+async fn raw_get(app: &TestApp, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    out
+}

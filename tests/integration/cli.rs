@@ -1,0 +1,335 @@
+//! The command line: check-config, import, user, export, start-up failures.
+
+use std::process::Command;
+
+use crate::common::{base_config, open_activity, parse_csv, run_cli, TestApp, BIN};
+
+fn dir_with(config: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.toml"), config).unwrap();
+    dir
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn check_config_lists_every_problem_with_its_line() {
+    let config = base_config()
+        + r#"
+[[activity]]
+id = "a"
+name = "A"
+start_time = "+2h"
+end_time = "+1h"
+  [[activity.ticket]]
+  id = "t"
+  name = "T"
+  codes = ["X", "X"]
+"#;
+    let dir = dir_with(&config);
+    let out = run_cli(dir.path(), &["check-config"], None);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    let end_line = config
+        .lines()
+        .position(|l| l.starts_with("end_time = \"+1h\""))
+        .unwrap()
+        + 1;
+    let codes_line = config
+        .lines()
+        .position(|l| l.contains("codes = [\"X\", \"X\"]"))
+        .unwrap()
+        + 1;
+    assert!(
+        err.contains(&format!(
+            "line {end_line}: activity `a` must end after it starts"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "line {codes_line}: ticket `t`: code `X` appears twice"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    let ok = dir_with(&(base_config() + &open_activity("ok", 3, 1)));
+    let out = run_cli(ok.path(), &["check-config"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("is valid"));
+}
+
+#[test]
+fn the_bundled_config_passes_check_config() {
+    let out = Command::new(BIN)
+        .args([
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"),
+            "check-config",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn startup_failures_exit_nonzero_with_one_sentence() {
+    // Missing config.
+    let empty = tempfile::tempdir().unwrap();
+    let out = run_cli(empty.path(), &["serve"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.starts_with("ticketd: cannot read config file"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+
+    // Broken TOML.
+    let broken = dir_with("[server\nlisten = 1");
+    let out = run_cli(broken.path(), &["serve"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("line 1"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Address in use.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let busy = dir_with(&base_config().replace("127.0.0.1:0", &format!("127.0.0.1:{port}")));
+    let out = run_cli(busy.path(), &["serve"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A data dir that cannot be created (a file is in the way).
+    let blocked = dir_with(&base_config().replace("path = \"data\"", "path = \"file/data\""));
+    std::fs::write(blocked.path().join("file"), "x").unwrap();
+    let out = run_cli(blocked.path(), &["serve"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("cannot create the data directory"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_second_node_on_the_same_data_dir_is_refused() {
+    let app = TestApp::start(&(base_config() + &open_activity("x", 1, 1)));
+    let out = app.cli(&["serve"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("in use by another running ticketd"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn import_twice_adds_nothing_twice_and_never_returns_a_claimed_code() {
+    let config = base_config()
+        + r#"
+[[activity]]
+id = "imp"
+name = "Import"
+start_time = "-1m"
+end_time = "+1h"
+  [[activity.ticket]]
+  id = "imp-a"
+  name = "A"
+  codes = ["C1", "C2", "C3"]
+  [[activity.ticket]]
+  id = "imp-g"
+  name = "G"
+  generate = 50
+  [[activity.ticket]]
+  id = "imp-f"
+  name = "F"
+  codes_file = "codes.txt"
+"#;
+    let dir = dir_with(&config);
+    std::fs::write(dir.path().join("codes.txt"), "F1\nF2\n\nF3\n").unwrap();
+    let out = run_cli(dir.path(), &["import"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let first = text(&out.stdout);
+    assert!(
+        first.contains("ticket imp-a: 3 codes added, 3 in total"),
+        "{first}"
+    );
+    assert!(
+        first.contains("ticket imp-g: 50 codes added, 50 in total"),
+        "{first}"
+    );
+    assert!(
+        first.contains("ticket imp-f: 3 codes added, 3 in total"),
+        "{first}"
+    );
+    let out = run_cli(dir.path(), &["import"], None);
+    let second = text(&out.stdout);
+    assert!(
+        second.contains("ticket imp-a: 0 codes added, 3 in total"),
+        "{second}"
+    );
+    assert!(
+        second.contains("ticket imp-g: 0 codes added, 50 in total"),
+        "{second}"
+    );
+
+    // Claim C-codes through a node, then import again: stock stays as it is.
+    let mut app = TestApp::start_with(&config, &[("codes.txt", "F1\nF2\nF3\n")]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let t = app.register("ivan").await;
+        let res = app
+            .client
+            .post(
+                "/ticket/get",
+                Some(&t),
+                &serde_json::json!({ "actId": "imp", "ticketId": "imp-a" }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status, 200);
+    });
+    app.stop();
+    let out = app.cli(&["import"], None);
+    assert!(
+        text(&out.stdout).contains("ticket imp-a: 0 codes added, 3 in total"),
+        "{}",
+        text(&out.stdout)
+    );
+    app.boot();
+    rt.block_on(async {
+        let d = app.detail("imp").await;
+        assert_eq!(
+            d["tickets"][0]["remaining"], 2,
+            "the claimed code did not come back"
+        );
+        assert_eq!(d["claimed"], 1);
+    });
+}
+
+#[test]
+fn users_from_the_command_line_and_exports_in_both_formats() {
+    let app = TestApp::start(&(base_config() + &open_activity("exp", 10, 1)));
+    let out = app.cli(
+        &[
+            "user",
+            "add",
+            "--username",
+            "zhang",
+            "--nickname",
+            "张三, \"老张\"",
+        ],
+        Some("password-zhang\n"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = app.cli(
+        &["user", "add", "--username", "zhang"],
+        Some("password-zhang\n"),
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("taken"));
+    std::fs::write(
+        app.dir.path().join("u.csv"),
+        "username,password,nickname\nlisi,password-lisi,李四\nwangwu,password-wangwu,\n",
+    )
+    .unwrap();
+    let out = app.cli(&["user", "import", "u.csv"], None);
+    assert!(
+        text(&out.stdout).contains("2 users created"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = app.cli(&["user", "list"], None);
+    let users = parse_csv(&out.stdout);
+    let names: Vec<&str> = users.iter().map(|u| u["username"].as_str()).collect();
+    assert_eq!(names, ["zhang", "lisi", "wangwu"]);
+    assert_eq!(users[0]["nickname"], "张三, \"老张\"");
+    assert_eq!(users[2]["nickname"], "wangwu");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let codes: Vec<String> = rt.block_on(async {
+        let mut codes = Vec::new();
+        for name in ["zhang", "lisi"] {
+            let t = app.login(name).await;
+            codes.push(
+                app.claim(&t, "exp").await.data()["code"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+        codes
+    });
+    // Claims reach SQLite a moment after they are acknowledged; stop the node to flush.
+    let mut app = app;
+    assert_eq!(app.stop(), 0);
+    let out = app.cli(
+        &[
+            "export",
+            "--activity",
+            "exp",
+            "--format",
+            "csv",
+            "--out",
+            "claims.csv",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows = parse_csv(&std::fs::read(app.dir.path().join("claims.csv")).unwrap());
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["code"], codes[0]);
+    assert_eq!(rows[0]["nickname"], "张三, \"老张\"");
+    assert_eq!(rows[1]["username"], "lisi");
+    assert!(rows[0]["claimed_at"].ends_with('Z'));
+    let out = app.cli(&["export", "--activity", "exp", "--format", "jsonl"], None);
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["code"], codes[1]);
+    assert_eq!(lines[1]["nickname"], "李四");
+    let out = app.cli(&["export", "--activity", "nope"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("no activity `nope`"));
+}
+
+#[test]
+fn bench_rushes_and_verifies_the_invariants() {
+    let app = TestApp::start(&(base_config() + &open_activity("bench", 150, 2)));
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--url",
+            &app.url(),
+            "--activity",
+            "bench",
+            "--users",
+            "120",
+            "--concurrency",
+            "32",
+        ])
+        .args(["--claims-per-user", "3", "--create-users", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["violations"], serde_json::json!([]));
+    assert_eq!(report["outcomes"]["success"], 150, "{report}");
+    assert_eq!(report["acknowledged"], 150);
+    assert_eq!(report["claimed_after"], 150);
+    assert_eq!(report["remaining_after"], 0);
+    assert_eq!(report["rush"]["requests"], 360);
+}

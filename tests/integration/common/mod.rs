@@ -1,0 +1,411 @@
+//! The test harness: [`TestApp`] runs the real `ticketd` binary on a free
+//! loopback port with an inline config in its own temp dir, and speaks HTTP
+//! to it with the library's API client.
+//!
+//! Waiting is always for a condition (a log line, a process exit, an HTTP
+//! answer), with a deadline that fails the test loudly; never a bare sleep.
+
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+use tempfile::TempDir;
+pub use ticketd::bench::{ApiClient, ApiResponse};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_ticketd");
+
+/// Settings every test config shares: a free port, cheap argon2, quiet logs.
+pub fn base_config() -> String {
+    r#"
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace = "5s"
+
+[storage]
+path = "data"
+
+[auth]
+argon2_memory_kib = 8
+argon2_iterations = 1
+
+[log]
+level = "info"
+"#
+    .to_owned()
+}
+
+/// An activity with `n` generated codes, open now, with `limit` per user.
+pub fn open_activity(id: &str, n: u32, limit: u32) -> String {
+    format!(
+        r#"
+[[activity]]
+id = "{id}"
+name = "Activity {id}"
+start_time = "-1m"
+end_time = "+1h"
+per_user_limit = {limit}
+  [[activity.ticket]]
+  id = "{id}-t"
+  name = "Ticket {id}"
+  generate = {n}
+"#
+    )
+}
+
+/// A running (or stopped) ticketd with its own directory.
+pub struct TestApp {
+    pub dir: TempDir,
+    child: Option<Child>,
+    pub logs: Arc<Mutex<Vec<String>>>,
+    pub client: ApiClient,
+    pub addr: String,
+}
+
+impl TestApp {
+    /// Writes `config` and starts the binary; panics with its logs if it does not come up.
+    pub fn start(config: &str) -> TestApp {
+        TestApp::start_with(config, &[])
+    }
+
+    /// Like [`TestApp::start`], writing `files` (name, content) beside the config first.
+    pub fn start_with(config: &str, files: &[(&str, &str)]) -> TestApp {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("config.toml"), config).expect("write config");
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).expect("write file");
+        }
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let mut app = TestApp {
+            dir,
+            child: None,
+            logs,
+            client: ApiClient::new(vec!["http://127.0.0.1:1".into()], 1).unwrap(),
+            addr: String::new(),
+        };
+        app.boot();
+        app
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    /// Starts the process again on the same directory (after a stop or a kill).
+    pub fn boot(&mut self) {
+        let mut child = Command::new(BIN)
+            .args(["--config", "config.toml", "--log-format", "json", "serve"])
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ticketd");
+        let stderr = child.stderr.take().unwrap();
+        let logs = self.logs.clone();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                logs.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        if v["message"] == "Listening." {
+                            break v["addr"].as_str().unwrap().to_owned();
+                        }
+                    }
+                }
+                Err(_) => {
+                    let status = child.try_wait().ok().flatten();
+                    let _ = child.kill();
+                    panic!(
+                        "ticketd did not start (exit: {status:?}); logs:\n{}",
+                        self.logs.lock().unwrap().join("\n")
+                    );
+                }
+            }
+        };
+        self.client = ApiClient::new(vec![format!("http://{addr}")], 256).unwrap();
+        self.addr = addr;
+        self.child = Some(child);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+    }
+
+    /// `kill -9`, then reap.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.child.take().unwrap().wait().unwrap();
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit code.
+    pub fn stop(&mut self) -> i32 {
+        self.signal(libc::SIGTERM);
+        let status = self.child.take().unwrap().wait().unwrap();
+        status.code().unwrap_or(-1)
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.boot();
+    }
+
+    /// Number of log lines whose message is `message`.
+    pub fn count_logs(&self, message: &str) -> usize {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["message"] == message))
+            .count()
+    }
+
+    /// Waits until `count_logs(message) >= n`.
+    pub fn wait_for_log(&self, message: &str, n: usize) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            {
+                let logs = self.logs.lock().unwrap();
+                let found: Vec<Value> = logs
+                    .iter()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .filter(|v| v["message"] == message)
+                    .collect();
+                if found.len() >= n {
+                    return found[n - 1].clone();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line {message:?} #{n}; logs:\n{}",
+                self.logs.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Rewrites the config file and sends SIGHUP; waits for the outcome log line.
+    pub fn reload(&self, config: &str) -> Value {
+        let applied = self.count_logs("Config reloaded.");
+        let refused = self.count_logs("Reload refused; still serving the previous config.");
+        std::fs::write(self.config_path(), config).unwrap();
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.count_logs("Config reloaded.") > applied {
+                return self.wait_for_log("Config reloaded.", applied + 1);
+            }
+            if self.count_logs("Reload refused; still serving the previous config.") > refused {
+                return self.wait_for_log(
+                    "Reload refused; still serving the previous config.",
+                    refused + 1,
+                );
+            }
+            assert!(Instant::now() < deadline, "reload produced no outcome");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs a ticketd subcommand in the app's directory (same config).
+    pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        run_cli(self.dir.path(), args, stdin)
+    }
+
+    /// Registers `username` (password "password-<username>") and returns the token.
+    pub async fn register(&self, username: &str) -> String {
+        let res = self
+            .client
+            .post(
+                "/user/register",
+                None,
+                &json!({ "username": username, "password": format!("password-{username}") }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status, 200, "{}", res.body);
+        res.data()["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Logs `username` in and returns the token.
+    pub async fn login(&self, username: &str) -> String {
+        let res = self
+            .client
+            .post(
+                "/user/login",
+                None,
+                &json!({ "username": username, "password": format!("password-{username}") }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status, 200, "{}", res.body);
+        res.data()["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Creates `n` users [`username`]`(prefix, i)` through `ticketd user import` (before boot
+    /// or while running) and logs them all in.
+    pub async fn users(&self, prefix: &str, n: usize) -> Vec<String> {
+        let csv: String = (0..n)
+            .map(|i| {
+                let name = username(prefix, i);
+                format!("{name},password-{name},{name}\n")
+            })
+            .collect();
+        let file = self.dir.path().join(format!("{prefix}users.csv"));
+        std::fs::write(&file, csv).unwrap();
+        let out = self.cli(&["user", "import", file.to_str().unwrap()], None);
+        assert!(
+            out.status.success(),
+            "user import failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sem = Arc::new(tokio::sync::Semaphore::new(64));
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let sem = sem.clone();
+            let client = self.client_clone();
+            let name = username(prefix, i);
+            tasks.push(tokio::spawn(async move {
+                let _permit = sem.acquire().await.unwrap();
+                let res = client
+                    .post(
+                        "/user/login",
+                        None,
+                        &json!({ "username": name, "password": format!("password-{name}") }),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(res.status, 200, "{}", res.body);
+                res.data()["token"].as_str().unwrap().to_owned()
+            }));
+        }
+        let mut tokens = Vec::with_capacity(n);
+        for t in tasks {
+            tokens.push(t.await.unwrap());
+        }
+        tokens
+    }
+
+    /// A new client for the same node (for spawning into tasks).
+    pub fn client_clone(&self) -> Arc<ApiClient> {
+        Arc::new(ApiClient::new(vec![self.url()], 256).unwrap())
+    }
+
+    pub async fn claim(&self, token: &str, act: &str) -> ApiResponse {
+        self.client
+            .post("/ticket/get", Some(token), &json!({ "actId": act }))
+            .await
+            .unwrap()
+    }
+
+    pub async fn detail(&self, act: &str) -> Value {
+        let res = self
+            .client
+            .get(&format!("/act/detail?actId={act}"), None)
+            .await
+            .unwrap();
+        assert_eq!(res.status, 200, "{}", res.body);
+        res.data().clone()
+    }
+
+    /// The codes `token`'s user holds in `act`, from `/ticket/list`.
+    pub async fn held(&self, token: &str, act: &str) -> Vec<String> {
+        let res = self
+            .client
+            .get("/ticket/list?pageSize=100", Some(token))
+            .await
+            .unwrap();
+        assert_eq!(res.status, 200, "{}", res.body);
+        res.data()["claims"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["actId"] == act)
+            .map(|c| c["code"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    pub fn logs_text(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The name of the `i`th bulk user with `prefix`.
+pub fn username(prefix: &str, i: usize) -> String {
+    format!("{prefix}-{i}")
+}
+
+/// Runs `ticketd --config config.toml ARGS` in `dir`.
+pub fn run_cli(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(BIN)
+        .args(["--config", "config.toml", "--log-format", "json"])
+        .args(args)
+        .current_dir(dir)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ticketd");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Parses an export CSV into rows keyed by header name.
+pub fn parse_csv(bytes: &[u8]) -> Vec<std::collections::HashMap<String, String>> {
+    let mut reader = csv::Reader::from_reader(bytes);
+    let headers = reader.headers().unwrap().clone();
+    reader
+        .records()
+        .map(|r| {
+            let r = r.unwrap();
+            headers
+                .iter()
+                .map(str::to_owned)
+                .zip(r.iter().map(str::to_owned))
+                .collect()
+        })
+        .collect()
+}

@@ -1,0 +1,86 @@
+//! Overload and connection-level protections.
+
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::{base_config, open_activity, TestApp};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_in_flight_budget_claims_are_shed_with_503_and_retry_after() {
+    let config = base_config().replace("[log]", "[limits]\nmax_in_flight_claims = 1\n\n[log]")
+        + &open_activity("o", 1000, 1);
+    let app = TestApp::start(&config);
+    let tokens = app.users("o", 300).await;
+    let client = app.client_clone();
+    let body = json!({ "actId": "o" });
+    let answers = join_all(
+        tokens
+            .iter()
+            .map(|t| client.post("/ticket/get", Some(t), &body)),
+    )
+    .await;
+    let mut ok = 0;
+    let mut shed = 0;
+    for a in answers {
+        let a = a.unwrap();
+        match a.status {
+            200 => ok += 1,
+            503 => {
+                assert_eq!(a.error_code(), Some("OVERLOADED"), "{}", a.body);
+                shed += 1;
+            }
+            other => panic!("unexpected {other}: {}", a.body),
+        }
+    }
+    assert_eq!(ok + shed, 300);
+    assert!(shed > 0 && ok > 0, "ok {ok}, shed {shed}");
+    // Nothing shed took stock.
+    assert_eq!(app.detail("o").await["remaining"], 1000 - ok);
+    let res = raw(
+        &app,
+        "POST /ticket/get HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 401"), "{res}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_connection_is_cut_off() {
+    let config = base_config().replace("[server]", "[server]\nheader_read_timeout = \"500ms\"")
+        + &open_activity("s", 1, 1);
+    let app = TestApp::start(&config);
+    let mut stream = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    // Trickle a header byte now and then; the server must close the connection anyway.
+    let mut buf = [0u8; 512];
+    let closed = loop {
+        tokio::select! {
+            n = stream.read(&mut buf) => {
+                let n = n.unwrap_or(0);
+                break n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408");
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if stream.write_all(b"X").await.is_err() { break true; }
+                assert!(started.elapsed() < Duration::from_secs(20), "the connection was never closed");
+            }
+        }
+    };
+    assert!(closed);
+    // Others are still served.
+    assert_eq!(app.client.get("/healthz", None).await.unwrap().status, 200);
+}
+
+async fn raw(app: &TestApp, request: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}

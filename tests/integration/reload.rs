@@ -1,0 +1,151 @@
+//! SIGHUP reload: build, validate, diff, swap — or refuse and keep serving.
+
+use std::sync::{
+    atomic::{AtomicBool, AtomicUsize, Ordering},
+    Arc,
+};
+
+use serde_json::json;
+
+use crate::common::{base_config, open_activity, TestApp};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_change_applies_under_load_without_failing_a_request() {
+    let v1 = base_config() + &open_activity("live", 3000, 1);
+    let app = TestApp::start(&v1);
+    let tokens = app.users("l", 400).await;
+
+    // Load: claims and catalog reads until told to stop; any unexpected answer fails.
+    let stop = Arc::new(AtomicBool::new(false));
+    let bad = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for chunk in tokens.chunks(50) {
+        let (client, stop, bad, done, chunk) = (
+            app.client_clone(),
+            stop.clone(),
+            bad.clone(),
+            done.clone(),
+            chunk.to_vec(),
+        );
+        load.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let token = &chunk[i % chunk.len()];
+                i += 1;
+                let claim = client.post("/ticket/get", Some(token), &json!({ "actId": "live" })).await;
+                let list = client.get("/act/list", None).await;
+                let ok = matches!(&claim, Ok(r) if r.status == 200 || r.error_code() == Some("LIMIT_REACHED"))
+                    && matches!(&list, Ok(r) if r.status == 200);
+                if !ok {
+                    eprintln!("unexpected: {claim:?} {list:?}");
+                    bad.fetch_add(1, Ordering::Relaxed);
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+
+    // v2: rename, raise the limit, add codes, add an activity.
+    let v2 = base_config()
+        + &open_activity("live", 3500, 2).replace("Activity live", "Renamed live")
+        + &open_activity("new", 10, 1);
+    let outcome = app.reload(&v2);
+    assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
+    assert_eq!(outcome["codes_added"], 510);
+    let requests_during = done.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        bad.load(Ordering::Relaxed),
+        0,
+        "requests failed around the reload"
+    );
+    assert!(requests_during > 0);
+
+    let live = app.detail("live").await;
+    assert_eq!(live["name"], "Renamed live");
+    assert_eq!(live["perUserLimit"], 2);
+    assert_eq!(live["tickets"][0]["total"], 3500);
+    assert_eq!(
+        live["claimed"].as_u64().unwrap() + live["remaining"].as_u64().unwrap(),
+        3500
+    );
+    assert_eq!(app.detail("new").await["remaining"], 10);
+    // The raised limit applies at once.
+    let fresh = app.register("fresh").await;
+    assert_eq!(app.claim(&fresh, "live").await.status, 200);
+    let second = app.claim(&fresh, "live").await;
+    assert_eq!(second.status, 200, "{}", second.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_or_restart_only_change_is_refused_and_the_old_config_serves() {
+    let v1 = base_config() + &open_activity("keep", 5, 1);
+    let app = TestApp::start(&v1);
+    let token = app.register("kim").await;
+
+    let broken = v1.replace("per_user_limit = 1", "per_user_limit = \"one\"");
+    let outcome = app.reload(&broken);
+    assert_eq!(
+        outcome["message"],
+        "Reload refused; still serving the previous config."
+    );
+    let reason = outcome["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("line"),
+        "the reason names the line: {reason}"
+    );
+
+    let inconsistent = v1.replace("start_time = \"-1m\"", "start_time = \"+2h\"");
+    let outcome = app.reload(&inconsistent);
+    assert!(
+        outcome["reason"]
+            .as_str()
+            .unwrap()
+            .contains("must end after it starts"),
+        "{outcome}"
+    );
+
+    let moved = v1.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");
+    let outcome = app.reload(&moved);
+    assert!(
+        outcome["reason"]
+            .as_str()
+            .unwrap()
+            .contains("server.listen"),
+        "{outcome}"
+    );
+
+    // Still serving v1.
+    assert_eq!(app.detail("keep").await["perUserLimit"], 1);
+    assert_eq!(app.claim(&token, "keep").await.status, 200);
+    assert_eq!(app.detail("keep").await["remaining"], 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_refuses_claims_and_unpausing_resumes_with_stock_intact() {
+    let v1 = base_config() + &open_activity("p", 3, 1);
+    let app = TestApp::start(&v1);
+    let a = app.register("pauline").await;
+    let b = app.register("paul").await;
+    assert_eq!(app.claim(&a, "p").await.status, 200);
+
+    let paused = v1.replace("per_user_limit = 1", "per_user_limit = 1\npaused = true");
+    assert_eq!(app.reload(&paused)["message"], "Config reloaded.");
+    let res = app.claim(&b, "p").await;
+    assert_eq!(
+        (res.status, res.error_code()),
+        (409, Some("PAUSED")),
+        "{}",
+        res.body
+    );
+    assert_eq!(app.detail("p").await["paused"], true);
+
+    assert_eq!(app.reload(&v1)["message"], "Config reloaded.");
+    assert_eq!(app.detail("p").await["remaining"], 2);
+    assert_eq!(app.claim(&b, "p").await.status, 200);
+    assert_eq!(app.detail("p").await["remaining"], 1);
+}
