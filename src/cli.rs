@@ -132,6 +132,12 @@ pub struct BenchArgs {
     /// Claim this ticket type instead of any.
     #[arg(long)]
     pub ticket: Option<String>,
+    /// Send claims at this fixed rate (requests/s) instead of as fast as
+    /// possible; latency then counts from each request's scheduled time, so
+    /// queueing is included (no coordinated omission). Use it to measure
+    /// latency below saturation.
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Print the report as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -207,16 +207,17 @@ async fn rush(
     let tokens: Arc<Vec<String>> = Arc::new(tokens.to_vec());
     let total = args.users * args.claims_per_user;
     let next = Arc::new(AtomicUsize::new(0));
-    let body = Arc::new(match &args.ticket {
+    let body = bytes::Bytes::from(serde_json::to_vec(&match &args.ticket {
         Some(t) => json!({ "actId": args.activity, "ticketId": t }),
         None => json!({ "actId": args.activity }),
-    });
+    })?);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.concurrency.max(1) {
         let (client, next, tokens, body) =
             (client.clone(), next.clone(), tokens.clone(), body.clone());
         let per_user = args.claims_per_user;
+        let interval = args.rate.map(|r| Duration::from_secs_f64(1.0 / r.max(1.0)));
         tasks.push(tokio::spawn(async move {
             let mut hist = new_hist();
             let mut outcomes: HashMap<String, u64> = HashMap::new();
@@ -228,8 +229,22 @@ async fn rush(
                     break;
                 }
                 let user = i / per_user;
-                let t0 = Instant::now();
-                match client.post("/ticket/get", Some(&tokens[user]), &body).await {
+                let t0 = match interval {
+                    Some(every) => {
+                        let due = started + every * i as u32;
+                        tokio::time::sleep_until(due.into()).await;
+                        due
+                    }
+                    None => Instant::now(),
+                };
+                let sent = client.send(
+                    http::Method::POST,
+                    "/ticket/get",
+                    Some(&tokens[user]),
+                    Some(body.clone()),
+                    &[],
+                );
+                match sent.await {
                     Ok(res) => {
                         let _ = hist.record((t0.elapsed().as_micros() as u64).max(1));
                         if res.status == 200 {

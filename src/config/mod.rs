@@ -97,7 +97,7 @@ pub struct ServerConfig {
     /// A client must send its full request head within this time (slowloris). Default `5s`.
     #[serde(default = "default_header_read_timeout")]
     pub header_read_timeout: HumanDuration,
-    /// A whole request (body and handler) must finish within this time. Default `10s`.
+    /// A request body must arrive within this time. Default `10s`.
     #[serde(default = "default_request_timeout")]
     pub request_timeout: HumanDuration,
     /// Largest accepted request body. Default `16KiB`.

@@ -5,12 +5,12 @@
 //! message is for people. Extra fields (the sale window, the user's codes)
 //! sit beside them inside `error`.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::Arc};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use crate::{auth::AuthError, claim::Rejection, config::rfc3339_ms, store::StoreError};
 
@@ -20,8 +20,40 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: Cow<'static, str>,
-    extra: Option<Value>,
+    detail: Detail,
     retry_after_secs: Option<u32>,
+}
+
+/// Machine-readable fields beside `code` and `message`. Typed rather than a
+/// `serde_json::Value`, so the common refusals (LIMIT_REACHED in a rush)
+/// serialise straight into the body without building a map.
+#[derive(Debug, Default)]
+enum Detail {
+    #[default]
+    None,
+    /// The sale window, for NOT_STARTED and ENDED.
+    Window { start_ms: i64, end_ms: i64 },
+    /// The codes the user holds, for LIMIT_REACHED.
+    Codes(Vec<Arc<str>>),
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    ok: bool,
+    error: ErrorObject<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ErrorObject<'a> {
+    code: &'static str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    start_time: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    end_time: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    codes: Option<Vec<&'a str>>,
 }
 
 impl ApiError {
@@ -35,14 +67,13 @@ impl ApiError {
             status,
             code,
             message: message.into(),
-            extra: None,
+            detail: Detail::None,
             retry_after_secs: None,
         }
     }
 
-    /// Adds fields beside `code` and `message` (an object).
-    pub fn with(mut self, extra: Value) -> ApiError {
-        self.extra = Some(extra);
+    fn with(mut self, detail: Detail) -> ApiError {
+        self.detail = detail;
         self
     }
 
@@ -88,11 +119,24 @@ impl ApiError {
 
     /// Renders the JSON response.
     pub fn into_response(self) -> Response<Full<Bytes>> {
-        let mut error = json!({ "code": self.code, "message": self.message });
-        if let (Some(Value::Object(extra)), Value::Object(obj)) = (self.extra, &mut error) {
-            obj.extend(extra);
-        }
-        let body = serde_json::to_vec(&json!({ "ok": false, "error": error })).unwrap_or_default();
+        let (start_time, end_time, codes) = match &self.detail {
+            Detail::None => (None, None, None),
+            Detail::Window { start_ms, end_ms } => {
+                (Some(rfc3339_ms(*start_ms)), Some(rfc3339_ms(*end_ms)), None)
+            }
+            Detail::Codes(codes) => (None, None, Some(codes.iter().map(|c| &**c).collect())),
+        };
+        let body = Body {
+            ok: false,
+            error: ErrorObject {
+                code: self.code,
+                message: &self.message,
+                start_time,
+                end_time,
+                codes,
+            },
+        };
+        let body = serde_json::to_vec(&body).unwrap_or_default();
         let mut res = Response::new(Full::new(Bytes::from(body)));
         *res.status_mut() = self.status;
         res.headers_mut().insert(
@@ -127,18 +171,17 @@ impl From<Rejection> for ApiError {
                 "NOT_STARTED",
                 "the activity has not started yet",
             )
-            .with(json!({ "startTime": rfc3339_ms(start_ms), "endTime": rfc3339_ms(end_ms) })),
+            .with(Detail::Window { start_ms, end_ms }),
             Rejection::Ended { start_ms, end_ms } => {
-                ApiError::new(S::CONFLICT, "ENDED", "the activity has ended").with(
-                    json!({ "startTime": rfc3339_ms(start_ms), "endTime": rfc3339_ms(end_ms) }),
-                )
+                ApiError::new(S::CONFLICT, "ENDED", "the activity has ended")
+                    .with(Detail::Window { start_ms, end_ms })
             }
             Rejection::LimitReached(codes) => ApiError::new(
                 S::CONFLICT,
                 "LIMIT_REACHED",
                 "you already hold the most codes allowed per user",
             )
-            .with(json!({ "codes": codes.iter().map(|c| &**c).collect::<Vec<_>>() })),
+            .with(Detail::Codes(codes)),
             Rejection::InProgress => ApiError::new(
                 S::CONFLICT,
                 "IN_PROGRESS",

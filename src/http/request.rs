@@ -17,22 +17,35 @@ use crate::{app::AppState, auth::Session};
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 128;
 
-/// Reads a JSON body of at most `max` bytes into `T`.
+/// Reads a JSON body of at most `server.max_body` bytes, arriving within
+/// `server.request_timeout`, into `T`.
 ///
 /// The Content-Type is not checked: the seed's clients (and `curl -d`) send
 /// JSON under `application/x-www-form-urlencoded`, and the body is parsed
 /// strictly as JSON either way.
-pub async fn json_body<T: DeserializeOwned>(body: Incoming, max: usize) -> Result<T, ApiError> {
-    let bytes = match Limited::new(body, max).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+pub async fn json_body<T: DeserializeOwned>(
+    state: &AppState,
+    body: Incoming,
+) -> Result<T, ApiError> {
+    let max = state.max_body();
+    let collect = tokio::time::timeout(state.request_timeout(), Limited::new(body, max).collect());
+    let bytes = match collect.await {
+        Err(_elapsed) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "REQUEST_TIMEOUT",
+                "the request body did not arrive in time",
+            ))
+        }
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "BODY_TOO_LARGE",
                 format!("the body is larger than {max} bytes"),
             ))
         }
-        Err(_) => {
+        Ok(Err(_)) => {
             return Err(ApiError::bad_request(
                 "BAD_BODY",
                 "the request body could not be read",

@@ -1,4 +1,9 @@
-//! Maps method and path to a handler, bounds its time, and counts the answer.
+//! Maps method and path to a handler and counts the answer.
+//!
+//! Time is bounded where a client controls it: the request head by hyper's
+//! header-read timeout, the body by `server.request_timeout` (in
+//! `request::json_body`). Handlers themselves never wait on a client, so the
+//! claim path pays for no timer.
 
 use std::{net::SocketAddr, time::Instant};
 

@@ -191,6 +191,7 @@ impl<E: Entry> Journal<E> {
     /// Starts the writer thread on a fresh segment. Every segment already in
     /// the directory must have been applied by the store: they are deleted.
     pub fn start(setup: JournalSetup) -> Result<Journal<E>, JournalError> {
+        fs::create_dir_all(&setup.dir).map_err(io_err(&setup.dir))?;
         for (_, path) in segments(&setup.dir)? {
             fs::remove_file(&path).map_err(io_err(&path))?;
         }
@@ -398,7 +399,7 @@ impl Writer {
             }
         }
         let applied = self.setup.applied_seq.load(Ordering::Acquire);
-        while self.closed.len() >= 1 {
+        while !self.closed.is_empty() {
             // A closed segment ends just before the next one begins.
             let next_first = self.closed.get(1).map_or(self.segment.first_seq, |s| s.0);
             if next_first - 1 > applied {

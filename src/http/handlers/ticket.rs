@@ -44,7 +44,7 @@ pub async fn get(
     let session = session(state, req.headers())?;
     let key = idempotency_key(req.headers())?.map(Arc::<str>::from);
     let body = req.into_body();
-    let body: GetBody = json_body(body, state.max_body()).await?;
+    let body: GetBody = json_body(state, body).await?;
     let catalog = state.catalog.load();
     let claimed = state
         .claimer
@@ -71,7 +71,7 @@ pub fn list(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<B
     let page = query.number("page", 1, 1_000_000)?;
     let page_size = query.number("pageSize", 20, 100)?;
     let mut claims = state.inventory.claims_of_user(session.user_id);
-    claims.sort_by(|a, b| b.id.cmp(&a.id));
+    claims.sort_by_key(|c| std::cmp::Reverse(c.id));
     let total = claims.len();
     let views: Vec<ClaimView<'_>> = claims
         .iter()

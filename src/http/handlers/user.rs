@@ -44,7 +44,7 @@ pub async fn register(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let body = req.into_body();
-    let body: RegisterBody = json_body(body, state.max_body()).await?;
+    let body: RegisterBody = json_body(state, body).await?;
     let (user, token) = state
         .auth
         .register(body.username, body.password, body.nickname)
@@ -58,7 +58,7 @@ pub async fn login(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let body = req.into_body();
-    let body: LoginBody = json_body(body, state.max_body()).await?;
+    let body: LoginBody = json_body(state, body).await?;
     if body.username.len() > 256 || body.password.len() > 1024 {
         return Err(ApiError::bad_request(
             "INVALID_FIELD",
