@@ -36,32 +36,28 @@ fn pool_take(c: &mut Criterion) {
     const PER_THREAD: usize = 20_000;
     for threads in [1usize, 2, 8] {
         group.throughput(Throughput::Elements((threads * PER_THREAD) as u64));
-        group.bench_with_input(
-            BenchmarkId::from_parameter(threads),
-            &threads,
-            |b, &threads| {
-                let stock = codes(threads * PER_THREAD, "P");
-                b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let pool = CodePool::new();
-                        pool.add_codes(&stock);
-                        let start = Instant::now();
-                        std::thread::scope(|s| {
-                            for _ in 0..threads {
-                                s.spawn(|| {
-                                    for _ in 0..PER_THREAD {
-                                        criterion::black_box(pool.take().expect("stock"));
-                                    }
-                                });
-                            }
-                        });
-                        total += start.elapsed();
-                    }
-                    total
-                });
-            },
-        );
+        group.bench_with_input(BenchmarkId::from_parameter(threads), &threads, |b, &threads| {
+            let stock = codes(threads * PER_THREAD, "P");
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let pool = CodePool::new();
+                    pool.add_codes(&stock);
+                    let start = Instant::now();
+                    std::thread::scope(|s| {
+                        for _ in 0..threads {
+                            s.spawn(|| {
+                                for _ in 0..PER_THREAD {
+                                    criterion::black_box(pool.take().expect("stock"));
+                                }
+                            });
+                        }
+                    });
+                    total += start.elapsed();
+                }
+                total
+            });
+        });
     }
     group.finish();
 }
@@ -107,34 +103,24 @@ fn claim(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("success", fsync), |b| {
             b.to_async(&runtime).iter_custom(|iters| async move {
                 let dir = tempfile::tempdir().unwrap();
-                let app = App::start(
-                    bench_config(dir.path(), fsync),
-                    dir.path().join("bench.toml"),
-                )
-                .unwrap();
+                let app = App::start(bench_config(dir.path(), fsync), dir.path().join("bench.toml")).unwrap();
                 let state = app.state().clone();
-                state
-                    .inventory
-                    .pool("bench-t")
-                    .add_codes(&codes(iters as usize, "C"));
+                state.inventory.pool("bench-t").add_codes(&codes(iters as usize, "C"));
+                // Claim tokens come from /act/detail before the rush; not timed.
+                let tokens: Arc<Vec<String>> = Arc::new((1..=iters).map(|user| claim_token(&state, user)).collect());
                 let next = Arc::new(AtomicU64::new(0));
                 let start = Instant::now();
                 let tasks: Vec<_> = (0..CONCURRENCY.min(iters))
                     .map(|_| {
-                        let (state, next) = (state.clone(), next.clone());
+                        let (state, next, tokens) = (state.clone(), next.clone(), tokens.clone());
                         tokio::spawn(async move {
                             loop {
-                                let user = next.fetch_add(1, Ordering::Relaxed);
-                                if user >= iters {
+                                let i = next.fetch_add(1, Ordering::Relaxed);
+                                if i >= iters {
                                     break;
                                 }
                                 let catalog = state.catalog.load();
-                                let req = ClaimRequest {
-                                    user_id: user + 1,
-                                    activity_id: "bench",
-                                    ticket_id: None,
-                                    idempotency_key: None,
-                                };
+                                let req = request(i + 1, &tokens[i as usize]);
                                 state.claimer.claim(&catalog, req).await.expect("claimed");
                             }
                         })
@@ -151,41 +137,49 @@ fn claim(c: &mut Criterion) {
     }
     group.bench_function("sold_out", |b| {
         let dir = tempfile::tempdir().unwrap();
-        let app = App::start(
-            bench_config(dir.path(), "never"),
-            dir.path().join("bench.toml"),
-        )
-        .unwrap();
+        let app = App::start(bench_config(dir.path(), "never"), dir.path().join("bench.toml")).unwrap();
         let state = app.state().clone();
-        let user = AtomicU64::new(1_000_000);
-        // Drain the one seeded code first.
+        // User 1 takes the one seeded code; user 2 then meets the sold-out activity.
+        let (first, second) = (claim_token(&state, 1), claim_token(&state, 2));
         runtime.block_on(async {
             let catalog = state.catalog.load();
-            let req = ClaimRequest {
-                user_id: 1,
-                activity_id: "bench",
-                ticket_id: None,
-                idempotency_key: None,
-            };
-            let _ = state.claimer.claim(&catalog, req).await;
+            state
+                .claimer
+                .claim(&catalog, request(1, &first))
+                .await
+                .expect("the seeded code");
         });
         b.to_async(&runtime).iter(|| {
-            let state = state.clone();
-            let user_id = user.fetch_add(1, Ordering::Relaxed);
+            let (state, token) = (state.clone(), second.clone());
             async move {
                 let catalog = state.catalog.load();
-                let req = ClaimRequest {
-                    user_id,
-                    activity_id: "bench",
-                    ticket_id: None,
-                    idempotency_key: None,
-                };
-                criterion::black_box(state.claimer.claim(&catalog, req).await.unwrap_err())
+                criterion::black_box(state.claimer.claim(&catalog, request(2, &token)).await.unwrap_err())
             }
         });
         state.store.close();
     });
     group.finish();
+}
+
+/// The claim token `/act/detail` would give `user`.
+fn claim_token(state: &ticketd::app::AppState, user: u64) -> String {
+    let catalog = state.catalog.load();
+    let activity = catalog.activity("bench").expect("bench activity");
+    state
+        .claimer
+        .claim_token(user, activity, ticketd::config::now_ms())
+        .expect("open")
+}
+
+fn request(user_id: u64, token: &str) -> ClaimRequest<'_> {
+    ClaimRequest {
+        user_id,
+        activity_id: "bench",
+        ticket_id: None,
+        idempotency_key: None,
+        claim_token: Some(token),
+        pow_nonce: None,
+    }
 }
 
 fn session_verify(c: &mut Criterion) {
@@ -220,10 +214,7 @@ fn journal_append(c: &mut Criterion) {
     let mut group = c.benchmark_group("journal_append");
     group.sample_size(10);
     group.throughput(Throughput::Elements(1));
-    for (name, policy) in [
-        ("never", FsyncPolicy::Never),
-        ("always", FsyncPolicy::Always),
-    ] {
+    for (name, policy) in [("never", FsyncPolicy::Never), ("always", FsyncPolicy::Always)] {
         group.bench_function(BenchmarkId::new("fsync", name), |b| {
             b.iter_custom(|iters| {
                 let dir = tempfile::tempdir().unwrap();

@@ -3,18 +3,20 @@
 //!
 //! Start-up: open the store (taking the data-dir lock and replaying the
 //! journal), import the config's activities, load unclaimed codes into the
-//! pools and existing claims into the ledgers, build the catalog, then serve.
+//! pools and existing claims into the ledgers, build the catalog, then serve
+//! the public listener (and the admin listener, when configured).
 //! Shutdown: stop accepting, drain in-flight requests (bounded by
 //! `server.shutdown_grace`), then close the journal (every queued claim is
 //! written) and the store applier.
 
 use std::{
+    collections::HashSet,
     path::PathBuf,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
@@ -26,11 +28,11 @@ use tokio::{
 };
 
 use crate::{
-    auth::Auth,
+    auth::{resolve_secret, Auth, ClaimTokens, Guard},
     catalog::{Catalog, SharedCatalog},
-    claim::Claimer,
+    claim::{ClaimSettings, Claimer},
     config::{now_ms, Config, ServerConfig},
-    http,
+    http::{self, server::Surface},
     inventory::Inventory,
     metrics::{self, Gauges},
     store::{Access, ImportReport, Store},
@@ -46,6 +48,8 @@ pub struct AppState {
     pub claimer: Claimer,
     /// Accounts and sessions.
     pub auth: Arc<Auth>,
+    /// Blocklists, rate limits, login backoff.
+    pub guard: Guard,
     /// The store.
     pub store: Arc<Store>,
     /// Open HTTP connections.
@@ -54,11 +58,19 @@ pub struct AppState {
     pub drained: Notify,
     /// `server.max_connections` (restart-only).
     pub max_connections: usize,
+    /// The admin bearer token, when the admin API is on.
+    pub admin_token: Option<String>,
     /// Reloadable server limits.
     server: ArcSwap<ServerConfig>,
     /// When the node started, Unix ms (relative times count from here).
     pub started_ms: i64,
+    /// The running config (codes stripped), for reload diffs.
+    config: Mutex<Config>,
+    config_path: PathBuf,
 }
+
+/// Environment variable that overrides `admin.token`.
+pub const ADMIN_TOKEN_ENV: &str = "TICKETD_ADMIN_TOKEN";
 
 impl AppState {
     /// `server.max_body` in bytes.
@@ -101,13 +113,67 @@ impl AppState {
             stock_bytes: self.inventory.stock_footprint().0,
         }
     }
+
+    /// Re-reads the config file: build, validate, diff, swap — or refuse and
+    /// keep serving the old one. Never touches stock or claims except to add
+    /// codes. Returns the codes added, or why the reload was refused.
+    pub fn reload(&self) -> Result<usize, String> {
+        let m = metrics::global();
+        let result = self.try_reload();
+        match &result {
+            Ok(added) => {
+                m.reloads_applied.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(codes_added = added, "Config reloaded.");
+            }
+            Err(reason) => {
+                m.reloads_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%reason, "Reload refused; still serving the previous config.");
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<usize, String> {
+        let mut running = self.config.lock();
+        let mut new = Config::load(&self.config_path).map_err(|e| e.to_string())?;
+        let restart = new.restart_only_changes(&running);
+        if !restart.is_empty() {
+            return Err(format!("{} changed, which needs a restart", restart.join(", ")));
+        }
+        let catalog = Catalog::build(&new, self.started_ms, &self.inventory).map_err(|p| p.join("; "))?;
+        let blocked = blocked_user_ids(&new, &self.store).map_err(|e| e.to_string())?;
+        let report = self.store.import(&new, self.started_ms).map_err(|e| e.to_string())?;
+        log_import(&report);
+        let mut added = 0;
+        for t in &report.tickets {
+            self.inventory.pool(&t.ticket_id).add_codes(&t.added);
+            added += t.added.len();
+        }
+        self.catalog.store(Arc::new(catalog));
+        self.auth.apply(&new);
+        self.guard.apply(&new, blocked);
+        self.claimer.apply(ClaimSettings::from_config(&new));
+        self.server.store(Arc::new(new.server.clone()));
+        new.strip_codes();
+        *running = new;
+        Ok(added)
+    }
 }
 
-/// The node: state plus what reload needs.
+/// The ids of `security.blocked_users` that exist.
+fn blocked_user_ids(config: &Config, store: &Store) -> Result<HashSet<u64>, crate::store::StoreError> {
+    let mut ids = HashSet::new();
+    for name in &config.security.blocked_users {
+        if let Some(u) = store.user_by_name(name)? {
+            ids.insert(u.id);
+        }
+    }
+    Ok(ids)
+}
+
+/// The node.
 pub struct App {
     state: Arc<AppState>,
-    config: Mutex<Config>,
-    config_path: PathBuf,
 }
 
 impl App {
@@ -119,8 +185,7 @@ impl App {
 
         let inventory = Arc::new(Inventory::default());
         // Built first: it checks what validation cannot (mixed relative and absolute times).
-        Catalog::build(&config, started_ms, &inventory)
-            .map_err(|p| anyhow::anyhow!(p.join("; ")))?;
+        Catalog::build(&config, started_ms, &inventory).map_err(|p| anyhow::anyhow!(p.join("; ")))?;
         let report = store
             .import(&config, started_ms)
             .context("cannot import the config's activities")?;
@@ -136,32 +201,42 @@ impl App {
                 restored += 1;
             })
             .context("cannot load claims")?;
-        let catalog = Catalog::build(&config, started_ms, &inventory)
-            .map_err(|p| anyhow::anyhow!(p.join("; ")))?;
+        let catalog = Catalog::build(&config, started_ms, &inventory).map_err(|p| anyhow::anyhow!(p.join("; ")))?;
         for a in catalog.activities() {
             tracing::info!(activity = %a.id, remaining = a.remaining(), claimed = a.ledger.claimed(), "Stock loaded.");
         }
         tracing::info!(claims = restored, "Claims restored.");
 
-        let auth = Arc::new(Auth::new(&config, store.clone()).context("cannot set up sessions")?);
+        let secret = resolve_secret(&config, &store).context("cannot set up sessions")?;
+        let auth = Arc::new(Auth::new(&config, store.clone(), &secret).context("cannot set up sessions")?);
+        let guard = Guard::new(&config, blocked_user_ids(&config, &store)?);
+        let claimer = Claimer::new(
+            store.clone(),
+            ClaimTokens::new(secret.as_bytes()),
+            ClaimSettings::from_config(&config),
+        );
+        let admin_token = std::env::var(ADMIN_TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| config.admin.token.clone());
         config.strip_codes();
         let state = Arc::new(AppState {
             catalog: ArcSwap::from_pointee(catalog),
             inventory,
-            claimer: Claimer::new(store.clone(), config.limits.max_in_flight_claims),
+            claimer,
             auth,
+            guard,
             store,
             connections: AtomicUsize::new(0),
             drained: Notify::new(),
             max_connections: config.server.max_connections,
+            admin_token,
             server: ArcSwap::from_pointee(config.server.clone()),
             started_ms,
-        });
-        Ok(App {
-            state,
             config: Mutex::new(config),
             config_path,
-        })
+        });
+        Ok(App { state })
     }
 
     /// The shared state (for tests and benches that drive the claim path in-process).
@@ -169,94 +244,56 @@ impl App {
         &self.state
     }
 
-    /// Serves `listener` until `shutdown`, reloading on each `reload` message,
-    /// then shuts down in order.
+    /// Serves until `shutdown`, reloading on each `reload` message, then
+    /// shuts down in order. `admin` is the admin API's listener, if any.
     pub async fn run(
         self,
         listener: TcpListener,
+        admin: Option<TcpListener>,
         mut reload: mpsc::Receiver<()>,
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
-        if let Some(addr) = http::server::local_addr(&listener) {
-            tracing::info!(%addr, "Listening.");
-        }
-        let app = Arc::new(self);
+        let state = self.state;
         let reloader = {
-            let app = app.clone();
+            let state = state.clone();
             let mut shutdown = shutdown.clone();
             tokio::spawn(async move {
+                let mut sweep = tokio::time::interval(Duration::from_secs(60));
                 loop {
                     tokio::select! {
                         msg = reload.recv() => {
                             if msg.is_none() { break; }
-                            let app = app.clone();
-                            if let Err(e) = tokio::task::spawn_blocking(move || app.reload()).await {
+                            let state = state.clone();
+                            if let Err(e) = tokio::task::spawn_blocking(move || state.reload()).await {
                                 tracing::error!(error = %e, "Reload task failed.");
                             }
                         }
+                        _ = sweep.tick() => state.guard.sweep(Instant::now()),
                         _ = shutdown.changed() => break,
                     }
                 }
             })
         };
-        http::server::serve(listener, app.state.clone(), shutdown).await;
+        let admin_server = admin.map(|l| {
+            if let Some(addr) = http::server::local_addr(&l) {
+                tracing::info!(%addr, "Admin API listening.");
+            }
+            tokio::spawn(http::server::serve(l, state.clone(), shutdown.clone(), Surface::Admin))
+        });
+        if let Some(addr) = http::server::local_addr(&listener) {
+            tracing::info!(%addr, "Listening.");
+        }
+        http::server::serve(listener, state.clone(), shutdown, Surface::Public).await;
+        if let Some(admin) = admin_server {
+            let _ = admin.await;
+        }
         reloader.abort();
-        let state = app.state.clone();
-        tokio::task::spawn_blocking(move || state.store.close())
+        let closing = state.clone();
+        tokio::task::spawn_blocking(move || closing.store.close())
             .await
             .context("closing the store failed")?;
         tracing::info!("Shutdown complete.");
         Ok(())
-    }
-
-    /// Re-reads the config file: build, validate, diff, swap — or refuse and
-    /// keep serving the old one. Never touches stock or claims except to add codes.
-    pub fn reload(&self) {
-        let m = metrics::global();
-        match self.try_reload() {
-            Ok(added) => {
-                m.reloads_applied.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(codes_added = added, "Config reloaded.");
-            }
-            Err(reason) => {
-                m.reloads_refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%reason, "Reload refused; still serving the previous config.");
-            }
-        }
-    }
-
-    fn try_reload(&self) -> Result<usize, String> {
-        let mut running = self.config.lock();
-        let mut new = Config::load(&self.config_path).map_err(|e| e.to_string())?;
-        let restart = new.restart_only_changes(&running);
-        if !restart.is_empty() {
-            return Err(format!(
-                "{} changed, which needs a restart",
-                restart.join(", ")
-            ));
-        }
-        let state = &self.state;
-        let catalog =
-            Catalog::build(&new, state.started_ms, &state.inventory).map_err(|p| p.join("; "))?;
-        let report = state
-            .store
-            .import(&new, state.started_ms)
-            .map_err(|e| e.to_string())?;
-        log_import(&report);
-        let mut added = 0;
-        for t in &report.tickets {
-            state.inventory.pool(&t.ticket_id).add_codes(&t.added);
-            added += t.added.len();
-        }
-        state.catalog.store(Arc::new(catalog));
-        state.auth.apply(&new);
-        state
-            .claimer
-            .set_max_in_flight(new.limits.max_in_flight_claims);
-        state.server.store(Arc::new(new.server.clone()));
-        new.strip_codes();
-        *running = new;
-        Ok(added)
     }
 }
 

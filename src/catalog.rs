@@ -43,6 +43,8 @@ pub struct Activity {
     pub per_user_limit: u32,
     /// Claims are refused while paused.
     pub paused: bool,
+    /// Proof-of-work bits per claim token (0 = off).
+    pub pow_difficulty: u8,
     /// Ticket types, in config order.
     pub tickets: Vec<TicketType>,
     /// Who holds what (lives across reloads).
@@ -80,19 +82,12 @@ pub enum Status {
 impl Catalog {
     /// Builds a snapshot of `config`, resolving relative times against
     /// `node_start_ms` and attaching the inventory's pools and ledgers.
-    pub fn build(
-        config: &Config,
-        node_start_ms: i64,
-        inventory: &Inventory,
-    ) -> Result<Catalog, Vec<String>> {
+    pub fn build(config: &Config, node_start_ms: i64, inventory: &Inventory) -> Result<Catalog, Vec<String>> {
         let mut problems = Vec::new();
         let mut activities = Vec::with_capacity(config.activities.len());
         let mut by_id = HashMap::with_capacity(config.activities.len());
         for a in &config.activities {
-            let (start_ms, end_ms) = (
-                a.start_time.resolve(node_start_ms),
-                a.end_time.resolve(node_start_ms),
-            );
+            let (start_ms, end_ms) = (a.start_time.resolve(node_start_ms), a.end_time.resolve(node_start_ms));
             if end_ms <= start_ms {
                 problems.push(format!("activity `{}` must end after it starts", a.id));
             }
@@ -120,6 +115,7 @@ impl Catalog {
                 end_ms,
                 per_user_limit: a.per_user_limit,
                 paused: a.paused,
+                pow_difficulty: a.pow_difficulty,
                 tickets,
             }));
         }

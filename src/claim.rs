@@ -23,11 +23,13 @@ use std::sync::{
     Arc,
 };
 
+use arc_swap::ArcSwap;
 use tokio::sync::oneshot;
 
 use crate::{
-    catalog::{Activity, Catalog, TicketType},
-    config::now_ms,
+    auth::{claim_token::pow_ok, ClaimTokenError, ClaimTokens},
+    catalog::{Activity, Catalog, Status, TicketType},
+    config::{now_ms, Config},
     inventory::{CodeIdx, CodePool, Ledger, Reservation},
     journal,
     metrics::{self, ClaimOutcome},
@@ -75,6 +77,10 @@ pub struct ClaimRequest<'a> {
     pub ticket_id: Option<&'a str>,
     /// The `Idempotency-Key` header.
     pub idempotency_key: Option<Arc<str>>,
+    /// The `claimToken` from `/act/detail`.
+    pub claim_token: Option<&'a str>,
+    /// The proof-of-work nonce, for activities with `pow_difficulty`.
+    pub pow_nonce: Option<&'a str>,
 }
 
 /// A successful claim.
@@ -119,6 +125,17 @@ pub enum Rejection {
     Overloaded,
     /// The store cannot take claims.
     Unavailable,
+    /// Claim tokens are required and none was sent.
+    ClaimTokenRequired,
+    /// The claim token is forged, or another user's or activity's.
+    ClaimTokenInvalid,
+    /// The claim token expired; fetch a new one.
+    ClaimTokenExpired,
+    /// The activity needs proof of work; the nonce is missing or wrong.
+    ProofOfWork {
+        /// Required leading zero bits.
+        difficulty: u8,
+    },
 }
 
 impl Rejection {
@@ -133,6 +150,10 @@ impl Rejection {
             Rejection::SoldOut => ClaimOutcome::SoldOut,
             Rejection::Overloaded => ClaimOutcome::Overloaded,
             Rejection::Unavailable => ClaimOutcome::Unavailable,
+            Rejection::ClaimTokenRequired | Rejection::ClaimTokenInvalid | Rejection::ClaimTokenExpired => {
+                ClaimOutcome::BadClaimToken
+            }
+            Rejection::ProofOfWork { .. } => ClaimOutcome::BadProofOfWork,
         }
     }
 }
@@ -188,12 +209,46 @@ impl journal::Entry for PendingClaim {
 /// Makes claim decisions against the current catalog.
 pub struct Claimer {
     store: Arc<Store>,
+    tokens: ClaimTokens,
+    settings: ArcSwap<ClaimSettings>,
     in_flight: AtomicUsize,
-    max_in_flight: AtomicUsize,
 }
 
-/// Decrements the in-flight count when the request finishes or is dropped.
+/// The reloadable knobs of the claim decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimSettings {
+    /// `limits.max_in_flight_claims`.
+    pub max_in_flight: usize,
+    /// `limits.max_in_flight_per_activity`.
+    pub max_in_flight_per_activity: usize,
+    /// `security.require_claim_token`.
+    pub require_claim_token: bool,
+    /// `security.claim_token_ttl` in ms.
+    pub claim_token_ttl_ms: i64,
+}
+
+impl ClaimSettings {
+    /// The settings in `config`.
+    pub fn from_config(config: &Config) -> ClaimSettings {
+        ClaimSettings {
+            max_in_flight: config.limits.max_in_flight_claims,
+            max_in_flight_per_activity: config.limits.max_in_flight_per_activity,
+            require_claim_token: config.security.require_claim_token,
+            claim_token_ttl_ms: i64::try_from(config.security.claim_token_ttl.0.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
+}
+
+/// Decrements an in-flight count when the request finishes or is dropped.
 struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    /// Counts one more; `None` (and no count) when `limit` was reached.
+    fn enter(counter: &'a AtomicUsize, limit: usize) -> Option<InFlight<'a>> {
+        let guard = InFlight(counter);
+        (counter.fetch_add(1, Ordering::Relaxed) < limit).then_some(guard)
+    }
+}
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
@@ -202,18 +257,28 @@ impl Drop for InFlight<'_> {
 }
 
 impl Claimer {
-    /// A claimer committing to `store`, admitting `max_in_flight` claims at once.
-    pub fn new(store: Arc<Store>, max_in_flight: usize) -> Claimer {
+    /// A claimer committing to `store`, checking claim tokens with `tokens`.
+    pub fn new(store: Arc<Store>, tokens: ClaimTokens, settings: ClaimSettings) -> Claimer {
         Claimer {
             store,
+            tokens,
+            settings: ArcSwap::from_pointee(settings),
             in_flight: AtomicUsize::new(0),
-            max_in_flight: AtomicUsize::new(max_in_flight),
         }
     }
 
-    /// Applies a reloaded `limits.max_in_flight_claims`.
-    pub fn set_max_in_flight(&self, n: usize) {
-        self.max_in_flight.store(n, Ordering::Relaxed);
+    /// Applies reloaded settings.
+    pub fn apply(&self, settings: ClaimSettings) {
+        self.settings.store(Arc::new(settings));
+    }
+
+    /// A claim token for `user_id` in `activity`, if it is open now.
+    pub fn claim_token(&self, user_id: u64, activity: &Activity, now: i64) -> Option<String> {
+        if activity.status(now) != Status::Open {
+            return None;
+        }
+        let expires = now.saturating_add(self.settings.load().claim_token_ttl_ms);
+        Some(self.tokens.issue(user_id, &activity.id, activity.start_ms, expires))
     }
 
     /// Claims currently being decided or committed.
@@ -222,11 +287,7 @@ impl Claimer {
     }
 
     /// Decides `req` against `catalog`, commits, and records the outcome in metrics.
-    pub async fn claim(
-        &self,
-        catalog: &Catalog,
-        req: ClaimRequest<'_>,
-    ) -> Result<Claimed, Rejection> {
+    pub async fn claim(&self, catalog: &Catalog, req: ClaimRequest<'_>) -> Result<Claimed, Rejection> {
         let result = self.decide(catalog, req).await;
         let outcome = match &result {
             Ok(c) if c.replayed => ClaimOutcome::Replayed,
@@ -238,11 +299,11 @@ impl Claimer {
     }
 
     async fn decide(&self, catalog: &Catalog, req: ClaimRequest<'_>) -> Result<Claimed, Rejection> {
-        let activity = catalog
-            .activity(req.activity_id)
-            .ok_or(Rejection::UnknownActivity)?;
+        let activity = catalog.activity(req.activity_id).ok_or(Rejection::UnknownActivity)?;
         let now = now_ms();
         check_window(activity, now)?;
+        let settings = self.settings.load();
+        self.check_tokens(activity, &req, settings.require_claim_token, now)?;
         let ticket = match req.ticket_id {
             Some(id) => Some(activity.ticket(id).ok_or(Rejection::UnknownTicket)?),
             None => None,
@@ -259,32 +320,22 @@ impl Claimer {
                 .ledger
                 .peek(req.user_id, activity.per_user_limit, key.as_deref())
             {
-                Some(Reservation::Replay(claim)) => Ok(Claimed {
-                    claim,
-                    replayed: true,
-                }),
+                Some(Reservation::Replay(claim)) => Ok(Claimed { claim, replayed: true }),
                 Some(Reservation::LimitReached(codes)) => Err(Rejection::LimitReached(codes)),
                 _ => Err(Rejection::SoldOut),
             };
         }
 
-        let in_flight = self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let _guard = InFlight(&self.in_flight);
-        if in_flight >= self.max_in_flight.load(Ordering::Relaxed) {
-            return Err(Rejection::Overloaded);
-        }
+        let _global = InFlight::enter(&self.in_flight, settings.max_in_flight).ok_or(Rejection::Overloaded)?;
+        let _local = InFlight::enter(&activity.ledger.in_flight, settings.max_in_flight_per_activity)
+            .ok_or(Rejection::Overloaded)?;
 
         match activity
             .ledger
             .reserve(req.user_id, activity.per_user_limit, key.as_ref())
         {
             Reservation::Reserved => {}
-            Reservation::Replay(claim) => {
-                return Ok(Claimed {
-                    claim,
-                    replayed: true,
-                })
-            }
+            Reservation::Replay(claim) => return Ok(Claimed { claim, replayed: true }),
             Reservation::InProgress => return Err(Rejection::InProgress),
             Reservation::LimitReached(codes) => return Err(Rejection::LimitReached(codes)),
         }
@@ -310,14 +361,43 @@ impl Claimer {
             reply,
         });
         match answer.await {
-            Ok(Ok(claim)) => Ok(Claimed {
-                claim,
-                replayed: false,
-            }),
+            Ok(Ok(claim)) => Ok(Claimed { claim, replayed: false }),
             Ok(Err(e)) => Err(e.into()),
             // The committer always settles; a dropped reply means it is gone.
             Err(_) => Err(Rejection::Unavailable),
         }
+    }
+}
+
+impl Claimer {
+    /// The claim token (bound to user, activity and start) and the proof of work.
+    fn check_tokens(
+        &self,
+        activity: &Activity,
+        req: &ClaimRequest<'_>,
+        required: bool,
+        now: i64,
+    ) -> Result<(), Rejection> {
+        let token = match req.claim_token {
+            Some(t) => t,
+            None if required || activity.pow_difficulty > 0 => return Err(Rejection::ClaimTokenRequired),
+            None => return Ok(()),
+        };
+        self.tokens
+            .verify(token, req.user_id, &activity.id, activity.start_ms, now)
+            .map_err(|e| match e {
+                ClaimTokenError::Invalid => Rejection::ClaimTokenInvalid,
+                ClaimTokenError::Expired => Rejection::ClaimTokenExpired,
+            })?;
+        if activity.pow_difficulty > 0 {
+            let solved = req.pow_nonce.is_some_and(|n| pow_ok(token, n, activity.pow_difficulty));
+            if !solved {
+                return Err(Rejection::ProofOfWork {
+                    difficulty: activity.pow_difficulty,
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -336,15 +416,9 @@ fn check_window(activity: &Activity, now: i64) -> Result<(), Rejection> {
 }
 
 /// Takes a code of `ticket`, or of the first ticket type with stock.
-fn take_code<'a>(
-    activity: &'a Activity,
-    ticket: Option<&'a TicketType>,
-) -> Option<(&'a TicketType, CodeIdx)> {
+fn take_code<'a>(activity: &'a Activity, ticket: Option<&'a TicketType>) -> Option<(&'a TicketType, CodeIdx)> {
     match ticket {
         Some(t) => t.pool.take().map(|idx| (t, idx)),
-        None => activity
-            .tickets
-            .iter()
-            .find_map(|t| t.pool.take().map(|idx| (t, idx))),
+        None => activity.tickets.iter().find_map(|t| t.pool.take().map(|idx| (t, idx))),
     }
 }

@@ -14,13 +14,7 @@ use crate::config::LogFormat;
 #[command(name = "ticketd", version, about, long_about = None, propagate_version = true)]
 pub struct Cli {
     /// Path to the config file.
-    #[arg(
-        long,
-        short,
-        global = true,
-        env = "TICKETD_CONFIG",
-        default_value = "config.toml"
-    )]
+    #[arg(long, short, global = true, env = "TICKETD_CONFIG", default_value = "config.toml")]
     pub config: PathBuf,
 
     /// Log format; overrides `[log] format`.
@@ -138,6 +132,14 @@ pub struct BenchArgs {
     /// latency below saturation.
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Also run this many bot accounts that hammer the claim endpoint (the
+    /// scalper scenario): half the normal users rush alone, the other half
+    /// while the bots fire, and the report compares their latency.
+    #[arg(long, default_value_t = 0)]
+    pub bots: usize,
+    /// Each bot sends this many times the claims of a normal user.
+    #[arg(long, default_value_t = 100)]
+    pub bot_rate: usize,
     /// Print the report as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,

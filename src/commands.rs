@@ -37,9 +37,17 @@ pub fn serve(config: Config, config_path: &Path) -> anyhow::Result<()> {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
+        let admin = match config.admin.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (admin)"))?,
+            ),
+            None => None,
+        };
         let signals = signals::install().context("cannot install signal handlers")?;
         let app = App::start(config, config_path.to_owned())?;
-        app.run(listener, signals.reload, signals.shutdown).await
+        app.run(listener, admin, signals.reload, signals.shutdown).await
     })
 }
 
@@ -98,14 +106,12 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
             let password = read_password()?;
             let nickname = validate_account(&username, &password, nickname.as_deref())?;
             let hash = password::hash(&password, cost(config));
-            let user = store
-                .create_user(&username, &nickname, &hash)
-                .map_err(|e| match e {
-                    crate::store::StoreError::UsernameTaken => {
-                        anyhow::anyhow!("the username `{username}` is taken")
-                    }
-                    other => other.into(),
-                })?;
+            let user = store.create_user(&username, &nickname, &hash).map_err(|e| match e {
+                crate::store::StoreError::UsernameTaken => {
+                    anyhow::anyhow!("the username `{username}` is taken")
+                }
+                other => other.into(),
+            })?;
             println!("user {} created with id {}", user.username, user.id);
         }
         UserCommand::Import { file } => {
@@ -184,10 +190,7 @@ fn read_user_csv(file: &Path) -> anyhow::Result<Vec<(String, String, String)>> {
         let record = record.with_context(|| format!("{} line {}", file.display(), i + 1))?;
         let field = |n: usize| record.get(n).unwrap_or("").to_owned();
         let (username, password, nickname) = (field(0), field(1), field(2));
-        if i == 0
-            && username.eq_ignore_ascii_case("username")
-            && password.eq_ignore_ascii_case("password")
-        {
+        if i == 0 && username.eq_ignore_ascii_case("username") && password.eq_ignore_ascii_case("password") {
             continue;
         }
         let nickname = validate_account(&username, &password, Some(&nickname))
@@ -208,14 +211,8 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
     }
     let rows = match &args.out {
         Some(path) => {
-            let file = std::fs::File::create(path)
-                .with_context(|| format!("cannot create {}", path.display()))?;
-            let n = export::claims(
-                &store,
-                &args.activity,
-                args.format,
-                io::BufWriter::new(file),
-            )?;
+            let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+            let n = export::claims(&store, &args.activity, args.format, io::BufWriter::new(file))?;
             eprintln!("{n} claims written to {}", path.display());
             n
         }

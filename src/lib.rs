@@ -60,9 +60,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(args) => {
             init_logging(cli.log_format.unwrap_or_default(), "warn");
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let json = args.json;
             let report = runtime.block_on(bench::run(args))?;
             bench::print(&report, json)
@@ -93,11 +91,7 @@ fn init_logging(format: LogFormat, level: &str) {
     };
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init()
+        builder.json().flatten_event(true).with_current_span(false).try_init()
     } else {
         builder.try_init()
     };

@@ -37,6 +37,8 @@ pub enum Route {
     ActDetail,
     /// `POST /ticket/get`
     TicketGet,
+    /// `/admin/*`
+    Admin,
     /// `GET /ticket/list`
     TicketList,
     /// `GET /ticket/detail`
@@ -46,7 +48,7 @@ pub enum Route {
 }
 
 impl Route {
-    const ALL: [Route; 11] = [
+    const ALL: [Route; 12] = [
         Route::Healthz,
         Route::Metrics,
         Route::UserRegister,
@@ -57,6 +59,7 @@ impl Route {
         Route::TicketGet,
         Route::TicketList,
         Route::TicketDetail,
+        Route::Admin,
         Route::Unknown,
     ];
 
@@ -73,6 +76,7 @@ impl Route {
             Route::TicketGet => "/ticket/get",
             Route::TicketList => "/ticket/list",
             Route::TicketDetail => "/ticket/detail",
+            Route::Admin => "/admin",
             Route::Unknown => "other",
         }
     }
@@ -83,10 +87,7 @@ const STATUSES: [u16; 16] = [
 ];
 
 fn status_slot(status: u16) -> usize {
-    STATUSES
-        .iter()
-        .position(|&s| s == status)
-        .unwrap_or(STATUSES.len() - 1)
+    STATUSES.iter().position(|&s| s == status).unwrap_or(STATUSES.len() - 1)
 }
 
 /// What happened to a claim request.
@@ -115,10 +116,14 @@ pub enum ClaimOutcome {
     Overloaded,
     /// Store unavailable.
     Unavailable,
+    /// Missing, invalid or expired claim token.
+    BadClaimToken,
+    /// Missing or wrong proof of work.
+    BadProofOfWork,
 }
 
 impl ClaimOutcome {
-    const ALL: [ClaimOutcome; 11] = [
+    const ALL: [ClaimOutcome; 13] = [
         ClaimOutcome::Success,
         ClaimOutcome::Replayed,
         ClaimOutcome::NotFound,
@@ -130,6 +135,8 @@ impl ClaimOutcome {
         ClaimOutcome::SoldOut,
         ClaimOutcome::Overloaded,
         ClaimOutcome::Unavailable,
+        ClaimOutcome::BadClaimToken,
+        ClaimOutcome::BadProofOfWork,
     ];
 
     fn label(self) -> &'static str {
@@ -145,6 +152,52 @@ impl ClaimOutcome {
             ClaimOutcome::SoldOut => "sold_out",
             ClaimOutcome::Overloaded => "overloaded",
             ClaimOutcome::Unavailable => "unavailable",
+            ClaimOutcome::BadClaimToken => "bad_claim_token",
+            ClaimOutcome::BadProofOfWork => "bad_proof_of_work",
+        }
+    }
+}
+
+/// Why the security layer turned a request away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Rejected {
+    /// Blocked address or user.
+    Blocked,
+    /// A user over the claim rate.
+    UserRate,
+    /// An address over the claim rate.
+    IpRate,
+    /// An address over the registration rate.
+    RegistrationRate,
+    /// A failed login.
+    LoginFailed,
+    /// A login during a lockout.
+    LoginLocked,
+    /// An admin request without the admin token.
+    AdminUnauthorized,
+}
+
+impl Rejected {
+    const ALL: [Rejected; 7] = [
+        Rejected::Blocked,
+        Rejected::UserRate,
+        Rejected::IpRate,
+        Rejected::RegistrationRate,
+        Rejected::LoginFailed,
+        Rejected::LoginLocked,
+        Rejected::AdminUnauthorized,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Rejected::Blocked => "blocked",
+            Rejected::UserRate => "user_rate",
+            Rejected::IpRate => "ip_rate",
+            Rejected::RegistrationRate => "registration_rate",
+            Rejected::LoginFailed => "login_failed",
+            Rejected::LoginLocked => "login_locked",
+            Rejected::AdminUnauthorized => "admin_unauthorized",
         }
     }
 }
@@ -174,8 +227,7 @@ pub struct Histogram {
 }
 
 const LATENCY_BOUNDS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 const BATCH_BOUNDS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
@@ -217,16 +269,10 @@ impl Histogram {
         let sep = if labels.is_empty() { "" } else { "," };
         for (i, bound) in self.bounds.iter().enumerate() {
             cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
-            );
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
         }
         cumulative += self.buckets[self.bounds.len()].load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
-        );
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
         let braced = if labels.is_empty() {
             String::new()
@@ -234,11 +280,7 @@ impl Histogram {
             format!("{{{labels}}}")
         };
         let _ = writeln!(out, "{name}_sum{braced} {sum}");
-        let _ = writeln!(
-            out,
-            "{name}_count{braced} {}",
-            self.count.load(Ordering::Relaxed)
-        );
+        let _ = writeln!(out, "{name}_count{braced} {}", self.count.load(Ordering::Relaxed));
     }
 }
 
@@ -252,6 +294,7 @@ pub struct Metrics {
     pub journal_fsync: Histogram,
     /// Claims per group commit.
     pub journal_batch: Histogram,
+    rejected: [AtomicU64; Rejected::ALL.len()],
     /// Connections closed at once because `server.max_connections` was reached.
     pub connections_refused: AtomicU64,
     /// Reloads applied.
@@ -284,6 +327,7 @@ impl Metrics {
             claims: ClaimCounters([const { AtomicU64::new(0) }; ClaimOutcome::ALL.len()]),
             journal_fsync: Histogram::new(LATENCY_BOUNDS),
             journal_batch: Histogram::new(BATCH_BOUNDS),
+            rejected: [const { AtomicU64::new(0) }; Rejected::ALL.len()],
             connections_refused: AtomicU64::new(0),
             reloads_applied: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
@@ -294,6 +338,19 @@ impl Metrics {
     pub fn request(&self, route: Route, status: u16, elapsed: Duration) {
         self.requests[route as usize][status_slot(status)].fetch_add(1, Ordering::Relaxed);
         self.latency[route as usize].observe(elapsed);
+    }
+
+    /// Claim counts by outcome label.
+    pub fn claim_outcomes(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        ClaimOutcome::ALL
+            .iter()
+            .map(|o| (o.label(), self.claims.get(*o)))
+            .collect()
+    }
+
+    /// Counts a request turned away by the security layer.
+    pub fn reject(&self, why: Rejected) {
+        self.rejected[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Renders everything in the Prometheus text exposition format.
@@ -321,11 +378,7 @@ impl Metrics {
         for route in Route::ALL {
             if self.latency[route as usize].count.load(Ordering::Relaxed) > 0 {
                 let labels = format!("route=\"{}\"", route.label());
-                self.latency[route as usize].render(
-                    &mut out,
-                    "ticketd_http_request_duration_seconds",
-                    &labels,
-                );
+                self.latency[route as usize].render(&mut out, "ticketd_http_request_duration_seconds", &labels);
             }
         }
         out.push_str("# HELP ticketd_claims_total Claim requests by outcome.\n# TYPE ticketd_claims_total counter\n");
@@ -337,6 +390,11 @@ impl Metrics {
                 self.claims.get(o)
             );
         }
+        out.push_str("# HELP ticketd_security_rejections_total Requests turned away by the security layer, by reason.\n# TYPE ticketd_security_rejections_total counter\n");
+        for r in Rejected::ALL {
+            let n = self.rejected[r as usize].load(Ordering::Relaxed);
+            let _ = writeln!(out, "ticketd_security_rejections_total{{reason=\"{}\"}} {n}", r.label());
+        }
         out.push_str("# HELP ticketd_stock_remaining Codes in stock by activity and ticket type.\n# TYPE ticketd_stock_remaining gauge\n");
         for (activity, ticket, remaining) in &gauges.stock {
             let _ = writeln!(
@@ -346,22 +404,14 @@ impl Metrics {
                 escape(ticket)
             );
         }
-        out.push_str(
-            "# HELP ticketd_claimed Durable claims by activity.\n# TYPE ticketd_claimed gauge\n",
-        );
+        out.push_str("# HELP ticketd_claimed Durable claims by activity.\n# TYPE ticketd_claimed gauge\n");
         for (activity, claimed) in &gauges.claimed {
-            let _ = writeln!(
-                out,
-                "ticketd_claimed{{activity=\"{}\"}} {claimed}",
-                escape(activity)
-            );
+            let _ = writeln!(out, "ticketd_claimed{{activity=\"{}\"}} {claimed}", escape(activity));
         }
         out.push_str("# HELP ticketd_journal_fsync_seconds Time spent in journal fsync.\n# TYPE ticketd_journal_fsync_seconds histogram\n");
-        self.journal_fsync
-            .render(&mut out, "ticketd_journal_fsync_seconds", "");
+        self.journal_fsync.render(&mut out, "ticketd_journal_fsync_seconds", "");
         out.push_str("# HELP ticketd_journal_batch_claims Claims per group commit.\n# TYPE ticketd_journal_batch_claims histogram\n");
-        self.journal_batch
-            .render(&mut out, "ticketd_journal_batch_claims", "");
+        self.journal_batch.render(&mut out, "ticketd_journal_batch_claims", "");
         let gauges_list = [
             (
                 "ticketd_claims_in_flight",
@@ -373,11 +423,7 @@ impl Metrics {
                 "Claims waiting for the journal writer.",
                 gauges.journal_queue,
             ),
-            (
-                "ticketd_http_connections",
-                "Open HTTP connections.",
-                gauges.connections,
-            ),
+            ("ticketd_http_connections", "Open HTTP connections.", gauges.connections),
             (
                 "ticketd_stock_bytes",
                 "Approximate heap bytes held by code pools.",
@@ -385,10 +431,7 @@ impl Metrics {
             ),
         ];
         for (name, help, value) in gauges_list {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         }
         let counters = [
             (
@@ -419,8 +462,5 @@ impl Metrics {
 }
 
 fn escape(label: &str) -> String {
-    label
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    label.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }

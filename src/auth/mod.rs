@@ -8,7 +8,11 @@
 //! Login answers the same error, after the same argon2 work, for an unknown
 //! user and a wrong password, so responses do not reveal which usernames exist.
 
+pub mod claim_token;
+pub mod guard;
+pub mod ipnet;
 pub mod password;
+pub mod ratelimit;
 pub mod session;
 
 use std::sync::Arc;
@@ -17,6 +21,8 @@ use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use rand::RngCore;
 
+pub use claim_token::{ClaimTokenError, ClaimTokens};
+pub use guard::{Denied, Guard};
 pub use password::HashCost;
 pub use session::{Session, SessionKey, TokenError};
 
@@ -27,6 +33,27 @@ use crate::{
 
 /// Environment variable that overrides `auth.session_secret`.
 pub const SECRET_ENV: &str = "TICKETD_SESSION_SECRET";
+/// Environment variable that overrides `auth.previous_session_secret`.
+pub const PREVIOUS_SECRET_ENV: &str = "TICKETD_SESSION_SECRET_PREVIOUS";
+
+fn env_secret(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|s| !s.is_empty())
+}
+
+/// The session signing secret: the environment, the config, or one generated
+/// once and kept in the store.
+pub fn resolve_secret(config: &Config, store: &Store) -> Result<String, StoreError> {
+    if let Some(s) = env_secret(SECRET_ENV).or_else(|| config.auth.session_secret.clone()) {
+        return Ok(s);
+    }
+    store.secret("session", &|| {
+        let mut bytes = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        let mut more = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut more);
+        session::token_id_hex(&bytes) + &session::token_id_hex(&more)
+    })
+}
 
 /// Why an account operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -90,11 +117,7 @@ pub struct Auth {
 }
 
 /// Checks a username, password and nickname; returns the nickname to use.
-pub fn validate_account(
-    username: &str,
-    password: &str,
-    nickname: Option<&str>,
-) -> Result<String, AuthError> {
+pub fn validate_account(username: &str, password: &str, nickname: Option<&str>) -> Result<String, AuthError> {
     let name_ok = (3..=32).contains(&username.chars().count())
         && username
             .chars()
@@ -105,14 +128,9 @@ pub fn validate_account(
         ));
     }
     if !(8..=128).contains(&password.chars().count()) {
-        return Err(AuthError::InvalidField(
-            "password must be 8-128 characters".into(),
-        ));
+        return Err(AuthError::InvalidField("password must be 8-128 characters".into()));
     }
-    let nickname = nickname
-        .map(str::trim)
-        .filter(|n| !n.is_empty())
-        .unwrap_or(username);
+    let nickname = nickname.map(str::trim).filter(|n| !n.is_empty()).unwrap_or(username);
     if nickname.chars().count() > 32 || nickname.chars().any(char::is_control) {
         return Err(AuthError::InvalidField(
             "nickname must be at most 32 printable characters".into(),
@@ -122,21 +140,14 @@ pub fn validate_account(
 }
 
 impl Auth {
-    /// Sets up signing (key from the environment, the config, or the store)
-    /// and loads the revocation set.
-    pub fn new(config: &Config, store: Arc<Store>) -> Result<Auth, StoreError> {
-        let secret = match std::env::var(SECRET_ENV).ok().filter(|s| !s.is_empty()) {
-            Some(s) => s,
-            None => match &config.auth.session_secret {
-                Some(s) => s.clone(),
-                None => store.secret("session", &|| {
-                    let mut bytes = [0u8; 32];
-                    rand::rngs::OsRng.fill_bytes(&mut bytes);
-                    session::token_id_hex(&bytes[..16].try_into().expect("16"))
-                        + &session::token_id_hex(&bytes[16..].try_into().expect("16"))
-                })?,
-            },
-        };
+    /// Sets up signing with `secret` (see [`resolve_secret`]) and loads the
+    /// revocation set.
+    pub fn new(config: &Config, store: Arc<Store>, secret: &str) -> Result<Auth, StoreError> {
+        let mut key = SessionKey::new(secret.as_bytes());
+        if let Some(previous) = env_secret(PREVIOUS_SECRET_ENV).or_else(|| config.auth.previous_session_secret.clone())
+        {
+            key = key.with_previous(previous.as_bytes());
+        }
         let settings = Settings::from_config(config);
         let revoked = DashMap::new();
         for (id, exp) in store.revoked_sessions(now_ms())? {
@@ -145,7 +156,7 @@ impl Auth {
             }
         }
         Ok(Auth {
-            key: SessionKey::new(secret.as_bytes()),
+            key,
             dummy_hash: ArcSwap::from_pointee(password::hash("dummy password", settings.cost)),
             settings: ArcSwap::from_pointee(settings),
             revoked,
@@ -208,11 +219,7 @@ impl Auth {
     }
 
     /// Checks a password and issues a token.
-    pub async fn login(
-        self: &Arc<Self>,
-        username: String,
-        password: String,
-    ) -> Result<(User, String), AuthError> {
+    pub async fn login(self: &Arc<Self>, username: String, password: String) -> Result<(User, String), AuthError> {
         let this = self.clone();
         let user = blocking(move || {
             let user = this.store.user_by_name(&username)?;
@@ -237,10 +244,7 @@ impl Auth {
         let this = self.clone();
         blocking(move || {
             this.store
-                .revoke_session(
-                    &session::token_id_hex(&session.token_id),
-                    session.expires_at_ms,
-                )
+                .revoke_session(&session::token_id_hex(&session.token_id), session.expires_at_ms)
                 .map_err(AuthError::from)
         })
         .await

@@ -20,8 +20,7 @@ pub struct HashCost {
 
 fn hasher(cost: HashCost) -> Argon2<'static> {
     // Params are validated by the config (memory >= 8 KiB, iterations >= 1).
-    let params = Params::new(cost.memory_kib.max(8), cost.iterations.max(1), 1, None)
-        .expect("valid argon2 params");
+    let params = Params::new(cost.memory_kib.max(8), cost.iterations.max(1), 1, None).expect("valid argon2 params");
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
@@ -37,9 +36,7 @@ pub fn hash(password: &str, cost: HashCost) -> String {
 /// Whether `password` matches the PHC string `phc`. A malformed stored hash never matches.
 pub fn verify(password: &str, phc: &str) -> bool {
     match PasswordHash::new(phc) {
-        Ok(parsed) => Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok(),
+        Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
         Err(_) => false,
     }
 }

@@ -46,6 +46,8 @@ pub enum TokenError {
 /// Signs and verifies session tokens.
 pub struct SessionKey {
     mac: HmacSha256,
+    /// During a key rotation: the old key, still accepted, never used to sign.
+    previous: Option<HmacSha256>,
 }
 
 impl SessionKey {
@@ -53,7 +55,14 @@ impl SessionKey {
     pub fn new(secret: &[u8]) -> SessionKey {
         SessionKey {
             mac: HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length"),
+            previous: None,
         }
+    }
+
+    /// Also accepts tokens signed with `previous` (key rotation).
+    pub fn with_previous(mut self, previous: &[u8]) -> SessionKey {
+        self.previous = Some(HmacSha256::new_from_slice(previous).expect("HMAC accepts any key length"));
+        self
     }
 
     /// Issues a token for `user_id`, valid until `expires_at_ms`.
@@ -69,11 +78,7 @@ impl SessionKey {
         let mut mac = self.mac.clone();
         mac.update(&payload);
         let tag = mac.finalize().into_bytes();
-        let token = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(payload),
-            URL_SAFE_NO_PAD.encode(tag)
-        );
+        let token = format!("{}.{}", URL_SAFE_NO_PAD.encode(payload), URL_SAFE_NO_PAD.encode(tag));
         (token, session)
     }
 
@@ -97,8 +102,7 @@ impl SessionKey {
         }
         let mut mac = self.mac.clone();
         mac.update(&payload[..PAYLOAD_LEN]);
-        mac.verify_slice(&tag[..TAG_LEN])
-            .map_err(|_| TokenError::Invalid)?;
+        mac.verify_slice(&tag[..TAG_LEN]).map_err(|_| TokenError::Invalid)?;
         let session = Session {
             user_id: u64::from_be_bytes(payload[0..8].try_into().expect("8 bytes")),
             expires_at_ms: i64::from_be_bytes(payload[8..16].try_into().expect("8 bytes")),
@@ -142,14 +146,7 @@ mod tests {
             key.verify(std::str::from_utf8(&forged).unwrap(), 0),
             Err(TokenError::Invalid)
         );
-        for junk in [
-            "",
-            ".",
-            "abc",
-            "a.b",
-            &"A".repeat(87),
-            &format!("{}.", "A".repeat(43)),
-        ] {
+        for junk in ["", ".", "abc", "a.b", &"A".repeat(87), &format!("{}.", "A".repeat(43))] {
             assert_eq!(key.verify(junk, 0), Err(TokenError::Invalid), "{junk}");
         }
     }

@@ -58,10 +58,7 @@ impl ApiClient {
             .pool_max_idle_per_host(pool)
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        let bases = bases
-            .into_iter()
-            .map(|b| b.trim_end_matches('/').to_owned())
-            .collect();
+        let bases = bases.into_iter().map(|b| b.trim_end_matches('/').to_owned()).collect();
         Ok(ApiClient {
             client,
             bases,
@@ -137,12 +134,7 @@ impl ApiClient {
     }
 
     /// `POST path` with a JSON body.
-    pub async fn post(
-        &self,
-        path: &str,
-        token: Option<&str>,
-        body: &Value,
-    ) -> anyhow::Result<ApiResponse> {
+    pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> anyhow::Result<ApiResponse> {
         self.call(Method::POST, path, token, Some(body), &[]).await
     }
 }

@@ -2,22 +2,27 @@
 //!
 //! 1. reads the activity (`/act/detail`) and logs every user in (creating
 //!    them with `--create-users`);
-//! 2. waits for the start if the activity is upcoming;
+//! 2. waits for the start if the activity is upcoming, then fetches each
+//!    user's claim token (solving the proof of work when the activity asks
+//!    for one), as a real client would;
 //! 3. rushes: `users × claims_per_user` claims, user by user, so one user's
-//!    claims are in flight together; `concurrency` requests at once;
-//! 4. reports requests/s, latency p50/p99/p999 and outcomes;
+//!    claims are in flight together; `concurrency` requests at once, or a
+//!    fixed `--rate` (latency then counts from each request's scheduled
+//!    time, so queueing is included);
+//! 4. with `--bots K`: half the users rush alone, then the other half while
+//!    K bot accounts each send `bot_rate` times a user's claims; the report
+//!    compares the normal users' latency in both halves;
 //! 5. verifies through the API that nothing was oversold: no code twice,
-//!    nobody over the limit, every acknowledged code in its owner's list,
-//!    claimed + remaining = total. Any violation exits non-zero.
+//!    nobody (bots included) over the limit, every acknowledged code in its
+//!    owner's list, claimed + remaining = total. Any violation exits non-zero.
 //!
 //! With `--baseline` it first measures a bare hyper hello-world, started
-//! in-process on loopback, at the same concurrency, so the claim rate can be
-//! read against what the machine can do at all.
+//! in-process on loopback, at the same concurrency.
 
 pub mod client;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashSet},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -26,14 +31,16 @@ use std::{
 };
 
 use anyhow::{bail, Context};
+use bytes::Bytes;
 use hdrhistogram::Histogram;
+use http::Method;
 use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::json;
 
 pub use client::{ApiClient, ApiResponse};
 
-use crate::cli::BenchArgs;
+use crate::{auth::claim_token::solve_pow, cli::BenchArgs};
 
 /// Latency and throughput of one phase.
 #[derive(Debug, Serialize)]
@@ -44,7 +51,7 @@ pub struct Phase {
     pub seconds: f64,
     /// Requests per second.
     pub requests_per_sec: f64,
-    /// Latency percentiles, milliseconds.
+    /// Median latency, milliseconds.
     pub p50_ms: f64,
     /// 99th percentile.
     pub p99_ms: f64,
@@ -52,6 +59,25 @@ pub struct Phase {
     pub p999_ms: f64,
     /// Slowest request.
     pub max_ms: f64,
+}
+
+/// What the bots did, when there were bots.
+#[derive(Debug, Serialize)]
+pub struct BotReport {
+    /// Bot accounts.
+    pub bots: usize,
+    /// Claims they sent.
+    pub requests: u64,
+    /// Their answers by outcome.
+    pub outcomes: BTreeMap<String, u64>,
+    /// Codes they were acknowledged.
+    pub acknowledged: usize,
+    /// Normal users' latency while they rushed alone.
+    pub normal_without_bots: Phase,
+    /// Normal users' latency while the bots fired.
+    pub normal_with_bots: Phase,
+    /// Codes acknowledged to normal users while the bots fired.
+    pub normal_acknowledged_with_bots: usize,
 }
 
 /// The whole report, printed as a table or JSON.
@@ -65,13 +91,15 @@ pub struct Report {
     pub concurrency: usize,
     /// Bare hello-world baseline, when asked for.
     pub baseline: Option<Phase>,
-    /// The rush.
+    /// The normal users' rush (both halves when there were bots).
     pub rush: Phase,
-    /// Answers by outcome (`success` or the error code).
+    /// Normal users' answers by outcome (`success` or the error code).
     pub outcomes: BTreeMap<String, u64>,
-    /// Codes acknowledged to bench users.
+    /// Codes acknowledged to normal users.
     pub acknowledged: usize,
-    /// Stock before and after, from `/act/detail`.
+    /// The bots, when `--bots` was given.
+    pub bots: Option<BotReport>,
+    /// Codes in the activity.
     pub total_codes: u64,
     /// Claimed when the rush ended (by anyone).
     pub claimed_after: u64,
@@ -98,7 +126,23 @@ fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
-/// Runs the bench; returns the report (also printed). Errors if an invariant broke.
+/// One account taking part: its session token and its claim body.
+#[derive(Clone)]
+struct Account {
+    token: String,
+    body: Bytes,
+}
+
+/// What a group of accounts got in one rush.
+struct Rushed {
+    hist: Histogram<u64>,
+    seconds: f64,
+    outcomes: BTreeMap<String, u64>,
+    /// Per account, the codes acknowledged to it.
+    acked: Vec<Vec<String>>,
+}
+
+/// Runs the bench; returns the report. Errors if the activity cannot be read.
 pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     let client = Arc::new(ApiClient::new(args.urls.clone(), args.concurrency)?);
     let detail_path = format!("/act/detail?actId={}", urlencode(&args.activity));
@@ -123,71 +167,120 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         None
     };
 
-    eprintln!("bench: logging in {} users ...", args.users);
-    let tokens = login_all(&client, &args).await?;
+    eprintln!("bench: logging in {} users and {} bots ...", args.users, args.bots);
+    let users = login_all(&client, &args, &args.user_prefix, args.users).await?;
+    let bots = login_all(&client, &args, &format!("{}bot-", args.user_prefix), args.bots).await?;
 
     if let Some(start) = detail.data()["startTime"].as_str() {
-        let start_ms = crate::config::parse_rfc3339_ms(start);
-        let wait = start_ms.map(|s| s - crate::config::now_ms()).unwrap_or(0);
+        let wait = crate::config::parse_rfc3339_ms(start).map_or(0, |s| s - crate::config::now_ms());
         if wait > 0 {
-            eprintln!(
-                "bench: activity opens in {:.1}s; waiting",
-                wait as f64 / 1000.0
-            );
+            eprintln!("bench: activity opens in {:.1}s; waiting", wait as f64 / 1000.0);
             tokio::time::sleep(Duration::from_millis(wait as u64 + 50)).await;
         }
     }
+    let users = prepare(&client, &args, users, &detail_path).await?;
+    let bots = prepare(&client, &args, bots, &detail_path).await?;
 
     eprintln!(
         "bench: rushing with {} claims at concurrency {} ...",
         args.users * args.claims_per_user,
         args.concurrency
     );
-    let outcome = rush(&client, &args, &tokens).await?;
-    let report = verify(
-        &client,
-        &args,
-        &tokens,
-        outcome,
+    let (rushed, bot_report) = if bots.is_empty() {
+        (rush(&client, &args, &users, args.claims_per_user).await?, None)
+    } else {
+        let half = users.len() / 2;
+        let calm = rush(&client, &args, &users[..half], args.claims_per_user).await?;
+        let bot_claims = args.claims_per_user * args.bot_rate;
+        let (attacked, bot_run) = tokio::join!(
+            rush(&client, &args, &users[half..], args.claims_per_user),
+            rush(&client, &args, &bots, bot_claims)
+        );
+        let (attacked, bot_run) = (attacked?, bot_run?);
+        let report = BotReport {
+            bots: bots.len(),
+            requests: bot_run.hist.len(),
+            outcomes: bot_run.outcomes.clone(),
+            acknowledged: bot_run.acked.iter().map(Vec::len).sum(),
+            normal_without_bots: phase(&calm.hist, calm.seconds),
+            normal_with_bots: phase(&attacked.hist, attacked.seconds),
+            normal_acknowledged_with_bots: attacked.acked.iter().map(Vec::len).sum(),
+        };
+        let mut merged = calm;
+        merged.hist.add(&attacked.hist).context("merging histograms")?;
+        merged.seconds += attacked.seconds;
+        for (k, v) in attacked.outcomes {
+            *merged.outcomes.entry(k).or_default() += v;
+        }
+        merged.acked.extend(attacked.acked);
+        (merged, Some((report, bot_run.acked)))
+    };
+
+    let mut violations = Vec::new();
+    let mut seen = HashSet::new();
+    check_accounts(&client, &args, &users, &rushed.acked, limit, &mut seen, &mut violations).await?;
+    if let Some((_, bot_acked)) = &bot_report {
+        check_accounts(&client, &args, &bots, bot_acked, limit, &mut seen, &mut violations).await?;
+    }
+    let after = client.get(&detail_path, None).await?;
+    let claimed_after = after.data()["claimed"].as_u64().unwrap_or(0);
+    let remaining_after = after.data()["remaining"].as_u64().unwrap_or(0);
+    if claimed_after + remaining_after != total_codes {
+        violations.push(format!(
+            "claimed ({claimed_after}) + remaining ({remaining_after}) != total codes ({total_codes})"
+        ));
+    }
+    if seen.len() as u64 > claimed_after {
+        violations.push(format!(
+            "{} codes acknowledged but only {claimed_after} claimed",
+            seen.len()
+        ));
+    }
+    Ok(Report {
+        activity: args.activity.clone(),
+        users: args.users,
+        concurrency: args.concurrency,
         baseline,
-        limit,
+        rush: phase(&rushed.hist, rushed.seconds),
+        outcomes: rushed.outcomes,
+        acknowledged: rushed.acked.iter().map(Vec::len).sum(),
+        bots: bot_report.map(|(r, _)| r),
         total_codes,
-        &detail_path,
-    )
-    .await?;
-    Ok(report)
+        claimed_after,
+        remaining_after,
+        violations,
+    })
 }
 
-struct RushOutcome {
-    phase: Phase,
-    outcomes: BTreeMap<String, u64>,
-    /// Per user index, the codes acknowledged to them.
-    acked: Vec<Vec<String>>,
-    transport_errors: u64,
-}
-
-async fn login_all(client: &Arc<ApiClient>, args: &BenchArgs) -> anyhow::Result<Vec<String>> {
+/// Logs in `n` accounts named `{prefix}{i}`, registering missing ones when asked.
+async fn login_all(client: &Arc<ApiClient>, args: &BenchArgs, prefix: &str, n: usize) -> anyhow::Result<Vec<String>> {
     let next = Arc::new(AtomicUsize::new(0));
-    let tokens = Arc::new(Mutex::new(vec![String::new(); args.users]));
+    let tokens = Arc::new(Mutex::new(vec![String::new(); n]));
     let mut tasks = Vec::new();
-    for _ in 0..args.concurrency.min(args.users).max(1) {
-        let (client, next, tokens, args) =
-            (client.clone(), next.clone(), tokens.clone(), args.clone());
+    for _ in 0..args.concurrency.min(n) {
+        let (client, next, tokens) = (client.clone(), next.clone(), tokens.clone());
+        let (prefix, password, create) = (prefix.to_owned(), args.password.clone(), args.create_users);
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= args.users {
+                if i >= n {
                     return Ok::<_, anyhow::Error>(());
                 }
-                let username = format!("{}{i}", args.user_prefix);
-                let creds = json!({ "username": username, "password": args.password });
-                let mut res = client.post("/user/login", None, &creds).await?;
-                if res.status == 401 && args.create_users {
-                    res = client.post("/user/register", None, &creds).await?;
+                let username = format!("{prefix}{i}");
+                let creds = json!({ "username": username, "password": password });
+                // Register first when asked: logging in unknown names would
+                // count as failed logins and lock the bench's address out.
+                let mut res = if create {
+                    client.post("/user/register", None, &creds).await?
+                } else {
+                    client.post("/user/login", None, &creds).await?
+                };
+                if res.error_code() == Some("USERNAME_TAKEN") {
+                    res = client.post("/user/login", None, &creds).await?;
                 }
-                let token = res.data()["token"].as_str().with_context(|| {
-                    format!("cannot log in {username}: {} {}", res.status, res.body)
-                })?;
+                let token = res.data()["token"]
+                    .as_str()
+                    .with_context(|| format!("cannot log in {username}: {} {}", res.status, res.body))?;
                 tokens.lock()[i] = token.to_owned();
             }
         }));
@@ -199,36 +292,74 @@ async fn login_all(client: &Arc<ApiClient>, args: &BenchArgs) -> anyhow::Result<
     Ok(tokens)
 }
 
+/// Fetches each account's claim token (and solves the proof of work) and
+/// builds its claim body once.
+async fn prepare(
+    client: &Arc<ApiClient>,
+    args: &BenchArgs,
+    tokens: Vec<String>,
+    detail_path: &str,
+) -> anyhow::Result<Vec<Account>> {
+    let mut tasks = Vec::new();
+    let sem = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
+    for token in tokens {
+        let (client, sem, path) = (client.clone(), sem.clone(), detail_path.to_owned());
+        let (activity, ticket) = (args.activity.clone(), args.ticket.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await?;
+            let detail = client.get(&path, Some(&token)).await?;
+            let data = detail.data();
+            let mut body = json!({ "actId": activity });
+            if let Some(t) = ticket {
+                body["ticketId"] = t.into();
+            }
+            if let Some(claim_token) = data["claimToken"].as_str() {
+                body["claimToken"] = claim_token.into();
+                let difficulty = data["powDifficulty"].as_u64().unwrap_or(0) as u8;
+                if difficulty > 0 {
+                    let challenge = claim_token.to_owned();
+                    let nonce = tokio::task::spawn_blocking(move || solve_pow(&challenge, difficulty)).await?;
+                    body["powNonce"] = nonce.into();
+                }
+            }
+            Ok::<_, anyhow::Error>(Account {
+                token,
+                body: Bytes::from(serde_json::to_vec(&body)?),
+            })
+        }));
+    }
+    let mut accounts = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        accounts.push(t.await??);
+    }
+    Ok(accounts)
+}
+
+/// Sends `per_account` claims for each account, account by account.
 async fn rush(
     client: &Arc<ApiClient>,
     args: &BenchArgs,
-    tokens: &[String],
-) -> anyhow::Result<RushOutcome> {
-    let tokens: Arc<Vec<String>> = Arc::new(tokens.to_vec());
-    let total = args.users * args.claims_per_user;
+    accounts: &[Account],
+    per_account: usize,
+) -> anyhow::Result<Rushed> {
+    let accounts: Arc<Vec<Account>> = Arc::new(accounts.to_vec());
+    let total = accounts.len() * per_account;
     let next = Arc::new(AtomicUsize::new(0));
-    let body = bytes::Bytes::from(serde_json::to_vec(&match &args.ticket {
-        Some(t) => json!({ "actId": args.activity, "ticketId": t }),
-        None => json!({ "actId": args.activity }),
-    })?);
     let started = Instant::now();
+    let interval = args.rate.map(|r| Duration::from_secs_f64(1.0 / r.max(1.0)));
     let mut tasks = Vec::new();
-    for _ in 0..args.concurrency.max(1) {
-        let (client, next, tokens, body) =
-            (client.clone(), next.clone(), tokens.clone(), body.clone());
-        let per_user = args.claims_per_user;
-        let interval = args.rate.map(|r| Duration::from_secs_f64(1.0 / r.max(1.0)));
+    for _ in 0..args.concurrency.clamp(1, total.max(1)) {
+        let (client, next, accounts) = (client.clone(), next.clone(), accounts.clone());
         tasks.push(tokio::spawn(async move {
             let mut hist = new_hist();
-            let mut outcomes: HashMap<String, u64> = HashMap::new();
+            let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
             let mut acked: Vec<(usize, String)> = Vec::new();
-            let mut transport_errors = 0u64;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= total {
                     break;
                 }
-                let user = i / per_user;
+                let who = i / per_account;
                 let t0 = match interval {
                     Some(every) => {
                         let due = started + every * i as u32;
@@ -237,91 +368,77 @@ async fn rush(
                     }
                     None => Instant::now(),
                 };
+                let account = &accounts[who];
                 let sent = client.send(
-                    http::Method::POST,
+                    Method::POST,
                     "/ticket/get",
-                    Some(&tokens[user]),
-                    Some(body.clone()),
+                    Some(&account.token),
+                    Some(account.body.clone()),
                     &[],
                 );
-                match sent.await {
+                let key = match sent.await {
                     Ok(res) => {
                         let _ = hist.record((t0.elapsed().as_micros() as u64).max(1));
                         if res.status == 200 {
-                            *outcomes.entry("success".into()).or_default() += 1;
                             if let Some(code) = res.data()["code"].as_str() {
-                                acked.push((user, code.to_owned()));
+                                acked.push((who, code.to_owned()));
                             }
+                            "success".to_owned()
                         } else {
-                            let code = res.error_code().unwrap_or("NO_ERROR_CODE").to_owned();
-                            *outcomes.entry(code).or_default() += 1;
+                            res.error_code().unwrap_or("NO_ERROR_CODE").to_owned()
                         }
                     }
-                    Err(_) => transport_errors += 1,
-                }
+                    Err(_) => "TRANSPORT_ERROR".to_owned(),
+                };
+                *outcomes.entry(key).or_default() += 1;
             }
-            (hist, outcomes, acked, transport_errors)
+            (hist, outcomes, acked)
         }));
     }
-    let mut hist = new_hist();
-    let mut outcomes = BTreeMap::new();
-    let mut acked = vec![Vec::new(); args.users];
-    let mut transport_errors = 0;
+    let mut rushed = Rushed {
+        hist: new_hist(),
+        seconds: 0.0,
+        outcomes: BTreeMap::new(),
+        acked: vec![Vec::new(); accounts.len()],
+    };
     for t in tasks {
-        let (h, o, a, e) = t.await?;
-        hist.add(&h).context("merging histograms")?;
+        let (h, o, a) = t.await?;
+        rushed.hist.add(&h).context("merging histograms")?;
         for (k, v) in o {
-            *outcomes.entry(k).or_default() += v;
+            *rushed.outcomes.entry(k).or_default() += v;
         }
-        for (user, code) in a {
-            acked[user].push(code);
+        for (who, code) in a {
+            rushed.acked[who].push(code);
         }
-        transport_errors += e;
     }
-    let seconds = started.elapsed().as_secs_f64();
-    if transport_errors > 0 {
-        outcomes.insert("TRANSPORT_ERROR".into(), transport_errors);
-    }
-    Ok(RushOutcome {
-        phase: phase(&hist, seconds),
-        outcomes,
-        acked,
-        transport_errors,
-    })
+    rushed.seconds = started.elapsed().as_secs_f64();
+    Ok(rushed)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn verify(
+/// Checks every account against the server's own view of it.
+async fn check_accounts(
     client: &Arc<ApiClient>,
     args: &BenchArgs,
-    tokens: &[String],
-    outcome: RushOutcome,
-    baseline: Option<Phase>,
+    accounts: &[Account],
+    acked: &[Vec<String>],
     limit: u64,
-    total_codes: u64,
-    detail_path: &str,
-) -> anyhow::Result<Report> {
-    let mut violations = Vec::new();
-    let mut all_codes: HashSet<String> = HashSet::new();
-    let mut acknowledged = 0;
-    for (user, codes) in outcome.acked.iter().enumerate() {
+    seen: &mut HashSet<String>,
+    violations: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    for (i, (account, codes)) in accounts.iter().zip(acked).enumerate() {
         let distinct: HashSet<&String> = codes.iter().collect();
-        acknowledged += distinct.len();
         if distinct.len() as u64 > limit {
             violations.push(format!(
-                "user {user} was acknowledged {} codes; the limit is {limit}",
+                "account {i} was acknowledged {} codes; the limit is {limit}",
                 distinct.len()
             ));
         }
-        for code in distinct {
-            if !all_codes.insert(code.clone()) {
-                violations.push(format!("code {code} was acknowledged to two users"));
+        for code in &distinct {
+            if !seen.insert((*code).clone()) {
+                violations.push(format!("code {code} was acknowledged to two accounts"));
             }
         }
-        // The server's own view of this user must contain every acknowledged code.
-        let list = client
-            .get("/ticket/list?pageSize=100", Some(&tokens[user]))
-            .await?;
+        let list = client.get("/ticket/list?pageSize=100", Some(&account.token)).await?;
         let held: HashSet<String> = list.data()["claims"]
             .as_array()
             .map(|cs| {
@@ -332,47 +449,17 @@ async fn verify(
             })
             .unwrap_or_default();
         if held.len() as u64 > limit {
-            violations.push(format!(
-                "user {user} holds {} codes; the limit is {limit}",
-                held.len()
-            ));
+            violations.push(format!("account {i} holds {} codes; the limit is {limit}", held.len()));
         }
-        for code in codes {
+        for code in distinct {
             if !held.contains(code) {
                 violations.push(format!(
-                    "code {code} acknowledged to user {user} is missing from their /ticket/list"
+                    "code {code} acknowledged to account {i} is missing from its /ticket/list"
                 ));
             }
         }
     }
-    let after = client.get(detail_path, None).await?;
-    let claimed_after = after.data()["claimed"].as_u64().unwrap_or(0);
-    let remaining_after = after.data()["remaining"].as_u64().unwrap_or(0);
-    if claimed_after + remaining_after != total_codes {
-        violations.push(format!(
-            "claimed ({claimed_after}) + remaining ({remaining_after}) != total codes ({total_codes})"
-        ));
-    }
-    if acknowledged as u64 > claimed_after {
-        violations.push(format!(
-            "{acknowledged} codes acknowledged but only {claimed_after} claimed"
-        ));
-    }
-    let report = Report {
-        activity: args.activity.clone(),
-        users: args.users,
-        concurrency: args.concurrency,
-        baseline,
-        rush: outcome.phase,
-        outcomes: outcome.outcomes,
-        acknowledged,
-        total_codes,
-        claimed_after,
-        remaining_after,
-        violations,
-    };
-    let _ = outcome.transport_errors;
-    Ok(report)
+    Ok(())
 }
 
 /// Prints `report` as a table (or JSON) and fails when an invariant broke.
@@ -382,7 +469,7 @@ pub fn print(report: &Report, as_json: bool) -> anyhow::Result<()> {
     } else {
         let row = |name: &str, p: &Phase| {
             println!(
-                "{name:<10} {:>9} req  {:>8.2} s  {:>10.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  p999 {:>7.2} ms  max {:>7.2} ms",
+                "{name:<14} {:>9} req  {:>8.2} s  {:>10.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  p999 {:>7.2} ms  max {:>7.2} ms",
                 p.requests, p.seconds, p.requests_per_sec, p.p50_ms, p.p99_ms, p.p999_ms, p.max_ms
             )
         };
@@ -401,14 +488,25 @@ pub fn print(report: &Report, as_json: bool) -> anyhow::Result<()> {
             );
         }
         for (k, v) in &report.outcomes {
-            println!("  {k:<18} {v}");
+            println!("  {k:<22} {v}");
+        }
+        if let Some(bots) = &report.bots {
+            row("users, calm", &bots.normal_without_bots);
+            row("users, bots", &bots.normal_with_bots);
+            println!(
+                "bots: {} accounts sent {} claims and got {} codes; users got {} codes while the bots fired",
+                bots.bots, bots.requests, bots.acknowledged, bots.normal_acknowledged_with_bots
+            );
+            for (k, v) in &bots.outcomes {
+                println!("  bots {k:<17} {v}");
+            }
         }
         println!(
             "codes: {} total, {} claimed, {} remaining, {} acknowledged to bench users",
             report.total_codes, report.claimed_after, report.remaining_after, report.acknowledged
         );
         if report.violations.is_empty() {
-            println!("invariants: OK (no code twice, no user over the limit, every acknowledged code held, nothing oversold)");
+            println!("invariants: OK (no code twice, no account over the limit, every acknowledged code held, nothing oversold)");
         }
     }
     if !report.violations.is_empty() {
@@ -446,20 +544,15 @@ async fn hello_baseline(args: &BenchArgs) -> anyhow::Result<Phase> {
             let _ = stream.set_nodelay(true);
             tokio::spawn(async move {
                 let svc = service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from_static(b"Hello, World!"),
-                    )))
+                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from_static(
+                        b"Hello, World!",
+                    ))))
                 });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
             });
         }
     });
-    let client = Arc::new(ApiClient::new(
-        vec![format!("http://{addr}")],
-        args.concurrency,
-    )?);
+    let client = Arc::new(ApiClient::new(vec![format!("http://{addr}")], args.concurrency)?);
     let total = (args.users * args.claims_per_user).max(1000);
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();

@@ -73,6 +73,12 @@ pub struct Config {
     /// Overload protection.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Defences against scalpers, bots and credential stuffing.
+    #[serde(default)]
+    pub security: SecurityConfig,
+    /// The admin API.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -178,6 +184,10 @@ pub struct AuthConfig {
     /// How long a login token stays valid. Default `24h`.
     #[serde(default = "default_session_ttl")]
     pub session_ttl: HumanDuration,
+    /// The previous signing secret, still accepted while tokens signed with
+    /// it live (key rotation). Prefer `TICKETD_SESSION_SECRET_PREVIOUS`.
+    #[serde(default)]
+    pub previous_session_secret: Option<String>,
     /// Secret that signs session tokens. EXAMPLE ONLY in the bundled config;
     /// prefer the `TICKETD_SESSION_SECRET` environment variable. When neither
     /// is set, a random key is generated once and kept in the data directory.
@@ -193,6 +203,71 @@ pub struct LimitsConfig {
     /// with Retry-After at once instead of queueing. Default 8192.
     #[serde(default = "default_max_in_flight_claims")]
     pub max_in_flight_claims: usize,
+    /// Claims of one activity processed at once; beyond this that activity's
+    /// claims answer 503 (one hot activity cannot starve the others). Default 4096.
+    #[serde(default = "default_max_in_flight_per_activity")]
+    pub max_in_flight_per_activity: usize,
+}
+
+/// `[security]`: defences against scalpers, bots and credential stuffing.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Claims must carry the `claimToken` that `/act/detail` hands a
+    /// logged-in user once the activity has started. Default true.
+    #[serde(default = "yes")]
+    pub require_claim_token: bool,
+    /// How long a claim token stays valid. Default `10m`.
+    #[serde(default = "default_claim_token_ttl")]
+    pub claim_token_ttl: HumanDuration,
+    /// Peers whose `X-Forwarded-For` is believed (CIDRs or addresses). Default none.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Usernames refused at login and claim (403 BLOCKED). Default none.
+    #[serde(default)]
+    pub blocked_users: Vec<String>,
+    /// Client addresses or CIDR ranges refused everywhere (403 BLOCKED). Default none.
+    #[serde(default)]
+    pub blocked_ips: Vec<String>,
+    /// Claims per second one user may sustain (token bucket). Default 2.
+    #[serde(default = "default_user_rate")]
+    pub claim_rate_per_user: f64,
+    /// Claims one user may send in a burst. Default 5.
+    #[serde(default = "default_user_burst")]
+    pub claim_burst_per_user: u32,
+    /// Claims per second one client address may sustain. Default 200.
+    #[serde(default = "default_ip_rate")]
+    pub claim_rate_per_ip: f64,
+    /// Claims one client address may send in a burst. Default 400.
+    #[serde(default = "default_ip_burst")]
+    pub claim_burst_per_ip: u32,
+    /// Accounts one client address may register per hour. Default 30.
+    #[serde(default = "default_registrations_per_ip")]
+    pub registrations_per_ip_per_hour: u32,
+    /// Failed logins per username before a lockout (an address gets four
+    /// times as many). Default 5.
+    #[serde(default = "default_login_max_failures")]
+    pub login_max_failures: u32,
+    /// The first lockout; each further failure doubles it. Default `1s`.
+    #[serde(default = "default_login_backoff")]
+    pub login_backoff: HumanDuration,
+    /// The longest lockout. Default `15m`.
+    #[serde(default = "default_login_backoff_max")]
+    pub login_backoff_max: HumanDuration,
+}
+
+/// `[admin]`: operations over HTTP (reload, stats, export).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// A separate listener for `/admin/*`; keep it on loopback. Unset = no
+    /// admin API. Restart-only.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// The admin bearer token (>= 32 characters). EXAMPLE ONLY in the bundled
+    /// config; prefer the `TICKETD_ADMIN_TOKEN` environment variable.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 /// `[log]`: logging.
@@ -244,6 +319,10 @@ pub struct ActivityConfig {
     /// When true, claims answer 409 PAUSED at once; stock is kept. Default false.
     #[serde(default)]
     pub paused: bool,
+    /// Proof of work per claim token, in leading zero bits of
+    /// SHA-256(claimToken ":" nonce); 0 = off. Default 0.
+    #[serde(default)]
+    pub pow_difficulty: u8,
     /// The ticket types (`[[activity.ticket]]`).
     #[serde(default, rename = "ticket")]
     pub tickets: Vec<TicketConfig>,
@@ -329,6 +408,36 @@ fn default_session_ttl() -> HumanDuration {
 fn default_max_in_flight_claims() -> usize {
     8192
 }
+fn default_max_in_flight_per_activity() -> usize {
+    4096
+}
+fn default_claim_token_ttl() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(600))
+}
+fn default_user_rate() -> f64 {
+    2.0
+}
+fn default_user_burst() -> u32 {
+    5
+}
+fn default_ip_rate() -> f64 {
+    200.0
+}
+fn default_ip_burst() -> u32 {
+    400
+}
+fn default_registrations_per_ip() -> u32 {
+    30
+}
+fn default_login_max_failures() -> u32 {
+    5
+}
+fn default_login_backoff() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(1))
+}
+fn default_login_backoff_max() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(900))
+}
 fn default_log_level() -> String {
     "info".to_owned()
 }
@@ -351,6 +460,7 @@ default_from_serde!(
     JournalConfig,
     AuthConfig,
     LimitsConfig,
+    SecurityConfig,
     LogConfig
 );
 
@@ -398,8 +508,13 @@ impl Config {
         if self.journal != running.journal {
             changed.push("journal");
         }
-        if self.auth.session_secret != running.auth.session_secret {
+        if self.auth.session_secret != running.auth.session_secret
+            || self.auth.previous_session_secret != running.auth.previous_session_secret
+        {
             changed.push("auth.session_secret");
+        }
+        if self.admin != running.admin {
+            changed.push("admin");
         }
         if self.log != running.log {
             changed.push("log");
@@ -410,11 +525,7 @@ impl Config {
     /// Drops code lists once they were imported, so a running node does not
     /// keep a second copy of every code beside its pools.
     pub fn strip_codes(&mut self) {
-        for t in self
-            .activities
-            .iter_mut()
-            .flat_map(|a| a.tickets.iter_mut())
-        {
+        for t in self.activities.iter_mut().flat_map(|a| a.tickets.iter_mut()) {
             t.codes = None;
         }
     }

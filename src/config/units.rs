@@ -19,9 +19,7 @@ impl FromStr for HumanDuration {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         humantime::parse_duration(s.trim())
             .map(HumanDuration)
-            .map_err(|e| {
-                format!("`{s}` is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2h\"")
-            })
+            .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2h\""))
     }
 }
 
@@ -48,9 +46,9 @@ impl FromStr for ByteSize {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num.parse().map_err(|_| {
-            format!("`{s}` is not a size; write e.g. 65536, \"16KiB\" or \"64MiB\"")
-        })?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size; write e.g. 65536, \"16KiB\" or \"64MiB\""))?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "kB" | "KB" => 1_000,
@@ -115,19 +113,14 @@ impl FromStr for TimeSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let t = s.trim();
         if let Some(rest) = t.strip_prefix('+').or_else(|| t.strip_prefix('-')) {
-            let d = humantime::parse_duration(rest.trim()).map_err(|e| {
-                format!("`{s}` is not a relative time ({e}); write e.g. \"+10s\" or \"+2h\"")
-            })?;
+            let d = humantime::parse_duration(rest.trim())
+                .map_err(|e| format!("`{s}` is not a relative time ({e}); write e.g. \"+10s\" or \"+2h\""))?;
             let ms = i64::try_from(d.as_millis()).map_err(|_| format!("`{s}` is too far away"))?;
-            return Ok(TimeSpec::Relative(if t.starts_with('-') {
-                -ms
-            } else {
-                ms
-            }));
+            return Ok(TimeSpec::Relative(if t.starts_with('-') { -ms } else { ms }));
         }
-        OffsetDateTime::parse(t, &Rfc3339)
-            .map(TimeSpec::Absolute)
-            .map_err(|e| format!("`{s}` is neither RFC 3339 (e.g. \"2026-12-01T12:00:00+08:00\") nor relative (e.g. \"+10s\"): {e}"))
+        OffsetDateTime::parse(t, &Rfc3339).map(TimeSpec::Absolute).map_err(|e| {
+            format!("`{s}` is neither RFC 3339 (e.g. \"2026-12-01T12:00:00+08:00\") nor relative (e.g. \"+10s\"): {e}")
+        })
     }
 }
 
@@ -140,8 +133,7 @@ impl<'de> Deserialize<'de> for TimeSpec {
 
 /// Formats Unix milliseconds as RFC 3339 in UTC, with milliseconds.
 pub fn rfc3339_ms(ms: i64) -> String {
-    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
     t.format(&Rfc3339).unwrap_or_default()
 }
 
@@ -172,14 +164,8 @@ mod tests {
 
     #[test]
     fn times_parse_absolute_and_relative() {
-        assert_eq!(
-            "+10s".parse::<TimeSpec>().unwrap(),
-            TimeSpec::Relative(10_000)
-        );
-        assert_eq!(
-            "-5m".parse::<TimeSpec>().unwrap(),
-            TimeSpec::Relative(-300_000)
-        );
+        assert_eq!("+10s".parse::<TimeSpec>().unwrap(), TimeSpec::Relative(10_000));
+        assert_eq!("-5m".parse::<TimeSpec>().unwrap(), TimeSpec::Relative(-300_000));
         let abs: TimeSpec = "2026-12-01T12:00:00+08:00".parse().unwrap();
         assert_eq!(abs.resolve(0), 1_796_097_600_000);
         assert_eq!(TimeSpec::Relative(10).resolve(5), 15);

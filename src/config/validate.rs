@@ -131,10 +131,7 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
         );
     }
     if config.server.header_read_timeout.0.is_zero() || config.server.request_timeout.0.is_zero() {
-        r.add(
-            &[k("server")],
-            "server timeouts must be greater than zero".into(),
-        );
+        r.add(&[k("server")], "server timeouts must be greater than zero".into());
     }
     if config.journal.max_batch == 0 || config.journal.queue_capacity == 0 {
         r.add(
@@ -181,6 +178,8 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
         );
     }
 
+    check_security(&mut r, config);
+
     let mut activity_ids = HashSet::new();
     let mut ticket_ids = HashSet::new();
     let mut all_codes: HashSet<String> = HashSet::new();
@@ -197,21 +196,21 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
                 ),
             );
         } else if !activity_ids.insert(act.id.clone()) {
-            r.add(
-                &field("id"),
-                format!("activity id `{}` is used twice", act.id),
-            );
+            r.add(&field("id"), format!("activity id `{}` is used twice", act.id));
         }
         if act.name.trim().is_empty() {
-            r.add(
-                &field("name"),
-                format!("activity `{}` needs a name", act.id),
-            );
+            r.add(&field("name"), format!("activity `{}` needs a name", act.id));
         }
         if !ends_after_start(act.start_time, act.end_time) {
             r.add(
                 &field("end_time"),
                 format!("activity `{}` must end after it starts", act.id),
+            );
+        }
+        if act.pow_difficulty > 32 {
+            r.add(
+                &field("pow_difficulty"),
+                format!("activity `{}`: pow_difficulty must be 0-32 bits", act.id),
             );
         }
         if act.per_user_limit == 0 || act.per_user_limit > 1000 {
@@ -221,21 +220,10 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
             );
         }
         if act.tickets.is_empty() {
-            r.add(
-                &at,
-                format!("activity `{}` has no [[activity.ticket]]", act.id),
-            );
+            r.add(&at, format!("activity `{}` has no [[activity.ticket]]", act.id));
         }
         for (ti, ticket) in act.tickets.iter_mut().enumerate() {
-            let tpath = |f: &'static str| {
-                [
-                    k("activity"),
-                    Seg::Index(ai),
-                    k("ticket"),
-                    Seg::Index(ti),
-                    k(f),
-                ]
-            };
+            let tpath = |f: &'static str| [k("activity"), Seg::Index(ai), k("ticket"), Seg::Index(ti), k(f)];
             if !valid_id(&ticket.id) {
                 r.add(
                     &tpath("id"),
@@ -254,10 +242,7 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
                 );
             }
             if ticket.name.trim().is_empty() {
-                r.add(
-                    &tpath("name"),
-                    format!("ticket `{}` needs a name", ticket.id),
-                );
+                r.add(&tpath("name"), format!("ticket `{}` needs a name", ticket.id));
             }
             if let (Some(s), Some(e)) = (ticket.start_time, ticket.end_time) {
                 if !ends_after_start(s, e) {
@@ -305,11 +290,7 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
                     Err(e) => {
                         r.add(
                             &tpath("codes_file"),
-                            format!(
-                                "ticket `{}`: cannot read codes_file {}: {e}",
-                                ticket.id,
-                                full.display()
-                            ),
+                            format!("ticket `{}`: cannot read codes_file {}: {e}", ticket.id, full.display()),
                         );
                         continue;
                     }
@@ -321,18 +302,78 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
     r.problems
 }
 
-fn check_codes(
-    r: &mut Report<'_>,
-    path: &[Seg<'_>],
-    ticket: &TicketConfig,
-    all: &mut HashSet<String>,
-) {
+fn check_security(r: &mut Report<'_>, config: &Config) {
+    let k = Seg::Key;
+    let s = &config.security;
+    for (key, list) in [("trusted_proxies", &s.trusted_proxies), ("blocked_ips", &s.blocked_ips)] {
+        for entry in list {
+            if let Err(e) = entry.parse::<crate::auth::ipnet::IpNet>() {
+                r.add(&[k("security"), k(key)], format!("security.{key}: {e}"));
+            }
+        }
+    }
+    let rates = [
+        ("claim_rate_per_user", s.claim_rate_per_user),
+        ("claim_rate_per_ip", s.claim_rate_per_ip),
+    ];
+    for (key, rate) in rates {
+        if !(rate.is_finite() && rate > 0.0) {
+            r.add(
+                &[k("security"), k(key)],
+                format!("security.{key} must be a positive number"),
+            );
+        }
+    }
+    if s.claim_burst_per_user == 0 || s.claim_burst_per_ip == 0 || s.registrations_per_ip_per_hour == 0 {
+        r.add(
+            &[k("security")],
+            "security bursts and registrations_per_ip_per_hour must be at least 1".into(),
+        );
+    }
+    if s.login_max_failures == 0 {
+        r.add(
+            &[k("security"), k("login_max_failures")],
+            "security.login_max_failures must be at least 1".into(),
+        );
+    }
+    if s.claim_token_ttl.0.as_secs() < 1 {
+        r.add(
+            &[k("security"), k("claim_token_ttl")],
+            "security.claim_token_ttl must be at least 1s".into(),
+        );
+    }
+    if let Some(prev) = &config.auth.previous_session_secret {
+        if prev.len() < 32 {
+            r.add(
+                &[k("auth"), k("previous_session_secret")],
+                "auth.previous_session_secret must be at least 32 characters".into(),
+            );
+        }
+    }
+    if let Some(token) = &config.admin.token {
+        if token.len() < 32 {
+            r.add(
+                &[k("admin"), k("token")],
+                "admin.token must be at least 32 characters".into(),
+            );
+        }
+    }
+    let env_token = std::env::var(crate::app::ADMIN_TOKEN_ENV).is_ok_and(|t| !t.is_empty());
+    if config.admin.listen.is_some() && config.admin.token.is_none() && !env_token {
+        r.add(
+            &[k("admin"), k("listen")],
+            format!(
+                "admin.listen is set but there is no admin token: set admin.token or {}",
+                crate::app::ADMIN_TOKEN_ENV
+            ),
+        );
+    }
+}
+
+fn check_codes(r: &mut Report<'_>, path: &[Seg<'_>], ticket: &TicketConfig, all: &mut HashSet<String>) {
     let Some(codes) = &ticket.codes else { return };
     if codes.is_empty() && ticket.codes_file.is_some() {
-        r.add(
-            path,
-            format!("ticket `{}`: codes_file has no codes", ticket.id),
-        );
+        r.add(path, format!("ticket `{}`: codes_file has no codes", ticket.id));
     }
     let mut reported = 0;
     for code in codes {
@@ -365,11 +406,7 @@ fn check_codes(
     if reported > 20 {
         r.add(
             path,
-            format!(
-                "ticket `{}`: {} more code problems not shown",
-                ticket.id,
-                reported - 20
-            ),
+            format!("ticket `{}`: {} more code problems not shown", ticket.id, reported - 20),
         );
     }
 }

@@ -25,12 +25,7 @@ pub const CSV_HEADER: [&str; 8] = [
 ];
 
 /// Writes every claim of `activity_id` to `out`; returns the row count.
-pub fn claims<W: Write>(
-    store: &Store,
-    activity_id: &str,
-    format: ExportFormat,
-    out: W,
-) -> Result<u64, StoreError> {
+pub fn claims<W: Write>(store: &Store, activity_id: &str, format: ExportFormat, out: W) -> Result<u64, StoreError> {
     match format {
         ExportFormat::Csv => {
             let mut w = csv::Writer::from_writer(out);

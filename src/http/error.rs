@@ -12,7 +12,12 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
 
-use crate::{auth::AuthError, claim::Rejection, config::rfc3339_ms, store::StoreError};
+use crate::{
+    auth::{AuthError, Denied},
+    claim::Rejection,
+    config::rfc3339_ms,
+    store::StoreError,
+};
 
 /// A failed request, ready to render.
 #[derive(Debug)]
@@ -35,6 +40,8 @@ enum Detail {
     Window { start_ms: i64, end_ms: i64 },
     /// The codes the user holds, for LIMIT_REACHED.
     Codes(Vec<Arc<str>>),
+    /// Leading zero bits the proof of work needs.
+    Difficulty(u8),
 }
 
 #[derive(Serialize)]
@@ -54,15 +61,13 @@ struct ErrorObject<'a> {
     end_time: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     codes: Option<Vec<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pow_difficulty: Option<u8>,
 }
 
 impl ApiError {
     /// An error with a status, stable code and message.
-    pub fn new(
-        status: StatusCode,
-        code: &'static str,
-        message: impl Into<Cow<'static, str>>,
-    ) -> ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> ApiError {
         ApiError {
             status,
             code,
@@ -119,13 +124,16 @@ impl ApiError {
 
     /// Renders the JSON response.
     pub fn into_response(self) -> Response<Full<Bytes>> {
-        let (start_time, end_time, codes) = match &self.detail {
-            Detail::None => (None, None, None),
+        let (mut start_time, mut end_time, mut codes, mut pow_difficulty) = (None, None, None, None);
+        match &self.detail {
+            Detail::None => {}
             Detail::Window { start_ms, end_ms } => {
-                (Some(rfc3339_ms(*start_ms)), Some(rfc3339_ms(*end_ms)), None)
+                start_time = Some(rfc3339_ms(*start_ms));
+                end_time = Some(rfc3339_ms(*end_ms));
             }
-            Detail::Codes(codes) => (None, None, Some(codes.iter().map(|c| &**c).collect())),
-        };
+            Detail::Codes(c) => codes = Some(c.iter().map(|c| &**c).collect()),
+            Detail::Difficulty(d) => pow_difficulty = Some(*d),
+        }
         let body = Body {
             ok: false,
             error: ErrorObject {
@@ -134,18 +142,16 @@ impl ApiError {
                 start_time,
                 end_time,
                 codes,
+                pow_difficulty,
             },
         };
         let body = serde_json::to_vec(&body).unwrap_or_default();
         let mut res = Response::new(Full::new(Bytes::from(body)));
         *res.status_mut() = self.status;
-        res.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        res.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(secs) = self.retry_after_secs {
-            res.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         res
     }
@@ -155,26 +161,15 @@ impl From<Rejection> for ApiError {
     fn from(r: Rejection) -> ApiError {
         use StatusCode as S;
         match r {
-            Rejection::UnknownActivity => {
-                ApiError::not_found("ACTIVITY_NOT_FOUND", "no such activity")
-            }
-            Rejection::UnknownTicket => {
-                ApiError::not_found("TICKET_NOT_FOUND", "no such ticket type in this activity")
-            }
-            Rejection::Paused => ApiError::new(
-                S::CONFLICT,
-                "PAUSED",
-                "the activity is paused; try again later",
-            ),
-            Rejection::NotStarted { start_ms, end_ms } => ApiError::new(
-                S::CONFLICT,
-                "NOT_STARTED",
-                "the activity has not started yet",
-            )
-            .with(Detail::Window { start_ms, end_ms }),
-            Rejection::Ended { start_ms, end_ms } => {
-                ApiError::new(S::CONFLICT, "ENDED", "the activity has ended")
+            Rejection::UnknownActivity => ApiError::not_found("ACTIVITY_NOT_FOUND", "no such activity"),
+            Rejection::UnknownTicket => ApiError::not_found("TICKET_NOT_FOUND", "no such ticket type in this activity"),
+            Rejection::Paused => ApiError::new(S::CONFLICT, "PAUSED", "the activity is paused; try again later"),
+            Rejection::NotStarted { start_ms, end_ms } => {
+                ApiError::new(S::CONFLICT, "NOT_STARTED", "the activity has not started yet")
                     .with(Detail::Window { start_ms, end_ms })
+            }
+            Rejection::Ended { start_ms, end_ms } => {
+                ApiError::new(S::CONFLICT, "ENDED", "the activity has ended").with(Detail::Window { start_ms, end_ms })
             }
             Rejection::LimitReached(codes) => ApiError::new(
                 S::CONFLICT,
@@ -188,11 +183,7 @@ impl From<Rejection> for ApiError {
                 "a claim with this Idempotency-Key is still being processed",
             )
             .retry_after(1),
-            Rejection::SoldOut => ApiError::new(
-                S::GONE,
-                "SOLD_OUT",
-                "every code of this activity has been claimed",
-            ),
+            Rejection::SoldOut => ApiError::new(S::GONE, "SOLD_OUT", "every code of this activity has been claimed"),
             Rejection::Overloaded => ApiError::new(
                 S::SERVICE_UNAVAILABLE,
                 "OVERLOADED",
@@ -205,6 +196,48 @@ impl From<Rejection> for ApiError {
                 "claims cannot be stored right now",
             )
             .retry_after(5),
+            Rejection::ClaimTokenRequired => ApiError::new(
+                S::FORBIDDEN,
+                "CLAIM_TOKEN_REQUIRED",
+                "send the claimToken that /act/detail gives you once the activity has started",
+            ),
+            Rejection::ClaimTokenInvalid => ApiError::new(
+                S::FORBIDDEN,
+                "CLAIM_TOKEN_INVALID",
+                "this claim token is not valid for you and this activity",
+            ),
+            Rejection::ClaimTokenExpired => ApiError::new(
+                S::FORBIDDEN,
+                "CLAIM_TOKEN_EXPIRED",
+                "the claim token expired; fetch a new one from /act/detail",
+            ),
+            Rejection::ProofOfWork { difficulty } => ApiError::new(
+                S::FORBIDDEN,
+                "POW_REQUIRED",
+                "send a powNonce with SHA-256(claimToken \":\" powNonce) starting with powDifficulty zero bits",
+            )
+            .with(Detail::Difficulty(difficulty)),
+        }
+    }
+}
+
+impl From<Denied> for ApiError {
+    fn from(d: Denied) -> ApiError {
+        let secs = |w: std::time::Duration| u32::try_from(w.as_secs() + 1).unwrap_or(u32::MAX);
+        match d {
+            Denied::Blocked => ApiError::new(StatusCode::FORBIDDEN, "BLOCKED", "access denied"),
+            Denied::RateLimited(wait) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "RATE_LIMITED",
+                "too many requests; slow down",
+            )
+            .retry_after(secs(wait)),
+            Denied::LoginLocked(wait) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "LOGIN_LOCKED",
+                "too many failed logins; wait before trying again",
+            )
+            .retry_after(secs(wait)),
         }
     }
 }
@@ -213,28 +246,18 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> ApiError {
         use StatusCode as S;
         match e {
-            AuthError::RegistrationClosed => ApiError::new(
-                S::FORBIDDEN,
-                "REGISTRATION_CLOSED",
-                "registration is closed",
-            ),
-            AuthError::UsernameTaken => {
-                ApiError::new(S::CONFLICT, "USERNAME_TAKEN", "this username is taken")
+            AuthError::RegistrationClosed => {
+                ApiError::new(S::FORBIDDEN, "REGISTRATION_CLOSED", "registration is closed")
             }
-            AuthError::BadCredentials => ApiError::new(
-                S::UNAUTHORIZED,
-                "BAD_CREDENTIALS",
-                "wrong username or password",
-            ),
+            AuthError::UsernameTaken => ApiError::new(S::CONFLICT, "USERNAME_TAKEN", "this username is taken"),
+            AuthError::BadCredentials => {
+                ApiError::new(S::UNAUTHORIZED, "BAD_CREDENTIALS", "wrong username or password")
+            }
             AuthError::InvalidField(m) => ApiError::bad_request("INVALID_FIELD", m),
-            AuthError::TokenInvalid => {
-                ApiError::unauthorized("the token is invalid or logged out; log in again")
+            AuthError::TokenInvalid => ApiError::unauthorized("the token is invalid or logged out; log in again"),
+            AuthError::TokenExpired => {
+                ApiError::new(S::UNAUTHORIZED, "TOKEN_EXPIRED", "the token has expired; log in again")
             }
-            AuthError::TokenExpired => ApiError::new(
-                S::UNAUTHORIZED,
-                "TOKEN_EXPIRED",
-                "the token has expired; log in again",
-            ),
             AuthError::Store(e) => e.into(),
             AuthError::Internal => ApiError::internal(),
         }

@@ -23,10 +23,7 @@ const MAX_IDEMPOTENCY_KEY: usize = 128;
 /// The Content-Type is not checked: the seed's clients (and `curl -d`) send
 /// JSON under `application/x-www-form-urlencoded`, and the body is parsed
 /// strictly as JSON either way.
-pub async fn json_body<T: DeserializeOwned>(
-    state: &AppState,
-    body: Incoming,
-) -> Result<T, ApiError> {
+pub async fn json_body<T: DeserializeOwned>(state: &AppState, body: Incoming) -> Result<T, ApiError> {
     let max = state.max_body();
     let collect = tokio::time::timeout(state.request_timeout(), Limited::new(body, max).collect());
     let bytes = match collect.await {
@@ -45,12 +42,7 @@ pub async fn json_body<T: DeserializeOwned>(
                 format!("the body is larger than {max} bytes"),
             ))
         }
-        Ok(Err(_)) => {
-            return Err(ApiError::bad_request(
-                "BAD_BODY",
-                "the request body could not be read",
-            ))
-        }
+        Ok(Err(_)) => return Err(ApiError::bad_request("BAD_BODY", "the request body could not be read")),
     };
     parse_json(&bytes)
 }
@@ -64,18 +56,13 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         ));
     }
     if std::str::from_utf8(bytes).is_err() {
-        return Err(ApiError::bad_request(
-            "MALFORMED_JSON",
-            "the body is not valid UTF-8",
-        ));
+        return Err(ApiError::bad_request("MALFORMED_JSON", "the body is not valid UTF-8"));
     }
     serde_json::from_slice(bytes).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
             Category::Data => ApiError::bad_request("INVALID_FIELD", e.to_string()),
-            _ => {
-                ApiError::bad_request("MALFORMED_JSON", format!("the body is not valid JSON: {e}"))
-            }
+            _ => ApiError::bad_request("MALFORMED_JSON", format!("the body is not valid JSON: {e}")),
         }
     })
 }
@@ -122,10 +109,7 @@ impl<'a> Query<'a> {
 
 /// The session token: `Authorization: Bearer <token>`, or the seed's `token` header.
 pub fn token(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
+    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         let v = v.trim();
         return v
             .strip_prefix("Bearer ")
@@ -133,10 +117,7 @@ pub fn token(headers: &HeaderMap) -> Option<&str> {
             .map(str::trim)
             .or(Some(v));
     }
-    headers
-        .get("token")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+    headers.get("token").and_then(|v| v.to_str().ok()).map(str::trim)
 }
 
 /// The caller's session; 401 when there is none or it is not valid.
@@ -150,10 +131,7 @@ pub fn session(state: &AppState, headers: &HeaderMap) -> Result<Session, ApiErro
 }
 
 /// The caller's session if a token was sent (an invalid one is still an error).
-pub fn optional_session(
-    state: &AppState,
-    headers: &HeaderMap,
-) -> Result<Option<Session>, ApiError> {
+pub fn optional_session(state: &AppState, headers: &HeaderMap) -> Result<Option<Session>, ApiError> {
     match token(headers) {
         Some(t) if !t.is_empty() => Ok(Some(state.auth.authenticate(t)?)),
         _ => Ok(None),
@@ -166,11 +144,7 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
         return Ok(None);
     };
     match v.to_str() {
-        Ok(k)
-            if !k.is_empty()
-                && k.len() <= MAX_IDEMPOTENCY_KEY
-                && k.bytes().all(|b| b.is_ascii_graphic()) =>
-        {
+        Ok(k) if !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY && k.bytes().all(|b| b.is_ascii_graphic()) => {
             Ok(Some(k))
         }
         _ => Err(ApiError::bad_request(
@@ -190,10 +164,8 @@ pub fn ok<T: Serialize>(data: &T) -> Response<Full<Bytes>> {
     match serde_json::to_vec(&Envelope { ok: true, data }) {
         Ok(body) => {
             let mut res = Response::new(Full::new(Bytes::from(body)));
-            res.headers_mut().insert(
-                header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
+            res.headers_mut()
+                .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
             res
         }
         Err(e) => {

@@ -5,30 +5,37 @@
 //! `request::json_body`). Handlers themselves never wait on a client, so the
 //! claim path pays for no timer.
 
-use std::{net::SocketAddr, time::Instant};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Instant,
+};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use super::{handlers, ApiError};
+use super::{handlers, server::Surface, ApiError};
 use crate::{app::AppState, metrics::Route};
 
 /// Answers one request. Never fails: every error becomes a JSON response.
 pub async fn handle(
     state: &AppState,
     req: Request<Incoming>,
-    _peer: SocketAddr,
+    peer: SocketAddr,
+    surface: Surface,
 ) -> Response<Full<Bytes>> {
     let started = Instant::now();
-    let (route, allowed) = route_of(req.uri().path());
-    let res = if route == Route::Unknown {
-        ApiError::not_found(
-            "ROUTE_NOT_FOUND",
-            format!("no route for {}", req.uri().path()),
-        )
-        .into_response()
+    let (route, allowed) = match surface {
+        Surface::Public => route_of(req.uri().path()),
+        Surface::Admin => admin_route_of(req.uri().path()),
+    };
+    let ip = state.guard.client_ip(peer, req.headers());
+    let res = if let Err(denied) = state.guard.check_ip(ip) {
+        crate::metrics::global().reject(crate::metrics::Rejected::Blocked);
+        ApiError::from(denied).into_response()
+    } else if route == Route::Unknown {
+        ApiError::not_found("ROUTE_NOT_FOUND", format!("no route for {}", req.uri().path())).into_response()
     } else if req.method() != allowed && !(allowed == Method::GET && req.method() == Method::HEAD) {
         let mut res = ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -38,25 +45,13 @@ pub async fn handle(
         .into_response();
         res.headers_mut().insert(
             header::ALLOW,
-            HeaderValue::from_static(if allowed == Method::GET {
-                "GET, HEAD"
-            } else {
-                "POST"
-            }),
+            HeaderValue::from_static(if allowed == Method::GET { "GET, HEAD" } else { "POST" }),
         );
         res
     } else {
-        let timeout = state.request_timeout();
-        match tokio::time::timeout(timeout, dispatch(state, route, req)).await {
-            Ok(Ok(res)) => res,
-            Ok(Err(e)) => e.into_response(),
-            Err(_) => ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "REQUEST_TIMEOUT",
-                "the request took too long",
-            )
-            .into_response(),
-        }
+        dispatch(state, route, req, ip)
+            .await
+            .unwrap_or_else(ApiError::into_response)
     };
     crate::metrics::global().request(route, res.status().as_u16(), started.elapsed());
     res
@@ -78,19 +73,29 @@ fn route_of(path: &str) -> (Route, Method) {
     }
 }
 
+fn admin_route_of(path: &str) -> (Route, Method) {
+    match path {
+        "/admin/stats" => (Route::Admin, Method::GET),
+        "/admin/reload" | "/admin/export" => (Route::Admin, Method::POST),
+        _ => (Route::Unknown, Method::GET),
+    }
+}
+
 async fn dispatch(
     state: &AppState,
     route: Route,
     req: Request<Incoming>,
+    ip: IpAddr,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     match route {
-        Route::TicketGet => handlers::ticket::get(state, req).await,
+        Route::TicketGet => handlers::ticket::get(state, req, ip).await,
+        Route::Admin => handlers::admin::handle(state, req).await,
         Route::ActList => handlers::act::list(state),
         Route::ActDetail => handlers::act::detail(state, &req),
         Route::TicketList => handlers::ticket::list(state, &req),
         Route::TicketDetail => handlers::ticket::detail(state, &req),
-        Route::UserRegister => handlers::user::register(state, req).await,
-        Route::UserLogin => handlers::user::login(state, req).await,
+        Route::UserRegister => handlers::user::register(state, req, ip).await,
+        Route::UserLogin => handlers::user::login(state, req, ip).await,
         Route::UserLogout => handlers::user::logout(state, &req).await,
         Route::Healthz => Ok(handlers::ops::healthz(state)),
         Route::Metrics => Ok(handlers::ops::metrics(state)),

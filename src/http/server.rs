@@ -21,6 +21,15 @@ use tokio::{net::TcpListener, sync::watch};
 use super::router;
 use crate::app::AppState;
 
+/// Which API a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// The public API (`/act/*`, `/ticket/*`, `/user/*`, `/healthz`, `/metrics`).
+    Public,
+    /// `/admin/*` only, behind the admin token; bind it to loopback.
+    Admin,
+}
+
 /// Decrements the open-connection gauge when a connection ends.
 struct ConnGuard(Arc<AppState>);
 
@@ -33,11 +42,7 @@ impl Drop for ConnGuard {
 }
 
 /// Serves `listener` until `shutdown` turns true, then drains connections.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<AppState>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch::Receiver<bool>, surface: Surface) {
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -68,7 +73,7 @@ pub async fn serve(
             let svc_state = state.clone();
             let svc = service_fn(move |req| {
                 let state = svc_state.clone();
-                async move { Ok::<_, Infallible>(router::handle(&state, req, peer).await) }
+                async move { Ok::<_, Infallible>(router::handle(&state, req, peer, surface).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

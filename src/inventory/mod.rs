@@ -40,18 +40,12 @@ impl Inventory {
         if let Some(l) = self.ledgers.get(activity_id) {
             return l.clone();
         }
-        self.ledgers
-            .entry(Arc::from(activity_id))
-            .or_default()
-            .clone()
+        self.ledgers.entry(Arc::from(activity_id)).or_default().clone()
     }
 
     /// Every claim `user` holds, across activities.
     pub fn claims_of_user(&self, user: u64) -> Vec<Claim> {
-        self.ledgers
-            .iter()
-            .flat_map(|l| l.claims_of(user))
-            .collect()
+        self.ledgers.iter().flat_map(|l| l.claims_of(user)).collect()
     }
 
     /// Approximate heap bytes held by all pools, and the codes in stock.
@@ -71,6 +65,8 @@ impl Inventory {
 pub struct Ledger {
     users: DashMap<u64, UserClaims>,
     claimed: AtomicUsize,
+    /// Claims of this activity being decided or committed (admission control).
+    pub in_flight: AtomicUsize,
 }
 
 /// What one user holds in one activity.
@@ -128,17 +124,12 @@ impl Ledger {
     pub fn peek(&self, user: u64, limit: u32, key: Option<&str>) -> Option<Reservation> {
         let held = self.users.get(&user)?;
         if let Some(key) = key {
-            if let Some(c) = held
-                .claims
-                .iter()
-                .find(|c| c.idempotency_key.as_deref() == Some(key))
-            {
+            if let Some(c) = held.claims.iter().find(|c| c.idempotency_key.as_deref() == Some(key)) {
                 return Some(Reservation::Replay(c.clone()));
             }
         }
-        (held.claims.len() as u64 >= u64::from(limit)).then(|| {
-            Reservation::LimitReached(held.claims.iter().map(|c| c.code.clone()).collect())
-        })
+        (held.claims.len() as u64 >= u64::from(limit))
+            .then(|| Reservation::LimitReached(held.claims.iter().map(|c| c.code.clone()).collect()))
     }
 
     /// Turns a reservation into a held claim (it is durable now).
@@ -158,20 +149,13 @@ impl Ledger {
 
     /// Records a claim loaded from the store at start-up.
     pub fn restore(&self, claim: Claim) {
-        self.users
-            .entry(claim.user_id)
-            .or_default()
-            .claims
-            .push(claim);
+        self.users.entry(claim.user_id).or_default().claims.push(claim);
         self.claimed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The claims `user` holds, oldest first.
     pub fn claims_of(&self, user: u64) -> Vec<Claim> {
-        self.users
-            .get(&user)
-            .map(|e| e.claims.clone())
-            .unwrap_or_default()
+        self.users.get(&user).map(|e| e.claims.clone()).unwrap_or_default()
     }
 
     /// Whether `user` holds any claim here.

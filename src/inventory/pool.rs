@@ -97,9 +97,7 @@ impl Default for CodePool {
 impl CodePool {
     /// An empty pool with one shard per available core (at least two).
     pub fn new() -> CodePool {
-        let n = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .clamp(2, 64);
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 64);
         CodePool {
             arena: ArcSwap::from_pointee(CodeArena::default()),
             shards: (0..n).map(|_| CachePadded::new(SegQueue::new())).collect(),
@@ -142,12 +140,10 @@ impl CodePool {
             if cur == 0 {
                 return None;
             }
-            match self.remaining.compare_exchange_weak(
-                cur,
-                cur - 1,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            ) {
+            match self
+                .remaining
+                .compare_exchange_weak(cur, cur - 1, Ordering::Acquire, Ordering::Relaxed)
+            {
                 Ok(_) => break,
                 Err(actual) => cur = actual,
             }

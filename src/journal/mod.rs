@@ -168,10 +168,7 @@ impl<E: Entry> Journal<E> {
                             dropped_bytes = bytes.len() - offset,
                             "Journal ends in a torn record; truncating it (it was never acknowledged)."
                         );
-                        let f = OpenOptions::new()
-                            .write(true)
-                            .open(path)
-                            .map_err(io_err(path))?;
+                        let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
                         f.set_len(offset as u64).map_err(io_err(path))?;
                         f.sync_all().map_err(io_err(path))?;
                         break;
@@ -224,9 +221,7 @@ impl<E: Entry> Journal<E> {
         match self.tx.try_send(Msg::Append(entry)) {
             Ok(()) => {}
             Err(TrySendError::Full(Msg::Append(e))) => e.settle(Err(CommitError::Overloaded)),
-            Err(TrySendError::Disconnected(Msg::Append(e))) => {
-                e.settle(Err(CommitError::Unavailable))
-            }
+            Err(TrySendError::Disconnected(Msg::Append(e))) => e.settle(Err(CommitError::Unavailable)),
             Err(_) => unreachable!("only appends are sent with try_send"),
         }
     }
@@ -273,9 +268,7 @@ impl Segment {
         file.write_all(record::MAGIC).map_err(io_err(&path))?;
         if fsync == FsyncPolicy::Always {
             file.sync_all().map_err(io_err(&path))?;
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err(dir))?;
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
         }
         Ok(Segment {
             file,
@@ -342,9 +335,7 @@ impl Writer {
 
     fn commit<E: Entry>(&mut self, batch: &mut Vec<E>) {
         if !self.healthy.load(Ordering::Relaxed) {
-            batch
-                .drain(..)
-                .for_each(|e| e.settle(Err(CommitError::Unavailable)));
+            batch.drain(..).for_each(|e| e.settle(Err(CommitError::Unavailable)));
             return;
         }
         self.buf.clear();
@@ -352,15 +343,11 @@ impl Writer {
         for (i, e) in batch.iter().enumerate() {
             record::encode(e.claim(), first + i as u64, &mut self.buf);
         }
-        metrics::global()
-            .journal_batch
-            .observe_count(batch.len() as u64);
+        metrics::global().journal_batch.observe_count(batch.len() as u64);
         if let Err(error) = self.segment.write(&self.buf) {
             tracing::error!(%error, "Journal write failed; refusing claims until restart.");
             self.healthy.store(false, Ordering::Relaxed);
-            batch
-                .drain(..)
-                .for_each(|e| e.settle(Err(CommitError::Unavailable)));
+            batch.drain(..).for_each(|e| e.settle(Err(CommitError::Unavailable)));
             return;
         }
         self.setup.next_seq += batch.len() as u64;
@@ -380,17 +367,10 @@ impl Writer {
     /// Starts a new segment past the size limit; deletes fully applied ones.
     fn roll_and_trim(&mut self) {
         if self.segment.len >= self.setup.config.segment_size.0 {
-            match Segment::create(
-                &self.setup.dir,
-                self.setup.next_seq,
-                self.setup.config.fsync,
-            ) {
+            match Segment::create(&self.setup.dir, self.setup.next_seq, self.setup.config.fsync) {
                 Ok(next) => {
                     let old = std::mem::replace(&mut self.segment, next);
-                    let path = self
-                        .setup
-                        .dir
-                        .join(format!("{:020}.journal", old.first_seq));
+                    let path = self.setup.dir.join(format!("{:020}.journal", old.first_seq));
                     self.closed.push_back((old.first_seq, path));
                 }
                 Err(error) => {

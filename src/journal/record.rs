@@ -154,9 +154,7 @@ mod tests {
         encode(&claim(0), 7, &mut buf);
         let one = buf.len();
         encode(&claim(0), 8, &mut buf);
-        let Decoded::Record(c, n) = decode(&buf) else {
-            panic!()
-        };
+        let Decoded::Record(c, n) = decode(&buf) else { panic!() };
         assert_eq!(
             (c.id, n, &*c.code, c.idempotency_key.as_deref()),
             (7, one, "门票CODE", Some("k1"))
@@ -167,10 +165,7 @@ mod tests {
         assert_eq!(c.id, 8);
         // Every proper prefix of a record is a torn tail.
         for cut in 1..one {
-            assert!(
-                matches!(decode(&buf[..cut]), Decoded::Invalid),
-                "prefix {cut}"
-            );
+            assert!(matches!(decode(&buf[..cut]), Decoded::Invalid), "prefix {cut}");
         }
         let mut bad = buf.clone();
         bad[HEADER_LEN + 3] ^= 1;

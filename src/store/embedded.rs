@@ -117,10 +117,7 @@ fn try_lock(dir: &Path) -> Result<Option<File>, StoreError> {
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(io(
-            "cannot write to the data directory; check its permissions:",
-            &path,
-        ))?;
+        .map_err(io("cannot write to the data directory; check its permissions:", &path))?;
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc == 0 {
@@ -147,11 +144,7 @@ fn open_db(path: &Path) -> Result<Connection, StoreError> {
 
 fn applied_seq(conn: &Connection) -> Result<u64, StoreError> {
     let v: Option<String> = conn
-        .query_row(
-            "SELECT value FROM meta WHERE key = 'applied_seq'",
-            [],
-            |r| r.get(0),
-        )
+        .query_row("SELECT value FROM meta WHERE key = 'applied_seq'", [], |r| r.get(0))
         .optional()?;
     Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
@@ -190,11 +183,7 @@ fn apply_claims(conn: &mut Connection, claims: &[Claim]) -> Result<(), rusqlite:
 fn replay_journal(conn: &mut Connection, journal_dir: &Path) -> Result<u64, StoreError> {
     let recovered = Journal::<PendingClaim>::recover(journal_dir)?;
     let applied = applied_seq(conn)?;
-    let pending: Vec<Claim> = recovered
-        .claims
-        .into_iter()
-        .filter(|c| c.id > applied)
-        .collect();
+    let pending: Vec<Claim> = recovered.claims.into_iter().filter(|c| c.id > applied).collect();
     if !pending.is_empty() {
         tracing::info!(
             claims = pending.len(),
@@ -205,8 +194,7 @@ fn replay_journal(conn: &mut Connection, journal_dir: &Path) -> Result<u64, Stor
             apply_claims(conn, chunk)?;
         }
     }
-    let max_claim: i64 =
-        conn.query_row("SELECT COALESCE(MAX(id), 0) FROM claims", [], |r| r.get(0))?;
+    let max_claim: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM claims", [], |r| r.get(0))?;
     Ok(recovered.last_seq.max(max_claim as u64).max(applied))
 }
 
@@ -280,11 +268,7 @@ impl EmbeddedStore {
         self.journal.as_ref().map_or(0, Journal::queue_len)
     }
 
-    pub(super) fn import(
-        &self,
-        config: &Config,
-        node_start_ms: i64,
-    ) -> Result<ImportReport, StoreError> {
+    pub(super) fn import(&self, config: &Config, node_start_ms: i64) -> Result<ImportReport, StoreError> {
         let mut conn = self.db.lock();
         let tx = conn.transaction()?;
         let mut report = ImportReport::default();
@@ -298,8 +282,7 @@ impl EmbeddedStore {
                 "INSERT INTO tickets (id, activity_id, name, desc) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(id) DO UPDATE SET activity_id = excluded.activity_id, name = excluded.name, desc = excluded.desc",
             )?;
-            let mut insert_code =
-                tx.prepare_cached("INSERT OR IGNORE INTO codes (code, ticket_id) VALUES (?1, ?2)")?;
+            let mut insert_code = tx.prepare_cached("INSERT OR IGNORE INTO codes (code, ticket_id) VALUES (?1, ?2)")?;
             let mut owner = tx.prepare_cached("SELECT ticket_id FROM codes WHERE code = ?1")?;
             let mut count = tx.prepare_cached("SELECT COUNT(*) FROM codes WHERE ticket_id = ?1")?;
             for a in &config.activities {
@@ -322,7 +305,10 @@ impl EmbeddedStore {
                         } else {
                             let holder: String = owner.query_row([code], |r| r.get(0))?;
                             if holder != t.id {
-                                report.conflicts.push(format!("code `{code}` of ticket `{}` already belongs to ticket `{holder}`", t.id));
+                                report.conflicts.push(format!(
+                                    "code `{code}` of ticket `{}` already belongs to ticket `{holder}`",
+                                    t.id
+                                ));
                             }
                         }
                     }
@@ -354,9 +340,7 @@ impl EmbeddedStore {
         let mut stmt = conn.prepare_cached(
             "SELECT c.code FROM codes c WHERE c.ticket_id = ?1 AND NOT EXISTS (SELECT 1 FROM claims k WHERE k.code = c.code)",
         )?;
-        let codes = stmt
-            .query_map([ticket_id], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
+        let codes = stmt.query_map([ticket_id], |r| r.get(0))?.collect::<Result<_, _>>()?;
         Ok(codes)
     }
 
@@ -412,21 +396,12 @@ impl EmbeddedStore {
     pub(super) fn has_activity(&self, activity_id: &str) -> Result<bool, StoreError> {
         let conn = self.db.lock();
         let found = conn
-            .query_row(
-                "SELECT 1 FROM activities WHERE id = ?1",
-                [activity_id],
-                |_| Ok(()),
-            )
+            .query_row("SELECT 1 FROM activities WHERE id = ?1", [activity_id], |_| Ok(()))
             .optional()?;
         Ok(found.is_some())
     }
 
-    pub(super) fn create_user(
-        &self,
-        username: &str,
-        nickname: &str,
-        password_hash: &str,
-    ) -> Result<User, StoreError> {
+    pub(super) fn create_user(&self, username: &str, nickname: &str, password_hash: &str) -> Result<User, StoreError> {
         let conn = self.db.lock();
         let now = crate::config::now_ms();
         let inserted = conn.execute(
@@ -445,10 +420,7 @@ impl EmbeddedStore {
         })
     }
 
-    pub(super) fn create_users(
-        &self,
-        users: &[(String, String, String)],
-    ) -> Result<usize, StoreError> {
+    pub(super) fn create_users(&self, users: &[(String, String, String)]) -> Result<usize, StoreError> {
         let mut conn = self.db.lock();
         let tx = conn.transaction()?;
         let mut created = 0;
@@ -475,20 +447,13 @@ impl EmbeddedStore {
 
     pub(super) fn list_users(&self) -> Result<Vec<User>, StoreError> {
         let conn = self.db.lock();
-        let mut stmt = conn.prepare(
-            "SELECT id, username, nickname, password_hash, created_at_ms FROM users ORDER BY id",
-        )?;
-        let users = stmt
-            .query_map([], user_from_row)?
-            .collect::<Result<_, _>>()?;
+        let mut stmt =
+            conn.prepare("SELECT id, username, nickname, password_hash, created_at_ms FROM users ORDER BY id")?;
+        let users = stmt.query_map([], user_from_row)?.collect::<Result<_, _>>()?;
         Ok(users)
     }
 
-    pub(super) fn revoke_session(
-        &self,
-        token_id: &str,
-        expires_at_ms: i64,
-    ) -> Result<(), StoreError> {
+    pub(super) fn revoke_session(&self, token_id: &str, expires_at_ms: i64) -> Result<(), StoreError> {
         let conn = self.db.lock();
         conn.execute(
             "INSERT OR IGNORE INTO revoked_sessions (token_id, expires_at_ms) VALUES (?1, ?2)",
@@ -499,10 +464,7 @@ impl EmbeddedStore {
 
     pub(super) fn revoked_sessions(&self, now_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
         let conn = self.db.lock();
-        conn.execute(
-            "DELETE FROM revoked_sessions WHERE expires_at_ms < ?1",
-            [now_ms],
-        )?;
+        conn.execute("DELETE FROM revoked_sessions WHERE expires_at_ms < ?1", [now_ms])?;
         let mut stmt = conn.prepare("SELECT token_id, expires_at_ms FROM revoked_sessions")?;
         let rows = stmt
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -510,11 +472,7 @@ impl EmbeddedStore {
         Ok(rows)
     }
 
-    pub(super) fn secret(
-        &self,
-        name: &str,
-        create: &dyn Fn() -> String,
-    ) -> Result<String, StoreError> {
+    pub(super) fn secret(&self, name: &str, create: &dyn Fn() -> String) -> Result<String, StoreError> {
         let conn = self.db.lock();
         let key = format!("secret.{name}");
         conn.execute(
@@ -545,9 +503,7 @@ fn journal_less(pending: PendingClaim) {
 /// 16 characters of Crockford base32 from the OS CSPRNG: 80 bits, no 0/O or 1/I/L confusion.
 fn generate_code(rng: &mut impl Rng) -> String {
     const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
-    (0..16)
-        .map(|_| ALPHABET[rng.gen_range(0..32)] as char)
-        .collect()
+    (0..16).map(|_| ALPHABET[rng.gen_range(0..32)] as char).collect()
 }
 
 /// Copies durable claims into SQLite, retrying (never dropping) on errors.

@@ -122,9 +122,7 @@ pub enum Store {
 impl Store {
     /// Opens the store configured in `config`.
     pub fn open(config: &Config, access: Access) -> Result<Arc<Store>, StoreError> {
-        Ok(Arc::new(Store::Embedded(EmbeddedStore::open(
-            config, access,
-        )?)))
+        Ok(Arc::new(Store::Embedded(EmbeddedStore::open(config, access)?)))
     }
 
     /// Hands a claim to the committer; it settles the claim when durable or failed.
@@ -195,12 +193,7 @@ impl Store {
     }
 
     /// Creates one user; [`StoreError::UsernameTaken`] if the name exists.
-    pub fn create_user(
-        &self,
-        username: &str,
-        nickname: &str,
-        password_hash: &str,
-    ) -> Result<User, StoreError> {
+    pub fn create_user(&self, username: &str, nickname: &str, password_hash: &str) -> Result<User, StoreError> {
         match self {
             Store::Embedded(s) => s.create_user(username, nickname, password_hash),
         }

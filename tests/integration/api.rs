@@ -8,9 +8,7 @@ fn assert_error(res: &ticketd::bench::ApiResponse, status: u16, code: &str) {
     assert_eq!(res.status, status, "{}", res.body);
     assert_eq!(res.body["ok"], false, "{}", res.body);
     assert_eq!(res.error_code(), Some(code), "{}", res.body);
-    assert!(res.body["error"]["message"]
-        .as_str()
-        .is_some_and(|m| !m.is_empty()));
+    assert!(res.body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
 }
 
 fn windows() -> String {
@@ -74,15 +72,9 @@ async fn the_claim_answers_each_outcome_with_its_own_code() {
     let res = app.claim(&alice, "over").await;
     assert_error(&res, 409, "ENDED");
     assert_eq!(res.body["error"]["endTime"], "2020-01-01T16:00:00Z");
-    let res = app
-        .client
-        .post(
-            "/ticket/get",
-            Some(&alice),
-            &json!({ "actId": "two", "ticketId": "open-t" }),
-        )
-        .await
-        .unwrap();
+    let mut body = app.claim_body(&alice, "two").await;
+    body["ticketId"] = "open-t".into();
+    let res = app.client.post("/ticket/get", Some(&alice), &body).await.unwrap();
     assert_error(&res, 404, "TICKET_NOT_FOUND");
 
     let first = app.claim(&alice, "open").await;
@@ -100,15 +92,9 @@ async fn the_claim_answers_each_outcome_with_its_own_code() {
     assert_error(&app.claim(&alice, "open").await, 409, "LIMIT_REACHED");
 
     // Choosing a ticket type, and falling through to the next type with stock.
-    let res = app
-        .client
-        .post(
-            "/ticket/get",
-            Some(&carol),
-            &json!({ "actId": "two", "ticketId": "two-b" }),
-        )
-        .await
-        .unwrap();
+    let mut body = app.claim_body(&carol, "two").await;
+    body["ticketId"] = "two-b".into();
+    let res = app.client.post("/ticket/get", Some(&carol), &body).await.unwrap();
     assert_eq!(res.data()["ticketId"], "two-b");
     assert_eq!(app.claim(&carol, "two").await.data()["code"], "A1");
     assert_eq!(app.claim(&carol, "two").await.data()["ticketId"], "two-b");
@@ -119,16 +105,17 @@ async fn the_claim_answers_each_outcome_with_its_own_code() {
 async fn an_idempotency_key_returns_the_same_code_and_never_a_second() {
     let app = TestApp::start(&(base_config() + &open_activity("idem", 10, 2)));
     let token = app.register("retry").await;
+    let body = app.claim_body(&token, "idem").await;
     let post = |key: &'static str| {
         let client = app.client_clone();
-        let token = token.clone();
+        let (token, body) = (token.clone(), body.clone());
         async move {
             client
                 .call(
                     http::Method::POST,
                     "/ticket/get",
                     Some(&token),
-                    Some(&json!({ "actId": "idem" })),
+                    Some(&body),
                     &[("Idempotency-Key", key)],
                 )
                 .await
@@ -153,7 +140,7 @@ async fn an_idempotency_key_returns_the_same_code_and_never_a_second() {
             http::Method::POST,
             "/ticket/get",
             Some(&token),
-            Some(&json!({ "actId": "idem" })),
+            Some(&body),
             &[("Idempotency-Key", "has space")],
         )
         .await
@@ -174,11 +161,7 @@ async fn lists_details_and_other_users_claims() {
         .iter()
         .map(|a| a["actId"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        ids,
-        ["open", "later", "two"],
-        "ended activities are not listed"
-    );
+    assert_eq!(ids, ["open", "later", "two"], "ended activities are not listed");
     let later = &list.data()["activities"][1];
     assert_eq!(later["status"], "upcoming");
     assert_eq!(later["remaining"], 1);
@@ -187,18 +170,10 @@ async fn lists_details_and_other_users_claims() {
     let claim = app.claim(&alice, "open").await;
     let claim_id = claim.data()["claimId"].as_u64().unwrap();
 
-    let detail = app
-        .client
-        .get("/act/detail?actId=open", Some(&alice))
-        .await
-        .unwrap();
+    let detail = app.client.get("/act/detail?actId=open", Some(&alice)).await.unwrap();
     assert_eq!(detail.data()["joined"], true);
     assert_eq!(detail.data()["claims"][0]["code"], claim.data()["code"]);
-    let anon = app
-        .client
-        .get("/act/detail?actId=open", None)
-        .await
-        .unwrap();
+    let anon = app.client.get("/act/detail?actId=open", None).await.unwrap();
     assert!(anon.data().get("claims").is_none());
     assert_eq!(
         app.client
@@ -223,18 +198,11 @@ async fn lists_details_and_other_users_claims() {
     assert_eq!(mine.data()["total"], 1);
     assert_eq!(mine.data()["claims"][0]["claimId"], claim_id);
     assert_eq!(
-        app.client
-            .get("/ticket/list", Some(&bob))
-            .await
-            .unwrap()
-            .data()["total"],
+        app.client.get("/ticket/list", Some(&bob)).await.unwrap().data()["total"],
         0
     );
     assert_error(
-        &app.client
-            .get("/ticket/list?page=0", Some(&alice))
-            .await
-            .unwrap(),
+        &app.client.get("/ticket/list?page=0", Some(&alice)).await.unwrap(),
         400,
         "INVALID_PARAMETER",
     );
@@ -331,21 +299,11 @@ async fn accounts_register_login_logout() {
 
     let seed_header = app
         .client
-        .call(
-            http::Method::GET,
-            "/ticket/list",
-            None,
-            None,
-            &[("token", &again)],
-        )
+        .call(http::Method::GET, "/ticket/list", None, None, &[("token", &again)])
         .await
         .unwrap();
     assert_eq!(seed_header.status, 200, "the seed's `token` header works");
-    let out = app
-        .client
-        .post("/user/logout", Some(&again), &json!({}))
-        .await
-        .unwrap();
+    let out = app.client.post("/user/logout", Some(&again), &json!({})).await.unwrap();
     assert_eq!(out.status, 200);
     assert_error(
         &app.client.get("/ticket/list", Some(&again)).await.unwrap(),
@@ -353,11 +311,7 @@ async fn accounts_register_login_logout() {
         "UNAUTHORIZED",
     );
     assert_eq!(
-        app.client
-            .get("/ticket/list", Some(&token))
-            .await
-            .unwrap()
-            .status,
+        app.client.get("/ticket/list", Some(&token)).await.unwrap().status,
         200,
         "other sessions live on"
     );
@@ -372,8 +326,7 @@ async fn accounts_register_login_logout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_can_be_closed() {
-    let config = base_config().replace("[auth]", "[auth]\nopen_registration = false")
-        + &open_activity("c", 1, 1);
+    let config = base_config().replace("[auth]", "[auth]\nopen_registration = false") + &open_activity("c", 1, 1);
     let app = TestApp::start(&config);
     let res = app
         .client
@@ -385,22 +338,14 @@ async fn registration_can_be_closed() {
         .await
         .unwrap();
     assert_error(&res, 403, "REGISTRATION_CLOSED");
-    let out = app.cli(
-        &["user", "add", "--username", "eve"],
-        Some("password-eve\n"),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = app.cli(&["user", "add", "--username", "eve"], Some("password-eve\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     app.login("eve").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_the_error_shape_never_a_panic() {
-    let config = base_config().replace("[server]", "[server]\nmax_body = \"1KiB\"")
-        + &open_activity("b", 5, 1);
+    let config = base_config().replace("[server]", "[server]\nmax_body = \"1KiB\"") + &open_activity("b", 5, 1);
     let app = TestApp::start(&config);
     let token = app.register("mallory").await;
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
@@ -440,13 +385,7 @@ async fn bad_input_gets_the_error_shape_never_a_panic() {
     assert_error(&res, 405, "METHOD_NOT_ALLOWED");
     let res = app
         .client
-        .call(
-            http::Method::GET,
-            "/act/detail?actId=%FF%FE",
-            None,
-            None,
-            &[],
-        )
+        .call(http::Method::GET, "/act/detail?actId=%FF%FE", None, None, &[])
         .await
         .unwrap();
     assert_error(&res, 404, "ACTIVITY_NOT_FOUND");
@@ -470,10 +409,7 @@ async fn send_raw(app: &TestApp, token: &str, body: Vec<u8>) -> (u16, Value) {
     let text = String::from_utf8_lossy(&out);
     let status: u16 = text.split(' ').nth(1).unwrap().parse().unwrap();
     let json_start = text.find("\r\n\r\n").unwrap() + 4;
-    (
-        status,
-        serde_json::from_str(&text[json_start..]).unwrap_or(Value::Null),
-    )
+    (status, serde_json::from_str(&text[json_start..]).unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -501,9 +437,7 @@ async fn raw_get(app: &TestApp, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
     stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut out = String::new();

@@ -43,15 +43,11 @@ end_time = "+1h"
         .unwrap()
         + 1;
     assert!(
-        err.contains(&format!(
-            "line {end_line}: activity `a` must end after it starts"
-        )),
+        err.contains(&format!("line {end_line}: activity `a` must end after it starts")),
         "{err}"
     );
     assert!(
-        err.contains(&format!(
-            "line {codes_line}: ticket `t`: code `X` appears twice"
-        )),
+        err.contains(&format!("line {codes_line}: ticket `t`: code `X` appears twice")),
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
@@ -89,11 +85,7 @@ fn startup_failures_exit_nonzero_with_one_sentence() {
     let broken = dir_with("[server\nlisten = 1");
     let out = run_cli(broken.path(), &["serve"], None);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("line 1"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("line 1"), "{}", text(&out.stderr));
 
     // Address in use.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -156,43 +148,22 @@ end_time = "+1h"
     let out = run_cli(dir.path(), &["import"], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let first = text(&out.stdout);
-    assert!(
-        first.contains("ticket imp-a: 3 codes added, 3 in total"),
-        "{first}"
-    );
-    assert!(
-        first.contains("ticket imp-g: 50 codes added, 50 in total"),
-        "{first}"
-    );
-    assert!(
-        first.contains("ticket imp-f: 3 codes added, 3 in total"),
-        "{first}"
-    );
+    assert!(first.contains("ticket imp-a: 3 codes added, 3 in total"), "{first}");
+    assert!(first.contains("ticket imp-g: 50 codes added, 50 in total"), "{first}");
+    assert!(first.contains("ticket imp-f: 3 codes added, 3 in total"), "{first}");
     let out = run_cli(dir.path(), &["import"], None);
     let second = text(&out.stdout);
-    assert!(
-        second.contains("ticket imp-a: 0 codes added, 3 in total"),
-        "{second}"
-    );
-    assert!(
-        second.contains("ticket imp-g: 0 codes added, 50 in total"),
-        "{second}"
-    );
+    assert!(second.contains("ticket imp-a: 0 codes added, 3 in total"), "{second}");
+    assert!(second.contains("ticket imp-g: 0 codes added, 50 in total"), "{second}");
 
     // Claim C-codes through a node, then import again: stock stays as it is.
     let mut app = TestApp::start_with(&config, &[("codes.txt", "F1\nF2\nF3\n")]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let t = app.register("ivan").await;
-        let res = app
-            .client
-            .post(
-                "/ticket/get",
-                Some(&t),
-                &serde_json::json!({ "actId": "imp", "ticketId": "imp-a" }),
-            )
-            .await
-            .unwrap();
+        let mut body = app.claim_body(&t, "imp").await;
+        body["ticketId"] = "imp-a".into();
+        let res = app.client.post("/ticket/get", Some(&t), &body).await.unwrap();
         assert_eq!(res.status, 200);
     });
     app.stop();
@@ -205,10 +176,7 @@ end_time = "+1h"
     app.boot();
     rt.block_on(async {
         let d = app.detail("imp").await;
-        assert_eq!(
-            d["tickets"][0]["remaining"], 2,
-            "the claimed code did not come back"
-        );
+        assert_eq!(d["tickets"][0]["remaining"], 2, "the claimed code did not come back");
         assert_eq!(d["claimed"], 1);
     });
 }
@@ -217,21 +185,11 @@ end_time = "+1h"
 fn users_from_the_command_line_and_exports_in_both_formats() {
     let app = TestApp::start(&(base_config() + &open_activity("exp", 10, 1)));
     let out = app.cli(
-        &[
-            "user",
-            "add",
-            "--username",
-            "zhang",
-            "--nickname",
-            "张三, \"老张\"",
-        ],
+        &["user", "add", "--username", "zhang", "--nickname", "张三, \"老张\""],
         Some("password-zhang\n"),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let out = app.cli(
-        &["user", "add", "--username", "zhang"],
-        Some("password-zhang\n"),
-    );
+    let out = app.cli(&["user", "add", "--username", "zhang"], Some("password-zhang\n"));
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("taken"));
     std::fs::write(
@@ -240,11 +198,7 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
     )
     .unwrap();
     let out = app.cli(&["user", "import", "u.csv"], None);
-    assert!(
-        text(&out.stdout).contains("2 users created"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert!(text(&out.stdout).contains("2 users created"), "{}", text(&out.stdout));
     let out = app.cli(&["user", "list"], None);
     let users = parse_csv(&out.stdout);
     let names: Vec<&str> = users.iter().map(|u| u["username"].as_str()).collect();
@@ -257,12 +211,7 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
         let mut codes = Vec::new();
         for name in ["zhang", "lisi"] {
             let t = app.login(name).await;
-            codes.push(
-                app.claim(&t, "exp").await.data()["code"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned(),
-            );
+            codes.push(app.claim(&t, "exp").await.data()["code"].as_str().unwrap().to_owned());
         }
         codes
     });
@@ -270,15 +219,7 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
     let mut app = app;
     assert_eq!(app.stop(), 0);
     let out = app.cli(
-        &[
-            "export",
-            "--activity",
-            "exp",
-            "--format",
-            "csv",
-            "--out",
-            "claims.csv",
-        ],
+        &["export", "--activity", "exp", "--format", "csv", "--out", "claims.csv"],
         None,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -319,12 +260,7 @@ fn bench_rushes_and_verifies_the_invariants() {
         .args(["--claims-per-user", "3", "--create-users", "--json"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["violations"], serde_json::json!([]));
     assert_eq!(report["outcomes"]["success"], 150, "{report}");

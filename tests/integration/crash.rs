@@ -9,10 +9,8 @@ use std::{
     },
 };
 
-use serde_json::json;
-
 use crate::{
-    common::{base_config, open_activity, parse_csv, username, TestApp},
+    common::{base_config, claim_body, open_activity, parse_csv, username, TestApp},
     rush::rush,
 };
 
@@ -28,21 +26,18 @@ async fn kill_9_mid_rush_keeps_every_acknowledged_claim() {
     let killed = Arc::new(tokio::sync::Notify::new());
     let mut tasks = Vec::new();
     let sem = Arc::new(tokio::sync::Semaphore::new(128));
-    for (i, token) in tokens.iter().enumerate().take(2000) {
+    // Claim tokens first, as clients fetch them when the sale opens.
+    let mut bodies = Vec::new();
+    for token in tokens.iter().take(2000) {
+        bodies.push(claim_body(&app.client, token, "crash").await);
+    }
+    for (i, (token, body)) in tokens.iter().zip(bodies).enumerate() {
         let client = app.client_clone();
-        let (acked, count, killed, sem, token) = (
-            acked.clone(),
-            count.clone(),
-            killed.clone(),
-            sem.clone(),
-            token.clone(),
-        );
+        let (acked, count, killed, sem, token) =
+            (acked.clone(), count.clone(), killed.clone(), sem.clone(), token.clone());
         tasks.push(tokio::spawn(async move {
             let _p = sem.acquire().await.unwrap();
-            if let Ok(res) = client
-                .post("/ticket/get", Some(&token), &json!({ "actId": "crash" }))
-                .await
-            {
+            if let Ok(res) = client.post("/ticket/get", Some(&token), &body).await {
                 if res.status == 200 {
                     acked
                         .lock()
@@ -72,11 +67,7 @@ async fn kill_9_mid_rush_keeps_every_acknowledged_claim() {
     // Restart: every acknowledged claim is there; unacknowledged takes are back in stock.
     app.boot();
     for (i, code) in &before {
-        assert_eq!(
-            app.held(&tokens[*i], "crash").await,
-            vec![code.clone()],
-            "user c{i}"
-        );
+        assert_eq!(app.held(&tokens[*i], "crash").await, vec![code.clone()], "user c{i}");
     }
     let detail = app.detail("crash").await;
     let claimed = detail["claimed"].as_u64().unwrap();
@@ -99,11 +90,7 @@ async fn kill_9_mid_rush_keeps_every_acknowledged_claim() {
 
     app.stop();
     let out = app.cli(&["export", "--activity", "crash"], None);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rows = parse_csv(&out.stdout);
     assert_eq!(rows.len(), 1000);
     let by_code: HashMap<&str, &str> = rows
@@ -114,10 +101,7 @@ async fn kill_9_mid_rush_keeps_every_acknowledged_claim() {
     let users: HashSet<&str> = by_code.values().copied().collect();
     assert_eq!(users.len(), 1000, "a user appears twice in the export");
     for (i, code) in &before {
-        assert_eq!(
-            by_code.get(code.as_str()),
-            Some(&username("c", *i).as_str())
-        );
+        assert_eq!(by_code.get(code.as_str()), Some(&username("c", *i).as_str()));
     }
 }
 
@@ -140,11 +124,7 @@ async fn a_torn_journal_tail_is_truncated_on_restart() {
     bytes.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3, 4, 5]);
     std::fs::write(&segment, bytes).unwrap();
     app.boot();
-    assert!(
-        app.logs_text().contains("torn record"),
-        "{}",
-        app.logs_text()
-    );
+    assert!(app.logs_text().contains("torn record"), "{}", app.logs_text());
     assert_eq!(
         app.held(&token, "torn").await,
         vec![res.data()["code"].as_str().unwrap().to_owned()]

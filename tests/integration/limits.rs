@@ -3,23 +3,26 @@
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::{base_config, open_activity, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_in_flight_budget_claims_are_shed_with_503_and_retry_after() {
-    let config = base_config().replace("[log]", "[limits]\nmax_in_flight_claims = 1\n\n[log]")
-        + &open_activity("o", 1000, 1);
+    let config =
+        base_config().replace("[log]", "[limits]\nmax_in_flight_claims = 1\n\n[log]") + &open_activity("o", 1000, 1);
     let app = TestApp::start(&config);
     let tokens = app.users("o", 300).await;
     let client = app.client_clone();
-    let body = json!({ "actId": "o" });
+    let mut bodies = Vec::new();
+    for t in &tokens {
+        bodies.push(app.claim_body(t, "o").await);
+    }
     let answers = join_all(
         tokens
             .iter()
-            .map(|t| client.post("/ticket/get", Some(t), &body)),
+            .zip(&bodies)
+            .map(|(t, b)| client.post("/ticket/get", Some(t), b)),
     )
     .await;
     let mut ok = 0;
@@ -49,14 +52,11 @@ async fn past_the_in_flight_budget_claims_are_shed_with_503_and_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_connection_is_cut_off() {
-    let config = base_config().replace("[server]", "[server]\nheader_read_timeout = \"500ms\"")
-        + &open_activity("s", 1, 1);
+    let config =
+        base_config().replace("[server]", "[server]\nheader_read_timeout = \"500ms\"") + &open_activity("s", 1, 1);
     let app = TestApp::start(&config);
     let mut stream = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
-        .await
-        .unwrap();
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n").await.unwrap();
     let started = Instant::now();
     // Trickle a header byte now and then; the server must close the connection anyway.
     let mut buf = [0u8; 512];

@@ -5,9 +5,7 @@ use std::sync::{
     Arc,
 };
 
-use serde_json::json;
-
-use crate::common::{base_config, open_activity, TestApp};
+use crate::common::{base_config, claim_body, open_activity, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_valid_change_applies_under_load_without_failing_a_request() {
@@ -29,11 +27,16 @@ async fn a_valid_change_applies_under_load_without_failing_a_request() {
             chunk.to_vec(),
         );
         load.push(tokio::spawn(async move {
+            let mut bodies = Vec::new();
+            for token in &chunk {
+                bodies.push(claim_body(&client, token, "live").await);
+            }
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
                 let token = &chunk[i % chunk.len()];
+                let body = &bodies[i % chunk.len()];
                 i += 1;
-                let claim = client.post("/ticket/get", Some(token), &json!({ "actId": "live" })).await;
+                let claim = client.post("/ticket/get", Some(token), body).await;
                 let list = client.get("/act/list", None).await;
                 let ok = matches!(&claim, Ok(r) if r.status == 200 || r.error_code() == Some("LIMIT_REACHED"))
                     && matches!(&list, Ok(r) if r.status == 200);
@@ -50,6 +53,12 @@ async fn a_valid_change_applies_under_load_without_failing_a_request() {
     let v2 = base_config()
         + &open_activity("live", 3500, 2).replace("Activity live", "Renamed live")
         + &open_activity("new", 10, 1);
+    // Reload only once the load is flowing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while done.load(Ordering::Relaxed) < 200 {
+        assert!(std::time::Instant::now() < deadline, "the load never started");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let outcome = app.reload(&v2);
     assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
     assert_eq!(outcome["codes_added"], 510);
@@ -58,11 +67,7 @@ async fn a_valid_change_applies_under_load_without_failing_a_request() {
     for t in load {
         t.await.unwrap();
     }
-    assert_eq!(
-        bad.load(Ordering::Relaxed),
-        0,
-        "requests failed around the reload"
-    );
+    assert_eq!(bad.load(Ordering::Relaxed), 0, "requests failed around the reload");
     assert!(requests_during > 0);
 
     let live = app.detail("live").await;
@@ -89,33 +94,21 @@ async fn an_invalid_or_restart_only_change_is_refused_and_the_old_config_serves(
 
     let broken = v1.replace("per_user_limit = 1", "per_user_limit = \"one\"");
     let outcome = app.reload(&broken);
-    assert_eq!(
-        outcome["message"],
-        "Reload refused; still serving the previous config."
-    );
+    assert_eq!(outcome["message"], "Reload refused; still serving the previous config.");
     let reason = outcome["reason"].as_str().unwrap();
-    assert!(
-        reason.contains("line"),
-        "the reason names the line: {reason}"
-    );
+    assert!(reason.contains("line"), "the reason names the line: {reason}");
 
     let inconsistent = v1.replace("start_time = \"-1m\"", "start_time = \"+2h\"");
     let outcome = app.reload(&inconsistent);
     assert!(
-        outcome["reason"]
-            .as_str()
-            .unwrap()
-            .contains("must end after it starts"),
+        outcome["reason"].as_str().unwrap().contains("must end after it starts"),
         "{outcome}"
     );
 
     let moved = v1.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");
     let outcome = app.reload(&moved);
     assert!(
-        outcome["reason"]
-            .as_str()
-            .unwrap()
-            .contains("server.listen"),
+        outcome["reason"].as_str().unwrap().contains("server.listen"),
         "{outcome}"
     );
 
@@ -136,12 +129,7 @@ async fn pausing_refuses_claims_and_unpausing_resumes_with_stock_intact() {
     let paused = v1.replace("per_user_limit = 1", "per_user_limit = 1\npaused = true");
     assert_eq!(app.reload(&paused)["message"], "Config reloaded.");
     let res = app.claim(&b, "p").await;
-    assert_eq!(
-        (res.status, res.error_code()),
-        (409, Some("PAUSED")),
-        "{}",
-        res.body
-    );
+    assert_eq!((res.status, res.error_code()), (409, Some("PAUSED")), "{}", res.body);
     assert_eq!(app.detail("p").await["paused"], true);
 
     assert_eq!(app.reload(&v1)["message"], "Config reloaded.");

@@ -6,9 +6,8 @@ use std::{
 };
 
 use futures::future::join_all;
-use serde_json::json;
 
-use crate::common::{base_config, open_activity, parse_csv, username, TestApp};
+use crate::common::{base_config, claim_body, open_activity, parse_csv, username, TestApp};
 
 /// Fires `per_user` simultaneous claims for each token (at most `parallel_users`
 /// users at once); returns, per user index, the codes acknowledged, and every
@@ -27,7 +26,7 @@ pub async fn rush(
         let (sem, token, act) = (sem.clone(), token.clone(), act.to_owned());
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await.unwrap();
-            let body = json!({ "actId": act });
+            let body = claim_body(&client, &token, &act).await;
             let claims = (0..per_user).map(|_| client.post("/ticket/get", Some(&token), &body));
             let answers = join_all(claims).await;
             (i, answers)
@@ -93,11 +92,7 @@ async fn five_thousand_users_three_claims_each_get_exactly_the_thousand_codes() 
 
     // And in the export.
     let out = app.cli(&["export", "--activity", "rush", "--format", "csv"], None);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rows = parse_csv(&out.stdout);
     assert_eq!(rows.len(), 1000);
     let exported: HashMap<String, String> = rows
@@ -120,7 +115,7 @@ async fn one_user_firing_fifty_claims_gets_exactly_the_limit() {
     let app = TestApp::start(&config);
     let token = app.register("greedy").await;
     let client = app.client_clone();
-    let body = json!({ "actId": "lim" });
+    let body = app.claim_body(&token, "lim").await;
     let answers = join_all((0..50).map(|_| client.post("/ticket/get", Some(&token), &body))).await;
     let ok: Vec<String> = answers
         .iter()
@@ -130,17 +125,8 @@ async fn one_user_firing_fifty_claims_gets_exactly_the_limit() {
         .collect();
     assert_eq!(ok.len(), 2, "{answers:?}");
     assert_ne!(ok[0], ok[1]);
-    for a in answers
-        .iter()
-        .map(|a| a.as_ref().unwrap())
-        .filter(|a| a.status != 200)
-    {
-        assert_eq!(
-            (a.status, a.error_code()),
-            (409, Some("LIMIT_REACHED")),
-            "{}",
-            a.body
-        );
+    for a in answers.iter().map(|a| a.as_ref().unwrap()).filter(|a| a.status != 200) {
+        assert_eq!((a.status, a.error_code()), (409, Some("LIMIT_REACHED")), "{}", a.body);
     }
     let mut held = app.held(&token, "lim").await;
     held.sort();

@@ -30,6 +30,7 @@ struct ActivityView<'a> {
     status: Status,
     paused: bool,
     per_user_limit: u32,
+    pow_difficulty: u8,
     remaining: usize,
     claimed: usize,
     tickets: Vec<TicketView<'a>>,
@@ -58,6 +59,7 @@ fn view(a: &Activity, now: i64) -> ActivityView<'_> {
         status: a.status(now),
         paused: a.paused,
         per_user_limit: a.per_user_limit,
+        pow_difficulty: a.pow_difficulty,
         remaining: a.remaining(),
         claimed: a.ledger.claimed(),
         tickets: a
@@ -90,10 +92,7 @@ pub fn list(state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
 }
 
 /// One activity; with a token, whether the caller joined and their claims.
-pub fn detail(
-    state: &AppState,
-    req: &Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+pub fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
     let query = Query::parse(req.uri().query());
     let id = query.require("actId")?;
     let session = optional_session(state, req.headers())?;
@@ -111,6 +110,10 @@ pub fn detail(
             "claims".into(),
             serde_json::to_value(views).map_err(|_| ApiError::internal())?,
         );
+        // Only a logged-in user, only once the sale is open: nothing to pre-fire.
+        if let Some(token) = state.claimer.claim_token(s.user_id, activity, now) {
+            obj.insert("claimToken".into(), token.into());
+        }
     }
     Ok(ok(&data))
 }

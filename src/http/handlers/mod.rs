@@ -1,6 +1,7 @@
 //! One module per API area.
 
 pub mod act;
+pub mod admin;
 pub mod ops;
 pub mod ticket;
 pub mod user;

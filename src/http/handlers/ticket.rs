@@ -1,6 +1,6 @@
 //! `POST /ticket/get` (the claim), `GET /ticket/list`, `GET /ticket/detail`.
 
-use std::sync::Arc;
+use std::{net::IpAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -11,11 +11,13 @@ use serde::{Deserialize, Serialize};
 use super::ClaimView;
 use crate::{
     app::AppState,
+    auth::Denied,
     claim::ClaimRequest,
     http::{
         request::{idempotency_key, json_body, ok, session, Id, Query},
         ApiError,
     },
+    metrics::{self, Rejected},
 };
 
 /// The claim body.
@@ -25,6 +27,10 @@ struct GetBody {
     act_id: Id,
     #[serde(default)]
     ticket_id: Option<Id>,
+    #[serde(default)]
+    claim_token: Option<String>,
+    #[serde(default)]
+    pow_nonce: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -36,12 +42,24 @@ struct Claimed<'a> {
 }
 
 /// Claims a code.
-pub async fn get(
-    state: &AppState,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
-    // Authenticate before reading the body: an anonymous flood costs no parsing.
+pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result<Response<Full<Bytes>>, ApiError> {
+    // Cheapest refusals first: the address's rate, then who it is, then the
+    // user's rate; the body is read only after all of them.
+    let now = Instant::now();
+    let m = metrics::global();
+    state
+        .guard
+        .admit_claim_from(ip, now)
+        .inspect_err(|_| m.reject(Rejected::IpRate))?;
     let session = session(state, req.headers())?;
+    if state.guard.is_blocked_id(session.user_id) {
+        m.reject(Rejected::Blocked);
+        return Err(Denied::Blocked.into());
+    }
+    state
+        .guard
+        .admit_claim_by(session.user_id, now)
+        .inspect_err(|_| m.reject(Rejected::UserRate))?;
     let key = idempotency_key(req.headers())?.map(Arc::<str>::from);
     let body = req.into_body();
     let body: GetBody = json_body(state, body).await?;
@@ -55,6 +73,8 @@ pub async fn get(
                 activity_id: &body.act_id.0,
                 ticket_id: body.ticket_id.as_ref().map(|t| t.0.as_str()),
                 idempotency_key: key,
+                claim_token: body.claim_token.as_deref(),
+                pow_nonce: body.pow_nonce.as_deref(),
             },
         )
         .await?;
@@ -88,10 +108,7 @@ pub fn list(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<B
 }
 
 /// One claim of the caller; anyone else's is indistinguishable from a missing one.
-pub fn detail(
-    state: &AppState,
-    req: &Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+pub fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
     let session = session(state, req.headers())?;
     let query = Query::parse(req.uri().query());
     let raw = query.require("ticketId")?;

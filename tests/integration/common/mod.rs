@@ -36,6 +36,15 @@ path = "data"
 argon2_memory_kib = 8
 argon2_iterations = 1
 
+[security]
+# Every test client is 127.0.0.1: per-address limits would throttle the suite.
+# The security tests set their own limits.
+claim_rate_per_ip = 1000000.0
+claim_burst_per_ip = 1000000
+claim_rate_per_user = 1000000.0
+claim_burst_per_user = 1000000
+registrations_per_ip_per_hour = 1000000
+
 [log]
 level = "info"
 "#
@@ -220,10 +229,7 @@ impl TestApp {
                 return self.wait_for_log("Config reloaded.", applied + 1);
             }
             if self.count_logs("Reload refused; still serving the previous config.") > refused {
-                return self.wait_for_log(
-                    "Reload refused; still serving the previous config.",
-                    refused + 1,
-                );
+                return self.wait_for_log("Reload refused; still serving the previous config.", refused + 1);
             }
             assert!(Instant::now() < deadline, "reload produced no outcome");
             std::thread::sleep(Duration::from_millis(20));
@@ -314,11 +320,15 @@ impl TestApp {
         Arc::new(ApiClient::new(vec![self.url()], 256).unwrap())
     }
 
+    /// The claim body a real client sends: `actId` and the claim token from `/act/detail`.
+    pub async fn claim_body(&self, token: &str, act: &str) -> Value {
+        claim_body(&self.client, token, act).await
+    }
+
+    /// Claims a code of `act` the way a client does (fetching the claim token first).
     pub async fn claim(&self, token: &str, act: &str) -> ApiResponse {
-        self.client
-            .post("/ticket/get", Some(token), &json!({ "actId": act }))
-            .await
-            .unwrap()
+        let body = self.claim_body(token, act).await;
+        self.client.post("/ticket/get", Some(token), &body).await.unwrap()
     }
 
     pub async fn detail(&self, act: &str) -> Value {
@@ -333,11 +343,7 @@ impl TestApp {
 
     /// The codes `token`'s user holds in `act`, from `/ticket/list`.
     pub async fn held(&self, token: &str, act: &str) -> Vec<String> {
-        let res = self
-            .client
-            .get("/ticket/list?pageSize=100", Some(token))
-            .await
-            .unwrap();
+        let res = self.client.get("/ticket/list?pageSize=100", Some(token)).await.unwrap();
         assert_eq!(res.status, 200, "{}", res.body);
         res.data()["claims"]
             .as_array()
@@ -362,6 +368,19 @@ impl Drop for TestApp {
     }
 }
 
+/// `{"actId", "claimToken"}` for `token`'s user (no claimToken when none is given out).
+pub async fn claim_body(client: &ApiClient, token: &str, act: &str) -> Value {
+    let detail = client
+        .get(&format!("/act/detail?actId={act}"), Some(token))
+        .await
+        .unwrap();
+    let mut body = json!({ "actId": act });
+    if let Some(t) = detail.data()["claimToken"].as_str() {
+        body["claimToken"] = t.into();
+    }
+    body
+}
+
 /// The name of the `i`th bulk user with `prefix`.
 pub fn username(prefix: &str, i: usize) -> String {
     format!("{prefix}-{i}")
@@ -373,22 +392,13 @@ pub fn run_cli(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
         .args(["--config", "config.toml", "--log-format", "json"])
         .args(args)
         .current_dir(dir)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ticketd");
     if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     }
     child.wait_with_output().unwrap()
 }

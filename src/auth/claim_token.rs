@@ -1,0 +1,171 @@
+//! Claim tokens (the seckill "hidden claim URL") and proof of work.
+//!
+//! `/act/detail` hands a logged-in user a claim token only once the activity
+//! has started; `/ticket/get` requires it. A token is
+//!
+//! ```text
+//! base64url(user_id:u64be expires_at_ms:i64be) "." base64url(tag[..16])
+//! tag = HMAC-SHA256(claim_key, payload || activity_id || start_ms:i64be)
+//! ```
+//!
+//! so it is bound to one user and one activity (and that activity's current
+//! start time), expires, and cannot be made without the server's key: no
+//! request can be pre-fired before the start and no token works for another
+//! account. `claim_key` is derived from the session secret, so the two never
+//! share a MAC domain.
+//!
+//! Proof of work (per activity, `pow_difficulty` bits): the claim carries a
+//! `powNonce` such that SHA-256(claimToken ":" nonce) starts with that many
+//! zero bits. The client pays ~2^bits hashes per token; the server checks one.
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Why a claim token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimTokenError {
+    /// Malformed, forged, or for another user or activity.
+    Invalid,
+    /// Past its expiry.
+    Expired,
+}
+
+/// Issues and checks claim tokens.
+pub struct ClaimTokens {
+    mac: HmacSha256,
+}
+
+impl ClaimTokens {
+    /// Derives the claim key from the session secret.
+    pub fn new(session_secret: &[u8]) -> ClaimTokens {
+        let mut derive = HmacSha256::new_from_slice(session_secret).expect("any key length");
+        derive.update(b"ticketd claim tokens v1");
+        let key = derive.finalize().into_bytes();
+        ClaimTokens {
+            mac: HmacSha256::new_from_slice(&key).expect("any key length"),
+        }
+    }
+
+    fn tag(&self, payload: &[u8; 16], activity_id: &str, start_ms: i64) -> [u8; 16] {
+        let mut mac = self.mac.clone();
+        mac.update(payload);
+        mac.update(activity_id.as_bytes());
+        mac.update(&start_ms.to_be_bytes());
+        let full = mac.finalize().into_bytes();
+        full[..16].try_into().expect("16 bytes")
+    }
+
+    /// A token for `user_id` in `activity_id` (starting at `start_ms`), valid until `expires_at_ms`.
+    pub fn issue(&self, user_id: u64, activity_id: &str, start_ms: i64, expires_at_ms: i64) -> String {
+        let mut payload = [0u8; 16];
+        payload[..8].copy_from_slice(&user_id.to_be_bytes());
+        payload[8..].copy_from_slice(&expires_at_ms.to_be_bytes());
+        let tag = self.tag(&payload, activity_id, start_ms);
+        format!("{}.{}", URL_SAFE_NO_PAD.encode(payload), URL_SAFE_NO_PAD.encode(tag))
+    }
+
+    /// Checks `token` for this user, activity and start at `now_ms`.
+    pub fn verify(
+        &self,
+        token: &str,
+        user_id: u64,
+        activity_id: &str,
+        start_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), ClaimTokenError> {
+        let (p, t) = token.split_once('.').ok_or(ClaimTokenError::Invalid)?;
+        if p.len() != 22 || t.len() != 22 {
+            return Err(ClaimTokenError::Invalid);
+        }
+        let mut payload = [0u8; 18];
+        let mut tag = [0u8; 18];
+        let n = URL_SAFE_NO_PAD
+            .decode_slice(p, &mut payload)
+            .map_err(|_| ClaimTokenError::Invalid)?;
+        let m = URL_SAFE_NO_PAD
+            .decode_slice(t, &mut tag)
+            .map_err(|_| ClaimTokenError::Invalid)?;
+        if n != 16 || m != 16 {
+            return Err(ClaimTokenError::Invalid);
+        }
+        let payload: [u8; 16] = payload[..16].try_into().expect("16 bytes");
+        let expected = self.tag(&payload, activity_id, start_ms);
+        let same: bool = subtle::ConstantTimeEq::ct_eq(&expected[..], &tag[..16]).into();
+        if !same || u64::from_be_bytes(payload[..8].try_into().expect("8")) != user_id {
+            return Err(ClaimTokenError::Invalid);
+        }
+        if now_ms >= i64::from_be_bytes(payload[8..].try_into().expect("8")) {
+            return Err(ClaimTokenError::Expired);
+        }
+        Ok(())
+    }
+}
+
+fn leading_zero_bits(hash: &[u8]) -> u32 {
+    let mut bits = 0;
+    for byte in hash {
+        if *byte == 0 {
+            bits += 8;
+        } else {
+            return bits + byte.leading_zeros();
+        }
+    }
+    bits
+}
+
+/// Whether `nonce` solves the proof of work for `challenge` at `difficulty` bits.
+pub fn pow_ok(challenge: &str, nonce: &str, difficulty: u8) -> bool {
+    if nonce.len() > 32 {
+        return false;
+    }
+    let mut h = Sha256::new();
+    h.update(challenge.as_bytes());
+    h.update(b":");
+    h.update(nonce.as_bytes());
+    leading_zero_bits(&h.finalize()) >= u32::from(difficulty)
+}
+
+/// Finds a nonce for `challenge` (what a client, or `ticketd bench`, does).
+pub fn solve_pow(challenge: &str, difficulty: u8) -> String {
+    (0u64..)
+        .map(|n| n.to_string())
+        .find(|n| pow_ok(challenge, n, difficulty))
+        .expect("a nonce exists")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_bound_to_user_activity_start_and_time() {
+        let t = ClaimTokens::new(b"0123456789abcdef0123456789abcdef");
+        let token = t.issue(7, "1001", 1000, 5000);
+        assert_eq!(t.verify(&token, 7, "1001", 1000, 4999), Ok(()));
+        assert_eq!(t.verify(&token, 8, "1001", 1000, 0), Err(ClaimTokenError::Invalid));
+        assert_eq!(t.verify(&token, 7, "1002", 1000, 0), Err(ClaimTokenError::Invalid));
+        assert_eq!(t.verify(&token, 7, "1001", 1001, 0), Err(ClaimTokenError::Invalid));
+        assert_eq!(t.verify(&token, 7, "1001", 1000, 5000), Err(ClaimTokenError::Expired));
+        let other = ClaimTokens::new(b"another secret another secret !!");
+        assert_eq!(other.verify(&token, 7, "1001", 1000, 0), Err(ClaimTokenError::Invalid));
+        for junk in ["", ".", "a.b", &"A".repeat(45)] {
+            assert_eq!(t.verify(junk, 7, "1001", 1000, 0), Err(ClaimTokenError::Invalid));
+        }
+    }
+
+    #[test]
+    fn proof_of_work_is_checked_in_one_hash() {
+        let nonce = solve_pow("challenge", 12);
+        assert!(pow_ok("challenge", &nonce, 12));
+        assert!(pow_ok("challenge", &nonce, 0));
+        let wrong = (0u64..)
+            .map(|n| n.to_string())
+            .find(|n| !pow_ok("challenge", n, 12))
+            .unwrap();
+        assert!(!pow_ok("challenge", &wrong, 12));
+        assert_eq!(leading_zero_bits(&[0, 0b0001_0000]), 11);
+    }
+}

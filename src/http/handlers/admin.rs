@@ -1,0 +1,109 @@
+//! `/admin/*`: operations for organisers and operators, served only on the
+//! admin listener and only with the admin token (a user's session token is
+//! never enough).
+//!
+//! - `GET /admin/stats` — stock, claims and in-flight work per activity, claim outcomes;
+//! - `POST /admin/reload` — the same as SIGHUP, answering whether it applied;
+//! - `POST /admin/export?actId=&format=csv|jsonl` — every claim of an activity.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use subtle::ConstantTimeEq;
+
+use crate::{
+    app::AppState,
+    cli::ExportFormat,
+    config::now_ms,
+    http::{
+        request::{ok, token, Query},
+        ApiError,
+    },
+    metrics::{self, Rejected},
+};
+
+/// Checks the admin token, then answers the admin route.
+pub async fn handle(state: &AppState, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let expected = state.admin_token.as_deref().unwrap_or("");
+    let given = token(req.headers()).unwrap_or("");
+    let valid = !expected.is_empty() && bool::from(given.as_bytes().ct_eq(expected.as_bytes()));
+    if !valid {
+        metrics::global().reject(Rejected::AdminUnauthorized);
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "ADMIN_TOKEN_REQUIRED",
+            "send the admin token as a bearer token",
+        ));
+    }
+    match req.uri().path() {
+        "/admin/stats" => Ok(stats(state)),
+        "/admin/reload" => {
+            let result = tokio::task::block_in_place(|| state.reload());
+            match result {
+                Ok(added) => Ok(ok(&serde_json::json!({ "reloaded": true, "codesAdded": added }))),
+                Err(reason) => Err(ApiError::new(StatusCode::CONFLICT, "RELOAD_REFUSED", reason)),
+            }
+        }
+        _ => export(state, &req),
+    }
+}
+
+fn stats(state: &AppState) -> Response<Full<Bytes>> {
+    let catalog = state.catalog.load();
+    let now = now_ms();
+    let activities: Vec<_> = catalog
+        .activities()
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "actId": &*a.id,
+                "status": a.status(now),
+                "paused": a.paused,
+                "remaining": a.remaining(),
+                "claimed": a.ledger.claimed(),
+                "inFlight": a.ledger.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                "tickets": a.tickets.iter().map(|t| serde_json::json!({
+                    "ticketId": &*t.id, "remaining": t.pool.remaining(), "total": t.pool.known(),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    ok(&serde_json::json!({
+        "activities": activities,
+        "claimsInFlight": state.claimer.in_flight(),
+        "connections": state.connections.load(std::sync::atomic::Ordering::Relaxed),
+        "journalQueue": state.store.commit_queue_len(),
+        "uptimeSecs": (now - state.started_ms) / 1000,
+        "claimOutcomes": metrics::global().claim_outcomes(),
+    }))
+}
+
+fn export(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let query = Query::parse(req.uri().query());
+    let activity = query.require("actId")?;
+    let format = match query.get("format").unwrap_or("csv") {
+        "csv" => ExportFormat::Csv,
+        "jsonl" => ExportFormat::Jsonl,
+        _ => {
+            return Err(ApiError::bad_request(
+                "INVALID_PARAMETER",
+                "format must be csv or jsonl",
+            ))
+        }
+    };
+    if !state.store.has_activity(activity)? {
+        return Err(ApiError::not_found("ACTIVITY_NOT_FOUND", "no such activity"));
+    }
+    let mut body = Vec::new();
+    tokio::task::block_in_place(|| crate::export::claims(&state.store, activity, format, &mut body))?;
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    let ct = if format == ExportFormat::Csv {
+        "text/csv; charset=utf-8"
+    } else {
+        "application/x-ndjson"
+    };
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    Ok(res)
+}
