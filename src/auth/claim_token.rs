@@ -168,4 +168,12 @@ mod tests {
         assert!(!pow_ok("challenge", &wrong, 12));
         assert_eq!(leading_zero_bits(&[0, 0b0001_0000]), 11);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_string_is_refused_without_panicking(token in ".{0,100}", user in 0u64..10) {
+            let t = ClaimTokens::new(b"0123456789abcdef0123456789abcdef");
+            proptest::prop_assert!(t.verify(&token, user, "1001", 0, 0).is_err());
+        }
+    }
 }

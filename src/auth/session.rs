@@ -100,9 +100,14 @@ impl SessionKey {
         if n != PAYLOAD_LEN || m != TAG_LEN {
             return Err(TokenError::Invalid);
         }
-        let mut mac = self.mac.clone();
-        mac.update(&payload[..PAYLOAD_LEN]);
-        mac.verify_slice(&tag[..TAG_LEN]).map_err(|_| TokenError::Invalid)?;
+        let signed_by = |key: &HmacSha256| {
+            let mut mac = key.clone();
+            mac.update(&payload[..PAYLOAD_LEN]);
+            mac.verify_slice(&tag[..TAG_LEN]).is_ok()
+        };
+        if !signed_by(&self.mac) && !self.previous.as_ref().is_some_and(signed_by) {
+            return Err(TokenError::Invalid);
+        }
         let session = Session {
             user_id: u64::from_be_bytes(payload[0..8].try_into().expect("8 bytes")),
             expires_at_ms: i64::from_be_bytes(payload[8..16].try_into().expect("8 bytes")),
@@ -146,8 +151,37 @@ mod tests {
             key.verify(std::str::from_utf8(&forged).unwrap(), 0),
             Err(TokenError::Invalid)
         );
+        let rotated =
+            SessionKey::new(b"the new key the new key the new k").with_previous(b"0123456789abcdef0123456789abcdef");
+        assert_eq!(rotated.verify(&token, 999), Ok(s), "old tokens live through a rotation");
+        let (fresh, _) = rotated.issue(7, 1_000);
+        assert_eq!(
+            key.verify(&fresh, 0),
+            Err(TokenError::Invalid),
+            "new tokens use the new key"
+        );
         for junk in ["", ".", "abc", "a.b", &"A".repeat(87), &format!("{}.", "A".repeat(43))] {
             assert_eq!(key.verify(junk, 0), Err(TokenError::Invalid), "{junk}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_string_is_refused_without_panicking(token in ".{0,200}") {
+            let key = SessionKey::new(b"0123456789abcdef0123456789abcdef");
+            proptest::prop_assert!(key.verify(&token, 0).is_err());
+        }
+
+        #[test]
+        fn a_changed_character_is_always_refused(pos in 0usize..87, c in "[A-Za-z0-9_.-]") {
+            let key = SessionKey::new(b"0123456789abcdef0123456789abcdef");
+            let (token, _) = key.issue(9, i64::MAX);
+            let mut chars: Vec<char> = token.chars().collect();
+            let c = c.chars().next().unwrap();
+            proptest::prop_assume!(chars[pos] != c);
+            chars[pos] = c;
+            let changed: String = chars.into_iter().collect();
+            proptest::prop_assert!(key.verify(&changed, 0).is_err());
         }
     }
 }

@@ -512,4 +512,21 @@ end_time = "+1h"
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
         Config::load(&path).unwrap();
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+            let _ = load(&text);
+        }
+
+        #[test]
+        fn dropping_any_line_of_the_bundled_config_never_panics(skip in 0usize..200) {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+            let text = std::fs::read_to_string(path).unwrap();
+            let cut: String = text.lines().enumerate().filter(|(i, _)| *i != skip).map(|(_, l)| format!("{l}\n")).collect();
+            if let Err(e) = load(&cut) {
+                proptest::prop_assert!(!e.to_string().is_empty());
+            }
+        }
+    }
 }

@@ -200,3 +200,58 @@ impl<'de> Deserialize<'de> for Id {
         d.deserialize_any(IdVisitor)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct ClaimBody {
+        act_id: Id,
+        ticket_id: Option<Id>,
+        claim_token: Option<String>,
+    }
+
+    #[test]
+    fn ids_accept_strings_and_numbers_only() {
+        assert_eq!(parse_json::<ClaimBody>(br#"{"actId":1001}"#).unwrap().act_id.0, "1001");
+        assert_eq!(parse_json::<ClaimBody>(br#"{"actId":"a-1"}"#).unwrap().act_id.0, "a-1");
+        for bad in [
+            &br#"{"actId":-1}"#[..],
+            br#"{"actId":1.5}"#,
+            br#"{"actId":""}"#,
+            br#"{"actId":null}"#,
+            b"\xff",
+        ] {
+            assert_eq!(
+                parse_json::<ClaimBody>(bad).unwrap_err().status(),
+                StatusCode::BAD_REQUEST
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_body_parses_or_is_a_400(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            if let Err(e) = parse_json::<ClaimBody>(&bytes) {
+                proptest::prop_assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+            }
+        }
+
+        #[test]
+        fn any_json_shaped_body_parses_or_is_a_400(text in r#"\{("[a-zA-Z]{1,8}":(-?[0-9]{1,22}|"[^"]{0,80}"|null|true|\[\]),?){0,4}\}"#) {
+            if let Err(e) = parse_json::<ClaimBody>(text.as_bytes()) {
+                proptest::prop_assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+            }
+        }
+
+        #[test]
+        fn any_query_string_parses(q in ".{0,200}") {
+            let query = Query::parse(Some(&q));
+            let _ = query.get("actId");
+            let _ = query.number("page", 1, 100);
+        }
+    }
+}

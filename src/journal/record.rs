@@ -172,4 +172,27 @@ mod tests {
         assert!(matches!(decode(&bad), Decoded::Invalid));
         assert!(matches!(decode(&[]), Decoded::End));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn every_claim_round_trips(
+            seq in 1u64..u64::MAX, user in proptest::num::u64::ANY, at in proptest::num::i64::ANY,
+            act in "[a-z0-9-]{1,64}", ticket in "[a-z0-9-]{1,64}", code in "\\PC{1,40}", key in proptest::option::of("[ -~]{1,128}"),
+        ) {
+            let claim = Claim {
+                id: seq, activity_id: act.into(), ticket_id: ticket.into(), code: code.into(),
+                user_id: user, claimed_at_ms: at, idempotency_key: key.map(Into::into),
+            };
+            let mut buf = Vec::new();
+            encode(&claim, seq, &mut buf);
+            let Decoded::Record(back, n) = decode(&buf) else { panic!("not decoded") };
+            proptest::prop_assert_eq!(n, buf.len());
+            proptest::prop_assert_eq!(back, claim);
+        }
+    }
 }

@@ -9,3 +9,4 @@ mod crash;
 mod limits;
 mod reload;
 mod rush;
+mod security;

@@ -49,6 +49,10 @@ pub async fn register(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> R
         .admit_registration(ip, Instant::now())
         .inspect_err(|_| metrics::global().reject(Rejected::RegistrationRate))?;
     let body: RegisterBody = json_body(state, req.into_body()).await?;
+    if state.guard.is_blocked_user(&body.username) {
+        metrics::global().reject(Rejected::Blocked);
+        return Err(Denied::Blocked.into());
+    }
     let (user, token) = state.auth.register(body.username, body.password, body.nickname).await?;
     Ok(logged_in(&user, &token))
 }

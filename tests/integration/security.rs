@@ -1,0 +1,536 @@
+//! One test per defence: tokens, claim tokens, proof of work, rate limits,
+//! login lockout, user enumeration, blocklists, the admin API.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use ticketd::{
+    auth::{claim_token::solve_pow, SessionKey},
+    bench::{ApiClient, ApiResponse},
+};
+
+use crate::common::{base_config, open_activity, TestApp};
+
+/// An example secret for tests only.
+const SECRET: &str = "EXAMPLE-test-secret-0123456789abcdef";
+
+fn assert_error(res: &ApiResponse, status: u16, code: &str) {
+    assert_eq!((res.status, res.error_code()), (status, Some(code)), "{}", res.body);
+    assert_eq!(res.body["ok"], false);
+}
+
+fn with_secret(config: String) -> String {
+    config.replace("[auth]", &format!("[auth]\nsession_secret = \"{SECRET}\""))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_expired_session_tokens_are_refused() {
+    let app = TestApp::start(&with_secret(base_config() + &open_activity("s", 5, 1)));
+    let res = app
+        .client
+        .post(
+            "/user/register",
+            None,
+            &json!({ "username": "sam", "password": "password-sam" }),
+        )
+        .await
+        .unwrap();
+    let id = res.data()["userId"].as_u64().unwrap();
+    let key = SessionKey::new(SECRET.as_bytes());
+    let (expired, _) = key.issue(id, ticketd::config::now_ms() - 1);
+    assert_error(
+        &app.client.get("/ticket/list", Some(&expired)).await.unwrap(),
+        401,
+        "TOKEN_EXPIRED",
+    );
+    let (valid, _) = key.issue(id, ticketd::config::now_ms() + 60_000);
+    assert_eq!(app.client.get("/ticket/list", Some(&valid)).await.unwrap().status, 200);
+    // Signed with another key, or tampered with: invalid.
+    let (forged, _) = SessionKey::new(b"not the server's key, not the server's").issue(id, i64::MAX);
+    assert_error(
+        &app.client.get("/ticket/list", Some(&forged)).await.unwrap(),
+        401,
+        "UNAUTHORIZED",
+    );
+    let tampered = format!("{}{}", &valid[..10], &valid[11..]);
+    assert_error(
+        &app.client.get("/ticket/list", Some(&tampered)).await.unwrap(),
+        401,
+        "UNAUTHORIZED",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_previous_session_key_is_accepted_during_a_rotation() {
+    let mut app = TestApp::start(&with_secret(base_config() + &open_activity("r", 5, 1)));
+    let old = app.register("rotor").await;
+    app.stop();
+    let new_secret = "EXAMPLE-rotated-secret-abcdef0123456789";
+    let rotated = base_config().replace(
+        "[auth]",
+        &format!("[auth]\nsession_secret = \"{new_secret}\"\nprevious_session_secret = \"{SECRET}\""),
+    ) + &open_activity("r", 5, 1);
+    std::fs::write(app.config_path(), &rotated).unwrap();
+    app.boot();
+    assert_eq!(app.client.get("/ticket/list", Some(&old)).await.unwrap().status, 200);
+    app.stop();
+    let done = rotated.replace(&format!("previous_session_secret = \"{SECRET}\"\n"), "");
+    std::fs::write(app.config_path(), &done).unwrap();
+    app.boot();
+    assert_error(
+        &app.client.get("/ticket/list", Some(&old)).await.unwrap(),
+        401,
+        "UNAUTHORIZED",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_need_the_callers_own_claim_token_for_this_activity() {
+    let config = base_config() + &open_activity("a", 5, 1) + &open_activity("b", 5, 1);
+    let app = TestApp::start(&config);
+    let ann = app.register("annie").await;
+    let ben = app.register("benny").await;
+
+    let res = app
+        .client
+        .post("/ticket/get", Some(&ann), &json!({ "actId": "a" }))
+        .await
+        .unwrap();
+    assert_error(&res, 403, "CLAIM_TOKEN_REQUIRED");
+    // Ben's token does not work for Ann; a token for activity b does not work for a.
+    let bens = app.claim_body(&ben, "a").await["claimToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let res = app
+        .client
+        .post("/ticket/get", Some(&ann), &json!({ "actId": "a", "claimToken": bens }))
+        .await
+        .unwrap();
+    assert_error(&res, 403, "CLAIM_TOKEN_INVALID");
+    let for_b = app.claim_body(&ann, "b").await["claimToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let res = app
+        .client
+        .post("/ticket/get", Some(&ann), &json!({ "actId": "a", "claimToken": for_b }))
+        .await
+        .unwrap();
+    assert_error(&res, 403, "CLAIM_TOKEN_INVALID");
+    let res = app
+        .client
+        .post("/ticket/get", Some(&ann), &json!({ "actId": "a", "claimToken": "x.y" }))
+        .await
+        .unwrap();
+    assert_error(&res, 403, "CLAIM_TOKEN_INVALID");
+    // The anonymous detail gives no token at all.
+    assert!(app
+        .client
+        .get("/act/detail?actId=a", None)
+        .await
+        .unwrap()
+        .data()
+        .get("claimToken")
+        .is_none());
+    // Her own works.
+    assert_eq!(app.claim(&ann, "a").await.status, 200);
+    assert_eq!(app.detail("a").await["remaining"], 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_claim_token_exists_before_the_start_and_none_can_be_pre_fired() {
+    let config = base_config()
+        + r#"
+[[activity]]
+id = "soon"
+name = "Soon"
+start_time = "+1h"
+end_time = "+2h"
+  [[activity.ticket]]
+  id = "soon-t"
+  name = "T"
+  generate = 5
+"#;
+    let app = TestApp::start(&with_secret(config));
+    let token = app.register("early").await;
+    let detail = app.client.get("/act/detail?actId=soon", Some(&token)).await.unwrap();
+    assert_eq!(detail.data()["status"], "upcoming");
+    assert!(detail.data().get("claimToken").is_none(), "{}", detail.body);
+    // A forged token is refused however it is made: the window is checked first, then the MAC.
+    let res = app
+        .client
+        .post(
+            "/ticket/get",
+            Some(&token),
+            &json!({ "actId": "soon", "claimToken": "AAAAAAAAAAAAAAAAAAAAAA.AAAAAAAAAAAAAAAAAAAAAA" }),
+        )
+        .await
+        .unwrap();
+    assert_error(&res, 409, "NOT_STARTED");
+    assert_eq!(app.detail("soon").await["remaining"], 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proof_of_work_is_required_when_configured() {
+    let config = base_config()
+        + &open_activity("pow", 5, 1).replace("per_user_limit = 1", "per_user_limit = 1\npow_difficulty = 10");
+    let app = TestApp::start(&config);
+    let token = app.register("miner").await;
+    let detail = app.client.get("/act/detail?actId=pow", Some(&token)).await.unwrap();
+    assert_eq!(detail.data()["powDifficulty"], 10);
+    let claim_token = detail.data()["claimToken"].as_str().unwrap().to_owned();
+    let res = app
+        .client
+        .post(
+            "/ticket/get",
+            Some(&token),
+            &json!({ "actId": "pow", "claimToken": claim_token }),
+        )
+        .await
+        .unwrap();
+    assert_error(&res, 403, "POW_REQUIRED");
+    assert_eq!(res.body["error"]["powDifficulty"], 10);
+    let wrong = (0u64..)
+        .map(|n| n.to_string())
+        .find(|n| !ticketd::auth::claim_token::pow_ok(&claim_token, n, 10))
+        .unwrap();
+    let res = app
+        .client
+        .post(
+            "/ticket/get",
+            Some(&token),
+            &json!({ "actId": "pow", "claimToken": claim_token, "powNonce": wrong }),
+        )
+        .await
+        .unwrap();
+    assert_error(&res, 403, "POW_REQUIRED");
+    let nonce = solve_pow(&claim_token, 10);
+    let res = app
+        .client
+        .post(
+            "/ticket/get",
+            Some(&token),
+            &json!({ "actId": "pow", "claimToken": claim_token, "powNonce": nonce }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
+}
+
+fn limited(config: String, settings: &str) -> String {
+    // Replace the suite's generous limits with the ones under test.
+    let start = config.find("[security]").unwrap();
+    let end = config.find("[log]").unwrap();
+    format!("{}[security]\n{settings}\n\n{}", &config[..start], &config[end..])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_are_rate_limited_per_user_and_per_address() {
+    let config = limited(
+        base_config() + &open_activity("rl", 50, 50),
+        "claim_rate_per_user = 0.01\nclaim_burst_per_user = 2\nclaim_rate_per_ip = 0.01\nclaim_burst_per_ip = 5\nregistrations_per_ip_per_hour = 100",
+    );
+    let app = TestApp::start(&config);
+    let first = app.register("rapid").await;
+    let body = app.claim_body(&first, "rl").await;
+    for _ in 0..2 {
+        assert_eq!(
+            app.client
+                .post("/ticket/get", Some(&first), &body)
+                .await
+                .unwrap()
+                .status,
+            200
+        );
+    }
+    let res = app
+        .client
+        .call(http::Method::POST, "/ticket/get", Some(&first), Some(&body), &[])
+        .await
+        .unwrap();
+    assert_error(&res, 429, "RATE_LIMITED");
+    // Other users still pass, until the address as a whole runs out.
+    let second = app.register("steady").await;
+    let body2 = app.claim_body(&second, "rl").await;
+    for _ in 0..2 {
+        assert_eq!(
+            app.client
+                .post("/ticket/get", Some(&second), &body2)
+                .await
+                .unwrap()
+                .status,
+            200
+        );
+    }
+    let third = app.register("thirdy").await;
+    let body3 = app.claim_body(&third, "rl").await;
+    assert_error(
+        &app.client.post("/ticket/get", Some(&third), &body3).await.unwrap(),
+        429,
+        "RATE_LIMITED",
+    );
+    let retry = raw_retry_after(&app, &third, &body3).await;
+    assert!(retry >= 1, "Retry-After {retry}");
+    assert_eq!(app.detail("rl").await["claimed"], 4, "refused claims took nothing");
+}
+
+async fn raw_retry_after(app: &TestApp, token: &str, body: &Value) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.to_string();
+    let mut s = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
+    let req = format!(
+        "POST /ticket/get HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("retry-after:"))
+        .expect("Retry-After header");
+    line.split(':').nth(1).unwrap().trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_failed_logins_lock_the_account_out() {
+    let config = limited(
+        base_config() + &open_activity("l", 1, 1),
+        "login_max_failures = 3\nlogin_backoff = \"1h\"\nregistrations_per_ip_per_hour = 100",
+    );
+    let app = TestApp::start(&config);
+    app.register("lucky").await;
+    let bad = json!({ "username": "lucky", "password": "wrong-password" });
+    for _ in 0..3 {
+        assert_error(
+            &app.client.post("/user/login", None, &bad).await.unwrap(),
+            401,
+            "BAD_CREDENTIALS",
+        );
+    }
+    // Locked now, even with the right password.
+    let good = json!({ "username": "lucky", "password": "password-lucky" });
+    let res = app.client.post("/user/login", None, &good).await.unwrap();
+    assert_error(&res, 429, "LOGIN_LOCKED");
+    // Other accounts are not locked by it.
+    app.register("other").await;
+    assert_eq!(
+        app.client
+            .post(
+                "/user/login",
+                None,
+                &json!({ "username": "other", "password": "password-other" })
+            )
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let metrics = metrics_text(&app).await;
+    assert!(
+        metrics.contains("ticketd_security_rejections_total{reason=\"login_locked\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ticketd_security_rejections_total{reason=\"login_failed\"} 3"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_user_and_a_wrong_password_look_the_same() {
+    // A real argon2 cost, so the hash dominates the time of a login.
+    let config = base_config()
+        .replace("argon2_memory_kib = 8", "argon2_memory_kib = 4096")
+        .replace("argon2_iterations = 1", "argon2_iterations = 2")
+        + &open_activity("e", 1, 1);
+    let config = limited(config, "login_max_failures = 1000\nregistrations_per_ip_per_hour = 100");
+    let app = TestApp::start(&config);
+    app.register("victim").await;
+    let mut unknown = Vec::new();
+    let mut wrong = Vec::new();
+    for i in 0..15 {
+        let t = Instant::now();
+        let a = app
+            .client
+            .post(
+                "/user/login",
+                None,
+                &json!({ "username": format!("ghost{i}"), "password": "guess-guess" }),
+            )
+            .await
+            .unwrap();
+        unknown.push(t.elapsed());
+        let t = Instant::now();
+        let b = app
+            .client
+            .post(
+                "/user/login",
+                None,
+                &json!({ "username": "victim", "password": "guess-guess" }),
+            )
+            .await
+            .unwrap();
+        wrong.push(t.elapsed());
+        assert_eq!(a.body, b.body, "the same answer for both");
+        assert_eq!(a.status, b.status);
+    }
+    unknown.sort();
+    wrong.sort();
+    let (mu, mw) = (unknown[7], wrong[7]);
+    // Without the dummy hash an unknown user would answer in microseconds,
+    // a wrong password in milliseconds. Both must do the same argon2 work.
+    assert!(
+        mu * 2 > mw && mw * 2 > mu,
+        "median unknown {mu:?} vs wrong password {mw:?}"
+    );
+    assert!(
+        mu > Duration::from_micros(500),
+        "the unknown-user path did no argon2 work: {mu:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocklists_refuse_users_and_address_ranges() {
+    let open = limited(
+        base_config() + &open_activity("bl", 5, 1),
+        "trusted_proxies = [\"127.0.0.1\"]\nregistrations_per_ip_per_hour = 100",
+    );
+    let app = TestApp::start(&open);
+    let token = app.register("mallory").await;
+    let body = app.claim_body(&token, "bl").await;
+
+    // Block her mid-sale: her live session can no longer claim, nor can she log in.
+    let blocking = open.replace(
+        "trusted_proxies",
+        "blocked_users = [\"mallory\"]\nblocked_ips = [\"203.0.113.0/24\"]\ntrusted_proxies",
+    );
+    assert_eq!(app.reload(&blocking)["message"], "Config reloaded.");
+    assert_error(
+        &app.client.post("/ticket/get", Some(&token), &body).await.unwrap(),
+        403,
+        "BLOCKED",
+    );
+    let login = json!({ "username": "mallory", "password": "password-mallory" });
+    assert_error(
+        &app.client.post("/user/login", None, &login).await.unwrap(),
+        403,
+        "BLOCKED",
+    );
+    let register = json!({ "username": "mallory", "password": "password-mallory" });
+    assert_error(
+        &app.client.post("/user/register", None, &register).await.unwrap(),
+        403,
+        "BLOCKED",
+    );
+    assert_eq!(app.detail("bl").await["remaining"], 5);
+
+    // A blocked range behind the trusted proxy (the nearest untrusted hop counts).
+    assert_error(&list_via(&app.client, "203.0.113.7").await, 403, "BLOCKED");
+    assert_error(
+        &list_via(&app.client, "198.51.100.7, 203.0.113.7").await,
+        403,
+        "BLOCKED",
+    );
+    assert_eq!(list_via(&app.client, "198.51.100.7").await.status, 200);
+    assert_eq!(list_via(&app.client, "203.0.113.7, 198.51.100.7").await.status, 200);
+}
+
+/// `GET /act/list` as if relayed by a proxy for `xff`.
+async fn list_via(client: &ApiClient, xff: &str) -> ApiResponse {
+    client
+        .call(http::Method::GET, "/act/list", None, None, &[("X-Forwarded-For", xff)])
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_is_ignored_from_untrusted_peers() {
+    let config = limited(
+        base_config() + &open_activity("xf", 5, 1),
+        "blocked_ips = [\"203.0.113.0/24\"]",
+    );
+    let app = TestApp::start(&config);
+    // No trusted proxies: a client cannot talk its way into (or out of) a range.
+    let res = app
+        .client
+        .call(
+            http::Method::GET,
+            "/act/list",
+            None,
+            None,
+            &[("X-Forwarded-For", "203.0.113.7")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_needs_the_admin_token_and_its_own_listener() {
+    let admin_token = "EXAMPLE-admin-token-0123456789abcdef";
+    let config = base_config().replace(
+        "[log]",
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{admin_token}\"\n\n[log]"),
+    ) + &open_activity("adm", 5, 1);
+    let app = TestApp::start(&config);
+    let admin_addr = app.wait_for_log("Admin API listening.", 1)["addr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let admin = ApiClient::new(vec![format!("http://{admin_addr}")], 4).unwrap();
+    let user = app.register("userx").await;
+    assert_eq!(app.claim(&user, "adm").await.status, 200);
+
+    assert_error(
+        &admin.get("/admin/stats", Some(&user)).await.unwrap(),
+        401,
+        "ADMIN_TOKEN_REQUIRED",
+    );
+    assert_error(
+        &admin.get("/admin/stats", None).await.unwrap(),
+        401,
+        "ADMIN_TOKEN_REQUIRED",
+    );
+    assert_error(
+        &app.client.get("/admin/stats", Some(admin_token)).await.unwrap(),
+        404,
+        "ROUTE_NOT_FOUND",
+    );
+    assert_error(
+        &admin.get("/act/list", Some(admin_token)).await.unwrap(),
+        404,
+        "ROUTE_NOT_FOUND",
+    );
+
+    let stats = admin.get("/admin/stats", Some(admin_token)).await.unwrap();
+    assert_eq!(stats.data()["activities"][0]["claimed"], 1, "{}", stats.body);
+    let reload = admin
+        .post("/admin/reload", Some(admin_token), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(reload.data()["reloaded"], true, "{}", reload.body);
+    let export = admin
+        .call(
+            http::Method::POST,
+            "/admin/export?actId=adm&format=jsonl",
+            Some(admin_token),
+            None,
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(export.status, 200);
+}
+
+async fn metrics_text(app: &TestApp) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
