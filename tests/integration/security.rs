@@ -534,3 +534,31 @@ async fn metrics_text(app: &TestApp) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bots_hammering_the_claim_get_no_more_than_their_limit() {
+    // Production-like limits (per user), with the suite's generous per-address
+    // ones: every bench client here shares 127.0.0.1.
+    let config = limited(
+        base_config() + &open_activity("botrush", 300, 1),
+        "claim_rate_per_user = 2.0\nclaim_burst_per_user = 5\nclaim_rate_per_ip = 1000000.0\nclaim_burst_per_ip = 1000000\nregistrations_per_ip_per_hour = 100000",
+    );
+    let app = TestApp::start(&config);
+    let out = std::process::Command::new(crate::common::BIN)
+        .args(["bench", "--url", &app.url(), "--activity", "botrush", "--users", "200", "--concurrency", "32"])
+        .args(["--claims-per-user", "2", "--bots", "3", "--bot-rate", "100", "--create-users", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["violations"], json!([]));
+    let bots = &report["bots"];
+    assert_eq!(bots["requests"], 3 * 2 * 100);
+    assert!(bots["acknowledged"].as_u64().unwrap() <= 3, "{bots}");
+    assert!(bots["outcomes"]["RATE_LIMITED"].as_u64().unwrap() > 500, "{bots}");
+    // Every normal user got a code: 200 users, 300 codes, limit 1.
+    assert_eq!(report["acknowledged"], 200, "{report}");
+    assert!(bots["normal_with_bots"]["p99_ms"].as_f64().is_some());
+    assert!(bots["normal_without_bots"]["p99_ms"].as_f64().is_some());
+}
