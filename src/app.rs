@@ -13,7 +13,7 @@ use std::{
     collections::HashSet,
     path::PathBuf,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -35,6 +35,7 @@ use crate::{
     http::{self, server::Surface},
     inventory::Inventory,
     metrics::{self, Gauges},
+    notify::{monotonic_usec, Notifier},
     store::{Access, ImportReport, Store},
 };
 
@@ -56,6 +57,8 @@ pub struct AppState {
     pub connections: AtomicUsize,
     /// Signalled when `connections` drops to zero.
     pub drained: Notify,
+    /// Set when shutdown begins: answers then carry `Connection: close`.
+    pub shutting_down: AtomicBool,
     /// `server.max_connections` (restart-only).
     pub max_connections: usize,
     /// The admin bearer token, when the admin API is on.
@@ -229,6 +232,7 @@ impl App {
             store,
             connections: AtomicUsize::new(0),
             drained: Notify::new(),
+            shutting_down: AtomicBool::new(false),
             max_connections: config.server.max_connections,
             admin_token,
             server: ArcSwap::from_pointee(config.server.clone()),
@@ -254,8 +258,9 @@ impl App {
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let state = self.state;
+        let notifier = Arc::new(Notifier::from_env());
         let reloader = {
-            let state = state.clone();
+            let (state, notifier) = (state.clone(), notifier.clone());
             let mut shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let mut sweep = tokio::time::interval(Duration::from_secs(60));
@@ -263,17 +268,25 @@ impl App {
                     tokio::select! {
                         msg = reload.recv() => {
                             if msg.is_none() { break; }
+                            notifier.send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
                             let state = state.clone();
                             if let Err(e) = tokio::task::spawn_blocking(move || state.reload()).await {
                                 tracing::error!(error = %e, "Reload task failed.");
                             }
+                            notifier.send("READY=1");
                         }
                         _ = sweep.tick() => state.guard.sweep(Instant::now()),
-                        _ = shutdown.changed() => break,
+                        _ = shutdown.changed() => {
+                            notifier.send("STOPPING=1");
+                            break;
+                        }
                     }
                 }
             })
         };
+        let supervisor = notifier
+            .is_enabled()
+            .then(|| tokio::spawn(supervise(state.clone(), notifier.clone())));
         let admin_server = admin.map(|l| {
             if let Some(addr) = http::server::local_addr(&l) {
                 tracing::info!(%addr, "Admin API listening.");
@@ -283,7 +296,11 @@ impl App {
         if let Some(addr) = http::server::local_addr(&listener) {
             tracing::info!(%addr, "Listening.");
         }
+        notifier.send("READY=1");
         http::server::serve(listener, state.clone(), shutdown, Surface::Public).await;
+        if let Some(task) = supervisor {
+            task.abort();
+        }
         if let Some(admin) = admin_server {
             let _ = admin.await;
         }
@@ -294,6 +311,39 @@ impl App {
             .context("closing the store failed")?;
         tracing::info!("Shutdown complete.");
         Ok(())
+    }
+}
+
+/// Tells systemd how the node is doing: a STATUS line every two seconds,
+/// and WATCHDOG=1 at half the watchdog interval, but only while a round trip
+/// through the claim journal succeeds in time.
+async fn supervise(state: Arc<AppState>, notifier: Arc<Notifier>) {
+    let watchdog = Notifier::watchdog_interval();
+    let tick = watchdog.unwrap_or(Duration::from_secs(2)).min(Duration::from_secs(2));
+    let mut interval = tokio::time::interval(tick);
+    let mut last_status = Instant::now() - Duration::from_secs(60);
+    let mut last_claims = metrics::global().claims.get(metrics::ClaimOutcome::Success);
+    let mut last_at = Instant::now();
+    loop {
+        interval.tick().await;
+        if let Some(every) = watchdog {
+            let alive = match state.store.ping() {
+                Some(reply) => matches!(tokio::time::timeout(every, reply).await, Ok(Ok(()))),
+                None => false,
+            };
+            if alive {
+                notifier.send("WATCHDOG=1");
+            } else {
+                tracing::warn!("The claim journal did not answer the watchdog ping.");
+            }
+        }
+        if last_status.elapsed() >= Duration::from_secs(2) {
+            let claims = metrics::global().claims.get(metrics::ClaimOutcome::Success);
+            let rate = (claims - last_claims) as f64 / last_at.elapsed().as_secs_f64().max(1e-3);
+            let stock: usize = state.catalog.load().activities().iter().map(|a| a.remaining()).sum();
+            notifier.send(&format!("STATUS=Serving: {stock} codes in stock, {rate:.0} claims/s"));
+            (last_claims, last_at, last_status) = (claims, Instant::now(), Instant::now());
+        }
     }
 }
 

@@ -34,9 +34,15 @@ pub fn serve(config: Config, config_path: &Path) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let addr = config.server.listen;
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = match activated_listener()? {
+            Some(listener) => {
+                tracing::info!("Using the listening socket passed by the service manager (socket activation).");
+                listener
+            }
+            None => TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        };
         let admin = match config.admin.listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -49,6 +55,37 @@ pub fn serve(config: Config, config_path: &Path) -> anyhow::Result<()> {
         let app = App::start(config, config_path.to_owned())?;
         app.run(listener, admin, signals.reload, signals.shutdown).await
     })
+}
+
+/// The listening socket systemd passes as fd 3 (`LISTEN_FDS`), if any.
+///
+/// With `ticketd.socket`, systemd owns the socket: across a restart it keeps
+/// accepting into the kernel's queue, and the new process serves what queued
+/// — a restart without refused connections. `LISTEN_PID`, when set, must be
+/// our pid (the protocol's guard against inheriting someone else's fds).
+fn activated_listener() -> anyhow::Result<Option<TcpListener>> {
+    use std::os::fd::FromRawFd;
+    let fds: u32 = match std::env::var("LISTEN_FDS").ok().and_then(|v| v.parse().ok()) {
+        Some(n) if n >= 1 => n,
+        _ => return Ok(None),
+    };
+    if let Some(pid) = std::env::var("LISTEN_PID").ok().and_then(|v| v.parse::<u32>().ok()) {
+        if pid != std::process::id() {
+            return Ok(None);
+        }
+    }
+    if fds > 1 {
+        tracing::warn!(fds, "Several sockets were passed; using the first.");
+    }
+    // SAFETY: the service manager passed fd 3 to us, open and listening;
+    // `serve` calls this once, so the fd is owned exactly once.
+    let std_listener = unsafe { std::net::TcpListener::from_raw_fd(3) };
+    std_listener
+        .set_nonblocking(true)
+        .context("the passed socket is not usable")?;
+    Ok(Some(
+        TcpListener::from_std(std_listener).context("the passed socket is not a TCP listener")?,
+    ))
 }
 
 /// `ticketd import`.

@@ -26,6 +26,7 @@
 //! - [`http`] — accept loop and limits, router, request parsing, the error shape, handlers;
 //! - [`export`] — streaming CSV / JSON-lines exports;
 //! - [`metrics`] — lock-free counters and histograms, Prometheus text;
+//! - [`notify`] — the systemd notify protocol (READY, RELOADING, STATUS, WATCHDOG);
 //! - [`bench`] — the rush simulator behind `ticketd bench`, and its HTTP client.
 
 #![warn(missing_docs)]
@@ -43,6 +44,7 @@ pub mod http;
 pub mod inventory;
 pub mod journal;
 pub mod metrics;
+pub mod notify;
 pub mod signals;
 pub mod store;
 

@@ -54,6 +54,11 @@ pub async fn handle(
             .unwrap_or_else(ApiError::into_response)
     };
     crate::metrics::global().request(route, res.status().as_u16(), started.elapsed());
+    let mut res = res;
+    if state.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     res
 }
 

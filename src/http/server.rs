@@ -41,20 +41,49 @@ impl Drop for ConnGuard {
     }
 }
 
+/// How long, after shutdown begins, a connection may still deliver a request
+/// (answered with `Connection: close`) before it is closed. It closes the
+/// keep-alive race: a client that sent a request on an idle connection just
+/// as we stopped gets an answer instead of a closed socket.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// Resolves once shutdown was requested (at once if it already was).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
 /// Serves `listener` until `shutdown` turns true, then drains connections.
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch::Receiver<bool>, surface: Surface) {
+    let mut draining = false;
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(error) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(%error, "Accept failed.");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+        let (stream, peer) = if draining {
+            // Take what already waits in the backlog (closing the listener
+            // would reset those connections), then stop.
+            tokio::select! {
+                biased;
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(_) => break,
+                },
+                _ = std::future::ready(()) => break,
+            }
+        } else {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(error) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(%error, "Accept failed.");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+                _ = stopped(&mut shutdown) => {
+                    state.shutting_down.store(true, Ordering::Release);
+                    draining = true;
                     continue;
                 }
-            },
-            _ = shutdown.changed() => break,
+            }
         };
         let open = state.connections.fetch_add(1, Ordering::AcqRel);
         let guard = ConnGuard(state.clone());
@@ -82,16 +111,22 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: wa
                 .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => {
-                    if let Err(error) = res {
-                        tracing::debug!(%error, %peer, "Connection ended with an error.");
+            let result = tokio::select! {
+                res = conn.as_mut() => res,
+                _ = stopped(&mut shutdown) => {
+                    // Answers from now on carry `Connection: close`; give a
+                    // request already on its way the linger to arrive.
+                    match tokio::time::timeout(LINGER, conn.as_mut()).await {
+                        Ok(res) => res,
+                        Err(_) => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
                     }
                 }
-                _ = shutdown.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%error, %peer, "Connection ended with an error.");
             }
         });
     }

@@ -80,6 +80,8 @@ pub trait Entry: Send + 'static {
 
 enum Msg<E> {
     Append(E),
+    /// Answered by the writer once everything queued before it was written.
+    Ping(tokio::sync::oneshot::Sender<()>),
     Close,
 }
 
@@ -222,8 +224,15 @@ impl<E: Entry> Journal<E> {
             Ok(()) => {}
             Err(TrySendError::Full(Msg::Append(e))) => e.settle(Err(CommitError::Overloaded)),
             Err(TrySendError::Disconnected(Msg::Append(e))) => e.settle(Err(CommitError::Unavailable)),
-            Err(_) => unreachable!("only appends are sent with try_send"),
+            Err(_) => unreachable!("append sends only appends"),
         }
+    }
+
+    /// A round trip through the writer thread: resolves once everything
+    /// queued before it was written. `None` when the queue is full or closed.
+    pub fn ping(&self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx.try_send(Msg::Ping(tx)).ok().map(|()| rx)
     }
 
     /// Whether the last write succeeded.
@@ -305,13 +314,16 @@ impl Writer {
         let mut batch: Vec<E> = Vec::with_capacity(max_batch);
         let mut closing = false;
         while !closing {
+            let mut pings = Vec::new();
             match rx.recv() {
                 Ok(Msg::Append(e)) => batch.push(e),
+                Ok(Msg::Ping(p)) => pings.push(p),
                 Ok(Msg::Close) | Err(_) => break,
             }
             while batch.len() < max_batch {
                 match rx.try_recv() {
                     Ok(Msg::Append(e)) => batch.push(e),
+                    Ok(Msg::Ping(p)) => pings.push(p),
                     Ok(Msg::Close) => {
                         closing = true;
                         break;
@@ -319,7 +331,12 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit(&mut batch);
+            if !batch.is_empty() {
+                self.commit(&mut batch);
+            }
+            for p in pings {
+                let _ = p.send(());
+            }
         }
         // Anything still queued after Close arrived late; refuse it cleanly.
         while let Ok(msg) = rx.try_recv() {

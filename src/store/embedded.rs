@@ -264,6 +264,10 @@ impl EmbeddedStore {
         self.journal.as_ref().is_some_and(Journal::is_healthy)
     }
 
+    pub(super) fn ping(&self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        self.journal.as_ref().and_then(Journal::ping)
+    }
+
     pub(super) fn commit_queue_len(&self) -> usize {
         self.journal.as_ref().map_or(0, Journal::queue_len)
     }

@@ -139,6 +139,14 @@ impl Store {
         }
     }
 
+    /// A round trip through the committer (for the watchdog); `None` when it
+    /// cannot take the message now.
+    pub fn ping(&self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        match self {
+            Store::Embedded(s) => s.ping(),
+        }
+    }
+
     /// Claims waiting to be made durable.
     pub fn commit_queue_len(&self) -> usize {
         match self {

@@ -7,6 +7,7 @@ mod api;
 mod cli;
 mod crash;
 mod limits;
+mod ops;
 mod reload;
 mod rush;
 mod security;

@@ -545,12 +545,35 @@ async fn bots_hammering_the_claim_get_no_more_than_their_limit() {
     );
     let app = TestApp::start(&config);
     let out = std::process::Command::new(crate::common::BIN)
-        .args(["bench", "--url", &app.url(), "--activity", "botrush", "--users", "200", "--concurrency", "32"])
-        .args(["--claims-per-user", "2", "--bots", "3", "--bot-rate", "100", "--create-users", "--json"])
+        .args([
+            "bench",
+            "--url",
+            &app.url(),
+            "--activity",
+            "botrush",
+            "--users",
+            "200",
+            "--concurrency",
+            "32",
+        ])
+        .args([
+            "--claims-per-user",
+            "2",
+            "--bots",
+            "3",
+            "--bot-rate",
+            "100",
+            "--create-users",
+            "--json",
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["violations"], json!([]));
     let bots = &report["bots"];

@@ -76,6 +76,10 @@ pub struct TestApp {
     pub logs: Arc<Mutex<Vec<String>>>,
     pub client: ApiClient,
     pub addr: String,
+    /// Extra environment for the process.
+    pub env: Vec<(String, String)>,
+    /// A listening socket handed over as fd 3 (socket activation), if any.
+    pub listen_fd: Option<std::os::fd::RawFd>,
 }
 
 impl TestApp {
@@ -86,21 +90,27 @@ impl TestApp {
 
     /// Like [`TestApp::start`], writing `files` (name, content) beside the config first.
     pub fn start_with(config: &str, files: &[(&str, &str)]) -> TestApp {
+        let mut app = TestApp::prepare(config, files);
+        app.boot();
+        app
+    }
+
+    /// Writes the config and files but does not start the process (set `env` first).
+    pub fn prepare(config: &str, files: &[(&str, &str)]) -> TestApp {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("config.toml"), config).expect("write config");
         for (name, content) in files {
             std::fs::write(dir.path().join(name), content).expect("write file");
         }
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let mut app = TestApp {
+        TestApp {
             dir,
             child: None,
-            logs,
+            logs: Arc::new(Mutex::new(Vec::new())),
             client: ApiClient::new(vec!["http://127.0.0.1:1".into()], 1).unwrap(),
             addr: String::new(),
-        };
-        app.boot();
-        app
+            env: Vec::new(),
+            listen_fd: None,
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -109,14 +119,30 @@ impl TestApp {
 
     /// Starts the process again on the same directory (after a stop or a kill).
     pub fn boot(&mut self) {
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(["--config", "config.toml", "--log-format", "json", "serve"])
             .current_dir(self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ticketd");
+            .stderr(Stdio::piped());
+        if let Some(fd) = self.listen_fd {
+            use std::os::unix::process::CommandExt;
+            command.env("LISTEN_FDS", "1");
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::dup2(fd, 3) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let flags = libc::fcntl(3, libc::F_GETFD);
+                    libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().expect("spawn ticketd");
         let stderr = child.stderr.take().unwrap();
         let logs = self.logs.clone();
         let (tx, rx) = std::sync::mpsc::channel::<String>();
@@ -174,6 +200,12 @@ impl TestApp {
     /// SIGTERM and wait for a clean exit; returns the exit code.
     pub fn stop(&mut self) -> i32 {
         self.signal(libc::SIGTERM);
+        let status = self.child.take().unwrap().wait().unwrap();
+        status.code().unwrap_or(-1)
+    }
+
+    /// Waits for a process already sent SIGTERM to exit; returns the exit code.
+    pub fn stop_wait(&mut self) -> i32 {
         let status = self.child.take().unwrap().wait().unwrap();
         status.code().unwrap_or(-1)
     }

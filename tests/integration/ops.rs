@@ -1,0 +1,246 @@
+//! Operations: systemd notify and watchdog, graceful shutdown under load,
+//! restart without refused connections (socket activation), the unit file.
+
+use std::{
+    os::unix::net::UnixDatagram,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use crate::common::{base_config, claim_body, open_activity, TestApp};
+
+/// Pins an activity's window to absolute times: relative times count from
+/// each node start, and claim tokens are bound to the start time.
+fn absolute(activity: String) -> String {
+    let now = ticketd::config::now_ms();
+    activity
+        .replace("\"-1m\"", &format!("\"{}\"", ticketd::config::rfc3339_ms(now - 60_000)))
+        .replace(
+            "\"+1h\"",
+            &format!("\"{}\"", ticketd::config::rfc3339_ms(now + 3_600_000)),
+        )
+}
+
+/// Collects notify datagrams until `pred` holds for the list (or fails after 30 s).
+fn wait_for(socket: &UnixDatagram, seen: &mut Vec<String>, pred: impl Fn(&[String]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 4096];
+    while !pred(seen) {
+        assert!(Instant::now() < deadline, "notify messages so far: {seen:?}");
+        if let Ok(n) = socket.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+}
+
+#[test]
+fn systemd_hears_ready_status_watchdog_and_reloading() {
+    let sock_dir = tempfile::tempdir().unwrap();
+    let path = sock_dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+
+    let config = base_config() + &open_activity("n", 7, 1);
+    let mut app = TestApp::prepare(&config, &[]);
+    app.env.push(("NOTIFY_SOCKET".into(), path.to_str().unwrap().into()));
+    app.env.push(("WATCHDOG_USEC".into(), "400000".into()));
+    app.boot();
+
+    let mut seen = Vec::new();
+    wait_for(&socket, &mut seen, |s| s.iter().any(|m| m == "READY=1"));
+    wait_for(&socket, &mut seen, |s| {
+        s.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2
+    });
+    wait_for(&socket, &mut seen, |s| {
+        s.iter().any(|m| m.starts_with("STATUS=Serving: 7 codes in stock"))
+    });
+
+    let before = seen.len();
+    app.signal(libc::SIGHUP);
+    wait_for(&socket, &mut seen, |s| s[before..].iter().any(|m| m == "READY=1"));
+    let after: Vec<&String> = seen[before..]
+        .iter()
+        .filter(|m| !m.starts_with("WATCHDOG") && !m.starts_with("STATUS"))
+        .collect();
+    assert!(after[0].starts_with("RELOADING=1\nMONOTONIC_USEC="), "{after:?}");
+    assert_eq!(after[1], "READY=1", "{after:?}");
+
+    let before = seen.len();
+    assert_eq!(app.stop(), 0);
+    wait_for(&socket, &mut seen, |s| s[before..].iter().any(|m| m == "STOPPING=1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_resets_nothing_and_loses_no_claim() {
+    let config = base_config() + &absolute(open_activity("g", 5000, 1));
+    let mut app = TestApp::start(&config);
+    let tokens = app.users("g", 1500).await;
+    let mut bodies = Vec::new();
+    for t in &tokens {
+        bodies.push(claim_body(&app.client, t, "g").await);
+    }
+
+    let acked: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let broken: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop_sent = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..48 {
+        let client = app.client_clone();
+        let (acked, answered, broken, stop_sent, next) = (
+            acked.clone(),
+            answered.clone(),
+            broken.clone(),
+            stop_sent.clone(),
+            next.clone(),
+        );
+        let (tokens, bodies) = (tokens.clone(), bodies.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= tokens.len() {
+                    break;
+                }
+                match client.post("/ticket/get", Some(&tokens[i]), &bodies[i]).await {
+                    Ok(res) => {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                        if res.status == 200 {
+                            acked
+                                .lock()
+                                .unwrap()
+                                .push((i, res.data()["code"].as_str().unwrap().to_owned()));
+                        } else {
+                            assert_eq!(res.body["ok"], false, "{}", res.body);
+                        }
+                    }
+                    Err(e) => {
+                        // Once the node stopped accepting, a new connection
+                        // cannot be made: fine. A request on an open
+                        // connection left unanswered (closed or reset) is not.
+                        let text = format!("{e:#}");
+                        if !stop_sent.load(Ordering::Relaxed) || !text.contains("(Connect)") {
+                            broken.lock().unwrap().push(text);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answered.load(Ordering::Relaxed) < 300 {
+        assert!(Instant::now() < deadline, "load did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop_sent.store(true, Ordering::Relaxed);
+    app.signal(libc::SIGTERM);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let code = tokio::task::block_in_place(|| app.stop_wait());
+    assert_eq!(code, 0, "{}", app.logs_text());
+    let broken = broken.lock().unwrap().clone();
+    assert!(broken.is_empty(), "requests broken by the shutdown: {broken:?}");
+
+    // Every acknowledged claim is there after a restart.
+    app.boot();
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 300);
+    for (i, code) in &acked {
+        assert_eq!(app.held(&tokens[*i], "g").await, vec![code.clone()]);
+    }
+    assert_eq!(app.detail("g").await["claimed"].as_u64().unwrap(), acked.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_an_activated_socket_refuses_no_connection() {
+    // The test plays systemd's part: it owns the listening socket and hands it
+    // to each ticketd process as fd 3.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    let config = base_config() + &absolute(open_activity("z", 2000, 1));
+    let mut app = TestApp::prepare(&config, &[]);
+    app.listen_fd = Some(fd);
+    app.boot();
+    assert_eq!(app.addr, listener.local_addr().unwrap().to_string());
+    let tokens = app.users("z", 600).await;
+    let mut bodies = Vec::new();
+    for t in &tokens {
+        bodies.push(claim_body(&app.client, t, "z").await);
+    }
+
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let ok = Arc::new(AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let client = app.client_clone();
+        let (errors, ok, next, tokens, bodies) =
+            (errors.clone(), ok.clone(), next.clone(), tokens.clone(), bodies.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= tokens.len() {
+                    break;
+                }
+                match client.post("/ticket/get", Some(&tokens[i]), &bodies[i]).await {
+                    Ok(res) if res.status == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(res) => errors.lock().unwrap().push(res.body.to_string()),
+                    Err(e) => errors.lock().unwrap().push(format!("{e:#}")),
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ok.load(Ordering::Relaxed) < 100 {
+        assert!(Instant::now() < deadline, "load did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Restart: the old process drains and exits; connections queue in the
+    // kernel until the new one accepts them.
+    tokio::task::block_in_place(|| {
+        app.stop();
+        app.boot();
+    });
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let errors = errors.lock().unwrap().clone();
+    assert!(errors.is_empty(), "failed across the restart: {errors:?}");
+    assert_eq!(ok.load(Ordering::Relaxed), 600);
+    assert_eq!(app.detail("z").await["claimed"], 600);
+}
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    let Ok(version) = std::process::Command::new("systemd-analyze").arg("--version").output() else {
+        panic!("systemd-analyze is missing: run `apt-get install -y systemd` (./scripts/test does it)");
+    };
+    assert!(version.status.success());
+    // The unit names /usr/local/bin/ticketd; verify it against the binary under test.
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/ticketd.service")).unwrap();
+    let socket = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/ticketd.socket")).unwrap();
+    std::fs::write(
+        dir.path().join("ticketd.service"),
+        unit.replace("/usr/local/bin/ticketd", crate::common::BIN),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("ticketd.socket"), socket).unwrap();
+    for file in ["ticketd.service", "ticketd.socket"] {
+        let out = std::process::Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(dir.path().join(file))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{file}: {stderr}");
+        let complaints: Vec<&str> = stderr.lines().filter(|l| l.contains("ticketd")).collect();
+        assert!(complaints.is_empty(), "{file}: {complaints:?}");
+    }
+}
