@@ -5,14 +5,17 @@
 //! in memory and lock-free or shard-locked for a few instructions:
 //!
 //! 1. the activity in the catalog snapshot (404), paused (409), the sale
-//!    window (409 NOT_STARTED / ENDED);
-//! 2. an in-flight budget (503, so a burst cannot queue without bound);
-//! 3. the user's slot in the activity's [`Ledger`]: an idempotency key that
+//!    window (409 NOT_STARTED / ENDED); when every pool is empty, SOLD_OUT
+//!    (or the caller's own LIMIT_REACHED / idempotent replay) at once;
+//! 2. the claim token and proof of work (403);
+//! 3. in-flight budgets, global and per activity (503, so a burst cannot
+//!    queue without bound);
+//! 4. the user's slot in the activity's [`Ledger`]: an idempotency key that
 //!    already has a claim is answered again; a user at the limit is refused
 //!    with their codes (409 LIMIT_REACHED);
-//! 4. a code from the ticket's [`CodePool`] (410 SOLD_OUT when every pool is
-//!    empty — one atomic load each);
-//! 5. the commit: the claim goes to the store ([`Store::commit`]), which
+//! 5. a code from the ticket's [`CodePool`] (410 SOLD_OUT if the last one
+//!    went to someone else a moment ago);
+//! 6. the commit: the claim goes to the store ([`Store::commit`]), which
 //!    makes it durable and *settles* it — confirming it in the ledger, or on
 //!    failure putting the code back and releasing the slot. Settlement runs
 //!    in the committer, not in the request, so a client that hangs up while
@@ -303,12 +306,10 @@ impl Claimer {
         let now = now_ms();
         check_window(activity, now)?;
         let settings = self.settings.load();
-        self.check_tokens(activity, &req, settings.require_claim_token, now)?;
         let ticket = match req.ticket_id {
             Some(id) => Some(activity.ticket(id).ok_or(Rejection::UnknownTicket)?),
             None => None,
         };
-        let key = req.idempotency_key;
         let in_stock = match ticket {
             Some(t) => t.pool.remaining() > 0,
             None => activity.tickets.iter().any(|t| t.pool.remaining() > 0),
@@ -318,13 +319,16 @@ impl Claimer {
             // flood after the sell-out costs no allocation and no write lock.
             return match activity
                 .ledger
-                .peek(req.user_id, activity.per_user_limit, key.as_deref())
+                .peek(req.user_id, activity.per_user_limit, req.idempotency_key.as_deref())
             {
                 Some(Reservation::Replay(claim)) => Ok(Claimed { claim, replayed: true }),
                 Some(Reservation::LimitReached(codes)) => Err(Rejection::LimitReached(codes)),
                 _ => Err(Rejection::SoldOut),
             };
         }
+        // Only a claim that could take a code pays for the token check.
+        self.check_tokens(activity, &req, settings.require_claim_token, now)?;
+        let key = req.idempotency_key;
 
         let _global = InFlight::enter(&self.in_flight, settings.max_in_flight).ok_or(Rejection::Overloaded)?;
         let _local = InFlight::enter(&activity.ledger.in_flight, settings.max_in_flight_per_activity)
