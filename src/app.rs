@@ -63,6 +63,8 @@ pub struct AppState {
     pub max_connections: usize,
     /// The admin bearer token, when the admin API is on.
     pub admin_token: Option<String>,
+    /// The access log, when `[log] access_log` is set.
+    pub access_log: Option<crate::http::access_log::AccessLog>,
     /// Reloadable server limits.
     server: ArcSwap<ServerConfig>,
     /// When the node started, Unix ms (relative times count from here).
@@ -222,8 +224,16 @@ impl App {
             .ok()
             .filter(|t| !t.is_empty())
             .or_else(|| config.admin.token.clone());
+        let access_log = match &config.log.access_log {
+            Some(path) => Some(
+                crate::http::access_log::AccessLog::open(path)
+                    .with_context(|| format!("cannot open the access log {}", path.display()))?,
+            ),
+            None => None,
+        };
         config.strip_codes();
         let state = Arc::new(AppState {
+            access_log,
             catalog: ArcSwap::from_pointee(catalog),
             inventory,
             claimer,

@@ -433,6 +433,11 @@ impl Metrics {
         for (name, help, value) in gauges_list {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         }
+        let dropped = crate::http::access_log::DROPPED.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP ticketd_access_log_dropped_total Access-log lines dropped because the writer fell behind.\n# TYPE ticketd_access_log_dropped_total counter\nticketd_access_log_dropped_total {dropped}"
+        );
         let counters = [
             (
                 "ticketd_connections_refused_total",

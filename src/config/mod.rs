@@ -280,6 +280,9 @@ pub struct LogConfig {
     /// Filter in `RUST_LOG` syntax; `RUST_LOG` wins when set. Default `"info"`.
     #[serde(default = "default_log_level")]
     pub level: String,
+    /// A file to append one JSON line per request to. Unset (the default) = off.
+    #[serde(default)]
+    pub access_log: Option<std::path::PathBuf>,
 }
 
 /// Log line format.

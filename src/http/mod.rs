@@ -7,6 +7,7 @@
 //! - [`error`] owns the error shape and status mapping;
 //! - `handlers` hold one module per area (`act`, `ticket`, `user`, `ops`).
 
+pub mod access_log;
 pub mod error;
 mod handlers;
 pub mod request;

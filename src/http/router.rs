@@ -26,6 +26,10 @@ pub async fn handle(
     surface: Surface,
 ) -> Response<Full<Bytes>> {
     let started = Instant::now();
+    let logged = state
+        .access_log
+        .as_ref()
+        .map(|_| (req.method().clone(), req.uri().path().to_owned()));
     let (route, allowed) = match surface {
         Surface::Public => route_of(req.uri().path()),
         Surface::Admin => admin_route_of(req.uri().path()),
@@ -54,6 +58,9 @@ pub async fn handle(
             .unwrap_or_else(ApiError::into_response)
     };
     crate::metrics::global().request(route, res.status().as_u16(), started.elapsed());
+    if let (Some(log), Some((method, path))) = (&state.access_log, logged) {
+        log.record(ip, method.as_str(), &path, res.status().as_u16(), started.elapsed());
+    }
     let mut res = res;
     if state.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
         res.headers_mut()

@@ -6,6 +6,7 @@ mod common;
 mod api;
 mod cli;
 mod crash;
+mod deploy;
 mod limits;
 mod ops;
 mod reload;

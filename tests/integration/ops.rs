@@ -244,3 +244,30 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         assert!(complaints.is_empty(), "{file}: {complaints:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_records_each_request_when_enabled() {
+    let config = base_config().replace("level = \"info\"", "level = \"info\"\naccess_log = \"access.log\"")
+        + &open_activity("al", 1, 1);
+    let app = TestApp::start(&config);
+    app.client.get("/act/list", None).await.unwrap();
+    app.client.get("/act/detail?actId=nope", None).await.unwrap();
+    app.client.get("/healthz", None).await.unwrap();
+    let path = app.dir.path().join("access.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        if lines.len() >= 3 {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "access log has {} lines", lines.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(lines[0]["path"], "/act/list");
+    assert_eq!(lines[0]["status"], 200);
+    assert_eq!(lines[1]["status"], 404);
+    assert_eq!(lines[1]["ip"], "127.0.0.1");
+    assert_eq!(lines[2]["method"], "GET");
+    assert!(lines[2]["ms"].as_f64().is_some());
+}

@@ -1,0 +1,217 @@
+//! The shipped deployment files work with the real binary: Nginx in front of
+//! a node, and every metric the alert rules and dashboard use exists.
+
+use std::{
+    collections::BTreeSet,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+use ticketd::bench::ApiClient;
+
+use crate::common::{base_config, open_activity, TestApp, BIN};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// Nginx started on the shipped config, pointed at `upstream`, on a free port.
+struct Nginx {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(upstream: &str) -> Nginx {
+        let Ok(version) = Command::new("nginx").arg("-v").output() else {
+            panic!("nginx is missing: run `apt-get install -y nginx-light` (./scripts/test does it)");
+        };
+        assert!(version.status.success());
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let shipped = std::fs::read_to_string(format!("{ROOT}/deploy/nginx.conf")).unwrap();
+        let d = dir.path().display();
+        let conf = shipped
+            .replace(
+                "pid /run/nginx.pid;",
+                &format!("pid {d}/nginx.pid;\nerror_log {d}/error.log;"),
+            )
+            .replace("/var/cache/nginx/ticketd", &format!("{d}/cache"))
+            .replace("listen 80 reuseport", &format!("listen 127.0.0.1:{port} reuseport"))
+            .replace(
+                "server 127.0.0.1:3000 max_fails=3 fail_timeout=5s;",
+                &format!("server {upstream} max_fails=3 fail_timeout=5s;"),
+            )
+            .replace("server 127.0.0.1:3010 max_fails=3 fail_timeout=5s;", "")
+            .replace(
+                "\nhttp {",
+                &format!("\nhttp {{\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;"),
+            );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let check = Command::new("nginx").args(["-t", "-c"]).arg(&path).output().unwrap();
+        assert!(
+            check.status.success(),
+            "nginx -t: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let child = Command::new("nginx")
+            .args(["-c"])
+            .arg(&path)
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx { child, port, _dir: dir }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bench_through_the_shipped_nginx_keeps_the_invariants() {
+    // ticketd trusts Nginx (127.0.0.1) for X-Forwarded-For.
+    let config = base_config().replace("[security]", "[security]\ntrusted_proxies = [\"127.0.0.1\"]")
+        + &open_activity("ng", 150, 1);
+    let app = TestApp::start(&config);
+    let nginx = tokio::task::block_in_place(|| Nginx::start(&app.addr));
+    let url = format!("http://127.0.0.1:{}", nginx.port);
+
+    // Nginx limits claims per client address (10/s, burst 20): a modest bench passes.
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--url",
+            &url,
+            "--activity",
+            "ng",
+            "--users",
+            "60",
+            "--concurrency",
+            "4",
+        ])
+        .args(["--claims-per-user", "1", "--rate", "8", "--create-users", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["violations"], json!([]));
+    assert_eq!(report["acknowledged"], 60, "{report}");
+    assert_eq!(report["claimed_after"], 60);
+
+    // /act/list is cached for a second.
+    let client = ApiClient::new(vec![url.clone()], 8).unwrap();
+    let first = raw_get(nginx.port, "/act/list").await;
+    let second = raw_get(nginx.port, "/act/list").await;
+    assert!(
+        first.contains("X-Cache: MISS") || first.contains("X-Cache: EXPIRED"),
+        "{first}"
+    );
+    assert!(second.contains("X-Cache: HIT"), "{second}");
+
+    // A burst beyond Nginx's own limit: its 429 carries ticketd's error shape.
+    let login = client
+        .post(
+            "/user/login",
+            None,
+            &json!({ "username": "bench-user-0", "password": "bench-password" }),
+        )
+        .await
+        .unwrap();
+    let token = login.data()["token"].as_str().unwrap().to_owned();
+    let body = json!({ "actId": "ng" });
+    let answers = futures::future::join_all((0..60).map(|_| client.post("/ticket/get", Some(&token), &body))).await;
+    let limited: Vec<_> = answers
+        .iter()
+        .map(|a| a.as_ref().unwrap())
+        .filter(|a| a.status == 429)
+        .collect();
+    assert!(!limited.is_empty(), "nginx never limited the burst");
+    for a in limited {
+        assert_eq!(a.body["ok"], false);
+        assert_eq!(a.error_code(), Some("RATE_LIMITED"), "{}", a.body);
+    }
+    // The admin API is not reachable through Nginx.
+    let admin = client.get("/admin/stats", None).await.unwrap();
+    assert_eq!((admin.status, admin.error_code()), (404, Some("ROUTE_NOT_FOUND")));
+}
+
+async fn raw_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_in_the_alert_rules_and_dashboard_exists() {
+    let app = TestApp::start(&(base_config() + &open_activity("m", 3, 1)));
+    let token = app.register("metric").await;
+    app.claim(&token, "m").await;
+    let exposed = raw_get_addr(&app.addr, "/metrics").await;
+    let names = |text: &str| -> BTreeSet<String> {
+        let mut found = BTreeSet::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("ticketd_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            found.insert(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+        found
+    };
+    let exposed = names(&exposed);
+    for file in ["deploy/prometheus-rules.yml", "deploy/grafana-dashboard.json"] {
+        let text = std::fs::read_to_string(format!("{ROOT}/{file}")).unwrap();
+        for name in names(&text) {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .fold(name.clone(), |n, s| n.strip_suffix(s).map(str::to_owned).unwrap_or(n));
+            let known = exposed
+                .iter()
+                .any(|e| *e == name || e.starts_with(&format!("{base}_")) || *e == base);
+            assert!(known, "{file} uses {name}, which /metrics does not expose");
+        }
+    }
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{ROOT}/deploy/grafana-dashboard.json")).unwrap())
+            .unwrap();
+    assert!(dashboard["panels"].as_array().unwrap().len() >= 6);
+}
+
+async fn raw_get_addr(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
