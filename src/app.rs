@@ -36,6 +36,7 @@ use crate::{
     inventory::Inventory,
     metrics::{self, Gauges},
     notify::{monotonic_usec, Notifier},
+    stats::RushStats,
     store::{Access, ImportReport, Store},
 };
 
@@ -63,6 +64,8 @@ pub struct AppState {
     pub max_connections: usize,
     /// The admin bearer token, when the admin API is on.
     pub admin_token: Option<String>,
+    /// Rush statistics, flushed to the store every second.
+    pub stats: RushStats,
     /// The access log, when `[log] access_log` is set.
     pub access_log: Option<crate::http::access_log::AccessLog>,
     /// Reloadable server limits.
@@ -234,6 +237,7 @@ impl App {
         config.strip_codes();
         let state = Arc::new(AppState {
             access_log,
+            stats: RushStats::default(),
             catalog: ArcSwap::from_pointee(catalog),
             inventory,
             claimer,
@@ -294,6 +298,17 @@ impl App {
                 }
             })
         };
+        let stats_flusher = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    every.tick().await;
+                    let state = state.clone();
+                    let _ = tokio::task::spawn_blocking(move || flush_stats(&state)).await;
+                }
+            })
+        };
         let supervisor = notifier
             .is_enabled()
             .then(|| tokio::spawn(supervise(state.clone(), notifier.clone())));
@@ -315,12 +330,31 @@ impl App {
             let _ = admin.await;
         }
         reloader.abort();
+        stats_flusher.abort();
         let closing = state.clone();
+        tokio::task::spawn_blocking({
+            let state = state.clone();
+            move || flush_stats(&state)
+        })
+        .await
+        .context("flushing statistics failed")?;
         tokio::task::spawn_blocking(move || closing.store.close())
             .await
             .context("closing the store failed")?;
         tracing::info!("Shutdown complete.");
         Ok(())
+    }
+}
+
+/// Moves recorded rush statistics into the store. If the store refuses
+/// them they are dropped: the report misses them, claims are unaffected.
+fn flush_stats(state: &AppState) {
+    let batch = state.stats.drain();
+    if batch.is_empty() {
+        return;
+    }
+    if let Err(error) = state.store.add_stats(&batch) {
+        tracing::warn!(%error, "Could not store rush statistics; they are lost for the report.");
     }
 }
 

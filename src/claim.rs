@@ -142,7 +142,8 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    fn outcome(&self) -> ClaimOutcome {
+    /// The outcome this rejection is counted as.
+    pub fn outcome(&self) -> ClaimOutcome {
         match self {
             Rejection::UnknownActivity | Rejection::UnknownTicket => ClaimOutcome::NotFound,
             Rejection::Paused => ClaimOutcome::Paused,

@@ -44,6 +44,8 @@ pub enum Command {
     User(UserCommand),
     /// Stream every claim of an activity as CSV or JSON lines.
     Export(ExportArgs),
+    /// Write a self-contained HTML report of an activity's rush (charts as inline SVG).
+    Report(ReportArgs),
     /// Validate the config file and print every problem with its line.
     CheckConfig,
     /// Rush an activity over HTTP, report throughput and latency, and verify
@@ -82,12 +84,38 @@ pub enum ExportFormat {
     Jsonl,
 }
 
+/// What `ticketd export` writes.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ExportWhat {
+    /// Every claim: claim id, activity, ticket type, code, user id, username, nickname, time.
+    Claims,
+    /// The refused claim requests, counted per reason and minute.
+    Rejections,
+}
+
+/// `ticketd report`
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The activity id.
+    #[arg(long)]
+    pub activity: String,
+    /// The HTML file to write.
+    #[arg(long, default_value = "report.html")]
+    pub out: PathBuf,
+    /// Rows in the "most claims by address / account" rankings.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+}
+
 /// `ticketd export`
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// The activity id.
     #[arg(long)]
     pub activity: String,
+    /// Claims, or rejections per reason and minute.
+    #[arg(long, value_enum, default_value = "claims")]
+    pub what: ExportWhat,
     /// Output format.
     #[arg(long, value_enum, default_value = "csv")]
     pub format: ExportFormat,

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use crate::{
     app::App,
     auth::{password, validate_account, HashCost},
-    cli::{ExportArgs, UserCommand},
+    cli::{ExportArgs, ExportWhat, ReportArgs, UserCommand},
     config::{now_ms, Config},
     export, signals,
     store::{Access, Store},
@@ -246,21 +246,42 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
             args.activity
         );
     }
-    let rows = match &args.out {
+    let write = |out: Box<dyn Write>| match args.what {
+        ExportWhat::Claims => export::claims(&store, &args.activity, args.format, out),
+        ExportWhat::Rejections => export::rejections(&store, &args.activity, args.format, out),
+    };
+    match &args.out {
         Some(path) => {
             let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-            let n = export::claims(&store, &args.activity, args.format, io::BufWriter::new(file))?;
-            eprintln!("{n} claims written to {}", path.display());
-            n
+            let n = write(Box::new(io::BufWriter::new(file)))?;
+            eprintln!("{n} rows written to {}", path.display());
         }
-        None => export::claims(
-            &store,
-            &args.activity,
-            args.format,
-            io::BufWriter::new(io::stdout().lock()),
-        )?,
-    };
-    let _ = rows;
-    io::stdout().flush()?;
+        None => {
+            write(Box::new(io::BufWriter::new(io::stdout().lock())))?;
+        }
+    }
+    Ok(())
+}
+
+/// `ticketd report`.
+pub fn report(config: &Config, args: ReportArgs) -> anyhow::Result<()> {
+    let store = Store::open(config, Access::Tool)?;
+    if !store.has_activity(&args.activity)? {
+        bail!(
+            "the store has no activity `{}` (run `ticketd import` or `ticketd serve` first)",
+            args.activity
+        );
+    }
+    let data = store.report_data(&args.activity, args.top)?;
+    let html = export::report::render(&args.activity, &data, now_ms());
+    std::fs::write(&args.out, html).with_context(|| format!("cannot write {}", args.out.display()))?;
+    let s = export::report::summary(&data);
+    eprintln!(
+        "report written to {}: {} of {} codes claimed by {} users",
+        args.out.display(),
+        s.claimed,
+        s.codes,
+        s.users
+    );
     Ok(())
 }

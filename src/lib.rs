@@ -27,6 +27,7 @@
 //! - [`export`] — streaming CSV / JSON-lines exports;
 //! - [`metrics`] — lock-free counters and histograms, Prometheus text;
 //! - [`notify`] — the systemd notify protocol (READY, RELOADING, STATUS, WATCHDOG);
+//! - [`stats`] — rush statistics (outcomes per minute, requests per source, latency) for reports;
 //! - [`bench`] — the rush simulator behind `ticketd bench`, and its HTTP client.
 
 #![warn(missing_docs)]
@@ -46,6 +47,7 @@ pub mod journal;
 pub mod metrics;
 pub mod notify;
 pub mod signals;
+pub mod stats;
 pub mod store;
 
 use std::io::IsTerminal;
@@ -76,6 +78,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Import => commands::import(&config),
                 Command::User(u) => commands::user(&config, u),
                 Command::Export(args) => commands::export(&config, args),
+                Command::Report(args) => commands::report(&config, args),
                 Command::CheckConfig | Command::Bench(_) => unreachable!("handled above"),
             }
         }

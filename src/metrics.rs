@@ -91,7 +91,7 @@ fn status_slot(status: u16) -> usize {
 }
 
 /// What happened to a claim request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(usize)]
 pub enum ClaimOutcome {
     /// A code was handed out.
@@ -139,7 +139,8 @@ impl ClaimOutcome {
         ClaimOutcome::BadProofOfWork,
     ];
 
-    fn label(self) -> &'static str {
+    /// The label in metrics, stats and reports.
+    pub fn label(self) -> &'static str {
         match self {
             ClaimOutcome::Success => "success",
             ClaimOutcome::Replayed => "replayed",
@@ -226,7 +227,8 @@ pub struct Histogram {
     sum_micros: AtomicU64,
 }
 
-const LATENCY_BOUNDS: &[f64] = &[
+/// Upper bounds (seconds) of the latency buckets.
+pub const LATENCY_BOUNDS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 const BATCH_BOUNDS: &[f64] = &[

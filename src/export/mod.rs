@@ -3,6 +3,11 @@
 //!
 //! CSV is RFC 4180 (quoted where needed), UTF-8, with a header row; Chinese
 //! names survive intact. JSON lines carry the same fields, one object a line.
+//! [`rejections`] writes the recorded claim outcomes per minute, and
+//! [`report`] renders the HTML rush report.
+
+pub mod report;
+pub mod svg;
 
 use std::io::Write;
 
@@ -66,6 +71,43 @@ pub fn claims<W: Write>(store: &Store, activity_id: &str, format: ExportFormat, 
             Ok(n)
         }
     }
+}
+
+/// Writes the recorded claim outcomes of `activity_id` per minute (everything
+/// but successes), as CSV or JSON lines; returns the row count.
+pub fn rejections<W: Write>(store: &Store, activity_id: &str, format: ExportFormat, out: W) -> Result<u64, StoreError> {
+    let data = store.report_data(activity_id, 0)?;
+    let rows = data
+        .outcomes
+        .iter()
+        .filter(|(_, o, _)| o != "success" && o != "replayed");
+    let mut n = 0;
+    match format {
+        ExportFormat::Csv => {
+            let mut w = csv::Writer::from_writer(out);
+            w.write_record(["minute", "reason", "count"])
+                .map_err(csv_io)
+                .map_err(io_err)?;
+            for (minute, reason, count) in rows {
+                w.write_record([rfc3339_ms(minute * 60_000).as_str(), reason, &count.to_string()])
+                    .map_err(csv_io)
+                    .map_err(io_err)?;
+                n += 1;
+            }
+            w.flush().map_err(io_err)?;
+        }
+        ExportFormat::Jsonl => {
+            let mut w = out;
+            for (minute, reason, count) in rows {
+                let line =
+                    serde_json::json!({ "minute": rfc3339_ms(minute * 60_000), "reason": reason, "count": count });
+                writeln!(w, "{line}").map_err(io_err)?;
+                n += 1;
+            }
+            w.flush().map_err(io_err)?;
+        }
+    }
+    Ok(n)
 }
 
 fn csv_io(e: csv::Error) -> std::io::Error {

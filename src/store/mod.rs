@@ -103,6 +103,44 @@ pub struct TicketImport {
     pub total: usize,
 }
 
+/// Everything the rush report shows about one activity, read from the store.
+#[derive(Debug, Default)]
+pub struct ReportData {
+    /// Name, start, end (Unix ms) and per-user limit, if the store knows the activity.
+    pub activity: Option<(String, i64, i64, u32)>,
+    /// Per ticket type: id, name, codes, claimed, first and last claim (Unix ms).
+    pub tickets: Vec<TicketReport>,
+    /// `(unix second, claims)`, ascending.
+    pub claims_per_second: Vec<(i64, u64)>,
+    /// `(unix minute, outcome label, requests)`, ascending by minute.
+    pub outcomes: Vec<(i64, String, u64)>,
+    /// `(bucket upper bound in ms, claims)`; the last bound is infinite.
+    pub latency: Vec<(f64, u64)>,
+    /// The addresses that sent the most claims: `(address, requests)`.
+    pub top_ips: Vec<(String, u64)>,
+    /// The accounts that sent the most claims: `(username, requests)`.
+    pub top_users: Vec<(String, u64)>,
+    /// Distinct users holding a claim.
+    pub users: u64,
+}
+
+/// One ticket type in the report.
+#[derive(Debug, Default)]
+pub struct TicketReport {
+    /// Ticket id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Codes known.
+    pub codes: u64,
+    /// Codes claimed.
+    pub claimed: u64,
+    /// First claim, Unix ms.
+    pub first_ms: Option<i64>,
+    /// Last claim, Unix ms.
+    pub last_ms: Option<i64>,
+}
+
 /// How a process uses the data directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -239,6 +277,20 @@ impl Store {
     pub fn secret(&self, name: &str, create: &dyn Fn() -> String) -> Result<String, StoreError> {
         match self {
             Store::Embedded(s) => s.secret(name, create),
+        }
+    }
+
+    /// Adds drained rush statistics.
+    pub fn add_stats(&self, batch: &crate::stats::StatsBatch) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => s.add_stats(batch),
+        }
+    }
+
+    /// What the report shows about `activity_id`; `top` rows of each ranking.
+    pub fn report_data(&self, activity_id: &str, top: usize) -> Result<ReportData, StoreError> {
+        match self {
+            Store::Embedded(s) => s.report_data(activity_id, top),
         }
     }
 

@@ -420,7 +420,7 @@ async fn health_and_metrics() {
     app.claim(&token, "m").await;
     let health = app.client.get("/healthz", None).await.unwrap();
     assert_eq!(health.data()["status"], "ok");
-    let text = raw_get(&app, "/metrics").await;
+    let text = app.raw_get("/metrics").await;
     for needle in [
         "ticketd_claims_total{outcome=\"success\"} 1",
         "ticketd_claims_total{outcome=\"limit_reached\"} 1",
@@ -431,16 +431,4 @@ async fn health_and_metrics() {
     ] {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
-}
-
-async fn raw_get(app: &TestApp, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    stream.read_to_string(&mut out).await.unwrap();
-    out
 }

@@ -10,7 +10,7 @@ use std::{
 use serde_json::{json, Value};
 use ticketd::bench::ApiClient;
 
-use crate::common::{base_config, open_activity, TestApp, BIN};
+use crate::common::{base_config, open_activity, raw_get, TestApp, BIN};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -121,8 +121,8 @@ async fn a_bench_through_the_shipped_nginx_keeps_the_invariants() {
 
     // /act/list is cached for a second.
     let client = ApiClient::new(vec![url.clone()], 8).unwrap();
-    let first = raw_get(nginx.port, "/act/list").await;
-    let second = raw_get(nginx.port, "/act/list").await;
+    let first = raw_get(&format!("127.0.0.1:{}", nginx.port), "/act/list").await;
+    let second = raw_get(&format!("127.0.0.1:{}", nginx.port), "/act/list").await;
     assert!(
         first.contains("X-Cache: MISS") || first.contains("X-Cache: EXPIRED"),
         "{first}"
@@ -156,23 +156,12 @@ async fn a_bench_through_the_shipped_nginx_keeps_the_invariants() {
     assert_eq!((admin.status, admin.error_code()), (404, Some("ROUTE_NOT_FOUND")));
 }
 
-async fn raw_get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_in_the_alert_rules_and_dashboard_exists() {
     let app = TestApp::start(&(base_config() + &open_activity("m", 3, 1)));
     let token = app.register("metric").await;
     app.claim(&token, "m").await;
-    let exposed = raw_get_addr(&app.addr, "/metrics").await;
+    let exposed = app.raw_get("/metrics").await;
     let names = |text: &str| -> BTreeSet<String> {
         let mut found = BTreeSet::new();
         let mut rest = text;
@@ -203,15 +192,4 @@ async fn every_metric_in_the_alert_rules_and_dashboard_exists() {
         serde_json::from_str(&std::fs::read_to_string(format!("{ROOT}/deploy/grafana-dashboard.json")).unwrap())
             .unwrap();
     assert!(dashboard["panels"].as_array().unwrap().len() >= 6);
-}
-
-async fn raw_get_addr(addr: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }

@@ -10,5 +10,6 @@ mod deploy;
 mod limits;
 mod ops;
 mod reload;
+mod report;
 mod rush;
 mod security;

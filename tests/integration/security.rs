@@ -327,7 +327,7 @@ async fn repeated_failed_logins_lock_the_account_out() {
             .status,
         200
     );
-    let metrics = metrics_text(&app).await;
+    let metrics = app.raw_get("/metrics").await;
     assert!(
         metrics.contains("ticketd_security_rejections_total{reason=\"login_locked\"} 1"),
         "{metrics}"
@@ -522,17 +522,6 @@ async fn the_admin_api_needs_the_admin_token_and_its_own_listener() {
         .await
         .unwrap();
     assert_eq!(export.status, 200);
-}
-
-async fn metrics_text(app: &TestApp) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

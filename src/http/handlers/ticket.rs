@@ -13,11 +13,12 @@ use crate::{
     app::AppState,
     auth::Denied,
     claim::ClaimRequest,
+    config::now_ms,
     http::{
         request::{idempotency_key, json_body, ok, session, Id, Query},
         ApiError,
     },
-    metrics::{self, Rejected},
+    metrics::{self, ClaimOutcome, Rejected},
 };
 
 /// The claim body.
@@ -64,7 +65,7 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
     let body = req.into_body();
     let body: GetBody = json_body(state, body).await?;
     let catalog = state.catalog.load();
-    let claimed = state
+    let result = state
         .claimer
         .claim(
             &catalog,
@@ -77,7 +78,18 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
                 pow_nonce: body.pow_nonce.as_deref(),
             },
         )
-        .await?;
+        .await;
+    if let Some(activity) = catalog.activity(&body.act_id.0) {
+        let outcome = match &result {
+            Ok(c) if c.replayed => ClaimOutcome::Replayed,
+            Ok(_) => ClaimOutcome::Success,
+            Err(r) => r.outcome(),
+        };
+        state
+            .stats
+            .record(&activity.id, outcome, ip, session.user_id, now_ms(), now.elapsed());
+    }
+    let claimed = result?;
     Ok(ok(&Claimed {
         claim: ClaimView::from(&claimed.claim),
         replayed: claimed.replayed,

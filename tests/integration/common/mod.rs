@@ -275,32 +275,24 @@ impl TestApp {
 
     /// Registers `username` (password "password-<username>") and returns the token.
     pub async fn register(&self, username: &str) -> String {
-        let res = self
-            .client
-            .post(
-                "/user/register",
-                None,
-                &json!({ "username": username, "password": format!("password-{username}") }),
-            )
-            .await
-            .unwrap();
-        assert_eq!(res.status, 200, "{}", res.body);
-        res.data()["token"].as_str().unwrap().to_owned()
+        self.account("/user/register", username).await
     }
 
     /// Logs `username` in and returns the token.
     pub async fn login(&self, username: &str) -> String {
-        let res = self
-            .client
-            .post(
-                "/user/login",
-                None,
-                &json!({ "username": username, "password": format!("password-{username}") }),
-            )
-            .await
-            .unwrap();
-        assert_eq!(res.status, 200, "{}", res.body);
+        self.account("/user/login", username).await
+    }
+
+    async fn account(&self, path: &str, username: &str) -> String {
+        let creds = json!({ "username": username, "password": format!("password-{username}") });
+        let res = self.client.post(path, None, &creds).await.unwrap();
+        assert_eq!(res.status, 200, "{path} {username}: {}", res.body);
         res.data()["token"].as_str().unwrap().to_owned()
+    }
+
+    /// `GET path` over a fresh connection, returning the raw response (head and body).
+    pub async fn raw_get(&self, path: &str) -> String {
+        raw_get(&self.addr, path).await
     }
 
     /// Creates `n` users [`username`]`(prefix, i)` through `ticketd user import` (before boot
@@ -411,6 +403,17 @@ pub async fn claim_body(client: &ApiClient, token: &str, act: &str) -> Value {
         body["claimToken"] = t.into();
     }
     body
+}
+
+/// `GET path` from `addr` over a fresh connection; the raw response text.
+pub async fn raw_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 /// The name of the `i`th bulk user with `prefix`.

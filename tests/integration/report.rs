@@ -1,0 +1,98 @@
+//! The organiser's view of a rush: the rejections export and the HTML report
+//! agree with the claims the API handed out.
+
+use std::collections::BTreeSet;
+
+use crate::{
+    common::{base_config, open_activity, parse_csv, TestApp},
+    rush::rush,
+};
+
+/// The `<svg>` element titled `title`.
+fn chart<'a>(html: &'a str, title: &str) -> &'a str {
+    let at = html
+        .find(&format!("<title>{title}</title>"))
+        .unwrap_or_else(|| panic!("no chart {title}"));
+    let start = html[..at].rfind("<svg").unwrap();
+    let end = at + html[at..].find("</svg>").unwrap();
+    &html[start..end]
+}
+
+fn cell<'a>(html: &'a str, id: &str) -> &'a str {
+    let tag = format!("<td id=\"{id}\">");
+    let at = html.find(&tag).unwrap() + tag.len();
+    &html[at..at + html[at..].find("</td>").unwrap()]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_and_the_rejections_export_match_the_rush() {
+    let config = base_config() + &open_activity("rep", 50, 1) + &open_activity("quiet", 5, 1);
+    let mut app = TestApp::start(&config);
+    let tokens = app.users("p", 80).await;
+    let (acked, outcomes) = rush(&app, "rep", &tokens, 2, 40).await;
+    let successes: usize = acked.iter().map(Vec::len).sum();
+    assert_eq!(successes, 50);
+    let requests: usize = outcomes.values().sum();
+    assert_eq!(requests, 160);
+    // Stopping flushes the statistics and the claims to the store.
+    assert_eq!(app.stop(), 0);
+
+    let out = app.cli(&["export", "--activity", "rep", "--format", "csv"], None);
+    let claims = parse_csv(&out.stdout);
+    assert_eq!(claims.len(), 50);
+    let seconds: BTreeSet<String> = claims.iter().map(|c| c["claimed_at"][..19].to_owned()).collect();
+
+    let out = app.cli(&["export", "--activity", "rep", "--what", "rejections"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rejections = parse_csv(&out.stdout);
+    let rejected: u64 = rejections.iter().map(|r| r["count"].parse::<u64>().unwrap()).sum();
+    assert_eq!(rejected, 110, "{rejections:?}");
+    let reasons: BTreeSet<&str> = rejections.iter().map(|r| r["reason"].as_str()).collect();
+    assert!(
+        reasons.is_subset(&BTreeSet::from(["sold_out", "limit_reached"])),
+        "{reasons:?}"
+    );
+
+    let out = app.cli(&["report", "--activity", "rep", "--out", "report.html"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(app.dir.path().join("report.html")).unwrap();
+    for fetch in ["http://", "https://", "<script", "<link", "src=", "@import"] {
+        assert!(!html.contains(fetch), "the report must need no network ({fetch})");
+    }
+    assert_eq!(cell(&html, "codes"), "50");
+    assert_eq!(cell(&html, "claimed"), "50");
+    assert_eq!(cell(&html, "remaining"), "0");
+    assert_eq!(cell(&html, "users"), "50");
+    assert_eq!(cell(&html, "requests"), "160");
+    assert!(
+        cell(&html, "sold-out").contains("after the start"),
+        "{}",
+        cell(&html, "sold-out")
+    );
+    // One point per second that had claims, and the sell-out marker.
+    let per_second = chart(&html, "Claims per second");
+    assert_eq!(per_second.matches("class=\"pt\"").count(), seconds.len());
+    assert_eq!(per_second.matches("class=\"marker\"").count(), 1);
+    assert_eq!(
+        chart(&html, "Time to sell out per ticket type")
+            .matches("class=\"bar\"")
+            .count(),
+        1
+    );
+    let latency_bars = chart(&html, "Claim latency (server side)")
+        .matches("class=\"bar\"")
+        .count();
+    assert!(latency_bars >= 1);
+    assert!(
+        html.contains("<td>127.0.0.1</td><td>160</td>"),
+        "the address ranking counts every request"
+    );
+
+    // An activity nobody claimed still renders.
+    let out = app.cli(&["report", "--activity", "quiet", "--out", "quiet.html"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let quiet = std::fs::read_to_string(app.dir.path().join("quiet.html")).unwrap();
+    assert_eq!(cell(&quiet, "claimed"), "0");
+    assert_eq!(cell(&quiet, "sold-out"), "not sold out");
+    assert!(chart(&quiet, "Claims per second").contains("no data"));
+}
