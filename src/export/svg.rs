@@ -160,20 +160,25 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series], 
         let _ = write!(
             out,
             r##"<rect x="{}" y="{}" width="10" height="10" fill="{colour}"/><text x="{}" y="{}" font-size="11" fill="#333">{}</text>"##,
-            W - RIGHT - 150.0,
+            LEFT + 8.0,
             TOP + 4.0 + 14.0 * i as f64,
-            W - RIGHT - 136.0,
+            LEFT + 22.0,
             TOP + 13.0 + 14.0 * i as f64,
             esc(&s.name)
         );
     }
     if let Some((m, label)) = marker {
         let x = sx(m);
+        // Label on the side with room: left of the line in the right half.
+        let (tx, anchor) = if x > W / 2.0 {
+            (x - 4.0, "end")
+        } else {
+            (x + 4.0, "start")
+        };
         let _ = write!(
             out,
-            r##"<line class="marker" x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{}" stroke="#dc2626" stroke-dasharray="4 3"/><text x="{:.1}" y="{}" font-size="11" fill="#dc2626">{}</text>"##,
+            r##"<line class="marker" x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{}" stroke="#dc2626" stroke-dasharray="4 3"/><text x="{tx:.1}" y="{}" font-size="11" fill="#dc2626" text-anchor="{anchor}">{}</text>"##,
             H - BOTTOM,
-            x + 4.0,
             TOP + 10.0,
             esc(label)
         );

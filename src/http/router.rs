@@ -87,7 +87,7 @@ fn route_of(path: &str) -> (Route, Method) {
 
 fn admin_route_of(path: &str) -> (Route, Method) {
     match path {
-        "/admin/stats" => (Route::Admin, Method::GET),
+        "/admin" | "/admin/stats" => (Route::Admin, Method::GET),
         "/admin/reload" | "/admin/export" => (Route::Admin, Method::POST),
         _ => (Route::Unknown, Method::GET),
     }

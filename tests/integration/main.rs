@@ -4,6 +4,7 @@
 mod common;
 
 mod api;
+mod browser;
 mod cli;
 mod crash;
 mod deploy;

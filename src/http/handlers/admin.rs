@@ -2,6 +2,7 @@
 //! admin listener and only with the admin token (a user's session token is
 //! never enough).
 //!
+//! - `GET /admin` — the live page (stock, claims/s, shed and refused counts);
 //! - `GET /admin/stats` — stock, claims and in-flight work per activity, claim outcomes;
 //! - `POST /admin/reload` — the same as SIGHUP, answering whether it applied;
 //! - `POST /admin/export?actId=&format=csv|jsonl` — every claim of an activity.
@@ -23,8 +24,27 @@ use crate::{
     metrics::{self, Rejected},
 };
 
+/// The live admin page: static HTML whose script polls `/admin/stats` with
+/// the token from the URL fragment (never sent to the server or logged).
+const PAGE: &str = include_str!("assets/admin.html");
+
 /// Checks the admin token, then answers the admin route.
 pub async fn handle(state: &AppState, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    if req.uri().path() == "/admin" {
+        let mut res = Response::new(Full::new(Bytes::from_static(PAGE.as_bytes())));
+        let headers = res.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+            ),
+        );
+        return Ok(res);
+    }
     let expected = state.admin_token.as_deref().unwrap_or("");
     let given = token(req.headers()).unwrap_or("");
     let valid = !expected.is_empty() && bool::from(given.as_bytes().ct_eq(expected.as_bytes()));

@@ -1,0 +1,129 @@
+//! Headless Chromium (Debian's `chromium`) renders the HTML report and the
+//! live admin page without console errors, and shows the right numbers.
+
+use std::{path::Path, process::Command};
+
+use crate::{
+    common::{base_config, open_activity, TestApp},
+    rush::rush,
+};
+
+fn chromium(args: &[&str], profile: &Path) -> (String, String) {
+    let binary = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .unwrap_or_else(|| panic!("chromium is missing: run `apt-get install -y chromium` (./scripts/test does it)"));
+    let out = Command::new(binary)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+        ])
+        .args([
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .args(["--enable-logging=stderr", "--v=0"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_no_console_errors(stderr: &str) {
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("CONSOLE") || l.contains("Uncaught"))
+        .filter(|l| l.contains("rror") || l.contains("Uncaught"))
+        .collect();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_and_the_live_page_render_in_chromium() {
+    let admin_token = "EXAMPLE-admin-token-0123456789abcdef";
+    let config = base_config().replace(
+        "[log]",
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{admin_token}\"\n\n[log]"),
+    ) + &open_activity("web", 30, 1);
+    let mut app = TestApp::start(&config);
+    let admin_addr = app.wait_for_log("Admin API listening.", 1)["addr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tokens = app.users("w", 40).await;
+    let (acked, _) = rush(&app, "web", &tokens, 1, 20).await;
+    assert_eq!(acked.iter().map(Vec::len).sum::<usize>(), 30);
+    let profile = tempfile::tempdir().unwrap();
+
+    // The live page: the numbers arrive through its own polling.
+    let url = format!("http://{admin_addr}/admin#token={admin_token}");
+    let (dom, stderr) =
+        tokio::task::block_in_place(|| chromium(&["--virtual-time-budget=3000", "--dump-dom", &url], profile.path()));
+    assert_no_console_errors(&stderr);
+    assert!(dom.contains(r#"<b id="claimed">30</b>"#), "{dom}");
+    assert!(dom.contains(r#"<b id="stock">0</b>"#), "{dom}");
+    assert!(dom.contains("<td>web</td>"), "{dom}");
+    let shot = app.dir.path().join("admin.png");
+    tokio::task::block_in_place(|| {
+        chromium(
+            &[
+                "--window-size=1000,700",
+                "--virtual-time-budget=2000",
+                &format!("--screenshot={}", shot.display()),
+                &url,
+            ],
+            profile.path(),
+        )
+    });
+    assert!(std::fs::metadata(&shot).unwrap().len() > 1000);
+    // Without the token the page says so instead of showing data.
+    let (dom, _) = tokio::task::block_in_place(|| {
+        chromium(
+            &[
+                "--virtual-time-budget=2000",
+                "--dump-dom",
+                &format!("http://{admin_addr}/admin"),
+            ],
+            profile.path(),
+        )
+    });
+    assert!(dom.contains("ADMIN_TOKEN_REQUIRED"), "{dom}");
+
+    // The report, from a file, with no network.
+    assert_eq!(app.stop(), 0);
+    let out = app.cli(&["report", "--activity", "web", "--out", "report.html"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = app.dir.path().join("report.html");
+    let (dom, stderr) = tokio::task::block_in_place(|| {
+        chromium(&["--dump-dom", &format!("file://{}", file.display())], profile.path())
+    });
+    assert_no_console_errors(&stderr);
+    assert!(dom.contains(r#"<td id="claimed">30</td>"#), "{dom}");
+    assert!(dom.contains("sold out after"), "the sell-out moment is marked");
+    let shot = app.dir.path().join("report.png");
+    tokio::task::block_in_place(|| {
+        chromium(
+            &[
+                "--window-size=900,1800",
+                &format!("--screenshot={}", shot.display()),
+                &format!("file://{}", file.display()),
+            ],
+            profile.path(),
+        )
+    });
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+}
