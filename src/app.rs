@@ -290,10 +290,7 @@ impl App {
                             notifier.send("READY=1");
                         }
                         _ = sweep.tick() => state.guard.sweep(Instant::now()),
-                        _ = shutdown.changed() => {
-                            notifier.send("STOPPING=1");
-                            break;
-                        }
+                        _ = shutdown.changed() => break,
                     }
                 }
             })
@@ -322,7 +319,18 @@ impl App {
             tracing::info!(%addr, "Listening.");
         }
         notifier.send("READY=1");
-        http::server::serve(listener, state.clone(), shutdown, Surface::Public).await;
+        let stopping = {
+            let (notifier, mut shutdown) = (notifier.clone(), shutdown.clone());
+            async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+                notifier.send("STOPPING=1");
+            }
+        };
+        // Joined, not spawned: STOPPING=1 is sent before the drain ends, always.
+        tokio::join!(
+            http::server::serve(listener, state.clone(), shutdown, Surface::Public),
+            stopping
+        );
         if let Some(task) = supervisor {
             task.abort();
         }
