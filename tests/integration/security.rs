@@ -381,8 +381,10 @@ async fn an_unknown_user_and_a_wrong_password_look_the_same() {
     let (mu, mw) = (unknown[7], wrong[7]);
     // Without the dummy hash an unknown user would answer in microseconds,
     // a wrong password in milliseconds. Both must do the same argon2 work.
+    // Within 3x of each other (a shared CI box is noisy); the leak it guards
+    // against is a 100x difference.
     assert!(
-        mu * 2 > mw && mw * 2 > mu,
+        mu * 3 > mw && mw * 3 > mu,
         "median unknown {mu:?} vs wrong password {mw:?}"
     );
     assert!(
