@@ -13,7 +13,7 @@
 //!
 //! # Layout
 //! - [`cli`] — clap definitions of every subcommand;
-//! - [`commands`] — what each subcommand does (serve, import, user, export, check-config);
+//! - [`commands`] — what each subcommand does (serve, import, user, export, report, check-config);
 //! - [`app`] — start-up steps, the shared [`app::AppState`], reload, shutdown order;
 //! - [`signals`] — SIGHUP → reload, SIGTERM/SIGINT → the one shutdown watch;
 //! - [`config`] — the config tree, units, validation with line numbers, reload diff;
@@ -22,13 +22,15 @@
 //! - [`claim`] — the claim decision and its outcomes;
 //! - [`journal`] — the append-only claim journal: record format, group commit, replay;
 //! - [`store`] — the storage boundary: the embedded SQLite store (cluster backends join here);
-//! - [`auth`] — argon2id passwords, HMAC session tokens, logout revocation;
-//! - [`http`] — accept loop and limits, router, request parsing, the error shape, handlers;
-//! - [`export`] — streaming CSV / JSON-lines exports;
+//! - [`auth`] — argon2id passwords, HMAC session tokens and revocation, claim tokens and
+//!   proof of work, the guard (blocklists, rate limits, login backoff, trusted proxies);
+//! - [`http`] — accept loop and limits, router, request parsing, the error shape, handlers
+//!   (public API, admin API and live page), the access log;
+//! - [`export`] — streaming CSV / JSON-lines exports, the HTML rush report and its SVG charts;
 //! - [`metrics`] — lock-free counters and histograms, Prometheus text;
 //! - [`notify`] — the systemd notify protocol (READY, RELOADING, STATUS, WATCHDOG);
 //! - [`stats`] — rush statistics (outcomes per minute, requests per source, latency) for reports;
-//! - [`bench`] — the rush simulator behind `ticketd bench`, and its HTTP client.
+//! - [`bench`](mod@bench) — the rush simulator behind `ticketd bench`, and its HTTP client.
 
 #![warn(missing_docs)]
 

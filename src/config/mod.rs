@@ -4,7 +4,7 @@
 //! misspelt key is an error, not a silently ignored setting. Every field has a
 //! documented default (a named function below). [`Config::load`] reads the
 //! file, resolves `codes_file` lists relative to the config's directory and
-//! runs [`validate`](validate::validate), which collects *every* problem with
+//! runs `validate::validate`, which collects *every* problem with
 //! the line it came from — `ticketd check-config` prints them all.
 //!
 //! Reloading (SIGHUP) builds a new `Config` the same way and then asks
