@@ -82,6 +82,8 @@ pub enum ExportFormat {
     Csv,
     /// One JSON object per line.
     Jsonl,
+    /// Apache Parquet (claims only; use --out).
+    Parquet,
 }
 
 /// What `ticketd export` writes.

@@ -246,7 +246,13 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
             args.activity
         );
     }
-    let write = |out: Box<dyn Write>| match args.what {
+    if args.what == ExportWhat::Rejections && args.format == crate::cli::ExportFormat::Parquet {
+        bail!("rejections export as csv or jsonl; Parquet is for claims");
+    }
+    if args.format == crate::cli::ExportFormat::Parquet && args.out.is_none() {
+        bail!("a Parquet export needs --out FILE");
+    }
+    let write = |out: Box<dyn Write + Send>| match args.what {
         ExportWhat::Claims => export::claims(&store, &args.activity, args.format, out),
         ExportWhat::Rejections => export::rejections(&store, &args.activity, args.format, out),
     };
@@ -257,7 +263,7 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
             eprintln!("{n} rows written to {}", path.display());
         }
         None => {
-            write(Box::new(io::BufWriter::new(io::stdout().lock())))?;
+            write(Box::new(io::BufWriter::new(io::stdout())))?;
         }
     }
     Ok(())

@@ -6,6 +6,7 @@
 //! [`rejections`] writes the recorded claim outcomes per minute, and
 //! [`report`] renders the HTML rush report.
 
+pub mod parquet;
 pub mod report;
 pub mod svg;
 
@@ -30,8 +31,14 @@ pub const CSV_HEADER: [&str; 8] = [
 ];
 
 /// Writes every claim of `activity_id` to `out`; returns the row count.
-pub fn claims<W: Write>(store: &Store, activity_id: &str, format: ExportFormat, out: W) -> Result<u64, StoreError> {
+pub fn claims<W: Write + Send>(
+    store: &Store,
+    activity_id: &str,
+    format: ExportFormat,
+    out: W,
+) -> Result<u64, StoreError> {
     match format {
+        ExportFormat::Parquet => parquet::claims(store, activity_id, out),
         ExportFormat::Csv => {
             let mut w = csv::Writer::from_writer(out);
             w.write_record(CSV_HEADER).map_err(csv_io).map_err(io_err)?;
@@ -83,7 +90,8 @@ pub fn rejections<W: Write>(store: &Store, activity_id: &str, format: ExportForm
         .filter(|(_, o, _)| o != "success" && o != "replayed");
     let mut n = 0;
     match format {
-        ExportFormat::Csv => {
+        // The CLI refuses Parquet for rejections; CSV is the fallback here.
+        ExportFormat::Csv | ExportFormat::Parquet => {
             let mut w = csv::Writer::from_writer(out);
             w.write_record(["minute", "reason", "count"])
                 .map_err(csv_io)

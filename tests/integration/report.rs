@@ -42,6 +42,34 @@ async fn the_report_and_the_rejections_export_match_the_rush() {
     assert_eq!(claims.len(), 50);
     let seconds: BTreeSet<String> = claims.iter().map(|c| c["claimed_at"][..19].to_owned()).collect();
 
+    // The same claims as Parquet, read back with the parquet crate.
+    let out = app.cli(
+        &[
+            "export",
+            "--activity",
+            "rep",
+            "--format",
+            "parquet",
+            "--out",
+            "claims.parquet",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = std::fs::File::open(app.dir.path().join("claims.parquet")).unwrap();
+    let reader = parquet::file::serialized_reader::SerializedFileReader::new(file).unwrap();
+    let rows: Vec<parquet::record::Row> = reader.into_iter().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), claims.len());
+    for (row, csv) in rows.iter().zip(&claims) {
+        use parquet::record::RowAccessor;
+        assert_eq!(row.get_long(0).unwrap().to_string(), csv["claim_id"]);
+        assert_eq!(row.get_string(3).unwrap(), &csv["code"]);
+        assert_eq!(row.get_string(5).unwrap(), &csv["username"]);
+        assert_eq!(row.get_long(4).unwrap().to_string(), csv["user_id"]);
+        let at = row.get_timestamp_millis(7).unwrap();
+        assert_eq!(ticketd::config::rfc3339_ms(at), csv["claimed_at"]);
+    }
+
     let out = app.cli(&["export", "--activity", "rep", "--what", "rejections"], None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rejections = parse_csv(&out.stdout);
