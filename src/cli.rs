@@ -124,6 +124,9 @@ pub struct ExportArgs {
     /// Write to this file instead of stdout.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Start a CSV with a UTF-8 byte-order mark, so Excel reads Chinese text right.
+    #[arg(long)]
+    pub bom: bool,
 }
 
 /// `ticketd bench`

@@ -252,9 +252,16 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
     if args.format == crate::cli::ExportFormat::Parquet && args.out.is_none() {
         bail!("a Parquet export needs --out FILE");
     }
-    let write = |out: Box<dyn Write + Send>| match args.what {
-        ExportWhat::Claims => export::claims(&store, &args.activity, args.format, out),
-        ExportWhat::Rejections => export::rejections(&store, &args.activity, args.format, out),
+    let bom = args.bom && args.format == crate::cli::ExportFormat::Csv;
+    let write = |mut out: Box<dyn Write + Send>| -> anyhow::Result<u64> {
+        if bom {
+            out.write_all("\u{feff}".as_bytes())
+                .context("cannot write the export")?;
+        }
+        Ok(match args.what {
+            ExportWhat::Claims => export::claims(&store, &args.activity, args.format, out)?,
+            ExportWhat::Rejections => export::rejections(&store, &args.activity, args.format, out)?,
+        })
     };
     match &args.out {
         Some(path) => {
