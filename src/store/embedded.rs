@@ -667,11 +667,23 @@ fn spawn_applier(
                     }
                 }
                 let mut delay = Duration::from_millis(10);
+                let mut attempts = 0;
                 loop {
                     match apply_claims(&mut conn, &backlog) {
                         Ok(()) => break,
                         Err(error) => {
+                            attempts += 1;
                             tracing::error!(%error, claims = backlog.len(), "Applying claims to SQLite failed; retrying (they are safe in the journal).");
+                            // At shutdown, do not hang: the journal keeps them
+                            // and the next start applies them.
+                            match rx.try_recv() {
+                                Ok(more) => backlog.extend(more),
+                                Err(crossbeam_channel::TryRecvError::Disconnected) if attempts >= 5 => {
+                                    tracing::error!("Giving up applying claims at shutdown; the next start replays them from the journal.");
+                                    return;
+                                }
+                                Err(_) => {}
+                            }
                             std::thread::sleep(delay);
                             delay = (delay * 2).min(Duration::from_secs(5));
                         }
