@@ -10,7 +10,7 @@ use std::{
 use serde_json::{json, Value};
 use ticketd::bench::ApiClient;
 
-use crate::common::{base_config, open_activity, raw_get, TestApp, BIN};
+use crate::common::{base_config, open_activity, raw_get, TestApp};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -93,29 +93,22 @@ async fn a_bench_through_the_shipped_nginx_keeps_the_invariants() {
     let url = format!("http://127.0.0.1:{}", nginx.port);
 
     // Nginx limits claims per client address (10/s, burst 20): a modest bench passes.
-    let out = Command::new(BIN)
-        .args([
-            "bench",
-            "--url",
-            &url,
+    let report = crate::common::bench(
+        &url,
+        &[
             "--activity",
             "ng",
             "--users",
             "60",
             "--concurrency",
             "4",
-        ])
-        .args(["--claims-per-user", "1", "--rate", "8", "--create-users", "--json"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+            "--claims-per-user",
+            "1",
+            "--rate",
+            "8",
+            "--create-users",
+        ],
     );
-    let report: Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(report["violations"], json!([]));
     assert_eq!(report["acknowledged"], 60, "{report}");
     assert_eq!(report["claimed_after"], 60);
 

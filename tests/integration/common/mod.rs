@@ -421,6 +421,25 @@ pub fn username(prefix: &str, i: usize) -> String {
     format!("{prefix}-{i}")
 }
 
+/// Runs `ticketd bench --url URL --json ARGS`; asserts it exited 0 with no
+/// invariant violated and returns its JSON report.
+pub fn bench(url: &str, args: &[&str]) -> Value {
+    let out = Command::new(BIN)
+        .args(["bench", "--url", url, "--json"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["violations"], json!([]), "{report}");
+    report
+}
+
 /// Runs `ticketd --config config.toml ARGS` in `dir`.
 pub fn run_cli(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(BIN)
