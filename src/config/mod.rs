@@ -109,6 +109,10 @@ pub struct ServerConfig {
     /// Largest accepted request body. Default `16KiB`.
     #[serde(default = "default_max_body")]
     pub max_body: ByteSize,
+    /// This node's name in exports and reports (which node handed out a code).
+    /// Default: the host name. Restart-only.
+    #[serde(default)]
+    pub node_id: Option<String>,
     /// On shutdown, in-flight requests get this long to finish. Default `10s`.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: HumanDuration,
@@ -502,6 +506,9 @@ impl Config {
         if self.server.listen != running.server.listen {
             changed.push("server.listen");
         }
+        if self.server.node_id != running.server.node_id {
+            changed.push("server.node_id");
+        }
         if self.server.max_connections != running.server.max_connections {
             changed.push("server.max_connections");
         }
@@ -523,6 +530,21 @@ impl Config {
             changed.push("log");
         }
         changed
+    }
+
+    /// `server.node_id`, or the host name.
+    pub fn node_id(&self) -> String {
+        if let Some(id) = &self.server.node_id {
+            return id.clone();
+        }
+        let mut buf = [0u8; 256];
+        // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
+        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        match std::str::from_utf8(&buf[..end]) {
+            Ok(name) if rc == 0 && !name.is_empty() => name.to_owned(),
+            _ => "node".to_owned(),
+        }
     }
 
     /// Drops code lists once they were imported, so a running node does not

@@ -124,6 +124,14 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
             "server.max_connections must be at least 1".into(),
         );
     }
+    if let Some(node) = &config.server.node_id {
+        if !valid_id(node) {
+            r.add(
+                &[k("server"), k("node_id")],
+                format!("server.node_id `{node}` must be 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.'"),
+            );
+        }
+    }
     if config.server.max_body.0 < 256 {
         r.add(
             &[k("server"), k("max_body")],

@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// The CSV header, in column order.
-pub const CSV_HEADER: [&str; 8] = [
+pub const CSV_HEADER: [&str; 9] = [
     "claim_id",
     "activity_id",
     "ticket_id",
@@ -27,6 +27,7 @@ pub const CSV_HEADER: [&str; 8] = [
     "user_id",
     "username",
     "nickname",
+    "node",
     "claimed_at",
 ];
 
@@ -51,6 +52,7 @@ pub fn claims<W: Write + Send>(
                     &row.user_id.to_string(),
                     &row.username,
                     &row.nickname,
+                    &row.node,
                     &rfc3339_ms(row.claimed_at_ms),
                 ])
                 .map_err(csv_io)

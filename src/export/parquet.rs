@@ -29,6 +29,7 @@ message claim {
     REQUIRED INT64 user_id;
     REQUIRED BYTE_ARRAY username (UTF8);
     REQUIRED BYTE_ARRAY nickname (UTF8);
+    REQUIRED BYTE_ARRAY node (UTF8);
     REQUIRED INT64 claimed_at (TIMESTAMP(MILLIS, true));
 }";
 
@@ -40,7 +41,7 @@ fn io(e: ParquetError) -> std::io::Error {
 #[derive(Default)]
 struct Group {
     ids: Vec<i64>,
-    strings: [Vec<ByteArray>; 5],
+    strings: [Vec<ByteArray>; 6],
     users: Vec<i64>,
     times: Vec<i64>,
 }
@@ -50,11 +51,14 @@ impl Group {
         self.ids.push(row.claim_id as i64);
         self.users.push(row.user_id as i64);
         self.times.push(row.claimed_at_ms);
-        for (column, value) in
-            self.strings
-                .iter_mut()
-                .zip([row.activity_id, row.ticket_id, row.code, row.username, row.nickname])
-        {
+        for (column, value) in self.strings.iter_mut().zip([
+            row.activity_id,
+            row.ticket_id,
+            row.code,
+            row.username,
+            row.nickname,
+            row.node,
+        ]) {
             column.push(ByteArray::from(value.into_bytes()));
         }
     }
@@ -73,7 +77,7 @@ impl Group {
                     .typed::<ByteArrayType>()
                     .write_batch(&self.strings[index - 1], None, None)?,
                 4 => column.typed::<Int64Type>().write_batch(&self.users, None, None)?,
-                5 | 6 => column
+                5..=7 => column
                     .typed::<ByteArrayType>()
                     .write_batch(&self.strings[index - 2], None, None)?,
                 _ => column.typed::<Int64Type>().write_batch(&self.times, None, None)?,

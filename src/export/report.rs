@@ -2,7 +2,8 @@
 //!
 //! No scripts, fonts or images from the network: charts are inline SVG
 //! ([`super::svg`]). It shows claims per second with the sell-out moment
-//! marked, time to sell out per ticket type, the claim latency distribution,
+//! marked, time to sell out per ticket type, the share of the stock each node
+//! handed out, the claim latency distribution,
 //! outcomes per minute, the addresses and accounts that sent the most claims
 //! (the scalper signal) and a summary table. An activity with no claims
 //! renders with "no data" panels; millions of claims cost one point per
@@ -136,6 +137,16 @@ pub fn render(activity_id: &str, data: &ReportData, now_ms: i64) -> String {
         None,
     );
 
+    let nodes_chart = bar_chart(
+        "Share of the stock per node",
+        "claims",
+        &data
+            .nodes
+            .iter()
+            .map(|(node, n)| (node.clone(), *n as f64))
+            .collect::<Vec<_>>(),
+    );
+
     let top_ip_chart = bar_chart(
         "Claims per client address (top)",
         "requests",
@@ -207,6 +218,8 @@ th {{ background: #f5f5f5; }} .muted {{ color: #666; }} svg {{ display: block; m
     }
     html.push_str("</table>\n");
     html.push_str(&sell_out_chart);
+    html.push_str("\n<h2>Nodes</h2>\n");
+    html.push_str(&nodes_chart);
     html.push_str("\n<h2>Latency and outcomes</h2>\n");
     html.push_str(&latency_chart);
     html.push_str(&outcomes_chart);

@@ -79,7 +79,8 @@ CREATE TABLE IF NOT EXISTS claims (
     code            TEXT NOT NULL UNIQUE,
     user_id         INTEGER NOT NULL,
     claimed_at_ms   INTEGER NOT NULL,
-    idempotency_key TEXT
+    idempotency_key TEXT,
+    node            TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS claims_by_activity ON claims (activity_id, id);
 CREATE TABLE IF NOT EXISTS stats_outcomes (
@@ -170,12 +171,12 @@ fn applied_seq(conn: &Connection) -> Result<u64, StoreError> {
 }
 
 /// Inserts claims (idempotently) and advances `applied_seq`, in one transaction.
-fn apply_claims(conn: &mut Connection, claims: &[Claim]) -> Result<(), rusqlite::Error> {
+fn apply_claims(conn: &mut Connection, claims: &[Claim], node: &str) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction()?;
     {
         let mut insert = tx.prepare_cached(
-            "INSERT OR IGNORE INTO claims (id, activity_id, ticket_id, code, user_id, claimed_at_ms, idempotency_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT OR IGNORE INTO claims (id, activity_id, ticket_id, code, user_id, claimed_at_ms, idempotency_key, node)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?;
         for c in claims {
             insert.execute(params![
@@ -185,7 +186,8 @@ fn apply_claims(conn: &mut Connection, claims: &[Claim]) -> Result<(), rusqlite:
                 &*c.code,
                 c.user_id as i64,
                 c.claimed_at_ms,
-                c.idempotency_key.as_deref()
+                c.idempotency_key.as_deref(),
+                node
             ])?;
         }
         if let Some(last) = claims.iter().map(|c| c.id).max() {
@@ -200,7 +202,7 @@ fn apply_claims(conn: &mut Connection, claims: &[Claim]) -> Result<(), rusqlite:
 }
 
 /// Applies the journal left on disk to SQLite; returns the highest claim id known.
-fn replay_journal(conn: &mut Connection, journal_dir: &Path) -> Result<u64, StoreError> {
+fn replay_journal(conn: &mut Connection, journal_dir: &Path, node: &str) -> Result<u64, StoreError> {
     let recovered = Journal::<PendingClaim>::recover(journal_dir)?;
     let applied = applied_seq(conn)?;
     let pending: Vec<Claim> = recovered.claims.into_iter().filter(|c| c.id > applied).collect();
@@ -211,7 +213,7 @@ fn replay_journal(conn: &mut Connection, journal_dir: &Path) -> Result<u64, Stor
             "Replaying journal into the store."
         );
         for chunk in pending.chunks(APPLY_BATCH) {
-            apply_claims(conn, chunk)?;
+            apply_claims(conn, chunk, node)?;
         }
     }
     let max_claim: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM claims", [], |r| r.get(0))?;
@@ -237,13 +239,15 @@ impl EmbeddedStore {
         let db_path = dir.join("ticketd.db");
         let lock = try_lock(&dir)?;
         let mut conn = open_db(&db_path)?;
+        // Every claim in this store was handed out by the node that owns it.
+        let node = config.node_id();
         match (access, lock) {
             (Access::Serve, None) => Err(StoreError::Locked(dir)),
             (Access::Serve, Some(lock)) => {
-                let last_seq = replay_journal(&mut conn, &journal_dir)?;
+                let last_seq = replay_journal(&mut conn, &journal_dir, &node)?;
                 let applied = Arc::new(AtomicU64::new(last_seq));
                 let (tx, rx) = crossbeam_channel::unbounded();
-                let applier = spawn_applier(open_db(&db_path)?, rx, applied.clone())?;
+                let applier = spawn_applier(open_db(&db_path)?, rx, applied.clone(), node)?;
                 let journal = Journal::start(JournalSetup {
                     dir: journal_dir,
                     config: config.journal.clone(),
@@ -261,7 +265,7 @@ impl EmbeddedStore {
             (Access::Tool, lock) => {
                 if lock.is_some() && journal_dir.exists() {
                     // No node is running: fold in whatever a crashed one left.
-                    replay_journal(&mut conn, &journal_dir)?;
+                    replay_journal(&mut conn, &journal_dir, &node)?;
                 }
                 Ok(EmbeddedStore {
                     db: Mutex::new(conn),
@@ -395,7 +399,7 @@ impl EmbeddedStore {
     ) -> Result<u64, StoreError> {
         let conn = self.db.lock();
         let mut stmt = conn.prepare(
-            "SELECT k.id, k.activity_id, k.ticket_id, k.code, k.user_id, COALESCE(u.username, ''), COALESCE(u.nickname, ''), k.claimed_at_ms
+            "SELECT k.id, k.activity_id, k.ticket_id, k.code, k.user_id, COALESCE(u.username, ''), COALESCE(u.nickname, ''), k.claimed_at_ms, k.node
              FROM claims k LEFT JOIN users u ON u.id = k.user_id WHERE k.activity_id = ?1 ORDER BY k.id",
         )?;
         let mut rows = stmt.query([activity_id])?;
@@ -410,6 +414,7 @@ impl EmbeddedStore {
                 username: r.get(5)?,
                 nickname: r.get(6)?,
                 claimed_at_ms: r.get(7)?,
+                node: r.get(8)?,
             })
             .map_err(io("cannot write the export to", Path::new("the output")))?;
             n += 1;
@@ -616,6 +621,11 @@ impl EmbeddedStore {
                 Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
             })?
             .collect::<Result<_, _>>()?;
+        let mut nodes =
+            conn.prepare("SELECT node, COUNT(*) FROM claims WHERE activity_id = ?1 GROUP BY node ORDER BY node")?;
+        data.nodes = nodes
+            .query_map([activity_id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+            .collect::<Result<_, _>>()?;
         data.users = conn.query_row(
             "SELECT COUNT(DISTINCT user_id) FROM claims WHERE activity_id = ?1",
             [activity_id],
@@ -653,6 +663,7 @@ fn spawn_applier(
     mut conn: Connection,
     rx: Receiver<Vec<Claim>>,
     applied: Arc<AtomicU64>,
+    node: String,
 ) -> Result<JoinHandle<()>, StoreError> {
     std::thread::Builder::new()
         .name("store-applier".into())
@@ -669,7 +680,7 @@ fn spawn_applier(
                 let mut delay = Duration::from_millis(10);
                 let mut attempts = 0;
                 loop {
-                    match apply_claims(&mut conn, &backlog) {
+                    match apply_claims(&mut conn, &backlog, &node) {
                         Ok(()) => break,
                         Err(error) => {
                             attempts += 1;

@@ -79,6 +79,8 @@ pub struct ClaimRow {
     pub nickname: String,
     /// Claim time, Unix ms.
     pub claimed_at_ms: i64,
+    /// The node that handed the code out.
+    pub node: String,
 }
 
 /// What an import added, per ticket type.
@@ -122,6 +124,8 @@ pub struct ReportData {
     pub top_users: Vec<(String, u64)>,
     /// Distinct users holding a claim.
     pub users: u64,
+    /// `(node, claims)`: which node handed out how much of the stock.
+    pub nodes: Vec<(String, u64)>,
 }
 
 /// One ticket type in the report.

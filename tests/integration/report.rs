@@ -26,7 +26,9 @@ fn cell<'a>(html: &'a str, id: &str) -> &'a str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_report_and_the_rejections_export_match_the_rush() {
-    let config = base_config() + &open_activity("rep", 50, 1) + &open_activity("quiet", 5, 1);
+    let config = base_config().replace("[server]", "[server]\nnode_id = \"node-a\"")
+        + &open_activity("rep", 50, 1)
+        + &open_activity("quiet", 5, 1);
     let mut app = TestApp::start(&config);
     let tokens = app.users("p", 80).await;
     let (acked, outcomes) = rush(&app, "rep", &tokens, 2, 40).await;
@@ -41,6 +43,10 @@ async fn the_report_and_the_rejections_export_match_the_rush() {
     let claims = parse_csv(&out.stdout);
     assert_eq!(claims.len(), 50);
     let seconds: BTreeSet<String> = claims.iter().map(|c| c["claimed_at"][..19].to_owned()).collect();
+    assert!(
+        claims.iter().all(|c| c["node"] == "node-a"),
+        "every claim names its node"
+    );
 
     // The same claims as Parquet, read back with the parquet crate.
     let out = app.cli(
@@ -66,7 +72,8 @@ async fn the_report_and_the_rejections_export_match_the_rush() {
         assert_eq!(row.get_string(3).unwrap(), &csv["code"]);
         assert_eq!(row.get_string(5).unwrap(), &csv["username"]);
         assert_eq!(row.get_long(4).unwrap().to_string(), csv["user_id"]);
-        let at = row.get_timestamp_millis(7).unwrap();
+        assert_eq!(row.get_string(7).unwrap(), "node-a");
+        let at = row.get_timestamp_millis(8).unwrap();
         assert_eq!(ticketd::config::rfc3339_ms(at), csv["claimed_at"]);
     }
 
@@ -107,6 +114,9 @@ async fn the_report_and_the_rejections_export_match_the_rush() {
             .count(),
         1
     );
+    let nodes = chart(&html, "Share of the stock per node");
+    assert_eq!(nodes.matches("class=\"bar\"").count(), 1);
+    assert!(nodes.contains("node-a: 50"), "{nodes}");
     let latency_bars = chart(&html, "Claim latency (server side)")
         .matches("class=\"bar\"")
         .count();
