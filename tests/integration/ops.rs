@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{base_config, claim_body, open_activity, TestApp};
+use crate::common::{base_config, claim_body, open_activity, ApiResponse, TestApp};
 
 /// Pins an activity's window to absolute times: relative times count from
 /// each node start, and claim tokens are bound to the start time.
@@ -73,73 +73,102 @@ fn systemd_hears_ready_status_watchdog_and_reloading() {
     wait_for(&socket, &mut seen, |s| s[before..].iter().any(|m| m == "STOPPING=1"));
 }
 
+/// One claim per user, sent by `workers` tasks; every answer goes to `record`.
+struct Load {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    answered: Arc<AtomicUsize>,
+}
+
+type Record = Arc<dyn Fn(usize, anyhow::Result<ApiResponse>) + Send + Sync>;
+
+impl Load {
+    async fn start(app: &TestApp, activity: &str, tokens: &[String], workers: usize, record: Record) -> Load {
+        let mut bodies = Vec::new();
+        for t in tokens {
+            bodies.push(claim_body(&app.client, t, activity).await);
+        }
+        let (tokens, bodies) = (Arc::new(tokens.to_vec()), Arc::new(bodies));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let next = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..workers)
+            .map(|_| {
+                let client = app.client_clone();
+                let (tokens, bodies, next, answered, record) = (
+                    tokens.clone(),
+                    bodies.clone(),
+                    next.clone(),
+                    answered.clone(),
+                    record.clone(),
+                );
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= tokens.len() {
+                            break;
+                        }
+                        let res = client.post("/ticket/get", Some(&tokens[i]), &bodies[i]).await;
+                        if res.is_ok() {
+                            answered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        record(i, res);
+                    }
+                })
+            })
+            .collect();
+        Load { tasks, answered }
+    }
+
+    /// Waits (at most 30 s) until `n` requests were answered.
+    async fn answered(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.answered.load(Ordering::Relaxed) < n {
+            assert!(Instant::now() < deadline, "the load did not get going");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn finish(self) {
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_resets_nothing_and_loses_no_claim() {
     let config = base_config() + &absolute(open_activity("g", 5000, 1));
     let mut app = TestApp::start(&config);
     let tokens = app.users("g", 1500).await;
-    let mut bodies = Vec::new();
-    for t in &tokens {
-        bodies.push(claim_body(&app.client, t, "g").await);
-    }
 
     let acked: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
-    let answered = Arc::new(AtomicUsize::new(0));
     let broken: Arc<Mutex<Vec<String>>> = Arc::default();
     let stop_sent = Arc::new(AtomicBool::new(false));
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..48 {
-        let client = app.client_clone();
-        let (acked, answered, broken, stop_sent, next) = (
-            acked.clone(),
-            answered.clone(),
-            broken.clone(),
-            stop_sent.clone(),
-            next.clone(),
-        );
-        let (tokens, bodies) = (tokens.clone(), bodies.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= tokens.len() {
-                    break;
-                }
-                match client.post("/ticket/get", Some(&tokens[i]), &bodies[i]).await {
-                    Ok(res) => {
-                        answered.fetch_add(1, Ordering::Relaxed);
-                        if res.status == 200 {
-                            acked
-                                .lock()
-                                .unwrap()
-                                .push((i, res.data()["code"].as_str().unwrap().to_owned()));
-                        } else {
-                            assert_eq!(res.body["ok"], false, "{}", res.body);
-                        }
-                    }
-                    Err(e) => {
-                        // Once the node stopped accepting, a new connection
-                        // cannot be made: fine. A request on an open
-                        // connection left unanswered (closed or reset) is not.
-                        let text = format!("{e:#}");
-                        if !stop_sent.load(Ordering::Relaxed) || !text.contains("(Connect)") {
-                            broken.lock().unwrap().push(text);
-                        }
-                    }
+    let record: Record = {
+        let (acked, broken, stop_sent) = (acked.clone(), broken.clone(), stop_sent.clone());
+        Arc::new(move |i, res| match res {
+            Ok(res) if res.status == 200 => {
+                acked
+                    .lock()
+                    .unwrap()
+                    .push((i, res.data()["code"].as_str().unwrap().to_owned()));
+            }
+            Ok(res) => assert_eq!(res.body["ok"], false, "{}", res.body),
+            Err(e) => {
+                // Once the node stopped accepting, a new connection cannot be
+                // made: fine. A request on an open connection left
+                // unanswered (closed or reset) is not.
+                let text = format!("{e:#}");
+                if !stop_sent.load(Ordering::Relaxed) || !text.contains("(Connect)") {
+                    broken.lock().unwrap().push(text);
                 }
             }
-        }));
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while answered.load(Ordering::Relaxed) < 300 {
-        assert!(Instant::now() < deadline, "load did not start");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+        })
+    };
+    let load = Load::start(&app, "g", &tokens, 48, record).await;
+    load.answered(300).await;
     stop_sent.store(true, Ordering::Relaxed);
     app.signal(libc::SIGTERM);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    load.finish().await;
     let code = tokio::task::block_in_place(|| app.stop_wait());
     assert_eq!(code, 0, "{}", app.logs_text());
     let broken = broken.lock().unwrap().clone();
@@ -167,49 +196,28 @@ async fn a_restart_on_an_activated_socket_refuses_no_connection() {
     app.boot();
     assert_eq!(app.addr, listener.local_addr().unwrap().to_string());
     let tokens = app.users("z", 600).await;
-    let mut bodies = Vec::new();
-    for t in &tokens {
-        bodies.push(claim_body(&app.client, t, "z").await);
-    }
 
     let errors: Arc<Mutex<Vec<String>>> = Arc::default();
     let ok = Arc::new(AtomicUsize::new(0));
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let client = app.client_clone();
-        let (errors, ok, next, tokens, bodies) =
-            (errors.clone(), ok.clone(), next.clone(), tokens.clone(), bodies.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= tokens.len() {
-                    break;
-                }
-                match client.post("/ticket/get", Some(&tokens[i]), &bodies[i]).await {
-                    Ok(res) if res.status == 200 => {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(res) => errors.lock().unwrap().push(res.body.to_string()),
-                    Err(e) => errors.lock().unwrap().push(format!("{e:#}")),
-                }
+    let record: Record = {
+        let (errors, ok) = (errors.clone(), ok.clone());
+        Arc::new(move |_, res| match res {
+            Ok(res) if res.status == 200 => {
+                ok.fetch_add(1, Ordering::Relaxed);
             }
-        }));
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ok.load(Ordering::Relaxed) < 100 {
-        assert!(Instant::now() < deadline, "load did not start");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+            Ok(res) => errors.lock().unwrap().push(res.body.to_string()),
+            Err(e) => errors.lock().unwrap().push(format!("{e:#}")),
+        })
+    };
+    let load = Load::start(&app, "z", &tokens, 16, record).await;
+    load.answered(100).await;
     // Restart: the old process drains and exits; connections queue in the
     // kernel until the new one accepts them.
     tokio::task::block_in_place(|| {
         app.stop();
         app.boot();
     });
-    for t in tasks {
-        t.await.unwrap();
-    }
+    load.finish().await;
     let errors = errors.lock().unwrap().clone();
     assert!(errors.is_empty(), "failed across the restart: {errors:?}");
     assert_eq!(ok.load(Ordering::Relaxed), 600);
