@@ -118,7 +118,7 @@ impl AppState {
             claims_in_flight: self.claimer.in_flight(),
             journal_queue: self.store.commit_queue_len(),
             connections: self.connections.load(Ordering::Relaxed),
-            stock_bytes: self.inventory.stock_footprint().0,
+            stock_bytes: self.inventory.stock_bytes(),
         }
     }
 

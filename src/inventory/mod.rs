@@ -48,11 +48,9 @@ impl Inventory {
         self.ledgers.iter().flat_map(|l| l.claims_of(user)).collect()
     }
 
-    /// Approximate heap bytes held by all pools, and the codes in stock.
-    pub fn stock_footprint(&self) -> (usize, usize) {
-        self.pools.iter().fold((0, 0), |(bytes, codes), p| {
-            (bytes + p.heap_bytes(), codes + p.remaining())
-        })
+    /// Approximate heap bytes held by all pools.
+    pub fn stock_bytes(&self) -> usize {
+        self.pools.iter().map(|p| p.heap_bytes()).sum()
     }
 }
 
@@ -156,11 +154,6 @@ impl Ledger {
     /// The claims `user` holds, oldest first.
     pub fn claims_of(&self, user: u64) -> Vec<Claim> {
         self.users.get(&user).map(|e| e.claims.clone()).unwrap_or_default()
-    }
-
-    /// Whether `user` holds any claim here.
-    pub fn has_claims(&self, user: u64) -> bool {
-        self.users.get(&user).is_some_and(|e| !e.claims.is_empty())
     }
 
     /// Durable claims in this activity.

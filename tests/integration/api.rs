@@ -2,14 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::common::{base_config, open_activity, TestApp};
-
-fn assert_error(res: &ticketd::bench::ApiResponse, status: u16, code: &str) {
-    assert_eq!(res.status, status, "{}", res.body);
-    assert_eq!(res.body["ok"], false, "{}", res.body);
-    assert_eq!(res.error_code(), Some(code), "{}", res.body);
-    assert!(res.body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
-}
+use crate::common::{assert_error, base_config, open_activity, TestApp};
 
 fn windows() -> String {
     base_config()

@@ -9,15 +9,10 @@ use ticketd::{
     bench::{ApiClient, ApiResponse},
 };
 
-use crate::common::{base_config, open_activity, TestApp};
+use crate::common::{assert_error, base_config, open_activity, TestApp};
 
 /// An example secret for tests only.
 const SECRET: &str = "EXAMPLE-test-secret-0123456789abcdef";
-
-fn assert_error(res: &ApiResponse, status: u16, code: &str) {
-    assert_eq!((res.status, res.error_code()), (status, Some(code)), "{}", res.body);
-    assert_eq!(res.body["ok"], false);
-}
 
 fn with_secret(config: String) -> String {
     config.replace("[auth]", &format!("[auth]\nsession_secret = \"{SECRET}\""))

@@ -392,6 +392,17 @@ impl Drop for TestApp {
     }
 }
 
+/// Asserts an error answer: the status, the stable code, the JSON shape and a message.
+pub fn assert_error(res: &ApiResponse, status: u16, code: &str) {
+    assert_eq!((res.status, res.error_code()), (status, Some(code)), "{}", res.body);
+    assert_eq!(res.body["ok"], false, "{}", res.body);
+    assert!(
+        res.body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{}",
+        res.body
+    );
+}
+
 /// `{"actId", "claimToken"}` for `token`'s user (no claimToken when none is given out).
 pub async fn claim_body(client: &ApiClient, token: &str, act: &str) -> Value {
     let detail = client
