@@ -119,6 +119,7 @@ impl AppState {
             journal_queue: self.store.commit_queue_len(),
             connections: self.connections.load(Ordering::Relaxed),
             stock_bytes: self.inventory.stock_bytes(),
+            cluster: self.store.cluster_gauges(),
         }
     }
 
@@ -150,12 +151,17 @@ impl AppState {
         }
         let catalog = Catalog::build(&new, self.started_ms, &self.inventory).map_err(|p| p.join("; "))?;
         let blocked = blocked_user_ids(&new, &self.store).map_err(|e| e.to_string())?;
-        let report = self.store.import(&new, self.started_ms).map_err(|e| e.to_string())?;
-        log_import(&report);
         let mut added = 0;
-        for t in &report.tickets {
-            self.inventory.pool(&t.ticket_id).add_codes(&t.added);
-            added += t.added.len();
+        if self.store.is_cluster() {
+            // New codes reach a cluster through `ticketd import` and leases.
+            self.store.track(&catalog).map_err(|e| e.to_string())?;
+        } else {
+            let report = self.store.import(&new, self.started_ms).map_err(|e| e.to_string())?;
+            log_import(&report);
+            for t in &report.tickets {
+                self.inventory.pool(&t.ticket_id).add_codes(&t.added);
+                added += t.added.len();
+            }
         }
         self.catalog.store(Arc::new(catalog));
         self.auth.apply(&new);
@@ -194,10 +200,14 @@ impl App {
         let inventory = Arc::new(Inventory::default());
         // Built first: it checks what validation cannot (mixed relative and absolute times).
         Catalog::build(&config, started_ms, &inventory).map_err(|p| anyhow::anyhow!(p.join("; ")))?;
-        let report = store
-            .import(&config, started_ms)
-            .context("cannot import the config's activities")?;
-        log_import(&report);
+        if store.is_cluster() {
+            tracing::info!("Cluster mode: codes come from the Redis master lists (`ticketd import` fills them).");
+        } else {
+            let report = store
+                .import(&config, started_ms)
+                .context("cannot import the config's activities")?;
+            log_import(&report);
+        }
         for t in config.activities.iter().flat_map(|a| &a.tickets) {
             let codes = store.unclaimed_codes(&t.id).context("cannot load stock")?;
             inventory.pool(&t.id).add_codes(&codes);
@@ -210,6 +220,7 @@ impl App {
             })
             .context("cannot load claims")?;
         let catalog = Catalog::build(&config, started_ms, &inventory).map_err(|p| anyhow::anyhow!(p.join("; ")))?;
+        store.track(&catalog).context("cannot start leasing codes")?;
         for a in catalog.activities() {
             tracing::info!(activity = %a.id, remaining = a.remaining(), claimed = a.ledger.claimed(), "Stock loaded.");
         }

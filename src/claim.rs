@@ -67,6 +67,12 @@ pub enum CommitError {
     /// The journal or store cannot take writes.
     #[error("claims cannot be stored right now")]
     Unavailable,
+    /// Cluster mode: this node's MongoDB backlog is full.
+    #[error("the backlog of claims waiting for MongoDB is full")]
+    BacklogFull,
+    /// Cluster mode: the user reached the limit through other nodes.
+    #[error("the user holds the limit already")]
+    LimitReached,
 }
 
 /// A claim request after authentication and parsing.
@@ -128,6 +134,8 @@ pub enum Rejection {
     Overloaded,
     /// The store cannot take claims.
     Unavailable,
+    /// Cluster mode: too many claims are waiting for MongoDB on this node.
+    BacklogFull,
     /// Claim tokens are required and none was sent.
     ClaimTokenRequired,
     /// The claim token is forged, or another user's or activity's.
@@ -153,7 +161,7 @@ impl Rejection {
             Rejection::InProgress => ClaimOutcome::InProgress,
             Rejection::SoldOut => ClaimOutcome::SoldOut,
             Rejection::Overloaded => ClaimOutcome::Overloaded,
-            Rejection::Unavailable => ClaimOutcome::Unavailable,
+            Rejection::Unavailable | Rejection::BacklogFull => ClaimOutcome::Unavailable,
             Rejection::ClaimTokenRequired | Rejection::ClaimTokenInvalid | Rejection::ClaimTokenExpired => {
                 ClaimOutcome::BadClaimToken
             }
@@ -162,22 +170,89 @@ impl Rejection {
     }
 }
 
-impl From<CommitError> for Rejection {
-    fn from(e: CommitError) -> Self {
-        match e {
-            CommitError::Overloaded => Rejection::Overloaded,
-            CommitError::Unavailable => Rejection::Unavailable,
-        }
-    }
-}
-
 /// A claim on its way to durability, holding what it needs to settle itself.
 pub struct PendingClaim {
     claim: Claim,
+    limit: u32,
     pool: Arc<CodePool>,
     code_idx: CodeIdx,
     ledger: Arc<Ledger>,
-    reply: oneshot::Sender<Result<Claim, CommitError>>,
+    reply: oneshot::Sender<Result<Claimed, Rejection>>,
+}
+
+impl PendingClaim {
+    /// The activity's per-user limit when the claim was decided.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// Replaces a code this node turned out not to own any more (its lease
+    /// was reclaimed) with another from the same pool. The lost code is not
+    /// put back. `false` when the pool is empty.
+    pub fn retake(&mut self) -> bool {
+        match self.pool.take() {
+            Some(idx) => {
+                self.code_idx = idx;
+                self.claim.code = self.pool.code(idx);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Another node already committed a claim with this idempotency key:
+    /// answer that one, and give back the code and the slot.
+    pub fn settle_replay(self, existing: Claim) {
+        self.pool.put_back(self.code_idx);
+        self.ledger
+            .release(self.claim.user_id, self.claim.idempotency_key.as_ref());
+        let _ = self.reply.send(Ok(Claimed {
+            claim: existing,
+            replayed: true,
+        }));
+    }
+
+    /// The code's commit failed in a way that leaves its ownership unknown
+    /// (the store may or may not have recorded it): answer `error`, release
+    /// the slot, and hand the code to the caller instead of the pool.
+    pub fn settle_in_doubt(self, error: CommitError) -> (Arc<CodePool>, CodeIdx) {
+        self.ledger
+            .release(self.claim.user_id, self.claim.idempotency_key.as_ref());
+        let _ = self.reply.send(Err(rejection(error, &self.ledger, self.claim.user_id)));
+        (self.pool, self.code_idx)
+    }
+
+    /// The pool ran dry while retaking: nothing to give back but the slot.
+    pub fn settle_sold_out(self) {
+        self.ledger
+            .release(self.claim.user_id, self.claim.idempotency_key.as_ref());
+        let _ = self.reply.send(Err(Rejection::SoldOut));
+    }
+
+    /// The store refused the claim with `rejection`: the code goes back to
+    /// the pool and the slot is released.
+    pub fn settle_rejected(self, rejection: Rejection) {
+        self.pool.put_back(self.code_idx);
+        self.ledger
+            .release(self.claim.user_id, self.claim.idempotency_key.as_ref());
+        let _ = self.reply.send(Err(rejection));
+    }
+
+    /// The pool the code came from, and the code.
+    pub fn code_source(&self) -> (&Arc<CodePool>, CodeIdx) {
+        (&self.pool, self.code_idx)
+    }
+}
+
+fn rejection(error: CommitError, ledger: &Ledger, user: u64) -> Rejection {
+    match error {
+        CommitError::Overloaded => Rejection::Overloaded,
+        CommitError::Unavailable => Rejection::Unavailable,
+        CommitError::BacklogFull => Rejection::BacklogFull,
+        CommitError::LimitReached => {
+            Rejection::LimitReached(ledger.claims_of(user).into_iter().map(|c| c.code).collect())
+        }
+    }
 }
 
 impl journal::Entry for PendingClaim {
@@ -188,6 +263,7 @@ impl journal::Entry for PendingClaim {
     fn settle(self, result: Result<u64, CommitError>) {
         let PendingClaim {
             mut claim,
+            limit: _,
             pool,
             code_idx,
             ledger,
@@ -197,12 +273,12 @@ impl journal::Entry for PendingClaim {
             Ok(id) => {
                 claim.id = id;
                 ledger.confirm(claim.clone());
-                Ok(claim)
+                Ok(Claimed { claim, replayed: false })
             }
             Err(e) => {
                 pool.put_back(code_idx);
                 ledger.release(claim.user_id, claim.idempotency_key.as_ref());
-                Err(e)
+                Err(rejection(e, &ledger, claim.user_id))
             }
         };
         // The requester may have gone; the claim stands regardless.
@@ -311,10 +387,19 @@ impl Claimer {
             Some(id) => Some(activity.ticket(id).ok_or(Rejection::UnknownTicket)?),
             None => None,
         };
-        let in_stock = match ticket {
+        let mut in_stock = match ticket {
             Some(t) => t.pool.remaining() > 0,
             None => activity.tickets.iter().any(|t| t.pool.remaining() > 0),
         };
+        if !in_stock && self.store.is_cluster() {
+            // This node's leased codes are gone, but the master list may
+            // still have some: the lease loop fetches them while we wait.
+            let pools: Vec<&Arc<CodePool>> = match ticket {
+                Some(t) => vec![&t.pool],
+                None => activity.tickets.iter().map(|t| &t.pool).collect(),
+            };
+            in_stock = self.store.wait_for_stock(&pools).await;
+        }
         if !in_stock {
             // Sold out is answered from memory with read-only look-ups, so the
             // flood after the sell-out costs no allocation and no write lock.
@@ -360,17 +445,14 @@ impl Claimer {
                 claimed_at_ms: now,
                 idempotency_key: key,
             },
+            limit: activity.per_user_limit,
             pool: ticket.pool.clone(),
             code_idx,
             ledger: activity.ledger.clone(),
             reply,
         });
-        match answer.await {
-            Ok(Ok(claim)) => Ok(Claimed { claim, replayed: false }),
-            Ok(Err(e)) => Err(e.into()),
-            // The committer always settles; a dropped reply means it is gone.
-            Err(_) => Err(Rejection::Unavailable),
-        }
+        // The committer always settles; a dropped reply means it is gone.
+        answer.await.unwrap_or(Err(Rejection::Unavailable))
     }
 }
 

@@ -303,6 +303,16 @@ pub struct Metrics {
     pub reloads_applied: AtomicU64,
     /// Reloads refused.
     pub reloads_refused: AtomicU64,
+    /// Cluster: round trips of the commit script.
+    pub redis_commit: Histogram,
+    /// Cluster: round trips of the lease script.
+    pub redis_lease: Histogram,
+    /// Cluster: bulk inserts of claims into MongoDB.
+    pub mongo_write: Histogram,
+    /// Cluster: codes leased from the master lists.
+    pub codes_leased: AtomicU64,
+    /// Cluster: dead nodes whose leases this node reclaimed.
+    pub leases_reaped: AtomicU64,
 }
 
 /// State read from its owners at scrape time.
@@ -319,6 +329,20 @@ pub struct Gauges {
     pub connections: usize,
     /// Approximate bytes held by code pools.
     pub stock_bytes: usize,
+    /// Cluster mode only: the node's store connections and backlog.
+    pub cluster: Option<ClusterGauges>,
+}
+
+/// Cluster-mode state at scrape time.
+pub struct ClusterGauges {
+    /// `(activity, ticket, codes leased to this node and unclaimed)`.
+    pub leased: Vec<(String, String, usize)>,
+    /// Claims acknowledged by this node, not yet in MongoDB.
+    pub backlog: usize,
+    /// Redis answered the last command.
+    pub redis_up: bool,
+    /// MongoDB took the last write.
+    pub mongo_up: bool,
 }
 
 impl Metrics {
@@ -333,6 +357,11 @@ impl Metrics {
             connections_refused: AtomicU64::new(0),
             reloads_applied: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
+            redis_commit: Histogram::new(LATENCY_BOUNDS),
+            redis_lease: Histogram::new(LATENCY_BOUNDS),
+            mongo_write: Histogram::new(LATENCY_BOUNDS),
+            codes_leased: AtomicU64::new(0),
+            leases_reaped: AtomicU64::new(0),
         }
     }
 
@@ -435,6 +464,9 @@ impl Metrics {
         for (name, help, value) in gauges_list {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         }
+        if let Some(c) = &gauges.cluster {
+            self.render_cluster(&mut out, c);
+        }
         let dropped = crate::http::access_log::DROPPED.load(Ordering::Relaxed);
         let _ = writeln!(
             out,
@@ -465,6 +497,80 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+impl Metrics {
+    fn render_cluster(&self, out: &mut String, c: &ClusterGauges) {
+        out.push_str("# HELP ticketd_leased_codes Codes leased to this node and not yet claimed.\n# TYPE ticketd_leased_codes gauge\n");
+        for (activity, ticket, n) in &c.leased {
+            let _ = writeln!(
+                out,
+                "ticketd_leased_codes{{activity=\"{}\",ticket=\"{}\"}} {n}",
+                escape(activity),
+                escape(ticket)
+            );
+        }
+        let gauges = [
+            (
+                "ticketd_mongo_backlog",
+                "Claims acknowledged by this node, not yet in MongoDB.",
+                c.backlog,
+            ),
+            (
+                "ticketd_redis_up",
+                "1 if Redis answered the last command.",
+                usize::from(c.redis_up),
+            ),
+            (
+                "ticketd_mongo_up",
+                "1 if MongoDB took the last write.",
+                usize::from(c.mongo_up),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
+        let histograms = [
+            (
+                "ticketd_redis_commit_seconds",
+                "Round trips of the Redis commit script.",
+                &self.redis_commit,
+            ),
+            (
+                "ticketd_redis_lease_seconds",
+                "Round trips of the Redis lease script.",
+                &self.redis_lease,
+            ),
+            (
+                "ticketd_mongo_write_seconds",
+                "Bulk inserts of claims into MongoDB.",
+                &self.mongo_write,
+            ),
+        ];
+        for (name, help, h) in histograms {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            h.render(out, name, "");
+        }
+        let counters = [
+            (
+                "ticketd_codes_leased_total",
+                "Codes leased from the master lists.",
+                &self.codes_leased,
+            ),
+            (
+                "ticketd_leases_reaped_total",
+                "Dead nodes whose leases this node reclaimed.",
+                &self.leases_reaped,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
     }
 }
 

@@ -64,6 +64,9 @@ pub struct Config {
     /// Where claims, users and codes are kept.
     #[serde(default)]
     pub storage: StorageConfig,
+    /// Cluster mode: leases, commit batches, the MongoDB backlog.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     /// The claim journal: group commit and fsync policy.
     #[serde(default)]
     pub journal: JournalConfig,
@@ -129,6 +132,55 @@ pub struct StorageConfig {
     /// relative to the working directory. Restart-only.
     #[serde(default = "default_data_path")]
     pub path: PathBuf,
+    /// Cluster mode: the Redis holding master lists, leases and the claim
+    /// commit (`redis://host:port/db`). `TICKETD_REDIS_URL` overrides it, so
+    /// a password need not live in the file. Restart-only.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// Cluster mode: the MongoDB system of record. `TICKETD_MONGODB_URI`
+    /// overrides it. Restart-only.
+    #[serde(default)]
+    pub mongodb_uri: Option<String>,
+    /// Cluster mode: the MongoDB database. Default `ticketd`. Restart-only.
+    #[serde(default = "default_database")]
+    pub database: String,
+}
+
+/// `[cluster]`: how a node shares stock with the others (cluster mode only).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// A lease not renewed for this long is dead: live nodes put its unclaimed
+    /// codes back on the master list. Renewed every quarter of it. Default `10s`.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl: HumanDuration,
+    /// A node keeps about this much of its recent claim rate leased ahead. Default `500ms`.
+    #[serde(default = "default_lease_ahead")]
+    pub lease_ahead: HumanDuration,
+    /// Smallest batch leased while the master list is long. Default 16.
+    #[serde(default = "default_lease_min_batch")]
+    pub lease_min_batch: usize,
+    /// Largest batch leased at once. Default 4096.
+    #[serde(default = "default_lease_max_batch")]
+    pub lease_max_batch: usize,
+    /// Most claims committed to Redis by one round trip. Default 512.
+    #[serde(default = "default_commit_batch")]
+    pub commit_batch: usize,
+    /// A commit batch whose outcome is unknown (Redis went away) is retried
+    /// for this long before its claims are answered 503. Default `2s`.
+    #[serde(default = "default_commit_timeout")]
+    pub commit_timeout: HumanDuration,
+    /// Claims acknowledged but not yet in MongoDB, per node. When reached the
+    /// node answers 503 BACKLOG_FULL instead of acknowledging. Default 1000000.
+    #[serde(default = "default_max_backlog")]
+    pub max_backlog: usize,
+    /// Claims written to MongoDB by one bulk insert. Default 1000.
+    #[serde(default = "default_mongo_batch")]
+    pub mongo_batch: usize,
+    /// How often remaining stock per ticket type is refreshed from Redis.
+    /// Default `1s`.
+    #[serde(default = "default_refresh_interval")]
+    pub refresh_interval: HumanDuration,
 }
 
 /// Which store backs the node.
@@ -138,6 +190,9 @@ pub enum StorageMode {
     /// SQLite plus a local claim journal in `storage.path`.
     #[default]
     Embedded,
+    /// Several nodes sharing stock through Redis, with MongoDB as the system
+    /// of record (`redis_url`, `mongodb_uri`, `[cluster]`).
+    Cluster,
 }
 
 /// `[journal]`: how acknowledged claims are made durable.
@@ -388,6 +443,60 @@ fn default_max_body() -> ByteSize {
 fn default_shutdown_grace() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(10))
 }
+/// Environment variable that overrides `storage.redis_url`.
+pub const REDIS_URL_ENV: &str = "TICKETD_REDIS_URL";
+/// Environment variable that overrides `storage.mongodb_uri`.
+pub const MONGODB_URI_ENV: &str = "TICKETD_MONGODB_URI";
+
+impl StorageConfig {
+    /// The Redis URL: `TICKETD_REDIS_URL`, else `storage.redis_url`.
+    pub fn redis_url(&self) -> Option<String> {
+        env_or(REDIS_URL_ENV, &self.redis_url)
+    }
+
+    /// The MongoDB URI: `TICKETD_MONGODB_URI`, else `storage.mongodb_uri`.
+    pub fn mongodb_uri(&self) -> Option<String> {
+        env_or(MONGODB_URI_ENV, &self.mongodb_uri)
+    }
+}
+
+fn env_or(var: &str, configured: &Option<String>) -> Option<String> {
+    std::env::var(var)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .or_else(|| configured.clone())
+}
+
+fn default_database() -> String {
+    "ticketd".to_owned()
+}
+fn default_lease_ttl() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(10))
+}
+fn default_lease_ahead() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_millis(500))
+}
+fn default_lease_min_batch() -> usize {
+    16
+}
+fn default_lease_max_batch() -> usize {
+    4096
+}
+fn default_commit_batch() -> usize {
+    512
+}
+fn default_commit_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(2))
+}
+fn default_max_backlog() -> usize {
+    1_000_000
+}
+fn default_mongo_batch() -> usize {
+    1000
+}
+fn default_refresh_interval() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(1))
+}
 fn default_data_path() -> PathBuf {
     PathBuf::from("./data")
 }
@@ -464,6 +573,7 @@ macro_rules! default_from_serde {
 default_from_serde!(
     ServerConfig,
     StorageConfig,
+    ClusterConfig,
     JournalConfig,
     AuthConfig,
     LimitsConfig,
@@ -514,6 +624,9 @@ impl Config {
         }
         if self.storage != running.storage {
             changed.push("storage");
+        }
+        if self.cluster != running.cluster {
+            changed.push("cluster");
         }
         if self.journal != running.journal {
             changed.push("journal");

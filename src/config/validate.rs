@@ -132,6 +132,45 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
             );
         }
     }
+    if config.storage.mode == super::StorageMode::Cluster {
+        if config.storage.redis_url().is_none() {
+            r.add(
+                &[k("storage"), k("mode")],
+                format!(
+                    "storage.mode = \"cluster\" needs storage.redis_url (or {})",
+                    super::REDIS_URL_ENV
+                ),
+            );
+        }
+        if config.storage.mongodb_uri().is_none() {
+            r.add(
+                &[k("storage"), k("mode")],
+                format!(
+                    "storage.mode = \"cluster\" needs storage.mongodb_uri (or {})",
+                    super::MONGODB_URI_ENV
+                ),
+            );
+        }
+        if !valid_id(&config.storage.database) {
+            r.add(
+                &[k("storage"), k("database")],
+                "storage.database must be a plain name".into(),
+            );
+        }
+    }
+    let c = &config.cluster;
+    if c.lease_min_batch == 0 || c.lease_max_batch < c.lease_min_batch || c.commit_batch == 0 || c.mongo_batch == 0 {
+        r.add(
+            &[k("cluster")],
+            "cluster batch sizes must be at least 1, and lease_max_batch at least lease_min_batch".into(),
+        );
+    }
+    if c.lease_ttl.0 < std::time::Duration::from_secs(1) || c.max_backlog == 0 {
+        r.add(
+            &[k("cluster")],
+            "cluster.lease_ttl must be at least 1s and cluster.max_backlog at least 1".into(),
+        );
+    }
     if config.server.max_body.0 < 256 {
         r.add(
             &[k("server"), k("max_body")],

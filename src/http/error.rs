@@ -190,6 +190,12 @@ impl From<Rejection> for ApiError {
                 "too many claims right now; retry shortly",
             )
             .retry_after(1),
+            Rejection::BacklogFull => ApiError::new(
+                S::SERVICE_UNAVAILABLE,
+                "BACKLOG_FULL",
+                "too many claims are waiting to be written to the database; retry shortly",
+            )
+            .retry_after(2),
             Rejection::Unavailable => ApiError::new(
                 S::SERVICE_UNAVAILABLE,
                 "STORE_UNAVAILABLE",

@@ -30,7 +30,6 @@ use std::{
 
 use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
-use rand::Rng;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{Access, ClaimRow, ImportReport, StoreError, TicketImport, User};
@@ -344,7 +343,7 @@ impl EmbeddedStore {
                         let have: i64 = count.query_row([&t.id], |r| r.get(0))?;
                         let mut rng = rand::rngs::OsRng;
                         while (have as usize + added.len()) < target as usize {
-                            let code = generate_code(&mut rng);
+                            let code = super::generate_code(&mut rng);
                             if insert_code.execute(params![code, t.id])? == 1 {
                                 added.push(code);
                             }
@@ -650,12 +649,6 @@ impl EmbeddedStore {
 fn journal_less(pending: PendingClaim) {
     use crate::journal::Entry;
     pending.settle(Err(crate::claim::CommitError::Unavailable));
-}
-
-/// 16 characters of Crockford base32 from the OS CSPRNG: 80 bits, no 0/O or 1/I/L confusion.
-fn generate_code(rng: &mut impl Rng) -> String {
-    const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
-    (0..16).map(|_| ALPHABET[rng.gen_range(0..32)] as char).collect()
 }
 
 /// Copies durable claims into SQLite, retrying (never dropping) on errors.

@@ -2,14 +2,17 @@
 //!
 //! [`Store`] is an enum over backends rather than a trait object, so the
 //! claim path calls [`Store::commit`] with static dispatch and no boxed
-//! future. Today there is one backend, [`EmbeddedStore`] (SQLite plus the
-//! claim journal in `storage.path`); the cluster backend (Redis leases,
-//! MongoDB write-behind) joins as a second variant behind the same methods.
+//! future. [`EmbeddedStore`] is SQLite plus the claim journal in
+//! `storage.path` (one node, the default); [`ClusterStore`] is Redis leases
+//! and commits with MongoDB as the system of record (`storage.mode =
+//! "cluster"`).
 
+pub mod cluster;
 mod embedded;
 
 use std::sync::Arc;
 
+pub use cluster::{ClusterError, ClusterStore};
 pub use embedded::EmbeddedStore;
 
 use crate::{
@@ -43,6 +46,9 @@ pub enum StoreError {
     /// The username exists already.
     #[error("the username is taken")]
     UsernameTaken,
+    /// Redis or MongoDB failed (cluster mode).
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 /// A registered user.
@@ -159,18 +165,24 @@ pub enum Access {
 pub enum Store {
     /// SQLite and a local journal.
     Embedded(EmbeddedStore),
+    /// Redis and MongoDB, shared with other nodes.
+    Cluster(ClusterStore),
 }
 
 impl Store {
     /// Opens the store configured in `config`.
     pub fn open(config: &Config, access: Access) -> Result<Arc<Store>, StoreError> {
-        Ok(Arc::new(Store::Embedded(EmbeddedStore::open(config, access)?)))
+        Ok(Arc::new(match config.storage.mode {
+            crate::config::StorageMode::Embedded => Store::Embedded(EmbeddedStore::open(config, access)?),
+            crate::config::StorageMode::Cluster => Store::Cluster(ClusterStore::open(config, access)?),
+        }))
     }
 
     /// Hands a claim to the committer; it settles the claim when durable or failed.
     pub fn commit(&self, pending: PendingClaim) {
         match self {
             Store::Embedded(s) => s.commit(pending),
+            Store::Cluster(s) => s.commit(pending),
         }
     }
 
@@ -178,6 +190,7 @@ impl Store {
     pub fn is_healthy(&self) -> bool {
         match self {
             Store::Embedded(s) => s.is_healthy(),
+            Store::Cluster(s) => s.is_healthy(),
         }
     }
 
@@ -186,6 +199,7 @@ impl Store {
     pub fn ping(&self) -> Option<tokio::sync::oneshot::Receiver<()>> {
         match self {
             Store::Embedded(s) => s.ping(),
+            Store::Cluster(s) => s.ping(),
         }
     }
 
@@ -193,6 +207,7 @@ impl Store {
     pub fn commit_queue_len(&self) -> usize {
         match self {
             Store::Embedded(s) => s.commit_queue_len(),
+            Store::Cluster(s) => s.commit_queue_len(),
         }
     }
 
@@ -200,6 +215,7 @@ impl Store {
     pub fn import(&self, config: &Config, node_start_ms: i64) -> Result<ImportReport, StoreError> {
         match self {
             Store::Embedded(s) => s.import(config, node_start_ms),
+            Store::Cluster(s) => s.import(config, node_start_ms),
         }
     }
 
@@ -207,6 +223,8 @@ impl Store {
     pub fn unclaimed_codes(&self, ticket_id: &str) -> Result<Vec<String>, StoreError> {
         match self {
             Store::Embedded(s) => s.unclaimed_codes(ticket_id),
+            // A cluster node's pools fill from leases, not from the store.
+            Store::Cluster(_) => Ok(Vec::new()),
         }
     }
 
@@ -214,6 +232,9 @@ impl Store {
     pub fn for_each_claim(&self, f: &mut dyn FnMut(Claim)) -> Result<(), StoreError> {
         match self {
             Store::Embedded(s) => s.for_each_claim(f),
+            // A cluster node's ledger holds the claims it made; the per-user
+            // limit across nodes is kept by the Redis commit script.
+            Store::Cluster(_) => Ok(()),
         }
     }
 
@@ -225,6 +246,7 @@ impl Store {
     ) -> Result<u64, StoreError> {
         match self {
             Store::Embedded(s) => s.export_claims(activity_id, f),
+            Store::Cluster(s) => s.export_claims(activity_id, f),
         }
     }
 
@@ -232,6 +254,7 @@ impl Store {
     pub fn has_activity(&self, activity_id: &str) -> Result<bool, StoreError> {
         match self {
             Store::Embedded(s) => s.has_activity(activity_id),
+            Store::Cluster(s) => s.has_activity(activity_id),
         }
     }
 
@@ -239,6 +262,7 @@ impl Store {
     pub fn create_users(&self, users: &[(String, String, String)]) -> Result<usize, StoreError> {
         match self {
             Store::Embedded(s) => s.create_users(users),
+            Store::Cluster(s) => s.create_users(users),
         }
     }
 
@@ -246,6 +270,7 @@ impl Store {
     pub fn create_user(&self, username: &str, nickname: &str, password_hash: &str) -> Result<User, StoreError> {
         match self {
             Store::Embedded(s) => s.create_user(username, nickname, password_hash),
+            Store::Cluster(s) => s.create_user(username, nickname, password_hash),
         }
     }
 
@@ -253,6 +278,7 @@ impl Store {
     pub fn user_by_name(&self, username: &str) -> Result<Option<User>, StoreError> {
         match self {
             Store::Embedded(s) => s.user_by_name(username),
+            Store::Cluster(s) => s.user_by_name(username),
         }
     }
 
@@ -260,6 +286,7 @@ impl Store {
     pub fn list_users(&self) -> Result<Vec<User>, StoreError> {
         match self {
             Store::Embedded(s) => s.list_users(),
+            Store::Cluster(s) => s.list_users(),
         }
     }
 
@@ -267,6 +294,7 @@ impl Store {
     pub fn revoke_session(&self, token_id: &str, expires_at_ms: i64) -> Result<(), StoreError> {
         match self {
             Store::Embedded(s) => s.revoke_session(token_id, expires_at_ms),
+            Store::Cluster(s) => s.revoke_session(token_id, expires_at_ms),
         }
     }
 
@@ -274,6 +302,7 @@ impl Store {
     pub fn revoked_sessions(&self, now_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
         match self {
             Store::Embedded(s) => s.revoked_sessions(now_ms),
+            Store::Cluster(s) => s.revoked_sessions(now_ms),
         }
     }
 
@@ -281,6 +310,7 @@ impl Store {
     pub fn secret(&self, name: &str, create: &dyn Fn() -> String) -> Result<String, StoreError> {
         match self {
             Store::Embedded(s) => s.secret(name, create),
+            Store::Cluster(s) => s.secret(name, create),
         }
     }
 
@@ -288,6 +318,7 @@ impl Store {
     pub fn add_stats(&self, batch: &crate::stats::StatsBatch) -> Result<(), StoreError> {
         match self {
             Store::Embedded(s) => s.add_stats(batch),
+            Store::Cluster(s) => s.add_stats(batch),
         }
     }
 
@@ -295,6 +326,48 @@ impl Store {
     pub fn report_data(&self, activity_id: &str, top: usize) -> Result<ReportData, StoreError> {
         match self {
             Store::Embedded(s) => s.report_data(activity_id, top),
+            Store::Cluster(s) => s.report_data(activity_id, top),
+        }
+    }
+
+    /// Whether this is the cluster store (stock comes from leases; `import`
+    /// is a separate step, never done by a serving node).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Store::Cluster(_))
+    }
+
+    /// Starts selling the catalog's ticket types (cluster: leasing). Called
+    /// at start-up and after every reload.
+    pub fn track(&self, catalog: &crate::catalog::Catalog) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(_) => Ok(()),
+            Store::Cluster(s) => s.track(catalog),
+        }
+    }
+
+    /// Cluster: waits briefly for stock when these pools are empty but the
+    /// master list is not. Embedded: an empty pool is sold out, `false`.
+    pub async fn wait_for_stock(&self, pools: &[&Arc<crate::inventory::CodePool>]) -> bool {
+        match self {
+            Store::Embedded(_) => false,
+            Store::Cluster(s) => s.wait_for_stock(pools).await,
+        }
+    }
+
+    /// Every claim `user` holds in `activities`: cluster mode asks Redis (so
+    /// claims made through other nodes count); `None` means "ask the ledger".
+    pub async fn claims_of_user(&self, user: u64, activities: &[Arc<str>]) -> Option<Result<Vec<Claim>, StoreError>> {
+        match self {
+            Store::Embedded(_) => None,
+            Store::Cluster(s) => Some(s.claims_of_user(user, activities).await),
+        }
+    }
+
+    /// Cluster-mode gauges for `/metrics`.
+    pub fn cluster_gauges(&self) -> Option<crate::metrics::ClusterGauges> {
+        match self {
+            Store::Embedded(_) => None,
+            Store::Cluster(s) => Some(s.gauges()),
         }
     }
 
@@ -302,6 +375,13 @@ impl Store {
     pub fn close(&self) {
         match self {
             Store::Embedded(s) => s.close(),
+            Store::Cluster(s) => s.close(),
         }
     }
+}
+
+/// 16 characters of Crockford base32 from the OS CSPRNG: 80 bits, no 0/O or 1/I/L confusion.
+pub(crate) fn generate_code(rng: &mut impl rand::Rng) -> String {
+    const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    (0..16).map(|_| ALPHABET[rng.gen_range(0..32)] as char).collect()
 }

@@ -12,7 +12,7 @@ use super::ClaimView;
 use crate::{
     app::AppState,
     auth::Denied,
-    claim::ClaimRequest,
+    claim::{Claim, ClaimRequest},
     config::now_ms,
     http::{
         request::{idempotency_key, json_body, ok, session, Id, Query},
@@ -96,13 +96,26 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
     }))
 }
 
+/// Every claim `user` holds: from the ledger on one node; from Redis in a
+/// cluster, where claims made through other nodes count too.
+async fn claims_of(state: &AppState, user: u64) -> Result<Vec<Claim>, ApiError> {
+    let activities: Vec<Arc<str>> = state.catalog.load().activities().iter().map(|a| a.id.clone()).collect();
+    match state.store.claims_of_user(user, &activities).await {
+        None => Ok(state.inventory.claims_of_user(user)),
+        Some(result) => result.map_err(|e| {
+            tracing::warn!(error = %e, "Could not read a user's claims.");
+            ApiError::from(crate::claim::Rejection::Unavailable)
+        }),
+    }
+}
+
 /// The caller's claims, newest first, paged.
-pub fn list(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+pub async fn list(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
     let session = session(state, req.headers())?;
     let query = Query::parse(req.uri().query());
     let page = query.number("page", 1, 1_000_000)?;
     let page_size = query.number("pageSize", 20, 100)?;
-    let mut claims = state.inventory.claims_of_user(session.user_id);
+    let mut claims = claims_of(state, session.user_id).await?;
     claims.sort_by_key(|c| std::cmp::Reverse(c.id));
     let total = claims.len();
     let views: Vec<ClaimView<'_>> = claims
@@ -120,13 +133,13 @@ pub fn list(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<B
 }
 
 /// One claim of the caller; anyone else's is indistinguishable from a missing one.
-pub fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+pub async fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
     let session = session(state, req.headers())?;
     let query = Query::parse(req.uri().query());
     let raw = query.require("ticketId")?;
     let not_found = || ApiError::not_found("CLAIM_NOT_FOUND", "you hold no claim with this id");
     let id: u64 = raw.parse().map_err(|_| not_found())?;
-    let claims = state.inventory.claims_of_user(session.user_id);
+    let claims = claims_of(state, session.user_id).await?;
     let claim = claims.iter().find(|c| c.id == id).ok_or_else(not_found)?;
     Ok(ok(&ClaimView::from(claim)))
 }

@@ -1,0 +1,297 @@
+//! The committer (claims to Redis, one script per batch and activity) and
+//! the writer (this node's backlog to MongoDB, in bulk).
+
+use std::{
+    collections::HashMap,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{mpsc, watch};
+
+use super::{scripts, ClusterError, Doubt, Msg, Record, Shared};
+use crate::{
+    claim::{CommitError, PendingClaim, Rejection},
+    journal::Entry,
+    metrics,
+};
+
+/// Claim ids are handed to nodes in blocks of this many (one INCRBY each).
+const ID_BLOCK: u64 = 4096;
+
+/// Takes whatever has queued (at most `cluster.commit_batch`), commits it per
+/// activity, concurrently, and settles every claim. While one batch is in
+/// Redis the next queues, so batches grow with load on their own.
+pub(super) async fn committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>) {
+    let mut buf = Vec::with_capacity(shared.cfg.commit_batch);
+    while rx.recv_many(&mut buf, shared.cfg.commit_batch).await > 0 {
+        let mut groups: HashMap<Arc<str>, Vec<PendingClaim>> = HashMap::new();
+        let mut pings = Vec::new();
+        for msg in buf.drain(..) {
+            match msg {
+                Msg::Claim(p) => groups.entry(p.claim().activity_id.clone()).or_default().push(p),
+                Msg::Ping(reply) => pings.push(reply),
+            }
+        }
+        let commits = groups
+            .into_iter()
+            .map(|(activity, claims)| commit_activity(&shared, activity, claims));
+        futures_util::future::join_all(commits).await;
+        for reply in pings {
+            let _ = reply.send(());
+        }
+    }
+}
+
+/// Claim ids for `n` claims, unique across the cluster.
+async fn claim_ids(shared: &Shared, n: usize) -> Result<Vec<u64>, ClusterError> {
+    let mut out = Vec::with_capacity(n);
+    loop {
+        {
+            let mut ids = shared.ids.lock();
+            while out.len() < n && ids.0 < ids.1 {
+                out.push(ids.0);
+                ids.0 += 1;
+            }
+        }
+        if out.len() == n {
+            return Ok(out);
+        }
+        let mut redis = shared.redis.clone();
+        let end: u64 = redis::cmd("INCRBY")
+            .arg(scripts::IDS_KEY)
+            .arg(ID_BLOCK)
+            .query_async(&mut redis)
+            .await?;
+        *shared.ids.lock() = (end - ID_BLOCK + 1, end + 1);
+    }
+}
+
+struct Attempt {
+    nonce: String,
+    id: u64,
+    pending: PendingClaim,
+}
+
+async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<PendingClaim>) {
+    let ids = match claim_ids(shared, claims.len()).await {
+        Ok(ids) => ids,
+        Err(error) => {
+            shared.mark_redis(false);
+            tracing::debug!(%error, "Could not reserve claim ids.");
+            for p in claims {
+                p.settle(Err(CommitError::Unavailable));
+            }
+            return;
+        }
+    };
+    let mut work: Vec<Attempt> = claims
+        .into_iter()
+        .zip(ids)
+        .map(|(pending, id)| Attempt {
+            nonce: shared.next_nonce(),
+            id,
+            pending,
+        })
+        .collect();
+    let keys = scripts::Keys::new(&activity);
+    // A code found no longer leased to us is swapped for another and the
+    // claim tried again; a few rounds settle even a pool full of lost codes.
+    for _round in 0..4 {
+        if work.is_empty() {
+            return;
+        }
+        let results = match invoke_commit(shared, &keys, &work).await {
+            Ok(r) => r,
+            Err(error) => {
+                tracing::warn!(%error, claims = work.len(), "Commit outcome unknown; the claims are answered 503 and their codes checked when Redis returns.");
+                let mut doubts = shared.doubts.lock();
+                for a in work {
+                    let nonce = a.nonce;
+                    let ticket = a.pending.claim().ticket_id.clone();
+                    let (pool, idx) = a.pending.settle_in_doubt(CommitError::Unavailable);
+                    doubts.push(Doubt {
+                        activity: activity.clone(),
+                        ticket,
+                        nonce,
+                        pool,
+                        idx,
+                    });
+                }
+                return;
+            }
+        };
+        let mut retry = Vec::new();
+        let mut committed = 0;
+        for (mut a, answer) in work.into_iter().zip(results) {
+            if answer == "LOST" {
+                if a.pending.retake() {
+                    a.nonce = shared.next_nonce();
+                    retry.push(a);
+                } else {
+                    a.pending.settle_sold_out();
+                }
+            } else if answer == "FULL" {
+                a.pending.settle_rejected(Rejection::BacklogFull);
+            } else if let Some(codes) = answer.strip_prefix("LIMIT") {
+                let codes: Vec<String> = serde_json::from_str(codes).unwrap_or_default();
+                a.pending
+                    .settle_rejected(Rejection::LimitReached(codes.into_iter().map(Arc::from).collect()));
+            } else if let Some(json) = answer.strip_prefix("REPLAY") {
+                match Record::parse(&activity, json) {
+                    Ok(r) => a.pending.settle_replay(r.to_claim(&activity)),
+                    Err(_) => a.pending.settle_rejected(Rejection::Unavailable),
+                }
+            } else {
+                match Record::parse(&activity, &answer) {
+                    Ok(r) if r.nonce == a.nonce => {
+                        committed += 1;
+                        a.pending.settle(Ok(r.id));
+                    }
+                    _ => a.pending.settle_rejected(Rejection::Unavailable),
+                }
+            }
+        }
+        if committed > 0 {
+            shared.backlog.fetch_add(committed, Ordering::Relaxed);
+            shared.backlog_grew.notify_one();
+        }
+        work = retry;
+    }
+    for a in work {
+        a.pending.settle_rejected(Rejection::SoldOut);
+    }
+}
+
+/// Runs the commit script, retrying while the outcome is unknown (the
+/// script is idempotent per nonce) until `cluster.commit_timeout`.
+async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) -> Result<Vec<String>, ClusterError> {
+    let limit = work.first().map_or(1, |a| a.pending.limit());
+    let mut invocation = scripts::COMMIT.prepare_invoke();
+    invocation
+        .key(keys.claimed())
+        .key(keys.users())
+        .key(keys.held())
+        .key(keys.idem())
+        .key(keys.outbox(&shared.node));
+    for a in work {
+        invocation.key(keys.lease(&a.pending.claim().ticket_id, &shared.node));
+    }
+    invocation.arg(&*shared.node).arg(limit).arg(shared.cfg.max_backlog);
+    for a in work {
+        let c = a.pending.claim();
+        invocation
+            .arg(&a.nonce)
+            .arg(a.id)
+            .arg(&*c.ticket_id)
+            .arg(&*c.code)
+            .arg(c.user_id)
+            .arg(c.claimed_at_ms)
+            .arg(c.idempotency_key.as_deref().unwrap_or(""));
+    }
+    let deadline = Instant::now() + shared.cfg.commit_timeout.0;
+    let mut delay = Duration::from_millis(20);
+    loop {
+        let started = Instant::now();
+        let mut redis = shared.redis.clone();
+        match invocation.invoke_async::<Vec<String>>(&mut redis).await {
+            Ok(results) if results.len() == work.len() => {
+                metrics::global().redis_commit.observe(started.elapsed());
+                shared.mark_redis(true);
+                return Ok(results);
+            }
+            Ok(results) => {
+                return Err(ClusterError::Protocol(format!(
+                    "{} answers to {} claims",
+                    results.len(),
+                    work.len()
+                )))
+            }
+            Err(error) => {
+                shared.mark_redis(false);
+                if Instant::now() + delay >= deadline {
+                    return Err(error.into());
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+/// Drains this node's backlogs to MongoDB: reads up to `cluster.mongo_batch`
+/// records from the head of each activity's backlog, bulk-inserts them, then
+/// removes exactly those records ([`scripts::ACK`]). On failure it backs off
+/// (100 ms doubling to 5 s) and tries again; nothing is dropped. After
+/// `stop` it keeps going until the backlogs are empty.
+pub(super) async fn writer(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let stopping = *stop.borrow();
+        match drain_once(&shared).await {
+            Ok(0) if stopping => return,
+            Ok(_) => {
+                delay = Duration::from_millis(100);
+                if shared.backlog.load(Ordering::Relaxed) > 0 {
+                    continue;
+                }
+                tokio::select! {
+                    _ = shared.backlog_grew.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = stop.changed(), if !stopping => {}
+                }
+            }
+            Err(error) => {
+                if shared.mongo_up.swap(false, Ordering::Relaxed) {
+                    tracing::error!(%error, backlog = shared.backlog.load(Ordering::Relaxed), "Writing claims to MongoDB failed; they wait in the backlog and claims continue while it has room.");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed(), if !stopping => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// One pass over every activity's backlog; returns the records left.
+async fn drain_once(shared: &Shared) -> Result<usize, ClusterError> {
+    let activities: Vec<Arc<str>> = shared.activities.iter().map(|e| e.key().clone()).collect();
+    let mut redis = shared.redis.clone();
+    let mut left = 0;
+    for activity in activities {
+        let keys = scripts::Keys::new(&activity);
+        let outbox = keys.outbox(&shared.node);
+        loop {
+            let batch: Vec<String> = redis::cmd("LRANGE")
+                .arg(&outbox)
+                .arg(0)
+                .arg(shared.cfg.mongo_batch - 1)
+                .query_async(&mut redis)
+                .await?;
+            if batch.is_empty() {
+                break;
+            }
+            let records: Vec<Record> = batch
+                .iter()
+                .map(|json| Record::parse(&activity, json))
+                .collect::<Result<_, _>>()?;
+            let started = Instant::now();
+            super::mongo::insert_claims(&shared.db, &records).await?;
+            metrics::global().mongo_write.observe(started.elapsed());
+            if !shared.mongo_up.swap(true, Ordering::Relaxed) {
+                tracing::info!("MongoDB takes writes again; draining the backlog.");
+            }
+            let acked: usize = scripts::ACK.key(&outbox).arg(&batch).invoke_async(&mut redis).await?;
+            if acked < batch.len() {
+                // The head changed under us (a reaper moved it); re-read.
+                tracing::debug!(acked, read = batch.len(), "Backlog head moved while writing.");
+            }
+        }
+        let len: usize = redis::cmd("LLEN").arg(&outbox).query_async(&mut redis).await?;
+        left += len;
+    }
+    shared.backlog.store(left, Ordering::Relaxed);
+    Ok(left)
+}

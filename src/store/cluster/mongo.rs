@@ -1,0 +1,550 @@
+//! The MongoDB side of cluster mode: the system of record.
+//!
+//! ```text
+//! activities  {_id: actId, name, desc, image, start_ms, end_ms, per_user_limit}
+//! tickets     {_id: ticketId, activity_id, name, desc}
+//! codes       {_id: code, code, ticket_id, activity_id}   unique (ticket_id, code)
+//! claims      {_id: code, claim_id, activity_id, ticket_id, code, user_id, n,
+//!              claimed_at, claimed_at_ms, node, idempotency_key}
+//!                                                          unique (activity_id, user_id, n)
+//! users       {_id: id, username, nickname, password_hash, created_at_ms}  unique username
+//! counters    {_id: "users", seq}
+//! meta        {_id: "secret.<name>", value}
+//! revoked_sessions, stats_outcomes, stats_sources, stats_latency
+//! ```
+//!
+//! Claims are keyed by their code, so writing one twice (a retried bulk
+//! insert, or two nodes draining the same backlog) is a duplicate-key error
+//! that is ignored: every write here is idempotent.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use futures_util::TryStreamExt;
+use mongodb::{
+    bson::{doc, Bson, DateTime, Document},
+    error::{Error as MongoError, ErrorKind},
+    options::{IndexOptions, ReturnDocument},
+    Collection, Database, IndexModel,
+};
+
+use super::Record;
+use crate::{
+    config::Config,
+    store::{ClaimRow, ImportReport, ReportData, TicketImport, TicketReport, User},
+};
+
+/// MongoDB's duplicate key error.
+const DUPLICATE_KEY: i32 = 11000;
+
+fn coll(db: &Database, name: &str) -> Collection<Document> {
+    db.collection(name)
+}
+
+/// Creates the indexes every write relies on. Idempotent.
+pub async fn ensure_indexes(db: &Database) -> Result<(), MongoError> {
+    let unique = || IndexOptions::builder().unique(true).build();
+    let index = |keys: Document, unique_: bool| {
+        let model = IndexModel::builder().keys(keys);
+        if unique_ {
+            model.options(unique()).build()
+        } else {
+            model.build()
+        }
+    };
+    coll(db, "codes")
+        .create_index(index(doc! {"ticket_id": 1, "code": 1}, true))
+        .await?;
+    let claims = coll(db, "claims");
+    claims
+        .create_index(index(doc! {"activity_id": 1, "user_id": 1, "n": 1}, true))
+        .await?;
+    claims
+        .create_index(index(doc! {"activity_id": 1, "claimed_at_ms": 1}, false))
+        .await?;
+    claims.create_index(index(doc! {"ticket_id": 1}, false)).await?;
+    coll(db, "users")
+        .create_index(index(doc! {"username": 1}, true))
+        .await?;
+    Ok(())
+}
+
+/// Indexes of the documents an unordered insert refused as duplicates; any
+/// other failure is an error.
+fn duplicates(result: Result<(), MongoError>) -> Result<HashSet<usize>, MongoError> {
+    match result {
+        Ok(()) => Ok(HashSet::new()),
+        Err(e) => match e.kind.as_ref() {
+            ErrorKind::InsertMany(m) if m.write_concern_error.is_none() => {
+                let errors = m.write_errors.as_deref().unwrap_or_default();
+                if errors.iter().all(|w| w.code == DUPLICATE_KEY) {
+                    Ok(errors.iter().map(|w| w.index).collect())
+                } else {
+                    Err(e)
+                }
+            }
+            _ => Err(e),
+        },
+    }
+}
+
+async fn insert_unordered(coll: &Collection<Document>, docs: Vec<Document>) -> Result<HashSet<usize>, MongoError> {
+    if docs.is_empty() {
+        return Ok(HashSet::new());
+    }
+    duplicates(coll.insert_many(docs).ordered(false).await.map(|_| ()))
+}
+
+/// Writes the config's activities, tickets and codes; returns what was new.
+pub async fn import(db: &Database, config: &Config, node_start_ms: i64) -> Result<ImportReport, MongoError> {
+    let mut report = ImportReport::default();
+    let (activities, tickets, codes) = (coll(db, "activities"), coll(db, "tickets"), coll(db, "codes"));
+    for a in &config.activities {
+        activities
+            .update_one(
+                doc! {"_id": &a.id},
+                doc! {"$set": {
+                    "name": &a.name, "desc": &a.desc, "image": &a.image,
+                    "start_ms": a.start_time.resolve(node_start_ms),
+                    "end_ms": a.end_time.resolve(node_start_ms),
+                    "per_user_limit": i64::from(a.per_user_limit),
+                }},
+            )
+            .upsert(true)
+            .await?;
+        report.activities += 1;
+        for t in &a.tickets {
+            tickets
+                .update_one(
+                    doc! {"_id": &t.id},
+                    doc! {"$set": {"activity_id": &a.id, "name": &t.name, "desc": &t.desc}},
+                )
+                .upsert(true)
+                .await?;
+            let mut added = Vec::new();
+            for chunk in t.explicit_codes().chunks(1000) {
+                let docs = chunk.iter().map(|c| code_doc(c, &t.id, &a.id)).collect();
+                let dup = insert_unordered(&codes, docs).await?;
+                let mut refused = Vec::new();
+                for (i, c) in chunk.iter().enumerate() {
+                    if dup.contains(&i) {
+                        refused.push(c.clone());
+                    } else {
+                        added.push(c.clone());
+                    }
+                }
+                if !refused.is_empty() {
+                    let mut owners = codes
+                        .find(doc! {"_id": {"$in": &refused}, "ticket_id": {"$ne": &t.id}})
+                        .await?;
+                    while let Some(d) = owners.try_next().await? {
+                        report.conflicts.push(format!(
+                            "code `{}` of ticket `{}` already belongs to ticket `{}`",
+                            d.get_str("_id").unwrap_or_default(),
+                            t.id,
+                            d.get_str("ticket_id").unwrap_or_default()
+                        ));
+                    }
+                }
+            }
+            if let Some(target) = t.generate {
+                let mut have = codes.count_documents(doc! {"ticket_id": &t.id}).await? as usize;
+                while have < target as usize {
+                    let batch: Vec<String> = {
+                        let mut rng = rand::rngs::OsRng;
+                        (0..(target as usize - have).min(1000))
+                            .map(|_| crate::store::generate_code(&mut rng))
+                            .collect()
+                    };
+                    let docs = batch.iter().map(|c| code_doc(c, &t.id, &a.id)).collect();
+                    let dup = insert_unordered(&codes, docs).await?;
+                    for (i, c) in batch.into_iter().enumerate() {
+                        if !dup.contains(&i) {
+                            added.push(c);
+                            have += 1;
+                        }
+                    }
+                }
+            }
+            let total = codes.count_documents(doc! {"ticket_id": &t.id}).await? as usize;
+            report.tickets.push(TicketImport {
+                ticket_id: t.id.clone(),
+                added,
+                total,
+            });
+        }
+    }
+    Ok(report)
+}
+
+fn code_doc(code: &str, ticket: &str, activity: &str) -> Document {
+    doc! {"_id": code, "code": code, "ticket_id": ticket, "activity_id": activity}
+}
+
+/// The codes of `ticket` that MongoDB has no claim for.
+pub async fn unclaimed_codes(db: &Database, ticket: &str) -> Result<Vec<String>, MongoError> {
+    let mut claimed = HashSet::new();
+    let mut cursor = coll(db, "claims")
+        .find(doc! {"ticket_id": ticket})
+        .projection(doc! {"_id": 1})
+        .await?;
+    while let Some(d) = cursor.try_next().await? {
+        if let Ok(code) = d.get_str("_id") {
+            claimed.insert(code.to_owned());
+        }
+    }
+    let mut out = Vec::new();
+    let mut cursor = coll(db, "codes")
+        .find(doc! {"ticket_id": ticket})
+        .projection(doc! {"_id": 1})
+        .await?;
+    while let Some(d) = cursor.try_next().await? {
+        if let Ok(code) = d.get_str("_id") {
+            if !claimed.contains(code) {
+                out.push(code.to_owned());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Writes claim records; duplicates (already written) are ignored.
+pub async fn insert_claims(db: &Database, records: &[Record]) -> Result<(), MongoError> {
+    let docs = records
+        .iter()
+        .map(|r| {
+            doc! {
+                "_id": &r.code,
+                "claim_id": r.id as i64,
+                "activity_id": &r.activity,
+                "ticket_id": &r.ticket,
+                "code": &r.code,
+                "user_id": r.user as i64,
+                "n": r.n as i64,
+                "claimed_at": DateTime::from_millis(r.ms),
+                "claimed_at_ms": r.ms,
+                "node": &r.node,
+                "idempotency_key": if r.key.is_empty() { Bson::Null } else { Bson::String(r.key.clone()) },
+            }
+        })
+        .collect();
+    insert_unordered(&coll(db, "claims"), docs).await.map(|_| ())
+}
+
+fn user_from(d: &Document) -> Option<User> {
+    Some(User {
+        id: d.get_i64("_id").ok()? as u64,
+        username: d.get_str("username").ok()?.to_owned(),
+        nickname: d.get_str("nickname").ok()?.to_owned(),
+        password_hash: d.get_str("password_hash").ok()?.to_owned(),
+        created_at_ms: d.get_i64("created_at_ms").ok()?,
+    })
+}
+
+/// Reserves `n` consecutive user ids; returns the first.
+async fn reserve_user_ids(db: &Database, n: usize) -> Result<u64, MongoError> {
+    let after = coll(db, "counters")
+        .find_one_and_update(doc! {"_id": "users"}, doc! {"$inc": {"seq": n as i64}})
+        .upsert(true)
+        .return_document(ReturnDocument::After)
+        .await?;
+    let last = after.and_then(|d| d.get_i64("seq").ok()).unwrap_or(n as i64);
+    Ok((last - n as i64 + 1) as u64)
+}
+
+/// Creates users; returns how many were new.
+pub async fn create_users(db: &Database, users: &[(String, String, String)]) -> Result<usize, MongoError> {
+    let now = crate::config::now_ms();
+    let mut created = 0;
+    for chunk in users.chunks(1000) {
+        let first = reserve_user_ids(db, chunk.len()).await?;
+        let docs: Vec<Document> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, (u, n, h))| {
+                doc! {"_id": (first + i as u64) as i64, "username": u, "nickname": n, "password_hash": h, "created_at_ms": now}
+            })
+            .collect();
+        let dup = insert_unordered(&coll(db, "users"), docs).await?;
+        created += chunk.len() - dup.len();
+    }
+    Ok(created)
+}
+
+/// Creates one user; `None` when the name is taken.
+pub async fn create_user(
+    db: &Database,
+    username: &str,
+    nickname: &str,
+    hash: &str,
+) -> Result<Option<User>, MongoError> {
+    let id = reserve_user_ids(db, 1).await?;
+    let now = crate::config::now_ms();
+    let d = doc! {"_id": id as i64, "username": username, "nickname": nickname, "password_hash": hash, "created_at_ms": now};
+    let dup = insert_unordered(&coll(db, "users"), vec![d]).await?;
+    Ok(dup.is_empty().then(|| User {
+        id,
+        username: username.to_owned(),
+        nickname: nickname.to_owned(),
+        password_hash: hash.to_owned(),
+        created_at_ms: now,
+    }))
+}
+
+/// The user called `username`.
+pub async fn user_by_name(db: &Database, username: &str) -> Result<Option<User>, MongoError> {
+    Ok(coll(db, "users")
+        .find_one(doc! {"username": username})
+        .await?
+        .as_ref()
+        .and_then(user_from))
+}
+
+/// Every user, by id.
+pub async fn list_users(db: &Database) -> Result<Vec<User>, MongoError> {
+    let mut cursor = coll(db, "users").find(doc! {}).sort(doc! {"_id": 1}).await?;
+    let mut out = Vec::new();
+    while let Some(d) = cursor.try_next().await? {
+        out.extend(user_from(&d));
+    }
+    Ok(out)
+}
+
+/// Records a logged-out session.
+pub async fn revoke_session(db: &Database, token_id: &str, expires_at_ms: i64) -> Result<(), MongoError> {
+    coll(db, "revoked_sessions")
+        .update_one(
+            doc! {"_id": token_id},
+            doc! {"$setOnInsert": {"expires_at_ms": expires_at_ms}},
+        )
+        .upsert(true)
+        .await?;
+    Ok(())
+}
+
+/// Revoked sessions not yet expired (expired ones are deleted).
+pub async fn revoked_sessions(db: &Database, now_ms: i64) -> Result<Vec<(String, i64)>, MongoError> {
+    let c = coll(db, "revoked_sessions");
+    c.delete_many(doc! {"expires_at_ms": {"$lt": now_ms}}).await?;
+    let mut cursor = c.find(doc! {}).await?;
+    let mut out = Vec::new();
+    while let Some(d) = cursor.try_next().await? {
+        if let (Ok(id), Ok(exp)) = (d.get_str("_id"), d.get_i64("expires_at_ms")) {
+            out.push((id.to_owned(), exp));
+        }
+    }
+    Ok(out)
+}
+
+/// A secret shared by every node, created by the first to ask.
+pub async fn secret(db: &Database, name: &str, fresh: String) -> Result<String, MongoError> {
+    let c = coll(db, "meta");
+    let id = format!("secret.{name}");
+    c.update_one(doc! {"_id": &id}, doc! {"$setOnInsert": {"value": fresh}})
+        .upsert(true)
+        .await?;
+    let d = c.find_one(doc! {"_id": &id}).await?;
+    Ok(d.and_then(|d| d.get_str("value").ok().map(str::to_owned))
+        .unwrap_or_default())
+}
+
+/// Adds drained rush statistics.
+pub async fn add_stats(db: &Database, batch: &crate::stats::StatsBatch) -> Result<(), MongoError> {
+    let outcomes = coll(db, "stats_outcomes");
+    for (a, minute, label, n) in &batch.outcomes {
+        outcomes
+            .update_one(
+                doc! {"_id": format!("{a}|{minute}|{label}")},
+                doc! {"$set": {"activity_id": &**a, "minute": minute, "outcome": label}, "$inc": {"count": *n as i64}},
+            )
+            .upsert(true)
+            .await?;
+    }
+    let sources = coll(db, "stats_sources");
+    for (a, s, n) in &batch.sources {
+        let (kind, key) = s.parts();
+        sources
+            .update_one(
+                doc! {"_id": format!("{a}|{kind}|{key}")},
+                doc! {"$set": {"activity_id": &**a, "kind": kind, "source": &key}, "$inc": {"requests": *n as i64}},
+            )
+            .upsert(true)
+            .await?;
+    }
+    let latency = coll(db, "stats_latency");
+    for (a, bound, n) in &batch.latency {
+        let bound = if bound.is_finite() { *bound } else { -1.0 };
+        latency
+            .update_one(
+                doc! {"_id": format!("{a}|{bound}")},
+                doc! {"$set": {"activity_id": &**a, "bound_ms": bound}, "$inc": {"count": *n as i64}},
+            )
+            .upsert(true)
+            .await?;
+    }
+    Ok(())
+}
+
+fn int(d: &Document, key: &str) -> i64 {
+    match d.get(key) {
+        Some(Bson::Int64(v)) => *v,
+        Some(Bson::Int32(v)) => i64::from(*v),
+        Some(Bson::Double(v)) => *v as i64,
+        _ => 0,
+    }
+}
+
+fn text(d: &Document, key: &str) -> String {
+    d.get_str(key).unwrap_or_default().to_owned()
+}
+
+/// Whether MongoDB knows `activity`.
+pub async fn has_activity(db: &Database, activity: &str) -> Result<bool, MongoError> {
+    Ok(coll(db, "activities").find_one(doc! {"_id": activity}).await?.is_some())
+}
+
+/// Streams the claims of `activity` (by time, then claim id) joined with
+/// their users, a thousand at a time; returns how many.
+pub async fn export_claims(
+    db: &Database,
+    activity: &str,
+    f: &mut dyn FnMut(ClaimRow) -> std::io::Result<()>,
+) -> Result<u64, crate::store::StoreError> {
+    let mut cursor = coll(db, "claims")
+        .find(doc! {"activity_id": activity})
+        .sort(doc! {"claimed_at_ms": 1, "claim_id": 1})
+        .await?;
+    let users = coll(db, "users");
+    let mut n = 0;
+    let mut chunk: Vec<Document> = Vec::with_capacity(1000);
+    loop {
+        let next = cursor.try_next().await?;
+        let done = next.is_none();
+        chunk.extend(next);
+        if chunk.len() < 1000 && !done {
+            continue;
+        }
+        let ids: Vec<i64> = chunk.iter().map(|d| int(d, "user_id")).collect();
+        let mut names: HashMap<i64, (String, String)> = HashMap::new();
+        let mut found = users
+            .find(doc! {"_id": {"$in": ids}})
+            .projection(doc! {"username": 1, "nickname": 1})
+            .await?;
+        while let Some(u) = found.try_next().await? {
+            names.insert(int(&u, "_id"), (text(&u, "username"), text(&u, "nickname")));
+        }
+        for d in chunk.drain(..) {
+            let user_id = int(&d, "user_id");
+            let (username, nickname) = names.get(&user_id).cloned().unwrap_or_default();
+            f(ClaimRow {
+                claim_id: int(&d, "claim_id") as u64,
+                activity_id: text(&d, "activity_id"),
+                ticket_id: text(&d, "ticket_id"),
+                code: text(&d, "code"),
+                user_id: user_id as u64,
+                username,
+                nickname,
+                claimed_at_ms: int(&d, "claimed_at_ms"),
+                node: text(&d, "node"),
+            })
+            .map_err(|source| crate::store::StoreError::Io {
+                what: "cannot write the export to",
+                path: "the output".into(),
+                source,
+            })?;
+            n += 1;
+        }
+        if done {
+            return Ok(n);
+        }
+    }
+}
+
+/// What the report shows about `activity`, computed from the claims and the
+/// recorded statistics.
+pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<ReportData, MongoError> {
+    let mut data = ReportData::default();
+    if let Some(a) = coll(db, "activities").find_one(doc! {"_id": activity}).await? {
+        data.activity = Some((
+            text(&a, "name"),
+            int(&a, "start_ms"),
+            int(&a, "end_ms"),
+            int(&a, "per_user_limit") as u32,
+        ));
+    }
+    let mut per_ticket: HashMap<String, (u64, Option<i64>, Option<i64>)> = HashMap::new();
+    let mut per_second: BTreeMap<i64, u64> = BTreeMap::new();
+    let mut nodes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut users: HashSet<i64> = HashSet::new();
+    let mut cursor = coll(db, "claims")
+        .find(doc! {"activity_id": activity})
+        .projection(doc! {"ticket_id": 1, "claimed_at_ms": 1, "node": 1, "user_id": 1})
+        .await?;
+    while let Some(d) = cursor.try_next().await? {
+        let ms = int(&d, "claimed_at_ms");
+        let t = per_ticket.entry(text(&d, "ticket_id")).or_default();
+        t.0 += 1;
+        t.1 = Some(t.1.map_or(ms, |v| v.min(ms)));
+        t.2 = Some(t.2.map_or(ms, |v| v.max(ms)));
+        *per_second.entry(ms.div_euclid(1000)).or_default() += 1;
+        *nodes.entry(text(&d, "node")).or_default() += 1;
+        users.insert(int(&d, "user_id"));
+    }
+    data.claims_per_second = per_second.into_iter().collect();
+    data.nodes = nodes.into_iter().collect();
+    data.users = users.len() as u64;
+    let codes = coll(db, "codes");
+    let mut tickets = coll(db, "tickets").find(doc! {"activity_id": activity}).await?;
+    while let Some(t) = tickets.try_next().await? {
+        let id = text(&t, "_id");
+        let (claimed, first_ms, last_ms) = per_ticket.get(&id).copied().unwrap_or_default();
+        data.tickets.push(TicketReport {
+            codes: codes.count_documents(doc! {"ticket_id": &id}).await?,
+            name: text(&t, "name"),
+            id,
+            claimed,
+            first_ms,
+            last_ms,
+        });
+    }
+    let mut outcomes = coll(db, "stats_outcomes").find(doc! {"activity_id": activity}).await?;
+    while let Some(d) = outcomes.try_next().await? {
+        data.outcomes
+            .push((int(&d, "minute"), text(&d, "outcome"), int(&d, "count") as u64));
+    }
+    data.outcomes.sort();
+    let mut latency = coll(db, "stats_latency").find(doc! {"activity_id": activity}).await?;
+    while let Some(d) = latency.try_next().await? {
+        let bound = d.get_f64("bound_ms").unwrap_or(-1.0);
+        let bound = if bound < 0.0 { f64::INFINITY } else { bound };
+        data.latency.push((bound, int(&d, "count") as u64));
+    }
+    data.latency.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut ips = Vec::new();
+    let mut by_user = Vec::new();
+    let mut sources = coll(db, "stats_sources").find(doc! {"activity_id": activity}).await?;
+    while let Some(d) = sources.try_next().await? {
+        let row = (text(&d, "source"), int(&d, "requests") as u64);
+        match d.get_str("kind").unwrap_or_default() {
+            "ip" => ips.push(row),
+            _ => by_user.push(row),
+        }
+    }
+    let rank = |v: &mut Vec<(String, u64)>| {
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v.truncate(top);
+    };
+    rank(&mut ips);
+    rank(&mut by_user);
+    let ids: Vec<i64> = by_user.iter().filter_map(|(s, _)| s.parse().ok()).collect();
+    let mut names = HashMap::new();
+    let mut found = coll(db, "users").find(doc! {"_id": {"$in": ids}}).await?;
+    while let Some(u) = found.try_next().await? {
+        names.insert(int(&u, "_id").to_string(), text(&u, "username"));
+    }
+    data.top_ips = ips;
+    data.top_users = by_user
+        .into_iter()
+        .map(|(id, n)| (names.get(&id).cloned().unwrap_or_else(|| format!("#{id}")), n))
+        .collect();
+    Ok(data)
+}

@@ -1,0 +1,356 @@
+//! The Redis side of cluster mode: key names and the Lua scripts that change
+//! them. Each script is one atomic step; every key one script touches
+//! belongs to one activity and carries its hash tag (`{actId}`), so every
+//! script runs unchanged on Redis Cluster.
+//!
+//! ```text
+//! tk:{A}:stock:T       list  unclaimed, unleased codes of ticket T (the master list)
+//! tk:{A}:known:T       set   every code ever pushed for T (import adds each once)
+//! tk:{A}:lease:T:N     set   codes of T leased to node N, not yet claimed
+//! tk:{A}:nodes         zset  node -> lease expiry (Unix ms), renewed while it lives
+//! tk:{A}:claimed       hash  code -> claim record (JSON)
+//! tk:{A}:users         hash  user id -> claims held (the per-user limit)
+//! tk:{A}:held          hash  user id -> JSON array of the user's codes
+//! tk:{A}:idem          hash  "user:Idempotency-Key" -> claim record
+//! tk:{A}:outbox:N      list  claim records node N acknowledged, not yet in MongoDB
+//! tk:ids               int   claim id blocks handed to nodes (not per activity)
+//! tk:node:N            str   held by the running node called N
+//! ```
+//!
+//! A code is in exactly one of: a master list, one lease set, the claimed
+//! hash. Leasing moves it list -> lease set, committing lease set -> claimed,
+//! reaping and releasing lease set -> list. Every move is inside one script,
+//! so no crash between two commands can duplicate or lose a code; and
+//! nothing moves a code out of `claimed`.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// The key prefix of one activity, with its hash tag: `tk:{A}:`.
+pub fn prefix(activity: &str) -> String {
+    format!("tk:{{{activity}}}:")
+}
+
+/// Key names of one activity.
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// The keys of `activity`.
+    pub fn new(activity: &str) -> Keys {
+        Keys {
+            prefix: prefix(activity),
+        }
+    }
+
+    /// The prefix, for scripts that build per-node key names.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}{rest}", self.prefix)
+    }
+
+    /// The master list of `ticket`.
+    pub fn stock(&self, ticket: &str) -> String {
+        self.key(&format!("stock:{ticket}"))
+    }
+
+    /// Codes of `ticket` ever pushed.
+    pub fn known(&self, ticket: &str) -> String {
+        self.key(&format!("known:{ticket}"))
+    }
+
+    /// Codes of `ticket` leased to `node`.
+    pub fn lease(&self, ticket: &str, node: &str) -> String {
+        self.key(&format!("lease:{ticket}:{node}"))
+    }
+
+    /// Live nodes and their lease expiry.
+    pub fn nodes(&self) -> String {
+        self.key("nodes")
+    }
+
+    /// Claimed codes.
+    pub fn claimed(&self) -> String {
+        self.key("claimed")
+    }
+
+    /// Claims per user.
+    pub fn users(&self) -> String {
+        self.key("users")
+    }
+
+    /// Codes per user.
+    pub fn held(&self) -> String {
+        self.key("held")
+    }
+
+    /// Idempotency keys.
+    pub fn idem(&self) -> String {
+        self.key("idem")
+    }
+
+    /// `node`'s backlog of claims for MongoDB.
+    pub fn outbox(&self, node: &str) -> String {
+        self.key(&format!("outbox:{node}"))
+    }
+}
+
+/// Claim id blocks.
+pub const IDS_KEY: &str = "tk:ids";
+
+/// The key a running node holds.
+pub fn node_key(node: &str) -> String {
+    format!("tk:node:{node}")
+}
+
+/// Commits a batch of one activity's claims.
+///
+/// KEYS: claimed, users, held, idem, outbox, then one lease set per claim.
+/// ARGV: node, limit, max backlog, then per claim: nonce, claim id, ticket,
+/// code, user, time (ms), idempotency key (or "").
+///
+/// Per claim, in order: a code already claimed with the same nonce is this
+/// claim retried after an unknown outcome (answer the record again); an
+/// idempotency key already used answers `REPLAY` + that record; a full
+/// backlog answers `FULL`; a user at the limit `LIMIT` + their codes; a code
+/// no longer leased to this node `LOST`. Otherwise the claim is recorded and
+/// its record returned.
+pub static COMMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local claimed, users, held, idem, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local node, limit, max_backlog = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local backlog = redis.call('LLEN', outbox)
+local out = {}
+local n = (#ARGV - 3) / 7
+for i = 0, n - 1 do
+  local a = 4 + i * 7
+  local nonce, id, ticket, code, user, ms, key = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4], ARGV[a+5], ARGV[a+6]
+  local existing = redis.call('HGET', claimed, code)
+  local replay = false
+  if key ~= '' then replay = redis.call('HGET', idem, user .. ':' .. key) end
+  if existing then
+    if cjson.decode(existing).nonce == nonce then out[i + 1] = existing else out[i + 1] = 'LOST' end
+  elseif replay then
+    out[i + 1] = 'REPLAY' .. replay
+  elseif backlog >= max_backlog then
+    out[i + 1] = 'FULL'
+  elseif tonumber(redis.call('HGET', users, user) or '0') >= limit then
+    out[i + 1] = 'LIMIT' .. (redis.call('HGET', held, user) or '[]')
+  elseif redis.call('SREM', KEYS[6 + i], code) == 0 then
+    out[i + 1] = 'LOST'
+  else
+    local nth = redis.call('HINCRBY', users, user, 1)
+    local rec = cjson.encode({id = id, user = user, ticket = ticket, code = code, ms = ms,
+      node = node, nonce = nonce, n = tostring(nth), key = key})
+    redis.call('HSET', claimed, code, rec)
+    local codes = cjson.decode(redis.call('HGET', held, user) or '[]')
+    codes[#codes + 1] = code
+    redis.call('HSET', held, user, cjson.encode(codes))
+    if key ~= '' then redis.call('HSET', idem, user .. ':' .. key, rec) end
+    redis.call('RPUSH', outbox, rec)
+    backlog = backlog + 1
+    out[i + 1] = rec
+  end
+end
+return out
+"#,
+    )
+});
+
+/// Leases up to `want` codes of one ticket type to a node and renews its lease.
+///
+/// KEYS: stock, lease set, nodes. ARGV: node, want, now (ms), expiry (ms).
+/// Near the end of the stock a node takes at most half of its share of what
+/// is left (`len / (2 * live nodes)`, at least one), so no node sits on the
+/// last codes while the others run dry. Returns `{left on the list, codes}`.
+pub static LEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+local len = redis.call('LLEN', KEYS[1])
+local want = tonumber(ARGV[2])
+if len == 0 or want <= 0 then return {len, {}} end
+local live = redis.call('ZCOUNT', KEYS[3], ARGV[3], '+inf')
+if live < 1 then live = 1 end
+local n = math.min(want, math.max(1, math.floor(len / (2 * live))), len)
+local codes = redis.call('LPOP', KEYS[1], n)
+for i = 1, #codes, 1000 do
+  redis.call('SADD', KEYS[2], unpack(codes, i, math.min(i + 999, #codes)))
+end
+return {len - #codes, codes}
+"#,
+    )
+});
+
+/// Renews a node's lease on one activity and reads what is left.
+///
+/// KEYS: nodes, then the stock list of each ticket type. ARGV: node, expiry.
+/// Returns `{1 if the node's lease had been reaped (or never existed), list
+/// lengths...}`.
+pub static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local reaped = 0
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then reaped = 1 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+local out = {reaped}
+for i = 2, #KEYS do out[#out + 1] = redis.call('LLEN', KEYS[i]) end
+return out
+"#,
+    )
+});
+
+/// Moves the leases of the nodes that stopped renewing them back to the
+/// master lists, and their MongoDB backlog onto the reaping node's.
+///
+/// KEYS: nodes, the reaper's outbox. ARGV: now (ms), the reaper, the
+/// activity's key prefix, then its ticket ids. Per-node keys are named from
+/// the prefix (they share the hash tag, so this is safe on Redis Cluster).
+/// Returns `{nodes reaped, codes returned}`.
+pub static REAP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+local reaped, returned = 0, 0
+for _, d in ipairs(dead) do
+  if d ~= ARGV[2] then
+    for t = 4, #ARGV do
+      local lease = ARGV[3] .. 'lease:' .. ARGV[t] .. ':' .. d
+      local codes = redis.call('SMEMBERS', lease)
+      for i = 1, #codes, 1000 do
+        redis.call('LPUSH', ARGV[3] .. 'stock:' .. ARGV[t], unpack(codes, i, math.min(i + 999, #codes)))
+      end
+      returned = returned + #codes
+      redis.call('DEL', lease)
+    end
+    local ob = ARGV[3] .. 'outbox:' .. d
+    while redis.call('LMOVE', ob, KEYS[2], 'LEFT', 'RIGHT') do end
+    redis.call('ZREM', KEYS[1], d)
+    reaped = reaped + 1
+  end
+end
+return {reaped, returned}
+"#,
+    )
+});
+
+/// A node gives back every code it leased in one activity (start-up and
+/// shutdown). If its backlog is not empty it stays registered, expired, so
+/// a live node reaps (and drains) the backlog if this one does not.
+///
+/// KEYS: nodes, the node's outbox. ARGV: node, prefix, now (ms), ticket ids.
+/// Returns the number of codes returned.
+pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local returned = 0
+for t = 4, #ARGV do
+  local lease = ARGV[2] .. 'lease:' .. ARGV[t] .. ':' .. ARGV[1]
+  local codes = redis.call('SMEMBERS', lease)
+  for i = 1, #codes, 1000 do
+    redis.call('LPUSH', ARGV[2] .. 'stock:' .. ARGV[t], unpack(codes, i, math.min(i + 999, #codes)))
+  end
+  returned = returned + #codes
+  redis.call('DEL', lease)
+end
+if redis.call('LLEN', KEYS[2]) > 0 then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return returned
+"#,
+    )
+});
+
+/// Puts specific leased codes back on the master list (a node that stopped
+/// selling gives back what it holds). KEYS: stock, lease set. ARGV: codes.
+pub static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local n = 0
+for i = 1, #ARGV do
+  if redis.call('SREM', KEYS[2], ARGV[i]) == 1 then
+    redis.call('LPUSH', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"#,
+    )
+});
+
+/// Removes the records a node has written to MongoDB from the head of its
+/// backlog — only while the head is exactly what it read, so records moved
+/// or added meanwhile are never dropped. KEYS: outbox. ARGV: the records.
+pub static ACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local n = 0
+for i = 1, #ARGV do
+  if redis.call('LINDEX', KEYS[1], 0) == ARGV[i] then
+    redis.call('LPOP', KEYS[1])
+    n = n + 1
+  else
+    break
+  end
+end
+return n
+"#,
+    )
+});
+
+/// What became of a code whose commit outcome is unknown. KEYS: claimed,
+/// lease set. ARGV: code, nonce. `MINE` (committed by that claim), `LEASED`
+/// (still ours, unclaimed) or `GONE`.
+pub static RESOLVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local rec = redis.call('HGET', KEYS[1], ARGV[1])
+if rec then
+  if cjson.decode(rec).nonce == ARGV[2] then return 'MINE' end
+  return 'GONE'
+end
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 'LEASED' end
+return 'GONE'
+"#,
+    )
+});
+
+/// Pushes codes onto a master list, each at most once ever.
+/// KEYS: stock, known. ARGV: codes. Returns how many were pushed.
+pub static PUSH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local n = 0
+for i = 1, #ARGV do
+  if redis.call('SADD', KEYS[2], ARGV[i]) == 1 then
+    redis.call('RPUSH', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"#,
+    )
+});
+
+/// The claim records of one user in one activity. KEYS: held, claimed. ARGV: user.
+pub static HELD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local codes = cjson.decode(redis.call('HGET', KEYS[1], ARGV[1]) or '[]')
+local out = {}
+for _, c in ipairs(codes) do
+  local rec = redis.call('HGET', KEYS[2], c)
+  if rec then out[#out + 1] = rec end
+end
+return out
+"#,
+    )
+});
