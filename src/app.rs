@@ -107,10 +107,11 @@ impl AppState {
         let mut stock = Vec::new();
         let mut claimed = Vec::new();
         for a in catalog.activities() {
-            for t in &a.tickets {
-                stock.push((a.id.to_string(), t.id.to_string(), t.pool.remaining()));
+            let counts = self.store.stock(a);
+            for (t, (_, remaining)) in a.tickets.iter().zip(&counts.tickets) {
+                stock.push((a.id.to_string(), t.id.to_string(), *remaining));
             }
-            claimed.push((a.id.to_string(), a.ledger.claimed()));
+            claimed.push((a.id.to_string(), counts.claimed));
         }
         Gauges {
             stock,
@@ -403,7 +404,13 @@ async fn supervise(state: Arc<AppState>, notifier: Arc<Notifier>) {
         if last_status.elapsed() >= Duration::from_secs(2) {
             let claims = metrics::global().claims.get(metrics::ClaimOutcome::Success);
             let rate = (claims - last_claims) as f64 / last_at.elapsed().as_secs_f64().max(1e-3);
-            let stock: usize = state.catalog.load().activities().iter().map(|a| a.remaining()).sum();
+            let stock: usize = state
+                .catalog
+                .load()
+                .activities()
+                .iter()
+                .map(|a| state.store.stock(a).remaining)
+                .sum();
             notifier.send(&format!("STATUS=Serving: {stock} codes in stock, {rate:.0} claims/s"));
             (last_claims, last_at, last_status) = (claims, Instant::now(), Instant::now());
         }

@@ -248,6 +248,16 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
         if act.name.trim().is_empty() {
             r.add(&field("name"), format!("activity `{}` needs a name", act.id));
         }
+        let relative = |t: TimeSpec| matches!(t, TimeSpec::Relative(_));
+        if config.storage.mode == super::StorageMode::Cluster && (relative(act.start_time) || relative(act.end_time)) {
+            r.add(
+                &field("start_time"),
+                format!(
+                    "activity `{}`: cluster mode needs absolute times (RFC 3339); a relative time counts from each node's own start, so nodes would disagree",
+                    act.id
+                ),
+            );
+        }
         if !ends_after_start(act.start_time, act.end_time) {
             r.add(
                 &field("end_time"),

@@ -103,7 +103,7 @@ async fn dispatch(
         Route::TicketGet => handlers::ticket::get(state, req, ip).await,
         Route::Admin => handlers::admin::handle(state, req).await,
         Route::ActList => handlers::act::list(state),
-        Route::ActDetail => handlers::act::detail(state, &req),
+        Route::ActDetail => handlers::act::detail(state, &req).await,
         Route::TicketList => handlers::ticket::list(state, &req).await,
         Route::TicketDetail => handlers::ticket::detail(state, &req).await,
         Route::UserRegister => handlers::user::register(state, req, ip).await,

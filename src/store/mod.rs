@@ -151,6 +151,17 @@ pub struct TicketReport {
     pub last_ms: Option<i64>,
 }
 
+/// The stock of one activity, as [`Store::stock`] sees it.
+#[derive(Debug)]
+pub struct Stock {
+    /// Codes not claimed, all ticket types.
+    pub remaining: usize,
+    /// Codes claimed.
+    pub claimed: usize,
+    /// Per ticket type in catalog order: `(total, remaining)`.
+    pub tickets: Vec<(usize, usize)>,
+}
+
 /// How a process uses the data directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -360,6 +371,45 @@ impl Store {
         match self {
             Store::Embedded(_) => None,
             Store::Cluster(s) => Some(s.claims_of_user(user, activities).await),
+        }
+    }
+
+    /// What is left of `activity`: cluster-wide in a cluster (as of the last
+    /// look at Redis), this node's pools and ledger otherwise. The one source
+    /// of the numbers `/act/list`, `/act/detail`, `/admin` and `/metrics` show.
+    pub fn stock(&self, activity: &crate::catalog::Activity) -> Stock {
+        let tickets: Vec<(usize, usize)> = activity
+            .tickets
+            .iter()
+            .map(|t| match self {
+                Store::Cluster(s) => s
+                    .counts(&t.id)
+                    .map_or((0, 0), |(total, remaining, _)| (total, remaining)),
+                Store::Embedded(_) => (t.pool.known(), t.pool.remaining()),
+            })
+            .collect();
+        let claimed = match self {
+            Store::Cluster(s) => activity
+                .tickets
+                .iter()
+                .filter_map(|t| s.counts(&t.id))
+                .map(|(_, _, sold)| sold)
+                .sum(),
+            Store::Embedded(_) => activity.ledger.claimed(),
+        };
+        Stock {
+            remaining: tickets.iter().map(|t| t.1).sum(),
+            claimed,
+            tickets,
+        }
+    }
+
+    /// Cluster: re-reads the activity's counts from Redis first, so an answer
+    /// right after a rush counts the claims other nodes made. Embedded: nothing.
+    pub async fn refresh_stock(&self, activity_id: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(_) => Ok(()),
+            Store::Cluster(s) => s.refresh_counts(activity_id).await,
         }
     }
 

@@ -6,6 +6,7 @@ mod common;
 mod api;
 mod browser;
 mod cli;
+mod cluster;
 mod crash;
 mod deploy;
 mod limits;

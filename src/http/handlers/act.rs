@@ -1,5 +1,6 @@
 //! `GET /act/list` and `GET /act/detail`: served from the catalog snapshot
-//! and the live pools, never from the store.
+//! and [`Store::stock`](crate::store::Store::stock) (the live pools on one
+//! node; the cluster-wide counts in a cluster).
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -16,6 +17,7 @@ use crate::{
         request::{ok, optional_session, Query},
         ApiError,
     },
+    store::Stock,
 };
 
 #[derive(Serialize)]
@@ -48,7 +50,7 @@ struct TicketView<'a> {
     total: usize,
 }
 
-fn view(a: &Activity, now: i64) -> ActivityView<'_> {
+fn view<'a>(a: &'a Activity, now: i64, stock: &Stock) -> ActivityView<'a> {
     ActivityView {
         act_id: &a.id,
         name: &a.name,
@@ -60,19 +62,20 @@ fn view(a: &Activity, now: i64) -> ActivityView<'_> {
         paused: a.paused,
         per_user_limit: a.per_user_limit,
         pow_difficulty: a.pow_difficulty,
-        remaining: a.remaining(),
-        claimed: a.ledger.claimed(),
+        remaining: stock.remaining,
+        claimed: stock.claimed,
         tickets: a
             .tickets
             .iter()
-            .map(|t| TicketView {
+            .zip(&stock.tickets)
+            .map(|(t, &(total, remaining))| TicketView {
                 ticket_id: &t.id,
                 name: &t.name,
                 desc: &t.desc,
                 valid_from: t.valid_from_ms.map(rfc3339_ms),
                 valid_until: t.valid_until_ms.map(rfc3339_ms),
-                remaining: t.pool.remaining(),
-                total: t.pool.known(),
+                remaining,
+                total,
             })
             .collect(),
     }
@@ -86,13 +89,13 @@ pub fn list(state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
         .activities()
         .iter()
         .filter(|a| a.status(now) != Status::Ended)
-        .map(|a| view(a, now))
+        .map(|a| view(a, now, &state.store.stock(a)))
         .collect();
     Ok(ok(&serde_json::json!({ "activities": activities })))
 }
 
 /// One activity; with a token, whether the caller joined and their claims.
-pub fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+pub async fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
     let query = Query::parse(req.uri().query());
     let id = query.require("actId")?;
     let session = optional_session(state, req.headers())?;
@@ -100,8 +103,13 @@ pub fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full
     let activity = catalog
         .activity(id)
         .ok_or_else(|| ApiError::not_found("ACTIVITY_NOT_FOUND", "no such activity"))?;
+    if let Err(error) = state.store.refresh_stock(id).await {
+        // The last known counts are served; the claim path does not depend on them.
+        tracing::debug!(%error, "Could not refresh the stock counts.");
+    }
     let now = now_ms();
-    let mut data = serde_json::to_value(view(activity, now)).map_err(|_| ApiError::internal())?;
+    let stock = state.store.stock(activity);
+    let mut data = serde_json::to_value(view(activity, now, &stock)).map_err(|_| ApiError::internal())?;
     if let (Some(s), Some(obj)) = (session, data.as_object_mut()) {
         let claims = activity.ledger.claims_of(s.user_id);
         let views: Vec<ClaimView<'_>> = claims.iter().map(ClaimView::from).collect();

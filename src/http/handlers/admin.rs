@@ -76,15 +76,16 @@ fn stats(state: &AppState) -> Response<Full<Bytes>> {
         .activities()
         .iter()
         .map(|a| {
+            let stock = state.store.stock(a);
             serde_json::json!({
                 "actId": &*a.id,
                 "status": a.status(now),
                 "paused": a.paused,
-                "remaining": a.remaining(),
-                "claimed": a.ledger.claimed(),
+                "remaining": stock.remaining,
+                "claimed": stock.claimed,
                 "inFlight": a.ledger.in_flight.load(std::sync::atomic::Ordering::Relaxed),
-                "tickets": a.tickets.iter().map(|t| serde_json::json!({
-                    "ticketId": &*t.id, "remaining": t.pool.remaining(), "total": t.pool.known(),
+                "tickets": a.tickets.iter().zip(&stock.tickets).map(|(t, (total, remaining))| serde_json::json!({
+                    "ticketId": &*t.id, "remaining": remaining, "total": total,
                 })).collect::<Vec<_>>(),
             })
         })

@@ -173,7 +173,8 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
         .key(keys.users())
         .key(keys.held())
         .key(keys.idem())
-        .key(keys.outbox(&shared.node));
+        .key(keys.outbox(&shared.node))
+        .key(keys.sold());
     for a in work {
         invocation.key(keys.lease(&a.pending.claim().ticket_id, &shared.node));
     }

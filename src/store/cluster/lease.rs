@@ -110,6 +110,7 @@ pub(super) async fn track(shared: &Shared, catalog: &Catalog) -> Result<(), Clus
                     ticket: t.id.clone(),
                     pool: t.pool.clone(),
                     upstream: UNKNOWN.into(),
+                    counts: super::Counts::default(),
                     hungry: false.into(),
                     rate: parking_lot::Mutex::new(Rate::new()),
                 })
@@ -133,6 +134,30 @@ async fn release(shared: &Shared, activity: &str, tickets: &[Arc<str>]) -> Resul
         invocation.arg(&**t);
     }
     Ok(invocation.invoke_async(&mut redis).await?)
+}
+
+/// Re-reads the cluster-wide stock of `activity` (for `/act/detail`).
+pub(super) async fn refresh_counts(shared: &Shared, activity: &str) -> Result<(), ClusterError> {
+    let Some(tickets) = shared.activities.get(activity).map(|t| t.value().clone()) else {
+        return Ok(());
+    };
+    let keys = scripts::Keys::new(activity);
+    let mut invocation = scripts::COUNTS.prepare_invoke();
+    invocation.key(keys.sold());
+    for t in &tickets {
+        invocation.key(keys.known(t));
+    }
+    for t in &tickets {
+        invocation.arg(&**t);
+    }
+    let mut redis = shared.redis.clone();
+    let answer: Vec<usize> = invocation.invoke_async(&mut redis).await?;
+    for (t, counts) in tickets.iter().zip(answer.chunks(2)) {
+        if let (Some(stock), &[known, sold]) = (shared.tickets.get(t), counts) {
+            stock.counts.store(known, sold);
+        }
+    }
+    Ok(())
 }
 
 /// Gives back every code this node leased (shutdown).
@@ -343,16 +368,21 @@ async fn heartbeat(shared: &Shared) -> Result<(), ClusterError> {
     for (a, tickets) in activities {
         let keys = scripts::Keys::new(&a);
         let mut invocation = scripts::HEARTBEAT.prepare_invoke();
-        invocation.key(keys.nodes());
+        invocation.key(keys.nodes()).key(keys.sold());
         for t in &tickets {
-            invocation.key(keys.stock(t));
+            invocation.key(keys.stock(t)).key(keys.known(t));
         }
         invocation.arg(&*shared.node).arg(shared.lease_expiry());
+        for t in &tickets {
+            invocation.arg(&**t);
+        }
         let answer: Vec<usize> = invocation.invoke_async(&mut redis).await?;
         let reaped = answer.first().copied() == Some(1);
-        for (t, len) in tickets.iter().zip(answer.iter().skip(1)) {
+        for (t, counts) in tickets.iter().zip(answer[1..].chunks(3)) {
+            let &[len, known, sold] = counts else { continue };
             if let Some(stock) = shared.tickets.get(t) {
-                stock.upstream.store(*len, Ordering::Relaxed);
+                stock.upstream.store(len, Ordering::Relaxed);
+                stock.counts.store(known, sold);
                 if reaped && stock.pool.remaining() > 0 {
                     // Our leases were taken back while we were unreachable:
                     // these codes are on the master list again, not ours.

@@ -162,7 +162,32 @@ pub(crate) struct TicketStock {
     upstream: AtomicUsize,
     /// A claim is waiting for codes: lease now.
     hungry: AtomicBool,
+    /// Cluster-wide codes known and sold, at the last look.
+    counts: Counts,
     rate: Mutex<lease::Rate>,
+}
+
+/// Cluster-wide counts of one ticket type, as Redis last reported them (by
+/// the heartbeat, and before each `/act/detail`). A reader may see the two
+/// halves from two different looks; the remainder never goes negative.
+#[derive(Default)]
+pub(crate) struct Counts {
+    known: AtomicUsize,
+    sold: AtomicUsize,
+}
+
+impl Counts {
+    fn store(&self, known: usize, sold: usize) {
+        self.known.store(known, Ordering::Relaxed);
+        self.sold.store(sold, Ordering::Relaxed);
+    }
+
+    /// `(total, remaining, sold)`.
+    fn get(&self) -> (usize, usize, usize) {
+        let known = self.known.load(Ordering::Relaxed);
+        let sold = self.sold.load(Ordering::Relaxed);
+        (known, known.saturating_sub(sold), sold)
+    }
 }
 
 /// A code whose commit outcome is unknown (Redis went away mid-commit).
@@ -425,6 +450,25 @@ impl ClusterStore {
             backlog: self.backlog(),
             redis_up: self.shared.redis_up.load(Ordering::Relaxed),
             mongo_up: self.mongo_up(),
+        }
+    }
+
+    /// Cluster-wide `(total, remaining, sold)` of `ticket` at the last look.
+    pub fn counts(&self, ticket: &str) -> Option<(usize, usize, usize)> {
+        self.shared.tickets.get(ticket).map(|t| t.counts.get())
+    }
+
+    /// Re-reads the cluster-wide counts of `activity` from Redis.
+    pub async fn refresh_counts(&self, activity: &str) -> Result<(), StoreError> {
+        let shared = self.shared.clone();
+        let activity = activity.to_owned();
+        match self
+            .handle
+            .spawn(async move { lease::refresh_counts(&shared, &activity).await })
+            .await
+        {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(ClusterError::Protocol("the count task failed".into()).into()),
         }
     }
 

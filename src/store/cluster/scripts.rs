@@ -12,6 +12,7 @@
 //! tk:{A}:users         hash  user id -> claims held (the per-user limit)
 //! tk:{A}:held          hash  user id -> JSON array of the user's codes
 //! tk:{A}:idem          hash  "user:Idempotency-Key" -> claim record
+//! tk:{A}:sold          hash  ticket id -> codes claimed (cluster-wide counts)
 //! tk:{A}:outbox:N      list  claim records node N acknowledged, not yet in MongoDB
 //! tk:ids               int   claim id blocks handed to nodes (not per activity)
 //! tk:node:N            str   held by the running node called N
@@ -89,6 +90,11 @@ impl Keys {
         self.key("held")
     }
 
+    /// Codes claimed per ticket type.
+    pub fn sold(&self) -> String {
+        self.key("sold")
+    }
+
     /// Idempotency keys.
     pub fn idem(&self) -> String {
         self.key("idem")
@@ -110,7 +116,7 @@ pub fn node_key(node: &str) -> String {
 
 /// Commits a batch of one activity's claims.
 ///
-/// KEYS: claimed, users, held, idem, outbox, then one lease set per claim.
+/// KEYS: claimed, users, held, idem, outbox, sold, then one lease set per claim.
 /// ARGV: node, limit, max backlog, then per claim: nonce, claim id, ticket,
 /// code, user, time (ms), idempotency key (or "").
 ///
@@ -142,7 +148,7 @@ for i = 0, n - 1 do
     out[i + 1] = 'FULL'
   elseif tonumber(redis.call('HGET', users, user) or '0') >= limit then
     out[i + 1] = 'LIMIT' .. (redis.call('HGET', held, user) or '[]')
-  elseif redis.call('SREM', KEYS[6 + i], code) == 0 then
+  elseif redis.call('SREM', KEYS[7 + i], code) == 0 then
     out[i + 1] = 'LOST'
   else
     local nth = redis.call('HINCRBY', users, user, 1)
@@ -154,6 +160,7 @@ for i = 0, n - 1 do
     redis.call('HSET', held, user, cjson.encode(codes))
     if key ~= '' then redis.call('HSET', idem, user .. ':' .. key, rec) end
     redis.call('RPUSH', outbox, rec)
+    redis.call('HINCRBY', KEYS[6], ticket, 1)
     backlog = backlog + 1
     out[i + 1] = rec
   end
@@ -188,11 +195,12 @@ return {len - #codes, codes}
     )
 });
 
-/// Renews a node's lease on one activity and reads what is left.
+/// Renews a node's lease on one activity and reads its stock.
 ///
-/// KEYS: nodes, then the stock list of each ticket type. ARGV: node, expiry.
-/// Returns `{1 if the node's lease had been reaped (or never existed), list
-/// lengths...}`.
+/// KEYS: nodes, sold, then per ticket type its stock list and known set.
+/// ARGV: node, expiry, then the ticket ids. Returns `{1 if the node's lease
+/// had been reaped (or never existed), then per ticket: list length, codes
+/// known, codes sold}`.
 pub static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -200,7 +208,27 @@ local reaped = 0
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then reaped = 1 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 local out = {reaped}
-for i = 2, #KEYS do out[#out + 1] = redis.call('LLEN', KEYS[i]) end
+for i = 3, #ARGV do
+  local k = 3 + (i - 3) * 2
+  out[#out + 1] = redis.call('LLEN', KEYS[k])
+  out[#out + 1] = redis.call('SCARD', KEYS[k + 1])
+  out[#out + 1] = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
+end
+return out
+"#,
+    )
+});
+
+/// Cluster-wide stock of one activity. KEYS: sold, then each ticket's known
+/// set. ARGV: the ticket ids. Returns per ticket: codes known, codes sold.
+pub static COUNTS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local out = {}
+for i = 1, #ARGV do
+  out[#out + 1] = redis.call('SCARD', KEYS[i + 1])
+  out[#out + 1] = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+end
 return out
 "#,
     )

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod services;
+
 use std::{
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},

@@ -1,0 +1,299 @@
+//! Cluster mode: several real ticketd nodes sharing one real Redis and one
+//! real MongoDB-wire server (SecantusDB), on loopback.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::future::join_all;
+use mongodb::bson::{doc, Document};
+use ticketd::{
+    bench::ApiClient,
+    config::{now_ms, rfc3339_ms},
+};
+
+use crate::common::{base_config, services::Services, TestApp};
+
+/// A node's config: the shared services, its own id, cheap leases.
+pub fn node_config(s: &Services, db: &str, node: &str, extra: &str) -> String {
+    base_config()
+        .replace("[server]\n", &format!("[server]\nnode_id = \"{node}\"\n"))
+        .replace(
+            "[storage]\npath = \"data\"\n",
+            &format!(
+                "[storage]\npath = \"data\"\nmode = \"cluster\"\nredis_url = \"{}\"\nmongodb_uri = \"{}\"\ndatabase = \"{db}\"\n",
+                s.redis_url(),
+                s.mongo_uri()
+            ),
+        )
+        + extra
+}
+
+/// An activity open now (absolute times, as cluster mode requires).
+pub fn cluster_activity(id: &str, codes: u32, limit: u32) -> String {
+    format!(
+        r#"
+[[activity]]
+id = "{id}"
+name = "Activity {id}"
+start_time = "{}"
+end_time = "{}"
+per_user_limit = {limit}
+  [[activity.ticket]]
+  id = "{id}-t"
+  name = "Ticket {id}"
+  generate = {codes}
+"#,
+        rfc3339_ms(now_ms() - 60_000),
+        rfc3339_ms(now_ms() + 3_600_000)
+    )
+}
+
+/// Services plus `n` nodes; the activity is imported once, by node 0's CLI.
+pub struct Cluster {
+    pub services: Services,
+    pub db: String,
+    pub nodes: Vec<TestApp>,
+}
+
+impl Cluster {
+    pub fn start(n: usize, activity: &str, extra: &str) -> Cluster {
+        let services = Services::start();
+        let db = "ticketd_test".to_owned();
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let config = node_config(&services, &db, &format!("node{i}"), extra) + activity;
+            let mut node = TestApp::prepare(&config, &[]);
+            if i == 0 {
+                let out = node.cli(&["import"], None);
+                assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            node.boot();
+            nodes.push(node);
+        }
+        Cluster { services, db, nodes }
+    }
+
+    pub fn clients(&self) -> Vec<Arc<ApiClient>> {
+        self.nodes.iter().map(|n| n.client_clone()).collect()
+    }
+
+    pub async fn mongo(&self) -> mongodb::Database {
+        self.services.mongo(&self.db).await
+    }
+
+    /// Every claim MongoDB holds for `act`: code -> user id.
+    pub async fn mongo_claims(&self, act: &str) -> HashMap<String, i64> {
+        use futures::TryStreamExt;
+        let db = self.mongo().await;
+        let docs: Vec<Document> = db
+            .collection::<Document>("claims")
+            .find(doc! {"activity_id": act})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let mut out = HashMap::new();
+        for d in docs {
+            let code = d.get_str("code").unwrap().to_owned();
+            assert_eq!(d.get_str("_id").unwrap(), code);
+            assert!(out.insert(code, d.get_i64("user_id").unwrap()).is_none());
+        }
+        out
+    }
+
+    /// Claims Redis has committed for `act`.
+    pub async fn redis_claimed(&self, act: &str) -> usize {
+        let mut r = self.services.redis().await;
+        redis::cmd("HLEN")
+            .arg(format!("tk:{{{act}}}:claimed"))
+            .query_async(&mut r)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until MongoDB holds every claim Redis committed (the backlogs
+    /// drained), then returns them.
+    pub async fn drained(&self, act: &str) -> HashMap<String, i64> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let committed = self.redis_claimed(act).await;
+            let stored = self.mongo_claims(act).await;
+            if stored.len() == committed {
+                return stored;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "MongoDB has {} of the {committed} committed claims after 90 s",
+                stored.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The rush: user `i` sends `per_user` concurrent claims, the `k`th to node
+/// `(i + k) % nodes` — so each user hits several nodes at once. Returns
+/// the codes acknowledged per user and every answer by status and code
+/// (`transport` when a node was not there to answer).
+pub async fn rush(
+    clients: &[Arc<ApiClient>],
+    act: &str,
+    tokens: &[String],
+    per_user: usize,
+    parallel: usize,
+) -> (Vec<Vec<String>>, HashMap<String, usize>) {
+    let sem = Arc::new(tokio::sync::Semaphore::new(parallel));
+    let mut tasks = Vec::new();
+    for (i, token) in tokens.iter().enumerate() {
+        let clients: Vec<Arc<ApiClient>> = (0..per_user)
+            .map(|k| clients[(i + k) % clients.len()].clone())
+            .collect();
+        let (sem, token, act) = (sem.clone(), token.clone(), act.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.unwrap();
+            let mut body = None;
+            for c in &clients {
+                if let Ok(detail) = c.get(&format!("/act/detail?actId={act}"), Some(&token)).await {
+                    if let Some(t) = detail.data()["claimToken"].as_str() {
+                        body = Some(serde_json::json!({"actId": act, "claimToken": t}));
+                        break;
+                    }
+                }
+            }
+            let Some(body) = body else { return Vec::new() };
+            let claims = clients.iter().map(|c| c.post("/ticket/get", Some(&token), &body));
+            join_all(claims).await
+        }));
+    }
+    let mut acked = vec![Vec::new(); tokens.len()];
+    let mut outcomes: HashMap<String, usize> = HashMap::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        for a in t.await.unwrap() {
+            let key = match a {
+                Ok(a) if a.status == 200 => {
+                    acked[i].push(a.data()["code"].as_str().unwrap().to_owned());
+                    "success".to_owned()
+                }
+                Ok(a) => format!("{} {}", a.status, a.error_code().unwrap_or("?")),
+                Err(_) => "transport".to_owned(),
+            };
+            *outcomes.entry(key).or_default() += 1;
+        }
+    }
+    (acked, outcomes)
+}
+
+/// No code twice, no user over `limit`, every acknowledged claim in MongoDB
+/// under its user, nothing beyond `codes`.
+fn assert_invariants(
+    acked: &[Vec<String>],
+    user_ids: &[i64],
+    stored: &HashMap<String, i64>,
+    limit: usize,
+    codes: usize,
+) {
+    let all: Vec<&String> = acked.iter().flatten().collect();
+    let distinct: HashSet<&String> = all.iter().copied().collect();
+    assert_eq!(all.len(), distinct.len(), "a code was acknowledged twice");
+    assert!(
+        acked.iter().all(|c| c.len() <= limit),
+        "a user was acknowledged more than the limit"
+    );
+    assert!(
+        stored.len() <= codes,
+        "{} claims stored for {codes} codes",
+        stored.len()
+    );
+    for (i, mine) in acked.iter().enumerate() {
+        for code in mine {
+            assert_eq!(
+                stored.get(code),
+                Some(&user_ids[i]),
+                "acknowledged code {code} is not in MongoDB under its user"
+            );
+        }
+    }
+    let mut per_user: HashMap<i64, usize> = HashMap::new();
+    for u in stored.values() {
+        *per_user.entry(*u).or_default() += 1;
+    }
+    assert!(
+        per_user.values().all(|&n| n <= limit),
+        "MongoDB holds a user over the limit"
+    );
+}
+
+/// Logs `n` users in through node 0 (sessions are valid on every node).
+async fn users(cluster: &Cluster, prefix: &str, n: usize) -> (Vec<String>, Vec<i64>) {
+    let tokens = cluster.nodes[0].users(prefix, n).await;
+    let db = cluster.mongo().await;
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let name = crate::common::username(prefix, i);
+        let user = db
+            .collection::<Document>("users")
+            .find_one(doc! {"username": &name})
+            .await
+            .unwrap()
+            .unwrap();
+        ids.push(user.get_i64("_id").unwrap());
+    }
+    (tokens, ids)
+}
+
+async fn metric(app: &TestApp, name: &str) -> f64 {
+    let text = app.raw_get("/metrics").await;
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_ten_thousand_users_two_nodes_each_sell_exactly_the_stock() {
+    let cluster = Cluster::start(3, &cluster_activity("big", 2000, 1), "");
+    let (tokens, ids) = users(&cluster, "c", 10_000).await;
+
+    let (acked, outcomes) = rush(&cluster.clients(), "big", &tokens, 2, 300).await;
+
+    let successes: usize = acked.iter().map(Vec::len).sum();
+    assert_eq!(successes, 2000, "outcomes: {outcomes:?}");
+    for k in outcomes.keys().filter(|k| *k != "success") {
+        assert!(
+            k == "410 SOLD_OUT" || k == "409 LIMIT_REACHED",
+            "unexpected outcome {k}: {outcomes:?}"
+        );
+    }
+    let stored = cluster.drained("big").await;
+    assert_eq!(stored.len(), 2000);
+    assert_invariants(&acked, &ids, &stored, 1, 2000);
+    // Every node reports the cluster-wide numbers.
+    for node in &cluster.nodes {
+        let d = node.detail("big").await;
+        assert_eq!(
+            (d["claimed"].as_u64(), d["remaining"].as_u64()),
+            (Some(2000), Some(0)),
+            "{d}"
+        );
+    }
+    // And every node sold a share: the stock was leased, not owned by one.
+    let nodes: HashSet<String> = {
+        let db = cluster.mongo().await;
+        use futures::TryStreamExt;
+        let docs: Vec<Document> = db
+            .collection::<Document>("claims")
+            .find(doc! {})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        docs.iter().map(|d| d.get_str("node").unwrap().to_owned()).collect()
+    };
+    assert_eq!(nodes.len(), 3, "{nodes:?}");
+}
