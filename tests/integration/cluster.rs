@@ -245,13 +245,44 @@ async fn users(cluster: &Cluster, prefix: &str, n: usize) -> (Vec<String>, Vec<i
     (tokens, ids)
 }
 
-async fn metric(app: &TestApp, name: &str) -> f64 {
+/// The value of one series (`name` or `name{labels}`) in a node's /metrics.
+async fn metric(app: &TestApp, series: &str) -> f64 {
     let text = app.raw_get("/metrics").await;
     text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name}"))
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {series} in:\n{text}"))
+}
+
+/// Waits (up to 60 s) until `condition` holds, checking every 50 ms.
+async fn until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn scard(cluster: &Cluster, key: &str) -> usize {
+    let mut r = cluster.services.redis().await;
+    redis::cmd("SCARD").arg(key).query_async(&mut r).await.unwrap()
+}
+
+fn merge(
+    into: &mut (Vec<Vec<String>>, HashMap<String, usize>),
+    offset: usize,
+    wave: (Vec<Vec<String>>, HashMap<String, usize>),
+) {
+    for (i, codes) in wave.0.into_iter().enumerate() {
+        into.0[offset + i].extend(codes);
+    }
+    for (k, v) in wave.1 {
+        *into.1.entry(k).or_default() += v;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,4 +327,144 @@ async fn three_nodes_ten_thousand_users_two_nodes_each_sell_exactly_the_stock() 
         docs.iter().map(|d| d.get_str("node").unwrap().to_owned()).collect()
     };
     assert_eq!(nodes.len(), 3, "{nodes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_rush_loses_nothing_and_its_leased_codes_are_sold_by_the_others() {
+    let mut cluster = Cluster::start(3, &cluster_activity("k9", 1000, 1), "[cluster]\nlease_ttl = \"2s\"\n");
+    let (tokens, ids) = users(&cluster, "k", 2000).await;
+    let mut all = (vec![Vec::new(); tokens.len()], HashMap::new());
+
+    // Wave 1 over all three nodes; node2 is killed once it has sold some.
+    let wave = tokio::spawn(rush_owned(cluster.clients(), "k9", tokens[..800].to_vec(), 2, 40));
+    let success = "ticketd_claims_total{outcome=\"success\"}";
+    until("node2 to sell", || async {
+        metric(&cluster.nodes[2], success).await >= 30.0
+    })
+    .await;
+    cluster.nodes[2].kill9();
+    let lease_of_node2 = "tk:{k9}:lease:k9-t:node2";
+    let held_by_dead = scard(&cluster, lease_of_node2).await;
+    merge(&mut all, 0, wave.await.unwrap());
+    assert!(held_by_dead > 0, "node2 held no leased codes when it died");
+    assert!(all.1.get("transport").copied().unwrap_or(0) > 0, "{:?}", all.1);
+
+    // After the lease TTL a live node puts node2's codes back on the master list...
+    until("node2's leases to be reclaimed", || async {
+        metric(&cluster.nodes[0], "ticketd_leases_reaped_total").await
+            + metric(&cluster.nodes[1], "ticketd_leases_reaped_total").await
+            >= 1.0
+    })
+    .await;
+    assert_eq!(scard(&cluster, lease_of_node2).await, 0);
+
+    // ...and the two live nodes sell out the whole stock, node2's share included.
+    let live = cluster.clients()[..2].to_vec();
+    let wave = rush(&live, "k9", &tokens[800..], 2, 40).await;
+    merge(&mut all, 800, wave);
+    let stored = cluster.drained("k9").await;
+    assert_eq!(stored.len(), 1000, "outcomes: {:?}", all.1);
+    assert_invariants(&all.0, &ids, &stored, 1, 1000);
+    for k in all.1.keys() {
+        assert!(
+            ["success", "transport", "410 SOLD_OUT", "409 LIMIT_REACHED"].contains(&k.as_str()),
+            "unexpected outcome {k}: {:?}",
+            all.1
+        );
+    }
+
+    // The killed node comes back and agrees.
+    cluster.nodes[2].boot();
+    let d = cluster.nodes[2].detail("k9").await;
+    assert_eq!(
+        (d["claimed"].as_u64(), d["remaining"].as_u64()),
+        (Some(1000), Some(0)),
+        "{d}"
+    );
+}
+
+/// [`rush`] with owned arguments, for spawning.
+async fn rush_owned(
+    clients: Vec<Arc<ApiClient>>,
+    act: &'static str,
+    tokens: Vec<String>,
+    per_user: usize,
+    parallel: usize,
+) -> (Vec<Vec<String>>, HashMap<String, usize>) {
+    rush(&clients, act, &tokens, per_user, parallel).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_mid_rush_fails_fast_then_recovers_without_double_allocation() {
+    let mut cluster = Cluster::start(2, &cluster_activity("rr", 600, 1), "");
+    let (tokens, ids) = users(&cluster, "rr", 1500).await;
+    let mut all = (vec![Vec::new(); tokens.len()], HashMap::new());
+
+    let wave = tokio::spawn(rush_owned(cluster.clients(), "rr", tokens[..600].to_vec(), 2, 20));
+    until("some claims", || async { cluster.redis_claimed("rr").await >= 100 }).await;
+    cluster.services.stop_redis();
+    // While Redis is down claims are refused at once with a clear code.
+    let down = rush(&cluster.clients(), "rr", &tokens[600..650], 1, 10).await;
+    assert_eq!(down.0.iter().map(Vec::len).sum::<usize>(), 0, "{:?}", down.1);
+    assert!(
+        down.1.keys().all(|k| k == "503 STORE_UNAVAILABLE"),
+        "while Redis is down: {:?}",
+        down.1
+    );
+    merge(&mut all, 600, down);
+    cluster.services.start_redis();
+    merge(&mut all, 0, wave.await.unwrap());
+    until("the nodes to see Redis again", || async {
+        metric(&cluster.nodes[0], "ticketd_redis_up").await == 1.0
+            && metric(&cluster.nodes[1], "ticketd_redis_up").await == 1.0
+    })
+    .await;
+
+    let wave = rush(&cluster.clients(), "rr", &tokens[650..], 2, 20).await;
+    merge(&mut all, 650, wave);
+    let stored = cluster.drained("rr").await;
+    assert_eq!(stored.len(), 600, "outcomes: {:?}", all.1);
+    assert_invariants(&all.0, &ids, &stored, 1, 600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_down_for_ten_seconds_claims_continue_from_the_backlog_and_drain_later() {
+    let mut cluster = Cluster::start(2, &cluster_activity("md", 600, 1), "");
+    let (tokens, ids) = users(&cluster, "md", 1200).await;
+    let mut all = (vec![Vec::new(); tokens.len()], HashMap::new());
+
+    merge(&mut all, 0, rush(&cluster.clients(), "md", &tokens[..200], 2, 20).await);
+    cluster.services.stop_mongo();
+    let stopped = Instant::now();
+    let during = rush(&cluster.clients(), "md", &tokens[200..500], 2, 20).await;
+    let sold_during: usize = during.0.iter().map(Vec::len).sum();
+    merge(&mut all, 200, during);
+    assert!(
+        sold_during > 0,
+        "no claim succeeded while MongoDB was down: {:?}",
+        all.1
+    );
+    let backlog = metric(&cluster.nodes[0], "ticketd_mongo_backlog").await
+        + metric(&cluster.nodes[1], "ticketd_mongo_backlog").await;
+    assert!(
+        backlog > 0.0,
+        "claims acknowledged while MongoDB is down must wait in the backlog"
+    );
+    // The outage lasts ten seconds, as the scenario says.
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(stopped.elapsed())).await;
+    cluster.services.start_mongo();
+
+    merge(
+        &mut all,
+        500,
+        rush(&cluster.clients(), "md", &tokens[500..], 2, 20).await,
+    );
+    let stored = cluster.drained("md").await;
+    assert_eq!(stored.len(), 600, "outcomes: {:?}", all.1);
+    assert_invariants(&all.0, &ids, &stored, 1, 600);
+    until("the backlogs to empty", || async {
+        metric(&cluster.nodes[0], "ticketd_mongo_backlog").await == 0.0
+            && metric(&cluster.nodes[1], "ticketd_mongo_backlog").await == 0.0
+    })
+    .await;
 }

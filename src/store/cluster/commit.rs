@@ -77,7 +77,7 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
     let ids = match claim_ids(shared, claims.len()).await {
         Ok(ids) => ids,
         Err(error) => {
-            shared.mark_redis(false);
+            shared.redis_failed(&error);
             tracing::debug!(%error, "Could not reserve claim ids.");
             for p in claims {
                 p.settle(Err(CommitError::Unavailable));
@@ -209,9 +209,10 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
                 )))
             }
             Err(error) => {
-                shared.mark_redis(false);
+                let error = ClusterError::from(error);
+                shared.redis_failed(&error);
                 if Instant::now() + delay >= deadline {
-                    return Err(error.into());
+                    return Err(error);
                 }
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_millis(500));

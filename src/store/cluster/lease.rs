@@ -233,6 +233,7 @@ pub(super) async fn lease_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bo
     let heartbeat_every = (ttl / 4).min(shared.cfg.refresh_interval.0);
     let (mut next_heartbeat, mut next_reap, mut next_second) =
         (Instant::now(), Instant::now() + ttl / 2, Instant::now());
+    let mut next_probe = Instant::now();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -247,7 +248,7 @@ pub(super) async fn lease_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bo
         if now >= next_heartbeat {
             next_heartbeat = now + heartbeat_every;
             if let Err(error) = heartbeat(&shared).await {
-                shared.mark_redis(false);
+                shared.redis_failed(&error);
                 tracing::debug!(%error, "Lease renewal failed.");
             }
         }
@@ -257,11 +258,12 @@ pub(super) async fn lease_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bo
                 tracing::debug!(%error, "Reaping failed.");
             }
         }
+        if !shared.redis_up.load(Ordering::Relaxed) && now >= next_probe {
+            next_probe = now + Duration::from_millis(100);
+            probe(&shared).await;
+        }
         if now >= next_second {
             next_second = now + Duration::from_secs(1);
-            if !shared.redis_up.load(Ordering::Relaxed) {
-                probe(&shared).await;
-            }
             if shared.redis_up.load(Ordering::Relaxed) {
                 if let Err(error) = resolve_doubts(&shared).await {
                     tracing::debug!(%error, "Settling codes in doubt failed.");
@@ -314,7 +316,7 @@ async fn refill(shared: &Shared) {
                 shared.stock_changed.notify_waiters();
             }
             Err(error) => {
-                shared.mark_redis(false);
+                shared.redis_failed(&error);
                 tracing::debug!(%error, "Leasing failed.");
                 shared.stock_changed.notify_waiters();
             }

@@ -236,6 +236,16 @@ impl Shared {
         crate::config::now_ms() + self.cfg.lease_ttl.0.as_millis() as i64
     }
 
+    /// Notes a failed Redis call: only a lost or refused connection closes
+    /// the gate (a slow answer under load is not an outage).
+    fn redis_failed(&self, error: &ClusterError) {
+        if let ClusterError::Redis(e) = error {
+            if !e.is_timeout() && (e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped()) {
+                self.mark_redis(false);
+            }
+        }
+    }
+
     fn mark_redis(&self, up: bool) {
         if self.redis_up.swap(up, Ordering::Relaxed) != up {
             if up {
