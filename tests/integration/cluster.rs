@@ -60,11 +60,16 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(n: usize, activity: &str, extra: &str) -> Cluster {
+        Cluster::start_configured(n, activity, extra, |c| c)
+    }
+
+    /// Like [`Cluster::start`], passing each node's config through `tweak`.
+    pub fn start_configured(n: usize, activity: &str, extra: &str, tweak: impl Fn(String) -> String) -> Cluster {
         let services = Services::start();
         let db = "ticketd_test".to_owned();
         let mut nodes = Vec::new();
         for i in 0..n {
-            let config = node_config(&services, &db, &format!("node{i}"), extra) + activity;
+            let config = tweak(node_config(&services, &db, &format!("node{i}"), extra) + activity);
             let mut node = TestApp::prepare(&config, &[]);
             if i == 0 {
                 let out = node.cli(&["import"], None);
@@ -467,4 +472,170 @@ async fn mongodb_down_for_ten_seconds_claims_continue_from_the_backlog_and_drain
             && metric(&cluster.nodes[1], "ticketd_mongo_backlog").await == 0.0
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_returns_the_nodes_leased_codes_at_once_and_exits_zero() {
+    let mut cluster = Cluster::start(2, &cluster_activity("st", 300, 1), "");
+    let (tokens, _) = users(&cluster, "st", 40).await;
+    rush(&cluster.clients(), "st", &tokens, 1, 10).await;
+    let lease = "tk:{st}:lease:st-t:node1";
+    let held = scard(&cluster, lease).await;
+    assert!(held > 0, "node1 leased nothing");
+    let stock_before = {
+        let mut r = cluster.services.redis().await;
+        redis::cmd("LLEN")
+            .arg("tk:{st}:stock:st-t")
+            .query_async::<usize>(&mut r)
+            .await
+            .unwrap()
+    };
+    assert_eq!(cluster.nodes[1].stop(), 0);
+    assert_eq!(scard(&cluster, lease).await, 0, "node1 kept its lease after SIGTERM");
+    let mut r = cluster.services.redis().await;
+    let stock_after: usize = redis::cmd("LLEN")
+        .arg("tk:{st}:stock:st-t")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(
+        stock_after,
+        stock_before + held,
+        "the returned codes are back on the master list"
+    );
+    assert!(cluster.nodes[1].count_logs("Leased codes returned to the master lists.") == 1);
+    // The remaining node sells them without waiting for any lease to expire.
+    let (more, _) = users(&cluster, "st2", 300).await;
+    let (acked, outcomes) = rush(&cluster.clients()[..1], "st", &more, 1, 20).await;
+    let sold = acked.iter().map(Vec::len).sum::<usize>() + 40;
+    assert_eq!(sold, 300, "{outcomes:?}");
+}
+
+/// `ticketd bench` with several `--url`s, round-robin per request.
+fn bench_urls(urls: &[String], args: &[&str]) -> serde_json::Value {
+    let mut command = std::process::Command::new(crate::common::BIN);
+    command.args(["bench", "--json"]);
+    for u in urls {
+        command.args(["--url", u]);
+    }
+    let out = command.args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bench_round_robins_over_the_nodes_and_checks_the_invariants() {
+    let cluster = Cluster::start(3, &cluster_activity("bn", 400, 2), "");
+    let urls: Vec<String> = cluster.nodes.iter().map(TestApp::url).collect();
+    let report = tokio::task::block_in_place(|| {
+        bench_urls(
+            &urls,
+            &[
+                "--activity",
+                "bn",
+                "--users",
+                "300",
+                "--claims-per-user",
+                "3",
+                "--concurrency",
+                "32",
+                "--create-users",
+            ],
+        )
+    });
+    assert_eq!(report["violations"], serde_json::json!([]), "{report}");
+    assert_eq!(report["acknowledged"], 400, "{report}");
+    assert_eq!(
+        (report["claimed_after"].as_u64(), report["remaining_after"].as_u64()),
+        (Some(400), Some(0))
+    );
+    let stored = cluster.drained("bn").await;
+    assert_eq!(stored.len(), 400);
+    // Round-robin: every node answered claims.
+    for node in &cluster.nodes {
+        assert!(metric(node, "ticketd_claims_total{outcome=\"success\"}").await > 0.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_and_report_read_mongodb_and_match_the_rush() {
+    let mut cluster = Cluster::start(2, &cluster_activity("ex", 60, 1), "");
+    let (tokens, ids) = users(&cluster, "ex", 100).await;
+    let (acked, outcomes) = rush(&cluster.clients(), "ex", &tokens, 2, 20).await;
+    assert_eq!(acked.iter().map(Vec::len).sum::<usize>(), 60, "{outcomes:?}");
+    cluster.drained("ex").await;
+    // A clean stop flushes each node's rush statistics.
+    for node in &mut cluster.nodes {
+        assert_eq!(node.stop(), 0);
+    }
+
+    let node = &cluster.nodes[0];
+    let out = node.cli(&["export", "--activity", "ex", "--format", "csv"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = crate::common::parse_csv(&out.stdout);
+    assert_eq!(rows.len(), 60);
+    let by_code: HashMap<&str, &HashMap<String, String>> = rows.iter().map(|r| (r["code"].as_str(), r)).collect();
+    for (i, codes) in acked.iter().enumerate() {
+        for code in codes {
+            let row = by_code[code.as_str()];
+            assert_eq!(row["user_id"], ids[i].to_string());
+            assert_eq!(row["username"], crate::common::username("ex", i));
+            assert_eq!(row["activity_id"], "ex");
+        }
+    }
+    let nodes: HashSet<&str> = rows.iter().map(|r| r["node"].as_str()).collect();
+    assert_eq!(nodes, HashSet::from(["node0", "node1"]));
+    let claim_ids: HashSet<&str> = rows.iter().map(|r| r["claim_id"].as_str()).collect();
+    assert_eq!(claim_ids.len(), 60, "claim ids are unique across nodes");
+
+    let out = node.cli(
+        &[
+            "export",
+            "--activity",
+            "ex",
+            "--format",
+            "parquet",
+            "--out",
+            "ex.parquet",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = std::fs::File::open(node.dir.path().join("ex.parquet")).unwrap();
+    let reader = parquet::file::serialized_reader::SerializedFileReader::new(file).unwrap();
+    let parquet_rows: Vec<parquet::record::Row> = reader.into_iter().map(Result::unwrap).collect();
+    assert_eq!(parquet_rows.len(), 60);
+    for (row, csv) in parquet_rows.iter().zip(&rows) {
+        use parquet::record::RowAccessor;
+        assert_eq!(row.get_string(3).unwrap(), &csv["code"]);
+        assert_eq!(row.get_string(7).unwrap(), &csv["node"]);
+    }
+
+    let out = node.cli(&["report", "--activity", "ex", "--out", "ex.html"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(node.dir.path().join("ex.html")).unwrap();
+    let cell = |id: &str| -> String {
+        let tag = format!("<td id=\"{id}\">");
+        let at = html.find(&tag).unwrap() + tag.len();
+        html[at..at + html[at..].find("</td>").unwrap()].to_owned()
+    };
+    assert_eq!(cell("codes"), "60");
+    assert_eq!(cell("claimed"), "60");
+    assert_eq!(cell("users"), "60");
+    assert_eq!(cell("requests"), "200", "both nodes' statistics are counted");
+    let per_node: Vec<usize> = ["node0", "node1"]
+        .iter()
+        .map(|n| rows.iter().filter(|r| r["node"] == *n).count())
+        .collect();
+    for (n, count) in ["node0", "node1"].iter().zip(&per_node) {
+        assert!(
+            html.contains(&format!("{n}: {count}")),
+            "the node chart shows {n}: {count}"
+        );
+    }
 }

@@ -10,7 +10,10 @@ use std::{
 use serde_json::{json, Value};
 use ticketd::bench::ApiClient;
 
-use crate::common::{base_config, open_activity, raw_get, TestApp};
+use crate::{
+    cluster::{cluster_activity, Cluster},
+    common::raw_get,
+};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -22,7 +25,7 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start(upstream: &str) -> Nginx {
+    fn start(upstreams: &[&str]) -> Nginx {
         let Ok(version) = Command::new("nginx").arg("-v").output() else {
             panic!("nginx is missing: run `apt-get install -y nginx-light` (./scripts/test does it)");
         };
@@ -44,7 +47,11 @@ impl Nginx {
             .replace("listen 80 reuseport", &format!("listen 127.0.0.1:{port} reuseport"))
             .replace(
                 "server 127.0.0.1:3000 max_fails=3 fail_timeout=5s;",
-                &format!("server {upstream} max_fails=3 fail_timeout=5s;"),
+                &upstreams
+                    .iter()
+                    .map(|u| format!("server {u} max_fails=3 fail_timeout=5s;"))
+                    .collect::<Vec<_>>()
+                    .join("\n        "),
             )
             .replace("server 127.0.0.1:3010 max_fails=3 fail_timeout=5s;", "")
             .replace(
@@ -84,12 +91,13 @@ impl Drop for Nginx {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bench_through_the_shipped_nginx_keeps_the_invariants() {
-    // ticketd trusts Nginx (127.0.0.1) for X-Forwarded-For.
-    let config = base_config().replace("[security]", "[security]\ntrusted_proxies = [\"127.0.0.1\"]")
-        + &open_activity("ng", 150, 1);
-    let app = TestApp::start(&config);
-    let nginx = tokio::task::block_in_place(|| Nginx::start(&app.addr));
+async fn a_bench_through_the_shipped_nginx_in_front_of_two_nodes_keeps_the_invariants() {
+    // Two cluster nodes; they trust Nginx (127.0.0.1) for X-Forwarded-For.
+    let cluster = Cluster::start_configured(2, &cluster_activity("ng", 150, 1), "", |c| {
+        c.replace("[security]", "[security]\ntrusted_proxies = [\"127.0.0.1\"]")
+    });
+    let upstreams: Vec<&str> = cluster.nodes.iter().map(|n| n.addr.as_str()).collect();
+    let nginx = tokio::task::block_in_place(|| Nginx::start(&upstreams));
     let url = format!("http://127.0.0.1:{}", nginx.port);
 
     // Nginx limits claims per client address (10/s, burst 20): a modest bench passes.
@@ -111,6 +119,15 @@ async fn a_bench_through_the_shipped_nginx_keeps_the_invariants() {
     );
     assert_eq!(report["acknowledged"], 60, "{report}");
     assert_eq!(report["claimed_after"], 60);
+    assert_eq!(cluster.drained("ng").await.len(), 60);
+    // Nginx spread the claims over both nodes.
+    for node in &cluster.nodes {
+        let metrics = node.raw_get("/metrics").await;
+        assert!(
+            !metrics.contains("ticketd_claims_total{outcome=\"success\"} 0\n"),
+            "a node answered no claim"
+        );
+    }
 
     // /act/list is cached for a second.
     let client = ApiClient::new(vec![url.clone()], 8).unwrap();
@@ -151,7 +168,9 @@ async fn a_bench_through_the_shipped_nginx_keeps_the_invariants() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_in_the_alert_rules_and_dashboard_exists() {
-    let app = TestApp::start(&(base_config() + &open_activity("m", 3, 1)));
+    // A cluster node exposes every metric (the embedded ones too).
+    let cluster = Cluster::start(1, &cluster_activity("m", 3, 1), "");
+    let app = &cluster.nodes[0];
     let token = app.register("metric").await;
     app.claim(&token, "m").await;
     let exposed = app.raw_get("/metrics").await;
