@@ -196,7 +196,14 @@ impl App {
     pub fn start(mut config: Config, config_path: PathBuf) -> anyhow::Result<App> {
         let started_ms = now_ms();
         let store = Store::open(&config, Access::Serve).context("cannot open the store")?;
-        tracing::info!(path = %config.storage.path.display(), "Store opened.");
+        match config.storage.mode {
+            crate::config::StorageMode::Embedded => {
+                tracing::info!(path = %config.storage.path.display(), "Store opened.");
+            }
+            crate::config::StorageMode::Cluster => {
+                tracing::info!(node = %config.node_id(), database = %config.storage.database, "Store opened (cluster: Redis and MongoDB connected).");
+            }
+        }
 
         let inventory = Arc::new(Inventory::default());
         // Built first: it checks what validation cannot (mixed relative and absolute times).

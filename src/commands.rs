@@ -103,10 +103,17 @@ pub fn import(config: &Config) -> anyhow::Result<()> {
     for c in &report.conflicts {
         eprintln!("skipped: {c}");
     }
-    println!(
-        "{} activities imported. A running node picks new codes up on SIGHUP.",
-        report.activities
-    );
+    if store.is_cluster() {
+        println!(
+            "{} activities imported; their unclaimed codes are on the Redis master lists, where running nodes lease them.",
+            report.activities
+        );
+    } else {
+        println!(
+            "{} activities imported. A running node picks new codes up on SIGHUP.",
+            report.activities
+        );
+    }
     Ok(())
 }
 

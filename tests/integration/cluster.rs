@@ -639,3 +639,26 @@ async fn export_and_report_read_mongodb_and_match_the_rush() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backlog_refuses_claims_rather_than_lose_them_and_recovers() {
+    let mut cluster = Cluster::start(1, &cluster_activity("bf", 100, 1), "[cluster]\nmax_backlog = 5\n");
+    let (tokens, ids) = users(&cluster, "bf", 30).await;
+    cluster.services.stop_mongo();
+    let (acked, outcomes) = rush(&cluster.clients(), "bf", &tokens[..20], 1, 1).await;
+    assert_eq!(acked.iter().map(Vec::len).sum::<usize>(), 5, "{outcomes:?}");
+    assert_eq!(outcomes.get("503 BACKLOG_FULL"), Some(&15), "{outcomes:?}");
+    assert_eq!(metric(&cluster.nodes[0], "ticketd_mongo_backlog").await, 5.0);
+    cluster.services.start_mongo();
+    until("the backlog to drain", || async {
+        metric(&cluster.nodes[0], "ticketd_mongo_backlog").await == 0.0
+    })
+    .await;
+    let (later, outcomes) = rush(&cluster.clients(), "bf", &tokens[20..], 1, 1).await;
+    assert_eq!(later.iter().map(Vec::len).sum::<usize>(), 10, "{outcomes:?}");
+    let mut all = acked;
+    all.extend(later);
+    let stored = cluster.drained("bf").await;
+    assert_eq!(stored.len(), 15);
+    assert_invariants(&all, &ids, &stored, 1, 100);
+}

@@ -132,6 +132,12 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
                     a.pending.settle_sold_out();
                 }
             } else if answer == "FULL" {
+                if !shared.backlog_full.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        max = shared.cfg.max_backlog,
+                        "The MongoDB backlog is full: claims are refused (503 BACKLOG_FULL) until it drains."
+                    );
+                }
                 a.pending.settle_rejected(Rejection::BacklogFull);
             } else if let Some(codes) = answer.strip_prefix("LIMIT") {
                 let codes: Vec<String> = serde_json::from_str(codes).unwrap_or_default();
@@ -284,6 +290,9 @@ async fn drain_once(shared: &Shared) -> Result<usize, ClusterError> {
             metrics::global().mongo_write.observe(started.elapsed());
             if !shared.mongo_up.swap(true, Ordering::Relaxed) {
                 tracing::info!("MongoDB takes writes again; draining the backlog.");
+            }
+            if shared.backlog_full.swap(false, Ordering::Relaxed) {
+                tracing::info!("The MongoDB backlog has room again; claims are accepted.");
             }
             let acked: usize = scripts::ACK.key(&outbox).arg(&batch).invoke_async(&mut redis).await?;
             if acked < batch.len() {

@@ -344,7 +344,7 @@ async fn lease(shared: &Shared, t: &TicketStock, want: usize) -> Result<usize, C
     if n > 0 {
         t.pool.add_codes(&codes);
         metrics::global().codes_leased.fetch_add(n as u64, Ordering::Relaxed);
-        tracing::debug!(ticket = %t.ticket, codes = n, left, "Leased codes.");
+        tracing::info!(ticket = %t.ticket, codes = n, left, "Leased codes.");
         if left == 0 {
             tracing::info!(ticket = %t.ticket, "The master list is empty; selling the last leased codes.");
         }

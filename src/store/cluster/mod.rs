@@ -213,6 +213,8 @@ pub(crate) struct Shared {
     mongo_up: AtomicBool,
     /// Claims in this node's backlogs at the last look.
     backlog: AtomicUsize,
+    /// The commit script answered FULL since the writer last made room.
+    backlog_full: AtomicBool,
     /// Codes leased to this node and not yet claimed, at the last look.
     tickets: DashMap<Arc<str>, Arc<TicketStock>>,
     /// Activities whose leases this node has taken over (released at start).
@@ -356,6 +358,7 @@ impl ClusterStore {
             redis_up: AtomicBool::new(true),
             mongo_up: AtomicBool::new(true),
             backlog: AtomicUsize::new(0),
+            backlog_full: AtomicBool::new(false),
             tickets: DashMap::new(),
             activities: DashMap::new(),
             doubts: Mutex::new(Vec::new()),
