@@ -9,7 +9,8 @@
 //! A request takes one path through the crate:
 //! `http::server` → `http::router` → a handler → [`claim::Claimer`] →
 //! [`inventory`] (take a code, reserve the user's slot) → [`store::Store::commit`]
-//! (the [`journal`], group commit) → settle → response.
+//! (the [`journal`], group commit; in cluster mode one Redis script per batch)
+//! → settle → response.
 //!
 //! # Layout
 //! - [`cli`] — clap definitions of every subcommand;
@@ -21,7 +22,8 @@
 //! - [`inventory`] — lock-free code pools per ticket type, claim ledgers per activity;
 //! - [`claim`] — the claim decision and its outcomes;
 //! - [`journal`] — the append-only claim journal: record format, group commit, replay;
-//! - [`store`] — the storage boundary: the embedded SQLite store (cluster backends join here);
+//! - [`store`] — the storage boundary: the embedded SQLite store, and the cluster store
+//!   (Redis leases and commit scripts, MongoDB write-behind, the lease loop);
 //! - [`auth`] — argon2id passwords, HMAC session tokens and revocation, claim tokens and
 //!   proof of work, the guard (blocklists, rate limits, login backoff, trusted proxies);
 //! - [`http`] — accept loop and limits, router, request parsing, the error shape, handlers

@@ -622,3 +622,54 @@ impl ClusterStore {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_round_trips_from_the_scripts_json() {
+        // What cjson.encode writes in the commit script (numbers as strings).
+        let json = r#"{"id":"4097","user":"42","ticket":"t1","code":"ABC","ms":"1732456789012","node":"n1","nonce":"ff.7","n":"2","key":""}"#;
+        let r = Record::parse("a1", json).unwrap();
+        assert_eq!((r.id, r.user, r.n, r.ms), (4097, 42, 2, 1_732_456_789_012));
+        let claim = r.to_claim(&Arc::from("a1"));
+        assert_eq!(claim.idempotency_key, None);
+        assert_eq!((&*claim.code, &*claim.ticket_id, claim.user_id), ("ABC", "t1", 42));
+        let keyed = json.replace(r#""key":"""#, r#""key":"k-1""#);
+        assert_eq!(
+            Record::parse("a1", &keyed)
+                .unwrap()
+                .to_claim(&Arc::from("a1"))
+                .idempotency_key
+                .as_deref(),
+            Some("k-1")
+        );
+    }
+
+    #[test]
+    fn a_damaged_record_is_an_error_not_a_panic() {
+        for bad in [
+            "",
+            "{}",
+            r#"{"id":"x","user":"1","ticket":"t","code":"c","ms":"1","node":"n","nonce":"o","n":"1"}"#,
+        ] {
+            assert!(Record::parse("a", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_of_one_activity_share_its_hash_tag() {
+        let k = scripts::Keys::new("1001");
+        for key in [
+            k.stock("t"),
+            k.lease("t", "n"),
+            k.claimed(),
+            k.outbox("n"),
+            k.users(),
+            k.nodes(),
+        ] {
+            assert!(key.starts_with("tk:{1001}:"), "{key}");
+        }
+    }
+}
