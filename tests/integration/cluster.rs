@@ -575,6 +575,20 @@ async fn export_and_report_read_mongodb_and_match_the_rush() {
     }
 
     let node = &cluster.nodes[0];
+    // Importing again adds nothing, and no claimed code goes back on the list.
+    for _ in 0..2 {
+        let out = node.cli(&["import"], None);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("ticket ex-t: 0 codes added, 60 in total"),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let mut r = cluster.services.redis().await;
+    let listed: usize = redis::cmd("LLEN").arg("tk:{ex}:stock:ex-t").query_async(&mut r).await.unwrap();
+    assert_eq!(listed, 0, "a claimed code went back on the master list");
+
     let out = node.cli(&["export", "--activity", "ex", "--format", "csv"], None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rows = crate::common::parse_csv(&out.stdout);
