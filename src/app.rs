@@ -74,6 +74,9 @@ pub struct AppState {
     pub started_ms: i64,
     /// The running config (codes stripped), for reload diffs.
     config: Mutex<Config>,
+    /// Cluster mode with no `[[activity]]` in the file: the activities are
+    /// the ones `ticketd import` stored in MongoDB, re-read periodically.
+    follows_store: bool,
     config_path: PathBuf,
 }
 
@@ -143,9 +146,33 @@ impl AppState {
         result
     }
 
+    /// Cluster mode, activities from MongoDB: re-reads them and, if they
+    /// changed, swaps in a catalog built from them. Returns whether it did.
+    pub fn refresh_activities(&self) -> Result<bool, String> {
+        if !self.follows_store {
+            return Ok(false);
+        }
+        let mut running = self.config.lock();
+        let activities = shared_activities(&self.store).map_err(|e| e.to_string())?;
+        if activities == running.activities {
+            return Ok(false);
+        }
+        let mut new = running.clone();
+        new.activities = activities;
+        let catalog = Catalog::build(&new, self.started_ms, &self.inventory).map_err(|p| p.join("; "))?;
+        self.store.track(&catalog).map_err(|e| e.to_string())?;
+        self.catalog.store(Arc::new(catalog));
+        tracing::info!(activities = new.activities.len(), "Activities refreshed from MongoDB.");
+        *running = new;
+        Ok(true)
+    }
+
     fn try_reload(&self) -> Result<usize, String> {
         let mut running = self.config.lock();
         let mut new = Config::load(&self.config_path).map_err(|e| e.to_string())?;
+        if self.follows_store && new.activities.is_empty() {
+            new.activities = shared_activities(&self.store).map_err(|e| e.to_string())?;
+        }
         let restart = new.restart_only_changes(&running);
         if !restart.is_empty() {
             return Err(format!("{} changed, which needs a restart", restart.join(", ")));
@@ -173,6 +200,11 @@ impl AppState {
         *running = new;
         Ok(added)
     }
+}
+
+/// The activity definitions stored by `ticketd import` (cluster mode).
+fn shared_activities(store: &Store) -> Result<Vec<crate::config::ActivityConfig>, crate::store::StoreError> {
+    store.shared_activities().unwrap_or(Ok(Vec::new()))
 }
 
 /// The ids of `security.blocked_users` that exist.
@@ -205,6 +237,14 @@ impl App {
             }
         }
 
+        let follows_store = store.is_cluster() && config.activities.is_empty();
+        if follows_store {
+            config.activities = shared_activities(&store).context("cannot read the activities from MongoDB")?;
+            tracing::info!(
+                activities = config.activities.len(),
+                "No [[activity]] in the config file: serving the activities `ticketd import` stored in MongoDB."
+            );
+        }
         let inventory = Arc::new(Inventory::default());
         // Built first: it checks what validation cannot (mixed relative and absolute times).
         Catalog::build(&config, started_ms, &inventory).map_err(|p| anyhow::anyhow!(p.join("; ")))?;
@@ -272,6 +312,7 @@ impl App {
             started_ms,
             config: Mutex::new(config),
             config_path,
+            follows_store,
         });
         Ok(App { state })
     }
@@ -295,10 +336,21 @@ impl App {
         let reloader = {
             let (state, notifier) = (state.clone(), notifier.clone());
             let mut shutdown = shutdown.clone();
+            let every = state.config.lock().cluster.refresh_interval.0;
             tokio::spawn(async move {
                 let mut sweep = tokio::time::interval(Duration::from_secs(60));
+                let mut refresh = tokio::time::interval(every);
+                refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
+                        _ = refresh.tick(), if state.follows_store => {
+                            let state = state.clone();
+                            match tokio::task::spawn_blocking(move || state.refresh_activities()).await {
+                                Ok(Err(reason)) => tracing::warn!(%reason, "Could not refresh the activities from MongoDB; serving the previous ones."),
+                                Err(e) => tracing::error!(error = %e, "Activity refresh task failed."),
+                                Ok(Ok(_)) => {}
+                            }
+                        }
                         msg = reload.recv() => {
                             if msg.is_none() { break; }
                             notifier.send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));

@@ -357,8 +357,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// `[[activity]]`: one sale.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// `[[activity]]`: one sale. Serialisable (codes left out) because cluster
+/// mode keeps each imported definition in MongoDB, where nodes that carry no
+/// activities in their own file read it.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ActivityConfig {
     /// Stable identity (`actId` in the API); letters, digits, `-`, `_`, `.`.
@@ -391,7 +393,7 @@ pub struct ActivityConfig {
 }
 
 /// `[[activity.ticket]]`: one ticket type and its codes.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TicketConfig {
     /// Stable identity (`ticketId` in the claim request), unique across activities.
@@ -402,19 +404,19 @@ pub struct TicketConfig {
     #[serde(default)]
     pub desc: String,
     /// Start of the ticket's own validity (when the code can be redeemed). Optional.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<TimeSpec>,
     /// End of the ticket's own validity. Optional.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_time: Option<TimeSpec>,
     /// The codes, inline.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub codes: Option<Vec<String>>,
     /// A file with one code per line (relative to the config file). Read at load.
-    #[serde(default)]
+    #[serde(default, skip_serializing)]
     pub codes_file: Option<PathBuf>,
     /// Generate this many codes (CSPRNG, 80 bits each) once; raising it later adds the difference.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generate: Option<u32>,
 }
 
@@ -422,6 +424,17 @@ impl TicketConfig {
     /// The explicit codes of this ticket (inline or read from `codes_file`); empty for `generate`.
     pub fn explicit_codes(&self) -> &[String] {
         self.codes.as_deref().unwrap_or(&[])
+    }
+}
+
+impl ActivityConfig {
+    /// This activity without its codes, as JSON (cluster mode keeps it in MongoDB).
+    pub fn definition(&self) -> String {
+        let mut a = self.clone();
+        for t in &mut a.tickets {
+            (t.codes, t.codes_file) = (None, None);
+        }
+        serde_json::to_string(&a).unwrap_or_default()
     }
 }
 

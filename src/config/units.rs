@@ -7,7 +7,7 @@
 
 use std::{fmt, str::FromStr, time::Duration};
 
-use serde::{de, Deserialize, Deserializer};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
 /// A duration written the way people write it: `"500ms"`, `"10s"`, `"2h 30m"`.
@@ -124,6 +124,16 @@ impl FromStr for TimeSpec {
     }
 }
 
+impl Serialize for TimeSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TimeSpec::Absolute(t) => s.serialize_str(&t.format(&Rfc3339).map_err(serde::ser::Error::custom)?),
+            TimeSpec::Relative(ms) if *ms < 0 => s.serialize_str(&format!("-{}ms", ms.unsigned_abs())),
+            TimeSpec::Relative(ms) => s.serialize_str(&format!("+{ms}ms")),
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for TimeSpec {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -152,6 +162,16 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_survive_a_round_trip_through_json() {
+        for text in ["2026-12-01T12:00:00+08:00", "+10s", "-5m", "+2h"] {
+            let t: TimeSpec = text.parse().unwrap();
+            let json = serde_json::to_string(&t).unwrap();
+            let back: TimeSpec = serde_json::from_str(&json).unwrap();
+            assert_eq!(back.resolve(1_000), t.resolve(1_000), "{text} -> {json}");
+        }
+    }
 
     #[test]
     fn sizes_parse_with_units() {

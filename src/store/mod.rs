@@ -413,6 +413,16 @@ impl Store {
         }
     }
 
+    /// Cluster: the activity definitions `ticketd import` stored in MongoDB,
+    /// which nodes without `[[activity]]` tables of their own follow.
+    /// Embedded: `None` (the config file is the only source).
+    pub fn shared_activities(&self) -> Option<Result<Vec<crate::config::ActivityConfig>, StoreError>> {
+        match self {
+            Store::Embedded(_) => None,
+            Store::Cluster(s) => Some(s.activities()),
+        }
+    }
+
     /// Cluster-mode gauges for `/metrics`.
     pub fn cluster_gauges(&self) -> Option<crate::metrics::ClusterGauges> {
         match self {

@@ -586,7 +586,11 @@ async fn export_and_report_read_mongodb_and_match_the_rush() {
         );
     }
     let mut r = cluster.services.redis().await;
-    let listed: usize = redis::cmd("LLEN").arg("tk:{ex}:stock:ex-t").query_async(&mut r).await.unwrap();
+    let listed: usize = redis::cmd("LLEN")
+        .arg("tk:{ex}:stock:ex-t")
+        .query_async(&mut r)
+        .await
+        .unwrap();
     assert_eq!(listed, 0, "a claimed code went back on the master list");
 
     let out = node.cli(&["export", "--activity", "ex", "--format", "csv"], None);
@@ -675,4 +679,44 @@ async fn a_full_backlog_refuses_claims_rather_than_lose_them_and_recovers() {
     let stored = cluster.drained("bf").await;
     assert_eq!(stored.len(), 15);
     assert_invariants(&all, &ids, &stored, 1, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
+    let cluster = Cluster::start(2, "", "");
+    let importer = tempfile::tempdir().unwrap();
+    let import = |activity: &str| {
+        let config = node_config(&cluster.services, &cluster.db, "importer", "") + activity;
+        std::fs::write(importer.path().join("config.toml"), config).unwrap();
+        let out = crate::common::run_cli(importer.path(), &["import"], None);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let activity = cluster_activity("fo", 20, 1);
+    import(&activity);
+    for node in &cluster.nodes {
+        until("the node to list the imported activity", || async {
+            let list = node.client.get("/act/list", None).await.unwrap();
+            list.data()["activities"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["actId"] == "fo")
+        })
+        .await;
+    }
+    let (tokens, _) = users(&cluster, "fo", 2).await;
+    for (node, token) in cluster.nodes.iter().zip(&tokens) {
+        let res = node.claim(token, "fo").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+
+    // A changed definition, imported again, reaches every node without a reload.
+    import(&activity.replace("name = \"Activity fo\"", "name = \"春季音乐节\""));
+    for node in &cluster.nodes {
+        until("the node to show the new name", || async {
+            node.detail("fo").await["name"] == "春季音乐节"
+        })
+        .await;
+        assert_eq!(node.detail("fo").await["claimed"], 2);
+    }
 }

@@ -512,6 +512,10 @@ impl ClusterStore {
         Ok(report)
     }
 
+    pub(super) fn activities(&self) -> Result<Vec<crate::config::ActivityConfig>, StoreError> {
+        self.block(mongo::activities(&self.shared.db))
+    }
+
     pub(super) fn export_claims(
         &self,
         activity_id: &str,

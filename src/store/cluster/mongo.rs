@@ -107,6 +107,7 @@ pub async fn import(db: &Database, config: &Config, node_start_ms: i64) -> Resul
                     "start_ms": a.start_time.resolve(node_start_ms),
                     "end_ms": a.end_time.resolve(node_start_ms),
                     "per_user_limit": i64::from(a.per_user_limit),
+                    "definition": a.definition(),
                 }},
             )
             .upsert(true)
@@ -174,6 +175,25 @@ pub async fn import(db: &Database, config: &Config, node_start_ms: i64) -> Resul
         }
     }
     Ok(report)
+}
+
+/// The activity definitions `ticketd import` stored, by start time and id.
+pub async fn activities(db: &Database) -> Result<Vec<crate::config::ActivityConfig>, crate::store::StoreError> {
+    let mut cursor = coll(db, "activities")
+        .find(doc! {"definition": {"$exists": true}})
+        .sort(doc! {"start_ms": 1, "_id": 1})
+        .await?;
+    let mut out = Vec::new();
+    while let Some(d) = cursor.try_next().await? {
+        let json = d.get_str("definition").unwrap_or_default();
+        match serde_json::from_str(json) {
+            Ok(a) => out.push(a),
+            Err(e) => {
+                tracing::warn!(activity = %text(&d, "_id"), error = %e, "Skipping an activity definition this version cannot read.")
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn code_doc(code: &str, ticket: &str, activity: &str) -> Document {
