@@ -54,9 +54,14 @@ impl ApiClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        // Idle connections are dropped after 2 s: ticketd (like most servers)
+        // closes a keep-alive connection that sends no request head within
+        // `server.header_read_timeout` (5 s by default), and a client that
+        // reuses a connection older than that races the close and loses a
+        // request to a reset.
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(pool)
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(2))
             .build(connector);
         let bases = bases.into_iter().map(|b| b.trim_end_matches('/').to_owned()).collect();
         Ok(ApiClient {

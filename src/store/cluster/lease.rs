@@ -162,11 +162,7 @@ pub(super) async fn refresh_counts(shared: &Shared, activity: &str) -> Result<()
 
 /// Gives back every code this node leased (shutdown).
 pub(super) async fn release_all(shared: &Shared) -> Result<usize, ClusterError> {
-    let activities: Vec<(Arc<str>, Vec<Arc<str>>)> = shared
-        .activities
-        .iter()
-        .map(|e| (e.key().clone(), e.value().clone()))
-        .collect();
+    let activities = shared.activity_list();
     let mut total = 0;
     for (a, tickets) in activities {
         total += release(shared, &a, &tickets).await?;
@@ -362,11 +358,7 @@ async fn heartbeat(shared: &Shared) -> Result<(), ClusterError> {
         .arg(ttl)
         .query_async(&mut redis)
         .await?;
-    let activities: Vec<(Arc<str>, Vec<Arc<str>>)> = shared
-        .activities
-        .iter()
-        .map(|e| (e.key().clone(), e.value().clone()))
-        .collect();
+    let activities = shared.activity_list();
     for (a, tickets) in activities {
         let keys = scripts::Keys::new(&a);
         let mut invocation = scripts::HEARTBEAT.prepare_invoke();
@@ -404,11 +396,7 @@ async fn heartbeat(shared: &Shared) -> Result<(), ClusterError> {
 
 async fn reap(shared: &Shared) -> Result<(), ClusterError> {
     let mut redis = shared.redis.clone();
-    let activities: Vec<(Arc<str>, Vec<Arc<str>>)> = shared
-        .activities
-        .iter()
-        .map(|e| (e.key().clone(), e.value().clone()))
-        .collect();
+    let activities = shared.activity_list();
     for (a, tickets) in activities {
         let keys = scripts::Keys::new(&a);
         let mut invocation = scripts::REAP.prepare_invoke();

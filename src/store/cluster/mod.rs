@@ -230,6 +230,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The tracked activities and their ticket ids, copied out of the map
+    /// (no shard lock is held across an await).
+    fn activity_list(&self) -> Vec<(Arc<str>, Vec<Arc<str>>)> {
+        self.activities
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect()
+    }
+
     fn next_nonce(&self) -> String {
         format!("{}.{}", self.instance, self.nonce.fetch_add(1, Ordering::Relaxed))
     }
@@ -300,6 +309,70 @@ fn block_on<F: Future>(handle: &Handle, f: F) -> F::Output {
         Ok(_) => tokio::task::block_in_place(|| handle.block_on(f)),
         Err(_) => handle.block_on(f),
     }
+}
+
+/// Registers `users` (username, nickname, hash); per user, its new id, or
+/// `None` when the username is taken. Ids come from one Redis counter
+/// (`INCRBY`, atomic across nodes); an id MongoDB already has (the counter
+/// was lost) raises the counter past the highest id in use and is retried.
+async fn insert_new_users(
+    shared: &Shared,
+    users: &[(String, String, String)],
+) -> Result<Vec<Option<u64>>, ClusterError> {
+    let mut out = vec![None; users.len()];
+    let mut pending: Vec<usize> = (0..users.len()).collect();
+    let now = crate::config::now_ms();
+    let mut redis = shared.redis.clone();
+    for _ in 0..5 {
+        if pending.is_empty() {
+            break;
+        }
+        let last: u64 = redis::cmd("INCRBY")
+            .arg(scripts::USER_IDS_KEY)
+            .arg(pending.len())
+            .query_async(&mut redis)
+            .await?;
+        let first = last + 1 - pending.len() as u64;
+        let docs = pending
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let (u, n, h) = &users[i];
+                mongo::user_doc(first + k as u64, u, n, h, now)
+            })
+            .collect();
+        let refused = mongo::insert_users(&shared.db, docs).await?;
+        for (k, &i) in pending.iter().enumerate() {
+            if !refused.contains(&k) {
+                out[i] = Some(first + k as u64);
+            }
+        }
+        let refused: Vec<usize> = pending
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| refused.contains(k))
+            .map(|(_, &i)| i)
+            .collect();
+        pending = if refused.is_empty() {
+            Vec::new()
+        } else {
+            let names: Vec<&str> = refused.iter().map(|&i| users[i].0.as_str()).collect();
+            let taken = mongo::existing_usernames(&shared.db, &names).await?;
+            refused.into_iter().filter(|&i| !taken.contains(&users[i].0)).collect()
+        };
+        if !pending.is_empty() {
+            let max = mongo::max_user_id(&shared.db).await?;
+            let _: i64 = scripts::RAISE
+                .key(scripts::USER_IDS_KEY)
+                .arg(max)
+                .invoke_async(&mut redis)
+                .await?;
+        }
+    }
+    if !pending.is_empty() {
+        return Err(ClusterError::Protocol("could not find free user ids".into()));
+    }
+    Ok(out)
 }
 
 impl From<mongodb::error::Error> for StoreError {
@@ -529,12 +602,28 @@ impl ClusterStore {
     }
 
     pub(super) fn create_users(&self, users: &[(String, String, String)]) -> Result<usize, StoreError> {
-        Ok(self.block(mongo::create_users(&self.shared.db, users))?)
+        let mut created = 0;
+        for chunk in users.chunks(1000) {
+            created += self
+                .block(insert_new_users(&self.shared, chunk))?
+                .iter()
+                .flatten()
+                .count();
+        }
+        Ok(created)
     }
 
     pub(super) fn create_user(&self, username: &str, nickname: &str, password_hash: &str) -> Result<User, StoreError> {
-        self.block(mongo::create_user(&self.shared.db, username, nickname, password_hash))?
-            .ok_or(StoreError::UsernameTaken)
+        let user = (username.to_owned(), nickname.to_owned(), password_hash.to_owned());
+        let ids = self.block(insert_new_users(&self.shared, std::slice::from_ref(&user)))?;
+        let id = ids.first().copied().flatten().ok_or(StoreError::UsernameTaken)?;
+        Ok(User {
+            id,
+            username: user.0,
+            nickname: user.1,
+            password_hash: user.2,
+            created_at_ms: crate::config::now_ms(),
+        })
     }
 
     pub(super) fn user_by_name(&self, username: &str) -> Result<Option<User>, StoreError> {

@@ -23,7 +23,7 @@ use futures_util::TryStreamExt;
 use mongodb::{
     bson::{doc, Bson, DateTime, Document},
     error::{Error as MongoError, ErrorKind},
-    options::{IndexOptions, ReturnDocument},
+    options::IndexOptions,
     Collection, Database, IndexModel,
 };
 
@@ -260,54 +260,38 @@ fn user_from(d: &Document) -> Option<User> {
     })
 }
 
-/// Reserves `n` consecutive user ids; returns the first.
-async fn reserve_user_ids(db: &Database, n: usize) -> Result<u64, MongoError> {
-    let after = coll(db, "counters")
-        .find_one_and_update(doc! {"_id": "users"}, doc! {"$inc": {"seq": n as i64}})
-        .upsert(true)
-        .return_document(ReturnDocument::After)
+/// A user document.
+pub fn user_doc(id: u64, username: &str, nickname: &str, hash: &str, now_ms: i64) -> Document {
+    doc! {"_id": id as i64, "username": username, "nickname": nickname, "password_hash": hash, "created_at_ms": now_ms}
+}
+
+/// Inserts user documents; returns the indexes refused as duplicates (a
+/// taken username, or an id already used).
+pub async fn insert_users(db: &Database, docs: Vec<Document>) -> Result<HashSet<usize>, MongoError> {
+    insert_unordered(&coll(db, "users"), docs).await
+}
+
+/// Which of `names` are registered.
+pub async fn existing_usernames(db: &Database, names: &[&str]) -> Result<HashSet<String>, MongoError> {
+    let mut cursor = coll(db, "users")
+        .find(doc! {"username": {"$in": names}})
+        .projection(doc! {"username": 1})
         .await?;
-    let last = after.and_then(|d| d.get_i64("seq").ok()).unwrap_or(n as i64);
-    Ok((last - n as i64 + 1) as u64)
-}
-
-/// Creates users; returns how many were new.
-pub async fn create_users(db: &Database, users: &[(String, String, String)]) -> Result<usize, MongoError> {
-    let now = crate::config::now_ms();
-    let mut created = 0;
-    for chunk in users.chunks(1000) {
-        let first = reserve_user_ids(db, chunk.len()).await?;
-        let docs: Vec<Document> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, (u, n, h))| {
-                doc! {"_id": (first + i as u64) as i64, "username": u, "nickname": n, "password_hash": h, "created_at_ms": now}
-            })
-            .collect();
-        let dup = insert_unordered(&coll(db, "users"), docs).await?;
-        created += chunk.len() - dup.len();
+    let mut out = HashSet::new();
+    while let Some(d) = cursor.try_next().await? {
+        out.insert(text(&d, "username"));
     }
-    Ok(created)
+    Ok(out)
 }
 
-/// Creates one user; `None` when the name is taken.
-pub async fn create_user(
-    db: &Database,
-    username: &str,
-    nickname: &str,
-    hash: &str,
-) -> Result<Option<User>, MongoError> {
-    let id = reserve_user_ids(db, 1).await?;
-    let now = crate::config::now_ms();
-    let d = doc! {"_id": id as i64, "username": username, "nickname": nickname, "password_hash": hash, "created_at_ms": now};
-    let dup = insert_unordered(&coll(db, "users"), vec![d]).await?;
-    Ok(dup.is_empty().then(|| User {
-        id,
-        username: username.to_owned(),
-        nickname: nickname.to_owned(),
-        password_hash: hash.to_owned(),
-        created_at_ms: now,
-    }))
+/// The highest user id in use (0 when there are none).
+pub async fn max_user_id(db: &Database) -> Result<u64, MongoError> {
+    let top = coll(db, "users")
+        .find_one(doc! {})
+        .sort(doc! {"_id": -1})
+        .projection(doc! {"_id": 1})
+        .await?;
+    Ok(top.map_or(0, |d| int(&d, "_id").max(0) as u64))
 }
 
 /// The user called `username`.
@@ -369,37 +353,58 @@ pub async fn secret(db: &Database, name: &str, fresh: String) -> Result<String, 
 
 /// Adds drained rush statistics.
 pub async fn add_stats(db: &Database, batch: &crate::stats::StatsBatch) -> Result<(), MongoError> {
-    let outcomes = coll(db, "stats_outcomes");
-    for (a, minute, label, n) in &batch.outcomes {
-        outcomes
-            .update_one(
-                doc! {"_id": format!("{a}|{minute}|{label}")},
-                doc! {"$set": {"activity_id": &**a, "minute": minute, "outcome": label}, "$inc": {"count": *n as i64}},
-            )
-            .upsert(true)
-            .await?;
-    }
-    let sources = coll(db, "stats_sources");
-    for (a, s, n) in &batch.sources {
+    let outcomes = batch.outcomes.iter().map(|(a, minute, label, n)| {
+        upsert_inc(
+            format!("{a}|{minute}|{label}"),
+            doc! {"activity_id": &**a, "minute": minute, "outcome": label},
+            "count",
+            *n,
+        )
+    });
+    increment(db, "stats_outcomes", outcomes.collect()).await?;
+    let sources = batch.sources.iter().map(|(a, s, n)| {
         let (kind, key) = s.parts();
-        sources
-            .update_one(
-                doc! {"_id": format!("{a}|{kind}|{key}")},
-                doc! {"$set": {"activity_id": &**a, "kind": kind, "source": &key}, "$inc": {"requests": *n as i64}},
-            )
-            .upsert(true)
-            .await?;
-    }
-    let latency = coll(db, "stats_latency");
-    for (a, bound, n) in &batch.latency {
+        upsert_inc(
+            format!("{a}|{kind}|{key}"),
+            doc! {"activity_id": &**a, "kind": kind, "source": &key},
+            "requests",
+            *n,
+        )
+    });
+    increment(db, "stats_sources", sources.collect()).await?;
+    let latency = batch.latency.iter().map(|(a, bound, n)| {
         let bound = if bound.is_finite() { *bound } else { -1.0 };
-        latency
-            .update_one(
-                doc! {"_id": format!("{a}|{bound}")},
-                doc! {"$set": {"activity_id": &**a, "bound_ms": bound}, "$inc": {"count": *n as i64}},
-            )
-            .upsert(true)
+        upsert_inc(
+            format!("{a}|{bound}"),
+            doc! {"activity_id": &**a, "bound_ms": bound},
+            "count",
+            *n,
+        )
+    });
+    increment(db, "stats_latency", latency.collect()).await
+}
+
+/// One statement of an `update` command: upsert `_id`, set `fields`, add `n` to `counter`.
+fn upsert_inc(id: String, fields: Document, counter: &str, n: u64) -> Document {
+    doc! {"q": {"_id": id}, "u": {"$set": fields, "$inc": {counter: n as i64}}, "upsert": true}
+}
+
+/// Sends the statements as `update` commands of up to 1,000 each (one round
+/// trip per thousand counters, not one per counter: a rush flushes
+/// thousands of per-user counters every second).
+async fn increment(db: &Database, collection: &str, updates: Vec<Document>) -> Result<(), MongoError> {
+    for chunk in updates.chunks(1000) {
+        let reply = db
+            .run_command(doc! {"update": collection, "updates": chunk.to_vec(), "ordered": false})
             .await?;
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            // Statistics are best effort; the claims never depend on them.
+            tracing::warn!(
+                collection,
+                failed = errors.len(),
+                "Some rush statistics were not stored."
+            );
+        }
     }
     Ok(())
 }

@@ -15,6 +15,7 @@
 //! tk:{A}:sold          hash  ticket id -> codes claimed (cluster-wide counts)
 //! tk:{A}:outbox:N      list  claim records node N acknowledged, not yet in MongoDB
 //! tk:ids               int   claim id blocks handed to nodes (not per activity)
+//! tk:user_ids          int   the last user id handed out
 //! tk:node:N            str   held by the running node called N
 //! ```
 //!
@@ -108,6 +109,22 @@ impl Keys {
 
 /// Claim id blocks.
 pub const IDS_KEY: &str = "tk:ids";
+
+/// The last user id handed out.
+pub const USER_IDS_KEY: &str = "tk:user_ids";
+
+/// Raises a counter to at least ARGV[1] (after Redis lost it, say).
+/// KEYS: the counter.
+pub static RAISE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 1
+"#,
+    )
+});
 
 /// The key a running node holds.
 pub fn node_key(node: &str) -> String {
@@ -242,21 +259,14 @@ return out
 /// the prefix (they share the hash tag, so this is safe on Redis Cluster).
 /// Returns `{nodes reaped, codes returned}`.
 pub static REAP: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{RETURN_LEASES}{}",
         r#"
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
 local reaped, returned = 0, 0
 for _, d in ipairs(dead) do
   if d ~= ARGV[2] then
-    for t = 4, #ARGV do
-      local lease = ARGV[3] .. 'lease:' .. ARGV[t] .. ':' .. d
-      local codes = redis.call('SMEMBERS', lease)
-      for i = 1, #codes, 1000 do
-        redis.call('LPUSH', ARGV[3] .. 'stock:' .. ARGV[t], unpack(codes, i, math.min(i + 999, #codes)))
-      end
-      returned = returned + #codes
-      redis.call('DEL', lease)
-    end
+    returned = returned + return_leases(ARGV[3], d, 4)
     local ob = ARGV[3] .. 'outbox:' .. d
     while redis.call('LMOVE', ob, KEYS[2], 'LEFT', 'RIGHT') do end
     redis.call('ZREM', KEYS[1], d)
@@ -264,9 +274,28 @@ for _, d in ipairs(dead) do
   end
 end
 return {reaped, returned}
-"#,
-    )
+"#
+    ))
 });
+
+/// Lua shared by [`REAP`] and [`RELEASE`]: moves every code leased to `node`
+/// (one lease set per ticket id in `ARGV[first..]`) back onto the master
+/// lists and deletes the sets; returns how many codes moved.
+const RETURN_LEASES: &str = r#"
+local function return_leases(prefix, node, first)
+  local returned = 0
+  for t = first, #ARGV do
+    local lease = prefix .. 'lease:' .. ARGV[t] .. ':' .. node
+    local codes = redis.call('SMEMBERS', lease)
+    for i = 1, #codes, 1000 do
+      redis.call('LPUSH', prefix .. 'stock:' .. ARGV[t], unpack(codes, i, math.min(i + 999, #codes)))
+    end
+    returned = returned + #codes
+    redis.call('DEL', lease)
+  end
+  return returned
+end
+"#;
 
 /// A node gives back every code it leased in one activity (start-up and
 /// shutdown). If its backlog is not empty it stays registered, expired, so
@@ -275,26 +304,18 @@ return {reaped, returned}
 /// KEYS: nodes, the node's outbox. ARGV: node, prefix, now (ms), ticket ids.
 /// Returns the number of codes returned.
 pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{RETURN_LEASES}{}",
         r#"
-local returned = 0
-for t = 4, #ARGV do
-  local lease = ARGV[2] .. 'lease:' .. ARGV[t] .. ':' .. ARGV[1]
-  local codes = redis.call('SMEMBERS', lease)
-  for i = 1, #codes, 1000 do
-    redis.call('LPUSH', ARGV[2] .. 'stock:' .. ARGV[t], unpack(codes, i, math.min(i + 999, #codes)))
-  end
-  returned = returned + #codes
-  redis.call('DEL', lease)
-end
+local returned = return_leases(ARGV[2], ARGV[1], 4)
 if redis.call('LLEN', KEYS[2]) > 0 then
   redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 else
   redis.call('ZREM', KEYS[1], ARGV[1])
 end
 return returned
-"#,
-    )
+"#
+    ))
 });
 
 /// Puts specific leased codes back on the master list (a node that stopped
