@@ -33,22 +33,8 @@ pub fn node_config(s: &Services, db: &str, node: &str, extra: &str) -> String {
 
 /// An activity open now (absolute times, as cluster mode requires).
 pub fn cluster_activity(id: &str, codes: u32, limit: u32) -> String {
-    format!(
-        r#"
-[[activity]]
-id = "{id}"
-name = "Activity {id}"
-start_time = "{}"
-end_time = "{}"
-per_user_limit = {limit}
-  [[activity.ticket]]
-  id = "{id}-t"
-  name = "Ticket {id}"
-  generate = {codes}
-"#,
-        rfc3339_ms(now_ms() - 60_000),
-        rfc3339_ms(now_ms() + 3_600_000)
-    )
+    let (start, end) = (rfc3339_ms(now_ms() - 60_000), rfc3339_ms(now_ms() + 3_600_000));
+    crate::common::activity(id, codes, limit, &start, &end)
 }
 
 /// Services plus `n` nodes; the activity is imported once, by node 0's CLI.

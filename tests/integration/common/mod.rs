@@ -55,13 +55,18 @@ level = "info"
 
 /// An activity with `n` generated codes, open now, with `limit` per user.
 pub fn open_activity(id: &str, n: u32, limit: u32) -> String {
+    activity(id, n, limit, "-1m", "+1h")
+}
+
+/// An activity with `n` generated codes between `start` and `end`, with `limit` per user.
+pub fn activity(id: &str, n: u32, limit: u32, start: &str, end: &str) -> String {
     format!(
         r#"
 [[activity]]
 id = "{id}"
 name = "Activity {id}"
-start_time = "-1m"
-end_time = "+1h"
+start_time = "{start}"
+end_time = "{end}"
 per_user_limit = {limit}
   [[activity.ticket]]
   id = "{id}-t"
