@@ -3,7 +3,10 @@
 //! Codes live once, as bytes, in an append-only [`CodeArena`]; the pool's
 //! queues hold only their `u32` indexes. That keeps a stocked code at about
 //! its own length plus ~20 bytes (a 4-byte offset and a 16-byte queue slot),
-//! and makes taking one a pop of an integer.
+//! and makes taking one a pop of an integer. The arena is a list of
+//! immutable chunks, one per batch added: growing it (a reload, or a lease in
+//! cluster mode, many per rush) copies the list of chunk pointers, never the
+//! codes already in it.
 //!
 //! # Taking without overselling
 //! `remaining` counts codes that are in the queues and not yet promised to
@@ -33,9 +36,18 @@ use parking_lot::Mutex;
 /// The index of a code in its pool's arena.
 pub type CodeIdx = u32;
 
-/// Every code a pool has ever held, packed into one buffer.
+/// Every code a pool has ever held: immutable chunks, each packing one
+/// batch of codes into one buffer.
 #[derive(Default)]
 pub struct CodeArena {
+    chunks: Vec<Arc<Chunk>>,
+    len: usize,
+}
+
+/// One batch of codes: `bytes` holds them back to back, `ends[i]` is where
+/// code `first + i` ends.
+struct Chunk {
+    first: usize,
     bytes: String,
     ends: Vec<u32>,
 }
@@ -43,24 +55,52 @@ pub struct CodeArena {
 impl CodeArena {
     /// The code at `idx`.
     pub fn code(&self, idx: CodeIdx) -> &str {
-        let i = idx as usize;
-        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        &self.bytes[start..self.ends[i] as usize]
+        let idx = idx as usize;
+        let chunk = &self.chunks[self.chunks.partition_point(|c| c.first <= idx) - 1];
+        let i = idx - chunk.first;
+        let start = if i == 0 { 0 } else { chunk.ends[i - 1] as usize };
+        &chunk.bytes[start..chunk.ends[i] as usize]
     }
 
     /// How many codes the arena holds.
     pub fn len(&self) -> usize {
-        self.ends.len()
+        self.len
     }
 
     /// Whether the arena holds no code.
     pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
+        self.len == 0
     }
 
     /// Bytes used by the arena's buffers.
     pub fn heap_bytes(&self) -> usize {
-        self.bytes.capacity() + self.ends.capacity() * std::mem::size_of::<u32>()
+        let chunks: usize = self
+            .chunks
+            .iter()
+            .map(|c| c.bytes.capacity() + c.ends.capacity() * std::mem::size_of::<u32>() + std::mem::size_of::<Chunk>())
+            .sum();
+        chunks + self.chunks.capacity() * std::mem::size_of::<Arc<Chunk>>()
+    }
+
+    /// This arena plus `codes` as a new chunk; the old chunks are shared.
+    fn with<S: AsRef<str>>(&self, codes: &[S]) -> CodeArena {
+        let mut bytes = String::with_capacity(codes.iter().map(|c| c.as_ref().len()).sum());
+        let mut ends = Vec::with_capacity(codes.len());
+        for c in codes {
+            bytes.push_str(c.as_ref());
+            ends.push(u32::try_from(bytes.len()).expect("a batch of codes is less than 4 GiB"));
+        }
+        let mut chunks = Vec::with_capacity(self.chunks.len() + 1);
+        chunks.extend(self.chunks.iter().cloned());
+        chunks.push(Arc::new(Chunk {
+            first: self.len,
+            bytes,
+            ends,
+        }));
+        CodeArena {
+            chunks,
+            len: self.len + codes.len(),
+        }
     }
 }
 
@@ -114,19 +154,12 @@ impl CodePool {
         }
         let _grow = self.grow.lock();
         let old = self.arena.load_full();
-        let added: usize = codes.iter().map(|c| c.as_ref().len()).sum();
-        let mut bytes = String::with_capacity(old.bytes.len() + added);
-        bytes.push_str(&old.bytes);
-        let mut ends = Vec::with_capacity(old.ends.len() + codes.len());
-        ends.extend_from_slice(&old.ends);
-        let first = ends.len();
-        for c in codes {
-            bytes.push_str(c.as_ref());
-            ends.push(u32::try_from(bytes.len()).expect("a pool holds less than 4 GiB of codes"));
-        }
-        let last = ends.len();
+        let first = old.len();
+        let grown = old.with(codes);
+        let last = grown.len();
+        assert!(last <= CodeIdx::MAX as usize, "a pool holds at most 2^32 codes");
         // Publish the arena before any index into it can be popped.
-        self.arena.store(Arc::new(CodeArena { bytes, ends }));
+        self.arena.store(Arc::new(grown));
         for idx in first..last {
             self.put_back(idx as CodeIdx);
         }
@@ -231,6 +264,21 @@ mod tests {
         let distinct: HashSet<CodeIdx> = all.iter().copied().collect();
         assert_eq!(all.len(), 20_000);
         assert_eq!(distinct.len(), 20_000);
+    }
+
+    #[test]
+    fn codes_added_in_many_batches_are_all_found() {
+        let pool = CodePool::new();
+        let mut all = Vec::new();
+        for batch in 0..50 {
+            let codes: Vec<String> = (0..batch % 7 + 1).map(|i| format!("B{batch}-{i}")).collect();
+            pool.add_codes(&codes);
+            all.extend(codes);
+        }
+        assert_eq!(pool.known(), all.len());
+        for (i, code) in all.iter().enumerate() {
+            assert_eq!(&*pool.code(i as CodeIdx), code.as_str());
+        }
     }
 
     #[test]
