@@ -6,7 +6,9 @@
 //!
 //! 1. the activity in the catalog snapshot (404), paused (409), the sale
 //!    window (409 NOT_STARTED / ENDED); when every pool is empty, SOLD_OUT
-//!    (or the caller's own LIMIT_REACHED / idempotent replay) at once;
+//!    (or the caller's own LIMIT_REACHED / idempotent replay) at once — in
+//!    cluster mode only once the master lists are empty too (while they are
+//!    not, the claim waits briefly for the node to lease more);
 //! 2. the claim token and proof of work (403);
 //! 3. in-flight budgets, global and per activity (503, so a burst cannot
 //!    queue without bound);
@@ -15,8 +17,10 @@
 //!    with their codes (409 LIMIT_REACHED);
 //! 5. a code from the ticket's [`CodePool`] (410 SOLD_OUT if the last one
 //!    went to someone else a moment ago);
-//! 6. the commit: the claim goes to the store ([`Store::commit`]), which
-//!    makes it durable and *settles* it — confirming it in the ledger, or on
+//! 6. the commit: the claim goes to the store ([`Store::commit`]: the local
+//!    journal, or in cluster mode the Redis commit script, which also
+//!    enforces the per-user limit across nodes), which makes it durable and
+//!    *settles* it — confirming it in the ledger, or on
 //!    failure putting the code back and releasing the slot. Settlement runs
 //!    in the committer, not in the request, so a client that hangs up while
 //!    waiting can never leave a durable claim unrecorded or a code lost.
