@@ -15,7 +15,7 @@
 //! which runs with `appendfsync always` (see README).
 //!
 //! The backlog (`tk:{A}:outbox:N` in Redis) is drained to MongoDB by the
-//! [`writer`] in unordered bulk inserts keyed by code, so retries are
+//! writer (`commit::writer`) in unordered bulk inserts keyed by code, so retries are
 //! idempotent; while MongoDB is down claims continue until the backlog
 //! reaches `cluster.max_backlog`, and then answer 503 BACKLOG_FULL. The
 //! backlog lives in Redis, not on the node, so it survives the node: a
@@ -25,8 +25,8 @@
 //! # Module layout
 //! - [`scripts`]: Redis key names and the Lua scripts (one atomic step each).
 //! - [`mongo`]: the MongoDB collections and every query.
-//! - [`lease`]: the lease loop: refill ahead of demand, renew, reap, give back.
-//! - [`commit`]: the committer (claims to Redis) and the writer (backlog to MongoDB).
+//! - `lease`: the lease loop: refill ahead of demand, renew, reap, give back.
+//! - `commit`: the committer (claims to Redis) and the writer (backlog to MongoDB).
 
 mod commit;
 mod lease;

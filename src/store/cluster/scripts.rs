@@ -113,7 +113,7 @@ pub const IDS_KEY: &str = "tk:ids";
 /// The last user id handed out.
 pub const USER_IDS_KEY: &str = "tk:user_ids";
 
-/// Raises a counter to at least ARGV[1] (after Redis lost it, say).
+/// Raises a counter to at least `ARGV[1]` (after Redis lost it, say).
 /// KEYS: the counter.
 pub static RAISE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
