@@ -343,12 +343,19 @@ impl App {
                 refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
-                        _ = refresh.tick(), if state.follows_store => {
+                        _ = refresh.tick(), if state.store.is_cluster() => {
                             let state = state.clone();
-                            match tokio::task::spawn_blocking(move || state.refresh_activities()).await {
-                                Ok(Err(reason)) => tracing::warn!(%reason, "Could not refresh the activities from MongoDB; serving the previous ones."),
-                                Err(e) => tracing::error!(error = %e, "Activity refresh task failed."),
-                                Ok(Ok(_)) => {}
+                            let refreshed = tokio::task::spawn_blocking(move || {
+                                if let Err(reason) = state.refresh_activities() {
+                                    tracing::warn!(%reason, "Could not refresh the activities from MongoDB; serving the previous ones.");
+                                }
+                                // Logouts through other nodes.
+                                if let Err(error) = state.auth.refresh_revoked() {
+                                    tracing::warn!(%error, "Could not refresh the revoked sessions from MongoDB.");
+                                }
+                            });
+                            if let Err(e) = refreshed.await {
+                                tracing::error!(error = %e, "Cluster refresh task failed.");
                             }
                         }
                         msg = reload.recv() => {

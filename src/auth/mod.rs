@@ -149,19 +149,29 @@ impl Auth {
             key = key.with_previous(previous.as_bytes());
         }
         let settings = Settings::from_config(config);
-        let revoked = DashMap::new();
-        for (id, exp) in store.revoked_sessions(now_ms())? {
-            if let Some(bytes) = parse_hex16(&id) {
-                revoked.insert(bytes, exp);
-            }
-        }
-        Ok(Auth {
+        let auth = Auth {
             key,
             dummy_hash: ArcSwap::from_pointee(password::hash("dummy password", settings.cost)),
             settings: ArcSwap::from_pointee(settings),
-            revoked,
+            revoked: DashMap::new(),
             store,
-        })
+        };
+        auth.refresh_revoked()?;
+        Ok(auth)
+    }
+
+    /// Loads the sessions revoked in the store. A cluster node calls it
+    /// periodically, so a logout through another node takes effect here
+    /// within `cluster.refresh_interval`; expired entries are dropped.
+    pub fn refresh_revoked(&self) -> Result<(), StoreError> {
+        let now = now_ms();
+        for (id, exp) in self.store.revoked_sessions(now)? {
+            if let Some(bytes) = parse_hex16(&id) {
+                self.revoked.insert(bytes, exp);
+            }
+        }
+        self.revoked.retain(|_, exp| *exp >= now);
+        Ok(())
     }
 
     /// Applies reloadable settings (registration, argon2 cost, session TTL).

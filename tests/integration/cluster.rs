@@ -699,3 +699,29 @@ async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
         assert_eq!(node.detail("fo").await["claimed"], 2);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_through_one_node_is_honoured_by_the_others() {
+    let cluster = Cluster::start(2, &cluster_activity("lo", 10, 1), "");
+    let token = cluster.nodes[0].register("logout-user").await;
+    let me = cluster.nodes[1].client.get("/ticket/list", Some(&token)).await.unwrap();
+    assert_eq!(me.status, 200, "a session from node0 works on node1: {}", me.body);
+    let out = cluster.nodes[0]
+        .client
+        .post("/user/logout", Some(&token), &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(out.status, 200, "{}", out.body);
+    until("node1 to refuse the revoked session", || async {
+        cluster.nodes[1]
+            .client
+            .get("/ticket/list", Some(&token))
+            .await
+            .unwrap()
+            .status
+            == 401
+    })
+    .await;
+    let res = cluster.nodes[1].claim(&token, "lo").await;
+    crate::common::assert_error(&res, 401, "UNAUTHORIZED");
+}
