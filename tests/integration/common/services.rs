@@ -3,6 +3,7 @@
 //! the command that installs them; nothing is skipped.
 
 use std::{
+    collections::HashSet,
     net::TcpStream,
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -22,11 +23,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Waits until `child` itself listens on `port` — not merely until something
+/// answers there: the port was free when picked, but another process could
+/// have taken it since, and the test must not talk to someone else's server.
 fn wait_for_port(port: u16, what: &str, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !(listens(child.id(), port) && TcpStream::connect(("127.0.0.1", port)).is_ok()) {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited at start ({status})");
+            panic!("{what} exited at start ({status}); was port {port} taken meanwhile?");
         }
         assert!(
             Instant::now() < deadline,
@@ -34,6 +38,35 @@ fn wait_for_port(port: u16, what: &str, child: &mut Child) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Whether process `pid` holds a TCP socket listening on `port` (Linux:
+/// its socket inodes in `/proc/PID/fd` against the LISTEN rows of
+/// `/proc/net/tcp{,6}`).
+fn listens(pid: u32, port: u16) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let inodes: HashSet<String> = fds
+        .filter_map(Result::ok)
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_str()?;
+            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table).is_ok_and(|text| {
+            text.lines().skip(1).any(|row| {
+                // sl local_address rem_address st ... inode (the 10th field)
+                let f: Vec<&str> = row.split_whitespace().collect();
+                f.len() > 9
+                    && f[3] == "0A"
+                    && f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+                    && inodes.contains(f[9])
+            })
+        })
+    })
 }
 
 fn secantusd() -> PathBuf {
