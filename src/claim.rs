@@ -241,11 +241,6 @@ impl PendingClaim {
             .release(self.claim.user_id, self.claim.idempotency_key.as_ref());
         let _ = self.reply.send(Err(rejection));
     }
-
-    /// The pool the code came from, and the code.
-    pub fn code_source(&self) -> (&Arc<CodePool>, CodeIdx) {
-        (&self.pool, self.code_idx)
-    }
 }
 
 fn rejection(error: CommitError, ledger: &Ledger, user: u64) -> Rejection {
@@ -395,14 +390,11 @@ impl Claimer {
             Some(t) => t.pool.remaining() > 0,
             None => activity.tickets.iter().any(|t| t.pool.remaining() > 0),
         };
-        if !in_stock && self.store.is_cluster() {
-            // This node's leased codes are gone, but the master list may
-            // still have some: the lease loop fetches them while we wait.
-            let pools: Vec<&Arc<CodePool>> = match ticket {
-                Some(t) => vec![&t.pool],
-                None => activity.tickets.iter().map(|t| &t.pool).collect(),
-            };
-            in_stock = self.store.wait_for_stock(&pools).await;
+        if !in_stock {
+            // Cluster: this node's leased codes are gone, but the master list
+            // may still have some; the lease loop fetches them while we wait.
+            let tickets = ticket.map_or(&activity.tickets[..], std::slice::from_ref);
+            in_stock = self.store.wait_for_stock(tickets).await;
         }
         if !in_stock {
             // Sold out is answered from memory with read-only look-ups, so the

@@ -356,12 +356,12 @@ impl Store {
         }
     }
 
-    /// Cluster: waits briefly for stock when these pools are empty but the
-    /// master list is not. Embedded: an empty pool is sold out, `false`.
-    pub async fn wait_for_stock(&self, pools: &[&Arc<crate::inventory::CodePool>]) -> bool {
+    /// Cluster: waits briefly for stock when these ticket types' pools are
+    /// empty but a master list is not. Embedded: an empty pool is sold out.
+    pub async fn wait_for_stock(&self, tickets: &[crate::catalog::TicketType]) -> bool {
         match self {
             Store::Embedded(_) => false,
-            Store::Cluster(s) => s.wait_for_stock(pools).await,
+            Store::Cluster(s) => s.wait_for_stock(tickets).await,
         }
     }
 

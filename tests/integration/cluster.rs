@@ -224,18 +224,24 @@ fn assert_invariants(
 /// Logs `n` users in through node 0 (sessions are valid on every node).
 async fn users(cluster: &Cluster, prefix: &str, n: usize) -> (Vec<String>, Vec<i64>) {
     let tokens = cluster.nodes[0].users(prefix, n).await;
-    let db = cluster.mongo().await;
-    let mut ids = Vec::with_capacity(n);
-    for i in 0..n {
-        let name = crate::common::username(prefix, i);
-        let user = db
-            .collection::<Document>("users")
-            .find_one(doc! {"username": &name})
-            .await
-            .unwrap()
-            .unwrap();
-        ids.push(user.get_i64("_id").unwrap());
-    }
+    use futures::TryStreamExt;
+    let all: Vec<Document> = cluster
+        .mongo()
+        .await
+        .collection::<Document>("users")
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let by_name: HashMap<&str, i64> = all
+        .iter()
+        .map(|u| (u.get_str("username").unwrap(), u.get_i64("_id").unwrap()))
+        .collect();
+    let ids = (0..n)
+        .map(|i| by_name[crate::common::username(prefix, i).as_str()])
+        .collect();
     (tokens, ids)
 }
 

@@ -21,7 +21,11 @@ use redis::AsyncCommands;
 use tokio::sync::watch;
 
 use super::{scripts, ClusterError, Shared, TicketStock};
-use crate::{catalog::Catalog, config::now_ms, inventory::CodePool, metrics};
+use crate::{
+    catalog::{Catalog, TicketType},
+    config::now_ms,
+    metrics,
+};
 
 /// How often the loop looks at the pools.
 const TICK: Duration = Duration::from_millis(10);
@@ -189,33 +193,31 @@ pub(super) async fn push_unclaimed(shared: &Shared, activity: &str, ticket: &str
     Ok(pushed)
 }
 
-/// Waits up to half a second for codes when the given pools are empty but a
-/// master list is not (or has not been looked at yet).
-pub(super) async fn wait_for_stock(shared: &Shared, pools: &[&Arc<CodePool>]) -> bool {
-    let stocks: Vec<Arc<TicketStock>> = shared
-        .tickets
-        .iter()
-        .filter(|t| pools.iter().any(|p| Arc::ptr_eq(p, &t.pool)))
-        .map(|t| t.value().clone())
-        .collect();
+/// Waits up to half a second for codes when the given ticket types' pools
+/// are empty but a master list is not (or has not been looked at yet).
+/// After a sell-out this is the path of every refused claim, so it answers
+/// `false` from a few map look-ups, allocating nothing.
+pub(super) async fn wait_for_stock(shared: &Shared, tickets: &[TicketType]) -> bool {
     let deadline = Instant::now() + Duration::from_millis(500);
     loop {
         let notified = shared.stock_changed.notified();
-        if stocks.iter().any(|t| t.pool.remaining() > 0) {
+        if tickets.iter().any(|t| t.pool.remaining() > 0) {
             return true;
         }
-        let waiting: Vec<&Arc<TicketStock>> = stocks
-            .iter()
-            .filter(|t| t.upstream.load(Ordering::Relaxed) > 0)
-            .collect();
-        if waiting.is_empty() || !shared.redis_up.load(Ordering::Relaxed) {
+        let mut waiting = false;
+        for t in tickets {
+            if let Some(stock) = shared.tickets.get(&*t.id) {
+                if stock.upstream.load(Ordering::Relaxed) > 0 {
+                    stock.hungry.store(true, Ordering::Relaxed);
+                    waiting = true;
+                }
+            }
+        }
+        if !waiting || !shared.redis_up.load(Ordering::Relaxed) {
             return false;
         }
-        for t in waiting {
-            t.hungry.store(true, Ordering::Relaxed);
-        }
         if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
-            return stocks.iter().any(|t| t.pool.remaining() > 0);
+            return tickets.iter().any(|t| t.pool.remaining() > 0);
         }
     }
 }

@@ -514,16 +514,6 @@ impl ClusterStore {
             .map_or(0, |tx| self.queue_capacity - tx.capacity())
     }
 
-    /// Claims acknowledged by this node and not yet in MongoDB (last look).
-    pub fn backlog(&self) -> usize {
-        self.shared.backlog.load(Ordering::Relaxed)
-    }
-
-    /// Whether MongoDB took the last write.
-    pub fn mongo_up(&self) -> bool {
-        self.shared.mongo_up.load(Ordering::Relaxed)
-    }
-
     /// Leases, backlog and connection state, for `/metrics`.
     pub fn gauges(&self) -> crate::metrics::ClusterGauges {
         crate::metrics::ClusterGauges {
@@ -533,9 +523,9 @@ impl ClusterStore {
                 .iter()
                 .map(|t| (t.activity.to_string(), t.ticket.to_string(), t.pool.remaining()))
                 .collect(),
-            backlog: self.backlog(),
+            backlog: self.shared.backlog.load(Ordering::Relaxed),
             redis_up: self.shared.redis_up.load(Ordering::Relaxed),
-            mongo_up: self.mongo_up(),
+            mongo_up: self.shared.mongo_up.load(Ordering::Relaxed),
         }
     }
 
@@ -568,7 +558,7 @@ impl ClusterStore {
 
     /// Waits (briefly) for codes of the given ticket types when this node's
     /// pools are empty but the master lists are not. `true` if some arrived.
-    pub async fn wait_for_stock(&self, tickets: &[&Arc<CodePool>]) -> bool {
+    pub async fn wait_for_stock(&self, tickets: &[crate::catalog::TicketType]) -> bool {
         lease::wait_for_stock(&self.shared, tickets).await
     }
 
