@@ -21,10 +21,12 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use ticketd::{
     app::App,
     auth::SessionKey,
-    claim::{Claim, ClaimRequest, CommitError},
+    claim::ClaimRequest,
     config::{Config, FsyncPolicy},
     inventory::CodePool,
     journal::{Entry, Journal, JournalSetup},
+    vocab::{Claim, CommitError},
+    worker::Runner,
 };
 
 fn codes(n: usize, tag: &str) -> Vec<String> {
@@ -103,7 +105,12 @@ fn claim(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("success", fsync), |b| {
             b.to_async(&runtime).iter_custom(|iters| async move {
                 let dir = tempfile::tempdir().unwrap();
-                let app = App::start(bench_config(dir.path(), fsync), dir.path().join("bench.toml")).unwrap();
+                let app = App::start(
+                    bench_config(dir.path(), fsync),
+                    dir.path().join("bench.toml"),
+                    Arc::new(Runner::new()),
+                )
+                .unwrap();
                 let state = app.state().clone();
                 state.inventory.pool("bench-t").add_codes(&codes(iters as usize, "C"));
                 // Claim tokens come from /act/detail before the rush; not timed.
@@ -130,14 +137,19 @@ fn claim(c: &mut Criterion) {
                     t.await.unwrap();
                 }
                 let elapsed = start.elapsed();
-                state.store.close();
+                app.stop().await;
                 elapsed
             });
         });
     }
     group.bench_function("sold_out", |b| {
         let dir = tempfile::tempdir().unwrap();
-        let app = App::start(bench_config(dir.path(), "never"), dir.path().join("bench.toml")).unwrap();
+        let app = App::start(
+            bench_config(dir.path(), "never"),
+            dir.path().join("bench.toml"),
+            Arc::new(Runner::new()),
+        )
+        .unwrap();
         let state = app.state().clone();
         // User 1 takes the one seeded code; user 2 then meets the sold-out activity.
         let (first, second) = (claim_token(&state, 1), claim_token(&state, 2));
@@ -156,18 +168,18 @@ fn claim(c: &mut Criterion) {
                 criterion::black_box(state.claimer.claim(&catalog, request(2, &token)).await.unwrap_err())
             }
         });
-        state.store.close();
+        runtime.block_on(app.stop());
     });
     group.finish();
 }
 
 /// The claim token `/act/detail` would give `user`.
-fn claim_token(state: &ticketd::app::AppState, user: u64) -> String {
+fn claim_token(state: &ticketd::state::AppState, user: u64) -> String {
     let catalog = state.catalog.load();
     let activity = catalog.activity("bench").expect("bench activity");
     state
         .claimer
-        .claim_token(user, activity, ticketd::config::now_ms())
+        .claim_token(user, activity, ticketd::clock::now_ms())
         .expect("open")
 }
 
@@ -223,13 +235,17 @@ fn journal_append(c: &mut Criterion) {
                 let mut config = bench_config(dir.path(), name).journal;
                 config.fsync = policy;
                 config.queue_capacity = 1 << 20;
-                let journal: Journal<Counted> = Journal::start(JournalSetup {
-                    dir: dir.path().join("journal"),
-                    config,
-                    next_seq: 1,
-                    applier: tx,
-                    applied_seq: Arc::new(AtomicU64::new(0)),
-                })
+                let runner = Runner::new();
+                let journal: Journal<Counted> = Journal::start(
+                    JournalSetup {
+                        dir: dir.path().join("journal"),
+                        config,
+                        next_seq: 1,
+                        applier: tx,
+                        applied_seq: Arc::new(AtomicU64::new(0)),
+                    },
+                    &runner,
+                )
                 .expect("journal");
                 let settled = Arc::new(AtomicU64::new(0));
                 let claim = Claim {

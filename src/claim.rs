@@ -6,9 +6,9 @@
 //!
 //! 1. the activity in the catalog snapshot (404), paused (409), the sale
 //!    window (409 NOT_STARTED / ENDED); when every pool is empty, SOLD_OUT
-//!    (or the caller's own LIMIT_REACHED / idempotent replay) at once — in
-//!    cluster mode only once the master lists are empty too (while they are
-//!    not, the claim waits briefly for the node to lease more);
+//!    (or the caller's own LIMIT_REACHED / idempotent replay) at once — with
+//!    leases (a cluster) only once the master lists are empty too (while
+//!    they are not, the claim waits briefly for the lease worker);
 //! 2. the claim token and proof of work (403);
 //! 3. in-flight budgets, global and per activity (503, so a burst cannot
 //!    queue without bound);
@@ -18,12 +18,20 @@
 //! 5. a code from the ticket's [`CodePool`] (410 SOLD_OUT if the last one
 //!    went to someone else a moment ago);
 //! 6. the commit: the claim goes to the store ([`Store::commit`]: the local
-//!    journal, or in cluster mode the Redis commit script, which also
-//!    enforces the per-user limit across nodes), which makes it durable and
-//!    *settles* it — confirming it in the ledger, or on
-//!    failure putting the code back and releasing the slot. Settlement runs
-//!    in the committer, not in the request, so a client that hangs up while
-//!    waiting can never leave a durable claim unrecorded or a code lost.
+//!    journal, or in a cluster the Redis commit script, which also enforces
+//!    the per-user limit across nodes), which answers in its own terms
+//!    ([`CommitOutcome`]). Only here does that answer become what the user
+//!    hears (a [`Rejection`]) and what happens to the code and the slot:
+//!    confirmed in the ledger; or the code back in the pool and the slot
+//!    released; or, when another node took the code, another code tried.
+//!
+//! # A client that hangs up
+//! The request's future may be dropped while the store works (the client
+//! went away). The reservation is then settled without it: a [`Settle`]
+//! guard owns the code and the slot, and on drop hands the pending answer
+//! to a small task that applies it when it comes. So a durable claim is
+//! always confirmed in the ledger and a failed one always gives its code
+//! back, whoever is still listening.
 
 use std::sync::{
     atomic::{AtomicUsize, Ordering},
@@ -31,53 +39,21 @@ use std::sync::{
 };
 
 use arc_swap::ArcSwap;
-use tokio::sync::oneshot;
 
 use crate::{
     auth::{claim_token::pow_ok, ClaimTokenError, ClaimTokens},
     catalog::{Activity, Catalog, Status, TicketType},
-    config::{now_ms, Config},
-    inventory::{CodeIdx, CodePool, Ledger, Reservation},
-    journal,
-    metrics::{self, ClaimOutcome},
-    store::Store,
+    clock::now_ms,
+    config::Config,
+    inventory::{CodeIdx, CodePool, Inventory, Ledger, Reservation, Stock},
+    metrics,
+    store::{Store, StoreError},
+    vocab::{Claim, ClaimOutcome, Claimed, CommitOutcome, CommitReply, PendingClaim, Rejection},
 };
 
-/// A code given to a user: durable once it has an id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Claim {
-    /// The claim id (the journal sequence number); 0 until committed.
-    pub id: u64,
-    /// The activity.
-    pub activity_id: Arc<str>,
-    /// The ticket type.
-    pub ticket_id: Arc<str>,
-    /// The redeemable code.
-    pub code: Arc<str>,
-    /// The user who holds it.
-    pub user_id: u64,
-    /// When it was claimed, Unix milliseconds.
-    pub claimed_at_ms: i64,
-    /// The `Idempotency-Key` the claim was made with, if any.
-    pub idempotency_key: Option<Arc<str>>,
-}
-
-/// Why a commit did not make a claim durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum CommitError {
-    /// The commit queue is full.
-    #[error("the claim queue is full")]
-    Overloaded,
-    /// The journal or store cannot take writes.
-    #[error("claims cannot be stored right now")]
-    Unavailable,
-    /// Cluster mode: this node's MongoDB backlog is full.
-    #[error("the backlog of claims waiting for MongoDB is full")]
-    BacklogFull,
-    /// Cluster mode: the user reached the limit through other nodes.
-    #[error("the user holds the limit already")]
-    LimitReached,
-}
+/// How often a claim whose code turned out to be another node's is retried
+/// with another code before it is answered SOLD_OUT.
+const CODE_TAKEN_RETRIES: usize = 4;
 
 /// A claim request after authentication and parsing.
 #[derive(Debug)]
@@ -96,198 +72,10 @@ pub struct ClaimRequest<'a> {
     pub pow_nonce: Option<&'a str>,
 }
 
-/// A successful claim.
-#[derive(Debug)]
-pub struct Claimed {
-    /// The claim.
-    pub claim: Claim,
-    /// True when this answers a retry with an already used idempotency key.
-    pub replayed: bool,
-}
-
-/// Why a claim was refused. Each maps to one API error code.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Rejection {
-    /// No such activity.
-    UnknownActivity,
-    /// No such ticket type in this activity.
-    UnknownTicket,
-    /// The organiser paused the activity.
-    Paused,
-    /// Before the start; the start and end in Unix milliseconds.
-    NotStarted {
-        /// Start.
-        start_ms: i64,
-        /// End.
-        end_ms: i64,
-    },
-    /// After the end.
-    Ended {
-        /// Start.
-        start_ms: i64,
-        /// End.
-        end_ms: i64,
-    },
-    /// The user holds the limit already; their codes.
-    LimitReached(Vec<Arc<str>>),
-    /// A claim with the same idempotency key is being committed.
-    InProgress,
-    /// No stock left.
-    SoldOut,
-    /// Too many claims in flight or queued.
-    Overloaded,
-    /// The store cannot take claims.
-    Unavailable,
-    /// Cluster mode: too many claims are waiting for MongoDB on this node.
-    BacklogFull,
-    /// Claim tokens are required and none was sent.
-    ClaimTokenRequired,
-    /// The claim token is forged, or another user's or activity's.
-    ClaimTokenInvalid,
-    /// The claim token expired; fetch a new one.
-    ClaimTokenExpired,
-    /// The activity needs proof of work; the nonce is missing or wrong.
-    ProofOfWork {
-        /// Required leading zero bits.
-        difficulty: u8,
-    },
-}
-
-impl Rejection {
-    /// The outcome this rejection is counted as.
-    pub fn outcome(&self) -> ClaimOutcome {
-        match self {
-            Rejection::UnknownActivity | Rejection::UnknownTicket => ClaimOutcome::NotFound,
-            Rejection::Paused => ClaimOutcome::Paused,
-            Rejection::NotStarted { .. } => ClaimOutcome::NotStarted,
-            Rejection::Ended { .. } => ClaimOutcome::Ended,
-            Rejection::LimitReached(_) => ClaimOutcome::LimitReached,
-            Rejection::InProgress => ClaimOutcome::InProgress,
-            Rejection::SoldOut => ClaimOutcome::SoldOut,
-            Rejection::Overloaded => ClaimOutcome::Overloaded,
-            Rejection::Unavailable | Rejection::BacklogFull => ClaimOutcome::Unavailable,
-            Rejection::ClaimTokenRequired | Rejection::ClaimTokenInvalid | Rejection::ClaimTokenExpired => {
-                ClaimOutcome::BadClaimToken
-            }
-            Rejection::ProofOfWork { .. } => ClaimOutcome::BadProofOfWork,
-        }
-    }
-}
-
-/// A claim on its way to durability, holding what it needs to settle itself.
-pub struct PendingClaim {
-    claim: Claim,
-    limit: u32,
-    pool: Arc<CodePool>,
-    code_idx: CodeIdx,
-    ledger: Arc<Ledger>,
-    reply: oneshot::Sender<Result<Claimed, Rejection>>,
-}
-
-impl PendingClaim {
-    /// The activity's per-user limit when the claim was decided.
-    pub fn limit(&self) -> u32 {
-        self.limit
-    }
-
-    /// Replaces a code this node turned out not to own any more (its lease
-    /// was reclaimed) with another from the same pool. The lost code is not
-    /// put back. `false` when the pool is empty.
-    pub fn retake(&mut self) -> bool {
-        match self.pool.take() {
-            Some(idx) => {
-                self.code_idx = idx;
-                self.claim.code = self.pool.code(idx);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Another node already committed a claim with this idempotency key:
-    /// answer that one, and give back the code and the slot.
-    pub fn settle_replay(self, existing: Claim) {
-        self.pool.put_back(self.code_idx);
-        self.ledger
-            .release(self.claim.user_id, self.claim.idempotency_key.as_ref());
-        let _ = self.reply.send(Ok(Claimed {
-            claim: existing,
-            replayed: true,
-        }));
-    }
-
-    /// The code's commit failed in a way that leaves its ownership unknown
-    /// (the store may or may not have recorded it): answer `error`, release
-    /// the slot, and hand the code to the caller instead of the pool.
-    pub fn settle_in_doubt(self, error: CommitError) -> (Arc<CodePool>, CodeIdx) {
-        self.ledger
-            .release(self.claim.user_id, self.claim.idempotency_key.as_ref());
-        let _ = self.reply.send(Err(rejection(error, &self.ledger, self.claim.user_id)));
-        (self.pool, self.code_idx)
-    }
-
-    /// The pool ran dry while retaking: nothing to give back but the slot.
-    pub fn settle_sold_out(self) {
-        self.ledger
-            .release(self.claim.user_id, self.claim.idempotency_key.as_ref());
-        let _ = self.reply.send(Err(Rejection::SoldOut));
-    }
-
-    /// The store refused the claim with `rejection`: the code goes back to
-    /// the pool and the slot is released.
-    pub fn settle_rejected(self, rejection: Rejection) {
-        self.pool.put_back(self.code_idx);
-        self.ledger
-            .release(self.claim.user_id, self.claim.idempotency_key.as_ref());
-        let _ = self.reply.send(Err(rejection));
-    }
-}
-
-fn rejection(error: CommitError, ledger: &Ledger, user: u64) -> Rejection {
-    match error {
-        CommitError::Overloaded => Rejection::Overloaded,
-        CommitError::Unavailable => Rejection::Unavailable,
-        CommitError::BacklogFull => Rejection::BacklogFull,
-        CommitError::LimitReached => {
-            Rejection::LimitReached(ledger.claims_of(user).into_iter().map(|c| c.code).collect())
-        }
-    }
-}
-
-impl journal::Entry for PendingClaim {
-    fn claim(&self) -> &Claim {
-        &self.claim
-    }
-
-    fn settle(self, result: Result<u64, CommitError>) {
-        let PendingClaim {
-            mut claim,
-            limit: _,
-            pool,
-            code_idx,
-            ledger,
-            reply,
-        } = self;
-        let answer = match result {
-            Ok(id) => {
-                claim.id = id;
-                ledger.confirm(claim.clone());
-                Ok(Claimed { claim, replayed: false })
-            }
-            Err(e) => {
-                pool.put_back(code_idx);
-                ledger.release(claim.user_id, claim.idempotency_key.as_ref());
-                Err(rejection(e, &ledger, claim.user_id))
-            }
-        };
-        // The requester may have gone; the claim stands regardless.
-        let _ = reply.send(answer);
-    }
-}
-
 /// Makes claim decisions against the current catalog.
 pub struct Claimer {
     store: Arc<Store>,
+    inventory: Arc<Inventory>,
     tokens: ClaimTokens,
     settings: ArcSwap<ClaimSettings>,
     in_flight: AtomicUsize,
@@ -336,10 +124,12 @@ impl Drop for InFlight<'_> {
 }
 
 impl Claimer {
-    /// A claimer committing to `store`, checking claim tokens with `tokens`.
-    pub fn new(store: Arc<Store>, tokens: ClaimTokens, settings: ClaimSettings) -> Claimer {
+    /// A claimer taking codes from `inventory`, committing to `store`,
+    /// checking claim tokens with `tokens`.
+    pub fn new(store: Arc<Store>, inventory: Arc<Inventory>, tokens: ClaimTokens, settings: ClaimSettings) -> Claimer {
         Claimer {
             store,
+            inventory,
             tokens,
             settings: ArcSwap::from_pointee(settings),
             in_flight: AtomicUsize::new(0),
@@ -365,15 +155,27 @@ impl Claimer {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// What is left of `activity` (see [`Inventory::stock`]).
+    pub fn stock(&self, activity: &Activity) -> Stock {
+        self.inventory
+            .stock(activity.tickets.iter().map(|t| (&*t.id, &*t.pool)), &activity.ledger)
+    }
+
+    /// Every claim `user` holds in the catalog's activities: what the store
+    /// sees when it sees every node's claims (a cluster), this node's
+    /// ledgers otherwise.
+    pub async fn claims_of_user(&self, catalog: &Catalog, user: u64) -> Result<Vec<Claim>, StoreError> {
+        let activities: Vec<Arc<str>> = catalog.activities().iter().map(|a| a.id.clone()).collect();
+        match self.store.claims_of_user(user, &activities).await {
+            Some(claims) => claims,
+            None => Ok(self.inventory.claims_of_user(user)),
+        }
+    }
+
     /// Decides `req` against `catalog`, commits, and records the outcome in metrics.
     pub async fn claim(&self, catalog: &Catalog, req: ClaimRequest<'_>) -> Result<Claimed, Rejection> {
         let result = self.decide(catalog, req).await;
-        let outcome = match &result {
-            Ok(c) if c.replayed => ClaimOutcome::Replayed,
-            Ok(_) => ClaimOutcome::Success,
-            Err(r) => r.outcome(),
-        };
-        metrics::global().claims.inc(outcome);
+        metrics::global().claims.inc(ClaimOutcome::of(&result));
         result
     }
 
@@ -386,15 +188,15 @@ impl Claimer {
             Some(id) => Some(activity.ticket(id).ok_or(Rejection::UnknownTicket)?),
             None => None,
         };
-        let mut in_stock = match ticket {
-            Some(t) => t.pool.remaining() > 0,
-            None => activity.tickets.iter().any(|t| t.pool.remaining() > 0),
-        };
+        let tickets = ticket.map_or(&activity.tickets[..], std::slice::from_ref);
+        let mut in_stock = tickets.iter().any(|t| t.pool.remaining() > 0);
         if !in_stock {
-            // Cluster: this node's leased codes are gone, but the master list
-            // may still have some; the lease loop fetches them while we wait.
-            let tickets = ticket.map_or(&activity.tickets[..], std::slice::from_ref);
-            in_stock = self.store.wait_for_stock(tickets).await;
+            // With leases, this node's codes are gone but a master list may
+            // still have some; the lease worker fetches them while we wait.
+            in_stock = self
+                .inventory
+                .wait_for_stock(tickets.iter().map(|t| (&*t.id, &*t.pool)))
+                .await;
         }
         if !in_stock {
             // Sold out is answered from memory with read-only look-ups, so the
@@ -425,31 +227,172 @@ impl Claimer {
             Reservation::InProgress => return Err(Rejection::InProgress),
             Reservation::LimitReached(codes) => return Err(Rejection::LimitReached(codes)),
         }
-        let Some((ticket, code_idx)) = take_code(activity, ticket) else {
+        let Some((ticket, code_idx)) = take_code(tickets) else {
             activity.ledger.release(req.user_id, key.as_ref());
             return Err(Rejection::SoldOut);
         };
-
-        let (reply, answer) = oneshot::channel();
-        self.store.commit(PendingClaim {
-            claim: Claim {
-                id: 0,
-                activity_id: activity.id.clone(),
-                ticket_id: ticket.id.clone(),
-                code: ticket.pool.code(code_idx),
-                user_id: req.user_id,
-                claimed_at_ms: now,
-                idempotency_key: key,
-            },
-            limit: activity.per_user_limit,
+        let claim = Claim {
+            id: 0,
+            activity_id: activity.id.clone(),
+            ticket_id: ticket.id.clone(),
+            code: ticket.pool.code(code_idx),
+            user_id: req.user_id,
+            claimed_at_ms: now,
+            idempotency_key: key,
+        };
+        let slot = Slot {
             pool: ticket.pool.clone(),
             code_idx,
             ledger: activity.ledger.clone(),
-            reply,
-        });
-        // The committer always settles; a dropped reply means it is gone.
-        answer.await.unwrap_or(Err(Rejection::Unavailable))
+            user: req.user_id,
+            key: claim.idempotency_key.clone(),
+        };
+        commit(&self.store, slot, claim, activity.per_user_limit).await
     }
+}
+
+/// A code taken and a user's slot reserved: what a commit must settle.
+struct Slot {
+    pool: Arc<CodePool>,
+    code_idx: CodeIdx,
+    ledger: Arc<Ledger>,
+    user: u64,
+    key: Option<Arc<str>>,
+}
+
+impl Slot {
+    /// Gives the user's slot back (the claim did not happen).
+    fn release(&self) {
+        self.ledger.release(self.user, self.key.as_ref());
+    }
+}
+
+/// What to do after a store's answer.
+enum Next {
+    Done(Result<Claimed, Rejection>),
+    /// The code was another node's: try again with this claim (a new code).
+    Retry(Claim),
+}
+
+impl Slot {
+    /// Applies the store's answer to the code and the slot, and says what
+    /// the user hears (or that another code is worth a try).
+    fn settle(&mut self, mut claim: Claim, outcome: CommitOutcome, may_retry: bool) -> Next {
+        let release = |slot: &Slot| slot.release();
+        match outcome {
+            CommitOutcome::Committed(id) => {
+                claim.id = id;
+                self.ledger.confirm(claim.clone());
+                Next::Done(Ok(Claimed { claim, replayed: false }))
+            }
+            CommitOutcome::Duplicate(existing) => {
+                self.pool.put_back(self.code_idx);
+                release(self);
+                Next::Done(Ok(Claimed {
+                    claim: existing,
+                    replayed: true,
+                }))
+            }
+            CommitOutcome::LimitReached(codes) => {
+                self.pool.put_back(self.code_idx);
+                release(self);
+                Next::Done(Err(Rejection::LimitReached(codes)))
+            }
+            CommitOutcome::Failed(error) => {
+                self.pool.put_back(self.code_idx);
+                release(self);
+                Next::Done(Err(error.into()))
+            }
+            CommitOutcome::InDoubt => {
+                // The store settles this code once it can tell; it is not ours to put back.
+                release(self);
+                Next::Done(Err(Rejection::Unavailable))
+            }
+            CommitOutcome::CodeTaken => match self.pool.take().filter(|_| may_retry) {
+                // The lost code is not put back: it is not this node's any more.
+                Some(idx) => {
+                    self.code_idx = idx;
+                    claim.code = self.pool.code(idx);
+                    Next::Retry(claim)
+                }
+                None => {
+                    release(self);
+                    Next::Done(Err(Rejection::SoldOut))
+                }
+            },
+        }
+    }
+}
+
+/// Holds a slot while its commit is in the store. Dropped before the answer
+/// came (the client hung up), it settles the slot when the answer comes.
+struct Settle {
+    slot: Option<Slot>,
+    reply: Option<CommitReply>,
+}
+
+impl Drop for Settle {
+    fn drop(&mut self) {
+        let (Some(mut slot), Some(mut reply)) = (self.slot.take(), self.reply.take()) else {
+            return;
+        };
+        match reply.try_recv() {
+            Ok((claim, outcome)) => {
+                slot.settle(claim, outcome, false);
+            }
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move {
+                        match reply.await {
+                            Ok((claim, outcome)) => {
+                                slot.settle(claim, outcome, false);
+                            }
+                            Err(_) => slot.release(),
+                        }
+                    });
+                }
+                // Without a runtime the process is ending: a durable claim
+                // is in the store and comes back with the next start.
+            }
+            // The store dropped the claim unanswered (its worker died): the
+            // outcome is unknown, so the code stays out and the slot is freed.
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => slot.release(),
+        }
+    }
+}
+
+/// Commits `claim` and settles `slot` with the answer, trying another code
+/// when the store says this one is another node's.
+async fn commit(store: &Store, slot: Slot, mut claim: Claim, limit: u32) -> Result<Claimed, Rejection> {
+    let mut guard = Settle {
+        slot: Some(slot),
+        reply: None,
+    };
+    for round in 0..=CODE_TAKEN_RETRIES {
+        let (pending, reply) = PendingClaim::new(claim, limit);
+        store.commit(pending);
+        guard.reply = Some(reply);
+        let answer = guard.reply.as_mut().expect("just set").await;
+        guard.reply = None;
+        let (returned, outcome) = match answer {
+            Ok(answer) => answer,
+            Err(_) => {
+                // The committer is gone without answering: the outcome is
+                // unknown, so the code stays out; the slot is freed.
+                guard.slot.take().expect("held").release();
+                return Err(Rejection::Unavailable);
+            }
+        };
+        let slot = guard.slot.as_mut().expect("held until settled");
+        match slot.settle(returned, outcome, round < CODE_TAKEN_RETRIES) {
+            Next::Done(result) => {
+                guard.slot = None;
+                return result;
+            }
+            Next::Retry(next) => claim = next,
+        }
+    }
+    unreachable!("the last round never retries")
 }
 
 impl Claimer {
@@ -498,10 +441,290 @@ fn check_window(activity: &Activity, now: i64) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// Takes a code of `ticket`, or of the first ticket type with stock.
-fn take_code<'a>(activity: &'a Activity, ticket: Option<&'a TicketType>) -> Option<(&'a TicketType, CodeIdx)> {
-    match ticket {
-        Some(t) => t.pool.take().map(|idx| (t, idx)),
-        None => activity.tickets.iter().find_map(|t| t.pool.take().map(|idx| (t, idx))),
+/// Takes a code of the first of `tickets` with stock.
+fn take_code(tickets: &[TicketType]) -> Option<(&TicketType, CodeIdx)> {
+    tickets.iter().find_map(|t| t.pool.take().map(|idx| (t, idx)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{path::Path, time::Duration};
+
+    use super::*;
+    use crate::{store::Access, worker::Runner};
+
+    /// A claimer on a real embedded store in `dir`, selling `codes` of one
+    /// ticket type; the activity's window and limit as given.
+    struct Fixture {
+        claimer: Claimer,
+        catalog: Catalog,
+        runner: Runner,
+        tokens: ClaimTokens,
+    }
+
+    fn fixture(dir: &Path, codes: &[&str], limit: u32, window: (&str, &str), extra: &str) -> Fixture {
+        let text = format!(
+            r#"
+[storage]
+path = "{}"
+[journal]
+fsync = "never"
+[security]
+require_claim_token = false
+[[activity]]
+id = "a"
+name = "A"
+start_time = "{}"
+end_time = "{}"
+per_user_limit = {limit}
+{extra}
+  [[activity.ticket]]
+  id = "t"
+  name = "T"
+  codes = [{}]
+"#,
+            dir.display(),
+            window.0,
+            window.1,
+            codes.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ")
+        );
+        let config = Config::from_toml(&text, Path::new("test.toml"), dir.to_owned()).unwrap();
+        let runner = Runner::new();
+        let store = Store::open(&config, Access::Serve(&runner)).unwrap();
+        let now = now_ms();
+        store.serve_import(&config, now).unwrap();
+        let inventory = Arc::new(Inventory::default());
+        let catalog = Catalog::build(&config, now, &inventory).unwrap();
+        inventory.pool("t").add_codes(&store.unclaimed_codes("t").unwrap());
+        let claimer = Claimer::new(
+            store,
+            inventory,
+            ClaimTokens::new(b"a test secret of at least 32 bytes!"),
+            ClaimSettings::from_config(&config),
+        );
+        Fixture {
+            claimer,
+            catalog,
+            runner,
+            tokens: ClaimTokens::new(b"a test secret of at least 32 bytes!"),
+        }
+    }
+
+    fn req(user: u64, key: Option<&str>) -> ClaimRequest<'static> {
+        ClaimRequest {
+            user_id: user,
+            activity_id: "a",
+            ticket_id: None,
+            idempotency_key: key.map(Arc::from),
+            claim_token: None,
+            pow_nonce: None,
+        }
+    }
+
+    async fn stop(f: &Fixture) {
+        f.runner.stop(&["journal-writer", "store-applier"]).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn codes_go_once_each_then_the_activity_is_sold_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fixture(dir.path(), &["C1", "C2"], 1, ("-1m", "+1h"), "");
+        let mut unknown = req(1, None);
+        unknown.ticket_id = Some("zzz");
+        assert_eq!(
+            f.claimer.claim(&f.catalog, unknown).await.unwrap_err(),
+            Rejection::UnknownTicket
+        );
+        let mut codes = Vec::new();
+        for user in 1..=2 {
+            let c = f.claimer.claim(&f.catalog, req(user, None)).await.unwrap();
+            assert!(!c.replayed && c.claim.id > 0);
+            codes.push(c.claim.code.to_string());
+        }
+        codes.sort();
+        assert_eq!(codes, ["C1", "C2"]);
+        assert_eq!(
+            f.claimer.claim(&f.catalog, req(3, None)).await.unwrap_err(),
+            Rejection::SoldOut
+        );
+        let stock = f.claimer.stock(f.catalog.activity("a").unwrap());
+        assert_eq!(
+            (stock.remaining, stock.claimed, stock.tickets.clone()),
+            (0, 2, vec![(2, 0)])
+        );
+        stop(&f).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_user_at_the_limit_is_told_their_codes_and_a_key_replays() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fixture(dir.path(), &["C1", "C2", "C3"], 1, ("-1m", "+1h"), "");
+        let first = f.claimer.claim(&f.catalog, req(7, Some("k"))).await.unwrap();
+        let again = f.claimer.claim(&f.catalog, req(7, Some("k"))).await.unwrap();
+        assert!(again.replayed);
+        assert_eq!(again.claim, first.claim);
+        match f.claimer.claim(&f.catalog, req(7, Some("other"))).await.unwrap_err() {
+            Rejection::LimitReached(codes) => assert_eq!(codes, vec![first.claim.code.clone()]),
+            other => panic!("{other:?}"),
+        }
+        // Fifty parallel claims of one user: exactly one more slot would be
+        // the limit broken; none passes.
+        let results = futures_util::future::join_all((0..50).map(|_| f.claimer.claim(&f.catalog, req(7, None)))).await;
+        assert!(results.iter().all(|r| matches!(r, Err(Rejection::LimitReached(_)))));
+        let remaining = f.claimer.stock(f.catalog.activity("a").unwrap()).remaining;
+        assert_eq!(remaining, 2, "refused claims give their codes back");
+        stop(&f).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_window_pause_and_ids_are_checked_before_any_code_moves() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fixture(dir.path(), &["C1"], 1, ("+1h", "+2h"), "");
+        assert!(matches!(
+            f.claimer.claim(&f.catalog, req(1, None)).await,
+            Err(Rejection::NotStarted { .. })
+        ));
+        let mut unknown = req(1, None);
+        unknown.activity_id = "nope";
+        assert_eq!(
+            f.claimer.claim(&f.catalog, unknown).await.unwrap_err(),
+            Rejection::UnknownActivity
+        );
+        stop(&f).await;
+        let dir = tempfile::tempdir().unwrap();
+        let f = fixture(dir.path(), &["C1"], 1, ("-1m", "+1h"), "paused = true");
+        assert_eq!(
+            f.claimer.claim(&f.catalog, req(1, None)).await.unwrap_err(),
+            Rejection::Paused
+        );
+        assert_eq!(
+            f.claimer.stock(f.catalog.activity("a").unwrap()).remaining,
+            1,
+            "no code moved"
+        );
+        stop(&f).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn proof_of_work_needs_a_token_and_a_nonce() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fixture(dir.path(), &["C1"], 1, ("-1m", "+1h"), "pow_difficulty = 4");
+        assert_eq!(
+            f.claimer.claim(&f.catalog, req(1, None)).await.unwrap_err(),
+            Rejection::ClaimTokenRequired
+        );
+        let activity = f.catalog.activity("a").unwrap();
+        let token = f.claimer.claim_token(1, activity, now_ms()).unwrap();
+        let mut with_token = req(1, None);
+        with_token.claim_token = Some(&token);
+        assert_eq!(
+            f.claimer.claim(&f.catalog, with_token).await.unwrap_err(),
+            Rejection::ProofOfWork { difficulty: 4 }
+        );
+        let forged = f.tokens.issue(2, "a", activity.start_ms, now_ms() + 60_000);
+        let mut other_user = req(1, None);
+        other_user.claim_token = Some(&forged);
+        assert_eq!(
+            f.claimer.claim(&f.catalog, other_user).await.unwrap_err(),
+            Rejection::ClaimTokenInvalid
+        );
+        let nonce = crate::auth::claim_token::solve_pow(&token, 4);
+        let mut solved = req(1, None);
+        solved.claim_token = Some(&token);
+        solved.pow_nonce = Some(&nonce);
+        assert_eq!(&*f.claimer.claim(&f.catalog, solved).await.unwrap().claim.code, "C1");
+        stop(&f).await;
+    }
+
+    /// What `decide` holds while the store works: a reserved slot and a taken code.
+    fn reserved(user: u64) -> (Slot, Claim) {
+        let pool = Arc::new(CodePool::new());
+        pool.add_codes(&["C1"]);
+        let code_idx = pool.take().unwrap();
+        let ledger = Arc::new(Ledger::default());
+        assert!(matches!(ledger.reserve(user, 1, None), Reservation::Reserved));
+        let claim = Claim {
+            id: 0,
+            activity_id: "a".into(),
+            ticket_id: "t".into(),
+            code: pool.code(code_idx),
+            user_id: user,
+            claimed_at_ms: 1,
+            idempotency_key: None,
+        };
+        let slot = Slot {
+            pool,
+            code_idx,
+            ledger,
+            user,
+            key: None,
+        };
+        (slot, claim)
+    }
+
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_whose_client_hung_up_is_still_settled() {
+        // The request future is dropped while the store works (hyper drops
+        // it when the client goes away); the store answers afterwards.
+        let (slot, claim) = reserved(1);
+        let (pool, ledger) = (slot.pool.clone(), slot.ledger.clone());
+        let (pending, reply) = PendingClaim::new(claim, 1);
+        drop(Settle {
+            slot: Some(slot),
+            reply: Some(reply),
+        });
+        pending.answer(CommitOutcome::Committed(42));
+        eventually("the durable claim was never confirmed", || ledger.claimed() == 1).await;
+        assert_eq!(ledger.claims_of(1)[0].id, 42);
+        assert_eq!(pool.remaining(), 0, "a durable claim keeps its code");
+
+        // A failure answered after the hang-up gives the code and the slot back.
+        let (slot, claim) = reserved(2);
+        let (pool, ledger) = (slot.pool.clone(), slot.ledger.clone());
+        let (pending, reply) = PendingClaim::new(claim, 1);
+        drop(Settle {
+            slot: Some(slot),
+            reply: Some(reply),
+        });
+        pending.answer(CommitOutcome::Failed(crate::vocab::CommitError::Overloaded));
+        eventually("the failed claim's code never came back", || pool.remaining() == 1).await;
+        assert!(
+            matches!(ledger.reserve(2, 1, None), Reservation::Reserved),
+            "the slot was released"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_code_taken_by_another_node_is_swapped_and_an_unknown_outcome_keeps_the_code_out() {
+        let (mut slot, claim) = reserved(1);
+        slot.pool.add_codes(&["C2"]);
+        match slot.settle(claim.clone(), CommitOutcome::CodeTaken, true) {
+            Next::Retry(next) => assert_eq!(&*next.code, "C2"),
+            Next::Done(r) => panic!("{r:?}"),
+        }
+        assert_eq!(slot.pool.remaining(), 0, "the lost code is not put back");
+        // Out of retries (or codes): sold out, slot released.
+        let (mut slot, claim) = reserved(1);
+        assert!(matches!(
+            slot.settle(claim.clone(), CommitOutcome::CodeTaken, false),
+            Next::Done(Err(Rejection::SoldOut))
+        ));
+        assert!(matches!(slot.ledger.reserve(1, 1, None), Reservation::Reserved));
+        // In doubt: the store settles the code later; it must not come back here.
+        let (mut slot, claim) = reserved(1);
+        assert!(matches!(
+            slot.settle(claim, CommitOutcome::InDoubt, true),
+            Next::Done(Err(Rejection::Unavailable))
+        ));
+        assert_eq!(slot.pool.remaining(), 0);
+        assert!(matches!(slot.ledger.reserve(1, 1, None), Reservation::Reserved));
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::LogFormat;
+use crate::{config::LogFormat, export::ExportFormat};
 
 /// ticketd — a ticket-rush (抢票) service that never oversells.
 ///
@@ -73,17 +73,6 @@ pub enum UserCommand {
     },
     /// List users (id, username, nickname, created).
     List,
-}
-
-/// Export output formats.
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum ExportFormat {
-    /// RFC 4180 CSV with a header row, UTF-8.
-    Csv,
-    /// One JSON object per line.
-    Jsonl,
-    /// Apache Parquet (claims only; use --out).
-    Parquet,
 }
 
 /// What `ticketd export` writes.

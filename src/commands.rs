@@ -6,6 +6,7 @@
 use std::{
     io::{self, BufRead, IsTerminal, Write},
     path::Path,
+    sync::Arc,
 };
 
 use anyhow::{bail, Context};
@@ -15,9 +16,12 @@ use crate::{
     app::App,
     auth::{password, validate_account, HashCost},
     cli::{ExportArgs, ExportWhat, ReportArgs, UserCommand},
-    config::{now_ms, Config},
-    export, signals,
+    clock::now_ms,
+    config::Config,
+    export::{self, ExportFormat},
+    signals,
     store::{Access, Store},
+    worker::Runner,
 };
 
 /// Loads the config, with the file name in the error.
@@ -51,9 +55,10 @@ pub fn serve(config: Config, config_path: &Path) -> anyhow::Result<()> {
             ),
             None => None,
         };
-        let signals = signals::install().context("cannot install signal handlers")?;
-        let app = App::start(config, config_path.to_owned())?;
-        app.run(listener, admin, signals.reload, signals.shutdown).await
+        let workers = Arc::new(Runner::new());
+        let signals = signals::install(&workers).context("cannot install signal handlers")?;
+        let app = App::start(config, config_path.to_owned(), workers)?;
+        app.run(listener, admin, signals).await
     })
 }
 
@@ -103,7 +108,7 @@ pub fn import(config: &Config) -> anyhow::Result<()> {
     for c in &report.conflicts {
         eprintln!("skipped: {c}");
     }
-    if store.is_cluster() {
+    if store.shared_with_nodes() {
         println!(
             "{} activities imported; their unclaimed codes are on the Redis master lists, where running nodes lease them.",
             report.activities
@@ -193,7 +198,7 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
                     u.id.to_string(),
                     u.username,
                     u.nickname,
-                    crate::config::rfc3339_ms(u.created_at_ms),
+                    crate::clock::rfc3339_ms(u.created_at_ms),
                 ])?;
             }
             out.flush()?;
@@ -246,20 +251,14 @@ fn read_user_csv(file: &Path) -> anyhow::Result<Vec<(String, String, String)>> {
 
 /// `ticketd export`.
 pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
-    let store = Store::open(config, Access::Tool)?;
-    if !store.has_activity(&args.activity)? {
-        bail!(
-            "the store has no activity `{}` (run `ticketd import` or `ticketd serve` first)",
-            args.activity
-        );
-    }
-    if args.what == ExportWhat::Rejections && args.format == crate::cli::ExportFormat::Parquet {
+    if args.what == ExportWhat::Rejections && args.format == ExportFormat::Parquet {
         bail!("rejections export as csv or jsonl; Parquet is for claims");
     }
-    if args.format == crate::cli::ExportFormat::Parquet && args.out.is_none() {
+    if args.format == ExportFormat::Parquet && args.out.is_none() {
         bail!("a Parquet export needs --out FILE");
     }
-    let bom = args.bom && args.format == crate::cli::ExportFormat::Csv;
+    let store = Store::open_with_activity(config, &args.activity)?;
+    let bom = args.bom && args.format == ExportFormat::Csv;
     let write = |mut out: Box<dyn Write + Send>| -> anyhow::Result<u64> {
         if bom {
             out.write_all("\u{feff}".as_bytes())
@@ -285,13 +284,7 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
 
 /// `ticketd report`.
 pub fn report(config: &Config, args: ReportArgs) -> anyhow::Result<()> {
-    let store = Store::open(config, Access::Tool)?;
-    if !store.has_activity(&args.activity)? {
-        bail!(
-            "the store has no activity `{}` (run `ticketd import` or `ticketd serve` first)",
-            args.activity
-        );
-    }
+    let store = Store::open_with_activity(config, &args.activity)?;
     let data = store.report_data(&args.activity, args.top)?;
     let html = export::report::render(&args.activity, &data, now_ms());
     std::fs::write(&args.out, html).with_context(|| format!("cannot write {}", args.out.display()))?;

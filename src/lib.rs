@@ -8,31 +8,38 @@
 //!
 //! A request takes one path through the crate:
 //! `http::server` → `http::router` → a handler → [`claim::Claimer`] →
-//! [`inventory`] (take a code, reserve the user's slot) → [`store::Store::commit`]
+//! [`inventory`] (reserve the user's slot, take a code) → [`store::Store::commit`]
 //! (the [`journal`], group commit; in cluster mode one Redis script per batch)
-//! → settle → response.
+//! → the store's [`vocab::CommitOutcome`] → settle → response.
 //!
 //! # Layout
-//! - [`cli`] — clap definitions of every subcommand;
-//! - [`commands`] — what each subcommand does (serve, import, user, export, report, check-config);
-//! - [`app`] — start-up steps, the shared [`app::AppState`], reload, shutdown order;
-//! - [`signals`] — SIGHUP → reload, SIGTERM/SIGINT → the one shutdown watch;
-//! - [`config`] — the config tree, units, validation with line numbers, reload diff;
-//! - [`catalog`] — the immutable activity/ticket snapshot behind `ArcSwap`;
-//! - [`inventory`] — lock-free code pools per ticket type, claim ledgers per activity;
-//! - [`claim`] — the claim decision and its outcomes;
-//! - [`journal`] — the append-only claim journal: record format, group commit, replay;
+//! From the ground floor up; a module imports only modules listed before it
+//! (the integration test `layout` checks the import graph has no circle).
+//!
+//! - [`clock`] — now, and RFC 3339 text for times;
+//! - [`vocab`] — the claim's vocabulary: `Claim`, `PendingClaim`, `CommitOutcome`, `Rejection`, `ClaimOutcome`;
+//! - [`worker`] — background loops as named workers: one runner starts, reports and stops them in order;
+//! - [`notify`] — the systemd notify protocol (READY, RELOADING, STATUS, WATCHDOG);
+//! - [`config`] — the config tree, its units (durations, sizes, address ranges, times), validation per section;
+//! - [`metrics`] — lock-free counters and histograms, Prometheus text;
+//! - [`stats`] — rush statistics (outcomes per minute, requests per source, latency) for reports;
+//! - [`journal`] — the append-only claim journal: record format, group commit, recovery;
 //! - [`store`] — the storage boundary: the embedded SQLite store, and the cluster store
-//!   (Redis leases and commit scripts, MongoDB write-behind, the lease loop);
+//!   (Redis leases and commit scripts, MongoDB write-behind);
+//! - [`inventory`] — code pools per ticket type, claim ledgers per activity, leasing;
+//! - [`catalog`] — the immutable activity/ticket snapshot behind `ArcSwap`;
 //! - [`auth`] — argon2id passwords, HMAC session tokens and revocation, claim tokens and
 //!   proof of work, the guard (blocklists, rate limits, login backoff, trusted proxies);
-//! - [`http`] — accept loop and limits, router, request parsing, the error shape, handlers
-//!   (public API, admin API and live page), the access log;
-//! - [`export`] — streaming CSV / JSON-lines exports, the HTML rush report and its SVG charts;
-//! - [`metrics`] — lock-free counters and histograms, Prometheus text;
-//! - [`notify`] — the systemd notify protocol (READY, RELOADING, STATUS, WATCHDOG);
-//! - [`stats`] — rush statistics (outcomes per minute, requests per source, latency) for reports;
-//! - [`bench`](mod@bench) — the rush simulator behind `ticketd bench`, and its HTTP client.
+//! - [`claim`] — the claim decision: window, tokens, limit, take, commit, settle;
+//! - [`export`] — streaming CSV / JSON-lines / Parquet exports, the HTML rush report and its SVG charts;
+//! - [`state`] — `AppState`: the handles a request may touch, and reload;
+//! - [`http`] — accept loop and connection limits, router, request parsing, the error shape,
+//!   handlers (public API, admin API and live page), the access log;
+//! - [`signals`] — SIGHUP → reload, SIGTERM/SIGINT → the one shutdown watch;
+//! - [`app`] — start-up steps, the node's workers, serving, the shutdown order;
+//! - [`bench`](mod@bench) — the rush simulator behind `ticketd bench`, and its HTTP client;
+//! - [`cli`] — clap definitions of every subcommand;
+//! - [`commands`] — what each subcommand does (serve, import, user, export, report, check-config).
 
 #![warn(missing_docs)]
 
@@ -42,6 +49,7 @@ pub mod bench;
 pub mod catalog;
 pub mod claim;
 pub mod cli;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod export;
@@ -51,8 +59,11 @@ pub mod journal;
 pub mod metrics;
 pub mod notify;
 pub mod signals;
+pub mod state;
 pub mod stats;
 pub mod store;
+pub mod vocab;
+pub mod worker;
 
 use std::io::IsTerminal;
 

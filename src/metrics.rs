@@ -11,6 +11,9 @@ use std::{
     time::Duration,
 };
 
+pub use crate::vocab::ClaimOutcome;
+use crate::worker::{WorkerReport, WorkerState};
+
 /// The process's metrics.
 pub fn global() -> &'static Metrics {
     static METRICS: Metrics = Metrics::new();
@@ -88,75 +91,6 @@ const STATUSES: [u16; 16] = [
 
 fn status_slot(status: u16) -> usize {
     STATUSES.iter().position(|&s| s == status).unwrap_or(STATUSES.len() - 1)
-}
-
-/// What happened to a claim request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(usize)]
-pub enum ClaimOutcome {
-    /// A code was handed out.
-    Success,
-    /// An idempotent retry got its earlier claim again.
-    Replayed,
-    /// Unknown activity or ticket.
-    NotFound,
-    /// Activity paused.
-    Paused,
-    /// Before the start.
-    NotStarted,
-    /// After the end.
-    Ended,
-    /// User at the limit.
-    LimitReached,
-    /// Same idempotency key in flight.
-    InProgress,
-    /// No stock.
-    SoldOut,
-    /// Shed for load.
-    Overloaded,
-    /// Store unavailable.
-    Unavailable,
-    /// Missing, invalid or expired claim token.
-    BadClaimToken,
-    /// Missing or wrong proof of work.
-    BadProofOfWork,
-}
-
-impl ClaimOutcome {
-    const ALL: [ClaimOutcome; 13] = [
-        ClaimOutcome::Success,
-        ClaimOutcome::Replayed,
-        ClaimOutcome::NotFound,
-        ClaimOutcome::Paused,
-        ClaimOutcome::NotStarted,
-        ClaimOutcome::Ended,
-        ClaimOutcome::LimitReached,
-        ClaimOutcome::InProgress,
-        ClaimOutcome::SoldOut,
-        ClaimOutcome::Overloaded,
-        ClaimOutcome::Unavailable,
-        ClaimOutcome::BadClaimToken,
-        ClaimOutcome::BadProofOfWork,
-    ];
-
-    /// The label in metrics, stats and reports.
-    pub fn label(self) -> &'static str {
-        match self {
-            ClaimOutcome::Success => "success",
-            ClaimOutcome::Replayed => "replayed",
-            ClaimOutcome::NotFound => "not_found",
-            ClaimOutcome::Paused => "paused",
-            ClaimOutcome::NotStarted => "not_started",
-            ClaimOutcome::Ended => "ended",
-            ClaimOutcome::LimitReached => "limit_reached",
-            ClaimOutcome::InProgress => "in_progress",
-            ClaimOutcome::SoldOut => "sold_out",
-            ClaimOutcome::Overloaded => "overloaded",
-            ClaimOutcome::Unavailable => "unavailable",
-            ClaimOutcome::BadClaimToken => "bad_claim_token",
-            ClaimOutcome::BadProofOfWork => "bad_proof_of_work",
-        }
-    }
 }
 
 /// Why the security layer turned a request away.
@@ -313,6 +247,8 @@ pub struct Metrics {
     pub codes_leased: AtomicU64,
     /// Cluster: dead nodes whose leases this node reclaimed.
     pub leases_reaped: AtomicU64,
+    /// Access-log lines dropped because the writer fell behind.
+    pub access_log_dropped: AtomicU64,
 }
 
 /// State read from its owners at scrape time.
@@ -331,6 +267,8 @@ pub struct Gauges {
     pub stock_bytes: usize,
     /// Cluster mode only: the node's store connections and backlog.
     pub cluster: Option<ClusterGauges>,
+    /// Every background worker's state.
+    pub workers: Vec<WorkerReport>,
 }
 
 /// Cluster-mode state at scrape time.
@@ -362,6 +300,7 @@ impl Metrics {
             mongo_write: Histogram::new(LATENCY_BOUNDS),
             codes_leased: AtomicU64::new(0),
             leases_reaped: AtomicU64::new(0),
+            access_log_dropped: AtomicU64::new(0),
         }
     }
 
@@ -467,7 +406,8 @@ impl Metrics {
         if let Some(c) = &gauges.cluster {
             self.render_cluster(&mut out, c);
         }
-        let dropped = crate::http::access_log::DROPPED.load(Ordering::Relaxed);
+        self.render_workers(&mut out, &gauges.workers);
+        let dropped = self.access_log_dropped.load(Ordering::Relaxed);
         let _ = writeln!(
             out,
             "# HELP ticketd_access_log_dropped_total Access-log lines dropped because the writer fell behind.\n# TYPE ticketd_access_log_dropped_total counter\nticketd_access_log_dropped_total {dropped}"
@@ -501,6 +441,43 @@ impl Metrics {
 }
 
 impl Metrics {
+    fn render_workers(&self, out: &mut String, workers: &[WorkerReport]) {
+        out.push_str("# HELP ticketd_worker_up 1 while the background worker runs, 0 once it stopped or failed.\n# TYPE ticketd_worker_up gauge\n");
+        for w in workers {
+            let up = usize::from(matches!(w.state, WorkerState::Running | WorkerState::Stopping));
+            let _ = writeln!(
+                out,
+                "ticketd_worker_up{{worker=\"{}\",state=\"{}\"}} {up}",
+                w.name,
+                w.state.label()
+            );
+        }
+        out.push_str("# HELP ticketd_worker_iterations_total Rounds of work each background worker has done.\n# TYPE ticketd_worker_iterations_total counter\n");
+        for w in workers {
+            let _ = writeln!(
+                out,
+                "ticketd_worker_iterations_total{{worker=\"{}\"}} {}",
+                w.name, w.iterations
+            );
+        }
+        out.push_str("# HELP ticketd_worker_errors_total Errors each background worker survived (it retries).\n# TYPE ticketd_worker_errors_total counter\n");
+        for w in workers {
+            let _ = writeln!(out, "ticketd_worker_errors_total{{worker=\"{}\"}} {}", w.name, w.errors);
+        }
+        out.push_str("# HELP ticketd_worker_last_error_age_seconds Seconds since the worker's last error, with the error as a label.\n# TYPE ticketd_worker_last_error_age_seconds gauge\n");
+        for w in workers {
+            if let (Some(error), Some(age)) = (&w.last_error, w.last_error_age_secs) {
+                let error: String = error.chars().take(160).collect();
+                let _ = writeln!(
+                    out,
+                    "ticketd_worker_last_error_age_seconds{{worker=\"{}\",error=\"{}\"}} {age}",
+                    w.name,
+                    escape(&error)
+                );
+            }
+        }
+    }
+
     fn render_cluster(&self, out: &mut String, c: &ClusterGauges) {
         out.push_str("# HELP ticketd_leased_codes Codes leased to this node and not yet claimed.\n# TYPE ticketd_leased_codes gauge\n");
         for (activity, ticket, n) in &c.leased {

@@ -1,14 +1,18 @@
-//! Unix signals turned into the app's two messages.
+//! Unix signals turned into the app's two messages, by the worker `signals`.
 //!
 //! SIGHUP → a reload request on an mpsc channel. SIGTERM or SIGINT → the one
-//! shutdown `watch` that reaches the server and every worker. A second
-//! SIGTERM/SIGINT exits at once with status 130: every acknowledged claim is
-//! already in the journal, so an immediate exit loses none.
+//! shutdown `watch` that reaches the servers, after which the app stops its
+//! workers in order. A second SIGTERM/SIGINT exits at once with status 130:
+//! every acknowledged claim is already in the journal, so an immediate exit
+//! loses none.
 
 use tokio::{
+    runtime::Handle,
     signal::unix::{signal, SignalKind},
     sync::{mpsc, watch},
 };
+
+use crate::worker::Runner;
 
 /// The receiving ends for the app.
 pub struct Signals {
@@ -18,14 +22,15 @@ pub struct Signals {
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// Installs the handlers. Must be called inside the runtime.
-pub fn install() -> std::io::Result<Signals> {
+/// Installs the handlers as the worker `signals` on `runner`. Must be
+/// called inside the runtime.
+pub fn install(runner: &Runner) -> std::io::Result<Signals> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let (reload_tx, reload) = mpsc::channel(4);
     let (shutdown_tx, shutdown) = watch::channel(false);
-    tokio::spawn(async move {
+    runner.task("signals", &Handle::current(), move |ctl, mut stopping| async move {
         loop {
             tokio::select! {
                 _ = hup.recv() => {
@@ -34,7 +39,9 @@ pub fn install() -> std::io::Result<Signals> {
                 }
                 _ = term.recv() => stop(&shutdown_tx, "SIGTERM"),
                 _ = int.recv() => stop(&shutdown_tx, "SIGINT"),
+                _ = stopping.requested() => return,
             }
+            ctl.tick();
         }
     });
     Ok(Signals { reload, shutdown })

@@ -4,7 +4,7 @@
 //!
 //! Recording is three sharded-map increments per claim request, no I/O; a
 //! worker drains the maps every second into the store
-//! ([`crate::store::Store::add_stats`]). Draining removes each entry under
+//! (`Store::add_stats`). Draining removes each entry under
 //! its shard lock and adds its count to the store, so nothing is counted
 //! twice or lost. The per-source map is capped: past [`MAX_SOURCES`] distinct
 //! addresses and accounts, new ones are counted under "other", so a flood of
@@ -14,7 +14,7 @@ use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use dashmap::DashMap;
 
-use crate::metrics::{ClaimOutcome, LATENCY_BOUNDS};
+use crate::{metrics::LATENCY_BOUNDS, vocab::ClaimOutcome};
 
 /// Most distinct sources tracked between two flushes.
 pub const MAX_SOURCES: usize = 200_000;

@@ -19,11 +19,8 @@ use std::{
 use arc_swap::ArcSwap;
 use http::HeaderMap;
 
-use super::{
-    ipnet::{any_contains, IpNet},
-    ratelimit::{Backoff, BackoffPolicy, Rate, TokenBuckets},
-};
-use crate::config::Config;
+use super::ratelimit::{Backoff, BackoffPolicy, Rate, TokenBuckets};
+use crate::config::{any_contains, Config, IpNet};
 
 /// Why the guard turned a request away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,10 +47,9 @@ struct Settings {
 impl Settings {
     fn from_config(config: &Config, blocked_user_ids: HashSet<u64>) -> Settings {
         let s = &config.security;
-        let nets = |list: &[String]| list.iter().filter_map(|n| n.parse().ok()).collect();
         Settings {
-            trusted: nets(&s.trusted_proxies),
-            blocked_ips: nets(&s.blocked_ips),
+            trusted: s.trusted_proxies.clone(),
+            blocked_ips: s.blocked_ips.clone(),
             blocked_usernames: s.blocked_users.iter().cloned().collect(),
             blocked_user_ids,
             user_rate: Rate {

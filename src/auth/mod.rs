@@ -10,7 +10,6 @@
 
 pub mod claim_token;
 pub mod guard;
-pub mod ipnet;
 pub mod password;
 pub mod ratelimit;
 pub mod session;
@@ -27,23 +26,15 @@ pub use password::HashCost;
 pub use session::{Session, SessionKey, TokenError};
 
 use crate::{
-    config::{now_ms, Config},
+    clock::now_ms,
+    config::Config,
     store::{Store, StoreError, User},
 };
-
-/// Environment variable that overrides `auth.session_secret`.
-pub const SECRET_ENV: &str = "TICKETD_SESSION_SECRET";
-/// Environment variable that overrides `auth.previous_session_secret`.
-pub const PREVIOUS_SECRET_ENV: &str = "TICKETD_SESSION_SECRET_PREVIOUS";
-
-fn env_secret(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|s| !s.is_empty())
-}
 
 /// The session signing secret: the environment, the config, or one generated
 /// once and kept in the store.
 pub fn resolve_secret(config: &Config, store: &Store) -> Result<String, StoreError> {
-    if let Some(s) = env_secret(SECRET_ENV).or_else(|| config.auth.session_secret.clone()) {
+    if let Some(s) = config.auth.session_secret() {
         return Ok(s);
     }
     store.secret("session", &|| {
@@ -144,8 +135,7 @@ impl Auth {
     /// revocation set.
     pub fn new(config: &Config, store: Arc<Store>, secret: &str) -> Result<Auth, StoreError> {
         let mut key = SessionKey::new(secret.as_bytes());
-        if let Some(previous) = env_secret(PREVIOUS_SECRET_ENV).or_else(|| config.auth.previous_session_secret.clone())
-        {
+        if let Some(previous) = config.auth.previous_session_secret() {
             key = key.with_previous(previous.as_bytes());
         }
         let settings = Settings::from_config(config);

@@ -172,7 +172,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     let bots = login_all(&client, &args, &format!("{}bot-", args.user_prefix), args.bots).await?;
 
     if let Some(start) = detail.data()["startTime"].as_str() {
-        let wait = crate::config::parse_rfc3339_ms(start).map_or(0, |s| s - crate::config::now_ms());
+        let wait = crate::clock::parse_rfc3339_ms(start).map_or(0, |s| s - crate::clock::now_ms());
         if wait > 0 {
             eprintln!("bench: activity opens in {:.1}s; waiting", wait as f64 / 1000.0);
             tokio::time::sleep(Duration::from_millis(wait as u64 + 50)).await;

@@ -12,11 +12,23 @@ pub mod svg;
 
 use std::io::Write;
 
+use clap::ValueEnum;
+
 use crate::{
-    cli::ExportFormat,
-    config::rfc3339_ms,
+    clock::rfc3339_ms,
     store::{ClaimRow, Store, StoreError},
 };
+
+/// Export output formats.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// RFC 4180 CSV with a header row, UTF-8.
+    Csv,
+    /// One JSON object per line.
+    Jsonl,
+    /// Apache Parquet (claims only; use --out).
+    Parquet,
+}
 
 /// The CSV header, in column order.
 pub const CSV_HEADER: [&str; 9] = [

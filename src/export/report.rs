@@ -12,7 +12,7 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use super::svg::{bar_chart, esc, fmt_num, line_chart, Series};
-use crate::{config::rfc3339_ms, store::ReportData};
+use crate::{clock::rfc3339_ms, store::ReportData};
 
 /// The summary numbers, also used by tests against the export.
 #[derive(Debug, Default, PartialEq)]

@@ -1,5 +1,6 @@
 //! The optional access log: one JSON line per request, written by its own
-//! thread so the request path only formats a line and `try_send`s it.
+//! worker thread (`access-log`) so the request path only formats a line and
+//! `try_send`s it.
 //!
 //! Off by default (`[log] access_log`). When the writer falls behind, lines
 //! are dropped and counted (`ticketd_access_log_dropped_total`) rather than
@@ -10,35 +11,45 @@ use std::{
     io::{BufWriter, Write},
     net::IpAddr,
     path::Path,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::Ordering,
     time::Duration,
 };
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-/// Lines dropped because the writer fell behind.
-pub static DROPPED: AtomicU64 = AtomicU64::new(0);
+use crate::{
+    clock::{now_ms, rfc3339_ms},
+    metrics,
+    worker::{Ctl, Runner},
+};
 
-/// A handle for sending lines to the writer thread.
+/// A handle for sending lines to the writer.
 pub struct AccessLog {
     tx: Sender<String>,
 }
 
 impl AccessLog {
-    /// Opens (appends to) `path` and starts the writer thread.
-    pub fn open(path: &Path) -> std::io::Result<AccessLog> {
+    /// Opens (appends to) `path` and starts the writer on `runner`. Stopping
+    /// the worker flushes what was sent before.
+    pub fn open(path: &Path, runner: &Runner) -> std::io::Result<AccessLog> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         let (tx, rx) = crossbeam_channel::bounded(65_536);
-        std::thread::Builder::new()
-            .name("access-log".into())
-            .spawn(move || write_lines(BufWriter::new(file), rx))?;
+        let closer = tx.clone();
+        runner.thread(
+            "access-log",
+            move |ctl| write_lines(BufWriter::new(file), rx, &ctl),
+            // An empty line is the stop signal: every line sent before it is written.
+            move || {
+                let _ = closer.send(String::new());
+            },
+        )?;
         Ok(AccessLog { tx })
     }
 
     /// Records one answered request.
     pub fn record(&self, ip: IpAddr, method: &str, path: &str, status: u16, elapsed: Duration) {
         let line = serde_json::json!({
-            "ts": crate::config::rfc3339_ms(crate::config::now_ms()),
+            "ts": rfc3339_ms(now_ms()),
             "ip": ip.to_string(),
             "method": method,
             "path": path,
@@ -47,16 +58,20 @@ impl AccessLog {
         })
         .to_string();
         if self.tx.try_send(line).is_err() {
-            DROPPED.fetch_add(1, Ordering::Relaxed);
+            metrics::global().access_log_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
-fn write_lines(mut out: BufWriter<std::fs::File>, rx: Receiver<String>) {
+fn write_lines(mut out: BufWriter<std::fs::File>, rx: Receiver<String>, ctl: &Ctl) {
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) if line.is_empty() => break,
             Ok(line) => {
-                let _ = writeln!(out, "{line}");
+                if let Err(error) = writeln!(out, "{line}") {
+                    ctl.error(&error);
+                }
+                ctl.tick();
             }
             Err(RecvTimeoutError::Timeout) => {
                 let _ = out.flush();

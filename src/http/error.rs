@@ -14,9 +14,9 @@ use serde::Serialize;
 
 use crate::{
     auth::{AuthError, Denied},
-    claim::Rejection,
-    config::rfc3339_ms,
+    clock::rfc3339_ms,
     store::StoreError,
+    vocab::Rejection,
 };
 
 /// A failed request, ready to render.

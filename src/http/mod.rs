@@ -1,11 +1,13 @@
 //! The HTTP API: the seed's paths, JSON in and out.
 //!
-//! - [`server`] accepts connections and applies connection-level limits;
+//! - [`server`] accepts connections and applies connection-level limits; it
+//!   owns the connection count and the drain ([`server::Http`]);
 //! - [`router`] maps a request to its handler and counts it;
 //! - [`request`] reads bodies, queries and credentials, refusing bad input
 //!   with 4xx answers;
 //! - [`error`] owns the error shape and status mapping;
-//! - `handlers` hold one module per area (`act`, `ticket`, `user`, `ops`).
+//! - `handlers` hold one module per area (`act`, `ticket`, `user`, `admin`, `ops`);
+//! - [`access_log`] writes one JSON line per request, off the request path.
 
 pub mod access_log;
 pub mod error;

@@ -11,8 +11,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize};
 
-use super::ApiError;
-use crate::{app::AppState, auth::Session};
+use super::error::ApiError;
+use crate::{auth::Session, state::AppState};
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 128;

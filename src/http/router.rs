@@ -15,19 +15,38 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use super::{handlers, server::Surface, ApiError};
-use crate::{app::AppState, metrics::Route};
+use super::{access_log::AccessLog, error::ApiError, handlers};
+use crate::{metrics::Route, state::AppState};
+
+/// Which API a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// The public API (`/act/*`, `/ticket/*`, `/user/*`, `/healthz`, `/metrics`).
+    Public,
+    /// `/admin/*` only, behind the admin token; bind it to loopback.
+    Admin,
+}
+
+/// What the server knows about the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct Served {
+    /// Connections open now (for `/metrics` and `/admin/stats`).
+    pub connections: usize,
+    /// Shutdown has begun: the answer carries `Connection: close`.
+    pub closing: bool,
+}
 
 /// Answers one request. Never fails: every error becomes a JSON response.
 pub async fn handle(
     state: &AppState,
+    access_log: Option<&AccessLog>,
+    served: Served,
     req: Request<Incoming>,
     peer: SocketAddr,
     surface: Surface,
 ) -> Response<Full<Bytes>> {
     let started = Instant::now();
-    let logged = state
-        .access_log
+    let logged = access_log
         .as_ref()
         .map(|_| (req.method().clone(), req.uri().path().to_owned()));
     let (route, allowed) = match surface {
@@ -53,16 +72,16 @@ pub async fn handle(
         );
         res
     } else {
-        dispatch(state, route, req, ip)
+        dispatch(state, served.connections, route, req, ip)
             .await
             .unwrap_or_else(ApiError::into_response)
     };
     crate::metrics::global().request(route, res.status().as_u16(), started.elapsed());
-    if let (Some(log), Some((method, path))) = (&state.access_log, logged) {
+    if let (Some(log), Some((method, path))) = (access_log, logged) {
         log.record(ip, method.as_str(), &path, res.status().as_u16(), started.elapsed());
     }
     let mut res = res;
-    if state.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+    if served.closing {
         res.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -95,13 +114,14 @@ fn admin_route_of(path: &str) -> (Route, Method) {
 
 async fn dispatch(
     state: &AppState,
+    connections: usize,
     route: Route,
     req: Request<Incoming>,
     ip: IpAddr,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     match route {
         Route::TicketGet => handlers::ticket::get(state, req, ip).await,
-        Route::Admin => handlers::admin::handle(state, req).await,
+        Route::Admin => handlers::admin::handle(state, req, connections).await,
         Route::ActList => handlers::act::list(state),
         Route::ActDetail => handlers::act::detail(state, &req).await,
         Route::TicketList => handlers::ticket::list(state, &req).await,
@@ -110,7 +130,7 @@ async fn dispatch(
         Route::UserLogin => handlers::user::login(state, req, ip).await,
         Route::UserLogout => handlers::user::logout(state, &req).await,
         Route::Healthz => Ok(handlers::ops::healthz(state)),
-        Route::Metrics => Ok(handlers::ops::metrics(state)),
+        Route::Metrics => Ok(handlers::ops::metrics(state, connections)),
         Route::Unknown => Err(ApiError::not_found("ROUTE_NOT_FOUND", "no such route")),
     }
 }

@@ -10,33 +10,78 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{atomic::Ordering, Arc},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::TcpListener,
+    sync::{watch, Notify},
+};
 
-use super::router;
-use crate::app::AppState;
+use super::{
+    access_log::AccessLog,
+    router::{self, Served, Surface},
+};
+use crate::state::AppState;
 
-/// Which API a listener serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Surface {
-    /// The public API (`/act/*`, `/ticket/*`, `/user/*`, `/healthz`, `/metrics`).
-    Public,
-    /// `/admin/*` only, behind the admin token; bind it to loopback.
-    Admin,
+/// What the HTTP layer holds beside the domain state: the connections both
+/// listeners share, and the access log.
+pub struct Http {
+    /// The domain handles.
+    pub state: Arc<AppState>,
+    /// Open connections and the drain.
+    pub connections: Connections,
+    /// The access log, when `[log] access_log` is set.
+    pub access_log: Option<AccessLog>,
+}
+
+/// Open connections across both listeners, and the shutdown drain.
+pub struct Connections {
+    open: AtomicUsize,
+    /// Signalled when `open` drops to zero.
+    drained: Notify,
+    /// Set when shutdown begins: answers then carry `Connection: close`.
+    shutting_down: AtomicBool,
+    /// `server.max_connections` (restart-only).
+    max: usize,
+}
+
+impl Connections {
+    /// No connections yet; at most `max` at once.
+    pub fn new(max: usize) -> Connections {
+        Connections {
+            open: AtomicUsize::new(0),
+            drained: Notify::new(),
+            shutting_down: AtomicBool::new(false),
+            max,
+        }
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Whether shutdown has begun (answers carry `Connection: close`).
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
 }
 
 /// Decrements the open-connection gauge when a connection ends.
-struct ConnGuard(Arc<AppState>);
+struct ConnGuard(Arc<Http>);
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        if self.0.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.drained.notify_waiters();
+        let c = &self.0.connections;
+        if c.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            c.drained.notify_waiters();
         }
     }
 }
@@ -53,7 +98,8 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 }
 
 /// Serves `listener` until `shutdown` turns true, then drains connections.
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch::Receiver<bool>, surface: Surface) {
+pub async fn serve(listener: TcpListener, http: Arc<Http>, mut shutdown: watch::Receiver<bool>, surface: Surface) {
+    let conns = &http.connections;
     let mut draining = false;
     loop {
         let (stream, peer) = if draining {
@@ -79,15 +125,15 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: wa
                     }
                 },
                 _ = stopped(&mut shutdown) => {
-                    state.shutting_down.store(true, Ordering::Release);
+                    conns.shutting_down.store(true, Ordering::Release);
                     draining = true;
                     continue;
                 }
             }
         };
-        let open = state.connections.fetch_add(1, Ordering::AcqRel);
-        let guard = ConnGuard(state.clone());
-        if open >= state.max_connections {
+        let open = conns.open.fetch_add(1, Ordering::AcqRel);
+        let guard = ConnGuard(http.clone());
+        if open >= conns.max {
             crate::metrics::global()
                 .connections_refused
                 .fetch_add(1, Ordering::Relaxed);
@@ -95,18 +141,25 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: wa
             continue;
         }
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
+        let http = http.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            let svc_state = state.clone();
+            let header_read_timeout = http.state.header_read_timeout();
             let svc = service_fn(move |req| {
-                let state = svc_state.clone();
-                async move { Ok::<_, Infallible>(router::handle(&state, req, peer, surface).await) }
+                let http = http.clone();
+                async move {
+                    let served = Served {
+                        connections: http.connections.open(),
+                        closing: http.connections.shutting_down(),
+                    };
+                    let res = router::handle(&http.state, http.access_log.as_ref(), served, req, peer, surface).await;
+                    Ok::<_, Infallible>(res)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(state.header_read_timeout())
+                .header_read_timeout(header_read_timeout)
                 .keep_alive(true)
                 .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(stream), svc);
@@ -131,14 +184,14 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: wa
         });
     }
     drop(listener);
-    let grace = state.shutdown_grace();
-    tracing::info!(connections = state.connections.load(Ordering::Acquire), grace = ?grace, "Stopped accepting; draining connections.");
+    let grace = http.state.shutdown_grace();
+    tracing::info!(connections = conns.open.load(Ordering::Acquire), grace = ?grace, "Stopped accepting; draining connections.");
     let drained = async {
         loop {
-            let notified = state.drained.notified();
+            let notified = conns.drained.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if state.connections.load(Ordering::Acquire) == 0 {
+            if conns.open.load(Ordering::Acquire) == 0 {
                 return;
             }
             notified.await;
@@ -146,7 +199,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: wa
     };
     if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(
-            connections = state.connections.load(Ordering::Acquire),
+            connections = conns.open.load(Ordering::Acquire),
             "Shutdown grace elapsed; closing remaining connections."
         );
     }

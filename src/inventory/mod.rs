@@ -3,27 +3,40 @@
 //! The [`Inventory`] owns, for the life of the process, one [`CodePool`] per
 //! ticket type and one [`Ledger`] per activity. Catalog snapshots come and go
 //! on reload; they borrow these by `Arc`, so a reload never resets stock or
-//! claims. Both are filled at start-up from the store and then changed only by
-//! the claim path (and by reload adding codes).
+//! claims. On one node the pools are filled at start-up from the store (and
+//! by a reload that adds codes); in a cluster, [`lease`] keeps them stocked
+//! with codes leased from the shared master lists, and knows the
+//! cluster-wide counts. Either way the claim path only ever pops a pool.
+//!
+//! - [`pool`]: the lock-free pool of one ticket type's codes;
+//! - [`ledger`]: one activity's claims per user and the per-user limit;
+//! - [`lease`]: the lease worker (cluster mode): refill ahead of demand,
+//!   wait for stock, give back idle codes, cluster-wide counts;
+//! - `stock`: what is left of an activity, as the API shows it.
 
+pub mod lease;
+pub mod ledger;
 mod pool;
+mod stock;
 
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    Arc,
-};
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 
+pub use lease::Leasing;
+pub use ledger::{Ledger, Reservation};
 pub use pool::{CodeArena, CodeIdx, CodePool};
+pub use stock::Stock;
 
-use crate::claim::Claim;
+use crate::{store::StoreError, vocab::Claim};
 
 /// Pools and ledgers by id.
 #[derive(Default)]
 pub struct Inventory {
     pools: DashMap<Arc<str>, Arc<CodePool>>,
     ledgers: DashMap<Arc<str>, Arc<Ledger>>,
+    /// Set when the store hands out codes in leases (cluster mode).
+    leasing: OnceLock<Arc<Leasing>>,
 }
 
 impl Inventory {
@@ -43,7 +56,7 @@ impl Inventory {
         self.ledgers.entry(Arc::from(activity_id)).or_default().clone()
     }
 
-    /// Every claim `user` holds, across activities.
+    /// Every claim `user` holds, across activities, in this node's ledgers.
     pub fn claims_of_user(&self, user: u64) -> Vec<Claim> {
         self.ledgers.iter().flat_map(|l| l.claims_of(user)).collect()
     }
@@ -52,123 +65,66 @@ impl Inventory {
     pub fn stock_bytes(&self) -> usize {
         self.pools.iter().map(|p| p.heap_bytes()).sum()
     }
-}
 
-/// One activity's claims per user, and the claims being committed right now.
-///
-/// The per-user limit is enforced here: a claim first *reserves* a slot under
-/// the user's map entry (a short DashMap shard lock, never held across an
-/// await), so fifty parallel requests of one user cannot all pass the check.
-#[derive(Default)]
-pub struct Ledger {
-    users: DashMap<u64, UserClaims>,
-    claimed: AtomicUsize,
-    /// Claims of this activity being decided or committed (admission control).
-    pub in_flight: AtomicUsize,
-}
+    /// The lease worker's state, when the pools are stocked by leases.
+    pub fn leasing(&self) -> Option<&Arc<Leasing>> {
+        self.leasing.get()
+    }
 
-/// What one user holds in one activity.
-#[derive(Default)]
-struct UserClaims {
-    claims: Vec<Claim>,
-    /// Claims reserved but not yet durable.
-    pending: u32,
-    /// Idempotency keys of the pending claims.
-    pending_keys: Vec<Arc<str>>,
-}
+    /// From now on the pools are stocked by `leasing` (once, at start-up).
+    pub fn lease_with(&self, leasing: Arc<Leasing>) {
+        let _ = self.leasing.set(leasing);
+    }
 
-/// The answer of [`Ledger::reserve`].
-#[derive(Debug)]
-pub enum Reservation {
-    /// A slot is reserved; commit or release it.
-    Reserved,
-    /// This idempotency key already has a claim: answer it again.
-    Replay(Claim),
-    /// A claim with this idempotency key is being committed right now.
-    InProgress,
-    /// The user holds (or is committing) the limit; here are their codes.
-    LimitReached(Vec<Arc<str>>),
-}
+    /// Starts selling these activities' ticket types (`(activity, tickets)`).
+    /// With leases, an activity seen for the first time first gets back what
+    /// an earlier run of this node still had leased. Called at start-up and
+    /// after every reload.
+    pub fn track(&self, activities: &[(Arc<str>, Vec<Arc<str>>)]) -> Result<(), StoreError> {
+        match self.leasing() {
+            Some(leasing) => leasing.track(&|ticket| self.pool(ticket), activities),
+            None => Ok(()),
+        }
+    }
 
-impl Ledger {
-    /// Reserves a claim slot for `user` if they are under `limit`.
-    pub fn reserve(&self, user: u64, limit: u32, key: Option<&Arc<str>>) -> Reservation {
-        let mut entry = self.users.entry(user).or_default();
-        let held = &mut *entry;
-        if let Some(key) = key {
-            if let Some(c) = held
-                .claims
-                .iter()
-                .find(|c| c.idempotency_key.as_deref() == Some(&**key))
-            {
-                return Reservation::Replay(c.clone());
-            }
-            if held.pending_keys.iter().any(|k| **k == **key) {
-                return Reservation::InProgress;
+    /// What is left of an activity with these ticket types and ledger: the
+    /// cluster-wide counts (as of the last look) when stocked by leases,
+    /// this node's pools and ledger otherwise.
+    pub fn stock<'a>(&self, tickets: impl Iterator<Item = (&'a str, &'a CodePool)>, ledger: &Ledger) -> Stock {
+        match self.leasing() {
+            Some(leasing) => leasing.stock(tickets),
+            None => {
+                let tickets: Vec<(usize, usize)> = tickets.map(|(_, p)| (p.known(), p.remaining())).collect();
+                Stock {
+                    remaining: tickets.iter().map(|t| t.1).sum(),
+                    claimed: ledger.claimed(),
+                    tickets,
+                }
             }
         }
-        if held.claims.len() as u64 + u64::from(held.pending) >= u64::from(limit) {
-            return Reservation::LimitReached(held.claims.iter().map(|c| c.code.clone()).collect());
-        }
-        held.pending += 1;
-        if let Some(key) = key {
-            held.pending_keys.push(key.clone());
-        }
-        Reservation::Reserved
     }
 
-    /// The answer `reserve` would give without reserving: a replay, the limit
-    /// reached, or `None`. Takes only a read lock and never inserts.
-    pub fn peek(&self, user: u64, limit: u32, key: Option<&str>) -> Option<Reservation> {
-        let held = self.users.get(&user)?;
-        if let Some(key) = key {
-            if let Some(c) = held.claims.iter().find(|c| c.idempotency_key.as_deref() == Some(key)) {
-                return Some(Reservation::Replay(c.clone()));
-            }
-        }
-        (held.claims.len() as u64 >= u64::from(limit))
-            .then(|| Reservation::LimitReached(held.claims.iter().map(|c| c.code.clone()).collect()))
-    }
-
-    /// Turns a reservation into a held claim (it is durable now).
-    pub fn confirm(&self, claim: Claim) {
-        let mut entry = self.users.entry(claim.user_id).or_default();
-        entry.end_pending(claim.idempotency_key.as_ref());
-        entry.claims.push(claim);
-        self.claimed.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Gives a reservation back (the claim failed).
-    pub fn release(&self, user: u64, key: Option<&Arc<str>>) {
-        if let Some(mut entry) = self.users.get_mut(&user) {
-            entry.end_pending(key);
+    /// Re-reads an activity's cluster-wide counts (before `/act/detail`
+    /// answers, so it counts what other nodes sold a moment ago). Nothing to
+    /// do without leases.
+    pub async fn refresh_counts(&self, activity_id: &str) -> Result<(), StoreError> {
+        match self.leasing() {
+            Some(leasing) => leasing.refresh_counts(activity_id).await,
+            None => Ok(()),
         }
     }
 
-    /// Records a claim loaded from the store at start-up.
-    pub fn restore(&self, claim: Claim) {
-        self.users.entry(claim.user_id).or_default().claims.push(claim);
-        self.claimed.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The claims `user` holds, oldest first.
-    pub fn claims_of(&self, user: u64) -> Vec<Claim> {
-        self.users.get(&user).map(|e| e.claims.clone()).unwrap_or_default()
-    }
-
-    /// Durable claims in this activity.
-    pub fn claimed(&self) -> usize {
-        self.claimed.load(Ordering::Relaxed)
-    }
-}
-
-impl UserClaims {
-    fn end_pending(&mut self, key: Option<&Arc<str>>) {
-        self.pending = self.pending.saturating_sub(1);
-        if let Some(key) = key {
-            if let Some(i) = self.pending_keys.iter().position(|k| **k == **key) {
-                self.pending_keys.swap_remove(i);
-            }
+    /// When these pools are empty: waits briefly if leases may still bring
+    /// codes, and says whether some arrived. Without leases an empty pool is
+    /// sold out at once. After a sell-out this is the path of every refused
+    /// claim, so it allocates nothing.
+    pub async fn wait_for_stock<'a, I>(&self, tickets: I) -> bool
+    where
+        I: Iterator<Item = (&'a str, &'a CodePool)> + Clone,
+    {
+        match self.leasing() {
+            Some(leasing) => leasing.wait_for_stock(tickets).await,
+            None => false,
         }
     }
 }

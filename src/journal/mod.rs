@@ -29,17 +29,16 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
-    thread::JoinHandle,
     time::Instant,
 };
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use parking_lot::Mutex;
 
 use crate::{
-    claim::{Claim, CommitError},
     config::{FsyncPolicy, JournalConfig},
     metrics,
+    vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
+    worker::{Ctl, Runner},
 };
 
 /// Why the journal could not be opened or replayed.
@@ -78,6 +77,19 @@ pub trait Entry: Send + 'static {
     fn settle(self, result: Result<u64, CommitError>);
 }
 
+impl Entry for PendingClaim {
+    fn claim(&self) -> &Claim {
+        PendingClaim::claim(self)
+    }
+
+    fn settle(self, result: Result<u64, CommitError>) {
+        self.answer(match result {
+            Ok(id) => CommitOutcome::Committed(id),
+            Err(e) => CommitOutcome::Failed(e),
+        });
+    }
+}
+
 enum Msg<E> {
     Append(E),
     /// Answered by the writer once everything queued before it was written.
@@ -97,7 +109,7 @@ pub struct Recovered {
 pub struct Journal<E: Entry> {
     tx: Sender<Msg<E>>,
     healthy: Arc<AtomicBool>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    closed: Arc<AtomicBool>,
 }
 
 /// Where a journal lives and how it writes.
@@ -131,65 +143,67 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     Ok(out)
 }
 
-impl<E: Entry> Journal<E> {
-    /// Reads every segment in `dir` (created if missing), truncating a torn
-    /// tail of the last one.
-    pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let segs = segments(dir)?;
-        let mut claims = Vec::new();
-        let mut last_seq = 0;
-        for (i, (_, path)) in segs.iter().enumerate() {
-            let bytes = fs::read(path).map_err(io_err(path))?;
-            let is_last = i + 1 == segs.len();
-            if bytes.len() < record::MAGIC.len() || &bytes[..record::MAGIC.len()] != record::MAGIC {
-                if is_last {
-                    // Crashed while creating the segment: nothing in it was acknowledged.
-                    tracing::warn!(segment = %path.display(), "Journal segment has no header; removing it.");
-                    fs::remove_file(path).map_err(io_err(path))?;
-                    continue;
-                }
-                return Err(JournalError::Corrupt {
-                    path: path.clone(),
-                    offset: 0,
-                });
+/// Reads every segment in `dir` (created if missing), truncating a torn
+/// tail of the last one.
+pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let segs = segments(dir)?;
+    let mut claims = Vec::new();
+    let mut last_seq = 0;
+    for (i, (_, path)) in segs.iter().enumerate() {
+        let bytes = fs::read(path).map_err(io_err(path))?;
+        let is_last = i + 1 == segs.len();
+        if bytes.len() < record::MAGIC.len() || &bytes[..record::MAGIC.len()] != record::MAGIC {
+            if is_last {
+                // Crashed while creating the segment: nothing in it was acknowledged.
+                tracing::warn!(segment = %path.display(), "Journal segment has no header; removing it.");
+                fs::remove_file(path).map_err(io_err(path))?;
+                continue;
             }
-            let mut offset = record::MAGIC.len();
-            loop {
-                match record::decode(&bytes[offset..]) {
-                    record::Decoded::Record(claim, n) => {
-                        last_seq = last_seq.max(claim.id);
-                        claims.push(claim);
-                        offset += n;
-                    }
-                    record::Decoded::End => break,
-                    record::Decoded::Invalid if is_last => {
-                        tracing::warn!(
-                            segment = %path.display(),
-                            offset,
-                            dropped_bytes = bytes.len() - offset,
-                            "Journal ends in a torn record; truncating it (it was never acknowledged)."
-                        );
-                        let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
-                        f.set_len(offset as u64).map_err(io_err(path))?;
-                        f.sync_all().map_err(io_err(path))?;
-                        break;
-                    }
-                    record::Decoded::Invalid => {
-                        return Err(JournalError::Corrupt {
-                            path: path.clone(),
-                            offset: offset as u64,
-                        })
-                    }
+            return Err(JournalError::Corrupt {
+                path: path.clone(),
+                offset: 0,
+            });
+        }
+        let mut offset = record::MAGIC.len();
+        loop {
+            match record::decode(&bytes[offset..]) {
+                record::Decoded::Record(claim, n) => {
+                    last_seq = last_seq.max(claim.id);
+                    claims.push(claim);
+                    offset += n;
+                }
+                record::Decoded::End => break,
+                record::Decoded::Invalid if is_last => {
+                    tracing::warn!(
+                        segment = %path.display(),
+                        offset,
+                        dropped_bytes = bytes.len() - offset,
+                        "Journal ends in a torn record; truncating it (it was never acknowledged)."
+                    );
+                    let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
+                    f.set_len(offset as u64).map_err(io_err(path))?;
+                    f.sync_all().map_err(io_err(path))?;
+                    break;
+                }
+                record::Decoded::Invalid => {
+                    return Err(JournalError::Corrupt {
+                        path: path.clone(),
+                        offset: offset as u64,
+                    })
                 }
             }
         }
-        Ok(Recovered { claims, last_seq })
     }
+    Ok(Recovered { claims, last_seq })
+}
 
-    /// Starts the writer thread on a fresh segment. Every segment already in
-    /// the directory must have been applied by the store: they are deleted.
-    pub fn start(setup: JournalSetup) -> Result<Journal<E>, JournalError> {
+impl<E: Entry> Journal<E> {
+    /// Starts the writer (the worker `journal-writer` on `runner`) on a fresh
+    /// segment. Every segment already in the directory must have been applied
+    /// by the store: they are deleted. Stopping the worker writes everything
+    /// queued first.
+    pub fn start(setup: JournalSetup, runner: &Runner) -> Result<Journal<E>, JournalError> {
         fs::create_dir_all(&setup.dir).map_err(io_err(&setup.dir))?;
         for (_, path) in segments(&setup.dir)? {
             fs::remove_file(&path).map_err(io_err(&path))?;
@@ -203,15 +217,19 @@ impl<E: Entry> Journal<E> {
             buf: Vec::with_capacity(1 << 16),
             healthy: healthy.clone(),
         };
-        let handle = std::thread::Builder::new()
-            .name("journal-writer".into())
-            .spawn(move || writer.run(rx))
+        let closed = Arc::new(AtomicBool::new(false));
+        let closer = Closer {
+            tx: tx.clone(),
+            closed: closed.clone(),
+        };
+        runner
+            .thread(
+                "journal-writer",
+                move |ctl| writer.run(rx, &ctl),
+                move || closer.close(),
+            )
             .map_err(io_err(Path::new("journal-writer thread")))?;
-        Ok(Journal {
-            tx,
-            healthy,
-            writer: Mutex::new(Some(handle)),
-        })
+        Ok(Journal { tx, healthy, closed })
     }
 
     /// Queues `entry`; it is settled by the writer, or at once if the queue is
@@ -245,15 +263,28 @@ impl<E: Entry> Journal<E> {
         self.tx.len()
     }
 
-    /// Writes everything queued, then stops the writer. Idempotent.
+    /// Asks the writer to write everything queued, then stop (the runner
+    /// does this at shutdown). Idempotent.
     pub fn close(&self) {
-        let Some(handle) = self.writer.lock().take() else {
-            return;
-        };
-        // A blocking send: the queue may be full, and Close must come after it.
-        let _ = self.tx.send(Msg::Close);
-        if handle.join().is_err() {
-            tracing::error!("The journal writer panicked.");
+        Closer {
+            tx: self.tx.clone(),
+            closed: self.closed.clone(),
+        }
+        .close();
+    }
+}
+
+/// Sends the writer its one Close message.
+struct Closer<E: Entry> {
+    tx: Sender<Msg<E>>,
+    closed: Arc<AtomicBool>,
+}
+
+impl<E: Entry> Closer<E> {
+    fn close(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            // A blocking send: the queue may be full, and Close must come after it.
+            let _ = self.tx.send(Msg::Close);
         }
     }
 }
@@ -309,7 +340,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn run<E: Entry>(&mut self, rx: Receiver<Msg<E>>) {
+    fn run<E: Entry>(&mut self, rx: Receiver<Msg<E>>, ctl: &Ctl) {
         let max_batch = self.setup.config.max_batch;
         let mut batch: Vec<E> = Vec::with_capacity(max_batch);
         let mut closing = false;
@@ -332,7 +363,8 @@ impl Writer {
                 }
             }
             if !batch.is_empty() {
-                self.commit(&mut batch);
+                self.commit(&mut batch, ctl);
+                ctl.tick();
             }
             for p in pings {
                 let _ = p.send(());
@@ -350,7 +382,7 @@ impl Writer {
         tracing::info!(next_seq = self.setup.next_seq, "Journal closed.");
     }
 
-    fn commit<E: Entry>(&mut self, batch: &mut Vec<E>) {
+    fn commit<E: Entry>(&mut self, batch: &mut Vec<E>, ctl: &Ctl) {
         if !self.healthy.load(Ordering::Relaxed) {
             batch.drain(..).for_each(|e| e.settle(Err(CommitError::Unavailable)));
             return;
@@ -362,6 +394,7 @@ impl Writer {
         }
         metrics::global().journal_batch.observe_count(batch.len() as u64);
         if let Err(error) = self.segment.write(&self.buf) {
+            ctl.error(&error);
             tracing::error!(%error, "Journal write failed; refusing claims until restart.");
             self.healthy.store(false, Ordering::Relaxed);
             batch.drain(..).for_each(|e| e.settle(Err(CommitError::Unavailable)));

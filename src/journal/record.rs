@@ -20,7 +20,7 @@
 
 use std::sync::Arc;
 
-use crate::claim::Claim;
+use crate::vocab::Claim;
 
 /// The first bytes of every segment.
 pub const MAGIC: &[u8; 8] = b"TKDJRNL1";

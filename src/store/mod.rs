@@ -1,176 +1,51 @@
 //! The store boundary: everything the node keeps beyond its memory.
 //!
-//! [`Store`] is an enum over backends rather than a trait object, so the
-//! claim path calls [`Store::commit`] with static dispatch and no boxed
-//! future. [`EmbeddedStore`] is SQLite plus the claim journal in
+//! Two backends: [`EmbeddedStore`] is SQLite plus the claim journal in
 //! `storage.path` (one node, the default); [`ClusterStore`] is Redis leases
 //! and commits with MongoDB as the system of record (`storage.mode =
 //! "cluster"`).
+//!
+//! # The boundary
+//! A store answers in its own terms and never in the API's: a commit is
+//! answered per claim with a [`CommitOutcome`] (committed, a duplicate, the
+//! code taken by another node, the limit reached, failed, in doubt), and the
+//! claim decision alone maps that to a rejection and to what happens to the
+//! code and the user's slot. The store holds no pool and no ledger: a store
+//! that hands out codes in batches (the cluster) offers a [`LeaseSource`],
+//! and the inventory decides when to lease, give back or wait. Nothing
+//! outside this module asks which backend it has; it asks what the store
+//! does ([`Store::lease_source`], [`Store::shared_with_nodes`]).
+//!
+//! # Enum, not trait
+//! [`Store`] is an enum over the two backends rather than a trait object:
+//! there are exactly two, both in this crate, and the claim path calls
+//! [`Store::commit`] on every claim — an enum dispatches statically with no
+//! vtable and no boxed future for the async calls, and a match that names
+//! both arms makes a new method impossible to forget in one backend.
+//!
+//! # Layout
+//! - [`types`]: the store's vocabulary (errors, users, claim rows, reports, access);
+//! - `embedded`: SQLite, the journal's applier, replay, the report query;
+//! - [`cluster`]: Redis scripts and leases, the committer, the MongoDB writer.
 
 pub mod cluster;
 mod embedded;
+pub mod types;
 
 use std::sync::Arc;
 
-pub use cluster::{ClusterError, ClusterStore};
+pub use cluster::{lease::LeaseSource, ClusterStore};
 pub use embedded::EmbeddedStore;
-
-use crate::{
-    claim::{Claim, PendingClaim},
-    config::Config,
-    journal::JournalError,
+pub use types::{
+    generate_code, Access, ClaimRow, ClusterError, ImportReport, ReportData, StoreError, TicketImport, TicketReport,
+    User,
 };
 
-/// Why the store refused or failed an operation.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// A file or directory could not be used.
-    #[error("{what} {path}: {source}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The path.
-        path: std::path::PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// Another process serves this data directory.
-    #[error("the data directory {0} is in use by another running ticketd (stop it, or use `kill -HUP` to reload it)")]
-    Locked(std::path::PathBuf),
-    /// SQLite failed.
-    #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    /// The journal could not be replayed or opened.
-    #[error(transparent)]
-    Journal(#[from] JournalError),
-    /// The username exists already.
-    #[error("the username is taken")]
-    UsernameTaken,
-    /// Redis or MongoDB failed (cluster mode).
-    #[error(transparent)]
-    Cluster(#[from] ClusterError),
-}
-
-/// A registered user.
-#[derive(Debug, Clone)]
-pub struct User {
-    /// Stable numeric id.
-    pub id: u64,
-    /// Login name (unique).
-    pub username: String,
-    /// Display name.
-    pub nickname: String,
-    /// The argon2id PHC string.
-    pub password_hash: String,
-    /// Registration time, Unix ms.
-    pub created_at_ms: i64,
-}
-
-/// A claim joined with its user, for export.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ClaimRow {
-    /// Claim id.
-    pub claim_id: u64,
-    /// Activity id.
-    pub activity_id: String,
-    /// Ticket type id.
-    pub ticket_id: String,
-    /// The code.
-    pub code: String,
-    /// User id.
-    pub user_id: u64,
-    /// Username.
-    pub username: String,
-    /// Nickname.
-    pub nickname: String,
-    /// Claim time, Unix ms.
-    pub claimed_at_ms: i64,
-    /// The node that handed the code out.
-    pub node: String,
-}
-
-/// What an import added, per ticket type.
-#[derive(Debug, Default)]
-pub struct ImportReport {
-    /// Activities inserted or updated.
-    pub activities: usize,
-    /// Per ticket: id, codes added now (never claimed), codes known in total.
-    pub tickets: Vec<TicketImport>,
-    /// Codes in the config that already belong to another ticket type (skipped).
-    pub conflicts: Vec<String>,
-}
-
-/// One ticket type's import result.
-#[derive(Debug)]
-pub struct TicketImport {
-    /// Ticket id.
-    pub ticket_id: String,
-    /// Codes inserted by this import.
-    pub added: Vec<String>,
-    /// Codes the store knows for this ticket after the import.
-    pub total: usize,
-}
-
-/// Everything the rush report shows about one activity, read from the store.
-#[derive(Debug, Default)]
-pub struct ReportData {
-    /// Name, start, end (Unix ms) and per-user limit, if the store knows the activity.
-    pub activity: Option<(String, i64, i64, u32)>,
-    /// Per ticket type: id, name, codes, claimed, first and last claim (Unix ms).
-    pub tickets: Vec<TicketReport>,
-    /// `(unix second, claims)`, ascending.
-    pub claims_per_second: Vec<(i64, u64)>,
-    /// `(unix minute, outcome label, requests)`, ascending by minute.
-    pub outcomes: Vec<(i64, String, u64)>,
-    /// `(bucket upper bound in ms, claims)`; the last bound is infinite.
-    pub latency: Vec<(f64, u64)>,
-    /// The addresses that sent the most claims: `(address, requests)`.
-    pub top_ips: Vec<(String, u64)>,
-    /// The accounts that sent the most claims: `(username, requests)`.
-    pub top_users: Vec<(String, u64)>,
-    /// Distinct users holding a claim.
-    pub users: u64,
-    /// `(node, claims)`: which node handed out how much of the stock.
-    pub nodes: Vec<(String, u64)>,
-}
-
-/// One ticket type in the report.
-#[derive(Debug, Default)]
-pub struct TicketReport {
-    /// Ticket id.
-    pub id: String,
-    /// Display name.
-    pub name: String,
-    /// Codes known.
-    pub codes: u64,
-    /// Codes claimed.
-    pub claimed: u64,
-    /// First claim, Unix ms.
-    pub first_ms: Option<i64>,
-    /// Last claim, Unix ms.
-    pub last_ms: Option<i64>,
-}
-
-/// The stock of one activity, as [`Store::stock`] sees it.
-#[derive(Debug)]
-pub struct Stock {
-    /// Codes not claimed, all ticket types.
-    pub remaining: usize,
-    /// Codes claimed.
-    pub claimed: usize,
-    /// Per ticket type in catalog order: `(total, remaining)`.
-    pub tickets: Vec<(usize, usize)>,
-}
-
-/// How a process uses the data directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// The serving node: takes the directory lock, replays and runs the journal.
-    Serve,
-    /// A command-line tool: shares the store with a running node; when none
-    /// runs, first applies any journal a crashed node left behind.
-    Tool,
-}
+use crate::{
+    config::{ActivityConfig, Config, StorageMode},
+    stats::StatsBatch,
+    vocab::{Claim, PendingClaim},
+};
 
 /// The store behind a node.
 pub enum Store {
@@ -182,14 +57,25 @@ pub enum Store {
 
 impl Store {
     /// Opens the store configured in `config`.
-    pub fn open(config: &Config, access: Access) -> Result<Arc<Store>, StoreError> {
+    pub fn open(config: &Config, access: Access<'_>) -> Result<Arc<Store>, StoreError> {
         Ok(Arc::new(match config.storage.mode {
-            crate::config::StorageMode::Embedded => Store::Embedded(EmbeddedStore::open(config, access)?),
-            crate::config::StorageMode::Cluster => Store::Cluster(ClusterStore::open(config, access)?),
+            StorageMode::Embedded => Store::Embedded(EmbeddedStore::open(config, access)?),
+            StorageMode::Cluster => Store::Cluster(ClusterStore::open(config, access)?),
         }))
     }
 
-    /// Hands a claim to the committer; it settles the claim when durable or failed.
+    /// Opens the store for a command-line tool and checks that it knows
+    /// `activity_id` (export, report).
+    pub fn open_with_activity(config: &Config, activity_id: &str) -> Result<Arc<Store>, StoreError> {
+        let store = Store::open(config, Access::Tool)?;
+        if !store.has_activity(activity_id)? {
+            return Err(StoreError::UnknownActivity(activity_id.to_owned()));
+        }
+        Ok(store)
+    }
+
+    /// Hands a claim to the committer, which answers it once it is durable
+    /// or failed. Never blocks.
     pub fn commit(&self, pending: PendingClaim) {
         match self {
             Store::Embedded(s) => s.commit(pending),
@@ -230,21 +116,32 @@ impl Store {
         }
     }
 
-    /// The codes of `ticket_id` that nobody has claimed.
+    /// A serving node's own import of its config, at start-up and on
+    /// reload: embedded, the config file is the source of activities and
+    /// codes, so it is imported (idempotently); in a cluster that is
+    /// `ticketd import`'s job, and a node imports nothing.
+    pub fn serve_import(&self, config: &Config, node_start_ms: i64) -> Result<ImportReport, StoreError> {
+        match self {
+            Store::Embedded(s) => s.import(config, node_start_ms),
+            Store::Cluster(_) => Ok(ImportReport::default()),
+        }
+    }
+
+    /// The codes of `ticket_id` that nobody has claimed and this node may
+    /// sell from the start (a cluster node's come from leases instead).
     pub fn unclaimed_codes(&self, ticket_id: &str) -> Result<Vec<String>, StoreError> {
         match self {
             Store::Embedded(s) => s.unclaimed_codes(ticket_id),
-            // A cluster node's pools fill from leases, not from the store.
             Store::Cluster(_) => Ok(Vec::new()),
         }
     }
 
-    /// Calls `f` with every durable claim, in id order.
+    /// Calls `f` with every durable claim this node must know at start, in
+    /// id order (embedded: all of them; a cluster node's limit is kept by the
+    /// Redis commit script, so none).
     pub fn for_each_claim(&self, f: &mut dyn FnMut(Claim)) -> Result<(), StoreError> {
         match self {
             Store::Embedded(s) => s.for_each_claim(f),
-            // A cluster node's ledger holds the claims it made; the per-user
-            // limit across nodes is kept by the Redis commit script.
             Store::Cluster(_) => Ok(()),
         }
     }
@@ -326,7 +223,7 @@ impl Store {
     }
 
     /// Adds drained rush statistics.
-    pub fn add_stats(&self, batch: &crate::stats::StatsBatch) -> Result<(), StoreError> {
+    pub fn add_stats(&self, batch: &StatsBatch) -> Result<(), StoreError> {
         match self {
             Store::Embedded(s) => s.add_stats(batch),
             Store::Cluster(s) => s.add_stats(batch),
@@ -341,32 +238,25 @@ impl Store {
         }
     }
 
-    /// Whether this is the cluster store (stock comes from leases; `import`
-    /// is a separate step, never done by a serving node).
-    pub fn is_cluster(&self) -> bool {
+    /// Whether other nodes write to this store too (sessions, activities),
+    /// so a node re-reads them every `cluster.refresh_interval`; and whether
+    /// adding codes is `ticketd import`'s job rather than a serving node's.
+    pub fn shared_with_nodes(&self) -> bool {
         matches!(self, Store::Cluster(_))
     }
 
-    /// Starts selling the catalog's ticket types (cluster: leasing). Called
-    /// at start-up and after every reload.
-    pub fn track(&self, catalog: &crate::catalog::Catalog) -> Result<(), StoreError> {
+    /// Where codes come from in batches, when this store leases them (a
+    /// cluster); `None` when a node owns all its codes (embedded).
+    pub fn lease_source(&self) -> Option<LeaseSource> {
         match self {
-            Store::Embedded(_) => Ok(()),
-            Store::Cluster(s) => s.track(catalog),
+            Store::Embedded(_) => None,
+            Store::Cluster(s) => s.lease_source(),
         }
     }
 
-    /// Cluster: waits briefly for stock when these ticket types' pools are
-    /// empty but a master list is not. Embedded: an empty pool is sold out.
-    pub async fn wait_for_stock(&self, tickets: &[crate::catalog::TicketType]) -> bool {
-        match self {
-            Store::Embedded(_) => false,
-            Store::Cluster(s) => s.wait_for_stock(tickets).await,
-        }
-    }
-
-    /// Every claim `user` holds in `activities`: cluster mode asks Redis (so
-    /// claims made through other nodes count); `None` means "ask the ledger".
+    /// Every claim `user` holds in `activities` as the store knows it, when
+    /// the store is where claims made through other nodes are seen
+    /// (cluster); `None` when this node's ledgers are the whole truth.
     pub async fn claims_of_user(&self, user: u64, activities: &[Arc<str>]) -> Option<Result<Vec<Claim>, StoreError>> {
         match self {
             Store::Embedded(_) => None,
@@ -374,74 +264,29 @@ impl Store {
         }
     }
 
-    /// What is left of `activity`: cluster-wide in a cluster (as of the last
-    /// look at Redis), this node's pools and ledger otherwise. The one source
-    /// of the numbers `/act/list`, `/act/detail`, `/admin` and `/metrics` show.
-    pub fn stock(&self, activity: &crate::catalog::Activity) -> Stock {
-        let tickets: Vec<(usize, usize)> = activity
-            .tickets
-            .iter()
-            .map(|t| match self {
-                Store::Cluster(s) => s
-                    .counts(&t.id)
-                    .map_or((0, 0), |(total, remaining, _)| (total, remaining)),
-                Store::Embedded(_) => (t.pool.known(), t.pool.remaining()),
-            })
-            .collect();
-        let claimed = match self {
-            Store::Cluster(s) => activity
-                .tickets
-                .iter()
-                .filter_map(|t| s.counts(&t.id))
-                .map(|(_, _, sold)| sold)
-                .sum(),
-            Store::Embedded(_) => activity.ledger.claimed(),
-        };
-        Stock {
-            remaining: tickets.iter().map(|t| t.1).sum(),
-            claimed,
-            tickets,
-        }
-    }
-
-    /// Cluster: re-reads the activity's counts from Redis first, so an answer
-    /// right after a rush counts the claims other nodes made. Embedded: nothing.
-    pub async fn refresh_stock(&self, activity_id: &str) -> Result<(), StoreError> {
-        match self {
-            Store::Embedded(_) => Ok(()),
-            Store::Cluster(s) => s.refresh_counts(activity_id).await,
-        }
-    }
-
-    /// Cluster: the activity definitions `ticketd import` stored in MongoDB,
-    /// which nodes without `[[activity]]` tables of their own follow.
-    /// Embedded: `None` (the config file is the only source).
-    pub fn shared_activities(&self) -> Option<Result<Vec<crate::config::ActivityConfig>, StoreError>> {
+    /// The activity definitions `ticketd import` stored, which nodes
+    /// without `[[activity]]` tables of their own follow (cluster); `None`
+    /// where the config file is the only source (embedded).
+    pub fn shared_activities(&self) -> Option<Result<Vec<ActivityConfig>, StoreError>> {
         match self {
             Store::Embedded(_) => None,
             Store::Cluster(s) => Some(s.activities()),
         }
     }
 
-    /// Cluster-mode gauges for `/metrics`.
-    pub fn cluster_gauges(&self) -> Option<crate::metrics::ClusterGauges> {
+    /// Connection and backlog gauges for `/metrics` (cluster only).
+    pub fn gauges(&self) -> Option<crate::metrics::ClusterGauges> {
         match self {
             Store::Embedded(_) => None,
             Store::Cluster(s) => Some(s.gauges()),
         }
     }
 
-    /// Makes every acknowledged claim durable in the store and stops the committer.
-    pub fn close(&self) {
+    /// A line for the start-up log saying what was opened.
+    pub fn describe(&self) -> String {
         match self {
-            Store::Embedded(s) => s.close(),
-            Store::Cluster(s) => s.close(),
+            Store::Embedded(s) => s.describe(),
+            Store::Cluster(s) => s.describe(),
         }
     }
-}
-
-/// 16 characters of Crockford base32 from the OS CSPRNG: 80 bits, no 0/O or 1/I/L confusion.
-pub(crate) fn generate_code(rng: &mut impl rand::Rng) -> String {
-    const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
-    (0..16).map(|_| ALPHABET[rng.gen_range(0..32)] as char).collect()
 }

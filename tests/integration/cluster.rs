@@ -11,7 +11,7 @@ use futures::future::join_all;
 use mongodb::bson::{doc, Document};
 use ticketd::{
     bench::ApiClient,
-    config::{now_ms, rfc3339_ms},
+    clock::{now_ms, rfc3339_ms},
 };
 
 use crate::common::{base_config, services::Services, TestApp};

@@ -15,12 +15,12 @@ use crate::common::{base_config, claim_body, open_activity, ApiResponse, TestApp
 /// Pins an activity's window to absolute times: relative times count from
 /// each node start, and claim tokens are bound to the start time.
 fn absolute(activity: String) -> String {
-    let now = ticketd::config::now_ms();
+    let now = ticketd::clock::now_ms();
     activity
-        .replace("\"-1m\"", &format!("\"{}\"", ticketd::config::rfc3339_ms(now - 60_000)))
+        .replace("\"-1m\"", &format!("\"{}\"", ticketd::clock::rfc3339_ms(now - 60_000)))
         .replace(
             "\"+1h\"",
-            &format!("\"{}\"", ticketd::config::rfc3339_ms(now + 3_600_000)),
+            &format!("\"{}\"", ticketd::clock::rfc3339_ms(now + 3_600_000)),
         )
 }
 

@@ -74,7 +74,7 @@ async fn the_report_and_the_rejections_export_match_the_rush() {
         assert_eq!(row.get_long(4).unwrap().to_string(), csv["user_id"]);
         assert_eq!(row.get_string(7).unwrap(), "node-a");
         let at = row.get_timestamp_millis(8).unwrap();
-        assert_eq!(ticketd::config::rfc3339_ms(at), csv["claimed_at"]);
+        assert_eq!(ticketd::clock::rfc3339_ms(at), csv["claimed_at"]);
     }
 
     let out = app.cli(&["export", "--activity", "rep", "--what", "rejections"], None);

@@ -32,13 +32,13 @@ async fn forged_and_expired_session_tokens_are_refused() {
         .unwrap();
     let id = res.data()["userId"].as_u64().unwrap();
     let key = SessionKey::new(SECRET.as_bytes());
-    let (expired, _) = key.issue(id, ticketd::config::now_ms() - 1);
+    let (expired, _) = key.issue(id, ticketd::clock::now_ms() - 1);
     assert_error(
         &app.client.get("/ticket/list", Some(&expired)).await.unwrap(),
         401,
         "TOKEN_EXPIRED",
     );
-    let (valid, _) = key.issue(id, ticketd::config::now_ms() + 60_000);
+    let (valid, _) = key.issue(id, ticketd::clock::now_ms() + 60_000);
     assert_eq!(app.client.get("/ticket/list", Some(&valid)).await.unwrap().status, 200);
     // Signed with another key, or tampered with: invalid.
     let (forged, _) = SessionKey::new(b"not the server's key, not the server's").issue(id, i64::MAX);

@@ -1,6 +1,6 @@
 //! `GET /act/list` and `GET /act/detail`: served from the catalog snapshot
-//! and [`Store::stock`](crate::store::Store::stock) (the live pools on one
-//! node; the cluster-wide counts in a cluster).
+//! and the inventory's stock (the live pools on one node; the cluster-wide
+//! counts in a cluster).
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -10,14 +10,14 @@ use serde::Serialize;
 
 use super::ClaimView;
 use crate::{
-    app::AppState,
     catalog::{Activity, Status},
-    config::{now_ms, rfc3339_ms},
+    clock::{now_ms, rfc3339_ms},
     http::{
+        error::ApiError,
         request::{ok, optional_session, Query},
-        ApiError,
     },
-    store::Stock,
+    inventory::Stock,
+    state::AppState,
 };
 
 #[derive(Serialize)]
@@ -83,13 +83,12 @@ fn view<'a>(a: &'a Activity, now: i64, stock: &Stock) -> ActivityView<'a> {
 
 /// Activities that have not ended, with stock and status.
 pub fn list(state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
-    let catalog = state.catalog.load();
     let now = now_ms();
-    let activities: Vec<_> = catalog
-        .activities()
+    let stock = state.stock_by_activity();
+    let activities: Vec<_> = stock
         .iter()
-        .filter(|a| a.status(now) != Status::Ended)
-        .map(|a| view(a, now, &state.store.stock(a)))
+        .filter(|(a, _)| a.status(now) != Status::Ended)
+        .map(|(a, stock)| view(a, now, stock))
         .collect();
     Ok(ok(&serde_json::json!({ "activities": activities })))
 }
@@ -103,12 +102,12 @@ pub async fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Respons
     let activity = catalog
         .activity(id)
         .ok_or_else(|| ApiError::not_found("ACTIVITY_NOT_FOUND", "no such activity"))?;
-    if let Err(error) = state.store.refresh_stock(id).await {
+    if let Err(error) = state.inventory.refresh_counts(id).await {
         // The last known counts are served; the claim path does not depend on them.
         tracing::debug!(%error, "Could not refresh the stock counts.");
     }
     let now = now_ms();
-    let stock = state.store.stock(activity);
+    let stock = state.claimer.stock(activity);
     let mut data = serde_json::to_value(view(activity, now, &stock)).map_err(|_| ApiError::internal())?;
     if let (Some(s), Some(obj)) = (session, data.as_object_mut()) {
         let claims = activity.ledger.claims_of(s.user_id);

@@ -14,14 +14,15 @@ use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
 use crate::{
-    app::AppState,
-    cli::ExportFormat,
-    config::now_ms,
+    clock::now_ms,
+    export::ExportFormat,
     http::{
+        error::ApiError,
         request::{ok, token, Query},
-        ApiError,
     },
     metrics::{self, Rejected},
+    state::AppState,
+    store::Store,
 };
 
 /// The live admin page: static HTML whose script polls `/admin/stats` with
@@ -29,7 +30,11 @@ use crate::{
 const PAGE: &str = include_str!("assets/admin.html");
 
 /// Checks the admin token, then answers the admin route.
-pub async fn handle(state: &AppState, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+pub async fn handle(
+    state: &AppState,
+    req: Request<Incoming>,
+    connections: usize,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     if req.uri().path() == "/admin" {
         let mut res = Response::new(Full::new(Bytes::from_static(PAGE.as_bytes())));
         let headers = res.headers_mut();
@@ -57,7 +62,7 @@ pub async fn handle(state: &AppState, req: Request<Incoming>) -> Result<Response
         ));
     }
     match req.uri().path() {
-        "/admin/stats" => Ok(stats(state)),
+        "/admin/stats" => Ok(stats(state, connections)),
         "/admin/reload" => {
             let result = tokio::task::block_in_place(|| state.reload());
             match result {
@@ -69,14 +74,12 @@ pub async fn handle(state: &AppState, req: Request<Incoming>) -> Result<Response
     }
 }
 
-fn stats(state: &AppState) -> Response<Full<Bytes>> {
-    let catalog = state.catalog.load();
+fn stats(state: &AppState, connections: usize) -> Response<Full<Bytes>> {
     let now = now_ms();
-    let activities: Vec<_> = catalog
-        .activities()
-        .iter()
-        .map(|a| {
-            let stock = state.store.stock(a);
+    let activities: Vec<_> = state
+        .stock_by_activity()
+        .into_iter()
+        .map(|(a, stock)| {
             serde_json::json!({
                 "actId": &*a.id,
                 "status": a.status(now),
@@ -93,7 +96,8 @@ fn stats(state: &AppState) -> Response<Full<Bytes>> {
     ok(&serde_json::json!({
         "activities": activities,
         "claimsInFlight": state.claimer.in_flight(),
-        "connections": state.connections.load(std::sync::atomic::Ordering::Relaxed),
+        "connections": connections,
+        "workers": state.workers.report(),
         "journalQueue": state.store.commit_queue_len(),
         "uptimeSecs": (now - state.started_ms) / 1000,
         "claimOutcomes": metrics::global().claim_outcomes(),
@@ -113,7 +117,8 @@ fn export(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Byt
             ))
         }
     };
-    if !state.store.has_activity(activity)? {
+    let store: &Store = &state.store;
+    if !store.has_activity(activity)? {
         return Err(ApiError::not_found("ACTIVITY_NOT_FOUND", "no such activity"));
     }
     let mut body = Vec::new();

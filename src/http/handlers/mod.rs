@@ -8,7 +8,7 @@ pub mod user;
 
 use serde::Serialize;
 
-use crate::{claim::Claim, config::rfc3339_ms};
+use crate::{clock::rfc3339_ms, vocab::Claim};
 
 /// A claim as the API shows it to its owner.
 #[derive(Debug, Serialize)]

@@ -4,7 +4,11 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::{app::AppState, config::now_ms, http::request::ok, http::ApiError};
+use crate::{
+    clock::now_ms,
+    http::{error::ApiError, request::ok},
+    state::AppState,
+};
 
 /// 200 while claims can be committed, 503 otherwise.
 pub fn healthz(state: &AppState) -> Response<Full<Bytes>> {
@@ -23,8 +27,8 @@ pub fn healthz(state: &AppState) -> Response<Full<Bytes>> {
 }
 
 /// Prometheus text exposition.
-pub fn metrics(state: &AppState) -> Response<Full<Bytes>> {
-    let body = crate::metrics::global().render(&state.gauges());
+pub fn metrics(state: &AppState, connections: usize) -> Response<Full<Bytes>> {
+    let body = crate::metrics::global().render(&state.gauges(connections));
     let mut res = Response::new(Full::new(Bytes::from(body)));
     res.headers_mut().insert(
         header::CONTENT_TYPE,

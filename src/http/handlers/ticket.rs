@@ -10,15 +10,16 @@ use serde::{Deserialize, Serialize};
 
 use super::ClaimView;
 use crate::{
-    app::AppState,
     auth::Denied,
-    claim::{Claim, ClaimRequest},
-    config::now_ms,
+    claim::ClaimRequest,
+    clock::now_ms,
     http::{
+        error::ApiError,
         request::{idempotency_key, json_body, ok, session, Id, Query},
-        ApiError,
     },
-    metrics::{self, ClaimOutcome, Rejected},
+    metrics::{self, Rejected},
+    state::AppState,
+    vocab::{Claim, ClaimOutcome, Rejection},
 };
 
 /// The claim body.
@@ -80,11 +81,7 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
         )
         .await;
     if let Some(activity) = catalog.activity(&body.act_id.0) {
-        let outcome = match &result {
-            Ok(c) if c.replayed => ClaimOutcome::Replayed,
-            Ok(_) => ClaimOutcome::Success,
-            Err(r) => r.outcome(),
-        };
+        let outcome = ClaimOutcome::of(&result);
         state
             .stats
             .record(&activity.id, outcome, ip, session.user_id, now_ms(), now.elapsed());
@@ -96,17 +93,13 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
     }))
 }
 
-/// Every claim `user` holds: from the ledger on one node; from Redis in a
-/// cluster, where claims made through other nodes count too.
+/// Every claim `user` holds (claims made through other nodes included).
 async fn claims_of(state: &AppState, user: u64) -> Result<Vec<Claim>, ApiError> {
-    let activities: Vec<Arc<str>> = state.catalog.load().activities().iter().map(|a| a.id.clone()).collect();
-    match state.store.claims_of_user(user, &activities).await {
-        None => Ok(state.inventory.claims_of_user(user)),
-        Some(result) => result.map_err(|e| {
-            tracing::warn!(error = %e, "Could not read a user's claims.");
-            ApiError::from(crate::claim::Rejection::Unavailable)
-        }),
-    }
+    let catalog = state.catalog.load();
+    state.claimer.claims_of_user(&catalog, user).await.map_err(|e| {
+        tracing::warn!(error = %e, "Could not read a user's claims.");
+        ApiError::from(Rejection::Unavailable)
+    })
 }
 
 /// The caller's claims, newest first, paged.

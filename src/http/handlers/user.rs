@@ -9,13 +9,13 @@ use serde::Deserialize;
 use std::{net::IpAddr, time::Instant};
 
 use crate::{
-    app::AppState,
     auth::{AuthError, Denied},
     http::{
+        error::ApiError,
         request::{json_body, ok, session},
-        ApiError,
     },
     metrics::{self, Rejected},
+    state::AppState,
     store::User,
 };
 

@@ -1,5 +1,9 @@
 //! The committer (claims to Redis, one script per batch and activity) and
-//! the writer (this node's backlog to MongoDB, in bulk).
+//! the writer (this node's backlog to MongoDB, in bulk): two workers.
+//!
+//! The committer answers each claim in the store's terms
+//! ([`CommitOutcome`]); what that means for the user and the code is the
+//! claim decision's business.
 
 use std::{
     collections::HashMap,
@@ -7,24 +11,32 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-use super::{scripts, ClusterError, Doubt, Msg, Record, Shared};
+use super::{
+    error::ClusterError,
+    lease,
+    record::Record,
+    scripts,
+    shared::{Doubt, Msg, Shared},
+};
 use crate::{
-    claim::{CommitError, PendingClaim, Rejection},
-    journal::Entry,
     metrics,
+    vocab::{CommitError, CommitOutcome, PendingClaim},
+    worker::{Ctl, Stop},
 };
 
 /// Claim ids are handed to nodes in blocks of this many (one INCRBY each).
 const ID_BLOCK: u64 = 4096;
 
 /// Takes whatever has queued (at most `cluster.commit_batch`), commits it per
-/// activity, concurrently, and settles every claim. While one batch is in
-/// Redis the next queues, so batches grow with load on their own.
-pub(super) async fn committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>) {
+/// activity, concurrently, and answers every claim. While one batch is in
+/// Redis the next queues, so batches grow with load on their own. It ends
+/// once its queue is closed (the runner stops it) and empty.
+pub(super) async fn committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>, ctl: Ctl) {
     let mut buf = Vec::with_capacity(shared.cfg.commit_batch);
     while rx.recv_many(&mut buf, shared.cfg.commit_batch).await > 0 {
+        ctl.tick();
         let mut groups: HashMap<Arc<str>, Vec<PendingClaim>> = HashMap::new();
         let mut pings = Vec::new();
         for msg in buf.drain(..) {
@@ -80,12 +92,12 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
             shared.redis_failed(&error);
             tracing::debug!(%error, "Could not reserve claim ids.");
             for p in claims {
-                p.settle(Err(CommitError::Unavailable));
+                p.answer(CommitOutcome::Failed(CommitError::Unavailable));
             }
             return;
         }
     };
-    let mut work: Vec<Attempt> = claims
+    let work: Vec<Attempt> = claims
         .into_iter()
         .zip(ids)
         .map(|(pending, id)| Attempt {
@@ -95,77 +107,58 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
         })
         .collect();
     let keys = scripts::Keys::new(&activity);
-    // A code found no longer leased to us is swapped for another and the
-    // claim tried again; a few rounds settle even a pool full of lost codes.
-    for _round in 0..4 {
-        if work.is_empty() {
+    let results = match invoke_commit(shared, &keys, &work).await {
+        Ok(r) => r,
+        Err(error) => {
+            tracing::warn!(%error, claims = work.len(), "Commit outcome unknown; the claims are answered 503 and their codes checked when Redis returns.");
+            let mut doubts = shared.doubts.lock();
+            for a in work {
+                let claim = a.pending.claim();
+                doubts.push(Doubt {
+                    activity: activity.clone(),
+                    ticket: claim.ticket_id.clone(),
+                    code: claim.code.clone(),
+                    nonce: a.nonce,
+                });
+                a.pending.answer(CommitOutcome::InDoubt);
+            }
             return;
         }
-        let results = match invoke_commit(shared, &keys, &work).await {
-            Ok(r) => r,
-            Err(error) => {
-                tracing::warn!(%error, claims = work.len(), "Commit outcome unknown; the claims are answered 503 and their codes checked when Redis returns.");
-                let mut doubts = shared.doubts.lock();
-                for a in work {
-                    let nonce = a.nonce;
-                    let ticket = a.pending.claim().ticket_id.clone();
-                    let (pool, idx) = a.pending.settle_in_doubt(CommitError::Unavailable);
-                    doubts.push(Doubt {
-                        activity: activity.clone(),
-                        ticket,
-                        nonce,
-                        pool,
-                        idx,
-                    });
+    };
+    let mut committed = 0;
+    for (a, answer) in work.into_iter().zip(results) {
+        let outcome = if answer == "LOST" {
+            CommitOutcome::CodeTaken
+        } else if answer == "FULL" {
+            if !shared.backlog_full.swap(true, Ordering::Relaxed) {
+                tracing::error!(
+                    max = shared.cfg.max_backlog,
+                    "The MongoDB backlog is full: claims are refused (503 BACKLOG_FULL) until it drains."
+                );
+            }
+            CommitOutcome::Failed(CommitError::BacklogFull)
+        } else if let Some(codes) = answer.strip_prefix("LIMIT") {
+            let codes: Vec<String> = serde_json::from_str(codes).unwrap_or_default();
+            CommitOutcome::LimitReached(codes.into_iter().map(Arc::from).collect())
+        } else if let Some(json) = answer.strip_prefix("REPLAY") {
+            match Record::parse(&activity, json) {
+                Ok(r) => CommitOutcome::Duplicate(r.to_claim(&activity)),
+                Err(_) => CommitOutcome::Failed(CommitError::Unavailable),
+            }
+        } else {
+            match Record::parse(&activity, &answer) {
+                Ok(r) if r.nonce == a.nonce => {
+                    committed += 1;
+                    CommitOutcome::Committed(r.id)
                 }
-                return;
+                _ => CommitOutcome::Failed(CommitError::Unavailable),
             }
         };
-        let mut retry = Vec::new();
-        let mut committed = 0;
-        for (mut a, answer) in work.into_iter().zip(results) {
-            if answer == "LOST" {
-                if a.pending.retake() {
-                    a.nonce = shared.next_nonce();
-                    retry.push(a);
-                } else {
-                    a.pending.settle_sold_out();
-                }
-            } else if answer == "FULL" {
-                if !shared.backlog_full.swap(true, Ordering::Relaxed) {
-                    tracing::error!(
-                        max = shared.cfg.max_backlog,
-                        "The MongoDB backlog is full: claims are refused (503 BACKLOG_FULL) until it drains."
-                    );
-                }
-                a.pending.settle_rejected(Rejection::BacklogFull);
-            } else if let Some(codes) = answer.strip_prefix("LIMIT") {
-                let codes: Vec<String> = serde_json::from_str(codes).unwrap_or_default();
-                a.pending
-                    .settle_rejected(Rejection::LimitReached(codes.into_iter().map(Arc::from).collect()));
-            } else if let Some(json) = answer.strip_prefix("REPLAY") {
-                match Record::parse(&activity, json) {
-                    Ok(r) => a.pending.settle_replay(r.to_claim(&activity)),
-                    Err(_) => a.pending.settle_rejected(Rejection::Unavailable),
-                }
-            } else {
-                match Record::parse(&activity, &answer) {
-                    Ok(r) if r.nonce == a.nonce => {
-                        committed += 1;
-                        a.pending.settle(Ok(r.id));
-                    }
-                    _ => a.pending.settle_rejected(Rejection::Unavailable),
-                }
-            }
-        }
-        if committed > 0 {
-            shared.backlog.fetch_add(committed, Ordering::Relaxed);
-            shared.backlog_grew.notify_one();
-        }
-        work = retry;
+        a.pending.answer(outcome);
     }
-    for a in work {
-        a.pending.settle_rejected(Rejection::SoldOut);
+    if committed > 0 {
+        shared.backlog.fetch_add(committed, Ordering::Relaxed);
+        shared.backlog_grew.notify_one();
     }
 }
 
@@ -230,14 +223,34 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
 /// Drains this node's backlogs to MongoDB: reads up to `cluster.mongo_batch`
 /// records from the head of each activity's backlog, bulk-inserts them, then
 /// removes exactly those records ([`scripts::ACK`]). On failure it backs off
-/// (100 ms doubling to 5 s) and tries again; nothing is dropped. After
-/// `stop` it keeps going until the backlogs are empty.
-pub(super) async fn writer(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// (100 ms doubling to 5 s) and tries again; nothing is dropped. Once asked
+/// to stop it keeps going until the backlogs are empty or `grace` has
+/// passed (what is left stays in Redis for the next start or a live node),
+/// then gives up this node's id.
+pub(super) async fn writer(shared: Arc<Shared>, grace: Duration, ctl: Ctl, mut stop: Stop) {
     let mut delay = Duration::from_millis(100);
+    let mut deadline: Option<tokio::time::Instant> = None;
     loop {
-        let stopping = *stop.borrow();
-        match drain_once(&shared).await {
-            Ok(0) if stopping => return,
+        let stopping = stop.is_requested();
+        if stopping && deadline.is_none() {
+            deadline = Some(tokio::time::Instant::now() + grace);
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            tracing::warn!(claims = shared.backlog.load(Ordering::Relaxed), "The MongoDB backlog is not empty; it stays in Redis and is written by this node's next start or by a live node.");
+            break;
+        }
+        ctl.tick();
+        let drained = match deadline {
+            Some(d) => tokio::time::timeout_at(d, drain_once(&shared))
+                .await
+                .unwrap_or_else(|_| Ok(shared.backlog.load(Ordering::Relaxed).max(1))),
+            None => drain_once(&shared).await,
+        };
+        match drained {
+            Ok(0) if stopping => {
+                tracing::info!("The MongoDB backlog is drained.");
+                break;
+            }
             Ok(_) => {
                 delay = Duration::from_millis(100);
                 if shared.backlog.load(Ordering::Relaxed) > 0 {
@@ -246,21 +259,23 @@ pub(super) async fn writer(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
                 tokio::select! {
                     _ = shared.backlog_grew.notified() => {}
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                    _ = stop.changed(), if !stopping => {}
+                    _ = stop.requested(), if !stopping => {}
                 }
             }
             Err(error) => {
+                ctl.error(&error);
                 if shared.mongo_up.swap(false, Ordering::Relaxed) {
                     tracing::error!(%error, backlog = shared.backlog.load(Ordering::Relaxed), "Writing claims to MongoDB failed; they wait in the backlog and claims continue while it has room.");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = stop.changed(), if !stopping => {}
+                    _ = stop.requested(), if !stopping => {}
                 }
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }
+    lease::unregister_node(&shared).await;
 }
 
 /// One pass over every activity's backlog; returns the records left.

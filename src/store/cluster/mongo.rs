@@ -27,10 +27,11 @@ use mongodb::{
     Collection, Database, IndexModel,
 };
 
-use super::Record;
+use super::record::Record;
 use crate::{
-    config::Config,
-    store::{ClaimRow, ImportReport, ReportData, TicketImport, TicketReport, User},
+    config::{ActivityConfig, Config},
+    stats::StatsBatch,
+    store::types::{generate_code, ClaimRow, ImportReport, ReportData, StoreError, TicketImport, TicketReport, User},
 };
 
 /// MongoDB's duplicate key error.
@@ -153,7 +154,7 @@ pub async fn import(db: &Database, config: &Config, node_start_ms: i64) -> Resul
                     let batch: Vec<String> = {
                         let mut rng = rand::rngs::OsRng;
                         (0..(target as usize - have).min(1000))
-                            .map(|_| crate::store::generate_code(&mut rng))
+                            .map(|_| generate_code(&mut rng))
                             .collect()
                     };
                     let docs = batch.iter().map(|c| code_doc(c, &t.id, &a.id)).collect();
@@ -178,7 +179,7 @@ pub async fn import(db: &Database, config: &Config, node_start_ms: i64) -> Resul
 }
 
 /// The activity definitions `ticketd import` stored, by start time and id.
-pub async fn activities(db: &Database) -> Result<Vec<crate::config::ActivityConfig>, crate::store::StoreError> {
+pub async fn activities(db: &Database) -> Result<Vec<ActivityConfig>, StoreError> {
     let mut cursor = coll(db, "activities")
         .find(doc! {"definition": {"$exists": true}})
         .sort(doc! {"start_ms": 1, "_id": 1})
@@ -352,7 +353,7 @@ pub async fn secret(db: &Database, name: &str, fresh: String) -> Result<String, 
 }
 
 /// Adds drained rush statistics.
-pub async fn add_stats(db: &Database, batch: &crate::stats::StatsBatch) -> Result<(), MongoError> {
+pub async fn add_stats(db: &Database, batch: &StatsBatch) -> Result<(), MongoError> {
     let outcomes = batch.outcomes.iter().map(|(a, minute, label, n)| {
         upsert_inc(
             format!("{a}|{minute}|{label}"),
@@ -433,7 +434,7 @@ pub async fn export_claims(
     db: &Database,
     activity: &str,
     f: &mut dyn FnMut(ClaimRow) -> std::io::Result<()>,
-) -> Result<u64, crate::store::StoreError> {
+) -> Result<u64, StoreError> {
     let mut cursor = coll(db, "claims")
         .find(doc! {"activity_id": activity})
         .sort(doc! {"claimed_at_ms": 1, "claim_id": 1})
@@ -471,7 +472,7 @@ pub async fn export_claims(
                 claimed_at_ms: int(&d, "claimed_at_ms"),
                 node: text(&d, "node"),
             })
-            .map_err(|source| crate::store::StoreError::Io {
+            .map_err(|source| StoreError::Io {
                 what: "cannot write the export to",
                 path: "the output".into(),
                 source,

@@ -403,3 +403,23 @@ return out
 "#,
     )
 });
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_one_activity_share_its_hash_tag() {
+        let k = Keys::new("1001");
+        for key in [
+            k.stock("t"),
+            k.lease("t", "n"),
+            k.claimed(),
+            k.outbox("n"),
+            k.users(),
+            k.nodes(),
+        ] {
+            assert!(key.starts_with("tk:{1001}:"), "{key}");
+        }
+    }
+}

@@ -10,33 +10,32 @@
 //! service, and — unlike single-process engines such as redb or sled — lets
 //! `ticketd export`, `user add` and `import` run while the node serves, and
 //! lets an organiser open the results with the `sqlite3` shell. It is not on
-//! the claim path: a claim is durable once the journal has it; an applier
-//! thread copies journaled claims into SQLite in batches afterwards. A claim
-//! row is keyed by its journal sequence number, so re-applying after a crash
-//! is an idempotent `INSERT OR IGNORE`; `meta.applied_seq` records how far
-//! the copy got, and journal segments below it are deleted.
+//! the claim path: a claim is durable once the journal has it; the applier
+//! copies journaled claims into SQLite in batches afterwards ([`applier`]).
+//!
+//! - [`applier`]: applying journaled claims, at run time and by replay;
+//! - [`report`]: rush statistics and the report query.
+
+mod applier;
+mod report;
 
 use std::{
     fs::{File, OpenOptions},
     os::fd::AsRawFd,
-    path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    thread::JoinHandle,
+    path::Path,
+    sync::{atomic::AtomicU64, Arc},
     time::Duration,
 };
 
-use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Access, ClaimRow, ImportReport, StoreError, TicketImport, User};
 use crate::{
-    claim::{Claim, PendingClaim},
     config::Config,
     journal::{Journal, JournalSetup},
+    stats::StatsBatch,
+    store::types::{generate_code, Access, ClaimRow, ImportReport, ReportData, StoreError, TicketImport, User},
+    vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
 };
 
 const SCHEMA: &str = r#"
@@ -108,15 +107,13 @@ CREATE TABLE IF NOT EXISTS revoked_sessions (
 );
 "#;
 
-/// Claims applied per SQLite transaction at most.
-const APPLY_BATCH: usize = 8192;
-
-/// SQLite and, when serving, the journal and its applier.
+/// SQLite and, when serving, the journal (whose writer and applier are
+/// workers on the node's runner).
 pub struct EmbeddedStore {
     /// Used for everything but applying claims; short statements only.
     db: Mutex<Connection>,
     journal: Option<Journal<PendingClaim>>,
-    applier: Mutex<Option<JoinHandle<()>>>,
+    dir: std::path::PathBuf,
     /// Held for the life of a serving node.
     _lock: Option<File>,
 }
@@ -152,6 +149,7 @@ fn try_lock(dir: &Path) -> Result<Option<File>, StoreError> {
     }
 }
 
+/// Opens (creating if needed) the database at `path` with the schema.
 fn open_db(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(10))?;
@@ -160,63 +158,6 @@ fn open_db(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.execute_batch(SCHEMA)?;
     Ok(conn)
-}
-
-fn applied_seq(conn: &Connection) -> Result<u64, StoreError> {
-    let v: Option<String> = conn
-        .query_row("SELECT value FROM meta WHERE key = 'applied_seq'", [], |r| r.get(0))
-        .optional()?;
-    Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
-}
-
-/// Inserts claims (idempotently) and advances `applied_seq`, in one transaction.
-fn apply_claims(conn: &mut Connection, claims: &[Claim], node: &str) -> Result<(), rusqlite::Error> {
-    let tx = conn.transaction()?;
-    {
-        let mut insert = tx.prepare_cached(
-            "INSERT OR IGNORE INTO claims (id, activity_id, ticket_id, code, user_id, claimed_at_ms, idempotency_key, node)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )?;
-        for c in claims {
-            insert.execute(params![
-                c.id as i64,
-                &*c.activity_id,
-                &*c.ticket_id,
-                &*c.code,
-                c.user_id as i64,
-                c.claimed_at_ms,
-                c.idempotency_key.as_deref(),
-                node
-            ])?;
-        }
-        if let Some(last) = claims.iter().map(|c| c.id).max() {
-            tx.execute(
-                "INSERT INTO meta (key, value) VALUES ('applied_seq', ?1)
-                 ON CONFLICT(key) DO UPDATE SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
-                params![last.to_string()],
-            )?;
-        }
-    }
-    tx.commit()
-}
-
-/// Applies the journal left on disk to SQLite; returns the highest claim id known.
-fn replay_journal(conn: &mut Connection, journal_dir: &Path, node: &str) -> Result<u64, StoreError> {
-    let recovered = Journal::<PendingClaim>::recover(journal_dir)?;
-    let applied = applied_seq(conn)?;
-    let pending: Vec<Claim> = recovered.claims.into_iter().filter(|c| c.id > applied).collect();
-    if !pending.is_empty() {
-        tracing::info!(
-            claims = pending.len(),
-            after_seq = applied,
-            "Replaying journal into the store."
-        );
-        for chunk in pending.chunks(APPLY_BATCH) {
-            apply_claims(conn, chunk, node)?;
-        }
-    }
-    let max_claim: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM claims", [], |r| r.get(0))?;
-    Ok(recovered.last_seq.max(max_claim as u64).max(applied))
 }
 
 fn user_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
@@ -231,7 +172,7 @@ fn user_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
 
 impl EmbeddedStore {
     /// Opens `storage.path`, creating it if needed.
-    pub fn open(config: &Config, access: Access) -> Result<EmbeddedStore, StoreError> {
+    pub fn open(config: &Config, access: Access<'_>) -> Result<EmbeddedStore, StoreError> {
         let dir = config.storage.path.clone();
         std::fs::create_dir_all(&dir).map_err(io("cannot create the data directory", &dir))?;
         let journal_dir = dir.join("journal");
@@ -241,35 +182,38 @@ impl EmbeddedStore {
         // Every claim in this store was handed out by the node that owns it.
         let node = config.node_id();
         match (access, lock) {
-            (Access::Serve, None) => Err(StoreError::Locked(dir)),
-            (Access::Serve, Some(lock)) => {
-                let last_seq = replay_journal(&mut conn, &journal_dir, &node)?;
+            (Access::Serve(_), None) => Err(StoreError::Locked(dir)),
+            (Access::Serve(runner), Some(lock)) => {
+                let last_seq = applier::replay_journal(&mut conn, &journal_dir, &node)?;
                 let applied = Arc::new(AtomicU64::new(last_seq));
                 let (tx, rx) = crossbeam_channel::unbounded();
-                let applier = spawn_applier(open_db(&db_path)?, rx, applied.clone(), node)?;
-                let journal = Journal::start(JournalSetup {
-                    dir: journal_dir,
-                    config: config.journal.clone(),
-                    next_seq: last_seq + 1,
-                    applier: tx,
-                    applied_seq: applied,
-                })?;
+                applier::start(runner, open_db(&db_path)?, rx, applied.clone(), node)?;
+                let journal = Journal::start(
+                    JournalSetup {
+                        dir: journal_dir,
+                        config: config.journal.clone(),
+                        next_seq: last_seq + 1,
+                        applier: tx,
+                        applied_seq: applied,
+                    },
+                    runner,
+                )?;
                 Ok(EmbeddedStore {
                     db: Mutex::new(conn),
                     journal: Some(journal),
-                    applier: Mutex::new(Some(applier)),
+                    dir,
                     _lock: Some(lock),
                 })
             }
             (Access::Tool, lock) => {
                 if lock.is_some() && journal_dir.exists() {
                     // No node is running: fold in whatever a crashed one left.
-                    replay_journal(&mut conn, &journal_dir, &node)?;
+                    applier::replay_journal(&mut conn, &journal_dir, &node)?;
                 }
                 Ok(EmbeddedStore {
                     db: Mutex::new(conn),
                     journal: None,
-                    applier: Mutex::new(None),
+                    dir,
                     _lock: None,
                 })
             }
@@ -279,8 +223,13 @@ impl EmbeddedStore {
     pub(super) fn commit(&self, pending: PendingClaim) {
         match &self.journal {
             Some(j) => j.append(pending),
-            None => journal_less(pending),
+            // A tool process has no journal; it never claims.
+            None => pending.answer(CommitOutcome::Failed(CommitError::Unavailable)),
         }
+    }
+
+    pub(super) fn describe(&self) -> String {
+        format!("embedded store in {}", self.dir.display())
     }
 
     pub(super) fn is_healthy(&self) -> bool {
@@ -343,7 +292,7 @@ impl EmbeddedStore {
                         let have: i64 = count.query_row([&t.id], |r| r.get(0))?;
                         let mut rng = rand::rngs::OsRng;
                         while (have as usize + added.len()) < target as usize {
-                            let code = super::generate_code(&mut rng);
+                            let code = generate_code(&mut rng);
                             if insert_code.execute(params![code, t.id])? == 1 {
                                 added.push(code);
                             }
@@ -431,7 +380,7 @@ impl EmbeddedStore {
 
     pub(super) fn create_user(&self, username: &str, nickname: &str, password_hash: &str) -> Result<User, StoreError> {
         let conn = self.db.lock();
-        let now = crate::config::now_ms();
+        let now = crate::clock::now_ms();
         let inserted = conn.execute(
             "INSERT OR IGNORE INTO users (username, nickname, password_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
             params![username, nickname, password_hash, now],
@@ -456,7 +405,7 @@ impl EmbeddedStore {
             let mut insert = tx.prepare_cached(
                 "INSERT OR IGNORE INTO users (username, nickname, password_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
             )?;
-            let now = crate::config::now_ms();
+            let now = crate::clock::now_ms();
             for (username, nickname, hash) in users {
                 created += insert.execute(params![username, nickname, hash, now])?;
             }
@@ -510,198 +459,11 @@ impl EmbeddedStore {
         Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))?)
     }
 
-    pub(super) fn add_stats(&self, batch: &crate::stats::StatsBatch) -> Result<(), StoreError> {
-        let mut conn = self.db.lock();
-        let tx = conn.transaction()?;
-        {
-            let mut outcome = tx.prepare_cached(
-                "INSERT INTO stats_outcomes (activity_id, minute, outcome, count) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT DO UPDATE SET count = count + excluded.count",
-            )?;
-            for (a, minute, label, n) in &batch.outcomes {
-                outcome.execute(params![&**a, minute, label, *n as i64])?;
-            }
-            let mut source = tx.prepare_cached(
-                "INSERT INTO stats_sources (activity_id, kind, source, requests) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT DO UPDATE SET requests = requests + excluded.requests",
-            )?;
-            for (a, s, n) in &batch.sources {
-                let (kind, key) = s.parts();
-                source.execute(params![&**a, kind, key, *n as i64])?;
-            }
-            let mut latency = tx.prepare_cached(
-                "INSERT INTO stats_latency (activity_id, bound_ms, count) VALUES (?1, ?2, ?3)
-                 ON CONFLICT DO UPDATE SET count = count + excluded.count",
-            )?;
-            for (a, bound, n) in &batch.latency {
-                // SQLite has no infinity literal in every build; store the open bucket as -1.
-                let bound = if bound.is_finite() { *bound } else { -1.0 };
-                latency.execute(params![&**a, bound, *n as i64])?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
+    pub(super) fn add_stats(&self, batch: &StatsBatch) -> Result<(), StoreError> {
+        report::add_stats(&mut self.db.lock(), batch)
     }
 
-    pub(super) fn report_data(&self, activity_id: &str, top: usize) -> Result<super::ReportData, StoreError> {
-        let conn = self.db.lock();
-        let mut data = super::ReportData {
-            activity: conn
-                .query_row(
-                    "SELECT name, start_ms, end_ms, per_user_limit FROM activities WHERE id = ?1",
-                    [activity_id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                )
-                .optional()?,
-            ..Default::default()
-        };
-        let mut tickets = conn.prepare(
-            "SELECT t.id, t.name,
-                    (SELECT COUNT(*) FROM codes c WHERE c.ticket_id = t.id),
-                    (SELECT COUNT(*) FROM claims k WHERE k.ticket_id = t.id),
-                    (SELECT MIN(claimed_at_ms) FROM claims k WHERE k.ticket_id = t.id),
-                    (SELECT MAX(claimed_at_ms) FROM claims k WHERE k.ticket_id = t.id)
-             FROM tickets t WHERE t.activity_id = ?1 ORDER BY t.rowid",
-        )?;
-        data.tickets = tickets
-            .query_map([activity_id], |r| {
-                Ok(super::TicketReport {
-                    id: r.get(0)?,
-                    name: r.get(1)?,
-                    codes: r.get::<_, i64>(2)? as u64,
-                    claimed: r.get::<_, i64>(3)? as u64,
-                    first_ms: r.get(4)?,
-                    last_ms: r.get(5)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?;
-        let mut per_second = conn.prepare(
-            "SELECT claimed_at_ms / 1000 AS s, COUNT(*) FROM claims WHERE activity_id = ?1 GROUP BY s ORDER BY s",
-        )?;
-        data.claims_per_second = per_second
-            .query_map([activity_id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
-            .collect::<Result<_, _>>()?;
-        let mut outcomes = conn.prepare(
-            "SELECT minute, outcome, count FROM stats_outcomes WHERE activity_id = ?1 ORDER BY minute, outcome",
-        )?;
-        data.outcomes = outcomes
-            .query_map([activity_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
-            })?
-            .collect::<Result<_, _>>()?;
-        let mut latency = conn.prepare(
-            "SELECT bound_ms, count FROM stats_latency WHERE activity_id = ?1 ORDER BY bound_ms < 0, bound_ms",
-        )?;
-        data.latency = latency
-            .query_map([activity_id], |r| {
-                let bound: f64 = r.get(0)?;
-                Ok((
-                    if bound < 0.0 { f64::INFINITY } else { bound },
-                    r.get::<_, i64>(1)? as u64,
-                ))
-            })?
-            .collect::<Result<_, _>>()?;
-        let mut ips = conn.prepare(
-            "SELECT source, requests FROM stats_sources WHERE activity_id = ?1 AND kind = 'ip'
-             ORDER BY requests DESC, source LIMIT ?2",
-        )?;
-        data.top_ips = ips
-            .query_map(params![activity_id, top as i64], |r| {
-                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
-            })?
-            .collect::<Result<_, _>>()?;
-        let mut users = conn.prepare(
-            "SELECT COALESCE(u.username, '#' || s.source), s.requests FROM stats_sources s
-             LEFT JOIN users u ON u.id = CAST(s.source AS INTEGER)
-             WHERE s.activity_id = ?1 AND s.kind = 'user' ORDER BY s.requests DESC, s.source LIMIT ?2",
-        )?;
-        data.top_users = users
-            .query_map(params![activity_id, top as i64], |r| {
-                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
-            })?
-            .collect::<Result<_, _>>()?;
-        let mut nodes =
-            conn.prepare("SELECT node, COUNT(*) FROM claims WHERE activity_id = ?1 GROUP BY node ORDER BY node")?;
-        data.nodes = nodes
-            .query_map([activity_id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
-            .collect::<Result<_, _>>()?;
-        data.users = conn.query_row(
-            "SELECT COUNT(DISTINCT user_id) FROM claims WHERE activity_id = ?1",
-            [activity_id],
-            |r| r.get::<_, i64>(0),
-        )? as u64;
-        Ok(data)
+    pub(super) fn report_data(&self, activity_id: &str, top: usize) -> Result<ReportData, StoreError> {
+        report::report_data(&self.db.lock(), activity_id, top)
     }
-
-    pub(super) fn close(&self) {
-        if let Some(j) = &self.journal {
-            j.close();
-        }
-        if let Some(applier) = self.applier.lock().take() {
-            if applier.join().is_err() {
-                tracing::error!("The store applier panicked.");
-            }
-        }
-    }
-}
-
-/// A tool process has no journal; it never claims.
-fn journal_less(pending: PendingClaim) {
-    use crate::journal::Entry;
-    pending.settle(Err(crate::claim::CommitError::Unavailable));
-}
-
-/// Copies durable claims into SQLite, retrying (never dropping) on errors.
-fn spawn_applier(
-    mut conn: Connection,
-    rx: Receiver<Vec<Claim>>,
-    applied: Arc<AtomicU64>,
-    node: String,
-) -> Result<JoinHandle<()>, StoreError> {
-    std::thread::Builder::new()
-        .name("store-applier".into())
-        .spawn(move || {
-            let mut backlog: Vec<Claim> = Vec::new();
-            while let Ok(batch) = rx.recv() {
-                backlog.extend(batch);
-                while backlog.len() < APPLY_BATCH {
-                    match rx.try_recv() {
-                        Ok(more) => backlog.extend(more),
-                        Err(_) => break,
-                    }
-                }
-                let mut delay = Duration::from_millis(10);
-                let mut attempts = 0;
-                loop {
-                    match apply_claims(&mut conn, &backlog, &node) {
-                        Ok(()) => break,
-                        Err(error) => {
-                            attempts += 1;
-                            tracing::error!(%error, claims = backlog.len(), "Applying claims to SQLite failed; retrying (they are safe in the journal).");
-                            // At shutdown, do not hang: the journal keeps them
-                            // and the next start applies them.
-                            match rx.try_recv() {
-                                Ok(more) => backlog.extend(more),
-                                Err(crossbeam_channel::TryRecvError::Disconnected) if attempts >= 5 => {
-                                    tracing::error!("Giving up applying claims at shutdown; the next start replays them from the journal.");
-                                    return;
-                                }
-                                Err(_) => {}
-                            }
-                            std::thread::sleep(delay);
-                            delay = (delay * 2).min(Duration::from_secs(5));
-                        }
-                    }
-                }
-                if let Some(last) = backlog.iter().map(|c| c.id).max() {
-                    applied.store(last, Ordering::Release);
-                }
-                backlog.clear();
-            }
-        })
-        .map_err(|source| StoreError::Io {
-            what: "cannot start thread",
-            path: PathBuf::from("store-applier"),
-            source,
-        })
 }

@@ -1,0 +1,194 @@
+//! Checks of the `[[activity]]` tables, their ticket types and codes; reads
+//! `codes_file` lists.
+
+use std::collections::HashSet;
+
+use super::report::{valid_id, Report, Seg, MAX_CODE_LEN, MAX_GENERATE, MAX_ID_LEN};
+use crate::config::{
+    model::{Config, StorageMode, TicketConfig},
+    units::TimeSpec,
+};
+
+pub(super) fn activities(r: &mut Report<'_>, config: &mut Config) {
+    let k = Seg::Key;
+    let mut activity_ids = HashSet::new();
+    let mut ticket_ids = HashSet::new();
+    let mut all_codes: HashSet<String> = HashSet::new();
+    let base_dir = config.base_dir.clone();
+    for (ai, act) in config.activities.iter_mut().enumerate() {
+        let at = [k("activity"), Seg::Index(ai)];
+        let field = |f: &'static str| [k("activity"), Seg::Index(ai), k(f)];
+        if !valid_id(&act.id) {
+            r.add(
+                &field("id"),
+                format!(
+                    "activity id `{}` must be 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.'",
+                    act.id
+                ),
+            );
+        } else if !activity_ids.insert(act.id.clone()) {
+            r.add(&field("id"), format!("activity id `{}` is used twice", act.id));
+        }
+        if act.name.trim().is_empty() {
+            r.add(&field("name"), format!("activity `{}` needs a name", act.id));
+        }
+        let relative = |t: TimeSpec| matches!(t, TimeSpec::Relative(_));
+        if config.storage.mode == StorageMode::Cluster && (relative(act.start_time) || relative(act.end_time)) {
+            r.add(
+                &field("start_time"),
+                format!(
+                    "activity `{}`: cluster mode needs absolute times (RFC 3339); a relative time counts from each node's own start, so nodes would disagree",
+                    act.id
+                ),
+            );
+        }
+        if !ends_after_start(act.start_time, act.end_time) {
+            r.add(
+                &field("end_time"),
+                format!("activity `{}` must end after it starts", act.id),
+            );
+        }
+        if act.pow_difficulty > 32 {
+            r.add(
+                &field("pow_difficulty"),
+                format!("activity `{}`: pow_difficulty must be 0-32 bits", act.id),
+            );
+        }
+        if act.per_user_limit == 0 || act.per_user_limit > 1000 {
+            r.add(
+                &field("per_user_limit"),
+                format!("activity `{}`: per_user_limit must be 1-1000", act.id),
+            );
+        }
+        if act.tickets.is_empty() {
+            r.add(&at, format!("activity `{}` has no [[activity.ticket]]", act.id));
+        }
+        for (ti, ticket) in act.tickets.iter_mut().enumerate() {
+            let tpath = |f: &'static str| [k("activity"), Seg::Index(ai), k("ticket"), Seg::Index(ti), k(f)];
+            if !valid_id(&ticket.id) {
+                r.add(
+                    &tpath("id"),
+                    format!(
+                        "ticket id `{}` must be 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.'",
+                        ticket.id
+                    ),
+                );
+            } else if !ticket_ids.insert(ticket.id.clone()) {
+                r.add(
+                    &tpath("id"),
+                    format!(
+                        "ticket id `{}` is used twice (ticket ids are unique across activities)",
+                        ticket.id
+                    ),
+                );
+            }
+            if ticket.name.trim().is_empty() {
+                r.add(&tpath("name"), format!("ticket `{}` needs a name", ticket.id));
+            }
+            if let (Some(s), Some(e)) = (ticket.start_time, ticket.end_time) {
+                if !ends_after_start(s, e) {
+                    r.add(
+                        &tpath("end_time"),
+                        format!("ticket `{}` must end after it starts", ticket.id),
+                    );
+                }
+            }
+            let sources = [
+                ticket.codes.is_some(),
+                ticket.codes_file.is_some(),
+                ticket.generate.is_some(),
+            ];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                r.add(
+                    &tpath("id"),
+                    format!(
+                        "ticket `{}` needs exactly one of `codes`, `codes_file` or `generate`",
+                        ticket.id
+                    ),
+                );
+                continue;
+            }
+            if let Some(n) = ticket.generate {
+                if n == 0 || n > MAX_GENERATE {
+                    r.add(
+                        &tpath("generate"),
+                        format!("ticket `{}`: generate must be 1-{MAX_GENERATE}", ticket.id),
+                    );
+                }
+            }
+            if let Some(file) = &ticket.codes_file {
+                let full = base_dir.join(file);
+                match std::fs::read_to_string(&full) {
+                    Ok(text) => {
+                        ticket.codes = Some(
+                            text.lines()
+                                .map(str::trim)
+                                .filter(|l| !l.is_empty())
+                                .map(str::to_owned)
+                                .collect(),
+                        );
+                    }
+                    Err(e) => {
+                        r.add(
+                            &tpath("codes_file"),
+                            format!("ticket `{}`: cannot read codes_file {}: {e}", ticket.id, full.display()),
+                        );
+                        continue;
+                    }
+                }
+            }
+            check_codes(r, &tpath("codes"), ticket, &mut all_codes);
+        }
+    }
+}
+
+fn check_codes(r: &mut Report<'_>, path: &[Seg<'_>], ticket: &TicketConfig, all: &mut HashSet<String>) {
+    let Some(codes) = &ticket.codes else { return };
+    if codes.is_empty() && ticket.codes_file.is_some() {
+        r.add(path, format!("ticket `{}`: codes_file has no codes", ticket.id));
+    }
+    let mut reported = 0;
+    for code in codes {
+        let bad = if code.is_empty() || code.len() > MAX_CODE_LEN {
+            Some(format!(
+                "ticket `{}`: code `{code}` must be 1-{MAX_CODE_LEN} bytes",
+                ticket.id
+            ))
+        } else if code.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            Some(format!(
+                "ticket `{}`: code `{}` contains whitespace or control characters",
+                ticket.id,
+                code.escape_debug()
+            ))
+        } else if !all.insert(code.clone()) {
+            Some(format!(
+                "ticket `{}`: code `{code}` appears twice (a code is unique across all tickets)",
+                ticket.id
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = bad {
+            reported += 1;
+            if reported <= 20 {
+                r.add(path, message);
+            }
+        }
+    }
+    if reported > 20 {
+        r.add(
+            path,
+            format!("ticket `{}`: {} more code problems not shown", ticket.id, reported - 20),
+        );
+    }
+}
+
+/// Relative and absolute times cannot be compared without a start moment;
+/// only same-kind pairs are checked here, mixed pairs at catalog build.
+fn ends_after_start(start: TimeSpec, end: TimeSpec) -> bool {
+    match (start, end) {
+        (TimeSpec::Relative(s), TimeSpec::Relative(e)) => e > s,
+        (TimeSpec::Absolute(s), TimeSpec::Absolute(e)) => e > s,
+        _ => true,
+    }
+}

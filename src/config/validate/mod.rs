@@ -1,0 +1,145 @@
+//! Semantic checks that serde cannot express, each reported with its line.
+//!
+//! Problems are collected, not returned at the first one, so an organiser
+//! fixing a large config sees everything at once.
+//!
+//! - `report`: a problem, its line, and the report they are gathered in;
+//! - `node`: the node's own sections; `activity`: activities, tickets, codes.
+
+mod activity;
+mod node;
+mod report;
+
+use toml_edit::ImDocument;
+
+pub(super) use report::list;
+pub use report::Problem;
+use report::{Lines, Report};
+
+use super::model::Config;
+
+/// Checks `config` against its source `text`, one section at a time; reads
+/// `codes_file` lists into `codes`. Returns every problem found (empty when
+/// the config is usable).
+pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
+    let mut r = Report {
+        lines: Lines {
+            text,
+            doc: ImDocument::parse(text).ok(),
+        },
+        problems: Vec::new(),
+    };
+    node::server(&mut r, config);
+    node::storage(&mut r, config);
+    node::cluster(&mut r, config);
+    node::journal(&mut r, config);
+    node::limits(&mut r, config);
+    node::auth(&mut r, config);
+    node::security(&mut r, config);
+    node::admin(&mut r, config);
+    activity::activities(&mut r, config);
+    r.problems
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{Config, ConfigError};
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("test.toml"), Default::default())
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_line() {
+        let text = r#"
+[server]
+listen = "127.0.0.1:0"
+
+[[activity]]
+id = "a"
+name = "A"
+start_time = "+1h"
+end_time = "+1m"
+per_user_limit = 0
+  [[activity.ticket]]
+  id = "t"
+  name = "T"
+  codes = ["X1", "X1"]
+
+[[activity]]
+id = "a"
+name = "dup"
+start_time = "+0s"
+end_time = "+1h"
+  [[activity.ticket]]
+  id = "t"
+  name = "T2"
+  generate = 5
+"#;
+        let Err(ConfigError::Invalid { problems, .. }) = load(text) else {
+            panic!("must be invalid")
+        };
+        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert!(
+            shown.contains(&"line 9: activity `a` must end after it starts".to_owned()),
+            "{shown:?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|p| p.starts_with("line 10: ") && p.contains("per_user_limit")),
+            "{shown:?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|p| p.starts_with("line 14: ") && p.contains("appears twice")),
+            "{shown:?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|p| p.starts_with("line 17: ") && p.contains("used twice")),
+            "{shown:?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|p| p.starts_with("line 22: ") && p.contains("ticket id `t` is used twice")),
+            "{shown:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_a_line() {
+        let err = load("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("line 3"), "{text}");
+        assert!(text.contains("lisen"), "{text}");
+    }
+
+    #[test]
+    fn the_bundled_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        Config::load(&path).unwrap();
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+            let _ = load(&text);
+        }
+
+        #[test]
+        fn dropping_any_line_of_the_bundled_config_never_panics(skip in 0usize..200) {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+            let text = std::fs::read_to_string(path).unwrap();
+            let cut: String = text.lines().enumerate().filter(|(i, _)| *i != skip).map(|(_, l)| format!("{l}\n")).collect();
+            if let Err(e) = load(&cut) {
+                proptest::prop_assert!(!e.to_string().is_empty());
+            }
+        }
+    }
+}

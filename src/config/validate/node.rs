@@ -1,0 +1,190 @@
+//! Checks of the node's own sections: `[server]`, `[storage]`, `[cluster]`,
+//! `[journal]`, `[limits]`, `[auth]`, `[security]`, `[admin]`.
+
+use super::report::{valid_id, Report, Seg, MAX_ID_LEN};
+use crate::config::model::{Config, StorageMode, ADMIN_TOKEN_ENV, MONGODB_URI_ENV, REDIS_URL_ENV};
+
+const K: fn(&'static str) -> Seg<'static> = Seg::Key;
+
+pub(super) fn server(r: &mut Report<'_>, config: &Config) {
+    let s = &config.server;
+    if s.max_connections == 0 {
+        r.add(
+            &[K("server"), K("max_connections")],
+            "server.max_connections must be at least 1".into(),
+        );
+    }
+    if let Some(node) = &s.node_id {
+        if !valid_id(node) {
+            r.add(
+                &[K("server"), K("node_id")],
+                format!("server.node_id `{node}` must be 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.'"),
+            );
+        }
+    }
+    if s.max_body.0 < 256 {
+        r.add(
+            &[K("server"), K("max_body")],
+            "server.max_body must be at least 256 bytes".into(),
+        );
+    }
+    if s.header_read_timeout.0.is_zero() || s.request_timeout.0.is_zero() {
+        r.add(&[K("server")], "server timeouts must be greater than zero".into());
+    }
+}
+
+pub(super) fn storage(r: &mut Report<'_>, config: &Config) {
+    let s = &config.storage;
+    if s.mode != StorageMode::Cluster {
+        return;
+    }
+    if s.redis_url().is_none() {
+        r.add(
+            &[K("storage"), K("mode")],
+            format!("storage.mode = \"cluster\" needs storage.redis_url (or {REDIS_URL_ENV})"),
+        );
+    }
+    if s.mongodb_uri().is_none() {
+        r.add(
+            &[K("storage"), K("mode")],
+            format!("storage.mode = \"cluster\" needs storage.mongodb_uri (or {MONGODB_URI_ENV})"),
+        );
+    }
+    if !valid_id(&s.database) {
+        r.add(
+            &[K("storage"), K("database")],
+            "storage.database must be a plain name".into(),
+        );
+    }
+}
+
+pub(super) fn cluster(r: &mut Report<'_>, config: &Config) {
+    let c = &config.cluster;
+    if c.lease_min_batch == 0 || c.lease_max_batch < c.lease_min_batch || c.commit_batch == 0 || c.mongo_batch == 0 {
+        r.add(
+            &[K("cluster")],
+            "cluster batch sizes must be at least 1, and lease_max_batch at least lease_min_batch".into(),
+        );
+    }
+    if c.lease_ttl.0 < std::time::Duration::from_secs(1) || c.max_backlog == 0 {
+        r.add(
+            &[K("cluster")],
+            "cluster.lease_ttl must be at least 1s and cluster.max_backlog at least 1".into(),
+        );
+    }
+}
+
+pub(super) fn journal(r: &mut Report<'_>, config: &Config) {
+    let j = &config.journal;
+    if j.max_batch == 0 || j.queue_capacity == 0 {
+        r.add(
+            &[K("journal")],
+            "journal.max_batch and journal.queue_capacity must be at least 1".into(),
+        );
+    }
+    if j.segment_size.0 < 4096 {
+        r.add(
+            &[K("journal"), K("segment_size")],
+            "journal.segment_size must be at least 4KiB".into(),
+        );
+    }
+}
+
+pub(super) fn limits(r: &mut Report<'_>, config: &Config) {
+    if config.limits.max_in_flight_claims == 0 {
+        r.add(
+            &[K("limits"), K("max_in_flight_claims")],
+            "limits.max_in_flight_claims must be at least 1".into(),
+        );
+    }
+}
+
+pub(super) fn auth(r: &mut Report<'_>, config: &Config) {
+    let a = &config.auth;
+    if a.argon2_memory_kib < 8 {
+        r.add(
+            &[K("auth"), K("argon2_memory_kib")],
+            "auth.argon2_memory_kib must be at least 8".into(),
+        );
+    }
+    if a.argon2_iterations == 0 {
+        r.add(
+            &[K("auth"), K("argon2_iterations")],
+            "auth.argon2_iterations must be at least 1".into(),
+        );
+    }
+    for (key, secret) in [
+        ("session_secret", &a.session_secret),
+        ("previous_session_secret", &a.previous_session_secret),
+    ] {
+        if secret.as_ref().is_some_and(|s| s.len() < 32) {
+            r.add(
+                &[K("auth"), K(key)],
+                format!("auth.{key} must be at least 32 characters"),
+            );
+        }
+    }
+    if config.session_ttl_ms() <= 0 {
+        r.add(
+            &[K("auth"), K("session_ttl")],
+            "auth.session_ttl must be greater than zero".into(),
+        );
+    }
+}
+
+pub(super) fn security(r: &mut Report<'_>, config: &Config) {
+    let k = Seg::Key;
+    let s = &config.security;
+    let rates = [
+        ("claim_rate_per_user", s.claim_rate_per_user),
+        ("claim_rate_per_ip", s.claim_rate_per_ip),
+    ];
+    for (key, rate) in rates {
+        if !(rate.is_finite() && rate > 0.0) {
+            r.add(
+                &[k("security"), k(key)],
+                format!("security.{key} must be a positive number"),
+            );
+        }
+    }
+    if s.claim_burst_per_user == 0 || s.claim_burst_per_ip == 0 || s.registrations_per_ip_per_hour == 0 {
+        r.add(
+            &[k("security")],
+            "security bursts and registrations_per_ip_per_hour must be at least 1".into(),
+        );
+    }
+    if s.login_max_failures == 0 {
+        r.add(
+            &[k("security"), k("login_max_failures")],
+            "security.login_max_failures must be at least 1".into(),
+        );
+    }
+    if s.claim_token_ttl.0.as_secs() < 1 {
+        r.add(
+            &[k("security"), k("claim_token_ttl")],
+            "security.claim_token_ttl must be at least 1s".into(),
+        );
+    }
+}
+
+pub(super) fn admin(r: &mut Report<'_>, config: &Config) {
+    let k = Seg::Key;
+    if let Some(token) = &config.admin.token {
+        if token.len() < 32 {
+            r.add(
+                &[k("admin"), k("token")],
+                "admin.token must be at least 32 characters".into(),
+            );
+        }
+    }
+    let env_token = std::env::var(ADMIN_TOKEN_ENV).is_ok_and(|t| !t.is_empty());
+    if config.admin.listen.is_some() && config.admin.token.is_none() && !env_token {
+        r.add(
+            &[k("admin"), k("listen")],
+            format!(
+                "admin.listen is set but there is no admin token: set admin.token or {}",
+                ADMIN_TOKEN_ENV
+            ),
+        );
+    }
+}

@@ -1,0 +1,378 @@
+//! Leasing (cluster mode): keeps this node's pools stocked with codes leased
+//! from the shared master lists, renews the leases, gives back what the node
+//! no longer sells, and knows the cluster-wide counts.
+//!
+//! The store does the Redis side, one atomic script per step
+//! ([`LeaseSource`]); this module decides *when* and *how much*, because that
+//! depends on the pools and on how fast they empty.
+//!
+//! # Batch size
+//! A node leases about `cluster.lease_ahead` worth of its recent claim rate
+//! (within `lease_min_batch..=lease_max_batch`) whenever its pool falls
+//! below half of that, so it refills ahead of running dry; a claim that
+//! finds the pool empty marks the ticket *hungry*, which doubles the next
+//! batch and leases at once. The lease script caps every batch at half the
+//! node's share of what is left, so near the end batches shrink to single
+//! codes. A node that sold nothing for two seconds while the master list is
+//! empty gives its codes back, so the last codes go where the buyers are.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use super::{pool::CodePool, stock::Stock};
+use crate::{
+    config::ClusterConfig,
+    store::{LeaseSource, StoreError},
+    worker::{Ctl, Stop},
+};
+
+/// How often the loop looks at the pools.
+const TICK: Duration = Duration::from_millis(10);
+/// Unknown master-list length.
+const UNKNOWN: usize = usize::MAX;
+
+/// The lease worker's state, shared with the claim path.
+pub struct Leasing {
+    source: LeaseSource,
+    cfg: ClusterConfig,
+    tickets: DashMap<Arc<str>, Arc<TicketLease>>,
+    /// Woken after each lease and renewal (claims waiting for stock re-check).
+    stock_changed: Notify,
+}
+
+/// One ticket type this node sells by lease, and what it knows of its stock.
+struct TicketLease {
+    activity: Arc<str>,
+    ticket: Arc<str>,
+    pool: Arc<CodePool>,
+    /// Codes on the master list at the last look; [`UNKNOWN`] until known.
+    upstream: AtomicUsize,
+    /// A claim is waiting for codes: lease now.
+    hungry: AtomicBool,
+    /// Cluster-wide codes known and sold, at the last look. A reader may see
+    /// the two halves from two different looks; the remainder never goes negative.
+    known: AtomicUsize,
+    sold: AtomicUsize,
+    rate: Mutex<Rate>,
+}
+
+/// Claim-rate bookkeeping of one ticket type.
+struct Rate {
+    taken: usize,
+    at: Instant,
+    /// Codes taken per second (smoothed).
+    per_sec: f64,
+    /// When the pool last lost a code.
+    last_take: Instant,
+    last_batch: usize,
+    leased_once: bool,
+}
+
+impl Rate {
+    fn new() -> Rate {
+        let now = Instant::now();
+        Rate {
+            taken: 0,
+            at: now,
+            per_sec: 0.0,
+            last_take: now,
+            last_batch: 0,
+            leased_once: false,
+        }
+    }
+}
+
+impl TicketLease {
+    fn set_counts(&self, known: usize, sold: usize) {
+        self.known.store(known, Ordering::Relaxed);
+        self.sold.store(sold, Ordering::Relaxed);
+    }
+
+    /// `(total, remaining, sold)`.
+    fn counts(&self) -> (usize, usize, usize) {
+        let known = self.known.load(Ordering::Relaxed);
+        let sold = self.sold.load(Ordering::Relaxed);
+        (known, known.saturating_sub(sold), sold)
+    }
+}
+
+impl Leasing {
+    /// Leasing from `source` with `[cluster]`'s batch policy.
+    pub fn new(source: LeaseSource, cfg: &ClusterConfig) -> Leasing {
+        Leasing {
+            source,
+            cfg: cfg.clone(),
+            tickets: DashMap::new(),
+            stock_changed: Notify::new(),
+        }
+    }
+
+    pub(super) fn track(
+        &self,
+        pool: &dyn Fn(&str) -> Arc<CodePool>,
+        activities: &[(Arc<str>, Vec<Arc<str>>)],
+    ) -> Result<(), StoreError> {
+        for (activity, tickets) in activities {
+            let returned = self.source.track(activity, tickets)?;
+            if returned > 0 {
+                tracing::info!(activity = %activity, codes = returned, "Returned the codes an earlier run of this node had leased.");
+            }
+            for t in tickets {
+                self.tickets.entry(t.clone()).or_insert_with(|| {
+                    Arc::new(TicketLease {
+                        activity: activity.clone(),
+                        ticket: t.clone(),
+                        pool: pool(t),
+                        upstream: UNKNOWN.into(),
+                        hungry: false.into(),
+                        known: 0.into(),
+                        sold: 0.into(),
+                        rate: Mutex::new(Rate::new()),
+                    })
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn stock<'a>(&self, tickets: impl Iterator<Item = (&'a str, &'a CodePool)>) -> Stock {
+        let mut stock = Stock {
+            remaining: 0,
+            claimed: 0,
+            tickets: Vec::new(),
+        };
+        for (id, _) in tickets {
+            let (total, remaining, sold) = self.tickets.get(id).map_or((0, 0, 0), |t| t.counts());
+            stock.remaining += remaining;
+            stock.claimed += sold;
+            stock.tickets.push((total, remaining));
+        }
+        stock
+    }
+
+    pub(super) async fn refresh_counts(&self, activity: &str) -> Result<(), StoreError> {
+        for (ticket, known, sold) in self.source.counts(activity).await? {
+            if let Some(t) = self.tickets.get(&ticket) {
+                t.set_counts(known, sold);
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits up to half a second for codes when the given pools are empty but
+    /// a master list is not (or has not been looked at yet).
+    pub(super) async fn wait_for_stock<'a, I>(&self, tickets: I) -> bool
+    where
+        I: Iterator<Item = (&'a str, &'a CodePool)> + Clone,
+    {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        loop {
+            let notified = self.stock_changed.notified();
+            if tickets.clone().any(|(_, p)| p.remaining() > 0) {
+                return true;
+            }
+            let mut waiting = false;
+            for (id, _) in tickets.clone() {
+                if let Some(t) = self.tickets.get(id) {
+                    if t.upstream.load(Ordering::Relaxed) > 0 {
+                        t.hungry.store(true, Ordering::Relaxed);
+                        waiting = true;
+                    }
+                }
+            }
+            if !waiting || !self.source.is_up() {
+                return false;
+            }
+            if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+                return tickets.clone().any(|(_, p)| p.remaining() > 0);
+            }
+        }
+    }
+
+    /// Codes leased to this node and not yet claimed: `(activity, ticket, codes)`.
+    pub fn leased(&self) -> Vec<(String, String, usize)> {
+        self.tickets
+            .iter()
+            .map(|t| (t.activity.to_string(), t.ticket.to_string(), t.pool.remaining()))
+            .collect()
+    }
+}
+
+/// The lease worker. Every tick: refill pools that need it. Every quarter
+/// lease TTL (or `refresh_interval`, if shorter): renew the leases and re-read
+/// the master-list lengths and counts. Every second: give back idle stock and
+/// take back codes whose commit outcome was unknown. While the store is
+/// unreachable: probe it every 100 ms. On stop: give every leased code back.
+pub async fn run(leasing: Arc<Leasing>, ctl: Ctl, mut stop: Stop) {
+    let ttl = leasing.cfg.lease_ttl.0;
+    let heartbeat_every = (ttl / 4).min(leasing.cfg.refresh_interval.0);
+    let (mut next_heartbeat, mut next_second, mut next_probe) = (Instant::now(), Instant::now(), Instant::now());
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.requested() => break,
+        }
+        ctl.tick();
+        let now = Instant::now();
+        let up = leasing.source.is_up();
+        if up {
+            refill(&leasing, &ctl).await;
+        }
+        if now >= next_heartbeat {
+            next_heartbeat = now + heartbeat_every;
+            if let Err(error) = renew(&leasing).await {
+                ctl.error(&error);
+                tracing::debug!(%error, "Lease renewal failed.");
+            }
+        }
+        if !up && now >= next_probe {
+            next_probe = now + Duration::from_millis(100);
+            leasing.source.probe().await;
+        }
+        if up && now >= next_second {
+            next_second = now + Duration::from_secs(1);
+            if let Err(error) = take_back_doubts(&leasing).await {
+                ctl.error(&error);
+                tracing::debug!(%error, "Settling codes in doubt failed.");
+            }
+            if let Err(error) = give_back_idle(&leasing).await {
+                ctl.error(&error);
+                tracing::debug!(%error, "Giving back idle codes failed.");
+            }
+        }
+    }
+    match leasing.source.release_all().await {
+        Ok(n) => tracing::info!(codes = n, "Leased codes returned to the master lists."),
+        Err(error) => {
+            tracing::error!(%error, "Could not return leased codes; live nodes reclaim them after cluster.lease_ttl.")
+        }
+    }
+}
+
+async fn refill(leasing: &Leasing, ctl: &Ctl) {
+    let stocks: Vec<Arc<TicketLease>> = leasing.tickets.iter().map(|t| t.value().clone()).collect();
+    let ahead = leasing.cfg.lease_ahead.0.as_secs_f64();
+    let (min, max) = (leasing.cfg.lease_min_batch, leasing.cfg.lease_max_batch);
+    for t in stocks {
+        let remaining = t.pool.remaining();
+        let hungry = t.hungry.swap(false, Ordering::Relaxed);
+        let want = {
+            let mut r = t.rate.lock();
+            let taken = t.pool.known() - remaining;
+            let now = Instant::now();
+            if taken != r.taken {
+                r.last_take = now;
+            }
+            let dt = now.duration_since(r.at).as_secs_f64();
+            if dt >= 0.1 {
+                let instant = (taken - r.taken.min(taken)) as f64 / dt;
+                r.per_sec = 0.5 * r.per_sec + 0.5 * instant;
+                (r.taken, r.at) = (taken, now);
+            }
+            let mut want = ((r.per_sec * ahead) as usize).clamp(min, max);
+            if hungry {
+                want = want.max((r.last_batch * 2).min(max));
+            }
+            let selling = r.per_sec > 0.5 || hungry || !r.leased_once;
+            if remaining > want / 2 || !selling || t.upstream.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            r.leased_once = true;
+            want - remaining.min(want)
+        };
+        if want == 0 {
+            continue;
+        }
+        match leasing.source.lease(&t.activity, &t.ticket, want).await {
+            Ok((left, codes)) => {
+                t.upstream.store(left, Ordering::Relaxed);
+                let n = codes.len();
+                if n > 0 {
+                    t.pool.add_codes(&codes);
+                    tracing::info!(ticket = %t.ticket, codes = n, left, "Leased codes.");
+                    if left == 0 {
+                        tracing::info!(ticket = %t.ticket, "The master list is empty; selling the last leased codes.");
+                    }
+                }
+                t.rate.lock().last_batch = n.max(1);
+            }
+            Err(error) => {
+                ctl.error(&error);
+                tracing::debug!(%error, "Leasing failed.");
+            }
+        }
+        leasing.stock_changed.notify_waiters();
+    }
+}
+
+/// Renews this node's leases and reads every ticket's master-list length
+/// and cluster-wide counts. If the node's leases were reclaimed while it
+/// was unreachable, the codes in its pools are not its own any more.
+async fn renew(leasing: &Leasing) -> Result<(), StoreError> {
+    for c in leasing.source.heartbeat().await? {
+        let Some(t) = leasing.tickets.get(&c.ticket) else {
+            continue;
+        };
+        t.upstream.store(c.upstream, Ordering::Relaxed);
+        t.set_counts(c.known, c.sold);
+        if c.reclaimed && t.pool.remaining() > 0 {
+            let mut dropped = 0;
+            while t.pool.take().is_some() {
+                dropped += 1;
+            }
+            tracing::warn!(ticket = %c.ticket, codes = dropped, "This node's lease had expired and was reclaimed; dropped its local codes.");
+        }
+    }
+    leasing.stock_changed.notify_waiters();
+    Ok(())
+}
+
+/// Codes whose commit outcome was unknown and that turned out to be still
+/// leased to this node go back into their pools.
+async fn take_back_doubts(leasing: &Leasing) -> Result<(), StoreError> {
+    for (ticket, code) in leasing.source.resolve_doubts().await? {
+        if let Some(t) = leasing.tickets.get(&ticket) {
+            t.pool.add_codes(&[code]);
+        }
+    }
+    Ok(())
+}
+
+/// A node that sold nothing for two seconds while the master list is empty
+/// gives its codes back, so buyers at other nodes can have them.
+async fn give_back_idle(leasing: &Leasing) -> Result<(), StoreError> {
+    let stocks: Vec<Arc<TicketLease>> = leasing.tickets.iter().map(|t| t.value().clone()).collect();
+    for t in stocks {
+        let idle = t.rate.lock().last_take.elapsed() >= Duration::from_secs(2);
+        if !idle || t.upstream.load(Ordering::Relaxed) != 0 || t.pool.remaining() == 0 {
+            continue;
+        }
+        let mut codes = Vec::new();
+        while let Some(idx) = t.pool.take() {
+            codes.push(t.pool.code(idx).to_string());
+        }
+        let returned = leasing.source.give_back(&t.activity, &t.ticket, codes).await?;
+        {
+            // The pool shrank by giving back, not by selling.
+            let mut r = t.rate.lock();
+            r.taken = t.pool.known() - t.pool.remaining();
+            r.leased_once = false;
+        }
+        t.upstream.fetch_add(returned, Ordering::Relaxed);
+        if returned > 0 {
+            tracing::info!(ticket = %t.ticket, codes = returned, "Gave idle leased codes back to the master list.");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! [`AppState`]: the domain handles a request may touch, and reload.
+//!
+//! It sits below `http` (handlers borrow it) and above everything it holds;
+//! connection-level state (open connections, the drain, the access log)
+//! belongs to `http::server`, and start-up and shutdown to `app`.
+
+use std::{collections::HashSet, path::PathBuf, sync::atomic::Ordering, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+
+use crate::{
+    auth::{Auth, Guard},
+    catalog::{Activity, Catalog, SharedCatalog},
+    claim::{ClaimSettings, Claimer},
+    config::{ActivityConfig, Config, ServerConfig},
+    inventory::{Inventory, Stock},
+    metrics::{self, Gauges},
+    stats::RushStats,
+    store::{ImportReport, Store, StoreError},
+    worker::Runner,
+};
+
+/// Everything a request handler may touch.
+pub struct AppState {
+    /// The current catalog snapshot.
+    pub catalog: SharedCatalog,
+    /// Pools and ledgers.
+    pub inventory: Arc<Inventory>,
+    /// The claim decision.
+    pub claimer: Claimer,
+    /// Accounts and sessions.
+    pub auth: Arc<Auth>,
+    /// Blocklists, rate limits, login backoff.
+    pub guard: Guard,
+    /// The store.
+    pub store: Arc<Store>,
+    /// The admin bearer token, when the admin API is on.
+    pub admin_token: Option<String>,
+    /// Rush statistics, flushed to the store every second.
+    pub stats: RushStats,
+    /// The background workers (their states show in `/metrics`).
+    pub workers: Arc<Runner>,
+    /// When the node started, Unix ms (relative times count from here).
+    pub started_ms: i64,
+    /// Reloadable server limits.
+    server: ArcSwap<ServerConfig>,
+    /// The running config (codes stripped), for reload diffs.
+    config: Mutex<Config>,
+    /// Cluster mode with no `[[activity]]` in the file: the activities are
+    /// the ones `ticketd import` stored in MongoDB, re-read periodically.
+    follows_store: bool,
+    config_path: PathBuf,
+}
+
+/// What [`AppState::new`] needs beyond the handles.
+pub struct Setup {
+    /// The config the node started with (codes stripped).
+    pub config: Config,
+    /// Where it was read from (reload reads it again).
+    pub config_path: PathBuf,
+    /// Whether the activities come from the store rather than the file.
+    pub follows_store: bool,
+    /// When the node started, Unix ms.
+    pub started_ms: i64,
+    /// The runner the node's workers are registered with.
+    pub workers: Arc<Runner>,
+}
+
+impl AppState {
+    /// Puts the handles together.
+    pub fn new(
+        catalog: Catalog,
+        inventory: Arc<Inventory>,
+        claimer: Claimer,
+        auth: Arc<Auth>,
+        guard: Guard,
+        store: Arc<Store>,
+        setup: Setup,
+    ) -> AppState {
+        AppState {
+            catalog: ArcSwap::from_pointee(catalog),
+            inventory,
+            claimer,
+            auth,
+            guard,
+            store,
+            admin_token: setup.config.admin.token(),
+            stats: RushStats::default(),
+            workers: setup.workers,
+            started_ms: setup.started_ms,
+            server: ArcSwap::from_pointee(setup.config.server.clone()),
+            config: Mutex::new(setup.config),
+            follows_store: setup.follows_store,
+            config_path: setup.config_path,
+        }
+    }
+
+    /// `server.max_body` in bytes.
+    pub fn max_body(&self) -> usize {
+        self.server.load().max_body.0 as usize
+    }
+
+    /// `server.request_timeout`.
+    pub fn request_timeout(&self) -> Duration {
+        self.server.load().request_timeout.0
+    }
+
+    /// `server.header_read_timeout`.
+    pub fn header_read_timeout(&self) -> Duration {
+        self.server.load().header_read_timeout.0
+    }
+
+    /// `server.shutdown_grace`.
+    pub fn shutdown_grace(&self) -> Duration {
+        self.server.load().shutdown_grace.0
+    }
+
+    /// `cluster.refresh_interval`.
+    pub fn refresh_interval(&self) -> Duration {
+        self.config.lock().cluster.refresh_interval.0
+    }
+
+    /// Every activity of the current catalog with what is left of it: the one
+    /// source of the numbers `/act/list`, `/admin`, `/metrics` and systemd's
+    /// status line show.
+    pub fn stock_by_activity(&self) -> Vec<(Arc<Activity>, Stock)> {
+        self.catalog
+            .load()
+            .activities()
+            .iter()
+            .map(|a| (a.clone(), self.claimer.stock(a)))
+            .collect()
+    }
+
+    /// State gauges for `/metrics`; `connections` comes from the HTTP server.
+    pub fn gauges(&self, connections: usize) -> Gauges {
+        let mut stock = Vec::new();
+        let mut claimed = Vec::new();
+        for (a, counts) in self.stock_by_activity() {
+            for (t, (_, remaining)) in a.tickets.iter().zip(&counts.tickets) {
+                stock.push((a.id.to_string(), t.id.to_string(), *remaining));
+            }
+            claimed.push((a.id.to_string(), counts.claimed));
+        }
+        let cluster = self.store.gauges().map(|mut c| {
+            c.leased = self.inventory.leasing().map(|l| l.leased()).unwrap_or_default();
+            c
+        });
+        Gauges {
+            stock,
+            claimed,
+            claims_in_flight: self.claimer.in_flight(),
+            journal_queue: self.store.commit_queue_len(),
+            connections,
+            stock_bytes: self.inventory.stock_bytes(),
+            cluster,
+            workers: self.workers.report(),
+        }
+    }
+
+    /// Re-reads the config file: build, validate, diff, swap — or refuse and
+    /// keep serving the old one. Never touches stock or claims except to add
+    /// codes. Returns the codes added, or why the reload was refused.
+    pub fn reload(&self) -> Result<usize, String> {
+        let m = metrics::global();
+        let result = self.try_reload();
+        match &result {
+            Ok(added) => {
+                m.reloads_applied.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(codes_added = added, "Config reloaded.");
+            }
+            Err(reason) => {
+                m.reloads_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%reason, "Reload refused; still serving the previous config.");
+            }
+        }
+        result
+    }
+
+    /// Activities from the store (cluster, no `[[activity]]` in the file):
+    /// re-reads them and, if they changed, swaps in a catalog built from
+    /// them. Returns whether it did.
+    pub fn refresh_activities(&self) -> Result<bool, String> {
+        if !self.follows_store {
+            return Ok(false);
+        }
+        let mut running = self.config.lock();
+        let activities = shared_activities(&self.store).map_err(|e| e.to_string())?;
+        if activities == running.activities {
+            return Ok(false);
+        }
+        let mut new = running.clone();
+        new.activities = activities;
+        let catalog = Catalog::build(&new, self.started_ms, &self.inventory).map_err(|p| p.join("; "))?;
+        track(&self.inventory, &catalog).map_err(|e| e.to_string())?;
+        self.catalog.store(Arc::new(catalog));
+        tracing::info!(activities = new.activities.len(), "Activities refreshed from MongoDB.");
+        *running = new;
+        Ok(true)
+    }
+
+    fn try_reload(&self) -> Result<usize, String> {
+        let mut running = self.config.lock();
+        let mut new = Config::load(&self.config_path).map_err(|e| e.to_string())?;
+        if self.follows_store && new.activities.is_empty() {
+            new.activities = shared_activities(&self.store).map_err(|e| e.to_string())?;
+        }
+        let restart = new.restart_only_changes(&running);
+        if !restart.is_empty() {
+            return Err(format!("{} changed, which needs a restart", restart.join(", ")));
+        }
+        let catalog = Catalog::build(&new, self.started_ms, &self.inventory).map_err(|p| p.join("; "))?;
+        let blocked = blocked_user_ids(&new, &self.store).map_err(|e| e.to_string())?;
+        let report = self
+            .store
+            .serve_import(&new, self.started_ms)
+            .map_err(|e| e.to_string())?;
+        log_import(&report);
+        let mut added = 0;
+        for t in &report.tickets {
+            self.inventory.pool(&t.ticket_id).add_codes(&t.added);
+            added += t.added.len();
+        }
+        track(&self.inventory, &catalog).map_err(|e| e.to_string())?;
+        self.catalog.store(Arc::new(catalog));
+        self.auth.apply(&new);
+        self.guard.apply(&new, blocked);
+        self.claimer.apply(ClaimSettings::from_config(&new));
+        self.server.store(Arc::new(new.server.clone()));
+        new.strip_codes();
+        *running = new;
+        Ok(added)
+    }
+}
+
+/// Starts selling the catalog's ticket types (with leases: leasing them).
+pub fn track(inventory: &Inventory, catalog: &Catalog) -> Result<(), StoreError> {
+    let activities: Vec<(Arc<str>, Vec<Arc<str>>)> = catalog
+        .activities()
+        .iter()
+        .map(|a| (a.id.clone(), a.tickets.iter().map(|t| t.id.clone()).collect()))
+        .collect();
+    inventory.track(&activities)
+}
+
+/// The activity definitions stored by `ticketd import` (cluster mode).
+pub fn shared_activities(store: &Store) -> Result<Vec<ActivityConfig>, StoreError> {
+    store.shared_activities().unwrap_or(Ok(Vec::new()))
+}
+
+/// The ids of `security.blocked_users` that exist.
+pub fn blocked_user_ids(config: &Config, store: &Store) -> Result<HashSet<u64>, StoreError> {
+    let mut ids = HashSet::new();
+    for name in &config.security.blocked_users {
+        if let Some(u) = store.user_by_name(name)? {
+            ids.insert(u.id);
+        }
+    }
+    Ok(ids)
+}
+
+/// One log line per ticket type that got codes, and one per conflict.
+pub fn log_import(report: &ImportReport) {
+    for t in &report.tickets {
+        if !t.added.is_empty() {
+            tracing::info!(ticket = %t.ticket_id, added = t.added.len(), total = t.total, "Codes imported.");
+        }
+    }
+    for c in &report.conflicts {
+        tracing::warn!(conflict = %c, "Code skipped.");
+    }
+}

@@ -1,0 +1,122 @@
+//! What the cluster store's workers share: the connections, this node's
+//! identity, the gates that open and close with Redis and MongoDB, and the
+//! activities the node sells.
+
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+};
+
+use dashmap::DashMap;
+use mongodb::Database;
+use parking_lot::Mutex;
+use redis::aio::ConnectionManager;
+use tokio::{runtime::Handle, sync::Notify};
+
+use super::error::ClusterError;
+use crate::{config::ClusterConfig, vocab::PendingClaim};
+
+/// A code whose commit outcome is unknown (Redis went away mid-commit). The
+/// lease worker asks [`super::lease::LeaseSource::resolve_doubts`] about it
+/// once Redis answers again.
+pub(crate) struct Doubt {
+    pub activity: Arc<str>,
+    pub ticket: Arc<str>,
+    pub code: Arc<str>,
+    pub nonce: String,
+}
+
+/// What goes to the committer.
+pub(crate) enum Msg {
+    Claim(PendingClaim),
+    Ping(tokio::sync::oneshot::Sender<()>),
+}
+
+/// What the committer, the lease source, the writer and the reaper share.
+pub(crate) struct Shared {
+    pub redis: ConnectionManager,
+    pub db: Database,
+    pub node: Arc<str>,
+    /// Random per process: nonces of a restarted node never repeat.
+    pub instance: String,
+    pub cfg: ClusterConfig,
+    /// Redis answered the last command.
+    pub redis_up: AtomicBool,
+    /// MongoDB took the last write.
+    pub mongo_up: AtomicBool,
+    /// Claims in this node's backlogs at the last look.
+    pub backlog: AtomicUsize,
+    /// The commit script answered FULL since the writer last made room.
+    pub backlog_full: AtomicBool,
+    /// Activities this node sells, and their ticket ids (leases taken over at start).
+    pub activities: DashMap<Arc<str>, Vec<Arc<str>>>,
+    pub doubts: Mutex<Vec<Doubt>>,
+    /// Claim ids: `[next, end)` of the block this node holds.
+    pub ids: Mutex<(u64, u64)>,
+    pub nonce: AtomicU64,
+    /// Woken after each commit (the writer has work).
+    pub backlog_grew: Notify,
+}
+
+impl Shared {
+    /// The tracked activities and their ticket ids, copied out of the map
+    /// (no shard lock is held across an await).
+    pub fn activity_list(&self) -> Vec<(Arc<str>, Vec<Arc<str>>)> {
+        self.activities
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect()
+    }
+
+    pub fn next_nonce(&self) -> String {
+        format!("{}.{}", self.instance, self.nonce.fetch_add(1, Ordering::Relaxed))
+    }
+
+    pub fn lease_expiry(&self) -> i64 {
+        crate::clock::now_ms() + self.cfg.lease_ttl.0.as_millis() as i64
+    }
+
+    /// Notes a failed Redis call: only a lost or refused connection closes
+    /// the gate (a slow answer under load is not an outage).
+    pub fn redis_failed(&self, error: &ClusterError) {
+        if let ClusterError::Redis(e) = error {
+            if !e.is_timeout() && (e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped()) {
+                self.mark_redis(false);
+            }
+        }
+    }
+
+    pub fn mark_redis(&self, up: bool) {
+        if self.redis_up.swap(up, Ordering::Relaxed) != up {
+            if up {
+                tracing::info!("Redis is reachable again; claims resume.");
+            } else {
+                tracing::error!("Redis is unreachable; claims are answered 503 until it returns.");
+            }
+        }
+    }
+}
+
+/// Runs `f` to completion on `handle` from synchronous code, inside or
+/// outside another runtime.
+pub(crate) fn block_on<F: Future>(handle: &Handle, f: F) -> F::Output {
+    match Handle::try_current() {
+        Ok(_) => tokio::task::block_in_place(|| handle.block_on(f)),
+        Err(_) => handle.block_on(f),
+    }
+}
+
+/// Runs `f` on the cluster runtime (where the connections live) and awaits
+/// it from any runtime.
+pub(crate) async fn on<T: Send + 'static>(
+    handle: &Handle,
+    f: impl Future<Output = Result<T, ClusterError>> + Send + 'static,
+) -> Result<T, ClusterError> {
+    handle
+        .spawn(f)
+        .await
+        .unwrap_or_else(|_| Err(ClusterError::Protocol("a cluster task failed".into())))
+}

@@ -1,0 +1,171 @@
+//! The store's own vocabulary: its error type, what it knows of users,
+//! claims, imports and reports, and how a process opens it. Both backends
+//! and the [`Store`](super::Store) facade speak these words; nothing here
+//! knows a backend.
+
+use crate::{journal::JournalError, worker::Runner};
+
+pub use super::cluster::error::ClusterError;
+
+/// Why the store refused or failed an operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file or directory could not be used.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Another process serves this data directory.
+    #[error("the data directory {0} is in use by another running ticketd (stop it, or use `kill -HUP` to reload it)")]
+    Locked(std::path::PathBuf),
+    /// SQLite failed.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The journal could not be replayed or opened.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The store has no such activity (run `ticketd import` or `ticketd serve` first).
+    #[error("the store has no activity `{0}` (run `ticketd import` or `ticketd serve` first)")]
+    UnknownActivity(String),
+    /// The username exists already.
+    #[error("the username is taken")]
+    UsernameTaken,
+    /// Redis or MongoDB failed (cluster mode).
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+}
+
+/// A registered user.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// Stable numeric id.
+    pub id: u64,
+    /// Login name (unique).
+    pub username: String,
+    /// Display name.
+    pub nickname: String,
+    /// The argon2id PHC string.
+    pub password_hash: String,
+    /// Registration time, Unix ms.
+    pub created_at_ms: i64,
+}
+
+/// A claim joined with its user, for export.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClaimRow {
+    /// Claim id.
+    pub claim_id: u64,
+    /// Activity id.
+    pub activity_id: String,
+    /// Ticket type id.
+    pub ticket_id: String,
+    /// The code.
+    pub code: String,
+    /// User id.
+    pub user_id: u64,
+    /// Username.
+    pub username: String,
+    /// Nickname.
+    pub nickname: String,
+    /// Claim time, Unix ms.
+    pub claimed_at_ms: i64,
+    /// The node that handed the code out.
+    pub node: String,
+}
+
+/// What an import added, per ticket type.
+#[derive(Debug, Default)]
+pub struct ImportReport {
+    /// Activities inserted or updated.
+    pub activities: usize,
+    /// Per ticket: id, codes added now (never claimed), codes known in total.
+    pub tickets: Vec<TicketImport>,
+    /// Codes in the config that already belong to another ticket type (skipped).
+    pub conflicts: Vec<String>,
+}
+
+/// One ticket type's import result.
+#[derive(Debug)]
+pub struct TicketImport {
+    /// Ticket id.
+    pub ticket_id: String,
+    /// Codes inserted by this import.
+    pub added: Vec<String>,
+    /// Codes the store knows for this ticket after the import.
+    pub total: usize,
+}
+
+/// Everything the rush report shows about one activity, read from the store.
+#[derive(Debug, Default)]
+pub struct ReportData {
+    /// Name, start, end (Unix ms) and per-user limit, if the store knows the activity.
+    pub activity: Option<(String, i64, i64, u32)>,
+    /// Per ticket type: id, name, codes, claimed, first and last claim (Unix ms).
+    pub tickets: Vec<TicketReport>,
+    /// `(unix second, claims)`, ascending.
+    pub claims_per_second: Vec<(i64, u64)>,
+    /// `(unix minute, outcome label, requests)`, ascending by minute.
+    pub outcomes: Vec<(i64, String, u64)>,
+    /// `(bucket upper bound in ms, claims)`; the last bound is infinite.
+    pub latency: Vec<(f64, u64)>,
+    /// The addresses that sent the most claims: `(address, requests)`.
+    pub top_ips: Vec<(String, u64)>,
+    /// The accounts that sent the most claims: `(username, requests)`.
+    pub top_users: Vec<(String, u64)>,
+    /// Distinct users holding a claim.
+    pub users: u64,
+    /// `(node, claims)`: which node handed out how much of the stock.
+    pub nodes: Vec<(String, u64)>,
+}
+
+/// One ticket type in the report.
+#[derive(Debug, Default)]
+pub struct TicketReport {
+    /// Ticket id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Codes known.
+    pub codes: u64,
+    /// Codes claimed.
+    pub claimed: u64,
+    /// First claim, Unix ms.
+    pub first_ms: Option<i64>,
+    /// Last claim, Unix ms.
+    pub last_ms: Option<i64>,
+}
+
+/// How a process uses the store.
+#[derive(Clone, Copy)]
+pub enum Access<'a> {
+    /// The serving node: takes the directory lock, replays the journal, and
+    /// starts the store's workers (journal writer and applier; in a cluster
+    /// the committer, the MongoDB writer and the reaper) on this runner.
+    Serve(&'a Runner),
+    /// A command-line tool: shares the store with a running node; when none
+    /// runs, first applies any journal a crashed node left behind.
+    Tool,
+}
+
+impl From<mongodb::error::Error> for StoreError {
+    fn from(e: mongodb::error::Error) -> Self {
+        StoreError::Cluster(ClusterError::Mongo(e))
+    }
+}
+
+impl From<redis::RedisError> for StoreError {
+    fn from(e: redis::RedisError) -> Self {
+        StoreError::Cluster(ClusterError::Redis(e))
+    }
+}
+
+/// 16 characters of Crockford base32 from the OS CSPRNG: 80 bits, no 0/O or 1/I/L confusion.
+pub fn generate_code(rng: &mut impl rand::Rng) -> String {
+    const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    (0..16).map(|_| ALPHABET[rng.gen_range(0..32)] as char).collect()
+}

@@ -1,0 +1,315 @@
+//! The claim's vocabulary, shared by every layer: what a claim is, what the
+//! store answers when asked to make one durable, why a claim is refused, and
+//! how a claim request is counted.
+//!
+//! This module is the ground floor of the house: it imports nothing of the
+//! node, so the claim decision, the inventory, the journal, the store and the
+//! HTTP layer can all speak these words without importing one another.
+//!
+//! - [`Claim`]: a code given to a user ([`Claimed`]: the answer to a claim request);
+//! - [`PendingClaim`]: a claim on its way to the store, which answers it with
+//!   a [`CommitOutcome`] — in the store's own terms;
+//! - [`Rejection`]: why the claim decision refused a request (one per API
+//!   error code; the HTTP layer maps it to a status);
+//! - [`ClaimOutcome`]: the label a claim request is counted under in
+//!   metrics, statistics and reports.
+
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+/// A code given to a user: durable once it has an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The claim id (the journal sequence number, or the cluster's id); 0 until committed.
+    pub id: u64,
+    /// The activity.
+    pub activity_id: Arc<str>,
+    /// The ticket type.
+    pub ticket_id: Arc<str>,
+    /// The redeemable code.
+    pub code: Arc<str>,
+    /// The user who holds it.
+    pub user_id: u64,
+    /// When it was claimed, Unix milliseconds.
+    pub claimed_at_ms: i64,
+    /// The `Idempotency-Key` the claim was made with, if any.
+    pub idempotency_key: Option<Arc<str>>,
+}
+
+/// A successful claim.
+#[derive(Debug)]
+pub struct Claimed {
+    /// The claim.
+    pub claim: Claim,
+    /// True when this answers a retry with an already used idempotency key.
+    pub replayed: bool,
+}
+
+/// Why a store did not record a claim (and knows that it did not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CommitError {
+    /// The commit queue is full.
+    #[error("the claim queue is full")]
+    Overloaded,
+    /// The journal or store cannot take writes.
+    #[error("claims cannot be stored right now")]
+    Unavailable,
+    /// Cluster mode: this node's MongoDB backlog is full.
+    #[error("the backlog of claims waiting for MongoDB is full")]
+    BacklogFull,
+}
+
+/// The store's answer for one claim it was asked to commit.
+///
+/// These are the store's terms, not the API's: the claim decision maps each
+/// to a [`Rejection`] and to what happens to the code and the user's slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// Durable, with this claim id.
+    Committed(u64),
+    /// A claim with the same idempotency key was committed before (through
+    /// any node): that claim, and nothing new was recorded.
+    Duplicate(Claim),
+    /// The code is not this node's to give any more (its lease was
+    /// reclaimed while the node was unreachable); nothing was recorded.
+    CodeTaken,
+    /// The user already holds the limit (counted across nodes); their codes.
+    LimitReached(Vec<Arc<str>>),
+    /// Nothing was recorded.
+    Failed(CommitError),
+    /// The store lost contact mid-commit: the claim may or may not be
+    /// recorded. The store settles the code itself once it can tell, so the
+    /// code must not go back to the pool.
+    InDoubt,
+}
+
+/// A claim handed to the store, with the channel its answer goes back on.
+///
+/// The store answers exactly once ([`PendingClaim::answer`]); the claim
+/// travels back with the answer, so nothing is cloned on the way.
+#[derive(Debug)]
+pub struct PendingClaim {
+    claim: Claim,
+    limit: u32,
+    reply: oneshot::Sender<(Claim, CommitOutcome)>,
+}
+
+/// Where the store's answer to a [`PendingClaim`] arrives.
+pub type CommitReply = oneshot::Receiver<(Claim, CommitOutcome)>;
+
+impl PendingClaim {
+    /// A claim for the store, decided under the per-user `limit`.
+    pub fn new(claim: Claim, limit: u32) -> (PendingClaim, CommitReply) {
+        let (reply, answer) = oneshot::channel();
+        (PendingClaim { claim, limit, reply }, answer)
+    }
+
+    /// The claim to record.
+    pub fn claim(&self) -> &Claim {
+        &self.claim
+    }
+
+    /// The activity's per-user limit when the claim was decided (the cluster
+    /// store checks it again across nodes).
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// Answers the claim. The requester may have gone; the answer is then
+    /// settled without it (see the claim decision).
+    pub fn answer(self, outcome: CommitOutcome) {
+        let _ = self.reply.send((self.claim, outcome));
+    }
+}
+
+/// Why a claim was refused. Each maps to one API error code.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// No such activity.
+    UnknownActivity,
+    /// No such ticket type in this activity.
+    UnknownTicket,
+    /// The organiser paused the activity.
+    Paused,
+    /// Before the start; the start and end in Unix milliseconds.
+    NotStarted {
+        /// Start.
+        start_ms: i64,
+        /// End.
+        end_ms: i64,
+    },
+    /// After the end.
+    Ended {
+        /// Start.
+        start_ms: i64,
+        /// End.
+        end_ms: i64,
+    },
+    /// The user holds the limit already; their codes.
+    LimitReached(Vec<Arc<str>>),
+    /// A claim with the same idempotency key is being committed.
+    InProgress,
+    /// No stock left.
+    SoldOut,
+    /// Too many claims in flight or queued.
+    Overloaded,
+    /// The store cannot take claims.
+    Unavailable,
+    /// Cluster mode: too many claims are waiting for MongoDB on this node.
+    BacklogFull,
+    /// Claim tokens are required and none was sent.
+    ClaimTokenRequired,
+    /// The claim token is forged, or another user's or activity's.
+    ClaimTokenInvalid,
+    /// The claim token expired; fetch a new one.
+    ClaimTokenExpired,
+    /// The activity needs proof of work; the nonce is missing or wrong.
+    ProofOfWork {
+        /// Required leading zero bits.
+        difficulty: u8,
+    },
+}
+
+impl Rejection {
+    /// The outcome this rejection is counted as.
+    pub fn outcome(&self) -> ClaimOutcome {
+        match self {
+            Rejection::UnknownActivity | Rejection::UnknownTicket => ClaimOutcome::NotFound,
+            Rejection::Paused => ClaimOutcome::Paused,
+            Rejection::NotStarted { .. } => ClaimOutcome::NotStarted,
+            Rejection::Ended { .. } => ClaimOutcome::Ended,
+            Rejection::LimitReached(_) => ClaimOutcome::LimitReached,
+            Rejection::InProgress => ClaimOutcome::InProgress,
+            Rejection::SoldOut => ClaimOutcome::SoldOut,
+            Rejection::Overloaded => ClaimOutcome::Overloaded,
+            Rejection::Unavailable | Rejection::BacklogFull => ClaimOutcome::Unavailable,
+            Rejection::ClaimTokenRequired | Rejection::ClaimTokenInvalid | Rejection::ClaimTokenExpired => {
+                ClaimOutcome::BadClaimToken
+            }
+            Rejection::ProofOfWork { .. } => ClaimOutcome::BadProofOfWork,
+        }
+    }
+}
+
+impl From<CommitError> for Rejection {
+    fn from(e: CommitError) -> Rejection {
+        match e {
+            CommitError::Overloaded => Rejection::Overloaded,
+            CommitError::Unavailable => Rejection::Unavailable,
+            CommitError::BacklogFull => Rejection::BacklogFull,
+        }
+    }
+}
+
+/// What happened to a claim request, as metrics, statistics and reports count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum ClaimOutcome {
+    /// A code was handed out.
+    Success,
+    /// An idempotent retry got its earlier claim again.
+    Replayed,
+    /// Unknown activity or ticket.
+    NotFound,
+    /// Activity paused.
+    Paused,
+    /// Before the start.
+    NotStarted,
+    /// After the end.
+    Ended,
+    /// User at the limit.
+    LimitReached,
+    /// Same idempotency key in flight.
+    InProgress,
+    /// No stock.
+    SoldOut,
+    /// Shed for load.
+    Overloaded,
+    /// Store unavailable.
+    Unavailable,
+    /// Missing, invalid or expired claim token.
+    BadClaimToken,
+    /// Missing or wrong proof of work.
+    BadProofOfWork,
+}
+
+impl ClaimOutcome {
+    /// Every outcome, in counter order.
+    pub const ALL: [ClaimOutcome; 13] = [
+        ClaimOutcome::Success,
+        ClaimOutcome::Replayed,
+        ClaimOutcome::NotFound,
+        ClaimOutcome::Paused,
+        ClaimOutcome::NotStarted,
+        ClaimOutcome::Ended,
+        ClaimOutcome::LimitReached,
+        ClaimOutcome::InProgress,
+        ClaimOutcome::SoldOut,
+        ClaimOutcome::Overloaded,
+        ClaimOutcome::Unavailable,
+        ClaimOutcome::BadClaimToken,
+        ClaimOutcome::BadProofOfWork,
+    ];
+
+    /// The outcome of a finished claim request.
+    pub fn of(result: &Result<Claimed, Rejection>) -> ClaimOutcome {
+        match result {
+            Ok(c) if c.replayed => ClaimOutcome::Replayed,
+            Ok(_) => ClaimOutcome::Success,
+            Err(r) => r.outcome(),
+        }
+    }
+
+    /// The label in metrics, stats and reports.
+    pub fn label(self) -> &'static str {
+        match self {
+            ClaimOutcome::Success => "success",
+            ClaimOutcome::Replayed => "replayed",
+            ClaimOutcome::NotFound => "not_found",
+            ClaimOutcome::Paused => "paused",
+            ClaimOutcome::NotStarted => "not_started",
+            ClaimOutcome::Ended => "ended",
+            ClaimOutcome::LimitReached => "limit_reached",
+            ClaimOutcome::InProgress => "in_progress",
+            ClaimOutcome::SoldOut => "sold_out",
+            ClaimOutcome::Overloaded => "overloaded",
+            ClaimOutcome::Unavailable => "unavailable",
+            ClaimOutcome::BadClaimToken => "bad_claim_token",
+            ClaimOutcome::BadProofOfWork => "bad_proof_of_work",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim() -> Claim {
+        Claim {
+            id: 0,
+            activity_id: "a".into(),
+            ticket_id: "t".into(),
+            code: "C".into(),
+            user_id: 7,
+            claimed_at_ms: 1,
+            idempotency_key: None,
+        }
+    }
+
+    #[test]
+    fn an_answer_carries_the_claim_back() {
+        let (pending, mut reply) = PendingClaim::new(claim(), 2);
+        assert_eq!((pending.limit(), pending.claim().user_id), (2, 7));
+        pending.answer(CommitOutcome::Committed(9));
+        assert_eq!(reply.try_recv().unwrap(), (claim(), CommitOutcome::Committed(9)));
+    }
+
+    #[test]
+    fn every_store_error_has_a_rejection() {
+        assert_eq!(Rejection::from(CommitError::Overloaded), Rejection::Overloaded);
+        assert_eq!(Rejection::from(CommitError::Unavailable), Rejection::Unavailable);
+        assert_eq!(Rejection::from(CommitError::BacklogFull), Rejection::BacklogFull);
+        assert_eq!(Rejection::BacklogFull.outcome(), ClaimOutcome::Unavailable);
+    }
+}
