@@ -363,8 +363,9 @@ impl Writer {
                 }
             }
             if !batch.is_empty() {
-                self.commit(&mut batch, ctl);
+                // Counted before the answers go out, so whoever got one sees it.
                 ctl.tick();
+                self.commit(&mut batch, ctl);
             }
             for p in pings {
                 let _ = p.send(());

@@ -2,47 +2,28 @@
 
 use serde_json::{json, Value};
 
-use crate::common::{assert_error, base_config, open_activity, TestApp};
+use crate::common::{assert_error, base_config, open_activity, Act, Codes, TestApp};
 
 fn windows() -> String {
     base_config()
         + &open_activity("open", 2, 1)
-        + r#"
-[[activity]]
-id = "later"
-name = "Later"
-start_time = "+1h"
-end_time = "+2h"
-  [[activity.ticket]]
-  id = "later-t"
-  name = "T"
-  codes = ["L1"]
-
-[[activity]]
-id = "over"
-name = "Over"
-start_time = "2020-01-01T00:00:00Z"
-end_time = "2020-01-02T00:00:00+08:00"
-  [[activity.ticket]]
-  id = "over-t"
-  name = "T"
-  codes = ["O1"]
-
-[[activity]]
-id = "two"
-name = "Two types"
-start_time = "-1s"
-end_time = "+1h"
-per_user_limit = 3
-  [[activity.ticket]]
-  id = "two-a"
-  name = "A"
-  codes = ["A1"]
-  [[activity.ticket]]
-  id = "two-b"
-  name = "B"
-  codes = ["B1", "B2"]
-"#
+        + &Act::new("later")
+            .name("Later")
+            .window("+1h", "+2h")
+            .ticket("later-t", "T", Codes::List(&["L1"]))
+            .toml()
+        + &Act::new("over")
+            .name("Over")
+            .window("2020-01-01T00:00:00Z", "2020-01-02T00:00:00+08:00")
+            .ticket("over-t", "T", Codes::List(&["O1"]))
+            .toml()
+        + &Act::new("two")
+            .name("Two types")
+            .window("-1s", "+1h")
+            .limit(3)
+            .ticket("two-a", "A", Codes::List(&["A1"]))
+            .ticket("two-b", "B", Codes::List(&["B1", "B2"]))
+            .toml()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::common::{base_config, open_activity, parse_csv, run_cli, TestApp, BIN};
+use crate::common::{base_config, open_activity, parse_csv, run_cli, Act, Codes, TestApp, BIN};
 
 fn dir_with(config: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -17,17 +17,11 @@ fn text(b: &[u8]) -> String {
 #[test]
 fn check_config_lists_every_problem_with_its_line() {
     let config = base_config()
-        + r#"
-[[activity]]
-id = "a"
-name = "A"
-start_time = "+2h"
-end_time = "+1h"
-  [[activity.ticket]]
-  id = "t"
-  name = "T"
-  codes = ["X", "X"]
-"#;
+        + &Act::new("a")
+            .name("A")
+            .window("+2h", "+1h")
+            .ticket("t", "T", Codes::List(&["X", "X"]))
+            .toml();
     let dir = dir_with(&config);
     let out = run_cli(dir.path(), &["check-config"], None);
     assert!(!out.status.success());
@@ -124,25 +118,12 @@ fn a_second_node_on_the_same_data_dir_is_refused() {
 #[test]
 fn import_twice_adds_nothing_twice_and_never_returns_a_claimed_code() {
     let config = base_config()
-        + r#"
-[[activity]]
-id = "imp"
-name = "Import"
-start_time = "-1m"
-end_time = "+1h"
-  [[activity.ticket]]
-  id = "imp-a"
-  name = "A"
-  codes = ["C1", "C2", "C3"]
-  [[activity.ticket]]
-  id = "imp-g"
-  name = "G"
-  generate = 50
-  [[activity.ticket]]
-  id = "imp-f"
-  name = "F"
-  codes_file = "codes.txt"
-"#;
+        + &Act::new("imp")
+            .name("Import")
+            .ticket("imp-a", "A", Codes::List(&["C1", "C2", "C3"]))
+            .ticket("imp-g", "G", Codes::Generate(50))
+            .ticket("imp-f", "F", Codes::File("codes.txt"))
+            .toml();
     let dir = dir_with(&config);
     std::fs::write(dir.path().join("codes.txt"), "F1\nF2\n\nF3\n").unwrap();
     let out = run_cli(dir.path(), &["import"], None);

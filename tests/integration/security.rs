@@ -9,7 +9,7 @@ use ticketd::{
     bench::{ApiClient, ApiResponse},
 };
 
-use crate::common::{assert_error, base_config, open_activity, TestApp};
+use crate::common::{assert_error, base_config, open_activity, Act, Codes, TestApp};
 
 /// An example secret for tests only.
 const SECRET: &str = "EXAMPLE-test-secret-0123456789abcdef";
@@ -136,17 +136,11 @@ async fn claims_need_the_callers_own_claim_token_for_this_activity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_claim_token_exists_before_the_start_and_none_can_be_pre_fired() {
     let config = base_config()
-        + r#"
-[[activity]]
-id = "soon"
-name = "Soon"
-start_time = "+1h"
-end_time = "+2h"
-  [[activity.ticket]]
-  id = "soon-t"
-  name = "T"
-  generate = 5
-"#;
+        + &Act::new("soon")
+            .name("Soon")
+            .window("+1h", "+2h")
+            .ticket("soon-t", "T", Codes::Generate(5))
+            .toml();
     let app = TestApp::start(&with_secret(config));
     let token = app.register("early").await;
     let detail = app.client.get("/act/detail?actId=soon", Some(&token)).await.unwrap();

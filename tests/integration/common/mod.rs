@@ -60,20 +60,90 @@ pub fn open_activity(id: &str, n: u32, limit: u32) -> String {
 
 /// An activity with `n` generated codes between `start` and `end`, with `limit` per user.
 pub fn activity(id: &str, n: u32, limit: u32, start: &str, end: &str) -> String {
-    format!(
-        r#"
-[[activity]]
-id = "{id}"
-name = "Activity {id}"
-start_time = "{start}"
-end_time = "{end}"
-per_user_limit = {limit}
-  [[activity.ticket]]
-  id = "{id}-t"
-  name = "Ticket {id}"
-  generate = {n}
-"#
-    )
+    Act::new(id)
+        .window(start, end)
+        .limit(limit)
+        .ticket(&format!("{id}-t"), &format!("Ticket {id}"), Codes::Generate(n))
+        .toml()
+}
+
+/// Where a test ticket type's codes come from.
+pub enum Codes<'a> {
+    /// `generate = n`.
+    Generate(u32),
+    /// `codes = [...]`.
+    List(&'a [&'a str]),
+    /// `codes_file = "..."`.
+    File(&'a str),
+}
+
+/// One `[[activity]]` table of a test config, the one place tests write it:
+/// open from a minute ago for an hour, one code per user, unless told otherwise.
+pub struct Act {
+    id: String,
+    name: String,
+    window: (String, String),
+    limit: u32,
+    extra: String,
+    tickets: String,
+}
+
+impl Act {
+    pub fn new(id: &str) -> Act {
+        Act {
+            id: id.to_owned(),
+            name: format!("Activity {id}"),
+            window: ("-1m".into(), "+1h".into()),
+            limit: 1,
+            extra: String::new(),
+            tickets: String::new(),
+        }
+    }
+
+    pub fn name(mut self, name: &str) -> Act {
+        self.name = name.to_owned();
+        self
+    }
+
+    /// `start_time` and `end_time`, relative (`"+1h"`) or RFC 3339.
+    pub fn window(mut self, start: &str, end: &str) -> Act {
+        self.window = (start.to_owned(), end.to_owned());
+        self
+    }
+
+    pub fn limit(mut self, limit: u32) -> Act {
+        self.limit = limit;
+        self
+    }
+
+    /// Any other activity key, as TOML (`pow_difficulty = 8`).
+    pub fn with(mut self, line: &str) -> Act {
+        self.extra.push_str(line);
+        self.extra.push('\n');
+        self
+    }
+
+    pub fn ticket(mut self, id: &str, name: &str, codes: Codes<'_>) -> Act {
+        let source = match codes {
+            Codes::Generate(n) => format!("generate = {n}"),
+            Codes::List(list) => format!(
+                "codes = [{}]",
+                list.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ")
+            ),
+            Codes::File(path) => format!("codes_file = \"{path}\""),
+        };
+        self.tickets.push_str(&format!(
+            "  [[activity.ticket]]\n  id = \"{id}\"\n  name = \"{name}\"\n  {source}\n"
+        ));
+        self
+    }
+
+    pub fn toml(&self) -> String {
+        format!(
+            "\n[[activity]]\nid = \"{}\"\nname = \"{}\"\nstart_time = \"{}\"\nend_time = \"{}\"\nper_user_limit = {}\n{}{}",
+            self.id, self.name, self.window.0, self.window.1, self.limit, self.extra, self.tickets
+        )
+    }
 }
 
 /// A running (or stopped) ticketd with its own directory.
