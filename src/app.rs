@@ -39,7 +39,7 @@ use crate::{
     signals::Signals,
     state::{self, AppState, Setup},
     store::{Access, Store},
-    worker::Runner,
+    worker::{Ctl, Runner, Stop},
 };
 
 /// The order workers stop in at shutdown. Producers before consumers: the
@@ -250,22 +250,23 @@ impl App {
                 every_tick(every, ctl, stop, move |ctl| {
                     let (state, ctl) = (state.clone(), ctl.clone());
                     async move {
+                        let round = ctl.clone();
+                        // Both, independently: a failure of one never skips the other.
                         let refreshed = tokio::task::spawn_blocking(move || {
                             if let Err(reason) = state.refresh_activities() {
+                                round.error(&reason);
                                 tracing::warn!(%reason, "Could not refresh the activities from MongoDB; serving the previous ones.");
-                                return Err(reason);
                             }
                             // Logouts through other nodes.
-                            state.auth.refresh_revoked().map_err(|error| {
+                            if let Err(error) = state.auth.refresh_revoked() {
+                                round.error(&error);
                                 tracing::warn!(%error, "Could not refresh the revoked sessions from MongoDB.");
-                                error.to_string()
-                            })
+                            }
                         })
                         .await;
-                        match refreshed {
-                            Ok(Ok(())) => {}
-                            Ok(Err(reason)) => ctl.error(&reason),
-                            Err(e) => ctl.error(&e),
+                        if let Err(e) = refreshed {
+                            ctl.error(&e);
+                            tracing::error!(error = %e, "Cluster refresh task failed.");
                         }
                     }
                 })
@@ -313,9 +314,9 @@ impl App {
 }
 
 /// Runs `round` every `period` until stopped.
-async fn every_tick<F, Fut>(period: Duration, ctl: crate::worker::Ctl, mut stop: crate::worker::Stop, mut round: F)
+async fn every_tick<F, Fut>(period: Duration, ctl: Ctl, mut stop: Stop, mut round: F)
 where
-    F: FnMut(&crate::worker::Ctl) -> Fut,
+    F: FnMut(&Ctl) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let mut interval = tokio::time::interval(period);
@@ -345,7 +346,7 @@ fn flush_stats(state: &AppState) -> Result<(), crate::store::StoreError> {
 /// Tells systemd how the node is doing: a STATUS line every two seconds,
 /// and WATCHDOG=1 at half the watchdog interval, but only while a round trip
 /// through the claim committer succeeds in time.
-async fn supervise(state: Arc<AppState>, notifier: Arc<Notifier>, ctl: crate::worker::Ctl) {
+async fn supervise(state: Arc<AppState>, notifier: Arc<Notifier>, ctl: Ctl) {
     let watchdog = Notifier::watchdog_interval();
     let tick = watchdog.unwrap_or(Duration::from_secs(2)).min(Duration::from_secs(2));
     let mut interval = tokio::time::interval(tick);

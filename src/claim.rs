@@ -244,8 +244,6 @@ impl Claimer {
             pool: ticket.pool.clone(),
             code_idx,
             ledger: activity.ledger.clone(),
-            user: req.user_id,
-            key: claim.idempotency_key.clone(),
         };
         commit(&self.store, slot, claim, activity.per_user_limit).await
     }
@@ -256,15 +254,6 @@ struct Slot {
     pool: Arc<CodePool>,
     code_idx: CodeIdx,
     ledger: Arc<Ledger>,
-    user: u64,
-    key: Option<Arc<str>>,
-}
-
-impl Slot {
-    /// Gives the user's slot back (the claim did not happen).
-    fn release(&self) {
-        self.ledger.release(self.user, self.key.as_ref());
-    }
 }
 
 /// What to do after a store's answer.
@@ -275,10 +264,16 @@ enum Next {
 }
 
 impl Slot {
-    /// Applies the store's answer to the code and the slot, and says what
-    /// the user hears (or that another code is worth a try).
+    /// Applies the store's answer about `claim` to the code and the slot,
+    /// and says what the user hears (or that another code is worth a try,
+    /// when `may_retry`).
     fn settle(&mut self, mut claim: Claim, outcome: CommitOutcome, may_retry: bool) -> Next {
-        let release = |slot: &Slot| slot.release();
+        let rejected = |slot: &Slot, claim: &Claim, put_back: bool| {
+            if put_back {
+                slot.pool.put_back(slot.code_idx);
+            }
+            slot.ledger.release(claim.user_id, claim.idempotency_key.as_ref());
+        };
         match outcome {
             CommitOutcome::Committed(id) => {
                 claim.id = id;
@@ -286,37 +281,34 @@ impl Slot {
                 Next::Done(Ok(Claimed { claim, replayed: false }))
             }
             CommitOutcome::Duplicate(existing) => {
-                self.pool.put_back(self.code_idx);
-                release(self);
+                rejected(self, &claim, true);
                 Next::Done(Ok(Claimed {
                     claim: existing,
                     replayed: true,
                 }))
             }
             CommitOutcome::LimitReached(codes) => {
-                self.pool.put_back(self.code_idx);
-                release(self);
+                rejected(self, &claim, true);
                 Next::Done(Err(Rejection::LimitReached(codes)))
             }
             CommitOutcome::Failed(error) => {
-                self.pool.put_back(self.code_idx);
-                release(self);
+                rejected(self, &claim, true);
                 Next::Done(Err(error.into()))
             }
             CommitOutcome::InDoubt => {
                 // The store settles this code once it can tell; it is not ours to put back.
-                release(self);
+                rejected(self, &claim, false);
                 Next::Done(Err(Rejection::Unavailable))
             }
-            CommitOutcome::CodeTaken => match self.pool.take().filter(|_| may_retry) {
-                // The lost code is not put back: it is not this node's any more.
+            // The lost code is not put back: it is not this node's any more.
+            CommitOutcome::CodeTaken => match may_retry.then(|| self.pool.take()).flatten() {
                 Some(idx) => {
                     self.code_idx = idx;
                     claim.code = self.pool.code(idx);
                     Next::Retry(claim)
                 }
                 None => {
-                    release(self);
+                    rejected(self, &claim, false);
                     Next::Done(Err(Rejection::SoldOut))
                 }
             },
@@ -325,7 +317,8 @@ impl Slot {
 }
 
 /// Holds a slot while its commit is in the store. Dropped before the answer
-/// came (the client hung up), it settles the slot when the answer comes.
+/// came (the client hung up), it settles the slot when the answer comes —
+/// and one always comes, since a [`PendingClaim`] answers even when dropped.
 struct Settle {
     slot: Option<Slot>,
     reply: Option<CommitReply>,
@@ -336,28 +329,17 @@ impl Drop for Settle {
         let (Some(mut slot), Some(mut reply)) = (self.slot.take(), self.reply.take()) else {
             return;
         };
-        match reply.try_recv() {
-            Ok((claim, outcome)) => {
-                slot.settle(claim, outcome, false);
-            }
-            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
-                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    runtime.spawn(async move {
-                        match reply.await {
-                            Ok((claim, outcome)) => {
-                                slot.settle(claim, outcome, false);
-                            }
-                            Err(_) => slot.release(),
-                        }
-                    });
+        if let Ok((claim, outcome)) = reply.try_recv() {
+            slot.settle(claim, outcome, false);
+        } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Ok((claim, outcome)) = reply.await {
+                    slot.settle(claim, outcome, false);
                 }
-                // Without a runtime the process is ending: a durable claim
-                // is in the store and comes back with the next start.
-            }
-            // The store dropped the claim unanswered (its worker died): the
-            // outcome is unknown, so the code stays out and the slot is freed.
-            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => slot.release(),
+            });
         }
+        // Without a runtime the process is ending: a durable claim is in
+        // the store and comes back with the next start.
     }
 }
 
@@ -371,18 +353,12 @@ async fn commit(store: &Store, slot: Slot, mut claim: Claim, limit: u32) -> Resu
     for round in 0..=CODE_TAKEN_RETRIES {
         let (pending, reply) = PendingClaim::new(claim, limit);
         store.commit(pending);
-        guard.reply = Some(reply);
-        let answer = guard.reply.as_mut().expect("just set").await;
-        guard.reply = None;
-        let (returned, outcome) = match answer {
-            Ok(answer) => answer,
-            Err(_) => {
-                // The committer is gone without answering: the outcome is
-                // unknown, so the code stays out; the slot is freed.
-                guard.slot.take().expect("held").release();
-                return Err(Rejection::Unavailable);
-            }
+        let reply = guard.reply.insert(reply);
+        let Ok((returned, outcome)) = reply.await else {
+            // Unreachable: a pending claim answers even when dropped.
+            return Err(Rejection::Unavailable);
         };
+        guard.reply = None;
         let slot = guard.slot.as_mut().expect("held until settled");
         match slot.settle(returned, outcome, round < CODE_TAKEN_RETRIES) {
             Next::Done(result) => {
@@ -567,8 +543,8 @@ per_user_limit = {limit}
             Rejection::LimitReached(codes) => assert_eq!(codes, vec![first.claim.code.clone()]),
             other => panic!("{other:?}"),
         }
-        // Fifty parallel claims of one user: exactly one more slot would be
-        // the limit broken; none passes.
+        // Fifty more claims of the user at the limit, polled together: none
+        // passes and none keeps a code.
         let results = futures_util::future::join_all((0..50).map(|_| f.claimer.claim(&f.catalog, req(7, None)))).await;
         assert!(results.iter().all(|r| matches!(r, Err(Rejection::LimitReached(_)))));
         let remaining = f.claimer.stock(f.catalog.activity("a").unwrap()).remaining;
@@ -652,13 +628,7 @@ per_user_limit = {limit}
             claimed_at_ms: 1,
             idempotency_key: None,
         };
-        let slot = Slot {
-            pool,
-            code_idx,
-            ledger,
-            user,
-            key: None,
-        };
+        let slot = Slot { pool, code_idx, ledger };
         (slot, claim)
     }
 
@@ -711,13 +681,26 @@ per_user_limit = {limit}
             Next::Done(r) => panic!("{r:?}"),
         }
         assert_eq!(slot.pool.remaining(), 0, "the lost code is not put back");
-        // Out of retries (or codes): sold out, slot released.
+        // Out of retries: sold out, slot released, and the pool's other
+        // codes stay where they are.
         let (mut slot, claim) = reserved(1);
+        slot.pool.add_codes(&["C3"]);
         assert!(matches!(
             slot.settle(claim.clone(), CommitOutcome::CodeTaken, false),
             Next::Done(Err(Rejection::SoldOut))
         ));
+        assert_eq!(
+            slot.pool.remaining(),
+            1,
+            "no code is taken for a retry that does not happen"
+        );
         assert!(matches!(slot.ledger.reserve(1, 1, None), Reservation::Reserved));
+        // Out of codes: the same.
+        let (mut slot, claim) = reserved(1);
+        assert!(matches!(
+            slot.settle(claim.clone(), CommitOutcome::CodeTaken, true),
+            Next::Done(Err(Rejection::SoldOut))
+        ));
         // In doubt: the store settles the code later; it must not come back here.
         let (mut slot, claim) = reserved(1);
         assert!(matches!(

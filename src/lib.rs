@@ -14,7 +14,7 @@
 //!
 //! # Layout
 //! From the ground floor up; a module imports only modules listed before it
-//! (the integration test `layout` checks the import graph has no circle).
+//! (the integration test `layout` checks that, and that no circle exists).
 //!
 //! - [`clock`] — now, and RFC 3339 text for times;
 //! - [`vocab`] — the claim's vocabulary: `Claim`, `PendingClaim`, `CommitOutcome`, `Rejection`, `ClaimOutcome`;
@@ -37,8 +37,8 @@
 //!   handlers (public API, admin API and live page), the access log;
 //! - [`signals`] — SIGHUP → reload, SIGTERM/SIGINT → the one shutdown watch;
 //! - [`app`] — start-up steps, the node's workers, serving, the shutdown order;
-//! - [`bench`](mod@bench) — the rush simulator behind `ticketd bench`, and its HTTP client;
 //! - [`cli`] — clap definitions of every subcommand;
+//! - [`bench`](mod@bench) — the rush simulator behind `ticketd bench`, and its HTTP client;
 //! - [`commands`] — what each subcommand does (serve, import, user, export, report, check-config).
 
 #![warn(missing_docs)]

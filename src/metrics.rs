@@ -267,14 +267,14 @@ pub struct Gauges {
     pub stock_bytes: usize,
     /// Cluster mode only: the node's store connections and backlog.
     pub cluster: Option<ClusterGauges>,
+    /// Cluster mode only: `(activity, ticket, codes leased to this node and unclaimed)`.
+    pub leased: Vec<(String, String, usize)>,
     /// Every background worker's state.
     pub workers: Vec<WorkerReport>,
 }
 
 /// Cluster-mode state at scrape time.
 pub struct ClusterGauges {
-    /// `(activity, ticket, codes leased to this node and unclaimed)`.
-    pub leased: Vec<(String, String, usize)>,
     /// Claims acknowledged by this node, not yet in MongoDB.
     pub backlog: usize,
     /// Redis answered the last command.
@@ -404,7 +404,7 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         }
         if let Some(c) = &gauges.cluster {
-            self.render_cluster(&mut out, c);
+            self.render_cluster(&mut out, c, &gauges.leased);
         }
         self.render_workers(&mut out, &gauges.workers);
         let dropped = self.access_log_dropped.load(Ordering::Relaxed);
@@ -478,9 +478,9 @@ impl Metrics {
         }
     }
 
-    fn render_cluster(&self, out: &mut String, c: &ClusterGauges) {
+    fn render_cluster(&self, out: &mut String, c: &ClusterGauges, leased: &[(String, String, usize)]) {
         out.push_str("# HELP ticketd_leased_codes Codes leased to this node and not yet claimed.\n# TYPE ticketd_leased_codes gauge\n");
-        for (activity, ticket, n) in &c.leased {
+        for (activity, ticket, n) in leased {
             let _ = writeln!(
                 out,
                 "ticketd_leased_codes{{activity=\"{}\",ticket=\"{}\"}} {n}",

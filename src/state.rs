@@ -143,10 +143,6 @@ impl AppState {
             }
             claimed.push((a.id.to_string(), counts.claimed));
         }
-        let cluster = self.store.gauges().map(|mut c| {
-            c.leased = self.inventory.leasing().map(|l| l.leased()).unwrap_or_default();
-            c
-        });
         Gauges {
             stock,
             claimed,
@@ -154,7 +150,8 @@ impl AppState {
             journal_queue: self.store.commit_queue_len(),
             connections,
             stock_bytes: self.inventory.stock_bytes(),
-            cluster,
+            cluster: self.store.gauges(),
+            leased: self.inventory.leasing().map(|l| l.leased()).unwrap_or_default(),
             workers: self.workers.report(),
         }
     }

@@ -86,13 +86,16 @@ pub enum CommitOutcome {
 
 /// A claim handed to the store, with the channel its answer goes back on.
 ///
-/// The store answers exactly once ([`PendingClaim::answer`]); the claim
-/// travels back with the answer, so nothing is cloned on the way.
+/// Every pending claim is answered exactly once: by the store
+/// ([`PendingClaim::answer`]), or — if a store drops it unanswered (a worker
+/// gone at shutdown) — by its own `Drop`, with [`CommitOutcome::InDoubt`],
+/// since nobody can say whether it was recorded. The claim travels back with
+/// the answer, so nothing is cloned on the way.
 #[derive(Debug)]
 pub struct PendingClaim {
-    claim: Claim,
+    /// `None` only once answered (by value, so never observed).
+    inner: Option<(Claim, oneshot::Sender<(Claim, CommitOutcome)>)>,
     limit: u32,
-    reply: oneshot::Sender<(Claim, CommitOutcome)>,
 }
 
 /// Where the store's answer to a [`PendingClaim`] arrives.
@@ -102,12 +105,20 @@ impl PendingClaim {
     /// A claim for the store, decided under the per-user `limit`.
     pub fn new(claim: Claim, limit: u32) -> (PendingClaim, CommitReply) {
         let (reply, answer) = oneshot::channel();
-        (PendingClaim { claim, limit, reply }, answer)
+        let pending = PendingClaim {
+            inner: Some((claim, reply)),
+            limit,
+        };
+        (pending, answer)
     }
 
     /// The claim to record.
     pub fn claim(&self) -> &Claim {
-        &self.claim
+        &self
+            .inner
+            .as_ref()
+            .expect("a pending claim is answered by value, once")
+            .0
     }
 
     /// The activity's per-user limit when the claim was decided (the cluster
@@ -118,8 +129,20 @@ impl PendingClaim {
 
     /// Answers the claim. The requester may have gone; the answer is then
     /// settled without it (see the claim decision).
-    pub fn answer(self, outcome: CommitOutcome) {
-        let _ = self.reply.send((self.claim, outcome));
+    pub fn answer(mut self, outcome: CommitOutcome) {
+        self.send(outcome);
+    }
+
+    fn send(&mut self, outcome: CommitOutcome) {
+        if let Some((claim, reply)) = self.inner.take() {
+            let _ = reply.send((claim, outcome));
+        }
+    }
+}
+
+impl Drop for PendingClaim {
+    fn drop(&mut self) {
+        self.send(CommitOutcome::InDoubt);
     }
 }
 
@@ -303,6 +326,13 @@ mod tests {
         assert_eq!((pending.limit(), pending.claim().user_id), (2, 7));
         pending.answer(CommitOutcome::Committed(9));
         assert_eq!(reply.try_recv().unwrap(), (claim(), CommitOutcome::Committed(9)));
+    }
+
+    #[test]
+    fn a_claim_dropped_unanswered_is_answered_in_doubt() {
+        let (pending, mut reply) = PendingClaim::new(claim(), 1);
+        drop(pending);
+        assert_eq!(reply.try_recv().unwrap(), (claim(), CommitOutcome::InDoubt));
     }
 
     #[test]

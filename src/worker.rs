@@ -248,11 +248,10 @@ impl Runner {
         loop {
             let next = {
                 let workers = self.workers.lock();
-                let pending = |w: &&Registered| w.join.is_some();
                 order
                     .iter()
                     .find_map(|name| workers.iter().position(|w| w.status.name == *name && w.join.is_some()))
-                    .or_else(|| workers.iter().rposition(|w| pending(&w)))
+                    .or_else(|| workers.iter().rposition(|w| w.join.is_some()))
             };
             let Some(i) = next else { break };
             let (status, stop, join) = {

@@ -109,7 +109,7 @@ pub struct Recovered {
 pub struct Journal<E: Entry> {
     tx: Sender<Msg<E>>,
     healthy: Arc<AtomicBool>,
-    closed: Arc<AtomicBool>,
+    closer: Closer<E>,
 }
 
 /// Where a journal lives and how it writes.
@@ -217,19 +217,15 @@ impl<E: Entry> Journal<E> {
             buf: Vec::with_capacity(1 << 16),
             healthy: healthy.clone(),
         };
-        let closed = Arc::new(AtomicBool::new(false));
         let closer = Closer {
             tx: tx.clone(),
-            closed: closed.clone(),
+            closed: Arc::new(AtomicBool::new(false)),
         };
+        let stop = closer.clone();
         runner
-            .thread(
-                "journal-writer",
-                move |ctl| writer.run(rx, &ctl),
-                move || closer.close(),
-            )
+            .thread("journal-writer", move |ctl| writer.run(rx, &ctl), move || stop.close())
             .map_err(io_err(Path::new("journal-writer thread")))?;
-        Ok(Journal { tx, healthy, closed })
+        Ok(Journal { tx, healthy, closer })
     }
 
     /// Queues `entry`; it is settled by the writer, or at once if the queue is
@@ -266,18 +262,23 @@ impl<E: Entry> Journal<E> {
     /// Asks the writer to write everything queued, then stop (the runner
     /// does this at shutdown). Idempotent.
     pub fn close(&self) {
+        self.closer.close();
+    }
+}
+
+/// Sends the writer its one Close message, whoever asks first.
+struct Closer<E: Entry> {
+    tx: Sender<Msg<E>>,
+    closed: Arc<AtomicBool>,
+}
+
+impl<E: Entry> Clone for Closer<E> {
+    fn clone(&self) -> Self {
         Closer {
             tx: self.tx.clone(),
             closed: self.closed.clone(),
         }
-        .close();
     }
-}
-
-/// Sends the writer its one Close message.
-struct Closer<E: Entry> {
-    tx: Sender<Msg<E>>,
-    closed: Arc<AtomicBool>,
 }
 
 impl<E: Entry> Closer<E> {

@@ -196,7 +196,7 @@ fn referenced_paths(code: &str) -> Vec<Vec<String>> {
 }
 
 /// Resolves a referenced path to the file of the deepest module it names.
-fn resolve(modules: &Modules, from: &[String], from_is_mod_rs: bool, path: &[String]) -> Option<PathBuf> {
+fn resolve(modules: &Modules, from: &[String], path: &[String]) -> Option<PathBuf> {
     let mut base: Vec<String> = Vec::new();
     let mut segs = path.iter().peekable();
     match segs.peek().map(|s| s.as_str()) {
@@ -206,7 +206,6 @@ fn resolve(modules: &Modules, from: &[String], from_is_mod_rs: bool, path: &[Str
         Some("self") | Some("super") => {
             // `self` is the module itself; each `super` goes one module up.
             base = from.to_vec();
-            let _ = from_is_mod_rs;
             while let Some(s) = segs.peek() {
                 match s.as_str() {
                     "self" => {}
@@ -220,11 +219,8 @@ fn resolve(modules: &Modules, from: &[String], from_is_mod_rs: bool, path: &[Str
         }
         _ => return None,
     }
-    let mut best = None;
-    let mut current = base.clone();
-    if modules.contains_key(&current) {
-        best = modules.get(&current).cloned();
-    }
+    let mut current = base;
+    let mut best = modules.get(&current).cloned();
     for s in segs {
         current.push(s.clone());
         match modules.get(&current) {
@@ -246,10 +242,9 @@ fn graph(src: &Path) -> BTreeMap<PathBuf, BTreeSet<PathBuf>> {
     let mut edges: BTreeMap<PathBuf, BTreeSet<PathBuf>> = BTreeMap::new();
     for (module, file) in &modules {
         let code = code_of(&std::fs::read_to_string(file).expect("read source"));
-        let is_mod = file.file_name().is_some_and(|n| n == "mod.rs" || n == "lib.rs");
         let targets = edges.entry(file.clone()).or_default();
         for path in referenced_paths(&code) {
-            if let Some(target) = resolve(&modules, module, is_mod, &path) {
+            if let Some(target) = resolve(&modules, module, &path) {
                 if &target != file {
                     targets.insert(target);
                 }
@@ -421,6 +416,43 @@ fn use_trees_expand_to_every_path() {
         shown,
         ["crate::a::B", "crate::a::c::D", "crate::e", "crate::f", "crate::f::G"]
     );
+}
+
+/// The modules `lib.rs`'s `# Layout` names, in its order.
+fn layout_order() -> Vec<String> {
+    let lib = std::fs::read_to_string(src().join("lib.rs")).unwrap();
+    let layout = lib.split("//! # Layout").nth(1).expect("lib.rs has a # Layout section");
+    layout
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("//!"))
+        .filter_map(|l| l.trim_start_matches("//!").trim().strip_prefix("- [`"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn each_module_imports_only_modules_listed_before_it() {
+    let order = layout_order();
+    let top = |file: &Path| -> Option<String> {
+        let m = module_of(&src(), file)?;
+        m.first().cloned()
+    };
+    let rank = |m: &str| order.iter().position(|o| o == m);
+    let mut wrong = Vec::new();
+    for (file, targets) in graph(&src()) {
+        let Some(from) = top(&file) else { continue };
+        for target in targets {
+            let Some(to) = top(&target) else { continue };
+            if from != to && rank(&to) >= rank(&from) {
+                wrong.push(format!("{from} imports {to}, which # Layout lists after it"));
+            }
+        }
+    }
+    wrong.sort();
+    wrong.dedup();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
 #[test]

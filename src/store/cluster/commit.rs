@@ -18,7 +18,7 @@ use super::{
     lease,
     record::Record,
     scripts,
-    shared::{Doubt, Msg, Shared},
+    shared::{Doubt, Msg, Serving, Shared},
 };
 use crate::{
     metrics,
@@ -31,11 +31,29 @@ const ID_BLOCK: u64 = 4096;
 
 /// Takes whatever has queued (at most `cluster.commit_batch`), commits it per
 /// activity, concurrently, and answers every claim. While one batch is in
-/// Redis the next queues, so batches grow with load on their own. It ends
-/// once its queue is closed (the runner stops it) and empty.
-pub(super) async fn committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Msg>, ctl: Ctl) {
+/// Redis the next queues, so batches grow with load on their own. Asked to
+/// stop, it closes the queue and ends once what was queued is committed.
+pub(super) async fn committer(
+    shared: Arc<Shared>,
+    serving: Serving,
+    mut rx: mpsc::Receiver<Msg>,
+    ctl: Ctl,
+    mut stop: Stop,
+) {
     let mut buf = Vec::with_capacity(shared.cfg.commit_batch);
-    while rx.recv_many(&mut buf, shared.cfg.commit_batch).await > 0 {
+    let mut closed = false;
+    loop {
+        let received = tokio::select! {
+            n = rx.recv_many(&mut buf, shared.cfg.commit_batch) => n,
+            _ = stop.requested(), if !closed => {
+                serving.close();
+                closed = true;
+                continue;
+            }
+        };
+        if received == 0 {
+            break;
+        }
         ctl.tick();
         let mut groups: HashMap<Arc<str>, Vec<PendingClaim>> = HashMap::new();
         let mut pings = Vec::new();

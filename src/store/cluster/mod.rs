@@ -61,7 +61,7 @@ use tokio::{
 pub use error::ClusterError;
 use lease::LeaseSource;
 use record::Record;
-use shared::{block_on, on, Msg, Shared};
+use shared::{block_on, on, Msg, Serving, Shared};
 
 use crate::{
     config::{ActivityConfig, Config},
@@ -69,13 +69,6 @@ use crate::{
     store::types::{Access, ClaimRow, ImportReport, ReportData, StoreError, User},
     vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
 };
-
-/// The committer's queue while the node serves.
-struct Serving {
-    /// Taken (closing the queue) when the runner stops the committer.
-    commits: Arc<Mutex<Option<mpsc::Sender<Msg>>>>,
-    closing: Arc<AtomicBool>,
-}
 
 /// Redis + MongoDB, and the workers that connect this node to them.
 pub struct ClusterStore {
@@ -156,18 +149,11 @@ impl ClusterStore {
                 let (tx, rx) = mpsc::channel(queue_capacity);
                 let commits = Arc::new(Mutex::new(Some(tx)));
                 let closing = Arc::new(AtomicBool::new(false));
-                {
-                    let (shared, commits, closing) = (shared.clone(), commits.clone(), closing.clone());
-                    runner.task("committer", &handle, move |ctl, mut stop| async move {
-                        // Stopping closes the queue; the committer ends once it is empty.
-                        tokio::spawn(async move {
-                            stop.requested().await;
-                            closing.store(true, Ordering::Relaxed);
-                            commits.lock().take();
-                        });
-                        commit::committer(shared, rx, ctl).await;
-                    });
-                }
+                let serving = Serving { commits, closing };
+                let committer = (shared.clone(), serving.clone());
+                runner.task("committer", &handle, move |ctl, stop| {
+                    commit::committer(committer.0, committer.1, rx, ctl, stop)
+                });
                 let grace = config.server.shutdown_grace.0;
                 let writer = shared.clone();
                 runner.task("mongo-writer", &handle, move |ctl, stop| {
@@ -175,7 +161,7 @@ impl ClusterStore {
                 });
                 let reaper = shared.clone();
                 runner.task("reaper", &handle, move |ctl, stop| lease::reaper(reaper, ctl, stop));
-                Some(Serving { commits, closing })
+                Some(serving)
             }
         };
         Ok(ClusterStore {
@@ -250,7 +236,6 @@ impl ClusterStore {
     /// Backlog and connection state, for `/metrics`.
     pub fn gauges(&self) -> crate::metrics::ClusterGauges {
         crate::metrics::ClusterGauges {
-            leased: Vec::new(),
             backlog: self.shared.backlog.load(Ordering::Relaxed),
             redis_up: self.shared.redis_up.load(Ordering::Relaxed),
             mongo_up: self.shared.mongo_up.load(Ordering::Relaxed),

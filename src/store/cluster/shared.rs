@@ -14,7 +14,10 @@ use dashmap::DashMap;
 use mongodb::Database;
 use parking_lot::Mutex;
 use redis::aio::ConnectionManager;
-use tokio::{runtime::Handle, sync::Notify};
+use tokio::{
+    runtime::Handle,
+    sync::{mpsc, Notify},
+};
 
 use super::error::ClusterError;
 use crate::{config::ClusterConfig, vocab::PendingClaim};
@@ -119,4 +122,21 @@ pub(crate) async fn on<T: Send + 'static>(
         .spawn(f)
         .await
         .unwrap_or_else(|_| Err(ClusterError::Protocol("a cluster task failed".into())))
+}
+
+/// The committer's queue while the node serves.
+#[derive(Clone)]
+pub(crate) struct Serving {
+    /// Taken (closing the queue) when the runner stops the committer.
+    pub commits: Arc<Mutex<Option<mpsc::Sender<Msg>>>>,
+    /// Set when the committer stops: claims are refused at once from then on.
+    pub closing: Arc<AtomicBool>,
+}
+
+impl Serving {
+    /// Refuses new claims and closes the queue; what is queued is still committed.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+        self.commits.lock().take();
+    }
 }
