@@ -153,9 +153,9 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
     match command {
         UserCommand::Add { username, nickname } => {
             let password = read_password()?;
-            let nickname = validate_account(&username, &password, nickname.as_deref())?;
+            let (name, nickname) = validate_account(&username, &password, nickname.as_deref())?;
             let hash = password::hash(&password, cost(config));
-            let user = store.create_user(&username, &nickname, &hash).map_err(|e| match e {
+            let user = store.create_user(name.key(), &nickname, &hash).map_err(|e| match e {
                 crate::store::StoreError::UsernameTaken => {
                     anyhow::anyhow!("the username `{username}` is taken")
                 }
@@ -195,10 +195,10 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
             out.write_record(["id", "username", "nickname", "created_at"])?;
             for u in store.list_users()? {
                 out.write_record([
-                    u.id.to_string(),
-                    u.username,
-                    u.nickname,
-                    crate::clock::rfc3339_ms(u.created_at_ms),
+                    u.id.to_string().as_str(),
+                    &crate::export::cell(&u.username),
+                    &crate::export::cell(&u.nickname),
+                    &crate::clock::rfc3339_ms(u.created_at_ms),
                 ])?;
             }
             out.flush()?;
@@ -242,9 +242,9 @@ fn read_user_csv(file: &Path) -> anyhow::Result<Vec<(String, String, String)>> {
         if i == 0 && username.eq_ignore_ascii_case("username") && password.eq_ignore_ascii_case("password") {
             continue;
         }
-        let nickname = validate_account(&username, &password, Some(&nickname))
+        let (name, nickname) = validate_account(&username, &password, Some(&nickname))
             .with_context(|| format!("{} line {}", file.display(), i + 1))?;
-        rows.push((username, password, nickname));
+        rows.push((name.key().to_owned(), password, nickname));
     }
     Ok(rows)
 }

@@ -111,10 +111,14 @@ pub enum Rejected {
     LoginLocked,
     /// An admin request without the admin token.
     AdminUnauthorized,
+    /// A browser POST from a page of another site.
+    CrossSite,
+    /// A login or registration beyond the password-hashing queue.
+    HashingBusy,
 }
 
 impl Rejected {
-    const ALL: [Rejected; 7] = [
+    const ALL: [Rejected; 9] = [
         Rejected::Blocked,
         Rejected::UserRate,
         Rejected::IpRate,
@@ -122,6 +126,8 @@ impl Rejected {
         Rejected::LoginFailed,
         Rejected::LoginLocked,
         Rejected::AdminUnauthorized,
+        Rejected::CrossSite,
+        Rejected::HashingBusy,
     ];
 
     fn label(self) -> &'static str {
@@ -133,6 +139,8 @@ impl Rejected {
             Rejected::LoginFailed => "login_failed",
             Rejected::LoginLocked => "login_locked",
             Rejected::AdminUnauthorized => "admin_unauthorized",
+            Rejected::CrossSite => "cross_site",
+            Rejected::HashingBusy => "hashing_busy",
         }
     }
 }
@@ -271,6 +279,8 @@ pub struct Gauges {
     pub leased: Vec<(String, String, usize)>,
     /// Every background worker's state.
     pub workers: Vec<WorkerReport>,
+    /// `(table, entries, capacity)` of the guard's per-client tables.
+    pub guard_tables: Vec<(&'static str, usize, usize)>,
 }
 
 /// Cluster-mode state at scrape time.
@@ -407,6 +417,14 @@ impl Metrics {
             self.render_cluster(&mut out, c, &gauges.leased);
         }
         self.render_workers(&mut out, &gauges.workers);
+        out.push_str("# HELP ticketd_guard_entries Entries in each per-client guard table (bounded; see security.max_tracked_clients).\n# TYPE ticketd_guard_entries gauge\n");
+        for (table, entries, _) in &gauges.guard_tables {
+            let _ = writeln!(out, "ticketd_guard_entries{{table=\"{table}\"}} {entries}");
+        }
+        out.push_str("# HELP ticketd_guard_capacity The most entries each guard table holds; a new client at a full table evicts the least recently used.\n# TYPE ticketd_guard_capacity gauge\n");
+        for (table, _, capacity) in &gauges.guard_tables {
+            let _ = writeln!(out, "ticketd_guard_capacity{{table=\"{table}\"}} {capacity}");
+        }
         let dropped = self.access_log_dropped.load(Ordering::Relaxed);
         let _ = writeln!(
             out,

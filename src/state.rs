@@ -153,6 +153,7 @@ impl AppState {
             cluster: self.store.gauges(),
             leased: self.inventory.leasing().map(|l| l.leased()).unwrap_or_default(),
             workers: self.workers.report(),
+            guard_tables: self.guard.tables().to_vec(),
         }
     }
 

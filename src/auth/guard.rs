@@ -1,25 +1,61 @@
 //! The guard: who may knock at all, and how often.
 //!
 //! It answers, cheaply and before any real work: is this client address or
-//! user blocked; is this address or user over its claim rate (token
-//! buckets); is this username or address locked out after failed logins
-//! (growing backoff); is this address registering too many accounts. The
-//! client address is the TCP peer, or — only when the peer is a configured
-//! trusted proxy — the nearest untrusted hop in `X-Forwarded-For`.
+//! user blocked; does a browser request come from another site; is this
+//! address or user over its claim rate (token buckets); may this login
+//! attempt be checked at all (failure backoff); is this address registering
+//! too many accounts. The client address is the TCP peer, or — only when the
+//! peer is a configured trusted proxy — the nearest untrusted hop in
+//! `X-Forwarded-For`.
+//!
+//! # Per address means per /64 for IPv6
+//! One IPv6 subscriber is handed a /64 (or more): counting each of its 2^64
+//! addresses separately would give one person unlimited registrations. Rate
+//! limits and login backoff key IPv6 clients by their /64 ([`client_key`]);
+//! blocklists match the full address against their CIDRs.
+//!
+//! # Login policy
+//! Failures are counted twice, and neither count ever locks an account for
+//! everybody:
+//! - **per address** (every username): `4 × login_max_failures` failures lock
+//!   *that address* out of logging in, with a doubling backoff — it stops one
+//!   source guessing many accounts (credential stuffing);
+//! - **per account at an address**: `login_max_failures` failures lock *that
+//!   account from that address*, doubling — it stops one source guessing one
+//!   password. The real owner, from any address without failures, still logs
+//!   in: a victim cannot be locked out by somebody else's guesses.
+//!
+//! An attempt is counted when it begins, in the same step as the check
+//! ([`Backoff::begin`]): concurrent guesses share one budget, so 64 at once
+//! against a budget of 5 get 5 password checks. A success forgets that
+//! account-at-address's failures (not the address's).
+//!
+//! # Bounded tables
+//! Every table here is a [`BoundedMap`](super::bounded::BoundedMap) of
+//! `security.max_tracked_clients` entries evicting the least recently used
+//! one. For buckets an eviction means a fresh, full bucket — what an idle
+//! client has anyway. For login failures it means a forgotten count: to push
+//! out a given entry an attacker must make failed logins under
+//! `max_tracked_clients / 64` other keys landing in the same (randomly keyed)
+//! shard, each costing a rationed argon2 check — slower than waiting out the
+//! lockout.
 //!
 //! Settings are swapped whole on reload; the counters live on.
 
 use std::{
     collections::HashSet,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
-use http::HeaderMap;
+use http::{header, HeaderMap};
 
-use super::ratelimit::{Backoff, BackoffPolicy, Rate, TokenBuckets};
+use super::{
+    ratelimit::{Backoff, BackoffPolicy, Rate, TokenBuckets},
+    username::identity_key,
+};
 use crate::config::{any_contains, Config, IpNet};
 
 /// Why the guard turned a request away.
@@ -31,13 +67,19 @@ pub enum Denied {
     RateLimited(Duration),
     /// Too many failed logins; retry after this long.
     LoginLocked(Duration),
+    /// A browser request from a page of another site.
+    CrossSite,
+    /// A trusted proxy sent an `X-Forwarded-For` whose nearest hops cannot be read.
+    UnreadableForwardedFor,
 }
 
 struct Settings {
     trusted: Vec<IpNet>,
     blocked_ips: Vec<IpNet>,
+    /// Identity keys ([`identity_key`]) of `security.blocked_users`.
     blocked_usernames: HashSet<String>,
     blocked_user_ids: HashSet<u64>,
+    allowed_origins: Vec<String>,
     user_rate: Rate,
     ip_rate: Rate,
     register_rate: Rate,
@@ -50,8 +92,9 @@ impl Settings {
         Settings {
             trusted: s.trusted_proxies.clone(),
             blocked_ips: s.blocked_ips.clone(),
-            blocked_usernames: s.blocked_users.iter().cloned().collect(),
+            blocked_usernames: s.blocked_users.iter().map(|u| identity_key(u)).collect(),
             blocked_user_ids,
+            allowed_origins: s.allowed_origins.iter().map(|o| o.to_ascii_lowercase()).collect(),
             user_rate: Rate {
                 per_sec: s.claim_rate_per_user,
                 burst: f64::from(s.claim_burst_per_user),
@@ -71,56 +114,127 @@ impl Settings {
             },
         }
     }
+
+    /// An address gets more room than one account: several people share NATs.
+    fn address_login(&self) -> BackoffPolicy {
+        BackoffPolicy {
+            max_failures: self.login.max_failures.saturating_mul(4),
+            ..self.login
+        }
+    }
 }
 
-/// Blocklists, rate limits and login backoff.
+/// The key per-address limits count under: the address, the IPv4 address of
+/// an IPv4-mapped IPv6 one, or the /64 of any other IPv6 address.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+    }
+}
+
+/// Blocklists, rate limits, login backoff and the same-site check.
 pub struct Guard {
     settings: ArcSwap<Settings>,
     claims_by_user: TokenBuckets<u64>,
     claims_by_ip: TokenBuckets<IpAddr>,
     registrations_by_ip: TokenBuckets<IpAddr>,
-    logins_by_name: Backoff<String>,
+    /// Login failures per (account identity key, address key).
+    logins_by_account: Backoff<(String, IpAddr)>,
     logins_by_ip: Backoff<IpAddr>,
+}
+
+/// A login attempt the guard let through: it holds a place in the address's
+/// and the account-at-address's budgets until settled. Dropped unsettled (the
+/// client hung up, hashing was busy), it gives both places back uncounted.
+pub struct LoginAttempt<'a> {
+    guard: &'a Guard,
+    account: (String, IpAddr),
+    settled: bool,
+}
+
+impl LoginAttempt<'_> {
+    /// The password was wrong (or the account unknown): count it.
+    pub fn failed(mut self, now: Instant) {
+        let settings = self.guard.settings.load();
+        self.guard
+            .logins_by_account
+            .fail(self.account.clone(), settings.login, now);
+        self.guard
+            .logins_by_ip
+            .fail(self.account.1, settings.address_login(), now);
+        self.settled = true;
+    }
+
+    /// The password was right: forget this account-at-address's failures.
+    pub fn succeeded(mut self) {
+        self.guard.logins_by_account.settle(&self.account, true);
+        self.guard.logins_by_ip.settle(&self.account.1, false);
+        self.settled = true;
+    }
+}
+
+impl Drop for LoginAttempt<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.guard.logins_by_account.settle(&self.account, false);
+            self.guard.logins_by_ip.settle(&self.account.1, false);
+        }
+    }
 }
 
 impl Guard {
     /// A guard with `config`'s `[security]` settings; `blocked_user_ids` are
     /// the ids of `security.blocked_users` (resolved by the caller from the store).
     pub fn new(config: &Config, blocked_user_ids: HashSet<u64>) -> Guard {
+        let capacity = config.security.max_tracked_clients;
         Guard {
             settings: ArcSwap::from_pointee(Settings::from_config(config, blocked_user_ids)),
-            claims_by_user: TokenBuckets::default(),
-            claims_by_ip: TokenBuckets::default(),
-            registrations_by_ip: TokenBuckets::default(),
-            logins_by_name: Backoff::default(),
-            logins_by_ip: Backoff::default(),
+            claims_by_user: TokenBuckets::new(capacity),
+            claims_by_ip: TokenBuckets::new(capacity),
+            registrations_by_ip: TokenBuckets::new(capacity),
+            logins_by_account: Backoff::new(capacity),
+            logins_by_ip: Backoff::new(capacity),
         }
     }
 
-    /// Applies reloaded settings; counters are kept.
+    /// Applies reloaded settings; counters (and their capacity) are kept.
     pub fn apply(&self, config: &Config, blocked_user_ids: HashSet<u64>) {
         self.settings
             .store(Arc::new(Settings::from_config(config, blocked_user_ids)));
     }
 
-    /// The client's address: the peer, or the nearest untrusted
-    /// `X-Forwarded-For` hop when the peer is a trusted proxy.
-    pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    /// The client's address: the peer, or — when the peer is a trusted
+    /// proxy — the nearest `X-Forwarded-For` hop that is not one.
+    ///
+    /// Hops are read from the right (the proxy's own, trustworthy end). A hop
+    /// that cannot be read before an untrusted one is found makes the chain
+    /// unreadable: the request is refused rather than blamed on the proxy,
+    /// whose address is nobody's to exhaust or unblock. Hops left of the
+    /// client's are whatever the client wrote and never matter.
+    pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> Result<IpAddr, Denied> {
         let s = self.settings.load();
         let peer_ip = peer.ip();
         if !any_contains(&s.trusted, peer_ip) {
-            return peer_ip;
+            return Ok(peer_ip);
         }
-        let Some(xff) = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) else {
-            return peer_ip;
-        };
-        let hops: Vec<IpAddr> = xff.split(',').filter_map(|h| h.trim().parse().ok()).collect();
-        hops.iter()
-            .rev()
-            .find(|ip| !any_contains(&s.trusted, **ip))
-            .or(hops.first())
-            .copied()
-            .unwrap_or(peer_ip)
+        let values = headers.get_all("x-forwarded-for");
+        let mut nearest_trusted = None;
+        for value in values.iter().rev() {
+            for hop in value.as_bytes().rsplit(|&b| b == b',') {
+                let ip = parse_hop(hop).ok_or(Denied::UnreadableForwardedFor)?;
+                if !any_contains(&s.trusted, ip) {
+                    return Ok(ip);
+                }
+                nearest_trusted = Some(ip);
+            }
+        }
+        // Every hop is a trusted proxy (or there are none): the request
+        // started at the outermost proxy itself.
+        Ok(nearest_trusted.unwrap_or(peer_ip))
     }
 
     /// Refuses blocked addresses.
@@ -131,9 +245,45 @@ impl Guard {
         Ok(())
     }
 
-    /// Whether `username` is blocked.
+    /// Refuses a browser request sent by a page of another site: an `Origin`
+    /// whose host is not the request's `Host` nor in
+    /// `security.allowed_origins`, or `Sec-Fetch-Site: cross-site` without an
+    /// allowed `Origin`. Requests without either header (curl, apps,
+    /// servers) are not browsers' and pass: the defence is against a page
+    /// making its visitors' browsers act.
+    ///
+    /// Hosts are compared without ports (`localhost:8080` behind a proxy
+    /// that forwards `Host: localhost` is the same host); browsers call that
+    /// same-site as well.
+    pub fn check_same_site(&self, headers: &HeaderMap) -> Result<(), Denied> {
+        let origin = headers.get(header::ORIGIN).map(|v| v.as_bytes());
+        let fetch_site = headers.get("sec-fetch-site").map(|v| v.as_bytes());
+        let Some(origin) = origin else {
+            return match fetch_site {
+                Some(site) if site.eq_ignore_ascii_case(b"cross-site") => Err(Denied::CrossSite),
+                _ => Ok(()),
+            };
+        };
+        let origin = std::str::from_utf8(origin).map_err(|_| Denied::CrossSite)?.trim();
+        let s = self.settings.load();
+        if s.allowed_origins.iter().any(|o| o.eq_ignore_ascii_case(origin)) {
+            return Ok(());
+        }
+        // "null" (sandboxed frames, data: URLs) has no host and never matches.
+        let origin_host = origin.split_once("://").map(|(_, rest)| host_of(rest));
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(host_of);
+        match (origin_host, host) {
+            (Some(o), Some(h)) if !o.is_empty() && o.eq_ignore_ascii_case(h) => Ok(()),
+            _ => Err(Denied::CrossSite),
+        }
+    }
+
+    /// Whether `username` (as typed) is blocked.
     pub fn is_blocked_user(&self, username: &str) -> bool {
-        self.settings.load().blocked_usernames.contains(username)
+        self.settings.load().blocked_usernames.contains(&identity_key(username))
     }
 
     /// Whether the user with this id is blocked.
@@ -144,7 +294,9 @@ impl Guard {
     /// Takes a claim token from the address's bucket.
     pub fn admit_claim_from(&self, ip: IpAddr, now: Instant) -> Result<(), Denied> {
         let rate = self.settings.load().ip_rate;
-        self.claims_by_ip.take(ip, rate, now).map_err(Denied::RateLimited)
+        self.claims_by_ip
+            .take(client_key(ip), rate, now)
+            .map_err(Denied::RateLimited)
     }
 
     /// Takes a claim token from the user's bucket.
@@ -159,33 +311,29 @@ impl Guard {
     pub fn admit_registration(&self, ip: IpAddr, now: Instant) -> Result<(), Denied> {
         let rate = self.settings.load().register_rate;
         self.registrations_by_ip
-            .take(ip, rate, now)
+            .take(client_key(ip), rate, now)
             .map_err(Denied::RateLimited)
     }
 
-    /// Refuses a login attempt while the username or the address is locked out.
-    pub fn check_login(&self, username: &str, ip: IpAddr, now: Instant) -> Result<(), Denied> {
-        self.logins_by_name
-            .check(&username.to_owned(), now)
-            .and_then(|()| self.logins_by_ip.check(&ip, now))
-            .map_err(Denied::LoginLocked)
-    }
-
-    /// Counts a failed login against the username and the address.
-    pub fn login_failed(&self, username: &str, ip: IpAddr, now: Instant) {
-        let policy = self.settings.load().login;
-        self.logins_by_name.fail(username.to_owned(), policy, now);
-        // An address gets more room than one account: several people share NATs.
-        let ip_policy = BackoffPolicy {
-            max_failures: policy.max_failures.saturating_mul(4),
-            ..policy
-        };
-        self.logins_by_ip.fail(ip, ip_policy, now);
-    }
-
-    /// Forgets the username's failures after a successful login.
-    pub fn login_succeeded(&self, username: &str) {
-        self.logins_by_name.clear(&username.to_owned());
+    /// Lets a login attempt for the account with identity key `account` from
+    /// `ip` be checked, or refuses it while the address or the account at
+    /// this address is locked out (see the module's login policy).
+    pub fn begin_login(&self, account: &str, ip: IpAddr, now: Instant) -> Result<LoginAttempt<'_>, Denied> {
+        let settings = self.settings.load();
+        let ip = client_key(ip);
+        self.logins_by_ip
+            .begin(ip, settings.address_login(), now)
+            .map_err(Denied::LoginLocked)?;
+        let account = (account.to_owned(), ip);
+        if let Err(wait) = self.logins_by_account.begin(account.clone(), settings.login, now) {
+            self.logins_by_ip.settle(&ip, false);
+            return Err(Denied::LoginLocked(wait));
+        }
+        Ok(LoginAttempt {
+            guard: self,
+            account,
+            settled: false,
+        })
     }
 
     /// Drops idle counters (called every minute).
@@ -194,7 +342,123 @@ impl Guard {
         self.claims_by_user.sweep(now, idle);
         self.claims_by_ip.sweep(now, idle);
         self.registrations_by_ip.sweep(now, Duration::from_secs(3600));
-        self.logins_by_name.sweep(now, idle);
+        self.logins_by_account.sweep(now, idle);
         self.logins_by_ip.sweep(now, idle);
+    }
+
+    /// `(table, entries, capacity)` of every table, for `/metrics`.
+    pub fn tables(&self) -> [(&'static str, usize, usize); 5] {
+        [
+            ("claims_by_user", self.claims_by_user.len(), self.claims_by_user.capacity()),
+            ("claims_by_ip", self.claims_by_ip.len(), self.claims_by_ip.capacity()),
+            (
+                "registrations_by_ip",
+                self.registrations_by_ip.len(),
+                self.registrations_by_ip.capacity(),
+            ),
+            (
+                "logins_by_account",
+                self.logins_by_account.len(),
+                self.logins_by_account.capacity(),
+            ),
+            ("logins_by_ip", self.logins_by_ip.len(), self.logins_by_ip.capacity()),
+        ]
+    }
+}
+
+/// One `X-Forwarded-For` hop: an address, `ip:port` or `[v6]:port`.
+fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
+    let hop = std::str::from_utf8(hop).ok()?.trim();
+    hop.parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
+}
+
+/// The host of `authority` (`host`, `host:port`, `[v6]:port`), without the port.
+fn host_of(authority: &str) -> &str {
+    let authority = authority.trim();
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or("");
+    }
+    authority.split(':').next().unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(security: &str) -> Guard {
+        let config: Config = toml::from_str(&format!("[security]\n{security}")).unwrap();
+        Guard::new(&config, HashSet::new())
+    }
+
+    fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_bytes(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn an_unreadable_forwarded_chain_never_becomes_the_proxy() {
+        let g = guard(r#"trusted_proxies = ["10.0.0.1"]"#);
+        let proxy: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let xff = |v: &[u8]| g.client_ip(proxy, &headers(&[("x-forwarded-for", v)]));
+        // nginx appends the real peer to whatever the client sent.
+        assert_eq!(xff(b"\xc3\xa9, 203.0.113.9"), Ok("203.0.113.9".parse().unwrap()));
+        assert_eq!(xff(b"1.1.1.1, 203.0.113.9, 10.0.0.1"), Ok("203.0.113.9".parse().unwrap()));
+        assert_eq!(xff(b"[2001:db8::1]:443"), Ok("2001:db8::1".parse().unwrap()));
+        assert_eq!(xff(b"203.0.113.9, junk"), Err(Denied::UnreadableForwardedFor));
+        assert_eq!(xff(b"\xff"), Err(Denied::UnreadableForwardedFor));
+        // From an untrusted peer the header is ignored.
+        let stranger: SocketAddr = "198.51.100.7:1".parse().unwrap();
+        let h = headers(&[("x-forwarded-for", b"junk")]);
+        assert_eq!(g.client_ip(stranger, &h), Ok(stranger.ip()));
+    }
+
+    #[test]
+    fn ipv6_clients_count_per_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_key(a), client_key(b));
+        assert_ne!(client_key(a), client_key(other));
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(client_key(mapped), "192.0.2.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn cross_site_browser_requests_are_refused() {
+        let g = guard(r#"allowed_origins = ["https://partner.example"]"#);
+        let check = |pairs: &[(&str, &[u8])]| g.check_same_site(&headers(pairs));
+        assert_eq!(check(&[]), Ok(()));
+        assert_eq!(check(&[("host", b"t.example"), ("origin", b"https://t.example")]), Ok(()));
+        assert_eq!(check(&[("host", b"t.example"), ("origin", b"http://T.example:8080")]), Ok(()));
+        assert_eq!(check(&[("host", b"t.example"), ("origin", b"https://partner.example")]), Ok(()));
+        assert_eq!(
+            check(&[("host", b"t.example"), ("origin", b"https://evil.example")]),
+            Err(Denied::CrossSite)
+        );
+        assert_eq!(check(&[("host", b"t.example"), ("origin", b"null")]), Err(Denied::CrossSite));
+        assert_eq!(check(&[("sec-fetch-site", b"cross-site")]), Err(Denied::CrossSite));
+        assert_eq!(check(&[("sec-fetch-site", b"same-origin")]), Ok(()));
+    }
+
+    #[test]
+    fn a_victim_is_not_locked_out_by_another_addresses_failures() {
+        let g = guard("login_max_failures = 2\nlogin_backoff = \"1h\"");
+        let attacker: IpAddr = "198.51.100.1".parse().unwrap();
+        let owner: IpAddr = "203.0.113.5".parse().unwrap();
+        let t = Instant::now();
+        for _ in 0..2 {
+            g.begin_login("victim", attacker, t).unwrap().failed(t);
+        }
+        assert!(matches!(g.begin_login("victim", attacker, t), Err(Denied::LoginLocked(_))));
+        let attempt = g.begin_login("victim", owner, t).expect("the owner's address has no failures");
+        attempt.succeeded();
     }
 }

@@ -7,23 +7,34 @@
 //!
 //! Login answers the same error, after the same argon2 work, for an unknown
 //! user and a wrong password, so responses do not reveal which usernames exist.
+//!
+//! Argon2 is memory-hard on purpose (`auth.argon2_memory_kib` per hash), so
+//! hashes are rationed: at most `auth.max_concurrent_hashes` run at once and
+//! at most `auth.hash_queue` more wait for a turn; beyond that a login or a
+//! registration is answered 503 with Retry-After at once ([`AuthError::Busy`]).
+//! A burst of logins costs a fixed amount of memory and leaves the other
+//! cores to the claims.
 
+pub mod bounded;
 pub mod claim_token;
 pub mod guard;
 pub mod password;
 pub mod ratelimit;
 pub mod session;
+pub mod username;
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use rand::RngCore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use claim_token::{ClaimTokenError, ClaimTokens};
 pub use guard::{Denied, Guard};
 pub use password::HashCost;
 pub use session::{Session, SessionKey, TokenError};
+pub use username::Username;
 
 use crate::{
     clock::now_ms,
@@ -70,6 +81,9 @@ pub enum AuthError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Every password-hashing slot and queue place is taken; retry shortly.
+    #[error("too many logins at once; retry shortly")]
+    Busy,
     /// A hashing task died.
     #[error("internal error")]
     Internal,
@@ -104,30 +118,38 @@ pub struct Auth {
     revoked: DashMap<[u8; 16], i64>,
     /// Verified against when the username is unknown, to spend the same time.
     dummy_hash: ArcSwap<String>,
+    /// Turns to run argon2: `max_concurrent_hashes` permits. A permit moves
+    /// into the blocking task and is released when the hash ends, not when
+    /// the request does: a client hanging up cannot free a turn early.
+    hashing: Arc<Semaphore>,
+    /// Places in the queue for a turn: `hash_queue` permits, taken without waiting.
+    hash_queue: Semaphore,
     store: Arc<Store>,
 }
 
-/// Checks a username, password and nickname; returns the nickname to use.
-pub fn validate_account(username: &str, password: &str, nickname: Option<&str>) -> Result<String, AuthError> {
-    let name_ok = (3..=32).contains(&username.chars().count())
-        && username
-            .chars()
-            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '@'));
-    if !name_ok {
-        return Err(AuthError::InvalidField(
-            "username must be 3-32 letters, digits, '_', '-', '.' or '@'".into(),
-        ));
-    }
+/// Checks a username, password and nickname; returns the username and the
+/// nickname to use (the username as typed when none is given).
+pub fn validate_account(
+    username: &str,
+    password: &str,
+    nickname: Option<&str>,
+) -> Result<(Username, String), AuthError> {
+    let username = Username::parse(username).map_err(AuthError::InvalidField)?;
     if !(8..=128).contains(&password.chars().count()) {
         return Err(AuthError::InvalidField("password must be 8-128 characters".into()));
     }
-    let nickname = nickname.map(str::trim).filter(|n| !n.is_empty()).unwrap_or(username);
-    if nickname.chars().count() > 32 || nickname.chars().any(char::is_control) {
+    let nickname = nickname
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .unwrap_or(username.display());
+    if nickname.chars().count() > 32 {
         return Err(AuthError::InvalidField(
             "nickname must be at most 32 printable characters".into(),
         ));
     }
-    Ok(nickname.to_owned())
+    username::check_display_text(nickname).map_err(AuthError::InvalidField)?;
+    let nickname = nickname.to_owned();
+    Ok((username, nickname))
 }
 
 impl Auth {
@@ -144,6 +166,8 @@ impl Auth {
             dummy_hash: ArcSwap::from_pointee(password::hash("dummy password", settings.cost)),
             settings: ArcSwap::from_pointee(settings),
             revoked: DashMap::new(),
+            hashing: Arc::new(Semaphore::new(config.auth.max_concurrent_hashes())),
+            hash_queue: Semaphore::new(config.auth.hash_queue),
             store,
         };
         auth.refresh_revoked()?;
@@ -202,12 +226,14 @@ impl Auth {
         if !settings.open_registration {
             return Err(AuthError::RegistrationClosed);
         }
-        let nickname = validate_account(&username, &password, nickname.as_deref())?;
+        let (username, nickname) = validate_account(&username, &password, nickname.as_deref())?;
+        let turn = self.hashing_turn().await?;
         let this = self.clone();
         let user = blocking(move || {
             let hash = password::hash(&password, settings.cost);
+            drop(turn);
             this.store
-                .create_user(&username, &nickname, &hash)
+                .create_user(username.key(), &nickname, &hash)
                 .map_err(|e| match e {
                     StoreError::UsernameTaken => AuthError::UsernameTaken,
                     other => other.into(),
@@ -218,11 +244,28 @@ impl Auth {
         Ok((user, token))
     }
 
-    /// Checks a password and issues a token.
-    pub async fn login(self: &Arc<Self>, username: String, password: String) -> Result<(User, String), AuthError> {
+    /// Waits for a turn to hash (argon2 is rationed: see the module docs);
+    /// `Busy` at once when the queue is full too.
+    async fn hashing_turn(&self) -> Result<OwnedSemaphorePermit, AuthError> {
+        if let Ok(turn) = self.hashing.clone().try_acquire_owned() {
+            return Ok(turn);
+        }
+        let _place = self.hash_queue.try_acquire().map_err(|_| AuthError::Busy)?;
+        self.hashing.clone().acquire_owned().await.map_err(|_| AuthError::Internal)
+    }
+
+    /// Checks a password and issues a token. `username_key` is the
+    /// [`username::identity_key`] of what was typed.
+    pub async fn login(
+        self: &Arc<Self>,
+        username_key: String,
+        password: String,
+    ) -> Result<(User, String), AuthError> {
+        let turn = self.hashing_turn().await?;
         let this = self.clone();
         let user = blocking(move || {
-            let user = this.store.user_by_name(&username)?;
+            let _turn = turn;
+            let user = this.store.user_by_name(&username_key)?;
             let hash = match &user {
                 Some(u) => u.password_hash.clone(),
                 None => this.dummy_hash.load().to_string(),

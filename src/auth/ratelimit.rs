@@ -1,16 +1,16 @@
-//! Token buckets per key (user, client address) and login backoff.
+//! Token buckets per key (user, client address) and login failure counts.
 //!
-//! Each bucket sits in a DashMap entry and is updated under that shard's
-//! lock for a few arithmetic instructions; no lock is ever held across an
-//! await. Idle buckets are swept by [`TokenBuckets::sweep`] so a flood of
-//! distinct addresses cannot grow memory without bound.
+//! Both live in [`BoundedMap`]s: a short shard lock for a few arithmetic
+//! instructions, never held across an await, and a fixed number of entries
+//! however many keys a flood invents. Idle entries are also swept by the
+//! `guard-sweep` worker, so memory falls back after a flood.
 
 use std::{
     hash::Hash,
     time::{Duration, Instant},
 };
 
-use dashmap::DashMap;
+use super::bounded::BoundedMap;
 
 /// A token-bucket rate: `rate` tokens per second, at most `burst` saved.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,40 +26,45 @@ struct Bucket {
     last: Instant,
 }
 
-/// Token buckets keyed by `K`.
-pub struct TokenBuckets<K: Eq + Hash> {
-    buckets: DashMap<K, Bucket>,
-}
-
-impl<K: Eq + Hash> Default for TokenBuckets<K> {
-    fn default() -> Self {
-        TokenBuckets {
-            buckets: DashMap::new(),
-        }
-    }
+/// Token buckets keyed by `K`, at most `capacity` of them.
+///
+/// An evicted bucket comes back full: the same as a client idle long
+/// enough, so eviction can only ever be generous, never lock anyone out.
+pub struct TokenBuckets<K> {
+    buckets: BoundedMap<K, Bucket>,
 }
 
 impl<K: Eq + Hash> TokenBuckets<K> {
+    /// Buckets for at most `capacity` keys.
+    pub fn new(capacity: usize) -> Self {
+        TokenBuckets {
+            buckets: BoundedMap::new(capacity),
+        }
+    }
+
     /// Takes one token for `key`; on refusal, how long until one is available.
     pub fn take(&self, key: K, rate: Rate, now: Instant) -> Result<(), Duration> {
-        let mut b = self.buckets.entry(key).or_insert(Bucket {
+        let fresh = || Bucket {
             tokens: rate.burst,
             last: now,
-        });
-        let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * rate.per_sec).min(rate.burst);
-        b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - b.tokens) / rate.per_sec.max(1e-9)))
-        }
+        };
+        self.buckets.with(key, now, fresh, |b| {
+            let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
+            b.tokens = (b.tokens + elapsed * rate.per_sec).min(rate.burst);
+            b.last = b.last.max(now);
+            if b.tokens >= 1.0 {
+                b.tokens -= 1.0;
+                Ok(())
+            } else {
+                Err(Duration::from_secs_f64((1.0 - b.tokens) / rate.per_sec.max(1e-9)))
+            }
+        })
     }
 
     /// Drops buckets untouched for `idle` (they would be full again anyway).
     pub fn sweep(&self, now: Instant, idle: Duration) {
-        self.buckets.retain(|_, b| now.saturating_duration_since(b.last) < idle);
+        self.buckets
+            .retain(|_, touched| now.saturating_duration_since(touched) < idle);
     }
 
     /// Buckets held.
@@ -70,6 +75,11 @@ impl<K: Eq + Hash> TokenBuckets<K> {
     /// Whether no bucket is held.
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()
+    }
+
+    /// The most buckets held at once.
+    pub fn capacity(&self) -> usize {
+        self.buckets.capacity()
     }
 }
 
@@ -85,61 +95,116 @@ pub struct BackoffPolicy {
     pub cap: Duration,
 }
 
+impl BackoffPolicy {
+    fn lockout(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(self.max_failures).min(30);
+        self.base.saturating_mul(1 << doublings).min(self.cap)
+    }
+}
+
 struct Strikes {
-    count: u32,
+    failures: u32,
+    /// Attempts begun and not yet decided: they count against the budget,
+    /// so concurrent guesses cannot all pass one check before any fails.
+    in_flight: u32,
     locked_until: Instant,
-    last: Instant,
 }
 
-/// Failure counts per key (a username, a client address).
-pub struct Backoff<K: Eq + Hash> {
-    strikes: DashMap<K, Strikes>,
+/// Failure counts per key (an address, an account at an address).
+///
+/// An attempt is counted when it *begins* ([`Backoff::begin`]), in the same
+/// locked step as the check, and settled when its outcome is known: 64
+/// concurrent guesses with a budget of 5 get 5 checks, not 64.
+pub struct Backoff<K> {
+    strikes: BoundedMap<K, Strikes>,
 }
 
-impl<K: Eq + Hash> Default for Backoff<K> {
-    fn default() -> Self {
+impl<K: Eq + Hash + Clone> Backoff<K> {
+    /// Failure records for at most `capacity` keys.
+    pub fn new(capacity: usize) -> Self {
         Backoff {
-            strikes: DashMap::new(),
-        }
-    }
-}
-
-impl<K: Eq + Hash> Backoff<K> {
-    /// `Err(wait)` while `key` is locked out.
-    pub fn check(&self, key: &K, now: Instant) -> Result<(), Duration> {
-        match self.strikes.get(key) {
-            Some(s) if s.locked_until > now => Err(s.locked_until - now),
-            _ => Ok(()),
+            strikes: BoundedMap::new(capacity),
         }
     }
 
-    /// Counts a failure; returns the lockout it starts, if any.
-    pub fn fail(&self, key: K, policy: BackoffPolicy, now: Instant) -> Option<Duration> {
-        let mut s = self.strikes.entry(key).or_insert(Strikes {
-            count: 0,
+    /// Reserves one attempt for `key`, or `Err(wait)` while it is locked out
+    /// or its remaining budget is taken by attempts still being checked.
+    ///
+    /// The budget is `max_failures - failures` before the first lockout and
+    /// one attempt after each lockout ends (a further failure doubles it).
+    pub fn begin(&self, key: K, policy: BackoffPolicy, now: Instant) -> Result<(), Duration> {
+        let fresh = || Strikes {
+            failures: 0,
+            in_flight: 0,
             locked_until: now,
-            last: now,
+        };
+        self.strikes.with(key, now, fresh, |s| {
+            if s.locked_until > now {
+                return Err(s.locked_until - now);
+            }
+            let budget = policy.max_failures.saturating_sub(s.failures).max(1);
+            if s.in_flight >= budget {
+                // The outstanding attempts decide first; a lockout may follow.
+                return Err(policy.base.max(Duration::from_secs(1)));
+            }
+            s.in_flight += 1;
+            Ok(())
+        })
+    }
+
+    /// Settles a begun attempt as failed; returns the lockout it starts, if any.
+    pub fn fail(&self, key: K, policy: BackoffPolicy, now: Instant) -> Option<Duration> {
+        let fresh = || Strikes {
+            failures: 0,
+            in_flight: 1,
+            locked_until: now,
+        };
+        self.strikes.with(key, now, fresh, |s| {
+            s.in_flight = s.in_flight.saturating_sub(1);
+            s.failures = s.failures.saturating_add(1);
+            if s.failures < policy.max_failures {
+                return None;
+            }
+            let lock = policy.lockout(s.failures);
+            s.locked_until = now + lock;
+            Some(lock)
+        })
+    }
+
+    /// Settles a begun attempt that did not fail; with `forget`, the key's
+    /// failures are forgotten too.
+    pub fn settle(&self, key: &K, forget: bool) {
+        self.strikes.update_or_remove(key, |s| {
+            s.in_flight = s.in_flight.saturating_sub(1);
+            forget || (s.failures == 0 && s.in_flight == 0)
         });
-        s.count += 1;
-        s.last = now;
-        if s.count < policy.max_failures {
-            return None;
-        }
-        let doublings = (s.count - policy.max_failures).min(30);
-        let lock = policy.base.saturating_mul(1 << doublings).min(policy.cap);
-        s.locked_until = now + lock;
-        Some(lock)
     }
 
-    /// Forgets `key`'s failures (after a success).
-    pub fn clear(&self, key: &K) {
-        self.strikes.remove(key);
+    /// Whether `key` is locked out now.
+    pub fn is_locked(&self, key: &K, now: Instant) -> bool {
+        self.strikes.get(key, |s| s.locked_until > now).unwrap_or(false)
     }
 
-    /// Drops records idle for longer than `idle` and not locked.
+    /// Drops records idle for longer than `idle`, unless locked or being checked.
     pub fn sweep(&self, now: Instant, idle: Duration) {
-        self.strikes
-            .retain(|_, s| s.locked_until > now || now.saturating_duration_since(s.last) < idle);
+        self.strikes.retain(|s, touched| {
+            s.locked_until > now || s.in_flight > 0 || now.saturating_duration_since(touched) < idle
+        });
+    }
+
+    /// Records held.
+    pub fn len(&self) -> usize {
+        self.strikes.len()
+    }
+
+    /// Whether no record is held.
+    pub fn is_empty(&self) -> bool {
+        self.strikes.is_empty()
+    }
+
+    /// The most records held at once.
+    pub fn capacity(&self) -> usize {
+        self.strikes.capacity()
     }
 }
 
@@ -149,7 +214,7 @@ mod tests {
 
     #[test]
     fn buckets_allow_the_burst_then_the_rate() {
-        let b = TokenBuckets::default();
+        let b = TokenBuckets::new(1000);
         let rate = Rate {
             per_sec: 2.0,
             burst: 3.0,
@@ -171,22 +236,49 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
-        let g = Backoff::default();
+        let g = Backoff::new(1000);
         let p = BackoffPolicy {
             max_failures: 3,
             base: Duration::from_secs(1),
             cap: Duration::from_secs(5),
         };
         let t = Instant::now();
-        assert_eq!(g.fail("u", p, t), None);
-        assert_eq!(g.fail("u", p, t), None);
-        assert!(g.check(&"u", t).is_ok());
-        assert_eq!(g.fail("u", p, t), Some(Duration::from_secs(1)));
-        assert!(g.check(&"u", t).is_err());
-        assert_eq!(g.fail("u", p, t), Some(Duration::from_secs(2)));
-        assert_eq!(g.fail("u", p, t), Some(Duration::from_secs(4)));
-        assert_eq!(g.fail("u", p, t), Some(Duration::from_secs(5)));
-        g.clear(&"u");
-        assert!(g.check(&"u", t).is_ok());
+        let attempt = |t: Instant| {
+            g.begin("u", p, t).unwrap();
+            g.fail("u", p, t)
+        };
+        assert_eq!(attempt(t), None);
+        assert_eq!(attempt(t), None);
+        assert!(!g.is_locked(&"u", t));
+        assert_eq!(attempt(t), Some(Duration::from_secs(1)));
+        assert!(g.begin("u", p, t).is_err());
+        let t = t + Duration::from_secs(1);
+        assert_eq!(attempt(t), Some(Duration::from_secs(2)));
+        let t = t + Duration::from_secs(2);
+        assert_eq!(attempt(t), Some(Duration::from_secs(4)));
+        let t = t + Duration::from_secs(4);
+        assert_eq!(attempt(t), Some(Duration::from_secs(5)));
+        g.settle(&"u", true);
+        assert!(g.begin("u", p, t).is_ok());
+    }
+
+    #[test]
+    fn concurrent_attempts_share_one_budget() {
+        let g = Backoff::new(1000);
+        let p = BackoffPolicy {
+            max_failures: 5,
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(60),
+        };
+        let t = Instant::now();
+        let begun = (0..64).filter(|_| g.begin("u", p, t).is_ok()).count();
+        assert_eq!(begun, 5, "only the budget may be checked at once");
+        // One attempt is abandoned (the client hung up): its slot comes back.
+        g.settle(&"u", false);
+        assert!(g.begin("u", p, t).is_ok());
+        for _ in 0..5 {
+            g.fail("u", p, t);
+        }
+        assert!(g.is_locked(&"u", t));
     }
 }

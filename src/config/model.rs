@@ -195,6 +195,16 @@ pub struct AuthConfig {
     /// Argon2id passes. Default 2.
     #[serde(default = "default_argon2_iterations")]
     pub argon2_iterations: u32,
+    /// Password hashes (logins, registrations) run at once; each holds
+    /// `argon2_memory_kib` while it runs. Default: the number of CPU cores.
+    /// Restart-only.
+    #[serde(default)]
+    pub max_concurrent_hashes: Option<usize>,
+    /// Logins and registrations that may wait for a hashing turn; beyond
+    /// them the answer is 503 with Retry-After at once. Default 256.
+    /// Restart-only.
+    #[serde(default = "default_hash_queue")]
+    pub hash_queue: usize,
     /// How long a login token stays valid. Default `24h`.
     #[serde(default = "default_session_ttl")]
     pub session_ttl: HumanDuration,
@@ -268,6 +278,18 @@ pub struct SecurityConfig {
     /// The longest lockout. Default `15m`.
     #[serde(default = "default_login_backoff_max")]
     pub login_backoff_max: HumanDuration,
+    /// Entries each guard table (claim buckets per address and per user,
+    /// registrations per address, login failures per address and per
+    /// account-at-address) holds at most; a new key at a full table evicts
+    /// the least recently used entry. Default 100000 (a few MB per table).
+    /// Restart-only.
+    #[serde(default = "default_max_tracked_clients")]
+    pub max_tracked_clients: usize,
+    /// Origins (`scheme://host[:port]`) other than the API's own host whose
+    /// pages may POST to it from a browser. Default none: cross-site
+    /// requests (by `Origin` or `Sec-Fetch-Site`) are refused with 403.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
 
 /// `[admin]`: operations over HTTP (reload, stats, export).
@@ -429,6 +451,13 @@ impl AuthConfig {
     pub fn previous_session_secret(&self) -> Option<String> {
         env_or(PREVIOUS_SESSION_SECRET_ENV, &self.previous_session_secret)
     }
+
+    /// `max_concurrent_hashes`, or the number of CPU cores.
+    pub fn max_concurrent_hashes(&self) -> usize {
+        self.max_concurrent_hashes
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1)
+    }
 }
 
 impl AdminConfig {
@@ -512,6 +541,12 @@ fn default_argon2_memory() -> u32 {
 }
 fn default_argon2_iterations() -> u32 {
     2
+}
+fn default_hash_queue() -> usize {
+    256
+}
+fn default_max_tracked_clients() -> usize {
+    100_000
 }
 fn default_session_ttl() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(24 * 3600))

@@ -2,7 +2,11 @@
 //! writer, so memory stays flat however many claims there are.
 //!
 //! CSV is RFC 4180 (quoted where needed), UTF-8, with a header row; Chinese
-//! names survive intact. JSON lines carry the same fields, one object a line.
+//! names survive intact. Text a user or an organiser chose (usernames,
+//! nicknames, codes, ids) is neutralised against formula injection (OWASP):
+//! a cell starting with `=`, `+`, `-`, `@`, tab or carriage return gets a
+//! leading `'`, so a spreadsheet shows `=HYPERLINK(...)` as text instead of
+//! running it. JSON lines and Parquet carry values exactly. JSON lines carry the same fields, one object a line.
 //! [`rejections`] writes the recorded claim outcomes per minute, and
 //! [`report`] renders the HTML rush report.
 
@@ -58,13 +62,13 @@ pub fn claims<W: Write + Send>(
             let n = store.export_claims(activity_id, &mut |row: ClaimRow| {
                 w.write_record([
                     row.claim_id.to_string().as_str(),
-                    &row.activity_id,
-                    &row.ticket_id,
-                    &row.code,
+                    &cell(&row.activity_id),
+                    &cell(&row.ticket_id),
+                    &cell(&row.code),
                     &row.user_id.to_string(),
-                    &row.username,
-                    &row.nickname,
-                    &row.node,
+                    &cell(&row.username),
+                    &cell(&row.nickname),
+                    &cell(&row.node),
                     &rfc3339_ms(row.claimed_at_ms),
                 ])
                 .map_err(csv_io)
@@ -130,6 +134,15 @@ pub fn rejections<W: Write>(store: &Store, activity_id: &str, format: ExportForm
         }
     }
     Ok(n)
+}
+
+/// A text cell safe to open in a spreadsheet: one that a spreadsheet would
+/// read as a formula gets a leading `'` (borrowed when nothing changes).
+pub fn cell(text: &str) -> std::borrow::Cow<'_, str> {
+    match text.as_bytes().first() {
+        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r') => format!("'{text}").into(),
+        _ => text.into(),
+    }
 }
 
 fn csv_io(e: csv::Error) -> std::io::Error {

@@ -244,6 +244,15 @@ impl From<Denied> for ApiError {
                 "too many failed logins; wait before trying again",
             )
             .retry_after(secs(wait)),
+            Denied::CrossSite => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "CROSS_SITE",
+                "requests from pages of other sites are refused",
+            ),
+            Denied::UnreadableForwardedFor => ApiError::bad_request(
+                "BAD_FORWARDED_FOR",
+                "the X-Forwarded-For chain from the trusted proxy could not be read",
+            ),
         }
     }
 }
@@ -265,6 +274,12 @@ impl From<AuthError> for ApiError {
                 ApiError::new(S::UNAUTHORIZED, "TOKEN_EXPIRED", "the token has expired; log in again")
             }
             AuthError::Store(e) => e.into(),
+            AuthError::Busy => ApiError::new(
+                S::SERVICE_UNAVAILABLE,
+                "BUSY",
+                "too many logins at once; retry shortly",
+            )
+            .retry_after(1),
             AuthError::Internal => ApiError::internal(),
         }
     }

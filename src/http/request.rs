@@ -6,8 +6,9 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
-use http::{header, HeaderMap, Response, StatusCode};
+use http::{header, HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize};
 
@@ -20,11 +21,33 @@ const MAX_IDEMPOTENCY_KEY: usize = 128;
 /// Reads a JSON body of at most `server.max_body` bytes, arriving within
 /// `server.request_timeout`, into `T`.
 ///
-/// The Content-Type is not checked: the seed's clients (and `curl -d`) send
-/// JSON under `application/x-www-form-urlencoded`, and the body is parsed
-/// strictly as JSON either way.
-pub async fn json_body<T: DeserializeOwned>(state: &AppState, body: Incoming) -> Result<T, ApiError> {
+/// The body must be declared `Content-Type: application/json` (415
+/// otherwise): the types a page of another site may send without asking
+/// (`text/plain`, forms) are exactly the ones refused, so no such page can
+/// make its visitors' browsers register, log in or claim. A declared
+/// `Content-Length` above the cap is answered 413 before a byte of the body
+/// is read (and without `100 Continue`).
+pub async fn json_body<T: DeserializeOwned>(state: &AppState, req: Request<Incoming>) -> Result<T, ApiError> {
+    if !is_json(req.headers()) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "send the body as JSON with `Content-Type: application/json`",
+        ));
+    }
     let max = state.max_body();
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "BODY_TOO_LARGE",
+            format!("the body is larger than {max} bytes"),
+        )
+    };
+    let body = req.into_body();
+    // hyper knows a declared Content-Length as the body's exact size.
+    if body.size_hint().lower() > max as u64 {
+        return Err(too_large());
+    }
     let collect = tokio::time::timeout(state.request_timeout(), Limited::new(body, max).collect());
     let bytes = match collect.await {
         Err(_elapsed) => {
@@ -35,16 +58,19 @@ pub async fn json_body<T: DeserializeOwned>(state: &AppState, body: Incoming) ->
             ))
         }
         Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "BODY_TOO_LARGE",
-                format!("the body is larger than {max} bytes"),
-            ))
-        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
         Ok(Err(_)) => return Err(ApiError::bad_request("BAD_BODY", "the request body could not be read")),
     };
     parse_json(&bytes)
+}
+
+/// Whether the Content-Type is `application/json` (any parameters, any case).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// Parses `bytes` as JSON into `T`, with a sentence on failure.
@@ -107,17 +133,29 @@ impl<'a> Query<'a> {
     }
 }
 
-/// The session token: `Authorization: Bearer <token>`, or the seed's `token` header.
+/// The session token: `Authorization: Bearer <token>` (the scheme in any
+/// case), the seed's bare `Authorization: <token>`, or its `token` header.
 pub fn token(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         let v = v.trim();
-        return v
-            .strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-            .map(str::trim)
-            .or(Some(v));
+        return Some(bearer(v).unwrap_or(v));
     }
     headers.get("token").and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+/// The token of `Authorization: Bearer <token>` only (the admin API's one
+/// form: no bare value, no `token` header, no other scheme).
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| bearer(v.trim()))
+}
+
+/// `<token>` of `Bearer <token>`; the scheme is case-insensitive (RFC 9110 §11.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
 }
 
 /// The caller's session; 401 when there is none or it is not valid.

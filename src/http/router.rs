@@ -54,12 +54,46 @@ pub async fn handle(
         Surface::Admin => admin_route_of(req.uri().path()),
     };
     let ip = state.guard.client_ip(peer, req.headers());
-    let res = if let Err(denied) = state.guard.check_ip(ip) {
+    let res = match ip {
+        Err(denied) => ApiError::from(denied).into_response(),
+        Ok(ip) => answer(state, served, route, allowed, surface, req, ip).await,
+    };
+    crate::metrics::global().request(route, res.status().as_u16(), started.elapsed());
+    if let (Some(log), Some((method, path))) = (access_log, logged) {
+        log.record(
+            ip.unwrap_or(peer.ip()),
+            method.as_str(),
+            &path,
+            res.status().as_u16(),
+            started.elapsed(),
+        );
+    }
+    let mut res = res;
+    if served.closing {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    res
+}
+
+/// The answer to a request from a known client address.
+async fn answer(
+    state: &AppState,
+    served: Served,
+    route: Route,
+    allowed: Method,
+    surface: Surface,
+    req: Request<Incoming>,
+    ip: IpAddr,
+) -> Response<Full<Bytes>> {
+    if let Err(denied) = state.guard.check_ip(ip) {
         crate::metrics::global().reject(crate::metrics::Rejected::Blocked);
-        ApiError::from(denied).into_response()
-    } else if route == Route::Unknown {
-        ApiError::not_found("ROUTE_NOT_FOUND", format!("no route for {}", req.uri().path())).into_response()
-    } else if req.method() != allowed && !(allowed == Method::GET && req.method() == Method::HEAD) {
+        return ApiError::from(denied).into_response();
+    }
+    if route == Route::Unknown {
+        return ApiError::not_found("ROUTE_NOT_FOUND", format!("no route for {}", req.uri().path())).into_response();
+    }
+    if req.method() != allowed && !(allowed == Method::GET && req.method() == Method::HEAD) {
         let mut res = ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "METHOD_NOT_ALLOWED",
@@ -70,22 +104,18 @@ pub async fn handle(
             header::ALLOW,
             HeaderValue::from_static(if allowed == Method::GET { "GET, HEAD" } else { "POST" }),
         );
-        res
-    } else {
-        dispatch(state, served.connections, route, req, ip)
-            .await
-            .unwrap_or_else(ApiError::into_response)
-    };
-    crate::metrics::global().request(route, res.status().as_u16(), started.elapsed());
-    if let (Some(log), Some((method, path))) = (access_log, logged) {
-        log.record(ip, method.as_str(), &path, res.status().as_u16(), started.elapsed());
+        return res;
     }
-    let mut res = res;
-    if served.closing {
-        res.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    // Every public POST acts for somebody: no page of another site may send one.
+    if surface == Surface::Public && allowed == Method::POST {
+        if let Err(denied) = state.guard.check_same_site(req.headers()) {
+            crate::metrics::global().reject(crate::metrics::Rejected::CrossSite);
+            return ApiError::from(denied).into_response();
+        }
     }
-    res
+    dispatch(state, served.connections, route, req, ip)
+        .await
+        .unwrap_or_else(ApiError::into_response)
 }
 
 fn route_of(path: &str) -> (Route, Method) {

@@ -2,7 +2,10 @@
 //! `[journal]`, `[limits]`, `[auth]`, `[security]`, `[admin]`.
 
 use super::report::{valid_id, Report, Seg, MAX_ID_LEN};
-use crate::config::model::{Config, StorageMode, ADMIN_TOKEN_ENV, MONGODB_URI_ENV, REDIS_URL_ENV};
+use crate::config::model::{
+    Config, StorageMode, ADMIN_TOKEN_ENV, MONGODB_URI_ENV, PREVIOUS_SESSION_SECRET_ENV, REDIS_URL_ENV,
+    SESSION_SECRET_ENV,
+};
 
 const K: fn(&'static str) -> Seg<'static> = Seg::Key;
 
@@ -124,6 +127,26 @@ pub(super) fn auth(r: &mut Report<'_>, config: &Config) {
             );
         }
     }
+    // A secret from the environment overrides the file's and meets the same bar.
+    for (var, section) in [
+        (SESSION_SECRET_ENV, "auth"),
+        (PREVIOUS_SESSION_SECRET_ENV, "auth"),
+        (ADMIN_TOKEN_ENV, "admin"),
+    ] {
+        let short = std::env::var(var).is_ok_and(|v| !v.is_empty() && v.chars().count() < 32);
+        if short {
+            r.add(
+                &[K(section)],
+                format!("the environment variable {var} must be at least 32 characters"),
+            );
+        }
+    }
+    if a.max_concurrent_hashes == Some(0) {
+        r.add(
+            &[K("auth"), K("max_concurrent_hashes")],
+            "auth.max_concurrent_hashes must be at least 1".into(),
+        );
+    }
     if config.session_ttl_ms() <= 0 {
         r.add(
             &[K("auth"), K("session_ttl")],
@@ -158,6 +181,23 @@ pub(super) fn security(r: &mut Report<'_>, config: &Config) {
             &[k("security"), k("login_max_failures")],
             "security.login_max_failures must be at least 1".into(),
         );
+    }
+    if s.max_tracked_clients < 64 {
+        r.add(
+            &[k("security"), k("max_tracked_clients")],
+            "security.max_tracked_clients must be at least 64".into(),
+        );
+    }
+    for origin in &s.allowed_origins {
+        let valid = origin
+            .split_once("://")
+            .is_some_and(|(scheme, host)| matches!(scheme, "http" | "https") && !host.is_empty() && !host.contains('/'));
+        if !valid {
+            r.add(
+                &[k("security"), k("allowed_origins")],
+                format!("security.allowed_origins: `{origin}` is not an origin like https://tickets.example.com"),
+            );
+        }
     }
     if s.claim_token_ttl.0.as_secs() < 1 {
         r.add(

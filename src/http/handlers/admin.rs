@@ -18,7 +18,7 @@ use crate::{
     export::ExportFormat,
     http::{
         error::ApiError,
-        request::{ok, token, Query},
+        request::{bearer_token, ok, Query},
     },
     metrics::{self, Rejected},
     state::AppState,
@@ -51,7 +51,7 @@ pub async fn handle(
         return Ok(res);
     }
     let expected = state.admin_token.as_deref().unwrap_or("");
-    let given = token(req.headers()).unwrap_or("");
+    let given = bearer_token(req.headers()).unwrap_or("");
     let valid = !expected.is_empty() && bool::from(given.as_bytes().ct_eq(expected.as_bytes()));
     if !valid {
         metrics::global().reject(Rejected::AdminUnauthorized);

@@ -63,8 +63,7 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
         .admit_claim_by(session.user_id, now)
         .inspect_err(|_| m.reject(Rejected::UserRate))?;
     let key = idempotency_key(req.headers())?.map(Arc::<str>::from);
-    let body = req.into_body();
-    let body: GetBody = json_body(state, body).await?;
+    let body: GetBody = json_body(state, req).await?;
     let catalog = state.catalog.load();
     let result = state
         .claimer

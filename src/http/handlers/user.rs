@@ -9,7 +9,7 @@ use serde::Deserialize;
 use std::{net::IpAddr, time::Instant};
 
 use crate::{
-    auth::{AuthError, Denied},
+    auth::{username::identity_key, AuthError, Denied},
     http::{
         error::ApiError,
         request::{json_body, ok, session},
@@ -48,22 +48,28 @@ pub async fn register(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> R
         .guard
         .admit_registration(ip, Instant::now())
         .inspect_err(|_| metrics::global().reject(Rejected::RegistrationRate))?;
-    let body: RegisterBody = json_body(state, req.into_body()).await?;
+    let body: RegisterBody = json_body(state, req).await?;
     if state.guard.is_blocked_user(&body.username) {
         metrics::global().reject(Rejected::Blocked);
         return Err(Denied::Blocked.into());
     }
-    let (user, token) = state.auth.register(body.username, body.password, body.nickname).await?;
+    let (user, token) = state
+        .auth
+        .register(body.username, body.password, body.nickname)
+        .await
+        .inspect_err(count_busy)?;
     Ok(logged_in(&user, &token))
 }
 
 /// Exchanges a username and password for a token.
 ///
-/// Failures count against the username and the client address; past
-/// `security.login_max_failures` both are locked out with a doubling delay.
-/// An unknown username counts exactly like a wrong password.
+/// The guard counts the attempt before the password is checked (see
+/// `auth::guard`'s login policy): past `security.login_max_failures`
+/// failures the account is locked *from this address*, past four times that
+/// the address is locked for every account, each with a doubling delay. An
+/// unknown username counts exactly like a wrong password.
 pub async fn login(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result<Response<Full<Bytes>>, ApiError> {
-    let body: LoginBody = json_body(state, req.into_body()).await?;
+    let body: LoginBody = json_body(state, req).await?;
     if body.username.len() > 256 || body.password.len() > 1024 {
         return Err(ApiError::bad_request(
             "INVALID_FIELD",
@@ -72,14 +78,14 @@ pub async fn login(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Resu
     }
     let m = metrics::global();
     let guard = &state.guard;
-    guard
-        .check_login(&body.username, ip, Instant::now())
+    let account = identity_key(&body.username);
+    let attempt = guard
+        .begin_login(&account, ip, Instant::now())
         .inspect_err(|_| m.reject(Rejected::LoginLocked))?;
-    let username = body.username.clone();
-    match state.auth.login(body.username, body.password).await {
+    match state.auth.login(account, body.password).await {
         Ok((user, token)) => {
-            guard.login_succeeded(&username);
-            if guard.is_blocked_user(&username) || guard.is_blocked_id(user.id) {
+            attempt.succeeded();
+            if guard.is_blocked_user(&user.username) || guard.is_blocked_id(user.id) {
                 m.reject(Rejected::Blocked);
                 return Err(Denied::Blocked.into());
             }
@@ -87,10 +93,21 @@ pub async fn login(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Resu
         }
         Err(AuthError::BadCredentials) => {
             m.reject(Rejected::LoginFailed);
-            guard.login_failed(&username, ip, Instant::now());
+            attempt.failed(Instant::now());
             Err(AuthError::BadCredentials.into())
         }
-        Err(e) => Err(e.into()),
+        // Not a verdict on the password (hashing busy, store down): the
+        // attempt is given back uncounted when dropped.
+        Err(e) => {
+            count_busy(&e);
+            Err(e.into())
+        }
+    }
+}
+
+fn count_busy(e: &AuthError) {
+    if matches!(e, AuthError::Busy) {
+        metrics::global().reject(Rejected::HashingBusy);
     }
 }
 

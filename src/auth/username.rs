@@ -1,0 +1,159 @@
+//! Usernames: one identity however it is typed, and no look-alikes.
+//!
+//! An account's **identity key** is its username under NFKC, Unicode default
+//! case folding and NFKC again (Unicode's `NFKC_Casefold` recipe): fullwidth
+//! `ａｄｍｉｎ`, `ADMIN` and `admin` are one account, and `blocked_users =
+//! ["blockme"]` blocks `BlockMe`. The key is what the store keeps as
+//! `username` (unique) and what login, registration and the blocklist
+//! compare. The form as typed is kept for display: it becomes the nickname
+//! when none is given.
+//!
+//! What a username may contain, on the key: 3-32 letters, digits, `_`, `-`,
+//! `.` or `@`, and its letters from one script — or one of the combinations
+//! Unicode's "highly restrictive" profile (UTS #39) allows, Latin with
+//! Han + Hiragana + Katakana, Han + Bopomofo or Han + Hangul — so `pаypal`
+//! with a Cyrillic `а` is refused rather than shown beside `paypal`. Invisible
+//! and direction-changing characters (bidi controls such as U+202E, zero-width
+//! joiners, the BOM) are refused in usernames and nicknames alike.
+
+use unicode_normalization::UnicodeNormalization;
+use unicode_script::{Script, UnicodeScript};
+
+/// A validated username: its identity key and the form it was typed in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Username {
+    key: String,
+    display: String,
+}
+
+impl Username {
+    /// Validates `raw`; the error is a sentence for the client.
+    pub fn parse(raw: &str) -> Result<Username, String> {
+        if let Some(c) = raw.chars().find(|&c| is_invisible(c)) {
+            return Err(format!(
+                "username must not contain invisible or direction-changing characters (U+{:04X})",
+                u32::from(c)
+            ));
+        }
+        let key = identity_key(raw);
+        let well_formed = (3..=32).contains(&key.chars().count())
+            && key
+                .chars()
+                .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '@'));
+        if !well_formed {
+            return Err("username must be 3-32 letters, digits, '_', '-', '.' or '@'".into());
+        }
+        if !single_script(&key) {
+            return Err("username must not mix letters of different scripts".into());
+        }
+        Ok(Username {
+            key,
+            display: raw.to_owned(),
+        })
+    }
+
+    /// The identity key: what the store keeps and compares.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The username as typed.
+    pub fn display(&self) -> &str {
+        &self.display
+    }
+}
+
+/// The identity key of any string (NFKC, case fold, NFKC), valid or not:
+/// login looks accounts up by it without telling which names are well formed.
+pub fn identity_key(raw: &str) -> String {
+    let folded = caseless::default_case_fold_str(&raw.nfkc().collect::<String>());
+    folded.nfkc().collect()
+}
+
+/// Checks display text (a nickname): no control, invisible or
+/// direction-changing character.
+pub fn check_display_text(text: &str) -> Result<(), String> {
+    match text.chars().find(|&c| c.is_control() || is_invisible(c)) {
+        Some(c) => Err(format!(
+            "nickname must not contain control, invisible or direction-changing characters (U+{:04X})",
+            u32::from(c)
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Bidi controls, zero-width and other default-ignorable format characters:
+/// they change how text *looks* without changing what it *is*.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'                      // soft hyphen
+            | '\u{034F}'                // combining grapheme joiner
+            | '\u{061C}'                // Arabic letter mark
+            | '\u{115F}' | '\u{1160}'   // Hangul fillers
+            | '\u{17B4}' | '\u{17B5}'
+            | '\u{180B}'..='\u{180F}'   // Mongolian variation selectors, vowel separator
+            | '\u{200B}'..='\u{200F}'   // zero-width space/joiners, LRM, RLM
+            | '\u{202A}'..='\u{202E}'   // LRE, RLE, PDF, LRO, RLO
+            | '\u{2060}'..='\u{206F}'   // word joiner, invisible operators, LRI..PDI
+            | '\u{3164}'                // Hangul filler
+            | '\u{FE00}'..='\u{FE0F}'   // variation selectors
+            | '\u{FEFF}'                // BOM / zero-width no-break space
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFFB}'   // interlinear annotations
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}' // tags, variation selectors supplement
+    )
+}
+
+/// Whether the letters of `s` come from one script, or from one of the
+/// combinations UTS #39's "highly restrictive" level allows.
+fn single_script(s: &str) -> bool {
+    let mut scripts: Vec<Script> = Vec::with_capacity(2);
+    for c in s.chars() {
+        let script = c.script();
+        if !matches!(script, Script::Common | Script::Inherited) && !scripts.contains(&script) {
+            scripts.push(script);
+        }
+    }
+    if scripts.len() <= 1 {
+        return true;
+    }
+    const ALLOWED: [&[Script]; 3] = [
+        &[Script::Latin, Script::Han, Script::Hiragana, Script::Katakana],
+        &[Script::Latin, Script::Han, Script::Bopomofo],
+        &[Script::Latin, Script::Han, Script::Hangul],
+    ];
+    ALLOWED.iter().any(|set| scripts.iter().all(|s| set.contains(s)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_identity_however_typed() {
+        for raw in ["admin", "ADMIN", "Admin", "ａｄｍｉｎ", "ＡＤＭＩＮ"] {
+            assert_eq!(Username::parse(raw).unwrap().key(), "admin", "{raw}");
+        }
+        let u = Username::parse("InpUser").unwrap();
+        assert_eq!((u.key(), u.display()), ("inpuser", "InpUser"));
+        assert_eq!(identity_key("STRASSE"), identity_key("straße"));
+    }
+
+    #[test]
+    fn look_alikes_and_invisible_characters_are_refused() {
+        // Latin "p", Cyrillic "а" (U+0430), Latin "ypal".
+        assert!(Username::parse("p\u{0430}ypal").is_err());
+        assert!(Username::parse("ad\u{200B}min").is_err());
+        assert!(Username::parse("evil\u{202E}gnp").is_err());
+        assert!(Username::parse("ab").is_err());
+        assert!(Username::parse("has space").is_err());
+        // One script, or the CJK combinations, are fine.
+        for ok in ["иван", "张三丰", "田中たなか", "kim김철수", "user_1.x@y"] {
+            assert!(Username::parse(ok).is_ok(), "{ok}");
+        }
+        assert!(check_display_text("Fan \u{202E}gnp.exe").is_err());
+        assert!(check_display_text("Fan 张三 🎫").is_ok());
+    }
+}
