@@ -27,8 +27,10 @@
 //!
 //! An attempt is counted when it begins, in the same step as the check
 //! ([`Backoff::begin`]): concurrent guesses share one budget, so 64 at once
-//! against a budget of 5 get 5 password checks. A success forgets that
-//! account-at-address's failures (not the address's).
+//! against a budget of 5 get 5 password checks and 59 answers of 429
+//! `LOGIN_THROTTLED` (Retry-After: 1) — not a lockout: the attempts being
+//! checked may succeed. A success forgets that account-at-address's failures
+//! (not the address's).
 //!
 //! # Bounded tables
 //! Every table here is a [`BoundedMap`](super::bounded::BoundedMap) of
@@ -53,7 +55,7 @@ use arc_swap::ArcSwap;
 use http::{header, HeaderMap};
 
 use super::{
-    ratelimit::{Backoff, BackoffPolicy, Rate, TokenBuckets},
+    ratelimit::{Backoff, BackoffPolicy, Rate, Refusal, TokenBuckets},
     username::identity_key,
 };
 use crate::config::{any_contains, Config, IpNet};
@@ -67,6 +69,9 @@ pub enum Denied {
     RateLimited(Duration),
     /// Too many failed logins; retry after this long.
     LoginLocked(Duration),
+    /// As many login attempts as may still fail are being checked now;
+    /// retry after this long.
+    LoginThrottled(Duration),
     /// A browser request from a page of another site.
     CrossSite,
     /// A trusted proxy sent an `X-Forwarded-For` whose nearest hops cannot be read.
@@ -271,10 +276,7 @@ impl Guard {
         }
         // "null" (sandboxed frames, data: URLs) has no host and never matches.
         let origin_host = origin.split_once("://").map(|(_, rest)| host_of(rest));
-        let host = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(host_of);
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(host_of);
         match (origin_host, host) {
             (Some(o), Some(h)) if !o.is_empty() && o.eq_ignore_ascii_case(h) => Ok(()),
             _ => Err(Denied::CrossSite),
@@ -321,13 +323,17 @@ impl Guard {
     pub fn begin_login(&self, account: &str, ip: IpAddr, now: Instant) -> Result<LoginAttempt<'_>, Denied> {
         let settings = self.settings.load();
         let ip = client_key(ip);
+        let denied = |r: Refusal| match r {
+            Refusal::Locked(wait) => Denied::LoginLocked(wait),
+            Refusal::Pending(wait) => Denied::LoginThrottled(wait),
+        };
         self.logins_by_ip
             .begin(ip, settings.address_login(), now)
-            .map_err(Denied::LoginLocked)?;
+            .map_err(denied)?;
         let account = (account.to_owned(), ip);
-        if let Err(wait) = self.logins_by_account.begin(account.clone(), settings.login, now) {
+        if let Err(refusal) = self.logins_by_account.begin(account.clone(), settings.login, now) {
             self.logins_by_ip.settle(&ip, false);
-            return Err(Denied::LoginLocked(wait));
+            return Err(denied(refusal));
         }
         Ok(LoginAttempt {
             guard: self,
@@ -349,7 +355,11 @@ impl Guard {
     /// `(table, entries, capacity)` of every table, for `/metrics`.
     pub fn tables(&self) -> [(&'static str, usize, usize); 5] {
         [
-            ("claims_by_user", self.claims_by_user.len(), self.claims_by_user.capacity()),
+            (
+                "claims_by_user",
+                self.claims_by_user.len(),
+                self.claims_by_user.capacity(),
+            ),
             ("claims_by_ip", self.claims_by_ip.len(), self.claims_by_ip.capacity()),
             (
                 "registrations_by_ip",
@@ -410,7 +420,10 @@ mod tests {
         let xff = |v: &[u8]| g.client_ip(proxy, &headers(&[("x-forwarded-for", v)]));
         // nginx appends the real peer to whatever the client sent.
         assert_eq!(xff(b"\xc3\xa9, 203.0.113.9"), Ok("203.0.113.9".parse().unwrap()));
-        assert_eq!(xff(b"1.1.1.1, 203.0.113.9, 10.0.0.1"), Ok("203.0.113.9".parse().unwrap()));
+        assert_eq!(
+            xff(b"1.1.1.1, 203.0.113.9, 10.0.0.1"),
+            Ok("203.0.113.9".parse().unwrap())
+        );
         assert_eq!(xff(b"[2001:db8::1]:443"), Ok("2001:db8::1".parse().unwrap()));
         assert_eq!(xff(b"203.0.113.9, junk"), Err(Denied::UnreadableForwardedFor));
         assert_eq!(xff(b"\xff"), Err(Denied::UnreadableForwardedFor));
@@ -436,14 +449,26 @@ mod tests {
         let g = guard(r#"allowed_origins = ["https://partner.example"]"#);
         let check = |pairs: &[(&str, &[u8])]| g.check_same_site(&headers(pairs));
         assert_eq!(check(&[]), Ok(()));
-        assert_eq!(check(&[("host", b"t.example"), ("origin", b"https://t.example")]), Ok(()));
-        assert_eq!(check(&[("host", b"t.example"), ("origin", b"http://T.example:8080")]), Ok(()));
-        assert_eq!(check(&[("host", b"t.example"), ("origin", b"https://partner.example")]), Ok(()));
+        assert_eq!(
+            check(&[("host", b"t.example"), ("origin", b"https://t.example")]),
+            Ok(())
+        );
+        assert_eq!(
+            check(&[("host", b"t.example"), ("origin", b"http://T.example:8080")]),
+            Ok(())
+        );
+        assert_eq!(
+            check(&[("host", b"t.example"), ("origin", b"https://partner.example")]),
+            Ok(())
+        );
         assert_eq!(
             check(&[("host", b"t.example"), ("origin", b"https://evil.example")]),
             Err(Denied::CrossSite)
         );
-        assert_eq!(check(&[("host", b"t.example"), ("origin", b"null")]), Err(Denied::CrossSite));
+        assert_eq!(
+            check(&[("host", b"t.example"), ("origin", b"null")]),
+            Err(Denied::CrossSite)
+        );
         assert_eq!(check(&[("sec-fetch-site", b"cross-site")]), Err(Denied::CrossSite));
         assert_eq!(check(&[("sec-fetch-site", b"same-origin")]), Ok(()));
     }
@@ -457,8 +482,13 @@ mod tests {
         for _ in 0..2 {
             g.begin_login("victim", attacker, t).unwrap().failed(t);
         }
-        assert!(matches!(g.begin_login("victim", attacker, t), Err(Denied::LoginLocked(_))));
-        let attempt = g.begin_login("victim", owner, t).expect("the owner's address has no failures");
+        assert!(matches!(
+            g.begin_login("victim", attacker, t),
+            Err(Denied::LoginLocked(_))
+        ));
+        let attempt = g
+            .begin_login("victim", owner, t)
+            .expect("the owner's address has no failures");
         attempt.succeeded();
     }
 }

@@ -251,16 +251,16 @@ impl Auth {
             return Ok(turn);
         }
         let _place = self.hash_queue.try_acquire().map_err(|_| AuthError::Busy)?;
-        self.hashing.clone().acquire_owned().await.map_err(|_| AuthError::Internal)
+        self.hashing
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| AuthError::Internal)
     }
 
     /// Checks a password and issues a token. `username_key` is the
     /// [`username::identity_key`] of what was typed.
-    pub async fn login(
-        self: &Arc<Self>,
-        username_key: String,
-        password: String,
-    ) -> Result<(User, String), AuthError> {
+    pub async fn login(self: &Arc<Self>, username_key: String, password: String) -> Result<(User, String), AuthError> {
         let turn = self.hashing_turn().await?;
         let this = self.clone();
         let user = blocking(move || {

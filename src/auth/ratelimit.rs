@@ -102,6 +102,16 @@ impl BackoffPolicy {
     }
 }
 
+/// Why [`Backoff::begin`] refused an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Locked out after failures, for this long.
+    Locked(Duration),
+    /// The remaining budget is taken by attempts still being checked; retry
+    /// after this long (they may yet succeed).
+    Pending(Duration),
+}
+
 struct Strikes {
     failures: u32,
     /// Attempts begun and not yet decided: they count against the budget,
@@ -132,7 +142,7 @@ impl<K: Eq + Hash + Clone> Backoff<K> {
     ///
     /// The budget is `max_failures - failures` before the first lockout and
     /// one attempt after each lockout ends (a further failure doubles it).
-    pub fn begin(&self, key: K, policy: BackoffPolicy, now: Instant) -> Result<(), Duration> {
+    pub fn begin(&self, key: K, policy: BackoffPolicy, now: Instant) -> Result<(), Refusal> {
         let fresh = || Strikes {
             failures: 0,
             in_flight: 0,
@@ -140,12 +150,12 @@ impl<K: Eq + Hash + Clone> Backoff<K> {
         };
         self.strikes.with(key, now, fresh, |s| {
             if s.locked_until > now {
-                return Err(s.locked_until - now);
+                return Err(Refusal::Locked(s.locked_until - now));
             }
             let budget = policy.max_failures.saturating_sub(s.failures).max(1);
             if s.in_flight >= budget {
                 // The outstanding attempts decide first; a lockout may follow.
-                return Err(policy.base.max(Duration::from_secs(1)));
+                return Err(Refusal::Pending(Duration::from_secs(1)));
             }
             s.in_flight += 1;
             Ok(())

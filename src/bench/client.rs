@@ -133,6 +133,24 @@ impl ApiClient {
         Ok(ApiResponse { status, body })
     }
 
+    /// `POST path` with an account body (login, registration), retried the
+    /// way a real client should while the node asks it to wait: 429
+    /// `LOGIN_THROTTLED` (other logins from this address are being checked)
+    /// or 503 `BUSY` (every password-hashing turn is taken). Gives up after
+    /// 60 s with the last answer.
+    pub async fn post_retrying(&self, path: &str, body: &Value) -> anyhow::Result<ApiResponse> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let res = self.post(path, None, body).await?;
+            let wait = matches!(res.error_code(), Some("LOGIN_THROTTLED" | "BUSY"));
+            if !wait || tokio::time::Instant::now() >= deadline {
+                return Ok(res);
+            }
+            // Sooner than Retry-After: an account check takes milliseconds.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `GET path`.
     pub async fn get(&self, path: &str, token: Option<&str>) -> anyhow::Result<ApiResponse> {
         self.call(Method::GET, path, token, None, &[]).await

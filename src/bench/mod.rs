@@ -271,12 +271,12 @@ async fn login_all(client: &Arc<ApiClient>, args: &BenchArgs, prefix: &str, n: u
                 // Register first when asked: logging in unknown names would
                 // count as failed logins and lock the bench's address out.
                 let mut res = if create {
-                    client.post("/user/register", None, &creds).await?
+                    client.post_retrying("/user/register", &creds).await?
                 } else {
-                    client.post("/user/login", None, &creds).await?
+                    client.post_retrying("/user/login", &creds).await?
                 };
                 if res.error_code() == Some("USERNAME_TAKEN") {
-                    res = client.post("/user/login", None, &creds).await?;
+                    res = client.post_retrying("/user/login", &creds).await?;
                 }
                 let token = res.data()["token"]
                     .as_str()

@@ -244,6 +244,12 @@ impl From<Denied> for ApiError {
                 "too many failed logins; wait before trying again",
             )
             .retry_after(secs(wait)),
+            Denied::LoginThrottled(wait) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "LOGIN_THROTTLED",
+                "other logins from this address are being checked; retry in a moment",
+            )
+            .retry_after(secs(wait).saturating_sub(1).max(1)),
             Denied::CrossSite => ApiError::new(
                 StatusCode::FORBIDDEN,
                 "CROSS_SITE",
@@ -274,12 +280,9 @@ impl From<AuthError> for ApiError {
                 ApiError::new(S::UNAUTHORIZED, "TOKEN_EXPIRED", "the token has expired; log in again")
             }
             AuthError::Store(e) => e.into(),
-            AuthError::Busy => ApiError::new(
-                S::SERVICE_UNAVAILABLE,
-                "BUSY",
-                "too many logins at once; retry shortly",
-            )
-            .retry_after(1),
+            AuthError::Busy => {
+                ApiError::new(S::SERVICE_UNAVAILABLE, "BUSY", "too many logins at once; retry shortly").retry_after(1)
+            }
             AuthError::Internal => ApiError::internal(),
         }
     }

@@ -90,6 +90,65 @@ impl Drop for Nginx {
     }
 }
 
+/// Sends `head` from `source` (a loopback address) through Nginx and, if
+/// `answer`, reads the status; the stream is returned to keep it open.
+async fn send_from(source: &str, port: u16, head: &str, answer: bool) -> (tokio::net::TcpStream, Option<u16>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut stream = socket
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    if !answer {
+        return (stream, None);
+    }
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "Nginx did not answer within 10 s");
+    let text = String::from_utf8_lossy(&out);
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok());
+    (stream, status)
+}
+
+/// Issue 11, item 11: ticketd's `max_connections` is one global budget;
+/// the shipped Nginx's `limit_conn` is the per-client cap in front of it.
+/// One client holding 32 requests open (headers sent, body never) is refused
+/// a 33rd, while another client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_holding_requests_open_cannot_shut_out_another() {
+    let app = crate::common::TestApp::start(
+        &(crate::common::base_config()
+            .replace("[server]", "[server]\nmax_connections = 16")
+            .replace("[security]", "[security]\ntrusted_proxies = [\"127.0.0.1\"]")
+            + &crate::common::open_activity("nc", 1, 1)),
+    );
+    let nginx = tokio::task::block_in_place(|| Nginx::start(&[app.addr.as_str()]));
+    let slow = "POST /user/login HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..32 {
+        held.push(send_from("127.0.0.2", nginx.port, slow, false).await.0);
+    }
+    // Nginx reads each head in its own time: wait until the cap is reached
+    // (a further request from the same client is refused).
+    let list = "GET /act/list HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, status) = send_from("127.0.0.2", nginx.port, list, true).await;
+        if status == Some(429) {
+            break;
+        }
+        assert_eq!(status, Some(200));
+        assert!(Instant::now() < deadline, "the 33rd request was never refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another client is served, by Nginx and by the node behind it.
+    let (_, status) = send_from("127.0.0.3", nginx.port, list, true).await;
+    assert_eq!(status, Some(200));
+    assert_eq!(held.len(), 32);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bench_through_the_shipped_nginx_in_front_of_two_nodes_keeps_the_invariants() {
     // Two cluster nodes; they trust Nginx (127.0.0.1) for X-Forwarded-For.

@@ -9,6 +9,7 @@ mod cli;
 mod cluster;
 mod crash;
 mod deploy;
+mod hardening;
 mod layout;
 mod limits;
 mod ops;

@@ -189,9 +189,9 @@ pub(super) fn security(r: &mut Report<'_>, config: &Config) {
         );
     }
     for origin in &s.allowed_origins {
-        let valid = origin
-            .split_once("://")
-            .is_some_and(|(scheme, host)| matches!(scheme, "http" | "https") && !host.is_empty() && !host.contains('/'));
+        let valid = origin.split_once("://").is_some_and(|(scheme, host)| {
+            matches!(scheme, "http" | "https") && !host.is_empty() && !host.contains('/')
+        });
         if !valid {
             r.add(
                 &[k("security"), k("allowed_origins")],

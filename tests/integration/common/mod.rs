@@ -398,9 +398,8 @@ impl TestApp {
             tasks.push(tokio::spawn(async move {
                 let _permit = sem.acquire().await.unwrap();
                 let res = client
-                    .post(
+                    .post_retrying(
                         "/user/login",
-                        None,
                         &json!({ "username": name, "password": format!("password-{name}") }),
                     )
                     .await

@@ -1,0 +1,609 @@
+//! The front door under attack (issue 11): one test per finding, each
+//! through the real binary, each failing on the code before its fix.
+//!
+//! Client addresses other than 127.0.0.1 come from `X-Forwarded-For` with
+//! 127.0.0.1 configured as the trusted proxy — exactly how the node sees
+//! clients behind the shipped nginx.
+
+use std::{collections::HashMap, process::Command, sync::Arc};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::{assert_error, base_config, open_activity, parse_csv, ApiClient, ApiResponse, TestApp, BIN};
+
+/// Raises the per-address limits' subject: every request is "from" its XFF.
+fn behind_proxy(config: String, security: &str) -> String {
+    config.replace(
+        "[security]",
+        &format!("[security]\ntrusted_proxies = [\"127.0.0.1\"]\n{security}"),
+    )
+}
+
+/// A POST through the API client from `ip` (via X-Forwarded-For).
+async fn post_from(client: &ApiClient, ip: &str, path: &str, body: &Value) -> ApiResponse {
+    client
+        .call(http::Method::POST, path, None, Some(body), &[("x-forwarded-for", ip)])
+        .await
+        .unwrap()
+}
+
+/// One raw HTTP/1.1 exchange over a fresh connection: `head` is the request
+/// line and headers (without the blank line), `body` follows it. Returns the
+/// status, the head of the answer (lower-cased) and the body as JSON.
+async fn raw(addr: &str, head: &[u8], body: &[u8]) -> (u16, String, Value) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut request = head.to_vec();
+    request.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+    request.extend_from_slice(body);
+    stream.write_all(&request).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert!(read.is_ok(), "no complete answer within 5 s; got: {text:?}");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (
+        status,
+        head.to_ascii_lowercase(),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+fn json_post(path: &str, extra: &str, body: &str) -> (Vec<u8>, Vec<u8>) {
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: tickets.example\r\nContent-Length: {}{extra}",
+        body.len()
+    );
+    (head.into_bytes(), body.as_bytes().to_vec())
+}
+
+/// The process's peak resident memory (VmHWM) in KiB.
+fn peak_rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn count_by_code(answers: &[ApiResponse]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for a in answers {
+        let key = format!("{} {}", a.status, a.error_code().unwrap_or("ok"));
+        *counts.entry(key).or_default() += 1;
+    }
+    counts
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).map(|v| v.trim().parse::<f64>().unwrap()))
+        .unwrap_or_else(|| panic!("{series} missing from /metrics"))
+}
+
+/// Item 1: 3 rounds of 64 concurrent logins with unique usernames ran 64
+/// argon2 hashes at once (1.4 GB). Now at most `max_concurrent_hashes` run
+/// and the queue beyond is answered 503 + Retry-After, while claims go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_logins_hashes_a_bounded_number_at_once_and_claims_go_on() {
+    let memory_kib = 32 * 1024;
+    let config = base_config()
+        .replace("argon2_memory_kib = 8", &format!("argon2_memory_kib = {memory_kib}"))
+        .replace("[auth]", "[auth]\nmax_concurrent_hashes = 2\nhash_queue = 2")
+        .replace("[security]", "[security]\nlogin_max_failures = 1000")
+        + &open_activity("burst", 10, 1);
+    let app = TestApp::start(&config);
+    let fan = app.users("fan", 1).await.remove(0);
+    let before = peak_rss_kib(app.pid());
+    let client = app.client_clone();
+    let mut answers = Vec::new();
+    for round in 0..3 {
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let body = json!({ "username": format!("nobody-{round}-{i}"), "password": "wrong-password" });
+                    client.post("/user/login", None, &body).await.unwrap()
+                })
+            })
+            .collect();
+        if round == 1 {
+            // A claim in the middle of the burst is served.
+            let res = app.claim(&fan, "burst").await;
+            assert_eq!(res.status, 200, "{}", res.body);
+        }
+        for t in tasks {
+            answers.push(t.await.unwrap());
+        }
+    }
+    let counts = count_by_code(&answers);
+    assert_eq!(
+        counts.get("401 BAD_CREDENTIALS").unwrap_or(&0) + counts.get("503 BUSY").unwrap_or(&0),
+        192,
+        "{counts:?}"
+    );
+    assert!(counts.get("503 BUSY").is_some_and(|&n| n > 0), "{counts:?}");
+    let busy = answers.iter().find(|a| a.error_code() == Some("BUSY")).unwrap();
+    assert_error(busy, 503, "BUSY");
+    // Two hashes of 32 MiB at a time, not 64: the peak grows by far less
+    // than even 8 concurrent hashes would take.
+    let grown_mib = (peak_rss_kib(app.pid()) - before) / 1024;
+    assert!(grown_mib < 8 * 32, "peak RSS grew by {grown_mib} MiB");
+    let metrics = app.raw_get("/metrics").await;
+    assert!(metric(&metrics, "ticketd_security_rejections_total{reason=\"hashing_busy\"}") > 0.0);
+}
+
+/// Item 2: 64 concurrent logins for one account, the real password among
+/// them, used to get 48 checks past a limit of 5. Now the attempts are
+/// counted as they begin: at most 5 reach the password check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_guesses_for_one_account_get_only_its_failure_budget() {
+    let config = base_config().replace(
+        "[security]",
+        "[security]\nlogin_max_failures = 5\nlogin_backoff = \"1h\"",
+    ) + &open_activity("g", 1, 1);
+    let app = TestApp::start(&config);
+    app.register("victim").await;
+    let client = app.client_clone();
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let password = if i == 49 {
+                    "password-victim".to_owned()
+                } else {
+                    format!("guess-{i:04}")
+                };
+                client
+                    .post(
+                        "/user/login",
+                        None,
+                        &json!({ "username": "victim", "password": password }),
+                    )
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    let counts = count_by_code(&answers);
+    let checked = counts.get("401 BAD_CREDENTIALS").unwrap_or(&0) + counts.get("200 ok").unwrap_or(&0);
+    assert!(
+        checked <= 5,
+        "{checked} passwords checked with a budget of 5: {counts:?}"
+    );
+    let refused = counts.get("429 LOGIN_THROTTLED").unwrap_or(&0) + counts.get("429 LOGIN_LOCKED").unwrap_or(&0);
+    assert_eq!(checked + refused, 64, "{counts:?}");
+    let metrics = app.raw_get("/metrics").await;
+    assert!(metric(&metrics, "ticketd_security_rejections_total{reason=\"login_failed\"}") <= 5.0);
+}
+
+/// Item 3: 20 wrong logins from one address locked the victim out everywhere
+/// for 15 minutes. Now the lock holds for the attacker's address only; the
+/// owner, from an address without failures, logs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attackers_failures_lock_the_attacker_not_the_victim() {
+    let config = behind_proxy(
+        base_config() + &open_activity("v", 1, 1),
+        "login_max_failures = 5\nlogin_backoff = \"15m\"",
+    );
+    let app = TestApp::start(&config);
+    app.register("victim").await;
+    let attacker = "198.51.100.66";
+    let client = app.client_clone();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let body = json!({ "username": "victim", "password": format!("guess-{i:04}") });
+                post_from(&client, attacker, "/user/login", &body).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        let res = t.await.unwrap();
+        assert!(matches!(res.status, 401 | 429), "{}", res.body);
+    }
+    let right = json!({ "username": "victim", "password": "password-victim" });
+    // The attacker's address is locked even with the right password...
+    let res = post_from(&app.client, attacker, "/user/login", &right).await;
+    assert_error(&res, 429, "LOGIN_LOCKED");
+    // ...and so is every other account from it once it failed 4 x 5 times.
+    for i in 0..20 {
+        let body = json!({ "username": format!("someone-{i}"), "password": "guess-guess" });
+        post_from(&app.client, attacker, "/user/login", &body).await;
+    }
+    app.register("bystander").await;
+    let res = post_from(
+        &app.client,
+        attacker,
+        "/user/login",
+        &json!({ "username": "bystander", "password": "password-bystander" }),
+    )
+    .await;
+    assert_error(&res, 429, "LOGIN_LOCKED");
+    // The owner, from home.
+    let res = post_from(&app.client, "203.0.113.5", "/user/login", &right).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+}
+
+/// Item 4: any website could make its visitors register and log in
+/// (`text/plain` from any `Origin`). Now JSON endpoints take only JSON, and
+/// browser requests from other sites are refused unless allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_site_and_non_json_posts_are_refused() {
+    let config = base_config().replace(
+        "[security]",
+        "[security]\nallowed_origins = [\"https://partner.example\"]",
+    ) + &open_activity("x", 1, 1);
+    let app = TestApp::start(&config);
+    let account = |name: &str| format!(r#"{{"username":"{name}","password":"password-{name}"}}"#);
+    for (extra, status, code) in [
+        ("\r\nContent-Type: text/plain", 415, "UNSUPPORTED_MEDIA_TYPE"),
+        (
+            "\r\nContent-Type: application/x-www-form-urlencoded",
+            415,
+            "UNSUPPORTED_MEDIA_TYPE",
+        ),
+        ("", 415, "UNSUPPORTED_MEDIA_TYPE"),
+        (
+            "\r\nContent-Type: application/json\r\nOrigin: https://evil.example",
+            403,
+            "CROSS_SITE",
+        ),
+        ("\r\nContent-Type: application/json\r\nOrigin: null", 403, "CROSS_SITE"),
+        (
+            "\r\nContent-Type: application/json\r\nSec-Fetch-Site: cross-site",
+            403,
+            "CROSS_SITE",
+        ),
+    ] {
+        for path in ["/user/register", "/user/login"] {
+            let (head, body) = json_post(path, extra, &account("csrf"));
+            let (got, _, body) = raw(&app.addr, &head, &body).await;
+            assert_eq!(
+                (got, body["error"]["code"].as_str()),
+                (status, Some(code)),
+                "{path} {extra:?}"
+            );
+        }
+    }
+    // Nothing was created: the name is still free.
+    for (name, extra) in [
+        (
+            "csrf",
+            "\r\nContent-Type: application/json; charset=utf-8\r\nOrigin: https://tickets.example",
+        ),
+        (
+            "partner",
+            "\r\nContent-Type: application/json\r\nOrigin: https://partner.example",
+        ),
+        (
+            "samesite",
+            "\r\nContent-Type: Application/JSON\r\nSec-Fetch-Site: same-origin",
+        ),
+    ] {
+        let (head, body) = json_post("/user/register", extra, &account(name));
+        let (got, _, body) = raw(&app.addr, &head, &body).await;
+        assert_eq!(got, 200, "{name}: {body}");
+    }
+}
+
+/// Item 5: `ａｄｍｉｎ`, `INPUSER` beside `inpuser`, `BlockMe` past
+/// `blocked_users = ["blockme"]`, and bidi controls in nicknames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usernames_are_one_identity_however_they_are_typed() {
+    let config =
+        base_config().replace("[security]", "[security]\nblocked_users = [\"blockme\"]") + &open_activity("u", 1, 1);
+    let app = TestApp::start(&config);
+    let register = |name: &str, nickname: Option<&str>| {
+        let mut body = json!({ "username": name, "password": "password-common" });
+        if let Some(n) = nickname {
+            body["nickname"] = n.into();
+        }
+        body
+    };
+    let res = app
+        .client
+        .post("/user/register", None, &register("InpUser", None))
+        .await
+        .unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
+    assert_eq!(res.data()["username"], "inpuser");
+    assert_eq!(res.data()["nickname"], "InpUser", "the display form is kept");
+    for taken in ["inpuser", "INPUSER", "ｉｎｐｕｓｅｒ"] {
+        let res = app
+            .client
+            .post("/user/register", None, &register(taken, None))
+            .await
+            .unwrap();
+        assert_error(&res, 409, "USERNAME_TAKEN");
+    }
+    let res = app
+        .client
+        .post("/user/register", None, &register("admin", None))
+        .await
+        .unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
+    let res = app
+        .client
+        .post("/user/register", None, &register("ａｄｍｉｎ", None))
+        .await
+        .unwrap();
+    assert_error(&res, 409, "USERNAME_TAKEN");
+    // Any spelling logs the one account in.
+    for spelling in ["INPUSER", "ｉｎｐｕｓｅｒ"] {
+        let body = json!({ "username": spelling, "password": "password-common" });
+        let res = app.client.post("/user/login", None, &body).await.unwrap();
+        assert_eq!(res.status, 200, "{spelling}: {}", res.body);
+    }
+    for blocked in ["BlockMe", "ＢＬＯＣＫＭＥ"] {
+        let res = app
+            .client
+            .post("/user/register", None, &register(blocked, None))
+            .await
+            .unwrap();
+        assert_error(&res, 403, "BLOCKED");
+    }
+    for (name, nickname) in [
+        ("p\u{0430}ypal", None),
+        ("zero\u{200B}width", None),
+        ("fan", Some("evil\u{202E}gnp.exe")),
+        ("fan", Some("hidden\u{2066}x")),
+    ] {
+        let res = app
+            .client
+            .post("/user/register", None, &register(name, nickname))
+            .await
+            .unwrap();
+        assert_error(&res, 400, "INVALID_FIELD");
+    }
+}
+
+/// Item 6: secrets from the environment skipped the 32-character minimum;
+/// `BEARER x` was 401; the admin API took any `Authorization` value and the
+/// `token` header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_secrets_meet_the_minimum_and_bearer_is_case_insensitive() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, base_config()).unwrap();
+    for var in [
+        "TICKETD_SESSION_SECRET",
+        "TICKETD_SESSION_SECRET_PREVIOUS",
+        "TICKETD_ADMIN_TOKEN",
+    ] {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .arg("check-config")
+            .env(var, "EXAMPLE-too-short")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{var}: {stdout}{stderr}");
+        assert!(
+            format!("{stdout}{stderr}").contains(&format!("{var} must be at least 32 characters")),
+            "{var}: {stdout}{stderr}"
+        );
+    }
+
+    let admin_token = "EXAMPLE-admin-token-0123456789abcdef";
+    let config = base_config().replace(
+        "[log]",
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{admin_token}\"\n\n[log]"),
+    ) + &open_activity("b", 1, 1);
+    let app = TestApp::start(&config);
+    let token = app.register("bearer").await;
+    for scheme in ["Bearer", "bearer", "BEARER", "BeArEr"] {
+        let (status, _, body) = raw(
+            &app.addr,
+            format!("GET /ticket/list HTTP/1.1\r\nHost: t\r\nAuthorization: {scheme} {token}").as_bytes(),
+            b"",
+        )
+        .await;
+        assert_eq!(status, 200, "{scheme}: {body}");
+    }
+    let admin_addr = app.wait_for_log("Admin API listening.", 1)["addr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (header, status) in [
+        (format!("Authorization: BEARER {admin_token}"), 200),
+        (format!("Authorization: {admin_token}"), 401),
+        (format!("Authorization: Basic {admin_token}"), 401),
+        (format!("token: {admin_token}"), 401),
+    ] {
+        let (got, _, body) = raw(
+            &admin_addr,
+            format!("GET /admin/stats HTTP/1.1\r\nHost: t\r\n{header}").as_bytes(),
+            b"",
+        )
+        .await;
+        assert_eq!(got, status, "{header}: {body}");
+    }
+}
+
+/// Item 7: a flood of claims, each from a new forwarded address, grew the
+/// per-address buckets without bound; 40 addresses of one IPv6 /64 got 40
+/// registrations past a limit of 30.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_tables_stay_bounded_and_ipv6_counts_per_64() {
+    let config = behind_proxy(
+        base_config().replace(
+            "registrations_per_ip_per_hour = 1000000",
+            "registrations_per_ip_per_hour = 30",
+        ) + &open_activity("f", 1, 1),
+        "max_tracked_clients = 256",
+    );
+    let app = TestApp::start(&config);
+    let client = app.client_clone();
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let tasks: Vec<_> = (0..5000u32)
+        .map(|i| {
+            let (client, sem) = (client.clone(), sem.clone());
+            tokio::spawn(async move {
+                let _permit = sem.acquire().await.unwrap();
+                let ip = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
+                let res = client
+                    .call(
+                        http::Method::POST,
+                        "/ticket/get",
+                        None,
+                        Some(&json!({ "actId": "f" })),
+                        &[("x-forwarded-for", &ip)],
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(res.status, 401, "{}", res.body);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let metrics = app.raw_get("/metrics").await;
+    let held = metric(&metrics, "ticketd_guard_entries{table=\"claims_by_ip\"}");
+    let capacity = metric(&metrics, "ticketd_guard_capacity{table=\"claims_by_ip\"}");
+    assert_eq!(capacity, 256.0);
+    assert!(held > 0.0 && held <= capacity, "{held} entries, capacity {capacity}");
+
+    let mut answers = Vec::new();
+    for i in 0..40 {
+        let ip = format!("2001:db8:1:2:{:x}::{:x}", i * 977, i + 1);
+        let body = json!({ "username": format!("six-{i}"), "password": "password-six" });
+        answers.push(post_from(&app.client, &ip, "/user/register", &body).await);
+    }
+    let counts = count_by_code(&answers);
+    assert_eq!(counts.get("200 ok"), Some(&30), "{counts:?}");
+    assert_eq!(counts.get("429 RATE_LIMITED"), Some(&10), "{counts:?}");
+    // Another /64 is another subscriber.
+    let body = json!({ "username": "six-other", "password": "password-six" });
+    let res = post_from(&app.client, "2001:db8:1:3::1", "/user/register", &body).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+}
+
+/// Item 8: a non-ASCII byte in X-Forwarded-For made the client the proxy,
+/// escaping `blocked_ips` and per-address limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_forwarded_chain_is_refused_not_blamed_on_the_proxy() {
+    let config = behind_proxy(
+        base_config() + &open_activity("h", 1, 1),
+        "blocked_ips = [\"198.51.100.0/24\"]",
+    );
+    let app = TestApp::start(&config);
+    let get = |xff: &[u8]| {
+        let mut head = b"GET /act/list HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: ".to_vec();
+        head.extend_from_slice(xff);
+        head
+    };
+    // What the shipped nginx forwards: the client's own value, then the peer.
+    let (status, _, body) = raw(&app.addr, &get(b"\xc3\xa9t\xc3\xa9, 198.51.100.7"), b"").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("BLOCKED")),
+        "{body}"
+    );
+    let (status, _, body) = raw(&app.addr, &get(b"\xc3\xa9t\xc3\xa9"), b"").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("BAD_FORWARDED_FOR")),
+        "{body}"
+    );
+    let (status, _, body) = raw(&app.addr, &get(b"198.51.100.7, not-an-address"), b"").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _, body) = raw(&app.addr, &get(b"not-an-address, 203.0.113.1"), b"").await;
+    assert_eq!(status, 200, "hops left of the client's never matter: {body}");
+}
+
+/// Item 9: a Content-Length above `server.max_body` got `100 Continue` and,
+/// 10 s later, 408. Now: 413 at once, no body read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_oversized_body_is_refused_at_once() {
+    let app = TestApp::start(&(base_config() + &open_activity("m", 1, 1)));
+    let token = app.register("big").await;
+    for (path, auth) in [
+        ("/user/login", String::new()),
+        ("/ticket/get", format!("\r\nAuthorization: Bearer {token}")),
+    ] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\nExpect: 100-continue{auth}"
+        );
+        let (status, head, body) = raw(&app.addr, head.as_bytes(), b"").await;
+        assert!(!head.contains("100 continue"), "{head}");
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (413, Some("BODY_TOO_LARGE")),
+            "{path}: {head}"
+        );
+    }
+}
+
+/// Item 10: nicknames like `=HYPERLINK(...)` reached the CSV raw, a formula
+/// for whoever opens the export in a spreadsheet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_exports_neutralise_formulas_in_both_paths() {
+    let admin_token = "EXAMPLE-admin-token-0123456789abcdef";
+    let config = base_config().replace(
+        "[log]",
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{admin_token}\"\n\n[log]"),
+    ) + &open_activity("csv", 10, 1);
+    let app = TestApp::start(&config);
+    let nicknames = [
+        "=HYPERLINK(\"http://ev.il\")",
+        "@SUM(1+1)",
+        "+1-1",
+        "-2+3",
+        "plain 张三",
+    ];
+    for (i, nickname) in nicknames.iter().enumerate() {
+        let name = format!("formula{i}");
+        let body = json!({ "username": name, "password": "password-formula", "nickname": nickname });
+        let res = app.client.post("/user/register", None, &body).await.unwrap();
+        assert_eq!(res.status, 200, "{}", res.body);
+        let token = res.data()["token"].as_str().unwrap().to_owned();
+        assert_eq!(app.claim(&token, "csv").await.status, 200);
+    }
+    let expected: Vec<String> = nicknames
+        .iter()
+        .map(|n| {
+            if n.starts_with(['=', '+', '-', '@']) {
+                format!("'{n}")
+            } else {
+                n.to_string()
+            }
+        })
+        .collect();
+    let check = |csv: &[u8], path: &str| {
+        let mut got: Vec<String> = parse_csv(csv).into_iter().map(|r| r["nickname"].clone()).collect();
+        got.sort();
+        let mut want = expected.clone();
+        want.sort();
+        assert_eq!(got, want, "{path}");
+    };
+    let out = app.cli(&["export", "--activity", "csv"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    check(&out.stdout, "ticketd export");
+
+    let admin_addr = app.wait_for_log("Admin API listening.", 1)["addr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let head = format!(
+        "POST /admin/export?actId=csv&format=csv HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {admin_token}\r\nContent-Length: 0"
+    );
+    let mut stream = tokio::net::TcpStream::connect(&admin_addr).await.unwrap();
+    stream
+        .write_all(format!("{head}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8(answer).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = text.split_once("\r\n\r\n").unwrap().1;
+    check(body.as_bytes(), "/admin/export");
+}
