@@ -37,6 +37,9 @@ impl ApiResponse {
     }
 }
 
+/// The longest a request may take, answer included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A client for one or more ticketd nodes.
 pub struct ApiClient {
     client: Client<HttpConnector, Full<Bytes>>,
@@ -117,20 +120,28 @@ impl ApiClient {
             }
             None => Bytes::new(),
         };
-        let res = self
-            .client
-            .request(req.body(Full::new(payload))?)
+        let request = req.body(Full::new(payload))?;
+        let exchange = async {
+            let res = self
+                .client
+                .request(request)
+                .await
+                .with_context(|| format!("request to {url} failed"))?;
+            let status = res.status().as_u16();
+            let bytes = res
+                .into_body()
+                .collect()
+                .await
+                .context("reading the answer failed")?
+                .to_bytes();
+            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            Ok(ApiResponse { status, body })
+        };
+        // A node killed mid-request, or a pooled connection lost in a way the
+        // pool never notices, must end as an error, not a wait forever.
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
-            .with_context(|| format!("request to {url} failed"))?;
-        let status = res.status().as_u16();
-        let bytes = res
-            .into_body()
-            .collect()
-            .await
-            .context("reading the answer failed")?
-            .to_bytes();
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Ok(ApiResponse { status, body })
+            .map_err(|_| anyhow!("request to {url} got no answer within {REQUEST_TIMEOUT:?}"))?
     }
 
     /// `POST path` with an account body (login, registration), retried the
