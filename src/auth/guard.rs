@@ -165,12 +165,17 @@ impl LoginAttempt<'_> {
     /// The password was wrong (or the account unknown): count it.
     pub fn failed(mut self, now: Instant) {
         let settings = self.guard.settings.load();
-        self.guard
+        let (account, address) = &self.account;
+        if let Some(lock) = self
+            .guard
             .logins_by_account
-            .fail(self.account.clone(), settings.login, now);
-        self.guard
-            .logins_by_ip
-            .fail(self.account.1, settings.address_login(), now);
+            .fail(self.account.clone(), settings.login, now)
+        {
+            tracing::info!(account, %address, lock_secs = lock.as_secs(), "An account is locked out of logging in from an address.");
+        }
+        if let Some(lock) = self.guard.logins_by_ip.fail(*address, settings.address_login(), now) {
+            tracing::warn!(%address, lock_secs = lock.as_secs(), "An address is locked out of logging in.");
+        }
         self.settled = true;
     }
 

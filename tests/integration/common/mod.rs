@@ -395,6 +395,7 @@ impl TestApp {
             let sem = sem.clone();
             let client = self.client_clone();
             let name = username(prefix, i);
+            let logs = self.logs.clone();
             tasks.push(tokio::spawn(async move {
                 let _permit = sem.acquire().await.unwrap();
                 let res = client
@@ -404,7 +405,13 @@ impl TestApp {
                     )
                     .await
                     .unwrap();
-                assert_eq!(res.status, 200, "{}", res.body);
+                assert_eq!(
+                    res.status,
+                    200,
+                    "{name}: {}\nnode logs:\n{}",
+                    res.body,
+                    logs.lock().unwrap().join("\n")
+                );
                 res.data()["token"].as_str().unwrap().to_owned()
             }));
         }
