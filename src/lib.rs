@@ -34,7 +34,7 @@
 //! - [`export`] — streaming CSV / JSON-lines / Parquet exports, the HTML rush report and its SVG charts;
 //! - [`state`] — `AppState`: the handles a request may touch, and reload;
 //! - [`http`] — accept loop and connection limits, router, request parsing, the error shape,
-//!   handlers (public API, admin API and live page), the access log;
+//!   handlers (public API, admin API and live page, the fans' page), the access log;
 //! - [`signals`] — SIGHUP → reload, SIGTERM/SIGINT → the one shutdown watch;
 //! - [`app`] — start-up steps, the node's workers, serving, the shutdown order;
 //! - [`cli`] — clap definitions of every subcommand;

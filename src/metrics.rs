@@ -46,12 +46,16 @@ pub enum Route {
     TicketList,
     /// `GET /ticket/detail`
     TicketDetail,
+    /// `GET /ticket/qr`
+    TicketQr,
+    /// `GET /` and `/assets/*`: the fan's page.
+    Page,
     /// Anything else.
     Unknown,
 }
 
 impl Route {
-    const ALL: [Route; 12] = [
+    const ALL: [Route; 14] = [
         Route::Healthz,
         Route::Metrics,
         Route::UserRegister,
@@ -62,6 +66,8 @@ impl Route {
         Route::TicketGet,
         Route::TicketList,
         Route::TicketDetail,
+        Route::TicketQr,
+        Route::Page,
         Route::Admin,
         Route::Unknown,
     ];
@@ -79,6 +85,8 @@ impl Route {
             Route::TicketGet => "/ticket/get",
             Route::TicketList => "/ticket/list",
             Route::TicketDetail => "/ticket/detail",
+            Route::TicketQr => "/ticket/qr",
+            Route::Page => "page",
             Route::Admin => "/admin",
             Route::Unknown => "other",
         }

@@ -6,7 +6,8 @@
 //! - [`request`] reads bodies, queries and credentials, refusing bad input
 //!   with 4xx answers;
 //! - [`error`] owns the error shape and status mapping;
-//! - `handlers` hold one module per area (`act`, `ticket`, `user`, `admin`, `ops`);
+//! - `handlers` hold one module per area (`act`, `ticket`, `user`, `admin`,
+//!   `ops`) and `page`, the fans' page (`web/`, embedded by `build.rs`);
 //! - [`access_log`] writes one JSON line per request, off the request path.
 
 pub mod access_log;

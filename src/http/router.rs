@@ -125,11 +125,13 @@ fn route_of(path: &str) -> (Route, Method) {
         "/act/detail" => (Route::ActDetail, Method::GET),
         "/ticket/list" => (Route::TicketList, Method::GET),
         "/ticket/detail" => (Route::TicketDetail, Method::GET),
+        "/ticket/qr" => (Route::TicketQr, Method::GET),
         "/user/register" => (Route::UserRegister, Method::POST),
         "/user/login" => (Route::UserLogin, Method::POST),
         "/user/logout" => (Route::UserLogout, Method::POST),
         "/healthz" => (Route::Healthz, Method::GET),
         "/metrics" => (Route::Metrics, Method::GET),
+        p if handlers::page::is_page_path(p) => (Route::Page, Method::GET),
         _ => (Route::Unknown, Method::GET),
     }
 }
@@ -156,6 +158,8 @@ async fn dispatch(
         Route::ActDetail => handlers::act::detail(state, &req).await,
         Route::TicketList => handlers::ticket::list(state, &req).await,
         Route::TicketDetail => handlers::ticket::detail(state, &req).await,
+        Route::TicketQr => handlers::ticket::qr(state, &req).await,
+        Route::Page => handlers::page::serve(&req),
         Route::UserRegister => handlers::user::register(state, req, ip).await,
         Route::UserLogin => handlers::user::login(state, req, ip).await,
         Route::UserLogout => handlers::user::logout(state, &req).await,

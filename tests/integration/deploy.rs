@@ -43,6 +43,7 @@ impl Nginx {
                 "pid /run/nginx.pid;",
                 &format!("pid {d}/nginx.pid;\nerror_log {d}/error.log;"),
             )
+            .replace("/var/cache/nginx/ticketd-assets", &format!("{d}/cache-assets"))
             .replace("/var/cache/nginx/ticketd", &format!("{d}/cache"))
             .replace("listen 80 reuseport", &format!("listen 127.0.0.1:{port} reuseport"))
             .replace(
@@ -197,6 +198,25 @@ async fn a_bench_through_the_shipped_nginx_in_front_of_two_nodes_keeps_the_invar
         "{first}"
     );
     assert!(second.contains("X-Cache: HIT"), "{second}");
+
+    // The fan's page through Nginx: the page, then its script from Nginx's cache.
+    let page = raw_get(&format!("127.0.0.1:{}", nginx.port), "/").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let script = page
+        .split("src=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    let first = raw_get(&format!("127.0.0.1:{}", nginx.port), &script).await;
+    let second = raw_get(&format!("127.0.0.1:{}", nginx.port), &script).await;
+    assert!(
+        first.starts_with("HTTP/1.1 200") && first.contains("immutable"),
+        "{first}"
+    );
+    assert!(second.contains("X-Cache: HIT"), "{}", &second[..second.len().min(400)]);
 
     // A burst beyond Nginx's own limit: its 429 carries ticketd's error shape.
     let login = client

@@ -13,6 +13,7 @@ mod hardening;
 mod layout;
 mod limits;
 mod ops;
+mod page;
 mod reload;
 mod report;
 mod rush;

@@ -90,7 +90,10 @@ pub fn list(state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
         .filter(|(a, _)| a.status(now) != Status::Ended)
         .map(|(a, stock)| view(a, now, stock))
         .collect();
-    Ok(ok(&serde_json::json!({ "activities": activities })))
+    // The server's clock, for the page's countdowns (a fan's clock may be off).
+    Ok(ok(
+        &serde_json::json!({ "activities": activities, "serverTime": rfc3339_ms(now) }),
+    ))
 }
 
 /// One activity; with a token, whether the caller joined and their claims.
@@ -109,6 +112,9 @@ pub async fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Respons
     let now = now_ms();
     let stock = state.claimer.stock(activity);
     let mut data = serde_json::to_value(view(activity, now, &stock)).map_err(|_| ApiError::internal())?;
+    if let Some(obj) = data.as_object_mut() {
+        obj.insert("serverTime".into(), rfc3339_ms(now).into());
+    }
     if let (Some(s), Some(obj)) = (session, data.as_object_mut()) {
         let claims = activity.ledger.claims_of(s.user_id);
         let views: Vec<ClaimView<'_>> = claims.iter().map(ClaimView::from).collect();

@@ -3,6 +3,7 @@
 pub mod act;
 pub mod admin;
 pub mod ops;
+pub mod page;
 pub mod ticket;
 pub mod user;
 

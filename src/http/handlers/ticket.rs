@@ -124,14 +124,44 @@ pub async fn list(state: &AppState, req: &Request<Incoming>) -> Result<Response<
     })))
 }
 
-/// One claim of the caller; anyone else's is indistinguishable from a missing one.
-pub async fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+/// The caller's claim named by `?ticketId=`; anyone else's is
+/// indistinguishable from a missing one.
+async fn own_claim(state: &AppState, req: &Request<Incoming>) -> Result<Claim, ApiError> {
     let session = session(state, req.headers())?;
     let query = Query::parse(req.uri().query());
     let raw = query.require("ticketId")?;
     let not_found = || ApiError::not_found("CLAIM_NOT_FOUND", "you hold no claim with this id");
     let id: u64 = raw.parse().map_err(|_| not_found())?;
     let claims = claims_of(state, session.user_id).await?;
-    let claim = claims.iter().find(|c| c.id == id).ok_or_else(not_found)?;
-    Ok(ok(&ClaimView::from(claim)))
+    claims.into_iter().find(|c| c.id == id).ok_or_else(not_found)
+}
+
+/// One claim of the caller.
+pub async fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let claim = own_claim(state, req).await?;
+    Ok(ok(&ClaimView::from(&claim)))
+}
+
+/// The caller's claim's code as a QR code (SVG), drawn here: the code never
+/// leaves for a third-party QR service, and only its owner gets it.
+pub async fn qr(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let claim = own_claim(state, req).await?;
+    let code = qrcode::QrCode::with_error_correction_level(claim.code.as_bytes(), qrcode::EcLevel::M)
+        .map_err(|_| ApiError::internal())?;
+    let svg = code
+        .render::<qrcode::render::svg::Color<'_>>()
+        .min_dimensions(200, 200)
+        .quiet_zone(true)
+        .build();
+    let mut res = Response::new(Full::new(Bytes::from(svg)));
+    let h = res.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("image/svg+xml"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("private, no-store"),
+    );
+    Ok(res)
 }

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod cdp;
 pub mod services;
 
 use std::{

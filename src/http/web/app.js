@@ -1,0 +1,459 @@
+// The fan's page: activities, the countdown, the grab, my tickets.
+//
+// Plain DOM, no framework, no inline script (the CSP forbids it), nothing
+// fetched from elsewhere. Everything shown that came from the server or a
+// user goes in as text (textContent), never as HTML.
+'use strict';
+
+const POW_WORKER = '{{pow.js}}';
+
+// ---------------------------------------------------------------- words
+const WORDS = {
+  en: {
+    brand: 'ticketd', mine: 'My tickets', login: 'Log in', logout: 'Log out', register: 'Register',
+    activities: 'On sale', none: 'Nothing on sale right now.', loading: 'Loading…',
+    open: 'Open', upcoming: 'Opens soon', soldout: 'Sold out', ended: 'Ended', paused: 'Paused',
+    opensIn: 'Opens in', closesIn: 'Closes in', remaining: 'Left', total: 'Total', ticket: 'Ticket',
+    anyTicket: 'Any ticket type', grab: 'Grab a ticket', grabbing: 'Grabbing…', wait: 'Opens at',
+    limit: 'Per person', loginToGrab: 'Log in to grab a ticket', back: '← All activities',
+    username: 'Username', password: 'Password', nickname: 'Nickname (optional)',
+    haveAccount: 'Have an account? Log in', noAccount: 'New here? Register',
+    success: 'Got it! Your code:', seeMine: 'See my tickets', yourCodes: 'Your codes:',
+    noTickets: 'You have no tickets yet.', claimedAt: 'Claimed', pow: 'Solving the anti-bot puzzle…',
+    retrying: 'Busy — retrying in', seconds: 's', held: 'You hold',
+  },
+  zh: {
+    brand: '抢票', mine: '我的票', login: '登录', logout: '退出', register: '注册',
+    activities: '正在售票', none: '暂无活动。', loading: '加载中…',
+    open: '进行中', upcoming: '即将开始', soldout: '已抢完', ended: '已结束', paused: '已暂停',
+    opensIn: '距开抢', closesIn: '距结束', remaining: '剩余', total: '总数', ticket: '票种',
+    anyTicket: '任意票种', grab: '立即抢票', grabbing: '抢票中…', wait: '开抢时间',
+    limit: '每人限', loginToGrab: '登录后抢票', back: '← 全部活动',
+    username: '用户名', password: '密码', nickname: '昵称（可选）',
+    haveAccount: '已有账号？登录', noAccount: '没有账号？注册',
+    success: '抢到了！你的券码：', seeMine: '查看我的票', yourCodes: '你的券码：',
+    noTickets: '你还没有票。', claimedAt: '领取时间', pow: '正在完成防机器人验证…',
+    retrying: '系统繁忙，重试倒计时', seconds: '秒', held: '你已持有',
+  },
+};
+
+// A sentence for every error code the API answers (README's table).
+const ERRORS = {
+  en: {
+    UNAUTHORIZED: 'Please log in again.', TOKEN_EXPIRED: 'Your session expired; please log in again.',
+    CLAIM_TOKEN_REQUIRED: 'The page lost its place in the sale; try again.',
+    CLAIM_TOKEN_INVALID: 'The page lost its place in the sale; try again.',
+    CLAIM_TOKEN_EXPIRED: 'That took too long; try again.',
+    POW_REQUIRED: 'The anti-bot puzzle was not solved; try again.',
+    BLOCKED: 'This account or network is blocked from this sale.',
+    RATE_LIMITED: 'Too many tries; slow down a little.',
+    ACTIVITY_NOT_FOUND: 'This activity does not exist (any more).',
+    TICKET_NOT_FOUND: 'This ticket type does not exist in this activity.',
+    NOT_STARTED: 'The sale has not started yet.', ENDED: 'The sale has ended.',
+    PAUSED: 'The organiser paused the sale; stay on this page.',
+    LIMIT_REACHED: 'You already hold as many tickets as one person may.',
+    IN_PROGRESS: 'Your previous try is still being processed.',
+    SOLD_OUT: 'Sold out — every ticket has been claimed.',
+    OVERLOADED: 'The sale is very busy; retrying.', BACKLOG_FULL: 'The sale is very busy; retrying.',
+    STORE_UNAVAILABLE: 'The sale is having trouble; retrying.',
+    BAD_CREDENTIALS: 'Wrong username or password.', USERNAME_TAKEN: 'This username is taken.',
+    INVALID_FIELD: 'Please check the form:', REGISTRATION_CLOSED: 'Registration is closed for this sale.',
+    LOGIN_LOCKED: 'Too many failed logins; wait a while.',
+    LOGIN_THROTTLED: 'Busy checking logins; retrying.', BUSY: 'Busy; retrying.',
+    CROSS_SITE: 'This request came from another site and was refused.',
+    NETWORK: 'No connection to the sale; check your network.', OTHER: 'Something went wrong:',
+  },
+  zh: {
+    UNAUTHORIZED: '请重新登录。', TOKEN_EXPIRED: '登录已过期，请重新登录。',
+    CLAIM_TOKEN_REQUIRED: '页面状态已失效，请重试。', CLAIM_TOKEN_INVALID: '页面状态已失效，请重试。',
+    CLAIM_TOKEN_EXPIRED: '操作超时，请重试。', POW_REQUIRED: '防机器人验证未完成，请重试。',
+    BLOCKED: '该账号或网络已被禁止参与。', RATE_LIMITED: '操作过于频繁，请稍后。',
+    ACTIVITY_NOT_FOUND: '活动不存在。', TICKET_NOT_FOUND: '该活动没有这个票种。',
+    NOT_STARTED: '活动还没开始。', ENDED: '活动已结束。', PAUSED: '主办方暂停了活动，请留在本页。',
+    LIMIT_REACHED: '你已达到每人限购数量。', IN_PROGRESS: '上一次请求仍在处理中。',
+    SOLD_OUT: '已抢完，所有票都被领走了。', OVERLOADED: '人太多了，正在重试。',
+    BACKLOG_FULL: '人太多了，正在重试。', STORE_UNAVAILABLE: '系统出现问题，正在重试。',
+    BAD_CREDENTIALS: '用户名或密码错误。', USERNAME_TAKEN: '用户名已被占用。',
+    INVALID_FIELD: '请检查填写内容：', REGISTRATION_CLOSED: '本次活动已关闭注册。',
+    LOGIN_LOCKED: '登录失败次数过多，请稍后再试。', LOGIN_THROTTLED: '正在处理登录，重试中。',
+    BUSY: '系统繁忙，重试中。', CROSS_SITE: '来自其他网站的请求已被拒绝。',
+    NETWORK: '无法连接，请检查网络。', OTHER: '出错了：',
+  },
+};
+
+/** Codes after which trying again (as the server says) may succeed. */
+const RETRYABLE = new Set(['RATE_LIMITED', 'IN_PROGRESS', 'OVERLOADED', 'BACKLOG_FULL',
+  'STORE_UNAVAILABLE', 'LOGIN_THROTTLED', 'BUSY']);
+const MAX_TRIES = 6;
+
+// ---------------------------------------------------------------- state
+const store = {
+  get token() { return localStorage.getItem('ticketd.token'); },
+  set token(v) { v ? localStorage.setItem('ticketd.token', v) : localStorage.removeItem('ticketd.token'); },
+};
+let lang = localStorage.getItem('ticketd.lang')
+  || ((navigator.languages || [navigator.language]).some((l) => /^zh\b/i.test(l)) ? 'zh' : 'en');
+/** Server clock minus ours, from the sample with the shortest round trip. */
+let clock = { offset: 0, rtt: Infinity };
+let timers = [];
+
+const t = (key) => WORDS[lang][key] ?? WORDS.en[key] ?? key;
+const serverNow = () => Date.now() + clock.offset;
+const locale = () => (lang === 'zh' ? 'zh-CN' : navigator.language || 'en');
+const number = (n) => new Intl.NumberFormat(locale()).format(n);
+const when = (ms) => new Intl.DateTimeFormat(locale(), { dateStyle: 'medium', timeStyle: 'medium' }).format(new Date(ms));
+
+// ---------------------------------------------------------------- DOM
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === false || v == null) continue;
+    if (k === 'class') el.className = v;
+    else if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v === true ? '' : v);
+  }
+  for (const c of children.flat()) {
+    if (c == null || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+const view = () => document.getElementById('view');
+function show(...nodes) {
+  for (const id of timers) clearInterval(id);
+  timers = [];
+  view().replaceChildren(...nodes.filter((n) => n != null && n !== false));
+}
+function every(ms, fn) { fn(); timers.push(setInterval(fn, ms)); }
+function notice(kind, ...content) { return h('div', { class: `notice ${kind}`, role: kind === 'bad' ? 'alert' : 'status' }, ...content); }
+
+// ---------------------------------------------------------------- API
+function randomKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+/** One request; never throws: `{ok, status, data, error, retryAfter}`. */
+async function api(method, path, body, extra = {}) {
+  const headers = { Accept: 'application/json' };
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  if (store.token) headers.Authorization = `Bearer ${store.token}`;
+  Object.assign(headers, extra);
+  const sent = Date.now();
+  let res;
+  try {
+    res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch {
+    return { ok: false, status: 0, error: { code: 'NETWORK', message: '' } };
+  }
+  let json = null;
+  try { json = await res.json(); } catch { /* not JSON: handled below */ }
+  const out = {
+    ok: res.ok && json?.ok === true,
+    status: res.status,
+    data: json?.data,
+    error: json?.error || (res.ok ? null : { code: 'OTHER', message: `HTTP ${res.status}` }),
+    retryAfter: Number(res.headers.get('Retry-After')) || 0,
+  };
+  if (json?.data?.serverTime) sampleClock(Date.parse(json.data.serverTime), sent, Date.now());
+  if (out.error && (out.error.code === 'UNAUTHORIZED' || out.error.code === 'TOKEN_EXPIRED') && store.token) {
+    store.token = null;
+    renderNav();
+  }
+  return out;
+}
+
+function sampleClock(server, sent, received) {
+  const rtt = received - sent;
+  if (!Number.isFinite(server) || rtt > clock.rtt) return;
+  clock = { offset: server - (sent + received) / 2, rtt };
+}
+
+function errorText(error) {
+  const words = ERRORS[lang];
+  const known = words[error.code];
+  if (known && error.code !== 'INVALID_FIELD') return known;
+  return `${known || words.OTHER} ${error.message || error.code}`;
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+/** Waits as long as the server asked, plus up to half a second of jitter so retries do not arrive together. */
+const backoff = (seconds) => sleep(Math.max(1, seconds) * 1000 + Math.random() * 500);
+
+// ---------------------------------------------------------------- views
+function statusOf(a, now) {
+  if (a.paused) return 'paused';
+  if (now >= Date.parse(a.endTime)) return 'ended';
+  if (now < Date.parse(a.startTime)) return 'upcoming';
+  return a.remaining > 0 ? 'open' : 'soldout';
+}
+
+function countdownText(ms) {
+  const s = Math.max(0, Math.ceil(ms / 1000));
+  const d = Math.floor(s / 86400), hh = Math.floor((s % 86400) / 3600), mm = Math.floor((s % 3600) / 60), ss = s % 60;
+  const two = (n) => String(n).padStart(2, '0');
+  return `${d ? `${d}d ` : ''}${two(hh)}:${two(mm)}:${two(ss)}`;
+}
+
+async function listView() {
+  document.title = `${t('activities')} · ${t('brand')}`;
+  show(h('p', { class: 'muted' }, t('loading')));
+  const res = await api('GET', '/act/list');
+  if (!res.ok) return show(notice('bad', errorText(res.error)));
+  const acts = res.data.activities;
+  const items = acts.map((a) => {
+    const badge = h('span', { class: 'badge' });
+    const line = h('p', { class: 'muted' });
+    const tick = () => {
+      const now = serverNow();
+      const st = statusOf(a, now);
+      badge.className = `badge ${st}`;
+      badge.textContent = t(st);
+      line.textContent = st === 'upcoming'
+        ? `${t('opensIn')} ${countdownText(Date.parse(a.startTime) - now)}`
+        : `${t('remaining')} ${number(a.remaining)} / ${number(a.remaining + a.claimed)}`;
+    };
+    every(250, tick);
+    return h('li', { class: 'card', 'data-act': a.actId },
+      h('h2', {}, h('a', { class: 'title', href: `#/act/${encodeURIComponent(a.actId)}` }, a.name)), badge, line);
+  });
+  const list = items.length ? h('ul', { class: 'cards' }, items) : h('p', { class: 'muted' }, t('none'));
+  view().replaceChildren(h('h1', {}, t('activities')), list);
+}
+
+async function detailView(actId) {
+  show(h('p', { class: 'muted' }, t('loading')));
+  const res = await api('GET', `/act/detail?actId=${encodeURIComponent(actId)}`);
+  if (!res.ok) return show(h('p', {}, h('a', { href: '#/' }, t('back'))), notice('bad', errorText(res.error)));
+  let a = res.data;
+  document.title = `${a.name} · ${t('brand')}`;
+  const start = Date.parse(a.startTime), end = Date.parse(a.endTime);
+  const badge = h('span', { class: 'badge', id: 'status' });
+  const countdown = h('p', { class: 'countdown', id: 'countdown', 'aria-live': 'off' });
+  const caption = h('p', { class: 'muted', id: 'countdown-caption' });
+  const rows = a.tickets.map((tk) => h('tr', {},
+    h('td', {}, tk.name), h('td', { class: 'num' }, number(tk.remaining)), h('td', { class: 'num' }, number(tk.total))));
+  const select = h('select', { id: 'ticket', 'aria-label': t('ticket') },
+    h('option', { value: '' }, t('anyTicket')),
+    a.tickets.map((tk) => h('option', { value: tk.ticketId }, tk.name)));
+  const button = h('button', { type: 'button', class: 'primary', id: 'grab', disabled: true }, t('grab'));
+  const progress = h('progress', { id: 'pow-progress', max: 1, value: 0, hidden: true });
+  const result = h('div', { id: 'result' });
+  const loggedIn = Boolean(store.token);
+  button.addEventListener('click', () => grab(a, select.value, button, progress, result));
+  const image = /^https:\/\//.test(a.image) ? h('div', { class: 'hero' }, h('img', { src: a.image, alt: '' })) : null;
+  show(
+    h('p', {}, h('a', { href: '#/' }, t('back'))),
+    h('h1', {}, a.name, ' ', badge),
+    image,
+    a.desc ? h('p', {}, a.desc) : null,
+    h('p', { class: 'muted' }, `${t('wait')} ${when(start)} · ${t('limit')} ${number(a.perUserLimit)}`),
+    countdown, caption,
+    h('table', {}, h('thead', {}, h('tr', {}, h('th', {}, t('ticket')), h('th', { class: 'num' }, t('remaining')),
+      h('th', { class: 'num' }, t('total')))), h('tbody', {}, rows)),
+    loggedIn
+      ? h('div', { class: 'grab' }, a.tickets.length > 1 ? select : null, button, progress)
+      : h('p', {}, h('a', { href: `#/login?next=${encodeURIComponent(location.hash)}`, id: 'login-to-grab' }, t('loginToGrab'))),
+    result,
+  );
+  if (a.claims?.length && a.claims.length >= a.perUserLimit) {
+    result.replaceChildren(notice('ok', t('held'), ' ', codesList(a.claims.map((c) => c.code))));
+  }
+  every(200, () => {
+    const now = serverNow();
+    const st = statusOf(a, now);
+    badge.className = `badge ${st}`;
+    badge.textContent = t(st);
+    if (st === 'upcoming') {
+      countdown.textContent = countdownText(start - now);
+      caption.textContent = t('opensIn');
+    } else if (st === 'open') {
+      countdown.textContent = countdownText(end - now);
+      caption.textContent = t('closesIn');
+    } else {
+      countdown.textContent = '';
+      caption.textContent = '';
+    }
+    if (!button.dataset.busy) button.disabled = st !== 'open';
+  });
+}
+
+function codesList(codes) {
+  return h('ul', { class: 'codes' }, codes.map((c) => h('li', { class: 'code' }, c)));
+}
+
+/** Asks the worker for a proof of work; shows its progress. */
+function solvePow(challenge, difficulty, progress) {
+  return new Promise((resolve, reject) => {
+    const worker = new Worker(POW_WORKER);
+    progress.hidden = false;
+    progress.value = 0;
+    worker.onmessage = ({ data }) => {
+      if (data.done) {
+        progress.value = 1;
+        worker.terminate();
+        resolve(data.nonce);
+      } else {
+        // Tries grow past the expectation sometimes: approach 1, never reach it.
+        progress.value = 1 - Math.exp(-data.tries / data.expected);
+      }
+    };
+    worker.onerror = (e) => { worker.terminate(); reject(e); };
+    worker.postMessage({ challenge, difficulty });
+  });
+}
+
+/** The grab: claim token, proof of work, the claim; retries only as the server says. */
+async function grab(a, ticketId, button, progress, result) {
+  button.dataset.busy = '1';
+  button.disabled = true;
+  button.textContent = t('grabbing');
+  const key = randomKey(); // one key for every retry: a retry can never claim twice
+  let body = null;
+  try {
+    for (let tries = 1; tries <= MAX_TRIES; tries++) {
+      if (!body) {
+        const detail = await api('GET', `/act/detail?actId=${encodeURIComponent(a.actId)}`);
+        if (!detail.ok) return result.replaceChildren(notice('bad', errorText(detail.error)));
+        a = detail.data;
+        if (!a.claimToken) {
+          return result.replaceChildren(notice('bad', errorText({ code: statusOf(a, serverNow()) === 'soldout' ? 'SOLD_OUT' : 'NOT_STARTED' })));
+        }
+        body = { actId: a.actId, claimToken: a.claimToken };
+        if (ticketId) body.ticketId = ticketId;
+        if (a.powDifficulty > 0) {
+          result.replaceChildren(notice('', t('pow')));
+          body.powNonce = await solvePow(a.claimToken, a.powDifficulty, progress);
+        }
+      }
+      const res = await api('POST', '/ticket/get', body, { 'Idempotency-Key': key });
+      if (res.ok) {
+        return result.replaceChildren(notice('ok', h('p', {}, t('success')),
+          h('p', { class: 'code', id: 'claimed-code' }, res.data.code), h('a', { href: '#/mine' }, t('seeMine'))));
+      }
+      const code = res.error.code;
+      if (code === 'LIMIT_REACHED') {
+        return result.replaceChildren(notice('bad', h('p', {}, errorText(res.error)), h('p', {}, t('yourCodes')),
+          codesList(res.error.codes || [])));
+      }
+      if (code.startsWith('CLAIM_TOKEN') || code === 'POW_REQUIRED') { body = null; continue; }
+      if (!RETRYABLE.has(code) || tries === MAX_TRIES) return result.replaceChildren(notice('bad', errorText(res.error)));
+      const wait = Math.max(1, res.retryAfter);
+      result.replaceChildren(notice('', `${errorText(res.error)} ${t('retrying')} ${wait}${t('seconds')}`));
+      await backoff(wait);
+    }
+  } finally {
+    progress.hidden = true;
+    delete button.dataset.busy;
+    button.textContent = t('grab');
+  }
+}
+
+function accountView(mode) {
+  const next = new URLSearchParams(location.hash.split('?')[1] || '').get('next') || '#/';
+  document.title = `${t(mode)} · ${t('brand')}`;
+  const message = h('div', { id: 'form-message' });
+  const field = (name, type, label, extra = {}) => h('label', {}, label,
+    h('input', { name, type, id: `f-${name}`, required: name !== 'nickname', ...extra }));
+  const form = h('form', { class: 'account', id: `${mode}-form` },
+    field('username', 'text', t('username'), { autocomplete: 'username', minlength: 3, maxlength: 32, autocapitalize: 'none' }),
+    field('password', 'password', t('password'),
+      { autocomplete: mode === 'login' ? 'current-password' : 'new-password', minlength: 8, maxlength: 128 }),
+    mode === 'register' ? field('nickname', 'text', t('nickname'), { maxlength: 32 }) : null,
+    h('button', { type: 'submit', class: 'primary' }, t(mode)),
+    message);
+  form.addEventListener('submit', async (e) => {
+    e.preventDefault();
+    const data = Object.fromEntries(new FormData(form));
+    if (!data.nickname) delete data.nickname;
+    const submit = form.querySelector('button');
+    submit.disabled = true;
+    try {
+      for (let tries = 1; ; tries++) {
+        const res = await api('POST', `/user/${mode}`, data);
+        if (res.ok) {
+          store.token = res.data.token;
+          renderNav();
+          location.hash = next;
+          return;
+        }
+        if (!RETRYABLE.has(res.error.code) || tries === MAX_TRIES) {
+          message.replaceChildren(notice('bad', errorText(res.error)));
+          return;
+        }
+        await backoff(res.retryAfter);
+      }
+    } finally {
+      submit.disabled = false;
+    }
+  });
+  const other = mode === 'login' ? ['#/register', t('noAccount')] : ['#/login', t('haveAccount')];
+  show(h('h1', {}, t(mode)), form, h('p', {}, h('a', { href: `${other[0]}?next=${encodeURIComponent(next)}` }, other[1])));
+  form.querySelector('input').focus();
+}
+
+async function mineView() {
+  document.title = `${t('mine')} · ${t('brand')}`;
+  if (!store.token) { location.hash = '#/login?next=%23%2Fmine'; return; }
+  show(h('p', { class: 'muted' }, t('loading')));
+  const res = await api('GET', '/ticket/list?pageSize=100');
+  if (!res.ok) return show(notice('bad', errorText(res.error)));
+  const claims = res.data.claims;
+  const cards = claims.map((c) => {
+    const qr = h('img', { alt: `QR ${c.code}`, class: 'qr', 'data-claim': c.claimId });
+    loadQr(c.claimId, qr);
+    return h('li', { class: 'card ticket' },
+      h('div', {}, h('p', { class: 'muted' }, `${c.actId} · ${c.ticketId}`), h('p', { class: 'code' }, c.code),
+        h('p', { class: 'muted' }, `${t('claimedAt')} ${when(Date.parse(c.claimedAt))}`)),
+      qr);
+  });
+  show(h('h1', {}, t('mine')), cards.length ? h('ul', { class: 'cards tickets' }, cards) : h('p', { class: 'muted' }, t('noTickets')));
+}
+
+/** The QR is drawn by the node and only for its owner: fetched with the token, shown from a blob. */
+async function loadQr(claimId, img) {
+  try {
+    const res = await fetch(`/ticket/qr?ticketId=${claimId}`, { headers: { Authorization: `Bearer ${store.token}` } });
+    if (!res.ok) return;
+    img.src = URL.createObjectURL(await res.blob());
+  } catch { /* the code is shown as text anyway */ }
+}
+
+// ---------------------------------------------------------------- frame
+function renderNav() {
+  const loggedIn = Boolean(store.token);
+  document.getElementById('nav-mine').hidden = !loggedIn;
+  document.getElementById('nav-login').hidden = loggedIn;
+  document.getElementById('nav-logout').hidden = !loggedIn;
+  document.getElementById('lang').textContent = lang === 'zh' ? 'English' : '中文';
+  document.documentElement.lang = lang === 'zh' ? 'zh-CN' : 'en';
+  for (const el of document.querySelectorAll('[data-t]')) el.textContent = t(el.dataset.t);
+}
+
+function route() {
+  const [path] = location.hash.replace(/^#/, '').split('?');
+  const act = path.match(/^\/act\/(.+)$/);
+  if (act) return detailView(decodeURIComponent(act[1]));
+  if (path === '/login') return accountView('login');
+  if (path === '/register') return accountView('register');
+  if (path === '/mine') return mineView();
+  return listView();
+}
+
+document.addEventListener('DOMContentLoaded', () => {
+  document.getElementById('lang').addEventListener('click', () => {
+    lang = lang === 'zh' ? 'en' : 'zh';
+    localStorage.setItem('ticketd.lang', lang);
+    renderNav();
+    route();
+  });
+  document.getElementById('nav-logout').addEventListener('click', async () => {
+    await api('POST', '/user/logout');
+    store.token = null;
+    renderNav();
+    location.hash = '#/';
+  });
+  window.addEventListener('hashchange', () => { route(); view().focus(); });
+  renderNav();
+  route();
+});

@@ -1,0 +1,324 @@
+//! The fan's page in headless Chromium, end to end against the real binary:
+//! register, the countdown, the opening, the grab, the code and its QR in
+//! "my tickets", sold out, the limit, proof of work in the worker — at a
+//! desktop and a phone width, with no console error and no CSP violation.
+//!
+//! With `UPDATE_SCREENSHOTS=1` the screenshots are written to
+//! `docs/screenshots/` (README shows them); otherwise to a temp dir.
+
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+
+use crate::common::{base_config, cdp::Browser, Act, Codes, TestApp};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn shots_dir() -> (Option<tempfile::TempDir>, PathBuf) {
+    if std::env::var_os("UPDATE_SCREENSHOTS").is_some() {
+        let dir = PathBuf::from(ROOT).join("docs/screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        (None, dir)
+    } else {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_owned();
+        (Some(tmp), dir)
+    }
+}
+
+/// Fills the register form and submits it; waits until logged in.
+async fn register(b: &mut Browser, url: &str, username: &str, next: &str) {
+    b.goto(&format!("{url}/#/register?next={}", urlencode(next))).await;
+    b.wait_for("document.querySelector('#register-form')", "the register form")
+        .await;
+    b.eval(&format!(
+        "(() => {{ const f = document.querySelector('#register-form');
+            f.username.value = {u}; f.password.value = 'password-' + {u}; f.requestSubmit(); }})()",
+        u = json!(username)
+    ))
+    .await;
+    b.wait_for("!document.querySelector('#nav-logout').hidden", "the login to take")
+        .await;
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Whether nothing is wider than the viewport (no sideways scrolling on a phone).
+async fn fits(b: &mut Browser) -> bool {
+    b.eval("document.documentElement.scrollWidth <= window.innerWidth")
+        .await
+        == true
+}
+
+async fn click(b: &mut Browser, selector: &str) {
+    b.wait_for(
+        &format!(
+            "(() => {{ const e = document.querySelector({s}); return e && !e.disabled; }})()",
+            s = json!(selector)
+        ),
+        &format!("{selector} to be enabled"),
+    )
+    .await;
+    b.eval(&format!("document.querySelector({}).click()", json!(selector)))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_grabs_a_ticket_through_the_page_in_chromium() {
+    let config = base_config()
+        + &Act::new("soon")
+            .name("Spring Concert 春季音乐会")
+            .window("+6s", "+1h")
+            .limit(1)
+            .ticket("soon-a", "Floor", Codes::Generate(2))
+            .ticket("soon-b", "Balcony", Codes::Generate(2))
+            .toml()
+        + &Act::new("last")
+            .name("Last Seat")
+            .window("-1m", "+1h")
+            .limit(1)
+            .ticket("last-t", "Seat", Codes::Generate(1))
+            .toml()
+        + &Act::new("pow")
+            .name("Puzzle Sale")
+            .window("-1m", "+1h")
+            .limit(1)
+            .with("pow_difficulty = 12")
+            .ticket("pow-t", "Seat", Codes::Generate(5))
+            .toml();
+    let app = TestApp::start(&config);
+    let url = app.url();
+    let (_keep, shots) = shots_dir();
+    let mut b = Browser::launch().await;
+
+    // Desktop: the list, then the countdown.
+    b.viewport(1280, 800, false).await;
+    b.goto(&format!("{url}/")).await;
+    b.wait_for("document.querySelectorAll('li.card').length === 3", "three activities")
+        .await;
+    let upcoming = b
+        .eval("document.querySelector('[data-act=soon] .badge').className")
+        .await;
+    assert_eq!(upcoming, "badge upcoming");
+    b.screenshot(&shots.join("list-desktop.png")).await;
+
+    register(&mut b, &url, "fan-one", "#/act/soon").await;
+    b.wait_for("document.querySelector('#countdown')", "the detail page")
+        .await;
+    let shown = b
+        .wait_for("document.querySelector('#countdown').textContent", "the countdown")
+        .await;
+    assert!(shown.as_str().unwrap().starts_with("00:00:0"), "{shown}");
+    assert_eq!(
+        b.eval("document.querySelector('#grab').disabled").await,
+        true,
+        "grab before the opening"
+    );
+    let text = b.eval("document.querySelector('main').innerText").await;
+    assert!(
+        !text.as_str().unwrap().contains("null") && !text.as_str().unwrap().contains("undefined"),
+        "{text}"
+    );
+    b.screenshot(&shots.join("countdown-desktop.png")).await;
+
+    // The opening (by the server's clock), the grab, the code.
+    click(&mut b, "#grab").await;
+    let code = b
+        .wait_for(
+            "document.querySelector('#claimed-code')?.textContent",
+            "the claimed code",
+        )
+        .await;
+    let code = code.as_str().unwrap().to_owned();
+    b.screenshot(&shots.join("success-desktop.png")).await;
+
+    // At the limit: the codes already held are shown.
+    click(&mut b, "#grab").await;
+    b.wait_for("document.querySelector('#result .codes')", "the limit message")
+        .await;
+    let held = b.eval("document.querySelector('#result .codes').textContent").await;
+    assert_eq!(held, code.as_str());
+
+    // My tickets: the code, and its QR drawn by the node.
+    b.goto(&format!("{url}/#/mine")).await;
+    b.wait_for("document.querySelector('li.ticket .code')", "my tickets")
+        .await;
+    assert_eq!(
+        b.eval("document.querySelector('li.ticket .code').textContent").await,
+        code.as_str()
+    );
+    b.wait_for(
+        "(() => { const q = document.querySelector('img.qr'); return q && q.complete && q.naturalWidth > 0; })()",
+        "the QR code",
+    )
+    .await;
+    b.screenshot(&shots.join("mine-desktop.png")).await;
+
+    // Chinese at the press of a button.
+    b.eval("document.querySelector('#lang').click()").await;
+    b.wait_for(
+        "document.querySelector('#nav-mine').textContent === '我的票'",
+        "the Chinese page",
+    )
+    .await;
+    b.eval("document.querySelector('#lang').click()").await;
+
+    // Phone: a second fan; the last seat goes to someone else before the click.
+    b.eval("document.querySelector('#nav-logout').click()").await;
+    b.wait_for("!document.querySelector('#nav-login').hidden", "the logout")
+        .await;
+    b.viewport(375, 740, true).await;
+    b.goto(&format!("{url}/")).await;
+    b.wait_for(
+        "document.querySelectorAll('li.card').length === 3",
+        "the list on a phone",
+    )
+    .await;
+    assert!(fits(&mut b).await, "the list is wider than a phone");
+    b.screenshot(&shots.join("list-phone.png")).await;
+    register(&mut b, &url, "fan-two", "#/act/last").await;
+    b.wait_for(
+        "document.querySelector('#grab') && !document.querySelector('#grab').disabled",
+        "an open grab",
+    )
+    .await;
+    assert!(fits(&mut b).await, "the detail is wider than a phone");
+    b.screenshot(&shots.join("detail-phone.png")).await;
+    let rival = app.register("rival").await;
+    assert_eq!(app.claim(&rival, "last").await.status, 200);
+    click(&mut b, "#grab").await;
+    let sold = b
+        .wait_for(
+            "document.querySelector('#result .notice.bad')?.textContent",
+            "the sold-out message",
+        )
+        .await;
+    assert!(sold.as_str().unwrap().contains("Sold out"), "{sold}");
+
+    // Proof of work, solved in the worker, with progress.
+    b.goto(&format!("{url}/#/act/pow")).await;
+    click(&mut b, "#grab").await;
+    let pow_code = b
+        .wait_for(
+            "document.querySelector('#claimed-code')?.textContent",
+            "the proof-of-work claim",
+        )
+        .await;
+    assert!(!pow_code.as_str().unwrap().is_empty());
+    b.screenshot(&shots.join("success-phone.png")).await;
+    b.goto(&format!("{url}/#/mine")).await;
+    b.wait_for(
+        "(() => { const q = document.querySelector('img.qr'); return q && q.complete && q.naturalWidth > 0; })()",
+        "the QR code on a phone",
+    )
+    .await;
+    assert!(fits(&mut b).await, "my tickets are wider than a phone");
+    b.screenshot(&shots.join("mine-phone.png")).await;
+
+    // What a first visit costs: every byte over the wire, and when the page could be used.
+    b.call("Network.enable", json!({})).await;
+    b.call("Network.clearBrowserCache", json!({})).await;
+    b.goto(&format!("{url}/")).await;
+    b.wait_for("document.querySelectorAll('li.card').length === 3", "the list again")
+        .await;
+    let load: Value = b
+        .eval(
+            "(() => { const n = performance.getEntriesByType('navigation')[0];
+                const r = performance.getEntriesByType('resource').filter((e) => !e.name.includes('/act/'));
+                return { bytes: n.transferSize + r.reduce((s, e) => s + e.transferSize, 0),
+                         interactiveMs: Math.round(n.domInteractive), loadedMs: Math.round(n.loadEventEnd) }; })()",
+        )
+        .await;
+    println!("first load: {load}");
+    let bytes = load["bytes"].as_u64().unwrap();
+    assert!(bytes > 0 && bytes < 100 * 1024, "first load {bytes} bytes");
+
+    assert_eq!(b.csp_violations().await, json!([]), "CSP violations");
+    assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
+
+    // The QR of a claim is its owner's alone.
+    let res = app.client.get("/ticket/list", Some(&rival)).await.unwrap();
+    let rival_claim = res.data()["claims"][0]["claimId"].as_u64().unwrap();
+    let stranger = app.register("stranger").await;
+    let res = app
+        .client
+        .get(&format!("/ticket/qr?ticketId={rival_claim}"), Some(&stranger))
+        .await
+        .unwrap();
+    assert_eq!((res.status, res.error_code()), (404, Some("CLAIM_NOT_FOUND")));
+}
+
+/// The page is served compressed, cached by content hash, revalidated by
+/// ETag, under a CSP that allows nothing from elsewhere and no inline script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_is_served_compressed_cacheable_and_locked_down() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::start(&base_config());
+    async fn get(addr: &str, path: &str, extra: &str) -> (String, Vec<u8>) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n{extra}Connection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        (
+            String::from_utf8_lossy(&out[..split]).to_ascii_lowercase(),
+            out[split + 4..].to_vec(),
+        )
+    }
+    let (head, body) = get(&app.addr, "/", "").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-type: text/html"), "{head}");
+    assert!(head.contains("cache-control: no-cache"), "{head}");
+    let csp = head
+        .lines()
+        .find(|l| l.starts_with("content-security-policy:"))
+        .expect("a CSP");
+    assert!(
+        csp.contains("default-src 'self'") && csp.contains("script-src 'self';"),
+        "{csp}"
+    );
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    let html = String::from_utf8(body).unwrap();
+    assert!(
+        !html.contains("<script>") && !html.contains("http://") && !html.contains("https://"),
+        "{html}"
+    );
+    let etag = head.lines().find_map(|l| l.strip_prefix("etag: ")).unwrap().to_owned();
+    let (head, body) = get(&app.addr, "/", &format!("If-None-Match: {etag}\r\n")).await;
+    assert!(head.starts_with("http/1.1 304"), "{head}");
+    assert!(body.is_empty());
+
+    let script = html
+        .split("src=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(
+        script.starts_with("/assets/app.") && script.ends_with(".js"),
+        "{script}"
+    );
+    let (plain_head, plain) = get(&app.addr, &script, "").await;
+    let (gz_head, gz) = get(&app.addr, &script, "Accept-Encoding: gzip, br\r\n").await;
+    assert!(
+        plain_head.contains("cache-control: public, max-age=31536000, immutable"),
+        "{plain_head}"
+    );
+    assert!(gz_head.contains("content-encoding: gzip"), "{gz_head}");
+    assert!(!plain_head.contains("content-encoding"), "{plain_head}");
+    assert!(gz.len() * 2 < plain.len(), "gzip {} of {}", gz.len(), plain.len());
+    let (head, body) = get(&app.addr, "/assets/app.0000.js", "").await;
+    assert!(head.starts_with("http/1.1 404"), "{head}");
+    let err: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(err["error"]["code"], "ROUTE_NOT_FOUND");
+}
