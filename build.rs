@@ -50,7 +50,7 @@ fn main() {
         fs::write(&gz_path, gz.finish().unwrap()).unwrap();
         writeln!(
             table,
-            "    Asset {{ path: {url:?}, content_type: {content_type:?}, etag: \"\\\"{hash}\\\"\", immutable: {immutable}, body: include_bytes!({:?}), gzip: include_bytes!({:?}) }},",
+            "    Asset {{ path: {url:?}, content_type: {content_type:?}, etag: \"\\\"{hash}\\\"\", etag_gzip: \"\\\"{hash}-gz\\\"\", immutable: {immutable}, body: include_bytes!({:?}), gzip: include_bytes!({:?}) }},",
             raw.display().to_string(),
             gz_path.display().to_string(),
         )

@@ -251,8 +251,13 @@ pub fn shared_activities(store: &Store) -> Result<Vec<ActivityConfig>, StoreErro
 pub fn blocked_user_ids(config: &Config, store: &Store) -> Result<HashSet<u64>, StoreError> {
     let mut ids = HashSet::new();
     for name in &config.security.blocked_users {
-        if let Some(u) = store.user_by_name(name)? {
-            ids.insert(u.id);
+        // By identity key (how accounts are stored), and as written for
+        // accounts made before usernames were normalised.
+        let key = crate::auth::username::identity_key(name);
+        for candidate in [key.as_str(), name.as_str()] {
+            if let Some(u) = store.user_by_name(candidate)? {
+                ids.insert(u.id);
+            }
         }
     }
     Ok(ids)

@@ -147,8 +147,10 @@ pub struct Guard {
     claims_by_user: TokenBuckets<u64>,
     claims_by_ip: TokenBuckets<IpAddr>,
     registrations_by_ip: TokenBuckets<IpAddr>,
-    /// Login failures per (account identity key, address key).
-    logins_by_account: Backoff<(String, IpAddr)>,
+    /// Login failures per (account, address key); the account as a 128-bit
+    /// digest of its identity key, so an entry has a fixed size however
+    /// long a made-up username is.
+    logins_by_account: Backoff<([u8; 16], IpAddr)>,
     logins_by_ip: Backoff<IpAddr>,
 }
 
@@ -157,7 +159,7 @@ pub struct Guard {
 /// client hung up, hashing was busy), it gives both places back uncounted.
 pub struct LoginAttempt<'a> {
     guard: &'a Guard,
-    account: (String, IpAddr),
+    account: ([u8; 16], IpAddr),
     settled: bool,
 }
 
@@ -165,13 +167,9 @@ impl LoginAttempt<'_> {
     /// The password was wrong (or the account unknown): count it.
     pub fn failed(mut self, now: Instant) {
         let settings = self.guard.settings.load();
-        let (account, address) = &self.account;
-        if let Some(lock) = self
-            .guard
-            .logins_by_account
-            .fail(self.account.clone(), settings.login, now)
-        {
-            tracing::info!(account, %address, lock_secs = lock.as_secs(), "An account is locked out of logging in from an address.");
+        let address = &self.account.1;
+        if let Some(lock) = self.guard.logins_by_account.fail(self.account, settings.login, now) {
+            tracing::info!(%address, lock_secs = lock.as_secs(), "An account is locked out of logging in from an address.");
         }
         if let Some(lock) = self.guard.logins_by_ip.fail(*address, settings.address_login(), now) {
             tracing::warn!(%address, lock_secs = lock.as_secs(), "An address is locked out of logging in.");
@@ -335,8 +333,8 @@ impl Guard {
         self.logins_by_ip
             .begin(ip, settings.address_login(), now)
             .map_err(denied)?;
-        let account = (account.to_owned(), ip);
-        if let Err(refusal) = self.logins_by_account.begin(account.clone(), settings.login, now) {
+        let account = (digest(account), ip);
+        if let Err(refusal) = self.logins_by_account.begin(account, settings.login, now) {
             self.logins_by_ip.settle(&ip, false);
             return Err(denied(refusal));
         }
@@ -379,6 +377,15 @@ impl Guard {
             ("logins_by_ip", self.logins_by_ip.len(), self.logins_by_ip.capacity()),
         ]
     }
+}
+
+/// 128 bits of SHA-256: a fixed-size stand-in for an identity key.
+fn digest(key: &str) -> [u8; 16] {
+    use sha2::{Digest, Sha256};
+    let full = Sha256::digest(key.as_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&full[..16]);
+    out
 }
 
 /// One `X-Forwarded-For` hop: an address, `ip:port` or `[v6]:port`.

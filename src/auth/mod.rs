@@ -259,13 +259,23 @@ impl Auth {
     }
 
     /// Checks a password and issues a token. `username_key` is the
-    /// [`username::identity_key`] of what was typed.
-    pub async fn login(self: &Arc<Self>, username_key: String, password: String) -> Result<(User, String), AuthError> {
+    /// [`username::identity_key`] of `typed`, the username as sent.
+    pub async fn login(
+        self: &Arc<Self>,
+        username_key: String,
+        typed: String,
+        password: String,
+    ) -> Result<(User, String), AuthError> {
         let turn = self.hashing_turn().await?;
         let this = self.clone();
         let user = blocking(move || {
             let _turn = turn;
-            let user = this.store.user_by_name(&username_key)?;
+            let mut user = this.store.user_by_name(&username_key)?;
+            if user.is_none() && username_key != typed {
+                // An account made before usernames were normalised keeps
+                // the exact name it was registered with.
+                user = this.store.user_by_name(&typed)?;
+            }
             let hash = match &user {
                 Some(u) => u.password_hash.clone(),
                 None => this.dummy_hash.load().to_string(),

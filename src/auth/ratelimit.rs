@@ -96,6 +96,11 @@ pub struct BackoffPolicy {
 }
 
 impl BackoffPolicy {
+    /// How long failures are remembered without a new one: the longest lockout.
+    fn forgive_after(&self) -> Duration {
+        self.cap.max(self.base)
+    }
+
     fn lockout(&self, failures: u32) -> Duration {
         let doublings = failures.saturating_sub(self.max_failures).min(30);
         self.base.saturating_mul(1 << doublings).min(self.cap)
@@ -114,6 +119,10 @@ pub enum Refusal {
 
 struct Strikes {
     failures: u32,
+    /// The latest failure: failures older than the policy's `cap` with none
+    /// since are forgiven, so a shared address (a campus NAT) does not add
+    /// up strangers' typos forever.
+    last_failure: Instant,
     /// Attempts begun and not yet decided: they count against the budget,
     /// so concurrent guesses cannot all pass one check before any fails.
     in_flight: u32,
@@ -142,15 +151,20 @@ impl<K: Eq + Hash + Clone> Backoff<K> {
     ///
     /// The budget is `max_failures - failures` before the first lockout and
     /// one attempt after each lockout ends (a further failure doubles it).
+    /// Failures are forgiven once the longest lockout has passed without one.
     pub fn begin(&self, key: K, policy: BackoffPolicy, now: Instant) -> Result<(), Refusal> {
         let fresh = || Strikes {
             failures: 0,
+            last_failure: now,
             in_flight: 0,
             locked_until: now,
         };
         self.strikes.with(key, now, fresh, |s| {
             if s.locked_until > now {
                 return Err(Refusal::Locked(s.locked_until - now));
+            }
+            if s.failures > 0 && now.saturating_duration_since(s.last_failure) >= policy.forgive_after() {
+                s.failures = 0;
             }
             let budget = policy.max_failures.saturating_sub(s.failures).max(1);
             if s.in_flight >= budget {
@@ -166,12 +180,14 @@ impl<K: Eq + Hash + Clone> Backoff<K> {
     pub fn fail(&self, key: K, policy: BackoffPolicy, now: Instant) -> Option<Duration> {
         let fresh = || Strikes {
             failures: 0,
+            last_failure: now,
             in_flight: 1,
             locked_until: now,
         };
         self.strikes.with(key, now, fresh, |s| {
             s.in_flight = s.in_flight.saturating_sub(1);
             s.failures = s.failures.saturating_add(1);
+            s.last_failure = now;
             if s.failures < policy.max_failures {
                 return None;
             }
@@ -270,6 +286,27 @@ mod tests {
         assert_eq!(attempt(t), Some(Duration::from_secs(5)));
         g.settle(&"u", true);
         assert!(g.begin("u", p, t).is_ok());
+    }
+
+    #[test]
+    fn failures_are_forgiven_after_the_longest_lockout() {
+        let g = Backoff::new(1000);
+        let p = BackoffPolicy {
+            max_failures: 3,
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(60),
+        };
+        let t = Instant::now();
+        for _ in 0..2 {
+            g.begin("nat", p, t).unwrap();
+            g.fail("nat", p, t);
+        }
+        // Much later, strangers' old typos no longer count: three more are free.
+        let later = t + Duration::from_secs(61);
+        for _ in 0..2 {
+            g.begin("nat", p, later).unwrap();
+            assert_eq!(g.fail("nat", p, later), None);
+        }
     }
 
     #[test]

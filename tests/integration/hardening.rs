@@ -347,6 +347,16 @@ async fn usernames_are_one_identity_however_they_are_typed() {
             .unwrap();
         assert_error(&res, 403, "BLOCKED");
     }
+    // A blocklist entry written in capitals blocks the live session of the
+    // account it names (by id, after SIGHUP).
+    let token = app.register("latecomer").await;
+    let blocked = config.replace(
+        "blocked_users = [\"blockme\"]",
+        "blocked_users = [\"blockme\", \"LateComer\"]",
+    );
+    assert_eq!(app.reload(&blocked)["message"], "Config reloaded.");
+    let res = app.claim(&token, "u").await;
+    assert_error(&res, 403, "BLOCKED");
     for (name, nickname) in [
         ("p\u{0430}ypal", None),
         ("zero\u{200B}width", None),

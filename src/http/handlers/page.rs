@@ -24,6 +24,8 @@ pub struct Asset {
     pub content_type: &'static str,
     /// Its strong ETag (the content hash, quoted).
     pub etag: &'static str,
+    /// The gzipped representation's ETag (a different representation, a different tag).
+    pub etag_gzip: &'static str,
     /// Content-hashed: cacheable for a year.
     pub immutable: bool,
     /// The bytes.
@@ -60,11 +62,13 @@ pub fn serve(req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError>
         )
     })?;
     let headers = req.headers();
-    let mut res = if etag_matches(headers, asset.etag) {
+    let gzip = accepts_gzip(headers);
+    let etag = if gzip { asset.etag_gzip } else { asset.etag };
+    let mut res = if etag_matches(headers, etag) {
         let mut res = Response::new(Full::new(Bytes::new()));
         *res.status_mut() = StatusCode::NOT_MODIFIED;
         res
-    } else if accepts_gzip(headers) {
+    } else if gzip {
         let mut res = Response::new(Full::new(Bytes::from_static(asset.gzip)));
         res.headers_mut()
             .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
@@ -74,7 +78,7 @@ pub fn serve(req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError>
     };
     let h = res.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type));
-    h.insert(header::ETAG, HeaderValue::from_static(asset.etag));
+    h.insert(header::ETAG, HeaderValue::from_static(etag));
     h.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
     h.insert(
         header::CACHE_CONTROL,

@@ -82,7 +82,7 @@ pub async fn login(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Resu
     let attempt = guard
         .begin_login(&account, ip, Instant::now())
         .inspect_err(|_| m.reject(Rejected::LoginLocked))?;
-    match state.auth.login(account, body.password).await {
+    match state.auth.login(account, body.username, body.password).await {
         Ok((user, token)) => {
             attempt.succeeded();
             if guard.is_blocked_user(&user.username) || guard.is_blocked_id(user.id) {

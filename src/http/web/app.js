@@ -55,6 +55,7 @@ const ERRORS = {
     IN_PROGRESS: 'Your previous try is still being processed.',
     SOLD_OUT: 'Sold out — every ticket has been claimed.',
     OVERLOADED: 'The sale is very busy; retrying.', BACKLOG_FULL: 'The sale is very busy; retrying.',
+    UNAVAILABLE: 'The sale is not answering right now; retrying.',
     STORE_UNAVAILABLE: 'The sale is having trouble; retrying.',
     BAD_CREDENTIALS: 'Wrong username or password.', USERNAME_TAKEN: 'This username is taken.',
     INVALID_FIELD: 'Please check the form:', REGISTRATION_CLOSED: 'Registration is closed for this sale.',
@@ -73,6 +74,7 @@ const ERRORS = {
     LIMIT_REACHED: '你已达到每人限购数量。', IN_PROGRESS: '上一次请求仍在处理中。',
     SOLD_OUT: '已抢完，所有票都被领走了。', OVERLOADED: '人太多了，正在重试。',
     BACKLOG_FULL: '人太多了，正在重试。', STORE_UNAVAILABLE: '系统出现问题，正在重试。',
+    UNAVAILABLE: '服务暂时无响应，正在重试。',
     BAD_CREDENTIALS: '用户名或密码错误。', USERNAME_TAKEN: '用户名已被占用。',
     INVALID_FIELD: '请检查填写内容：', REGISTRATION_CLOSED: '本次活动已关闭注册。',
     LOGIN_LOCKED: '登录失败次数过多，请稍后再试。', LOGIN_THROTTLED: '正在处理登录，重试中。',
@@ -81,9 +83,13 @@ const ERRORS = {
   },
 };
 
-/** Codes after which trying again (as the server says) may succeed. */
+/** Codes after which trying again (as the server says) may succeed. NETWORK,
+ * UNAVAILABLE (Nginx's own 502/503/504) and OTHER (a 5xx that was not ours)
+ * leave a claim's outcome unknown: it is retried with the same
+ * Idempotency-Key, which returns the code if the first try took one. */
 const RETRYABLE = new Set(['RATE_LIMITED', 'IN_PROGRESS', 'OVERLOADED', 'BACKLOG_FULL',
-  'STORE_UNAVAILABLE', 'LOGIN_THROTTLED', 'BUSY']);
+  'STORE_UNAVAILABLE', 'LOGIN_THROTTLED', 'BUSY', 'UNAVAILABLE', 'NETWORK']);
+const retryable = (res) => RETRYABLE.has(res.error.code) || (res.error.code === 'OTHER' && res.status >= 500);
 const MAX_TRIES = 6;
 
 // ---------------------------------------------------------------- state
@@ -93,9 +99,13 @@ const store = {
 };
 let lang = localStorage.getItem('ticketd.lang')
   || ((navigator.languages || [navigator.language]).some((l) => /^zh\b/i.test(l)) ? 'zh' : 'en');
-/** Server clock minus ours, from the sample with the shortest round trip. */
-let clock = { offset: 0, rtt: Infinity };
+/** Server clock minus ours, from the sample with the shortest round trip.
+ * `/act/detail` samples win over `/act/list` ones: Nginx caches the list
+ * for a second (and serves it stale while the nodes are down). */
+let clock = { offset: 0, rtt: Infinity, fromList: true };
 let timers = [];
+/** Bumped by each navigation: a view whose fetch returns after the fan moved on draws nothing. */
+let navigation = 0;
 
 const t = (key) => WORDS[lang][key] ?? WORDS.en[key] ?? key;
 const serverNow = () => Date.now() + clock.offset;
@@ -155,7 +165,9 @@ async function api(method, path, body, extra = {}) {
     error: json?.error || (res.ok ? null : { code: 'OTHER', message: `HTTP ${res.status}` }),
     retryAfter: Number(res.headers.get('Retry-After')) || 0,
   };
-  if (json?.data?.serverTime) sampleClock(Date.parse(json.data.serverTime), sent, Date.now());
+  if (json?.data?.serverTime) {
+    sampleClock(Date.parse(json.data.serverTime), sent, Date.now(), path.startsWith('/act/list'));
+  }
   if (out.error && (out.error.code === 'UNAUTHORIZED' || out.error.code === 'TOKEN_EXPIRED') && store.token) {
     store.token = null;
     renderNav();
@@ -163,10 +175,11 @@ async function api(method, path, body, extra = {}) {
   return out;
 }
 
-function sampleClock(server, sent, received) {
+function sampleClock(server, sent, received, fromList) {
   const rtt = received - sent;
-  if (!Number.isFinite(server) || rtt > clock.rtt) return;
-  clock = { offset: server - (sent + received) / 2, rtt };
+  if (!Number.isFinite(server)) return;
+  const better = fromList ? clock.fromList && rtt <= clock.rtt : clock.fromList || rtt <= clock.rtt;
+  if (better) clock = { offset: server - (sent + received) / 2, rtt, fromList };
 }
 
 function errorText(error) {
@@ -177,8 +190,11 @@ function errorText(error) {
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-/** Waits as long as the server asked, plus up to half a second of jitter so retries do not arrive together. */
-const backoff = (seconds) => sleep(Math.max(1, seconds) * 1000 + Math.random() * 500);
+/** Waits as long as the server asked, plus a random share of a window that
+ * doubles with each try ("full jitter"), so thousands of fans told the same
+ * Retry-After do not come back together. */
+const backoff = (seconds, tries = 1) =>
+  sleep(Math.max(1, seconds) * 1000 + Math.random() * Math.min(8000, 500 * 2 ** tries));
 
 // ---------------------------------------------------------------- views
 function statusOf(a, now) {
@@ -196,9 +212,11 @@ function countdownText(ms) {
 }
 
 async function listView() {
+  const mine = navigation;
   document.title = `${t('activities')} · ${t('brand')}`;
   show(h('p', { class: 'muted' }, t('loading')));
   const res = await api('GET', '/act/list');
+  if (mine !== navigation) return;
   if (!res.ok) return show(notice('bad', errorText(res.error)));
   const acts = res.data.activities;
   const items = acts.map((a) => {
@@ -222,8 +240,10 @@ async function listView() {
 }
 
 async function detailView(actId) {
+  const mine = navigation;
   show(h('p', { class: 'muted' }, t('loading')));
   const res = await api('GET', `/act/detail?actId=${encodeURIComponent(actId)}`);
+  if (mine !== navigation) return;
   if (!res.ok) return show(h('p', {}, h('a', { href: '#/' }, t('back'))), notice('bad', errorText(res.error)));
   let a = res.data;
   document.title = `${a.name} · ${t('brand')}`;
@@ -337,11 +357,12 @@ async function grab(a, ticketId, button, progress, result) {
           codesList(res.error.codes || [])));
       }
       if (code.startsWith('CLAIM_TOKEN') || code === 'POW_REQUIRED') { body = null; continue; }
-      if (!RETRYABLE.has(code) || tries === MAX_TRIES) return result.replaceChildren(notice('bad', errorText(res.error)));
+      if (!retryable(res) || tries === MAX_TRIES) return result.replaceChildren(notice('bad', errorText(res.error)));
       const wait = Math.max(1, res.retryAfter);
       result.replaceChildren(notice('', `${errorText(res.error)} ${t('retrying')} ${wait}${t('seconds')}`));
-      await backoff(wait);
+      await backoff(wait, tries);
     }
+    result.replaceChildren(notice('bad', errorText({ code: 'CLAIM_TOKEN_EXPIRED' })));
   } finally {
     progress.hidden = true;
     delete button.dataset.busy;
@@ -377,11 +398,11 @@ function accountView(mode) {
           location.hash = next;
           return;
         }
-        if (!RETRYABLE.has(res.error.code) || tries === MAX_TRIES) {
+        if (!retryable(res) || tries === MAX_TRIES) {
           message.replaceChildren(notice('bad', errorText(res.error)));
           return;
         }
-        await backoff(res.retryAfter);
+        await backoff(res.retryAfter, tries);
       }
     } finally {
       submit.disabled = false;
@@ -395,8 +416,10 @@ function accountView(mode) {
 async function mineView() {
   document.title = `${t('mine')} · ${t('brand')}`;
   if (!store.token) { location.hash = '#/login?next=%23%2Fmine'; return; }
+  const mine = navigation;
   show(h('p', { class: 'muted' }, t('loading')));
   const res = await api('GET', '/ticket/list?pageSize=100');
+  if (mine !== navigation) return;
   if (!res.ok) return show(notice('bad', errorText(res.error)));
   const claims = res.data.claims;
   const cards = claims.map((c) => {
@@ -431,6 +454,7 @@ function renderNav() {
 }
 
 function route() {
+  navigation += 1;
   const [path] = location.hash.replace(/^#/, '').split('?');
   const act = path.match(/^\/act\/(.+)$/);
   if (act) return detailView(decodeURIComponent(act[1]));

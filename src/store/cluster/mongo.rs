@@ -31,7 +31,9 @@ use super::record::Record;
 use crate::{
     config::{ActivityConfig, Config},
     stats::StatsBatch,
-    store::types::{generate_code, ClaimRow, ImportReport, ReportData, StoreError, TicketImport, TicketReport, User},
+    store::types::{
+        code_rng, generate_code, ClaimRow, ImportReport, ReportData, StoreError, TicketImport, TicketReport, User,
+    },
 };
 
 /// MongoDB's duplicate key error.
@@ -150,9 +152,9 @@ pub async fn import(db: &Database, config: &Config, node_start_ms: i64) -> Resul
             }
             if let Some(target) = t.generate {
                 let mut have = codes.count_documents(doc! {"ticket_id": &t.id}).await? as usize;
+                let mut rng = code_rng();
                 while have < target as usize {
                     let batch: Vec<String> = {
-                        let mut rng = rand::rngs::OsRng;
                         (0..(target as usize - have).min(1000))
                             .map(|_| generate_code(&mut rng))
                             .collect()

@@ -34,7 +34,9 @@ use crate::{
     config::Config,
     journal::{Journal, JournalSetup},
     stats::StatsBatch,
-    store::types::{generate_code, Access, ClaimRow, ImportReport, ReportData, StoreError, TicketImport, User},
+    store::types::{
+        code_rng, generate_code, Access, ClaimRow, ImportReport, ReportData, StoreError, TicketImport, User,
+    },
     vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
 };
 
@@ -290,7 +292,7 @@ impl EmbeddedStore {
                     }
                     if let Some(target) = t.generate {
                         let have: i64 = count.query_row([&t.id], |r| r.get(0))?;
-                        let mut rng = rand::rngs::OsRng;
+                        let mut rng = code_rng();
                         while (have as usize + added.len()) < target as usize {
                             let code = generate_code(&mut rng);
                             if insert_code.execute(params![code, t.id])? == 1 {

@@ -31,6 +31,8 @@ pub struct Browser {
     next_id: u64,
     /// Console errors, exceptions and error log entries seen so far.
     pub errors: Vec<String>,
+    /// CSP violations of documents already left.
+    csp: Vec<Value>,
 }
 
 impl Browser {
@@ -94,6 +96,7 @@ impl Browser {
             socket,
             next_id: 0,
             errors: Vec::new(),
+            csp: Vec::new(),
         };
         for domain in ["Runtime.enable", "Log.enable", "Page.enable"] {
             browser.call(domain, json!({})).await;
@@ -174,6 +177,8 @@ impl Browser {
 
     /// Opens `url` and waits for the document to load.
     pub async fn goto(&mut self, url: &str) {
+        let seen = self.eval("window.__csp || []").await;
+        self.csp.extend(seen.as_array().cloned().unwrap_or_default());
         self.call("Page.navigate", json!({ "url": url })).await;
         self.wait_for("document.readyState === 'complete'", "the page to load")
             .await;
@@ -197,9 +202,12 @@ impl Browser {
         std::fs::write(path, png).unwrap();
     }
 
-    /// The CSP violations the page saw.
+    /// The CSP violations every document so far saw.
     pub async fn csp_violations(&mut self) -> Value {
-        self.eval("window.__csp || []").await
+        let now = self.eval("window.__csp || []").await;
+        let mut all = self.csp.clone();
+        all.extend(now.as_array().cloned().unwrap_or_default());
+        Value::Array(all)
     }
 }
 
