@@ -48,9 +48,23 @@ pub enum Command {
     Report(ReportArgs),
     /// Validate the config file and print every problem with its line.
     CheckConfig,
+    /// Check the embedded store's claim journal: every segment, damaged
+    /// byte ranges, missing sequence numbers (exits 1 if a node would refuse
+    /// to start). With --repair (no node may be serving), rewrite each
+    /// broken segment keeping every valid record, voiding each lost sequence
+    /// number, and keep the original as `<segment>.damaged`.
+    Verify(VerifyArgs),
     /// Rush an activity over HTTP, report throughput and latency, and verify
     /// that nothing was oversold (exits non-zero on any violation).
     Bench(BenchArgs),
+}
+
+/// `ticketd verify`
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Rewrite broken segments, keeping every valid record.
+    #[arg(long)]
+    pub repair: bool,
 }
 
 /// `ticketd user ...`

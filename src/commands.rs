@@ -140,6 +140,53 @@ pub fn check_config(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ticketd verify [--repair]`.
+pub fn verify(config: &Config, repair: bool) -> anyhow::Result<()> {
+    if config.storage.mode != crate::config::StorageMode::Embedded {
+        bail!("verify checks the embedded store's claim journal; in cluster mode claims live in Redis and MongoDB");
+    }
+    let dir = config.storage.path.clone();
+    let _lock = if repair {
+        let lock = crate::store::lock_data_dir(&dir)?;
+        if lock.is_none() {
+            bail!("a node is serving from {}; stop it before --repair", dir.display());
+        }
+        lock
+    } else {
+        None
+    };
+    let reports = crate::journal::verify(&dir.join("journal"), repair)?;
+    let mut broken = 0;
+    for r in &reports {
+        let state = if r.is_broken() {
+            broken += 1;
+            "BROKEN"
+        } else if r.torn_tail_only {
+            "torn tail (truncated at the next start)"
+        } else {
+            "ok"
+        };
+        println!("{}: {} claims, {state}", r.path.display(), r.claims);
+        for (start, end) in &r.damaged {
+            println!("  damaged bytes {start}..{end}");
+        }
+        for (from, to) in &r.gaps {
+            println!("  missing claims {from}..={to}");
+        }
+        if let Some(kept) = &r.kept_as {
+            println!(
+                "  repaired: every valid record kept, missing numbers voided; the original is {}",
+                kept.display()
+            );
+        }
+    }
+    println!("{} segments, {broken} broken", reports.len());
+    if broken > 0 && !repair {
+        bail!("{broken} journal segment(s) would stop a node from starting; run `ticketd verify --repair`");
+    }
+    Ok(())
+}
+
 fn cost(config: &Config) -> HashCost {
     HashCost {
         memory_kib: config.auth.argon2_memory_kib,

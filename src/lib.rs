@@ -94,6 +94,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::User(u) => commands::user(&config, u),
                 Command::Export(args) => commands::export(&config, args),
                 Command::Report(args) => commands::report(&config, args),
+                Command::Verify(args) => commands::verify(&config, args.repair),
                 Command::CheckConfig | Command::Bench(_) => unreachable!("handled above"),
             }
         }

@@ -53,12 +53,33 @@ pub enum JournalError {
         source: io::Error,
     },
     /// A record before the end of the journal is damaged.
-    #[error("journal segment {path} is corrupt at byte {offset} (not a torn tail: later data follows); restore it from a backup or move it aside")]
+    #[error(
+        "journal segment {path} is corrupt at byte {offset}: {valid_after} valid record(s) follow, so this is \
+         not a torn tail and nothing was truncated; run `ticketd verify --repair` to keep every valid record \
+         (the damaged segment is kept beside it), or restore it from a backup"
+    )]
     Corrupt {
         /// The segment.
         path: PathBuf,
         /// Where the bad record starts.
         offset: u64,
+        /// Valid records after the damage.
+        valid_after: usize,
+    },
+    /// Sequence numbers jump: records are missing.
+    #[error(
+        "journal segment {path} skips from claim {expected} to {found} at byte {offset}: records are missing; \
+         run `ticketd verify` for the details"
+    )]
+    Gap {
+        /// The segment.
+        path: PathBuf,
+        /// Where the record after the gap starts.
+        offset: u64,
+        /// The sequence number that should have come next.
+        expected: u64,
+        /// The one that came.
+        found: u64,
     },
 }
 
@@ -143,17 +164,94 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     Ok(out)
 }
 
+/// One valid record found in a segment.
+#[derive(Debug)]
+pub enum Found {
+    /// A claim.
+    Claim(Claim),
+    /// A sequence number voided by a repair.
+    Void(u64),
+}
+
+impl Found {
+    /// Its sequence number.
+    pub fn seq(&self) -> u64 {
+        match self {
+            Found::Claim(c) => c.id,
+            Found::Void(seq) => *seq,
+        }
+    }
+}
+
+/// What a segment holds after its header: every valid record with its
+/// offset, and the byte ranges that hold none.
+#[derive(Debug, Default)]
+pub struct SegmentScan {
+    /// Valid records and where they start.
+    pub found: Vec<(usize, Found)>,
+    /// Damaged byte ranges (start, end).
+    pub damaged: Vec<(usize, usize)>,
+}
+
+/// Reads a segment's records, stepping over damage: after a bad record the
+/// scan moves a byte at a time until a record decodes again (a CRC-32C
+/// match with a plausible, increasing sequence number), so one flipped byte
+/// costs one record, not every record after it.
+pub fn scan_segment(bytes: &[u8]) -> SegmentScan {
+    let mut scan = SegmentScan::default();
+    let mut offset = record::MAGIC.len().min(bytes.len());
+    let mut last_seq = 0;
+    while offset < bytes.len() {
+        match record::decode(&bytes[offset..]) {
+            record::Decoded::Record(claim, n) => {
+                last_seq = claim.id;
+                scan.found.push((offset, Found::Claim(claim)));
+                offset += n;
+            }
+            record::Decoded::Void(seq, n) => {
+                last_seq = seq;
+                scan.found.push((offset, Found::Void(seq)));
+                offset += n;
+            }
+            record::Decoded::End => break,
+            record::Decoded::Invalid => {
+                let resume = (offset + 1..bytes.len())
+                    .find(|&k| match record::decode(&bytes[k..]) {
+                        record::Decoded::Record(c, _) => c.id > last_seq,
+                        record::Decoded::Void(seq, _) => seq > last_seq,
+                        _ => false,
+                    })
+                    .unwrap_or(bytes.len());
+                scan.damaged.push((offset, resume));
+                offset = resume;
+            }
+        }
+    }
+    scan
+}
+
+fn has_magic(bytes: &[u8]) -> bool {
+    bytes.len() >= record::MAGIC.len() && &bytes[..record::MAGIC.len()] == record::MAGIC
+}
+
 /// Reads every segment in `dir` (created if missing), truncating a torn
 /// tail of the last one.
+///
+/// A torn tail is damage at the very end of the last segment with no valid
+/// record after it: the write of a group commit that was never answered.
+/// Damage with valid records after it, damage in an earlier segment, or a
+/// jump in sequence numbers is corruption: recovery refuses (nothing is
+/// truncated) and names the segment and offset.
 pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let segs = segments(dir)?;
     let mut claims = Vec::new();
     let mut last_seq = 0;
+    let mut prev: Option<u64> = None;
     for (i, (_, path)) in segs.iter().enumerate() {
         let bytes = fs::read(path).map_err(io_err(path))?;
         let is_last = i + 1 == segs.len();
-        if bytes.len() < record::MAGIC.len() || &bytes[..record::MAGIC.len()] != record::MAGIC {
+        if !has_magic(&bytes) {
             if is_last {
                 // Crashed while creating the segment: nothing in it was acknowledged.
                 tracing::warn!(segment = %path.display(), "Journal segment has no header; removing it.");
@@ -163,39 +261,143 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
             return Err(JournalError::Corrupt {
                 path: path.clone(),
                 offset: 0,
+                valid_after: 0,
             });
         }
-        let mut offset = record::MAGIC.len();
-        loop {
-            match record::decode(&bytes[offset..]) {
-                record::Decoded::Record(claim, n) => {
-                    last_seq = last_seq.max(claim.id);
-                    claims.push(claim);
-                    offset += n;
-                }
-                record::Decoded::End => break,
-                record::Decoded::Invalid if is_last => {
-                    tracing::warn!(
-                        segment = %path.display(),
-                        offset,
-                        dropped_bytes = bytes.len() - offset,
-                        "Journal ends in a torn record; truncating it (it was never acknowledged)."
-                    );
-                    let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
-                    f.set_len(offset as u64).map_err(io_err(path))?;
-                    f.sync_all().map_err(io_err(path))?;
-                    break;
-                }
-                record::Decoded::Invalid => {
-                    return Err(JournalError::Corrupt {
+        let scan = scan_segment(&bytes);
+        match scan.damaged.first() {
+            None => {}
+            Some(&(start, end)) if is_last && end == bytes.len() && scan.damaged.len() == 1 => {
+                tracing::warn!(
+                    segment = %path.display(),
+                    offset = start,
+                    dropped_bytes = end - start,
+                    "Journal ends in a torn record; truncating it (it was never acknowledged)."
+                );
+                let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
+                f.set_len(start as u64).map_err(io_err(path))?;
+                f.sync_all().map_err(io_err(path))?;
+            }
+            Some(&(start, _)) => {
+                return Err(JournalError::Corrupt {
+                    path: path.clone(),
+                    offset: start as u64,
+                    valid_after: scan.found.iter().filter(|(at, _)| *at > start).count(),
+                })
+            }
+        }
+        for (offset, found) in scan.found {
+            let seq = found.seq();
+            if let Some(p) = prev {
+                if seq != p + 1 {
+                    return Err(JournalError::Gap {
                         path: path.clone(),
                         offset: offset as u64,
-                    })
+                        expected: p + 1,
+                        found: seq,
+                    });
                 }
+            }
+            prev = Some(seq);
+            last_seq = last_seq.max(seq);
+            if let Found::Claim(claim) = found {
+                claims.push(claim);
             }
         }
     }
     Ok(Recovered { claims, last_seq })
+}
+
+/// One segment as [`verify`] saw it.
+#[derive(Debug)]
+pub struct SegmentReport {
+    /// The segment.
+    pub path: PathBuf,
+    /// Valid claim records.
+    pub claims: usize,
+    /// Damaged byte ranges.
+    pub damaged: Vec<(usize, usize)>,
+    /// Sequence numbers missing before this segment's records `(from, to)` inclusive.
+    pub gaps: Vec<(u64, u64)>,
+    /// Whether the only damage is a torn tail (recovery truncates it itself).
+    pub torn_tail_only: bool,
+    /// With `repair`: where the damaged original was kept.
+    pub kept_as: Option<PathBuf>,
+}
+
+impl SegmentReport {
+    /// Whether this segment stops a node from starting.
+    pub fn is_broken(&self) -> bool {
+        (!self.damaged.is_empty() && !self.torn_tail_only) || !self.gaps.is_empty()
+    }
+}
+
+/// Checks every segment; with `repair`, rewrites each broken one keeping
+/// every valid record and voiding each missing sequence number (the
+/// original is kept as `<segment>.damaged`).
+pub fn verify(dir: &Path, repair: bool) -> Result<Vec<SegmentReport>, JournalError> {
+    let segs = if dir.exists() { segments(dir)? } else { Vec::new() };
+    let mut reports = Vec::new();
+    let mut prev: Option<u64> = None;
+    for (i, (_, path)) in segs.iter().enumerate() {
+        let bytes = fs::read(path).map_err(io_err(path))?;
+        let is_last = i + 1 == segs.len();
+        let scan = if has_magic(&bytes) {
+            scan_segment(&bytes)
+        } else {
+            SegmentScan {
+                found: Vec::new(),
+                damaged: vec![(0, bytes.len())],
+            }
+        };
+        let mut gaps = Vec::new();
+        for (_, found) in &scan.found {
+            if let Some(p) = prev {
+                if found.seq() > p + 1 {
+                    gaps.push((p + 1, found.seq() - 1));
+                }
+            }
+            prev = Some(found.seq());
+        }
+        let torn_tail_only =
+            is_last && has_magic(&bytes) && scan.damaged.len() == 1 && scan.damaged[0].1 == bytes.len();
+        let mut report = SegmentReport {
+            path: path.clone(),
+            claims: scan.found.iter().filter(|(_, f)| matches!(f, Found::Claim(_))).count(),
+            damaged: scan.damaged.clone(),
+            gaps,
+            torn_tail_only,
+            kept_as: None,
+        };
+        if repair && report.is_broken() {
+            let mut kept = path.clone().into_os_string();
+            kept.push(".damaged");
+            let kept = PathBuf::from(kept);
+            fs::copy(path, &kept).map_err(io_err(&kept))?;
+            let mut out = record::MAGIC.to_vec();
+            let mut next: Option<u64> = report.gaps.first().map(|g| g.0).or(None);
+            for (_, found) in &scan.found {
+                if let Some(n) = next {
+                    for seq in n..found.seq() {
+                        record::encode_void(seq, &mut out);
+                    }
+                }
+                match found {
+                    Found::Claim(c) => record::encode(c, c.id, &mut out),
+                    Found::Void(seq) => record::encode_void(*seq, &mut out),
+                }
+                next = Some(found.seq() + 1);
+            }
+            let tmp = path.with_extension("repairing");
+            fs::write(&tmp, &out).map_err(io_err(&tmp))?;
+            fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
+            fs::rename(&tmp, path).map_err(io_err(path))?;
+            fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+            report.kept_as = Some(kept);
+        }
+        reports.push(report);
+    }
+    Ok(reports)
 }
 
 impl<E: Entry> Journal<E> {
@@ -442,5 +644,99 @@ impl Writer {
                 tracing::warn!(%error, segment = %path.display(), "Could not delete an applied journal segment.");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three claims (1, 2, 3) exactly as a segment holds them on disk,
+    /// written out independently of `record::encode` (magic, then records at
+    /// bytes 8, 65 and 122; 181 bytes).
+    const THREE: &str =
+        "544b444a524e4c313100000091f5c0eb010000000000000001018844709e0100000b000000000000000300616374050061\
+        63742d740800434f44452d4f4e4500003100000086f456c2020000000000000001028844709e0100000c0000000000000003006163\
+        7405006163742d740800434f44452d54574f000033000000ad66f50e030000000000000001038844709e0100000d000000000000000300\
+        61637405006163742d740a00434f44452d54485245450000";
+    const SEGMENT: &str = "00000000000000000001.journal";
+
+    fn fixture() -> Vec<u8> {
+        (0..THREE.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&THREE[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn dir_with(bytes: &[u8]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(SEGMENT), bytes).unwrap();
+        dir
+    }
+
+    fn codes(r: &Recovered) -> Vec<&str> {
+        r.claims.iter().map(|c| &*c.code).collect()
+    }
+
+    #[test]
+    fn the_on_disk_format_reads_back() {
+        let bytes = fixture();
+        assert_eq!(bytes.len(), 181);
+        let r = recover(dir_with(&bytes).path()).unwrap();
+        assert_eq!(codes(&r), ["CODE-ONE", "CODE-TWO", "CODE-THREE"]);
+        assert_eq!((r.last_seq, r.claims[1].user_id), (3, 12));
+    }
+
+    #[test]
+    fn a_torn_tail_is_truncated_and_everything_before_it_kept() {
+        let dir = dir_with(&fixture()[..150]);
+        let r = recover(dir.path()).unwrap();
+        assert_eq!(codes(&r), ["CODE-ONE", "CODE-TWO"]);
+        assert_eq!(fs::metadata(dir.path().join(SEGMENT)).unwrap().len(), 122);
+    }
+
+    #[test]
+    fn a_damaged_record_with_valid_ones_after_it_refuses_and_truncates_nothing() {
+        let mut bytes = fixture();
+        bytes[65 + 30] ^= 0x20; // inside claim 2's body
+        let dir = dir_with(&bytes);
+        match recover(dir.path()) {
+            Err(JournalError::Corrupt {
+                offset, valid_after, ..
+            }) => assert_eq!((offset, valid_after), (65, 1)),
+            other => panic!("expected corruption, got {:?}", other.map(|r| r.claims.len())),
+        }
+        assert_eq!(
+            fs::read(dir.path().join(SEGMENT)).unwrap(),
+            bytes,
+            "nothing was truncated"
+        );
+    }
+
+    #[test]
+    fn a_missing_record_is_a_gap() {
+        let bytes = fixture();
+        let without_two = [&bytes[..65], &bytes[122..]].concat();
+        match recover(dir_with(&without_two).path()) {
+            Err(JournalError::Gap { expected, found, .. }) => assert_eq!((expected, found), (2, 3)),
+            other => panic!("expected a gap, got {:?}", other.map(|r| r.claims.len())),
+        }
+    }
+
+    #[test]
+    fn repair_keeps_every_valid_record_and_voids_the_lost_one() {
+        let mut bytes = fixture();
+        bytes[65 + 30] ^= 0x20;
+        let dir = dir_with(&bytes);
+        let reports = verify(dir.path(), false).unwrap();
+        assert!(reports[0].is_broken());
+        assert_eq!(reports[0].damaged, [(65, 122)]);
+        let reports = verify(dir.path(), true).unwrap();
+        let kept = reports[0].kept_as.clone().expect("the damaged original is kept");
+        assert_eq!(fs::read(kept).unwrap(), bytes);
+        let r = recover(dir.path()).unwrap();
+        assert_eq!(codes(&r), ["CODE-ONE", "CODE-THREE"]);
+        assert_eq!(r.last_seq, 3, "the next claim is 4: no id is reused");
+        assert!(!verify(dir.path(), false).unwrap()[0].is_broken());
     }
 }

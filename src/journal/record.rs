@@ -8,7 +8,7 @@
 //! body    := seq:u64le kind:u8 claimed_at_ms:i64le user_id:u64le
 //!            activity_id:str ticket_id:str code:str idempotency_key:str
 //! str     := len:u16le utf8[len]                  (an empty key means none)
-//! kind    := 1 (a claim)
+//! kind    := 1 (a claim) | 2 (void: the sequence number was lost; body is seq and kind only)
 //! ```
 //!
 //! Sequence numbers increase by one across segments and are the claim ids.
@@ -16,7 +16,10 @@
 //! *torn tail*): replay detects it by length or checksum, truncates the file
 //! there and carries on. That record was never acknowledged, because a claim
 //! is answered only after its whole group commit was written. A bad record
-//! anywhere else is corruption and stops the node with a clear error.
+//! anywhere else is corruption and stops the node with a clear error;
+//! `ticketd verify --repair` keeps every valid record and writes a *void*
+//! record for each sequence number it could not keep, so the sequence has
+//! no unexplained gap.
 
 use std::sync::Arc;
 
@@ -25,6 +28,7 @@ use crate::vocab::Claim;
 /// The first bytes of every segment.
 pub const MAGIC: &[u8; 8] = b"TKDJRNL1";
 const KIND_CLAIM: u8 = 1;
+const KIND_VOID: u8 = 2;
 /// Bytes before the body: length and checksum.
 pub const HEADER_LEN: usize = 8;
 /// Largest body we accept on replay (four strings of at most 64 KiB plus fixed fields).
@@ -55,11 +59,23 @@ pub fn encode(claim: &Claim, seq: u64, buf: &mut Vec<u8>) {
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Appends a void record for `seq` to `buf`.
+pub fn encode_void(seq: u64, buf: &mut Vec<u8>) {
+    let mut body = Vec::with_capacity(9);
+    body.extend_from_slice(&seq.to_le_bytes());
+    body.push(KIND_VOID);
+    buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    buf.extend_from_slice(&body);
+}
+
 /// What [`decode`] found at the start of a byte slice.
 #[derive(Debug)]
 pub enum Decoded {
     /// A whole, valid record and its encoded length.
     Record(Claim, usize),
+    /// A whole, valid void record (its sequence number) and its length.
+    Void(u64, usize),
     /// The slice ends inside a record, or its checksum is wrong.
     Invalid,
     /// No bytes left.
@@ -84,6 +100,10 @@ pub fn decode(bytes: &[u8]) -> Decoded {
     };
     if crc32c::crc32c(body) != crc {
         return Decoded::Invalid;
+    }
+    if body.len() == 9 && body[8] == KIND_VOID {
+        let seq = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+        return Decoded::Void(seq, HEADER_LEN + 9);
     }
     match parse_body(body) {
         Some(claim) => Decoded::Record(claim, HEADER_LEN + len),

@@ -55,6 +55,12 @@ pub enum Store {
     Cluster(ClusterStore),
 }
 
+/// Takes the embedded data directory's lock (the one a serving node holds)
+/// without waiting; `None` while a node serves from it.
+pub fn lock_data_dir(dir: &std::path::Path) -> Result<Option<std::fs::File>, StoreError> {
+    embedded::try_lock(dir)
+}
+
 impl Store {
     /// Opens the store configured in `config`.
     pub fn open(config: &Config, access: Access<'_>) -> Result<Arc<Store>, StoreError> {

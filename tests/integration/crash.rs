@@ -131,3 +131,82 @@ async fn a_torn_journal_tail_is_truncated_on_restart() {
     );
     assert_eq!(app.detail("torn").await["remaining"], 9);
 }
+
+/// Issue 12, item 1: one flipped byte in the middle of the journal used to
+/// truncate the segment there, deleting every acknowledged claim after it.
+/// Now the node refuses to start and says where; `ticketd verify` reports
+/// it, `--repair` keeps every valid record, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_journal_record_stops_the_node_and_verify_repair_keeps_every_claim() {
+    let config = base_config() + &open_activity("rot", 10, 1);
+    let mut app = TestApp::start(&config);
+    let mut held = Vec::new();
+    for name in ["rot-a", "rot-b", "rot-c"] {
+        let token = app.register(name).await;
+        let res = app.claim(&token, "rot").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+        held.push((token, res.data()["code"].as_str().unwrap().to_owned()));
+    }
+    assert_eq!(app.stop(), 0);
+    let journal = app.dir.path().join("data/journal");
+    let segment = std::fs::read_dir(&journal)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "journal"))
+        .max()
+        .expect("a journal segment");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    // The second record: after the 8-byte magic and the first record.
+    let first_len = 8 + u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+    let second = 8 + first_len;
+    bytes[second + 20] ^= 0x40;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    // The node refuses, names the segment and the offset, and truncates nothing.
+    let mut child = std::process::Command::new(crate::common::BIN)
+        .args(["--config", "config.toml", "serve"])
+        .current_dir(app.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the node started on a corrupt journal");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    let name = segment.file_name().unwrap().to_str().unwrap();
+    assert!(
+        stderr.contains(name) && stderr.contains(&format!("byte {second}")) && stderr.contains("verify --repair"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&segment).unwrap(), bytes, "nothing was truncated");
+
+    let out = app.cli(&["verify"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("BROKEN"), "{out:?}");
+    let out = app.cli(&["verify", "--repair"], None);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("repaired"), "{out:?}");
+
+    app.boot();
+    for (token, code) in &held {
+        assert_eq!(&app.held(token, "rot").await, &vec![code.clone()]);
+    }
+    assert_eq!(app.detail("rot").await["remaining"], 7);
+    // The next claim gets a new id; no id is reused.
+    let token = app.register("rot-d").await;
+    let res = app.claim(&token, "rot").await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    assert_eq!(res.data()["claimId"], 4);
+}

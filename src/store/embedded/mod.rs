@@ -129,7 +129,7 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 }
 
 /// Takes the directory lock without waiting; `None` if another process has it.
-fn try_lock(dir: &Path) -> Result<Option<File>, StoreError> {
+pub(super) fn try_lock(dir: &Path) -> Result<Option<File>, StoreError> {
     let path = dir.join("ticketd.lock");
     let file = OpenOptions::new()
         .create(true)
