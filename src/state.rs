@@ -198,6 +198,36 @@ impl AppState {
         Ok(true)
     }
 
+    /// Embedded mode: codes that `ticketd import` (another process) put in
+    /// the store while this node served reach the pools on reload. Only
+    /// codes a pool has never held are added — a code taken by this node,
+    /// even one whose claim is still on its way from the journal to SQLite,
+    /// is in the pool's arena and never comes back. (Cluster nodes lease
+    /// from Redis, where `import` pushes codes itself.)
+    fn adopt_codes_imported_elsewhere(&self, catalog: &Catalog) -> Result<usize, StoreError> {
+        if self.store.lease_source().is_some() {
+            return Ok(0);
+        }
+        let mut adopted = 0;
+        for a in catalog.activities() {
+            for t in &a.tickets {
+                let pool = self.inventory.pool(&t.id);
+                let unclaimed = self.store.unclaimed_codes(&t.id)?;
+                let new = pool.unknown(&unclaimed);
+                if !new.is_empty() {
+                    tracing::info!(
+                        ticket = %t.id,
+                        codes = new.len(),
+                        "Codes imported by another process are now in stock."
+                    );
+                    pool.add_codes(&new);
+                    adopted += new.len();
+                }
+            }
+        }
+        Ok(adopted)
+    }
+
     fn try_reload(&self) -> Result<usize, String> {
         let mut running = self.config.lock();
         let mut new = Config::load(&self.config_path).map_err(|e| e.to_string())?;
@@ -220,6 +250,9 @@ impl AppState {
             self.inventory.pool(&t.ticket_id).add_codes(&t.added);
             added += t.added.len();
         }
+        added += self
+            .adopt_codes_imported_elsewhere(&catalog)
+            .map_err(|e| e.to_string())?;
         track(&self.inventory, &catalog).map_err(|e| e.to_string())?;
         self.catalog.store(Arc::new(catalog));
         self.auth.apply(&new);

@@ -67,6 +67,17 @@ impl CodeArena {
         self.len
     }
 
+    /// Every code the arena holds, in index order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.chunks.iter().flat_map(|c| {
+            c.ends.iter().scan(0usize, move |start, &end| {
+                let code = &c.bytes[*start..end as usize];
+                *start = end as usize;
+                Some(code)
+            })
+        })
+    }
+
     /// Whether the arena holds no code.
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -144,6 +155,19 @@ impl CodePool {
             remaining: CachePadded::new(AtomicUsize::new(0)),
             grow: Mutex::new(()),
         }
+    }
+
+    /// Of `codes`, those this pool has never held (neither in stock nor
+    /// taken, whether or not the claim is stored yet): what another process
+    /// added to the store behind the node's back.
+    pub fn unknown<'a>(&self, codes: &'a [String]) -> Vec<&'a str> {
+        let arena = self.arena.load();
+        let known: std::collections::HashSet<&str> = arena.iter().collect();
+        codes
+            .iter()
+            .map(String::as_str)
+            .filter(|c| !known.contains(c))
+            .collect()
     }
 
     /// Adds codes to the arena and puts them in stock. Callers pass only codes

@@ -137,3 +137,53 @@ async fn pausing_refuses_claims_and_unpausing_resumes_with_stock_intact() {
     assert_eq!(app.claim(&b, "p").await.status, 200);
     assert_eq!(app.detail("p").await["remaining"], 1);
 }
+
+/// Issue 12, item 3: codes that `ticketd import` (another process) added
+/// while the node served never reached its pools before a restart — the
+/// node's own re-import on SIGHUP found them already stored and added
+/// nothing. Now a reload puts every code the node never held in stock, and
+/// says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codes_imported_by_another_process_are_sold_after_sighup() {
+    use crate::common::{Act, Codes};
+    let act = |codes: &[&str]| {
+        Act::new("more")
+            .window("-1m", "+1h")
+            .limit(1)
+            .ticket("more-t", "Seat", Codes::List(codes))
+            .toml()
+    };
+    let v1 = base_config() + &act(&["M1", "M2"]);
+    let app = TestApp::start(&v1);
+    let mut tokens = Vec::new();
+    for i in 0..4 {
+        tokens.push(app.register(&format!("more-{i}")).await);
+    }
+    for t in &tokens[..2] {
+        assert_eq!(app.claim(t, "more").await.status, 200);
+    }
+    let res = app.claim(&tokens[2], "more").await;
+    assert_eq!(res.error_code(), Some("SOLD_OUT"), "{}", res.body);
+
+    // The organiser adds two codes and imports them from the command line.
+    let v2 = base_config() + &act(&["M1", "M2", "M3", "M4"]);
+    std::fs::write(app.config_path(), &v2).unwrap();
+    let out = app.cli(&["import"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let outcome = app.reload(&v2);
+    assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
+    assert_eq!(outcome["codes_added"], 2, "{outcome}");
+    assert!(app
+        .logs_text()
+        .contains("Codes imported by another process are now in stock."));
+
+    let mut got = Vec::new();
+    for t in &tokens[2..] {
+        let res = app.claim(t, "more").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+        got.push(res.data()["code"].as_str().unwrap().to_owned());
+    }
+    got.sort();
+    assert_eq!(got, ["M3", "M4"], "only the new codes; M1 and M2 never come back");
+    assert_eq!(app.detail("more").await["remaining"], 0);
+}
