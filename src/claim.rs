@@ -172,6 +172,33 @@ impl Claimer {
         }
     }
 
+    /// Sold out here — unless the claim with this Idempotency-Key was made
+    /// through another node (or before a restart that this node's ledger
+    /// does not remember): then the store has it and the retry gets its code.
+    /// Only a sold-out claim that carries a key in a shared store pays for
+    /// the look-up, and only the caller's own claims are searched.
+    async fn replay_from_store(&self, activity: &Activity, user: u64, key: Option<&str>) -> Result<Claimed, Rejection> {
+        let Some(key) = key else {
+            return Err(Rejection::SoldOut);
+        };
+        if !self.store.shared_with_nodes() {
+            return Err(Rejection::SoldOut);
+        }
+        let activities = [activity.id.clone()];
+        match self.store.claims_of_user(user, &activities).await {
+            Some(Ok(claims)) => claims
+                .into_iter()
+                .find(|c| c.activity_id == activity.id && c.idempotency_key.as_deref() == Some(key))
+                .map(|claim| Claimed { claim, replayed: true })
+                .ok_or(Rejection::SoldOut),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "Could not look a sold-out retry up in the store.");
+                Err(Rejection::Unavailable)
+            }
+            None => Err(Rejection::SoldOut),
+        }
+    }
+
     /// Decides `req` against `catalog`, commits, and records the outcome in metrics.
     pub async fn claim(&self, catalog: &Catalog, req: ClaimRequest<'_>) -> Result<Claimed, Rejection> {
         let result = self.decide(catalog, req).await;
@@ -207,7 +234,10 @@ impl Claimer {
             {
                 Some(Reservation::Replay(claim)) => Ok(Claimed { claim, replayed: true }),
                 Some(Reservation::LimitReached(codes)) => Err(Rejection::LimitReached(codes)),
-                _ => Err(Rejection::SoldOut),
+                _ => {
+                    self.replay_from_store(activity, req.user_id, req.idempotency_key.as_deref())
+                        .await
+                }
             };
         }
         // Only a claim that could take a code pays for the token check.
@@ -229,7 +259,7 @@ impl Claimer {
         }
         let Some((ticket, code_idx)) = take_code(tickets) else {
             activity.ledger.release(req.user_id, key.as_ref());
-            return Err(Rejection::SoldOut);
+            return self.replay_from_store(activity, req.user_id, key.as_deref()).await;
         };
         let claim = Claim {
             id: 0,

@@ -731,3 +731,57 @@ async fn a_logout_through_one_node_is_honoured_by_the_others() {
     let res = cluster.nodes[1].claim(&token, "lo").await;
     crate::common::assert_error(&res, 401, "UNAUTHORIZED");
 }
+
+/// Issue 12, item 4: a retry with the same Idempotency-Key after the
+/// activity sold out got SOLD_OUT instead of its code whenever it reached a
+/// node that had not made the claim (or the same node after a restart):
+/// the sold-out path read only the node's own ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_retry_gets_its_code_on_any_node_even_after_the_sell_out_and_a_restart() {
+    let mut cluster = Cluster::start(2, &cluster_activity("idem", 1, 1), "");
+    let token = cluster.nodes[0].register("idem-fan").await;
+    let body = cluster.nodes[0].claim_body(&token, "idem").await;
+    let key = [("Idempotency-Key", "retry-me-0001")];
+    let first = cluster.nodes[0]
+        .client
+        .call(http::Method::POST, "/ticket/get", Some(&token), Some(&body), &key)
+        .await
+        .unwrap();
+    assert_eq!(first.status, 200, "{}", first.body);
+    let code = first.data()["code"].clone();
+    // Sold out now; the answer to the retry was "lost" and it goes elsewhere.
+    let other = cluster.nodes[1].register("idem-other").await;
+    assert_eq!(
+        cluster.nodes[1].claim(&other, "idem").await.error_code(),
+        Some("SOLD_OUT")
+    );
+    let again = cluster.nodes[1]
+        .client
+        .call(http::Method::POST, "/ticket/get", Some(&token), Some(&body), &key)
+        .await
+        .unwrap();
+    assert_eq!((again.status, &again.data()["code"]), (200, &code), "{}", again.body);
+    assert_eq!(again.data()["replayed"], true);
+    // And on the node that made it, after a restart that emptied its ledger.
+    assert_eq!(cluster.nodes[0].stop(), 0);
+    cluster.nodes[0].boot();
+    let again = cluster.nodes[0]
+        .client
+        .call(http::Method::POST, "/ticket/get", Some(&token), Some(&body), &key)
+        .await
+        .unwrap();
+    assert_eq!((again.status, &again.data()["code"]), (200, &code), "{}", again.body);
+    // Another key of the same user is not a replay: sold out.
+    let fresh = cluster.nodes[1]
+        .client
+        .call(
+            http::Method::POST,
+            "/ticket/get",
+            Some(&token),
+            Some(&body),
+            &[("Idempotency-Key", "new-key")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(fresh.error_code(), Some("SOLD_OUT"), "{}", fresh.body);
+}
