@@ -129,6 +129,11 @@ impl Services {
         stop(self.redis.take(), libc::SIGTERM);
     }
 
+    /// `signal` to Redis (SIGKILL: no flush, no goodbye), and wait.
+    pub fn signal_redis(&mut self, signal: i32) {
+        stop(self.redis.take(), signal);
+    }
+
     pub fn start_mongo(&mut self) {
         let dir = self.dir.path().join("mongo");
         std::fs::create_dir_all(&dir).unwrap();
