@@ -328,7 +328,7 @@ impl Slot {
             CommitOutcome::InDoubt => {
                 // The store settles this code once it can tell; it is not ours to put back.
                 rejected(self, &claim, false);
-                Next::Done(Err(Rejection::Unavailable))
+                Next::Done(Err(Rejection::OutcomeUnknown))
             }
             // The lost code is not put back: it is not this node's any more.
             CommitOutcome::CodeTaken => match may_retry.then(|| self.pool.take()).flatten() {
@@ -735,7 +735,7 @@ per_user_limit = {limit}
         let (mut slot, claim) = reserved(1);
         assert!(matches!(
             slot.settle(claim, CommitOutcome::InDoubt, true),
-            Next::Done(Err(Rejection::Unavailable))
+            Next::Done(Err(Rejection::OutcomeUnknown))
         ));
         assert_eq!(slot.pool.remaining(), 0);
         assert!(matches!(slot.ledger.reserve(1, 1, None), Reservation::Reserved));

@@ -179,6 +179,9 @@ pub enum Rejection {
     Overloaded,
     /// The store cannot take claims.
     Unavailable,
+    /// The store failed while this claim was being written: it may or may
+    /// not have been kept. A retry with the same Idempotency-Key tells.
+    OutcomeUnknown,
     /// Cluster mode: too many claims are waiting for MongoDB on this node.
     BacklogFull,
     /// Claim tokens are required and none was sent.
@@ -206,7 +209,7 @@ impl Rejection {
             Rejection::InProgress => ClaimOutcome::InProgress,
             Rejection::SoldOut => ClaimOutcome::SoldOut,
             Rejection::Overloaded => ClaimOutcome::Overloaded,
-            Rejection::Unavailable | Rejection::BacklogFull => ClaimOutcome::Unavailable,
+            Rejection::Unavailable | Rejection::OutcomeUnknown | Rejection::BacklogFull => ClaimOutcome::Unavailable,
             Rejection::ClaimTokenRequired | Rejection::ClaimTokenInvalid | Rejection::ClaimTokenExpired => {
                 ClaimOutcome::BadClaimToken
             }

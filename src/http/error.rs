@@ -202,6 +202,13 @@ impl From<Rejection> for ApiError {
                 "claims cannot be stored right now",
             )
             .retry_after(5),
+            Rejection::OutcomeUnknown => ApiError::new(
+                S::SERVICE_UNAVAILABLE,
+                "OUTCOME_UNKNOWN",
+                "the store failed while this claim was being written, so it may or may not have been kept; \
+                 retry with the same Idempotency-Key to learn which",
+            )
+            .retry_after(5),
             Rejection::ClaimTokenRequired => ApiError::new(
                 S::FORBIDDEN,
                 "CLAIM_TOKEN_REQUIRED",

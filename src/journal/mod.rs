@@ -94,8 +94,13 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
 pub trait Entry: Send + 'static {
     /// The claim to write.
     fn claim(&self) -> &Claim;
-    /// Called once, after the write succeeded (with the claim's id) or failed.
+    /// Called once, after the write succeeded (with the claim's id) or
+    /// surely failed (nothing of it reached the disk).
     fn settle(self, result: Result<u64, CommitError>);
+    /// Called instead of [`Entry::settle`] when a write or fsync failed: some
+    /// of the batch may be on disk and become a claim at the next start, so
+    /// the outcome is unknown until then.
+    fn in_doubt(self);
 }
 
 impl Entry for PendingClaim {
@@ -108,6 +113,10 @@ impl Entry for PendingClaim {
             Ok(id) => CommitOutcome::Committed(id),
             Err(e) => CommitOutcome::Failed(e),
         });
+    }
+
+    fn in_doubt(self) {
+        self.answer(CommitOutcome::InDoubt);
     }
 }
 
@@ -598,10 +607,17 @@ impl Writer {
         }
         metrics::global().journal_batch.observe_count(batch.len() as u64);
         if let Err(error) = self.segment.write(&self.buf) {
+            // A failed write or fsync may still have put some of the batch
+            // on disk (a prefix, or all of it before fsync failed): replay
+            // would make those claims at the next start. So the batch is not
+            // "failed" but in doubt: its codes stay out of stock and its
+            // users hear that the outcome is unknown; after the restart a
+            // retry with the same Idempotency-Key returns the code if the
+            // claim was kept, and claims anew if not.
             ctl.error(&error);
-            tracing::error!(%error, "Journal write failed; refusing claims until restart.");
+            tracing::error!(%error, claims = batch.len(), "Journal write failed; its claims are in doubt until restart, and claims are refused until then.");
             self.healthy.store(false, Ordering::Relaxed);
-            batch.drain(..).for_each(|e| e.settle(Err(CommitError::Unavailable)));
+            batch.drain(..).for_each(Entry::in_doubt);
             return;
         }
         self.setup.next_seq += batch.len() as u64;

@@ -210,3 +210,165 @@ async fn a_corrupt_journal_record_stops_the_node_and_verify_repair_keeps_every_c
     assert_eq!(res.status, 200, "{}", res.body);
     assert_eq!(res.data()["claimId"], 4);
 }
+
+/// A tmpfs mounted on a directory for the life of a test.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("mount(8)");
+        assert!(
+            out.status.success(),
+            "mounting a small tmpfs (a disk that can fill up) needs root: run ./scripts/test as root or with sudo ({})",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Issue 12, item 2: a failed journal write (a full disk mid-rush) used to
+/// answer "failed" while records of that batch could be on disk and become
+/// claims at the next start. Now such claims are answered as in doubt, and
+/// after the restart the store agrees with every answer given: each
+/// acknowledged claim is there, every other stored claim belongs to a user
+/// told "unknown", no code is held twice, and a retry with the same
+/// Idempotency-Key returns the kept code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_mid_rush_leaves_the_store_agreeing_with_every_answer() {
+    use std::collections::{HashMap, HashSet};
+    use std::io::Write;
+    let config = base_config() + &open_activity("full", 2000, 1);
+    let mut app = TestApp::prepare(&config, &[]);
+    let data = app.dir.path().join("data");
+    let _disk = Tmpfs::mount(&data, "8m");
+    app.boot();
+    let tokens = app.users("fd", 800).await;
+    let mut bodies = Vec::new();
+    for t in &tokens {
+        bodies.push(app.claim_body(t, "full").await);
+    }
+    // Fill the disk, then give back a little: the journal takes its first
+    // records and then meets ENOSPC mid-rush.
+    let filler = data.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len.saturating_sub(24 << 10)).unwrap();
+    drop(f);
+
+    let mut acknowledged: HashMap<String, String> = HashMap::new();
+    let mut in_doubt: HashSet<String> = HashSet::new();
+    let client = app.client_clone();
+    let mut tasks = Vec::new();
+    for (i, (token, body)) in tokens.iter().zip(&bodies).enumerate() {
+        let (client, token, body) = (client.clone(), token.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let key = format!("full-key-{i}");
+            let res = client
+                .call(
+                    http::Method::POST,
+                    "/ticket/get",
+                    Some(&token),
+                    Some(&body),
+                    &[("Idempotency-Key", &key)],
+                )
+                .await
+                .unwrap();
+            (i, res)
+        }));
+    }
+    let mut outcomes: HashMap<String, usize> = HashMap::new();
+    for t in tasks {
+        let (i, res) = t.await.unwrap();
+        let name = crate::common::username("fd", i);
+        let label = format!("{} {}", res.status, res.error_code().unwrap_or("ok"));
+        *outcomes.entry(label).or_default() += 1;
+        match res.status {
+            200 => {
+                acknowledged.insert(name, res.data()["code"].as_str().unwrap().to_owned());
+            }
+            // Nothing of it was written: the journal had already failed.
+            503 if res.error_code() == Some("STORE_UNAVAILABLE") => {}
+            503 if res.error_code() == Some("OUTCOME_UNKNOWN") => {
+                in_doubt.insert(name);
+            }
+            _ => panic!("unexpected answer: {} {}", res.status, res.body),
+        }
+    }
+    assert!(
+        !acknowledged.is_empty() && !in_doubt.is_empty(),
+        "the disk never filled mid-rush: {outcomes:?}"
+    );
+
+    // Crash, free the disk, start again.
+    app.kill9();
+    std::fs::remove_file(&filler).unwrap();
+    app.boot();
+    let out = app.cli(&["export", "--activity", "full"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = crate::common::parse_csv(&out.stdout);
+    let mut codes = HashSet::new();
+    let mut stored: HashMap<String, String> = HashMap::new();
+    for r in &rows {
+        assert!(codes.insert(r["code"].clone()), "code {} held twice", r["code"]);
+        assert!(
+            stored.insert(r["username"].clone(), r["code"].clone()).is_none(),
+            "{} holds two codes",
+            r["username"]
+        );
+    }
+    for (user, code) in &acknowledged {
+        assert_eq!(
+            stored.get(user),
+            Some(code),
+            "an acknowledged claim of {user} was lost ({outcomes:?})"
+        );
+    }
+    for user in stored.keys() {
+        assert!(
+            acknowledged.contains_key(user) || in_doubt.contains(user),
+            "{user} holds a code though told it failed or never told ({outcomes:?})"
+        );
+    }
+    // Those told "unknown": a retry with the same key returns what was kept.
+    for (i, token) in tokens.iter().enumerate() {
+        let name = crate::common::username("fd", i);
+        if !in_doubt.contains(&name) {
+            continue;
+        }
+        if !stored.contains_key(&name) {
+            continue;
+        }
+        // A client fetches a fresh claim token after the node restarted.
+        let body = app.claim_body(token, "full").await;
+        let key = format!("full-key-{i}");
+        let res = app
+            .client
+            .call(
+                http::Method::POST,
+                "/ticket/get",
+                Some(token),
+                Some(&body),
+                &[("Idempotency-Key", &key)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status, 200, "{}", res.body);
+        assert_eq!(res.data()["code"].as_str(), stored.get(&name).map(String::as_str));
+        assert_eq!(res.data()["replayed"], true);
+    }
+    println!("outcomes: {outcomes:?}; {} stored", stored.len());
+}

@@ -56,6 +56,7 @@ const ERRORS = {
     SOLD_OUT: 'Sold out — every ticket has been claimed.',
     OVERLOADED: 'The sale is very busy; retrying.', BACKLOG_FULL: 'The sale is very busy; retrying.',
     UNAVAILABLE: 'The sale is not answering right now; retrying.',
+    OUTCOME_UNKNOWN: 'The sale stumbled while storing your ticket; checking whether you got it.',
     STORE_UNAVAILABLE: 'The sale is having trouble; retrying.',
     BAD_CREDENTIALS: 'Wrong username or password.', USERNAME_TAKEN: 'This username is taken.',
     INVALID_FIELD: 'Please check the form:', REGISTRATION_CLOSED: 'Registration is closed for this sale.',
@@ -75,6 +76,7 @@ const ERRORS = {
     SOLD_OUT: '已抢完，所有票都被领走了。', OVERLOADED: '人太多了，正在重试。',
     BACKLOG_FULL: '人太多了，正在重试。', STORE_UNAVAILABLE: '系统出现问题，正在重试。',
     UNAVAILABLE: '服务暂时无响应，正在重试。',
+    OUTCOME_UNKNOWN: '保存时出现故障，正在确认你是否抢到。',
     BAD_CREDENTIALS: '用户名或密码错误。', USERNAME_TAKEN: '用户名已被占用。',
     INVALID_FIELD: '请检查填写内容：', REGISTRATION_CLOSED: '本次活动已关闭注册。',
     LOGIN_LOCKED: '登录失败次数过多，请稍后再试。', LOGIN_THROTTLED: '正在处理登录，重试中。',
@@ -88,7 +90,7 @@ const ERRORS = {
  * leave a claim's outcome unknown: it is retried with the same
  * Idempotency-Key, which returns the code if the first try took one. */
 const RETRYABLE = new Set(['RATE_LIMITED', 'IN_PROGRESS', 'OVERLOADED', 'BACKLOG_FULL',
-  'STORE_UNAVAILABLE', 'LOGIN_THROTTLED', 'BUSY', 'UNAVAILABLE', 'NETWORK']);
+  'STORE_UNAVAILABLE', 'OUTCOME_UNKNOWN', 'LOGIN_THROTTLED', 'BUSY', 'UNAVAILABLE', 'NETWORK']);
 const retryable = (res) => RETRYABLE.has(res.error.code) || (res.error.code === 'OTHER' && res.status >= 500);
 const MAX_TRIES = 6;
 
