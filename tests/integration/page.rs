@@ -322,3 +322,20 @@ async fn the_page_is_served_compressed_cacheable_and_locked_down() {
     let err: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(err["error"]["code"], "ROUTE_NOT_FOUND");
 }
+
+/// A browser whose languages put Chinese first gets the page in Chinese.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chinese_browser_gets_the_page_in_chinese() {
+    let app = TestApp::start(&(base_config() + &crate::common::open_activity("zh", 3, 1)));
+    let mut b = Browser::launch_with(&["--lang=zh-CN", "--accept-lang=zh-CN,zh"]).await;
+    b.goto(&format!("{}/", app.url())).await;
+    b.wait_for("document.querySelectorAll('li.card').length === 1", "the list")
+        .await;
+    assert_eq!(b.eval("document.querySelector('#nav-login').textContent").await, "登录");
+    assert_eq!(
+        b.eval("document.querySelector('main h1').textContent").await,
+        "正在售票"
+    );
+    assert_eq!(b.eval("document.documentElement.lang").await, "zh-CN");
+    assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
+}

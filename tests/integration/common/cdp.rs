@@ -38,6 +38,11 @@ pub struct Browser {
 impl Browser {
     /// Starts headless Chromium and attaches to its page.
     pub async fn launch() -> Browser {
+        Browser::launch_with(&[]).await
+    }
+
+    /// Like [`Browser::launch`], with extra Chromium switches (e.g. `--lang=zh-CN`).
+    pub async fn launch_with(switches: &[&str]) -> Browser {
         let binary = ["chromium", "chromium-browser"]
             .into_iter()
             .find(|b| {
@@ -65,6 +70,7 @@ impl Browser {
             ])
             .args(["--remote-debugging-port=0", "--remote-allow-origins=*"])
             .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(switches)
             .arg("about:blank")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
