@@ -30,6 +30,18 @@ impl Nginx {
             panic!("nginx is missing: run `apt-get install -y nginx-light` (./scripts/test does it)");
         };
         assert!(version.status.success());
+        // A free port can be taken by another test's server between our
+        // probe and Nginx's bind; then Nginx exits and the port still
+        // answers — someone else's. So: start, and make sure it is Nginx.
+        for _ in 0..5 {
+            if let Some(nginx) = Nginx::try_start(upstreams) {
+                return nginx;
+            }
+        }
+        panic!("nginx did not start on a free port in 5 tries");
+    }
+
+    fn try_start(upstreams: &[&str]) -> Option<Nginx> {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -75,13 +87,38 @@ impl Nginx {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        let mut nginx = Nginx { child, port, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        loop {
+            if nginx.child.try_wait().unwrap().is_some() {
+                return None; // could not bind: the port was taken
+            }
+            if let Some(server) = server_header(port) {
+                // Ours, or another process on the port we were given.
+                return server.eq_ignore_ascii_case("nginx").then_some(nginx);
+            }
             assert!(Instant::now() < deadline, "nginx did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Nginx { child, port, _dir: dir }
     }
+}
+
+/// The `Server` header of what answers `GET /admin/` on `port` (the shipped
+/// config answers that itself, without an upstream), if anything answers.
+fn server_header(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET /admin/ HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let server = out.lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("server:")
+            .map(|v| v.trim().to_owned())
+    });
+    Some(server.unwrap_or_default())
 }
 
 impl Drop for Nginx {
