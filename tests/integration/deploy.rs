@@ -57,7 +57,9 @@ impl Nginx {
             )
             .replace("/var/cache/nginx/ticketd-assets", &format!("{d}/cache-assets"))
             .replace("/var/cache/nginx/ticketd", &format!("{d}/cache"))
-            .replace("listen 80 reuseport", &format!("listen 127.0.0.1:{port} reuseport"))
+            // Without reuseport here: two test Nginxes given the same free
+            // port would otherwise both bind it and split its connections.
+            .replace("listen 80 reuseport", &format!("listen 127.0.0.1:{port}"))
             .replace(
                 "server 127.0.0.1:3000 max_fails=3 fail_timeout=5s;",
                 &upstreams
