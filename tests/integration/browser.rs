@@ -9,15 +9,7 @@ use crate::{
 };
 
 fn chromium(args: &[&str], profile: &Path) -> (String, String) {
-    let binary = ["chromium", "chromium-browser"]
-        .into_iter()
-        .find(|b| {
-            Command::new(b)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .unwrap_or_else(|| panic!("chromium is missing: run `apt-get install -y chromium` (./scripts/test does it)"));
+    let binary = crate::common::cdp::chromium_binary();
     let out = Command::new(binary)
         .args([
             "--headless",

@@ -246,14 +246,7 @@ async fn a_bench_through_the_shipped_nginx_in_front_of_two_nodes_keeps_the_invar
     // The fan's page through Nginx: the page, then its script from Nginx's cache.
     let page = raw_get(&format!("127.0.0.1:{}", nginx.port), "/").await;
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
-    let script = page
-        .split("src=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_owned();
+    let script = crate::common::cdp::page_script(&page);
     let first = raw_get(&format!("127.0.0.1:{}", nginx.port), &script).await;
     let second = raw_get(&format!("127.0.0.1:{}", nginx.port), &script).await;
     assert!(

@@ -296,14 +296,7 @@ async fn the_page_is_served_compressed_cacheable_and_locked_down() {
     assert!(head.starts_with("http/1.1 304"), "{head}");
     assert!(body.is_empty());
 
-    let script = html
-        .split("src=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_owned();
+    let script = crate::common::cdp::page_script(&html);
     assert!(
         script.starts_with("/assets/app.") && script.ends_with(".js"),
         "{script}"

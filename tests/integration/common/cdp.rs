@@ -43,17 +43,7 @@ impl Browser {
 
     /// Like [`Browser::launch`], with extra Chromium switches (e.g. `--lang=zh-CN`).
     pub async fn launch_with(switches: &[&str]) -> Browser {
-        let binary = ["chromium", "chromium-browser"]
-            .into_iter()
-            .find(|b| {
-                Command::new(b)
-                    .arg("--version")
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-            })
-            .unwrap_or_else(|| {
-                panic!("chromium is missing: run `apt-get install -y chromium` (./scripts/test does it)")
-            });
+        let binary = chromium_binary();
         let profile = tempfile::tempdir().unwrap();
         let mut child = Command::new(binary)
             .args([
@@ -222,6 +212,29 @@ impl Drop for Browser {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Debian's Chromium (`chromium`, or `chromium-browser` elsewhere); fails
+/// the test, saying what to install, when there is none.
+pub fn chromium_binary() -> &'static str {
+    ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .unwrap_or_else(|| panic!("chromium is missing: run `apt-get install -y chromium` (./scripts/test does it)"))
+}
+
+/// The path of the script the fans' page at `/` loads (content-hashed).
+pub fn page_script(html: &str) -> String {
+    html.split("src=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the page names its script")
+        .to_owned()
 }
 
 /// The WebSocket URL of the browser's first page target (`/json/list`).
