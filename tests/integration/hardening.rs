@@ -594,8 +594,17 @@ async fn csv_exports_neutralise_formulas_in_both_paths() {
         want.sort();
         assert_eq!(got, want, "{path}");
     };
-    let out = app.cli(&["export", "--activity", "csv"], None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The CLI reads SQLite, which the serving node's applier fills from the
+    // journal a batch behind the answers: wait for every claim to be there.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let out = loop {
+        let out = app.cli(&["export", "--activity", "csv"], None);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        if parse_csv(&out.stdout).len() == nicknames.len() || std::time::Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     check(&out.stdout, "ticketd export");
 
     let admin_addr = app.wait_for_log("Admin API listening.", 1)["addr"]
