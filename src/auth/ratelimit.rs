@@ -126,7 +126,10 @@ struct Strikes {
     /// Attempts begun and not yet decided: they count against the budget,
     /// so concurrent guesses cannot all pass one check before any fails.
     in_flight: u32,
-    locked_until: Instant,
+    /// `None` until a lockout starts. (Not "now at creation": requests read
+    /// the clock before they reach the shard lock, so a request whose `now`
+    /// is a microsecond older than the creator's would see a lockout.)
+    locked_until: Option<Instant>,
 }
 
 /// Failure counts per key (an address, an account at an address).
@@ -157,11 +160,11 @@ impl<K: Eq + Hash + Clone> Backoff<K> {
             failures: 0,
             last_failure: now,
             in_flight: 0,
-            locked_until: now,
+            locked_until: None,
         };
         self.strikes.with(key, now, fresh, |s| {
-            if s.locked_until > now {
-                return Err(Refusal::Locked(s.locked_until - now));
+            if let Some(until) = s.locked_until.filter(|&u| u > now) {
+                return Err(Refusal::Locked(until - now));
             }
             if s.failures > 0 && now.saturating_duration_since(s.last_failure) >= policy.forgive_after() {
                 s.failures = 0;
@@ -182,7 +185,7 @@ impl<K: Eq + Hash + Clone> Backoff<K> {
             failures: 0,
             last_failure: now,
             in_flight: 1,
-            locked_until: now,
+            locked_until: None,
         };
         self.strikes.with(key, now, fresh, |s| {
             s.in_flight = s.in_flight.saturating_sub(1);
@@ -192,7 +195,7 @@ impl<K: Eq + Hash + Clone> Backoff<K> {
                 return None;
             }
             let lock = policy.lockout(s.failures);
-            s.locked_until = now + lock;
+            s.locked_until = Some(now + lock);
             Some(lock)
         })
     }
@@ -208,13 +211,15 @@ impl<K: Eq + Hash + Clone> Backoff<K> {
 
     /// Whether `key` is locked out now.
     pub fn is_locked(&self, key: &K, now: Instant) -> bool {
-        self.strikes.get(key, |s| s.locked_until > now).unwrap_or(false)
+        self.strikes
+            .get(key, |s| s.locked_until.is_some_and(|u| u > now))
+            .unwrap_or(false)
     }
 
     /// Drops records idle for longer than `idle`, unless locked or being checked.
     pub fn sweep(&self, now: Instant, idle: Duration) {
         self.strikes.retain(|s, touched| {
-            s.locked_until > now || s.in_flight > 0 || now.saturating_duration_since(touched) < idle
+            s.locked_until.is_some_and(|u| u > now) || s.in_flight > 0 || now.saturating_duration_since(touched) < idle
         });
     }
 
@@ -307,6 +312,22 @@ mod tests {
             g.begin("nat", p, later).unwrap();
             assert_eq!(g.fail("nat", p, later), None);
         }
+    }
+
+    #[test]
+    fn a_request_that_read_the_clock_a_little_earlier_is_not_locked_out() {
+        let g = Backoff::new(1000);
+        let p = BackoffPolicy {
+            max_failures: 5,
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(60),
+        };
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_micros(3);
+        // The record is created by a request that read the clock at t1...
+        g.begin("nat", p, t1).unwrap();
+        // ...and one that read it at t0 reaches the shard lock after it.
+        assert_eq!(g.begin("nat", p, t0), Ok(()));
     }
 
     #[test]
