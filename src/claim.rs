@@ -5,18 +5,19 @@
 //! in memory and lock-free or shard-locked for a few instructions:
 //!
 //! 1. the activity in the catalog snapshot (404), paused (409), the sale
-//!    window (409 NOT_STARTED / ENDED); when every pool is empty, SOLD_OUT
-//!    (or the caller's own LIMIT_REACHED / idempotent replay) at once — with
-//!    leases (a cluster) only once the master lists are empty too (while
-//!    they are not, the claim waits briefly for the lease worker);
+//!    window (409 NOT_STARTED / ENDED); when every pool is empty, the
+//!    caller's own LIMIT_REACHED / idempotent replay, else 410 SOLD_OUT at
+//!    once if no code can come back, or 503 STOCK_IN_FLIGHT while one still
+//!    may (see [`Claimer::no_code`]); with leases (a cluster) a claim first
+//!    waits briefly for the lease worker while a master list has codes;
 //! 2. the claim token and proof of work (403);
 //! 3. in-flight budgets, global and per activity (503, so a burst cannot
 //!    queue without bound);
 //! 4. the user's slot in the activity's [`Ledger`]: an idempotency key that
 //!    already has a claim is answered again; a user at the limit is refused
 //!    with their codes (409 LIMIT_REACHED);
-//! 5. a code from the ticket's [`CodePool`] (410 SOLD_OUT if the last one
-//!    went to someone else a moment ago);
+//! 5. a code from the ticket's [`CodePool`] (as in 1. if the last one went
+//!    to someone else a moment ago);
 //! 6. the commit: the claim goes to the store ([`Store::commit`]: the local
 //!    journal, or in a cluster the Redis commit script, which also enforces
 //!    the per-user limit across nodes), which answers in its own terms
@@ -172,30 +173,69 @@ impl Claimer {
         }
     }
 
-    /// Sold out here — unless the claim with this Idempotency-Key was made
-    /// through another node (or before a restart that this node's ledger
-    /// does not remember): then the store has it and the retry gets its code.
-    /// Only a sold-out claim that carries a key in a shared store pays for
-    /// the look-up, and only the caller's own claims are searched.
-    async fn replay_from_store(&self, activity: &Activity, user: u64, key: Option<&str>) -> Result<Claimed, Rejection> {
+    /// No code here for this claim — but the claim with this Idempotency-Key
+    /// may have been made through another node (or before a restart that
+    /// this node's ledger does not remember): then the store has it and the
+    /// retry gets its code. Only a claim that carries a key in a shared
+    /// store pays for the look-up, and only the caller's own claims are
+    /// searched. `Ok(None)` when there is no such claim.
+    async fn replay_from_store(
+        &self,
+        activity: &Activity,
+        user: u64,
+        key: Option<&str>,
+    ) -> Result<Option<Claimed>, Rejection> {
         let Some(key) = key else {
-            return Err(Rejection::SoldOut);
+            return Ok(None);
         };
         if !self.store.shared_with_nodes() {
-            return Err(Rejection::SoldOut);
+            return Ok(None);
         }
         let activities = [activity.id.clone()];
         match self.store.claims_of_user(user, &activities).await {
-            Some(Ok(claims)) => claims
+            Some(Ok(claims)) => Ok(claims
                 .into_iter()
                 .find(|c| c.activity_id == activity.id && c.idempotency_key.as_deref() == Some(key))
-                .map(|claim| Claimed { claim, replayed: true })
-                .ok_or(Rejection::SoldOut),
+                .map(|claim| Claimed { claim, replayed: true })),
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "Could not look a sold-out retry up in the store.");
                 Err(Rejection::Unavailable)
             }
-            None => Err(Rejection::SoldOut),
+            None => Ok(None),
+        }
+    }
+
+    /// What a claim that found no code in `tickets` hears. SOLD_OUT is
+    /// final — a client (the fans' page included) stops at 410 — so it is
+    /// said only when no code can come back: none is being committed here (a
+    /// failed commit puts its code back), none is in doubt, and in a cluster
+    /// none is left on a master list or in any node's lease, a dead node's
+    /// included (the cluster-wide counts, as of the last look: they only
+    /// ever overstate what is left). Otherwise the answer is the retryable
+    /// STOCK_IN_FLIGHT.
+    fn no_code(&self, tickets: &[TicketType]) -> Rejection {
+        if self.store.has_unsettled_doubts() {
+            return Rejection::Unavailable;
+        }
+        let settling = tickets.iter().any(|t| !t.pool.drained());
+        if settling || self.inventory.unsold_elsewhere(tickets.iter().map(|t| &*t.id)) {
+            Rejection::StockInFlight
+        } else {
+            Rejection::SoldOut
+        }
+    }
+
+    /// [`replay_from_store`](Self::replay_from_store), else [`no_code`](Self::no_code).
+    async fn replay_or_no_code(
+        &self,
+        activity: &Activity,
+        tickets: &[TicketType],
+        user: u64,
+        key: Option<&str>,
+    ) -> Result<Claimed, Rejection> {
+        match self.replay_from_store(activity, user, key).await? {
+            Some(claimed) => Ok(claimed),
+            None => Err(self.no_code(tickets)),
         }
     }
 
@@ -235,7 +275,7 @@ impl Claimer {
                 Some(Reservation::Replay(claim)) => Ok(Claimed { claim, replayed: true }),
                 Some(Reservation::LimitReached(codes)) => Err(Rejection::LimitReached(codes)),
                 _ => {
-                    self.replay_from_store(activity, req.user_id, req.idempotency_key.as_deref())
+                    self.replay_or_no_code(activity, tickets, req.user_id, req.idempotency_key.as_deref())
                         .await
                 }
             };
@@ -259,7 +299,9 @@ impl Claimer {
         }
         let Some((ticket, code_idx)) = take_code(tickets) else {
             activity.ledger.release(req.user_id, key.as_ref());
-            return self.replay_from_store(activity, req.user_id, key.as_deref()).await;
+            return self
+                .replay_or_no_code(activity, tickets, req.user_id, key.as_deref())
+                .await;
         };
         let claim = Claim {
             id: 0,
@@ -296,11 +338,16 @@ enum Next {
 impl Slot {
     /// Applies the store's answer about `claim` to the code and the slot,
     /// and says what the user hears (or that another code is worth a try,
-    /// when `may_retry`).
+    /// when `may_retry`). Every answer but a retry ends the code's commit in
+    /// its pool ([`CodePool::commit_ended`] or, when the code goes back,
+    /// [`CodePool::commit_failed`]), so the pool can tell when it is sold
+    /// out for good.
     fn settle(&mut self, mut claim: Claim, outcome: CommitOutcome, may_retry: bool) -> Next {
         let rejected = |slot: &Slot, claim: &Claim, put_back: bool| {
             if put_back {
-                slot.pool.put_back(slot.code_idx);
+                slot.pool.commit_failed(slot.code_idx);
+            } else {
+                slot.pool.commit_ended();
             }
             slot.ledger.release(claim.user_id, claim.idempotency_key.as_ref());
         };
@@ -308,6 +355,7 @@ impl Slot {
             CommitOutcome::Committed(id) => {
                 claim.id = id;
                 self.ledger.confirm(claim.clone());
+                self.pool.commit_ended();
                 Next::Done(Ok(Claimed { claim, replayed: false }))
             }
             CommitOutcome::Duplicate(existing) => {
@@ -326,11 +374,14 @@ impl Slot {
                 Next::Done(Err(error.into()))
             }
             CommitOutcome::InDoubt => {
-                // The store settles this code once it can tell; it is not ours to put back.
+                // The store settles this code once it can tell; it is not
+                // ours to put back. (Embedded, it stays in doubt until the
+                // restart, and the store says so: see `Claimer::no_code`.)
                 rejected(self, &claim, false);
                 Next::Done(Err(Rejection::OutcomeUnknown))
             }
             // The lost code is not put back: it is not this node's any more.
+            // The next one keeps this slot's place among the committing.
             CommitOutcome::CodeTaken => match may_retry.then(|| self.pool.take()).flatten() {
                 Some(idx) => {
                     self.code_idx = idx;
@@ -339,7 +390,9 @@ impl Slot {
                 }
                 None => {
                     rejected(self, &claim, false);
-                    Next::Done(Err(Rejection::SoldOut))
+                    // Not SOLD_OUT: which codes are left is for a fresh
+                    // look (`Claimer::no_code`) to say, at the retry.
+                    Next::Done(Err(Rejection::StockInFlight))
                 }
             },
         }
@@ -447,9 +500,11 @@ fn check_window(activity: &Activity, now: i64) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// Takes a code of the first of `tickets` with stock.
+/// Takes a code of the first of `tickets` with stock, to be committed.
 fn take_code(tickets: &[TicketType]) -> Option<(&TicketType, CodeIdx)> {
-    tickets.iter().find_map(|t| t.pool.take().map(|idx| (t, idx)))
+    tickets
+        .iter()
+        .find_map(|t| t.pool.take_for_commit().map(|idx| (t, idx)))
 }
 
 #[cfg(test)]
@@ -646,7 +701,7 @@ per_user_limit = {limit}
     fn reserved(user: u64) -> (Slot, Claim) {
         let pool = Arc::new(CodePool::new());
         pool.add_codes(&["C1"]);
-        let code_idx = pool.take().unwrap();
+        let code_idx = pool.take_for_commit().unwrap();
         let ledger = Arc::new(Ledger::default());
         assert!(matches!(ledger.reserve(user, 1, None), Reservation::Reserved));
         let claim = Claim {
@@ -711,13 +766,14 @@ per_user_limit = {limit}
             Next::Done(r) => panic!("{r:?}"),
         }
         assert_eq!(slot.pool.remaining(), 0, "the lost code is not put back");
-        // Out of retries: sold out, slot released, and the pool's other
-        // codes stay where they are.
+        // Out of retries: a retryable refusal (not SOLD_OUT: the pool still
+        // has a code), slot released, and the pool's other codes stay where
+        // they are.
         let (mut slot, claim) = reserved(1);
         slot.pool.add_codes(&["C3"]);
         assert!(matches!(
             slot.settle(claim.clone(), CommitOutcome::CodeTaken, false),
-            Next::Done(Err(Rejection::SoldOut))
+            Next::Done(Err(Rejection::StockInFlight))
         ));
         assert_eq!(
             slot.pool.remaining(),
@@ -725,12 +781,14 @@ per_user_limit = {limit}
             "no code is taken for a retry that does not happen"
         );
         assert!(matches!(slot.ledger.reserve(1, 1, None), Reservation::Reserved));
-        // Out of codes: the same.
+        // Out of codes: the same, and the lost code no longer counts as
+        // being committed here.
         let (mut slot, claim) = reserved(1);
         assert!(matches!(
             slot.settle(claim.clone(), CommitOutcome::CodeTaken, true),
-            Next::Done(Err(Rejection::SoldOut))
+            Next::Done(Err(Rejection::StockInFlight))
         ));
+        assert!(slot.pool.drained());
         // In doubt: the store settles the code later; it must not come back here.
         let (mut slot, claim) = reserved(1);
         assert!(matches!(

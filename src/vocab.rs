@@ -173,8 +173,13 @@ pub enum Rejection {
     LimitReached(Vec<Arc<str>>),
     /// A claim with the same idempotency key is being committed.
     InProgress,
-    /// No stock left.
+    /// No stock left, for good: no code can come back.
     SoldOut,
+    /// No code free now, but some may still come back: claims being
+    /// committed (a failed one returns its code), or in a cluster codes on
+    /// another node's lease (sold, given back idle, or reclaimed from a dead
+    /// node). Retry shortly.
+    StockInFlight,
     /// Too many claims in flight or queued.
     Overloaded,
     /// The store cannot take claims.
@@ -208,6 +213,7 @@ impl Rejection {
             Rejection::LimitReached(_) => ClaimOutcome::LimitReached,
             Rejection::InProgress => ClaimOutcome::InProgress,
             Rejection::SoldOut => ClaimOutcome::SoldOut,
+            Rejection::StockInFlight => ClaimOutcome::StockInFlight,
             Rejection::Overloaded => ClaimOutcome::Overloaded,
             Rejection::Unavailable | Rejection::OutcomeUnknown | Rejection::BacklogFull => ClaimOutcome::Unavailable,
             Rejection::ClaimTokenRequired | Rejection::ClaimTokenInvalid | Rejection::ClaimTokenExpired => {
@@ -250,6 +256,8 @@ pub enum ClaimOutcome {
     InProgress,
     /// No stock.
     SoldOut,
+    /// No stock free now, some may come back.
+    StockInFlight,
     /// Shed for load.
     Overloaded,
     /// Store unavailable.
@@ -262,7 +270,7 @@ pub enum ClaimOutcome {
 
 impl ClaimOutcome {
     /// Every outcome, in counter order.
-    pub const ALL: [ClaimOutcome; 13] = [
+    pub const ALL: [ClaimOutcome; 14] = [
         ClaimOutcome::Success,
         ClaimOutcome::Replayed,
         ClaimOutcome::NotFound,
@@ -272,6 +280,7 @@ impl ClaimOutcome {
         ClaimOutcome::LimitReached,
         ClaimOutcome::InProgress,
         ClaimOutcome::SoldOut,
+        ClaimOutcome::StockInFlight,
         ClaimOutcome::Overloaded,
         ClaimOutcome::Unavailable,
         ClaimOutcome::BadClaimToken,
@@ -299,6 +308,7 @@ impl ClaimOutcome {
             ClaimOutcome::LimitReached => "limit_reached",
             ClaimOutcome::InProgress => "in_progress",
             ClaimOutcome::SoldOut => "sold_out",
+            ClaimOutcome::StockInFlight => "stock_in_flight",
             ClaimOutcome::Overloaded => "overloaded",
             ClaimOutcome::Unavailable => "unavailable",
             ClaimOutcome::BadClaimToken => "bad_claim_token",

@@ -184,6 +184,13 @@ impl From<Rejection> for ApiError {
             )
             .retry_after(1),
             Rejection::SoldOut => ApiError::new(S::GONE, "SOLD_OUT", "every code of this activity has been claimed"),
+            Rejection::StockInFlight => ApiError::new(
+                S::SERVICE_UNAVAILABLE,
+                "STOCK_IN_FLIGHT",
+                "no code is free right now, but some are still being claimed or held by a server and may come \
+                 back; retry shortly",
+            )
+            .retry_after(1),
             Rejection::Overloaded => ApiError::new(
                 S::SERVICE_UNAVAILABLE,
                 "OVERLOADED",

@@ -18,7 +18,7 @@
 
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -58,10 +58,11 @@ struct TicketLease {
     upstream: AtomicUsize,
     /// A claim is waiting for codes: lease now.
     hungry: AtomicBool,
-    /// Cluster-wide codes known and sold, at the last look. A reader may see
-    /// the two halves from two different looks; the remainder never goes negative.
-    known: AtomicUsize,
-    sold: AtomicUsize,
+    /// Cluster-wide codes known (high 32 bits) and sold (low 32 bits) at
+    /// the last look, in one word so that a reader never pairs one look's
+    /// total with another's sales (which could understate what is left,
+    /// and call a ticket sold out that is not).
+    counts: AtomicU64,
     rate: Mutex<Rate>,
 }
 
@@ -93,14 +94,14 @@ impl Rate {
 
 impl TicketLease {
     fn set_counts(&self, known: usize, sold: usize) {
-        self.known.store(known, Ordering::Relaxed);
-        self.sold.store(sold, Ordering::Relaxed);
+        let half = |n: usize| u64::try_from(n).unwrap_or(u64::MAX).min(u64::from(u32::MAX));
+        self.counts.store(half(known) << 32 | half(sold), Ordering::Relaxed);
     }
 
     /// `(total, remaining, sold)`.
     fn counts(&self) -> (usize, usize, usize) {
-        let known = self.known.load(Ordering::Relaxed);
-        let sold = self.sold.load(Ordering::Relaxed);
+        let counts = self.counts.load(Ordering::Relaxed);
+        let (known, sold) = ((counts >> 32) as usize, (counts & u64::from(u32::MAX)) as usize);
         (known, known.saturating_sub(sold), sold)
     }
 }
@@ -134,8 +135,7 @@ impl Leasing {
                         pool: pool(t),
                         upstream: UNKNOWN.into(),
                         hungry: false.into(),
-                        known: 0.into(),
-                        sold: 0.into(),
+                        counts: 0.into(),
                         rate: Mutex::new(Rate::new()),
                     })
                 });
@@ -166,6 +166,18 @@ impl Leasing {
             }
         }
         Ok(())
+    }
+
+    /// Whether any of `tickets` has codes not yet sold anywhere in the
+    /// cluster (master list, leases, doubts) as of the last look, or has
+    /// not been looked at yet. The counts are read in one script, and a
+    /// later look can only find fewer unsold codes (or codes imported
+    /// since), so `false` here is final.
+    pub(super) fn unsold<'a>(&self, mut tickets: impl Iterator<Item = &'a str>) -> bool {
+        tickets.any(|id| match self.tickets.get(id) {
+            Some(t) => t.upstream.load(Ordering::Relaxed) == UNKNOWN || t.counts().1 > 0,
+            None => true,
+        })
     }
 
     /// Waits up to half a second for codes when the given pools are empty but

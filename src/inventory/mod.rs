@@ -114,6 +114,17 @@ impl Inventory {
         }
     }
 
+    /// Whether codes of these ticket types may still be unsold somewhere
+    /// other than this node's pools: on a master list or in any node's
+    /// lease (cluster), as of the last look — or not looked at yet. Never
+    /// without leases: then this node's pools are the whole stock.
+    pub fn unsold_elsewhere<'a>(&self, tickets: impl Iterator<Item = &'a str>) -> bool {
+        match self.leasing() {
+            Some(leasing) => leasing.unsold(tickets),
+            None => false,
+        }
+    }
+
     /// When these pools are empty: waits briefly if leases may still bring
     /// codes, and says whether some arrived. Without leases an empty pool is
     /// sold out at once. After a sell-out this is the path of every refused

@@ -17,13 +17,24 @@
 //! finds one; a taker that cannot reserve answers "sold out" from one atomic
 //! load, touching no queue.
 //!
+//! # Sold out for good
+//! A code taken for a claim may come back: its commit can fail. So an empty
+//! pool is not yet sold out while claims are being committed, and "sold out"
+//! is final (HTTP 410) only when the pool is [`drained`](CodePool::drained):
+//! nothing in stock *and* nothing being committed. The two counts share one
+//! atomic word — `remaining` in the low half, `committing` in the high half —
+//! so a claim's take moves a code from one to the other in the same CAS, a
+//! failed commit moves it back in one add, and a reader sees both at one
+//! instant. Two separate counters would let a reader see the code in
+//! neither place while it moved.
+//!
 //! The queues are sharded so that cores do not fight over one head pointer;
 //! each thread starts at its own shard and moves on when it is empty.
 
 use std::{
     cell::Cell,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
 };
@@ -120,7 +131,9 @@ pub struct CodePool {
     /// Swapped (copy on grow) only when codes are added, which is rare (start-up, reload).
     arena: ArcSwap<CodeArena>,
     shards: Box<[CachePadded<SegQueue<CodeIdx>>]>,
-    remaining: CachePadded<AtomicUsize>,
+    /// `remaining` (low 32 bits) and `committing` (high 32 bits); see the
+    /// module docs. Both are at most the number of codes, below 2^32.
+    counts: CachePadded<AtomicU64>,
     /// Serialises growers; a reload is the only writer, never the claim path.
     grow: Mutex<()>,
 }
@@ -129,6 +142,11 @@ thread_local! {
     static HOME_SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
 }
 static NEXT_HOME: AtomicUsize = AtomicUsize::new(0);
+
+/// One code being committed, in [`CodePool::counts`].
+const COMMITTING: u64 = 1 << 32;
+/// The `remaining` half of [`CodePool::counts`].
+const REMAINING: u64 = COMMITTING - 1;
 
 fn home_shard() -> usize {
     HOME_SHARD.with(|h| {
@@ -152,7 +170,7 @@ impl CodePool {
         CodePool {
             arena: ArcSwap::from_pointee(CodeArena::default()),
             shards: (0..n).map(|_| CachePadded::new(SegQueue::new())).collect(),
-            remaining: CachePadded::new(AtomicUsize::new(0)),
+            counts: CachePadded::new(AtomicU64::new(0)),
             grow: Mutex::new(()),
         }
     }
@@ -192,14 +210,28 @@ impl CodePool {
     /// Reserves and removes one code, or `None` when the pool is empty. O(1)
     /// unless other takers race for the last codes.
     pub fn take(&self) -> Option<CodeIdx> {
-        let mut cur = self.remaining.load(Ordering::Relaxed);
+        self.reserve(1)
+    }
+
+    /// [`take`](Self::take) for a claim about to be committed: the code
+    /// counts as *committing* until [`commit_ended`](Self::commit_ended) or
+    /// [`commit_failed`](Self::commit_failed), so the pool is not
+    /// [`drained`](Self::drained) meanwhile.
+    pub fn take_for_commit(&self) -> Option<CodeIdx> {
+        self.reserve(1u64.wrapping_sub(COMMITTING))
+    }
+
+    /// Reserves one code by subtracting `step` (whose low half is 1) from
+    /// the counts, never taking `remaining` below zero, and pops it.
+    fn reserve(&self, step: u64) -> Option<CodeIdx> {
+        let mut cur = self.counts.load(Ordering::Relaxed);
         loop {
-            if cur == 0 {
+            if cur & REMAINING == 0 {
                 return None;
             }
             match self
-                .remaining
-                .compare_exchange_weak(cur, cur - 1, Ordering::Acquire, Ordering::Relaxed)
+                .counts
+                .compare_exchange_weak(cur, cur.wrapping_sub(step), Ordering::Acquire, Ordering::Relaxed)
             {
                 Ok(_) => break,
                 Err(actual) => cur = actual,
@@ -220,10 +252,26 @@ impl CodePool {
         }
     }
 
-    /// Returns a taken code that was not handed out (its claim failed).
+    /// Returns a taken code that was not handed out (given back by a lease
+    /// worker, or never committed).
     pub fn put_back(&self, idx: CodeIdx) {
         self.shards[home_shard() % self.shards.len()].push(idx);
-        self.remaining.fetch_add(1, Ordering::Release);
+        self.counts.fetch_add(1, Ordering::Release);
+    }
+
+    /// The commit of a code from [`take_for_commit`](Self::take_for_commit)
+    /// is settled and the code is not coming back: claimed, or (in a
+    /// cluster) found to be another node's.
+    pub fn commit_ended(&self) {
+        self.counts.fetch_sub(COMMITTING, Ordering::Release);
+    }
+
+    /// The commit of a code from [`take_for_commit`](Self::take_for_commit)
+    /// failed: the code goes back in stock, in the same step that stops it
+    /// counting as committing.
+    pub fn commit_failed(&self, idx: CodeIdx) {
+        self.shards[home_shard() % self.shards.len()].push(idx);
+        self.counts.fetch_add(1u64.wrapping_sub(COMMITTING), Ordering::Release);
     }
 
     /// The code string at `idx`.
@@ -233,7 +281,18 @@ impl CodePool {
 
     /// Codes in stock right now (not counting ones being claimed this instant).
     pub fn remaining(&self) -> usize {
-        self.remaining.load(Ordering::Relaxed)
+        (self.counts.load(Ordering::Relaxed) & REMAINING) as usize
+    }
+
+    /// Codes taken by claims whose commit has not been answered yet.
+    pub fn committing(&self) -> usize {
+        (self.counts.load(Ordering::Relaxed) >> 32) as usize
+    }
+
+    /// No code in stock and none being committed: nothing can come back to
+    /// this pool except codes added to it (an import, a lease).
+    pub fn drained(&self) -> bool {
+        self.counts.load(Ordering::Acquire) == 0
     }
 
     /// Every code the pool has held, claimed or not.
@@ -268,6 +327,24 @@ mod tests {
         assert_eq!(pool.remaining(), 0);
         pool.put_back(1);
         assert_eq!(&*pool.code(pool.take().unwrap()), "BB");
+    }
+
+    #[test]
+    fn a_pool_is_drained_only_when_no_commit_can_bring_a_code_back() {
+        let pool = CodePool::new();
+        pool.add_codes(&["A", "B"]);
+        let a = pool.take_for_commit().unwrap();
+        let b = pool.take_for_commit().unwrap();
+        assert_eq!((pool.remaining(), pool.committing()), (0, 2));
+        assert!(pool.take_for_commit().is_none());
+        assert!(!pool.drained(), "two commits may still fail");
+        pool.commit_failed(a);
+        assert_eq!((pool.remaining(), pool.committing()), (1, 1));
+        assert_eq!(pool.take(), Some(a), "a failed commit's code is back in stock");
+        pool.commit_ended();
+        assert_eq!((pool.remaining(), pool.committing()), (0, 0));
+        assert!(pool.drained());
+        let _ = b;
     }
 
     #[test]

@@ -97,6 +97,19 @@ impl Store {
         }
     }
 
+    /// Whether codes whose commit outcome was unknown are still unsettled
+    /// in a way the claim path cannot see, so that no activity may be
+    /// called sold out for good. Embedded: after a failed journal write,
+    /// until the restart's recovery says which of them were kept. A cluster
+    /// never: its doubts stay in the node's lease set until resolved, and
+    /// the cluster-wide counts include them.
+    pub fn has_unsettled_doubts(&self) -> bool {
+        match self {
+            Store::Embedded(s) => !s.is_healthy(),
+            Store::Cluster(_) => false,
+        }
+    }
+
     /// A round trip through the committer (for the watchdog); `None` when it
     /// cannot take the message now.
     pub fn ping(&self) -> Option<tokio::sync::oneshot::Receiver<()>> {

@@ -14,7 +14,9 @@ use ticketd::{
     clock::{now_ms, rfc3339_ms},
 };
 
-use crate::common::{base_config, services::Services, TestApp};
+use crate::common::{
+    assert_sold_out_is_final, base_config, claim_settled, metric, outcome_key, services::Services, AnswerLog, TestApp,
+};
 
 /// A node's config: the shared services, its own id, cheap leases.
 pub fn node_config(s: &Services, db: &str, node: &str, extra: &str) -> String {
@@ -137,13 +139,30 @@ pub async fn rush(
     per_user: usize,
     parallel: usize,
 ) -> (Vec<Vec<String>>, HashMap<String, usize>) {
+    let log = AnswerLog::default();
+    let result = rush_logged(clients, act, tokens, per_user, parallel, log.clone()).await;
+    assert_sold_out_is_final(&log.lock().unwrap());
+    result
+}
+
+/// [`rush`] with every answer (STOCK_IN_FLIGHT retries included) logged in
+/// `log`, and no check of it. The outcomes count every answer, retried
+/// ones included.
+async fn rush_logged(
+    clients: &[Arc<ApiClient>],
+    act: &str,
+    tokens: &[String],
+    per_user: usize,
+    parallel: usize,
+    log: AnswerLog,
+) -> (Vec<Vec<String>>, HashMap<String, usize>) {
     let sem = Arc::new(tokio::sync::Semaphore::new(parallel));
     let mut tasks = Vec::new();
     for (i, token) in tokens.iter().enumerate() {
         let clients: Vec<Arc<ApiClient>> = (0..per_user)
             .map(|k| clients[(i + k) % clients.len()].clone())
             .collect();
-        let (sem, token, act) = (sem.clone(), token.clone(), act.to_owned());
+        let (sem, token, act, log) = (sem.clone(), token.clone(), act.to_owned(), log.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await.unwrap();
             let mut body = None;
@@ -156,25 +175,23 @@ pub async fn rush(
                 }
             }
             let Some(body) = body else { return Vec::new() };
-            let claims = clients.iter().map(|c| c.post("/ticket/get", Some(&token), &body));
+            let claims = clients.iter().map(|c| claim_settled(c, &token, &body, &log));
             join_all(claims).await
         }));
     }
     let mut acked = vec![Vec::new(); tokens.len()];
     let mut outcomes: HashMap<String, usize> = HashMap::new();
     for (i, t) in tasks.into_iter().enumerate() {
-        for a in t.await.unwrap() {
-            let key = match a {
-                Ok(a) if a.status == 200 => {
-                    acked[i].push(a.data()["code"].as_str().unwrap().to_owned());
-                    "success".to_owned()
-                }
-                Ok(a) => format!("{} {}", a.status, a.error_code().unwrap_or("?")),
-                Err(e) => {
-                    eprintln!("transport error: {e:#}");
-                    "transport".to_owned()
-                }
-            };
+        for (a, earlier) in t.await.unwrap() {
+            for k in earlier {
+                *outcomes.entry(k).or_default() += 1;
+            }
+            let key = outcome_key(&a);
+            match a {
+                Ok(a) if a.status == 200 => acked[i].push(a.data()["code"].as_str().unwrap().to_owned()),
+                Err(e) => eprintln!("transport error: {e:#}"),
+                Ok(_) => {}
+            }
             *outcomes.entry(key).or_default() += 1;
         }
     }
@@ -245,15 +262,6 @@ async fn users(cluster: &Cluster, prefix: &str, n: usize) -> (Vec<String>, Vec<i
     (tokens, ids)
 }
 
-/// The value of one series (`name` or `name{labels}`) in a node's /metrics.
-async fn metric(app: &TestApp, series: &str) -> f64 {
-    let text = app.raw_get("/metrics").await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {series} in:\n{text}"))
-}
-
 /// Waits (up to 60 s) until `condition` holds, checking every 50 ms.
 async fn until<F, Fut>(what: &str, mut condition: F)
 where
@@ -296,7 +304,7 @@ async fn three_nodes_ten_thousand_users_two_nodes_each_sell_exactly_the_stock() 
     assert_eq!(successes, 2000, "outcomes: {outcomes:?}");
     for k in outcomes.keys().filter(|k| *k != "success") {
         assert!(
-            k == "410 SOLD_OUT" || k == "409 LIMIT_REACHED",
+            k == "410 SOLD_OUT" || k == "409 LIMIT_REACHED" || k == "503 STOCK_IN_FLIGHT",
             "unexpected outcome {k}: {outcomes:?}"
         );
     }
@@ -329,14 +337,27 @@ async fn three_nodes_ten_thousand_users_two_nodes_each_sell_exactly_the_stock() 
     assert_eq!(nodes.len(), 3, "{nodes:?}");
 }
 
+/// A node killed mid-rush: nothing acknowledged is lost, the codes it had
+/// leased are reclaimed and sold by the others — and SOLD_OUT is final:
+/// while the dead node's lease still holds codes, a claim that finds no code
+/// hears the retryable STOCK_IN_FLIGHT, never a 410 that a later claim
+/// would contradict (it did: ~600 SOLD_OUTs per run, then successes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_rush_loses_nothing_and_its_leased_codes_are_sold_by_the_others() {
     let mut cluster = Cluster::start(3, &cluster_activity("k9", 1000, 1), "[cluster]\nlease_ttl = \"2s\"\n");
     let (tokens, ids) = users(&cluster, "k", 2000).await;
     let mut all = (vec![Vec::new(); tokens.len()], HashMap::new());
+    let log = AnswerLog::default();
 
     // Wave 1 over all three nodes; node2 is killed once it has sold some.
-    let wave = tokio::spawn(rush_owned(cluster.clients(), "k9", tokens[..800].to_vec(), 2, 40));
+    let wave = tokio::spawn(rush_owned(
+        cluster.clients(),
+        "k9",
+        tokens[..800].to_vec(),
+        2,
+        40,
+        log.clone(),
+    ));
     let success = "ticketd_claims_total{outcome=\"success\"}";
     until("node2 to sell", || async {
         metric(&cluster.nodes[2], success).await >= 30.0
@@ -345,29 +366,46 @@ async fn a_node_killed_mid_rush_loses_nothing_and_its_leased_codes_are_sold_by_t
     cluster.nodes[2].kill9();
     let lease_of_node2 = "tk:{k9}:lease:k9-t:node2";
     let held_by_dead = scard(&cluster, lease_of_node2).await;
-    merge(&mut all, 0, wave.await.unwrap());
     assert!(held_by_dead > 0, "node2 held no leased codes when it died");
-    assert!(all.1.get("transport").copied().unwrap_or(0) > 0, "{:?}", all.1);
 
-    // After the lease TTL a live node puts node2's codes back on the master list...
-    until("node2's leases to be reclaimed", || async {
+    // Wave 2 at once on the two live nodes, while node2's lease still holds
+    // codes: they sell what they can reach, and then are told to wait, not
+    // that it is over, until a live node reclaims node2's codes (after the
+    // lease TTL) and sells them too.
+    let live = cluster.clients()[..2].to_vec();
+    let second = rush_logged(&live, "k9", &tokens[800..], 2, 40, log.clone()).await;
+    merge(&mut all, 0, wave.await.unwrap());
+    merge(&mut all, 800, second);
+    assert!(all.1.get("transport").copied().unwrap_or(0) > 0, "{:?}", all.1);
+    let log = log.lock().unwrap().clone();
+    assert_sold_out_is_final(&log);
+    let in_flight = log.iter().filter(|a| a.outcome == "503 STOCK_IN_FLIGHT").count();
+    eprintln!(
+        "answers: {}, STOCK_IN_FLIGHT: {in_flight}, final: {:?}",
+        log.len(),
+        all.1
+    );
+
+    assert!(
         metric(&cluster.nodes[0], "ticketd_leases_reaped_total").await
             + metric(&cluster.nodes[1], "ticketd_leases_reaped_total").await
-            >= 1.0
-    })
-    .await;
+            >= 1.0,
+        "node2's lease was never reclaimed"
+    );
     assert_eq!(scard(&cluster, lease_of_node2).await, 0);
-
-    // ...and the two live nodes sell out the whole stock, node2's share included.
-    let live = cluster.clients()[..2].to_vec();
-    let wave = rush(&live, "k9", &tokens[800..], 2, 40).await;
-    merge(&mut all, 800, wave);
     let stored = cluster.drained("k9").await;
     assert_eq!(stored.len(), 1000, "outcomes: {:?}", all.1);
     assert_invariants(&all.0, &ids, &stored, 1, 1000);
     for k in all.1.keys() {
         assert!(
-            ["success", "transport", "410 SOLD_OUT", "409 LIMIT_REACHED"].contains(&k.as_str()),
+            [
+                "success",
+                "transport",
+                "410 SOLD_OUT",
+                "409 LIMIT_REACHED",
+                "503 STOCK_IN_FLIGHT"
+            ]
+            .contains(&k.as_str()),
             "unexpected outcome {k}: {:?}",
             all.1
         );
@@ -383,15 +421,16 @@ async fn a_node_killed_mid_rush_loses_nothing_and_its_leased_codes_are_sold_by_t
     );
 }
 
-/// [`rush`] with owned arguments, for spawning.
+/// [`rush_logged`] with owned arguments, for spawning.
 async fn rush_owned(
     clients: Vec<Arc<ApiClient>>,
     act: &'static str,
     tokens: Vec<String>,
     per_user: usize,
     parallel: usize,
+    log: AnswerLog,
 ) -> (Vec<Vec<String>>, HashMap<String, usize>) {
-    rush(&clients, act, &tokens, per_user, parallel).await
+    rush_logged(&clients, act, &tokens, per_user, parallel, log).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -413,7 +452,15 @@ async fn redis_outage_mid_rush(act: &'static str, signal: i32) {
     let (tokens, ids) = users(&cluster, act, 1500).await;
     let mut all = (vec![Vec::new(); tokens.len()], HashMap::new());
 
-    let wave = tokio::spawn(rush_owned(cluster.clients(), act, tokens[..600].to_vec(), 2, 20));
+    let log = AnswerLog::default();
+    let wave = tokio::spawn(rush_owned(
+        cluster.clients(),
+        act,
+        tokens[..600].to_vec(),
+        2,
+        20,
+        log.clone(),
+    ));
     until("some claims", || async { cluster.redis_claimed(act).await >= 100 }).await;
     cluster.services.signal_redis(signal);
     // While Redis is down claims are refused at once with a clear code.
@@ -430,6 +477,7 @@ async fn redis_outage_mid_rush(act: &'static str, signal: i32) {
     merge(&mut all, 600, down);
     cluster.services.start_redis();
     merge(&mut all, 0, wave.await.unwrap());
+    assert_sold_out_is_final(&log.lock().unwrap());
     until("the nodes to see Redis again", || async {
         metric(&cluster.nodes[0], "ticketd_redis_up").await == 1.0
             && metric(&cluster.nodes[1], "ticketd_redis_up").await == 1.0
@@ -646,7 +694,12 @@ async fn export_and_report_read_mongodb_and_match_the_rush() {
     assert_eq!(cell("codes"), "60");
     assert_eq!(cell("claimed"), "60");
     assert_eq!(cell("users"), "60");
-    assert_eq!(cell("requests"), "200", "both nodes' statistics are counted");
+    let requests: usize = outcomes.values().sum();
+    assert_eq!(
+        cell("requests"),
+        requests.to_string(),
+        "both nodes' statistics are counted"
+    );
     let per_node: Vec<usize> = ["node0", "node1"]
         .iter()
         .map(|n| rows.iter().filter(|r| r["node"] == *n).count())

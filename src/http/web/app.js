@@ -54,6 +54,7 @@ const ERRORS = {
     LIMIT_REACHED: 'You already hold as many tickets as one person may.',
     IN_PROGRESS: 'Your previous try is still being processed.',
     SOLD_OUT: 'Sold out — every ticket has been claimed.',
+    STOCK_IN_FLIGHT: 'The last tickets are still being handed out; some may come back. Retrying.',
     OVERLOADED: 'The sale is very busy; retrying.', BACKLOG_FULL: 'The sale is very busy; retrying.',
     UNAVAILABLE: 'The sale is not answering right now; retrying.',
     OUTCOME_UNKNOWN: 'The sale stumbled while storing your ticket; checking whether you got it.',
@@ -74,6 +75,7 @@ const ERRORS = {
     NOT_STARTED: '活动还没开始。', ENDED: '活动已结束。', PAUSED: '主办方暂停了活动，请留在本页。',
     LIMIT_REACHED: '你已达到每人限购数量。', IN_PROGRESS: '上一次请求仍在处理中。',
     SOLD_OUT: '已抢完，所有票都被领走了。', OVERLOADED: '人太多了，正在重试。',
+    STOCK_IN_FLIGHT: '最后几张票正在发放中，可能还会释放出来，正在重试。',
     BACKLOG_FULL: '人太多了，正在重试。', STORE_UNAVAILABLE: '系统出现问题，正在重试。',
     UNAVAILABLE: '服务暂时无响应，正在重试。',
     OUTCOME_UNKNOWN: '保存时出现故障，正在确认你是否抢到。',
@@ -89,7 +91,7 @@ const ERRORS = {
  * UNAVAILABLE (Nginx's own 502/503/504) and OTHER (a 5xx that was not ours)
  * leave a claim's outcome unknown: it is retried with the same
  * Idempotency-Key, which returns the code if the first try took one. */
-const RETRYABLE = new Set(['RATE_LIMITED', 'IN_PROGRESS', 'OVERLOADED', 'BACKLOG_FULL',
+const RETRYABLE = new Set(['RATE_LIMITED', 'IN_PROGRESS', 'STOCK_IN_FLIGHT', 'OVERLOADED', 'BACKLOG_FULL',
   'STORE_UNAVAILABLE', 'OUTCOME_UNKNOWN', 'LOGIN_THROTTLED', 'BUSY', 'UNAVAILABLE', 'NETWORK']);
 const retryable = (res) => RETRYABLE.has(res.error.code) || (res.error.code === 'OTHER' && res.status >= 500);
 const MAX_TRIES = 6;

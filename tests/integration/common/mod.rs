@@ -568,3 +568,88 @@ pub fn parse_csv(bytes: &[u8]) -> Vec<std::collections::HashMap<String, String>>
         })
         .collect()
 }
+
+/// One claim answer of a rush: when its request went out, when the answer
+/// came, and what it was (`success`, `"{status} {code}"` or `transport`).
+#[derive(Debug, Clone)]
+pub struct Answered {
+    pub sent: Instant,
+    pub received: Instant,
+    pub outcome: String,
+}
+
+/// Every claim answer of a rush, in no particular order.
+pub type AnswerLog = Arc<Mutex<Vec<Answered>>>;
+
+/// The key a rush counts an answer under.
+pub fn outcome_key(answer: &anyhow::Result<ApiResponse>) -> String {
+    match answer {
+        Ok(a) if a.status == 200 => "success".to_owned(),
+        Ok(a) => format!("{} {}", a.status, a.error_code().unwrap_or("?")),
+        Err(_) => "transport".to_owned(),
+    }
+}
+
+/// POSTs a claim the way a good client does: while the answer is
+/// `503 STOCK_IN_FLIGHT` (no code free, but some may come back) or
+/// `503 OVERLOADED` it asks again — after 100 ms rather than the
+/// Retry-After second, to keep the suite short — for up to a minute. Every
+/// answer goes into `log`. Returns the last answer and the keys of the
+/// earlier ones.
+pub async fn claim_settled(
+    client: &ApiClient,
+    token: &str,
+    body: &Value,
+    log: &AnswerLog,
+) -> (anyhow::Result<ApiResponse>, Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut earlier = Vec::new();
+    loop {
+        let sent = Instant::now();
+        let answer = client.post("/ticket/get", Some(token), body).await;
+        let outcome = outcome_key(&answer);
+        log.lock().unwrap().push(Answered {
+            sent,
+            received: Instant::now(),
+            outcome: outcome.clone(),
+        });
+        let retry = outcome == "503 STOCK_IN_FLIGHT" || outcome == "503 OVERLOADED";
+        if !retry || Instant::now() >= deadline {
+            return (answer, earlier);
+        }
+        earlier.push(outcome);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// 410 SOLD_OUT is final: no claim sent after a SOLD_OUT answer arrived
+/// got a code.
+pub fn assert_sold_out_is_final(log: &[Answered]) {
+    let Some(first_final) = log
+        .iter()
+        .filter(|a| a.outcome == "410 SOLD_OUT")
+        .map(|a| a.received)
+        .min()
+    else {
+        return;
+    };
+    let later: Vec<&Answered> = log
+        .iter()
+        .filter(|a| a.outcome == "success" && a.sent > first_final)
+        .collect();
+    assert!(
+        later.is_empty(),
+        "{} claims sent after the first SOLD_OUT arrived got a code (the first {:?} after it)",
+        later.len(),
+        later.iter().map(|a| a.sent - first_final).min()
+    );
+}
+
+/// The value of one series (`name` or `name{labels}`) in a node's /metrics (panics when absent).
+pub async fn metric(app: &TestApp, series: &str) -> f64 {
+    let text = app.raw_get("/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {series} in:\n{text}"))
+}
