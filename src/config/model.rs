@@ -88,8 +88,9 @@ pub struct StorageConfig {
     #[serde(default = "default_data_path")]
     pub path: PathBuf,
     /// Cluster mode: the Redis holding master lists, leases and the claim
-    /// commit (`redis://host:port/db`). `TICKETD_REDIS_URL` overrides it, so
-    /// a password need not live in the file. Restart-only.
+    /// commit (`redis://host:port/db`): one server, or any master of a Redis
+    /// Cluster (the node asks it at start which it is). `TICKETD_REDIS_URL`
+    /// overrides it, so a password need not live in the file. Restart-only.
     #[serde(default)]
     pub redis_url: Option<String>,
     /// Cluster mode: the MongoDB system of record. `TICKETD_MONGODB_URI`

@@ -25,6 +25,7 @@
 //!
 //! # Module layout
 //! - [`scripts`]: Redis key names and the Lua scripts (one atomic step each);
+//! - [`connection`]: one Redis server or a Redis Cluster, behind one type;
 //! - [`mongo`]: the MongoDB collections and every query;
 //! - [`lease`]: the Redis side of leasing ([`LeaseSource`]) and the reaper;
 //! - `commit`: the committer (claims to Redis) and the writer (backlog to MongoDB);
@@ -32,6 +33,7 @@
 //! - `shared`: what the workers share; [`error`]: the cluster's error type.
 
 mod commit;
+pub mod connection;
 pub mod error;
 pub mod lease;
 pub mod mongo;
@@ -52,12 +54,12 @@ use std::{
 use dashmap::DashMap;
 use mongodb::Database;
 use parking_lot::Mutex;
-use redis::aio::ConnectionManager;
 use tokio::{
     runtime::{Handle, Runtime},
     sync::{mpsc, Notify},
 };
 
+pub use connection::RedisConn;
 pub use error::ClusterError;
 use lease::LeaseSource;
 use record::Record;
@@ -89,15 +91,9 @@ impl Drop for ClusterStore {
     }
 }
 
-async fn connect(config: &Config) -> Result<(ConnectionManager, Database), ClusterError> {
+async fn connect(config: &Config) -> Result<(RedisConn, Database), ClusterError> {
     let url = config.storage.redis_url().unwrap_or_default();
-    let client = redis::Client::open(url.as_str())?;
-    let manager = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(1)))
-        .set_response_timeout(Some(Duration::from_secs(1)))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_millis(500));
-    let redis = ConnectionManager::new_with_config(client, manager).await?;
+    let redis = RedisConn::connect(url.as_str()).await?;
     let uri = config.storage.mongodb_uri().unwrap_or_default();
     let mut options = mongodb::options::ClientOptions::parse(uri.as_str()).await?;
     options.server_selection_timeout = Some(Duration::from_secs(2));
@@ -199,8 +195,13 @@ impl ClusterStore {
     }
 
     pub(super) fn describe(&self) -> String {
+        let redis = if self.shared.redis.is_cluster() {
+            "Redis Cluster"
+        } else {
+            "Redis"
+        };
         format!(
-            "cluster store (node {}, database {}: Redis and MongoDB connected)",
+            "cluster store (node {}, database {}: {redis} and MongoDB connected)",
             self.shared.node,
             self.shared.db.name()
         )

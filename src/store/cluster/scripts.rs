@@ -19,6 +19,12 @@
 //! tk:node:N            str   held by the running node called N
 //! ```
 //!
+//! The three global keys are used only by single-key commands (`INCRBY`,
+//! `SET NX`, the one-key [`RAISE`]), never inside a script with other keys,
+//! so on Redis Cluster they may hash to any master. A script that names
+//! per-node keys from the prefix ([`REAP`], [`RELEASE`]) stays within the
+//! activity's slot, since those keys carry its hash tag too.
+//!
 //! A code is in exactly one of: a master list, one lease set, the claimed
 //! hash. Leasing moves it list -> lease set, committing lease set -> claimed,
 //! reaping and releasing lease set -> list. Every move is inside one script,

@@ -13,13 +13,12 @@ use std::{
 use dashmap::DashMap;
 use mongodb::Database;
 use parking_lot::Mutex;
-use redis::aio::ConnectionManager;
 use tokio::{
     runtime::Handle,
     sync::{mpsc, Notify},
 };
 
-use super::error::ClusterError;
+use super::{connection::RedisConn, error::ClusterError};
 use crate::{config::ClusterConfig, vocab::PendingClaim};
 
 /// A code whose commit outcome is unknown (Redis went away mid-commit). The
@@ -40,7 +39,7 @@ pub(crate) enum Msg {
 
 /// What the committer, the lease source, the writer and the reaper share.
 pub(crate) struct Shared {
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub db: Database,
     pub node: Arc<str>,
     /// Random per process: nonces of a restarted node never repeat.

@@ -12,7 +12,8 @@ use std::{
 
 use tempfile::TempDir;
 
-const INSTALL: &str = "run ./scripts/test once: it installs redis-server (apt) and SecantusDB (pip, into .venv)";
+const INSTALL: &str =
+    "run ./scripts/test once: it installs redis-server and redis-tools (apt) and SecantusDB (pip, into .venv)";
 
 /// A free loopback port (bound and released; the server binds it next).
 pub fn free_port() -> u16 {
@@ -75,28 +76,120 @@ fn secantusd() -> PathBuf {
     path
 }
 
-/// One Redis and one SecantusDB, stopped on drop.
+/// A free port whose Redis Cluster bus port (`port + 10000`) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        let bus_free = port
+            .checked_add(10_000)
+            .is_some_and(|bus| std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok());
+        if bus_free {
+            return port;
+        }
+    }
+}
+
+/// One Redis (or a Redis Cluster of three masters) and one SecantusDB,
+/// stopped on drop.
 pub struct Services {
     dir: TempDir,
+    /// The single Redis, or the cluster's first master (the nodes' seed).
     pub redis_port: u16,
     pub mongo_port: u16,
     redis: Option<Child>,
+    /// The masters of a Redis Cluster, when the services run one.
+    cluster: Vec<(u16, Child)>,
     mongo: Option<Child>,
 }
 
 impl Services {
-    /// Starts both and waits until they accept connections.
+    /// Starts a single Redis and SecantusDB and waits until they accept connections.
     pub fn start() -> Services {
-        let mut s = Services {
+        let mut s = Services::empty();
+        s.start_redis();
+        s.start_mongo();
+        s
+    }
+
+    /// Starts a Redis Cluster of three masters (no replicas) and
+    /// SecantusDB; `redis_url` names the first master, the nodes' seed.
+    pub fn start_with_redis_cluster() -> Services {
+        let mut s = Services::empty();
+        s.start_redis_cluster();
+        s.start_mongo();
+        s
+    }
+
+    fn empty() -> Services {
+        Services {
             dir: tempfile::tempdir().unwrap(),
             redis_port: free_port(),
             mongo_port: free_port(),
             redis: None,
+            cluster: Vec::new(),
             mongo: None,
-        };
-        s.start_redis();
-        s.start_mongo();
-        s
+        }
+    }
+
+    /// Three `redis-server --cluster-enabled yes` (each with its own
+    /// directory, AOF fsynced always as in production), joined by
+    /// `redis-cli --cluster create` and waited for until every one says
+    /// `cluster_state:ok`.
+    fn start_redis_cluster(&mut self) {
+        let mut addrs = Vec::new();
+        for i in 0..3 {
+            let port = free_cluster_port();
+            let dir = self.dir.path().join(format!("redis-cluster-{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--dir", dir.to_str().unwrap()])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+                .args(["--cluster-node-timeout", "5000"])
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run redis-server ({e}); {INSTALL}"));
+            wait_for_port(port, "redis-server (cluster)", &mut child);
+            addrs.push(format!("127.0.0.1:{port}"));
+            self.cluster.push((port, child));
+        }
+        self.redis_port = self.cluster[0].0;
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); {INSTALL}"));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for addr in &addrs {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-u", &format!("redis://{addr}"), "cluster", "info"])
+                    .output()
+                    .unwrap();
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the Redis Cluster at {addr} never became ok");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// The URLs of the Redis Cluster's masters (empty for a single Redis).
+    pub fn redis_cluster_urls(&self) -> Vec<String> {
+        self.cluster
+            .iter()
+            .map(|(port, _)| format!("redis://127.0.0.1:{port}/"))
+            .collect()
     }
 
     pub fn redis_url(&self) -> String {
@@ -160,11 +253,9 @@ impl Services {
             .database(db)
     }
 
-    /// A Redis connection.
-    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.redis_url())
-            .unwrap()
-            .get_multiplexed_async_connection()
+    /// A Redis connection (to the whole cluster when it is one, as a node has).
+    pub async fn redis(&self) -> ticketd::store::cluster::RedisConn {
+        ticketd::store::cluster::RedisConn::connect(&self.redis_url())
             .await
             .unwrap()
     }
@@ -180,7 +271,12 @@ fn stop(child: Option<Child>, sig: i32) {
 
 impl Drop for Services {
     fn drop(&mut self) {
-        for c in [self.redis.take(), self.mongo.take()].into_iter().flatten() {
+        let cluster = self.cluster.drain(..).map(|(_, c)| c);
+        for c in [self.redis.take(), self.mongo.take()]
+            .into_iter()
+            .flatten()
+            .chain(cluster)
+        {
             stop(Some(c), libc::SIGKILL);
         }
     }

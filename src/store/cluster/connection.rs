@@ -1,0 +1,98 @@
+//! The connection to Redis: one server, or a Redis Cluster.
+//!
+//! `storage.redis_url` names either. At start the node asks that server
+//! (`INFO cluster`) which it is:
+//! - one server: a [`ConnectionManager`], one multiplexed connection that
+//!   reconnects by itself;
+//! - a Redis Cluster: the `redis` crate's cluster client, seeded with that
+//!   URL. It learns the slot map, sends each command to the master that
+//!   owns its key's slot, and follows `MOVED`/`ASK` when slots move.
+//!
+//! Nothing else changes between the two, because of how keys are named
+//! (see [`super::scripts`]): every key a script touches belongs to one
+//! activity and carries its hash tag, so a script's keys always share one
+//! slot; the few global keys (claim id blocks, user ids, node ids) are each
+//! used by single-key commands only.
+
+use std::time::Duration;
+
+use redis::{
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+    Cmd, Pipeline, RedisFuture, RedisResult, Value,
+};
+
+/// How long connecting and each answer may take before the call fails
+/// (and the node closes its claim gate rather than queue behind a dead
+/// server).
+const TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A connection to one Redis server or to a Redis Cluster. Cheap to clone:
+/// clones share the underlying connections.
+#[derive(Clone)]
+pub enum RedisConn {
+    /// One server.
+    Single(ConnectionManager),
+    /// A Redis Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl RedisConn {
+    /// Connects to the server at `url`, or to the Redis Cluster it belongs to.
+    pub async fn connect(url: &str) -> RedisResult<RedisConn> {
+        let client = redis::Client::open(url)?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let mut single = ConnectionManager::new_with_config(client, manager).await?;
+        let info: String = redis::cmd("INFO").arg("cluster").query_async(&mut single).await?;
+        if !info.lines().any(|l| l.trim() == "cluster_enabled:1") {
+            return Ok(RedisConn::Single(single));
+        }
+        let cluster = ClusterClient::builder([url])
+            .connection_timeout(TIMEOUT)
+            .response_timeout(TIMEOUT)
+            .retries(3)
+            .max_retry_wait(500)
+            .build()?
+            .get_async_connection()
+            .await?;
+        Ok(RedisConn::Cluster(cluster))
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisConn::Cluster(_))
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
