@@ -48,11 +48,16 @@ pub enum Command {
     Report(ReportArgs),
     /// Validate the config file and print every problem with its line.
     CheckConfig,
-    /// Check the embedded store's claim journal: every segment, damaged
-    /// byte ranges, missing sequence numbers (exits 1 if a node would refuse
-    /// to start). With --repair (no node may be serving), rewrite each
-    /// broken segment keeping every valid record, voiding each lost sequence
-    /// number, and keep the original as `<segment>.damaged`.
+    /// Reconcile the store after an incident; exits 1 listing every problem.
+    /// Checks that every claim's code exists and is its ticket's, no code
+    /// is claimed twice, nobody is over the limit, and the store's parts
+    /// agree: embedded, the journal (every segment, damaged byte ranges,
+    /// missing sequence numbers) and SQLite; in a cluster, the master
+    /// lists, leases and claims partition the codes, the counters match,
+    /// and MongoDB holds Redis's claims but those still in a backlog. With
+    /// --repair (embedded; no node may be serving), rewrite each broken
+    /// journal segment keeping every valid record, voiding each lost
+    /// sequence number, and keep the original as `<segment>.damaged`.
     Verify(VerifyArgs),
     /// Rush an activity over HTTP, report throughput and latency, and verify
     /// that nothing was oversold (exits non-zero on any violation).

@@ -37,8 +37,8 @@ use std::sync::Arc;
 pub use cluster::{lease::LeaseSource, ClusterStore};
 pub use embedded::EmbeddedStore;
 pub use types::{
-    generate_code, Access, ClaimRow, ClusterError, ImportReport, ReportData, StoreError, TicketImport, TicketReport,
-    User,
+    generate_code, Access, ClaimRow, ClusterError, ImportReport, Reconciliation, ReportData, StoreError, TicketImport,
+    TicketReport, User,
 };
 
 use crate::{
@@ -107,6 +107,17 @@ impl Store {
         match self {
             Store::Embedded(s) => !s.is_healthy(),
             Store::Cluster(_) => false,
+        }
+    }
+
+    /// Checks the store's invariants (see `ticketd verify`): every claim's
+    /// code exists and is its ticket's, no code twice, nobody over the
+    /// limit, and the store's parts agree — journal and SQLite on one node;
+    /// master lists, leases, claims, counters and MongoDB in a cluster.
+    pub fn reconcile(&self) -> Result<Reconciliation, StoreError> {
+        match self {
+            Store::Embedded(s) => s.reconcile(),
+            Store::Cluster(s) => s.reconcile(),
         }
     }
 

@@ -78,6 +78,17 @@ pub struct ClaimRow {
     pub node: String,
 }
 
+/// What `ticketd verify` found when it checked the store's invariants
+/// after an incident: what it looked at, and each invariant that does not
+/// hold, precisely (which claim, code, user or counter).
+#[derive(Debug, Default)]
+pub struct Reconciliation {
+    /// One line per activity: the counts checked.
+    pub summary: Vec<String>,
+    /// Every broken invariant; empty when the store is consistent.
+    pub problems: Vec<String>,
+}
+
 /// What an import added, per ticket type.
 #[derive(Debug, Default)]
 pub struct ImportReport {

@@ -455,6 +455,7 @@ async fn node_killed_mid_rush(mut cluster: Cluster) {
     let stored = cluster.drained("k9").await;
     assert_eq!(stored.len(), 1000, "outcomes: {:?}", all.1);
     assert_invariants(&all.0, &ids, &stored, 1, 1000);
+    cluster.nodes[0].assert_verified();
     for k in all.1.keys() {
         assert!(
             [
@@ -548,6 +549,7 @@ async fn redis_outage_mid_rush(act: &'static str, signal: i32) {
     let stored = cluster.drained(act).await;
     assert_eq!(stored.len(), 600, "outcomes: {:?}", all.1);
     assert_invariants(&all.0, &ids, &stored, 1, 600);
+    cluster.nodes[0].assert_verified();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -585,6 +587,7 @@ async fn mongodb_down_for_ten_seconds_claims_continue_from_the_backlog_and_drain
     let stored = cluster.drained("md").await;
     assert_eq!(stored.len(), 600, "outcomes: {:?}", all.1);
     assert_invariants(&all.0, &ids, &stored, 1, 600);
+    cluster.nodes[0].assert_verified();
     until("the backlogs to empty", || async {
         metric(&cluster.nodes[0], "ticketd_mongo_backlog").await == 0.0
             && metric(&cluster.nodes[1], "ticketd_mongo_backlog").await == 0.0
@@ -912,4 +915,93 @@ async fn an_idempotent_retry_gets_its_code_on_any_node_even_after_the_sell_out_a
         .await
         .unwrap();
     assert_eq!(fresh.error_code(), Some("SOLD_OUT"), "{}", fresh.body);
+}
+
+/// Issue 12, item 7, in a cluster: `ticketd verify` names each broken
+/// invariant of the shared stock — a code in two places, a code lost, a
+/// code nobody pushed, a wrong per-user counter and held list, a wrong sold
+/// counter, a claim in Redis that never reached MongoDB — and exits
+/// non-zero. (The chaos tests above end by running it, and it must find
+/// nothing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_every_broken_invariant_of_the_shared_stock() {
+    let cluster = Cluster::start(1, &cluster_activity("vv", 6, 1), "");
+    let (tokens, ids) = users(&cluster, "vv", 2).await;
+    let (acked, _) = rush(&cluster.clients(), "vv", &tokens, 1, 2).await;
+    assert_eq!(acked.iter().map(Vec::len).sum::<usize>(), 2);
+    cluster.drained("vv").await;
+    let report = cluster.nodes[0].assert_verified();
+    assert!(
+        report.contains("activity `vv`: 6 codes, 2 claimed (2 in MongoDB, 0 in backlogs)"),
+        "{report}"
+    );
+
+    // Tamper with Redis behind the nodes' backs.
+    let mut r = cluster.services.redis().await;
+    let claimed = &acked[0][0];
+    let q = |args: &[&str]| {
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        c
+    };
+    let user = ids[0].to_string();
+    let _: () = q(&["LPUSH", "tk:{vv}:stock:vv-t", claimed])
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let _: () = q(&["LPUSH", "tk:{vv}:stock:vv-t", "FORGED"])
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let _: () = q(&["HINCRBY", "tk:{vv}:users", &user, "1"])
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let _: () = q(&["HINCRBY", "tk:{vv}:sold", "vv-t", "5"])
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let forged = r#"{"id":"999","user":"4242","ticket":"vv-t","code":"GHOST","ms":"0","node":"x","nonce":"x","n":"1"}"#;
+    let _: () = q(&["HSET", "tk:{vv}:claimed", "GHOST", forged])
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    // An unclaimed code taken off the master list or out of the lease it
+    // is in, and put nowhere: lost.
+    let known: Vec<String> = q(&["SMEMBERS", "tk:{vv}:known:vv-t"])
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let lost = known
+        .iter()
+        .find(|c| !acked.iter().flatten().any(|a| a == *c))
+        .expect("an unclaimed code")
+        .clone();
+    let _: () = q(&["LREM", "tk:{vv}:stock:vv-t", "0", &lost])
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let _: () = q(&["SREM", "tk:{vv}:lease:vv-t:node0", &lost])
+        .query_async(&mut r)
+        .await
+        .unwrap();
+
+    let out = cluster.nodes[0].cli(&["verify"], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    for problem in [
+        format!("code `{claimed}` of `vv-t` is in the master list and claimed by user {user}"),
+        "code `FORGED` of `vv-t` was never pushed".to_owned(),
+        format!("code `{lost}` of `vv-t` is lost"),
+        format!("user {user}'s claim counter says 2, but the user holds 1 codes"),
+        "ticket `vv-t`'s sold counter says 7, but 3 of its codes are claimed".to_owned(),
+        "claim of code `GHOST` (user 4242) is in Redis but neither in MongoDB nor in any backlog".to_owned(),
+    ] {
+        assert!(
+            stdout.contains(&problem),
+            "verify did not report {problem:?}:\n{stdout}"
+        );
+    }
 }

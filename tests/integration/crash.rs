@@ -55,6 +55,8 @@ async fn kill_9_mid_rush_keeps_every_acknowledged_claim() {
     for t in tasks {
         t.await.unwrap();
     }
+    // The reconciliation an operator runs after the crash finds nothing wrong.
+    app.assert_verified();
     let before: Vec<(usize, String)> = acked.lock().unwrap().clone();
     assert!(
         before.len() >= 300 && before.len() < 1000,
@@ -103,6 +105,8 @@ async fn kill_9_mid_rush_keeps_every_acknowledged_claim() {
     for (i, code) in &before {
         assert_eq!(by_code.get(code.as_str()), Some(&username("c", *i).as_str()));
     }
+    let report = app.assert_verified();
+    assert!(report.contains("1000 codes, 1000 claimed, 0 in stock"), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,6 +134,7 @@ async fn a_torn_journal_tail_is_truncated_on_restart() {
         vec![res.data()["code"].as_str().unwrap().to_owned()]
     );
     assert_eq!(app.detail("torn").await["remaining"], 9);
+    app.assert_verified();
 }
 
 /// Issue 12, item 1: one flipped byte in the middle of the journal used to
@@ -209,6 +214,7 @@ async fn a_corrupt_journal_record_stops_the_node_and_verify_repair_keeps_every_c
     let res = app.claim(&token, "rot").await;
     assert_eq!(res.status, 200, "{}", res.body);
     assert_eq!(res.data()["claimId"], 4);
+    app.assert_verified();
 }
 
 /// A tmpfs mounted on a directory for the life of a test.
@@ -371,4 +377,64 @@ async fn a_full_disk_mid_rush_leaves_the_store_agreeing_with_every_answer() {
         assert_eq!(res.data()["replayed"], true);
     }
     println!("outcomes: {outcomes:?}; {} stored", stored.len());
+    app.assert_verified();
+}
+
+/// Issue 12, item 7: `ticketd verify` names each broken invariant of an
+/// embedded store precisely — a claim of another ticket's code, a code that
+/// does not exist, a user over the limit, a claim the journal and SQLite
+/// disagree about — and exits non-zero. (Every crash test above ends by
+/// running it on the store the crash left, and it must find nothing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_every_broken_invariant_of_the_embedded_store() {
+    let config = base_config() + &open_activity("v", 5, 1) + &open_activity("w", 3, 1);
+    let mut app = TestApp::start(&config);
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
+    for token in [&alice, &bob] {
+        let res = app.claim(token, "v").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    assert_eq!(app.stop(), 0);
+    let report = app.assert_verified();
+    assert!(
+        report.contains("activity `v`: 5 codes, 2 claimed, 3 in stock"),
+        "{report}"
+    );
+
+    // Tamper with SQLite behind the store's back.
+    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let (alice_id, w_code): (i64, String) = (
+        db.query_row("SELECT id FROM users WHERE username = 'alice'", [], |r| r.get(0))
+            .unwrap(),
+        db.query_row("SELECT code FROM codes WHERE ticket_id = 'w-t' LIMIT 1", [], |r| {
+            r.get(0)
+        })
+        .unwrap(),
+    );
+    let insert = "INSERT INTO claims (id, activity_id, ticket_id, code, user_id, claimed_at_ms) VALUES (?1, 'v', 'v-t', ?2, ?3, 0)";
+    db.execute(insert, rusqlite::params![100, w_code, alice_id]).unwrap();
+    db.execute(insert, rusqlite::params![101, "NOPE", 77]).unwrap();
+    db.execute("UPDATE claims SET user_id = 99 WHERE id = 2", []).unwrap();
+    drop(db);
+
+    let out = app.cli(&["verify"], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    for problem in [
+        format!("claim 100: code `{w_code}` belongs to ticket `w-t`, not `v-t`"),
+        "claim 101: code `NOPE` is not a code of any ticket".to_owned(),
+        format!("activity `v`: user {alice_id} holds 2 codes, over the limit of 1"),
+        "claim 2: the journal has code".to_owned(),
+    ] {
+        assert!(
+            stdout.contains(&problem),
+            "verify did not report {problem:?}:\n{stdout}"
+        );
+    }
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("4 problem(s) found"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -30,6 +30,7 @@
 //! - [`lease`]: the Redis side of leasing ([`LeaseSource`]) and the reaper;
 //! - `commit`: the committer (claims to Redis) and the writer (backlog to MongoDB);
 //! - `record`: the claim record the scripts write; `users`: user ids and accounts;
+//! - `reconcile`: the invariants `ticketd verify` checks;
 //! - `shared`: what the workers share; [`error`]: the cluster's error type.
 
 mod commit;
@@ -37,6 +38,7 @@ pub mod connection;
 pub mod error;
 pub mod lease;
 pub mod mongo;
+mod reconcile;
 mod record;
 pub mod scripts;
 mod shared;
@@ -68,7 +70,7 @@ use shared::{block_on, on, Msg, Serving, Shared};
 use crate::{
     config::{ActivityConfig, Config},
     stats::StatsBatch,
-    store::types::{Access, ClaimRow, ImportReport, ReportData, StoreError, User},
+    store::types::{Access, ClaimRow, ImportReport, Reconciliation, ReportData, StoreError, User},
     vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
 };
 
@@ -205,6 +207,10 @@ impl ClusterStore {
             self.shared.node,
             self.shared.db.name()
         )
+    }
+
+    pub(super) fn reconcile(&self) -> Result<Reconciliation, StoreError> {
+        Ok(self.block(reconcile::reconcile(&self.shared))?)
     }
 
     /// The Redis side of leasing, for the inventory's lease worker (a serving node only).

@@ -576,3 +576,51 @@ pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<Re
         .collect();
     Ok(data)
 }
+
+/// Every activity MongoDB knows, for `ticketd verify`: `(id, per-user
+/// limit, its ticket ids)`, by id.
+pub async fn activity_shapes(db: &Database) -> Result<Vec<(String, u32, Vec<String>)>, MongoError> {
+    let mut tickets: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut cursor = coll(db, "tickets").find(doc! {}).sort(doc! {"_id": 1}).await?;
+    while let Some(d) = cursor.try_next().await? {
+        tickets
+            .entry(text(&d, "activity_id"))
+            .or_default()
+            .push(text(&d, "_id"));
+    }
+    let mut out = Vec::new();
+    let mut cursor = coll(db, "activities").find(doc! {}).sort(doc! {"_id": 1}).await?;
+    while let Some(d) = cursor.try_next().await? {
+        let id = text(&d, "_id");
+        let limit = d.get_i64("per_user_limit").unwrap_or(1).clamp(0, i64::from(u32::MAX)) as u32;
+        let t = tickets.remove(&id).unwrap_or_default();
+        out.push((id, limit, t));
+    }
+    Ok(out)
+}
+
+/// The codes MongoDB holds for `ticket`.
+pub async fn codes_of_ticket(db: &Database, ticket: &str) -> Result<HashSet<String>, MongoError> {
+    let mut out = HashSet::new();
+    let mut cursor = coll(db, "codes")
+        .find(doc! {"ticket_id": ticket})
+        .projection(doc! {"_id": 1})
+        .await?;
+    while let Some(d) = cursor.try_next().await? {
+        out.insert(text(&d, "_id"));
+    }
+    Ok(out)
+}
+
+/// The claims MongoDB holds for `activity`: code -> user id.
+pub async fn claim_owners(db: &Database, activity: &str) -> Result<HashMap<String, u64>, MongoError> {
+    let mut out = HashMap::new();
+    let mut cursor = coll(db, "claims")
+        .find(doc! {"activity_id": activity})
+        .projection(doc! {"_id": 1, "user_id": 1})
+        .await?;
+    while let Some(d) = cursor.try_next().await? {
+        out.insert(text(&d, "_id"), d.get_i64("user_id").unwrap_or(-1) as u64);
+    }
+    Ok(out)
+}

@@ -410,6 +410,42 @@ return out
     )
 });
 
+/// Everything `ticketd verify` checks about one activity, read in one
+/// atomic step so that claims committed meanwhile cannot make it see a
+/// code in two places or in none. Read-only.
+///
+/// KEYS: nodes (for routing: the activity's slot). ARGV: the prefix, then
+/// the ticket ids. Returns `{nodes, claimed (HGETALL), users (HGETALL),
+/// held (HGETALL), sold (HGETALL), backlog codes per node (one array per
+/// node), then per ticket {known, master list, one lease set per node}}`.
+pub static SNAPSHOT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p = ARGV[1]
+local nodes = redis.call('ZRANGE', KEYS[1], 0, -1)
+local backlogs = {}
+for i, n in ipairs(nodes) do
+  local codes = {}
+  for j, rec in ipairs(redis.call('LRANGE', p .. 'outbox:' .. n, 0, -1)) do
+    codes[j] = cjson.decode(rec).code
+  end
+  backlogs[i] = codes
+end
+local tickets = {}
+for t = 2, #ARGV do
+  local leases = {}
+  for i, n in ipairs(nodes) do
+    leases[i] = redis.call('SMEMBERS', p .. 'lease:' .. ARGV[t] .. ':' .. n)
+  end
+  tickets[t - 1] = {redis.call('SMEMBERS', p .. 'known:' .. ARGV[t]),
+    redis.call('LRANGE', p .. 'stock:' .. ARGV[t], 0, -1), leases}
+end
+return {nodes, redis.call('HGETALL', p .. 'claimed'), redis.call('HGETALL', p .. 'users'),
+  redis.call('HGETALL', p .. 'held'), redis.call('HGETALL', p .. 'sold'), backlogs, tickets}
+"#,
+    )
+});
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,9 +14,11 @@
 //! copies journaled claims into SQLite in batches afterwards ([`applier`]).
 //!
 //! - [`applier`]: applying journaled claims, at run time and by replay;
-//! - [`report`]: rush statistics and the report query.
+//! - [`report`]: rush statistics and the report query;
+//! - [`reconcile`]: the invariants `ticketd verify` checks.
 
 mod applier;
+mod reconcile;
 mod report;
 
 use std::{
@@ -35,7 +37,8 @@ use crate::{
     journal::{Journal, JournalSetup},
     stats::StatsBatch,
     store::types::{
-        code_rng, generate_code, Access, ClaimRow, ImportReport, ReportData, StoreError, TicketImport, User,
+        code_rng, generate_code, Access, ClaimRow, ImportReport, Reconciliation, ReportData, StoreError, TicketImport,
+        User,
     },
     vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
 };
@@ -232,6 +235,10 @@ impl EmbeddedStore {
 
     pub(super) fn describe(&self) -> String {
         format!("embedded store in {}", self.dir.display())
+    }
+
+    pub(super) fn reconcile(&self) -> Result<Reconciliation, StoreError> {
+        reconcile::reconcile(&self.db.lock(), &self.dir.join("journal"))
     }
 
     pub(super) fn is_healthy(&self) -> bool {

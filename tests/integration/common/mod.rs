@@ -351,6 +351,18 @@ impl TestApp {
         run_cli(self.dir.path(), args, stdin)
     }
 
+    /// `ticketd verify` on this node's store must find it consistent; returns its report.
+    pub fn assert_verified(&self) -> String {
+        let out = self.cli(&["verify"], None);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && stdout.contains("consistent"),
+            "ticketd verify found problems:\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
     /// Registers `username` (password "password-<username>") and returns the token.
     pub async fn register(&self, username: &str) -> String {
         self.account("/user/register", username).await

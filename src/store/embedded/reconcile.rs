@@ -1,0 +1,171 @@
+//! `ticketd verify` on one node: the invariants of the store, checked in
+//! SQLite and against the journal. What the journal's own segments look
+//! like (damage, gaps) is `journal::verify`'s report; this is about what
+//! they and the store *say*.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::applier::applied_seq;
+use crate::{
+    journal::{self, Found},
+    store::types::{Reconciliation, StoreError},
+};
+
+/// Checks that every claim's code exists and is its ticket's (and the
+/// ticket its activity's), that no code is claimed twice, that nobody holds
+/// more than the limit, that the journal and the store agree on every claim
+/// both hold, and reports each
+/// activity's stock (total − claimed).
+pub(super) fn reconcile(conn: &Connection, journal_dir: &Path) -> Result<Reconciliation, StoreError> {
+    let mut r = Reconciliation::default();
+    each(
+        conn,
+        "SELECT c.id, c.code, c.ticket_id, k.ticket_id FROM claims c
+         LEFT JOIN codes k ON k.code = c.code
+         WHERE k.ticket_id IS NULL OR k.ticket_id != c.ticket_id ORDER BY c.id",
+        |row| {
+            let (id, code, ticket, owner): (i64, String, String, Option<String>) =
+                (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+            r.problems.push(match owner {
+                None => format!("claim {id}: code `{code}` is not a code of any ticket"),
+                Some(owner) => format!("claim {id}: code `{code}` belongs to ticket `{owner}`, not `{ticket}`"),
+            });
+            Ok(())
+        },
+    )?;
+    each(
+        conn,
+        "SELECT c.id, c.ticket_id, c.activity_id, t.activity_id FROM claims c
+         LEFT JOIN tickets t ON t.id = c.ticket_id
+         WHERE t.activity_id IS NULL OR t.activity_id != c.activity_id ORDER BY c.id",
+        |row| {
+            let (id, ticket, activity, owner): (i64, String, String, Option<String>) =
+                (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+            r.problems.push(match owner {
+                None => format!("claim {id}: ticket `{ticket}` does not exist"),
+                Some(owner) => format!("claim {id}: ticket `{ticket}` is activity `{owner}`'s, not `{activity}`'s"),
+            });
+            Ok(())
+        },
+    )?;
+    each(
+        conn,
+        "SELECT code, group_concat(id, ', ') FROM claims GROUP BY code HAVING count(*) > 1 ORDER BY code",
+        |row| {
+            let (code, ids): (String, String) = (row.get(0)?, row.get(1)?);
+            r.problems
+                .push(format!("code `{code}` is claimed more than once (claims {ids})"));
+            Ok(())
+        },
+    )?;
+    each(
+        conn,
+        "SELECT c.activity_id, c.user_id, count(*), a.per_user_limit FROM claims c
+         JOIN activities a ON a.id = c.activity_id
+         GROUP BY c.activity_id, c.user_id HAVING count(*) > a.per_user_limit ORDER BY 1, 2",
+        |row| {
+            let (activity, user, n, limit): (String, i64, i64, i64) =
+                (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+            r.problems.push(format!(
+                "activity `{activity}`: user {user} holds {n} codes, over the limit of {limit}"
+            ));
+            Ok(())
+        },
+    )?;
+    let pending = journal_agrees(conn, journal_dir, &mut r)?;
+    each(
+        conn,
+        "SELECT a.id,
+                (SELECT count(*) FROM codes k JOIN tickets t ON t.id = k.ticket_id WHERE t.activity_id = a.id),
+                (SELECT count(*) FROM claims c WHERE c.activity_id = a.id)
+         FROM activities a ORDER BY a.id",
+        |row| {
+            let (activity, total, claimed): (String, i64, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
+            if claimed > total {
+                r.problems
+                    .push(format!("activity `{activity}`: {claimed} claims for {total} codes"));
+            }
+            r.summary.push(format!(
+                "activity `{activity}`: {total} codes, {claimed} claimed, {} in stock",
+                (total - claimed).max(0)
+            ));
+            Ok(())
+        },
+    )?;
+    if pending > 0 {
+        r.summary.push(format!(
+            "{pending} journaled claims are not in the store yet (a serving node applies them shortly; a stopped one at its next start)"
+        ));
+    }
+    Ok(r)
+}
+
+/// Every claim the journal holds up to the store's `applied_seq` must be in
+/// the store, the same; a journaled claim not applied yet must not take a
+/// code the store gives to another claim. Returns how many are not applied
+/// yet.
+fn journal_agrees(conn: &Connection, journal_dir: &Path, r: &mut Reconciliation) -> Result<usize, StoreError> {
+    let applied = applied_seq(conn)?;
+    let mut by_id = conn.prepare("SELECT activity_id, ticket_id, code, user_id FROM claims WHERE id = ?1")?;
+    let mut by_code = conn.prepare("SELECT id FROM claims WHERE code = ?1")?;
+    let mut pending = 0;
+    for found in journal::records(journal_dir)? {
+        match found {
+            Found::Claim(c) => {
+                let stored: Option<(String, String, String, i64)> = by_id
+                    .query_row(params![c.id as i64], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                    })
+                    .optional()?;
+                let journaled = (
+                    c.activity_id.to_string(),
+                    c.ticket_id.to_string(),
+                    c.code.to_string(),
+                    c.user_id as i64,
+                );
+                match stored {
+                    Some(s) if s == journaled => {}
+                    Some(s) => r.problems.push(format!(
+                        "claim {}: the journal has code `{}` for user {}, the store code `{}` for user {}",
+                        c.id, journaled.2, journaled.3, s.2, s.3
+                    )),
+                    None if c.id <= applied => r.problems.push(format!(
+                        "claim {} (code `{}`, user {}) is in the journal and marked applied, but not in the store",
+                        c.id, c.code, c.user_id
+                    )),
+                    None => {
+                        pending += 1;
+                        let other: Option<i64> = by_code.query_row(params![&*c.code], |row| row.get(0)).optional()?;
+                        if let Some(other) = other {
+                            r.problems.push(format!(
+                                "journaled claim {} would give code `{}` to user {}, but the store gives it to claim {other}",
+                                c.id, c.code, c.user_id
+                            ));
+                        }
+                    }
+                }
+            }
+            // A repair voids a number whose record the journal lost; the
+            // store may have applied that claim before the damage, and then
+            // its copy is the claim.
+            Found::Void(_) => {}
+        }
+    }
+    Ok(pending)
+}
+
+/// Runs `sql` and calls `f` on each row.
+fn each(
+    conn: &Connection,
+    sql: &str,
+    mut f: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<()>,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare(sql)?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        f(row)?;
+    }
+    Ok(())
+}
