@@ -620,6 +620,8 @@ async fn sigterm_returns_the_nodes_leased_codes_at_once_and_exits_zero() {
     let (acked, outcomes) = rush(&cluster.clients()[..1], "st", &more, 1, 20).await;
     let sold = acked.iter().map(Vec::len).sum::<usize>() + 40;
     assert_eq!(sold, 300, "{outcomes:?}");
+    cluster.drained("st").await;
+    cluster.nodes[0].assert_verified();
 }
 
 /// `ticketd bench` with several `--url`s, round-robin per request.
@@ -795,6 +797,7 @@ async fn a_full_backlog_refuses_claims_rather_than_lose_them_and_recovers() {
     let stored = cluster.drained("bf").await;
     assert_eq!(stored.len(), 15);
     assert_invariants(&all, &ids, &stored, 1, 100);
+    cluster.nodes[0].assert_verified();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
