@@ -287,7 +287,12 @@ impl EmbeddedStore {
                 for t in &a.tickets {
                     upsert_ticket.execute(params![t.id, a.id, t.name, t.desc])?;
                     let mut added = Vec::new();
-                    for code in t.explicit_codes() {
+                    // In key order, like generated codes below: a million
+                    // codes from a file in random order touched a random
+                    // index page each (3.5 s against 1.2 s sorted).
+                    let mut explicit: Vec<&String> = t.explicit_codes().iter().collect();
+                    explicit.sort_unstable();
+                    for code in explicit {
                         if insert_code.execute(params![code, t.id])? == 1 {
                             added.push(code.clone());
                         } else {
