@@ -214,10 +214,12 @@ impl Claimer {
     /// ever overstate what is left). Otherwise the answer is the retryable
     /// STOCK_IN_FLIGHT.
     fn no_code(&self, tickets: &[TicketType]) -> Rejection {
+        // The pools first: a commit that ended in doubt marked the store
+        // before it ended, so once its end is seen here, so is the doubt.
+        let settling = tickets.iter().any(|t| !t.pool.drained());
         if self.store.has_unsettled_doubts() {
             return Rejection::Unavailable;
         }
-        let settling = tickets.iter().any(|t| !t.pool.drained());
         if settling || self.inventory.unsold_elsewhere(tickets.iter().map(|t| &*t.id)) {
             Rejection::StockInFlight
         } else {

@@ -151,7 +151,7 @@ pub fn verify(config: &Config, repair: bool) -> anyhow::Result<()> {
     } else if repair {
         bail!("--repair rewrites the embedded store's journal; a cluster has none");
     }
-    let store = Store::open(config, Access::Tool)?;
+    let store = Store::open(config, Access::Inspect)?;
     let found = store.reconcile()?;
     for line in &found.summary {
         println!("{line}");

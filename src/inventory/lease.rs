@@ -39,6 +39,8 @@ use crate::{
 const TICK: Duration = Duration::from_millis(10);
 /// Unknown master-list length.
 const UNKNOWN: usize = usize::MAX;
+/// Counts not read yet: nothing may be called sold out on them.
+const UNCOUNTED: u64 = u64::MAX;
 
 /// The lease worker's state, shared with the claim path.
 pub struct Leasing {
@@ -58,10 +60,16 @@ struct TicketLease {
     upstream: AtomicUsize,
     /// A claim is waiting for codes: lease now.
     hungry: AtomicBool,
+    /// A lease or give-back failed with its outcome unknown: Redis may hold
+    /// codes in this node's lease that its pool does not (a lease whose
+    /// answer was lost). Until resynchronised they would sit there, renewed
+    /// forever, neither sold nor reclaimed.
+    resync: AtomicBool,
     /// Cluster-wide codes known (high 32 bits) and sold (low 32 bits) at
     /// the last look, in one word so that a reader never pairs one look's
     /// total with another's sales (which could understate what is left,
-    /// and call a ticket sold out that is not).
+    /// and call a ticket sold out that is not); [`UNCOUNTED`] before the
+    /// first look.
     counts: AtomicU64,
     rate: Mutex<Rate>,
 }
@@ -98,11 +106,14 @@ impl TicketLease {
         self.counts.store(half(known) << 32 | half(sold), Ordering::Relaxed);
     }
 
-    /// `(total, remaining, sold)`.
-    fn counts(&self) -> (usize, usize, usize) {
+    /// `(total, remaining, sold)`; `None` before the first look.
+    fn counts(&self) -> Option<(usize, usize, usize)> {
         let counts = self.counts.load(Ordering::Relaxed);
+        if counts == UNCOUNTED {
+            return None;
+        }
         let (known, sold) = ((counts >> 32) as usize, (counts & u64::from(u32::MAX)) as usize);
-        (known, known.saturating_sub(sold), sold)
+        Some((known, known.saturating_sub(sold), sold))
     }
 }
 
@@ -135,7 +146,8 @@ impl Leasing {
                         pool: pool(t),
                         upstream: UNKNOWN.into(),
                         hungry: false.into(),
-                        counts: 0.into(),
+                        resync: false.into(),
+                        counts: UNCOUNTED.into(),
                         rate: Mutex::new(Rate::new()),
                     })
                 });
@@ -151,7 +163,7 @@ impl Leasing {
             tickets: Vec::new(),
         };
         for (id, _) in tickets {
-            let (total, remaining, sold) = self.tickets.get(id).map_or((0, 0, 0), |t| t.counts());
+            let (total, remaining, sold) = self.tickets.get(id).and_then(|t| t.counts()).unwrap_or((0, 0, 0));
             stock.remaining += remaining;
             stock.claimed += sold;
             stock.tickets.push((total, remaining));
@@ -170,12 +182,12 @@ impl Leasing {
 
     /// Whether any of `tickets` has codes not yet sold anywhere in the
     /// cluster (master list, leases, doubts) as of the last look, or has
-    /// not been looked at yet. The counts are read in one script, and a
+    /// not been counted yet. The counts are read in one script, and a
     /// later look can only find fewer unsold codes (or codes imported
     /// since), so `false` here is final.
     pub(super) fn unsold<'a>(&self, mut tickets: impl Iterator<Item = &'a str>) -> bool {
-        tickets.any(|id| match self.tickets.get(id) {
-            Some(t) => t.upstream.load(Ordering::Relaxed) == UNKNOWN || t.counts().1 > 0,
+        tickets.any(|id| match self.tickets.get(id).and_then(|t| t.counts()) {
+            Some((_, remaining, _)) => remaining > 0,
             None => true,
         })
     }
@@ -221,8 +233,9 @@ impl Leasing {
 
 /// The lease worker. Every tick: refill pools that need it. Every quarter
 /// lease TTL (or `refresh_interval`, if shorter): renew the leases and re-read
-/// the master-list lengths and counts. Every second: give back idle stock and
-/// take back codes whose commit outcome was unknown. While the store is
+/// the master-list lengths and counts. Every second: give back idle stock,
+/// take back codes whose commit outcome was unknown, and resynchronise a
+/// lease after a call whose answer was lost. While the store is
 /// unreachable: probe it every 100 ms. On stop: give every leased code back.
 pub async fn run(leasing: Arc<Leasing>, ctl: Ctl, mut stop: Stop) {
     let ttl = leasing.cfg.lease_ttl.0;
@@ -261,6 +274,10 @@ pub async fn run(leasing: Arc<Leasing>, ctl: Ctl, mut stop: Stop) {
             if let Err(error) = give_back_idle(&leasing).await {
                 ctl.error(&error);
                 tracing::debug!(%error, "Giving back idle codes failed.");
+            }
+            if let Err(error) = resync(&leasing).await {
+                ctl.error(&error);
+                tracing::debug!(%error, "Resynchronising a lease failed.");
             }
         }
     }
@@ -320,6 +337,8 @@ async fn refill(leasing: &Leasing, ctl: &Ctl) {
                 t.rate.lock().last_batch = n.max(1);
             }
             Err(error) => {
+                // The script may have run and its answer been lost.
+                t.resync.store(true, Ordering::Relaxed);
                 ctl.error(&error);
                 tracing::debug!(%error, "Leasing failed.");
             }
@@ -336,8 +355,8 @@ async fn renew(leasing: &Leasing) -> Result<(), StoreError> {
         let Some(t) = leasing.tickets.get(&c.ticket) else {
             continue;
         };
-        t.upstream.store(c.upstream, Ordering::Relaxed);
         t.set_counts(c.known, c.sold);
+        t.upstream.store(c.upstream, Ordering::Relaxed);
         if c.reclaimed && t.pool.remaining() > 0 {
             let mut dropped = 0;
             while t.pool.take().is_some() {
@@ -347,6 +366,43 @@ async fn renew(leasing: &Leasing) -> Result<(), StoreError> {
         }
     }
     leasing.stock_changed.notify_waiters();
+    Ok(())
+}
+
+/// After a lease or give-back whose answer was lost, makes Redis and the
+/// pool agree again for that ticket: everything the pool holds and
+/// everything Redis says this node leases goes back on the master list, and
+/// the next refill leases afresh. (Codes being committed at that moment
+/// lose their lease and the claim tries another code, as after a reclaim.)
+async fn resync(leasing: &Leasing) -> Result<(), StoreError> {
+    let stocks: Vec<Arc<TicketLease>> = leasing.tickets.iter().map(|t| t.value().clone()).collect();
+    for t in stocks {
+        if !t.resync.swap(false, Ordering::Relaxed) {
+            continue;
+        }
+        let mut taken = Vec::new();
+        while let Some(idx) = t.pool.take() {
+            taken.push(idx);
+        }
+        let result = match leasing.source.leased_codes(&t.activity, &t.ticket).await {
+            Ok(codes) => leasing.source.give_back(&t.activity, &t.ticket, codes).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(returned) => {
+                t.upstream.fetch_add(returned, Ordering::Relaxed);
+                t.rate.lock().leased_once = false;
+                tracing::info!(ticket = %t.ticket, codes = returned, "Resynchronised this node's lease with Redis after a failed call.");
+            }
+            Err(error) => {
+                for idx in taken {
+                    t.pool.put_back(idx);
+                }
+                t.resync.store(true, Ordering::Relaxed);
+                return Err(error);
+            }
+        }
+    }
     Ok(())
 }
 
@@ -370,11 +426,24 @@ async fn give_back_idle(leasing: &Leasing) -> Result<(), StoreError> {
         if !idle || t.upstream.load(Ordering::Relaxed) != 0 || t.pool.remaining() == 0 {
             continue;
         }
+        let mut taken = Vec::new();
         let mut codes = Vec::new();
         while let Some(idx) = t.pool.take() {
+            taken.push(idx);
             codes.push(t.pool.code(idx).to_string());
         }
-        let returned = leasing.source.give_back(&t.activity, &t.ticket, codes).await?;
+        let returned = match leasing.source.give_back(&t.activity, &t.ticket, codes).await {
+            Ok(n) => n,
+            Err(error) => {
+                // Still leased to this node (or given back, answer lost):
+                // sell them here meanwhile, and resynchronise.
+                for idx in taken {
+                    t.pool.put_back(idx);
+                }
+                t.resync.store(true, Ordering::Relaxed);
+                return Err(error);
+            }
+        };
         {
             // The pool shrank by giving back, not by selling.
             let mut r = t.rate.lock();

@@ -323,7 +323,12 @@ pub fn records(dir: &Path) -> Result<Vec<Found>, JournalError> {
     let segs = if dir.exists() { segments(dir)? } else { Vec::new() };
     let mut out = Vec::new();
     for (_, path) in segs {
-        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            // A serving node deleted this applied segment since the listing.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(&path)(e)),
+        };
         if has_magic(&bytes) {
             out.extend(scan_segment(&bytes).found.into_iter().map(|(_, f)| f));
         }

@@ -161,6 +161,11 @@ pub enum Access<'a> {
     /// A command-line tool: shares the store with a running node; when none
     /// runs, first applies any journal a crashed node left behind.
     Tool,
+    /// `ticketd verify`: like [`Access::Tool`], but changes nothing — the
+    /// journal is read, never replayed, so the check sees the store exactly
+    /// as a crash left it (and the next start still does its own recovery);
+    /// and reads may take long, since it reads whole activities.
+    Inspect,
 }
 
 impl From<mongodb::error::Error> for StoreError {

@@ -349,6 +349,10 @@ async fn three_node_rush(cluster: &Cluster, n: usize, codes: usize) {
 
     let successes: usize = acked.iter().map(Vec::len).sum();
     assert_eq!(successes, codes, "outcomes: {outcomes:?}");
+    assert!(
+        outcomes.contains_key("410 SOLD_OUT"),
+        "the sell-out was never said: {outcomes:?}"
+    );
     for k in outcomes.keys().filter(|k| *k != "success") {
         assert!(
             k == "410 SOLD_OUT" || k == "409 LIMIT_REACHED" || k == "503 STOCK_IN_FLIGHT",
@@ -438,6 +442,14 @@ async fn node_killed_mid_rush(mut cluster: Cluster) {
     assert!(all.1.get("transport").copied().unwrap_or(0) > 0, "{:?}", all.1);
     let log = log.lock().unwrap().clone();
     assert_sold_out_is_final(&log);
+    // The scenario happened: claims found no code while node2's lease still
+    // held some, and were told to wait; and the end was said.
+    assert!(
+        log.iter().any(|a| a.outcome == "503 STOCK_IN_FLIGHT"),
+        "no claim met the dead node's lease: {:?}",
+        all.1
+    );
+    assert!(log.iter().any(|a| a.outcome == "410 SOLD_OUT"), "{:?}", all.1);
     let in_flight = log.iter().filter(|a| a.outcome == "503 STOCK_IN_FLIGHT").count();
     eprintln!(
         "answers: {}, STOCK_IN_FLIGHT: {in_flight}, final: {:?}",
@@ -928,7 +940,7 @@ async fn an_idempotent_retry_gets_its_code_on_any_node_even_after_the_sell_out_a
 /// nothing.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_names_every_broken_invariant_of_the_shared_stock() {
-    let cluster = Cluster::start(1, &cluster_activity("vv", 6, 1), "");
+    let mut cluster = Cluster::start(1, &cluster_activity("vv", 6, 1), "");
     let (tokens, ids) = users(&cluster, "vv", 2).await;
     let (acked, _) = rush(&cluster.clients(), "vv", &tokens, 1, 2).await;
     assert_eq!(acked.iter().map(Vec::len).sum::<usize>(), 2);
@@ -939,7 +951,9 @@ async fn verify_names_every_broken_invariant_of_the_shared_stock() {
         "{report}"
     );
 
-    // Tamper with Redis behind the nodes' backs.
+    // Stop the node (it gives its leased codes back), then tamper with
+    // Redis behind its back.
+    assert_eq!(cluster.nodes[0].stop(), 0);
     let mut r = cluster.services.redis().await;
     let claimed = &acked[0][0];
     let q = |args: &[&str]| {
@@ -971,8 +985,7 @@ async fn verify_names_every_broken_invariant_of_the_shared_stock() {
         .query_async(&mut r)
         .await
         .unwrap();
-    // An unclaimed code taken off the master list or out of the lease it
-    // is in, and put nowhere: lost.
+    // An unclaimed code taken off the master list and put nowhere: lost.
     let known: Vec<String> = q(&["SMEMBERS", "tk:{vv}:known:vv-t"])
         .query_async(&mut r)
         .await

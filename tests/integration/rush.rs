@@ -71,6 +71,10 @@ async fn five_thousand_users_three_claims_each_get_exactly_the_thousand_codes() 
 
     let successes: usize = acked.iter().map(Vec::len).sum();
     assert_eq!(successes, 1000, "outcomes: {outcomes:?}");
+    assert!(
+        outcomes.contains_key("410 SOLD_OUT"),
+        "the sell-out was never said: {outcomes:?}"
+    );
     let codes: HashSet<&String> = acked.iter().flatten().collect();
     assert_eq!(codes.len(), 1000, "a code was given twice");
     assert!(acked.iter().all(|c| c.len() <= 1), "a user got two codes");
@@ -153,6 +157,10 @@ async fn an_empty_pool_is_not_sold_out_while_claims_that_may_fail_are_being_comm
         "a code was given twice"
     );
     assert_eq!(codes.len(), 150, "{outcomes:?}");
+    assert!(
+        outcomes.contains_key("410 SOLD_OUT"),
+        "the sell-out was never said: {outcomes:?}"
+    );
     assert_eq!(app.detail("busy").await["remaining"].as_u64(), Some(0));
 }
 

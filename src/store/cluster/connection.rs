@@ -23,10 +23,8 @@ use redis::{
     Cmd, Pipeline, RedisFuture, RedisResult, Value,
 };
 
-/// How long connecting and each answer may take before the call fails
-/// (and the node closes its claim gate rather than queue behind a dead
-/// server).
-const TIMEOUT: Duration = Duration::from_secs(1);
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A connection to one Redis server or to a Redis Cluster. Cheap to clone:
 /// clones share the underlying connections.
@@ -39,12 +37,15 @@ pub enum RedisConn {
 }
 
 impl RedisConn {
-    /// Connects to the server at `url`, or to the Redis Cluster it belongs to.
-    pub async fn connect(url: &str) -> RedisResult<RedisConn> {
+    /// Connects to the server at `url`, or to the Redis Cluster it belongs
+    /// to. A command not answered within `response_timeout` fails (a
+    /// serving node uses a second, so it closes its claim gate rather than
+    /// queue behind a dead server).
+    pub async fn connect(url: &str, response_timeout: Duration) -> RedisResult<RedisConn> {
         let client = redis::Client::open(url)?;
         let manager = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(TIMEOUT))
-            .set_response_timeout(Some(TIMEOUT))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(response_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let mut single = ConnectionManager::new_with_config(client, manager).await?;
@@ -53,8 +54,8 @@ impl RedisConn {
             return Ok(RedisConn::Single(single));
         }
         let cluster = ClusterClient::builder([url])
-            .connection_timeout(TIMEOUT)
-            .response_timeout(TIMEOUT)
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(response_timeout)
             .retries(3)
             .max_retry_wait(500)
             .build()?

@@ -168,6 +168,21 @@ impl LeaseSource {
         .await?)
     }
 
+    /// The codes of `ticket` leased to this node, as Redis has them.
+    pub async fn leased_codes(&self, activity: &Arc<str>, ticket: &Arc<str>) -> Result<Vec<String>, StoreError> {
+        let (shared, activity, ticket) = (self.shared.clone(), activity.clone(), ticket.clone());
+        Ok(on(&self.handle, async move {
+            let keys = scripts::Keys::new(&activity);
+            let mut redis = shared.redis.clone();
+            let codes: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(keys.lease(&ticket, &shared.node))
+                .query_async(&mut redis)
+                .await?;
+            Ok(codes)
+        })
+        .await?)
+    }
+
     /// Settles the codes whose commit outcome was unknown: committed ones
     /// stay claimed (in the backlog already), anything no longer leased to
     /// this node is not its own; returns `(ticket, code)` of those still

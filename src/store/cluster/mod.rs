@@ -93,9 +93,9 @@ impl Drop for ClusterStore {
     }
 }
 
-async fn connect(config: &Config) -> Result<(RedisConn, Database), ClusterError> {
+async fn connect(config: &Config, timeout: Duration) -> Result<(RedisConn, Database), ClusterError> {
     let url = config.storage.redis_url().unwrap_or_default();
-    let redis = RedisConn::connect(url.as_str()).await?;
+    let redis = RedisConn::connect(url.as_str(), timeout).await?;
     let uri = config.storage.mongodb_uri().unwrap_or_default();
     let mut options = mongodb::options::ClientOptions::parse(uri.as_str()).await?;
     options.server_selection_timeout = Some(Duration::from_secs(2));
@@ -122,7 +122,12 @@ impl ClusterStore {
                 source,
             })?;
         let handle = runtime.handle().clone();
-        let (redis, db) = block_on(&handle, connect(config))?;
+        // `verify` reads whole activities in one script: give it time.
+        let timeout = match access {
+            Access::Inspect => Duration::from_secs(120),
+            _ => Duration::from_secs(1),
+        };
+        let (redis, db) = block_on(&handle, connect(config, timeout))?;
         let shared = Arc::new(Shared {
             redis,
             db,
@@ -141,7 +146,7 @@ impl ClusterStore {
         });
         let queue_capacity = config.journal.queue_capacity;
         let serving = match access {
-            Access::Tool => None,
+            Access::Tool | Access::Inspect => None,
             Access::Serve(runner) => {
                 block_on(&handle, lease::register_node(&shared))?;
                 let (tx, rx) = mpsc::channel(queue_capacity);

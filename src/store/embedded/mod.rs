@@ -210,6 +210,12 @@ impl EmbeddedStore {
                     _lock: Some(lock),
                 })
             }
+            (Access::Inspect, _) => Ok(EmbeddedStore {
+                db: Mutex::new(conn),
+                journal: None,
+                dir,
+                _lock: None,
+            }),
             (Access::Tool, lock) => {
                 if lock.is_some() && journal_dir.exists() {
                     // No node is running: fold in whatever a crashed one left.

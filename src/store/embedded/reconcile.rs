@@ -3,7 +3,7 @@
 //! like (damage, gaps) is `journal::verify`'s report; this is about what
 //! they and the store *say*.
 
-use std::path::Path;
+use std::{collections::HashMap, path::Path};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -103,57 +103,85 @@ pub(super) fn reconcile(conn: &Connection, journal_dir: &Path) -> Result<Reconci
 }
 
 /// Every claim the journal holds up to the store's `applied_seq` must be in
-/// the store, the same; a journaled claim not applied yet must not take a
-/// code the store gives to another claim. Returns how many are not applied
-/// yet.
+/// the store, the same; one not applied yet must be a claim the store can
+/// take: its ticket's code, not another claim's, and its user within the
+/// limit with it. Returns how many are not applied yet.
 fn journal_agrees(conn: &Connection, journal_dir: &Path, r: &mut Reconciliation) -> Result<usize, StoreError> {
     let applied = applied_seq(conn)?;
     let mut by_id = conn.prepare("SELECT activity_id, ticket_id, code, user_id FROM claims WHERE id = ?1")?;
-    let mut by_code = conn.prepare("SELECT id FROM claims WHERE code = ?1")?;
-    let mut pending = 0;
+    let mut by_code = conn.prepare("SELECT id FROM claims WHERE code = ?1 AND id != ?2")?;
+    let mut owner = conn.prepare("SELECT ticket_id FROM codes WHERE code = ?1")?;
+    let mut held = conn.prepare(
+        "SELECT count(*), (SELECT per_user_limit FROM activities WHERE id = ?1) FROM claims
+         WHERE activity_id = ?1 AND user_id = ?2",
+    )?;
+    let mut pending: HashMap<(String, u64), usize> = HashMap::new();
     for found in journal::records(journal_dir)? {
-        match found {
-            Found::Claim(c) => {
-                let stored: Option<(String, String, String, i64)> = by_id
-                    .query_row(params![c.id as i64], |row| {
-                        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-                    })
-                    .optional()?;
-                let journaled = (
-                    c.activity_id.to_string(),
-                    c.ticket_id.to_string(),
-                    c.code.to_string(),
-                    c.user_id as i64,
-                );
-                match stored {
-                    Some(s) if s == journaled => {}
-                    Some(s) => r.problems.push(format!(
-                        "claim {}: the journal has code `{}` for user {}, the store code `{}` for user {}",
-                        c.id, journaled.2, journaled.3, s.2, s.3
-                    )),
-                    None if c.id <= applied => r.problems.push(format!(
-                        "claim {} (code `{}`, user {}) is in the journal and marked applied, but not in the store",
-                        c.id, c.code, c.user_id
-                    )),
-                    None => {
-                        pending += 1;
-                        let other: Option<i64> = by_code.query_row(params![&*c.code], |row| row.get(0)).optional()?;
-                        if let Some(other) = other {
-                            r.problems.push(format!(
-                                "journaled claim {} would give code `{}` to user {}, but the store gives it to claim {other}",
-                                c.id, c.code, c.user_id
-                            ));
-                        }
-                    }
-                }
+        // A repair voids a number whose record the journal lost; the store
+        // may have applied that claim before the damage, and then its copy
+        // is the claim.
+        let Found::Claim(c) = found else { continue };
+        let stored: Option<(String, String, String, i64)> = by_id
+            .query_row(params![c.id as i64], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            })
+            .optional()?;
+        let journaled = (
+            c.activity_id.to_string(),
+            c.ticket_id.to_string(),
+            c.code.to_string(),
+            c.user_id as i64,
+        );
+        match stored {
+            Some(s) if s == journaled => continue,
+            Some(s) => {
+                r.problems.push(format!(
+                    "claim {}: the journal has code `{}` for user {}, the store code `{}` for user {}",
+                    c.id, journaled.2, journaled.3, s.2, s.3
+                ));
+                continue;
             }
-            // A repair voids a number whose record the journal lost; the
-            // store may have applied that claim before the damage, and then
-            // its copy is the claim.
-            Found::Void(_) => {}
+            None if c.id <= applied => {
+                r.problems.push(format!(
+                    "claim {} (code `{}`, user {}) is in the journal and marked applied, but not in the store",
+                    c.id, c.code, c.user_id
+                ));
+                continue;
+            }
+            None => {}
+        }
+        // Not applied yet (the node serves and applies it shortly, or will
+        // replay it at its next start): it must be a claim the store can take.
+        *pending.entry((c.activity_id.to_string(), c.user_id)).or_default() += 1;
+        let other: Option<i64> = by_code
+            .query_row(params![&*c.code, c.id as i64], |row| row.get(0))
+            .optional()?;
+        if let Some(other) = other {
+            r.problems.push(format!(
+                "journaled claim {} would give code `{}` to user {}, but the store gives it to claim {other}",
+                c.id, c.code, c.user_id
+            ));
+        }
+        let ticket: Option<String> = owner.query_row(params![&*c.code], |row| row.get(0)).optional()?;
+        if ticket.as_deref() != Some(&*c.ticket_id) {
+            r.problems.push(format!(
+                "journaled claim {}: code `{}` is not a code of ticket `{}`",
+                c.id, c.code, c.ticket_id
+            ));
         }
     }
-    Ok(pending)
+    for ((activity, user), n) in &pending {
+        let (have, limit): (i64, Option<i64>) =
+            held.query_row(params![activity, *user as i64], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        let total = have as usize + n;
+        if limit.is_some_and(|limit| total as i64 > limit) {
+            r.problems.push(format!(
+                "activity `{activity}`: user {user} would hold {total} codes once the journal is applied, over the limit of {}",
+                limit.unwrap_or_default()
+            ));
+        }
+    }
+    Ok(pending.values().sum())
 }
 
 /// Runs `sql` and calls `f` on each row.

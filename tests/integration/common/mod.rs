@@ -605,9 +605,9 @@ pub fn outcome_key(answer: &anyhow::Result<ApiResponse>) -> String {
 /// POSTs a claim the way a good client does: while the answer is
 /// `503 STOCK_IN_FLIGHT` (no code free, but some may come back) or
 /// `503 OVERLOADED` it asks again — after 100 ms rather than the
-/// Retry-After second, to keep the suite short — for up to a minute. Every
-/// answer goes into `log`. Returns the last answer and the keys of the
-/// earlier ones.
+/// Retry-After second, to keep the suite short — for up to a minute, and
+/// then fails the test: the stock must settle. Every answer goes into
+/// `log`. Returns the last answer and the keys of the earlier ones.
 pub async fn claim_settled(
     client: &ApiClient,
     token: &str,
@@ -626,9 +626,14 @@ pub async fn claim_settled(
             outcome: outcome.clone(),
         });
         let retry = outcome == "503 STOCK_IN_FLIGHT" || outcome == "503 OVERLOADED";
-        if !retry || Instant::now() >= deadline {
+        if !retry {
             return (answer, earlier);
         }
+        assert!(
+            Instant::now() < deadline,
+            "still {outcome} after a minute: the stock never settled ({} answers before)",
+            earlier.len()
+        );
         earlier.push(outcome);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -255,7 +255,7 @@ impl Services {
 
     /// A Redis connection (to the whole cluster when it is one, as a node has).
     pub async fn redis(&self) -> ticketd::store::cluster::RedisConn {
-        ticketd::store::cluster::RedisConn::connect(&self.redis_url())
+        ticketd::store::cluster::RedisConn::connect(&self.redis_url(), Duration::from_secs(5))
             .await
             .unwrap()
     }
