@@ -200,12 +200,16 @@ impl<K: Eq + Hash + Clone> Backoff<K> {
         })
     }
 
-    /// Settles a begun attempt that did not fail; with `forget`, the key's
-    /// failures are forgotten too.
+    /// Settles a begun attempt that did not fail; with `forget` (a
+    /// success), the key's failures are forgotten too — once no other
+    /// attempt is being checked. Those may be an attacker's guesses raced
+    /// alongside the owner's login: dropping the record under them used to
+    /// lose their reservations and hand out a fresh budget while they were
+    /// still being checked (nine guesses checked against a budget of five).
     pub fn settle(&self, key: &K, forget: bool) {
         self.strikes.update_or_remove(key, |s| {
             s.in_flight = s.in_flight.saturating_sub(1);
-            forget || (s.failures == 0 && s.in_flight == 0)
+            s.in_flight == 0 && (forget || s.failures == 0)
         });
     }
 
@@ -328,6 +332,33 @@ mod tests {
         g.begin("nat", p, t1).unwrap();
         // ...and one that read it at t0 reaches the shard lock after it.
         assert_eq!(g.begin("nat", p, t0), Ok(()));
+    }
+
+    #[test]
+    fn a_success_amid_guesses_does_not_reopen_the_budget_under_them() {
+        let g = Backoff::new(1000);
+        let p = BackoffPolicy {
+            max_failures: 5,
+            base: Duration::from_secs(60),
+            cap: Duration::from_secs(60),
+        };
+        let t = Instant::now();
+        for _ in 0..5 {
+            g.begin("victim", p, t).unwrap();
+        }
+        assert!(g.begin("victim", p, t).is_err(), "the budget is taken");
+        // The owner's attempt succeeds while four guesses are still checked;
+        // more guesses arrive before those four fail.
+        g.settle(&"victim", true);
+        let mut admitted = 0;
+        while g.begin("victim", p, t).is_ok() {
+            admitted += 1;
+        }
+        assert_eq!(admitted, 1, "the four guesses in flight still hold their places");
+        for _ in 0..4 + admitted {
+            g.fail("victim", p, t);
+        }
+        assert!(g.is_locked(&"victim", t), "five guesses, five failures: locked");
     }
 
     #[test]

@@ -134,7 +134,10 @@ async fn a_burst_of_logins_hashes_a_bounded_number_at_once_and_claims_go_on() {
 
 /// Item 2: 64 concurrent logins for one account, the real password among
 /// them, used to get 48 checks past a limit of 5. Now the attempts are
-/// counted as they begin: at most 5 reach the password check.
+/// counted as they begin: at most 5 guesses reach the password check — also
+/// when the owner's login succeeds among them (a success used to forget the
+/// record with the other attempts' reservations in it: 9 guesses checked,
+/// once in a few dozen runs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_guesses_for_one_account_get_only_its_failure_budget() {
     let config = base_config().replace(
@@ -169,11 +172,11 @@ async fn concurrent_guesses_for_one_account_get_only_its_failure_budget() {
         answers.push(t.await.unwrap());
     }
     let counts = count_by_code(&answers);
-    let checked = counts.get("401 BAD_CREDENTIALS").unwrap_or(&0) + counts.get("200 ok").unwrap_or(&0);
-    assert!(
-        checked <= 5,
-        "{checked} passwords checked with a budget of 5: {counts:?}"
-    );
+    // The guesses checked: the owner's success (if it was reached) is not
+    // one, and must not reopen the budget under guesses still being checked.
+    let guesses = *counts.get("401 BAD_CREDENTIALS").unwrap_or(&0);
+    assert!(guesses <= 5, "{guesses} guesses checked with a budget of 5: {counts:?}");
+    let checked = guesses + counts.get("200 ok").unwrap_or(&0);
     let refused = counts.get("429 LOGIN_THROTTLED").unwrap_or(&0) + counts.get("429 LOGIN_LOCKED").unwrap_or(&0);
     assert_eq!(checked + refused, 64, "{counts:?}");
     let metrics = app.raw_get("/metrics").await;
