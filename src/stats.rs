@@ -2,15 +2,22 @@
 //! outcomes per minute, request counts per client address and per account
 //! (the scalper signal), and the claim latency distribution.
 //!
-//! Recording is three sharded-map increments per claim request, no I/O; a
-//! worker drains the maps every second into the store
-//! (`Store::add_stats`). Draining removes each entry under
-//! its shard lock and adds its count to the store, so nothing is counted
-//! twice or lost. The per-source map is capped: past [`MAX_SOURCES`] distinct
-//! addresses and accounts, new ones are counted under "other", so a flood of
-//! spoofed sources cannot grow memory without bound.
+//! Recording is a handful of atomic increments per claim request under
+//! shard read locks, no I/O, no allocation once a minute and a source have
+//! been seen; a worker drains the counts every second into the store
+//! (`Store::add_stats`). The per-source maps are capped: past
+//! [`MAX_SOURCES`] distinct addresses and accounts between two drains, new
+//! ones are counted under "other", so a flood of spoofed sources cannot
+//! grow memory without bound.
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use dashmap::DashMap;
 
@@ -59,13 +66,27 @@ impl StatsBatch {
     }
 }
 
-/// The in-memory recorder.
+/// The in-memory recorder: one [`ActivityStats`] per activity, found with
+/// one hash of the activity id (ahash, keyed per process) per request.
 #[derive(Default)]
 pub struct RushStats {
-    outcomes: DashMap<(Arc<str>, i64, ClaimOutcome), u64>,
-    sources: DashMap<(Arc<str>, Source), u64>,
-    latency: DashMap<(Arc<str>, usize), u64>,
+    activities: DashMap<Arc<str>, ActivityStats, ahash::RandomState>,
+    /// Distinct sources tracked since the last drain, all activities.
+    tracked: AtomicUsize,
 }
+
+/// One activity's counts. Latency buckets are plain atomics; outcomes are
+/// atomics per minute; sources a map of atomics. A request takes only shard
+/// *read* locks, except the first time a minute or a source is seen.
+#[derive(Default)]
+struct ActivityStats {
+    outcomes: DashMap<i64, Outcomes, ahash::RandomState>,
+    sources: DashMap<Source, AtomicU64, ahash::RandomState>,
+    latency: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+}
+
+/// Claims per outcome in one minute.
+type Outcomes = [AtomicU64; ClaimOutcome::ALL.len()];
 
 impl RushStats {
     /// Records one claim request of `activity`.
@@ -78,44 +99,67 @@ impl RushStats {
         now_ms: i64,
         elapsed: Duration,
     ) {
-        *self
-            .outcomes
-            .entry((activity.clone(), now_ms.div_euclid(60_000), outcome))
-            .or_default() += 1;
+        let stats = match self.activities.get(&**activity) {
+            Some(stats) => stats,
+            None => self.activities.entry(activity.clone()).or_default().downgrade(),
+        };
+        let minute = now_ms.div_euclid(60_000);
+        match stats.outcomes.get(&minute) {
+            Some(counts) => counts[outcome as usize].fetch_add(1, Ordering::Relaxed),
+            None => stats.outcomes.entry(minute).or_default()[outcome as usize].fetch_add(1, Ordering::Relaxed),
+        };
         for source in [Source::Ip(ip), Source::User(user)] {
-            let key = (activity.clone(), source);
-            if let Some(mut n) = self.sources.get_mut(&key) {
-                *n += 1;
-            } else if self.sources.len() < MAX_SOURCES {
-                *self.sources.entry(key).or_default() += 1;
-            } else {
-                *self.sources.entry((activity.clone(), Source::Other)).or_default() += 1;
+            if let Some(n) = stats.sources.get(&source) {
+                n.fetch_add(1, Ordering::Relaxed);
+                continue;
             }
+            let source = if self.tracked.fetch_add(1, Ordering::Relaxed) < MAX_SOURCES {
+                source
+            } else {
+                Source::Other
+            };
+            stats.sources.entry(source).or_default().fetch_add(1, Ordering::Relaxed);
         }
         let secs = elapsed.as_secs_f64();
         let bucket = LATENCY_BOUNDS
             .iter()
             .position(|&b| secs <= b)
             .unwrap_or(LATENCY_BOUNDS.len());
-        *self.latency.entry((activity.clone(), bucket)).or_default() += 1;
+        stats.latency[bucket].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Takes everything recorded so far.
+    /// Takes everything recorded so far. Each map entry is removed under its
+    /// shard's write lock, so an increment lands either before (and is
+    /// taken) or after, in a new entry (taken next time): nothing is
+    /// counted twice or lost.
     pub fn drain(&self) -> StatsBatch {
         let mut batch = StatsBatch::default();
-        self.outcomes.retain(|(a, minute, outcome), n| {
-            batch.outcomes.push((a.clone(), *minute, outcome.label(), *n));
-            false
-        });
-        self.sources.retain(|(a, source), n| {
-            batch.sources.push((a.clone(), source.clone(), *n));
-            false
-        });
-        self.latency.retain(|(a, bucket), n| {
-            let bound = LATENCY_BOUNDS.get(*bucket).map_or(f64::INFINITY, |b| b * 1000.0);
-            batch.latency.push((a.clone(), bound, *n));
-            false
-        });
+        self.tracked.store(0, Ordering::Relaxed);
+        for entry in self.activities.iter() {
+            let (a, stats) = (entry.key(), entry.value());
+            stats.outcomes.retain(|minute, counts| {
+                for (o, n) in ClaimOutcome::ALL.iter().zip(counts.iter()) {
+                    let n = n.load(Ordering::Relaxed);
+                    if n > 0 {
+                        batch.outcomes.push((a.clone(), *minute, o.label(), n));
+                    }
+                }
+                false
+            });
+            stats.sources.retain(|source, n| {
+                batch
+                    .sources
+                    .push((a.clone(), source.clone(), n.load(Ordering::Relaxed)));
+                false
+            });
+            for (bucket, n) in stats.latency.iter().enumerate() {
+                let n = n.swap(0, Ordering::Relaxed);
+                if n > 0 {
+                    let bound = LATENCY_BOUNDS.get(bucket).map_or(f64::INFINITY, |b| b * 1000.0);
+                    batch.latency.push((a.clone(), bound, n));
+                }
+            }
+        }
         batch
     }
 }
@@ -150,5 +194,46 @@ mod tests {
         let fast: u64 = batch.latency.iter().filter(|l| l.1 <= 0.5).map(|l| l.2).sum();
         assert_eq!(fast, 3);
         assert!(stats.drain().is_empty());
+    }
+
+    #[test]
+    fn draining_while_threads_record_loses_and_doubles_nothing() {
+        let stats = Arc::new(RushStats::default());
+        let act: Arc<str> = "a".into();
+        const PER_THREAD: u64 = 20_000;
+        let drained = std::thread::scope(|s| {
+            let recorders: Vec<_> = (0..3u64)
+                .map(|t| {
+                    let (stats, act) = (stats.clone(), act.clone());
+                    s.spawn(move || {
+                        let ip: IpAddr = format!("10.0.0.{t}").parse().unwrap();
+                        for i in 0..PER_THREAD {
+                            // Minutes roll over mid-run, as they do in a rush.
+                            let minute_ms = (i / 5_000) as i64 * 60_000;
+                            stats.record(
+                                &act,
+                                ClaimOutcome::Success,
+                                ip,
+                                i % 50,
+                                minute_ms,
+                                Duration::from_micros(100),
+                            );
+                        }
+                    })
+                })
+                .collect();
+            let mut batches = Vec::new();
+            while !recorders.iter().all(|r| r.is_finished()) {
+                batches.push(stats.drain());
+            }
+            batches.push(stats.drain());
+            batches
+        });
+        let outcomes: u64 = drained.iter().flat_map(|b| &b.outcomes).map(|o| o.3).sum();
+        let sources: u64 = drained.iter().flat_map(|b| &b.sources).map(|s| s.2).sum();
+        let latency: u64 = drained.iter().flat_map(|b| &b.latency).map(|l| l.2).sum();
+        assert_eq!(outcomes, 3 * PER_THREAD);
+        assert_eq!(sources, 2 * 3 * PER_THREAD, "one address and one account per request");
+        assert_eq!(latency, 3 * PER_THREAD);
     }
 }
