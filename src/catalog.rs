@@ -9,7 +9,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::{
     config::Config,
@@ -23,6 +23,21 @@ pub type SharedCatalog = ArcSwap<Catalog>;
 pub struct Catalog {
     activities: Vec<Arc<Activity>>,
     by_id: HashMap<Arc<str>, usize>,
+    /// The last `/act/list` rendering of this snapshot (see [`Listing`]).
+    listing: ArcSwapOption<Listing>,
+}
+
+/// A rendering of the catalog (the `/act/list` activities, as JSON) and the
+/// fingerprint of everything it shows that can change without a reload —
+/// each activity's status and paused flag, its stock counts. The snapshot
+/// carries it so that a rendering is reused exactly while it is still
+/// true: before a sale opens, when thousands of fans refresh the list, it
+/// is built once; a reload brings a new snapshot and so a new rendering.
+pub struct Listing {
+    /// What the rendering shows that may change.
+    pub fingerprint: u64,
+    /// The rendering.
+    pub json: bytes::Bytes,
 }
 
 /// An activity (活动) with its times resolved to Unix milliseconds.
@@ -120,10 +135,24 @@ impl Catalog {
             }));
         }
         if problems.is_empty() {
-            Ok(Catalog { activities, by_id })
+            Ok(Catalog {
+                activities,
+                by_id,
+                listing: ArcSwapOption::empty(),
+            })
         } else {
             Err(problems)
         }
+    }
+
+    /// The last rendering stored with [`Catalog::keep_listing`], if any.
+    pub fn listing(&self) -> Option<Arc<Listing>> {
+        self.listing.load_full()
+    }
+
+    /// Keeps `listing` for the next requests on this snapshot.
+    pub fn keep_listing(&self, listing: Listing) {
+        self.listing.store(Some(Arc::new(listing)));
     }
 
     /// The activity with `id`.

@@ -171,6 +171,12 @@ impl Leasing {
         stock
     }
 
+    /// The packed cluster-wide counts of `ticket` as of the last look (what
+    /// [`Leasing::stock`] shows), for fingerprints.
+    pub(super) fn counts_word(&self, ticket: &str) -> u64 {
+        self.tickets.get(ticket).map_or(0, |t| t.counts.load(Ordering::Relaxed))
+    }
+
     pub(super) async fn refresh_counts(&self, activity: &str) -> Result<(), StoreError> {
         for (ticket, known, sold) in self.source.counts(activity).await? {
             if let Some(t) = self.tickets.get(&ticket) {

@@ -104,6 +104,31 @@ impl Inventory {
         }
     }
 
+    /// Feeds into `state` every number [`Inventory::stock`] would show for
+    /// these ticket types and ledger, without building it: for telling
+    /// whether a rendering of the stock is still true.
+    pub fn hash_stock<'a, H: std::hash::Hasher>(
+        &self,
+        tickets: impl Iterator<Item = (&'a str, &'a CodePool)>,
+        ledger: &Ledger,
+        state: &mut H,
+    ) {
+        match self.leasing() {
+            Some(leasing) => {
+                for (id, _) in tickets {
+                    state.write_u64(leasing.counts_word(id));
+                }
+            }
+            None => {
+                for (_, pool) in tickets {
+                    state.write_usize(pool.known());
+                    state.write_usize(pool.remaining());
+                }
+                state.write_usize(ledger.claimed());
+            }
+        }
+    }
+
     /// Re-reads an activity's cluster-wide counts (before `/act/detail`
     /// answers, so it counts what other nodes sold a moment ago). Nothing to
     /// do without leases.

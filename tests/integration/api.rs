@@ -406,3 +406,54 @@ async fn health_and_metrics() {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
 }
+
+/// `/act/list` keeps its rendering with the catalog snapshot while nothing
+/// it shows changes (issue 15) — and is never stale: a claim, an activity
+/// opening and the server's clock all show at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_list_is_never_stale() {
+    let config = base_config()
+        + &open_activity("now", 3, 1)
+        + &Act::new("soon")
+            .window("+1500ms", "+1h")
+            .ticket("soon-t", "T", Codes::List(&["S1"]))
+            .toml();
+    let app = TestApp::start(&config);
+    let list = |app: &TestApp| {
+        let client = app.client_clone();
+        async move { client.get("/act/list", None).await.unwrap().data().clone() }
+    };
+    let first = list(&app).await;
+    let second = list(&app).await;
+    assert_eq!(first["activities"], second["activities"]);
+    assert_eq!(first["activities"][1]["status"], "upcoming");
+    let at = |v: &Value| ticketd::clock::parse_rfc3339_ms(v["serverTime"].as_str().unwrap()).unwrap();
+    assert!(at(&second) >= at(&first), "{first} then {second}");
+    assert!(
+        (at(&second) - ticketd::clock::now_ms()).abs() < 5_000,
+        "serverTime is the clock's"
+    );
+
+    let alice = app.register("alice").await;
+    assert_eq!(app.claim(&alice, "now").await.status, 200);
+    let after = list(&app).await;
+    assert_eq!(
+        (&after["activities"][0]["remaining"], &after["activities"][0]["claimed"]),
+        (&json!(2), &json!(1)),
+        "{after}"
+    );
+
+    // The second activity opens on its own clock; the list says so.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let now = list(&app).await;
+        if now["activities"][1]["status"] == "open" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "`soon` never showed as open: {now}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -2,6 +2,8 @@
 //! and the inventory's stock (the live pools on one node; the cluster-wide
 //! counts in a cluster).
 
+use std::hash::Hasher;
+
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
@@ -10,7 +12,7 @@ use serde::Serialize;
 
 use super::ClaimView;
 use crate::{
-    catalog::{Activity, Status},
+    catalog::{Activity, Listing, Status},
     clock::{now_ms, rfc3339_ms},
     http::{
         error::ApiError,
@@ -50,15 +52,6 @@ struct TicketView<'a> {
     total: usize,
 }
 
-/// `/act/list`'s data.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ListView<'a> {
-    activities: Vec<ActivityView<'a>>,
-    /// The server's clock, for the page's countdowns (a fan's clock may be off).
-    server_time: String,
-}
-
 fn view<'a>(a: &'a Activity, now: i64, stock: &Stock) -> ActivityView<'a> {
     ActivityView {
         act_id: &a.id,
@@ -90,20 +83,54 @@ fn view<'a>(a: &'a Activity, now: i64, stock: &Stock) -> ActivityView<'a> {
     }
 }
 
-/// Activities that have not ended, with stock and status.
+/// Activities that have not ended, with stock and status, and the server's
+/// clock. The activities' JSON is rendered once per change of what it
+/// shows and kept with the catalog snapshot ([`crate::catalog::Listing`]);
+/// each answer only adds `serverTime`.
 pub fn list(state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
     let now = now_ms();
-    let stock = state.stock_by_activity();
-    let activities: Vec<_> = stock
-        .iter()
-        .filter(|(a, _)| a.status(now) != Status::Ended)
-        .map(|(a, stock)| view(a, now, stock))
-        .collect();
-    // Serialised straight from the views (no `serde_json::Value` in between).
-    Ok(ok(&ListView {
-        activities,
-        server_time: rfc3339_ms(now),
-    }))
+    let catalog = state.catalog.load();
+    let fingerprint = {
+        let mut h = std::hash::DefaultHasher::new();
+        for a in catalog.activities() {
+            h.write_u8(a.status(now) as u8);
+            h.write_u8(u8::from(a.paused));
+            let tickets = a.tickets.iter().map(|t| (&*t.id, &*t.pool));
+            state.inventory.hash_stock(tickets, &a.ledger, &mut h);
+        }
+        h.finish()
+    };
+    let json = match catalog.listing() {
+        Some(listing) if listing.fingerprint == fingerprint => listing.json.clone(),
+        _ => {
+            let stock = state.stock_by_activity();
+            let activities: Vec<_> = stock
+                .iter()
+                .filter(|(a, _)| a.status(now) != Status::Ended)
+                .map(|(a, stock)| view(a, now, stock))
+                .collect();
+            let json = Bytes::from(serde_json::to_vec(&activities).map_err(|_| ApiError::internal())?);
+            catalog.keep_listing(Listing {
+                fingerprint,
+                json: json.clone(),
+            });
+            json
+        }
+    };
+    // `{"ok":true,"data":{"activities":[...],"serverTime":"..."}}`
+    let server_time = rfc3339_ms(now);
+    let mut body = Vec::with_capacity(json.len() + server_time.len() + 64);
+    body.extend_from_slice(br#"{"ok":true,"data":{"activities":"#);
+    body.extend_from_slice(&json);
+    body.extend_from_slice(br#","serverTime":""#);
+    body.extend_from_slice(server_time.as_bytes());
+    body.extend_from_slice(br#""}}"#);
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    Ok(res)
 }
 
 /// One activity; with a token, whether the caller joined and their claims.
