@@ -564,6 +564,41 @@ async fn redis_outage_mid_rush(act: &'static str, signal: i32) {
     cluster.nodes[0].assert_verified();
 }
 
+/// Redis frozen (SIGSTOP) for two seconds mid-rush: the nodes' calls time
+/// out, and Redis runs them when thawed — a lease whose answer the node
+/// never got puts codes in its lease set that its pool does not know.
+/// Without resynchronising they would sit there renewed forever, and the
+/// last buyers would hear STOCK_IN_FLIGHT without end; with it, every code
+/// is sold and `verify` finds the stock consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_frozen_mid_rush_strands_no_code() {
+    let cluster = Cluster::start(2, &cluster_activity("fz", 600, 1), "");
+    let (tokens, ids) = users(&cluster, "fz", 1500).await;
+    let mut all = (vec![Vec::new(); tokens.len()], HashMap::new());
+    let log = AnswerLog::default();
+    let wave = tokio::spawn(rush_owned(
+        cluster.clients(),
+        "fz",
+        tokens[..700].to_vec(),
+        2,
+        20,
+        log.clone(),
+    ));
+    until("some claims", || async { cluster.redis_claimed("fz").await >= 100 }).await;
+    cluster.services.freeze_redis();
+    // The fault lasts two seconds: longer than every Redis call's timeout.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.services.thaw_redis();
+    merge(&mut all, 0, wave.await.unwrap());
+    let wave = rush_logged(&cluster.clients(), "fz", &tokens[700..], 2, 20, log.clone()).await;
+    merge(&mut all, 700, wave);
+    assert_sold_out_is_final(&log.lock().unwrap());
+    let stored = cluster.drained("fz").await;
+    assert_eq!(stored.len(), 600, "outcomes: {:?}", all.1);
+    assert_invariants(&all.0, &ids, &stored, 1, 600);
+    cluster.nodes[0].assert_verified();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongodb_down_for_ten_seconds_claims_continue_from_the_backlog_and_drain_later() {
     let mut cluster = Cluster::start(2, &cluster_activity("md", 600, 1), "");

@@ -227,6 +227,24 @@ impl Services {
         stop(self.redis.take(), signal);
     }
 
+    /// SIGSTOP to Redis: it stops answering, its connections stay open, and
+    /// what the nodes send meanwhile runs when it is thawed — after they
+    /// gave up waiting for the answer.
+    pub fn freeze_redis(&self) {
+        self.signal_running_redis(libc::SIGSTOP);
+    }
+
+    /// SIGCONT to a frozen Redis.
+    pub fn thaw_redis(&self) {
+        self.signal_running_redis(libc::SIGCONT);
+    }
+
+    fn signal_running_redis(&self, sig: i32) {
+        let child = self.redis.as_ref().expect("a single Redis is running");
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id() as i32, sig) };
+    }
+
     pub fn start_mongo(&mut self) {
         let dir = self.dir.path().join("mongo");
         std::fs::create_dir_all(&dir).unwrap();
