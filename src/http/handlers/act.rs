@@ -103,12 +103,15 @@ pub fn list(state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
     let json = match catalog.listing() {
         Some(listing) if listing.fingerprint == fingerprint => listing.json.clone(),
         _ => {
-            let stock = state.stock_by_activity();
-            let activities: Vec<_> = stock
+            // From the same snapshot the rendering is kept with (a reload
+            // meanwhile must not put the new catalog's list into the old one).
+            let stock: Vec<_> = catalog
+                .activities()
                 .iter()
-                .filter(|(a, _)| a.status(now) != Status::Ended)
-                .map(|(a, stock)| view(a, now, stock))
+                .filter(|a| a.status(now) != Status::Ended)
+                .map(|a| (a, state.claimer.stock(a)))
                 .collect();
+            let activities: Vec<_> = stock.iter().map(|(a, stock)| view(a, now, stock)).collect();
             let json = Bytes::from(serde_json::to_vec(&activities).map_err(|_| ApiError::internal())?);
             catalog.keep_listing(Listing {
                 fingerprint,

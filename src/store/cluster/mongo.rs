@@ -205,29 +205,17 @@ fn code_doc(code: &str, ticket: &str, activity: &str) -> Document {
 
 /// The codes of `ticket` that MongoDB has no claim for.
 pub async fn unclaimed_codes(db: &Database, ticket: &str) -> Result<Vec<String>, MongoError> {
-    let mut claimed = HashSet::new();
+    let mut codes = codes_of_ticket(db, ticket).await?;
     let mut cursor = coll(db, "claims")
         .find(doc! {"ticket_id": ticket})
         .projection(doc! {"_id": 1})
         .await?;
     while let Some(d) = cursor.try_next().await? {
         if let Ok(code) = d.get_str("_id") {
-            claimed.insert(code.to_owned());
+            codes.remove(code);
         }
     }
-    let mut out = Vec::new();
-    let mut cursor = coll(db, "codes")
-        .find(doc! {"ticket_id": ticket})
-        .projection(doc! {"_id": 1})
-        .await?;
-    while let Some(d) = cursor.try_next().await? {
-        if let Ok(code) = d.get_str("_id") {
-            if !claimed.contains(code) {
-                out.push(code.to_owned());
-            }
-        }
-    }
-    Ok(out)
+    Ok(codes.into_iter().collect())
 }
 
 /// Writes claim records; duplicates (already written) are ignored.
