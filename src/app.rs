@@ -23,6 +23,7 @@ use anyhow::Context;
 use tokio::{net::TcpListener, runtime::Handle, sync::mpsc};
 
 use crate::{
+    admission::{Rooms, StockView},
     auth::{resolve_secret, Auth, ClaimTokens, Guard},
     catalog::Catalog,
     claim::{ClaimSettings, Claimer},
@@ -52,6 +53,7 @@ use crate::{
 /// once until the very end).
 pub const STOP_ORDER: &[&str] = &[
     "watchdog",
+    "admitter",
     "reloader",
     "refresher",
     "guard-sweep",
@@ -91,9 +93,11 @@ impl App {
             );
         }
         let inventory = Arc::new(Inventory::default());
+        let rooms = Arc::new(Rooms::new(&Rooms::dir_in(&config.storage.path)));
         // Built once, first: it checks what validation cannot (mixed relative
         // and absolute times) before anything is imported.
-        let catalog = Catalog::build(&config, started_ms, &inventory).map_err(|p| anyhow::anyhow!(p.join("; ")))?;
+        let catalog =
+            Catalog::build(&config, started_ms, &inventory, &rooms).map_err(|p| anyhow::anyhow!(p.join("; ")))?;
         let report = store
             .serve_import(&config, started_ms)
             .context("cannot import the config's activities")?;
@@ -150,6 +154,7 @@ impl App {
                 follows_store,
                 started_ms,
                 workers: workers.clone(),
+                rooms,
             },
         ));
         Ok(App {
@@ -194,8 +199,11 @@ impl App {
         notifier.send("READY=1");
         let stopping = {
             let (notifier, mut shutdown) = (notifier.clone(), signals.shutdown.clone());
+            let state = self.state.clone();
             async move {
                 let _ = shutdown.wait_for(|stop| *stop).await;
+                // Event streams end, so their connections drain.
+                state.rooms.close();
                 notifier.send("STOPPING=1");
             }
         };
@@ -274,6 +282,12 @@ impl App {
         }
         {
             let state = state.clone();
+            workers.task("admitter", &rt, move |ctl, stop| {
+                every_tick(ADMIT_EVERY, ctl, stop, move |ctl| admit(state.clone(), ctl.clone()))
+            });
+        }
+        {
+            let state = state.clone();
             workers.task("guard-sweep", &rt, move |ctl, stop| {
                 every_tick(Duration::from_secs(60), ctl, stop, move |_| {
                     state.guard.sweep(Instant::now());
@@ -328,6 +342,29 @@ where
         }
         round(&ctl).await;
         ctl.tick();
+    }
+}
+
+/// How often the waiting rooms take their admission step.
+const ADMIT_EVERY: Duration = Duration::from_millis(100);
+
+/// One round of the admitter: each waiting room shuffles when due, retires
+/// used and lapsed passes, admits the next places as its rate and the
+/// stock allow, or closes; then its log is made durable.
+async fn admit(state: Arc<AppState>, ctl: Ctl) {
+    let catalog = state.catalog.load_full();
+    for a in catalog.activities() {
+        let Some(room) = &a.room else { continue };
+        let stock = StockView {
+            remaining: a.remaining(),
+            settled: a.tickets.iter().all(|t| t.pool.drained()),
+        };
+        let seq = room.tick(now_ms(), stock, &|user| a.ledger.count_of(user));
+        if seq > 0 {
+            if let Err(error) = room.persist(seq).await {
+                ctl.error(&format!("{error:?}"));
+            }
+        }
     }
 }
 

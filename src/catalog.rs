@@ -12,6 +12,8 @@ use std::{collections::HashMap, sync::Arc};
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::{
+    admission::{Room, RoomSettings, Rooms},
+    clock::now_ms,
     config::Config,
     inventory::{CodePool, Inventory, Ledger},
 };
@@ -64,6 +66,9 @@ pub struct Activity {
     pub tickets: Vec<TicketType>,
     /// Who holds what (lives across reloads).
     pub ledger: Arc<Ledger>,
+    /// The waiting room, for `admission = "queue"` or `"lottery"` (lives
+    /// across reloads): claims then need its pass.
+    pub room: Option<Arc<Room>>,
 }
 
 /// A ticket type (票).
@@ -96,9 +101,50 @@ pub enum Status {
 
 impl Catalog {
     /// Builds a snapshot of `config`, resolving relative times against
-    /// `node_start_ms` and attaching the inventory's pools and ledgers.
-    pub fn build(config: &Config, node_start_ms: i64, inventory: &Inventory) -> Result<Catalog, Vec<String>> {
+    /// `node_start_ms` and attaching the inventory's pools and ledgers and
+    /// the activities' waiting rooms. A room that has opened keeps its mode
+    /// and times: a config that changes them is refused.
+    pub fn build(
+        config: &Config,
+        node_start_ms: i64,
+        inventory: &Inventory,
+        rooms: &Rooms,
+    ) -> Result<Catalog, Vec<String>> {
         let mut problems = Vec::new();
+        let now = now_ms();
+        let mut room_settings = Vec::with_capacity(config.activities.len());
+        for a in &config.activities {
+            let settings = RoomSettings::of(a, node_start_ms);
+            let open_room = rooms.get(&a.id);
+            match (&settings, &open_room) {
+                (Some(s), _)
+                    if !(s.opens_ms < s.start_ms && s.opens_ms < s.shuffle_ms && s.shuffle_ms <= s.start_ms) =>
+                {
+                    problems.push(format!(
+                        "activity `{}`: queue_opens must come before draw_time, and draw_time not after start_time",
+                        a.id
+                    ));
+                }
+                (Some(new), Some(room)) => {
+                    let frozen = room.settings().frozen_changes(new, now);
+                    if !frozen.is_empty() {
+                        problems.push(format!(
+                            "activity `{}`: {} cannot change once its queue has opened",
+                            a.id,
+                            frozen.join(", ")
+                        ));
+                    }
+                }
+                (None, Some(room)) if now >= room.settings().opens_ms => {
+                    problems.push(format!(
+                        "activity `{}`: admission cannot change once its queue has opened",
+                        a.id
+                    ));
+                }
+                _ => {}
+            }
+            room_settings.push(settings);
+        }
         let mut activities = Vec::with_capacity(config.activities.len());
         let mut by_id = HashMap::with_capacity(config.activities.len());
         for a in &config.activities {
@@ -132,7 +178,17 @@ impl Catalog {
                 paused: a.paused,
                 pow_difficulty: a.pow_difficulty,
                 tickets,
+                room: None,
             }));
+        }
+        if problems.is_empty() {
+            for (activity, settings) in activities.iter_mut().zip(room_settings) {
+                let Some(settings) = settings else { continue };
+                match rooms.room(&activity.id, settings) {
+                    Ok(room) => Arc::get_mut(activity).expect("not shared yet").room = Some(room),
+                    Err(e) => problems.push(format!("activity `{}`: cannot open its waiting room: {e}", activity.id)),
+                }
+            }
         }
         if problems.is_empty() {
             Ok(Catalog {

@@ -142,10 +142,19 @@ impl Claimer {
         self.settings.store(Arc::new(settings));
     }
 
-    /// A claim token for `user_id` in `activity`, if it is open now.
+    /// A claim token for `user_id` in `activity`, if it is open now. In a
+    /// queue or lottery it is the pass, and only for a fan admitted by the
+    /// waiting room; it expires with the pass.
     pub fn claim_token(&self, user_id: u64, activity: &Activity, now: i64) -> Option<String> {
         if activity.status(now) != Status::Open {
             return None;
+        }
+        if let Some(room) = &activity.room {
+            let expires = room.pass_of(user_id, now)?;
+            return Some(
+                self.tokens
+                    .issue_pass(user_id, &activity.id, activity.start_ms, expires),
+            );
         }
         let expires = now.saturating_add(self.settings.load().claim_token_ttl_ms);
         Some(self.tokens.issue(user_id, &activity.id, activity.start_ms, expires))
@@ -465,6 +474,18 @@ impl Claimer {
         required: bool,
         now: i64,
     ) -> Result<(), Rejection> {
+        if activity.room.is_some() {
+            // A waiting room's activity takes its pass, whatever the node's
+            // claim-token setting: the pass is the whole point of the room.
+            let token = req.claim_token.ok_or(Rejection::QueuePassRequired)?;
+            self.tokens
+                .verify_pass(token, req.user_id, &activity.id, activity.start_ms, now)
+                .map_err(|e| match e {
+                    ClaimTokenError::Invalid => Rejection::QueuePassRequired,
+                    ClaimTokenError::Expired => Rejection::QueuePassExpired,
+                })?;
+            return check_pow(activity, token, req.pow_nonce);
+        }
         let token = match req.claim_token {
             Some(t) => t,
             None if required || activity.pow_difficulty > 0 => return Err(Rejection::ClaimTokenRequired),
@@ -476,8 +497,15 @@ impl Claimer {
                 ClaimTokenError::Invalid => Rejection::ClaimTokenInvalid,
                 ClaimTokenError::Expired => Rejection::ClaimTokenExpired,
             })?;
+        check_pow(activity, token, req.pow_nonce)
+    }
+}
+
+/// The proof of work over `token`, for activities that ask for one.
+fn check_pow(activity: &Activity, token: &str, nonce: Option<&str>) -> Result<(), Rejection> {
+    {
         if activity.pow_difficulty > 0 {
-            let solved = req.pow_nonce.is_some_and(|n| pow_ok(token, n, activity.pow_difficulty));
+            let solved = nonce.is_some_and(|n| pow_ok(token, n, activity.pow_difficulty));
             if !solved {
                 return Err(Rejection::ProofOfWork {
                     difficulty: activity.pow_difficulty,
@@ -557,7 +585,13 @@ per_user_limit = {limit}
         let now = now_ms();
         store.serve_import(&config, now).unwrap();
         let inventory = Arc::new(Inventory::default());
-        let catalog = Catalog::build(&config, now, &inventory).unwrap();
+        let catalog = Catalog::build(
+            &config,
+            now,
+            &inventory,
+            &crate::admission::Rooms::new(std::path::Path::new("unused")),
+        )
+        .unwrap();
         inventory.pool("t").add_codes(&store.unclaimed_codes("t").unwrap());
         let claimer = Claimer::new(
             store,

@@ -59,6 +59,14 @@ pub enum Command {
     /// journal segment keeping every valid record, voiding each lost
     /// sequence number, and keep the original as `<segment>.damaged`.
     Verify(VerifyArgs),
+    /// Recompute a waiting room's draw from the file `ticketd export --what
+    /// draw` wrote: the seed must match the commitment published before the
+    /// room opened, and the order must be the seed's draw of the entrants.
+    /// Needs no config and no store; exits non-zero when the draw does not hold.
+    VerifyDraw {
+        /// The exported draw (JSON).
+        file: PathBuf,
+    },
     /// Rush an activity over HTTP, report throughput and latency, and verify
     /// that nothing was oversold (exits non-zero on any violation).
     Bench(BenchArgs),
@@ -101,6 +109,9 @@ pub enum ExportWhat {
     Claims,
     /// The refused claim requests, counted per reason and minute.
     Rejections,
+    /// A queue's or lottery's draw, as JSON: the entrants, the revealed seed,
+    /// the order (check it with `ticketd verify-draw FILE`).
+    Draw,
 }
 
 /// `ticketd report`

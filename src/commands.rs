@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 use tokio::net::TcpListener;
 
 use crate::{
+    admission::{draw::DrawRecord, Room, Rooms},
     app::App,
     auth::{password, validate_account, HashCost},
     cli::{ExportArgs, ExportWhat, ReportArgs, UserCommand},
@@ -324,6 +325,9 @@ fn read_user_csv(file: &Path) -> anyhow::Result<Vec<(String, String, String)>> {
 
 /// `ticketd export`.
 pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
+    if args.what == ExportWhat::Draw {
+        return export_draw(config, &args);
+    }
     if args.what == ExportWhat::Rejections && args.format == ExportFormat::Parquet {
         bail!("rejections export as csv or jsonl; Parquet is for claims");
     }
@@ -340,6 +344,7 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
         Ok(match args.what {
             ExportWhat::Claims => export::claims(&store, &args.activity, args.format, out)?,
             ExportWhat::Rejections => export::rejections(&store, &args.activity, args.format, out)?,
+            ExportWhat::Draw => unreachable!("exported above"),
         })
     };
     match &args.out {
@@ -353,6 +358,53 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `ticketd export --what draw`: the room's log, read beside a serving node.
+fn export_draw(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
+    let dir = Rooms::dir_in(&config.storage.path);
+    let record = Room::recorded_draw(&dir, &args.activity)
+        .with_context(|| format!("cannot read the waiting room of `{}`", args.activity))?
+        .with_context(|| {
+            format!(
+                "activity `{}` has no draw yet: it has no waiting room on this node's store, or its order is not drawn yet",
+                args.activity
+            )
+        })?;
+    let json = serde_json::to_vec_pretty(&record)?;
+    match &args.out {
+        Some(path) => {
+            std::fs::write(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!(
+                "draw of {} entrants (and {} later arrivals) written to {}",
+                record.entrants.len(),
+                record.late.len(),
+                path.display()
+            );
+        }
+        None => io::stdout().write_all(&json)?,
+    }
+    Ok(())
+}
+
+/// `ticketd verify-draw FILE`.
+pub fn verify_draw(file: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let record: DrawRecord =
+        serde_json::from_slice(&text).with_context(|| format!("{} is not a draw export", file.display()))?;
+    match record.verify() {
+        Ok(()) => {
+            println!(
+                "draw verified: activity `{}`, {} entrants; SHA-256(seed) = {} is the published commitment, \
+                 and the order is the seed's draw of the entrants",
+                record.activity,
+                record.entrants.len(),
+                record.commitment
+            );
+            Ok(())
+        }
+        Err(problem) => bail!("the draw does NOT verify: {problem}"),
+    }
 }
 
 /// `ticketd report`.

@@ -21,6 +21,7 @@
 //! - [`worker`] — background loops as named workers: one runner starts, reports and stops them in order;
 //! - [`notify`] — the systemd notify protocol (READY, RELOADING, STATUS, WATCHDOG);
 //! - [`config`] — the config tree, its units (durations, sizes, address ranges, times), validation per section;
+//! - [`admission`] — fair admission: waiting rooms and lotteries, the verifiable draw, passes' lifetimes;
 //! - [`metrics`] — lock-free counters and histograms, Prometheus text;
 //! - [`stats`] — rush statistics (outcomes per minute, requests per source, latency) for reports;
 //! - [`journal`] — the append-only claim journal: record format, group commit, recovery;
@@ -43,6 +44,7 @@
 
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod bench;
@@ -77,6 +79,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(cli.log_format.unwrap_or_default(), "warn");
             commands::check_config(&cli.config)
         }
+        Command::VerifyDraw { file } => {
+            init_logging(cli.log_format.unwrap_or_default(), "warn");
+            commands::verify_draw(&file)
+        }
         Command::Bench(args) => {
             init_logging(cli.log_format.unwrap_or_default(), "warn");
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -95,7 +101,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Export(args) => commands::export(&config, args),
                 Command::Report(args) => commands::report(&config, args),
                 Command::Verify(args) => commands::verify(&config, args.repair),
-                Command::CheckConfig | Command::Bench(_) => unreachable!("handled above"),
+                Command::CheckConfig | Command::Bench(_) | Command::VerifyDraw { .. } => {
+                    unreachable!("handled above")
+                }
             }
         }
     }

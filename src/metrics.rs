@@ -50,12 +50,18 @@ pub enum Route {
     TicketQr,
     /// `GET /` and `/assets/*`: the fan's page.
     Page,
+    /// `POST /queue/join`
+    QueueJoin,
+    /// `GET /queue/status`
+    QueueStatus,
+    /// `GET /queue/events`
+    QueueEvents,
     /// Anything else.
     Unknown,
 }
 
 impl Route {
-    const ALL: [Route; 14] = [
+    const ALL: [Route; 17] = [
         Route::Healthz,
         Route::Metrics,
         Route::UserRegister,
@@ -68,6 +74,9 @@ impl Route {
         Route::TicketDetail,
         Route::TicketQr,
         Route::Page,
+        Route::QueueJoin,
+        Route::QueueStatus,
+        Route::QueueEvents,
         Route::Admin,
         Route::Unknown,
     ];
@@ -87,6 +96,9 @@ impl Route {
             Route::TicketDetail => "/ticket/detail",
             Route::TicketQr => "/ticket/qr",
             Route::Page => "page",
+            Route::QueueJoin => "/queue/join",
+            Route::QueueStatus => "/queue/status",
+            Route::QueueEvents => "/queue/events",
             Route::Admin => "/admin",
             Route::Unknown => "other",
         }

@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::{
+    admission::Rooms,
     auth::{Auth, Guard},
     catalog::{Activity, Catalog, SharedCatalog},
     claim::{ClaimSettings, Claimer},
@@ -27,6 +28,8 @@ pub struct AppState {
     pub catalog: SharedCatalog,
     /// Pools and ledgers.
     pub inventory: Arc<Inventory>,
+    /// The waiting rooms of queue and lottery activities.
+    pub rooms: Arc<Rooms>,
     /// The claim decision.
     pub claimer: Claimer,
     /// Accounts and sessions.
@@ -65,6 +68,8 @@ pub struct Setup {
     pub started_ms: i64,
     /// The runner the node's workers are registered with.
     pub workers: Arc<Runner>,
+    /// The waiting rooms the catalog was built with.
+    pub rooms: Arc<Rooms>,
 }
 
 impl AppState {
@@ -81,6 +86,7 @@ impl AppState {
         AppState {
             catalog: ArcSwap::from_pointee(catalog),
             inventory,
+            rooms: setup.rooms,
             claimer,
             auth,
             guard,
@@ -190,7 +196,7 @@ impl AppState {
         }
         let mut new = running.clone();
         new.activities = activities;
-        let catalog = Catalog::build(&new, self.started_ms, &self.inventory).map_err(|p| p.join("; "))?;
+        let catalog = Catalog::build(&new, self.started_ms, &self.inventory, &self.rooms).map_err(|p| p.join("; "))?;
         track(&self.inventory, &catalog).map_err(|e| e.to_string())?;
         self.catalog.store(Arc::new(catalog));
         tracing::info!(activities = new.activities.len(), "Activities refreshed from MongoDB.");
@@ -238,7 +244,7 @@ impl AppState {
         if !restart.is_empty() {
             return Err(format!("{} changed, which needs a restart", restart.join(", ")));
         }
-        let catalog = Catalog::build(&new, self.started_ms, &self.inventory).map_err(|p| p.join("; "))?;
+        let catalog = Catalog::build(&new, self.started_ms, &self.inventory, &self.rooms).map_err(|p| p.join("; "))?;
         let blocked = blocked_user_ids(&new, &self.store).map_err(|e| e.to_string())?;
         let report = self
             .store

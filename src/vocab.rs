@@ -195,6 +195,11 @@ pub enum Rejection {
     ClaimTokenInvalid,
     /// The claim token expired; fetch a new one.
     ClaimTokenExpired,
+    /// A queue or lottery activity: no pass, or not a valid one for this
+    /// user and activity (the claim token of such an activity is its pass).
+    QueuePassRequired,
+    /// The pass has expired: its place went to the next in line.
+    QueuePassExpired,
     /// The activity needs proof of work; the nonce is missing or wrong.
     ProofOfWork {
         /// Required leading zero bits.
@@ -220,6 +225,7 @@ impl Rejection {
                 ClaimOutcome::BadClaimToken
             }
             Rejection::ProofOfWork { .. } => ClaimOutcome::BadProofOfWork,
+            Rejection::QueuePassRequired | Rejection::QueuePassExpired => ClaimOutcome::NoQueuePass,
         }
     }
 }
@@ -266,11 +272,13 @@ pub enum ClaimOutcome {
     BadClaimToken,
     /// Missing or wrong proof of work.
     BadProofOfWork,
+    /// A queue or lottery activity, claimed without a valid pass.
+    NoQueuePass,
 }
 
 impl ClaimOutcome {
     /// Every outcome, in counter order.
-    pub const ALL: [ClaimOutcome; 14] = [
+    pub const ALL: [ClaimOutcome; 15] = [
         ClaimOutcome::Success,
         ClaimOutcome::Replayed,
         ClaimOutcome::NotFound,
@@ -285,6 +293,7 @@ impl ClaimOutcome {
         ClaimOutcome::Unavailable,
         ClaimOutcome::BadClaimToken,
         ClaimOutcome::BadProofOfWork,
+        ClaimOutcome::NoQueuePass,
     ];
 
     /// The outcome of a finished claim request.
@@ -313,6 +322,7 @@ impl ClaimOutcome {
             ClaimOutcome::Unavailable => "unavailable",
             ClaimOutcome::BadClaimToken => "bad_claim_token",
             ClaimOutcome::BadProofOfWork => "bad_proof_of_work",
+            ClaimOutcome::NoQueuePass => "no_queue_pass",
         }
     }
 }

@@ -33,22 +33,74 @@ pub enum ClaimTokenError {
     Expired,
 }
 
-/// Issues and checks claim tokens.
+/// Issues and checks claim tokens, and the waiting room's passes.
+///
+/// A pass is a claim token under its own key (derived like the claim key,
+/// with another label): bound to one user and activity and expiring with
+/// the pass, so any node checks it without asking the room; and no claim
+/// token of a race works as a pass, nor a pass as a claim token.
 pub struct ClaimTokens {
+    claims: Signer,
+    passes: Signer,
+}
+
+/// Makes and checks tokens under one key.
+struct Signer {
     mac: HmacSha256,
 }
 
 impl ClaimTokens {
-    /// Derives the claim key from the session secret.
+    /// Derives the claim and pass keys from the session secret.
     pub fn new(session_secret: &[u8]) -> ClaimTokens {
-        let mut derive = HmacSha256::new_from_slice(session_secret).expect("any key length");
-        derive.update(b"ticketd claim tokens v1");
-        let key = derive.finalize().into_bytes();
+        let derive = |label: &[u8]| {
+            let mut derive = HmacSha256::new_from_slice(session_secret).expect("any key length");
+            derive.update(label);
+            Signer {
+                mac: HmacSha256::new_from_slice(&derive.finalize().into_bytes()).expect("any key length"),
+            }
+        };
         ClaimTokens {
-            mac: HmacSha256::new_from_slice(&key).expect("any key length"),
+            claims: derive(b"ticketd claim tokens v1"),
+            passes: derive(b"ticketd queue passes v1"),
         }
     }
 
+    /// A token for `user_id` in `activity_id` (starting at `start_ms`), valid until `expires_at_ms`.
+    pub fn issue(&self, user_id: u64, activity_id: &str, start_ms: i64, expires_at_ms: i64) -> String {
+        self.claims.issue(user_id, activity_id, start_ms, expires_at_ms)
+    }
+
+    /// Checks `token` for this user, activity and start at `now_ms`.
+    pub fn verify(
+        &self,
+        token: &str,
+        user_id: u64,
+        activity_id: &str,
+        start_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), ClaimTokenError> {
+        self.claims.verify(token, user_id, activity_id, start_ms, now_ms)
+    }
+
+    /// A pass for `user_id` in `activity_id`, valid until `expires_at_ms`.
+    pub fn issue_pass(&self, user_id: u64, activity_id: &str, start_ms: i64, expires_at_ms: i64) -> String {
+        self.passes.issue(user_id, activity_id, start_ms, expires_at_ms)
+    }
+
+    /// Checks a pass as [`ClaimTokens::verify`] checks a claim token.
+    pub fn verify_pass(
+        &self,
+        token: &str,
+        user_id: u64,
+        activity_id: &str,
+        start_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), ClaimTokenError> {
+        self.passes.verify(token, user_id, activity_id, start_ms, now_ms)
+    }
+}
+
+impl Signer {
     fn tag(&self, payload: &[u8; 16], activity_id: &str, start_ms: i64) -> [u8; 16] {
         let mut mac = self.mac.clone();
         mac.update(payload);
@@ -59,7 +111,7 @@ impl ClaimTokens {
     }
 
     /// A token for `user_id` in `activity_id` (starting at `start_ms`), valid until `expires_at_ms`.
-    pub fn issue(&self, user_id: u64, activity_id: &str, start_ms: i64, expires_at_ms: i64) -> String {
+    fn issue(&self, user_id: u64, activity_id: &str, start_ms: i64, expires_at_ms: i64) -> String {
         let mut payload = [0u8; 16];
         payload[..8].copy_from_slice(&user_id.to_be_bytes());
         payload[8..].copy_from_slice(&expires_at_ms.to_be_bytes());
@@ -68,7 +120,7 @@ impl ClaimTokens {
     }
 
     /// Checks `token` for this user, activity and start at `now_ms`.
-    pub fn verify(
+    fn verify(
         &self,
         token: &str,
         user_id: u64,
@@ -149,6 +201,14 @@ mod tests {
         assert_eq!(t.verify(&token, 7, "1002", 1000, 0), Err(ClaimTokenError::Invalid));
         assert_eq!(t.verify(&token, 7, "1001", 1001, 0), Err(ClaimTokenError::Invalid));
         assert_eq!(t.verify(&token, 7, "1001", 1000, 5000), Err(ClaimTokenError::Expired));
+        let pass = t.issue_pass(7, "1001", 1000, 5000);
+        assert_eq!(t.verify_pass(&pass, 7, "1001", 1000, 4999), Ok(()));
+        assert_eq!(t.verify_pass(&token, 7, "1001", 1000, 0), Err(ClaimTokenError::Invalid));
+        assert_eq!(t.verify(&pass, 7, "1001", 1000, 0), Err(ClaimTokenError::Invalid));
+        assert_eq!(
+            t.verify_pass(&pass, 7, "1001", 1000, 5000),
+            Err(ClaimTokenError::Expired)
+        );
         let other = ClaimTokens::new(b"another secret another secret !!");
         assert_eq!(other.verify(&token, 7, "1001", 1000, 0), Err(ClaimTokenError::Invalid));
         for junk in ["", ".", "a.b", &"A".repeat(45)] {

@@ -365,9 +365,59 @@ pub struct ActivityConfig {
     /// SHA-256(claimToken ":" nonce); 0 = off. Default 0.
     #[serde(default)]
     pub pow_difficulty: u8,
+    /// How buyers get their turn: `"race"` (the first claims after
+    /// `start_time` win; the default), `"queue"` (a waiting room shuffled
+    /// at `start_time`, admitted at `admit_rate`) or `"lottery"` (抽签:
+    /// entries until `draw_time`, then a draw). See README, "Fair admission".
+    #[serde(default, skip_serializing_if = "AdmissionMode::is_race")]
+    pub admission: AdmissionMode,
+    /// Queue and lottery: when fans may join, before `start_time`. Required for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_opens: Option<TimeSpec>,
+    /// Lottery: when entries close and the draw is made; after
+    /// `queue_opens`, not after `start_time`. Default: `start_time`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draw_time: Option<TimeSpec>,
+    /// Queue: places admitted per second from `start_time` (never more than
+    /// the stock left can serve). Default 50.
+    #[serde(default = "default_admit_rate")]
+    pub admit_rate: f64,
+    /// Queue and lottery: how long an admitted fan's pass is good for; an
+    /// unused pass then goes to the next in line. Default `2m`.
+    #[serde(default = "default_pass_ttl")]
+    pub pass_ttl: HumanDuration,
+    /// Queue and lottery: a place whose fan has not been seen (an open event
+    /// stream or a status request) for this long is skipped when reached.
+    /// Default `1m`.
+    #[serde(default = "default_grace")]
+    pub grace: HumanDuration,
+    /// Queue and lottery: most places; joins beyond it are refused with 503
+    /// QUEUE_FULL. Default 1000000.
+    #[serde(default = "default_queue_capacity_places")]
+    pub queue_capacity: u32,
     /// The ticket types (`[[activity.ticket]]`).
     #[serde(default, rename = "ticket")]
     pub tickets: Vec<TicketConfig>,
+}
+
+/// How an activity's buyers get their turn.
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AdmissionMode {
+    /// First come, first served (claim tokens, proof of work and rate limits apply).
+    #[default]
+    Race,
+    /// A waiting room: joiners before the start are shuffled, later ones queue in order.
+    Queue,
+    /// A draw among the entrants, with the rest as a waiting list.
+    Lottery,
+}
+
+impl AdmissionMode {
+    /// Whether this is the plain race.
+    pub fn is_race(&self) -> bool {
+        *self == AdmissionMode::Race
+    }
 }
 
 /// `[[activity.ticket]]`: one ticket type and its codes.
@@ -642,4 +692,16 @@ impl Config {
     pub fn session_ttl_ms(&self) -> i64 {
         i64::try_from(self.auth.session_ttl.0.as_millis()).unwrap_or(i64::MAX)
     }
+}
+fn default_admit_rate() -> f64 {
+    50.0
+}
+fn default_pass_ttl() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(120))
+}
+fn default_grace() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(60))
+}
+fn default_queue_capacity_places() -> u32 {
+    1_000_000
 }

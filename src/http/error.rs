@@ -231,6 +231,17 @@ impl From<Rejection> for ApiError {
                 "CLAIM_TOKEN_EXPIRED",
                 "the claim token expired; fetch a new one from /act/detail",
             ),
+            Rejection::QueuePassRequired => ApiError::new(
+                S::FORBIDDEN,
+                "QUEUE_PASS_REQUIRED",
+                "this activity admits buyers through its waiting room: join with POST /queue/join and claim with \
+                 the pass /queue/status gives you when your turn comes (as claimToken)",
+            ),
+            Rejection::QueuePassExpired => ApiError::new(
+                S::FORBIDDEN,
+                "QUEUE_PASS_EXPIRED",
+                "your pass expired unused and your turn went to the next in line; you may join again",
+            ),
             Rejection::ProofOfWork { difficulty } => ApiError::new(
                 S::FORBIDDEN,
                 "POW_REQUIRED",

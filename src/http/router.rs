@@ -12,7 +12,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use super::{access_log::AccessLog, error::ApiError, handlers};
@@ -26,6 +26,9 @@ pub enum Surface {
     /// `/admin/*` only, behind the admin token; bind it to loopback.
     Admin,
 }
+
+/// A response body: a whole answer, or a waiting room's event stream.
+pub type Body = Either<Full<Bytes>, handlers::queue::EventStream>;
 
 /// What the server knows about the connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -44,7 +47,7 @@ pub async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
     surface: Surface,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
     let started = Instant::now();
     let logged = access_log
         .as_ref()
@@ -55,8 +58,20 @@ pub async fn handle(
     };
     let ip = state.guard.client_ip(peer, req.headers());
     let res = match ip {
-        Err(denied) => ApiError::from(denied).into_response(),
-        Ok(ip) => answer(state, served, route, allowed, surface, req, ip).await,
+        Err(denied) => ApiError::from(denied).into_response().map(Either::Left),
+        Ok(ip) if route == Route::QueueEvents && surface == Surface::Public && req.method() == Method::GET => {
+            // The one streamed answer; its checks are the handler's.
+            match state.guard.check_ip(ip) {
+                Err(denied) => ApiError::from(denied).into_response().map(Either::Left),
+                Ok(()) => match handlers::queue::events(state, &req, ip) {
+                    Ok(res) => res.map(Either::Right),
+                    Err(e) => e.into_response().map(Either::Left),
+                },
+            }
+        }
+        Ok(ip) => answer(state, served, route, allowed, surface, req, ip)
+            .await
+            .map(Either::Left),
     };
     crate::metrics::global().request(route, res.status().as_u16(), started.elapsed());
     if let (Some(log), Some((method, path))) = (access_log, logged) {
@@ -129,6 +144,9 @@ fn route_of(path: &str) -> (Route, Method) {
         "/user/register" => (Route::UserRegister, Method::POST),
         "/user/login" => (Route::UserLogin, Method::POST),
         "/user/logout" => (Route::UserLogout, Method::POST),
+        "/queue/join" => (Route::QueueJoin, Method::POST),
+        "/queue/status" => (Route::QueueStatus, Method::GET),
+        "/queue/events" => (Route::QueueEvents, Method::GET),
         "/healthz" => (Route::Healthz, Method::GET),
         "/metrics" => (Route::Metrics, Method::GET),
         p if handlers::page::is_page_path(p) => (Route::Page, Method::GET),
@@ -160,6 +178,10 @@ async fn dispatch(
         Route::TicketDetail => handlers::ticket::detail(state, &req).await,
         Route::TicketQr => handlers::ticket::qr(state, &req).await,
         Route::Page => handlers::page::serve(&req),
+        Route::QueueJoin => handlers::queue::join(state, req, ip).await,
+        Route::QueueStatus => handlers::queue::status(state, &req, ip).await,
+        // Answered in `handle` (a stream); here only for a method it does not take.
+        Route::QueueEvents => Err(ApiError::not_found("ROUTE_NOT_FOUND", "no such route")),
         Route::UserRegister => handlers::user::register(state, req, ip).await,
         Route::UserLogin => handlers::user::login(state, req, ip).await,
         Route::UserLogout => handlers::user::logout(state, &req).await,

@@ -117,6 +117,11 @@ impl Ledger {
         self.users.get(&user).map(|e| e.claims.clone()).unwrap_or_default()
     }
 
+    /// How many claims `user` holds (no copy).
+    pub fn count_of(&self, user: u64) -> u32 {
+        self.users.get(&user).map_or(0, |e| e.claims.len() as u32)
+    }
+
     /// Durable claims in this activity.
     pub fn claimed(&self) -> usize {
         self.claimed.load(Ordering::Relaxed)

@@ -14,6 +14,7 @@ mod layout;
 mod limits;
 mod ops;
 mod page;
+mod queue;
 mod reload;
 mod report;
 mod rush;

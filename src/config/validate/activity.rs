@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use super::report::{valid_id, Report, Seg, MAX_CODE_LEN, MAX_GENERATE, MAX_ID_LEN};
 use crate::config::{
-    model::{Config, StorageMode, TicketConfig},
+    model::{ActivityConfig, AdmissionMode, Config, StorageMode, TicketConfig},
     units::TimeSpec,
 };
 
@@ -60,6 +60,7 @@ pub(super) fn activities(r: &mut Report<'_>, config: &mut Config) {
                 format!("activity `{}`: per_user_limit must be 1-1000", act.id),
             );
         }
+        check_admission(r, ai, act, config.storage.mode);
         if act.tickets.is_empty() {
             r.add(&at, format!("activity `{}` has no [[activity.ticket]]", act.id));
         }
@@ -180,6 +181,102 @@ fn check_codes(r: &mut Report<'_>, path: &[Seg<'_>], ticket: &TicketConfig, all:
             path,
             format!("ticket `{}`: {} more code problems not shown", ticket.id, reported - 20),
         );
+    }
+}
+
+/// The waiting room's keys: present where the mode needs them, absent
+/// where it ignores them, and in order (`queue_opens` < `draw_time` <=
+/// `start_time`).
+fn check_admission(r: &mut Report<'_>, ai: usize, act: &ActivityConfig, mode: StorageMode) {
+    let k = Seg::Key;
+    let field = |f: &'static str| [k("activity"), Seg::Index(ai), k(f)];
+    let id = &act.id;
+    if act.admission == AdmissionMode::Race {
+        for (key, set) in [
+            ("queue_opens", act.queue_opens.is_some()),
+            ("draw_time", act.draw_time.is_some()),
+        ] {
+            if set {
+                r.add(
+                    &field(key),
+                    format!("activity `{id}`: {key} needs admission = \"queue\" or \"lottery\""),
+                );
+            }
+        }
+        return;
+    }
+    if mode == StorageMode::Cluster {
+        r.add(
+            &field("admission"),
+            format!("activity `{id}`: the waiting room and the lottery run on the embedded store only, not yet in cluster mode"),
+        );
+    }
+    match act.queue_opens {
+        None => r.add(
+            &field("queue_opens"),
+            format!(
+                "activity `{id}`: admission = \"{}\" needs queue_opens (before start_time)",
+                mode_name(act.admission)
+            ),
+        ),
+        Some(opens) => {
+            if !ends_after_start(opens, act.start_time) {
+                r.add(
+                    &field("queue_opens"),
+                    format!("activity `{id}`: queue_opens must be before start_time"),
+                );
+            }
+            if let Some(draw) = act.draw_time {
+                if !ends_after_start(opens, draw) {
+                    r.add(
+                        &field("draw_time"),
+                        format!("activity `{id}`: draw_time must be after queue_opens"),
+                    );
+                }
+            }
+        }
+    }
+    if let Some(draw) = act.draw_time {
+        if act.admission != AdmissionMode::Lottery {
+            r.add(
+                &field("draw_time"),
+                format!("activity `{id}`: draw_time is for admission = \"lottery\""),
+            );
+        } else if draw != act.start_time && !ends_after_start(draw, act.start_time) {
+            r.add(
+                &field("draw_time"),
+                format!("activity `{id}`: draw_time must not be after start_time"),
+            );
+        }
+    }
+    if !(act.admit_rate.is_finite() && act.admit_rate >= 0.1 && act.admit_rate <= 1_000_000.0) {
+        r.add(
+            &field("admit_rate"),
+            format!("activity `{id}`: admit_rate must be 0.1-1000000 places per second"),
+        );
+    }
+    if act.pass_ttl.0 < std::time::Duration::from_secs(5) || act.pass_ttl.0 > std::time::Duration::from_secs(86_400) {
+        r.add(&field("pass_ttl"), format!("activity `{id}`: pass_ttl must be 5s-24h"));
+    }
+    if act.grace.0 < std::time::Duration::from_secs(3) || act.grace.0 > std::time::Duration::from_secs(86_400) {
+        r.add(
+            &field("grace"),
+            format!("activity `{id}`: grace must be 3s-24h (an event stream or the fans' page checks in every second)"),
+        );
+    }
+    if act.queue_capacity == 0 || act.queue_capacity > 10_000_000 {
+        r.add(
+            &field("queue_capacity"),
+            format!("activity `{id}`: queue_capacity must be 1-10000000"),
+        );
+    }
+}
+
+fn mode_name(mode: AdmissionMode) -> &'static str {
+    match mode {
+        AdmissionMode::Race => "race",
+        AdmissionMode::Queue => "queue",
+        AdmissionMode::Lottery => "lottery",
     }
 }
 

@@ -14,6 +14,7 @@ use super::ClaimView;
 use crate::{
     catalog::{Activity, Listing, Status},
     clock::{now_ms, rfc3339_ms},
+    config::AdmissionMode,
     http::{
         error::ApiError,
         request::{ok, optional_session, Query},
@@ -35,6 +36,8 @@ struct ActivityView<'a> {
     paused: bool,
     per_user_limit: u32,
     pow_difficulty: u8,
+    /// `"race"`, `"queue"` or `"lottery"`.
+    admission: AdmissionMode,
     remaining: usize,
     claimed: usize,
     tickets: Vec<TicketView<'a>>,
@@ -64,6 +67,7 @@ fn view<'a>(a: &'a Activity, now: i64, stock: &Stock) -> ActivityView<'a> {
         paused: a.paused,
         per_user_limit: a.per_user_limit,
         pow_difficulty: a.pow_difficulty,
+        admission: a.room.as_ref().map_or(AdmissionMode::Race, |r| r.settings().mode),
         remaining: stock.remaining,
         claimed: stock.claimed,
         tickets: a
@@ -154,6 +158,27 @@ pub async fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Respons
     let mut data = serde_json::to_value(view(activity, now, &stock)).map_err(|_| ApiError::internal())?;
     if let Some(obj) = data.as_object_mut() {
         obj.insert("serverTime".into(), rfc3339_ms(now).into());
+        if let Some(room) = &activity.room {
+            // The commitment is public before anyone can join; the seed once
+            // the order is drawn (see `ticketd verify-draw`).
+            let s = room.settings();
+            let summary = room.summary();
+            obj.insert(
+                "queue".into(),
+                serde_json::json!({
+                    "opensAt": rfc3339_ms(s.opens_ms),
+                    "shuffleAt": rfc3339_ms(s.shuffle_ms),
+                    "passTtlMs": s.pass_ttl_ms,
+                    "graceMs": s.grace_ms,
+                    "admitRate": s.admit_rate,
+                    "commitment": room.commitment(),
+                    "seed": room.revealed_seed(),
+                    "waiting": summary.waiting,
+                    "admitted": summary.admitted,
+                    "closed": summary.closed,
+                }),
+            );
+        }
     }
     if let (Some(s), Some(obj)) = (session, data.as_object_mut()) {
         let claims = activity.ledger.claims_of(s.user_id);

@@ -4,6 +4,7 @@ pub mod act;
 pub mod admin;
 pub mod ops;
 pub mod page;
+pub mod queue;
 pub mod ticket;
 pub mod user;
 

@@ -1,0 +1,100 @@
+//! Fair admission: the waiting room and the lottery (抽签).
+//!
+//! In a race the fastest requests after the start win, so the fastest
+//! scripts take the stock. An activity with `admission = "queue"` or
+//! `"lottery"` instead has a [`Room`]: fans join from `queue_opens`; at the
+//! shuffle (the start for a queue, `draw_time` for a lottery) everyone who
+//! joined is put in a random order that anyone can recompute afterwards
+//! ([`draw`]); then places are admitted — at `admit_rate` in a queue, as far
+//! as the stock goes in a lottery — and an admitted fan gets a pass, the
+//! only claim token such an activity accepts. Arriving early or firing fast
+//! buys nothing: every joiner before the shuffle has the same chance.
+//!
+//! Admission never runs ahead of the stock: a pass speaks for the codes
+//! its holder may still claim, and places are admitted only while codes
+//! are left that no pass speaks for. A pass that lapses unused frees its
+//! codes for the next place; when the last code is claimed the room closes
+//! and everyone still waiting is told at once.
+//!
+//! A place belongs to a fan who is still there: one seen (a status request
+//! or an open event stream) within `grace` when their place comes is
+//! admitted; one who is not is skipped, and may join again at the back.
+//!
+//! # Layout
+//! - [`draw`]: the seed, its commitment, the shuffle, the exported record;
+//! - [`log`]: each room's append-only log (group-committed; replayed at start);
+//! - [`room`]: one room's state and its admission step.
+
+pub mod draw;
+pub mod log;
+pub mod room;
+
+use std::{
+    collections::HashMap,
+    io,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
+
+use parking_lot::Mutex;
+
+pub use room::{JoinError, PlaceState, QueueStatus, Room, RoomSettings, RoomSummary, StockView};
+
+/// Every waiting room on the node, by activity; rooms live across reloads.
+pub struct Rooms {
+    dir: PathBuf,
+    rooms: Mutex<HashMap<Arc<str>, Arc<Room>>>,
+    closing: AtomicBool,
+}
+
+impl Rooms {
+    /// Rooms whose logs live in `dir` (created when the first room opens).
+    pub fn new(dir: &Path) -> Rooms {
+        Rooms {
+            dir: dir.to_owned(),
+            rooms: Mutex::new(HashMap::new()),
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    /// The directory of the rooms' logs under a data directory.
+    pub fn dir_in(data_dir: &Path) -> PathBuf {
+        data_dir.join("rooms")
+    }
+
+    /// The room of `activity`, opened (its log replayed) on first use, with `settings`.
+    pub fn room(&self, activity: &Arc<str>, settings: RoomSettings) -> io::Result<Arc<Room>> {
+        let mut rooms = self.rooms.lock();
+        if let Some(room) = rooms.get(activity) {
+            room.apply(settings);
+            return Ok(room.clone());
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        let room = Arc::new(Room::open(&self.dir, activity.clone(), settings)?);
+        rooms.insert(activity.clone(), room.clone());
+        Ok(room)
+    }
+
+    /// The room of `activity`, if it has one.
+    pub fn get(&self, activity: &str) -> Option<Arc<Room>> {
+        self.rooms.lock().get(activity).cloned()
+    }
+
+    /// Every room.
+    pub fn all(&self) -> Vec<Arc<Room>> {
+        self.rooms.lock().values().cloned().collect()
+    }
+
+    /// Shutdown has begun: event streams end, so connections can drain.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
+    /// Whether shutdown has begun.
+    pub fn closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,690 @@
+//! One activity's waiting room: places, the shuffle, admission, passes.
+//!
+//! All of a room's state sits behind one short mutex; every change is
+//! appended to the room's [`log`](super::log) under it, so the log's order
+//! is the room's, and nobody is told of a change before the log holds it.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    io,
+    path::Path,
+    sync::Arc,
+};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use super::{
+    draw::{self, DrawRecord, Seed},
+    log::{self, Event, RoomLog},
+};
+use crate::{
+    clock::rfc3339_ms,
+    config::{ActivityConfig, AdmissionMode},
+};
+
+/// Work one tick may do at most (places admitted or skipped), so that a
+/// room of a million abandoned places cannot stall the admitter.
+const MAX_STEPS_PER_TICK: usize = 100_000;
+/// The admission rate is measured over this window.
+const RATE_WINDOW_MS: i64 = 10_000;
+
+/// A room's settings, times resolved to Unix ms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoomSettings {
+    /// Queue or lottery.
+    pub mode: AdmissionMode,
+    /// Joining opens.
+    pub opens_ms: i64,
+    /// The shuffle (queue: the start; lottery: the draw, when entries close).
+    pub shuffle_ms: i64,
+    /// Admission begins (the sale's start).
+    pub start_ms: i64,
+    /// The sale ends; the room closes.
+    pub end_ms: i64,
+    /// Places admitted per second (queue); a lottery admits as the stock allows.
+    pub admit_rate: f64,
+    /// How long a pass is good for.
+    pub pass_ttl_ms: i64,
+    /// A place not seen for this long is skipped when reached.
+    pub grace_ms: i64,
+    /// Most places.
+    pub capacity: usize,
+    /// Codes one pass may claim (the activity's per-user limit).
+    pub per_user_limit: u32,
+}
+
+impl RoomSettings {
+    /// The room `activity` asks for, or `None` for a race.
+    pub fn of(activity: &ActivityConfig, node_start_ms: i64) -> Option<RoomSettings> {
+        let opens = activity.queue_opens?;
+        if activity.admission == AdmissionMode::Race {
+            return None;
+        }
+        let start_ms = activity.start_time.resolve(node_start_ms);
+        let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        Some(RoomSettings {
+            mode: activity.admission,
+            opens_ms: opens.resolve(node_start_ms),
+            shuffle_ms: match activity.admission {
+                AdmissionMode::Lottery => activity.draw_time.map_or(start_ms, |d| d.resolve(node_start_ms)),
+                _ => start_ms,
+            },
+            start_ms,
+            end_ms: activity.end_time.resolve(node_start_ms),
+            admit_rate: activity.admit_rate,
+            pass_ttl_ms: ms(activity.pass_ttl.0),
+            grace_ms: ms(activity.grace.0),
+            capacity: activity.queue_capacity as usize,
+            per_user_limit: activity.per_user_limit,
+        })
+    }
+
+    /// What may not change once the room has opened, and changed; empty when nothing did.
+    pub fn frozen_changes(&self, new: &RoomSettings, now_ms: i64) -> Vec<&'static str> {
+        if now_ms < self.opens_ms {
+            return Vec::new();
+        }
+        let mut changed = Vec::new();
+        if new.mode != self.mode {
+            changed.push("admission");
+        }
+        if new.opens_ms != self.opens_ms {
+            changed.push("queue_opens");
+        }
+        if new.shuffle_ms != self.shuffle_ms {
+            changed.push(if self.mode == AdmissionMode::Lottery {
+                "draw_time"
+            } else {
+                "start_time"
+            });
+        }
+        if new.start_ms != self.start_ms && !changed.contains(&"start_time") {
+            changed.push("start_time");
+        }
+        changed
+    }
+}
+
+/// Where a fan is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlaceState {
+    /// Has not joined (or the room does not know them).
+    NotJoined,
+    /// In line.
+    Waiting,
+    /// Holds a pass: may claim until it expires.
+    Admitted,
+    /// Was admitted; the pass is used up or has expired after a claim.
+    Done,
+    /// Not seen within `grace` when their place came, or let their pass
+    /// expire unused; may join again at the back (a queue, not a lottery).
+    PassedOver,
+    /// Nothing is left: the room has closed.
+    SoldOut,
+    /// A lottery whose entries have closed, for somebody who did not enter.
+    EntriesClosed,
+}
+
+struct Place {
+    joined_ms: i64,
+    seen_ms: i64,
+    /// Index in `order` (after the shuffle, or a later arrival).
+    index: u32,
+    state: PlaceState,
+    admitted_ms: i64,
+    pass_expires_ms: i64,
+}
+
+/// Why a join was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinError {
+    /// Before `queue_opens`.
+    NotOpen {
+        /// When it opens, Unix ms.
+        opens_ms: i64,
+    },
+    /// A lottery after its draw.
+    EntriesClosed,
+    /// The room is closed: sold out or ended.
+    Closed,
+    /// `queue_capacity` places taken.
+    Full,
+    /// The room's log cannot be written.
+    Unavailable,
+}
+
+/// A fan's view of the room (`/queue/status`, `/queue/events`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueStatus {
+    /// The activity.
+    pub act_id: String,
+    /// `"queue"` or `"lottery"`.
+    pub mode: AdmissionMode,
+    /// Where the fan is.
+    pub state: PlaceState,
+    /// 1-based place among those not yet reached (once shuffled).
+    pub position: Option<u64>,
+    /// Places ahead that have not been reached.
+    pub ahead: Option<u64>,
+    /// Places in line not yet reached, the fan's included.
+    pub waiting: u64,
+    /// Fans admitted so far.
+    pub admitted: u64,
+    /// The estimated wait until admission, ms, from the measured admission rate.
+    pub eta_ms: Option<i64>,
+    /// Every code left is spoken for by passes; a place can only come when one lapses.
+    pub standby: bool,
+    /// When this fan joined.
+    pub joined_at: Option<String>,
+    /// When this fan was admitted.
+    pub admitted_at: Option<String>,
+    /// When this fan's pass expires.
+    pub pass_expires_at: Option<String>,
+    /// When joining opens.
+    pub opens_at: String,
+    /// When the order is drawn.
+    pub shuffle_at: String,
+    /// SHA-256 of the draw's seed, published before the room opens.
+    pub commitment: String,
+    /// The seed, once the order is drawn.
+    pub seed: Option<String>,
+}
+
+/// Room-wide figures (metrics, the admin page, reports).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomSummary {
+    /// Places ever taken (a rejoin counts again).
+    pub joined: u64,
+    /// Places not yet reached.
+    pub waiting: u64,
+    /// Fans admitted.
+    pub admitted: u64,
+    /// Places skipped because their fan had gone.
+    pub abandoned: u64,
+    /// Passes that expired unused.
+    pub expired: u64,
+    /// Admissions per second over the last ten seconds.
+    pub admit_rate: f64,
+    /// The shuffle has happened.
+    pub shuffled: bool,
+    /// The room has closed.
+    pub closed: bool,
+}
+
+/// What the admitter needs to know about the stock.
+#[derive(Debug, Clone, Copy)]
+pub struct StockView {
+    /// Codes not yet claimed.
+    pub remaining: usize,
+    /// No code is being committed (so `remaining == 0` is final).
+    pub settled: bool,
+}
+
+struct RoomState {
+    settings: RoomSettings,
+    places: HashMap<u64, Place, ahash::RandomState>,
+    /// Before the shuffle: joiners in join order; after: the drawn order,
+    /// then later arrivals in arrival order.
+    order: Vec<u64>,
+    /// How many joined before the shuffle (the drawn part of `order`).
+    drawn: usize,
+    shuffled_ms: Option<i64>,
+    /// Places reached (admitted or skipped).
+    cursor: usize,
+    /// Passes that may still claim: (user, expiry).
+    active: VecDeque<(u64, i64)>,
+    /// Recent admission times, for the measured rate.
+    recent: VecDeque<i64>,
+    allowance: f64,
+    last_tick_ms: i64,
+    /// Codes left minus those spoken for by passes, at the last tick.
+    budget: usize,
+    closed_ms: Option<i64>,
+    summary: RoomSummary,
+}
+
+/// One activity's waiting room.
+pub struct Room {
+    /// The activity.
+    pub activity: Arc<str>,
+    seed: Seed,
+    commitment: String,
+    state: Mutex<RoomState>,
+    log: RoomLog,
+}
+
+impl Room {
+    /// Opens the room whose log is `dir/<activity>.log`, replaying it, or
+    /// creates it with a fresh seed (written and fsynced before it returns).
+    pub fn open(dir: &Path, activity: Arc<str>, settings: RoomSettings) -> io::Result<Room> {
+        let path = dir.join(format!("{activity}.log"));
+        let (events, len) = log::read(&path)?.unwrap_or_default();
+        let (seed, state) = match replay(&path, &events, settings.clone())? {
+            Some((seed, mut state)) => {
+                // Nobody could check in while the node was down: every
+                // place gets its grace again from now.
+                let now = crate::clock::now_ms();
+                state.places.values_mut().for_each(|p| p.seen_ms = p.seen_ms.max(now));
+                (seed, state)
+            }
+            None => (Seed::generate(), RoomState::new(settings.clone())),
+        };
+        let log = RoomLog::open(&path, len)?;
+        if events.is_empty() {
+            log.append(&Event::Seed { seed: seed.to_hex() });
+            log.sync_now()?;
+        }
+        Ok(Room {
+            activity,
+            commitment: seed.commitment(),
+            seed,
+            state: Mutex::new(state),
+            log,
+        })
+    }
+
+    /// The draw recorded in the room log `dir/<activity>.log`, read without
+    /// opening the room (a tool beside a serving node). `Ok(None)` when the
+    /// room has no log or has not drawn yet.
+    pub fn recorded_draw(dir: &Path, activity: &str) -> io::Result<Option<DrawRecord>> {
+        let path = dir.join(format!("{activity}.log"));
+        let Some((events, _)) = log::read(&path)? else {
+            return Ok(None);
+        };
+        let Some((seed, state)) = replay(&path, &events, settings_placeholder())? else {
+            return Ok(None);
+        };
+        Ok(state.draw_record(activity, &seed))
+    }
+
+    /// The room's settings.
+    pub fn settings(&self) -> RoomSettings {
+        self.state.lock().settings.clone()
+    }
+
+    /// Applies reloaded settings (the caller refused frozen changes).
+    pub fn apply(&self, settings: RoomSettings) {
+        self.state.lock().settings = settings;
+    }
+
+    /// `SHA-256(seed)`, published before the room opens.
+    pub fn commitment(&self) -> &str {
+        &self.commitment
+    }
+
+    /// The seed, once the order is drawn (before, only its commitment is public).
+    pub fn revealed_seed(&self) -> Option<String> {
+        self.state.lock().shuffled_ms.map(|_| self.seed.to_hex())
+    }
+
+    /// Takes a place for `user` at `now`; joining again returns the same
+    /// place. Returns the log sequence to [`Room::persist`] before answering.
+    pub fn join(&self, user: u64, now: i64) -> Result<u64, JoinError> {
+        let mut st = self.state.lock();
+        let s = &st.settings;
+        if now < s.opens_ms {
+            return Err(JoinError::NotOpen { opens_ms: s.opens_ms });
+        }
+        if st.closed_ms.is_some() || now >= s.end_ms {
+            return Err(JoinError::Closed);
+        }
+        let lottery_closed = s.mode == AdmissionMode::Lottery && st.shuffled_ms.is_some();
+        if let Some(place) = st.places.get_mut(&user) {
+            place.seen_ms = place.seen_ms.max(now);
+            if place.state != PlaceState::PassedOver || lottery_closed {
+                return Ok(0);
+            }
+        } else if lottery_closed {
+            return Err(JoinError::EntriesClosed);
+        }
+        if st.order.len() - st.cursor >= st.settings.capacity || st.order.len() >= u32::MAX as usize {
+            return Err(JoinError::Full);
+        }
+        let event = Event::Join { u: user, t: now };
+        st.apply_join(user, now);
+        Ok(self.log.append(&event))
+    }
+
+    /// Returns once the log holds every change up to `seq`.
+    pub async fn persist(&self, seq: u64) -> Result<(), JoinError> {
+        self.log.sync(seq).await.map_err(|_| JoinError::Unavailable)
+    }
+
+    /// `user`'s view at `now`; `touch` counts it as the fan being there.
+    pub fn status(&self, user: u64, now: i64, touch: bool) -> QueueStatus {
+        let mut st = self.state.lock();
+        if touch {
+            if let Some(p) = st.places.get_mut(&user) {
+                p.seen_ms = p.seen_ms.max(now);
+            }
+        }
+        st.status_of(&self.activity, user, now, &self.seed, &self.commitment)
+    }
+
+    /// The pass `user` holds at `now`: its expiry, Unix ms.
+    pub fn pass_of(&self, user: u64, now: i64) -> Option<i64> {
+        let st = self.state.lock();
+        let p = st.places.get(&user)?;
+        (p.state == PlaceState::Admitted && now < p.pass_expires_ms).then_some(p.pass_expires_ms)
+    }
+
+    /// Room-wide figures.
+    pub fn summary(&self) -> RoomSummary {
+        let st = self.state.lock();
+        let mut s = st.summary.clone();
+        s.waiting = (st.order.len() - st.cursor) as u64;
+        s.shuffled = st.shuffled_ms.is_some();
+        s.closed = st.closed_ms.is_some();
+        s.admit_rate = st.measured_rate(st.last_tick_ms).unwrap_or(0.0);
+        s
+    }
+
+    /// One step of the admitter at `now`: the shuffle when due, passes
+    /// retired, the next places admitted as the rate and the stock allow
+    /// (`claimed(user)` is how many codes a pass holder has claimed), the
+    /// room closed when nothing is left. Returns the log sequence to
+    /// [`Room::persist`], or 0 when nothing changed.
+    pub fn tick(&self, now: i64, stock: StockView, claimed: &dyn Fn(u64) -> u32) -> u64 {
+        let mut st = self.state.lock();
+        let mut last = 0;
+        let mut log = |e: Event| last = self.log.append(&e);
+        st.tick(&self.seed, now, stock, claimed, &mut log);
+        last
+    }
+
+    /// The draw, once made (`ticketd export --what draw`).
+    pub fn draw_record(&self) -> Option<DrawRecord> {
+        self.state.lock().draw_record(&self.activity, &self.seed)
+    }
+}
+
+/// The seed and state the events of the log at `path` describe; `None` when it is empty.
+fn replay(path: &Path, events: &[Event], settings: RoomSettings) -> io::Result<Option<(Seed, RoomState)>> {
+    let (seed, rest) = match events.split_first() {
+        None => return Ok(None),
+        Some((Event::Seed { seed }, rest)) => (
+            Seed::from_hex(seed).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: the seed is not 64 hex digits", path.display()),
+                )
+            })?,
+            rest,
+        ),
+        Some(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: the first line is not the seed", path.display()),
+            ))
+        }
+    };
+    let mut state = RoomState::new(settings);
+    for event in rest {
+        state.replay(&seed, event);
+    }
+    Ok(Some((seed, state)))
+}
+
+/// Settings for a room read by a tool, which never takes a step.
+fn settings_placeholder() -> RoomSettings {
+    RoomSettings {
+        mode: AdmissionMode::Queue,
+        opens_ms: 0,
+        shuffle_ms: 0,
+        start_ms: 0,
+        end_ms: 0,
+        admit_rate: 1.0,
+        pass_ttl_ms: 0,
+        grace_ms: 0,
+        capacity: 0,
+        per_user_limit: 1,
+    }
+}
+
+impl RoomState {
+    fn new(settings: RoomSettings) -> RoomState {
+        RoomState {
+            settings,
+            places: HashMap::default(),
+            order: Vec::new(),
+            drawn: 0,
+            shuffled_ms: None,
+            cursor: 0,
+            active: VecDeque::new(),
+            recent: VecDeque::new(),
+            allowance: 0.0,
+            last_tick_ms: 0,
+            budget: 0,
+            closed_ms: None,
+            summary: RoomSummary::default(),
+        }
+    }
+
+    fn draw_record(&self, activity: &str, seed: &Seed) -> Option<DrawRecord> {
+        let shuffled_ms = self.shuffled_ms?;
+        let drawn = &self.order[..self.drawn];
+        let mut entrants = drawn.to_vec();
+        entrants.sort_unstable();
+        Some(DrawRecord {
+            format: draw::FORMAT.into(),
+            activity: activity.to_owned(),
+            commitment: seed.commitment(),
+            seed: seed.to_hex(),
+            shuffled_at: rfc3339_ms(shuffled_ms),
+            entrants,
+            order: drawn.to_vec(),
+            late: self.order[self.drawn..].to_vec(),
+        })
+    }
+
+    fn apply_join(&mut self, user: u64, now: i64) {
+        let index = self.order.len() as u32;
+        self.order.push(user);
+        self.summary.joined += 1;
+        self.places.insert(
+            user,
+            Place {
+                joined_ms: now,
+                seen_ms: now,
+                index,
+                state: PlaceState::Waiting,
+                admitted_ms: 0,
+                pass_expires_ms: 0,
+            },
+        );
+    }
+
+    fn apply_shuffle(&mut self, seed: &Seed, now: i64) {
+        let drawn = draw::shuffle(seed, &self.order);
+        for (i, user) in drawn.iter().enumerate() {
+            if let Some(p) = self.places.get_mut(user) {
+                p.index = i as u32;
+            }
+        }
+        self.drawn = drawn.len();
+        self.order = drawn;
+        self.shuffled_ms = Some(now);
+    }
+
+    fn apply_admit(&mut self, user: u64, now: i64, expires: i64) {
+        self.cursor += 1;
+        self.summary.admitted += 1;
+        self.active.push_back((user, expires));
+        self.recent.push_back(now);
+        if self.recent.len() > 4096 {
+            self.recent.pop_front();
+        }
+        if let Some(p) = self.places.get_mut(&user) {
+            p.state = PlaceState::Admitted;
+            p.admitted_ms = now;
+            p.pass_expires_ms = expires;
+        }
+    }
+
+    fn apply_skip(&mut self, user: u64) {
+        self.cursor += 1;
+        self.summary.abandoned += 1;
+        if let Some(p) = self.places.get_mut(&user) {
+            p.state = PlaceState::PassedOver;
+        }
+    }
+
+    fn replay(&mut self, seed: &Seed, event: &Event) {
+        match *event {
+            Event::Seed { .. } => {}
+            Event::Join { u, t } => self.apply_join(u, t),
+            Event::Shuffle { t } => self.apply_shuffle(seed, t),
+            Event::Admit { u, t, x } => self.apply_admit(u, t, x),
+            Event::Skip { u, .. } => self.apply_skip(u),
+            Event::Close { t } => self.closed_ms = Some(t),
+        }
+    }
+
+    /// Admissions per second over the last window, once there is a window's worth.
+    fn measured_rate(&self, now: i64) -> Option<f64> {
+        let first = *self.recent.front()?;
+        let since = now.saturating_sub(first).min(RATE_WINDOW_MS);
+        if since < 1_000 {
+            return None;
+        }
+        let n = self.recent.iter().rev().take_while(|&&t| t > now - since).count();
+        Some(n as f64 * 1000.0 / since as f64)
+    }
+
+    fn tick(
+        &mut self,
+        seed: &Seed,
+        now: i64,
+        stock: StockView,
+        claimed: &dyn Fn(u64) -> u32,
+        log: &mut dyn FnMut(Event),
+    ) {
+        let elapsed = now.saturating_sub(self.last_tick_ms).max(0);
+        self.last_tick_ms = now;
+        if self.closed_ms.is_some() || now < self.settings.opens_ms {
+            return;
+        }
+        if self.shuffled_ms.is_none() && now >= self.settings.shuffle_ms {
+            self.apply_shuffle(seed, now);
+            log(Event::Shuffle { t: now });
+        }
+        if (stock.remaining == 0 && stock.settled) || now >= self.settings.end_ms {
+            self.closed_ms = Some(now);
+            log(Event::Close { t: now });
+            return;
+        }
+        if now < self.settings.start_ms {
+            return;
+        }
+        let limit = self.settings.per_user_limit;
+        let mut spoken = 0usize;
+        let places = &mut self.places;
+        let summary = &mut self.summary;
+        self.active.retain(|&(user, expires)| {
+            let used = claimed(user);
+            let keep = used < limit && now < expires;
+            if !keep {
+                if let Some(p) = places.get_mut(&user) {
+                    if used == 0 && now >= expires {
+                        p.state = PlaceState::PassedOver;
+                        summary.expired += 1;
+                    } else {
+                        p.state = PlaceState::Done;
+                    }
+                }
+            } else {
+                spoken += (limit - used) as usize;
+            }
+            keep
+        });
+        let mut budget = stock.remaining.saturating_sub(spoken);
+        self.allowance = match self.settings.mode {
+            AdmissionMode::Lottery => f64::INFINITY,
+            _ => {
+                let rate = self.settings.admit_rate;
+                (self.allowance + rate * elapsed as f64 / 1000.0).min(rate.max(1.0))
+            }
+        };
+        let mut steps = 0;
+        while budget > 0 && self.allowance >= 1.0 && self.cursor < self.order.len() && steps < MAX_STEPS_PER_TICK {
+            steps += 1;
+            let user = self.order[self.cursor];
+            let gone = self
+                .places
+                .get(&user)
+                .map_or(true, |p| now.saturating_sub(p.seen_ms) > self.settings.grace_ms);
+            if gone {
+                self.apply_skip(user);
+                log(Event::Skip { u: user, t: now });
+                continue;
+            }
+            let expires = now.saturating_add(self.settings.pass_ttl_ms);
+            self.apply_admit(user, now, expires);
+            log(Event::Admit {
+                u: user,
+                t: now,
+                x: expires,
+            });
+            budget = budget.saturating_sub(limit as usize);
+            self.allowance -= 1.0;
+        }
+        self.budget = budget;
+    }
+
+    fn status_of(&self, activity: &Arc<str>, user: u64, now: i64, seed: &Seed, commitment: &str) -> QueueStatus {
+        let s = &self.settings;
+        let place = self.places.get(&user);
+        let closed = self.closed_ms.is_some();
+        let mut state = place.map_or(PlaceState::NotJoined, |p| p.state);
+        if state == PlaceState::Admitted && place.is_some_and(|p| now >= p.pass_expires_ms) {
+            state = PlaceState::Done;
+        }
+        if closed
+            && matches!(
+                state,
+                PlaceState::Waiting | PlaceState::NotJoined | PlaceState::PassedOver
+            )
+        {
+            state = PlaceState::SoldOut;
+        } else if state == PlaceState::NotJoined && s.mode == AdmissionMode::Lottery && self.shuffled_ms.is_some() {
+            state = PlaceState::EntriesClosed;
+        }
+        let waiting_place = place.filter(|_| state == PlaceState::Waiting && self.shuffled_ms.is_some());
+        let ahead = waiting_place.map(|p| (p.index as usize).saturating_sub(self.cursor) as u64);
+        let standby = !closed && self.shuffled_ms.is_some() && now >= s.start_ms && self.budget == 0;
+        // On standby the wait depends on passes lapsing, not on a rate.
+        let eta_ms = ahead.filter(|_| !standby).and_then(|ahead| {
+            let until_start = s.start_ms.saturating_sub(now).max(0);
+            match (self.measured_rate(now), s.mode) {
+                (Some(rate), _) if rate > 0.0 => Some(until_start + (ahead as f64 * 1000.0 / rate) as i64),
+                (_, AdmissionMode::Queue) => Some(until_start + (ahead as f64 * 1000.0 / s.admit_rate) as i64),
+                // A lottery admits as far as the stock goes at once; beyond
+                // that, only lapsing passes make room, and when is unknown.
+                _ => (now < s.start_ms).then_some(until_start),
+            }
+        });
+        let admitted = place.filter(|p| p.admitted_ms > 0);
+        QueueStatus {
+            act_id: activity.to_string(),
+            mode: s.mode,
+            state,
+            position: ahead.map(|a| a + 1),
+            ahead,
+            waiting: (self.order.len() - self.cursor) as u64,
+            admitted: self.summary.admitted,
+            eta_ms,
+            standby,
+            joined_at: place.map(|p| rfc3339_ms(p.joined_ms)),
+            admitted_at: admitted.map(|p| rfc3339_ms(p.admitted_ms)),
+            pass_expires_at: admitted.map(|p| rfc3339_ms(p.pass_expires_ms)),
+            opens_at: rfc3339_ms(s.opens_ms),
+            shuffle_at: rfc3339_ms(s.shuffle_ms),
+            commitment: commitment.to_owned(),
+            seed: self.shuffled_ms.map(|_| seed.to_hex()),
+        }
+    }
+}

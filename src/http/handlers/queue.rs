@@ -1,0 +1,251 @@
+//! `POST /queue/join`, `GET /queue/status`, `GET /queue/events`: the
+//! waiting room of a queue or lottery activity, as a fan sees it.
+//!
+//! Each costs one token of the caller's address bucket (the claim's), so
+//! a script polling hard runs dry like one claiming hard. The event stream
+//! is the cheap way to wait: one connection, an update a second at most,
+//! and it keeps the fan's place (a fan is "there" while it is open).
+
+use std::{
+    convert::Infallible,
+    net::IpAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Frame;
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    admission::{JoinError, PlaceState, QueueStatus, Room, Rooms},
+    auth::Denied,
+    catalog::{Activity, Status},
+    clock::{now_ms, rfc3339_ms},
+    http::{
+        error::ApiError,
+        request::{json_body, ok, session, Id, Query},
+    },
+    metrics::{self, Rejected},
+    state::AppState,
+};
+
+/// How often an event stream looks at its fan's place.
+const STREAM_LOOK_EVERY: Duration = Duration::from_millis(500);
+/// Regular updates (the position moving) at most this often.
+const STREAM_UPDATE_EVERY: Duration = Duration::from_secs(1);
+/// A comment line at least this often, so proxies keep the stream open.
+const STREAM_HEARTBEAT: Duration = Duration::from_secs(15);
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JoinBody {
+    act_id: Id,
+}
+
+/// A fan's place, with the pass (the claim token) once admitted.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusView {
+    #[serde(flatten)]
+    status: QueueStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pass: Option<String>,
+    server_time: String,
+}
+
+fn room_of(activity: &Activity) -> Result<&Arc<Room>, ApiError> {
+    activity.room.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "NO_QUEUE",
+            "this activity has no waiting room: claims are first come, first served",
+        )
+    })
+}
+
+fn activity<'a>(catalog: &'a crate::catalog::Catalog, id: &str) -> Result<&'a Arc<Activity>, ApiError> {
+    catalog
+        .activity(id)
+        .ok_or_else(|| ApiError::not_found("ACTIVITY_NOT_FOUND", "no such activity"))
+}
+
+fn view(state: &AppState, activity: &Activity, user: u64, status: QueueStatus, now: i64) -> StatusView {
+    let pass = match status.state {
+        PlaceState::Admitted => state.claimer.claim_token(user, activity, now),
+        _ => None,
+    };
+    StatusView {
+        status,
+        pass,
+        server_time: rfc3339_ms(now),
+    }
+}
+
+fn join_error(e: JoinError, activity: &Activity, now: i64) -> ApiError {
+    match e {
+        JoinError::NotOpen { opens_ms } => ApiError::new(
+            StatusCode::CONFLICT,
+            "QUEUE_NOT_OPEN",
+            format!("the waiting room opens at {}", rfc3339_ms(opens_ms)),
+        ),
+        JoinError::EntriesClosed => ApiError::new(
+            StatusCode::CONFLICT,
+            "ENTRIES_CLOSED",
+            "the draw has been made; entries are closed",
+        ),
+        JoinError::Closed if activity.status(now) == Status::Ended => {
+            ApiError::new(StatusCode::CONFLICT, "ENDED", "the sale has ended")
+        }
+        JoinError::Closed => ApiError::new(StatusCode::GONE, "SOLD_OUT", "everything has been claimed"),
+        JoinError::Full => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "QUEUE_FULL",
+            "the waiting room is full; try again shortly",
+        )
+        .retry_after(5),
+        JoinError::Unavailable => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "STORE_UNAVAILABLE",
+            "the waiting room cannot record places now",
+        )
+        .retry_after(5),
+    }
+}
+
+/// The caller, allowed by their address's bucket and not blocked.
+fn caller(state: &AppState, req_headers: &http::HeaderMap, ip: IpAddr) -> Result<u64, ApiError> {
+    let m = metrics::global();
+    state
+        .guard
+        .admit_claim_from(ip, Instant::now())
+        .inspect_err(|_| m.reject(Rejected::IpRate))?;
+    let session = session(state, req_headers)?;
+    if state.guard.is_blocked_id(session.user_id) {
+        m.reject(Rejected::Blocked);
+        return Err(Denied::Blocked.into());
+    }
+    Ok(session.user_id)
+}
+
+/// Takes a place (joining again keeps it) and answers with it, once the
+/// room's log holds it.
+pub async fn join(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result<Response<Full<Bytes>>, ApiError> {
+    let user = caller(state, req.headers(), ip)?;
+    let body: JoinBody = json_body(state, req).await?;
+    let catalog = state.catalog.load();
+    let activity = activity(&catalog, &body.act_id.0)?;
+    let room = room_of(activity)?;
+    let now = now_ms();
+    let seq = room.join(user, now).map_err(|e| join_error(e, activity, now))?;
+    room.persist(seq).await.map_err(|e| join_error(e, activity, now))?;
+    let now = now_ms();
+    Ok(ok(&view(state, activity, user, room.status(user, now, true), now)))
+}
+
+/// The caller's place; asking counts as being there.
+pub async fn status(state: &AppState, req: &Request<Incoming>, ip: IpAddr) -> Result<Response<Full<Bytes>>, ApiError> {
+    let user = caller(state, req.headers(), ip)?;
+    let query = Query::parse(req.uri().query());
+    let catalog = state.catalog.load();
+    let activity = activity(&catalog, query.require("actId")?)?;
+    let room = room_of(activity)?;
+    let now = now_ms();
+    Ok(ok(&view(state, activity, user, room.status(user, now, true), now)))
+}
+
+/// Server-sent events of the caller's place: `event: status` with the
+/// same JSON as `/queue/status` (without the pass: fetch it from
+/// `/queue/status` once admitted), when it changes, a second apart at most;
+/// the stream ends when the room closes or the node shuts down.
+pub fn events(state: &AppState, req: &Request<Incoming>, ip: IpAddr) -> Result<Response<EventStream>, ApiError> {
+    let user = caller(state, req.headers(), ip)?;
+    let query = Query::parse(req.uri().query());
+    let catalog = state.catalog.load();
+    let room = room_of(activity(&catalog, query.require("actId")?)?)?.clone();
+    let mut look = tokio::time::interval(STREAM_LOOK_EVERY);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stream = EventStream {
+        room,
+        rooms: state.rooms.clone(),
+        user,
+        look,
+        last: None,
+        last_sent: Instant::now(),
+        ended: false,
+    };
+    let mut res = Response::new(stream);
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // nginx: pass each event on at once instead of buffering the stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(res)
+}
+
+/// The body of `/queue/events`: polled by the connection's own task, it
+/// holds no task or channel of its own — a timer, the room, the last update.
+pub struct EventStream {
+    room: Arc<Room>,
+    rooms: Arc<Rooms>,
+    user: u64,
+    look: tokio::time::Interval,
+    last: Option<QueueStatus>,
+    last_sent: Instant,
+    ended: bool,
+}
+
+impl EventStream {
+    /// The next frame to send after looking at the place now, if any.
+    fn look(&mut self) -> Option<Bytes> {
+        let status = self.room.status(self.user, now_ms(), true);
+        let since = self.last_sent.elapsed();
+        let changed = |l: &QueueStatus| {
+            (l.position, l.waiting, l.admitted, l.standby)
+                != (status.position, status.waiting, status.admitted, status.standby)
+        };
+        let send = match &self.last {
+            None => true,
+            Some(l) if l.state != status.state => true,
+            Some(l) => since >= STREAM_UPDATE_EVERY && changed(l),
+        };
+        if matches!(status.state, PlaceState::SoldOut | PlaceState::EntriesClosed) {
+            self.ended = true;
+        }
+        if send {
+            let json = serde_json::to_string(&status).unwrap_or_default();
+            self.last = Some(status);
+            self.last_sent = Instant::now();
+            return Some(Bytes::from(format!("event: status\ndata: {json}\n\n")));
+        }
+        (since >= STREAM_HEARTBEAT).then(|| {
+            self.last_sent = Instant::now();
+            Bytes::from_static(b": still here\n\n")
+        })
+    }
+}
+
+impl hyper::body::Body for EventStream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        loop {
+            if this.ended || this.rooms.closing() {
+                return Poll::Ready(None);
+            }
+            if this.look.poll_tick(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if let Some(frame) = this.look() {
+                return Poll::Ready(Some(Ok(Frame::data(frame))));
+            }
+        }
+    }
+}

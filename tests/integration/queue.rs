@@ -1,0 +1,548 @@
+//! Fair admission: the waiting room and the lottery, through the real
+//! binary — the draw's fairness and verifiability, admission bounded by the
+//! stock, abandonment, lapsed passes, the lottery's waiting list, a kill -9
+//! mid-queue, and the honesty of the wait estimate.
+
+use std::{sync::Arc, time::Duration};
+
+use serde_json::{json, Value};
+use time::{format_description::well_known::Rfc3339, OffsetDateTime};
+
+use crate::common::*;
+
+/// RFC 3339 for `secs` from now (absolute: a restart must not move it).
+fn in_secs(secs: i64) -> String {
+    (OffsetDateTime::now_utc() + time::Duration::seconds(secs))
+        .format(&Rfc3339)
+        .unwrap()
+}
+
+/// Polls until `token`'s state is `want` (10 s at most).
+async fn eventually(client: &ApiClient, token: &str, act: &str, want: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = status(client, token, act).await;
+        if s["state"] == want || tokio::time::Instant::now() >= deadline {
+            assert_eq!(s["state"], want, "{s}");
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ms(rfc3339: &str) -> i64 {
+    (OffsetDateTime::parse(rfc3339, &Rfc3339).unwrap().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// A queue activity: joins open now, the shuffle and the start at `start`.
+fn queue(id: &str, codes: u32, start: &str, extra: &[&str]) -> String {
+    let mut act = Act::new(id)
+        .window(start, "+1h")
+        .with("admission = \"queue\"")
+        .with("queue_opens = \"-1m\"");
+    for line in extra {
+        act = act.with(line);
+    }
+    act.ticket(&format!("{id}-t"), "Ticket", Codes::Generate(codes)).toml()
+}
+
+async fn join(client: &ApiClient, token: &str, act: &str) -> ApiResponse {
+    client
+        .post("/queue/join", Some(token), &json!({ "actId": act }))
+        .await
+        .unwrap()
+}
+
+async fn status(client: &ApiClient, token: &str, act: &str) -> Value {
+    let res = client
+        .get(&format!("/queue/status?actId={act}"), Some(token))
+        .await
+        .unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
+    res.data().clone()
+}
+
+/// Waits (polling as a fan would, once a second) until `token`'s state is not `waiting`.
+async fn wait_turn(client: &ApiClient, token: &str, act: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = status(client, token, act).await;
+        if s["state"] != "waiting" {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still waiting after 2 minutes: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn claim_with(client: &ApiClient, token: &str, act: &str, pass: Option<&str>) -> ApiResponse {
+    let mut body = json!({ "actId": act });
+    if let Some(p) = pass {
+        body["claimToken"] = p.into();
+    }
+    client.post("/ticket/get", Some(token), &body).await.unwrap()
+}
+
+/// Spearman's rank correlation of two permutations of 0..n.
+fn spearman(a: &[usize], b: &[usize]) -> f64 {
+    let n = a.len() as f64;
+    let d2: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    1.0 - 6.0 * d2 / (n * (n * n - 1.0))
+}
+
+fn export_draw(app: &TestApp, act: &str) -> (Value, std::path::PathBuf) {
+    let file = app.dir.path().join(format!("{act}-draw.json"));
+    let out = app.cli(
+        &[
+            "export",
+            "--activity",
+            act,
+            "--what",
+            "draw",
+            "--out",
+            file.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap(), file)
+}
+
+fn room_log(app: &TestApp, act: &str) -> Vec<Value> {
+    std::fs::read_to_string(app.dir.path().join(format!("data/rooms/{act}.log")))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_draw_ignores_join_order_and_anyone_can_check_it() {
+    const N: usize = 2000;
+    let app = TestApp::start(&(base_config() + &queue("fair", 100, "+20s", &["grace = \"10m\""])));
+    let tokens = app.users("f", N).await;
+    let detail = app.detail("fair").await;
+    assert_eq!(detail["admission"], "queue");
+    let commitment = detail["queue"]["commitment"].as_str().unwrap().to_owned();
+    assert_eq!(commitment.len(), 64);
+    assert_eq!(
+        detail["queue"]["seed"],
+        Value::Null,
+        "the seed stays secret until the shuffle"
+    );
+
+    // Join in a known order: user i in lane i % 8, each lane in order.
+    let lanes: Vec<_> = (0..8)
+        .map(|lane| {
+            let client = app.client_clone();
+            let mine: Vec<(usize, String)> = tokens
+                .iter()
+                .cloned()
+                .enumerate()
+                .filter(|(i, _)| i % 8 == lane)
+                .collect();
+            tokio::spawn(async move {
+                for (i, token) in mine {
+                    let res = join(&client, &token, "fair").await;
+                    assert_eq!(res.status, 200, "{i}: {}", res.body);
+                    assert_eq!(res.data()["state"], "waiting");
+                    assert_eq!(res.data()["position"], Value::Null, "no place before the shuffle");
+                }
+            })
+        })
+        .collect();
+    for lane in lanes {
+        lane.await.unwrap();
+    }
+    // Joining twice keeps the one place.
+    let again = join(&app.client, &tokens[0], "fair").await;
+    assert_eq!(
+        again.data()["joinedAt"],
+        status(&app.client, &tokens[0], "fair").await["joinedAt"]
+    );
+
+    // The start: the shuffle. Every joiner got a place (it would fail here if
+    // the joins had not all landed before it).
+    while app.detail("fair").await["queue"]["seed"].is_null() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (draw, file) = export_draw(&app, "fair");
+    assert_eq!(draw["commitment"], commitment.as_str());
+    let order: Vec<u64> = serde_json::from_value(draw["order"].clone()).unwrap();
+    assert_eq!(order.len(), N, "every joiner is in the draw");
+    assert_eq!(draw["late"], json!([]));
+
+    // Positions against join order: the user ids were created in join order.
+    let mut by_id: Vec<u64> = order.clone();
+    by_id.sort_unstable();
+    let join_rank: Vec<usize> = order.iter().map(|u| by_id.binary_search(u).unwrap()).collect();
+    let position: Vec<usize> = (0..N).collect();
+    let rho = spearman(&join_rank, &position);
+    assert!(rho.abs() < 0.1, "positions follow join order: Spearman rho = {rho}");
+
+    // The revealed seed is public and the draw recomputes.
+    let detail = app.detail("fair").await;
+    assert_eq!(detail["queue"]["seed"], draw["seed"]);
+    let out = app.cli(&["verify-draw", file.to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("draw verified"));
+    // A forged order does not.
+    let mut forged = draw.clone();
+    forged["order"].as_array_mut().unwrap().swap(0, 1);
+    std::fs::write(&file, forged.to_string()).unwrap();
+    let out = app.cli(&["verify-draw", file.to_str().unwrap()], None);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("place 1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Arrivals after the start queue behind, first come first served.
+    let late = app.users("late", 5).await;
+    let mut positions = Vec::new();
+    for token in &late {
+        let res = join(&app.client, token, "fair").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+        positions.push(res.data()["position"].as_u64().unwrap() + res.data()["admitted"].as_u64().unwrap());
+    }
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "late arrivals are FIFO: {positions:?}"
+    );
+    let (draw, _) = export_draw(&app, "fair");
+    assert_eq!(draw["late"].as_array().unwrap().len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admission_never_runs_ahead_of_the_stock() {
+    const USERS: usize = 5000;
+    const CODES: usize = 1000;
+    let app = TestApp::start(
+        &(base_config()
+            + &queue(
+                "room",
+                CODES as u32,
+                "+25s",
+                &["admit_rate = 400.0", "grace = \"1m\"", "pass_ttl = \"1m\""],
+            )),
+    );
+    let tokens = app.users("q", USERS).await;
+    // Everybody joins before the start.
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let joins: Vec<_> = tokens
+        .iter()
+        .cloned()
+        .map(|t| {
+            let (client, sem) = (app.client_clone(), sem.clone());
+            tokio::spawn(async move {
+                let _p = sem.acquire().await.unwrap();
+                let res = join(&client, &t, "room").await;
+                assert_eq!(res.status, 200, "{}", res.body);
+            })
+        })
+        .collect();
+    for j in joins {
+        j.await.unwrap();
+    }
+    // Meanwhile fifty others try, over and over, without a pass or with a
+    // forged one: they get nothing.
+    let impatient_tokens = app.users("i", 50).await;
+    let impatient: Vec<_> = impatient_tokens
+        .into_iter()
+        .map(|t| {
+            let client = app.client_clone();
+            tokio::spawn(async move {
+                let mut refused = 0;
+                loop {
+                    let forged = "AAAAAAAAAAAAAAAAAAAAAA.AAAAAAAAAAAAAAAAAAAAAA";
+                    for pass in [None, Some(forged)] {
+                        let res = claim_with(&client, &t, "room", pass).await;
+                        match res.error_code() {
+                            Some("QUEUE_PASS_REQUIRED") => refused += 1,
+                            Some("NOT_STARTED" | "STOCK_IN_FLIGHT") => {}
+                            Some("SOLD_OUT") => return refused,
+                            _ => panic!("a claim without a pass: {}", res.body),
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        })
+        .collect();
+    // Every fan waits for their turn (status once a second) and claims with their pass.
+    let fans: Vec<_> = tokens
+        .iter()
+        .cloned()
+        .map(|t| {
+            let client = app.client_clone();
+            tokio::spawn(async move {
+                let mut answers: Vec<(i64, String)> = Vec::new();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+                loop {
+                    let s = status(&client, &t, "room").await;
+                    let state = s["state"].as_str().unwrap().to_owned();
+                    answers.push((ms(s["serverTime"].as_str().unwrap()), state.clone()));
+                    match state.as_str() {
+                        "waiting" => {
+                            assert!(tokio::time::Instant::now() < deadline, "waited two minutes: {s}");
+                            tokio::time::sleep(Duration::from_millis(1000)).await;
+                        }
+                        "admitted" => {
+                            let pass = s["pass"].as_str().expect("an admitted fan has a pass").to_owned();
+                            let res = claim_with(&client, &t, "room", Some(&pass)).await;
+                            assert_eq!(res.status, 200, "an admitted fan's claim: {}", res.body);
+                            let at = ms(res.data()["claimedAt"].as_str().unwrap());
+                            return (answers, Some(at));
+                        }
+                        "sold_out" => return (answers, None),
+                        other => panic!("unexpected state {other}: {s}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut claimed_at = Vec::new();
+    let mut all_answers = Vec::new();
+    for f in fans {
+        let (answers, at) = f.await.unwrap();
+        claimed_at.extend(at);
+        all_answers.extend(answers);
+    }
+    assert_eq!(
+        claimed_at.len(),
+        CODES,
+        "exactly the stock was claimed, each by a pass holder"
+    );
+    for i in impatient {
+        assert!(
+            i.await.unwrap() > 0,
+            "claims without a pass were refused with QUEUE_PASS_REQUIRED"
+        );
+    }
+    let last_code = *claimed_at.iter().max().unwrap();
+    let log = room_log(&app, "room");
+    let closed = log.iter().find(|e| e["k"] == "close").expect("the room closed")["t"]
+        .as_i64()
+        .unwrap();
+    assert!(
+        closed - last_code <= 1000,
+        "the waiting were told SOLD_OUT {} ms after the last code",
+        closed - last_code
+    );
+    let late_waits: Vec<_> = all_answers
+        .iter()
+        .filter(|(t, s)| s == "waiting" && *t > closed)
+        .collect();
+    assert!(
+        late_waits.is_empty(),
+        "told to wait after the room closed: {late_waits:?}"
+    );
+    let admitted = log.iter().filter(|e| e["k"] == "admit").count();
+    assert_eq!(admitted, CODES, "no pass beyond the stock was handed out");
+    app.assert_verified();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gone_fans_are_skipped_and_lapsed_passes_go_to_the_next() {
+    let mut app = TestApp::start(
+        &(base_config()
+            + &queue(
+                "skip",
+                1,
+                &in_secs(6),
+                &["grace = \"3s\"", "pass_ttl = \"5s\"", "admit_rate = 100.0"],
+            )),
+    );
+    let tokens = app.users("s", 3).await;
+    for t in &tokens {
+        assert_eq!(join(&app.client, t, "skip").await.status, 200);
+    }
+    // After the start one fan holds the only pass; the others stand by.
+    // All three stay until the shuffle (each checks in five times a second).
+    let turns = futures::future::join_all(tokens.iter().map(|t| wait_turn_or_standby(&app.client, t, "skip"))).await;
+    let mut order: Vec<_> = tokens
+        .iter()
+        .zip(turns)
+        .map(|(t, s)| {
+            (
+                s["state"] == "admitted",
+                s["position"].as_u64().unwrap_or(0),
+                t.clone(),
+                s,
+            )
+        })
+        .collect();
+    order.sort_by_key(|(admitted, pos, _, _)| (!admitted, *pos));
+    let (first, second, third) = (order[0].2.clone(), order[1].2.clone(), order[2].2.clone());
+    assert!(
+        order[0].0,
+        "one fan admitted: {:?}",
+        order.iter().map(|o| &o.3).collect::<Vec<_>>()
+    );
+    assert!(
+        order[1].3["standby"].as_bool().unwrap(),
+        "the only code is spoken for: {}",
+        order[1].3
+    );
+    let first_pass = order[0].3["pass"].as_str().unwrap().to_owned();
+
+    // The second fan goes away; the third stays (status every second); the
+    // first lets the pass lapse. A kill -9 meanwhile loses nothing.
+    app.kill9();
+    app.boot();
+    let after = status(&app.client, &first, "skip").await;
+    assert_eq!(after["state"], "admitted", "the pass survived the restart: {after}");
+    let third_turn = wait_turn(&app.client, &third, "skip").await;
+    assert_eq!(third_turn["state"], "admitted", "{third_turn}");
+    assert_error(
+        &claim_with(&app.client, &first, "skip", Some(&first_pass)).await,
+        403,
+        "QUEUE_PASS_EXPIRED",
+    );
+    assert_eq!(status(&app.client, &first, "skip").await["state"], "passed_over");
+    assert_eq!(status(&app.client, &second, "skip").await["state"], "passed_over");
+    let res = claim_with(&app.client, &third, "skip", third_turn["pass"].as_str()).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    eventually(&app.client, &second, "skip", "sold_out").await;
+    let log = room_log(&app, "skip");
+    let skipped: Vec<_> = log.iter().filter(|e| e["k"] == "skip").collect();
+    assert_eq!(skipped.len(), 1, "{log:?}");
+    assert_eq!(status(&app.client, &first, "skip").await["state"], "sold_out");
+    assert_error(&join(&app.client, &second, "skip").await, 410, "SOLD_OUT");
+    app.assert_verified();
+}
+
+/// Polls until `token` is admitted, or waits on standby with a place.
+async fn wait_turn_or_standby(client: &ApiClient, token: &str, act: &str) -> Value {
+    loop {
+        let s = status(client, token, act).await;
+        if s["state"] != "waiting" || s["standby"] == true {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lottery_draws_once_and_its_waiting_list_replaces_lapsed_winners() {
+    let act = Act::new("lot")
+        .window("+8s", "+1h")
+        .with("admission = \"lottery\"")
+        .with("queue_opens = \"-1m\"")
+        .with("draw_time = \"+6s\"")
+        .with("pass_ttl = \"5s\"")
+        .with("grace = \"1m\"")
+        .ticket("lot-t", "Ticket", Codes::Generate(2))
+        .toml();
+    let app = TestApp::start(&(base_config() + &act));
+    let tokens = app.users("l", 6).await;
+    let outsider = app.users("o", 1).await.remove(0);
+    for t in &tokens {
+        assert_eq!(join(&app.client, t, "lot").await.status, 200);
+    }
+    // The draw: positions known, before the sale opens; entries close.
+    let mut drawn = Vec::new();
+    for t in &tokens {
+        let s = loop {
+            let s = status(&app.client, t, "lot").await;
+            if s["position"].is_u64() || s["state"] != "waiting" {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        drawn.push((s["position"].as_u64().unwrap(), t.clone()));
+    }
+    drawn.sort();
+    assert_eq!(drawn.iter().map(|d| d.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
+    assert_error(&join(&app.client, &outsider, "lot").await, 409, "ENTRIES_CLOSED");
+    // The two winners get passes at the start; the first claims, the second lets it lapse.
+    let w1 = wait_turn(&app.client, &drawn[0].1, "lot").await;
+    let w2 = wait_turn(&app.client, &drawn[1].1, "lot").await;
+    assert_eq!(
+        (w1["state"].as_str(), w2["state"].as_str()),
+        (Some("admitted"), Some("admitted"))
+    );
+    assert_eq!(status(&app.client, &drawn[2].1, "lot").await["state"], "waiting");
+    assert_eq!(
+        claim_with(&app.client, &drawn[0].1, "lot", w1["pass"].as_str())
+            .await
+            .status,
+        200
+    );
+    // The third in the draw takes the lapsed winner's place.
+    let w3 = wait_turn(&app.client, &drawn[2].1, "lot").await;
+    assert_eq!(w3["state"], "admitted", "{w3}");
+    assert_error(
+        &claim_with(&app.client, &drawn[1].1, "lot", w2["pass"].as_str()).await,
+        403,
+        "QUEUE_PASS_EXPIRED",
+    );
+    assert_eq!(
+        claim_with(&app.client, &drawn[2].1, "lot", w3["pass"].as_str())
+            .await
+            .status,
+        200
+    );
+    for (_, t) in &drawn[3..] {
+        eventually(&app.client, t, "lot", "sold_out").await;
+    }
+    let (_, file) = export_draw(&app, "lot");
+    let out = app.cli(&["verify-draw", file.to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    app.assert_verified();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_wait_estimate_is_honest_at_a_steady_rate() {
+    const N: usize = 300;
+    let app = TestApp::start(&(base_config() + &queue("eta", 5000, "+10s", &["admit_rate = 30.0", "grace = \"1m\""])));
+    let tokens = app.users("e", N).await;
+    for t in &tokens {
+        assert_eq!(join(&app.client, t, "eta").await.status, 200);
+    }
+    // Everybody stays (status every second) until admitted; after three
+    // seconds of admissions each fan's estimate is recorded once.
+    let fans: Vec<_> = tokens
+        .iter()
+        .cloned()
+        .map(|t| {
+            let client = app.client_clone();
+            tokio::spawn(async move {
+                let mut estimate = None;
+                loop {
+                    let s = status(&client, &t, "eta").await;
+                    let now = ms(s["serverTime"].as_str().unwrap());
+                    match s["state"].as_str().unwrap() {
+                        "admitted" => return (estimate, ms(s["admittedAt"].as_str().unwrap())),
+                        "waiting" => {
+                            if estimate.is_none() && s["admitted"].as_u64().unwrap() >= 90 {
+                                estimate = Some((s["position"].as_u64().unwrap(), now, s["etaMs"].as_i64().unwrap()));
+                            }
+                        }
+                        other => panic!("{other}: {s}"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(1000)).await;
+                }
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for f in fans {
+        if let (Some((position, at, eta)), admitted) = f.await.unwrap() {
+            samples.push((position, eta, admitted - at));
+        }
+    }
+    samples.sort();
+    assert!(samples.len() > 100, "{} estimates", samples.len());
+    let (position, eta, actual) = samples[samples.len() / 2];
+    let error = (eta - actual).abs() as f64 / actual as f64;
+    assert!(
+        error <= 0.2,
+        "at the median position ({position}) the estimate was {eta} ms, the wait {actual} ms: {:.0}% off",
+        error * 100.0
+    );
+}
