@@ -546,3 +546,179 @@ async fn the_wait_estimate_is_honest_at_a_steady_rate() {
         error * 100.0
     );
 }
+
+/// An open `/queue/events` stream: its events as they come, with arrival times.
+struct Events {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Events {
+    async fn open(app: &TestApp, token: &str, act: &str) -> Events {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
+        let req = format!("GET /queue/events?actId={act} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n");
+        stream.write_all(req.as_bytes()).await.unwrap();
+        Events {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next event's data, or `None` when the stream ended.
+    async fn next(&mut self) -> Option<Value> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            let text = String::from_utf8_lossy(&self.buf).into_owned();
+            if let Some(at) = text.find("data: ") {
+                let end = at + text[at..].find('\n').unwrap_or(text.len() - at);
+                if end < text.len() {
+                    let data = serde_json::from_str(&text[at + 6..end]).unwrap();
+                    self.buf.drain(..end);
+                    return Some(data);
+                }
+            }
+            if text.contains("\r\n0\r\n\r\n") {
+                return None;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(30), self.stream.read(&mut chunk))
+                .await
+                .expect("an event within 30 s")
+                .unwrap();
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_event_stream_keeps_the_place_and_tells_each_change() {
+    let app =
+        TestApp::start(&(base_config() + &queue("sse", 1, &in_secs(6), &["grace = \"3s\"", "pass_ttl = \"1m\""])));
+    let tokens = app.users("v", 2).await;
+    let (present, gone) = (&tokens[0], &tokens[1]);
+    for t in &tokens {
+        assert_eq!(join(&app.client, t, "sse").await.status, 200);
+    }
+    let head = app.raw_get("/queue/events?actId=sse").await;
+    assert!(head.starts_with("HTTP/1.1 401"), "a stream needs a login: {head}");
+
+    // The present fan only keeps a stream open; the other does nothing.
+    let mut events = Events::open(&app, present, "sse").await;
+    let first = events.next().await.unwrap();
+    assert_eq!(first["state"], "waiting");
+    let mut seen = vec![(std::time::Instant::now(), first)];
+    let admitted = loop {
+        let e = events.next().await.expect("the stream stays open");
+        seen.push((std::time::Instant::now(), e.clone()));
+        if e["state"] == "admitted" {
+            break e;
+        }
+        assert_eq!(e["state"], "waiting", "{e}");
+    };
+    // Updates that are not a change of state come a second apart at most.
+    for w in seen.windows(2) {
+        if w[0].1["state"] == w[1].1["state"] {
+            assert!(
+                w[1].0 - w[0].0 >= Duration::from_millis(900),
+                "two updates within a second"
+            );
+        }
+    }
+    assert_eq!(
+        admitted["pass"],
+        Value::Null,
+        "the pass is fetched from /queue/status, not streamed"
+    );
+    // The fan who had gone was skipped; the stream's fan got the code.
+    let away = status(&app.client, gone, "sse").await;
+    assert_eq!(away["state"], "passed_over", "{away}");
+    let mut gone_events = Events::open(&app, gone, "sse").await;
+    assert_eq!(gone_events.next().await.unwrap()["state"], "passed_over");
+    let pass = status(&app.client, present, "sse").await["pass"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(claim_with(&app.client, present, "sse", Some(&pass)).await.status, 200);
+    // The room closes: the passed-over fan's stream says so and ends.
+    assert_eq!(gone_events.next().await.unwrap()["state"], "sold_out");
+    assert!(
+        gone_events.next().await.is_none(),
+        "the stream ends when the room closes"
+    );
+}
+
+#[test]
+fn check_config_explains_admission_mistakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = Act::new("bad")
+        .window("+1h", "+2h")
+        .with("admission = \"queue\"")
+        .with("pass_ttl = \"1s\"")
+        .with("admit_rate = 0.0")
+        .ticket("bad-t", "T", Codes::Generate(1))
+        .toml()
+        + &Act::new("late")
+            .window("+1h", "+2h")
+            .with("admission = \"lottery\"")
+            .with("queue_opens = \"+3h\"")
+            .with("draw_time = \"+90m\"")
+            .ticket("late-t", "T", Codes::Generate(1))
+            .toml()
+        + &Act::new("race")
+            .with("draw_time = \"+1h\"")
+            .ticket("race-t", "T", Codes::Generate(1))
+            .toml();
+    std::fs::write(dir.path().join("config.toml"), base_config() + &bad).unwrap();
+    let out = run_cli(dir.path(), &["check-config"], None);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "admission = \"queue\" needs queue_opens",
+        "pass_ttl must be 5s-24h",
+        "admit_rate must be 0.1-1000000",
+        "queue_opens must be before start_time",
+        "draw_time must not be after start_time",
+        "draw_time needs admission = \"queue\" or \"lottery\"",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn a_reload_moves_a_queue_before_it_opens_and_never_after() {
+    let config = |open_start: &str, later_start: &str| {
+        base_config()
+            + &queue("open", 10, open_start, &[])
+            + &Act::new("later")
+                .window(later_start, "+3h")
+                .with("admission = \"queue\"")
+                .with("queue_opens = \"+30m\"")
+                .ticket("later-t", "T", Codes::Generate(10))
+                .toml()
+    };
+    let app = TestApp::start(&config("+50m", "+1h"));
+    let (open_start, later_start) = (
+        app.detail("open").await["startTime"].clone(),
+        app.detail("later").await["startTime"].clone(),
+    );
+    let applied = app.reload(&config("+50m", "+2h"));
+    assert_eq!(applied["message"], "Config reloaded.", "{applied}");
+    assert_ne!(
+        app.detail("later").await["startTime"],
+        later_start,
+        "not open yet: it may move"
+    );
+    let refused = app.reload(&config("+55m", "+2h"));
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("`open`: start_time cannot change once its queue has opened"),
+        "{refused}"
+    );
+    assert_eq!(app.detail("open").await["startTime"], open_start);
+}
