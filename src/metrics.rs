@@ -301,6 +301,8 @@ pub struct Gauges {
     pub workers: Vec<WorkerReport>,
     /// `(table, entries, capacity)` of the guard's per-client tables.
     pub guard_tables: Vec<(&'static str, usize, usize)>,
+    /// `(activity, figures)` of each waiting room.
+    pub queues: Vec<(String, crate::admission::RoomSummary)>,
 }
 
 /// Cluster-mode state at scrape time.
@@ -437,6 +439,7 @@ impl Metrics {
             self.render_cluster(&mut out, c, &gauges.leased);
         }
         self.render_workers(&mut out, &gauges.workers);
+        render_queues(&mut out, &gauges.queues);
         out.push_str("# HELP ticketd_guard_entries Entries in each per-client guard table (bounded; see security.max_tracked_clients).\n# TYPE ticketd_guard_entries gauge\n");
         for (table, entries, _) in &gauges.guard_tables {
             let _ = writeln!(out, "ticketd_guard_entries{{table=\"{table}\"}} {entries}");
@@ -475,6 +478,58 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+/// The waiting rooms' figures, one series per activity.
+fn render_queues(out: &mut String, queues: &[(String, crate::admission::RoomSummary)]) {
+    if queues.is_empty() {
+        return;
+    }
+    type Figure = fn(&crate::admission::RoomSummary) -> f64;
+    let series: [(&str, &str, &str, Figure); 6] = [
+        (
+            "ticketd_queue_waiting",
+            "gauge",
+            "Places in a waiting room not yet reached.",
+            |q| q.waiting as f64,
+        ),
+        (
+            "ticketd_queue_joined_total",
+            "counter",
+            "Places taken in a waiting room.",
+            |q| q.joined as f64,
+        ),
+        (
+            "ticketd_queue_admitted_total",
+            "counter",
+            "Fans admitted with a pass.",
+            |q| q.admitted as f64,
+        ),
+        (
+            "ticketd_queue_abandoned_total",
+            "counter",
+            "Places skipped because their fan had gone.",
+            |q| q.abandoned as f64,
+        ),
+        (
+            "ticketd_queue_passes_expired_total",
+            "counter",
+            "Passes that expired unused.",
+            |q| q.expired as f64,
+        ),
+        (
+            "ticketd_queue_admit_rate",
+            "gauge",
+            "Admissions per second over the last ten seconds.",
+            |q| q.admit_rate,
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (activity, q) in queues {
+            let _ = writeln!(out, "{name}{{activity=\"{activity}\"}} {}", value(q));
+        }
     }
 }
 

@@ -160,6 +160,13 @@ impl AppState {
             leased: self.inventory.leasing().map(|l| l.leased()).unwrap_or_default(),
             workers: self.workers.report(),
             guard_tables: self.guard.tables().to_vec(),
+            queues: self
+                .catalog
+                .load()
+                .activities()
+                .iter()
+                .filter_map(|a| Some((a.id.to_string(), a.room.as_ref()?.summary())))
+                .collect(),
         }
     }
 

@@ -413,6 +413,18 @@ async fn gone_fans_are_skipped_and_lapsed_passes_go_to_the_next() {
     assert_eq!(skipped.len(), 1, "{log:?}");
     assert_eq!(status(&app.client, &first, "skip").await["state"], "sold_out");
     assert_error(&join(&app.client, &second, "skip").await, 410, "SOLD_OUT");
+    for (series, value) in [
+        ("ticketd_queue_admitted_total", 2.0),
+        ("ticketd_queue_abandoned_total", 1.0),
+        ("ticketd_queue_passes_expired_total", 1.0),
+        ("ticketd_queue_waiting", 0.0),
+    ] {
+        assert_eq!(
+            metric(&app, &format!("{series}{{activity=\"skip\"}}")).await,
+            value,
+            "{series}"
+        );
+    }
     app.assert_verified();
 }
 

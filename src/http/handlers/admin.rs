@@ -87,6 +87,7 @@ fn stats(state: &AppState, connections: usize) -> Response<Full<Bytes>> {
                 "remaining": stock.remaining,
                 "claimed": stock.claimed,
                 "inFlight": a.ledger.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                "queue": a.room.as_ref().map(|r| r.summary()),
                 "tickets": a.tickets.iter().zip(&stock.tickets).map(|(t, (total, remaining))| serde_json::json!({
                     "ticketId": &*t.id, "remaining": remaining, "total": total,
                 })).collect::<Vec<_>>(),
