@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use tokio::net::TcpListener;
 
 use crate::{
-    admission::{draw::DrawRecord, Room, Rooms},
+    admission::{draw::DrawRecord, report::QueueReport, Room, Rooms},
     app::App,
     auth::{password, validate_account, HashCost},
     cli::{ExportArgs, ExportWhat, ReportArgs, UserCommand},
@@ -407,11 +407,35 @@ pub fn verify_draw(file: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// The waiting room's section of the report, when the activity has a room log.
+fn queue_report(
+    config: &Config,
+    store: &Store,
+    activity: &str,
+    data: &crate::store::ReportData,
+) -> anyhow::Result<Option<QueueReport>> {
+    let dir = Rooms::dir_in(&config.storage.path);
+    if !dir.join(format!("{activity}.log")).exists() {
+        return Ok(None);
+    }
+    let mut first_claim: std::collections::HashMap<u64, i64> = std::collections::HashMap::new();
+    store.for_each_claim(&mut |c| {
+        if &*c.activity_id == activity {
+            let at = first_claim.entry(c.user_id).or_insert(c.claimed_at_ms);
+            *at = (*at).min(c.claimed_at_ms);
+        }
+    })?;
+    let start_ms = data.activity.as_ref().map_or(0, |a| a.1);
+    Ok(QueueReport::read(&dir, activity, start_ms, &first_claim)
+        .with_context(|| format!("cannot read the waiting room of `{activity}`"))?)
+}
+
 /// `ticketd report`.
 pub fn report(config: &Config, args: ReportArgs) -> anyhow::Result<()> {
     let store = Store::open_with_activity(config, &args.activity)?;
     let data = store.report_data(&args.activity, args.top)?;
-    let html = export::report::render(&args.activity, &data, now_ms());
+    let queue = queue_report(config, &store, &args.activity, &data)?;
+    let html = export::report::render(&args.activity, &data, queue.as_ref(), now_ms());
     std::fs::write(&args.out, html).with_context(|| format!("cannot write {}", args.out.display()))?;
     let s = export::report::summary(&data);
     eprintln!(

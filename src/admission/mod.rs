@@ -23,10 +23,12 @@
 //! # Layout
 //! - [`draw`]: the seed, its commitment, the shuffle, the exported record;
 //! - [`log`]: each room's append-only log (group-committed; replayed at start);
-//! - [`room`]: one room's state and its admission step.
+//! - [`room`]: one room's state and its admission step;
+//! - [`report`]: what a room's log says after the sale (`ticketd report`).
 
 pub mod draw;
 pub mod log;
+pub mod report;
 pub mod room;
 
 use std::{

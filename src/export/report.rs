@@ -12,7 +12,11 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use super::svg::{bar_chart, esc, fmt_num, line_chart, Series};
-use crate::{clock::rfc3339_ms, store::ReportData};
+use crate::{
+    admission::report::{percentile, QueueReport},
+    clock::rfc3339_ms,
+    store::ReportData,
+};
 
 /// The summary numbers, also used by tests against the export.
 #[derive(Debug, Default, PartialEq)]
@@ -57,36 +61,104 @@ fn duration(ms: i64) -> String {
     }
 }
 
+/// The waiting room: entrants, admissions, abandonment, the waits.
+fn queue_section(html: &mut String, q: &QueueReport) {
+    let pct = |v: &[i64], p: f64| percentile(v, p).map_or("—".to_owned(), duration);
+    let _ = write!(
+        html,
+        "\n<h2>Waiting room</h2>\n<p class=\"muted\">Commitment <code>{}</code>; seed {}.</p>\n\
+         <table id=\"queue\">\n\
+         <tr><th>entered before the draw</th><td id=\"q-drawn\">{}</td></tr>\n\
+         <tr><th>joined after it</th><td id=\"q-late\">{}</td></tr>\n\
+         <tr><th>admitted with a pass</th><td id=\"q-admitted\">{}</td></tr>\n\
+         <tr><th>skipped (gone when their turn came)</th><td id=\"q-abandoned\">{}</td></tr>\n\
+         <tr><th>admitted, never claimed</th><td id=\"q-lapsed\">{}</td></tr>\n\
+         </table>\n\
+         <table id=\"queue-times\"><tr><th></th><th>median</th><th>p90</th><th>p99</th><th>max</th></tr>\n",
+        esc(&q.commitment),
+        q.seed
+            .as_deref()
+            .map_or("not revealed yet".to_owned(), |s| format!("<code>{}</code>", esc(s))),
+        q.drawn,
+        q.late,
+        q.admitted,
+        q.abandoned,
+        q.lapsed,
+    );
+    for (name, values) in [
+        ("wait for admission", &q.waits_ms),
+        ("admission to claim", &q.to_claim_ms),
+    ] {
+        let _ = writeln!(
+            html,
+            "<tr><th>{name}</th><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            pct(values, 50.0),
+            pct(values, 90.0),
+            pct(values, 99.0),
+            pct(values, 100.0)
+        );
+    }
+    html.push_str("</table>\n");
+    let max = q.waits_ms.last().copied().unwrap_or(0);
+    // About twenty bars, whatever the longest wait.
+    let width = claims_chart_step_ms(max.saturating_mul(10));
+    let mut buckets: BTreeMap<i64, u64> = BTreeMap::new();
+    for w in &q.waits_ms {
+        *buckets.entry(w / width).or_default() += 1;
+    }
+    let bars: Vec<(String, f64)> = buckets
+        .into_iter()
+        .map(|(b, n)| (format!("<{}", duration((b + 1) * width)), n as f64))
+        .collect();
+    html.push_str(&bar_chart("Wait for admission", "fans", &bars));
+}
+
+/// The step of the claims chart for a rush lasting `span_ms`: the
+/// smallest of 10 ms ... 10 min giving at most 200 points.
+pub fn claims_chart_step_ms(span_ms: i64) -> i64 {
+    const STEPS: [i64; 13] = [
+        10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 600_000,
+    ];
+    STEPS.into_iter().find(|step| span_ms / step <= 200).unwrap_or(600_000)
+}
+
 /// Renders the report of `activity_id`, generated at `now_ms`.
-pub fn render(activity_id: &str, data: &ReportData, now_ms: i64) -> String {
+pub fn render(activity_id: &str, data: &ReportData, queue: Option<&QueueReport>, now_ms: i64) -> String {
     let s = summary(data);
     let (name, start_ms, end_ms, limit) = data.activity.clone().unwrap_or((activity_id.to_owned(), 0, 0, 0));
-    let origin = data
-        .claims_per_second
+    // The resolution fits the rush: a sale gone in two seconds is drawn in
+    // 10-20 ms steps, an hour-long one in minutes (about 100-200 points).
+    let first_10ms = data
+        .claims_per_10ms
         .first()
-        .map_or(start_ms / 1000, |f| f.0.min(start_ms / 1000)) as f64;
-
-    let per_second = Series {
-        name: "claims/s".into(),
-        points: data
-            .claims_per_second
-            .iter()
-            .map(|&(sec, n)| (sec as f64 - origin, n as f64))
+        .map_or(start_ms / 10, |f| f.0.min(start_ms / 10));
+    let last_10ms = data.claims_per_10ms.last().map_or(first_10ms, |l| l.0);
+    let step_ms = claims_chart_step_ms(((last_10ms - first_10ms) * 10).max(0));
+    let origin_ms = first_10ms * 10;
+    let mut buckets: BTreeMap<i64, u64> = BTreeMap::new();
+    for &(t, n) in &data.claims_per_10ms {
+        *buckets.entry((t * 10 - origin_ms) / step_ms).or_default() += n;
+    }
+    let per_step = Series {
+        name: format!("claims per {}", duration(step_ms)),
+        points: buckets
+            .into_iter()
+            .map(|(b, n)| ((b * step_ms) as f64 / 1000.0, n as f64 * 1000.0 / step_ms as f64))
             .collect(),
     };
     let marker_text;
     let marker = match s.sold_out_ms {
         Some(ms) => {
             marker_text = format!("sold out after {}", duration(ms - start_ms));
-            Some((ms as f64 / 1000.0 - origin, marker_text.as_str()))
+            Some(((ms - origin_ms) as f64 / 1000.0, marker_text.as_str()))
         }
         None => None,
     };
     let claims_chart = line_chart(
-        "Claims per second",
+        &format!("Claims per second, in {} steps", duration(step_ms)),
         "seconds since the start",
-        "claims",
-        &[per_second],
+        "claims/s",
+        &[per_step],
         marker,
     );
 
@@ -223,6 +295,9 @@ th {{ background: #f5f5f5; }} .muted {{ color: #666; }} svg {{ display: block; m
     html.push_str("\n<h2>Latency and outcomes</h2>\n");
     html.push_str(&latency_chart);
     html.push_str(&outcomes_chart);
+    if let Some(q) = queue {
+        queue_section(&mut html, q);
+    }
     html.push_str("\n<h2>Who sent the most claims</h2>\n<p class=\"muted\">Addresses and accounts far above the rest are the scalper signal.</p>\n");
     html.push_str(&top_ip_chart);
     for (heading, id, rows) in [
@@ -240,4 +315,19 @@ th {{ background: #f5f5f5; }} .muted {{ color: #666; }} svg {{ display: block; m
     }
     html.push_str("</body></html>\n");
     html
+}
+
+#[cfg(test)]
+mod tests {
+    use super::claims_chart_step_ms;
+
+    #[test]
+    fn a_short_rush_is_drawn_in_tens_of_milliseconds() {
+        assert_eq!(claims_chart_step_ms(0), 10);
+        assert_eq!(claims_chart_step_ms(2_000), 10, "a two-second sell-out: 200 points");
+        assert_eq!(claims_chart_step_ms(3_000), 20);
+        assert_eq!(claims_chart_step_ms(60_000), 500);
+        assert_eq!(claims_chart_step_ms(3_600_000), 30_000);
+        assert_eq!(claims_chart_step_ms(i64::MAX), 600_000);
+    }
 }

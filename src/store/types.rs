@@ -118,8 +118,9 @@ pub struct ReportData {
     pub activity: Option<(String, i64, i64, u32)>,
     /// Per ticket type: id, name, codes, claimed, first and last claim (Unix ms).
     pub tickets: Vec<TicketReport>,
-    /// `(unix second, claims)`, ascending.
-    pub claims_per_second: Vec<(i64, u64)>,
+    /// `(Unix time in 10 ms units, claims)`, ascending: fine enough for a
+    /// sale that sells out in a second; the report picks its own resolution.
+    pub claims_per_10ms: Vec<(i64, u64)>,
     /// `(unix minute, outcome label, requests)`, ascending by minute.
     pub outcomes: Vec<(i64, String, u64)>,
     /// `(bucket upper bound in ms, claims)`; the last bound is infinite.

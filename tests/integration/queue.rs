@@ -221,7 +221,7 @@ async fn the_draw_ignores_join_order_and_anyone_can_check_it() {
 async fn admission_never_runs_ahead_of_the_stock() {
     const USERS: usize = 5000;
     const CODES: usize = 1000;
-    let app = TestApp::start(
+    let mut app = TestApp::start(
         &(base_config()
             + &queue(
                 "room",
@@ -344,6 +344,28 @@ async fn admission_never_runs_ahead_of_the_stock() {
     let admitted = log.iter().filter(|e| e["k"] == "admit").count();
     assert_eq!(admitted, CODES, "no pass beyond the stock was handed out");
     app.assert_verified();
+
+    // The report's waiting-room section agrees, and its claims chart is
+    // drawn in steps of milliseconds, not seconds, for a sale this short.
+    assert_eq!(app.stop(), 0);
+    let out = app.cli(&["report", "--activity", "room", "--out", "report.html"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(app.dir.path().join("report.html")).unwrap();
+    let cell = |id: &str| {
+        let tag = format!("<td id=\"{id}\">");
+        let at = html.find(&tag).unwrap_or_else(|| panic!("no {id}")) + tag.len();
+        html[at..at + html[at..].find("</td>").unwrap()].to_owned()
+    };
+    assert_eq!(cell("q-admitted"), CODES.to_string());
+    assert_eq!(cell("q-lapsed"), "0");
+    assert_eq!(
+        cell("q-drawn").parse::<usize>().unwrap() + cell("q-late").parse::<usize>().unwrap(),
+        USERS
+    );
+    assert!(
+        html.contains(" ms steps</title>"),
+        "a short sale is charted in milliseconds"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -488,7 +488,7 @@ pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<Re
         ));
     }
     let mut per_ticket: HashMap<String, (u64, Option<i64>, Option<i64>)> = HashMap::new();
-    let mut per_second: BTreeMap<i64, u64> = BTreeMap::new();
+    let mut per_10ms: BTreeMap<i64, u64> = BTreeMap::new();
     let mut nodes: BTreeMap<String, u64> = BTreeMap::new();
     let mut users: HashSet<i64> = HashSet::new();
     let mut cursor = coll(db, "claims")
@@ -501,11 +501,11 @@ pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<Re
         t.0 += 1;
         t.1 = Some(t.1.map_or(ms, |v| v.min(ms)));
         t.2 = Some(t.2.map_or(ms, |v| v.max(ms)));
-        *per_second.entry(ms.div_euclid(1000)).or_default() += 1;
+        *per_10ms.entry(ms.div_euclid(10)).or_default() += 1;
         *nodes.entry(text(&d, "node")).or_default() += 1;
         users.insert(int(&d, "user_id"));
     }
-    data.claims_per_second = per_second.into_iter().collect();
+    data.claims_per_10ms = per_10ms.into_iter().collect();
     data.nodes = nodes.into_iter().collect();
     data.users = users.len() as u64;
     let codes = coll(db, "codes");

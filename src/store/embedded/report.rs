@@ -76,10 +76,9 @@ pub(super) fn report_data(conn: &Connection, activity_id: &str, top: usize) -> R
             })
         })?
         .collect::<Result<_, _>>()?;
-    let mut per_second = conn.prepare(
-        "SELECT claimed_at_ms / 1000 AS s, COUNT(*) FROM claims WHERE activity_id = ?1 GROUP BY s ORDER BY s",
-    )?;
-    data.claims_per_second = per_second
+    let mut per_10ms = conn
+        .prepare("SELECT claimed_at_ms / 10 AS s, COUNT(*) FROM claims WHERE activity_id = ?1 GROUP BY s ORDER BY s")?;
+    data.claims_per_10ms = per_10ms
         .query_map([activity_id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
         .collect::<Result<_, _>>()?;
     let mut outcomes = conn
