@@ -426,8 +426,8 @@ fn queue_report(
         }
     })?;
     let start_ms = data.activity.as_ref().map_or(0, |a| a.1);
-    Ok(QueueReport::read(&dir, activity, start_ms, &first_claim)
-        .with_context(|| format!("cannot read the waiting room of `{activity}`"))?)
+    QueueReport::read(&dir, activity, start_ms, &first_claim)
+        .with_context(|| format!("cannot read the waiting room of `{activity}`"))
 }
 
 /// `ticketd report`.
