@@ -23,7 +23,7 @@ use anyhow::Context;
 use tokio::{net::TcpListener, runtime::Handle, sync::mpsc};
 
 use crate::{
-    admission::{Rooms, StockView},
+    admission::{draw::Seed, Room, Rooms, StockView},
     auth::{resolve_secret, Auth, ClaimTokens, Guard},
     catalog::Catalog,
     claim::{ClaimSettings, Claimer},
@@ -39,7 +39,7 @@ use crate::{
     notify::{monotonic_usec, Notifier},
     signals::Signals,
     state::{self, AppState, Setup},
-    store::{Access, Store},
+    store::{Access, RoomSource, Store},
     worker::{Ctl, Runner, Stop},
 };
 
@@ -93,7 +93,17 @@ impl App {
             );
         }
         let inventory = Arc::new(Inventory::default());
-        let rooms = Arc::new(Rooms::new(&Rooms::dir_in(&config.storage.path)));
+        let rooms = Arc::new(match store.room_source() {
+            // In a cluster each room's log is in Redis; every node replicates it.
+            Some(source) => Rooms::shared(Box::new(move |activity| {
+                let hex = source
+                    .seed(activity, Seed::generate().to_hex())
+                    .map_err(std::io::Error::other)?;
+                Seed::from_hex(&hex)
+                    .ok_or_else(|| std::io::Error::other("the room's seed in Redis is not 64 hex digits"))
+            })),
+            None => Rooms::new(&Rooms::dir_in(&config.storage.path)),
+        });
         // Built once, first: it checks what validation cannot (mixed relative
         // and absolute times) before anything is imported.
         let catalog =
@@ -348,24 +358,88 @@ where
 /// How often the waiting rooms take their admission step.
 const ADMIT_EVERY: Duration = Duration::from_millis(100);
 
+/// How long a node holds a room's admitter lease without renewing it (a
+/// cluster: a killed admitter is replaced after this).
+const ADMITTER_LEASE_MS: u64 = 2_000;
+/// Places the cluster admitter looks at per step (their check-ins are read first).
+const ADMIT_LOOKAHEAD: usize = 2_000;
+
 /// One round of the admitter: each waiting room shuffles when due, retires
 /// used and lapsed passes, admits the next places as its rate and the
-/// stock allow, or closes; then its log is made durable.
+/// stock allow, or closes; then its log is made durable. In a cluster every
+/// node first brings its replica up to date and shares its fans'
+/// check-ins, and only the holder of the room's admitter lease decides.
 async fn admit(state: Arc<AppState>, ctl: Ctl) {
     let catalog = state.catalog.load_full();
+    let source = state.store.room_source();
     for a in catalog.activities() {
         let Some(room) = &a.room else { continue };
-        let stock = StockView {
-            remaining: a.remaining(),
-            settled: a.tickets.iter().all(|t| t.pool.drained()),
-        };
-        let seq = room.tick(now_ms(), stock, &|user| a.ledger.count_of(user));
-        if seq > 0 {
-            if let Err(error) = room.persist(seq).await {
-                ctl.error(&format!("{error:?}"));
+        let result = match &source {
+            Some(source) if room.is_shared() => admit_shared(&state, a, room, source).await,
+            _ => {
+                let stock = StockView {
+                    remaining: a.remaining(),
+                    settled: a.tickets.iter().all(|t| t.pool.drained()),
+                };
+                let seq = room.tick(now_ms(), stock, &|user| a.ledger.count_of(user));
+                room.persist(seq).await.map_err(|e| format!("{e:?}"))
             }
+        };
+        if let Err(error) = result {
+            ctl.error(&error);
+            tracing::warn!(activity = %a.id, %error, "The waiting room's admitter could not take its step.");
         }
     }
+}
+
+async fn admit_shared(
+    state: &AppState,
+    a: &crate::catalog::Activity,
+    room: &Room,
+    source: &RoomSource,
+) -> Result<(), String> {
+    let id = &a.id;
+    source.sync(room).await.map_err(|e| e.to_string())?;
+    source
+        .flush_seen(id, room.take_seen())
+        .await
+        .map_err(|e| e.to_string())?;
+    let admitter = source
+        .admitter_lease(id, ADMITTER_LEASE_MS)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (next, holders) = room.next_and_holders(if admitter { ADMIT_LOOKAHEAD } else { 0 });
+    let (seen, claimed) = source
+        .seen_and_claimed(id, next.clone(), holders.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let seen: std::collections::HashMap<u64, i64> =
+        next.into_iter().zip(seen).filter_map(|(u, s)| Some((u, s?))).collect();
+    let claimed: std::collections::HashMap<u64, u32> = holders.into_iter().zip(claimed).collect();
+    if let Err(error) = state.inventory.refresh_counts(id).await {
+        tracing::debug!(%error, "Could not refresh the stock counts for the admitter.");
+    }
+    // The cluster-wide counts (none before the first look, so nothing is
+    // admitted or closed on zeros): the room closes only when no code is
+    // on a master list, in any node's lease or being committed here.
+    let remaining = state.claimer.stock(a).remaining;
+    let stock = StockView {
+        remaining,
+        settled: !state.inventory.unsold_elsewhere(a.tickets.iter().map(|t| &*t.id))
+            && a.tickets.iter().all(|t| t.pool.drained()),
+    };
+    let events = room.plan_shared(
+        now_ms(),
+        stock,
+        &|u| claimed.get(&u).copied().unwrap_or(0),
+        &|u| seen.get(&u).copied(),
+        if admitter { ADMIT_LOOKAHEAD } else { 0 },
+    );
+    if admitter && !events.is_empty() {
+        source.append(id, &events).await.map_err(|e| e.to_string())?;
+        source.sync(room).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Moves recorded rush statistics into the store. If the store refuses

@@ -13,7 +13,11 @@ use anyhow::{bail, Context};
 use tokio::net::TcpListener;
 
 use crate::{
-    admission::{draw::DrawRecord, report::QueueReport, Room, Rooms},
+    admission::{
+        draw::{DrawRecord, Seed},
+        report::QueueReport,
+        Room, Rooms,
+    },
     app::App,
     auth::{password, validate_account, HashCost},
     cli::{ExportArgs, ExportWhat, ReportArgs, UserCommand},
@@ -362,15 +366,21 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
 
 /// `ticketd export --what draw`: the room's log, read beside a serving node.
 fn export_draw(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
-    let dir = Rooms::dir_in(&config.storage.path);
-    let record = Room::recorded_draw(&dir, &args.activity)
-        .with_context(|| format!("cannot read the waiting room of `{}`", args.activity))?
-        .with_context(|| {
-            format!(
-                "activity `{}` has no draw yet: it has no waiting room on this node's store, or its order is not drawn yet",
-                args.activity
-            )
-        })?;
+    let record = match Store::open(config, Access::Tool)?.room_source() {
+        // A cluster: the room's log is in Redis.
+        Some(source) => source.whole_log(&args.activity)?.and_then(|(seed, events)| {
+            let seed = Seed::from_hex(&seed)?;
+            Room::from_shared_log(args.activity.as_str().into(), seed, &events).draw_record()
+        }),
+        None => Room::recorded_draw(&Rooms::dir_in(&config.storage.path), &args.activity)
+            .with_context(|| format!("cannot read the waiting room of `{}`", args.activity))?,
+    };
+    let record = record.with_context(|| {
+        format!(
+            "activity `{}` has no draw yet: it has no waiting room on this node's store, or its order is not drawn yet",
+            args.activity
+        )
+    })?;
     let json = serde_json::to_vec_pretty(&record)?;
     match &args.out {
         Some(path) => {
@@ -415,9 +425,14 @@ fn queue_report(
     data: &crate::store::ReportData,
 ) -> anyhow::Result<Option<QueueReport>> {
     let dir = Rooms::dir_in(&config.storage.path);
-    if !dir.join(format!("{activity}.log")).exists() {
-        return Ok(None);
-    }
+    let shared = match store.room_source() {
+        Some(source) => match source.whole_log(activity)? {
+            Some(log) => Some(log),
+            None => return Ok(None),
+        },
+        None if !dir.join(format!("{activity}.log")).exists() => return Ok(None),
+        None => None,
+    };
     let mut first_claim: std::collections::HashMap<u64, i64> = std::collections::HashMap::new();
     store.for_each_claim(&mut |c| {
         if &*c.activity_id == activity {
@@ -426,8 +441,11 @@ fn queue_report(
         }
     })?;
     let start_ms = data.activity.as_ref().map_or(0, |a| a.1);
-    QueueReport::read(&dir, activity, start_ms, &first_claim)
-        .with_context(|| format!("cannot read the waiting room of `{activity}`"))
+    match shared {
+        Some((seed, events)) => Ok(Some(QueueReport::of(Some(&seed), &events, start_ms, &first_claim))),
+        None => QueueReport::read(&dir, activity, start_ms, &first_claim)
+            .with_context(|| format!("cannot read the waiting room of `{activity}`")),
+    }
 }
 
 /// `ticketd report`.

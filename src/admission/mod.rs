@@ -43,11 +43,17 @@ use std::{
 
 use parking_lot::Mutex;
 
+use draw::Seed;
 pub use room::{JoinError, PlaceState, QueueStatus, Room, RoomSettings, RoomSummary, StockView};
+
+/// Where a shared room's seed comes from (the cluster's store).
+pub type SeedSource = Box<dyn Fn(&str) -> io::Result<Seed> + Send + Sync>;
 
 /// Every waiting room on the node, by activity; rooms live across reloads.
 pub struct Rooms {
     dir: PathBuf,
+    /// Set in a cluster: rooms are replicas of logs kept in the store.
+    seeds: Option<SeedSource>,
     rooms: Mutex<HashMap<Arc<str>, Arc<Room>>>,
     closing: AtomicBool,
 }
@@ -57,6 +63,18 @@ impl Rooms {
     pub fn new(dir: &Path) -> Rooms {
         Rooms {
             dir: dir.to_owned(),
+            seeds: None,
+            rooms: Mutex::new(HashMap::new()),
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    /// Rooms that are replicas of logs kept in a cluster's store, each
+    /// with the seed `seeds` gives (the same on every node).
+    pub fn shared(seeds: SeedSource) -> Rooms {
+        Rooms {
+            dir: PathBuf::new(),
+            seeds: Some(seeds),
             rooms: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
         }
@@ -74,8 +92,13 @@ impl Rooms {
             room.apply(settings);
             return Ok(room.clone());
         }
-        std::fs::create_dir_all(&self.dir)?;
-        let room = Arc::new(Room::open(&self.dir, activity.clone(), settings)?);
+        let room = Arc::new(match &self.seeds {
+            Some(seeds) => Room::shared(activity.clone(), settings, seeds(activity)?),
+            None => {
+                std::fs::create_dir_all(&self.dir)?;
+                Room::open(&self.dir, activity.clone(), settings)?
+            }
+        });
         rooms.insert(activity.clone(), room.clone());
         Ok(room)
     }

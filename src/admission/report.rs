@@ -46,10 +46,20 @@ impl QueueReport {
         let Some((events, _)) = log::read(&dir.join(format!("{activity}.log")))? else {
             return Ok(None);
         };
+        Ok(Some(QueueReport::of(None, &events, start_ms, first_claim)))
+    }
+
+    /// The figures of a room whose log is `events` (a file's start with the
+    /// seed; a cluster's shared log has its seed beside it, as `seed`).
+    pub fn of(seed: Option<&str>, events: &[Event], start_ms: i64, first_claim: &HashMap<u64, i64>) -> QueueReport {
         let mut report = QueueReport::default();
+        if let Some(seed) = seed {
+            report.commitment = Seed::from_hex(seed).map(|s| s.commitment()).unwrap_or_default();
+            report.seed = Some(seed.to_owned());
+        }
         let mut shuffled = false;
         let mut joined_at: HashMap<u64, i64> = HashMap::new();
-        for event in &events {
+        for event in events {
             match *event {
                 Event::Seed { ref seed } => {
                     report.commitment = Seed::from_hex(seed).map(|s| s.commitment()).unwrap_or_default();
@@ -83,7 +93,7 @@ impl QueueReport {
         }
         report.waits_ms.sort_unstable();
         report.to_claim_ms.sort_unstable();
-        Ok(Some(report))
+        report
     }
 }
 

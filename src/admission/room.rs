@@ -26,6 +26,9 @@ use crate::{
 /// Work one tick may do at most (places admitted or skipped), so that a
 /// room of a million abandoned places cannot stall the admitter.
 const MAX_STEPS_PER_TICK: usize = 100_000;
+/// Check-ins a shared room buffers between flushes at most (a flush is
+/// every few hundred milliseconds; beyond this, check-ins wait).
+const MAX_SEEN_BUFFER: usize = 1_000_000;
 /// The admission rate is measured over this window.
 const RATE_WINDOW_MS: i64 = 10_000;
 
@@ -241,10 +244,15 @@ struct RoomState {
     recent: VecDeque<i64>,
     allowance: f64,
     last_tick_ms: i64,
-    /// Codes left minus those spoken for by passes, at the last tick.
-    budget: usize,
+    /// Codes left minus those spoken for by passes, at the last admission
+    /// step (none before the first).
+    budget: Option<usize>,
     closed_ms: Option<i64>,
     summary: RoomSummary,
+    /// Shared rooms: entries of the shared log applied.
+    applied: u64,
+    /// Shared rooms: check-ins here since the last flush.
+    seen_here: HashMap<u64, i64, ahash::RandomState>,
 }
 
 /// One activity's waiting room.
@@ -254,7 +262,8 @@ pub struct Room {
     seed: Seed,
     commitment: String,
     state: Mutex<RoomState>,
-    log: RoomLog,
+    /// The room's own log file; `None` for a replica of a shared log.
+    log: Option<RoomLog>,
 }
 
 impl Room {
@@ -283,8 +292,27 @@ impl Room {
             commitment: seed.commitment(),
             seed,
             state: Mutex::new(state),
-            log,
+            log: Some(log),
         })
+    }
+
+    /// A replica of a room whose log is kept elsewhere (a cluster's Redis),
+    /// with the seed every node shares; [`Room::apply_shared`] fills it.
+    pub fn shared(activity: Arc<str>, settings: RoomSettings, seed: Seed) -> Room {
+        Room {
+            activity,
+            commitment: seed.commitment(),
+            seed,
+            state: Mutex::new(RoomState::new(settings)),
+            log: None,
+        }
+    }
+
+    /// A room rebuilt from a shared log's `events` (a tool reading a cluster's room).
+    pub fn from_shared_log(activity: Arc<str>, seed: Seed, events: &[Event]) -> Room {
+        let room = Room::shared(activity, settings_placeholder(), seed);
+        room.apply_shared(0, events, 0);
+        room
     }
 
     /// The draw recorded in the room log `dir/<activity>.log`, read without
@@ -344,14 +372,20 @@ impl Room {
         if st.order.len() - st.cursor >= st.settings.capacity || st.order.len() >= u32::MAX as usize {
             return Err(JoinError::Full);
         }
+        let Some(log) = &self.log else {
+            return Err(JoinError::Unavailable);
+        };
         let event = Event::Join { u: user, t: now };
         st.apply_join(user, now);
-        Ok(self.log.append(&event))
+        Ok(log.append(&event))
     }
 
     /// Returns once the log holds every change up to `seq`.
     pub async fn persist(&self, seq: u64) -> Result<(), JoinError> {
-        self.log.sync(seq).await.map_err(|_| JoinError::Unavailable)
+        match &self.log {
+            Some(log) => log.sync(seq).await.map_err(|_| JoinError::Unavailable),
+            None => Ok(()),
+        }
     }
 
     /// `user`'s view at `now`; `touch` counts it as the fan being there.
@@ -360,6 +394,9 @@ impl Room {
         if touch {
             if let Some(p) = st.places.get_mut(&user) {
                 p.seen_ms = p.seen_ms.max(now);
+                if self.log.is_none() && st.seen_here.len() < MAX_SEEN_BUFFER {
+                    st.seen_here.insert(user, now);
+                }
             }
         }
         st.status_of(&self.activity, user, now, &self.seed, &self.commitment)
@@ -389,11 +426,76 @@ impl Room {
     /// room closed when nothing is left. Returns the log sequence to
     /// [`Room::persist`], or 0 when nothing changed.
     pub fn tick(&self, now: i64, stock: StockView, claimed: &dyn Fn(u64) -> u32) -> u64 {
+        let Some(log) = &self.log else { return 0 };
         let mut st = self.state.lock();
         let mut last = 0;
-        let mut log = |e: Event| last = self.log.append(&e);
-        st.tick(&self.seed, now, stock, claimed, &mut log);
+        for event in st.plan(now, stock, claimed, &|_| None, MAX_STEPS_PER_TICK) {
+            st.replay(&self.seed, &event);
+            last = log.append(&event);
+        }
         last
+    }
+
+    /// Whether the room is a replica of a log kept elsewhere (a cluster's
+    /// Redis): joins and admissions then go through the store, and the
+    /// replica follows the shared log.
+    pub fn is_shared(&self) -> bool {
+        self.log.is_none()
+    }
+
+    /// Shared rooms: how many entries of the shared log are applied.
+    pub fn applied(&self) -> u64 {
+        self.state.lock().applied
+    }
+
+    /// Shared rooms: applies `events`, the shared log's entries from
+    /// `from` on — those past where the replica stands, so a late answer
+    /// never applies anything twice. A fresh replica gives every place its
+    /// grace again from now.
+    pub fn apply_shared(&self, from: u64, events: &[Event], now: i64) {
+        let mut st = self.state.lock();
+        // Two readers may race (the admitter and a join): apply only what
+        // this replica has not, and nothing past a gap.
+        let Some(skip) = st.applied.checked_sub(from) else {
+            return;
+        };
+        let new = events.get(skip as usize..).unwrap_or_default();
+        for event in new {
+            st.replay(&self.seed, event);
+        }
+        st.applied += new.len() as u64;
+        if from == 0 {
+            st.places.values_mut().for_each(|p| p.seen_ms = p.seen_ms.max(now));
+        }
+    }
+
+    /// Shared rooms: the admitter's next events (see [`Room::tick`]), not
+    /// applied: they are applied when they come back through the shared log.
+    pub fn plan_shared(
+        &self,
+        now: i64,
+        stock: StockView,
+        claimed: &dyn Fn(u64) -> u32,
+        seen_elsewhere: &dyn Fn(u64) -> Option<i64>,
+        max_steps: usize,
+    ) -> Vec<Event> {
+        self.state.lock().plan(now, stock, claimed, seen_elsewhere, max_steps)
+    }
+
+    /// Shared rooms: the places the admitter reaches next, and the pass holders.
+    pub fn next_and_holders(&self, n: usize) -> (Vec<u64>, Vec<u64>) {
+        let st = self.state.lock();
+        let end = st.order.len().min(st.cursor.saturating_add(n));
+        (
+            st.order[st.cursor..end].to_vec(),
+            st.active.iter().map(|&(u, _)| u).collect(),
+        )
+    }
+
+    /// Shared rooms: the check-ins made on this node since the last call,
+    /// for the other nodes' admitter.
+    pub fn take_seen(&self) -> Vec<(u64, i64)> {
+        std::mem::take(&mut self.state.lock().seen_here).into_iter().collect()
     }
 
     /// The draw, once made (`ticketd export --what draw`).
@@ -458,9 +560,11 @@ impl RoomState {
             recent: VecDeque::new(),
             allowance: 0.0,
             last_tick_ms: 0,
-            budget: 0,
+            budget: None,
             closed_ms: None,
             summary: RoomSummary::default(),
+            applied: 0,
+            seen_here: HashMap::default(),
         }
     }
 
@@ -555,30 +659,35 @@ impl RoomState {
         Some(n as f64 * 1000.0 / since as f64)
     }
 
-    fn tick(
+    /// The next events of the admitter at `now`, without applying them:
+    /// the shuffle when due (alone: admissions follow on the next step, on
+    /// the drawn order); the close when nothing is left or the sale ended;
+    /// else admissions and skips from the cursor, as the rate and the codes
+    /// no pass speaks for allow. Passes used up or lapsed are retired here
+    /// (each replica does that itself; it is not logged). A place counts as
+    /// seen at the latest of its local check-in and `seen_elsewhere` (other
+    /// nodes' check-ins, in a cluster); `max_steps` bounds the places looked at.
+    fn plan(
         &mut self,
-        seed: &Seed,
         now: i64,
         stock: StockView,
         claimed: &dyn Fn(u64) -> u32,
-        log: &mut dyn FnMut(Event),
-    ) {
+        seen_elsewhere: &dyn Fn(u64) -> Option<i64>,
+        max_steps: usize,
+    ) -> Vec<Event> {
         let elapsed = now.saturating_sub(self.last_tick_ms).max(0);
         self.last_tick_ms = now;
         if self.closed_ms.is_some() || now < self.settings.opens_ms {
-            return;
+            return Vec::new();
         }
         if self.shuffled_ms.is_none() && now >= self.settings.shuffle_ms {
-            self.apply_shuffle(seed, now);
-            log(Event::Shuffle { t: now });
+            return vec![Event::Shuffle { t: now }];
         }
         if (stock.remaining == 0 && stock.settled) || now >= self.settings.end_ms {
-            self.closed_ms = Some(now);
-            log(Event::Close { t: now });
-            return;
+            return vec![Event::Close { t: now }];
         }
         if now < self.settings.start_ms {
-            return;
+            return Vec::new();
         }
         let limit = self.settings.per_user_limit;
         let mut spoken = 0usize;
@@ -609,22 +718,23 @@ impl RoomState {
                 (self.allowance + rate * elapsed as f64 / 1000.0).min(rate.max(1.0))
             }
         };
-        let mut steps = 0;
-        while budget > 0 && self.allowance >= 1.0 && self.cursor < self.order.len() && steps < MAX_STEPS_PER_TICK {
-            steps += 1;
-            let user = self.order[self.cursor];
-            let gone = self
+        let mut events = Vec::new();
+        let mut cursor = self.cursor;
+        while budget > 0 && self.allowance >= 1.0 && cursor < self.order.len() && events.len() < max_steps {
+            let user = self.order[cursor];
+            cursor += 1;
+            let seen = self
                 .places
                 .get(&user)
-                .map_or(true, |p| now.saturating_sub(p.seen_ms) > self.settings.grace_ms);
-            if gone {
-                self.apply_skip(user);
-                log(Event::Skip { u: user, t: now });
+                .map(|p| p.seen_ms)
+                .max(seen_elsewhere(user))
+                .unwrap_or(i64::MIN);
+            if now.saturating_sub(seen) > self.settings.grace_ms {
+                events.push(Event::Skip { u: user, t: now });
                 continue;
             }
             let expires = now.saturating_add(self.settings.pass_ttl_ms);
-            self.apply_admit(user, now, expires);
-            log(Event::Admit {
+            events.push(Event::Admit {
                 u: user,
                 t: now,
                 x: expires,
@@ -632,7 +742,8 @@ impl RoomState {
             budget = budget.saturating_sub(limit as usize);
             self.allowance -= 1.0;
         }
-        self.budget = budget;
+        self.budget = Some(budget);
+        events
     }
 
     fn status_of(&self, activity: &Arc<str>, user: u64, now: i64, seed: &Seed, commitment: &str) -> QueueStatus {
@@ -655,7 +766,7 @@ impl RoomState {
         }
         let waiting_place = place.filter(|_| state == PlaceState::Waiting && self.shuffled_ms.is_some());
         let ahead = waiting_place.map(|p| (p.index as usize).saturating_sub(self.cursor) as u64);
-        let standby = !closed && self.shuffled_ms.is_some() && now >= s.start_ms && self.budget == 0;
+        let standby = !closed && self.shuffled_ms.is_some() && now >= s.start_ms && self.budget == Some(0);
         // On standby the wait depends on passes lapsing, not on a rate.
         let eta_ms = ahead.filter(|_| !standby).and_then(|ahead| {
             let until_start = s.start_ms.saturating_sub(now).max(0);

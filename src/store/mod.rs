@@ -26,7 +26,8 @@
 //! # Layout
 //! - [`types`]: the store's vocabulary (errors, users, claim rows, reports, access);
 //! - `embedded`: SQLite, the journal's applier, replay, the report query;
-//! - [`cluster`]: Redis scripts and leases, the committer, the MongoDB writer.
+//! - [`cluster`]: Redis scripts and leases, the committer, the MongoDB writer,
+//!   the waiting rooms' shared logs.
 
 pub mod cluster;
 mod embedded;
@@ -34,7 +35,11 @@ pub mod types;
 
 use std::sync::Arc;
 
-pub use cluster::{lease::LeaseSource, ClusterStore};
+pub use cluster::{
+    lease::LeaseSource,
+    rooms::{Joined, RoomSource},
+    ClusterStore,
+};
 pub use embedded::EmbeddedStore;
 pub use types::{
     generate_code, Access, ClaimRow, ClusterError, ImportReport, Reconciliation, ReportData, StoreError, TicketImport,
@@ -118,6 +123,16 @@ impl Store {
         match self {
             Store::Embedded(s) => s.reconcile(),
             Store::Cluster(s) => s.reconcile(),
+        }
+    }
+
+    /// The shared side of the waiting rooms: in a cluster, each room's log
+    /// is in Redis and every node keeps a replica; `None` on one node, where
+    /// a room keeps its own log file.
+    pub fn room_source(&self) -> Option<RoomSource> {
+        match self {
+            Store::Embedded(_) => None,
+            Store::Cluster(s) => Some(s.room_source()),
         }
     }
 

@@ -756,3 +756,177 @@ async fn a_reload_moves_a_queue_before_it_opens_and_never_after() {
     );
     assert_eq!(app.detail("open").await["startTime"], open_start);
 }
+
+/// A fan on several nodes: the next one when a node does not answer.
+async fn on_any<F, Fut, T>(clients: &[Arc<ApiClient>], first: usize, call: F) -> T
+where
+    F: Fn(Arc<ApiClient>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    for k in 0..clients.len() * 20 {
+        if let Ok(answer) = call(clients[(first + k) % clients.len()].clone()).await {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no node answered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_share_one_room_and_a_killed_node_loses_no_place_or_pass() {
+    use crate::cluster::Cluster;
+    use ticketd::clock::{now_ms, rfc3339_ms};
+    const USERS: usize = 900;
+    const CODES: usize = 300;
+    let start = rfc3339_ms(now_ms() + 25_000);
+    let act = Act::new("cq")
+        .window(&start, &rfc3339_ms(now_ms() + 3_600_000))
+        .with("admission = \"queue\"")
+        .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 60_000)))
+        .with("admit_rate = 150.0")
+        .with("grace = \"1m\"")
+        .with("pass_ttl = \"1m\"")
+        .ticket("cq-t", "Ticket", Codes::Generate(CODES as u32))
+        .toml();
+    let mut cluster = Cluster::start(3, &act, "[cluster]\nlease_ttl = \"2s\"\n");
+    let tokens = cluster.nodes[0].users("c", USERS).await;
+    let clients = cluster.clients();
+    let commitment = cluster.nodes[1].detail("cq").await["queue"]["commitment"].clone();
+    assert_eq!(
+        cluster.nodes[2].detail("cq").await["queue"]["commitment"],
+        commitment,
+        "one seed"
+    );
+    // Fan i joins through node i % 3, and again through the next node: one place.
+    let sem = Arc::new(tokio::sync::Semaphore::new(48));
+    let joins: Vec<_> = tokens
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, t)| {
+            let (clients, sem) = (clients.clone(), sem.clone());
+            tokio::spawn(async move {
+                let _p = sem.acquire().await.unwrap();
+                let a = join(&clients[i % 3], &t, "cq").await;
+                assert_eq!(a.status, 200, "{}", a.body);
+                let b = join(&clients[(i + 1) % 3], &t, "cq").await;
+                assert_eq!(
+                    b.data()["joinedAt"],
+                    a.data()["joinedAt"],
+                    "joining twice keeps the place"
+                );
+            })
+        })
+        .collect();
+    for j in joins {
+        j.await.unwrap();
+    }
+    // Every fan waits on one node and claims through another; node2 dies mid-queue.
+    let fans: Vec<_> = tokens
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, t)| {
+            let clients = clients.clone();
+            tokio::spawn(async move {
+                loop {
+                    let s = on_any(&clients, i + 1, |c| {
+                        let t = t.clone();
+                        async move {
+                            let res = c.get("/queue/status?actId=cq", Some(&t)).await?;
+                            anyhow::ensure!(res.status == 200, "{}", res.body);
+                            Ok(res.data().clone())
+                        }
+                    })
+                    .await;
+                    match s["state"].as_str().unwrap() {
+                        "waiting" => tokio::time::sleep(Duration::from_millis(1000)).await,
+                        "admitted" => {
+                            let pass = s["pass"].as_str().unwrap().to_owned();
+                            let res = on_any(&clients, i + 2, |c| {
+                                let (t, pass) = (t.clone(), pass.clone());
+                                async move { claim_with_result(&c, &t, "cq", &pass).await }
+                            })
+                            .await;
+                            // 409 LIMIT_REACHED: the claim went through on a node
+                            // that died before it could answer; the retry shows the code.
+                            let held = res.status == 200 || res.error_code() == Some("LIMIT_REACHED");
+                            assert!(held, "an admitted fan's claim: {}", res.body);
+                            return true;
+                        }
+                        "sold_out" => return false,
+                        other => panic!("{other}: {s}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let success = "ticketd_claims_total{outcome=\"success\"}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let sold = metric(&cluster.nodes[0], success).await
+            + metric(&cluster.nodes[1], success).await
+            + metric(&cluster.nodes[2], success).await;
+        if sold >= 60.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the queue never got going");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.nodes[2].kill9();
+    let mut claimed = 0;
+    for f in fans {
+        claimed += usize::from(f.await.unwrap());
+    }
+    assert_eq!(claimed, CODES, "every code went to an admitted fan");
+    let stored = cluster.drained("cq").await;
+    assert_eq!(stored.len(), CODES);
+    // The shared log: one shuffle, nobody admitted twice, no pass beyond the stock.
+    let out = cluster.nodes[0].cli(
+        &["export", "--activity", "cq", "--what", "draw", "--out", "draw.json"],
+        None,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let draw: Value =
+        serde_json::from_slice(&std::fs::read(cluster.nodes[0].dir.path().join("draw.json")).unwrap()).unwrap();
+    assert_eq!(draw["commitment"], commitment);
+    assert_eq!(
+        draw["order"].as_array().unwrap().len() + draw["late"].as_array().unwrap().len(),
+        USERS,
+        "every place kept: one per fan"
+    );
+    let out = cluster.nodes[0].cli(&["verify-draw", "draw.json"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut r = cluster.services.redis().await;
+    let log: Vec<String> = redis::cmd("LRANGE")
+        .arg("q:{cq}:log")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let log: Vec<Value> = log.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(
+        log.iter().filter(|e| e["k"] == "shuffle").count(),
+        1,
+        "the shuffle happened once"
+    );
+    let admitted: Vec<u64> = log
+        .iter()
+        .filter(|e| e["k"] == "admit")
+        .map(|e| e["u"].as_u64().unwrap())
+        .collect();
+    let distinct: std::collections::HashSet<_> = admitted.iter().collect();
+    assert_eq!(distinct.len(), admitted.len(), "nobody admitted twice");
+    assert_eq!(admitted.len(), CODES, "no pass beyond the stock");
+    cluster.nodes[0].assert_verified();
+}
+
+async fn claim_with_result(client: &ApiClient, token: &str, act: &str, pass: &str) -> anyhow::Result<ApiResponse> {
+    let res = client
+        .post("/ticket/get", Some(token), &json!({ "actId": act, "claimToken": pass }))
+        .await?;
+    // A node that went away mid-claim: the next one answers (the claim is idempotent by the limit).
+    anyhow::ensure!(res.status != 503, "{}", res.body);
+    Ok(res)
+}

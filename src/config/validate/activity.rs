@@ -205,10 +205,11 @@ fn check_admission(r: &mut Report<'_>, ai: usize, act: &ActivityConfig, mode: St
         }
         return;
     }
-    if mode == StorageMode::Cluster {
+    let relative = |t: Option<TimeSpec>| matches!(t, Some(TimeSpec::Relative(_)));
+    if mode == StorageMode::Cluster && (relative(act.queue_opens) || relative(act.draw_time)) {
         r.add(
-            &field("admission"),
-            format!("activity `{id}`: the waiting room and the lottery run on the embedded store only, not yet in cluster mode"),
+            &field("queue_opens"),
+            format!("activity `{id}`: cluster mode needs absolute times (RFC 3339) for queue_opens and draw_time"),
         );
     }
     match act.queue_opens {

@@ -27,12 +27,14 @@ use crate::{
     auth::Denied,
     catalog::{Activity, Status},
     clock::{now_ms, rfc3339_ms},
+    config::AdmissionMode,
     http::{
         error::ApiError,
         request::{json_body, ok, session, Id, Query},
     },
     metrics::{self, Rejected},
     state::AppState,
+    store::{Joined, RoomSource},
 };
 
 /// How often an event stream looks at its fan's place.
@@ -142,10 +144,47 @@ pub async fn join(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Resul
     let activity = activity(&catalog, &body.act_id.0)?;
     let room = room_of(activity)?;
     let now = now_ms();
-    let seq = room.join(user, now).map_err(|e| join_error(e, activity, now))?;
-    room.persist(seq).await.map_err(|e| join_error(e, activity, now))?;
+    match state.store.room_source().filter(|_| room.is_shared()) {
+        Some(source) => join_shared(&source, room, user, now)
+            .await
+            .map_err(|e| join_error(e, activity, now))?,
+        None => {
+            let seq = room.join(user, now).map_err(|e| join_error(e, activity, now))?;
+            room.persist(seq).await.map_err(|e| join_error(e, activity, now))?;
+        }
+    }
     let now = now_ms();
     Ok(ok(&view(state, activity, user, room.status(user, now, true), now)))
+}
+
+/// A cluster: the join is one script on the room's shared log; then this
+/// node's replica catches up, so the answer shows the place.
+async fn join_shared(source: &RoomSource, room: &Room, user: u64, now: i64) -> Result<(), JoinError> {
+    let s = room.settings();
+    if now < s.opens_ms {
+        return Err(JoinError::NotOpen { opens_ms: s.opens_ms });
+    }
+    if now >= s.end_ms {
+        return Err(JoinError::Closed);
+    }
+    let lottery = s.mode == AdmissionMode::Lottery;
+    let joined = source
+        .join(&room.activity, user, now, lottery, s.capacity)
+        .await
+        .map_err(|error| {
+            tracing::warn!(%error, "Could not record a place in the shared waiting room.");
+            JoinError::Unavailable
+        })?;
+    match joined {
+        Joined::New | Joined::Same => {}
+        Joined::Closed => return Err(JoinError::Closed),
+        Joined::EntriesClosed => return Err(JoinError::EntriesClosed),
+        Joined::Full => return Err(JoinError::Full),
+    }
+    source.sync(room).await.map_err(|error| {
+        tracing::warn!(%error, "Could not read the shared waiting room.");
+        JoinError::Unavailable
+    })
 }
 
 /// The caller's place; asking counts as being there.

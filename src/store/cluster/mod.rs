@@ -40,6 +40,7 @@ pub mod lease;
 pub mod mongo;
 mod reconcile;
 mod record;
+pub mod rooms;
 pub mod scripts;
 mod shared;
 mod users;
@@ -216,6 +217,11 @@ impl ClusterStore {
 
     pub(super) fn reconcile(&self) -> Result<Reconciliation, StoreError> {
         Ok(self.block(reconcile::reconcile(&self.shared))?)
+    }
+
+    /// The Redis side of the waiting rooms (a node, or a tool reading a room's log).
+    pub fn room_source(&self) -> rooms::RoomSource {
+        rooms::RoomSource::new(self.shared.clone(), self.handle.clone())
     }
 
     /// The Redis side of leasing, for the inventory's lease worker (a serving node only).

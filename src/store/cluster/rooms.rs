@@ -1,0 +1,337 @@
+//! Waiting rooms in a cluster: each room's log lives in Redis, under its
+//! activity's hash tag, and every node keeps a replica of it.
+//!
+//! ```text
+//! q:{A}:seed       str   the room's seed (hex), set once by the first node
+//! q:{A}:log        list  the room's events (JSON), the order every replica applies
+//! q:{A}:places     hash  user id -> w (waiting) | a (admitted) | p (passed over)
+//! q:{A}:waiting    int   places not yet reached (queue_capacity)
+//! q:{A}:shuffled   str   set when the shuffle event is in the log
+//! q:{A}:closed     str   set when the close event is in the log
+//! q:{A}:seen       hash  user id -> last check-in (Unix ms), flushed by every node
+//! q:{A}:admitter   str   the node instance that may append admissions (a lease)
+//! ```
+//!
+//! A join is one script: a place per account, the capacity, entries closed
+//! after a lottery's draw, the event appended. The shuffle, admissions,
+//! skips and the close are appended only by the node holding the admitter
+//! lease (the append script checks it, so a node that lost the lease while
+//! it was deciding appends nothing). What a replica computes from the log —
+//! the drawn order of the joins before the shuffle event — is the same on
+//! every node, so the shuffle happens exactly once, in the log.
+
+use std::sync::{Arc, LazyLock};
+
+use redis::Script;
+use tokio::runtime::Handle;
+
+use super::{
+    error::ClusterError,
+    shared::{block_on, on, Shared},
+};
+use crate::{
+    admission::{log::Event, Room},
+    store::types::StoreError,
+};
+
+/// Entries read from a room's log per round trip.
+const READ_CHUNK: isize = 5000;
+
+/// The key names of one activity's room.
+fn key(activity: &str, name: &str) -> String {
+    format!("q:{{{activity}}}:{name}")
+}
+
+static JOIN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+local st = redis.call('HGET', KEYS[1], ARGV[1])
+local shuffled = redis.call('EXISTS', KEYS[4]) == 1
+local lottery = ARGV[2] == '1'
+if st and (st ~= 'p' or (lottery and shuffled)) then return 0 end
+if (not st) and lottery and shuffled then return -2 end
+if tonumber(redis.call('GET', KEYS[5]) or '0') >= tonumber(ARGV[3]) then return -3 end
+redis.call('HSET', KEYS[1], ARGV[1], 'w')
+redis.call('INCR', KEYS[5])
+redis.call('RPUSH', KEYS[2], ARGV[4])
+return 1
+",
+    )
+});
+
+static APPEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local n = 0
+for i = 2, #ARGV, 3 do
+  local kind, user, json = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if kind == 'admit' then
+    redis.call('HSET', KEYS[3], user, 'a'); redis.call('DECR', KEYS[4])
+  elseif kind == 'skip' then
+    redis.call('HSET', KEYS[3], user, 'p'); redis.call('DECR', KEYS[4])
+  elseif kind == 'shuffle' then
+    redis.call('SET', KEYS[5], '1')
+  elseif kind == 'close' then
+    redis.call('SET', KEYS[6], '1')
+  end
+  redis.call('RPUSH', KEYS[2], json)
+  n = n + 1
+end
+return n
+",
+    )
+});
+
+static LEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local cur = redis.call('GET', KEYS[1])
+if cur == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// What a join script answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    /// A new place (or a new place at the back, after being passed over).
+    New,
+    /// The user already has a place: the same one.
+    Same,
+    /// The room has closed.
+    Closed,
+    /// A lottery after its draw.
+    EntriesClosed,
+    /// `queue_capacity` places are waiting.
+    Full,
+}
+
+/// The Redis side of the waiting rooms, for a node or a tool.
+#[derive(Clone)]
+pub struct RoomSource {
+    shared: Arc<Shared>,
+    handle: Handle,
+}
+
+impl RoomSource {
+    pub(super) fn new(shared: Arc<Shared>, handle: Handle) -> RoomSource {
+        RoomSource { shared, handle }
+    }
+
+    /// The room's seed: the one stored, or `fresh` if none was (the first
+    /// node to open the room sets it). Blocking: for start-up and reload.
+    pub fn seed(&self, activity: &str, fresh: String) -> Result<String, StoreError> {
+        let (shared, seed_key) = (self.shared.clone(), key(activity, "seed"));
+        Ok(block_on(&self.handle, async move {
+            let mut redis = shared.redis.clone();
+            let _: Option<String> = redis::cmd("SET")
+                .arg(&seed_key)
+                .arg(&fresh)
+                .arg("NX")
+                .query_async(&mut redis)
+                .await?;
+            let seed: String = redis::cmd("GET").arg(&seed_key).query_async(&mut redis).await?;
+            Ok::<_, ClusterError>(seed)
+        })?)
+    }
+
+    /// Takes a place for `user` (the room's checks in one script).
+    pub async fn join(
+        &self,
+        activity: &str,
+        user: u64,
+        now: i64,
+        lottery: bool,
+        capacity: usize,
+    ) -> Result<Joined, StoreError> {
+        let shared = self.shared.clone();
+        let event = serde_json::to_string(&Event::Join { u: user, t: now }).expect("events serialise");
+        let keys = ["places", "log", "closed", "shuffled", "waiting"].map(|k| key(activity, k));
+        Ok(on(&self.handle, async move {
+            let mut redis = shared.redis.clone();
+            let mut invocation = JOIN.prepare_invoke();
+            for k in &keys {
+                invocation.key(k);
+            }
+            let answer: i64 = invocation
+                .arg(user)
+                .arg(if lottery { "1" } else { "0" })
+                .arg(capacity)
+                .arg(event)
+                .invoke_async(&mut redis)
+                .await?;
+            Ok(match answer {
+                1 => Joined::New,
+                0 => Joined::Same,
+                -1 => Joined::Closed,
+                -2 => Joined::EntriesClosed,
+                _ => Joined::Full,
+            })
+        })
+        .await?)
+    }
+
+    /// The room log's entries from `from` on.
+    pub async fn events(&self, activity: &str, from: u64) -> Result<Vec<Event>, StoreError> {
+        let (shared, log) = (self.shared.clone(), key(activity, "log"));
+        Ok(on(&self.handle, async move {
+            let mut redis = shared.redis.clone();
+            let mut events = Vec::new();
+            loop {
+                let start = from as isize + events.len() as isize;
+                let chunk: Vec<String> = redis::cmd("LRANGE")
+                    .arg(&log)
+                    .arg(start)
+                    .arg(start + READ_CHUNK - 1)
+                    .query_async(&mut redis)
+                    .await?;
+                let n = chunk.len();
+                for line in chunk {
+                    let event = serde_json::from_str(&line)
+                        .map_err(|e| ClusterError::Protocol(format!("a room log entry is not an event: {e}")))?;
+                    events.push(event);
+                }
+                if (n as isize) < READ_CHUNK {
+                    return Ok(events);
+                }
+            }
+        })
+        .await?)
+    }
+
+    /// Brings `room`'s replica up to the shared log.
+    pub async fn sync(&self, room: &Room) -> Result<(), StoreError> {
+        let from = room.applied();
+        let events = self.events(&room.activity, from).await?;
+        room.apply_shared(from, &events, crate::clock::now_ms());
+        Ok(())
+    }
+
+    /// Every event of the room's log, with its seed (tools: export, report).
+    pub fn whole_log(&self, activity: &str) -> Result<Option<(String, Vec<Event>)>, StoreError> {
+        let (shared, seed_key) = (self.shared.clone(), key(activity, "seed"));
+        let seed = block_on(&self.handle, async move {
+            let mut redis = shared.redis.clone();
+            let seed: Option<String> = redis::cmd("GET").arg(&seed_key).query_async(&mut redis).await?;
+            Ok::<_, ClusterError>(seed)
+        })?;
+        let Some(seed) = seed else { return Ok(None) };
+        let events = block_on(&self.handle, self.events(activity, 0))?;
+        Ok(Some((seed, events)))
+    }
+
+    /// Takes or renews the admitter lease of the room for `ttl_ms`; whether this node holds it.
+    pub async fn admitter_lease(&self, activity: &str, ttl_ms: u64) -> Result<bool, StoreError> {
+        let (shared, lease) = (self.shared.clone(), key(activity, "admitter"));
+        Ok(on(&self.handle, async move {
+            let mut redis = shared.redis.clone();
+            let held: i64 = LEASE
+                .key(&lease)
+                .arg(&shared.instance)
+                .arg(ttl_ms)
+                .invoke_async(&mut redis)
+                .await?;
+            Ok(held == 1)
+        })
+        .await?)
+    }
+
+    /// Appends the admitter's `events`, if this node still holds the lease;
+    /// returns whether it did.
+    pub async fn append(&self, activity: &str, events: &[Event]) -> Result<bool, StoreError> {
+        let shared = self.shared.clone();
+        let keys = ["admitter", "log", "places", "waiting", "shuffled", "closed"].map(|k| key(activity, k));
+        let mut args: Vec<String> = Vec::with_capacity(events.len() * 3);
+        for e in events {
+            let (kind, user) = match e {
+                Event::Admit { u, .. } => ("admit", *u),
+                Event::Skip { u, .. } => ("skip", *u),
+                Event::Shuffle { .. } => ("shuffle", 0),
+                Event::Close { .. } => ("close", 0),
+                Event::Join { .. } | Event::Seed { .. } => continue,
+            };
+            args.push(kind.into());
+            args.push(user.to_string());
+            args.push(serde_json::to_string(e).expect("events serialise"));
+        }
+        Ok(on(&self.handle, async move {
+            let mut redis = shared.redis.clone();
+            let mut invocation = APPEND.prepare_invoke();
+            for k in &keys {
+                invocation.key(k);
+            }
+            invocation.arg(&shared.instance).arg(args);
+            let n: i64 = invocation.invoke_async(&mut redis).await?;
+            Ok(n >= 0)
+        })
+        .await?)
+    }
+
+    /// Records this node's check-ins for the admitter on any node.
+    pub async fn flush_seen(&self, activity: &str, seen: Vec<(u64, i64)>) -> Result<(), StoreError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let (shared, seen_key) = (self.shared.clone(), key(activity, "seen"));
+        Ok(on(&self.handle, async move {
+            let mut redis = shared.redis.clone();
+            // Every flush carries check-ins of the last moments, so the
+            // last write is recent enough whichever node made it.
+            for chunk in seen.chunks(1000) {
+                let mut set = redis::cmd("HSET");
+                set.arg(&seen_key);
+                for (user, at) in chunk {
+                    set.arg(user).arg(at);
+                }
+                let _: i64 = set.query_async(&mut redis).await?;
+            }
+            Ok(())
+        })
+        .await?)
+    }
+
+    /// The last check-in of each of `users` (any node), and how many codes
+    /// each of `holders` holds cluster-wide.
+    pub async fn seen_and_claimed(
+        &self,
+        activity: &str,
+        users: Vec<u64>,
+        holders: Vec<u64>,
+    ) -> Result<(Vec<Option<i64>>, Vec<u32>), StoreError> {
+        let shared = self.shared.clone();
+        let (seen_key, users_key) = (key(activity, "seen"), super::scripts::Keys::new(activity).users());
+        Ok(on(&self.handle, async move {
+            let mut redis = shared.redis.clone();
+            let seen: Vec<Option<i64>> = if users.is_empty() {
+                Vec::new()
+            } else {
+                redis::cmd("HMGET")
+                    .arg(&seen_key)
+                    .arg(&users)
+                    .query_async(&mut redis)
+                    .await?
+            };
+            let claimed: Vec<Option<u32>> = if holders.is_empty() {
+                Vec::new()
+            } else {
+                redis::cmd("HMGET")
+                    .arg(&users_key)
+                    .arg(&holders)
+                    .query_async(&mut redis)
+                    .await?
+            };
+            Ok((seen, claimed.into_iter().map(Option::unwrap_or_default).collect()))
+        })
+        .await?)
+    }
+}
