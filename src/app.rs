@@ -81,6 +81,9 @@ impl App {
     /// background work is registered with `workers`.
     pub fn start(mut config: Config, config_path: PathBuf, workers: Arc<Runner>) -> anyhow::Result<App> {
         let started_ms = now_ms();
+        if let Some(files) = raise_open_files_limit() {
+            tracing::debug!(files, "Open-file limit raised.");
+        }
         let store = Store::open(&config, Access::Serve(&workers)).context("cannot open the store")?;
         tracing::info!(store = %store.describe(), "Store opened.");
 
@@ -353,6 +356,29 @@ where
         round(&ctl).await;
         ctl.tick();
     }
+}
+
+/// Raises the process's soft limit of open files to its hard limit: a node
+/// holds a connection per fan (an event stream per waiting fan), and the
+/// usual soft limit of 1024 would refuse the rest. Returns the new limit.
+pub fn raise_open_files_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return None;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return None;
+            }
+        }
+    }
+    Some(lim.rlim_cur)
 }
 
 /// How often the waiting rooms take their admission step.

@@ -198,4 +198,10 @@ pub struct BenchArgs {
     /// Also measure plain GET /healthz at the same concurrency, for a baseline.
     #[arg(long)]
     pub baseline: bool,
+    /// Drive the users through the activity's waiting room instead of a
+    /// rush: join, wait on an open event stream each, claim with the pass
+    /// when admitted; reports join, admission and claim latency and the
+    /// node's memory per waiting user (from its `/metrics`).
+    #[arg(long)]
+    pub queue: bool,
 }

@@ -87,6 +87,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(cli.log_format.unwrap_or_default(), "warn");
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let json = args.json;
+            if args.queue {
+                let report = runtime.block_on(bench::queue::run(args))?;
+                return bench::queue::print(&report, json);
+            }
             let report = runtime.block_on(bench::run(args))?;
             bench::print(&report, json)
         }

@@ -440,6 +440,12 @@ impl Metrics {
         }
         self.render_workers(&mut out, &gauges.workers);
         render_queues(&mut out, &gauges.queues);
+        if let Some(rss) = resident_bytes() {
+            let _ = writeln!(
+                out,
+                "# HELP ticketd_resident_memory_bytes The process's resident memory.\n# TYPE ticketd_resident_memory_bytes gauge\nticketd_resident_memory_bytes {rss}"
+            );
+        }
         out.push_str("# HELP ticketd_guard_entries Entries in each per-client guard table (bounded; see security.max_tracked_clients).\n# TYPE ticketd_guard_entries gauge\n");
         for (table, entries, _) in &gauges.guard_tables {
             let _ = writeln!(out, "ticketd_guard_entries{{table=\"{table}\"}} {entries}");
@@ -479,6 +485,15 @@ impl Metrics {
         }
         out
     }
+}
+
+/// The process's resident set, from `/proc/self/statm` (Linux).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
 }
 
 /// The waiting rooms' figures, one series per activity.

@@ -40,6 +40,8 @@ use serde_json::json;
 
 pub use client::{ApiClient, ApiResponse};
 
+pub mod queue;
+
 use crate::{auth::claim_token::solve_pow, cli::BenchArgs};
 
 /// Latency and throughput of one phase.

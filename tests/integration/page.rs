@@ -332,3 +332,57 @@ async fn a_chinese_browser_gets_the_page_in_chinese() {
     assert_eq!(b.eval("document.documentElement.lang").await, "zh-CN");
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 }
+
+/// A queue activity in the page: the fan joins the waiting room before the
+/// start (told that joining early buys nothing), follows the place on the
+/// event stream, and the grab button unlocks with the turn; the claim uses
+/// the pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_waits_in_the_room_and_grabs_with_the_pass_in_chromium() {
+    let config = base_config()
+        + &Act::new("room")
+            .name("Arena Show")
+            .window("+8s", "+1h")
+            .with("admission = \"queue\"")
+            .with("queue_opens = \"-1m\"")
+            .ticket("room-t", "Seat", Codes::Generate(3))
+            .toml();
+    let app = TestApp::start(&config);
+    let url = app.url();
+    let (_keep, shots) = shots_dir();
+    let mut b = Browser::launch().await;
+    b.viewport(1280, 800, false).await;
+    register(&mut b, &url, "queue-fan", "#/act/room").await;
+    click(&mut b, "#join").await;
+    let note = b
+        .wait_for(
+            "document.querySelector('#queue .notice.ok')?.textContent",
+            "the joined note",
+        )
+        .await;
+    assert!(note.as_str().unwrap().contains("no advantage"), "{note}");
+    assert_eq!(
+        b.eval("document.querySelector('#grab').disabled").await,
+        true,
+        "no grab before the turn"
+    );
+    let commitment = b.eval("document.querySelector('#queue code').textContent").await;
+    assert_eq!(commitment, app.detail("room").await["queue"]["commitment"]);
+    b.screenshot(&shots.join("queue-desktop.png")).await;
+    // The start: the shuffle and the turn, on the stream; then the grab.
+    b.wait_for(
+        "document.querySelector('#queue')?.dataset.state === 'admitted'",
+        "the turn",
+    )
+    .await;
+    click(&mut b, "#grab").await;
+    let code = b
+        .wait_for(
+            "document.querySelector('#claimed-code')?.textContent",
+            "the claimed code",
+        )
+        .await;
+    assert!(!code.as_str().unwrap().is_empty());
+    assert_eq!(b.csp_violations().await, json!([]), "CSP violations");
+    assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
+}

@@ -21,6 +21,14 @@ const WORDS = {
     success: 'Got it! Your code:', seeMine: 'See my tickets', yourCodes: 'Your codes:',
     noTickets: 'You have no tickets yet.', claimedAt: 'Claimed', pow: 'Solving the anti-bot puzzle…',
     retrying: 'Busy — retrying in', seconds: 's', held: 'You hold',
+    queue: 'Waiting room', lottery: 'Lottery', joinQueue: 'Join the waiting room', enterLottery: 'Enter the draw',
+    queueOpensIn: 'The waiting room opens in', joined: 'You are in.',
+    drawNote: 'Everyone who joins before the draw gets a random place: joining early gives no advantage.',
+    position: 'Your place', ahead: 'ahead of you', eta: 'Estimated wait', yourTurn: 'Your turn! Grab before',
+    passedOver: 'Your turn came while you were away; join again to queue at the back.',
+    standby: 'Every ticket left is held for fans whose turn came; you move up if they do not claim.',
+    entriesClosed: 'The draw has been made; entries are closed.', done: 'Your turn is over.',
+    commitment: 'Draw commitment (SHA-256 of the seed)', seed: 'Revealed seed',
   },
   zh: {
     brand: '抢票', mine: '我的票', login: '登录', logout: '退出', register: '注册',
@@ -34,6 +42,14 @@ const WORDS = {
     success: '抢到了！你的券码：', seeMine: '查看我的票', yourCodes: '你的券码：',
     noTickets: '你还没有票。', claimedAt: '领取时间', pow: '正在完成防机器人验证…',
     retrying: '系统繁忙，重试倒计时', seconds: '秒', held: '你已持有',
+    queue: '排队', lottery: '抽签', joinQueue: '进入排队', enterLottery: '参加抽签',
+    queueOpensIn: '距开放排队', joined: '你已加入。',
+    drawNote: '抽签前加入的人随机排序：早加入没有优势。',
+    position: '你的位置', ahead: '人在你前面', eta: '预计等待', yourTurn: '轮到你了！请在此之前抢票：',
+    passedOver: '轮到你时你不在，可重新加入，排到队尾。',
+    standby: '剩余的票都已留给轮到的人；若他们不领，你会往前排。',
+    entriesClosed: '已开奖，报名已截止。', done: '你的轮次已结束。',
+    commitment: '抽签承诺（种子的 SHA-256）', seed: '公开的种子',
   },
 };
 
@@ -64,6 +80,10 @@ const ERRORS = {
     LOGIN_LOCKED: 'Too many failed logins; wait a while.',
     LOGIN_THROTTLED: 'Busy checking logins; retrying.', BUSY: 'Busy; retrying.',
     CROSS_SITE: 'This request came from another site and was refused.',
+    QUEUE_PASS_REQUIRED: 'Wait for your turn in the waiting room first.',
+    QUEUE_PASS_EXPIRED: 'Your turn expired; join the waiting room again.',
+    QUEUE_NOT_OPEN: 'The waiting room is not open yet.', ENTRIES_CLOSED: 'Entries are closed.',
+    QUEUE_FULL: 'The waiting room is full; retrying.',
     NETWORK: 'No connection to the sale; check your network.', OTHER: 'Something went wrong:',
   },
   zh: {
@@ -83,6 +103,8 @@ const ERRORS = {
     INVALID_FIELD: '请检查填写内容：', REGISTRATION_CLOSED: '本次活动已关闭注册。',
     LOGIN_LOCKED: '登录失败次数过多，请稍后再试。', LOGIN_THROTTLED: '正在处理登录，重试中。',
     BUSY: '系统繁忙，重试中。', CROSS_SITE: '来自其他网站的请求已被拒绝。',
+    QUEUE_PASS_REQUIRED: '请先在排队中等到你的轮次。', QUEUE_PASS_EXPIRED: '你的轮次已过期，请重新排队。',
+    QUEUE_NOT_OPEN: '排队尚未开放。', ENTRIES_CLOSED: '报名已截止。', QUEUE_FULL: '排队人数已满，正在重试。',
     NETWORK: '无法连接，请检查网络。', OTHER: '出错了：',
   },
 };
@@ -91,7 +113,7 @@ const ERRORS = {
  * UNAVAILABLE (Nginx's own 502/503/504) and OTHER (a 5xx that was not ours)
  * leave a claim's outcome unknown: it is retried with the same
  * Idempotency-Key, which returns the code if the first try took one. */
-const RETRYABLE = new Set(['RATE_LIMITED', 'IN_PROGRESS', 'STOCK_IN_FLIGHT', 'OVERLOADED', 'BACKLOG_FULL',
+const RETRYABLE = new Set(['RATE_LIMITED', 'IN_PROGRESS', 'STOCK_IN_FLIGHT', 'OVERLOADED', 'BACKLOG_FULL', 'QUEUE_FULL',
   'STORE_UNAVAILABLE', 'OUTCOME_UNKNOWN', 'LOGIN_THROTTLED', 'BUSY', 'UNAVAILABLE', 'NETWORK']);
 const retryable = (res) => RETRYABLE.has(res.error.code) || (res.error.code === 'OTHER' && res.status >= 500);
 const MAX_TRIES = 6;
@@ -108,6 +130,8 @@ let lang = localStorage.getItem('ticketd.lang')
  * for a second (and serves it stale while the nodes are down). */
 let clock = { offset: 0, rtt: Infinity, fromList: true };
 let timers = [];
+/** Open event streams, closed by each navigation. */
+let streams = [];
 /** Bumped by each navigation: a view whose fetch returns after the fan moved on draws nothing. */
 let navigation = 0;
 
@@ -136,6 +160,8 @@ const view = () => document.getElementById('view');
 function show(...nodes) {
   for (const id of timers) clearInterval(id);
   timers = [];
+  for (const s of streams) s.abort();
+  streams = [];
   view().replaceChildren(...nodes.filter((n) => n != null && n !== false));
 }
 function every(ms, fn) { fn(); timers.push(setInterval(fn, ms)); }
@@ -264,6 +290,8 @@ async function detailView(actId) {
   const progress = h('progress', { id: 'pow-progress', max: 1, value: 0, hidden: true });
   const result = h('div', { id: 'result' });
   const loggedIn = Boolean(store.token);
+  const queued = a.admission && a.admission !== 'race';
+  const queue = queued ? { admitted: false, panel: h('div', { class: 'queue', id: 'queue' }) } : null;
   button.addEventListener('click', () => grab(a, select.value, button, progress, result));
   const image = /^https:\/\//.test(a.image) ? h('div', { class: 'hero' }, h('img', { src: a.image, alt: '' })) : null;
   show(
@@ -275,6 +303,7 @@ async function detailView(actId) {
     countdown, caption,
     h('table', {}, h('thead', {}, h('tr', {}, h('th', {}, t('ticket')), h('th', { class: 'num' }, t('remaining')),
       h('th', { class: 'num' }, t('total')))), h('tbody', {}, rows)),
+    queue && loggedIn ? queue.panel : null,
     loggedIn
       ? h('div', { class: 'grab' }, a.tickets.length > 1 ? select : null, button, progress)
       : h('p', {}, h('a', { href: `#/login?next=${encodeURIComponent(location.hash)}`, id: 'login-to-grab' }, t('loginToGrab'))),
@@ -298,8 +327,86 @@ async function detailView(actId) {
       countdown.textContent = '';
       caption.textContent = '';
     }
-    if (!button.dataset.busy) button.disabled = st !== 'open';
+    if (!button.dataset.busy) button.disabled = st !== 'open' || (queue && !queue.admitted);
   });
+  if (queue && loggedIn) waitingRoom(a, queue);
+}
+
+/** The waiting room: join (again: it keeps the place), then follow the
+ * place on the event stream (an open stream keeps it), and unlock the grab
+ * button when the turn comes (its claim token is then the pass). */
+async function waitingRoom(a, queue) {
+  const mine = navigation;
+  const lottery = a.admission === 'lottery';
+  const opens = Date.parse(a.queue.opensAt);
+  const panel = queue.panel;
+  const render = (s) => {
+    queue.admitted = s.state === 'admitted';
+    panel.dataset.state = s.state;
+    const lines = [h('h2', {}, t(lottery ? 'lottery' : 'queue'))];
+    if (s.state === 'waiting' && s.position == null) lines.push(notice('ok', t('joined'), ' ', t('drawNote')));
+    if (s.state === 'waiting' && s.position != null) {
+      lines.push(h('p', { class: 'countdown', id: 'queue-position' }, `${t('position')}: ${number(s.position)}`),
+        h('p', { class: 'muted' }, `${number(s.ahead)} ${t('ahead')}`,
+          s.etaMs != null ? ` · ${t('eta')} ${countdownText(s.etaMs)}` : ''));
+      if (s.standby) lines.push(notice('', t('standby')));
+    }
+    if (s.state === 'admitted') lines.push(notice('ok', t('yourTurn'), ' ', when(Date.parse(s.passExpiresAt))));
+    if (s.state === 'passed_over') lines.push(notice('bad', t('passedOver')), joinButton());
+    if (s.state === 'sold_out') lines.push(notice('bad', errorText({ code: 'SOLD_OUT' })));
+    if (s.state === 'entries_closed') lines.push(notice('bad', t('entriesClosed')));
+    if (s.state === 'done') lines.push(notice('', t('done')));
+    lines.push(h('p', { class: 'muted small' }, `${t('commitment')}: `, h('code', {}, s.commitment)));
+    if (s.seed) lines.push(h('p', { class: 'muted small' }, `${t('seed')}: `, h('code', {}, s.seed)));
+    panel.replaceChildren(...lines);
+  };
+  const joinButton = () => {
+    const b = h('button', { type: 'button', id: 'join' }, t(lottery ? 'enterLottery' : 'joinQueue'));
+    b.addEventListener('click', async () => {
+      b.disabled = true;
+      const res = await api('POST', '/queue/join', { actId: a.actId });
+      if (res.ok) { render(res.data); follow(); } else { panel.append(notice('bad', errorText(res.error))); b.disabled = false; }
+    });
+    return b;
+  };
+  let following = false;
+  const follow = async () => {
+    if (following) return;
+    following = true;
+    while (mine === navigation) {
+      const abort = new AbortController();
+      streams.push(abort);
+      try {
+        const res = await fetch(`/queue/events?actId=${encodeURIComponent(a.actId)}`,
+          { headers: { Authorization: `Bearer ${store.token}` }, signal: abort.signal });
+        if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}`);
+        const reader = res.body.getReader();
+        const text = new TextDecoder();
+        let buffer = '';
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer += text.decode(value, { stream: true });
+          for (let end; (end = buffer.indexOf('\n\n')) >= 0; buffer = buffer.slice(end + 2)) {
+            const data = buffer.slice(0, end).split('\n').filter((l) => l.startsWith('data: ')).map((l) => l.slice(6)).join('');
+            if (data) render(JSON.parse(data));
+          }
+        }
+      } catch { /* reconnect below */ }
+      if (mine !== navigation || ['sold_out', 'entries_closed'].includes(panel.dataset.state)) return;
+      await sleep(2000);
+    }
+  };
+  const first = await api('GET', `/queue/status?actId=${encodeURIComponent(a.actId)}`);
+  if (mine !== navigation) return;
+  if (!first.ok) return panel.replaceChildren(notice('bad', errorText(first.error)));
+  if (first.data.state !== 'not_joined') { render(first.data); return follow(); }
+  if (serverNow() < opens) {
+    panel.replaceChildren(h('p', { class: 'muted' }, `${t('queueOpensIn')} ${countdownText(opens - serverNow())}`));
+    await sleep(Math.max(0, opens - serverNow()) + 200);
+    if (mine !== navigation) return;
+  }
+  panel.replaceChildren(h('h2', {}, t(lottery ? 'lottery' : 'queue')), h('p', { class: 'muted' }, t('drawNote')), joinButton());
 }
 
 function codesList(codes) {
