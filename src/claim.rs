@@ -10,7 +10,9 @@
 //!    once if no code can come back, or 503 STOCK_IN_FLIGHT while one still
 //!    may (see [`Claimer::no_code`]); with leases (a cluster) a claim first
 //!    waits briefly for the lease worker while a master list has codes;
-//! 2. the claim token and proof of work (403);
+//! 2. the claim token and proof of work (403) — for an activity with a
+//!    waiting room, its pass (403 QUEUE_PASS_REQUIRED / QUEUE_PASS_EXPIRED),
+//!    whatever `require_claim_token` says;
 //! 3. in-flight budgets, global and per activity (503, so a burst cannot
 //!    queue without bound);
 //! 4. the user's slot in the activity's [`Ledger`]: an idempotency key that
@@ -503,17 +505,12 @@ impl Claimer {
 
 /// The proof of work over `token`, for activities that ask for one.
 fn check_pow(activity: &Activity, token: &str, nonce: Option<&str>) -> Result<(), Rejection> {
-    {
-        if activity.pow_difficulty > 0 {
-            let solved = nonce.is_some_and(|n| pow_ok(token, n, activity.pow_difficulty));
-            if !solved {
-                return Err(Rejection::ProofOfWork {
-                    difficulty: activity.pow_difficulty,
-                });
-            }
-        }
-        Ok(())
+    if activity.pow_difficulty > 0 && !nonce.is_some_and(|n| pow_ok(token, n, activity.pow_difficulty)) {
+        return Err(Rejection::ProofOfWork {
+            difficulty: activity.pow_difficulty,
+        });
     }
+    Ok(())
 }
 
 fn check_window(activity: &Activity, now: i64) -> Result<(), Rejection> {

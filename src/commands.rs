@@ -392,7 +392,11 @@ fn export_draw(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
                 path.display()
             );
         }
-        None => io::stdout().write_all(&json)?,
+        None => {
+            let mut out = io::stdout().lock();
+            out.write_all(&json)?;
+            out.write_all(b"\n")?;
+        }
     }
     Ok(())
 }

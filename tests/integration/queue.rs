@@ -930,6 +930,19 @@ async fn three_nodes_share_one_room_and_a_killed_node_loses_no_place_or_pass() {
     cluster.nodes[0].assert_verified();
 }
 
+/// A claim with a pass, retried as a client does while the node answers
+/// 503 (in a cluster a node may be fetching its lease of codes); 20 s at most.
+async fn claim_retrying(client: &ApiClient, token: &str, act: &str, pass: Option<&str>) -> ApiResponse {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let res = claim_with(client, token, act, pass).await;
+        if res.status != 503 || tokio::time::Instant::now() >= deadline {
+            return res;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn claim_with_result(client: &ApiClient, token: &str, act: &str, pass: &str) -> anyhow::Result<ApiResponse> {
     let res = client
         .post("/ticket/get", Some(token), &json!({ "actId": act, "claimToken": pass }))
@@ -979,4 +992,116 @@ async fn the_queue_bench_drives_fans_through_the_room_and_weighs_their_streams()
         .expect("the node's memory was read");
     assert!(per_user > 0, "{report}");
     assert_eq!(app.detail("qb").await["claimed"], 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lottery_across_three_nodes_skips_the_gone_and_passes_lapsed_turns_on() {
+    use crate::cluster::Cluster;
+    use ticketd::clock::{now_ms, rfc3339_ms};
+    let act = Act::new("cl")
+        .window(&rfc3339_ms(now_ms() + 14_000), &rfc3339_ms(now_ms() + 3_600_000))
+        .with("admission = \"lottery\"")
+        .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 60_000)))
+        .with(&format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 12_000)))
+        .with("pass_ttl = \"5s\"")
+        .with("grace = \"3s\"")
+        .ticket("cl-t", "Ticket", Codes::Generate(2))
+        .toml();
+    let cluster = Cluster::start(3, &act, "");
+    let tokens = cluster.nodes[0].users("x", 7).await;
+    let outsider = tokens[6].clone();
+    let clients = cluster.clients();
+    for (i, t) in tokens[..6].iter().enumerate() {
+        assert_eq!(join(&clients[i % 3], t, "cl").await.status, 200);
+    }
+    // Everybody checks in (through another node) until the draw gives places.
+    let drawn = futures::future::join_all(tokens[..6].iter().enumerate().map(|(i, t)| {
+        let client = clients[(i + 1) % 3].clone();
+        async move {
+            loop {
+                let s = status(&client, t, "cl").await;
+                if let Some(p) = s["position"].as_u64() {
+                    return (p, i);
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }))
+    .await;
+    let mut drawn = drawn;
+    drawn.sort();
+    assert_eq!(drawn.iter().map(|d| d.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
+    let fan = |place: usize| (&tokens[drawn[place].1], clients[(drawn[place].1 + 2) % 3].clone());
+    assert_error(&join(&clients[2], &outsider, "cl").await, 409, "ENTRIES_CLOSED");
+
+    // The first winner claims; the second lets the pass lapse; the third
+    // has gone (checks in no more); the fourth, fifth and sixth stay.
+    let stay = |place: usize| {
+        let (t, c) = fan(place);
+        let t = t.clone();
+        async move { wait_turn(&c, &t, "cl").await }
+    };
+    let (first, second) = (stay(0).await, stay(1).await);
+    assert_eq!(
+        (first["state"].as_str(), second["state"].as_str()),
+        (Some("admitted"), Some("admitted"))
+    );
+    let (t0, c0) = fan(0);
+    assert_eq!(claim_retrying(&c0, t0, "cl", first["pass"].as_str()).await.status, 200);
+    // The fifth and sixth keep checking in meanwhile.
+    let keep_present: Vec<_> = (4..6)
+        .map(|place| {
+            let (t, c) = fan(place);
+            let t = t.clone();
+            tokio::spawn(async move { wait_turn(&c, &t, "cl").await })
+        })
+        .collect();
+    let fourth = &stay(3).await;
+    assert_eq!(
+        fourth["state"], "admitted",
+        "the lapsed turn went on, past the gone fan: {fourth}"
+    );
+    // The lapsed pass claims nothing (a node with no code at hand says
+    // STOCK_IN_FLIGHT before it looks at passes; one with a code, expired).
+    let (t1, c1) = fan(1);
+    let lapsed = claim_with(&c1, t1, "cl", second["pass"].as_str()).await;
+    assert!(
+        matches!(lapsed.error_code(), Some("QUEUE_PASS_EXPIRED" | "STOCK_IN_FLIGHT")),
+        "{}",
+        lapsed.body
+    );
+    let (t3, c3) = fan(3);
+    assert_eq!(claim_retrying(&c3, t3, "cl", fourth["pass"].as_str()).await.status, 200);
+    let res = c1.get("/ticket/list", Some(t1)).await.unwrap();
+    assert_eq!(res.data()["claims"], json!([]), "the lapsed winner holds nothing");
+    for waited in keep_present {
+        assert_eq!(waited.await.unwrap()["state"], "sold_out");
+    }
+    let (t2, c2) = fan(2);
+    eventually(&c2, t2, "cl", "sold_out").await;
+    let mut r = cluster.services.redis().await;
+    let log: Vec<String> = redis::cmd("LRANGE")
+        .arg("q:{cl}:log")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let kinds: Vec<String> = log
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["k"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let count = |k: &str| kinds.iter().filter(|x| *x == k).count();
+    assert_eq!(
+        (count("shuffle"), count("admit"), count("skip"), count("close")),
+        (1, 3, 1, 1),
+        "{kinds:?}"
+    );
+    assert_eq!(cluster.drained("cl").await.len(), 2);
+    cluster.nodes[0].assert_verified();
 }

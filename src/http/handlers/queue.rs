@@ -234,33 +234,56 @@ pub struct EventStream {
     rooms: Arc<Rooms>,
     user: u64,
     look: tokio::time::Interval,
-    last: Option<QueueStatus>,
+    /// What the last update said, in brief (a fan's stream holds little).
+    last: Option<Brief>,
     last_sent: Instant,
     ended: bool,
+}
+
+/// What decides whether an update is worth sending.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Brief {
+    state: PlaceState,
+    position: Option<u64>,
+    waiting: u64,
+    admitted: u64,
+    standby: bool,
+}
+
+impl Brief {
+    fn of(s: &QueueStatus) -> Brief {
+        Brief {
+            state: s.state,
+            position: s.position,
+            waiting: s.waiting,
+            admitted: s.admitted,
+            standby: s.standby,
+        }
+    }
 }
 
 impl EventStream {
     /// The next frame to send after looking at the place now, if any.
     fn look(&mut self) -> Option<Bytes> {
         let status = self.room.status(self.user, now_ms(), true);
+        let brief = Brief::of(&status);
         let since = self.last_sent.elapsed();
-        let changed = |l: &QueueStatus| {
-            (l.position, l.waiting, l.admitted, l.standby)
-                != (status.position, status.waiting, status.admitted, status.standby)
-        };
-        let send = match &self.last {
+        let send = match self.last {
             None => true,
-            Some(l) if l.state != status.state => true,
-            Some(l) => since >= STREAM_UPDATE_EVERY && changed(l),
+            Some(l) if l.state != brief.state => true,
+            Some(l) => since >= STREAM_UPDATE_EVERY && l != brief,
         };
         if matches!(status.state, PlaceState::SoldOut | PlaceState::EntriesClosed) {
             self.ended = true;
         }
         if send {
-            let json = serde_json::to_string(&status).unwrap_or_default();
-            self.last = Some(status);
+            let mut frame = Vec::with_capacity(768);
+            frame.extend_from_slice(b"event: status\ndata: ");
+            serde_json::to_writer(&mut frame, &status).ok()?;
+            frame.extend_from_slice(b"\n\n");
+            self.last = Some(brief);
             self.last_sent = Instant::now();
-            return Some(Bytes::from(format!("event: status\ndata: {json}\n\n")));
+            return Some(Bytes::from(frame));
         }
         (since >= STREAM_HEARTBEAT).then(|| {
             self.last_sent = Instant::now();
