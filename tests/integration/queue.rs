@@ -122,7 +122,7 @@ fn room_log(app: &TestApp, act: &str) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_draw_ignores_join_order_and_anyone_can_check_it() {
     const N: usize = 2000;
-    let app = TestApp::start(&(base_config() + &queue("fair", 100, "+20s", &["grace = \"10m\""])));
+    let app = TestApp::start(&(base_config() + &queue("fair", 100, "+14s", &["grace = \"10m\""])));
     let tokens = app.users("f", N).await;
     let detail = app.detail("fair").await;
     assert_eq!(detail["admission"], "queue");
@@ -786,7 +786,7 @@ async fn three_nodes_share_one_room_and_a_killed_node_loses_no_place_or_pass() {
     use ticketd::clock::{now_ms, rfc3339_ms};
     const USERS: usize = 900;
     const CODES: usize = 300;
-    let start = rfc3339_ms(now_ms() + 25_000);
+    let start = rfc3339_ms(now_ms() + 12_000);
     let act = Act::new("cq")
         .window(&start, &rfc3339_ms(now_ms() + 3_600_000))
         .with("admission = \"queue\"")
@@ -999,10 +999,10 @@ async fn a_lottery_across_three_nodes_skips_the_gone_and_passes_lapsed_turns_on(
     use crate::cluster::Cluster;
     use ticketd::clock::{now_ms, rfc3339_ms};
     let act = Act::new("cl")
-        .window(&rfc3339_ms(now_ms() + 14_000), &rfc3339_ms(now_ms() + 3_600_000))
+        .window(&rfc3339_ms(now_ms() + 11_000), &rfc3339_ms(now_ms() + 3_600_000))
         .with("admission = \"lottery\"")
         .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 60_000)))
-        .with(&format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 12_000)))
+        .with(&format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 9_000)))
         .with("pass_ttl = \"5s\"")
         .with("grace = \"3s\"")
         .ticket("cl-t", "Ticket", Codes::Generate(2))
