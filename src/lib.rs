@@ -39,8 +39,8 @@
 //! - [`signals`] — SIGHUP → reload, SIGTERM/SIGINT → the one shutdown watch;
 //! - [`app`] — start-up steps, the node's workers, serving, the shutdown order;
 //! - [`cli`] — clap definitions of every subcommand;
-//! - [`bench`](mod@bench) — the rush simulator behind `ticketd bench`, and its HTTP client;
-//! - [`commands`] — what each subcommand does (serve, import, user, export, report, check-config).
+//! - [`bench`](mod@bench) — the rush simulator behind `ticketd bench` (and `--queue`, fans through a waiting room), and its HTTP client;
+//! - [`commands`] — what each subcommand does (serve, import, user, export, report, verify, verify-draw, check-config).
 
 #![warn(missing_docs)]
 

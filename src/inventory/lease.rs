@@ -83,6 +83,8 @@ struct Rate {
     /// When the pool last lost a code.
     last_take: Instant,
     last_batch: usize,
+    /// Leased at least once since start (or since a resync): before that
+    /// the node leases without waiting for demand, to be ready.
     leased_once: bool,
 }
 
@@ -451,10 +453,12 @@ async fn give_back_idle(leasing: &Leasing) -> Result<(), StoreError> {
             }
         };
         {
-            // The pool shrank by giving back, not by selling.
+            // The pool shrank by giving back, not by selling. It leases
+            // again only for buyers of its own (`hungry`) or a rate: leasing
+            // at once would take the codes straight back from the buyers
+            // waiting at other nodes, for ever.
             let mut r = t.rate.lock();
             r.taken = t.pool.known() - t.pool.remaining();
-            r.leased_once = false;
         }
         t.upstream.fetch_add(returned, Ordering::Relaxed);
         if returned > 0 {

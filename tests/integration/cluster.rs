@@ -46,6 +46,19 @@ pub struct Cluster {
     pub nodes: Vec<TestApp>,
 }
 
+impl Drop for Cluster {
+    /// A failed cluster test shows what each node logged last.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for (i, node) in self.nodes.iter().enumerate() {
+                let logs = node.logs.lock().map(|l| l.clone()).unwrap_or_default();
+                let tail = &logs[logs.len().saturating_sub(40)..];
+                eprintln!("--- node{i}, last {} log lines ---\n{}", tail.len(), tail.join("\n"));
+            }
+        }
+    }
+}
+
 impl Cluster {
     pub fn start(n: usize, activity: &str, extra: &str) -> Cluster {
         Cluster::start_configured(n, activity, extra, |c| c)
@@ -1055,4 +1068,33 @@ async fn verify_names_every_broken_invariant_of_the_shared_stock() {
             "verify did not report {problem:?}:\n{stdout}"
         );
     }
+}
+
+/// The last code, leased by a node nobody buys at, reaches a buyer at the
+/// other node: the holder gives it back when idle and does not lease it
+/// again without buyers of its own. (Before, it leased it back at once,
+/// ahead of the other node, and the buyer heard STOCK_IN_FLIGHT for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_node_gives_the_last_code_to_a_buyer_at_another_node() {
+    let cluster = Cluster::start(2, &cluster_activity("ping", 1, 1), "[cluster]\nlease_ttl = \"2s\"\n");
+    let lease_of = |n: usize| format!("tk:{{ping}}:lease:ping-t:node{n}");
+    // One node leased the only code at start; find it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let holder = loop {
+        if scard(&cluster, &lease_of(0)).await == 1 {
+            break 0;
+        }
+        if scard(&cluster, &lease_of(1)).await == 1 {
+            break 1;
+        }
+        assert!(Instant::now() < deadline, "no node leased the code");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let buyer_node = 1 - holder;
+    let token = cluster.nodes[buyer_node].users("ping", 1).await.remove(0);
+    let body = crate::common::claim_body(&cluster.nodes[buyer_node].client, &token, "ping").await;
+    let log = AnswerLog::default();
+    let (answer, earlier) = claim_settled(&cluster.nodes[buyer_node].client, &token, &body, &log).await;
+    let answer = answer.unwrap();
+    assert_eq!(answer.status, 200, "{} after {earlier:?}", answer.body);
 }
