@@ -464,10 +464,10 @@ async fn wait_turn_or_standby(client: &ApiClient, token: &str, act: &str) -> Val
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lottery_draws_once_and_its_waiting_list_replaces_lapsed_winners() {
     let act = Act::new("lot")
-        .window("+8s", "+1h")
+        .window("+6s", "+1h")
         .with("admission = \"lottery\"")
         .with("queue_opens = \"-1m\"")
-        .with("draw_time = \"+6s\"")
+        .with("draw_time = \"+5s\"")
         .with("pass_ttl = \"5s\"")
         .with("grace = \"1m\"")
         .ticket("lot-t", "Ticket", Codes::Generate(2))
