@@ -425,15 +425,17 @@ async fn admit_shared(
     source: &RoomSource,
 ) -> Result<(), String> {
     let id = &a.id;
-    source.sync(room).await.map_err(|e| e.to_string())?;
     source
         .flush_seen(id, room.take_seen())
         .await
         .map_err(|e| e.to_string())?;
+    // The lease first, then the replica: a plan is made from a replica at
+    // least as new as every append of the lease's previous holder.
     let admitter = source
         .admitter_lease(id, ADMITTER_LEASE_MS)
         .await
         .map_err(|e| e.to_string())?;
+    source.sync(room).await.map_err(|e| e.to_string())?;
     let (next, holders) = room.next_and_holders(if admitter { ADMIT_LOOKAHEAD } else { 0 });
     let (seen, claimed) = source
         .seen_and_claimed(id, next.clone(), holders.clone())
@@ -454,6 +456,7 @@ async fn admit_shared(
         settled: !state.inventory.unsold_elsewhere(a.tickets.iter().map(|t| &*t.id))
             && a.tickets.iter().all(|t| t.pool.drained()),
     };
+    let cursor = room.cursor();
     let events = room.plan_shared(
         now_ms(),
         stock,
@@ -462,7 +465,7 @@ async fn admit_shared(
         if admitter { ADMIT_LOOKAHEAD } else { 0 },
     );
     if admitter && !events.is_empty() {
-        source.append(id, &events).await.map_err(|e| e.to_string())?;
+        source.append(id, cursor, &events).await.map_err(|e| e.to_string())?;
         source.sync(room).await.map_err(|e| e.to_string())?;
     }
     Ok(())

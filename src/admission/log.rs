@@ -66,15 +66,44 @@ pub enum Event {
 
 /// The append side of a room's log.
 pub struct RoomLog {
+    inner: Arc<Inner>,
+    /// One flush at a time. Its guard is moved into the flush itself, so a
+    /// waiter that goes away (a client hanging up) never lets a second flush
+    /// overtake one still writing: the log's order is the room's.
+    writing: Arc<tokio::sync::Mutex<()>>,
+}
+
+struct Inner {
     path: PathBuf,
-    file: Arc<File>,
+    file: File,
     /// Lines appended in memory and not yet written, and the sequence number of the last.
     pending: Mutex<(Vec<u8>, u64)>,
     /// The sequence number of the last line written and fsynced.
     synced: AtomicU64,
-    /// One writer at a time; the others wait and usually find their line written.
-    writing: tokio::sync::Mutex<()>,
     failed: AtomicBool,
+}
+
+impl Inner {
+    /// Writes and fsyncs everything pending. After a failure nothing more is
+    /// written (a half-written batch would leave file and memory apart); a
+    /// restart replays the file.
+    fn flush(&self) {
+        if self.failed.load(Ordering::Acquire) {
+            return;
+        }
+        let (bytes, upto) = {
+            let mut pending = self.pending.lock();
+            (std::mem::take(&mut pending.0), pending.1)
+        };
+        let written = (&self.file).write_all(&bytes).and_then(|()| self.file.sync_data());
+        match written {
+            Ok(()) => self.synced.store(upto, Ordering::Release),
+            Err(e) => {
+                self.failed.store(true, Ordering::Release);
+                tracing::error!(error = %e, path = %self.path.display(), "Cannot write a waiting room's log.");
+            }
+        }
+    }
 }
 
 impl RoomLog {
@@ -87,80 +116,71 @@ impl RoomLog {
             file.sync_data()?;
         }
         Ok(RoomLog {
-            path: path.to_owned(),
-            file: Arc::new(file),
-            pending: Mutex::new((Vec::new(), 0)),
-            synced: AtomicU64::new(0),
-            writing: tokio::sync::Mutex::new(()),
-            failed: AtomicBool::new(false),
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                file,
+                pending: Mutex::new((Vec::new(), 0)),
+                synced: AtomicU64::new(0),
+                failed: AtomicBool::new(false),
+            }),
+            writing: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
     /// Where it is.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
+    }
+
+    /// Whether a write failed: the room then changes nothing until a restart.
+    pub fn failed(&self) -> bool {
+        self.inner.failed.load(Ordering::Acquire)
     }
 
     /// Appends `event` in memory; returns its sequence number for
     /// [`RoomLog::sync`]. Call it under the room's lock, so that the log's
     /// order is the room's.
     pub fn append(&self, event: &Event) -> u64 {
-        let mut pending = self.pending.lock();
+        let mut pending = self.inner.pending.lock();
         serde_json::to_writer(&mut pending.0, event).expect("events serialise");
         pending.0.push(b'\n');
         pending.1 += 1;
         pending.1
     }
 
-    /// Returns once every line up to `seq` is on disk.
+    /// Returns once every line up to `seq` is on disk (group commit: one
+    /// write and one fsync for everything appended meanwhile).
     pub async fn sync(&self, seq: u64) -> io::Result<()> {
+        let inner = &self.inner;
         loop {
-            if self.failed.load(Ordering::Acquire) {
+            if inner.failed.load(Ordering::Acquire) {
                 return Err(io::Error::other(
                     "the room's log could not be written; restart the node",
                 ));
             }
-            if self.synced.load(Ordering::Acquire) >= seq {
+            if inner.synced.load(Ordering::Acquire) >= seq {
                 return Ok(());
             }
-            let _turn = self.writing.lock().await;
-            if self.synced.load(Ordering::Acquire) >= seq {
-                return Ok(());
+            let turn = self.writing.clone().lock_owned().await;
+            if inner.synced.load(Ordering::Acquire) >= seq {
+                continue;
             }
-            let (bytes, upto) = {
-                let mut pending = self.pending.lock();
-                (std::mem::take(&mut pending.0), pending.1)
-            };
-            let file = self.file.clone();
-            let written = tokio::task::spawn_blocking(move || -> io::Result<()> {
-                (&*file).write_all(&bytes)?;
-                file.sync_data()
+            let flushing = inner.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let _turn = turn;
+                flushing.flush();
             })
-            .await
-            .map_err(io::Error::other)
-            .and_then(|r| r);
-            if let Err(e) = written {
-                // A half-written batch would leave the file and memory apart;
-                // the room stops acknowledging until a restart replays the file.
-                self.failed.store(true, Ordering::Release);
-                tracing::error!(error = %e, path = %self.path.display(), "Cannot write a waiting room's log.");
-                return Err(e);
-            }
-            self.synced.store(upto, Ordering::Release);
+            .await;
         }
     }
 
     /// [`RoomLog::sync`] from a thread outside the runtime (start-up).
     pub fn sync_now(&self) -> io::Result<()> {
-        let bytes = {
-            let mut pending = self.pending.lock();
-            let upto = pending.1;
-            let bytes = std::mem::take(&mut pending.0);
-            self.synced.store(upto, Ordering::Release);
-            bytes
-        };
-        (&*self.file).write_all(&bytes)?;
-        self.file.sync_data()
+        self.inner.flush();
+        if self.failed() {
+            return Err(io::Error::other("the room's log could not be written"));
+        }
+        Ok(())
     }
 }
 

@@ -311,7 +311,7 @@ impl Room {
     /// A room rebuilt from a shared log's `events` (a tool reading a cluster's room).
     pub fn from_shared_log(activity: Arc<str>, seed: Seed, events: &[Event]) -> Room {
         let room = Room::shared(activity, settings_placeholder(), seed);
-        room.apply_shared(0, events, 0);
+        room.apply_shared(0, events);
         room
     }
 
@@ -369,7 +369,7 @@ impl Room {
         } else if lottery_closed {
             return Err(JoinError::EntriesClosed);
         }
-        if st.order.len() - st.cursor >= st.settings.capacity || st.order.len() >= u32::MAX as usize {
+        if st.order.len().saturating_sub(st.cursor) >= st.settings.capacity || st.order.len() >= u32::MAX as usize {
             return Err(JoinError::Full);
         }
         let Some(log) = &self.log else {
@@ -413,7 +413,7 @@ impl Room {
     pub fn summary(&self) -> RoomSummary {
         let st = self.state.lock();
         let mut s = st.summary.clone();
-        s.waiting = (st.order.len() - st.cursor) as u64;
+        s.waiting = (st.order.len().saturating_sub(st.cursor)) as u64;
         s.shuffled = st.shuffled_ms.is_some();
         s.closed = st.closed_ms.is_some();
         s.admit_rate = st.measured_rate(st.last_tick_ms).unwrap_or(0.0);
@@ -427,6 +427,10 @@ impl Room {
     /// [`Room::persist`], or 0 when nothing changed.
     pub fn tick(&self, now: i64, stock: StockView, claimed: &dyn Fn(u64) -> u32) -> u64 {
         let Some(log) = &self.log else { return 0 };
+        if log.failed() {
+            // Nothing more is admitted that the log could not keep.
+            return 0;
+        }
         let mut st = self.state.lock();
         let mut last = 0;
         for event in st.plan(now, stock, claimed, &|_| None, MAX_STEPS_PER_TICK) {
@@ -443,6 +447,12 @@ impl Room {
         self.log.is_none()
     }
 
+    /// Places reached so far (admitted or skipped): where the next
+    /// admission step starts.
+    pub fn cursor(&self) -> usize {
+        self.state.lock().cursor
+    }
+
     /// Shared rooms: how many entries of the shared log are applied.
     pub fn applied(&self) -> u64 {
         self.state.lock().applied
@@ -450,9 +460,8 @@ impl Room {
 
     /// Shared rooms: applies `events`, the shared log's entries from
     /// `from` on — those past where the replica stands, so a late answer
-    /// never applies anything twice. A fresh replica gives every place its
-    /// grace again from now.
-    pub fn apply_shared(&self, from: u64, events: &[Event], now: i64) {
+    /// never applies anything twice.
+    pub fn apply_shared(&self, from: u64, events: &[Event]) {
         let mut st = self.state.lock();
         // Two readers may race (the admitter and a join): apply only what
         // this replica has not, and nothing past a gap.
@@ -464,9 +473,6 @@ impl Room {
             st.replay(&self.seed, event);
         }
         st.applied += new.len() as u64;
-        if from == 0 {
-            st.places.values_mut().for_each(|p| p.seen_ms = p.seen_ms.max(now));
-        }
     }
 
     /// Shared rooms: the admitter's next events (see [`Room::tick`]), not
@@ -485,9 +491,10 @@ impl Room {
     /// Shared rooms: the places the admitter reaches next, and the pass holders.
     pub fn next_and_holders(&self, n: usize) -> (Vec<u64>, Vec<u64>) {
         let st = self.state.lock();
+        let start = st.cursor.min(st.order.len());
         let end = st.order.len().min(st.cursor.saturating_add(n));
         (
-            st.order[st.cursor..end].to_vec(),
+            st.order[start..end.max(start)].to_vec(),
             st.active.iter().map(|&(u, _)| u).collect(),
         )
     }
@@ -614,7 +621,24 @@ impl RoomState {
         self.shuffled_ms = Some(now);
     }
 
+    /// Whether `user` holds the next place: an Admit or Skip that does not
+    /// (a damaged log) is ignored rather than moving the cursor off the order.
+    fn is_next(&self, user: u64) -> bool {
+        let next = self.order.get(self.cursor) == Some(&user);
+        if !next {
+            tracing::warn!(
+                user,
+                cursor = self.cursor,
+                "A waiting room's log names someone not next in line; entry ignored."
+            );
+        }
+        next
+    }
+
     fn apply_admit(&mut self, user: u64, now: i64, expires: i64) {
+        if !self.is_next(user) {
+            return;
+        }
         self.cursor += 1;
         self.summary.admitted += 1;
         self.active.push_back((user, expires));
@@ -630,6 +654,9 @@ impl RoomState {
     }
 
     fn apply_skip(&mut self, user: u64) {
+        if !self.is_next(user) {
+            return;
+        }
         self.cursor += 1;
         self.summary.abandoned += 1;
         if let Some(p) = self.places.get_mut(&user) {
@@ -785,7 +812,7 @@ impl RoomState {
             state,
             position: ahead.map(|a| a + 1),
             ahead,
-            waiting: (self.order.len() - self.cursor) as u64,
+            waiting: (self.order.len().saturating_sub(self.cursor)) as u64,
             admitted: self.summary.admitted,
             eta_ms,
             standby,
@@ -797,5 +824,84 @@ impl RoomState {
             commitment: commitment.to_owned(),
             seed: self.shuffled_ms.map(|_| seed.to_hex()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> RoomSettings {
+        RoomSettings {
+            mode: AdmissionMode::Queue,
+            opens_ms: 0,
+            shuffle_ms: 10,
+            start_ms: 10,
+            end_ms: i64::MAX,
+            admit_rate: 100.0,
+            pass_ttl_ms: 60_000,
+            grace_ms: 60_000,
+            capacity: 10,
+            per_user_limit: 1,
+        }
+    }
+
+    #[test]
+    fn a_log_naming_someone_not_next_moves_nothing_and_never_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = Seed::generate();
+        let mut text = serde_json::to_string(&Event::Seed { seed: seed.to_hex() }).unwrap() + "\n";
+        let mut line = |e: Event| {
+            text.push_str(&serde_json::to_string(&e).unwrap());
+            text.push('\n');
+        };
+        line(Event::Join { u: 1, t: 1 });
+        line(Event::Join { u: 2, t: 2 });
+        line(Event::Shuffle { t: 10 });
+        let order = draw::shuffle(&seed, &[1, 2]);
+        line(Event::Admit {
+            u: order[0],
+            t: 11,
+            x: 99,
+        });
+        // Damaged: the same fan twice, a stranger, more steps than places.
+        line(Event::Admit {
+            u: order[0],
+            t: 11,
+            x: 99,
+        });
+        line(Event::Skip { u: 7, t: 12 });
+        line(Event::Admit {
+            u: order[1],
+            t: 13,
+            x: 99,
+        });
+        line(Event::Admit { u: 8, t: 14, x: 99 });
+        std::fs::write(dir.path().join("a.log"), &text).unwrap();
+        let room = Room::open(dir.path(), "a".into(), settings()).unwrap();
+        assert_eq!(room.cursor(), 2, "only the steps that name the next place count");
+        let summary = room.summary();
+        assert_eq!((summary.admitted, summary.waiting), (2, 0));
+        assert_eq!(room.next_and_holders(5).0, Vec::<u64>::new());
+        assert_eq!(room.status(order[1], 20, false).state, PlaceState::Admitted);
+        assert_eq!(room.join(9, 20), Ok(1), "the room still takes places");
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_off_and_the_room_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = Seed::generate();
+        let text = serde_json::to_string(&Event::Seed { seed: seed.to_hex() }).unwrap()
+            + "\n"
+            + &serde_json::to_string(&Event::Join { u: 1, t: 1 }).unwrap()
+            + "\n{\"k\":\"join\",\"u\":2";
+        std::fs::write(dir.path().join("a.log"), &text).unwrap();
+        let room = Room::open(dir.path(), "a".into(), settings()).unwrap();
+        assert_eq!(room.summary().joined, 1);
+        let seq = room.join(3, 5).unwrap();
+        room.log.as_ref().unwrap().sync_now().unwrap();
+        assert!(seq > 0);
+        let (events, _) = log::read(&dir.path().join("a.log")).unwrap().unwrap();
+        assert_eq!(events.len(), 3, "seed, the whole join, the new join: {events:?}");
     }
 }

@@ -201,7 +201,8 @@ pub async fn status(state: &AppState, req: &Request<Incoming>, ip: IpAddr) -> Re
 /// Server-sent events of the caller's place: `event: status` with the
 /// same JSON as `/queue/status` (without the pass: fetch it from
 /// `/queue/status` once admitted), when it changes, a second apart at most;
-/// the stream ends when the room closes or the node shuts down.
+/// the stream ends when there is nothing to wait for (not joined, done,
+/// sold out, entries closed) or the node shuts down.
 pub fn events(state: &AppState, req: &Request<Incoming>, ip: IpAddr) -> Result<Response<EventStream>, ApiError> {
     let user = caller(state, req.headers(), ip)?;
     let query = Query::parse(req.uri().query());
@@ -273,7 +274,13 @@ impl EventStream {
             Some(l) if l.state != brief.state => true,
             Some(l) => since >= STREAM_UPDATE_EVERY && l != brief,
         };
-        if matches!(status.state, PlaceState::SoldOut | PlaceState::EntriesClosed) {
+        // A stream is for someone in line or holding a pass: it ends (after
+        // saying why) once there is nothing more to wait for — so a
+        // connection is held only while it serves a place.
+        if matches!(
+            status.state,
+            PlaceState::SoldOut | PlaceState::EntriesClosed | PlaceState::NotJoined | PlaceState::Done
+        ) {
             self.ended = true;
         }
         if send {

@@ -393,7 +393,7 @@ async function waitingRoom(a, queue) {
           }
         }
       } catch { /* reconnect below */ }
-      if (mine !== navigation || ['sold_out', 'entries_closed'].includes(panel.dataset.state)) return;
+      if (mine !== navigation || ['sold_out', 'entries_closed', 'done'].includes(panel.dataset.state)) return;
       await sleep(2000);
     }
   };

@@ -10,6 +10,7 @@
 //! q:{A}:closed     str   set when the close event is in the log
 //! q:{A}:seen       hash  user id -> last check-in (Unix ms), flushed by every node
 //! q:{A}:admitter   str   the node instance that may append admissions (a lease)
+//! q:{A}:cursor     int   places reached (admissions and skips in the log)
 //! ```
 //!
 //! A join is one script: a place per account, the capacity, entries closed
@@ -64,20 +65,24 @@ static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if tonumber(redis.call('GET', KEYS[7]) or '0') ~= tonumber(ARGV[2]) then return -2 end
 local n = 0
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   local kind, user, json = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local keep = true
   if kind == 'admit' then
-    redis.call('HSET', KEYS[3], user, 'a'); redis.call('DECR', KEYS[4])
+    redis.call('HSET', KEYS[3], user, 'a'); redis.call('DECR', KEYS[4]); redis.call('INCR', KEYS[7])
   elseif kind == 'skip' then
-    redis.call('HSET', KEYS[3], user, 'p'); redis.call('DECR', KEYS[4])
+    redis.call('HSET', KEYS[3], user, 'p'); redis.call('DECR', KEYS[4]); redis.call('INCR', KEYS[7])
   elseif kind == 'shuffle' then
-    redis.call('SET', KEYS[5], '1')
+    keep = redis.call('SET', KEYS[5], '1', 'NX') ~= false
   elseif kind == 'close' then
-    redis.call('SET', KEYS[6], '1')
+    keep = redis.call('SET', KEYS[6], '1', 'NX') ~= false
   end
-  redis.call('RPUSH', KEYS[2], json)
-  n = n + 1
+  if keep then
+    redis.call('RPUSH', KEYS[2], json)
+    n = n + 1
+  end
 end
 return n
 ",
@@ -213,7 +218,7 @@ impl RoomSource {
     pub async fn sync(&self, room: &Room) -> Result<(), StoreError> {
         let from = room.applied();
         let events = self.events(&room.activity, from).await?;
-        room.apply_shared(from, &events, crate::clock::now_ms());
+        room.apply_shared(from, &events);
         Ok(())
     }
 
@@ -246,11 +251,15 @@ impl RoomSource {
         .await?)
     }
 
-    /// Appends the admitter's `events`, if this node still holds the lease;
-    /// returns whether it did.
-    pub async fn append(&self, activity: &str, events: &[Event]) -> Result<bool, StoreError> {
+    /// Appends the admitter's `events`, planned from `cursor` places
+    /// reached, if this node still holds the lease and the log still has
+    /// that many (an admitter that planned from a stale replica — one that
+    /// took the lease from a node killed mid-step — appends nothing, and
+    /// plans again once caught up). The shuffle and the close are appended
+    /// once however often they are sent. Returns whether it appended.
+    pub async fn append(&self, activity: &str, cursor: usize, events: &[Event]) -> Result<bool, StoreError> {
         let shared = self.shared.clone();
-        let keys = ["admitter", "log", "places", "waiting", "shuffled", "closed"].map(|k| key(activity, k));
+        let keys = ["admitter", "log", "places", "waiting", "shuffled", "closed", "cursor"].map(|k| key(activity, k));
         let mut args: Vec<String> = Vec::with_capacity(events.len() * 3);
         for e in events {
             let (kind, user) = match e {
@@ -270,7 +279,7 @@ impl RoomSource {
             for k in &keys {
                 invocation.key(k);
             }
-            invocation.arg(&shared.instance).arg(args);
+            invocation.arg(&shared.instance).arg(cursor).arg(args);
             let n: i64 = invocation.invoke_async(&mut redis).await?;
             Ok(n >= 0)
         })
