@@ -69,6 +69,9 @@ pub struct Activity {
     /// The waiting room, for `admission = "queue"` or `"lottery"` (lives
     /// across reloads): claims then need its pass.
     pub room: Option<Arc<Room>>,
+    /// The room's settings in this snapshot, applied to the room once the
+    /// snapshot is in use ([`Catalog::apply_rooms`]).
+    pub room_settings: Option<RoomSettings>,
 }
 
 /// A ticket type (票).
@@ -179,13 +182,18 @@ impl Catalog {
                 pow_difficulty: a.pow_difficulty,
                 tickets,
                 room: None,
+                room_settings: None,
             }));
         }
         if problems.is_empty() {
             for (activity, settings) in activities.iter_mut().zip(room_settings) {
                 let Some(settings) = settings else { continue };
-                match rooms.room(&activity.id, settings) {
-                    Ok(room) => Arc::get_mut(activity).expect("not shared yet").room = Some(room),
+                match rooms.room(&activity.id, settings.clone()) {
+                    Ok(room) => {
+                        let activity = Arc::get_mut(activity).expect("not shared yet");
+                        activity.room = Some(room);
+                        activity.room_settings = Some(settings);
+                    }
                     Err(e) => problems.push(format!("activity `{}`: cannot open its waiting room: {e}", activity.id)),
                 }
             }
@@ -198,6 +206,26 @@ impl Catalog {
             })
         } else {
             Err(problems)
+        }
+    }
+
+    /// Puts this snapshot's room settings into effect — called once it is
+    /// the snapshot in use, so a reload refused after the build changes no
+    /// room — and forgets the rooms of activities that are no longer queues
+    /// and never opened (an opened room cannot be switched off: the build
+    /// refuses that).
+    pub fn apply_rooms(&self, rooms: &Rooms) {
+        for a in &self.activities {
+            if let (Some(room), Some(settings)) = (&a.room, &a.room_settings) {
+                room.apply(settings.clone());
+            }
+        }
+        let now = now_ms();
+        for room in rooms.all() {
+            let still = self.activity(&room.activity).is_some_and(|a| a.room.is_some());
+            if !still && now < room.settings().opens_ms {
+                rooms.forget(&room.activity);
+            }
         }
     }
 

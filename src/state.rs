@@ -205,7 +205,9 @@ impl AppState {
         new.activities = activities;
         let catalog = Catalog::build(&new, self.started_ms, &self.inventory, &self.rooms).map_err(|p| p.join("; "))?;
         track(&self.inventory, &catalog).map_err(|e| e.to_string())?;
-        self.catalog.store(Arc::new(catalog));
+        let catalog = Arc::new(catalog);
+        self.catalog.store(catalog.clone());
+        catalog.apply_rooms(&self.rooms);
         tracing::info!(activities = new.activities.len(), "Activities refreshed from MongoDB.");
         *running = new;
         Ok(true)
@@ -267,7 +269,9 @@ impl AppState {
             .adopt_codes_imported_elsewhere(&catalog)
             .map_err(|e| e.to_string())?;
         track(&self.inventory, &catalog).map_err(|e| e.to_string())?;
-        self.catalog.store(Arc::new(catalog));
+        let catalog = Arc::new(catalog);
+        self.catalog.store(catalog.clone());
+        catalog.apply_rooms(&self.rooms);
         self.auth.apply(&new);
         self.guard.apply(&new, blocked);
         self.claimer.apply(ClaimSettings::from_config(&new));

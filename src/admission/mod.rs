@@ -85,11 +85,12 @@ impl Rooms {
         data_dir.join("rooms")
     }
 
-    /// The room of `activity`, opened (its log replayed) on first use, with `settings`.
+    /// The room of `activity`, opened (its log replayed) with `settings` on
+    /// first use; an open room keeps its settings until they are applied
+    /// ([`Room::apply`]), so a reload that is refused later changes nothing.
     pub fn room(&self, activity: &Arc<str>, settings: RoomSettings) -> io::Result<Arc<Room>> {
         let mut rooms = self.rooms.lock();
         if let Some(room) = rooms.get(activity) {
-            room.apply(settings);
             return Ok(room.clone());
         }
         let room = Arc::new(match &self.seeds {
@@ -101,6 +102,11 @@ impl Rooms {
         });
         rooms.insert(activity.clone(), room.clone());
         Ok(room)
+    }
+
+    /// Drops the room of `activity` (no longer a queue, and never opened).
+    pub fn forget(&self, activity: &str) {
+        self.rooms.lock().remove(activity);
     }
 
     /// The room of `activity`, if it has one.

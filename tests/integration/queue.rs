@@ -732,29 +732,30 @@ fn check_config_explains_admission_mistakes() {
 
 #[tokio::test]
 async fn a_reload_moves_a_queue_before_it_opens_and_never_after() {
-    let config = |open_start: &str, later_start: &str| {
+    let config = |open_start: &str, open_ttl: &str, later_start: &str, later_queue: bool| {
+        let mut later = Act::new("later").window(later_start, "+3h");
+        if later_queue {
+            later = later.with("admission = \"queue\"").with("queue_opens = \"+3s\"");
+        }
         base_config()
-            + &queue("open", 10, open_start, &[])
-            + &Act::new("later")
-                .window(later_start, "+3h")
-                .with("admission = \"queue\"")
-                .with("queue_opens = \"+30m\"")
-                .ticket("later-t", "T", Codes::Generate(10))
-                .toml()
+            + &queue("open", 10, open_start, &[&format!("pass_ttl = \"{open_ttl}\"")])
+            + &later.ticket("later-t", "T", Codes::Generate(10)).toml()
     };
-    let app = TestApp::start(&config("+50m", "+1h"));
+    let app = TestApp::start(&config("+50m", "2m", "+1h", true));
     let (open_start, later_start) = (
         app.detail("open").await["startTime"].clone(),
         app.detail("later").await["startTime"].clone(),
     );
-    let applied = app.reload(&config("+50m", "+2h"));
+    let ttl = |d: &Value| d["queue"]["passTtlMs"].as_i64().unwrap();
+    let applied = app.reload(&config("+50m", "2m", "+2h", true));
     assert_eq!(applied["message"], "Config reloaded.", "{applied}");
     assert_ne!(
         app.detail("later").await["startTime"],
         later_start,
         "not open yet: it may move"
     );
-    let refused = app.reload(&config("+55m", "+2h"));
+    // A refused reload changes no room, not even what it may change.
+    let refused = app.reload(&config("+55m", "5m", "+2h", true));
     assert!(
         refused["reason"]
             .as_str()
@@ -762,7 +763,20 @@ async fn a_reload_moves_a_queue_before_it_opens_and_never_after() {
             .contains("`open`: start_time cannot change once its queue has opened"),
         "{refused}"
     );
-    assert_eq!(app.detail("open").await["startTime"], open_start);
+    let open = app.detail("open").await;
+    assert_eq!((&open["startTime"], ttl(&open)), (&open_start, 120_000));
+    // What may change after the opening applies.
+    let applied = app.reload(&config("+50m", "5m", "+2h", true));
+    assert_eq!(applied["message"], "Config reloaded.", "{applied}");
+    assert_eq!(ttl(&app.detail("open").await), 300_000);
+    // A queue switched back to a race before it opened is a race for good:
+    // reloads after its old opening time are not refused for it.
+    let applied = app.reload(&config("+50m", "5m", "+2h", false));
+    assert_eq!(applied["message"], "Config reloaded.", "{applied}");
+    assert_eq!(app.detail("later").await["admission"], "race");
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let applied = app.reload(&config("+50m", "5m", "+2h", false));
+    assert_eq!(applied["message"], "Config reloaded.", "{applied}");
 }
 
 /// A fan on several nodes: the next one when a node does not answer.
