@@ -127,14 +127,14 @@ impl RoomLog {
         })
     }
 
-    /// Where it is.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
     /// Whether a write failed: the room then changes nothing until a restart.
     pub fn failed(&self) -> bool {
         self.inner.failed.load(Ordering::Acquire)
+    }
+
+    /// The sequence number of the last line appended (written or not).
+    pub fn last_appended(&self) -> u64 {
+        self.inner.pending.lock().1
     }
 
     /// Appends `event` in memory; returns its sequence number for

@@ -531,6 +531,14 @@ pub fn username(prefix: &str, i: usize) -> String {
 /// Runs `ticketd bench --url URL --json ARGS`; asserts it exited 0 with no
 /// invariant violated and returns its JSON report.
 pub fn bench(url: &str, args: &[&str]) -> Value {
+    let report = bench_report(url, args);
+    assert_eq!(report["violations"], json!([]), "{report}");
+    report
+}
+
+/// Runs `ticketd bench --url URL --json ARGS`; asserts it exited 0 and
+/// returns its JSON report.
+pub fn bench_report(url: &str, args: &[&str]) -> Value {
     let out = Command::new(BIN)
         .args(["bench", "--url", url, "--json"])
         .args(args)
@@ -542,9 +550,7 @@ pub fn bench(url: &str, args: &[&str]) -> Value {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(report["violations"], json!([]), "{report}");
-    report
+    serde_json::from_str(&stdout).unwrap()
 }
 
 /// Runs `ticketd --config config.toml ARGS` in `dir`.
