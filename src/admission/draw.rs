@@ -237,12 +237,16 @@ mod tests {
         assert!(rho.abs() < 0.1, "rho = {rho}");
     }
 
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
-        #[test]
-        fn places_are_uncorrelated_with_join_order_for_any_seed(bytes in proptest::array::uniform32(0u8..)) {
+    /// Over many seeds — fixed ones, so the test is deterministic: with
+    /// 2,000 entrants rho's spread is about 0.022, so a bound of 0.1 is
+    /// 4.5 of them, and random seeds would fail one run in a few thousand.
+    #[test]
+    fn places_are_uncorrelated_with_join_order_for_many_seeds() {
+        for i in 0u32..64 {
+            let bytes: [u8; 32] =
+                Sha256::digest([b"ticketd draw test seed ".as_slice(), &i.to_be_bytes()].concat()).into();
             let rho = rho_of_draw(&Seed(bytes), 2000);
-            proptest::prop_assert!(rho.abs() < 0.1, "rho = {}", rho);
+            assert!(rho.abs() < 0.1, "seed {i}: rho = {rho}");
         }
     }
 
