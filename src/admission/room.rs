@@ -382,6 +382,13 @@ impl Room {
         Ok(log.append(&event))
     }
 
+    /// Whether `user`'s place was passed over (skipped, or their pass lapsed
+    /// unused): a queue lets them join again at the back.
+    pub fn passed_over(&self, user: u64) -> bool {
+        let st = self.state.lock();
+        st.places.get(&user).is_some_and(|p| p.state == PlaceState::PassedOver)
+    }
+
     /// Returns once the log holds every change up to `seq`.
     pub async fn persist(&self, seq: u64) -> Result<(), JoinError> {
         match &self.log {
@@ -595,6 +602,15 @@ impl RoomState {
     }
 
     fn apply_join(&mut self, user: u64, now: i64) {
+        // Joining again (passed over, or a lapsed pass this replica has not
+        // retired yet) starts over at the back: the old pass no longer
+        // speaks for a code, and must not retire the new place.
+        if let Some(old) = self.places.get(&user) {
+            if old.state == PlaceState::Admitted {
+                self.summary.expired += 1;
+            }
+            self.active.retain(|&(u, _)| u != user);
+        }
         let index = self.order.len() as u32;
         self.order.push(user);
         self.summary.joined += 1;
@@ -888,6 +904,34 @@ mod tests {
         assert_eq!(room.status(order[1], 20, false).state, PlaceState::Admitted);
         assert!(room.join(9, 20).is_ok(), "the room still takes places");
         assert_eq!(room.summary().joined, 3);
+    }
+
+    #[test]
+    fn a_place_taken_again_after_a_lapse_is_not_retired_by_the_old_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = Seed::generate();
+        let text = [
+            Event::Seed { seed: seed.to_hex() },
+            Event::Join { u: 1, t: 1 },
+            Event::Shuffle { t: 10 },
+            Event::Admit { u: 1, t: 11, x: 1_000 },
+            // The pass lapsed unused; the fan joined again.
+            Event::Join { u: 1, t: 2_000 },
+        ]
+        .iter()
+        .map(|e| serde_json::to_string(e).unwrap() + "\n")
+        .collect::<String>();
+        std::fs::write(dir.path().join("a.log"), &text).unwrap();
+        let room = Room::open(dir.path(), "a".into(), settings()).unwrap();
+        assert_eq!(room.status(1, 2_500, false).state, PlaceState::Waiting);
+        // Every code is spoken for: the step retires passes, admits nobody.
+        let stock = StockView {
+            remaining: 0,
+            settled: false,
+        };
+        room.tick(3_000, stock, &|_| 0);
+        assert_eq!(room.status(1, 3_000, false).state, PlaceState::Waiting, "still in line");
+        assert_eq!(room.summary().expired, 1);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - [`error`] owns the error shape and status mapping;
 //! - `handlers` hold one module per area (`act`, `ticket`, `user`, `admin`,
 //!   `ops`) and `page`, the fans' page (`web/`, embedded by `build.rs`);
+//! - `streaming` serves waiting rooms' event streams beside hyper, on a
+//!   fraction of a hyper connection's memory;
 //! - [`access_log`] writes one JSON line per request, off the request path.
 
 pub mod access_log;
@@ -16,5 +18,6 @@ mod handlers;
 pub mod request;
 pub mod router;
 pub mod server;
+mod streaming;
 
 pub use error::ApiError;

@@ -60,30 +60,63 @@ pub async fn handle(
     let res = match ip {
         Err(denied) => ApiError::from(denied).into_response().map(Either::Left),
         Ok(ip) if route == Route::QueueEvents && surface == Surface::Public && req.method() == Method::GET => {
-            // The one streamed answer; its checks are the handler's.
-            match state.guard.check_ip(ip) {
-                Err(denied) => ApiError::from(denied).into_response().map(Either::Left),
-                Ok(()) => match handlers::queue::events(state, &req, ip) {
-                    Ok(res) => res.map(Either::Right),
-                    Err(e) => e.into_response().map(Either::Left),
-                },
-            }
+            events(state, &req, ip)
         }
         Ok(ip) => answer(state, served, route, allowed, surface, req, ip)
             .await
             .map(Either::Left),
     };
+    finish(access_log, served, route, started, logged, ip.unwrap_or(peer.ip()), res)
+}
+
+/// Answers `GET /queue/events` on a connection the server reads itself
+/// (see `streaming`): the same checks, metrics and access log as [`handle`].
+pub fn handle_events(
+    state: &AppState,
+    access_log: Option<&AccessLog>,
+    served: Served,
+    req: &Request<()>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let started = Instant::now();
+    let logged = access_log
+        .as_ref()
+        .map(|_| (req.method().clone(), req.uri().path().to_owned()));
+    let ip = state.guard.client_ip(peer, req.headers());
+    let res = match ip {
+        Err(denied) => ApiError::from(denied).into_response().map(Either::Left),
+        Ok(ip) => events(state, req, ip),
+    };
+    let route = Route::QueueEvents;
+    finish(access_log, served, route, started, logged, ip.unwrap_or(peer.ip()), res)
+}
+
+/// The one streamed answer; its checks are the handler's.
+fn events<B>(state: &AppState, req: &Request<B>, ip: IpAddr) -> Response<Body> {
+    match state.guard.check_ip(ip) {
+        Err(denied) => ApiError::from(denied).into_response().map(Either::Left),
+        Ok(()) => match handlers::queue::events(state, req, ip) {
+            Ok(res) => res.map(Either::Right),
+            Err(e) => e.into_response().map(Either::Left),
+        },
+    }
+}
+
+/// Counts the answer, logs it, and marks it `Connection: close` once
+/// shutdown has begun.
+fn finish(
+    access_log: Option<&AccessLog>,
+    served: Served,
+    route: Route,
+    started: Instant,
+    logged: Option<(Method, String)>,
+    client: IpAddr,
+    mut res: Response<Body>,
+) -> Response<Body> {
     crate::metrics::global().request(route, res.status().as_u16(), started.elapsed());
     if let (Some(log), Some((method, path))) = (access_log, logged) {
-        log.record(
-            ip.unwrap_or(peer.ip()),
-            method.as_str(),
-            &path,
-            res.status().as_u16(),
-            started.elapsed(),
-        );
+        log.record(client, method.as_str(), &path, res.status().as_u16(), started.elapsed());
     }
-    let mut res = res;
     if served.closing {
         res.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

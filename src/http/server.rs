@@ -20,13 +20,14 @@ use std::{
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     sync::{watch, Notify},
 };
 
 use super::{
     access_log::AccessLog,
     router::{self, Served, Surface},
+    streaming,
 };
 use crate::state::AppState;
 
@@ -146,41 +147,28 @@ pub async fn serve(listener: TcpListener, http: Arc<Http>, mut shutdown: watch::
         tokio::spawn(async move {
             let _guard = guard;
             let header_read_timeout = http.state.header_read_timeout();
-            let svc = service_fn(move |req| {
-                let http = http.clone();
-                async move {
-                    let served = Served {
-                        connections: http.connections.open(),
-                        closing: http.connections.shutting_down(),
-                    };
-                    let res = router::handle(&http.state, http.access_log.as_ref(), served, req, peer, surface).await;
-                    Ok::<_, Infallible>(res)
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout)
-                .keep_alive(true)
-                .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                res = conn.as_mut() => res,
-                _ = stopped(&mut shutdown) => {
-                    // Answers from now on carry `Connection: close`; give a
-                    // request already on its way the linger to arrive.
-                    match tokio::time::timeout(LINGER, conn.as_mut()).await {
-                        Ok(res) => res,
-                        Err(_) => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
+            if surface == Surface::Public {
+                // A fan's event stream is served on far less memory than a
+                // hyper connection holds (see `streaming`).
+                let looked = tokio::select! {
+                    looked = streaming::wants_events(&stream, header_read_timeout) => looked,
+                    _ = stopped(&mut shutdown) => None,
+                };
+                match looked {
+                    None => return,
+                    Some(true) => {
+                        let served = Served {
+                            connections: http.connections.open(),
+                            closing: http.connections.shutting_down(),
+                        };
+                        streaming::serve(stream, &http, peer, served).await;
+                        return;
                     }
+                    Some(false) => {}
                 }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%error, %peer, "Connection ended with an error.");
             }
+            // Boxed: a waiting fan's task (above) is not sized for hyper's.
+            Box::pin(serve_hyper(stream, http, peer, shutdown, surface, header_read_timeout)).await;
         });
     }
     drop(listener);
@@ -202,6 +190,53 @@ pub async fn serve(listener: TcpListener, http: Arc<Http>, mut shutdown: watch::
             connections = conns.open.load(Ordering::Acquire),
             "Shutdown grace elapsed; closing remaining connections."
         );
+    }
+}
+
+/// Serves one connection with hyper's HTTP/1.1 state machine until it
+/// closes or the drain ends it.
+async fn serve_hyper(
+    stream: TcpStream,
+    http: Arc<Http>,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+    surface: Surface,
+    header_read_timeout: Duration,
+) {
+    let svc = service_fn(move |req| {
+        let http = http.clone();
+        async move {
+            let served = Served {
+                connections: http.connections.open(),
+                closing: http.connections.shutting_down(),
+            };
+            let res = router::handle(&http.state, http.access_log.as_ref(), served, req, peer, surface).await;
+            Ok::<_, Infallible>(res)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(true)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        res = conn.as_mut() => res,
+        _ = stopped(&mut shutdown) => {
+            // Answers from now on carry `Connection: close`; give a
+            // request already on its way the linger to arrive.
+            match tokio::time::timeout(LINGER, conn.as_mut()).await {
+                Ok(res) => res,
+                Err(_) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, %peer, "Connection ended with an error.");
     }
 }
 

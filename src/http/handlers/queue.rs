@@ -169,7 +169,7 @@ async fn join_shared(source: &RoomSource, room: &Room, user: u64, now: i64) -> R
     }
     let lottery = s.mode == AdmissionMode::Lottery;
     let joined = source
-        .join(&room.activity, user, now, lottery, s.capacity)
+        .join(&room.activity, user, now, lottery, s.capacity, room.passed_over(user))
         .await
         .map_err(|error| {
             tracing::warn!(%error, "Could not record a place in the shared waiting room.");
@@ -203,7 +203,7 @@ pub async fn status(state: &AppState, req: &Request<Incoming>, ip: IpAddr) -> Re
 /// `/queue/status` once admitted), when it changes, a second apart at most;
 /// the stream ends when there is nothing to wait for (not joined, done,
 /// sold out, entries closed) or the node shuts down.
-pub fn events(state: &AppState, req: &Request<Incoming>, ip: IpAddr) -> Result<Response<EventStream>, ApiError> {
+pub fn events<B>(state: &AppState, req: &Request<B>, ip: IpAddr) -> Result<Response<EventStream>, ApiError> {
     let user = caller(state, req.headers(), ip)?;
     let query = Query::parse(req.uri().query());
     let catalog = state.catalog.load();

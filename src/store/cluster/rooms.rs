@@ -50,7 +50,8 @@ if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 local st = redis.call('HGET', KEYS[1], ARGV[1])
 local shuffled = redis.call('EXISTS', KEYS[4]) == 1
 local lottery = ARGV[2] == '1'
-if st and (st ~= 'p' or (lottery and shuffled)) then return 0 end
+local again = st == 'p' or (st == 'a' and ARGV[5] == '1')
+if st and ((not again) or (lottery and shuffled)) then return 0 end
 if (not st) and lottery and shuffled then return -2 end
 if tonumber(redis.call('GET', KEYS[5]) or '0') >= tonumber(ARGV[3]) then return -3 end
 redis.call('HSET', KEYS[1], ARGV[1], 'w')
@@ -151,6 +152,9 @@ impl RoomSource {
     }
 
     /// Takes a place for `user` (the room's checks in one script).
+    /// `lapsed`: the replica saw `user`'s pass lapse unused, so their
+    /// admitted place may be taken again at the back (the shared log only
+    /// records the admission; each replica retires passes itself).
     pub async fn join(
         &self,
         activity: &str,
@@ -158,6 +162,7 @@ impl RoomSource {
         now: i64,
         lottery: bool,
         capacity: usize,
+        lapsed: bool,
     ) -> Result<Joined, StoreError> {
         let shared = self.shared.clone();
         let event = serde_json::to_string(&Event::Join { u: user, t: now }).expect("events serialise");
@@ -173,6 +178,7 @@ impl RoomSource {
                 .arg(if lottery { "1" } else { "0" })
                 .arg(capacity)
                 .arg(event)
+                .arg(if lapsed { "1" } else { "0" })
                 .invoke_async(&mut redis)
                 .await?;
             Ok(match answer {
