@@ -135,10 +135,12 @@ pub enum Rejected {
     CrossSite,
     /// A login or registration beyond the password-hashing queue.
     HashingBusy,
+    /// A waiting room's join without its proof of work.
+    JoinProofOfWork,
 }
 
 impl Rejected {
-    const ALL: [Rejected; 9] = [
+    const ALL: [Rejected; 10] = [
         Rejected::Blocked,
         Rejected::UserRate,
         Rejected::IpRate,
@@ -148,6 +150,7 @@ impl Rejected {
         Rejected::AdminUnauthorized,
         Rejected::CrossSite,
         Rejected::HashingBusy,
+        Rejected::JoinProofOfWork,
     ];
 
     fn label(self) -> &'static str {
@@ -161,6 +164,7 @@ impl Rejected {
             Rejected::AdminUnauthorized => "admin_unauthorized",
             Rejected::CrossSite => "cross_site",
             Rejected::HashingBusy => "hashing_busy",
+            Rejected::JoinProofOfWork => "join_pow",
         }
     }
 }

@@ -180,6 +180,14 @@ pub fn pow_ok(challenge: &str, nonce: &str, difficulty: u8) -> bool {
     leading_zero_bits(&h.finalize()) >= u32::from(difficulty)
 }
 
+/// What a waiting room's join solves its proof of work over: bound to the
+/// account and the activity, so each account pays for its own place. It is
+/// known in advance on purpose — joining early buys nothing, so solving
+/// early does not either.
+pub fn join_challenge(activity: &str, user: u64) -> String {
+    format!("join:{activity}:{user}")
+}
+
 /// Finds a nonce for `challenge` (what a client, or `ticketd bench`, does).
 pub fn solve_pow(challenge: &str, difficulty: u8) -> String {
     (0u64..)

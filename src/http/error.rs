@@ -42,6 +42,8 @@ enum Detail {
     Codes(Vec<Arc<str>>),
     /// Leading zero bits the proof of work needs.
     Difficulty(u8),
+    /// A waiting room's join: the bits and the challenge to solve over.
+    JoinPow { difficulty: u8, challenge: String },
 }
 
 #[derive(Serialize)]
@@ -63,6 +65,8 @@ struct ErrorObject<'a> {
     codes: Option<Vec<&'a str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pow_difficulty: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pow_challenge: Option<&'a str>,
 }
 
 impl ApiError {
@@ -103,6 +107,16 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, code, message)
     }
 
+    /// 403 for a waiting room's join without a proof of work over `challenge`.
+    pub fn join_pow_required(difficulty: u8, challenge: String) -> ApiError {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "POW_REQUIRED",
+            "send a powNonce with SHA-256(powChallenge \":\" powNonce) starting with powDifficulty zero bits",
+        )
+        .with(Detail::JoinPow { difficulty, challenge })
+    }
+
     /// 500; the cause is logged, never shown.
     pub fn internal() -> ApiError {
         ApiError::new(
@@ -125,6 +139,7 @@ impl ApiError {
     /// Renders the JSON response.
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let (mut start_time, mut end_time, mut codes, mut pow_difficulty) = (None, None, None, None);
+        let mut pow_challenge = None;
         match &self.detail {
             Detail::None => {}
             Detail::Window { start_ms, end_ms } => {
@@ -133,6 +148,10 @@ impl ApiError {
             }
             Detail::Codes(c) => codes = Some(c.iter().map(|c| &**c).collect()),
             Detail::Difficulty(d) => pow_difficulty = Some(*d),
+            Detail::JoinPow { difficulty, challenge } => {
+                pow_difficulty = Some(*difficulty);
+                pow_challenge = Some(challenge.as_str());
+            }
         }
         let body = Body {
             ok: false,
@@ -143,6 +162,7 @@ impl ApiError {
                 end_time,
                 codes,
                 pow_difficulty,
+                pow_challenge,
             },
         };
         let body = serde_json::to_vec(&body).unwrap_or_default();

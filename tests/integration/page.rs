@@ -336,7 +336,7 @@ async fn a_chinese_browser_gets_the_page_in_chinese() {
 /// A queue activity in the page: the fan joins the waiting room before the
 /// start (told that joining early buys nothing), follows the place on the
 /// event stream, and the grab button unlocks with the turn; the claim uses
-/// the pass.
+/// the pass. The room asks for proofs of work: the page solves them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fan_waits_in_the_room_and_grabs_with_the_pass_in_chromium() {
     let config = base_config()
@@ -345,6 +345,8 @@ async fn a_fan_waits_in_the_room_and_grabs_with_the_pass_in_chromium() {
             .window("+8s", "+1h")
             .with("admission = \"queue\"")
             .with("queue_opens = \"-1m\"")
+            // Joining (and the claim, over the pass) costs a proof of work.
+            .with("pow_difficulty = 10")
             .ticket("room-t", "Seat", Codes::Generate(3))
             .toml();
     let app = TestApp::start(&config);

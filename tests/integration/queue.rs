@@ -525,6 +525,40 @@ async fn across_nodes_a_fan_whose_pass_lapsed_joins_again_at_the_back() {
     admitted_again(&cluster.clients(), &tokens, "rj", &first).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_room_with_proof_of_work_makes_each_account_pay_for_its_place() {
+    use ticketd::auth::claim_token::{pow_ok, solve_pow};
+    let app = TestApp::start(&(base_config() + &queue("pw", 1, "+30m", &["pow_difficulty = 12"])));
+    let tokens = app.users("pw", 2).await;
+    let asked = |res: &ApiResponse| {
+        assert_error(res, 403, "POW_REQUIRED");
+        assert_eq!(res.body["error"]["powDifficulty"], 12, "{}", res.body);
+        res.body["error"]["powChallenge"].as_str().unwrap().to_owned()
+    };
+    let mine = asked(&join(&app.client, &tokens[0], "pw").await);
+    let theirs = asked(&join(&app.client, &tokens[1], "pw").await);
+    assert_ne!(mine, theirs, "each account has its own challenge");
+    let client = &app.client;
+    let join_with = |token: &str, nonce: String| {
+        let body = json!({ "actId": "pw", "powNonce": nonce });
+        let token = token.to_owned();
+        async move { client.post("/queue/join", Some(&token), &body).await.unwrap() }
+    };
+    // Another account's work does not pay for this one's place.
+    let their_nonce = solve_pow(&theirs, 12);
+    assert!(!pow_ok(&mine, &their_nonce, 12));
+    asked(&join_with(&tokens[0], their_nonce).await);
+    asked(&join_with(&tokens[0], "not work".into()).await);
+    let res = join_with(&tokens[0], solve_pow(&mine, 12)).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    assert_eq!(res.data()["state"], "waiting");
+    assert_eq!(status(&app.client, &tokens[1], "pw").await["state"], "not_joined");
+    assert_eq!(
+        metric(&app, "ticketd_security_rejections_total{reason=\"join_pow\"}").await,
+        4.0
+    );
+}
+
 /// Polls until `token` is admitted, or waits on standby with a place.
 async fn wait_turn_or_standby(client: &ApiClient, token: &str, act: &str) -> Value {
     loop {
@@ -1122,7 +1156,8 @@ async fn claim_with_result(client: &ApiClient, token: &str, act: &str, pass: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_bench_drives_fans_through_the_room_and_weighs_their_streams() {
-    let app = TestApp::start(&(base_config() + &queue("qb", 100, "+6s", &["admit_rate = 200.0"])));
+    let app =
+        TestApp::start(&(base_config() + &queue("qb", 100, "+6s", &["admit_rate = 200.0", "pow_difficulty = 8"])));
     let report = bench_report(
         &app.url(),
         &[

@@ -24,7 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     admission::{JoinError, PlaceState, QueueStatus, Room, Rooms},
-    auth::Denied,
+    auth::{
+        claim_token::{join_challenge, pow_ok},
+        Denied,
+    },
     catalog::{Activity, Status},
     clock::{now_ms, rfc3339_ms},
     config::AdmissionMode,
@@ -48,6 +51,10 @@ const STREAM_HEARTBEAT: Duration = Duration::from_secs(15);
 #[serde(rename_all = "camelCase")]
 struct JoinBody {
     act_id: Id,
+    /// Solves the activity's proof of work over its join challenge, when
+    /// it has `pow_difficulty`.
+    #[serde(default)]
+    pow_nonce: Option<String>,
 }
 
 /// A fan's place, with the pass (the claim token) once admitted.
@@ -143,6 +150,17 @@ pub async fn join(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Resul
     let catalog = state.catalog.load();
     let activity = activity(&catalog, &body.act_id.0)?;
     let room = room_of(activity)?;
+    if activity.pow_difficulty > 0 {
+        let challenge = join_challenge(&activity.id, user);
+        if !body
+            .pow_nonce
+            .as_deref()
+            .is_some_and(|n| pow_ok(&challenge, n, activity.pow_difficulty))
+        {
+            metrics::global().reject(Rejected::JoinProofOfWork);
+            return Err(ApiError::join_pow_required(activity.pow_difficulty, challenge));
+        }
+    }
     let now = now_ms();
     match state.store.room_source().filter(|_| room.is_shared()) {
         Some(source) => join_shared(&source, room, user, now)

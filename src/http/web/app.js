@@ -364,7 +364,15 @@ async function waitingRoom(a, queue) {
     const b = h('button', { type: 'button', id: 'join' }, t(lottery ? 'enterLottery' : 'joinQueue'));
     b.addEventListener('click', async () => {
       b.disabled = true;
-      const res = await api('POST', '/queue/join', { actId: a.actId });
+      const body = { actId: a.actId };
+      let res = await api('POST', '/queue/join', body);
+      if (!res.ok && res.error.code === 'POW_REQUIRED' && res.error.powChallenge) {
+        // The room asks each account to pay a little work for its place.
+        const progress = h('progress', { id: 'join-pow', max: 1, value: 0 });
+        panel.append(notice('', t('pow')), progress);
+        body.powNonce = await solvePow(res.error.powChallenge, res.error.powDifficulty, progress);
+        res = await api('POST', '/queue/join', body);
+      }
       if (res.ok) { render(res.data); follow(); } else { panel.append(notice('bad', errorText(res.error))); b.disabled = false; }
     });
     return b;
