@@ -101,6 +101,15 @@ impl Cluster {
         self.nodes.iter().map(|n| n.client_clone()).collect()
     }
 
+    /// Imports `n` users through the first running node and logs them in
+    /// through every running node in turn (sessions are valid on every node).
+    pub async fn users(&self, prefix: &str, n: usize) -> Vec<String> {
+        let live: Vec<&TestApp> = self.nodes.iter().filter(|n| n.running()).collect();
+        live[0].import_users(prefix, n);
+        let urls: Vec<String> = live.iter().map(|n| n.url()).collect();
+        crate::common::log_in(&urls, &live[0].logs, prefix, n).await
+    }
+
     pub async fn mongo(&self) -> mongodb::Database {
         self.services.mongo(&self.db).await
     }
@@ -268,7 +277,7 @@ fn assert_invariants(
 
 /// Logs `n` users in through node 0 (sessions are valid on every node).
 async fn users(cluster: &Cluster, prefix: &str, n: usize) -> (Vec<String>, Vec<i64>) {
-    let tokens = cluster.nodes[0].users(prefix, n).await;
+    let tokens = cluster.users(prefix, n).await;
     use futures::TryStreamExt;
     let all: Vec<Document> = cluster
         .mongo()

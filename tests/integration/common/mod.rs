@@ -270,6 +270,11 @@ impl TestApp {
     }
 
     /// `kill -9`, then reap.
+    /// Whether the process is running (not stopped or killed by the test).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
     pub fn kill9(&mut self) {
         self.signal(libc::SIGKILL);
         self.child.take().unwrap().wait().unwrap();
@@ -388,6 +393,12 @@ impl TestApp {
     /// Creates `n` users [`username`]`(prefix, i)` through `ticketd user import` (before boot
     /// or while running) and logs them all in.
     pub async fn users(&self, prefix: &str, n: usize) -> Vec<String> {
+        self.import_users(prefix, n);
+        log_in(&[self.url()], &self.logs, prefix, n).await
+    }
+
+    /// Creates `n` users [`username`]`(prefix, i)` through `ticketd user import`.
+    pub fn import_users(&self, prefix: &str, n: usize) {
         let csv: String = (0..n)
             .map(|i| {
                 let name = username(prefix, i);
@@ -402,37 +413,6 @@ impl TestApp {
             "user import failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let sem = Arc::new(tokio::sync::Semaphore::new(64));
-        let mut tasks = Vec::new();
-        for i in 0..n {
-            let sem = sem.clone();
-            let client = self.client_clone();
-            let name = username(prefix, i);
-            let logs = self.logs.clone();
-            tasks.push(tokio::spawn(async move {
-                let _permit = sem.acquire().await.unwrap();
-                let res = client
-                    .post_retrying(
-                        "/user/login",
-                        &json!({ "username": name, "password": format!("password-{name}") }),
-                    )
-                    .await
-                    .unwrap();
-                assert_eq!(
-                    res.status,
-                    200,
-                    "{name}: {}\nnode logs:\n{}",
-                    res.body,
-                    logs.lock().unwrap().join("\n")
-                );
-                res.data()["token"].as_str().unwrap().to_owned()
-            }));
-        }
-        let mut tokens = Vec::with_capacity(n);
-        for t in tasks {
-            tokens.push(t.await.unwrap());
-        }
-        tokens
     }
 
     /// A new client for the same node (for spawning into tasks).
@@ -521,6 +501,47 @@ pub async fn raw_get(addr: &str, path: &str) -> String {
     let mut out = String::new();
     stream.read_to_string(&mut out).await.unwrap();
     out
+}
+
+/// Logs the users [`username`]`(prefix, 0..n)` in, spread over `urls` (a
+/// node rations password hashing, so a cluster's nodes log in side by side),
+/// 64 at a time; their session tokens in order.
+pub async fn log_in(urls: &[String], logs: &Arc<Mutex<Vec<String>>>, prefix: &str, n: usize) -> Vec<String> {
+    let clients: Vec<Arc<ApiClient>> = urls
+        .iter()
+        .map(|u| Arc::new(ApiClient::new(vec![u.clone()], 64).unwrap()))
+        .collect();
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let sem = sem.clone();
+        let client = clients[i % clients.len()].clone();
+        let name = username(prefix, i);
+        let logs = logs.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.unwrap();
+            let res = client
+                .post_retrying(
+                    "/user/login",
+                    &json!({ "username": name, "password": format!("password-{name}") }),
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                res.status,
+                200,
+                "{name}: {}\nnode logs:\n{}",
+                res.body,
+                logs.lock().unwrap().join("\n")
+            );
+            res.data()["token"].as_str().unwrap().to_owned()
+        }));
+    }
+    let mut tokens = Vec::with_capacity(n);
+    for t in tasks {
+        tokens.push(t.await.unwrap());
+    }
+    tokens
 }
 
 /// The name of the `i`th bulk user with `prefix`.
