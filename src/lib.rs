@@ -23,7 +23,7 @@
 //! - [`config`] — the config tree, its units (durations, sizes, address ranges, times), validation per section;
 //! - [`admission`] — fair admission: waiting rooms and lotteries, the verifiable draw, passes' lifetimes;
 //! - [`metrics`] — lock-free counters and histograms, Prometheus text;
-//! - [`stats`] — rush statistics (outcomes per minute, requests per source, latency) for reports;
+//! - [`stats`] — rush statistics (outcomes per tenth of a second, requests per source, latency) for reports;
 //! - [`journal`] — the append-only claim journal: record format, group commit, recovery;
 //! - [`store`] — the storage boundary: the embedded SQLite store, and the cluster store
 //!   (Redis leases and commit scripts, MongoDB write-behind);

@@ -1,5 +1,5 @@
 //! Rush statistics for the organiser's report: per activity, the claim
-//! outcomes per minute, request counts per client address and per account
+//! outcomes per tenth of a second, request counts per client address and per account
 //! (the scalper signal), and the claim latency distribution.
 //!
 //! Recording is a handful of atomic increments per claim request under
@@ -51,7 +51,8 @@ impl Source {
 /// Counts drained from the recorder, ready to add to the store.
 #[derive(Debug, Default)]
 pub struct StatsBatch {
-    /// `(activity, unix minute, outcome label, count)`.
+    /// `(activity, start of the tick in Unix ms, outcome label, count)`;
+    /// ticks are [`OUTCOME_TICK_MS`] long.
     pub outcomes: Vec<(Arc<str>, i64, &'static str, u64)>,
     /// `(activity, source, requests)`.
     pub sources: Vec<(Arc<str>, Source, u64)>,
@@ -75,9 +76,14 @@ pub struct RushStats {
     tracked: AtomicUsize,
 }
 
+/// How finely outcomes are counted over time: fine enough for a sale that
+/// sells out in two seconds to draw a curve, coarse enough that an
+/// hours-long one stores a few rows a second.
+pub const OUTCOME_TICK_MS: i64 = 100;
+
 /// One activity's counts. Latency buckets are plain atomics; outcomes are
-/// atomics per minute; sources a map of atomics. A request takes only shard
-/// *read* locks, except the first time a minute or a source is seen.
+/// atomics per tick; sources a map of atomics. A request takes only shard
+/// *read* locks, except the first time a tick or a source is seen.
 #[derive(Default)]
 struct ActivityStats {
     outcomes: DashMap<i64, Outcomes, ahash::RandomState>,
@@ -85,7 +91,7 @@ struct ActivityStats {
     latency: [AtomicU64; LATENCY_BOUNDS.len() + 1],
 }
 
-/// Claims per outcome in one minute.
+/// Claims per outcome in one tick.
 type Outcomes = [AtomicU64; ClaimOutcome::ALL.len()];
 
 impl RushStats {
@@ -103,10 +109,10 @@ impl RushStats {
             Some(stats) => stats,
             None => self.activities.entry(activity.clone()).or_default().downgrade(),
         };
-        let minute = now_ms.div_euclid(60_000);
-        match stats.outcomes.get(&minute) {
+        let tick = now_ms - now_ms.rem_euclid(OUTCOME_TICK_MS);
+        match stats.outcomes.get(&tick) {
             Some(counts) => counts[outcome as usize].fetch_add(1, Ordering::Relaxed),
-            None => stats.outcomes.entry(minute).or_default()[outcome as usize].fetch_add(1, Ordering::Relaxed),
+            None => stats.outcomes.entry(tick).or_default()[outcome as usize].fetch_add(1, Ordering::Relaxed),
         };
         for source in [Source::Ip(ip), Source::User(user)] {
             if let Some(n) = stats.sources.get(&source) {
@@ -137,11 +143,11 @@ impl RushStats {
         self.tracked.store(0, Ordering::Relaxed);
         for entry in self.activities.iter() {
             let (a, stats) = (entry.key(), entry.value());
-            stats.outcomes.retain(|minute, counts| {
+            stats.outcomes.retain(|tick, counts| {
                 for (o, n) in ClaimOutcome::ALL.iter().zip(counts.iter()) {
                     let n = n.load(Ordering::Relaxed);
                     if n > 0 {
-                        batch.outcomes.push((a.clone(), *minute, o.label(), n));
+                        batch.outcomes.push((a.clone(), *tick, o.label(), n));
                     }
                 }
                 false
@@ -176,13 +182,19 @@ mod tests {
         for _ in 0..3 {
             stats.record(&act, ClaimOutcome::SoldOut, ip, 7, 120_000, Duration::from_micros(300));
         }
-        stats.record(&act, ClaimOutcome::Success, ip, 8, 179_999, Duration::from_millis(3));
+        stats.record(&act, ClaimOutcome::Success, ip, 8, 120_099, Duration::from_millis(3));
+        stats.record(&act, ClaimOutcome::Success, ip, 9, 120_100, Duration::from_millis(3));
         let batch = stats.drain();
         let mut outcomes = batch.outcomes.clone();
-        outcomes.sort_by_key(|o| o.2);
+        outcomes.sort_by_key(|o| (o.2, o.1));
         assert_eq!(
             outcomes,
-            vec![(act.clone(), 2, "sold_out", 3), (act.clone(), 2, "success", 1)]
+            vec![
+                (act.clone(), 120_000, "sold_out", 3),
+                (act.clone(), 120_000, "success", 1),
+                (act.clone(), 120_100, "success", 1)
+            ],
+            "counted per tick of {OUTCOME_TICK_MS} ms"
         );
         let ips: u64 = batch
             .sources
@@ -190,7 +202,7 @@ mod tests {
             .filter(|s| s.1 == Source::Ip(ip))
             .map(|s| s.2)
             .sum();
-        assert_eq!(ips, 4);
+        assert_eq!(ips, 5);
         let fast: u64 = batch.latency.iter().filter(|l| l.1 <= 0.5).map(|l| l.2).sum();
         assert_eq!(fast, 3);
         assert!(stats.drain().is_empty());
@@ -208,14 +220,14 @@ mod tests {
                     s.spawn(move || {
                         let ip: IpAddr = format!("10.0.0.{t}").parse().unwrap();
                         for i in 0..PER_THREAD {
-                            // Minutes roll over mid-run, as they do in a rush.
-                            let minute_ms = (i / 5_000) as i64 * 60_000;
+                            // Ticks roll over mid-run, as they do in a rush.
+                            let tick_ms = (i / 5_000) as i64 * OUTCOME_TICK_MS;
                             stats.record(
                                 &act,
                                 ClaimOutcome::Success,
                                 ip,
                                 i % 50,
-                                minute_ms,
+                                tick_ms,
                                 Duration::from_micros(100),
                             );
                         }

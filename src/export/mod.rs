@@ -102,10 +102,16 @@ pub fn claims<W: Write + Send>(
 /// but successes), as CSV or JSON lines; returns the row count.
 pub fn rejections<W: Write>(store: &Store, activity_id: &str, format: ExportFormat, out: W) -> Result<u64, StoreError> {
     let data = store.report_data(activity_id, 0)?;
-    let rows = data
-        .outcomes
-        .iter()
-        .filter(|(_, o, _)| o != "success" && o != "replayed");
+    // Recorded per tick; written per minute.
+    let mut per_minute: std::collections::BTreeMap<(i64, &str), u64> = std::collections::BTreeMap::new();
+    for (at_ms, outcome, count) in &data.outcomes {
+        if outcome != "success" && outcome != "replayed" {
+            *per_minute.entry((at_ms.div_euclid(60_000), outcome)).or_default() += count;
+        }
+    }
+    let rows = per_minute
+        .into_iter()
+        .map(|((minute, reason), count)| (minute, reason, count));
     let mut n = 0;
     match format {
         // The CLI refuses Parquet for rejections; CSV is the fallback here.

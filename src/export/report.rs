@@ -3,11 +3,11 @@
 //! No scripts, fonts or images from the network: charts are inline SVG
 //! ([`super::svg`]). It shows claims per second with the sell-out moment
 //! marked, time to sell out per ticket type, the share of the stock each node
-//! handed out, the claim latency distribution,
-//! outcomes per minute, the addresses and accounts that sent the most claims
-//! (the scalper signal) and a summary table. An activity with no claims
-//! renders with "no data" panels; millions of claims cost one point per
-//! second of the rush.
+//! handed out, the claim latency distribution, outcomes over time (in steps
+//! that fit the rush, as the claims), the addresses and accounts that sent
+//! the most claims (the scalper signal) and a summary table. An activity
+//! with no claims renders with "no data" panels; a chart has about 100-200
+//! points however many claims there were.
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
@@ -186,25 +186,38 @@ pub fn render(activity_id: &str, data: &ReportData, queue: Option<&QueueReport>,
         .collect();
     let latency_chart = bar_chart("Claim latency (server side)", "claims", &latency);
 
-    let mut by_outcome: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
-    let first_minute = data.outcomes.first().map_or(0, |o| o.0);
-    for (minute, outcome, n) in &data.outcomes {
-        by_outcome
+    // Outcomes are recorded per tenth of a second; drawn in steps that fit
+    // the span of the requests, like the claims.
+    let first_ms = data.outcomes.first().map_or(0, |o| o.0);
+    let last_ms = data.outcomes.iter().map(|o| o.0).max().unwrap_or(first_ms);
+    let outcome_step_ms = claims_chart_step_ms(last_ms - first_ms).max(crate::stats::OUTCOME_TICK_MS);
+    let mut by_outcome: BTreeMap<&str, BTreeMap<i64, u64>> = BTreeMap::new();
+    for (at_ms, outcome, n) in &data.outcomes {
+        *by_outcome
             .entry(outcome)
             .or_default()
-            .push(((minute - first_minute) as f64, *n as f64));
+            .entry((at_ms - first_ms) / outcome_step_ms)
+            .or_default() += n;
     }
     let outcome_series: Vec<Series> = by_outcome
         .into_iter()
-        .map(|(name, points)| Series {
+        .map(|(name, steps)| Series {
             name: name.to_owned(),
-            points,
+            points: steps
+                .into_iter()
+                .map(|(b, n)| {
+                    (
+                        (b * outcome_step_ms) as f64 / 1000.0,
+                        n as f64 * 1000.0 / outcome_step_ms as f64,
+                    )
+                })
+                .collect(),
         })
         .collect();
     let outcomes_chart = line_chart(
-        "Claim outcomes per minute",
-        "minutes since the first request",
-        "requests",
+        &format!("Claim outcomes per second, in {} steps", duration(outcome_step_ms)),
+        "seconds since the first request",
+        "requests/s",
         &outcome_series,
         None,
     );

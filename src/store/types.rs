@@ -121,7 +121,9 @@ pub struct ReportData {
     /// `(Unix time in 10 ms units, claims)`, ascending: fine enough for a
     /// sale that sells out in a second; the report picks its own resolution.
     pub claims_per_10ms: Vec<(i64, u64)>,
-    /// `(unix minute, outcome label, requests)`, ascending by minute.
+    /// `(start of the tick in Unix ms, outcome label, requests)`, ascending
+    /// by time (ticks of `stats::OUTCOME_TICK_MS`; a minute for what
+    /// earlier versions recorded).
     pub outcomes: Vec<(i64, String, u64)>,
     /// `(bucket upper bound in ms, claims)`; the last bound is infinite.
     pub latency: Vec<(f64, u64)>,

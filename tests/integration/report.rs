@@ -126,6 +126,13 @@ async fn the_report_and_the_rejections_export_match_the_rush() {
             .count(),
         1
     );
+    // Outcomes too are drawn in steps that fit the rush (it lasted well
+    // under the 20 s that 100 ms steps span), one line per outcome.
+    let outcome_chart = chart(&html, "Claim outcomes per second, in 100 ms steps");
+    for outcome in ["success", "sold_out"] {
+        assert!(outcome_chart.contains(outcome), "{outcome_chart}");
+    }
+    assert!(outcome_chart.matches("class=\"pt\"").count() >= 2);
     let nodes = chart(&html, "Share of the stock per node");
     assert_eq!(nodes.matches("class=\"bar\"").count(), 1);
     assert!(nodes.contains("node-a: 50"), "{nodes}");

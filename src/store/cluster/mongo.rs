@@ -10,7 +10,7 @@
 //! users       {_id: id, username, nickname, password_hash, created_at_ms}  unique username
 //! counters    {_id: "users", seq}
 //! meta        {_id: "secret.<name>", value}
-//! revoked_sessions, stats_outcomes, stats_sources, stats_latency
+//! revoked_sessions, stats_outcome_ticks (stats_outcomes: earlier versions'), stats_sources, stats_latency
 //! ```
 //!
 //! Claims are keyed by their code, so writing one twice (a retried bulk
@@ -344,15 +344,15 @@ pub async fn secret(db: &Database, name: &str, fresh: String) -> Result<String, 
 
 /// Adds drained rush statistics.
 pub async fn add_stats(db: &Database, batch: &StatsBatch) -> Result<(), MongoError> {
-    let outcomes = batch.outcomes.iter().map(|(a, minute, label, n)| {
+    let outcomes = batch.outcomes.iter().map(|(a, at_ms, label, n)| {
         upsert_inc(
-            format!("{a}|{minute}|{label}"),
-            doc! {"activity_id": &**a, "minute": minute, "outcome": label},
+            format!("{a}|{at_ms}|{label}"),
+            doc! {"activity_id": &**a, "at_ms": at_ms, "outcome": label},
             "count",
             *n,
         )
     });
-    increment(db, "stats_outcomes", outcomes.collect()).await?;
+    increment(db, "stats_outcome_ticks", outcomes.collect()).await?;
     let sources = batch.sources.iter().map(|(a, s, n)| {
         let (kind, key) = s.parts();
         upsert_inc(
@@ -522,10 +522,21 @@ pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<Re
             last_ms,
         });
     }
-    let mut outcomes = coll(db, "stats_outcomes").find(doc! {"activity_id": activity}).await?;
+    // Per tick; `stats_outcomes` holds what earlier versions wrote, per minute.
+    let mut outcomes = coll(db, "stats_outcome_ticks")
+        .find(doc! {"activity_id": activity})
+        .await?;
     while let Some(d) = outcomes.try_next().await? {
         data.outcomes
-            .push((int(&d, "minute"), text(&d, "outcome"), int(&d, "count") as u64));
+            .push((int(&d, "at_ms"), text(&d, "outcome"), int(&d, "count") as u64));
+    }
+    let mut outcomes = coll(db, "stats_outcomes").find(doc! {"activity_id": activity}).await?;
+    while let Some(d) = outcomes.try_next().await? {
+        data.outcomes.push((
+            int(&d, "minute").saturating_mul(60_000),
+            text(&d, "outcome"),
+            int(&d, "count") as u64,
+        ));
     }
     data.outcomes.sort();
     let mut latency = coll(db, "stats_latency").find(doc! {"activity_id": activity}).await?;

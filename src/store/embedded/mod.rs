@@ -93,6 +93,15 @@ CREATE TABLE IF NOT EXISTS stats_outcomes (
     count       INTEGER NOT NULL,
     PRIMARY KEY (activity_id, minute, outcome)
 ) WITHOUT ROWID;
+-- Outcomes per tick (stats::OUTCOME_TICK_MS) since stats_outcomes, per
+-- minute, which earlier versions wrote (still read).
+CREATE TABLE IF NOT EXISTS stats_outcome_ticks (
+    activity_id TEXT NOT NULL,
+    at_ms       INTEGER NOT NULL,
+    outcome     TEXT NOT NULL,
+    count       INTEGER NOT NULL,
+    PRIMARY KEY (activity_id, at_ms, outcome)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS stats_sources (
     activity_id TEXT NOT NULL,
     kind        TEXT NOT NULL,

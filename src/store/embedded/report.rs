@@ -16,11 +16,11 @@ pub(super) fn add_stats(conn: &mut Connection, batch: &StatsBatch) -> Result<(),
     let tx = conn.transaction()?;
     {
         let mut outcome = tx.prepare_cached(
-            "INSERT INTO stats_outcomes (activity_id, minute, outcome, count) VALUES (?1, ?2, ?3, ?4)
+            "INSERT INTO stats_outcome_ticks (activity_id, at_ms, outcome, count) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT DO UPDATE SET count = count + excluded.count",
         )?;
-        for (a, minute, label, n) in &batch.outcomes {
-            outcome.execute(params![&**a, minute, label, *n as i64])?;
+        for (a, at_ms, label, n) in &batch.outcomes {
+            outcome.execute(params![&**a, at_ms, label, *n as i64])?;
         }
         let mut source = tx.prepare_cached(
             "INSERT INTO stats_sources (activity_id, kind, source, requests) VALUES (?1, ?2, ?3, ?4)
@@ -81,8 +81,11 @@ pub(super) fn report_data(conn: &Connection, activity_id: &str, top: usize) -> R
     data.claims_per_10ms = per_10ms
         .query_map([activity_id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
         .collect::<Result<_, _>>()?;
-    let mut outcomes = conn
-        .prepare("SELECT minute, outcome, count FROM stats_outcomes WHERE activity_id = ?1 ORDER BY minute, outcome")?;
+    let mut outcomes = conn.prepare(
+        "SELECT minute * 60000, outcome, count FROM stats_outcomes WHERE activity_id = ?1
+             UNION ALL SELECT at_ms, outcome, count FROM stats_outcome_ticks WHERE activity_id = ?1
+             ORDER BY 1, 2",
+    )?;
     data.outcomes = outcomes
         .query_map([activity_id], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
