@@ -132,6 +132,11 @@ impl RoomLog {
         self.inner.failed.load(Ordering::Acquire)
     }
 
+    /// The sequence number of the last line on disk (written and fsynced).
+    pub fn durable(&self) -> u64 {
+        self.inner.synced.load(Ordering::Acquire)
+    }
+
     /// The sequence number of the last line appended (written or not).
     pub fn last_appended(&self) -> u64 {
         self.inner.pending.lock().1

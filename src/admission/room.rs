@@ -138,6 +138,9 @@ struct Place {
     state: PlaceState,
     admitted_ms: i64,
     pass_expires_ms: i64,
+    /// The room log's line of the admission: the pass is shown once that
+    /// line is on disk (0: replayed from the disk, or a shared log's).
+    admit_seq: u64,
 }
 
 /// Why a join was refused.
@@ -408,14 +411,20 @@ impl Room {
                 }
             }
         }
-        st.status_of(&self.activity, user, now, &self.seed, &self.commitment)
+        st.status_of(&self.activity, user, now, &self.seed, &self.commitment, self.durable())
+    }
+
+    /// The last room-log line on disk (every line, for a shared room).
+    fn durable(&self) -> u64 {
+        self.log.as_ref().map_or(u64::MAX, RoomLog::durable)
     }
 
     /// The pass `user` holds at `now`: its expiry, Unix ms.
     pub fn pass_of(&self, user: u64, now: i64) -> Option<i64> {
         let st = self.state.lock();
         let p = st.places.get(&user)?;
-        (p.state == PlaceState::Admitted && now < p.pass_expires_ms).then_some(p.pass_expires_ms)
+        (p.state == PlaceState::Admitted && now < p.pass_expires_ms && p.admit_seq <= self.durable())
+            .then_some(p.pass_expires_ms)
     }
 
     /// Room-wide figures.
@@ -445,6 +454,11 @@ impl Room {
         for event in st.plan(now, stock, claimed, &|_| None, MAX_STEPS_PER_TICK) {
             st.replay(&self.seed, &event);
             last = log.append(&event);
+            if let Event::Admit { u, .. } = event {
+                if let Some(p) = st.places.get_mut(&u) {
+                    p.admit_seq = last;
+                }
+            }
         }
         last
     }
@@ -623,6 +637,7 @@ impl RoomState {
                 state: PlaceState::Waiting,
                 admitted_ms: 0,
                 pass_expires_ms: 0,
+                admit_seq: 0,
             },
         );
     }
@@ -791,11 +806,24 @@ impl RoomState {
         events
     }
 
-    fn status_of(&self, activity: &Arc<str>, user: u64, now: i64, seed: &Seed, commitment: &str) -> QueueStatus {
+    fn status_of(
+        &self,
+        activity: &Arc<str>,
+        user: u64,
+        now: i64,
+        seed: &Seed,
+        commitment: &str,
+        durable: u64,
+    ) -> QueueStatus {
         let s = &self.settings;
         let place = self.places.get(&user);
         let closed = self.closed_ms.is_some();
         let mut state = place.map_or(PlaceState::NotJoined, |p| p.state);
+        if state == PlaceState::Admitted && place.is_some_and(|p| p.admit_seq > durable) {
+            // Admitted, but not yet on disk: a crash now would forget it, so
+            // no pass is shown (or handed out) until it is.
+            state = PlaceState::Waiting;
+        }
         if state == PlaceState::Admitted && place.is_some_and(|p| now >= p.pass_expires_ms) {
             state = PlaceState::Done;
         }
@@ -932,6 +960,27 @@ mod tests {
         room.tick(3_000, stock, &|_| 0);
         assert_eq!(room.status(1, 3_000, false).state, PlaceState::Waiting, "still in line");
         assert_eq!(room.summary().expired, 1);
+    }
+
+    #[test]
+    fn a_pass_is_shown_only_once_its_admission_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let room = Room::open(dir.path(), "a".into(), settings()).unwrap();
+        room.join(1, 1).unwrap();
+        let stock = StockView {
+            remaining: 5,
+            settled: false,
+        };
+        room.tick(10, stock, &|_| 0);
+        room.tick(1_010, stock, &|_| 0);
+        assert_eq!(room.summary().admitted, 1, "admitted in memory");
+        // The admission is in the log's buffer, not on disk: a crash now
+        // would forget it, so nobody may see its pass yet.
+        assert_eq!(room.status(1, 1_020, false).state, PlaceState::Waiting);
+        assert_eq!(room.pass_of(1, 1_020), None);
+        room.log.as_ref().unwrap().sync_now().unwrap();
+        assert_eq!(room.status(1, 1_020, false).state, PlaceState::Admitted);
+        assert_eq!(room.pass_of(1, 1_020), Some(1_010 + 60_000));
     }
 
     #[test]
