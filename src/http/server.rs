@@ -161,7 +161,7 @@ pub async fn serve(listener: TcpListener, http: Arc<Http>, mut shutdown: watch::
                             connections: http.connections.open(),
                             closing: http.connections.shutting_down(),
                         };
-                        streaming::serve(stream, &http, peer, served).await;
+                        streaming::serve(stream, &http.state, http.access_log.as_ref(), peer, served).await;
                         return;
                     }
                     Some(false) => {}

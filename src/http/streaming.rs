@@ -23,10 +23,11 @@ use http_body_util::{BodyExt, Either};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use super::{
+    access_log::AccessLog,
     error::ApiError,
     router::{self, Body, Served},
-    server::Http,
 };
+use crate::state::AppState;
 
 /// What a connection to be served here starts with.
 const EVENTS_LINE: &[u8] = b"GET /queue/events";
@@ -53,8 +54,14 @@ pub async fn wants_events(stream: &TcpStream, timeout: Duration) -> Option<bool>
 }
 
 /// Serves the one `GET /queue/events` request of `stream`, then closes it.
-pub async fn serve(mut stream: TcpStream, http: &Http, peer: SocketAddr, served: Served) {
-    let head_timeout = http.state.header_read_timeout();
+pub async fn serve(
+    mut stream: TcpStream,
+    state: &AppState,
+    access_log: Option<&AccessLog>,
+    peer: SocketAddr,
+    served: Served,
+) {
+    let head_timeout = state.header_read_timeout();
     let req = match tokio::time::timeout(head_timeout, read_head(&mut stream)).await {
         Err(_elapsed) => return,
         Ok(Err(Unreadable::Gone)) => return,
@@ -65,7 +72,7 @@ pub async fn serve(mut stream: TcpStream, http: &Http, peer: SocketAddr, served:
         }
         Ok(Ok(req)) => req,
     };
-    let res = router::handle_events(&http.state, http.access_log.as_ref(), served, &req, peer);
+    let res = router::handle_events(state, access_log, served, &req, peer);
     let version = req.version();
     drop(req);
     if let Err(error) = respond(&mut stream, res, version).await {
