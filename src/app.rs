@@ -89,7 +89,8 @@ impl App {
 
         let follows_store = store.shared_with_nodes() && config.activities.is_empty();
         if follows_store {
-            config.activities = state::shared_activities(&store).context("cannot read the activities from MongoDB")?;
+            config.activities = state::shared_activities(&store)
+                .map_err(|e| anyhow::anyhow!("cannot read the activities from MongoDB: {e}"))?;
             tracing::info!(
                 activities = config.activities.len(),
                 "No [[activity]] in the config file: serving the activities `ticketd import` stored in MongoDB."

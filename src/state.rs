@@ -197,7 +197,7 @@ impl AppState {
             return Ok(false);
         }
         let mut running = self.config.lock();
-        let activities = shared_activities(&self.store).map_err(|e| e.to_string())?;
+        let activities = shared_activities(&self.store)?;
         if activities == running.activities {
             return Ok(false);
         }
@@ -247,7 +247,7 @@ impl AppState {
         let mut running = self.config.lock();
         let mut new = Config::load(&self.config_path).map_err(|e| e.to_string())?;
         if self.follows_store && new.activities.is_empty() {
-            new.activities = shared_activities(&self.store).map_err(|e| e.to_string())?;
+            new.activities = shared_activities(&self.store)?;
         }
         let restart = new.restart_only_changes(&running);
         if !restart.is_empty() {
@@ -292,9 +292,16 @@ pub fn track(inventory: &Inventory, catalog: &Catalog) -> Result<(), StoreError>
     inventory.track(&activities)
 }
 
-/// The activity definitions stored by `ticketd import` (cluster mode).
-pub fn shared_activities(store: &Store) -> Result<Vec<ActivityConfig>, StoreError> {
-    store.shared_activities().unwrap_or(Ok(Vec::new()))
+/// The activity definitions stored by `ticketd import` (cluster mode),
+/// checked again: a broken one (edited by hand since) refuses the whole set,
+/// so a running node keeps serving what it had.
+pub fn shared_activities(store: &Store) -> Result<Vec<ActivityConfig>, String> {
+    let activities = store
+        .shared_activities()
+        .unwrap_or(Ok(Vec::new()))
+        .map_err(|e| e.to_string())?;
+    crate::config::check_definitions(&activities)?;
+    Ok(activities)
 }
 
 /// The ids of `security.blocked_users` that exist.

@@ -26,6 +26,21 @@ pub use model::*;
 pub use units::{any_contains, ByteSize, HumanDuration, IpNet, TimeSpec};
 pub use validate::Problem;
 
+/// Checks activity definitions read from a cluster's MongoDB (see
+/// `validate::definitions`); every problem, listed, on failure.
+pub fn check_definitions(activities: &[ActivityConfig]) -> Result<(), String> {
+    let problems = validate::definitions(activities);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the activities stored in MongoDB have {} problem(s):\n{}",
+            problems.len(),
+            validate::list(&problems)
+        ))
+    }
+}
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

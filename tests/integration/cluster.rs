@@ -907,6 +907,37 @@ async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
         .await;
         assert_eq!(node.detail("fo").await["claimed"], 2);
     }
+
+    // A definition edited by hand in MongoDB into one `ticketd import` would
+    // refuse (a queue without queue_opens) is refused by the nodes too: they
+    // say why and keep serving the activity as it was.
+    let activities = cluster.mongo().await.collection::<Document>("activities");
+    let stored = activities.find_one(doc! {"_id": "fo"}).await.unwrap().unwrap();
+    let mut definition: serde_json::Value = serde_json::from_str(stored.get_str("definition").unwrap()).unwrap();
+    definition["admission"] = "queue".into();
+    definition["name"] = "edited".into();
+    activities
+        .update_one(
+            doc! {"_id": "fo"},
+            doc! {"$set": {"definition": definition.to_string()}},
+        )
+        .await
+        .unwrap();
+    for node in &cluster.nodes {
+        let refused = node.wait_for_log(
+            "Could not refresh the activities from MongoDB; serving the previous ones.",
+            1,
+        );
+        assert!(
+            refused["reason"].as_str().unwrap().contains("needs queue_opens"),
+            "{refused}"
+        );
+        let detail = node.detail("fo").await;
+        assert_eq!(
+            (&detail["name"], &detail["admission"]),
+            (&serde_json::json!("春季音乐节"), &serde_json::json!("race"))
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,50 +17,7 @@ pub(super) fn activities(r: &mut Report<'_>, config: &mut Config) {
     let base_dir = config.base_dir.clone();
     for (ai, act) in config.activities.iter_mut().enumerate() {
         let at = [k("activity"), Seg::Index(ai)];
-        let field = |f: &'static str| [k("activity"), Seg::Index(ai), k(f)];
-        if !valid_id(&act.id) {
-            r.add(
-                &field("id"),
-                format!(
-                    "activity id `{}` must be 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.'",
-                    act.id
-                ),
-            );
-        } else if !activity_ids.insert(act.id.clone()) {
-            r.add(&field("id"), format!("activity id `{}` is used twice", act.id));
-        }
-        if act.name.trim().is_empty() {
-            r.add(&field("name"), format!("activity `{}` needs a name", act.id));
-        }
-        let relative = |t: TimeSpec| matches!(t, TimeSpec::Relative(_));
-        if config.storage.mode == StorageMode::Cluster && (relative(act.start_time) || relative(act.end_time)) {
-            r.add(
-                &field("start_time"),
-                format!(
-                    "activity `{}`: cluster mode needs absolute times (RFC 3339); a relative time counts from each node's own start, so nodes would disagree",
-                    act.id
-                ),
-            );
-        }
-        if !ends_after_start(act.start_time, act.end_time) {
-            r.add(
-                &field("end_time"),
-                format!("activity `{}` must end after it starts", act.id),
-            );
-        }
-        if act.pow_difficulty > 32 {
-            r.add(
-                &field("pow_difficulty"),
-                format!("activity `{}`: pow_difficulty must be 0-32 bits", act.id),
-            );
-        }
-        if act.per_user_limit == 0 || act.per_user_limit > 1000 {
-            r.add(
-                &field("per_user_limit"),
-                format!("activity `{}`: per_user_limit must be 1-1000", act.id),
-            );
-        }
-        check_admission(r, ai, act, config.storage.mode);
+        check_activity(r, ai, act, config.storage.mode, &mut activity_ids);
         if act.tickets.is_empty() {
             r.add(&at, format!("activity `{}` has no [[activity.ticket]]", act.id));
         }
@@ -141,6 +98,63 @@ pub(super) fn activities(r: &mut Report<'_>, config: &mut Config) {
             check_codes(r, &tpath("codes"), ticket, &mut all_codes);
         }
     }
+}
+
+/// The activity's own keys (not its tickets): id, name, window, limits, and
+/// its admission. Also what a node checks of definitions it reads from a
+/// cluster's MongoDB, whose codes were the import's business.
+pub(super) fn check_activity(
+    r: &mut Report<'_>,
+    ai: usize,
+    act: &ActivityConfig,
+    mode: StorageMode,
+    activity_ids: &mut HashSet<String>,
+) {
+    let k = Seg::Key;
+    let field = |f: &'static str| [k("activity"), Seg::Index(ai), k(f)];
+    if !valid_id(&act.id) {
+        r.add(
+            &field("id"),
+            format!(
+                "activity id `{}` must be 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.'",
+                act.id
+            ),
+        );
+    } else if !activity_ids.insert(act.id.clone()) {
+        r.add(&field("id"), format!("activity id `{}` is used twice", act.id));
+    }
+    if act.name.trim().is_empty() {
+        r.add(&field("name"), format!("activity `{}` needs a name", act.id));
+    }
+    let relative = |t: TimeSpec| matches!(t, TimeSpec::Relative(_));
+    if mode == StorageMode::Cluster && (relative(act.start_time) || relative(act.end_time)) {
+        r.add(
+            &field("start_time"),
+            format!(
+                "activity `{}`: cluster mode needs absolute times (RFC 3339); a relative time counts from each node's own start, so nodes would disagree",
+                act.id
+            ),
+        );
+    }
+    if !ends_after_start(act.start_time, act.end_time) {
+        r.add(
+            &field("end_time"),
+            format!("activity `{}` must end after it starts", act.id),
+        );
+    }
+    if act.pow_difficulty > 32 {
+        r.add(
+            &field("pow_difficulty"),
+            format!("activity `{}`: pow_difficulty must be 0-32 bits", act.id),
+        );
+    }
+    if act.per_user_limit == 0 || act.per_user_limit > 1000 {
+        r.add(
+            &field("per_user_limit"),
+            format!("activity `{}`: per_user_limit must be 1-1000", act.id),
+        );
+    }
+    check_admission(r, ai, act, mode);
 }
 
 fn check_codes(r: &mut Report<'_>, path: &[Seg<'_>], ticket: &TicketConfig, all: &mut HashSet<String>) {

@@ -16,7 +16,7 @@ pub(super) use report::list;
 pub use report::Problem;
 use report::{Lines, Report};
 
-use super::model::Config;
+use super::model::{ActivityConfig, Config, StorageMode};
 
 /// Checks `config` against its source `text`, one section at a time; reads
 /// `codes_file` lists into `codes`. Returns every problem found (empty when
@@ -38,6 +38,24 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
     node::security(&mut r, config);
     node::admin(&mut r, config);
     activity::activities(&mut r, config);
+    r.problems
+}
+
+/// Checks activity definitions a node reads from a cluster's MongoDB rather
+/// than from its own file. `ticketd import` checked them before storing
+/// them, but a document edited by hand since, or written by another version,
+/// is checked again here: the activity's own keys and its admission (its
+/// codes were the import's business, and its `codes_file` a path on the
+/// importing machine).
+pub fn definitions(activities: &[ActivityConfig]) -> Vec<Problem> {
+    let mut r = Report {
+        lines: Lines { text: "", doc: None },
+        problems: Vec::new(),
+    };
+    let mut ids = std::collections::HashSet::new();
+    for (ai, act) in activities.iter().enumerate() {
+        activity::check_activity(&mut r, ai, act, StorageMode::Cluster, &mut ids);
+    }
     r.problems
 }
 
