@@ -321,3 +321,49 @@ async fn every_metric_in_the_alert_rules_and_dashboard_exists() {
             .unwrap();
     assert!(dashboard["panels"].as_array().unwrap().len() >= 6);
 }
+
+/// A waiting fan's event stream through the shipped Nginx: its own location
+/// (unbuffered, held past the heartbeat) and its own upstream without the
+/// keepalive pool, so the node serves it on its light path. The first event
+/// arrives through Nginx while the stream stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_fans_event_stream_flows_through_the_shipped_nginx() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = crate::common::TestApp::start(
+        &(crate::common::base_config().replace("[security]", "[security]\ntrusted_proxies = [\"127.0.0.1\"]")
+            + &crate::common::Act::new("nq")
+                .window("+30m", "+1h")
+                .with("admission = \"queue\"")
+                .with("queue_opens = \"-1m\"")
+                .ticket("nq-t", "Seat", crate::common::Codes::Generate(1))
+                .toml()),
+    );
+    let nginx = tokio::task::block_in_place(|| Nginx::start(&[app.addr.as_str()]));
+    let token = app.users("nq", 1).await.remove(0);
+    let client = ApiClient::new(vec![format!("http://127.0.0.1:{}", nginx.port)], 2).unwrap();
+    let joined = client
+        .post("/queue/join", Some(&token), &json!({ "actId": "nq" }))
+        .await
+        .unwrap();
+    assert_eq!(joined.status, 200, "{}", joined.body);
+
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", nginx.port)).await.unwrap();
+    let head = format!("GET /queue/events?actId=nq HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&seen).contains("\"state\":\"waiting\"") {
+        let mut chunk = [0u8; 4096];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, stream.read(&mut chunk))
+            .await
+            .expect("the first event through Nginx within 10 s")
+            .unwrap();
+        assert!(n > 0, "Nginx closed the stream: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("text/event-stream"), "{text}");
+    assert!(text.contains("event: status"), "{text}");
+}
