@@ -385,11 +385,13 @@ impl Room {
         Ok(log.append(&event))
     }
 
-    /// Whether `user`'s place was passed over (skipped, or their pass lapsed
-    /// unused): a queue lets them join again at the back.
-    pub fn passed_over(&self, user: u64) -> bool {
+    /// The expiry of `user`'s pass if it lapsed unused (their place was
+    /// passed over after an admission): a queue lets them join again at the
+    /// back, and a shared room checks that this is the admission it holds.
+    pub fn lapsed_pass(&self, user: u64) -> Option<i64> {
         let st = self.state.lock();
-        st.places.get(&user).is_some_and(|p| p.state == PlaceState::PassedOver)
+        let p = st.places.get(&user)?;
+        (p.state == PlaceState::PassedOver && p.pass_expires_ms > 0).then_some(p.pass_expires_ms)
     }
 
     /// Returns once the log holds every change up to `seq`.

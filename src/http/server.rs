@@ -151,8 +151,14 @@ pub async fn serve(listener: TcpListener, http: Arc<Http>, mut shutdown: watch::
                 // A fan's event stream is served on far less memory than a
                 // hyper connection holds (see `streaming`).
                 let looked = tokio::select! {
+                    biased;
                     looked = streaming::wants_events(&stream, header_read_timeout) => looked,
-                    _ = stopped(&mut shutdown) => None,
+                    // Draining: a request already on its way still gets an
+                    // answer (with `Connection: close`), as hyper gives one.
+                    _ = stopped(&mut shutdown) => tokio::time::timeout(LINGER, streaming::wants_events(&stream, header_read_timeout))
+                        .await
+                        .ok()
+                        .flatten(),
                 };
                 match looked {
                     None => return,

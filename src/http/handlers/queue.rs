@@ -187,7 +187,7 @@ async fn join_shared(source: &RoomSource, room: &Room, user: u64, now: i64) -> R
     }
     let lottery = s.mode == AdmissionMode::Lottery;
     let joined = source
-        .join(&room.activity, user, now, lottery, s.capacity, room.passed_over(user))
+        .join(&room.activity, user, now, lottery, s.capacity, room.lapsed_pass(user))
         .await
         .map_err(|error| {
             tracing::warn!(%error, "Could not record a place in the shared waiting room.");

@@ -4,7 +4,7 @@
 //! ```text
 //! q:{A}:seed       str   the room's seed (hex), set once by the first node
 //! q:{A}:log        list  the room's events (JSON), the order every replica applies
-//! q:{A}:places     hash  user id -> w (waiting) | a (admitted) | p (passed over)
+//! q:{A}:places     hash  user id -> w (waiting) | a:<pass expiry, Unix ms> (admitted) | p (passed over)
 //! q:{A}:waiting    int   places not yet reached (queue_capacity)
 //! q:{A}:shuffled   str   set when the shuffle event is in the log
 //! q:{A}:closed     str   set when the close event is in the log
@@ -50,7 +50,7 @@ if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 local st = redis.call('HGET', KEYS[1], ARGV[1])
 local shuffled = redis.call('EXISTS', KEYS[4]) == 1
 local lottery = ARGV[2] == '1'
-local again = st == 'p' or (st == 'a' and ARGV[5] == '1')
+local again = st == 'p' or (ARGV[5] ~= '' and st == 'a:' .. ARGV[5])
 if st and ((not again) or (lottery and shuffled)) then return 0 end
 if (not st) and lottery and shuffled then return -2 end
 if tonumber(redis.call('GET', KEYS[5]) or '0') >= tonumber(ARGV[3]) then return -3 end
@@ -72,7 +72,8 @@ for i = 3, #ARGV, 3 do
   local kind, user, json = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local keep = true
   if kind == 'admit' then
-    redis.call('HSET', KEYS[3], user, 'a'); redis.call('DECR', KEYS[4]); redis.call('INCR', KEYS[7])
+    redis.call('HSET', KEYS[3], user, 'a:' .. string.format('%.0f', cjson.decode(json)['x']))
+    redis.call('DECR', KEYS[4]); redis.call('INCR', KEYS[7])
   elseif kind == 'skip' then
     redis.call('HSET', KEYS[3], user, 'p'); redis.call('DECR', KEYS[4]); redis.call('INCR', KEYS[7])
   elseif kind == 'shuffle' then
@@ -152,9 +153,11 @@ impl RoomSource {
     }
 
     /// Takes a place for `user` (the room's checks in one script).
-    /// `lapsed`: the replica saw `user`'s pass lapse unused, so their
-    /// admitted place may be taken again at the back (the shared log only
-    /// records the admission; each replica retires passes itself).
+    /// `lapsed`: the expiry of `user`'s pass that the replica saw lapse
+    /// unused (each replica retires passes itself; the shared log only
+    /// records admissions). The place may be taken again at the back only
+    /// if that is the admission Redis holds (`a:<expiry>`): a replica that
+    /// has not yet seen a newer admission cannot undo it.
     pub async fn join(
         &self,
         activity: &str,
@@ -162,7 +165,7 @@ impl RoomSource {
         now: i64,
         lottery: bool,
         capacity: usize,
-        lapsed: bool,
+        lapsed: Option<i64>,
     ) -> Result<Joined, StoreError> {
         let shared = self.shared.clone();
         let event = serde_json::to_string(&Event::Join { u: user, t: now }).expect("events serialise");
@@ -178,7 +181,7 @@ impl RoomSource {
                 .arg(if lottery { "1" } else { "0" })
                 .arg(capacity)
                 .arg(event)
-                .arg(if lapsed { "1" } else { "0" })
+                .arg(lapsed.map(|x| x.to_string()).unwrap_or_default())
                 .invoke_async(&mut redis)
                 .await?;
             Ok(match answer {
