@@ -194,8 +194,13 @@ async fn respond(stream: &mut TcpStream, res: Response<Body>, version: Version) 
                 let Some(Ok(frame)) = frame else { break };
                 let Ok(data) = frame.into_data() else { continue };
                 if chunked {
-                    let size = format!("{:x}\r\n", data.len());
-                    write(stream, &[size.as_bytes(), &data, b"\r\n"]).await?;
+                    // One write a chunk: one syscall, and the fan's reader
+                    // gets the chunk whole.
+                    let mut chunk = Vec::with_capacity(data.len() + 12);
+                    chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    chunk.extend_from_slice(&data);
+                    chunk.extend_from_slice(b"\r\n");
+                    write(stream, &[&chunk]).await?;
                 } else {
                     write(stream, &[&data]).await?;
                 }

@@ -863,7 +863,21 @@ async fn event_streams_answer_bad_heads_and_let_go_of_fans_who_leave() {
     let mut events = Events::open(&app, &token, "lv").await;
     assert_eq!(events.next().await.unwrap()["state"], "waiting");
     let port = events.stream.local_addr().unwrap().port();
-    drop(events);
+    // Take the rest of the first chunk, so that closing sends a FIN (a
+    // socket closed with unread data sends a reset, and is gone at once).
+    let mut stream = events.stream;
+    let mut rest = events.buf;
+    while !String::from_utf8_lossy(&rest).contains("\n\n\r\n") {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("the end of the first chunk")
+            .unwrap();
+        assert!(n > 0);
+        rest.extend_from_slice(&chunk[..n]);
+    }
+    drop(stream);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let state = tcp_state(port);
