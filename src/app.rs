@@ -31,6 +31,7 @@ use crate::{
     config::Config,
     http::{
         access_log::AccessLog,
+        lanes::Lanes,
         router::Surface,
         server::{self, Connections, Http},
     },
@@ -74,6 +75,8 @@ pub struct App {
     workers: Arc<Runner>,
     access_log: Option<AccessLog>,
     max_connections: usize,
+    /// Lanes for public connections (`server.threads`, 0 resolved to the core count).
+    threads: usize,
 }
 
 impl App {
@@ -154,6 +157,10 @@ impl App {
             None => None,
         };
         let max_connections = config.server.max_connections;
+        let threads = match config.server.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         config.strip_codes();
         let state = Arc::new(AppState::new(
             catalog,
@@ -176,6 +183,7 @@ impl App {
             workers,
             access_log,
             max_connections,
+            threads,
         })
     }
 
@@ -205,11 +213,18 @@ impl App {
             if let Some(addr) = server::local_addr(&l) {
                 tracing::info!(%addr, "Admin API listening.");
             }
-            tokio::spawn(server::serve(l, http.clone(), signals.shutdown.clone(), Surface::Admin))
+            tokio::spawn(server::serve(
+                l,
+                http.clone(),
+                signals.shutdown.clone(),
+                Surface::Admin,
+                None,
+            ))
         });
         if let Some(addr) = server::local_addr(&listener) {
             tracing::info!(%addr, "Listening.");
         }
+        let lanes = Lanes::start(self.threads).context("cannot start the connection threads")?;
         notifier.send("READY=1");
         let stopping = {
             let (notifier, mut shutdown) = (notifier.clone(), signals.shutdown.clone());
@@ -223,13 +238,13 @@ impl App {
         };
         // Joined, not spawned: STOPPING=1 is sent before the drain ends, always.
         tokio::join!(
-            server::serve(listener, http.clone(), signals.shutdown, Surface::Public),
+            server::serve(listener, http.clone(), signals.shutdown, Surface::Public, Some(&lanes)),
             stopping
         );
         if let Some(admin) = admin_server {
             let _ = admin.await;
         }
-        drop(http);
+        drop((http, lanes));
         self.workers.stop(STOP_ORDER).await;
         tracing::info!("Shutdown complete.");
         Ok(())

@@ -111,6 +111,9 @@ impl Config {
         if self.server.max_connections != running.server.max_connections {
             changed.push("server.max_connections");
         }
+        if self.server.threads != running.server.threads {
+            changed.push("server.threads");
+        }
         if self.storage != running.storage {
             changed.push("storage");
         }

@@ -74,6 +74,10 @@ pub struct ServerConfig {
     /// On shutdown, in-flight requests get this long to finish. Default `10s`.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: HumanDuration,
+    /// Threads serving public connections (`http::lanes`), each with a
+    /// single-threaded runtime. Default 0: one per CPU core. Restart-only.
+    #[serde(default)]
+    pub threads: usize,
 }
 
 /// `[storage]`: where state lives.

@@ -2,6 +2,7 @@
 //!
 //! - [`server`] accepts connections and applies connection-level limits; it
 //!   owns the connection count and the drain ([`server::Http`]);
+//! - [`lanes`] are the single-threaded runtimes public connections live on;
 //! - [`router`] maps a request to its handler and counts it;
 //! - [`request`] reads bodies, queries and credentials, refusing bad input
 //!   with 4xx answers;
@@ -15,6 +16,7 @@
 pub mod access_log;
 pub mod error;
 mod handlers;
+pub mod lanes;
 pub mod request;
 pub mod router;
 pub mod server;

@@ -26,6 +26,7 @@ use tokio::{
 
 use super::{
     access_log::AccessLog,
+    lanes::{Job, Lanes},
     router::{self, Served, Surface},
     streaming,
 };
@@ -99,7 +100,15 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 }
 
 /// Serves `listener` until `shutdown` turns true, then drains connections.
-pub async fn serve(listener: TcpListener, http: Arc<Http>, mut shutdown: watch::Receiver<bool>, surface: Surface) {
+/// With `lanes`, each connection is served on one of them; without, on the
+/// runtime this runs on.
+pub async fn serve(
+    listener: TcpListener,
+    http: Arc<Http>,
+    mut shutdown: watch::Receiver<bool>,
+    surface: Surface,
+    lanes: Option<&Lanes>,
+) {
     let conns = &http.connections;
     let mut draining = false;
     loop {
@@ -142,40 +151,30 @@ pub async fn serve(listener: TcpListener, http: Arc<Http>, mut shutdown: watch::
             continue;
         }
         let _ = stream.set_nodelay(true);
-        let http = http.clone();
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            let header_read_timeout = http.state.header_read_timeout();
-            if surface == Surface::Public {
-                // A fan's event stream is served on far less memory than a
-                // hyper connection holds (see `streaming`).
-                let looked = tokio::select! {
-                    biased;
-                    looked = streaming::wants_events(&stream, header_read_timeout) => looked,
-                    // Draining: a request already on its way still gets an
-                    // answer (with `Connection: close`), as hyper gives one.
-                    _ = stopped(&mut shutdown) => tokio::time::timeout(LINGER, streaming::wants_events(&stream, header_read_timeout))
-                        .await
-                        .ok()
-                        .flatten(),
-                };
-                match looked {
-                    None => return,
-                    Some(true) => {
-                        let served = Served {
-                            connections: http.connections.open(),
-                            closing: http.connections.shutting_down(),
-                        };
-                        streaming::serve(stream, &http.state, http.access_log.as_ref(), peer, served).await;
-                        return;
-                    }
-                    Some(false) => {}
-                }
+        let (http, shutdown) = (http.clone(), shutdown.clone());
+        let Some(lanes) = lanes else {
+            tokio::spawn(serve_connection(stream, http, peer, shutdown, surface, guard));
+            continue;
+        };
+        // To its lane's reactor: the lane registers the socket anew.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(%error, %peer, "Could not hand a connection to a lane.");
+                continue;
             }
-            // Boxed: a waiting fan's task (above) is not sized for hyper's.
-            Box::pin(serve_hyper(stream, http, peer, shutdown, surface, header_read_timeout)).await;
+        };
+        let job: Job = Box::new(move || {
+            Box::pin(async move {
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => serve_connection(stream, http, peer, shutdown, surface, guard).await,
+                    Err(error) => tracing::debug!(%error, %peer, "A lane could not take a connection."),
+                }
+            })
         });
+        if let Err(job) = lanes.send(job) {
+            tokio::spawn(job());
+        }
     }
     drop(listener);
     let grace = http.state.shutdown_grace();
@@ -197,6 +196,48 @@ pub async fn serve(listener: TcpListener, http: Arc<Http>, mut shutdown: watch::
             "Shutdown grace elapsed; closing remaining connections."
         );
     }
+}
+
+/// Serves one accepted connection: a fan's event stream on the light path,
+/// anything else with hyper.
+async fn serve_connection(
+    stream: TcpStream,
+    http: Arc<Http>,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+    surface: Surface,
+    guard: ConnGuard,
+) {
+    let _guard = guard;
+    let header_read_timeout = http.state.header_read_timeout();
+    if surface == Surface::Public {
+        // A fan's event stream is served on far less memory than a
+        // hyper connection holds (see `streaming`).
+        let looked = tokio::select! {
+            biased;
+            looked = streaming::wants_events(&stream, header_read_timeout) => looked,
+            // Draining: a request already on its way still gets an
+            // answer (with `Connection: close`), as hyper gives one.
+            _ = stopped(&mut shutdown) => tokio::time::timeout(LINGER, streaming::wants_events(&stream, header_read_timeout))
+                .await
+                .ok()
+                .flatten(),
+        };
+        match looked {
+            None => return,
+            Some(true) => {
+                let served = Served {
+                    connections: http.connections.open(),
+                    closing: http.connections.shutting_down(),
+                };
+                streaming::serve(stream, &http.state, http.access_log.as_ref(), peer, served).await;
+                return;
+            }
+            Some(false) => {}
+        }
+    }
+    // Boxed: a waiting fan's task (above) is not sized for hyper's.
+    Box::pin(serve_hyper(stream, http, peer, shutdown, surface, header_read_timeout)).await;
 }
 
 /// Serves one connection with hyper's HTTP/1.1 state machine until it

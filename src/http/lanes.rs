@@ -1,0 +1,87 @@
+//! Lanes: the threads public connections live on.
+//!
+//! Each lane is one OS thread running a single-threaded tokio runtime. The
+//! accept loop hands every new connection to the next lane, round-robin, and
+//! the connection stays there for its whole life: its socket is registered
+//! with that lane's reactor, its requests are parsed and answered there, and
+//! the claim it waits for is woken there.
+//!
+//! Why not the multi-threaded runtime the rest of the node runs on: under a
+//! rush its work-stealing costs more than the work. Every readable socket
+//! wakes a second worker to steal, which mostly finds nothing and parks
+//! again (a futex wake and wait per wave of requests), and a task moves
+//! between cores with its cache lines. Measured with `scripts/bench-side-by-side`
+//! (all-success claims, wrk on the same 2-core box): on the shared runtime a
+//! claim cost its workers 10 µs user + 6.5 µs system time; on one
+//! single-threaded runtime 7.7 + 4.8 µs, with p99 at -c64 down from 5–6 ms
+//! to 3.7 ms. Many keep-alive connections spread evenly over the lanes, so
+//! giving up stealing costs little balance.
+//!
+//! The admin listener and the node's background workers stay on the shared
+//! runtime (the admin API uses `block_in_place`, which a single-threaded
+//! runtime does not allow).
+
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use tokio::sync::mpsc;
+
+/// A connection to serve: called on its lane's runtime, it returns the
+/// future that serves it.
+pub type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// The lane threads, and the next one to get a connection.
+pub struct Lanes {
+    lanes: Vec<mpsc::UnboundedSender<Job>>,
+    next: AtomicUsize,
+}
+
+impl Lanes {
+    /// Starts `count` lanes (at least one), named `ticketd-lane-<n>`. A lane
+    /// ends once every [`Lanes`] handle is dropped and its connections have
+    /// ended: the accept loop drops it after the drain.
+    pub fn start(count: usize) -> io::Result<Lanes> {
+        let mut lanes = Vec::with_capacity(count.max(1));
+        for n in 0..count.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            // Unbounded, yet bounded by `server.max_connections`: a
+            // connection is counted before it is queued here.
+            let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+            std::thread::Builder::new()
+                .name(format!("ticketd-lane-{n}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        while let Some(job) = rx.recv().await {
+                            tokio::spawn(job());
+                        }
+                    })
+                })?;
+            lanes.push(tx);
+        }
+        Ok(Lanes {
+            lanes,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// How many lanes there are.
+    pub fn len(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// Whether there are none (never: `start` makes at least one).
+    pub fn is_empty(&self) -> bool {
+        self.lanes.is_empty()
+    }
+
+    /// Gives `job` to the next lane; hands it back if that lane has gone
+    /// (its thread panicked), for the caller to run itself.
+    pub fn send(&self, job: Job) -> Result<(), Job> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        self.lanes[n].send(job).map_err(|e| e.0)
+    }
+}
