@@ -34,8 +34,8 @@
 //! - [`claim`] — the claim decision: window, tokens, limit, take, commit, settle;
 //! - [`export`] — streaming CSV / JSON-lines / Parquet exports, the HTML rush report and its SVG charts;
 //! - [`state`] — `AppState`: the handles a request may touch, and reload;
-//! - [`http`] — accept loop and connection limits, router, request parsing, the error shape,
-//!   handlers (public API, admin API and live page, the fans' page), the access log;
+//! - [`http`] — accept loop and connection limits, the lanes (single-threaded runtimes)
+//!   public connections live on, router, request parsing, the error shape, handlers (public API, admin API and live page, the fans' page), the access log;
 //! - [`signals`] — SIGHUP → reload, SIGTERM/SIGINT → the one shutdown watch;
 //! - [`app`] — start-up steps, the node's workers, serving, the shutdown order;
 //! - [`cli`] — clap definitions of every subcommand;
