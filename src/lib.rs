@@ -35,7 +35,8 @@
 //! - [`export`] — streaming CSV / JSON-lines / Parquet exports, the HTML rush report and its SVG charts;
 //! - [`state`] — `AppState`: the handles a request may touch, and reload;
 //! - [`http`] — accept loop and connection limits, the lanes (single-threaded runtimes)
-//!   public connections live on, router, request parsing, the error shape, handlers (public API, admin API and live page, the fans' page), the access log;
+//!   public connections live on, router, request parsing, the error shape, handlers
+//!   (public API, admin API and live page, the fans' page), the access log;
 //! - [`signals`] — SIGHUP → reload, SIGTERM/SIGINT → the one shutdown watch;
 //! - [`app`] — start-up steps, the node's workers, serving, the shutdown order;
 //! - [`cli`] — clap definitions of every subcommand;
