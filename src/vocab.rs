@@ -8,15 +8,17 @@
 //!
 //! - [`Claim`]: a code given to a user ([`Claimed`]: the answer to a claim request);
 //! - [`PendingClaim`]: a claim on its way to the store, which answers it with
-//!   a [`CommitOutcome`] — in the store's own terms;
+//!   a [`CommitOutcome`] — in the store's own terms; a store answering many
+//!   at once uses [`answer_all`], which delivers them to each claim's
+//!   [`Home`] thread in one message;
 //! - [`Rejection`]: why the claim decision refused a request (one per API
 //!   error code; the HTTP layer maps it to a status);
 //! - [`ClaimOutcome`]: the label a claim request is counted under in
 //!   metrics, statistics and reports.
 
-use std::sync::Arc;
+use std::{cell::Cell, sync::Arc};
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 /// A code given to a user: durable once it has an id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +98,64 @@ pub struct PendingClaim {
     /// `None` only once answered (by value, so never observed).
     inner: Option<(Claim, oneshot::Sender<(Claim, CommitOutcome)>)>,
     limit: u32,
+    /// The thread the claim was made on, if it is a [`Home`].
+    home: Option<&'static Home>,
+}
+
+/// Answers for the claims made on one home thread, with their outcomes.
+pub type Answers = Vec<(PendingClaim, CommitOutcome)>;
+
+/// A thread that takes its claims' answers itself: a lane of the HTTP layer
+/// (a single-threaded runtime), whose settler task reads [`Home::settle_here`]'s
+/// channel and answers each claim there.
+///
+/// Why: a single-threaded tokio runtime writes its eventfd for every task
+/// woken from another thread. The journal writer answering a group commit
+/// of 17 claims made 17 such writes; through [`answer_all`] it sends each
+/// home one message (one wake-up), and the claims' tasks are woken on their
+/// own thread, where a wake is a queue push.
+#[derive(Debug)]
+pub struct Home(mpsc::UnboundedSender<Answers>);
+
+thread_local! {
+    static HOME: Cell<Option<&'static Home>> = const { Cell::new(None) };
+}
+
+impl Home {
+    /// Makes the calling thread a home: claims made on it from now on are
+    /// answered through the returned channel, which the thread must drain,
+    /// calling [`PendingClaim::answer`] on each. (One small allocation per
+    /// home, kept for the process's life: homes are a node's lanes.)
+    pub fn settle_here() -> mpsc::UnboundedReceiver<Answers> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let home: &'static Home = Box::leak(Box::new(Home(tx)));
+        HOME.with(|h| h.set(Some(home)));
+        rx
+    }
+}
+
+/// Answers many claims: those with a [`Home`] in one message per home, the
+/// rest at once. If a home has gone (its thread ended), its claims are
+/// answered here instead.
+pub fn answer_all(answers: impl IntoIterator<Item = (PendingClaim, CommitOutcome)>) {
+    let mut by_home: Vec<(&'static Home, Answers)> = Vec::new();
+    for (pending, outcome) in answers {
+        let Some(home) = pending.home else {
+            pending.answer(outcome);
+            continue;
+        };
+        match by_home.iter_mut().find(|(h, _)| std::ptr::eq(*h, home)) {
+            Some((_, answers)) => answers.push((pending, outcome)),
+            None => by_home.push((home, vec![(pending, outcome)])),
+        }
+    }
+    for (home, answers) in by_home {
+        if let Err(gone) = home.0.send(answers) {
+            gone.0
+                .into_iter()
+                .for_each(|(pending, outcome)| pending.answer(outcome));
+        }
+    }
 }
 
 /// Where the store's answer to a [`PendingClaim`] arrives.
@@ -108,6 +168,7 @@ impl PendingClaim {
         let pending = PendingClaim {
             inner: Some((claim, reply)),
             limit,
+            home: HOME.with(Cell::get),
         };
         (pending, answer)
     }
@@ -349,6 +410,52 @@ mod tests {
         assert_eq!((pending.limit(), pending.claim().user_id), (2, 7));
         pending.answer(CommitOutcome::Committed(9));
         assert_eq!(reply.try_recv().unwrap(), (claim(), CommitOutcome::Committed(9)));
+    }
+
+    #[test]
+    fn answers_go_home_in_one_message_per_home_and_the_rest_at_once() {
+        // Two claims made on a home thread, one on this thread (no home).
+        let (made, home) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let mut answers = Home::settle_here();
+            let (pendings, replies): (Vec<_>, Vec<_>) = (0..2).map(|_| PendingClaim::new(claim(), 1)).unzip();
+            made.send(pendings).unwrap();
+            let batch = answers.blocking_recv().expect("one message");
+            assert_eq!(batch.len(), 2, "both answers in it");
+            assert!(answers.try_recv().is_err(), "and no second message");
+            batch.into_iter().for_each(|(pending, outcome)| pending.answer(outcome));
+            replies
+                .into_iter()
+                .map(|mut r| r.try_recv().unwrap().1)
+                .collect::<Vec<_>>()
+        });
+        let pendings = home.recv().unwrap();
+        let (here, mut here_reply) = PendingClaim::new(claim(), 1);
+        let outcomes = pendings.into_iter().chain([here]).enumerate();
+        answer_all(outcomes.map(|(i, p)| (p, CommitOutcome::Committed(i as u64 + 1))));
+        assert_eq!(
+            here_reply.try_recv().unwrap().1,
+            CommitOutcome::Committed(3),
+            "answered at once"
+        );
+        assert_eq!(
+            thread.join().unwrap(),
+            [CommitOutcome::Committed(1), CommitOutcome::Committed(2)]
+        );
+    }
+
+    #[test]
+    fn claims_whose_home_has_gone_are_answered_anyway() {
+        let (pending, mut reply) = std::thread::spawn(|| {
+            let answers = Home::settle_here();
+            let made = PendingClaim::new(claim(), 1);
+            drop(answers);
+            made
+        })
+        .join()
+        .unwrap();
+        answer_all([(pending, CommitOutcome::Committed(5))]);
+        assert_eq!(reply.try_recv().unwrap().1, CommitOutcome::Committed(5));
     }
 
     #[test]
