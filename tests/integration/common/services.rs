@@ -279,10 +279,21 @@ impl Services {
     }
 }
 
+/// Signals a service and waits for it to exit; one that has not exited
+/// after 10 s is killed. SecantusDB once ignored a SIGTERM while a node held
+/// connections to it, and the test waited on it for 17 minutes.
 fn stop(child: Option<Child>, sig: i32) {
     if let Some(mut c) = child {
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(c.id() as i32, sig) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if matches!(c.try_wait(), Ok(None)) {
+            eprintln!("service {} ignored signal {sig} for 10 s; killing it", c.id());
+            let _ = c.kill();
+        }
         let _ = c.wait();
     }
 }
