@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     metrics,
-    vocab::{CommitError, CommitOutcome, PendingClaim},
+    vocab::{answer_all, CommitError, CommitOutcome, PendingClaim},
     worker::{Ctl, Stop},
 };
 
@@ -144,6 +144,7 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
         }
     };
     let mut committed = 0;
+    let mut answers = Vec::with_capacity(work.len());
     for (a, answer) in work.into_iter().zip(results) {
         let outcome = if answer == "LOST" {
             CommitOutcome::CodeTaken
@@ -172,8 +173,10 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
                 _ => CommitOutcome::Failed(CommitError::Unavailable),
             }
         };
-        a.pending.answer(outcome);
+        answers.push((a.pending, outcome));
     }
+    // One message per lane, not a wake-up per claim (see `vocab::Home`).
+    answer_all(answers);
     if committed > 0 {
         shared.backlog.fetch_add(committed, Ordering::Relaxed);
         shared.backlog_grew.notify_one();
