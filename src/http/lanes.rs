@@ -10,15 +10,17 @@
 //! wake-up per lane instead of one per claim.
 //!
 //! Why not the multi-threaded runtime the rest of the node runs on: under a
-//! rush its work-stealing costs more than the work. Every readable socket
-//! wakes a second worker to steal, which mostly finds nothing and parks
-//! again (a futex wake and wait per wave of requests), and a task moves
-//! between cores with its cache lines. Measured with `scripts/bench-side-by-side`
-//! (all-success claims, wrk on the same 2-core box): on the shared runtime a
-//! claim cost its workers 10 µs user + 6.5 µs system time; on one
-//! single-threaded runtime 7.7 + 4.8 µs, with p99 at -c64 down from 5–6 ms
-//! to 3.7 ms. Many keep-alive connections spread evenly over the lanes, so
-//! giving up stealing costs little balance.
+//! rush its work-stealing costs more than it balances. Every wave of
+//! readable sockets wakes a second worker to steal, which mostly finds
+//! nothing and parks again (a futex wake and wait), and a task moves between
+//! cores with its cache lines. Many keep-alive connections spread evenly
+//! over the lanes, so giving up stealing costs little balance; the price is
+//! that nothing on a lane may block its thread (password hashing runs on
+//! the blocking pool), and a lane the OS preempts waits with its
+//! connections. Lanes with home delivery, measured against the shared
+//! runtime alternated on the same 2-core box (`scripts/bench-side-by-side`'s
+//! all-success rush, wrk -c64): 56–58k claims/s against 47–52k, with
+//! slightly less CPU per claim (README, Performance).
 //!
 //! The admin listener and the node's background workers stay on the shared
 //! runtime (the admin API uses `block_in_place`, which a single-threaded
