@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::ClaimView;
 use crate::{
     catalog::{Activity, Listing, Status},
-    clock::{now_ms, rfc3339_ms},
+    clock::{now_ms, rfc3339_ms, rfc3339_ms_cached},
     config::AdmissionMode,
     http::{
         error::ApiError,
@@ -95,7 +95,8 @@ pub fn list(state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
     let now = now_ms();
     let catalog = state.catalog.load();
     let fingerprint = {
-        let mut h = std::hash::DefaultHasher::new();
+        // Compared only with itself: a fast, fixed-key hash will do.
+        let mut h = ahash::AHasher::default();
         for a in catalog.activities() {
             h.write_u8(a.status(now) as u8);
             h.write_u8(u8::from(a.paused));
@@ -125,7 +126,7 @@ pub fn list(state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
         }
     };
     // `{"ok":true,"data":{"activities":[...],"serverTime":"..."}}`
-    let server_time = rfc3339_ms(now);
+    let server_time = rfc3339_ms_cached(now);
     let mut body = Vec::with_capacity(json.len() + server_time.len() + 64);
     body.extend_from_slice(br#"{"ok":true,"data":{"activities":"#);
     body.extend_from_slice(&json);
