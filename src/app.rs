@@ -203,6 +203,8 @@ impl App {
     /// admin API's listener, if any.
     pub async fn run(self, listener: TcpListener, admin: Option<TcpListener>, signals: Signals) -> anyhow::Result<()> {
         let notifier = Arc::new(Notifier::from_env());
+        // Before the workers: a node that cannot start its lanes starts nothing.
+        let lanes = Lanes::start(self.threads).context("cannot start the connection threads")?;
         self.start_workers(signals.reload, &notifier);
         let http = Arc::new(Http {
             state: self.state.clone(),
@@ -224,7 +226,6 @@ impl App {
         if let Some(addr) = server::local_addr(&listener) {
             tracing::info!(%addr, "Listening.");
         }
-        let lanes = Lanes::start(self.threads).context("cannot start the connection threads")?;
         notifier.send("READY=1");
         let stopping = {
             let (notifier, mut shutdown) = (notifier.clone(), signals.shutdown.clone());
@@ -244,8 +245,10 @@ impl App {
         if let Some(admin) = admin_server {
             let _ = admin.await;
         }
-        drop((http, lanes));
+        drop(http);
         self.workers.stop(STOP_ORDER).await;
+        // Last: the journal's final answers were delivered to their lanes.
+        let _ = tokio::task::spawn_blocking(move || lanes.stop()).await;
         tracing::info!("Shutdown complete.");
         Ok(())
     }

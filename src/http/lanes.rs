@@ -31,6 +31,7 @@ use std::{
     io,
     pin::Pin,
     sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
 };
 
 use tokio::sync::mpsc;
@@ -44,21 +45,34 @@ pub type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Se
 /// The lane threads, and the next one to get a connection.
 pub struct Lanes {
     lanes: Vec<mpsc::UnboundedSender<Job>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
     next: AtomicUsize,
 }
 
+/// How long a stopping lane waits for its blocking tasks (a logout's store
+/// write) before its thread ends anyway.
+const BLOCKING_GRACE: Duration = Duration::from_secs(2);
+
+/// The process's ceiling on blocking threads, shared by the lanes as the
+/// shared runtime's default (512) was by its workers.
+const BLOCKING_THREADS: usize = 512;
+
 impl Lanes {
-    /// Starts `count` lanes (at least one), named `ticketd-lane-<n>`. A lane
-    /// ends once every [`Lanes`] handle is dropped and its connections have
-    /// ended: the accept loop drops it after the drain.
+    /// Starts `count` lanes (at least one), named `ticketd-lane-<n>`. They
+    /// run until [`Lanes::stop`].
     pub fn start(count: usize) -> io::Result<Lanes> {
-        let mut lanes = Vec::with_capacity(count.max(1));
-        for n in 0..count.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let count = count.max(1);
+        let mut lanes = Vec::with_capacity(count);
+        let mut threads = Vec::with_capacity(count);
+        for n in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .max_blocking_threads((BLOCKING_THREADS / count).max(16))
+                .build()?;
             // Unbounded, yet bounded by `server.max_connections`: a
             // connection is counted before it is queued here.
             let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
-            std::thread::Builder::new()
+            let thread = std::thread::Builder::new()
                 .name(format!("ticketd-lane-{n}"))
                 .spawn(move || {
                     runtime.block_on(async move {
@@ -72,14 +86,30 @@ impl Lanes {
                         while let Some(job) = rx.recv().await {
                             tokio::spawn(job());
                         }
-                    })
+                    });
+                    runtime.shutdown_timeout(BLOCKING_GRACE);
                 })?;
             lanes.push(tx);
+            threads.push(thread);
         }
         Ok(Lanes {
             lanes,
+            threads,
             next: AtomicUsize::new(0),
         })
+    }
+
+    /// Ends every lane and waits for its thread. What still runs on a lane
+    /// is dropped: the node calls this last, after the drain and after its
+    /// workers stopped (the journal's last answers reach their lanes).
+    /// Blocks: call it off the async workers.
+    pub fn stop(self) {
+        drop(self.lanes);
+        for thread in self.threads {
+            if thread.join().is_err() {
+                tracing::error!("A connection lane panicked.");
+            }
+        }
     }
 
     /// How many lanes there are.

@@ -131,6 +131,19 @@ end_time = "+1h"
     }
 
     #[test]
+    fn a_thread_count_beyond_reason_is_refused() {
+        let Err(ConfigError::Invalid { problems, .. }) = load("[server]\nthreads = 100000\n") else {
+            panic!("must be invalid")
+        };
+        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            ["line 2: server.threads must be at most 1024 (0: one per CPU core)"]
+        );
+        load("[server]\nthreads = 4\n").unwrap();
+    }
+
+    #[test]
     fn unknown_keys_are_refused_with_a_line() {
         let err = load("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n").unwrap_err();
         let text = err.to_string();

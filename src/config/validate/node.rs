@@ -9,12 +9,22 @@ use crate::config::model::{
 
 const K: fn(&'static str) -> Seg<'static> = Seg::Key;
 
+/// Most lanes a node starts: far beyond any machine's cores, low enough that
+/// a typo cannot ask for a hundred thousand threads.
+const MAX_THREADS: usize = 1024;
+
 pub(super) fn server(r: &mut Report<'_>, config: &Config) {
     let s = &config.server;
     if s.max_connections == 0 {
         r.add(
             &[K("server"), K("max_connections")],
             "server.max_connections must be at least 1".into(),
+        );
+    }
+    if s.threads > MAX_THREADS {
+        r.add(
+            &[K("server"), K("threads")],
+            format!("server.threads must be at most {MAX_THREADS} (0: one per CPU core)"),
         );
     }
     if let Some(node) = &s.node_id {

@@ -175,7 +175,8 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
         };
         answers.push((a.pending, outcome));
     }
-    // One message per lane, not a wake-up per claim (see `vocab::Home`).
+    // One message per lane for this activity's claims, not a wake-up per
+    // claim (see `vocab::Home`).
     answer_all(answers);
     if committed > 0 {
         shared.backlog.fetch_add(committed, Ordering::Relaxed);

@@ -217,7 +217,8 @@ impl Services {
         self.redis = Some(child);
     }
 
-    /// SIGTERM to Redis (it writes and closes its AOF), and wait.
+    /// SIGTERM to Redis (it writes and closes its AOF), and wait for it to
+    /// exit (a Redis still running after 10 s is killed; see `stop`).
     pub fn stop_redis(&mut self) {
         stop(self.redis.take(), libc::SIGTERM);
     }
