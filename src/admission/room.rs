@@ -143,6 +143,15 @@ struct Place {
     admit_seq: u64,
 }
 
+impl Place {
+    /// Whether this place's admission is on disk (`durable`: the last
+    /// room-log line there), so its pass may be shown: a crash before would
+    /// forget a pass somebody holds.
+    fn admission_durable(&self, durable: u64) -> bool {
+        self.state == PlaceState::Admitted && self.admit_seq <= durable
+    }
+}
+
 /// Why a join was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JoinError {
@@ -425,8 +434,7 @@ impl Room {
     pub fn pass_of(&self, user: u64, now: i64) -> Option<i64> {
         let st = self.state.lock();
         let p = st.places.get(&user)?;
-        (p.state == PlaceState::Admitted && now < p.pass_expires_ms && p.admit_seq <= self.durable())
-            .then_some(p.pass_expires_ms)
+        (p.admission_durable(self.durable()) && now < p.pass_expires_ms).then_some(p.pass_expires_ms)
     }
 
     /// Room-wide figures.
@@ -821,9 +829,10 @@ impl RoomState {
         let place = self.places.get(&user);
         let closed = self.closed_ms.is_some();
         let mut state = place.map_or(PlaceState::NotJoined, |p| p.state);
-        if state == PlaceState::Admitted && place.is_some_and(|p| p.admit_seq > durable) {
-            // Admitted, but not yet on disk: a crash now would forget it, so
-            // no pass is shown (or handed out) until it is.
+        let pass_shown = place.is_some_and(|p| p.admission_durable(durable));
+        if state == PlaceState::Admitted && !pass_shown {
+            // Admitted, but not yet on disk: shown as waiting, with no pass
+            // (see `Place::admission_durable`).
             state = PlaceState::Waiting;
         }
         if state == PlaceState::Admitted && place.is_some_and(|p| now >= p.pass_expires_ms) {
@@ -853,7 +862,8 @@ impl RoomState {
                 _ => (now < s.start_ms).then_some(until_start),
             }
         });
-        let admitted = place.filter(|p| p.admitted_ms > 0);
+        // A pass that lapsed (Done) was admitted on disk and stays shown.
+        let admitted = place.filter(|p| p.admitted_ms > 0 && p.admit_seq <= durable);
         QueueStatus {
             act_id: activity.to_string(),
             mode: s.mode,
@@ -978,10 +988,14 @@ mod tests {
         assert_eq!(room.summary().admitted, 1, "admitted in memory");
         // The admission is in the log's buffer, not on disk: a crash now
         // would forget it, so nobody may see its pass yet.
-        assert_eq!(room.status(1, 1_020, false).state, PlaceState::Waiting);
+        let before = room.status(1, 1_020, false);
+        assert_eq!(before.state, PlaceState::Waiting);
+        assert_eq!((before.admitted_at, before.pass_expires_at), (None, None));
         assert_eq!(room.pass_of(1, 1_020), None);
         room.log.as_ref().unwrap().sync_now().unwrap();
-        assert_eq!(room.status(1, 1_020, false).state, PlaceState::Admitted);
+        let after = room.status(1, 1_020, false);
+        assert_eq!(after.state, PlaceState::Admitted);
+        assert_eq!(after.pass_expires_at, Some(rfc3339_ms(1_010 + 60_000)));
         assert_eq!(room.pass_of(1, 1_020), Some(1_010 + 60_000));
     }
 
