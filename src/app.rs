@@ -157,10 +157,7 @@ impl App {
             None => None,
         };
         let max_connections = config.server.max_connections;
-        let threads = match config.server.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
+        let threads = config.server.lanes();
         config.strip_codes();
         let state = Arc::new(AppState::new(
             catalog,

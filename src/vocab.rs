@@ -124,7 +124,7 @@ thread_local! {
 impl Home {
     /// Makes the calling thread a home: claims made on it from now on are
     /// answered through the returned channel, which the thread must drain,
-    /// calling [`PendingClaim::answer`] on each. (One small allocation per
+    /// passing each message to [`answer_each`]. (One small allocation per
     /// home, kept for the process's life: homes are a node's lanes.)
     pub fn settle_here() -> mpsc::UnboundedReceiver<Answers> {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -132,6 +132,13 @@ impl Home {
         HOME.with(|h| h.set(Some(home)));
         rx
     }
+}
+
+/// Answers each claim of `answers` (what a home's settler does with a message).
+pub fn answer_each(answers: Answers) {
+    answers
+        .into_iter()
+        .for_each(|(pending, outcome)| pending.answer(outcome));
 }
 
 /// Answers many claims: those with a [`Home`] in one message per home, the
@@ -151,9 +158,7 @@ pub fn answer_all(answers: impl IntoIterator<Item = (PendingClaim, CommitOutcome
     }
     for (home, answers) in by_home {
         if let Err(gone) = home.0.send(answers) {
-            gone.0
-                .into_iter()
-                .for_each(|(pending, outcome)| pending.answer(outcome));
+            answer_each(gone.0);
         }
     }
 }
@@ -423,7 +428,7 @@ mod tests {
             let batch = answers.blocking_recv().expect("one message");
             assert_eq!(batch.len(), 2, "both answers in it");
             assert!(answers.try_recv().is_err(), "and no second message");
-            batch.into_iter().for_each(|(pending, outcome)| pending.answer(outcome));
+            answer_each(batch);
             replies
                 .into_iter()
                 .map(|mut r| r.try_recv().unwrap().1)

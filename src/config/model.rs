@@ -515,6 +515,16 @@ impl AuthConfig {
     }
 }
 
+impl ServerConfig {
+    /// Lanes to start: `threads`, or one per CPU core when it is 0.
+    pub fn lanes(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
 impl AdminConfig {
     /// The admin bearer token: `TICKETD_ADMIN_TOKEN`, else `admin.token`.
     pub fn token(&self) -> Option<String> {

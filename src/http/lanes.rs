@@ -36,11 +36,11 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use crate::vocab::Home;
+use crate::vocab::{answer_each, Home};
 
-/// A connection to serve: called on its lane's runtime, it returns the
-/// future that serves it.
-pub type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+/// A connection to serve: the future that serves it, first polled on its
+/// lane (where it registers the socket with that lane's reactor).
+pub type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The lane threads, and the next one to get a connection.
 pub struct Lanes {
@@ -53,8 +53,8 @@ pub struct Lanes {
 /// write) before its thread ends anyway.
 const BLOCKING_GRACE: Duration = Duration::from_secs(2);
 
-/// The process's ceiling on blocking threads, shared by the lanes as the
-/// shared runtime's default (512) was by its workers.
+/// Blocking threads shared out among the lanes (the shared runtime's
+/// default ceiling), at least 16 a lane: 512 in all up to 32 lanes.
 const BLOCKING_THREADS: usize = 512;
 
 impl Lanes {
@@ -80,11 +80,11 @@ impl Lanes {
                         let mut answers = Home::settle_here();
                         tokio::spawn(async move {
                             while let Some(batch) = answers.recv().await {
-                                batch.into_iter().for_each(|(pending, outcome)| pending.answer(outcome));
+                                answer_each(batch);
                             }
                         });
                         while let Some(job) = rx.recv().await {
-                            tokio::spawn(job());
+                            tokio::spawn(job);
                         }
                     });
                     runtime.shutdown_timeout(BLOCKING_GRACE);
@@ -112,20 +112,56 @@ impl Lanes {
         }
     }
 
-    /// How many lanes there are.
-    pub fn len(&self) -> usize {
-        self.lanes.len()
-    }
-
-    /// Whether there are none (never: `start` makes at least one).
-    pub fn is_empty(&self) -> bool {
-        self.lanes.is_empty()
-    }
-
     /// Gives `job` to the next lane; hands it back if that lane has gone
     /// (its thread panicked), for the caller to run itself.
     pub fn send(&self, job: Job) -> Result<(), Job> {
         let n = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
         self.lanes[n].send(job).map_err(|e| e.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc as std_mpsc;
+
+    use super::*;
+    use crate::vocab::{answer_all, Claim, CommitOutcome, PendingClaim};
+
+    /// A claim made on a lane is answered on that lane, by its settler, not
+    /// by the thread that answers it: while the lane's thread is busy, the
+    /// answer waits for it.
+    #[test]
+    fn a_claim_made_on_a_lane_is_answered_there() {
+        let lanes = Lanes::start(1).unwrap();
+        let (made, pending) = std_mpsc::channel();
+        let (go, wait) = std_mpsc::channel::<()>();
+        let (report, outcome) = std_mpsc::channel();
+        let job: Job = Box::pin(async move {
+            let claim = Claim {
+                id: 0,
+                activity_id: "a".into(),
+                ticket_id: "t".into(),
+                code: "C".into(),
+                user_id: 1,
+                claimed_at_ms: 0,
+                idempotency_key: None,
+            };
+            let (p, mut reply) = PendingClaim::new(claim, 1);
+            made.send(p).unwrap();
+            // Keep the lane's thread busy until the answer was sent.
+            wait.recv().unwrap();
+            let answered_meanwhile = reply.try_recv().is_ok();
+            let (_, got) = reply.await.unwrap();
+            report.send((answered_meanwhile, got)).unwrap();
+        });
+        assert!(lanes.send(job).is_ok());
+        answer_all([(pending.recv().unwrap(), CommitOutcome::Committed(7))]);
+        go.send(()).unwrap();
+        assert_eq!(
+            outcome.recv().unwrap(),
+            (false, CommitOutcome::Committed(7)),
+            "answered by the lane once it was free, not by the caller"
+        );
+        lanes.stop();
     }
 }

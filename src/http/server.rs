@@ -164,16 +164,14 @@ pub async fn serve(
                 continue;
             }
         };
-        let job: Job = Box::new(move || {
-            Box::pin(async move {
-                match TcpStream::from_std(stream) {
-                    Ok(stream) => serve_connection(stream, http, peer, shutdown, surface, guard).await,
-                    Err(error) => tracing::debug!(%error, %peer, "A lane could not take a connection."),
-                }
-            })
+        let job: Job = Box::pin(async move {
+            match TcpStream::from_std(stream) {
+                Ok(stream) => serve_connection(stream, http, peer, shutdown, surface, guard).await,
+                Err(error) => tracing::debug!(%error, %peer, "A lane could not take a connection."),
+            }
         });
         if let Err(job) = lanes.send(job) {
-            tokio::spawn(job());
+            tokio::spawn(job);
         }
     }
     drop(listener);

@@ -97,13 +97,14 @@ pub trait Entry: Send + 'static {
     /// Called once, after the write succeeded (with the claim's id) or
     /// surely failed (nothing of it reached the disk).
     fn settle(self, result: Result<u64, CommitError>);
-    /// Settles a durable batch: each entry with its claim's id. By default
-    /// one [`Entry::settle`] each; claims are handed to [`answer_all`].
-    fn settle_durable(batch: Vec<(Self, u64)>)
+    /// Settles a durable batch, each entry with its claim's id. By default
+    /// one [`Entry::settle`] each; claims go through [`answer_all`] (one
+    /// wake-up per lane).
+    fn settle_durable(batch: impl Iterator<Item = (Self, u64)>)
     where
         Self: Sized,
     {
-        batch.into_iter().for_each(|(e, id)| e.settle(Ok(id)));
+        batch.for_each(|(e, id)| e.settle(Ok(id)));
     }
     /// Called instead of [`Entry::settle`] when a write or fsync failed: some
     /// of the batch may be on disk and become a claim at the next start, so
@@ -123,8 +124,8 @@ impl Entry for PendingClaim {
         });
     }
 
-    fn settle_durable(batch: Vec<(Self, u64)>) {
-        answer_all(batch.into_iter().map(|(e, id)| (e, CommitOutcome::Committed(id))));
+    fn settle_durable(batch: impl Iterator<Item = (Self, u64)>) {
+        answer_all(batch.map(|(e, id)| (e, CommitOutcome::Committed(id))));
     }
 
     fn in_doubt(self) {
@@ -652,15 +653,14 @@ impl Writer {
             return;
         }
         self.setup.next_seq += batch.len() as u64;
-        let mut durable = Vec::with_capacity(batch.len());
-        let mut settled = Vec::with_capacity(batch.len());
-        for (i, e) in batch.drain(..).enumerate() {
-            let mut claim = e.claim().clone();
-            claim.id = first + i as u64;
-            durable.push(claim);
-            settled.push((e, first + i as u64));
-        }
-        E::settle_durable(settled);
+        let durable: Vec<Claim> = (first..)
+            .zip(batch.iter())
+            .map(|(id, e)| Claim {
+                id,
+                ..e.claim().clone()
+            })
+            .collect();
+        E::settle_durable(batch.drain(..).zip(first..));
         // The applier outlives the writer; a send fails only at teardown,
         // and the claims are in the journal either way.
         let _ = self.setup.applier.send(durable);

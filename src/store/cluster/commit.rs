@@ -109,9 +109,11 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
         Err(error) => {
             shared.redis_failed(&error);
             tracing::debug!(%error, "Could not reserve claim ids.");
-            for p in claims {
-                p.answer(CommitOutcome::Failed(CommitError::Unavailable));
-            }
+            answer_all(
+                claims
+                    .into_iter()
+                    .map(|p| (p, CommitOutcome::Failed(CommitError::Unavailable))),
+            );
             return;
         }
     };
@@ -130,7 +132,7 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
         Err(error) => {
             tracing::warn!(%error, claims = work.len(), "Commit outcome unknown; the claims are answered 503 and their codes checked when Redis returns.");
             let mut doubts = shared.doubts.lock();
-            for a in work {
+            let answers = work.into_iter().map(|a| {
                 let claim = a.pending.claim();
                 doubts.push(Doubt {
                     activity: activity.clone(),
@@ -138,8 +140,9 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
                     code: claim.code.clone(),
                     nonce: a.nonce,
                 });
-                a.pending.answer(CommitOutcome::InDoubt);
-            }
+                (a.pending, CommitOutcome::InDoubt)
+            });
+            answer_all(answers);
             return;
         }
     };
@@ -176,7 +179,7 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
         answers.push((a.pending, outcome));
     }
     // One message per lane for this activity's claims, not a wake-up per
-    // claim (see `vocab::Home`).
+    // claim (see `vocab::Home`); the failure paths above do the same.
     answer_all(answers);
     if committed > 0 {
         shared.backlog.fetch_add(committed, Ordering::Relaxed);
