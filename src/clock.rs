@@ -18,22 +18,6 @@ pub fn rfc3339_ms(ms: i64) -> String {
     t.format(&Rfc3339).unwrap_or_default()
 }
 
-/// [`rfc3339_ms`] of `ms`, formatted at most once per millisecond on each
-/// thread: a list answered 100,000 times a second shows the same
-/// `serverTime` to every request within a millisecond.
-pub fn rfc3339_ms_cached(ms: i64) -> std::rc::Rc<str> {
-    thread_local! {
-        static LAST: std::cell::RefCell<(i64, std::rc::Rc<str>)> = std::cell::RefCell::new((i64::MIN, "".into()));
-    }
-    LAST.with(|last| {
-        let mut last = last.borrow_mut();
-        if last.0 != ms {
-            *last = (ms, rfc3339_ms(ms).into());
-        }
-        last.1.clone()
-    })
-}
-
 /// Parses an RFC 3339 time into Unix milliseconds.
 pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
     OffsetDateTime::parse(s, &Rfc3339)

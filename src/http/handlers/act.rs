@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::ClaimView;
 use crate::{
     catalog::{Activity, Listing, Status},
-    clock::{now_ms, rfc3339_ms, rfc3339_ms_cached},
+    clock::{now_ms, rfc3339_ms},
     config::AdmissionMode,
     http::{
         error::ApiError,
@@ -126,7 +126,7 @@ pub fn list(state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
         }
     };
     // `{"ok":true,"data":{"activities":[...],"serverTime":"..."}}`
-    let server_time = rfc3339_ms_cached(now);
+    let server_time = rfc3339_ms(now);
     let mut body = Vec::with_capacity(json.len() + server_time.len() + 64);
     body.extend_from_slice(br#"{"ok":true,"data":{"activities":"#);
     body.extend_from_slice(&json);
