@@ -218,7 +218,7 @@ impl Services {
     }
 
     /// SIGTERM to Redis (it writes and closes its AOF), and wait for it to
-    /// exit (a Redis still running after 10 s is killed; see `stop`).
+    /// exit (one still running after 10 s fails the test; see `stop`).
     pub fn stop_redis(&mut self) {
         stop(self.redis.take(), libc::SIGTERM);
     }
@@ -280,9 +280,11 @@ impl Services {
     }
 }
 
-/// Signals a service and waits for it to exit; one that has not exited
-/// after 10 s is killed. SecantusDB once ignored a SIGTERM while a node held
-/// connections to it, and the test waited on it for 17 minutes.
+/// Signals a service and waits for it to exit. One still running 10 s
+/// after a SIGTERM is killed and the test fails, saying so: the test meant a
+/// clean stop (Redis writing its AOF), and a hang must not pass for one.
+/// SecantusDB once ignored a SIGTERM while a node held connections to it,
+/// and the test waited on it for 17 minutes.
 fn stop(child: Option<Child>, sig: i32) {
     if let Some(mut c) = child {
         // SAFETY: signalling our own child process.
@@ -291,11 +293,17 @@ fn stop(child: Option<Child>, sig: i32) {
         while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if matches!(c.try_wait(), Ok(None)) {
-            eprintln!("service {} ignored signal {sig} for 10 s; killing it", c.id());
+        let hung = matches!(c.try_wait(), Ok(None));
+        if hung {
             let _ = c.kill();
         }
         let _ = c.wait();
+        if hung && !std::thread::panicking() {
+            panic!(
+                "service {} did not exit within 10 s of signal {sig}; it was killed",
+                c.id()
+            );
+        }
     }
 }
 
