@@ -1,9 +1,10 @@
 //! Rush statistics for the organiser's report: per activity, the claim
-//! outcomes per tenth of a second, request counts per client address and per account
-//! (the scalper signal), and the claim latency distribution.
+//! outcomes per tick ([`OUTCOME_TICK_MS`]), request counts per client
+//! address and per account (the scalper signal), and the claim latency
+//! distribution.
 //!
 //! Recording is a handful of atomic increments per claim request under
-//! shard read locks, no I/O, no allocation once a minute and a source have
+//! shard read locks, no I/O, no allocation once a tick and a source have
 //! been seen; a worker drains the counts every second into the store
 //! (`Store::add_stats`). The per-source maps are capped: past
 //! [`MAX_SOURCES`] distinct addresses and accounts between two drains, new

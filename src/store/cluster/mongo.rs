@@ -68,6 +68,16 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), MongoError> {
     coll(db, "users")
         .create_index(index(doc! {"username": 1}, true))
         .await?;
+    // The report reads one activity's statistics; outcomes come ten rows a
+    // second per outcome while a rush runs.
+    coll(db, "stats_outcome_ticks")
+        .create_index(index(doc! {"activity_id": 1, "at_ms": 1}, false))
+        .await?;
+    for name in ["stats_outcomes", "stats_sources", "stats_latency"] {
+        coll(db, name)
+            .create_index(index(doc! {"activity_id": 1}, false))
+            .await?;
+    }
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! The rush statistics and the report query of the embedded store.
 //!
 //! Statistics arrive drained from memory once a second and are added to
-//! per-minute, per-source and per-latency-bucket totals; the report reads
+//! per-tick, per-source and per-latency-bucket totals; the report reads
 //! them back beside the claims themselves.
 
 use rusqlite::{params, Connection, OptionalExtension};
