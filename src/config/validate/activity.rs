@@ -16,41 +16,10 @@ pub(super) fn activities(r: &mut Report<'_>, config: &mut Config) {
     let mut all_codes: HashSet<String> = HashSet::new();
     let base_dir = config.base_dir.clone();
     for (ai, act) in config.activities.iter_mut().enumerate() {
-        let at = [k("activity"), Seg::Index(ai)];
         check_activity(r, ai, act, config.storage.mode, &mut activity_ids);
-        if act.tickets.is_empty() {
-            r.add(&at, format!("activity `{}` has no [[activity.ticket]]", act.id));
-        }
+        check_tickets(r, ai, act, &mut ticket_ids);
         for (ti, ticket) in act.tickets.iter_mut().enumerate() {
             let tpath = |f: &'static str| [k("activity"), Seg::Index(ai), k("ticket"), Seg::Index(ti), k(f)];
-            if !valid_id(&ticket.id) {
-                r.add(
-                    &tpath("id"),
-                    format!(
-                        "ticket id `{}` must be 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.'",
-                        ticket.id
-                    ),
-                );
-            } else if !ticket_ids.insert(ticket.id.clone()) {
-                r.add(
-                    &tpath("id"),
-                    format!(
-                        "ticket id `{}` is used twice (ticket ids are unique across activities)",
-                        ticket.id
-                    ),
-                );
-            }
-            if ticket.name.trim().is_empty() {
-                r.add(&tpath("name"), format!("ticket `{}` needs a name", ticket.id));
-            }
-            if let (Some(s), Some(e)) = (ticket.start_time, ticket.end_time) {
-                if !ends_after_start(s, e) {
-                    r.add(
-                        &tpath("end_time"),
-                        format!("ticket `{}` must end after it starts", ticket.id),
-                    );
-                }
-            }
             let sources = [
                 ticket.codes.is_some(),
                 ticket.codes_file.is_some(),
@@ -96,6 +65,50 @@ pub(super) fn activities(r: &mut Report<'_>, config: &mut Config) {
                 }
             }
             check_codes(r, &tpath("codes"), ticket, &mut all_codes);
+        }
+    }
+}
+
+/// The tickets' own keys: there is one, ids unique across activities,
+/// names, windows. Also checked of definitions read from a cluster's
+/// MongoDB (their codes, like the activity's, were the import's business).
+pub(super) fn check_tickets(r: &mut Report<'_>, ai: usize, act: &ActivityConfig, ids: &mut HashSet<String>) {
+    let k = Seg::Key;
+    if act.tickets.is_empty() {
+        r.add(
+            &[k("activity"), Seg::Index(ai)],
+            format!("activity `{}` has no [[activity.ticket]]", act.id),
+        );
+    }
+    for (ti, ticket) in act.tickets.iter().enumerate() {
+        let tpath = |f: &'static str| [k("activity"), Seg::Index(ai), k("ticket"), Seg::Index(ti), k(f)];
+        if !valid_id(&ticket.id) {
+            r.add(
+                &tpath("id"),
+                format!(
+                    "ticket id `{}` must be 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.'",
+                    ticket.id
+                ),
+            );
+        } else if !ids.insert(ticket.id.clone()) {
+            r.add(
+                &tpath("id"),
+                format!(
+                    "ticket id `{}` is used twice (ticket ids are unique across activities)",
+                    ticket.id
+                ),
+            );
+        }
+        if ticket.name.trim().is_empty() {
+            r.add(&tpath("name"), format!("ticket `{}` needs a name", ticket.id));
+        }
+        if let (Some(s), Some(e)) = (ticket.start_time, ticket.end_time) {
+            if !ends_after_start(s, e) {
+                r.add(
+                    &tpath("end_time"),
+                    format!("ticket `{}` must end after it starts", ticket.id),
+                );
+            }
         }
     }
 }

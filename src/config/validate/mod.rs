@@ -44,17 +44,18 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
 /// Checks activity definitions a node reads from a cluster's MongoDB rather
 /// than from its own file. `ticketd import` checked them before storing
 /// them, but a document edited by hand since, or written by another version,
-/// is checked again here: the activity's own keys and its admission (its
-/// codes were the import's business, and its `codes_file` a path on the
-/// importing machine).
+/// is checked again here: the activity's own keys, its admission and its
+/// tickets' keys (its codes were the import's business, and its
+/// `codes_file` a path on the importing machine).
 pub fn definitions(activities: &[ActivityConfig]) -> Vec<Problem> {
     let mut r = Report {
         lines: Lines { text: "", doc: None },
         problems: Vec::new(),
     };
-    let mut ids = std::collections::HashSet::new();
+    let (mut ids, mut ticket_ids) = (std::collections::HashSet::new(), std::collections::HashSet::new());
     for (ai, act) in activities.iter().enumerate() {
         activity::check_activity(&mut r, ai, act, StorageMode::Cluster, &mut ids);
+        activity::check_tickets(&mut r, ai, act, &mut ticket_ids);
     }
     r.problems
 }
@@ -126,6 +127,45 @@ end_time = "+1h"
             shown
                 .iter()
                 .any(|p| p.starts_with("line 22: ") && p.contains("ticket id `t` is used twice")),
+            "{shown:?}"
+        );
+    }
+
+    #[test]
+    fn stored_definitions_are_checked_down_to_their_tickets() {
+        let text = r#"
+[[activity]]
+id = "a"
+name = "A"
+start_time = "2030-01-01T00:00:00Z"
+end_time = "2030-01-02T00:00:00Z"
+  [[activity.ticket]]
+  id = "t"
+  name = "T"
+  generate = 5
+  [[activity.ticket]]
+  id = "u"
+  name = "U"
+  generate = 5
+"#;
+        let mut activities = load(text).unwrap().activities;
+        assert!(super::definitions(&activities).is_empty(), "a valid set passes");
+        activities[0].tickets[1].id = "t".into();
+        let shown: Vec<String> = super::definitions(&activities)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            shown.iter().any(|p| p.contains("ticket id `t` is used twice")),
+            "{shown:?}"
+        );
+        activities[0].tickets.clear();
+        let shown: Vec<String> = super::definitions(&activities)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            shown.iter().any(|p| p.contains("has no [[activity.ticket]]")),
             "{shown:?}"
         );
     }
