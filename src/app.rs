@@ -31,7 +31,7 @@ use crate::{
     config::Config,
     http::{
         access_log::AccessLog,
-        lanes::Lanes,
+        lanes::{Lanes, Probe},
         router::Surface,
         server::{self, Connections, Http},
     },
@@ -202,7 +202,7 @@ impl App {
         let notifier = Arc::new(Notifier::from_env());
         // Before the workers: a node that cannot start its lanes starts nothing.
         let lanes = Lanes::start(self.threads).context("cannot start the connection threads")?;
-        self.start_workers(signals.reload, &notifier);
+        self.start_workers(signals.reload, &notifier, lanes.probe());
         let http = Arc::new(Http {
             state: self.state.clone(),
             connections: Connections::new(self.max_connections),
@@ -251,7 +251,7 @@ impl App {
     }
 
     /// The node's own workers (the store registered its own at open).
-    fn start_workers(&self, mut reload: mpsc::Receiver<()>, notifier: &Arc<Notifier>) {
+    fn start_workers(&self, mut reload: mpsc::Receiver<()>, notifier: &Arc<Notifier>, lanes: Probe) {
         let (state, workers, rt) = (&self.state, &self.workers, Handle::current());
         if let Some(leasing) = state.inventory.leasing() {
             let leasing = leasing.clone();
@@ -348,7 +348,7 @@ impl App {
             let (state, notifier) = (state.clone(), notifier.clone());
             workers.task("watchdog", &rt, move |ctl, mut stop| async move {
                 tokio::select! {
-                    _ = supervise(state, notifier, ctl) => {}
+                    _ = supervise(state, notifier, lanes, ctl) => {}
                     _ = stop.requested() => {}
                 }
             });
@@ -501,8 +501,9 @@ fn flush_stats(state: &AppState) -> Result<(), crate::store::StoreError> {
 
 /// Tells systemd how the node is doing: a STATUS line every two seconds,
 /// and WATCHDOG=1 at half the watchdog interval, but only while a round trip
-/// through the claim committer succeeds in time.
-async fn supervise(state: Arc<AppState>, notifier: Arc<Notifier>, ctl: Ctl) {
+/// through the claim committer and one through every connection lane
+/// succeed in time.
+async fn supervise(state: Arc<AppState>, notifier: Arc<Notifier>, lanes: Probe, ctl: Ctl) {
     let watchdog = Notifier::watchdog_interval();
     let tick = watchdog.unwrap_or(Duration::from_secs(2)).min(Duration::from_secs(2));
     let mut interval = tokio::time::interval(tick);
@@ -513,15 +514,19 @@ async fn supervise(state: Arc<AppState>, notifier: Arc<Notifier>, ctl: Ctl) {
         interval.tick().await;
         ctl.tick();
         if let Some(every) = watchdog {
-            let alive = match state.store.ping() {
+            let committer = match state.store.ping() {
                 Some(reply) => matches!(tokio::time::timeout(every, reply).await, Ok(Ok(()))),
                 None => false,
             };
-            if alive {
+            let turning = lanes.all_turning(every).await;
+            if committer && turning {
                 notifier.send("WATCHDOG=1");
-            } else {
+            } else if !committer {
                 ctl.error(&"the claim committer did not answer the watchdog ping");
                 tracing::warn!("The claim journal did not answer the watchdog ping.");
+            } else {
+                ctl.error(&"a connection lane did not answer the watchdog ping");
+                tracing::warn!("A connection lane did not answer the watchdog ping; its connections are stalled.");
             }
         }
         if last_status.elapsed() >= Duration::from_secs(2) {

@@ -25,6 +25,11 @@
 //! The admin listener and the node's background workers stay on the shared
 //! runtime (the admin API uses `block_in_place`, which a single-threaded
 //! runtime does not allow).
+//!
+//! With no stealing, a lane whose thread blocked would stall its
+//! connections while every other part of the node looked healthy, so the
+//! systemd watchdog asks each lane through a [`Probe`] too, not only the
+//! claim committer.
 
 use std::{
     future::Future,
@@ -34,7 +39,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::vocab::{answer_each, Home};
 
@@ -112,11 +117,49 @@ impl Lanes {
         }
     }
 
+    /// A handle that asks every lane whether it is still turning (for the
+    /// watchdog). It does not keep the lanes alive: [`Lanes::stop`] still
+    /// ends them.
+    pub fn probe(&self) -> Probe {
+        Probe(self.lanes.iter().map(|l| l.downgrade()).collect())
+    }
+
     /// Gives `job` to the next lane; hands it back if that lane has gone
     /// (its thread panicked), for the caller to run itself.
     pub fn send(&self, job: Job) -> Result<(), Job> {
         let n = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
         self.lanes[n].send(job).map_err(|e| e.0)
+    }
+}
+
+/// Asks each lane for a round trip; see [`Lanes::probe`].
+pub struct Probe(Vec<mpsc::WeakUnboundedSender<Job>>);
+
+impl Probe {
+    /// Whether every lane ran a task of its own within `within`: false when
+    /// one is stuck (its thread blocked or starved) or gone (panicked or
+    /// stopped).
+    pub async fn all_turning(&self, within: Duration) -> bool {
+        let mut replies = Vec::with_capacity(self.0.len());
+        for lane in &self.0 {
+            let (tx, rx) = oneshot::channel();
+            let job: Job = Box::pin(async move {
+                let _ = tx.send(());
+            });
+            match lane.upgrade().map(|lane| lane.send(job)) {
+                Some(Ok(())) => replies.push(rx),
+                _ => return false,
+            }
+        }
+        let all = async {
+            for reply in replies {
+                if reply.await.is_err() {
+                    return false;
+                }
+            }
+            true
+        };
+        tokio::time::timeout(within, all).await.unwrap_or(false)
     }
 }
 
@@ -163,5 +206,43 @@ mod tests {
             "answered by the lane once it was free, not by the caller"
         );
         lanes.stop();
+    }
+
+    /// The watchdog's probe: true while every lane turns, false while one
+    /// is blocked, true again once it is free, false once the lanes stopped.
+    #[test]
+    fn the_probe_tells_a_stuck_lane() {
+        let lanes = Lanes::start(2).unwrap();
+        let probe = lanes.probe();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let within = Duration::from_millis(200);
+        assert!(rt.block_on(probe.all_turning(within)), "two idle lanes answer");
+
+        // Block the next lane's thread until told to go.
+        let (go, wait) = std_mpsc::channel::<()>();
+        let (blocked, is_blocked) = std_mpsc::channel::<()>();
+        assert!(lanes
+            .send(Box::pin(async move {
+                blocked.send(()).unwrap();
+                wait.recv().unwrap();
+            }))
+            .is_ok());
+        is_blocked.recv().unwrap();
+        assert!(
+            !rt.block_on(probe.all_turning(within)),
+            "a blocked lane does not answer"
+        );
+
+        go.send(()).unwrap();
+        assert!(
+            rt.block_on(probe.all_turning(Duration::from_secs(10))),
+            "the freed lane answers again"
+        );
+
+        lanes.stop();
+        assert!(!rt.block_on(probe.all_turning(within)), "stopped lanes are not turning");
     }
 }
