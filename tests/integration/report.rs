@@ -31,13 +31,26 @@ async fn the_report_and_the_rejections_export_match_the_rush() {
         + &open_activity("quiet", 5, 1);
     let mut app = TestApp::start(&config);
     let tokens = app.users("p", 80).await;
+    let solo = app.users("solo", 1).await.remove(0);
+    // One claim alone, then the rush from the next outcome tick on, so the
+    // successes span at least two ticks (and, by the guard, one minute:
+    // outcomes stored per minute would draw one success point).
+    let tick = ticketd::stats::OUTCOME_TICK_MS;
+    while ticketd::clock::now_ms() % 60_000 > 50_000 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.claim(&solo, "rep").await.status, 200);
+    let answered_in = ticketd::clock::now_ms() / tick;
+    while ticketd::clock::now_ms() / tick == answered_in {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     let (acked, outcomes) = rush(&app, "rep", &tokens, 2, 40).await;
     let successes: usize = acked.iter().map(Vec::len).sum();
-    assert_eq!(successes, 50);
-    // Two claims per user, and a retry for each STOCK_IN_FLIGHT.
-    let requests: usize = outcomes.values().sum();
+    assert_eq!(successes, 49);
+    // The solo claim, two claims per user, and a retry for each STOCK_IN_FLIGHT.
+    let requests: usize = 1 + outcomes.values().sum::<usize>();
     let retried = outcomes.get("503 STOCK_IN_FLIGHT").copied().unwrap_or(0);
-    assert_eq!(requests, 160 + retried, "{outcomes:?}");
+    assert_eq!(requests, 1 + 160 + retried, "{outcomes:?}");
     let start_time = app.detail("rep").await["startTime"].as_str().unwrap().to_owned();
     // Stopping flushes the statistics and the claims to the store.
     assert_eq!(app.stop(), 0);
@@ -127,12 +140,19 @@ async fn the_report_and_the_rejections_export_match_the_rush() {
         1
     );
     // Outcomes too are drawn in steps that fit the rush (it lasted well
-    // under the 20 s that 100 ms steps span), one line per outcome.
+    // under the 20 s that 100 ms steps span), one line per outcome, and the
+    // successes, which spanned two ticks, in two steps at least.
     let outcome_chart = chart(&html, "Claim outcomes per second, in 100 ms steps");
-    for outcome in ["success", "sold_out"] {
-        assert!(outcome_chart.contains(outcome), "{outcome_chart}");
-    }
-    assert!(outcome_chart.matches("class=\"pt\"").count() >= 2);
+    let points_of = |outcome: &str| {
+        // Each series is its polyline, its points, then its legend.
+        let series = outcome_chart
+            .split("<polyline")
+            .find(|s| s.contains(&format!(">{outcome}</text>")))
+            .unwrap_or_else(|| panic!("no {outcome} line: {outcome_chart}"));
+        series.matches("class=\"pt\"").count()
+    };
+    assert!(points_of("success") >= 2, "{outcome_chart}");
+    assert!(points_of("sold_out") >= 1, "{outcome_chart}");
     let nodes = chart(&html, "Share of the stock per node");
     assert_eq!(nodes.matches("class=\"bar\"").count(), 1);
     assert!(nodes.contains("node-a: 50"), "{nodes}");
