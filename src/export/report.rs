@@ -9,7 +9,10 @@
 //! with no claims renders with "no data" panels; a chart has about 100-200
 //! points however many claims there were.
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+};
 
 use super::svg::{bar_chart, esc, fmt_num, line_chart, Series};
 use crate::{
@@ -122,6 +125,20 @@ pub fn claims_chart_step_ms(span_ms: i64) -> i64 {
     STEPS.into_iter().find(|step| span_ms / step <= 200).unwrap_or(600_000)
 }
 
+/// Counts stamped in milliseconds, as a rate per second in steps of
+/// `step_ms` from `origin_ms`: one point (seconds since the origin, rate)
+/// per step that had any.
+fn rate_points(counts: impl Iterator<Item = (i64, u64)>, origin_ms: i64, step_ms: i64) -> Vec<(f64, f64)> {
+    let mut steps: BTreeMap<i64, u64> = BTreeMap::new();
+    for (at_ms, n) in counts {
+        *steps.entry((at_ms - origin_ms) / step_ms).or_default() += n;
+    }
+    steps
+        .into_iter()
+        .map(|(b, n)| ((b * step_ms) as f64 / 1000.0, n as f64 * 1000.0 / step_ms as f64))
+        .collect()
+}
+
 /// Renders the report of `activity_id`, generated at `now_ms`.
 pub fn render(activity_id: &str, data: &ReportData, queue: Option<&QueueReport>, now_ms: i64) -> String {
     let s = summary(data);
@@ -135,16 +152,13 @@ pub fn render(activity_id: &str, data: &ReportData, queue: Option<&QueueReport>,
     let last_10ms = data.claims_per_10ms.last().map_or(first_10ms, |l| l.0);
     let step_ms = claims_chart_step_ms(((last_10ms - first_10ms) * 10).max(0));
     let origin_ms = first_10ms * 10;
-    let mut buckets: BTreeMap<i64, u64> = BTreeMap::new();
-    for &(t, n) in &data.claims_per_10ms {
-        *buckets.entry((t * 10 - origin_ms) / step_ms).or_default() += n;
-    }
     let per_step = Series {
         name: format!("claims per {}", duration(step_ms)),
-        points: buckets
-            .into_iter()
-            .map(|(b, n)| ((b * step_ms) as f64 / 1000.0, n as f64 * 1000.0 / step_ms as f64))
-            .collect(),
+        points: rate_points(
+            data.claims_per_10ms.iter().map(|&(t, n)| (t * 10, n)),
+            origin_ms,
+            step_ms,
+        ),
     };
     let marker_text;
     let marker = match s.sold_out_ms {
@@ -191,27 +205,16 @@ pub fn render(activity_id: &str, data: &ReportData, queue: Option<&QueueReport>,
     let first_ms = data.outcomes.first().map_or(0, |o| o.0);
     let last_ms = data.outcomes.iter().map(|o| o.0).max().unwrap_or(first_ms);
     let outcome_step_ms = claims_chart_step_ms(last_ms - first_ms).max(crate::stats::OUTCOME_TICK_MS);
-    let mut by_outcome: BTreeMap<&str, BTreeMap<i64, u64>> = BTreeMap::new();
-    for (at_ms, outcome, n) in &data.outcomes {
-        *by_outcome
-            .entry(outcome)
-            .or_default()
-            .entry((at_ms - first_ms) / outcome_step_ms)
-            .or_default() += n;
-    }
-    let outcome_series: Vec<Series> = by_outcome
+    let names: BTreeSet<&str> = data.outcomes.iter().map(|o| o.1.as_str()).collect();
+    let outcome_series: Vec<Series> = names
         .into_iter()
-        .map(|(name, steps)| Series {
+        .map(|name| Series {
             name: name.to_owned(),
-            points: steps
-                .into_iter()
-                .map(|(b, n)| {
-                    (
-                        (b * outcome_step_ms) as f64 / 1000.0,
-                        n as f64 * 1000.0 / outcome_step_ms as f64,
-                    )
-                })
-                .collect(),
+            points: rate_points(
+                data.outcomes.iter().filter(|o| o.1 == name).map(|o| (o.0, o.2)),
+                first_ms,
+                outcome_step_ms,
+            ),
         })
         .collect();
     let outcomes_chart = line_chart(

@@ -86,15 +86,8 @@ CREATE TABLE IF NOT EXISTS claims (
     node            TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS claims_by_activity ON claims (activity_id, id);
-CREATE TABLE IF NOT EXISTS stats_outcomes (
-    activity_id TEXT NOT NULL,
-    minute      INTEGER NOT NULL,
-    outcome     TEXT NOT NULL,
-    count       INTEGER NOT NULL,
-    PRIMARY KEY (activity_id, minute, outcome)
-) WITHOUT ROWID;
--- Outcomes per tick (stats::OUTCOME_TICK_MS) since stats_outcomes, per
--- minute, which earlier versions wrote (still read).
+-- Outcomes per tick (stats::OUTCOME_TICK_MS). Earlier versions wrote them
+-- per minute, to stats_outcomes: see MIGRATE_OUTCOMES.
 CREATE TABLE IF NOT EXISTS stats_outcome_ticks (
     activity_id TEXT NOT NULL,
     at_ms       INTEGER NOT NULL,
@@ -163,14 +156,48 @@ pub(super) fn try_lock(dir: &Path) -> Result<Option<File>, StoreError> {
     }
 }
 
+/// Moves what earlier versions stored per minute into the per-tick table
+/// (a minute's count lands on its first millisecond), once, in one
+/// transaction, so the report reads one table and nothing is counted twice.
+const MIGRATE_OUTCOMES: &str = r#"
+INSERT INTO stats_outcome_ticks (activity_id, at_ms, outcome, count)
+    SELECT activity_id, minute * 60000, outcome, count FROM stats_outcomes WHERE true
+    ON CONFLICT DO UPDATE SET count = count + excluded.count;
+DROP TABLE stats_outcomes;
+"#;
+
+fn has_per_minute_outcomes(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stats_outcomes')",
+        [],
+        |r| r.get(0),
+    )
+}
+
+/// Runs [`MIGRATE_OUTCOMES`] if it is needed, under the write lock (two
+/// processes opening the store at once migrate it once).
+fn migrate_outcomes(conn: &mut Connection) -> rusqlite::Result<()> {
+    if !has_per_minute_outcomes(conn)? {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    if has_per_minute_outcomes(&tx)? {
+        tx.execute_batch(MIGRATE_OUTCOMES)?;
+        tx.commit()?;
+        tracing::info!("Moved the per-minute claim outcomes of an earlier version into the per-tick table.");
+    }
+    Ok(())
+}
+
 /// Opens (creating if needed) the database at `path` with the schema.
 fn open_db(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path)?;
+    let mut conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: an applied claim batch is on disk before its journal segment may be deleted.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.execute_batch(SCHEMA)?;
+    migrate_outcomes(&mut conn)?;
     Ok(conn)
 }
 

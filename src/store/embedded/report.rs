@@ -81,11 +81,8 @@ pub(super) fn report_data(conn: &Connection, activity_id: &str, top: usize) -> R
     data.claims_per_10ms = per_10ms
         .query_map([activity_id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
         .collect::<Result<_, _>>()?;
-    let mut outcomes = conn.prepare(
-        "SELECT minute * 60000, outcome, count FROM stats_outcomes WHERE activity_id = ?1
-             UNION ALL SELECT at_ms, outcome, count FROM stats_outcome_ticks WHERE activity_id = ?1
-             ORDER BY 1, 2",
-    )?;
+    let mut outcomes =
+        conn.prepare("SELECT at_ms, outcome, count FROM stats_outcome_ticks WHERE activity_id = ?1 ORDER BY 1, 2")?;
     data.outcomes = outcomes
         .query_map([activity_id], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
@@ -132,4 +129,48 @@ pub(super) fn report_data(conn: &Connection, activity_id: &str, top: usize) -> R
         |r| r.get::<_, i64>(0),
     )? as u64;
     Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store an earlier version wrote, with outcomes per minute: opening
+    /// it moves them into the per-tick table once, adding to a tick already
+    /// there, and the report reads them from there.
+    #[test]
+    fn per_minute_outcomes_are_moved_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ticketd.db");
+        {
+            let conn = super::super::open_db(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE stats_outcomes (activity_id TEXT NOT NULL, minute INTEGER NOT NULL,
+                     outcome TEXT NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (activity_id, minute, outcome));
+                 INSERT INTO stats_outcomes VALUES ('a', 2, 'success', 5), ('a', 2, 'sold_out', 7), ('b', 3, 'success', 1);
+                 INSERT INTO stats_outcome_ticks VALUES ('a', 120000, 'success', 1), ('a', 120100, 'success', 2);",
+            )
+            .unwrap();
+        }
+        let conn = super::super::open_db(&path).unwrap();
+        assert_eq!(
+            report_data(&conn, "a", 10).unwrap().outcomes,
+            vec![
+                (120_000, "sold_out".to_owned(), 7),
+                (120_000, "success".to_owned(), 6),
+                (120_100, "success".to_owned(), 2),
+            ]
+        );
+        assert_eq!(
+            report_data(&conn, "b", 10).unwrap().outcomes,
+            vec![(180_000, "success".to_owned(), 1)]
+        );
+        drop(conn);
+        // Opening again changes nothing.
+        let conn = super::super::open_db(&path).unwrap();
+        let total: i64 = conn
+            .query_row("SELECT SUM(count) FROM stats_outcome_ticks", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(total, 1 + 2 + 5 + 7 + 1);
+    }
 }
