@@ -300,7 +300,7 @@ pub fn shared_activities(store: &Store) -> Result<Vec<ActivityConfig>, String> {
         .shared_activities()
         .unwrap_or(Ok(Vec::new()))
         .map_err(|e| e.to_string())?;
-    crate::config::check_definitions(&activities)?;
+    crate::config::check_definitions(&activities).map_err(|e| e.to_string())?;
     Ok(activities)
 }
 

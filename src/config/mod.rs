@@ -28,16 +28,12 @@ pub use validate::Problem;
 
 /// Checks activity definitions read from a cluster's MongoDB (see
 /// `validate::definitions`); every problem, listed, on failure.
-pub fn check_definitions(activities: &[ActivityConfig]) -> Result<(), String> {
+pub fn check_definitions(activities: &[ActivityConfig]) -> Result<(), ConfigError> {
     let problems = validate::definitions(activities);
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(format!(
-            "the activities stored in MongoDB have {} problem(s):\n{}",
-            problems.len(),
-            validate::list(&problems)
-        ))
+        Err(ConfigError::Stored { problems })
     }
 }
 
@@ -61,11 +57,18 @@ pub enum ConfigError {
         message: String,
     },
     /// The file parsed but its values are inconsistent; every problem is listed.
-    #[error("config file {path} has {} problem(s):\n{}", problems.len(), validate::list(problems))]
+    #[error("config file {path} has {}", validate::list(problems))]
     Invalid {
         /// The file.
         path: PathBuf,
         /// Each problem with its line.
+        problems: Vec<Problem>,
+    },
+    /// The activity definitions a cluster's MongoDB holds are inconsistent
+    /// (edited by hand since `ticketd import` checked them).
+    #[error("the activities stored in MongoDB have {}", validate::list(problems))]
+    Stored {
+        /// Each problem.
         problems: Vec<Problem>,
     },
 }

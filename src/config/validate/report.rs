@@ -30,8 +30,9 @@ impl std::fmt::Display for Problem {
     }
 }
 
+/// "N problem(s):" and one line per problem, for the error messages.
 pub(crate) fn list(problems: &[Problem]) -> String {
-    let mut out = String::new();
+    let mut out = format!("{} problem(s):\n", problems.len());
     for p in problems {
         let _ = writeln!(out, "  - {p}");
     }
