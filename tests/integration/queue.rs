@@ -710,7 +710,6 @@ impl Events {
 
     /// The next event's data, or `None` when the stream ended.
     async fn next(&mut self) -> Option<Value> {
-        use tokio::io::AsyncReadExt;
         loop {
             let text = String::from_utf8_lossy(&self.buf).into_owned();
             if let Some(at) = text.find("data: ") {
@@ -721,19 +720,29 @@ impl Events {
                     return Some(data);
                 }
             }
-            if text.contains("\r\n0\r\n\r\n") {
+            if text.contains("\r\n0\r\n\r\n") || self.read_more().await == 0 {
                 return None;
             }
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(Duration::from_secs(30), self.stream.read(&mut chunk))
-                .await
-                .expect("an event within 30 s")
-                .unwrap();
-            if n == 0 {
-                return None;
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
+    }
+
+    /// Reads until what was received holds `marker`.
+    async fn read_until(&mut self, marker: &str) {
+        while !String::from_utf8_lossy(&self.buf).contains(marker) {
+            assert!(self.read_more().await > 0, "the stream ended before {marker:?}");
+        }
+    }
+
+    /// Reads what has arrived (waiting up to 30 s) into the buffer; 0 at the end.
+    async fn read_more(&mut self) -> usize {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(30), self.stream.read(&mut chunk))
+            .await
+            .expect("more of the stream within 30 s")
+            .unwrap();
+        self.buf.extend_from_slice(&chunk[..n]);
+        n
     }
 }
 
@@ -865,19 +874,8 @@ async fn event_streams_answer_bad_heads_and_let_go_of_fans_who_leave() {
     let port = events.stream.local_addr().unwrap().port();
     // Take the rest of the first chunk, so that closing sends a FIN (a
     // socket closed with unread data sends a reset, and is gone at once).
-    let mut stream = events.stream;
-    let mut rest = events.buf;
-    while !String::from_utf8_lossy(&rest).contains("\n\n\r\n") {
-        use tokio::io::AsyncReadExt;
-        let mut chunk = [0u8; 1024];
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
-            .await
-            .expect("the end of the first chunk")
-            .unwrap();
-        assert!(n > 0);
-        rest.extend_from_slice(&chunk[..n]);
-    }
-    drop(stream);
+    events.read_until("\n\n\r\n").await;
+    drop(events);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let state = tcp_state(port);
