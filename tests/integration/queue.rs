@@ -452,8 +452,15 @@ async fn gone_fans_are_skipped_and_lapsed_passes_go_to_the_next() {
 
 /// Two fans are admitted to a room of two codes; one buys, the other lets
 /// the pass lapse and joins again (through the next node, in a cluster).
+/// With `older`, the lapsed fan's admission in Redis is rewritten first as
+/// a node of an earlier version wrote it (a bare `a`, no pass expiry).
 /// Returns the lapsed fan's first admission.
-async fn lapse_and_rejoin(clients: &[Arc<ApiClient>], tokens: &[String], act: &str) -> Value {
+async fn lapse_and_rejoin(
+    clients: &[Arc<ApiClient>],
+    tokens: &[String],
+    act: &str,
+    older: Option<&services::Services>,
+) -> Value {
     let on = |i: usize| &*clients[i % clients.len()];
     for (i, t) in tokens.iter().enumerate() {
         assert_eq!(join(on(i), t, act).await.status, 200);
@@ -461,6 +468,38 @@ async fn lapse_and_rejoin(clients: &[Arc<ApiClient>], tokens: &[String], act: &s
     let turns = futures::future::join_all(tokens.iter().enumerate().map(|(i, t)| wait_turn(on(i), t, act))).await;
     for t in &turns {
         assert_eq!(t["state"], "admitted", "{t}");
+    }
+    if let Some(services) = older {
+        // The lapsing fan joined first: the log's first join is theirs.
+        let mut redis = services.redis().await;
+        let log: Vec<String> = redis::cmd("LRANGE")
+            .arg(format!("q:{{{act}}}:log"))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let events: Vec<Value> = log.iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+        let user = events.iter().find(|e| e["k"] == "join").unwrap()["u"].to_string();
+        let places = format!("q:{{{act}}}:places");
+        let place: String = redis::cmd("HGET")
+            .arg(&places)
+            .arg(&user)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(
+            place,
+            format!("a:{}", ms(turns[0]["passExpiresAt"].as_str().unwrap())),
+            "{events:?}"
+        );
+        let _: () = redis::cmd("HSET")
+            .arg(&places)
+            .arg(&user)
+            .arg("a")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
     }
     let (lapser, buyer) = (&tokens[0], &tokens[1]);
     let res = claim_with(on(1), buyer, act, turns[1]["pass"].as_str()).await;
@@ -498,7 +537,7 @@ async fn a_fan_whose_pass_lapsed_joins_again_at_the_back() {
     let mut app =
         TestApp::start(&(base_config() + &queue("rj", 2, &in_secs(5), &["pass_ttl = \"5s\"", "admit_rate = 100.0"])));
     let tokens = app.users("rj", 2).await;
-    let first = lapse_and_rejoin(&[app.client_clone()], &tokens, "rj").await;
+    let first = lapse_and_rejoin(&[app.client_clone()], &tokens, "rj", None).await;
     // The new place is in the room's log; the old pass, replayed from it
     // after a kill -9, does not retire the new place.
     app.kill9();
@@ -521,8 +560,29 @@ async fn across_nodes_a_fan_whose_pass_lapsed_joins_again_at_the_back() {
         .toml();
     let cluster = Cluster::start(2, &act, "");
     let tokens = cluster.users("rj", 2).await;
-    let first = lapse_and_rejoin(&cluster.clients(), &tokens, "rj").await;
+    let first = lapse_and_rejoin(&cluster.clients(), &tokens, "rj", None).await;
     admitted_again(&cluster.clients(), &tokens, "rj", &first).await;
+}
+
+/// During a rolling upgrade a node of an earlier version may have written
+/// the admission (a bare `a`, without the pass's expiry): the fan whose
+/// pass lapsed still gets a new place, not a lock-out until the room ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn across_nodes_a_pass_an_earlier_version_wrote_lapses_too() {
+    use crate::cluster::Cluster;
+    use ticketd::clock::{now_ms, rfc3339_ms};
+    let act = Act::new("ru")
+        .window(&rfc3339_ms(now_ms() + 8_000), &rfc3339_ms(now_ms() + 3_600_000))
+        .with("admission = \"queue\"")
+        .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 60_000)))
+        .with("pass_ttl = \"5s\"")
+        .with("admit_rate = 100.0")
+        .ticket("ru-t", "Ticket", Codes::Generate(2))
+        .toml();
+    let cluster = Cluster::start(2, &act, "");
+    let tokens = cluster.users("ru", 2).await;
+    let first = lapse_and_rejoin(&cluster.clients(), &tokens, "ru", Some(&cluster.services)).await;
+    admitted_again(&cluster.clients(), &tokens, "ru", &first).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

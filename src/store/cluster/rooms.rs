@@ -5,6 +5,7 @@
 //! q:{A}:seed       str   the room's seed (hex), set once by the first node
 //! q:{A}:log        list  the room's events (JSON), the order every replica applies
 //! q:{A}:places     hash  user id -> w (waiting) | a:<pass expiry, Unix ms> (admitted) | p (passed over)
+//!                        (a bare `a`: admitted, written by an earlier version)
 //! q:{A}:waiting    int   places not yet reached (queue_capacity)
 //! q:{A}:shuffled   str   set when the shuffle event is in the log
 //! q:{A}:closed     str   set when the close event is in the log
@@ -50,7 +51,7 @@ if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 local st = redis.call('HGET', KEYS[1], ARGV[1])
 local shuffled = redis.call('EXISTS', KEYS[4]) == 1
 local lottery = ARGV[2] == '1'
-local again = st == 'p' or (ARGV[5] ~= '' and st == 'a:' .. ARGV[5])
+local again = st == 'p' or (ARGV[5] ~= '' and (st == 'a:' .. ARGV[5] or st == 'a'))
 if st and ((not again) or (lottery and shuffled)) then return 0 end
 if (not st) and lottery and shuffled then return -2 end
 if tonumber(redis.call('GET', KEYS[5]) or '0') >= tonumber(ARGV[3]) then return -3 end
@@ -157,7 +158,10 @@ impl RoomSource {
     /// unused (each replica retires passes itself; the shared log only
     /// records admissions). The place may be taken again at the back only
     /// if that is the admission Redis holds (`a:<expiry>`): a replica that
-    /// has not yet seen a newer admission cannot undo it.
+    /// has not yet seen a newer admission cannot undo it. A bare `a` is an
+    /// admission an earlier version wrote (during a rolling upgrade), with
+    /// no expiry to compare: the lapse the replica saw is taken as its
+    /// lapse, rather than lock the fan out until the room ends.
     pub async fn join(
         &self,
         activity: &str,
