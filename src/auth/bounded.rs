@@ -16,25 +16,28 @@
 //! aim them.
 //!
 //! Sharded like a DashMap (a short `parking_lot` lock per shard, never held
-//! across an await). The eviction scan is linear in a shard (at most
+//! across an await); one hash of the key picks the shard and finds the
+//! entry in it. The eviction scan is linear in a shard (at most
 //! `capacity / SHARDS` entries) and runs only when a full shard meets a new
 //! key: a flood of new keys pays for itself, a known client never does.
 
-use std::{collections::HashMap, hash::Hash, time::Instant};
+use std::{hash::Hash, time::Instant};
 
 use ahash::RandomState;
-
+use hashbrown::{hash_table::Entry, HashTable};
 use parking_lot::Mutex;
 
 /// Shards per map: enough that the claim path rarely meets a held lock.
 const SHARDS: usize = 64;
 
-struct Slot<V> {
+struct Slot<K, V> {
+    key: K,
     value: V,
     touched: Instant,
 }
 
-type Shard<K, V> = Mutex<HashMap<K, Slot<V>, RandomState>>;
+/// A shard's entries, found by the one hash that also chose the shard.
+type Shard<K, V> = Mutex<HashTable<Slot<K, V>>>;
 
 /// A sharded map of at most `capacity` entries with least-recently-touched eviction.
 pub struct BoundedMap<K, V> {
@@ -48,61 +51,79 @@ impl<K: Eq + Hash, V> BoundedMap<K, V> {
     /// the shard count; at least one per shard).
     pub fn new(capacity: usize) -> BoundedMap<K, V> {
         BoundedMap {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::with_hasher(RandomState::new())))
-                .collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
             per_shard: capacity.div_ceil(SHARDS).max(1),
             hasher: RandomState::new(),
         }
     }
 
-    fn shard(&self, key: &K) -> &Shard<K, V> {
-        // The low bits of a keyed hash are as good as any.
-        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+    /// `key`'s hash and its shard. The shard comes from bits 40..46: the
+    /// table in the shard indexes by the low bits and tags by the top seven,
+    /// so those stay spread within a shard.
+    fn locate(&self, key: &K) -> (u64, &Shard<K, V>) {
+        let hash = self.hasher.hash_one(key);
+        (hash, &self.shards[(hash >> 40) as usize % SHARDS])
+    }
+
+    fn rehash(&self) -> impl Fn(&Slot<K, V>) -> u64 + '_ {
+        |slot| self.hasher.hash_one(&slot.key)
     }
 
     /// Runs `f` on `key`'s entry, creating it with `init` if absent (evicting
     /// the shard's least recently touched entry when the shard is full), and
     /// marks it touched at `now`.
     pub fn with<R>(&self, key: K, now: Instant, init: impl FnOnce() -> V, f: impl FnOnce(&mut V) -> R) -> R {
-        let mut shard = self.shard(&key).lock();
-        // Only a full shard pays for the extra lookup.
-        if shard.len() >= self.per_shard && !shard.contains_key(&key) {
-            evict_oldest(&mut shard);
-        }
-        let slot = shard.entry(key).or_insert_with(|| Slot {
-            value: init(),
-            touched: now,
-        });
+        let (hash, shard) = self.locate(&key);
+        let mut shard = shard.lock();
+        let slot = match shard.entry(hash, |s| s.key == key, self.rehash()) {
+            Entry::Occupied(found) => found.into_mut(),
+            Entry::Vacant(vacant) => {
+                // Only a new key at a full shard pays for the scan.
+                let table = vacant.into_table();
+                if table.len() >= self.per_shard {
+                    evict_oldest(table);
+                }
+                let slot = Slot {
+                    key,
+                    value: init(),
+                    touched: now,
+                };
+                table.insert_unique(hash, slot, self.rehash()).into_mut()
+            }
+        };
         slot.touched = slot.touched.max(now);
         f(&mut slot.value)
     }
 
     /// Runs `f` on `key`'s entry if it exists (without touching it).
     pub fn get<R>(&self, key: &K, f: impl FnOnce(&V) -> R) -> Option<R> {
-        self.shard(key).lock().get(key).map(|s| f(&s.value))
+        let (hash, shard) = self.locate(key);
+        shard.lock().find(hash, |s| s.key == *key).map(|s| f(&s.value))
     }
 
     /// Runs `f` on `key`'s entry if it exists; removes the entry when `f`
     /// returns true.
     pub fn update_or_remove(&self, key: &K, f: impl FnOnce(&mut V) -> bool) {
-        let mut shard = self.shard(key).lock();
-        if let Some(slot) = shard.get_mut(key) {
-            if f(&mut slot.value) {
-                shard.remove(key);
+        let (hash, shard) = self.locate(key);
+        if let Ok(mut found) = shard.lock().find_entry(hash, |s| s.key == *key) {
+            if f(&mut found.get_mut().value) {
+                found.remove();
             }
         }
     }
 
     /// Removes `key`.
     pub fn remove(&self, key: &K) {
-        self.shard(key).lock().remove(key);
+        let (hash, shard) = self.locate(key);
+        if let Ok(found) = shard.lock().find_entry(hash, |s| s.key == *key) {
+            found.remove();
+        }
     }
 
     /// Keeps the entries for which `keep(value, last touched)` holds.
     pub fn retain(&self, mut keep: impl FnMut(&V, Instant) -> bool) {
         for shard in self.shards.iter() {
-            shard.lock().retain(|_, s| keep(&s.value, s.touched));
+            shard.lock().retain(|s| keep(&s.value, s.touched));
         }
     }
 
@@ -122,14 +143,12 @@ impl<K: Eq + Hash, V> BoundedMap<K, V> {
     }
 }
 
-fn evict_oldest<K: Eq + Hash, V>(shard: &mut HashMap<K, Slot<V>, RandomState>) {
-    // Find the oldest entry's position, then remove it via `retain` so the
-    // key need not be cloned (keys are not required to be `Clone`).
-    let Some(oldest) = shard.values().map(|s| s.touched).min() else {
+fn evict_oldest<K, V>(shard: &mut HashTable<Slot<K, V>>) {
+    let Some(oldest) = shard.iter().map(|s| s.touched).min() else {
         return;
     };
     let mut removed = false;
-    shard.retain(|_, s| {
+    shard.retain(|s| {
         if !removed && s.touched == oldest {
             removed = true;
             return false;
@@ -171,6 +190,10 @@ mod tests {
             *v -= 1;
             *v == 1
         });
+        assert!(map.is_empty());
+        map.with("b", t0, || 1, |_| ());
+        assert_eq!(map.len(), 1);
+        map.remove(&"b");
         assert!(map.is_empty());
     }
 }
