@@ -16,11 +16,14 @@
 //! another method, a client that sends its request line in pieces — goes to
 //! hyper unchanged: [`wants_events`] only looks, it consumes nothing.
 
-use std::{fmt::Write as _, net::SocketAddr, time::Duration};
+use std::{fmt::Write as _, io::IoSlice, net::SocketAddr, time::Duration};
 
 use http::{HeaderName, HeaderValue, Method, Request, Response, Version};
 use http_body_util::{BodyExt, Either};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
 
 use super::{
     access_log::AccessLog,
@@ -176,7 +179,7 @@ async fn respond(stream: &mut TcpStream, res: Response<Body>, version: Version) 
         Either::Left(full) => {
             let bytes = full.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
             let _ = write!(head, "content-length: {}\r\n\r\n", bytes.len());
-            write(stream, &[head.as_bytes(), &bytes]).await?;
+            write(stream, [head.as_bytes(), &bytes]).await?;
         }
         Either::Right(mut events) => {
             let chunked = version == Version::HTTP_11;
@@ -184,7 +187,7 @@ async fn respond(stream: &mut TcpStream, res: Response<Body>, version: Version) 
                 head.push_str("transfer-encoding: chunked\r\n");
             }
             head.push_str("\r\n");
-            write(stream, &[head.as_bytes()]).await?;
+            write(stream, [head.as_bytes()]).await?;
             drop(head);
             loop {
                 let frame = tokio::select! {
@@ -194,36 +197,61 @@ async fn respond(stream: &mut TcpStream, res: Response<Body>, version: Version) 
                 let Some(Ok(frame)) = frame else { break };
                 let Ok(data) = frame.into_data() else { continue };
                 if chunked {
-                    // One write a chunk: one syscall, and the fan's reader
-                    // gets the chunk whole.
-                    let mut chunk = Vec::with_capacity(data.len() + 12);
-                    chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                    chunk.extend_from_slice(&data);
-                    chunk.extend_from_slice(b"\r\n");
-                    write(stream, &[&chunk]).await?;
+                    let mut size = [0u8; 18];
+                    write(stream, [chunk_size(data.len(), &mut size), &data, b"\r\n"]).await?;
                 } else {
-                    write(stream, &[&data]).await?;
+                    write(stream, [&data]).await?;
                 }
             }
             if chunked {
-                write(stream, &[b"0\r\n\r\n"]).await?;
+                write(stream, [b"0\r\n\r\n"]).await?;
             }
         }
     }
     stream.shutdown().await
 }
 
-/// Writes `parts` in order, giving up after [`WRITE_TIMEOUT`].
-async fn write(stream: &mut TcpStream, parts: &[&[u8]]) -> std::io::Result<()> {
+/// Writes `parts` in order, gathered (one syscall for all of them while the
+/// socket takes them whole, and the fan's reader gets a head with its body,
+/// a chunk with its framing, in one piece), giving up after [`WRITE_TIMEOUT`].
+async fn write<const N: usize>(stream: &mut (impl AsyncWrite + Unpin), parts: [&[u8]; N]) -> std::io::Result<()> {
     let all = async {
-        for part in parts {
-            stream.write_all(part).await?;
+        // Written so far: every part before `first`, and `offset` bytes of it.
+        let (mut first, mut offset) = (0, 0);
+        let mut written = 0;
+        loop {
+            while first < N && written >= parts[first].len() - offset {
+                written -= parts[first].len() - offset;
+                (first, offset) = (first + 1, 0);
+            }
+            offset += written;
+            if first == N {
+                return Ok(());
+            }
+            let mut slices = [IoSlice::new(&[]); N];
+            slices[0] = IoSlice::new(&parts[first][offset..]);
+            for (slice, part) in slices[1..].iter_mut().zip(&parts[first + 1..]) {
+                *slice = IoSlice::new(part);
+            }
+            written = stream.write_vectored(&slices[..N - first]).await?;
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
         }
-        Ok(())
     };
     tokio::time::timeout(WRITE_TIMEOUT, all)
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// A chunk's size line (`<hex length>\r\n`), formatted into `buf`.
+fn chunk_size(len: usize, buf: &mut [u8; 18]) -> &[u8] {
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+    for (i, b) in buf[..digits].iter_mut().enumerate() {
+        *b = b"0123456789abcdef"[(len >> (4 * (digits - 1 - i))) & 0xf];
+    }
+    buf[digits..digits + 2].copy_from_slice(b"\r\n");
+    &buf[..digits + 2]
 }
 
 /// Resolves when the fan closed the connection (what they send meanwhile
@@ -258,6 +286,90 @@ mod tests {
         assert_eq!(req.uri().query(), Some("actId=1003"));
         assert_eq!(req.headers()["cookie"], "sid=abc");
         assert_eq!(req.version(), Version::HTTP_11);
+    }
+
+    /// A connection that takes at most `per_call` bytes a write, gathered
+    /// across the slices it is given.
+    struct Trickle {
+        got: Vec<u8>,
+        per_call: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let this = self.get_mut();
+            let n = buf.len().min(this.per_call);
+            this.got.extend_from_slice(&buf[..n]);
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let this = self.get_mut();
+            let mut n = 0;
+            for buf in bufs {
+                let take = buf.len().min(this.per_call - n);
+                this.got.extend_from_slice(&buf[..take]);
+                n += take;
+            }
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Every byte of every part goes out, in order, however few bytes each
+    /// write takes, empty parts included.
+    #[test]
+    fn gathered_writes_survive_short_writes() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let parts: [&[u8]; 5] = [b"head\r\n", b"", b"a body of some length", b"", b"\r\n"];
+        let whole = parts.concat();
+        for per_call in 1..=whole.len() {
+            let mut conn = Trickle {
+                got: Vec::new(),
+                per_call,
+            };
+            rt.block_on(write(&mut conn, parts)).unwrap();
+            assert_eq!(conn.got, whole, "{per_call} bytes a write");
+        }
+        let mut conn = Trickle {
+            got: Vec::new(),
+            per_call: 1,
+        };
+        rt.block_on(write(&mut conn, [b"" as &[u8], b""])).unwrap();
+        assert!(conn.got.is_empty());
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex_lines() {
+        let mut buf = [0u8; 18];
+        for len in [0, 1, 15, 16, 255, 4096, 123_456, usize::MAX] {
+            assert_eq!(chunk_size(len, &mut buf), format!("{len:x}\r\n").as_bytes());
+        }
     }
 
     #[test]
