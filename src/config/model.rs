@@ -174,6 +174,11 @@ pub struct JournalConfig {
     /// A journal segment is closed and a new one started past this size. Default `64MiB`.
     #[serde(default = "default_segment_size")]
     pub segment_size: ByteSize,
+    /// With `fsync = "always"`, zeros the writer keeps laid (and durable)
+    /// ahead of what it wrote, so a group commit's fsync skips the
+    /// filesystem's metadata journal; `0` appends instead. Default `1MiB`.
+    #[serde(default = "default_preallocate")]
+    pub preallocate: ByteSize,
 }
 
 /// When the journal calls fsync.
@@ -597,6 +602,9 @@ fn default_queue_capacity() -> usize {
 }
 fn default_segment_size() -> ByteSize {
     ByteSize(64 << 20)
+}
+fn default_preallocate() -> ByteSize {
+    ByteSize(1 << 20)
 }
 fn yes() -> bool {
     true

@@ -345,7 +345,10 @@ mod tests {
     /// write takes, empty parts included.
     #[test]
     fn gathered_writes_survive_short_writes() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
         let parts: [&[u8]; 5] = [b"head\r\n", b"", b"a body of some length", b"", b"\r\n"];
         let whole = parts.concat();
         for per_call in 1..=whole.len() {

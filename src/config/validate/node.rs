@@ -101,6 +101,12 @@ pub(super) fn journal(r: &mut Report<'_>, config: &Config) {
             "journal.segment_size must be at least 4KiB".into(),
         );
     }
+    if j.preallocate.0 > j.segment_size.0 {
+        r.add(
+            &[K("journal"), K("preallocate")],
+            "journal.preallocate must not exceed journal.segment_size".into(),
+        );
+    }
 }
 
 pub(super) fn limits(r: &mut Report<'_>, config: &Config) {
