@@ -23,8 +23,9 @@
 //! size) needs every time. Measured on a 2-vCPU VM disk: fsync 250 → 180 µs
 //! under an all-success rush, the writer's system time per claim 3.7 → 2.1
 //! µs. Replay reads those zeros as the end of the segment, and a zeroed
-//! 512-byte sector inside the last records as a write that never fully
-//! reached the disk (see [`SegmentScan::torn_from`]).
+//! 512-byte sector inside the last group commit (each starts with a mark)
+//! as a write that never fully reached the disk (see
+//! [`SegmentScan::torn_from`]).
 //!
 //! The record format is documented in [`record`].
 
@@ -226,6 +227,8 @@ pub struct SegmentScan {
     /// Where what was written ends: the start of the zeros laid ahead (the
     /// file's length when there are none).
     pub end: usize,
+    /// Where each group commit's mark is.
+    pub marks: Vec<usize>,
     /// Where the segment's last write was torn, if the damage looks like it
     /// (see [`SegmentScan::torn_from`]).
     torn_from: Option<usize>,
@@ -241,12 +244,15 @@ impl SegmentScan {
     ///
     /// - the only damage runs to the end of what was written (a record cut
     ///   short);
-    /// - the first damage holds a whole, aligned 512-byte sector of zeros:
-    ///   a part of the last write that never reached the disk, over the
-    ///   zeros laid ahead, while later parts of it did. An acknowledged
-    ///   record is never behind such a hole: its fdatasync flushed every
-    ///   byte written before it. A flipped bit does not zero a sector, so
-    ///   other damage is still corruption.
+    /// - the first damage holds a whole, aligned 512-byte sector of zeros
+    ///   and no group commit's mark follows it: a part of the last write
+    ///   that never reached the disk, over the zeros laid ahead, while later
+    ///   parts of it did. The records after such a hole belong to the same
+    ///   group commit, whose fdatasync never returned. A zeroed sector with
+    ///   a mark after it lies in an earlier, acknowledged group commit (a
+    ///   disk that lost a block), and a segment without marks was written
+    ///   by a version that laid no zeros: both are corruption, like a
+    ///   flipped bit.
     ///
     /// Only the last segment of a journal can have been torn.
     pub fn torn_from(&self) -> Option<usize> {
@@ -290,6 +296,10 @@ pub fn scan_segment(bytes: &[u8]) -> SegmentScan {
                 scan.found.push((offset, Found::Void(seq)));
                 offset += n;
             }
+            record::Decoded::Mark(_, n) => {
+                scan.marks.push(offset);
+                offset += n;
+            }
             record::Decoded::End => break,
             record::Decoded::Invalid => {
                 // No record starts in the zeros at the end: damage with no
@@ -297,7 +307,7 @@ pub fn scan_segment(bytes: &[u8]) -> SegmentScan {
                 let resume = (offset + 1..zeros_from)
                     .find(|&k| match record::decode(&bytes[k..]) {
                         record::Decoded::Record(c, _) => c.id > last_seq,
-                        record::Decoded::Void(seq, _) => seq > last_seq,
+                        record::Decoded::Void(seq, _) | record::Decoded::Mark(seq, _) => seq > last_seq,
                         _ => false,
                     })
                     .unwrap_or(zeros_from);
@@ -308,9 +318,11 @@ pub fn scan_segment(bytes: &[u8]) -> SegmentScan {
     }
     scan.torn_from = scan.damaged.first().and_then(|&(start, stop)| {
         let to_end = scan.damaged.len() == 1 && stop == scan.end;
-        let hole = (start.next_multiple_of(SECTOR)..stop)
-            .step_by(SECTOR)
-            .any(|at| bytes.get(at..at + SECTOR).is_some_and(|s| s.iter().all(|&b| b == 0)));
+        let in_last_commit = !scan.marks.is_empty() && scan.marks.iter().all(|&m| m < start);
+        let hole = in_last_commit
+            && (start.next_multiple_of(SECTOR)..stop)
+                .step_by(SECTOR)
+                .any(|at| bytes.get(at..at + SECTOR).is_some_and(|s| s.iter().all(|&b| b == 0)));
         (to_end || hole).then_some(start)
     });
     scan
@@ -399,8 +411,9 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
 /// stepped over: [`verify`] reports it). Empty when there is no journal.
 pub fn records(dir: &Path) -> Result<Vec<Found>, JournalError> {
     let segs = if dir.exists() { segments(dir)? } else { Vec::new() };
-    let mut out: Vec<SegmentScan> = Vec::new();
-    for (_, path) in segs {
+    let mut out = Vec::new();
+    let count = segs.len();
+    for (i, (_, path)) in segs.into_iter().enumerate() {
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
             // A serving node deleted this applied segment since the listing.
@@ -408,19 +421,18 @@ pub fn records(dir: &Path) -> Result<Vec<Found>, JournalError> {
             Err(e) => return Err(io_err(&path)(e)),
         };
         if has_magic(&bytes) {
-            out.push(scan_segment(&bytes));
+            // What replay would read: only the last segment's torn write
+            // (never acknowledged) is left out.
+            let scan = scan_segment(&bytes);
+            let found: Vec<_> = if i + 1 == count {
+                scan.kept().collect()
+            } else {
+                scan.found
+            };
+            out.extend(found.into_iter().map(|(_, f)| f));
         }
     }
-    // What replay would read: the last segment's torn write was never acknowledged.
-    let last = out.len().saturating_sub(1);
-    Ok(out
-        .into_iter()
-        .enumerate()
-        .flat_map(|(i, scan)| {
-            let found: Vec<_> = if i == last { scan.kept().collect() } else { scan.found };
-            found.into_iter().map(|(_, f)| f)
-        })
-        .collect())
+    Ok(out)
 }
 
 /// One segment as [`verify`] saw it.
@@ -497,7 +509,7 @@ pub fn verify(dir: &Path, repair: bool) -> Result<Vec<SegmentReport>, JournalErr
             fs::copy(path, &kept).map_err(io_err(&kept))?;
             let mut out = record::MAGIC.to_vec();
             let mut next: Option<u64> = report.gaps.first().map(|g| g.0).or(None);
-            for (_, found) in &scan.found {
+            for (_, found) in scan.found.iter().filter(|(at, _)| before_tear(at)) {
                 if let Some(n) = next {
                     for seq in n..found.seq() {
                         record::encode_void(seq, &mut out);
@@ -681,8 +693,9 @@ impl Segment {
         if self.ahead > 0 && self.zeroed < self.len + self.ahead / 4 {
             self.lay_zeros();
             if let Err(error) = self.file.sync_data() {
-                // The zeros may be lost: only speed depends on them, and a
-                // failed fsync will show on the next group commit's.
+                // Only zeros were unsynced (every record before them was
+                // made durable by its own group commit): nothing is lost,
+                // the segment is appended to from here on.
                 tracing::warn!(%error, "Could not make the journal's zeros ahead durable; appending instead.");
                 self.ahead = 0;
             }
@@ -767,6 +780,7 @@ impl Writer {
         }
         self.buf.clear();
         let first = self.setup.next_seq;
+        record::encode_mark(first, batch.len() as u32, &mut self.buf);
         for (i, e) in batch.iter().enumerate() {
             record::encode(e.claim(), first + i as u64, &mut self.buf);
         }
@@ -897,38 +911,51 @@ mod tests {
         assert_eq!(fs::metadata(dir.path().join(SEGMENT)).unwrap().len(), 122);
     }
 
-    /// A segment of `n` claims (codes C0, C1, ...) followed by zeros laid
-    /// ahead, and where each record starts.
-    fn laid_out(n: u64) -> (Vec<u8>, Vec<usize>) {
+    /// A segment as the writer lays it out: a group commit of `n` claims
+    /// per entry of `commits` (codes C0, C1, ...), each after its mark, then
+    /// zeros laid ahead; and where each claim record starts.
+    fn laid_out(commits: &[u64]) -> (Vec<u8>, Vec<usize>) {
         let mut bytes = record::MAGIC.to_vec();
         let mut starts = Vec::new();
-        for seq in 1..=n {
-            starts.push(bytes.len());
-            let claim = Claim {
-                id: 0,
-                activity_id: "act".into(),
-                ticket_id: "act-t".into(),
-                code: format!("C{}", seq - 1).into(),
-                user_id: seq,
-                claimed_at_ms: 1_700_000_000_000,
-                idempotency_key: None,
-            };
-            record::encode(&claim, seq, &mut bytes);
+        let mut seq = 1;
+        for &n in commits {
+            record::encode_mark(seq, n as u32, &mut bytes);
+            for _ in 0..n {
+                starts.push(bytes.len());
+                let claim = Claim {
+                    id: 0,
+                    activity_id: "act".into(),
+                    ticket_id: "act-t".into(),
+                    code: format!("C{}", seq - 1).into(),
+                    user_id: seq,
+                    claimed_at_ms: 1_700_000_000_000,
+                    idempotency_key: None,
+                };
+                record::encode(&claim, seq, &mut bytes);
+                seq += 1;
+            }
         }
         bytes.resize(bytes.len() + 8192, 0);
         (bytes, starts)
     }
 
-    /// A crash mid-write can leave a sector of the last write unwritten
-    /// (still the zeros laid ahead) while later sectors of it reached the
-    /// disk: recovery keeps what came before the hole and drops the rest,
-    /// none of which was acknowledged.
-    #[test]
-    fn a_zeroed_sector_inside_the_last_write_is_a_torn_write() {
-        let (mut bytes, starts) = laid_out(60);
+    /// A sector of zeros at 1 KiB..1.5 KiB of `bytes`, and where the record
+    /// it cuts starts.
+    fn hole(bytes: &mut [u8], starts: &[usize]) -> usize {
         bytes[2 * SECTOR..3 * SECTOR].fill(0);
-        let cut = *starts.iter().rev().find(|&&s| s < 2 * SECTOR).unwrap();
+        *starts.iter().rev().find(|&&s| s < 2 * SECTOR).unwrap()
+    }
+
+    /// A crash can leave a sector of the last group commit unwritten (still
+    /// the zeros laid ahead) while later sectors of it reached the disk:
+    /// recovery keeps what came before the hole and drops the rest of that
+    /// commit, which was never acknowledged.
+    #[test]
+    fn a_zeroed_sector_inside_the_last_group_commit_is_a_torn_write() {
+        let (mut bytes, starts) = laid_out(&[5, 55]);
+        let cut = hole(&mut bytes, &starts);
         let kept = starts.iter().filter(|&&s| s < cut).count();
+        assert!(kept > 5, "the hole is in the last commit");
         let dir = dir_with(&bytes);
         let report = &verify(dir.path(), false).unwrap()[0];
         assert!(report.torn_tail_only && !report.is_broken(), "{report:?}");
@@ -939,20 +966,41 @@ mod tests {
         assert_eq!(fs::metadata(dir.path().join(SEGMENT)).unwrap().len(), cut as u64);
     }
 
-    /// Zeros that are not a whole sector, with records after them, are
-    /// damage like any other: recovery refuses.
+    /// A zeroed sector with a later group commit's mark after it was in an
+    /// acknowledged commit (a disk that lost a block); so is one in a
+    /// segment without marks, and zeros short of a sector are damage like
+    /// any other; and an earlier segment never ends in a torn write. All
+    /// refuse, truncating nothing.
     #[test]
-    fn zeros_short_of_a_sector_with_records_after_are_corruption() {
-        let (mut bytes, starts) = laid_out(60);
-        bytes[2 * SECTOR + 10..3 * SECTOR - 10].fill(0);
-        let dir = dir_with(&bytes);
-        assert!(matches!(recover(dir.path()), Err(JournalError::Corrupt { .. })));
-        assert!(verify(dir.path(), false).unwrap()[0].is_broken());
-        // And an earlier segment never ends in a torn write.
-        let (mut torn, _) = laid_out(60);
-        torn[2 * SECTOR..3 * SECTOR].fill(0);
+    fn zeros_anywhere_else_are_corruption() {
+        let corrupt = |bytes: &[u8]| {
+            let dir = dir_with(bytes);
+            assert!(verify(dir.path(), false).unwrap()[0].is_broken());
+            assert!(matches!(recover(dir.path()), Err(JournalError::Corrupt { .. })));
+            assert_eq!(
+                fs::read(dir.path().join(SEGMENT)).unwrap(),
+                bytes,
+                "nothing was truncated"
+            );
+        };
+        let (mut bytes, starts) = laid_out(&[30, 30]);
+        hole(&mut bytes, &starts);
+        corrupt(&bytes);
+
+        let (mut unmarked, starts) = laid_out(&[60]);
+        unmarked.drain(8..8 + 21);
+        let starts: Vec<usize> = starts.iter().map(|s| s - 21).collect();
+        hole(&mut unmarked, &starts);
+        corrupt(&unmarked);
+
+        let (mut short, _) = laid_out(&[5, 55]);
+        short[2 * SECTOR + 10..3 * SECTOR - 10].fill(0);
+        corrupt(&short);
+
+        let (mut torn, starts) = laid_out(&[5, 55]);
+        hole(&mut torn, &starts);
         let dir = dir_with(&torn);
-        let (empty, _) = laid_out(0);
+        let (empty, _) = laid_out(&[]);
         fs::write(dir.path().join(format!("{:020}.journal", starts.len() + 1)), empty).unwrap();
         assert!(matches!(recover(dir.path()), Err(JournalError::Corrupt { .. })));
     }
@@ -964,7 +1012,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = JournalConfig::default();
         let mut segment = Segment::create(dir.path(), 1, &config).unwrap();
-        let (bytes, starts) = laid_out(20_000);
+        let (bytes, starts) = laid_out(&[20_000]);
         let records = &bytes[record::MAGIC.len()..bytes.len() - 8192];
         for chunk in records.chunks(64 << 10) {
             segment.write(chunk).unwrap();

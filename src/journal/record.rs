@@ -9,6 +9,8 @@
 //!            activity_id:str ticket_id:str code:str idempotency_key:str
 //! str     := len:u16le utf8[len]                  (an empty key means none)
 //! kind    := 1 (a claim) | 2 (void: the sequence number was lost; body is seq and kind only)
+//!          | 3 (a write's mark: body is seq kind count:u32le; seq is the first claim of the
+//!            group commit that follows, count its records; it takes no sequence number)
 //! ```
 //!
 //! Sequence numbers increase by one across segments and are the claim ids.
@@ -20,6 +22,12 @@
 //! `ticketd verify --repair` keeps every valid record and writes a *void*
 //! record for each sequence number it could not keep, so the sequence has
 //! no unexplained gap.
+//!
+//! Each group commit starts with a *mark*. A crash can also leave a sector
+//! of the last write unwritten (still the zeros the writer laid ahead) while
+//! later sectors of it reached the disk: that hole is a torn write only when
+//! no mark follows it, that is, when it lies in the last group commit (see
+//! `SegmentScan::torn_from`).
 
 use std::sync::Arc;
 
@@ -29,6 +37,7 @@ use crate::vocab::Claim;
 pub const MAGIC: &[u8; 8] = b"TKDJRNL1";
 const KIND_CLAIM: u8 = 1;
 const KIND_VOID: u8 = 2;
+const KIND_MARK: u8 = 3;
 /// Bytes before the body: length and checksum.
 pub const HEADER_LEN: usize = 8;
 /// Largest body we accept on replay (four strings of at most 64 KiB plus fixed fields).
@@ -69,6 +78,18 @@ pub fn encode_void(seq: u64, buf: &mut Vec<u8>) {
     buf.extend_from_slice(&body);
 }
 
+/// Appends the mark that starts a group commit of `count` claims, the
+/// first numbered `first_seq`.
+pub fn encode_mark(first_seq: u64, count: u32, buf: &mut Vec<u8>) {
+    let mut body = [0u8; 13];
+    body[..8].copy_from_slice(&first_seq.to_le_bytes());
+    body[8] = KIND_MARK;
+    body[9..].copy_from_slice(&count.to_le_bytes());
+    buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    buf.extend_from_slice(&body);
+}
+
 /// What [`decode`] found at the start of a byte slice.
 #[derive(Debug)]
 pub enum Decoded {
@@ -76,6 +97,9 @@ pub enum Decoded {
     Record(Claim, usize),
     /// A whole, valid void record (its sequence number) and its length.
     Void(u64, usize),
+    /// A whole, valid mark (the first sequence number of its group commit)
+    /// and its length.
+    Mark(u64, usize),
     /// The slice ends inside a record, or its checksum is wrong.
     Invalid,
     /// No bytes left.
@@ -104,6 +128,10 @@ pub fn decode(bytes: &[u8]) -> Decoded {
     if body.len() == 9 && body[8] == KIND_VOID {
         let seq = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
         return Decoded::Void(seq, HEADER_LEN + 9);
+    }
+    if body.len() == 13 && body[8] == KIND_MARK {
+        let seq = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+        return Decoded::Mark(seq, HEADER_LEN + 13);
     }
     match parse_body(body) {
         Some(claim) => Decoded::Record(claim, HEADER_LEN + len),
@@ -191,6 +219,10 @@ mod tests {
         bad[HEADER_LEN + 3] ^= 1;
         assert!(matches!(decode(&bad), Decoded::Invalid));
         assert!(matches!(decode(&[]), Decoded::End));
+        let mut mark = Vec::new();
+        encode_mark(9, 17, &mut mark);
+        assert!(matches!(decode(&mark), Decoded::Mark(9, n) if n == mark.len()));
+        assert!(matches!(decode(&mark[..mark.len() - 1]), Decoded::Invalid));
     }
 
     proptest::proptest! {
