@@ -546,19 +546,23 @@ async fn a_fan_whose_pass_lapsed_joins_again_at_the_back() {
     app.assert_verified();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn across_nodes_a_fan_whose_pass_lapsed_joins_again_at_the_back() {
-    use crate::cluster::Cluster;
+/// Two nodes sharing a room of two codes, passes of 5 s, starting in 8 s.
+fn two_nodes_with_a_room(id: &str) -> crate::cluster::Cluster {
     use ticketd::clock::{now_ms, rfc3339_ms};
-    let act = Act::new("rj")
+    let act = Act::new(id)
         .window(&rfc3339_ms(now_ms() + 8_000), &rfc3339_ms(now_ms() + 3_600_000))
         .with("admission = \"queue\"")
         .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 60_000)))
         .with("pass_ttl = \"5s\"")
         .with("admit_rate = 100.0")
-        .ticket("rj-t", "Ticket", Codes::Generate(2))
+        .ticket(&format!("{id}-t"), "Ticket", Codes::Generate(2))
         .toml();
-    let cluster = Cluster::start(2, &act, "");
+    crate::cluster::Cluster::start(2, &act, "")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn across_nodes_a_fan_whose_pass_lapsed_joins_again_at_the_back() {
+    let cluster = two_nodes_with_a_room("rj");
     let tokens = cluster.users("rj", 2).await;
     let first = lapse_and_rejoin(&cluster.clients(), &tokens, "rj", None).await;
     admitted_again(&cluster.clients(), &tokens, "rj", &first).await;
@@ -569,17 +573,7 @@ async fn across_nodes_a_fan_whose_pass_lapsed_joins_again_at_the_back() {
 /// pass lapsed still gets a new place, not a lock-out until the room ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn across_nodes_a_pass_an_earlier_version_wrote_lapses_too() {
-    use crate::cluster::Cluster;
-    use ticketd::clock::{now_ms, rfc3339_ms};
-    let act = Act::new("ru")
-        .window(&rfc3339_ms(now_ms() + 8_000), &rfc3339_ms(now_ms() + 3_600_000))
-        .with("admission = \"queue\"")
-        .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 60_000)))
-        .with("pass_ttl = \"5s\"")
-        .with("admit_rate = 100.0")
-        .ticket("ru-t", "Ticket", Codes::Generate(2))
-        .toml();
-    let cluster = Cluster::start(2, &act, "");
+    let cluster = two_nodes_with_a_room("ru");
     let tokens = cluster.users("ru", 2).await;
     let first = lapse_and_rejoin(&cluster.clients(), &tokens, "ru", Some(&cluster.services)).await;
     admitted_again(&cluster.clients(), &tokens, "ru", &first).await;
