@@ -423,7 +423,7 @@ async fn admit(state: Arc<AppState>, ctl: Ctl) {
                     remaining: a.remaining(),
                     settled: a.tickets.iter().all(|t| t.pool.drained()),
                 };
-                let seq = room.tick(now_ms(), stock, &|user| a.ledger.count_of(user));
+                let seq = room.tick(now_ms, stock, &|user| a.ledger.count_of(user));
                 room.persist(seq).await.map_err(|e| format!("{e:?}"))
             }
         };

@@ -448,18 +448,24 @@ impl Room {
         s
     }
 
-    /// One step of the admitter at `now`: the shuffle when due, passes
-    /// retired, the next places admitted as the rate and the stock allow
-    /// (`claimed(user)` is how many codes a pass holder has claimed), the
-    /// room closed when nothing is left. Returns the log sequence to
-    /// [`Room::persist`], or 0 when nothing changed.
-    pub fn tick(&self, now: i64, stock: StockView, claimed: &dyn Fn(u64) -> u32) -> u64 {
+    /// One step of the admitter at the time `clock` tells: the shuffle when
+    /// due, passes retired, the next places admitted as the rate and the
+    /// stock allow (`claimed(user)` is how many codes a pass holder has
+    /// claimed), the room closed when nothing is left. Returns the log
+    /// sequence to [`Room::persist`], or 0 when nothing changed.
+    ///
+    /// The clock is read under the room's lock: a status answered before
+    /// the step then always carries an earlier `serverTime` than the step's
+    /// events (read before, and the admitter preempted before locking, a
+    /// fan could be told "waiting" at a time after the room's close).
+    pub fn tick(&self, clock: impl FnOnce() -> i64, stock: StockView, claimed: &dyn Fn(u64) -> u32) -> u64 {
         let Some(log) = &self.log else { return 0 };
         if log.failed() {
             // Nothing more is admitted that the log could not keep.
             return 0;
         }
         let mut st = self.state.lock();
+        let now = clock();
         let mut last = 0;
         for event in st.plan(now, stock, claimed, &|_| None, MAX_STEPS_PER_TICK) {
             st.replay(&self.seed, &event);
@@ -969,9 +975,31 @@ mod tests {
             remaining: 0,
             settled: false,
         };
-        room.tick(3_000, stock, &|_| 0);
+        room.tick(|| 3_000, stock, &|_| 0);
         assert_eq!(room.status(1, 3_000, false).state, PlaceState::Waiting, "still in line");
         assert_eq!(room.summary().expired, 1);
+    }
+
+    /// The admitter reads its clock holding the room: no status can come
+    /// between its reading and its events.
+    #[test]
+    fn the_admitter_reads_the_clock_holding_the_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let room = Room::open(dir.path(), "a".into(), settings()).unwrap();
+        let stock = StockView {
+            remaining: 5,
+            settled: false,
+        };
+        let mut held = None;
+        room.tick(
+            || {
+                held = Some(room.state.try_lock().is_none());
+                10
+            },
+            stock,
+            &|_| 0,
+        );
+        assert_eq!(held, Some(true), "the clock was read with the room locked");
     }
 
     #[test]
@@ -983,8 +1011,8 @@ mod tests {
             remaining: 5,
             settled: false,
         };
-        room.tick(10, stock, &|_| 0);
-        room.tick(1_010, stock, &|_| 0);
+        room.tick(|| 10, stock, &|_| 0);
+        room.tick(|| 1_010, stock, &|_| 0);
         assert_eq!(room.summary().admitted, 1, "admitted in memory");
         // The admission is in the log's buffer, not on disk: a crash now
         // would forget it, so nobody may see its pass yet.
