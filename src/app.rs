@@ -514,11 +514,15 @@ async fn supervise(state: Arc<AppState>, notifier: Arc<Notifier>, lanes: Probe, 
         interval.tick().await;
         ctl.tick();
         if let Some(every) = watchdog {
-            let committer = match state.store.ping() {
-                Some(reply) => matches!(tokio::time::timeout(every, reply).await, Ok(Ok(()))),
-                None => false,
+            // Both at once, within one interval: one after the other, two
+            // slow answers could outlast WatchdogSec on a healthy node.
+            let committer = async {
+                match state.store.ping() {
+                    Some(reply) => matches!(tokio::time::timeout(every, reply).await, Ok(Ok(()))),
+                    None => false,
+                }
             };
-            let turning = lanes.all_turning(every).await;
+            let (committer, turning) = tokio::join!(committer, lanes.all_turning(every));
             if committer && turning {
                 notifier.send("WATCHDOG=1");
             } else if !committer {

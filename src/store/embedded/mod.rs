@@ -174,8 +174,9 @@ fn has_per_minute_outcomes(conn: &Connection) -> rusqlite::Result<bool> {
     )
 }
 
-/// Runs [`MIGRATE_OUTCOMES`] if it is needed, under the write lock (two
-/// processes opening the store at once migrate it once).
+/// Runs [`MIGRATE_OUTCOMES`] if it is needed, under SQLite's write lock
+/// (two processes opening the store at once migrate it once). Run only by
+/// the process holding the data directory's lock.
 fn migrate_outcomes(conn: &mut Connection) -> rusqlite::Result<()> {
     if !has_per_minute_outcomes(conn)? {
         return Ok(());
@@ -191,13 +192,12 @@ fn migrate_outcomes(conn: &mut Connection) -> rusqlite::Result<()> {
 
 /// Opens (creating if needed) the database at `path` with the schema.
 fn open_db(path: &Path) -> Result<Connection, StoreError> {
-    let mut conn = Connection::open(path)?;
+    let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: an applied claim batch is on disk before its journal segment may be deleted.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.execute_batch(SCHEMA)?;
-    migrate_outcomes(&mut conn)?;
     Ok(conn)
 }
 
@@ -220,6 +220,12 @@ impl EmbeddedStore {
         let db_path = dir.join("ticketd.db");
         let lock = try_lock(&dir)?;
         let mut conn = open_db(&db_path)?;
+        if lock.is_some() && !matches!(access, Access::Inspect) {
+            // Only the process that owns the directory changes its tables:
+            // an earlier version may be serving it (an inspection, or a
+            // tool beside a node, reads what is there).
+            migrate_outcomes(&mut conn)?;
+        }
         // Every claim in this store was handed out by the node that owns it.
         let node = config.node_id();
         match (access, lock) {

@@ -135,9 +135,9 @@ pub(super) fn report_data(conn: &Connection, activity_id: &str, top: usize) -> R
 mod tests {
     use super::*;
 
-    /// A store an earlier version wrote, with outcomes per minute: opening
-    /// it moves them into the per-tick table once, adding to a tick already
-    /// there, and the report reads them from there.
+    /// A store an earlier version wrote, with outcomes per minute: the
+    /// migration moves them into the per-tick table once, adding to a tick
+    /// already there, and the report reads them from there.
     #[test]
     fn per_minute_outcomes_are_moved_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -152,7 +152,8 @@ mod tests {
             )
             .unwrap();
         }
-        let conn = super::super::open_db(&path).unwrap();
+        let mut conn = super::super::open_db(&path).unwrap();
+        super::super::migrate_outcomes(&mut conn).unwrap();
         assert_eq!(
             report_data(&conn, "a", 10).unwrap().outcomes,
             vec![
@@ -166,8 +167,9 @@ mod tests {
             vec![(180_000, "success".to_owned(), 1)]
         );
         drop(conn);
-        // Opening again changes nothing.
-        let conn = super::super::open_db(&path).unwrap();
+        // Migrating again changes nothing.
+        let mut conn = super::super::open_db(&path).unwrap();
+        super::super::migrate_outcomes(&mut conn).unwrap();
         let total: i64 = conn
             .query_row("SELECT SUM(count) FROM stats_outcome_ticks", [], |r| r.get(0))
             .unwrap();
