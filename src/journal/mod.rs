@@ -228,7 +228,7 @@ pub struct SegmentScan {
     /// file's length when there are none).
     pub end: usize,
     /// Where each group commit's mark is.
-    pub marks: Vec<usize>,
+    marks: Vec<usize>,
     /// Where the segment's last write was torn, if the damage looks like it
     /// (see [`SegmentScan::torn_from`]).
     torn_from: Option<usize>,

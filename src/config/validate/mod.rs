@@ -64,7 +64,7 @@ pub fn definitions(activities: &[ActivityConfig]) -> Vec<Problem> {
 mod tests {
     use std::path::Path;
 
-    use crate::config::{Config, ConfigError};
+    use crate::config::{ActivityConfig, Config, ConfigError};
 
     fn load(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("test.toml"), Default::default())
@@ -148,26 +148,16 @@ end_time = "2030-01-02T00:00:00Z"
   name = "U"
   generate = 5
 "#;
+        let shown = |activities: &[ActivityConfig], what: &str| {
+            let shown: Vec<String> = super::definitions(activities).iter().map(ToString::to_string).collect();
+            assert!(shown.iter().any(|p| p.contains(what)), "{what}: {shown:?}");
+        };
         let mut activities = load(text).unwrap().activities;
         assert!(super::definitions(&activities).is_empty(), "a valid set passes");
         activities[0].tickets[1].id = "t".into();
-        let shown: Vec<String> = super::definitions(&activities)
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        assert!(
-            shown.iter().any(|p| p.contains("ticket id `t` is used twice")),
-            "{shown:?}"
-        );
+        shown(&activities, "ticket id `t` is used twice");
         activities[0].tickets.clear();
-        let shown: Vec<String> = super::definitions(&activities)
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        assert!(
-            shown.iter().any(|p| p.contains("has no [[activity.ticket]]")),
-            "{shown:?}"
-        );
+        shown(&activities, "has no [[activity.ticket]]");
     }
 
     #[test]
@@ -181,6 +171,21 @@ end_time = "2030-01-02T00:00:00Z"
             ["line 2: server.threads must be at most 1024 (0: one per CPU core)"]
         );
         load("[server]\nthreads = 4\n").unwrap();
+    }
+
+    #[test]
+    fn zeros_laid_ahead_fit_in_a_segment() {
+        let Err(ConfigError::Invalid { problems, .. }) =
+            load("[journal]\nsegment_size = \"64KiB\"\npreallocate = \"1MiB\"\n")
+        else {
+            panic!("must be invalid")
+        };
+        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            ["line 3: journal.preallocate must not exceed journal.segment_size"]
+        );
+        load("[journal]\npreallocate = 0\n").unwrap();
     }
 
     #[test]
