@@ -70,8 +70,11 @@ impl Lanes {
         let mut lanes = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
         for n in 0..count {
+            // Sockets and timers only: no signal or child-process driver,
+            // whose bookkeeping (reaping orphans) would run at every park.
             let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
+                .enable_io()
+                .enable_time()
                 .max_blocking_threads((BLOCKING_THREADS / count).max(16))
                 .build()?;
             // Unbounded, yet bounded by `server.max_connections`: a
