@@ -975,7 +975,9 @@ async fn an_idempotent_retry_gets_its_code_on_any_node_even_after_the_sell_out_a
     let mut cluster = Cluster::start(2, &cluster_activity("idem", 1, 1), "");
     let token = cluster.nodes[0].register("idem-fan").await;
     let body = cluster.nodes[0].claim_body(&token, "idem").await;
-    let key = [("Idempotency-Key", "retry-me-0001")];
+    // A quote and a backslash: the node writes the claim record's JSON
+    // that the commit script stores and later decodes.
+    let key = [("Idempotency-Key", r#"retry-"me"-\-0001"#)];
     let first = cluster.nodes[0]
         .client
         .call(http::Method::POST, "/ticket/get", Some(&token), Some(&body), &key)

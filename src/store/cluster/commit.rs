@@ -149,7 +149,10 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
     let mut committed = 0;
     let mut answers = Vec::with_capacity(work.len());
     for (a, answer) in work.into_iter().zip(results) {
-        let outcome = if answer == "LOST" {
+        let outcome = if answer == "OK" {
+            committed += 1;
+            CommitOutcome::Committed(a.id)
+        } else if answer == "LOST" {
             CommitOutcome::CodeTaken
         } else if answer == "FULL" {
             if !shared.backlog_full.swap(true, Ordering::Relaxed) {
@@ -168,6 +171,8 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
                 Err(_) => CommitOutcome::Failed(CommitError::Unavailable),
             }
         } else {
+            // This claim's own record: a retry after an unknown outcome
+            // found it already committed.
             match Record::parse(&activity, &answer) {
                 Ok(r) if r.nonce == a.nonce => {
                     committed += 1;
@@ -205,14 +210,25 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
     invocation.arg(&*shared.node).arg(limit).arg(shared.cfg.max_backlog);
     for a in work {
         let c = a.pending.claim();
+        let key = c.idempotency_key.as_deref().unwrap_or("");
+        let head = Record::head(
+            a.id,
+            c.user_id,
+            &c.ticket_id,
+            &c.code,
+            c.claimed_at_ms,
+            &shared.node,
+            &a.nonce,
+            key,
+        );
         invocation
             .arg(&a.nonce)
-            .arg(a.id)
             .arg(&*c.ticket_id)
             .arg(&*c.code)
             .arg(c.user_id)
-            .arg(c.claimed_at_ms)
-            .arg(c.idempotency_key.as_deref().unwrap_or(""));
+            .arg(key)
+            .arg(head)
+            .arg(serde_json::to_string(&*c.code).unwrap_or_default());
     }
     let deadline = Instant::now() + shared.cfg.commit_timeout.0;
     let mut delay = Duration::from_millis(20);

@@ -1,6 +1,7 @@
 //! The claim record: one claim as the commit script writes it into Redis
 //! (the claimed hash, the idempotency hash and the node's backlog), as JSON
-//! whose numbers are all strings so Lua never rounds them.
+//! whose numbers are all strings so Lua never rounds them. The node writes
+//! it ([`Record::head`]); the script only adds the user's claim count.
 
 use std::sync::Arc;
 
@@ -48,6 +49,30 @@ struct RawRecord {
 }
 
 impl Record {
+    /// The record of a claim the commit script is about to write, up to
+    /// the value of `n` (the user's n-th claim, which only Redis knows):
+    /// the script appends `n` and `"}`. Written here rather than by `cjson`
+    /// in the script, which runs one at a time for the whole cluster.
+    /// Numbers are strings, as `cjson` wrote them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn head(id: u64, user: u64, ticket: &str, code: &str, ms: i64, node: &str, nonce: &str, key: &str) -> String {
+        let mut out = Vec::with_capacity(128 + ticket.len() + code.len() + node.len() + nonce.len() + key.len());
+        let string = |out: &mut Vec<u8>, name: &str, value: &str| {
+            out.extend_from_slice(name.as_bytes());
+            // Writing a `&str` into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, value);
+        };
+        out.extend_from_slice(format!(r#"{{"id":"{id}","user":"{user}","ms":"{ms}""#).as_bytes());
+        string(&mut out, ",\"ticket\":", ticket);
+        string(&mut out, ",\"code\":", code);
+        string(&mut out, ",\"node\":", node);
+        string(&mut out, ",\"nonce\":", nonce);
+        string(&mut out, ",\"key\":", key);
+        out.extend_from_slice(br#","n":""#);
+        // Built from `&str`s and ASCII only.
+        String::from_utf8(out).unwrap_or_default()
+    }
+
     /// Parses a record of `activity`.
     pub fn parse(activity: &str, json: &str) -> Result<Record, ClusterError> {
         let bad = || ClusterError::Protocol(format!("claim record {json:?}"));
@@ -101,6 +126,19 @@ mod tests {
                 .idempotency_key
                 .as_deref(),
             Some("k-1")
+        );
+    }
+
+    #[test]
+    fn a_head_the_script_completes_parses_back() {
+        let key = "k \"quoted\" \\ back/slash \u{1} 券";
+        let head = Record::head(4097, 42, "t1", "AB\"C", -5, "n1", "ff.7", key);
+        // What the commit script appends: `n`, then `"}`.
+        let r = Record::parse("a1", &format!("{head}3\"}}")).unwrap();
+        assert_eq!((r.id, r.user, r.n, r.ms), (4097, 42, 3, -5));
+        assert_eq!(
+            (&*r.ticket, &*r.code, &*r.node, &*r.nonce, &*r.key),
+            ("t1", "AB\"C", "n1", "ff.7", key)
         );
     }
 
