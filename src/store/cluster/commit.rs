@@ -204,8 +204,19 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
         .key(keys.idem())
         .key(keys.outbox(&shared.node))
         .key(keys.sold());
+    // Each claim names its lease set; a batch mostly has one ticket type,
+    // so each name is built once.
+    let mut leases: Vec<(&str, String)> = Vec::new();
     for a in work {
-        invocation.key(keys.lease(&a.pending.claim().ticket_id, &shared.node));
+        let ticket = &*a.pending.claim().ticket_id;
+        let at = match leases.iter().position(|(t, _)| *t == ticket) {
+            Some(at) => at,
+            None => {
+                leases.push((ticket, keys.lease(ticket, &shared.node)));
+                leases.len() - 1
+            }
+        };
+        invocation.key(&leases[at].1);
     }
     invocation.arg(&*shared.node).arg(limit).arg(shared.cfg.max_backlog);
     for a in work {
