@@ -1022,6 +1022,89 @@ async fn an_idempotent_retry_gets_its_code_on_any_node_even_after_the_sell_out_a
     assert_eq!(fresh.error_code(), Some("SOLD_OUT"), "{}", fresh.body);
 }
 
+/// The commit script writes a batch's backlog records and sold counts once,
+/// after its loop. Redis keeps what a failed script wrote before it failed,
+/// so a command failing halfway through a batch must not leave the claims
+/// recorded before it out of the backlog (never written to MongoDB) and out
+/// of the sold counts. Here the second claim's code holds a damaged record.
+#[tokio::test]
+async fn a_commit_failing_halfway_still_backlogs_and_counts_what_it_recorded() {
+    let services = Services::start_redis_only();
+    let mut r = services.redis().await;
+    let keys = ticketd::store::cluster::scripts::Keys::new("half");
+    let lease = keys.lease("t", "n1");
+    let () = redis::cmd("SADD")
+        .arg(&lease)
+        .arg("c1")
+        .arg("c2")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let () = redis::cmd("HSET")
+        .arg(keys.claimed())
+        .arg("c2")
+        .arg("damaged, not JSON")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let head = |code: &str, user: u64, nonce: &str| {
+        format!(
+            r#"{{"id":"{user}","user":"{user}","ms":"5","ticket":"t","code":"{code}","node":"n1","nonce":"{nonce}","key":"","n":""#
+        )
+    };
+    let mut invocation = ticketd::store::cluster::scripts::COMMIT.prepare_invoke();
+    invocation
+        .key(keys.claimed())
+        .key(keys.users())
+        .key(keys.held())
+        .key(keys.idem())
+        .key(keys.outbox("n1"))
+        .key(keys.sold())
+        .key(&lease)
+        .key(&lease)
+        .arg("n1")
+        .arg(5)
+        .arg(1000);
+    for (nonce, code, user) in [("x1", "c1", 1u64), ("x2", "c2", 2)] {
+        invocation
+            .arg(nonce)
+            .arg("t")
+            .arg(code)
+            .arg(user)
+            .arg("")
+            .arg(head(code, user, nonce))
+            .arg(format!("\"{code}\""));
+    }
+    let failed = invocation.invoke_async::<Vec<String>>(&mut r).await;
+    assert!(failed.is_err(), "the damaged record fails the script: {failed:?}");
+    let backlog: Vec<String> = redis::cmd("LRANGE")
+        .arg(keys.outbox("n1"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(
+        backlog,
+        vec![format!("{}1\"}}", head("c1", 1, "x1"))],
+        "c1 was recorded, so it is backlogged"
+    );
+    let sold: Option<u64> = redis::cmd("HGET")
+        .arg(keys.sold())
+        .arg("t")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(sold, Some(1));
+    let held: String = redis::cmd("HGET")
+        .arg(keys.held())
+        .arg(1)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(held, r#"["c1"]"#);
+}
+
 /// Issue 12, item 7, in a cluster: `ticketd verify` names each broken
 /// invariant of the shared stock — a code in two places, a code lost, a
 /// code nobody pushed, a wrong per-user counter and held list, a wrong sold

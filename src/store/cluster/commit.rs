@@ -239,7 +239,7 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
             .arg(c.user_id)
             .arg(key)
             .arg(head)
-            .arg(serde_json::to_string(&*c.code).unwrap_or_default());
+            .arg(serde_json::to_string(&*c.code).expect("a string serialises to JSON"));
     }
     let deadline = Instant::now() + shared.cfg.commit_timeout.0;
     let mut delay = Duration::from_millis(20);

@@ -69,8 +69,8 @@ impl Record {
         string(&mut out, ",\"nonce\":", nonce);
         string(&mut out, ",\"key\":", key);
         out.extend_from_slice(br#","n":""#);
-        // Built from `&str`s and ASCII only.
-        String::from_utf8(out).unwrap_or_default()
+        // ASCII, and `&str`s as serde_json escapes them: UTF-8.
+        String::from_utf8(out).expect("JSON written from &strs is UTF-8")
     }
 
     /// Parses a record of `activity`.

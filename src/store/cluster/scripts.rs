@@ -156,7 +156,8 @@ pub fn node_key(node: &str) -> String {
 /// record's JSON and the code's, and the script only joins strings: no
 /// `cjson` on the way of a claim that succeeds (encoding the record and
 /// decoding and re-encoding the user's codes was most of the script's time),
-/// and the backlog and the sold counts are written once per batch.
+/// and the backlog and the sold counts are written once per batch (also
+/// when the script fails halfway: see the `pcall`).
 pub static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -165,46 +166,52 @@ local node, limit, max_backlog = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local backlog = redis.call('LLEN', outbox)
 local out, recs, sold = {}, {}, {}
 local n = (#ARGV - 3) / 7
-for i = 0, n - 1 do
-  local a = 4 + i * 7
-  local nonce, ticket, code, user, key, head, quoted = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4], ARGV[a+5], ARGV[a+6]
-  local existing = redis.call('HGET', claimed, code)
-  local replay = false
-  if key ~= '' then replay = redis.call('HGET', idem, user .. ':' .. key) end
-  if existing then
-    if cjson.decode(existing).nonce == nonce then out[i + 1] = existing else out[i + 1] = 'LOST' end
-  elseif replay then
-    out[i + 1] = 'REPLAY' .. replay
-  elseif backlog >= max_backlog then
-    out[i + 1] = 'FULL'
-  elseif tonumber(redis.call('HGET', users, user) or '0') >= limit then
-    out[i + 1] = 'LIMIT' .. (redis.call('HGET', held, user) or '[]')
-  elseif redis.call('SREM', KEYS[7 + i], code) == 0 then
-    out[i + 1] = 'LOST'
-  else
-    local nth = redis.call('HINCRBY', users, user, 1)
-    local rec = head .. nth .. '"}'
-    redis.call('HSET', claimed, code, rec)
-    -- The user's codes, a JSON array: this code appended as text.
-    local codes = redis.call('HGET', held, user)
-    if codes and codes ~= '[]' then
-      codes = string.sub(codes, 1, -2) .. ',' .. quoted .. ']'
+-- Each claim's backlog record and sold count are written after the loop,
+-- once per batch; `pcall` makes sure they are written even when a command
+-- fails halfway (Redis keeps a failed script's earlier writes), so no
+-- recorded claim ever misses its backlog record or its count.
+local ok, err = pcall(function()
+  for i = 0, n - 1 do
+    local a = 4 + i * 7
+    local nonce, ticket, code, user, key, head, quoted = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4], ARGV[a+5], ARGV[a+6]
+    local existing = redis.call('HGET', claimed, code)
+    local replay = false
+    if key ~= '' then replay = redis.call('HGET', idem, user .. ':' .. key) end
+    if existing then
+      if cjson.decode(existing).nonce == nonce then out[i + 1] = existing else out[i + 1] = 'LOST' end
+    elseif replay then
+      out[i + 1] = 'REPLAY' .. replay
+    elseif backlog >= max_backlog then
+      out[i + 1] = 'FULL'
+    elseif tonumber(redis.call('HGET', users, user) or '0') >= limit then
+      out[i + 1] = 'LIMIT' .. (redis.call('HGET', held, user) or '[]')
+    elseif redis.call('SREM', KEYS[7 + i], code) == 0 then
+      out[i + 1] = 'LOST'
     else
-      codes = '[' .. quoted .. ']'
+      local nth = redis.call('HINCRBY', users, user, 1)
+      local rec = head .. nth .. '"}'
+      redis.call('HSET', claimed, code, rec)
+      recs[#recs + 1] = rec
+      sold[ticket] = (sold[ticket] or 0) + 1
+      -- The user's codes, a JSON array: this code appended as text.
+      local codes = redis.call('HGET', held, user)
+      if codes and codes ~= '[]' and codes ~= '{}' then
+        codes = string.sub(codes, 1, -2) .. ',' .. quoted .. ']'
+      else
+        codes = '[' .. quoted .. ']'
+      end
+      redis.call('HSET', held, user, codes)
+      if key ~= '' then redis.call('HSET', idem, user .. ':' .. key, rec) end
+      backlog = backlog + 1
+      out[i + 1] = 'OK'
     end
-    redis.call('HSET', held, user, codes)
-    if key ~= '' then redis.call('HSET', idem, user .. ':' .. key, rec) end
-    recs[#recs + 1] = rec
-    sold[ticket] = (sold[ticket] or 0) + 1
-    backlog = backlog + 1
-    out[i + 1] = 'OK'
   end
-end
--- Once per batch: nothing above reads the backlog or the counts back.
+end)
 for i = 1, #recs, 1000 do
   redis.call('RPUSH', outbox, unpack(recs, i, math.min(i + 999, #recs)))
 end
 for ticket, k in pairs(sold) do redis.call('HINCRBY', KEYS[6], ticket, k) end
+if not ok then error(err) end
 return out
 "#,
     )

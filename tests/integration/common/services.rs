@@ -111,6 +111,13 @@ impl Services {
         s
     }
 
+    /// Starts a single Redis only (for tests of the Redis scripts alone).
+    pub fn start_redis_only() -> Services {
+        let mut s = Services::empty();
+        s.start_redis();
+        s
+    }
+
     /// Starts a Redis Cluster of three masters (no replicas) and
     /// SecantusDB; `redis_url` names the first master, the nodes' seed.
     pub fn start_with_redis_cluster() -> Services {
