@@ -4,13 +4,14 @@
 //! distribution.
 //!
 //! Recording takes one uncontended lock and a few plain increments per
-//! claim request, no I/O, and no allocation once a tick and a source have
-//! been seen: each thread records into its own shard (a lane's claims never
-//! touch another lane's cache lines), and a worker drains every shard once
-//! a second into the store (`Store::add_stats`). The per-source maps are
-//! capped: past [`MAX_SOURCES`] distinct addresses and accounts between two
-//! drains, new ones are counted under "other", so a flood of spoofed
-//! sources cannot grow memory without bound.
+//! claim request, no I/O, and no allocation once the maps have grown to a
+//! second's worth of ticks and sources: each thread records into its own
+//! shard (a lane's claims never touch another lane's cache lines), and a
+//! worker drains every shard once a second into the store
+//! (`Store::add_stats`), keeping the emptied maps' capacity. The per-source
+//! maps are capped: past [`MAX_SOURCES`] entries between two drains (a
+//! source seen on two lanes takes two), new sources are counted under
+//! "other", so a flood of spoofed sources cannot grow memory without bound.
 
 use std::{
     collections::HashMap,
@@ -27,7 +28,7 @@ use parking_lot::Mutex;
 
 use crate::{metrics::LATENCY_BOUNDS, vocab::ClaimOutcome};
 
-/// Most distinct sources tracked between two flushes.
+/// Most source entries, over all shards, between two drains.
 pub const MAX_SOURCES: usize = 200_000;
 
 /// Who sent a claim.
@@ -75,14 +76,19 @@ impl StatsBatch {
 /// threads') counts per activity.
 ///
 /// Why shards and not one concurrent map: every claim request records, on
-/// every lane at once. With shared maps of atomics, each request took five
-/// shard read locks and four increments on cache lines the other lanes
-/// were writing too (about 4% of a successful claim's samples in a
-/// profile). A thread's own shard is a plain map behind a lock nobody else
-/// takes, except the drain once a second.
+/// every lane at once. With shared maps of atomics, each request took four
+/// shard read locks (activity, tick, address, account) and four increments
+/// on cache lines the other lanes were writing too (about 3% of a
+/// successful claim's samples in a profile). A thread's own shard is a
+/// plain map behind a lock nobody else takes, except the drain once a
+/// second.
 pub struct RushStats {
     shards: Box<[CachePadded<Mutex<Shard>>]>,
-    /// Distinct sources tracked since the last drain, all activities.
+    /// What each shard held before the last drain, emptied but keeping its
+    /// capacity; the next drain swaps it back in, so after a drain a shard
+    /// re-grows nothing. Only [`RushStats::drain`] takes this lock.
+    spares: Mutex<Vec<Shard>>,
+    /// Source entries since the last drain, all shards and activities.
     tracked: AtomicUsize,
 }
 
@@ -96,6 +102,7 @@ impl Default for RushStats {
             shards: (0..SHARDS)
                 .map(|_| CachePadded::new(Mutex::new(Shard::default())))
                 .collect(),
+            spares: Mutex::new((0..SHARDS).map(|_| Shard::default()).collect()),
             tracked: AtomicUsize::new(0),
         }
     }
@@ -141,7 +148,22 @@ impl RushStats {
         now_ms: i64,
         elapsed: Duration,
     ) {
-        let mut shard = self.shards[my_shard()].lock();
+        self.record_in(my_shard(), activity, outcome, ip, user, now_ms, elapsed);
+    }
+
+    /// [`RushStats::record`] into shard `shard`.
+    #[allow(clippy::too_many_arguments)]
+    fn record_in(
+        &self,
+        shard: usize,
+        activity: &Arc<str>,
+        outcome: ClaimOutcome,
+        ip: IpAddr,
+        user: u64,
+        now_ms: i64,
+        elapsed: Duration,
+    ) {
+        let mut shard = self.shards[shard].lock();
         let stats = match shard.get_mut(&**activity) {
             Some(stats) => stats,
             None => shard.entry(activity.clone()).or_default(),
@@ -176,22 +198,31 @@ impl RushStats {
         let mut outcomes: Sum<(Arc<str>, i64, usize)> = Sum::default();
         let mut sources: Sum<(Arc<str>, Source)> = Sum::default();
         let mut latency: Sum<(Arc<str>, usize)> = Sum::default();
+        let mut spares = self.spares.lock();
         self.tracked.store(0, Ordering::Relaxed);
-        for shard in self.shards.iter() {
-            let taken = std::mem::take(&mut *shard.lock());
-            for (a, stats) in taken {
-                for (tick, counts) in stats.outcomes {
+        for (shard, taken) in self.shards.iter().zip(spares.iter_mut()) {
+            std::mem::swap(&mut *shard.lock(), taken);
+            // Emptied in place (the maps keep their capacity for when this
+            // is swapped back in); an activity with no requests since the
+            // last drain is dropped.
+            taken.retain(|a, stats| {
+                let mut seen = false;
+                for (tick, counts) in stats.outcomes.drain() {
                     for (o, n) in counts.into_iter().enumerate().filter(|(_, n)| *n > 0) {
                         *outcomes.entry((a.clone(), tick, o)).or_default() += n;
+                        seen = true;
                     }
                 }
-                for (source, n) in stats.sources {
+                for (source, n) in stats.sources.drain() {
                     *sources.entry((a.clone(), source)).or_default() += n;
                 }
-                for (bucket, n) in stats.latency.into_iter().enumerate().filter(|(_, n)| *n > 0) {
-                    *latency.entry((a.clone(), bucket)).or_default() += n;
+                for (bucket, n) in stats.latency.iter_mut().enumerate() {
+                    if *n > 0 {
+                        *latency.entry((a.clone(), bucket)).or_default() += std::mem::take(n);
+                    }
                 }
-            }
+                seen
+            });
         }
         StatsBatch {
             outcomes: outcomes
@@ -249,16 +280,21 @@ mod tests {
     }
 
     #[test]
-    fn what_two_threads_counted_drains_as_one_row() {
+    fn what_two_shards_counted_drains_as_one_row() {
         let stats = RushStats::default();
         let act: Arc<str> = "a".into();
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        // Two new threads take two different shards.
-        std::thread::scope(|s| {
-            for _ in 0..2 {
-                s.spawn(|| stats.record(&act, ClaimOutcome::Success, ip, 7, 120_000, Duration::from_millis(3)));
-            }
-        });
+        for shard in [0, 1] {
+            stats.record_in(
+                shard,
+                &act,
+                ClaimOutcome::Success,
+                ip,
+                7,
+                120_000,
+                Duration::from_millis(3),
+            );
+        }
         let batch = stats.drain();
         assert_eq!(batch.outcomes, vec![(act.clone(), 120_000, "success", 2)]);
         let mut sources = batch.sources.clone();
@@ -268,6 +304,30 @@ mod tests {
             vec![(act.clone(), Source::Ip(ip), 2), (act.clone(), Source::User(7), 2)]
         );
         assert_eq!(batch.latency.iter().map(|l| l.2).collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn a_shard_keeps_its_capacity_across_drains() {
+        let stats = RushStats::default();
+        let act: Arc<str> = "a".into();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        for user in 0..1000 {
+            stats.record_in(
+                0,
+                &act,
+                ClaimOutcome::Success,
+                ip,
+                user,
+                120_000,
+                Duration::from_millis(3),
+            );
+        }
+        assert_eq!(stats.drain().sources.len(), 1001);
+        // The second drain swaps the first one's emptied maps back in.
+        assert!(stats.drain().is_empty());
+        let shard = stats.shards[0].lock();
+        let kept = shard.get("a").expect("an activity with requests stays");
+        assert!(kept.sources.is_empty() && kept.sources.capacity() >= 1001);
     }
 
     #[test]
