@@ -112,10 +112,26 @@ impl Default for RushStats {
 /// first record, so the lanes (started together) get one each.
 fn my_shard() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
-    }
-    SHARD.with(|s| *s)
+    SHARD.with(|s| match s.get() {
+        Some(n) => n,
+        None => {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+            s.set(Some(n));
+            n
+        }
+    })
+}
+
+thread_local! {
+    /// This thread's shard, once it has recorded.
+    static SHARD: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes this thread record into shard `n` (tests: a process-wide turn
+/// could give two test threads one shard).
+#[cfg(test)]
+fn pin_shard(n: usize) {
+    SHARD.with(|s| s.set(Some(n)));
 }
 
 /// One shard: counts per activity (ahash, keyed per process).
@@ -148,22 +164,7 @@ impl RushStats {
         now_ms: i64,
         elapsed: Duration,
     ) {
-        self.record_in(my_shard(), activity, outcome, ip, user, now_ms, elapsed);
-    }
-
-    /// [`RushStats::record`] into shard `shard`.
-    #[allow(clippy::too_many_arguments)]
-    fn record_in(
-        &self,
-        shard: usize,
-        activity: &Arc<str>,
-        outcome: ClaimOutcome,
-        ip: IpAddr,
-        user: u64,
-        now_ms: i64,
-        elapsed: Duration,
-    ) {
-        let mut shard = self.shards[shard].lock();
+        let mut shard = self.shards[my_shard()].lock();
         let stats = match shard.get_mut(&**activity) {
             Some(stats) => stats,
             None => shard.entry(activity.clone()).or_default(),
@@ -284,17 +285,15 @@ mod tests {
         let stats = RushStats::default();
         let act: Arc<str> = "a".into();
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        for shard in [0, 1] {
-            stats.record_in(
-                shard,
-                &act,
-                ClaimOutcome::Success,
-                ip,
-                7,
-                120_000,
-                Duration::from_millis(3),
-            );
-        }
+        std::thread::scope(|s| {
+            for shard in [0, 1] {
+                let (stats, act) = (&stats, &act);
+                s.spawn(move || {
+                    pin_shard(shard);
+                    stats.record(act, ClaimOutcome::Success, ip, 7, 120_000, Duration::from_millis(3));
+                });
+            }
+        });
         let batch = stats.drain();
         assert_eq!(batch.outcomes, vec![(act.clone(), 120_000, "success", 2)]);
         let mut sources = batch.sources.clone();
@@ -311,16 +310,9 @@ mod tests {
         let stats = RushStats::default();
         let act: Arc<str> = "a".into();
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        pin_shard(0);
         for user in 0..1000 {
-            stats.record_in(
-                0,
-                &act,
-                ClaimOutcome::Success,
-                ip,
-                user,
-                120_000,
-                Duration::from_millis(3),
-            );
+            stats.record(&act, ClaimOutcome::Success, ip, user, 120_000, Duration::from_millis(3));
         }
         assert_eq!(stats.drain().sources.len(), 1001);
         // The second drain swaps the first one's emptied maps back in.
