@@ -180,6 +180,12 @@ pub struct JournalSetup {
     pub applied_seq: Arc<AtomicU64>,
 }
 
+/// The segment whose first record is `first_seq` (what [`segments`] parses back).
+fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(format!("{first_seq:020}.journal"))
+}
+
+/// The segments in `dir`, oldest first, with their first sequence numbers.
 fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_err(dir))? {
@@ -644,7 +650,7 @@ static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
 impl Segment {
     fn create(dir: &Path, first_seq: u64, config: &JournalConfig) -> Result<Segment, JournalError> {
         let fsync = config.fsync;
-        let path = dir.join(format!("{first_seq:020}.journal"));
+        let path = segment_path(dir, first_seq);
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -821,8 +827,8 @@ impl Writer {
             match Segment::create(&self.setup.dir, self.setup.next_seq, &self.setup.config) {
                 Ok(next) => {
                     let old = std::mem::replace(&mut self.segment, next);
-                    let path = self.setup.dir.join(format!("{:020}.journal", old.first_seq));
-                    self.closed.push_back((old.first_seq, path));
+                    self.closed
+                        .push_back((old.first_seq, segment_path(&self.setup.dir, old.first_seq)));
                 }
                 Err(error) => {
                     tracing::warn!(%error, "Could not start a new journal segment; continuing in the current one.")
@@ -1001,7 +1007,7 @@ mod tests {
         hole(&mut torn, &starts);
         let dir = dir_with(&torn);
         let (empty, _) = laid_out(&[]);
-        fs::write(dir.path().join(format!("{:020}.journal", starts.len() + 1)), empty).unwrap();
+        fs::write(segment_path(dir.path(), starts.len() as u64 + 1), empty).unwrap();
         assert!(matches!(recover(dir.path()), Err(JournalError::Corrupt { .. })));
     }
 

@@ -70,12 +70,10 @@ pub fn encode(claim: &Claim, seq: u64, buf: &mut Vec<u8>) {
 
 /// Appends a void record for `seq` to `buf`.
 pub fn encode_void(seq: u64, buf: &mut Vec<u8>) {
-    let mut body = Vec::with_capacity(9);
-    body.extend_from_slice(&seq.to_le_bytes());
-    body.push(KIND_VOID);
-    buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    buf.extend_from_slice(&body);
+    let mut body = [0u8; 9];
+    body[..8].copy_from_slice(&seq.to_le_bytes());
+    body[8] = KIND_VOID;
+    frame(&body, buf);
 }
 
 /// Appends the mark that starts a group commit of `count` claims, the
@@ -85,9 +83,14 @@ pub fn encode_mark(first_seq: u64, count: u32, buf: &mut Vec<u8>) {
     body[..8].copy_from_slice(&first_seq.to_le_bytes());
     body[8] = KIND_MARK;
     body[9..].copy_from_slice(&count.to_le_bytes());
+    frame(&body, buf);
+}
+
+/// Appends `body` with its header: length and checksum.
+fn frame(body: &[u8], buf: &mut Vec<u8>) {
     buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    buf.extend_from_slice(&body);
+    buf.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    buf.extend_from_slice(body);
 }
 
 /// What [`decode`] found at the start of a byte slice.

@@ -70,6 +70,14 @@ mod tests {
         Config::from_toml(text, Path::new("test.toml"), Default::default())
     }
 
+    /// The problems `text` is refused with, as shown.
+    fn problems(text: &str) -> Vec<String> {
+        let Err(ConfigError::Invalid { problems, .. }) = load(text) else {
+            panic!("must be invalid: {text}")
+        };
+        problems.iter().map(ToString::to_string).collect()
+    }
+
     #[test]
     fn reports_every_problem_with_its_line() {
         let text = r#"
@@ -97,10 +105,7 @@ end_time = "+1h"
   name = "T2"
   generate = 5
 "#;
-        let Err(ConfigError::Invalid { problems, .. }) = load(text) else {
-            panic!("must be invalid")
-        };
-        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        let shown = problems(text);
         assert!(
             shown.contains(&"line 9: activity `a` must end after it starts".to_owned()),
             "{shown:?}"
@@ -162,12 +167,8 @@ end_time = "2030-01-02T00:00:00Z"
 
     #[test]
     fn a_thread_count_beyond_reason_is_refused() {
-        let Err(ConfigError::Invalid { problems, .. }) = load("[server]\nthreads = 100000\n") else {
-            panic!("must be invalid")
-        };
-        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
         assert_eq!(
-            shown,
+            problems("[server]\nthreads = 100000\n"),
             ["line 2: server.threads must be at most 1024 (0: one per CPU core)"]
         );
         load("[server]\nthreads = 4\n").unwrap();
@@ -175,14 +176,8 @@ end_time = "2030-01-02T00:00:00Z"
 
     #[test]
     fn zeros_laid_ahead_fit_in_a_segment() {
-        let Err(ConfigError::Invalid { problems, .. }) =
-            load("[journal]\nsegment_size = \"64KiB\"\npreallocate = \"1MiB\"\n")
-        else {
-            panic!("must be invalid")
-        };
-        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
         assert_eq!(
-            shown,
+            problems("[journal]\nsegment_size = \"64KiB\"\npreallocate = \"1MiB\"\n"),
             ["line 3: journal.preallocate must not exceed journal.segment_size"]
         );
         load("[journal]\npreallocate = 0\n").unwrap();

@@ -3,7 +3,7 @@
 //! whose numbers are all strings so Lua never rounds them. The node writes
 //! it ([`Record::head`]); the script only adds the user's claim count.
 
-use std::sync::Arc;
+use std::{io::Write, sync::Arc};
 
 use super::error::ClusterError;
 use crate::vocab::Claim;
@@ -59,10 +59,10 @@ impl Record {
         let mut out = Vec::with_capacity(128 + ticket.len() + code.len() + node.len() + nonce.len() + key.len());
         let string = |out: &mut Vec<u8>, name: &str, value: &str| {
             out.extend_from_slice(name.as_bytes());
-            // Writing a `&str` into a Vec cannot fail.
             let _ = serde_json::to_writer(&mut *out, value);
         };
-        out.extend_from_slice(format!(r#"{{"id":"{id}","user":"{user}","ms":"{ms}""#).as_bytes());
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, r#"{{"id":"{id}","user":"{user}","ms":"{ms}""#);
         string(&mut out, ",\"ticket\":", ticket);
         string(&mut out, ",\"code\":", code);
         string(&mut out, ",\"node\":", node);
