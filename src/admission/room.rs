@@ -836,7 +836,8 @@ impl RoomState {
         let closed = self.closed_ms.is_some();
         let mut state = place.map_or(PlaceState::NotJoined, |p| p.state);
         let pass_shown = place.is_some_and(|p| p.admission_durable(durable));
-        if state == PlaceState::Admitted && !pass_shown {
+        let admission_pending = state == PlaceState::Admitted && !pass_shown;
+        if admission_pending {
             // Admitted, but not yet on disk: shown as waiting, with no pass
             // (see `Place::admission_durable`).
             state = PlaceState::Waiting;
@@ -856,7 +857,15 @@ impl RoomState {
         }
         let waiting_place = place.filter(|_| state == PlaceState::Waiting && self.shuffled_ms.is_some());
         let ahead = waiting_place.map(|p| (p.index as usize).saturating_sub(self.cursor) as u64);
-        let standby = !closed && self.shuffled_ms.is_some() && now >= s.start_ms && self.budget == Some(0);
+        // Standby is news for those still in line. Not for a fan whose
+        // admission only waits for the disk: it took the code that left
+        // nothing to admit, and is about to see its pass.
+        let standby = state == PlaceState::Waiting
+            && !admission_pending
+            && !closed
+            && self.shuffled_ms.is_some()
+            && now >= s.start_ms
+            && self.budget == Some(0);
         // On standby the wait depends on passes lapsing, not on a rate.
         let eta_ms = ahead.filter(|_| !standby).and_then(|ahead| {
             let until_start = s.start_ms.saturating_sub(now).max(0);
@@ -1025,6 +1034,35 @@ mod tests {
         assert_eq!(after.state, PlaceState::Admitted);
         assert_eq!(after.pass_expires_at, Some(rfc3339_ms(1_010 + 60_000)));
         assert_eq!(room.pass_of(1, 1_020), Some(1_010 + 60_000));
+    }
+
+    /// Admitting the last fan the stock allows leaves nothing to admit:
+    /// the others are on standby. The admitted fan is not, even while the
+    /// admission waits for the disk and is shown as "waiting" at the front.
+    #[test]
+    fn the_fan_taking_the_last_code_is_never_told_to_stand_by() {
+        let dir = tempfile::tempdir().unwrap();
+        let room = Room::open(dir.path(), "a".into(), settings()).unwrap();
+        room.join(1, 1).unwrap();
+        room.join(2, 2).unwrap();
+        let stock = StockView {
+            remaining: 1,
+            settled: false,
+        };
+        room.tick(|| 10, stock, &|_| 0);
+        room.tick(|| 1_010, stock, &|_| 0);
+        let admitted = (1..=2)
+            .find(|&u| room.state.lock().places[&u].state == PlaceState::Admitted)
+            .expect("one fan admitted");
+        let other = 3 - admitted;
+        let pending = room.status(admitted, 1_020, false);
+        assert_eq!((pending.state, pending.position), (PlaceState::Waiting, Some(1)));
+        assert!(!pending.standby, "told to stand by for its own code: {pending:?}");
+        assert!(room.status(other, 1_020, false).standby);
+        room.log.as_ref().unwrap().sync_now().unwrap();
+        let shown = room.status(admitted, 1_020, false);
+        assert_eq!((shown.state, shown.standby), (PlaceState::Admitted, false));
+        assert!(room.status(other, 1_020, false).standby);
     }
 
     #[test]
