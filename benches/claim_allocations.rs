@@ -201,7 +201,7 @@ impl Node {
 
     /// The bytes of a claim request for `user`.
     fn request(&self, user: u64, claim_token: &str) -> Vec<u8> {
-        let (session, _) = self.sessions.issue(user, now_ms() + 3_600_000);
+        let (session, _) = self.sessions.issue(user, 0, now_ms() + 3_600_000);
         let body = format!(r#"{{"actId":"bench","claimToken":"{claim_token}"}}"#);
         format!(
             "POST /ticket/get HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {session}\r\n\
@@ -265,6 +265,7 @@ fn allocations(c: &mut Criterion<Allocations>) {
                     let catalog = state.catalog.load();
                     let req = ClaimRequest {
                         user_id: *user,
+                        account_created_ms: Some(0),
                         activity_id: "bench",
                         ticket_id: None,
                         idempotency_key: None,

@@ -186,6 +186,7 @@ fn claim_token(state: &ticketd::state::AppState, user: u64) -> String {
 fn request(user_id: u64, token: &str) -> ClaimRequest<'_> {
     ClaimRequest {
         user_id,
+        account_created_ms: Some(0),
         activity_id: "bench",
         ticket_id: None,
         idempotency_key: None,
@@ -196,7 +197,7 @@ fn request(user_id: u64, token: &str) -> ClaimRequest<'_> {
 
 fn session_verify(c: &mut Criterion) {
     let key = SessionKey::new(b"an example key of at least 32 bytes!");
-    let (token, _) = key.issue(42, i64::MAX);
+    let (token, _) = key.issue(42, 0, i64::MAX);
     let mut group = c.benchmark_group("session_verify");
     group.throughput(Throughput::Elements(1));
     group.bench_function("valid", |b| {

@@ -16,6 +16,7 @@ use crate::{
     clock::now_ms,
     config::Config,
     inventory::{CodePool, Inventory, Ledger},
+    vocab::Rejection,
 };
 
 /// The catalog in use, swapped atomically on reload.
@@ -62,6 +63,9 @@ pub struct Activity {
     pub paused: bool,
     /// Proof-of-work bits per claim token (0 = off).
     pub pow_difficulty: u8,
+    /// Only accounts made before this time take part (`min_account_age`
+    /// before the start), Unix ms; `None`: any account.
+    pub accounts_before_ms: Option<i64>,
     /// Ticket types, in config order.
     pub tickets: Vec<TicketType>,
     /// Who holds what (lives across reloads).
@@ -180,6 +184,9 @@ impl Catalog {
                 per_user_limit: a.per_user_limit,
                 paused: a.paused,
                 pow_difficulty: a.pow_difficulty,
+                accounts_before_ms: a
+                    .min_account_age
+                    .map(|age| start_ms.saturating_sub(i64::try_from(age.0.as_millis()).unwrap_or(i64::MAX))),
                 tickets,
                 room: None,
                 room_settings: None,
@@ -254,6 +261,19 @@ impl Activity {
     /// The ticket type with `id` in this activity.
     pub fn ticket(&self, id: &str) -> Option<&TicketType> {
         self.tickets.iter().find(|t| &*t.id == id)
+    }
+
+    /// Whether an account made at `account_created_ms` (as its session
+    /// says; `None` when the token is older than that field) may take part.
+    pub fn admits_account(&self, account_created_ms: Option<i64>) -> Result<(), Rejection> {
+        let Some(accounts_before_ms) = self.accounts_before_ms else {
+            return Ok(());
+        };
+        match account_created_ms {
+            None => Err(Rejection::SessionPredatesAccountAge),
+            Some(made) if made < accounts_before_ms => Ok(()),
+            Some(_) => Err(Rejection::AccountTooNew { accounts_before_ms }),
+        }
     }
 
     /// Where the activity is at `now_ms`.

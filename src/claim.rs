@@ -63,6 +63,9 @@ const CODE_TAKEN_RETRIES: usize = 4;
 pub struct ClaimRequest<'a> {
     /// The user.
     pub user_id: u64,
+    /// When the user's account was made, as the session says (`None`:
+    /// a session token from before tokens carried it).
+    pub account_created_ms: Option<i64>,
     /// `actId`.
     pub activity_id: &'a str,
     /// `ticketId`; `None` means any ticket type with stock.
@@ -263,6 +266,7 @@ impl Claimer {
         let activity = catalog.activity(req.activity_id).ok_or(Rejection::UnknownActivity)?;
         let now = now_ms();
         check_window(activity, now)?;
+        activity.admits_account(req.account_created_ms)?;
         let settings = self.settings.load();
         let ticket = match req.ticket_id {
             Some(id) => Some(activity.ticket(id).ok_or(Rejection::UnknownTicket)?),
@@ -607,6 +611,7 @@ per_user_limit = {limit}
     fn req(user: u64, key: Option<&str>) -> ClaimRequest<'static> {
         ClaimRequest {
             user_id: user,
+            account_created_ms: Some(0),
             activity_id: "a",
             ticket_id: None,
             idempotency_key: key.map(Arc::from),

@@ -271,6 +271,15 @@ pub enum Rejection {
         /// Required leading zero bits.
         difficulty: u8,
     },
+    /// The activity takes accounts made before a time (`min_account_age`
+    /// before its start), and this one is younger.
+    AccountTooNew {
+        /// Accounts made before this time take part, Unix ms.
+        accounts_before_ms: i64,
+    },
+    /// The activity takes accounts by age, and the session token does not
+    /// say the account's (an earlier version issued it): log in again.
+    SessionPredatesAccountAge,
 }
 
 impl Rejection {
@@ -292,6 +301,7 @@ impl Rejection {
             }
             Rejection::ProofOfWork { .. } => ClaimOutcome::BadProofOfWork,
             Rejection::QueuePassRequired | Rejection::QueuePassExpired => ClaimOutcome::NoQueuePass,
+            Rejection::AccountTooNew { .. } | Rejection::SessionPredatesAccountAge => ClaimOutcome::AccountTooNew,
         }
     }
 }
@@ -340,11 +350,13 @@ pub enum ClaimOutcome {
     BadProofOfWork,
     /// A queue or lottery activity, claimed without a valid pass.
     NoQueuePass,
+    /// An account younger than the activity's `min_account_age`.
+    AccountTooNew,
 }
 
 impl ClaimOutcome {
     /// Every outcome, in counter order.
-    pub const ALL: [ClaimOutcome; 15] = [
+    pub const ALL: [ClaimOutcome; 16] = [
         ClaimOutcome::Success,
         ClaimOutcome::Replayed,
         ClaimOutcome::NotFound,
@@ -360,6 +372,7 @@ impl ClaimOutcome {
         ClaimOutcome::BadClaimToken,
         ClaimOutcome::BadProofOfWork,
         ClaimOutcome::NoQueuePass,
+        ClaimOutcome::AccountTooNew,
     ];
 
     /// The outcome of a finished claim request.
@@ -389,6 +402,7 @@ impl ClaimOutcome {
             ClaimOutcome::BadClaimToken => "bad_claim_token",
             ClaimOutcome::BadProofOfWork => "bad_proof_of_work",
             ClaimOutcome::NoQueuePass => "no_queue_pass",
+            ClaimOutcome::AccountTooNew => "account_too_new",
         }
     }
 }

@@ -210,9 +210,11 @@ impl Auth {
         Ok(session)
     }
 
-    fn issue(&self, user_id: u64) -> String {
+    fn issue(&self, user: &User) -> String {
         let ttl = self.settings.load().session_ttl_ms;
-        self.key.issue(user_id, now_ms().saturating_add(ttl)).0
+        self.key
+            .issue(user.id, user.created_at_ms, now_ms().saturating_add(ttl))
+            .0
     }
 
     /// Creates an account and logs it in.
@@ -240,7 +242,7 @@ impl Auth {
                 })
         })
         .await?;
-        let token = self.issue(user.id);
+        let token = self.issue(&user);
         Ok((user, token))
     }
 
@@ -287,7 +289,7 @@ impl Auth {
             }
         })
         .await?;
-        let token = self.issue(user.id);
+        let token = self.issue(&user);
         Ok((user, token))
     }
 

@@ -44,6 +44,8 @@ enum Detail {
     Difficulty(u8),
     /// A waiting room's join: the bits and the challenge to solve over.
     JoinPow { difficulty: u8, challenge: String },
+    /// Accounts made before this time take part (ACCOUNT_TOO_NEW).
+    AccountsBefore(i64),
 }
 
 #[derive(Serialize)]
@@ -67,6 +69,8 @@ struct ErrorObject<'a> {
     pow_difficulty: Option<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pow_challenge: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accounts_before: Option<String>,
 }
 
 impl ApiError {
@@ -139,7 +143,7 @@ impl ApiError {
     /// Renders the JSON response.
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let (mut start_time, mut end_time, mut codes, mut pow_difficulty) = (None, None, None, None);
-        let mut pow_challenge = None;
+        let (mut pow_challenge, mut accounts_before) = (None, None);
         match &self.detail {
             Detail::None => {}
             Detail::Window { start_ms, end_ms } => {
@@ -152,6 +156,7 @@ impl ApiError {
                 pow_difficulty = Some(*difficulty);
                 pow_challenge = Some(challenge.as_str());
             }
+            Detail::AccountsBefore(ms) => accounts_before = Some(rfc3339_ms(*ms)),
         }
         let body = Body {
             ok: false,
@@ -163,6 +168,7 @@ impl ApiError {
                 codes,
                 pow_difficulty,
                 pow_challenge,
+                accounts_before,
             },
         };
         let body = serde_json::to_vec(&body).unwrap_or_default();
@@ -268,6 +274,18 @@ impl From<Rejection> for ApiError {
                 "send a powNonce with SHA-256(claimToken \":\" powNonce) starting with powDifficulty zero bits",
             )
             .with(Detail::Difficulty(difficulty)),
+            Rejection::AccountTooNew { accounts_before_ms } => ApiError::new(
+                S::FORBIDDEN,
+                "ACCOUNT_TOO_NEW",
+                "this activity is open to accounts made before accountsBefore; yours is newer",
+            )
+            .with(Detail::AccountsBefore(accounts_before_ms)),
+            Rejection::SessionPredatesAccountAge => ApiError::new(
+                S::UNAUTHORIZED,
+                "SESSION_OUTDATED",
+                "this activity is open to accounts by age, and your session does not carry your account's; \
+                 log in again",
+            ),
         }
     }
 }

@@ -32,16 +32,16 @@ async fn forged_and_expired_session_tokens_are_refused() {
         .unwrap();
     let id = res.data()["userId"].as_u64().unwrap();
     let key = SessionKey::new(SECRET.as_bytes());
-    let (expired, _) = key.issue(id, ticketd::clock::now_ms() - 1);
+    let (expired, _) = key.issue(id, 0, ticketd::clock::now_ms() - 1);
     assert_error(
         &app.client.get("/ticket/list", Some(&expired)).await.unwrap(),
         401,
         "TOKEN_EXPIRED",
     );
-    let (valid, _) = key.issue(id, ticketd::clock::now_ms() + 60_000);
+    let (valid, _) = key.issue(id, 0, ticketd::clock::now_ms() + 60_000);
     assert_eq!(app.client.get("/ticket/list", Some(&valid)).await.unwrap().status, 200);
     // Signed with another key, or tampered with: invalid.
-    let (forged, _) = SessionKey::new(b"not the server's key, not the server's").issue(id, i64::MAX);
+    let (forged, _) = SessionKey::new(b"not the server's key, not the server's").issue(id, 0, i64::MAX);
     assert_error(
         &app.client.get("/ticket/list", Some(&forged)).await.unwrap(),
         401,
@@ -550,4 +550,69 @@ async fn bots_hammering_the_claim_get_no_more_than_their_limit() {
     assert_eq!(report["acknowledged"], 200, "{report}");
     assert!(bots["normal_with_bots"]["p99_ms"].as_f64().is_some());
     assert!(bots["normal_without_bots"]["p99_ms"].as_f64().is_some());
+}
+
+/// `min_account_age`: accounts made for a sale are too young to claim or to
+/// join its queue, and an older account claims. The activities arrive with
+/// a reload once the older account exists, so the cut-off is a moment after
+/// it was made and before the young one was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_younger_than_min_account_age_cannot_claim_or_join() {
+    use ticketd::clock::{now_ms, rfc3339_ms};
+    let config = base_config() + &open_activity("open", 5, 1);
+    let app = TestApp::start(&config);
+    let veteran = app.register("veteran").await;
+    // Accounts made before `cut` take part; the sale opens a second after it.
+    let cut = now_ms() + 1;
+    let aged = Act::new("aged")
+        .window(&rfc3339_ms(cut + 1_000), "+1h")
+        .with("min_account_age = \"1s\"")
+        .ticket("aged-t", "T", Codes::Generate(5))
+        .toml();
+    let queued = Act::new("aged-q")
+        .window("+1h", "+2h")
+        .with("admission = \"queue\"")
+        .with("queue_opens = \"-1m\"")
+        .with("min_account_age = \"2h\"")
+        .ticket("aged-q-t", "T", Codes::Generate(5))
+        .toml();
+    let outcome = app.reload(&(config.clone() + &aged + &queued));
+    assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
+    while now_ms() <= cut {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let newcomer = app.register("newcomer").await;
+    assert_eq!(app.detail("aged").await["accountsBefore"], rfc3339_ms(cut));
+
+    // The server says when the sale opens; the veteran claims once it has.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let res = loop {
+        let res = app.claim(&veteran, "aged").await;
+        if res.body["error"]["code"] != "NOT_STARTED" {
+            break res;
+        }
+        assert!(Instant::now() < deadline, "the sale never opened: {}", res.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(res.status, 200, "{}", res.body);
+    let res = app.claim(&newcomer, "aged").await;
+    assert_error(&res, 403, "ACCOUNT_TOO_NEW");
+    assert_eq!(res.body["error"]["accountsBefore"], rfc3339_ms(cut));
+    assert_eq!(
+        app.detail("aged").await["remaining"],
+        4,
+        "the young account took nothing"
+    );
+    assert!(app.held(&newcomer, "aged").await.is_empty());
+
+    // A queue's entry is checked at the door: with two hours asked of
+    // accounts made minutes ago, nobody here may join.
+    let res = app
+        .client
+        .post("/queue/join", Some(&veteran), &json!({ "actId": "aged-q" }))
+        .await
+        .unwrap();
+    assert_error(&res, 403, "ACCOUNT_TOO_NEW");
+    // Other activities take any account.
+    assert_eq!(app.claim(&newcomer, "open").await.status, 200);
 }

@@ -36,6 +36,9 @@ struct ActivityView<'a> {
     paused: bool,
     per_user_limit: u32,
     pow_difficulty: u8,
+    /// Only accounts made before this time take part (`min_account_age`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accounts_before: Option<String>,
     /// `"race"`, `"queue"` or `"lottery"`.
     admission: AdmissionMode,
     remaining: usize,
@@ -67,6 +70,7 @@ fn view<'a>(a: &'a Activity, now: i64, stock: &Stock) -> ActivityView<'a> {
         paused: a.paused,
         per_user_limit: a.per_user_limit,
         pow_difficulty: a.pow_difficulty,
+        accounts_before: a.accounts_before_ms.map(rfc3339_ms),
         admission: a.room.as_ref().map_or(AdmissionMode::Race, |r| r.settings().mode),
         remaining: stock.remaining,
         claimed: stock.claimed,

@@ -26,7 +26,7 @@ use crate::{
     admission::{JoinError, PlaceState, QueueStatus, Room, Rooms},
     auth::{
         claim_token::{join_challenge, pow_ok},
-        Denied,
+        Denied, Session,
     },
     catalog::{Activity, Status},
     clock::{now_ms, rfc3339_ms},
@@ -127,8 +127,8 @@ fn join_error(e: JoinError, activity: &Activity, now: i64) -> ApiError {
     }
 }
 
-/// The caller, allowed by their address's bucket and not blocked.
-fn caller(state: &AppState, req_headers: &http::HeaderMap, ip: IpAddr) -> Result<u64, ApiError> {
+/// The caller's session, allowed by their address's bucket and not blocked.
+fn caller(state: &AppState, req_headers: &http::HeaderMap, ip: IpAddr) -> Result<Session, ApiError> {
     let m = metrics::global();
     state
         .guard
@@ -139,17 +139,19 @@ fn caller(state: &AppState, req_headers: &http::HeaderMap, ip: IpAddr) -> Result
         m.reject(Rejected::Blocked);
         return Err(Denied::Blocked.into());
     }
-    Ok(session.user_id)
+    Ok(session)
 }
 
 /// Takes a place (joining again keeps it) and answers with it, once the
 /// room's log holds it.
 pub async fn join(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result<Response<Full<Bytes>>, ApiError> {
-    let user = caller(state, req.headers(), ip)?;
+    let session = caller(state, req.headers(), ip)?;
+    let user = session.user_id;
     let body: JoinBody = json_body(state, req).await?;
     let catalog = state.catalog.load();
     let activity = activity(&catalog, &body.act_id.0)?;
     let room = room_of(activity)?;
+    activity.admits_account(session.account_created_ms)?;
     if activity.pow_difficulty > 0 {
         let challenge = join_challenge(&activity.id, user);
         if !body
@@ -207,7 +209,7 @@ async fn join_shared(source: &RoomSource, room: &Room, user: u64, now: i64) -> R
 
 /// The caller's place; asking counts as being there.
 pub async fn status(state: &AppState, req: &Request<Incoming>, ip: IpAddr) -> Result<Response<Full<Bytes>>, ApiError> {
-    let user = caller(state, req.headers(), ip)?;
+    let user = caller(state, req.headers(), ip)?.user_id;
     let query = Query::parse(req.uri().query());
     let catalog = state.catalog.load();
     let activity = activity(&catalog, query.require("actId")?)?;
@@ -222,7 +224,7 @@ pub async fn status(state: &AppState, req: &Request<Incoming>, ip: IpAddr) -> Re
 /// the stream ends when there is nothing to wait for (not joined, done,
 /// sold out, entries closed) or the node shuts down.
 pub fn events<B>(state: &AppState, req: &Request<B>, ip: IpAddr) -> Result<Response<EventStream>, ApiError> {
-    let user = caller(state, req.headers(), ip)?;
+    let user = caller(state, req.headers(), ip)?.user_id;
     let query = Query::parse(req.uri().query());
     let catalog = state.catalog.load();
     let room = room_of(activity(&catalog, query.require("actId")?)?)?.clone();

@@ -71,6 +71,7 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
             &catalog,
             ClaimRequest {
                 user_id: session.user_id,
+                account_created_ms: session.account_created_ms,
                 activity_id: &body.act_id.0,
                 ticket_id: body.ticket_id.as_ref().map(|t| t.0.as_str()),
                 idempotency_key: key,

@@ -62,6 +62,8 @@ const ERRORS = {
     CLAIM_TOKEN_EXPIRED: 'That took too long; try again.',
     POW_REQUIRED: 'The anti-bot puzzle was not solved; try again.',
     BLOCKED: 'This account or network is blocked from this sale.',
+    ACCOUNT_TOO_NEW: 'This sale is open to accounts made before a date, and yours is newer.',
+    SESSION_OUTDATED: 'Please log in again to take part in this sale.',
     RATE_LIMITED: 'Too many tries; slow down a little.',
     ACTIVITY_NOT_FOUND: 'This activity does not exist (any more).',
     TICKET_NOT_FOUND: 'This ticket type does not exist in this activity.',
@@ -91,6 +93,8 @@ const ERRORS = {
     CLAIM_TOKEN_REQUIRED: '页面状态已失效，请重试。', CLAIM_TOKEN_INVALID: '页面状态已失效，请重试。',
     CLAIM_TOKEN_EXPIRED: '操作超时，请重试。', POW_REQUIRED: '防机器人验证未完成，请重试。',
     BLOCKED: '该账号或网络已被禁止参与。', RATE_LIMITED: '操作过于频繁，请稍后。',
+    ACCOUNT_TOO_NEW: '本次活动只对在某日期之前注册的账号开放，你的账号注册得更晚。',
+    SESSION_OUTDATED: '请重新登录后参与本次活动。',
     ACTIVITY_NOT_FOUND: '活动不存在。', TICKET_NOT_FOUND: '该活动没有这个票种。',
     NOT_STARTED: '活动还没开始。', ENDED: '活动已结束。', PAUSED: '主办方暂停了活动，请留在本页。',
     LIMIT_REACHED: '你已达到每人限购数量。', IN_PROGRESS: '上一次请求仍在处理中。',
@@ -198,7 +202,8 @@ async function api(method, path, body, extra = {}) {
   if (json?.data?.serverTime) {
     sampleClock(Date.parse(json.data.serverTime), sent, Date.now(), path.startsWith('/act/list'));
   }
-  if (out.error && (out.error.code === 'UNAUTHORIZED' || out.error.code === 'TOKEN_EXPIRED') && store.token) {
+  const relogin = ['UNAUTHORIZED', 'TOKEN_EXPIRED', 'SESSION_OUTDATED'];
+  if (out.error && relogin.includes(out.error.code) && store.token) {
     store.token = null;
     renderNav();
   }
