@@ -277,7 +277,7 @@ impl From<Rejection> for ApiError {
             Rejection::AccountTooNew { accounts_before_ms } => ApiError::new(
                 S::FORBIDDEN,
                 "ACCOUNT_TOO_NEW",
-                "this activity is open to accounts made before accountsBefore; yours is newer",
+                "this activity is open only to accounts made before the time in accountsBefore; yours is newer",
             )
             .with(Detail::AccountsBefore(accounts_before_ms)),
             Rejection::SessionPredatesAccountAge => ApiError::new(

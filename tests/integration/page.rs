@@ -333,6 +333,45 @@ async fn a_chinese_browser_gets_the_page_in_chinese() {
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 }
 
+/// An activity open only to older accounts: the page says so before the
+/// grab, and a fan with a new account who grabs anyway is told why, once,
+/// without retrying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_account_sees_the_age_rule_and_why_its_grab_is_refused() {
+    let config = base_config()
+        + &Act::new("aged")
+            .name("Members' Sale")
+            .window("-1m", "+1h")
+            .with("min_account_age = \"30d\"")
+            .ticket("aged-t", "Seat", Codes::Generate(3))
+            .toml();
+    let app = TestApp::start(&config);
+    let url = app.url();
+    let mut b = Browser::launch().await;
+    b.viewport(1280, 800, false).await;
+    register(&mut b, &url, "newcomer", "#/act/aged").await;
+    let rule = b
+        .wait_for(
+            "document.querySelector('#accounts-before')?.textContent",
+            "the account-age rule",
+        )
+        .await;
+    assert!(
+        rule.as_str().unwrap().starts_with("Open to accounts made before "),
+        "{rule}"
+    );
+    click(&mut b, "#grab").await;
+    let said = b
+        .wait_for("document.querySelector('#result .bad')?.textContent", "the refusal")
+        .await;
+    assert!(
+        said.as_str().unwrap().contains("open to accounts made before a date"),
+        "{said}"
+    );
+    assert_eq!(app.detail("aged").await["remaining"], 3);
+    assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
+}
+
 /// A queue activity in the page: the fan joins the waiting room before the
 /// start (told that joining early buys nothing), follows the place on the
 /// event stream, and the grab button unlocks with the turn; the claim uses

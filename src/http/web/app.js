@@ -15,7 +15,7 @@ const WORDS = {
     open: 'Open', upcoming: 'Opens soon', soldout: 'Sold out', ended: 'Ended', paused: 'Paused',
     opensIn: 'Opens in', closesIn: 'Closes in', remaining: 'Left', total: 'Total', ticket: 'Ticket',
     anyTicket: 'Any ticket type', grab: 'Grab a ticket', grabbing: 'Grabbing…', wait: 'Opens at',
-    limit: 'Per person', loginToGrab: 'Log in to grab a ticket', back: '← All activities',
+    limit: 'Per person', accountsBefore: 'Open to accounts made before', loginToGrab: 'Log in to grab a ticket', back: '← All activities',
     username: 'Username', password: 'Password', nickname: 'Nickname (optional)',
     haveAccount: 'Have an account? Log in', noAccount: 'New here? Register',
     success: 'Got it! Your code:', seeMine: 'See my tickets', yourCodes: 'Your codes:',
@@ -36,7 +36,7 @@ const WORDS = {
     open: '进行中', upcoming: '即将开始', soldout: '已抢完', ended: '已结束', paused: '已暂停',
     opensIn: '距开抢', closesIn: '距结束', remaining: '剩余', total: '总数', ticket: '票种',
     anyTicket: '任意票种', grab: '立即抢票', grabbing: '抢票中…', wait: '开抢时间',
-    limit: '每人限', loginToGrab: '登录后抢票', back: '← 全部活动',
+    limit: '每人限', accountsBefore: '仅限此时间前注册的账号：', loginToGrab: '登录后抢票', back: '← 全部活动',
     username: '用户名', password: '密码', nickname: '昵称（可选）',
     haveAccount: '已有账号？登录', noAccount: '没有账号？注册',
     success: '抢到了！你的券码：', seeMine: '查看我的票', yourCodes: '你的券码：',
@@ -305,6 +305,9 @@ async function detailView(actId) {
     image,
     a.desc ? h('p', {}, a.desc) : null,
     h('p', { class: 'muted' }, `${t('wait')} ${when(start)} · ${t('limit')} ${number(a.perUserLimit)}`),
+    a.accountsBefore
+      ? h('p', { class: 'muted', id: 'accounts-before' }, `${t('accountsBefore')} ${when(Date.parse(a.accountsBefore))}`)
+      : null,
     countdown, caption,
     h('table', {}, h('thead', {}, h('tr', {}, h('th', {}, t('ticket')), h('th', { class: 'num' }, t('remaining')),
       h('th', { class: 'num' }, t('total')))), h('tbody', {}, rows)),
