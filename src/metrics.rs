@@ -137,10 +137,13 @@ pub enum Rejected {
     HashingBusy,
     /// A waiting room's join without its proof of work.
     JoinProofOfWork,
+    /// A waiting room's join by an account younger than `min_account_age`
+    /// (claims count it as the outcome `account_too_new`).
+    JoinAccountTooNew,
 }
 
 impl Rejected {
-    const ALL: [Rejected; 10] = [
+    const ALL: [Rejected; 11] = [
         Rejected::Blocked,
         Rejected::UserRate,
         Rejected::IpRate,
@@ -151,6 +154,7 @@ impl Rejected {
         Rejected::CrossSite,
         Rejected::HashingBusy,
         Rejected::JoinProofOfWork,
+        Rejected::JoinAccountTooNew,
     ];
 
     fn label(self) -> &'static str {
@@ -165,6 +169,7 @@ impl Rejected {
             Rejected::CrossSite => "cross_site",
             Rejected::HashingBusy => "hashing_busy",
             Rejected::JoinProofOfWork => "join_pow",
+            Rejected::JoinAccountTooNew => "join_account_too_new",
         }
     }
 }

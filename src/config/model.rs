@@ -374,9 +374,11 @@ pub struct ActivityConfig {
     /// SHA-256(claimToken ":" nonce); 0 = off. Default 0.
     #[serde(default)]
     pub pow_difficulty: u8,
-    /// Only accounts made at least this long before `start_time` may claim
-    /// or join the queue (e.g. `"7d"`): accounts a farm makes for the sale
-    /// are too young to take part. Default: any account.
+    /// Only accounts made more than this long before `start_time` may claim
+    /// or join the queue (e.g. `"7d"`, at most ten years): accounts a farm
+    /// makes for the sale are too young to take part. Accounts imported
+    /// with `ticketd user import` count as made at the import. Default: any
+    /// account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_account_age: Option<HumanDuration>,
     /// How buyers get their turn: `"race"` (the first claims after

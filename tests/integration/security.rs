@@ -576,7 +576,14 @@ async fn accounts_younger_than_min_account_age_cannot_claim_or_join() {
         .with("min_account_age = \"2h\"")
         .ticket("aged-q-t", "T", Codes::Generate(5))
         .toml();
-    let outcome = app.reload(&(config.clone() + &aged + &queued));
+    let welcoming = Act::new("q-ok")
+        .window("+1h", "+2h")
+        .with("admission = \"queue\"")
+        .with("queue_opens = \"-1m\"")
+        .with("min_account_age = \"30m\"")
+        .ticket("q-ok-t", "T", Codes::Generate(5))
+        .toml();
+    let outcome = app.reload(&(config.clone() + &aged + &queued + &welcoming));
     assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
     while now_ms() <= cut {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -595,6 +602,10 @@ async fn accounts_younger_than_min_account_age_cannot_claim_or_join() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(res.status, 200, "{}", res.body);
+    // The young account gets no claim token to solve or spend, and is told why.
+    let detail = app.client.get("/act/detail?actId=aged", Some(&newcomer)).await.unwrap();
+    assert_eq!(detail.data()["accountAdmitted"], false, "{}", detail.body);
+    assert!(detail.data().get("claimToken").is_none(), "{}", detail.body);
     let res = app.claim(&newcomer, "aged").await;
     assert_error(&res, 403, "ACCOUNT_TOO_NEW");
     assert_eq!(res.body["error"]["accountsBefore"], rfc3339_ms(cut));
@@ -613,6 +624,21 @@ async fn accounts_younger_than_min_account_age_cannot_claim_or_join() {
         .await
         .unwrap();
     assert_error(&res, 403, "ACCOUNT_TOO_NEW");
+    let metrics = app.raw_get("/metrics").await;
+    for series in [
+        "ticketd_claims_total{outcome=\"account_too_new\"} 1",
+        "ticketd_security_rejections_total{reason=\"join_account_too_new\"} 1",
+    ] {
+        assert!(metrics.contains(series), "{series} in {metrics}");
+    }
+    // Thirty minutes before a start an hour away is still to come: any
+    // account made now may join that queue.
+    let res = app
+        .client
+        .post("/queue/join", Some(&newcomer), &json!({ "actId": "q-ok" }))
+        .await
+        .unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
     // Other activities take any account.
     assert_eq!(app.claim(&newcomer, "open").await.status, 200);
 }

@@ -161,6 +161,21 @@ pub(super) fn check_activity(
             format!("activity `{}`: pow_difficulty must be 0-32 bits", act.id),
         );
     }
+    // Ten years is generous for "accounts made before the sale was
+    // announced", and keeps the cut-off a date anyone can read.
+    const MAX_ACCOUNT_AGE: std::time::Duration = std::time::Duration::from_secs(10 * 366 * 24 * 3600);
+    if act
+        .min_account_age
+        .is_some_and(|age| age.0.is_zero() || age.0 > MAX_ACCOUNT_AGE)
+    {
+        r.add(
+            &field("min_account_age"),
+            format!(
+                "activity `{}`: min_account_age must be more than 0 and at most 10 years (leave it out to admit any account)",
+                act.id
+            ),
+        );
+    }
     if act.per_user_limit == 0 || act.per_user_limit > 1000 {
         r.add(
             &field("per_user_limit"),

@@ -184,6 +184,29 @@ end_time = "2030-01-02T00:00:00Z"
     }
 
     #[test]
+    fn an_account_age_of_nothing_or_of_ages_is_refused() {
+        let act = |age: &str| {
+            format!(
+                "[[activity]]\nid = \"a\"\nname = \"A\"\nstart_time = \"+1h\"\nend_time = \"+2h\"\n\
+                 min_account_age = \"{age}\"\n  [[activity.ticket]]\n  id = \"t\"\n  name = \"T\"\n  generate = 1\n"
+            )
+        };
+        for age in ["0s", "11years"] {
+            let shown = problems(&act(age));
+            assert_eq!(shown.len(), 1, "{age}: {shown:?}");
+            assert!(
+                shown[0].starts_with("line 6: activity `a`: min_account_age must be more than 0"),
+                "{age}: {shown:?}"
+            );
+        }
+        let config = load(&act("7d")).unwrap();
+        assert_eq!(
+            config.activities[0].min_account_age.map(|a| a.0.as_secs()),
+            Some(7 * 86_400)
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_refused_with_a_line() {
         let err = load("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n").unwrap_err();
         let text = err.to_string();

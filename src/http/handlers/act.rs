@@ -193,8 +193,11 @@ pub async fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Respons
             "claims".into(),
             serde_json::to_value(views).map_err(|_| ApiError::internal())?,
         );
-        // Only a logged-in user, only once the sale is open: nothing to pre-fire.
-        if let Some(token) = state.claimer.claim_token(s.user_id, activity, now) {
+        // Only a logged-in user the activity admits, only once the sale is
+        // open: nothing to pre-fire, and no proof of work solved in vain.
+        let admitted = activity.admits_account(s.account_created_ms).is_ok();
+        obj.insert("accountAdmitted".into(), admitted.into());
+        if let Some(token) = state.claimer.claim_token(s.user_id, activity, now).filter(|_| admitted) {
             obj.insert("claimToken".into(), token.into());
         }
     }

@@ -151,7 +151,9 @@ pub async fn join(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Resul
     let catalog = state.catalog.load();
     let activity = activity(&catalog, &body.act_id.0)?;
     let room = room_of(activity)?;
-    activity.admits_account(session.account_created_ms)?;
+    activity
+        .admits_account(session.account_created_ms)
+        .inspect_err(|_| metrics::global().reject(Rejected::JoinAccountTooNew))?;
     if activity.pow_difficulty > 0 {
         let challenge = join_challenge(&activity.id, user);
         if !body

@@ -463,6 +463,9 @@ async function grab(a, ticketId, button, progress, result) {
         const detail = await api('GET', `/act/detail?actId=${encodeURIComponent(a.actId)}`);
         if (!detail.ok) return result.replaceChildren(notice('bad', errorText(detail.error)));
         a = detail.data;
+        if (!a.claimToken && a.accountAdmitted === false) {
+          return result.replaceChildren(notice('bad', errorText({ code: 'ACCOUNT_TOO_NEW' })));
+        }
         if (!a.claimToken) {
           return result.replaceChildren(notice('bad', errorText({ code: statusOf(a, serverNow()) === 'soldout' ? 'SOLD_OUT' : 'NOT_STARTED' })));
         }

@@ -293,7 +293,7 @@ impl ClusterStore {
         let mut created = 0;
         for chunk in users.chunks(1000) {
             created += self
-                .block(users::insert_new_users(&self.shared, chunk))?
+                .block(users::insert_new_users(&self.shared, chunk, crate::clock::now_ms()))?
                 .iter()
                 .flatten()
                 .count();
@@ -303,14 +303,16 @@ impl ClusterStore {
 
     pub(super) fn create_user(&self, username: &str, nickname: &str, password_hash: &str) -> Result<User, StoreError> {
         let user = (username.to_owned(), nickname.to_owned(), password_hash.to_owned());
-        let ids = self.block(users::insert_new_users(&self.shared, std::slice::from_ref(&user)))?;
+        // The time the document keeps is the one the session token carries.
+        let now = crate::clock::now_ms();
+        let ids = self.block(users::insert_new_users(&self.shared, std::slice::from_ref(&user), now))?;
         let id = ids.first().copied().flatten().ok_or(StoreError::UsernameTaken)?;
         Ok(User {
             id,
             username: user.0,
             nickname: user.1,
             password_hash: user.2,
-            created_at_ms: crate::clock::now_ms(),
+            created_at_ms: now,
         })
     }
 

@@ -3,17 +3,18 @@
 
 use super::{error::ClusterError, mongo, scripts, shared::Shared};
 
-/// Registers `users` (username, nickname, hash); per user, its new id, or
-/// `None` when the username is taken. Ids come from one Redis counter
-/// (`INCRBY`, atomic across nodes); an id MongoDB already has (the counter
-/// was lost) raises the counter past the highest id in use and is retried.
+/// Registers `users` (username, nickname, hash), made at `now` (Unix ms);
+/// per user, its new id, or `None` when the username is taken. Ids come
+/// from one Redis counter (`INCRBY`, atomic across nodes); an id MongoDB
+/// already has (the counter was lost) raises the counter past the highest
+/// id in use and is retried.
 pub(super) async fn insert_new_users(
     shared: &Shared,
     users: &[(String, String, String)],
+    now: i64,
 ) -> Result<Vec<Option<u64>>, ClusterError> {
     let mut out = vec![None; users.len()];
     let mut pending: Vec<usize> = (0..users.len()).collect();
-    let now = crate::clock::now_ms();
     let mut redis = shared.redis.clone();
     for _ in 0..5 {
         if pending.is_empty() {
