@@ -92,8 +92,11 @@ pub enum UserCommand {
         #[arg(long)]
         nickname: Option<String>,
     },
-    /// Create users from a CSV file with the columns username,password,nickname
-    /// (a header row is optional). Hashes in parallel; existing usernames are skipped.
+    /// Create users from a CSV file with the columns
+    /// username,password,nickname[,created_at] (a header row is optional;
+    /// created_at, RFC 3339, carries a registration time over from another
+    /// system, for min_account_age; default now). Hashes in parallel;
+    /// existing usernames are skipped.
     Import {
         /// The CSV file.
         file: PathBuf,

@@ -25,7 +25,7 @@ use crate::{
     config::Config,
     export::{self, ExportFormat},
     signals,
-    store::{Access, Store},
+    store::{Access, NewUser, Store},
     worker::Runner,
 };
 
@@ -246,13 +246,18 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
             let cost = cost(config);
             let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
             let chunk = rows.len().div_ceil(threads).max(1);
-            let hashed: Vec<(String, String, String)> = std::thread::scope(|s| {
+            let hashed: Vec<NewUser> = std::thread::scope(|s| {
                 let handles: Vec<_> = rows
                     .chunks(chunk)
                     .map(|part| {
                         s.spawn(move || {
                             part.iter()
-                                .map(|(u, p, n)| (u.clone(), n.clone(), password::hash(p, cost)))
+                                .map(|row| NewUser {
+                                    username: row.username.clone(),
+                                    nickname: row.nickname.clone(),
+                                    password_hash: password::hash(&row.password, cost),
+                                    created_at_ms: row.created_at_ms,
+                                })
                                 .collect::<Vec<_>>()
                         })
                     })
@@ -304,8 +309,21 @@ fn read_password() -> anyhow::Result<String> {
     Ok(password)
 }
 
-/// Reads `username,password,nickname` rows, validating each; errors name the line.
-fn read_user_csv(file: &Path) -> anyhow::Result<Vec<(String, String, String)>> {
+/// One row of a user CSV.
+struct UserRow {
+    username: String,
+    password: String,
+    nickname: String,
+    /// The `created_at` column, or now.
+    created_at_ms: i64,
+}
+
+/// Reads `username,password,nickname[,created_at]` rows, validating each;
+/// errors name the line. `created_at` (RFC 3339, not in the future) carries
+/// an account's registration over from another system, so that an
+/// activity's `min_account_age` sees members as old as they are.
+fn read_user_csv(file: &Path) -> anyhow::Result<Vec<UserRow>> {
+    let now = now_ms();
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
@@ -320,11 +338,31 @@ fn read_user_csv(file: &Path) -> anyhow::Result<Vec<(String, String, String)>> {
         if i == 0 && username.eq_ignore_ascii_case("username") && password.eq_ignore_ascii_case("password") {
             continue;
         }
-        let (name, nickname) = validate_account(&username, &password, Some(&nickname))
-            .with_context(|| format!("{} line {}", file.display(), i + 1))?;
-        rows.push((name.key().to_owned(), password, nickname));
+        let line = || format!("{} line {}", file.display(), i + 1);
+        let (name, nickname) = validate_account(&username, &password, Some(&nickname)).with_context(line)?;
+        let created_at_ms = match field(3).as_str() {
+            "" => now,
+            text => created_at(text, now).with_context(line)?,
+        };
+        rows.push(UserRow {
+            username: name.key().to_owned(),
+            password,
+            nickname,
+            created_at_ms,
+        });
     }
     Ok(rows)
+}
+
+/// A `created_at` cell: an RFC 3339 time, not after `now`.
+fn created_at(text: &str, now: i64) -> anyhow::Result<i64> {
+    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .with_context(|| format!("created_at `{text}` is not an RFC 3339 time, like 2024-03-01T09:30:00+08:00"))?;
+    let ms = i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+    if ms > now {
+        bail!("created_at `{text}` is in the future");
+    }
+    Ok(ms)
 }
 
 /// `ticketd export`.

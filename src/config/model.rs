@@ -377,8 +377,8 @@ pub struct ActivityConfig {
     /// Only accounts made more than this long before `start_time` may claim
     /// or join the queue (e.g. `"7d"`, at most ten years): accounts a farm
     /// makes for the sale are too young to take part. Accounts imported
-    /// with `ticketd user import` count as made at the import. Default: any
-    /// account.
+    /// with `ticketd user import` count as made at the import, unless the
+    /// CSV gives their `created_at`. Default: any account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_account_age: Option<HumanDuration>,
     /// How buyers get their turn: `"race"` (the first claims after

@@ -42,8 +42,8 @@ pub use cluster::{
 };
 pub use embedded::EmbeddedStore;
 pub use types::{
-    generate_code, Access, ClaimRow, ClusterError, ImportReport, Reconciliation, ReportData, StoreError, TicketImport,
-    TicketReport, User,
+    generate_code, Access, ClaimRow, ClusterError, ImportReport, NewUser, Reconciliation, ReportData, StoreError,
+    TicketImport, TicketReport, User,
 };
 
 use crate::{
@@ -212,7 +212,7 @@ impl Store {
     }
 
     /// Creates users; returns how many were new (existing usernames are skipped).
-    pub fn create_users(&self, users: &[(String, String, String)]) -> Result<usize, StoreError> {
+    pub fn create_users(&self, users: &[NewUser]) -> Result<usize, StoreError> {
         match self {
             Store::Embedded(s) => s.create_users(users),
             Store::Cluster(s) => s.create_users(users),

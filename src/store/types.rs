@@ -55,6 +55,20 @@ pub struct User {
     pub created_at_ms: i64,
 }
 
+/// An account to create in bulk (`ticketd user import`).
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    /// Login name (its identity key).
+    pub username: String,
+    /// Display name.
+    pub nickname: String,
+    /// The argon2id PHC string.
+    pub password_hash: String,
+    /// When the account was made, Unix ms: now, or the time an organiser
+    /// brings over from the system the members registered in.
+    pub created_at_ms: i64,
+}
+
 /// A claim joined with its user, for export.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ClaimRow {

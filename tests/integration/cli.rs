@@ -173,9 +173,26 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
     let out = app.cli(&["user", "add", "--username", "zhang"], Some("password-zhang\n"));
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("taken"));
+    // A registration time from another system is refused when it is not a
+    // time, or not yet; the file is then imported not at all.
+    for (row, says) in [
+        ("lisi,password-lisi,李四,yesterday", "not an RFC 3339 time"),
+        ("lisi,password-lisi,李四,2999-01-01T00:00:00Z", "in the future"),
+    ] {
+        std::fs::write(
+            app.dir.path().join("bad.csv"),
+            format!("wangwu,password-wangwu,\n{row}\n"),
+        )
+        .unwrap();
+        let out = app.cli(&["user", "import", "bad.csv"], None);
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(err.contains("bad.csv line 2") && err.contains(says), "{err}");
+    }
     std::fs::write(
         app.dir.path().join("u.csv"),
-        "username,password,nickname\nlisi,password-lisi,李四\nwangwu,password-wangwu,\n",
+        "username,password,nickname,created_at\nlisi,password-lisi,李四,2021-06-01T08:00:00+08:00\n\
+         wangwu,password-wangwu,\n",
     )
     .unwrap();
     let out = app.cli(&["user", "import", "u.csv"], None);
@@ -186,6 +203,9 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
     assert_eq!(names, ["zhang", "lisi", "wangwu"]);
     assert_eq!(users[0]["nickname"], "张三, \"老张\"");
     assert_eq!(users[2]["nickname"], "wangwu");
+    assert_eq!(users[1]["created_at"], "2021-06-01T00:00:00Z");
+    assert!(users[2]["created_at"].starts_with("20"), "{:?}", users[2]);
+    assert_ne!(users[2]["created_at"], users[1]["created_at"], "no column: made now");
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let codes: Vec<String> = rt.block_on(async {

@@ -1223,3 +1223,38 @@ async fn an_idle_node_gives_the_last_code_to_a_buyer_at_another_node() {
     let answer = answer.unwrap();
     assert_eq!(answer.status, 200, "{} after {earlier:?}", answer.body);
 }
+
+/// `min_account_age` across nodes: the age a token carries is the one
+/// MongoDB keeps, whichever node made the account or reads the token, and
+/// `user import` brings a member's registration time into MongoDB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_age_holds_on_every_node_and_imports_keep_theirs() {
+    let act = crate::common::Act::new("aged")
+        .window(&rfc3339_ms(now_ms() - 60_000), &rfc3339_ms(now_ms() + 3_600_000))
+        .with("min_account_age = \"30d\"")
+        .ticket("aged-t", "T", crate::common::Codes::Generate(5))
+        .toml();
+    let cluster = Cluster::start(2, &act, "");
+    let young = cluster.nodes[0].register("young").await;
+    let res = cluster.nodes[1].claim(&young, "aged").await;
+    crate::common::assert_error(&res, 403, "ACCOUNT_TOO_NEW");
+
+    let node = &cluster.nodes[0];
+    std::fs::write(
+        node.dir.path().join("m.csv"),
+        "elder,password-elder,Elder,2020-01-01T00:00:00Z\n",
+    )
+    .unwrap();
+    let out = node.cli(&["user", "import", "m.csv"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed = String::from_utf8_lossy(&node.cli(&["user", "list"], None).stdout).into_owned();
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains(",elder,") && l.ends_with(",2020-01-01T00:00:00Z")),
+        "{listed}"
+    );
+    let elder = cluster.nodes[1].login("elder").await;
+    let res = cluster.nodes[1].claim(&elder, "aged").await;
+    assert_eq!(res.status, 200, "{}", res.body);
+}

@@ -639,6 +639,17 @@ async fn accounts_younger_than_min_account_age_cannot_claim_or_join() {
         .await
         .unwrap();
     assert_eq!(res.status, 200, "{}", res.body);
+    // A member brought over with the registration time of the system they
+    // joined years ago takes part, though imported only now.
+    std::fs::write(
+        app.dir.path().join("members.csv"),
+        "member,password-member,Member,2020-01-01T00:00:00Z\n",
+    )
+    .unwrap();
+    let out = app.cli(&["user", "import", "members.csv"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let member = app.login("member").await;
+    assert_eq!(app.claim(&member, "aged").await.status, 200);
     // Other activities take any account.
     assert_eq!(app.claim(&newcomer, "open").await.status, 200);
 }

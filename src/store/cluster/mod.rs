@@ -71,7 +71,7 @@ use shared::{block_on, on, Msg, Serving, Shared};
 use crate::{
     config::{ActivityConfig, Config},
     stats::StatsBatch,
-    store::types::{Access, ClaimRow, ImportReport, Reconciliation, ReportData, StoreError, User},
+    store::types::{Access, ClaimRow, ImportReport, NewUser, Reconciliation, ReportData, StoreError, User},
     vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
 };
 
@@ -289,11 +289,11 @@ impl ClusterStore {
         Ok(self.block(mongo::has_activity(&self.shared.db, activity_id))?)
     }
 
-    pub(super) fn create_users(&self, users: &[(String, String, String)]) -> Result<usize, StoreError> {
+    pub(super) fn create_users(&self, users: &[NewUser]) -> Result<usize, StoreError> {
         let mut created = 0;
         for chunk in users.chunks(1000) {
             created += self
-                .block(users::insert_new_users(&self.shared, chunk, crate::clock::now_ms()))?
+                .block(users::insert_new_users(&self.shared, chunk))?
                 .iter()
                 .flatten()
                 .count();
@@ -302,17 +302,21 @@ impl ClusterStore {
     }
 
     pub(super) fn create_user(&self, username: &str, nickname: &str, password_hash: &str) -> Result<User, StoreError> {
-        let user = (username.to_owned(), nickname.to_owned(), password_hash.to_owned());
         // The time the document keeps is the one the session token carries.
-        let now = crate::clock::now_ms();
-        let ids = self.block(users::insert_new_users(&self.shared, std::slice::from_ref(&user), now))?;
+        let user = NewUser {
+            username: username.to_owned(),
+            nickname: nickname.to_owned(),
+            password_hash: password_hash.to_owned(),
+            created_at_ms: crate::clock::now_ms(),
+        };
+        let ids = self.block(users::insert_new_users(&self.shared, std::slice::from_ref(&user)))?;
         let id = ids.first().copied().flatten().ok_or(StoreError::UsernameTaken)?;
         Ok(User {
             id,
-            username: user.0,
-            nickname: user.1,
-            password_hash: user.2,
-            created_at_ms: now,
+            username: user.username,
+            nickname: user.nickname,
+            password_hash: user.password_hash,
+            created_at_ms: user.created_at_ms,
         })
     }
 

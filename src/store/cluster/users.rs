@@ -2,17 +2,13 @@
 //! MongoDB.
 
 use super::{error::ClusterError, mongo, scripts, shared::Shared};
+use crate::store::types::NewUser;
 
-/// Registers `users` (username, nickname, hash), made at `now` (Unix ms);
-/// per user, its new id, or `None` when the username is taken. Ids come
-/// from one Redis counter (`INCRBY`, atomic across nodes); an id MongoDB
-/// already has (the counter was lost) raises the counter past the highest
-/// id in use and is retried.
-pub(super) async fn insert_new_users(
-    shared: &Shared,
-    users: &[(String, String, String)],
-    now: i64,
-) -> Result<Vec<Option<u64>>, ClusterError> {
+/// Registers `users`; per user, its new id, or `None` when the username is
+/// taken. Ids come from one Redis counter (`INCRBY`, atomic across nodes);
+/// an id MongoDB already has (the counter was lost) raises the counter past
+/// the highest id in use and is retried.
+pub(super) async fn insert_new_users(shared: &Shared, users: &[NewUser]) -> Result<Vec<Option<u64>>, ClusterError> {
     let mut out = vec![None; users.len()];
     let mut pending: Vec<usize> = (0..users.len()).collect();
     let mut redis = shared.redis.clone();
@@ -30,8 +26,14 @@ pub(super) async fn insert_new_users(
             .iter()
             .enumerate()
             .map(|(k, &i)| {
-                let (u, n, h) = &users[i];
-                mongo::user_doc(first + k as u64, u, n, h, now)
+                let u = &users[i];
+                mongo::user_doc(
+                    first + k as u64,
+                    &u.username,
+                    &u.nickname,
+                    &u.password_hash,
+                    u.created_at_ms,
+                )
             })
             .collect();
         let refused = mongo::insert_users(&shared.db, docs).await?;
@@ -49,9 +51,12 @@ pub(super) async fn insert_new_users(
         pending = if refused.is_empty() {
             Vec::new()
         } else {
-            let names: Vec<&str> = refused.iter().map(|&i| users[i].0.as_str()).collect();
+            let names: Vec<&str> = refused.iter().map(|&i| users[i].username.as_str()).collect();
             let taken = mongo::existing_usernames(&shared.db, &names).await?;
-            refused.into_iter().filter(|&i| !taken.contains(&users[i].0)).collect()
+            refused
+                .into_iter()
+                .filter(|&i| !taken.contains(&users[i].username))
+                .collect()
         };
         if !pending.is_empty() {
             let max = mongo::max_user_id(&shared.db).await?;

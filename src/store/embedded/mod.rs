@@ -37,8 +37,8 @@ use crate::{
     journal::{Journal, JournalSetup},
     stats::StatsBatch,
     store::types::{
-        code_rng, generate_code, Access, ClaimRow, ImportReport, Reconciliation, ReportData, StoreError, TicketImport,
-        User,
+        code_rng, generate_code, Access, ClaimRow, ImportReport, NewUser, Reconciliation, ReportData, StoreError,
+        TicketImport, User,
     },
     vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
 };
@@ -474,7 +474,7 @@ impl EmbeddedStore {
         })
     }
 
-    pub(super) fn create_users(&self, users: &[(String, String, String)]) -> Result<usize, StoreError> {
+    pub(super) fn create_users(&self, users: &[NewUser]) -> Result<usize, StoreError> {
         let mut conn = self.db.lock();
         let tx = conn.transaction()?;
         let mut created = 0;
@@ -482,9 +482,8 @@ impl EmbeddedStore {
             let mut insert = tx.prepare_cached(
                 "INSERT OR IGNORE INTO users (username, nickname, password_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
             )?;
-            let now = crate::clock::now_ms();
-            for (username, nickname, hash) in users {
-                created += insert.execute(params![username, nickname, hash, now])?;
+            for u in users {
+                created += insert.execute(params![u.username, u.nickname, u.password_hash, u.created_at_ms])?;
             }
         }
         tx.commit()?;
