@@ -21,7 +21,7 @@ use crate::{
     app::App,
     auth::{password, validate_account, HashCost},
     cli::{ExportArgs, ExportWhat, ReportArgs, UserCommand},
-    clock::now_ms,
+    clock::{now_ms, parse_rfc3339_ms},
     config::Config,
     export::{self, ExportFormat},
     signals,
@@ -356,9 +356,8 @@ fn read_user_csv(file: &Path) -> anyhow::Result<Vec<UserRow>> {
 
 /// A `created_at` cell: an RFC 3339 time, not after `now`.
 fn created_at(text: &str, now: i64) -> anyhow::Result<i64> {
-    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+    let ms = parse_rfc3339_ms(text)
         .with_context(|| format!("created_at `{text}` is not an RFC 3339 time, like 2024-03-01T09:30:00+08:00"))?;
-    let ms = i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
     if ms > now {
         bail!("created_at `{text}` is in the future");
     }

@@ -1011,17 +1011,27 @@ mod tests {
         assert_eq!(held, Some(true), "the clock was read with the room locked");
     }
 
-    #[test]
-    fn a_pass_is_shown_only_once_its_admission_is_on_disk() {
-        let dir = tempfile::tempdir().unwrap();
-        let room = Room::open(dir.path(), "a".into(), settings()).unwrap();
-        room.join(1, 1).unwrap();
+    /// A room in `dir` that `fans` joined, shuffled and then stepped once
+    /// with `remaining` codes in stock: its admissions are in the log's
+    /// buffer, not yet on disk.
+    fn stepped_room(dir: &Path, fans: &[u64], remaining: usize) -> Room {
+        let room = Room::open(dir, "a".into(), settings()).unwrap();
+        for (t, &fan) in (1..).zip(fans) {
+            room.join(fan, t).unwrap();
+        }
         let stock = StockView {
-            remaining: 5,
+            remaining,
             settled: false,
         };
         room.tick(|| 10, stock, &|_| 0);
         room.tick(|| 1_010, stock, &|_| 0);
+        room
+    }
+
+    #[test]
+    fn a_pass_is_shown_only_once_its_admission_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let room = stepped_room(dir.path(), &[1], 5);
         assert_eq!(room.summary().admitted, 1, "admitted in memory");
         // The admission is in the log's buffer, not on disk: a crash now
         // would forget it, so nobody may see its pass yet.
@@ -1042,15 +1052,7 @@ mod tests {
     #[test]
     fn the_fan_taking_the_last_code_is_never_told_to_stand_by() {
         let dir = tempfile::tempdir().unwrap();
-        let room = Room::open(dir.path(), "a".into(), settings()).unwrap();
-        room.join(1, 1).unwrap();
-        room.join(2, 2).unwrap();
-        let stock = StockView {
-            remaining: 1,
-            settled: false,
-        };
-        room.tick(|| 10, stock, &|_| 0);
-        room.tick(|| 1_010, stock, &|_| 0);
+        let room = stepped_room(dir.path(), &[1, 2], 1);
         let admitted = (1..=2)
             .find(|&u| room.state.lock().places[&u].state == PlaceState::Admitted)
             .expect("one fan admitted");

@@ -1240,13 +1240,7 @@ async fn an_accounts_age_holds_on_every_node_and_imports_keep_theirs() {
     crate::common::assert_error(&res, 403, "ACCOUNT_TOO_NEW");
 
     let node = &cluster.nodes[0];
-    std::fs::write(
-        node.dir.path().join("m.csv"),
-        "elder,password-elder,Elder,2020-01-01T00:00:00Z\n",
-    )
-    .unwrap();
-    let out = node.cli(&["user", "import", "m.csv"], None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    node.import_user_csv("elder,password-elder,Elder,2020-01-01T00:00:00Z\n");
     let listed = String::from_utf8_lossy(&node.cli(&["user", "list"], None).stdout).into_owned();
     assert!(
         listed

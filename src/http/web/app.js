@@ -463,15 +463,14 @@ async function grab(a, ticketId, button, progress, result) {
         const detail = await api('GET', `/act/detail?actId=${encodeURIComponent(a.actId)}`);
         if (!detail.ok) return result.replaceChildren(notice('bad', errorText(detail.error)));
         a = detail.data;
-        if (!a.claimToken && a.accountAdmitted === false) {
-          return result.replaceChildren(notice('bad', errorText({ code: 'ACCOUNT_TOO_NEW' })));
-        }
-        if (!a.claimToken) {
+        // An account the activity does not admit has no token either: its
+        // claim goes out without one, for the server to say why.
+        if (!a.claimToken && a.accountAdmitted !== false) {
           return result.replaceChildren(notice('bad', errorText({ code: statusOf(a, serverNow()) === 'soldout' ? 'SOLD_OUT' : 'NOT_STARTED' })));
         }
         body = { actId: a.actId, claimToken: a.claimToken };
         if (ticketId) body.ticketId = ticketId;
-        if (a.powDifficulty > 0) {
+        if (a.powDifficulty > 0 && a.claimToken) {
           result.replaceChildren(notice('', t('pow')));
           body.powNonce = await solvePow(a.claimToken, a.powDifficulty, progress);
         }

@@ -405,7 +405,13 @@ impl TestApp {
                 format!("{name},password-{name},{name}\n")
             })
             .collect();
-        let file = self.dir.path().join(format!("{prefix}users.csv"));
+        self.import_user_csv(&csv);
+    }
+
+    /// `ticketd user import` of `csv` (rows of username,password,nickname[,created_at]);
+    /// asserts it succeeded.
+    pub fn import_user_csv(&self, csv: &str) {
+        let file = self.dir.path().join("import-users.csv");
         std::fs::write(&file, csv).unwrap();
         let out = self.cli(&["user", "import", file.to_str().unwrap()], None);
         assert!(
