@@ -569,7 +569,7 @@ async fn redis_outage_mid_rush(act: &'static str, signal: i32) {
         down.1
     );
     merge(&mut all, 600, down);
-    cluster.services.start_redis();
+    cluster.services.restart_redis();
     merge(&mut all, 0, wave.await.unwrap());
     assert_sold_out_is_final(&log.lock().unwrap());
     until("the nodes to see Redis again", || async {
@@ -646,7 +646,7 @@ async fn mongodb_down_for_ten_seconds_claims_continue_from_the_backlog_and_drain
     );
     // The outage lasts ten seconds, as the scenario says.
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(stopped.elapsed())).await;
-    cluster.services.start_mongo();
+    cluster.services.restart_mongo();
 
     merge(
         &mut all,
@@ -854,7 +854,7 @@ async fn a_full_backlog_refuses_claims_rather_than_lose_them_and_recovers() {
     assert_eq!(acked.iter().map(Vec::len).sum::<usize>(), 5, "{outcomes:?}");
     assert_eq!(outcomes.get("503 BACKLOG_FULL"), Some(&15), "{outcomes:?}");
     assert_eq!(metric(&cluster.nodes[0], "ticketd_mongo_backlog").await, 5.0);
-    cluster.services.start_mongo();
+    cluster.services.restart_mongo();
     until("the backlog to drain", || async {
         metric(&cluster.nodes[0], "ticketd_mongo_backlog").await == 0.0
     })

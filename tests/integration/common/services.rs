@@ -5,7 +5,7 @@
 use std::{
     collections::HashSet,
     net::TcpStream,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -15,23 +15,58 @@ use tempfile::TempDir;
 const INSTALL: &str =
     "run ./scripts/test once: it installs redis-server and redis-tools (apt) and SecantusDB (pip, into .venv)";
 
-/// A free loopback port (bound and released; the server binds it next).
+/// A free loopback port (bound and released; the server binds it next),
+/// picked below the kernel's ephemeral range. A port from `bind(0)` comes
+/// from that range, where every outgoing connection on the machine — and
+/// the parallel tests make thousands — takes its local port too: CI once
+/// saw SecantusDB refuse its picked port that way. Below the range only
+/// another test's pick can collide, and the starts below retry on a new
+/// port when one does.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port_below(ephemeral_low().max(20_000))
+}
+
+/// A free loopback port in `10000..high`.
+fn free_port_below(high: u16) -> u16 {
+    let low = 10_000u16;
+    loop {
+        let port = low + (random() % u64::from(high - low)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// The first port of the kernel's ephemeral range.
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768)
+}
+
+/// A random number (std's per-process random hash keys over a counter, so
+/// parallel test processes pick different sequences).
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.finish()
 }
 
 /// Waits until `child` itself listens on `port` — not merely until something
 /// answers there: the port was free when picked, but another process could
 /// have taken it since, and the test must not talk to someone else's server.
-fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+/// `Err` with the service's own log when it exited instead.
+fn wait_for_port(port: u16, what: &str, child: &mut Child, log: &Path) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !(listens(child.id(), port) && TcpStream::connect(("127.0.0.1", port)).is_ok()) {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited at start ({status}); was port {port} taken meanwhile?");
+            let said = std::fs::read_to_string(log).unwrap_or_default();
+            return Err(format!(
+                "{what} exited at start on port {port} ({status}); its log:\n{said}"
+            ));
         }
         assert!(
             Instant::now() < deadline,
@@ -39,6 +74,23 @@ fn wait_for_port(port: u16, what: &str, child: &mut Child) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    Ok(())
+}
+
+/// Runs `spawn(port)` until the service listens, on a new free port each
+/// time it exits at start (another test took the port meanwhile), at most
+/// five times; the last failure, with the service's log, fails the test.
+fn start_on_free_port(what: &str, log: &Path, pick: fn() -> u16, mut spawn: impl FnMut(u16) -> Child) -> (u16, Child) {
+    let mut last = String::new();
+    for _ in 0..5 {
+        let port = pick();
+        let mut child = spawn(port);
+        match wait_for_port(port, what, &mut child, log) {
+            Ok(()) => return (port, child),
+            Err(e) => last = e,
+        }
+    }
+    panic!("{what} did not start on a free port in 5 tries; the last: {last}");
 }
 
 /// Whether process `pid` holds a TCP socket listening on `port` (Linux:
@@ -76,10 +128,11 @@ fn secantusd() -> PathBuf {
     path
 }
 
-/// A free port whose Redis Cluster bus port (`port + 10000`) is free too.
+/// A free port whose Redis Cluster bus port (`port + 10000`) is free too,
+/// both below the ephemeral range.
 fn free_cluster_port() -> u16 {
     loop {
-        let port = free_port();
+        let port = free_port_below(ephemeral_low().max(30_000) - 10_000);
         let bus_free = port
             .checked_add(10_000)
             .is_some_and(|bus| std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok());
@@ -130,8 +183,8 @@ impl Services {
     fn empty() -> Services {
         Services {
             dir: tempfile::tempdir().unwrap(),
-            redis_port: free_port(),
-            mongo_port: free_port(),
+            redis_port: 0,
+            mongo_port: 0,
             redis: None,
             cluster: Vec::new(),
             mongo: None,
@@ -145,20 +198,21 @@ impl Services {
     fn start_redis_cluster(&mut self) {
         let mut addrs = Vec::new();
         for i in 0..3 {
-            let port = free_cluster_port();
             let dir = self.dir.path().join(format!("redis-cluster-{i}"));
             std::fs::create_dir_all(&dir).unwrap();
-            let mut child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--dir", dir.to_str().unwrap()])
-                .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
-                .args(["--cluster-node-timeout", "5000"])
-                .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot run redis-server ({e}); {INSTALL}"));
-            wait_for_port(port, "redis-server (cluster)", &mut child);
+            let log = dir.join("redis.log");
+            let (port, child) = start_on_free_port("redis-server (cluster)", &log, free_cluster_port, |port| {
+                Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args(["--dir", dir.to_str().unwrap(), "--logfile", log.to_str().unwrap()])
+                    .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+                    .args(["--cluster-node-timeout", "5000"])
+                    .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("cannot run redis-server ({e}); {INSTALL}"))
+            });
             addrs.push(format!("127.0.0.1:{port}"));
             self.cluster.push((port, child));
         }
@@ -208,20 +262,40 @@ impl Services {
     }
 
     /// Redis as production runs it for ticketd: the append-only file,
-    /// fsynced before each reply, so an acknowledged commit survives a restart.
-    pub fn start_redis(&mut self) {
+    /// fsynced before each reply, so an acknowledged commit survives a
+    /// restart. On a free port; see `restart_redis` for the same one.
+    fn start_redis(&mut self) {
+        let log = self.redis_dir().join("redis.log");
+        let (port, child) = start_on_free_port("redis-server", &log, free_port, |port| self.spawn_redis(port));
+        self.redis_port = port;
+        self.redis = Some(child);
+    }
+
+    /// Starts the stopped Redis again, on its port and with its data.
+    pub fn restart_redis(&mut self) {
+        let mut child = self.spawn_redis(self.redis_port);
+        let log = self.redis_dir().join("redis.log");
+        wait_for_port(self.redis_port, "redis-server", &mut child, &log).unwrap_or_else(|e| panic!("{e}"));
+        self.redis = Some(child);
+    }
+
+    fn redis_dir(&self) -> PathBuf {
         let dir = self.dir.path().join("redis");
         std::fs::create_dir_all(&dir).unwrap();
-        let mut child = Command::new("redis-server")
-            .args(["--port", &self.redis_port.to_string(), "--bind", "127.0.0.1"])
+        dir
+    }
+
+    fn spawn_redis(&self, port: u16) -> Child {
+        let dir = self.redis_dir();
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--dir", dir.to_str().unwrap()])
+            .args(["--logfile", dir.join("redis.log").to_str().unwrap()])
             .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run redis-server ({e}); {INSTALL}"));
-        wait_for_port(self.redis_port, "redis-server", &mut child);
-        self.redis = Some(child);
+            .unwrap_or_else(|e| panic!("cannot run redis-server ({e}); {INSTALL}"))
     }
 
     /// SIGTERM to Redis (it writes and closes its AOF), and wait for it to
@@ -253,18 +327,44 @@ impl Services {
         unsafe { libc::kill(child.id() as i32, sig) };
     }
 
-    pub fn start_mongo(&mut self) {
+    /// SecantusDB on a free port; see `restart_mongo` for the same one.
+    fn start_mongo(&mut self) {
+        let log = self.dir.path().join("secantusd.log");
+        let (port, child) = start_on_free_port("secantusd-py", &log, free_port, |port| self.spawn_mongo(port));
+        self.mongo_port = port;
+        self.mongo = Some(child);
+    }
+
+    /// Starts the stopped SecantusDB again, on its port and with its data.
+    pub fn restart_mongo(&mut self) {
+        let mut child = self.spawn_mongo(self.mongo_port);
+        let log = self.dir.path().join("secantusd.log");
+        wait_for_port(self.mongo_port, "secantusd-py", &mut child, &log).unwrap_or_else(|e| panic!("{e}"));
+        self.mongo = Some(child);
+    }
+
+    fn mongo_dir(&self) -> PathBuf {
         let dir = self.dir.path().join("mongo");
         std::fs::create_dir_all(&dir).unwrap();
-        let mut child = Command::new(secantusd())
-            .args(["--port", &self.mongo_port.to_string(), "--host", "127.0.0.1"])
+        dir
+    }
+
+    /// Its stderr (where it logs) goes to a file kept for a failed start;
+    /// appended, so a restart keeps the first run's lines.
+    fn spawn_mongo(&self, port: u16) -> Child {
+        let dir = self.mongo_dir();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("secantusd.log"))
+            .unwrap();
+        Command::new(secantusd())
+            .args(["--port", &port.to_string(), "--host", "127.0.0.1"])
             .args(["--storage-path", dir.to_str().unwrap(), "--log-level", "WARNING"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run secantusd-py ({e}); {INSTALL}"));
-        wait_for_port(self.mongo_port, "secantusd-py", &mut child);
-        self.mongo = Some(child);
+            .unwrap_or_else(|e| panic!("cannot run secantusd-py ({e}); {INSTALL}"))
     }
 
     pub fn stop_mongo(&mut self) {
