@@ -12,7 +12,7 @@ use ticketd::bench::ApiClient;
 
 use crate::{
     cluster::{cluster_activity, Cluster},
-    common::raw_get,
+    common::{raw_get, services::free_port},
 };
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -43,11 +43,7 @@ impl Nginx {
 
     fn try_start(upstreams: &[&str]) -> Option<Nginx> {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let shipped = std::fs::read_to_string(format!("{ROOT}/deploy/nginx.conf")).unwrap();
         let d = dir.path().display();
         let conf = shipped
