@@ -140,10 +140,13 @@ pub enum Rejected {
     /// A waiting room's join by an account younger than `min_account_age`
     /// (claims count it as the outcome `account_too_new`).
     JoinAccountTooNew,
+    /// A waiting room's join with `min_account_age` on a session token too
+    /// old to carry the account's age (claims: `session_outdated`).
+    JoinSessionOutdated,
 }
 
 impl Rejected {
-    const ALL: [Rejected; 11] = [
+    const ALL: [Rejected; 12] = [
         Rejected::Blocked,
         Rejected::UserRate,
         Rejected::IpRate,
@@ -155,6 +158,7 @@ impl Rejected {
         Rejected::HashingBusy,
         Rejected::JoinProofOfWork,
         Rejected::JoinAccountTooNew,
+        Rejected::JoinSessionOutdated,
     ];
 
     fn label(self) -> &'static str {
@@ -170,6 +174,7 @@ impl Rejected {
             Rejected::HashingBusy => "hashing_busy",
             Rejected::JoinProofOfWork => "join_pow",
             Rejected::JoinAccountTooNew => "join_account_too_new",
+            Rejected::JoinSessionOutdated => "join_session_outdated",
         }
     }
 }

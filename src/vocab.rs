@@ -301,7 +301,8 @@ impl Rejection {
             }
             Rejection::ProofOfWork { .. } => ClaimOutcome::BadProofOfWork,
             Rejection::QueuePassRequired | Rejection::QueuePassExpired => ClaimOutcome::NoQueuePass,
-            Rejection::AccountTooNew { .. } | Rejection::SessionPredatesAccountAge => ClaimOutcome::AccountTooNew,
+            Rejection::AccountTooNew { .. } => ClaimOutcome::AccountTooNew,
+            Rejection::SessionPredatesAccountAge => ClaimOutcome::SessionOutdated,
         }
     }
 }
@@ -352,11 +353,15 @@ pub enum ClaimOutcome {
     NoQueuePass,
     /// An account younger than the activity's `min_account_age`.
     AccountTooNew,
+    /// A session token too old to carry its account's age, for an activity
+    /// with `min_account_age`: the fan is asked to log in again. Counted
+    /// apart from `AccountTooNew`, which says the account itself is young.
+    SessionOutdated,
 }
 
 impl ClaimOutcome {
     /// Every outcome, in counter order.
-    pub const ALL: [ClaimOutcome; 16] = [
+    pub const ALL: [ClaimOutcome; 17] = [
         ClaimOutcome::Success,
         ClaimOutcome::Replayed,
         ClaimOutcome::NotFound,
@@ -373,6 +378,7 @@ impl ClaimOutcome {
         ClaimOutcome::BadProofOfWork,
         ClaimOutcome::NoQueuePass,
         ClaimOutcome::AccountTooNew,
+        ClaimOutcome::SessionOutdated,
     ];
 
     /// The outcome of a finished claim request.
@@ -403,6 +409,7 @@ impl ClaimOutcome {
             ClaimOutcome::BadProofOfWork => "bad_proof_of_work",
             ClaimOutcome::NoQueuePass => "no_queue_pass",
             ClaimOutcome::AccountTooNew => "account_too_new",
+            ClaimOutcome::SessionOutdated => "session_outdated",
         }
     }
 }

@@ -643,3 +643,83 @@ async fn accounts_younger_than_min_account_age_cannot_claim_or_join() {
     // Other activities take any account.
     assert_eq!(app.claim(&newcomer, "open").await.status, 200);
 }
+
+/// A session token in the form nodes issued before accounts' ages were
+/// carried (a 32-byte payload: user id, expiry, token id), signed with
+/// `SECRET`. Built here from the documented format, not by the library.
+fn token_without_account_age(user_id: u64, expires_at_ms: i64) -> String {
+    use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+    use hmac::Mac;
+    let mut payload = Vec::with_capacity(32);
+    payload.extend_from_slice(&user_id.to_be_bytes());
+    payload.extend_from_slice(&expires_at_ms.to_be_bytes());
+    payload.extend_from_slice(&[0x5a; 16]);
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(&payload);
+    let tag = mac.finalize().into_bytes();
+    format!("{}.{}", URL_SAFE_NO_PAD.encode(&payload), URL_SAFE_NO_PAD.encode(tag))
+}
+
+/// Such an older token keeps working, except where `min_account_age` needs
+/// the age it does not carry: there its fan is told to log in again
+/// (`SESSION_OUTDATED`, not `ACCOUNT_TOO_NEW`), and the counters say which
+/// it was — an operator reading `account_too_new` after an upgrade must
+/// not mistake stale sessions for a farm of young accounts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_older_than_account_ages_is_asked_to_log_in_again_and_counted_so() {
+    let aged = Act::new("aged")
+        .window("-1m", "+1h")
+        .with("min_account_age = \"1s\"")
+        .ticket("aged-t", "T", Codes::Generate(5))
+        .toml();
+    let queue = Act::new("aged-q")
+        .window("+1h", "+2h")
+        .with("admission = \"queue\"")
+        .with("queue_opens = \"-1m\"")
+        .with("min_account_age = \"1s\"")
+        .ticket("aged-q-t", "T", Codes::Generate(5))
+        .toml();
+    let app = TestApp::start(&with_secret(
+        base_config() + &open_activity("open", 5, 1) + &aged + &queue,
+    ));
+    let res = app
+        .client
+        .post(
+            "/user/register",
+            None,
+            &json!({ "username": "olga", "password": "password-olga" }),
+        )
+        .await
+        .unwrap();
+    let id = res.data()["userId"].as_u64().unwrap();
+    let old = token_without_account_age(id, ticketd::clock::now_ms() + 3_600_000);
+
+    // Everywhere else the token is as good as ever.
+    assert_eq!(app.client.get("/ticket/list", Some(&old)).await.unwrap().status, 200);
+    assert_eq!(app.claim(&old, "open").await.status, 200);
+
+    let detail = app.client.get("/act/detail?actId=aged", Some(&old)).await.unwrap();
+    assert_eq!(detail.data()["accountAdmitted"], false, "{}", detail.body);
+    assert_error(&app.claim(&old, "aged").await, 401, "SESSION_OUTDATED");
+    let join = app
+        .client
+        .post("/queue/join", Some(&old), &json!({ "actId": "aged-q" }))
+        .await
+        .unwrap();
+    assert_error(&join, 401, "SESSION_OUTDATED");
+    for (series, count) in [
+        ("ticketd_claims_total{outcome=\"session_outdated\"}", 1.0),
+        ("ticketd_claims_total{outcome=\"account_too_new\"}", 0.0),
+        (
+            "ticketd_security_rejections_total{reason=\"join_session_outdated\"}",
+            1.0,
+        ),
+        (
+            "ticketd_security_rejections_total{reason=\"join_account_too_new\"}",
+            0.0,
+        ),
+    ] {
+        assert_eq!(metric(&app, series).await, count, "{series}");
+    }
+    assert_eq!(app.detail("aged").await["remaining"], 5, "nothing was taken");
+}

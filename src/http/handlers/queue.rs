@@ -38,6 +38,7 @@ use crate::{
     metrics::{self, Rejected},
     state::AppState,
     store::{Joined, RoomSource},
+    vocab::Rejection,
 };
 
 /// How often an event stream looks at its fan's place.
@@ -151,9 +152,12 @@ pub async fn join(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Resul
     let catalog = state.catalog.load();
     let activity = activity(&catalog, &body.act_id.0)?;
     let room = room_of(activity)?;
-    activity
-        .admits_account(session.account_created_ms)
-        .inspect_err(|_| metrics::global().reject(Rejected::JoinAccountTooNew))?;
+    activity.admits_account(session.account_created_ms).inspect_err(|why| {
+        metrics::global().reject(match why {
+            Rejection::SessionPredatesAccountAge => Rejected::JoinSessionOutdated,
+            _ => Rejected::JoinAccountTooNew,
+        })
+    })?;
     if activity.pow_difficulty > 0 {
         let challenge = join_challenge(&activity.id, user);
         if !body
