@@ -126,6 +126,10 @@ impl App {
         let mut restored = 0usize;
         store
             .for_each_claim(&mut |claim| {
+                // Embedded: the pools hold only unclaimed codes, so each
+                // ticket type's total counts these apart. (With leases the
+                // cluster-wide counts come from Redis instead.)
+                inventory.pool(&claim.ticket_id).count_claimed_earlier();
                 inventory.ledger(&claim.activity_id).restore(claim);
                 restored += 1;
             })

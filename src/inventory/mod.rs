@@ -94,7 +94,7 @@ impl Inventory {
         match self.leasing() {
             Some(leasing) => leasing.stock(tickets),
             None => {
-                let tickets: Vec<(usize, usize)> = tickets.map(|(_, p)| (p.known(), p.remaining())).collect();
+                let tickets: Vec<(usize, usize)> = tickets.map(|(_, p)| (p.total(), p.remaining())).collect();
                 Stock {
                     remaining: tickets.iter().map(|t| t.1).sum(),
                     claimed: ledger.claimed(),
@@ -121,7 +121,7 @@ impl Inventory {
             }
             None => {
                 for (_, pool) in tickets {
-                    state.write_usize(pool.known());
+                    state.write_usize(pool.total());
                     state.write_usize(pool.remaining());
                 }
                 state.write_usize(ledger.claimed());

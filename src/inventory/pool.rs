@@ -136,6 +136,10 @@ pub struct CodePool {
     counts: CachePadded<AtomicU64>,
     /// Serialises growers; a reload is the only writer, never the claim path.
     grow: Mutex<()>,
+    /// Codes of this ticket type claimed before this process started: the
+    /// store loads only unclaimed codes into the pool, so the arena never
+    /// holds these, yet they are part of what the ticket type had.
+    claimed_earlier: AtomicUsize,
 }
 
 thread_local! {
@@ -172,6 +176,7 @@ impl CodePool {
             shards: (0..n).map(|_| CachePadded::new(SegQueue::new())).collect(),
             counts: CachePadded::new(AtomicU64::new(0)),
             grow: Mutex::new(()),
+            claimed_earlier: AtomicUsize::new(0),
         }
     }
 
@@ -298,6 +303,18 @@ impl CodePool {
     /// Every code the pool has held, claimed or not.
     pub fn known(&self) -> usize {
         self.arena.load().len()
+    }
+
+    /// Counts a claim of this ticket type restored from the store at
+    /// start-up, whose code the pool therefore never held.
+    pub fn count_claimed_earlier(&self) {
+        self.claimed_earlier.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every code of this ticket type: those the pool has held, and those
+    /// claimed before this process started. What the API calls `total`.
+    pub fn total(&self) -> usize {
+        self.known() + self.claimed_earlier.load(Ordering::Relaxed)
     }
 
     /// Approximate heap bytes used by the pool (arena plus queue slots).
