@@ -140,6 +140,11 @@ impl ApiError {
         self.code
     }
 
+    /// The sentence for people.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     /// Renders the JSON response.
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let (mut start_time, mut end_time, mut codes, mut pow_difficulty) = (None, None, None, None);

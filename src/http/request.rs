@@ -84,9 +84,23 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if std::str::from_utf8(bytes).is_err() {
         return Err(ApiError::bad_request("MALFORMED_JSON", "the body is not valid UTF-8"));
     }
+    // serde reads a struct from a JSON array too, field by field, so `[1,2]`
+    // would claim activity 1; and for a `null` it names the Rust type it
+    // missed. Every body here is an object: say that instead.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    let not_an_object = || {
+        ApiError::bad_request(
+            "INVALID_FIELD",
+            "the body must be a JSON object ({\"name\": value, ...}), not an array or a single value",
+        )
+    };
+    if first == Some(&b'[') {
+        return Err(not_an_object());
+    }
     serde_json::from_slice(bytes).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
+            Category::Data if first != Some(&b'{') => not_an_object(),
             Category::Data => ApiError::bad_request("INVALID_FIELD", e.to_string()),
             _ => ApiError::bad_request("MALFORMED_JSON", format!("the body is not valid JSON: {e}")),
         }
@@ -234,6 +248,15 @@ impl<'de> Deserialize<'de> for Id {
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Id, E> {
                 Ok(Id(v.to_string()))
             }
+            // JSON reads a whole number past 2^64 as a float; say so rather
+            // than "invalid type: floating point `1e23`".
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Id, E> {
+                Err(E::custom(if v.fract() == 0.0 && v > 0.0 {
+                    "an id that is a number must be below 2^64 (send a longer id as a string)"
+                } else {
+                    "an id that is a number must be a whole number"
+                }))
+            }
         }
         d.deserialize_any(IdVisitor)
     }
@@ -268,6 +291,22 @@ mod tests {
                 StatusCode::BAD_REQUEST
             );
         }
+    }
+
+    #[test]
+    fn only_an_object_is_a_body_and_the_refusal_says_so() {
+        for bad in [&b"[1,2]"[..], b" null", b"\"x\"", b"7", b"true", b"-1"] {
+            let e = parse_json::<ClaimBody>(bad).unwrap_err();
+            assert_eq!((e.status(), e.code()), (StatusCode::BAD_REQUEST, "INVALID_FIELD"));
+            assert!(e.message().contains("must be a JSON object"), "{}", e.message());
+        }
+        assert_eq!(
+            parse_json::<ClaimBody>(b"not json").unwrap_err().code(),
+            "MALFORMED_JSON"
+        );
+        let e = parse_json::<ClaimBody>(br#"{"actId":99999999999999999999999}"#).unwrap_err();
+        assert!(e.message().contains("below 2^64"), "{}", e.message());
+        assert!(!e.message().contains("floating point"), "{}", e.message());
     }
 
     proptest::proptest! {

@@ -203,11 +203,21 @@ async fn lists_details_and_other_users_claims() {
         404,
         "CLAIM_NOT_FOUND",
     );
+    // Not an id at all: the caller's mistake, said as such.
     assert_error(
         &app.client
             .get("/ticket/detail?ticketId=abc", Some(&alice))
             .await
             .unwrap(),
+        400,
+        "INVALID_PARAMETER",
+    );
+    // `claimId`, the name every claim is shown with, works as well.
+    let by_claim_id = format!("/ticket/detail?claimId={claim_id}");
+    let own = app.client.get(&by_claim_id, Some(&alice)).await.unwrap();
+    assert_eq!(own.data()["code"], claim.data()["code"]);
+    assert_error(
+        &app.client.get(&by_claim_id, Some(&bob)).await.unwrap(),
         404,
         "CLAIM_NOT_FOUND",
     );
@@ -331,6 +341,10 @@ async fn bad_input_gets_the_error_shape_never_a_panic() {
         (b"{\"actId\":true}".to_vec(), 400, "INVALID_FIELD"),
         (b"{}".to_vec(), 400, "INVALID_FIELD"),
         (b"[]".to_vec(), 400, "INVALID_FIELD"),
+        // serde would read an array as the object's fields in order: not
+        // a claim of activity "b" by position.
+        (b"[\"b\"]".to_vec(), 400, "INVALID_FIELD"),
+        (b"null".to_vec(), 400, "INVALID_FIELD"),
         (
             format!("{{\"actId\":\"{}\"}}", "x".repeat(65)).into_bytes(),
             400,

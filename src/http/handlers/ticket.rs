@@ -130,9 +130,19 @@ pub async fn list(state: &AppState, req: &Request<Incoming>) -> Result<Response<
 async fn own_claim(state: &AppState, req: &Request<Incoming>) -> Result<Claim, ApiError> {
     let session = session(state, req.headers())?;
     let query = Query::parse(req.uri().query());
-    let raw = query.require("ticketId")?;
+    // `claimId`, as every claim is shown; `ticketId` is the original API's
+    // name for the same number, kept for its clients.
+    let raw = match query.get("claimId") {
+        Some(raw) => raw.trim(),
+        None => query.require("ticketId")?,
+    };
+    let id: u64 = raw.parse().map_err(|_| {
+        ApiError::bad_request(
+            "INVALID_PARAMETER",
+            "`claimId` (or `ticketId`) must be a claim's id, a whole number, as /ticket/list shows it",
+        )
+    })?;
     let not_found = || ApiError::not_found("CLAIM_NOT_FOUND", "you hold no claim with this id");
-    let id: u64 = raw.parse().map_err(|_| not_found())?;
     let claims = claims_of(state, session.user_id).await?;
     claims.into_iter().find(|c| c.id == id).ok_or_else(not_found)
 }
