@@ -227,7 +227,7 @@ impl Claimer {
     /// included (the cluster-wide counts, as of the last look: they only
     /// ever overstate what is left). Otherwise the answer is the retryable
     /// STOCK_IN_FLIGHT.
-    fn no_code(&self, tickets: &[TicketType]) -> Rejection {
+    fn no_code(&self, tickets: &[TicketType], one_ticket_type: bool) -> Rejection {
         // The pools first: a commit that ended in doubt marked the store
         // before it ended, so once its end is seen here, so is the doubt.
         let settling = tickets.iter().any(|t| !t.pool.drained());
@@ -237,7 +237,7 @@ impl Claimer {
         if settling || self.inventory.unsold_elsewhere(tickets.iter().map(|t| &*t.id)) {
             Rejection::StockInFlight
         } else {
-            Rejection::SoldOut
+            Rejection::SoldOut { one_ticket_type }
         }
     }
 
@@ -246,12 +246,13 @@ impl Claimer {
         &self,
         activity: &Activity,
         tickets: &[TicketType],
+        one_ticket_type: bool,
         user: u64,
         key: Option<&str>,
     ) -> Result<Claimed, Rejection> {
         match self.replay_from_store(activity, user, key).await? {
             Some(claimed) => Ok(claimed),
-            None => Err(self.no_code(tickets)),
+            None => Err(self.no_code(tickets, one_ticket_type)),
         }
     }
 
@@ -273,6 +274,8 @@ impl Claimer {
             None => None,
         };
         let tickets = ticket.map_or(&activity.tickets[..], std::slice::from_ref);
+        // A sell-out of one ticket type is not the activity's.
+        let one_of_many = ticket.is_some() && activity.tickets.len() > 1;
         let mut in_stock = tickets.iter().any(|t| t.pool.remaining() > 0);
         if !in_stock {
             // With leases, this node's codes are gone but a master list may
@@ -292,7 +295,8 @@ impl Claimer {
                 Some(Reservation::Replay(claim)) => Ok(Claimed { claim, replayed: true }),
                 Some(Reservation::LimitReached(codes)) => Err(Rejection::LimitReached(codes)),
                 _ => {
-                    self.replay_or_no_code(activity, tickets, req.user_id, req.idempotency_key.as_deref())
+                    let key = req.idempotency_key.as_deref();
+                    self.replay_or_no_code(activity, tickets, one_of_many, req.user_id, key)
                         .await
                 }
             };
@@ -317,7 +321,7 @@ impl Claimer {
         let Some((ticket, code_idx)) = take_code(tickets) else {
             activity.ledger.release(req.user_id, key.as_ref());
             return self
-                .replay_or_no_code(activity, tickets, req.user_id, key.as_deref())
+                .replay_or_no_code(activity, tickets, one_of_many, req.user_id, key.as_deref())
                 .await;
         };
         let claim = Claim {
@@ -644,7 +648,7 @@ per_user_limit = {limit}
         assert_eq!(codes, ["C1", "C2"]);
         assert_eq!(
             f.claimer.claim(&f.catalog, req(3, None)).await.unwrap_err(),
-            Rejection::SoldOut
+            Rejection::SoldOut { one_ticket_type: false }
         );
         let stock = f.claimer.stock(f.catalog.activity("a").unwrap());
         assert_eq!(

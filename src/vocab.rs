@@ -239,8 +239,12 @@ pub enum Rejection {
     LimitReached(Vec<Arc<str>>),
     /// A claim with the same idempotency key is being committed.
     InProgress,
-    /// No stock left, for good: no code can come back.
-    SoldOut,
+    /// No stock left, for good: no code can come back. Of the one ticket
+    /// type the claim named, or of the whole activity.
+    SoldOut {
+        /// The claim named a ticket type (others may still have codes).
+        one_ticket_type: bool,
+    },
     /// No code free now, but some may still come back: claims being
     /// committed (a failed one returns its code), or in a cluster codes on
     /// another node's lease (sold, given back idle, or reclaimed from a dead
@@ -292,7 +296,7 @@ impl Rejection {
             Rejection::Ended { .. } => ClaimOutcome::Ended,
             Rejection::LimitReached(_) => ClaimOutcome::LimitReached,
             Rejection::InProgress => ClaimOutcome::InProgress,
-            Rejection::SoldOut => ClaimOutcome::SoldOut,
+            Rejection::SoldOut { .. } => ClaimOutcome::SoldOut,
             Rejection::StockInFlight => ClaimOutcome::StockInFlight,
             Rejection::Overloaded => ClaimOutcome::Overloaded,
             Rejection::Unavailable | Rejection::OutcomeUnknown | Rejection::BacklogFull => ClaimOutcome::Unavailable,

@@ -214,7 +214,14 @@ impl From<Rejection> for ApiError {
                 "a claim with this Idempotency-Key is still being processed",
             )
             .retry_after(1),
-            Rejection::SoldOut => ApiError::new(S::GONE, "SOLD_OUT", "every code of this activity has been claimed"),
+            Rejection::SoldOut { one_ticket_type: false } => {
+                ApiError::new(S::GONE, "SOLD_OUT", "every code of this activity has been claimed")
+            }
+            Rejection::SoldOut { one_ticket_type: true } => ApiError::new(
+                S::GONE,
+                "SOLD_OUT",
+                "every code of this ticket type has been claimed; the activity's other ticket types may still have some",
+            ),
             Rejection::StockInFlight => ApiError::new(
                 S::SERVICE_UNAVAILABLE,
                 "STOCK_IN_FLIGHT",

@@ -71,8 +71,18 @@ async fn the_claim_answers_each_outcome_with_its_own_code() {
     let res = app.client.post("/ticket/get", Some(&carol), &body).await.unwrap();
     assert_eq!(res.data()["ticketId"], "two-b");
     assert_eq!(app.claim(&carol, "two").await.data()["code"], "A1");
+    // two-a is sold out, two-b is not: the answer says it is the type.
+    let mut body = app.claim_body(&bob, "two").await;
+    body["ticketId"] = "two-a".into();
+    let res = app.client.post("/ticket/get", Some(&bob), &body).await.unwrap();
+    assert_error(&res, 410, "SOLD_OUT");
+    let message = res.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("ticket type"), "{message}");
     assert_eq!(app.claim(&carol, "two").await.data()["ticketId"], "two-b");
-    assert_error(&app.claim(&bob, "two").await, 410, "SOLD_OUT");
+    let res = app.claim(&bob, "two").await;
+    assert_error(&res, 410, "SOLD_OUT");
+    let message = res.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("every code of this activity"), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
