@@ -42,11 +42,13 @@ pub enum Command {
     /// Manage user accounts.
     #[command(subcommand)]
     User(UserCommand),
-    /// Stream every claim of an activity as CSV or JSON lines.
+    /// Export an activity's claims (CSV, JSON lines or Parquet), its
+    /// rejections per reason and minute, or its waiting room's draw.
     Export(ExportArgs),
     /// Write a self-contained HTML report of an activity's rush (charts as inline SVG).
     Report(ReportArgs),
-    /// Validate the config file and print every problem with its line.
+    /// Validate the config file and print every problem with its line (a
+    /// syntax or type error alone: the parser stops at it).
     CheckConfig,
     /// Reconcile the store after an incident; exits 1 listing every problem.
     /// Checks that every claim's code exists and is its ticket's, no code
@@ -137,12 +139,13 @@ pub struct ExportArgs {
     /// The activity id.
     #[arg(long)]
     pub activity: String,
-    /// Claims, or rejections per reason and minute.
+    /// Claims, rejections per reason and minute, or a waiting room's draw.
     #[arg(long, value_enum, default_value = "claims")]
     pub what: ExportWhat,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "csv")]
-    pub format: ExportFormat,
+    /// Output format: claims as csv (the default), jsonl or parquet;
+    /// rejections as csv or jsonl. A draw is always one JSON document.
+    #[arg(long, value_enum)]
+    pub format: Option<ExportFormat>,
     /// Write to this file instead of stdout.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -198,7 +201,8 @@ pub struct BenchArgs {
     /// Print the report as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Also measure plain GET /healthz at the same concurrency, for a baseline.
+    /// Also measure a bare hyper hello-world, served in this process, at
+    /// the same concurrency: the yardstick the claims are compared with.
     #[arg(long)]
     pub baseline: bool,
     /// Drive the users through the activity's waiting room instead of a

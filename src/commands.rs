@@ -130,17 +130,14 @@ pub fn import(config: &Config) -> anyhow::Result<()> {
 /// `ticketd check-config`.
 pub fn check_config(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let codes: usize = config
-        .activities
-        .iter()
-        .flat_map(|a| &a.tickets)
-        .map(|t| t.explicit_codes().len())
-        .sum();
+    let tickets: Vec<_> = config.activities.iter().flat_map(|a| &a.tickets).collect();
+    let listed: usize = tickets.iter().map(|t| t.explicit_codes().len()).sum();
+    let generated: u64 = tickets.iter().filter_map(|t| t.generate).map(u64::from).sum();
     println!(
-        "{} is valid: {} activities, {} explicit codes.",
+        "{} is valid: {} activities, {} ticket types; {listed} codes listed, {generated} to generate.",
         path.display(),
         config.activities.len(),
-        codes
+        tickets.len(),
     );
     Ok(())
 }
@@ -367,24 +364,29 @@ fn created_at(text: &str, now: i64) -> anyhow::Result<i64> {
 /// `ticketd export`.
 pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
     if args.what == ExportWhat::Draw {
+        if let Some(format) = args.format.and_then(|f| clap::ValueEnum::to_possible_value(&f)) {
+            let name = format.get_name();
+            bail!("a draw exports as one JSON document, not {name}; leave out --format");
+        }
         return export_draw(config, &args);
     }
-    if args.what == ExportWhat::Rejections && args.format == ExportFormat::Parquet {
+    let format = args.format.unwrap_or(ExportFormat::Csv);
+    if args.what == ExportWhat::Rejections && format == ExportFormat::Parquet {
         bail!("rejections export as csv or jsonl; Parquet is for claims");
     }
-    if args.format == ExportFormat::Parquet && args.out.is_none() {
+    if format == ExportFormat::Parquet && args.out.is_none() {
         bail!("a Parquet export needs --out FILE");
     }
     let store = Store::open_with_activity(config, &args.activity)?;
-    let bom = args.bom && args.format == ExportFormat::Csv;
+    let bom = args.bom && format == ExportFormat::Csv;
     let write = |mut out: Box<dyn Write + Send>| -> anyhow::Result<u64> {
         if bom {
             out.write_all("\u{feff}".as_bytes())
                 .context("cannot write the export")?;
         }
         Ok(match args.what {
-            ExportWhat::Claims => export::claims(&store, &args.activity, args.format, out)?,
-            ExportWhat::Rejections => export::rejections(&store, &args.activity, args.format, out)?,
+            ExportWhat::Claims => export::claims(&store, &args.activity, format, out)?,
+            ExportWhat::Rejections => export::rejections(&store, &args.activity, format, out)?,
             ExportWhat::Draw => unreachable!("exported above"),
         })
     };
@@ -392,7 +394,8 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
         Some(path) => {
             let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
             let n = write(Box::new(io::BufWriter::new(file)))?;
-            eprintln!("{n} rows written to {}", path.display());
+            let rows = if n == 1 { "row" } else { "rows" };
+            eprintln!("{n} {rows} written to {}", path.display());
         }
         None => {
             write(Box::new(io::BufWriter::new(io::stdout())))?;

@@ -66,7 +66,19 @@ impl ApiClient {
             .pool_max_idle_per_host(pool)
             .pool_idle_timeout(Duration::from_secs(2))
             .build(connector);
-        let bases = bases.into_iter().map(|b| b.trim_end_matches('/').to_owned()).collect();
+        let bases: Vec<String> = bases.into_iter().map(|b| b.trim_end_matches('/').to_owned()).collect();
+        // Checked once here, so a mistyped URL is named instead of every
+        // request failing with "invalid format".
+        for base in &bases {
+            let uri: http::Uri = base
+                .parse()
+                .map_err(|e| anyhow!("{base:?} is not a URL ({e}); write it like http://127.0.0.1:3000"))?;
+            if uri.scheme_str() != Some("http") || uri.host().is_none() {
+                return Err(anyhow!(
+                    "{base:?}: give the node as http://HOST:PORT (plain HTTP, e.g. http://127.0.0.1:3000)"
+                ));
+            }
+        }
         Ok(ApiClient {
             client,
             bases,

@@ -41,12 +41,13 @@ pub fn check_definitions(activities: &[ActivityConfig]) -> Result<(), ConfigErro
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error: in the sentence, not a `source`, so a report of
+        /// the whole chain (`{:#}`) does not say it twice.
+        error: std::io::Error,
     },
     /// The file is not valid TOML or does not match the schema.
     #[error("config file {path} is invalid: {message}")]
@@ -76,9 +77,9 @@ pub enum ConfigError {
 impl Config {
     /// Reads, parses and validates the file at `path`, reading `codes_file` lists.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
         Config::from_toml(&text, path, base_dir)

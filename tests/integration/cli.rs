@@ -74,6 +74,7 @@ fn startup_failures_exit_nonzero_with_one_sentence() {
     let err = text(&out.stderr);
     assert!(err.starts_with("ticketd: cannot read config file"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "the cause said once: {err}");
 
     // Broken TOML.
     let broken = dir_with("[server\nlisten = 1");
@@ -269,4 +270,14 @@ fn bench_rushes_and_verifies_the_invariants() {
     assert_eq!(report["claimed_after"], 150);
     assert_eq!(report["remaining_after"], 0);
     assert_eq!(report["rush"]["requests"], 360);
+
+    // A node given without its scheme is named, not "invalid format".
+    let bare = app.url().trim_start_matches("http://").to_owned();
+    let out = run_cli(
+        app.dir.path(),
+        &["bench", "--url", &bare, "--activity", "bench", "--users", "1"],
+        None,
+    );
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("http://HOST:PORT"), "{err}");
 }

@@ -171,6 +171,17 @@ async fn the_draw_ignores_join_order_and_anyone_can_check_it() {
     }
     let (draw, file) = export_draw(&app, "fair");
     assert_eq!(draw["commitment"], commitment.as_str());
+    // A draw is one JSON document; asked for CSV, the export says so
+    // rather than writing JSON under that name.
+    let csv = app.cli(
+        &["export", "--activity", "fair", "--what", "draw", "--format", "csv"],
+        None,
+    );
+    let said = String::from_utf8_lossy(&csv.stderr);
+    assert!(
+        !csv.status.success() && said.contains("one JSON document, not csv"),
+        "{said}"
+    );
     let order: Vec<u64> = serde_json::from_value(draw["order"].clone()).unwrap();
     assert_eq!(order.len(), N, "every joiner is in the draw");
     assert_eq!(draw["late"], json!([]));
