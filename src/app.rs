@@ -142,6 +142,7 @@ impl App {
         for a in catalog.activities() {
             tracing::info!(activity = %a.id, remaining = a.remaining(), claimed = a.ledger.claimed(), "Stock loaded.");
         }
+        warn_of_moved_rooms(&config, &catalog);
         tracing::info!(claims = restored, "Claims restored.");
 
         let secret = resolve_secret(&config, &store).context("cannot set up sessions")?;
@@ -543,6 +544,34 @@ async fn supervise(state: Arc<AppState>, notifier: Arc<Notifier>, lanes: Probe, 
             let stock: usize = state.stock_by_activity().iter().map(|(_, s)| s.remaining).sum();
             notifier.send(&format!("STATUS=Serving: {stock} codes in stock, {rate:.0} claims/s"));
             (last_claims, last_at, last_status) = (claims, Instant::now(), Instant::now());
+        }
+    }
+}
+
+/// Relative times count from this start, so a restart moves them: fine for
+/// a demo's sale, but a waiting room that already took places keeps its
+/// log (its places, its commitment, a seed maybe revealed) while its window
+/// moves. Nothing is lost, yet the room no longer agrees with its times,
+/// so the operator hears of it.
+fn warn_of_moved_rooms(config: &Config, catalog: &Catalog) {
+    use crate::config::TimeSpec;
+    for spec in &config.activities {
+        let relative = [Some(spec.start_time), spec.queue_opens]
+            .into_iter()
+            .flatten()
+            .any(|t| matches!(t, TimeSpec::Relative(_)));
+        let Some(room) = catalog.activity(&spec.id).and_then(|a| a.room.as_ref()) else {
+            continue;
+        };
+        let summary = room.summary();
+        if relative && summary.joined > 0 {
+            tracing::warn!(
+                activity = %spec.id,
+                places = summary.joined,
+                shuffled = summary.shuffled,
+                "This activity's times are relative to the node's start, so this start moved them, \
+                 but its waiting room keeps the places and draw of an earlier run; use absolute times for a real sale."
+            );
         }
     }
 }

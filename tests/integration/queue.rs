@@ -1395,3 +1395,39 @@ async fn a_lottery_across_three_nodes_skips_the_gone_and_passes_lapsed_turns_on(
     assert_eq!(cluster.drained("cl").await.len(), 2);
     cluster.nodes[0].assert_verified();
 }
+
+/// Relative times count from each start, so a restart moves a demo's sale,
+/// but a waiting room's log keeps the places of the earlier run. The node
+/// keeps serving and says so at start; an absolute-time room says nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_that_moves_a_room_with_places_warns() {
+    const MOVED: &str = "This activity's times are relative to the node's start, so this start moved them, \
+                         but its waiting room keeps the places and draw of an earlier run; use absolute times for a real sale.";
+    let fixed = Act::new("fixed")
+        .window(&in_secs(3600), &in_secs(7200))
+        .with("admission = \"queue\"")
+        .with(&format!("queue_opens = \"{}\"", in_secs(-60)))
+        .ticket("fixed-t", "Ticket", Codes::Generate(5))
+        .toml();
+    let mut app = TestApp::start(&(base_config() + &queue("demo", 5, "+30m", &[]) + &fixed));
+    let fan = app.register("fan").await;
+    for act in ["demo", "fixed"] {
+        let res = join(&app.client, &fan, act).await;
+        assert_eq!(res.status, 200, "{act}: {}", res.body);
+    }
+    assert_eq!(app.count_logs(MOVED), 0, "a first start moves nothing");
+    app.restart();
+    let warned: Vec<Value> = app
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["message"] == MOVED)
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert_eq!(warned[0]["activity"], "demo");
+    assert_eq!(warned[0]["places"], 1);
+    // Still serving, the fan's place kept.
+    assert_eq!(status(&app.client, &fan, "demo").await["state"], "waiting");
+}
