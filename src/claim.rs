@@ -226,7 +226,7 @@ impl Claimer {
     /// none is left on a master list or in any node's lease, a dead node's
     /// included (the cluster-wide counts, as of the last look: they only
     /// ever overstate what is left). Otherwise the answer is the retryable
-    /// STOCK_IN_FLIGHT.
+    /// STOCK_IN_FLIGHT, or STORE_UNAVAILABLE while a cluster's Redis is.
     fn no_code(&self, tickets: &[TicketType], one_ticket_type: bool) -> Rejection {
         // The pools first: a commit that ended in doubt marked the store
         // before it ended, so once its end is seen here, so is the doubt.
@@ -235,7 +235,15 @@ impl Claimer {
             return Rejection::Unavailable;
         }
         if settling || self.inventory.unsold_elsewhere(tickets.iter().map(|t| &*t.id)) {
-            Rejection::StockInFlight
+            // Codes may come back, but with Redis unreachable no lease can
+            // bring them: the store is what is missing, and says so (as a
+            // claim with a code in the pool hears from its commit). A sell-out
+            // already known stays final below.
+            if self.inventory.leases_unreachable() {
+                Rejection::Unavailable
+            } else {
+                Rejection::StockInFlight
+            }
         } else {
             Rejection::SoldOut { one_ticket_type }
         }

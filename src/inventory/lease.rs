@@ -230,6 +230,11 @@ impl Leasing {
         }
     }
 
+    /// Whether Redis, where the master lists are, answered the last command.
+    pub(super) fn source_up(&self) -> bool {
+        self.source.is_up()
+    }
+
     /// Codes leased to this node and not yet claimed: `(activity, ticket, codes)`.
     pub fn leased(&self) -> Vec<(String, String, usize)> {
         self.tickets

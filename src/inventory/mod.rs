@@ -150,6 +150,12 @@ impl Inventory {
         }
     }
 
+    /// Whether codes come by lease (a cluster) and the master lists cannot
+    /// be reached now: an empty pool then says nothing about the stock.
+    pub fn leases_unreachable(&self) -> bool {
+        self.leasing().is_some_and(|l| !l.source_up())
+    }
+
     /// When these pools are empty: waits briefly if leases may still bring
     /// codes, and says whether some arrived. Without leases an empty pool is
     /// sold out at once. After a sell-out this is the path of every refused

@@ -15,7 +15,8 @@ use ticketd::{
 };
 
 use crate::common::{
-    assert_sold_out_is_final, base_config, claim_settled, metric, outcome_key, services::Services, AnswerLog, TestApp,
+    assert_error, assert_sold_out_is_final, base_config, claim_body, claim_settled, metric, outcome_key,
+    services::Services, AnswerLog, TestApp,
 };
 
 /// A node's config: the shared services, its own id, cheap leases.
@@ -1251,4 +1252,39 @@ async fn an_accounts_age_holds_on_every_node_and_imports_keep_theirs() {
     let elder = cluster.nodes[1].login("elder").await;
     let res = cluster.nodes[1].claim(&elder, "aged").await;
     assert_eq!(res.status, 200, "{}", res.body);
+}
+
+/// With Redis down, a node whose pool is empty cannot know whether codes
+/// will come back, nor lease any: it says the store is unavailable, as a
+/// claim that finds a code hears from its commit. It said STOCK_IN_FLIGHT
+/// ("retry shortly, codes may come back"), which the Redis-outage rushes'
+/// "refused with a clear code" caught only when a node happened to run dry
+/// as Redis went (one CI run in many).
+///
+/// One code and two nodes: whichever node holds it (or neither, if it was
+/// given back idle), the other's pool is empty. With Redis gone, both must
+/// say STORE_UNAVAILABLE, whichever is which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_a_node_without_codes_says_the_store_is_unavailable() {
+    let mut cluster = Cluster::start(2, &cluster_activity("dry", 1, 1), "");
+    let (tokens, _) = users(&cluster, "dry", 2).await;
+    let mut bodies = Vec::new();
+    for (node, token) in cluster.nodes.iter().zip(&tokens) {
+        bodies.push(claim_body(&node.client, token, "dry").await);
+    }
+    cluster.services.stop_redis();
+    for node in &cluster.nodes {
+        until("the node to notice Redis is gone", || async {
+            metric(node, "ticketd_redis_up").await == 0.0
+        })
+        .await;
+    }
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let res = node
+            .client
+            .post("/ticket/get", Some(&tokens[i]), &bodies[i])
+            .await
+            .unwrap();
+        assert_error(&res, 503, "STORE_UNAVAILABLE");
+    }
 }
