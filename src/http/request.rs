@@ -94,17 +94,18 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             "the body must be a JSON object ({\"name\": value, ...}), not an array or a single value",
         )
     };
-    if first == Some(&b'[') {
-        return Err(not_an_object());
+    match serde_json::from_slice(bytes) {
+        Ok(_) if first != Some(&b'{') => Err(not_an_object()),
+        Ok(value) => Ok(value),
+        Err(e) => Err({
+            use serde_json::error::Category;
+            match e.classify() {
+                Category::Data if first != Some(&b'{') => not_an_object(),
+                Category::Data => ApiError::bad_request("INVALID_FIELD", e.to_string()),
+                _ => ApiError::bad_request("MALFORMED_JSON", format!("the body is not valid JSON: {e}")),
+            }
+        }),
     }
-    serde_json::from_slice(bytes).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Data if first != Some(&b'{') => not_an_object(),
-            Category::Data => ApiError::bad_request("INVALID_FIELD", e.to_string()),
-            _ => ApiError::bad_request("MALFORMED_JSON", format!("the body is not valid JSON: {e}")),
-        }
-    })
 }
 
 /// The query string's parameters.
@@ -251,7 +252,7 @@ impl<'de> Deserialize<'de> for Id {
             // JSON reads a whole number past 2^64 as a float; say so rather
             // than "invalid type: floating point `1e23`".
             fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Id, E> {
-                Err(E::custom(if v.fract() == 0.0 && v > 0.0 {
+                Err(E::custom(if v.fract() == 0.0 && v >= 18_446_744_073_709_551_616.0 {
                     "an id that is a number must be below 2^64 (send a longer id as a string)"
                 } else {
                     "an id that is a number must be a whole number"
@@ -304,6 +305,9 @@ mod tests {
             parse_json::<ClaimBody>(b"not json").unwrap_err().code(),
             "MALFORMED_JSON"
         );
+        assert_eq!(parse_json::<ClaimBody>(b"[1,").unwrap_err().code(), "MALFORMED_JSON");
+        let e = parse_json::<ClaimBody>(br#"{"actId":1e3}"#).unwrap_err();
+        assert!(!e.message().contains("2^64"), "{}", e.message());
         let e = parse_json::<ClaimBody>(br#"{"actId":99999999999999999999999}"#).unwrap_err();
         assert!(e.message().contains("below 2^64"), "{}", e.message());
         assert!(!e.message().contains("floating point"), "{}", e.message());

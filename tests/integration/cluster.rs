@@ -558,7 +558,16 @@ async fn redis_outage_mid_rush(act: &'static str, signal: i32) {
     ));
     until("some claims", || async { cluster.redis_claimed(act).await >= 100 }).await;
     cluster.services.signal_redis(signal);
-    // While Redis is down claims are refused at once with a clear code.
+    // Once a node knows Redis is down, its claims are refused at once with a
+    // clear code. (Before it knows — until a command of its own fails — a
+    // node whose pool is empty may still say STOCK_IN_FLIGHT: nothing told
+    // it otherwise yet.)
+    for node in &cluster.nodes {
+        until("the node to notice Redis is gone", || async {
+            metric(node, "ticketd_redis_up").await == 0.0
+        })
+        .await;
+    }
     let down = rush(&cluster.clients(), act, &tokens[600..650], 1, 10).await;
     assert_eq!(down.0.iter().map(Vec::len).sum::<usize>(), 0, "{:?}", down.1);
     // (A claim whose command was on the wire when Redis went is in doubt.)

@@ -125,21 +125,23 @@ pub async fn list(state: &AppState, req: &Request<Incoming>) -> Result<Response<
     })))
 }
 
-/// The caller's claim named by `?ticketId=`; anyone else's is
-/// indistinguishable from a missing one.
+/// The caller's claim named by `?claimId=` (or the original API's
+/// `?ticketId=`); anyone else's is indistinguishable from a missing one.
 async fn own_claim(state: &AppState, req: &Request<Incoming>) -> Result<Claim, ApiError> {
     let session = session(state, req.headers())?;
     let query = Query::parse(req.uri().query());
-    // `claimId`, as every claim is shown; `ticketId` is the original API's
-    // name for the same number, kept for its clients.
-    let raw = match query.get("claimId") {
-        Some(raw) => raw.trim(),
+    // `claimId`, as every claim is shown. The original API named this
+    // parameter `ticketId` (here a claim's id, not the ticket type a claim
+    // view calls `ticketId`), and its clients still send that.
+    let raw = match query.get("claimId").map(str::trim).filter(|v| !v.is_empty()) {
+        Some(raw) => raw,
         None => query.require("ticketId")?,
     };
     let id: u64 = raw.parse().map_err(|_| {
         ApiError::bad_request(
             "INVALID_PARAMETER",
-            "`claimId` (or `ticketId`) must be a claim's id, a whole number, as /ticket/list shows it",
+            "`claimId` (or `ticketId`) must be a claim's id, the whole number /ticket/list shows as `claimId`, \
+             not a ticket type",
         )
     })?;
     let not_found = || ApiError::not_found("CLAIM_NOT_FOUND", "you hold no claim with this id");

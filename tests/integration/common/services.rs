@@ -21,7 +21,8 @@ const INSTALL: &str =
 /// the parallel tests make thousands — takes its local port too: CI once
 /// saw SecantusDB refuse its picked port that way. Below the range only
 /// another test's pick can collide, and the starts below retry on a new
-/// port when one does.
+/// port when one does. (Ports start at 10000; on a machine whose range
+/// begins below 20000 they may fall inside it, and the retries cover that.)
 pub fn free_port() -> u16 {
     free_port_below(ephemeral_low().max(20_000))
 }
@@ -68,13 +69,22 @@ fn wait_for_port(port: u16, what: &str, child: &mut Child, log: &Path) -> Result
                 "{what} exited at start on port {port} ({status}); its log:\n{said}"
             ));
         }
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not listen on port {port} within 30 s"
-        );
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{what} did not listen on port {port} within 30 s"));
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// Starts a stopped service again on its own `port` (its clients know
+/// it): no other port will do, so a failure fails the test, with its log.
+fn restart_on(port: u16, what: &str, log: &Path, spawn: impl FnOnce(u16) -> Child) -> Child {
+    let mut child = spawn(port);
+    wait_for_port(port, what, &mut child, log).unwrap_or_else(|e| panic!("{e}"));
+    child
 }
 
 /// Runs `spawn(port)` until the service listens, on a new free port each
@@ -265,7 +275,7 @@ impl Services {
     /// fsynced before each reply, so an acknowledged commit survives a
     /// restart. On a free port; see `restart_redis` for the same one.
     fn start_redis(&mut self) {
-        let log = self.redis_dir().join("redis.log");
+        let log = self.redis_log();
         let (port, child) = start_on_free_port("redis-server", &log, free_port, |port| self.spawn_redis(port));
         self.redis_port = port;
         self.redis = Some(child);
@@ -273,16 +283,21 @@ impl Services {
 
     /// Starts the stopped Redis again, on its port and with its data.
     pub fn restart_redis(&mut self) {
-        let mut child = self.spawn_redis(self.redis_port);
-        let log = self.redis_dir().join("redis.log");
-        wait_for_port(self.redis_port, "redis-server", &mut child, &log).unwrap_or_else(|e| panic!("{e}"));
-        self.redis = Some(child);
+        let log = self.redis_log();
+        self.redis = Some(restart_on(self.redis_port, "redis-server", &log, |port| {
+            self.spawn_redis(port)
+        }));
     }
 
+    /// Redis's directory (its AOF), created if need be.
     fn redis_dir(&self) -> PathBuf {
         let dir = self.dir.path().join("redis");
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    fn redis_log(&self) -> PathBuf {
+        self.redis_dir().join("redis.log")
     }
 
     fn spawn_redis(&self, port: u16) -> Child {
@@ -290,7 +305,7 @@ impl Services {
         Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--dir", dir.to_str().unwrap()])
-            .args(["--logfile", dir.join("redis.log").to_str().unwrap()])
+            .args(["--logfile", self.redis_log().to_str().unwrap()])
             .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -329,7 +344,7 @@ impl Services {
 
     /// SecantusDB on a free port; see `restart_mongo` for the same one.
     fn start_mongo(&mut self) {
-        let log = self.dir.path().join("secantusd.log");
+        let log = self.mongo_log();
         let (port, child) = start_on_free_port("secantusd-py", &log, free_port, |port| self.spawn_mongo(port));
         self.mongo_port = port;
         self.mongo = Some(child);
@@ -337,10 +352,15 @@ impl Services {
 
     /// Starts the stopped SecantusDB again, on its port and with its data.
     pub fn restart_mongo(&mut self) {
-        let mut child = self.spawn_mongo(self.mongo_port);
-        let log = self.dir.path().join("secantusd.log");
-        wait_for_port(self.mongo_port, "secantusd-py", &mut child, &log).unwrap_or_else(|e| panic!("{e}"));
-        self.mongo = Some(child);
+        let log = self.mongo_log();
+        self.mongo = Some(restart_on(self.mongo_port, "secantusd-py", &log, |port| {
+            self.spawn_mongo(port)
+        }));
+    }
+
+    /// Beside its data directory, not in it.
+    fn mongo_log(&self) -> PathBuf {
+        self.dir.path().join("secantusd.log")
     }
 
     fn mongo_dir(&self) -> PathBuf {
@@ -356,7 +376,7 @@ impl Services {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join("secantusd.log"))
+            .open(self.mongo_log())
             .unwrap();
         Command::new(secantusd())
             .args(["--port", &port.to_string(), "--host", "127.0.0.1"])
