@@ -265,8 +265,9 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
                     .collect()
             });
             let created = store.create_users(&hashed)?;
+            let users = if created == 1 { "user" } else { "users" };
             println!(
-                "{created} users created, {} skipped (username exists)",
+                "{created} {users} created, {} skipped (username exists)",
                 hashed.len() - created
             );
         }

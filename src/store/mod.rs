@@ -78,6 +78,11 @@ impl Store {
     /// Opens the store for a command-line tool and checks that it knows
     /// `activity_id` (export, report).
     pub fn open_with_activity(config: &Config, activity_id: &str) -> Result<Arc<Store>, StoreError> {
+        // Embedded, with no store here yet: say so, rather than create an
+        // empty one only to find the activity missing from it.
+        if config.storage.mode == StorageMode::Embedded && !config.storage.path.exists() {
+            return Err(StoreError::UnknownActivity(activity_id.to_owned()));
+        }
         let store = Store::open(config, Access::Tool)?;
         if !store.has_activity(activity_id)? {
             return Err(StoreError::UnknownActivity(activity_id.to_owned()));

@@ -281,3 +281,19 @@ fn bench_rushes_and_verifies_the_invariants() {
     let err = text(&out.stderr);
     assert!(!out.status.success() && err.contains("http://HOST:PORT"), "{err}");
 }
+
+/// Reading tools in a directory where nothing was imported or served say
+/// so, and leave nothing behind (they once created an empty store).
+#[test]
+fn export_and_report_with_no_store_say_so_and_create_nothing() {
+    let dir = dir_with(&(base_config() + &open_activity("none", 3, 1)));
+    for args in [&["export", "--activity", "none"][..], &["report", "--activity", "none"]] {
+        let out = run_cli(dir.path(), args, None);
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("run `ticketd import`"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!dir.path().join("data").exists(), "a data directory was created");
+}
