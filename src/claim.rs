@@ -267,7 +267,13 @@ impl Claimer {
 
     /// Decides `req` against `catalog`, commits, and records the outcome in metrics.
     pub async fn claim(&self, catalog: &Catalog, req: ClaimRequest<'_>) -> Result<Claimed, Rejection> {
-        let result = self.decide(catalog, req).await;
+        let asked = req.ticket_id;
+        // A key names one claim: its replay must be what this request asks
+        // for, not quietly a code of another ticket type.
+        let result = self.decide(catalog, req).await.and_then(|c| match asked {
+            Some(ticket) if c.replayed && *c.claim.ticket_id != *ticket => Err(Rejection::KeyReused),
+            _ => Ok(c),
+        });
         metrics::global().claims.inc(ClaimOutcome::of(&result));
         result
     }

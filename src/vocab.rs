@@ -239,6 +239,9 @@ pub enum Rejection {
     LimitReached(Vec<Arc<str>>),
     /// A claim with the same idempotency key is being committed.
     InProgress,
+    /// The idempotency key names a claim of another ticket type than this
+    /// request asks for.
+    KeyReused,
     /// No stock left, for good: no code can come back. Of the one ticket
     /// type the claim named, or of the whole activity.
     SoldOut {
@@ -296,6 +299,7 @@ impl Rejection {
             Rejection::Ended { .. } => ClaimOutcome::Ended,
             Rejection::LimitReached(_) => ClaimOutcome::LimitReached,
             Rejection::InProgress => ClaimOutcome::InProgress,
+            Rejection::KeyReused => ClaimOutcome::KeyReused,
             Rejection::SoldOut { .. } => ClaimOutcome::SoldOut,
             Rejection::StockInFlight => ClaimOutcome::StockInFlight,
             Rejection::Overloaded => ClaimOutcome::Overloaded,
@@ -361,11 +365,13 @@ pub enum ClaimOutcome {
     /// with `min_account_age`: the fan is asked to log in again. Counted
     /// apart from `AccountTooNew`, which says the account itself is young.
     SessionOutdated,
+    /// Same idempotency key, another ticket type asked.
+    KeyReused,
 }
 
 impl ClaimOutcome {
     /// Every outcome, in counter order.
-    pub const ALL: [ClaimOutcome; 17] = [
+    pub const ALL: [ClaimOutcome; 18] = [
         ClaimOutcome::Success,
         ClaimOutcome::Replayed,
         ClaimOutcome::NotFound,
@@ -383,6 +389,7 @@ impl ClaimOutcome {
         ClaimOutcome::NoQueuePass,
         ClaimOutcome::AccountTooNew,
         ClaimOutcome::SessionOutdated,
+        ClaimOutcome::KeyReused,
     ];
 
     /// The outcome of a finished claim request.
@@ -405,6 +412,7 @@ impl ClaimOutcome {
             ClaimOutcome::Ended => "ended",
             ClaimOutcome::LimitReached => "limit_reached",
             ClaimOutcome::InProgress => "in_progress",
+            ClaimOutcome::KeyReused => "key_reused",
             ClaimOutcome::SoldOut => "sold_out",
             ClaimOutcome::StockInFlight => "stock_in_flight",
             ClaimOutcome::Overloaded => "overloaded",
@@ -421,6 +429,15 @@ impl ClaimOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counters and the rush statistics index by `outcome as usize` and
+    /// name an index by `ALL[i]`: the list must be in declaration order.
+    #[test]
+    fn every_outcome_is_listed_once_in_counter_order() {
+        for (i, outcome) in ClaimOutcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, i, "{}", outcome.label());
+        }
+    }
 
     fn claim() -> Claim {
         Claim {

@@ -208,6 +208,11 @@ impl From<Rejection> for ApiError {
                 "you already hold the most codes allowed per user",
             )
             .with(Detail::Codes(codes)),
+            Rejection::KeyReused => ApiError::new(
+                S::UNPROCESSABLE_ENTITY,
+                "IDEMPOTENCY_KEY_REUSED",
+                "this Idempotency-Key was used for a claim of another ticket type; a new claim needs a new key",
+            ),
             Rejection::InProgress => ApiError::new(
                 S::CONFLICT,
                 "IN_PROGRESS",

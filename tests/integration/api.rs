@@ -87,7 +87,12 @@ async fn the_claim_answers_each_outcome_with_its_own_code() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotency_key_returns_the_same_code_and_never_a_second() {
-    let app = TestApp::start(&(base_config() + &open_activity("idem", 10, 2)));
+    let idem = Act::new("idem")
+        .limit(2)
+        .ticket("idem-t", "T", Codes::Generate(10))
+        .ticket("idem-u", "U", Codes::Generate(5))
+        .toml();
+    let app = TestApp::start(&(base_config() + &idem));
     let token = app.register("retry").await;
     let body = app.claim_body(&token, "idem").await;
     let post = |key: &'static str| {
@@ -115,9 +120,35 @@ async fn an_idempotency_key_returns_the_same_code_and_never_a_second() {
     assert_eq!(again.data()["replayed"], true);
     let b = post("key-2").await;
     assert_ne!(b.data()["code"], a.data()["code"]);
-    assert_eq!(app.detail("idem").await["remaining"], 8);
+    assert_eq!(app.detail("idem").await["remaining"], 13);
     // At the limit, both keys still answer their own claim.
     assert_eq!(post("key-1").await.data()["code"], a.data()["code"]);
+    // The key names that claim, of type idem-t: asked for with idem-t it
+    // replays; asked for another type, it is no answer to that request.
+    let with_ticket = |ticket: &str| {
+        let mut b = body.clone();
+        b["ticketId"] = ticket.into();
+        b
+    };
+    for (ticket, status) in [("idem-t", 200), ("idem-u", 422)] {
+        let res = app
+            .client
+            .call(
+                http::Method::POST,
+                "/ticket/get",
+                Some(&token),
+                Some(&with_ticket(ticket)),
+                &[("Idempotency-Key", "key-1")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status, status, "{ticket}: {}", res.body);
+        if status == 422 {
+            assert_error(&res, 422, "IDEMPOTENCY_KEY_REUSED");
+        } else {
+            assert_eq!(res.data()["code"], a.data()["code"]);
+        }
+    }
     let bad = app
         .client
         .call(
