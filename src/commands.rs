@@ -265,9 +265,9 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
                     .collect()
             });
             let created = store.create_users(&hashed)?;
-            let users = if created == 1 { "user" } else { "users" };
             println!(
-                "{created} {users} created, {} skipped (username exists)",
+                "{} created, {} skipped (username exists)",
+                count(created, "user", "users"),
                 hashed.len() - created
             );
         }
@@ -395,8 +395,7 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
         Some(path) => {
             let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
             let n = write(Box::new(io::BufWriter::new(file)))?;
-            let rows = if n == 1 { "row" } else { "rows" };
-            eprintln!("{n} {rows} written to {}", path.display());
+            eprintln!("{} written to {}", count(n as usize, "row", "rows"), path.display());
         }
         None => {
             write(Box::new(io::BufWriter::new(io::stdout())))?;
@@ -427,9 +426,9 @@ fn export_draw(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
         Some(path) => {
             std::fs::write(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
             eprintln!(
-                "draw of {} entrants (and {} later arrivals) written to {}",
-                record.entrants.len(),
-                record.late.len(),
+                "draw of {} (and {}) written to {}",
+                count(record.entrants.len(), "entrant", "entrants"),
+                count(record.late.len(), "later arrival", "later arrivals"),
                 path.display()
             );
         }
@@ -450,10 +449,10 @@ pub fn verify_draw(file: &Path) -> anyhow::Result<()> {
     match record.verify() {
         Ok(()) => {
             println!(
-                "draw verified: activity `{}`, {} entrants; SHA-256(seed) = {} is the published commitment, \
+                "draw verified: activity `{}`, {}; SHA-256(seed) = {} is the published commitment, \
                  and the order is the seed's draw of the entrants",
                 record.activity,
-                record.entrants.len(),
+                count(record.entrants.len(), "entrant", "entrants"),
                 record.commitment
             );
             Ok(())
@@ -509,4 +508,9 @@ pub fn report(config: &Config, args: ReportArgs) -> anyhow::Result<()> {
         s.users
     );
     Ok(())
+}
+
+/// `n` and the noun for it: "1 row", "2 rows".
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
