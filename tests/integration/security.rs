@@ -14,6 +14,14 @@ use crate::common::{assert_error, base_config, metric, open_activity, Act, Codes
 /// An example secret for tests only.
 const SECRET: &str = "EXAMPLE-test-secret-0123456789abcdef";
 
+/// Registers `name` (password `password-<name>`) and returns the user id.
+async fn registered_id(app: &TestApp, name: &str) -> u64 {
+    let creds = json!({ "username": name, "password": format!("password-{name}") });
+    let res = app.client.post("/user/register", None, &creds).await.unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
+    res.data()["userId"].as_u64().unwrap()
+}
+
 fn with_secret(config: String) -> String {
     config.replace("[auth]", &format!("[auth]\nsession_secret = \"{SECRET}\""))
 }
@@ -21,16 +29,7 @@ fn with_secret(config: String) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_expired_session_tokens_are_refused() {
     let app = TestApp::start(&with_secret(base_config() + &open_activity("s", 5, 1)));
-    let res = app
-        .client
-        .post(
-            "/user/register",
-            None,
-            &json!({ "username": "sam", "password": "password-sam" }),
-        )
-        .await
-        .unwrap();
-    let id = res.data()["userId"].as_u64().unwrap();
+    let id = registered_id(&app, "sam").await;
     let key = SessionKey::new(SECRET.as_bytes());
     let (expired, _) = key.issue(id, 0, ticketd::clock::now_ms() - 1);
     assert_error(
@@ -682,16 +681,7 @@ async fn a_session_older_than_account_ages_is_asked_to_log_in_again_and_counted_
     let app = TestApp::start(&with_secret(
         base_config() + &open_activity("open", 5, 1) + &aged + &queue,
     ));
-    let res = app
-        .client
-        .post(
-            "/user/register",
-            None,
-            &json!({ "username": "olga", "password": "password-olga" }),
-        )
-        .await
-        .unwrap();
-    let id = res.data()["userId"].as_u64().unwrap();
+    let id = registered_id(&app, "olga").await;
     let old = token_without_account_age(id, ticketd::clock::now_ms() + 3_600_000);
 
     // Everywhere else the token is as good as ever.
