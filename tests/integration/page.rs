@@ -344,6 +344,16 @@ async fn a_new_account_sees_the_age_rule_and_why_its_grab_is_refused() {
             .window("-1m", "+1h")
             .with("min_account_age = \"30d\"")
             .ticket("aged-t", "Seat", Codes::Generate(3))
+            .toml()
+        // The same rule where claims also cost a proof of work, at the
+        // hardest difficulty: a page that set out to solve one for a claim
+        // the account may not make would never show the refusal.
+        + &Act::new("aged-pow")
+            .name("Members' Sale, hard")
+            .window("-1m", "+1h")
+            .with("min_account_age = \"30d\"")
+            .with("pow_difficulty = 32")
+            .ticket("aged-pow-t", "Seat", Codes::Generate(3))
             .toml();
     let app = TestApp::start(&config);
     let url = app.url();
@@ -369,6 +379,24 @@ async fn a_new_account_sees_the_age_rule_and_why_its_grab_is_refused() {
         "{said}"
     );
     assert_eq!(app.detail("aged").await["remaining"], 3);
+
+    b.goto(&format!("{url}/#/act/aged-pow")).await;
+    b.wait_for(
+        "document.body.innerText.includes(\"Members' Sale, hard\") && document.querySelector('#grab')",
+        "the hard activity's page",
+    )
+    .await;
+    // A fresh page: the first activity's refusal is not what is read next.
+    assert_eq!(b.eval("document.querySelector('#result .bad') === null").await, true);
+    click(&mut b, "#grab").await;
+    let said = b
+        .wait_for("document.querySelector('#result .bad')?.textContent", "the refusal")
+        .await;
+    assert!(
+        said.as_str().unwrap().contains("open to accounts made before a date"),
+        "{said}"
+    );
+    assert_eq!(app.detail("aged-pow").await["remaining"], 3);
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 }
 
