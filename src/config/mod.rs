@@ -132,6 +132,17 @@ impl Config {
         {
             changed.push("auth.session_secret");
         }
+        // Sized once at start: the hashing pool and its queue, and the
+        // guard's per-client tables.
+        if self.auth.max_concurrent_hashes != running.auth.max_concurrent_hashes {
+            changed.push("auth.max_concurrent_hashes");
+        }
+        if self.auth.hash_queue != running.auth.hash_queue {
+            changed.push("auth.hash_queue");
+        }
+        if self.security.max_tracked_clients != running.security.max_tracked_clients {
+            changed.push("security.max_tracked_clients");
+        }
         if self.admin != running.admin {
             changed.push("admin");
         }

@@ -111,6 +111,21 @@ async fn an_invalid_or_restart_only_change_is_refused_and_the_old_config_serves(
         outcome["reason"].as_str().unwrap().contains("server.listen"),
         "{outcome}"
     );
+    // Sized at start, so restart-only too (a reload once took these and
+    // kept the old values without a word).
+    for (section, key) in [
+        ("[auth]", "max_concurrent_hashes = 3"),
+        ("[auth]", "hash_queue = 7"),
+        ("[security]", "max_tracked_clients = 12345"),
+    ] {
+        let resized = v1.replace(section, &format!("{section}\n{key}"));
+        let outcome = app.reload(&resized);
+        let name = key.split(' ').next().unwrap();
+        assert!(
+            outcome["reason"].as_str().is_some_and(|r| r.contains(name)),
+            "{key}: {outcome}"
+        );
+    }
 
     // Still serving v1.
     assert_eq!(app.detail("keep").await["perUserLimit"], 1);
