@@ -51,8 +51,8 @@ impl Nginx {
                 "pid /run/nginx.pid;",
                 &format!("pid {d}/nginx.pid;\nerror_log {d}/error.log;"),
             )
-            .replace("/var/cache/nginx/ticketd-assets", &format!("{d}/cache-assets"))
-            .replace("/var/cache/nginx/ticketd", &format!("{d}/cache"))
+            .replace("/var/lib/nginx/ticketd-assets", &format!("{d}/cache-assets"))
+            .replace("/var/lib/nginx/ticketd", &format!("{d}/cache"))
             // Without reuseport here: two test Nginxes given the same free
             // port would otherwise both bind it and split its connections.
             .replace("listen 80 reuseport", &format!("listen 127.0.0.1:{port}"))
@@ -64,7 +64,7 @@ impl Nginx {
                     .collect::<Vec<_>>()
                     .join("\n        "),
             )
-            .replace("server 127.0.0.1:3010 max_fails=3 fail_timeout=5s;", "")
+            .replace("# server 127.0.0.1:3010 max_fails=3 fail_timeout=5s;", "")
             .replace(
                 "\nhttp {",
                 &format!("\nhttp {{\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;"),
