@@ -105,50 +105,39 @@ impl Config {
 
     /// Names the settings that differ from `running` but only apply on restart.
     pub fn restart_only_changes(&self, running: &Config) -> Vec<&'static str> {
-        let mut changed = Vec::new();
-        if self.server.listen != running.server.listen {
-            changed.push("server.listen");
-        }
-        if self.server.node_id != running.server.node_id {
-            changed.push("server.node_id");
-        }
-        if self.server.max_connections != running.server.max_connections {
-            changed.push("server.max_connections");
-        }
-        if self.server.threads != running.server.threads {
-            changed.push("server.threads");
-        }
-        if self.storage != running.storage {
-            changed.push("storage");
-        }
-        if self.cluster != running.cluster {
-            changed.push("cluster");
-        }
-        if self.journal != running.journal {
-            changed.push("journal");
-        }
-        if self.auth.session_secret != running.auth.session_secret
-            || self.auth.previous_session_secret != running.auth.previous_session_secret
-        {
-            changed.push("auth.session_secret");
-        }
-        // Sized once at start: the hashing pool and its queue, and the
-        // guard's per-client tables.
-        if self.auth.max_concurrent_hashes != running.auth.max_concurrent_hashes {
-            changed.push("auth.max_concurrent_hashes");
-        }
-        if self.auth.hash_queue != running.auth.hash_queue {
-            changed.push("auth.hash_queue");
-        }
-        if self.security.max_tracked_clients != running.security.max_tracked_clients {
-            changed.push("security.max_tracked_clients");
-        }
-        if self.admin != running.admin {
-            changed.push("admin");
-        }
-        if self.log != running.log {
-            changed.push("log");
-        }
-        changed
+        let (new, old) = (self, running);
+        [
+            (new.server.listen != old.server.listen, "server.listen"),
+            (new.server.node_id != old.server.node_id, "server.node_id"),
+            (
+                new.server.max_connections != old.server.max_connections,
+                "server.max_connections",
+            ),
+            (new.server.threads != old.server.threads, "server.threads"),
+            (new.storage != old.storage, "storage"),
+            (new.cluster != old.cluster, "cluster"),
+            (new.journal != old.journal, "journal"),
+            (
+                new.auth.session_secret != old.auth.session_secret
+                    || new.auth.previous_session_secret != old.auth.previous_session_secret,
+                "auth.session_secret",
+            ),
+            // Sized once at start: the hashing pool and its queue, and the
+            // guard's per-client tables.
+            (
+                new.auth.max_concurrent_hashes != old.auth.max_concurrent_hashes,
+                "auth.max_concurrent_hashes",
+            ),
+            (new.auth.hash_queue != old.auth.hash_queue, "auth.hash_queue"),
+            (
+                new.security.max_tracked_clients != old.security.max_tracked_clients,
+                "security.max_tracked_clients",
+            ),
+            (new.admin != old.admin, "admin"),
+            (new.log != old.log, "log"),
+        ]
+        .into_iter()
+        .filter_map(|(changed, name)| changed.then_some(name))
+        .collect()
     }
 }

@@ -333,28 +333,38 @@ async fn a_chinese_browser_gets_the_page_in_chinese() {
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 }
 
+/// Grabs on the page open at `act` and reads the age rule's refusal; the
+/// activity's stock is untouched.
+async fn grab_and_hear_the_age_rule(b: &mut Browser, app: &TestApp, act: &str) {
+    click(b, "#grab").await;
+    let said = b
+        .wait_for("document.querySelector('#result .bad')?.textContent", "the refusal")
+        .await;
+    assert!(
+        said.as_str().unwrap().contains("open to accounts made before a date"),
+        "{act}: {said}"
+    );
+    assert_eq!(app.detail(act).await["remaining"], 3, "{act}");
+}
+
 /// An activity open only to older accounts: the page says so before the
 /// grab, and a fan with a new account who grabs anyway is told why, once,
 /// without retrying.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_account_sees_the_age_rule_and_why_its_grab_is_refused() {
-    let config = base_config()
-        + &Act::new("aged")
-            .name("Members' Sale")
+    let aged = |id: &str, name: &str, pow: u32| {
+        Act::new(id)
+            .name(name)
             .window("-1m", "+1h")
             .with("min_account_age = \"30d\"")
-            .ticket("aged-t", "Seat", Codes::Generate(3))
+            .with(&format!("pow_difficulty = {pow}"))
+            .ticket(&format!("{id}-t"), "Seat", Codes::Generate(3))
             .toml()
-        // The same rule where claims also cost a proof of work, at the
-        // hardest difficulty: a page that set out to solve one for a claim
-        // the account may not make would never show the refusal.
-        + &Act::new("aged-pow")
-            .name("Members' Sale, hard")
-            .window("-1m", "+1h")
-            .with("min_account_age = \"30d\"")
-            .with("pow_difficulty = 32")
-            .ticket("aged-pow-t", "Seat", Codes::Generate(3))
-            .toml();
+    };
+    // The second: the same rule where claims also cost a proof of work, at
+    // the hardest difficulty: a page that set out to solve one for a claim
+    // the account may not make would never show the refusal.
+    let config = base_config() + &aged("aged", "Members' Sale", 0) + &aged("aged-pow", "Members' Sale, hard", 32);
     let app = TestApp::start(&config);
     let url = app.url();
     let mut b = Browser::launch().await;
@@ -370,15 +380,7 @@ async fn a_new_account_sees_the_age_rule_and_why_its_grab_is_refused() {
         rule.as_str().unwrap().starts_with("Open to accounts made before "),
         "{rule}"
     );
-    click(&mut b, "#grab").await;
-    let said = b
-        .wait_for("document.querySelector('#result .bad')?.textContent", "the refusal")
-        .await;
-    assert!(
-        said.as_str().unwrap().contains("open to accounts made before a date"),
-        "{said}"
-    );
-    assert_eq!(app.detail("aged").await["remaining"], 3);
+    grab_and_hear_the_age_rule(&mut b, &app, "aged").await;
 
     b.goto(&format!("{url}/#/act/aged-pow")).await;
     b.wait_for(
@@ -388,15 +390,7 @@ async fn a_new_account_sees_the_age_rule_and_why_its_grab_is_refused() {
     .await;
     // A fresh page: the first activity's refusal is not what is read next.
     assert_eq!(b.eval("document.querySelector('#result .bad') === null").await, true);
-    click(&mut b, "#grab").await;
-    let said = b
-        .wait_for("document.querySelector('#result .bad')?.textContent", "the refusal")
-        .await;
-    assert!(
-        said.as_str().unwrap().contains("open to accounts made before a date"),
-        "{said}"
-    );
-    assert_eq!(app.detail("aged-pow").await["remaining"], 3);
+    grab_and_hear_the_age_rule(&mut b, &app, "aged-pow").await;
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 }
 
