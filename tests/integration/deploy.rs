@@ -363,3 +363,125 @@ async fn a_waiting_fans_event_stream_flows_through_the_shipped_nginx() {
     assert!(text.contains("text/event-stream"), "{text}");
     assert!(text.contains("event: status"), "{text}");
 }
+
+/// Sends `request` to Nginx on `port` and returns the status, the headers
+/// (lower-cased) and the body of its answer: read up to its Content-Length,
+/// since Nginx may keep reading an unwanted body before it closes.
+async fn exchange(port: u16, request: &[u8]) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&out).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end].lines().find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                });
+                if length.is_some_and(|n| out.len() >= end + 4 + n) {
+                    return;
+                }
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), read).await.is_ok(),
+        "Nginx did not answer within 10 s"
+    );
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// Asserts an answer is ticketd's JSON error shape with `code`.
+fn assert_error_shape((status, head, body): &(u16, String, String), want: (u16, &str)) {
+    assert_eq!(*status, want.0, "{head}\n{body}");
+    assert!(head.contains("content-type: application/json"), "{head}\n{body}");
+    let parsed: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    assert_eq!(parsed["ok"], false, "{body}");
+    assert_eq!(parsed["error"]["code"], want.1, "{body}");
+    assert!(
+        parsed["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+/// Every error answer has ticketd's JSON shape, including those Nginx makes
+/// itself before a node sees the request: a request it cannot read, a body,
+/// header or URI past its limits, an unsupported HTTP feature, a node that
+/// is down. (Nginx's defaults are HTML pages; a redirect to a named location
+/// fails with a 500 for a request without a readable first line.) A node's
+/// own error passes through untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_answers_its_own_refusals_in_the_error_shape() {
+    let app = crate::common::TestApp::start(&crate::common::base_config());
+    let nginx = tokio::task::block_in_place(|| Nginx::start(&[app.addr.as_str()]));
+    let port = nginx.port;
+    let long = "a".repeat(9_000);
+    let cases: Vec<(Vec<u8>, (u16, &str))> = vec![
+        (b"GARBAGE\r\n\r\n".to_vec(), (400, "BAD_REQUEST")),
+        (
+            b"GET /act/list HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(),
+            (400, "BAD_REQUEST"),
+        ),
+        (
+            b"POST /ticket/get HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 20000\r\n\r\n"
+                .to_vec(),
+            (413, "BODY_TOO_LARGE"),
+        ),
+        (
+            format!("GET /act/list HTTP/1.1\r\nHost: t\r\nX-Big: {long}\r\n\r\n").into_bytes(),
+            (400, "HEADERS_TOO_LARGE"),
+        ),
+        (
+            format!("GET /{long} HTTP/1.1\r\nHost: t\r\n\r\n").into_bytes(),
+            (414, "URI_TOO_LONG"),
+        ),
+        (
+            b"GET /act/list HTTP/3.0\r\nHost: t\r\n\r\n".to_vec(),
+            (505, "BAD_REQUEST"),
+        ),
+        (
+            b"POST /ticket/get HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: bogus\r\n\r\n".to_vec(),
+            (501, "BAD_REQUEST"),
+        ),
+        // The error pages themselves are not reachable from outside.
+        (
+            b"GET /.errors/bad_request HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
+            (404, "ROUTE_NOT_FOUND"),
+        ),
+        (
+            b"GET /admin/stats HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
+            (404, "ROUTE_NOT_FOUND"),
+        ),
+        // The node's own answer, through Nginx.
+        (
+            b"GET /act/detail?actId=nope HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
+            (404, "ACTIVITY_NOT_FOUND"),
+        ),
+    ];
+    for (request, want) in cases {
+        let answer = exchange(port, &request).await;
+        assert_error_shape(&answer, want);
+    }
+
+    // The node down: Nginx's 502 becomes a 503 to retry, in the shape.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let orphan = tokio::task::block_in_place(|| Nginx::start(&[dead.as_str()]));
+    let answer = exchange(
+        orphan.port,
+        b"GET /act/list HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_error_shape(&answer, (503, "UNAVAILABLE"));
+    assert!(answer.1.contains("retry-after: 2"), "{}", answer.1);
+}
