@@ -147,7 +147,7 @@ impl App {
 
         let secret = resolve_secret(&config, &store).context("cannot set up sessions")?;
         let auth = Arc::new(Auth::new(&config, store.clone(), &secret).context("cannot set up sessions")?);
-        let guard = Guard::new(&config, state::blocked_user_ids(&config, &store)?);
+        let guard = Arc::new(Guard::new(&config, state::blocked_user_ids(&config, &store)?));
         let claimer = Claimer::new(
             store.clone(),
             inventory.clone(),

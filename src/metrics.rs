@@ -307,6 +307,8 @@ pub struct Gauges {
     pub connections: usize,
     /// Approximate bytes held by code pools.
     pub stock_bytes: usize,
+    /// Password hashes running, and logins or registrations waiting for one.
+    pub hashes: (usize, usize),
     /// Cluster mode only: the node's store connections and backlog.
     pub cluster: Option<ClusterGauges>,
     /// Cluster mode only: `(activity, ticket, codes leased to this node and unclaimed)`.
@@ -444,6 +446,16 @@ impl Metrics {
                 "ticketd_stock_bytes",
                 "Approximate heap bytes held by code pools.",
                 gauges.stock_bytes,
+            ),
+            (
+                "ticketd_password_hashes_running",
+                "Password hashes running (at most auth.max_concurrent_hashes).",
+                gauges.hashes.0,
+            ),
+            (
+                "ticketd_password_hashes_waiting",
+                "Logins and registrations waiting for a hashing turn (at most auth.hash_queue).",
+                gauges.hashes.1,
             ),
         ];
         for (name, help, value) in gauges_list {

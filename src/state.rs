@@ -35,7 +35,7 @@ pub struct AppState {
     /// Accounts and sessions.
     pub auth: Arc<Auth>,
     /// Blocklists, rate limits, login backoff.
-    pub guard: Guard,
+    pub guard: Arc<Guard>,
     /// The store.
     pub store: Arc<Store>,
     /// The admin bearer token, when the admin API is on.
@@ -79,7 +79,7 @@ impl AppState {
         inventory: Arc<Inventory>,
         claimer: Claimer,
         auth: Arc<Auth>,
-        guard: Guard,
+        guard: Arc<Guard>,
         store: Arc<Store>,
         setup: Setup,
     ) -> AppState {
@@ -156,6 +156,7 @@ impl AppState {
             journal_queue: self.store.commit_queue_len(),
             connections,
             stock_bytes: self.inventory.stock_bytes(),
+            hashes: self.auth.hashing_load(),
             cluster: self.store.gauges(),
             leased: self.inventory.leasing().map(|l| l.leased()).unwrap_or_default(),
             workers: self.workers.report(),

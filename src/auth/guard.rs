@@ -155,15 +155,17 @@ pub struct Guard {
 }
 
 /// A login attempt the guard let through: it holds a place in the address's
-/// and the account-at-address's budgets until settled. Dropped unsettled (the
-/// client hung up, hashing was busy), it gives both places back uncounted.
-pub struct LoginAttempt<'a> {
-    guard: &'a Guard,
+/// and the account-at-address's budgets until settled. Dropped unsettled
+/// (hashing was busy, the client hung up before its hash began), it gives
+/// both places back uncounted. Owned, so the hashing task can settle it:
+/// once a hash has begun, its verdict counts whether the client waits or not.
+pub struct LoginAttempt {
+    guard: Arc<Guard>,
     account: ([u8; 16], IpAddr),
     settled: bool,
 }
 
-impl LoginAttempt<'_> {
+impl LoginAttempt {
     /// The password was wrong (or the account unknown): count it.
     pub fn failed(mut self, now: Instant) {
         let settings = self.guard.settings.load();
@@ -185,7 +187,7 @@ impl LoginAttempt<'_> {
     }
 }
 
-impl Drop for LoginAttempt<'_> {
+impl Drop for LoginAttempt {
     fn drop(&mut self) {
         if !self.settled {
             self.guard.logins_by_account.settle(&self.account, false);
@@ -323,7 +325,7 @@ impl Guard {
     /// Lets a login attempt for the account with identity key `account` from
     /// `ip` be checked, or refuses it while the address or the account at
     /// this address is locked out (see the module's login policy).
-    pub fn begin_login(&self, account: &str, ip: IpAddr, now: Instant) -> Result<LoginAttempt<'_>, Denied> {
+    pub fn begin_login(self: &Arc<Self>, account: &str, ip: IpAddr, now: Instant) -> Result<LoginAttempt, Denied> {
         let settings = self.settings.load();
         let ip = client_key(ip);
         let denied = |r: Refusal| match r {
@@ -339,7 +341,7 @@ impl Guard {
             return Err(denied(refusal));
         }
         Ok(LoginAttempt {
-            guard: self,
+            guard: self.clone(),
             account,
             settled: false,
         })
@@ -409,9 +411,9 @@ fn host_of(authority: &str) -> &str {
 mod tests {
     use super::*;
 
-    fn guard(security: &str) -> Guard {
+    fn guard(security: &str) -> Arc<Guard> {
         let config: Config = toml::from_str(&format!("[security]\n{security}")).unwrap();
-        Guard::new(&config, HashSet::new())
+        Arc::new(Guard::new(&config, HashSet::new()))
     }
 
     fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {

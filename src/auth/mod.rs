@@ -31,7 +31,7 @@ use rand::RngCore;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use claim_token::{ClaimTokenError, ClaimTokens};
-pub use guard::{Denied, Guard};
+pub use guard::{Denied, Guard, LoginAttempt};
 pub use password::HashCost;
 pub use session::{Session, SessionKey, TokenError};
 pub use username::Username;
@@ -124,6 +124,8 @@ pub struct Auth {
     hashing: Arc<Semaphore>,
     /// Places in the queue for a turn: `hash_queue` permits, taken without waiting.
     hash_queue: Semaphore,
+    /// The permits each of the two was made with, for [`Auth::hashing_load`].
+    hash_limits: (usize, usize),
     store: Arc<Store>,
 }
 
@@ -168,6 +170,7 @@ impl Auth {
             revoked: DashMap::new(),
             hashing: Arc::new(Semaphore::new(config.auth.max_concurrent_hashes())),
             hash_queue: Semaphore::new(config.auth.hash_queue),
+            hash_limits: (config.auth.max_concurrent_hashes(), config.auth.hash_queue),
             store,
         };
         auth.refresh_revoked()?;
@@ -248,6 +251,17 @@ impl Auth {
 
     /// Waits for a turn to hash (argon2 is rationed: see the module docs);
     /// `Busy` at once when the queue is full too.
+    /// Password hashes running and logins or registrations waiting for a
+    /// turn, for `/metrics`: a login flood shows here before it shows as
+    /// `BUSY` answers.
+    pub fn hashing_load(&self) -> (usize, usize) {
+        let (turns, places) = self.hash_limits;
+        (
+            turns.saturating_sub(self.hashing.available_permits()),
+            places.saturating_sub(self.hash_queue.available_permits()),
+        )
+    }
+
     async fn hashing_turn(&self) -> Result<OwnedSemaphorePermit, AuthError> {
         if let Ok(turn) = self.hashing.clone().try_acquire_owned() {
             return Ok(turn);
@@ -262,8 +276,16 @@ impl Auth {
 
     /// Checks a password and issues a token. `username_key` is the
     /// [`username::identity_key`] of `typed`, the username as sent.
+    ///
+    /// The hashing task settles `attempt` with its verdict, not the caller:
+    /// a client that hangs up while its hash runs drops the caller, and the
+    /// hash runs to its end regardless. Were the verdict the caller's to
+    /// count, hanging up after every try would buy unlimited hashes that
+    /// never lock anything. Before its turn, a dropped attempt costs nothing
+    /// and is given back.
     pub async fn login(
         self: &Arc<Self>,
+        attempt: LoginAttempt,
         username_key: String,
         typed: String,
         password: String,
@@ -284,8 +306,14 @@ impl Auth {
             };
             let ok = password::verify(&password, &hash);
             match user {
-                Some(u) if ok => Ok(u),
-                _ => Err(AuthError::BadCredentials),
+                Some(u) if ok => {
+                    attempt.succeeded();
+                    Ok(u)
+                }
+                _ => {
+                    attempt.failed(std::time::Instant::now());
+                    Err(AuthError::BadCredentials)
+                }
             }
         })
         .await?;

@@ -713,3 +713,47 @@ async fn a_session_older_than_account_ages_is_asked_to_log_in_again_and_counted_
     }
     assert_eq!(app.detail("aged").await["remaining"], 5, "nothing was taken");
 }
+
+/// A login whose client hangs up once its password hash has begun is still
+/// counted. Before, the attempt was given back uncounted when hyper dropped
+/// the handler, while the hash ran to its end on a blocking thread: hanging
+/// up after every try bought unlimited argon2 work, never locked out.
+///
+/// A slow hash; the test hangs up once `/metrics` shows it running, and
+/// waits until it has ended before the next try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_that_hangs_up_mid_hash_still_counts() {
+    use tokio::io::AsyncWriteExt;
+    let config = limited(
+        base_config() + &open_activity("h", 1, 1),
+        "login_max_failures = 2\nlogin_backoff = \"1h\"\nregistrations_per_ip_per_hour = 100",
+    )
+    .replace(
+        "argon2_memory_kib = 8\nargon2_iterations = 1",
+        "argon2_memory_kib = 32768\nargon2_iterations = 2",
+    );
+    let app = TestApp::start(&config);
+    app.register("victim").await;
+    let wrong = json!({ "username": "victim", "password": "wrong-password" });
+    let body = wrong.to_string();
+    let request = format!(
+        "POST /user/login HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let running = "ticketd_password_hashes_running";
+    for _ in 0..2 {
+        let mut victim = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
+        victim.write_all(request.as_bytes()).await.unwrap();
+        while metric(&app, running).await == 0.0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        drop(victim); // hang up while the password is hashed
+        while metric(&app, running).await > 0.0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // Two failures at this address: login_max_failures = 2 locks it.
+    let res = app.client.post("/user/login", None, &wrong).await.unwrap();
+    assert_error(&res, 429, "LOGIN_LOCKED");
+    assert_eq!(metric(&app, "ticketd_password_hashes_waiting").await, 0.0);
+}

@@ -82,9 +82,8 @@ pub async fn login(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Resu
     let attempt = guard
         .begin_login(&account, ip, Instant::now())
         .inspect_err(|_| m.reject(Rejected::LoginLocked))?;
-    match state.auth.login(account, body.username, body.password).await {
+    match state.auth.login(attempt, account, body.username, body.password).await {
         Ok((user, token)) => {
-            attempt.succeeded();
             if guard.is_blocked_user(&user.username) || guard.is_blocked_id(user.id) {
                 m.reject(Rejected::Blocked);
                 return Err(Denied::Blocked.into());
@@ -93,11 +92,10 @@ pub async fn login(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Resu
         }
         Err(AuthError::BadCredentials) => {
             m.reject(Rejected::LoginFailed);
-            attempt.failed(Instant::now());
             Err(AuthError::BadCredentials.into())
         }
         // Not a verdict on the password (hashing busy, store down): the
-        // attempt is given back uncounted when dropped.
+        // attempt was given back uncounted.
         Err(e) => {
             count_busy(&e);
             Err(e.into())
