@@ -449,3 +449,60 @@ async fn a_fan_waits_in_the_room_and_grabs_with_the_pass_in_chromium() {
     assert_eq!(b.csp_violations().await, json!([]), "CSP violations");
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 }
+
+/// A claim whose answer is lost on the way: the node made the claim and the
+/// page saw a network error. The page waits before trying again and says
+/// so; a fan who reloads instead and grabs again sends the same
+/// Idempotency-Key and is shown the code the first try took: one claim, not
+/// two, where the limit would allow two. (Before, the page retried at once,
+/// "in NaN s", and a new grab drew a new key: a second ticket.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_and_a_reload_claim_once_in_chromium() {
+    let config = base_config()
+        + &Act::new("lost")
+            .name("Lost Answers")
+            .window("-1m", "+1h")
+            .limit(2)
+            .ticket("lost-t", "Seat", Codes::Generate(5))
+            .toml();
+    let app = TestApp::start(&config);
+    let url = app.url();
+    let mut b = Browser::launch().await;
+    register(&mut b, &url, "unlucky", "#/act/lost").await;
+    b.intercept("*/ticket/get*").await;
+    click(&mut b, "#grab").await;
+    let first = b.next_paused().await;
+    b.lose_answer(&first).await;
+    let said = b
+        .wait_for(
+            "document.querySelector('#result .notice')?.textContent",
+            "the retry notice",
+        )
+        .await;
+    let said = said.as_str().unwrap();
+    assert!(said.contains("Retrying in 1s"), "{said}");
+    assert_eq!(app.detail("lost").await["claimed"], 1, "the node made the claim");
+
+    // The fan reloads rather than wait. Requests held meanwhile (a retry
+    // that went out) die with the page.
+    b.call("Page.reload", json!({})).await;
+    b.wait_for(
+        "document.readyState === 'complete' && document.querySelector('#grab') \
+         && !document.querySelector('#result .notice')",
+        "the reloaded page",
+    )
+    .await;
+    b.call("Fetch.disable", json!({})).await;
+    click(&mut b, "#grab").await;
+    let code = b
+        .wait_for(
+            "document.querySelector('#claimed-code')?.textContent",
+            "the claimed code",
+        )
+        .await;
+    let token = b.eval("localStorage.getItem('ticketd.token')").await;
+    let held = app.held(token.as_str().unwrap(), "lost").await;
+    assert_eq!(held, vec![code.as_str().unwrap().to_owned()], "one claim, shown");
+    assert_eq!(app.detail("lost").await["claimed"], 1);
+    assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
+}

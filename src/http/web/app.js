@@ -20,12 +20,15 @@ const WORDS = {
     haveAccount: 'Have an account? Log in', noAccount: 'New here? Register',
     success: 'Got it! Your code:', seeMine: 'See my tickets', yourCodes: 'Your codes:',
     noTickets: 'You have no tickets yet.', claimedAt: 'Claimed', pow: 'Solving the anti-bot puzzle…',
-    retrying: 'Busy — retrying in', seconds: 's', held: 'You hold',
+    retrying: 'Retrying in', seconds: 's', held: 'You hold',
+    gaveUp: 'Press the button to try again (a new try never gets you a second ticket).',
+    reload: 'Reload the page to try again.', tryAgainIn: 'Try again in',
+    typeSoldOut: 'This ticket type is sold out; another may have tickets left.',
     queue: 'Waiting room', lottery: 'Lottery', joinQueue: 'Join the waiting room', enterLottery: 'Enter the draw',
     queueOpensIn: 'The waiting room opens in', joined: 'You are in.',
     drawNote: 'Everyone who joins before the draw gets a random place: joining early gives no advantage.',
     position: 'Your place', ahead: 'ahead of you', eta: 'Estimated wait', yourTurn: 'Your turn! Grab before',
-    passedOver: 'Your turn came while you were away; join again to queue at the back.',
+    passedOver: 'Your turn ended without a claim; join again to queue at the back.',
     standby: 'Every ticket left is held for fans whose turn came; you move up if they do not claim.',
     entriesClosed: 'The draw has been made; entries are closed.', done: 'Your turn is over.',
     commitment: 'Draw commitment (SHA-256 of the seed)', seed: 'Revealed seed',
@@ -41,12 +44,15 @@ const WORDS = {
     haveAccount: '已有账号？登录', noAccount: '没有账号？注册',
     success: '抢到了！你的券码：', seeMine: '查看我的票', yourCodes: '你的券码：',
     noTickets: '你还没有票。', claimedAt: '领取时间', pow: '正在完成防机器人验证…',
-    retrying: '系统繁忙，重试倒计时', seconds: '秒', held: '你已持有',
+    retrying: '重试倒计时', seconds: '秒', held: '你已持有',
+    gaveUp: '请再按一次按钮重试（再试不会让你多得一张票）。',
+    reload: '请刷新页面重试。', tryAgainIn: '请稍后再试：',
+    typeSoldOut: '这个票种已抢完，其他票种可能还有。',
     queue: '排队', lottery: '抽签', joinQueue: '进入排队', enterLottery: '参加抽签',
     queueOpensIn: '距开放排队', joined: '你已加入。',
     drawNote: '抽签前加入的人随机排序：早加入没有优势。',
     position: '你的位置', ahead: '人在你前面', eta: '预计等待', yourTurn: '轮到你了！请在此之前抢票：',
-    passedOver: '轮到你时你不在，可重新加入，排到队尾。',
+    passedOver: '你的轮次已结束且未抢票，可重新加入，排到队尾。',
     standby: '剩余的票都已留给轮到的人；若他们不领，你会往前排。',
     entriesClosed: '已开奖，报名已截止。', done: '你的轮次已结束。',
     commitment: '抽签承诺（种子的 SHA-256）', seed: '公开的种子',
@@ -72,20 +78,20 @@ const ERRORS = {
     LIMIT_REACHED: 'You already hold as many tickets as one person may.',
     IN_PROGRESS: 'Your previous try is still being processed.',
     SOLD_OUT: 'Sold out — every ticket has been claimed.',
-    STOCK_IN_FLIGHT: 'The last tickets are still being handed out; some may come back. Retrying.',
-    OVERLOADED: 'The sale is very busy; retrying.', BACKLOG_FULL: 'The sale is very busy; retrying.',
-    UNAVAILABLE: 'The sale is not answering right now; retrying.',
+    STOCK_IN_FLIGHT: 'The last tickets are still being handed out; some may come back.',
+    OVERLOADED: 'The sale is very busy.', BACKLOG_FULL: 'The sale is very busy.',
+    UNAVAILABLE: 'The sale is not answering right now.',
     OUTCOME_UNKNOWN: 'The sale stumbled while storing your ticket; checking whether you got it.',
-    STORE_UNAVAILABLE: 'The sale is having trouble; retrying.',
+    STORE_UNAVAILABLE: 'The sale is having trouble.',
     BAD_CREDENTIALS: 'Wrong username or password.', USERNAME_TAKEN: 'This username is taken.',
     INVALID_FIELD: 'Please check the form:', REGISTRATION_CLOSED: 'Registration is closed for this sale.',
     LOGIN_LOCKED: 'Too many failed logins; wait a while.',
-    LOGIN_THROTTLED: 'Busy checking logins; retrying.', BUSY: 'Busy; retrying.',
+    LOGIN_THROTTLED: 'Busy checking logins.', BUSY: 'Busy.',
     CROSS_SITE: 'This request came from another site and was refused.',
     QUEUE_PASS_REQUIRED: 'Wait for your turn in the waiting room first.',
     QUEUE_PASS_EXPIRED: 'Your turn expired; join the waiting room again.',
     QUEUE_NOT_OPEN: 'The waiting room is not open yet.', ENTRIES_CLOSED: 'Entries are closed.',
-    QUEUE_FULL: 'The waiting room is full; retrying.',
+    QUEUE_FULL: 'The waiting room is full.',
     NETWORK: 'No connection to the sale; check your network.', OTHER: 'Something went wrong:',
   },
   zh: {
@@ -98,17 +104,17 @@ const ERRORS = {
     ACTIVITY_NOT_FOUND: '活动不存在。', TICKET_NOT_FOUND: '该活动没有这个票种。',
     NOT_STARTED: '活动还没开始。', ENDED: '活动已结束。', PAUSED: '主办方暂停了活动，请留在本页。',
     LIMIT_REACHED: '你已达到每人限购数量。', IN_PROGRESS: '上一次请求仍在处理中。',
-    SOLD_OUT: '已抢完，所有票都被领走了。', OVERLOADED: '人太多了，正在重试。',
-    STOCK_IN_FLIGHT: '最后几张票正在发放中，可能还会释放出来，正在重试。',
-    BACKLOG_FULL: '人太多了，正在重试。', STORE_UNAVAILABLE: '系统出现问题，正在重试。',
-    UNAVAILABLE: '服务暂时无响应，正在重试。',
+    SOLD_OUT: '已抢完，所有票都被领走了。', OVERLOADED: '人太多了。',
+    STOCK_IN_FLIGHT: '最后几张票正在发放中，可能还会释放出来。',
+    BACKLOG_FULL: '人太多了。', STORE_UNAVAILABLE: '系统出现问题。',
+    UNAVAILABLE: '服务暂时无响应。',
     OUTCOME_UNKNOWN: '保存时出现故障，正在确认你是否抢到。',
     BAD_CREDENTIALS: '用户名或密码错误。', USERNAME_TAKEN: '用户名已被占用。',
     INVALID_FIELD: '请检查填写内容：', REGISTRATION_CLOSED: '本次活动已关闭注册。',
-    LOGIN_LOCKED: '登录失败次数过多，请稍后再试。', LOGIN_THROTTLED: '正在处理登录，重试中。',
-    BUSY: '系统繁忙，重试中。', CROSS_SITE: '来自其他网站的请求已被拒绝。',
+    LOGIN_LOCKED: '登录失败次数过多，请稍后再试。', LOGIN_THROTTLED: '正在处理登录。',
+    BUSY: '系统繁忙。', CROSS_SITE: '来自其他网站的请求已被拒绝。',
     QUEUE_PASS_REQUIRED: '请先在排队中等到你的轮次。', QUEUE_PASS_EXPIRED: '你的轮次已过期，请重新排队。',
-    QUEUE_NOT_OPEN: '排队尚未开放。', ENTRIES_CLOSED: '报名已截止。', QUEUE_FULL: '排队人数已满，正在重试。',
+    QUEUE_NOT_OPEN: '排队尚未开放。', ENTRIES_CLOSED: '报名已截止。', QUEUE_FULL: '排队人数已满。',
     NETWORK: '无法连接，请检查网络。', OTHER: '出错了：',
   },
 };
@@ -121,6 +127,8 @@ const RETRYABLE = new Set(['RATE_LIMITED', 'IN_PROGRESS', 'STOCK_IN_FLIGHT', 'OV
   'STORE_UNAVAILABLE', 'OUTCOME_UNKNOWN', 'LOGIN_THROTTLED', 'BUSY', 'UNAVAILABLE', 'NETWORK']);
 const retryable = (res) => RETRYABLE.has(res.error.code) || (res.error.code === 'OTHER' && res.status >= 500);
 const MAX_TRIES = 6;
+/** Codes that end the session: the page forgets the token and asks to log in. */
+const RELOGIN = ['UNAUTHORIZED', 'TOKEN_EXPIRED', 'SESSION_OUTDATED'];
 
 // ---------------------------------------------------------------- state
 const store = {
@@ -177,6 +185,23 @@ function randomKey() {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
 }
 
+/** The Idempotency-Key of a grab whose outcome is not known yet, per
+ * activity and ticket type, kept in sessionStorage until an answer settles
+ * it. A fan who tries again after an answer was lost — once the page gave
+ * up, after a reload, or back from another page — sends the same key and
+ * gets the code the first try took, never a second one. (The server keeps
+ * keys per account, so another account in this tab cannot collide.) */
+const claimKeys = {
+  name: (actId, ticketId) => `ticketd.claimKey.${actId}.${ticketId || ''}`,
+  take(actId, ticketId) {
+    const name = this.name(actId, ticketId);
+    let key = sessionStorage.getItem(name);
+    if (!key) { key = randomKey(); sessionStorage.setItem(name, key); }
+    return key;
+  },
+  settle(actId, ticketId) { sessionStorage.removeItem(this.name(actId, ticketId)); },
+};
+
 /** One request; never throws: `{ok, status, data, error, retryAfter}`. */
 async function api(method, path, body, extra = {}) {
   const headers = { Accept: 'application/json' };
@@ -188,7 +213,7 @@ async function api(method, path, body, extra = {}) {
   try {
     res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   } catch {
-    return { ok: false, status: 0, error: { code: 'NETWORK', message: '' } };
+    return { ok: false, status: 0, error: { code: 'NETWORK', message: '' }, retryAfter: 0 };
   }
   let json = null;
   try { json = await res.json(); } catch { /* not JSON: handled below */ }
@@ -202,8 +227,7 @@ async function api(method, path, body, extra = {}) {
   if (json?.data?.serverTime) {
     sampleClock(Date.parse(json.data.serverTime), sent, Date.now(), path.startsWith('/act/list'));
   }
-  const relogin = ['UNAUTHORIZED', 'TOKEN_EXPIRED', 'SESSION_OUTDATED'];
-  if (out.error && relogin.includes(out.error.code) && store.token) {
+  if (out.error && RELOGIN.includes(out.error.code) && store.token) {
     store.token = null;
     renderNav();
   }
@@ -222,6 +246,31 @@ function errorText(error) {
   const known = words[error.code];
   if (known && error.code !== 'INVALID_FIELD') return known;
   return `${known || words.OTHER} ${error.message || error.code}`;
+}
+
+/** While waiting to try again: what happened, and when the next try goes. */
+function retryingNotice(res) {
+  return notice('', `${errorText(res.error)} ${t('retrying')} ${Math.max(1, res.retryAfter)}${t('seconds')}`);
+}
+/** A request given up on: after retries, the fan is asked to try again (the
+ * sentences of retryable codes say "retrying", which is no longer true). */
+function failedNotice(error, gaveUp, hint = 'gaveUp') {
+  return notice('bad', gaveUp ? `${errorText(error)} ${t(hint)}` : errorText(error));
+}
+
+/** A GET a view needs: retryable failures are retried as the server says,
+ * while the fan stays on the view. */
+async function load(path, mine) {
+  for (let tries = 1; ; tries++) {
+    const res = await api('GET', path);
+    if (res.ok || !retryable(res) || tries === MAX_TRIES || mine !== navigation) return res;
+    await backoff(res.retryAfter, tries);
+  }
+}
+/** The session is gone: say so, with a way back to this page after login. */
+function loginPrompt(code) {
+  return notice('bad', errorText({ code }), ' ',
+    h('a', { href: `#/login?next=${encodeURIComponent(location.hash)}`, id: 'relogin' }, t('login')));
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -250,13 +299,14 @@ async function listView() {
   const mine = navigation;
   document.title = `${t('activities')} · ${t('brand')}`;
   show(h('p', { class: 'muted' }, t('loading')));
-  const res = await api('GET', '/act/list');
+  const res = await load('/act/list', mine);
   if (mine !== navigation) return;
-  if (!res.ok) return show(notice('bad', errorText(res.error)));
+  if (!res.ok) return show(failedNotice(res.error, retryable(res), 'reload'));
   const acts = res.data.activities;
   const items = acts.map((a) => {
     const badge = h('span', { class: 'badge' });
-    const line = h('p', { class: 'muted' });
+    // Not read aloud each second: <main> is a polite live region.
+    const line = h('p', { class: 'muted', 'aria-live': 'off' });
     const tick = () => {
       const now = serverNow();
       const st = statusOf(a, now);
@@ -277,9 +327,13 @@ async function listView() {
 async function detailView(actId) {
   const mine = navigation;
   show(h('p', { class: 'muted' }, t('loading')));
-  const res = await api('GET', `/act/detail?actId=${encodeURIComponent(actId)}`);
+  const path = `/act/detail?actId=${encodeURIComponent(actId)}`;
+  let res = await load(path, mine);
+  // An ended session (api() dropped the token): show the page as to a
+  // visitor, whose grab button is a link to log in and come back.
+  if (!res.ok && RELOGIN.includes(res.error.code) && !store.token) res = await load(path, mine);
   if (mine !== navigation) return;
-  if (!res.ok) return show(h('p', {}, h('a', { href: '#/' }, t('back'))), notice('bad', errorText(res.error)));
+  if (!res.ok) return show(h('p', {}, h('a', { href: '#/' }, t('back'))), failedNotice(res.error, retryable(res), 'reload'));
   let a = res.data;
   document.title = `${a.name} · ${t('brand')}`;
   const start = Date.parse(a.startTime), end = Date.parse(a.endTime);
@@ -320,9 +374,21 @@ async function detailView(actId) {
   if (a.claims?.length && a.claims.length >= a.perUserLimit) {
     result.replaceChildren(notice('ok', t('held'), ' ', codesList(a.claims.map((c) => c.code))));
   }
+  let refreshing = false;
+  let nextRefresh = 0;
   every(200, () => {
     const now = serverNow();
     const st = statusOf(a, now);
+    if (st === 'paused' && !refreshing && Date.now() >= nextRefresh) {
+      // A pause ends by the organiser's hand, not by a clock: look again
+      // every few seconds (spread, so a crowd does not look at once).
+      refreshing = true;
+      nextRefresh = Date.now() + 4000 + Math.random() * 4000;
+      api('GET', `/act/detail?actId=${encodeURIComponent(a.actId)}`).then((r) => {
+        if (r.ok && mine === navigation) a = r.data;
+        refreshing = false;
+      });
+    }
     badge.className = `badge ${st}`;
     badge.textContent = t(st);
     if (st === 'upcoming') {
@@ -354,8 +420,8 @@ async function waitingRoom(a, queue) {
     const lines = [h('h2', {}, t(lottery ? 'lottery' : 'queue'))];
     if (s.state === 'waiting' && s.position == null) lines.push(notice('ok', t('joined'), ' ', t('drawNote')));
     if (s.state === 'waiting' && s.position != null) {
-      lines.push(h('p', { class: 'countdown', id: 'queue-position' }, `${t('position')}: ${number(s.position)}`),
-        h('p', { class: 'muted' }, `${number(s.ahead)} ${t('ahead')}`,
+      lines.push(h('p', { class: 'countdown', id: 'queue-position', 'aria-live': 'off' }, `${t('position')}: ${number(s.position)}`),
+        h('p', { class: 'muted', 'aria-live': 'off' }, `${number(s.ahead)} ${t('ahead')}`,
           s.etaMs != null ? ` · ${t('eta')} ${countdownText(s.etaMs)}` : ''));
       if (s.standby) lines.push(notice('', t('standby')));
     }
@@ -413,12 +479,16 @@ async function waitingRoom(a, queue) {
       await sleep(2000);
     }
   };
-  const first = await api('GET', `/queue/status?actId=${encodeURIComponent(a.actId)}`);
+  const first = await load(`/queue/status?actId=${encodeURIComponent(a.actId)}`, mine);
   if (mine !== navigation) return;
-  if (!first.ok) return panel.replaceChildren(notice('bad', errorText(first.error)));
+  // Not knowing the state is no reason to lose the way in: joining again
+  // keeps a place already taken.
+  if (!first.ok) return panel.replaceChildren(notice('bad', errorText(first.error)), joinButton());
   if (first.data.state !== 'not_joined') { render(first.data); return follow(); }
   if (serverNow() < opens) {
-    panel.replaceChildren(h('p', { class: 'muted' }, `${t('queueOpensIn')} ${countdownText(opens - serverNow())}`));
+    const line = h('p', { class: 'muted', 'aria-live': 'off' });
+    panel.replaceChildren(line);
+    every(500, () => { line.textContent = `${t('queueOpensIn')} ${countdownText(opens - serverNow())}`; });
     await sleep(Math.max(0, opens - serverNow()) + 200);
     if (mine !== navigation) return;
   }
@@ -455,18 +525,31 @@ async function grab(a, ticketId, button, progress, result) {
   button.dataset.busy = '1';
   button.disabled = true;
   button.textContent = t('grabbing');
-  const key = randomKey(); // one key for every retry: a retry can never claim twice
+  // One key for every retry, and for the next grab while this one's outcome
+  // is unknown: a retry can never claim twice.
+  const key = claimKeys.take(a.actId, ticketId);
+  const settled = (node) => { claimKeys.settle(a.actId, ticketId); result.replaceChildren(node); };
   let body = null;
   try {
+    if (!store.token) return result.replaceChildren(loginPrompt('UNAUTHORIZED'));
     for (let tries = 1; tries <= MAX_TRIES; tries++) {
       if (!body) {
         const detail = await api('GET', `/act/detail?actId=${encodeURIComponent(a.actId)}`);
-        if (!detail.ok) return result.replaceChildren(notice('bad', errorText(detail.error)));
+        if (!detail.ok && retryable(detail) && tries < MAX_TRIES) {
+          result.replaceChildren(retryingNotice(detail));
+          await backoff(detail.retryAfter, tries);
+          continue;
+        }
+        if (!detail.ok && RELOGIN.includes(detail.error.code)) return result.replaceChildren(loginPrompt(detail.error.code));
+        if (!detail.ok) return result.replaceChildren(failedNotice(detail.error, retryable(detail)));
         a = detail.data;
+        // The session ended (here or in another tab): no token, no verdict.
+        if (!store.token || a.accountAdmitted === undefined) return result.replaceChildren(loginPrompt('UNAUTHORIZED'));
         // An account the activity does not admit has no token either: its
         // claim goes out without one, for the server to say why.
         if (!a.claimToken && a.accountAdmitted !== false) {
-          return result.replaceChildren(notice('bad', errorText({ code: statusOf(a, serverNow()) === 'soldout' ? 'SOLD_OUT' : 'NOT_STARTED' })));
+          const code = { soldout: 'SOLD_OUT', paused: 'PAUSED', ended: 'ENDED' }[statusOf(a, serverNow())] || 'NOT_STARTED';
+          return settled(notice('bad', errorText({ code })));
         }
         body = { actId: a.actId, claimToken: a.claimToken };
         if (ticketId) body.ticketId = ticketId;
@@ -477,19 +560,25 @@ async function grab(a, ticketId, button, progress, result) {
       }
       const res = await api('POST', '/ticket/get', body, { 'Idempotency-Key': key });
       if (res.ok) {
-        return result.replaceChildren(notice('ok', h('p', {}, t('success')),
+        return settled(notice('ok', h('p', {}, t('success')),
           h('p', { class: 'code', id: 'claimed-code' }, res.data.code), h('a', { href: '#/mine' }, t('seeMine'))));
       }
       const code = res.error.code;
       if (code === 'LIMIT_REACHED') {
-        return result.replaceChildren(notice('bad', h('p', {}, errorText(res.error)), h('p', {}, t('yourCodes')),
+        return settled(notice('bad', h('p', {}, errorText(res.error)), h('p', {}, t('yourCodes')),
           codesList(res.error.codes || [])));
       }
       if (code.startsWith('CLAIM_TOKEN') || code === 'POW_REQUIRED') { body = null; continue; }
-      if (!retryable(res) || tries === MAX_TRIES) return result.replaceChildren(notice('bad', errorText(res.error)));
-      const wait = Math.max(1, res.retryAfter);
-      result.replaceChildren(notice('', `${errorText(res.error)} ${t('retrying')} ${wait}${t('seconds')}`));
-      await backoff(wait, tries);
+      if (RELOGIN.includes(code)) return result.replaceChildren(loginPrompt(code));
+      if (!retryable(res)) {
+        // One ticket type of several sold out: the others may not be.
+        const one = code === 'SOLD_OUT' && ticketId && a.tickets.length > 1;
+        return settled(notice('bad', one ? t('typeSoldOut') : errorText(res.error)));
+      }
+      // Retryable: the outcome may be unknown, so the key stays for the next try.
+      if (tries === MAX_TRIES) return result.replaceChildren(failedNotice(res.error, true));
+      result.replaceChildren(retryingNotice(res));
+      await backoff(res.retryAfter, tries);
     }
     result.replaceChildren(notice('bad', errorText({ code: 'CLAIM_TOKEN_EXPIRED' })));
   } finally {
@@ -527,10 +616,17 @@ function accountView(mode) {
           location.hash = next;
           return;
         }
-        if (!retryable(res) || tries === MAX_TRIES) {
-          message.replaceChildren(notice('bad', errorText(res.error)));
+        if (res.retryAfter > 30) {
+          // Not worth sitting through with the button dead (a registration
+          // limit answers in minutes): say when.
+          message.replaceChildren(notice('bad', `${errorText(res.error)} ${t('tryAgainIn')} ${countdownText(res.retryAfter * 1000)}`));
           return;
         }
+        if (!retryable(res) || tries === MAX_TRIES) {
+          message.replaceChildren(failedNotice(res.error, retryable(res)));
+          return;
+        }
+        message.replaceChildren(retryingNotice(res));
         await backoff(res.retryAfter, tries);
       }
     } finally {
@@ -547,9 +643,9 @@ async function mineView() {
   if (!store.token) { location.hash = '#/login?next=%23%2Fmine'; return; }
   const mine = navigation;
   show(h('p', { class: 'muted' }, t('loading')));
-  const res = await api('GET', '/ticket/list?pageSize=100');
+  const res = await load('/ticket/list?pageSize=100', mine);
   if (mine !== navigation) return;
-  if (!res.ok) return show(notice('bad', errorText(res.error)));
+  if (!res.ok) return show(failedNotice(res.error, retryable(res), 'reload'));
   const claims = res.data.claims;
   const cards = claims.map((c) => {
     const qr = h('img', { alt: `QR ${c.code}`, class: 'qr', 'data-claim': c.claimId });

@@ -33,6 +33,8 @@ pub struct Browser {
     pub errors: Vec<String>,
     /// CSP violations of documents already left.
     csp: Vec<Value>,
+    /// Requests held by [`Browser::intercept`], oldest first.
+    paused: std::collections::VecDeque<Value>,
 }
 
 impl Browser {
@@ -93,6 +95,7 @@ impl Browser {
             next_id: 0,
             errors: Vec::new(),
             csp: Vec::new(),
+            paused: Default::default(),
         };
         for domain in ["Runtime.enable", "Log.enable", "Page.enable"] {
             browser.call(domain, json!({})).await;
@@ -130,6 +133,7 @@ impl Browser {
     fn event(&mut self, v: &Value) {
         let p = &v["params"];
         match v["method"].as_str() {
+            Some("Fetch.requestPaused") => self.paused.push_back(p.clone()),
             Some("Runtime.exceptionThrown") => self.errors.push(format!("exception: {}", p["exceptionDetails"])),
             Some("Runtime.consoleAPICalled") if matches!(p["type"].as_str(), Some("error" | "assert")) => {
                 self.errors.push(format!("console.{}: {}", p["type"], p["args"]));
@@ -141,6 +145,41 @@ impl Browser {
             }
             _ => {}
         }
+    }
+
+    /// Holds every request whose URL matches `pattern` once its answer has
+    /// come (the server did the work), for [`Browser::next_paused`] to hand
+    /// to the test, which then fails or passes it on.
+    pub async fn intercept(&mut self, pattern: &str) {
+        let patterns = json!([{ "urlPattern": pattern, "requestStage": "Response" }]);
+        self.call("Fetch.enable", json!({ "patterns": patterns })).await;
+    }
+
+    /// The next request [`Browser::intercept`] held (waits up to 30 s).
+    pub async fn next_paused(&mut self) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(p) = self.paused.pop_front() {
+                return p;
+            }
+            let next = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .expect("no intercepted request within 30 s");
+            if let Some(Ok(Message::Text(text))) = next {
+                let v: Value = serde_json::from_str(&text).unwrap();
+                self.event(&v);
+            }
+        }
+    }
+
+    /// Fails a held request as a connection reset: its answer is lost.
+    pub async fn lose_answer(&mut self, paused: &Value) {
+        let id = paused["requestId"].clone();
+        self.call(
+            "Fetch.failRequest",
+            json!({ "requestId": id, "errorReason": "ConnectionReset" }),
+        )
+        .await;
     }
 
     /// Evaluates `expression` in the page (awaiting a promise) and returns its value.
