@@ -19,7 +19,7 @@ use crate::{
         Room, Rooms,
     },
     app::App,
-    auth::{password, validate_account, HashCost},
+    auth::{password, username::skeleton_key, validate_account, HashCost},
     cli::{ExportArgs, ExportWhat, ReportArgs, UserCommand},
     clock::{now_ms, parse_rfc3339_ms},
     config::Config,
@@ -225,14 +225,19 @@ fn cost(config: &Config) -> HashCost {
 /// `ticketd user ...`.
 pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
     let store = Store::open(config, Access::Tool)?;
+    // New accounts are checked against look-alikes of the existing ones.
+    if matches!(command, UserCommand::Add { .. } | UserCommand::Import { .. }) {
+        store.index_skeletons(skeleton_key)?;
+    }
     match command {
         UserCommand::Add { username, nickname } => {
             let password = read_password()?;
             let (name, nickname) = validate_account(&username, &password, nickname.as_deref())?;
             let hash = password::hash(&password, cost(config));
-            let user = store.create_user(name.key(), &nickname, &hash).map_err(|e| match e {
+            let account = name.account(&nickname, hash, crate::clock::now_ms());
+            let user = store.create_user(&account).map_err(|e| match e {
                 crate::store::StoreError::UsernameTaken => {
-                    anyhow::anyhow!("the username `{username}` is taken")
+                    anyhow::anyhow!("the username `{username}`, or one that looks like it, is taken")
                 }
                 other => other.into(),
             })?;
@@ -251,6 +256,7 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
                             part.iter()
                                 .map(|row| NewUser {
                                     username: row.username.clone(),
+                                    skeleton: skeleton_key(&row.username),
                                     nickname: row.nickname.clone(),
                                     password_hash: password::hash(&row.password, cost),
                                     created_at_ms: row.created_at_ms,
@@ -266,7 +272,7 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
             });
             let created = store.create_users(&hashed)?;
             println!(
-                "{} created, {} skipped (username exists)",
+                "{} created, {} skipped (the username, or one that looks like it, exists)",
                 count(created, "user", "users"),
                 hashed.len() - created
             );

@@ -64,7 +64,7 @@ pub enum AuthError {
     #[error("registration is closed")]
     RegistrationClosed,
     /// The username exists.
-    #[error("this username is taken")]
+    #[error("this username, or one that looks like it, is taken")]
     UsernameTaken,
     /// Unknown user or wrong password (deliberately the same).
     #[error("wrong username or password")]
@@ -174,6 +174,13 @@ impl Auth {
             store,
         };
         auth.refresh_revoked()?;
+        let keyed = auth.store.index_skeletons(username::skeleton_key)?;
+        if keyed > 0 {
+            tracing::info!(
+                accounts = keyed,
+                "Keyed existing accounts against look-alike usernames."
+            );
+        }
         Ok(auth)
     }
 
@@ -237,8 +244,9 @@ impl Auth {
         let user = blocking(move || {
             let hash = password::hash(&password, settings.cost);
             drop(turn);
+            // The time the store keeps is the one the session token carries.
             this.store
-                .create_user(username.key(), &nickname, &hash)
+                .create_user(&username.account(&nickname, hash, now_ms()))
                 .map_err(|e| match e {
                     StoreError::UsernameTaken => AuthError::UsernameTaken,
                     other => other.into(),

@@ -15,9 +15,21 @@
 //! with a Cyrillic `а` is refused rather than shown beside `paypal`. Invisible
 //! and direction-changing characters (bidi controls such as U+202E, zero-width
 //! joiners, the BOM) are refused in usernames and nicknames alike.
+//!
+//! Look-alikes within one script — `admın` with a dotless ı, `ᴀdmin` with a
+//! small capital, `victirn` beside `victim` — pass all of that. So each
+//! account also has a **skeleton** ([`skeleton_key`]): UTS #39's skeleton of
+//! its identity key (each character mapped to the one it is confusable
+//! with), keyed again. The store keeps skeletons unique: a username whose
+//! skeleton an account already has is taken, as the name itself would be.
+//! Accounts made before skeletons were kept get theirs at start, the first
+//! of any look-alike pair among them keeping it.
 
 use unicode_normalization::UnicodeNormalization;
 use unicode_script::{Script, UnicodeScript};
+use unicode_security::GeneralSecurityProfile;
+
+use crate::store::NewUser;
 
 /// A validated username: its identity key and the form it was typed in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +58,14 @@ impl Username {
         if !single_script(&key) {
             return Err("username must not mix letters of different scripts".into());
         }
+        // Letters UTS #39 restricts from identifiers (obsolete, technical,
+        // small capitals such as `ᴀ`): look-alikes the skeleton does not map.
+        if let Some(c) = key.chars().find(|&c| c.is_alphanumeric() && !c.identifier_allowed()) {
+            return Err(format!(
+                "username must not contain the letter {c} (U+{:04X})",
+                u32::from(c)
+            ));
+        }
         Ok(Username {
             key,
             display: raw.to_owned(),
@@ -61,6 +81,31 @@ impl Username {
     pub fn display(&self) -> &str {
         &self.display
     }
+
+    /// The key no two accounts may share: see [`skeleton_key`].
+    pub fn skeleton(&self) -> String {
+        skeleton_key(&self.key)
+    }
+
+    /// The account to store under this name.
+    pub fn account(&self, nickname: &str, password_hash: String, created_at_ms: i64) -> NewUser {
+        NewUser {
+            username: self.key.clone(),
+            skeleton: self.skeleton(),
+            nickname: nickname.to_owned(),
+            password_hash,
+            created_at_ms,
+        }
+    }
+}
+
+/// The skeleton of an identity key: UTS #39's skeleton (NFD, each character
+/// replaced by the prototype it is confusable with, NFD), under
+/// [`identity_key`] again, since prototypes may be capitals (`ᴀ` → `A`).
+/// Two usernames with one skeleton look alike.
+pub fn skeleton_key(key: &str) -> String {
+    let skeleton: String = unicode_security::confusable_detection::skeleton(key).collect();
+    identity_key(&skeleton)
 }
 
 /// The identity key of any string (NFKC, case fold, NFKC), valid or not:
@@ -130,6 +175,30 @@ fn single_script(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn look_alikes_within_one_script_share_a_skeleton() {
+        let admin = Username::parse("admin").unwrap().skeleton();
+        for raw in ["admın", "ADMIN", "ＡＤＭıＮ"] {
+            assert_eq!(Username::parse(raw).map(|u| u.skeleton()), Ok(admin.clone()), "{raw}");
+        }
+        // Refused outright: another script's letter, a small capital.
+        for raw in ["аdmin", "ᴀdmin", "adᴍin"] {
+            assert!(Username::parse(raw).is_err(), "{raw}");
+        }
+        assert_eq!(
+            Username::parse("victirn").unwrap().skeleton(),
+            Username::parse("victim").unwrap().skeleton()
+        );
+        assert_eq!(
+            Username::parse("user1").unwrap().skeleton(),
+            Username::parse("userl").unwrap().skeleton()
+        );
+        // Names that merely differ stay apart.
+        for (a, b) in [("alice", "alicia"), ("bob", "rob"), ("张三", "李四"), ("café", "cafe2")] {
+            assert_ne!(skeleton_key(a), skeleton_key(b), "{a} {b}");
+        }
+    }
 
     #[test]
     fn one_identity_however_typed() {

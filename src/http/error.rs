@@ -350,7 +350,11 @@ impl From<AuthError> for ApiError {
             AuthError::RegistrationClosed => {
                 ApiError::new(S::FORBIDDEN, "REGISTRATION_CLOSED", "registration is closed")
             }
-            AuthError::UsernameTaken => ApiError::new(S::CONFLICT, "USERNAME_TAKEN", "this username is taken"),
+            AuthError::UsernameTaken => ApiError::new(
+                S::CONFLICT,
+                "USERNAME_TAKEN",
+                "this username, or one that looks like it, is taken",
+            ),
             AuthError::BadCredentials => {
                 ApiError::new(S::UNAUTHORIZED, "BAD_CREDENTIALS", "wrong username or password")
             }

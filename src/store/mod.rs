@@ -224,11 +224,24 @@ impl Store {
         }
     }
 
-    /// Creates one user; [`StoreError::UsernameTaken`] if the name exists.
-    pub fn create_user(&self, username: &str, nickname: &str, password_hash: &str) -> Result<User, StoreError> {
+    /// Creates one user; [`StoreError::UsernameTaken`] if the name, or its
+    /// skeleton, exists.
+    pub fn create_user(&self, user: &NewUser) -> Result<User, StoreError> {
         match self {
-            Store::Embedded(s) => s.create_user(username, nickname, password_hash),
-            Store::Cluster(s) => s.create_user(username, nickname, password_hash),
+            Store::Embedded(s) => s.create_user(user),
+            Store::Cluster(s) => s.create_user(user),
+        }
+    }
+
+    /// Gives every account without one its look-alike key, `skeleton` of its
+    /// username (the first account of a look-alike pair made before keys
+    /// were kept gets it; the other keeps its name, unkeyed). Returns how
+    /// many it keyed. The function comes from `auth::username`, which sits
+    /// above the store.
+    pub fn index_skeletons(&self, skeleton: fn(&str) -> String) -> Result<usize, StoreError> {
+        match self {
+            Store::Embedded(s) => s.index_skeletons(skeleton),
+            Store::Cluster(s) => s.index_skeletons(skeleton),
         }
     }
 

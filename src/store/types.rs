@@ -33,7 +33,7 @@ pub enum StoreError {
     #[error("the store has no activity `{0}` (run `ticketd import` or `ticketd serve` first)")]
     UnknownActivity(String),
     /// The username exists already.
-    #[error("the username is taken")]
+    #[error("the username, or one that looks like it, is taken")]
     UsernameTaken,
     /// Redis or MongoDB failed (cluster mode).
     #[error(transparent)]
@@ -60,6 +60,9 @@ pub struct User {
 pub struct NewUser {
     /// Login name (its identity key).
     pub username: String,
+    /// Its look-alike key (`auth::username::skeleton_key`): unique as well,
+    /// so `admın` cannot be registered beside `admin`.
+    pub skeleton: String,
     /// Display name.
     pub nickname: String,
     /// The argon2id PHC string.

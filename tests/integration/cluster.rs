@@ -1297,3 +1297,51 @@ async fn with_redis_down_a_node_without_codes_says_the_store_is_unavailable() {
         assert_error(&res, 503, "STORE_UNAVAILABLE");
     }
 }
+
+/// Look-alike usernames in cluster mode: registered through different
+/// nodes, `victirn` is taken by `victim` (MongoDB's unique, sparse index on
+/// the skeleton); an account stored before skeletons (no such field) is
+/// keyed when a tool or node starts, and its look-alike is then skipped by
+/// `ticketd user import`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn look_alike_usernames_are_taken_across_nodes() {
+    let cluster = Cluster::start(2, &cluster_activity("la", 2, 1), "");
+    let register = |name: &str| serde_json::json!({ "username": name, "password": "password-common" });
+    let res = cluster.nodes[0]
+        .client
+        .post("/user/register", None, &register("victim"))
+        .await
+        .unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
+    let res = cluster.nodes[1]
+        .client
+        .post("/user/register", None, &register("victirn"))
+        .await
+        .unwrap();
+    assert_error(&res, 409, "USERNAME_TAKEN");
+
+    let db = cluster.mongo().await;
+    db.collection::<Document>("users")
+        .insert_one(doc! {
+            "_id": 100_000_i64, "username": "oldtimer", "nickname": "Old",
+            "password_hash": "x", "created_at_ms": 0_i64,
+        })
+        .await
+        .unwrap();
+    let node = &cluster.nodes[0];
+    let file = node.dir.path().join("alike.csv");
+    std::fs::write(&file, "oldtirner,password-common,O\nfresh,password-common,F\n").unwrap();
+    let out = node.cli(&["user", "import", file.to_str().unwrap()], None);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("1 user created, 1 skipped"),
+        "{said}"
+    );
+    let old = db
+        .collection::<Document>("users")
+        .find_one(doc! {"_id": 100_000_i64})
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(old.get_str("skeleton"), Ok("oldtirner"), "keyed: {old}");
+}

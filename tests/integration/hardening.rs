@@ -629,3 +629,63 @@ async fn csv_exports_neutralise_formulas_in_both_paths() {
     let body = text.split_once("\r\n\r\n").unwrap().1;
     check(body.as_bytes(), "/admin/export");
 }
+
+/// Look-alikes within one script, from a red-team run: `admın` (dotless ı)
+/// and `victirn` were registered beside `admin` and `victim`, and `ᴀdmin`
+/// (a small capital) too. Now a username whose UTS #39 skeleton an account
+/// has is taken, and letters UTS #39 restricts are refused — over the API,
+/// through `ticketd user import`, and against accounts of a store from
+/// before skeletons were kept (keyed at start; of a look-alike pair made
+/// then, the first keeps the key and both still log in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn look_alike_usernames_within_one_script_are_taken() {
+    let mut app = TestApp::start(&(base_config() + &open_activity("u", 1, 1)));
+    let register = |name: &str| json!({ "username": name, "password": "password-common" });
+    for name in ["admin", "victim", "oldtimer"] {
+        let res = app.client.post("/user/register", None, &register(name)).await.unwrap();
+        assert_eq!(res.status, 200, "{name}: {}", res.body);
+    }
+    for alike in ["admın", "ADMıN", "victirn"] {
+        let res = app.client.post("/user/register", None, &register(alike)).await.unwrap();
+        assert_error(&res, 409, "USERNAME_TAKEN");
+    }
+    let res = app
+        .client
+        .post("/user/register", None, &register("ᴀdmin"))
+        .await
+        .unwrap();
+    assert_error(&res, 400, "INVALID_FIELD");
+    // The import skips a look-alike like a taken name, and takes the rest.
+    let file = app.dir.path().join("alike.csv");
+    std::fs::write(&file, "vıctim,password-common,V\nnewcomer,password-common,N\n").unwrap();
+    let out = app.cli(&["user", "import", file.to_str().unwrap()], None);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("1 user created, 1 skipped"),
+        "{said}"
+    );
+
+    // A store from before skeletons: no column, and a look-alike pair.
+    app.stop();
+    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    db.execute_batch(
+        "DROP INDEX users_skeleton; ALTER TABLE users DROP COLUMN skeleton;
+         INSERT INTO users (username, nickname, password_hash, created_at_ms)
+             SELECT 'admın', 'old twin', password_hash, created_at_ms FROM users WHERE username = 'admin';",
+    )
+    .unwrap();
+    drop(db);
+    app.boot();
+    for name in ["admin", "admın", "oldtimer"] {
+        let body = json!({ "username": name, "password": "password-common" });
+        let res = app.client.post("/user/login", None, &body).await.unwrap();
+        assert_eq!(res.status, 200, "{name}: {}", res.body);
+    }
+    // Keyed at start: a look-alike of an old account is taken.
+    let res = app
+        .client
+        .post("/user/register", None, &register("oldtirner"))
+        .await
+        .unwrap();
+    assert_error(&res, 409, "USERNAME_TAKEN");
+}

@@ -301,23 +301,20 @@ impl ClusterStore {
         Ok(created)
     }
 
-    pub(super) fn create_user(&self, username: &str, nickname: &str, password_hash: &str) -> Result<User, StoreError> {
-        // The time the document keeps is the one the session token carries.
-        let user = NewUser {
-            username: username.to_owned(),
-            nickname: nickname.to_owned(),
-            password_hash: password_hash.to_owned(),
-            created_at_ms: crate::clock::now_ms(),
-        };
-        let ids = self.block(users::insert_new_users(&self.shared, std::slice::from_ref(&user)))?;
+    pub(super) fn create_user(&self, user: &NewUser) -> Result<User, StoreError> {
+        let ids = self.block(users::insert_new_users(&self.shared, std::slice::from_ref(user)))?;
         let id = ids.first().copied().flatten().ok_or(StoreError::UsernameTaken)?;
         Ok(User {
             id,
-            username: user.username,
-            nickname: user.nickname,
-            password_hash: user.password_hash,
+            username: user.username.clone(),
+            nickname: user.nickname.clone(),
+            password_hash: user.password_hash.clone(),
             created_at_ms: user.created_at_ms,
         })
+    }
+
+    pub(super) fn index_skeletons(&self, skeleton: fn(&str) -> String) -> Result<usize, StoreError> {
+        Ok(self.block(mongo::index_skeletons(&self.shared.db, skeleton))?)
     }
 
     pub(super) fn user_by_name(&self, username: &str) -> Result<Option<User>, StoreError> {

@@ -32,7 +32,8 @@ use crate::{
     config::{ActivityConfig, Config},
     stats::StatsBatch,
     store::types::{
-        code_rng, generate_code, ClaimRow, ImportReport, ReportData, StoreError, TicketImport, TicketReport, User,
+        code_rng, generate_code, ClaimRow, ImportReport, NewUser, ReportData, StoreError, TicketImport, TicketReport,
+        User,
     },
 };
 
@@ -67,6 +68,15 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), MongoError> {
     claims.create_index(index(doc! {"ticket_id": 1}, false)).await?;
     coll(db, "users")
         .create_index(index(doc! {"username": 1}, true))
+        .await?;
+    // Sparse: accounts from before look-alike keys, not keyed (yet), never collide.
+    coll(db, "users")
+        .create_index(
+            IndexModel::builder()
+                .keys(doc! {"skeleton": 1})
+                .options(IndexOptions::builder().unique(true).sparse(true).build())
+                .build(),
+        )
         .await?;
     // The report reads one activity's statistics; outcomes come ten rows a
     // second per outcome while a rush runs.
@@ -262,8 +272,44 @@ fn user_from(d: &Document) -> Option<User> {
 }
 
 /// A user document.
-pub fn user_doc(id: u64, username: &str, nickname: &str, hash: &str, now_ms: i64) -> Document {
-    doc! {"_id": id as i64, "username": username, "nickname": nickname, "password_hash": hash, "created_at_ms": now_ms}
+pub fn user_doc(id: u64, user: &NewUser) -> Document {
+    doc! {
+        "_id": id as i64, "username": &user.username, "skeleton": &user.skeleton, "nickname": &user.nickname,
+        "password_hash": &user.password_hash, "created_at_ms": user.created_at_ms,
+    }
+}
+
+/// Keys the accounts without a skeleton (see `Store::index_skeletons`).
+pub async fn index_skeletons(db: &Database, skeleton: fn(&str) -> String) -> Result<usize, MongoError> {
+    let users = coll(db, "users");
+    let mut unkeyed = users
+        .find(doc! {"skeleton": {"$exists": false}})
+        .projection(doc! {"username": 1})
+        .sort(doc! {"_id": 1})
+        .await?;
+    let mut keyed = 0;
+    while let Some(d) = unkeyed.try_next().await? {
+        let (Some(id), Ok(name)) = (d.get("_id"), d.get_str("username")) else {
+            continue;
+        };
+        let set = users
+            .update_one(
+                doc! {"_id": id, "skeleton": {"$exists": false}},
+                doc! {"$set": {"skeleton": skeleton(name)}},
+            )
+            .await;
+        match set {
+            Ok(r) => keyed += r.modified_count as usize,
+            // A look-alike keyed first keeps the key.
+            Err(e) if is_duplicate(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(keyed)
+}
+
+fn is_duplicate(e: &MongoError) -> bool {
+    matches!(e.kind.as_ref(), ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) if w.code == DUPLICATE_KEY)
 }
 
 /// Inserts user documents; returns the indexes refused as duplicates (a
@@ -272,15 +318,15 @@ pub async fn insert_users(db: &Database, docs: Vec<Document>) -> Result<HashSet<
     insert_unordered(&coll(db, "users"), docs).await
 }
 
-/// Which of `names` are registered.
-pub async fn existing_usernames(db: &Database, names: &[&str]) -> Result<HashSet<String>, MongoError> {
+/// Which of `values` of `field` (`username` or `skeleton`) are registered.
+pub async fn existing(db: &Database, field: &str, values: &[&str]) -> Result<HashSet<String>, MongoError> {
     let mut cursor = coll(db, "users")
-        .find(doc! {"username": {"$in": names}})
-        .projection(doc! {"username": 1})
+        .find(doc! {field: {"$in": values}})
+        .projection(doc! {field: 1})
         .await?;
     let mut out = HashSet::new();
     while let Some(d) = cursor.try_next().await? {
-        out.insert(text(&d, "username"));
+        out.insert(text(&d, field));
     }
     Ok(out)
 }

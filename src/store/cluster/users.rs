@@ -4,8 +4,8 @@
 use super::{error::ClusterError, mongo, scripts, shared::Shared};
 use crate::store::types::NewUser;
 
-/// Registers `users`; per user, its new id, or `None` when the username is
-/// taken. Ids come from one Redis counter (`INCRBY`, atomic across nodes);
+/// Registers `users`; per user, its new id, or `None` when the username or
+/// its skeleton is taken. Ids come from one Redis counter (`INCRBY`, atomic across nodes);
 /// an id MongoDB already has (the counter was lost) raises the counter past
 /// the highest id in use and is retried.
 pub(super) async fn insert_new_users(shared: &Shared, users: &[NewUser]) -> Result<Vec<Option<u64>>, ClusterError> {
@@ -25,16 +25,7 @@ pub(super) async fn insert_new_users(shared: &Shared, users: &[NewUser]) -> Resu
         let docs = pending
             .iter()
             .enumerate()
-            .map(|(k, &i)| {
-                let u = &users[i];
-                mongo::user_doc(
-                    first + k as u64,
-                    &u.username,
-                    &u.nickname,
-                    &u.password_hash,
-                    u.created_at_ms,
-                )
-            })
+            .map(|(k, &i)| mongo::user_doc(first + k as u64, &users[i]))
             .collect();
         let refused = mongo::insert_users(&shared.db, docs).await?;
         for (k, &i) in pending.iter().enumerate() {
@@ -51,11 +42,15 @@ pub(super) async fn insert_new_users(shared: &Shared, users: &[NewUser]) -> Resu
         pending = if refused.is_empty() {
             Vec::new()
         } else {
+            // Refused for a taken username or skeleton, or for an id in use
+            // (retried with new ids).
             let names: Vec<&str> = refused.iter().map(|&i| users[i].username.as_str()).collect();
-            let taken = mongo::existing_usernames(&shared.db, &names).await?;
+            let skeletons: Vec<&str> = refused.iter().map(|&i| users[i].skeleton.as_str()).collect();
+            let taken = mongo::existing(&shared.db, "username", &names).await?;
+            let alike = mongo::existing(&shared.db, "skeleton", &skeletons).await?;
             refused
                 .into_iter()
-                .filter(|&i| !taken.contains(&users[i].username))
+                .filter(|&i| !taken.contains(&users[i].username) && !alike.contains(&users[i].skeleton))
                 .collect()
         };
         if !pending.is_empty() {

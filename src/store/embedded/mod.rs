@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS users (
     username      TEXT NOT NULL UNIQUE,
     nickname      TEXT NOT NULL,
     password_hash TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL
+    created_at_ms INTEGER NOT NULL,
+    skeleton      TEXT
 );
 CREATE TABLE IF NOT EXISTS activities (
     id             TEXT PRIMARY KEY,
@@ -190,6 +191,21 @@ fn migrate_outcomes(conn: &mut Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Gives a store from before look-alike keys its `users.skeleton` column
+/// and the unique index on it (NULLs, the accounts not keyed yet, never
+/// collide). Idempotent; run by the process holding the directory's lock.
+fn migrate_skeletons(conn: &Connection) -> rusqlite::Result<()> {
+    let has: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('users') WHERE name = 'skeleton')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has {
+        conn.execute_batch("ALTER TABLE users ADD COLUMN skeleton TEXT")?;
+    }
+    conn.execute_batch("CREATE UNIQUE INDEX IF NOT EXISTS users_skeleton ON users (skeleton)")
+}
+
 /// Opens (creating if needed) the database at `path` with the schema.
 fn open_db(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
@@ -225,6 +241,7 @@ impl EmbeddedStore {
             // an earlier version may be serving it (an inspection, or a
             // tool beside a node, reads what is there).
             migrate_outcomes(&mut conn)?;
+            migrate_skeletons(&conn)?;
         }
         // Every claim in this store was handed out by the node that owns it.
         let node = config.node_id();
@@ -455,23 +472,41 @@ impl EmbeddedStore {
         Ok(found.is_some())
     }
 
-    pub(super) fn create_user(&self, username: &str, nickname: &str, password_hash: &str) -> Result<User, StoreError> {
+    pub(super) fn create_user(&self, user: &NewUser) -> Result<User, StoreError> {
         let conn = self.db.lock();
-        let now = crate::clock::now_ms();
+        // Ignored when the username or its skeleton is taken.
         let inserted = conn.execute(
-            "INSERT OR IGNORE INTO users (username, nickname, password_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
-            params![username, nickname, password_hash, now],
+            "INSERT OR IGNORE INTO users (username, skeleton, nickname, password_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![user.username, user.skeleton, user.nickname, user.password_hash, user.created_at_ms],
         )?;
         if inserted == 0 {
             return Err(StoreError::UsernameTaken);
         }
         Ok(User {
             id: conn.last_insert_rowid() as u64,
-            username: username.to_owned(),
-            nickname: nickname.to_owned(),
-            password_hash: password_hash.to_owned(),
-            created_at_ms: now,
+            username: user.username.clone(),
+            nickname: user.nickname.clone(),
+            password_hash: user.password_hash.clone(),
+            created_at_ms: user.created_at_ms,
         })
+    }
+
+    pub(super) fn index_skeletons(&self, skeleton: fn(&str) -> String) -> Result<usize, StoreError> {
+        let mut conn = self.db.lock();
+        let tx = conn.transaction()?;
+        let mut keyed = 0;
+        {
+            let mut unkeyed = tx.prepare("SELECT id, username FROM users WHERE skeleton IS NULL ORDER BY id")?;
+            let rows: Vec<(i64, String)> = unkeyed
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            let mut set = tx.prepare("UPDATE OR IGNORE users SET skeleton = ?1 WHERE id = ?2 AND skeleton IS NULL")?;
+            for (id, username) in rows {
+                keyed += set.execute(params![skeleton(&username), id])?;
+            }
+        }
+        tx.commit()?;
+        Ok(keyed)
     }
 
     pub(super) fn create_users(&self, users: &[NewUser]) -> Result<usize, StoreError> {
@@ -480,10 +515,16 @@ impl EmbeddedStore {
         let mut created = 0;
         {
             let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO users (username, nickname, password_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT OR IGNORE INTO users (username, skeleton, nickname, password_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             for u in users {
-                created += insert.execute(params![u.username, u.nickname, u.password_hash, u.created_at_ms])?;
+                created += insert.execute(params![
+                    u.username,
+                    u.skeleton,
+                    u.nickname,
+                    u.password_hash,
+                    u.created_at_ms
+                ])?;
             }
         }
         tx.commit()?;
