@@ -1320,7 +1320,13 @@ async fn look_alike_usernames_are_taken_across_nodes() {
         .unwrap();
     assert_error(&res, 409, "USERNAME_TAKEN");
 
+    // As a store from before skeletons: an account without one, and no
+    // mark that accounts were keyed.
     let db = cluster.mongo().await;
+    db.collection::<Document>("meta")
+        .delete_one(doc! {"_id": "migration.skeletons"})
+        .await
+        .unwrap();
     db.collection::<Document>("users")
         .insert_one(doc! {
             "_id": 100_000_i64, "username": "oldtimer", "nickname": "Old",

@@ -9,7 +9,7 @@
 //!                                                          unique (activity_id, user_id, n)
 //! users       {_id: id, username, nickname, password_hash, created_at_ms}  unique username
 //! counters    {_id: "users", seq}
-//! meta        {_id: "secret.<name>", value}
+//! meta        {_id: "secret.<name>", value}, {_id: "migration.skeletons", at_ms}
 //! revoked_sessions, stats_outcome_ticks (stats_outcomes: earlier versions'), stats_sources, stats_latency
 //! ```
 //!
@@ -279,8 +279,16 @@ pub fn user_doc(id: u64, user: &NewUser) -> Document {
     }
 }
 
-/// Keys the accounts without a skeleton (see `Store::index_skeletons`).
+/// Keys the accounts without a skeleton (see `Store::index_skeletons`),
+/// once: the pass scans every account (the sparse index cannot find the
+/// ones without the field), so its end is marked in `meta` and later starts
+/// skip it. Accounts since then are written with their skeletons.
 pub async fn index_skeletons(db: &Database, skeleton: fn(&str) -> String) -> Result<usize, MongoError> {
+    const DONE: &str = "migration.skeletons";
+    let meta = coll(db, "meta");
+    if meta.find_one(doc! {"_id": DONE}).await?.is_some() {
+        return Ok(0);
+    }
     let users = coll(db, "users");
     let mut unkeyed = users
         .find(doc! {"skeleton": {"$exists": false}})
@@ -305,6 +313,9 @@ pub async fn index_skeletons(db: &Database, skeleton: fn(&str) -> String) -> Res
             Err(e) => return Err(e),
         }
     }
+    meta.update_one(doc! {"_id": DONE}, doc! {"$set": {"at_ms": crate::clock::now_ms()}})
+        .upsert(true)
+        .await?;
     Ok(keyed)
 }
 
