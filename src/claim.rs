@@ -280,6 +280,18 @@ impl Claimer {
 
     async fn decide(&self, catalog: &Catalog, req: ClaimRequest<'_>) -> Result<Claimed, Rejection> {
         let activity = catalog.activity(req.activity_id).ok_or(Rejection::UnknownActivity)?;
+        // A retry of a claim already made gets that claim, whatever changed
+        // since: paused, ended, a claim token gone stale. Its first answer may
+        // have been lost; answering PAUSED now would hide a ticket the fan
+        // holds, and a client that took that as final would try again with
+        // a new key. (Read-only, and only for a request with a key.)
+        if let Some(Reservation::Replay(claim)) = req
+            .idempotency_key
+            .as_deref()
+            .and_then(|key| activity.ledger.peek(req.user_id, u32::MAX, Some(key)))
+        {
+            return Ok(Claimed { claim, replayed: true });
+        }
         let now = now_ms();
         check_window(activity, now)?;
         activity.admits_account(req.account_created_ms)?;

@@ -161,6 +161,40 @@ async fn an_idempotency_key_returns_the_same_code_and_never_a_second() {
         .await
         .unwrap();
     assert_error(&bad, 400, "INVALID_IDEMPOTENCY_KEY");
+
+    // A retry is answered with its claim whatever changed since, here the
+    // sale paused and the claim token left out: the first answer may have
+    // been lost, and a client told PAUSED would never see the ticket it
+    // holds. (Before, the pause was checked first.) A new key is refused.
+    let paused = base_config() + &idem.replace("per_user_limit = 2", "per_user_limit = 2\npaused = true");
+    assert_ne!(paused, base_config() + &idem);
+    assert_eq!(app.reload(&paused)["message"], "Config reloaded.");
+    let replay = post("key-1").await;
+    assert_eq!(
+        (replay.status, &replay.data()["code"]),
+        (200, &a.data()["code"]),
+        "{}",
+        replay.body
+    );
+    let bare = json!({ "actId": "idem" });
+    let res = app
+        .client
+        .call(
+            http::Method::POST,
+            "/ticket/get",
+            Some(&token),
+            Some(&bare),
+            &[("Idempotency-Key", "key-2")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (res.status, &res.data()["code"]),
+        (200, &b.data()["code"]),
+        "{}",
+        res.body
+    );
+    assert_error(&post("key-3").await, 409, "PAUSED");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
