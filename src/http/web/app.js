@@ -24,6 +24,7 @@ const WORDS = {
     gaveUp: 'Press the button to try again (a new try never gets you a second ticket).',
     reload: 'Reload the page to try again.', tryAgainIn: 'Try again in',
     typeSoldOut: 'This ticket type is sold out; another may have tickets left.',
+    gotEarlier: 'An earlier try of yours got a ticket.',
     queue: 'Waiting room', lottery: 'Lottery', joinQueue: 'Join the waiting room', enterLottery: 'Enter the draw',
     queueOpensIn: 'The waiting room opens in', joined: 'You are in.',
     drawNote: 'Everyone who joins before the draw gets a random place: joining early gives no advantage.',
@@ -48,6 +49,7 @@ const WORDS = {
     gaveUp: '请再按一次按钮重试（再试不会让你多得一张票）。',
     reload: '请刷新页面重试。', tryAgainIn: '请稍后再试：',
     typeSoldOut: '这个票种已抢完，其他票种可能还有。',
+    gotEarlier: '你之前的一次尝试已抢到票。',
     queue: '排队', lottery: '抽签', joinQueue: '进入排队', enterLottery: '参加抽签',
     queueOpensIn: '距开放排队', joined: '你已加入。',
     drawNote: '抽签前加入的人随机排序：早加入没有优势。',
@@ -185,21 +187,25 @@ function randomKey() {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
 }
 
-/** The Idempotency-Key of a grab whose outcome is not known yet, per
- * activity and ticket type, kept in sessionStorage until an answer settles
- * it. A fan who tries again after an answer was lost — once the page gave
- * up, after a reload, or back from another page — sends the same key and
- * gets the code the first try took, never a second one. (The server keeps
- * keys per account, so another account in this tab cannot collide.) */
+/** The Idempotency-Key of a grab whose outcome is not known, per activity,
+ * kept in sessionStorage until a claim is seen to succeed. A fan who tries
+ * again after an answer was lost — once the page gave up, after a reload,
+ * back from another page, with another ticket type picked, after a pause —
+ * sends the same key, and the server answers a retry of a claim it made
+ * with that claim, whatever else changed. Keeping a key longer is always
+ * safe (a key without a claim claims); dropping it early is what could
+ * hand out a second ticket. (Keys are per account on the server, so
+ * another account in this tab cannot collide.) */
 const claimKeys = {
-  name: (actId, ticketId) => `ticketd.claimKey.${actId}.${ticketId || ''}`,
-  take(actId, ticketId) {
-    const name = this.name(actId, ticketId);
+  name: (actId) => `ticketd.claimKey.${actId}`,
+  pending(actId) { return sessionStorage.getItem(this.name(actId)) !== null; },
+  take(actId) {
+    const name = this.name(actId);
     let key = sessionStorage.getItem(name);
     if (!key) { key = randomKey(); sessionStorage.setItem(name, key); }
     return key;
   },
-  settle(actId, ticketId) { sessionStorage.removeItem(this.name(actId, ticketId)); },
+  settle(actId) { sessionStorage.removeItem(this.name(actId)); },
 };
 
 /** One request; never throws: `{ok, status, data, error, retryAfter}`. */
@@ -248,9 +254,9 @@ function errorText(error) {
   return `${known || words.OTHER} ${error.message || error.code}`;
 }
 
-/** While waiting to try again: what happened, and when the next try goes. */
-function retryingNotice(res) {
-  return notice('', `${errorText(res.error)} ${t('retrying')} ${Math.max(1, res.retryAfter)}${t('seconds')}`);
+/** While waiting `ms` to try again: what happened, and when the next try goes. */
+function retryingNotice(res, ms) {
+  return notice('', `${errorText(res.error)} ${t('retrying')} ${Math.ceil(ms / 1000)}${t('seconds')}`);
 }
 /** A request given up on: after retries, the fan is asked to try again (the
  * sentences of retryable codes say "retrying", which is no longer true). */
@@ -277,8 +283,9 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 /** Waits as long as the server asked, plus a random share of a window that
  * doubles with each try ("full jitter"), so thousands of fans told the same
  * Retry-After do not come back together. */
-const backoff = (seconds, tries = 1) =>
-  sleep(Math.max(1, seconds) * 1000 + Math.random() * Math.min(8000, 500 * 2 ** tries));
+const retryDelay = (seconds, tries = 1) =>
+  Math.max(1, seconds) * 1000 + Math.random() * Math.min(8000, 500 * 2 ** tries);
+const backoff = (seconds, tries = 1) => sleep(retryDelay(seconds, tries));
 
 // ---------------------------------------------------------------- views
 function statusOf(a, now) {
@@ -371,7 +378,7 @@ async function detailView(actId) {
       : h('p', {}, h('a', { href: `#/login?next=${encodeURIComponent(location.hash)}`, id: 'login-to-grab' }, t('loginToGrab'))),
     result,
   );
-  if (a.claims?.length && a.claims.length >= a.perUserLimit) {
+  if (a.claims?.length) {
     result.replaceChildren(notice('ok', t('held'), ' ', codesList(a.claims.map((c) => c.code))));
   }
   let refreshing = false;
@@ -527,8 +534,13 @@ async function grab(a, ticketId, button, progress, result) {
   button.textContent = t('grabbing');
   // One key for every retry, and for the next grab while this one's outcome
   // is unknown: a retry can never claim twice.
-  const key = claimKeys.take(a.actId, ticketId);
-  const settled = (node) => { claimKeys.settle(a.actId, ticketId); result.replaceChildren(node); };
+  let resumed = claimKeys.pending(a.actId);
+  const key = claimKeys.take(a.actId);
+  const got = (res) => {
+    claimKeys.settle(a.actId);
+    result.replaceChildren(notice('ok', h('p', {}, t('success')),
+      h('p', { class: 'code', id: 'claimed-code' }, res.data.code), h('a', { href: '#/mine' }, t('seeMine'))));
+  };
   let body = null;
   try {
     if (!store.token) return result.replaceChildren(loginPrompt('UNAUTHORIZED'));
@@ -536,8 +548,9 @@ async function grab(a, ticketId, button, progress, result) {
       if (!body) {
         const detail = await api('GET', `/act/detail?actId=${encodeURIComponent(a.actId)}`);
         if (!detail.ok && retryable(detail) && tries < MAX_TRIES) {
-          result.replaceChildren(retryingNotice(detail));
-          await backoff(detail.retryAfter, tries);
+          const ms = retryDelay(detail.retryAfter, tries);
+          result.replaceChildren(retryingNotice(detail, ms));
+          await sleep(ms);
           continue;
         }
         if (!detail.ok && RELOGIN.includes(detail.error.code)) return result.replaceChildren(loginPrompt(detail.error.code));
@@ -549,7 +562,14 @@ async function grab(a, ticketId, button, progress, result) {
         // claim goes out without one, for the server to say why.
         if (!a.claimToken && a.accountAdmitted !== false) {
           const code = { soldout: 'SOLD_OUT', paused: 'PAUSED', ended: 'ENDED' }[statusOf(a, serverNow())] || 'NOT_STARTED';
-          return settled(notice('bad', errorText({ code })));
+          if (resumed) {
+            // An earlier grab's answer was lost: it may hold the ticket that
+            // sold the sale out. Its key asks (no claim token needed for that).
+            resumed = false;
+            const res = await api('POST', '/ticket/get', { actId: a.actId }, { 'Idempotency-Key': key });
+            if (res.ok) return got(res);
+          }
+          return result.replaceChildren(notice('bad', errorText({ code })));
         }
         body = { actId: a.actId, claimToken: a.claimToken };
         if (ticketId) body.ticketId = ticketId;
@@ -559,26 +579,28 @@ async function grab(a, ticketId, button, progress, result) {
         }
       }
       const res = await api('POST', '/ticket/get', body, { 'Idempotency-Key': key });
-      if (res.ok) {
-        return settled(notice('ok', h('p', {}, t('success')),
-          h('p', { class: 'code', id: 'claimed-code' }, res.data.code), h('a', { href: '#/mine' }, t('seeMine'))));
-      }
+      if (res.ok) return got(res);
       const code = res.error.code;
       if (code === 'LIMIT_REACHED') {
-        return settled(notice('bad', h('p', {}, errorText(res.error)), h('p', {}, t('yourCodes')),
+        return result.replaceChildren(notice('bad', h('p', {}, errorText(res.error)), h('p', {}, t('yourCodes')),
           codesList(res.error.codes || [])));
+      }
+      if (code === 'IDEMPOTENCY_KEY_REUSED') {
+        // The lost grab got a ticket of another type: it is in "my tickets".
+        claimKeys.settle(a.actId);
+        return result.replaceChildren(notice('ok', t('gotEarlier'), ' ', h('a', { href: '#/mine' }, t('seeMine'))));
       }
       if (code.startsWith('CLAIM_TOKEN') || code === 'POW_REQUIRED') { body = null; continue; }
       if (RELOGIN.includes(code)) return result.replaceChildren(loginPrompt(code));
       if (!retryable(res)) {
         // One ticket type of several sold out: the others may not be.
         const one = code === 'SOLD_OUT' && ticketId && a.tickets.length > 1;
-        return settled(notice('bad', one ? t('typeSoldOut') : errorText(res.error)));
+        return result.replaceChildren(notice('bad', one ? t('typeSoldOut') : errorText(res.error)));
       }
-      // Retryable: the outcome may be unknown, so the key stays for the next try.
       if (tries === MAX_TRIES) return result.replaceChildren(failedNotice(res.error, true));
-      result.replaceChildren(retryingNotice(res));
-      await backoff(res.retryAfter, tries);
+      const ms = retryDelay(res.retryAfter, tries);
+      result.replaceChildren(retryingNotice(res, ms));
+      await sleep(ms);
     }
     result.replaceChildren(notice('bad', errorText({ code: 'CLAIM_TOKEN_EXPIRED' })));
   } finally {
@@ -622,12 +644,16 @@ function accountView(mode) {
           message.replaceChildren(notice('bad', `${errorText(res.error)} ${t('tryAgainIn')} ${countdownText(res.retryAfter * 1000)}`));
           return;
         }
-        if (!retryable(res) || tries === MAX_TRIES) {
-          message.replaceChildren(failedNotice(res.error, retryable(res)));
+        // A registration whose answer was lost may have made the account:
+        // a retry would be told the name is taken. The fan logs in instead.
+        const unknown = mode === 'register' && (res.status === 0 || res.status >= 500) && res.error.code !== 'BUSY';
+        if (!retryable(res) || unknown || tries === MAX_TRIES) {
+          message.replaceChildren(failedNotice(res.error, retryable(res) && !unknown));
           return;
         }
-        message.replaceChildren(retryingNotice(res));
-        await backoff(res.retryAfter, tries);
+        const ms = retryDelay(res.retryAfter, tries);
+        message.replaceChildren(retryingNotice(res, ms));
+        await sleep(ms);
       }
     } finally {
       submit.disabled = false;
