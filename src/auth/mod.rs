@@ -39,6 +39,7 @@ pub use username::Username;
 use crate::{
     clock::now_ms,
     config::Config,
+    metrics::{self, Rejected},
     store::{Store, StoreError, User},
 };
 
@@ -257,8 +258,6 @@ impl Auth {
         Ok((user, token))
     }
 
-    /// Waits for a turn to hash (argon2 is rationed: see the module docs);
-    /// `Busy` at once when the queue is full too.
     /// Password hashes running and logins or registrations waiting for a
     /// turn, for `/metrics`: a login flood shows here before it shows as
     /// `BUSY` answers.
@@ -270,6 +269,8 @@ impl Auth {
         )
     }
 
+    /// Waits for a turn to hash (argon2 is rationed: see the module docs);
+    /// `Busy` at once when the queue is full too.
     async fn hashing_turn(&self) -> Result<OwnedSemaphorePermit, AuthError> {
         if let Ok(turn) = self.hashing.clone().try_acquire_owned() {
             return Ok(turn);
@@ -320,6 +321,8 @@ impl Auth {
                 }
                 _ => {
                     attempt.failed(std::time::Instant::now());
+                    // Counted here too, hung-up attempts included.
+                    metrics::global().reject(Rejected::LoginFailed);
                     Err(AuthError::BadCredentials)
                 }
             }

@@ -58,9 +58,11 @@ impl Username {
         if !single_script(&key) {
             return Err("username must not mix letters of different scripts".into());
         }
-        // Letters UTS #39 restricts from identifiers (obsolete, technical,
-        // small capitals such as `ᴀ`): look-alikes the skeleton does not map.
-        if let Some(c) = key.chars().find(|&c| c.is_alphanumeric() && !c.identifier_allowed()) {
+        // Letters UTS #39 keeps out of identifiers as obsolete, technical or
+        // uncommon (small capitals such as `ᴀ`): look-alikes the skeleton
+        // does not map. Scripts of limited use (Cherokee, Yi, N'Ko, …) are
+        // living scripts, and allowed.
+        if let Some(c) = key.chars().find(|&c| c.is_alphanumeric() && !usable_letter(c)) {
             return Err(format!(
                 "username must not contain the letter {c} (U+{:04X})",
                 u32::from(c)
@@ -99,12 +101,13 @@ impl Username {
     }
 }
 
-/// The skeleton of an identity key: UTS #39's skeleton (NFD, each character
-/// replaced by the prototype it is confusable with, NFD), under
-/// [`identity_key`] again, since prototypes may be capitals (`ᴀ` → `A`).
-/// Two usernames with one skeleton look alike.
-pub fn skeleton_key(key: &str) -> String {
-    let skeleton: String = unicode_security::confusable_detection::skeleton(key).collect();
+/// The skeleton of a username: UTS #39's skeleton (NFD, each character
+/// replaced by the prototype it is confusable with, NFD) of its
+/// [`identity_key`], keyed again, since prototypes may be capitals. Two
+/// usernames with one skeleton look alike. (Of an identity key, or of a
+/// name stored before usernames were normalised: the same either way.)
+pub fn skeleton_key(name: &str) -> String {
+    let skeleton: String = unicode_security::confusable_detection::skeleton(&identity_key(name)).collect();
     identity_key(&skeleton)
 }
 
@@ -151,6 +154,13 @@ fn is_invisible(c: char) -> bool {
     )
 }
 
+/// Whether UTS #39 lets `c` into identifiers: recommended, an inclusion,
+/// or of a script in limited (but living) use.
+fn usable_letter(c: char) -> bool {
+    use unicode_security::general_security_profile::IdentifierType as T;
+    c.identifier_allowed() || matches!(c.identifier_type(), Some(T::Limited_Use))
+}
+
 /// Whether the letters of `s` come from one script, or from one of the
 /// combinations UTS #39's "highly restrictive" level allows.
 fn single_script(s: &str) -> bool {
@@ -186,6 +196,12 @@ mod tests {
         for raw in ["аdmin", "ᴀdmin", "adᴍin"] {
             assert!(Username::parse(raw).is_err(), "{raw}");
         }
+        // Living scripts of limited use are names like any other.
+        for raw in ["ᏣᎳᎩ", "ꆈꌠꁱꂷ", "ߒߞߏ"] {
+            assert!(Username::parse(raw).is_ok(), "{raw}: {:?}", Username::parse(raw));
+        }
+        // A name stored before normalisation keys like its normal form.
+        assert_eq!(skeleton_key("ADMIN"), skeleton_key("admin"));
         assert_eq!(
             Username::parse("victirn").unwrap().skeleton(),
             Username::parse("victim").unwrap().skeleton()

@@ -32,6 +32,11 @@ pub enum StoreError {
     /// The store has no such activity (run `ticketd import` or `ticketd serve` first).
     #[error("the store has no activity `{0}` (run `ticketd import` or `ticketd serve` first)")]
     UnknownActivity(String),
+    /// The data directory's tables predate look-alike keys for usernames,
+    /// and another process (an older node) owns it, so this one may not
+    /// upgrade them.
+    #[error("the store predates look-alike keys for usernames: stop the node serving it, or run this version's node on it once")]
+    NeedsUpgrade,
     /// The username exists already.
     #[error("the username, or one that looks like it, is taken")]
     UsernameTaken,

@@ -1300,8 +1300,9 @@ async fn with_redis_down_a_node_without_codes_says_the_store_is_unavailable() {
 
 /// Look-alike usernames in cluster mode: registered through different
 /// nodes, `victirn` is taken by `victim` (MongoDB's unique, sparse index on
-/// the skeleton); an account stored before skeletons (no such field) is
-/// keyed when a tool or node starts, and its look-alike is then skipped by
+/// the skeleton); an account stored without a skeleton after the nodes
+/// keyed the old ones (an older node's, during a rolling upgrade) is keyed
+/// when a tool or node starts, and its look-alike is then skipped by
 /// `ticketd user import`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn look_alike_usernames_are_taken_across_nodes() {
@@ -1320,13 +1321,7 @@ async fn look_alike_usernames_are_taken_across_nodes() {
         .unwrap();
     assert_error(&res, 409, "USERNAME_TAKEN");
 
-    // As a store from before skeletons: an account without one, and no
-    // mark that accounts were keyed.
     let db = cluster.mongo().await;
-    db.collection::<Document>("meta")
-        .delete_one(doc! {"_id": "migration.skeletons"})
-        .await
-        .unwrap();
     db.collection::<Document>("users")
         .insert_one(doc! {
             "_id": 100_000_i64, "username": "oldtimer", "nickname": "Old",

@@ -743,11 +743,16 @@ async fn a_login_that_hangs_up_mid_hash_still_counts() {
     for _ in 0..2 {
         let mut victim = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
         victim.write_all(request.as_bytes()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
         while metric(&app, running).await == 0.0 {
+            // A hash that began and ended between two looks would leave the
+            // test waiting: say so rather than hang.
+            assert!(Instant::now() < deadline, "the hash was never seen running");
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         drop(victim); // hang up while the password is hashed
         while metric(&app, running).await > 0.0 {
+            assert!(Instant::now() < deadline, "the hash never ended");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

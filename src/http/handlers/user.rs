@@ -90,10 +90,7 @@ pub async fn login(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Resu
             }
             Ok(logged_in(&user, &token))
         }
-        Err(AuthError::BadCredentials) => {
-            m.reject(Rejected::LoginFailed);
-            Err(AuthError::BadCredentials.into())
-        }
+        Err(AuthError::BadCredentials) => Err(AuthError::BadCredentials.into()),
         // Not a verdict on the password (hashing busy, store down): the
         // attempt was given back uncounted.
         Err(e) => {

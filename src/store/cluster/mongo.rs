@@ -9,7 +9,7 @@
 //!                                                          unique (activity_id, user_id, n)
 //! users       {_id: id, username, nickname, password_hash, created_at_ms}  unique username
 //! counters    {_id: "users", seq}
-//! meta        {_id: "secret.<name>", value}, {_id: "migration.skeletons", at_ms}
+//! meta        {_id: "secret.<name>", value}, {_id: "migration.skeletons", upto}
 //! revoked_sessions, stats_outcome_ticks (stats_outcomes: earlier versions'), stats_sources, stats_latency
 //! ```
 //!
@@ -279,19 +279,20 @@ pub fn user_doc(id: u64, user: &NewUser) -> Document {
     }
 }
 
-/// Keys the accounts without a skeleton (see `Store::index_skeletons`),
-/// once: the pass scans every account (the sparse index cannot find the
-/// ones without the field), so its end is marked in `meta` and later starts
-/// skip it. Accounts since then are written with their skeletons.
+/// Keys the accounts without a skeleton (see `Store::index_skeletons`).
+/// The sparse index cannot find documents without the field, so a pass
+/// scans by id, from the highest id the last pass saw (kept in `meta`):
+/// the first pass reads every account, later ones only accounts made since,
+/// such as those an older node wrote without a skeleton during a rolling
+/// upgrade.
 pub async fn index_skeletons(db: &Database, skeleton: fn(&str) -> String) -> Result<usize, MongoError> {
-    const DONE: &str = "migration.skeletons";
+    const MARK: &str = "migration.skeletons";
     let meta = coll(db, "meta");
-    if meta.find_one(doc! {"_id": DONE}).await?.is_some() {
-        return Ok(0);
-    }
+    let from = meta.find_one(doc! {"_id": MARK}).await?.map_or(0, |d| int(&d, "upto"));
+    let upto = i64::try_from(max_user_id(db).await?).unwrap_or(i64::MAX);
     let users = coll(db, "users");
     let mut unkeyed = users
-        .find(doc! {"skeleton": {"$exists": false}})
+        .find(doc! {"_id": {"$gt": from, "$lte": upto}, "skeleton": {"$exists": false}})
         .projection(doc! {"username": 1})
         .sort(doc! {"_id": 1})
         .await?;
@@ -313,9 +314,11 @@ pub async fn index_skeletons(db: &Database, skeleton: fn(&str) -> String) -> Res
             Err(e) => return Err(e),
         }
     }
-    meta.update_one(doc! {"_id": DONE}, doc! {"$set": {"at_ms": crate::clock::now_ms()}})
-        .upsert(true)
-        .await?;
+    if upto > from {
+        meta.update_one(doc! {"_id": MARK}, doc! {"$set": {"upto": upto}})
+            .upsert(true)
+            .await?;
+    }
     Ok(keyed)
 }
 

@@ -195,15 +195,18 @@ fn migrate_outcomes(conn: &mut Connection) -> rusqlite::Result<()> {
 /// and the unique index on it (NULLs, the accounts not keyed yet, never
 /// collide). Idempotent; run by the process holding the directory's lock.
 fn migrate_skeletons(conn: &Connection) -> rusqlite::Result<()> {
-    let has: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('users') WHERE name = 'skeleton')",
-        [],
-        |r| r.get(0),
-    )?;
-    if !has {
+    if !has_skeletons(conn)? {
         conn.execute_batch("ALTER TABLE users ADD COLUMN skeleton TEXT")?;
     }
     conn.execute_batch("CREATE UNIQUE INDEX IF NOT EXISTS users_skeleton ON users (skeleton)")
+}
+
+fn has_skeletons(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('users') WHERE name = 'skeleton')",
+        [],
+        |r| r.get(0),
+    )
 }
 
 /// Opens (creating if needed) the database at `path` with the schema.
@@ -493,6 +496,9 @@ impl EmbeddedStore {
 
     pub(super) fn index_skeletons(&self, skeleton: fn(&str) -> String) -> Result<usize, StoreError> {
         let mut conn = self.db.lock();
+        if !has_skeletons(&conn)? {
+            return Err(StoreError::NeedsUpgrade);
+        }
         let tx = conn.transaction()?;
         let mut keyed = 0;
         {
