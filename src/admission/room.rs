@@ -842,7 +842,13 @@ impl RoomState {
             // (see `Place::admission_durable`).
             state = PlaceState::Waiting;
         }
-        if state == PlaceState::Admitted && place.is_some_and(|p| now >= p.pass_expires_ms) {
+        // A pass past its time is retired by the admitter's next step, which
+        // alone knows a lapsed pass (passed over: the fan may join again) from
+        // a used one (done); until then it shows as it was (a claim with it
+        // is refused QUEUE_PASS_EXPIRED). Calling it done here sent fans
+        // whose pass lapsed a final state, with no way back in. A closed
+        // room steps no more: there the pass is over.
+        if state == PlaceState::Admitted && closed && place.is_some_and(|p| now >= p.pass_expires_ms) {
             state = PlaceState::Done;
         }
         if closed
@@ -987,6 +993,36 @@ mod tests {
         room.tick(|| 3_000, stock, &|_| 0);
         assert_eq!(room.status(1, 3_000, false).state, PlaceState::Waiting, "still in line");
         assert_eq!(room.summary().expired, 1);
+    }
+
+    /// A pass that lapsed unused, looked at before the admitter's next step
+    /// retired it, is not "done" (a final state: the page stops following
+    /// and offers no way back in). The step tells a lapsed pass (passed
+    /// over: join again) from a used one (done); until then it is still
+    /// the lapsed pass it was.
+    #[test]
+    fn a_lapsed_pass_is_not_done_before_the_step_says_which() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = Seed::generate();
+        let text = [
+            Event::Seed { seed: seed.to_hex() },
+            Event::Join { u: 1, t: 1 },
+            Event::Shuffle { t: 10 },
+            Event::Admit { u: 1, t: 11, x: 1_000 },
+        ]
+        .iter()
+        .map(|e| serde_json::to_string(e).unwrap() + "\n")
+        .collect::<String>();
+        std::fs::write(dir.path().join("a.log"), &text).unwrap();
+        let room = Room::open(dir.path(), "a".into(), settings()).unwrap();
+        assert_eq!(room.status(1, 999, false).state, PlaceState::Admitted);
+        assert_ne!(room.status(1, 1_001, false).state, PlaceState::Done, "before the step");
+        let stock = StockView {
+            remaining: 5,
+            settled: false,
+        };
+        room.tick(|| 1_002, stock, &|_| 0);
+        assert_eq!(room.status(1, 1_002, false).state, PlaceState::PassedOver);
     }
 
     /// The admitter reads its clock holding the room: no status can come
