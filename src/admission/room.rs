@@ -160,8 +160,11 @@ pub enum JoinError {
         /// When it opens, Unix ms.
         opens_ms: i64,
     },
-    /// A lottery after its draw.
+    /// A lottery at or after its draw time.
     EntriesClosed,
+    /// A queue's start has come and its order is being drawn (until the
+    /// admitter's next step): a join now goes to the back once it is drawn.
+    Drawing,
     /// The room is closed: sold out or ended.
     Closed,
     /// `queue_capacity` places taken.
@@ -372,16 +375,27 @@ impl Room {
         if st.closed_ms.is_some() || now >= s.end_ms {
             return Err(JoinError::Closed);
         }
-        let lottery_closed = s.mode == AdmissionMode::Lottery && st.shuffled_ms.is_some();
+        // Entries close at the draw time itself, not at the admitter's step
+        // that draws (up to a step later): a join in between would be drawn.
+        let drawn = st.shuffled_ms.is_some();
+        let lottery_closed = s.mode == AdmissionMode::Lottery && (drawn || now >= s.shuffle_ms);
+        let drawing = !drawn && now >= s.shuffle_ms;
         if let Some(place) = st.places.get_mut(&user) {
             place.seen_ms = place.seen_ms.max(now);
-            if place.state != PlaceState::PassedOver || lottery_closed {
+            if place.state != PlaceState::PassedOver {
                 // The same place; answered once its join is on disk (it may
                 // still be in the batch being written).
                 return Ok(self.log.as_ref().map_or(0, RoomLog::last_appended));
             }
+            if lottery_closed {
+                // A lottery's lapsed pass is not a way back in: no entry
+                // is taken after the draw.
+                return Err(JoinError::EntriesClosed);
+            }
         } else if lottery_closed {
             return Err(JoinError::EntriesClosed);
+        } else if drawing {
+            return Err(JoinError::Drawing);
         }
         if st.order.len().saturating_sub(st.cursor) >= st.settings.capacity || st.order.len() >= u32::MAX as usize {
             return Err(JoinError::Full);
@@ -409,6 +423,16 @@ impl Room {
             Some(log) => log.sync(seq).await.map_err(|_| JoinError::Unavailable),
             None => Ok(()),
         }
+    }
+
+    /// The state of `user`'s place, if any, as this replica knows it.
+    pub fn place_state(&self, user: u64) -> Option<PlaceState> {
+        self.state.lock().places.get(&user).map(|p| p.state)
+    }
+
+    /// Whether this replica has seen the order drawn.
+    pub fn drawn(&self) -> bool {
+        self.state.lock().shuffled_ms.is_some()
     }
 
     /// `user`'s view at `now`; `touch` counts it as the fan being there.
@@ -993,6 +1017,47 @@ mod tests {
         room.tick(|| 3_000, stock, &|_| 0);
         assert_eq!(room.status(1, 3_000, false).state, PlaceState::Waiting, "still in line");
         assert_eq!(room.summary().expired, 1);
+    }
+
+    /// Entries close at the draw time, not at the admitter's step that
+    /// draws: a lottery join in between was drawn with the entrants (a
+    /// red-team run joined 3 and 13 ms late and was in the draw); a queue
+    /// join in between would be shuffled in rather than placed at the back,
+    /// so it is asked to come back (and then goes to the back). A lottery's
+    /// lapsed pass is no way back in.
+    #[test]
+    fn entries_close_at_the_draw_time_not_at_the_step() {
+        let stock = StockView {
+            remaining: 5,
+            settled: false,
+        };
+        let lottery = RoomSettings {
+            mode: AdmissionMode::Lottery,
+            ..settings()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let room = Room::open(dir.path(), "l".into(), lottery).unwrap();
+        room.join(1, 5).unwrap();
+        assert_eq!(room.join(2, 10), Err(JoinError::EntriesClosed), "at the draw time");
+        assert!(room.join(1, 10).is_ok(), "an entrant keeps its place");
+        room.tick(|| 11, stock, &|_| 0); // the draw
+        room.tick(|| 100, stock, &|_| 0); // the first admission
+        room.log.as_ref().unwrap().sync_now().unwrap();
+        assert_eq!(room.status(1, 100, false).state, PlaceState::Admitted);
+        // The pass lapses unused: passed over, and no new entry.
+        room.tick(|| 60_200, stock, &|_| 0);
+        assert_eq!(room.status(1, 60_200, false).state, PlaceState::PassedOver);
+        assert_eq!(room.join(1, 60_201), Err(JoinError::EntriesClosed));
+
+        let dir = tempfile::tempdir().unwrap();
+        let room = Room::open(dir.path(), "q".into(), settings()).unwrap();
+        room.join(1, 5).unwrap();
+        room.join(2, 6).unwrap();
+        assert_eq!(room.join(3, 10), Err(JoinError::Drawing), "being drawn");
+        room.tick(|| 12, stock, &|_| 0);
+        room.join(3, 12).unwrap();
+        let record = room.draw_record().unwrap();
+        assert_eq!(record.late, vec![3], "after the draw: at the back, not drawn");
     }
 
     /// A pass that lapsed unused, looked at before the admitter's next step

@@ -141,7 +141,9 @@ async fn answer(
     if route == Route::Unknown {
         return ApiError::not_found("ROUTE_NOT_FOUND", format!("no route for {}", req.uri().path())).into_response();
     }
-    if req.method() != allowed && !(allowed == Method::GET && req.method() == Method::HEAD) {
+    // A stream has no head-only form: `/queue/events` takes GET alone.
+    let head = allowed == Method::GET && route != Route::QueueEvents;
+    if req.method() != allowed && !(head && req.method() == Method::HEAD) {
         let mut res = ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "METHOD_NOT_ALLOWED",
@@ -150,7 +152,11 @@ async fn answer(
         .into_response();
         res.headers_mut().insert(
             header::ALLOW,
-            HeaderValue::from_static(if allowed == Method::GET { "GET, HEAD" } else { "POST" }),
+            HeaderValue::from_static(match allowed {
+                Method::GET if head => "GET, HEAD",
+                Method::GET => "GET",
+                _ => "POST",
+            }),
         );
         return res;
     }

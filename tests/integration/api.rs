@@ -446,6 +446,26 @@ async fn bad_input_gets_the_error_shape_never_a_panic() {
     assert_error(&res, 404, "ROUTE_NOT_FOUND");
     let res = app.client.get("/ticket/get", Some(&token)).await.unwrap();
     assert_error(&res, 405, "METHOD_NOT_ALLOWED");
+    // The event stream has no head-only form, and says so (it was a 404
+    // beside an Allow header that offered HEAD).
+    let head = app
+        .client
+        .call(http::Method::POST, "/queue/events?actId=x", Some(&token), None, &[])
+        .await
+        .unwrap();
+    assert_error(&head, 405, "METHOD_NOT_ALLOWED");
+    let raw = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
+        s.write_all(b"HEAD /queue/events?actId=x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    assert!(raw.starts_with("HTTP/1.1 405"), "{raw}");
+    assert!(raw.to_ascii_lowercase().contains("allow: get\r\n"), "{raw}");
     let res = app
         .client
         .call(http::Method::GET, "/act/detail?actId=%FF%FE", None, None, &[])

@@ -119,6 +119,12 @@ fn join_error(e: JoinError, activity: &Activity, now: i64) -> ApiError {
             "the waiting room is full; try again shortly",
         )
         .retry_after(5),
+        JoinError::Drawing => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "BUSY",
+            "the waiting room is drawing its order; join again in a moment (at the back)",
+        )
+        .retry_after(1),
         JoinError::Unavailable => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "STORE_UNAVAILABLE",
@@ -194,6 +200,16 @@ async fn join_shared(source: &RoomSource, room: &Room, user: u64, now: i64) -> R
         return Err(JoinError::Closed);
     }
     let lottery = s.mode == AdmissionMode::Lottery;
+    // As `Room::join`: entries close at the draw time, a lottery's lapsed
+    // pass is no way back in, and a queue being drawn takes no new place.
+    match room.place_state(user) {
+        Some(PlaceState::PassedOver) if lottery && (room.drawn() || now >= s.shuffle_ms) => {
+            return Err(JoinError::EntriesClosed)
+        }
+        None if lottery && now >= s.shuffle_ms => return Err(JoinError::EntriesClosed),
+        None if now >= s.shuffle_ms && !room.drawn() => return Err(JoinError::Drawing),
+        _ => {}
+    }
     let joined = source
         .join(&room.activity, user, now, lottery, s.capacity, room.lapsed_pass(user))
         .await

@@ -30,6 +30,7 @@ const WORDS = {
     drawNote: 'Everyone who joins before the draw gets a random place: joining early gives no advantage.',
     position: 'Your place', ahead: 'ahead of you', eta: 'Estimated wait', yourTurn: 'Your turn! Grab before',
     passedOver: 'Your turn ended without a claim; join again to queue at the back.',
+    passedOverDrawn: 'Your turn ended without a claim; the draw is over, so there is no new entry.',
     standby: 'Every ticket left is held for fans whose turn came; you move up if they do not claim.',
     entriesClosed: 'The draw has been made; entries are closed.', done: 'Your turn is over.',
     commitment: 'Draw commitment (SHA-256 of the seed)', seed: 'Revealed seed',
@@ -55,6 +56,7 @@ const WORDS = {
     drawNote: '抽签前加入的人随机排序：早加入没有优势。',
     position: '你的位置', ahead: '人在你前面', eta: '预计等待', yourTurn: '轮到你了！请在此之前抢票：',
     passedOver: '你的轮次已结束且未抢票，可重新加入，排到队尾。',
+    passedOverDrawn: '你的轮次已结束且未抢票；抽签已结束，不能再报名。',
     standby: '剩余的票都已留给轮到的人；若他们不领，你会往前排。',
     entriesClosed: '已开奖，报名已截止。', done: '你的轮次已结束。',
     commitment: '抽签承诺（种子的 SHA-256）', seed: '公开的种子',
@@ -433,7 +435,8 @@ async function waitingRoom(a, queue) {
       if (s.standby) lines.push(notice('', t('standby')));
     }
     if (s.state === 'admitted') lines.push(notice('ok', t('yourTurn'), ' ', when(Date.parse(s.passExpiresAt))));
-    if (s.state === 'passed_over') lines.push(notice('bad', t('passedOver')), joinButton());
+    // A lottery takes no entry after its draw: nothing to join again.
+    if (s.state === 'passed_over') lines.push(notice('bad', t(lottery ? 'passedOverDrawn' : 'passedOver')), lottery ? null : joinButton());
     if (s.state === 'sold_out') lines.push(notice('bad', errorText({ code: 'SOLD_OUT' })));
     if (s.state === 'entries_closed') lines.push(notice('bad', t('entriesClosed')));
     if (s.state === 'done') lines.push(notice('', t('done')));
