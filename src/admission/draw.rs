@@ -110,6 +110,12 @@ pub struct DrawRecord {
     /// Who joined after the shuffle, in arrival order, queued behind `order`
     /// (a fan passed over who joined again is here again).
     pub late: Vec<u64>,
+    /// `queue` or `lottery`, as the activity's page says (records written
+    /// before this field have none). A lottery takes no entry after its
+    /// draw, so its `late` must be empty: a drawn entrant moved there would
+    /// otherwise verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admission: Option<String>,
 }
 
 impl DrawRecord {
@@ -129,6 +135,18 @@ impl DrawRecord {
         }
         if self.entrants.windows(2).any(|w| w[0] >= w[1]) {
             return Err("the entrant list is not ascending without repeats".into());
+        }
+        match self.admission.as_deref() {
+            None | Some("queue") => {}
+            Some("lottery") if self.late.is_empty() => {}
+            Some("lottery") => {
+                return Err(format!(
+                    "a lottery takes no entry after its draw, yet {} user(s) are listed as late (first: {})",
+                    self.late.len(),
+                    self.late[0]
+                ))
+            }
+            Some(other) => return Err(format!("unknown admission `{other}` (expected `queue` or `lottery`)")),
         }
         let expected = shuffle(&seed, &self.entrants);
         if expected != self.order {
@@ -186,6 +204,7 @@ mod tests {
             entrants,
             order,
             late: vec![],
+            admission: Some("lottery".into()),
         }
     }
 
@@ -195,6 +214,14 @@ mod tests {
         let good = record(&seed, (1..=100).collect());
         assert_eq!(good.verify(), Ok(()));
         assert_ne!(good.order, good.entrants, "the order is shuffled");
+
+        // A lottery's drawn entrant moved to `late` (and the order drawn
+        // again without them) is caught; a queue's late arrivals are normal.
+        let mut demoted = record(&seed, (2..=100).collect());
+        demoted.late = vec![1];
+        assert!(demoted.verify().unwrap_err().contains("no entry after its draw"));
+        demoted.admission = Some("queue".into());
+        assert_eq!(demoted.verify(), Ok(()));
 
         let mut swapped = good.clone();
         swapped.order.swap(0, 1);
