@@ -941,6 +941,16 @@ impl RoomState {
 mod tests {
     use super::*;
 
+    /// A room in `dir` opened on a log of `events` (the first the seed's).
+    fn room_from(dir: &Path, events: &[Event]) -> Room {
+        let text: String = events
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap() + "\n")
+            .collect();
+        std::fs::write(dir.join("a.log"), text).unwrap();
+        Room::open(dir, "a".into(), settings()).unwrap()
+    }
+
     fn settings() -> RoomSettings {
         RoomSettings {
             mode: AdmissionMode::Queue,
@@ -1002,19 +1012,17 @@ mod tests {
     fn a_place_taken_again_after_a_lapse_is_not_retired_by_the_old_pass() {
         let dir = tempfile::tempdir().unwrap();
         let seed = Seed::generate();
-        let text = [
-            Event::Seed { seed: seed.to_hex() },
-            Event::Join { u: 1, t: 1 },
-            Event::Shuffle { t: 10 },
-            Event::Admit { u: 1, t: 11, x: 1_000 },
-            // The pass lapsed unused; the fan joined again.
-            Event::Join { u: 1, t: 2_000 },
-        ]
-        .iter()
-        .map(|e| serde_json::to_string(e).unwrap() + "\n")
-        .collect::<String>();
-        std::fs::write(dir.path().join("a.log"), &text).unwrap();
-        let room = Room::open(dir.path(), "a".into(), settings()).unwrap();
+        let room = room_from(
+            dir.path(),
+            &[
+                Event::Seed { seed: seed.to_hex() },
+                Event::Join { u: 1, t: 1 },
+                Event::Shuffle { t: 10 },
+                Event::Admit { u: 1, t: 11, x: 1_000 },
+                // The pass lapsed unused; the fan joined again.
+                Event::Join { u: 1, t: 2_000 },
+            ],
+        );
         assert_eq!(room.status(1, 2_500, false).state, PlaceState::Waiting);
         // Every code is spoken for: the step retires passes, admits nobody.
         let stock = StockView {
@@ -1076,17 +1084,15 @@ mod tests {
     fn a_lapsed_pass_is_not_done_before_the_step_says_which() {
         let dir = tempfile::tempdir().unwrap();
         let seed = Seed::generate();
-        let text = [
-            Event::Seed { seed: seed.to_hex() },
-            Event::Join { u: 1, t: 1 },
-            Event::Shuffle { t: 10 },
-            Event::Admit { u: 1, t: 11, x: 1_000 },
-        ]
-        .iter()
-        .map(|e| serde_json::to_string(e).unwrap() + "\n")
-        .collect::<String>();
-        std::fs::write(dir.path().join("a.log"), &text).unwrap();
-        let room = Room::open(dir.path(), "a".into(), settings()).unwrap();
+        let room = room_from(
+            dir.path(),
+            &[
+                Event::Seed { seed: seed.to_hex() },
+                Event::Join { u: 1, t: 1 },
+                Event::Shuffle { t: 10 },
+                Event::Admit { u: 1, t: 11, x: 1_000 },
+            ],
+        );
         assert_eq!(room.status(1, 999, false).state, PlaceState::Admitted);
         assert_ne!(room.status(1, 1_001, false).state, PlaceState::Done, "before the step");
         let stock = StockView {
