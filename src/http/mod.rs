@@ -11,12 +11,15 @@
 //!   `ops`) and `page`, the fans' page (`web/`, embedded by `build.rs`);
 //! - `streaming` serves waiting rooms' event streams beside hyper, on a
 //!   fraction of a hyper connection's memory;
+//! - `parse_errors` gives the answers hyper makes itself to requests it
+//!   cannot parse the JSON error shape;
 //! - [`access_log`] writes one JSON line per request, off the request path.
 
 pub mod access_log;
 pub mod error;
 mod handlers;
 pub mod lanes;
+mod parse_errors;
 pub mod request;
 pub mod router;
 pub mod server;

@@ -27,6 +27,7 @@ use tokio::{
 use super::{
     access_log::AccessLog,
     lanes::{Job, Lanes},
+    parse_errors::ShapedErrors,
     router::{self, Served, Surface},
     streaming,
 };
@@ -264,7 +265,7 @@ async fn serve_hyper(
         .header_read_timeout(header_read_timeout)
         .keep_alive(true)
         .max_buf_size(64 * 1024)
-        .serve_connection(TokioIo::new(stream), svc);
+        .serve_connection(TokioIo::new(ShapedErrors::new(stream)), svc);
     tokio::pin!(conn);
     let result = tokio::select! {
         res = conn.as_mut() => res,

@@ -689,3 +689,50 @@ async fn look_alike_usernames_within_one_script_are_taken() {
         .unwrap();
     assert_error(&res, 409, "USERNAME_TAKEN");
 }
+
+/// Requests hyper cannot parse are answered by hyper itself, before any
+/// handler: they were `400`/`414`/`431` with an empty body (a red-team run
+/// found eleven such inputs). They now carry the JSON error shape too, with
+/// hyper's status, straight from the node (not only behind Nginx); and an
+/// ordinary request on a fresh connection after them is served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_hyper_cannot_parse_get_the_json_error_shape() {
+    let app = TestApp::start(&(base_config() + &open_activity("p", 1, 1)));
+    let long = "a".repeat(70_000);
+    let many: String = (0..200).map(|i| format!("\r\nh{i}: 1")).collect();
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"GARBAGE".to_vec(), 400, "BAD_REQUEST"),
+        (
+            b"GET /act/list HTTP/1.1\r\nHost: t\r\nX: \x01".to_vec(),
+            400,
+            "BAD_REQUEST",
+        ),
+        (
+            b"GET /act/list HTTP/1.1\r\nHost: t\r\nContent-Length: abc".to_vec(),
+            400,
+            "BAD_REQUEST",
+        ),
+        (
+            format!("GET /act/detail?actId={long} HTTP/1.1\r\nHost: t").into_bytes(),
+            414,
+            "URI_TOO_LONG",
+        ),
+        (
+            format!("GET /act/list HTTP/1.1\r\nHost: t{many}").into_bytes(),
+            431,
+            "HEADERS_TOO_LARGE",
+        ),
+    ];
+    for (head, status, code) in cases {
+        let (got, headers, body) = raw(&app.addr, &head, b"").await;
+        let shown = String::from_utf8_lossy(&head[..head.len().min(60)]).into_owned();
+        assert_eq!(
+            (got, body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{shown}: {headers} {body}"
+        );
+        assert_eq!(body["ok"], false, "{shown}");
+        assert!(headers.contains("content-type: application/json"), "{shown}: {headers}");
+    }
+    assert_eq!(app.client.get("/act/list", None).await.unwrap().status, 200);
+}
