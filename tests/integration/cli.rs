@@ -297,3 +297,35 @@ fn export_and_report_with_no_store_say_so_and_create_nothing() {
     }
     assert!(!dir.path().join("data").exists(), "a data directory was created");
 }
+
+/// A cluster node whose Redis cannot be reached at start exits 1 with one
+/// sentence naming the service, its address (password hidden) and the
+/// setting. Before, `serve` panicked dropping the store's runtime inside its
+/// own ("Cannot drop a runtime…", exit 101) and the reason was lost.
+#[test]
+fn a_cluster_node_that_cannot_reach_redis_says_so_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = crate::common::services::free_port();
+    let storage = format!(
+        "[storage]\nmode = \"cluster\"\nredis_url = \"redis://:EXAMPLE-pw@127.0.0.1:{closed}/\"\n\
+         mongodb_uri = \"mongodb://127.0.0.1:1/\"\ndatabase = \"x\"\n"
+    );
+    let config = base_config()
+        .replace("[storage]\npath = \"data\"\n", &storage)
+        .replace("[server]", "[server]\nnode_id = \"lonely\"");
+    assert!(config.contains("mode = \"cluster\""));
+    let path = dir.path().join("cluster.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .arg("serve")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let names = format!("Redis at redis://***@127.0.0.1:{closed}/ (storage.redis_url)");
+    assert!(stderr.contains(&names), "{stderr}");
+    assert!(!stderr.contains("EXAMPLE-pw"), "the password is hidden: {stderr}");
+}

@@ -9,6 +9,19 @@ pub enum ClusterError {
     /// MongoDB refused or could not be reached.
     #[error("MongoDB: {0}")]
     Mongo(#[from] mongodb::error::Error),
+    /// Redis or MongoDB could not be reached when the store was opened
+    /// (the cause as text: as a source it would be printed twice).
+    #[error("cannot use {what} at {url} (storage.{setting}): {reason}")]
+    Unreachable {
+        /// `Redis` or `MongoDB`.
+        what: &'static str,
+        /// The configured address, any password hidden.
+        url: String,
+        /// The setting that names it.
+        setting: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// Another running node uses this node id.
     #[error(
         "another node called `{0}` is running (or stopped less than cluster.lease_ttl ago); node ids must be unique"

@@ -96,15 +96,36 @@ impl Drop for ClusterStore {
 
 async fn connect(config: &Config, timeout: Duration) -> Result<(RedisConn, Database), ClusterError> {
     let url = config.storage.redis_url().unwrap_or_default();
-    let redis = RedisConn::connect(url.as_str(), timeout).await?;
+    let unreachable = |what, url: &str, setting, reason: String| ClusterError::Unreachable {
+        what,
+        url: without_password(url),
+        setting,
+        reason,
+    };
+    let redis = RedisConn::connect(url.as_str(), timeout)
+        .await
+        .map_err(|e| unreachable("Redis", &url, "redis_url", e.to_string()))?;
     let uri = config.storage.mongodb_uri().unwrap_or_default();
-    let mut options = mongodb::options::ClientOptions::parse(uri.as_str()).await?;
+    let mongo_failed = |e: mongodb::error::Error| unreachable("MongoDB", &uri, "mongodb_uri", e.to_string());
+    let mut options = mongodb::options::ClientOptions::parse(uri.as_str())
+        .await
+        .map_err(mongo_failed)?;
     options.server_selection_timeout = Some(Duration::from_secs(2));
     options.connect_timeout = Some(Duration::from_secs(2));
     options.app_name = Some("ticketd".into());
-    let db = mongodb::Client::with_options(options)?.database(&config.storage.database);
-    mongo::ensure_indexes(&db).await?;
+    let db = mongodb::Client::with_options(options)
+        .map_err(mongo_failed)?
+        .database(&config.storage.database);
+    mongo::ensure_indexes(&db).await.map_err(mongo_failed)?;
     Ok((redis, db))
+}
+
+/// `url` with the password of its user part, if any, hidden (for messages).
+fn without_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}***{}", &url[..scheme + 3], &url[at..]),
+        _ => url.to_owned(),
+    }
 }
 
 impl ClusterStore {
@@ -123,6 +144,32 @@ impl ClusterStore {
                 source,
             })?;
         let handle = runtime.handle().clone();
+        match ClusterStore::start(config, access, &handle) {
+            Ok((shared, serving)) => Ok(ClusterStore {
+                runtime: Some(runtime),
+                handle,
+                shared,
+                serving,
+                queue_capacity: config.journal.queue_capacity,
+            }),
+            Err(e) => {
+                // Not dropped: `serve` opens the store inside its own
+                // runtime, where blocking on this one's shutdown panics (and
+                // the reason the node could not start was never printed).
+                runtime.shutdown_background();
+                Err(e)
+            }
+        }
+    }
+
+    /// Connects and, for a serving node, registers its id and starts the
+    /// workers (see [`ClusterStore::open`]).
+    fn start(
+        config: &Config,
+        access: Access<'_>,
+        handle: &Handle,
+    ) -> Result<(Arc<Shared>, Option<Serving>), StoreError> {
+        let handle = handle.clone();
         // `verify` reads whole activities in one script: give it time.
         let timeout = match access {
             Access::Inspect => Duration::from_secs(120),
@@ -168,13 +215,7 @@ impl ClusterStore {
                 Some(serving)
             }
         };
-        Ok(ClusterStore {
-            runtime: Some(runtime),
-            handle,
-            shared,
-            serving,
-            queue_capacity,
-        })
+        Ok((shared, serving))
     }
 
     fn block<F: Future>(&self, f: F) -> F::Output {
