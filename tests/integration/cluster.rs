@@ -1346,3 +1346,48 @@ async fn look_alike_usernames_are_taken_across_nodes() {
         .unwrap();
     assert_eq!(old.get_str("skeleton"), Ok("oldtirner"), "keyed: {old}");
 }
+
+/// Two `ticketd import` runs at once (two operators, or one run on two
+/// hosts) each counted a ticket type's codes and generated the rest: twice
+/// the configured stock went on sale (the cluster walkthrough saw it 5 times
+/// in 5). The import lock makes the second wait and add nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_imports_at_once_generate_the_stock_once() {
+    let cluster = Cluster::start(1, &cluster_activity("one", 1, 1), "");
+    let node = &cluster.nodes[0];
+    let config =
+        std::fs::read_to_string(node.dir.path().join("config.toml")).unwrap() + &cluster_activity("twin", 500, 1);
+    let path = node.dir.path().join("twin.toml");
+    std::fs::write(&path, config).unwrap();
+    let runs: Vec<_> = (0..3)
+        .map(|_| {
+            std::process::Command::new(crate::common::BIN)
+                .arg("--config")
+                .arg(&path)
+                .arg("import")
+                .current_dir(node.dir.path())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for run in runs {
+        let out = run.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let db = cluster.mongo().await;
+    let codes = db
+        .collection::<Document>("codes")
+        .count_documents(doc! {"ticket_id": "twin-t"})
+        .await
+        .unwrap();
+    assert_eq!(codes, 500, "generated once");
+    let mut redis = cluster.services.redis().await;
+    let listed: usize = redis::cmd("LLEN")
+        .arg("tk:{twin}:stock:twin-t")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(listed, 500, "on the master list once");
+}

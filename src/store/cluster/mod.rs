@@ -301,7 +301,71 @@ impl ClusterStore {
         }
     }
 
+    /// Imports `config` under the cluster's import lock: an import counts
+    /// each ticket type's codes and generates the rest, so two at once
+    /// (two operators, or one run on two hosts) both generated them, and
+    /// twice the configured stock went on sale. A second import waits for
+    /// the first and then adds nothing. The lock lives `IMPORT_LOCK_TTL` and
+    /// is renewed while the import runs, so a crashed import frees it soon.
     pub(super) fn import(&self, config: &Config, node_start_ms: i64) -> Result<ImportReport, StoreError> {
+        const IMPORT_LOCK_TTL: Duration = Duration::from_secs(20);
+        let token = format!("{}:{:016x}", self.shared.node, rand::random::<u64>());
+        let mut redis = self.shared.redis.clone();
+        let key = scripts::IMPORT_LOCK_KEY;
+        let ttl_ms = IMPORT_LOCK_TTL.as_millis() as u64;
+        let mut told = false;
+        loop {
+            let taken: Option<String> = self
+                .block(
+                    redis::cmd("SET")
+                        .arg(key)
+                        .arg(&token)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(ttl_ms)
+                        .query_async(&mut redis),
+                )
+                .map_err(ClusterError::from)?;
+            if taken.is_some() {
+                break;
+            }
+            if !std::mem::replace(&mut told, true) {
+                tracing::warn!("Another `ticketd import` is running; waiting for it to finish.");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let renew = {
+            let (mut redis, token) = (redis.clone(), token.clone());
+            self.handle.spawn(async move {
+                loop {
+                    tokio::time::sleep(IMPORT_LOCK_TTL / 4).await;
+                    let kept: redis::RedisResult<i64> = scripts::LOCK_KEEP_OR_RELEASE
+                        .key(key)
+                        .arg(&token)
+                        .arg(ttl_ms)
+                        .invoke_async(&mut redis)
+                        .await;
+                    if let Err(error) = kept {
+                        tracing::warn!(%error, "Could not renew the import lock.");
+                    }
+                }
+            })
+        };
+        let imported = self.import_locked(config, node_start_ms);
+        renew.abort();
+        let released: redis::RedisResult<i64> = self.block(
+            scripts::LOCK_KEEP_OR_RELEASE
+                .key(key)
+                .arg(&token)
+                .invoke_async(&mut redis),
+        );
+        if let Err(error) = released {
+            tracing::warn!(%error, "Could not release the import lock; it lapses by itself.");
+        }
+        imported
+    }
+
+    fn import_locked(&self, config: &Config, node_start_ms: i64) -> Result<ImportReport, StoreError> {
         let report = self.block(mongo::import(&self.shared.db, config, node_start_ms))?;
         for a in &config.activities {
             for t in &a.tickets {

@@ -119,6 +119,23 @@ pub const IDS_KEY: &str = "tk:ids";
 /// The last user id handed out.
 pub const USER_IDS_KEY: &str = "tk:user_ids";
 
+/// Held by the one `ticketd import` running (its token; see
+/// `ClusterStore::import`).
+pub const IMPORT_LOCK_KEY: &str = "tk:import_lock";
+
+/// Keeps (`ARGV[2]` ms, when `ARGV[2]` is given) or lets go of a lock, if
+/// it is still the caller's: `ARGV[1]` is the token it was taken with.
+/// KEYS: the lock. Returns 1 when it was the caller's.
+pub static LOCK_KEEP_OR_RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) else redis.call('DEL', KEYS[1]) end
+return 1
+"#,
+    )
+});
+
 /// Raises a counter to at least `ARGV[1]` (after Redis lost it, say).
 /// KEYS: the counter.
 pub static RAISE: LazyLock<Script> = LazyLock::new(|| {
