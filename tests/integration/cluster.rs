@@ -1391,3 +1391,30 @@ async fn two_imports_at_once_generate_the_stock_once() {
         .unwrap();
     assert_eq!(listed, 500, "on the master list once");
 }
+
+/// A Redis outage with no claims to write left `ticketd_mongo_up` at 0
+/// after Redis came back, MongoDB healthy, until a claim was written: the
+/// MongoDB writer counted its failed backlog reads from Redis as MongoDB's
+/// failure (and the alert on it paged for nothing). Only MongoDB's own
+/// failures say it is down now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_does_not_say_mongodb_is_down() {
+    let mut cluster = Cluster::start(1, &cluster_activity("mu", 2, 1), "");
+    let writer_errors = "ticketd_worker_errors_total{worker=\"mongo-writer\"}";
+    let wait = |what: &'static str| (what, Instant::now() + Duration::from_secs(30));
+    assert_eq!(metric(&cluster.nodes[0], "ticketd_mongo_up").await, 1.0);
+    cluster.services.stop_redis();
+    let (what, deadline) = wait("the writer to meet the outage");
+    while metric(&cluster.nodes[0], writer_errors).await == 0.0 {
+        assert!(Instant::now() < deadline, "waited for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(&cluster.nodes[0], "ticketd_mongo_up").await, 1.0, "during");
+    cluster.services.restart_redis();
+    let (what, deadline) = wait("the node to see Redis back");
+    while metric(&cluster.nodes[0], "ticketd_redis_up").await == 0.0 {
+        assert!(Instant::now() < deadline, "waited for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(&cluster.nodes[0], "ticketd_mongo_up").await, 1.0, "after");
+}

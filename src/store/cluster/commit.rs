@@ -316,7 +316,10 @@ pub(super) async fn writer(shared: Arc<Shared>, grace: Duration, ctl: Ctl, mut s
             }
             Err(error) => {
                 ctl.error(&error);
-                if shared.mongo_up.swap(false, Ordering::Relaxed) {
+                // Only MongoDB's own failure says it is down: reading the
+                // backlog from Redis fails too while Redis is away, and
+                // nothing would set it back up without a claim to write.
+                if matches!(error, ClusterError::Mongo(_)) && shared.mongo_up.swap(false, Ordering::Relaxed) {
                     tracing::error!(%error, backlog = shared.backlog.load(Ordering::Relaxed), "Writing claims to MongoDB failed; they wait in the backlog and claims continue while it has room.");
                 }
                 tokio::select! {
