@@ -16,7 +16,7 @@ pub fn healthz(state: &AppState) -> Response<Full<Bytes>> {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "UNHEALTHY",
-            "the claim journal cannot be written",
+            "claims cannot be stored: the journal cannot be written (embedded) or Redis is unreachable (cluster)",
         )
         .into_response();
     }
