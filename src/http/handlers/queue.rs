@@ -202,6 +202,14 @@ async fn join_shared(source: &RoomSource, room: &Room, user: u64, now: i64) -> R
     let lottery = s.mode == AdmissionMode::Lottery;
     // As `Room::join`: entries close at the draw time, a lottery's lapsed
     // pass is no way back in, and a queue being drawn takes no new place.
+    // A fan this replica does not know may have joined through another
+    // node: look at the shared log first.
+    if now >= s.shuffle_ms && room.place_state(user).is_none() {
+        source.sync(room).await.map_err(|error| {
+            tracing::warn!(%error, "Could not read the shared waiting room.");
+            JoinError::Unavailable
+        })?;
+    }
     match room.place_state(user) {
         Some(PlaceState::PassedOver) if lottery && (room.drawn() || now >= s.shuffle_ms) => {
             return Err(JoinError::EntriesClosed)

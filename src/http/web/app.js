@@ -436,7 +436,10 @@ async function waitingRoom(a, queue) {
     }
     if (s.state === 'admitted') lines.push(notice('ok', t('yourTurn'), ' ', when(Date.parse(s.passExpiresAt))));
     // A lottery takes no entry after its draw: nothing to join again.
-    if (s.state === 'passed_over') lines.push(notice('bad', t(lottery ? 'passedOverDrawn' : 'passedOver')), lottery ? null : joinButton());
+    if (s.state === 'passed_over') {
+      lines.push(notice('bad', t(lottery ? 'passedOverDrawn' : 'passedOver')));
+      if (!lottery) lines.push(joinButton());
+    }
     if (s.state === 'sold_out') lines.push(notice('bad', errorText({ code: 'SOLD_OUT' })));
     if (s.state === 'entries_closed') lines.push(notice('bad', t('entriesClosed')));
     if (s.state === 'done') lines.push(notice('', t('done')));

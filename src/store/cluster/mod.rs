@@ -334,9 +334,13 @@ impl ClusterStore {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+        // Set once the lock may have lapsed (not renewed within its time):
+        // the import then stops before it puts codes on sale.
+        let lost = Arc::new(AtomicBool::new(false));
         let renew = {
-            let (mut redis, token) = (redis.clone(), token.clone());
+            let (mut redis, token, lost) = (redis.clone(), token.clone(), lost.clone());
             self.handle.spawn(async move {
+                let mut kept_at = tokio::time::Instant::now();
                 loop {
                     tokio::time::sleep(IMPORT_LOCK_TTL / 4).await;
                     let kept: redis::RedisResult<i64> = scripts::LOCK_KEEP_OR_RELEASE
@@ -345,13 +349,18 @@ impl ClusterStore {
                         .arg(ttl_ms)
                         .invoke_async(&mut redis)
                         .await;
-                    if let Err(error) = kept {
-                        tracing::warn!(%error, "Could not renew the import lock.");
+                    match kept {
+                        Ok(1) => kept_at = tokio::time::Instant::now(),
+                        Ok(_) => lost.store(true, Ordering::Relaxed),
+                        Err(error) => tracing::warn!(%error, "Could not renew the import lock."),
+                    }
+                    if kept_at.elapsed() >= IMPORT_LOCK_TTL {
+                        lost.store(true, Ordering::Relaxed);
                     }
                 }
             })
         };
-        let imported = self.import_locked(config, node_start_ms);
+        let imported = self.import_locked(config, node_start_ms, &lost);
         renew.abort();
         let released: redis::RedisResult<i64> = self.block(
             scripts::LOCK_KEEP_OR_RELEASE
@@ -365,10 +374,16 @@ impl ClusterStore {
         imported
     }
 
-    fn import_locked(&self, config: &Config, node_start_ms: i64) -> Result<ImportReport, StoreError> {
+    fn import_locked(&self, config: &Config, node_start_ms: i64, lost: &AtomicBool) -> Result<ImportReport, StoreError> {
         let report = self.block(mongo::import(&self.shared.db, config, node_start_ms))?;
         for a in &config.activities {
             for t in &a.tickets {
+                if lost.load(Ordering::Relaxed) {
+                    return Err(ClusterError::Protocol(
+                        "the import lock lapsed (Redis unreachable for too long); run the import again".into(),
+                    )
+                    .into());
+                }
                 let pushed = self.block(lease::push_unclaimed(&self.shared, &a.id, &t.id))?;
                 if pushed > 0 {
                     tracing::info!(ticket = %t.id, pushed, "Codes pushed onto the master list.");
