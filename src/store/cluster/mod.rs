@@ -374,7 +374,12 @@ impl ClusterStore {
         imported
     }
 
-    fn import_locked(&self, config: &Config, node_start_ms: i64, lost: &AtomicBool) -> Result<ImportReport, StoreError> {
+    fn import_locked(
+        &self,
+        config: &Config,
+        node_start_ms: i64,
+        lost: &AtomicBool,
+    ) -> Result<ImportReport, StoreError> {
         let report = self.block(mongo::import(&self.shared.db, config, node_start_ms))?;
         for a in &config.activities {
             for t in &a.tickets {
