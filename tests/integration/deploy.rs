@@ -120,7 +120,15 @@ fn server_header(port: u16) -> Option<String> {
 }
 
 impl Drop for Nginx {
+    /// SIGTERM, not SIGKILL: Nginx's master then stops its workers. Killed,
+    /// it left them running, orphaned (hundreds after a few suites).
     fn drop(&mut self) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
