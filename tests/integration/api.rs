@@ -95,9 +95,10 @@ async fn an_idempotency_key_returns_the_same_code_and_never_a_second() {
     let app = TestApp::start(&(base_config() + &idem));
     let token = app.register("retry").await;
     let body = app.claim_body(&token, "idem").await;
-    let post = |key: &'static str| {
+    // A claim with `body` and `key` as the Idempotency-Key.
+    let post_as = |body: Value, key: &'static str| {
         let client = app.client_clone();
-        let (token, body) = (token.clone(), body.clone());
+        let token = token.clone();
         async move {
             client
                 .call(
@@ -111,6 +112,7 @@ async fn an_idempotency_key_returns_the_same_code_and_never_a_second() {
                 .unwrap()
         }
     };
+    let post = |key: &'static str| post_as(body.clone(), key);
     let a = post("key-1").await;
     let again = post("key-1").await;
     assert_eq!(a.status, 200);
@@ -131,17 +133,7 @@ async fn an_idempotency_key_returns_the_same_code_and_never_a_second() {
         b
     };
     for (ticket, status) in [("idem-t", 200), ("idem-u", 422)] {
-        let res = app
-            .client
-            .call(
-                http::Method::POST,
-                "/ticket/get",
-                Some(&token),
-                Some(&with_ticket(ticket)),
-                &[("Idempotency-Key", "key-1")],
-            )
-            .await
-            .unwrap();
+        let res = post_as(with_ticket(ticket), "key-1").await;
         assert_eq!(res.status, status, "{ticket}: {}", res.body);
         if status == 422 {
             assert_error(&res, 422, "IDEMPOTENCY_KEY_REUSED");
@@ -149,18 +141,7 @@ async fn an_idempotency_key_returns_the_same_code_and_never_a_second() {
             assert_eq!(res.data()["code"], a.data()["code"]);
         }
     }
-    let bad = app
-        .client
-        .call(
-            http::Method::POST,
-            "/ticket/get",
-            Some(&token),
-            Some(&body),
-            &[("Idempotency-Key", "has space")],
-        )
-        .await
-        .unwrap();
-    assert_error(&bad, 400, "INVALID_IDEMPOTENCY_KEY");
+    assert_error(&post("has space").await, 400, "INVALID_IDEMPOTENCY_KEY");
 
     // A retry is answered with its claim whatever changed since, here the
     // sale paused and the claim token left out: the first answer may have
@@ -176,18 +157,7 @@ async fn an_idempotency_key_returns_the_same_code_and_never_a_second() {
         "{}",
         replay.body
     );
-    let bare = json!({ "actId": "idem" });
-    let res = app
-        .client
-        .call(
-            http::Method::POST,
-            "/ticket/get",
-            Some(&token),
-            Some(&bare),
-            &[("Idempotency-Key", "key-2")],
-        )
-        .await
-        .unwrap();
+    let res = post_as(json!({ "actId": "idem" }), "key-2").await;
     assert_eq!(
         (res.status, &res.data()["code"]),
         (200, &b.data()["code"]),
