@@ -253,6 +253,10 @@ pub enum Rejection {
     /// another node's lease (sold, given back idle, or reclaimed from a dead
     /// node). Retry shortly.
     StockInFlight,
+    /// Cluster mode: Redis knows no code of the ticket type at all — the
+    /// node's config names it, but nobody has run `ticketd import` with it
+    /// yet. Not sold out: its codes are still to come.
+    NotImported,
     /// Too many claims in flight or queued.
     Overloaded,
     /// The store cannot take claims.
@@ -303,7 +307,9 @@ impl Rejection {
             Rejection::SoldOut { .. } => ClaimOutcome::SoldOut,
             Rejection::StockInFlight => ClaimOutcome::StockInFlight,
             Rejection::Overloaded => ClaimOutcome::Overloaded,
-            Rejection::Unavailable | Rejection::OutcomeUnknown | Rejection::BacklogFull => ClaimOutcome::Unavailable,
+            Rejection::Unavailable | Rejection::OutcomeUnknown | Rejection::BacklogFull | Rejection::NotImported => {
+                ClaimOutcome::Unavailable
+            }
             Rejection::ClaimTokenRequired | Rejection::ClaimTokenInvalid | Rejection::ClaimTokenExpired => {
                 ClaimOutcome::BadClaimToken
             }

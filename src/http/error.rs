@@ -234,6 +234,12 @@ impl From<Rejection> for ApiError {
                  back; retry shortly",
             )
             .retry_after(1),
+            Rejection::NotImported => ApiError::new(
+                S::SERVICE_UNAVAILABLE,
+                "NOT_IMPORTED",
+                "this activity's codes have not been loaded yet; retry later",
+            )
+            .retry_after(5),
             Rejection::Overloaded => ApiError::new(
                 S::SERVICE_UNAVAILABLE,
                 "OVERLOADED",

@@ -71,6 +71,9 @@ struct TicketLease {
     /// and call a ticket sold out that is not); [`UNCOUNTED`] before the
     /// first look.
     counts: AtomicU64,
+    /// The last look found no code of this ticket type at all: no import
+    /// has filled it yet (warned once per change).
+    unimported: AtomicBool,
     rate: Mutex<Rate>,
 }
 
@@ -106,6 +109,18 @@ impl TicketLease {
     fn set_counts(&self, known: usize, sold: usize) {
         let half = |n: usize| u64::try_from(n).unwrap_or(u64::MAX).min(u64::from(u32::MAX));
         self.counts.store(half(known) << 32 | half(sold), Ordering::Relaxed);
+        let empty = known == 0;
+        if self.unimported.swap(empty, Ordering::Relaxed) != empty {
+            if empty {
+                tracing::warn!(
+                    activity = %self.activity,
+                    ticket = %self.ticket,
+                    "No code of this ticket type is in Redis: nobody has imported it yet."
+                );
+            } else {
+                tracing::info!(activity = %self.activity, ticket = %self.ticket, codes = known, "Its codes are in Redis now: on sale.");
+            }
+        }
     }
 
     /// `(total, remaining, sold)`; `None` before the first look.
@@ -150,6 +165,7 @@ impl Leasing {
                         hungry: false.into(),
                         resync: false.into(),
                         counts: UNCOUNTED.into(),
+                        unimported: false.into(),
                         rate: Mutex::new(Rate::new()),
                     })
                 });
@@ -189,15 +205,22 @@ impl Leasing {
     }
 
     /// Whether any of `tickets` has codes not yet sold anywhere in the
-    /// cluster (master list, leases, doubts) as of the last look, or has
-    /// not been counted yet. The counts are read in one script, and a
+    /// cluster (master list, leases, doubts) as of the last look, has not
+    /// been counted yet, or has no code at all (nobody imported it yet: its
+    /// codes are still to come). The counts are read in one script, and a
     /// later look can only find fewer unsold codes (or codes imported
     /// since), so `false` here is final.
     pub(super) fn unsold<'a>(&self, mut tickets: impl Iterator<Item = &'a str>) -> bool {
         tickets.any(|id| match self.tickets.get(id).and_then(|t| t.counts()) {
-            Some((_, remaining, _)) => remaining > 0,
+            Some((known, remaining, _)) => remaining > 0 || known == 0,
             None => true,
         })
+    }
+
+    /// Whether the last look found no code at all of any of `tickets`:
+    /// configured on this node, but nobody has run `ticketd import` with it.
+    pub(super) fn not_imported<'a>(&self, mut tickets: impl Iterator<Item = &'a str>) -> bool {
+        tickets.any(|id| matches!(self.tickets.get(id).and_then(|t| t.counts()), Some((0, _, _))))
     }
 
     /// Waits up to half a second for codes when the given pools are empty but

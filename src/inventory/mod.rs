@@ -150,6 +150,12 @@ impl Inventory {
         }
     }
 
+    /// Whether codes come by lease (a cluster) and Redis knew no code of one
+    /// of `tickets` at the last look: nobody has imported it yet.
+    pub fn not_imported<'a>(&self, tickets: impl Iterator<Item = &'a str>) -> bool {
+        self.leasing().is_some_and(|l| l.not_imported(tickets))
+    }
+
     /// Whether codes come by lease (a cluster) and the master lists cannot
     /// be reached now: an empty pool then says nothing about the stock.
     pub fn leases_unreachable(&self) -> bool {

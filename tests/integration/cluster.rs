@@ -1418,3 +1418,101 @@ async fn a_redis_outage_does_not_say_mongodb_is_down() {
     }
     assert_eq!(metric(&cluster.nodes[0], "ticketd_mongo_up").await, 1.0, "after");
 }
+
+/// A node whose config names activities nobody imported yet (its own
+/// `ticketd import` not run, a common slip when adding an activity): Redis
+/// knows no code of them, and the node answered their claims with the
+/// final `410 SOLD_OUT` — the fans' page stops there — and closed their
+/// waiting room as sold out for good. Nothing was sold: the codes are still
+/// to come. Now the node warns once per ticket type, a claim hears the
+/// retryable `503 NOT_IMPORTED`, the room stays open, and once the import
+/// runs the same node sells them, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activities_nobody_imported_are_not_sold_out_and_sell_once_imported() {
+    use ticketd::clock::rfc3339_ms;
+    let old = cluster_activity("old", 1, 1);
+    let mut cluster = Cluster::start(1, &old, "");
+    let fresh = cluster_activity("fresh", 2, 1);
+    let room = crate::common::Act::new("later")
+        .window(&rfc3339_ms(now_ms() - 60_000), &rfc3339_ms(now_ms() + 3_600_000))
+        .with("admission = \"queue\"")
+        .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 120_000)))
+        .with("admit_rate = 100.0")
+        .ticket("later-t", "Ticket", crate::common::Codes::Generate(1))
+        .toml();
+    let config = node_config(&cluster.services, &cluster.db, "node1", "") + &old + &fresh + &room;
+    let mut node = TestApp::prepare(&config, &[]);
+    node.boot();
+    cluster.nodes.push(node);
+    let (tokens, _) = users(&cluster, "ni", 2).await;
+    let node = &cluster.nodes[1];
+    const WARNING: &str = "No code of this ticket type is in Redis: nobody has imported it yet.";
+    node.wait_for_log(WARNING, 2);
+    let warned: HashSet<String> = node
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == WARNING)
+        .map(|v| v["ticket"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(warned, HashSet::from(["fresh-t".to_owned(), "later-t".to_owned()]));
+    let body = claim_body(&node.client, &tokens[0], "fresh").await;
+    let res = node.client.post("/ticket/get", Some(&tokens[0]), &body).await.unwrap();
+    assert_error(&res, 503, "NOT_IMPORTED");
+
+    let res = node
+        .client
+        .post(
+            "/queue/join",
+            Some(&tokens[1]),
+            &serde_json::json!({ "actId": "later" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
+    // Let the room's admitter step twice with the counts read (each step
+    // of a shared room reads them first): before, it closed the room here.
+    let steps = metric(node, "ticketd_worker_iterations_total{worker=\"admitter\"}").await;
+    until("two admitter steps", || async {
+        metric(node, "ticketd_worker_iterations_total{worker=\"admitter\"}").await >= steps + 2.0
+    })
+    .await;
+    let status = node
+        .client
+        .get("/queue/status?actId=later", Some(&tokens[1]))
+        .await
+        .unwrap();
+    assert_eq!(status.data()["state"], "waiting", "{}", status.body);
+
+    let out = node.cli(&["import"], None);
+    assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+    until("the imported codes to sell on the running node", || async {
+        let body = claim_body(&node.client, &tokens[0], "fresh").await;
+        let res = node.client.post("/ticket/get", Some(&tokens[0]), &body).await.unwrap();
+        // Until the node has leased the new codes, retryable answers only.
+        if res.status != 200 {
+            assert_eq!(res.status, 503, "{}", res.body);
+            assert!(
+                matches!(res.error_code(), Some("NOT_IMPORTED" | "STOCK_IN_FLIGHT")),
+                "{}",
+                res.body
+            );
+        }
+        res.status == 200
+    })
+    .await;
+    until("the room to admit its waiting fan", || async {
+        let status = node
+            .client
+            .get("/queue/status?actId=later", Some(&tokens[1]))
+            .await
+            .unwrap();
+        status.data()["state"] == "admitted"
+    })
+    .await;
+    let body = claim_body(&node.client, &tokens[1], "later").await;
+    let res = node.client.post("/ticket/get", Some(&tokens[1]), &body).await.unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
+}

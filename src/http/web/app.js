@@ -83,6 +83,7 @@ const ERRORS = {
     IN_PROGRESS: 'Your previous try is still being processed.',
     SOLD_OUT: 'Sold out — every ticket has been claimed.',
     STOCK_IN_FLIGHT: 'The last tickets are still being handed out; some may come back.',
+    NOT_IMPORTED: 'The tickets are not in yet.',
     OVERLOADED: 'The sale is very busy.', BACKLOG_FULL: 'The sale is very busy.',
     UNAVAILABLE: 'The sale is not answering right now.',
     OUTCOME_UNKNOWN: 'The sale stumbled while storing your ticket; checking whether you got it.',
@@ -109,7 +110,7 @@ const ERRORS = {
     NOT_STARTED: '活动还没开始。', ENDED: '活动已结束。', PAUSED: '主办方暂停了活动，请留在本页。',
     LIMIT_REACHED: '你已达到每人限购数量。', IN_PROGRESS: '上一次请求仍在处理中。',
     SOLD_OUT: '已抢完，所有票都被领走了。', OVERLOADED: '人太多了。',
-    STOCK_IN_FLIGHT: '最后几张票正在发放中，可能还会释放出来。',
+    STOCK_IN_FLIGHT: '最后几张票正在发放中，可能还会释放出来。', NOT_IMPORTED: '票还没有上架。',
     BACKLOG_FULL: '人太多了。', STORE_UNAVAILABLE: '系统出现问题。',
     UNAVAILABLE: '服务暂时无响应。',
     OUTCOME_UNKNOWN: '保存时出现故障，正在确认你是否抢到。',
@@ -127,8 +128,9 @@ const ERRORS = {
  * UNAVAILABLE (Nginx's own 502/503/504) and OTHER (a 5xx that was not ours)
  * leave a claim's outcome unknown: it is retried with the same
  * Idempotency-Key, which returns the code if the first try took one. */
-const RETRYABLE = new Set(['RATE_LIMITED', 'IN_PROGRESS', 'STOCK_IN_FLIGHT', 'OVERLOADED', 'BACKLOG_FULL', 'QUEUE_FULL',
-  'STORE_UNAVAILABLE', 'OUTCOME_UNKNOWN', 'LOGIN_THROTTLED', 'BUSY', 'UNAVAILABLE', 'NETWORK']);
+const RETRYABLE = new Set(['RATE_LIMITED', 'IN_PROGRESS', 'STOCK_IN_FLIGHT', 'NOT_IMPORTED', 'OVERLOADED',
+  'BACKLOG_FULL', 'QUEUE_FULL', 'STORE_UNAVAILABLE', 'OUTCOME_UNKNOWN', 'LOGIN_THROTTLED', 'BUSY', 'UNAVAILABLE',
+  'NETWORK']);
 const retryable = (res) => RETRYABLE.has(res.error.code) || (res.error.code === 'OTHER' && res.status >= 500);
 const MAX_TRIES = 6;
 /** Codes that end the session: the page forgets the token and asks to log in. */
@@ -294,7 +296,9 @@ function statusOf(a, now) {
   if (a.paused) return 'paused';
   if (now >= Date.parse(a.endTime)) return 'ended';
   if (now < Date.parse(a.startTime)) return 'upcoming';
-  return a.remaining > 0 ? 'open' : 'soldout';
+  // A ticket type with no code at all is not sold out: its codes are not
+  // in yet (a cluster node before its first count, or nobody imported it).
+  return a.remaining > 0 || a.tickets.some((tk) => tk.total === 0) ? 'open' : 'soldout';
 }
 
 function countdownText(ms) {
