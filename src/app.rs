@@ -424,11 +424,11 @@ async fn admit(state: Arc<AppState>, ctl: Ctl) {
         let result = match &source {
             Some(source) if room.is_shared() => admit_shared(&state, a, room, source).await,
             _ => {
-                let stock = StockView {
+                let stock = || StockView {
                     remaining: a.remaining(),
                     settled: a.tickets.iter().all(|t| t.pool.drained()),
                 };
-                let seq = room.tick(now_ms, stock, &|user| a.ledger.count_of(user));
+                let seq = room.tick(now_ms, &stock, &|user| a.ledger.count_of(user));
                 room.persist(seq).await.map_err(|e| format!("{e:?}"))
             }
         };
@@ -465,9 +465,14 @@ async fn admit_shared(
     let seen: std::collections::HashMap<u64, i64> =
         next.into_iter().zip(seen).filter_map(|(u, s)| Some((u, s?))).collect();
     let claimed: std::collections::HashMap<u64, u32> = holders.into_iter().zip(claimed).collect();
-    if let Err(error) = state.inventory.refresh_counts(id).await {
-        tracing::debug!(%error, "Could not refresh the stock counts for the admitter.");
-    }
+    // Read after the pass holders' claims, never before (see `RoomState::plan`):
+    // counts from an earlier look could show a code in stock that a holder
+    // counted as used has claimed since. Without a fresh look, no step.
+    state
+        .inventory
+        .refresh_counts(id)
+        .await
+        .map_err(|e| format!("cannot read the stock counts: {e}"))?;
     // The cluster-wide counts (none before the first look, so nothing is
     // admitted or closed on zeros): the room closes only when no code is
     // on a master list, in any node's lease or being committed here.
@@ -480,7 +485,7 @@ async fn admit_shared(
     let cursor = room.cursor();
     let events = room.plan_shared(
         now_ms(),
-        stock,
+        &|| stock,
         &|u| claimed.get(&u).copied().unwrap_or(0),
         &|u| seen.get(&u).copied(),
         if admitter { ADMIT_LOOKAHEAD } else { 0 },

@@ -481,8 +481,14 @@ impl Room {
     /// The clock is read under the room's lock: a status answered before
     /// the step then always carries an earlier `serverTime` than the step's
     /// events (read before, and the admitter preempted before locking, a
-    /// fan could be told "waiting" at a time after the room's close).
-    pub fn tick(&self, clock: impl FnOnce() -> i64, stock: StockView, claimed: &dyn Fn(u64) -> u32) -> u64 {
+    /// fan could be told "waiting" at a time after the room's close). The
+    /// stock is read after the pass holders' claims (see [`RoomState::plan`]).
+    pub fn tick(
+        &self,
+        clock: impl FnOnce() -> i64,
+        stock: &dyn Fn() -> StockView,
+        claimed: &dyn Fn(u64) -> u32,
+    ) -> u64 {
         let Some(log) = &self.log else { return 0 };
         if log.failed() {
             // Nothing more is admitted that the log could not keep.
@@ -543,7 +549,7 @@ impl Room {
     pub fn plan_shared(
         &self,
         now: i64,
-        stock: StockView,
+        stock: &dyn Fn() -> StockView,
         claimed: &dyn Fn(u64) -> u32,
         seen_elsewhere: &dyn Fn(u64) -> Option<i64>,
         max_steps: usize,
@@ -774,10 +780,17 @@ impl RoomState {
     /// (each replica does that itself; it is not logged). A place counts as
     /// seen at the latest of its local check-in and `seen_elsewhere` (other
     /// nodes' check-ins, in a cluster); `max_steps` bounds the places looked at.
+    ///
+    /// `stock` is read again after every `claimed`: a claim takes its code
+    /// from the pool before the ledger shows it, so in this order a claim
+    /// ending meanwhile counts at worst as an unused pass *and* a code gone
+    /// (one admission fewer, for one step). Read before, its code counted
+    /// as in stock while its pass counted as used: one admission beyond the
+    /// stock, and a fan with a pass heard SOLD_OUT.
     fn plan(
         &mut self,
         now: i64,
-        stock: StockView,
+        stock: &dyn Fn() -> StockView,
         claimed: &dyn Fn(u64) -> u32,
         seen_elsewhere: &dyn Fn(u64) -> Option<i64>,
         max_steps: usize,
@@ -790,7 +803,8 @@ impl RoomState {
         if self.shuffled_ms.is_none() && now >= self.settings.shuffle_ms {
             return vec![Event::Shuffle { t: now }];
         }
-        if (stock.remaining == 0 && stock.settled) || now >= self.settings.end_ms {
+        let before = stock();
+        if (before.remaining == 0 && before.settled) || now >= self.settings.end_ms {
             return vec![Event::Close { t: now }];
         }
         if now < self.settings.start_ms {
@@ -817,7 +831,7 @@ impl RoomState {
             }
             keep
         });
-        let mut budget = stock.remaining.saturating_sub(spoken);
+        let mut budget = stock().remaining.saturating_sub(spoken);
         self.allowance = match self.settings.mode {
             AdmissionMode::Lottery => f64::INFINITY,
             _ => {
@@ -1029,7 +1043,7 @@ mod tests {
             remaining: 0,
             settled: false,
         };
-        room.tick(|| 3_000, stock, &|_| 0);
+        room.tick(|| 3_000, &|| stock, &|_| 0);
         assert_eq!(room.status(1, 3_000, false).state, PlaceState::Waiting, "still in line");
         assert_eq!(room.summary().expired, 1);
     }
@@ -1055,12 +1069,12 @@ mod tests {
         room.join(1, 5).unwrap();
         assert_eq!(room.join(2, 10), Err(JoinError::EntriesClosed), "at the draw time");
         assert!(room.join(1, 10).is_ok(), "an entrant keeps its place");
-        room.tick(|| 11, stock, &|_| 0); // the draw
-        room.tick(|| 100, stock, &|_| 0); // the first admission
+        room.tick(|| 11, &|| stock, &|_| 0); // the draw
+        room.tick(|| 100, &|| stock, &|_| 0); // the first admission
         room.log.as_ref().unwrap().sync_now().unwrap();
         assert_eq!(room.status(1, 100, false).state, PlaceState::Admitted);
         // The pass lapses unused: passed over, and no new entry.
-        room.tick(|| 60_200, stock, &|_| 0);
+        room.tick(|| 60_200, &|| stock, &|_| 0);
         assert_eq!(room.status(1, 60_200, false).state, PlaceState::PassedOver);
         assert_eq!(room.join(1, 60_201), Err(JoinError::EntriesClosed));
 
@@ -1069,7 +1083,7 @@ mod tests {
         room.join(1, 5).unwrap();
         room.join(2, 6).unwrap();
         assert_eq!(room.join(3, 10), Err(JoinError::Drawing), "being drawn");
-        room.tick(|| 12, stock, &|_| 0);
+        room.tick(|| 12, &|| stock, &|_| 0);
         room.join(3, 12).unwrap();
         let record = room.draw_record().unwrap();
         assert_eq!(record.late, vec![3], "after the draw: at the back, not drawn");
@@ -1099,8 +1113,52 @@ mod tests {
             remaining: 5,
             settled: false,
         };
-        room.tick(|| 1_002, stock, &|_| 0);
+        room.tick(|| 1_002, &|| stock, &|_| 0);
         assert_eq!(room.status(1, 1_002, false).state, PlaceState::PassedOver);
+    }
+
+    /// A claim that ends while the admitter steps takes its code from the
+    /// pool, then shows in the ledger. The step read the stock first: the
+    /// code counted as in stock while the pass counted as used, one fan was
+    /// admitted beyond the stock, and their claim heard SOLD_OUT (seen once
+    /// in `admission_never_runs_ahead_of_the_stock`). Here the claim ends
+    /// exactly when the step asks the ledger.
+    #[test]
+    fn a_claim_ending_during_the_step_does_not_leave_its_code_in_stock() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = Seed::generate();
+        let order = draw::shuffle(&seed, &[1, 2]);
+        let room = room_from(
+            dir.path(),
+            &[
+                Event::Seed { seed: seed.to_hex() },
+                Event::Join { u: 1, t: 1 },
+                Event::Join { u: 2, t: 2 },
+                Event::Shuffle { t: 10 },
+                Event::Admit {
+                    u: order[0],
+                    t: 11,
+                    x: 60_000,
+                },
+            ],
+        );
+        // One code, spoken for by the pass of `order[0]`, who claims it now.
+        let remaining = std::cell::Cell::new(1);
+        let stock = || StockView {
+            remaining: remaining.get(),
+            settled: false,
+        };
+        let claimed = |user: u64| {
+            if user == order[0] {
+                remaining.set(0);
+                1
+            } else {
+                0
+            }
+        };
+        room.tick(|| 1_000, &stock, &claimed);
+        assert_eq!(room.summary().admitted, 1, "nobody admitted beyond the one code");
+        assert_eq!(room.status(order[1], 1_000, false).state, PlaceState::Waiting);
     }
 
     /// The admitter reads its clock holding the room: no status can come
@@ -1119,7 +1177,7 @@ mod tests {
                 held = Some(room.state.try_lock().is_none());
                 10
             },
-            stock,
+            &|| stock,
             &|_| 0,
         );
         assert_eq!(held, Some(true), "the clock was read with the room locked");
@@ -1137,8 +1195,8 @@ mod tests {
             remaining,
             settled: false,
         };
-        room.tick(|| 10, stock, &|_| 0);
-        room.tick(|| 1_010, stock, &|_| 0);
+        room.tick(|| 10, &|| stock, &|_| 0);
+        room.tick(|| 1_010, &|| stock, &|_| 0);
         room
     }
 
