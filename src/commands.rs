@@ -385,6 +385,11 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
         bail!("a Parquet export needs --out FILE");
     }
     let store = Store::open_with_activity(config, &args.activity)?;
+    // Counted before the export reads: an overstatement at worst.
+    let in_transit = match args.what {
+        ExportWhat::Claims => store.claims_in_transit(&args.activity)?,
+        _ => 0,
+    };
     let bom = args.bom && format == ExportFormat::Csv;
     let write = |mut out: Box<dyn Write + Send>| -> anyhow::Result<u64> {
         if bom {
@@ -407,7 +412,20 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
             write(Box::new(io::BufWriter::new(io::stdout())))?;
         }
     }
+    warn_in_transit(in_transit, "this export");
     Ok(())
+}
+
+/// Says on stderr that `what` lacks claims still on their way to MongoDB.
+fn warn_in_transit(n: u64, what: &str) {
+    if n > 0 {
+        eprintln!(
+            "warning: {} committed but not in MongoDB yet (a node's backlog): {what} lacks them; \
+             run it again once ticketd_mongo_backlog is 0 on every node (a dead node's backlog \
+             is written once a live node reaps it)",
+            count(n as usize, "claim is", "claims are")
+        );
+    }
 }
 
 /// `ticketd export --what draw`: the room's log, read beside a serving node.
@@ -506,6 +524,7 @@ pub fn report(config: &Config, args: ReportArgs) -> anyhow::Result<()> {
     let html = export::report::render(&args.activity, &data, queue.as_ref(), now_ms());
     std::fs::write(&args.out, html).with_context(|| format!("cannot write {}", args.out.display()))?;
     let s = export::report::summary(&data);
+    warn_in_transit(data.in_transit, "the report");
     eprintln!(
         "report written to {}: {} of {} codes claimed by {} users",
         args.out.display(),

@@ -254,11 +254,11 @@ pub fn render(activity_id: &str, data: &ReportData, queue: Option<&QueueReport>,
 body {{ font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 800px; color: #111; }}
 h1 {{ font-size: 22px; margin-bottom: 4px; }} h2 {{ font-size: 16px; margin-top: 28px; }}
 table {{ border-collapse: collapse; margin: 8px 0; }} td, th {{ border: 1px solid #ddd; padding: 4px 10px; text-align: left; }}
-th {{ background: #f5f5f5; }} .muted {{ color: #666; }} svg {{ display: block; margin: 8px 0; border: 1px solid #eee; }}
+th {{ background: #f5f5f5; }} .muted {{ color: #666; }} .warn {{ background: #fff4e5; border: 1px solid #f0b46c; padding: 8px 12px; }} svg {{ display: block; margin: 8px 0; border: 1px solid #eee; }}
 </style></head><body>
 <h1>Rush report: {title}</h1>
 <p class="muted">Activity <code>{id}</code>, {start} – {end}, limit {limit} per user. Generated {now}.</p>
-<h2>Summary</h2>
+{in_transit}<h2>Summary</h2>
 <table id="summary">
 <tr><th>codes</th><td id="codes">{codes}</td></tr>
 <tr><th>claimed</th><td id="claimed">{claimed}</td></tr>
@@ -270,6 +270,20 @@ th {{ background: #f5f5f5; }} .muted {{ color: #666; }} svg {{ display: block; m
 "#,
         title = esc(&name),
         id = esc(activity_id),
+        in_transit = if data.in_transit > 0 {
+            format!(
+                "<p id=\"in-transit\" class=\"warn\"><strong>Incomplete:</strong> {} committed but not yet \
+                 written to MongoDB (a node's backlog) and missing from every figure below. Generate the \
+                 report again once <code>ticketd_mongo_backlog</code> is 0 on every node.</p>\n",
+                if data.in_transit == 1 {
+                    "1 claim was".to_owned()
+                } else {
+                    format!("{} claims were", data.in_transit)
+                }
+            )
+        } else {
+            String::new()
+        },
         start = rfc3339_ms(start_ms),
         end = rfc3339_ms(end_ms),
         limit = limit,

@@ -157,6 +157,9 @@ pub struct ReportData {
     pub users: u64,
     /// `(node, claims)`: which node handed out how much of the stock.
     pub nodes: Vec<(String, u64)>,
+    /// Claims committed but not yet in the store this was read from (a
+    /// cluster node's backlog for MongoDB): missing from every figure above.
+    pub in_transit: u64,
 }
 
 /// One ticket type in the report.

@@ -1516,3 +1516,56 @@ async fn activities_nobody_imported_are_not_sold_out_and_sell_once_imported() {
     let res = node.client.post("/ticket/get", Some(&tokens[1]), &body).await.unwrap();
     assert_eq!(res.status, 200, "{}", res.body);
 }
+
+/// Claims still in a node's backlog for MongoDB (MongoDB down while they
+/// were made, then the node killed before it could write them) were
+/// missing from `export` and `report` without a word: both read MongoDB
+/// alone. Both now say how many are missing (on stderr, and in the
+/// report's first paragraph); once the node is back and has written its
+/// backlog, the export is whole and says nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_and_report_say_how_many_claims_are_still_in_a_backlog() {
+    let mut cluster = Cluster::start(1, &cluster_activity("tr", 20, 1), "");
+    let (tokens, _) = users(&cluster, "tr", 5).await;
+    cluster.services.stop_mongo();
+    for token in &tokens {
+        let res = cluster.nodes[0].claim(token, "tr").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    cluster.nodes[0].kill9();
+    cluster.services.restart_mongo();
+
+    let export = |node: &TestApp| {
+        let out = node.cli(&["export", "--activity", "tr", "--format", "csv"], None);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let rows = crate::common::parse_csv(&out.stdout).len();
+        (rows, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (rows, stderr) = export(&cluster.nodes[0]);
+    assert_eq!(rows, 0, "MongoDB has none of them yet");
+    assert!(
+        stderr.contains("warning: 5 claims are committed but not in MongoDB yet"),
+        "{stderr}"
+    );
+    let node = &cluster.nodes[0];
+    let out = node.cli(&["report", "--activity", "tr", "--out", "tr.html"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("warning: 5 claims are"));
+    let html = std::fs::read_to_string(node.dir.path().join("tr.html")).unwrap();
+    assert!(
+        html.contains("id=\"in-transit\"") && html.contains("5 claims were committed but not yet"),
+        "{html}"
+    );
+
+    // Back, the node writes its backlog: the export is whole and quiet.
+    cluster.nodes[0].boot();
+    cluster.drained("tr").await;
+    let (rows, stderr) = export(&cluster.nodes[0]);
+    assert_eq!(rows, 5);
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let node = &cluster.nodes[0];
+    let out = node.cli(&["report", "--activity", "tr", "--out", "tr.html"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(node.dir.path().join("tr.html")).unwrap();
+    assert!(!html.contains("in-transit"), "a whole report has no warning");
+}

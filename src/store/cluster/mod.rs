@@ -467,7 +467,32 @@ impl ClusterStore {
     }
 
     pub(super) fn report_data(&self, activity_id: &str, top: usize) -> Result<ReportData, StoreError> {
-        Ok(self.block(mongo::report_data(&self.shared.db, activity_id, top))?)
+        // Counted first: claims that reach MongoDB while the report reads it
+        // make this overstate what is missing, never understate it.
+        let in_transit = self.claims_in_transit(activity_id)?;
+        let mut data = self.block(mongo::report_data(&self.shared.db, activity_id, top))?;
+        data.in_transit = in_transit;
+        Ok(data)
+    }
+
+    /// Claims of `activity_id` committed in Redis and not in MongoDB yet:
+    /// on their way in a node's backlog (for long while MongoDB is down, or
+    /// when the node died and no live node has reaped its backlog yet).
+    pub(super) fn claims_in_transit(&self, activity_id: &str) -> Result<u64, StoreError> {
+        let shared = self.shared.clone();
+        let activity = activity_id.to_owned();
+        Ok(self.block(async move {
+            let mut redis = shared.redis.clone();
+            let committed: u64 = redis::cmd("HLEN")
+                .arg(scripts::Keys::new(&activity).claimed())
+                .query_async(&mut redis)
+                .await
+                .map_err(ClusterError::from)?;
+            let stored = mongo::claims_of_activity(&shared.db, &activity)
+                .await
+                .map_err(ClusterError::from)?;
+            Ok::<_, ClusterError>(committed.saturating_sub(stored))
+        })?)
     }
 
     /// Every claim `user` holds in the given activities, from Redis (the

@@ -545,6 +545,11 @@ pub async fn export_claims(
     }
 }
 
+/// How many claims of `activity` MongoDB holds.
+pub async fn claims_of_activity(db: &Database, activity: &str) -> Result<u64, MongoError> {
+    coll(db, "claims").count_documents(doc! {"activity_id": activity}).await
+}
+
 /// What the report shows about `activity`, computed from the claims and the
 /// recorded statistics.
 pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<ReportData, MongoError> {
