@@ -1569,3 +1569,48 @@ async fn export_and_report_say_how_many_claims_are_still_in_a_backlog() {
     let html = std::fs::read_to_string(node.dir.path().join("tr.html")).unwrap();
     assert!(!html.contains("in-transit"), "a whole report has no warning");
 }
+
+/// A live node that reaps a dead node's backlog while MongoDB is down holds
+/// those claims in its own backlog, but its `ticketd_mongo_backlog` gauge
+/// stayed at what the node had committed itself (here 0): the writer
+/// counted the backlog only after a pass that reached MongoDB. The export
+/// warning tells organisers to wait for that gauge to reach 0, so it must
+/// count every claim waiting; now each pass counts first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reaped_backlog_shows_in_the_reapers_gauge_while_mongodb_is_down() {
+    let mut cluster = Cluster::start(2, &cluster_activity("rb", 20, 1), "[cluster]\nlease_ttl = \"2s\"\n");
+    let (tokens, _) = users(&cluster, "rb", 5).await;
+    cluster.services.stop_mongo();
+    for token in &tokens {
+        let res = cluster.nodes[1].claim(token, "rb").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    let gauge = "ticketd_mongo_backlog";
+    until("node1's backlog to show the five claims", || async {
+        metric(&cluster.nodes[1], gauge).await == 5.0
+    })
+    .await;
+    assert_eq!(metric(&cluster.nodes[0], gauge).await, 0.0);
+    cluster.nodes[1].kill9();
+    until("node0 to reap node1's backlog", || async {
+        let mut redis = cluster.services.redis().await;
+        let len: usize = redis::cmd("LLEN")
+            .arg("tk:{rb}:outbox:node1")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        len == 0
+    })
+    .await;
+    until("node0's gauge to count the reaped claims", || async {
+        metric(&cluster.nodes[0], gauge).await == 5.0
+    })
+    .await;
+
+    cluster.services.restart_mongo();
+    assert_eq!(cluster.drained("rb").await.len(), 5);
+    until("node0's gauge to reach 0", || async {
+        metric(&cluster.nodes[0], gauge).await == 0.0
+    })
+    .await;
+}

@@ -413,8 +413,8 @@ async fn reap(shared: &Shared) -> Result<(), ClusterError> {
                 .leases_reaped
                 .fetch_add(nodes as u64, Ordering::Relaxed);
             tracing::warn!(activity = %a, nodes, codes, "Reclaimed the expired leases of stopped nodes: their unclaimed codes are back on the master list and their backlog is now this node's.");
+            // The writer's next pass counts and drains it.
             shared.backlog_grew.notify_one();
-            shared.backlog.fetch_add(1, Ordering::Relaxed);
         }
     }
     Ok(())
