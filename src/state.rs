@@ -15,7 +15,7 @@ use crate::{
     catalog::{Activity, Catalog, SharedCatalog},
     claim::{ClaimSettings, Claimer},
     config::{ActivityConfig, Config, ServerConfig},
-    inventory::{Inventory, Stock},
+    inventory::{Inventory, Stock, Tracked},
     metrics::{self, Gauges},
     stats::RushStats,
     store::{ImportReport, Store, StoreError},
@@ -285,10 +285,14 @@ impl AppState {
 
 /// Starts selling the catalog's ticket types (with leases: leasing them).
 pub fn track(inventory: &Inventory, catalog: &Catalog) -> Result<(), StoreError> {
-    let activities: Vec<(Arc<str>, Vec<Arc<str>>)> = catalog
+    let activities: Vec<Tracked> = catalog
         .activities()
         .iter()
-        .map(|a| (a.id.clone(), a.tickets.iter().map(|t| t.id.clone()).collect()))
+        .map(|a| Tracked {
+            id: a.id.clone(),
+            per_user_limit: a.per_user_limit,
+            tickets: a.tickets.iter().map(|t| t.id.clone()).collect(),
+        })
         .collect();
     inventory.track(&activities)
 }

@@ -28,7 +28,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use super::{pool::CodePool, stock::Stock};
+use super::{pool::CodePool, stock::Stock, Tracked};
 use crate::{
     config::ClusterConfig,
     store::{LeaseSource, StoreError},
@@ -145,13 +145,14 @@ impl Leasing {
         }
     }
 
-    pub(super) fn track(
-        &self,
-        pool: &dyn Fn(&str) -> Arc<CodePool>,
-        activities: &[(Arc<str>, Vec<Arc<str>>)],
-    ) -> Result<(), StoreError> {
-        for (activity, tickets) in activities {
-            let returned = self.source.track(activity, tickets)?;
+    pub(super) fn track(&self, pool: &dyn Fn(&str) -> Arc<CodePool>, activities: &[Tracked]) -> Result<(), StoreError> {
+        for Tracked {
+            id: activity,
+            per_user_limit,
+            tickets,
+        } in activities
+        {
+            let returned = self.source.track(activity, tickets, *per_user_limit)?;
             if returned > 0 {
                 tracing::info!(activity = %activity, codes = returned, "Returned the codes an earlier run of this node had leased.");
             }

@@ -30,6 +30,18 @@ pub use stock::Stock;
 
 use crate::{store::StoreError, vocab::Claim};
 
+/// An activity whose ticket types this node sells, as [`Inventory::track`]
+/// takes it.
+pub struct Tracked {
+    /// The activity's id.
+    pub id: Arc<str>,
+    /// The per-user limit this node's config sets (in a cluster, claims hold
+    /// to the lowest of the live nodes').
+    pub per_user_limit: u32,
+    /// Its ticket types' ids.
+    pub tickets: Vec<Arc<str>>,
+}
+
 /// Pools and ledgers by id.
 #[derive(Default)]
 pub struct Inventory {
@@ -80,7 +92,7 @@ impl Inventory {
     /// With leases, an activity seen for the first time first gets back what
     /// an earlier run of this node still had leased. Called at start-up and
     /// after every reload.
-    pub fn track(&self, activities: &[(Arc<str>, Vec<Arc<str>>)]) -> Result<(), StoreError> {
+    pub fn track(&self, activities: &[Tracked]) -> Result<(), StoreError> {
         match self.leasing() {
             Some(leasing) => leasing.track(&|ticket| self.pool(ticket), activities),
             None => Ok(()),

@@ -1070,11 +1070,14 @@ async fn a_commit_failing_halfway_still_backlogs_and_counts_what_it_recorded() {
         .key(keys.idem())
         .key(keys.outbox("n1"))
         .key(keys.sold())
+        .key(keys.limits())
+        .key(keys.nodes())
         .key(&lease)
         .key(&lease)
         .arg("n1")
         .arg(5)
-        .arg(1000);
+        .arg(1000)
+        .arg(now_ms());
     for (nonce, code, user) in [("x1", "c1", 1u64), ("x2", "c2", 2)] {
         invocation
             .arg(nonce)
@@ -1613,4 +1616,51 @@ async fn a_reaped_backlog_shows_in_the_reapers_gauge_while_mongodb_is_down() {
         metric(&cluster.nodes[0], gauge).await == 0.0
     })
     .await;
+}
+
+/// Nodes whose configs disagree on `per_user_limit` (one node reloaded
+/// with a lower limit, the other not yet: a rolling reload, or a node
+/// forgotten) each enforced their own in the commit script, so a user
+/// held up to the highest through the node that had it. The commit now
+/// holds to the lowest limit of the live nodes; the node that sees a
+/// difference says so; a raise applies once every node has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_that_disagree_on_the_limit_hold_to_the_lowest() {
+    let act = cluster_activity("lm", 20, 2);
+    let cluster = Cluster::start(2, &act, "");
+    let (tokens, _) = users(&cluster, "lm", 2).await;
+    // Both nodes have leased (so both are live in Redis) before the reload.
+    for (node, token) in cluster.nodes.iter().zip(&tokens) {
+        let res = node.claim(token, "lm").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    let config = std::fs::read_to_string(cluster.nodes[1].config_path()).unwrap();
+    let lowered = config.replace("per_user_limit = 2", "per_user_limit = 1");
+    assert_ne!(config, lowered);
+    let outcome = cluster.nodes[1].reload(&lowered);
+    assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
+    let warned = cluster.nodes[1].wait_for_log(
+        "per_user_limit differs across the live nodes: claims hold to the lowest until every node has the same.",
+        1,
+    );
+    assert_eq!(
+        (
+            warned["here"].as_u64(),
+            warned["lowest"].as_u64(),
+            warned["highest"].as_u64()
+        ),
+        (Some(1), Some(1), Some(2)),
+        "{warned}"
+    );
+
+    // Through node0, whose config still says 2: held to 1.
+    let res = cluster.nodes[0].claim(&tokens[0], "lm").await;
+    assert_error(&res, 409, "LIMIT_REACHED");
+
+    // Raised back on node1: every node says 2 again, and so does the commit.
+    let outcome = cluster.nodes[1].reload(&config);
+    assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
+    let res = cluster.nodes[0].claim(&tokens[0], "lm").await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    cluster.nodes[0].assert_verified();
 }

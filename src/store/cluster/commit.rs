@@ -21,6 +21,7 @@ use super::{
     shared::{Doubt, Msg, Serving, Shared},
 };
 use crate::{
+    clock::now_ms,
     metrics,
     vocab::{answer_all, CommitError, CommitOutcome, PendingClaim},
     worker::{Ctl, Stop},
@@ -203,7 +204,9 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
         .key(keys.held())
         .key(keys.idem())
         .key(keys.outbox(&shared.node))
-        .key(keys.sold());
+        .key(keys.sold())
+        .key(keys.limits())
+        .key(keys.nodes());
     // Each claim names its lease set; a batch mostly has one ticket type,
     // so each name is built once.
     let mut leases: Vec<(&str, String)> = Vec::new();
@@ -218,7 +221,11 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
         };
         invocation.key(&leases[at].1);
     }
-    invocation.arg(&*shared.node).arg(limit).arg(shared.cfg.max_backlog);
+    invocation
+        .arg(&*shared.node)
+        .arg(limit)
+        .arg(shared.cfg.max_backlog)
+        .arg(now_ms());
     for a in work {
         let c = a.pending.claim();
         let key = c.idempotency_key.as_deref().unwrap_or("");

@@ -97,15 +97,20 @@ impl LeaseSource {
         self.shared.redis_up.load(Ordering::Relaxed)
     }
 
-    /// Starts selling `activity`: on first sight, gives back whatever an
+    /// Starts selling `activity` (at start-up and after every reload):
+    /// records the per-user limit this node's config sets, warning when a
+    /// live node's differs, and on first sight gives back whatever an
     /// earlier run of this node still had leased; returns how many codes.
-    pub fn track(&self, activity: &Arc<str>, tickets: &[Arc<str>]) -> Result<usize, StoreError> {
+    pub fn track(&self, activity: &Arc<str>, tickets: &[Arc<str>], limit: u32) -> Result<usize, StoreError> {
         let first = !self.shared.activities.contains_key(activity);
         self.shared.activities.insert(activity.clone(), tickets.to_vec());
-        if !first {
-            return Ok(0);
-        }
-        Ok(block_on(&self.handle, release(&self.shared, activity, tickets))?)
+        Ok(block_on(&self.handle, async {
+            publish_limit(&self.shared, activity, limit).await?;
+            if !first {
+                return Ok(0);
+            }
+            release(&self.shared, activity, tickets).await
+        })?)
     }
 
     /// Leases up to `want` codes of `ticket`: `(codes left on the master list, codes)`.
@@ -218,6 +223,33 @@ impl LeaseSource {
         })
         .await;
     }
+}
+
+/// Records this node's per-user limit of `activity` ([`scripts::LIMITS`]).
+/// The commit script holds every claim to the lowest of the live nodes'
+/// limits, so a difference is safe, but an operator should hear of it: a
+/// raise does not apply until every node has it.
+async fn publish_limit(shared: &Shared, activity: &str, limit: u32) -> Result<(), ClusterError> {
+    let keys = scripts::Keys::new(activity);
+    let mut redis = shared.redis.clone();
+    let (lowest, highest): (u32, u32) = scripts::LIMITS
+        .key(keys.limits())
+        .key(keys.nodes())
+        .arg(&*shared.node)
+        .arg(limit)
+        .arg(now_ms())
+        .invoke_async(&mut redis)
+        .await?;
+    if lowest != highest {
+        tracing::warn!(
+            activity,
+            here = limit,
+            lowest,
+            highest,
+            "per_user_limit differs across the live nodes: claims hold to the lowest until every node has the same."
+        );
+    }
+    Ok(())
 }
 
 async fn release(shared: &Shared, activity: &str, tickets: &[Arc<str>]) -> Result<usize, ClusterError> {

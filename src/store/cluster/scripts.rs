@@ -8,6 +8,7 @@
 //! tk:{A}:known:T       set   every code ever pushed for T (import adds each once)
 //! tk:{A}:lease:T:N     set   codes of T leased to node N, not yet claimed
 //! tk:{A}:nodes         zset  node -> lease expiry (Unix ms), renewed while it lives
+//! tk:{A}:limits        hash  node -> per_user_limit of its config (the lowest live one holds)
 //! tk:{A}:claimed       hash  code -> claim record (JSON)
 //! tk:{A}:users         hash  user id -> claims held (the per-user limit)
 //! tk:{A}:held          hash  user id -> JSON array of the user's codes
@@ -80,6 +81,11 @@ impl Keys {
     /// Live nodes and their lease expiry.
     pub fn nodes(&self) -> String {
         self.key("nodes")
+    }
+
+    /// Node -> the per-user limit its config sets.
+    pub fn limits(&self) -> String {
+        self.key("limits")
     }
 
     /// Claimed codes.
@@ -156,10 +162,16 @@ pub fn node_key(node: &str) -> String {
 
 /// Commits a batch of one activity's claims.
 ///
-/// KEYS: claimed, users, held, idem, outbox, sold, then one lease set per claim.
-/// ARGV: node, limit, max backlog, then per claim: nonce, ticket, code, user,
-/// idempotency key (or ""), the record's JSON up to its `n` value
-/// ([`super::record::Record::head`]), and the code as a JSON string.
+/// KEYS: claimed, users, held, idem, outbox, sold, limits, nodes, then one
+/// lease set per claim. ARGV: node, limit, max backlog, now (ms), then per
+/// claim: nonce, ticket, code, user, idempotency key (or ""), the record's
+/// JSON up to its `n` value ([`super::record::Record::head`]), and the code
+/// as a JSON string.
+///
+/// The per-user limit is the lowest that this node's config and the live
+/// nodes' (as [`LIMITS`] and earlier commits recorded them) set: nodes that
+/// disagree — a rolling reload, a node forgotten — never let a user hold
+/// more than any of them allows.
 ///
 /// Per claim, in order: a code already claimed with the same nonce is this
 /// claim retried after an unknown outcome (answer the record again); an
@@ -180,16 +192,21 @@ pub static COMMIT: LazyLock<Script> = LazyLock::new(|| {
         r#"
 local claimed, users, held, idem, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local node, limit, max_backlog = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('HSET', KEYS[7], node, limit)
+for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], ARGV[4], '+inf')) do
+  local theirs = tonumber(redis.call('HGET', KEYS[7], other) or '')
+  if theirs and theirs < limit then limit = theirs end
+end
 local backlog = redis.call('LLEN', outbox)
 local out, recs, sold = {}, {}, {}
-local n = (#ARGV - 3) / 7
+local n = (#ARGV - 4) / 7
 -- Each claim's backlog record and sold count are written after the loop,
 -- once per batch; `pcall` makes sure they are written even when a command
 -- fails halfway (Redis keeps a failed script's earlier writes), so no
 -- recorded claim ever misses its backlog record or its count.
 local ok, err = pcall(function()
   for i = 0, n - 1 do
-    local a = 4 + i * 7
+    local a = 5 + i * 7
     local nonce, ticket, code, user, key, head, quoted = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4], ARGV[a+5], ARGV[a+6]
     local existing = redis.call('HGET', claimed, code)
     local replay = false
@@ -202,7 +219,7 @@ local ok, err = pcall(function()
       out[i + 1] = 'FULL'
     elseif tonumber(redis.call('HGET', users, user) or '0') >= limit then
       out[i + 1] = 'LIMIT' .. (redis.call('HGET', held, user) or '[]')
-    elseif redis.call('SREM', KEYS[7 + i], code) == 0 then
+    elseif redis.call('SREM', KEYS[9 + i], code) == 0 then
       out[i + 1] = 'LOST'
     else
       local nth = redis.call('HINCRBY', users, user, 1)
@@ -230,6 +247,27 @@ end
 for ticket, k in pairs(sold) do redis.call('HINCRBY', KEYS[6], ticket, k) end
 if not ok then error(err) end
 return out
+"#,
+    )
+});
+
+/// Records the per-user limit a node's config sets for one activity, and
+/// reads the live nodes' (see [`COMMIT`]).
+///
+/// KEYS: limits, nodes. ARGV: node, limit, now (ms). Returns `{lowest,
+/// highest}` of this node's limit and the live nodes'.
+pub static LIMITS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local lowest, highest = tonumber(ARGV[2]), tonumber(ARGV[2])
+for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[3], '+inf')) do
+  local theirs = tonumber(redis.call('HGET', KEYS[1], other) or '')
+  if theirs then
+    lowest, highest = math.min(lowest, theirs), math.max(highest, theirs)
+  end
+end
+return {lowest, highest}
 "#,
     )
 });
