@@ -1664,3 +1664,46 @@ async fn nodes_that_disagree_on_the_limit_hold_to_the_lowest() {
     assert_eq!(res.status, 200, "{}", res.body);
     cluster.nodes[0].assert_verified();
 }
+
+/// `/admin/stats` on a cluster node shows its store — Redis and MongoDB up
+/// or not, the claims waiting for MongoDB, the codes leased to the node —
+/// which only `/metrics` had: what an operator looks at first in an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_stats_show_the_cluster_store() {
+    let token = "EXAMPLE-admin-token-0123456789abcdef";
+    let admin_config = format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\"\n");
+    let mut cluster = Cluster::start(1, &cluster_activity("as", 10, 1), &admin_config);
+    let (tokens, _) = users(&cluster, "as", 1).await;
+    let node = &cluster.nodes[0];
+    let addr = node.wait_for_log("Admin API listening.", 1)["addr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let admin = ApiClient::new(vec![format!("http://{addr}")], 2).unwrap();
+    let store = || async {
+        let stats = admin.get("/admin/stats", Some(token)).await.unwrap();
+        assert_eq!(stats.status, 200, "{}", stats.body);
+        stats.data()["cluster"].clone()
+    };
+    until("the node to lease codes", || async {
+        let c = store().await;
+        assert_eq!(
+            (c["redisUp"].as_bool(), c["mongoUp"].as_bool()),
+            (Some(true), Some(true)),
+            "{c}"
+        );
+        assert_eq!(c["mongoBacklog"], 0, "{c}");
+        c["leased"][0]["codes"].as_u64().unwrap_or(0) > 0 && c["leased"][0]["actId"] == "as"
+    })
+    .await;
+
+    cluster.services.stop_mongo();
+    let node = &cluster.nodes[0];
+    let res = node.claim(&tokens[0], "as").await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    until("the stats to show MongoDB down and the claim waiting", || async {
+        let c = store().await;
+        c["mongoUp"] == false && c["mongoBacklog"] == 1 && c["redisUp"] == true
+    })
+    .await;
+}

@@ -100,6 +100,15 @@ fn stats(state: &AppState, connections: usize) -> Response<Full<Bytes>> {
         "connections": connections,
         "workers": state.workers.report(),
         "journalQueue": state.store.commit_queue_len(),
+        // Cluster mode: what an operator looks at first in an outage.
+        "cluster": state.store.gauges().map(|g| serde_json::json!({
+            "redisUp": g.redis_up,
+            "mongoUp": g.mongo_up,
+            "mongoBacklog": g.backlog,
+            "leased": state.inventory.leasing().map(|l| l.leased()).unwrap_or_default().into_iter()
+                .map(|(act, ticket, codes)| serde_json::json!({ "actId": act, "ticketId": ticket, "codes": codes }))
+                .collect::<Vec<_>>(),
+        })),
         "uptimeSecs": (now - state.started_ms) / 1000,
         "claimOutcomes": metrics::global().claim_outcomes(),
     }))
