@@ -28,7 +28,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use super::{pool::CodePool, stock::Stock, Tracked};
+use super::{pool::CodePool, stock::Stock};
 use crate::{
     config::ClusterConfig,
     store::{LeaseSource, StoreError},
@@ -41,6 +41,18 @@ const TICK: Duration = Duration::from_millis(10);
 const UNKNOWN: usize = usize::MAX;
 /// Counts not read yet: nothing may be called sold out on them.
 const UNCOUNTED: u64 = u64::MAX;
+
+/// An activity whose ticket types this node sells, as
+/// [`Inventory::track`](super::Inventory::track) takes it.
+pub struct Tracked {
+    /// The activity's id.
+    pub id: Arc<str>,
+    /// The per-user limit this node's config sets (in a cluster, claims hold
+    /// to the lowest of the live nodes').
+    pub per_user_limit: u32,
+    /// Its ticket types' ids.
+    pub tickets: Vec<Arc<str>>,
+}
 
 /// The lease worker's state, shared with the claim path.
 pub struct Leasing {

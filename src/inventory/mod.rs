@@ -23,24 +23,12 @@ use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 
-pub use lease::Leasing;
+pub use lease::{Leasing, Tracked};
 pub use ledger::{Ledger, Reservation};
 pub use pool::{CodeArena, CodeIdx, CodePool};
 pub use stock::Stock;
 
 use crate::{store::StoreError, vocab::Claim};
-
-/// An activity whose ticket types this node sells, as [`Inventory::track`]
-/// takes it.
-pub struct Tracked {
-    /// The activity's id.
-    pub id: Arc<str>,
-    /// The per-user limit this node's config sets (in a cluster, claims hold
-    /// to the lowest of the live nodes').
-    pub per_user_limit: u32,
-    /// Its ticket types' ids.
-    pub tickets: Vec<Arc<str>>,
-}
 
 /// Pools and ledgers by id.
 #[derive(Default)]
