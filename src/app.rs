@@ -465,22 +465,21 @@ async fn admit_shared(
     let seen: std::collections::HashMap<u64, i64> =
         next.into_iter().zip(seen).filter_map(|(u, s)| Some((u, s?))).collect();
     let claimed: std::collections::HashMap<u64, u32> = holders.into_iter().zip(claimed).collect();
-    // Read after the pass holders' claims, never before (see `RoomState::plan`):
-    // counts from an earlier look could show a code in stock that a holder
-    // counted as used has claimed since. Without a fresh look, no step.
-    state
+    // The cluster-wide counts, read after the pass holders' claims and used
+    // as this look found them (see `RoomState::plan`; the kept counts may
+    // meanwhile be replaced by a heartbeat's older look, which could show a
+    // code in stock that a holder counted as used has claimed since).
+    // Without a fresh look, no step. The room closes only when no code is on
+    // a master list, in any node's lease or being committed here.
+    let look = state
         .inventory
         .refresh_counts(id)
         .await
-        .map_err(|e| format!("cannot read the stock counts: {e}"))?;
-    // The cluster-wide counts (none before the first look, so nothing is
-    // admitted or closed on zeros): the room closes only when no code is
-    // on a master list, in any node's lease or being committed here.
-    let remaining = state.claimer.stock(a).remaining;
+        .map_err(|e| format!("cannot read the stock counts: {e}"))?
+        .ok_or("a shared room without leases")?;
     let stock = StockView {
-        remaining,
-        settled: !state.inventory.unsold_elsewhere(a.tickets.iter().map(|t| &*t.id))
-            && a.tickets.iter().all(|t| t.pool.drained()),
+        remaining: look.remaining,
+        settled: !look.unsold && a.tickets.iter().all(|t| t.pool.drained()),
     };
     let cursor = room.cursor();
     let events = room.plan_shared(

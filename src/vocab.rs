@@ -307,9 +307,8 @@ impl Rejection {
             Rejection::SoldOut { .. } => ClaimOutcome::SoldOut,
             Rejection::StockInFlight => ClaimOutcome::StockInFlight,
             Rejection::Overloaded => ClaimOutcome::Overloaded,
-            Rejection::Unavailable | Rejection::OutcomeUnknown | Rejection::BacklogFull | Rejection::NotImported => {
-                ClaimOutcome::Unavailable
-            }
+            Rejection::Unavailable | Rejection::OutcomeUnknown | Rejection::BacklogFull => ClaimOutcome::Unavailable,
+            Rejection::NotImported => ClaimOutcome::NotImported,
             Rejection::ClaimTokenRequired | Rejection::ClaimTokenInvalid | Rejection::ClaimTokenExpired => {
                 ClaimOutcome::BadClaimToken
             }
@@ -355,6 +354,8 @@ pub enum ClaimOutcome {
     SoldOut,
     /// No stock free now, some may come back.
     StockInFlight,
+    /// Cluster: no code of the ticket type is in Redis yet (not imported).
+    NotImported,
     /// Shed for load.
     Overloaded,
     /// Store unavailable.
@@ -377,7 +378,7 @@ pub enum ClaimOutcome {
 
 impl ClaimOutcome {
     /// Every outcome, in counter order.
-    pub const ALL: [ClaimOutcome; 18] = [
+    pub const ALL: [ClaimOutcome; 19] = [
         ClaimOutcome::Success,
         ClaimOutcome::Replayed,
         ClaimOutcome::NotFound,
@@ -388,6 +389,7 @@ impl ClaimOutcome {
         ClaimOutcome::InProgress,
         ClaimOutcome::SoldOut,
         ClaimOutcome::StockInFlight,
+        ClaimOutcome::NotImported,
         ClaimOutcome::Overloaded,
         ClaimOutcome::Unavailable,
         ClaimOutcome::BadClaimToken,
@@ -421,6 +423,7 @@ impl ClaimOutcome {
             ClaimOutcome::KeyReused => "key_reused",
             ClaimOutcome::SoldOut => "sold_out",
             ClaimOutcome::StockInFlight => "stock_in_flight",
+            ClaimOutcome::NotImported => "not_imported",
             ClaimOutcome::Overloaded => "overloaded",
             ClaimOutcome::Unavailable => "unavailable",
             ClaimOutcome::BadClaimToken => "bad_claim_token",

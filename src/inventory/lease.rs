@@ -54,6 +54,16 @@ pub struct Tracked {
     pub tickets: Vec<Arc<str>>,
 }
 
+/// One activity's cluster-wide counts, from one look.
+#[derive(Debug, Clone, Copy)]
+pub struct Look {
+    /// Codes not sold anywhere: on a master list, in a lease, in doubt.
+    pub remaining: usize,
+    /// Some ticket type has codes unsold, or none at all yet (not imported):
+    /// as [`Leasing::unsold`] says.
+    pub unsold: bool,
+}
+
 /// The lease worker's state, shared with the claim path.
 pub struct Leasing {
     source: LeaseSource,
@@ -184,6 +194,8 @@ impl Leasing {
                 });
             }
         }
+        let kept: Vec<&str> = activities.iter().map(|a| &*a.id).collect();
+        self.source.retire_limits(&kept);
         Ok(())
     }
 
@@ -208,13 +220,27 @@ impl Leasing {
         self.tickets.get(ticket).map_or(0, |t| t.counts.load(Ordering::Relaxed))
     }
 
-    pub(super) async fn refresh_counts(&self, activity: &str) -> Result<(), StoreError> {
-        for (ticket, known, sold) in self.source.counts(activity).await? {
+    /// Reads `activity`'s cluster-wide counts now, keeps them for
+    /// [`Leasing::stock`], and returns what this look found. A caller that
+    /// must order the look after other reads (the waiting room's admitter)
+    /// uses the returned look: the kept counts may meanwhile be replaced by
+    /// a heartbeat's older one.
+    pub(super) async fn refresh_counts(&self, activity: &str) -> Result<Look, StoreError> {
+        let counts = self.source.counts(activity).await?;
+        // Nothing counted (an activity not tracked) is nothing final.
+        let mut look = Look {
+            remaining: 0,
+            unsold: counts.is_empty(),
+        };
+        for (ticket, known, sold) in counts {
             if let Some(t) = self.tickets.get(&ticket) {
                 t.set_counts(known, sold);
             }
+            let remaining = known.saturating_sub(sold);
+            look.remaining += remaining;
+            look.unsold |= remaining > 0 || known == 0;
         }
-        Ok(())
+        Ok(look)
     }
 
     /// Whether any of `tickets` has codes not yet sold anywhere in the
@@ -230,10 +256,12 @@ impl Leasing {
         })
     }
 
-    /// Whether the last look found no code at all of any of `tickets`:
-    /// configured on this node, but nobody has run `ticketd import` with it.
+    /// Whether the last look found no code at all of every one of
+    /// `tickets`: configured on this node, but nobody has run `ticketd
+    /// import` with them. (When another has codes somewhere, a claim is told
+    /// to retry shortly instead, as for any code in flight.)
     pub(super) fn not_imported<'a>(&self, mut tickets: impl Iterator<Item = &'a str>) -> bool {
-        tickets.any(|id| matches!(self.tickets.get(id).and_then(|t| t.counts()), Some((0, _, _))))
+        tickets.all(|id| matches!(self.tickets.get(id).and_then(|t| t.counts()), Some((0, _, _))))
     }
 
     /// Waits up to half a second for codes when the given pools are empty but

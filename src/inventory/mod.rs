@@ -23,7 +23,7 @@ use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 
-pub use lease::{Leasing, Tracked};
+pub use lease::{Leasing, Look, Tracked};
 pub use ledger::{Ledger, Reservation};
 pub use pool::{CodeArena, CodeIdx, CodePool};
 pub use stock::Stock;
@@ -130,12 +130,12 @@ impl Inventory {
     }
 
     /// Re-reads an activity's cluster-wide counts (before `/act/detail`
-    /// answers, so it counts what other nodes sold a moment ago). Nothing to
-    /// do without leases.
-    pub async fn refresh_counts(&self, activity_id: &str) -> Result<(), StoreError> {
+    /// answers, so it counts what other nodes sold a moment ago) and returns
+    /// this look. Nothing to do without leases (`None`).
+    pub async fn refresh_counts(&self, activity_id: &str) -> Result<Option<Look>, StoreError> {
         match self.leasing() {
-            Some(leasing) => leasing.refresh_counts(activity_id).await,
-            None => Ok(()),
+            Some(leasing) => leasing.refresh_counts(activity_id).await.map(Some),
+            None => Ok(None),
         }
     }
 
@@ -150,8 +150,8 @@ impl Inventory {
         }
     }
 
-    /// Whether codes come by lease (a cluster) and Redis knew no code of one
-    /// of `tickets` at the last look: nobody has imported it yet.
+    /// Whether codes come by lease (a cluster) and Redis knew no code of any
+    /// of `tickets` at the last look: nobody has imported them yet.
     pub fn not_imported<'a>(&self, tickets: impl Iterator<Item = &'a str>) -> bool {
         self.leasing().is_some_and(|l| l.not_imported(tickets))
     }

@@ -21,6 +21,7 @@ fn check_config_lists_every_problem_with_its_line() {
             .name("A")
             .window("+2h", "+1h")
             .ticket("t", "T", Codes::List(&["X", "X"]))
+            .ticket("none", "None", Codes::List(&[]))
             .toml();
     let dir = dir_with(&config);
     let out = run_cli(dir.path(), &["check-config"], None);
@@ -42,6 +43,13 @@ fn check_config_lists_every_problem_with_its_line() {
     );
     assert!(
         err.contains(&format!("line {codes_line}: ticket `t`: code `X` appears twice")),
+        "{err}"
+    );
+    // A ticket type with no code would never sell out in a cluster (Redis
+    // cannot tell it from one nobody imported) and never sell at all.
+    let none_line = config.lines().position(|l| l.trim() == "codes = []").unwrap() + 1;
+    assert!(
+        err.contains(&format!("line {none_line}: ticket `none` has no codes")),
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");

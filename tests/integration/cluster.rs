@@ -1464,6 +1464,10 @@ async fn activities_nobody_imported_are_not_sold_out_and_sell_once_imported() {
     let body = claim_body(&node.client, &tokens[0], "fresh").await;
     let res = node.client.post("/ticket/get", Some(&tokens[0]), &body).await.unwrap();
     assert_error(&res, 503, "NOT_IMPORTED");
+    assert_eq!(
+        metric(node, "ticketd_claims_total{outcome=\"not_imported\"}").await,
+        1.0
+    );
 
     let res = node
         .client

@@ -496,7 +496,11 @@ async fn the_admin_api_needs_the_admin_token_and_its_own_listener() {
 
     let stats = admin.get("/admin/stats", Some(admin_token)).await.unwrap();
     assert_eq!(stats.data()["activities"][0]["claimed"], 1, "{}", stats.body);
-    assert!(stats.data()["cluster"].is_null(), "embedded: no cluster store: {}", stats.body);
+    assert!(
+        stats.data()["cluster"].is_null(),
+        "embedded: no cluster store: {}",
+        stats.body
+    );
     let reload = admin
         .post("/admin/reload", Some(admin_token), &json!({}))
         .await

@@ -187,8 +187,19 @@ pub(super) fn check_activity(
 
 fn check_codes(r: &mut Report<'_>, path: &[Seg<'_>], ticket: &TicketConfig, all: &mut HashSet<String>) {
     let Some(codes) = &ticket.codes else { return };
-    if codes.is_empty() && ticket.codes_file.is_some() {
-        r.add(path, format!("ticket `{}`: codes_file has no codes", ticket.id));
+    if codes.is_empty() {
+        // A ticket type with no code never sells, and in a cluster could
+        // never be called sold out: Redis cannot tell it from one nobody has
+        // imported yet.
+        let why = if ticket.codes_file.is_some() {
+            format!("ticket `{}`: codes_file has no codes", ticket.id)
+        } else {
+            format!(
+                "ticket `{}` has no codes: list at least one (or use codes_file or generate)",
+                ticket.id
+            )
+        };
+        r.add(path, why);
     }
     let mut reported = 0;
     for code in codes {

@@ -104,13 +104,46 @@ impl LeaseSource {
     pub fn track(&self, activity: &Arc<str>, tickets: &[Arc<str>], limit: u32) -> Result<usize, StoreError> {
         let first = !self.shared.activities.contains_key(activity);
         self.shared.activities.insert(activity.clone(), tickets.to_vec());
+        self.shared.limits.entry(activity.clone()).or_default().here = limit;
         Ok(block_on(&self.handle, async {
-            publish_limit(&self.shared, activity, limit).await?;
+            // Best effort: a reload must not fail while Redis is away; the
+            // next heartbeat records it.
+            if let Err(error) = publish_limit(&self.shared, activity).await {
+                tracing::warn!(%activity, %error, "Could not record per_user_limit in Redis; the next heartbeat will.");
+            }
             if !first {
                 return Ok(0);
             }
             release(&self.shared, activity, tickets).await
         })?)
+    }
+
+    /// After a reload: stops recording a limit for the activities this node
+    /// no longer has in its config (a limit left in Redis would hold the
+    /// other nodes to it). Best effort, like the record.
+    pub fn retire_limits(&self, kept: &[&str]) {
+        let dropped: Vec<Arc<str>> = self
+            .shared
+            .limits
+            .iter()
+            .filter(|e| !kept.contains(&&**e.key()))
+            .map(|e| e.key().clone())
+            .collect();
+        for activity in dropped {
+            self.shared.limits.remove(&activity);
+            let shared = self.shared.clone();
+            let result = block_on(&self.handle, async move {
+                let mut redis = shared.redis.clone();
+                redis::cmd("HDEL")
+                    .arg(scripts::Keys::new(&activity).limits())
+                    .arg(&*shared.node)
+                    .query_async::<()>(&mut redis)
+                    .await
+            });
+            if let Err(error) = result {
+                tracing::warn!(%error, "Could not remove a dropped activity's per_user_limit from Redis.");
+            }
+        }
     }
 
     /// Leases up to `want` codes of `ticket`: `(codes left on the master list, codes)`.
@@ -227,9 +260,12 @@ impl LeaseSource {
 
 /// Records this node's per-user limit of `activity` ([`scripts::LIMITS`]).
 /// The commit script holds every claim to the lowest of the live nodes'
-/// limits, so a difference is safe, but an operator should hear of it: a
-/// raise does not apply until every node has it.
-async fn publish_limit(shared: &Shared, activity: &str, limit: u32) -> Result<(), ClusterError> {
+/// limits, so a difference is safe, but an operator should hear of it (once
+/// per change): a raise does not apply until every node has it.
+async fn publish_limit(shared: &Shared, activity: &str) -> Result<(), ClusterError> {
+    let Some(limit) = shared.limits.get(activity).map(|e| e.here) else {
+        return Ok(());
+    };
     let keys = scripts::Keys::new(activity);
     let mut redis = shared.redis.clone();
     let (lowest, highest): (u32, u32) = scripts::LIMITS
@@ -240,7 +276,11 @@ async fn publish_limit(shared: &Shared, activity: &str, limit: u32) -> Result<()
         .arg(now_ms())
         .invoke_async(&mut redis)
         .await?;
-    if lowest != highest {
+    let before = shared
+        .limits
+        .get_mut(activity)
+        .and_then(|mut e| e.spread.replace((lowest, highest)));
+    if lowest != highest && before != Some((lowest, highest)) {
         tracing::warn!(
             activity,
             here = limit,
@@ -317,6 +357,7 @@ async fn heartbeat(shared: &Shared) -> Result<Vec<TicketCounts>, ClusterError> {
             invocation.arg(&**t);
         }
         let answer: Vec<usize> = invocation.invoke_async(&mut redis).await?;
+        publish_limit(shared, &a).await?;
         let reclaimed = answer.first().copied() == Some(1);
         for (t, counts) in tickets.iter().zip(answer.get(1..).unwrap_or_default().chunks(3)) {
             let &[upstream, known, sold] = counts else { continue };

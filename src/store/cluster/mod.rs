@@ -187,6 +187,7 @@ impl ClusterStore {
             backlog: AtomicUsize::new(0),
             backlog_full: AtomicBool::new(false),
             activities: DashMap::new(),
+            limits: DashMap::new(),
             doubts: Mutex::new(Vec::new()),
             ids: Mutex::new((0, 0)),
             nonce: AtomicU64::new(0),
@@ -482,13 +483,16 @@ impl ClusterStore {
         let shared = self.shared.clone();
         let activity = activity_id.to_owned();
         Ok(self.block(async move {
+            // MongoDB first: a claim committed and written between the two
+            // reads then adds to Redis's count only, so the difference can
+            // overstate what is missing but never hide a claim that is.
+            let stored = mongo::claims_of_activity(&shared.db, &activity)
+                .await
+                .map_err(ClusterError::from)?;
             let mut redis = shared.redis.clone();
             let committed: u64 = redis::cmd("HLEN")
                 .arg(scripts::Keys::new(&activity).claimed())
                 .query_async(&mut redis)
-                .await
-                .map_err(ClusterError::from)?;
-            let stored = mongo::claims_of_activity(&shared.db, &activity)
                 .await
                 .map_err(ClusterError::from)?;
             Ok::<_, ClusterError>(committed.saturating_sub(stored))

@@ -169,9 +169,11 @@ pub fn node_key(node: &str) -> String {
 /// as a JSON string.
 ///
 /// The per-user limit is the lowest that this node's config and the live
-/// nodes' (as [`LIMITS`] and earlier commits recorded them) set: nodes that
-/// disagree — a rolling reload, a node forgotten — never let a user hold
-/// more than any of them allows.
+/// nodes' (as [`LIMITS`] recorded them at start, on reload and with each
+/// heartbeat) set: nodes that disagree — a rolling reload, a node forgotten
+/// — never let a user hold more than any of them allows. (The batch's own
+/// limit is not recorded here: claims decided before a reload and committed
+/// after it would put an old limit back.)
 ///
 /// Per claim, in order: a code already claimed with the same nonce is this
 /// claim retried after an unknown outcome (answer the record again); an
@@ -192,7 +194,6 @@ pub static COMMIT: LazyLock<Script> = LazyLock::new(|| {
         r#"
 local claimed, users, held, idem, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local node, limit, max_backlog = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('HSET', KEYS[7], node, limit)
 for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], ARGV[4], '+inf')) do
   local theirs = tonumber(redis.call('HGET', KEYS[7], other) or '')
   if theirs and theirs < limit then limit = theirs end

@@ -55,6 +55,11 @@ pub(crate) struct Shared {
     pub backlog_full: AtomicBool,
     /// Activities this node sells, and their ticket ids (leases taken over at start).
     pub activities: DashMap<Arc<str>, Vec<Arc<str>>>,
+    /// The per-user limit this node's config sets per activity it sells,
+    /// recorded in Redis at start, on reload and with every heartbeat; and
+    /// the lowest and highest of the live nodes' at the last record (a
+    /// change to a difference is warned of once).
+    pub limits: DashMap<Arc<str>, LimitRecord>,
     pub doubts: Mutex<Vec<Doubt>>,
     /// Claim ids: `[next, end)` of the block this node holds.
     pub ids: Mutex<(u64, u64)>,
@@ -138,4 +143,14 @@ impl Serving {
         self.closing.store(true, Ordering::Relaxed);
         self.commits.lock().take();
     }
+}
+
+/// This node's per-user limit of one activity, and what the live nodes'
+/// were at the last record.
+#[derive(Debug, Default)]
+pub struct LimitRecord {
+    /// The limit this node's config sets.
+    pub here: u32,
+    /// `(lowest, highest)` of the live nodes' limits at the last record.
+    pub spread: Option<(u32, u32)>,
 }
