@@ -141,6 +141,12 @@ pub struct ClusterConfig {
     /// Default `1s`.
     #[serde(default = "default_refresh_interval")]
     pub refresh_interval: HumanDuration,
+    /// Serve even when Redis does not say `appendonly yes` and `appendfsync
+    /// always`: a claim it acknowledged may then be lost in a Redis crash
+    /// and its code handed out again. For demos and benchmarks only.
+    /// Default false: a node refuses such a Redis. Restart-only.
+    #[serde(default)]
+    pub allow_volatile_redis: bool,
 }
 
 /// Which store backs the node.

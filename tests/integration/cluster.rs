@@ -1711,3 +1711,64 @@ async fn admin_stats_show_the_cluster_store() {
     })
     .await;
 }
+
+/// A node's promise that a code goes to one user rests on Redis keeping
+/// what it acknowledged: a Redis that loses its last second of writes in a
+/// crash can hand a claimed code out again. A node now refuses to serve on
+/// a Redis that does not say `appendonly yes` and `appendfsync always`,
+/// saying what to set; `cluster.allow_volatile_redis = true` (a demo, a
+/// benchmark) serves all the same, with a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_a_redis_that_could_lose_acknowledged_claims() {
+    let services = Services::start();
+    let mut redis = services.redis().await;
+    let act = cluster_activity("vol", 3, 1);
+    for (setting, value) in [("appendfsync", "everysec"), ("appendonly", "no")] {
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(setting)
+            .arg(value)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let node = TestApp::prepare(&(node_config(&services, "vol", "node0", "") + &act), &[]);
+        let mut serve = std::process::Command::new(crate::common::BIN)
+            .args(["--config", "config.toml", "serve"])
+            .current_dir(node.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while serve.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                serve.kill().unwrap();
+                panic!("the node served on a Redis with {setting} {value}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = serve.wait_with_output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("{setting} {value}"))
+                && err.contains("appendonly yes")
+                && err.contains("appendfsync always")
+                && err.contains("allow_volatile_redis"),
+            "{err}"
+        );
+    }
+    let mut node = TestApp::prepare(
+        &(node_config(&services, "vol", "node0", "[cluster]\nallow_volatile_redis = true\n") + &act),
+        &[],
+    );
+    assert!(node.cli(&["import"], None).status.success());
+    node.boot();
+    let warned = node.wait_for_log(
+        "Redis may lose claims it acknowledged (cluster.allow_volatile_redis = true): never run a sale like this.",
+        1,
+    );
+    assert_eq!(warned["appendonly"], "no", "{warned}");
+    let token = node.register("vol").await;
+    assert_eq!(node.claim(&token, "vol").await.status, 200);
+}

@@ -22,6 +22,22 @@ pub enum ClusterError {
         /// Why.
         reason: String,
     },
+    /// Redis does not keep every write it acknowledges (see
+    /// `cluster.allow_volatile_redis`).
+    #[error(
+        "Redis at {url} runs with appendonly {appendonly}, appendfsync {appendfsync}: a claim it acknowledged \
+         could be lost in a Redis crash and its code handed out again. Run it with `appendonly yes` and \
+         `appendfsync always` (CONFIG SET, and in redis.conf), or set cluster.allow_volatile_redis = true \
+         for a demo or a benchmark"
+    )]
+    Volatile {
+        /// The configured address, any password hidden.
+        url: String,
+        /// Redis's `appendonly`.
+        appendonly: String,
+        /// Redis's `appendfsync`.
+        appendfsync: String,
+    },
     /// Another running node uses this node id.
     #[error(
         "another node called `{0}` is running (or stopped less than cluster.lease_ttl ago); node ids must be unique"

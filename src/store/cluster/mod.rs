@@ -46,6 +46,7 @@ mod shared;
 mod users;
 
 use std::{
+    collections::HashMap,
     future::Future,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -120,6 +121,51 @@ async fn connect(config: &Config, timeout: Duration) -> Result<(RedisConn, Datab
     Ok((redis, db))
 }
 
+/// Refuses a Redis that may lose writes it acknowledged (no AOF, or an AOF
+/// not fsynced on every write): a commit it acknowledged could vanish in a
+/// crash, and the code go to a second user. Asks the node `storage.redis_url`
+/// names (on a Redis Cluster, that master: run them all alike). A Redis that
+/// will not say (CONFIG renamed away, as some hosted ones do) is trusted,
+/// with a warning.
+async fn check_durable(config: &Config, redis: &mut RedisConn) -> Result<(), ClusterError> {
+    let setting = |name: &'static str| {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg(name);
+        cmd
+    };
+    let read = async {
+        let appendonly: HashMap<String, String> = setting("appendonly").query_async(redis).await?;
+        let appendfsync: HashMap<String, String> = setting("appendfsync").query_async(redis).await?;
+        Ok::<_, redis::RedisError>((
+            appendonly.get("appendonly").cloned().unwrap_or_default(),
+            appendfsync.get("appendfsync").cloned().unwrap_or_default(),
+        ))
+    };
+    let (appendonly, appendfsync) = match read.await {
+        Ok(settings) => settings,
+        Err(error) => {
+            tracing::warn!(%error, "Could not ask Redis how it persists (CONFIG GET); it must run with appendonly yes and appendfsync always.");
+            return Ok(());
+        }
+    };
+    if appendonly == "yes" && appendfsync == "always" {
+        return Ok(());
+    }
+    if config.cluster.allow_volatile_redis {
+        tracing::warn!(
+            %appendonly,
+            %appendfsync,
+            "Redis may lose claims it acknowledged (cluster.allow_volatile_redis = true): never run a sale like this."
+        );
+        return Ok(());
+    }
+    Err(ClusterError::Volatile {
+        url: without_password(config.storage.redis_url().unwrap_or_default().as_str()),
+        appendonly,
+        appendfsync,
+    })
+}
+
 /// `url` with the password of its user part, if any, hidden (for messages).
 fn without_password(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -175,7 +221,10 @@ impl ClusterStore {
             Access::Inspect => Duration::from_secs(120),
             _ => Duration::from_secs(1),
         };
-        let (redis, db) = block_on(&handle, connect(config, timeout))?;
+        let (mut redis, db) = block_on(&handle, connect(config, timeout))?;
+        if matches!(access, Access::Serve(_)) {
+            block_on(&handle, check_durable(config, &mut redis))?;
+        }
         let shared = Arc::new(Shared {
             redis,
             db,
