@@ -140,7 +140,13 @@ impl App {
         }
         state::track(&inventory, &catalog).context("cannot start leasing codes")?;
         for a in catalog.activities() {
-            tracing::info!(activity = %a.id, remaining = a.remaining(), claimed = a.ledger.claimed(), "Stock loaded.");
+            if inventory.leasing().is_some() {
+                // The pools fill by lease, and the counts are Redis's: a
+                // `remaining: 0` here would only alarm.
+                tracing::info!(activity = %a.id, "Selling by lease; the cluster-wide counts come from Redis.");
+            } else {
+                tracing::info!(activity = %a.id, remaining = a.remaining(), claimed = a.ledger.claimed(), "Stock loaded.");
+            }
         }
         warn_of_moved_rooms(&config, &catalog);
         tracing::info!(claims = restored, "Claims restored.");
@@ -499,13 +505,26 @@ async fn admit_shared(
 /// Moves recorded rush statistics into the store. If the store refuses
 /// them they are dropped: the report misses them, claims are unaffected.
 fn flush_stats(state: &AppState) -> Result<(), crate::store::StoreError> {
-    let batch = state.stats.drain();
+    let mut batch = state.stats.drain();
     if batch.is_empty() {
         return Ok(());
     }
-    state.store.add_stats(&batch).inspect_err(|error| {
-        tracing::warn!(%error, "Could not store rush statistics; they are lost for the report.");
-    })
+    state.store.add_stats(&mut batch).inspect_err(|error| {
+        // Kept for the next flush (the report's curve has no hole where
+        // the trouble was); warned of once per outage.
+        let rows = batch.rows();
+        let dropped = state.stats.hold(batch);
+        if dropped > 0 {
+            tracing::warn!(%error, dropped, "Rush statistics past the cap were dropped while the store refuses them.");
+        }
+        if !state.stats_refused.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(%error, rows, "Could not store rush statistics; kept to store once the store takes them.");
+        }
+    })?;
+    if state.stats_refused.swap(false, std::sync::atomic::Ordering::Relaxed) {
+        tracing::info!("Rush statistics kept during the outage are stored.");
+    }
+    Ok(())
 }
 
 /// Tells systemd how the node is doing: a STATUS line every two seconds,

@@ -70,6 +70,55 @@ impl StatsBatch {
     pub fn is_empty(&self) -> bool {
         self.outcomes.is_empty() && self.sources.is_empty() && self.latency.is_empty()
     }
+
+    /// Rows to store.
+    pub fn rows(&self) -> usize {
+        self.outcomes.len() + self.sources.len() + self.latency.len()
+    }
+
+    /// `self` and `other` summed per key (what the store would hold after
+    /// both), keeping at most `max_rows` rows; returns the rows dropped.
+    fn merge(self, other: StatsBatch, max_rows: usize) -> (StatsBatch, usize) {
+        type Sum<K> = HashMap<K, u64, ahash::RandomState>;
+        let mut outcomes: Sum<(Arc<str>, i64, &'static str)> = Sum::default();
+        let mut sources: Sum<(Arc<str>, Source)> = Sum::default();
+        let mut latency: Sum<(Arc<str>, u64)> = Sum::default();
+        for b in [self, other] {
+            for (a, tick, label, n) in b.outcomes {
+                *outcomes.entry((a, tick, label)).or_default() += n;
+            }
+            for (a, source, n) in b.sources {
+                *sources.entry((a, source)).or_default() += n;
+            }
+            for (a, bound, n) in b.latency {
+                *latency.entry((a, bound.to_bits())).or_default() += n;
+            }
+        }
+        let mut merged = StatsBatch {
+            outcomes: outcomes.into_iter().map(|((a, t, l), n)| (a, t, l, n)).collect(),
+            sources: sources.into_iter().map(|((a, s), n)| (a, s, n)).collect(),
+            latency: latency
+                .into_iter()
+                .map(|((a, bits), n)| (a, f64::from_bits(bits), n))
+                .collect(),
+        };
+        // Past the cap, per-source counters go first (the report's top lists
+        // lose their tail), then the oldest ticks of the outcome curve.
+        let mut over = merged.rows().saturating_sub(max_rows);
+        let dropped = over;
+        let cut = over.min(merged.sources.len());
+        merged.sources.sort_unstable_by_key(|s| std::cmp::Reverse(s.2));
+        merged.sources.truncate(merged.sources.len() - cut);
+        over -= cut;
+        let cut = over.min(merged.outcomes.len());
+        merged.outcomes.sort_unstable_by_key(|o| std::cmp::Reverse(o.1));
+        merged.outcomes.truncate(merged.outcomes.len() - cut);
+        over -= cut;
+        merged
+            .latency
+            .truncate(merged.latency.len() - over.min(merged.latency.len()));
+        (merged, dropped)
+    }
 }
 
 /// The in-memory recorder: [`SHARDS`] shards, each one thread's (or a few
@@ -90,7 +139,14 @@ pub struct RushStats {
     spares: Mutex<Vec<Shard>>,
     /// Source entries since the last drain, all shards and activities.
     tracked: AtomicUsize,
+    /// What the store refused at the last flush (MongoDB down, a full
+    /// disk), summed per key and capped: the next drain returns it too.
+    held: Mutex<StatsBatch>,
 }
+
+/// Most rows of statistics kept while the store refuses them (about
+/// 60 MB at most); past that the rest are dropped, and counted.
+pub const MAX_HELD_ROWS: usize = 1_000_000;
 
 /// Shards of [`RushStats`]: more than the lanes of any machine we expect,
 /// so threads rarely share one.
@@ -104,6 +160,7 @@ impl Default for RushStats {
                 .collect(),
             spares: Mutex::new((0..SHARDS).map(|_| Shard::default()).collect()),
             tracked: AtomicUsize::new(0),
+            held: Mutex::new(StatsBatch::default()),
         }
     }
 }
@@ -191,9 +248,22 @@ impl RushStats {
         stats.latency[bucket] += 1;
     }
 
+    /// Keeps what the store refused, to go with the next [`drain`]
+    /// (summed with anything held already, at most [`MAX_HELD_ROWS`]
+    /// rows); returns the rows dropped past that.
+    ///
+    /// [`drain`]: RushStats::drain
+    pub fn hold(&self, batch: StatsBatch) -> usize {
+        let mut held = self.held.lock();
+        let (merged, dropped) = std::mem::take(&mut *held).merge(batch, MAX_HELD_ROWS);
+        *held = merged;
+        dropped
+    }
+
     /// Takes everything recorded so far, shard by shard (each under its
     /// lock, so nothing is counted twice or lost), with the counts of a
-    /// tick or a source that several shards saw added up.
+    /// tick or a source that several shards saw added up; and whatever
+    /// [`hold`](RushStats::hold) kept.
     pub fn drain(&self) -> StatsBatch {
         type Sum<K> = HashMap<K, u64, ahash::RandomState>;
         let mut outcomes: Sum<(Arc<str>, i64, usize)> = Sum::default();
@@ -225,7 +295,7 @@ impl RushStats {
                 seen
             });
         }
-        StatsBatch {
+        let batch = StatsBatch {
             outcomes: outcomes
                 .into_iter()
                 .map(|((a, tick, o), n)| (a, tick, ClaimOutcome::ALL[o].label(), n))
@@ -238,6 +308,13 @@ impl RushStats {
                     (a, bound, n)
                 })
                 .collect(),
+        };
+        let held = std::mem::take(&mut *self.held.lock());
+        if held.is_empty() {
+            batch
+        } else {
+            // Summed per key: one row per counter, as the store expects.
+            held.merge(batch, usize::MAX).0
         }
     }
 }
@@ -278,6 +355,45 @@ mod tests {
         let fast: u64 = batch.latency.iter().filter(|l| l.1 <= 0.5).map(|l| l.2).sum();
         assert_eq!(fast, 3);
         assert!(stats.drain().is_empty());
+    }
+
+    /// What the store refused goes with the next drain, summed with what
+    /// was recorded since: one row per counter.
+    #[test]
+    fn a_held_batch_drains_again_summed_with_what_came_since() {
+        let stats = RushStats::default();
+        let act: Arc<str> = "a".into();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        stats.record(&act, ClaimOutcome::Success, ip, 7, 120_000, Duration::from_millis(3));
+        let refused = stats.drain();
+        assert_eq!(stats.hold(refused), 0);
+        stats.record(&act, ClaimOutcome::Success, ip, 8, 120_050, Duration::from_millis(3));
+        let batch = stats.drain();
+        assert_eq!(batch.outcomes, vec![(act.clone(), 120_000, "success", 2)]);
+        let ips: Vec<_> = batch.sources.iter().filter(|s| s.1 == Source::Ip(ip)).collect();
+        assert_eq!(ips, vec![&(act.clone(), Source::Ip(ip), 2)], "one row per counter");
+        assert!(stats.drain().is_empty(), "drained once");
+    }
+
+    /// Held statistics are capped: past the cap the smallest per-source
+    /// counters go first, then the oldest ticks.
+    #[test]
+    fn held_statistics_past_the_cap_drop_small_sources_first() {
+        let act: Arc<str> = "a".into();
+        let batch = StatsBatch {
+            outcomes: vec![(act.clone(), 100, "success", 1), (act.clone(), 200, "success", 1)],
+            sources: vec![(act.clone(), Source::User(1), 9), (act.clone(), Source::User(2), 1)],
+            latency: vec![(act.clone(), 1.0, 2)],
+        };
+        let (kept, dropped) = batch.merge(StatsBatch::default(), 4);
+        assert_eq!(dropped, 1);
+        assert_eq!(kept.sources, vec![(act.clone(), Source::User(1), 9)]);
+        assert_eq!(kept.outcomes.len(), 2);
+        let (kept, dropped) = kept.merge(StatsBatch::default(), 2);
+        assert_eq!(dropped, 2);
+        assert!(kept.sources.is_empty());
+        assert_eq!(kept.outcomes, vec![(act.clone(), 200, "success", 1)]);
+        assert_eq!(kept.latency.len(), 1);
     }
 
     #[test]

@@ -285,8 +285,9 @@ impl Store {
         }
     }
 
-    /// Adds drained rush statistics.
-    pub fn add_stats(&self, batch: &StatsBatch) -> Result<(), StoreError> {
+    /// Adds drained rush statistics. On an error `batch` keeps what was
+    /// not stored (all of it, embedded: one transaction).
+    pub fn add_stats(&self, batch: &mut StatsBatch) -> Result<(), StoreError> {
         match self {
             Store::Embedded(s) => s.add_stats(batch),
             Store::Cluster(s) => s.add_stats(batch),

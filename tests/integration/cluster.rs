@@ -1772,3 +1772,51 @@ async fn a_node_refuses_a_redis_that_could_lose_acknowledged_claims() {
     let token = node.register("vol").await;
     assert_eq!(node.claim(&token, "vol").await.status, 200);
 }
+
+/// The rush statistics a node records each second (outcomes, sources,
+/// latency: what the report draws) were dropped when MongoDB refused them,
+/// so a report after an outage had a hole exactly where the trouble was.
+/// The node now keeps what it could not store (bounded) and stores it once
+/// MongoDB is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rush_statistics_made_while_mongodb_is_down_reach_it_later() {
+    let mut cluster = Cluster::start(1, &cluster_activity("st", 20, 1), "");
+    let (tokens, _) = users(&cluster, "st", 6).await;
+    assert_eq!(cluster.nodes[0].claim(&tokens[0], "st").await.status, 200);
+    until("the first claim's statistics in MongoDB", || async {
+        successes(&cluster, "st").await == 1
+    })
+    .await;
+
+    cluster.services.stop_mongo();
+    for token in &tokens[1..] {
+        assert_eq!(cluster.nodes[0].claim(token, "st").await.status, 200);
+    }
+    let failed = "ticketd_worker_errors_total{worker=\"stats-flush\"}";
+    let before = metric(&cluster.nodes[0], failed).await;
+    until("a statistics flush to fail", || async {
+        metric(&cluster.nodes[0], failed).await > before
+    })
+    .await;
+    cluster.services.restart_mongo();
+    until("the outage's statistics in MongoDB", || async {
+        successes(&cluster, "st").await == 6
+    })
+    .await;
+}
+
+/// Successful claims of `act` in the rush statistics MongoDB holds.
+async fn successes(cluster: &Cluster, act: &str) -> i64 {
+    use futures::TryStreamExt;
+    let ticks: Vec<Document> = cluster
+        .mongo()
+        .await
+        .collection::<Document>("stats_outcome_ticks")
+        .find(doc! {"activity_id": act, "outcome": "success"})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    ticks.iter().map(|t| t.get_i64("count").unwrap()).sum()
+}

@@ -512,7 +512,7 @@ impl ClusterStore {
         Ok(self.block(mongo::secret(&self.shared.db, name, create()))?)
     }
 
-    pub(super) fn add_stats(&self, batch: &StatsBatch) -> Result<(), StoreError> {
+    pub(super) fn add_stats(&self, batch: &mut StatsBatch) -> Result<(), StoreError> {
         Ok(self.block(mongo::add_stats(&self.shared.db, batch))?)
     }
 

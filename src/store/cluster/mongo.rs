@@ -413,36 +413,57 @@ pub async fn secret(db: &Database, name: &str, fresh: String) -> Result<String, 
 }
 
 /// Adds drained rush statistics.
-pub async fn add_stats(db: &Database, batch: &StatsBatch) -> Result<(), MongoError> {
-    let outcomes = batch.outcomes.iter().map(|(a, at_ms, label, n)| {
-        upsert_inc(
-            format!("{a}|{at_ms}|{label}"),
-            doc! {"activity_id": &**a, "at_ms": at_ms, "outcome": label},
-            "count",
-            *n,
-        )
-    });
-    increment(db, "stats_outcome_ticks", outcomes.collect()).await?;
-    let sources = batch.sources.iter().map(|(a, s, n)| {
-        let (kind, key) = s.parts();
-        upsert_inc(
-            format!("{a}|{kind}|{key}"),
-            doc! {"activity_id": &**a, "kind": kind, "source": &key},
-            "requests",
-            *n,
-        )
-    });
-    increment(db, "stats_sources", sources.collect()).await?;
-    let latency = batch.latency.iter().map(|(a, bound, n)| {
-        let bound = if bound.is_finite() { *bound } else { -1.0 };
-        upsert_inc(
-            format!("{a}|{bound}"),
-            doc! {"activity_id": &**a, "bound_ms": bound},
-            "count",
-            *n,
-        )
-    });
-    increment(db, "stats_latency", latency.collect()).await
+/// Adds `batch` to the stored statistics. On an error `batch` keeps
+/// exactly the rows not sent (a command whose answer was lost counts as not
+/// sent: statistics are best effort, and such a retry adds twice).
+pub async fn add_stats(db: &Database, batch: &mut StatsBatch) -> Result<(), MongoError> {
+    let outcomes: Vec<Document> = batch
+        .outcomes
+        .iter()
+        .map(|(a, at_ms, label, n)| {
+            upsert_inc(
+                format!("{a}|{at_ms}|{label}"),
+                doc! {"activity_id": &**a, "at_ms": at_ms, "outcome": label},
+                "count",
+                *n,
+            )
+        })
+        .collect();
+    let (sent, result) = increment(db, "stats_outcome_ticks", &outcomes).await;
+    batch.outcomes.drain(..sent);
+    result?;
+    let sources: Vec<Document> = batch
+        .sources
+        .iter()
+        .map(|(a, s, n)| {
+            let (kind, key) = s.parts();
+            upsert_inc(
+                format!("{a}|{kind}|{key}"),
+                doc! {"activity_id": &**a, "kind": kind, "source": &key},
+                "requests",
+                *n,
+            )
+        })
+        .collect();
+    let (sent, result) = increment(db, "stats_sources", &sources).await;
+    batch.sources.drain(..sent);
+    result?;
+    let latency: Vec<Document> = batch
+        .latency
+        .iter()
+        .map(|(a, bound, n)| {
+            let bound = if bound.is_finite() { *bound } else { -1.0 };
+            upsert_inc(
+                format!("{a}|{bound}"),
+                doc! {"activity_id": &**a, "bound_ms": bound},
+                "count",
+                *n,
+            )
+        })
+        .collect();
+    let (sent, result) = increment(db, "stats_latency", &latency).await;
+    batch.latency.drain(..sent);
+    result
 }
 
 /// One statement of an `update` command: upsert `_id`, set `fields`, add `n` to `counter`.
@@ -452,12 +473,18 @@ fn upsert_inc(id: String, fields: Document, counter: &str, n: u64) -> Document {
 
 /// Sends the statements as `update` commands of up to 1,000 each (one round
 /// trip per thousand counters, not one per counter: a rush flushes
-/// thousands of per-user counters every second).
-async fn increment(db: &Database, collection: &str, updates: Vec<Document>) -> Result<(), MongoError> {
+/// thousands of per-user counters every second). Returns how many were
+/// sent, and the error that stopped the rest.
+async fn increment(db: &Database, collection: &str, updates: &[Document]) -> (usize, Result<(), MongoError>) {
+    let mut sent = 0;
     for chunk in updates.chunks(1000) {
-        let reply = db
+        let reply = match db
             .run_command(doc! {"update": collection, "updates": chunk.to_vec(), "ordered": false})
-            .await?;
+            .await
+        {
+            Ok(reply) => reply,
+            Err(error) => return (sent, Err(error)),
+        };
         if let Ok(errors) = reply.get_array("writeErrors") {
             // Statistics are best effort; the claims never depend on them.
             tracing::warn!(
@@ -466,8 +493,9 @@ async fn increment(db: &Database, collection: &str, updates: Vec<Document>) -> R
                 "Some rush statistics were not stored."
             );
         }
+        sent += chunk.len();
     }
-    Ok(())
+    (sent, Ok(()))
 }
 
 fn int(d: &Document, key: &str) -> i64 {

@@ -582,8 +582,12 @@ impl EmbeddedStore {
         Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))?)
     }
 
-    pub(super) fn add_stats(&self, batch: &StatsBatch) -> Result<(), StoreError> {
-        report::add_stats(&mut self.db.lock(), batch)
+    /// One transaction: on an error nothing of `batch` was stored, and it
+    /// is left whole.
+    pub(super) fn add_stats(&self, batch: &mut StatsBatch) -> Result<(), StoreError> {
+        report::add_stats(&mut self.db.lock(), batch)?;
+        *batch = StatsBatch::default();
+        Ok(())
     }
 
     pub(super) fn report_data(&self, activity_id: &str, top: usize) -> Result<ReportData, StoreError> {
