@@ -344,12 +344,19 @@ impl App {
                         _ = every.tick() => false,
                         _ = stop.requested() => true,
                     };
-                    let state = state.clone();
-                    if let Ok(Err(error)) = tokio::task::spawn_blocking(move || flush_stats(&state)).await {
+                    let flushing = state.clone();
+                    if let Ok(Err(error)) = tokio::task::spawn_blocking(move || flush_stats(&flushing)).await {
                         ctl.error(&error);
                     }
                     ctl.tick();
                     if last {
+                        let lost = state.stats.held_rows();
+                        if lost > 0 {
+                            tracing::warn!(
+                                rows = lost,
+                                "Stopping with rush statistics the store refused: they are lost for the report."
+                            );
+                        }
                         return;
                     }
                 }
@@ -502,8 +509,9 @@ async fn admit_shared(
     Ok(())
 }
 
-/// Moves recorded rush statistics into the store. If the store refuses
-/// them they are dropped: the report misses them, claims are unaffected.
+/// Moves recorded rush statistics into the store. What the store refuses
+/// is kept (capped) and goes with the next flush; what is still kept when
+/// the node stops is lost for the report. Claims are unaffected.
 fn flush_stats(state: &AppState) -> Result<(), crate::store::StoreError> {
     let mut batch = state.stats.drain();
     if batch.is_empty() {
@@ -514,11 +522,8 @@ fn flush_stats(state: &AppState) -> Result<(), crate::store::StoreError> {
         // the trouble was); warned of once per outage.
         let rows = batch.rows();
         let dropped = state.stats.hold(batch);
-        if dropped > 0 {
-            tracing::warn!(%error, dropped, "Rush statistics past the cap were dropped while the store refuses them.");
-        }
         if !state.stats_refused.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            tracing::warn!(%error, rows, "Could not store rush statistics; kept to store once the store takes them.");
+            tracing::warn!(%error, rows, dropped, "Could not store rush statistics; kept (up to stats::MAX_HELD_ROWS rows) to store once the store takes them.");
         }
     })?;
     if state.stats_refused.swap(false, std::sync::atomic::Ordering::Relaxed) {

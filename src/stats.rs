@@ -102,22 +102,29 @@ impl StatsBatch {
                 .map(|((a, bits), n)| (a, f64::from_bits(bits), n))
                 .collect(),
         };
-        // Past the cap, per-source counters go first (the report's top lists
-        // lose their tail), then the oldest ticks of the outcome curve.
-        let mut over = merged.rows().saturating_sub(max_rows);
-        let dropped = over;
-        let cut = over.min(merged.sources.len());
-        merged.sources.sort_unstable_by_key(|s| std::cmp::Reverse(s.2));
-        merged.sources.truncate(merged.sources.len() - cut);
-        over -= cut;
-        let cut = over.min(merged.outcomes.len());
-        merged.outcomes.sort_unstable_by_key(|o| std::cmp::Reverse(o.1));
-        merged.outcomes.truncate(merged.outcomes.len() - cut);
-        over -= cut;
-        merged
-            .latency
-            .truncate(merged.latency.len() - over.min(merged.latency.len()));
+        let dropped = merged.cap(max_rows);
         (merged, dropped)
+    }
+
+    /// Keeps at most `max_rows` rows: past that, per-source counters go
+    /// first, smallest first (the report's top lists lose their tail), then
+    /// the oldest ticks of the outcome curve. Returns the rows dropped.
+    fn cap(&mut self, max_rows: usize) -> usize {
+        let mut over = self.rows().saturating_sub(max_rows);
+        let dropped = over;
+        if over == 0 {
+            return 0;
+        }
+        let cut = over.min(self.sources.len());
+        self.sources.sort_unstable_by_key(|s| std::cmp::Reverse(s.2));
+        self.sources.truncate(self.sources.len() - cut);
+        over -= cut;
+        let cut = over.min(self.outcomes.len());
+        self.outcomes.sort_unstable_by_key(|o| std::cmp::Reverse(o.1));
+        self.outcomes.truncate(self.outcomes.len() - cut);
+        over -= cut;
+        self.latency.truncate(self.latency.len() - over.min(self.latency.len()));
+        dropped
     }
 }
 
@@ -248,13 +255,25 @@ impl RushStats {
         stats.latency[bucket] += 1;
     }
 
+    /// Rows kept since the store refused them.
+    pub fn held_rows(&self) -> usize {
+        self.held.lock().rows()
+    }
+
     /// Keeps what the store refused, to go with the next [`drain`]
     /// (summed with anything held already, at most [`MAX_HELD_ROWS`]
     /// rows); returns the rows dropped past that.
     ///
     /// [`drain`]: RushStats::drain
-    pub fn hold(&self, batch: StatsBatch) -> usize {
+    pub fn hold(&self, mut batch: StatsBatch) -> usize {
         let mut held = self.held.lock();
+        if held.is_empty() {
+            // The usual case: `batch` came from a drain, which took what was
+            // held and summed it in, so it has one row per counter already.
+            let dropped = batch.cap(MAX_HELD_ROWS);
+            *held = batch;
+            return dropped;
+        }
         let (merged, dropped) = std::mem::take(&mut *held).merge(batch, MAX_HELD_ROWS);
         *held = merged;
         dropped

@@ -169,12 +169,10 @@ impl Leasing {
 
     pub(super) fn track(&self, pool: &dyn Fn(&str) -> Arc<CodePool>, activities: &[Tracked]) -> Result<(), StoreError> {
         for Tracked {
-            id: activity,
-            per_user_limit,
-            tickets,
+            id: activity, tickets, ..
         } in activities
         {
-            let returned = self.source.track(activity, tickets, *per_user_limit)?;
+            let returned = self.source.track(activity, tickets)?;
             if returned > 0 {
                 tracing::info!(activity = %activity, codes = returned, "Returned the codes an earlier run of this node had leased.");
             }
@@ -194,8 +192,10 @@ impl Leasing {
                 });
             }
         }
-        let kept: Vec<&str> = activities.iter().map(|a| &*a.id).collect();
-        self.source.retire_limits(&kept);
+        // Only once every activity is tracked: a reload refused halfway
+        // must not have published the new limits.
+        let limits: Vec<(Arc<str>, u32)> = activities.iter().map(|a| (a.id.clone(), a.per_user_limit)).collect();
+        self.source.set_limits(&limits);
         Ok(())
     }
 
@@ -256,12 +256,22 @@ impl Leasing {
         })
     }
 
-    /// Whether the last look found no code at all of every one of
-    /// `tickets`: configured on this node, but nobody has run `ticketd
-    /// import` with them. (When another has codes somewhere, a claim is told
-    /// to retry shortly instead, as for any code in flight.)
-    pub(super) fn not_imported<'a>(&self, mut tickets: impl Iterator<Item = &'a str>) -> bool {
-        tickets.all(|id| matches!(self.tickets.get(id).and_then(|t| t.counts()), Some((0, _, _))))
+    /// Whether, at the last look, some of `tickets` had no code at all
+    /// (configured on this node, but nobody has run `ticketd import` with
+    /// it) and none had a code left anywhere: then only an import can bring
+    /// one. (When one has codes on a list or in a lease, a claim is told to
+    /// retry shortly instead, as for any code in flight.)
+    pub(super) fn not_imported<'a>(&self, tickets: impl Iterator<Item = &'a str>) -> bool {
+        let mut unimported = false;
+        for id in tickets {
+            match self.tickets.get(id).and_then(|t| t.counts()) {
+                Some((0, _, _)) => unimported = true,
+                Some((_, 0, _)) => {}
+                // Codes left somewhere, or not counted yet.
+                _ => return false,
+            }
+        }
+        unimported
     }
 
     /// Waits up to half a second for codes when the given pools are empty but

@@ -150,8 +150,9 @@ impl Inventory {
         }
     }
 
-    /// Whether codes come by lease (a cluster) and Redis knew no code of any
-    /// of `tickets` at the last look: nobody has imported them yet.
+    /// Whether codes come by lease (a cluster) and, at the last look, only
+    /// an import can bring a code of `tickets`: one has no code at all yet,
+    /// the others none left.
     pub fn not_imported<'a>(&self, tickets: impl Iterator<Item = &'a str>) -> bool {
         self.leasing().is_some_and(|l| l.not_imported(tickets))
     }

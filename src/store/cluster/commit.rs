@@ -344,18 +344,6 @@ pub(super) async fn writer(shared: Arc<Shared>, grace: Duration, ctl: Ctl, mut s
 async fn drain_once(shared: &Shared) -> Result<usize, ClusterError> {
     let activities: Vec<Arc<str>> = shared.activities.iter().map(|e| e.key().clone()).collect();
     let mut redis = shared.redis.clone();
-    // Counted first, for the gauge: while MongoDB refuses writes a pass ends
-    // at its first insert, and a backlog a reaper moved here (a dead node's)
-    // must show all the same.
-    let mut waiting = 0;
-    for activity in &activities {
-        let len: usize = redis::cmd("LLEN")
-            .arg(scripts::Keys::new(activity).outbox(&shared.node))
-            .query_async(&mut redis)
-            .await?;
-        waiting += len;
-    }
-    shared.backlog.store(waiting, Ordering::Relaxed);
     let mut left = 0;
     for activity in activities {
         let keys = scripts::Keys::new(&activity);

@@ -97,53 +97,65 @@ impl LeaseSource {
         self.shared.redis_up.load(Ordering::Relaxed)
     }
 
-    /// Starts selling `activity` (at start-up and after every reload):
-    /// records the per-user limit this node's config sets, warning when a
-    /// live node's differs, and on first sight gives back whatever an
-    /// earlier run of this node still had leased; returns how many codes.
-    pub fn track(&self, activity: &Arc<str>, tickets: &[Arc<str>], limit: u32) -> Result<usize, StoreError> {
+    /// Starts selling `activity`: on first sight, gives back whatever an
+    /// earlier run of this node still had leased (returns how many codes)
+    /// and counts the backlog it left in the gauge.
+    pub fn track(&self, activity: &Arc<str>, tickets: &[Arc<str>]) -> Result<usize, StoreError> {
         let first = !self.shared.activities.contains_key(activity);
         self.shared.activities.insert(activity.clone(), tickets.to_vec());
-        self.shared.limits.entry(activity.clone()).or_default().here = limit;
+        if !first {
+            return Ok(0);
+        }
+        let shared = &self.shared;
         Ok(block_on(&self.handle, async {
-            // Best effort: a reload must not fail while Redis is away; the
-            // next heartbeat records it.
-            if let Err(error) = publish_limit(&self.shared, activity).await {
-                tracing::warn!(%activity, %error, "Could not record per_user_limit in Redis; the next heartbeat will.");
-            }
-            if !first {
-                return Ok(0);
-            }
-            release(&self.shared, activity, tickets).await
+            let returned = release(shared, activity, tickets).await?;
+            // Counted now: the gauge falls only after a writer's pass that
+            // reached MongoDB, and claims add to it as they commit.
+            let mut redis = shared.redis.clone();
+            let left: usize = redis::cmd("LLEN")
+                .arg(scripts::Keys::new(activity).outbox(&shared.node))
+                .query_async(&mut redis)
+                .await?;
+            shared.backlog.fetch_add(left, Ordering::Relaxed);
+            Ok::<_, ClusterError>(returned)
         })?)
     }
 
-    /// After a reload: stops recording a limit for the activities this node
-    /// no longer has in its config (a limit left in Redis would hold the
-    /// other nodes to it). Best effort, like the record.
-    pub fn retire_limits(&self, kept: &[&str]) {
+    /// After every activity is tracked (start-up, each reload): the per-user
+    /// limit this node's config sets for each, recorded in Redis (best
+    /// effort, and not while Redis is known down: the heartbeat records it
+    /// too), and no record left for an activity the config dropped (it
+    /// would hold the other nodes to it).
+    pub fn set_limits(&self, limits: &[(Arc<str>, u32)]) {
         let dropped: Vec<Arc<str>> = self
             .shared
             .limits
             .iter()
-            .filter(|e| !kept.contains(&&**e.key()))
+            .filter(|e| !limits.iter().any(|(a, _)| a == e.key()))
             .map(|e| e.key().clone())
             .collect();
-        for activity in dropped {
-            self.shared.limits.remove(&activity);
-            let shared = self.shared.clone();
-            let result = block_on(&self.handle, async move {
-                let mut redis = shared.redis.clone();
-                redis::cmd("HDEL")
-                    .arg(scripts::Keys::new(&activity).limits())
-                    .arg(&*shared.node)
-                    .query_async::<()>(&mut redis)
-                    .await
-            });
-            if let Err(error) = result {
-                tracing::warn!(%error, "Could not remove a dropped activity's per_user_limit from Redis.");
-            }
+        for activity in &dropped {
+            self.shared.limits.remove(activity);
         }
+        for (activity, limit) in limits {
+            self.shared.limits.entry(activity.clone()).or_default().here = *limit;
+        }
+        if !self.is_up() {
+            return;
+        }
+        let shared = &self.shared;
+        block_on(&self.handle, async {
+            for activity in &dropped {
+                if let Err(error) = retire_limit(shared, activity).await {
+                    tracing::warn!(%activity, %error, "Could not remove a dropped activity's per_user_limit from Redis.");
+                }
+            }
+            for (activity, _) in limits {
+                if let Err(error) = publish_limit(shared, activity).await {
+                    tracing::warn!(%activity, %error, "Could not record per_user_limit in Redis; the next heartbeat will.");
+                }
+            }
+        });
     }
 
     /// Leases up to `want` codes of `ticket`: `(codes left on the master list, codes)`.
@@ -276,10 +288,14 @@ async fn publish_limit(shared: &Shared, activity: &str) -> Result<(), ClusterErr
         .arg(now_ms())
         .invoke_async(&mut redis)
         .await?;
-    let before = shared
+    let Some(before) = shared
         .limits
         .get_mut(activity)
-        .and_then(|mut e| e.spread.replace((lowest, highest)));
+        .map(|mut e| e.spread.replace((lowest, highest)))
+    else {
+        // Dropped by a reload while this record was on its way: take it back.
+        return retire_limit(shared, activity).await;
+    };
     if lowest != highest && before != Some((lowest, highest)) {
         tracing::warn!(
             activity,
@@ -289,6 +305,17 @@ async fn publish_limit(shared: &Shared, activity: &str) -> Result<(), ClusterErr
             "per_user_limit differs across the live nodes: claims hold to the lowest until every node has the same."
         );
     }
+    Ok(())
+}
+
+/// Removes this node's per-user limit of `activity` from Redis.
+async fn retire_limit(shared: &Shared, activity: &str) -> Result<(), ClusterError> {
+    let mut redis = shared.redis.clone();
+    redis::cmd("HDEL")
+        .arg(scripts::Keys::new(activity).limits())
+        .arg(&*shared.node)
+        .query_async::<()>(&mut redis)
+        .await?;
     Ok(())
 }
 
@@ -357,7 +384,10 @@ async fn heartbeat(shared: &Shared) -> Result<Vec<TicketCounts>, ClusterError> {
             invocation.arg(&**t);
         }
         let answer: Vec<usize> = invocation.invoke_async(&mut redis).await?;
-        publish_limit(shared, &a).await?;
+        // Best effort: the heartbeat's own work (renewals, counts) stands.
+        if let Err(error) = publish_limit(shared, &a).await {
+            tracing::debug!(activity = %a, %error, "Could not record per_user_limit in Redis.");
+        }
         let reclaimed = answer.first().copied() == Some(1);
         for (t, counts) in tickets.iter().zip(answer.get(1..).unwrap_or_default().chunks(3)) {
             let &[upstream, known, sold] = counts else { continue };
@@ -480,13 +510,15 @@ async fn reap(shared: &Shared) -> Result<(), ClusterError> {
         for t in &tickets {
             invocation.arg(&**t);
         }
-        let (nodes, codes): (usize, usize) = invocation.invoke_async(&mut redis).await?;
+        let (nodes, codes, moved): (usize, usize, usize) = invocation.invoke_async(&mut redis).await?;
         if nodes > 0 {
             metrics::global()
                 .leases_reaped
                 .fetch_add(nodes as u64, Ordering::Relaxed);
             tracing::warn!(activity = %a, nodes, codes, "Reclaimed the expired leases of stopped nodes: their unclaimed codes are back on the master list and their backlog is now this node's.");
-            // The writer's next pass counts and drains it.
+            // Counted now (the writer's gauge only falls after a pass that
+            // reached MongoDB), and drained by the writer's next pass.
+            shared.backlog.fetch_add(moved, Ordering::Relaxed);
             shared.backlog_grew.notify_one();
         }
     }

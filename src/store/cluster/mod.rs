@@ -123,30 +123,44 @@ async fn connect(config: &Config, timeout: Duration) -> Result<(RedisConn, Datab
 
 /// Refuses a Redis that may lose writes it acknowledged (no AOF, or an AOF
 /// not fsynced on every write): a commit it acknowledged could vanish in a
-/// crash, and the code go to a second user. Asks the node `storage.redis_url`
-/// names (on a Redis Cluster, that master: run them all alike). A Redis that
-/// will not say (CONFIG renamed away, as some hosted ones do) is trusted,
-/// with a warning.
-async fn check_durable(config: &Config, redis: &mut RedisConn) -> Result<(), ClusterError> {
-    let setting = |name: &'static str| {
-        let mut cmd = redis::cmd("CONFIG");
-        cmd.arg("GET").arg(name);
-        cmd
+/// crash, and the code go to a second user. Asks the server
+/// `storage.redis_url` names, over a connection of its own (on a Redis
+/// Cluster, that node: run every node alike). A server that answers CONFIG
+/// GET with an error (renamed away or not allowed, as some hosted ones do)
+/// or without the settings is trusted, with a warning; one that cannot be
+/// asked at all stops the start.
+async fn check_durable(config: &Config) -> Result<(), ClusterError> {
+    let url = config.storage.redis_url().unwrap_or_default();
+    let volatile = |appendonly: String, appendfsync: String| ClusterError::Volatile {
+        url: without_password(url.as_str()),
+        appendonly,
+        appendfsync,
     };
     let read = async {
-        let appendonly: HashMap<String, String> = setting("appendonly").query_async(redis).await?;
-        let appendfsync: HashMap<String, String> = setting("appendfsync").query_async(redis).await?;
-        Ok::<_, redis::RedisError>((
-            appendonly.get("appendonly").cloned().unwrap_or_default(),
-            appendfsync.get("appendfsync").cloned().unwrap_or_default(),
-        ))
+        let client = redis::Client::open(url.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut settings = HashMap::new();
+        for name in ["appendonly", "appendfsync"] {
+            let answer: HashMap<String, String> =
+                redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await?;
+            settings.extend(answer);
+        }
+        Ok::<_, redis::RedisError>(settings)
     };
-    let (appendonly, appendfsync) = match read.await {
-        Ok(settings) => settings,
-        Err(error) => {
-            tracing::warn!(%error, "Could not ask Redis how it persists (CONFIG GET); it must run with appendonly yes and appendfsync always.");
+    let settings = match tokio::time::timeout(Duration::from_secs(5), read).await {
+        Ok(Ok(settings)) => settings,
+        Ok(Err(error)) if error.code().is_some() => {
+            tracing::warn!(%error, "Redis would not say how it persists (CONFIG GET); it must run with appendonly yes and appendfsync always.");
             return Ok(());
         }
+        Ok(Err(error)) => return Err(ClusterError::Redis(error)),
+        Err(_) => return Err(ClusterError::Protocol("CONFIG GET took over 5 s".into())),
+    };
+    let (Some(appendonly), Some(appendfsync)) = (settings.get("appendonly"), settings.get("appendfsync")) else {
+        tracing::warn!(
+            "Redis did not say how it persists (CONFIG GET); it must run with appendonly yes and appendfsync always."
+        );
+        return Ok(());
     };
     if appendonly == "yes" && appendfsync == "always" {
         return Ok(());
@@ -159,11 +173,7 @@ async fn check_durable(config: &Config, redis: &mut RedisConn) -> Result<(), Clu
         );
         return Ok(());
     }
-    Err(ClusterError::Volatile {
-        url: without_password(config.storage.redis_url().unwrap_or_default().as_str()),
-        appendonly,
-        appendfsync,
-    })
+    Err(volatile(appendonly.clone(), appendfsync.clone()))
 }
 
 /// `url` with the password of its user part, if any, hidden (for messages).
@@ -221,9 +231,9 @@ impl ClusterStore {
             Access::Inspect => Duration::from_secs(120),
             _ => Duration::from_secs(1),
         };
-        let (mut redis, db) = block_on(&handle, connect(config, timeout))?;
+        let (redis, db) = block_on(&handle, connect(config, timeout))?;
         if matches!(access, Access::Serve(_)) {
-            block_on(&handle, check_durable(config, &mut redis))?;
+            block_on(&handle, check_durable(config))?;
         }
         let shared = Arc::new(Shared {
             redis,

@@ -260,7 +260,10 @@ return out
 pub static LIMITS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+-- Written only when it changed: every write is an fsync of Redis's AOF.
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
 local lowest, highest = tonumber(ARGV[2]), tonumber(ARGV[2])
 for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[3], '+inf')) do
   local theirs = tonumber(redis.call('HGET', KEYS[1], other) or '')
@@ -343,23 +346,23 @@ return out
 /// KEYS: nodes, the reaper's outbox. ARGV: now (ms), the reaper, the
 /// activity's key prefix, then its ticket ids. Per-node keys are named from
 /// the prefix (they share the hash tag, so this is safe on Redis Cluster).
-/// Returns `{nodes reaped, codes returned}`.
+/// Returns `{nodes reaped, codes returned, backlog records moved}`.
 pub static REAP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{RETURN_LEASES}{}",
         r#"
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
-local reaped, returned = 0, 0
+local reaped, returned, moved = 0, 0, 0
 for _, d in ipairs(dead) do
   if d ~= ARGV[2] then
     returned = returned + return_leases(ARGV[3], d, 4)
     local ob = ARGV[3] .. 'outbox:' .. d
-    while redis.call('LMOVE', ob, KEYS[2], 'LEFT', 'RIGHT') do end
+    while redis.call('LMOVE', ob, KEYS[2], 'LEFT', 'RIGHT') do moved = moved + 1 end
     redis.call('ZREM', KEYS[1], d)
     reaped = reaped + 1
   end
 end
-return {reaped, returned}
+return {reaped, returned, moved}
 "#
     ))
 });
