@@ -280,6 +280,14 @@ async fn login_all(client: &Arc<ApiClient>, args: &BenchArgs, prefix: &str, n: u
                 if res.error_code() == Some("USERNAME_TAKEN") {
                     res = client.post_retrying("/user/login", &creds).await?;
                 }
+                if create && res.error_code() == Some("RATE_LIMITED") {
+                    anyhow::bail!(
+                        "cannot register {username}: the node answered 429 RATE_LIMITED — \
+                         security.registrations_per_ip_per_hour caps the accounts one address makes. \
+                         Raise it for the bench, or make the accounts with `ticketd user import` \
+                         and leave out --create-users"
+                    );
+                }
                 let token = res.data()["token"]
                     .as_str()
                     .with_context(|| format!("cannot log in {username}: {} {}", res.status, res.body))?;

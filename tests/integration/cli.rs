@@ -290,6 +290,42 @@ fn bench_rushes_and_verifies_the_invariants() {
     assert!(!out.status.success() && err.contains("http://HOST:PORT"), "{err}");
 }
 
+/// `bench --create-users` against a node that lets one address make only a
+/// few accounts (the shipped default is production's) failed with a bare
+/// "cannot log in …: 429 RATE_LIMITED". It names the setting and the way
+/// around it.
+#[test]
+fn bench_names_the_registration_limit_it_meets() {
+    let config = base_config().replace(
+        "registrations_per_ip_per_hour = 1000000",
+        "registrations_per_ip_per_hour = 3",
+    );
+    assert!(config.contains("registrations_per_ip_per_hour = 3"), "{config}");
+    let app = TestApp::start(&(config + &open_activity("reg", 10, 1)));
+    let out = run_cli(
+        app.dir.path(),
+        &[
+            "bench",
+            "--url",
+            &app.url(),
+            "--activity",
+            "reg",
+            "--users",
+            "5",
+            "--concurrency",
+            "1",
+            "--create-users",
+        ],
+        None,
+    );
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("security.registrations_per_ip_per_hour") && err.contains("ticketd user import"),
+        "{err}"
+    );
+}
+
 /// Reading tools in a directory where nothing was imported or served say
 /// so, and leave nothing behind (they once created an empty store).
 #[test]
