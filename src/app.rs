@@ -350,7 +350,8 @@ impl App {
                     }
                     ctl.tick();
                     if last {
-                        let lost = state.stats.held_rows();
+                        let lost =
+                            state.stats.held_rows() + state.stats_dropped.load(std::sync::atomic::Ordering::Relaxed);
                         if lost > 0 {
                             tracing::warn!(
                                 rows = lost,
@@ -522,12 +523,17 @@ fn flush_stats(state: &AppState) -> Result<(), crate::store::StoreError> {
         // the trouble was); warned of once per outage.
         let rows = batch.rows();
         let dropped = state.stats.hold(batch);
+        state.stats_dropped.fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
         if !state.stats_refused.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            tracing::warn!(%error, rows, dropped, "Could not store rush statistics; kept (up to stats::MAX_HELD_ROWS rows) to store once the store takes them.");
+            tracing::warn!(%error, rows, "Could not store rush statistics; kept (up to stats::MAX_HELD_ROWS rows) to store once the store takes them.");
         }
     })?;
     if state.stats_refused.swap(false, std::sync::atomic::Ordering::Relaxed) {
-        tracing::info!("Rush statistics kept during the outage are stored.");
+        let dropped = state.stats_dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            dropped,
+            "Rush statistics kept during the outage are stored (rows past the cap: dropped)."
+        );
     }
     Ok(())
 }

@@ -226,8 +226,9 @@ impl Claimer {
     /// none is left on a master list or in any node's lease, a dead node's
     /// included (the cluster-wide counts, as of the last look: they only
     /// ever overstate what is left). Otherwise the answer is the retryable
-    /// STOCK_IN_FLIGHT, NOT_IMPORTED while Redis knows no code of the
-    /// ticket type at all, or STORE_UNAVAILABLE while a cluster's Redis is
+    /// STOCK_IN_FLIGHT, NOT_IMPORTED when only an import can bring a code
+    /// (a ticket type asked for has no code at all in Redis, the others
+    /// none left), or STORE_UNAVAILABLE while a cluster's Redis is
     /// unreachable.
     fn no_code(&self, tickets: &[TicketType], one_ticket_type: bool) -> Rejection {
         // The pools first: a commit that ended in doubt marked the store

@@ -372,6 +372,11 @@ async fn drain_once(shared: &Shared) -> Result<usize, ClusterError> {
                 tracing::info!("The MongoDB backlog has room again; claims are accepted.");
             }
             let acked: usize = scripts::ACK.key(&outbox).arg(&batch).invoke_async(&mut redis).await?;
+            // Falls as records go, so that a pass stopped by a later error
+            // still shows what it wrote (`left` below resets it exactly).
+            let _ = shared
+                .backlog
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(acked)));
             if acked < batch.len() {
                 // The head changed under us (a reaper moved it); re-read.
                 tracing::debug!(acked, read = batch.len(), "Backlog head moved while writing.");

@@ -101,24 +101,18 @@ impl LeaseSource {
     /// earlier run of this node still had leased (returns how many codes)
     /// and counts the backlog it left in the gauge.
     pub fn track(&self, activity: &Arc<str>, tickets: &[Arc<str>]) -> Result<usize, StoreError> {
-        let first = !self.shared.activities.contains_key(activity);
-        self.shared.activities.insert(activity.clone(), tickets.to_vec());
-        if !first {
+        if self.shared.activities.contains_key(activity) {
+            self.shared.activities.insert(activity.clone(), tickets.to_vec());
             return Ok(0);
         }
         let shared = &self.shared;
-        Ok(block_on(&self.handle, async {
-            let returned = release(shared, activity, tickets).await?;
-            // Counted now: the gauge falls only after a writer's pass that
-            // reached MongoDB, and claims add to it as they commit.
-            let mut redis = shared.redis.clone();
-            let left: usize = redis::cmd("LLEN")
-                .arg(scripts::Keys::new(activity).outbox(&shared.node))
-                .query_async(&mut redis)
-                .await?;
-            shared.backlog.fetch_add(left, Ordering::Relaxed);
-            Ok::<_, ClusterError>(returned)
-        })?)
+        let (returned, backlog) = block_on(&self.handle, release(shared, activity, tickets))?;
+        // Known only once released: a failed release is tried again by the
+        // next track. The backlog an earlier run left is counted now (the
+        // gauge falls as the writer acknowledges records).
+        shared.activities.insert(activity.clone(), tickets.to_vec());
+        shared.backlog.fetch_add(backlog, Ordering::Relaxed);
+        Ok(returned)
     }
 
     /// After every activity is tracked (start-up, each reload): the per-user
@@ -248,7 +242,7 @@ impl LeaseSource {
         Ok(on(&self.handle, async move {
             let mut total = 0;
             for (a, tickets) in shared.activity_list() {
-                total += release(&shared, &a, &tickets).await?;
+                total += release(&shared, &a, &tickets).await?.0;
             }
             Ok(total)
         })
@@ -319,7 +313,8 @@ async fn retire_limit(shared: &Shared, activity: &str) -> Result<(), ClusterErro
     Ok(())
 }
 
-async fn release(shared: &Shared, activity: &str, tickets: &[Arc<str>]) -> Result<usize, ClusterError> {
+/// [`scripts::RELEASE`]: `(codes returned, records in this node's backlog)`.
+async fn release(shared: &Shared, activity: &str, tickets: &[Arc<str>]) -> Result<(usize, usize), ClusterError> {
     let keys = scripts::Keys::new(activity);
     let mut redis = shared.redis.clone();
     let mut invocation = scripts::RELEASE.prepare_invoke();
@@ -385,7 +380,14 @@ async fn heartbeat(shared: &Shared) -> Result<Vec<TicketCounts>, ClusterError> {
         }
         let answer: Vec<usize> = invocation.invoke_async(&mut redis).await?;
         // Best effort: the heartbeat's own work (renewals, counts) stands.
-        if let Err(error) = publish_limit(shared, &a).await {
+        // An activity a reload dropped keeps no record (an HDEL of nothing
+        // is no write for Redis's AOF).
+        let recorded = if shared.limits.contains_key(&a) {
+            publish_limit(shared, &a).await
+        } else {
+            retire_limit(shared, &a).await
+        };
+        if let Err(error) = recorded {
             tracing::debug!(activity = %a, %error, "Could not record per_user_limit in Redis.");
         }
         let reclaimed = answer.first().copied() == Some(1);
@@ -451,6 +453,7 @@ async fn resolve_doubts(shared: &Shared) -> Result<Vec<(Arc<str>, String)>, Clus
             Ok("LEASED") => usable.push((d.ticket.clone(), d.code.to_string())),
             Ok("MINE") => {
                 tracing::warn!(code = %d.code, "A claim answered 503 had in fact been committed; it is in the backlog for MongoDB.");
+                shared.backlog.fetch_add(1, Ordering::Relaxed);
                 shared.backlog_grew.notify_one();
             }
             Ok(_) => {}

@@ -126,9 +126,9 @@ async fn connect(config: &Config, timeout: Duration) -> Result<(RedisConn, Datab
 /// crash, and the code go to a second user. Asks the server
 /// `storage.redis_url` names, over a connection of its own (on a Redis
 /// Cluster, that node: run every node alike). A server that answers CONFIG
-/// GET with an error (renamed away or not allowed, as some hosted ones do)
-/// or without the settings is trusted, with a warning; one that cannot be
-/// asked at all stops the start.
+/// GET with "unknown command" or "no permission" (renamed away or not
+/// allowed, as some hosted ones do) or without the settings is trusted,
+/// with a warning; any other failure (loading, down) stops the start.
 async fn check_durable(config: &Config) -> Result<(), ClusterError> {
     let url = config.storage.redis_url().unwrap_or_default();
     let volatile = |appendonly: String, appendfsync: String| ClusterError::Volatile {
@@ -147,14 +147,14 @@ async fn check_durable(config: &Config) -> Result<(), ClusterError> {
         }
         Ok::<_, redis::RedisError>(settings)
     };
-    let settings = match tokio::time::timeout(Duration::from_secs(5), read).await {
-        Ok(Ok(settings)) => settings,
-        Ok(Err(error)) if error.code().is_some() => {
+    let settings = match read.await {
+        Ok(settings) => settings,
+        // CONFIG renamed away (unknown command) or not allowed: trusted.
+        Err(error) if matches!(error.code(), Some("ERR" | "NOPERM")) => {
             tracing::warn!(%error, "Redis would not say how it persists (CONFIG GET); it must run with appendonly yes and appendfsync always.");
             return Ok(());
         }
-        Ok(Err(error)) => return Err(ClusterError::Redis(error)),
-        Err(_) => return Err(ClusterError::Protocol("CONFIG GET took over 5 s".into())),
+        Err(error) => return Err(ClusterError::Redis(error)),
     };
     let (Some(appendonly), Some(appendfsync)) = (settings.get("appendonly"), settings.get("appendfsync")) else {
         tracing::warn!(

@@ -391,18 +391,19 @@ end
 /// a live node reaps (and drains) the backlog if this one does not.
 ///
 /// KEYS: nodes, the node's outbox. ARGV: node, prefix, now (ms), ticket ids.
-/// Returns the number of codes returned.
+/// Returns `{codes returned, records in the node's backlog}`.
 pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{RETURN_LEASES}{}",
         r#"
 local returned = return_leases(ARGV[2], ARGV[1], 4)
-if redis.call('LLEN', KEYS[2]) > 0 then
+local backlog = redis.call('LLEN', KEYS[2])
+if backlog > 0 then
   redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 else
   redis.call('ZREM', KEYS[1], ARGV[1])
 end
-return returned
+return {returned, backlog}
 "#
     ))
 });
