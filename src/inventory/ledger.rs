@@ -73,6 +73,12 @@ impl Ledger {
         if held.claims.len() as u64 + u64::from(held.pending) >= u64::from(limit) {
             return Reservation::LimitReached(held.claims.iter().map(|c| c.code.clone()).collect());
         }
+        if held.claims.capacity() == 0 {
+            // Room for the whole limit at once, up to four: a `Vec`'s first
+            // growth takes four, and most buyers of a rush hold one code (a
+            // `Claim` is 88 bytes: 264 bytes of slack per buyer otherwise).
+            held.claims.reserve_exact(limit.min(4) as usize);
+        }
         held.pending += 1;
         if let Some(key) = key {
             held.pending_keys.push(key.clone());
@@ -154,6 +160,27 @@ mod tests {
             user_id: user,
             claimed_at_ms: 0,
             idempotency_key: key.map(Arc::from),
+        }
+    }
+
+    /// A buyer of one code holds room for one claim, not the four a `Vec`
+    /// grows to first; a higher limit gets room for up to four at once.
+    #[test]
+    fn a_buyer_holds_room_for_the_limit_not_more() {
+        assert_eq!(
+            std::mem::size_of::<Claim>(),
+            88,
+            "the slack figure in `reserve` is of this size"
+        );
+        let ledger = Ledger::default();
+        for (user, limit, want) in [(1, 1, 1), (2, 2, 2), (3, 10, 4)] {
+            assert!(matches!(ledger.reserve(user, limit, None), Reservation::Reserved));
+            ledger.confirm(claim(user, &format!("c{user}"), None));
+            assert_eq!(
+                ledger.users.get(&user).unwrap().claims.capacity(),
+                want,
+                "limit {limit}"
+            );
         }
     }
 
