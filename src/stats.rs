@@ -77,8 +77,8 @@ impl StatsBatch {
     }
 
     /// `self` and `other` summed per key (what the store would hold after
-    /// both), keeping at most `max_rows` rows; returns the rows dropped.
-    fn merge(self, other: StatsBatch, max_rows: usize) -> (StatsBatch, usize) {
+    /// both).
+    fn merge(self, other: StatsBatch) -> StatsBatch {
         type Sum<K> = HashMap<K, u64, ahash::RandomState>;
         let mut outcomes: Sum<(Arc<str>, i64, &'static str)> = Sum::default();
         let mut sources: Sum<(Arc<str>, Source)> = Sum::default();
@@ -94,16 +94,14 @@ impl StatsBatch {
                 *latency.entry((a, bound.to_bits())).or_default() += n;
             }
         }
-        let mut merged = StatsBatch {
+        StatsBatch {
             outcomes: outcomes.into_iter().map(|((a, t, l), n)| (a, t, l, n)).collect(),
             sources: sources.into_iter().map(|((a, s), n)| (a, s, n)).collect(),
             latency: latency
                 .into_iter()
                 .map(|((a, bits), n)| (a, f64::from_bits(bits), n))
                 .collect(),
-        };
-        let dropped = merged.cap(max_rows);
-        (merged, dropped)
+        }
     }
 
     /// Keeps at most `max_rows` rows: past that, per-source counters go
@@ -260,22 +258,16 @@ impl RushStats {
         self.held.lock().rows()
     }
 
-    /// Keeps what the store refused, to go with the next [`drain`]
-    /// (summed with anything held already, at most [`MAX_HELD_ROWS`]
-    /// rows); returns the rows dropped past that.
+    /// Keeps what the store refused, to go with the next [`drain`]; at most
+    /// [`MAX_HELD_ROWS`] rows, and returns the rows dropped past that.
+    /// `batch` is what the last drain returned (less what was stored): that
+    /// drain took what was held before and summed it in, and one worker
+    /// flushes, so it replaces what is held.
     ///
     /// [`drain`]: RushStats::drain
     pub fn hold(&self, mut batch: StatsBatch) -> usize {
-        let mut held = self.held.lock();
-        if held.is_empty() {
-            // The usual case: `batch` came from a drain, which took what was
-            // held and summed it in, so it has one row per counter already.
-            let dropped = batch.cap(MAX_HELD_ROWS);
-            *held = batch;
-            return dropped;
-        }
-        let (merged, dropped) = std::mem::take(&mut *held).merge(batch, MAX_HELD_ROWS);
-        *held = merged;
+        let dropped = batch.cap(MAX_HELD_ROWS);
+        *self.held.lock() = batch;
         dropped
     }
 
@@ -333,7 +325,7 @@ impl RushStats {
             batch
         } else {
             // Summed per key: one row per counter, as the store expects.
-            held.merge(batch, usize::MAX).0
+            held.merge(batch)
         }
     }
 }
@@ -404,12 +396,11 @@ mod tests {
             sources: vec![(act.clone(), Source::User(1), 9), (act.clone(), Source::User(2), 1)],
             latency: vec![(act.clone(), 1.0, 2)],
         };
-        let (kept, dropped) = batch.merge(StatsBatch::default(), 4);
-        assert_eq!(dropped, 1);
+        let mut kept = batch;
+        assert_eq!(kept.cap(4), 1);
         assert_eq!(kept.sources, vec![(act.clone(), Source::User(1), 9)]);
         assert_eq!(kept.outcomes.len(), 2);
-        let (kept, dropped) = kept.merge(StatsBatch::default(), 2);
-        assert_eq!(dropped, 2);
+        assert_eq!(kept.cap(2), 2);
         assert!(kept.sources.is_empty());
         assert_eq!(kept.outcomes, vec![(act.clone(), 200, "success", 1)]);
         assert_eq!(kept.latency.len(), 1);

@@ -965,6 +965,27 @@ mod tests {
         Room::open(dir, "a".into(), settings()).unwrap()
     }
 
+    /// Stock with `remaining` codes and claims still being committed.
+    fn unsettled(remaining: usize) -> StockView {
+        StockView {
+            remaining,
+            settled: false,
+        }
+    }
+
+    /// A log where fan 1, alone in the room, was admitted at 11 with a pass
+    /// until 1,000; then `more`.
+    fn one_admitted(seed: &Seed, more: &[Event]) -> Vec<Event> {
+        let mut events = vec![
+            Event::Seed { seed: seed.to_hex() },
+            Event::Join { u: 1, t: 1 },
+            Event::Shuffle { t: 10 },
+            Event::Admit { u: 1, t: 11, x: 1_000 },
+        ];
+        events.extend_from_slice(more);
+        events
+    }
+
     fn settings() -> RoomSettings {
         RoomSettings {
             mode: AdmissionMode::Queue,
@@ -1026,23 +1047,11 @@ mod tests {
     fn a_place_taken_again_after_a_lapse_is_not_retired_by_the_old_pass() {
         let dir = tempfile::tempdir().unwrap();
         let seed = Seed::generate();
-        let room = room_from(
-            dir.path(),
-            &[
-                Event::Seed { seed: seed.to_hex() },
-                Event::Join { u: 1, t: 1 },
-                Event::Shuffle { t: 10 },
-                Event::Admit { u: 1, t: 11, x: 1_000 },
-                // The pass lapsed unused; the fan joined again.
-                Event::Join { u: 1, t: 2_000 },
-            ],
-        );
+        // The pass lapsed unused; the fan joined again.
+        let room = room_from(dir.path(), &one_admitted(&seed, &[Event::Join { u: 1, t: 2_000 }]));
         assert_eq!(room.status(1, 2_500, false).state, PlaceState::Waiting);
         // Every code is spoken for: the step retires passes, admits nobody.
-        let stock = StockView {
-            remaining: 0,
-            settled: false,
-        };
+        let stock = unsettled(0);
         room.tick(|| 3_000, &|| stock, &|_| 0);
         assert_eq!(room.status(1, 3_000, false).state, PlaceState::Waiting, "still in line");
         assert_eq!(room.summary().expired, 1);
@@ -1056,10 +1065,7 @@ mod tests {
     /// lapsed pass is no way back in.
     #[test]
     fn entries_close_at_the_draw_time_not_at_the_step() {
-        let stock = StockView {
-            remaining: 5,
-            settled: false,
-        };
+        let stock = unsettled(5);
         let lottery = RoomSettings {
             mode: AdmissionMode::Lottery,
             ..settings()
@@ -1098,21 +1104,10 @@ mod tests {
     fn a_lapsed_pass_is_not_done_before_the_step_says_which() {
         let dir = tempfile::tempdir().unwrap();
         let seed = Seed::generate();
-        let room = room_from(
-            dir.path(),
-            &[
-                Event::Seed { seed: seed.to_hex() },
-                Event::Join { u: 1, t: 1 },
-                Event::Shuffle { t: 10 },
-                Event::Admit { u: 1, t: 11, x: 1_000 },
-            ],
-        );
+        let room = room_from(dir.path(), &one_admitted(&seed, &[]));
         assert_eq!(room.status(1, 999, false).state, PlaceState::Admitted);
         assert_ne!(room.status(1, 1_001, false).state, PlaceState::Done, "before the step");
-        let stock = StockView {
-            remaining: 5,
-            settled: false,
-        };
+        let stock = unsettled(5);
         room.tick(|| 1_002, &|| stock, &|_| 0);
         assert_eq!(room.status(1, 1_002, false).state, PlaceState::PassedOver);
     }
@@ -1144,10 +1139,7 @@ mod tests {
         );
         // One code, spoken for by the pass of `order[0]`, who claims it now.
         let remaining = std::cell::Cell::new(1);
-        let stock = || StockView {
-            remaining: remaining.get(),
-            settled: false,
-        };
+        let stock = || unsettled(remaining.get());
         let claimed = |user: u64| {
             if user == order[0] {
                 remaining.set(0);
@@ -1167,10 +1159,7 @@ mod tests {
     fn the_admitter_reads_the_clock_holding_the_room() {
         let dir = tempfile::tempdir().unwrap();
         let room = Room::open(dir.path(), "a".into(), settings()).unwrap();
-        let stock = StockView {
-            remaining: 5,
-            settled: false,
-        };
+        let stock = unsettled(5);
         let mut held = None;
         room.tick(
             || {
@@ -1191,10 +1180,7 @@ mod tests {
         for (t, &fan) in (1..).zip(fans) {
             room.join(fan, t).unwrap();
         }
-        let stock = StockView {
-            remaining,
-            settled: false,
-        };
+        let stock = unsettled(remaining);
         room.tick(|| 10, &|| stock, &|_| 0);
         room.tick(|| 1_010, &|| stock, &|_| 0);
         room

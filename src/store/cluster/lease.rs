@@ -116,36 +116,26 @@ impl LeaseSource {
     }
 
     /// After every activity is tracked (start-up, each reload): the per-user
-    /// limit this node's config sets for each, recorded in Redis (best
-    /// effort, and not while Redis is known down: the heartbeat records it
-    /// too), and no record left for an activity the config dropped (it
-    /// would hold the other nodes to it).
+    /// limit this node's config sets for each, recorded in Redis, and the
+    /// record of an activity the config dropped removed (it would hold the
+    /// other nodes to it). Best effort, and not while Redis is known down:
+    /// every heartbeat records them too ([`record_limit`]).
     pub fn set_limits(&self, limits: &[(Arc<str>, u32)]) {
-        let dropped: Vec<Arc<str>> = self
-            .shared
-            .limits
-            .iter()
-            .filter(|e| !limits.iter().any(|(a, _)| a == e.key()))
-            .map(|e| e.key().clone())
-            .collect();
-        for activity in &dropped {
-            self.shared.limits.remove(activity);
+        for mut e in self.shared.limits.iter_mut() {
+            if !limits.iter().any(|(a, _)| a == e.key()) {
+                e.here = None;
+            }
         }
         for (activity, limit) in limits {
-            self.shared.limits.entry(activity.clone()).or_default().here = *limit;
+            self.shared.limits.entry(activity.clone()).or_default().here = Some(*limit);
         }
         if !self.is_up() {
             return;
         }
-        let shared = &self.shared;
+        let activities: Vec<Arc<str>> = self.shared.limits.iter().map(|e| e.key().clone()).collect();
         block_on(&self.handle, async {
-            for activity in &dropped {
-                if let Err(error) = retire_limit(shared, activity).await {
-                    tracing::warn!(%activity, %error, "Could not remove a dropped activity's per_user_limit from Redis.");
-                }
-            }
-            for (activity, _) in limits {
-                if let Err(error) = publish_limit(shared, activity).await {
+            for activity in &activities {
+                if let Err(error) = record_limit(&self.shared, activity).await {
                     tracing::warn!(%activity, %error, "Could not record per_user_limit in Redis; the next heartbeat will.");
                 }
             }
@@ -264,16 +254,27 @@ impl LeaseSource {
     }
 }
 
-/// Records this node's per-user limit of `activity` ([`scripts::LIMITS`]).
-/// The commit script holds every claim to the lowest of the live nodes'
-/// limits, so a difference is safe, but an operator should hear of it (once
-/// per change): a raise does not apply until every node has it.
-async fn publish_limit(shared: &Shared, activity: &str) -> Result<(), ClusterError> {
-    let Some(limit) = shared.limits.get(activity).map(|e| e.here) else {
+/// Records this node's per-user limit of `activity` ([`scripts::LIMITS`]),
+/// or removes the record once a reload dropped the activity (and then its
+/// entry: nothing more to do for it). The commit script holds every claim
+/// to the lowest of the live nodes' limits, so a difference is safe, but an
+/// operator should hear of it (once per change): a raise does not apply
+/// until every node has it.
+async fn record_limit(shared: &Shared, activity: &str) -> Result<(), ClusterError> {
+    let Some(here) = shared.limits.get(activity).map(|e| e.here) else {
         return Ok(());
     };
     let keys = scripts::Keys::new(activity);
     let mut redis = shared.redis.clone();
+    let Some(limit) = here else {
+        redis::cmd("HDEL")
+            .arg(keys.limits())
+            .arg(&*shared.node)
+            .query_async::<()>(&mut redis)
+            .await?;
+        shared.limits.remove_if(activity, |_, e| e.here.is_none());
+        return Ok(());
+    };
     let (lowest, highest): (u32, u32) = scripts::LIMITS
         .key(keys.limits())
         .key(keys.nodes())
@@ -282,13 +283,18 @@ async fn publish_limit(shared: &Shared, activity: &str) -> Result<(), ClusterErr
         .arg(now_ms())
         .invoke_async(&mut redis)
         .await?;
-    let Some(before) = shared
-        .limits
-        .get_mut(activity)
-        .map(|mut e| e.spread.replace((lowest, highest)))
-    else {
+    let still = shared.limits.get_mut(activity).and_then(|mut e| {
+        let before = e.spread.replace((lowest, highest));
+        e.here.map(|_| before)
+    });
+    let Some(before) = still else {
         // Dropped by a reload while this record was on its way: take it back.
-        return retire_limit(shared, activity).await;
+        redis::cmd("HDEL")
+            .arg(keys.limits())
+            .arg(&*shared.node)
+            .query_async::<()>(&mut redis)
+            .await?;
+        return Ok(());
     };
     if lowest != highest && before != Some((lowest, highest)) {
         tracing::warn!(
@@ -302,18 +308,6 @@ async fn publish_limit(shared: &Shared, activity: &str) -> Result<(), ClusterErr
     Ok(())
 }
 
-/// Removes this node's per-user limit of `activity` from Redis.
-async fn retire_limit(shared: &Shared, activity: &str) -> Result<(), ClusterError> {
-    let mut redis = shared.redis.clone();
-    redis::cmd("HDEL")
-        .arg(scripts::Keys::new(activity).limits())
-        .arg(&*shared.node)
-        .query_async::<()>(&mut redis)
-        .await?;
-    Ok(())
-}
-
-/// [`scripts::RELEASE`]: `(codes returned, records in this node's backlog)`.
 async fn release(shared: &Shared, activity: &str, tickets: &[Arc<str>]) -> Result<(usize, usize), ClusterError> {
     let keys = scripts::Keys::new(activity);
     let mut redis = shared.redis.clone();
@@ -380,14 +374,7 @@ async fn heartbeat(shared: &Shared) -> Result<Vec<TicketCounts>, ClusterError> {
         }
         let answer: Vec<usize> = invocation.invoke_async(&mut redis).await?;
         // Best effort: the heartbeat's own work (renewals, counts) stands.
-        // An activity a reload dropped keeps no record (an HDEL of nothing
-        // is no write for Redis's AOF).
-        let recorded = if shared.limits.contains_key(&a) {
-            publish_limit(shared, &a).await
-        } else {
-            retire_limit(shared, &a).await
-        };
-        if let Err(error) = recorded {
+        if let Err(error) = record_limit(shared, &a).await {
             tracing::debug!(activity = %a, %error, "Could not record per_user_limit in Redis.");
         }
         let reclaimed = answer.first().copied() == Some(1);

@@ -417,52 +417,53 @@ pub async fn secret(db: &Database, name: &str, fresh: String) -> Result<String, 
 /// exactly the rows not sent (a command whose answer was lost counts as not
 /// sent: statistics are best effort, and such a retry adds twice).
 pub async fn add_stats(db: &Database, batch: &mut StatsBatch) -> Result<(), MongoError> {
-    let outcomes: Vec<Document> = batch
-        .outcomes
-        .iter()
-        .map(|(a, at_ms, label, n)| {
+    send(
+        db,
+        "stats_outcome_ticks",
+        &mut batch.outcomes,
+        |(a, at_ms, label, n)| {
             upsert_inc(
                 format!("{a}|{at_ms}|{label}"),
                 doc! {"activity_id": &**a, "at_ms": at_ms, "outcome": label},
                 "count",
                 *n,
             )
-        })
-        .collect();
-    let (sent, result) = increment(db, "stats_outcome_ticks", &outcomes).await;
-    batch.outcomes.drain(..sent);
-    result?;
-    let sources: Vec<Document> = batch
-        .sources
-        .iter()
-        .map(|(a, s, n)| {
-            let (kind, key) = s.parts();
-            upsert_inc(
-                format!("{a}|{kind}|{key}"),
-                doc! {"activity_id": &**a, "kind": kind, "source": &key},
-                "requests",
-                *n,
-            )
-        })
-        .collect();
-    let (sent, result) = increment(db, "stats_sources", &sources).await;
-    batch.sources.drain(..sent);
-    result?;
-    let latency: Vec<Document> = batch
-        .latency
-        .iter()
-        .map(|(a, bound, n)| {
-            let bound = if bound.is_finite() { *bound } else { -1.0 };
-            upsert_inc(
-                format!("{a}|{bound}"),
-                doc! {"activity_id": &**a, "bound_ms": bound},
-                "count",
-                *n,
-            )
-        })
-        .collect();
-    let (sent, result) = increment(db, "stats_latency", &latency).await;
-    batch.latency.drain(..sent);
+        },
+    )
+    .await?;
+    send(db, "stats_sources", &mut batch.sources, |(a, s, n)| {
+        let (kind, key) = s.parts();
+        upsert_inc(
+            format!("{a}|{kind}|{key}"),
+            doc! {"activity_id": &**a, "kind": kind, "source": &key},
+            "requests",
+            *n,
+        )
+    })
+    .await?;
+    send(db, "stats_latency", &mut batch.latency, |(a, bound, n)| {
+        let bound = if bound.is_finite() { *bound } else { -1.0 };
+        upsert_inc(
+            format!("{a}|{bound}"),
+            doc! {"activity_id": &**a, "bound_ms": bound},
+            "count",
+            *n,
+        )
+    })
+    .await
+}
+
+/// Sends one statement per row of `rows` to `collection` ([`increment`]);
+/// on an error `rows` keeps exactly those not sent.
+async fn send<T>(
+    db: &Database,
+    collection: &str,
+    rows: &mut Vec<T>,
+    statement: impl Fn(&T) -> Document,
+) -> Result<(), MongoError> {
+    let updates: Vec<Document> = rows.iter().map(statement).collect();
+    let (sent, result) = increment(db, collection, &updates).await;
+    rows.drain(..sent);
     result
 }
 

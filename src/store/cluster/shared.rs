@@ -149,8 +149,9 @@ impl Serving {
 /// were at the last record.
 #[derive(Debug, Default)]
 pub struct LimitRecord {
-    /// The limit this node's config sets.
-    pub here: u32,
+    /// The limit this node's config sets; `None` once a reload dropped the
+    /// activity (the entry goes when its record in Redis has).
+    pub here: Option<u32>,
     /// `(lowest, highest)` of the live nodes' limits at the last record.
     pub spread: Option<(u32, u32)>,
 }
