@@ -44,7 +44,7 @@ use std::{
 use parking_lot::Mutex;
 
 use draw::Seed;
-pub use room::{JoinError, PlaceState, QueueStatus, Room, RoomSettings, RoomSummary, StockView};
+pub use room::{Entry, JoinError, PlaceState, QueueStatus, Room, RoomSettings, RoomSummary, StockView};
 
 /// Where a shared room's seed comes from (the cluster's store).
 pub type SeedSource = Box<dyn Fn(&str) -> io::Result<Seed> + Send + Sync>;

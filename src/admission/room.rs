@@ -242,6 +242,22 @@ pub struct StockView {
     pub settled: bool,
 }
 
+/// How a join stands with the room's entry rules ([`Room::entry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// The fan holds a place: joining again keeps it.
+    Held,
+    /// A new place, at the back.
+    New,
+    /// A new place at the back for a queue's fan whose place was passed
+    /// over (skipped while away, or admitted and the pass lapsed unused).
+    Again {
+        /// When the lapsed pass expired, Unix ms: a shared room checks that
+        /// this is the admission it holds.
+        lapsed_pass_ms: Option<i64>,
+    },
+}
+
 struct RoomState {
     settings: RoomSettings,
     places: HashMap<u64, Place, ahash::RandomState>,
@@ -368,34 +384,14 @@ impl Room {
     /// place. Returns the log sequence to [`Room::persist`] before answering.
     pub fn join(&self, user: u64, now: i64) -> Result<u64, JoinError> {
         let mut st = self.state.lock();
-        let s = &st.settings;
-        if now < s.opens_ms {
-            return Err(JoinError::NotOpen { opens_ms: s.opens_ms });
-        }
-        if st.closed_ms.is_some() || now >= s.end_ms {
-            return Err(JoinError::Closed);
-        }
-        // Entries close at the draw time itself, not at the admitter's step
-        // that draws (up to a step later): a join in between would be drawn.
-        let drawn = st.shuffled_ms.is_some();
-        let lottery_closed = s.mode == AdmissionMode::Lottery && (drawn || now >= s.shuffle_ms);
-        let drawing = !drawn && now >= s.shuffle_ms;
+        let entry = st.entry(user, now)?;
         if let Some(place) = st.places.get_mut(&user) {
             place.seen_ms = place.seen_ms.max(now);
-            if place.state != PlaceState::PassedOver {
-                // The same place; answered once its join is on disk (it may
-                // still be in the batch being written).
-                return Ok(self.log.as_ref().map_or(0, RoomLog::last_appended));
-            }
-            if lottery_closed {
-                // A lottery's lapsed pass is not a way back in: no entry
-                // is taken after the draw.
-                return Err(JoinError::EntriesClosed);
-            }
-        } else if lottery_closed {
-            return Err(JoinError::EntriesClosed);
-        } else if drawing {
-            return Err(JoinError::Drawing);
+        }
+        if entry == Entry::Held {
+            // The same place; answered once its join is on disk (it may
+            // still be in the batch being written).
+            return Ok(self.log.as_ref().map_or(0, RoomLog::last_appended));
         }
         if st.order.len().saturating_sub(st.cursor) >= st.settings.capacity || st.order.len() >= u32::MAX as usize {
             return Err(JoinError::Full);
@@ -408,13 +404,11 @@ impl Room {
         Ok(log.append(&event))
     }
 
-    /// The expiry of `user`'s pass if it lapsed unused (their place was
-    /// passed over after an admission): a queue lets them join again at the
-    /// back, and a shared room checks that this is the admission it holds.
-    pub fn lapsed_pass(&self, user: u64) -> Option<i64> {
-        let st = self.state.lock();
-        let p = st.places.get(&user)?;
-        (p.state == PlaceState::PassedOver && p.pass_expires_ms > 0).then_some(p.pass_expires_ms)
+    /// What the room's entry rules say of `user` joining at `now`, as this
+    /// replica knows the room (capacity aside). A shared room checks them
+    /// before its log's join script, which checks capacity and closing.
+    pub fn entry(&self, user: u64, now: i64) -> Result<Entry, JoinError> {
+        self.state.lock().entry(user, now)
     }
 
     /// Returns once the log holds every change up to `seq`.
@@ -423,16 +417,6 @@ impl Room {
             Some(log) => log.sync(seq).await.map_err(|_| JoinError::Unavailable),
             None => Ok(()),
         }
-    }
-
-    /// The state of `user`'s place, if any, as this replica knows it.
-    pub fn place_state(&self, user: u64) -> Option<PlaceState> {
-        self.state.lock().places.get(&user).map(|p| p.state)
-    }
-
-    /// Whether this replica has seen the order drawn.
-    pub fn drawn(&self) -> bool {
-        self.state.lock().shuffled_ms.is_some()
     }
 
     /// `user`'s view at `now`; `touch` counts it as the fan being there.
@@ -666,6 +650,33 @@ impl RoomState {
                 .into(),
             ),
         })
+    }
+
+    /// The entry rules, in one place for a room of its own and a shared one.
+    fn entry(&self, user: u64, now: i64) -> Result<Entry, JoinError> {
+        let s = &self.settings;
+        if now < s.opens_ms {
+            return Err(JoinError::NotOpen { opens_ms: s.opens_ms });
+        }
+        if self.closed_ms.is_some() || now >= s.end_ms {
+            return Err(JoinError::Closed);
+        }
+        // Entries close at the draw time itself, not at the admitter's step
+        // that draws (up to a step later): a join in between would be drawn.
+        let drawn = self.shuffled_ms.is_some();
+        let lottery_closed = s.mode == AdmissionMode::Lottery && (drawn || now >= s.shuffle_ms);
+        match self.places.get(&user) {
+            Some(p) if p.state != PlaceState::PassedOver => Ok(Entry::Held),
+            // A lottery's lapsed pass is not a way back in: no entry is
+            // taken after the draw.
+            _ if lottery_closed => Err(JoinError::EntriesClosed),
+            Some(p) => Ok(Entry::Again {
+                lapsed_pass_ms: (p.pass_expires_ms > 0).then_some(p.pass_expires_ms),
+            }),
+            // A queue being drawn takes no new place until it is drawn.
+            None if !drawn && now >= s.shuffle_ms => Err(JoinError::Drawing),
+            None => Ok(Entry::New),
+        }
     }
 
     fn apply_join(&mut self, user: u64, now: i64) {
@@ -1073,6 +1084,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let room = Room::open(dir.path(), "l".into(), lottery).unwrap();
         room.join(1, 5).unwrap();
+        // `entry` is what a shared room asks before its log's join script.
+        assert_eq!(room.entry(2, 10), Err(JoinError::EntriesClosed));
+        assert_eq!(room.entry(1, 10), Ok(Entry::Held));
         assert_eq!(room.join(2, 10), Err(JoinError::EntriesClosed), "at the draw time");
         assert!(room.join(1, 10).is_ok(), "an entrant keeps its place");
         room.tick(|| 11, &|| stock, &|_| 0); // the draw
@@ -1082,17 +1096,42 @@ mod tests {
         // The pass lapses unused: passed over, and no new entry.
         room.tick(|| 60_200, &|| stock, &|_| 0);
         assert_eq!(room.status(1, 60_200, false).state, PlaceState::PassedOver);
+        assert_eq!(room.entry(1, 60_201), Err(JoinError::EntriesClosed));
         assert_eq!(room.join(1, 60_201), Err(JoinError::EntriesClosed));
 
         let dir = tempfile::tempdir().unwrap();
         let room = Room::open(dir.path(), "q".into(), settings()).unwrap();
         room.join(1, 5).unwrap();
         room.join(2, 6).unwrap();
+        assert_eq!(room.entry(3, 10), Err(JoinError::Drawing));
         assert_eq!(room.join(3, 10), Err(JoinError::Drawing), "being drawn");
         room.tick(|| 12, &|| stock, &|_| 0);
+        assert_eq!(room.entry(3, 12), Ok(Entry::New));
         room.join(3, 12).unwrap();
         let record = room.draw_record().unwrap();
         assert_eq!(record.late, vec![3], "after the draw: at the back, not drawn");
+    }
+
+    /// A queue's fan whose pass lapsed unused may join again, at the back;
+    /// `entry` names the lapsed pass, which a shared room's join script
+    /// checks is the admission it holds.
+    #[test]
+    fn a_lapsed_queue_pass_is_a_way_back_in_that_names_the_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = Seed::generate();
+        let room = room_from(dir.path(), &one_admitted(&seed, &[]));
+        assert_eq!(room.entry(1, 500), Ok(Entry::Held), "the pass is still good");
+        room.tick(|| 2_000, &|| unsettled(5), &|_| 0);
+        assert_eq!(room.status(1, 2_000, false).state, PlaceState::PassedOver);
+        assert_eq!(
+            room.entry(1, 2_001),
+            Ok(Entry::Again {
+                lapsed_pass_ms: Some(1_000)
+            })
+        );
+        room.join(1, 2_001).unwrap();
+        assert_eq!(room.entry(1, 2_002), Ok(Entry::Held));
+        assert_eq!(room.status(1, 2_002, false).state, PlaceState::Waiting);
     }
 
     /// A pass that lapsed unused, looked at before the admitter's next step

@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    admission::{JoinError, PlaceState, QueueStatus, Room, Rooms},
+    admission::{Entry, JoinError, PlaceState, QueueStatus, Room, Rooms},
     auth::{
         claim_token::{join_challenge, pow_ok},
         Denied, Session,
@@ -193,33 +193,30 @@ pub async fn join(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Resul
 /// node's replica catches up, so the answer shows the place.
 async fn join_shared(source: &RoomSource, room: &Room, user: u64, now: i64) -> Result<(), JoinError> {
     let s = room.settings();
-    if now < s.opens_ms {
-        return Err(JoinError::NotOpen { opens_ms: s.opens_ms });
-    }
-    if now >= s.end_ms {
-        return Err(JoinError::Closed);
-    }
     let lottery = s.mode == AdmissionMode::Lottery;
-    // As `Room::join`: entries close at the draw time, a lottery's lapsed
-    // pass is no way back in, and a queue being drawn takes no new place.
-    // A fan this replica does not know may have joined through another
-    // node: look at the shared log first.
-    if now >= s.shuffle_ms && room.place_state(user).is_none() {
+    // The room's entry rules, as this replica knows it. From the draw time
+    // on, a fan it does not know may have joined through another node (and
+    // be in the drawn order), and the order may be drawn: then it reads the
+    // shared log first.
+    let mut entry = room.entry(user, now);
+    if now >= s.shuffle_ms
+        && matches!(
+            entry,
+            Ok(Entry::New) | Err(JoinError::EntriesClosed | JoinError::Drawing)
+        )
+    {
         source.sync(room).await.map_err(|error| {
             tracing::warn!(%error, "Could not read the shared waiting room.");
             JoinError::Unavailable
         })?;
+        entry = room.entry(user, now);
     }
-    match room.place_state(user) {
-        Some(PlaceState::PassedOver) if lottery && (room.drawn() || now >= s.shuffle_ms) => {
-            return Err(JoinError::EntriesClosed)
-        }
-        None if lottery && now >= s.shuffle_ms => return Err(JoinError::EntriesClosed),
-        None if now >= s.shuffle_ms && !room.drawn() => return Err(JoinError::Drawing),
-        _ => {}
-    }
+    let lapsed_pass = match entry? {
+        Entry::Again { lapsed_pass_ms } => lapsed_pass_ms,
+        Entry::Held | Entry::New => None,
+    };
     let joined = source
-        .join(&room.activity, user, now, lottery, s.capacity, room.lapsed_pass(user))
+        .join(&room.activity, user, now, lottery, s.capacity, lapsed_pass)
         .await
         .map_err(|error| {
             tracing::warn!(%error, "Could not record a place in the shared waiting room.");
