@@ -350,8 +350,7 @@ impl App {
                     }
                     ctl.tick();
                     if last {
-                        let lost =
-                            state.stats.held_rows() + state.stats_dropped.load(std::sync::atomic::Ordering::Relaxed);
+                        let lost = state.stats.unstored_rows();
                         if lost > 0 {
                             tracing::warn!(
                                 rows = lost,
@@ -521,15 +520,12 @@ fn flush_stats(state: &AppState) -> Result<(), crate::store::StoreError> {
     state.store.add_stats(&mut batch).inspect_err(|error| {
         // Kept for the next flush (the report's curve has no hole where
         // the trouble was); warned of once per outage.
-        let rows = batch.rows();
-        let dropped = state.stats.hold(batch);
-        state.stats_dropped.fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
-        if !state.stats_refused.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            tracing::warn!(%error, rows, "Could not store rush statistics; kept (up to stats::MAX_HELD_ROWS rows) to store once the store takes them.");
+        let refused = state.stats.refused(batch);
+        if refused.first {
+            tracing::warn!(%error, rows = refused.kept, "Could not store rush statistics; kept (up to stats::MAX_HELD_ROWS rows) to store once the store takes them.");
         }
     })?;
-    if state.stats_refused.swap(false, std::sync::atomic::Ordering::Relaxed) {
-        let dropped = state.stats_dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
+    if let Some(dropped) = state.stats.stored() {
         tracing::info!(
             dropped,
             "Rush statistics kept during the outage are stored (rows past the cap: dropped)."

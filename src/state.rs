@@ -42,10 +42,6 @@ pub struct AppState {
     pub admin_token: Option<String>,
     /// Rush statistics, flushed to the store every second.
     pub stats: RushStats,
-    /// The last statistics flush was refused (warned of once per outage).
-    pub stats_refused: std::sync::atomic::AtomicBool,
-    /// Rows of statistics dropped past the cap during this outage.
-    pub stats_dropped: std::sync::atomic::AtomicUsize,
     /// The background workers (their states show in `/metrics`).
     pub workers: Arc<Runner>,
     /// When the node started, Unix ms (relative times count from here).
@@ -97,8 +93,6 @@ impl AppState {
             store,
             admin_token: setup.config.admin.token(),
             stats: RushStats::default(),
-            stats_refused: Default::default(),
-            stats_dropped: Default::default(),
             workers: setup.workers,
             started_ms: setup.started_ms,
             server: ArcSwap::from_pointee(setup.config.server.clone()),

@@ -146,7 +146,26 @@ pub struct RushStats {
     tracked: AtomicUsize,
     /// What the store refused at the last flush (MongoDB down, a full
     /// disk), summed per key and capped: the next drain returns it too.
-    held: Mutex<StatsBatch>,
+    held: Mutex<Held>,
+}
+
+/// The statistics an outage of the store holds back, and what it cost.
+#[derive(Default)]
+struct Held {
+    batch: StatsBatch,
+    /// The last flush was refused: an outage, warned of once.
+    refused: bool,
+    /// Rows dropped past [`MAX_HELD_ROWS`] during this outage.
+    dropped: usize,
+}
+
+/// What [`RushStats::refused`] tells the flusher.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// The first refusal of an outage (warn now, not at every flush).
+    pub first: bool,
+    /// Rows kept for the next flush.
+    pub kept: usize,
 }
 
 /// Most rows of statistics kept while the store refuses them (about
@@ -165,7 +184,7 @@ impl Default for RushStats {
                 .collect(),
             spares: Mutex::new((0..SHARDS).map(|_| Shard::default()).collect()),
             tracked: AtomicUsize::new(0),
-            held: Mutex::new(StatsBatch::default()),
+            held: Mutex::new(Held::default()),
         }
     }
 }
@@ -253,22 +272,35 @@ impl RushStats {
         stats.latency[bucket] += 1;
     }
 
-    /// Rows kept since the store refused them.
-    pub fn held_rows(&self) -> usize {
-        self.held.lock().rows()
+    /// Rows the store refused and this node still holds, and rows dropped
+    /// past the cap: what is lost for the report if the node stops now.
+    pub fn unstored_rows(&self) -> usize {
+        let held = self.held.lock();
+        held.batch.rows() + held.dropped
     }
 
-    /// Keeps what the store refused, to go with the next [`drain`]; at most
-    /// [`MAX_HELD_ROWS`] rows, and returns the rows dropped past that.
+    /// The store refused `batch`: keeps it, to go with the next [`drain`],
+    /// at most [`MAX_HELD_ROWS`] rows (the rest are counted as dropped).
     /// `batch` is what the last drain returned (less what was stored): that
     /// drain took what was held before and summed it in, and one worker
     /// flushes, so it replaces what is held.
     ///
     /// [`drain`]: RushStats::drain
-    pub fn hold(&self, mut batch: StatsBatch) -> usize {
+    pub fn refused(&self, mut batch: StatsBatch) -> Refused {
         let dropped = batch.cap(MAX_HELD_ROWS);
-        *self.held.lock() = batch;
-        dropped
+        let mut held = self.held.lock();
+        let kept = batch.rows();
+        held.batch = batch;
+        held.dropped += dropped;
+        let first = !std::mem::replace(&mut held.refused, true);
+        Refused { first, kept }
+    }
+
+    /// The store took a flush: if that ends an outage, the rows it dropped
+    /// past the cap (`Some(0)` when none were).
+    pub fn stored(&self) -> Option<usize> {
+        let mut held = self.held.lock();
+        std::mem::take(&mut held.refused).then(|| std::mem::take(&mut held.dropped))
     }
 
     /// Takes everything recorded so far, shard by shard (each under its
@@ -320,7 +352,7 @@ impl RushStats {
                 })
                 .collect(),
         };
-        let held = std::mem::take(&mut *self.held.lock());
+        let held = std::mem::take(&mut self.held.lock().batch);
         if held.is_empty() {
             batch
         } else {
@@ -377,13 +409,21 @@ mod tests {
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         stats.record(&act, ClaimOutcome::Success, ip, 7, 120_000, Duration::from_millis(3));
         let refused = stats.drain();
-        assert_eq!(stats.hold(refused), 0);
+        assert_eq!(stats.refused(refused), Refused { first: true, kept: 4 });
+        assert_eq!(
+            stats.unstored_rows(),
+            4,
+            "an outcome, an address, an account, a latency"
+        );
         stats.record(&act, ClaimOutcome::Success, ip, 8, 120_050, Duration::from_millis(3));
         let batch = stats.drain();
         assert_eq!(batch.outcomes, vec![(act.clone(), 120_000, "success", 2)]);
         let ips: Vec<_> = batch.sources.iter().filter(|s| s.1 == Source::Ip(ip)).collect();
         assert_eq!(ips, vec![&(act.clone(), Source::Ip(ip), 2)], "one row per counter");
         assert!(stats.drain().is_empty(), "drained once");
+        assert_eq!(stats.stored(), Some(0), "the outage is over, nothing dropped");
+        assert_eq!(stats.stored(), None, "and ended once");
+        assert_eq!(stats.unstored_rows(), 0);
     }
 
     /// Held statistics are capped: past the cap the smallest per-source
