@@ -93,9 +93,6 @@ struct TicketLease {
     /// and call a ticket sold out that is not); [`UNCOUNTED`] before the
     /// first look.
     counts: AtomicU64,
-    /// The last look found no code of this ticket type at all: no import
-    /// has filled it yet (warned once per change).
-    unimported: AtomicBool,
     rate: Mutex<Rate>,
 }
 
@@ -127,12 +124,21 @@ impl Rate {
     }
 }
 
+/// Whether a ticket type with `known` codes in the cluster, `remaining` of
+/// them not sold, is unsold: codes left somewhere, or none imported yet
+/// (its codes are still to come). Sold out is final; this is not.
+fn unsold(known: usize, remaining: usize) -> bool {
+    remaining > 0 || known == 0
+}
+
 impl TicketLease {
+    /// Keeps a look's counts; warns when it finds no code of this ticket
+    /// type at all (no import has filled it yet), once per change.
     fn set_counts(&self, known: usize, sold: usize) {
         let half = |n: usize| u64::try_from(n).unwrap_or(u64::MAX).min(u64::from(u32::MAX));
-        self.counts.store(half(known) << 32 | half(sold), Ordering::Relaxed);
-        let empty = known == 0;
-        if self.unimported.swap(empty, Ordering::Relaxed) != empty {
+        let before = self.counts.swap(half(known) << 32 | half(sold), Ordering::Relaxed);
+        let (was_empty, empty) = (before != UNCOUNTED && before >> 32 == 0, known == 0);
+        if was_empty != empty {
             if empty {
                 tracing::warn!(
                     activity = %self.activity,
@@ -186,7 +192,6 @@ impl Leasing {
                         hungry: false.into(),
                         resync: false.into(),
                         counts: UNCOUNTED.into(),
-                        unimported: false.into(),
                         rate: Mutex::new(Rate::new()),
                     })
                 });
@@ -238,7 +243,7 @@ impl Leasing {
             }
             let remaining = known.saturating_sub(sold);
             look.remaining += remaining;
-            look.unsold |= remaining > 0 || known == 0;
+            look.unsold |= unsold(known, remaining);
         }
         Ok(look)
     }
@@ -251,7 +256,7 @@ impl Leasing {
     /// since), so `false` here is final.
     pub(super) fn unsold<'a>(&self, mut tickets: impl Iterator<Item = &'a str>) -> bool {
         tickets.any(|id| match self.tickets.get(id).and_then(|t| t.counts()) {
-            Some((known, remaining, _)) => remaining > 0 || known == 0,
+            Some((known, remaining, _)) => unsold(known, remaining),
             None => true,
         })
     }
