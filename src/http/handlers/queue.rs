@@ -196,8 +196,10 @@ async fn join_shared(source: &RoomSource, room: &Room, user: u64, now: i64) -> R
     let lottery = s.mode == AdmissionMode::Lottery;
     // The room's entry rules, as this replica knows it. From the draw time
     // on, a fan it does not know may have joined through another node (and
-    // be in the drawn order), and the order may be drawn: then it reads the
-    // shared log first.
+    // be in the drawn order), and the order may be drawn: so a new place or
+    // a refusal is asked again after reading the shared log. (A lottery fan
+    // this replica knows as passed over is read for too: one more round
+    // trip, in a refusal that stands.)
     let mut entry = room.entry(user, now);
     if now >= s.shuffle_ms
         && matches!(
