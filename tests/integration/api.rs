@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::common::{assert_error, base_config, open_activity, Act, Codes, TestApp};
+use crate::common::{assert_error, base_config, exchange, open_activity, Act, Codes, TestApp};
 
 fn windows() -> String {
     base_config()
@@ -449,20 +449,14 @@ async fn bad_input_gets_the_error_shape_never_a_panic() {
 
 /// POSTs raw bytes to /ticket/get over a plain TCP connection.
 async fn send_raw(app: &TestApp, token: &str, body: Vec<u8>) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
-    let head = format!(
+    let mut request = format!(
         "POST /ticket/get HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&body).await.unwrap();
-    let mut out = Vec::new();
-    stream.read_to_end(&mut out).await.unwrap();
-    let text = String::from_utf8_lossy(&out);
-    let status: u16 = text.split(' ').nth(1).unwrap().parse().unwrap();
-    let json_start = text.find("\r\n\r\n").unwrap() + 4;
-    (status, serde_json::from_str(&text[json_start..]).unwrap_or(Value::Null))
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let answer = exchange(&app.addr, &request).await;
+    (answer.status, answer.json())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use ticketd::bench::ApiClient;
 
 use crate::{
     cluster::{cluster_activity, Cluster},
-    common::{raw_get, services::free_port},
+    common::{exchange, raw_get, services::free_port, RawAnswer},
 };
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -372,48 +372,15 @@ async fn a_waiting_fans_event_stream_flows_through_the_shipped_nginx() {
     assert!(text.contains("event: status"), "{text}");
 }
 
-/// Sends `request` to Nginx on `port` and returns the status, the headers
-/// (lower-cased) and the body of its answer: read up to its Content-Length,
-/// since Nginx may keep reading an unwanted body before it closes.
-async fn exchange(port: u16, request: &[u8]) -> (u16, String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    stream.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    let read = async {
-        let mut chunk = [0u8; 4096];
-        loop {
-            let text = String::from_utf8_lossy(&out).into_owned();
-            if let Some(end) = text.find("\r\n\r\n") {
-                let length = text[..end].lines().find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                });
-                if length.is_some_and(|n| out.len() >= end + 4 + n) {
-                    return;
-                }
-            }
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => out.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
-    assert!(
-        tokio::time::timeout(Duration::from_secs(10), read).await.is_ok(),
-        "Nginx did not answer within 10 s"
-    );
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, head.to_ascii_lowercase(), body.to_owned())
-}
-
 /// Asserts an answer is ticketd's JSON error shape with `code`.
-fn assert_error_shape((status, head, body): &(u16, String, String), want: (u16, &str)) {
+fn assert_error_shape(answer: &RawAnswer, want: (u16, &str)) {
+    let RawAnswer { status, head, body } = answer;
     assert_eq!(*status, want.0, "{head}\n{body}");
-    assert!(head.contains("content-type: application/json"), "{head}\n{body}");
+    assert_eq!(
+        answer.header("content-type"),
+        Some("application/json"),
+        "{head}\n{body}"
+    );
     let parsed: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
     assert_eq!(parsed["ok"], false, "{body}");
     assert_eq!(parsed["error"]["code"], want.1, "{body}");
@@ -478,7 +445,7 @@ async fn nginx_answers_its_own_refusals_in_the_error_shape() {
         ),
     ];
     for (request, want) in cases {
-        let answer = exchange(port, &request).await;
+        let answer = exchange(&format!("127.0.0.1:{port}"), &request).await;
         assert_error_shape(&answer, want);
     }
 
@@ -486,10 +453,10 @@ async fn nginx_answers_its_own_refusals_in_the_error_shape() {
     let dead = format!("127.0.0.1:{}", free_port());
     let orphan = tokio::task::block_in_place(|| Nginx::start(&[dead.as_str()]));
     let answer = exchange(
-        orphan.port,
+        &format!("127.0.0.1:{}", orphan.port),
         b"GET /act/list HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert_error_shape(&answer, (503, "UNAVAILABLE"));
-    assert!(answer.1.contains("retry-after: 2"), "{}", answer.1);
+    assert_eq!(answer.header("retry-after"), Some("2"), "{}", answer.head);
 }

@@ -10,7 +10,9 @@ use std::{collections::HashMap, process::Command, sync::Arc};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::common::{assert_error, base_config, open_activity, parse_csv, ApiClient, ApiResponse, TestApp, BIN};
+use crate::common::{
+    assert_error, base_config, exchange, metric_in, open_activity, parse_csv, ApiClient, ApiResponse, TestApp, BIN,
+};
 
 /// Raises the per-address limits' subject: every request is "from" its XFF.
 fn behind_proxy(config: String, security: &str) -> String {
@@ -32,22 +34,11 @@ async fn post_from(client: &ApiClient, ip: &str, path: &str, body: &Value) -> Ap
 /// line and headers (without the blank line), `body` follows it. Returns the
 /// status, the head of the answer (lower-cased) and the body as JSON.
 async fn raw(addr: &str, head: &[u8], body: &[u8]) -> (u16, String, Value) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut request = head.to_vec();
     request.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
     request.extend_from_slice(body);
-    stream.write_all(&request).await.unwrap();
-    let mut out = Vec::new();
-    let read = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    assert!(read.is_ok(), "no complete answer within 5 s; got: {text:?}");
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (
-        status,
-        head.to_ascii_lowercase(),
-        serde_json::from_str(body).unwrap_or(Value::Null),
-    )
+    let answer = exchange(addr, &request).await;
+    (answer.status, answer.head.to_ascii_lowercase(), answer.json())
 }
 
 fn json_post(path: &str, extra: &str, body: &str) -> (Vec<u8>, Vec<u8>) {
@@ -72,12 +63,6 @@ fn count_by_code(answers: &[ApiResponse]) -> HashMap<String, usize> {
         *counts.entry(key).or_default() += 1;
     }
     counts
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).map(|v| v.trim().parse::<f64>().unwrap()))
-        .unwrap_or_else(|| panic!("{series} missing from /metrics"))
 }
 
 /// Item 1: 3 rounds of 64 concurrent logins with unique usernames ran 64
@@ -129,7 +114,7 @@ async fn a_burst_of_logins_hashes_a_bounded_number_at_once_and_claims_go_on() {
     let grown_mib = (peak_rss_kib(app.pid()) - before) / 1024;
     assert!(grown_mib < 8 * 32, "peak RSS grew by {grown_mib} MiB");
     let metrics = app.raw_get("/metrics").await;
-    assert!(metric(&metrics, "ticketd_security_rejections_total{reason=\"hashing_busy\"}") > 0.0);
+    assert!(metric_in(&metrics, "ticketd_security_rejections_total{reason=\"hashing_busy\"}") > 0.0);
 }
 
 /// Item 2: 64 concurrent logins for one account, the real password among
@@ -180,7 +165,7 @@ async fn concurrent_guesses_for_one_account_get_only_its_failure_budget() {
     let refused = counts.get("429 LOGIN_THROTTLED").unwrap_or(&0) + counts.get("429 LOGIN_LOCKED").unwrap_or(&0);
     assert_eq!(checked + refused, 64, "{counts:?}");
     let metrics = app.raw_get("/metrics").await;
-    assert!(metric(&metrics, "ticketd_security_rejections_total{reason=\"login_failed\"}") <= 5.0);
+    assert!(metric_in(&metrics, "ticketd_security_rejections_total{reason=\"login_failed\"}") <= 5.0);
 }
 
 /// Item 3: 20 wrong logins from one address locked the victim out everywhere
@@ -479,8 +464,8 @@ async fn guard_tables_stay_bounded_and_ipv6_counts_per_64() {
         t.await.unwrap();
     }
     let metrics = app.raw_get("/metrics").await;
-    let held = metric(&metrics, "ticketd_guard_entries{table=\"claims_by_ip\"}");
-    let capacity = metric(&metrics, "ticketd_guard_capacity{table=\"claims_by_ip\"}");
+    let held = metric_in(&metrics, "ticketd_guard_entries{table=\"claims_by_ip\"}");
+    let capacity = metric_in(&metrics, "ticketd_guard_capacity{table=\"claims_by_ip\"}");
     assert_eq!(capacity, 256.0);
     assert!(held > 0.0 && held <= capacity, "{held} entries, capacity {capacity}");
 

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::common::{base_config, open_activity, TestApp};
+use crate::common::{base_config, exchange, open_activity, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_in_flight_budget_claims_are_shed_with_503_and_retry_after() {
@@ -42,12 +42,12 @@ async fn past_the_in_flight_budget_claims_are_shed_with_503_and_retry_after() {
     assert!(shed > 0 && ok > 0, "ok {ok}, shed {shed}");
     // Nothing shed took stock.
     assert_eq!(app.detail("o").await["remaining"], 1000 - ok);
-    let res = raw(
-        &app,
-        "POST /ticket/get HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}",
+    let res = exchange(
+        &app.addr,
+        b"POST /ticket/get HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}",
     )
     .await;
-    assert!(res.starts_with("HTTP/1.1 401"), "{res}");
+    assert_eq!(res.status, 401, "{}", res.head);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,12 +75,4 @@ async fn a_slowloris_connection_is_cut_off() {
     assert!(closed);
     // Others are still served.
     assert_eq!(app.client.get("/healthz", None).await.unwrap().status, 200);
-}
-
-async fn raw(app: &TestApp, request: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = stream.read(&mut buf).await.unwrap();
-    String::from_utf8_lossy(&buf[..n]).into_owned()
 }

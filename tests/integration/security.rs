@@ -9,7 +9,7 @@ use ticketd::{
     bench::{ApiClient, ApiResponse},
 };
 
-use crate::common::{assert_error, base_config, metric, open_activity, Act, Codes, TestApp};
+use crate::common::{assert_error, base_config, exchange, metric, open_activity, Act, Codes, TestApp};
 
 /// An example secret for tests only.
 const SECRET: &str = "EXAMPLE-test-secret-0123456789abcdef";
@@ -264,21 +264,14 @@ async fn claims_are_rate_limited_per_user_and_per_address() {
 }
 
 async fn raw_retry_after(app: &TestApp, token: &str, body: &Value) -> u64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = body.to_string();
-    let mut s = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
-    let req = format!(
+    let request = format!(
         "POST /ticket/get HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let line = out
-        .lines()
-        .find(|l| l.to_ascii_lowercase().starts_with("retry-after:"))
-        .expect("Retry-After header");
-    line.split(':').nth(1).unwrap().trim().parse().unwrap()
+    let answer = exchange(&app.addr, request.as_bytes()).await;
+    let retry = answer.header("retry-after").expect("Retry-After header");
+    retry.parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -500,13 +500,75 @@ pub async fn claim_body(client: &ApiClient, token: &str, act: &str) -> Value {
 
 /// `GET path` from `addr` over a fresh connection; the raw response text.
 pub async fn raw_get(addr: &str, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let answer = exchange(addr, request.as_bytes()).await;
+    format!("{}\r\n\r\n{}", answer.head, answer.body)
+}
+
+/// One HTTP/1.1 answer read off a raw connection ([`exchange`]).
+pub struct RawAnswer {
+    pub status: u16,
+    /// The status line and the headers, as sent.
+    pub head: String,
+    pub body: String,
+}
+
+impl RawAnswer {
+    /// The body as JSON (`Null` when it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// The value of the header `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+}
+
+/// Sends `request` as it stands (request line, headers, blank line, body)
+/// to `addr` over a fresh connection, and reads one answer: up to its
+/// Content-Length, or until the server closes. Panics after 10 s. For
+/// requests a client library would not send, and answers it would hide.
+pub async fn exchange(addr: &str, request: &[u8]) -> RawAnswer {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    stream.read_to_string(&mut out).await.unwrap();
-    out
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+                let length = String::from_utf8_lossy(&out[..end]).lines().find_map(|l| {
+                    let (key, value) = l.split_once(':')?;
+                    key.trim()
+                        .eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                });
+                if length.is_some_and(|n| out.len() >= end + 4 + n) {
+                    return;
+                }
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let done = tokio::time::timeout(Duration::from_secs(10), read).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert!(
+        done.is_ok(),
+        "no complete answer from {addr} within 10 s; got: {text:?}"
+    );
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    RawAnswer {
+        status: head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0),
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
 }
 
 /// Logs the users [`username`]`(prefix, 0..n)` in, spread over `urls` (a
@@ -697,7 +759,11 @@ pub fn assert_sold_out_is_final(log: &[Answered]) {
 
 /// The value of one series (`name` or `name{labels}`) in a node's /metrics (panics when absent).
 pub async fn metric(app: &TestApp, series: &str) -> f64 {
-    let text = app.raw_get("/metrics").await;
+    metric_in(&app.raw_get("/metrics").await, series)
+}
+
+/// The value of one series (`name` or `name{labels}`) in a /metrics text (panics when absent).
+pub fn metric_in(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
