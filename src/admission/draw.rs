@@ -20,6 +20,8 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::config::AdmissionMode;
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// The file format `ticketd export --what draw` writes.
@@ -115,7 +117,7 @@ pub struct DrawRecord {
     /// draw, so its `late` must be empty: a drawn entrant moved there would
     /// otherwise verify.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub admission: Option<String>,
+    pub admission: Option<AdmissionMode>,
 }
 
 impl DrawRecord {
@@ -136,17 +138,17 @@ impl DrawRecord {
         if self.entrants.windows(2).any(|w| w[0] >= w[1]) {
             return Err("the entrant list is not ascending without repeats".into());
         }
-        match self.admission.as_deref() {
-            None | Some("queue") => {}
-            Some("lottery") if self.late.is_empty() => {}
-            Some("lottery") => {
+        match self.admission {
+            None | Some(AdmissionMode::Queue) => {}
+            Some(AdmissionMode::Lottery) if self.late.is_empty() => {}
+            Some(AdmissionMode::Lottery) => {
                 return Err(format!(
                     "a lottery takes no entry after its draw, yet {} user(s) are listed as late (first: {})",
                     self.late.len(),
                     self.late[0]
                 ))
             }
-            Some(other) => return Err(format!("unknown admission `{other}` (expected `queue` or `lottery`)")),
+            Some(AdmissionMode::Race) => return Err("a race has no draw (expected `queue` or `lottery`)".into()),
         }
         let expected = shuffle(&seed, &self.entrants);
         if expected != self.order {
@@ -204,7 +206,7 @@ mod tests {
             entrants,
             order,
             late: vec![],
-            admission: Some("lottery".into()),
+            admission: Some(AdmissionMode::Lottery),
         }
     }
 
@@ -220,8 +222,17 @@ mod tests {
         let mut demoted = record(&seed, (2..=100).collect());
         demoted.late = vec![1];
         assert!(demoted.verify().unwrap_err().contains("no entry after its draw"));
-        demoted.admission = Some("queue".into());
+        demoted.admission = Some(AdmissionMode::Queue);
         assert_eq!(demoted.verify(), Ok(()));
+        demoted.admission = Some(AdmissionMode::Race);
+        assert!(demoted.verify().unwrap_err().contains("a race has no draw"));
+        let text = serde_json::to_string(&good).unwrap();
+        assert!(text.contains(r#""admission":"lottery""#), "{text}");
+        let unknown = text.replace(r#""admission":"lottery""#, r#""admission":"raffle""#);
+        assert!(
+            serde_json::from_str::<DrawRecord>(&unknown).is_err(),
+            "an unknown admission is refused"
+        );
 
         let mut swapped = good.clone();
         swapped.order.swap(0, 1);

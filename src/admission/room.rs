@@ -642,13 +642,7 @@ impl RoomState {
             entrants,
             order: drawn.to_vec(),
             late: self.order[self.drawn..].to_vec(),
-            admission: Some(
-                match self.settings.mode {
-                    AdmissionMode::Lottery => "lottery",
-                    _ => "queue",
-                }
-                .into(),
-            ),
+            admission: Some(self.settings.mode),
         })
     }
 
