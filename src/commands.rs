@@ -439,12 +439,22 @@ fn export_draw(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
         None => Room::recorded_draw(&Rooms::dir_in(&config.storage.path), &args.activity)
             .with_context(|| format!("cannot read the waiting room of `{}`", args.activity))?,
     };
-    let record = record.with_context(|| {
+    let mut record = record.with_context(|| {
         format!(
             "activity `{}` has no draw yet: it has no waiting room on this node's store, or its order is not drawn yet",
             args.activity
         )
     })?;
+    // The log does not say how the room admits; the config does (a change
+    // is refused once the room is open). Without the activity in the config
+    // the record names no mode rather than a wrong one: a lottery's record
+    // must say so, or a drawn entrant moved to `late` would verify.
+    record.admission = config
+        .activities
+        .iter()
+        .find(|a| a.id == args.activity)
+        .map(|a| a.admission)
+        .filter(|mode| !mode.is_race());
     let json = serde_json::to_vec_pretty(&record)?;
     match &args.out {
         Some(path) => {

@@ -698,9 +698,21 @@ async fn a_lottery_draws_once_and_its_waiting_list_replaces_lapsed_winners() {
     for (_, t) in &drawn[3..] {
         eventually(&app.client, t, "lot", "sold_out").await;
     }
-    let (_, file) = export_draw(&app, "lot");
+    let (mut draw, file) = export_draw(&app, "lot");
     let out = app.cli(&["verify-draw", file.to_str().unwrap()], None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The export says it was a lottery, so an entry after the draw (what an
+    // operator slipping somebody in would have to add) does not verify.
+    assert_eq!(draw["admission"], "lottery");
+    draw["late"] = json!([987_654]);
+    let forged = app.dir.path().join("lot-forged.json");
+    std::fs::write(&forged, draw.to_string()).unwrap();
+    let out = app.cli(&["verify-draw", forged.to_str().unwrap()], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("a lottery takes no entry after its draw"),
+        "{stderr}"
+    );
     app.assert_verified();
 }
 
