@@ -498,10 +498,12 @@ pub async fn claim_body(client: &ApiClient, token: &str, act: &str) -> Value {
     body
 }
 
-/// `GET path` from `addr` over a fresh connection; the raw response text.
+/// `GET path` from `addr` over a fresh connection; the raw response text,
+/// read until the server closes: a proxy such as Nginx has then finished
+/// with the request (its cache holds the answer) when this returns.
 pub async fn raw_get(addr: &str, path: &str) -> String {
     let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
-    let answer = exchange(addr, request.as_bytes()).await;
+    let answer = read_answer(addr, request.as_bytes(), Until::Closed).await;
     format!("{}\r\n\r\n{}", answer.head, answer.body)
 }
 
@@ -530,17 +532,34 @@ impl RawAnswer {
 
 /// Sends `request` as it stands (request line, headers, blank line, body)
 /// to `addr` over a fresh connection, and reads one answer: up to its
-/// Content-Length, or until the server closes. Panics after 10 s. For
-/// requests a client library would not send, and answers it would hide.
+/// Content-Length, or until the server closes. Panics after 10 s (to
+/// connect, send and read). For requests a client library would not send,
+/// and answers it would hide.
 pub async fn exchange(addr: &str, request: &[u8]) -> RawAnswer {
+    read_answer(addr, request, Until::Length).await
+}
+
+/// Where [`read_answer`] stops.
+#[derive(PartialEq)]
+enum Until {
+    /// Once the body has its Content-Length (or the server closes).
+    Length,
+    /// Once the server closes.
+    Closed,
+}
+
+async fn read_answer(addr: &str, request: &[u8], until: Until) -> RawAnswer {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request).await.unwrap();
     let mut out = Vec::new();
     let read = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // A server may answer and close before it has read all of a request
+        // past its limits: what it answered is still read.
+        let _ = stream.write_all(request).await;
         let mut chunk = [0u8; 4096];
         loop {
-            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            let end = out.windows(4).position(|w| w == b"\r\n\r\n");
+            if let Some(end) = end.filter(|_| until == Until::Length) {
                 let length = String::from_utf8_lossy(&out[..end]).lines().find_map(|l| {
                     let (key, value) = l.split_once(':')?;
                     key.trim()
