@@ -261,51 +261,52 @@ impl LeaseSource {
 /// operator should hear of it (once per change): a raise does not apply
 /// until every node has it.
 async fn record_limit(shared: &Shared, activity: &str) -> Result<(), ClusterError> {
-    let Some(here) = shared.limits.get(activity).map(|e| e.here) else {
-        return Ok(());
-    };
-    let keys = scripts::Keys::new(activity);
-    let mut redis = shared.redis.clone();
-    let Some(limit) = here else {
-        redis::cmd("HDEL")
-            .arg(keys.limits())
+    // A heartbeat and a reload may record at once: each records the limit it
+    // read, and records again if the limit changed while its write was on
+    // the way, so an older write landing last is put right at once.
+    let mut written = None;
+    loop {
+        let Some(here) = shared.limits.get(activity).map(|e| e.here) else {
+            return Ok(());
+        };
+        if written == Some(here) {
+            return Ok(());
+        }
+        written = Some(here);
+        let keys = scripts::Keys::new(activity);
+        let mut redis = shared.redis.clone();
+        let Some(limit) = here else {
+            redis::cmd("HDEL")
+                .arg(keys.limits())
+                .arg(&*shared.node)
+                .query_async::<()>(&mut redis)
+                .await?;
+            // Gone unless a reload took the activity back meanwhile.
+            shared.limits.remove_if(activity, |_, e| e.here.is_none());
+            continue;
+        };
+        let (lowest, highest): (u32, u32) = scripts::LIMITS
+            .key(keys.limits())
+            .key(keys.nodes())
             .arg(&*shared.node)
-            .query_async::<()>(&mut redis)
+            .arg(limit)
+            .arg(now_ms())
+            .invoke_async(&mut redis)
             .await?;
-        shared.limits.remove_if(activity, |_, e| e.here.is_none());
-        return Ok(());
-    };
-    let (lowest, highest): (u32, u32) = scripts::LIMITS
-        .key(keys.limits())
-        .key(keys.nodes())
-        .arg(&*shared.node)
-        .arg(limit)
-        .arg(now_ms())
-        .invoke_async(&mut redis)
-        .await?;
-    let still = shared.limits.get_mut(activity).and_then(|mut e| {
-        let before = e.spread.replace((lowest, highest));
-        e.here.map(|_| before)
-    });
-    let Some(before) = still else {
-        // Dropped by a reload while this record was on its way: take it back.
-        redis::cmd("HDEL")
-            .arg(keys.limits())
-            .arg(&*shared.node)
-            .query_async::<()>(&mut redis)
-            .await?;
-        return Ok(());
-    };
-    if lowest != highest && before != Some((lowest, highest)) {
-        tracing::warn!(
-            activity,
-            here = limit,
-            lowest,
-            highest,
-            "per_user_limit differs across the live nodes: claims hold to the lowest until every node has the same."
-        );
+        let before = shared
+            .limits
+            .get_mut(activity)
+            .and_then(|mut e| e.spread.replace((lowest, highest)));
+        if lowest != highest && before != Some((lowest, highest)) {
+            tracing::warn!(
+                activity,
+                here = limit,
+                lowest,
+                highest,
+                "per_user_limit differs across the live nodes: claims hold to the lowest until every node has the same."
+            );
+        }
     }
-    Ok(())
 }
 
 async fn release(shared: &Shared, activity: &str, tickets: &[Arc<str>]) -> Result<(usize, usize), ClusterError> {
