@@ -430,7 +430,8 @@ fn warn_in_transit(n: u64, what: &str) {
 
 /// `ticketd export --what draw`: the room's log, read beside a serving node.
 fn export_draw(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
-    let record = match Store::open(config, Access::Tool)?.room_source() {
+    let store = Store::open(config, Access::Tool)?;
+    let record = match store.room_source() {
         // A cluster: the room's log is in Redis.
         Some(source) => source.whole_log(&args.activity)?.and_then(|(seed, events)| {
             let seed = Seed::from_hex(&seed)?;
@@ -445,13 +446,19 @@ fn export_draw(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
             args.activity
         )
     })?;
-    // The log does not say how the room admits; the config does (a change
-    // is refused once the room is open). Without the activity in the config
-    // the record names no mode rather than a wrong one: a lottery's record
-    // must say so, or a drawn entrant moved to `late` would verify.
+    // The log does not say how the room admits; the activity's definition
+    // does (a change is refused once the room is open): the config's, or in
+    // a cluster whose nodes serve what `import` stored, MongoDB's. Without
+    // one the record names no mode rather than a wrong one: a lottery's
+    // record must say so, or a drawn entrant moved to `late` would verify.
+    let stored = match config.activities.iter().any(|a| a.id == args.activity) {
+        true => None,
+        false => store.shared_activities().transpose()?,
+    };
     record.admission = config
         .activities
         .iter()
+        .chain(stored.iter().flatten())
         .find(|a| a.id == args.activity)
         .map(|a| a.admission)
         .filter(|mode| !mode.is_race());

@@ -1408,6 +1408,74 @@ async fn a_lottery_across_three_nodes_skips_the_gone_and_passes_lapsed_turns_on(
     cluster.nodes[0].assert_verified();
 }
 
+/// A lottery that cluster nodes serve from what `ticketd import` stored in
+/// MongoDB (their config names no activity): the exported draw still says
+/// "lottery", so `verify-draw` refuses an entry slipped in after the draw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lottery_served_from_mongodb_exports_a_draw_that_says_lottery() {
+    use crate::cluster::{node_config, Cluster};
+    use ticketd::clock::{now_ms, rfc3339_ms};
+    let cluster = Cluster::start(1, "", "");
+    let act = Act::new("ml")
+        .window(&rfc3339_ms(now_ms() + 60_000), &rfc3339_ms(now_ms() + 3_600_000))
+        .with("admission = \"lottery\"")
+        .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 60_000)))
+        .with(&format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 4_000)))
+        .ticket("ml-t", "Ticket", Codes::Generate(2))
+        .toml();
+    let importer = tempfile::tempdir().unwrap();
+    let config = node_config(&cluster.services, &cluster.db, "importer", "") + &act;
+    std::fs::write(importer.path().join("config.toml"), config).unwrap();
+    let out = run_cli(importer.path(), &["import"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let node = &cluster.nodes[0];
+    let tokens = cluster.users("ml", 2).await;
+    for t in &tokens {
+        // Until the node has picked the activity up from MongoDB.
+        loop {
+            let res = join(&node.client, t, "ml").await;
+            if res.status == 200 {
+                break;
+            }
+            assert_eq!(res.error_code(), Some("ACTIVITY_NOT_FOUND"), "{}", res.body);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Once drawn, the node's own config (no activities) exports it.
+    let file = node.dir.path().join("ml-draw.json");
+    let draw: Value = loop {
+        let out = node.cli(
+            &[
+                "export",
+                "--activity",
+                "ml",
+                "--what",
+                "draw",
+                "--out",
+                file.to_str().unwrap(),
+            ],
+            None,
+        );
+        if out.status.success() {
+            break serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("has no draw yet"), "{stderr}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(draw["admission"], "lottery");
+    assert_eq!(draw["entrants"].as_array().unwrap().len(), 2);
+    let mut forged = draw.clone();
+    forged["late"] = json!([987_654]);
+    std::fs::write(&file, forged.to_string()).unwrap();
+    let out = node.cli(&["verify-draw", file.to_str().unwrap()], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("a lottery takes no entry after its draw"),
+        "{stderr}"
+    );
+}
+
 /// Relative times count from each start, so a restart moves a demo's sale,
 /// but a waiting room's log keeps the places of the earlier run. The node
 /// keeps serving and says so at start; an absolute-time room says nothing.
