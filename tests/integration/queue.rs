@@ -713,6 +713,17 @@ async fn a_lottery_draws_once_and_its_waiting_list_replaces_lapsed_winners() {
         !out.status.success() && stderr.contains("a lottery takes no entry after its draw"),
         "{stderr}"
     );
+    // Without the mode (as older exports are), the same record verifies,
+    // and the verifier says what it could not check.
+    draw.as_object_mut().unwrap().remove("admission");
+    std::fs::write(&forged, draw.to_string()).unwrap();
+    let out = app.cli(&["verify-draw", forged.to_str().unwrap()], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("no entry after the draw holds for the 1 user listed as late"),
+        "{stdout}"
+    );
     app.assert_verified();
 }
 
