@@ -503,8 +503,15 @@ async fn admit_shared(
         if admitter { ADMIT_LOOKAHEAD } else { 0 },
     );
     if admitter && !events.is_empty() {
-        source.append(id, cursor, &events).await.map_err(|e| e.to_string())?;
+        let appended = source.append(id, cursor, &events).await.map_err(|e| e.to_string())?;
         source.sync(room).await.map_err(|e| e.to_string())?;
+        if let crate::store::Appended::StaleCursor { log } = appended {
+            // Said, not hidden: a replica that stays behind its log would
+            // stop every admission without a word.
+            return Err(format!(
+                "nothing admitted: the shared log has reached {log} places, this replica {cursor} (it catches up at the next sync)"
+            ));
+        }
     }
     Ok(())
 }

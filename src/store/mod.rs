@@ -37,7 +37,7 @@ use std::sync::Arc;
 
 pub use cluster::{
     lease::LeaseSource,
-    rooms::{Joined, RoomSource},
+    rooms::{Appended, Joined, RoomSource},
     ClusterStore,
 };
 pub use embedded::EmbeddedStore;

@@ -1487,6 +1487,42 @@ async fn a_lottery_served_from_mongodb_exports_a_draw_that_says_lottery() {
     );
 }
 
+/// A shared log whose count of places reached is not the replicas' (a
+/// damaged log, or one a node from before the count was kept appended to)
+/// stops admissions: the admitter says so, rather than appending nothing
+/// at every step in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admitter_whose_shared_log_moved_on_says_so() {
+    use crate::cluster::Cluster;
+    use ticketd::clock::{now_ms, rfc3339_ms};
+    let act = Act::new("sc")
+        .window(&rfc3339_ms(now_ms() + 3_000), &rfc3339_ms(now_ms() + 3_600_000))
+        .with("admission = \"queue\"")
+        .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 60_000)))
+        .ticket("sc-t", "Ticket", Codes::Generate(5))
+        .toml();
+    let cluster = Cluster::start(1, &act, "");
+    let tokens = cluster.users("sc", 2).await;
+    for t in &tokens {
+        assert_eq!(join(&cluster.nodes[0].client, t, "sc").await.status, 200);
+    }
+    let mut r = cluster.services.redis().await;
+    let _: () = redis::cmd("SET")
+        .arg("q:{sc}:cursor")
+        .arg(1000)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let warned = cluster.nodes[0].wait_for_log("The waiting room's admitter could not take its step.", 1);
+    assert!(
+        warned["error"]
+            .as_str()
+            .unwrap()
+            .contains("the shared log has reached 1000 places, this replica 0"),
+        "{warned}"
+    );
+}
+
 /// Relative times count from each start, so a restart moves a demo's sale,
 /// but a waiting room's log keeps the places of the earlier run. The node
 /// keeps serving and says so at start; an absolute-time room says nothing.

@@ -124,6 +124,22 @@ pub enum Joined {
     Full,
 }
 
+/// What an append to a shared log answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// The events are on the log.
+    Yes,
+    /// Another node holds the admitter's lease now: nothing appended.
+    NotAdmitter,
+    /// The log has reached more places than the replica the plan was made
+    /// from: nothing appended. A replica behind catches up at its next
+    /// sync; one that never does would stop every admission.
+    StaleCursor {
+        /// The places the log has reached.
+        log: usize,
+    },
+}
+
 /// The Redis side of the waiting rooms, for a node or a tool.
 #[derive(Clone)]
 pub struct RoomSource {
@@ -269,8 +285,8 @@ impl RoomSource {
     /// that many (an admitter that planned from a stale replica — one that
     /// took the lease from a node killed mid-step — appends nothing, and
     /// plans again once caught up). The shuffle and the close are appended
-    /// once however often they are sent. Returns whether it appended.
-    pub async fn append(&self, activity: &str, cursor: usize, events: &[Event]) -> Result<bool, StoreError> {
+    /// once however often they are sent.
+    pub async fn append(&self, activity: &str, cursor: usize, events: &[Event]) -> Result<Appended, StoreError> {
         let shared = self.shared.clone();
         let keys = ["admitter", "log", "places", "waiting", "shuffled", "closed", "cursor"].map(|k| key(activity, k));
         let mut args: Vec<String> = Vec::with_capacity(events.len() * 3);
@@ -294,7 +310,17 @@ impl RoomSource {
             }
             invocation.arg(&shared.instance).arg(cursor).arg(args);
             let n: i64 = invocation.invoke_async(&mut redis).await?;
-            Ok(n >= 0)
+            Ok(match n {
+                -1 => Appended::NotAdmitter,
+                -2 => Appended::StaleCursor {
+                    log: redis::cmd("GET")
+                        .arg(&keys[6])
+                        .query_async::<Option<usize>>(&mut redis)
+                        .await?
+                        .unwrap_or(0),
+                },
+                _ => Appended::Yes,
+            })
         })
         .await?)
     }
