@@ -459,10 +459,14 @@ async fn admit_shared(
     source: &RoomSource,
 ) -> Result<(), String> {
     let id = &a.id;
-    source
-        .flush_seen(id, room.take_seen())
-        .await
-        .map_err(|e| e.to_string())?;
+    let seen = room.take_seen();
+    if let Err(error) = source.flush_seen(id, seen.clone()).await {
+        // Kept for the next flush: a fan who stays while Redis is away
+        // must not look gone once it is back.
+        room.restore_seen(seen);
+        return Err(error.to_string());
+    }
+
     // The lease first, then the replica: a plan is made from a replica at
     // least as new as every append of the lease's previous holder.
     let admitter = source

@@ -558,6 +558,19 @@ impl Room {
         std::mem::take(&mut self.state.lock().seen_here).into_iter().collect()
     }
 
+    /// Shared rooms: puts back check-ins a flush could not deliver (Redis
+    /// away), for the next flush; a later check-in of the same fan stands.
+    pub fn restore_seen(&self, seen: Vec<(u64, i64)>) {
+        let mut st = self.state.lock();
+        for (user, at) in seen {
+            if st.seen_here.len() >= MAX_SEEN_BUFFER && !st.seen_here.contains_key(&user) {
+                continue;
+            }
+            let kept = st.seen_here.entry(user).or_insert(at);
+            *kept = (*kept).max(at);
+        }
+    }
+
     /// The draw, once made (`ticketd export --what draw`).
     pub fn draw_record(&self) -> Option<DrawRecord> {
         self.state.lock().draw_record(&self.activity, &self.seed)
@@ -1126,6 +1139,23 @@ mod tests {
         room.join(1, 2_001).unwrap();
         assert_eq!(room.entry(1, 2_002), Ok(Entry::Held));
         assert_eq!(room.status(1, 2_002, false).state, PlaceState::Waiting);
+    }
+
+    /// Check-ins a flush could not deliver (Redis away) go with the next
+    /// one, and a later check-in made meanwhile stands.
+    #[test]
+    fn check_ins_a_flush_could_not_deliver_go_with_the_next() {
+        let room = Room::shared("s".into(), settings(), Seed::generate());
+        room.apply_shared(0, &[Event::Join { u: 1, t: 1 }, Event::Join { u: 2, t: 2 }]);
+        room.status(1, 100, true);
+        room.status(2, 100, true);
+        let failed = room.take_seen();
+        assert_eq!(failed.len(), 2);
+        room.status(1, 300, true); // meanwhile
+        room.restore_seen(failed);
+        let mut next = room.take_seen();
+        next.sort_unstable();
+        assert_eq!(next, vec![(1, 300), (2, 100)]);
     }
 
     /// A pass that lapsed unused, looked at before the admitter's next step
