@@ -703,6 +703,45 @@ async fn sigterm_returns_the_nodes_leased_codes_at_once_and_exits_zero() {
     cluster.nodes[0].assert_verified();
 }
 
+/// A reload that drops one ticket type of an activity still on sale: the
+/// codes of it the node had leased go back to the master list when the node
+/// stops. Before, the node's list of the activity's ticket types lost it,
+/// and no stop, heartbeat or reaper ever returned them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_type_dropped_by_a_reload_gives_its_leased_codes_back_at_the_stop() {
+    let act = cluster_activity("dt", 50, 1) + "[[activity.ticket]]\nid = \"dt-b\"\nname = \"Balcony\"\ngenerate = 50\n";
+    let mut cluster = Cluster::start(1, &act, "");
+    let lease = "tk:{dt}:lease:dt-b:node0";
+    until("node0 to lease codes of both ticket types", || async {
+        scard(&cluster, lease).await > 0 && scard(&cluster, "tk:{dt}:lease:dt-t:node0").await > 0
+    })
+    .await;
+    let config = std::fs::read_to_string(cluster.nodes[0].config_path()).unwrap();
+    let dropped = config.replace(
+        "[[activity.ticket]]\nid = \"dt-b\"\nname = \"Balcony\"\ngenerate = 50\n",
+        "",
+    );
+    assert_ne!(config, dropped);
+    let outcome = cluster.nodes[0].reload(&dropped);
+    assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
+    assert_eq!(cluster.nodes[0].stop(), 0);
+    assert_eq!(
+        scard(&cluster, lease).await,
+        0,
+        "the dropped ticket type's lease outlived the node"
+    );
+    let mut r = cluster.services.redis().await;
+    let listed: usize = redis::cmd("LLEN")
+        .arg("tk:{dt}:stock:dt-b")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(
+        listed, 50,
+        "every code of the dropped ticket type is back on its master list"
+    );
+}
+
 /// `ticketd bench` with several `--url`s, round-robin per request.
 fn bench_urls(urls: &[String], args: &[&str]) -> serde_json::Value {
     let mut command = std::process::Command::new(crate::common::BIN);

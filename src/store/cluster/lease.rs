@@ -99,10 +99,17 @@ impl LeaseSource {
 
     /// Starts selling `activity`: on first sight, gives back whatever an
     /// earlier run of this node still had leased (returns how many codes)
-    /// and counts the backlog it left in the gauge.
+    /// and counts the backlog it left in the gauge. A ticket type a reload
+    /// drops stays listed: the codes of it leased here are still renewed,
+    /// reaped and given back at the stop, not left in a lease nobody would
+    /// ever return to the master list.
     pub fn track(&self, activity: &Arc<str>, tickets: &[Arc<str>]) -> Result<usize, StoreError> {
-        if self.shared.activities.contains_key(activity) {
-            self.shared.activities.insert(activity.clone(), tickets.to_vec());
+        if let Some(mut listed) = self.shared.activities.get_mut(activity) {
+            for t in tickets {
+                if !listed.contains(t) {
+                    listed.push(t.clone());
+                }
+            }
             return Ok(0);
         }
         let shared = &self.shared;
