@@ -204,6 +204,10 @@ impl AppState {
         }
         let mut new = running.clone();
         new.activities = activities;
+        let moved = new.moved_ticket_types(&running);
+        if !moved.is_empty() {
+            return Err(moved.join("; "));
+        }
         let catalog = Catalog::build(&new, self.started_ms, &self.inventory, &self.rooms).map_err(|p| p.join("; "))?;
         track(&self.inventory, &catalog).map_err(|e| e.to_string())?;
         let catalog = Arc::new(catalog);
@@ -247,12 +251,24 @@ impl AppState {
     fn try_reload(&self) -> Result<usize, String> {
         let mut running = self.config.lock();
         let mut new = Config::load(&self.config_path).map_err(|e| e.to_string())?;
-        if self.follows_store && new.activities.is_empty() {
+        if self.follows_store {
+            if !new.activities.is_empty() {
+                // The store's set would replace the file's at the next refresh.
+                return Err(
+                    "this node serves the activities `ticketd import` stored in MongoDB (its config \
+                            named none at start): activities in the file take a restart"
+                        .into(),
+                );
+            }
             new.activities = shared_activities(&self.store)?;
         }
         let restart = new.restart_only_changes(&running);
         if !restart.is_empty() {
             return Err(format!("{} changed, which needs a restart", restart.join(", ")));
+        }
+        let moved = new.moved_ticket_types(&running);
+        if !moved.is_empty() {
+            return Err(moved.join("; "));
         }
         let catalog = Catalog::build(&new, self.started_ms, &self.inventory, &self.rooms).map_err(|p| p.join("; "))?;
         let blocked = blocked_user_ids(&new, &self.store).map_err(|e| e.to_string())?;

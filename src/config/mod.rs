@@ -103,6 +103,32 @@ impl Config {
         }
     }
 
+    /// Ticket types that belong to another activity here than in `running`
+    /// (a sentence each). A ticket type's codes, stock and claims are its
+    /// activity's, in the store and in Redis: moved, its codes could not be
+    /// claimed where it went, nor returned where it was. A new id is a new
+    /// ticket type.
+    pub fn moved_ticket_types(&self, running: &Config) -> Vec<String> {
+        let was: std::collections::HashMap<&str, &str> = running
+            .activities
+            .iter()
+            .flat_map(|a| a.tickets.iter().map(move |t| (t.id.as_str(), a.id.as_str())))
+            .collect();
+        self.activities
+            .iter()
+            .flat_map(|a| a.tickets.iter().map(move |t| (t.id.as_str(), a.id.as_str())))
+            .filter_map(|(ticket, activity)| {
+                let before = *was.get(ticket)?;
+                (before != activity).then(|| {
+                    format!(
+                        "ticket type `{ticket}` moved from activity `{before}` to `{activity}`: a ticket type stays \
+                         with its activity (give it a new id)"
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// Names the settings that differ from `running` but only apply on restart.
     pub fn restart_only_changes(&self, running: &Config) -> Vec<&'static str> {
         let (new, old) = (self, running);

@@ -947,6 +947,18 @@ async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
         assert_eq!(res.status, 200, "{}", res.body);
     }
 
+    // Activities named in a follower's file would be replaced by the
+    // store's at the next refresh: a reload refuses them.
+    let config = std::fs::read_to_string(cluster.nodes[0].config_path()).unwrap();
+    let outcome = cluster.nodes[0].reload(&(config.clone() + &cluster_activity("ff", 5, 1)));
+    assert!(
+        outcome["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("activities in the file take a restart")),
+        "{outcome}"
+    );
+    std::fs::write(cluster.nodes[0].config_path(), config).unwrap();
+
     // A changed definition, imported again, reaches every node without a reload.
     import(&activity.replace("name = \"Activity fo\"", "name = \"春季音乐节\""));
     for node in &cluster.nodes {

@@ -127,6 +127,18 @@ async fn an_invalid_or_restart_only_change_is_refused_and_the_old_config_serves(
         );
     }
 
+    // A ticket type moved to another activity (here: the activity renamed).
+    let moved = v1.replace("id = \"keep\"\n", "id = \"kept\"\n");
+    assert_ne!(moved, v1);
+    let outcome = app.reload(&moved);
+    assert!(
+        outcome["reason"]
+            .as_str()
+            .unwrap()
+            .contains("ticket type `keep-t` moved from activity `keep` to `kept`"),
+        "{outcome}"
+    );
+
     // Still serving v1.
     assert_eq!(app.detail("keep").await["perUserLimit"], 1);
     assert_eq!(app.claim(&token, "keep").await.status, 200);
