@@ -1783,24 +1783,11 @@ async fn a_node_refuses_a_redis_that_could_lose_acknowledged_claims() {
             .await
             .unwrap();
         let node = TestApp::prepare(&(node_config(&services, "vol", "node0", "") + &act), &[]);
-        let mut serve = std::process::Command::new(crate::common::BIN)
-            .args(["--config", "config.toml", "serve"])
-            .current_dir(node.dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while serve.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                serve.kill().unwrap();
-                panic!("the node served on a Redis with {setting} {value}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = serve.wait_with_output().unwrap();
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = crate::common::serve_refused(
+            node.dir.path(),
+            Duration::from_secs(30),
+            &format!("the node served on a Redis with {setting} {value}"),
+        );
         assert!(
             err.contains(&format!("{setting} {value}"))
                 && err.contains("appendonly yes")

@@ -171,28 +171,11 @@ async fn a_corrupt_journal_record_stops_the_node_and_verify_repair_keeps_every_c
     std::fs::write(&segment, &bytes).unwrap();
 
     // The node refuses, names the segment and the offset, and truncates nothing.
-    let mut child = std::process::Command::new(crate::common::BIN)
-        .args(["--config", "config.toml", "serve"])
-        .current_dir(app.dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::time::{Duration, Instant};
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the node started on a corrupt journal");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(!status.success());
+    let stderr = crate::common::serve_refused(
+        app.dir.path(),
+        std::time::Duration::from_secs(20),
+        "the node started on a corrupt journal",
+    );
     let name = segment.file_name().unwrap().to_str().unwrap();
     assert!(
         stderr.contains(name) && stderr.contains(&format!("byte {second}")) && stderr.contains("verify --repair"),

@@ -34,6 +34,21 @@ fn ms(rfc3339: &str) -> i64 {
     (OffsetDateTime::parse(rfc3339, &Rfc3339).unwrap().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
+/// A waiting room with absolute times, as every node of a cluster must
+/// read them: `admission` (`queue` or `lottery`), joins open since a minute
+/// ago, the start `start_in_ms` from now, `codes` codes of ticket `{id}-t`.
+fn absolute_room(id: &str, admission: &str, codes: u32, start_in_ms: i64, extra: &[&str]) -> String {
+    use ticketd::clock::{now_ms, rfc3339_ms};
+    let mut act = Act::new(id)
+        .window(&rfc3339_ms(now_ms() + start_in_ms), &rfc3339_ms(now_ms() + 3_600_000))
+        .with(&format!("admission = \"{admission}\""))
+        .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 60_000)));
+    for line in extra {
+        act = act.with(line);
+    }
+    act.ticket(&format!("{id}-t"), "Ticket", Codes::Generate(codes)).toml()
+}
+
 /// A queue activity: joins open now, the shuffle and the start at `start`.
 fn queue(id: &str, codes: u32, start: &str, extra: &[&str]) -> String {
     let mut act = Act::new(id)
@@ -559,15 +574,7 @@ async fn a_fan_whose_pass_lapsed_joins_again_at_the_back() {
 
 /// Two nodes sharing a room of two codes, passes of 5 s, starting in 8 s.
 fn two_nodes_with_a_room(id: &str) -> crate::cluster::Cluster {
-    use ticketd::clock::{now_ms, rfc3339_ms};
-    let act = Act::new(id)
-        .window(&rfc3339_ms(now_ms() + 8_000), &rfc3339_ms(now_ms() + 3_600_000))
-        .with("admission = \"queue\"")
-        .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 60_000)))
-        .with("pass_ttl = \"5s\"")
-        .with("admit_rate = 100.0")
-        .ticket(&format!("{id}-t"), "Ticket", Codes::Generate(2))
-        .toml();
+    let act = absolute_room(id, "queue", 2, 8_000, &["pass_ttl = \"5s\"", "admit_rate = 100.0"]);
     crate::cluster::Cluster::start(2, &act, "")
 }
 
@@ -1101,19 +1108,15 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_share_one_room_and_a_killed_node_loses_no_place_or_pass() {
     use crate::cluster::Cluster;
-    use ticketd::clock::{now_ms, rfc3339_ms};
     const USERS: usize = 900;
     const CODES: usize = 300;
-    let start = rfc3339_ms(now_ms() + 12_000);
-    let act = Act::new("cq")
-        .window(&start, &rfc3339_ms(now_ms() + 3_600_000))
-        .with("admission = \"queue\"")
-        .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 60_000)))
-        .with("admit_rate = 150.0")
-        .with("grace = \"1m\"")
-        .with("pass_ttl = \"1m\"")
-        .ticket("cq-t", "Ticket", Codes::Generate(CODES as u32))
-        .toml();
+    let act = absolute_room(
+        "cq",
+        "queue",
+        CODES as u32,
+        12_000,
+        &["admit_rate = 150.0", "grace = \"1m\"", "pass_ttl = \"1m\""],
+    );
     let mut cluster = Cluster::start(3, &act, "[cluster]\nlease_ttl = \"2s\"\n");
     let tokens = cluster.users("c", USERS).await;
     let clients = cluster.clients();
@@ -1311,15 +1314,14 @@ async fn the_queue_bench_drives_fans_through_the_room_and_weighs_their_streams()
 async fn a_lottery_across_three_nodes_skips_the_gone_and_passes_lapsed_turns_on() {
     use crate::cluster::Cluster;
     use ticketd::clock::{now_ms, rfc3339_ms};
-    let act = Act::new("cl")
-        .window(&rfc3339_ms(now_ms() + 11_000), &rfc3339_ms(now_ms() + 3_600_000))
-        .with("admission = \"lottery\"")
-        .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 60_000)))
-        .with(&format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 9_000)))
-        .with("pass_ttl = \"5s\"")
-        .with("grace = \"3s\"")
-        .ticket("cl-t", "Ticket", Codes::Generate(2))
-        .toml();
+    let draw = format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 9_000));
+    let act = absolute_room(
+        "cl",
+        "lottery",
+        2,
+        11_000,
+        &[&draw, "pass_ttl = \"5s\"", "grace = \"3s\""],
+    );
     let cluster = Cluster::start(3, &act, "");
     let tokens = cluster.users("x", 7).await;
     let outsider = tokens[6].clone();
@@ -1427,13 +1429,8 @@ async fn a_lottery_served_from_mongodb_exports_a_draw_that_says_lottery() {
     use crate::cluster::{node_config, Cluster};
     use ticketd::clock::{now_ms, rfc3339_ms};
     let cluster = Cluster::start(1, "", "");
-    let act = Act::new("ml")
-        .window(&rfc3339_ms(now_ms() + 60_000), &rfc3339_ms(now_ms() + 3_600_000))
-        .with("admission = \"lottery\"")
-        .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 60_000)))
-        .with(&format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 4_000)))
-        .ticket("ml-t", "Ticket", Codes::Generate(2))
-        .toml();
+    let draw = format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 4_000));
+    let act = absolute_room("ml", "lottery", 2, 60_000, &[&draw]);
     let importer = tempfile::tempdir().unwrap();
     let config = node_config(&cluster.services, &cluster.db, "importer", "") + &act;
     std::fs::write(importer.path().join("config.toml"), config).unwrap();
@@ -1494,13 +1491,7 @@ async fn a_lottery_served_from_mongodb_exports_a_draw_that_says_lottery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admitter_whose_shared_log_moved_on_says_so() {
     use crate::cluster::Cluster;
-    use ticketd::clock::{now_ms, rfc3339_ms};
-    let act = Act::new("sc")
-        .window(&rfc3339_ms(now_ms() + 3_000), &rfc3339_ms(now_ms() + 3_600_000))
-        .with("admission = \"queue\"")
-        .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 60_000)))
-        .ticket("sc-t", "Ticket", Codes::Generate(5))
-        .toml();
+    let act = absolute_room("sc", "queue", 5, 3_000, &[]);
     let cluster = Cluster::start(1, &act, "");
     let tokens = cluster.users("sc", 2).await;
     for t in &tokens {

@@ -678,6 +678,31 @@ pub fn run_cli(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// Runs `ticketd serve` in `dir`, which must refuse to start: waits up to
+/// `within` for it to exit (a node still serving then is killed and the
+/// test fails with `serving`), asserts the exit is a failure, and returns
+/// what it wrote to stderr.
+pub fn serve_refused(dir: &Path, within: Duration, serving: &str) -> String {
+    let mut child = Command::new(BIN)
+        .args(["--config", "config.toml", "serve"])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ticketd");
+    let deadline = Instant::now() + within;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{serving}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{serving}: it exited with success");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Parses an export CSV into rows keyed by header name.
 pub fn parse_csv(bytes: &[u8]) -> Vec<std::collections::HashMap<String, String>> {
     let mut reader = csv::Reader::from_reader(bytes);
