@@ -306,7 +306,7 @@ impl RushStats {
     /// Takes everything recorded so far, shard by shard (each under its
     /// lock, so nothing is counted twice or lost), with the counts of a
     /// tick or a source that several shards saw added up; and whatever
-    /// [`hold`](RushStats::hold) kept.
+    /// [`refused`](RushStats::refused) kept.
     pub fn drain(&self) -> StatsBatch {
         type Sum<K> = HashMap<K, u64, ahash::RandomState>;
         let mut outcomes: Sum<(Arc<str>, i64, usize)> = Sum::default();

@@ -425,8 +425,8 @@ impl Room {
         if touch {
             if let Some(p) = st.places.get_mut(&user) {
                 p.seen_ms = p.seen_ms.max(now);
-                if self.log.is_none() && st.seen_here.len() < MAX_SEEN_BUFFER {
-                    st.seen_here.insert(user, now);
+                if self.log.is_none() {
+                    st.note_seen(user, now);
                 }
             }
         }
@@ -563,11 +563,7 @@ impl Room {
     pub fn restore_seen(&self, seen: Vec<(u64, i64)>) {
         let mut st = self.state.lock();
         for (user, at) in seen {
-            if st.seen_here.len() >= MAX_SEEN_BUFFER && !st.seen_here.contains_key(&user) {
-                continue;
-            }
-            let kept = st.seen_here.entry(user).or_insert(at);
-            *kept = (*kept).max(at);
+            st.note_seen(user, at);
         }
     }
 
@@ -657,6 +653,15 @@ impl RoomState {
             late: self.order[self.drawn..].to_vec(),
             admission: Some(self.settings.mode),
         })
+    }
+
+    /// Shared rooms: `user` was here at `at`, for the next flush (the
+    /// later time stands; past [`MAX_SEEN_BUFFER`] fans, new ones wait).
+    fn note_seen(&mut self, user: u64, at: i64) {
+        if self.seen_here.len() < MAX_SEEN_BUFFER || self.seen_here.contains_key(&user) {
+            let kept = self.seen_here.entry(user).or_insert(at);
+            *kept = (*kept).max(at);
+        }
     }
 
     /// The entry rules, in one place for a room of its own and a shared one.
