@@ -499,7 +499,7 @@ pub fn verify_draw(file: &Path) -> anyhow::Result<()> {
             if record.admission.is_none() && !record.late.is_empty() {
                 println!(
                     "note: the record does not say whether the room was a queue or a lottery (exports \
-                     made before December 2026 do not), so nothing checked that a lottery's rule of no \
+                     made before the record named it do not), so nothing checked that a lottery's rule of no \
                      entry after the draw holds for the {} listed as late",
                     count(record.late.len(), "user", "users")
                 );
