@@ -133,11 +133,27 @@ fn unsold(known: usize, remaining: usize) -> bool {
 
 impl TicketLease {
     /// Keeps a look's counts; warns when it finds no code of this ticket
-    /// type at all (no import has filled it yet), once per change.
+    /// type at all (no import has filled it yet), once per change. Both
+    /// counts only grow in Redis (a code is never unknown again, a sale
+    /// never undone), so each half keeps the larger of what it held and
+    /// what this look says: a heartbeat's look, read before a fresher one
+    /// but kept after it, cannot bring back a code that has been sold, and
+    /// "sold out" stays final for every reader.
     fn set_counts(&self, known: usize, sold: usize) {
         let half = |n: usize| u64::try_from(n).unwrap_or(u64::MAX).min(u64::from(u32::MAX));
-        let before = self.counts.swap(half(known) << 32 | half(sold), Ordering::Relaxed);
-        let (was_empty, empty) = (before != UNCOUNTED && before >> 32 == 0, known == 0);
+        let low = u64::from(u32::MAX);
+        let (known, sold) = (half(known), half(sold));
+        let before = self
+            .counts
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(match old {
+                    UNCOUNTED => known << 32 | sold,
+                    old => (old >> 32).max(known) << 32 | (old & low).max(sold),
+                })
+            })
+            .unwrap_or(UNCOUNTED);
+        let was_known = (before != UNCOUNTED).then_some(before >> 32);
+        let (was_empty, empty) = (was_known == Some(0), was_known.unwrap_or(0).max(known) == 0);
         if was_empty != empty {
             if empty {
                 tracing::warn!(
@@ -550,4 +566,31 @@ async fn give_back_idle(leasing: &Leasing) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A heartbeat's look, read before a fresher one but kept after it,
+    /// does not bring back a code the fresher one saw sold.
+    #[test]
+    fn an_older_look_kept_later_does_not_unsell_a_code() {
+        let t = TicketLease {
+            activity: "a".into(),
+            ticket: "t".into(),
+            pool: Arc::new(CodePool::new()),
+            upstream: UNKNOWN.into(),
+            hungry: false.into(),
+            resync: false.into(),
+            counts: UNCOUNTED.into(),
+            rate: Mutex::new(Rate::new()),
+        };
+        assert_eq!(t.counts(), None);
+        t.set_counts(10, 10); // the fresh look: sold out
+        t.set_counts(10, 9); // the heartbeat's older one, kept after it
+        assert_eq!(t.counts(), Some((10, 0, 10)));
+        t.set_counts(12, 10); // an import added two codes
+        assert_eq!(t.counts(), Some((12, 2, 10)));
+    }
 }
