@@ -20,6 +20,7 @@ pub mod model;
 pub mod units;
 mod validate;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use model::*;
@@ -109,16 +110,24 @@ impl Config {
     /// claimed where it went, nor returned where it was. A new id is a new
     /// ticket type.
     pub fn moved_ticket_types(&self, running: &Config) -> Vec<String> {
-        let was: std::collections::HashMap<&str, &str> = running
+        let was: HashMap<&str, &str> = running
             .activities
             .iter()
             .flat_map(|a| a.tickets.iter().map(move |t| (t.id.as_str(), a.id.as_str())))
             .collect();
+        self.moved_from(|ticket| was.get(ticket).map(|a| a.to_string()))
+    }
+
+    /// [`moved_ticket_types`](Config::moved_ticket_types) against what a
+    /// store holds: `was` names the activity a ticket type belongs to there.
+    /// `ticketd import` and a node's own import at start refuse such a
+    /// config, as a reload does.
+    pub fn moved_from(&self, was: impl Fn(&str) -> Option<String>) -> Vec<String> {
         self.activities
             .iter()
             .flat_map(|a| a.tickets.iter().map(move |t| (t.id.as_str(), a.id.as_str())))
             .filter_map(|(ticket, activity)| {
-                let before = *was.get(ticket)?;
+                let before = was(ticket)?;
                 (before != activity).then(|| {
                     format!(
                         "ticket type `{ticket}` moved from activity `{before}` to `{activity}`: a ticket type stays \

@@ -40,6 +40,10 @@ pub enum StoreError {
     /// The username exists already.
     #[error("the username, or one that looks like it, is taken")]
     UsernameTaken,
+    /// The config moves a ticket type the store holds to another activity
+    /// (the sentences of [`Config::moved_from`](crate::config::Config::moved_from)).
+    #[error("{0}")]
+    MovedTicketType(String),
     /// Redis or MongoDB failed (cluster mode).
     #[error(transparent)]
     Cluster(#[from] ClusterError),

@@ -171,6 +171,57 @@ fn import_twice_adds_nothing_twice_and_never_returns_a_claimed_code() {
     });
 }
 
+/// A ticket type's codes and claims are its activity's: `ticketd import`
+/// re-parented a ticket type whose activity the config renamed, so its
+/// claims counted towards another activity's limit and report. Import, and
+/// a node's own import at start, now refuse such a config and change nothing.
+#[test]
+fn an_import_that_moves_a_ticket_type_to_another_activity_is_refused() {
+    let config = base_config()
+        + &Act::new("mv")
+            .name("Moving")
+            .ticket("mv-t", "T", Codes::List(&["M1", "M2"]))
+            .toml();
+    let mut app = TestApp::prepare(&config, &[]);
+    let out = app.cli(&["import"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let moved = config.replace("id = \"mv\"\n", "id = \"mv2\"\n");
+    assert_ne!(moved, config);
+    std::fs::write(app.config_path(), &moved).unwrap();
+    const SAID: &str = "ticket type `mv-t` moved from activity `mv` to `mv2`";
+    for command in ["import", "serve"] {
+        let out = app.cli(&[command], None);
+        assert_eq!(out.status.code(), Some(1), "{command}: {}", text(&out.stdout));
+        let err = text(&out.stderr);
+        assert!(err.contains(SAID), "{command}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+
+    // Nothing moved: the original config still serves its two codes.
+    std::fs::write(app.config_path(), &config).unwrap();
+    let out = app.cli(&["import"], None);
+    assert!(
+        text(&out.stdout).contains("ticket mv-t: 0 codes added, 2 in total"),
+        "{}",
+        text(&out.stdout)
+    );
+    app.boot();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let d = app.detail("mv").await;
+        assert_eq!(d["tickets"][0]["remaining"], 2, "{d}");
+        let list = app.client.get("/act/list", None).await.unwrap();
+        let ids: Vec<_> = list.data()["activities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["actId"].clone())
+            .collect();
+        assert_eq!(ids, ["mv"], "{list:?}");
+    });
+}
+
 #[test]
 fn users_from_the_command_line_and_exports_in_both_formats() {
     let app = TestApp::start(&(base_config() + &open_activity("exp", 10, 1)));

@@ -959,6 +959,28 @@ async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
     );
     std::fs::write(cluster.nodes[0].config_path(), config).unwrap();
 
+    // An import that would move the ticket type to another activity is
+    // refused before it writes anything: the nodes still sell `fo-t` as `fo`'s.
+    let moved = activity.replace("id = \"fo\"\n", "id = \"fo-moved\"\n");
+    assert_ne!(moved, activity);
+    std::fs::write(
+        importer.path().join("config.toml"),
+        node_config(&cluster.services, &cluster.db, "importer", "") + &moved,
+    )
+    .unwrap();
+    let out = crate::common::run_cli(importer.path(), &["import"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ticket type `fo-t` moved from activity `fo` to `fo-moved`"),
+        "{err}"
+    );
+    let tickets = cluster.mongo().await.collection::<Document>("tickets");
+    let stored = tickets.find_one(doc! {"_id": "fo-t"}).await.unwrap().unwrap();
+    assert_eq!(stored.get_str("activity_id").unwrap(), "fo");
+    let activities = cluster.mongo().await.collection::<Document>("activities");
+    assert_eq!(activities.count_documents(doc! {"_id": "fo-moved"}).await.unwrap(), 0);
+
     // A changed definition, imported again, reaches every node without a reload.
     import(&activity.replace("name = \"Activity fo\"", "name = \"春季音乐节\""));
     for node in &cluster.nodes {

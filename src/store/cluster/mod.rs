@@ -440,6 +440,11 @@ impl ClusterStore {
         node_start_ms: i64,
         lost: &AtomicBool,
     ) -> Result<ImportReport, StoreError> {
+        let stored = self.block(mongo::ticket_activities(&self.shared.db))?;
+        let moved = config.moved_from(|ticket| stored.get(ticket).cloned());
+        if !moved.is_empty() {
+            return Err(StoreError::MovedTicketType(moved.join("; ")));
+        }
         let report = self.block(mongo::import(&self.shared.db, config, node_start_ms))?;
         for a in &config.activities {
             for t in &a.tickets {

@@ -117,6 +117,22 @@ async fn insert_unordered(coll: &Collection<Document>, docs: Vec<Document>) -> R
     duplicates(coll.insert_many(docs).ordered(false).await.map(|_| ()))
 }
 
+/// Every stored ticket type's activity, to refuse an import that would
+/// move one ([`Config::moved_from`]).
+pub async fn ticket_activities(db: &Database) -> Result<HashMap<String, String>, MongoError> {
+    let mut found = coll(db, "tickets")
+        .find(doc! {})
+        .projection(doc! {"activity_id": 1})
+        .await?;
+    let mut owners = HashMap::new();
+    while let Some(d) = found.try_next().await? {
+        if let (Ok(ticket), Ok(activity)) = (d.get_str("_id"), d.get_str("activity_id")) {
+            owners.insert(ticket.to_owned(), activity.to_owned());
+        }
+    }
+    Ok(owners)
+}
+
 /// Writes the config's activities, tickets and codes; returns what was new.
 pub async fn import(db: &Database, config: &Config, node_start_ms: i64) -> Result<ImportReport, MongoError> {
     let mut report = ImportReport::default();

@@ -22,6 +22,7 @@ mod reconcile;
 mod report;
 
 use std::{
+    collections::HashMap,
     fs::{File, OpenOptions},
     os::fd::AsRawFd,
     path::Path,
@@ -329,6 +330,14 @@ impl EmbeddedStore {
         let tx = conn.transaction()?;
         let mut report = ImportReport::default();
         {
+            let stored: HashMap<String, String> = tx
+                .prepare_cached("SELECT id, activity_id FROM tickets")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            let moved = config.moved_from(|ticket| stored.get(ticket).cloned());
+            if !moved.is_empty() {
+                return Err(StoreError::MovedTicketType(moved.join("; ")));
+            }
             let mut upsert_activity = tx.prepare_cached(
                 "INSERT INTO activities (id, name, desc, image, start_ms, end_ms, per_user_limit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT(id) DO UPDATE SET name = excluded.name, desc = excluded.desc, image = excluded.image,
