@@ -482,11 +482,10 @@ async fn admit_shared(
     let seen: std::collections::HashMap<u64, i64> =
         next.into_iter().zip(seen).filter_map(|(u, s)| Some((u, s?))).collect();
     let claimed: std::collections::HashMap<u64, u32> = holders.into_iter().zip(claimed).collect();
-    // The cluster-wide counts, read after the pass holders' claims and used
-    // as this look found them (see `RoomState::plan`; the kept counts may
-    // meanwhile be replaced by a heartbeat's older look, which could show a
-    // code in stock that a holder counted as used has claimed since).
-    // Without a fresh look, no step. The room closes only when no code is on
+    // The cluster-wide counts, read after the pass holders' claims (see
+    // `RoomState::plan`: a look read before them could show a code in stock
+    // that a holder counted as used has claimed since). Without a fresh
+    // look, no step. The room closes only when no code is on
     // a master list, in any node's lease or being committed here.
     let look = state
         .inventory

@@ -242,10 +242,10 @@ impl Leasing {
     }
 
     /// Reads `activity`'s cluster-wide counts now, keeps them for
-    /// [`Leasing::stock`], and returns what this look found. A caller that
+    /// [`Leasing::stock`], and returns what this look found: a caller that
     /// must order the look after other reads (the waiting room's admitter)
-    /// uses the returned look: the kept counts may meanwhile be replaced by
-    /// a heartbeat's older one.
+    /// gets exactly the counts read after them. (The kept counts are at
+    /// least as new, since each half only grows: see `set_counts`.)
     pub(super) async fn refresh_counts(&self, activity: &str) -> Result<Look, StoreError> {
         let counts = self.source.counts(activity).await?;
         // Nothing counted (an activity not tracked) is nothing final.
