@@ -62,6 +62,26 @@ pub enum Event {
         /// When.
         t: i64,
     },
+    /// The organiser paused the sale (`paused = true`): from `t` nobody is
+    /// admitted, skipped or retired, and no pass runs out.
+    Pause {
+        /// When.
+        t: i64,
+    },
+    /// A pass valid when the sale was paused now runs until `x`: it gets
+    /// back the time the pause took. Logged just after [`Event::Resume`].
+    Extend {
+        /// The pass holder.
+        u: u64,
+        /// The pass's new expiry.
+        x: i64,
+    },
+    /// The sale resumed at `t`; every place gets its grace again from `t`
+    /// (nobody could buy meanwhile, so nobody is gone for not checking in).
+    Resume {
+        /// When.
+        t: i64,
+    },
 }
 
 /// The append side of a room's log.

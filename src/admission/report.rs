@@ -85,7 +85,7 @@ impl QueueReport {
                     }
                 }
                 Event::Skip { .. } => report.abandoned += 1,
-                Event::Close { .. } => {}
+                Event::Close { .. } | Event::Pause { .. } | Event::Extend { .. } | Event::Resume { .. } => {}
             }
         }
         if !shuffled {

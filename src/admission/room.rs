@@ -55,6 +55,9 @@ pub struct RoomSettings {
     pub capacity: usize,
     /// Codes one pass may claim (the activity's per-user limit).
     pub per_user_limit: u32,
+    /// The sale is paused: the admitter logs a pause and holds every place
+    /// and pass as it is until the sale resumes (may change at any time).
+    pub paused: bool,
 }
 
 impl RoomSettings {
@@ -80,6 +83,7 @@ impl RoomSettings {
             grace_ms: ms(activity.grace.0),
             capacity: activity.queue_capacity as usize,
             per_user_limit: activity.per_user_limit,
+            paused: activity.paused,
         })
     }
 
@@ -279,6 +283,8 @@ struct RoomState {
     /// step (none before the first).
     budget: Option<usize>,
     closed_ms: Option<i64>,
+    /// Since when the sale is paused, as the log says ([`Event::Pause`]).
+    paused_ms: Option<i64>,
     summary: RoomSummary,
     /// Shared rooms: entries of the shared log applied.
     applied: u64,
@@ -484,7 +490,8 @@ impl Room {
         for event in st.plan(now, stock, claimed, &|_| None, MAX_STEPS_PER_TICK) {
             st.replay(&self.seed, &event);
             last = log.append(&event);
-            if let Event::Admit { u, .. } = event {
+            // A pass (or its extension) is shown once it is on disk.
+            if let Event::Admit { u, .. } | Event::Extend { u, .. } = event {
                 if let Some(p) = st.places.get_mut(&u) {
                     p.admit_seq = last;
                 }
@@ -613,6 +620,7 @@ fn settings_placeholder() -> RoomSettings {
         grace_ms: 0,
         capacity: 0,
         per_user_limit: 1,
+        paused: false,
     }
 }
 
@@ -631,6 +639,7 @@ impl RoomState {
             last_tick_ms: 0,
             budget: None,
             closed_ms: None,
+            paused_ms: None,
             summary: RoomSummary::default(),
             applied: 0,
             seen_here: HashMap::default(),
@@ -781,6 +790,47 @@ impl RoomState {
             Event::Admit { u, t, x } => self.apply_admit(u, t, x),
             Event::Skip { u, .. } => self.apply_skip(u),
             Event::Close { t } => self.closed_ms = Some(t),
+            Event::Pause { t } => self.paused_ms = Some(t),
+            Event::Extend { u, x } => self.apply_extend(u, x),
+            Event::Resume { t } => {
+                self.paused_ms = None;
+                self.places.values_mut().for_each(|p| p.seen_ms = p.seen_ms.max(t));
+            }
+        }
+    }
+
+    fn apply_extend(&mut self, user: u64, expires: i64) {
+        let Some(pass) = self.active.iter_mut().find(|(u, _)| *u == user) else {
+            return;
+        };
+        pass.1 = expires;
+        if let Some(p) = self.places.get_mut(&user) {
+            p.pass_expires_ms = expires;
+        }
+    }
+
+    /// The pause's events at `now`, if the sale was paused or resumed since
+    /// the last step: `Some` (maybe empty) means this step does nothing else.
+    /// On resume, every pass that was valid when the pause began gets the
+    /// paused time back (an `Extend` each, after the `Resume`: a shared log
+    /// takes them only with the resume they belong to).
+    fn pause_step(&self, now: i64) -> Option<Vec<Event>> {
+        match (self.settings.paused, self.paused_ms) {
+            (true, None) => Some(vec![Event::Pause { t: now }]),
+            (true, Some(_)) => Some(Vec::new()),
+            (false, Some(since)) => {
+                let paused_for = now.saturating_sub(since).max(0);
+                let extended = self
+                    .active
+                    .iter()
+                    .filter(|&&(_, x)| x > since)
+                    .map(|&(u, x)| Event::Extend {
+                        u,
+                        x: x.saturating_add(paused_for),
+                    });
+                Some(std::iter::once(Event::Resume { t: now }).chain(extended).collect())
+            }
+            (false, None) => None,
         }
     }
 
@@ -832,6 +882,12 @@ impl RoomState {
         }
         if now < self.settings.start_ms {
             return Vec::new();
+        }
+        // Paused, nothing moves: a pass retired now would be lost to a fan
+        // who could not claim, and a place skipped to one who had no reason
+        // to stay.
+        if let Some(events) = self.pause_step(now) {
+            return events;
         }
         let limit = self.settings.per_user_limit;
         let mut spoken = 0usize;
@@ -1021,6 +1077,7 @@ mod tests {
             grace_ms: 60_000,
             capacity: 10,
             per_user_limit: 1,
+            paused: false,
         }
     }
 
@@ -1252,6 +1309,53 @@ mod tests {
         room.tick(|| 10, &|| stock, &|_| 0);
         room.tick(|| 1_010, &|| stock, &|_| 0);
         room
+    }
+
+    /// A paused sale holds the room: the pass that could not be used is not
+    /// retired, the fan who did not check in is not skipped, nobody else is
+    /// admitted; on resume the pass gets the paused time back, in the log.
+    #[test]
+    fn a_pause_holds_every_place_and_gives_passes_their_time_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let room = stepped_room(dir.path(), &[1, 2], 1);
+        room.log.as_ref().unwrap().sync_now().unwrap();
+        let holder = [1, 2].into_iter().find(|&u| room.pass_of(u, 1_020).is_some()).unwrap();
+        let other = 3 - holder;
+        assert_eq!(room.pass_of(holder, 1_020), Some(61_010));
+        let stock = unsettled(1);
+        let step = |now: i64| room.tick(|| now, &|| stock, &|_| 0);
+
+        room.apply(RoomSettings {
+            paused: true,
+            ..settings()
+        });
+        assert_ne!(step(2_000), 0, "the pause is logged");
+        // Past the pass's expiry and the other fan's grace.
+        assert_eq!(step(100_000), 0, "nothing moves while paused");
+        assert_eq!(room.status(holder, 100_000, false).state, PlaceState::Admitted);
+        assert_eq!(room.status(other, 100_000, false).state, PlaceState::Waiting);
+
+        room.apply(settings());
+        assert_ne!(step(150_000), 0, "the resume is logged");
+        let extended = 61_010 + (150_000 - 2_000);
+        assert_eq!(room.pass_of(holder, 150_001), None, "the extension is not on disk yet");
+        room.log.as_ref().unwrap().sync_now().unwrap();
+        assert_eq!(room.pass_of(holder, 150_001), Some(extended));
+        step(150_100);
+        assert_eq!(room.status(holder, 150_100, false).state, PlaceState::Admitted);
+        assert_eq!(
+            room.status(other, 150_100, false).state,
+            PlaceState::Waiting,
+            "not skipped"
+        );
+        room.log.as_ref().unwrap().sync_now().unwrap();
+
+        let reopened = Room::open(dir.path(), "a".into(), settings()).unwrap();
+        assert_eq!(
+            reopened.pass_of(holder, 150_200),
+            Some(extended),
+            "replayed from the log"
+        );
     }
 
     #[test]

@@ -734,6 +734,190 @@ async fn a_lottery_draws_once_and_its_waiting_list_replaces_lapsed_winners() {
     app.assert_verified();
 }
 
+/// The states of `tokens` once `n` of them hold a pass (10 s at most).
+async fn until_admitted(client: &ApiClient, tokens: &[String], act: &str, n: usize) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let states = futures::future::join_all(tokens.iter().map(|t| status(client, t, act))).await;
+        if states.iter().filter(|s| s["state"] == "admitted").count() == n {
+            return states;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not {n} admitted: {states:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `tokens` (three fans) joined `act`, a lottery of two codes with passes
+/// of 5 s; the sale is paused (`reload(true)`) once two hold passes, past
+/// their expiry, and resumed (`reload(false)`): the winners keep their
+/// passes, with the paused time back, and buy; the third is never admitted.
+async fn pause_and_resume(clients: &[Arc<ApiClient>], tokens: &[String], act: &str, reload: &dyn Fn(bool)) {
+    let on = |i: usize| &*clients[i % clients.len()];
+    for (i, t) in tokens.iter().enumerate() {
+        assert_eq!(join(on(i), t, act).await.status, 200);
+    }
+    let before = until_admitted(on(0), tokens, act, 2).await;
+    reload(true);
+    let winners: Vec<usize> = (0..3).filter(|&i| before[i]["state"] == "admitted").collect();
+    let loser = (0..3).find(|i| !winners.contains(i)).unwrap();
+    assert_error(
+        &claim_with(on(1), &tokens[winners[0]], act, before[winners[0]]["pass"].as_str()).await,
+        409,
+        "PAUSED",
+    );
+    // Past both passes' expiry, by the server's clock, while paused.
+    let expiry = winners
+        .iter()
+        .map(|&i| ms(before[i]["passExpiresAt"].as_str().unwrap()))
+        .max()
+        .unwrap();
+    let server_time = || async {
+        let d = on(0).get(&format!("/act/detail?actId={act}"), None).await.unwrap();
+        ms(d.data()["serverTime"].as_str().unwrap())
+    };
+    while server_time().await <= expiry + 500 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (n, &i) in winners.iter().enumerate() {
+        assert_eq!(status(on(n), &tokens[i], act).await["state"], "admitted");
+    }
+    assert_eq!(status(on(1), &tokens[loser], act).await["state"], "waiting");
+
+    reload(false);
+    for (n, &i) in winners.iter().enumerate() {
+        let was = ms(before[i]["passExpiresAt"].as_str().unwrap());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let now = loop {
+            let s = status(on(n), &tokens[i], act).await;
+            if s["passExpiresAt"].as_str().is_some_and(|x| ms(x) > expiry) {
+                break s;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no pass given its time back: {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(now["state"], "admitted", "{now}");
+        assert!(ms(now["passExpiresAt"].as_str().unwrap()) > was);
+        // (In a cluster the code may sit in the other node's lease a moment.)
+        let res = claim_retrying(on(n + 1), &tokens[i], act, now["pass"].as_str()).await;
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    eventually(on(0), &tokens[loser], act, "sold_out").await;
+}
+
+/// Each kind of event in a room's log, counted.
+fn kinds(events: &[Value]) -> std::collections::BTreeMap<String, usize> {
+    let mut kinds = std::collections::BTreeMap::new();
+    for e in events {
+        *kinds.entry(e["k"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    kinds
+}
+
+/// An organiser pausing a sale (`paused = true`, the README's way to stop
+/// one) paused the claims but not the room: the winners' passes ran out
+/// while they could not use them, so they were passed over (a lottery
+/// takes no one back) and the next drawn took their codes. A pause now
+/// holds every place and pass, and on resume the passes get the paused
+/// time back, in the room's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_sale_holds_the_room_and_gives_passes_their_time_back() {
+    let config = |paused: bool| {
+        let mut act = Act::new("pz")
+            .window("+4s", "+1h")
+            .with("admission = \"lottery\"")
+            .with("queue_opens = \"-1m\"")
+            .with("draw_time = \"+3s\"")
+            .with("pass_ttl = \"5s\"")
+            .with("grace = \"1h\"");
+        if paused {
+            act = act.with("paused = true");
+        }
+        base_config() + &act.ticket("pz-t", "Ticket", Codes::Generate(2)).toml()
+    };
+    let app = TestApp::start(&config(false));
+    let tokens = app.users("pz", 3).await;
+    pause_and_resume(&[app.client_clone()], &tokens, "pz", &|paused| {
+        let applied = app.reload(&config(paused));
+        assert_eq!(applied["message"], "Config reloaded.", "{applied}");
+    })
+    .await;
+    let kinds = kinds(&room_log(&app, "pz"));
+    assert_eq!(
+        (
+            kinds.get("pause"),
+            kinds.get("resume"),
+            kinds.get("extend"),
+            kinds.get("skip")
+        ),
+        (Some(&1), Some(&1), Some(&2), None),
+        "{kinds:?}"
+    );
+    app.assert_verified();
+}
+
+/// The same across two nodes sharing the room: the pause, the resume and
+/// the extended passes go through the shared log once, and the extended
+/// pass is what Redis holds for the fan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn across_nodes_a_paused_sale_holds_the_room() {
+    use ticketd::clock::{now_ms, rfc3339_ms};
+    let draw = format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 5_000));
+    let act = absolute_room(
+        "pc",
+        "lottery",
+        2,
+        6_000,
+        &[&draw, "pass_ttl = \"5s\"", "grace = \"1h\""],
+    );
+    let cluster = crate::cluster::Cluster::start(2, &act, "");
+    let tokens = cluster.users("pc", 3).await;
+    pause_and_resume(&cluster.clients(), &tokens, "pc", &|paused| {
+        for node in &cluster.nodes {
+            let config = std::fs::read_to_string(node.config_path()).unwrap();
+            let changed = if paused {
+                config.replace("admission = \"lottery\"\n", "admission = \"lottery\"\npaused = true\n")
+            } else {
+                config.replace("paused = true\n", "")
+            };
+            assert_ne!(changed, config);
+            let applied = node.reload(&changed);
+            assert_eq!(applied["message"], "Config reloaded.", "{applied}");
+        }
+    })
+    .await;
+    let mut redis = cluster.services.redis().await;
+    let log: Vec<String> = redis::cmd("LRANGE")
+        .arg("q:{pc}:log")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let events: Vec<Value> = log.iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let kinds = kinds(&events);
+    assert_eq!(
+        (
+            kinds.get("pause"),
+            kinds.get("resume"),
+            kinds.get("extend"),
+            kinds.get("skip")
+        ),
+        (Some(&1), Some(&1), Some(&2), None),
+        "{kinds:?}"
+    );
+    let places: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("q:{pc}:places")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    for e in events.iter().filter(|e| e["k"] == "extend") {
+        assert_eq!(places[&e["u"].to_string()], format!("a:{}", e["x"]), "{places:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_wait_estimate_is_honest_at_a_steady_rate() {
     const N: usize = 240;

@@ -12,6 +12,7 @@
 //! q:{A}:seen       hash  user id -> last check-in (Unix ms), flushed by every node
 //! q:{A}:admitter   str   the node instance that may append admissions (a lease)
 //! q:{A}:cursor     int   places reached (admissions and skips in the log)
+//! q:{A}:paused     str   set while the log says the sale is paused (pause and resume go in once)
 //! ```
 //!
 //! A join is one script: a place per account, the capacity, entries closed
@@ -68,7 +69,7 @@ static APPEND: LazyLock<Script> = LazyLock::new(|| {
         r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 if tonumber(redis.call('GET', KEYS[7]) or '0') ~= tonumber(ARGV[2]) then return -2 end
-local n = 0
+local n, resumed = 0, false
 for i = 3, #ARGV, 3 do
   local kind, user, json = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local keep = true
@@ -81,6 +82,18 @@ for i = 3, #ARGV, 3 do
     keep = redis.call('SET', KEYS[5], '1', 'NX') ~= false
   elseif kind == 'close' then
     keep = redis.call('SET', KEYS[6], '1', 'NX') ~= false
+  elseif kind == 'pause' then
+    keep = redis.call('SET', KEYS[8], '1', 'NX') ~= false
+  elseif kind == 'resume' then
+    resumed = redis.call('DEL', KEYS[8]) == 1
+    keep = resumed
+  elseif kind == 'extend' then
+    -- Only with the resume it follows, and only a pass still held.
+    local st = redis.call('HGET', KEYS[3], user)
+    keep = resumed and st ~= false and string.sub(st, 1, 1) == 'a'
+    if keep then
+      redis.call('HSET', KEYS[3], user, 'a:' .. string.format('%.0f', cjson.decode(json)['x']))
+    end
   end
   if keep then
     redis.call('RPUSH', KEYS[2], json)
@@ -288,7 +301,10 @@ impl RoomSource {
     /// once however often they are sent.
     pub async fn append(&self, activity: &str, cursor: usize, events: &[Event]) -> Result<Appended, StoreError> {
         let shared = self.shared.clone();
-        let keys = ["admitter", "log", "places", "waiting", "shuffled", "closed", "cursor"].map(|k| key(activity, k));
+        let keys = [
+            "admitter", "log", "places", "waiting", "shuffled", "closed", "cursor", "paused",
+        ]
+        .map(|k| key(activity, k));
         let mut args: Vec<String> = Vec::with_capacity(events.len() * 3);
         for e in events {
             let (kind, user) = match e {
@@ -296,6 +312,9 @@ impl RoomSource {
                 Event::Skip { u, .. } => ("skip", *u),
                 Event::Shuffle { .. } => ("shuffle", 0),
                 Event::Close { .. } => ("close", 0),
+                Event::Extend { u, .. } => ("extend", *u),
+                Event::Pause { .. } => ("pause", 0),
+                Event::Resume { .. } => ("resume", 0),
                 Event::Join { .. } | Event::Seed { .. } => continue,
             };
             args.push(kind.into());
