@@ -45,12 +45,16 @@ pub(super) fn applied_seq(conn: &Connection) -> Result<u64, StoreError> {
 }
 
 /// Inserts claims (idempotently) and advances `applied_seq`, in one transaction.
+/// Only a claim already applied (the same id: a replay) is skipped; a second
+/// claim of a code fails the whole batch, loudly, with the journal kept —
+/// skipped, it would be gone from SQLite once its segment was trimmed, and
+/// its code back in stock at the next start.
 pub(super) fn apply_claims(conn: &mut Connection, claims: &[Claim], node: &str) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction()?;
     {
         let mut insert = tx.prepare_cached(
-            "INSERT OR IGNORE INTO claims (id, activity_id, ticket_id, code, user_id, claimed_at_ms, idempotency_key, node)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO claims (id, activity_id, ticket_id, code, user_id, claimed_at_ms, idempotency_key, node)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(id) DO NOTHING",
         )?;
         for c in claims {
             insert.execute(params![
@@ -222,6 +226,18 @@ mod tests {
             2,
             "an older batch never moves applied_seq back"
         );
+    }
+
+    #[test]
+    fn a_second_claim_of_a_code_is_refused_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal_dir = dir.path().join("journal");
+        let mut conn = db(dir.path());
+        write_segment(&journal_dir, 1, &[claim(1, "A"), claim(2, "A")]);
+        assert!(replay_journal(&mut conn, &journal_dir, "n1").is_err());
+        assert_eq!(applied_seq(&conn).unwrap(), 0, "nothing of the batch applied");
+        assert!(apply_claims(&mut conn, &[claim(3, "B"), claim(4, "B")], "n1").is_err());
+        assert!(claims_in(&conn).is_empty());
     }
 
     #[test]

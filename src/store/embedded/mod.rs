@@ -327,94 +327,11 @@ impl EmbeddedStore {
         // A million-code import touches more pages than the default 2 MB
         // page cache holds; spilling made it a pread and a pwrite per code.
         conn.pragma_update(None, "cache_size", -131_072)?;
-        let tx = conn.transaction()?;
-        let mut report = ImportReport::default();
-        {
-            let stored: HashMap<String, String> = tx
-                .prepare_cached("SELECT id, activity_id FROM tickets")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?;
-            let moved = config.moved_from(|ticket| stored.get(ticket).cloned());
-            if !moved.is_empty() {
-                return Err(StoreError::MovedTicketType(moved.join("; ")));
-            }
-            let mut upsert_activity = tx.prepare_cached(
-                "INSERT INTO activities (id, name, desc, image, start_ms, end_ms, per_user_limit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT(id) DO UPDATE SET name = excluded.name, desc = excluded.desc, image = excluded.image,
-                   start_ms = excluded.start_ms, end_ms = excluded.end_ms, per_user_limit = excluded.per_user_limit",
-            )?;
-            let mut upsert_ticket = tx.prepare_cached(
-                "INSERT INTO tickets (id, activity_id, name, desc) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(id) DO UPDATE SET activity_id = excluded.activity_id, name = excluded.name, desc = excluded.desc",
-            )?;
-            let mut insert_code = tx.prepare_cached("INSERT OR IGNORE INTO codes (code, ticket_id) VALUES (?1, ?2)")?;
-            let mut owner = tx.prepare_cached("SELECT ticket_id FROM codes WHERE code = ?1")?;
-            let mut count = tx.prepare_cached("SELECT COUNT(*) FROM codes WHERE ticket_id = ?1")?;
-            for a in &config.activities {
-                upsert_activity.execute(params![
-                    a.id,
-                    a.name,
-                    a.desc,
-                    a.image,
-                    a.start_time.resolve(node_start_ms),
-                    a.end_time.resolve(node_start_ms),
-                    a.per_user_limit
-                ])?;
-                report.activities += 1;
-                for t in &a.tickets {
-                    upsert_ticket.execute(params![t.id, a.id, t.name, t.desc])?;
-                    let mut added = Vec::new();
-                    // In key order, like generated codes below: a million
-                    // codes from a file in random order touched a random
-                    // index page each (3.5 s against 1.2 s sorted).
-                    let mut explicit: Vec<&String> = t.explicit_codes().iter().collect();
-                    explicit.sort_unstable();
-                    for code in explicit {
-                        if insert_code.execute(params![code, t.id])? == 1 {
-                            added.push(code.clone());
-                        } else {
-                            let holder: String = owner.query_row([code], |r| r.get(0))?;
-                            if holder != t.id {
-                                report.conflicts.push(format!(
-                                    "code `{code}` of ticket `{}` already belongs to ticket `{holder}`",
-                                    t.id
-                                ));
-                            }
-                        }
-                    }
-                    if let Some(target) = t.generate {
-                        let have: i64 = count.query_row([&t.id], |r| r.get(0))?;
-                        let mut rng = code_rng();
-                        loop {
-                            let missing = (target as usize).saturating_sub(have as usize + added.len());
-                            if missing == 0 {
-                                break;
-                            }
-                            // Inserted in key order, random codes append to the
-                            // code index instead of touching a random page each.
-                            let mut batch: Vec<String> = (0..missing).map(|_| generate_code(&mut rng)).collect();
-                            batch.sort_unstable();
-                            batch.dedup();
-                            for code in batch {
-                                if insert_code.execute(params![code, t.id])? == 1 {
-                                    added.push(code);
-                                }
-                            }
-                        }
-                    }
-                    let total: i64 = count.query_row([&t.id], |r| r.get(0))?;
-                    report.tickets.push(TicketImport {
-                        ticket_id: t.id.clone(),
-                        added,
-                        total: total as usize,
-                    });
-                }
-            }
-        }
-        tx.commit()?;
-        // Back to SQLite's default: a serving node needs no such cache.
+        let imported = import_in(&mut conn, config, node_start_ms);
+        // Back to SQLite's default, whatever the import did: a serving
+        // node's connection needs no such cache.
         conn.pragma_update(None, "cache_size", -2_000)?;
-        Ok(report)
+        imported
     }
 
     pub(super) fn unclaimed_codes(&self, ticket_id: &str) -> Result<Vec<String>, StoreError> {
@@ -602,4 +519,95 @@ impl EmbeddedStore {
     pub(super) fn report_data(&self, activity_id: &str, top: usize) -> Result<ReportData, StoreError> {
         report::report_data(&self.db.lock(), activity_id, top)
     }
+}
+
+/// The import's writes, in one transaction: activities, ticket types (none
+/// moved to another activity), codes listed and generated.
+fn import_in(conn: &mut Connection, config: &Config, node_start_ms: i64) -> Result<ImportReport, StoreError> {
+    let tx = conn.transaction()?;
+    let mut report = ImportReport::default();
+    {
+        let stored: HashMap<String, String> = tx
+            .prepare_cached("SELECT id, activity_id FROM tickets")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let moved = config.moved_from(|ticket| stored.get(ticket).cloned());
+        if !moved.is_empty() {
+            return Err(StoreError::MovedTicketType(moved.join("; ")));
+        }
+        let mut upsert_activity = tx.prepare_cached(
+                "INSERT INTO activities (id, name, desc, image, start_ms, end_ms, per_user_limit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT(id) DO UPDATE SET name = excluded.name, desc = excluded.desc, image = excluded.image,
+                   start_ms = excluded.start_ms, end_ms = excluded.end_ms, per_user_limit = excluded.per_user_limit",
+            )?;
+        let mut upsert_ticket = tx.prepare_cached(
+                "INSERT INTO tickets (id, activity_id, name, desc) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(id) DO UPDATE SET activity_id = excluded.activity_id, name = excluded.name, desc = excluded.desc",
+            )?;
+        let mut insert_code = tx.prepare_cached("INSERT OR IGNORE INTO codes (code, ticket_id) VALUES (?1, ?2)")?;
+        let mut owner = tx.prepare_cached("SELECT ticket_id FROM codes WHERE code = ?1")?;
+        let mut count = tx.prepare_cached("SELECT COUNT(*) FROM codes WHERE ticket_id = ?1")?;
+        for a in &config.activities {
+            upsert_activity.execute(params![
+                a.id,
+                a.name,
+                a.desc,
+                a.image,
+                a.start_time.resolve(node_start_ms),
+                a.end_time.resolve(node_start_ms),
+                a.per_user_limit
+            ])?;
+            report.activities += 1;
+            for t in &a.tickets {
+                upsert_ticket.execute(params![t.id, a.id, t.name, t.desc])?;
+                let mut added = Vec::new();
+                // In key order, like generated codes below: a million
+                // codes from a file in random order touched a random
+                // index page each (3.5 s against 1.2 s sorted).
+                let mut explicit: Vec<&String> = t.explicit_codes().iter().collect();
+                explicit.sort_unstable();
+                for code in explicit {
+                    if insert_code.execute(params![code, t.id])? == 1 {
+                        added.push(code.clone());
+                    } else {
+                        let holder: String = owner.query_row([code], |r| r.get(0))?;
+                        if holder != t.id {
+                            report.conflicts.push(format!(
+                                "code `{code}` of ticket `{}` already belongs to ticket `{holder}`",
+                                t.id
+                            ));
+                        }
+                    }
+                }
+                if let Some(target) = t.generate {
+                    let have: i64 = count.query_row([&t.id], |r| r.get(0))?;
+                    let mut rng = code_rng();
+                    loop {
+                        let missing = (target as usize).saturating_sub(have as usize + added.len());
+                        if missing == 0 {
+                            break;
+                        }
+                        // Inserted in key order, random codes append to the
+                        // code index instead of touching a random page each.
+                        let mut batch: Vec<String> = (0..missing).map(|_| generate_code(&mut rng)).collect();
+                        batch.sort_unstable();
+                        batch.dedup();
+                        for code in batch {
+                            if insert_code.execute(params![code, t.id])? == 1 {
+                                added.push(code);
+                            }
+                        }
+                    }
+                }
+                let total: i64 = count.query_row([&t.id], |r| r.get(0))?;
+                report.tickets.push(TicketImport {
+                    ticket_id: t.id.clone(),
+                    added,
+                    total: total as usize,
+                });
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(report)
 }
