@@ -338,6 +338,12 @@ fn has_magic(bytes: &[u8]) -> bool {
     bytes.len() >= record::MAGIC.len() && &bytes[..record::MAGIC.len()] == record::MAGIC
 }
 
+/// A segment shorter than its header holds no record, wherever it sits: a
+/// segment whose creation failed (a full disk) or was cut short by a crash.
+fn holds_nothing(bytes: &[u8]) -> bool {
+    bytes.len() < record::MAGIC.len()
+}
+
 /// Reads every segment in `dir` (created if missing), truncating a torn
 /// tail of the last one.
 ///
@@ -356,8 +362,9 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
         let bytes = fs::read(path).map_err(io_err(path))?;
         let is_last = i + 1 == segs.len();
         if !has_magic(&bytes) {
-            if is_last {
-                // Crashed while creating the segment: nothing in it was acknowledged.
+            if is_last || holds_nothing(&bytes) {
+                // Crashed, or failed, while creating the segment: nothing
+                // in it was acknowledged.
                 tracing::warn!(segment = %path.display(), "Journal segment has no header; removing it.");
                 fs::remove_file(path).map_err(io_err(path))?;
                 continue;
@@ -477,6 +484,9 @@ pub fn verify(dir: &Path, repair: bool) -> Result<Vec<SegmentReport>, JournalErr
         let is_last = i + 1 == segs.len();
         let scan = if has_magic(&bytes) {
             scan_segment(&bytes)
+        } else if holds_nothing(&bytes) {
+            // Recovery removes it; nothing to report.
+            SegmentScan::default()
         } else {
             SegmentScan {
                 damaged: vec![(0, bytes.len())],
@@ -649,15 +659,32 @@ static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
 
 impl Segment {
     fn create(dir: &Path, first_seq: u64, config: &JournalConfig) -> Result<Segment, JournalError> {
-        let fsync = config.fsync;
         let path = segment_path(dir, first_seq);
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        file.write_all(record::MAGIC).map_err(io_err(&path))?;
+        Segment::start(file, dir, &path, first_seq, config).inspect_err(|_| {
+            // Left behind, an empty segment between two that hold records
+            // would be damage to the next start (the writer goes on in the
+            // current segment, and tries a new one with its next batch).
+            let _ = fs::remove_file(&path);
+        })
+    }
+
+    /// Writes a new segment's header (and, with fsync, its first zeros) and
+    /// makes it durable.
+    fn start(
+        mut file: File,
+        dir: &Path,
+        path: &Path,
+        first_seq: u64,
+        config: &JournalConfig,
+    ) -> Result<Segment, JournalError> {
+        let fsync = config.fsync;
+        file.write_all(record::MAGIC).map_err(io_err(path))?;
         let mut segment = Segment {
             file,
             first_seq,
@@ -673,7 +700,7 @@ impl Segment {
         if fsync == FsyncPolicy::Always {
             // The first zeros are made durable with the header.
             segment.lay_zeros();
-            segment.file.sync_all().map_err(io_err(&path))?;
+            segment.file.sync_all().map_err(io_err(path))?;
             File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
         }
         Ok(segment)
@@ -896,6 +923,18 @@ mod tests {
         let r = recover(dir.path()).unwrap();
         assert_eq!(codes(&r), ["CODE-ONE", "CODE-TWO"]);
         assert_eq!(fs::metadata(dir.path().join(SEGMENT)).unwrap().len(), 122);
+    }
+
+    #[test]
+    fn segments_shorter_than_a_header_hold_nothing_wherever_they_sit() {
+        let dir = dir_with(&fixture());
+        // Left by segments that could not start (a full disk), or cut short.
+        fs::write(dir.path().join("00000000000000000002.journal"), b"").unwrap();
+        fs::write(dir.path().join("00000000000000000003.journal"), &record::MAGIC[..3]).unwrap();
+        assert!(verify(dir.path(), false).unwrap().iter().all(|r| !r.is_broken()));
+        let r = recover(dir.path()).unwrap();
+        assert_eq!(codes(&r), ["CODE-ONE", "CODE-TWO", "CODE-THREE"]);
+        assert_eq!(segments(dir.path()).unwrap().len(), 1, "both removed");
     }
 
     #[test]

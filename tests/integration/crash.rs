@@ -377,6 +377,77 @@ async fn a_full_disk_mid_rush_leaves_the_store_agreeing_with_every_answer() {
     app.assert_verified();
 }
 
+/// A journal segment the writer could not start (the disk full when it
+/// wrote the header) was left behind empty while claims went on in the
+/// current segment; the next such attempt left another, and the next
+/// start refused the journal as corrupt at byte 0 of the first, even with
+/// the disk freed. A failed start now removes its file, and recovery drops
+/// a segment too short to hold a record wherever it sits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_that_could_not_start_on_a_full_disk_do_not_stop_the_next_start() {
+    use std::io::Write;
+    // Small segments with their zeros laid ahead: a segment fills, and the
+    // roll to the next meets the full disk while the claims still go into
+    // the current one (in its laid zeros and its last page).
+    let config = base_config()
+        + "\n[journal]\nsegment_size = \"16KiB\"\npreallocate = \"16KiB\"\n"
+        + &open_activity("roll", 2000, 1);
+    let mut app = TestApp::prepare(&config, &[]);
+    let data = app.dir.path().join("data");
+    let _disk = Tmpfs::mount(&data, "8m");
+    app.boot();
+    let tokens = app.users("rl", 400).await;
+    let mut bodies = Vec::new();
+    for t in &tokens {
+        bodies.push(app.claim_body(t, "roll").await);
+    }
+    let filler = data.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 4096];
+    while f.write_all(&chunk).is_ok() {}
+    drop(f);
+
+    // One at a time: each claim is a group commit of its own, and each
+    // commit past the segment's size tries (and fails) to start the next.
+    let mut acknowledged = Vec::new();
+    for (token, body) in tokens.iter().zip(&bodies) {
+        let res = app.client.post("/ticket/get", Some(token), body).await.unwrap();
+        match res.status {
+            200 => acknowledged.push(res.data()["code"].as_str().unwrap().to_owned()),
+            503 => break,
+            _ => panic!("unexpected answer: {} {}", res.status, res.body),
+        }
+    }
+    let failed_rolls = app.count_logs("Could not start a new journal segment; continuing in the current one.");
+    assert!(
+        failed_rolls >= 2,
+        "the rolls never met the full disk ({failed_rolls}, {} claims)",
+        acknowledged.len()
+    );
+    let journal = data.join("journal");
+    let empty: Vec<_> = std::fs::read_dir(&journal)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.metadata().unwrap().len() == 0)
+        .map(|e| e.file_name())
+        .collect();
+    assert!(empty.is_empty(), "failed segments left behind: {empty:?}");
+
+    app.kill9();
+    std::fs::remove_file(&filler).unwrap();
+    app.boot();
+    let out = app.cli(&["export", "--activity", "roll"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stored: std::collections::HashSet<String> = crate::common::parse_csv(&out.stdout)
+        .iter()
+        .map(|r| r["code"].clone())
+        .collect();
+    for code in &acknowledged {
+        assert!(stored.contains(code), "acknowledged code {code} lost");
+    }
+    app.assert_verified();
+}
+
 /// Issue 12, item 7: `ticketd verify` names each broken invariant of an
 /// embedded store precisely — a claim of another ticket's code, a code that
 /// does not exist, a user over the limit, a claim the journal and SQLite
