@@ -331,6 +331,7 @@ impl App {
             workers.task("guard-sweep", &rt, move |ctl, stop| {
                 every_tick(Duration::from_secs(60), ctl, stop, move |_| {
                     state.guard.sweep(Instant::now());
+                    state.auth.forget_expired_revocations(now_ms());
                     std::future::ready(())
                 })
             });

@@ -350,11 +350,12 @@ impl Guard {
     /// Drops idle counters (called every minute).
     pub fn sweep(&self, now: Instant) {
         let idle = Duration::from_secs(600);
+        let settings = self.settings.load();
         self.claims_by_user.sweep(now, idle);
         self.claims_by_ip.sweep(now, idle);
         self.registrations_by_ip.sweep(now, Duration::from_secs(3600));
-        self.logins_by_account.sweep(now, idle);
-        self.logins_by_ip.sweep(now, idle);
+        self.logins_by_account.sweep(now, idle, settings.login);
+        self.logins_by_ip.sweep(now, idle, settings.address_login());
     }
 
     /// `(table, entries, capacity)` of every table, for `/metrics`.

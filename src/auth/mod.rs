@@ -199,6 +199,13 @@ impl Auth {
         Ok(())
     }
 
+    /// Forgets logged-out sessions that have expired anyway (called every
+    /// minute, in both modes: before, only a cluster's refresher pruned
+    /// them, and an embedded node kept every logout until it restarted).
+    pub fn forget_expired_revocations(&self, now_ms: i64) {
+        self.revoked.retain(|_, exp| *exp >= now_ms);
+    }
+
     /// Applies reloadable settings (registration, argon2 cost, session TTL).
     pub fn apply(&self, config: &Config) {
         let new = Settings::from_config(config);

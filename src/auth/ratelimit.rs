@@ -96,7 +96,8 @@ pub struct BackoffPolicy {
 }
 
 impl BackoffPolicy {
-    /// How long failures are remembered without a new one: the longest lockout.
+    /// How long failures are remembered once quiet (no new failure, and
+    /// no lockout running): the longest lockout.
     fn forgive_after(&self) -> Duration {
         self.cap.max(self.base)
     }
@@ -119,9 +120,10 @@ pub enum Refusal {
 
 struct Strikes {
     failures: u32,
-    /// The latest failure: failures older than the policy's `cap` with none
-    /// since are forgiven, so a shared address (a campus NAT) does not add
-    /// up strangers' typos forever.
+    /// The latest failure: once the policy's `cap` has passed after it and
+    /// after the lockout it started, with no failure since, the failures
+    /// are forgiven, so a shared address (a campus NAT) does not add up
+    /// strangers' typos forever.
     last_failure: Instant,
     /// Attempts begun and not yet decided: they count against the budget,
     /// so concurrent guesses cannot all pass one check before any fails.
@@ -130,6 +132,20 @@ struct Strikes {
     /// the clock before they reach the shard lock, so a request whose `now`
     /// is a microsecond older than the creator's would see a lockout.)
     locked_until: Option<Instant>,
+}
+
+impl Strikes {
+    /// Whether the failures are old enough to forget: `forgive_after` has
+    /// passed since the last failure *and* since the lockout it started
+    /// ended. Counted from the failure alone, the longest lockout forgave
+    /// itself the moment it ended, and a guesser who waited it out started
+    /// over with a whole budget instead of one guess per lockout.
+    fn forgiven(&self, policy: BackoffPolicy, now: Instant) -> bool {
+        let quiet_since = self
+            .locked_until
+            .map_or(self.last_failure, |u| u.max(self.last_failure));
+        self.failures > 0 && now.saturating_duration_since(quiet_since) >= policy.forgive_after()
+    }
 }
 
 /// Failure counts per key (an address, an account at an address).
@@ -166,8 +182,9 @@ impl<K: Eq + Hash + Clone> Backoff<K> {
             if let Some(until) = s.locked_until.filter(|&u| u > now) {
                 return Err(Refusal::Locked(until - now));
             }
-            if s.failures > 0 && now.saturating_duration_since(s.last_failure) >= policy.forgive_after() {
+            if s.forgiven(policy, now) {
                 s.failures = 0;
+                s.locked_until = None;
             }
             let budget = policy.max_failures.saturating_sub(s.failures).max(1);
             if s.in_flight >= budget {
@@ -220,10 +237,15 @@ impl<K: Eq + Hash + Clone> Backoff<K> {
             .unwrap_or(false)
     }
 
-    /// Drops records idle for longer than `idle`, unless locked or being checked.
-    pub fn sweep(&self, now: Instant, idle: Duration) {
+    /// Drops records idle for longer than `idle`, unless locked, being
+    /// checked, or holding failures not yet forgiven under `policy` (swept
+    /// sooner, a guesser's count started over every `idle`).
+    pub fn sweep(&self, now: Instant, idle: Duration, policy: BackoffPolicy) {
         self.strikes.retain(|s, touched| {
-            s.locked_until.is_some_and(|u| u > now) || s.in_flight > 0 || now.saturating_duration_since(touched) < idle
+            s.locked_until.is_some_and(|u| u > now)
+                || s.in_flight > 0
+                || (s.failures > 0 && !s.forgiven(policy, now))
+                || now.saturating_duration_since(touched) < idle
         });
     }
 
@@ -316,6 +338,37 @@ mod tests {
             g.begin("nat", p, later).unwrap();
             assert_eq!(g.fail("nat", p, later), None);
         }
+    }
+
+    #[test]
+    fn the_longest_lockout_does_not_forgive_itself() {
+        let g = Backoff::new(1000);
+        let p = BackoffPolicy {
+            max_failures: 2,
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(2),
+        };
+        let mut t = Instant::now();
+        let attempt = |t: Instant| {
+            g.begin("u", p, t).unwrap();
+            g.fail("u", p, t)
+        };
+        attempt(t);
+        assert_eq!(attempt(t), Some(Duration::from_secs(1)));
+        t += Duration::from_secs(1);
+        assert_eq!(attempt(t), Some(Duration::from_secs(2)), "the cap");
+        // Waited out exactly: one guess, and a lockout again, not a budget.
+        t += Duration::from_secs(2);
+        assert_eq!(attempt(t), Some(Duration::from_secs(2)));
+        assert!(g.begin("u", p, t).is_err());
+        // Swept meanwhile, the record stays: its failures are not forgiven yet.
+        g.sweep(t + Duration::from_secs(3), Duration::ZERO, p);
+        assert!(g.begin("u", p, t + Duration::from_secs(2)).is_ok());
+        assert_eq!(g.fail("u", p, t + Duration::from_secs(2)), Some(Duration::from_secs(2)));
+        // Quiet for the cap after the lockout ends: forgiven, and swept.
+        let later = t + Duration::from_secs(2 + 2 + 2);
+        g.sweep(later, Duration::ZERO, p);
+        assert!(g.is_empty());
     }
 
     #[test]

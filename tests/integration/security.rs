@@ -759,3 +759,44 @@ async fn a_login_that_hangs_up_mid_hash_still_counts() {
     assert_error(&res, 429, "LOGIN_LOCKED");
     assert_eq!(metric(&app, "ticketd_password_hashes_waiting").await, 0.0);
 }
+
+/// Failures were forgiven once the longest lockout had passed since the
+/// last one — which is exactly when that lockout ended. A guesser who
+/// waited it out got a whole new budget instead of one guess per lockout,
+/// so the doubling never held. Now a guess right after a lockout ends
+/// fails into another lockout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guess_after_the_longest_lockout_locks_again_at_once() {
+    let config = limited(
+        base_config() + &open_activity("lk", 1, 1),
+        "login_max_failures = 2\nlogin_backoff = \"5s\"\nlogin_backoff_max = \"5s\"\nregistrations_per_ip_per_hour = 100",
+    );
+    let app = TestApp::start(&config);
+    app.register("victim").await;
+    let wrong = json!({ "username": "victim", "password": "wrong-password" });
+    for _ in 0..2 {
+        assert_error(
+            &app.client.post("/user/login", None, &wrong).await.unwrap(),
+            401,
+            "BAD_CREDENTIALS",
+        );
+    }
+    assert_error(
+        &app.client.post("/user/login", None, &wrong).await.unwrap(),
+        429,
+        "LOGIN_LOCKED",
+    );
+    // Guessing on as soon as the lockout ends (a locked attempt is not counted).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        let res = app.client.post("/user/login", None, &wrong).await.unwrap();
+        if res.status != 429 {
+            break res;
+        }
+        assert!(Instant::now() < deadline, "never unlocked: {}", res.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_error(&after, 401, "BAD_CREDENTIALS");
+    let res = app.client.post("/user/login", None, &wrong).await.unwrap();
+    assert_error(&res, 429, "LOGIN_LOCKED");
+}

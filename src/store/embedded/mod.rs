@@ -485,6 +485,12 @@ impl EmbeddedStore {
             "INSERT OR IGNORE INTO revoked_sessions (token_id, expires_at_ms) VALUES (?1, ?2)",
             params![token_id, expires_at_ms],
         )?;
+        // The table holds only what has not expired: a node that serves
+        // for weeks does not keep every logout since it started.
+        conn.execute(
+            "DELETE FROM revoked_sessions WHERE expires_at_ms < ?1",
+            [crate::clock::now_ms()],
+        )?;
         Ok(())
     }
 
