@@ -49,6 +49,12 @@ pub use room::{Entry, JoinError, PlaceState, QueueStatus, Room, RoomSettings, Ro
 /// Where a shared room's seed comes from (the cluster's store).
 pub type SeedSource = Box<dyn Fn(&str) -> io::Result<Seed> + Send + Sync>;
 
+/// Event streams one account may hold open on a node at once (a fan with
+/// a few tabs). Each holds a connection for minutes, and connections are
+/// one budget for everybody (`server.max_connections`): without a cap one
+/// account could hold them all.
+pub const MAX_STREAMS_PER_USER: u32 = 4;
+
 /// Every waiting room on the node, by activity; rooms live across reloads.
 pub struct Rooms {
     dir: PathBuf,
@@ -56,6 +62,28 @@ pub struct Rooms {
     seeds: Option<SeedSource>,
     rooms: Mutex<HashMap<Arc<str>, Arc<Room>>>,
     closing: AtomicBool,
+    /// Open event streams per account (only accounts with one: bounded by
+    /// the connections).
+    streams: Mutex<HashMap<u64, u32>>,
+}
+
+/// One open event stream of an account; closing it (dropping this) gives
+/// the place back.
+pub struct StreamSlot {
+    rooms: Arc<Rooms>,
+    user: u64,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut streams = self.rooms.streams.lock();
+        if let Some(n) = streams.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                streams.remove(&self.user);
+            }
+        }
+    }
 }
 
 impl Rooms {
@@ -66,6 +94,7 @@ impl Rooms {
             seeds: None,
             rooms: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
+            streams: Mutex::new(HashMap::new()),
         }
     }
 
@@ -77,7 +106,23 @@ impl Rooms {
             seeds: Some(seeds),
             rooms: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
+            streams: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A place for one more event stream of `user`, or `None` when they
+    /// hold [`MAX_STREAMS_PER_USER`] already.
+    pub fn open_stream(self: &Arc<Self>, user: u64) -> Option<StreamSlot> {
+        let mut streams = self.streams.lock();
+        let n = streams.entry(user).or_insert(0);
+        if *n >= MAX_STREAMS_PER_USER {
+            return None;
+        }
+        *n += 1;
+        Some(StreamSlot {
+            rooms: self.clone(),
+            user,
+        })
     }
 
     /// The directory of the rooms' logs under a data directory.

@@ -1108,6 +1108,67 @@ async fn send_head(app: &TestApp, pieces: &[&[u8]]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The status line of an event stream's answer.
+async fn stream_status(events: &mut Events) -> String {
+    events.read_until("\r\n\r\n").await;
+    let head = String::from_utf8_lossy(&events.buf).into_owned();
+    head.lines().next().unwrap_or_default().to_owned()
+}
+
+/// One account could open event streams (each costs a token of the
+/// address's bucket, nothing more) until the node's connections — one
+/// budget for every fan and the admin API — were all its own. An account
+/// now holds at most four at once: a fifth is `429 TOO_MANY_STREAMS`, other
+/// accounts are not affected, and a stream closed gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_account_holds_a_few_event_streams_not_the_nodes_connections() {
+    let app = TestApp::start(&(base_config() + &queue("ms", 1, "+30m", &[])));
+    let tokens = app.users("ms", 2).await;
+    for t in &tokens {
+        assert_eq!(join(&app.client, t, "ms").await.status, 200);
+    }
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let mut events = Events::open(&app, &tokens[0], "ms").await;
+        assert_eq!(events.next().await.unwrap()["state"], "waiting");
+        open.push(events);
+    }
+    let fifth = send_head(
+        &app,
+        &[format!(
+            "GET /queue/events?actId=ms HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\r\n",
+            tokens[0]
+        )
+        .as_bytes()],
+    )
+    .await;
+    assert!(fifth.starts_with("HTTP/1.1 429"), "{fifth}");
+    assert!(
+        fifth.contains(r#"{"ok":false,"error":{"code":"TOO_MANY_STREAMS""#),
+        "{fifth}"
+    );
+    let mut other = Events::open(&app, &tokens[1], "ms").await;
+    assert_eq!(other.next().await.unwrap()["state"], "waiting");
+
+    let mut closed = open.pop().unwrap();
+    closed.read_until("\n\n\r\n").await;
+    drop(closed);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut again = Events::open(&app, &tokens[0], "ms").await;
+        let status = stream_status(&mut again).await;
+        if status.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(status.starts_with("HTTP/1.1 429"), "{status}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the closed stream's place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn event_streams_answer_bad_heads_and_let_go_of_fans_who_leave() {
     let app = TestApp::start(&(base_config() + &queue("lv", 1, "+30m", &[])));

@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    admission::{Entry, JoinError, PlaceState, QueueStatus, Room, Rooms},
+    admission::{Entry, JoinError, PlaceState, QueueStatus, Room, Rooms, StreamSlot},
     auth::{
         claim_token::{join_challenge, pow_ok},
         Denied, Session,
@@ -257,6 +257,14 @@ pub fn events<B>(state: &AppState, req: &Request<B>, ip: IpAddr) -> Result<Respo
     let query = Query::parse(req.uri().query());
     let catalog = state.catalog.load();
     let room = room_of(activity(&catalog, query.require("actId")?)?)?.clone();
+    let slot = state.rooms.open_stream(user).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TOO_MANY_STREAMS",
+            "this account has too many event streams open; close one (or poll /queue/status)",
+        )
+        .retry_after(5)
+    })?;
     let mut look = tokio::time::interval(STREAM_LOOK_EVERY);
     look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stream = EventStream {
@@ -267,6 +275,7 @@ pub fn events<B>(state: &AppState, req: &Request<B>, ip: IpAddr) -> Result<Respo
         last: None,
         last_sent: Instant::now(),
         ended: false,
+        _slot: slot,
     };
     let mut res = Response::new(stream);
     let h = res.headers_mut();
@@ -288,6 +297,9 @@ pub struct EventStream {
     last: Option<Brief>,
     last_sent: Instant,
     ended: bool,
+    /// The account's place among its open streams, given back when the
+    /// stream ends or the connection goes.
+    _slot: StreamSlot,
 }
 
 /// What decides whether an update is worth sending.
