@@ -532,6 +532,16 @@ impl Room {
         for event in new {
             st.replay(&self.seed, event);
         }
+        if st.applied == 0 && !new.is_empty() {
+            // This replica's first catch-up since the node started: as for
+            // a room of its own replayed at start, every place gets its
+            // grace again from now. The check-ins other nodes flushed may
+            // be from before an outage of the whole cluster, when nobody
+            // could check in; an admitter planning from them would skip
+            // every fan the moment it came back.
+            let now = crate::clock::now_ms();
+            st.places.values_mut().for_each(|p| p.seen_ms = p.seen_ms.max(now));
+        }
         st.applied += new.len() as u64;
     }
 
@@ -1309,6 +1319,26 @@ mod tests {
         room.tick(|| 10, &|| stock, &|_| 0);
         room.tick(|| 1_010, &|| stock, &|_| 0);
         room
+    }
+
+    /// A replica built after the whole cluster was down (its log's joins
+    /// and every flushed check-in older than `grace`) skipped every fan at
+    /// its first step; its first catch-up now gives each place its grace.
+    #[test]
+    fn a_replica_caught_up_after_a_start_gives_every_place_its_grace() {
+        let seed = Seed::generate();
+        let room = Room::shared("a".into(), settings(), seed.clone());
+        let events = [
+            Event::Seed { seed: seed.to_hex() },
+            Event::Join { u: 1, t: 1 },
+            Event::Join { u: 2, t: 2 },
+            Event::Shuffle { t: 10 },
+        ];
+        room.apply_shared(0, &events);
+        let now = crate::clock::now_ms();
+        let planned = room.plan_shared(now, &|| unsettled(5), &|_| 0, &|_| Some(5), 10);
+        assert_eq!(planned.len(), 2, "{planned:?}");
+        assert!(planned.iter().all(|e| matches!(e, Event::Admit { .. })), "{planned:?}");
     }
 
     /// A paused sale holds the room: the pass that could not be used is not
