@@ -68,6 +68,10 @@ pub enum Command {
     VerifyDraw {
         /// The exported draw (JSON).
         file: PathBuf,
+        /// The commitment published before the room opened (hex): the
+        /// record's must be it. Without it, compare the printed one yourself.
+        #[arg(long)]
+        commitment: Option<String>,
     },
     /// Rush an activity over HTTP, report throughput and latency, and verify
     /// that nothing was oversold (exits non-zero on any violation).

@@ -482,15 +482,34 @@ fn export_draw(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `ticketd verify-draw FILE`.
-pub fn verify_draw(file: &Path) -> anyhow::Result<()> {
+/// `ticketd verify-draw FILE [--commitment HEX]`. The file alone only
+/// proves it agrees with itself (a seed picked after the entrants were
+/// known, with its own commitment, would too): the commitment published
+/// before the room opened is what ties it down, given here or compared by
+/// whoever reads the output.
+pub fn verify_draw(file: &Path, published: Option<&str>) -> anyhow::Result<()> {
     let text = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let record: DrawRecord =
         serde_json::from_slice(&text).with_context(|| format!("{} is not a draw export", file.display()))?;
+    if let Some(published) = published {
+        if !published.trim().eq_ignore_ascii_case(&record.commitment) {
+            bail!(
+                "the draw does NOT verify: its commitment {} is not the published one ({})",
+                record.commitment,
+                published.trim()
+            );
+        }
+    }
     match record.verify() {
         Ok(()) => {
+            let tie = if published.is_some() {
+                "the published commitment"
+            } else {
+                "the record's commitment (compare it with the one published before the room opened, or \
+                 pass --commitment)"
+            };
             println!(
-                "draw verified: activity `{}`, {}; SHA-256(seed) = {} is the published commitment, \
+                "draw verified: activity `{}`, {}; SHA-256(seed) = {} is {tie}, \
                  and the order is the seed's draw of the entrants",
                 record.activity,
                 count(record.entrants.len(), "entrant", "entrants"),

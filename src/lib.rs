@@ -80,9 +80,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(cli.log_format.unwrap_or_default(), "warn");
             commands::check_config(&cli.config)
         }
-        Command::VerifyDraw { file } => {
+        Command::VerifyDraw { file, commitment } => {
             init_logging(cli.log_format.unwrap_or_default(), "warn");
-            commands::verify_draw(&file)
+            commands::verify_draw(&file, commitment.as_deref())
         }
         Command::Bench(args) => {
             init_logging(cli.log_format.unwrap_or_default(), "warn");

@@ -181,7 +181,8 @@ fn to_hex(bytes: &[u8]) -> String {
 }
 
 fn from_hex<const N: usize>(hex: &str) -> Option<[u8; N]> {
-    if hex.len() != N * 2 || !hex.is_ascii() {
+    // Hex digits only: `from_str_radix` would also take a sign (`+a`).
+    if hex.len() != N * 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; N];
@@ -194,6 +195,16 @@ fn from_hex<const N: usize>(hex: &str) -> Option<[u8; N]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_seed_is_hex_digits_only() {
+        let hex = Seed::generate().to_hex();
+        assert!(Seed::from_hex(&hex).is_some());
+        // `from_str_radix` takes a sign: "+a" read as 0x0a, a second
+        // spelling of the same seed that `xxd -r -p` reads differently.
+        let signed = format!("+{}", &hex[1..]);
+        assert!(Seed::from_hex(&signed).is_none());
+    }
 
     fn record(seed: &Seed, entrants: Vec<u64>) -> DrawRecord {
         let order = shuffle(seed, &entrants);

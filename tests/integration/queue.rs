@@ -215,6 +215,42 @@ async fn the_draw_ignores_join_order_and_anyone_can_check_it() {
     let out = app.cli(&["verify-draw", file.to_str().unwrap()], None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("draw verified"));
+    // A record forged whole — a seed picked once the entrants were known,
+    // with its own commitment and order — agrees with itself; only the
+    // commitment published before the room opened tells it apart, and the
+    // tool says so (or checks it, given `--commitment`).
+    use ticketd::admission::draw::{shuffle, Seed};
+    let published = detail["queue"]["commitment"].as_str().unwrap().to_owned();
+    let genuine = app.cli(
+        &["verify-draw", file.to_str().unwrap(), "--commitment", &published],
+        None,
+    );
+    assert!(genuine.status.success(), "{}", String::from_utf8_lossy(&genuine.stderr));
+    assert!(String::from_utf8_lossy(&genuine.stdout).contains("is the published commitment"));
+    let seed = Seed::generate();
+    let entrants: Vec<u64> = serde_json::from_value(draw["entrants"].clone()).unwrap();
+    let mut whole = draw.clone();
+    whole["seed"] = seed.to_hex().into();
+    whole["commitment"] = seed.commitment().into();
+    whole["order"] = json!(shuffle(&seed, &entrants));
+    let forged_file = app.dir.path().join("fair-forged-whole.json");
+    std::fs::write(&forged_file, whole.to_string()).unwrap();
+    let alone = app.cli(&["verify-draw", forged_file.to_str().unwrap()], None);
+    assert!(alone.status.success(), "{}", String::from_utf8_lossy(&alone.stderr));
+    assert!(
+        String::from_utf8_lossy(&alone.stdout).contains("compare it with the one published"),
+        "{}",
+        String::from_utf8_lossy(&alone.stdout)
+    );
+    let checked = app.cli(
+        &["verify-draw", forged_file.to_str().unwrap(), "--commitment", &published],
+        None,
+    );
+    let said = String::from_utf8_lossy(&checked.stderr);
+    assert!(
+        !checked.status.success() && said.contains("is not the published one"),
+        "{said}"
+    );
     // A forged order does not.
     let mut forged = draw.clone();
     forged["order"].as_array_mut().unwrap().swap(0, 1);
