@@ -465,12 +465,18 @@ async fn renew(leasing: &Leasing) -> Result<(), StoreError> {
         };
         t.set_counts(c.known, c.sold);
         t.upstream.store(c.upstream, Ordering::Relaxed);
-        if c.reclaimed && t.pool.remaining() > 0 {
-            let mut dropped = 0;
-            while t.pool.take().is_some() {
-                dropped += 1;
+        if c.reclaimed {
+            if t.pool.remaining() > 0 {
+                let mut dropped = 0;
+                while t.pool.take().is_some() {
+                    dropped += 1;
+                }
+                tracing::warn!(ticket = %c.ticket, codes = dropped, "This node's lease had expired and was reclaimed; dropped its local codes.");
             }
-            tracing::warn!(ticket = %c.ticket, codes = dropped, "This node's lease had expired and was reclaimed; dropped its local codes.");
+            // The reaper returned only the ticket types it sells itself:
+            // what Redis still lists under this node (another ticket type's
+            // lease) goes back too, or it would be renewed here unsold.
+            t.resync.store(true, Ordering::Relaxed);
         }
     }
     leasing.stock_changed.notify_waiters();
@@ -500,7 +506,7 @@ async fn resync(leasing: &Leasing) -> Result<(), StoreError> {
             Ok(returned) => {
                 t.upstream.fetch_add(returned, Ordering::Relaxed);
                 t.rate.lock().leased_once = false;
-                tracing::info!(ticket = %t.ticket, codes = returned, "Resynchronised this node's lease with Redis after a failed call.");
+                tracing::info!(ticket = %t.ticket, codes = returned, "Resynchronised this node's lease with Redis (after a lost answer, or a reclaim).");
             }
             Err(error) => {
                 for idx in taken {

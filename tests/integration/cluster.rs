@@ -1880,3 +1880,62 @@ async fn successes(cluster: &Cluster, act: &str) -> i64 {
         .unwrap();
     ticks.iter().map(|t| t.get_i64("count").unwrap()).sum()
 }
+
+/// A node frozen past its lease was reaped by a node that sells only one of
+/// its two ticket types: the reaper returned that one's lease and not the
+/// other's. When the frozen node woke, it heard "reclaimed" and dropped its
+/// local codes of both — while Redis still held the other ticket type's
+/// codes in its lease, which it then renewed forever and never sold. A node
+/// told it was reclaimed now also gives back whatever Redis still lists
+/// under it, so every code of that ticket type is sold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaped_by_one_that_does_not_sell_all_its_tickets_strands_no_code() {
+    let act = crate::common::Act::new("rp")
+        .window(&rfc3339_ms(now_ms() - 60_000), &rfc3339_ms(now_ms() + 3_600_000))
+        .limit(2)
+        .ticket("rp-a", "A", crate::common::Codes::Generate(10))
+        .ticket("rp-b", "B", crate::common::Codes::Generate(10))
+        .toml();
+    let only_a = |config: String| {
+        if !config.contains("node_id = \"node1\"") {
+            return config;
+        }
+        let cut = config
+            .find("  [[activity.ticket]]\n  id = \"rp-b\"")
+            .expect("rp-b's table");
+        config[..cut].to_owned()
+    };
+    let cluster = Cluster::start_configured(2, &act, "[cluster]\nlease_ttl = \"2s\"\n", only_a);
+    let lease_b = "tk:{rp}:lease:rp-b:node0";
+    until("node0 to lease rp-b", || async { scard(&cluster, lease_b).await > 0 }).await;
+
+    cluster.nodes[0].signal(libc::SIGSTOP);
+    until("node1 to reap node0", || async {
+        metric(&cluster.nodes[1], "ticketd_leases_reaped_total").await >= 1.0
+    })
+    .await;
+    cluster.nodes[0].signal(libc::SIGCONT);
+
+    // Every code of rp-b is still for sale, through node0 (which leases
+    // again once awake; the codes stranded before never came back).
+    let (tokens, _) = users(&cluster, "rp", 10).await;
+    let node = &cluster.nodes[0];
+    for token in &tokens {
+        let mut body = node.claim_body(token, "rp").await;
+        body["ticketId"] = "rp-b".into();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let res = node.client.post("/ticket/get", Some(token), &body).await.unwrap();
+            if res.status == 200 {
+                break;
+            }
+            assert!(
+                res.status == 503 && Instant::now() < deadline,
+                "rp-b's codes did not all come back: {}",
+                res.body
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    node.assert_verified();
+}
