@@ -56,7 +56,7 @@ use http::{header, HeaderMap};
 
 use super::{
     ratelimit::{Backoff, BackoffPolicy, Rate, Refusal, TokenBuckets},
-    username::identity_key,
+    username::skeleton_key,
 };
 use crate::config::{any_contains, Config, IpNet};
 
@@ -81,7 +81,7 @@ pub enum Denied {
 struct Settings {
     trusted: Vec<IpNet>,
     blocked_ips: Vec<IpNet>,
-    /// Identity keys ([`identity_key`]) of `security.blocked_users`.
+    /// Look-alike keys ([`skeleton_key`]) of `security.blocked_users`.
     blocked_usernames: HashSet<String>,
     blocked_user_ids: HashSet<u64>,
     allowed_origins: Vec<String>,
@@ -97,7 +97,7 @@ impl Settings {
         Settings {
             trusted: s.trusted_proxies.clone(),
             blocked_ips: s.blocked_ips.clone(),
-            blocked_usernames: s.blocked_users.iter().map(|u| identity_key(u)).collect(),
+            blocked_usernames: s.blocked_users.iter().map(|u| skeleton_key(u)).collect(),
             blocked_user_ids,
             allowed_origins: s.allowed_origins.iter().map(|o| o.to_ascii_lowercase()).collect(),
             user_rate: Rate {
@@ -288,9 +288,10 @@ impl Guard {
         }
     }
 
-    /// Whether `username` (as typed) is blocked.
+    /// Whether `username` (as typed) is blocked: compared by look-alike
+    /// key, as accounts are, so `b1ockme` is no way past `blockme`.
     pub fn is_blocked_user(&self, username: &str) -> bool {
-        self.settings.load().blocked_usernames.contains(&identity_key(username))
+        self.settings.load().blocked_usernames.contains(&skeleton_key(username))
     }
 
     /// Whether the user with this id is blocked.

@@ -327,7 +327,8 @@ async fn usernames_are_one_identity_however_they_are_typed() {
         let res = app.client.post("/user/login", None, &body).await.unwrap();
         assert_eq!(res.status, 200, "{spelling}: {}", res.body);
     }
-    for blocked in ["BlockMe", "ＢＬＯＣＫＭＥ"] {
+    // And a look-alike of a blocked name that nobody holds (`1` for `l`).
+    for blocked in ["BlockMe", "ＢＬＯＣＫＭＥ", "b1ockme"] {
         let res = app
             .client
             .post("/user/register", None, &register(blocked, None))
