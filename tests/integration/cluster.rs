@@ -1881,15 +1881,9 @@ async fn successes(cluster: &Cluster, act: &str) -> i64 {
     ticks.iter().map(|t| t.get_i64("count").unwrap()).sum()
 }
 
-/// A node frozen past its lease was reaped by a node that sells only one of
-/// its two ticket types: the reaper returned that one's lease and not the
-/// other's. When the frozen node woke, it heard "reclaimed" and dropped its
-/// local codes of both — while Redis still held the other ticket type's
-/// codes in its lease, which it then renewed forever and never sold. A node
-/// told it was reclaimed now also gives back whatever Redis still lists
-/// under it, so every code of that ticket type is sold.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_reaped_by_one_that_does_not_sell_all_its_tickets_strands_no_code() {
+/// Two nodes leasing `rp` (limit 2): node0 sells ticket types `rp-a` and
+/// `rp-b`, node1 only `rp-a`; returns once node0 holds a lease of `rp-b`.
+async fn one_node_sells_more_ticket_types() -> Cluster {
     let act = crate::common::Act::new("rp")
         .window(&rfc3339_ms(now_ms() - 60_000), &rfc3339_ms(now_ms() + 3_600_000))
         .limit(2)
@@ -1906,9 +1900,57 @@ async fn a_node_reaped_by_one_that_does_not_sell_all_its_tickets_strands_no_code
         config[..cut].to_owned()
     };
     let cluster = Cluster::start_configured(2, &act, "[cluster]\nlease_ttl = \"2s\"\n", only_a);
-    let lease_b = "tk:{rp}:lease:rp-b:node0";
-    until("node0 to lease rp-b", || async { scard(&cluster, lease_b).await > 0 }).await;
+    until("node0 to lease rp-b", || async {
+        scard(&cluster, "tk:{rp}:lease:rp-b:node0").await > 0
+    })
+    .await;
+    cluster
+}
 
+/// A node killed with a lease of a ticket type its reaper does not sell:
+/// the reaper returned only its own ticket types' leases and dropped the
+/// dead node from the live set, so nobody would ever return the rest —
+/// those codes were lost to the sale. The reaper now also returns the
+/// leases of every ticket type the activity's codes were pushed or leased for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_lease_of_a_ticket_type_its_reaper_does_not_sell_is_returned() {
+    let mut cluster = one_node_sells_more_ticket_types().await;
+    let lease_b = "tk:{rp}:lease:rp-b:node0";
+    let held = scard(&cluster, lease_b).await;
+    cluster.nodes[0].kill9();
+    until("node1 to reap node0", || async {
+        metric(&cluster.nodes[1], "ticketd_leases_reaped_total").await >= 1.0
+    })
+    .await;
+    assert_eq!(
+        scard(&cluster, lease_b).await,
+        0,
+        "rp-b's codes stayed in the dead node's lease"
+    );
+    let mut r = cluster.services.redis().await;
+    let listed: usize = redis::cmd("LLEN")
+        .arg("tk:{rp}:stock:rp-b")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(
+        listed, 10,
+        "all of rp-b ({held} were leased) is on its master list again"
+    );
+    cluster.nodes[1].assert_verified();
+}
+
+/// A node frozen past its lease was reaped by a node that sells only one of
+/// its two ticket types: the reaper returned that one's lease and not the
+/// other's. When the frozen node woke, it heard "reclaimed" and dropped its
+/// local codes of both — while Redis still held the other ticket type's
+/// codes in its lease, which it then renewed forever and never sold. A node
+/// told it was reclaimed now also gives back whatever Redis still lists
+/// under it, so every code of that ticket type is sold. (The reaper now
+/// returns that lease itself too; either fix alone passes this test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaped_by_one_that_does_not_sell_all_its_tickets_strands_no_code() {
+    let cluster = one_node_sells_more_ticket_types().await;
     cluster.nodes[0].signal(libc::SIGSTOP);
     until("node1 to reap node0", || async {
         metric(&cluster.nodes[1], "ticketd_leases_reaped_total").await >= 1.0

@@ -345,10 +345,12 @@ async fn lease(
         .key(keys.stock(ticket))
         .key(keys.lease(ticket, &shared.node))
         .key(keys.nodes())
+        .key(keys.tickets())
         .arg(&*shared.node)
         .arg(want)
         .arg(now_ms())
         .arg(shared.lease_expiry())
+        .arg(ticket)
         .invoke_async(&mut redis)
         .await?;
     metrics::global().redis_lease.observe(started.elapsed());
@@ -534,6 +536,8 @@ pub(super) async fn push_unclaimed(shared: &Shared, activity: &str, ticket: &str
         let n: usize = scripts::PUSH
             .key(keys.stock(ticket))
             .key(keys.known(ticket))
+            .key(keys.tickets())
+            .arg(ticket)
             .arg(chunk)
             .invoke_async(&mut redis)
             .await?;

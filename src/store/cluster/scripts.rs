@@ -7,6 +7,8 @@
 //! tk:{A}:stock:T       list  unclaimed, unleased codes of ticket T (the master list)
 //! tk:{A}:known:T       set   every code ever pushed for T (import adds each once)
 //! tk:{A}:lease:T:N     set   codes of T leased to node N, not yet claimed
+//! tk:{A}:tickets       set   ticket ids pushed or leased: a reaper returns their
+//!                            leases too, not only its own config's
 //! tk:{A}:nodes         zset  node -> lease expiry (Unix ms), renewed while it lives
 //! tk:{A}:limits        hash  node -> per_user_limit of its config (the lowest live one holds)
 //! tk:{A}:claimed       hash  code -> claim record (JSON)
@@ -76,6 +78,11 @@ impl Keys {
     /// Codes of `ticket` leased to `node`.
     pub fn lease(&self, ticket: &str, node: &str) -> String {
         self.key(&format!("lease:{ticket}:{node}"))
+    }
+
+    /// The activity's ticket ids ever pushed or leased.
+    pub fn tickets(&self) -> String {
+        self.key("tickets")
     }
 
     /// Live nodes and their lease expiry.
@@ -278,8 +285,9 @@ return {lowest, highest}
 
 /// Leases up to `want` codes of one ticket type to a node and renews its lease.
 ///
-/// KEYS: stock, lease set, nodes. ARGV: node, want, now (ms), expiry (ms).
-/// Near the end of the stock a node takes at most half of its share of what
+/// KEYS: stock, lease set, nodes, tickets. ARGV: node, want, now (ms),
+/// expiry (ms), the ticket id (named among the activity's ticket types, for
+/// codes pushed before that set existed). Near the end of the stock a node takes at most half of its share of what
 /// is left (`len / (2 * live nodes)`, at least one), so no node sits on the
 /// last codes while the others run dry. Returns `{left on the list, codes}`.
 pub static LEASE: LazyLock<Script> = LazyLock::new(|| {
@@ -296,6 +304,7 @@ local codes = redis.call('LPOP', KEYS[1], n)
 for i = 1, #codes, 1000 do
   redis.call('SADD', KEYS[2], unpack(codes, i, math.min(i + 999, #codes)))
 end
+redis.call('SADD', KEYS[4], ARGV[5])
 return {len - #codes, codes}
 "#,
     )
@@ -368,19 +377,27 @@ return {reaped, returned, moved}
 });
 
 /// Lua shared by [`REAP`] and [`RELEASE`]: moves every code leased to `node`
-/// (one lease set per ticket id in `ARGV[first..]`) back onto the master
-/// lists and deletes the sets; returns how many codes moved.
+/// back onto the master lists and deletes the sets; returns how many codes
+/// moved. The ticket ids are those in `ARGV[first..]` (the caller's config)
+/// and those the activity's `tickets` set names: a reaper, or a node
+/// restarted with a smaller config, that returned only its own ticket types
+/// left the others' codes in a dead node's lease for good.
 const RETURN_LEASES: &str = r#"
 local function return_leases(prefix, node, first)
-  local returned = 0
-  for t = first, #ARGV do
-    local lease = prefix .. 'lease:' .. ARGV[t] .. ':' .. node
-    local codes = redis.call('SMEMBERS', lease)
-    for i = 1, #codes, 1000 do
-      redis.call('LPUSH', prefix .. 'stock:' .. ARGV[t], unpack(codes, i, math.min(i + 999, #codes)))
+  local returned, seen = 0, {}
+  local tickets = redis.call('SMEMBERS', prefix .. 'tickets')
+  for t = first, #ARGV do tickets[#tickets + 1] = ARGV[t] end
+  for _, ticket in ipairs(tickets) do
+    if not seen[ticket] then
+      seen[ticket] = true
+      local lease = prefix .. 'lease:' .. ticket .. ':' .. node
+      local codes = redis.call('SMEMBERS', lease)
+      for i = 1, #codes, 1000 do
+        redis.call('LPUSH', prefix .. 'stock:' .. ticket, unpack(codes, i, math.min(i + 999, #codes)))
+      end
+      returned = returned + #codes
+      redis.call('DEL', lease)
     end
-    returned = returned + #codes
-    redis.call('DEL', lease)
   end
   return returned
 end
@@ -462,13 +479,15 @@ return 'GONE'
     )
 });
 
-/// Pushes codes onto a master list, each at most once ever.
-/// KEYS: stock, known. ARGV: codes. Returns how many were pushed.
+/// Pushes codes onto a master list, each at most once ever, and names the
+/// ticket type among the activity's. KEYS: stock, known, tickets. ARGV: the
+/// ticket id, then the codes. Returns how many were pushed.
 pub static PUSH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+redis.call('SADD', KEYS[3], ARGV[1])
 local n = 0
-for i = 1, #ARGV do
+for i = 2, #ARGV do
   if redis.call('SADD', KEYS[2], ARGV[i]) == 1 then
     redis.call('RPUSH', KEYS[1], ARGV[i])
     n = n + 1
