@@ -55,6 +55,10 @@ impl RedisConn {
         }
         let cluster = ClusterClient::builder([url])
             .connection_timeout(CONNECT_TIMEOUT)
+            // Also the whole call's limit, retries included (the builder's
+            // default): a lease re-sent after a timeout may run twice, and
+            // the node must then hear the failure (and resynchronise its
+            // lease), never only the last attempt's codes.
             .response_timeout(response_timeout)
             .retries(3)
             .max_retry_wait(500)

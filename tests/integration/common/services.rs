@@ -324,7 +324,8 @@ impl Services {
         stop(self.redis.take(), signal);
     }
 
-    /// SIGSTOP to Redis: it stops answering, its connections stay open, and
+    /// SIGSTOP to Redis (every master of a Redis Cluster): it stops
+    /// answering, its connections stay open, and
     /// what the nodes send meanwhile runs when it is thawed — after they
     /// gave up waiting for the answer.
     pub fn freeze_redis(&self) {
@@ -336,10 +337,17 @@ impl Services {
         self.signal_running_redis(libc::SIGCONT);
     }
 
+    /// `sig` to the single Redis, or to every master of the Redis Cluster.
     fn signal_running_redis(&self, sig: i32) {
-        let child = self.redis.as_ref().expect("a single Redis is running");
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(child.id() as i32, sig) };
+        let pids: Vec<u32> = match &self.redis {
+            Some(child) => vec![child.id()],
+            None => self.cluster.iter().map(|(_, c)| c.id()).collect(),
+        };
+        assert!(!pids.is_empty(), "no Redis is running");
+        for pid in pids {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(pid as i32, sig) };
+        }
     }
 
     /// SecantusDB on a free port; see `restart_mongo` for the same one.
