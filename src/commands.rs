@@ -416,13 +416,15 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Says on stderr that `what` lacks claims still on their way to MongoDB.
+/// Says on stderr that `what` lacks claims still on their way to the store
+/// it reads.
 fn warn_in_transit(n: u64, what: &str) {
     if n > 0 {
         eprintln!(
-            "warning: {} committed but not in MongoDB yet (a node's backlog): {what} lacks them; \
-             run it again once ticketd_mongo_backlog is 0 on every node (a dead node's backlog \
-             is written once a live node reaps it)",
+            "warning: {} committed but not yet where {what} reads them (a cluster node's backlog for \
+             MongoDB, or a serving node's journal not yet applied to SQLite): {what} lacks them; run it \
+             again in a moment (in a cluster, once ticketd_mongo_backlog is 0 on every node: a dead \
+             node's backlog is written once a live node reaps it)",
             count(n as usize, "claim is", "claims are")
         );
     }

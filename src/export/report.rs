@@ -273,8 +273,10 @@ th {{ background: #f5f5f5; }} .muted {{ color: #666; }} .warn {{ background: #ff
         in_transit = if data.in_transit > 0 {
             format!(
                 "<p id=\"in-transit\" class=\"warn\"><strong>Incomplete:</strong> {} committed but not yet \
-                 written to MongoDB (a node's backlog) and missing from every figure below. Generate the \
-                 report again once <code>ticketd_mongo_backlog</code> is 0 on every node.</p>\n",
+                 in the store this report reads (a cluster node's backlog for MongoDB, or a serving node's \
+                 journal not yet applied to SQLite) and missing from every figure below. Generate the \
+                 report again in a moment (in a cluster, once <code>ticketd_mongo_backlog</code> is 0 on \
+                 every node).</p>\n",
                 if data.in_transit == 1 {
                     "1 claim was".to_owned()
                 } else {

@@ -295,12 +295,12 @@ impl Store {
     }
 
     /// Claims of `activity_id` acknowledged but not yet where exports and
-    /// reports read them: a cluster node's backlog for MongoDB. (Embedded:
-    /// none to speak of: a serving node applies its journal to SQLite within
-    /// milliseconds, and a tool applies it itself when no node serves.)
+    /// reports read them: a cluster node's backlog for MongoDB; a serving
+    /// node's journal not yet applied to SQLite (a tool applies it itself
+    /// when no node serves).
     pub fn claims_in_transit(&self, activity_id: &str) -> Result<u64, StoreError> {
         match self {
-            Store::Embedded(_) => Ok(0),
+            Store::Embedded(s) => s.claims_in_transit(activity_id),
             Store::Cluster(s) => s.claims_in_transit(activity_id),
         }
     }
