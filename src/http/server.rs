@@ -44,9 +44,16 @@ pub struct Http {
     pub access_log: Option<AccessLog>,
 }
 
+/// Connections the admin listener takes at most. They are counted apart
+/// from `server.max_connections`: fans (or one client holding event
+/// streams) filling the public budget must not lock the operator out.
+const MAX_ADMIN_CONNECTIONS: usize = 32;
+
 /// Open connections across both listeners, and the shutdown drain.
 pub struct Connections {
     open: AtomicUsize,
+    /// Of `open`, the admin listener's.
+    admin: AtomicUsize,
     /// Signalled when `open` drops to zero.
     drained: Notify,
     /// Set when shutdown begins: answers then carry `Connection: close`.
@@ -60,6 +67,7 @@ impl Connections {
     pub fn new(max: usize) -> Connections {
         Connections {
             open: AtomicUsize::new(0),
+            admin: AtomicUsize::new(0),
             drained: Notify::new(),
             shutting_down: AtomicBool::new(false),
             max,
@@ -77,12 +85,15 @@ impl Connections {
     }
 }
 
-/// Decrements the open-connection gauge when a connection ends.
-struct ConnGuard(Arc<Http>);
+/// Decrements the open-connection gauges when a connection ends.
+struct ConnGuard(Arc<Http>, Surface);
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         let c = &self.0.connections;
+        if self.1 == Surface::Admin {
+            c.admin.fetch_sub(1, Ordering::AcqRel);
+        }
         if c.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             c.drained.notify_waiters();
         }
@@ -143,8 +154,12 @@ pub async fn serve(
             }
         };
         let open = conns.open.fetch_add(1, Ordering::AcqRel);
-        let guard = ConnGuard(http.clone());
-        if open >= conns.max {
+        let over = match surface {
+            Surface::Public => open >= conns.max,
+            Surface::Admin => conns.admin.fetch_add(1, Ordering::AcqRel) >= MAX_ADMIN_CONNECTIONS,
+        };
+        let guard = ConnGuard(http.clone(), surface);
+        if over {
             crate::metrics::global()
                 .connections_refused
                 .fetch_add(1, Ordering::Relaxed);

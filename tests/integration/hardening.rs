@@ -722,3 +722,56 @@ async fn requests_hyper_cannot_parse_get_the_json_error_shape() {
     }
     assert_eq!(app.client.get("/act/list", None).await.unwrap().status, 200);
 }
+
+/// The admin listener shared `server.max_connections` with the public one:
+/// clients holding every public connection (idle sockets, or event
+/// streams) locked the operator out of `/admin` too. It now has a budget
+/// of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_public_listener_does_not_lock_the_operator_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let admin_token = "EXAMPLE-admin-token-0123456789abcdef";
+    let config = base_config()
+        .replace(
+            "[server]",
+            "[server]\nmax_connections = 8\nheader_read_timeout = \"60s\"",
+        )
+        .replace(
+            "[log]",
+            &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{admin_token}\"\n\n[log]"),
+        )
+        + &open_activity("fc", 1, 1);
+    let app = TestApp::start(&config);
+    let admin_addr = app.wait_for_log("Admin API listening.", 1)["addr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Eight sockets that never send a request fill the public budget.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(tokio::net::TcpStream::connect(&app.addr).await.unwrap());
+    }
+    // Once the node has accepted them all, a ninth is closed unanswered.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let mut probe = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
+        let _ = probe
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), probe.read_to_end(&mut answer)).await;
+        if answer.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the public budget never filled");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (status, _, body) = raw(
+        &admin_addr,
+        format!("GET /admin/stats HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {admin_token}").as_bytes(),
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(held.len(), 8);
+}
