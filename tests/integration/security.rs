@@ -401,6 +401,14 @@ async fn blocklists_refuse_users_and_address_ranges() {
         403,
         "BLOCKED",
     );
+    // The same answer with a wrong password: a blocked login is no oracle
+    // for whether a guess was right.
+    let guess = json!({ "username": "mallory", "password": "a-wrong-guess" });
+    assert_error(
+        &app.client.post("/user/login", None, &guess).await.unwrap(),
+        403,
+        "BLOCKED",
+    );
     let register = json!({ "username": "mallory", "password": "password-mallory" });
     assert_error(
         &app.client.post("/user/register", None, &register).await.unwrap(),

@@ -78,6 +78,12 @@ pub async fn login(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Resu
     }
     let m = metrics::global();
     let guard = &state.guard;
+    // A blocked name is refused before its password is checked: after, the
+    // answer (403, or 401 for a wrong one) told a guesser which was right.
+    if guard.is_blocked_user(&body.username) {
+        m.reject(Rejected::Blocked);
+        return Err(Denied::Blocked.into());
+    }
     let account = identity_key(&body.username);
     let attempt = guard
         .begin_login(&account, ip, Instant::now())
