@@ -71,6 +71,23 @@ pub struct Leasing {
     tickets: DashMap<Arc<str>, Arc<TicketLease>>,
     /// Woken after each lease and renewal (claims waiting for stock re-check).
     stock_changed: Notify,
+    /// Per activity (one for each that was looked at: the callers name
+    /// configured activities only), the looks at its counts in Redis.
+    looks: DashMap<Arc<str>, Arc<LookGate>>,
+}
+
+/// One activity's looks at its cluster-wide counts, shared by whoever asks
+/// at once. Every `/act/detail` asked Redis itself — one script per
+/// request, anonymous ones included, on the Redis every node's claims
+/// commit through: a crowd (or a bot) refreshing the page at the start
+/// became that many scripts. Now a caller takes the answer of a look that
+/// *began after it asked* (so it still counts what any node sold before),
+/// and at most one look per activity runs at a time on a node.
+struct LookGate {
+    /// Looks begun so far.
+    begun: AtomicU64,
+    /// The last look's counts (`None` when it failed); held while a look runs.
+    last: tokio::sync::Mutex<Option<Look>>,
 }
 
 /// One ticket type this node sells by lease, and what it knows of its stock.
@@ -186,6 +203,7 @@ impl Leasing {
             cfg: cfg.clone(),
             tickets: DashMap::new(),
             stock_changed: Notify::new(),
+            looks: DashMap::new(),
         }
     }
 
@@ -241,12 +259,43 @@ impl Leasing {
         self.tickets.get(ticket).map_or(0, |t| t.counts.load(Ordering::Relaxed))
     }
 
-    /// Reads `activity`'s cluster-wide counts now, keeps them for
-    /// [`Leasing::stock`], and returns what this look found: a caller that
-    /// must order the look after other reads (the waiting room's admitter)
-    /// gets exactly the counts read after them. (The kept counts are at
-    /// least as new, since each half only grows: see `set_counts`.)
+    /// Reads `activity`'s cluster-wide counts in a look begun after this
+    /// call (shared with the callers asking at the same time: see
+    /// [`LookGate`]), keeps them for [`Leasing::stock`], and returns what
+    /// that look found: a caller that must order the look after other reads
+    /// (the waiting room's admitter) gets counts read after them. (The kept
+    /// counts are at least as new, since each half only grows: see
+    /// `set_counts`.)
     pub(super) async fn refresh_counts(&self, activity: &str) -> Result<Look, StoreError> {
+        let gate = match self.looks.get(activity) {
+            Some(gate) => gate.clone(),
+            None => self
+                .looks
+                .entry(Arc::from(activity))
+                .or_insert_with(|| {
+                    Arc::new(LookGate {
+                        begun: AtomicU64::new(0),
+                        last: tokio::sync::Mutex::new(None),
+                    })
+                })
+                .clone(),
+        };
+        let asked = gate.begun.load(Ordering::Acquire);
+        let mut last = gate.last.lock().await;
+        // Looks begin only under the lock: one begun since we asked has ended.
+        if gate.begun.load(Ordering::Acquire) > asked {
+            if let Some(look) = *last {
+                return Ok(look);
+            }
+        }
+        gate.begun.fetch_add(1, Ordering::AcqRel);
+        let look = self.look_at_counts(activity).await;
+        *last = look.as_ref().ok().copied();
+        look
+    }
+
+    /// One look at `activity`'s counts in Redis (see [`Leasing::refresh_counts`]).
+    async fn look_at_counts(&self, activity: &str) -> Result<Look, StoreError> {
         let counts = self.source.counts(activity).await?;
         // Nothing counted (an activity not tracked) is nothing final.
         let mut look = Look {
