@@ -141,12 +141,29 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The /48 of an IPv6 address (a site: what one customer is commonly
+/// given), for registrations' second bucket; `None` for IPv4 (and IPv4
+/// mapped into IPv6), whose address is the key already.
+fn site_key(ip: IpAddr) -> Option<IpAddr> {
+    match client_key(ip) {
+        IpAddr::V4(_) => None,
+        IpAddr::V6(v6) => Some(IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 80) - 1)))),
+    }
+}
+
+/// How many /64s' worth of registrations a /48 gets: a site with a few
+/// networks is not held to one's budget, and one holding 65,536 of them
+/// does not get 65,536 budgets.
+const SITE_REGISTRATIONS: f64 = 8.0;
+
 /// Blocklists, rate limits, login backoff and the same-site check.
 pub struct Guard {
     settings: ArcSwap<Settings>,
     claims_by_user: TokenBuckets<u64>,
     claims_by_ip: TokenBuckets<IpAddr>,
     registrations_by_ip: TokenBuckets<IpAddr>,
+    /// Registrations per IPv6 /48 ([`site_key`]), beside the /64's.
+    registrations_by_site: TokenBuckets<IpAddr>,
     /// Login failures per (account, address key); the account as a 128-bit
     /// digest of its identity key, so an entry has a fixed size however
     /// long a made-up username is.
@@ -206,6 +223,7 @@ impl Guard {
             claims_by_user: TokenBuckets::new(capacity),
             claims_by_ip: TokenBuckets::new(capacity),
             registrations_by_ip: TokenBuckets::new(capacity),
+            registrations_by_site: TokenBuckets::new(capacity),
             logins_by_account: Backoff::new(capacity),
             logins_by_ip: Backoff::new(capacity),
         }
@@ -315,9 +333,21 @@ impl Guard {
             .map_err(Denied::RateLimited)
     }
 
-    /// Takes a registration token from the address's bucket.
+    /// Takes a registration token from the address's bucket (an IPv6
+    /// address's /64) and, for IPv6, from its /48's, which holds
+    /// [`SITE_REGISTRATIONS`] times as many: counted per /64 alone, a /48
+    /// registered 65,536 times what one address may.
     pub fn admit_registration(&self, ip: IpAddr, now: Instant) -> Result<(), Denied> {
         let rate = self.settings.load().register_rate;
+        if let Some(site) = site_key(ip) {
+            let site_rate = Rate {
+                per_sec: rate.per_sec * SITE_REGISTRATIONS,
+                burst: rate.burst * SITE_REGISTRATIONS,
+            };
+            self.registrations_by_site
+                .take(site, site_rate, now)
+                .map_err(Denied::RateLimited)?;
+        }
         self.registrations_by_ip
             .take(client_key(ip), rate, now)
             .map_err(Denied::RateLimited)
@@ -355,12 +385,13 @@ impl Guard {
         self.claims_by_user.sweep(now, idle);
         self.claims_by_ip.sweep(now, idle);
         self.registrations_by_ip.sweep(now, Duration::from_secs(3600));
+        self.registrations_by_site.sweep(now, Duration::from_secs(3600));
         self.logins_by_account.sweep(now, idle, settings.login);
         self.logins_by_ip.sweep(now, idle, settings.address_login());
     }
 
     /// `(table, entries, capacity)` of every table, for `/metrics`.
-    pub fn tables(&self) -> [(&'static str, usize, usize); 5] {
+    pub fn tables(&self) -> [(&'static str, usize, usize); 6] {
         [
             (
                 "claims_by_user",
@@ -372,6 +403,11 @@ impl Guard {
                 "registrations_by_ip",
                 self.registrations_by_ip.len(),
                 self.registrations_by_ip.capacity(),
+            ),
+            (
+                "registrations_by_site",
+                self.registrations_by_site.len(),
+                self.registrations_by_site.capacity(),
             ),
             (
                 "logins_by_account",

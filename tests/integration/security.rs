@@ -808,3 +808,43 @@ async fn a_guess_after_the_longest_lockout_locks_again_at_once() {
     let res = app.client.post("/user/login", None, &wrong).await.unwrap();
     assert_error(&res, 429, "LOGIN_LOCKED");
 }
+
+/// Registrations were counted per IPv6 /64 alone: a /48 — what one customer
+/// is commonly given, and what 6to4 gives any IPv4 address — holds 65,536
+/// /64s, each with the whole budget. A /48 now gets eight /64s' worth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_site_registers_eight_addresses_worth_not_sixty_five_thousand() {
+    let config = limited(
+        base_config() + &open_activity("v6", 1, 1),
+        "trusted_proxies = [\"127.0.0.1\"]\nregistrations_per_ip_per_hour = 2",
+    );
+    let app = TestApp::start(&config);
+    let register = |i: usize, from: String| {
+        let client = app.client_clone();
+        async move {
+            let body = json!({ "username": format!("site{i}"), "password": "password-site" });
+            client
+                .call(
+                    http::Method::POST,
+                    "/user/register",
+                    None,
+                    Some(&body),
+                    &[("X-Forwarded-For", &from)],
+                )
+                .await
+                .unwrap()
+        }
+    };
+    // One registration from each of 20 /64s of one /48.
+    let mut outcomes = Vec::new();
+    for i in 0..20 {
+        let res = register(i, format!("2001:db8:7:{i:x}::1")).await;
+        outcomes.push(format!("{} {}", res.status, res.error_code().unwrap_or("ok")));
+    }
+    let ok = outcomes.iter().filter(|o| *o == "200 ok").count();
+    let limited = outcomes.iter().filter(|o| *o == "429 RATE_LIMITED").count();
+    assert_eq!((ok, limited), (16, 4), "{outcomes:?}");
+    // Another /48 has its own budget.
+    let res = register(99, "2001:db8:8::1".to_owned()).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+}
