@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 use super::{pool::CodePool, stock::Stock};
 use crate::{
     config::ClusterConfig,
-    store::{LeaseSource, StoreError},
+    store::{ClusterError, LeaseSource, StoreError},
     worker::{Ctl, Stop},
 };
 
@@ -86,8 +86,10 @@ pub struct Leasing {
 struct LookGate {
     /// Looks begun so far.
     begun: AtomicU64,
-    /// The last look's counts (`None` when it failed); held while a look runs.
-    last: tokio::sync::Mutex<Option<Look>>,
+    /// What the last look found, or why it failed (shared too: a Redis
+    /// that does not answer is waited for once, not once per caller in
+    /// turn); locked while a look runs.
+    last: tokio::sync::Mutex<Option<Result<Look, String>>>,
 }
 
 /// One ticket type this node sells by lease, and what it knows of its stock.
@@ -267,6 +269,12 @@ impl Leasing {
     /// counts are at least as new, since each half only grows: see
     /// `set_counts`.)
     pub(super) async fn refresh_counts(&self, activity: &str) -> Result<Look, StoreError> {
+        if !self.source.is_up() {
+            // The last call to Redis failed: callers do not queue up behind
+            // looks that wait out its timeout one after another. (The
+            // heartbeat and the lease loop find it back.)
+            return Err(ClusterError::Shared("Redis cannot be reached now".into()).into());
+        }
         let gate = match self.looks.get(activity) {
             Some(gate) => gate.clone(),
             None => self
@@ -284,13 +292,15 @@ impl Leasing {
         let mut last = gate.last.lock().await;
         // Looks begin only under the lock: one begun since we asked has ended.
         if gate.begun.load(Ordering::Acquire) > asked {
-            if let Some(look) = *last {
-                return Ok(look);
+            match &*last {
+                Some(Ok(look)) => return Ok(*look),
+                Some(Err(why)) => return Err(ClusterError::Shared(why.clone()).into()),
+                None => {}
             }
         }
         gate.begun.fetch_add(1, Ordering::AcqRel);
         let look = self.look_at_counts(activity).await;
-        *last = look.as_ref().ok().copied();
+        *last = Some(look.as_ref().map(|l| *l).map_err(|e| e.to_string()));
         look
     }
 

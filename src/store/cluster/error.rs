@@ -46,4 +46,8 @@ pub enum ClusterError {
     /// A script answered something this version does not understand.
     #[error("unexpected answer from Redis: {0}")]
     Protocol(String),
+    /// A call made once for several callers failed; each hears its error
+    /// (as text: one error, many callers).
+    #[error("{0}")]
+    Shared(String),
 }
