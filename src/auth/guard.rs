@@ -156,6 +156,16 @@ fn site_key(ip: IpAddr) -> Option<IpAddr> {
 /// does not get 65,536 budgets.
 const SITE_REGISTRATIONS: f64 = 8.0;
 
+/// Successful logins of one account from one address: ten, then one every
+/// six seconds. Failures have their backoff; successes were never counted,
+/// so an account's owner (or a farm of them) could keep every password
+/// hash busy with right passwords, and every login and registration heard
+/// 503 BUSY. Nobody logs in ten times a minute from one place for real.
+const SUCCESSFUL_LOGINS: Rate = Rate {
+    per_sec: 1.0 / 6.0,
+    burst: 10.0,
+};
+
 /// Blocklists, rate limits, login backoff and the same-site check.
 pub struct Guard {
     settings: ArcSwap<Settings>,
@@ -169,6 +179,8 @@ pub struct Guard {
     /// long a made-up username is.
     logins_by_account: Backoff<([u8; 16], IpAddr)>,
     logins_by_ip: Backoff<IpAddr>,
+    /// Successful logins per (account, address key): [`SUCCESSFUL_LOGINS`].
+    logins_succeeded: TokenBuckets<([u8; 16], IpAddr)>,
 }
 
 /// A login attempt the guard let through: it holds a place in the address's
@@ -198,6 +210,10 @@ impl LoginAttempt {
 
     /// The password was right: forget this account-at-address's failures.
     pub fn succeeded(mut self) {
+        let _ = self
+            .guard
+            .logins_succeeded
+            .take(self.account, SUCCESSFUL_LOGINS, Instant::now());
         self.guard.logins_by_account.settle(&self.account, true);
         self.guard.logins_by_ip.settle(&self.account.1, false);
         self.settled = true;
@@ -226,6 +242,7 @@ impl Guard {
             registrations_by_site: TokenBuckets::new(capacity),
             logins_by_account: Backoff::new(capacity),
             logins_by_ip: Backoff::new(capacity),
+            logins_succeeded: TokenBuckets::new(capacity),
         }
     }
 
@@ -363,10 +380,14 @@ impl Guard {
             Refusal::Locked(wait) => Denied::LoginLocked(wait),
             Refusal::Pending(wait) => Denied::LoginThrottled(wait),
         };
+        let account = (digest(account), ip);
+        // Checked, not taken: only a login that succeeds takes a token.
+        self.logins_succeeded
+            .available(account, SUCCESSFUL_LOGINS, now)
+            .map_err(Denied::RateLimited)?;
         self.logins_by_ip
             .begin(ip, settings.address_login(), now)
             .map_err(denied)?;
-        let account = (digest(account), ip);
         if let Err(refusal) = self.logins_by_account.begin(account, settings.login, now) {
             self.logins_by_ip.settle(&ip, false);
             return Err(denied(refusal));
@@ -388,10 +409,11 @@ impl Guard {
         self.registrations_by_site.sweep(now, Duration::from_secs(3600));
         self.logins_by_account.sweep(now, idle, settings.login);
         self.logins_by_ip.sweep(now, idle, settings.address_login());
+        self.logins_succeeded.sweep(now, idle);
     }
 
     /// `(table, entries, capacity)` of every table, for `/metrics`.
-    pub fn tables(&self) -> [(&'static str, usize, usize); 6] {
+    pub fn tables(&self) -> [(&'static str, usize, usize); 7] {
         [
             (
                 "claims_by_user",
@@ -415,6 +437,11 @@ impl Guard {
                 self.logins_by_account.capacity(),
             ),
             ("logins_by_ip", self.logins_by_ip.len(), self.logins_by_ip.capacity()),
+            (
+                "logins_succeeded",
+                self.logins_succeeded.len(),
+                self.logins_succeeded.capacity(),
+            ),
         ]
     }
 }

@@ -61,6 +61,25 @@ impl<K: Eq + Hash> TokenBuckets<K> {
         })
     }
 
+    /// Whether `key` has a token now, without taking it; on refusal, how
+    /// long until one is available.
+    pub fn available(&self, key: K, rate: Rate, now: Instant) -> Result<(), Duration> {
+        let fresh = || Bucket {
+            tokens: rate.burst,
+            last: now,
+        };
+        self.buckets.with(key, now, fresh, |b| {
+            let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
+            b.tokens = (b.tokens + elapsed * rate.per_sec).min(rate.burst);
+            b.last = b.last.max(now);
+            if b.tokens >= 1.0 {
+                Ok(())
+            } else {
+                Err(Duration::from_secs_f64((1.0 - b.tokens) / rate.per_sec.max(1e-9)))
+            }
+        })
+    }
+
     /// Drops buckets untouched for `idle` (they would be full again anyway).
     pub fn sweep(&self, now: Instant, idle: Duration) {
         self.buckets

@@ -848,3 +848,32 @@ async fn an_ipv6_site_registers_eight_addresses_worth_not_sixty_five_thousand() 
     let res = register(99, "2001:db8:8::1".to_owned()).await;
     assert_eq!(res.status, 200, "{}", res.body);
 }
+
+/// Successful logins were never counted (only failures have a backoff), so
+/// an account's right password bought unlimited password hashes: a few
+/// accounts could keep every hashing slot busy, and everyone else's logins
+/// and registrations heard 503 BUSY. Ten successes per account per address
+/// a minute, then one every six seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_logging_in_again_and_again_is_slowed_down() {
+    let app = TestApp::start(&(base_config() + &open_activity("ln", 1, 1)));
+    app.register("again").await;
+    app.register("other").await;
+    let login = |name: &str| json!({ "username": name, "password": format!("password-{name}") });
+    for _ in 0..10 {
+        let res = app.client.post("/user/login", None, &login("again")).await.unwrap();
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    let res = app.client.post("/user/login", None, &login("again")).await.unwrap();
+    assert_error(&res, 429, "RATE_LIMITED");
+    let body = login("again").to_string();
+    let request = format!(
+        "POST /user/login HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = exchange(&app.addr, request.as_bytes()).await;
+    let retry: u64 = answer.header("retry-after").expect("Retry-After").parse().unwrap();
+    assert!((1..=7).contains(&retry), "Retry-After {retry}");
+    let res = app.client.post("/user/login", None, &login("other")).await.unwrap();
+    assert_eq!(res.status, 200, "another account is not slowed: {}", res.body);
+}
