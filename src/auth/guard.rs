@@ -356,6 +356,11 @@ impl Guard {
     /// registered 65,536 times what one address may.
     pub fn admit_registration(&self, ip: IpAddr, now: Instant) -> Result<(), Denied> {
         let rate = self.settings.load().register_rate;
+        // The /64's first: a client refused there spends nothing of its
+        // /48's, which its neighbours share.
+        self.registrations_by_ip
+            .take(client_key(ip), rate, now)
+            .map_err(Denied::RateLimited)?;
         if let Some(site) = site_key(ip) {
             let site_rate = Rate {
                 per_sec: rate.per_sec * SITE_REGISTRATIONS,
@@ -365,9 +370,7 @@ impl Guard {
                 .take(site, site_rate, now)
                 .map_err(Denied::RateLimited)?;
         }
-        self.registrations_by_ip
-            .take(client_key(ip), rate, now)
-            .map_err(Denied::RateLimited)
+        Ok(())
     }
 
     /// Lets a login attempt for the account with identity key `account` from
