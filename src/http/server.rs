@@ -155,7 +155,8 @@ pub async fn serve(
         };
         let open = conns.open.fetch_add(1, Ordering::AcqRel);
         let over = match surface {
-            Surface::Public => open >= conns.max,
+            // The admin listener's own are not the public side's.
+            Surface::Public => open.saturating_sub(conns.admin.load(Ordering::Acquire)) >= conns.max,
             Surface::Admin => conns.admin.fetch_add(1, Ordering::AcqRel) >= MAX_ADMIN_CONNECTIONS,
         };
         let guard = ConnGuard(http.clone(), surface);

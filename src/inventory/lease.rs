@@ -298,6 +298,9 @@ impl Leasing {
                 None => {}
             }
         }
+        // Cleared first: a look cancelled mid-way (its caller gone) must not
+        // leave the one before it as the answer to those who asked since.
+        *last = None;
         gate.begun.fetch_add(1, Ordering::AcqRel);
         let look = self.look_at_counts(activity).await;
         *last = Some(look.as_ref().map(|l| *l).map_err(|e| e.to_string()));

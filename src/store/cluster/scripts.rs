@@ -294,6 +294,7 @@ pub static LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[5])
 local len = redis.call('LLEN', KEYS[1])
 local want = tonumber(ARGV[2])
 if len == 0 or want <= 0 then return {len, {}} end
@@ -304,7 +305,6 @@ local codes = redis.call('LPOP', KEYS[1], n)
 for i = 1, #codes, 1000 do
   redis.call('SADD', KEYS[2], unpack(codes, i, math.min(i + 999, #codes)))
 end
-redis.call('SADD', KEYS[4], ARGV[5])
 return {len - #codes, codes}
 "#,
     )
