@@ -423,8 +423,16 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
 /// Every valid record in `dir`'s segments, in order, read-only (damage is
 /// stepped over: [`verify`] reports it). Empty when there is no journal.
 pub fn records(dir: &Path) -> Result<Vec<Found>, JournalError> {
-    let segs = if dir.exists() { segments(dir)? } else { Vec::new() };
     let mut out = Vec::new();
+    for_each_record(dir, |found| out.push(found))?;
+    Ok(out)
+}
+
+/// [`records`], one segment in memory at a time: a journal that grew while
+/// the store could not take it may be far larger than what a tool should
+/// hold at once.
+pub fn for_each_record(dir: &Path, mut each: impl FnMut(Found)) -> Result<(), JournalError> {
+    let segs = if dir.exists() { segments(dir)? } else { Vec::new() };
     let count = segs.len();
     for (i, (_, path)) in segs.into_iter().enumerate() {
         let bytes = match fs::read(&path) {
@@ -437,15 +445,14 @@ pub fn records(dir: &Path) -> Result<Vec<Found>, JournalError> {
             // What replay would read: only the last segment's torn write
             // (never acknowledged) is left out.
             let scan = scan_segment(&bytes);
-            let found: Vec<_> = if i + 1 == count {
-                scan.kept().collect()
+            if i + 1 == count {
+                scan.kept().for_each(|(_, f)| each(f));
             } else {
-                scan.found
-            };
-            out.extend(found.into_iter().map(|(_, f)| f));
+                scan.found.into_iter().for_each(|(_, f)| each(f));
+            }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// One segment as [`verify`] saw it.

@@ -536,11 +536,13 @@ impl EmbeddedStore {
     /// beside it reads SQLite only.
     pub(super) fn claims_in_transit(&self, activity_id: &str) -> Result<u64, StoreError> {
         let applied = applier::applied_seq(&self.db.lock())?;
-        let pending = crate::journal::records(&self.dir.join("journal"))?
-            .iter()
-            .filter(|f| matches!(f, Found::Claim(c) if c.id > applied && &*c.activity_id == activity_id))
-            .count();
-        Ok(pending as u64)
+        let mut pending = 0;
+        crate::journal::for_each_record(&self.dir.join("journal"), |found| {
+            if matches!(&found, Found::Claim(c) if c.id > applied && &*c.activity_id == activity_id) {
+                pending += 1;
+            }
+        })?;
+        Ok(pending)
     }
 }
 
