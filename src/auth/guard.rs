@@ -386,7 +386,7 @@ impl Guard {
         let account = (digest(account), ip);
         // Checked, not taken: only a login that succeeds takes a token.
         self.logins_succeeded
-            .available(account, SUCCESSFUL_LOGINS, now)
+            .available(&account, SUCCESSFUL_LOGINS, now)
             .map_err(Denied::RateLimited)?;
         self.logins_by_ip
             .begin(ip, settings.address_login(), now)

@@ -26,6 +26,23 @@ struct Bucket {
     last: Instant,
 }
 
+impl Bucket {
+    /// The tokens it holds at `now`, refilled at `rate` since it was last touched.
+    fn refilled(&self, rate: Rate, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        (self.tokens + elapsed * rate.per_sec).min(rate.burst)
+    }
+}
+
+/// `Ok` when `tokens` hold one; otherwise how long until they will.
+fn has_token(tokens: f64, rate: Rate) -> Result<(), Duration> {
+    if tokens >= 1.0 {
+        Ok(())
+    } else {
+        Err(Duration::from_secs_f64((1.0 - tokens) / rate.per_sec.max(1e-9)))
+    }
+}
+
 /// Token buckets keyed by `K`, at most `capacity` of them.
 ///
 /// An evicted bucket comes back full: the same as a client idle long
@@ -49,35 +66,22 @@ impl<K: Eq + Hash> TokenBuckets<K> {
             last: now,
         };
         self.buckets.with(key, now, fresh, |b| {
-            let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
-            b.tokens = (b.tokens + elapsed * rate.per_sec).min(rate.burst);
+            b.tokens = b.refilled(rate, now);
             b.last = b.last.max(now);
-            if b.tokens >= 1.0 {
+            let has = has_token(b.tokens, rate);
+            if has.is_ok() {
                 b.tokens -= 1.0;
-                Ok(())
-            } else {
-                Err(Duration::from_secs_f64((1.0 - b.tokens) / rate.per_sec.max(1e-9)))
             }
+            has
         })
     }
 
-    /// Whether `key` has a token now, without taking it; on refusal, how
-    /// long until one is available.
-    pub fn available(&self, key: K, rate: Rate, now: Instant) -> Result<(), Duration> {
-        let fresh = || Bucket {
-            tokens: rate.burst,
-            last: now,
-        };
-        self.buckets.with(key, now, fresh, |b| {
-            let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
-            b.tokens = (b.tokens + elapsed * rate.per_sec).min(rate.burst);
-            b.last = b.last.max(now);
-            if b.tokens >= 1.0 {
-                Ok(())
-            } else {
-                Err(Duration::from_secs_f64((1.0 - b.tokens) / rate.per_sec.max(1e-9)))
-            }
-        })
+    /// Whether `key` has a token now, without taking it (nor making an
+    /// entry: a key never seen has a full bucket); on refusal, how long
+    /// until one is available.
+    pub fn available(&self, key: &K, rate: Rate, now: Instant) -> Result<(), Duration> {
+        let tokens = self.buckets.get(key, |b| b.refilled(rate, now)).unwrap_or(rate.burst);
+        has_token(tokens, rate)
     }
 
     /// Drops buckets untouched for `idle` (they would be full again anyway).

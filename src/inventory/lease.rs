@@ -303,7 +303,7 @@ impl Leasing {
         *last = None;
         gate.begun.fetch_add(1, Ordering::AcqRel);
         let look = self.look_at_counts(activity).await;
-        *last = Some(look.as_ref().map(|l| *l).map_err(|e| e.to_string()));
+        *last = Some(look.as_ref().copied().map_err(|e| e.to_string()));
         look
     }
 

@@ -223,6 +223,16 @@ impl Tmpfs {
     }
 }
 
+/// Fills the disk holding `path` with a file there, written `chunk` bytes
+/// at a time until the disk refuses more; returns the file.
+fn fill_disk(path: &std::path::Path, chunk: usize) -> std::fs::File {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let zeros = vec![0u8; chunk];
+    while f.write_all(&zeros).is_ok() {}
+    f
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
@@ -239,7 +249,6 @@ impl Drop for Tmpfs {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_mid_rush_leaves_the_store_agreeing_with_every_answer() {
     use std::collections::{HashMap, HashSet};
-    use std::io::Write;
     // A small reserve of zeros laid ahead in the journal (1 MiB by default,
     // more than this rush writes): the journal overwrites it, fails to lay
     // more, appends, and then meets ENOSPC mid-rush. Group commits of at
@@ -259,9 +268,7 @@ async fn a_full_disk_mid_rush_leaves_the_store_agreeing_with_every_answer() {
     // Fill the disk, then give back a little: the journal takes its first
     // records and then meets ENOSPC mid-rush.
     let filler = data.join("filler");
-    let mut f = std::fs::File::create(&filler).unwrap();
-    let chunk = vec![0u8; 64 << 10];
-    while f.write_all(&chunk).is_ok() {}
+    let f = fill_disk(&filler, 64 << 10);
     let _ = f.sync_all();
     let len = f.metadata().unwrap().len();
     f.set_len(len.saturating_sub(24 << 10)).unwrap();
@@ -385,7 +392,6 @@ async fn a_full_disk_mid_rush_leaves_the_store_agreeing_with_every_answer() {
 /// a segment too short to hold a record wherever it sits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segments_that_could_not_start_on_a_full_disk_do_not_stop_the_next_start() {
-    use std::io::Write;
     // Small segments with their zeros laid ahead: a segment fills, and the
     // roll to the next meets the full disk while the claims still go into
     // the current one (in its laid zeros and its last page).
@@ -402,10 +408,7 @@ async fn segments_that_could_not_start_on_a_full_disk_do_not_stop_the_next_start
         bodies.push(app.claim_body(t, "roll").await);
     }
     let filler = data.join("filler");
-    let mut f = std::fs::File::create(&filler).unwrap();
-    let chunk = vec![0u8; 4096];
-    while f.write_all(&chunk).is_ok() {}
-    drop(f);
+    drop(fill_disk(&filler, 4096));
 
     // One at a time: each claim is a group commit of its own, and each
     // commit past the segment's size tries (and fails) to start the next.

@@ -46,8 +46,9 @@ pub enum ClusterError {
     /// A script answered something this version does not understand.
     #[error("unexpected answer from Redis: {0}")]
     Protocol(String),
-    /// A call made once for several callers failed; each hears its error
-    /// (as text: one error, many callers).
+    /// A failure heard second-hand (as text: one error, many callers): a
+    /// call made once for several callers failed, or was not made because
+    /// the last call to Redis had failed.
     #[error("{0}")]
     Shared(String),
 }
