@@ -147,6 +147,16 @@ pub struct ClusterConfig {
     /// Default false: a node refuses such a Redis. Restart-only.
     #[serde(default)]
     pub allow_volatile_redis: bool,
+    /// How many replicas of the master must hold each commit batch before
+    /// its claims are answered (Redis `WAIT`). A replica promoted in a
+    /// failover has only what reached it: a commit the old master took but
+    /// had not yet passed on is gone, and its codes are sold again. A
+    /// batch not confirmed in time is answered 503 (its outcome settled
+    /// later, as when Redis goes away mid-commit). Default 0; a node
+    /// refuses a Redis with replicas while it is 0, and a `replica_acks`
+    /// above the replicas a master has. Restart-only.
+    #[serde(default)]
+    pub replica_acks: usize,
 }
 
 /// Which store backs the node.

@@ -2020,3 +2020,186 @@ async fn a_crowd_asking_for_an_activity_shares_its_looks_at_redis() {
     assert_eq!(node.claim(&tokens[0], "cd").await.status, 200);
     assert_eq!(node.detail("cd").await["claimed"], 1, "the next look counts the claim");
 }
+
+/// The ports of the Redis Cluster master that serves `key`'s slot and of
+/// its replica, from the cluster's own view (`CLUSTER KEYSLOT`, `CLUSTER
+/// NODES` asked of the first server).
+async fn master_and_replica(services: &Services, key: &str) -> (u16, u16) {
+    let client = redis::Client::open(services.redis_url()).unwrap();
+    let mut r = client.get_multiplexed_async_connection().await.unwrap();
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut r).await.unwrap();
+    let rows: Vec<Vec<&str>> = nodes.lines().map(|l| l.split_whitespace().collect()).collect();
+    let port = |row: &[&str]| -> u16 {
+        row[1]
+            .split(['@', ','])
+            .next()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let serves = |row: &[&str]| {
+        row[8..].iter().any(|range| {
+            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+            matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+        })
+    };
+    let master = rows
+        .iter()
+        .find(|r| r[2].contains("master") && r.len() > 8 && serves(r))
+        .unwrap_or_else(|| panic!("no master serves slot {slot}:\n{nodes}"));
+    let replica = rows
+        .iter()
+        .find(|r| r[2].contains("slave") && r[3] == master[0])
+        .unwrap_or_else(|| panic!("the master of slot {slot} has no replica:\n{nodes}"));
+    (port(master), port(replica))
+}
+
+/// A command to one server of the Redis Cluster (not routed by key).
+async fn on_server<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+    let mut r = client.get_multiplexed_async_connection().await?;
+    cmd.query_async(&mut r).await
+}
+
+/// Redis Cluster with replicas: a failover promotes a replica that has
+/// only what reached it. Before, a node answered a claim once the master
+/// had it, so with the replica behind (frozen here), a `kill -9` of the
+/// master and a failover lost claims the fans had been told were theirs,
+/// and their codes were for sale again. A node now waits for
+/// `cluster.replica_acks` replicas (Redis `WAIT`) before answering, answers
+/// 503 when they do not confirm in time, and writes to MongoDB only what a
+/// replica holds; it refuses a replicated Redis while `replica_acks` is 0,
+/// and one with fewer replicas than it asks for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_a_replica_loses_no_acknowledged_claim() {
+    let services = Services::start_with_replicated_redis_cluster();
+    let act = cluster_activity("rp", 30, 1);
+    for (extra, says) in [
+        ("", "Set cluster.replica_acks = 1"),
+        ("[cluster]\nreplica_acks = 2\n", "cluster.replica_acks = 2, but Redis"),
+    ] {
+        let node = TestApp::prepare(&(node_config(&services, "ticketd_test", "node0", extra) + &act), &[]);
+        let err = crate::common::serve_refused(
+            node.dir.path(),
+            Duration::from_secs(30),
+            &format!("the node served on a Redis with a replica per master ({extra:?})"),
+        );
+        assert!(err.contains(says) && err.contains("1 replica"), "{err}");
+    }
+
+    let mut cluster = Cluster::start_on(services, 1, &act, "[cluster]\nreplica_acks = 1\n", |c| c);
+    let node = &cluster.nodes[0];
+    let (tokens, ids) = users(&cluster, "rp", 30).await;
+    let (master, replica) = master_and_replica(&cluster.services, "tk:{rp}:claimed").await;
+
+    // With the replica following: every claim is acknowledged.
+    let mut acked = vec![Vec::new(); tokens.len()];
+    for (i, token) in tokens.iter().enumerate().take(10) {
+        let res = node.claim(token, "rp").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+        acked[i].push(res.data()["code"].as_str().unwrap().to_owned());
+    }
+
+    // The replica falls behind: frozen, and cut off (what the master had
+    // sent before sits in the replica's socket and is still read when it
+    // thaws; what comes after the cut never reaches it). Nothing more may
+    // be acknowledged.
+    let stopped = cluster.services.redis_cluster_pid(replica);
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(stopped as i32, libc::SIGSTOP) };
+    let cut: usize = on_server(master, redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("replica"))
+        .await
+        .unwrap();
+    assert_eq!(cut, 1);
+    let behind = join_all(tokens[10..20].iter().map(|t| node.claim(t, "rp"))).await;
+    for res in &behind {
+        assert_eq!(
+            res.status, 503,
+            "a claim was acknowledged that no replica had: {}",
+            res.body
+        );
+        assert_error(res, 503, "OUTCOME_UNKNOWN");
+    }
+
+    // The master dies; the replica, thawed, takes over.
+    let gone = cluster.services.redis_cluster_pid(master);
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(gone as i32, libc::SIGKILL);
+        libc::kill(stopped as i32, libc::SIGCONT);
+    }
+    let () = on_server(replica, redis::cmd("CLUSTER").arg("FAILOVER").arg("TAKEOVER"))
+        .await
+        .unwrap();
+    until("the replica to take over", || async {
+        let role: redis::RedisResult<Vec<redis::Value>> = on_server(replica, &redis::cmd("ROLE")).await;
+        let info: redis::RedisResult<String> = on_server(replica, redis::cmd("CLUSTER").arg("INFO")).await;
+        matches!(role.as_deref(), Ok([redis::Value::BulkString(r), ..]) if r == b"master")
+            && info.is_ok_and(|i| i.contains("cluster_state:ok"))
+    })
+    .await;
+
+    // Every acknowledged claim survived, under its user. (The node's first
+    // calls may still go to the dead master: it retries them.)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (i, token) in tokens.iter().enumerate().take(10) {
+        let held = loop {
+            match node.client.get("/ticket/list?pageSize=100", Some(token)).await {
+                Ok(res) if res.status == 200 => break node.held(token, "rp").await,
+                _ => {
+                    assert!(Instant::now() < deadline, "the node never read from the new master");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        assert_eq!(held, acked[i], "user {i} lost an acknowledged claim in the failover");
+    }
+
+    // The new master has no replica: a claim is not acknowledged.
+    let alone = node.claim(&tokens[20], "rp").await;
+    assert_error(&alone, 503, "OUTCOME_UNKNOWN");
+
+    // The old master comes back, as the new one's replica; once it has
+    // caught up the node sells on: the rest go to fresh buyers, and nobody
+    // gets a code twice.
+    cluster.services.restart_redis_cluster_server(master);
+    until("the old master to follow the new one", || async {
+        let info: redis::RedisResult<String> = on_server(replica, redis::cmd("INFO").arg("replication")).await;
+        info.is_ok_and(|i| i.contains(&format!("port={master},state=online")))
+    })
+    .await;
+    let node = &cluster.nodes[0];
+    for (i, token) in tokens.iter().enumerate().skip(20) {
+        loop {
+            let res = node.claim(token, "rp").await;
+            if res.status == 200 {
+                acked[i].push(res.data()["code"].as_str().unwrap().to_owned());
+                break;
+            }
+            // A claim answered 503 whose commit did land: the buyer holds it.
+            if res.status == 409 {
+                acked[i] = node.held(token, "rp").await;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the node never sold through the new master: {}",
+                res.body
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(acked.iter().flatten().count(), 20);
+    let stored = cluster.drained("rp").await;
+    assert_invariants(&acked, &ids, &stored, 1, 30);
+    assert_eq!(stored.len(), 20, "MongoDB holds a claim no replica had: {stored:?}");
+}

@@ -256,7 +256,7 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
     loop {
         let started = Instant::now();
         let mut redis = shared.redis.clone();
-        match invocation.invoke_async::<Vec<String>>(&mut redis).await {
+        match run_commit(&mut redis, &invocation, shared.cfg.replica_acks).await {
             Ok(results) if results.len() == work.len() => {
                 metrics::global().redis_commit.observe(started.elapsed());
                 shared.mark_redis(true);
@@ -270,8 +270,9 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
                 )))
             }
             Err(error) => {
-                let error = ClusterError::from(error);
-                shared.redis_failed(&error);
+                if let ClusterError::Redis(_) = error {
+                    shared.redis_failed(&error);
+                }
                 if Instant::now() + delay >= deadline {
                     return Err(error);
                 }
@@ -280,6 +281,46 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
             }
         }
     }
+}
+
+/// How long one `WAIT` gives the replicas. It blocks the connection it is
+/// sent on (every call of this node to that master queues behind it), so
+/// it stays well under the serving node's one-second response timeout; an
+/// unconfirmed batch is retried until `cluster.commit_timeout`.
+const REPLICA_WAIT_MS: u64 = 250;
+
+/// One attempt at a commit: the script, then, with `replica_acks`, a
+/// `WAIT` in the same pipeline, so it goes to the same master over the
+/// same connection (a pipeline follows its first keyed command; a `WAIT`
+/// alone would go to every master) and waits for exactly this write.
+async fn run_commit(
+    redis: &mut super::connection::RedisConn,
+    invocation: &redis::ScriptInvocation<'_>,
+    replica_acks: usize,
+) -> Result<Vec<String>, ClusterError> {
+    if replica_acks == 0 {
+        return Ok(invocation.invoke_async(redis).await?);
+    }
+    let mut pipe = redis::pipe();
+    pipe.invoke_script(invocation)
+        .cmd("WAIT")
+        .arg(replica_acks)
+        .arg(REPLICA_WAIT_MS);
+    let (results, acked): (Vec<String>, usize) = match pipe.query_async(redis).await {
+        // Not loaded on this master yet (a restart, a failover): load, retry.
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            invocation.load_async(redis).await?;
+            pipe.query_async(redis).await?
+        }
+        answer => answer?,
+    };
+    if acked < replica_acks {
+        return Err(ClusterError::NotReplicated {
+            acked,
+            wanted: replica_acks,
+        });
+    }
+    Ok(results)
 }
 
 /// Drains this node's backlogs to MongoDB: reads up to `cluster.mongo_batch`
@@ -343,6 +384,38 @@ pub(super) async fn writer(shared: Arc<Shared>, grace: Duration, ctl: Ctl, mut s
     lease::unregister_node(&shared).await;
 }
 
+/// The head of a backlog, up to `n` records. With `replica_acks`, only
+/// once that many replicas hold every write this node sent to that master
+/// (a `WAIT` in the same pipeline, on the connection the commits use): a
+/// record of a batch that was answered 503 because no replica confirmed it
+/// must not reach MongoDB while a failover could still take it from Redis,
+/// and its code go to someone else.
+async fn read_backlog(
+    redis: &mut super::connection::RedisConn,
+    outbox: &str,
+    n: usize,
+    replica_acks: usize,
+) -> Result<Vec<String>, ClusterError> {
+    let mut lrange = redis::cmd("LRANGE");
+    lrange.arg(outbox).arg(0).arg(n - 1);
+    if replica_acks == 0 {
+        return Ok(lrange.query_async(redis).await?);
+    }
+    let mut pipe = redis::pipe();
+    pipe.add_command(lrange)
+        .cmd("WAIT")
+        .arg(replica_acks)
+        .arg(REPLICA_WAIT_MS);
+    let (batch, acked): (Vec<String>, usize) = pipe.query_async(redis).await?;
+    if acked < replica_acks && !batch.is_empty() {
+        return Err(ClusterError::NotReplicated {
+            acked,
+            wanted: replica_acks,
+        });
+    }
+    Ok(batch)
+}
+
 /// One pass over every activity's backlog; returns the records left.
 async fn drain_once(shared: &Shared) -> Result<usize, ClusterError> {
     let activities: Vec<Arc<str>> = shared.activities.iter().map(|e| e.key().clone()).collect();
@@ -352,12 +425,7 @@ async fn drain_once(shared: &Shared) -> Result<usize, ClusterError> {
         let keys = scripts::Keys::new(&activity);
         let outbox = keys.outbox(&shared.node);
         loop {
-            let batch: Vec<String> = redis::cmd("LRANGE")
-                .arg(&outbox)
-                .arg(0)
-                .arg(shared.cfg.mongo_batch - 1)
-                .query_async(&mut redis)
-                .await?;
+            let batch = read_backlog(&mut redis, &outbox, shared.cfg.mongo_batch, shared.cfg.replica_acks).await?;
             if batch.is_empty() {
                 break;
             }

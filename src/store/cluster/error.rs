@@ -38,6 +38,42 @@ pub enum ClusterError {
         /// Redis's `appendfsync`.
         appendfsync: String,
     },
+    /// Redis has replicas, and a failover could lose commits this node
+    /// acknowledged (see `cluster.replica_acks`).
+    #[error(
+        "Redis at {url} has {replicas} replica(s) per master: one promoted in a failover lacks any commit the old \
+         master had not yet passed on, and its codes would be sold again. Set cluster.replica_acks = 1 (or more) so \
+         that each commit is on a replica before it is answered, or cluster.allow_volatile_redis = true for a demo"
+    )]
+    Unreplicated {
+        /// The configured address, any password hidden.
+        url: String,
+        /// Replicas of the master with the fewest.
+        replicas: usize,
+    },
+    /// `cluster.replica_acks` asks for more replicas than a master has:
+    /// every commit would wait for them and be answered 503.
+    #[error(
+        "cluster.replica_acks = {wanted}, but Redis at {url} has {replicas} replica(s) for a master: every commit \
+         would wait for replicas that are not there"
+    )]
+    TooFewReplicas {
+        /// The configured address, any password hidden.
+        url: String,
+        /// `cluster.replica_acks`.
+        wanted: usize,
+        /// Replicas of the master with the fewest.
+        replicas: usize,
+    },
+    /// Fewer replicas than `cluster.replica_acks` confirmed a commit batch
+    /// in time: it is on the master, but a failover could still lose it.
+    #[error("{acked} of the {wanted} replica(s) cluster.replica_acks asks for confirmed a commit in time")]
+    NotReplicated {
+        /// Replicas that confirmed it.
+        acked: usize,
+        /// `cluster.replica_acks`.
+        wanted: usize,
+    },
     /// Another running node uses this node id.
     #[error(
         "another node called `{0}` is running (or stopped less than cluster.lease_ttl ago); node ids must be unique"

@@ -176,6 +176,75 @@ async fn check_durable(config: &Config) -> Result<(), ClusterError> {
     Err(volatile(appendonly.clone(), appendfsync.clone()))
 }
 
+/// Refuses a Redis whose failover could lose acknowledged commits: one
+/// with replicas while `cluster.replica_acks` is 0 (unless
+/// `allow_volatile_redis`), or fewer replicas per master than
+/// `replica_acks` (every commit would wait for them in vain). One server
+/// reports its replicas in `INFO replication`; a Redis Cluster's topology
+/// (`CLUSTER NODES`) gives each master's, and the fewest count. A server
+/// that will not say is trusted, with a warning, as in [`check_durable`].
+async fn check_replicated(config: &Config, redis: &RedisConn) -> Result<(), ClusterError> {
+    let url = without_password(config.storage.redis_url().unwrap_or_default().as_str());
+    let wanted = config.cluster.replica_acks;
+    let mut conn = redis.clone();
+    let replicas = if redis.is_cluster() {
+        redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|nodes| fewest_replicas(&nodes))
+    } else {
+        redis::cmd("INFO")
+            .arg("replication")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|info| {
+                info.lines()
+                    .find_map(|l| l.trim().strip_prefix("connected_slaves:"))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0)
+            })
+    };
+    let replicas = match replicas {
+        Ok(n) => n,
+        Err(error) if matches!(error.code(), Some("ERR" | "NOPERM")) => {
+            tracing::warn!(%error, "Redis would not say whether it has replicas; with replicas, set cluster.replica_acks so that a failover cannot lose acknowledged claims.");
+            return Ok(());
+        }
+        Err(error) => return Err(ClusterError::Redis(error)),
+    };
+    if wanted > replicas {
+        return Err(ClusterError::TooFewReplicas { url, wanted, replicas });
+    }
+    if replicas > 0 && wanted == 0 {
+        if !config.cluster.allow_volatile_redis {
+            return Err(ClusterError::Unreplicated { url, replicas });
+        }
+        tracing::warn!(
+            replicas,
+            "Redis has replicas but cluster.replica_acks = 0 (cluster.allow_volatile_redis = true): a failover can lose acknowledged claims."
+        );
+    }
+    Ok(())
+}
+
+/// The replicas of the Redis Cluster master that has the fewest, from
+/// `CLUSTER NODES` (`<id> <addr> <flags> <master id> ... <slots>`): only
+/// masters that serve slots count, and only replicas not marked failed.
+fn fewest_replicas(nodes: &str) -> usize {
+    let rows: Vec<Vec<&str>> = nodes.lines().map(|l| l.split_whitespace().collect()).collect();
+    let flags = |row: &[&str], flag: &str| row.get(2).is_some_and(|f| f.split(',').any(|x| x == flag));
+    rows.iter()
+        .filter(|r| flags(r, "master") && !flags(r, "fail") && r.len() > 8)
+        .map(|master| {
+            rows.iter()
+                .filter(|r| flags(r, "slave") && !flags(r, "fail") && r.get(3) == master.first())
+                .count()
+        })
+        .min()
+        .unwrap_or(0)
+}
+
 /// `url` with the password of its user part, if any, hidden (for messages).
 fn without_password(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -234,6 +303,7 @@ impl ClusterStore {
         let (redis, db) = block_on(&handle, connect(config, timeout))?;
         if matches!(access, Access::Serve(_)) {
             block_on(&handle, check_durable(config))?;
+            block_on(&handle, check_replicated(config, &redis))?;
         }
         let shared = Arc::new(Shared {
             redis,
@@ -586,5 +656,38 @@ impl ClusterStore {
             Ok(out)
         })
         .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fewest_replicas;
+
+    /// `CLUSTER NODES` of three masters with a replica each (Redis 7).
+    const NODES: &str = "\
+07c37dfeb235213a872192d90877d0cd55635b91 127.0.0.1:30004@31004 slave e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 0 1426238317239 4 connected
+67ed2db8d677e59ec4a4cefb06858cf2a1a89fa1 127.0.0.1:30002@31002 master - 0 1426238316232 2 connected 5461-10922
+292f8b365bb7edb5e285caf0b7e6ddc7265d2f4f 127.0.0.1:30003@31003 master - 0 1426238318243 3 connected 10923-16383
+6ec23923021cf3ffec47632106199cb7f496ce01 127.0.0.1:30005@31005 slave 67ed2db8d677e59ec4a4cefb06858cf2a1a89fa1 0 1426238316232 5 connected
+824fe116063bc5fcf9f4ffd895bc17aee7731ac3 127.0.0.1:30006@31006 slave 292f8b365bb7edb5e285caf0b7e6ddc7265d2f4f 0 1426238317741 6 connected
+e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460
+";
+
+    #[test]
+    fn counts_the_replicas_of_the_master_with_fewest() {
+        assert_eq!(fewest_replicas(NODES), 1);
+        // One master's replica failed: that master has none left.
+        let failed = NODES.replace("30006@31006 slave", "30006@31006 slave,fail");
+        assert_eq!(fewest_replicas(&failed), 0);
+        // Masters alone.
+        let masters: String = NODES
+            .lines()
+            .filter(|l| !l.contains("slave"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(fewest_replicas(&masters), 0);
+        // A master that serves no slots (a spare) does not count.
+        let spare = format!("{NODES}aaaa 127.0.0.1:30007@31007 master - 0 0 7 connected\n");
+        assert_eq!(fewest_replicas(&spare), 1);
     }
 }

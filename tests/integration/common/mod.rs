@@ -694,7 +694,8 @@ pub fn serve_refused(dir: &Path, within: Duration, serving: &str) -> String {
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("{serving}");
+            let out = child.wait_with_output().unwrap();
+            panic!("{serving}; it wrote:\n{}", String::from_utf8_lossy(&out.stderr));
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -138,6 +138,22 @@ fn secantusd() -> PathBuf {
     path
 }
 
+/// One server of a Redis Cluster on `port`, in `dir` (AOF fsynced always,
+/// as in production).
+fn spawn_cluster_server(dir: &Path, port: u16) -> Child {
+    let log = dir.join("redis.log");
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--dir", dir.to_str().unwrap(), "--logfile", log.to_str().unwrap()])
+        .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+        .args(["--cluster-node-timeout", "5000"])
+        .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run redis-server ({e}); {INSTALL}"))
+}
+
 /// A free port whose Redis Cluster bus port (`port + 10000`) is free too,
 /// both below the ephemeral range.
 fn free_cluster_port() -> u16 {
@@ -185,7 +201,16 @@ impl Services {
     /// SecantusDB; `redis_url` names the first master, the nodes' seed.
     pub fn start_with_redis_cluster() -> Services {
         let mut s = Services::empty();
-        s.start_redis_cluster();
+        s.start_redis_cluster(0);
+        s.start_mongo();
+        s
+    }
+
+    /// Starts a Redis Cluster of three masters with a replica each, and
+    /// SecantusDB; `redis_url` names the first master.
+    pub fn start_with_replicated_redis_cluster() -> Services {
+        let mut s = Services::empty();
+        s.start_redis_cluster(1);
         s.start_mongo();
         s
     }
@@ -201,27 +226,18 @@ impl Services {
         }
     }
 
-    /// Three `redis-server --cluster-enabled yes` (each with its own
-    /// directory, AOF fsynced always as in production), joined by
-    /// `redis-cli --cluster create` and waited for until every one says
-    /// `cluster_state:ok`.
-    fn start_redis_cluster(&mut self) {
+    /// Three masters, each with `replicas` replicas: `redis-server
+    /// --cluster-enabled yes` (each with its own directory, AOF fsynced
+    /// always as in production), joined by `redis-cli --cluster create` and
+    /// waited for until every one says `cluster_state:ok`.
+    fn start_redis_cluster(&mut self, replicas: usize) {
         let mut addrs = Vec::new();
-        for i in 0..3 {
-            let dir = self.dir.path().join(format!("redis-cluster-{i}"));
+        for i in 0..3 * (1 + replicas) {
+            let dir = self.cluster_dir(i);
             std::fs::create_dir_all(&dir).unwrap();
             let log = dir.join("redis.log");
             let (port, child) = start_on_free_port("redis-server (cluster)", &log, free_cluster_port, |port| {
-                Command::new("redis-server")
-                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                    .args(["--dir", dir.to_str().unwrap(), "--logfile", log.to_str().unwrap()])
-                    .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
-                    .args(["--cluster-node-timeout", "5000"])
-                    .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap_or_else(|e| panic!("cannot run redis-server ({e}); {INSTALL}"))
+                spawn_cluster_server(&dir, port)
             });
             addrs.push(format!("127.0.0.1:{port}"));
             self.cluster.push((port, child));
@@ -230,7 +246,7 @@ impl Services {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); {INSTALL}"));
         assert!(
@@ -240,13 +256,46 @@ impl Services {
             String::from_utf8_lossy(&out.stderr)
         );
         let deadline = Instant::now() + Duration::from_secs(30);
+        // Every replica has finished its first sync (its master lists it
+        // `state=online`): until then it confirms no write (`WAIT`).
+        loop {
+            let online: usize = addrs
+                .iter()
+                .map(|addr| {
+                    let info = Command::new("redis-cli")
+                        .args(["-u", &format!("redis://{addr}"), "info", "replication"])
+                        .output()
+                        .unwrap();
+                    String::from_utf8_lossy(&info.stdout).matches("state=online").count()
+                })
+                .sum();
+            if online == 3 * replicas {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Redis Cluster's replicas never came online"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         for addr in &addrs {
             loop {
                 let info = Command::new("redis-cli")
                     .args(["-u", &format!("redis://{addr}"), "cluster", "info"])
                     .output()
                     .unwrap();
-                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                // And every server knows every replica (`cluster_state:ok`
+                // comes before gossip has spread the replicas' roles).
+                let nodes = Command::new("redis-cli")
+                    .args(["-u", &format!("redis://{addr}"), "cluster", "nodes"])
+                    .output()
+                    .unwrap();
+                let replicas_known = String::from_utf8_lossy(&nodes.stdout)
+                    .lines()
+                    .filter(|l| l.split_whitespace().nth(2).is_some_and(|f| f.contains("slave")))
+                    .count();
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") && replicas_known == 3 * replicas
+                {
                     break;
                 }
                 assert!(Instant::now() < deadline, "the Redis Cluster at {addr} never became ok");
@@ -255,7 +304,40 @@ impl Services {
         }
     }
 
-    /// The URLs of the Redis Cluster's masters (empty for a single Redis).
+    fn cluster_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("redis-cluster-{i}"))
+    }
+
+    /// Starts the Redis Cluster's server on `port` again (after a `kill
+    /// -9`), on its own directory: it rejoins with what its `nodes.conf`
+    /// and AOF hold. Waits until it answers.
+    pub fn restart_redis_cluster_server(&mut self, port: u16) {
+        let i = self
+            .cluster
+            .iter()
+            .position(|(p, _)| *p == port)
+            .expect("a server of the cluster");
+        let dir = self.cluster_dir(i);
+        let child = spawn_cluster_server(&dir, port);
+        stop(Some(std::mem::replace(&mut self.cluster[i].1, child)), libc::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server on {port} did not come back");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The process id of the Redis Cluster's server on `port`.
+    pub fn redis_cluster_pid(&self, port: u16) -> u32 {
+        let (_, child) = self
+            .cluster
+            .iter()
+            .find(|(p, _)| *p == port)
+            .expect("a server of the cluster");
+        child.id()
+    }
+
+    /// The URLs of the Redis Cluster's servers (empty for a single Redis).
     pub fn redis_cluster_urls(&self) -> Vec<String> {
         self.cluster
             .iter()
@@ -324,7 +406,7 @@ impl Services {
         stop(self.redis.take(), signal);
     }
 
-    /// SIGSTOP to Redis (every master of a Redis Cluster): it stops
+    /// SIGSTOP to Redis (every server of a Redis Cluster): it stops
     /// answering, its connections stay open, and
     /// what the nodes send meanwhile runs when it is thawed — after they
     /// gave up waiting for the answer.
@@ -337,7 +419,7 @@ impl Services {
         self.signal_running_redis(libc::SIGCONT);
     }
 
-    /// `sig` to the single Redis, or to every master of the Redis Cluster.
+    /// `sig` to the single Redis, or to every server of the Redis Cluster.
     fn signal_running_redis(&self, sig: i32) {
         let pids: Vec<u32> = match &self.redis {
             Some(child) => vec![child.id()],
