@@ -425,7 +425,8 @@ impl EmbeddedStore {
         if !has_skeletons(&conn)? {
             return Err(StoreError::NeedsUpgrade);
         }
-        let tx = conn.transaction()?;
+        // IMMEDIATE, as in `import_in`: it reads, then writes.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut keyed = 0;
         {
             let mut unkeyed = tx.prepare("SELECT id, username FROM users WHERE skeleton IS NULL ORDER BY id")?;
@@ -549,7 +550,12 @@ impl EmbeddedStore {
 /// The import's writes, in one transaction: activities, ticket types (none
 /// moved to another activity), codes listed and generated.
 fn import_in(conn: &mut Connection, config: &Config, node_start_ms: i64) -> Result<ImportReport, StoreError> {
-    let tx = conn.transaction()?;
+    // IMMEDIATE: the write lock first. A deferred transaction that reads
+    // (the stored ticket types) and then writes fails at once with "database
+    // is locked" when another connection (the claim applier) committed in
+    // between: SQLite cannot upgrade a stale snapshot, and no busy timeout
+    // helps. A reload under a rush failed so in a test run.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut report = ImportReport::default();
     {
         let stored: HashMap<String, String> = tx
