@@ -256,7 +256,7 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
     loop {
         let started = Instant::now();
         let mut redis = shared.redis.clone();
-        match run_commit(&mut redis, &invocation, shared.cfg.replica_acks).await {
+        match run_commit(&mut redis, &invocation, keys, shared.cfg.replica_acks).await {
             Ok(results) if results.len() == work.len() => {
                 metrics::global().redis_commit.observe(started.elapsed());
                 shared.mark_redis(true);
@@ -290,12 +290,19 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
 const REPLICA_WAIT_MS: u64 = 250;
 
 /// One attempt at a commit: the script, then, with `replica_acks`, a
-/// `WAIT` in the same pipeline, so it goes to the same master over the
-/// same connection (a pipeline follows its first keyed command; a `WAIT`
-/// alone would go to every master) and waits for exactly this write.
+/// write to the activity's fence and a `WAIT` in the same pipeline, so they
+/// go to the same master over the same connection (a pipeline follows its
+/// first keyed command; a `WAIT` alone would go to every master).
+///
+/// `WAIT` counts replicas that hold this connection's last write. A retry
+/// (on a new connection, after a lost answer) finds the claims committed
+/// and writes nothing, nor does an answer read back (a replayed key): the
+/// fence's write comes after whatever the script read, and Redis
+/// replicates in order, so a replica that has the fence has the claims.
 async fn run_commit(
     redis: &mut super::connection::RedisConn,
     invocation: &redis::ScriptInvocation<'_>,
+    keys: &scripts::Keys,
     replica_acks: usize,
 ) -> Result<Vec<String>, ClusterError> {
     if replica_acks == 0 {
@@ -303,6 +310,9 @@ async fn run_commit(
     }
     let mut pipe = redis::pipe();
     pipe.invoke_script(invocation)
+        .cmd("INCR")
+        .arg(keys.fence())
+        .ignore()
         .cmd("WAIT")
         .arg(replica_acks)
         .arg(REPLICA_WAIT_MS);
@@ -385,29 +395,36 @@ pub(super) async fn writer(shared: Arc<Shared>, grace: Duration, ctl: Ctl, mut s
 }
 
 /// The head of a backlog, up to `n` records. With `replica_acks`, only
-/// once that many replicas hold every write this node sent to that master
-/// (a `WAIT` in the same pipeline, on the connection the commits use): a
-/// record of a batch that was answered 503 because no replica confirmed it
-/// must not reach MongoDB while a failover could still take it from Redis,
-/// and its code go to someone else.
+/// once that many replicas hold them (a fence write and a `WAIT` after
+/// reading, as in [`run_commit`]): a record of a batch that was answered
+/// 503 because no replica confirmed it must not reach MongoDB while a
+/// failover could still take it from Redis, and its code go to someone
+/// else.
 async fn read_backlog(
     redis: &mut super::connection::RedisConn,
+    keys: &scripts::Keys,
     outbox: &str,
     n: usize,
     replica_acks: usize,
 ) -> Result<Vec<String>, ClusterError> {
-    let mut lrange = redis::cmd("LRANGE");
-    lrange.arg(outbox).arg(0).arg(n - 1);
-    if replica_acks == 0 {
-        return Ok(lrange.query_async(redis).await?);
+    let batch: Vec<String> = redis::cmd("LRANGE")
+        .arg(outbox)
+        .arg(0)
+        .arg(n - 1)
+        .query_async(redis)
+        .await?;
+    if replica_acks == 0 || batch.is_empty() {
+        return Ok(batch);
     }
     let mut pipe = redis::pipe();
-    pipe.add_command(lrange)
+    pipe.cmd("INCR")
+        .arg(keys.fence())
+        .ignore()
         .cmd("WAIT")
         .arg(replica_acks)
         .arg(REPLICA_WAIT_MS);
-    let (batch, acked): (Vec<String>, usize) = pipe.query_async(redis).await?;
-    if acked < replica_acks && !batch.is_empty() {
+    let (acked,): (usize,) = pipe.query_async(redis).await?;
+    if acked < replica_acks {
         return Err(ClusterError::NotReplicated {
             acked,
             wanted: replica_acks,
@@ -425,7 +442,14 @@ async fn drain_once(shared: &Shared) -> Result<usize, ClusterError> {
         let keys = scripts::Keys::new(&activity);
         let outbox = keys.outbox(&shared.node);
         loop {
-            let batch = read_backlog(&mut redis, &outbox, shared.cfg.mongo_batch, shared.cfg.replica_acks).await?;
+            let batch = read_backlog(
+                &mut redis,
+                &keys,
+                &outbox,
+                shared.cfg.mongo_batch,
+                shared.cfg.replica_acks,
+            )
+            .await?;
             if batch.is_empty() {
                 break;
             }

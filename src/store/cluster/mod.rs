@@ -192,7 +192,7 @@ async fn check_replicated(config: &Config, redis: &RedisConn) -> Result<(), Clus
             .arg("NODES")
             .query_async::<String>(&mut conn)
             .await
-            .map(|nodes| fewest_replicas(&nodes))
+            .map(|nodes| replicas_per_master(&nodes))
     } else {
         redis::cmd("INFO")
             .arg("replication")
@@ -202,10 +202,10 @@ async fn check_replicated(config: &Config, redis: &RedisConn) -> Result<(), Clus
                 info.lines()
                     .find_map(|l| l.trim().strip_prefix("connected_slaves:"))
                     .and_then(|n| n.parse().ok())
-                    .unwrap_or(0)
+                    .map_or((0, 0), |n| (n, n))
             })
     };
-    let replicas = match replicas {
+    let (fewest, most) = match replicas {
         Ok(n) => n,
         Err(error) if matches!(error.code(), Some("ERR" | "NOPERM")) => {
             tracing::warn!(%error, "Redis would not say whether it has replicas; with replicas, set cluster.replica_acks so that a failover cannot lose acknowledged claims.");
@@ -213,36 +213,46 @@ async fn check_replicated(config: &Config, redis: &RedisConn) -> Result<(), Clus
         }
         Err(error) => return Err(ClusterError::Redis(error)),
     };
-    if wanted > replicas {
-        return Err(ClusterError::TooFewReplicas { url, wanted, replicas });
+    if wanted > fewest {
+        return Err(ClusterError::TooFewReplicas {
+            url,
+            wanted,
+            replicas: fewest,
+        });
     }
-    if replicas > 0 && wanted == 0 {
+    // Any master with a replica can fail over to it.
+    if most > 0 && wanted == 0 {
         if !config.cluster.allow_volatile_redis {
-            return Err(ClusterError::Unreplicated { url, replicas });
+            return Err(ClusterError::Unreplicated { url, replicas: most });
         }
         tracing::warn!(
-            replicas,
+            replicas = most,
             "Redis has replicas but cluster.replica_acks = 0 (cluster.allow_volatile_redis = true): a failover can lose acknowledged claims."
         );
     }
     Ok(())
 }
 
-/// The replicas of the Redis Cluster master that has the fewest, from
-/// `CLUSTER NODES` (`<id> <addr> <flags> <master id> ... <slots>`): only
-/// masters that serve slots count, and only replicas not marked failed.
-fn fewest_replicas(nodes: &str) -> usize {
+/// The replicas of the Redis Cluster masters with the fewest and with the
+/// most, from `CLUSTER NODES` (`<id> <addr> <flags> <master id> ...
+/// <slots>`): only masters that serve slots count, and only replicas not
+/// marked failed.
+fn replicas_per_master(nodes: &str) -> (usize, usize) {
     let rows: Vec<Vec<&str>> = nodes.lines().map(|l| l.split_whitespace().collect()).collect();
     let flags = |row: &[&str], flag: &str| row.get(2).is_some_and(|f| f.split(',').any(|x| x == flag));
-    rows.iter()
+    let counts: Vec<usize> = rows
+        .iter()
         .filter(|r| flags(r, "master") && !flags(r, "fail") && r.len() > 8)
         .map(|master| {
             rows.iter()
                 .filter(|r| flags(r, "slave") && !flags(r, "fail") && r.get(3) == master.first())
                 .count()
         })
-        .min()
-        .unwrap_or(0)
+        .collect();
+    (
+        counts.iter().copied().min().unwrap_or(0),
+        counts.iter().copied().max().unwrap_or(0),
+    )
 }
 
 /// `url` with the password of its user part, if any, hidden (for messages).
@@ -661,7 +671,7 @@ impl ClusterStore {
 
 #[cfg(test)]
 mod tests {
-    use super::fewest_replicas;
+    use super::replicas_per_master;
 
     /// `CLUSTER NODES` of three masters with a replica each (Redis 7).
     const NODES: &str = "\
@@ -674,20 +684,21 @@ e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0
 ";
 
     #[test]
-    fn counts_the_replicas_of_the_master_with_fewest() {
-        assert_eq!(fewest_replicas(NODES), 1);
-        // One master's replica failed: that master has none left.
+    fn counts_the_replicas_of_the_masters_with_fewest_and_most() {
+        assert_eq!(replicas_per_master(NODES), (1, 1));
+        // One master's replica failed: that master has none left, the
+        // others (which can still fail over) one each.
         let failed = NODES.replace("30006@31006 slave", "30006@31006 slave,fail");
-        assert_eq!(fewest_replicas(&failed), 0);
+        assert_eq!(replicas_per_master(&failed), (0, 1));
         // Masters alone.
         let masters: String = NODES
             .lines()
             .filter(|l| !l.contains("slave"))
             .map(|l| format!("{l}\n"))
             .collect();
-        assert_eq!(fewest_replicas(&masters), 0);
+        assert_eq!(replicas_per_master(&masters), (0, 0));
         // A master that serves no slots (a spare) does not count.
         let spare = format!("{NODES}aaaa 127.0.0.1:30007@31007 master - 0 0 7 connected\n");
-        assert_eq!(fewest_replicas(&spare), 1);
+        assert_eq!(replicas_per_master(&spare), (1, 1));
     }
 }

@@ -17,6 +17,8 @@
 //! tk:{A}:idem          hash  "user:Idempotency-Key" -> claim record
 //! tk:{A}:sold          hash  ticket id -> codes claimed (cluster-wide counts)
 //! tk:{A}:outbox:N      list  claim records node N acknowledged, not yet in MongoDB
+//! tk:{A}:fence         int   written before each `WAIT` (cluster.replica_acks): a
+//!                            retried commit may write nothing itself
 //! tk:ids               int   claim id blocks handed to nodes (not per activity)
 //! tk:user_ids          int   the last user id handed out
 //! tk:node:N            str   held by the running node called N
@@ -123,6 +125,11 @@ impl Keys {
     /// `node`'s backlog of claims for MongoDB.
     pub fn outbox(&self, node: &str) -> String {
         self.key(&format!("outbox:{node}"))
+    }
+
+    /// Written (INCR) just before a `WAIT` on this activity's master.
+    pub fn fence(&self) -> String {
+        self.key("fence")
     }
 }
 
