@@ -2219,3 +2219,54 @@ async fn a_failover_to_a_replica_loses_no_acknowledged_claim() {
     assert_invariants(&acked, &ids, &stored, 1, 30);
     assert_eq!(stored.len(), 20, "MongoDB holds a claim no replica had: {stored:?}");
 }
+
+/// Node ids: a node frozen (SIGSTOP) past `lease_ttl` has lost its hold on
+/// its id, and a successor started under the same id takes it. Before, the
+/// old instance, thawed, took the id back with its next heartbeat (an
+/// unconditional SET), and the two ran on under one id, sharing its lease
+/// sets and backlog. Now the thawed instance finds the id held by another
+/// and exits (status 1); the successor keeps it and sells on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_whose_id_was_taken_over_exits_when_it_thaws() {
+    let act = cluster_activity("tw", 20, 1);
+    let extra = "[cluster]\nlease_ttl = \"2s\"\n";
+    let mut cluster = Cluster::start(1, &act, extra);
+    let holder = || async {
+        let mut r = cluster.services.redis().await;
+        let held: Option<String> = redis::cmd("GET")
+            .arg("tk:node:node0")
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        held
+    };
+    let first = holder().await.expect("the running node holds its id");
+    cluster.nodes[0].signal(libc::SIGSTOP);
+    until("the frozen node's hold on its id to lapse", || async {
+        holder().await.is_none()
+    })
+    .await;
+
+    let mut successor = TestApp::prepare(
+        &(node_config(&cluster.services, &cluster.db, "node0", extra) + &act),
+        &[],
+    );
+    successor.boot();
+    let second = holder().await.expect("the successor holds the id");
+    assert_ne!(first, second);
+
+    cluster.nodes[0].signal(libc::SIGCONT);
+    let exit = cluster.nodes[0].exited_within(Duration::from_secs(10));
+    assert_eq!(exit, Some(1), "the thawed instance ran on under the successor's id");
+    cluster.nodes[0].wait_for_log(
+        "Another instance now runs under this node id (started while this one was stopped); this one exits.",
+        1,
+    );
+    assert_eq!(
+        holder().await.as_deref(),
+        Some(second.as_str()),
+        "the successor lost its id"
+    );
+    let token = successor.register("twin-fan").await;
+    assert_eq!(successor.claim(&token, "tw").await.status, 200);
+}

@@ -11,7 +11,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redis::AsyncCommands;
 use tokio::runtime::Handle;
 
 use super::{
@@ -53,13 +52,52 @@ pub(super) async fn register_node(shared: &Shared) -> Result<(), ClusterError> {
     }
 }
 
+/// Lets go of `tk:node:N` if this instance still holds it: one script, so
+/// a successor that took the id meanwhile keeps it (a GET then a DEL could
+/// delete the successor's hold).
 pub(super) async fn unregister_node(shared: &Shared) {
     let mut redis = shared.redis.clone();
+    let _: Result<i64, _> = scripts::LOCK_KEEP_OR_RELEASE
+        .key(scripts::node_key(&shared.node))
+        .arg(&shared.instance)
+        .invoke_async(&mut redis)
+        .await;
+}
+
+/// Renews this instance's hold on its node id, or takes it again if it
+/// lapsed with nobody taking it (a long pause, Redis restarted without it).
+/// Held by another instance, the id now belongs to a successor started
+/// while this one was frozen: two instances under one id share its lease
+/// sets and backlog, and each one's give-backs and resyncs would return
+/// the other's codes. This one exits at once (status 1), as a `kill -9`
+/// would: every claim it acknowledged is in Redis already, and the
+/// successor has taken over its leases and backlog.
+async fn keep_node_id(shared: &Shared) -> Result<(), ClusterError> {
+    let mut redis = shared.redis.clone();
     let key = scripts::node_key(&shared.node);
-    let holder: Result<Option<String>, _> = redis.get(&key).await;
-    if matches!(holder, Ok(Some(h)) if h == shared.instance) {
-        let _: Result<(), _> = redis.del(&key).await;
+    let ttl = shared.cfg.lease_ttl.0.as_millis() as u64;
+    let kept: i64 = scripts::LOCK_KEEP_OR_RELEASE
+        .key(&key)
+        .arg(&shared.instance)
+        .arg(ttl)
+        .invoke_async(&mut redis)
+        .await?;
+    if kept == 1 {
+        return Ok(());
     }
+    let taken: Option<String> = redis::cmd("SET")
+        .arg(&key)
+        .arg(&shared.instance)
+        .arg("NX")
+        .arg("PX")
+        .arg(ttl)
+        .query_async(&mut redis)
+        .await?;
+    if taken.is_none() {
+        tracing::error!(node = %shared.node, "Another instance now runs under this node id (started while this one was stopped); this one exits.");
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// What the heartbeat learnt of one ticket type.
@@ -361,15 +399,8 @@ async fn lease(
 }
 
 async fn heartbeat(shared: &Shared) -> Result<Vec<TicketCounts>, ClusterError> {
+    keep_node_id(shared).await?;
     let mut redis = shared.redis.clone();
-    let ttl = shared.cfg.lease_ttl.0.as_millis() as u64;
-    let _: () = redis::cmd("SET")
-        .arg(scripts::node_key(&shared.node))
-        .arg(&shared.instance)
-        .arg("PX")
-        .arg(ttl)
-        .query_async(&mut redis)
-        .await?;
     let mut out = Vec::new();
     for (a, tickets) in shared.activity_list() {
         let keys = scripts::Keys::new(&a);

@@ -269,12 +269,28 @@ impl TestApp {
         assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
     }
 
-    /// `kill -9`, then reap.
     /// Whether the process is running (not stopped or killed by the test).
     pub fn running(&self) -> bool {
         self.child.is_some()
     }
 
+    /// Waits up to `within` for the node to exit by itself; its exit code
+    /// (reaped), or None if it is still running.
+    pub fn exited_within(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.as_mut().expect("running").try_wait().unwrap() {
+                self.child = None;
+                return Some(status.code().unwrap_or(-1));
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `kill -9`, then reap.
     pub fn kill9(&mut self) {
         self.signal(libc::SIGKILL);
         self.child.take().unwrap().wait().unwrap();
