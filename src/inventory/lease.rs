@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 use super::{pool::CodePool, stock::Stock};
 use crate::{
     config::ClusterConfig,
-    store::{ClusterError, LeaseSource, StoreError},
+    store::{ClusterError, LeaseSource, Leased, StoreError},
     worker::{Ctl, Stop},
 };
 
@@ -494,7 +494,12 @@ async fn refill(leasing: &Leasing, ctl: &Ctl) {
             continue;
         }
         match leasing.source.lease(&t.activity, &t.ticket, want).await {
-            Ok((left, codes)) => {
+            Ok(leased) if leased.reclaimed => {
+                t.upstream.store(leased.left, Ordering::Relaxed);
+                // What was just leased goes back with the rest.
+                reclaimed(&t);
+            }
+            Ok(Leased { left, codes, .. }) => {
                 t.upstream.store(left, Ordering::Relaxed);
                 let n = codes.len();
                 if n > 0 {
@@ -528,21 +533,27 @@ async fn renew(leasing: &Leasing) -> Result<(), StoreError> {
         t.set_counts(c.known, c.sold);
         t.upstream.store(c.upstream, Ordering::Relaxed);
         if c.reclaimed {
-            if t.pool.remaining() > 0 {
-                let mut dropped = 0;
-                while t.pool.take().is_some() {
-                    dropped += 1;
-                }
-                tracing::warn!(ticket = %c.ticket, codes = dropped, "This node's lease had expired and was reclaimed; dropped its local codes.");
-            }
-            // The reaper returned only the ticket types it sells itself:
-            // what Redis still lists under this node (another ticket type's
-            // lease) goes back too, or it would be renewed here unsold.
-            t.resync.store(true, Ordering::Relaxed);
+            reclaimed(&t);
         }
     }
     leasing.stock_changed.notify_waiters();
     Ok(())
+}
+
+/// This node's lease of `t` was taken from it (reclaimed while it was
+/// frozen or cut off) or given up since it last looked: the codes in its
+/// pool are not its own. They are dropped, and whatever Redis still lists
+/// under this node goes back (the reaper returned only the ticket types it
+/// sells itself; the rest would be renewed here unsold).
+fn reclaimed(t: &TicketLease) {
+    if t.pool.remaining() > 0 {
+        let mut dropped = 0;
+        while t.pool.take().is_some() {
+            dropped += 1;
+        }
+        tracing::warn!(ticket = %t.ticket, codes = dropped, "This node's lease had expired and was reclaimed; dropped its local codes.");
+    }
+    t.resync.store(true, Ordering::Relaxed);
 }
 
 /// After a lease or give-back whose answer was lost, makes Redis and the

@@ -36,7 +36,7 @@ pub mod types;
 use std::sync::Arc;
 
 pub use cluster::{
-    lease::LeaseSource,
+    lease::{LeaseSource, Leased},
     rooms::{Appended, Joined, RoomSource},
     ClusterStore,
 };

@@ -2270,3 +2270,56 @@ async fn a_frozen_node_whose_id_was_taken_over_exits_when_it_thaws() {
     let token = successor.register("twin-fan").await;
     assert_eq!(successor.claim(&token, "tw").await.status, 200);
 }
+
+/// A node frozen past its lease is reaped: its codes go back on the master
+/// list. Woken, it learnt of it only from a "was I still registered?" flag
+/// that its next heartbeat read and cleared in one step. When that
+/// heartbeat then failed (here: the activity's counts unreadable for a
+/// moment), or its answer was lost, or a lease registered the node again
+/// first, the node never heard of the reap: it went on believing the codes
+/// in its pool were its own, leased nothing more (its pool looked full) and
+/// sent each claim of them to a commit that answered LOST. Nodes now
+/// compare a lease epoch that reaps and releases raise, which no lost or
+/// failed answer hides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reaped_node_learns_of_it_even_when_its_first_heartbeat_fails() {
+    let cluster = Cluster::start(2, &cluster_activity("ep", 200, 1), "[cluster]\nlease_ttl = \"2s\"\n");
+    let series = "ticketd_leased_codes{activity=\"ep\",ticket=\"ep-t\"}";
+    let node0 = &cluster.nodes[0];
+    until("node0 to lease", || async { metric(node0, series).await > 0.0 }).await;
+    node0.signal(libc::SIGSTOP);
+    until("node1 to reap node0", || async {
+        metric(&cluster.nodes[1], "ticketd_leases_reaped_total").await >= 1.0
+    })
+    .await;
+    // Nothing is sold yet: a string where the sold counts' hash belongs
+    // makes the heartbeat fail after it has registered the node again.
+    let mut r = cluster.services.redis().await;
+    let () = redis::cmd("SET")
+        .arg("tk:{ep}:sold")
+        .arg("x")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    node0.signal(libc::SIGCONT);
+    until("node0 to register again", || async {
+        let mut r = cluster.services.redis().await;
+        let score: Option<f64> = redis::cmd("ZSCORE")
+            .arg("tk:{ep}:nodes")
+            .arg("node0")
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        score.is_some()
+    })
+    .await;
+    let () = redis::cmd("DEL").arg("tk:{ep}:sold").query_async(&mut r).await.unwrap();
+    until("node0 to hold only codes Redis leases it", || async {
+        metric(node0, series).await as usize <= scard(&cluster, "tk:{ep}:lease:ep-t:node0").await
+    })
+    .await;
+    node0.wait_for_log(
+        "This node's lease had expired and was reclaimed; dropped its local codes.",
+        1,
+    );
+}

@@ -100,6 +100,20 @@ async fn keep_node_id(shared: &Shared) -> Result<(), ClusterError> {
     Ok(())
 }
 
+/// What a lease of one ticket type brought.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    /// Codes left on the master list.
+    pub left: usize,
+    /// The codes leased, now in this node's lease set.
+    pub codes: Vec<String>,
+    /// This node's leases had been taken (a reaper) or given up since it
+    /// last looked: the codes in its pool are not its own any more. The
+    /// codes just leased are; the node gives its whole lease back and
+    /// leases afresh.
+    pub reclaimed: bool,
+}
+
 /// What the heartbeat learnt of one ticket type.
 #[derive(Debug, Clone)]
 pub struct TicketCounts {
@@ -188,12 +202,7 @@ impl LeaseSource {
     }
 
     /// Leases up to `want` codes of `ticket`: `(codes left on the master list, codes)`.
-    pub async fn lease(
-        &self,
-        activity: &Arc<str>,
-        ticket: &Arc<str>,
-        want: usize,
-    ) -> Result<(usize, Vec<String>), StoreError> {
+    pub async fn lease(&self, activity: &Arc<str>, ticket: &Arc<str>, want: usize) -> Result<Leased, StoreError> {
         let (shared, activity, ticket) = (self.shared.clone(), activity.clone(), ticket.clone());
         Ok(on(&self.handle, async move {
             let result = lease(&shared, &activity, &ticket, want).await;
@@ -370,42 +379,41 @@ async fn release(shared: &Shared, activity: &str, tickets: &[Arc<str>]) -> Resul
     Ok(invocation.invoke_async(&mut redis).await?)
 }
 
-async fn lease(
-    shared: &Shared,
-    activity: &str,
-    ticket: &str,
-    want: usize,
-) -> Result<(usize, Vec<String>), ClusterError> {
+async fn lease(shared: &Shared, activity: &Arc<str>, ticket: &Arc<str>, want: usize) -> Result<Leased, ClusterError> {
     let keys = scripts::Keys::new(activity);
     let mut redis = shared.redis.clone();
     let started = Instant::now();
-    let (left, codes): (usize, Vec<String>) = scripts::LEASE
+    let (left, codes, epoch): (usize, Vec<String>, u64) = scripts::LEASE
         .key(keys.stock(ticket))
         .key(keys.lease(ticket, &shared.node))
         .key(keys.nodes())
         .key(keys.tickets())
+        .key(keys.epochs())
         .arg(&*shared.node)
         .arg(want)
         .arg(now_ms())
         .arg(shared.lease_expiry())
-        .arg(ticket)
+        .arg(&**ticket)
         .invoke_async(&mut redis)
         .await?;
     metrics::global().redis_lease.observe(started.elapsed());
     metrics::global()
         .codes_leased
         .fetch_add(codes.len() as u64, Ordering::Relaxed);
-    Ok((left, codes))
+    let reclaimed = shared.epoch_changed(activity, ticket, epoch);
+    shared.record_epoch(activity, ticket, epoch);
+    Ok(Leased { left, codes, reclaimed })
 }
 
 async fn heartbeat(shared: &Shared) -> Result<Vec<TicketCounts>, ClusterError> {
     keep_node_id(shared).await?;
     let mut redis = shared.redis.clone();
     let mut out = Vec::new();
+    let mut seen = Vec::new();
     for (a, tickets) in shared.activity_list() {
         let keys = scripts::Keys::new(&a);
         let mut invocation = scripts::HEARTBEAT.prepare_invoke();
-        invocation.key(keys.nodes()).key(keys.sold());
+        invocation.key(keys.nodes()).key(keys.sold()).key(keys.epochs());
         for t in &tickets {
             invocation.key(keys.stock(t)).key(keys.known(t));
         }
@@ -418,7 +426,7 @@ async fn heartbeat(shared: &Shared) -> Result<Vec<TicketCounts>, ClusterError> {
         if let Err(error) = record_limit(shared, &a).await {
             tracing::debug!(activity = %a, %error, "Could not record per_user_limit in Redis.");
         }
-        let reclaimed = answer.first().copied() == Some(1);
+        let epoch = answer.first().copied().unwrap_or_default() as u64;
         for (t, counts) in tickets.iter().zip(answer.get(1..).unwrap_or_default().chunks(3)) {
             let &[upstream, known, sold] = counts else { continue };
             out.push(TicketCounts {
@@ -426,9 +434,15 @@ async fn heartbeat(shared: &Shared) -> Result<Vec<TicketCounts>, ClusterError> {
                 upstream,
                 known,
                 sold,
-                reclaimed,
+                reclaimed: shared.epoch_changed(&a, t, epoch),
             });
+            seen.push((a.clone(), t.clone(), epoch));
         }
+    }
+    // Recorded only once every activity answered: a failure part-way
+    // returns no counts, and the change must still show next time.
+    for (a, t, epoch) in seen {
+        shared.record_epoch(&a, &t, epoch);
     }
     Ok(out)
 }

@@ -328,6 +328,7 @@ impl ClusterStore {
             activities: DashMap::new(),
             limits: DashMap::new(),
             doubts: Mutex::new(Vec::new()),
+            epochs: Mutex::new(HashMap::new()),
             ids: Mutex::new((0, 0)),
             nonce: AtomicU64::new(0),
             backlog_grew: Notify::new(),

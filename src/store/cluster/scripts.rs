@@ -10,6 +10,9 @@
 //! tk:{A}:tickets       set   ticket ids pushed or leased: a reaper returns their
 //!                            leases too, not only its own config's
 //! tk:{A}:nodes         zset  node -> lease expiry (Unix ms), renewed while it lives
+//! tk:{A}:epochs        hash  node -> times its leases were taken from it (REAP) or
+//!                            given up (RELEASE): a node that sees it change
+//!                            knows the codes in its pools are not its own
 //! tk:{A}:limits        hash  node -> per_user_limit of its config (the lowest live one holds)
 //! tk:{A}:claimed       hash  code -> claim record (JSON)
 //! tk:{A}:users         hash  user id -> claims held (the per-user limit)
@@ -95,6 +98,11 @@ impl Keys {
     /// Node -> the per-user limit its config sets.
     pub fn limits(&self) -> String {
         self.key("limits")
+    }
+
+    /// Lease epochs per node (see [`HEARTBEAT`]).
+    pub fn epochs(&self) -> String {
+        self.key("epochs")
     }
 
     /// Claimed codes.
@@ -292,19 +300,22 @@ return {lowest, highest}
 
 /// Leases up to `want` codes of one ticket type to a node and renews its lease.
 ///
-/// KEYS: stock, lease set, nodes, tickets. ARGV: node, want, now (ms),
-/// expiry (ms), the ticket id (named among the activity's ticket types, for
-/// codes pushed before that set existed). Near the end of the stock a node takes at most half of its share of what
-/// is left (`len / (2 * live nodes)`, at least one), so no node sits on the
-/// last codes while the others run dry. Returns `{left on the list, codes}`.
+/// KEYS: stock, lease set, nodes, tickets, epochs. ARGV: node, want, now
+/// (ms), expiry (ms), the ticket id (named among the activity's ticket
+/// types, for codes pushed before that set existed). Near the end of the
+/// stock a node takes at most half of its share of what is left
+/// (`len / (2 * live nodes)`, at least one), so no node sits on the last
+/// codes while the others run dry. Returns `{left on the list, codes, the node's lease
+/// epoch}` (see [`HEARTBEAT`]).
 pub static LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[5])
+local epoch = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0')
 local len = redis.call('LLEN', KEYS[1])
 local want = tonumber(ARGV[2])
-if len == 0 or want <= 0 then return {len, {}} end
+if len == 0 or want <= 0 then return {len, {}, epoch} end
 local live = redis.call('ZCOUNT', KEYS[3], ARGV[3], '+inf')
 if live < 1 then live = 1 end
 local n = math.min(want, math.max(1, math.floor(len / (2 * live))), len)
@@ -312,26 +323,29 @@ local codes = redis.call('LPOP', KEYS[1], n)
 for i = 1, #codes, 1000 do
   redis.call('SADD', KEYS[2], unpack(codes, i, math.min(i + 999, #codes)))
 end
-return {len - #codes, codes}
+return {len - #codes, codes, epoch}
 "#,
     )
 });
 
 /// Renews a node's lease on one activity and reads its stock.
 ///
-/// KEYS: nodes, sold, then per ticket type its stock list and known set.
-/// ARGV: node, expiry, then the ticket ids. Returns `{1 if the node's lease
-/// had been reaped (or never existed), then per ticket: list length, codes
-/// known, codes sold}`.
+/// KEYS: nodes, sold, epochs, then per ticket type its stock list and known
+/// set. ARGV: node, expiry, then the ticket ids. Returns `{the node's lease
+/// epoch, then per ticket: list length, codes known, codes sold}`.
+///
+/// The epoch counts the times the node's leases were taken from it ([`REAP`])
+/// or given up ([`RELEASE`]). A node compares it with the one it saw last:
+/// unlike a "was I still registered?" flag, a change cannot be hidden by an
+/// answer lost on the way, by another script re-registering the node first
+/// ([`LEASE`] does), or by a later activity's failure.
 pub static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local reaped = 0
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then reaped = 1 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-local out = {reaped}
+local out = {tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')}
 for i = 3, #ARGV do
-  local k = 3 + (i - 3) * 2
+  local k = 4 + (i - 3) * 2
   out[#out + 1] = redis.call('LLEN', KEYS[k])
   out[#out + 1] = redis.call('SCARD', KEYS[k + 1])
   out[#out + 1] = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
@@ -372,6 +386,7 @@ local reaped, returned, moved = 0, 0, 0
 for _, d in ipairs(dead) do
   if d ~= ARGV[2] then
     returned = returned + return_leases(ARGV[3], d, 4)
+    redis.call('HINCRBY', ARGV[3] .. 'epochs', d, 1)
     local ob = ARGV[3] .. 'outbox:' .. d
     while redis.call('LMOVE', ob, KEYS[2], 'LEFT', 'RIGHT') do moved = moved + 1 end
     redis.call('ZREM', KEYS[1], d)
@@ -421,6 +436,7 @@ pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
         "{RETURN_LEASES}{}",
         r#"
 local returned = return_leases(ARGV[2], ARGV[1], 4)
+redis.call('HINCRBY', ARGV[2] .. 'epochs', ARGV[1], 1)
 local backlog = redis.call('LLEN', KEYS[2])
 if backlog > 0 then
   redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])

@@ -3,6 +3,7 @@
 //! activities the node sells.
 
 use std::{
+    collections::HashMap,
     future::Future,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -30,6 +31,9 @@ pub(crate) struct Doubt {
     pub code: Arc<str>,
     pub nonce: String,
 }
+
+/// An activity and one of its ticket types.
+pub(crate) type TicketKey = (Arc<str>, Arc<str>);
 
 /// What goes to the committer.
 pub(crate) enum Msg {
@@ -61,6 +65,10 @@ pub(crate) struct Shared {
     /// change to a difference is warned of once).
     pub limits: DashMap<Arc<str>, LimitRecord>,
     pub doubts: Mutex<Vec<Doubt>>,
+    /// The lease epoch (see [`super::scripts::HEARTBEAT`]) last seen per
+    /// activity and ticket type: each ticket type's pool acts on a change
+    /// itself, whichever script shows it first.
+    pub epochs: Mutex<HashMap<TicketKey, u64>>,
     /// Claim ids: `[next, end)` of the block this node holds.
     pub ids: Mutex<(u64, u64)>,
     pub nonce: AtomicU64,
@@ -69,6 +77,22 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Whether the lease epoch a script answered for `ticket` differs from
+    /// the one recorded last (the node's leases were taken or given up
+    /// meanwhile: its pool's codes are not its own any more). Nothing is
+    /// recorded yet after start: no change.
+    pub fn epoch_changed(&self, activity: &Arc<str>, ticket: &Arc<str>, epoch: u64) -> bool {
+        self.epochs
+            .lock()
+            .get(&(activity.clone(), ticket.clone()))
+            .is_some_and(|&seen| seen != epoch)
+    }
+
+    /// Records the epoch a caller has acted on (see [`Shared::epoch_changed`]).
+    pub fn record_epoch(&self, activity: &Arc<str>, ticket: &Arc<str>, epoch: u64) {
+        self.epochs.lock().insert((activity.clone(), ticket.clone()), epoch);
+    }
+
     /// The tracked activities and their ticket ids, copied out of the map
     /// (no shard lock is held across an await).
     pub fn activity_list(&self) -> Vec<(Arc<str>, Vec<Arc<str>>)> {
