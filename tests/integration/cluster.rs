@@ -2323,3 +2323,83 @@ async fn a_reaped_node_learns_of_it_even_when_its_first_heartbeat_fails() {
         1,
     );
 }
+
+/// Calls of `command` Redis has run so far, scripts' included (`INFO
+/// commandstats`).
+async fn command_calls(cluster: &Cluster, command: &str) -> u64 {
+    let mut r = cluster.services.redis().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A dead node's backlog — up to `cluster.max_backlog`, a million records,
+/// after a long MongoDB outage — was moved onto the reaper's one `LMOVE`
+/// per record, inside one script: Redis served nobody else meanwhile. It
+/// now moves a thousand records per command (or renames the list when the
+/// reaper's own is empty), in order, after the reaper's own records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_backlog_moves_in_bulk() {
+    let cluster = Cluster::start(1, &cluster_activity("bl", 10, 1), "[cluster]\nlease_ttl = \"2s\"\n");
+    let mut r = cluster.services.redis().await;
+    // The reaper's backlog holds a record (one its writer cannot parse, so
+    // it stays); a dead node's holds 20,000.
+    let () = redis::cmd("RPUSH")
+        .arg("tk:{bl}:outbox:node0")
+        .arg("own")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    for chunk in 0..20 {
+        let records: Vec<String> = (chunk * 1000..(chunk + 1) * 1000)
+            .map(|i| format!("ghost-{i}"))
+            .collect();
+        let () = redis::cmd("RPUSH")
+            .arg("tk:{bl}:outbox:ghost")
+            .arg(records)
+            .query_async(&mut r)
+            .await
+            .unwrap();
+    }
+    let lmoves = command_calls(&cluster, "lmove").await;
+    let pushes = command_calls(&cluster, "rpush").await;
+    let () = redis::cmd("ZADD")
+        .arg("tk:{bl}:nodes")
+        .arg(1)
+        .arg("ghost")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    until("node0 to reap the dead node", || async {
+        llen(&cluster, "tk:{bl}:outbox:ghost").await == 0
+    })
+    .await;
+    let moved: Vec<String> = redis::cmd("LRANGE")
+        .arg("tk:{bl}:outbox:node0")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let want: Vec<String> = std::iter::once("own".to_owned())
+        .chain((0..20_000).map(|i| format!("ghost-{i}")))
+        .collect();
+    assert!(
+        moved == want,
+        "the backlog moved out of order or incomplete: {} records",
+        moved.len()
+    );
+    assert_eq!(
+        command_calls(&cluster, "lmove").await - lmoves,
+        0,
+        "records moved one by one"
+    );
+    let bulk = command_calls(&cluster, "rpush").await - pushes;
+    assert!(bulk <= 20 + 5, "{bulk} RPUSHes for 20 chunks of records");
+}

@@ -373,6 +373,11 @@ return out
 /// Moves the leases of the nodes that stopped renewing them back to the
 /// master lists, and their MongoDB backlog onto the reaping node's.
 ///
+/// A backlog can hold up to `cluster.max_backlog` (a million) records after
+/// a long MongoDB outage, and Redis runs nothing else while a script runs:
+/// it moves whole, by `RENAME` when the reaper's own backlog is empty, else
+/// a thousand records per command, never one command per record.
+///
 /// KEYS: nodes, the reaper's outbox. ARGV: now (ms), the reaper, the
 /// activity's key prefix, then its ticket ids. Per-node keys are named from
 /// the prefix (they share the hash tag, so this is safe on Redis Cluster).
@@ -388,7 +393,16 @@ for _, d in ipairs(dead) do
     returned = returned + return_leases(ARGV[3], d, 4)
     redis.call('HINCRBY', ARGV[3] .. 'epochs', d, 1)
     local ob = ARGV[3] .. 'outbox:' .. d
-    while redis.call('LMOVE', ob, KEYS[2], 'LEFT', 'RIGHT') do moved = moved + 1 end
+    local n = redis.call('LLEN', ob)
+    if n > 0 and redis.call('EXISTS', KEYS[2]) == 0 then
+      redis.call('RENAME', ob, KEYS[2])
+    elseif n > 0 then
+      for i = 0, n - 1, 1000 do
+        redis.call('RPUSH', KEYS[2], unpack(redis.call('LRANGE', ob, i, i + 999)))
+      end
+      redis.call('DEL', ob)
+    end
+    moved = moved + n
     redis.call('ZREM', KEYS[1], d)
     reaped = reaped + 1
   end
