@@ -1154,8 +1154,7 @@ async fn a_commit_failing_halfway_still_backlogs_and_counts_what_it_recorded() {
         .key(&lease)
         .arg("n1")
         .arg(5)
-        .arg(1000)
-        .arg(now_ms());
+        .arg(1000);
     for (nonce, code, user) in [("x1", "c1", 1u64), ("x2", "c2", 2)] {
         invocation
             .arg(nonce)
@@ -2402,4 +2401,40 @@ async fn a_dead_nodes_backlog_moves_in_bulk() {
     );
     let bulk = command_calls(&cluster, "rpush").await - pushes;
     assert!(bulk <= 20 + 5, "{bulk} RPUSHes for 20 chunks of records");
+}
+
+/// Lease expiries and the live set ran on each node's own clock: a node's
+/// heartbeat wrote "alive until my now + lease_ttl", and the others
+/// compared that with their own now. A node whose clock ran five seconds
+/// behind (libfaketime here) looked dead to the rest while it sold: the
+/// commit script then left out its lower per-user limit (and the reaper
+/// took its leases every few seconds). The scripts now read Redis's clock
+/// (`TIME`), so the node is live, and its limit of one holds for a fan
+/// claiming through the node that allows two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_clock_runs_behind_counts_as_live() {
+    let act = cluster_activity("sk", 20, 2);
+    let extra = "[cluster]\nlease_ttl = \"2s\"\n";
+    let cluster = Cluster::start(1, &act, extra);
+    let one = act.replace("per_user_limit = 2", "per_user_limit = 1");
+    assert_ne!(one, act);
+    let mut behind = TestApp::prepare(
+        &(node_config(&cluster.services, &cluster.db, "node1", extra) + &one),
+        &[],
+    );
+    behind.env = crate::common::faketime_env("-5s");
+    behind.boot();
+    let node0 = &cluster.nodes[0];
+    node0.wait_for_log(
+        "per_user_limit differs across the live nodes: claims hold to the lowest until every node has the same.",
+        1,
+    );
+    let token = node0.register("skew-fan").await;
+    assert_eq!(node0.claim(&token, "sk").await.status, 200);
+    assert_error(&node0.claim(&token, "sk").await, 409, "LIMIT_REACHED");
+    assert_eq!(
+        metric(node0, "ticketd_leases_reaped_total").await,
+        0.0,
+        "node0 reaped the live node1"
+    );
 }

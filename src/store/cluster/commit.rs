@@ -21,7 +21,6 @@ use super::{
     shared::{Doubt, Msg, Serving, Shared},
 };
 use crate::{
-    clock::now_ms,
     metrics,
     vocab::{answer_all, CommitError, CommitOutcome, PendingClaim},
     worker::{Ctl, Stop},
@@ -224,11 +223,7 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
         };
         invocation.key(&leases[at].1);
     }
-    invocation
-        .arg(&*shared.node)
-        .arg(limit)
-        .arg(shared.cfg.max_backlog)
-        .arg(now_ms());
+    invocation.arg(&*shared.node).arg(limit).arg(shared.cfg.max_backlog);
     for a in work {
         let c = a.pending.claim();
         let key = c.idempotency_key.as_deref().unwrap_or("");

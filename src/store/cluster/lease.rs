@@ -19,7 +19,6 @@ use super::{
     shared::{block_on, on, Shared},
 };
 use crate::{
-    clock::now_ms,
     metrics,
     store::types::StoreError,
     worker::{Ctl, Stop},
@@ -42,6 +41,7 @@ pub(super) async fn register_node(shared: &Shared) -> Result<(), ClusterError> {
             .query_async(&mut redis)
             .await?;
         if set.is_some() {
+            *shared.id_kept.lock() = Instant::now();
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -83,6 +83,7 @@ async fn keep_node_id(shared: &Shared) -> Result<(), ClusterError> {
         .invoke_async(&mut redis)
         .await?;
     if kept == 1 {
+        *shared.id_kept.lock() = Instant::now();
         return Ok(());
     }
     let taken: Option<String> = redis::cmd("SET")
@@ -96,6 +97,20 @@ async fn keep_node_id(shared: &Shared) -> Result<(), ClusterError> {
     if taken.is_none() {
         tracing::error!(node = %shared.node, "Another instance now runs under this node id (started while this one was stopped); this one exits.");
         std::process::exit(1);
+    }
+    *shared.id_kept.lock() = Instant::now();
+    Ok(())
+}
+
+/// Before a call that changes this node's lease sets (a lease, a give-back):
+/// if the hold on the node id may have lapsed since it was last renewed
+/// (half a lease's life: the heartbeat renews every quarter), renews it
+/// first. A node thawed after a successor took its id would otherwise
+/// lease into (or give back from) the successor's sets before its next
+/// heartbeat found out; it exits instead ([`keep_node_id`]).
+async fn ensure_node_id(shared: &Shared) -> Result<(), ClusterError> {
+    if shared.id_kept.lock().elapsed() > shared.cfg.lease_ttl.0 / 2 {
+        keep_node_id(shared).await?;
     }
     Ok(())
 }
@@ -243,6 +258,7 @@ impl LeaseSource {
     ) -> Result<usize, StoreError> {
         let (shared, activity, ticket) = (self.shared.clone(), activity.clone(), ticket.clone());
         Ok(on(&self.handle, async move {
+            ensure_node_id(&shared).await?;
             let keys = scripts::Keys::new(&activity);
             let mut redis = shared.redis.clone();
             let returned: usize = scripts::GIVE_BACK
@@ -344,7 +360,6 @@ async fn record_limit(shared: &Shared, activity: &str) -> Result<(), ClusterErro
             .key(keys.nodes())
             .arg(&*shared.node)
             .arg(limit)
-            .arg(now_ms())
             .invoke_async(&mut redis)
             .await?;
         let before = shared
@@ -371,8 +386,7 @@ async fn release(shared: &Shared, activity: &str, tickets: &[Arc<str>]) -> Resul
         .key(keys.nodes())
         .key(keys.outbox(&shared.node))
         .arg(&*shared.node)
-        .arg(keys.prefix())
-        .arg(now_ms());
+        .arg(keys.prefix());
     for t in tickets {
         invocation.arg(&**t);
     }
@@ -380,6 +394,7 @@ async fn release(shared: &Shared, activity: &str, tickets: &[Arc<str>]) -> Resul
 }
 
 async fn lease(shared: &Shared, activity: &Arc<str>, ticket: &Arc<str>, want: usize) -> Result<Leased, ClusterError> {
+    ensure_node_id(shared).await?;
     let keys = scripts::Keys::new(activity);
     let mut redis = shared.redis.clone();
     let started = Instant::now();
@@ -391,8 +406,7 @@ async fn lease(shared: &Shared, activity: &Arc<str>, ticket: &Arc<str>, want: us
         .key(keys.epochs())
         .arg(&*shared.node)
         .arg(want)
-        .arg(now_ms())
-        .arg(shared.lease_expiry())
+        .arg(shared.lease_ttl_ms())
         .arg(&**ticket)
         .invoke_async(&mut redis)
         .await?;
@@ -417,7 +431,7 @@ async fn heartbeat(shared: &Shared) -> Result<Vec<TicketCounts>, ClusterError> {
         for t in &tickets {
             invocation.key(keys.stock(t)).key(keys.known(t));
         }
-        invocation.arg(&*shared.node).arg(shared.lease_expiry());
+        invocation.arg(&*shared.node).arg(shared.lease_ttl_ms());
         for t in &tickets {
             invocation.arg(&**t);
         }
@@ -549,7 +563,6 @@ async fn reap(shared: &Shared) -> Result<(), ClusterError> {
         invocation
             .key(keys.nodes())
             .key(keys.outbox(&shared.node))
-            .arg(now_ms())
             .arg(&*shared.node)
             .arg(keys.prefix());
         for t in &tickets {

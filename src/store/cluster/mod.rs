@@ -320,6 +320,7 @@ impl ClusterStore {
             db,
             node: Arc::from(config.node_id()),
             instance: format!("{:016x}", rand::random::<u64>()),
+            id_kept: Mutex::new(std::time::Instant::now()),
             cfg: config.cluster.clone(),
             redis_up: AtomicBool::new(true),
             mongo_up: AtomicBool::new(true),

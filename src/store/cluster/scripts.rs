@@ -9,7 +9,7 @@
 //! tk:{A}:lease:T:N     set   codes of T leased to node N, not yet claimed
 //! tk:{A}:tickets       set   ticket ids pushed or leased: a reaper returns their
 //!                            leases too, not only its own config's
-//! tk:{A}:nodes         zset  node -> lease expiry (Unix ms), renewed while it lives
+//! tk:{A}:nodes         zset  node -> lease expiry (Unix ms by Redis's clock), renewed while it lives
 //! tk:{A}:epochs        hash  node -> times its leases were taken from it (REAP) or
 //!                            given up (RELEASE): a node that sees it change
 //!                            knows the codes in its pools are not its own
@@ -185,8 +185,7 @@ pub fn node_key(node: &str) -> String {
 /// Commits a batch of one activity's claims.
 ///
 /// KEYS: claimed, users, held, idem, outbox, sold, limits, nodes, then one
-/// lease set per claim. ARGV: node, limit, max backlog, now (ms), then per
-/// claim: nonce, ticket, code, user, idempotency key (or ""), the record's
+/// lease set per claim. ARGV: node, limit, max backlog, then per claim: nonce, ticket, code, user, idempotency key (or ""), the record's
 /// JSON up to its `n` value ([`super::record::Record::head`]), and the code
 /// as a JSON string.
 ///
@@ -212,24 +211,25 @@ pub fn node_key(node: &str) -> String {
 /// and the backlog and the sold counts are written once per batch (also
 /// when the script fails halfway: see the `pcall`).
 pub static COMMIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{NOW}{}",
         r#"
 local claimed, users, held, idem, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local node, limit, max_backlog = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], ARGV[4], '+inf')) do
+for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], now, '+inf')) do
   local theirs = tonumber(redis.call('HGET', KEYS[7], other) or '')
   if theirs and theirs < limit then limit = theirs end
 end
 local backlog = redis.call('LLEN', outbox)
 local out, recs, sold = {}, {}, {}
-local n = (#ARGV - 4) / 7
+local n = (#ARGV - 3) / 7
 -- Each claim's backlog record and sold count are written after the loop,
 -- once per batch; `pcall` makes sure they are written even when a command
 -- fails halfway (Redis keeps a failed script's earlier writes), so no
 -- recorded claim ever misses its backlog record or its count.
 local ok, err = pcall(function()
   for i = 0, n - 1 do
-    local a = 5 + i * 7
+    local a = 4 + i * 7
     local nonce, ticket, code, user, key, head, quoted = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4], ARGV[a+5], ARGV[a+6]
     local existing = redis.call('HGET', claimed, code)
     local replay = false
@@ -270,53 +270,56 @@ end
 for ticket, k in pairs(sold) do redis.call('HINCRBY', KEYS[6], ticket, k) end
 if not ok then error(err) end
 return out
-"#,
-    )
+"#
+    ))
 });
 
 /// Records the per-user limit a node's config sets for one activity, and
 /// reads the live nodes' (see [`COMMIT`]).
 ///
-/// KEYS: limits, nodes. ARGV: node, limit, now (ms). Returns `{lowest,
-/// highest}` of this node's limit and the live nodes'.
+/// KEYS: limits, nodes. ARGV: node, limit. Returns `{lowest, highest}` of
+/// this node's limit and the live nodes'.
 pub static LIMITS: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{NOW}{}",
         r#"
 -- Written only when it changed: every write is an fsync of Redis's AOF.
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 end
 local lowest, highest = tonumber(ARGV[2]), tonumber(ARGV[2])
-for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[3], '+inf')) do
+for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')) do
   local theirs = tonumber(redis.call('HGET', KEYS[1], other) or '')
   if theirs then
     lowest, highest = math.min(lowest, theirs), math.max(highest, theirs)
   end
 end
 return {lowest, highest}
-"#,
-    )
+"#
+    ))
 });
 
 /// Leases up to `want` codes of one ticket type to a node and renews its lease.
 ///
-/// KEYS: stock, lease set, nodes, tickets, epochs. ARGV: node, want, now
-/// (ms), expiry (ms), the ticket id (named among the activity's ticket
-/// types, for codes pushed before that set existed). Near the end of the
+/// KEYS: stock, lease set, nodes, tickets, epochs. ARGV: node, want, the
+/// lease's time to live (ms, from Redis's clock), the ticket id (named
+/// among the activity's ticket types, for codes pushed before that set
+/// existed). Near the end of the
 /// stock a node takes at most half of its share of what is left
 /// (`len / (2 * live nodes)`, at least one), so no node sits on the last
 /// codes while the others run dry. Returns `{left on the list, codes, the node's lease
 /// epoch}` (see [`HEARTBEAT`]).
 pub static LEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{NOW}{}",
         r#"
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
-redis.call('SADD', KEYS[4], ARGV[5])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[4])
 local epoch = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0')
 local len = redis.call('LLEN', KEYS[1])
 local want = tonumber(ARGV[2])
 if len == 0 or want <= 0 then return {len, {}, epoch} end
-local live = redis.call('ZCOUNT', KEYS[3], ARGV[3], '+inf')
+local live = redis.call('ZCOUNT', KEYS[3], now, '+inf')
 if live < 1 then live = 1 end
 local n = math.min(want, math.max(1, math.floor(len / (2 * live))), len)
 local codes = redis.call('LPOP', KEYS[1], n)
@@ -324,14 +327,15 @@ for i = 1, #codes, 1000 do
   redis.call('SADD', KEYS[2], unpack(codes, i, math.min(i + 999, #codes)))
 end
 return {len - #codes, codes, epoch}
-"#,
-    )
+"#
+    ))
 });
 
 /// Renews a node's lease on one activity and reads its stock.
 ///
 /// KEYS: nodes, sold, epochs, then per ticket type its stock list and known
-/// set. ARGV: node, expiry, then the ticket ids. Returns `{the node's lease
+/// set. ARGV: node, the lease's time to live (ms, from Redis's clock), then
+/// the ticket ids. Returns `{the node's lease
 /// epoch, then per ticket: list length, codes known, codes sold}`.
 ///
 /// The epoch counts the times the node's leases were taken from it ([`REAP`])
@@ -340,9 +344,10 @@ return {len - #codes, codes, epoch}
 /// answer lost on the way, by another script re-registering the node first
 /// ([`LEASE`] does), or by a later activity's failure.
 pub static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{NOW}{}",
         r#"
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 local out = {tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')}
 for i = 3, #ARGV do
   local k = 4 + (i - 3) * 2
@@ -351,8 +356,8 @@ for i = 3, #ARGV do
   out[#out + 1] = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
 end
 return out
-"#,
-    )
+"#
+    ))
 });
 
 /// Cluster-wide stock of one activity. KEYS: sold, then each ticket's known
@@ -378,21 +383,21 @@ return out
 /// it moves whole, by `RENAME` when the reaper's own backlog is empty, else
 /// a thousand records per command, never one command per record.
 ///
-/// KEYS: nodes, the reaper's outbox. ARGV: now (ms), the reaper, the
-/// activity's key prefix, then its ticket ids. Per-node keys are named from
+/// KEYS: nodes, the reaper's outbox. ARGV: the reaper, the activity's key
+/// prefix, then its ticket ids. Per-node keys are named from
 /// the prefix (they share the hash tag, so this is safe on Redis Cluster).
 /// Returns `{nodes reaped, codes returned, backlog records moved}`.
 pub static REAP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{RETURN_LEASES}{}",
+        "{NOW}{RETURN_LEASES}{}",
         r#"
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
 local reaped, returned, moved = 0, 0, 0
 for _, d in ipairs(dead) do
-  if d ~= ARGV[2] then
-    returned = returned + return_leases(ARGV[3], d, 4)
-    redis.call('HINCRBY', ARGV[3] .. 'epochs', d, 1)
-    local ob = ARGV[3] .. 'outbox:' .. d
+  if d ~= ARGV[1] then
+    returned = returned + return_leases(ARGV[2], d, 3)
+    redis.call('HINCRBY', ARGV[2] .. 'epochs', d, 1)
+    local ob = ARGV[2] .. 'outbox:' .. d
     local n = redis.call('LLEN', ob)
     if n > 0 and redis.call('EXISTS', KEYS[2]) == 0 then
       redis.call('RENAME', ob, KEYS[2])
@@ -411,6 +416,18 @@ return {reaped, returned, moved}
 "#
     ))
 });
+
+/// Lua that sets `now` to Redis's own clock, in Unix milliseconds. Lease
+/// expiries and the live set compare times the nodes wrote with times the
+/// nodes read, so all of them come from one clock: with each node's own, a
+/// node whose clock ran seconds ahead reaped live nodes, and a peer whose
+/// clock ran behind looked dead to the commit script, which then ignored
+/// its lower per-user limit. (Scripts replicate their effects, so reading
+/// `TIME` before writing is allowed.)
+const NOW: &str = r#"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"#;
 
 /// Lua shared by [`REAP`] and [`RELEASE`]: moves every code leased to `node`
 /// back onto the master lists and deletes the sets; returns how many codes
@@ -443,17 +460,17 @@ end
 /// shutdown). If its backlog is not empty it stays registered, expired, so
 /// a live node reaps (and drains) the backlog if this one does not.
 ///
-/// KEYS: nodes, the node's outbox. ARGV: node, prefix, now (ms), ticket ids.
+/// KEYS: nodes, the node's outbox. ARGV: node, prefix, ticket ids.
 /// Returns `{codes returned, records in the node's backlog}`.
 pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{RETURN_LEASES}{}",
+        "{NOW}{RETURN_LEASES}{}",
         r#"
-local returned = return_leases(ARGV[2], ARGV[1], 4)
+local returned = return_leases(ARGV[2], ARGV[1], 3)
 redis.call('HINCRBY', ARGV[2] .. 'epochs', ARGV[1], 1)
 local backlog = redis.call('LLEN', KEYS[2])
 if backlog > 0 then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  redis.call('ZADD', KEYS[1], now, ARGV[1])
 else
   redis.call('ZREM', KEYS[1], ARGV[1])
 end

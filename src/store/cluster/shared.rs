@@ -48,6 +48,10 @@ pub(crate) struct Shared {
     pub node: Arc<str>,
     /// Random per process: nonces of a restarted node never repeat.
     pub instance: String,
+    /// When this instance last knew `tk:node:N` was its own (registered or
+    /// renewed): a monotonic clock, which runs on while the process is
+    /// stopped, so a thawed node knows it must look again.
+    pub id_kept: Mutex<std::time::Instant>,
     pub cfg: ClusterConfig,
     /// Redis answered the last command.
     pub redis_up: AtomicBool,
@@ -106,8 +110,10 @@ impl Shared {
         format!("{}.{}", self.instance, self.nonce.fetch_add(1, Ordering::Relaxed))
     }
 
-    pub fn lease_expiry(&self) -> i64 {
-        crate::clock::now_ms() + self.cfg.lease_ttl.0.as_millis() as i64
+    /// How long a lease lives unrenewed, in ms: the scripts add it to
+    /// Redis's clock (see `scripts::NOW`), never to this node's.
+    pub fn lease_ttl_ms(&self) -> u64 {
+        self.cfg.lease_ttl.0.as_millis() as u64
     }
 
     /// Notes a failed Redis call: only a lost or refused connection closes

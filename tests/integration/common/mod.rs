@@ -720,6 +720,24 @@ pub fn serve_refused(dir: &Path, within: Duration, serving: &str) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The environment that runs a process with its wall clock `offset` from
+/// the real one (`"-5s"`), through Debian's libfaketime; its monotonic clock
+/// (timers, timeouts) stays true.
+pub fn faketime_env(offset: &str) -> Vec<(String, String)> {
+    let lib = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|dir| dir.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|lib| lib.exists())
+        .unwrap_or_else(|| panic!("libfaketime is missing; {}", services::INSTALL));
+    vec![
+        ("LD_PRELOAD".into(), lib.display().to_string()),
+        ("FAKETIME".into(), offset.into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ]
+}
+
 /// Parses an export CSV into rows keyed by header name.
 pub fn parse_csv(bytes: &[u8]) -> Vec<std::collections::HashMap<String, String>> {
     let mut reader = csv::Reader::from_reader(bytes);

@@ -12,8 +12,8 @@ use std::{
 
 use tempfile::TempDir;
 
-const INSTALL: &str =
-    "run ./scripts/test once: it installs redis-server and redis-tools (apt) and SecantusDB (pip, into .venv)";
+pub const INSTALL: &str =
+    "run ./scripts/test once: it installs redis-server, redis-tools and faketime (apt) and SecantusDB (pip, into .venv)";
 
 /// A free loopback port (bound and released; the server binds it next),
 /// picked below the kernel's ephemeral range. A port from `bind(0)` comes
