@@ -402,10 +402,11 @@ for _, d in ipairs(dead) do
     if n > 0 and redis.call('EXISTS', KEYS[2]) == 0 then
       redis.call('RENAME', ob, KEYS[2])
     elseif n > 0 then
-      for i = 0, n - 1, 1000 do
-        redis.call('RPUSH', KEYS[2], unpack(redis.call('LRANGE', ob, i, i + 999)))
+      local recs = redis.call('LPOP', ob, 1000)
+      while recs do
+        redis.call('RPUSH', KEYS[2], unpack(recs))
+        recs = redis.call('LPOP', ob, 1000)
       end
-      redis.call('DEL', ob)
     end
     moved = moved + n
     redis.call('ZREM', KEYS[1], d)
@@ -423,8 +424,11 @@ return {reaped, returned, moved}
 /// node whose clock ran seconds ahead reaped live nodes, and a peer whose
 /// clock ran behind looked dead to the commit script, which then ignored
 /// its lower per-user limit. (Scripts replicate their effects, so reading
-/// `TIME` before writing is allowed.)
+/// `TIME` before writing is allowed: the default since Redis 5 and the only
+/// mode in 7; `redis.replicate_commands()` asks for it where a 6.2 was set
+/// otherwise.)
 const NOW: &str = r#"
+redis.replicate_commands()
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 "#;

@@ -50,7 +50,9 @@ pub(crate) struct Shared {
     pub instance: String,
     /// When this instance last knew `tk:node:N` was its own (registered or
     /// renewed): a monotonic clock, which runs on while the process is
-    /// stopped, so a thawed node knows it must look again.
+    /// stopped (SIGSTOP, a frozen cgroup), so a thawed node knows it must
+    /// look again; not through a suspended host, which the heartbeat's own
+    /// check still catches.
     pub id_kept: Mutex<std::time::Instant>,
     pub cfg: ClusterConfig,
     /// Redis answered the last command.
