@@ -551,7 +551,7 @@ fn reclaimed(t: &TicketLease) {
         while t.pool.take().is_some() {
             dropped += 1;
         }
-        tracing::warn!(ticket = %t.ticket, codes = dropped, "This node's lease had expired and was reclaimed; dropped its local codes.");
+        tracing::warn!(ticket = %t.ticket, codes = dropped, "This node's lease was taken from it or given up since it last looked; dropped its local codes.");
     }
     t.resync.store(true, Ordering::Relaxed);
 }

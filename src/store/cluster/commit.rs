@@ -130,7 +130,11 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
     let results = match invoke_commit(shared, &keys, &work).await {
         Ok(r) => r,
         Err(error) => {
-            tracing::warn!(%error, claims = work.len(), "Commit outcome unknown; the claims are answered 503 and their codes checked when Redis returns.");
+            if let ClusterError::NotReplicated { .. } = error {
+                tracing::warn!(%error, claims = work.len(), "No replica confirmed a commit in time (cluster.replica_acks); its claims are answered 503 and settled later: kept if a replica gets them, for sale again if a failover loses them.");
+            } else {
+                tracing::warn!(%error, claims = work.len(), "Commit outcome unknown; the claims are answered 503 and their codes checked when Redis returns.");
+            }
             let mut doubts = shared.doubts.lock();
             let answers = work.into_iter().map(|a| {
                 let claim = a.pending.claim();
@@ -265,9 +269,7 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
                 )))
             }
             Err(error) => {
-                if let ClusterError::Redis(_) = error {
-                    shared.redis_failed(&error);
-                }
+                shared.redis_failed(&error);
                 if Instant::now() + delay >= deadline {
                     return Err(error);
                 }
@@ -304,13 +306,8 @@ async fn run_commit(
         return Ok(invocation.invoke_async(redis).await?);
     }
     let mut pipe = redis::pipe();
-    pipe.invoke_script(invocation)
-        .cmd("INCR")
-        .arg(keys.fence())
-        .ignore()
-        .cmd("WAIT")
-        .arg(replica_acks)
-        .arg(REPLICA_WAIT_MS);
+    pipe.invoke_script(invocation);
+    fence_and_wait(&mut pipe, keys, replica_acks);
     let (results, acked): (Vec<String>, usize) = match pipe.query_async(redis).await {
         // Not loaded on this master yet (a restart, a failover): load, retry.
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
@@ -319,13 +316,29 @@ async fn run_commit(
         }
         answer => answer?,
     };
-    if acked < replica_acks {
-        return Err(ClusterError::NotReplicated {
-            acked,
-            wanted: replica_acks,
-        });
-    }
+    confirmed(acked, replica_acks)?;
     Ok(results)
+}
+
+/// Appends the activity's fence write and a `WAIT` for `replica_acks`
+/// replicas to `pipe`, whose first keyed command names the activity (so
+/// they go to its master, on that connection); the pipeline's last answer
+/// is then the replicas that confirmed.
+fn fence_and_wait(pipe: &mut redis::Pipeline, keys: &scripts::Keys, replica_acks: usize) {
+    pipe.cmd("INCR")
+        .arg(keys.fence())
+        .ignore()
+        .cmd("WAIT")
+        .arg(replica_acks)
+        .arg(REPLICA_WAIT_MS);
+}
+
+/// Fewer replicas than `cluster.replica_acks` confirmed: an error.
+fn confirmed(acked: usize, wanted: usize) -> Result<(), ClusterError> {
+    if acked < wanted {
+        return Err(ClusterError::NotReplicated { acked, wanted });
+    }
+    Ok(())
 }
 
 /// Drains this node's backlogs to MongoDB: reads up to `cluster.mongo_batch`
@@ -412,19 +425,9 @@ async fn read_backlog(
         return Ok(batch);
     }
     let mut pipe = redis::pipe();
-    pipe.cmd("INCR")
-        .arg(keys.fence())
-        .ignore()
-        .cmd("WAIT")
-        .arg(replica_acks)
-        .arg(REPLICA_WAIT_MS);
+    fence_and_wait(&mut pipe, keys, replica_acks);
     let (acked,): (usize,) = pipe.query_async(redis).await?;
-    if acked < replica_acks {
-        return Err(ClusterError::NotReplicated {
-            acked,
-            wanted: replica_acks,
-        });
-    }
+    confirmed(acked, replica_acks)?;
     Ok(batch)
 }
 

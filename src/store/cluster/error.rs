@@ -41,14 +41,14 @@ pub enum ClusterError {
     /// Redis has replicas, and a failover could lose commits this node
     /// acknowledged (see `cluster.replica_acks`).
     #[error(
-        "Redis at {url} has {replicas} replica(s) per master: one promoted in a failover lacks any commit the old \
+        "Redis at {url} has a master with {replicas} replica(s): one promoted in a failover lacks any commit the old \
          master had not yet passed on, and its codes would be sold again. Set cluster.replica_acks = 1 (or more) so \
          that each commit is on a replica before it is answered, or cluster.allow_volatile_redis = true for a demo"
     )]
     Unreplicated {
         /// The configured address, any password hidden.
         url: String,
-        /// Replicas of the master with the fewest.
+        /// Replicas of the master with the most.
         replicas: usize,
     },
     /// `cluster.replica_acks` asks for more replicas than a master has:
@@ -67,7 +67,7 @@ pub enum ClusterError {
     },
     /// Fewer replicas than `cluster.replica_acks` confirmed a commit batch
     /// in time: it is on the master, but a failover could still lose it.
-    #[error("{acked} of the {wanted} replica(s) cluster.replica_acks asks for confirmed a commit in time")]
+    #[error("{acked} of the {wanted} replica(s) cluster.replica_acks asks for confirmed this node's writes in time")]
     NotReplicated {
         /// Replicas that confirmed it.
         acked: usize,

@@ -75,7 +75,7 @@ pub(super) async fn unregister_node(shared: &Shared) {
 async fn keep_node_id(shared: &Shared) -> Result<(), ClusterError> {
     let mut redis = shared.redis.clone();
     let key = scripts::node_key(&shared.node);
-    let ttl = shared.cfg.lease_ttl.0.as_millis() as u64;
+    let ttl = shared.lease_ttl_ms();
     let kept: i64 = scripts::LOCK_KEEP_OR_RELEASE
         .key(&key)
         .arg(&shared.instance)
@@ -140,8 +140,9 @@ pub struct TicketCounts {
     pub known: usize,
     /// Codes claimed (cluster-wide).
     pub sold: usize,
-    /// This node's leases had expired and were reclaimed by another node:
-    /// the codes in its pool are not its own any more.
+    /// This node's leases had been taken (a reaper) or given up since it
+    /// last looked (its lease epoch changed): the codes in its pool are not
+    /// its own any more.
     pub reclaimed: bool,
 }
 
@@ -216,7 +217,7 @@ impl LeaseSource {
         });
     }
 
-    /// Leases up to `want` codes of `ticket`: `(codes left on the master list, codes)`.
+    /// Leases up to `want` codes of `ticket` (see [`Leased`]).
     pub async fn lease(&self, activity: &Arc<str>, ticket: &Arc<str>, want: usize) -> Result<Leased, StoreError> {
         let (shared, activity, ticket) = (self.shared.clone(), activity.clone(), ticket.clone());
         Ok(on(&self.handle, async move {
@@ -496,6 +497,7 @@ async fn resolve_doubts(shared: &Shared) -> Result<Vec<(Arc<str>, String)>, Clus
     let mut left = Vec::new();
     let mut iter = doubts.into_iter();
     let mut failure = None;
+    let mut committed = 0;
     for d in iter.by_ref() {
         let keys = scripts::Keys::new(&d.activity);
         let answer: Result<String, _> = scripts::RESOLVE
@@ -507,11 +509,7 @@ async fn resolve_doubts(shared: &Shared) -> Result<Vec<(Arc<str>, String)>, Clus
             .await;
         match answer.as_deref() {
             Ok("LEASED") => usable.push((d.ticket.clone(), d.code.to_string())),
-            Ok("MINE") => {
-                tracing::warn!(code = %d.code, "A claim answered 503 had in fact been committed; it is in the backlog for MongoDB.");
-                shared.backlog.fetch_add(1, Ordering::Relaxed);
-                shared.backlog_grew.notify_one();
-            }
+            Ok("MINE") => committed += 1,
             Ok(_) => {}
             Err(_) => {
                 left.push(d);
@@ -522,6 +520,12 @@ async fn resolve_doubts(shared: &Shared) -> Result<Vec<(Arc<str>, String)>, Clus
     }
     left.extend(iter);
     shared.doubts.lock().extend(left);
+    if committed > 0 {
+        // One line per pass: a lagging replica puts whole batches here.
+        tracing::warn!(claims = committed, "Claims answered 503 had in fact been committed: they stay their buyers' (a retry with the same Idempotency-Key returns them).");
+        shared.backlog.fetch_add(committed, Ordering::Relaxed);
+        shared.backlog_grew.notify_one();
+    }
     match failure {
         Some(e) => {
             // What was resolved before the failure is still usable.

@@ -181,7 +181,8 @@ async fn check_durable(config: &Config) -> Result<(), ClusterError> {
 /// `allow_volatile_redis`), or fewer replicas per master than
 /// `replica_acks` (every commit would wait for them in vain). One server
 /// reports its replicas in `INFO replication`; a Redis Cluster's topology
-/// (`CLUSTER NODES`) gives each master's, and the fewest count. A server
+/// (`CLUSTER NODES`) gives each master's: the fewest must cover
+/// `replica_acks`, and any replica at all asks for it. A server
 /// that will not say is trusted, with a warning, as in [`check_durable`].
 async fn check_replicated(config: &Config, redis: &RedisConn) -> Result<(), ClusterError> {
     let url = without_password(config.storage.redis_url().unwrap_or_default().as_str());

@@ -302,7 +302,7 @@ return {lowest, highest}
 /// Leases up to `want` codes of one ticket type to a node and renews its lease.
 ///
 /// KEYS: stock, lease set, nodes, tickets, epochs. ARGV: node, want, the
-/// lease's time to live (ms, from Redis's clock), the ticket id (named
+/// lease's time to live (ms, added to Redis's clock), the ticket id (named
 /// among the activity's ticket types, for codes pushed before that set
 /// existed). Near the end of the
 /// stock a node takes at most half of its share of what is left
@@ -334,7 +334,7 @@ return {len - #codes, codes, epoch}
 /// Renews a node's lease on one activity and reads its stock.
 ///
 /// KEYS: nodes, sold, epochs, then per ticket type its stock list and known
-/// set. ARGV: node, the lease's time to live (ms, from Redis's clock), then
+/// set. ARGV: node, the lease's time to live (ms, added to Redis's clock), then
 /// the ticket ids. Returns `{the node's lease
 /// epoch, then per ticket: list length, codes known, codes sold}`.
 ///

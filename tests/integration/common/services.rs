@@ -278,6 +278,7 @@ impl Services {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+        let deadline = Instant::now() + Duration::from_secs(30);
         for addr in &addrs {
             loop {
                 let info = Command::new("redis-cli")
@@ -318,13 +319,19 @@ impl Services {
             .position(|(p, _)| *p == port)
             .expect("a server of the cluster");
         let dir = self.cluster_dir(i);
-        let child = spawn_cluster_server(&dir, port);
-        stop(Some(std::mem::replace(&mut self.cluster[i].1, child)), libc::SIGKILL);
+        let mut child = spawn_cluster_server(&dir, port);
+        let pid = child.id();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        // Its own listening socket, not whatever took the port meanwhile.
+        while !listens(pid, port) {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "redis-server on {port} exited (the port taken meanwhile?)"
+            );
             assert!(Instant::now() < deadline, "redis-server on {port} did not come back");
             std::thread::sleep(Duration::from_millis(50));
         }
+        stop(Some(std::mem::replace(&mut self.cluster[i].1, child)), libc::SIGKILL);
     }
 
     /// The process id of the Redis Cluster's server on `port`.
