@@ -2446,3 +2446,99 @@ async fn a_node_whose_clock_runs_behind_counts_as_live() {
         "node0 reaped the live node1"
     );
 }
+
+/// Claim ids come in blocks (`INCRBY tk:ids`), and `tk:ids` may sit on
+/// another master than an activity's claims. A block taken while that
+/// master's replica was behind went into claims at once; a failover then
+/// lost the INCRBY, and the next node to ask got the same block, so two
+/// acknowledged claims shared an id. With `replica_acks`, a block is used
+/// only once a replica holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_hands_out_no_claim_id_twice() {
+    let services = Services::start_with_replicated_redis_cluster();
+    let (ids_master, ids_replica) = master_and_replica(&services, "tk:ids").await;
+    // An activity whose claims live on another master.
+    let mut act_id = None;
+    for name in ["ia", "ib", "ic", "id", "ie", "if", "ig", "ih"] {
+        if master_and_replica(&services, &format!("tk:{{{name}}}:claimed")).await.0 != ids_master {
+            act_id = Some(name);
+            break;
+        }
+    }
+    let act_id = act_id.expect("an activity on another master than tk:ids");
+    let act = cluster_activity(act_id, 20, 1);
+    let extra = "[cluster]\nreplica_acks = 1\n";
+    let mut cluster = Cluster::start_on(services, 1, &act, extra, |c| c);
+    let (tokens, _) = users(&cluster, "cid", 3).await;
+
+    // tk:ids's replica falls behind; node0 has taken no block yet.
+    let stopped = cluster.services.redis_cluster_pid(ids_replica);
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(stopped as i32, libc::SIGSTOP) };
+    let cut: usize = on_server(ids_master, redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("replica"))
+        .await
+        .unwrap();
+    assert_eq!(cut, 1);
+    let first = cluster.nodes[0].claim(&tokens[0], act_id).await;
+    assert_eq!(
+        first.status, 503,
+        "a claim carried an id no replica had: {}",
+        first.body
+    );
+
+    // tk:ids's master dies, its replica takes over, and the old master
+    // comes back as the new one's replica.
+    let gone = cluster.services.redis_cluster_pid(ids_master);
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(gone as i32, libc::SIGKILL);
+        libc::kill(stopped as i32, libc::SIGCONT);
+    }
+    let () = on_server(ids_replica, redis::cmd("CLUSTER").arg("FAILOVER").arg("TAKEOVER"))
+        .await
+        .unwrap();
+    cluster.services.restart_redis_cluster_server(ids_master);
+    until("the old master to follow the new one", || async {
+        let info: redis::RedisResult<String> = on_server(ids_replica, redis::cmd("INFO").arg("replication")).await;
+        info.is_ok_and(|i| i.contains(&format!("port={ids_master},state=online")))
+    })
+    .await;
+
+    // A second node joins; both sell. Every claim id is distinct.
+    let second = TestApp::prepare(
+        &(node_config(&cluster.services, &cluster.db, "node1", extra) + &act),
+        &[],
+    );
+    cluster.nodes.push(second);
+    cluster.nodes[1].boot();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut ids = Vec::new();
+    for (token, node) in tokens.iter().zip([0, 1, 0]) {
+        loop {
+            let res = cluster.nodes[node].claim(token, act_id).await;
+            if res.status == 200 || res.status == 409 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "claims never went through again: {}",
+                res.body
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let list = cluster.nodes[node]
+            .client
+            .get("/ticket/list?pageSize=100", Some(token))
+            .await
+            .unwrap();
+        ids.extend(
+            list.data()["claims"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["claimId"].as_u64().unwrap()),
+        );
+    }
+    let distinct: HashSet<u64> = ids.iter().copied().collect();
+    assert_eq!(distinct.len(), ids.len(), "two claims share an id: {ids:?}");
+}

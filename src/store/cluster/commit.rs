@@ -88,11 +88,21 @@ async fn claim_ids(shared: &Shared, n: usize) -> Result<Vec<u64>, ClusterError> 
             return Ok(out);
         }
         let mut redis = shared.redis.clone();
-        let end: u64 = redis::cmd("INCRBY")
-            .arg(scripts::IDS_KEY)
-            .arg(ID_BLOCK)
-            .query_async(&mut redis)
-            .await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("INCRBY").arg(scripts::IDS_KEY).arg(ID_BLOCK);
+        let acks = shared.cfg.replica_acks;
+        let end: u64 = if acks == 0 {
+            let (end,): (u64,) = pipe.query_async(&mut redis).await?;
+            end
+        } else {
+            // On a replica before any claim carries it: a failover that
+            // lost the INCRBY would hand the same block to another node.
+            // (`tk:ids` may sit on another master than the claims.)
+            pipe.cmd("WAIT").arg(acks).arg(REPLICA_WAIT_MS);
+            let (end, acked): (u64, usize) = pipe.query_async(&mut redis).await?;
+            confirmed(acked, acks)?;
+            end
+        };
         *shared.ids.lock() = (end - ID_BLOCK + 1, end + 1);
     }
 }
