@@ -2542,3 +2542,52 @@ async fn a_failover_hands_out_no_claim_id_twice() {
     let distinct: HashSet<u64> = ids.iter().copied().collect();
     assert_eq!(distinct.len(), ids.len(), "two claims share an id: {ids:?}");
 }
+
+/// The MongoDB writer counted every duplicate it met as written, its own
+/// retries and another claim of the same code alike: a claim that met a
+/// stored claim of someone else (as after a Redis that lost acknowledged
+/// writes) was acknowledged by the node and then missing from MongoDB
+/// without a word. It is now kept in `claim_conflicts`, and the node says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_meets_another_in_mongodb_is_kept_as_a_conflict() {
+    let cluster = Cluster::start(1, &cluster_activity("cf", 5, 1), "");
+    let mut r = cluster.services.redis().await;
+    let codes: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("tk:{cf}:known:cf-t")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(codes.len(), 5);
+    // MongoDB already holds a claim of every code, by someone else.
+    let db = cluster.mongo().await;
+    let stale: Vec<Document> = codes
+        .iter()
+        .enumerate()
+        .map(|(i, code)| {
+            doc! {"_id": code, "claim_id": 0i64, "activity_id": "cf", "ticket_id": "cf-t", "code": code,
+            "user_id": 999_999i64, "n": i as i64 + 1, "claimed_at_ms": 0i64, "node": "gone"}
+        })
+        .collect();
+    db.collection::<Document>("claims").insert_many(stale).await.unwrap();
+
+    let (tokens, ids) = users(&cluster, "cfu", 1).await;
+    let node = &cluster.nodes[0];
+    let res = node.claim(&tokens[0], "cf").await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    let code = res.data()["code"].as_str().unwrap().to_owned();
+    until("the backlog to drain", || async {
+        llen(&cluster, "tk:{cf}:outbox:node0").await == 0
+    })
+    .await;
+    let kept = db
+        .collection::<Document>("claim_conflicts")
+        .find_one(doc! {"code": &code})
+        .await
+        .unwrap()
+        .expect("the acknowledged claim kept as a conflict");
+    assert_eq!(kept.get_i64("user_id").unwrap(), ids[0]);
+    node.wait_for_log(
+        "MongoDB holds another claim of this code (or of this user's claim number): both were acknowledged. Kept in claim_conflicts; Redis lost writes it had acknowledged.",
+        1,
+    );
+}

@@ -466,7 +466,9 @@ async fn drain_once(shared: &Shared) -> Result<usize, ClusterError> {
                 .map(|json| Record::parse(&activity, json))
                 .collect::<Result<_, _>>()?;
             let started = Instant::now();
-            super::mongo::insert_claims(&shared.db, &records).await?;
+            for c in super::mongo::insert_claims(&shared.db, &records).await? {
+                tracing::error!(code = %c.code, user = c.user, claim = c.id, "MongoDB holds another claim of this code (or of this user's claim number): both were acknowledged. Kept in claim_conflicts; Redis lost writes it had acknowledged.");
+            }
             metrics::global().mongo_write.observe(started.elapsed());
             if !shared.mongo_up.swap(true, Ordering::Relaxed) {
                 tracing::info!("MongoDB takes writes again; draining the backlog.");

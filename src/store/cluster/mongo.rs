@@ -255,11 +255,56 @@ pub async fn unclaimed_codes(db: &Database, ticket: &str) -> Result<Vec<String>,
 }
 
 /// Writes claim records; duplicates (already written) are ignored.
-pub async fn insert_claims(db: &Database, records: &[Record]) -> Result<(), MongoError> {
-    let docs = records
+/// Inserts claim records; returns those that conflict with a stored claim.
+///
+/// A record refused as a duplicate is mostly this writer's own retry (the
+/// same claim again, after a write whose acknowledgement was lost): fine.
+/// But a stored claim of the same code for someone else, or of the same
+/// user's `n`th claim with another code, means two acknowledged claims
+/// disagree (a Redis that lost writes: run without `appendfsync always` or
+/// failed over without `replica_acks`). Counting that as written lost the
+/// second claim from MongoDB without a word; it is now kept in
+/// `claim_conflicts` for the operator, and returned to be reported.
+pub async fn insert_claims(db: &Database, records: &[Record]) -> Result<Vec<Record>, MongoError> {
+    let docs: Vec<Document> = records.iter().map(claim_doc).collect();
+    let refused = insert_unordered(&coll(db, "claims"), docs).await?;
+    if refused.is_empty() {
+        return Ok(Vec::new());
+    }
+    // One read for all the refused: a retried batch refuses every record.
+    let codes: Vec<&str> = refused.iter().map(|&i| records[i].code.as_str()).collect();
+    let mut stored: HashMap<String, (i64, i64)> = HashMap::new();
+    let mut found = coll(db, "claims")
+        .find(doc! {"_id": {"$in": codes}})
+        .projection(doc! {"user_id": 1, "claim_id": 1})
+        .await?;
+    while let Some(d) = found.try_next().await? {
+        if let (Ok(code), Ok(user), Ok(id)) = (d.get_str("_id"), d.get_i64("user_id"), d.get_i64("claim_id")) {
+            stored.insert(code.to_owned(), (user, id));
+        }
+    }
+    let conflicts: Vec<Record> = refused
         .iter()
-        .map(|r| {
-            doc! {
+        .map(|&i| &records[i])
+        .filter(|r| stored.get(&r.code) != Some(&(r.user as i64, r.id as i64)))
+        .cloned()
+        .collect();
+    if !conflicts.is_empty() {
+        let docs = conflicts
+            .iter()
+            .map(|r| {
+                let mut d = claim_doc(r);
+                d.insert("_id", format!("{}:{}", r.code, r.id));
+                d
+            })
+            .collect();
+        insert_unordered(&coll(db, "claim_conflicts"), docs).await?;
+    }
+    Ok(conflicts)
+}
+
+fn claim_doc(r: &Record) -> Document {
+    doc! {
                 "_id": &r.code,
                 "claim_id": r.id as i64,
                 "activity_id": &r.activity,
@@ -270,11 +315,8 @@ pub async fn insert_claims(db: &Database, records: &[Record]) -> Result<(), Mong
                 "claimed_at": DateTime::from_millis(r.ms),
                 "claimed_at_ms": r.ms,
                 "node": &r.node,
-                "idempotency_key": if r.key.is_empty() { Bson::Null } else { Bson::String(r.key.clone()) },
-            }
-        })
-        .collect();
-    insert_unordered(&coll(db, "claims"), docs).await.map(|_| ())
+        "idempotency_key": if r.key.is_empty() { Bson::Null } else { Bson::String(r.key.clone()) },
+    }
 }
 
 fn user_from(d: &Document) -> Option<User> {
