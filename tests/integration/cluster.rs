@@ -314,13 +314,18 @@ where
 }
 
 async fn scard(cluster: &Cluster, key: &str) -> usize {
-    let mut r = cluster.services.redis().await;
-    redis::cmd("SCARD").arg(key).query_async(&mut r).await.unwrap()
+    cluster.services.query(redis::cmd("SCARD").arg(key)).await
 }
 
 async fn llen(cluster: &Cluster, key: &str) -> usize {
-    let mut r = cluster.services.redis().await;
-    redis::cmd("LLEN").arg(key).query_async(&mut r).await.unwrap()
+    cluster.services.query(redis::cmd("LLEN").arg(key)).await
+}
+
+/// Asserts that the lease set `lease` is empty and all `codes` of its
+/// ticket type are on the master list `stock` again.
+async fn assert_lease_returned(cluster: &Cluster, lease: &str, stock: &str, codes: usize) {
+    assert_eq!(scard(cluster, lease).await, 0, "codes stayed in {lease}");
+    assert_eq!(llen(cluster, stock).await, codes, "not every code is back on {stock}");
 }
 
 fn merge(
@@ -740,16 +745,7 @@ async fn a_ticket_type_dropped_by_a_reload_gives_its_leased_codes_back_at_the_st
     let outcome = cluster.nodes[0].reload(&dropped);
     assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
     assert_eq!(cluster.nodes[0].stop(), 0);
-    assert_eq!(
-        scard(&cluster, lease).await,
-        0,
-        "the dropped ticket type's lease outlived the node"
-    );
-    let listed = llen(&cluster, "tk:{dt}:stock:dt-b").await;
-    assert_eq!(
-        listed, 50,
-        "every code of the dropped ticket type is back on its master list"
-    );
+    assert_lease_returned(&cluster, lease, "tk:{dt}:stock:dt-b", 50).await;
 }
 
 /// `ticketd bench` with several `--url`s, round-robin per request.
@@ -1167,13 +1163,7 @@ async fn a_commit_failing_halfway_still_backlogs_and_counts_what_it_recorded() {
     }
     let failed = invocation.invoke_async::<Vec<String>>(&mut r).await;
     assert!(failed.is_err(), "the damaged record fails the script: {failed:?}");
-    let backlog: Vec<String> = redis::cmd("LRANGE")
-        .arg(keys.outbox("n1"))
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    let backlog = services.lrange(&keys.outbox("n1")).await;
     assert_eq!(
         backlog,
         vec![format!("{}1\"}}", head("c1", 1, "x1"))],
@@ -1916,16 +1906,8 @@ async fn a_dead_nodes_lease_of_a_ticket_type_its_reaper_does_not_sell_is_returne
         metric(&cluster.nodes[1], "ticketd_leases_reaped_total").await >= 1.0
     })
     .await;
-    assert_eq!(
-        scard(&cluster, lease_b).await,
-        0,
-        "rp-b's codes stayed in the dead node's lease"
-    );
-    let listed = llen(&cluster, "tk:{rp}:stock:rp-b").await;
-    assert_eq!(
-        listed, 10,
-        "all of rp-b ({held} were leased) is on its master list again"
-    );
+    assert!(held > 0, "node0 leased none of rp-b");
+    assert_lease_returned(&cluster, lease_b, "tk:{rp}:stock:rp-b", 10).await;
     cluster.nodes[1].assert_verified();
 }
 
@@ -1983,16 +1965,7 @@ async fn a_node_reaped_by_one_that_does_not_sell_all_its_tickets_strands_no_code
 
 /// Scripts Redis has run so far (`EVALSHA` and `EVAL`).
 async fn scripts_run(cluster: &Cluster) -> u64 {
-    let mut r = cluster.services.redis().await;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut r)
-        .await
-        .unwrap();
-    info.lines()
-        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
-        .sum()
+    command_calls(cluster, "evalsha").await + command_calls(cluster, "eval").await
 }
 
 /// Every `/act/detail` ran a script on Redis — anonymous requests too, on
@@ -2238,12 +2211,7 @@ async fn a_frozen_node_whose_id_was_taken_over_exits_when_it_thaws() {
     let extra = "[cluster]\nlease_ttl = \"2s\"\n";
     let mut cluster = Cluster::start(1, &act, extra);
     let holder = || async {
-        let mut r = cluster.services.redis().await;
-        let held: Option<String> = redis::cmd("GET")
-            .arg("tk:node:node0")
-            .query_async(&mut r)
-            .await
-            .unwrap();
+        let held: Option<String> = cluster.services.query(redis::cmd("GET").arg("tk:node:node0")).await;
         held
     };
     let first = holder().await.expect("the running node holds its id");
@@ -2300,26 +2268,17 @@ async fn a_reaped_node_learns_of_it_even_when_its_first_heartbeat_fails() {
     .await;
     // Nothing is sold yet: a string where the sold counts' hash belongs
     // makes the heartbeat fail after it has registered the node again.
-    let mut r = cluster.services.redis().await;
-    let () = redis::cmd("SET")
-        .arg("tk:{ep}:sold")
-        .arg("x")
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    let services = &cluster.services;
+    let () = services.query(redis::cmd("SET").arg("tk:{ep}:sold").arg("x")).await;
     node0.signal(libc::SIGCONT);
     until("node0 to register again", || async {
-        let mut r = cluster.services.redis().await;
-        let score: Option<f64> = redis::cmd("ZSCORE")
-            .arg("tk:{ep}:nodes")
-            .arg("node0")
-            .query_async(&mut r)
-            .await
-            .unwrap();
+        let score: Option<f64> = services
+            .query(redis::cmd("ZSCORE").arg("tk:{ep}:nodes").arg("node0"))
+            .await;
         score.is_some()
     })
     .await;
-    let () = redis::cmd("DEL").arg("tk:{ep}:sold").query_async(&mut r).await.unwrap();
+    let () = services.query(redis::cmd("DEL").arg("tk:{ep}:sold")).await;
     until("node0 to hold only codes Redis leases it", || async {
         metric(node0, series).await as usize <= scard(&cluster, "tk:{ep}:lease:ep-t:node0").await
     })
@@ -2333,12 +2292,7 @@ async fn a_reaped_node_learns_of_it_even_when_its_first_heartbeat_fails() {
 /// Calls of `command` Redis has run so far, scripts' included (`INFO
 /// commandstats`).
 async fn command_calls(cluster: &Cluster, command: &str) -> u64 {
-    let mut r = cluster.services.redis().await;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    let info: String = cluster.services.query(redis::cmd("INFO").arg("commandstats")).await;
     info.lines()
         .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
         .and_then(|rest| rest.split(',').next()?.parse().ok())
@@ -2353,46 +2307,30 @@ async fn command_calls(cluster: &Cluster, command: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_nodes_backlog_moves_in_bulk() {
     let cluster = Cluster::start(1, &cluster_activity("bl", 10, 1), "[cluster]\nlease_ttl = \"2s\"\n");
-    let mut r = cluster.services.redis().await;
+    let services = &cluster.services;
     // The reaper's backlog holds a record (one its writer cannot parse, so
     // it stays); a dead node's holds 20,000.
-    let () = redis::cmd("RPUSH")
-        .arg("tk:{bl}:outbox:node0")
-        .arg("own")
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    let () = services
+        .query(redis::cmd("RPUSH").arg("tk:{bl}:outbox:node0").arg("own"))
+        .await;
     for chunk in 0..20 {
         let records: Vec<String> = (chunk * 1000..(chunk + 1) * 1000)
             .map(|i| format!("ghost-{i}"))
             .collect();
-        let () = redis::cmd("RPUSH")
-            .arg("tk:{bl}:outbox:ghost")
-            .arg(records)
-            .query_async(&mut r)
-            .await
-            .unwrap();
+        let () = services
+            .query(redis::cmd("RPUSH").arg("tk:{bl}:outbox:ghost").arg(records))
+            .await;
     }
     let lmoves = command_calls(&cluster, "lmove").await;
     let pushes = command_calls(&cluster, "rpush").await;
-    let () = redis::cmd("ZADD")
-        .arg("tk:{bl}:nodes")
-        .arg(1)
-        .arg("ghost")
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    let () = services
+        .query(redis::cmd("ZADD").arg("tk:{bl}:nodes").arg(1).arg("ghost"))
+        .await;
     until("node0 to reap the dead node", || async {
         llen(&cluster, "tk:{bl}:outbox:ghost").await == 0
     })
     .await;
-    let moved: Vec<String> = redis::cmd("LRANGE")
-        .arg("tk:{bl}:outbox:node0")
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    let moved = cluster.services.lrange("tk:{bl}:outbox:node0").await;
     let want: Vec<String> = std::iter::once("own".to_owned())
         .chain((0..20_000).map(|i| format!("ghost-{i}")))
         .collect();
@@ -2551,12 +2489,10 @@ async fn a_failover_hands_out_no_claim_id_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_that_meets_another_in_mongodb_is_kept_as_a_conflict() {
     let cluster = Cluster::start(1, &cluster_activity("cf", 5, 1), "");
-    let mut r = cluster.services.redis().await;
-    let codes: Vec<String> = redis::cmd("SMEMBERS")
-        .arg("tk:{cf}:known:cf-t")
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    let codes: Vec<String> = cluster
+        .services
+        .query(redis::cmd("SMEMBERS").arg("tk:{cf}:known:cf-t"))
+        .await;
     assert_eq!(codes.len(), 5);
     // MongoDB already holds a claim of every code, by someone else.
     let db = cluster.mongo().await;

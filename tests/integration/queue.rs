@@ -533,35 +533,19 @@ async fn lapse_and_rejoin(
     }
     if let Some(services) = older {
         // The lapsing fan joined first: the log's first join is theirs.
-        let mut redis = services.redis().await;
-        let log: Vec<String> = redis::cmd("LRANGE")
-            .arg(format!("q:{{{act}}}:log"))
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
+        let log = services.lrange(&format!("q:{{{act}}}:log")).await;
         let events: Vec<Value> = log.iter().map(|e| serde_json::from_str(e).unwrap()).collect();
         let user = events.iter().find(|e| e["k"] == "join").unwrap()["u"].to_string();
         let places = format!("q:{{{act}}}:places");
-        let place: String = redis::cmd("HGET")
-            .arg(&places)
-            .arg(&user)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
+        let place: String = services.query(redis::cmd("HGET").arg(&places).arg(&user)).await;
         assert_eq!(
             place,
             format!("a:{}", ms(turns[0]["passExpiresAt"].as_str().unwrap())),
             "{events:?}"
         );
-        let _: () = redis::cmd("HSET")
-            .arg(&places)
-            .arg(&user)
-            .arg("a")
-            .query_async(&mut redis)
-            .await
-            .unwrap();
+        let () = services
+            .query(redis::cmd("HSET").arg(&places).arg(&user).arg("a"))
+            .await;
     }
     let (lapser, buyer) = (&tokens[0], &tokens[1]);
     let res = claim_with(on(1), buyer, act, turns[1]["pass"].as_str()).await;
@@ -924,14 +908,7 @@ async fn across_nodes_a_paused_sale_holds_the_room() {
         }
     })
     .await;
-    let mut redis = cluster.services.redis().await;
-    let log: Vec<String> = redis::cmd("LRANGE")
-        .arg("q:{pc}:log")
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let log = cluster.services.lrange("q:{pc}:log").await;
     let events: Vec<Value> = log.iter().map(|e| serde_json::from_str(e).unwrap()).collect();
     let kinds = kinds(&events);
     assert_eq!(
@@ -944,11 +921,8 @@ async fn across_nodes_a_paused_sale_holds_the_room() {
         (Some(&1), Some(&1), Some(&2), None),
         "{kinds:?}"
     );
-    let places: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
-        .arg("q:{pc}:places")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let places: std::collections::HashMap<String, String> =
+        cluster.services.query(redis::cmd("HGETALL").arg("q:{pc}:places")).await;
     for e in events.iter().filter(|e| e["k"] == "extend") {
         assert_eq!(places[&e["u"].to_string()], format!("a:{}", e["x"]), "{places:?}");
     }
@@ -1507,14 +1481,7 @@ async fn three_nodes_share_one_room_and_a_killed_node_loses_no_place_or_pass() {
     );
     let out = cluster.nodes[0].cli(&["verify-draw", "draw.json"], None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let mut r = cluster.services.redis().await;
-    let log: Vec<String> = redis::cmd("LRANGE")
-        .arg("q:{cq}:log")
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    let log = cluster.services.lrange("q:{cq}:log").await;
     let log: Vec<Value> = log.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(
         log.iter().filter(|e| e["k"] == "shuffle").count(),
@@ -1675,14 +1642,7 @@ async fn a_lottery_across_three_nodes_skips_the_gone_and_passes_lapsed_turns_on(
     }
     let (t2, c2) = fan(2);
     eventually(&c2, t2, "cl", "sold_out").await;
-    let mut r = cluster.services.redis().await;
-    let log: Vec<String> = redis::cmd("LRANGE")
-        .arg("q:{cl}:log")
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    let log = cluster.services.lrange("q:{cl}:log").await;
     let kinds: Vec<String> = log
         .iter()
         .map(|l| {

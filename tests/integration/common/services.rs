@@ -502,6 +502,17 @@ impl Services {
             .await
             .unwrap()
     }
+
+    /// Runs one command on Redis (on a Redis Cluster, where its key lives).
+    pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        let mut r = self.redis().await;
+        cmd.query_async(&mut r).await.unwrap()
+    }
+
+    /// A whole Redis list.
+    pub async fn lrange(&self, key: &str) -> Vec<String> {
+        self.query(redis::cmd("LRANGE").arg(key).arg(0).arg(-1)).await
+    }
 }
 
 /// Signals a service and waits for it to exit. One still running 10 s
