@@ -32,15 +32,7 @@ pub(super) async fn register_node(shared: &Shared) -> Result<(), ClusterError> {
     let deadline = Instant::now() + ttl + Duration::from_secs(1);
     let mut redis = shared.redis.clone();
     loop {
-        let set: Option<String> = redis::cmd("SET")
-            .arg(&key)
-            .arg(&shared.instance)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl.as_millis() as u64)
-            .query_async(&mut redis)
-            .await?;
-        if set.is_some() {
+        if scripts::hold(&mut redis, &key, &shared.instance, shared.lease_ttl_ms()).await? {
             *shared.id_kept.lock() = Instant::now();
             return Ok(());
         }
@@ -75,26 +67,7 @@ pub(super) async fn unregister_node(shared: &Shared) {
 async fn keep_node_id(shared: &Shared) -> Result<(), ClusterError> {
     let mut redis = shared.redis.clone();
     let key = scripts::node_key(&shared.node);
-    let ttl = shared.lease_ttl_ms();
-    let kept: i64 = scripts::LOCK_KEEP_OR_RELEASE
-        .key(&key)
-        .arg(&shared.instance)
-        .arg(ttl)
-        .invoke_async(&mut redis)
-        .await?;
-    if kept == 1 {
-        *shared.id_kept.lock() = Instant::now();
-        return Ok(());
-    }
-    let taken: Option<String> = redis::cmd("SET")
-        .arg(&key)
-        .arg(&shared.instance)
-        .arg("NX")
-        .arg("PX")
-        .arg(ttl)
-        .query_async(&mut redis)
-        .await?;
-    if taken.is_none() {
+    if !scripts::hold(&mut redis, &key, &shared.instance, shared.lease_ttl_ms()).await? {
         tracing::error!(node = %shared.node, "Another instance now runs under this node id (started while this one was stopped); this one exits.");
         std::process::exit(1);
     }

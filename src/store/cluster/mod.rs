@@ -458,18 +458,10 @@ impl ClusterStore {
         let ttl_ms = IMPORT_LOCK_TTL.as_millis() as u64;
         let mut told = false;
         loop {
-            let taken: Option<String> = self
-                .block(
-                    redis::cmd("SET")
-                        .arg(key)
-                        .arg(&token)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(ttl_ms)
-                        .query_async(&mut redis),
-                )
+            let taken = self
+                .block(scripts::hold(&mut redis, key, &token, ttl_ms))
                 .map_err(ClusterError::from)?;
-            if taken.is_some() {
+            if taken {
                 break;
             }
             if !std::mem::replace(&mut told, true) {

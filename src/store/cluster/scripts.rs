@@ -164,6 +164,37 @@ return 1
     )
 });
 
+/// Takes a lock that is free, or keeps one already the caller's, for
+/// `ARGV[2]` ms: `ARGV[1]` is the caller's token. KEYS: the lock. Returns 1
+/// when the caller holds it now, 0 when someone else does.
+pub static LOCK_TAKE_OR_KEEP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"#,
+    )
+});
+
+/// Takes or keeps the lock `key` for `token` ([`LOCK_TAKE_OR_KEEP`]);
+/// whether the caller holds it now.
+pub async fn hold<C: redis::aio::ConnectionLike>(
+    redis: &mut C,
+    key: &str,
+    token: &str,
+    ttl_ms: u64,
+) -> redis::RedisResult<bool> {
+    let held: i64 = LOCK_TAKE_OR_KEEP
+        .key(key)
+        .arg(token)
+        .arg(ttl_ms)
+        .invoke_async(redis)
+        .await?;
+    Ok(held == 1)
+}
+
 /// Raises a counter to at least `ARGV[1]` (after Redis lost it, say).
 /// KEYS: the counter.
 pub static RAISE: LazyLock<Script> = LazyLock::new(|| {
