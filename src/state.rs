@@ -117,6 +117,11 @@ impl AppState {
         self.server.load().header_read_timeout.0
     }
 
+    /// `server.write_timeout`.
+    pub fn write_timeout(&self) -> Duration {
+        self.server.load().write_timeout.0
+    }
+
     /// `server.shutdown_grace`.
     pub fn shutdown_grace(&self) -> Duration {
         self.server.load().shutdown_grace.0

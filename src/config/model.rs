@@ -64,6 +64,11 @@ pub struct ServerConfig {
     /// A request body must arrive within this time. Default `10s`.
     #[serde(default = "default_request_timeout")]
     pub request_timeout: HumanDuration,
+    /// A client must take each part of an answer within this time: one
+    /// that stops reading is let go instead of holding its connection (as
+    /// Nginx's `send_timeout`). Default `30s`.
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout: HumanDuration,
     /// Largest accepted request body. Default `16KiB`.
     #[serde(default = "default_max_body")]
     pub max_body: ByteSize,
@@ -506,6 +511,9 @@ fn default_max_connections() -> usize {
 }
 fn default_header_read_timeout() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(5))
+}
+fn default_write_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(30))
 }
 fn default_request_timeout() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(10))

@@ -11,6 +11,8 @@
 //!   `ops`) and `page`, the fans' page (`web/`, embedded by `build.rs`);
 //! - `streaming` serves waiting rooms' event streams beside hyper, on a
 //!   fraction of a hyper connection's memory;
+//! - `write_deadline` lets go of a client that stops reading its answers
+//!   (`server.write_timeout`), on both paths;
 //! - `parse_errors` gives the answers hyper makes itself to requests it
 //!   cannot parse the JSON error shape;
 //! - [`access_log`] writes one JSON line per request, off the request path.
@@ -24,5 +26,6 @@ pub mod request;
 pub mod router;
 pub mod server;
 mod streaming;
+mod write_deadline;
 
 pub use error::ApiError;

@@ -1,8 +1,9 @@
 //! The accept loop: connection cap, slow-client timeouts, graceful drain.
 //!
-//! Each connection is served by hyper's HTTP/1.1 state machine with keep-alive
-//! and a header-read timeout (a slowloris client that trickles its request
-//! head is cut off). Past `server.max_connections` new connections are closed
+//! Each connection is served by hyper's HTTP/1.1 state machine with keep-alive,
+//! a header-read timeout (a slowloris client that trickles its request
+//! head is cut off) and a write-stall timeout (a client that stops reading
+//! its answers is let go: [`super::write_deadline`]). Past `server.max_connections` new connections are closed
 //! at once. On shutdown the listener is dropped first (no new connections),
 //! every connection finishes its in-flight request and closes, and the drain
 //! is bounded by `server.shutdown_grace`.
@@ -30,6 +31,7 @@ use super::{
     parse_errors::ShapedErrors,
     router::{self, Served, Surface},
     streaming,
+    write_deadline::WriteDeadline,
 };
 use crate::state::AppState;
 
@@ -265,6 +267,7 @@ async fn serve_hyper(
     surface: Surface,
     header_read_timeout: Duration,
 ) {
+    let write_timeout = http.state.write_timeout();
     let svc = service_fn(move |req| {
         let http = http.clone();
         async move {
@@ -281,7 +284,10 @@ async fn serve_hyper(
         .header_read_timeout(header_read_timeout)
         .keep_alive(true)
         .max_buf_size(64 * 1024)
-        .serve_connection(TokioIo::new(ShapedErrors::new(stream)), svc);
+        .serve_connection(
+            TokioIo::new(ShapedErrors::new(WriteDeadline::new(stream, write_timeout))),
+            svc,
+        );
     tokio::pin!(conn);
     let result = tokio::select! {
         res = conn.as_mut() => res,

@@ -29,6 +29,7 @@ use super::{
     access_log::AccessLog,
     error::ApiError,
     router::{self, Body, Served},
+    write_deadline::WriteDeadline,
 };
 use crate::state::AppState;
 
@@ -38,9 +39,6 @@ const EVENTS_LINE: &[u8] = b"GET /queue/events";
 const MAX_HEAD: usize = 16 * 1024;
 /// The most headers a request may carry here.
 const MAX_HEADERS: usize = 64;
-/// How long one write may wait for a fan's connection to take it: a client
-/// that stopped reading is let go instead of held.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Whether the connection's first request is `GET /queue/events` — looked
 /// at without reading it. `None` when no byte arrived before `timeout` or
@@ -57,6 +55,8 @@ pub async fn wants_events(stream: &TcpStream, timeout: Duration) -> Option<bool>
 }
 
 /// Serves the one `GET /queue/events` request of `stream`, then closes it.
+/// A fan whose connection takes no part of the stream for
+/// `server.write_timeout` (it stopped reading) is let go instead of held.
 pub async fn serve(
     mut stream: TcpStream,
     state: &AppState,
@@ -65,12 +65,13 @@ pub async fn serve(
     served: Served,
 ) {
     let head_timeout = state.header_read_timeout();
+    let write_timeout = state.write_timeout();
     let req = match tokio::time::timeout(head_timeout, read_head(&mut stream)).await {
         Err(_elapsed) => return,
         Ok(Err(Unreadable::Gone)) => return,
         Ok(Err(Unreadable::Refused(e))) => {
             let res = e.into_response().map(Either::Left);
-            let _ = respond(&mut stream, res, Version::HTTP_11).await;
+            let _ = respond(&mut WriteDeadline::new(stream, write_timeout), res, Version::HTTP_11).await;
             return;
         }
         Ok(Ok(req)) => req,
@@ -78,7 +79,7 @@ pub async fn serve(
     let res = router::handle_events(state, access_log, served, &req, peer);
     let version = req.version();
     drop(req);
-    if let Err(error) = respond(&mut stream, res, version).await {
+    if let Err(error) = respond(&mut WriteDeadline::new(stream, write_timeout), res, version).await {
         tracing::debug!(%error, %peer, "Event stream ended with an error.");
     }
 }
@@ -155,7 +156,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Request<()>>, ApiError> {
 
 /// Writes the answer: a whole one with its length, or the stream chunk by
 /// chunk (HTTP/1.0: until the close) while watching for the fan leaving.
-async fn respond(stream: &mut TcpStream, res: Response<Body>, version: Version) -> std::io::Result<()> {
+async fn respond(stream: &mut WriteDeadline<TcpStream>, res: Response<Body>, version: Version) -> std::io::Result<()> {
     let (parts, body) = res.into_parts();
     let mut head = String::with_capacity(256);
     let reason = parts.status.canonical_reason().unwrap_or("");
@@ -192,7 +193,7 @@ async fn respond(stream: &mut TcpStream, res: Response<Body>, version: Version) 
             loop {
                 let frame = tokio::select! {
                     frame = events.frame() => frame,
-                    () = left(stream) => return Ok(()),
+                    () = left(stream.get_ref()) => return Ok(()),
                 };
                 let Some(Ok(frame)) = frame else { break };
                 let Ok(data) = frame.into_data() else { continue };
@@ -213,35 +214,30 @@ async fn respond(stream: &mut TcpStream, res: Response<Body>, version: Version) 
 
 /// Writes `parts` in order, gathered (one syscall for all of them while the
 /// socket takes them whole, and the fan's reader gets a head with its body,
-/// a chunk with its framing, in one piece), giving up after [`WRITE_TIMEOUT`].
+/// a chunk with its framing, in one piece).
 async fn write<const N: usize>(stream: &mut (impl AsyncWrite + Unpin), parts: [&[u8]; N]) -> std::io::Result<()> {
-    let all = async {
-        // Written so far: every part before `first`, and `offset` bytes of it.
-        let (mut first, mut offset) = (0, 0);
-        let mut written = 0;
-        loop {
-            while first < N && written >= parts[first].len() - offset {
-                written -= parts[first].len() - offset;
-                (first, offset) = (first + 1, 0);
-            }
-            offset += written;
-            if first == N {
-                return Ok(());
-            }
-            let mut slices = [IoSlice::new(&[]); N];
-            slices[0] = IoSlice::new(&parts[first][offset..]);
-            for (slice, part) in slices[1..].iter_mut().zip(&parts[first + 1..]) {
-                *slice = IoSlice::new(part);
-            }
-            written = stream.write_vectored(&slices[..N - first]).await?;
-            if written == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
+    // Written so far: every part before `first`, and `offset` bytes of it.
+    let (mut first, mut offset) = (0, 0);
+    let mut written = 0;
+    loop {
+        while first < N && written >= parts[first].len() - offset {
+            written -= parts[first].len() - offset;
+            (first, offset) = (first + 1, 0);
         }
-    };
-    tokio::time::timeout(WRITE_TIMEOUT, all)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        offset += written;
+        if first == N {
+            return Ok(());
+        }
+        let mut slices = [IoSlice::new(&[]); N];
+        slices[0] = IoSlice::new(&parts[first][offset..]);
+        for (slice, part) in slices[1..].iter_mut().zip(&parts[first + 1..]) {
+            *slice = IoSlice::new(part);
+        }
+        written = stream.write_vectored(&slices[..N - first]).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+    }
 }
 
 /// A chunk's size line (`<hex length>\r\n`), formatted into `buf`.

@@ -76,3 +76,40 @@ async fn a_slowloris_connection_is_cut_off() {
     // Others are still served.
     assert_eq!(app.client.get("/healthz", None).await.unwrap().status, 200);
 }
+
+/// A client that sends requests and never reads their answers: hyper's
+/// writes stall once the socket buffers are full, and the connection
+/// (one of `server.max_connections`) must be let go, not held for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_let_go() {
+    let config = base_config().replace("[server]", "[server]\nwrite_timeout = \"1s\"") + &open_activity("s", 1, 1);
+    let app = TestApp::start(&config);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    // A small receive window, so the answers back up quickly.
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(app.addr.parse().unwrap()).await.unwrap();
+    let requests = b"GET /act/list HTTP/1.1\r\nHost: t\r\n\r\n".repeat(256);
+    let started = Instant::now();
+    // Pipelined requests, none of whose answers is read. Once the node's
+    // writes stall it stops reading too, and these writes block; they fail
+    // only when the node closes the connection.
+    let cut = loop {
+        match tokio::time::timeout(Duration::from_secs(20), stream.write_all(&requests)).await {
+            Ok(Ok(())) => assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the node kept reading for a minute without its answers being read"
+            ),
+            Ok(Err(error)) => break error,
+            Err(_) => panic!("the node held a connection whose reader stopped for 20 s"),
+        }
+    };
+    assert!(
+        matches!(
+            cut.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "{cut}"
+    );
+    // Others are still served.
+    assert_eq!(app.client.get("/healthz", None).await.unwrap().status, 200);
+}
