@@ -2,25 +2,71 @@
 //! for the API and exports.
 //!
 //! Everything that stamps or compares times (claims, sale windows, tokens,
-//! exports) goes through here, so there is one definition of "now" and one
-//! text format. It imports nothing of the node.
+//! rooms, exports) goes through here, so there is one definition of "now"
+//! and one text format. It imports nothing of the node.
+//!
+//! A cluster node follows the cluster's clock rather than its own: it
+//! measures how far Redis's clock is from its own with every heartbeat
+//! ([`follow`]), and [`now_ms`] adds that. Nodes whose clocks disagree
+//! then still open a sale, close a lottery's entries and expire a token
+//! at the same moment; a node whose clock ran ahead would otherwise sell
+//! before the start to whoever reached it. On one node the offset is 0.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    sync::atomic::{AtomicI64, Ordering},
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
-/// The current wall-clock time in Unix milliseconds.
+/// How far the cluster's clock is ahead of this node's, in ms (see [`follow`]).
+static OFFSET_MS: AtomicI64 = AtomicI64::new(0);
+
+/// The current time in Unix milliseconds: the node's clock, plus the
+/// offset to the cluster's clock in a cluster.
 ///
 /// Read straight from `SystemTime`: every request reads it several times,
 /// and going through `OffsetDateTime` split the time into a calendar date
 /// and divided an `i128` only to throw both away (about 1% of a refused
 /// claim's CPU samples).
 pub fn now_ms() -> i64 {
+    system_ms().saturating_add(OFFSET_MS.load(Ordering::Relaxed))
+}
+
+/// This machine's own clock in Unix milliseconds, uncorrected.
+pub fn system_ms() -> i64 {
     match SystemTime::now().duration_since(UNIX_EPOCH) {
         Ok(d) => (d.as_secs() as i64).saturating_mul(1000) + i64::from(d.subsec_millis()),
         // A clock set before 1970: negative, truncated toward zero as before.
         Err(e) => -(e.duration().as_millis() as i64),
     }
+}
+
+/// Below this, a new measurement of the offset does not move it: a
+/// measurement is only good to half a round trip, and [`now_ms`] should not
+/// step back and forth by that much with every heartbeat.
+const FOLLOW_STEP_MS: u64 = 2;
+
+/// Makes [`now_ms`] follow a clock that reads `offset_ms` ahead of this
+/// machine's; returns the offset in force afterwards.
+pub fn follow(offset_ms: i64) -> i64 {
+    let next = stepped(OFFSET_MS.load(Ordering::Relaxed), offset_ms);
+    OFFSET_MS.store(next, Ordering::Relaxed);
+    next
+}
+
+/// The offset to use, from the one in force and a new measurement.
+fn stepped(current: i64, measured: i64) -> i64 {
+    if measured.abs_diff(current) < FOLLOW_STEP_MS {
+        current
+    } else {
+        measured
+    }
+}
+
+/// The offset [`now_ms`] adds to this machine's clock.
+pub fn offset_ms() -> i64 {
+    OFFSET_MS.load(Ordering::Relaxed)
 }
 
 /// Formats Unix milliseconds as RFC 3339 in UTC, with milliseconds.
@@ -50,10 +96,21 @@ mod tests {
     }
 
     #[test]
-    fn now_ms_agrees_with_the_calendar_clock() {
+    fn the_offset_moves_only_by_more_than_a_measurements_error() {
+        assert_eq!(stepped(0, 1), 0);
+        assert_eq!(stepped(0, -1), 0);
+        assert_eq!(stepped(0, 30_000), 30_000);
+        assert_eq!(stepped(30_000, 30_001), 30_000);
+        assert_eq!(stepped(30_000, 29_990), 29_990);
+        assert_eq!(stepped(30_000, 0), 0);
+        assert_eq!(stepped(i64::MIN, i64::MAX), i64::MAX);
+    }
+
+    #[test]
+    fn the_machines_clock_agrees_with_the_calendar_clock() {
         let ms = |t: OffsetDateTime| (t.unix_timestamp_nanos() / 1_000_000) as i64;
         let before = ms(OffsetDateTime::now_utc());
-        let now = now_ms();
+        let now = system_ms();
         let after = ms(OffsetDateTime::now_utc());
         assert!(before <= now && now <= after, "{before} <= {now} <= {after}");
     }

@@ -2391,6 +2391,51 @@ async fn a_node_whose_clock_runs_behind_counts_as_live() {
 /// lost the INCRBY, and the next node to ask got the same block, so two
 /// acknowledged claims shared an id. With `replica_acks`, a block is used
 /// only once a replica holds it.
+/// Node clocks and sale times: a cluster node follows Redis's clock (it
+/// measures it with each heartbeat), so one whose own clock runs ahead does
+/// not open a sale early. Before, a node 30 s ahead sold 30 s before the
+/// start to whoever reached it, and a scalper had only to find that node;
+/// its session and claim tokens, rooms and claim stamps ran ahead too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_clock_runs_ahead_opens_no_sale_early() {
+    let start = now_ms() + 10_000;
+    let act = crate::common::activity("ck", 20, 1, &rfc3339_ms(start), &rfc3339_ms(start + 3_600_000));
+    let cluster = Cluster::start(1, &act, "");
+    let mut ahead = TestApp::prepare(&(node_config(&cluster.services, &cluster.db, "node1", "") + &act), &[]);
+    ahead.env = crate::common::faketime_env("+30s");
+    ahead.boot();
+    let token = ahead.register("early-fan").await;
+    let detail = ahead.detail("ck").await;
+    let res = ahead.claim(&token, "ck").await;
+    // Only meaningful while the sale has not started by the test's clock.
+    assert!(now_ms() < start, "the test took too long to reach the claim");
+    assert_eq!(detail["status"], "upcoming", "{detail}");
+    assert_error(&res, 409, "NOT_STARTED");
+    assert_eq!(res.body["error"]["startTime"], rfc3339_ms(start));
+    assert_eq!(cluster.nodes[0].detail("ck").await["remaining"], 20);
+    let warned = ahead.wait_for_log(
+        "This machine's clock is off Redis's by offset_ms; the node follows Redis's clock for sale times, lottery draws, tokens and claim times. Fix this machine's time sync.",
+        1,
+    );
+    let offset = warned["offset_ms"].as_i64().unwrap();
+    assert!((-31_000..=-29_000).contains(&offset), "{warned}");
+
+    // At the start by Redis's clock, the node sells.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let res = ahead.claim(&token, "ck").await;
+        if res.status == 200 {
+            break;
+        }
+        assert_error(&res, 409, "NOT_STARTED");
+        assert!(Instant::now() < deadline, "the node never opened the sale");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // (To within a measurement of Redis's clock: half a round trip, and
+    // the 2 ms the offset may lag.)
+    assert!(now_ms() >= start - 100, "the node sold before the start");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_hands_out_no_claim_id_twice() {
     let services = Services::start_with_replicated_redis_cluster();

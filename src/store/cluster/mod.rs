@@ -31,8 +31,10 @@
 //! - `commit`: the committer (claims to Redis) and the writer (backlog to MongoDB);
 //! - `record`: the claim record the scripts write; `users`: user ids and accounts;
 //! - `reconcile`: the invariants `ticketd verify` checks;
-//! - `shared`: what the workers share; [`error`]: the cluster's error type.
+//! - `shared`: what the workers share; [`error`]: the cluster's error type;
+//! - `clock`: Redis's clock, which the node's "now" follows.
 
+mod clock;
 mod commit;
 pub mod connection;
 pub mod error;
@@ -340,6 +342,8 @@ impl ClusterStore {
             Access::Tool | Access::Inspect => None,
             Access::Serve(runner) => {
                 block_on(&handle, lease::register_node(&shared))?;
+                // Before the first request: sale times are Redis's.
+                block_on(&handle, clock::follow_redis_clock(&shared, 5))?;
                 let (tx, rx) = mpsc::channel(queue_capacity);
                 let commits = Arc::new(Mutex::new(Some(tx)));
                 let closing = Arc::new(AtomicBool::new(false));

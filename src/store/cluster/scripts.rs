@@ -28,7 +28,8 @@
 //! ```
 //!
 //! The three global keys are used only by single-key commands (`INCRBY`,
-//! `SET NX`, the one-key [`RAISE`]), never inside a script with other keys,
+//! `SET NX`, the one-key [`RAISE`]; [`CLOCK`] names `tk:ids` only to be
+//! routed), never inside a script with other keys,
 //! so on Redis Cluster they may hash to any master. A script that names
 //! per-node keys from the prefix ([`REAP`], [`RELEASE`]) stays within the
 //! activity's slot, since those keys carry its hash tag too.
@@ -207,6 +208,11 @@ return 1
 "#,
     )
 });
+
+/// Redis's clock: `TIME`, as `{seconds, microseconds}`. KEYS: any key,
+/// for the route alone (nodes pass [`IDS_KEY`], so that in a Redis Cluster
+/// every node reads the same master's clock). See `lease::follow_redis_clock`.
+pub static CLOCK: LazyLock<Script> = LazyLock::new(|| Script::new("return redis.call('TIME')"));
 
 /// The key a running node holds.
 pub fn node_key(node: &str) -> String {
