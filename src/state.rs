@@ -224,33 +224,36 @@ impl AppState {
     }
 
     /// Embedded mode: codes that `ticketd import` (another process) put in
-    /// the store while this node served reach the pools on reload. Only
-    /// codes a pool has never held are added — a code taken by this node,
-    /// even one whose claim is still on its way from the journal to SQLite,
-    /// is in the pool's arena and never comes back. (Cluster nodes lease
-    /// from Redis, where `import` pushes codes itself.)
-    fn adopt_codes_imported_elsewhere(&self, catalog: &Catalog) -> Result<usize, StoreError> {
+    /// the store while this node served, per ticket type, to reach the
+    /// pools on reload. Only codes a pool has never held count — a code
+    /// taken by this node, even one whose claim is still on its way from
+    /// the journal to SQLite, is in the pool's arena and never comes back.
+    /// (Cluster nodes lease from Redis, where `import` pushes codes itself.)
+    ///
+    /// Read before the reload writes anything: a read that fails refuses
+    /// the reload with nothing changed, instead of after the new limits and
+    /// times were already in SQLite.
+    fn codes_imported_elsewhere(&self, catalog: &Catalog) -> Result<CodesByTicket, StoreError> {
         if self.store.lease_source().is_some() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        let mut adopted = 0;
+        let mut found = Vec::new();
         for a in catalog.activities() {
             for t in &a.tickets {
-                let pool = self.inventory.pool(&t.id);
                 let unclaimed = self.store.unclaimed_codes(&t.id)?;
-                let new = pool.unknown(&unclaimed);
+                let new: Vec<String> = self
+                    .inventory
+                    .pool(&t.id)
+                    .unknown(&unclaimed)
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect();
                 if !new.is_empty() {
-                    tracing::info!(
-                        ticket = %t.id,
-                        codes = new.len(),
-                        "Codes imported by another process are now in stock."
-                    );
-                    pool.add_codes(&new);
-                    adopted += new.len();
+                    found.push((t.id.clone(), new));
                 }
             }
         }
-        Ok(adopted)
+        Ok(found)
     }
 
     fn try_reload(&self) -> Result<usize, String> {
@@ -277,6 +280,10 @@ impl AppState {
         }
         let catalog = Catalog::build(&new, self.started_ms, &self.inventory, &self.rooms).map_err(|p| p.join("; "))?;
         let blocked = blocked_user_ids(&new, &self.store).map_err(|e| e.to_string())?;
+        let elsewhere = self.codes_imported_elsewhere(&catalog).map_err(|e| e.to_string())?;
+        // Embedded mode: the one write, and the last step that can refuse
+        // the reload (`track` fails only when leasing, in a cluster, where
+        // this writes nothing).
         let report = self
             .store
             .serve_import(&new, self.started_ms)
@@ -287,9 +294,11 @@ impl AppState {
             self.inventory.pool(&t.ticket_id).add_codes(&t.added);
             added += t.added.len();
         }
-        added += self
-            .adopt_codes_imported_elsewhere(&catalog)
-            .map_err(|e| e.to_string())?;
+        for (ticket, codes) in elsewhere {
+            tracing::info!(%ticket, codes = codes.len(), "Codes imported by another process are now in stock.");
+            self.inventory.pool(&ticket).add_codes(&codes);
+            added += codes.len();
+        }
         track(&self.inventory, &catalog).map_err(|e| e.to_string())?;
         let catalog = Arc::new(catalog);
         self.catalog.store(catalog.clone());
@@ -303,6 +312,9 @@ impl AppState {
         Ok(added)
     }
 }
+
+/// Codes, by the ticket type they belong to.
+type CodesByTicket = Vec<(Arc<str>, Vec<String>)>;
 
 /// Starts selling the catalog's ticket types (with leases: leasing them).
 pub fn track(inventory: &Inventory, catalog: &Catalog) -> Result<(), StoreError> {
