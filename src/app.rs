@@ -84,6 +84,7 @@ impl App {
     /// background work is registered with `workers`.
     pub fn start(mut config: Config, config_path: PathBuf, workers: Arc<Runner>) -> anyhow::Result<App> {
         let started_ms = now_ms();
+        let started = std::time::Instant::now();
         if let Some(files) = raise_open_files_limit() {
             tracing::debug!(files, "Open-file limit raised.");
         }
@@ -182,6 +183,7 @@ impl App {
                 config_path,
                 follows_store,
                 started_ms,
+                started,
                 workers: workers.clone(),
                 rooms,
             },

@@ -42,22 +42,21 @@ pub fn system_ms() -> i64 {
     }
 }
 
-/// Below this, a new measurement of the offset does not move it: a
-/// measurement is only good to half a round trip, and [`now_ms`] should not
-/// step back and forth by that much with every heartbeat.
-const FOLLOW_STEP_MS: u64 = 2;
-
-/// Makes [`now_ms`] follow a clock that reads `offset_ms` ahead of this
-/// machine's; returns the offset in force afterwards.
-pub fn follow(offset_ms: i64) -> i64 {
-    let next = stepped(OFFSET_MS.load(Ordering::Relaxed), offset_ms);
+/// Makes [`now_ms`] follow a clock measured to read `offset_ms` ahead of
+/// this machine's, give or take `error_ms` (half the measurement's round
+/// trip); returns the offset in force afterwards. An offset in force that
+/// the measurement does not contradict stays: [`now_ms`] should not step
+/// back and forth with every measurement's noise.
+pub fn follow(offset_ms: i64, error_ms: u64) -> i64 {
+    let next = stepped(OFFSET_MS.load(Ordering::Relaxed), offset_ms, error_ms);
     OFFSET_MS.store(next, Ordering::Relaxed);
     next
 }
 
 /// The offset to use, from the one in force and a new measurement.
-fn stepped(current: i64, measured: i64) -> i64 {
-    if measured.abs_diff(current) < FOLLOW_STEP_MS {
+fn stepped(current: i64, measured: i64, error_ms: u64) -> i64 {
+    // One more millisecond: the clocks are read to whole milliseconds.
+    if measured.abs_diff(current) <= error_ms.saturating_add(1) {
         current
     } else {
         measured
@@ -96,14 +95,16 @@ mod tests {
     }
 
     #[test]
-    fn the_offset_moves_only_by_more_than_a_measurements_error() {
-        assert_eq!(stepped(0, 1), 0);
-        assert_eq!(stepped(0, -1), 0);
-        assert_eq!(stepped(0, 30_000), 30_000);
-        assert_eq!(stepped(30_000, 30_001), 30_000);
-        assert_eq!(stepped(30_000, 29_990), 29_990);
-        assert_eq!(stepped(30_000, 0), 0);
-        assert_eq!(stepped(i64::MIN, i64::MAX), i64::MAX);
+    fn the_offset_moves_only_when_a_measurement_contradicts_it() {
+        assert_eq!(stepped(0, 1, 0), 0);
+        assert_eq!(stepped(0, -1, 0), 0);
+        assert_eq!(stepped(0, 30_000, 0), 30_000);
+        assert_eq!(stepped(30_000, 30_010, 10), 30_000);
+        assert_eq!(stepped(30_000, 30_012, 10), 30_012);
+        assert_eq!(stepped(30_000, 29_990, 2), 29_990);
+        assert_eq!(stepped(30_000, 0, 2), 0);
+        assert_eq!(stepped(i64::MIN, i64::MAX, u64::MAX), i64::MIN);
+        assert_eq!(stepped(i64::MIN, i64::MAX, 0), i64::MAX);
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub struct AppState {
     pub workers: Arc<Runner>,
     /// When the node started, Unix ms (relative times count from here).
     pub started_ms: i64,
+    /// When the node started, for its uptime (in a cluster "now" follows
+    /// Redis's clock from a moment after `started_ms` was read).
+    pub started: std::time::Instant,
     /// Reloadable server limits.
     server: ArcSwap<ServerConfig>,
     /// The running config (codes stripped), for reload diffs.
@@ -66,6 +69,8 @@ pub struct Setup {
     pub follows_store: bool,
     /// When the node started, Unix ms.
     pub started_ms: i64,
+    /// The same moment, for the uptime.
+    pub started: std::time::Instant,
     /// The runner the node's workers are registered with.
     pub workers: Arc<Runner>,
     /// The waiting rooms the catalog was built with.
@@ -95,6 +100,7 @@ impl AppState {
             stats: RushStats::default(),
             workers: setup.workers,
             started_ms: setup.started_ms,
+            started: setup.started,
             server: ArcSwap::from_pointee(setup.config.server.clone()),
             config: Mutex::new(setup.config),
             follows_store: setup.follows_store,

@@ -1,4 +1,5 @@
-//! A write-stall timeout for hyper's connections (`server.write_timeout`).
+//! A write-stall timeout for every public and admin connection
+//! (`server.write_timeout`): hyper's, and the event streams'.
 //!
 //! hyper 1 times out a request head that trickles in (`header_read_timeout`)
 //! but has no timeout for writing: a client that sends requests and never
@@ -59,14 +60,13 @@ impl<S> WriteDeadline<S> {
             self.armed = false;
             return polled;
         }
-        let deadline = Instant::now() + self.limit;
         let stall = match &mut self.stall {
             Some(stall) if self.armed => stall,
             Some(stall) => {
-                stall.as_mut().reset(deadline);
+                stall.as_mut().reset(Instant::now() + self.limit);
                 stall
             }
-            None => self.stall.insert(Box::pin(tokio::time::sleep_until(deadline))),
+            None => self.stall.insert(Box::pin(tokio::time::sleep(self.limit))),
         };
         self.armed = true;
         match stall.as_mut().poll(cx) {

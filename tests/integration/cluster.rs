@@ -2385,12 +2385,6 @@ async fn a_node_whose_clock_runs_behind_counts_as_live() {
     );
 }
 
-/// Claim ids come in blocks (`INCRBY tk:ids`), and `tk:ids` may sit on
-/// another master than an activity's claims. A block taken while that
-/// master's replica was behind went into claims at once; a failover then
-/// lost the INCRBY, and the next node to ask got the same block, so two
-/// acknowledged claims shared an id. With `replica_acks`, a block is used
-/// only once a replica holds it.
 /// Node clocks and sale times: a cluster node follows Redis's clock (it
 /// measures it with each heartbeat), so one whose own clock runs ahead does
 /// not open a sale early. Before, a node 30 s ahead sold 30 s before the
@@ -2436,6 +2430,12 @@ async fn a_node_whose_clock_runs_ahead_opens_no_sale_early() {
     assert!(now_ms() >= start - 100, "the node sold before the start");
 }
 
+/// Claim ids come in blocks (`INCRBY tk:ids`), and `tk:ids` may sit on
+/// another master than an activity's claims. A block taken while that
+/// master's replica was behind went into claims at once; a failover then
+/// lost the INCRBY, and the next node to ask got the same block, so two
+/// acknowledged claims shared an id. With `replica_acks`, a block is used
+/// only once a replica holds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_hands_out_no_claim_id_twice() {
     let services = Services::start_with_replicated_redis_cluster();

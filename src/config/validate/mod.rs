@@ -175,6 +175,19 @@ end_time = "2030-01-02T00:00:00Z"
     }
 
     #[test]
+    fn a_write_timeout_of_nothing_or_of_hours_is_refused() {
+        assert_eq!(
+            problems("[server]\nwrite_timeout = \"0s\"\n"),
+            ["line 1: server timeouts must be greater than zero"]
+        );
+        assert_eq!(
+            problems("[server]\nwrite_timeout = \"2h\"\n"),
+            ["line 2: server.write_timeout must be at most 1h: a client that stops reading holds its connection that long"]
+        );
+        load("[server]\nwrite_timeout = \"1h\"\n").unwrap();
+    }
+
+    #[test]
     fn zeros_laid_ahead_fit_in_a_segment() {
         assert_eq!(
             problems("[journal]\nsegment_size = \"64KiB\"\npreallocate = \"1MiB\"\n"),

@@ -41,8 +41,15 @@ pub(super) fn server(r: &mut Report<'_>, config: &Config) {
             "server.max_body must be at least 256 bytes".into(),
         );
     }
-    if s.header_read_timeout.0.is_zero() || s.request_timeout.0.is_zero() {
+    if s.header_read_timeout.0.is_zero() || s.request_timeout.0.is_zero() || s.write_timeout.0.is_zero() {
         r.add(&[K("server")], "server timeouts must be greater than zero".into());
+    }
+    if s.write_timeout.0 > std::time::Duration::from_secs(3600) {
+        r.add(
+            &[K("server"), K("write_timeout")],
+            "server.write_timeout must be at most 1h: a client that stops reading holds its connection that long"
+                .into(),
+        );
     }
 }
 

@@ -109,7 +109,7 @@ fn stats(state: &AppState, connections: usize) -> Response<Full<Bytes>> {
                 .map(|(act, ticket, codes)| serde_json::json!({ "actId": act, "ticketId": ticket, "codes": codes }))
                 .collect::<Vec<_>>(),
         })),
-        "uptimeSecs": (now - state.started_ms) / 1000,
+        "uptimeSecs": state.started.elapsed().as_secs(),
         "claimOutcomes": metrics::global().claim_outcomes(),
     }))
 }

@@ -5,7 +5,6 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::{
-    clock::now_ms,
     http::{error::ApiError, request::ok},
     state::AppState,
 };
@@ -22,7 +21,7 @@ pub fn healthz(state: &AppState) -> Response<Full<Bytes>> {
     }
     ok(&serde_json::json!({
         "status": "ok",
-        "uptimeSecs": (now_ms() - state.started_ms) / 1000,
+        "uptimeSecs": state.started.elapsed().as_secs(),
     }))
 }
 

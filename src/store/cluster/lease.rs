@@ -395,7 +395,7 @@ async fn lease(shared: &Shared, activity: &Arc<str>, ticket: &Arc<str>, want: us
 
 async fn heartbeat(shared: &Shared) -> Result<Vec<TicketCounts>, ClusterError> {
     keep_node_id(shared).await?;
-    super::clock::follow_redis_clock(shared, 1).await?;
+    super::clock::follow_with_heartbeat(shared).await;
     let mut redis = shared.redis.clone();
     let mut out = Vec::new();
     let mut seen = Vec::new();

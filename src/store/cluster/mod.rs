@@ -343,7 +343,7 @@ impl ClusterStore {
             Access::Serve(runner) => {
                 block_on(&handle, lease::register_node(&shared))?;
                 // Before the first request: sale times are Redis's.
-                block_on(&handle, clock::follow_redis_clock(&shared, 5))?;
+                block_on(&handle, clock::follow_at_start(&shared))?;
                 let (tx, rx) = mpsc::channel(queue_capacity);
                 let commits = Arc::new(Mutex::new(Some(tx)));
                 let closing = Arc::new(AtomicBool::new(false));

@@ -211,7 +211,7 @@ return 1
 
 /// Redis's clock: `TIME`, as `{seconds, microseconds}`. KEYS: any key,
 /// for the route alone (nodes pass [`IDS_KEY`], so that in a Redis Cluster
-/// every node reads the same master's clock). See `lease::follow_redis_clock`.
+/// every node reads the same master's clock). See `super::clock`.
 pub static CLOCK: LazyLock<Script> = LazyLock::new(|| Script::new("return redis.call('TIME')"));
 
 /// The key a running node holds.
