@@ -338,10 +338,17 @@ fn has_magic(bytes: &[u8]) -> bool {
     bytes.len() >= record::MAGIC.len() && &bytes[..record::MAGIC.len()] == record::MAGIC
 }
 
-/// A segment shorter than its header holds no record, wherever it sits: a
-/// segment whose creation failed (a full disk) or was cut short by a crash.
+/// A segment with nothing but zeros after where its header goes holds no
+/// record, wherever it sits, whatever its header: one whose creation failed
+/// (a full disk) or was cut short by a crash. (A segment's header and first
+/// zeros are durable before any record is written in it, so a segment
+/// with anything after a missing or damaged header is damaged: its records
+/// may be the only copy of acknowledged claims.)
+#[allow(clippy::unnecessary_map_or)] // `Option::is_none_or` is newer than the MSRV
 fn holds_nothing(bytes: &[u8]) -> bool {
-    bytes.len() < record::MAGIC.len()
+    bytes
+        .get(record::MAGIC.len()..)
+        .map_or(true, |rest| rest.iter().all(|&b| b == 0))
 }
 
 /// Reads every segment in `dir` (created if missing), truncating a torn
@@ -362,10 +369,10 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
         let bytes = fs::read(path).map_err(io_err(path))?;
         let is_last = i + 1 == segs.len();
         if !has_magic(&bytes) {
-            if is_last || holds_nothing(&bytes) {
+            if holds_nothing(&bytes) {
                 // Crashed, or failed, while creating the segment: nothing
                 // in it was acknowledged.
-                tracing::warn!(segment = %path.display(), "Journal segment has no header; removing it.");
+                tracing::warn!(segment = %path.display(), "Journal segment has no header and holds nothing; removing it.");
                 fs::remove_file(path).map_err(io_err(path))?;
                 continue;
             }
@@ -495,11 +502,11 @@ pub fn verify(dir: &Path, repair: bool) -> Result<Vec<SegmentReport>, JournalErr
             // Recovery removes it; nothing to report.
             SegmentScan::default()
         } else {
-            SegmentScan {
-                damaged: vec![(0, bytes.len())],
-                end: bytes.len(),
-                ..SegmentScan::default()
-            }
+            // A damaged header: the records after it are read all the same,
+            // so that a repair keeps them.
+            let mut scan = scan_segment(&bytes);
+            scan.damaged.insert(0, (0, record::MAGIC.len()));
+            scan
         };
         // Recovery drops a torn last write; so do the counts and the gaps.
         let torn = scan.torn_from().filter(|_| is_last && has_magic(&bytes));
@@ -942,6 +949,31 @@ mod tests {
         let r = recover(dir.path()).unwrap();
         assert_eq!(codes(&r), ["CODE-ONE", "CODE-TWO", "CODE-THREE"]);
         assert_eq!(segments(dir.path()).unwrap().len(), 1, "both removed");
+    }
+
+    /// Before, the last segment was removed whenever its header was not
+    /// the magic, records and all: one flipped byte there dropped every
+    /// claim SQLite had not applied yet, and their codes went back on sale.
+    #[test]
+    fn a_damaged_header_over_records_stops_recovery_and_repair_keeps_them() {
+        let mut bytes = fixture();
+        bytes[0] ^= 0x01;
+        let dir = dir_with(&bytes);
+        assert!(matches!(
+            recover(dir.path()),
+            Err(JournalError::Corrupt { offset: 0, .. })
+        ));
+        assert_eq!(fs::read(dir.path().join(SEGMENT)).unwrap(), bytes, "nothing removed");
+        let report = &verify(dir.path(), false).unwrap()[0];
+        assert!(report.is_broken());
+        assert_eq!(report.claims, 3);
+        verify(dir.path(), true).unwrap();
+        let r = recover(dir.path()).unwrap();
+        assert_eq!(codes(&r), ["CODE-ONE", "CODE-TWO", "CODE-THREE"]);
+        // A damaged header over zeros alone holds nothing.
+        let dir = dir_with(&[b"XXXXXXXX".as_slice(), &[0; 4096]].concat());
+        assert!(recover(dir.path()).unwrap().claims.is_empty());
+        assert!(segments(dir.path()).unwrap().is_empty());
     }
 
     #[test]

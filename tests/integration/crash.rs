@@ -203,6 +203,55 @@ async fn a_corrupt_journal_record_stops_the_node_and_verify_repair_keeps_every_c
     app.assert_verified();
 }
 
+/// A damaged header of the newest segment. Recovery used to remove the
+/// newest segment whenever its header was not the magic, records and all:
+/// claims SQLite had not applied yet were lost and their codes sold again.
+/// Now the node refuses to start and removes nothing, and `verify --repair`
+/// keeps every record behind the header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_segment_header_stops_the_node_and_loses_no_claim() {
+    let config = base_config() + &open_activity("hdr", 10, 1);
+    let mut app = TestApp::start(&config);
+    let mut held = Vec::new();
+    for name in ["hdr-a", "hdr-b"] {
+        let token = app.register(name).await;
+        let res = app.claim(&token, "hdr").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+        held.push((token, res.data()["code"].as_str().unwrap().to_owned()));
+    }
+    assert_eq!(app.stop(), 0);
+    let segment = std::fs::read_dir(app.dir.path().join("data/journal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "journal"))
+        .max()
+        .expect("a journal segment");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[0] ^= 0x01;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let stderr = crate::common::serve_refused(
+        app.dir.path(),
+        std::time::Duration::from_secs(20),
+        "the node started on a journal segment with a damaged header",
+    );
+    let name = segment.file_name().unwrap().to_str().unwrap();
+    assert!(stderr.contains(name) && stderr.contains("verify --repair"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&segment).unwrap(),
+        bytes,
+        "the segment was removed or changed"
+    );
+    let out = app.cli(&["verify", "--repair"], None);
+    assert!(out.status.success(), "{out:?}");
+    app.boot();
+    for (token, code) in &held {
+        assert_eq!(&app.held(token, "hdr").await, &vec![code.clone()]);
+    }
+    assert_eq!(app.detail("hdr").await["remaining"], 8);
+    app.assert_verified();
+}
+
 /// A tmpfs mounted on a directory for the life of a test.
 struct Tmpfs(std::path::PathBuf);
 
