@@ -19,7 +19,9 @@
 //! everybody:
 //! - **per address** (every username): `4 × login_max_failures` failures lock
 //!   *that address* out of logging in, with a doubling backoff — it stops one
-//!   source guessing many accounts (credential stuffing);
+//!   source guessing many accounts (credential stuffing); an IPv6 /48 is
+//!   locked the same way after [`SITE_LOGINS`] times that, so a site with
+//!   65,536 /64s does not get 65,536 budgets;
 //! - **per account at an address**: `login_max_failures` failures lock *that
 //!   account from that address*, doubling — it stops one source guessing one
 //!   password. The real owner, from any address without failures, still logs
@@ -40,7 +42,8 @@
 //! out a given entry an attacker must make failed logins under
 //! `max_tracked_clients / 64` other keys landing in the same (randomly keyed)
 //! shard, each costing a rationed argon2 check — slower than waiting out the
-//! lockout.
+//! lockout. (A login refused as busy never reaches these tables: it is
+//! refused before the guard counts it, see `Auth::reserve_hashing`.)
 //!
 //! Settings are swapped whole on reload; the counters live on.
 
@@ -127,6 +130,15 @@ impl Settings {
             ..self.login
         }
     }
+
+    /// An IPv6 /48 gets [`SITE_LOGINS`] addresses' room.
+    fn site_login(&self) -> BackoffPolicy {
+        let address = self.address_login();
+        BackoffPolicy {
+            max_failures: address.max_failures.saturating_mul(SITE_LOGINS),
+            ..address
+        }
+    }
 }
 
 /// The key per-address limits count under: the address, the IPv4 address of
@@ -156,6 +168,10 @@ fn site_key(ip: IpAddr) -> Option<IpAddr> {
 /// does not get 65,536 budgets.
 const SITE_REGISTRATIONS: f64 = 8.0;
 
+/// How many /64s' worth of login failures a /48 may make before it is
+/// locked out of logging in, as [`SITE_REGISTRATIONS`] for registrations.
+const SITE_LOGINS: u32 = 8;
+
 /// Successful logins of one account from one address: ten, then one every
 /// six seconds. Failures have their backoff; successes were never counted,
 /// so an account's owner (or a farm of them) could keep every password
@@ -179,6 +195,8 @@ pub struct Guard {
     /// long a made-up username is.
     logins_by_account: Backoff<([u8; 16], IpAddr)>,
     logins_by_ip: Backoff<IpAddr>,
+    /// Login failures per IPv6 /48 ([`site_key`]), beside the /64's.
+    logins_by_site: Backoff<IpAddr>,
     /// Successful logins per (account, address key): [`SUCCESSFUL_LOGINS`].
     logins_succeeded: TokenBuckets<([u8; 16], IpAddr)>,
 }
@@ -191,6 +209,8 @@ pub struct Guard {
 pub struct LoginAttempt {
     guard: Arc<Guard>,
     account: ([u8; 16], IpAddr),
+    /// The address's IPv6 /48, counted too.
+    site: Option<IpAddr>,
     settled: bool,
 }
 
@@ -205,6 +225,11 @@ impl LoginAttempt {
         if let Some(lock) = self.guard.logins_by_ip.fail(*address, settings.address_login(), now) {
             tracing::warn!(%address, lock_secs = lock.as_secs(), "An address is locked out of logging in.");
         }
+        if let Some(site) = self.site {
+            if let Some(lock) = self.guard.logins_by_site.fail(site, settings.site_login(), now) {
+                tracing::warn!(%site, lock_secs = lock.as_secs(), "An IPv6 /48 is locked out of logging in.");
+            }
+        }
         self.settled = true;
     }
 
@@ -216,6 +241,9 @@ impl LoginAttempt {
             .take(self.account, SUCCESSFUL_LOGINS, Instant::now());
         self.guard.logins_by_account.settle(&self.account, true);
         self.guard.logins_by_ip.settle(&self.account.1, false);
+        if let Some(site) = &self.site {
+            self.guard.logins_by_site.settle(site, false);
+        }
         self.settled = true;
     }
 }
@@ -225,6 +253,9 @@ impl Drop for LoginAttempt {
         if !self.settled {
             self.guard.logins_by_account.settle(&self.account, false);
             self.guard.logins_by_ip.settle(&self.account.1, false);
+            if let Some(site) = &self.site {
+                self.guard.logins_by_site.settle(site, false);
+            }
         }
     }
 }
@@ -242,6 +273,7 @@ impl Guard {
             registrations_by_site: TokenBuckets::new(capacity),
             logins_by_account: Backoff::new(capacity),
             logins_by_ip: Backoff::new(capacity),
+            logins_by_site: Backoff::new(capacity),
             logins_succeeded: TokenBuckets::new(capacity),
         }
     }
@@ -378,6 +410,7 @@ impl Guard {
     /// this address is locked out (see the module's login policy).
     pub fn begin_login(self: &Arc<Self>, account: &str, ip: IpAddr, now: Instant) -> Result<LoginAttempt, Denied> {
         let settings = self.settings.load();
+        let site = site_key(ip);
         let ip = client_key(ip);
         let denied = |r: Refusal| match r {
             Refusal::Locked(wait) => Denied::LoginLocked(wait),
@@ -388,16 +421,29 @@ impl Guard {
         self.logins_succeeded
             .available(&account, SUCCESSFUL_LOGINS, now)
             .map_err(Denied::RateLimited)?;
-        self.logins_by_ip
-            .begin(ip, settings.address_login(), now)
-            .map_err(denied)?;
+        if let Some(site) = site {
+            self.logins_by_site
+                .begin(site, settings.site_login(), now)
+                .map_err(denied)?;
+        }
+        let settle_site = || {
+            if let Some(site) = &site {
+                self.logins_by_site.settle(site, false);
+            }
+        };
+        if let Err(refusal) = self.logins_by_ip.begin(ip, settings.address_login(), now) {
+            settle_site();
+            return Err(denied(refusal));
+        }
         if let Err(refusal) = self.logins_by_account.begin(account, settings.login, now) {
             self.logins_by_ip.settle(&ip, false);
+            settle_site();
             return Err(denied(refusal));
         }
         Ok(LoginAttempt {
             guard: self.clone(),
             account,
+            site,
             settled: false,
         })
     }
@@ -412,11 +458,12 @@ impl Guard {
         self.registrations_by_site.sweep(now, Duration::from_secs(3600));
         self.logins_by_account.sweep(now, idle, settings.login);
         self.logins_by_ip.sweep(now, idle, settings.address_login());
+        self.logins_by_site.sweep(now, idle, settings.site_login());
         self.logins_succeeded.sweep(now, idle);
     }
 
     /// `(table, entries, capacity)` of every table, for `/metrics`.
-    pub fn tables(&self) -> [(&'static str, usize, usize); 7] {
+    pub fn tables(&self) -> [(&'static str, usize, usize); 8] {
         [
             (
                 "claims_by_user",
@@ -440,6 +487,11 @@ impl Guard {
                 self.logins_by_account.capacity(),
             ),
             ("logins_by_ip", self.logins_by_ip.len(), self.logins_by_ip.capacity()),
+            (
+                "logins_by_site",
+                self.logins_by_site.len(),
+                self.logins_by_site.capacity(),
+            ),
             (
                 "logins_succeeded",
                 self.logins_succeeded.len(),

@@ -111,6 +111,15 @@ impl Settings {
     }
 }
 
+/// A reserved turn to hash a password, or a place in the queue for one
+/// ([`Auth::reserve_hashing`]).
+pub enum HashingSlot {
+    /// A turn, held.
+    Turn(OwnedSemaphorePermit),
+    /// A place in the queue for a turn.
+    Queued(OwnedSemaphorePermit),
+}
+
 /// Accounts and sessions.
 pub struct Auth {
     key: SessionKey,
@@ -124,7 +133,7 @@ pub struct Auth {
     /// the request does: a client hanging up cannot free a turn early.
     hashing: Arc<Semaphore>,
     /// Places in the queue for a turn: `hash_queue` permits, taken without waiting.
-    hash_queue: Semaphore,
+    hash_queue: Arc<Semaphore>,
     /// The permits each of the two was made with, for [`Auth::hashing_load`].
     hash_limits: (usize, usize),
     store: Arc<Store>,
@@ -170,7 +179,7 @@ impl Auth {
             settings: ArcSwap::from_pointee(settings),
             revoked: DashMap::new(),
             hashing: Arc::new(Semaphore::new(config.auth.max_concurrent_hashes())),
-            hash_queue: Semaphore::new(config.auth.hash_queue),
+            hash_queue: Arc::new(Semaphore::new(config.auth.hash_queue)),
             hash_limits: (config.auth.max_concurrent_hashes(), config.auth.hash_queue),
             store,
         };
@@ -247,7 +256,7 @@ impl Auth {
             return Err(AuthError::RegistrationClosed);
         }
         let (username, nickname) = validate_account(&username, &password, nickname.as_deref())?;
-        let turn = self.hashing_turn().await?;
+        let turn = self.hashing_turn(self.reserve_hashing()?).await?;
         let this = self.clone();
         let user = blocking(move || {
             let hash = password::hash(&password, settings.cost);
@@ -276,18 +285,38 @@ impl Auth {
         )
     }
 
-    /// Waits for a turn to hash (argon2 is rationed: see the module docs);
-    /// `Busy` at once when the queue is full too.
-    async fn hashing_turn(&self) -> Result<OwnedSemaphorePermit, AuthError> {
+    /// Reserves a turn to hash, or a place in the queue for one, without
+    /// waiting (argon2 is rationed: see the module docs); `Busy` when the
+    /// queue is full too.
+    ///
+    /// A login reserves before the guard counts it: one refused as busy
+    /// then never made a lockout record, and so never pushed one out of a
+    /// full table (a flood of logins that hashed nothing wiped a guesser's
+    /// lockout).
+    pub fn reserve_hashing(&self) -> Result<HashingSlot, AuthError> {
         if let Ok(turn) = self.hashing.clone().try_acquire_owned() {
-            return Ok(turn);
+            return Ok(HashingSlot::Turn(turn));
         }
-        let _place = self.hash_queue.try_acquire().map_err(|_| AuthError::Busy)?;
-        self.hashing
+        let place = self
+            .hash_queue
             .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| AuthError::Internal)
+            .try_acquire_owned()
+            .map_err(|_| AuthError::Busy)?;
+        Ok(HashingSlot::Queued(place))
+    }
+
+    /// The turn `slot` holds or waits for (its queue place is given up
+    /// once the turn comes).
+    async fn hashing_turn(&self, slot: HashingSlot) -> Result<OwnedSemaphorePermit, AuthError> {
+        match slot {
+            HashingSlot::Turn(turn) => Ok(turn),
+            HashingSlot::Queued(_place) => self
+                .hashing
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| AuthError::Internal),
+        }
     }
 
     /// Checks a password and issues a token. `username_key` is the
@@ -301,12 +330,13 @@ impl Auth {
     /// and is given back.
     pub async fn login(
         self: &Arc<Self>,
+        slot: HashingSlot,
         attempt: LoginAttempt,
         username_key: String,
         typed: String,
         password: String,
     ) -> Result<(User, String), AuthError> {
-        let turn = self.hashing_turn().await?;
+        let turn = self.hashing_turn(slot).await?;
         let this = self.clone();
         let user = blocking(move || {
             let _turn = turn;

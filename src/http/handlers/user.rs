@@ -84,11 +84,18 @@ pub async fn login(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Resu
         m.reject(Rejected::Blocked);
         return Err(Denied::Blocked.into());
     }
+    // A turn (or a queue place) first: a login refused as busy must not
+    // touch the lockout records (see `Auth::reserve_hashing`).
+    let slot = state.auth.reserve_hashing().inspect_err(count_busy)?;
     let account = identity_key(&body.username);
     let attempt = guard
         .begin_login(&account, ip, Instant::now())
         .inspect_err(|_| m.reject(Rejected::LoginLocked))?;
-    match state.auth.login(attempt, account, body.username, body.password).await {
+    match state
+        .auth
+        .login(slot, attempt, account, body.username, body.password)
+        .await
+    {
         Ok((user, token)) => {
             if guard.is_blocked_user(&user.username) || guard.is_blocked_id(user.id) {
                 m.reject(Rejected::Blocked);
