@@ -34,7 +34,9 @@ pub const MAX_SOURCES: usize = 200_000;
 /// Who sent a claim.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Source {
-    /// A client address.
+    /// A client, keyed as the rate limits key it: an IPv4 address, or an
+    /// IPv6 address's /64 (one subscriber's; counted per address, a client
+    /// rotating through its 2^64 never stood out).
     Ip(IpAddr),
     /// An account.
     User(u64),
@@ -43,10 +45,12 @@ pub enum Source {
 }
 
 impl Source {
-    /// `("ip", "203.0.113.7")`, `("user", "42")` or `("other", "")`.
+    /// `("ip", "203.0.113.7")`, `("ip", "2001:db8:5:6::/64")`, `("user",
+    /// "42")` or `("other", "")`.
     pub fn parts(&self) -> (&'static str, String) {
         match self {
-            Source::Ip(ip) => ("ip", ip.to_string()),
+            Source::Ip(ip @ IpAddr::V4(_)) => ("ip", ip.to_string()),
+            Source::Ip(ip @ IpAddr::V6(_)) => ("ip", format!("{ip}/64")),
             Source::User(id) => ("user", id.to_string()),
             Source::Other => ("other", String::new()),
         }
@@ -235,7 +239,8 @@ struct ActivityStats {
 type Outcomes = [u64; ClaimOutcome::ALL.len()];
 
 impl RushStats {
-    /// Records one claim request of `activity`.
+    /// Records one claim request of `activity` from `ip`, the client's key
+    /// (an IPv6 address's /64: see [`Source::Ip`]).
     pub fn record(
         &self,
         activity: &Arc<str>,

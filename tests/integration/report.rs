@@ -181,3 +181,49 @@ fn step_label(ms: i64) -> String {
         format!("{:.1} s", ms as f64 / 1000.0)
     }
 }
+
+/// "Who sent the most claims" counted each IPv6 address apart, so a client
+/// rotating through its /64 (2^64 addresses) never stood out there, though
+/// the rate limits already counted it as one. The report now counts
+/// sources as the limits do: an IPv6 /64 is one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_64_of_addresses_is_one_source_in_the_report() {
+    let config = base_config().replace("[security]", "[security]\ntrusted_proxies = [\"127.0.0.1\"]")
+        + &open_activity("six", 10, 1);
+    let mut app = TestApp::start(&config);
+    let tokens = app.users("six", 4).await;
+    let from = [
+        "2001:db8:5:6::1",
+        "2001:db8:5:6:a::2",
+        "2001:db8:5:6:ffff::3",
+        "198.51.100.9",
+    ];
+    for (token, ip) in tokens.iter().zip(from) {
+        let body = crate::common::claim_body(&app.client, token, "six").await;
+        let res = app
+            .client
+            .call(
+                http::Method::POST,
+                "/ticket/get",
+                Some(token),
+                Some(&body),
+                &[("x-forwarded-for", ip)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    // Stopping flushes the statistics to the store.
+    assert_eq!(app.stop(), 0);
+    let out = app.cli(&["report", "--activity", "six", "--out", "six.html"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(app.dir.path().join("six.html")).unwrap();
+    let table = &html[html.find("<table id=\"top-ips\">").unwrap()..];
+    let table = &table[..table.find("</table>").unwrap()];
+    assert!(
+        table.contains("<tr><td>2001:db8:5:6::/64</td><td>3</td></tr>"),
+        "{table}"
+    );
+    assert!(table.contains("<tr><td>198.51.100.9</td><td>1</td></tr>"), "{table}");
+    assert_eq!(table.matches("<tr><td>").count(), 2, "{table}");
+}
