@@ -78,6 +78,10 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), MongoError> {
                 .build(),
         )
         .await?;
+    // Expired revocations are deleted at every refresh.
+    coll(db, "revoked_sessions")
+        .create_index(index(doc! {"expires_at_ms": 1}, false))
+        .await?;
     // The report reads one activity's statistics; outcomes come ten rows a
     // second per outcome while a rush runs.
     coll(db, "stats_outcome_ticks")
