@@ -31,6 +31,12 @@ use unicode_security::GeneralSecurityProfile;
 
 use crate::store::NewUser;
 
+/// The longest username a client may send, in bytes, as typed (before
+/// normalisation: 32 letters typed decomposed take far more than 32 code
+/// points). Registration and login hold to the same bound, so no account
+/// has a name its owner cannot log in with.
+pub const MAX_TYPED_BYTES: usize = 256;
+
 /// A validated username: its identity key and the form it was typed in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Username {
@@ -41,6 +47,9 @@ pub struct Username {
 impl Username {
     /// Validates `raw`; the error is a sentence for the client.
     pub fn parse(raw: &str) -> Result<Username, String> {
+        if raw.len() > MAX_TYPED_BYTES {
+            return Err(format!("username must be at most {MAX_TYPED_BYTES} bytes as typed"));
+        }
         if let Some(c) = raw.chars().find(|&c| is_invisible(c)) {
             return Err(format!(
                 "username must not contain invisible or direction-changing characters (U+{:04X})",
@@ -185,6 +194,20 @@ fn single_script(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 32 Hangul syllables typed as 96 jamo (288 bytes) made an account
+    /// whose name the login refused as too long.
+    #[test]
+    fn a_name_login_refuses_is_refused_at_registration() {
+        let composed = "한".repeat(32);
+        assert!(Username::parse(&composed).is_ok());
+        let decomposed: String = composed.nfd().collect();
+        assert!(decomposed.len() > MAX_TYPED_BYTES);
+        assert_eq!(
+            Username::parse(&decomposed).unwrap_err(),
+            "username must be at most 256 bytes as typed"
+        );
+    }
 
     #[test]
     fn look_alikes_within_one_script_share_a_skeleton() {

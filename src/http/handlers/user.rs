@@ -70,7 +70,7 @@ pub async fn register(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> R
 /// unknown username counts exactly like a wrong password.
 pub async fn login(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result<Response<Full<Bytes>>, ApiError> {
     let body: LoginBody = json_body(state, req).await?;
-    if body.username.len() > 256 || body.password.len() > 1024 {
+    if body.username.len() > crate::auth::username::MAX_TYPED_BYTES || body.password.len() > 1024 {
         return Err(ApiError::bad_request(
             "INVALID_FIELD",
             "username or password is too long",
