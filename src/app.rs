@@ -158,7 +158,10 @@ impl App {
         let claimer = Claimer::new(
             store.clone(),
             inventory.clone(),
-            ClaimTokens::new(secret.as_bytes()),
+            ClaimTokens::new(
+                secret.as_bytes(),
+                config.auth.previous_session_secret().as_deref().map(str::as_bytes),
+            ),
             ClaimSettings::from_config(&config),
         );
         let access_log = match &config.log.access_log {

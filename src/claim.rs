@@ -632,14 +632,14 @@ per_user_limit = {limit}
         let claimer = Claimer::new(
             store,
             inventory,
-            ClaimTokens::new(b"a test secret of at least 32 bytes!"),
+            ClaimTokens::new(b"a test secret of at least 32 bytes!", None),
             ClaimSettings::from_config(&config),
         );
         Fixture {
             claimer,
             catalog,
             runner,
-            tokens: ClaimTokens::new(b"a test secret of at least 32 bytes!"),
+            tokens: ClaimTokens::new(b"a test secret of at least 32 bytes!", None),
         }
     }
 

@@ -44,20 +44,27 @@ pub struct ClaimTokens {
     passes: Signer,
 }
 
-/// Makes and checks tokens under one key.
+/// Makes tokens under one key and checks them under it or, during a
+/// rotation of the session secret, the key derived from the previous one.
 struct Signer {
     mac: HmacSha256,
+    previous: Option<HmacSha256>,
 }
 
 impl ClaimTokens {
-    /// Derives the claim and pass keys from the session secret.
-    pub fn new(session_secret: &[u8]) -> ClaimTokens {
-        let derive = |label: &[u8]| {
-            let mut derive = HmacSha256::new_from_slice(session_secret).expect("any key length");
+    /// Derives the claim and pass keys from the session secret, and from
+    /// the previous one while a rotation accepts it (as sessions are): a
+    /// token or pass a fan holds stays good across the rotation, and nodes
+    /// part-way through a rolling one accept each other's.
+    pub fn new(session_secret: &[u8], previous_secret: Option<&[u8]>) -> ClaimTokens {
+        let key = |secret: &[u8], label: &[u8]| {
+            let mut derive = HmacSha256::new_from_slice(secret).expect("any key length");
             derive.update(label);
-            Signer {
-                mac: HmacSha256::new_from_slice(&derive.finalize().into_bytes()).expect("any key length"),
-            }
+            HmacSha256::new_from_slice(&derive.finalize().into_bytes()).expect("any key length")
+        };
+        let derive = |label: &[u8]| Signer {
+            mac: key(session_secret, label),
+            previous: previous_secret.map(|p| key(p, label)),
         };
         ClaimTokens {
             claims: derive(b"ticketd claim tokens v1"),
@@ -101,8 +108,8 @@ impl ClaimTokens {
 }
 
 impl Signer {
-    fn tag(&self, payload: &[u8; 16], activity_id: &str, start_ms: i64) -> [u8; 16] {
-        let mut mac = self.mac.clone();
+    fn tag(mac: &HmacSha256, payload: &[u8; 16], activity_id: &str, start_ms: i64) -> [u8; 16] {
+        let mut mac = mac.clone();
         mac.update(payload);
         mac.update(activity_id.as_bytes());
         mac.update(&start_ms.to_be_bytes());
@@ -115,7 +122,7 @@ impl Signer {
         let mut payload = [0u8; 16];
         payload[..8].copy_from_slice(&user_id.to_be_bytes());
         payload[8..].copy_from_slice(&expires_at_ms.to_be_bytes());
-        let tag = self.tag(&payload, activity_id, start_ms);
+        let tag = Signer::tag(&self.mac, &payload, activity_id, start_ms);
         format!("{}.{}", URL_SAFE_NO_PAD.encode(payload), URL_SAFE_NO_PAD.encode(tag))
     }
 
@@ -144,8 +151,11 @@ impl Signer {
             return Err(ClaimTokenError::Invalid);
         }
         let payload: [u8; 16] = payload[..16].try_into().expect("16 bytes");
-        let expected = self.tag(&payload, activity_id, start_ms);
-        let same: bool = subtle::ConstantTimeEq::ct_eq(&expected[..], &tag[..16]).into();
+        let signed_by = |mac: &HmacSha256| -> bool {
+            let expected = Signer::tag(mac, &payload, activity_id, start_ms);
+            subtle::ConstantTimeEq::ct_eq(&expected[..], &tag[..16]).into()
+        };
+        let same = signed_by(&self.mac) || self.previous.as_ref().is_some_and(signed_by);
         if !same || u64::from_be_bytes(payload[..8].try_into().expect("8")) != user_id {
             return Err(ClaimTokenError::Invalid);
         }
@@ -202,7 +212,7 @@ mod tests {
 
     #[test]
     fn tokens_are_bound_to_user_activity_start_and_time() {
-        let t = ClaimTokens::new(b"0123456789abcdef0123456789abcdef");
+        let t = ClaimTokens::new(b"0123456789abcdef0123456789abcdef", None);
         let token = t.issue(7, "1001", 1000, 5000);
         assert_eq!(t.verify(&token, 7, "1001", 1000, 4999), Ok(()));
         assert_eq!(t.verify(&token, 8, "1001", 1000, 0), Err(ClaimTokenError::Invalid));
@@ -217,8 +227,24 @@ mod tests {
             t.verify_pass(&pass, 7, "1001", 1000, 5000),
             Err(ClaimTokenError::Expired)
         );
-        let other = ClaimTokens::new(b"another secret another secret !!");
+        let other = ClaimTokens::new(b"another secret another secret !!", None);
         assert_eq!(other.verify(&token, 7, "1001", 1000, 0), Err(ClaimTokenError::Invalid));
+        // Rotated, with the first secret as the previous one: the old token
+        // and pass still hold, each only as what it is.
+        let rotated = ClaimTokens::new(
+            b"another secret another secret !!",
+            Some(b"0123456789abcdef0123456789abcdef"),
+        );
+        assert_eq!(rotated.verify(&token, 7, "1001", 1000, 0), Ok(()));
+        assert_eq!(rotated.verify_pass(&pass, 7, "1001", 1000, 0), Ok(()));
+        assert_eq!(
+            rotated.verify_pass(&token, 7, "1001", 1000, 0),
+            Err(ClaimTokenError::Invalid)
+        );
+        assert_eq!(
+            rotated.verify(&token, 8, "1001", 1000, 0),
+            Err(ClaimTokenError::Invalid)
+        );
         for junk in ["", ".", "a.b", &"A".repeat(45)] {
             assert_eq!(t.verify(junk, 7, "1001", 1000, 0), Err(ClaimTokenError::Invalid));
         }
@@ -240,7 +266,7 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn any_string_is_refused_without_panicking(token in ".{0,100}", user in 0u64..10) {
-            let t = ClaimTokens::new(b"0123456789abcdef0123456789abcdef");
+            let t = ClaimTokens::new(b"0123456789abcdef0123456789abcdef", None);
             proptest::prop_assert!(t.verify(&token, user, "1001", 0, 0).is_err());
         }
     }

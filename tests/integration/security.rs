@@ -54,19 +54,43 @@ async fn forged_and_expired_session_tokens_are_refused() {
     );
 }
 
+/// A rotation: sessions signed with the previous secret are accepted until
+/// it is dropped — and so are claim tokens (and waiting-room passes, made
+/// the same way), which were checked under the new secret alone: a fan
+/// holding one heard 403 CLAIM_TOKEN_INVALID (a pass holder was told to
+/// join the queue again), and during a rolling rotation nodes refused each
+/// other's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_previous_session_key_is_accepted_during_a_rotation() {
-    let mut app = TestApp::start(&with_secret(base_config() + &open_activity("r", 5, 1)));
+    use ticketd::clock::{now_ms, rfc3339_ms};
+    // Absolute times: a claim token is bound to the sale's start, and a
+    // relative start would move with the restart.
+    let act = crate::common::activity(
+        "r",
+        5,
+        1,
+        &rfc3339_ms(now_ms() - 60_000),
+        &rfc3339_ms(now_ms() + 3_600_000),
+    );
+    let mut app = TestApp::start(&with_secret(base_config() + &act));
     let old = app.register("rotor").await;
+    let body = app.claim_body(&old, "r").await;
+    assert!(body["claimToken"].is_string(), "{body}");
     app.stop();
     let new_secret = "EXAMPLE-rotated-secret-abcdef0123456789";
     let rotated = base_config().replace(
         "[auth]",
         &format!("[auth]\nsession_secret = \"{new_secret}\"\nprevious_session_secret = \"{SECRET}\""),
-    ) + &open_activity("r", 5, 1);
+    ) + &act;
     std::fs::write(app.config_path(), &rotated).unwrap();
     app.boot();
     assert_eq!(app.client.get("/ticket/list", Some(&old)).await.unwrap().status, 200);
+    let res = app.client.post("/ticket/get", Some(&old), &body).await.unwrap();
+    assert_eq!(
+        res.status, 200,
+        "the claim token made before the rotation: {}",
+        res.body
+    );
     app.stop();
     let done = rotated.replace(&format!("previous_session_secret = \"{SECRET}\"\n"), "");
     std::fs::write(app.config_path(), &done).unwrap();
