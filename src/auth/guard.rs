@@ -19,13 +19,15 @@
 //! everybody:
 //! - **per address** (every username): `4 × login_max_failures` failures lock
 //!   *that address* out of logging in, with a doubling backoff — it stops one
-//!   source guessing many accounts (credential stuffing); an IPv6 /48 is
-//!   locked the same way after [`SITE_LOGINS`] times that, so a site with
-//!   65,536 /64s does not get 65,536 budgets;
+//!   source guessing many accounts (credential stuffing);
 //! - **per account at an address**: `login_max_failures` failures lock *that
 //!   account from that address*, doubling — it stops one source guessing one
 //!   password. The real owner, from any address without failures, still logs
-//!   in: a victim cannot be locked out by somebody else's guesses.
+//!   in: a victim cannot be locked out by somebody else's guesses;
+//! - **per account at an IPv6 /48**: [`SITE_LOGINS`] times that, so a site
+//!   with 65,536 /64s does not get 65,536 budgets of guesses at one
+//!   account. Per account, not for the whole /48: an attacker there locks
+//!   nobody else out (a mobile carrier puts many subscribers in one /48).
 //!
 //! An attempt is counted when it begins, in the same step as the check
 //! ([`Backoff::begin`]): concurrent guesses share one budget, so 64 at once
@@ -131,12 +133,11 @@ impl Settings {
         }
     }
 
-    /// An IPv6 /48 gets [`SITE_LOGINS`] addresses' room.
+    /// An account at an IPv6 /48 gets [`SITE_LOGINS`] addresses' room.
     fn site_login(&self) -> BackoffPolicy {
-        let address = self.address_login();
         BackoffPolicy {
-            max_failures: address.max_failures.saturating_mul(SITE_LOGINS),
-            ..address
+            max_failures: self.login.max_failures.saturating_mul(SITE_LOGINS),
+            ..self.login
         }
     }
 }
@@ -168,8 +169,9 @@ fn site_key(ip: IpAddr) -> Option<IpAddr> {
 /// does not get 65,536 budgets.
 const SITE_REGISTRATIONS: f64 = 8.0;
 
-/// How many /64s' worth of login failures a /48 may make before it is
-/// locked out of logging in, as [`SITE_REGISTRATIONS`] for registrations.
+/// How many /64s' worth of failures at one account a /48 may make before
+/// that account is locked from the /48, as [`SITE_REGISTRATIONS`] for
+/// registrations.
 const SITE_LOGINS: u32 = 8;
 
 /// Successful logins of one account from one address: ten, then one every
@@ -195,8 +197,9 @@ pub struct Guard {
     /// long a made-up username is.
     logins_by_account: Backoff<([u8; 16], IpAddr)>,
     logins_by_ip: Backoff<IpAddr>,
-    /// Login failures per IPv6 /48 ([`site_key`]), beside the /64's.
-    logins_by_site: Backoff<IpAddr>,
+    /// Login failures per (account, IPv6 /48 ([`site_key`])), beside the
+    /// (account, /64)'s.
+    logins_by_site: Backoff<([u8; 16], IpAddr)>,
     /// Successful logins per (account, address key): [`SUCCESSFUL_LOGINS`].
     logins_succeeded: TokenBuckets<([u8; 16], IpAddr)>,
 }
@@ -209,8 +212,8 @@ pub struct Guard {
 pub struct LoginAttempt {
     guard: Arc<Guard>,
     account: ([u8; 16], IpAddr),
-    /// The address's IPv6 /48, counted too.
-    site: Option<IpAddr>,
+    /// The account at the address's IPv6 /48, counted too.
+    site: Option<([u8; 16], IpAddr)>,
     settled: bool,
 }
 
@@ -227,7 +230,7 @@ impl LoginAttempt {
         }
         if let Some(site) = self.site {
             if let Some(lock) = self.guard.logins_by_site.fail(site, settings.site_login(), now) {
-                tracing::warn!(%site, lock_secs = lock.as_secs(), "An IPv6 /48 is locked out of logging in.");
+                tracing::info!(site = %site.1, lock_secs = lock.as_secs(), "An account is locked out of logging in from an IPv6 /48.");
             }
         }
         self.settled = true;
@@ -410,13 +413,14 @@ impl Guard {
     /// this address is locked out (see the module's login policy).
     pub fn begin_login(self: &Arc<Self>, account: &str, ip: IpAddr, now: Instant) -> Result<LoginAttempt, Denied> {
         let settings = self.settings.load();
-        let site = site_key(ip);
+        let digest = digest(account);
+        let site = site_key(ip).map(|site| (digest, site));
         let ip = client_key(ip);
         let denied = |r: Refusal| match r {
             Refusal::Locked(wait) => Denied::LoginLocked(wait),
             Refusal::Pending(wait) => Denied::LoginThrottled(wait),
         };
-        let account = (digest(account), ip);
+        let account = (digest, ip);
         // Checked, not taken: only a login that succeeds takes a token.
         self.logins_succeeded
             .available(&account, SUCCESSFUL_LOGINS, now)

@@ -77,6 +77,22 @@ pub enum JournalError {
         /// Valid records after the damage.
         valid_after: usize,
     },
+    /// The journal's first record comes after the next one the store
+    /// needs: the records between were lost (a segment emptied, say).
+    #[error(
+        "the journal in {} begins at claim {first}, but the store has applied claims only up to \
+         {applied}: claims {} to {} are missing (a journal segment was lost or emptied); nothing was \
+         changed; restore the journal from a backup, and run `ticketd verify` for the details",
+        .dir.display(), .applied + 1, .first - 1
+    )]
+    Missing {
+        /// The journal directory.
+        dir: PathBuf,
+        /// The last claim the store applied.
+        applied: u64,
+        /// The first record the journal holds.
+        first: u64,
+    },
     /// Sequence numbers jump: records are missing.
     #[error(
         "journal segment {path} skips from claim {expected} to {found} at byte {offset}: records are missing; \
@@ -155,6 +171,9 @@ enum Msg<E> {
 pub struct Recovered {
     /// Every intact claim, in sequence order.
     pub claims: Vec<Claim>,
+    /// The lowest sequence number seen (claim or void), if any: the store
+    /// checks that nothing between what it applied and this is missing.
+    pub first_seq: Option<u64>,
     /// The highest sequence number seen (0 if none).
     pub last_seq: u64,
 }
@@ -364,6 +383,7 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
     let segs = segments(dir)?;
     let mut claims = Vec::new();
     let mut last_seq = 0;
+    let mut first_seq = None;
     let mut prev: Option<u64> = None;
     for (i, (_, path)) in segs.iter().enumerate() {
         let bytes = fs::read(path).map_err(io_err(path))?;
@@ -379,7 +399,7 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
             return Err(JournalError::Corrupt {
                 path: path.clone(),
                 offset: 0,
-                valid_after: 0,
+                valid_after: scan_segment(&bytes).found.len(),
             });
         }
         let scan = scan_segment(&bytes);
@@ -417,6 +437,7 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
                     });
                 }
             }
+            first_seq = first_seq.or(Some(seq));
             prev = Some(seq);
             last_seq = last_seq.max(seq);
             if let Found::Claim(claim) = found {
@@ -424,7 +445,11 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
             }
         }
     }
-    Ok(Recovered { claims, last_seq })
+    Ok(Recovered {
+        claims,
+        first_seq,
+        last_seq,
+    })
 }
 
 /// Every valid record in `dir`'s segments, in order, read-only (damage is
@@ -448,7 +473,9 @@ pub fn for_each_record(dir: &Path, mut each: impl FnMut(Found)) -> Result<(), Jo
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io_err(&path)(e)),
         };
-        if has_magic(&bytes) {
+        // Behind a damaged header too: recovery refuses such a segment, and
+        // a tool reading the journal must not leave its records out.
+        if has_magic(&bytes) || !holds_nothing(&bytes) {
             // What replay would read: only the last segment's torn write
             // (never acknowledged) is left out.
             let scan = scan_segment(&bytes);
@@ -509,7 +536,7 @@ pub fn verify(dir: &Path, repair: bool) -> Result<Vec<SegmentReport>, JournalErr
             scan
         };
         // Recovery drops a torn last write; so do the counts and the gaps.
-        let torn = scan.torn_from().filter(|_| is_last && has_magic(&bytes));
+        let torn = scan.torn_from().filter(|_| is_last);
         let before_tear = |at: &usize| torn.map_or(true, |t| *at < t);
         let mut gaps = Vec::new();
         for (_, found) in scan.found.iter().filter(|(at, _)| before_tear(at)) {
@@ -529,7 +556,7 @@ pub fn verify(dir: &Path, repair: bool) -> Result<Vec<SegmentReport>, JournalErr
                 .count(),
             damaged: scan.damaged.clone(),
             gaps,
-            torn_tail_only: torn.is_some(),
+            torn_tail_only: torn.is_some() && has_magic(&bytes),
             kept_as: None,
         };
         if repair && report.is_broken() {

@@ -220,6 +220,12 @@ async fn a_damaged_segment_header_stops_the_node_and_loses_no_claim() {
         held.push((token, res.data()["code"].as_str().unwrap().to_owned()));
     }
     assert_eq!(app.stop(), 0);
+    // The claims as if SQLite had not applied them yet (a stop applies
+    // everything): the damaged segment holds their only copy.
+    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    db.execute_batch("DELETE FROM claims; UPDATE meta SET value = '0' WHERE key = 'applied_seq';")
+        .unwrap();
+    drop(db);
     let segment = std::fs::read_dir(app.dir.path().join("data/journal"))
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -899,8 +899,9 @@ async fn logins_refused_as_busy_do_not_wipe_a_lockout() {
 
 /// Login failures were counted per /64 and per account at a /64, and for
 /// nothing wider: one IPv6 /48 (65,536 /64s) had 65,536 budgets of
-/// guesses. A /48 is now locked out of logging in after eight /64s' worth
-/// of failures; another /48, and the account's owner, are not.
+/// guesses at one account. An account is now locked from a /48 after eight
+/// /64s' worth of failures at it; other accounts there, and the account
+/// from elsewhere, are not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_48_of_addresses_gets_a_budget_of_guesses_not_65536() {
     let config = behind_proxy(
@@ -908,22 +909,45 @@ async fn a_48_of_addresses_gets_a_budget_of_guesses_not_65536() {
         "login_max_failures = 2\nlogin_backoff = \"1h\"",
     );
     let app = TestApp::start(&config);
-    let login = |password: &str| json!({ "username": "victim", "password": password });
-    let res = post_from(&app.client, "198.51.100.1", "/user/register", &login("right-password")).await;
-    assert_eq!(res.status, 200, "{}", res.body);
+    let login = |name: &str, password: &str| json!({ "username": name, "password": password });
+    for name in ["victim", "neighbour"] {
+        let res = post_from(
+            &app.client,
+            "198.51.100.1",
+            "/user/register",
+            &login(name, "right-password"),
+        )
+        .await;
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
     let mut answers = Vec::new();
-    for net in 0..40 {
+    for net in 0..16 {
         for _ in 0..2 {
             let ip = format!("2001:db8:7:{net:x}::1");
-            answers.push(post_from(&app.client, &ip, "/user/login", &login("guess")).await);
+            answers.push(post_from(&app.client, &ip, "/user/login", &login("victim", "guess")).await);
         }
     }
-    // 2 per account-at-/64 × 4 per /64 × 8 /64s: 64 guesses a /48.
+    // 2 per account-at-/64 × 8 /64s: 16 guesses at an account from a /48.
     let counts = count_by_code(&answers);
-    assert_eq!(counts.get("401 BAD_CREDENTIALS"), Some(&64), "{counts:?}");
+    assert_eq!(counts.get("401 BAD_CREDENTIALS"), Some(&16), "{counts:?}");
     assert_eq!(counts.get("429 LOGIN_LOCKED"), Some(&16), "{counts:?}");
-    let res = post_from(&app.client, "2001:db8:8::1", "/user/login", &login("guess")).await;
+    // Nobody else in the /48 is locked out, nor the account elsewhere.
+    let res = post_from(
+        &app.client,
+        "2001:db8:7:99::1",
+        "/user/login",
+        &login("neighbour", "right-password"),
+    )
+    .await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    let res = post_from(&app.client, "2001:db8:8::1", "/user/login", &login("victim", "guess")).await;
     assert_error(&res, 401, "BAD_CREDENTIALS");
-    let res = post_from(&app.client, "192.0.2.10", "/user/login", &login("right-password")).await;
+    let res = post_from(
+        &app.client,
+        "192.0.2.10",
+        "/user/login",
+        &login("victim", "right-password"),
+    )
+    .await;
     assert_eq!(res.status, 200, "{}", res.body);
 }

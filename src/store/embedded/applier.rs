@@ -83,6 +83,18 @@ pub(super) fn apply_claims(conn: &mut Connection, claims: &[Claim], node: &str) 
 pub(super) fn replay_journal(conn: &mut Connection, journal_dir: &Path, node: &str) -> Result<u64, StoreError> {
     let recovered = journal::recover(journal_dir)?;
     let applied = applied_seq(conn)?;
+    // Segments are deleted only once applied, so the journal reaches back
+    // to the next claim the store needs. A first record past it means a
+    // segment holding unapplied claims was lost; their codes would go back
+    // on sale.
+    if let Some(first) = recovered.first_seq.filter(|&f| f > applied + 1) {
+        return Err(journal::JournalError::Missing {
+            dir: journal_dir.to_owned(),
+            applied,
+            first,
+        }
+        .into());
+    }
     let pending: Vec<Claim> = recovered.claims.into_iter().filter(|c| c.id > applied).collect();
     if !pending.is_empty() {
         tracing::info!(

@@ -650,6 +650,47 @@ fn import_in(conn: &mut Connection, config: &Config, node_start_ms: i64) -> Resu
 mod tests {
     use super::*;
 
+    /// A journal whose first segment (holding claims SQLite had not applied)
+    /// was emptied to zeros, with a later segment intact: recovery drops
+    /// the empty segment (it holds nothing), so the store must notice that
+    /// the claims between what it applied and the journal's first record
+    /// are gone, instead of starting with their codes back on sale.
+    #[test]
+    fn a_journal_that_no_longer_reaches_back_to_the_store_is_refused() {
+        let segment = |seqs: std::ops::RangeInclusive<u64>| {
+            let mut out = crate::journal::record::MAGIC.to_vec();
+            for seq in seqs {
+                let claim = Claim {
+                    id: seq,
+                    activity_id: "a".into(),
+                    ticket_id: "t".into(),
+                    code: format!("CODE-{seq}").into(),
+                    user_id: seq,
+                    claimed_at_ms: 1,
+                    idempotency_key: None,
+                };
+                crate::journal::record::encode(&claim, seq, &mut out);
+            }
+            out
+        };
+        let journal = |first: Vec<u8>| {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(format!("{:020}.journal", 1)), first).unwrap();
+            std::fs::write(dir.path().join(format!("{:020}.journal", 4)), segment(4..=5)).unwrap();
+            dir
+        };
+        let store = || {
+            let conn = Connection::open_in_memory().unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn
+        };
+        let intact = journal(segment(1..=3));
+        assert_eq!(applier::replay_journal(&mut store(), intact.path(), "n").unwrap(), 5);
+        let emptied = journal(vec![0; 4096]);
+        let error = applier::replay_journal(&mut store(), emptied.path(), "n").unwrap_err();
+        assert!(error.to_string().contains("claims 1 to 3 are missing"), "{error}");
+    }
+
     #[test]
     fn a_logout_deletes_the_expired_revocations_through_an_index() {
         let conn = Connection::open_in_memory().unwrap();
