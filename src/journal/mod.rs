@@ -711,7 +711,13 @@ impl Segment {
             // Left behind, an empty segment between two that hold records
             // would be damage to the next start (the writer goes on in the
             // current segment, and tries a new one with its next batch).
-            let _ = fs::remove_file(&path);
+            // The removal is made durable too: brought back by a power cut,
+            // the empty segment would sort after the one the writer went on
+            // in, and a torn tail there would read as damage (recovery
+            // cannot tell it from a finished roll, after which it is).
+            if fs::remove_file(&path).is_ok() {
+                let _ = File::open(dir).and_then(|d| d.sync_all());
+            }
         })
     }
 
