@@ -83,14 +83,19 @@ pub(super) fn apply_claims(conn: &mut Connection, claims: &[Claim], node: &str) 
 pub(super) fn replay_journal(conn: &mut Connection, journal_dir: &Path, node: &str) -> Result<u64, StoreError> {
     let recovered = journal::recover(journal_dir)?;
     let applied = applied_seq(conn)?;
-    // Segments are deleted only once applied, so the journal reaches back
-    // to the next claim the store needs. A first record past it means a
-    // segment holding unapplied claims was lost; their codes would go back
-    // on sale.
-    if let Some(first) = recovered.first_seq.filter(|&f| f > applied + 1) {
+    let max_claim = |conn: &Connection| -> Result<u64, StoreError> {
+        let id: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM claims", [], |r| r.get(0))?;
+        Ok(id as u64)
+    };
+    // Segments are deleted only once applied (and at a start, once
+    // replayed), so the journal reaches back to the next number the store
+    // has not accounted for. A first record past it means a segment
+    // holding unapplied claims was lost; their codes would go back on sale.
+    let accounted = applied.max(max_claim(conn)?);
+    if let Some(first) = recovered.first_seq.filter(|&f| f > accounted + 1) {
         return Err(journal::JournalError::Missing {
             dir: journal_dir.to_owned(),
-            applied,
+            applied: accounted,
             first,
         }
         .into());
@@ -106,8 +111,16 @@ pub(super) fn replay_journal(conn: &mut Connection, journal_dir: &Path, node: &s
             apply_claims(conn, chunk, node)?;
         }
     }
-    let max_claim: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM claims", [], |r| r.get(0))?;
-    Ok(recovered.last_seq.max(max_claim as u64).max(applied))
+    // Voided numbers (`verify --repair`) are accounted for too: the next
+    // journal starts after them, and must not look as if it skipped them.
+    if recovered.last_seq > applied {
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('applied_seq', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+            params![recovered.last_seq.to_string()],
+        )?;
+    }
+    Ok(recovered.last_seq.max(max_claim(conn)?).max(applied))
 }
 
 /// Starts the applier: the worker that copies durable claims into SQLite,

@@ -689,6 +689,18 @@ mod tests {
         let emptied = journal(vec![0; 4096]);
         let error = applier::replay_journal(&mut store(), emptied.path(), "n").unwrap_err();
         assert!(error.to_string().contains("claims 1 to 3 are missing"), "{error}");
+
+        // Numbers voided by a repair are not missing: after a start that
+        // replayed them, the next journal begins after them.
+        let mut conn = store();
+        let repaired = tempfile::tempdir().unwrap();
+        let mut bytes = segment(1..=3);
+        crate::journal::record::encode_void(4, &mut bytes);
+        std::fs::write(repaired.path().join(format!("{:020}.journal", 1)), bytes).unwrap();
+        assert_eq!(applier::replay_journal(&mut conn, repaired.path(), "n").unwrap(), 4);
+        let next = tempfile::tempdir().unwrap();
+        std::fs::write(next.path().join(format!("{:020}.journal", 5)), segment(5..=6)).unwrap();
+        assert_eq!(applier::replay_journal(&mut conn, next.path(), "n").unwrap(), 6);
     }
 
     #[test]
