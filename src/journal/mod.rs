@@ -81,8 +81,9 @@ pub enum JournalError {
     /// needs: the records between were lost (a segment emptied, say).
     #[error(
         "the journal in {} begins at claim {first}, but the store has applied claims only up to \
-         {applied}: claims {} to {} are missing (a journal segment was lost or emptied); nothing was \
-         changed; restore the journal from a backup, and run `ticketd verify` for the details",
+         {applied}: claims {} to {} are missing (a journal segment was lost or emptied) and their codes \
+         would be sold again, so the node does not start; restore the journal from a backup, or run \
+         `ticketd verify --repair` to void those numbers and accept that their claims are gone",
         .dir.display(), .applied + 1, .first - 1
     )]
     Missing {
@@ -517,9 +518,18 @@ impl SegmentReport {
 /// every valid record and voiding each missing sequence number (the
 /// original is kept as `<segment>.damaged`).
 pub fn verify(dir: &Path, repair: bool) -> Result<Vec<SegmentReport>, JournalError> {
+    verify_from(dir, repair, None)
+}
+
+/// [`verify`], for a journal whose store has accounted for every number up
+/// to `accounted`: numbers between it and the journal's first record are
+/// missing too (a segment of unapplied claims lost or emptied), and a
+/// repair voids them, so that the node starts — their claims are gone, and
+/// their codes are for sale again.
+pub fn verify_from(dir: &Path, repair: bool, accounted: Option<u64>) -> Result<Vec<SegmentReport>, JournalError> {
     let segs = if dir.exists() { segments(dir)? } else { Vec::new() };
     let mut reports = Vec::new();
-    let mut prev: Option<u64> = None;
+    let mut prev: Option<u64> = accounted;
     for (i, (_, path)) in segs.iter().enumerate() {
         let bytes = fs::read(path).map_err(io_err(path))?;
         let is_last = i + 1 == segs.len();

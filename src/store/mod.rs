@@ -60,6 +60,13 @@ pub enum Store {
     Cluster(ClusterStore),
 }
 
+/// The last journal number the embedded store in `dir` has accounted
+/// for (applied, or voided and replayed): the journal must reach back to
+/// the one after it. 0 for a store not made yet.
+pub fn journal_accounted(dir: &std::path::Path) -> Result<u64, StoreError> {
+    embedded::accounted(dir)
+}
+
 /// Takes the embedded data directory's lock (the one a serving node holds)
 /// without waiting; `None` while a node serves from it.
 pub fn lock_data_dir(dir: &std::path::Path) -> Result<Option<std::fs::File>, StoreError> {

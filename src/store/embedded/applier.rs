@@ -83,15 +83,11 @@ pub(super) fn apply_claims(conn: &mut Connection, claims: &[Claim], node: &str) 
 pub(super) fn replay_journal(conn: &mut Connection, journal_dir: &Path, node: &str) -> Result<u64, StoreError> {
     let recovered = journal::recover(journal_dir)?;
     let applied = applied_seq(conn)?;
-    let max_claim = |conn: &Connection| -> Result<u64, StoreError> {
-        let id: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM claims", [], |r| r.get(0))?;
-        Ok(id as u64)
-    };
     // Segments are deleted only once applied (and at a start, once
     // replayed), so the journal reaches back to the next number the store
     // has not accounted for. A first record past it means a segment
     // holding unapplied claims was lost; their codes would go back on sale.
-    let accounted = applied.max(max_claim(conn)?);
+    let accounted = accounted(conn)?;
     if let Some(first) = recovered.first_seq.filter(|&f| f > accounted + 1) {
         return Err(journal::JournalError::Missing {
             dir: journal_dir.to_owned(),
@@ -121,6 +117,17 @@ pub(super) fn replay_journal(conn: &mut Connection, journal_dir: &Path, node: &s
         )?;
     }
     Ok(recovered.last_seq.max(max_claim(conn)?).max(applied))
+}
+
+fn max_claim(conn: &Connection) -> Result<u64, StoreError> {
+    let id: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM claims", [], |r| r.get(0))?;
+    Ok(id as u64)
+}
+
+/// The last journal number the store accounted for: applied (or voided
+/// and replayed), or held as a claim.
+pub(super) fn accounted(conn: &Connection) -> Result<u64, StoreError> {
+    Ok(applied_seq(conn)?.max(max_claim(conn)?))
 }
 
 /// Starts the applier: the worker that copies durable claims into SQLite,

@@ -234,6 +234,16 @@ fn user_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
     })
 }
 
+/// See [`super::journal_accounted`]. Read only: the file is not created.
+pub fn accounted(dir: &Path) -> Result<u64, StoreError> {
+    let db_path = dir.join("ticketd.db");
+    if !db_path.exists() {
+        return Ok(0);
+    }
+    let conn = Connection::open_with_flags(&db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    applier::accounted(&conn)
+}
+
 impl EmbeddedStore {
     /// Opens `storage.path`, creating it if needed.
     pub fn open(config: &Config, access: Access<'_>) -> Result<EmbeddedStore, StoreError> {
@@ -687,8 +697,22 @@ mod tests {
         let intact = journal(segment(1..=3));
         assert_eq!(applier::replay_journal(&mut store(), intact.path(), "n").unwrap(), 5);
         let emptied = journal(vec![0; 4096]);
-        let error = applier::replay_journal(&mut store(), emptied.path(), "n").unwrap_err();
+        let mut conn = store();
+        let error = applier::replay_journal(&mut conn, emptied.path(), "n").unwrap_err();
         assert!(error.to_string().contains("claims 1 to 3 are missing"), "{error}");
+        assert!(error.to_string().contains("verify --repair"), "{error}");
+        // `verify` names the missing numbers (given what the store accounted
+        // for), and `--repair` voids them: the node starts, without them.
+        let accounted = applier::accounted(&conn).unwrap();
+        let reports = crate::journal::verify_from(emptied.path(), false, Some(accounted)).unwrap();
+        assert!(
+            reports.iter().any(|r| r.is_broken() && r.gaps == [(1, 3)]),
+            "{reports:?}"
+        );
+        crate::journal::verify_from(emptied.path(), true, Some(accounted)).unwrap();
+        assert_eq!(applier::replay_journal(&mut conn, emptied.path(), "n").unwrap(), 5);
+        let held: i64 = conn.query_row("SELECT COUNT(*) FROM claims", [], |r| r.get(0)).unwrap();
+        assert_eq!(held, 2);
 
         // Numbers voided by a repair are not missing: after a start that
         // replayed them, the next journal begins after them.
