@@ -119,12 +119,7 @@ async fn a_torn_journal_tail_is_truncated_on_restart() {
     app.kill9();
     // Write half a record after the last one in the live segment (over the
     // zeros laid ahead), as a crash mid-write would.
-    let journal = app.dir.path().join("data/journal");
-    let segment = std::fs::read_dir(&journal)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .max()
-        .unwrap();
+    let segment = newest_segment(&app);
     let mut bytes = std::fs::read(&segment).unwrap();
     let end = ticketd::journal::scan_segment(&bytes).end;
     assert!(bytes.len() > end + 9, "zeros are laid ahead of the records");
@@ -138,6 +133,16 @@ async fn a_torn_journal_tail_is_truncated_on_restart() {
     );
     assert_eq!(app.detail("torn").await["remaining"], 9);
     app.assert_verified();
+}
+
+/// The newest segment of `app`'s journal.
+fn newest_segment(app: &TestApp) -> std::path::PathBuf {
+    std::fs::read_dir(app.dir.path().join("data/journal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "journal"))
+        .max()
+        .expect("a journal segment")
 }
 
 /// Issue 12, item 1: one flipped byte in the middle of the journal used to
@@ -156,13 +161,7 @@ async fn a_corrupt_journal_record_stops_the_node_and_verify_repair_keeps_every_c
         held.push((token, res.data()["code"].as_str().unwrap().to_owned()));
     }
     assert_eq!(app.stop(), 0);
-    let journal = app.dir.path().join("data/journal");
-    let segment = std::fs::read_dir(&journal)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "journal"))
-        .max()
-        .expect("a journal segment");
+    let segment = newest_segment(&app);
     let mut bytes = std::fs::read(&segment).unwrap();
     // The second record: after the 8-byte magic and the first record.
     let first_len = 8 + u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
@@ -226,12 +225,7 @@ async fn a_damaged_segment_header_stops_the_node_and_loses_no_claim() {
     db.execute_batch("DELETE FROM claims; UPDATE meta SET value = '0' WHERE key = 'applied_seq';")
         .unwrap();
     drop(db);
-    let segment = std::fs::read_dir(app.dir.path().join("data/journal"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "journal"))
-        .max()
-        .expect("a journal segment");
+    let segment = newest_segment(&app);
     let mut bytes = std::fs::read(&segment).unwrap();
     bytes[0] ^= 0x01;
     std::fs::write(&segment, &bytes).unwrap();
