@@ -26,7 +26,10 @@ use std::{
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
-use crate::{metrics::LATENCY_BOUNDS, vocab::ClaimOutcome};
+use crate::{
+    metrics::LATENCY_BOUNDS,
+    vocab::{client_key, ClaimOutcome},
+};
 
 /// Most source entries, over all shards, between two drains.
 pub const MAX_SOURCES: usize = 200_000;
@@ -239,8 +242,8 @@ struct ActivityStats {
 type Outcomes = [u64; ClaimOutcome::ALL.len()];
 
 impl RushStats {
-    /// Records one claim request of `activity` from `ip`, the client's key
-    /// (an IPv6 address's /64: see [`Source::Ip`]).
+    /// Records one claim request of `activity` from `ip` (counted under its
+    /// [`client_key`]: see [`Source::Ip`]).
     pub fn record(
         &self,
         activity: &Arc<str>,
@@ -257,7 +260,7 @@ impl RushStats {
         };
         let tick = now_ms - now_ms.rem_euclid(OUTCOME_TICK_MS);
         stats.outcomes.entry(tick).or_default()[outcome as usize] += 1;
-        for source in [Source::Ip(ip), Source::User(user)] {
+        for source in [Source::Ip(client_key(ip)), Source::User(user)] {
             if let Some(n) = stats.sources.get_mut(&source) {
                 *n += 1;
                 continue;

@@ -14,9 +14,28 @@
 //! - [`Rejection`]: why the claim decision refused a request (one per API
 //!   error code; the HTTP layer maps it to a status);
 //! - [`ClaimOutcome`]: the label a claim request is counted under in
-//!   metrics, statistics and reports.
+//!   metrics, statistics and reports; [`client_key`]: the client it is
+//!   counted for (the rate limits count the same way).
 
-use std::{cell::Cell, sync::Arc};
+use std::{
+    cell::Cell,
+    net::{IpAddr, Ipv6Addr},
+    sync::Arc,
+};
+
+/// The key a client's requests count under, in the rate limits and in the
+/// rush statistics: the address, the IPv4 address of an IPv4-mapped IPv6
+/// one, or the /64 of any other IPv6 address (one subscriber is handed a
+/// /64; counting its 2^64 addresses apart would give it 2^64 budgets).
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+    }
+}
 
 use tokio::sync::{mpsc, oneshot};
 

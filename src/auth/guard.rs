@@ -59,6 +59,8 @@ use std::{
 use arc_swap::ArcSwap;
 use http::{header, HeaderMap};
 
+pub use crate::vocab::client_key;
+
 use super::{
     ratelimit::{Backoff, BackoffPolicy, Rate, Refusal, TokenBuckets},
     username::skeleton_key,
@@ -139,18 +141,6 @@ impl Settings {
             max_failures: self.login.max_failures.saturating_mul(SITE_LOGINS),
             ..self.login
         }
-    }
-}
-
-/// The key per-address limits count under: the address, the IPv4 address of
-/// an IPv4-mapped IPv6 one, or the /64 of any other IPv6 address.
-pub fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
-        },
     }
 }
 

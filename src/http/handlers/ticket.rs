@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ClaimView;
 use crate::{
-    auth::{client_key, Denied},
+    auth::Denied,
     claim::ClaimRequest,
     clock::now_ms,
     http::{
@@ -82,14 +82,9 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
         .await;
     if let Some(activity) = catalog.activity(&body.act_id.0) {
         let outcome = ClaimOutcome::of(&result);
-        state.stats.record(
-            &activity.id,
-            outcome,
-            client_key(ip),
-            session.user_id,
-            now_ms(),
-            now.elapsed(),
-        );
+        state
+            .stats
+            .record(&activity.id, outcome, ip, session.user_id, now_ms(), now.elapsed());
     }
     let claimed = result?;
     Ok(ok(&Claimed {
