@@ -24,16 +24,16 @@ static OFFSET_MS: AtomicI64 = AtomicI64::new(0);
 
 /// The current time in Unix milliseconds: the node's clock, plus the
 /// offset to the cluster's clock in a cluster.
-///
-/// Read straight from `SystemTime`: every request reads it several times,
-/// and going through `OffsetDateTime` split the time into a calendar date
-/// and divided an `i128` only to throw both away (about 1% of a refused
-/// claim's CPU samples).
 pub fn now_ms() -> i64 {
     system_ms().saturating_add(OFFSET_MS.load(Ordering::Relaxed))
 }
 
 /// This machine's own clock in Unix milliseconds, uncorrected.
+///
+/// Read straight from `SystemTime`: every request reads it several times,
+/// and going through `OffsetDateTime` split the time into a calendar date
+/// and divided an `i128` only to throw both away (about 1% of a refused
+/// claim's CPU samples).
 pub fn system_ms() -> i64 {
     match SystemTime::now().duration_since(UNIX_EPOCH) {
         Ok(d) => (d.as_secs() as i64).saturating_mul(1000) + i64::from(d.subsec_millis()),

@@ -174,25 +174,17 @@ pub fn verify(config: &Config, repair: bool) -> anyhow::Result<()> {
 /// The journal half of [`verify`] (embedded).
 fn verify_journal(config: &Config, repair: bool) -> anyhow::Result<()> {
     let dir = config.storage.path.clone();
-    let _lock = if repair {
-        let lock = crate::store::lock_data_dir(&dir)?;
-        if lock.is_none() {
-            bail!("a node is serving from {}; stop it before --repair", dir.display());
-        }
-        lock
-    } else {
-        None
-    };
-    // What the store accounted for, when no node is serving (a serving
-    // node trims its journal as it applies, and would seem to skip numbers).
-    let idle = match &_lock {
-        Some(_) => true,
-        None => crate::store::lock_data_dir(&dir)?.is_some(),
-    };
-    let accounted = if idle {
-        Some(crate::store::journal_accounted(&dir)?)
-    } else {
-        None
+    // Held for the whole check: no node starts (and trims its journal)
+    // while the journal is compared with what the store accounted for.
+    let lock = crate::store::lock_data_dir(&dir)?;
+    if repair && lock.is_none() {
+        bail!("a node is serving from {}; stop it before --repair", dir.display());
+    }
+    // Only with no node serving: a serving node trims its journal as it
+    // applies, and would seem to skip numbers.
+    let accounted = match lock {
+        Some(_) => Some(crate::store::journal_accounted(&dir)?),
+        None => None,
     };
     let reports = crate::journal::verify_from(&dir.join("journal"), repair, accounted)?;
     let mut broken = 0;

@@ -253,6 +253,7 @@ impl RushStats {
         now_ms: i64,
         elapsed: Duration,
     ) {
+        let ip = client_key(ip);
         let mut shard = self.shards[my_shard()].lock();
         let stats = match shard.get_mut(&**activity) {
             Some(stats) => stats,
@@ -260,7 +261,7 @@ impl RushStats {
         };
         let tick = now_ms - now_ms.rem_euclid(OUTCOME_TICK_MS);
         stats.outcomes.entry(tick).or_default()[outcome as usize] += 1;
-        for source in [Source::Ip(client_key(ip)), Source::User(user)] {
+        for source in [Source::Ip(ip), Source::User(user)] {
             if let Some(n) = stats.sources.get_mut(&source) {
                 *n += 1;
                 continue;

@@ -23,6 +23,8 @@ use std::{
     sync::Arc,
 };
 
+use tokio::sync::{mpsc, oneshot};
+
 /// The key a client's requests count under, in the rate limits and in the
 /// rush statistics: the address, the IPv4 address of an IPv4-mapped IPv6
 /// one, or the /64 of any other IPv6 address (one subscriber is handed a
@@ -36,8 +38,6 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
         },
     }
 }
-
-use tokio::sync::{mpsc, oneshot};
 
 /// A code given to a user: durable once it has an id.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -59,7 +59,7 @@ use std::{
 use arc_swap::ArcSwap;
 use http::{header, HeaderMap};
 
-pub use crate::vocab::client_key;
+use crate::vocab::client_key;
 
 use super::{
     ratelimit::{Backoff, BackoffPolicy, Rate, Refusal, TokenBuckets},
@@ -194,10 +194,11 @@ pub struct Guard {
     logins_succeeded: TokenBuckets<([u8; 16], IpAddr)>,
 }
 
-/// A login attempt the guard let through: it holds a place in the address's
-/// and the account-at-address's budgets until settled. Dropped unsettled
-/// (hashing was busy, the client hung up before its hash began), it gives
-/// both places back uncounted. Owned, so the hashing task can settle it:
+/// A login attempt the guard let through: it holds a place in the address's,
+/// the account-at-address's and (IPv6) the account-at-/48's budgets until
+/// settled. Dropped unsettled (the client hung up before its hash began, the
+/// store failed), it gives the places back uncounted. (A login refused as
+/// busy never gets here: it is refused before the guard counts it.) Owned, so the hashing task can settle it:
 /// once a hash has begun, its verdict counts whether the client waits or not.
 pub struct LoginAttempt {
     guard: Arc<Guard>,
@@ -232,23 +233,25 @@ impl LoginAttempt {
             .guard
             .logins_succeeded
             .take(self.account, SUCCESSFUL_LOGINS, Instant::now());
-        self.guard.logins_by_account.settle(&self.account, true);
+        self.release(true);
+        self.settled = true;
+    }
+
+    /// Gives back the places held, uncounted; with `forget`, the
+    /// account-at-address's failures go too (see [`Backoff::settle`]).
+    fn release(&self, forget: bool) {
+        self.guard.logins_by_account.settle(&self.account, forget);
         self.guard.logins_by_ip.settle(&self.account.1, false);
         if let Some(site) = &self.site {
             self.guard.logins_by_site.settle(site, false);
         }
-        self.settled = true;
     }
 }
 
 impl Drop for LoginAttempt {
     fn drop(&mut self) {
         if !self.settled {
-            self.guard.logins_by_account.settle(&self.account, false);
-            self.guard.logins_by_ip.settle(&self.account.1, false);
-            if let Some(site) = &self.site {
-                self.guard.logins_by_site.settle(site, false);
-            }
+            self.release(false);
         }
     }
 }
@@ -399,8 +402,9 @@ impl Guard {
     }
 
     /// Lets a login attempt for the account with identity key `account` from
-    /// `ip` be checked, or refuses it while the address or the account at
-    /// this address is locked out (see the module's login policy).
+    /// `ip` be checked, or refuses it while the address, the account at this
+    /// address or the account at its IPv6 /48 is locked out (see the module's
+    /// login policy).
     pub fn begin_login(self: &Arc<Self>, account: &str, ip: IpAddr, now: Instant) -> Result<LoginAttempt, Denied> {
         let settings = self.settings.load();
         let digest = digest(account);

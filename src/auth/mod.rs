@@ -31,7 +31,7 @@ use rand::RngCore;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use claim_token::{ClaimTokenError, ClaimTokens};
-pub use guard::{client_key, Denied, Guard, LoginAttempt};
+pub use guard::{Denied, Guard, LoginAttempt};
 pub use password::HashCost;
 pub use session::{Session, SessionKey, TokenError};
 pub use username::Username;

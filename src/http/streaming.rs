@@ -58,20 +58,20 @@ pub async fn wants_events(stream: &TcpStream, timeout: Duration) -> Option<bool>
 /// A fan whose connection takes no part of the stream for
 /// `server.write_timeout` (it stopped reading) is let go instead of held.
 pub async fn serve(
-    mut stream: TcpStream,
+    stream: TcpStream,
     state: &AppState,
     access_log: Option<&AccessLog>,
     peer: SocketAddr,
     served: Served,
 ) {
     let head_timeout = state.header_read_timeout();
-    let write_timeout = state.write_timeout();
+    let mut stream = WriteDeadline::new(stream, state.write_timeout());
     let req = match tokio::time::timeout(head_timeout, read_head(&mut stream)).await {
         Err(_elapsed) => return,
         Ok(Err(Unreadable::Gone)) => return,
         Ok(Err(Unreadable::Refused(e))) => {
             let res = e.into_response().map(Either::Left);
-            let _ = respond(&mut WriteDeadline::new(stream, write_timeout), res, Version::HTTP_11).await;
+            let _ = respond(&mut stream, res, Version::HTTP_11).await;
             return;
         }
         Ok(Ok(req)) => req,
@@ -79,7 +79,7 @@ pub async fn serve(
     let res = router::handle_events(state, access_log, served, &req, peer);
     let version = req.version();
     drop(req);
-    if let Err(error) = respond(&mut WriteDeadline::new(stream, write_timeout), res, version).await {
+    if let Err(error) = respond(&mut stream, res, version).await {
         tracing::debug!(%error, %peer, "Event stream ended with an error.");
     }
 }
@@ -94,7 +94,7 @@ enum Unreadable {
 
 /// Reads and parses the request head. The buffer is dropped on return, so
 /// a waiting fan does not keep it.
-async fn read_head(stream: &mut TcpStream) -> Result<Request<()>, Unreadable> {
+async fn read_head(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<Request<()>, Unreadable> {
     use tokio::io::AsyncReadExt;
     let mut buf = Vec::with_capacity(1024);
     loop {

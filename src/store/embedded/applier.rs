@@ -69,11 +69,7 @@ pub(super) fn apply_claims(conn: &mut Connection, claims: &[Claim], node: &str) 
             ])?;
         }
         if let Some(last) = claims.iter().map(|c| c.id).max() {
-            tx.execute(
-                "INSERT INTO meta (key, value) VALUES ('applied_seq', ?1)
-                 ON CONFLICT(key) DO UPDATE SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
-                params![last.to_string()],
-            )?;
+            advance_applied_seq(&tx, last)?;
         }
     }
     tx.commit()
@@ -87,7 +83,7 @@ pub(super) fn replay_journal(conn: &mut Connection, journal_dir: &Path, node: &s
     // replayed), so the journal reaches back to the next number the store
     // has not accounted for. A first record past it means a segment
     // holding unapplied claims was lost; their codes would go back on sale.
-    let accounted = accounted(conn)?;
+    let accounted = applied.max(max_claim(conn)?);
     if let Some(first) = recovered.first_seq.filter(|&f| f > accounted + 1) {
         return Err(journal::JournalError::Missing {
             dir: journal_dir.to_owned(),
@@ -110,13 +106,19 @@ pub(super) fn replay_journal(conn: &mut Connection, journal_dir: &Path, node: &s
     // Voided numbers (`verify --repair`) are accounted for too: the next
     // journal starts after them, and must not look as if it skipped them.
     if recovered.last_seq > applied {
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('applied_seq', ?1)
-             ON CONFLICT(key) DO UPDATE SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
-            params![recovered.last_seq.to_string()],
-        )?;
+        advance_applied_seq(conn, recovered.last_seq)?;
     }
-    Ok(recovered.last_seq.max(max_claim(conn)?).max(applied))
+    // Replayed claims are at most `last_seq`.
+    Ok(recovered.last_seq.max(accounted))
+}
+
+/// Raises `applied_seq` to `seq` (never lowers it).
+fn advance_applied_seq(conn: &Connection, seq: u64) -> rusqlite::Result<usize> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('applied_seq', ?1)
+         ON CONFLICT(key) DO UPDATE SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+        params![seq.to_string()],
+    )
 }
 
 fn max_claim(conn: &Connection) -> Result<u64, StoreError> {
