@@ -121,7 +121,7 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_write_the_peer_never_takes_fails() {
         let (near, _far) = tokio::io::duplex(8);
         let mut stream = WriteDeadline::new(near, Duration::from_millis(200));
@@ -130,7 +130,7 @@ mod tests {
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_slow_reader_that_keeps_reading_is_served() {
         let (near, mut far) = tokio::io::duplex(8);
         let mut stream = WriteDeadline::new(near, Duration::from_secs(1));

@@ -11,24 +11,9 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::{
-    assert_error, base_config, exchange, metric_in, open_activity, parse_csv, ApiClient, ApiResponse, TestApp, BIN,
+    assert_error, base_config, behind_proxy, exchange, metric_in, open_activity, parse_csv, post_from, ApiResponse,
+    TestApp, BIN,
 };
-
-/// Raises the per-address limits' subject: every request is "from" its XFF.
-fn behind_proxy(config: String, security: &str) -> String {
-    config.replace(
-        "[security]",
-        &format!("[security]\ntrusted_proxies = [\"127.0.0.1\"]\n{security}"),
-    )
-}
-
-/// A POST through the API client from `ip` (via X-Forwarded-For).
-async fn post_from(client: &ApiClient, ip: &str, path: &str, body: &Value) -> ApiResponse {
-    client
-        .call(http::Method::POST, path, None, Some(body), &[("x-forwarded-for", ip)])
-        .await
-        .unwrap()
-}
 
 /// One raw HTTP/1.1 exchange over a fresh connection: `head` is the request
 /// line and headers (without the blank line), `body` follows it. Returns the
@@ -54,6 +39,17 @@ fn peak_rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Waits (up to 5 s) until `app`'s metric `series` reads `value`.
+async fn metric_reaches(app: &TestApp, series: &str, value: f64) {
+    for _ in 0..500 {
+        if crate::common::metric(app, series).await == value {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{series} never reached {value}");
 }
 
 fn count_by_code(answers: &[ApiResponse]) -> HashMap<String, usize> {
@@ -151,18 +147,6 @@ async fn concurrent_guesses_for_one_account_get_only_its_failure_budget() {
             client.post("/user/login", None, &body).await.unwrap()
         })
     };
-    let gauge_reaches = |series: &'static str, value: f64| {
-        let app = &app;
-        async move {
-            for _ in 0..500 {
-                if crate::common::metric(app, series).await == value {
-                    return;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-            panic!("{series} never reached {value}");
-        }
-    };
     let holder = tokio::spawn({
         let client = client.clone();
         async move {
@@ -170,9 +154,9 @@ async fn concurrent_guesses_for_one_account_get_only_its_failure_budget() {
             client.post("/user/register", None, &body).await.unwrap()
         }
     });
-    gauge_reaches("ticketd_password_hashes_running", 1.0).await;
+    metric_reaches(&app, "ticketd_password_hashes_running", 1.0).await;
     let owner = login("password-victim".to_owned());
-    gauge_reaches("ticketd_password_hashes_waiting", 1.0).await;
+    metric_reaches(&app, "ticketd_password_hashes_waiting", 1.0).await;
     let guesses: Vec<_> = (0..63).map(|i| login(format!("guess-{i:04}"))).collect();
     // Four guesses fill the budget behind the owner and wait; the other 59
     // are answered at once.
@@ -181,6 +165,9 @@ async fn concurrent_guesses_for_one_account_get_only_its_failure_budget() {
         assert!(std::time::Instant::now() < deadline, "the refusals never came");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    // A guard against a void pass (a hash ran before every login began),
+    // not a timing: the registration's argon2 (16 MiB × 30) takes far longer
+    // than answering 59 logins with 429.
     assert!(!holder.is_finished(), "the registration ended before every login began");
     assert_eq!(holder.await.unwrap().status, 200);
     // The owner is checked first and let in, while four guesses still wait.
@@ -856,15 +843,7 @@ async fn logins_refused_as_busy_do_not_wipe_a_lockout() {
             .await
         }
     });
-    let mut running = 0.0;
-    for _ in 0..200 {
-        running = crate::common::metric(&app, "ticketd_password_hashes_running").await;
-        if running == 1.0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert_eq!(running, 1.0, "the slow registration never took the hashing turn");
+    metric_reaches(&app, "ticketd_password_hashes_running", 1.0).await;
     // ...while a thousand logins under new names, from new addresses, are
     // refused as busy.
     let client = app.client_clone();
@@ -877,6 +856,8 @@ async fn logins_refused_as_busy_do_not_wipe_a_lockout() {
         }
     }))
     .await;
+    // A guard against a void pass, as above: argon2 (16 MiB × 60) against
+    // 1,000 answers of 503 that hash nothing.
     assert!(
         !holder.is_finished(),
         "the slow registration ended before the flood did"

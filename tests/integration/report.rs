@@ -188,8 +188,7 @@ fn step_label(ms: i64) -> String {
 /// sources as the limits do: an IPv6 /64 is one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_64_of_addresses_is_one_source_in_the_report() {
-    let config = base_config().replace("[security]", "[security]\ntrusted_proxies = [\"127.0.0.1\"]")
-        + &open_activity("six", 10, 1);
+    let config = crate::common::behind_proxy(base_config() + &open_activity("six", 10, 1), "");
     let mut app = TestApp::start(&config);
     let tokens = app.users("six", 4).await;
     let from = [
@@ -200,17 +199,7 @@ async fn a_64_of_addresses_is_one_source_in_the_report() {
     ];
     for (token, ip) in tokens.iter().zip(from) {
         let body = crate::common::claim_body(&app.client, token, "six").await;
-        let res = app
-            .client
-            .call(
-                http::Method::POST,
-                "/ticket/get",
-                Some(token),
-                Some(&body),
-                &[("x-forwarded-for", ip)],
-            )
-            .await
-            .unwrap();
+        let res = crate::common::post_from_as(&app.client, ip, "/ticket/get", Some(token), &body).await;
         assert_eq!(res.status, 200, "{}", res.body);
     }
     // Stopping flushes the statistics to the store.

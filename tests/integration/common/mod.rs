@@ -54,6 +54,29 @@ level = "info"
     .to_owned()
 }
 
+/// `config` behind a proxy on 127.0.0.1 (as behind the shipped nginx), with
+/// `security` added to its `[security]`: every request is "from" its
+/// X-Forwarded-For.
+pub fn behind_proxy(config: String, security: &str) -> String {
+    config.replace(
+        "[security]",
+        &format!("[security]\ntrusted_proxies = [\"127.0.0.1\"]\n{security}"),
+    )
+}
+
+/// A POST through the API client from `ip` (via X-Forwarded-For).
+pub async fn post_from(client: &ApiClient, ip: &str, path: &str, body: &Value) -> ApiResponse {
+    post_from_as(client, ip, path, None, body).await
+}
+
+/// [`post_from`], with `token`'s session.
+pub async fn post_from_as(client: &ApiClient, ip: &str, path: &str, token: Option<&str>, body: &Value) -> ApiResponse {
+    client
+        .call(http::Method::POST, path, token, Some(body), &[("x-forwarded-for", ip)])
+        .await
+        .unwrap()
+}
+
 /// An activity with `n` generated codes, open now, with `limit` per user.
 pub fn open_activity(id: &str, n: u32, limit: u32) -> String {
     activity(id, n, limit, "-1m", "+1h")
