@@ -16,7 +16,7 @@ use ticketd::{
 
 use crate::common::{
     assert_error, assert_sold_out_is_final, base_config, claim_body, claim_settled, metric, outcome_key,
-    services::Services, AnswerLog, TestApp,
+    services::Services, until, AnswerLog, TestApp,
 };
 
 /// A node's config: the shared services, its own id, cheap leases.
@@ -298,19 +298,6 @@ async fn users(cluster: &Cluster, prefix: &str, n: usize) -> (Vec<String>, Vec<i
         .map(|i| by_name[crate::common::username(prefix, i).as_str()])
         .collect();
     (tokens, ids)
-}
-
-/// Waits (up to 60 s) until `condition` holds, checking every 50 ms.
-async fn until<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn scard(cluster: &Cluster, key: &str) -> usize {

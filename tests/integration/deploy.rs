@@ -163,10 +163,10 @@ async fn send_from(source: &str, port: u16, head: &str, answer: bool) -> (tokio:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_holding_requests_open_cannot_shut_out_another() {
     let app = crate::common::TestApp::start(
-        &(crate::common::base_config()
-            .replace("[server]", "[server]\nmax_connections = 16")
-            .replace("[security]", "[security]\ntrusted_proxies = [\"127.0.0.1\"]")
-            + &crate::common::open_activity("nc", 1, 1)),
+        &(crate::common::behind_proxy(
+            crate::common::base_config().replace("[server]", "[server]\nmax_connections = 16"),
+            "",
+        ) + &crate::common::open_activity("nc", 1, 1)),
     );
     let nginx = tokio::task::block_in_place(|| Nginx::start(&[app.addr.as_str()]));
     let slow = "POST /user/login HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n";
@@ -202,7 +202,7 @@ async fn one_client_holding_requests_open_cannot_shut_out_another() {
 async fn a_bench_through_the_shipped_nginx_in_front_of_two_nodes_keeps_the_invariants() {
     // Two cluster nodes; they trust Nginx (127.0.0.1) for X-Forwarded-For.
     let cluster = Cluster::start_configured(2, &cluster_activity("ng", 150, 1), "", |c| {
-        c.replace("[security]", "[security]\ntrusted_proxies = [\"127.0.0.1\"]")
+        crate::common::behind_proxy(c, "")
     });
     let upstreams: Vec<&str> = cluster.nodes.iter().map(|n| n.addr.as_str()).collect();
     let nginx = tokio::task::block_in_place(|| Nginx::start(&upstreams));
@@ -334,7 +334,7 @@ async fn every_metric_in_the_alert_rules_and_dashboard_exists() {
 async fn a_waiting_fans_event_stream_flows_through_the_shipped_nginx() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = crate::common::TestApp::start(
-        &(crate::common::base_config().replace("[security]", "[security]\ntrusted_proxies = [\"127.0.0.1\"]")
+        &(crate::common::behind_proxy(crate::common::base_config(), "")
             + &crate::common::Act::new("nq")
                 .window("+30m", "+1h")
                 .with("admission = \"queue\"")

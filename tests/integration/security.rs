@@ -620,11 +620,10 @@ async fn accounts_younger_than_min_account_age_cannot_claim_or_join() {
     // The server says when the sale opens; the veteran claims once it has.
     // (Waiting on the status, not on claims: a claim whose detail came a
     // moment before the opening carries no claim token and is refused so.)
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.detail("aged").await["status"] != "open" {
-        assert!(Instant::now() < deadline, "the sale never opened");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::common::until("the sale to open", || async {
+        app.detail("aged").await["status"] == "open"
+    })
+    .await;
     let res = app.claim(&veteran, "aged").await;
     assert_eq!(res.status, 200, "{}", res.body);
     // The young account gets no claim token to solve or spend, and is told why.

@@ -388,8 +388,7 @@ async fn lease(shared: &Shared, activity: &Arc<str>, ticket: &Arc<str>, want: us
     metrics::global()
         .codes_leased
         .fetch_add(codes.len() as u64, Ordering::Relaxed);
-    let reclaimed = shared.epoch_changed(activity, ticket, epoch);
-    shared.record_epoch(activity, ticket, epoch);
+    let reclaimed = shared.swap_epoch(activity, ticket, epoch);
     Ok(Leased { left, codes, reclaimed })
 }
 

@@ -94,6 +94,15 @@ impl Shared {
             .is_some_and(|&seen| seen != epoch)
     }
 
+    /// [`Shared::epoch_changed`] and [`Shared::record_epoch`] under one
+    /// lock: for a caller that acts on the change at once (a lease).
+    pub fn swap_epoch(&self, activity: &Arc<str>, ticket: &Arc<str>, epoch: u64) -> bool {
+        self.epochs
+            .lock()
+            .insert((activity.clone(), ticket.clone()), epoch)
+            .is_some_and(|seen| seen != epoch)
+    }
+
     /// Records the epoch a caller has acted on (see [`Shared::epoch_changed`]).
     pub fn record_epoch(&self, activity: &Arc<str>, ticket: &Arc<str>, epoch: u64) {
         self.epochs.lock().insert((activity.clone(), ticket.clone()), epoch);

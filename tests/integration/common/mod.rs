@@ -64,6 +64,19 @@ pub fn behind_proxy(config: String, security: &str) -> String {
     )
 }
 
+/// Waits (up to 60 s) until `condition` holds, checking every 50 ms.
+pub async fn until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A POST through the API client from `ip` (via X-Forwarded-For).
 pub async fn post_from(client: &ApiClient, ip: &str, path: &str, body: &Value) -> ApiResponse {
     post_from_as(client, ip, path, None, body).await
