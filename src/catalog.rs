@@ -28,6 +28,9 @@ pub struct Catalog {
     by_id: HashMap<Arc<str>, usize>,
     /// The last `/act/list` rendering of this snapshot (see [`Listing`]).
     listing: ArcSwapOption<Listing>,
+    /// Activities whose rooms this build opened (none had one before): a
+    /// snapshot refused after its build forgets them ([`Catalog::abandon`]).
+    opened_rooms: Vec<Arc<str>>,
 }
 
 /// A rendering of the catalog (the `/act/list` activities, as JSON) and the
@@ -192,9 +195,13 @@ impl Catalog {
                 room_settings: None,
             }));
         }
+        let mut opened_rooms = Vec::new();
         if problems.is_empty() {
             for (activity, settings) in activities.iter_mut().zip(room_settings) {
                 let Some(settings) = settings else { continue };
+                if rooms.get(&activity.id).is_none() {
+                    opened_rooms.push(activity.id.clone());
+                }
                 match rooms.room(&activity.id, settings.clone()) {
                     Ok(room) => {
                         let activity = Arc::get_mut(activity).expect("not shared yet");
@@ -210,9 +217,24 @@ impl Catalog {
                 activities,
                 by_id,
                 listing: ArcSwapOption::empty(),
+                opened_rooms,
             })
         } else {
+            for activity in opened_rooms {
+                rooms.forget(&activity);
+            }
             Err(problems)
+        }
+    }
+
+    /// For a snapshot that will never serve (its reload was refused after
+    /// the build): forgets the rooms its build opened. Kept, such a room
+    /// would hold the refused config's queue settings, and once its
+    /// `queue_opens` had passed, every later reload would be refused for
+    /// changing a queue nobody ever saw.
+    pub fn abandon(self, rooms: &Rooms) {
+        for activity in &self.opened_rooms {
+            rooms.forget(activity);
         }
     }
 

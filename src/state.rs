@@ -220,7 +220,10 @@ impl AppState {
             return Err(moved.join("; "));
         }
         let catalog = Catalog::build(&new, self.started_ms, &self.inventory, &self.rooms).map_err(|p| p.join("; "))?;
-        track(&self.inventory, &catalog).map_err(|e| e.to_string())?;
+        if let Err(e) = track(&self.inventory, &catalog) {
+            catalog.abandon(&self.rooms);
+            return Err(e.to_string());
+        }
         let catalog = Arc::new(catalog);
         self.catalog.store(catalog.clone());
         catalog.apply_rooms(&self.rooms);
@@ -262,6 +265,24 @@ impl AppState {
         Ok(found)
     }
 
+    /// A reload's reads, then its one write (embedded mode: the config's
+    /// activities into SQLite), the last step but `track` that can refuse
+    /// it: the blocked users' ids, codes other processes imported, and
+    /// what the write added.
+    fn prepare_reload(
+        &self,
+        new: &Config,
+        catalog: &Catalog,
+    ) -> Result<(HashSet<u64>, CodesByTicket, ImportReport), String> {
+        let blocked = blocked_user_ids(new, &self.store).map_err(|e| e.to_string())?;
+        let elsewhere = self.codes_imported_elsewhere(catalog).map_err(|e| e.to_string())?;
+        let report = self
+            .store
+            .serve_import(new, self.started_ms)
+            .map_err(|e| e.to_string())?;
+        Ok((blocked, elsewhere, report))
+    }
+
     fn try_reload(&self) -> Result<usize, String> {
         let mut running = self.config.lock();
         let mut new = Config::load(&self.config_path).map_err(|e| e.to_string())?;
@@ -285,15 +306,13 @@ impl AppState {
             return Err(moved.join("; "));
         }
         let catalog = Catalog::build(&new, self.started_ms, &self.inventory, &self.rooms).map_err(|p| p.join("; "))?;
-        let blocked = blocked_user_ids(&new, &self.store).map_err(|e| e.to_string())?;
-        let elsewhere = self.codes_imported_elsewhere(&catalog).map_err(|e| e.to_string())?;
-        // Embedded mode: the one write, and the last step that can refuse
-        // the reload (`track` fails only when leasing, in a cluster, where
-        // this writes nothing).
-        let report = self
-            .store
-            .serve_import(&new, self.started_ms)
-            .map_err(|e| e.to_string())?;
+        let (blocked, elsewhere, report) = match self.prepare_reload(&new, &catalog) {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                catalog.abandon(&self.rooms);
+                return Err(e);
+            }
+        };
         log_import(&report);
         let mut added = 0;
         for t in &report.tickets {
@@ -305,7 +324,12 @@ impl AppState {
             self.inventory.pool(&ticket).add_codes(&codes);
             added += codes.len();
         }
-        track(&self.inventory, &catalog).map_err(|e| e.to_string())?;
+        // Fails only when leasing, in a cluster, where `serve_import` wrote
+        // nothing.
+        if let Err(e) = track(&self.inventory, &catalog) {
+            catalog.abandon(&self.rooms);
+            return Err(e.to_string());
+        }
         let catalog = Arc::new(catalog);
         self.catalog.store(catalog.clone());
         catalog.apply_rooms(&self.rooms);

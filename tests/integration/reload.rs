@@ -5,7 +5,7 @@ use std::sync::{
     Arc,
 };
 
-use crate::common::{base_config, claim_body, open_activity, TestApp};
+use crate::common::{base_config, claim_body, open_activity, Act, Codes, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_valid_change_applies_under_load_without_failing_a_request() {
@@ -213,4 +213,43 @@ async fn codes_imported_by_another_process_are_sold_after_sighup() {
     got.sort();
     assert_eq!(got, ["M3", "M4"], "only the new codes; M1 and M2 never come back");
     assert_eq!(app.detail("more").await["remaining"], 0);
+}
+
+/// A reload refused after its catalog was built changes nothing. Here
+/// SQLite refuses it: ticket type `r-b` still belongs to activity `r`
+/// there, though the running config dropped it, and the reload gives it to
+/// a new queue activity. Before, the build had opened that activity's
+/// waiting room and kept it; its queue had opened, so every later reload
+/// naming the activity was refused for changing a queue nobody ever saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_refused_after_its_build_leaves_no_waiting_room_behind() {
+    let r = |tickets: &[&str]| {
+        tickets
+            .iter()
+            .fold(Act::new("r").window("-1m", "+1h"), |act, t| {
+                act.ticket(t, t, Codes::Generate(3))
+            })
+            .toml()
+    };
+    let q = |queue: bool, ticket: &str| {
+        let act = Act::new("q").window("+30m", "+1h");
+        let act = if queue {
+            act.with("admission = \"queue\"").with("queue_opens = \"-1m\"")
+        } else {
+            act
+        };
+        act.ticket(ticket, ticket, Codes::Generate(3)).toml()
+    };
+    let app = TestApp::start(&(base_config() + &r(&["r-a", "r-b"])));
+    let dropped = base_config() + &r(&["r-a"]);
+    assert_eq!(app.reload(&dropped)["message"], "Config reloaded.");
+
+    let refused = app.reload(&(dropped.clone() + &q(true, "r-b")));
+    assert_eq!(refused["message"], "Reload refused; still serving the previous config.");
+    assert!(refused["reason"].as_str().unwrap().contains("r-b"), "{refused}");
+
+    // The same activity, fixed: a ticket type of its own, and a race.
+    let fixed = app.reload(&(dropped + &q(false, "q-t")));
+    assert_eq!(fixed["message"], "Config reloaded.", "{fixed}");
+    assert_eq!(app.detail("q").await["admission"], "race");
 }
