@@ -183,6 +183,8 @@ pub struct Recovered {
 pub struct Journal<E: Entry> {
     tx: Sender<Msg<E>>,
     healthy: Arc<AtomicBool>,
+    /// The id of the last claim made durable (see [`Journal::last_durable`]).
+    durable: Arc<AtomicU64>,
     closer: Closer<E>,
 }
 
@@ -612,12 +614,14 @@ impl<E: Entry> Journal<E> {
         }
         let (tx, rx) = crossbeam_channel::bounded(setup.config.queue_capacity);
         let healthy = Arc::new(AtomicBool::new(true));
+        let durable = Arc::new(AtomicU64::new(setup.next_seq - 1));
         let mut writer = Writer {
             segment: Segment::create(&setup.dir, setup.next_seq, &setup.config)?,
             closed: VecDeque::new(),
             setup,
             buf: Vec::with_capacity(1 << 16),
             healthy: healthy.clone(),
+            durable: durable.clone(),
         };
         let closer = Closer {
             tx: tx.clone(),
@@ -627,7 +631,12 @@ impl<E: Entry> Journal<E> {
         runner
             .thread("journal-writer", move |ctl| writer.run(rx, &ctl), move || stop.close())
             .map_err(io_err(Path::new("journal-writer thread")))?;
-        Ok(Journal { tx, healthy, closer })
+        Ok(Journal {
+            tx,
+            healthy,
+            durable,
+            closer,
+        })
     }
 
     /// Queues `entry`; it is settled by the writer, or at once if the queue is
@@ -649,6 +658,13 @@ impl<E: Entry> Journal<E> {
     pub fn ping(&self) -> Option<tokio::sync::oneshot::Receiver<()>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.tx.try_send(Msg::Ping(tx)).ok().map(|()| rx)
+    }
+
+    /// The id of the last claim made durable: every claim answered before
+    /// this call has this id or a lower one (what an export waits for the
+    /// store to apply).
+    pub fn last_durable(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
     }
 
     /// Whether the last write succeeded.
@@ -817,6 +833,7 @@ struct Writer {
     closed: VecDeque<(u64, PathBuf)>,
     buf: Vec<u8>,
     healthy: Arc<AtomicBool>,
+    durable: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -890,6 +907,8 @@ impl Writer {
             return;
         }
         self.setup.next_seq += batch.len() as u64;
+        // Before the answers go out, so whoever got one sees it.
+        self.durable.store(self.setup.next_seq - 1, Ordering::Release);
         let durable: Vec<Claim> = (first..)
             .zip(batch.iter())
             .map(|(id, e)| Claim {

@@ -157,6 +157,17 @@ impl Store {
         }
     }
 
+    /// Whether the store that exports read holds every claim answered
+    /// before the call, waiting up to `within` for it to catch up. A
+    /// cluster node does not wait (other nodes' claims keep arriving in
+    /// MongoDB too): its exports say how many are on their way instead.
+    pub async fn caught_up(&self, within: std::time::Duration) -> bool {
+        match self {
+            Store::Embedded(s) => s.caught_up(within).await,
+            Store::Cluster(_) => false,
+        }
+    }
+
     /// Claims waiting to be made durable.
     pub fn commit_queue_len(&self) -> usize {
         match self {

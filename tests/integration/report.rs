@@ -216,3 +216,64 @@ async fn a_64_of_addresses_is_one_source_in_the_report() {
     assert!(table.contains("<tr><td>198.51.100.9</td><td>1</td></tr>"), "{table}");
     assert_eq!(table.matches("<tr><td>").count(), 2, "{table}");
 }
+
+/// Sends `POST path` to the admin listener at `addr`.
+async fn admin_post(addr: &str, token: &str, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream
+}
+
+/// Reads an answer to its end: (head, body).
+async fn answer(mut stream: tokio::net::TcpStream) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes).await.unwrap();
+    let text = String::from_utf8(bytes).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// An export answers for every claim answered before it. A serving node
+/// copies claims from its journal into SQLite, which exports read, a batch
+/// at a time; `/admin/export` read SQLite as it was, so an export taken
+/// while the copy was held up (here by SQLite's write lock, which the test
+/// holds) left the claim out without a word. Now it waits for the copy
+/// (up to 5 s), and says how many claims it could not wait for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_export_waits_for_the_claims_on_their_way_to_sqlite() {
+    let token = "EXAMPLE-admin-token-0123456789abcdef";
+    let config = base_config().replace(
+        "[log]",
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\"\n\n[log]"),
+    ) + &open_activity("ex", 5, 1);
+    let app = TestApp::start(&config);
+    let admin = app.wait_for_log("Admin API listening.", 1)["addr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let export = "/admin/export?actId=ex&format=jsonl";
+    let first = app.register("exa").await;
+
+    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    assert_eq!(app.claim(&first, "ex").await.status, 200);
+    let mut waiting = tokio::spawn(answer(admin_post(&admin, token, export).await));
+    // The export waits (up to 5 s) while its claim cannot reach SQLite;
+    // before, it answered at once, without the claim.
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(500), &mut waiting)
+            .await
+            .is_err(),
+        "the export answered while its claim was on its way to SQLite"
+    );
+    db.execute_batch("ROLLBACK").unwrap();
+    let (head, body) = waiting.await.unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body.lines().count(), 1, "{body}");
+    assert!(head.contains("x-claims-in-transit: 0"), "{head}");
+}

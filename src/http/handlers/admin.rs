@@ -5,7 +5,9 @@
 //! - `GET /admin` — the live page (stock, claims/s, shed and refused counts);
 //! - `GET /admin/stats` — stock, claims and in-flight work per activity, claim outcomes;
 //! - `POST /admin/reload` — the same as SIGHUP, answering whether it applied;
-//! - `POST /admin/export?actId=&format=csv|jsonl` — every claim of an activity.
+//! - `POST /admin/export?actId=&format=csv|jsonl` — every claim of an
+//!   activity answered before the request (it waits up to 5 s for SQLite to
+//!   hold them); `X-Claims-In-Transit` counts those it could not wait for.
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -70,7 +72,7 @@ pub async fn handle(
                 Err(reason) => Err(ApiError::new(StatusCode::CONFLICT, "RELOAD_REFUSED", reason)),
             }
         }
-        _ => export(state, &req),
+        _ => export(state, &req).await,
     }
 }
 
@@ -114,7 +116,15 @@ fn stats(state: &AppState, connections: usize) -> Response<Full<Bytes>> {
     }))
 }
 
-fn export(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+/// How long an export waits for SQLite to hold every claim answered before it.
+const EXPORT_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The claims of the activity an export could not wait for: answered, and
+/// still on their way to the store it reads (SQLite busy or its disk full;
+/// in a cluster, MongoDB behind).
+const IN_TRANSIT: header::HeaderName = header::HeaderName::from_static("x-claims-in-transit");
+
+async fn export(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
     let query = Query::parse(req.uri().query());
     let activity = query.require("actId")?;
     let format = match query.get("format").unwrap_or("csv") {
@@ -131,9 +141,19 @@ fn export(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Byt
     if !store.has_activity(activity)? {
         return Err(ApiError::not_found("ACTIVITY_NOT_FOUND", "no such activity"));
     }
-    let mut body = Vec::new();
-    tokio::task::block_in_place(|| crate::export::claims(&state.store, activity, format, &mut body))?;
+    // A serving node copies claims from its journal into SQLite, which
+    // exports read, a batch at a time: an export taken as a rush ends would
+    // miss its last winners.
+    state.store.caught_up(EXPORT_CATCH_UP).await;
+    let (in_transit, body) = tokio::task::block_in_place(|| {
+        // Counted before the export reads: an overstatement at worst.
+        let in_transit = store.claims_in_transit(activity)?;
+        let mut body = Vec::new();
+        crate::export::claims(store, activity, format, &mut body)?;
+        Ok::<_, ApiError>((in_transit, body))
+    })?;
     let mut res = Response::new(Full::new(Bytes::from(body)));
+    res.headers_mut().insert(IN_TRANSIT, HeaderValue::from(in_transit));
     let ct = if format == ExportFormat::Csv {
         "text/csv; charset=utf-8"
     } else {

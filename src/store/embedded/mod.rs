@@ -26,7 +26,10 @@ use std::{
     fs::{File, OpenOptions},
     os::fd::AsRawFd,
     path::Path,
-    sync::{atomic::AtomicU64, Arc},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -125,6 +128,8 @@ pub struct EmbeddedStore {
     /// Used for everything but applying claims; short statements only.
     db: Mutex<Connection>,
     journal: Option<Journal<PendingClaim>>,
+    /// A serving node's: the highest claim id SQLite holds (the applier's).
+    applied: Option<Arc<AtomicU64>>,
     dir: std::path::PathBuf,
     /// Held for the life of a serving node.
     _lock: Option<File>,
@@ -275,13 +280,14 @@ impl EmbeddedStore {
                         config: config.journal.clone(),
                         next_seq: last_seq + 1,
                         applier: tx,
-                        applied_seq: applied,
+                        applied_seq: applied.clone(),
                     },
                     runner,
                 )?;
                 Ok(EmbeddedStore {
                     db: Mutex::new(conn),
                     journal: Some(journal),
+                    applied: Some(applied),
                     dir,
                     _lock: Some(lock),
                 })
@@ -289,6 +295,7 @@ impl EmbeddedStore {
             (Access::Inspect, _) => Ok(EmbeddedStore {
                 db: Mutex::new(conn),
                 journal: None,
+                applied: None,
                 dir,
                 _lock: None,
             }),
@@ -300,6 +307,7 @@ impl EmbeddedStore {
                 Ok(EmbeddedStore {
                     db: Mutex::new(conn),
                     journal: None,
+                    applied: None,
                     dir,
                     _lock: None,
                 })
@@ -329,6 +337,25 @@ impl EmbeddedStore {
 
     pub(super) fn ping(&self) -> Option<tokio::sync::oneshot::Receiver<()>> {
         self.journal.as_ref().and_then(Journal::ping)
+    }
+
+    /// Whether SQLite holds every claim made durable before the call, once
+    /// the applier has had up to `within` to get there (it applies a batch
+    /// every 25 ms or so; for long when SQLite is busy or its disk full).
+    /// Always true for a store that does not serve.
+    pub(super) async fn caught_up(&self, within: Duration) -> bool {
+        let (Some(journal), Some(applied)) = (&self.journal, &self.applied) else {
+            return true;
+        };
+        let target = journal.last_durable();
+        let deadline = tokio::time::Instant::now() + within;
+        while applied.load(Ordering::Acquire) < target {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
     }
 
     pub(super) fn commit_queue_len(&self) -> usize {
