@@ -281,7 +281,7 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
             );
         }
         UserCommand::List => {
-            let mut out = csv::Writer::from_writer(io::stdout().lock());
+            let mut out = crate::export::spreadsheet_csv(io::stdout().lock());
             out.write_record(["id", "username", "nickname", "created_at"])?;
             for u in store.list_users()? {
                 out.write_record([

@@ -57,7 +57,7 @@ pub fn claims<W: Write + Send>(
     match format {
         ExportFormat::Parquet => parquet::claims(store, activity_id, out),
         ExportFormat::Csv => {
-            let mut w = csv::Writer::from_writer(out);
+            let mut w = spreadsheet_csv(out);
             w.write_record(CSV_HEADER).map_err(csv_io).map_err(io_err)?;
             let n = store.export_claims(activity_id, &mut |row: ClaimRow| {
                 w.write_record([
@@ -116,7 +116,7 @@ pub fn rejections<W: Write>(store: &Store, activity_id: &str, format: ExportForm
     match format {
         // The CLI refuses Parquet for rejections; CSV is the fallback here.
         ExportFormat::Csv | ExportFormat::Parquet => {
-            let mut w = csv::Writer::from_writer(out);
+            let mut w = spreadsheet_csv(out);
             w.write_record(["minute", "reason", "count"])
                 .map_err(csv_io)
                 .map_err(io_err)?;
@@ -140,6 +140,17 @@ pub fn rejections<W: Write>(store: &Store, activity_id: &str, format: ExportForm
         }
     }
     Ok(n)
+}
+
+/// A CSV writer for files organisers open in spreadsheets: every text
+/// field quoted. With a `;` list separator (German or French Excel, say) a
+/// spreadsheet splits an unquoted field at each `;`, and a nickname
+/// `x;=1+1` became a cell holding a formula that [`cell`]'s first-character
+/// check never saw; a quoted field is not split.
+pub fn spreadsheet_csv<W: std::io::Write>(out: W) -> csv::Writer<W> {
+    csv::WriterBuilder::new()
+        .quote_style(csv::QuoteStyle::NonNumeric)
+        .from_writer(out)
 }
 
 /// A text cell safe to open in a spreadsheet: one that a spreadsheet would

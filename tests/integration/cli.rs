@@ -292,7 +292,11 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
     assert!(rows[0]["claimed_at"].ends_with('Z'));
     // For Excel: a byte-order mark first; the csv crate reads past it.
     let out = app.cli(&["export", "--activity", "exp", "--bom"], None);
-    assert!(out.stdout.starts_with("\u{feff}claim_id,".as_bytes()));
+    assert!(
+        out.stdout.starts_with("\u{feff}\"claim_id\",".as_bytes()),
+        "{}",
+        text(&out.stdout)
+    );
     assert_eq!(parse_csv(&out.stdout)[0]["nickname"], "张三, \"老张\"");
     let out = app.cli(&["export", "--activity", "exp", "--format", "jsonl"], None);
     let lines: Vec<serde_json::Value> = text(&out.stdout)

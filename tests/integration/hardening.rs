@@ -560,7 +560,9 @@ async fn a_declared_oversized_body_is_refused_at_once() {
 }
 
 /// Item 10: nicknames like `=HYPERLINK(...)` reached the CSV raw, a formula
-/// for whoever opens the export in a spreadsheet.
+/// for whoever opens the export in a spreadsheet. And `x;=1+1` still did
+/// where the list separator is `;` (the field was not quoted; from a
+/// review).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csv_exports_neutralise_formulas_in_both_paths() {
     let admin_token = "EXAMPLE-admin-token-0123456789abcdef";
@@ -574,6 +576,7 @@ async fn csv_exports_neutralise_formulas_in_both_paths() {
         "@SUM(1+1)",
         "+1-1",
         "-2+3",
+        "x;=1+1",
         "plain 张三",
     ];
     for (i, nickname) in nicknames.iter().enumerate() {
@@ -600,6 +603,10 @@ async fn csv_exports_neutralise_formulas_in_both_paths() {
         let mut want = expected.clone();
         want.sort();
         assert_eq!(got, want, "{path}");
+        // Quoted, so a spreadsheet with a `;` list separator does not split
+        // it into a cell `=1+1`.
+        let text = String::from_utf8_lossy(csv);
+        assert!(text.contains("\"x;=1+1\""), "{path}: {text}");
     };
     // The CLI reads SQLite, which the serving node's applier fills from the
     // journal a batch behind the answers: wait for every claim to be there.
