@@ -101,17 +101,20 @@ impl App {
             );
         }
         let inventory = Arc::new(Inventory::default());
-        let rooms = Arc::new(match store.room_source() {
-            // In a cluster each room's log is in Redis; every node replicates it.
-            Some(source) => Rooms::shared(Box::new(move |activity| {
-                let hex = source
-                    .seed(activity, Seed::generate().to_hex())
-                    .map_err(std::io::Error::other)?;
-                Seed::from_hex(&hex)
-                    .ok_or_else(|| std::io::Error::other("the room's seed in Redis is not 64 hex digits"))
-            })),
-            None => Rooms::new(&Rooms::dir_in(&config.storage.path)),
-        });
+        let rooms = Arc::new(
+            match store.room_source() {
+                // In a cluster each room's log is in Redis; every node replicates it.
+                Some(source) => Rooms::shared(Box::new(move |activity| {
+                    let hex = source
+                        .seed(activity, Seed::generate().to_hex())
+                        .map_err(std::io::Error::other)?;
+                    Seed::from_hex(&hex)
+                        .ok_or_else(|| std::io::Error::other("the room's seed in Redis is not 64 hex digits"))
+                })),
+                None => Rooms::new(&Rooms::dir_in(&config.storage.path)),
+            }
+            .with_stream_budget(config.server.max_connections),
+        );
         // Built once, first: it checks what validation cannot (mixed relative
         // and absolute times) before anything is imported.
         let catalog =

@@ -36,7 +36,7 @@ use std::{
     io,
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
 };
@@ -50,10 +50,18 @@ pub use room::{Entry, JoinError, PlaceState, QueueStatus, Room, RoomSettings, Ro
 pub type SeedSource = Box<dyn Fn(&str) -> io::Result<Seed> + Send + Sync>;
 
 /// Event streams one account may hold open on a node at once (a fan with
-/// a few tabs). Each holds a connection for minutes, and connections are
-/// one budget for everybody (`server.max_connections`): without a cap one
-/// account could hold them all.
+/// a few tabs). Each holds a connection for minutes: without a cap one
+/// account could hold the node's whole stream budget.
 pub const MAX_STREAMS_PER_USER: u32 = 4;
+
+/// Why an event stream was not opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamRefused {
+    /// The account holds [`MAX_STREAMS_PER_USER`] already.
+    Account,
+    /// The node holds its whole stream budget (see [`Rooms::with_stream_budget`]).
+    Node,
+}
 
 /// Every waiting room on the node, by activity; rooms live across reloads.
 pub struct Rooms {
@@ -63,8 +71,13 @@ pub struct Rooms {
     rooms: Mutex<HashMap<Arc<str>, Arc<Room>>>,
     closing: AtomicBool,
     /// Open event streams per account (only accounts with one: bounded by
-    /// the connections).
+    /// the stream budget).
     streams: Mutex<HashMap<u64, u32>>,
+    /// Open event streams in all (the sum of `streams`), read without the
+    /// lock by the listener for every connection it accepts.
+    open_streams: AtomicUsize,
+    /// At most this many at once.
+    max_streams: usize,
 }
 
 /// One open event stream of an account; closing it (dropping this) gives
@@ -83,6 +96,7 @@ impl Drop for StreamSlot {
                 streams.remove(&self.user);
             }
         }
+        self.rooms.open_streams.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -95,6 +109,8 @@ impl Rooms {
             rooms: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             streams: Mutex::new(HashMap::new()),
+            open_streams: AtomicUsize::new(0),
+            max_streams: usize::MAX,
         }
     }
 
@@ -107,19 +123,40 @@ impl Rooms {
             rooms: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             streams: Mutex::new(HashMap::new()),
+            open_streams: AtomicUsize::new(0),
+            max_streams: usize::MAX,
         }
     }
 
-    /// A place for one more event stream of `user`, or `None` when they
-    /// hold [`MAX_STREAMS_PER_USER`] already.
-    pub fn open_stream(self: &Arc<Self>, user: u64) -> Option<StreamSlot> {
+    /// At most `max` event streams open at once. A connection that holds
+    /// one does not count against `server.max_connections` (the listener
+    /// takes [`Rooms::open_streams`] off its count): waiting fans' streams,
+    /// each open for as long as the wait, would otherwise fill the budget
+    /// that the claims they wait for need.
+    pub fn with_stream_budget(mut self, max: usize) -> Rooms {
+        self.max_streams = max;
+        self
+    }
+
+    /// Event streams open now.
+    pub fn open_streams(&self) -> usize {
+        self.open_streams.load(Ordering::Acquire)
+    }
+
+    /// A place for one more event stream of `user`.
+    pub fn open_stream(self: &Arc<Self>, user: u64) -> Result<StreamSlot, StreamRefused> {
         let mut streams = self.streams.lock();
+        if self.open_streams.load(Ordering::Acquire) >= self.max_streams {
+            return Err(StreamRefused::Node);
+        }
         let n = streams.entry(user).or_insert(0);
         if *n >= MAX_STREAMS_PER_USER {
-            return None;
+            return Err(StreamRefused::Account);
         }
         *n += 1;
-        Some(StreamSlot {
+        // Under the lock, so the budget holds exactly.
+        self.open_streams.fetch_add(1, Ordering::AcqRel);
+        Ok(StreamSlot {
             rooms: self.clone(),
             user,
         })

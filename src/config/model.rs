@@ -55,7 +55,9 @@ pub struct ServerConfig {
     /// Address to listen on. Default `127.0.0.1:3000`. Restart-only.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Open connections beyond this are closed at once. Default 10000.
+    /// Open connections beyond this are closed at once; connections that
+    /// hold a waiting room's event stream count apart, up to as many again.
+    /// Default 10000.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// A client must send its full request head within this time (slowloris). Default `5s`.

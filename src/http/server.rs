@@ -157,8 +157,11 @@ pub async fn serve(
         };
         let open = conns.open.fetch_add(1, Ordering::AcqRel);
         let over = match surface {
-            // The admin listener's own are not the public side's.
-            Surface::Public => open.saturating_sub(conns.admin.load(Ordering::Acquire)) >= conns.max,
+            // The admin listener's own are not the public side's, nor are
+            // those holding event streams (they have a budget of their own).
+            Surface::Public => {
+                open.saturating_sub(conns.admin.load(Ordering::Acquire) + http.state.rooms.open_streams()) >= conns.max
+            }
             Surface::Admin => conns.admin.fetch_add(1, Ordering::AcqRel) >= MAX_ADMIN_CONNECTIONS,
         };
         let guard = ConnGuard(http.clone(), surface);

@@ -1179,6 +1179,52 @@ async fn an_account_holds_a_few_event_streams_not_the_nodes_connections() {
     }
 }
 
+/// Waiting fans' event streams, each open for the whole wait, counted
+/// against `server.max_connections`: once they filled it, the node closed
+/// every new connection unanswered, the claims of admitted fans included
+/// (from a review). Streams now have a budget of their own, and past it a
+/// stream is refused with the JSON shape, not the claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiting_fans_streams_leave_the_connections_claims_need() {
+    let app = TestApp::start(
+        &(base_config().replace("[server]", "[server]\nmax_connections = 4")
+            + &queue("wf", 1, "+30m", &[])
+            + &open_activity("wc", 5, 1)),
+    );
+    let tokens = app.users("wf", 3).await;
+    for t in &tokens {
+        assert_eq!(join(&app.client, t, "wf").await.status, 200);
+    }
+    let mut open = Vec::new();
+    for t in &tokens[..2] {
+        for _ in 0..2 {
+            let mut events = Events::open(&app, t, "wf").await;
+            assert_eq!(events.next().await.unwrap()["state"], "waiting");
+            open.push(events);
+        }
+    }
+    let fifth = send_head(
+        &app,
+        &[format!(
+            "GET /queue/events?actId=wf HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\r\n",
+            tokens[2]
+        )
+        .as_bytes()],
+    )
+    .await;
+    assert!(fifth.starts_with("HTTP/1.1 503"), "{fifth}");
+    assert!(
+        fifth.contains(r#"{"ok":false,"error":{"code":"STREAMS_FULL""#),
+        "{fifth}"
+    );
+    // New connections are still served while every stream stays open.
+    for t in &tokens {
+        let res = app.claim(t, "wc").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    drop(open);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn event_streams_answer_bad_heads_and_let_go_of_fans_who_leave() {
     let app = TestApp::start(&(base_config() + &queue("lv", 1, "+30m", &[])));

@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    admission::{Entry, JoinError, PlaceState, QueueStatus, Room, Rooms, StreamSlot},
+    admission::{Entry, JoinError, PlaceState, QueueStatus, Room, Rooms, StreamRefused, StreamSlot},
     auth::{
         claim_token::{join_challenge, pow_ok},
         Denied, Session,
@@ -257,12 +257,19 @@ pub fn events<B>(state: &AppState, req: &Request<B>, ip: IpAddr) -> Result<Respo
     let query = Query::parse(req.uri().query());
     let catalog = state.catalog.load();
     let room = room_of(activity(&catalog, query.require("actId")?)?)?.clone();
-    let slot = state.rooms.open_stream(user).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "TOO_MANY_STREAMS",
-            "this account has too many event streams open; close one (or poll /queue/status)",
-        )
+    let slot = state.rooms.open_stream(user).map_err(|refused| {
+        match refused {
+            StreamRefused::Account => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOO_MANY_STREAMS",
+                "this account has too many event streams open; close one (or poll /queue/status)",
+            ),
+            StreamRefused::Node => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "STREAMS_FULL",
+                "this node holds all the event streams it takes; poll /queue/status to keep your place",
+            ),
+        }
         .retry_after(5)
     })?;
     let mut look = tokio::time::interval(STREAM_LOOK_EVERY);
