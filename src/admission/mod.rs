@@ -178,7 +178,13 @@ impl Rooms {
         let room = Arc::new(match &self.seeds {
             Some(seeds) => Room::shared(activity.clone(), settings, seeds(activity)?),
             None => {
-                std::fs::create_dir_all(&self.dir)?;
+                if !self.dir.exists() {
+                    std::fs::create_dir_all(&self.dir)?;
+                    // Made durable as the room logs in it are.
+                    if let Some(parent) = self.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                        std::fs::File::open(parent)?.sync_all()?;
+                    }
+                }
                 Room::open(&self.dir, activity.clone(), settings)?
             }
         });

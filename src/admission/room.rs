@@ -323,6 +323,9 @@ impl Room {
         if events.is_empty() {
             log.append(&Event::Seed { seed: seed.to_hex() });
             log.sync_now()?;
+            // The file's name too: a power cut could otherwise take the
+            // whole log (its seed and every answered join) with it.
+            std::fs::File::open(dir)?.sync_all()?;
         }
         Ok(Room {
             activity,
