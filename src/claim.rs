@@ -296,7 +296,7 @@ impl Claimer {
         {
             return Ok(Claimed { claim, replayed: true });
         }
-        let now = now_ms();
+        let mut now = now_ms();
         check_window(activity, now)?;
         activity.admits_account(req.account_created_ms)?;
         let settings = self.settings.load();
@@ -315,6 +315,12 @@ impl Claimer {
                 .inventory
                 .wait_for_stock(tickets.iter().map(|t| (&*t.id, &*t.pool)))
                 .await;
+            // The wait (up to half a second) may have outlasted the sale or
+            // the fan's pass: what follows is checked as of now. A pass
+            // checked as of before could be spent after it lapsed, when the
+            // admitter had already given its code to the next fan.
+            now = now_ms();
+            check_window(activity, now)?;
         }
         if !in_stock {
             // Sold out is answered from memory with read-only look-ups, so the
