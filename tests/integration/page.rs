@@ -450,6 +450,62 @@ async fn a_fan_waits_in_the_room_and_grabs_with_the_pass_in_chromium() {
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 }
 
+/// A waiting fan whose event stream is refused keeps the place by asking
+/// for it, and is asked to log in when the session is gone. The page's
+/// stream loop threw on any refusal and tried again every 2 s for ever:
+/// `429 TOO_MANY_STREAMS` (its `Retry-After` unread), and a revoked
+/// session, on which the page went on showing "waiting" and never asked
+/// the fan to log in (from a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_fan_refused_a_stream_is_asked_to_log_in_when_the_session_goes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = base_config()
+        + &Act::new("wait")
+            .window("+30m", "+1h")
+            .with("admission = \"queue\"")
+            .with("queue_opens = \"-1m\"")
+            .ticket("wait-t", "Seat", Codes::Generate(1))
+            .toml();
+    let app = TestApp::start(&config);
+    let url = app.url();
+    let mut b = Browser::launch().await;
+    register(&mut b, &url, "waiting-fan", "#/").await;
+    let token = b.eval("localStorage.getItem('ticketd.token')").await;
+    let token = token.as_str().unwrap().to_owned();
+    let joined = app
+        .client
+        .post("/queue/join", Some(&token), &json!({ "actId": "wait" }))
+        .await
+        .unwrap();
+    assert_eq!(joined.status, 200, "{}", joined.body);
+    // The account's four streams, held elsewhere: the page's is refused.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut stream = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
+        let head = format!("GET /queue/events?actId=wait HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut seen = Vec::new();
+        while !String::from_utf8_lossy(&seen).contains("data: ") {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        held.push(stream);
+    }
+    b.goto(&format!("{url}/#/act/wait")).await;
+    b.wait_for(
+        "document.querySelector('#queue')?.dataset.state === 'waiting'",
+        "the place",
+    )
+    .await;
+    let out = app.client.post("/user/logout", Some(&token), &json!({})).await.unwrap();
+    assert_eq!(out.status, 200, "{}", out.body);
+    b.wait_for("document.querySelector('#queue #relogin')", "the login prompt")
+        .await;
+    drop(held);
+}
+
 /// A claim whose answer is lost on the way: the node made the claim and the
 /// page saw a network error. The page waits before trying again and says
 /// so; a fan who reloads instead and grabs again sends the same

@@ -469,16 +469,23 @@ async function waitingRoom(a, queue) {
     return b;
   };
   let following = false;
+  const ended = () => ['sold_out', 'entries_closed', 'done'].includes(panel.dataset.state);
   const follow = async () => {
     if (following) return;
     following = true;
-    while (mine === navigation) {
+    try { await stream(); } finally { following = false; }
+  };
+  const stream = async () => {
+    for (let tries = 1; mine === navigation;) {
       const abort = new AbortController();
       streams.push(abort);
+      let retryAfter = 0;
       try {
         const res = await fetch(`/queue/events?actId=${encodeURIComponent(a.actId)}`,
           { headers: { Authorization: `Bearer ${store.token}` }, signal: abort.signal });
+        retryAfter = Number(res.headers.get('Retry-After')) || 0;
         if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}`);
+        tries = 1;
         const reader = res.body.getReader();
         const text = new TextDecoder();
         let buffer = '';
@@ -492,8 +499,21 @@ async function waitingRoom(a, queue) {
           }
         }
       } catch { /* reconnect below */ }
-      if (mine !== navigation || ['sold_out', 'entries_closed', 'done'].includes(panel.dataset.state)) return;
-      await sleep(2000);
+      if (mine !== navigation || ended()) return;
+      // Between streams (refused, cut, or its node draining) the place is
+      // kept by asking for it: a status counts as the fan's presence too,
+      // and tells a fan whose session is gone to log in again. Then the
+      // next try waits as the server asked, with jitter, so the fans of a
+      // draining node do not all come back at once.
+      const now = await api('GET', `/queue/status?actId=${encodeURIComponent(a.actId)}`);
+      if (mine !== navigation) return;
+      if (!now.ok && RELOGIN.includes(now.error.code)) return panel.replaceChildren(loginPrompt(now.error.code));
+      if (now.ok && now.data.state === 'not_joined') {
+        return panel.replaceChildren(h('h2', {}, t(lottery ? 'lottery' : 'queue')), joinButton());
+      }
+      if (now.ok) render(now.data);
+      if (ended()) return;
+      await backoff(Math.max(retryAfter, now.retryAfter), tries++);
     }
   };
   const first = await load(`/queue/status?actId=${encodeURIComponent(a.actId)}`, mine);
