@@ -75,6 +75,21 @@ pub enum ConfigError {
     },
 }
 
+/// The parser's sentence with its line and column, without the source line
+/// it would quote: that line may hold a secret (`session_secret`,
+/// `admin.token`, a password in `redis_url`), and the sentence goes to the
+/// log, to stderr and into a refused reload's answer.
+fn parse_error(error: &toml::de::Error, text: &str) -> String {
+    let message = error.message().trim_end();
+    let Some(at) = error.span().map(|span| span.start.min(text.len())) else {
+        return format!("TOML parse error: {message}");
+    };
+    let before = text.get(..at).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or_default().chars().count() + 1;
+    format!("TOML parse error at line {line}, column {column}: {message}")
+}
+
 impl Config {
     /// Reads, parses and validates the file at `path`, reading `codes_file` lists.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -90,7 +105,7 @@ impl Config {
     pub fn from_toml(text: &str, path: &Path, base_dir: PathBuf) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+            message: parse_error(&e, text),
         })?;
         config.base_dir = base_dir;
         let problems = validate::validate(&mut config, text);
@@ -174,5 +189,27 @@ impl Config {
         .into_iter()
         .filter_map(|(changed, name)| changed.then_some(name))
         .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A typo on a secret's line put the secret in the error (the parser
+    /// quotes the line), and so in the log and a refused reload's answer.
+    #[test]
+    fn a_parse_error_names_its_place_but_quotes_no_line() {
+        let secret = "EXAMPLE-do-not-log-0123456789abcdef";
+        let text = format!("[auth]\nsession_secret = \"{secret}\" oops\n");
+        let error = Config::from_toml(&text, Path::new("c.toml"), PathBuf::new())
+            .unwrap_err()
+            .to_string();
+        assert!(!error.contains(secret), "{error}");
+        assert!(error.contains("line 2, column"), "{error}");
+        let typed = Config::from_toml("[auth]\nsession_secret = 5\n", Path::new("c.toml"), PathBuf::new())
+            .unwrap_err()
+            .to_string();
+        assert!(typed.contains("line 2") && typed.contains("invalid type"), "{typed}");
     }
 }
