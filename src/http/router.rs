@@ -167,9 +167,36 @@ async fn answer(
             return ApiError::from(denied).into_response();
         }
     }
-    dispatch(state, served.connections, route, req, ip)
+    let mut res = dispatch(state, served.connections, route, req, ip)
         .await
-        .unwrap_or_else(ApiError::into_response)
+        .unwrap_or_else(ApiError::into_response);
+    if personal(route) {
+        res.headers_mut()
+            .entry(header::CACHE_CONTROL)
+            .or_insert(HeaderValue::from_static("private, no-store"));
+    }
+    res
+}
+
+/// Whether a route answers for one person (a session token, a claim
+/// token, a code, a place in a room, an export of who won): such answers
+/// must not be kept by a cache on the way or by the browser. `/act/list`
+/// and the page are the same for everybody, and cacheable.
+fn personal(route: Route) -> bool {
+    matches!(
+        route,
+        Route::UserRegister
+            | Route::UserLogin
+            | Route::UserLogout
+            | Route::ActDetail
+            | Route::TicketGet
+            | Route::TicketList
+            | Route::TicketDetail
+            | Route::TicketQr
+            | Route::QueueJoin
+            | Route::QueueStatus
+            | Route::Admin
+    )
 }
 
 fn route_of(path: &str) -> (Route, Method) {

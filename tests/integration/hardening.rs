@@ -939,3 +939,30 @@ async fn a_48_of_addresses_gets_a_budget_of_guesses_not_65536() {
     .await;
     assert_eq!(res.status, 200, "{}", res.body);
 }
+
+/// Answers for one person (a session token, a claim token, a code) said
+/// nothing about caching, so a cache on the way or the browser's own was
+/// free to keep them (from a review). They are `private, no-store` now;
+/// `/act/list`, the same for everybody, stays cacheable (the shipped Nginx
+/// keeps it for a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn personal_answers_are_not_cacheable() {
+    let app = TestApp::start(&(base_config() + &open_activity("nc", 3, 1)));
+    let token = app.register("nocache").await;
+    let login = json!({ "username": "nocache", "password": "password-nocache" }).to_string();
+    let claim = app.claim_body(&token, "nc").await.to_string();
+    let auth = format!("Authorization: Bearer {token}");
+    for (head, body) in [
+        (format!("POST /ticket/get HTTP/1.1\r\nHost: t\r\n{auth}\r\nContent-Type: application/json\r\nContent-Length: {}", claim.len()), claim.as_str()),
+        (format!("GET /ticket/list HTTP/1.1\r\nHost: t\r\n{auth}"), ""),
+        (format!("GET /act/detail?actId=nc HTTP/1.1\r\nHost: t\r\n{auth}"), ""),
+        (format!("POST /user/login HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}", login.len()), login.as_str()),
+    ] {
+        let (status, answer, _) = raw(&app.addr, head.as_bytes(), body.as_bytes()).await;
+        assert_eq!(status, 200, "{head}: {answer}");
+        assert!(answer.contains("cache-control: private, no-store"), "{head}: {answer}");
+    }
+    let (status, answer, _) = raw(&app.addr, b"GET /act/list HTTP/1.1\r\nHost: t", b"").await;
+    assert_eq!(status, 200);
+    assert!(!answer.contains("no-store"), "{answer}");
+}
