@@ -1308,12 +1308,12 @@ async fn an_accounts_age_holds_on_every_node_and_imports_keep_theirs() {
 
     let node = &cluster.nodes[0];
     node.import_user_csv("elder,password-elder,Elder,2020-01-01T00:00:00Z\n");
-    let listed = String::from_utf8_lossy(&node.cli(&["user", "list"], None).stdout).into_owned();
+    let listed = crate::common::parse_csv(&node.cli(&["user", "list"], None).stdout);
     assert!(
         listed
-            .lines()
-            .any(|l| l.contains(",elder,") && l.ends_with(",2020-01-01T00:00:00Z")),
-        "{listed}"
+            .iter()
+            .any(|u| u["username"] == "elder" && u["created_at"] == "2020-01-01T00:00:00Z"),
+        "{listed:?}"
     );
     let elder = cluster.nodes[1].login("elder").await;
     let res = cluster.nodes[1].claim(&elder, "aged").await;
