@@ -145,6 +145,8 @@ struct Place {
     /// The room log's line of the admission: the pass is shown once that
     /// line is on disk (0: replayed from the disk, or a shared log's).
     admit_seq: u64,
+    /// Places this account has taken in the room, this one included.
+    taken: u32,
 }
 
 impl Place {
@@ -173,9 +175,19 @@ pub enum JoinError {
     Closed,
     /// `queue_capacity` places taken.
     Full,
+    /// The account has taken [`MAX_PLACES_PER_ACCOUNT`] places already.
+    NoMorePlaces,
     /// The room's log cannot be written.
     Unavailable,
 }
+
+/// Places one account may take in a room over its life: the first, and
+/// seven more after being passed over. Each place is a line in the room's
+/// log (and in a cluster, in Redis, which every node replays) and an entry
+/// in its order; `queue_capacity` bounds only the places still waiting, so
+/// accounts that joined, went quiet until skipped and joined again grew
+/// both without end.
+pub const MAX_PLACES_PER_ACCOUNT: u32 = 8;
 
 /// A fan's view of the room (`/queue/status`, `/queue/events`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -704,6 +716,7 @@ impl RoomState {
             // A lottery's lapsed pass is not a way back in: no entry is
             // taken after the draw.
             _ if lottery_closed => Err(JoinError::EntriesClosed),
+            Some(p) if p.taken >= MAX_PLACES_PER_ACCOUNT => Err(JoinError::NoMorePlaces),
             Some(p) => Ok(Entry::Again {
                 lapsed_pass_ms: (p.pass_expires_ms > 0).then_some(p.pass_expires_ms),
             }),
@@ -717,11 +730,13 @@ impl RoomState {
         // Joining again (passed over, or a lapsed pass this replica has not
         // retired yet) starts over at the back: the old pass no longer
         // speaks for a code, and must not retire the new place.
+        let mut taken = 1;
         if let Some(old) = self.places.get(&user) {
             if old.state == PlaceState::Admitted {
                 self.summary.expired += 1;
             }
             self.active.retain(|&(u, _)| u != user);
+            taken = old.taken.saturating_add(1);
         }
         let index = self.order.len() as u32;
         self.order.push(user);
@@ -736,6 +751,7 @@ impl RoomState {
                 admitted_ms: 0,
                 pass_expires_ms: 0,
                 admit_seq: 0,
+                taken,
             },
         );
     }
@@ -1134,6 +1150,29 @@ mod tests {
         assert_eq!(room.status(order[1], 20, false).state, PlaceState::Admitted);
         assert!(room.join(9, 20).is_ok(), "the room still takes places");
         assert_eq!(room.summary().joined, 3);
+    }
+
+    /// An account that joins, goes quiet until skipped and joins again
+    /// added a line to the log and an entry to the order each time, without
+    /// end (`queue_capacity` counts only places still waiting). Now the
+    /// eighth place is its last, and a replay counts the same.
+    #[test]
+    fn an_account_takes_a_bounded_number_of_places() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = Seed::generate();
+        let mut events = vec![Event::Seed { seed: seed.to_hex() }, Event::Shuffle { t: 10 }];
+        for i in 0..MAX_PLACES_PER_ACCOUNT as i64 {
+            events.push(Event::Join { u: 1, t: 20 + i * 10 });
+            events.push(Event::Skip { u: 1, t: 25 + i * 10 });
+        }
+        let room = room_from(dir.path(), &events);
+        assert_eq!(room.status(1, 1_000, false).state, PlaceState::PassedOver);
+        assert_eq!(room.join(1, 1_000), Err(JoinError::NoMorePlaces));
+        assert_eq!(room.summary().joined, u64::from(MAX_PLACES_PER_ACCOUNT));
+        // One place fewer, and the account may come back once more.
+        let dir = tempfile::tempdir().unwrap();
+        let room = room_from(dir.path(), &events[..events.len() - 2]);
+        assert!(room.join(1, 1_000).is_ok());
     }
 
     #[test]

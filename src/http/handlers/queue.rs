@@ -125,6 +125,14 @@ fn join_error(e: JoinError, activity: &Activity, now: i64) -> ApiError {
             "the waiting room is drawing its order; join again in a moment (at the back)",
         )
         .retry_after(1),
+        JoinError::NoMorePlaces => ApiError::new(
+            StatusCode::CONFLICT,
+            "NO_MORE_PLACES",
+            format!(
+                "this account has taken a place in this waiting room {} times, the most it may",
+                crate::admission::room::MAX_PLACES_PER_ACCOUNT
+            ),
+        ),
         JoinError::Unavailable => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "STORE_UNAVAILABLE",
