@@ -5,7 +5,7 @@ use std::sync::{
     Arc,
 };
 
-use crate::common::{base_config, claim_body, open_activity, Act, Codes, TestApp};
+use crate::common::{assert_error, base_config, claim_body, open_activity, Act, Codes, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_valid_change_applies_under_load_without_failing_a_request() {
@@ -252,4 +252,34 @@ async fn a_reload_refused_after_its_build_leaves_no_waiting_room_behind() {
     let fixed = app.reload(&(dropped + &q(false, "q-t")));
     assert_eq!(fixed["message"], "Config reloaded.", "{fixed}");
     assert_eq!(app.detail("q").await["admission"], "race");
+}
+
+/// A per-user limit lowered by a reload does not take back codes claimed
+/// under the old one, and `ticketd verify` no longer calls them a problem:
+/// it held every user to the limit SQLite had last, and failed (from a
+/// review). It holds them to the highest the activity has had; over that is
+/// still a problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_made_under_a_limit_a_reload_lowered_are_not_a_problem() {
+    let three = base_config()
+        + &Act::new("lim")
+            .window("-1m", "+1h")
+            .limit(3)
+            .ticket("lim-t", "T", Codes::Generate(9))
+            .toml();
+    let mut app = TestApp::start(&three);
+    let token = app.register("keeper").await;
+    for _ in 0..3 {
+        assert_eq!(app.claim(&token, "lim").await.status, 200);
+    }
+    let one = three.replace("per_user_limit = 3", "per_user_limit = 1");
+    assert_ne!(one, three);
+    assert_eq!(app.reload(&one)["message"], "Config reloaded.");
+    assert_error(&app.claim(&token, "lim").await, 409, "LIMIT_REACHED");
+    assert_eq!(app.stop(), 0);
+
+    let out = app.cli(&["verify"], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("3 claimed") && !stdout.contains("holds 3 codes"), "{stdout}");
 }

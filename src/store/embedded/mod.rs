@@ -69,6 +69,13 @@ CREATE TABLE IF NOT EXISTS activities (
     end_ms         INTEGER NOT NULL,
     per_user_limit INTEGER NOT NULL
 );
+-- The highest per_user_limit each activity has had: claims made under a
+-- limit stand after a reload lowers it, so `ticketd verify` holds users
+-- to this one.
+CREATE TABLE IF NOT EXISTS activity_limits (
+    activity_id TEXT PRIMARY KEY,
+    highest     INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tickets (
     id          TEXT PRIMARY KEY,
     activity_id TEXT NOT NULL,
@@ -611,6 +618,10 @@ fn import_in(conn: &mut Connection, config: &Config, node_start_ms: i64) -> Resu
                  ON CONFLICT(id) DO UPDATE SET name = excluded.name, desc = excluded.desc, image = excluded.image,
                    start_ms = excluded.start_ms, end_ms = excluded.end_ms, per_user_limit = excluded.per_user_limit",
             )?;
+        let mut record_limit = tx.prepare_cached(
+            "INSERT INTO activity_limits (activity_id, highest) VALUES (?1, ?2)
+             ON CONFLICT(activity_id) DO UPDATE SET highest = max(highest, excluded.highest)",
+        )?;
         let mut upsert_ticket = tx.prepare_cached(
                 "INSERT INTO tickets (id, activity_id, name, desc) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(id) DO UPDATE SET activity_id = excluded.activity_id, name = excluded.name, desc = excluded.desc",
@@ -628,6 +639,7 @@ fn import_in(conn: &mut Connection, config: &Config, node_start_ms: i64) -> Resu
                 a.end_time.resolve(node_start_ms),
                 a.per_user_limit
             ])?;
+            record_limit.execute(params![a.id, a.per_user_limit])?;
             report.activities += 1;
             for t in &a.tickets {
                 upsert_ticket.execute(params![t.id, a.id, t.name, t.desc])?;

@@ -15,7 +15,7 @@ use crate::{
 
 /// Checks that every claim's code exists and is its ticket's (and the
 /// ticket its activity's), that no code is claimed twice, that nobody holds
-/// more than the limit, that the journal and the store agree on every claim
+/// more than the highest limit the activity has had, that the journal and the store agree on every claim
 /// both hold, and reports each
 /// activity's stock (total − claimed).
 pub(super) fn reconcile(conn: &Connection, journal_dir: &Path) -> Result<Reconciliation, StoreError> {
@@ -62,9 +62,10 @@ pub(super) fn reconcile(conn: &Connection, journal_dir: &Path) -> Result<Reconci
     )?;
     each(
         conn,
-        "SELECT c.activity_id, c.user_id, count(*), a.per_user_limit FROM claims c
-         JOIN activities a ON a.id = c.activity_id
-         GROUP BY c.activity_id, c.user_id HAVING count(*) > a.per_user_limit ORDER BY 1, 2",
+        "SELECT c.activity_id, c.user_id, count(*), max(a.per_user_limit, coalesce(l.highest, 0)) AS lim
+         FROM claims c JOIN activities a ON a.id = c.activity_id
+         LEFT JOIN activity_limits l ON l.activity_id = a.id
+         GROUP BY c.activity_id, c.user_id HAVING count(*) > lim ORDER BY 1, 2",
         |row| {
             let (activity, user, n, limit): (String, i64, i64, i64) =
                 (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
@@ -112,8 +113,10 @@ fn journal_agrees(conn: &Connection, journal_dir: &Path, r: &mut Reconciliation)
     let mut by_code = conn.prepare("SELECT id FROM claims WHERE code = ?1 AND id != ?2")?;
     let mut owner = conn.prepare("SELECT ticket_id FROM codes WHERE code = ?1")?;
     let mut held = conn.prepare(
-        "SELECT count(*), (SELECT per_user_limit FROM activities WHERE id = ?1) FROM claims
-         WHERE activity_id = ?1 AND user_id = ?2",
+        "SELECT count(*),
+                (SELECT max(a.per_user_limit, coalesce(l.highest, 0)) FROM activities a
+                 LEFT JOIN activity_limits l ON l.activity_id = a.id WHERE a.id = ?1)
+         FROM claims WHERE activity_id = ?1 AND user_id = ?2",
     )?;
     let mut pending: HashMap<(String, u64), usize> = HashMap::new();
     for found in journal::records(journal_dir)? {
