@@ -208,7 +208,7 @@ async fn a_bench_through_the_shipped_nginx_in_front_of_two_nodes_keeps_the_invar
     let nginx = tokio::task::block_in_place(|| Nginx::start(&upstreams));
     let url = format!("http://127.0.0.1:{}", nginx.port);
 
-    // Nginx limits claims per client address (10/s, burst 20): a modest bench passes.
+    // Nginx limits claims per client address (200/s, burst 400): a bench passes.
     let report = crate::common::bench(
         &url,
         &[
@@ -259,28 +259,29 @@ async fn a_bench_through_the_shipped_nginx_in_front_of_two_nodes_keeps_the_invar
     );
     assert!(second.contains("X-Cache: HIT"), "{}", &second[..second.len().min(400)]);
 
-    // A burst beyond Nginx's own limit: its 429 carries ticketd's error shape.
-    let login = client
-        .post(
-            "/user/login",
-            None,
-            &json!({ "username": "bench-user-0", "password": "bench-password" }),
-        )
-        .await
-        .unwrap();
-    let token = login.data()["token"].as_str().unwrap().to_owned();
+    // A burst beyond Nginx's own limit (400 at once, then 200/s): its 429
+    // carries ticketd's error shape. Without a session, so that every
+    // answer past Nginx is a node's 401 and every 429 is Nginx's.
     let body = json!({ "actId": "ng" });
-    let answers = futures::future::join_all((0..60).map(|_| client.post("/ticket/get", Some(&token), &body))).await;
-    let limited: Vec<_> = answers
-        .iter()
-        .map(|a| a.as_ref().unwrap())
-        .filter(|a| a.status == 429)
-        .collect();
+    let answers = futures::future::join_all((0..1000).map(|_| client.post("/ticket/get", None, &body))).await;
+    let answers: Vec<_> = answers.iter().map(|a| a.as_ref().unwrap()).collect();
+    let limited: Vec<_> = answers.iter().filter(|a| a.status == 429).collect();
     assert!(!limited.is_empty(), "nginx never limited the burst");
-    for a in limited {
+    for a in &limited {
         assert_eq!(a.body["ok"], false);
         assert_eq!(a.error_code(), Some("RATE_LIMITED"), "{}", a.body);
     }
+    // The bench above spent part of the burst; still, hundreds of claims
+    // at once from one address (fans behind one NAT) pass (the old 20 did
+    // not).
+    assert!(
+        answers.iter().filter(|a| a.status == 401).count() >= 200,
+        "Nginx let a few through, not a burst: {:?}",
+        answers.iter().fold(std::collections::BTreeMap::new(), |mut m, a| {
+            *m.entry(a.status).or_insert(0) += 1;
+            m
+        })
+    );
     // The admin API is not reachable through Nginx.
     let admin = client.get("/admin/stats", None).await.unwrap();
     assert_eq!((admin.status, admin.error_code()), (404, Some("ROUTE_NOT_FOUND")));
