@@ -281,5 +281,8 @@ async fn claims_made_under_a_limit_a_reload_lowered_are_not_a_problem() {
     let out = app.cli(&["verify"], None);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("3 claimed") && !stdout.contains("holds 3 codes"), "{stdout}");
+    assert!(
+        stdout.contains("3 claimed") && !stdout.contains("holds 3 codes"),
+        "{stdout}"
+    );
 }
