@@ -450,56 +450,64 @@ async fn a_fan_waits_in_the_room_and_grabs_with_the_pass_in_chromium() {
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 }
 
-/// A waiting fan whose event stream is refused keeps the place by asking
-/// for it, and is asked to log in when the session is gone. The page's
-/// stream loop threw on any refusal and tried again every 2 s for ever:
-/// `429 TOO_MANY_STREAMS` (its `Retry-After` unread), and a revoked
-/// session, on which the page went on showing "waiting" and never asked
-/// the fan to log in (from a review).
+/// A waiting fan whose event stream is refused keeps the place by checking
+/// in every second, is admitted at the start, and is asked to log in when
+/// the session goes. The page's stream loop threw on any refusal and tried
+/// again every 2 s for ever, checking in nowhere: here the node holds all
+/// the streams it takes (`503 STREAMS_FULL`), so the fan went unseen, and
+/// was passed over at the start (`grace` 3 s); and a fan whose session was
+/// revoked went on seeing "waiting" (from two reviews).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_waiting_fan_refused_a_stream_is_asked_to_log_in_when_the_session_goes() {
+async fn a_fan_refused_a_stream_keeps_the_place_and_hears_when_the_session_goes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let config = base_config()
-        + &Act::new("wait")
-            .window("+30m", "+1h")
+    let config = base_config().replace("[server]", "[server]\nmax_connections = 16")
+        + &Act::new("full")
+            .window("+12s", "+1h")
             .with("admission = \"queue\"")
             .with("queue_opens = \"-1m\"")
-            .ticket("wait-t", "Seat", Codes::Generate(1))
+            .with("grace = \"3s\"")
+            .ticket("full-t", "Seat", Codes::Generate(5))
             .toml();
     let app = TestApp::start(&config);
     let url = app.url();
-    let mut b = Browser::launch().await;
-    register(&mut b, &url, "waiting-fan", "#/").await;
-    let token = b.eval("localStorage.getItem('ticketd.token')").await;
-    let token = token.as_str().unwrap().to_owned();
-    let joined = app
-        .client
-        .post("/queue/join", Some(&token), &json!({ "actId": "wait" }))
-        .await
-        .unwrap();
-    assert_eq!(joined.status, 200, "{}", joined.body);
-    // The account's four streams, held elsewhere: the page's is refused.
+    // Four other fans hold the node's sixteen streams.
     let mut held = Vec::new();
-    for _ in 0..4 {
-        let mut stream = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
-        let head = format!("GET /queue/events?actId=wait HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n");
-        stream.write_all(head.as_bytes()).await.unwrap();
-        let mut seen = Vec::new();
-        while !String::from_utf8_lossy(&seen).contains("data: ") {
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
-            seen.extend_from_slice(&chunk[..n]);
+    for token in app.users("other", 4).await {
+        let joined = app
+            .client
+            .post("/queue/join", Some(&token), &json!({ "actId": "full" }))
+            .await
+            .unwrap();
+        assert_eq!(joined.status, 200, "{}", joined.body);
+        for _ in 0..4 {
+            let mut stream = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
+            let head =
+                format!("GET /queue/events?actId=full HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n");
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let mut seen = Vec::new();
+            while !String::from_utf8_lossy(&seen).contains("data: ") {
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+                seen.extend_from_slice(&chunk[..n]);
+            }
+            held.push(stream);
         }
-        held.push(stream);
     }
-    b.goto(&format!("{url}/#/act/wait")).await;
+    let mut b = Browser::launch().await;
+    register(&mut b, &url, "kept-fan", "#/act/full").await;
+    click(&mut b, "#join").await;
     b.wait_for(
-        "document.querySelector('#queue')?.dataset.state === 'waiting'",
-        "the place",
+        "document.querySelector('#queue')?.dataset.state === 'admitted'",
+        "the turn",
     )
     .await;
-    let out = app.client.post("/user/logout", Some(&token), &json!({})).await.unwrap();
+    let token = b.eval("localStorage.getItem('ticketd.token')").await;
+    let out = app
+        .client
+        .post("/user/logout", Some(token.as_str().unwrap()), &json!({}))
+        .await
+        .unwrap();
     assert_eq!(out.status, 200, "{}", out.body);
     b.wait_for("document.querySelector('#queue #relogin')", "the login prompt")
         .await;

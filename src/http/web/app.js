@@ -97,6 +97,7 @@ const ERRORS = {
     QUEUE_PASS_EXPIRED: 'Your turn expired; join the waiting room again.',
     QUEUE_NOT_OPEN: 'The waiting room is not open yet.', ENTRIES_CLOSED: 'Entries are closed.',
     QUEUE_FULL: 'The waiting room is full.',
+    NO_MORE_PLACES: 'This account has joined this waiting room as many times as it may.',
     NETWORK: 'No connection to the sale; check your network.', OTHER: 'Something went wrong:',
   },
   zh: {
@@ -120,6 +121,7 @@ const ERRORS = {
     BUSY: '系统繁忙。', CROSS_SITE: '来自其他网站的请求已被拒绝。',
     QUEUE_PASS_REQUIRED: '请先在排队中等到你的轮次。', QUEUE_PASS_EXPIRED: '你的轮次已过期，请重新排队。',
     QUEUE_NOT_OPEN: '排队尚未开放。', ENTRIES_CLOSED: '报名已截止。', QUEUE_FULL: '排队人数已满。',
+    NO_MORE_PLACES: '此账号加入本排队的次数已达上限。',
     NETWORK: '无法连接，请检查网络。', OTHER: '出错了：',
   },
 };
@@ -501,19 +503,24 @@ async function waitingRoom(a, queue) {
       } catch { /* reconnect below */ }
       if (mine !== navigation || ended()) return;
       // Between streams (refused, cut, or its node draining) the place is
-      // kept by asking for it: a status counts as the fan's presence too,
-      // and tells a fan whose session is gone to log in again. Then the
-      // next try waits as the server asked, with jitter, so the fans of a
-      // draining node do not all come back at once.
-      const now = await api('GET', `/queue/status?actId=${encodeURIComponent(a.actId)}`);
-      if (mine !== navigation) return;
-      if (!now.ok && RELOGIN.includes(now.error.code)) return panel.replaceChildren(loginPrompt(now.error.code));
-      if (now.ok && now.data.state === 'not_joined') {
-        return panel.replaceChildren(h('h2', {}, t(lottery ? 'lottery' : 'queue')), joinButton());
+      // kept by checking in every second, as a stream does (a room's grace
+      // may be as short as 3 s); a status also tells a fan whose session is
+      // gone to log in again. The next stream waits as the server asked,
+      // with jitter, so the fans of a draining node do not all come back
+      // at once.
+      const next = Date.now() + retryDelay(retryAfter, tries++);
+      for (;;) {
+        const now = await api('GET', `/queue/status?actId=${encodeURIComponent(a.actId)}`);
+        if (mine !== navigation) return;
+        if (!now.ok && RELOGIN.includes(now.error.code)) return panel.replaceChildren(loginPrompt(now.error.code));
+        if (now.ok && now.data.state === 'not_joined') {
+          return panel.replaceChildren(h('h2', {}, t(lottery ? 'lottery' : 'queue')), joinButton());
+        }
+        if (now.ok) render(now.data);
+        if (ended()) return;
+        if (Date.now() >= next) break;
+        await sleep(Math.min(1000, next - Date.now()));
       }
-      if (now.ok) render(now.data);
-      if (ended()) return;
-      await backoff(Math.max(retryAfter, now.retryAfter), tries++);
     }
   };
   const first = await load(`/queue/status?actId=${encodeURIComponent(a.actId)}`, mine);
