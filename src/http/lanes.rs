@@ -77,8 +77,9 @@ impl Lanes {
                 .enable_time()
                 .max_blocking_threads((BLOCKING_THREADS / count).max(16))
                 .build()?;
-            // Unbounded, yet bounded by `server.max_connections`: a
-            // connection is counted before it is queued here.
+            // Unbounded, yet bounded by `server.max_connections` (twice
+            // over, with the event streams' own budget): a connection is
+            // counted before it is queued here.
             let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
             let thread = std::thread::Builder::new()
                 .name(format!("ticketd-lane-{n}"))

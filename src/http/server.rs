@@ -47,8 +47,9 @@ pub struct Http {
 }
 
 /// Connections the admin listener takes at most. They are counted apart
-/// from `server.max_connections`: fans (or one client holding event
-/// streams) filling the public budget must not lock the operator out.
+/// from `server.max_connections`: fans filling the public budget must not
+/// lock the operator out. (Event streams are counted apart too: see
+/// `Rooms::with_stream_budget`.)
 const MAX_ADMIN_CONNECTIONS: usize = 32;
 
 /// Open connections across both listeners, and the shutdown drain.

@@ -907,7 +907,7 @@ impl Writer {
             return;
         }
         self.setup.next_seq += batch.len() as u64;
-        // Before the answers go out, so whoever got one sees it.
+        // Set before the answers go out (as the tick in `run`).
         self.durable.store(self.setup.next_seq - 1, Ordering::Release);
         let durable: Vec<Claim> = (first..)
             .zip(batch.iter())

@@ -1217,9 +1217,12 @@ async fn waiting_fans_streams_leave_the_connections_claims_need() {
         fifth.contains(r#"{"ok":false,"error":{"code":"STREAMS_FULL""#),
         "{fifth}"
     );
-    // New connections are still served while every stream stays open.
+    // New connections are still served while every stream stays open (a
+    // client of its own: none of the suite client's pooled connections).
+    let fresh = ApiClient::new(vec![app.url()], 1).unwrap();
     for t in &tokens {
-        let res = app.claim(t, "wc").await;
+        let body = claim_body(&fresh, t, "wc").await;
+        let res = fresh.post("/ticket/get", Some(t), &body).await.unwrap();
         assert_eq!(res.status, 200, "{}", res.body);
     }
     drop(open);
