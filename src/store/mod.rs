@@ -179,7 +179,7 @@ impl Store {
     /// Writes the config's activities, tickets and codes. Idempotent.
     pub fn import(&self, config: &Config, node_start_ms: i64) -> Result<ImportReport, StoreError> {
         match self {
-            Store::Embedded(s) => s.import(config, node_start_ms),
+            Store::Embedded(s) => s.import(config, node_start_ms, false),
             Store::Cluster(s) => s.import(config, node_start_ms),
         }
     }
@@ -190,7 +190,7 @@ impl Store {
     /// `ticketd import`'s job, and a node imports nothing.
     pub fn serve_import(&self, config: &Config, node_start_ms: i64) -> Result<ImportReport, StoreError> {
         match self {
-            Store::Embedded(s) => s.import(config, node_start_ms),
+            Store::Embedded(s) => s.import(config, node_start_ms, true),
             Store::Cluster(_) => Ok(ImportReport::default()),
         }
     }

@@ -1,7 +1,7 @@
 //! The MongoDB side of cluster mode: the system of record.
 //!
 //! ```text
-//! activities  {_id: actId, name, desc, image, start_ms, end_ms, per_user_limit, highest_limit}
+//! activities  {_id: actId, name, desc, image, start_ms, end_ms, per_user_limit}
 //! tickets     {_id: ticketId, activity_id, name, desc}
 //! codes       {_id: code, code, ticket_id, activity_id}   unique (ticket_id, code)
 //! claims      {_id: code, claim_id, activity_id, ticket_id, code, user_id, n,
@@ -151,10 +151,7 @@ pub async fn import(db: &Database, config: &Config, node_start_ms: i64) -> Resul
                     "end_ms": a.end_time.resolve(node_start_ms),
                     "per_user_limit": i64::from(a.per_user_limit),
                     "definition": a.definition(),
-                },
-                // The highest it has been: claims made under it stand
-                // after it is lowered (see `activity_shapes`).
-                "$max": {"highest_limit": i64::from(a.per_user_limit)}},
+                }},
             )
             .upsert(true)
             .await?;
@@ -745,8 +742,8 @@ pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<Re
     Ok(data)
 }
 
-/// Every activity MongoDB knows, for `ticketd verify`: `(id, the highest
-/// per-user limit it has had, its ticket ids)`, by id.
+/// Every activity MongoDB knows, for `ticketd verify`: `(id, per-user
+/// limit, its ticket ids)`, by id.
 pub async fn activity_shapes(db: &Database) -> Result<Vec<(String, u32, Vec<String>)>, MongoError> {
     let mut tickets: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut cursor = coll(db, "tickets").find(doc! {}).sort(doc! {"_id": 1}).await?;
@@ -760,13 +757,7 @@ pub async fn activity_shapes(db: &Database) -> Result<Vec<(String, u32, Vec<Stri
     let mut cursor = coll(db, "activities").find(doc! {}).sort(doc! {"_id": 1}).await?;
     while let Some(d) = cursor.try_next().await? {
         let id = text(&d, "_id");
-        // A user may hold as many codes as the limit ever allowed: lowered
-        // later, it does not take back what was claimed under it.
-        let limit = d
-            .get_i64("per_user_limit")
-            .unwrap_or(1)
-            .max(d.get_i64("highest_limit").unwrap_or(0))
-            .clamp(0, i64::from(u32::MAX)) as u32;
+        let limit = d.get_i64("per_user_limit").unwrap_or(1).clamp(0, i64::from(u32::MAX)) as u32;
         let t = tickets.remove(&id).unwrap_or_default();
         out.push((id, limit, t));
     }

@@ -69,9 +69,9 @@ CREATE TABLE IF NOT EXISTS activities (
     end_ms         INTEGER NOT NULL,
     per_user_limit INTEGER NOT NULL
 );
--- The highest per_user_limit each activity has had: claims made under a
--- limit stand after a reload lowers it, so `ticketd verify` holds users
--- to this one.
+-- The highest per_user_limit each activity has been served with: claims
+-- made under a limit stand after a reload lowers it, so `ticketd verify`
+-- holds users to this one.
 CREATE TABLE IF NOT EXISTS activity_limits (
     activity_id TEXT PRIMARY KEY,
     highest     INTEGER NOT NULL
@@ -369,12 +369,22 @@ impl EmbeddedStore {
         self.journal.as_ref().map_or(0, Journal::queue_len)
     }
 
-    pub(super) fn import(&self, config: &Config, node_start_ms: i64) -> Result<ImportReport, StoreError> {
+    /// Imports `config`. `serving`: a serving node's own import (at start,
+    /// on reload), whose per-user limits now hold for claims, so they count
+    /// towards the highest each activity has had; a `ticketd import`'s do
+    /// not (a config imported with a typo and corrected before any node
+    /// served it would raise the bar `ticketd verify` holds users to).
+    pub(super) fn import(
+        &self,
+        config: &Config,
+        node_start_ms: i64,
+        serving: bool,
+    ) -> Result<ImportReport, StoreError> {
         let mut conn = self.db.lock();
         // A million-code import touches more pages than the default 2 MB
         // page cache holds; spilling made it a pread and a pwrite per code.
         conn.pragma_update(None, "cache_size", -131_072)?;
-        let imported = import_in(&mut conn, config, node_start_ms);
+        let imported = import_in(&mut conn, config, node_start_ms, serving);
         // Back to SQLite's default, whatever the import did: a serving
         // node's connection needs no such cache.
         conn.pragma_update(None, "cache_size", -2_000)?;
@@ -603,7 +613,12 @@ impl EmbeddedStore {
 
 /// The import's writes, in one transaction: activities, ticket types (none
 /// moved to another activity), codes listed and generated.
-fn import_in(conn: &mut Connection, config: &Config, node_start_ms: i64) -> Result<ImportReport, StoreError> {
+fn import_in(
+    conn: &mut Connection,
+    config: &Config,
+    node_start_ms: i64,
+    serving: bool,
+) -> Result<ImportReport, StoreError> {
     // IMMEDIATE: the write lock first. A deferred transaction that reads
     // (the stored ticket types) and then writes fails at once with "database
     // is locked" when another connection (the claim applier) committed in
@@ -646,7 +661,9 @@ fn import_in(conn: &mut Connection, config: &Config, node_start_ms: i64) -> Resu
                 a.end_time.resolve(node_start_ms),
                 a.per_user_limit
             ])?;
-            record_limit.execute(params![a.id, a.per_user_limit])?;
+            if serving {
+                record_limit.execute(params![a.id, a.per_user_limit])?;
+            }
             report.activities += 1;
             for t in &a.tickets {
                 upsert_ticket.execute(params![t.id, a.id, t.name, t.desc])?;
