@@ -80,14 +80,36 @@ pub enum ConfigError {
 /// `admin.token`, a password in `redis_url`), and the sentence goes to the
 /// log, to stderr and into a refused reload's answer.
 fn parse_error(error: &toml::de::Error, text: &str) -> String {
-    let message = error.message().trim_end();
-    let Some(at) = error.span().map(|span| span.start.min(text.len())) else {
+    let message = without_value(error.message().trim_end());
+    let Some(mut at) = error.span().map(|span| span.start.min(text.len())) else {
         return format!("TOML parse error: {message}");
     };
-    let before = text.get(..at).unwrap_or_default();
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let before = &text[..at];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().unwrap_or_default().chars().count() + 1;
     format!("TOML parse error at line {line}, column {column}: {message}")
+}
+
+/// serde's "invalid type: integer `5`, expected a string" names the value
+/// it found (a secret written unquoted, say): the value is left out. Other
+/// sentences name fields and expectations, which help, and are kept.
+fn without_value(message: &str) -> String {
+    let Some(rest) = ["invalid type: ", "invalid value: "]
+        .iter()
+        .find_map(|prefix| message.strip_prefix(prefix).map(|rest| (prefix, rest)))
+    else {
+        return message.to_owned();
+    };
+    let (prefix, rest) = rest;
+    // "<kind> <value>, expected <what>": keep the kind and the expectation.
+    let kind = rest.split([' ', ',']).next().unwrap_or_default();
+    match rest.rfind(", expected ") {
+        Some(at) => format!("{prefix}{kind}{}", &rest[at..]),
+        None => format!("{prefix}{kind}"),
+    }
 }
 
 impl Config {
@@ -207,9 +229,24 @@ mod tests {
             .to_string();
         assert!(!error.contains(secret), "{error}");
         assert!(error.contains("line 2, column"), "{error}");
-        let typed = Config::from_toml("[auth]\nsession_secret = 5\n", Path::new("c.toml"), PathBuf::new())
+        // serde's sentence names the value it found: left out.
+        let typed = Config::from_toml(
+            "[auth]\nsession_secret = 123456789\n",
+            Path::new("c.toml"),
+            PathBuf::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            typed.contains("line 2") && typed.contains("invalid type: integer, expected"),
+            "{typed}"
+        );
+        assert!(!typed.contains("123456789"), "{typed}");
+        // A span inside a character is no panic and no wrong line.
+        let wide = "# 票票票\n[auth]\nsession_secret = \"x\" 票\n";
+        let error = Config::from_toml(wide, Path::new("c.toml"), PathBuf::new())
             .unwrap_err()
             .to_string();
-        assert!(typed.contains("line 2") && typed.contains("invalid type"), "{typed}");
+        assert!(error.contains("line 3"), "{error}");
     }
 }
