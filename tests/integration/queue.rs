@@ -1839,3 +1839,48 @@ async fn a_restart_that_moves_a_room_with_places_warns() {
     // Still serving, the fan's place kept.
     assert_eq!(status(&app.client, &fan, "demo").await["state"], "waiting");
 }
+
+/// A room closed by its sell-out opens again when the organiser adds codes
+/// (an import, or here a reload that generates more): the fan still in
+/// line is admitted and claims. Before, a closed room never planned again
+/// (and replayed its close at every start): joins heard `SOLD_OUT` and
+/// claims needed a pass nobody could get, while `/act/detail` showed the
+/// new stock (from a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_room_closed_by_its_sell_out_opens_again_when_codes_are_added() {
+    let one = base_config() + &queue("re", 1, &in_secs(3), &[]);
+    let app = TestApp::start(&one);
+    let tokens = app.users("re", 2).await;
+    for t in &tokens {
+        assert_eq!(join(&app.client, t, "re").await.status, 200);
+    }
+    // One code: one fan is admitted, the other stands by.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (winner, turn) = loop {
+        assert!(tokio::time::Instant::now() < deadline, "nobody was admitted");
+        let seen = [
+            status(&app.client, &tokens[0], "re").await,
+            status(&app.client, &tokens[1], "re").await,
+        ];
+        if let Some(i) = seen.iter().position(|s| s["state"] == "admitted") {
+            break (i, seen[i].clone());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let other = 1 - winner;
+    let res = claim_with(&app.client, &tokens[winner], "re", turn["pass"].as_str()).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    eventually(&app.client, &tokens[other], "re", "sold_out").await;
+
+    let two = one.replace("generate = 1", "generate = 2");
+    assert_ne!(two, one);
+    assert_eq!(app.reload(&two)["message"], "Config reloaded.");
+    let turn = eventually(&app.client, &tokens[other], "re", "admitted").await;
+    let res = claim_with(&app.client, &tokens[other], "re", turn["pass"].as_str()).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    let kinds: Vec<_> = room_log(&app, "re")
+        .iter()
+        .map(|e| e["k"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(kinds.iter().any(|k| k == "reopen"), "{kinds:?}");
+}
