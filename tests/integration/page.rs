@@ -514,6 +514,39 @@ async fn a_fan_refused_a_stream_keeps_the_place_and_hears_when_the_session_goes(
     drop(held);
 }
 
+/// A device whose clock jumps ahead after the page loaded (or a node a
+/// moment behind the one that set the page's clock): the grab button opens
+/// early, the node says the sale has not started, and the page waits for
+/// the start by the node's own time, then grabs. Before, it showed "The
+/// sale has not started yet." and stopped, at the opening (from a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grab_early_by_the_devices_clock_waits_for_the_start_and_gets_a_code() {
+    use ticketd::clock::{now_ms, rfc3339_ms};
+    let start_ms = now_ms() + 10_000;
+    let config = base_config()
+        + &Act::new("early")
+            .window(&rfc3339_ms(start_ms), &rfc3339_ms(start_ms + 3_600_000))
+            .ticket("early-t", "Seat", Codes::Generate(1))
+            .toml();
+    let app = TestApp::start(&config);
+    let url = app.url();
+    let mut b = Browser::launch().await;
+    register(&mut b, &url, "early-fan", "#/act/early").await;
+    b.wait_for("document.querySelector('#countdown')", "the detail page")
+        .await;
+    b.eval("(() => { const real = Date.now.bind(Date); Date.now = () => real() + 3000; })()")
+        .await;
+    click(&mut b, "#grab").await;
+    // A guard against a void pass: the button opened before the start.
+    assert!(now_ms() < start_ms, "the grab was not early");
+    b.wait_for(
+        "document.querySelector('#claimed-code')?.textContent",
+        "the claimed code",
+    )
+    .await;
+    assert!(now_ms() >= start_ms);
+}
+
 /// A claim whose answer is lost on the way: the node made the claim and the
 /// page saw a network error. The page waits before trying again and says
 /// so; a fan who reloads instead and grabs again sends the same

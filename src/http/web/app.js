@@ -598,6 +598,17 @@ async function grab(a, ticketId, button, progress, result) {
         // An account the activity does not admit has no token either: its
         // claim goes out without one, for the server to say why.
         if (!a.claimToken && a.accountAdmitted !== false) {
+          // The node says the sale has not started, though this page's
+          // clock said it had (the device's clock stepped since the page
+          // loaded, or this node is a moment behind the one that set the
+          // clock): wait for the start by the node's own time, then ask
+          // again, rather than give up at the opening.
+          const early = Date.parse(a.startTime) - Date.parse(a.serverTime);
+          if (early > 0 && early <= 10000 && !a.paused && tries < MAX_TRIES) {
+            result.replaceChildren(notice('', `${t('opensIn')} ${countdownText(early)}`));
+            await sleep(early + Math.random() * 250);
+            continue;
+          }
           const code = { soldout: 'SOLD_OUT', paused: 'PAUSED', ended: 'ENDED' }[statusOf(a, serverNow())] || 'NOT_STARTED';
           if (resumed) {
             // An earlier grab's answer was lost: it may hold the ticket that
@@ -628,6 +639,8 @@ async function grab(a, ticketId, button, progress, result) {
         return result.replaceChildren(notice('ok', t('gotEarlier'), ' ', h('a', { href: '#/mine' }, t('seeMine'))));
       }
       if (code.startsWith('CLAIM_TOKEN') || code === 'POW_REQUIRED') { body = null; continue; }
+      // Not started by this node's clock: its detail says how long to wait.
+      if (code === 'NOT_STARTED' && tries < MAX_TRIES) { body = null; await sleep(200 + Math.random() * 300); continue; }
       if (RELOGIN.includes(code)) return result.replaceChildren(loginPrompt(code));
       if (!retryable(res)) {
         // One ticket type of several sold out: the others may not be.
