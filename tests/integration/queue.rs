@@ -1841,61 +1841,26 @@ async fn a_restart_that_moves_a_room_with_places_warns() {
 }
 
 /// A room closed by its sell-out opens again when the organiser adds codes
-/// (here a reload that generates more; in a cluster, `ticketd import`): the
-/// fan still in line is admitted and claims. Before, a closed room never
-/// planned again (and replayed its close at every start): joins heard
-/// `SOLD_OUT` and claims needed a pass nobody could get, while
-/// `/act/detail` showed the new stock (from a review).
+/// (an import, or here a reload that generates more): the fan still in
+/// line is admitted and claims. Before, a closed room never planned again
+/// (and replayed its close at every start): joins heard `SOLD_OUT` and
+/// claims needed a pass nobody could get, while `/act/detail` showed the
+/// new stock (from a review).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_room_closed_by_its_sell_out_opens_again_when_codes_are_added() {
     let one = base_config() + &queue("re", 1, &in_secs(3), &[]);
     let app = TestApp::start(&one);
     let tokens = app.users("re", 2).await;
-    sell_out_then_restock(&[app.client_clone()], &tokens, "re", || {
-        let two = one.replace("generate = 1", "generate = 2");
-        assert_ne!(two, one);
-        assert_eq!(app.reload(&two)["message"], "Config reloaded.");
-    })
-    .await;
-    let kinds: Vec<_> = room_log(&app, "re")
-        .iter()
-        .map(|e| e["k"].as_str().unwrap().to_owned())
-        .collect();
-    assert!(kinds.iter().any(|k| k == "reopen"), "{kinds:?}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn across_nodes_a_room_closed_by_its_sell_out_opens_again_when_codes_are_imported() {
-    let act = absolute_room("rr", "queue", 1, 3_000, &[]);
-    let cluster = crate::cluster::Cluster::start(2, &act, "");
-    let tokens = cluster.users("rr", 2).await;
-    sell_out_then_restock(&cluster.clients(), &tokens, "rr", || {
-        let node = &cluster.nodes[0];
-        let config = std::fs::read_to_string(node.config_path()).unwrap();
-        let two = config.replace("generate = 1", "generate = 2");
-        assert_ne!(two, config);
-        std::fs::write(node.config_path(), two).unwrap();
-        let out = node.cli(&["import"], None);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    })
-    .await;
-}
-
-/// Two fans join a room of one code (fan `i` through `clients[i]`); the one
-/// admitted claims it and the other hears `sold_out`; `restock` adds a
-/// code; then the other is admitted and claims.
-async fn sell_out_then_restock(clients: &[Arc<ApiClient>], tokens: &[String], act: &str, restock: impl FnOnce()) {
-    let on = |i: usize| &*clients[i % clients.len()];
-    for (i, t) in tokens.iter().enumerate() {
-        assert_eq!(join(on(i), t, act).await.status, 200);
+    for t in &tokens {
+        assert_eq!(join(&app.client, t, "re").await.status, 200);
     }
     // One code: one fan is admitted, the other stands by.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let (winner, turn) = loop {
         assert!(tokio::time::Instant::now() < deadline, "nobody was admitted");
         let seen = [
-            status(on(0), &tokens[0], act).await,
-            status(on(1), &tokens[1], act).await,
+            status(&app.client, &tokens[0], "re").await,
+            status(&app.client, &tokens[1], "re").await,
         ];
         if let Some(i) = seen.iter().position(|s| s["state"] == "admitted") {
             break (i, seen[i].clone());
@@ -1903,36 +1868,19 @@ async fn sell_out_then_restock(clients: &[Arc<ApiClient>], tokens: &[String], ac
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let other = 1 - winner;
-    claim_once_served(on(winner), &tokens[winner], act, turn["pass"].as_str()).await;
-    eventually(on(other), &tokens[other], act, "sold_out").await;
+    let res = claim_with(&app.client, &tokens[winner], "re", turn["pass"].as_str()).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    eventually(&app.client, &tokens[other], "re", "sold_out").await;
 
-    restock();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let turn = loop {
-        let s = status(on(other), &tokens[other], act).await;
-        if s["state"] == "admitted" {
-            break s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never admitted after the restock: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    claim_once_served(on(other), &tokens[other], act, turn["pass"].as_str()).await;
-}
-
-/// Claims with `pass`, again while the answer is `STOCK_IN_FLIGHT` (in a
-/// cluster the code may be in the other node's lease); the claim must succeed.
-async fn claim_once_served(client: &ApiClient, token: &str, act: &str, pass: Option<&str>) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let res = claim_with(client, token, act, pass).await;
-        if res.status == 200 {
-            return;
-        }
-        assert_eq!(res.error_code(), Some("STOCK_IN_FLIGHT"), "{}", res.body);
-        assert!(tokio::time::Instant::now() < deadline, "{}", res.body);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let two = one.replace("generate = 1", "generate = 2");
+    assert_ne!(two, one);
+    assert_eq!(app.reload(&two)["message"], "Config reloaded.");
+    let turn = eventually(&app.client, &tokens[other], "re", "admitted").await;
+    let res = claim_with(&app.client, &tokens[other], "re", turn["pass"].as_str()).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    let kinds: Vec<_> = room_log(&app, "re")
+        .iter()
+        .map(|e| e["k"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(kinds.iter().any(|k| k == "reopen"), "{kinds:?}");
 }
