@@ -62,13 +62,6 @@ pub enum Event {
         /// When.
         t: i64,
     },
-    /// The room, closed by a sell-out, opened again at `t`: codes came
-    /// back (an import and a reload added some) while the sale runs. Every
-    /// place gets its grace again from `t`, as after a pause.
-    Reopen {
-        /// When.
-        t: i64,
-    },
     /// The organiser paused the sale (`paused = true`): from `t` nobody is
     /// admitted, skipped or retired, and no pass runs out.
     Pause {

@@ -85,11 +85,7 @@ impl QueueReport {
                     }
                 }
                 Event::Skip { .. } => report.abandoned += 1,
-                Event::Close { .. }
-                | Event::Reopen { .. }
-                | Event::Pause { .. }
-                | Event::Extend { .. }
-                | Event::Resume { .. } => {}
+                Event::Close { .. } | Event::Pause { .. } | Event::Extend { .. } | Event::Resume { .. } => {}
             }
         }
         if !shuffled {

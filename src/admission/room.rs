@@ -825,11 +825,6 @@ impl RoomState {
                 self.paused_ms = None;
                 self.places.values_mut().for_each(|p| p.seen_ms = p.seen_ms.max(t));
             }
-            Event::Reopen { t } => {
-                self.closed_ms = None;
-                // Told "sold out", the fans in line stopped checking in.
-                self.places.values_mut().for_each(|p| p.seen_ms = p.seen_ms.max(t));
-            }
         }
     }
 
@@ -904,19 +899,8 @@ impl RoomState {
     ) -> Vec<Event> {
         let elapsed = now.saturating_sub(self.last_tick_ms).max(0);
         self.last_tick_ms = now;
-        if now < self.settings.opens_ms {
+        if self.closed_ms.is_some() || now < self.settings.opens_ms {
             return Vec::new();
-        }
-        if self.closed_ms.is_some() {
-            // Closed by a sell-out, a room opens again when codes come back
-            // while the sale runs (the organiser added some: an import and
-            // a reload); the line goes on where it stopped. Nothing else
-            // brings codes back once the stock settled at none.
-            return if now < self.settings.end_ms && stock().remaining > 0 {
-                vec![Event::Reopen { t: now }]
-            } else {
-                Vec::new()
-            };
         }
         if self.shuffled_ms.is_none() && now >= self.settings.shuffle_ms {
             return vec![Event::Shuffle { t: now }];

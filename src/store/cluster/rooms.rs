@@ -8,7 +8,7 @@
 //!                        (a bare `a`: admitted, written by an earlier version)
 //! q:{A}:waiting    int   places not yet reached (queue_capacity)
 //! q:{A}:shuffled   str   set when the shuffle event is in the log
-//! q:{A}:closed     str   set while the log's last close is not followed by a reopen
+//! q:{A}:closed     str   set when the close event is in the log
 //! q:{A}:seen       hash  user id -> last check-in (Unix ms), flushed by every node
 //! q:{A}:admitter   str   the node instance that may append admissions (a lease)
 //! q:{A}:cursor     int   places reached (admissions and skips in the log)
@@ -82,8 +82,6 @@ for i = 3, #ARGV, 3 do
     keep = redis.call('SET', KEYS[5], '1', 'NX') ~= false
   elseif kind == 'close' then
     keep = redis.call('SET', KEYS[6], '1', 'NX') ~= false
-  elseif kind == 'reopen' then
-    keep = redis.call('DEL', KEYS[6]) == 1
   elseif kind == 'pause' then
     keep = redis.call('SET', KEYS[8], '1', 'NX') ~= false
   elseif kind == 'resume' then
@@ -314,7 +312,6 @@ impl RoomSource {
                 Event::Skip { u, .. } => ("skip", *u),
                 Event::Shuffle { .. } => ("shuffle", 0),
                 Event::Close { .. } => ("close", 0),
-                Event::Reopen { .. } => ("reopen", 0),
                 Event::Extend { u, .. } => ("extend", *u),
                 Event::Pause { .. } => ("pause", 0),
                 Event::Resume { .. } => ("resume", 0),
