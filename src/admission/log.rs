@@ -82,6 +82,13 @@ pub enum Event {
         /// When.
         t: i64,
     },
+    /// A kind of line a later version writes. Read, it changes nothing:
+    /// during a rolling upgrade an earlier node then still follows the
+    /// room (failing to read one line, it stopped at it for good, and a
+    /// cluster's room stalled if that node held the admitter lease), and a
+    /// later version may add a kind that earlier ones can safely pass over.
+    #[serde(other)]
+    Unknown,
 }
 
 /// The append side of a room's log.

@@ -85,7 +85,11 @@ impl QueueReport {
                     }
                 }
                 Event::Skip { .. } => report.abandoned += 1,
-                Event::Close { .. } | Event::Pause { .. } | Event::Extend { .. } | Event::Resume { .. } => {}
+                Event::Close { .. }
+                | Event::Pause { .. }
+                | Event::Extend { .. }
+                | Event::Resume { .. }
+                | Event::Unknown => {}
             }
         }
         if !shuffled {

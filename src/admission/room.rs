@@ -825,6 +825,7 @@ impl RoomState {
                 self.paused_ms = None;
                 self.places.values_mut().for_each(|p| p.seen_ms = p.seen_ms.max(t));
             }
+            Event::Unknown => {}
         }
     }
 
@@ -1173,6 +1174,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let room = room_from(dir.path(), &events[..events.len() - 2]);
         assert!(room.join(1, 1_000).is_ok());
+    }
+
+    /// A line of a kind a later version writes is passed over: the room
+    /// opens and goes on. Before, one such line failed the whole log, so an
+    /// earlier node in a rolling upgrade stopped following the room for good.
+    #[test]
+    fn a_line_of_a_later_kind_is_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = Seed::generate();
+        let text = [
+            serde_json::to_string(&Event::Seed { seed: seed.to_hex() }).unwrap(),
+            serde_json::to_string(&Event::Join { u: 1, t: 1 }).unwrap(),
+            r#"{"k":"reopen","t":2}"#.to_owned(),
+            r#"{"k":"someday","u":3,"why":"later"}"#.to_owned(),
+            serde_json::to_string(&Event::Join { u: 2, t: 3 }).unwrap(),
+        ]
+        .join("\n")
+            + "\n";
+        std::fs::write(dir.path().join("a.log"), text).unwrap();
+        let room = Room::open(dir.path(), "a".into(), settings()).unwrap();
+        assert_eq!(room.summary().joined, 2);
+        assert_eq!(room.status(2, 5, false).state, PlaceState::Waiting);
     }
 
     #[test]

@@ -315,7 +315,7 @@ impl RoomSource {
                 Event::Extend { u, .. } => ("extend", *u),
                 Event::Pause { .. } => ("pause", 0),
                 Event::Resume { .. } => ("resume", 0),
-                Event::Join { .. } | Event::Seed { .. } => continue,
+                Event::Join { .. } | Event::Seed { .. } | Event::Unknown => continue,
             };
             args.push(kind.into());
             args.push(user.to_string());
