@@ -604,6 +604,23 @@ async fn across_nodes_a_fan_whose_pass_lapsed_joins_again_at_the_back() {
     let tokens = cluster.users("rj", 2).await;
     let first = lapse_and_rejoin(&cluster.clients(), &tokens, "rj", None).await;
     admitted_again(&cluster.clients(), &tokens, "rj", &first).await;
+    // Redis counts each account's places (the bound of eight holds there,
+    // whatever a node's replica has seen): one per join in the log.
+    let log = cluster.services.lrange("q:{rj}:log").await;
+    let mut joins: std::collections::BTreeMap<String, usize> = Default::default();
+    for e in log.iter().map(|e| serde_json::from_str::<Value>(e).unwrap()) {
+        if e["k"] == "join" {
+            *joins.entry(e["u"].to_string()).or_default() += 1;
+        }
+    }
+    assert_eq!(joins.values().copied().max(), Some(2), "{joins:?}");
+    for (user, n) in joins {
+        let taken: Option<usize> = cluster
+            .services
+            .query(redis::cmd("HGET").arg("q:{rj}:taken").arg(&user))
+            .await;
+        assert_eq!(taken, Some(n), "user {user}");
+    }
 }
 
 /// During a rolling upgrade a node of an earlier version may have written

@@ -237,6 +237,7 @@ async fn join_shared(source: &RoomSource, room: &Room, user: u64, now: i64) -> R
         Joined::Closed => return Err(JoinError::Closed),
         Joined::EntriesClosed => return Err(JoinError::EntriesClosed),
         Joined::Full => return Err(JoinError::Full),
+        Joined::NoMorePlaces => return Err(JoinError::NoMorePlaces),
     }
     source.sync(room).await.map_err(|error| {
         tracing::warn!(%error, "Could not read the shared waiting room.");

@@ -7,6 +7,8 @@
 //! q:{A}:places     hash  user id -> w (waiting) | a:<pass expiry, Unix ms> (admitted) | p (passed over)
 //!                        (a bare `a`: admitted, written by an earlier version)
 //! q:{A}:waiting    int   places not yet reached (queue_capacity)
+//! q:{A}:taken      hash  user id -> places taken (MAX_PLACES_PER_ACCOUNT; places
+//!                        taken before this key existed are not counted)
 //! q:{A}:shuffled   str   set when the shuffle event is in the log
 //! q:{A}:closed     str   set when the close event is in the log
 //! q:{A}:seen       hash  user id -> last check-in (Unix ms), flushed by every node
@@ -15,7 +17,8 @@
 //! q:{A}:paused     str   set while the log says the sale is paused (pause and resume go in once)
 //! ```
 //!
-//! A join is one script: a place per account, the capacity, entries closed
+//! A join is one script: a place per account, the places an account may
+//! take over the room's life, the capacity, entries closed
 //! after a lottery's draw, the event appended. The shuffle, admissions,
 //! skips and the close are appended only by the node holding the admitter
 //! lease (the append script checks it, so a node that lost the lease while
@@ -33,7 +36,7 @@ use super::{
     shared::{block_on, on, Shared},
 };
 use crate::{
-    admission::{log::Event, Room},
+    admission::{log::Event, room::MAX_PLACES_PER_ACCOUNT, Room},
     store::types::StoreError,
 };
 
@@ -56,7 +59,9 @@ local again = st == 'p' or (ARGV[5] ~= '' and (st == 'a:' .. ARGV[5] or st == 'a
 if st and ((not again) or (lottery and shuffled)) then return 0 end
 if (not st) and lottery and shuffled then return -2 end
 if tonumber(redis.call('GET', KEYS[5]) or '0') >= tonumber(ARGV[3]) then return -3 end
+if again and tonumber(redis.call('HGET', KEYS[6], ARGV[1]) or '1') >= tonumber(ARGV[6]) then return -4 end
 redis.call('HSET', KEYS[1], ARGV[1], 'w')
+redis.call('HINCRBY', KEYS[6], ARGV[1], 1)
 redis.call('INCR', KEYS[5])
 redis.call('RPUSH', KEYS[2], ARGV[4])
 return 1
@@ -135,6 +140,9 @@ pub enum Joined {
     EntriesClosed,
     /// `queue_capacity` places are waiting.
     Full,
+    /// The account has taken `MAX_PLACES_PER_ACCOUNT` places here already
+    /// (the replica that asked had not seen them all).
+    NoMorePlaces,
 }
 
 /// What an append to a shared log answered.
@@ -202,7 +210,7 @@ impl RoomSource {
     ) -> Result<Joined, StoreError> {
         let shared = self.shared.clone();
         let event = serde_json::to_string(&Event::Join { u: user, t: now }).expect("events serialise");
-        let keys = ["places", "log", "closed", "shuffled", "waiting"].map(|k| key(activity, k));
+        let keys = ["places", "log", "closed", "shuffled", "waiting", "taken"].map(|k| key(activity, k));
         Ok(on(&self.handle, async move {
             let mut redis = shared.redis.clone();
             let mut invocation = JOIN.prepare_invoke();
@@ -215,6 +223,7 @@ impl RoomSource {
                 .arg(capacity)
                 .arg(event)
                 .arg(lapsed.map(|x| x.to_string()).unwrap_or_default())
+                .arg(MAX_PLACES_PER_ACCOUNT)
                 .invoke_async(&mut redis)
                 .await?;
             Ok(match answer {
@@ -222,6 +231,7 @@ impl RoomSource {
                 0 => Joined::Same,
                 -1 => Joined::Closed,
                 -2 => Joined::EntriesClosed,
+                -4 => Joined::NoMorePlaces,
                 _ => Joined::Full,
             })
         })
