@@ -46,16 +46,10 @@ fn assert_no_console_errors(stderr: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_report_and_the_live_page_render_in_chromium() {
-    let admin_token = "EXAMPLE-admin-token-0123456789abcdef";
-    let config = base_config().replace(
-        "[log]",
-        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{admin_token}\"\n\n[log]"),
-    ) + &open_activity("web", 30, 1);
+    let admin_token = crate::common::ADMIN_TOKEN;
+    let config = crate::common::with_admin(base_config()) + &open_activity("web", 30, 1);
     let mut app = TestApp::start(&config);
-    let admin_addr = app.wait_for_log("Admin API listening.", 1)["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let admin_addr = app.admin_addr();
     let tokens = app.users("w", 40).await;
     let (acked, _) = rush(&app, "web", &tokens, 1, 20).await;
     assert_eq!(acked.iter().map(Vec::len).sum::<usize>(), 30);

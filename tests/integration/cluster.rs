@@ -1718,15 +1718,12 @@ async fn nodes_that_disagree_on_the_limit_hold_to_the_lowest() {
 /// which only `/metrics` had: what an operator looks at first in an outage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_stats_show_the_cluster_store() {
-    let token = "EXAMPLE-admin-token-0123456789abcdef";
+    let token = crate::common::ADMIN_TOKEN;
     let admin_config = format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\"\n");
     let mut cluster = Cluster::start(1, &cluster_activity("as", 10, 1), &admin_config);
     let (tokens, _) = users(&cluster, "as", 1).await;
     let node = &cluster.nodes[0];
-    let addr = node.wait_for_log("Admin API listening.", 1)["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let addr = node.admin_addr();
     let admin = ApiClient::new(vec![format!("http://{addr}")], 2).unwrap();
     let store = || async {
         let stats = admin.get("/admin/stats", Some(token)).await.unwrap();

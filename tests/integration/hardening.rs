@@ -408,11 +408,8 @@ async fn environment_secrets_meet_the_minimum_and_bearer_is_case_insensitive() {
         );
     }
 
-    let admin_token = "EXAMPLE-admin-token-0123456789abcdef";
-    let config = base_config().replace(
-        "[log]",
-        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{admin_token}\"\n\n[log]"),
-    ) + &open_activity("b", 1, 1);
+    let admin_token = crate::common::ADMIN_TOKEN;
+    let config = crate::common::with_admin(base_config()) + &open_activity("b", 1, 1);
     let app = TestApp::start(&config);
     let token = app.register("bearer").await;
     for scheme in ["Bearer", "bearer", "BEARER", "BeArEr"] {
@@ -424,10 +421,7 @@ async fn environment_secrets_meet_the_minimum_and_bearer_is_case_insensitive() {
         .await;
         assert_eq!(status, 200, "{scheme}: {body}");
     }
-    let admin_addr = app.wait_for_log("Admin API listening.", 1)["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let admin_addr = app.admin_addr();
     for (header, status) in [
         (format!("Authorization: BEARER {admin_token}"), 200),
         (format!("Authorization: {admin_token}"), 401),
@@ -565,11 +559,8 @@ async fn a_declared_oversized_body_is_refused_at_once() {
 /// review).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csv_exports_neutralise_formulas_in_both_paths() {
-    let admin_token = "EXAMPLE-admin-token-0123456789abcdef";
-    let config = base_config().replace(
-        "[log]",
-        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{admin_token}\"\n\n[log]"),
-    ) + &open_activity("csv", 10, 1);
+    let admin_token = crate::common::ADMIN_TOKEN;
+    let config = crate::common::with_admin(base_config()) + &open_activity("csv", 10, 1);
     let app = TestApp::start(&config);
     let nicknames = [
         "=HYPERLINK(\"http://ev.il\")",
@@ -621,10 +612,7 @@ async fn csv_exports_neutralise_formulas_in_both_paths() {
     };
     check(&out.stdout, "ticketd export");
 
-    let admin_addr = app.wait_for_log("Admin API listening.", 1)["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let admin_addr = app.admin_addr();
     let head = format!(
         "POST /admin/export?actId=csv&format=csv HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {admin_token}\r\nContent-Length: 0"
     );
@@ -755,22 +743,13 @@ async fn requests_hyper_cannot_parse_get_the_json_error_shape() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_public_listener_does_not_lock_the_operator_out() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let admin_token = "EXAMPLE-admin-token-0123456789abcdef";
-    let config = base_config()
-        .replace(
-            "[server]",
-            "[server]\nmax_connections = 8\nheader_read_timeout = \"60s\"",
-        )
-        .replace(
-            "[log]",
-            &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{admin_token}\"\n\n[log]"),
-        )
-        + &open_activity("fc", 1, 1);
+    let admin_token = crate::common::ADMIN_TOKEN;
+    let config = crate::common::with_admin(base_config().replace(
+        "[server]",
+        "[server]\nmax_connections = 8\nheader_read_timeout = \"60s\"",
+    )) + &open_activity("fc", 1, 1);
     let app = TestApp::start(&config);
-    let admin_addr = app.wait_for_log("Admin API listening.", 1)["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let admin_addr = app.admin_addr();
     // Eight sockets that never send a request fill the public budget.
     let mut held = Vec::new();
     for _ in 0..8 {

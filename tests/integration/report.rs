@@ -246,16 +246,10 @@ async fn answer(mut stream: tokio::net::TcpStream) -> (String, String) {
 /// (up to 5 s), and says how many claims it could not wait for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_export_waits_for_the_claims_on_their_way_to_sqlite() {
-    let token = "EXAMPLE-admin-token-0123456789abcdef";
-    let config = base_config().replace(
-        "[log]",
-        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\"\n\n[log]"),
-    ) + &open_activity("ex", 5, 1);
+    let token = crate::common::ADMIN_TOKEN;
+    let config = crate::common::with_admin(base_config()) + &open_activity("ex", 5, 1);
     let app = TestApp::start(&config);
-    let admin = app.wait_for_log("Admin API listening.", 1)["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let admin = app.admin_addr();
     let export = "/admin/export?actId=ex&format=jsonl";
     let first = app.register("exa").await;
 

@@ -484,16 +484,10 @@ async fn forwarded_for_is_ignored_from_untrusted_peers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_needs_the_admin_token_and_its_own_listener() {
-    let admin_token = "EXAMPLE-admin-token-0123456789abcdef";
-    let config = base_config().replace(
-        "[log]",
-        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{admin_token}\"\n\n[log]"),
-    ) + &open_activity("adm", 5, 1);
+    let admin_token = crate::common::ADMIN_TOKEN;
+    let config = crate::common::with_admin(base_config()) + &open_activity("adm", 5, 1);
     let app = TestApp::start(&config);
-    let admin_addr = app.wait_for_log("Admin API listening.", 1)["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let admin_addr = app.admin_addr();
     let admin = ApiClient::new(vec![format!("http://{admin_addr}")], 4).unwrap();
     let user = app.register("userx").await;
     assert_eq!(app.claim(&user, "adm").await.status, 200);

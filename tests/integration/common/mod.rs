@@ -54,6 +54,18 @@ level = "info"
     .to_owned()
 }
 
+/// The admin token of the tests' configs (an example value, not a secret).
+pub const ADMIN_TOKEN: &str = "EXAMPLE-admin-token-0123456789abcdef";
+
+/// `config` with the admin listener on a free port, behind [`ADMIN_TOKEN`]
+/// (find it with [`TestApp::admin_addr`]).
+pub fn with_admin(config: String) -> String {
+    config.replace(
+        "[log]",
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\"\n\n[log]"),
+    )
+}
+
 /// `config` behind a proxy on 127.0.0.1 (as behind the shipped nginx), with
 /// `security` added to its `[security]`: every request is "from" its
 /// X-Forwarded-For.
@@ -361,6 +373,14 @@ impl TestApp {
     }
 
     /// Waits until `count_logs(message) >= n`.
+    /// Where the admin listener (see [`with_admin`]) listens.
+    pub fn admin_addr(&self) -> String {
+        self.wait_for_log("Admin API listening.", 1)["addr"]
+            .as_str()
+            .expect("the listener's address")
+            .to_owned()
+    }
+
     pub fn wait_for_log(&self, message: &str, n: usize) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
