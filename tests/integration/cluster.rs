@@ -2418,7 +2418,13 @@ async fn a_node_whose_clock_runs_ahead_opens_no_sale_early() {
         if res.status == 200 {
             break;
         }
-        assert_error(&res, 409, "NOT_STARTED");
+        // At the start itself the claim's detail may come a moment before
+        // it (no claim token) and the claim a moment after.
+        assert!(
+            matches!(res.error_code(), Some("NOT_STARTED" | "CLAIM_TOKEN_REQUIRED")),
+            "{}",
+            res.body
+        );
         assert!(Instant::now() < deadline, "the node never opened the sale");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
