@@ -9,7 +9,9 @@
 //!    caller's own LIMIT_REACHED / idempotent replay, else 410 SOLD_OUT at
 //!    once if no code can come back, or 503 STOCK_IN_FLIGHT while one still
 //!    may (see [`Claimer::no_code`]); with leases (a cluster) a claim first
-//!    waits briefly for the lease worker while a master list has codes;
+//!    waits briefly for the lease worker while a master list has codes,
+//!    and then checks the window again and judges its pass as of after
+//!    the wait;
 //! 2. the claim token and proof of work (403) — for an activity with a
 //!    waiting room, its pass (403 QUEUE_PASS_REQUIRED / QUEUE_PASS_EXPIRED),
 //!    whatever `require_claim_token` says;

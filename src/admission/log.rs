@@ -5,7 +5,8 @@
 //! Replaying the log rebuilds the room exactly: the seed first, then joins,
 //! the shuffle (whose order is recomputed from the seed), admissions and
 //! skips in queue order, the close. A torn last line (a crash mid-write) is
-//! ignored; it was never acknowledged.
+//! ignored; it was never acknowledged. A line of a kind this version does
+//! not know (a later version's) is passed over ([`Event::Unknown`]).
 
 use std::{
     fs::{File, OpenOptions},

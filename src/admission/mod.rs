@@ -18,7 +18,8 @@
 //!
 //! A place belongs to a fan who is still there: one seen (a status request
 //! or an open event stream) within `grace` when their place comes is
-//! admitted; one who is not is skipped, and may join again at the back.
+//! admitted; one who is not is skipped, and may join again at the back (up
+//! to [`room::MAX_PLACES_PER_ACCOUNT`] places in all).
 //!
 //! # Layout
 //! - [`draw`]: the seed, its commitment, the shuffle, the exported record;

@@ -1,8 +1,9 @@
 //! Streaming exports of claims: one row at a time from the store to the
 //! writer, so memory stays flat however many claims there are.
 //!
-//! CSV is RFC 4180 (quoted where needed), UTF-8, with a header row; Chinese
-//! names survive intact. Text a user or an organiser chose (usernames,
+//! CSV is RFC 4180 with every field that does not read as a number quoted
+//! ([`spreadsheet_csv`]), UTF-8, with a header row; Chinese names survive
+//! intact. Text a user or an organiser chose (usernames,
 //! nicknames, codes, ids) is neutralised against formula injection (OWASP):
 //! a cell starting with `=`, `+`, `-`, `@`, tab or carriage return gets a
 //! leading `'`, so a spreadsheet shows `=HYPERLINK(...)` as text instead of

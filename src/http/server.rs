@@ -4,7 +4,8 @@
 //! a header-read timeout (a slowloris client that trickles its request
 //! head is cut off) and a write-stall timeout (a client that stops reading
 //! its answers is let go: [`super::write_deadline`]). Past `server.max_connections` new connections are closed
-//! at once. On shutdown the listener is dropped first (no new connections),
+//! at once (those holding a waiting room's event stream count apart, on a
+//! budget of their own). On shutdown the listener is dropped first (no new connections),
 //! every connection finishes its in-flight request and closes, and the drain
 //! is bounded by `server.shutdown_grace`.
 
