@@ -12,7 +12,7 @@ use std::{collections::HashMap, sync::Arc};
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::{
-    admission::{Room, RoomSettings, Rooms},
+    admission::{Opened, Room, RoomSettings, Rooms},
     clock::now_ms,
     config::Config,
     inventory::{CodePool, Inventory, Ledger},
@@ -199,11 +199,11 @@ impl Catalog {
         if problems.is_empty() {
             for (activity, settings) in activities.iter_mut().zip(room_settings) {
                 let Some(settings) = settings else { continue };
-                if rooms.get(&activity.id).is_none() {
-                    opened_rooms.push(activity.id.clone());
-                }
                 match rooms.room(&activity.id, settings.clone()) {
-                    Ok(room) => {
+                    Ok((room, opened)) => {
+                        if opened == Opened::Now {
+                            opened_rooms.push(activity.id.clone());
+                        }
                         let activity = Arc::get_mut(activity).expect("not shared yet");
                         activity.room = Some(room);
                         activity.room_settings = Some(settings);

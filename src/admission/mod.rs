@@ -64,6 +64,15 @@ pub enum StreamRefused {
     Node,
 }
 
+/// Whether [`Rooms::room`] opened the room or found it open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    /// By this call (a snapshot refused later forgets it).
+    Now,
+    /// Before.
+    Before,
+}
+
 /// Every waiting room on the node, by activity; rooms live across reloads.
 pub struct Rooms {
     dir: PathBuf,
@@ -171,10 +180,10 @@ impl Rooms {
     /// The room of `activity`, opened (its log replayed) with `settings` on
     /// first use; an open room keeps its settings until they are applied
     /// ([`Room::apply`]), so a reload that is refused later changes nothing.
-    pub fn room(&self, activity: &Arc<str>, settings: RoomSettings) -> io::Result<Arc<Room>> {
+    pub fn room(&self, activity: &Arc<str>, settings: RoomSettings) -> io::Result<(Arc<Room>, Opened)> {
         let mut rooms = self.rooms.lock();
         if let Some(room) = rooms.get(activity) {
-            return Ok(room.clone());
+            return Ok((room.clone(), Opened::Before));
         }
         let room = Arc::new(match &self.seeds {
             Some(seeds) => Room::shared(activity.clone(), settings, seeds(activity)?),
@@ -190,7 +199,7 @@ impl Rooms {
             }
         });
         rooms.insert(activity.clone(), room.clone());
-        Ok(room)
+        Ok((room, Opened::Now))
     }
 
     /// Drops the room of `activity` (no longer a queue, and never opened).
