@@ -372,27 +372,10 @@ async fn waiting_fans_event_streams_flow_through_the_shipped_nginx() {
 /// Opens `/queue/events?actId=nq` through Nginx at `port` as `token`, and
 /// reads until its first event says "waiting"; the stream stays open.
 async fn first_event_through(port: u16, token: &str) -> tokio::net::TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let head = format!("GET /queue/events?actId=nq HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n");
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !String::from_utf8_lossy(&seen).contains("\"state\":\"waiting\"") {
-        let mut chunk = [0u8; 4096];
-        let left = deadline.saturating_duration_since(Instant::now());
-        let n = tokio::time::timeout(left, stream.read(&mut chunk))
-            .await
-            .expect("the first event through Nginx within 10 s")
-            .unwrap();
-        assert!(n > 0, "Nginx closed the stream: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&seen);
-        assert!(!text.contains("\r\n\r\n") || text.starts_with("HTTP/1.1 200"), "{text}");
-    }
-    let text = String::from_utf8_lossy(&seen);
+    let (stream, text) = crate::common::open_event_stream(&format!("127.0.0.1:{port}"), token, "nq").await;
     assert!(text.contains("text/event-stream"), "{text}");
     assert!(text.contains("event: status"), "{text}");
+    assert!(text.contains("\"state\":\"waiting\""), "{text}");
     stream
 }
 

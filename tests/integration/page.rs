@@ -455,17 +455,16 @@ async fn a_fan_waits_in_the_room_and_grabs_with_the_pass_in_chromium() {
 /// the session goes. The page's stream loop threw on any refusal and tried
 /// again every 2 s for ever, checking in nowhere: here the node holds all
 /// the streams it takes (`503 STREAMS_FULL`), so the fan went unseen, and
-/// was passed over at the start (`grace` 3 s); and a fan whose session was
+/// was passed over at the start (`grace` 4 s); and a fan whose session was
 /// revoked went on seeing "waiting" (from two reviews).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fan_refused_a_stream_keeps_the_place_and_hears_when_the_session_goes() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let config = base_config().replace("[server]", "[server]\nmax_connections = 16")
         + &Act::new("full")
-            .window("+12s", "+1h")
+            .window("+15s", "+1h")
             .with("admission = \"queue\"")
             .with("queue_opens = \"-1m\"")
-            .with("grace = \"3s\"")
+            .with("grace = \"4s\"")
             .ticket("full-t", "Seat", Codes::Generate(5))
             .toml();
     let app = TestApp::start(&config);
@@ -480,18 +479,7 @@ async fn a_fan_refused_a_stream_keeps_the_place_and_hears_when_the_session_goes(
             .unwrap();
         assert_eq!(joined.status, 200, "{}", joined.body);
         for _ in 0..4 {
-            let mut stream = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
-            let head =
-                format!("GET /queue/events?actId=full HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n");
-            stream.write_all(head.as_bytes()).await.unwrap();
-            let mut seen = Vec::new();
-            while !String::from_utf8_lossy(&seen).contains("data: ") {
-                let mut chunk = [0u8; 4096];
-                let n = stream.read(&mut chunk).await.unwrap();
-                assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
-                seen.extend_from_slice(&chunk[..n]);
-            }
-            held.push(stream);
+            held.push(crate::common::open_event_stream(&app.addr, &token, "full").await.0);
         }
     }
     let mut b = Browser::launch().await;

@@ -54,6 +54,32 @@ level = "info"
     .to_owned()
 }
 
+/// Opens `GET /queue/events?actId={act}` at `addr` (a node, or Nginx in
+/// front of one) as `token`, and reads until its first event has arrived
+/// (10 s at most): the answer must be 200. Returns the stream, still open,
+/// and what was read (the head and the first event).
+pub async fn open_event_stream(addr: &str, token: &str, act: &str) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET /queue/events?actId={act} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&seen).contains("\ndata: ") {
+        let mut chunk = [0u8; 4096];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, stream.read(&mut chunk))
+            .await
+            .expect("the first event within 10 s")
+            .unwrap();
+        assert!(n > 0, "the stream closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        assert!(!text.contains("\r\n\r\n") || text.starts_with("HTTP/1.1 200"), "{text}");
+    }
+    (stream, String::from_utf8_lossy(&seen).into_owned())
+}
+
 /// The admin token of the tests' configs (an example value, not a secret).
 pub const ADMIN_TOKEN: &str = "EXAMPLE-admin-token-0123456789abcdef";
 
