@@ -1713,6 +1713,30 @@ async fn nodes_that_disagree_on_the_limit_hold_to_the_lowest() {
     cluster.nodes[0].assert_verified();
 }
 
+/// `ticketd verify` held a cluster's users to the per-user limit MongoDB
+/// kept from the last import, so after a reload raised the limit every
+/// user who claimed up to the new one was reported "over the limit". Each
+/// commit now records in Redis the highest limit it held claims to, and
+/// verify holds users to that (or MongoDB's, if higher).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_under_a_limit_a_reload_raised_verify() {
+    let cluster = Cluster::start(1, &cluster_activity("rr", 10, 1), "");
+    let (tokens, _) = users(&cluster, "rr", 1).await;
+    let node = &cluster.nodes[0];
+    let res = node.claim(&tokens[0], "rr").await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    assert_error(&node.claim(&tokens[0], "rr").await, 409, "LIMIT_REACHED");
+
+    let config = std::fs::read_to_string(node.config_path()).unwrap();
+    let raised = config.replace("per_user_limit = 1", "per_user_limit = 2");
+    assert_ne!(config, raised);
+    let outcome = node.reload(&raised);
+    assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
+    let res = node.claim(&tokens[0], "rr").await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    node.assert_verified();
+}
+
 /// `/admin/stats` on a cluster node shows its store — Redis and MongoDB up
 /// or not, the claims waiting for MongoDB, the codes leased to the node —
 /// which only `/metrics` had: what an operator looks at first in an outage.

@@ -222,7 +222,8 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
         .key(keys.outbox(&shared.node))
         .key(keys.sold())
         .key(keys.limits())
-        .key(keys.nodes());
+        .key(keys.nodes())
+        .key(keys.served());
     // Each claim names its lease set; a batch mostly has one ticket type,
     // so each name is built once.
     let mut leases: Vec<(&str, String)> = Vec::new();

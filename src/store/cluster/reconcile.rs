@@ -5,7 +5,9 @@
 //! must partition the codes ever pushed (`known`): each code in exactly one
 //! of them, none lost, none unknown — and MongoDB must hold the same codes.
 //! Per user, the limit counter and the list of held codes must match the
-//! claims, and nobody may be over the limit. The per-ticket sold counters
+//! claims, and nobody may be over the limit (the higher of MongoDB's, as the
+//! last import wrote it, and the highest a claim was committed under: a
+//! reload may have raised it, an import lowered it). The per-ticket sold counters
 //! must match the claims. Redis's claims must equal MongoDB's, except those
 //! still in a node's backlog (on their way), and MongoDB must hold no claim
 //! Redis does not. It may run while nodes serve: each activity's Redis side
@@ -25,6 +27,7 @@ type Snapshot = (
     Vec<String>,
     Vec<Vec<String>>,
     Vec<(Vec<String>, Vec<String>, Vec<Vec<String>>)>,
+    Option<u32>,
 );
 
 /// Checks every activity MongoDB knows.
@@ -51,13 +54,14 @@ async fn check_activity(
     // and one committed by the snapshot is in a backlog then or in MongoDB
     // after.
     let stored_before = mongo::claim_owners(&shared.db, activity).await?;
-    let (nodes, claimed, users, held, sold, backlogs, per_ticket): Snapshot = scripts::SNAPSHOT
+    let (nodes, claimed, users, held, sold, backlogs, per_ticket, served): Snapshot = scripts::SNAPSHOT
         .key(keys.nodes())
         .arg(keys.prefix())
         .arg(tickets)
         .invoke_async(&mut redis)
         .await?;
     let at = |what: String| format!("activity `{activity}`: {what}");
+    let limit = limit.max(served.unwrap_or(0));
 
     let mut claims: BTreeMap<String, Record> = BTreeMap::new();
     for (code, json) in pairs(&claimed) {

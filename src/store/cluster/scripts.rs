@@ -14,6 +14,7 @@
 //!                            given up (RELEASE): a node that sees it change
 //!                            knows the codes in its pools are not its own
 //! tk:{A}:limits        hash  node -> per_user_limit of its config (the lowest live one holds)
+//! tk:{A}:served        int   the highest limit a claim was committed under (`ticketd verify`'s)
 //! tk:{A}:claimed       hash  code -> claim record (JSON)
 //! tk:{A}:users         hash  user id -> claims held (the per-user limit)
 //! tk:{A}:held          hash  user id -> JSON array of the user's codes
@@ -99,6 +100,11 @@ impl Keys {
     /// Node -> the per-user limit its config sets.
     pub fn limits(&self) -> String {
         self.key("limits")
+    }
+
+    /// The highest per-user limit a claim was committed under (see [`COMMIT`]).
+    pub fn served(&self) -> String {
+        self.key("served")
     }
 
     /// Lease epochs per node (see [`HEARTBEAT`]).
@@ -221,8 +227,8 @@ pub fn node_key(node: &str) -> String {
 
 /// Commits a batch of one activity's claims.
 ///
-/// KEYS: claimed, users, held, idem, outbox, sold, limits, nodes, then one
-/// lease set per claim. ARGV: node, limit, max backlog, then per claim: nonce, ticket, code, user, idempotency key (or ""), the record's
+/// KEYS: claimed, users, held, idem, outbox, sold, limits, nodes, served,
+/// then one lease set per claim. ARGV: node, limit, max backlog, then per claim: nonce, ticket, code, user, idempotency key (or ""), the record's
 /// JSON up to its `n` value ([`super::record::Record::head`]), and the code
 /// as a JSON string.
 ///
@@ -247,6 +253,11 @@ pub fn node_key(node: &str) -> String {
 /// decoding and re-encoding the user's codes was most of the script's time),
 /// and the backlog and the sold counts are written once per batch (also
 /// when the script fails halfway: see the `pcall`).
+///
+/// A batch that recorded claims raises `served` to the limit it held them
+/// to, so `ticketd verify` knows the highest limit users were ever held to:
+/// a reload raises a limit without a new import, and a later import may
+/// lower the one MongoDB keeps.
 pub static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{NOW}{}",
@@ -279,7 +290,7 @@ local ok, err = pcall(function()
       out[i + 1] = 'FULL'
     elseif tonumber(redis.call('HGET', users, user) or '0') >= limit then
       out[i + 1] = 'LIMIT' .. (redis.call('HGET', held, user) or '[]')
-    elseif redis.call('SREM', KEYS[9 + i], code) == 0 then
+    elseif redis.call('SREM', KEYS[10 + i], code) == 0 then
       out[i + 1] = 'LOST'
     else
       local nth = redis.call('HINCRBY', users, user, 1)
@@ -305,6 +316,9 @@ for i = 1, #recs, 1000 do
   redis.call('RPUSH', outbox, unpack(recs, i, math.min(i + 999, #recs)))
 end
 for ticket, k in pairs(sold) do redis.call('HINCRBY', KEYS[6], ticket, k) end
+if #recs > 0 and limit > tonumber(redis.call('GET', KEYS[9]) or '0') then
+  redis.call('SET', KEYS[9], limit)
+end
 if not ok then error(err) end
 return out
 "#
@@ -615,7 +629,8 @@ return out
 /// KEYS: nodes (for routing: the activity's slot). ARGV: the prefix, then
 /// the ticket ids. Returns `{nodes, claimed (HGETALL), users (HGETALL),
 /// held (HGETALL), sold (HGETALL), backlog codes per node (one array per
-/// node), then per ticket {known, master list, one lease set per node}}`.
+/// node), per ticket {known, master list, one lease set per node}, then
+/// served (nil before any claim)}`.
 pub static SNAPSHOT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -639,7 +654,8 @@ for t = 2, #ARGV do
     redis.call('LRANGE', p .. 'stock:' .. ARGV[t], 0, -1), leases}
 end
 return {nodes, redis.call('HGETALL', p .. 'claimed'), redis.call('HGETALL', p .. 'users'),
-  redis.call('HGETALL', p .. 'held'), redis.call('HGETALL', p .. 'sold'), backlogs, tickets}
+  redis.call('HGETALL', p .. 'held'), redis.call('HGETALL', p .. 'sold'), backlogs, tickets,
+  redis.call('GET', p .. 'served')}
 "#,
     )
 });
