@@ -104,8 +104,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ShapedErrors<S> {
     }
 }
 
+/// hyper answers in the version of the connection's last request: after
+/// an HTTP/1.0 keep-alive request, its error answer says `HTTP/1.0`.
 fn is_error_head(buf: &[u8]) -> bool {
-    buf.starts_with(b"HTTP/1.1 4") || buf.starts_with(b"HTTP/1.1 5")
+    (buf.starts_with(b"HTTP/1.1 ") || buf.starts_with(b"HTTP/1.0 ")) && matches!(buf.get(9), Some(b'4' | b'5'))
 }
 
 /// The JSON-shaped replacement of `buf` if it is hyper's own error answer:

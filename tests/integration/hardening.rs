@@ -736,6 +736,41 @@ async fn requests_hyper_cannot_parse_get_the_json_error_shape() {
     assert_eq!(app.client.get("/act/list", None).await.unwrap().status, 200);
 }
 
+/// hyper answers an unparsable request in the HTTP version of the request
+/// before it on the connection: after an HTTP/1.0 keep-alive request its
+/// own error answer began `HTTP/1.0 400`, which the JSON rewrite did not
+/// recognise, so that answer went out with an empty body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unparsable_request_after_an_http10_one_gets_the_json_error_shape() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::start(&(base_config() + &open_activity("p10", 1, 1)));
+    let mut stream = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\nGET /\x01 HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut out))
+        .await
+        .expect("the node kept the connection open")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out).into_owned();
+    // The second answer: the one after the first's head and body.
+    let second = out
+        .match_indices("HTTP/1.")
+        .nth(1)
+        .map(|(at, _)| &out[at..])
+        .unwrap_or_else(|| panic!("one answer only: {out}"));
+    let (head, body) = second.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.0 400"), "{second}");
+    let json: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    assert_eq!(
+        (json["ok"].as_bool(), json["error"]["code"].as_str()),
+        (Some(false), Some("BAD_REQUEST")),
+        "{second}"
+    );
+}
+
 /// The admin listener shared `server.max_connections` with the public one:
 /// clients holding every public connection (idle sockets, or event
 /// streams) locked the operator out of `/admin` too. It now has a budget
