@@ -372,13 +372,19 @@ pub fn shared_activities(store: &Store) -> Result<Vec<ActivityConfig>, String> {
     Ok(activities)
 }
 
-/// The ids of `security.blocked_users` that exist.
+/// The ids of the accounts `security.blocked_users` names: the ones whose
+/// sessions the claim and queue paths refuse (a login is refused by name).
 pub fn blocked_user_ids(config: &Config, store: &Store) -> Result<HashSet<u64>, StoreError> {
+    use crate::auth::username::{identity_key, skeleton_key};
     let mut ids = HashSet::new();
     for name in &config.security.blocked_users {
-        // By identity key (how accounts are stored), and as written for
-        // accounts made before usernames were normalised.
-        let key = crate::auth::username::identity_key(name);
+        // By look-alike key, as logins are refused (`b1ockme`'s session is
+        // no way past `blockme`); by identity key and as written for
+        // accounts made before usernames were normalised or keyed.
+        if let Some(u) = store.user_by_skeleton(&skeleton_key(name))? {
+            ids.insert(u.id);
+        }
+        let key = identity_key(name);
         for candidate in [key.as_str(), name.as_str()] {
             if let Some(u) = store.user_by_name(candidate)? {
                 ids.insert(u.id);

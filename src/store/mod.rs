@@ -271,6 +271,14 @@ impl Store {
         }
     }
 
+    /// The user whose look-alike key is `skeleton` (keys are unique).
+    pub fn user_by_skeleton(&self, skeleton: &str) -> Result<Option<User>, StoreError> {
+        match self {
+            Store::Embedded(s) => s.user_by_skeleton(skeleton),
+            Store::Cluster(s) => s.user_by_skeleton(skeleton),
+        }
+    }
+
     /// Every user, by id.
     pub fn list_users(&self) -> Result<Vec<User>, StoreError> {
         match self {

@@ -379,6 +379,21 @@ async fn usernames_are_one_identity_however_they_are_typed() {
     }
 }
 
+/// `blocked_users = ["blockme"]` refused the login and registration of any
+/// look-alike (`b1ockme`), but a look-alike account that already had a
+/// session kept claiming on it: the ids whose sessions are refused were
+/// looked up by exact name. They are now looked up by look-alike key too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_names_look_alike_loses_its_live_session_too() {
+    let config = base_config() + &open_activity("la", 2, 1);
+    let app = TestApp::start(&config);
+    let token = app.register("b1ockme").await;
+    let blocked = config.replace("[security]", "[security]\nblocked_users = [\"BlockMe\"]");
+    assert_ne!(config, blocked);
+    assert_eq!(app.reload(&blocked)["message"], "Config reloaded.");
+    assert_error(&app.claim(&token, "la").await, 403, "BLOCKED");
+}
+
 /// Item 6: secrets from the environment skipped the 32-character minimum;
 /// `BEARER x` was 401; the admin API took any `Authorization` value and the
 /// `token` header.

@@ -590,6 +590,10 @@ impl ClusterStore {
         Ok(self.block(mongo::user_by_name(&self.shared.db, username))?)
     }
 
+    pub(super) fn user_by_skeleton(&self, skeleton: &str) -> Result<Option<User>, StoreError> {
+        Ok(self.block(mongo::user_by_skeleton(&self.shared.db, skeleton))?)
+    }
+
     pub(super) fn list_users(&self) -> Result<Vec<User>, StoreError> {
         Ok(self.block(mongo::list_users(&self.shared.db))?)
     }

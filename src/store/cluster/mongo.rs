@@ -426,6 +426,15 @@ pub async fn user_by_name(db: &Database, username: &str) -> Result<Option<User>,
         .and_then(user_from))
 }
 
+/// The user whose look-alike key is `skeleton`.
+pub async fn user_by_skeleton(db: &Database, skeleton: &str) -> Result<Option<User>, MongoError> {
+    Ok(coll(db, "users")
+        .find_one(doc! {"skeleton": skeleton})
+        .await?
+        .as_ref()
+        .and_then(user_from))
+}
+
 /// Every user, by id.
 pub async fn list_users(db: &Database) -> Result<Vec<User>, MongoError> {
     let mut cursor = coll(db, "users").find(doc! {}).sort(doc! {"_id": 1}).await?;

@@ -536,6 +536,14 @@ impl EmbeddedStore {
         Ok(stmt.query_row([username], user_from_row).optional()?)
     }
 
+    pub(super) fn user_by_skeleton(&self, skeleton: &str) -> Result<Option<User>, StoreError> {
+        let conn = self.db.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, username, nickname, password_hash, created_at_ms FROM users WHERE skeleton = ?1",
+        )?;
+        Ok(stmt.query_row([skeleton], user_from_row).optional()?)
+    }
+
     pub(super) fn list_users(&self) -> Result<Vec<User>, StoreError> {
         let conn = self.db.lock();
         let mut stmt =
