@@ -135,6 +135,8 @@ pub enum Rejected {
     CrossSite,
     /// A login or registration beyond the password-hashing queue.
     HashingBusy,
+    /// A login or registration from a client holding its share of the hashing.
+    HashingShare,
     /// A waiting room's join without its proof of work.
     JoinProofOfWork,
     /// A waiting room's join by an account younger than `min_account_age`
@@ -146,7 +148,7 @@ pub enum Rejected {
 }
 
 impl Rejected {
-    const ALL: [Rejected; 12] = [
+    const ALL: [Rejected; 13] = [
         Rejected::Blocked,
         Rejected::UserRate,
         Rejected::IpRate,
@@ -156,6 +158,7 @@ impl Rejected {
         Rejected::AdminUnauthorized,
         Rejected::CrossSite,
         Rejected::HashingBusy,
+        Rejected::HashingShare,
         Rejected::JoinProofOfWork,
         Rejected::JoinAccountTooNew,
         Rejected::JoinSessionOutdated,
@@ -172,6 +175,7 @@ impl Rejected {
             Rejected::AdminUnauthorized => "admin_unauthorized",
             Rejected::CrossSite => "cross_site",
             Rejected::HashingBusy => "hashing_busy",
+            Rejected::HashingShare => "hashing_share",
             Rejected::JoinProofOfWork => "join_pow",
             Rejected::JoinAccountTooNew => "join_account_too_new",
             Rejected::JoinSessionOutdated => "join_session_outdated",

@@ -39,6 +39,16 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The /48 of an IPv6 client (a site: what one customer is commonly given),
+/// for the budgets a site's /64s share; `None` for IPv4 (and IPv4 mapped
+/// into IPv6), whose address is the key already.
+pub fn site_key(ip: IpAddr) -> Option<IpAddr> {
+    match client_key(ip) {
+        IpAddr::V4(_) => None,
+        IpAddr::V6(v6) => Some(IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 80) - 1)))),
+    }
+}
+
 /// A code given to a user: durable once it has an id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {

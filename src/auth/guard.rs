@@ -51,7 +51,7 @@
 
 use std::{
     collections::HashSet,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -59,7 +59,7 @@ use std::{
 use arc_swap::ArcSwap;
 use http::{header, HeaderMap};
 
-use crate::vocab::client_key;
+use crate::vocab::{client_key, site_key};
 
 use super::{
     ratelimit::{Backoff, BackoffPolicy, Rate, Refusal, TokenBuckets},
@@ -141,16 +141,6 @@ impl Settings {
             max_failures: self.login.max_failures.saturating_mul(SITE_LOGINS),
             ..self.login
         }
-    }
-}
-
-/// The /48 of an IPv6 address (a site: what one customer is commonly
-/// given), for registrations' second bucket; `None` for IPv4 (and IPv4
-/// mapped into IPv6), whose address is the key already.
-fn site_key(ip: IpAddr) -> Option<IpAddr> {
-    match client_key(ip) {
-        IpAddr::V4(_) => None,
-        IpAddr::V6(v6) => Some(IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 80) - 1)))),
     }
 }
 

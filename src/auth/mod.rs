@@ -13,7 +13,8 @@
 //! at most `auth.hash_queue` more wait for a turn; beyond that a login or a
 //! registration is answered 503 with Retry-After at once ([`AuthError::Busy`]).
 //! A burst of logins costs a fixed amount of memory and leaves the other
-//! cores to the claims.
+//! cores to the claims. Each client holds at most `auth.hashes_per_ip` of
+//! those turns and places ([`share`]), so a few cannot hold them all.
 
 pub mod bounded;
 pub mod claim_token;
@@ -21,9 +22,10 @@ pub mod guard;
 pub mod password;
 pub mod ratelimit;
 pub mod session;
+pub mod share;
 pub mod username;
 
-use std::sync::Arc;
+use std::{net::IpAddr, sync::Arc, time::Instant};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
@@ -34,6 +36,7 @@ pub use claim_token::{ClaimTokenError, ClaimTokens};
 pub use guard::{Denied, Guard, LoginAttempt};
 pub use password::HashCost;
 pub use session::{Session, SessionKey, TokenError};
+use share::{Share, Shares};
 pub use username::Username;
 
 use crate::{
@@ -85,6 +88,9 @@ pub enum AuthError {
     /// Every password-hashing slot and queue place is taken; retry shortly.
     #[error("too many logins at once; retry shortly")]
     Busy,
+    /// This client holds its whole share of the hashing ([`share`]).
+    #[error("other logins or registrations from this address are being checked")]
+    Throttled,
     /// A hashing task died.
     #[error("internal error")]
     Internal,
@@ -96,6 +102,7 @@ struct Settings {
     open_registration: bool,
     cost: HashCost,
     session_ttl_ms: i64,
+    hashes_per_ip: u32,
 }
 
 impl Settings {
@@ -107,17 +114,30 @@ impl Settings {
                 iterations: config.auth.argon2_iterations,
             },
             session_ttl_ms: config.session_ttl_ms(),
+            hashes_per_ip: config.auth.hashes_per_ip,
         }
     }
 }
 
 /// A reserved turn to hash a password, or a place in the queue for one
-/// ([`Auth::reserve_hashing`]).
-pub enum HashingSlot {
+/// ([`Auth::reserve_hashing`]), and the client's share it counts against.
+pub struct HashingSlot {
+    place: Place,
+    share: Share,
+}
+
+enum Place {
     /// A turn, held.
     Turn(OwnedSemaphorePermit),
     /// A place in the queue for a turn.
     Queued(OwnedSemaphorePermit),
+}
+
+/// A turn to hash, held until the hash ends (it moves into the hashing
+/// task), with the client's share.
+struct Turn {
+    _permit: OwnedSemaphorePermit,
+    _share: Share,
 }
 
 /// Accounts and sessions.
@@ -136,6 +156,8 @@ pub struct Auth {
     hash_queue: Arc<Semaphore>,
     /// The permits each of the two was made with, for [`Auth::hashing_load`].
     hash_limits: (usize, usize),
+    /// What each client holds of the two.
+    shares: Arc<Shares>,
     store: Arc<Store>,
 }
 
@@ -181,6 +203,7 @@ impl Auth {
             hashing: Arc::new(Semaphore::new(config.auth.max_concurrent_hashes())),
             hash_queue: Arc::new(Semaphore::new(config.auth.hash_queue)),
             hash_limits: (config.auth.max_concurrent_hashes(), config.auth.hash_queue),
+            shares: Shares::new(config.security.max_tracked_clients),
             store,
         };
         auth.refresh_revoked()?;
@@ -247,6 +270,7 @@ impl Auth {
     /// Creates an account and logs it in.
     pub async fn register(
         self: &Arc<Self>,
+        ip: IpAddr,
         username: String,
         password: String,
         nickname: Option<String>,
@@ -256,7 +280,7 @@ impl Auth {
             return Err(AuthError::RegistrationClosed);
         }
         let (username, nickname) = validate_account(&username, &password, nickname.as_deref())?;
-        let turn = self.hashing_turn(self.reserve_hashing()?).await?;
+        let turn = self.hashing_turn(self.reserve_hashing(ip)?).await?;
         let this = self.clone();
         let user = blocking(move || {
             let hash = password::hash(&password, settings.cost);
@@ -293,30 +317,48 @@ impl Auth {
     /// then never made a lockout record, and so never pushed one out of a
     /// full table (a flood of logins that hashed nothing wiped a guesser's
     /// lockout).
-    pub fn reserve_hashing(&self) -> Result<HashingSlot, AuthError> {
+    ///
+    /// `Throttled` when `ip`'s client holds its share already ([`share`]):
+    /// checked first, so a client past its share never takes a place.
+    pub fn reserve_hashing(&self, ip: IpAddr) -> Result<HashingSlot, AuthError> {
+        let per_address = self.settings.load().hashes_per_ip;
+        let share = self
+            .shares
+            .take(ip, per_address, Instant::now())
+            .ok_or(AuthError::Throttled)?;
         if let Ok(turn) = self.hashing.clone().try_acquire_owned() {
-            return Ok(HashingSlot::Turn(turn));
+            return Ok(HashingSlot {
+                place: Place::Turn(turn),
+                share,
+            });
         }
         let place = self
             .hash_queue
             .clone()
             .try_acquire_owned()
             .map_err(|_| AuthError::Busy)?;
-        Ok(HashingSlot::Queued(place))
+        Ok(HashingSlot {
+            place: Place::Queued(place),
+            share,
+        })
     }
 
     /// The turn `slot` holds or waits for (its queue place is given up
-    /// once the turn comes).
-    async fn hashing_turn(&self, slot: HashingSlot) -> Result<OwnedSemaphorePermit, AuthError> {
-        match slot {
-            HashingSlot::Turn(turn) => Ok(turn),
-            HashingSlot::Queued(_place) => self
+    /// once the turn comes; its share is kept until the hash ends).
+    async fn hashing_turn(&self, slot: HashingSlot) -> Result<Turn, AuthError> {
+        let permit = match slot.place {
+            Place::Turn(turn) => turn,
+            Place::Queued(_place) => self
                 .hashing
                 .clone()
                 .acquire_owned()
                 .await
-                .map_err(|_| AuthError::Internal),
-        }
+                .map_err(|_| AuthError::Internal)?,
+        };
+        Ok(Turn {
+            _permit: permit,
+            _share: slot.share,
+        })
     }
 
     /// Checks a password and issues a token. `username_key` is the

@@ -238,6 +238,11 @@ pub struct AuthConfig {
     /// Restart-only.
     #[serde(default = "default_hash_queue")]
     pub hash_queue: usize,
+    /// Of those turns and places, how many one client address (an IPv6
+    /// /64) may hold at once; its /48 eight times as many. Past it: 429
+    /// `LOGIN_THROTTLED`. Default 4.
+    #[serde(default = "default_hashes_per_ip")]
+    pub hashes_per_ip: u32,
     /// How long a login token stays valid. Default `24h`.
     #[serde(default = "default_session_ttl")]
     pub session_ttl: HumanDuration,
@@ -650,6 +655,9 @@ fn default_argon2_iterations() -> u32 {
 }
 fn default_hash_queue() -> usize {
     256
+}
+fn default_hashes_per_ip() -> u32 {
+    4
 }
 fn default_max_tracked_clients() -> usize {
     100_000

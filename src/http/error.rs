@@ -370,6 +370,12 @@ impl From<AuthError> for ApiError {
                 ApiError::new(S::UNAUTHORIZED, "TOKEN_EXPIRED", "the token has expired; log in again")
             }
             AuthError::Store(e) => e.into(),
+            AuthError::Throttled => ApiError::new(
+                S::TOO_MANY_REQUESTS,
+                "LOGIN_THROTTLED",
+                "other logins or registrations from this address are being checked; retry in a moment",
+            )
+            .retry_after(1),
             AuthError::Busy => {
                 ApiError::new(S::SERVICE_UNAVAILABLE, "BUSY", "too many logins at once; retry shortly").retry_after(1)
             }

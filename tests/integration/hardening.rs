@@ -830,6 +830,83 @@ async fn a_full_public_listener_does_not_lock_the_operator_out() {
     assert_eq!(held.len(), 8);
 }
 
+/// A few clients could hold every password-hashing place: the limits on
+/// logins were per account or per failure, and per /64, so one account
+/// logging in with its right password from a hundred /64s of one IPv6 /48
+/// (or a few IPv4 addresses, each many times) filled the queue, and every
+/// other fan's login heard 503 BUSY. Now each address holds at most
+/// `auth.hashes_per_ip` of the turns and places, and a /48 eight times that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_few_clients_cannot_hold_every_hashing_place() {
+    let config = behind_proxy(
+        base_config()
+            .replace("argon2_memory_kib = 8", "argon2_memory_kib = 16384")
+            .replace("argon2_iterations = 1", "argon2_iterations = 30")
+            .replace("hashes_per_ip = 1000000", "hashes_per_ip = 1")
+            .replace("[auth]", "[auth]\nmax_concurrent_hashes = 1\nhash_queue = 12")
+            + &open_activity("sh", 1, 1),
+        "",
+    );
+    let app = TestApp::start(&config);
+    let account = |name: &str| json!({ "username": name, "password": format!("password-{name}") });
+    for (name, ip) in [("farm", "198.51.100.1"), ("victim", "198.51.100.9")] {
+        let res = post_from(&app.client, ip, "/user/register", &account(name)).await;
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    // A slow registration holds the only hashing turn while the rest arrive.
+    let holder = tokio::spawn({
+        let client = app.client_clone();
+        async move { post_from(&client, "198.51.100.2", "/user/register", &account("holder")).await }
+    });
+    metric_reaches(&app, "ticketd_password_hashes_running", 1.0).await;
+    let client = app.client_clone();
+    let logins = |ips: Vec<String>| {
+        ips.into_iter()
+            .map(|ip| {
+                let client = client.clone();
+                tokio::spawn(async move { post_from(&client, &ip, "/user/login", &account("farm")).await })
+            })
+            .collect::<Vec<_>>()
+    };
+    // A hundred /64s of one /48, and three IPv4 addresses ten times each.
+    let site = logins((0..100).map(|i| format!("2001:db8:aa:{i:x}::1")).collect());
+    let v4 = logins((0..30).map(|i| format!("203.0.113.{}", i % 3)).collect());
+    // Until each of the 130 is answered or waits for a turn.
+    crate::common::until("every login to be answered or queued", || async {
+        let answered = site.iter().chain(&v4).filter(|t| t.is_finished()).count();
+        let waiting = crate::common::metric(&app, "ticketd_password_hashes_waiting").await;
+        answered + waiting as usize == 130
+    })
+    .await;
+    // A guard against a void pass: the holder's argon2 (16 MiB × 30)
+    // outlasts 119 answers that hash nothing.
+    assert!(!holder.is_finished(), "the slow registration ended before the flood");
+    // Eleven places held, one left: the victim gets it (it heard 503 BUSY).
+    let victim = post_from(&app.client, "198.51.100.9", "/user/login", &account("victim")).await;
+    assert_eq!(victim.status, 200, "{}", victim.body);
+    assert_eq!(holder.await.unwrap().status, 200);
+    let mut site_answers = Vec::new();
+    for t in site {
+        site_answers.push(t.await.unwrap());
+    }
+    let mut v4_answers = Vec::new();
+    for t in v4 {
+        v4_answers.push(t.await.unwrap());
+    }
+    let expect = |ok: usize, refused: usize| {
+        HashMap::from([("200 ok".to_owned(), ok), ("429 LOGIN_THROTTLED".to_owned(), refused)])
+    };
+    assert_eq!(count_by_code(&site_answers), expect(8, 92));
+    assert_eq!(count_by_code(&v4_answers), expect(3, 27));
+    let throttled = site_answers.iter().find(|a| a.status == 429).unwrap();
+    assert_error(throttled, 429, "LOGIN_THROTTLED");
+    let metrics = app.raw_get("/metrics").await;
+    assert_eq!(
+        metric_in(&metrics, "ticketd_security_rejections_total{reason=\"hashing_share\"}"),
+        119.0
+    );
+}
+
 /// A login refused 503 BUSY (every hashing turn and queue place taken)
 /// used to make its lockout records first: each new key at a full shard
 /// evicted that shard's least recently used record, so a flood of such

@@ -199,6 +199,12 @@ pub(super) fn security(r: &mut Report<'_>, config: &Config) {
             "security bursts and registrations_per_ip_per_hour must be at least 1".into(),
         );
     }
+    if config.auth.hashes_per_ip == 0 {
+        r.add(
+            &[k("auth"), k("hashes_per_ip")],
+            "auth.hashes_per_ip must be at least 1: at 0 nobody could log in or register".into(),
+        );
+    }
     if s.login_max_failures == 0 {
         r.add(
             &[k("security"), k("login_max_failures")],

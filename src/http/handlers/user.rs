@@ -55,7 +55,7 @@ pub async fn register(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> R
     }
     let (user, token) = state
         .auth
-        .register(body.username, body.password, body.nickname)
+        .register(ip, body.username, body.password, body.nickname)
         .await
         .inspect_err(count_busy)?;
     Ok(logged_in(&user, &token))
@@ -86,7 +86,7 @@ pub async fn login(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Resu
     }
     // A turn (or a queue place) first: a login refused as busy must not
     // touch the lockout records (see `Auth::reserve_hashing`).
-    let slot = state.auth.reserve_hashing().inspect_err(count_busy)?;
+    let slot = state.auth.reserve_hashing(ip).inspect_err(count_busy)?;
     let account = identity_key(&body.username);
     let attempt = guard
         .begin_login(&account, ip, Instant::now())
@@ -114,8 +114,10 @@ pub async fn login(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Resu
 }
 
 fn count_busy(e: &AuthError) {
-    if matches!(e, AuthError::Busy) {
-        metrics::global().reject(Rejected::HashingBusy);
+    match e {
+        AuthError::Busy => metrics::global().reject(Rejected::HashingBusy),
+        AuthError::Throttled => metrics::global().reject(Rejected::HashingShare),
+        _ => {}
     }
 }
 
