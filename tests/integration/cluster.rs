@@ -1713,6 +1713,28 @@ async fn nodes_that_disagree_on_the_limit_hold_to_the_lowest() {
     cluster.nodes[0].assert_verified();
 }
 
+/// On a Redis Cluster, the client re-sends a call whose connection dropped
+/// before its answer came back, and the call may have run. A lease that
+/// ran twice moved two batches into the node's lease set and the node
+/// pooled only the second: the first was renewed with every heartbeat,
+/// sold by nobody, and claims heard `STOCK_IN_FLIGHT` to the end. A lease
+/// now carries a call id, and a re-sent one answers the same codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_whose_answer_was_lost_is_not_leased_twice() {
+    let (services, relay) = Services::start_with_relayed_redis_cluster();
+    // The first call naming the lease set is the node's first lease.
+    relay.cut_answer_to(b":lease:lx-t:");
+    let cluster = Cluster::start_on(services, 1, &cluster_activity("lx", 20, 1), "", |c| c);
+    let (tokens, _) = users(&cluster, "lx", 20).await;
+    for token in &tokens {
+        let res = cluster.nodes[0].claim(token, "lx").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    assert_eq!(relay.cuts(), 1, "no lease's answer was lost");
+    assert_error(&cluster.nodes[0].claim(&tokens[0], "lx").await, 409, "LIMIT_REACHED");
+    cluster.nodes[0].assert_verified();
+}
+
 /// `ticketd verify` held a cluster's users to the per-user limit MongoDB
 /// kept from the last import, so after a reload raised the limit every
 /// user who claimed up to the new one was reported "over the limit". Each

@@ -378,10 +378,13 @@ async fn lease(shared: &Shared, activity: &Arc<str>, ticket: &Arc<str>, want: us
         .key(keys.nodes())
         .key(keys.tickets())
         .key(keys.epochs())
+        .key(keys.leased(ticket, &shared.node))
         .arg(&*shared.node)
         .arg(want)
         .arg(shared.lease_ttl_ms())
         .arg(&**ticket)
+        // The call's id: a re-sent call is answered as the first (see the script).
+        .arg(rand::random::<u64>())
         .invoke_async(&mut redis)
         .await?;
     metrics::global().redis_lease.observe(started.elapsed());

@@ -7,6 +7,8 @@
 //! tk:{A}:stock:T       list  unclaimed, unleased codes of ticket T (the master list)
 //! tk:{A}:known:T       set   every code ever pushed for T (import adds each once)
 //! tk:{A}:lease:T:N     set   codes of T leased to node N, not yet claimed
+//! tk:{A}:leased:T:N    str   node N's last lease of T: its call id and answer, for a
+//!                            minute (a call re-sent gets the same codes again)
 //! tk:{A}:tickets       set   ticket ids pushed or leased: a reaper returns their
 //!                            leases too, not only its own config's
 //! tk:{A}:nodes         zset  node -> lease expiry (Unix ms by Redis's clock), renewed while it lives
@@ -85,6 +87,11 @@ impl Keys {
     /// Codes of `ticket` leased to `node`.
     pub fn lease(&self, ticket: &str, node: &str) -> String {
         self.key(&format!("lease:{ticket}:{node}"))
+    }
+
+    /// `node`'s last lease of `ticket` (see [`LEASE`]).
+    pub fn leased(&self, ticket: &str, node: &str) -> String {
+        self.key(&format!("leased:{ticket}:{node}"))
     }
 
     /// The activity's ticket ids ever pushed or leased.
@@ -352,18 +359,33 @@ return {lowest, highest}
 
 /// Leases up to `want` codes of one ticket type to a node and renews its lease.
 ///
-/// KEYS: stock, lease set, nodes, tickets, epochs. ARGV: node, want, the
-/// lease's time to live (ms, added to Redis's clock), the ticket id (named
-/// among the activity's ticket types, for codes pushed before that set
-/// existed). Near the end of the
+/// KEYS: stock, lease set, nodes, tickets, epochs, the node's last lease.
+/// ARGV: node, want, the lease's time to live (ms, added to Redis's clock),
+/// the ticket id (named among the activity's ticket types, for codes pushed
+/// before that set existed), the call's id. Near the end of the
 /// stock a node takes at most half of its share of what is left
 /// (`len / (2 * live nodes)`, at least one), so no node sits on the last
 /// codes while the others run dry. Returns `{left on the list, codes, the node's lease
 /// epoch}` (see [`HEARTBEAT`]).
+///
+/// The Redis Cluster client re-sends a call whose connection dropped
+/// before its answer came, and the script may have run: a second run
+/// would lease a second batch, and the first, in the node's lease set but
+/// in no pool, would be renewed and never sold (claims hearing
+/// `STOCK_IN_FLIGHT` to the end). So a call whose id is the last one's
+/// answers what that one did, and pops nothing.
 pub static LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{NOW}{}",
         r#"
+local last = redis.call('GET', KEYS[6])
+if last then
+  local at = string.find(last, ' ', 1, true)
+  if at and string.sub(last, 1, at - 1) == ARGV[5] then
+    local was = cjson.decode(string.sub(last, at + 1))
+    return {was[1], was[2], was[3]}
+  end
+end
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[4])
 local epoch = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0')
@@ -377,6 +399,7 @@ local codes = redis.call('LPOP', KEYS[1], n)
 for i = 1, #codes, 1000 do
   redis.call('SADD', KEYS[2], unpack(codes, i, math.min(i + 999, #codes)))
 end
+redis.call('SET', KEYS[6], ARGV[5] .. ' ' .. cjson.encode({len - #codes, codes, epoch}), 'PX', 60000)
 return {len - #codes, codes, epoch}
 "#
     ))

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod cdp;
+pub mod relay;
 pub mod services;
 
 use std::{

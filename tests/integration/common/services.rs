@@ -12,6 +12,8 @@ use std::{
 
 use tempfile::TempDir;
 
+use super::relay::Relay;
+
 pub const INSTALL: &str =
     "run ./scripts/test once: it installs redis-server, redis-tools and faketime (apt) and SecantusDB (pip, into .venv)";
 
@@ -213,6 +215,48 @@ impl Services {
         s.start_redis_cluster(1);
         s.start_mongo();
         s
+    }
+
+    /// Starts a Redis Cluster of one master holding every slot, reached
+    /// only through a [`Relay`]: `redis_url` names the relay, and so does
+    /// the address the master announces, so every connection a cluster
+    /// client makes to it passes the relay. And SecantusDB.
+    pub fn start_with_relayed_redis_cluster() -> (Services, Relay) {
+        let mut s = Services::empty();
+        let dir = s.cluster_dir(0);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("redis.log");
+        let (port, child) = start_on_free_port("redis-server (cluster)", &log, free_cluster_port, |port| {
+            spawn_cluster_server(&dir, port)
+        });
+        s.cluster.push((port, child));
+        let relay = Relay::start(port);
+        let cli = |args: &[&str]| {
+            let out = Command::new("redis-cli")
+                .args(["-p", &port.to_string()])
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); {INSTALL}"));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        for (key, value) in [
+            ("cluster-announce-ip", "127.0.0.1".to_owned()),
+            ("cluster-announce-port", relay.port.to_string()),
+        ] {
+            assert_eq!(cli(&["config", "set", key, &value]).trim(), "OK");
+        }
+        assert_eq!(cli(&["cluster", "addslotsrange", "0", "16383"]).trim(), "OK");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cli(&["cluster", "info"]).contains("cluster_state:ok") {
+            assert!(
+                Instant::now() < deadline,
+                "the one-master Redis Cluster never became ok"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s.redis_port = relay.port;
+        s.start_mongo();
+        (s, relay)
     }
 
     fn empty() -> Services {
