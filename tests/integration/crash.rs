@@ -617,3 +617,60 @@ async fn a_ticket_types_total_survives_a_restart_and_a_kill_9() {
     assert_eq!(counts(&app.detail("two").await), expected, "after kill -9 and a start");
     assert_eq!(counts(&listed(&app).await), expected, "/act/list");
 }
+
+/// `ticketd verify` may run beside a serving node, and said problems that
+/// were not there. A claim the node applied to SQLite while verify read
+/// the journal was counted twice (once in the journal's pending claims,
+/// once in SQLite's), and its user was "over the limit"; a segment the
+/// node deleted after the listing failed the run with "No such file or
+/// directory". Verify now reads SQLite as one snapshot taken before the
+/// journal, and steps over a segment deleted since the listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_beside_a_serving_node_finds_a_rush_consistent() {
+    // Small segments: they roll, and are deleted once applied, all along.
+    let config = base_config()
+        + "\n[journal]\nsegment_size = \"16KiB\"\npreallocate = \"16KiB\"\n"
+        + &open_activity("vb", 3000, 1);
+    let app = TestApp::start(&config);
+    let tokens = app.users("vb", 3000).await;
+    let mut bodies = Vec::new();
+    for token in &tokens {
+        bodies.push(claim_body(&app.client, token, "vb").await);
+    }
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rush = {
+        let (client, done) = (app.client_clone(), done.clone());
+        tokio::spawn(async move {
+            let sem = Arc::new(tokio::sync::Semaphore::new(8));
+            let mut tasks = Vec::new();
+            for (token, body) in tokens.into_iter().zip(bodies) {
+                let (client, sem) = (client.clone(), sem.clone());
+                tasks.push(tokio::spawn(async move {
+                    let _p = sem.acquire().await.unwrap();
+                    client.post("/ticket/get", Some(&token), &body).await.unwrap().status
+                }));
+            }
+            let mut ok = 0;
+            for t in tasks {
+                ok += usize::from(t.await.unwrap() == 200);
+            }
+            done.store(true, Ordering::SeqCst);
+            ok
+        })
+    };
+    let mut runs = 0;
+    while !done.load(Ordering::SeqCst) {
+        let cli_app = &app;
+        let out = tokio::task::block_in_place(|| cli_app.cli(&["verify"], None));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("consistent"),
+            "verify beside the rush, run {runs}:\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        runs += 1;
+    }
+    assert_eq!(rush.await.unwrap(), 3000);
+    assert!(runs >= 3, "verify ran {runs} times during the rush");
+    app.assert_verified();
+}

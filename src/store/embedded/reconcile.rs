@@ -18,7 +18,15 @@ use crate::{
 /// more than the highest limit the activity has had, that the journal and the store agree on every claim
 /// both hold, and reports each
 /// activity's stock (total − claimed).
+///
+/// Beside a serving node, SQLite is read as one snapshot, taken before the
+/// journal is read: a claim the node applies meanwhile is then counted once,
+/// as not applied yet. Read statement by statement, it was in the journal's
+/// pending claims and in SQLite's at once, and its user "over the limit".
 pub(super) fn reconcile(conn: &Connection, journal_dir: &Path) -> Result<Reconciliation, StoreError> {
+    let snapshot = conn.unchecked_transaction()?;
+    // The snapshot begins with the transaction's first read.
+    applied_seq(&snapshot)?;
     let mut r = Reconciliation::default();
     each(
         conn,
@@ -100,6 +108,8 @@ pub(super) fn reconcile(conn: &Connection, journal_dir: &Path) -> Result<Reconci
             "{pending} journaled claims are not in the store yet (a serving node applies them shortly; a stopped one at its next start)"
         ));
     }
+    // Read only: ending it commits nothing.
+    drop(snapshot);
     Ok(r)
 }
 
@@ -107,24 +117,65 @@ pub(super) fn reconcile(conn: &Connection, journal_dir: &Path) -> Result<Reconci
 /// the store, the same; one not applied yet must be a claim the store can
 /// take: its ticket's code, not another claim's, and its user within the
 /// limit with it. Returns how many are not applied yet.
+///
+/// The journal is read a segment at a time: after an incident (SQLite
+/// stalled, its disk full) it may hold far more than a tool should keep in
+/// memory at once.
 fn journal_agrees(conn: &Connection, journal_dir: &Path, r: &mut Reconciliation) -> Result<usize, StoreError> {
-    let applied = applied_seq(conn)?;
-    let mut by_id = conn.prepare("SELECT activity_id, ticket_id, code, user_id FROM claims WHERE id = ?1")?;
-    let mut by_code = conn.prepare("SELECT id FROM claims WHERE code = ?1 AND id != ?2")?;
-    let mut owner = conn.prepare("SELECT ticket_id FROM codes WHERE code = ?1")?;
+    let mut check = JournalCheck {
+        applied: applied_seq(conn)?,
+        by_id: conn.prepare("SELECT activity_id, ticket_id, code, user_id FROM claims WHERE id = ?1")?,
+        by_code: conn.prepare("SELECT id FROM claims WHERE code = ?1 AND id != ?2")?,
+        owner: conn.prepare("SELECT ticket_id FROM codes WHERE code = ?1")?,
+        pending: HashMap::new(),
+    };
+    let mut failed = None;
+    journal::for_each_record(journal_dir, |found| {
+        if failed.is_none() {
+            failed = check.record(found, r).err();
+        }
+    })?;
+    if let Some(error) = failed {
+        return Err(error);
+    }
     let mut held = conn.prepare(
         "SELECT count(*),
                 (SELECT max(a.per_user_limit, coalesce(l.highest, 0)) FROM activities a
                  LEFT JOIN activity_limits l ON l.activity_id = a.id WHERE a.id = ?1)
          FROM claims WHERE activity_id = ?1 AND user_id = ?2",
     )?;
-    let mut pending: HashMap<(String, u64), usize> = HashMap::new();
-    for found in journal::records(journal_dir)? {
+    for ((activity, user), n) in &check.pending {
+        let (have, limit): (i64, Option<i64>) =
+            held.query_row(params![activity, *user as i64], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        let total = have as usize + n;
+        if limit.is_some_and(|limit| total as i64 > limit) {
+            r.problems.push(format!(
+                "activity `{activity}`: user {user} would hold {total} codes once the journal is applied, over the limit of {}",
+                limit.unwrap_or_default()
+            ));
+        }
+    }
+    Ok(check.pending.values().sum())
+}
+
+/// [`journal_agrees`]' statements, and the claims not applied yet per
+/// (activity, user).
+struct JournalCheck<'c> {
+    applied: u64,
+    by_id: rusqlite::Statement<'c>,
+    by_code: rusqlite::Statement<'c>,
+    owner: rusqlite::Statement<'c>,
+    pending: HashMap<(String, u64), usize>,
+}
+
+impl JournalCheck<'_> {
+    fn record(&mut self, found: Found, r: &mut Reconciliation) -> Result<(), StoreError> {
         // A repair voids a number whose record the journal lost; the store
         // may have applied that claim before the damage, and then its copy
         // is the claim.
-        let Found::Claim(c) = found else { continue };
-        let stored: Option<(String, String, String, i64)> = by_id
+        let Found::Claim(c) = found else { return Ok(()) };
+        let stored: Option<(String, String, String, i64)> = self
+            .by_id
             .query_row(params![c.id as i64], |row| {
                 Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
             })
@@ -136,27 +187,28 @@ fn journal_agrees(conn: &Connection, journal_dir: &Path, r: &mut Reconciliation)
             c.user_id as i64,
         );
         match stored {
-            Some(s) if s == journaled => continue,
+            Some(s) if s == journaled => return Ok(()),
             Some(s) => {
                 r.problems.push(format!(
                     "claim {}: the journal has code `{}` for user {}, the store code `{}` for user {}",
                     c.id, journaled.2, journaled.3, s.2, s.3
                 ));
-                continue;
+                return Ok(());
             }
-            None if c.id <= applied => {
+            None if c.id <= self.applied => {
                 r.problems.push(format!(
                     "claim {} (code `{}`, user {}) is in the journal and marked applied, but not in the store",
                     c.id, c.code, c.user_id
                 ));
-                continue;
+                return Ok(());
             }
             None => {}
         }
         // Not applied yet (the node serves and applies it shortly, or will
         // replay it at its next start): it must be a claim the store can take.
-        *pending.entry((c.activity_id.to_string(), c.user_id)).or_default() += 1;
-        let other: Option<i64> = by_code
+        *self.pending.entry((c.activity_id.to_string(), c.user_id)).or_default() += 1;
+        let other: Option<i64> = self
+            .by_code
             .query_row(params![&*c.code, c.id as i64], |row| row.get(0))
             .optional()?;
         if let Some(other) = other {
@@ -165,26 +217,15 @@ fn journal_agrees(conn: &Connection, journal_dir: &Path, r: &mut Reconciliation)
                 c.id, c.code, c.user_id
             ));
         }
-        let ticket: Option<String> = owner.query_row(params![&*c.code], |row| row.get(0)).optional()?;
+        let ticket: Option<String> = self.owner.query_row(params![&*c.code], |row| row.get(0)).optional()?;
         if ticket.as_deref() != Some(&*c.ticket_id) {
             r.problems.push(format!(
                 "journaled claim {}: code `{}` is not a code of ticket `{}`",
                 c.id, c.code, c.ticket_id
             ));
         }
+        Ok(())
     }
-    for ((activity, user), n) in &pending {
-        let (have, limit): (i64, Option<i64>) =
-            held.query_row(params![activity, *user as i64], |row| Ok((row.get(0)?, row.get(1)?)))?;
-        let total = have as usize + n;
-        if limit.is_some_and(|limit| total as i64 > limit) {
-            r.problems.push(format!(
-                "activity `{activity}`: user {user} would hold {total} codes once the journal is applied, over the limit of {}",
-                limit.unwrap_or_default()
-            ));
-        }
-    }
-    Ok(pending.values().sum())
 }
 
 /// Runs `sql` and calls `f` on each row.
