@@ -214,7 +214,7 @@ impl Claimer {
                 .find(|c| c.activity_id == activity.id && c.idempotency_key.as_deref() == Some(key))
                 .map(|claim| Claimed { claim, replayed: true })),
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "Could not look a sold-out retry up in the store.");
+                tracing::warn!(error = %e, "Could not look a retry up in the store.");
                 Err(Rejection::Unavailable)
             }
             None => Ok(None),
@@ -298,6 +298,26 @@ impl Claimer {
         {
             return Ok(Claimed { claim, replayed: true });
         }
+        let (user, key) = (req.user_id, req.idempotency_key.clone());
+        match self.decide_anew(activity, req).await {
+            // The ledger knows this node's claims since it started. A claim
+            // made with this key through another node, or one answered
+            // OUTCOME_UNKNOWN that was kept, is only in the store: a
+            // refusal at the gate (paused, ended, a stale token or pass)
+            // would hide it, so the store is asked first. (Only a keyed
+            // request, on a shared store, that would be refused anyway.)
+            Err(refusal) if refusal.is_at_the_gate() => {
+                match self.replay_from_store(activity, user, key.as_deref()).await {
+                    Ok(Some(claimed)) => Ok(claimed),
+                    _ => Err(refusal),
+                }
+            }
+            decided => decided,
+        }
+    }
+
+    /// [`decide`](Self::decide) for a request the ledger has no claim for.
+    async fn decide_anew(&self, activity: &Activity, req: ClaimRequest<'_>) -> Result<Claimed, Rejection> {
         let mut now = now_ms();
         check_window(activity, now)?;
         activity.admits_account(req.account_created_ms)?;

@@ -323,6 +323,26 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Refused before any code was looked at, for when or how the request
+    /// came (the sale's window, the account, the token or pass): the
+    /// claim a retry's key names may exist all the same.
+    pub fn is_at_the_gate(&self) -> bool {
+        matches!(
+            self,
+            Rejection::Paused
+                | Rejection::NotStarted { .. }
+                | Rejection::Ended { .. }
+                | Rejection::ClaimTokenRequired
+                | Rejection::ClaimTokenInvalid
+                | Rejection::ClaimTokenExpired
+                | Rejection::QueuePassRequired
+                | Rejection::QueuePassExpired
+                | Rejection::ProofOfWork { .. }
+                | Rejection::AccountTooNew { .. }
+                | Rejection::SessionPredatesAccountAge
+        )
+    }
+
     /// The outcome this rejection is counted as.
     pub fn outcome(&self) -> ClaimOutcome {
         match self {

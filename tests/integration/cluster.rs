@@ -1093,6 +1093,56 @@ async fn an_idempotent_retry_gets_its_code_on_any_node_even_after_the_sell_out_a
     assert_eq!(fresh.error_code(), Some("SOLD_OUT"), "{}", fresh.body);
 }
 
+/// A retry with the same Idempotency-Key gets its claim "whatever changed
+/// since", and did, on the node that made it. Through another node (or the
+/// same after a restart) the ledger has no such claim, and a refusal at the
+/// gate came first: once the organiser paused the sale, the fan whose first
+/// answer was lost heard 409 PAUSED for a code they hold. The store is now
+/// asked before such a refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_retry_gets_its_code_on_another_node_after_a_pause() {
+    let cluster = Cluster::start(2, &cluster_activity("ip", 5, 2), "");
+    let token = cluster.nodes[0].register("ip-fan").await;
+    let body = cluster.nodes[0].claim_body(&token, "ip").await;
+    let key = [("Idempotency-Key", "lost-answer-1")];
+    let first = cluster.nodes[0]
+        .client
+        .call(http::Method::POST, "/ticket/get", Some(&token), Some(&body), &key)
+        .await
+        .unwrap();
+    assert_eq!(first.status, 200, "{}", first.body);
+    for node in &cluster.nodes {
+        let config = std::fs::read_to_string(node.config_path()).unwrap();
+        let paused = config.replace("per_user_limit = 2\n", "per_user_limit = 2\npaused = true\n");
+        assert_ne!(config, paused);
+        assert_eq!(node.reload(&paused)["message"], "Config reloaded.");
+    }
+    let again = cluster.nodes[1]
+        .client
+        .call(http::Method::POST, "/ticket/get", Some(&token), Some(&body), &key)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.status, &again.data()["code"], &again.data()["replayed"]),
+        (200, &first.data()["code"], &serde_json::json!(true)),
+        "{}",
+        again.body
+    );
+    // A new claim is refused as before.
+    let fresh = cluster.nodes[1]
+        .client
+        .call(
+            http::Method::POST,
+            "/ticket/get",
+            Some(&token),
+            Some(&body),
+            &[("Idempotency-Key", "another-key")],
+        )
+        .await
+        .unwrap();
+    assert_error(&fresh, 409, "PAUSED");
+}
+
 /// The commit script writes a batch's backlog records and sold counts once,
 /// after its loop. Redis keeps what a failed script wrote before it failed,
 /// so a command failing halfway through a batch must not leave the claims
