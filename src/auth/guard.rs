@@ -164,6 +164,16 @@ const SUCCESSFUL_LOGINS: Rate = Rate {
     burst: 10.0,
 };
 
+/// Reads of a user's claims from a cluster's shared store (`/ticket/*`,
+/// `/act/detail`), per user: twenty, then five a second. Each is a Redis
+/// script per activity on the Redis that runs every node's commits one at
+/// a time; unbounded, one logged-in client looping `/ticket/list` slowed
+/// every node's claims. A fan's page reads far less.
+const STORE_READS: Rate = Rate {
+    per_sec: 5.0,
+    burst: 20.0,
+};
+
 /// Blocklists, rate limits, login backoff and the same-site check.
 pub struct Guard {
     settings: ArcSwap<Settings>,
@@ -182,6 +192,8 @@ pub struct Guard {
     logins_by_site: Backoff<([u8; 16], IpAddr)>,
     /// Successful logins per (account, address key): [`SUCCESSFUL_LOGINS`].
     logins_succeeded: TokenBuckets<([u8; 16], IpAddr)>,
+    /// Reads of a user's claims from a shared store: [`STORE_READS`].
+    store_reads_by_user: TokenBuckets<u64>,
 }
 
 /// A login attempt the guard let through: it holds a place in the address's,
@@ -261,6 +273,7 @@ impl Guard {
             logins_by_ip: Backoff::new(capacity),
             logins_by_site: Backoff::new(capacity),
             logins_succeeded: TokenBuckets::new(capacity),
+            store_reads_by_user: TokenBuckets::new(capacity),
         }
     }
 
@@ -368,6 +381,14 @@ impl Guard {
             .map_err(Denied::RateLimited)
     }
 
+    /// Takes a token from the user's bucket of reads from a shared store
+    /// ([`STORE_READS`]).
+    pub fn admit_store_read(&self, user_id: u64, now: Instant) -> Result<(), Denied> {
+        self.store_reads_by_user
+            .take(user_id, STORE_READS, now)
+            .map_err(Denied::RateLimited)
+    }
+
     /// Takes a registration token from the address's bucket (an IPv6
     /// address's /64) and, for IPv6, from its /48's, which holds
     /// [`SITE_REGISTRATIONS`] times as many: counted per /64 alone, a /48
@@ -448,10 +469,11 @@ impl Guard {
         self.logins_by_ip.sweep(now, idle, settings.address_login());
         self.logins_by_site.sweep(now, idle, settings.site_login());
         self.logins_succeeded.sweep(now, idle);
+        self.store_reads_by_user.sweep(now, idle);
     }
 
     /// `(table, entries, capacity)` of every table, for `/metrics`.
-    pub fn tables(&self) -> [(&'static str, usize, usize); 8] {
+    pub fn tables(&self) -> [(&'static str, usize, usize); 9] {
         [
             (
                 "claims_by_user",
@@ -484,6 +506,11 @@ impl Guard {
                 "logins_succeeded",
                 self.logins_succeeded.len(),
                 self.logins_succeeded.capacity(),
+            ),
+            (
+                "store_reads_by_user",
+                self.store_reads_by_user.len(),
+                self.store_reads_by_user.capacity(),
             ),
         ]
     }

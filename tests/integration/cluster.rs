@@ -1143,6 +1143,56 @@ async fn an_idempotent_retry_gets_its_code_on_another_node_after_a_pause() {
     assert_error(&fresh, 409, "PAUSED");
 }
 
+/// `/act/detail` shows a logged-in fan "joined" and their codes. It read
+/// only the answering node's ledger, the claims that node made since it
+/// started: behind Nginx the next request goes to another node, and the
+/// fan's page showed no code for a claim they hold. In a cluster it now
+/// reads the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activitys_detail_shows_claims_made_through_another_node() {
+    let cluster = Cluster::start(2, &cluster_activity("ad", 5, 2), "");
+    let token = cluster.nodes[0].register("ad-fan").await;
+    let res = cluster.nodes[0].claim(&token, "ad").await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    let code = res.data()["code"].clone();
+    let detail = cluster.nodes[1]
+        .client
+        .get("/act/detail?actId=ad", Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(detail.status, 200, "{}", detail.body);
+    let d = detail.data();
+    assert_eq!(d["joined"], true, "{d}");
+    let codes: Vec<&serde_json::Value> = d["claims"].as_array().unwrap().iter().map(|c| &c["code"]).collect();
+    assert_eq!(codes, vec![&code], "{d}");
+}
+
+/// In a cluster, `/ticket/list`, `/ticket/detail` and `/ticket/qr` read
+/// the user's claims with a Redis script per activity, on the Redis that
+/// runs every node's commits one at a time, and nothing bounded them: one
+/// logged-in client looping `/ticket/list` loaded every node's claims. A
+/// user now has twenty such reads, then five a second, per node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_reads_of_the_shared_store_are_rate_limited() {
+    let cluster = Cluster::start(1, &cluster_activity("rl", 5, 1), "");
+    let node = &cluster.nodes[0];
+    let token = node.register("rl-fan").await;
+    let res = node.claim(&token, "rl").await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    let mut answers = Vec::new();
+    for _ in 0..40 {
+        answers.push(node.client.get("/ticket/list", Some(&token)).await.unwrap());
+    }
+    // Of twenty, the claim's `/act/detail` (for its claim token) took one.
+    let ok = answers.iter().filter(|a| a.status == 200).count();
+    assert!((19..40).contains(&ok), "{ok} of 40 served");
+    let refused = answers.iter().find(|a| a.status != 200).unwrap();
+    assert_error(refused, 429, "RATE_LIMITED");
+    // Another user's reads are their own.
+    let other = node.register("rl-other").await;
+    assert_eq!(node.client.get("/ticket/list", Some(&other)).await.unwrap().status, 200);
+}
+
 /// The commit script writes a batch's backlog records and sold counts once,
 /// after its loop. Redis keeps what a failed script wrote before it failed,
 /// so a command failing halfway through a batch must not leave the claims

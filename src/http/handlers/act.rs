@@ -2,7 +2,7 @@
 //! and the inventory's stock (the live pools on one node; the cluster-wide
 //! counts in a cluster).
 
-use std::hash::Hasher;
+use std::{hash::Hasher, time::Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -21,6 +21,7 @@ use crate::{
     },
     inventory::Stock,
     state::AppState,
+    vocab::Claim,
 };
 
 #[derive(Serialize)]
@@ -145,6 +146,30 @@ pub fn list(state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
     Ok(res)
 }
 
+/// The claims `user` holds in `activity`. A node's ledger holds the claims
+/// it made since it started; in a cluster the others' are in the store,
+/// read unless the ledger shows the whole limit already, within the user's
+/// budget of such reads (past it, or with the store down, the ledger's).
+async fn claims_here(state: &AppState, activity: &Activity, user: u64) -> Vec<Claim> {
+    let mine = activity.ledger.claims_of(user);
+    let whole = mine.len() >= activity.per_user_limit as usize;
+    if whole || !state.store.shared_with_nodes() || state.guard.admit_store_read(user, Instant::now()).is_err() {
+        return mine;
+    }
+    match state
+        .store
+        .claims_of_user(user, std::slice::from_ref(&activity.id))
+        .await
+    {
+        Some(Ok(stored)) => stored.into_iter().filter(|c| c.activity_id == activity.id).collect(),
+        Some(Err(error)) => {
+            tracing::debug!(%error, "Could not read a user's claims; showing this node's.");
+            mine
+        }
+        None => mine,
+    }
+}
+
 /// One activity; with a token, whether the caller joined and their claims.
 pub async fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
     let query = Query::parse(req.uri().query());
@@ -186,7 +211,7 @@ pub async fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Respons
         }
     }
     if let (Some(s), Some(obj)) = (session, data.as_object_mut()) {
-        let claims = activity.ledger.claims_of(s.user_id);
+        let claims = claims_here(state, activity, s.user_id).await;
         let views: Vec<ClaimView<'_>> = claims.iter().map(ClaimView::from).collect();
         obj.insert("joined".into(), (!claims.is_empty()).into());
         obj.insert(

@@ -94,7 +94,15 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
 }
 
 /// Every claim `user` holds (claims made through other nodes included).
+/// In a cluster that is a read of the shared store, within the user's
+/// budget of such reads.
 async fn claims_of(state: &AppState, user: u64) -> Result<Vec<Claim>, ApiError> {
+    if state.store.shared_with_nodes() {
+        state
+            .guard
+            .admit_store_read(user, Instant::now())
+            .inspect_err(|_| metrics::global().reject(Rejected::UserRate))?;
+    }
     let catalog = state.catalog.load();
     state.claimer.claims_of_user(&catalog, user).await.map_err(|e| {
         tracing::warn!(error = %e, "Could not read a user's claims.");
