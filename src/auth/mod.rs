@@ -396,6 +396,15 @@ impl Auth {
             match user {
                 Some(u) if ok => {
                     attempt.succeeded();
+                    // Made at an earlier cost: at the current one from now
+                    // on (the turn is still held; this login pays for it).
+                    let cost = this.settings.load().cost;
+                    if !password::has_cost(&hash, cost) {
+                        let rehashed = password::hash(&password, cost);
+                        if let Err(error) = this.store.set_password_hash(u.id, &rehashed) {
+                            tracing::warn!(%error, "Could not re-hash a password at the current cost.");
+                        }
+                    }
                     Ok(u)
                 }
                 _ => {

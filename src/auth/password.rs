@@ -33,6 +33,23 @@ pub fn hash(password: &str, cost: HashCost) -> String {
         .to_string()
 }
 
+/// Whether the PHC string `phc` is an argon2id hash at `cost` (what
+/// [`hash`] makes now). One made at an earlier cost still verifies; a
+/// login re-hashes it, since an unknown name is checked at the current cost
+/// and the difference in time would tell old accounts from names nobody has.
+pub fn has_cost(phc: &str, cost: HashCost) -> bool {
+    let Ok(parsed) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let Ok(params) = Params::try_from(&parsed) else {
+        return false;
+    };
+    parsed.algorithm == Algorithm::Argon2id.ident()
+        && params.m_cost() == cost.memory_kib.max(8)
+        && params.t_cost() == cost.iterations.max(1)
+        && params.p_cost() == 1
+}
+
 /// Whether `password` matches the PHC string `phc`. A malformed stored hash never matches.
 pub fn verify(password: &str, phc: &str) -> bool {
     match PasswordHash::new(phc) {
@@ -56,5 +73,13 @@ mod tests {
         assert!(verify("correct horse", &h));
         assert!(!verify("correct horsE", &h));
         assert!(!verify("correct horse", "not a hash"));
+        assert!(has_cost(&h, cost));
+        let raised = HashCost {
+            memory_kib: 16,
+            iterations: 1,
+        };
+        assert!(!has_cost(&h, raised));
+        assert!(has_cost(&hash("correct horse", raised), raised));
+        assert!(!has_cost("not a hash", cost));
     }
 }

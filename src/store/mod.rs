@@ -271,6 +271,14 @@ impl Store {
         }
     }
 
+    /// Replaces a user's password hash (a login re-hashing at the current cost).
+    pub fn set_password_hash(&self, user_id: u64, hash: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => s.set_password_hash(user_id, hash),
+            Store::Cluster(s) => s.set_password_hash(user_id, hash),
+        }
+    }
+
     /// The user whose look-alike key is `skeleton` (keys are unique).
     pub fn user_by_skeleton(&self, skeleton: &str) -> Result<Option<User>, StoreError> {
         match self {

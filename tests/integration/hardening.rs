@@ -907,6 +907,37 @@ async fn a_few_clients_cannot_hold_every_hashing_place() {
     );
 }
 
+/// A login of a name nobody has is checked against a dummy hash at the
+/// current argon2 cost, an account's against its own hash at the cost it
+/// was made with. After a cost change the two took different times, and a
+/// login's time told the accounts made before from names nobody has. A
+/// login now re-hashes its password at the current cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_rehashes_a_password_made_at_an_earlier_cost() {
+    let config = base_config() + &open_activity("rh", 1, 1);
+    let app = TestApp::start(&config);
+    app.register("early").await;
+    app.register("dormant").await;
+    let raised = config.replace("argon2_memory_kib = 8", "argon2_memory_kib = 16");
+    assert_ne!(config, raised);
+    assert_eq!(app.reload(&raised)["message"], "Config reloaded.");
+    let body = json!({ "username": "early", "password": "password-early" });
+    let res = app.client.post("/user/login", None, &body).await.unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
+    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let hash_of = |name: &str| -> String {
+        db.query_row("SELECT password_hash FROM users WHERE username = ?1", [name], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    };
+    assert!(hash_of("early").contains("$m=16,"), "{}", hash_of("early"));
+    assert!(hash_of("dormant").contains("$m=8,"), "{}", hash_of("dormant"));
+    // And the new hash is the password's.
+    let res = app.client.post("/user/login", None, &body).await.unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
+}
+
 /// A login refused 503 BUSY (every hashing turn and queue place taken)
 /// used to make its lockout records first: each new key at a full shard
 /// evicted that shard's least recently used record, so a flood of such

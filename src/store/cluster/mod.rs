@@ -590,6 +590,10 @@ impl ClusterStore {
         Ok(self.block(mongo::user_by_name(&self.shared.db, username))?)
     }
 
+    pub(super) fn set_password_hash(&self, user_id: u64, hash: &str) -> Result<(), StoreError> {
+        Ok(self.block(mongo::set_password_hash(&self.shared.db, user_id, hash))?)
+    }
+
     pub(super) fn user_by_skeleton(&self, skeleton: &str) -> Result<Option<User>, StoreError> {
         Ok(self.block(mongo::user_by_skeleton(&self.shared.db, skeleton))?)
     }

@@ -426,6 +426,14 @@ pub async fn user_by_name(db: &Database, username: &str) -> Result<Option<User>,
         .and_then(user_from))
 }
 
+/// Replaces a user's password hash.
+pub async fn set_password_hash(db: &Database, user_id: u64, hash: &str) -> Result<(), MongoError> {
+    coll(db, "users")
+        .update_one(doc! {"_id": user_id as i64}, doc! {"$set": {"password_hash": hash}})
+        .await?;
+    Ok(())
+}
+
 /// The user whose look-alike key is `skeleton`.
 pub async fn user_by_skeleton(db: &Database, skeleton: &str) -> Result<Option<User>, MongoError> {
     Ok(coll(db, "users")

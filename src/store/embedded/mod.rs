@@ -536,6 +536,13 @@ impl EmbeddedStore {
         Ok(stmt.query_row([username], user_from_row).optional()?)
     }
 
+    pub(super) fn set_password_hash(&self, user_id: u64, hash: &str) -> Result<(), StoreError> {
+        let conn = self.db.lock();
+        conn.prepare_cached("UPDATE users SET password_hash = ?2 WHERE id = ?1")?
+            .execute(params![user_id as i64, hash])?;
+        Ok(())
+    }
+
     pub(super) fn user_by_skeleton(&self, skeleton: &str) -> Result<Option<User>, StoreError> {
         let conn = self.db.lock();
         let mut stmt = conn.prepare_cached(
