@@ -161,6 +161,7 @@ impl App {
         let claimer = Claimer::new(
             store.clone(),
             inventory.clone(),
+            guard.clone(),
             ClaimTokens::new(
                 secret.as_bytes(),
                 config.auth.previous_session_secret().as_deref().map(str::as_bytes),

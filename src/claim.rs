@@ -46,7 +46,7 @@ use std::sync::{
 use arc_swap::ArcSwap;
 
 use crate::{
-    auth::{claim_token::pow_ok, ClaimTokenError, ClaimTokens},
+    auth::{claim_token::pow_ok, ClaimTokenError, ClaimTokens, Guard},
     catalog::{Activity, Catalog, Status, TicketType},
     clock::now_ms,
     config::Config,
@@ -84,6 +84,8 @@ pub struct ClaimRequest<'a> {
 pub struct Claimer {
     store: Arc<Store>,
     inventory: Arc<Inventory>,
+    /// For the user's budget of reads of a shared store.
+    guard: Arc<Guard>,
     tokens: ClaimTokens,
     settings: ArcSwap<ClaimSettings>,
     in_flight: AtomicUsize,
@@ -134,10 +136,17 @@ impl Drop for InFlight<'_> {
 impl Claimer {
     /// A claimer taking codes from `inventory`, committing to `store`,
     /// checking claim tokens with `tokens`.
-    pub fn new(store: Arc<Store>, inventory: Arc<Inventory>, tokens: ClaimTokens, settings: ClaimSettings) -> Claimer {
+    pub fn new(
+        store: Arc<Store>,
+        inventory: Arc<Inventory>,
+        guard: Arc<Guard>,
+        tokens: ClaimTokens,
+        settings: ClaimSettings,
+    ) -> Claimer {
         Claimer {
             store,
             inventory,
+            guard,
             tokens,
             settings: ArcSwap::from_pointee(settings),
             in_flight: AtomicUsize::new(0),
@@ -267,7 +276,19 @@ impl Claimer {
     ) -> Result<Claimed, Rejection> {
         match self.replay_from_store(activity, user, key).await? {
             Some(claimed) => Ok(claimed),
-            None => Err(self.no_code(tickets, one_ticket_type)),
+            None => match self.no_code(tickets, one_ticket_type) {
+                // SOLD_OUT is final. The claim with this key may have ended
+                // its commit since the ledger was read: a pool's code counts
+                // as committed only after the ledger holds the claim, so one
+                // more look sees it.
+                sold_out @ Rejection::SoldOut { .. } => {
+                    match key.and_then(|k| activity.ledger.peek(user, u32::MAX, Some(k))) {
+                        Some(Reservation::Replay(claim)) => Ok(Claimed { claim, replayed: true }),
+                        _ => Err(sold_out),
+                    }
+                }
+                other => Err(other),
+            },
         }
     }
 
@@ -291,22 +312,27 @@ impl Claimer {
         // have been lost; answering PAUSED now would hide a ticket the fan
         // holds, and a client that took that as final would try again with
         // a new key. (Read-only, and only for a request with a key.)
-        if let Some(Reservation::Replay(claim)) = req
+        // So does a retry of one still being committed: IN_PROGRESS, not
+        // what a change since would say.
+        match req
             .idempotency_key
             .as_deref()
             .and_then(|key| activity.ledger.peek(req.user_id, u32::MAX, Some(key)))
         {
-            return Ok(Claimed { claim, replayed: true });
+            Some(Reservation::Replay(claim)) => return Ok(Claimed { claim, replayed: true }),
+            Some(Reservation::InProgress) => return Err(Rejection::InProgress),
+            _ => {}
         }
         let (user, key) = (req.user_id, req.idempotency_key.clone());
         match self.decide_anew(activity, req).await {
             // The ledger knows this node's claims since it started. A claim
             // made with this key through another node, or one answered
             // OUTCOME_UNKNOWN that was kept, is only in the store: a
-            // refusal at the gate (paused, ended, a stale token or pass)
-            // would hide it, so the store is asked first. (Only a keyed
-            // request, on a shared store, that would be refused anyway.)
-            Err(refusal) if refusal.is_at_the_gate() => {
+            // refusal that only a change since its claim explains (paused,
+            // ended, a lapsed token or pass) would hide it, so the store is
+            // asked first — for a keyed request, on a shared store that is
+            // up, within the user's budget of such reads.
+            Err(refusal) if refusal.may_hide_a_claim() && key.is_some() && self.may_read_store(user) => {
                 match self.replay_from_store(activity, user, key.as_deref()).await {
                     Ok(Some(claimed)) => Ok(claimed),
                     _ => Err(refusal),
@@ -314,6 +340,13 @@ impl Claimer {
             }
             decided => decided,
         }
+    }
+
+    /// Whether a refusal may wait for a read of the shared store (see [`decide`](Self::decide)).
+    fn may_read_store(&self, user: u64) -> bool {
+        self.store.shared_with_nodes()
+            && self.store.reachable()
+            && self.guard.admit_store_read(user, std::time::Instant::now()).is_ok()
     }
 
     /// [`decide`](Self::decide) for a request the ledger has no claim for.
@@ -352,6 +385,7 @@ impl Claimer {
                 .peek(req.user_id, activity.per_user_limit, req.idempotency_key.as_deref())
             {
                 Some(Reservation::Replay(claim)) => Ok(Claimed { claim, replayed: true }),
+                Some(Reservation::InProgress) => Err(Rejection::InProgress),
                 Some(Reservation::LimitReached(codes)) => Err(Rejection::LimitReached(codes)),
                 _ => {
                     let key = req.idempotency_key.as_deref();
@@ -660,6 +694,7 @@ per_user_limit = {limit}
         let claimer = Claimer::new(
             store,
             inventory,
+            Arc::new(Guard::new(&config, Default::default())),
             ClaimTokens::new(b"a test secret of at least 32 bytes!", None),
             ClaimSettings::from_config(&config),
         );

@@ -323,23 +323,21 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    /// Refused before any code was looked at, for when or how the request
-    /// came (the sale's window, the account, the token or pass): the
-    /// claim a retry's key names may exist all the same.
-    pub fn is_at_the_gate(&self) -> bool {
+    /// A refusal a retry can meet only because something changed after its
+    /// claim was made (the sale paused or ended, its token or pass lapsed,
+    /// a reload took the ticket type or raised the account age): the claim
+    /// its key names may exist all the same. Not the ones any client can
+    /// bring about at will (no token, a forged one, no proof of work): those
+    /// stay answered from memory.
+    pub fn may_hide_a_claim(&self) -> bool {
         matches!(
             self,
             Rejection::Paused
-                | Rejection::NotStarted { .. }
                 | Rejection::Ended { .. }
-                | Rejection::ClaimTokenRequired
-                | Rejection::ClaimTokenInvalid
                 | Rejection::ClaimTokenExpired
-                | Rejection::QueuePassRequired
                 | Rejection::QueuePassExpired
-                | Rejection::ProofOfWork { .. }
                 | Rejection::AccountTooNew { .. }
-                | Rejection::SessionPredatesAccountAge
+                | Rejection::UnknownTicket
         )
     }
 

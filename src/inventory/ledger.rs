@@ -86,13 +86,17 @@ impl Ledger {
         Reservation::Reserved
     }
 
-    /// The answer `reserve` would give without reserving: a replay, the limit
-    /// reached, or `None`. Takes only a read lock and never inserts.
+    /// The answer `reserve` would give without reserving: a replay, a claim
+    /// with this key in progress, the limit reached, or `None`. Takes only a
+    /// read lock and never inserts.
     pub fn peek(&self, user: u64, limit: u32, key: Option<&str>) -> Option<Reservation> {
         let held = self.users.get(&user)?;
         if let Some(key) = key {
             if let Some(c) = held.claims.iter().find(|c| c.idempotency_key.as_deref() == Some(key)) {
                 return Some(Reservation::Replay(c.clone()));
+            }
+            if held.pending_keys.iter().any(|k| &**k == key) {
+                return Some(Reservation::InProgress);
             }
         }
         (held.claims.len() as u64 >= u64::from(limit))

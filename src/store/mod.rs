@@ -354,6 +354,16 @@ impl Store {
         matches!(self, Store::Cluster(_))
     }
 
+    /// Whether a read that can wait (one with an answer to fall back on)
+    /// is worth trying now: a cluster's Redis answered its last call (the
+    /// probe finds it again); the embedded store always.
+    pub fn reachable(&self) -> bool {
+        match self {
+            Store::Embedded(_) => true,
+            Store::Cluster(s) => s.gauges().redis_up,
+        }
+    }
+
     /// Where codes come from in batches, when this store leases them (a
     /// cluster); `None` when a node owns all its codes (embedded).
     pub fn lease_source(&self) -> Option<LeaseSource> {

@@ -1233,6 +1233,7 @@ async fn a_commit_failing_halfway_still_backlogs_and_counts_what_it_recorded() {
         .key(keys.sold())
         .key(keys.limits())
         .key(keys.nodes())
+        .key(keys.served())
         .key(&lease)
         .key(&lease)
         .arg("n1")
@@ -1263,6 +1264,9 @@ async fn a_commit_failing_halfway_still_backlogs_and_counts_what_it_recorded() {
         .await
         .unwrap();
     assert_eq!(sold, Some(1));
+    // And the limit it held c1's claim to, for `ticketd verify`.
+    let served: Option<u64> = redis::cmd("GET").arg(keys.served()).query_async(&mut r).await.unwrap();
+    assert_eq!(served, Some(5));
     let held: String = redis::cmd("HGET")
         .arg(keys.held())
         .arg(1)

@@ -147,13 +147,22 @@ pub fn list(state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
 }
 
 /// The claims `user` holds in `activity`. A node's ledger holds the claims
-/// it made since it started; in a cluster the others' are in the store,
-/// read unless the ledger shows the whole limit already, within the user's
-/// budget of such reads (past it, or with the store down, the ledger's).
-async fn claims_here(state: &AppState, activity: &Activity, user: u64) -> Vec<Claim> {
+/// it made since it started; in a cluster the others' are in the store.
+/// That read (a Redis script on the Redis that runs every commit) is made
+/// only when it can find something and someone looks: not with
+/// `claims=0` (the page's grab, which fetches the detail for its claim
+/// token before every claim), not before the sale opens, not when the
+/// ledger shows the whole limit, not while Redis is down, and within the
+/// user's budget of such reads. Otherwise the answer is the ledger's.
+async fn claims_here(state: &AppState, activity: &Activity, user: u64, asked: bool, now: i64) -> Vec<Claim> {
     let mine = activity.ledger.claims_of(user);
-    let whole = mine.len() >= activity.per_user_limit as usize;
-    if whole || !state.store.shared_with_nodes() || state.guard.admit_store_read(user, Instant::now()).is_err() {
+    let read = asked
+        && state.store.shared_with_nodes()
+        && activity.status(now) != Status::Upcoming
+        && mine.len() < activity.per_user_limit as usize
+        && state.store.reachable()
+        && state.guard.admit_store_read(user, Instant::now()).is_ok();
+    if !read {
         return mine;
     }
     match state
@@ -211,7 +220,8 @@ pub async fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Respons
         }
     }
     if let (Some(s), Some(obj)) = (session, data.as_object_mut()) {
-        let claims = claims_here(state, activity, s.user_id).await;
+        let asked = query.get("claims") != Some("0");
+        let claims = claims_here(state, activity, s.user_id, asked, now).await;
         let views: Vec<ClaimView<'_>> = claims.iter().map(ClaimView::from).collect();
         obj.insert("joined".into(), (!claims.is_empty()).into());
         obj.insert(

@@ -583,7 +583,9 @@ async function grab(a, ticketId, button, progress, result) {
     if (!store.token) return result.replaceChildren(loginPrompt('UNAUTHORIZED'));
     for (let tries = 1; tries <= MAX_TRIES; tries++) {
       if (!body) {
-        const detail = await api('GET', `/act/detail?actId=${encodeURIComponent(a.actId)}`);
+        // `claims=0`: only the token is needed here; the claims would cost
+        // a cluster a Redis read on every grab.
+        const detail = await api('GET', `/act/detail?actId=${encodeURIComponent(a.actId)}&claims=0`);
         if (!detail.ok && retryable(detail) && tries < MAX_TRIES) {
           const ms = retryDelay(detail.retryAfter, tries);
           result.replaceChildren(retryingNotice(detail, ms));
@@ -737,9 +739,18 @@ async function mineView() {
 /** The QR is drawn by the node and only for its owner: fetched with the token, shown from a blob. */
 async function loadQr(claimId, img) {
   try {
-    const res = await fetch(`/ticket/qr?ticketId=${claimId}`, { headers: { Authorization: `Bearer ${store.token}` } });
-    if (!res.ok) return;
-    img.src = URL.createObjectURL(await res.blob());
+    // A node rations a cluster's reads per user (429 with Retry-After): a
+    // fan with many tickets gets the rest of the QR codes a moment later.
+    for (let tries = 1; tries <= MAX_TRIES; tries++) {
+      const res = await fetch(`/ticket/qr?ticketId=${claimId}`, { headers: { Authorization: `Bearer ${store.token}` } });
+      if (res.status === 429 && tries < MAX_TRIES) {
+        await sleep(retryDelay(Number(res.headers.get('Retry-After')) || 0, tries));
+        continue;
+      }
+      if (!res.ok) return;
+      img.src = URL.createObjectURL(await res.blob());
+      return;
+    }
   } catch { /* the code is shown as text anyway */ }
 }
 

@@ -373,7 +373,8 @@ return {lowest, highest}
 /// would lease a second batch, and the first, in the node's lease set but
 /// in no pool, would be renewed and never sold (claims hearing
 /// `STOCK_IN_FLIGHT` to the end). So a call whose id is the last one's
-/// answers what that one did, and pops nothing.
+/// answers what that one did (renewing the lease), and pops nothing; or,
+/// if the node's lease was taken since, no codes and the new epoch.
 pub static LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{NOW}{}",
@@ -383,6 +384,11 @@ if last then
   local at = string.find(last, ' ', 1, true)
   if at and string.sub(last, 1, at - 1) == ARGV[5] then
     local was = cjson.decode(string.sub(last, at + 1))
+    -- Reaped or released since (a failover outlasting the lease): those
+    -- codes are not the node's any more, and the new epoch tells it so.
+    local epoch = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0')
+    if epoch ~= was[3] then return {redis.call('LLEN', KEYS[1]), {}, epoch} end
+    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
     return {was[1], was[2], was[3]}
   end
 end
