@@ -530,3 +530,101 @@ async fn the_list_is_never_stale() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// An `fdatasync` of the journal's that waits while `hold` exists: a disk
+/// slow to make one group commit durable, so that a claim stays in its
+/// commit for as long as the test needs. Built with the system's C
+/// compiler and preloaded into the node.
+fn slow_journal_disk(dir: &std::path::Path) -> std::path::PathBuf {
+    let source = dir.join("slow_fsync.c");
+    std::fs::write(
+        &source,
+        r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+int fdatasync(int fd) {
+    static int (*real)(int);
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    const char *hold = getenv("TEST_HOLD_JOURNAL_FSYNC");
+    char link[64], path[4096];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    if (hold && n > 0) {
+        path[n] = 0;
+        while (strstr(path, "/journal/") && access(hold, F_OK) == 0) usleep(1000);
+    }
+    return real(fd);
+}
+"#,
+    )
+    .unwrap();
+    let lib = dir.join("slow_fsync.so");
+    let out = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&source)
+        .arg("-ldl")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run cc ({e}): install a C compiler (Debian: apt install gcc)"));
+    assert!(out.status.success(), "cc: {}", String::from_utf8_lossy(&out.stderr));
+    lib
+}
+
+/// A retry with the key of a claim still being committed heard what the
+/// sale said now rather than IN_PROGRESS: the ledger's look before the
+/// other checks saw only claims made, not ones in progress. Here the sale
+/// is paused while the first claim waits on a slow disk, and its retry
+/// heard 409 PAUSED, though the first then got its code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_a_claim_still_being_committed_hears_in_progress() {
+    let config = base_config() + &open_activity("ip", 5, 2);
+    let mut app = TestApp::prepare(&config, &[]);
+    let lib = slow_journal_disk(app.dir.path());
+    let hold = app.dir.path().join("hold-fsync");
+    app.env.push(("LD_PRELOAD".into(), lib.display().to_string()));
+    app.env
+        .push(("TEST_HOLD_JOURNAL_FSYNC".into(), hold.display().to_string()));
+    app.boot();
+    let token = app.register("slow").await;
+    let body = app.claim_body(&token, "ip").await;
+    let post = || {
+        let (client, token, body) = (app.client_clone(), token.clone(), body.clone());
+        async move {
+            client
+                .call(
+                    http::Method::POST,
+                    "/ticket/get",
+                    Some(&token),
+                    Some(&body),
+                    &[("Idempotency-Key", "slow-1")],
+                )
+                .await
+                .unwrap()
+        }
+    };
+    std::fs::write(&hold, b"").unwrap();
+    let first = tokio::spawn(post());
+    crate::common::until("the first claim to wait on the disk", || async {
+        crate::common::metric(&app, "ticketd_claims_in_flight").await == 1.0
+    })
+    .await;
+    let paused = config.replace("per_user_limit = 2", "per_user_limit = 2\npaused = true");
+    assert_ne!(config, paused);
+    assert_eq!(app.reload(&paused)["message"], "Config reloaded.");
+    assert_error(&post().await, 409, "IN_PROGRESS");
+    assert!(!first.is_finished(), "the first claim ended while the disk was held");
+    std::fs::remove_file(&hold).unwrap();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 200, "{}", first.body);
+    let again = post().await;
+    assert_eq!(
+        (again.status, &again.data()["code"], &again.data()["replayed"]),
+        (200, &first.data()["code"], &json!(true)),
+        "{}",
+        again.body
+    );
+}
