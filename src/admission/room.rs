@@ -109,6 +109,12 @@ impl RoomSettings {
         if new.start_ms != self.start_ms && !changed.contains(&"start_time") {
             changed.push("start_time");
         }
+        // The room counts the codes its passes may still claim, and marks a
+        // fan done, by it: raised, a done fan's pass (unexpired) would claim
+        // again a code promised to the next in line.
+        if new.per_user_limit != self.per_user_limit {
+            changed.push("per_user_limit");
+        }
         changed
     }
 }

@@ -1397,6 +1397,18 @@ async fn a_reload_moves_a_queue_before_it_opens_and_never_after() {
     let applied = app.reload(&config("+50m", "5m", "+2h", true));
     assert_eq!(applied["message"], "Config reloaded.", "{applied}");
     assert_eq!(ttl(&app.detail("open").await), 300_000);
+    // Nor the codes one pass claims: the room counts its passes, and a fan
+    // it has marked done, by it. (Raised, a done fan's unexpired pass
+    // claimed again a code the room had promised to the next in line.)
+    let raised = config("+50m", "5m", "+2h", true).replacen("per_user_limit = 1", "per_user_limit = 2", 1);
+    let refused = app.reload(&raised);
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("`open`: per_user_limit cannot change once its queue has opened"),
+        "{refused}"
+    );
     // A queue switched back to a race before it opened is a race for good:
     // reloads after its old opening time are not refused for it.
     let opens = ms(app.detail("later").await["queue"]["opensAt"].as_str().unwrap());
