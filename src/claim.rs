@@ -306,7 +306,19 @@ impl Claimer {
     }
 
     async fn decide(&self, catalog: &Catalog, req: ClaimRequest<'_>) -> Result<Claimed, Rejection> {
-        let activity = catalog.activity(req.activity_id).ok_or(Rejection::UnknownActivity)?;
+        let Some(activity) = catalog.activity(req.activity_id) else {
+            // A reload may have taken the activity out after this key's
+            // claim was made; the claim stands, and the ledger keeps it.
+            let replay = req.idempotency_key.as_deref().and_then(|key| {
+                self.inventory
+                    .existing_ledger(req.activity_id)?
+                    .peek(req.user_id, u32::MAX, Some(key))
+            });
+            return match replay {
+                Some(Reservation::Replay(claim)) => Ok(Claimed { claim, replayed: true }),
+                _ => Err(Rejection::UnknownActivity),
+            };
+        };
         // A retry of a claim already made gets that claim, whatever changed
         // since: paused, ended, a claim token gone stale. Its first answer may
         // have been lost; answering PAUSED now would hide a ticket the fan

@@ -56,6 +56,12 @@ impl Inventory {
         self.ledgers.entry(Arc::from(activity_id)).or_default().clone()
     }
 
+    /// The ledger of `activity_id` if it has one (never creates one: the id
+    /// may be any string a client sent).
+    pub fn existing_ledger(&self, activity_id: &str) -> Option<Arc<Ledger>> {
+        self.ledgers.get(activity_id).map(|l| l.clone())
+    }
+
     /// Every claim `user` holds, across activities, in this node's ledgers.
     pub fn claims_of_user(&self, user: u64) -> Vec<Claim> {
         self.ledgers.iter().flat_map(|l| l.claims_of(user)).collect()

@@ -628,3 +628,41 @@ async fn a_retry_of_a_claim_still_being_committed_hears_in_progress() {
         again.body
     );
 }
+
+/// A reload took an activity out after a fan's claim in it, whose first
+/// answer was lost: the retry with the claim's key heard 404
+/// ACTIVITY_NOT_FOUND, though the claim stands (and `/ticket/list` shows
+/// it). It now gets its claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_retry_gets_its_claim_after_a_reload_took_the_activity_out() {
+    let kept = open_activity("kept", 2, 1);
+    let config = base_config() + &kept + &open_activity("gone", 2, 1);
+    let app = TestApp::start(&config);
+    let token = app.register("fan").await;
+    let body = app.claim_body(&token, "gone").await;
+    let post = || async {
+        app.client
+            .call(
+                http::Method::POST,
+                "/ticket/get",
+                Some(&token),
+                Some(&body),
+                &[("Idempotency-Key", "gone-1")],
+            )
+            .await
+            .unwrap()
+    };
+    let first = post().await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(app.reload(&(base_config() + &kept))["message"], "Config reloaded.");
+    let again = post().await;
+    assert_eq!(
+        (again.status, &again.data()["code"], &again.data()["replayed"]),
+        (200, &first.data()["code"], &json!(true)),
+        "{}",
+        again.body
+    );
+    // Without the key it is an activity like any unknown one.
+    let res = app.client.post("/ticket/get", Some(&token), &body).await.unwrap();
+    assert_error(&res, 404, "ACTIVITY_NOT_FOUND");
+}
