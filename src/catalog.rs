@@ -109,6 +109,31 @@ pub enum Status {
     Ended,
 }
 
+/// What [`Catalog::build`] finds wrong with `config`'s times once relative
+/// ones are resolved against `node_start_ms` (the config's validation can
+/// compare only times of one kind): `ticketd check-config` asks it as of a
+/// node starting now.
+pub fn time_problems(config: &Config, node_start_ms: i64) -> Vec<String> {
+    let mut problems = Vec::new();
+    for a in &config.activities {
+        if a.end_time.resolve(node_start_ms) <= a.start_time.resolve(node_start_ms) {
+            problems.push(ends_before_it_starts(&a.id));
+        }
+        if RoomSettings::of(a, node_start_ms).is_some_and(|s| !s.in_order()) {
+            problems.push(out_of_order(&a.id));
+        }
+    }
+    problems
+}
+
+fn ends_before_it_starts(activity: &str) -> String {
+    format!("activity `{activity}` must end after it starts")
+}
+
+fn out_of_order(activity: &str) -> String {
+    format!("activity `{activity}`: queue_opens must come before draw_time, and draw_time not after start_time")
+}
+
 impl Catalog {
     /// Builds a snapshot of `config`, resolving relative times against
     /// `node_start_ms` and attaching the inventory's pools and ledgers and
@@ -127,13 +152,8 @@ impl Catalog {
             let settings = RoomSettings::of(a, node_start_ms);
             let open_room = rooms.get(&a.id);
             match (&settings, &open_room) {
-                (Some(s), _)
-                    if !(s.opens_ms < s.start_ms && s.opens_ms < s.shuffle_ms && s.shuffle_ms <= s.start_ms) =>
-                {
-                    problems.push(format!(
-                        "activity `{}`: queue_opens must come before draw_time, and draw_time not after start_time",
-                        a.id
-                    ));
+                (Some(s), _) if !s.in_order() => {
+                    problems.push(out_of_order(&a.id));
                 }
                 (Some(new), Some(room)) => {
                     let frozen = room.settings().frozen_changes(new, now);
@@ -160,7 +180,7 @@ impl Catalog {
         for a in &config.activities {
             let (start_ms, end_ms) = (a.start_time.resolve(node_start_ms), a.end_time.resolve(node_start_ms));
             if end_ms <= start_ms {
-                problems.push(format!("activity `{}` must end after it starts", a.id));
+                problems.push(ends_before_it_starts(&a.id));
             }
             let tickets = a
                 .tickets

@@ -130,6 +130,16 @@ pub fn import(config: &Config) -> anyhow::Result<()> {
 /// `ticketd check-config`.
 pub fn check_config(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    // Relative times next to absolute ones, as a node starting now would
+    // resolve them: `serve` would refuse these.
+    let problems = crate::catalog::time_problems(&config, now_ms());
+    if !problems.is_empty() {
+        bail!(
+            "{} is not valid for a node starting now:\n  {}",
+            path.display(),
+            problems.join("\n  ")
+        );
+    }
     let tickets: Vec<_> = config.activities.iter().flat_map(|a| &a.tickets).collect();
     let listed: usize = tickets.iter().map(|t| t.explicit_codes().len()).sum();
     let generated: u64 = tickets.iter().filter_map(|t| t.generate).map(u64::from).sum();
@@ -334,14 +344,16 @@ fn read_user_csv(file: &Path) -> anyhow::Result<Vec<UserRow>> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
-        .trim(csv::Trim::All)
         .from_path(file)
         .with_context(|| format!("cannot read {}", file.display()))?;
     let mut rows = Vec::new();
     for (i, record) in reader.records().enumerate() {
         let record = record.with_context(|| format!("{} line {}", file.display(), i + 1))?;
-        let field = |n: usize| record.get(n).unwrap_or("").to_owned();
-        let (username, password, nickname) = (field(0), field(1), field(2));
+        // Every field trimmed but the password, which is what it says, as
+        // registration and `user add` take it.
+        let field = |n: usize| record.get(n).unwrap_or("").trim().to_owned();
+        let password = record.get(1).unwrap_or("").to_owned();
+        let (username, nickname) = (field(0), field(2));
         if i == 0 && username.eq_ignore_ascii_case("username") && password.eq_ignore_ascii_case("password") {
             continue;
         }

@@ -49,6 +49,32 @@ pub fn site_key(ip: IpAddr) -> Option<IpAddr> {
     }
 }
 
+/// Bidi controls, zero-width and other default-ignorable format characters:
+/// they change how text *looks* without changing what it *is*. Refused in
+/// usernames, nicknames and codes (a code that carries one is another code
+/// than the one printed, and slips past the duplicate check).
+pub fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'                      // soft hyphen
+            | '\u{034F}'                // combining grapheme joiner
+            | '\u{061C}'                // Arabic letter mark
+            | '\u{115F}' | '\u{1160}'   // Hangul fillers
+            | '\u{17B4}' | '\u{17B5}'
+            | '\u{180B}'..='\u{180F}'   // Mongolian variation selectors, vowel separator
+            | '\u{200B}'..='\u{200F}'   // zero-width space/joiners, LRM, RLM
+            | '\u{202A}'..='\u{202E}'   // LRE, RLE, PDF, LRO, RLO
+            | '\u{2060}'..='\u{206F}'   // word joiner, invisible operators, LRI..PDI
+            | '\u{3164}'                // Hangul filler
+            | '\u{FE00}'..='\u{FE0F}'   // variation selectors
+            | '\u{FEFF}'                // BOM / zero-width no-break space
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFFB}'   // interlinear annotations
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}' // tags, variation selectors supplement
+    )
+}
+
 /// A code given to a user: durable once it has an id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {

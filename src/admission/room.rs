@@ -87,6 +87,11 @@ impl RoomSettings {
         })
     }
 
+    /// Whether the room opens before its draw, and draws no later than the sale starts.
+    pub fn in_order(&self) -> bool {
+        self.opens_ms < self.start_ms && self.opens_ms < self.shuffle_ms && self.shuffle_ms <= self.start_ms
+    }
+
     /// What may not change once the room has opened, and changed; empty when nothing did.
     pub fn frozen_changes(&self, new: &RoomSettings, now_ms: i64) -> Vec<&'static str> {
         if now_ms < self.opens_ms {

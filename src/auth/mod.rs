@@ -140,14 +140,22 @@ struct Turn {
     _share: Share,
 }
 
+/// The hash an unknown name's password is checked against, and the cost
+/// it is (being) made at.
+struct Dummy {
+    hash: ArcSwap<String>,
+    cost: parking_lot::Mutex<HashCost>,
+}
+
 /// Accounts and sessions.
 pub struct Auth {
     key: SessionKey,
     settings: ArcSwap<Settings>,
     /// Logged-out token ids and when they would expire.
     revoked: DashMap<[u8; 16], i64>,
-    /// Verified against when the username is unknown, to spend the same time.
-    dummy_hash: ArcSwap<String>,
+    /// Verified against when the username is unknown, to spend the same
+    /// time; made again, off the reload's path, when the cost changes.
+    dummy: Arc<Dummy>,
     /// Turns to run argon2: `max_concurrent_hashes` permits. A permit moves
     /// into the blocking task and is released when the hash ends, not when
     /// the request does: a client hanging up cannot free a turn early.
@@ -197,7 +205,10 @@ impl Auth {
         let settings = Settings::from_config(config);
         let auth = Auth {
             key,
-            dummy_hash: ArcSwap::from_pointee(password::hash("dummy password", settings.cost)),
+            dummy: Arc::new(Dummy {
+                hash: ArcSwap::from_pointee(password::hash("dummy password", settings.cost)),
+                cost: parking_lot::Mutex::new(settings.cost),
+            }),
             settings: ArcSwap::from_pointee(settings),
             revoked: DashMap::new(),
             hashing: Arc::new(Semaphore::new(config.auth.max_concurrent_hashes())),
@@ -239,13 +250,33 @@ impl Auth {
     }
 
     /// Applies reloadable settings (registration, argon2 cost, session TTL).
+    ///
+    /// A new cost's dummy hash is made on a thread of its own: at the most
+    /// memory and passes a config allows it takes seconds, which the reload
+    /// (holding the config's lock, half applied) must not wait for. Until
+    /// it is ready, an unknown name is checked against the last one.
     pub fn apply(&self, config: &Config) {
         let new = Settings::from_config(config);
-        if new.cost != self.settings.load().cost {
-            self.dummy_hash
-                .store(Arc::new(password::hash("dummy password", new.cost)));
-        }
+        let cost = new.cost;
+        let changed = {
+            let mut wanted = self.dummy.cost.lock();
+            std::mem::replace(&mut *wanted, cost) != cost
+        };
         self.settings.store(Arc::new(new));
+        if changed {
+            let dummy = self.dummy.clone();
+            let made = std::thread::Builder::new().name("dummy-hash".into()).spawn(move || {
+                let hash = password::hash("dummy password", cost);
+                // Only if no later reload asked for another cost.
+                let wanted = dummy.cost.lock();
+                if *wanted == cost {
+                    dummy.hash.store(Arc::new(hash));
+                }
+            });
+            if let Err(error) = made {
+                tracing::warn!(%error, "Could not make the dummy hash at the new cost.");
+            }
+        }
     }
 
     /// The session behind `token`, if it is valid and not logged out.
@@ -390,7 +421,7 @@ impl Auth {
             }
             let hash = match &user {
                 Some(u) => u.password_hash.clone(),
-                None => this.dummy_hash.load().to_string(),
+                None => this.dummy.hash.load().to_string(),
             };
             let ok = password::verify(&password, &hash);
             match user {

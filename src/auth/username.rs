@@ -29,7 +29,7 @@ use unicode_normalization::UnicodeNormalization;
 use unicode_script::{Script, UnicodeScript};
 use unicode_security::GeneralSecurityProfile;
 
-use crate::store::NewUser;
+use crate::{store::NewUser, vocab::is_invisible};
 
 /// The longest username a client may send, in bytes, as typed (before
 /// normalisation: 32 letters typed decomposed take far more than 32 code
@@ -137,30 +137,6 @@ pub fn check_display_text(text: &str) -> Result<(), String> {
         )),
         None => Ok(()),
     }
-}
-
-/// Bidi controls, zero-width and other default-ignorable format characters:
-/// they change how text *looks* without changing what it *is*.
-fn is_invisible(c: char) -> bool {
-    matches!(
-        c,
-        '\u{00AD}'                      // soft hyphen
-            | '\u{034F}'                // combining grapheme joiner
-            | '\u{061C}'                // Arabic letter mark
-            | '\u{115F}' | '\u{1160}'   // Hangul fillers
-            | '\u{17B4}' | '\u{17B5}'
-            | '\u{180B}'..='\u{180F}'   // Mongolian variation selectors, vowel separator
-            | '\u{200B}'..='\u{200F}'   // zero-width space/joiners, LRM, RLM
-            | '\u{202A}'..='\u{202E}'   // LRE, RLE, PDF, LRO, RLO
-            | '\u{2060}'..='\u{206F}'   // word joiner, invisible operators, LRI..PDI
-            | '\u{3164}'                // Hangul filler
-            | '\u{FE00}'..='\u{FE0F}'   // variation selectors
-            | '\u{FEFF}'                // BOM / zero-width no-break space
-            | '\u{FFA0}'
-            | '\u{FFF0}'..='\u{FFFB}'   // interlinear annotations
-            | '\u{1D173}'..='\u{1D17A}'
-            | '\u{E0000}'..='\u{E0FFF}' // tags, variation selectors supplement
-    )
 }
 
 /// Whether UTS #39 lets `c` into identifiers: recommended, an inclusion,

@@ -4,9 +4,12 @@
 use std::collections::HashSet;
 
 use super::report::{valid_id, Report, Seg, MAX_CODE_LEN, MAX_GENERATE, MAX_ID_LEN};
-use crate::config::{
-    model::{ActivityConfig, AdmissionMode, Config, StorageMode, TicketConfig},
-    units::TimeSpec,
+use crate::{
+    config::{
+        model::{ActivityConfig, AdmissionMode, Config, StorageMode, TicketConfig},
+        units::TimeSpec,
+    },
+    vocab::is_invisible,
 };
 
 pub(super) fn activities(r: &mut Report<'_>, config: &mut Config) {
@@ -47,6 +50,9 @@ pub(super) fn activities(r: &mut Report<'_>, config: &mut Config) {
                 let full = base_dir.join(file);
                 match std::fs::read_to_string(&full) {
                     Ok(text) => {
+                        // "UTF-8 with BOM", as spreadsheets and editors save
+                        // it: the mark is not part of the first code.
+                        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
                         ticket.codes = Some(
                             text.lines()
                                 .map(str::trim)
@@ -208,9 +214,12 @@ fn check_codes(r: &mut Report<'_>, path: &[Seg<'_>], ticket: &TicketConfig, all:
                 "ticket `{}`: code `{code}` must be 1-{MAX_CODE_LEN} bytes",
                 ticket.id
             ))
-        } else if code.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        } else if code
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || is_invisible(c))
+        {
             Some(format!(
-                "ticket `{}`: code `{}` contains whitespace or control characters",
+                "ticket `{}`: code `{}` contains whitespace, control or invisible characters",
                 ticket.id,
                 code.escape_debug()
             ))

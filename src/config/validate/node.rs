@@ -92,6 +92,14 @@ pub(super) fn cluster(r: &mut Report<'_>, config: &Config) {
             "cluster.lease_ttl must be at least 1s and cluster.max_backlog at least 1".into(),
         );
     }
+    // Its worker ticks at it (a zero period stops the worker: other nodes'
+    // logouts then never reach this one), and leases renew at least as often.
+    if c.refresh_interval.0 < std::time::Duration::from_millis(100) {
+        r.add(
+            &[K("cluster"), K("refresh_interval")],
+            "cluster.refresh_interval must be at least 100ms".into(),
+        );
+    }
 }
 
 pub(super) fn journal(r: &mut Report<'_>, config: &Config) {
@@ -123,20 +131,41 @@ pub(super) fn limits(r: &mut Report<'_>, config: &Config) {
             "limits.max_in_flight_claims must be at least 1".into(),
         );
     }
+    if config.limits.max_in_flight_per_activity == 0 {
+        r.add(
+            &[K("limits"), K("max_in_flight_per_activity")],
+            "limits.max_in_flight_per_activity must be at least 1: at 0 every claim is refused".into(),
+        );
+    }
 }
+
+/// The most memory one password hash may take: each of
+/// `max_concurrent_hashes` takes it while it runs, and a reload hashes at
+/// the new cost at once.
+const MAX_ARGON2_MEMORY_KIB: u32 = 1 << 20;
+/// The most argon2 passes: at the most memory, some seconds a hash already.
+const MAX_ARGON2_ITERATIONS: u32 = 64;
+/// The most logins and registrations that may wait for a hashing turn.
+const MAX_HASH_QUEUE: usize = 1 << 20;
 
 pub(super) fn auth(r: &mut Report<'_>, config: &Config) {
     let a = &config.auth;
-    if a.argon2_memory_kib < 8 {
+    if !(8..=MAX_ARGON2_MEMORY_KIB).contains(&a.argon2_memory_kib) {
         r.add(
             &[K("auth"), K("argon2_memory_kib")],
-            "auth.argon2_memory_kib must be at least 8".into(),
+            format!("auth.argon2_memory_kib must be 8-{MAX_ARGON2_MEMORY_KIB} (1 GiB)"),
         );
     }
-    if a.argon2_iterations == 0 {
+    if !(1..=MAX_ARGON2_ITERATIONS).contains(&a.argon2_iterations) {
         r.add(
             &[K("auth"), K("argon2_iterations")],
-            "auth.argon2_iterations must be at least 1".into(),
+            format!("auth.argon2_iterations must be 1-{MAX_ARGON2_ITERATIONS}"),
+        );
+    }
+    if a.hash_queue > MAX_HASH_QUEUE {
+        r.add(
+            &[K("auth"), K("hash_queue")],
+            format!("auth.hash_queue must be at most {MAX_HASH_QUEUE}"),
         );
     }
     for (key, secret) in [
@@ -164,10 +193,10 @@ pub(super) fn auth(r: &mut Report<'_>, config: &Config) {
             );
         }
     }
-    if a.max_concurrent_hashes == Some(0) {
+    if a.max_concurrent_hashes.is_some_and(|n| n == 0 || n > 1024) {
         r.add(
             &[K("auth"), K("max_concurrent_hashes")],
-            "auth.max_concurrent_hashes must be at least 1".into(),
+            "auth.max_concurrent_hashes must be 1-1024".into(),
         );
     }
     if config.session_ttl_ms() <= 0 {
