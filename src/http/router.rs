@@ -27,8 +27,9 @@ pub enum Surface {
     Admin,
 }
 
-/// A response body: a whole answer, or a waiting room's event stream.
-pub type Body = Either<Full<Bytes>, handlers::queue::EventStream>;
+/// A response body: a whole answer, or a stream (a waiting room's events,
+/// an export).
+pub type Body = Either<Full<Bytes>, Either<handlers::queue::EventStream, handlers::admin::ExportBody>>;
 
 /// What the server knows about the connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -62,9 +63,7 @@ pub async fn handle(
         Ok(ip) if route == Route::QueueEvents && surface == Surface::Public && req.method() == Method::GET => {
             events(state, &req, ip)
         }
-        Ok(ip) => answer(state, served, route, allowed, surface, req, ip)
-            .await
-            .map(Either::Left),
+        Ok(ip) => answer(state, served, route, allowed, surface, req, ip).await,
     };
     finish(access_log, served, route, started, logged, ip.unwrap_or(peer.ip()), res)
 }
@@ -96,7 +95,7 @@ fn events<B>(state: &AppState, req: &Request<B>, ip: IpAddr) -> Response<Body> {
     match state.guard.check_ip(ip) {
         Err(denied) => ApiError::from(denied).into_response().map(Either::Left),
         Ok(()) => match handlers::queue::events(state, req, ip) {
-            Ok(res) => res.map(Either::Right),
+            Ok(res) => res.map(|events| Either::Right(Either::Left(events))),
             Err(e) => e.into_response().map(Either::Left),
         },
     }
@@ -133,13 +132,16 @@ async fn answer(
     surface: Surface,
     req: Request<Incoming>,
     ip: IpAddr,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
+    let whole = |res: Response<Full<Bytes>>| res.map(Either::Left);
     if let Err(denied) = state.guard.check_ip(ip) {
         crate::metrics::global().reject(crate::metrics::Rejected::Blocked);
-        return ApiError::from(denied).into_response();
+        return whole(ApiError::from(denied).into_response());
     }
     if route == Route::Unknown {
-        return ApiError::not_found("ROUTE_NOT_FOUND", format!("no route for {}", req.uri().path())).into_response();
+        return whole(
+            ApiError::not_found("ROUTE_NOT_FOUND", format!("no route for {}", req.uri().path())).into_response(),
+        );
     }
     // A stream has no head-only form: `/queue/events` takes GET alone.
     let head = allowed == Method::GET && route != Route::QueueEvents;
@@ -158,18 +160,30 @@ async fn answer(
                 _ => "POST",
             }),
         );
-        return res;
+        return whole(res);
     }
     // Every public POST acts for somebody: no page of another site may send one.
     if surface == Surface::Public && allowed == Method::POST {
         if let Err(denied) = state.guard.check_same_site(req.headers()) {
             crate::metrics::global().reject(crate::metrics::Rejected::CrossSite);
-            return ApiError::from(denied).into_response();
+            return whole(ApiError::from(denied).into_response());
         }
     }
-    let mut res = dispatch(state, served.connections, route, req, ip)
-        .await
-        .unwrap_or_else(ApiError::into_response);
+    let mut res = match route {
+        // The one route that may stream (an export).
+        Route::Admin => match handlers::admin::handle(state, req, served.connections).await {
+            Ok(res) => res.map(|body| match body {
+                Either::Left(whole) => Either::Left(whole),
+                Either::Right(export) => Either::Right(Either::Right(export)),
+            }),
+            Err(e) => whole(e.into_response()),
+        },
+        _ => whole(
+            dispatch(state, served.connections, route, req, ip)
+                .await
+                .unwrap_or_else(ApiError::into_response),
+        ),
+    };
     if personal(route) {
         res.headers_mut()
             .entry(header::CACHE_CONTROL)
@@ -237,7 +251,8 @@ async fn dispatch(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     match route {
         Route::TicketGet => handlers::ticket::get(state, req, ip).await,
-        Route::Admin => handlers::admin::handle(state, req, connections).await,
+        // Answered in `answer` (it may stream).
+        Route::Admin => Err(ApiError::not_found("ROUTE_NOT_FOUND", "no such route")),
         Route::ActList => handlers::act::list(state),
         Route::ActDetail => handlers::act::detail(state, &req).await,
         Route::TicketList => handlers::ticket::list(state, &req).await,

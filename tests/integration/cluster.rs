@@ -1863,6 +1863,40 @@ async fn claims_under_a_limit_a_reload_raised_verify() {
     node.assert_verified();
 }
 
+/// `/admin/export` on a cluster node reads MongoDB, and streams it: the
+/// reading runs on a blocking thread, which must reach the cluster's own
+/// runtime from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_export_streams_from_mongodb() {
+    let token = crate::common::ADMIN_TOKEN;
+    let admin_config = format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\"\n");
+    let cluster = Cluster::start(1, &cluster_activity("ae", 5, 1), &admin_config);
+    let (tokens, _) = users(&cluster, "ae", 2).await;
+    let node = &cluster.nodes[0];
+    let mut codes = std::collections::HashSet::new();
+    for t in &tokens {
+        let res = node.claim(t, "ae").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+        codes.insert(res.data()["code"].as_str().unwrap().to_owned());
+    }
+    until("MongoDB to hold both claims", || async {
+        cluster.mongo_claims("ae").await.len() == 2
+    })
+    .await;
+    let request = format!(
+        "POST /admin/export?actId=ae&format=csv HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let answer = crate::common::exchange(&node.admin_addr(), request.as_bytes()).await;
+    assert_eq!(answer.status, 200, "{} {}", answer.head, answer.body);
+    let body = crate::common::unchunked(&answer.head, &answer.body);
+    let exported: std::collections::HashSet<String> = crate::common::parse_csv(body.as_bytes())
+        .iter()
+        .map(|r| r["code"].clone())
+        .collect();
+    assert_eq!(exported, codes, "{body}");
+}
+
 /// `/admin/stats` on a cluster node shows its store — Redis and MongoDB up
 /// or not, the claims waiting for MongoDB, the codes leased to the node —
 /// which only `/metrics` had: what an operator looks at first in an outage.

@@ -8,12 +8,20 @@
 //! - `POST /admin/export?actId=&format=csv|jsonl` — every claim of an
 //!   activity answered before the request (it waits up to 5 s for SQLite to
 //!   hold them); `X-Claims-In-Transit` counts those it could not wait for.
+//!   Streamed as it is read ([`ExportBody`]).
+
+use std::{
+    io::{self, Write},
+    pin::Pin,
+    task::{Context, Poll},
+};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http_body_util::{Either, Full};
+use hyper::body::{Frame, Incoming};
 use subtle::ConstantTimeEq;
+use tokio::sync::mpsc;
 
 use crate::{
     clock::now_ms,
@@ -31,12 +39,16 @@ use crate::{
 /// the token from the URL fragment (never sent to the server or logged).
 const PAGE: &str = include_str!("assets/admin.html");
 
+/// An answer of the admin API: whole, or an export streamed.
+pub type AdminBody = Either<Full<Bytes>, ExportBody>;
+
 /// Checks the admin token, then answers the admin route.
 pub async fn handle(
     state: &AppState,
     req: Request<Incoming>,
     connections: usize,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<AdminBody>, ApiError> {
+    let whole = |res: Response<Full<Bytes>>| res.map(Either::Left);
     if req.uri().path() == "/admin" {
         let mut res = Response::new(Full::new(Bytes::from_static(PAGE.as_bytes())));
         let headers = res.headers_mut();
@@ -50,7 +62,7 @@ pub async fn handle(
                 "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
             ),
         );
-        return Ok(res);
+        return Ok(whole(res));
     }
     let expected = state.admin_token.as_deref().unwrap_or("");
     let given = bearer_token(req.headers()).unwrap_or("");
@@ -64,15 +76,15 @@ pub async fn handle(
         ));
     }
     match req.uri().path() {
-        "/admin/stats" => Ok(stats(state, connections)),
+        "/admin/stats" => Ok(whole(stats(state, connections))),
         "/admin/reload" => {
             let result = tokio::task::block_in_place(|| state.reload());
             match result {
-                Ok(added) => Ok(ok(&serde_json::json!({ "reloaded": true, "codesAdded": added }))),
+                Ok(added) => Ok(whole(ok(&serde_json::json!({ "reloaded": true, "codesAdded": added })))),
                 Err(reason) => Err(ApiError::new(StatusCode::CONFLICT, "RELOAD_REFUSED", reason)),
             }
         }
-        _ => export(state, &req).await,
+        _ => export(state, &req).await.map(|res| res.map(Either::Right)),
     }
 }
 
@@ -124,7 +136,63 @@ const EXPORT_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
 /// in a cluster, MongoDB behind).
 const IN_TRANSIT: header::HeaderName = header::HeaderName::from_static("x-claims-in-transit");
 
-async fn export(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+/// Chunks of an export on their way: a few, so that a slow client holds
+/// the reading back rather than the node's memory.
+const EXPORT_CHUNKS: usize = 4;
+/// Bytes per chunk.
+const EXPORT_CHUNK: usize = 64 * 1024;
+
+/// An export's body: the chunks a blocking task writes as it reads the
+/// store. An activity's claims are never in memory whole (a million of
+/// them are about 100 MB of CSV); a client that leaves stops the reading.
+/// A failure part-way ends the body with an error, so the client sees the
+/// transfer cut short rather than an export that looks whole.
+pub struct ExportBody {
+    chunks: mpsc::Receiver<io::Result<Bytes>>,
+}
+
+impl hyper::body::Body for ExportBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.chunks.poll_recv(cx).map(|chunk| chunk.map(|c| c.map(Frame::data)))
+    }
+}
+
+/// Writes into an [`ExportBody`] a chunk at a time (on a blocking thread).
+struct ChunkWriter {
+    chunks: mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(EXPORT_CHUNK));
+        self.chunks
+            .blocking_send(Ok(Bytes::from(chunk)))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client left"))
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= EXPORT_CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
+async fn export(state: &AppState, req: &Request<Incoming>) -> Result<Response<ExportBody>, ApiError> {
     let query = Query::parse(req.uri().query());
     let activity = query.require("actId")?;
     let format = match query.get("format").unwrap_or("csv") {
@@ -145,19 +213,29 @@ async fn export(state: &AppState, req: &Request<Incoming>) -> Result<Response<Fu
     // exports read, a batch at a time: an export taken as a rush ends would
     // miss its last winners.
     let caught_up = state.store.caught_up(EXPORT_CATCH_UP).await;
-    let (in_transit, body) = tokio::task::block_in_place(|| {
-        // Caught up, none is missing (and the journal need not be read);
-        // else counted before the export reads: an overstatement at worst.
-        let in_transit = if caught_up {
-            0
-        } else {
-            store.claims_in_transit(activity)?
+    // Caught up, none is missing (and the journal need not be read); else
+    // counted before the export reads: an overstatement at worst.
+    let in_transit = if caught_up {
+        0
+    } else {
+        tokio::task::block_in_place(|| store.claims_in_transit(activity))?
+    };
+    let (tx, chunks) = mpsc::channel(EXPORT_CHUNKS);
+    let (store, activity) = (state.store.clone(), activity.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let mut out = ChunkWriter {
+            chunks: tx.clone(),
+            buf: Vec::with_capacity(EXPORT_CHUNK),
         };
-        let mut body = Vec::new();
-        crate::export::claims(store, activity, format, &mut body)?;
-        Ok::<_, ApiError>((in_transit, body))
-    })?;
-    let mut res = Response::new(Full::new(Bytes::from(body)));
+        // It flushes the last chunk itself.
+        if let Err(error) = crate::export::claims(&store, &activity, format, &mut out) {
+            if !tx.is_closed() {
+                tracing::warn!(%activity, %error, "An export failed part-way; its answer is cut short.");
+                let _ = tx.blocking_send(Err(io::Error::other(error.to_string())));
+            }
+        }
+    });
+    let mut res = Response::new(ExportBody { chunks });
     res.headers_mut().insert(IN_TRANSIT, HeaderValue::from(in_transit));
     let ct = if format == ExportFormat::Csv {
         "text/csv; charset=utf-8"

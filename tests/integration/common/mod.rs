@@ -631,6 +631,24 @@ impl RawAnswer {
     }
 }
 
+/// The body of an answer as sent: with `Transfer-Encoding: chunked` (a
+/// streamed export), its chunks joined; otherwise as it is.
+pub fn unchunked(head: &str, body: &str) -> String {
+    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return body.to_owned();
+    }
+    let (mut out, mut rest) = (String::new(), body);
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).expect("a chunk size");
+        if size == 0 {
+            break;
+        }
+        out.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
+    out
+}
+
 /// Sends `request` as it stands (request line, headers, blank line, body)
 /// to `addr` over a fresh connection, and reads one answer: up to its
 /// Content-Length, or until the server closes. Panics after 10 s (to
