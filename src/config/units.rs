@@ -114,6 +114,9 @@ impl TimeSpec {
     }
 }
 
+/// The furthest a relative time may reach.
+const MAX_RELATIVE: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+
 impl FromStr for TimeSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -121,7 +124,12 @@ impl FromStr for TimeSpec {
         if let Some(rest) = t.strip_prefix('+').or_else(|| t.strip_prefix('-')) {
             let d = humantime::parse_duration(rest.trim())
                 .map_err(|e| format!("`{s}` is not a relative time ({e}); write e.g. \"+10s\" or \"+2h\""))?;
-            let ms = i64::try_from(d.as_millis()).map_err(|_| format!("`{s}` is too far away"))?;
+            // Far enough for any sale, and every time it names is one RFC
+            // 3339 can write (`+20000years` was shown as 1970).
+            if d > MAX_RELATIVE {
+                return Err(format!("`{s}` is too far away: at most 100 years"));
+            }
+            let ms = d.as_millis() as i64;
             return Ok(TimeSpec::Relative(if t.starts_with('-') { -ms } else { ms }));
         }
         OffsetDateTime::parse(t, &Rfc3339).map(TimeSpec::Absolute).map_err(|e| {
@@ -250,6 +258,9 @@ mod tests {
         assert_eq!(abs.resolve(0), 1_796_097_600_000);
         assert_eq!(TimeSpec::Relative(10).resolve(5), 15);
         assert!("tomorrow".parse::<TimeSpec>().is_err());
+        assert!("+99years".parse::<TimeSpec>().is_ok());
+        assert!("+20000years".parse::<TimeSpec>().unwrap_err().contains("at most 100 years"));
+        assert!("-20000years".parse::<TimeSpec>().is_err());
     }
 }
 
