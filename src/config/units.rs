@@ -259,7 +259,10 @@ mod tests {
         assert_eq!(TimeSpec::Relative(10).resolve(5), 15);
         assert!("tomorrow".parse::<TimeSpec>().is_err());
         assert!("+99years".parse::<TimeSpec>().is_ok());
-        assert!("+20000years".parse::<TimeSpec>().unwrap_err().contains("at most 100 years"));
+        assert!("+20000years"
+            .parse::<TimeSpec>()
+            .unwrap_err()
+            .contains("at most 100 years"));
         assert!("-20000years".parse::<TimeSpec>().is_err());
     }
 }

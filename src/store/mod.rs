@@ -191,7 +191,9 @@ impl Store {
     pub fn serve_import(&self, config: &Config, node_start_ms: i64) -> Result<ImportReport, StoreError> {
         match self {
             Store::Embedded(s) => s.import(config, node_start_ms, true),
-            Store::Cluster(_) => Ok(ImportReport::default()),
+            // `ticketd import` fills a cluster's store; a node only refuses
+            // a config that moved a ticket type it holds.
+            Store::Cluster(s) => s.refuse_moves(config).map(|()| ImportReport::default()),
         }
     }
 

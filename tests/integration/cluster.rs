@@ -1897,6 +1897,55 @@ async fn an_admin_export_streams_from_mongodb() {
     assert_eq!(exported, codes, "{body}");
 }
 
+/// A ticket type moved to another activity is refused by `ticketd import`
+/// and, on one node, by a start or a reload. A cluster node checked a
+/// reload only against its running config and a start not at all, so a
+/// node started with the ticket type under another activity sold it there,
+/// against that activity's master list, which holds none of its codes
+/// (`NOT_IMPORTED` for good). It now checks against MongoDB's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_a_ticket_type_moved_to_another_activity() {
+    let services = Services::start();
+    let act = |id: &str| {
+        let (start, end) = (rfc3339_ms(now_ms() - 60_000), rfc3339_ms(now_ms() + 3_600_000));
+        crate::common::Act::new(id)
+            .window(&start, &end)
+            .ticket("mv-t", "T", crate::common::Codes::Generate(3))
+            .toml()
+    };
+    let mut node = TestApp::prepare(&(node_config(&services, "mv", "node0", "") + &act("mv-a")), &[]);
+    let out = node.cli(&["import"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(
+        node.config_path(),
+        node_config(&services, "mv", "node0", "") + &act("mv-b"),
+    )
+    .unwrap();
+    let err = crate::common::serve_refused(
+        node.dir.path(),
+        Duration::from_secs(30),
+        "the node served a ticket type moved to another activity",
+    );
+    assert!(
+        err.contains("ticket type `mv-t` moved from activity `mv-a` to `mv-b`"),
+        "{err}"
+    );
+    // As imported, it serves.
+    std::fs::write(
+        node.config_path(),
+        node_config(&services, "mv", "node0", "") + &act("mv-a"),
+    )
+    .unwrap();
+    node.boot();
+    let token = node.register("mv-fan").await;
+    assert_eq!(node.claim(&token, "mv-a").await.status, 200);
+    // The refused start let go of the node id: no wait for it to lapse.
+    assert_eq!(
+        node.count_logs("Waiting for the previous holder of this node id to expire."),
+        0
+    );
+}
+
 /// `/admin/stats` on a cluster node shows its store — Redis and MongoDB up
 /// or not, the claims waiting for MongoDB, the codes leased to the node —
 /// which only `/metrics` had: what an operator looks at first in an outage.

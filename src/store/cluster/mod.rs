@@ -92,6 +92,20 @@ pub struct ClusterStore {
 impl Drop for ClusterStore {
     fn drop(&mut self) {
         if let Some(rt) = self.runtime.take() {
+            // A node that took its id and then stopped before serving (its
+            // config refused at start) lets go of the id, or its next start
+            // would wait out the hold. After a shutdown the committer has
+            // let go already, and this finds nothing to release. On a
+            // thread of its own: the store may be dropped inside a runtime.
+            if self.serving.is_some() {
+                let (shared, handle) = (self.shared.clone(), rt.handle().clone());
+                let _ = std::thread::spawn(move || {
+                    handle.block_on(async {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), lease::unregister_node(&shared)).await;
+                    })
+                })
+                .join();
+            }
             rt.shutdown_background();
         }
     }
@@ -511,6 +525,29 @@ impl ClusterStore {
             tracing::warn!(%error, "Could not release the import lock; it lapses by itself.");
         }
         imported
+    }
+
+    /// Refuses `config` if it moved a ticket type MongoDB holds to another
+    /// activity, as `ticketd import` does: a node serving it would sell the
+    /// ticket type against the new activity's master list, which has none
+    /// of its codes (`NOT_IMPORTED` for good), while other nodes sell it
+    /// under the old. With MongoDB unreachable the check is left to the
+    /// import (a start or a reload must not wait for MongoDB).
+    pub(super) fn refuse_moves(&self, config: &Config) -> Result<(), StoreError> {
+        match self.block(mongo::ticket_activities(&self.shared.db)) {
+            Ok(stored) => {
+                let moved = config.moved_from(|ticket| stored.get(ticket).cloned());
+                if moved.is_empty() {
+                    Ok(())
+                } else {
+                    Err(StoreError::MovedTicketType(moved.join("; ")))
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Could not check the config's ticket types against MongoDB.");
+                Ok(())
+            }
+        }
     }
 
     fn import_locked(
