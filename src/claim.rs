@@ -316,6 +316,7 @@ impl Claimer {
             });
             return match replay {
                 Some(Reservation::Replay(claim)) => Ok(Claimed { claim, replayed: true }),
+                Some(Reservation::InProgress) => Err(Rejection::InProgress),
                 _ => Err(Rejection::UnknownActivity),
             };
         };

@@ -354,7 +354,7 @@ fn read_user_csv(file: &Path) -> anyhow::Result<Vec<UserRow>> {
         let field = |n: usize| record.get(n).unwrap_or("").trim().to_owned();
         let password = record.get(1).unwrap_or("").to_owned();
         let (username, nickname) = (field(0), field(2));
-        if i == 0 && username.eq_ignore_ascii_case("username") && password.eq_ignore_ascii_case("password") {
+        if i == 0 && username.eq_ignore_ascii_case("username") && password.trim().eq_ignore_ascii_case("password") {
             continue;
         }
         let line = || format!("{} line {}", file.display(), i + 1);

@@ -145,6 +145,9 @@ struct Turn {
 struct Dummy {
     hash: ArcSwap<String>,
     cost: parking_lot::Mutex<HashCost>,
+    /// A thread is making it: one at a time, however often reloads change
+    /// the cost (each hash may take a gigabyte).
+    making: std::sync::atomic::AtomicBool,
 }
 
 /// Accounts and sessions.
@@ -208,6 +211,7 @@ impl Auth {
             dummy: Arc::new(Dummy {
                 hash: ArcSwap::from_pointee(password::hash("dummy password", settings.cost)),
                 cost: parking_lot::Mutex::new(settings.cost),
+                making: std::sync::atomic::AtomicBool::new(false),
             }),
             settings: ArcSwap::from_pointee(settings),
             revoked: DashMap::new(),
@@ -256,6 +260,7 @@ impl Auth {
     /// (holding the config's lock, half applied) must not wait for. Until
     /// it is ready, an unknown name is checked against the last one.
     pub fn apply(&self, config: &Config) {
+        use std::sync::atomic::Ordering;
         let new = Settings::from_config(config);
         let cost = new.cost;
         let changed = {
@@ -263,17 +268,24 @@ impl Auth {
             std::mem::replace(&mut *wanted, cost) != cost
         };
         self.settings.store(Arc::new(new));
-        if changed {
+        // A thread already making one sees the new cost when it is done.
+        if changed && !self.dummy.making.swap(true, Ordering::AcqRel) {
             let dummy = self.dummy.clone();
-            let made = std::thread::Builder::new().name("dummy-hash".into()).spawn(move || {
-                let hash = password::hash("dummy password", cost);
-                // Only if no later reload asked for another cost.
-                let wanted = dummy.cost.lock();
-                if *wanted == cost {
-                    dummy.hash.store(Arc::new(hash));
-                }
-            });
+            let made = std::thread::Builder::new()
+                .name("dummy-hash".into())
+                .spawn(move || loop {
+                    let cost = *dummy.cost.lock();
+                    let hash = password::hash("dummy password", cost);
+                    // Kept only if no later reload asked for another cost.
+                    let wanted = dummy.cost.lock();
+                    if *wanted == cost {
+                        dummy.hash.store(Arc::new(hash));
+                        dummy.making.store(false, Ordering::Release);
+                        return;
+                    }
+                });
             if let Err(error) = made {
+                self.dummy.making.store(false, Ordering::Release);
                 tracing::warn!(%error, "Could not make the dummy hash at the new cost.");
             }
         }

@@ -114,8 +114,9 @@ impl TimeSpec {
     }
 }
 
-/// The furthest a relative time may reach.
-const MAX_RELATIVE: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+/// The furthest a relative time may reach: 100 years as humantime counts
+/// them (365.25 days).
+const MAX_RELATIVE: std::time::Duration = std::time::Duration::from_secs(100 * 31_557_600);
 
 impl FromStr for TimeSpec {
     type Err = String;
@@ -258,7 +259,7 @@ mod tests {
         assert_eq!(abs.resolve(0), 1_796_097_600_000);
         assert_eq!(TimeSpec::Relative(10).resolve(5), 15);
         assert!("tomorrow".parse::<TimeSpec>().is_err());
-        assert!("+99years".parse::<TimeSpec>().is_ok());
+        assert!("+100years".parse::<TimeSpec>().is_ok());
         assert!("+20000years"
             .parse::<TimeSpec>()
             .unwrap_err()

@@ -581,7 +581,8 @@ int fdatasync(int fd) {
 /// heard 409 PAUSED, though the first then got its code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_of_a_claim_still_being_committed_hears_in_progress() {
-    let config = base_config() + &open_activity("ip", 5, 2);
+    let other = open_activity("other", 1, 1);
+    let config = base_config() + &open_activity("ip", 5, 2) + &other;
     let mut app = TestApp::prepare(&config, &[]);
     let lib = slow_journal_disk(app.dir.path());
     let hold = app.dir.path().join("hold-fsync");
@@ -615,6 +616,9 @@ async fn a_retry_of_a_claim_still_being_committed_hears_in_progress() {
     let paused = config.replace("per_user_limit = 2", "per_user_limit = 2\npaused = true");
     assert_ne!(config, paused);
     assert_eq!(app.reload(&paused)["message"], "Config reloaded.");
+    assert_error(&post().await, 409, "IN_PROGRESS");
+    // And once a reload took the activity out altogether.
+    assert_eq!(app.reload(&(base_config() + &other))["message"], "Config reloaded.");
     assert_error(&post().await, 409, "IN_PROGRESS");
     assert!(!first.is_finished(), "the first claim ended while the disk was held");
     std::fs::remove_file(&hold).unwrap();

@@ -262,6 +262,15 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
     let names: Vec<&str> = users.iter().map(|u| u["username"].as_str()).collect();
     assert_eq!(names, ["zhang", "lisi", "wangwu", "zhaoliu"]);
     assert_eq!(users[3]["nickname"], "赵六");
+    // A header with spaces is a header still, not an account called
+    // `username` with the password ` password`.
+    std::fs::write(
+        app.dir.path().join("h.csv"),
+        "username, password, nickname\nsunqi,password-sunqi,\n",
+    )
+    .unwrap();
+    let out = app.cli(&["user", "import", "h.csv"], None);
+    assert!(text(&out.stdout).contains("1 user created"), "{}", text(&out.stdout));
     assert_eq!(users[0]["nickname"], "张三, \"老张\"");
     assert_eq!(users[2]["nickname"], "wangwu");
     assert_eq!(users[1]["created_at"], "2021-06-01T00:00:00Z");

@@ -222,7 +222,8 @@ async fn export(state: &AppState, req: &Request<Incoming>) -> Result<Response<Ex
     };
     let (tx, chunks) = mpsc::channel(EXPORT_CHUNKS);
     let (store, activity) = (state.store.clone(), activity.to_owned());
-    tokio::task::spawn_blocking(move || {
+    let on_panic = tx.clone();
+    let reading = tokio::task::spawn_blocking(move || {
         let mut out = ChunkWriter {
             chunks: tx.clone(),
             buf: Vec::with_capacity(EXPORT_CHUNK),
@@ -233,6 +234,13 @@ async fn export(state: &AppState, req: &Request<Incoming>) -> Result<Response<Ex
                 tracing::warn!(%activity, %error, "An export failed part-way; its answer is cut short.");
                 let _ = tx.blocking_send(Err(io::Error::other(error.to_string())));
             }
+        }
+    });
+    // A reading that panicked must not end the body as if it were whole.
+    tokio::spawn(async move {
+        if reading.await.is_err() {
+            tracing::error!("An export's reading panicked; its answer is cut short.");
+            let _ = on_panic.send(Err(io::Error::other("the export failed"))).await;
         }
     });
     let mut res = Response::new(ExportBody { chunks });

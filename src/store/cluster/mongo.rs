@@ -596,61 +596,57 @@ pub async fn has_activity(db: &Database, activity: &str) -> Result<bool, MongoEr
     Ok(coll(db, "activities").find_one(doc! {"_id": activity}).await?.is_some())
 }
 
-/// Streams the claims of `activity` (by time, then claim id) joined with
-/// their users, a thousand at a time; returns how many.
-pub async fn export_claims(
+/// Up to `limit` claims of `activity` after `after` (in the export's order:
+/// by time, then claim id), joined with their users. An export reads page
+/// by page, each a query of its own: a client that reads slowly holds no
+/// cursor open (MongoDB drops one idle for ten minutes).
+pub async fn export_page(
     db: &Database,
     activity: &str,
-    f: &mut dyn FnMut(ClaimRow) -> std::io::Result<()>,
-) -> Result<u64, StoreError> {
-    let mut cursor = coll(db, "claims")
-        .find(doc! {"activity_id": activity})
+    after: Option<(i64, i64)>,
+    limit: i64,
+) -> Result<Vec<ClaimRow>, MongoError> {
+    let filter = match after {
+        None => doc! {"activity_id": activity},
+        Some((at, id)) => doc! {
+            "activity_id": activity,
+            "$or": [{"claimed_at_ms": {"$gt": at}}, {"claimed_at_ms": at, "claim_id": {"$gt": id}}],
+        },
+    };
+    let page: Vec<Document> = coll(db, "claims")
+        .find(filter)
         .sort(doc! {"claimed_at_ms": 1, "claim_id": 1})
+        .limit(limit)
+        .await?
+        .try_collect()
         .await?;
-    let users = coll(db, "users");
-    let mut n = 0;
-    let mut chunk: Vec<Document> = Vec::with_capacity(1000);
-    loop {
-        let next = cursor.try_next().await?;
-        let done = next.is_none();
-        chunk.extend(next);
-        if chunk.len() < 1000 && !done {
-            continue;
-        }
-        let ids: Vec<i64> = chunk.iter().map(|d| int(d, "user_id")).collect();
-        let mut names: HashMap<i64, (String, String)> = HashMap::new();
-        let mut found = users
-            .find(doc! {"_id": {"$in": ids}})
-            .projection(doc! {"username": 1, "nickname": 1})
-            .await?;
-        while let Some(u) = found.try_next().await? {
-            names.insert(int(&u, "_id"), (text(&u, "username"), text(&u, "nickname")));
-        }
-        for d in chunk.drain(..) {
-            let user_id = int(&d, "user_id");
+    let ids: Vec<i64> = page.iter().map(|d| int(d, "user_id")).collect();
+    let mut names: HashMap<i64, (String, String)> = HashMap::new();
+    let mut found = coll(db, "users")
+        .find(doc! {"_id": {"$in": ids}})
+        .projection(doc! {"username": 1, "nickname": 1})
+        .await?;
+    while let Some(u) = found.try_next().await? {
+        names.insert(int(&u, "_id"), (text(&u, "username"), text(&u, "nickname")));
+    }
+    Ok(page
+        .iter()
+        .map(|d| {
+            let user_id = int(d, "user_id");
             let (username, nickname) = names.get(&user_id).cloned().unwrap_or_default();
-            f(ClaimRow {
-                claim_id: int(&d, "claim_id") as u64,
-                activity_id: text(&d, "activity_id"),
-                ticket_id: text(&d, "ticket_id"),
-                code: text(&d, "code"),
+            ClaimRow {
+                claim_id: int(d, "claim_id") as u64,
+                activity_id: text(d, "activity_id"),
+                ticket_id: text(d, "ticket_id"),
+                code: text(d, "code"),
                 user_id: user_id as u64,
                 username,
                 nickname,
-                claimed_at_ms: int(&d, "claimed_at_ms"),
-                node: text(&d, "node"),
-            })
-            .map_err(|source| StoreError::Io {
-                what: "cannot write the export to",
-                path: "the output".into(),
-                source,
-            })?;
-            n += 1;
-        }
-        if done {
-            return Ok(n);
-        }
-    }
+                claimed_at_ms: int(d, "claimed_at_ms"),
+                node: text(d, "node"),
+            }
+        })
+        .collect())
 }
 
 /// How many claims of `activity` MongoDB holds.

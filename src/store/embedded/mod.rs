@@ -433,28 +433,41 @@ impl EmbeddedStore {
         let conn =
             Connection::open_with_flags(self.dir.join("ticketd.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.busy_timeout(Duration::from_secs(10))?;
+        // Page by page, each its own read: a client that reads a streamed
+        // export slowly holds no read transaction open (which would keep
+        // the WAL from being checkpointed while a rush writes).
+        const PAGE: i64 = 1000;
         let mut stmt = conn.prepare(
             "SELECT k.id, k.activity_id, k.ticket_id, k.code, k.user_id, COALESCE(u.username, ''), COALESCE(u.nickname, ''), k.claimed_at_ms, k.node
-             FROM claims k LEFT JOIN users u ON u.id = k.user_id WHERE k.activity_id = ?1 ORDER BY k.id",
+             FROM claims k LEFT JOIN users u ON u.id = k.user_id WHERE k.activity_id = ?1 AND k.id > ?2 ORDER BY k.id LIMIT ?3",
         )?;
-        let mut rows = stmt.query([activity_id])?;
-        let mut n = 0;
-        while let Some(r) = rows.next()? {
-            f(ClaimRow {
-                claim_id: r.get::<_, i64>(0)? as u64,
-                activity_id: r.get(1)?,
-                ticket_id: r.get(2)?,
-                code: r.get(3)?,
-                user_id: r.get::<_, i64>(4)? as u64,
-                username: r.get(5)?,
-                nickname: r.get(6)?,
-                claimed_at_ms: r.get(7)?,
-                node: r.get(8)?,
-            })
-            .map_err(io("cannot write the export to", Path::new("the output")))?;
-            n += 1;
+        let (mut after, mut n) = (0i64, 0);
+        loop {
+            let page: Vec<ClaimRow> = stmt
+                .query_map(params![activity_id, after, PAGE], |r| {
+                    Ok(ClaimRow {
+                        claim_id: r.get::<_, i64>(0)? as u64,
+                        activity_id: r.get(1)?,
+                        ticket_id: r.get(2)?,
+                        code: r.get(3)?,
+                        user_id: r.get::<_, i64>(4)? as u64,
+                        username: r.get(5)?,
+                        nickname: r.get(6)?,
+                        claimed_at_ms: r.get(7)?,
+                        node: r.get(8)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            let full = page.len() as i64 == PAGE;
+            after = page.last().map_or(after, |r| r.claim_id as i64);
+            for row in page {
+                f(row).map_err(io("cannot write the export to", Path::new("the output")))?;
+                n += 1;
+            }
+            if !full {
+                return Ok(n);
+            }
         }
-        Ok(n)
     }
 
     pub(super) fn has_activity(&self, activity_id: &str) -> Result<bool, StoreError> {
