@@ -190,10 +190,11 @@ async fn respond(stream: &mut WriteDeadline<TcpStream>, res: Response<Body>, ver
             head.push_str("\r\n");
             write(stream, [head.as_bytes()]).await?;
             drop(head);
+            let mut sent = 0;
             loop {
                 let frame = tokio::select! {
                     frame = events.frame() => frame,
-                    () = left(stream.get_ref()) => return Ok(()),
+                    () = left(stream.get_ref(), &mut sent) => return Ok(()),
                 };
                 let Some(Ok(frame)) = frame else { break };
                 let Ok(data) = frame.into_data() else { continue };
@@ -250,20 +251,34 @@ fn chunk_size(len: usize, buf: &mut [u8; 18]) -> &[u8] {
     &buf[..digits + 2]
 }
 
-/// Resolves when the fan closed the connection (what they send meanwhile
-/// is read and dropped: one request per connection here).
-async fn left(stream: &TcpStream) {
+/// What a client may send after its request on a stream's connection (one
+/// request per connection here: a fan sends nothing more).
+const MOST_AFTER_HEAD: usize = 16 * 1024;
+
+/// Resolves when the fan closed the connection, or has sent more than
+/// [`MOST_AFTER_HEAD`] since its request (`sent` counts across calls).
+/// What they send is read and dropped a buffer at a time, spending the
+/// lane's task budget: a socket that stays readable made `readable()`
+/// answer at once every time, and a client sending without end held the
+/// lane (every connection on it, and the watchdog's probe) in this loop.
+async fn left(stream: &TcpStream, sent: &mut usize) {
+    let mut sink = [0u8; 4096];
     loop {
         if stream.readable().await.is_err() {
             return;
         }
-        let mut sink = [0u8; 64];
         match stream.try_read(&mut sink) {
             Ok(0) => return,
-            Ok(_) => {}
+            Ok(n) => {
+                *sent += n;
+                if *sent > MOST_AFTER_HEAD {
+                    return;
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(_) => return,
         }
+        tokio::task::consume_budget().await;
     }
 }
 

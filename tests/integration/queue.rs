@@ -1423,6 +1423,29 @@ async fn a_reload_moves_a_queue_before_it_opens_and_never_after() {
     assert_eq!(applied["message"], "Config reloaded.", "{applied}");
 }
 
+/// A fan's event stream is one request per connection, and the node reads
+/// what the client sends after it only to see it leave. A client that kept
+/// sending held the lane in that read (the socket was readable every time
+/// it looked): every connection on the lane stalled, and the watchdog's
+/// probe with them. Now the node reads a buffer at a time within its task
+/// budget, and ends the stream of a client that sent more than 16 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_client_keeps_sending_is_ended() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app =
+        TestApp::start(&(base_config().replace("[server]", "[server]\nthreads = 1") + &queue("fl", 1, "+30m", &[])));
+    let token = app.register("flood").await;
+    assert_eq!(join(&app.client, &token, "fl").await.status, 200);
+    let (mut stream, _) = crate::common::open_event_stream(&app.addr, &token, "fl").await;
+    // 64 KiB after the request; the node may close before it has them all.
+    let _ = stream.write_all(&vec![0u8; 64 * 1024]).await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the node kept the stream open");
+    // The lane serves others.
+    assert_eq!(app.client.get("/healthz", None).await.unwrap().status, 200);
+}
+
 /// A fan on several nodes: the next one when a node does not answer.
 async fn on_any<F, Fut, T>(clients: &[Arc<ApiClient>], first: usize, call: F) -> T
 where
