@@ -46,21 +46,46 @@ impl AccessLog {
         Ok(AccessLog { tx })
     }
 
-    /// Records one answered request.
+    /// Records one answered request. A path is kept to [`MAX_PATH`] bytes
+    /// (and the line says `"truncated": true`): a client may send 64 KiB of
+    /// one, and the log's queue holds lines, so the log grew one byte per
+    /// byte a client sent, and the queue to gigabytes while its writer lagged.
     pub fn record(&self, ip: IpAddr, method: &str, path: &str, status: u16, elapsed: Duration) {
-        let line = serde_json::json!({
+        let (path, truncated) = cut(path, MAX_PATH);
+        let (method, _) = cut(method, MAX_METHOD);
+        let mut line = serde_json::json!({
             "ts": rfc3339_ms(now_ms()),
             "ip": ip.to_string(),
             "method": method,
             "path": path,
             "status": status,
             "ms": elapsed.as_secs_f64() * 1000.0,
-        })
-        .to_string();
+        });
+        if truncated {
+            line["truncated"] = true.into();
+        }
+        let line = line.to_string();
         if self.tx.try_send(line).is_err() {
             metrics::global().access_log_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// The most of a path a line keeps, in bytes.
+const MAX_PATH: usize = 512;
+/// The most of a method (hyper takes any token as one).
+const MAX_METHOD: usize = 32;
+
+/// `text` cut to at most `max` bytes at a character boundary; whether it was cut.
+fn cut(text: &str, max: usize) -> (&str, bool) {
+    if text.len() <= max {
+        return (text, false);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    (&text[..end], true)
 }
 
 fn write_lines(mut out: BufWriter<std::fs::File>, rx: Receiver<String>, ctl: &Ctl) {

@@ -261,12 +261,17 @@ async fn the_access_log_records_each_request_when_enabled() {
     app.client.get("/act/list", None).await.unwrap();
     app.client.get("/act/detail?actId=nope", None).await.unwrap();
     app.client.get("/healthz", None).await.unwrap();
+    // A path of 60,000 bytes is logged as its first 512 (a client sent the
+    // log a byte for every byte, and its queue held whole lines).
+    let long = format!("/{}", "a".repeat(60_000));
+    assert_eq!(app.client.get(&long, None).await.unwrap().status, 404);
     let path = app.dir.path().join("access.log");
     let deadline = Instant::now() + Duration::from_secs(10);
     let lines: Vec<serde_json::Value> = loop {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        if lines.len() >= 3 {
+        if lines.len() >= 4 {
+            assert!(text.lines().all(|l| l.len() < 1024), "a line of {} bytes", text.len());
             break lines;
         }
         assert!(Instant::now() < deadline, "access log has {} lines", lines.len());
@@ -278,4 +283,6 @@ async fn the_access_log_records_each_request_when_enabled() {
     assert_eq!(lines[1]["ip"], "127.0.0.1");
     assert_eq!(lines[2]["method"], "GET");
     assert!(lines[2]["ms"].as_f64().is_some());
+    assert_eq!(lines[3]["path"].as_str().map(str::len), Some(512));
+    assert_eq!(lines[3]["truncated"], true);
 }
