@@ -311,6 +311,9 @@ struct RoomState {
     summary: RoomSummary,
     /// Shared rooms: entries of the shared log applied.
     applied: u64,
+    /// Shared rooms: when the last read of the shared log this replica
+    /// applied began (0: none yet).
+    read_ms: i64,
     /// Shared rooms: check-ins here since the last flush.
     seen_here: HashMap<u64, i64, ahash::RandomState>,
 }
@@ -571,6 +574,20 @@ impl Room {
         st.applied += new.len() as u64;
     }
 
+    /// Shared rooms: a read of the shared log that began at `at` is
+    /// applied (see [`Room::read_since`]).
+    pub fn mark_read(&self, at: i64) {
+        let mut st = self.state.lock();
+        st.read_ms = st.read_ms.max(at);
+    }
+
+    /// Shared rooms: whether the replica holds every entry written before
+    /// `t` (a read that began at or after it is applied). A fan who joined
+    /// through another node a moment ago is "not joined" here until then.
+    pub fn read_since(&self, t: i64) -> bool {
+        self.state.lock().read_ms >= t
+    }
+
     /// Shared rooms: the admitter's next events (see [`Room::tick`]), not
     /// applied: they are applied when they come back through the shared log.
     pub fn plan_shared(
@@ -678,6 +695,7 @@ impl RoomState {
             paused_ms: None,
             summary: RoomSummary::default(),
             applied: 0,
+            read_ms: 0,
             seen_here: HashMap::default(),
         }
     }

@@ -623,6 +623,30 @@ async fn across_nodes_a_fan_whose_pass_lapsed_joins_again_at_the_back() {
     }
 }
 
+/// Each node follows a cluster's room through a replica of the shared log,
+/// read every tenth of a second. A fan who joined through one node and
+/// opened its event stream (or asked its status) on another a moment later
+/// heard "not joined" there: the stream ended, and the page offered to
+/// join again instead of keeping the place. A node now says so only once a
+/// read of the log made after the question shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fan_who_just_joined_through_another_node_is_not_told_not_joined() {
+    let cluster = two_nodes_with_a_room("nj");
+    let tokens = cluster.users("nj", 10).await;
+    let (first, second) = (&cluster.nodes[0], &cluster.nodes[1]);
+    for (i, token) in tokens.iter().enumerate() {
+        assert_eq!(join(&first.client, token, "nj").await.status, 200);
+        if i % 2 == 0 {
+            let mut events = Events::open(second, token, "nj").await;
+            let event = events.next().await.expect("an event");
+            assert_eq!(event["state"], "waiting", "user {i}: {event}");
+        } else {
+            let res = second.client.get("/queue/status?actId=nj", Some(token)).await.unwrap();
+            assert_eq!(res.data()["state"], "waiting", "user {i}: {}", res.body);
+        }
+    }
+}
+
 /// During a rolling upgrade a node of an earlier version may have written
 /// the admission (a bare `a`, without the pass's expiry): the fan whose
 /// pass lapsed still gets a new place, not a lock-out until the room ends.

@@ -253,7 +253,20 @@ pub async fn status(state: &AppState, req: &Request<Incoming>, ip: IpAddr) -> Re
     let activity = activity(&catalog, query.require("actId")?)?;
     let room = room_of(activity)?;
     let now = now_ms();
-    Ok(ok(&view(state, activity, user, room.status(user, now, true), now)))
+    let mut status = room.status(user, now, true);
+    // A fan who joined through another node a moment ago is not in this
+    // replica yet (it reads the shared log every tenth of a second): told
+    // "not joined", the page would stop keeping the place. Read it once
+    // (within the user's budget of store reads) before saying so.
+    if status.state == PlaceState::NotJoined && room.is_shared() && !room.read_since(now) {
+        if let Some(source) = state.store.room_source() {
+            let may = state.store.reachable() && state.guard.admit_store_read(user, Instant::now()).is_ok();
+            if may && source.sync(room).await.is_ok() {
+                status = room.status(user, now_ms(), true);
+            }
+        }
+    }
+    Ok(ok(&view(state, activity, user, status, now)))
 }
 
 /// Server-sent events of the caller's place: `event: status` with the
@@ -287,6 +300,7 @@ pub fn events<B>(state: &AppState, req: &Request<B>, ip: IpAddr) -> Result<Respo
         room,
         rooms: state.rooms.clone(),
         user,
+        opened_ms: now_ms(),
         look,
         last: None,
         last_sent: Instant::now(),
@@ -302,12 +316,19 @@ pub fn events<B>(state: &AppState, req: &Request<B>, ip: IpAddr) -> Result<Respo
     Ok(res)
 }
 
+/// How long a shared room's stream waits for its replica to read the
+/// shared log before it says "not joined".
+const NOT_JOINED_WAIT_MS: i64 = 5_000;
+
 /// The body of `/queue/events`: polled by the connection's own task, it
 /// holds no task or channel of its own — a timer, the room, the last update.
 pub struct EventStream {
     room: Arc<Room>,
     rooms: Arc<Rooms>,
     user: u64,
+    /// When it opened: in a shared room, "not joined" waits for a read of
+    /// the shared log that began after it.
+    opened_ms: i64,
     look: tokio::time::Interval,
     /// What the last update said, in brief (a fan's stream holds little).
     last: Option<Brief>,
@@ -343,7 +364,20 @@ impl Brief {
 impl EventStream {
     /// The next frame to send after looking at the place now, if any.
     fn look(&mut self) -> Option<Bytes> {
-        let status = self.room.status(self.user, now_ms(), true);
+        let now = now_ms();
+        let status = self.room.status(self.user, now, true);
+        // A fan who joined through another node a moment ago is not in
+        // this replica until its next read of the shared log (a tenth of a
+        // second): said at once, "not joined" ended the stream and the
+        // page stopped keeping the place. Said once a read after the
+        // stream opened shows it (or, Redis away, after a few seconds).
+        if status.state == PlaceState::NotJoined
+            && self.room.is_shared()
+            && !self.room.read_since(self.opened_ms)
+            && now - self.opened_ms < NOT_JOINED_WAIT_MS
+        {
+            return None;
+        }
         let brief = Brief::of(&status);
         let since = self.last_sent.elapsed();
         let send = match self.last {

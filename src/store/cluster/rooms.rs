@@ -268,9 +268,11 @@ impl RoomSource {
 
     /// Brings `room`'s replica up to the shared log.
     pub async fn sync(&self, room: &Room) -> Result<(), StoreError> {
+        let at = crate::clock::now_ms();
         let from = room.applied();
         let events = self.events(&room.activity, from).await?;
         room.apply_shared(from, &events);
+        room.mark_read(at);
         Ok(())
     }
 
