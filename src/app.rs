@@ -474,6 +474,7 @@ async fn admit_shared(
         // Kept for the next flush: a fan who stays while Redis is away
         // must not look gone once it is back.
         room.restore_seen(seen);
+        room.regrace_when_back();
         return Err(error.to_string());
     }
 
@@ -484,6 +485,7 @@ async fn admit_shared(
         .await
         .map_err(|e| e.to_string())?;
     source.sync(room).await.map_err(|e| e.to_string())?;
+    room.regrace_if_back(now_ms());
     let (next, holders) = room.next_and_holders(if admitter { ADMIT_LOOKAHEAD } else { 0 });
     let (seen, claimed) = source
         .seen_and_claimed(id, next.clone(), holders.clone())

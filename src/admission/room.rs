@@ -314,6 +314,9 @@ struct RoomState {
     /// Shared rooms: when the last read of the shared log this replica
     /// applied began (0: none yet).
     read_ms: i64,
+    /// Shared rooms: a step could not reach the shared log since the last
+    /// that did ([`Room::regrace_if_back`]).
+    regrace_due: bool,
     /// Shared rooms: check-ins here since the last flush.
     seen_here: HashMap<u64, i64, ahash::RandomState>,
 }
@@ -581,6 +584,25 @@ impl Room {
         st.read_ms = st.read_ms.max(at);
     }
 
+    /// Shared rooms: a step could not reach the shared log (Redis away);
+    /// see [`Room::regrace_if_back`].
+    pub fn regrace_when_back(&self) {
+        self.state.lock().regrace_due = true;
+    }
+
+    /// Shared rooms: once the shared log is reached again after a step
+    /// that could not reach it, every place gets its `grace` again from
+    /// `now`, as after a node's start. The check-ins fans made on other
+    /// nodes meanwhile wait there for their next flush: the first step
+    /// back would otherwise plan from the ones made before the outage, and
+    /// skip fans who were there all along.
+    pub fn regrace_if_back(&self, now: i64) {
+        let mut st = self.state.lock();
+        if std::mem::take(&mut st.regrace_due) {
+            st.places.values_mut().for_each(|p| p.seen_ms = p.seen_ms.max(now));
+        }
+    }
+
     /// Shared rooms: whether the replica holds every entry written before
     /// `t` (a read that began at or after it is applied). A fan who joined
     /// through another node a moment ago is "not joined" here until then.
@@ -696,6 +718,7 @@ impl RoomState {
             summary: RoomSummary::default(),
             applied: 0,
             read_ms: 0,
+            regrace_due: false,
             seen_here: HashMap::default(),
         }
     }
@@ -1433,6 +1456,45 @@ mod tests {
         let planned = room.plan_shared(now, &|| unsettled(5), &|_| 0, &|_| Some(5), 10);
         assert_eq!(planned.len(), 2, "{planned:?}");
         assert!(planned.iter().all(|e| matches!(e, Event::Admit { .. })), "{planned:?}");
+    }
+
+    /// After steps that could not reach the shared log (Redis away for
+    /// longer than `grace`), the first step back planned from the check-ins
+    /// flushed before the outage and skipped fans who had stayed, checking
+    /// in on nodes that had not flushed yet. It now gives every place its
+    /// grace again first.
+    #[test]
+    fn the_first_step_after_redis_was_away_gives_every_place_its_grace() {
+        let seed = Seed::generate();
+        let room = Room::shared("a".into(), settings(), seed.clone());
+        room.apply_shared(
+            0,
+            &[
+                Event::Seed { seed: seed.to_hex() },
+                Event::Join { u: 1, t: 1 },
+                Event::Join { u: 2, t: 2 },
+                Event::Shuffle { t: 10 },
+            ],
+        );
+        // An outage longer than grace: the check-ins known are older.
+        let back = crate::clock::now_ms() + settings().grace_ms + 1_000;
+        let planned = room.plan_shared(back, &|| unsettled(5), &|_| 0, &|_| Some(5), 10);
+        assert!(planned.iter().all(|e| matches!(e, Event::Skip { .. })), "{planned:?}");
+        room.regrace_when_back();
+        room.regrace_if_back(back);
+        let planned = room.plan_shared(back, &|| unsettled(5), &|_| 0, &|_| Some(5), 10);
+        assert_eq!(planned.len(), 2, "{planned:?}");
+        assert!(planned.iter().all(|e| matches!(e, Event::Admit { .. })), "{planned:?}");
+        // Once: a later step plans as usual.
+        room.regrace_if_back(back + settings().grace_ms + 1);
+        let planned = room.plan_shared(
+            back + settings().grace_ms * 2,
+            &|| unsettled(5),
+            &|_| 0,
+            &|_| Some(5),
+            10,
+        );
+        assert!(planned.iter().all(|e| matches!(e, Event::Skip { .. })), "{planned:?}");
     }
 
     /// A paused sale holds the room: the pass that could not be used is not
