@@ -882,12 +882,28 @@ impl RoomState {
     }
 
     fn apply_extend(&mut self, user: u64, expires: i64) {
-        let Some(pass) = self.active.iter_mut().find(|(u, _)| *u == user) else {
+        if let Some(pass) = self.active.iter_mut().find(|(u, _)| *u == user) {
+            pass.1 = expires;
+            if let Some(p) = self.places.get_mut(&user) {
+                p.pass_expires_ms = expires;
+            }
             return;
-        };
-        pass.1 = expires;
-        if let Some(p) = self.places.get_mut(&user) {
+        }
+        // A replica that had not seen the pause yet may have retired the
+        // pass on its own (replicas retire lapsed passes without a log
+        // line): the pass the admitter gave the paused time back to is
+        // that fan's again, here as on every node. The next step decides
+        // again from the fan's claims. (Not a place taken since: a fan who
+        // joined again waits in a new one.)
+        let Some(p) = self.places.get_mut(&user) else { return };
+        let retired = matches!(p.state, PlaceState::PassedOver | PlaceState::Done);
+        if retired && p.admitted_ms > 0 && expires > p.pass_expires_ms {
+            if p.state == PlaceState::PassedOver {
+                self.summary.expired = self.summary.expired.saturating_sub(1);
+            }
+            p.state = PlaceState::Admitted;
             p.pass_expires_ms = expires;
+            self.active.push_back((user, expires));
         }
     }
 
@@ -1495,6 +1511,50 @@ mod tests {
             10,
         );
         assert!(planned.iter().all(|e| matches!(e, Event::Skip { .. })), "{planned:?}");
+    }
+
+    /// A replica that had not read the pause yet retired a pass that lapsed
+    /// during it, as its own step does (without a log line); the admitter's
+    /// `Extend` on resume then found no pass and was ignored: through that
+    /// node the fan stayed passed over, and a later admitter there would
+    /// have admitted one fan past the stock. The extension now gives the
+    /// pass back.
+    #[test]
+    fn an_extension_gives_back_a_pass_a_replica_retired_during_the_pause() {
+        let seed = Seed::generate();
+        let room = Room::shared("a".into(), settings(), seed.clone());
+        let admitted_at = crate::clock::now_ms();
+        let lapses = admitted_at + 1_000;
+        room.apply_shared(
+            0,
+            &[
+                Event::Seed { seed: seed.to_hex() },
+                Event::Join { u: 1, t: 1 },
+                Event::Shuffle { t: 10 },
+                Event::Admit {
+                    u: 1,
+                    t: admitted_at,
+                    x: lapses,
+                },
+            ],
+        );
+        // This replica's own step, past the expiry and unaware of a pause.
+        room.plan_shared(lapses + 1, &|| unsettled(5), &|_| 0, &|_| None, 0);
+        assert_eq!(room.status(1, lapses + 1, false).state, PlaceState::PassedOver);
+        room.apply_shared(
+            4,
+            &[
+                Event::Pause { t: lapses - 500 },
+                Event::Resume { t: lapses + 10_000 },
+                Event::Extend {
+                    u: 1,
+                    x: lapses + 10_500,
+                },
+            ],
+        );
+        let status = room.status(1, lapses + 10_001, false);
+        assert_eq!(status.state, PlaceState::Admitted, "{status:?}");
+        assert_eq!(room.pass_of(1, lapses + 10_001), Some(lapses + 10_500));
     }
 
     /// A paused sale holds the room: the pass that could not be used is not
