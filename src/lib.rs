@@ -30,7 +30,8 @@
 //! - [`inventory`] — code pools per ticket type, claim ledgers per activity, leasing;
 //! - [`catalog`] — the immutable activity/ticket snapshot behind `ArcSwap`;
 //! - [`auth`] — argon2id passwords, HMAC session tokens and revocation, claim tokens and
-//!   proof of work, the guard (blocklists, rate limits, login backoff, trusted proxies);
+//!   proof of work, the guard (blocklists, rate limits, login backoff, trusted proxies),
+//!   each client's share of the password hashing;
 //! - [`claim`] — the claim decision: window, tokens, limit, take, commit, settle;
 //! - [`export`] — streaming CSV / JSON-lines / Parquet exports, the HTML rush report and its SVG charts;
 //! - [`state`] — `AppState`: the handles a request may touch, and reload;
