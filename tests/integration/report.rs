@@ -272,6 +272,26 @@ async fn an_admin_export_is_streamed_and_whole() {
     assert!(body.len() > 2 * 64 * 1024, "{} bytes: more than one chunk", body.len());
 }
 
+/// A streamed export answers once its first chunk is read (or the whole
+/// export, when smaller): a store that cannot be read is a JSON error, as
+/// before streaming, not a 200 whose body is cut short at once. Here the
+/// export's own read-only connection cannot open the database, moved away
+/// under the node (whose open connection goes on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_export_that_cannot_read_is_a_json_error() {
+    let token = crate::common::ADMIN_TOKEN;
+    let config = crate::common::with_admin(base_config()) + &open_activity("ue", 2, 1);
+    let app = TestApp::start(&config);
+    let fan = app.register("ue-fan").await;
+    assert_eq!(app.claim(&fan, "ue").await.status, 200);
+    let data = app.dir.path().join("data");
+    std::fs::rename(data.join("ticketd.db"), data.join("moved.db")).unwrap();
+    let (head, body) = answer(admin_post(&app.admin_addr(), token, "/admin/export?actId=ue&format=csv").await).await;
+    assert!(head.starts_with("http/1.1 503"), "{head}\n{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"]["code"], "STORE_UNAVAILABLE", "{json}");
+}
+
 /// An export answers for every claim answered before it. A serving node
 /// copies claims from its journal into SQLite, which exports read, a batch
 /// at a time; `/admin/export` read SQLite as it was, so an export taken

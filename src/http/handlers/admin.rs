@@ -32,7 +32,7 @@ use crate::{
     },
     metrics::{self, Rejected},
     state::AppState,
-    store::Store,
+    store::{Store, StoreError},
 };
 
 /// The live admin page: static HTML whose script polls `/admin/stats` with
@@ -142,13 +142,19 @@ const EXPORT_CHUNKS: usize = 4;
 /// Bytes per chunk.
 const EXPORT_CHUNK: usize = 64 * 1024;
 
+/// A chunk of an export, or why the reading stopped.
+type Chunk = Result<Bytes, StoreError>;
+
 /// An export's body: the chunks a blocking task writes as it reads the
 /// store. An activity's claims are never in memory whole (a million of
 /// them are about 100 MB of CSV); a client that leaves stops the reading.
-/// A failure part-way ends the body with an error, so the client sees the
-/// transfer cut short rather than an export that looks whole.
+/// The answer starts with the first chunk (or the whole export, if less):
+/// a failure before it is a JSON error like any other. A failure later
+/// ends the body with an error, so the client sees the transfer cut short
+/// rather than an export that looks whole.
 pub struct ExportBody {
-    chunks: mpsc::Receiver<io::Result<Bytes>>,
+    first: Option<Bytes>,
+    chunks: mpsc::Receiver<Chunk>,
 }
 
 impl hyper::body::Body for ExportBody {
@@ -156,13 +162,18 @@ impl hyper::body::Body for ExportBody {
     type Error = io::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        self.chunks.poll_recv(cx).map(|chunk| chunk.map(|c| c.map(Frame::data)))
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        self.chunks
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| c.map(Frame::data).map_err(|e| io::Error::other(e.to_string()))))
     }
 }
 
 /// Writes into an [`ExportBody`] a chunk at a time (on a blocking thread).
 struct ChunkWriter {
-    chunks: mpsc::Sender<io::Result<Bytes>>,
+    chunks: mpsc::Sender<Chunk>,
     buf: Vec<u8>,
 }
 
@@ -187,8 +198,12 @@ impl Write for ChunkWriter {
         Ok(data.len())
     }
 
+    /// Keeps the bytes: the last chunk goes once the export is whole
+    /// ([`ChunkWriter::send`] after it). A writer flushes when it is
+    /// dropped, also after a failure, and the start of an export that then
+    /// failed would have gone out as its answer.
     fn flush(&mut self) -> io::Result<()> {
-        self.send()
+        Ok(())
     }
 }
 
@@ -228,22 +243,39 @@ async fn export(state: &AppState, req: &Request<Incoming>) -> Result<Response<Ex
             chunks: tx.clone(),
             buf: Vec::with_capacity(EXPORT_CHUNK),
         };
-        // It flushes the last chunk itself.
-        if let Err(error) = crate::export::claims(&store, &activity, format, &mut out) {
+        let written = crate::export::claims(&store, &activity, format, &mut out).and_then(|_| {
+            out.send().map_err(|source| StoreError::Io {
+                what: "cannot send the export to",
+                path: "the client".into(),
+                source,
+            })
+        });
+        if let Err(error) = written {
             if !tx.is_closed() {
-                tracing::warn!(%activity, %error, "An export failed part-way; its answer is cut short.");
-                let _ = tx.blocking_send(Err(io::Error::other(error.to_string())));
+                tracing::warn!(%activity, %error, "An export failed; its answer is an error, or cut short.");
+                let _ = tx.blocking_send(Err(error));
             }
         }
     });
     // A reading that panicked must not end the body as if it were whole.
     tokio::spawn(async move {
         if reading.await.is_err() {
-            tracing::error!("An export's reading panicked; its answer is cut short.");
-            let _ = on_panic.send(Err(io::Error::other("the export failed"))).await;
+            tracing::error!("An export's reading panicked; its answer is an error, or cut short.");
+            let failed = StoreError::Io {
+                what: "the export's reading panicked",
+                path: "the output".into(),
+                source: io::Error::other("panic"),
+            };
+            let _ = on_panic.send(Err(failed)).await;
         }
     });
-    let mut res = Response::new(ExportBody { chunks });
+    let mut chunks = chunks;
+    let first = match chunks.recv().await {
+        Some(Ok(first)) => Some(first),
+        Some(Err(error)) => return Err(error.into()),
+        None => None,
+    };
+    let mut res = Response::new(ExportBody { first, chunks });
     res.headers_mut().insert(IN_TRANSIT, HeaderValue::from(in_transit));
     let ct = if format == ExportFormat::Csv {
         "text/csv; charset=utf-8"
