@@ -742,6 +742,8 @@ async fn a_lottery_draws_once_and_its_waiting_list_replaces_lapsed_winners() {
         (w1["state"].as_str(), w2["state"].as_str()),
         (Some("admitted"), Some("admitted"))
     );
+    // The winner who lets the pass lapse follows the room on a stream.
+    let mut lapsing = Events::open(&app, &drawn[1].1, "lot").await;
     assert_eq!(status(&app.client, &drawn[2].1, "lot").await["state"], "waiting");
     assert_eq!(
         claim_with(&app.client, &drawn[0].1, "lot", w1["pass"].as_str())
@@ -752,6 +754,20 @@ async fn a_lottery_draws_once_and_its_waiting_list_replaces_lapsed_winners() {
     // The third in the draw takes the lapsed winner's place.
     let w3 = wait_turn(&app.client, &drawn[2].1, "lot").await;
     assert_eq!(w3["state"], "admitted", "{w3}");
+    // Passed over in a lottery after its draw, with no way back in: the
+    // stream says so and ends (it held a connection and a stream slot
+    // until the room closed).
+    let passed_over = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(event) = lapsing.next().await {
+            if event["state"] == "passed_over" {
+                return true;
+            }
+        }
+        false
+    });
+    assert!(passed_over.await.unwrap(), "the stream never said passed_over");
+    let ended = tokio::time::timeout(Duration::from_secs(5), lapsing.next()).await;
+    assert!(matches!(ended, Ok(None)), "the stream stayed open: {ended:?}");
     assert_error(
         &claim_with(&app.client, &drawn[1].1, "lot", w2["pass"].as_str()).await,
         403,

@@ -394,6 +394,13 @@ impl EventStream {
         ) {
             self.ended = true;
         }
+        // Passed over in a lottery after its draw: no way back in, so
+        // nothing more to wait for either (the page stops there too).
+        if status.state == PlaceState::PassedOver
+            && matches!(self.room.entry(self.user, now), Err(JoinError::EntriesClosed))
+        {
+            self.ended = true;
+        }
         if send {
             let mut frame = Vec::with_capacity(768);
             frame.extend_from_slice(b"event: status\ndata: ");

@@ -471,7 +471,9 @@ async function waitingRoom(a, queue) {
     return b;
   };
   let following = false;
-  const ended = () => ['sold_out', 'entries_closed', 'done'].includes(panel.dataset.state);
+  // Passed over in a lottery is final too: it takes no entry after its draw.
+  const ended = () => ['sold_out', 'entries_closed', 'done'].includes(panel.dataset.state)
+    || (lottery && panel.dataset.state === 'passed_over');
   const follow = async () => {
     if (following) return;
     following = true;
