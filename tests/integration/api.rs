@@ -2,7 +2,9 @@
 
 use serde_json::{json, Value};
 
-use crate::common::{assert_error, base_config, exchange, open_activity, Act, Codes, TestApp};
+use crate::common::{
+    assert_error, assert_replayed, base_config, claim_keyed, exchange, open_activity, Act, Codes, TestApp,
+};
 
 fn windows() -> String {
     base_config()
@@ -594,18 +596,7 @@ async fn a_retry_of_a_claim_still_being_committed_hears_in_progress() {
     let body = app.claim_body(&token, "ip").await;
     let post = || {
         let (client, token, body) = (app.client_clone(), token.clone(), body.clone());
-        async move {
-            client
-                .call(
-                    http::Method::POST,
-                    "/ticket/get",
-                    Some(&token),
-                    Some(&body),
-                    &[("Idempotency-Key", "slow-1")],
-                )
-                .await
-                .unwrap()
-        }
+        async move { claim_keyed(&client, &token, &body, "slow-1").await }
     };
     std::fs::write(&hold, b"").unwrap();
     let first = tokio::spawn(post());
@@ -624,13 +615,7 @@ async fn a_retry_of_a_claim_still_being_committed_hears_in_progress() {
     std::fs::remove_file(&hold).unwrap();
     let first = first.await.unwrap();
     assert_eq!(first.status, 200, "{}", first.body);
-    let again = post().await;
-    assert_eq!(
-        (again.status, &again.data()["code"], &again.data()["replayed"]),
-        (200, &first.data()["code"], &json!(true)),
-        "{}",
-        again.body
-    );
+    assert_replayed(&post().await, &first);
 }
 
 /// A reload took an activity out after a fan's claim in it, whose first
@@ -644,28 +629,11 @@ async fn a_keyed_retry_gets_its_claim_after_a_reload_took_the_activity_out() {
     let app = TestApp::start(&config);
     let token = app.register("fan").await;
     let body = app.claim_body(&token, "gone").await;
-    let post = || async {
-        app.client
-            .call(
-                http::Method::POST,
-                "/ticket/get",
-                Some(&token),
-                Some(&body),
-                &[("Idempotency-Key", "gone-1")],
-            )
-            .await
-            .unwrap()
-    };
+    let post = || claim_keyed(&app.client, &token, &body, "gone-1");
     let first = post().await;
     assert_eq!(first.status, 200, "{}", first.body);
     assert_eq!(app.reload(&(base_config() + &kept))["message"], "Config reloaded.");
-    let again = post().await;
-    assert_eq!(
-        (again.status, &again.data()["code"], &again.data()["replayed"]),
-        (200, &first.data()["code"], &json!(true)),
-        "{}",
-        again.body
-    );
+    assert_replayed(&post().await, &first);
     // Without the key it is an activity like any unknown one.
     let res = app.client.post("/ticket/get", Some(&token), &body).await.unwrap();
     assert_error(&res, 404, "ACTIVITY_NOT_FOUND");

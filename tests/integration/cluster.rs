@@ -15,8 +15,8 @@ use ticketd::{
 };
 
 use crate::common::{
-    assert_error, assert_sold_out_is_final, base_config, claim_body, claim_settled, metric, outcome_key,
-    services::Services, until, AnswerLog, TestApp,
+    assert_error, assert_replayed, assert_sold_out_is_final, base_config, claim_body, claim_keyed, claim_settled,
+    metric, outcome_key, services::Services, until, AnswerLog, TestApp,
 };
 
 /// A node's config: the shared services, its own id, cheap leases.
@@ -1104,12 +1104,7 @@ async fn an_idempotent_retry_gets_its_code_on_another_node_after_a_pause() {
     let cluster = Cluster::start(2, &cluster_activity("ip", 5, 2), "");
     let token = cluster.nodes[0].register("ip-fan").await;
     let body = cluster.nodes[0].claim_body(&token, "ip").await;
-    let key = [("Idempotency-Key", "lost-answer-1")];
-    let first = cluster.nodes[0]
-        .client
-        .call(http::Method::POST, "/ticket/get", Some(&token), Some(&body), &key)
-        .await
-        .unwrap();
+    let first = claim_keyed(&cluster.nodes[0].client, &token, &body, "lost-answer-1").await;
     assert_eq!(first.status, 200, "{}", first.body);
     for node in &cluster.nodes {
         let config = std::fs::read_to_string(node.config_path()).unwrap();
@@ -1117,29 +1112,10 @@ async fn an_idempotent_retry_gets_its_code_on_another_node_after_a_pause() {
         assert_ne!(config, paused);
         assert_eq!(node.reload(&paused)["message"], "Config reloaded.");
     }
-    let again = cluster.nodes[1]
-        .client
-        .call(http::Method::POST, "/ticket/get", Some(&token), Some(&body), &key)
-        .await
-        .unwrap();
-    assert_eq!(
-        (again.status, &again.data()["code"], &again.data()["replayed"]),
-        (200, &first.data()["code"], &serde_json::json!(true)),
-        "{}",
-        again.body
-    );
+    let again = claim_keyed(&cluster.nodes[1].client, &token, &body, "lost-answer-1").await;
+    assert_replayed(&again, &first);
     // A new claim is refused as before.
-    let fresh = cluster.nodes[1]
-        .client
-        .call(
-            http::Method::POST,
-            "/ticket/get",
-            Some(&token),
-            Some(&body),
-            &[("Idempotency-Key", "another-key")],
-        )
-        .await
-        .unwrap();
+    let fresh = claim_keyed(&cluster.nodes[1].client, &token, &body, "another-key").await;
     assert_error(&fresh, 409, "PAUSED");
 }
 
@@ -1904,16 +1880,7 @@ async fn an_admin_export_streams_from_mongodb() {
     let body = crate::common::unchunked(&answer.head, &answer.body);
     // More than one chunk of 64 KiB: the reading went on past the first.
     assert!(body.len() > 64 * 1024, "{} bytes", body.len());
-    let exported: std::collections::HashSet<String> = body
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["code"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
-    assert_eq!(exported, codes);
+    assert_eq!(crate::common::jsonl_codes(&body), codes);
 }
 
 /// A ticket type moved to another activity is refused by `ticketd import`

@@ -259,15 +259,7 @@ async fn an_admin_export_is_streamed_and_whole() {
     assert!(head.contains("transfer-encoding: chunked"), "{head}");
     assert!(!head.contains("content-length"), "{head}");
     assert!(head.contains("x-claims-in-transit: 0"), "{head}");
-    let codes: std::collections::HashSet<String> = body
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["code"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let codes = crate::common::jsonl_codes(&body);
     assert_eq!(codes.len(), 1500, "one line per claim, each its own code");
     assert!(body.len() > 2 * 64 * 1024, "{} bytes: more than one chunk", body.len());
 }

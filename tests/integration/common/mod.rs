@@ -631,6 +631,40 @@ impl RawAnswer {
     }
 }
 
+/// `POST /ticket/get` with `body`, and `key` as its Idempotency-Key.
+pub async fn claim_keyed(client: &ApiClient, token: &str, body: &Value, key: &str) -> ApiResponse {
+    client
+        .call(
+            http::Method::POST,
+            "/ticket/get",
+            Some(token),
+            Some(body),
+            &[("Idempotency-Key", key)],
+        )
+        .await
+        .unwrap()
+}
+
+/// `again` answers with `first`'s claim, as a replay.
+pub fn assert_replayed(again: &ApiResponse, first: &ApiResponse) {
+    assert_eq!(
+        (again.status, &again.data()["code"], &again.data()["replayed"]),
+        (200, &first.data()["code"], &Value::Bool(true)),
+        "{}",
+        again.body
+    );
+}
+
+/// The codes of a JSON-lines export, one line per claim.
+pub fn jsonl_codes(body: &str) -> std::collections::HashSet<String> {
+    body.lines()
+        .map(|l| {
+            let line: Value = serde_json::from_str(l).unwrap();
+            line["code"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
 /// The body of an answer as sent: with `Transfer-Encoding: chunked` (a
 /// streamed export), its chunks joined; otherwise as it is.
 pub fn unchunked(head: &str, body: &str) -> String {
