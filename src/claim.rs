@@ -355,8 +355,12 @@ impl Claimer {
         }
     }
 
-    /// Whether a refusal may wait for a read of the shared store (see [`decide`](Self::decide)).
-    fn may_read_store(&self, user: u64) -> bool {
+    /// Whether a read of the shared store that something can do without
+    /// (a refusal's look-up here, a detail's claims, a room's catch-up) is
+    /// made for `user` now: only in a cluster, with Redis answering, and
+    /// within the user's budget of such reads (each is a Redis script
+    /// beside every node's commits). Takes from that budget.
+    pub fn may_read_store(&self, user: u64) -> bool {
         self.store.shared_with_nodes()
             && self.store.reachable()
             && self.guard.admit_store_read(user, std::time::Instant::now()).is_ok()

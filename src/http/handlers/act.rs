@@ -2,7 +2,7 @@
 //! and the inventory's stock (the live pools on one node; the cluster-wide
 //! counts in a cluster).
 
-use std::{hash::Hasher, time::Instant};
+use std::hash::Hasher;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -157,11 +157,9 @@ pub fn list(state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
 async fn claims_here(state: &AppState, activity: &Activity, user: u64, asked: bool, now: i64) -> Vec<Claim> {
     let mine = activity.ledger.claims_of(user);
     let read = asked
-        && state.store.shared_with_nodes()
         && activity.status(now) != Status::Upcoming
         && mine.len() < activity.per_user_limit as usize
-        && state.store.reachable()
-        && state.guard.admit_store_read(user, Instant::now()).is_ok();
+        && state.claimer.may_read_store(user);
     if !read {
         return mine;
     }

@@ -260,8 +260,7 @@ pub async fn status(state: &AppState, req: &Request<Incoming>, ip: IpAddr) -> Re
     // (within the user's budget of store reads) before saying so.
     if status.state == PlaceState::NotJoined && room.is_shared() && !room.read_since(now) {
         if let Some(source) = state.store.room_source() {
-            let may = state.store.reachable() && state.guard.admit_store_read(user, Instant::now()).is_ok();
-            if may && source.sync(room).await.is_ok() {
+            if state.claimer.may_read_store(user) && source.sync(room).await.is_ok() {
                 status = room.status(user, now_ms(), true);
             }
         }
