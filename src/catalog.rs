@@ -117,21 +117,16 @@ pub fn time_problems(config: &Config, node_start_ms: i64) -> Vec<String> {
     let mut problems = Vec::new();
     for a in &config.activities {
         if a.end_time.resolve(node_start_ms) <= a.start_time.resolve(node_start_ms) {
-            problems.push(ends_before_it_starts(&a.id));
+            problems.push(format!("activity `{}` must end after it starts", a.id));
         }
         if RoomSettings::of(a, node_start_ms).is_some_and(|s| !s.in_order()) {
-            problems.push(out_of_order(&a.id));
+            problems.push(format!(
+                "activity `{}`: queue_opens must come before draw_time, and draw_time not after start_time",
+                a.id
+            ));
         }
     }
     problems
-}
-
-fn ends_before_it_starts(activity: &str) -> String {
-    format!("activity `{activity}` must end after it starts")
-}
-
-fn out_of_order(activity: &str) -> String {
-    format!("activity `{activity}`: queue_opens must come before draw_time, and draw_time not after start_time")
 }
 
 impl Catalog {
@@ -145,16 +140,15 @@ impl Catalog {
         inventory: &Inventory,
         rooms: &Rooms,
     ) -> Result<Catalog, Vec<String>> {
-        let mut problems = Vec::new();
+        let mut problems = time_problems(config, node_start_ms);
         let now = now_ms();
         let mut room_settings = Vec::with_capacity(config.activities.len());
         for a in &config.activities {
             let settings = RoomSettings::of(a, node_start_ms);
             let open_room = rooms.get(&a.id);
             match (&settings, &open_room) {
-                (Some(s), _) if !s.in_order() => {
-                    problems.push(out_of_order(&a.id));
-                }
+                // Out of order: said by `time_problems`.
+                (Some(s), _) if !s.in_order() => {}
                 (Some(new), Some(room)) => {
                     let frozen = room.settings().frozen_changes(new, now);
                     if !frozen.is_empty() {
@@ -179,9 +173,6 @@ impl Catalog {
         let mut by_id = HashMap::with_capacity(config.activities.len());
         for a in &config.activities {
             let (start_ms, end_ms) = (a.start_time.resolve(node_start_ms), a.end_time.resolve(node_start_ms));
-            if end_ms <= start_ms {
-                problems.push(ends_before_it_starts(&a.id));
-            }
             let tickets = a
                 .tickets
                 .iter()

@@ -2,7 +2,11 @@
 //! which one?
 //!
 //! The order of checks is the order of cost. Everything before the commit is
-//! in memory and lock-free or shard-locked for a few instructions:
+//! in memory and lock-free or shard-locked for a few instructions, but for
+//! one read of a cluster's store: a keyed retry that would be refused for a
+//! change since its claim (paused, ended, a lapsed token or pass) or sold
+//! out is first looked up there, within the user's budget of such reads
+//! ([`Claimer::may_read_store`]):
 //!
 //! 1. the activity in the catalog snapshot (404), paused (409), the sale
 //!    window (409 NOT_STARTED / ENDED); when every pool is empty, the
@@ -116,6 +120,17 @@ impl ClaimSettings {
     }
 }
 
+/// What `ledger` says of a request with `key`: its claim again, or
+/// IN_PROGRESS while that claim is being committed; `None` when it knows no
+/// claim with the key (or there is no key). Read-only.
+fn keyed(ledger: &Ledger, user: u64, key: Option<&str>) -> Option<Result<Claimed, Rejection>> {
+    match ledger.peek(user, u32::MAX, Some(key?))? {
+        Reservation::Replay(claim) => Some(Ok(Claimed { claim, replayed: true })),
+        Reservation::InProgress => Some(Err(Rejection::InProgress)),
+        Reservation::Reserved | Reservation::LimitReached(_) => None,
+    }
+}
+
 /// Decrements an in-flight count when the request finishes or is dropped.
 struct InFlight<'a>(&'a AtomicUsize);
 
@@ -198,10 +213,11 @@ impl Claimer {
         }
     }
 
-    /// No code here for this claim — but the claim with this Idempotency-Key
-    /// may have been made through another node (or before a restart that
-    /// this node's ledger does not remember): then the store has it and the
-    /// retry gets its code. Only a claim that carries a key in a shared
+    /// A claim this request would be refused — but the claim with its
+    /// Idempotency-Key may have been made through another node (or before a
+    /// restart that this node's ledger does not remember, or answered
+    /// OUTCOME_UNKNOWN and kept): then the store has it and the retry gets
+    /// its code. Only a claim that carries a key in a shared
     /// store pays for the look-up, and only the caller's own claims are
     /// searched. `Ok(None)` when there is no such claim.
     async fn replay_from_store(
@@ -281,12 +297,10 @@ impl Claimer {
                 // its commit since the ledger was read: a pool's code counts
                 // as committed only after the ledger holds the claim, so one
                 // more look sees it.
-                sold_out @ Rejection::SoldOut { .. } => {
-                    match key.and_then(|k| activity.ledger.peek(user, u32::MAX, Some(k))) {
-                        Some(Reservation::Replay(claim)) => Ok(Claimed { claim, replayed: true }),
-                        _ => Err(sold_out),
-                    }
-                }
+                sold_out @ Rejection::SoldOut { .. } => match keyed(&activity.ledger, user, key) {
+                    Some(Ok(claimed)) => Ok(claimed),
+                    _ => Err(sold_out),
+                },
                 other => Err(other),
             },
         }
@@ -309,16 +323,10 @@ impl Claimer {
         let Some(activity) = catalog.activity(req.activity_id) else {
             // A reload may have taken the activity out after this key's
             // claim was made; the claim stands, and the ledger keeps it.
-            let replay = req.idempotency_key.as_deref().and_then(|key| {
-                self.inventory
-                    .existing_ledger(req.activity_id)?
-                    .peek(req.user_id, u32::MAX, Some(key))
-            });
-            return match replay {
-                Some(Reservation::Replay(claim)) => Ok(Claimed { claim, replayed: true }),
-                Some(Reservation::InProgress) => Err(Rejection::InProgress),
-                _ => Err(Rejection::UnknownActivity),
-            };
+            let ledger = self.inventory.existing_ledger(req.activity_id);
+            return ledger
+                .and_then(|l| keyed(&l, req.user_id, req.idempotency_key.as_deref()))
+                .unwrap_or(Err(Rejection::UnknownActivity));
         };
         // A retry of a claim already made gets that claim, whatever changed
         // since: paused, ended, a claim token gone stale. Its first answer may
@@ -327,14 +335,8 @@ impl Claimer {
         // a new key. (Read-only, and only for a request with a key.)
         // So does a retry of one still being committed: IN_PROGRESS, not
         // what a change since would say.
-        match req
-            .idempotency_key
-            .as_deref()
-            .and_then(|key| activity.ledger.peek(req.user_id, u32::MAX, Some(key)))
-        {
-            Some(Reservation::Replay(claim)) => return Ok(Claimed { claim, replayed: true }),
-            Some(Reservation::InProgress) => return Err(Rejection::InProgress),
-            _ => {}
+        if let Some(answer) = keyed(&activity.ledger, req.user_id, req.idempotency_key.as_deref()) {
+            return answer;
         }
         let (user, key) = (req.user_id, req.idempotency_key.clone());
         match self.decide_anew(activity, req).await {

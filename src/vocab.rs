@@ -39,6 +39,12 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// How many /64s' worth of a per-address budget (registrations, login
+/// failures at one account, a share of the password hashing) an IPv6 /48
+/// gets: a site with a few networks is not held to one's budget, and one
+/// holding 65,536 of them does not get 65,536 budgets.
+pub const SITE_BUDGETS: u32 = 8;
+
 /// The /48 of an IPv6 client (a site: what one customer is commonly given),
 /// for the budgets a site's /64s share; `None` for IPv4 (and IPv4 mapped
 /// into IPv6), whose address is the key already.

@@ -59,7 +59,7 @@ use std::{
 use arc_swap::ArcSwap;
 use http::{header, HeaderMap};
 
-use crate::vocab::{client_key, site_key};
+use crate::vocab::{client_key, site_key, SITE_BUDGETS};
 
 use super::{
     ratelimit::{Backoff, BackoffPolicy, Rate, Refusal, TokenBuckets},
@@ -144,15 +144,12 @@ impl Settings {
     }
 }
 
-/// How many /64s' worth of registrations a /48 gets: a site with a few
-/// networks is not held to one's budget, and one holding 65,536 of them
-/// does not get 65,536 budgets.
-const SITE_REGISTRATIONS: f64 = 8.0;
+/// How many /64s' worth of registrations a /48 gets ([`SITE_BUDGETS`]).
+const SITE_REGISTRATIONS: f64 = SITE_BUDGETS as f64;
 
 /// How many /64s' worth of failures at one account a /48 may make before
-/// that account is locked from the /48, as [`SITE_REGISTRATIONS`] for
-/// registrations.
-const SITE_LOGINS: u32 = 8;
+/// that account is locked from the /48 ([`SITE_BUDGETS`]).
+const SITE_LOGINS: u32 = SITE_BUDGETS;
 
 /// Successful logins of one account from one address: ten, then one every
 /// six seconds. Failures have their backoff; successes were never counted,

@@ -24,11 +24,10 @@
 use std::{net::IpAddr, sync::Arc, time::Instant};
 
 use super::bounded::BoundedMap;
-use crate::vocab::{client_key, site_key};
+use crate::vocab::{client_key, site_key, SITE_BUDGETS};
 
-/// How many addresses' (/64s') shares one IPv6 /48 holds, as the guard's
-/// registration and login budgets count a site.
-pub const SITE_SHARE: u32 = 8;
+/// How many addresses' (/64s') shares one IPv6 /48 holds ([`SITE_BUDGETS`]).
+pub const SITE_SHARE: u32 = SITE_BUDGETS;
 
 /// Turns and places held, per address and per IPv6 /48.
 pub struct Shares {

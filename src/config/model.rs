@@ -239,7 +239,7 @@ pub struct AuthConfig {
     #[serde(default = "default_hash_queue")]
     pub hash_queue: usize,
     /// Of those turns and places, how many one client address (an IPv6
-    /// /64) may hold at once; its /48 eight times as many. Past it: 429
+    /// /64) may hold at once; its /48 `vocab::SITE_BUDGETS` (8) times as many. Past it: 429
     /// `LOGIN_THROTTLED`. Default 4.
     #[serde(default = "default_hashes_per_ip")]
     pub hashes_per_ip: u32,
