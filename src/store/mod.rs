@@ -216,15 +216,42 @@ impl Store {
         }
     }
 
-    /// Calls `f` with every claim of `activity_id` joined with its user, in id order.
+    /// Calls `f` with every claim of `activity_id` joined with its user
+    /// (embedded: in id order; a cluster: by time, then claim id), a page of
+    /// a thousand at a time, each page a read of its own, `f` called between
+    /// them: a client that reads a streamed export slowly holds no SQLite
+    /// read (which keeps the WAL from its checkpoints) nor MongoDB cursor
+    /// open, and `f` may block (it waits for that client) outside the
+    /// cluster store's runtime.
     pub fn export_claims(
         &self,
         activity_id: &str,
         f: &mut dyn FnMut(ClaimRow) -> std::io::Result<()>,
     ) -> Result<u64, StoreError> {
-        match self {
-            Store::Embedded(s) => s.export_claims(activity_id, f),
-            Store::Cluster(s) => s.export_claims(activity_id, f),
+        const PAGE: usize = 1000;
+        let mut last: Option<ClaimRow> = None;
+        let mut n = 0;
+        loop {
+            let page = match self {
+                Store::Embedded(s) => s.export_page(activity_id, last.as_ref().map_or(0, |r| r.claim_id), PAGE)?,
+                Store::Cluster(s) => {
+                    let after = last.as_ref().map(|r| (r.claimed_at_ms, r.claim_id as i64));
+                    s.export_page(activity_id, after, PAGE)?
+                }
+            };
+            let full = page.len() == PAGE;
+            last = page.last().cloned();
+            for row in page {
+                f(row).map_err(|source| StoreError::Io {
+                    what: "cannot write the export to",
+                    path: "the output".into(),
+                    source,
+                })?;
+                n += 1;
+            }
+            if !full {
+                return Ok(n);
+            }
         }
     }
 

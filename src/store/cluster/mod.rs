@@ -583,32 +583,15 @@ impl ClusterStore {
         self.block(mongo::activities(&self.shared.db))
     }
 
-    /// Page by page, `f` called between the pages' reads, never inside the
-    /// store's runtime: it may block (a streamed export waits for its
-    /// client there).
-    pub(super) fn export_claims(
+    /// Up to `limit` claims of `activity_id` after `after` (time, claim
+    /// id), in that order, joined with their users.
+    pub(super) fn export_page(
         &self,
         activity_id: &str,
-        f: &mut dyn FnMut(ClaimRow) -> std::io::Result<()>,
-    ) -> Result<u64, StoreError> {
-        const PAGE: i64 = 1000;
-        let (mut after, mut n) = (None, 0);
-        loop {
-            let page = self.block(mongo::export_page(&self.shared.db, activity_id, after, PAGE))?;
-            let full = page.len() as i64 == PAGE;
-            after = page.last().map(|r| (r.claimed_at_ms, r.claim_id as i64));
-            for row in page {
-                f(row).map_err(|source| StoreError::Io {
-                    what: "cannot write the export to",
-                    path: "the output".into(),
-                    source,
-                })?;
-                n += 1;
-            }
-            if !full {
-                return Ok(n);
-            }
-        }
+        after: Option<(i64, i64)>,
+        limit: usize,
+    ) -> Result<Vec<ClaimRow>, StoreError> {
+        Ok(self.block(mongo::export_page(&self.shared.db, activity_id, after, limit as i64))?)
     }
 
     pub(super) fn has_activity(&self, activity_id: &str) -> Result<bool, StoreError> {

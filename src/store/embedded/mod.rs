@@ -420,54 +420,35 @@ impl EmbeddedStore {
         Ok(())
     }
 
-    pub(super) fn export_claims(
-        &self,
-        activity_id: &str,
-        f: &mut dyn FnMut(ClaimRow) -> std::io::Result<()>,
-    ) -> Result<u64, StoreError> {
-        // A connection of its own, read only: an export of a million claims
-        // reads for seconds, and on the shared connection every login,
-        // registration and statistics flush of a serving node waited for
-        // it. (WAL: this reader and the node's writers do not block each
-        // other.)
+    /// Up to `limit` claims of `activity_id` after claim `after`, by id,
+    /// joined with their users. On a read-only connection of its own: an
+    /// export reads for seconds, and on the shared connection every login,
+    /// registration and statistics flush of a serving node waited for it
+    /// (WAL: this reader and the node's writers do not block each other).
+    pub(super) fn export_page(&self, activity_id: &str, after: u64, limit: usize) -> Result<Vec<ClaimRow>, StoreError> {
         let conn =
             Connection::open_with_flags(self.dir.join("ticketd.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.busy_timeout(Duration::from_secs(10))?;
-        // Page by page, each its own read: a client that reads a streamed
-        // export slowly holds no read transaction open (which would keep
-        // the WAL from being checkpointed while a rush writes).
-        const PAGE: i64 = 1000;
         let mut stmt = conn.prepare(
             "SELECT k.id, k.activity_id, k.ticket_id, k.code, k.user_id, COALESCE(u.username, ''), COALESCE(u.nickname, ''), k.claimed_at_ms, k.node
              FROM claims k LEFT JOIN users u ON u.id = k.user_id WHERE k.activity_id = ?1 AND k.id > ?2 ORDER BY k.id LIMIT ?3",
         )?;
-        let (mut after, mut n) = (0i64, 0);
-        loop {
-            let page: Vec<ClaimRow> = stmt
-                .query_map(params![activity_id, after, PAGE], |r| {
-                    Ok(ClaimRow {
-                        claim_id: r.get::<_, i64>(0)? as u64,
-                        activity_id: r.get(1)?,
-                        ticket_id: r.get(2)?,
-                        code: r.get(3)?,
-                        user_id: r.get::<_, i64>(4)? as u64,
-                        username: r.get(5)?,
-                        nickname: r.get(6)?,
-                        claimed_at_ms: r.get(7)?,
-                        node: r.get(8)?,
-                    })
-                })?
-                .collect::<Result<_, _>>()?;
-            let full = page.len() as i64 == PAGE;
-            after = page.last().map_or(after, |r| r.claim_id as i64);
-            for row in page {
-                f(row).map_err(io("cannot write the export to", Path::new("the output")))?;
-                n += 1;
-            }
-            if !full {
-                return Ok(n);
-            }
-        }
+        let rows = stmt
+            .query_map(params![activity_id, after as i64, limit as i64], |r| {
+                Ok(ClaimRow {
+                    claim_id: r.get::<_, i64>(0)? as u64,
+                    activity_id: r.get(1)?,
+                    ticket_id: r.get(2)?,
+                    code: r.get(3)?,
+                    user_id: r.get::<_, i64>(4)? as u64,
+                    username: r.get(5)?,
+                    nickname: r.get(6)?,
+                    claimed_at_ms: r.get(7)?,
+                    node: r.get(8)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
     }
 
     pub(super) fn has_activity(&self, activity_id: &str) -> Result<bool, StoreError> {
