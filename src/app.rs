@@ -485,7 +485,11 @@ async fn admit_shared(
         .await
         .map_err(|e| e.to_string())?;
     source.sync(room).await.map_err(|e| e.to_string())?;
-    room.regrace_if_back(now_ms());
+    // The step's time, read before the pass holders' claims (see
+    // `Room::plan_shared`): a claim read after it cannot be missing one
+    // that Redis records later under a pass the step retires.
+    let now = now_ms();
+    room.regrace_if_back(now);
     let (next, holders) = room.next_and_holders(if admitter { ADMIT_LOOKAHEAD } else { 0 });
     let (seen, claimed) = source
         .seen_and_claimed(id, next.clone(), holders.clone())
@@ -511,7 +515,7 @@ async fn admit_shared(
     };
     let cursor = room.cursor();
     let events = room.plan_shared(
-        now_ms(),
+        now,
         &|| stock,
         &|u| claimed.get(&u).copied().unwrap_or(0),
         &|u| seen.get(&u).copied(),

@@ -414,7 +414,7 @@ impl Claimer {
             };
         }
         // Only a claim that could take a code pays for the token check.
-        self.check_tokens(activity, &req, settings.require_claim_token, now)?;
+        let pass_expires = self.check_tokens(activity, &req, settings.require_claim_token, now)?;
         let key = req.idempotency_key;
 
         let _global = InFlight::enter(&self.in_flight, settings.max_in_flight).ok_or(Rejection::Overloaded)?;
@@ -450,7 +450,7 @@ impl Claimer {
             code_idx,
             ledger: activity.ledger.clone(),
         };
-        commit(&self.store, slot, claim, activity.per_user_limit).await
+        commit(&self.store, slot, claim, activity.per_user_limit, pass_expires).await
     }
 }
 
@@ -501,6 +501,10 @@ impl Slot {
             CommitOutcome::LimitReached(codes) => {
                 rejected(self, &claim, true);
                 Next::Done(Err(Rejection::LimitReached(codes)))
+            }
+            CommitOutcome::Lapsed => {
+                rejected(self, &claim, true);
+                Next::Done(Err(Rejection::QueuePassExpired))
             }
             CommitOutcome::Failed(error) => {
                 rejected(self, &claim, true);
@@ -559,16 +563,23 @@ impl Drop for Settle {
     }
 }
 
-/// Commits `claim` and settles `slot` with the answer, trying another code
+/// Commits `claim` (made under `limit`, with a pass that expires at
+/// `pass_expires`) and settles `slot` with the answer, trying another code
 /// when the store says this one is another node's.
-async fn commit(store: &Store, slot: Slot, mut claim: Claim, limit: u32) -> Result<Claimed, Rejection> {
+async fn commit(
+    store: &Store,
+    slot: Slot,
+    mut claim: Claim,
+    limit: u32,
+    pass_expires: Option<i64>,
+) -> Result<Claimed, Rejection> {
     let mut guard = Settle {
         slot: Some(slot),
         reply: None,
     };
     for round in 0..=CODE_TAKEN_RETRIES {
         let (pending, reply) = PendingClaim::new(claim, limit);
-        store.commit(pending);
+        store.commit(pending.until(pass_expires));
         let reply = guard.reply.insert(reply);
         let Ok((returned, outcome)) = reply.await else {
             // Unreachable: a pending claim answers even when dropped.
@@ -588,30 +599,32 @@ async fn commit(store: &Store, slot: Slot, mut claim: Claim, limit: u32) -> Resu
 }
 
 impl Claimer {
-    /// The claim token (bound to user, activity and start) and the proof of work.
+    /// The claim token (bound to user, activity and start) and the proof of
+    /// work. For a waiting room's activity, returns when the pass expires.
     fn check_tokens(
         &self,
         activity: &Activity,
         req: &ClaimRequest<'_>,
         required: bool,
         now: i64,
-    ) -> Result<(), Rejection> {
+    ) -> Result<Option<i64>, Rejection> {
         if activity.room.is_some() {
             // A waiting room's activity takes its pass, whatever the node's
             // claim-token setting: the pass is the whole point of the room.
             let token = req.claim_token.ok_or(Rejection::QueuePassRequired)?;
-            self.tokens
+            let expires = self
+                .tokens
                 .verify_pass(token, req.user_id, &activity.id, activity.start_ms, now)
                 .map_err(|e| match e {
                     ClaimTokenError::Invalid => Rejection::QueuePassRequired,
                     ClaimTokenError::Expired => Rejection::QueuePassExpired,
                 })?;
-            return check_pow(activity, token, req.pow_nonce);
+            return check_pow(activity, token, req.pow_nonce).map(|()| Some(expires));
         }
         let token = match req.claim_token {
             Some(t) => t,
             None if required || activity.pow_difficulty > 0 => return Err(Rejection::ClaimTokenRequired),
-            None => return Ok(()),
+            None => return Ok(None),
         };
         self.tokens
             .verify(token, req.user_id, &activity.id, activity.start_ms, now)
@@ -619,7 +632,7 @@ impl Claimer {
                 ClaimTokenError::Invalid => Rejection::ClaimTokenInvalid,
                 ClaimTokenError::Expired => Rejection::ClaimTokenExpired,
             })?;
-        check_pow(activity, token, req.pow_nonce)
+        check_pow(activity, token, req.pow_nonce).map(|()| None)
     }
 }
 

@@ -139,6 +139,10 @@ pub enum CommitOutcome {
     CodeTaken,
     /// The user already holds the limit (counted across nodes); their codes.
     LimitReached(Vec<Arc<str>>),
+    /// The claim's waiting-room pass had expired by the store's clock
+    /// before the claim reached it ([`PendingClaim::valid_until`]); nothing
+    /// was recorded.
+    Lapsed,
     /// Nothing was recorded.
     Failed(CommitError),
     /// The store lost contact mid-commit: the claim may or may not be
@@ -159,6 +163,7 @@ pub struct PendingClaim {
     /// `None` only once answered (by value, so never observed).
     inner: Option<(Claim, oneshot::Sender<(Claim, CommitOutcome)>)>,
     limit: u32,
+    valid_until: Option<i64>,
     /// The thread the claim was made on, if it is a [`Home`].
     home: Option<&'static Home>,
 }
@@ -234,9 +239,28 @@ impl PendingClaim {
         let pending = PendingClaim {
             inner: Some((claim, reply)),
             limit,
+            valid_until: None,
             home: HOME.with(Cell::get),
         };
         (pending, answer)
+    }
+
+    /// The claim may be recorded only before `expires_ms` (Unix ms): the
+    /// expiry of the waiting-room pass it was made with.
+    pub fn until(mut self, expires_ms: Option<i64>) -> PendingClaim {
+        self.valid_until = expires_ms;
+        self
+    }
+
+    /// When the claim's pass expires, if it was made with one. A cluster's
+    /// commit refuses it from then on, by Redis's clock
+    /// ([`CommitOutcome::Lapsed`]): the room's admitter counts a pass
+    /// that lapsed unused as giving its codes to the next in line, and a
+    /// claim still on its way could otherwise take one of them. (The
+    /// embedded store needs no check: a claim's code leaves the stock the
+    /// admitter counts when the claim takes it, before its commit.)
+    pub fn valid_until(&self) -> Option<i64> {
+        self.valid_until
     }
 
     /// The claim to record.

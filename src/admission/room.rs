@@ -31,6 +31,14 @@ const MAX_STEPS_PER_TICK: usize = 100_000;
 const MAX_SEEN_BUFFER: usize = 1_000_000;
 /// The admission rate is measured over this window.
 const RATE_WINDOW_MS: i64 = 10_000;
+/// How long past its expiry a pass still counts as holding its codes. A
+/// claim checks the pass and then takes its code; one checked just before
+/// the expiry must have taken it (embedded) or reached Redis, which refuses
+/// it by Redis's clock from the expiry on (a cluster), before the admitter
+/// counts the pass's codes as free for the next in line. This covers the
+/// moment between check and take, and how far a node's clock may be off
+/// Redis's.
+pub const PASS_SETTLE_MS: i64 = 1_000;
 
 /// A room's settings, times resolved to Unix ms.
 #[derive(Debug, Clone, PartialEq)]
@@ -612,6 +620,9 @@ impl Room {
 
     /// Shared rooms: the admitter's next events (see [`Room::tick`]), not
     /// applied: they are applied when they come back through the shared log.
+    /// `now` must be read before `claimed`'s counts were: a pass's claims
+    /// read after its expiry (and [`PASS_SETTLE_MS`]) are all it will
+    /// ever have, since Redis refuses a claim made with it from then on.
     pub fn plan_shared(
         &self,
         now: i64,
@@ -947,8 +958,9 @@ impl RoomState {
     /// the shuffle when due (alone: admissions follow on the next step, on
     /// the drawn order); the close when nothing is left or the sale ended;
     /// else admissions and skips from the cursor, as the rate and the codes
-    /// no pass speaks for allow. Passes used up or lapsed are retired here
-    /// (each replica does that itself; it is not logged). A place counts as
+    /// no pass speaks for allow. Passes used up, or lapsed for
+    /// [`PASS_SETTLE_MS`], are retired here (each replica does that itself;
+    /// it is not logged). A place counts as
     /// seen at the latest of its local check-in and `seen_elsewhere` (other
     /// nodes' check-ins, in a cluster); `max_steps` bounds the places looked at.
     ///
@@ -993,7 +1005,7 @@ impl RoomState {
         let summary = &mut self.summary;
         self.active.retain(|&(user, expires)| {
             let used = claimed(user);
-            let keep = used < limit && now < expires;
+            let keep = used < limit && now < expires.saturating_add(PASS_SETTLE_MS);
             if !keep {
                 if let Some(p) = places.get_mut(&user) {
                     if used == 0 && now >= expires {
@@ -1306,10 +1318,11 @@ mod tests {
         room.log.as_ref().unwrap().sync_now().unwrap();
         assert_eq!(room.status(1, 100, false).state, PlaceState::Admitted);
         // The pass lapses unused: passed over, and no new entry.
-        room.tick(|| 60_200, &|| stock, &|_| 0);
-        assert_eq!(room.status(1, 60_200, false).state, PlaceState::PassedOver);
-        assert_eq!(room.entry(1, 60_201), Err(JoinError::EntriesClosed));
-        assert_eq!(room.join(1, 60_201), Err(JoinError::EntriesClosed));
+        let lapsed = 60_100 + PASS_SETTLE_MS;
+        room.tick(|| lapsed, &|| stock, &|_| 0);
+        assert_eq!(room.status(1, lapsed, false).state, PlaceState::PassedOver);
+        assert_eq!(room.entry(1, lapsed + 1), Err(JoinError::EntriesClosed));
+        assert_eq!(room.join(1, lapsed + 1), Err(JoinError::EntriesClosed));
 
         let dir = tempfile::tempdir().unwrap();
         let room = Room::open(dir.path(), "q".into(), settings()).unwrap();
@@ -1376,8 +1389,13 @@ mod tests {
         assert_eq!(room.status(1, 999, false).state, PlaceState::Admitted);
         assert_ne!(room.status(1, 1_001, false).state, PlaceState::Done, "before the step");
         let stock = unsettled(5);
-        room.tick(|| 1_002, &|| stock, &|_| 0);
-        assert_eq!(room.status(1, 1_002, false).state, PlaceState::PassedOver);
+        // A claim checked just before the expiry may still be on its way.
+        let settled = 1_000 + PASS_SETTLE_MS;
+        room.tick(|| settled - 1, &|| stock, &|_| 0);
+        assert_eq!(room.summary().expired, 0, "retired while a claim may be on its way");
+        room.tick(|| settled, &|| stock, &|_| 0);
+        assert_eq!(room.status(1, settled, false).state, PlaceState::PassedOver);
+        assert_eq!(room.summary().expired, 1);
     }
 
     /// A claim that ends while the admitter steps takes its code from the
@@ -1539,8 +1557,9 @@ mod tests {
             ],
         );
         // This replica's own step, past the expiry and unaware of a pause.
-        room.plan_shared(lapses + 1, &|| unsettled(5), &|_| 0, &|_| None, 0);
-        assert_eq!(room.status(1, lapses + 1, false).state, PlaceState::PassedOver);
+        let retired = lapses + PASS_SETTLE_MS;
+        room.plan_shared(retired, &|| unsettled(5), &|_| 0, &|_| None, 0);
+        assert_eq!(room.status(1, retired, false).state, PlaceState::PassedOver);
         room.apply_shared(
             4,
             &[

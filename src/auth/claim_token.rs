@@ -86,7 +86,9 @@ impl ClaimTokens {
         start_ms: i64,
         now_ms: i64,
     ) -> Result<(), ClaimTokenError> {
-        self.claims.verify(token, user_id, activity_id, start_ms, now_ms)
+        self.claims
+            .verify(token, user_id, activity_id, start_ms, now_ms)
+            .map(|_| ())
     }
 
     /// A pass for `user_id` in `activity_id`, valid until `expires_at_ms`.
@@ -94,7 +96,9 @@ impl ClaimTokens {
         self.passes.issue(user_id, activity_id, start_ms, expires_at_ms)
     }
 
-    /// Checks a pass as [`ClaimTokens::verify`] checks a claim token.
+    /// Checks a pass as [`ClaimTokens::verify`] checks a claim token;
+    /// returns when it expires (Unix ms), which a claim made with it
+    /// carries to the store: a cluster records it only before then.
     pub fn verify_pass(
         &self,
         token: &str,
@@ -102,7 +106,7 @@ impl ClaimTokens {
         activity_id: &str,
         start_ms: i64,
         now_ms: i64,
-    ) -> Result<(), ClaimTokenError> {
+    ) -> Result<i64, ClaimTokenError> {
         self.passes.verify(token, user_id, activity_id, start_ms, now_ms)
     }
 }
@@ -126,7 +130,8 @@ impl Signer {
         format!("{}.{}", URL_SAFE_NO_PAD.encode(payload), URL_SAFE_NO_PAD.encode(tag))
     }
 
-    /// Checks `token` for this user, activity and start at `now_ms`.
+    /// Checks `token` for this user, activity and start at `now_ms`;
+    /// returns its expiry (Unix ms).
     fn verify(
         &self,
         token: &str,
@@ -134,7 +139,7 @@ impl Signer {
         activity_id: &str,
         start_ms: i64,
         now_ms: i64,
-    ) -> Result<(), ClaimTokenError> {
+    ) -> Result<i64, ClaimTokenError> {
         let (p, t) = token.split_once('.').ok_or(ClaimTokenError::Invalid)?;
         if p.len() != 22 || t.len() != 22 {
             return Err(ClaimTokenError::Invalid);
@@ -159,10 +164,11 @@ impl Signer {
         if !same || u64::from_be_bytes(payload[..8].try_into().expect("8")) != user_id {
             return Err(ClaimTokenError::Invalid);
         }
-        if now_ms >= i64::from_be_bytes(payload[8..].try_into().expect("8")) {
+        let expires_ms = i64::from_be_bytes(payload[8..].try_into().expect("8"));
+        if now_ms >= expires_ms {
             return Err(ClaimTokenError::Expired);
         }
-        Ok(())
+        Ok(expires_ms)
     }
 }
 
@@ -220,7 +226,7 @@ mod tests {
         assert_eq!(t.verify(&token, 7, "1001", 1001, 0), Err(ClaimTokenError::Invalid));
         assert_eq!(t.verify(&token, 7, "1001", 1000, 5000), Err(ClaimTokenError::Expired));
         let pass = t.issue_pass(7, "1001", 1000, 5000);
-        assert_eq!(t.verify_pass(&pass, 7, "1001", 1000, 4999), Ok(()));
+        assert_eq!(t.verify_pass(&pass, 7, "1001", 1000, 4999), Ok(5000));
         assert_eq!(t.verify_pass(&token, 7, "1001", 1000, 0), Err(ClaimTokenError::Invalid));
         assert_eq!(t.verify(&pass, 7, "1001", 1000, 0), Err(ClaimTokenError::Invalid));
         assert_eq!(
@@ -236,7 +242,7 @@ mod tests {
             Some(b"0123456789abcdef0123456789abcdef"),
         );
         assert_eq!(rotated.verify(&token, 7, "1001", 1000, 0), Ok(()));
-        assert_eq!(rotated.verify_pass(&pass, 7, "1001", 1000, 0), Ok(()));
+        assert_eq!(rotated.verify_pass(&pass, 7, "1001", 1000, 0), Ok(5000));
         assert_eq!(
             rotated.verify_pass(&token, 7, "1001", 1000, 0),
             Err(ClaimTokenError::Invalid)

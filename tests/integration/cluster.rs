@@ -76,7 +76,8 @@ impl Cluster {
         Cluster::start_on(Services::start(), n, activity, extra, tweak)
     }
 
-    fn start_on(
+    /// Like [`Cluster::start_configured`], on `services` already started.
+    pub fn start_on(
         services: Services,
         n: usize,
         activity: &str,

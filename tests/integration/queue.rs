@@ -623,6 +623,106 @@ async fn across_nodes_a_fan_whose_pass_lapsed_joins_again_at_the_back() {
     }
 }
 
+/// A claim checks its pass and then goes to Redis. One checked just before
+/// the pass expired that reached Redis after the admitter had retired the
+/// pass (it read no claim for it) was recorded anyway, with the code the
+/// admitter had meanwhile promised to the next fan: that fan, admitted,
+/// heard SOLD_OUT. Redis now refuses a claim whose pass has expired by
+/// its clock, and the admitter retires a lapsed pass only a moment after
+/// its expiry. Here the way to Redis of the node that has the one code is
+/// held from the claim's commit on (a slow network; the other node reaches
+/// Redis as usual and takes over admitting) until the next fan is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_that_reaches_redis_after_its_pass_lapsed_is_not_recorded() {
+    use crate::common::relay::Relay;
+    let services = services::Services::start();
+    let direct = services.redis_url();
+    let relays = [Relay::start(services.redis_port), Relay::start(services.redis_port)];
+    let via: Vec<String> = relays
+        .iter()
+        .map(|r| format!("redis://127.0.0.1:{}/", r.port))
+        .collect();
+    let act = absolute_room(
+        "pl",
+        "queue",
+        1,
+        8_000,
+        &["pass_ttl = \"5s\"", "admit_rate = 100.0", "grace = \"10m\""],
+    );
+    // The held node keeps its lease of the code, and its commit going, for
+    // as long as the test holds it.
+    let extra = "[cluster]\nlease_ttl = \"60s\"\ncommit_timeout = \"30s\"\n";
+    let cluster = crate::cluster::Cluster::start_on(services, 2, &act, extra, |c| {
+        let i = usize::from(!c.contains("node_id = \"node0\""));
+        c.replace(&direct, &via[i])
+    });
+    let clients = cluster.clients();
+    let tokens = cluster.users("pl", 2).await;
+    for t in &tokens {
+        assert_eq!(join(&clients[0], t, "pl").await.status, 200);
+    }
+    // One code: one fan is admitted at the start, the other waits.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (first, turn) = loop {
+        let mut admitted = None;
+        for (i, t) in tokens.iter().enumerate() {
+            let s = status(&clients[0], t, "pl").await;
+            if s["state"] == "admitted" {
+                admitted = Some((i, s));
+            }
+        }
+        if let Some(found) = admitted {
+            break found;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nobody admitted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (lapser, next) = (&tokens[first], &tokens[1 - first]);
+    let pass = turn["pass"].as_str().unwrap().to_owned();
+    let expires = ms(turn["passExpiresAt"].as_str().unwrap());
+
+    // The claim, through both nodes at once: the one that has the code
+    // commits it, and its way to Redis is held from that commit on.
+    for r in &relays {
+        r.hold_from(b"\"nonce\":");
+    }
+    let mut claims = Vec::new();
+    let held = loop {
+        let tries: Vec<_> = clients
+            .iter()
+            .map(|c| {
+                let (c, t, p) = (c.clone(), lapser.clone(), pass.clone());
+                tokio::spawn(async move { claim_with(&c, &t, "pl", Some(&p)).await })
+            })
+            .collect();
+        while !relays.iter().any(Relay::holding) && !tries.iter().all(|t| t.is_finished()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        claims.extend(tries);
+        if let Some(held) = relays.iter().position(Relay::holding) {
+            break held;
+        }
+        assert!(
+            expires > ticketd::clock::now_ms() + 1_000,
+            "the pass nearly lapsed and no claim reached a commit"
+        );
+    };
+    relays[1 - held].release();
+
+    // The pass lapses; the other node takes over admitting and admits the
+    // next fan to the code.
+    let admitted = eventually(&clients[1 - held], next, "pl", "admitted").await;
+    relays[held].release();
+    for claim in claims {
+        let res = claim.await.unwrap();
+        assert_ne!(res.status, 200, "a claim whose pass lapsed on its way: {}", res.body);
+    }
+    let res = claim_retrying(&clients[held], next, "pl", admitted["pass"].as_str()).await;
+    assert_eq!(res.status, 200, "the fan admitted to the code gets it: {}", res.body);
+    let res = clients[held].get("/ticket/list", Some(lapser)).await.unwrap();
+    assert_eq!(res.data()["claims"], json!([]), "the lapsed fan holds nothing");
+}
+
 /// Each node follows a cluster's room through a replica of the shared log,
 /// read every tenth of a second. A fan who joined through one node and
 /// opened its event stream (or asked its status) on another a moment later

@@ -168,6 +168,8 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
             CommitOutcome::Committed(a.id)
         } else if answer == "LOST" {
             CommitOutcome::CodeTaken
+        } else if answer == "LAPSED" {
+            CommitOutcome::Lapsed
         } else if answer == "FULL" {
             if !shared.backlog_full.swap(true, Ordering::Relaxed) {
                 tracing::error!(
@@ -259,7 +261,8 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
             .arg(c.user_id)
             .arg(key)
             .arg(head)
-            .arg(serde_json::to_string(&*c.code).expect("a string serialises to JSON"));
+            .arg(serde_json::to_string(&*c.code).expect("a string serialises to JSON"))
+            .arg(a.pending.valid_until().unwrap_or(0));
     }
     let deadline = Instant::now() + shared.cfg.commit_timeout.0;
     let mut delay = Duration::from_millis(20);

@@ -236,8 +236,8 @@ pub fn node_key(node: &str) -> String {
 ///
 /// KEYS: claimed, users, held, idem, outbox, sold, limits, nodes, served,
 /// then one lease set per claim. ARGV: node, limit, max backlog, then per claim: nonce, ticket, code, user, idempotency key (or ""), the record's
-/// JSON up to its `n` value ([`super::record::Record::head`]), and the code
-/// as a JSON string.
+/// JSON up to its `n` value ([`super::record::Record::head`]), the code
+/// as a JSON string, and its pass's expiry (Unix ms, or 0).
 ///
 /// The per-user limit is the lowest that this node's config and the live
 /// nodes' (as [`LIMITS`] recorded them at start, on reload and with each
@@ -248,10 +248,13 @@ pub fn node_key(node: &str) -> String {
 ///
 /// Per claim, in order: a code already claimed with the same nonce is this
 /// claim retried after an unknown outcome (answer the record again); an
-/// idempotency key already used answers `REPLAY` + that record; a full
-/// backlog answers `FULL`; a user at the limit `LIMIT` + their codes; a code
-/// no longer leased to this node `LOST`. Otherwise the claim is recorded and
-/// answered `OK`.
+/// idempotency key already used answers `REPLAY` + that record; a
+/// claim made with a waiting-room pass that has expired by Redis's clock
+/// (its expiry in Unix ms; 0 for none) answers `LAPSED`; a full backlog
+/// answers `FULL`; a user at the limit `LIMIT` + their codes; a code no
+/// longer leased to this node `LOST`. Otherwise the claim is recorded and
+/// answered `OK`. (`LAPSED` comes after the retry and replay checks: a
+/// claim recorded in time is answered as recorded, however late the retry.)
 ///
 /// Redis runs every script of every node one at a time, so this script's
 /// cost per claim bounds the whole cluster. The node therefore writes the
@@ -277,15 +280,16 @@ for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], now, '+inf')) do
 end
 local backlog = redis.call('LLEN', outbox)
 local out, recs, sold = {}, {}, {}
-local n = (#ARGV - 3) / 7
+local n = (#ARGV - 3) / 8
 -- Each claim's backlog record and sold count are written after the loop,
 -- once per batch; `pcall` makes sure they are written even when a command
 -- fails halfway (Redis keeps a failed script's earlier writes), so no
 -- recorded claim ever misses its backlog record or its count.
 local ok, err = pcall(function()
   for i = 0, n - 1 do
-    local a = 4 + i * 7
+    local a = 4 + i * 8
     local nonce, ticket, code, user, key, head, quoted = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4], ARGV[a+5], ARGV[a+6]
+    local lapses = tonumber(ARGV[a+7])
     local existing = redis.call('HGET', claimed, code)
     local replay = false
     if key ~= '' then replay = redis.call('HGET', idem, user .. ':' .. key) end
@@ -293,6 +297,8 @@ local ok, err = pcall(function()
       if cjson.decode(existing).nonce == nonce then out[i + 1] = existing else out[i + 1] = 'LOST' end
     elseif replay then
       out[i + 1] = 'REPLAY' .. replay
+    elseif lapses > 0 and now >= lapses then
+      out[i + 1] = 'LAPSED'
     elseif backlog >= max_backlog then
       out[i + 1] = 'FULL'
     elseif tonumber(redis.call('HGET', users, user) or '0') >= limit then

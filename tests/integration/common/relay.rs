@@ -2,13 +2,19 @@
 //! server and then cuts the connection before the server's answer gets
 //! back. That is a call that ran but whose answer was lost (a connection
 //! reset, a proxy, a failover), which no signal to the server can make.
+//!
+//! It can also hold a request on its way: from the first request that
+//! contains a given text, nothing more reaches the server, on any of the
+//! relay's connections, until the test lets it go. That is a slow network
+//! between one node and Redis, while every other node reaches Redis as
+//! usual.
 
 use std::{
     io::{Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc, Mutex,
+        Arc, Condvar, Mutex,
     },
     thread,
 };
@@ -18,6 +24,38 @@ pub struct Relay {
     pub port: u16,
     armed: Arc<Mutex<Option<Vec<u8>>>>,
     cuts: Arc<AtomicUsize>,
+    hold: Arc<Hold>,
+}
+
+/// What [`Relay::hold_from`] armed, and whether it is holding.
+#[derive(Default)]
+struct Hold {
+    state: Mutex<HoldState>,
+    released: Condvar,
+}
+
+#[derive(Default)]
+struct HoldState {
+    needle: Option<Vec<u8>>,
+    holding: bool,
+}
+
+impl Hold {
+    /// Called with each request before it goes on: waits while the relay holds.
+    fn pass(&self, chunk: &[u8]) {
+        let mut state = self.state.lock().unwrap();
+        if state
+            .needle
+            .as_deref()
+            .is_some_and(|needle| chunk.windows(needle.len()).any(|w| w == needle))
+        {
+            state.needle = None;
+            state.holding = true;
+        }
+        while state.holding {
+            state = self.released.wait(state).unwrap();
+        }
+    }
 }
 
 impl Relay {
@@ -27,16 +65,43 @@ impl Relay {
         let port = listener.local_addr().unwrap().port();
         let armed: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
         let cuts = Arc::new(AtomicUsize::new(0));
-        let (a, c) = (armed.clone(), cuts.clone());
+        let hold = Arc::new(Hold::default());
+        let (a, c, h) = (armed.clone(), cuts.clone(), hold.clone());
         thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
                     continue;
                 };
-                relay(client, server, a.clone(), c.clone());
+                relay(client, server, a.clone(), c.clone(), h.clone());
             }
         });
-        Relay { port, armed, cuts }
+        Relay {
+            port,
+            armed,
+            cuts,
+            hold,
+        }
+    }
+
+    /// From the next request whose bytes contain `needle` (that one
+    /// included), requests are held, on every connection, until
+    /// [`Relay::release`]. Answers to requests already sent still come back.
+    pub fn hold_from(&self, needle: &[u8]) {
+        self.hold.state.lock().unwrap().needle = Some(needle.to_vec());
+    }
+
+    /// Whether a request matched [`Relay::hold_from`]'s text and is held.
+    pub fn holding(&self) -> bool {
+        self.hold.state.lock().unwrap().holding
+    }
+
+    /// Lets the held requests go on, in the order they were sent, and
+    /// holds nothing more.
+    pub fn release(&self) {
+        let mut state = self.hold.state.lock().unwrap();
+        state.holding = false;
+        state.needle = None;
+        self.hold.released.notify_all();
     }
 
     /// The next request whose bytes contain `needle` is passed on, and its
@@ -54,7 +119,13 @@ impl Relay {
     }
 }
 
-fn relay(client: TcpStream, server: TcpStream, armed: Arc<Mutex<Option<Vec<u8>>>>, cuts: Arc<AtomicUsize>) {
+fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    armed: Arc<Mutex<Option<Vec<u8>>>>,
+    cuts: Arc<AtomicUsize>,
+    hold: Arc<Hold>,
+) {
     let cut = Arc::new(AtomicBool::new(false));
     let hit: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
     let (mut from_client, mut to_server) = (client.try_clone().unwrap(), server.try_clone().unwrap());
@@ -77,6 +148,7 @@ fn relay(client: TcpStream, server: TcpStream, armed: Arc<Mutex<Option<Vec<u8>>>
                     up_cut.store(true, Ordering::SeqCst);
                 }
             }
+            hold.pass(chunk);
             if to_server.write_all(chunk).is_err() {
                 break;
             }
