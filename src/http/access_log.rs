@@ -5,14 +5,21 @@
 //! Off by default (`[log] access_log`). When the writer falls behind, lines
 //! are dropped and counted (`ticketd_access_log_dropped_total`) rather than
 //! slowing requests down.
+//!
+//! The writer follows its path, as `tail -F` does: about once a second it
+//! checks that the path still names the file it writes, and if the file
+//! was moved or deleted (logrotate's default rotation, an operator's `mv`)
+//! it opens the path anew. Lines written meanwhile are in the moved file,
+//! so none is lost, and no signal or `copytruncate` is needed.
 
 use std::{
-    fs::OpenOptions,
+    fs::{File, OpenOptions},
     io::{BufWriter, Write},
     net::IpAddr,
-    path::Path,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
     sync::atomic::Ordering,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -32,12 +39,12 @@ impl AccessLog {
     /// Opens (appends to) `path` and starts the writer on `runner`. Stopping
     /// the worker flushes what was sent before.
     pub fn open(path: &Path, runner: &Runner) -> std::io::Result<AccessLog> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let out = Followed::open(path.to_owned())?;
         let (tx, rx) = crossbeam_channel::bounded(65_536);
         let closer = tx.clone();
         runner.thread(
             "access-log",
-            move |ctl| write_lines(BufWriter::new(file), rx, &ctl),
+            move |ctl| write_lines(out, rx, &ctl),
             // An empty line is the stop signal: every line sent before it is written.
             move || {
                 let _ = closer.send(String::new());
@@ -88,24 +95,75 @@ fn cut(text: &str, max: usize) -> (&str, bool) {
     (&text[..end], true)
 }
 
-fn write_lines(mut out: BufWriter<std::fs::File>, rx: Receiver<String>, ctl: &Ctl) {
+/// How often the writer checks that its path still names its file.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
+/// The open log file and the path it was opened at.
+struct Followed {
+    path: PathBuf,
+    out: BufWriter<File>,
+    /// The open file's device and inode.
+    id: (u64, u64),
+    checked: Instant,
+}
+
+impl Followed {
+    fn open(path: PathBuf) -> std::io::Result<Followed> {
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let meta = file.metadata()?;
+        Ok(Followed {
+            path,
+            out: BufWriter::new(file),
+            id: (meta.dev(), meta.ino()),
+            checked: Instant::now(),
+        })
+    }
+
+    /// Opens the path anew if it no longer names the open file (checked at
+    /// most every [`FOLLOW_EVERY`]). A path that cannot be opened keeps the
+    /// old file, says why, and is tried again at the next check.
+    fn follow(&mut self, ctl: &Ctl) {
+        if self.checked.elapsed() < FOLLOW_EVERY {
+            return;
+        }
+        self.checked = Instant::now();
+        let same = std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
+        if same {
+            return;
+        }
+        let _ = self.out.flush();
+        match Followed::open(self.path.clone()) {
+            Ok(next) => {
+                *self = next;
+                tracing::info!(path = %self.path.display(), "The access log was moved or deleted; writing to a new file at its path.");
+            }
+            Err(error) => {
+                ctl.error(&error);
+                tracing::warn!(path = %self.path.display(), %error, "The access log was moved or deleted and cannot be opened again; still writing to the old file.");
+            }
+        }
+    }
+}
+
+fn write_lines(mut log: Followed, rx: Receiver<String>, ctl: &Ctl) {
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) if line.is_empty() => break,
             Ok(line) => {
-                if let Err(error) = writeln!(out, "{line}") {
+                if let Err(error) = writeln!(log.out, "{line}") {
                     ctl.error(&error);
                 }
                 ctl.tick();
             }
             Err(RecvTimeoutError::Timeout) => {
-                let _ = out.flush();
+                let _ = log.out.flush();
             }
             Err(RecvTimeoutError::Disconnected) => break,
         }
         if rx.is_empty() {
-            let _ = out.flush();
+            let _ = log.out.flush();
         }
+        log.follow(ctl);
     }
-    let _ = out.flush();
+    let _ = log.out.flush();
 }

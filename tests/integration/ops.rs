@@ -253,6 +253,67 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     }
 }
 
+/// logrotate's default rotation renames the log and expects the service to
+/// write a new file at its path. The node kept writing to the renamed file
+/// for as long as it ran (only `copytruncate` worked). It now follows the
+/// path: the lines before the move are in the moved file, those after in a
+/// new one, none lost; likewise after the file is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_follows_its_path_when_rotated() {
+    let config = base_config().replace("[log]\n", "[log]\naccess_log = \"access.log\"\n") + &open_activity("ar", 1, 1);
+    let app = TestApp::start(&config);
+    let path = app.dir.path().join("access.log");
+    let paths = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["path"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    // Requests until one of them shows in the file at `path`.
+    let until_logged = |tag: &'static str| {
+        let (app, path) = (&app, &path);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut sent = 0;
+            loop {
+                app.client.get(&format!("/{tag}/{sent}"), None).await.unwrap();
+                sent += 1;
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                if text.contains(tag) {
+                    return sent;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no {tag} request in the log at its path: {text}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let before = until_logged("before").await;
+    let rotated = app.dir.path().join("access.log.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    let after = until_logged("after").await;
+    std::fs::remove_file(&path).unwrap();
+    until_logged("deleted").await;
+
+    // The moved file kept every line written before the move, and only
+    // some of those after it; the file at the path now holds the last ones.
+    let (old, new) = (
+        paths(&std::fs::read_to_string(&rotated).unwrap()),
+        paths(&std::fs::read_to_string(&path).unwrap()),
+    );
+    assert_eq!(old.iter().filter(|p| p.contains("before")).count(), before, "{old:?}");
+    assert!(!old.iter().any(|p| p.contains("deleted")), "{old:?}");
+    let afters: Vec<&String> = old.iter().filter(|p| p.contains("after")).collect();
+    assert!(afters.len() < after, "the moved file took every later line: {old:?}");
+    assert!(new.iter().all(|p| p.contains("deleted")), "{new:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_log_records_each_request_when_enabled() {
     let config = base_config().replace("level = \"info\"", "level = \"info\"\naccess_log = \"access.log\"")
