@@ -562,12 +562,14 @@ fn queue_report(
         None if !dir.join(format!("{activity}.log")).exists() => return Ok(None),
         None => None,
     };
+    // The activity's claims as the export reads them, from either store
+    // (`for_each_claim` warms a node at start and reads nothing in a
+    // cluster: there every admitted fan counted as never having claimed).
     let mut first_claim: std::collections::HashMap<u64, i64> = std::collections::HashMap::new();
-    store.for_each_claim(&mut |c| {
-        if &*c.activity_id == activity {
-            let at = first_claim.entry(c.user_id).or_insert(c.claimed_at_ms);
-            *at = (*at).min(c.claimed_at_ms);
-        }
+    store.export_claims(activity, &mut |c| {
+        let at = first_claim.entry(c.user_id).or_insert(c.claimed_at_ms);
+        *at = (*at).min(c.claimed_at_ms);
+        Ok(())
     })?;
     let start_ms = data.activity.as_ref().map_or(0, |a| a.1);
     match shared {

@@ -721,6 +721,20 @@ async fn a_claim_that_reaches_redis_after_its_pass_lapsed_is_not_recorded() {
     assert_eq!(res.status, 200, "the fan admitted to the code gets it: {}", res.body);
     let res = clients[held].get("/ticket/list", Some(lapser)).await.unwrap();
     assert_eq!(res.data()["claims"], json!([]), "the lapsed fan holds nothing");
+
+    // The report, from MongoDB: two admitted, one of them never claimed.
+    // (It counted every admitted fan of a cluster as never having claimed.)
+    cluster.drained("pl").await;
+    let node = &cluster.nodes[0];
+    let out = node.cli(&["report", "--activity", "pl", "--out", "report.html"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(node.dir.path().join("report.html")).unwrap();
+    let cell = |id: &str| {
+        let tag = format!("<td id=\"{id}\">");
+        let at = html.find(&tag).unwrap_or_else(|| panic!("no {id}")) + tag.len();
+        html[at..at + html[at..].find("</td>").unwrap()].to_owned()
+    };
+    assert_eq!((cell("q-admitted"), cell("q-lapsed")), ("2".into(), "1".into()));
 }
 
 /// Each node follows a cluster's room through a replica of the shared log,
