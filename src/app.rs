@@ -485,13 +485,11 @@ async fn admit_shared(
         .await
         .map_err(|e| e.to_string())?;
     source.sync(room).await.map_err(|e| e.to_string())?;
-    // The step's time, read before the pass holders' claims (see
-    // `Room::plan_shared`): a claim read after it cannot be missing one
-    // that Redis records later under a pass the step retires.
-    let now = now_ms();
-    room.regrace_if_back(now);
+    room.regrace_if_back(now_ms());
     let (next, holders) = room.next_and_holders(if admitter { ADMIT_LOOKAHEAD } else { 0 });
-    let (seen, claimed) = source
+    // `counted_ms`: Redis's time of the holders' counts, by which the
+    // step judges which passes have lapsed (see `Room::plan_shared`).
+    let (seen, claimed, counted_ms) = source
         .seen_and_claimed(id, next.clone(), holders.clone())
         .await
         .map_err(|e| e.to_string())?;
@@ -515,7 +513,8 @@ async fn admit_shared(
     };
     let cursor = room.cursor();
     let events = room.plan_shared(
-        now,
+        now_ms(),
+        counted_ms,
         &|| stock,
         &|u| claimed.get(&u).copied().unwrap_or(0),
         &|u| seen.get(&u).copied(),

@@ -31,13 +31,11 @@ const MAX_STEPS_PER_TICK: usize = 100_000;
 const MAX_SEEN_BUFFER: usize = 1_000_000;
 /// The admission rate is measured over this window.
 const RATE_WINDOW_MS: i64 = 10_000;
-/// How long past its expiry a pass still counts as holding its codes. A
-/// claim checks the pass and then takes its code; one checked just before
-/// the expiry must have taken it (embedded) or reached Redis, which refuses
-/// it by Redis's clock from the expiry on (a cluster), before the admitter
-/// counts the pass's codes as free for the next in line. This covers the
-/// moment between check and take, and how far a node's clock may be off
-/// Redis's.
+/// How long past its expiry a pass still counts as holding its codes, on
+/// one node: a claim checks the pass and then takes its code from the
+/// stock, and one checked just before the expiry must have taken it before
+/// the admitter counts the pass's codes as free for the next in line. (A
+/// shared room needs no margin: see [`Room::plan_shared`].)
 pub const PASS_SETTLE_MS: i64 = 1_000;
 
 /// A room's settings, times resolved to Unix ms.
@@ -527,7 +525,8 @@ impl Room {
         let mut st = self.state.lock();
         let now = clock();
         let mut last = 0;
-        for event in st.plan(now, stock, claimed, &|_| None, MAX_STEPS_PER_TICK) {
+        let settled = now.saturating_sub(PASS_SETTLE_MS);
+        for event in st.plan(now, settled, stock, claimed, &|_| None, MAX_STEPS_PER_TICK) {
             st.replay(&self.seed, &event);
             last = log.append(&event);
             // A pass (or its extension) is shown once it is on disk.
@@ -620,18 +619,23 @@ impl Room {
 
     /// Shared rooms: the admitter's next events (see [`Room::tick`]), not
     /// applied: they are applied when they come back through the shared log.
-    /// `now` must be read before `claimed`'s counts were: a pass's claims
-    /// read after its expiry (and [`PASS_SETTLE_MS`]) are all it will
-    /// ever have, since Redis refuses a claim made with it from then on.
+    /// `counted_ms` is Redis's time when it counted `claimed`'s codes: a
+    /// pass expired by then has all the claims it will ever have, since
+    /// the commit script refuses one made with it from its expiry on, by
+    /// the same clock. So a pass is retired on Redis's word, not on this
+    /// node's clock, however far off Redis's that is.
     pub fn plan_shared(
         &self,
         now: i64,
+        counted_ms: i64,
         stock: &dyn Fn() -> StockView,
         claimed: &dyn Fn(u64) -> u32,
         seen_elsewhere: &dyn Fn(u64) -> Option<i64>,
         max_steps: usize,
     ) -> Vec<Event> {
-        self.state.lock().plan(now, stock, claimed, seen_elsewhere, max_steps)
+        self.state
+            .lock()
+            .plan(now, counted_ms, stock, claimed, seen_elsewhere, max_steps)
     }
 
     /// Shared rooms: the places the admitter reaches next, and the pass holders.
@@ -958,9 +962,10 @@ impl RoomState {
     /// the shuffle when due (alone: admissions follow on the next step, on
     /// the drawn order); the close when nothing is left or the sale ended;
     /// else admissions and skips from the cursor, as the rate and the codes
-    /// no pass speaks for allow. Passes used up, or lapsed for
-    /// [`PASS_SETTLE_MS`], are retired here (each replica does that itself;
-    /// it is not logged). A place counts as
+    /// no pass speaks for allow. Passes used up, or expired by `settled`
+    /// (the time by which every claim made with a pass has shown in
+    /// `claimed`), are retired here (each replica does that itself; it is
+    /// not logged). A place counts as
     /// seen at the latest of its local check-in and `seen_elsewhere` (other
     /// nodes' check-ins, in a cluster); `max_steps` bounds the places looked at.
     ///
@@ -973,6 +978,7 @@ impl RoomState {
     fn plan(
         &mut self,
         now: i64,
+        settled: i64,
         stock: &dyn Fn() -> StockView,
         claimed: &dyn Fn(u64) -> u32,
         seen_elsewhere: &dyn Fn(u64) -> Option<i64>,
@@ -1005,10 +1011,10 @@ impl RoomState {
         let summary = &mut self.summary;
         self.active.retain(|&(user, expires)| {
             let used = claimed(user);
-            let keep = used < limit && now < expires.saturating_add(PASS_SETTLE_MS);
+            let keep = used < limit && settled < expires;
             if !keep {
                 if let Some(p) = places.get_mut(&user) {
-                    if used == 0 && now >= expires {
+                    if used == 0 {
                         p.state = PlaceState::PassedOver;
                         summary.expired += 1;
                     } else {
@@ -1076,8 +1082,8 @@ impl RoomState {
             // (see `Place::admission_durable`).
             state = PlaceState::Waiting;
         }
-        // A pass past its time is retired by the admitter's next step, which
-        // alone knows a lapsed pass (passed over: the fan may join again) from
+        // A pass past its time is retired by the admitter's step once every
+        // claim made with it is counted (`RoomState::plan`), which alone knows a lapsed pass (passed over: the fan may join again) from
         // a used one (done); until then it shows as it was (a claim with it
         // is refused QUEUE_PASS_EXPIRED). Calling it done here sent fans
         // whose pass lapsed a final state, with no way back in. A closed
@@ -1487,7 +1493,7 @@ mod tests {
         ];
         room.apply_shared(0, &events);
         let now = crate::clock::now_ms();
-        let planned = room.plan_shared(now, &|| unsettled(5), &|_| 0, &|_| Some(5), 10);
+        let planned = room.plan_shared(now, now, &|| unsettled(5), &|_| 0, &|_| Some(5), 10);
         assert_eq!(planned.len(), 2, "{planned:?}");
         assert!(planned.iter().all(|e| matches!(e, Event::Admit { .. })), "{planned:?}");
     }
@@ -1512,23 +1518,49 @@ mod tests {
         );
         // An outage longer than grace: the check-ins known are older.
         let back = crate::clock::now_ms() + settings().grace_ms + 1_000;
-        let planned = room.plan_shared(back, &|| unsettled(5), &|_| 0, &|_| Some(5), 10);
+        let planned = room.plan_shared(back, back, &|| unsettled(5), &|_| 0, &|_| Some(5), 10);
         assert!(planned.iter().all(|e| matches!(e, Event::Skip { .. })), "{planned:?}");
         room.regrace_when_back();
         room.regrace_if_back(back);
-        let planned = room.plan_shared(back, &|| unsettled(5), &|_| 0, &|_| Some(5), 10);
+        let planned = room.plan_shared(back, back, &|| unsettled(5), &|_| 0, &|_| Some(5), 10);
         assert_eq!(planned.len(), 2, "{planned:?}");
         assert!(planned.iter().all(|e| matches!(e, Event::Admit { .. })), "{planned:?}");
         // Once: a later step plans as usual.
         room.regrace_if_back(back + settings().grace_ms + 1);
-        let planned = room.plan_shared(
-            back + settings().grace_ms * 2,
-            &|| unsettled(5),
-            &|_| 0,
-            &|_| Some(5),
-            10,
-        );
+        let later = back + settings().grace_ms * 2;
+        let planned = room.plan_shared(later, later, &|| unsettled(5), &|_| 0, &|_| Some(5), 10);
         assert!(planned.iter().all(|e| matches!(e, Event::Skip { .. })), "{planned:?}");
+    }
+
+    /// A shared room retires a pass on Redis's word (the time Redis counted
+    /// the holders' claims), which the commit script refuses late claims
+    /// by: a node whose clock runs ahead retires no pass that Redis could
+    /// still record a claim under.
+    #[test]
+    fn a_shared_room_retires_a_pass_by_redis_clock_not_its_own() {
+        let seed = Seed::generate();
+        let room = Room::shared("a".into(), settings(), seed.clone());
+        let admitted_at = crate::clock::now_ms();
+        let lapses = admitted_at + 1_000;
+        room.apply_shared(
+            0,
+            &[
+                Event::Seed { seed: seed.to_hex() },
+                Event::Join { u: 1, t: 1 },
+                Event::Shuffle { t: 10 },
+                Event::Admit {
+                    u: 1,
+                    t: admitted_at,
+                    x: lapses,
+                },
+            ],
+        );
+        let ahead = lapses + 5_000;
+        room.plan_shared(ahead, lapses - 1, &|| unsettled(5), &|_| 0, &|_| None, 0);
+        assert_eq!(room.summary().expired, 0, "retired before Redis's clock said so");
+        room.plan_shared(ahead, lapses, &|| unsettled(5), &|_| 0, &|_| None, 0);
+        assert_eq!(room.summary().expired, 1);
+        assert_eq!(room.status(1, ahead, false).state, PlaceState::PassedOver);
     }
 
     /// A replica that had not read the pause yet retired a pass that lapsed
@@ -1558,7 +1590,7 @@ mod tests {
         );
         // This replica's own step, past the expiry and unaware of a pause.
         let retired = lapses + PASS_SETTLE_MS;
-        room.plan_shared(retired, &|| unsettled(5), &|_| 0, &|_| None, 0);
+        room.plan_shared(retired, retired, &|| unsettled(5), &|_| 0, &|_| None, 0);
         assert_eq!(room.status(1, retired, false).state, PlaceState::PassedOver);
         room.apply_shared(
             4,

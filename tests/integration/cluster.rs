@@ -1226,7 +1226,8 @@ async fn a_commit_failing_halfway_still_backlogs_and_counts_what_it_recorded() {
             .arg(user)
             .arg("")
             .arg(head(code, user, nonce))
-            .arg(format!("\"{code}\""));
+            .arg(format!("\"{code}\""))
+            .arg(0);
     }
     let failed = invocation.invoke_async::<Vec<String>>(&mut r).await;
     assert!(failed.is_err(), "the damaged record fails the script: {failed:?}");

@@ -709,9 +709,20 @@ async fn a_claim_that_reaches_redis_after_its_pass_lapsed_is_not_recorded() {
     };
     relays[1 - held].release();
 
-    // The pass lapses; the other node takes over admitting and admits the
-    // next fan to the code.
-    let admitted = eventually(&clients[1 - held], next, "pl", "admitted").await;
+    // The pass lapses; the other node takes over admitting (its lease on
+    // that lapses first) and admits the next fan to the code.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let admitted = loop {
+        let s = status(&clients[1 - held], next, "pl").await;
+        if s["state"] == "admitted" {
+            break s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the next fan was not admitted: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     relays[held].release();
     for claim in claims {
         let res = claim.await.unwrap();

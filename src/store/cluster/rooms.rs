@@ -69,6 +69,24 @@ return 1
     )
 });
 
+/// Redis's time (Unix ms), then how many codes each user in ARGV holds
+/// (KEYS[1]: the activity's `users` hash). One script, so the time is that
+/// of the count, on the master that commits the activity's claims. A
+/// `HGET` per user: an `HMGET` of every pass holder would `unpack` more
+/// arguments than Lua's stack takes.
+static COUNTED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local clock = redis.call('TIME')
+local out = {tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)}
+for i = 1, #ARGV do
+  out[i + 1] = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+end
+return out
+",
+    )
+});
+
 static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -379,14 +397,18 @@ impl RoomSource {
         .await?)
     }
 
-    /// The last check-in of each of `users` (any node), and how many codes
-    /// each of `holders` holds cluster-wide.
+    /// The last check-in of each of `users` (any node); how many codes
+    /// each of `holders` holds cluster-wide; and Redis's time when it
+    /// counted them (Unix ms), by the clock of the master that commits the
+    /// activity's claims. A pass that expired by then has all the claims it
+    /// will ever have: the commit script refuses one made with it from its
+    /// expiry on (`LAPSED`), by that same clock.
     pub async fn seen_and_claimed(
         &self,
         activity: &str,
         users: Vec<u64>,
         holders: Vec<u64>,
-    ) -> Result<(Vec<Option<i64>>, Vec<u32>), StoreError> {
+    ) -> Result<(Vec<Option<i64>>, Vec<u32>, i64), StoreError> {
         let shared = self.shared.clone();
         let (seen_key, users_key) = (key(activity, "seen"), super::scripts::Keys::new(activity).users());
         Ok(on(&self.handle, async move {
@@ -400,16 +422,17 @@ impl RoomSource {
                     .query_async(&mut redis)
                     .await?
             };
-            let claimed: Vec<Option<u32>> = if holders.is_empty() {
-                Vec::new()
-            } else {
-                redis::cmd("HMGET")
-                    .arg(&users_key)
-                    .arg(&holders)
-                    .query_async(&mut redis)
-                    .await?
-            };
-            Ok((seen, claimed.into_iter().map(Option::unwrap_or_default).collect()))
+            let mut counted: Vec<i64> = COUNTED.key(&users_key).arg(&holders).invoke_async(&mut redis).await?;
+            if counted.len() != holders.len() + 1 {
+                return Err(ClusterError::Protocol(format!(
+                    "{} counts for {} pass holders",
+                    counted.len().saturating_sub(1),
+                    holders.len()
+                )));
+            }
+            let at_ms = counted.remove(0);
+            let claimed = counted.into_iter().map(|n| u32::try_from(n).unwrap_or(0)).collect();
+            Ok((seen, claimed, at_ms))
         })
         .await?)
     }

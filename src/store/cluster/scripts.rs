@@ -298,7 +298,8 @@ local ok, err = pcall(function()
     elseif replay then
       out[i + 1] = 'REPLAY' .. replay
     elseif lapses > 0 and now >= lapses then
-      out[i + 1] = 'LAPSED'
+      -- A code no longer this node's is said so: the node must not put it back.
+      if redis.call('SISMEMBER', KEYS[10 + i], code) == 1 then out[i + 1] = 'LAPSED' else out[i + 1] = 'LOST' end
     elseif backlog >= max_backlog then
       out[i + 1] = 'FULL'
     elseif tonumber(redis.call('HGET', users, user) or '0') >= limit then

@@ -27,6 +27,17 @@ pub struct Relay {
     hold: Arc<Hold>,
 }
 
+impl Drop for Relay {
+    /// A test that fails while holding lets its relay's threads go.
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// The bytes of a read kept to look for a held text across two reads
+/// (longer than any text a test holds from).
+const CARRY: usize = 64;
+
 /// What [`Relay::hold_from`] armed, and whether it is holding.
 #[derive(Default)]
 struct Hold {
@@ -41,14 +52,16 @@ struct HoldState {
 }
 
 impl Hold {
-    /// Called with each request before it goes on: waits while the relay holds.
-    fn pass(&self, chunk: &[u8]) {
+    /// Called with each read from a client before it goes on (`carry`: the
+    /// end of the connection's previous read, so a text split across two
+    /// reads is found): waits while the relay holds.
+    fn pass(&self, carry: &[u8], chunk: &[u8]) {
         let mut state = self.state.lock().unwrap();
-        if state
-            .needle
-            .as_deref()
-            .is_some_and(|needle| chunk.windows(needle.len()).any(|w| w == needle))
-        {
+        let found = state.needle.as_deref().is_some_and(|needle| {
+            let joined = [carry, chunk].concat();
+            joined.windows(needle.len()).any(|w| w == needle)
+        });
+        if found {
             state.needle = None;
             state.holding = true;
         }
@@ -132,6 +145,7 @@ fn relay(
     let (up_cut, up_hit, up_armed) = (cut.clone(), hit.clone(), armed.clone());
     thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
+        let mut carry = Vec::new();
         while let Ok(n) = from_client.read(&mut buf) {
             if n == 0 {
                 break;
@@ -148,7 +162,8 @@ fn relay(
                     up_cut.store(true, Ordering::SeqCst);
                 }
             }
-            hold.pass(chunk);
+            hold.pass(&carry, chunk);
+            carry = chunk[chunk.len().saturating_sub(CARRY)..].to_vec();
             if to_server.write_all(chunk).is_err() {
                 break;
             }
