@@ -132,8 +132,8 @@ pub struct ReportArgs {
     /// The HTML file to write.
     #[arg(long, default_value = "report.html")]
     pub out: PathBuf,
-    /// Rows in the "most claims by address / account" rankings.
-    #[arg(long, default_value_t = 10)]
+    /// Rows in the "most claims by address / account" rankings (1-10000).
+    #[arg(long, default_value_t = 10, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..=10_000), usize::from))]
     pub top: usize,
 }
 

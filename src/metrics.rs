@@ -105,8 +105,10 @@ impl Route {
     }
 }
 
-const STATUSES: [u16; 16] = [
-    200, 201, 400, 401, 403, 404, 405, 408, 409, 410, 413, 415, 429, 500, 503, 0,
+/// Every status the node answers with (a page revalidated is 304, a reused
+/// idempotency key 422), then 0: any other, shown as `other`.
+const STATUSES: [u16; 18] = [
+    200, 201, 304, 400, 401, 403, 404, 405, 408, 409, 410, 413, 415, 422, 429, 500, 503, 0,
 ];
 
 fn status_slot(status: u16) -> usize {

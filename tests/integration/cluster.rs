@@ -881,6 +881,26 @@ async fn export_and_report_read_mongodb_and_match_the_rush() {
             "the node chart shows {n}: {count}"
         );
     }
+
+    // Sources past a node's cap between two flushes are stored as one
+    // `other` row: not an account (it topped the accounts as `#`). And
+    // `--top` cuts each ranking.
+    let db = cluster.mongo().await;
+    db.collection::<mongodb::bson::Document>("stats_sources")
+        .insert_one(mongodb::bson::doc! {
+            "_id": "ex|other|", "activity_id": "ex", "kind": "other", "source": "", "requests": 1_000_000_i64,
+        })
+        .await
+        .unwrap();
+    let out = node.cli(&["report", "--activity", "ex", "--out", "top.html", "--top", "3"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(node.dir.path().join("top.html")).unwrap();
+    let table = &html[html.find("<table id=\"top-users\">").unwrap()..];
+    let table = &table[..table.find("</table>").unwrap()];
+    assert_eq!(table.matches("<tr><td>").count(), 3, "{table}");
+    for row in table.split("<tr><td>").skip(1) {
+        assert!(row.starts_with("ex-"), "an account of the rush: {table}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -295,6 +295,11 @@ async fn the_page_is_served_compressed_cacheable_and_locked_down() {
     let (head, body) = get(&app.addr, "/", &format!("If-None-Match: {etag}\r\n")).await;
     assert!(head.starts_with("http/1.1 304"), "{head}");
     assert!(body.is_empty());
+    // Counted as what it is (it was lumped into `other`).
+    assert_eq!(
+        crate::common::metric(&app, "ticketd_http_requests_total{route=\"page\",status=\"304\"}").await,
+        1.0
+    );
 
     let script = crate::common::cdp::page_script(&html);
     assert!(

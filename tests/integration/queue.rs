@@ -428,6 +428,11 @@ async fn admission_never_runs_ahead_of_the_stock() {
         html.contains(" ms steps</title>"),
         "a short sale is charted in milliseconds"
     );
+    // Its legend names what the points are: claims per second, not per step.
+    assert!(
+        html.contains("fill=\"#333\">claims/s</text>"),
+        "the claims chart's legend"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

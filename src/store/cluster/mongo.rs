@@ -92,6 +92,10 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), MongoError> {
             .create_index(index(doc! {"activity_id": 1}, false))
             .await?;
     }
+    // The report's top sources of each kind, without sorting them all.
+    coll(db, "stats_sources")
+        .create_index(index(doc! {"activity_id": 1, "kind": 1, "requests": -1}, false))
+        .await?;
     Ok(())
 }
 
@@ -725,22 +729,24 @@ pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<Re
         data.latency.push((bound, int(&d, "count") as u64));
     }
     data.latency.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let mut ips = Vec::new();
-    let mut by_user = Vec::new();
-    let mut sources = coll(db, "stats_sources").find(doc! {"activity_id": activity}).await?;
-    while let Some(d) = sources.try_next().await? {
-        let row = (text(&d, "source"), int(&d, "requests") as u64);
-        match d.get_str("kind").unwrap_or_default() {
-            "ip" => ips.push(row),
-            _ => by_user.push(row),
+    // The top of each kind, as the embedded report ranks them: sorted and
+    // cut by MongoDB, not every source of a rush (one per fan) read here;
+    // and `other` (sources past `stats::MAX_SOURCES`) is neither an address
+    // nor an account.
+    let top_of = |kind: &'static str| async move {
+        let mut rows = Vec::new();
+        let mut found = coll(db, "stats_sources")
+            .find(doc! {"activity_id": activity, "kind": kind})
+            .sort(doc! {"requests": -1, "source": 1})
+            .limit(i64::try_from(top).unwrap_or(i64::MAX))
+            .await?;
+        while let Some(d) = found.try_next().await? {
+            rows.push((text(&d, "source"), int(&d, "requests") as u64));
         }
-    }
-    let rank = |v: &mut Vec<(String, u64)>| {
-        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        v.truncate(top);
+        Ok::<_, MongoError>(rows)
     };
-    rank(&mut ips);
-    rank(&mut by_user);
+    let ips = top_of("ip").await?;
+    let by_user = top_of("user").await?;
     let ids: Vec<i64> = by_user.iter().filter_map(|(s, _)| s.parse().ok()).collect();
     let mut names = HashMap::new();
     let mut found = coll(db, "users").find(doc! {"_id": {"$in": ids}}).await?;
