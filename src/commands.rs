@@ -406,7 +406,7 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
         _ => 0,
     };
     let bom = args.bom && format == ExportFormat::Csv;
-    let write = |mut out: Box<dyn Write + Send>| -> anyhow::Result<u64> {
+    let write = |out: &mut (dyn Write + Send)| -> anyhow::Result<u64> {
         if bom {
             out.write_all("\u{feff}".as_bytes())
                 .context("cannot write the export")?;
@@ -419,12 +419,13 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
     };
     match &args.out {
         Some(path) => {
-            let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-            let n = write(Box::new(io::BufWriter::new(file)))?;
+            let n = write_whole(path, write)?;
             eprintln!("{} written to {}", count(n as usize, "row", "rows"), path.display());
         }
         None => {
-            write(Box::new(io::BufWriter::new(io::stdout())))?;
+            let mut out = io::BufWriter::new(io::stdout());
+            write(&mut out)?;
+            out.flush().context("cannot write the export")?;
         }
     }
     warn_in_transit(in_transit, "this export");
@@ -482,7 +483,7 @@ fn export_draw(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
     let json = serde_json::to_vec_pretty(&record)?;
     match &args.out {
         Some(path) => {
-            std::fs::write(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
+            write_whole(path, |out| Ok(out.write_all(&json)?))?;
             eprintln!(
                 "draw of {} (and {}) written to {}",
                 count(record.entrants.len(), "entrant", "entrants"),
@@ -585,7 +586,7 @@ pub fn report(config: &Config, args: ReportArgs) -> anyhow::Result<()> {
     let data = store.report_data(&args.activity, args.top)?;
     let queue = queue_report(config, &store, &args.activity, &data)?;
     let html = export::report::render(&args.activity, &data, queue.as_ref(), now_ms());
-    std::fs::write(&args.out, html).with_context(|| format!("cannot write {}", args.out.display()))?;
+    write_whole(&args.out, |out| Ok(out.write_all(html.as_bytes())?))?;
     let s = export::report::summary(&data);
     warn_in_transit(data.in_transit, "the report");
     eprintln!(
@@ -596,6 +597,53 @@ pub fn report(config: &Config, args: ReportArgs) -> anyhow::Result<()> {
         s.users
     );
     Ok(())
+}
+
+/// Writes the file at `path` whole or not at all: into a new file beside
+/// it, synced, then renamed over it. An export that fails halfway (the
+/// store stops answering, the disk fills up, the process is killed) used to
+/// leave a part that looked whole — a CSV cut at a page of rows, or a
+/// header alone, reads like a smaller export — in place of the previous
+/// file, which it had already truncated. Now the previous file stays as it
+/// was. A path that names no regular file (`/dev/stdout`, a pipe) is
+/// written to directly.
+fn write_whole<T>(path: &Path, write: impl FnOnce(&mut (dyn Write + Send)) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let mut out = io::BufWriter::new(file);
+        let written = write(&mut out)?;
+        out.flush()
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        return Ok(written);
+    }
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let part = path.with_file_name(format!(".{}.{}.part", name.to_string_lossy(), std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&part)
+        .with_context(|| format!("cannot create {}", part.display()))?;
+    let mut out = io::BufWriter::new(file);
+    let result = write(&mut out).and_then(|written| {
+        let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
+        file.sync_all()?;
+        std::fs::rename(&part, path)?;
+        Ok(written)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    result.with_context(|| {
+        format!(
+            "cannot write {} (a file already there is left as it was)",
+            path.display()
+        )
+    })
 }
 
 /// `n` and the noun for it: "1 row", "2 rows".

@@ -10,7 +10,7 @@ use std::{
 };
 
 use crate::{
-    common::{base_config, claim_body, open_activity, parse_csv, username, TestApp},
+    common::{base_config, claim_body, fill_disk, open_activity, parse_csv, username, TestApp, Tmpfs},
     rush::rush,
 };
 
@@ -250,42 +250,6 @@ async fn a_damaged_segment_header_stops_the_node_and_loses_no_claim() {
     }
     assert_eq!(app.detail("hdr").await["remaining"], 8);
     app.assert_verified();
-}
-
-/// A tmpfs mounted on a directory for the life of a test.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("mount(8)");
-        assert!(
-            out.status.success(),
-            "mounting a small tmpfs (a disk that can fill up) needs root: run ./scripts/test as root or with sudo ({})",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(dir.to_owned())
-    }
-}
-
-/// Fills the disk holding `path` with a file there, written `chunk` bytes
-/// at a time until the disk refuses more; returns the file.
-fn fill_disk(path: &std::path::Path, chunk: usize) -> std::fs::File {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).unwrap();
-    let zeros = vec![0u8; chunk];
-    while f.write_all(&zeros).is_ok() {}
-    f
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 /// Issue 12, item 2: a failed journal write (a full disk mid-rush) used to

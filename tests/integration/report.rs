@@ -317,3 +317,49 @@ async fn an_admin_export_waits_for_the_claims_on_their_way_to_sqlite() {
     assert_eq!(body.lines().count(), 1, "{body}");
     assert!(head.contains("x-claims-in-transit: 0"), "{head}");
 }
+
+/// An export that fails halfway (here the disk fills up) used to leave a
+/// part of itself in place of the previous export, which it had already
+/// truncated: a CSV of whole rows, cut at a page, that reads like a smaller
+/// export. Now it leaves the previous file as it was, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_that_fails_halfway_leaves_the_previous_file_whole() {
+    let mut app = TestApp::start(&(base_config() + &open_activity("half", 200, 200)));
+    let token = app.users("half", 1).await.remove(0);
+    let body = app.claim_body(&token, "half").await;
+    for _ in 0..5 {
+        let res = app.client.post("/ticket/get", Some(&token), &body).await.unwrap();
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    // Stopped, every claim is in SQLite, where the export reads.
+    assert_eq!(app.stop(), 0);
+    let disk = app.dir.path().join("exports");
+    let _disk = crate::common::Tmpfs::mount(&disk, "1m");
+    let file = disk.join("half.csv");
+    let export = |app: &TestApp| app.cli(&["export", "--activity", "half", "--out", file.to_str().unwrap()], None);
+    let out = export(&app);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let first = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(parse_csv(first.as_bytes()).len(), 5);
+
+    // Many more claims than the disk has room for once it is nearly full.
+    app.boot();
+    // A relative start moves with the restart, and the claim token with it.
+    let body = app.claim_body(&token, "half").await;
+    for _ in 0..195 {
+        let res = app.client.post("/ticket/get", Some(&token), &body).await.unwrap();
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    assert_eq!(app.stop(), 0);
+    drop(crate::common::fill_disk(&disk.join("filler"), 4096));
+    let out = export(&app);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the full disk took 200 rows: {stderr}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), first, "the previous export, whole");
+    assert!(stderr.contains("left as it was"), "{stderr}");
+    let names: Vec<_> = std::fs::read_dir(&disk)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "nothing left behind: {names:?}");
+}

@@ -985,3 +985,39 @@ pub fn metric_in(text: &str, series: &str) -> f64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no metric {series} in:\n{text}"))
 }
+
+/// A tmpfs mounted on a directory for the life of a test.
+pub struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("mount(8)");
+        assert!(
+            out.status.success(),
+            "mounting a small tmpfs (a disk that can fill up) needs root: run ./scripts/test as root or with sudo ({})",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_owned())
+    }
+}
+
+/// Fills the disk holding `path` with a file there, written `chunk` bytes
+/// at a time until the disk refuses more; returns the file.
+pub fn fill_disk(path: &std::path::Path, chunk: usize) -> std::fs::File {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let zeros = vec![0u8; chunk];
+    while f.write_all(&zeros).is_ok() {}
+    f
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
