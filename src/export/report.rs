@@ -332,7 +332,7 @@ th {{ background: #f5f5f5; }} .muted {{ color: #666; }} .warn {{ background: #ff
     if let Some(q) = queue {
         queue_section(&mut html, q);
     }
-    html.push_str("\n<h2>Who sent the most claims</h2>\n<p class=\"muted\">Addresses and accounts far above the rest are the scalper signal.</p>\n");
+    html.push_str("\n<h2>Who sent the most claims</h2>\n<p class=\"muted\">Addresses and accounts far above the rest are the scalper signal. Counted: claims that reached this activity; those refused before it (over a rate limit, blocked, no valid session) are counted per reason in the node's metrics, not here.</p>\n");
     html.push_str(&top_ip_chart);
     for (heading, id, rows) in [
         ("address", "top-ips", &data.top_ips),
