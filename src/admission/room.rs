@@ -336,7 +336,58 @@ pub struct Room {
     state: Mutex<RoomState>,
     /// The room's own log file; `None` for a replica of a shared log.
     log: Option<RoomLog>,
+    /// The room's own sign of life; `None` for a replica of a shared log.
+    alive: Option<Alive>,
 }
+
+/// When this node last ran a room's step: `<activity>.alive` beside the
+/// room's log, eight bytes (Unix ms) rewritten at most once a second and
+/// never synced. A start reads it to learn how long the node was down:
+/// passes ran out meanwhile while nobody could claim, and get that time
+/// back (see [`RoomState::downtime_since`]). Lost in a power cut, it reads
+/// older, so the time given back can only be longer, never shorter.
+struct Alive {
+    file: std::fs::File,
+    written_ms: std::sync::atomic::AtomicI64,
+}
+
+impl Alive {
+    fn path(dir: &Path, activity: &str) -> std::path::PathBuf {
+        dir.join(format!("{activity}.alive"))
+    }
+
+    /// The last mark at `path`, if there is a whole one.
+    fn read(path: &Path) -> Option<i64> {
+        let bytes = std::fs::read(path).ok()?;
+        Some(i64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
+    }
+
+    fn open(path: &Path) -> io::Result<Alive> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(path)?;
+        Ok(Alive {
+            file,
+            written_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+        })
+    }
+
+    /// Marks the room alive at `now`, once a second at most. A failed write
+    /// costs at worst a longer time given back after a restart.
+    fn mark(&self, now: i64) {
+        use std::{os::unix::fs::FileExt, sync::atomic::Ordering};
+        if now.saturating_sub(self.written_ms.load(Ordering::Relaxed)) < ALIVE_EVERY_MS {
+            return;
+        }
+        self.written_ms.store(now, Ordering::Relaxed);
+        let _ = self.file.write_all_at(&now.to_le_bytes(), 0);
+    }
+}
+
+/// How often a room marks itself alive.
+const ALIVE_EVERY_MS: i64 = 1_000;
 
 impl Room {
     /// Opens the room whose log is `dir/<activity>.log`, replaying it, or
@@ -344,7 +395,7 @@ impl Room {
     pub fn open(dir: &Path, activity: Arc<str>, settings: RoomSettings) -> io::Result<Room> {
         let path = dir.join(format!("{activity}.log"));
         let (events, len) = log::read(&path)?.unwrap_or_default();
-        let (seed, state) = match replay(&path, &events, settings.clone())? {
+        let (seed, mut state) = match replay(&path, &events, settings.clone())? {
             Some((seed, mut state)) => {
                 // Nobody could check in while the node was down: every
                 // place gets its grace again from now.
@@ -362,12 +413,29 @@ impl Room {
             // whole log (its seed and every answered join) with it.
             std::fs::File::open(dir)?.sync_all()?;
         }
+        let alive_path = Alive::path(dir, &activity);
+        let now = crate::clock::now_ms();
+        if let Some(since) = Alive::read(&alive_path).and_then(|alive| state.downtime_since(alive, now)) {
+            // Nobody could claim while the node was down: logged as a pause
+            // from its last sign of life, which the first step resumes,
+            // giving every pass running then the time back.
+            let pause = Event::Pause { t: since };
+            state.replay(&seed, &pause);
+            log.append(&pause);
+            log.sync_now()?;
+            tracing::info!(
+                activity = %activity,
+                down_ms = now - since,
+                "The node was down while passes ran; they get that time back, as after a pause."
+            );
+        }
         Ok(Room {
             activity,
             commitment: seed.commitment(),
             seed,
             state: Mutex::new(state),
             log: Some(log),
+            alive: Some(Alive::open(&alive_path)?),
         })
     }
 
@@ -380,6 +448,7 @@ impl Room {
             seed,
             state: Mutex::new(RoomState::new(settings)),
             log: None,
+            alive: None,
         }
     }
 
@@ -524,6 +593,9 @@ impl Room {
         }
         let mut st = self.state.lock();
         let now = clock();
+        if let Some(alive) = &self.alive {
+            alive.mark(now);
+        }
         let mut last = 0;
         let settled = now.saturating_sub(PASS_SETTLE_MS);
         for event in st.plan(now, settled, stock, claimed, &|_| None, MAX_STEPS_PER_TICK) {
@@ -920,6 +992,17 @@ impl RoomState {
             p.pass_expires_ms = expires;
             self.active.push_back((user, expires));
         }
+    }
+
+    /// When the node went down (`alive`, its last sign of life), if it was
+    /// down long enough to count and passes were running then that a pause
+    /// from that moment would give time back to: the sale open, not paused,
+    /// not over.
+    fn downtime_since(&self, alive: i64, now: i64) -> Option<i64> {
+        let down = now.saturating_sub(alive) >= ALIVE_EVERY_MS;
+        let running = self.closed_ms.is_none() && self.paused_ms.is_none() && now < self.settings.end_ms;
+        let held = self.active.iter().any(|&(_, expires)| expires > alive);
+        (down && running && held).then_some(alive)
     }
 
     /// The pause's events at `now`, if the sale was paused or resumed since

@@ -583,6 +583,48 @@ async fn admitted_again(clients: &[Arc<ApiClient>], tokens: &[String], act: &str
     eventually(on(1), lapser, act, "done").await;
 }
 
+/// Nobody can claim while the node is down, but passes used to run out
+/// meanwhile: a fan admitted just before a crash found the pass lapsed at
+/// the restart and was passed over. Now the downtime is given back as a
+/// pause gives it: the pass expires that much later, and the fan claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_gets_back_the_time_the_node_was_down() {
+    let mut app =
+        TestApp::start(&(base_config() + &queue("dt", 2, &in_secs(3), &["pass_ttl = \"5s\"", "grace = \"10m\""])));
+    let token = app.users("dt", 1).await.remove(0);
+    assert_eq!(join(&app.client, &token, "dt").await.status, 200);
+    let turn = wait_turn(&app.client, &token, "dt").await;
+    assert_eq!(turn["state"], "admitted", "{turn}");
+    let expired = ms(turn["passExpiresAt"].as_str().unwrap());
+    app.kill9();
+    // Down until the pass would have run out, and a second more.
+    let down_from = ticketd::clock::now_ms();
+    while ticketd::clock::now_ms() < expired + 1_000 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let down_ms = ticketd::clock::now_ms() - down_from;
+    app.boot();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        let s = status(&app.client, &token, "dt").await;
+        if s["state"] == "admitted" && s["passExpiresAt"] != turn["passExpiresAt"] {
+            break s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pass lapsed with the node down: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let given_back = ms(again["passExpiresAt"].as_str().unwrap()) - expired;
+    assert!(
+        given_back >= down_ms,
+        "{given_back} ms back for {down_ms} ms down: {again}"
+    );
+    let res = claim_with(&app.client, &token, "dt", again["pass"].as_str()).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fan_whose_pass_lapsed_joins_again_at_the_back() {
     let mut app =

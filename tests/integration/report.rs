@@ -355,7 +355,11 @@ async fn an_export_that_fails_halfway_leaves_the_previous_file_whole() {
     let out = export(&app);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the full disk took 200 rows: {stderr}");
-    assert_eq!(std::fs::read_to_string(&file).unwrap(), first, "the previous export, whole");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        first,
+        "the previous export, whole"
+    );
     assert!(stderr.contains("left as it was"), "{stderr}");
     let names: Vec<_> = std::fs::read_dir(&disk)
         .unwrap()
