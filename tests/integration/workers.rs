@@ -55,6 +55,25 @@ async fn workers_run_then_stop_in_order(mut app: TestApp, workers: &[&str]) {
     for w in workers {
         assert!(stopped.iter().any(|s| s == w), "{w} logged no stop: {stopped:?}");
     }
+    // What the declared order is for, written out here so that a wrong
+    // reorder of it fails: what feeds the store stops before what drains
+    // it, and the signal handler last.
+    let at = |w: &str| stopped.iter().position(|s| s == w);
+    for (first, then) in [
+        ("admitter", "journal-writer"),
+        ("stats-flush", "journal-writer"),
+        ("stats-flush", "committer"),
+        ("journal-writer", "store-applier"),
+        ("committer", "lease-loop"),
+        ("committer", "mongo-writer"),
+        ("store-applier", "access-log"),
+        ("mongo-writer", "access-log"),
+    ] {
+        if let (Some(a), Some(b)) = (at(first), at(then)) {
+            assert!(a < b, "{first} stopped after {then}: {stopped:?}");
+        }
+    }
+    assert_eq!(stopped.last().map(String::as_str), Some("signals"), "{stopped:?}");
     assert!(app.logs_text().contains("Shutdown complete."));
 }
 
