@@ -121,24 +121,51 @@ struct Rate {
     at: Instant,
     /// Codes taken per second (smoothed).
     per_sec: f64,
-    /// When the pool last lost a code.
-    last_take: Instant,
+    /// [`CodePool::gone`] when last looked at.
+    gone: usize,
+    /// When the pool last sold a code (or lost one for good): what "idle"
+    /// is measured from. Not from takes: a claim refused after taking a
+    /// code puts it back, and a stream of those (an account at its limit
+    /// through another node, claiming here) kept a node holding the last
+    /// codes from ever looking idle, while buyers at other nodes heard
+    /// STOCK_IN_FLIGHT.
+    last_sale: Instant,
     last_batch: usize,
     /// Leased at least once since start (or since a resync): before that
     /// the node leases without waiting for demand, to be ready.
     leased_once: bool,
+    /// When this node last gave idle codes back: it leases none of this
+    /// ticket type again for [`GIVEN_BACK_FOR`], so that the buyers at
+    /// other nodes the give-back is for can have them. (Its own claims
+    /// found the pool empty at once and leased them straight back, in the
+    /// same step: a node whose claims were all refused by Redis, the one
+    /// case where an idle node still has claimers, kept the codes for ever.)
+    gave_back: Option<Instant>,
 }
 
+/// How long a node that gave idle codes back leases none of them again:
+/// long enough for other nodes' heartbeats to see them on the master list.
+const GIVEN_BACK_FOR: Duration = Duration::from_secs(2);
+
 impl Rate {
+    /// The pool shrank by giving back or dropping codes, not by selling
+    /// them: neither a claim rate nor a sale.
+    fn not_sold(&mut self, pool: &CodePool) {
+        self.taken = pool.known() - pool.remaining();
+        self.gone = pool.gone();
+    }
+
     fn new() -> Rate {
         let now = Instant::now();
         Rate {
             taken: 0,
             at: now,
             per_sec: 0.0,
-            last_take: now,
+            gone: 0,
+            last_sale: now,
             last_batch: 0,
             leased_once: false,
+            gave_back: None,
         }
     }
 }
@@ -470,8 +497,9 @@ async fn refill(leasing: &Leasing, ctl: &Ctl) {
             let mut r = t.rate.lock();
             let taken = t.pool.known() - remaining;
             let now = Instant::now();
-            if taken != r.taken {
-                r.last_take = now;
+            let gone = t.pool.gone();
+            if gone != r.gone {
+                (r.gone, r.last_sale) = (gone, now);
             }
             let dt = now.duration_since(r.at).as_secs_f64();
             if dt >= 0.1 {
@@ -484,7 +512,8 @@ async fn refill(leasing: &Leasing, ctl: &Ctl) {
                 want = want.max((r.last_batch * 2).min(max));
             }
             let selling = r.per_sec > 0.5 || hungry || !r.leased_once;
-            if remaining > want / 2 || !selling || t.upstream.load(Ordering::Relaxed) == 0 {
+            let giving_back = r.gave_back.is_some_and(|at| at.elapsed() < GIVEN_BACK_FOR);
+            if remaining > want / 2 || !selling || giving_back || t.upstream.load(Ordering::Relaxed) == 0 {
                 continue;
             }
             r.leased_once = true;
@@ -552,6 +581,7 @@ fn reclaimed(t: &TicketLease) {
             dropped += 1;
         }
         tracing::warn!(ticket = %t.ticket, codes = dropped, "This node's lease was taken from it or given up since it last looked; dropped its local codes.");
+        t.rate.lock().not_sold(&t.pool);
     }
     t.resync.store(true, Ordering::Relaxed);
 }
@@ -577,8 +607,10 @@ async fn resync(leasing: &Leasing) -> Result<(), StoreError> {
         };
         match result {
             Ok(returned) => {
-                t.upstream.fetch_add(returned, Ordering::Relaxed);
-                t.rate.lock().leased_once = false;
+                add_upstream(&t.upstream, returned);
+                let mut r = t.rate.lock();
+                r.not_sold(&t.pool);
+                r.leased_once = false;
                 tracing::info!(ticket = %t.ticket, codes = returned, "Resynchronised this node's lease with Redis (after a lost answer, or a reclaim).");
             }
             Err(error) => {
@@ -591,6 +623,15 @@ async fn resync(leasing: &Leasing) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+/// Adds codes put back on the master list to what this node knows is
+/// there; an unknown length ([`UNKNOWN`], before the first look) stays
+/// unknown rather than wrapping round to a small number.
+fn add_upstream(upstream: &AtomicUsize, n: usize) {
+    let _ = upstream.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |cur| {
+        (cur != UNKNOWN).then(|| cur.saturating_add(n))
+    });
 }
 
 /// Codes whose commit outcome was unknown and that turned out to be still
@@ -609,7 +650,7 @@ async fn take_back_doubts(leasing: &Leasing) -> Result<(), StoreError> {
 async fn give_back_idle(leasing: &Leasing) -> Result<(), StoreError> {
     let stocks: Vec<Arc<TicketLease>> = leasing.tickets.iter().map(|t| t.value().clone()).collect();
     for t in stocks {
-        let idle = t.rate.lock().last_take.elapsed() >= Duration::from_secs(2);
+        let idle = t.rate.lock().last_sale.elapsed() >= Duration::from_secs(2);
         if !idle || t.upstream.load(Ordering::Relaxed) != 0 || t.pool.remaining() == 0 {
             continue;
         }
@@ -637,9 +678,10 @@ async fn give_back_idle(leasing: &Leasing) -> Result<(), StoreError> {
             // at once would take the codes straight back from the buyers
             // waiting at other nodes, for ever.
             let mut r = t.rate.lock();
-            r.taken = t.pool.known() - t.pool.remaining();
+            r.not_sold(&t.pool);
+            r.gave_back = Some(Instant::now());
         }
-        t.upstream.fetch_add(returned, Ordering::Relaxed);
+        add_upstream(&t.upstream, returned);
         if returned > 0 {
             tracing::info!(ticket = %t.ticket, codes = returned, "Gave idle leased codes back to the master list.");
         }

@@ -305,6 +305,17 @@ impl CodePool {
         self.arena.load().len()
     }
 
+    /// Codes that left the pool for good: claimed, or taken and not put
+    /// back (given back to a master list, dropped). A code taken for a
+    /// commit counts only once its commit ended: a claim refused after
+    /// taking one (the user at the limit on another node, a lapsed pass)
+    /// puts it back and leaves this unchanged.
+    pub fn gone(&self) -> usize {
+        let counts = self.counts.load(Ordering::Acquire);
+        let held = (counts & REMAINING) + (counts >> 32);
+        self.known().saturating_sub(held as usize)
+    }
+
     /// Counts a claim of this ticket type restored from the store at
     /// start-up, whose code the pool therefore never held.
     pub fn count_claimed_earlier(&self) {

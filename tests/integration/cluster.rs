@@ -2805,3 +2805,63 @@ async fn a_claim_that_meets_another_in_mongodb_is_kept_as_a_conflict() {
         1,
     );
 }
+
+/// A node that sold nothing for two seconds while the master list is empty
+/// gives its codes back, so buyers at other nodes get them. It measured
+/// "sold nothing" by codes taken: an account at its limit (reached through
+/// another node) claiming here took the last code, heard LIMIT_REACHED
+/// from Redis and put it back, over and over, and the node never looked
+/// idle while a buyer at the other node heard STOCK_IN_FLIGHT to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_claims_do_not_keep_a_node_from_giving_back_its_last_code() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cluster = Cluster::start(2, &cluster_activity("gb", 2, 1), "");
+    let (tokens, _) = users(&cluster, "gb", 2).await;
+    let clients = cluster.clients();
+    let (spammer, buyer) = (tokens[0].clone(), tokens[1].clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // The spammer's one code, through node 1.
+    loop {
+        let body = claim_body(&clients[1], &spammer, "gb").await;
+        let res = clients[1].post("/ticket/get", Some(&spammer), &body).await.unwrap();
+        if res.status == 200 {
+            break;
+        }
+        assert_eq!(res.error_code(), Some("STOCK_IN_FLIGHT"), "{}", res.body);
+        assert!(Instant::now() < deadline, "the spammer's code never came");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Then at node 0, without a pause: node 0 leases the last code for it,
+    // and each claim takes it, is refused by Redis, and puts it back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let body = claim_body(&clients[0], &spammer, "gb").await;
+    let spam: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, token, body, stop) = (clients[0].clone(), spammer.clone(), body.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let res = client.post("/ticket/get", Some(&token), &body).await.unwrap();
+                    assert_ne!(res.status, 200, "a second code for a limit of one: {}", res.body);
+                }
+            })
+        })
+        .collect();
+    until("the last code to be leased to node 0", || async {
+        scard(&cluster, "tk:{gb}:lease:gb-t:node0").await == 1
+    })
+    .await;
+    // A buyer at node 1 gets it once node 0 has sold nothing for a while.
+    let body = claim_body(&clients[1], &buyer, "gb").await;
+    let res = loop {
+        let res = clients[1].post("/ticket/get", Some(&buyer), &body).await.unwrap();
+        if res.status != 503 || Instant::now() >= deadline {
+            break res;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    stop.store(true, Ordering::Relaxed);
+    for s in spam {
+        s.await.unwrap();
+    }
+    assert_eq!(res.status, 200, "the buyer at node 1: {}", res.body);
+}
