@@ -297,6 +297,8 @@ pub struct Metrics {
     pub leases_reaped: AtomicU64,
     /// Access-log lines dropped because the writer fell behind.
     pub access_log_dropped: AtomicU64,
+    /// Argon2 hashes computed (made or verified, a dummy one included).
+    pub password_hashes: AtomicU64,
 }
 
 /// State read from its owners at scrape time.
@@ -355,6 +357,7 @@ impl Metrics {
             codes_leased: AtomicU64::new(0),
             leases_reaped: AtomicU64::new(0),
             access_log_dropped: AtomicU64::new(0),
+            password_hashes: AtomicU64::new(0),
         }
     }
 
@@ -490,6 +493,11 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP ticketd_access_log_dropped_total Access-log lines dropped because the writer fell behind.\n# TYPE ticketd_access_log_dropped_total counter\nticketd_access_log_dropped_total {dropped}"
+        );
+        let hashes = self.password_hashes.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP ticketd_password_hashes_total Argon2 hashes computed: made or verified (a login for an unknown name verifies a dummy one).\n# TYPE ticketd_password_hashes_total counter\nticketd_password_hashes_total {hashes}"
         );
         let counters = [
             (

@@ -9,6 +9,15 @@ use argon2::{
     Algorithm, Argon2, Params, Version,
 };
 
+/// Counts one argon2 computation (`ticketd_password_hashes_total`): the
+/// hashing load, and proof that a login for a name nobody has does the
+/// same work as one with a wrong password.
+fn counted() {
+    crate::metrics::global()
+        .password_hashes
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Argon2id costs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HashCost {
@@ -26,6 +35,7 @@ fn hasher(cost: HashCost) -> Argon2<'static> {
 
 /// Hashes `password` into a PHC string.
 pub fn hash(password: &str, cost: HashCost) -> String {
+    counted();
     let salt = SaltString::generate(&mut OsRng);
     hasher(cost)
         .hash_password(password.as_bytes(), &salt)
@@ -52,6 +62,7 @@ pub fn has_cost(phc: &str, cost: HashCost) -> bool {
 
 /// Whether `password` matches the PHC string `phc`. A malformed stored hash never matches.
 pub fn verify(password: &str, phc: &str) -> bool {
+    counted();
     match PasswordHash::new(phc) {
         Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
         Err(_) => false,

@@ -353,9 +353,11 @@ async fn an_unknown_user_and_a_wrong_password_look_the_same() {
     let config = limited(config, "login_max_failures = 1000\nregistrations_per_ip_per_hour = 100");
     let app = TestApp::start(&config);
     app.register("victim").await;
+    let hashes = || crate::common::metric(&app, "ticketd_password_hashes_total");
     let mut unknown = Vec::new();
     let mut wrong = Vec::new();
     for i in 0..15 {
+        let before = hashes().await;
         let t = Instant::now();
         let a = app
             .client
@@ -367,6 +369,10 @@ async fn an_unknown_user_and_a_wrong_password_look_the_same() {
             .await
             .unwrap();
         unknown.push(t.elapsed());
+        // The same argon2 work for a name nobody has: one hash, at the
+        // configured cost (the dummy hash is made at it).
+        assert_eq!(hashes().await - before, 1.0, "an unknown name's login hashed once");
+        let before = hashes().await;
         let t = Instant::now();
         let b = app
             .client
@@ -378,23 +384,17 @@ async fn an_unknown_user_and_a_wrong_password_look_the_same() {
             .await
             .unwrap();
         wrong.push(t.elapsed());
+        assert_eq!(hashes().await - before, 1.0, "a wrong password's login hashed once");
         assert_eq!(a.body, b.body, "the same answer for both");
         assert_eq!(a.status, b.status);
     }
+    // The times are measured, not asserted (the work is, above): printed
+    // for a reader comparing the two.
     unknown.sort();
     wrong.sort();
-    let (mu, mw) = (unknown[7], wrong[7]);
-    // Without the dummy hash an unknown user would answer in microseconds,
-    // a wrong password in milliseconds. Both must do the same argon2 work.
-    // Within 3x of each other (a shared CI box is noisy); the leak it guards
-    // against is a 100x difference.
-    assert!(
-        mu * 3 > mw && mw * 3 > mu,
-        "median unknown {mu:?} vs wrong password {mw:?}"
-    );
-    assert!(
-        mu > Duration::from_micros(500),
-        "the unknown-user path did no argon2 work: {mu:?}"
+    eprintln!(
+        "median login: unknown name {:?}, wrong password {:?}",
+        unknown[7], wrong[7]
     );
 }
 
