@@ -501,12 +501,13 @@ async fn admit_shared(
     // that a holder counted as used has claimed since). Without a fresh
     // look, no step. The room closes only when no code is on
     // a master list, in any node's lease or being committed here.
-    let look = state
+    state
         .inventory
         .refresh_counts(id)
         .await
-        .map_err(|e| format!("cannot read the stock counts: {e}"))?
-        .ok_or("a shared room without leases")?;
+        .map_err(|e| format!("cannot read the stock counts: {e}"))?;
+    let tickets: Vec<&str> = a.tickets.iter().map(|t| &*t.id).collect();
+    let look = state.inventory.look(&tickets).ok_or("a shared room without leases")?;
     let stock = StockView {
         remaining: look.remaining,
         settled: !look.unsold && a.tickets.iter().all(|t| t.pool.drained()),

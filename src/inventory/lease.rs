@@ -353,6 +353,20 @@ impl Leasing {
         Ok(look)
     }
 
+    /// The last look's counts of `tickets` alone: codes not sold anywhere
+    /// (a type not counted yet adds none), and whether any may still be.
+    pub(super) fn look_of(&self, tickets: &[&str]) -> Look {
+        let remaining = tickets
+            .iter()
+            .filter_map(|id| self.tickets.get(*id).and_then(|t| t.counts()))
+            .map(|(_, remaining, _)| remaining)
+            .sum();
+        Look {
+            remaining,
+            unsold: self.unsold(tickets.iter().copied()),
+        }
+    }
+
     /// Whether any of `tickets` has codes not yet sold anywhere in the
     /// cluster (master list, leases, doubts) as of the last look, has not
     /// been counted yet, or has no code at all (nobody imported it yet: its

@@ -136,13 +136,22 @@ impl Inventory {
     }
 
     /// Re-reads an activity's cluster-wide counts (before `/act/detail`
-    /// answers, so it counts what other nodes sold a moment ago) and returns
-    /// this look. Nothing to do without leases (`None`).
-    pub async fn refresh_counts(&self, activity_id: &str) -> Result<Option<Look>, StoreError> {
+    /// answers, so it counts what other nodes sold a moment ago). Nothing
+    /// to do without leases.
+    pub async fn refresh_counts(&self, activity_id: &str) -> Result<(), StoreError> {
         match self.leasing() {
-            Some(leasing) => leasing.refresh_counts(activity_id).await.map(Some),
-            None => Ok(None),
+            Some(leasing) => leasing.refresh_counts(activity_id).await.map(drop),
+            None => Ok(()),
         }
+    }
+
+    /// The last look's cluster-wide counts of `tickets`, an activity's
+    /// ticket types as configured now. (The lease worker still counts a
+    /// type a reload took out, whose leased codes it returns at the stop:
+    /// a waiting room counting them admitted fans to codes nobody sells,
+    /// and never closed.) `None` without leases.
+    pub fn look(&self, tickets: &[&str]) -> Option<Look> {
+        self.leasing().map(|leasing| leasing.look_of(tickets))
     }
 
     /// Whether codes of these ticket types may still be unsold somewhere

@@ -794,6 +794,46 @@ async fn a_claim_that_reaches_redis_after_its_pass_lapsed_is_not_recorded() {
     assert_eq!((cell("q-admitted"), cell("q-lapsed")), ("2".into(), "1".into()));
 }
 
+/// A reload took a ticket type (codes still in Redis) out of a cluster's
+/// waiting-room activity. The room kept counting its codes as stock: it
+/// admitted fans to codes no longer on sale (they heard SOLD_OUT) and
+/// would not close when the rest sold out. It now counts the activity's
+/// ticket types as configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn across_nodes_a_ticket_type_taken_out_is_no_stock_for_the_room() {
+    let balcony = "[[activity.ticket]]\nid = \"tb-b\"\nname = \"Balcony\"\ngenerate = 5\n";
+    let act = absolute_room("tb", "queue", 1, 8_000, &["admit_rate = 100.0", "grace = \"10m\""]) + balcony;
+    let cluster = crate::cluster::Cluster::start(1, &act, "");
+    let node = &cluster.nodes[0];
+    let config = std::fs::read_to_string(node.config_path()).unwrap();
+    let outcome = node.reload(&config.replace(balcony, ""));
+    assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
+    let tokens = cluster.users("tb", 3).await;
+    for t in &tokens {
+        assert_eq!(join(&node.client, t, "tb").await.status, 200);
+    }
+    // One code on sale: one fan admitted, the others wait on standby.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let states = loop {
+        let mut states = Vec::new();
+        for t in &tokens {
+            states.push(status(&node.client, t, "tb").await);
+        }
+        let admitted = states.iter().filter(|s| s["state"] == "admitted").count();
+        let standby = states
+            .iter()
+            .filter(|s| s["state"] == "waiting" && s["standby"] == true)
+            .count();
+        if admitted + standby == 3 && admitted >= 1 || admitted > 1 {
+            break states;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{states:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let admitted: Vec<&Value> = states.iter().filter(|s| s["state"] == "admitted").collect();
+    assert_eq!(admitted.len(), 1, "admitted beyond the one code on sale: {states:?}");
+}
+
 /// Each node follows a cluster's room through a replica of the shared log,
 /// read every tenth of a second. A fan who joined through one node and
 /// opened its event stream (or asked its status) on another a moment later
