@@ -156,7 +156,7 @@ fn import_twice_adds_nothing_twice_and_never_returns_a_claimed_code() {
         let res = app.client.post("/ticket/get", Some(&t), &body).await.unwrap();
         assert_eq!(res.status, 200);
     });
-    app.stop();
+    assert_eq!(app.stop(), 0, "the node stopped cleanly");
     let out = app.cli(&["import"], None);
     assert!(
         text(&out.stdout).contains("ticket imp-a: 0 codes added, 3 in total"),

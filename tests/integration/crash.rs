@@ -90,7 +90,7 @@ async fn kill_9_mid_rush_keeps_every_acknowledged_claim() {
         );
     }
 
-    app.stop();
+    assert_eq!(app.stop(), 0, "the node stopped cleanly");
     let out = app.cli(&["export", "--activity", "crash"], None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rows = parse_csv(&out.stdout);

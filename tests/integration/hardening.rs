@@ -680,7 +680,7 @@ async fn look_alike_usernames_within_one_script_are_taken() {
     );
 
     // A store from before skeletons: no column, and a look-alike pair.
-    app.stop();
+    assert_eq!(app.stop(), 0, "the node stopped cleanly");
     let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
     db.execute_batch(
         "DROP INDEX users_skeleton; ALTER TABLE users DROP COLUMN skeleton;

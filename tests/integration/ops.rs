@@ -214,7 +214,7 @@ async fn a_restart_on_an_activated_socket_refuses_no_connection() {
     // Restart: the old process drains and exits; connections queue in the
     // kernel until the new one accepts them.
     tokio::task::block_in_place(|| {
-        app.stop();
+        assert_eq!(app.stop(), 0, "the node stopped cleanly");
         app.boot();
     });
     load.finish().await;

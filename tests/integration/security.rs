@@ -76,7 +76,7 @@ async fn the_previous_session_key_is_accepted_during_a_rotation() {
     let old = app.register("rotor").await;
     let body = app.claim_body(&old, "r").await;
     assert!(body["claimToken"].is_string(), "{body}");
-    app.stop();
+    assert_eq!(app.stop(), 0, "the node stopped cleanly");
     let new_secret = "EXAMPLE-rotated-secret-abcdef0123456789";
     let rotated = base_config().replace(
         "[auth]",
@@ -91,7 +91,7 @@ async fn the_previous_session_key_is_accepted_during_a_rotation() {
         "the claim token made before the rotation: {}",
         res.body
     );
-    app.stop();
+    assert_eq!(app.stop(), 0, "the node stopped cleanly");
     let done = rotated.replace(&format!("previous_session_secret = \"{SECRET}\"\n"), "");
     std::fs::write(app.config_path(), &done).unwrap();
     app.boot();

@@ -374,6 +374,9 @@ impl TestApp {
     }
 
     /// SIGTERM and wait for a clean exit; returns the exit code.
+    /// Sends SIGTERM and waits for the node to exit; returns its exit code
+    /// (0 for a clean stop: a test that expects one asserts it).
+    #[must_use]
     pub fn stop(&mut self) -> i32 {
         self.signal(libc::SIGTERM);
         let status = self.child.take().unwrap().wait().unwrap();
@@ -386,8 +389,9 @@ impl TestApp {
         status.code().unwrap_or(-1)
     }
 
+    /// A clean stop (asserted) and a new start.
     pub fn restart(&mut self) {
-        self.stop();
+        assert_eq!(self.stop(), 0, "the node stopped cleanly before its restart");
         self.boot();
     }
 
@@ -592,6 +596,8 @@ pub async fn claim_body(client: &ApiClient, token: &str, act: &str) -> Value {
         .get(&format!("/act/detail?actId={act}"), Some(token))
         .await
         .unwrap();
+    // A failed look is not a claim without a token: it says why.
+    assert_eq!(detail.status, 200, "/act/detail?actId={act}: {}", detail.body);
     let mut body = json!({ "actId": act });
     if let Some(t) = detail.data()["claimToken"].as_str() {
         body["claimToken"] = t.into();
@@ -1012,7 +1018,18 @@ pub fn fill_disk(path: &std::path::Path, chunk: usize) -> std::fs::File {
     use std::io::Write;
     let mut f = std::fs::File::create(path).unwrap();
     let zeros = vec![0u8; chunk];
-    while f.write_all(&zeros).is_ok() {}
+    let full = loop {
+        if let Err(error) = f.write_all(&zeros) {
+            break error;
+        }
+    };
+    // ENOSPC (`ErrorKind::StorageFull` is newer than the crate's MSRV).
+    assert_eq!(
+        full.raw_os_error(),
+        Some(libc::ENOSPC),
+        "filling {}: {full}",
+        path.display()
+    );
     f
 }
 
