@@ -605,9 +605,19 @@ pub fn report(config: &Config, args: ReportArgs) -> anyhow::Result<()> {
 /// leave a part that looked whole — a CSV cut at a page of rows, or a
 /// header alone, reads like a smaller export — in place of the previous
 /// file, which it had already truncated. Now the previous file stays as it
-/// was. A path that names no regular file (`/dev/stdout`, a pipe) is
-/// written to directly.
+/// was. The new file takes the old one's permissions (an export made
+/// private stays private), and a symbolic link is followed: the file it
+/// names is replaced, not the link. A path that names no regular file
+/// (`/dev/stdout`, a pipe) is written to directly.
 fn write_whole<T>(path: &Path, write: impl FnOnce(&mut (dyn Write + Send)) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let resolved;
+    let (path, old) = match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => {
+            resolved = std::fs::canonicalize(path).with_context(|| format!("cannot resolve {}", path.display()))?;
+            (resolved.as_path(), Some(meta))
+        }
+        _ => (path, None),
+    };
     if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -622,17 +632,32 @@ fn write_whole<T>(path: &Path, write: impl FnOnce(&mut (dyn Write + Send)) -> an
     let name = path
         .file_name()
         .with_context(|| format!("{} names no file", path.display()))?;
-    let part = path.with_file_name(format!(".{}.{}.part", name.to_string_lossy(), std::process::id()));
+    // Unique per run (a killed export's leftover never blocks the next).
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let part = path.with_file_name(format!(
+        ".{}.{}-{nanos}.part",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&part)
-        .with_context(|| format!("cannot create {}", part.display()))?;
+        .with_context(|| format!("cannot create {} to write {}", part.display(), path.display()))?;
+    if let Some(old) = &old {
+        let _ = file.set_permissions(old.permissions());
+    }
     let mut out = io::BufWriter::new(file);
     let result = write(&mut out).and_then(|written| {
         let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
         file.sync_all()?;
         std::fs::rename(&part, path)?;
+        // The rename itself, past a power cut.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
         Ok(written)
     });
     if result.is_err() {

@@ -92,6 +92,22 @@ pub enum Event {
     Unknown,
 }
 
+impl Event {
+    /// When it happened (Unix ms), for the kinds that say.
+    pub fn at(&self) -> Option<i64> {
+        match *self {
+            Event::Join { t, .. }
+            | Event::Shuffle { t }
+            | Event::Admit { t, .. }
+            | Event::Skip { t, .. }
+            | Event::Close { t }
+            | Event::Pause { t }
+            | Event::Resume { t } => Some(t),
+            Event::Seed { .. } | Event::Extend { .. } | Event::Unknown => None,
+        }
+    }
+}
+
 /// The append side of a room's log.
 pub struct RoomLog {
     inner: Arc<Inner>,

@@ -341,11 +341,12 @@ pub struct Room {
 }
 
 /// When this node last ran a room's step: `<activity>.alive` beside the
-/// room's log, eight bytes (Unix ms) rewritten at most once a second and
+/// room's log, eight bytes (Unix ms) rewritten about once a second and
 /// never synced. A start reads it to learn how long the node was down:
 /// passes ran out meanwhile while nobody could claim, and get that time
-/// back (see [`RoomState::downtime_since`]). Lost in a power cut, it reads
-/// older, so the time given back can only be longer, never shorter.
+/// back (see [`RoomState::downtime_since`]). A mark older than the log's
+/// last event (lost or zeroed in a power cut, or left by an earlier room)
+/// counts from that event instead: the node was up then.
 struct Alive {
     file: std::fs::File,
     written_ms: std::sync::atomic::AtomicI64,
@@ -374,11 +375,14 @@ impl Alive {
         })
     }
 
-    /// Marks the room alive at `now`, once a second at most. A failed write
-    /// costs at worst a longer time given back after a restart.
+    /// Marks the room alive at `now`, about once a second (and at once
+    /// after the clock stepped back: a mark left in the future would hide
+    /// the next downtime). A failed write costs at worst a longer time
+    /// given back after a restart.
     fn mark(&self, now: i64) {
         use std::{os::unix::fs::FileExt, sync::atomic::Ordering};
-        if now.saturating_sub(self.written_ms.load(Ordering::Relaxed)) < ALIVE_EVERY_MS {
+        let since = now.saturating_sub(self.written_ms.load(Ordering::Relaxed));
+        if (0..ALIVE_EVERY_MS).contains(&since) {
             return;
         }
         self.written_ms.store(now, Ordering::Relaxed);
@@ -415,7 +419,11 @@ impl Room {
         }
         let alive_path = Alive::path(dir, &activity);
         let now = crate::clock::now_ms();
-        if let Some(since) = Alive::read(&alive_path).and_then(|alive| state.downtime_since(alive, now)) {
+        // No mark (a room from before marks): nothing is known of the
+        // downtime, and nothing is given back.
+        let last_event = events.iter().filter_map(Event::at).max();
+        let alive = Alive::read(&alive_path).map(|mark| last_event.map_or(mark, |t| mark.max(t)));
+        if let Some(since) = alive.and_then(|alive| state.downtime_since(alive, now)) {
             // Nobody could claim while the node was down: logged as a pause
             // from its last sign of life, which the first step resumes,
             // giving every pass running then the time back.
@@ -999,7 +1007,9 @@ impl RoomState {
     /// from that moment would give time back to: the sale open, not paused,
     /// not over.
     fn downtime_since(&self, alive: i64, now: i64) -> Option<i64> {
-        let down = now.saturating_sub(alive) >= ALIVE_EVERY_MS;
+        // Marks come about once a second: a gap of under two is a restart
+        // the marks cannot tell from running on.
+        let down = now.saturating_sub(alive) >= 2 * ALIVE_EVERY_MS;
         let running = self.closed_ms.is_none() && self.paused_ms.is_none() && now < self.settings.end_ms;
         let held = self.active.iter().any(|&(_, expires)| expires > alive);
         (down && running && held).then_some(alive)
@@ -1613,6 +1623,43 @@ mod tests {
         let later = back + settings().grace_ms * 2;
         let planned = room.plan_shared(later, later, &|| unsettled(5), &|_| 0, &|_| Some(5), 10);
         assert!(planned.iter().all(|e| matches!(e, Event::Skip { .. })), "{planned:?}");
+    }
+
+    /// The downtime a restart gives back: from the node's last sign of
+    /// life, only while passes ran then, the sale open, not paused or over.
+    #[test]
+    fn downtime_is_given_back_only_to_passes_running_then() {
+        let seed = Seed::generate();
+        let room = Room::shared("a".into(), settings(), seed.clone());
+        let admitted_at = crate::clock::now_ms();
+        let lapses = admitted_at + 60_000;
+        room.apply_shared(
+            0,
+            &[
+                Event::Seed { seed: seed.to_hex() },
+                Event::Join { u: 1, t: 1 },
+                Event::Shuffle { t: 10 },
+                Event::Admit {
+                    u: 1,
+                    t: admitted_at,
+                    x: lapses,
+                },
+            ],
+        );
+        let mut st = room.state.lock();
+        let alive = admitted_at + 1_000;
+        let later = alive + 30_000;
+        assert_eq!(st.downtime_since(alive, later), Some(alive));
+        assert_eq!(st.downtime_since(alive, alive + 1_500), None, "a quick restart");
+        assert_eq!(st.downtime_since(lapses, lapses + 30_000), None, "no pass ran then");
+        st.paused_ms = Some(alive - 1);
+        assert_eq!(st.downtime_since(alive, later), None, "already paused");
+        st.paused_ms = None;
+        st.closed_ms = Some(alive - 1);
+        assert_eq!(st.downtime_since(alive, later), None, "closed");
+        st.closed_ms = None;
+        st.settings.end_ms = alive + 10_000;
+        assert_eq!(st.downtime_since(alive, later), None, "the sale is over");
     }
 
     /// A shared room retires a pass on Redis's word (the time Redis counted

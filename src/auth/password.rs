@@ -62,9 +62,11 @@ pub fn has_cost(phc: &str, cost: HashCost) -> bool {
 
 /// Whether `password` matches the PHC string `phc`. A malformed stored hash never matches.
 pub fn verify(password: &str, phc: &str) -> bool {
-    counted();
     match PasswordHash::new(phc) {
-        Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
+        Ok(parsed) => {
+            counted();
+            Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok()
+        }
         Err(_) => false,
     }
 }

@@ -8,9 +8,10 @@
 //!
 //! The writer follows its path, as `tail -F` does: about once a second it
 //! checks that the path still names the file it writes, and if the file
-//! was moved or deleted (logrotate's default rotation, an operator's `mv`)
-//! it opens the path anew. Lines written meanwhile are in the moved file,
-//! so none is lost, and no signal or `copytruncate` is needed.
+//! was moved or deleted (logrotate's default rotation, an operator's `mv`
+//! or `rm`) it opens the path anew. Lines written meanwhile are in the
+//! moved file (a deleted one takes them with it), and no signal or
+//! `copytruncate` is needed.
 
 use std::{
     fs::{File, OpenOptions},
@@ -105,6 +106,9 @@ struct Followed {
     /// The open file's device and inode.
     id: (u64, u64),
     checked: Instant,
+    /// A reopen failed and was reported; the next failures are quiet
+    /// until one succeeds.
+    failing: bool,
 }
 
 impl Followed {
@@ -116,6 +120,7 @@ impl Followed {
             out: BufWriter::new(file),
             id: (meta.dev(), meta.ino()),
             checked: Instant::now(),
+            failing: false,
         })
     }
 
@@ -137,10 +142,12 @@ impl Followed {
                 *self = next;
                 tracing::info!(path = %self.path.display(), "The access log was moved or deleted; writing to a new file at its path.");
             }
-            Err(error) => {
+            Err(error) if !self.failing => {
+                self.failing = true;
                 ctl.error(&error);
-                tracing::warn!(path = %self.path.display(), %error, "The access log was moved or deleted and cannot be opened again; still writing to the old file.");
+                tracing::warn!(path = %self.path.display(), %error, "The access log was moved or deleted and cannot be opened again; still writing to the old file (tried again every second, said again once it works).");
             }
+            Err(_) => {}
         }
     }
 }

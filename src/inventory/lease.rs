@@ -511,10 +511,13 @@ async fn refill(leasing: &Leasing, ctl: &Ctl) {
             let mut r = t.rate.lock();
             let taken = t.pool.known() - remaining;
             let now = Instant::now();
+            // Only a rise is a sale (a look between an arena's growth and
+            // its codes going into stock can read one code too many).
             let gone = t.pool.gone();
-            if gone != r.gone {
-                (r.gone, r.last_sale) = (gone, now);
+            if gone > r.gone {
+                r.last_sale = now;
             }
+            r.gone = gone;
             let dt = now.duration_since(r.at).as_secs_f64();
             if dt >= 0.1 {
                 let instant = (taken - r.taken.min(taken)) as f64 / dt;
@@ -552,7 +555,15 @@ async fn refill(leasing: &Leasing, ctl: &Ctl) {
                         tracing::info!(ticket = %t.ticket, "The master list is empty; selling the last leased codes.");
                     }
                 }
-                t.rate.lock().last_batch = n.max(1);
+                let mut r = t.rate.lock();
+                r.last_batch = n.max(1);
+                if n > 0 {
+                    // A fresh lease has its buyers' time to sell before it
+                    // counts as idle: given back before their claims were
+                    // committed, it left them STOCK_IN_FLIGHT for another
+                    // round of leasing.
+                    r.last_sale = Instant::now();
+                }
             }
             Err(error) => {
                 // The script may have run and its answer been lost.

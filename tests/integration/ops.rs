@@ -295,6 +295,18 @@ async fn the_access_log_follows_its_path_when_rotated() {
         }
     };
     let before = until_logged("before").await;
+    // Every line sent before the move is written first (they are queued
+    // to the writer after their answers went out).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while paths(&std::fs::read_to_string(&path).unwrap())
+        .iter()
+        .filter(|p| p.contains("before"))
+        .count()
+        < before
+    {
+        assert!(Instant::now() < deadline, "the before lines were never all written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let rotated = app.dir.path().join("access.log.1");
     std::fs::rename(&path, &rotated).unwrap();
     let after = until_logged("after").await;

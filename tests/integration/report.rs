@@ -342,6 +342,19 @@ async fn an_export_that_fails_halfway_leaves_the_previous_file_whole() {
     let first = std::fs::read_to_string(&file).unwrap();
     assert_eq!(parse_csv(first.as_bytes()).len(), 5);
 
+    // Written again through a symbolic link to it, made private: the file
+    // is replaced, the link stays a link, and the file stays private.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let link = disk.join("latest.csv");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    let out = app.cli(&["export", "--activity", "half", "--out", link.to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), first);
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    std::fs::remove_file(&link).unwrap();
+
     // Many more claims than the disk has room for once it is nearly full.
     app.boot();
     // A relative start moves with the restart, and the claim token with it.

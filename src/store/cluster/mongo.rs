@@ -94,7 +94,10 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), MongoError> {
     }
     // The report's top sources of each kind, without sorting them all.
     coll(db, "stats_sources")
-        .create_index(index(doc! {"activity_id": 1, "kind": 1, "requests": -1}, false))
+        .create_index(index(
+            doc! {"activity_id": 1, "kind": 1, "requests": -1, "source": 1},
+            false,
+        ))
         .await?;
     Ok(())
 }

@@ -71,16 +71,20 @@ return 1
 
 /// Redis's time (Unix ms), then how many codes each user in ARGV holds
 /// (KEYS[1]: the activity's `users` hash). One script, so the time is that
-/// of the count, on the master that commits the activity's claims. A
-/// `HGET` per user: an `HMGET` of every pass holder would `unpack` more
-/// arguments than Lua's stack takes.
+/// of the count, on the master that commits the activity's claims. `HMGET`
+/// a thousand users at a time: all at once could `unpack` more arguments
+/// than Lua's stack takes, and one `HGET` each costs Redis (which every
+/// node's commits wait behind) several times as much.
 static COUNTED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local clock = redis.call('TIME')
 local out = {tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)}
-for i = 1, #ARGV do
-  out[i + 1] = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+for i = 1, #ARGV, 1000 do
+  local counts = redis.call('HMGET', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+  for j = 1, #counts do
+    out[#out + 1] = tonumber(counts[j] or '0')
+  end
 end
 return out
 ",

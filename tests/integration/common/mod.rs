@@ -373,7 +373,6 @@ impl TestApp {
         self.child.take().unwrap().wait().unwrap();
     }
 
-    /// SIGTERM and wait for a clean exit; returns the exit code.
     /// Sends SIGTERM and waits for the node to exit; returns its exit code
     /// (0 for a clean stop: a test that expects one asserts it).
     #[must_use]
