@@ -595,8 +595,8 @@ pub async fn claim_body(client: &ApiClient, token: &str, act: &str) -> Value {
         .get(&format!("/act/detail?actId={act}"), Some(token))
         .await
         .unwrap();
-    // A failed look is not a claim without a token: it says why.
-    assert_eq!(detail.status, 200, "/act/detail?actId={act}: {}", detail.body);
+    // A look that fails leaves the body without a token: tests of a claim's
+    // refusals (no such activity, a logged-out session) send it as it is.
     let mut body = json!({ "actId": act });
     if let Some(t) = detail.data()["claimToken"].as_str() {
         body["claimToken"] = t.into();
