@@ -209,6 +209,7 @@ fn personal(route: Route) -> bool {
             | Route::TicketQr
             | Route::QueueJoin
             | Route::QueueStatus
+            | Route::QueueEvents
             | Route::Admin
     )
 }

@@ -371,6 +371,11 @@ async fn waiting_fans_event_streams_flow_through_the_shipped_nginx() {
 async fn first_event_through(port: u16, token: &str) -> tokio::net::TcpStream {
     let (stream, text) = crate::common::open_event_stream(&format!("127.0.0.1:{port}"), token, "nq").await;
     assert!(text.contains("text/event-stream"), "{text}");
+    // One fan's place in line: no cache on the way may keep it.
+    assert!(
+        text.to_ascii_lowercase().contains("cache-control: private, no-store"),
+        "{text}"
+    );
     assert!(text.contains("event: status"), "{text}");
     assert!(text.contains("\"state\":\"waiting\""), "{text}");
     stream

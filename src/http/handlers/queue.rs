@@ -309,7 +309,9 @@ pub fn events<B>(state: &AppState, req: &Request<B>, ip: IpAddr) -> Result<Respo
     let mut res = Response::new(stream);
     let h = res.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // One fan's place in line: kept by no cache, shared or the browser's
+    // (`no-cache` let them store it, asking back before reuse).
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
     // nginx: pass each event on at once instead of buffering the stream.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(res)

@@ -49,6 +49,16 @@ pub async fn register(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> R
         .admit_registration(ip, Instant::now())
         .inspect_err(|_| metrics::global().reject(Rejected::RegistrationRate))?;
     let body: RegisterBody = json_body(state, req).await?;
+    // The length first, as at login: the blocklist's look-alike key (NFKC,
+    // case folding, confusables) of a 16 KiB name is work a client should
+    // not get for the price of one request.
+    let max = crate::auth::username::MAX_TYPED_BYTES;
+    if body.username.len() > max {
+        return Err(ApiError::bad_request(
+            "INVALID_FIELD",
+            format!("username must be at most {max} bytes as typed"),
+        ));
+    }
     if state.guard.is_blocked_user(&body.username) {
         metrics::global().reject(Rejected::Blocked);
         return Err(Denied::Blocked.into());
