@@ -202,8 +202,9 @@ pub fn render(activity_id: &str, data: &ReportData, queue: Option<&QueueReport>,
         .collect();
     let latency_chart = bar_chart("Claim latency (server side)", "claims", &latency);
 
-    // Outcomes are recorded per tenth of a second; drawn in steps that fit
-    // the span of the requests, like the claims.
+    // Outcomes are recorded per tenth of a second (read in coarser steps
+    // for a long sale); drawn in steps that fit the span of the requests,
+    // like the claims.
     let first_ms = data.outcomes.first().map_or(0, |o| o.0);
     let last_ms = data.outcomes.iter().map(|o| o.0).max().unwrap_or(first_ms);
     let outcome_step_ms = claims_chart_step_ms(last_ms - first_ms).max(crate::stats::OUTCOME_TICK_MS);

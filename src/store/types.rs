@@ -147,8 +147,9 @@ pub struct ReportData {
     /// `(Unix time in 10 ms units, claims)`, ascending: fine enough for a
     /// sale that sells out in a second; the report picks its own resolution.
     pub claims_per_10ms: Vec<(i64, u64)>,
-    /// `(start of the tick in Unix ms, outcome label, requests)`, ascending
-    /// by time (ticks of `stats::OUTCOME_TICK_MS`; a minute for what
+    /// `(start of the step in Unix ms, outcome label, requests)`, ascending
+    /// by time and label: the recorded ticks summed in steps of
+    /// [`super::outcome_resolution_ms`] of the span (a minute for what
     /// earlier versions recorded).
     pub outcomes: Vec<(i64, String, u64)>,
     /// `(bucket upper bound in ms, claims)`; the last bound is infinite.

@@ -708,23 +708,37 @@ pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<Re
             last_ms,
         });
     }
-    // Per tick; `stats_outcomes` holds what earlier versions wrote, per minute.
-    let mut outcomes = coll(db, "stats_outcome_ticks")
-        .find(doc! {"activity_id": activity})
-        .await?;
+    // Per tick, summed as it streams in steps the span allows (see
+    // `store::outcome_resolution_ms`); `stats_outcomes` holds what earlier
+    // versions wrote, per minute.
+    let ticks = coll(db, "stats_outcome_ticks");
+    let edge = |order: i32| {
+        let ticks = ticks.clone();
+        async move {
+            let first = ticks
+                .find_one(doc! {"activity_id": activity})
+                .sort(doc! {"at_ms": order})
+                .await?;
+            Ok::<_, MongoError>(first.map(|d| int(&d, "at_ms")))
+        }
+    };
+    let span = match (edge(1).await?, edge(-1).await?) {
+        (Some(first), Some(last)) => last - first,
+        _ => 0,
+    };
+    let step = crate::store::outcome_resolution_ms(span);
+    let mut summed: std::collections::BTreeMap<(i64, String), u64> = std::collections::BTreeMap::new();
+    let mut outcomes = ticks.find(doc! {"activity_id": activity}).await?;
     while let Some(d) = outcomes.try_next().await? {
-        data.outcomes
-            .push((int(&d, "at_ms"), text(&d, "outcome"), int(&d, "count") as u64));
+        let at = int(&d, "at_ms").div_euclid(step) * step;
+        *summed.entry((at, text(&d, "outcome"))).or_default() += int(&d, "count") as u64;
     }
     let mut outcomes = coll(db, "stats_outcomes").find(doc! {"activity_id": activity}).await?;
     while let Some(d) = outcomes.try_next().await? {
-        data.outcomes.push((
-            int(&d, "minute").saturating_mul(60_000),
-            text(&d, "outcome"),
-            int(&d, "count") as u64,
-        ));
+        let at = int(&d, "minute").saturating_mul(60_000).div_euclid(step) * step;
+        *summed.entry((at, text(&d, "outcome"))).or_default() += int(&d, "count") as u64;
     }
-    data.outcomes.sort();
+    data.outcomes = summed.into_iter().map(|((at, outcome), n)| (at, outcome, n)).collect();
     let mut latency = coll(db, "stats_latency").find(doc! {"activity_id": activity}).await?;
     while let Some(d) = latency.try_next().await? {
         let bound = d.get_f64("bound_ms").unwrap_or(-1.0);

@@ -81,10 +81,18 @@ pub(super) fn report_data(conn: &Connection, activity_id: &str, top: usize) -> R
     data.claims_per_10ms = per_10ms
         .query_map([activity_id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
         .collect::<Result<_, _>>()?;
-    let mut outcomes =
-        conn.prepare("SELECT at_ms, outcome, count FROM stats_outcome_ticks WHERE activity_id = ?1 ORDER BY 1, 2")?;
+    let span: Option<i64> = conn.query_row(
+        "SELECT MAX(at_ms) - MIN(at_ms) FROM stats_outcome_ticks WHERE activity_id = ?1",
+        [activity_id],
+        |r| r.get(0),
+    )?;
+    let step = crate::store::outcome_resolution_ms(span.unwrap_or(0));
+    let mut outcomes = conn.prepare(
+        "SELECT at_ms / ?2 * ?2 AS step, outcome, SUM(count) FROM stats_outcome_ticks
+         WHERE activity_id = ?1 GROUP BY step, outcome ORDER BY step, outcome",
+    )?;
     data.outcomes = outcomes
-        .query_map([activity_id], |r| {
+        .query_map(rusqlite::params![activity_id, step], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
         })?
         .collect::<Result<_, _>>()?;
