@@ -230,6 +230,19 @@ type Shard = HashMap<Arc<str>, ActivityStats, ahash::RandomState>;
 /// hours-long one stores a few rows a second.
 pub const OUTCOME_TICK_MS: i64 = 100;
 
+/// The resolution a report reads claim outcomes of a span of `span_ms`
+/// at: the recorded ticks for a short sale, coarser for a long one, so a
+/// report holds about 20,000 rows per outcome at most (a month of ticks
+/// was millions of rows, half a gigabyte, in memory). Each resolution
+/// divides a minute (the rejections export's step) and every step of the
+/// report's charts at or above it.
+pub fn outcome_resolution_ms(span_ms: i64) -> i64 {
+    [OUTCOME_TICK_MS, 1_000, 10_000, 60_000]
+        .into_iter()
+        .find(|r| span_ms / r <= 20_000)
+        .unwrap_or(60_000)
+}
+
 /// One activity's counts in one shard.
 #[derive(Default)]
 struct ActivityStats {

@@ -149,7 +149,7 @@ pub struct ReportData {
     pub claims_per_10ms: Vec<(i64, u64)>,
     /// `(start of the step in Unix ms, outcome label, requests)`, ascending
     /// by time and label: the recorded ticks summed in steps of
-    /// [`super::outcome_resolution_ms`] of the span (a minute for what
+    /// [`crate::stats::outcome_resolution_ms`] of the span (a minute for what
     /// earlier versions recorded).
     pub outcomes: Vec<(i64, String, u64)>,
     /// `(bucket upper bound in ms, claims)`; the last bound is infinite.

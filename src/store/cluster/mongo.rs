@@ -709,7 +709,7 @@ pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<Re
         });
     }
     // Per tick, summed as it streams in steps the span allows (see
-    // `store::outcome_resolution_ms`); `stats_outcomes` holds what earlier
+    // `stats::outcome_resolution_ms`); `stats_outcomes` holds what earlier
     // versions wrote, per minute.
     let ticks = coll(db, "stats_outcome_ticks");
     let edge = |order: i32| {
@@ -726,7 +726,7 @@ pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<Re
         (Some(first), Some(last)) => last - first,
         _ => 0,
     };
-    let step = crate::store::outcome_resolution_ms(span);
+    let step = crate::stats::outcome_resolution_ms(span);
     let mut summed: std::collections::BTreeMap<(i64, String), u64> = std::collections::BTreeMap::new();
     let mut outcomes = ticks.find(doc! {"activity_id": activity}).await?;
     while let Some(d) = outcomes.try_next().await? {

@@ -86,7 +86,7 @@ pub(super) fn report_data(conn: &Connection, activity_id: &str, top: usize) -> R
         [activity_id],
         |r| r.get(0),
     )?;
-    let step = crate::store::outcome_resolution_ms(span.unwrap_or(0));
+    let step = crate::stats::outcome_resolution_ms(span.unwrap_or(0));
     let mut outcomes = conn.prepare(
         "SELECT at_ms / ?2 * ?2 AS step, outcome, SUM(count) FROM stats_outcome_ticks
          WHERE activity_id = ?1 GROUP BY step, outcome ORDER BY step, outcome",
