@@ -610,25 +610,27 @@ pub fn report(config: &Config, args: ReportArgs) -> anyhow::Result<()> {
 /// names is replaced, not the link. A path that names no regular file
 /// (`/dev/stdout`, a pipe) is written to directly.
 fn write_whole<T>(path: &Path, write: impl FnOnce(&mut (dyn Write + Send)) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    // One look at what is there: a device or pipe is written in place; a
+    // file (through any symlink) is replaced, keeping its permissions.
     let resolved;
     let (path, old) = match std::fs::metadata(path) {
-        Ok(meta) if meta.is_file() => {
+        Ok(meta) if !meta.is_file() => {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            let mut out = io::BufWriter::new(file);
+            let written = write(&mut out)?;
+            out.flush()
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            return Ok(written);
+        }
+        Ok(meta) => {
             resolved = std::fs::canonicalize(path).with_context(|| format!("cannot resolve {}", path.display()))?;
             (resolved.as_path(), Some(meta))
         }
-        _ => (path, None),
+        Err(_) => (path, None),
     };
-    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        let mut out = io::BufWriter::new(file);
-        let written = write(&mut out)?;
-        out.flush()
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        return Ok(written);
-    }
     let name = path
         .file_name()
         .with_context(|| format!("{} names no file", path.display()))?;

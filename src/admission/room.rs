@@ -36,7 +36,7 @@ const RATE_WINDOW_MS: i64 = 10_000;
 /// stock, and one checked just before the expiry must have taken it before
 /// the admitter counts the pass's codes as free for the next in line. (A
 /// shared room needs no margin: see [`Room::plan_shared`].)
-pub const PASS_SETTLE_MS: i64 = 1_000;
+const PASS_SETTLE_MS: i64 = 1_000;
 
 /// A room's settings, times resolved to Unix ms.
 #[derive(Debug, Clone, PartialEq)]
@@ -1557,6 +1557,29 @@ mod tests {
         assert_eq!(held, Some(true), "the clock was read with the room locked");
     }
 
+    /// A replica of a shared room where user 1 holds a pass admitted now,
+    /// lapsing `ttl_ms` later: the room, the admission time and the expiry.
+    fn one_pass_held(ttl_ms: i64) -> (Room, i64, i64) {
+        let seed = Seed::generate();
+        let room = Room::shared("a".into(), settings(), seed.clone());
+        let admitted_at = crate::clock::now_ms();
+        let lapses = admitted_at + ttl_ms;
+        room.apply_shared(
+            0,
+            &[
+                Event::Seed { seed: seed.to_hex() },
+                Event::Join { u: 1, t: 1 },
+                Event::Shuffle { t: 10 },
+                Event::Admit {
+                    u: 1,
+                    t: admitted_at,
+                    x: lapses,
+                },
+            ],
+        );
+        (room, admitted_at, lapses)
+    }
+
     /// A room in `dir` that `fans` joined, shuffled and then stepped once
     /// with `remaining` codes in stock: its admissions are in the log's
     /// buffer, not yet on disk.
@@ -1629,23 +1652,7 @@ mod tests {
     /// life, only while passes ran then, the sale open, not paused or over.
     #[test]
     fn downtime_is_given_back_only_to_passes_running_then() {
-        let seed = Seed::generate();
-        let room = Room::shared("a".into(), settings(), seed.clone());
-        let admitted_at = crate::clock::now_ms();
-        let lapses = admitted_at + 60_000;
-        room.apply_shared(
-            0,
-            &[
-                Event::Seed { seed: seed.to_hex() },
-                Event::Join { u: 1, t: 1 },
-                Event::Shuffle { t: 10 },
-                Event::Admit {
-                    u: 1,
-                    t: admitted_at,
-                    x: lapses,
-                },
-            ],
-        );
+        let (room, admitted_at, lapses) = one_pass_held(60_000);
         let mut st = room.state.lock();
         let alive = admitted_at + 1_000;
         let later = alive + 30_000;
@@ -1668,23 +1675,7 @@ mod tests {
     /// still record a claim under.
     #[test]
     fn a_shared_room_retires_a_pass_by_redis_clock_not_its_own() {
-        let seed = Seed::generate();
-        let room = Room::shared("a".into(), settings(), seed.clone());
-        let admitted_at = crate::clock::now_ms();
-        let lapses = admitted_at + 1_000;
-        room.apply_shared(
-            0,
-            &[
-                Event::Seed { seed: seed.to_hex() },
-                Event::Join { u: 1, t: 1 },
-                Event::Shuffle { t: 10 },
-                Event::Admit {
-                    u: 1,
-                    t: admitted_at,
-                    x: lapses,
-                },
-            ],
-        );
+        let (room, _, lapses) = one_pass_held(1_000);
         let ahead = lapses + 5_000;
         room.plan_shared(ahead, lapses - 1, &|| unsettled(5), &|_| 0, &|_| None, 0);
         assert_eq!(room.summary().expired, 0, "retired before Redis's clock said so");
@@ -1701,23 +1692,7 @@ mod tests {
     /// pass back.
     #[test]
     fn an_extension_gives_back_a_pass_a_replica_retired_during_the_pause() {
-        let seed = Seed::generate();
-        let room = Room::shared("a".into(), settings(), seed.clone());
-        let admitted_at = crate::clock::now_ms();
-        let lapses = admitted_at + 1_000;
-        room.apply_shared(
-            0,
-            &[
-                Event::Seed { seed: seed.to_hex() },
-                Event::Join { u: 1, t: 1 },
-                Event::Shuffle { t: 10 },
-                Event::Admit {
-                    u: 1,
-                    t: admitted_at,
-                    x: lapses,
-                },
-            ],
-        );
+        let (room, _, lapses) = one_pass_held(1_000);
         // This replica's own step, past the expiry and unaware of a pause.
         let retired = lapses + PASS_SETTLE_MS;
         room.plan_shared(retired, retired, &|| unsettled(5), &|_| 0, &|_| None, 0);

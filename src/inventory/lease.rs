@@ -54,7 +54,8 @@ pub struct Tracked {
     pub tickets: Vec<Arc<str>>,
 }
 
-/// One activity's cluster-wide counts, from one look.
+/// Cluster-wide counts of an activity's ticket types, as the last look kept
+/// them ([`Leasing::look_of`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Look {
     /// Codes not sold anywhere: on a master list, in a lease, in doubt.
@@ -86,10 +87,10 @@ pub struct Leasing {
 struct LookGate {
     /// Looks begun so far.
     begun: AtomicU64,
-    /// What the last look found, or why it failed (shared too: a Redis
-    /// that does not answer is waited for once, not once per caller in
-    /// turn); locked while a look runs.
-    last: tokio::sync::Mutex<Option<Result<Look, String>>>,
+    /// Whether the last look succeeded, or why it failed (shared too: a
+    /// Redis that does not answer is waited for once, not once per caller
+    /// in turn); locked while a look runs.
+    last: tokio::sync::Mutex<Option<Result<(), String>>>,
 }
 
 /// One ticket type this node sells by lease, and what it knows of its stock.
@@ -290,12 +291,12 @@ impl Leasing {
 
     /// Reads `activity`'s cluster-wide counts in a look begun after this
     /// call (shared with the callers asking at the same time: see
-    /// [`LookGate`]), keeps them for [`Leasing::stock`], and returns what
-    /// that look found: a caller that must order the look after other reads
-    /// (the waiting room's admitter) gets counts read after them. (The kept
-    /// counts are at least as new, since each half only grows: see
-    /// `set_counts`.)
-    pub(super) async fn refresh_counts(&self, activity: &str) -> Result<Look, StoreError> {
+    /// [`LookGate`]) and keeps them for [`Leasing::stock`] and
+    /// [`Leasing::look_of`]: a caller that must order the look after other
+    /// reads (the waiting room's admitter) then reads counts at least as new
+    /// as those reads, since each half of a kept count only grows (see
+    /// `set_counts`).
+    pub(super) async fn refresh_counts(&self, activity: &str) -> Result<(), StoreError> {
         if !self.source.is_up() {
             // The last call to Redis failed: callers do not queue up behind
             // looks that wait out its timeout one after another. (The
@@ -320,7 +321,7 @@ impl Leasing {
         // Looks begin only under the lock: one begun since we asked has ended.
         if gate.begun.load(Ordering::Acquire) > asked {
             match &*last {
-                Some(Ok(look)) => return Ok(*look),
+                Some(Ok(())) => return Ok(()),
                 Some(Err(why)) => return Err(ClusterError::Shared(why.clone()).into()),
                 None => {}
             }
@@ -329,28 +330,19 @@ impl Leasing {
         // leave the one before it as the answer to those who asked since.
         *last = None;
         gate.begun.fetch_add(1, Ordering::AcqRel);
-        let look = self.look_at_counts(activity).await;
-        *last = Some(look.as_ref().copied().map_err(|e| e.to_string()));
-        look
+        let looked = self.look_at_counts(activity).await;
+        *last = Some(looked.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        looked
     }
 
     /// One look at `activity`'s counts in Redis (see [`Leasing::refresh_counts`]).
-    async fn look_at_counts(&self, activity: &str) -> Result<Look, StoreError> {
-        let counts = self.source.counts(activity).await?;
-        // Nothing counted (an activity not tracked) is nothing final.
-        let mut look = Look {
-            remaining: 0,
-            unsold: counts.is_empty(),
-        };
-        for (ticket, known, sold) in counts {
+    async fn look_at_counts(&self, activity: &str) -> Result<(), StoreError> {
+        for (ticket, known, sold) in self.source.counts(activity).await? {
             if let Some(t) = self.tickets.get(&ticket) {
                 t.set_counts(known, sold);
             }
-            let remaining = known.saturating_sub(sold);
-            look.remaining += remaining;
-            look.unsold |= unsold(known, remaining);
         }
-        Ok(look)
+        Ok(())
     }
 
     /// The last look's counts of `tickets` alone: codes not sold anywhere

@@ -140,7 +140,7 @@ impl Inventory {
     /// to do without leases.
     pub async fn refresh_counts(&self, activity_id: &str) -> Result<(), StoreError> {
         match self.leasing() {
-            Some(leasing) => leasing.refresh_counts(activity_id).await.map(drop),
+            Some(leasing) => leasing.refresh_counts(activity_id).await,
             None => Ok(()),
         }
     }

@@ -857,11 +857,7 @@ async fn export_and_report_read_mongodb_and_match_the_rush() {
     let out = node.cli(&["report", "--activity", "ex", "--out", "ex.html"], None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let html = std::fs::read_to_string(node.dir.path().join("ex.html")).unwrap();
-    let cell = |id: &str| -> String {
-        let tag = format!("<td id=\"{id}\">");
-        let at = html.find(&tag).unwrap() + tag.len();
-        html[at..at + html[at..].find("</td>").unwrap()].to_owned()
-    };
+    let cell = |id: &str| crate::common::report_cell(&html, id);
     assert_eq!(cell("codes"), "60");
     assert_eq!(cell("claimed"), "60");
     assert_eq!(cell("users"), "60");

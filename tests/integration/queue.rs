@@ -412,11 +412,7 @@ async fn admission_never_runs_ahead_of_the_stock() {
     let out = app.cli(&["report", "--activity", "room", "--out", "report.html"], None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let html = std::fs::read_to_string(app.dir.path().join("report.html")).unwrap();
-    let cell = |id: &str| {
-        let tag = format!("<td id=\"{id}\">");
-        let at = html.find(&tag).unwrap_or_else(|| panic!("no {id}")) + tag.len();
-        html[at..at + html[at..].find("</td>").unwrap()].to_owned()
-    };
+    let cell = |id: &str| report_cell(&html, id);
     assert_eq!(cell("q-admitted"), CODES.to_string());
     assert_eq!(cell("q-lapsed"), "0");
     assert_eq!(
@@ -786,12 +782,8 @@ async fn a_claim_that_reaches_redis_after_its_pass_lapsed_is_not_recorded() {
     let out = node.cli(&["report", "--activity", "pl", "--out", "report.html"], None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let html = std::fs::read_to_string(node.dir.path().join("report.html")).unwrap();
-    let cell = |id: &str| {
-        let tag = format!("<td id=\"{id}\">");
-        let at = html.find(&tag).unwrap_or_else(|| panic!("no {id}")) + tag.len();
-        html[at..at + html[at..].find("</td>").unwrap()].to_owned()
-    };
-    assert_eq!((cell("q-admitted"), cell("q-lapsed")), ("2".into(), "1".into()));
+    let cell = |id: &str| report_cell(&html, id);
+    assert_eq!((cell("q-admitted"), cell("q-lapsed")), ("2", "1"));
 }
 
 /// A reload took a ticket type (codes still in Redis) out of a cluster's

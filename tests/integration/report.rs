@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use crate::{
-    common::{base_config, open_activity, parse_csv, TestApp},
+    common::{base_config, open_activity, parse_csv, report_cell as cell, TestApp},
     rush::rush,
 };
 
@@ -16,12 +16,6 @@ fn chart<'a>(html: &'a str, title: &str) -> &'a str {
     let start = html[..at].rfind("<svg").unwrap();
     let end = at + html[at..].find("</svg>").unwrap();
     &html[start..end]
-}
-
-fn cell<'a>(html: &'a str, id: &str) -> &'a str {
-    let tag = format!("<td id=\"{id}\">");
-    let at = html.find(&tag).unwrap() + tag.len();
-    &html[at..at + html[at..].find("</td>").unwrap()]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -991,6 +991,13 @@ pub fn metric_in(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no metric {series} in:\n{text}"))
 }
 
+/// The text of the report's summary cell `<td id="{id}">` in `html`.
+pub fn report_cell<'a>(html: &'a str, id: &str) -> &'a str {
+    let tag = format!("<td id=\"{id}\">");
+    let at = html.find(&tag).unwrap_or_else(|| panic!("the report has no cell {id}")) + tag.len();
+    &html[at..at + html[at..].find("</td>").unwrap()]
+}
+
 /// A tmpfs mounted on a directory for the life of a test.
 pub struct Tmpfs(std::path::PathBuf);
 

@@ -34,9 +34,15 @@ impl Drop for Relay {
     }
 }
 
-/// The bytes of a read kept to look for a held text across two reads
-/// (longer than any text a test holds from).
+/// The bytes of a read kept to look for a text across two reads (longer
+/// than any text a test looks for).
 const CARRY: usize = 64;
+
+/// Whether `needle` is in this read (`chunk`) or straddles it and the end
+/// of the previous one (`carry`).
+fn sent(carry: &[u8], chunk: &[u8], needle: &[u8]) -> bool {
+    [carry, chunk].concat().windows(needle.len()).any(|w| w == needle)
+}
 
 /// What [`Relay::hold_from`] armed, and whether it is holding.
 #[derive(Default)]
@@ -57,10 +63,7 @@ impl Hold {
     /// reads is found): waits while the relay holds.
     fn pass(&self, carry: &[u8], chunk: &[u8]) {
         let mut state = self.state.lock().unwrap();
-        let found = state.needle.as_deref().is_some_and(|needle| {
-            let joined = [carry, chunk].concat();
-            joined.windows(needle.len()).any(|w| w == needle)
-        });
+        let found = state.needle.as_deref().is_some_and(|needle| sent(carry, chunk, needle));
         if found {
             state.needle = None;
             state.holding = true;
@@ -153,9 +156,7 @@ fn relay(
             let chunk = &buf[..n];
             {
                 let mut armed = up_armed.lock().unwrap();
-                let matched = armed
-                    .as_deref()
-                    .is_some_and(|needle| chunk.windows(needle.len()).any(|w| w == needle));
+                let matched = armed.as_deref().is_some_and(|needle| sent(&carry, chunk, needle));
                 // Marked before the request goes on: its answer comes after.
                 if matched {
                     *up_hit.lock().unwrap() = armed.take();
