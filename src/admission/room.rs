@@ -242,6 +242,25 @@ pub struct QueueStatus {
     pub commitment: String,
     /// The seed, once the order is drawn.
     pub seed: Option<String>,
+    /// Places this account may still take here (one is taken by each join
+    /// after being passed over; see [`MAX_PLACES_PER_ACCOUNT`]): with none
+    /// left, being passed over is final.
+    pub places_left: u32,
+}
+
+impl QueueStatus {
+    /// Nothing more can come of waiting: the fan's stream ends and the
+    /// page stops following. Passed over is final in a lottery (no entry
+    /// after its draw, the only time a lottery passes anybody over) and
+    /// for an account with no place left to take; a queue's fan may join
+    /// again at the back.
+    pub fn nothing_to_wait_for(&self) -> bool {
+        match self.state {
+            PlaceState::SoldOut | PlaceState::EntriesClosed | PlaceState::NotJoined | PlaceState::Done => true,
+            PlaceState::PassedOver => self.mode == AdmissionMode::Lottery || self.places_left == 0,
+            PlaceState::Waiting | PlaceState::Admitted => false,
+        }
+    }
 }
 
 /// Room-wide figures (metrics, the admin page, reports).
@@ -1235,6 +1254,7 @@ impl RoomState {
             shuffle_at: rfc3339_ms(s.shuffle_ms),
             commitment: commitment.to_owned(),
             seed: self.shuffled_ms.map(|_| seed.to_hex()),
+            places_left: MAX_PLACES_PER_ACCOUNT.saturating_sub(place.map_or(0, |p| p.taken)),
         }
     }
 }
@@ -1346,13 +1366,23 @@ mod tests {
             events.push(Event::Skip { u: 1, t: 25 + i * 10 });
         }
         let room = room_from(dir.path(), &events);
-        assert_eq!(room.status(1, 1_000, false).state, PlaceState::PassedOver);
+        let status = room.status(1, 1_000, false);
+        assert_eq!((status.state, status.places_left), (PlaceState::PassedOver, 0));
+        assert!(
+            status.nothing_to_wait_for(),
+            "no place left: the stream and the page stop"
+        );
         assert_eq!(room.join(1, 1_000), Err(JoinError::NoMorePlaces));
         assert_eq!(room.summary().joined, u64::from(MAX_PLACES_PER_ACCOUNT));
         // One place fewer, and the account may come back once more.
         let dir = tempfile::tempdir().unwrap();
         let room = room_from(dir.path(), &events[..events.len() - 2]);
+        let status = room.status(1, 1_000, false);
+        assert_eq!((status.state, status.places_left), (PlaceState::PassedOver, 1));
+        assert!(!status.nothing_to_wait_for(), "one more place: the fan may join again");
         assert!(room.join(1, 1_000).is_ok());
+        assert_eq!(room.status(1, 1_000, false).places_left, 0);
+        assert_eq!(room.status(2, 1_000, false).places_left, MAX_PLACES_PER_ACCOUNT);
     }
 
     /// A line of a kind a later version writes is passed over: the room

@@ -388,18 +388,10 @@ impl EventStream {
         };
         // A stream is for someone in line or holding a pass: it ends (after
         // saying why) once there is nothing more to wait for — so a
-        // connection is held only while it serves a place.
-        if matches!(
-            status.state,
-            PlaceState::SoldOut | PlaceState::EntriesClosed | PlaceState::NotJoined | PlaceState::Done
-        ) {
-            self.ended = true;
-        }
-        // Passed over in a lottery after its draw: no way back in, so
-        // nothing more to wait for either (the page stops there too).
-        if status.state == PlaceState::PassedOver
-            && matches!(self.room.entry(self.user, now), Err(JoinError::EntriesClosed))
-        {
+        // connection is held only while it serves a place. (Passed over
+        // with no way back in, a lottery's or an account's last place,
+        // held the stream and its slot until the room closed.)
+        if status.nothing_to_wait_for() {
             self.ended = true;
         }
         if send {

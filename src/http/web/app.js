@@ -31,6 +31,7 @@ const WORDS = {
     position: 'Your place', ahead: 'ahead of you', eta: 'Estimated wait', yourTurn: 'Your turn! Grab before',
     passedOver: 'Your turn ended without a claim; join again to queue at the back.',
     passedOverDrawn: 'Your turn ended without a claim; the draw is over, so there is no new entry.',
+    passedOverLast: 'Your turn ended without a claim, and this account has joined this waiting room as many times as it may.',
     standby: 'Every ticket left is held for fans whose turn came; you move up if they do not claim.',
     entriesClosed: 'The draw has been made; entries are closed.', done: 'Your turn is over.',
     commitment: 'Draw commitment (SHA-256 of the seed)', seed: 'Revealed seed',
@@ -57,6 +58,7 @@ const WORDS = {
     position: '你的位置', ahead: '人在你前面', eta: '预计等待', yourTurn: '轮到你了！请在此之前抢票：',
     passedOver: '你的轮次已结束且未抢票，可重新加入，排到队尾。',
     passedOverDrawn: '你的轮次已结束且未抢票；抽签已结束，不能再报名。',
+    passedOverLast: '你的轮次已结束且未抢票；此账号加入本排队的次数已达上限。',
     standby: '剩余的票都已留给轮到的人；若他们不领，你会往前排。',
     entriesClosed: '已开奖，报名已截止。', done: '你的轮次已结束。',
     commitment: '抽签承诺（种子的 SHA-256）', seed: '公开的种子',
@@ -432,6 +434,7 @@ async function waitingRoom(a, queue) {
   const render = (s) => {
     queue.admitted = s.state === 'admitted';
     panel.dataset.state = s.state;
+    panel.dataset.placesLeft = String(s.placesLeft);
     const lines = [h('h2', {}, t(lottery ? 'lottery' : 'queue'))];
     if (s.state === 'waiting' && s.position == null) lines.push(notice('ok', t('joined'), ' ', t('drawNote')));
     if (s.state === 'waiting' && s.position != null) {
@@ -441,10 +444,12 @@ async function waitingRoom(a, queue) {
       if (s.standby) lines.push(notice('', t('standby')));
     }
     if (s.state === 'admitted') lines.push(notice('ok', t('yourTurn'), ' ', when(Date.parse(s.passExpiresAt))));
-    // A lottery takes no entry after its draw: nothing to join again.
+    // A lottery takes no entry after its draw, and an account has a
+    // number of places: with neither, nothing to join again.
     if (s.state === 'passed_over') {
-      lines.push(notice('bad', t(lottery ? 'passedOverDrawn' : 'passedOver')));
-      if (!lottery) lines.push(joinButton());
+      const last = s.placesLeft === 0;
+      lines.push(notice('bad', t(lottery ? 'passedOverDrawn' : last ? 'passedOverLast' : 'passedOver')));
+      if (!lottery && !last) lines.push(joinButton());
     }
     if (s.state === 'sold_out') lines.push(notice('bad', errorText({ code: 'SOLD_OUT' })));
     if (s.state === 'entries_closed') lines.push(notice('bad', t('entriesClosed')));
@@ -471,9 +476,10 @@ async function waitingRoom(a, queue) {
     return b;
   };
   let following = false;
-  // Passed over in a lottery is final too: it takes no entry after its draw.
+  // Passed over is final too in a lottery (no entry after its draw) and
+  // with no place left (as QueueStatus::nothing_to_wait_for says).
   const ended = () => ['sold_out', 'entries_closed', 'done'].includes(panel.dataset.state)
-    || (lottery && panel.dataset.state === 'passed_over');
+    || (panel.dataset.state === 'passed_over' && (lottery || panel.dataset.placesLeft === '0'));
   const follow = async () => {
     if (following) return;
     following = true;
