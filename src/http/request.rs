@@ -228,7 +228,10 @@ pub fn ok<T: Serialize>(data: &T) -> Response<Full<Bytes>> {
     }
 }
 
-/// An id sent as a JSON string or number (`"1001"` or `1001`); at most 64 bytes.
+/// An id sent as a JSON string or number (`"1001"` or `1001`); at most 64
+/// bytes. Whitespace around a string is dropped, as the query path drops it
+/// (a configured id has none), so `{"actId":"1001 "}` finds what
+/// `?actId=1001+` finds.
 #[derive(Debug)]
 pub struct Id(pub String);
 
@@ -241,6 +244,7 @@ impl<'de> Deserialize<'de> for Id {
                 f.write_str("an id: a string of 1-64 characters or a whole number")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Id, E> {
+                let v = v.trim();
                 if v.is_empty() || v.len() > 64 {
                     return Err(E::invalid_length(v.len(), &self));
                 }
@@ -280,8 +284,14 @@ mod tests {
     fn ids_accept_strings_and_numbers_only() {
         assert_eq!(parse_json::<ClaimBody>(br#"{"actId":1001}"#).unwrap().act_id.0, "1001");
         assert_eq!(parse_json::<ClaimBody>(br#"{"actId":"a-1"}"#).unwrap().act_id.0, "a-1");
+        // As the query path reads `?actId=1001+`.
+        assert_eq!(
+            parse_json::<ClaimBody>(br#"{"actId":" 1001\t"}"#).unwrap().act_id.0,
+            "1001"
+        );
         for bad in [
-            &br#"{"actId":-1}"#[..],
+            &br#"{"actId":"  "}"#[..],
+            br#"{"actId":-1}"#,
             br#"{"actId":1.5}"#,
             br#"{"actId":""}"#,
             br#"{"actId":null}"#,
