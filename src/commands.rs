@@ -293,14 +293,15 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
         UserCommand::List => {
             let mut out = crate::export::spreadsheet_csv(io::stdout().lock());
             out.write_record(["id", "username", "nickname", "created_at"])?;
-            for u in store.list_users()? {
+            store.each_user(&mut |u| {
                 out.write_record([
                     u.id.to_string().as_str(),
                     &crate::export::cell(&u.username),
                     &crate::export::cell(&u.nickname),
                     &crate::clock::rfc3339_ms(u.created_at_ms),
-                ])?;
-            }
+                ])
+                .map_err(std::io::Error::from)
+            })?;
             out.flush()?;
         }
     }

@@ -316,11 +316,31 @@ impl Store {
         }
     }
 
-    /// Every user, by id.
-    pub fn list_users(&self) -> Result<Vec<User>, StoreError> {
-        match self {
-            Store::Embedded(s) => s.list_users(),
-            Store::Cluster(s) => s.list_users(),
+    /// Calls `f` with every user, by id, a page of a thousand at a time,
+    /// each page a read of its own (as [`Store::export_claims`]): a million
+    /// accounts are listed in the memory of a page, not of all of them.
+    pub fn each_user(&self, f: &mut dyn FnMut(User) -> std::io::Result<()>) -> Result<u64, StoreError> {
+        const PAGE: usize = 1000;
+        let mut after = 0;
+        let mut n = 0;
+        loop {
+            let page = match self {
+                Store::Embedded(s) => s.users_page(after, PAGE)?,
+                Store::Cluster(s) => s.users_page(after, PAGE)?,
+            };
+            let full = page.len() == PAGE;
+            for user in page {
+                after = user.id;
+                f(user).map_err(|source| StoreError::Io {
+                    what: "cannot write the users to",
+                    path: "the output".into(),
+                    source,
+                })?;
+                n += 1;
+            }
+            if !full {
+                return Ok(n);
+            }
         }
     }
 

@@ -535,3 +535,23 @@ fn check_config_refuses_what_a_node_would_misbehave_on() {
         text(&out.stderr)
     );
 }
+
+/// `user list` reads the accounts a page at a time (a million of them once
+/// took the memory of all); across its pages it lists each exactly once,
+/// in id order, the last page's included.
+#[test]
+fn user_list_pages_through_every_account_once() {
+    let app = TestApp::start(&(base_config() + &open_activity("pages", 1, 1)));
+    let accounts = 2_345;
+    let csv: String = (0..accounts).map(|i| format!("fan{i:05},password-{i:05},\n")).collect();
+    app.import_user_csv(&csv);
+    let out = app.cli(&["user", "list"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let users = parse_csv(&out.stdout);
+    let ids: Vec<u64> = users.iter().map(|u| u["id"].parse().unwrap()).collect();
+    assert_eq!(ids.len(), accounts);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in id order, none twice");
+    let names: std::collections::BTreeSet<&str> = users.iter().map(|u| u["username"].as_str()).collect();
+    assert_eq!(names.len(), accounts);
+    assert!(names.contains("fan00000") && names.contains("fan02344"));
+}

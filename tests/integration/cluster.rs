@@ -1407,8 +1407,13 @@ async fn an_accounts_age_holds_on_every_node_and_imports_keep_theirs() {
     crate::common::assert_error(&res, 403, "ACCOUNT_TOO_NEW");
 
     let node = &cluster.nodes[0];
-    node.import_user_csv("elder,password-elder,Elder,2020-01-01T00:00:00Z\n");
+    // Past a page of `user list` (a thousand), read from MongoDB a page at a time.
+    let fans: String = (0..1_200).map(|i| format!("fan{i:04},password-{i:04},\n")).collect();
+    node.import_user_csv(&format!("elder,password-elder,Elder,2020-01-01T00:00:00Z\n{fans}"));
     let listed = crate::common::parse_csv(&node.cli(&["user", "list"], None).stdout);
+    let ids: Vec<u64> = listed.iter().map(|u| u["id"].parse().unwrap()).collect();
+    assert_eq!(ids.len(), 1 + 1_200 + 1, "young, elder and the fans: {}", ids.len());
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in id order, none twice");
     assert!(
         listed
             .iter()

@@ -638,8 +638,8 @@ impl ClusterStore {
         Ok(self.block(mongo::user_by_skeleton(&self.shared.db, skeleton))?)
     }
 
-    pub(super) fn list_users(&self) -> Result<Vec<User>, StoreError> {
-        Ok(self.block(mongo::list_users(&self.shared.db))?)
+    pub(super) fn users_page(&self, after: u64, limit: usize) -> Result<Vec<User>, StoreError> {
+        Ok(self.block(mongo::users_page(&self.shared.db, after, limit as i64))?)
     }
 
     pub(super) fn revoke_session(&self, token_id: &str, expires_at_ms: i64) -> Result<(), StoreError> {

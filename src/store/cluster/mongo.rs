@@ -450,10 +450,14 @@ pub async fn user_by_skeleton(db: &Database, skeleton: &str) -> Result<Option<Us
         .and_then(user_from))
 }
 
-/// Every user, by id.
-pub async fn list_users(db: &Database) -> Result<Vec<User>, MongoError> {
-    let mut cursor = coll(db, "users").find(doc! {}).sort(doc! {"_id": 1}).await?;
-    let mut out = Vec::new();
+/// Up to `limit` users with ids above `after`, by id.
+pub async fn users_page(db: &Database, after: u64, limit: i64) -> Result<Vec<User>, MongoError> {
+    let mut cursor = coll(db, "users")
+        .find(doc! {"_id": {"$gt": after as i64}})
+        .sort(doc! {"_id": 1})
+        .limit(limit)
+        .await?;
+    let mut out = Vec::with_capacity(limit as usize);
     while let Some(d) = cursor.try_next().await? {
         out.extend(user_from(&d));
     }

@@ -545,11 +545,14 @@ impl EmbeddedStore {
         Ok(stmt.query_row([skeleton], user_from_row).optional()?)
     }
 
-    pub(super) fn list_users(&self) -> Result<Vec<User>, StoreError> {
+    pub(super) fn users_page(&self, after: u64, limit: usize) -> Result<Vec<User>, StoreError> {
         let conn = self.db.lock();
-        let mut stmt =
-            conn.prepare("SELECT id, username, nickname, password_hash, created_at_ms FROM users ORDER BY id")?;
-        let users = stmt.query_map([], user_from_row)?.collect::<Result<_, _>>()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, username, nickname, password_hash, created_at_ms FROM users WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let users = stmt
+            .query_map(params![after as i64, limit as i64], user_from_row)?
+            .collect::<Result<_, _>>()?;
         Ok(users)
     }
 
