@@ -232,15 +232,20 @@ async fn serve_connection(
 ) {
     let _guard = guard;
     let header_read_timeout = http.state.header_read_timeout();
+    // The first request's head is due this long after the connection came,
+    // however the waiting is split: looking for an event stream and then
+    // hyper's own header timeout each gave it the whole, so a head whose
+    // first byte came just in time had twice as long.
+    let head_by = tokio::time::Instant::now() + header_read_timeout;
     if surface == Surface::Public {
         // A fan's event stream is served on far less memory than a
         // hyper connection holds (see `streaming`).
         let looked = tokio::select! {
             biased;
-            looked = streaming::wants_events(&stream, header_read_timeout) => looked,
+            looked = streaming::wants_events(&stream, head_by) => looked,
             // Draining: a request already on its way still gets an
             // answer (with `Connection: close`), as hyper gives one.
-            _ = stopped(&mut shutdown) => tokio::time::timeout(LINGER, streaming::wants_events(&stream, header_read_timeout))
+            _ = stopped(&mut shutdown) => tokio::time::timeout(LINGER, streaming::wants_events(&stream, head_by))
                 .await
                 .ok()
                 .flatten(),
@@ -252,18 +257,29 @@ async fn serve_connection(
                     connections: http.connections.open(),
                     closing: http.connections.shutting_down(),
                 };
-                streaming::serve(stream, &http.state, http.access_log.as_ref(), peer, served).await;
+                streaming::serve(stream, &http.state, http.access_log.as_ref(), peer, served, head_by).await;
                 return;
             }
             Some(false) => {}
         }
     }
     // Boxed: a waiting fan's task (above) is not sized for hyper's.
-    Box::pin(serve_hyper(stream, http, peer, shutdown, surface, header_read_timeout)).await;
+    Box::pin(serve_hyper(
+        stream,
+        http,
+        peer,
+        shutdown,
+        surface,
+        header_read_timeout,
+        head_by,
+    ))
+    .await;
 }
 
 /// Serves one connection with hyper's HTTP/1.1 state machine until it
-/// closes or the drain ends it.
+/// closes or the drain ends it. The first request's head must be in by
+/// `head_by` (hyper's timer starts only when it first reads); later heads
+/// get hyper's `header_read_timeout` each.
 async fn serve_hyper(
     stream: TcpStream,
     http: Arc<Http>,
@@ -271,10 +287,14 @@ async fn serve_hyper(
     mut shutdown: watch::Receiver<bool>,
     surface: Surface,
     header_read_timeout: Duration,
+    head_by: tokio::time::Instant,
 ) {
     let write_timeout = http.state.write_timeout();
+    let first_head = Arc::new(AtomicBool::new(false));
+    let head_seen = first_head.clone();
     let svc = service_fn(move |req| {
         let http = http.clone();
+        head_seen.store(true, Ordering::Relaxed);
         async move {
             let served = Served {
                 connections: http.connections.open(),
@@ -296,6 +316,10 @@ async fn serve_hyper(
     tokio::pin!(conn);
     let result = tokio::select! {
         res = conn.as_mut() => res,
+        () = first_head_late(head_by, &first_head) => {
+            tracing::debug!(%peer, "No request head by the header timeout; connection closed.");
+            return;
+        }
         _ = stopped(&mut shutdown) => {
             // Answers from now on carry `Connection: close`; give a
             // request already on its way the linger to arrive.
@@ -310,6 +334,14 @@ async fn serve_hyper(
     };
     if let Err(error) = result {
         tracing::debug!(%error, %peer, "Connection ended with an error.");
+    }
+}
+
+/// Resolves at `by` if no request head has come by then; never otherwise.
+async fn first_head_late(by: tokio::time::Instant, seen: &AtomicBool) {
+    tokio::time::sleep_until(by).await;
+    if seen.load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
     }
 }
 

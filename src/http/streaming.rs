@@ -16,13 +16,14 @@
 //! another method, a client that sends its request line in pieces — goes to
 //! hyper unchanged: [`wants_events`] only looks, it consumes nothing.
 
-use std::{fmt::Write as _, io::IoSlice, net::SocketAddr, time::Duration};
+use std::{fmt::Write as _, io::IoSlice, net::SocketAddr};
 
 use http::{HeaderName, HeaderValue, Method, Request, Response, Version};
 use http_body_util::{BodyExt, Either};
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt},
     net::TcpStream,
+    time::Instant,
 };
 
 use super::{
@@ -41,12 +42,12 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 
 /// Whether the connection's first request is `GET /queue/events` — looked
-/// at without reading it. `None` when no byte arrived before `timeout` or
-/// the peer went away (the connection is closed then, as hyper's header
+/// at without reading it. `None` when no byte arrived by `head_by` or the
+/// peer went away (the connection is closed then, as hyper's header
 /// timeout would).
-pub async fn wants_events(stream: &TcpStream, timeout: Duration) -> Option<bool> {
+pub async fn wants_events(stream: &TcpStream, head_by: Instant) -> Option<bool> {
     let mut first = [0u8; EVENTS_LINE.len() + 1];
-    let n = match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+    let n = match tokio::time::timeout_at(head_by, stream.peek(&mut first)).await {
         Ok(Ok(n)) if n > 0 => n,
         _ => return None,
     };
@@ -55,6 +56,7 @@ pub async fn wants_events(stream: &TcpStream, timeout: Duration) -> Option<bool>
 }
 
 /// Serves the one `GET /queue/events` request of `stream`, then closes it.
+/// Its head must be in by `head_by` (the connection's header timeout).
 /// A fan whose connection takes no part of the stream for
 /// `server.write_timeout` (it stopped reading) is let go instead of held.
 pub async fn serve(
@@ -63,10 +65,10 @@ pub async fn serve(
     access_log: Option<&AccessLog>,
     peer: SocketAddr,
     served: Served,
+    head_by: Instant,
 ) {
-    let head_timeout = state.header_read_timeout();
     let mut stream = WriteDeadline::new(stream, state.write_timeout());
-    let req = match tokio::time::timeout(head_timeout, read_head(&mut stream)).await {
+    let req = match tokio::time::timeout_at(head_by, read_head(&mut stream)).await {
         Err(_elapsed) => return,
         Ok(Err(Unreadable::Gone)) => return,
         Ok(Err(Unreadable::Refused(e))) => {

@@ -77,6 +77,47 @@ async fn a_slowloris_connection_is_cut_off() {
     assert_eq!(app.client.get("/healthz", None).await.unwrap().status, 200);
 }
 
+/// The header timeout runs from the connection's start, whatever kind of
+/// request it turns out to be: a head whose first bytes came just in time
+/// had the whole timeout again (the node looks at the first bytes before
+/// handing the connection on, and hyper's timer, or the event stream's,
+/// started afresh). Here the first bytes come at 1.5 s of a 2 s timeout
+/// and the rest at 2.6 s: before the fix both heads were answered (the
+/// health check 200, the event stream 401 for want of a login).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_gets_the_header_timeout_once_not_twice() {
+    let config =
+        base_config().replace("[server]", "[server]\nheader_read_timeout = \"2s\"") + &open_activity("s", 1, 1);
+    let app = TestApp::start(&config);
+    let late_head = |start: &'static [u8]| {
+        let addr = app.addr.clone();
+        async move {
+            let connected = Instant::now();
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            tokio::time::sleep_until((connected + Duration::from_millis(1_500)).into()).await;
+            stream.write_all(start).await.unwrap();
+            tokio::time::sleep_until((connected + Duration::from_millis(2_600)).into()).await;
+            // The node may have closed already; what matters is what it answers.
+            let _ = stream.write_all(b"Host: t\r\n\r\n").await;
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    };
+    let (plain, events) = tokio::join!(
+        late_head(b"GET /healthz HTTP/1.1\r\n"),
+        late_head(b"GET /queue/events?actId=s HTTP/1.1\r\n"),
+    );
+    for (what, answer) in [("health check", plain), ("event stream", events)] {
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+            "the {what}'s head, complete after the header timeout, was answered: {answer}"
+        );
+    }
+    // Others are still served.
+    assert_eq!(app.client.get("/healthz", None).await.unwrap().status, 200);
+}
+
 /// A client that sends requests and never reads their answers: hyper's
 /// writes stall once the socket buffers are full, and the connection
 /// (one of `server.max_connections`) must be let go, not held for ever.
