@@ -586,6 +586,9 @@ async fn supervise(state: Arc<AppState>, notifier: Arc<Notifier>, lanes: Probe, 
             let (committer, turning) = tokio::join!(committer, lanes.all_turning(every));
             if committer && turning {
                 notifier.send("WATCHDOG=1");
+            } else if !committer && !state.store.is_healthy() {
+                ctl.error(&"claims are refused: the claim store has failed or is unreachable");
+                tracing::warn!("Claims are refused; not telling the watchdog all is well.");
             } else if !committer {
                 ctl.error(&"the claim committer did not answer the watchdog ping");
                 tracing::warn!("The claim journal did not answer the watchdog ping.");

@@ -163,7 +163,8 @@ impl Entry for PendingClaim {
 
 enum Msg<E> {
     Append(E),
-    /// Answered by the writer once everything queued before it was written.
+    /// Answered by the writer once everything queued before it was written;
+    /// dropped unanswered once a write has failed.
     Ping(tokio::sync::oneshot::Sender<()>),
     Close,
 }
@@ -657,7 +658,9 @@ impl<E: Entry> Journal<E> {
     }
 
     /// A round trip through the writer thread: resolves once everything
-    /// queued before it was written. `None` when the queue is full or closed.
+    /// queued before it was written. `None` when the queue is full or
+    /// closed; the receiver errs once a write has failed, as nothing can be
+    /// written until a restart (systemd's watchdog then does that restart).
     pub fn ping(&self) -> Option<tokio::sync::oneshot::Receiver<()>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.tx.try_send(Msg::Ping(tx)).ok().map(|()| rx)
@@ -867,8 +870,14 @@ impl Writer {
                 ctl.tick();
                 self.commit(&mut batch, ctl);
             }
-            for p in pings {
-                let _ = p.send(());
+            // A journal that failed refuses every claim until a restart: the
+            // writer is idle, not well. Answering the ping kept systemd's
+            // watchdog fed, so the node refused claims until somebody
+            // restarted it by hand.
+            if self.healthy.load(Ordering::Relaxed) {
+                for p in pings {
+                    let _ = p.send(());
+                }
             }
         }
         // Anything still queued after Close arrived late; refuse it cleanly.

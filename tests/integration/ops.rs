@@ -73,6 +73,73 @@ fn systemd_hears_ready_status_watchdog_and_reloading() {
     wait_for(&socket, &mut seen, |s| s[before..].iter().any(|m| m == "STOPPING=1"));
 }
 
+/// A node whose claim journal failed (here: the disk filled) refuses every
+/// claim until a restart. It used to go on feeding systemd's watchdog, its
+/// journal writer idle and quick to answer, so nothing restarted it; now
+/// the writer leaves the ping unanswered and `WatchdogSec` does the
+/// restart. The node is not stuck meanwhile: its STATUS lines go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_journal_failed_stops_feeding_the_watchdog() {
+    let sock_dir = tempfile::tempdir().unwrap();
+    let path = sock_dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    // No zeros laid ahead: the first claim past the full disk fails.
+    let config = base_config() + "\n[journal]\npreallocate = 0\n" + &absolute(open_activity("wd", 500, 1));
+    let mut app = TestApp::prepare(&config, &[]);
+    let data = app.dir.path().join("data");
+    let _disk = crate::common::Tmpfs::mount(&data, "8m");
+    app.env.push(("NOTIFY_SOCKET".into(), path.to_str().unwrap().into()));
+    app.env.push(("WATCHDOG_USEC".into(), "400000".into()));
+    app.boot();
+    let mut seen = Vec::new();
+    wait_for(&socket, &mut seen, |s| s.iter().any(|m| m == "WATCHDOG=1"));
+
+    let tokens = app.users("wd", 300).await;
+    let mut bodies = Vec::new();
+    for t in &tokens {
+        bodies.push(app.claim_body(t, "wd").await);
+    }
+    drop(crate::common::fill_disk(&data.join("filler"), 4096));
+    let mut refused = None;
+    for (token, body) in tokens.iter().zip(&bodies) {
+        let res = app.client.post("/ticket/get", Some(token), body).await.unwrap();
+        if res.status != 200 {
+            refused = Some(res);
+            break;
+        }
+    }
+    let refused = refused.expect("the journal never met the full disk");
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    // A ping answered just before the failure may still be on its way.
+    let settle = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < settle {
+        let _ = socket.recv(&mut [0u8; 4096]);
+    }
+    let mut after = Vec::new();
+    let window = Instant::now() + Duration::from_millis(2_500);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < window {
+        if let Ok(n) = socket.recv(&mut buf) {
+            after.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    assert!(
+        after.iter().any(|m| m.starts_with("STATUS=")),
+        "the node kept telling its status: {after:?}"
+    );
+    assert!(
+        !after.iter().any(|m| m == "WATCHDOG=1"),
+        "the node fed the watchdog while refusing every claim: {after:?}"
+    );
+    let res = app
+        .client
+        .post("/ticket/get", Some(&tokens[299]), &bodies[299])
+        .await
+        .unwrap();
+    assert_eq!(res.status, 503, "{}", res.body);
+}
+
 /// One claim per user, sent by `workers` tasks; every answer goes to `record`.
 struct Load {
     tasks: Vec<tokio::task::JoinHandle<()>>,
