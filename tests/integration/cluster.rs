@@ -2002,12 +2002,58 @@ async fn admin_stats_show_the_cluster_store() {
 /// crash can hand a claimed code out again. A node now refuses to serve on
 /// a Redis that does not say `appendonly yes` and `appendfsync always`,
 /// saying what to set; `cluster.allow_volatile_redis = true` (a demo, a
-/// benchmark) serves all the same, with a warning.
+/// benchmark) serves all the same, with a warning. So is one that skips its
+/// fsyncs while rewriting the AOF, or evicts keys when its memory fills
+/// (the claimed codes, the users' counts, the backlog are keys): served on
+/// before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_refuses_a_redis_that_could_lose_acknowledged_claims() {
     let services = Services::start();
     let mut redis = services.redis().await;
     let act = cluster_activity("vol", 3, 1);
+    let set = |settings: &[(&str, &str)]| {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("SET");
+        for (setting, value) in settings {
+            cmd.arg(*setting).arg(*value);
+        }
+        cmd
+    };
+    for (settings, says, want) in [
+        (
+            &[("maxmemory", "64mb"), ("maxmemory-policy", "allkeys-lru")][..],
+            "maxmemory 67108864 and maxmemory-policy allkeys-lru",
+            "maxmemory-policy noeviction",
+        ),
+        (
+            &[("maxmemory-policy", "noeviction"), ("no-appendfsync-on-rewrite", "yes")],
+            "no-appendfsync-on-rewrite yes",
+            "no-appendfsync-on-rewrite no",
+        ),
+    ] {
+        let () = set(settings).query_async(&mut redis).await.unwrap();
+        let node = TestApp::prepare(&(node_config(&services, "vol", "node0", "") + &act), &[]);
+        let err = crate::common::serve_refused(
+            node.dir.path(),
+            Duration::from_secs(30),
+            &format!("the node served on a Redis with {says}"),
+        );
+        assert!(
+            err.contains(says) && err.contains(want) && err.contains("allow_volatile_redis"),
+            "{err}"
+        );
+    }
+    // `maxmemory` with `noeviction`: a full Redis refuses commits, loses none.
+    let () = set(&[("no-appendfsync-on-rewrite", "no")])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let mut node = TestApp::prepare(&(node_config(&services, "vol", "node0", "") + &act), &[]);
+    assert!(node.cli(&["import"], None).status.success());
+    node.boot();
+    let token = node.register("vol-evict").await;
+    assert_eq!(node.claim(&token, "vol").await.status, 200);
+    assert_eq!(node.stop(), 0);
     for (setting, value) in [("appendfsync", "everysec"), ("appendonly", "no")] {
         let () = redis::cmd("CONFIG")
             .arg("SET")

@@ -38,6 +38,22 @@ pub enum ClusterError {
         /// Redis's `appendfsync`.
         appendfsync: String,
     },
+    /// Redis may drop keys, or skip its fsyncs for a while (see
+    /// `cluster.allow_volatile_redis`).
+    #[error(
+        "Redis at {url} runs with {setting}: {why}. Run it with {want} (CONFIG SET, and in redis.conf), or set \
+         cluster.allow_volatile_redis = true for a demo or a benchmark"
+    )]
+    Unsafe {
+        /// The configured address, any password hidden.
+        url: String,
+        /// The setting as Redis reports it.
+        setting: String,
+        /// What it could cost.
+        why: &'static str,
+        /// What to set instead.
+        want: &'static str,
+    },
     /// Redis has replicas, and a failover could lose commits this node
     /// acknowledged (see `cluster.replica_acks`).
     #[error(

@@ -138,8 +138,14 @@ async fn connect(config: &Config, timeout: Duration) -> Result<(RedisConn, Datab
 }
 
 /// Refuses a Redis that may lose writes it acknowledged (no AOF, or an AOF
-/// not fsynced on every write): a commit it acknowledged could vanish in a
-/// crash, and the code go to a second user. Asks the server
+/// not fsynced on every write, or not while it rewrites the AOF): a commit
+/// it acknowledged could vanish in a crash, and the code go to a second
+/// user. Refuses one that may evict keys when its memory fills
+/// (`maxmemory` with any policy but `noeviction`): the claimed codes, the
+/// users' counts, the backlog bound for MongoDB are keys like any other,
+/// and an evicted one is a promise gone without a crash (with
+/// `noeviction` a full Redis refuses the commit and the claim is refused,
+/// nothing lost). Asks the server
 /// `storage.redis_url` names, over a connection of its own (on a Redis
 /// Cluster, that node: run every node alike). A server that answers CONFIG
 /// GET with "unknown command" or "no permission" (renamed away or not
@@ -156,7 +162,13 @@ async fn check_durable(config: &Config) -> Result<(), ClusterError> {
         let client = redis::Client::open(url.as_str())?;
         let mut conn = client.get_multiplexed_async_connection().await?;
         let mut settings = HashMap::new();
-        for name in ["appendonly", "appendfsync"] {
+        for name in [
+            "appendonly",
+            "appendfsync",
+            "no-appendfsync-on-rewrite",
+            "maxmemory",
+            "maxmemory-policy",
+        ] {
             let answer: HashMap<String, String> =
                 redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await?;
             settings.extend(answer);
@@ -178,18 +190,43 @@ async fn check_durable(config: &Config) -> Result<(), ClusterError> {
         );
         return Ok(());
     };
-    if appendonly == "yes" && appendfsync == "always" {
+    let unsafe_setting = if appendonly != "yes" || appendfsync != "always" {
+        Some(volatile(appendonly.clone(), appendfsync.clone()))
+    } else if settings.get("no-appendfsync-on-rewrite").is_some_and(|v| v == "yes") {
+        Some(ClusterError::Unsafe {
+            url: without_password(url.as_str()),
+            setting: "no-appendfsync-on-rewrite yes".into(),
+            why: "while it rewrites its AOF it does not fsync, so claims it acknowledged then could be lost in a \
+                  crash and their codes handed out again",
+            want: "`no-appendfsync-on-rewrite no`",
+        })
+    } else {
+        match (settings.get("maxmemory"), settings.get("maxmemory-policy")) {
+            (Some(max), Some(policy)) if max != "0" && policy != "noeviction" => Some(ClusterError::Unsafe {
+                url: without_password(url.as_str()),
+                setting: format!("maxmemory {max} and maxmemory-policy {policy}"),
+                why: "when its memory fills it deletes keys, and the claimed codes, the users' counts and the \
+                      claims on their way to MongoDB are keys: a code could be handed out again, a user exceed \
+                      the limit, an acknowledged claim never reach MongoDB",
+                want: "`maxmemory-policy noeviction` (a full Redis then refuses claims, losing none) or \
+                       `maxmemory 0`",
+            }),
+            _ => None,
+        }
+    };
+    let Some(refusal) = unsafe_setting else {
         return Ok(());
-    }
+    };
     if config.cluster.allow_volatile_redis {
         tracing::warn!(
             %appendonly,
             %appendfsync,
+            why = %refusal,
             "Redis may lose claims it acknowledged (cluster.allow_volatile_redis = true): never run a sale like this."
         );
         return Ok(());
     }
-    Err(volatile(appendonly.clone(), appendfsync.clone()))
+    Err(refusal)
 }
 
 /// Refuses a Redis whose failover could lose acknowledged commits: one
