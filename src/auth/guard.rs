@@ -98,6 +98,21 @@ struct Settings {
     login: BackoffPolicy,
 }
 
+/// An allowed origin as a browser's `Origin` header writes it: lower case,
+/// without the scheme's default port (`https://x.example:443` never came,
+/// so its cross-site posts were refused).
+fn as_browsers_send(origin: &str) -> String {
+    let origin = origin.to_ascii_lowercase();
+    for (scheme, port) in [("https://", ":443"), ("http://", ":80")] {
+        if origin.starts_with(scheme) {
+            if let Some(bare) = origin.strip_suffix(port) {
+                return bare.to_owned();
+            }
+        }
+    }
+    origin
+}
+
 impl Settings {
     fn from_config(config: &Config, blocked_user_ids: HashSet<u64>) -> Settings {
         let s = &config.security;
@@ -106,7 +121,7 @@ impl Settings {
             blocked_ips: s.blocked_ips.clone(),
             blocked_usernames: s.blocked_users.iter().map(|u| skeleton_key(u)).collect(),
             blocked_user_ids,
-            allowed_origins: s.allowed_origins.iter().map(|o| o.to_ascii_lowercase()).collect(),
+            allowed_origins: s.allowed_origins.iter().map(|o| as_browsers_send(o)).collect(),
             user_rate: Rate {
                 per_sec: s.claim_rate_per_user,
                 burst: f64::from(s.claim_burst_per_user),
@@ -617,6 +632,15 @@ mod tests {
         );
         assert_eq!(check(&[("sec-fetch-site", b"cross-site")]), Err(Denied::CrossSite));
         assert_eq!(check(&[("sec-fetch-site", b"same-origin")]), Ok(()));
+        // Written with the scheme's default port, which no browser sends.
+        let g = guard(
+            r#"allowed_origins = ["HTTPS://Partner.example:443", "http://old.example:80", "https://x.example:8443"]"#,
+        );
+        let check = |origin: &[u8]| g.check_same_site(&headers(&[("host", b"t.example"), ("origin", origin)]));
+        assert_eq!(check(b"https://partner.example"), Ok(()));
+        assert_eq!(check(b"http://old.example"), Ok(()));
+        assert_eq!(check(b"https://x.example:8443"), Ok(()));
+        assert_eq!(check(b"https://x.example"), Err(Denied::CrossSite));
     }
 
     #[test]

@@ -133,9 +133,16 @@ impl FromStr for TimeSpec {
             let ms = d.as_millis() as i64;
             return Ok(TimeSpec::Relative(if t.starts_with('-') { -ms } else { ms }));
         }
-        OffsetDateTime::parse(t, &Rfc3339).map(TimeSpec::Absolute).map_err(|e| {
+        let at = OffsetDateTime::parse(t, &Rfc3339).map_err(|e| {
             format!("`{s}` is neither RFC 3339 (e.g. \"2026-12-01T12:00:00+08:00\") nor relative (e.g. \"+10s\"): {e}")
-        })
+        })?;
+        // Every time shown is RFC 3339 in UTC, which writes years 0-9999:
+        // `9999-12-31T23:59:59-05:00` (a natural "never") is in year 10000
+        // there, and was shown as "".
+        if !(0..=9999).contains(&at.to_offset(time::UtcOffset::UTC).year()) {
+            return Err(format!("`{s}` is outside the years 0-9999 in UTC"));
+        }
+        Ok(TimeSpec::Absolute(at))
     }
 }
 
@@ -206,6 +213,17 @@ impl FromStr for IpNet {
         if prefix > max {
             return Err(bad());
         }
+        // An IPv4-mapped range (`::ffff:10.0.0.0/104`, as a dual-stack
+        // listener's access log writes addresses) is its IPv4 range: a
+        // client is matched as IPv4, so kept as IPv6 it matched nobody.
+        if let IpAddr::V6(v6) = addr {
+            if let Some(v4) = v6.to_ipv4_mapped().filter(|_| prefix >= 96) {
+                return Ok(IpNet {
+                    addr: IpAddr::V4(v4),
+                    prefix: prefix - 96,
+                });
+            }
+        }
         Ok(IpNet { addr, prefix })
     }
 }
@@ -259,6 +277,10 @@ mod tests {
         assert_eq!(abs.resolve(0), 1_796_097_600_000);
         assert_eq!(TimeSpec::Relative(10).resolve(5), 15);
         assert!("tomorrow".parse::<TimeSpec>().is_err());
+        // Year 10000 in UTC, which no RFC 3339 answer can show.
+        let far = "9999-12-31T23:59:59-05:00".parse::<TimeSpec>().unwrap_err();
+        assert!(far.contains("outside the years 0-9999 in UTC"), "{far}");
+        assert!("9999-12-31T23:59:59+00:00".parse::<TimeSpec>().is_ok());
         assert!("+100years".parse::<TimeSpec>().is_ok());
         assert!("+20000years"
             .parse::<TimeSpec>()
@@ -286,6 +308,14 @@ mod ipnet_tests {
         let v6: IpNet = "2001:db8::/32".parse().unwrap();
         assert!(v6.contains("2001:db8::1".parse().unwrap()));
         assert!(!v6.contains("10.0.0.1".parse().unwrap()));
+        // Written as IPv4-mapped IPv6, as a dual-stack listener logs them.
+        let mapped: IpNet = "::ffff:127.0.0.1".parse().unwrap();
+        assert!(mapped.contains("127.0.0.1".parse().unwrap()));
+        assert!(mapped.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!mapped.contains("127.0.0.2".parse().unwrap()));
+        let mapped: IpNet = "::ffff:10.1.0.0/112".parse().unwrap();
+        assert!(mapped.contains("10.1.9.9".parse().unwrap()));
+        assert!(!mapped.contains("10.2.0.1".parse().unwrap()));
         for bad in ["", "10.0.0.0/33", "nope", "1.2.3.4/x", "::/129"] {
             assert!(bad.parse::<IpNet>().is_err(), "{bad}");
         }

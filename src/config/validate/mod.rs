@@ -37,6 +37,7 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
     node::auth(&mut r, config);
     node::security(&mut r, config);
     node::admin(&mut r, config);
+    node::log(&mut r, config);
     activity::activities(&mut r, config);
     r.problems
 }
@@ -194,6 +195,43 @@ end_time = "2030-01-02T00:00:00Z"
             ["line 3: journal.preallocate must not exceed journal.segment_size"]
         );
         load("[journal]\npreallocate = 0\n").unwrap();
+    }
+
+    /// Each passed `check-config` and then misbehaved: a typo's level
+    /// silenced every log line; a billion-claim queue or batch, allocated
+    /// whole at start, aborted the node; a lockout cap of nothing locked
+    /// nobody out.
+    #[test]
+    fn values_that_passed_and_then_misbehaved_are_refused() {
+        let shown = problems("[log]\nlevel = \"warning\"\n");
+        assert_eq!(shown.len(), 1, "{shown:?}");
+        assert!(
+            shown[0].starts_with("line 2: log.level `warning`: `warning` is not a level; use one of trace, debug"),
+            "{shown:?}"
+        );
+        assert!(problems("[log]\nlevel = \"info,ticketd=loud\"\n")[0].starts_with("line 2: log.level"));
+        for fine in ["warn", "INFO", "info,ticketd::http=debug", "ticketd=trace", "off"] {
+            load(&format!("[log]\nlevel = \"{fine}\"\n")).unwrap_or_else(|e| panic!("{fine}: {e}"));
+        }
+        assert_eq!(
+            problems("[journal]\nqueue_capacity = 1000000000\nmax_batch = 100000000\n"),
+            [
+                "line 3: journal.max_batch must be at most 65536",
+                "line 2: journal.queue_capacity must be at most 4194304 (it is allocated whole at start)",
+            ]
+        );
+        assert_eq!(
+            problems("[cluster]\ncommit_batch = 10000000\n"),
+            ["line 1: cluster.commit_batch, mongo_batch and lease_max_batch must be at most 65536"]
+        );
+        for backoff in ["login_backoff_max = \"0s\"", "login_backoff = \"0s\""] {
+            let shown = problems(&format!("[security]\n{backoff}\n"));
+            assert!(
+                shown.len() == 1 && shown[0].contains("a lockout of zero locks nobody out"),
+                "{backoff}: {shown:?}"
+            );
+        }
+        load("[security]\nlogin_backoff = \"2s\"\nlogin_backoff_max = \"2s\"\n").unwrap();
     }
 
     #[test]

@@ -12,6 +12,12 @@ const K: fn(&'static str) -> Seg<'static> = Seg::Key;
 /// Most lanes a node starts: far beyond any machine's cores, low enough that
 /// a typo cannot ask for a hundred thousand threads.
 const MAX_THREADS: usize = 1024;
+/// The most claims a group commit takes (journal or Redis): its buffer is
+/// allocated whole at start, so a typo's billion aborted the node.
+const MAX_BATCH: usize = 1 << 16;
+/// The most claims queued for the journal writer (or the Redis committer):
+/// the queue is allocated whole at start, some hundred bytes a slot.
+const MAX_QUEUE: usize = 1 << 22;
 
 pub(super) fn server(r: &mut Report<'_>, config: &Config) {
     let s = &config.server;
@@ -86,6 +92,12 @@ pub(super) fn cluster(r: &mut Report<'_>, config: &Config) {
             "cluster batch sizes must be at least 1, and lease_max_batch at least lease_min_batch".into(),
         );
     }
+    if c.commit_batch > MAX_BATCH || c.mongo_batch > MAX_BATCH || c.lease_max_batch > MAX_BATCH {
+        r.add(
+            &[K("cluster")],
+            format!("cluster.commit_batch, mongo_batch and lease_max_batch must be at most {MAX_BATCH}"),
+        );
+    }
     if c.lease_ttl.0 < std::time::Duration::from_secs(1) || c.max_backlog == 0 {
         r.add(
             &[K("cluster")],
@@ -108,6 +120,18 @@ pub(super) fn journal(r: &mut Report<'_>, config: &Config) {
         r.add(
             &[K("journal")],
             "journal.max_batch and journal.queue_capacity must be at least 1".into(),
+        );
+    }
+    if j.max_batch > MAX_BATCH {
+        r.add(
+            &[K("journal"), K("max_batch")],
+            format!("journal.max_batch must be at most {MAX_BATCH}"),
+        );
+    }
+    if j.queue_capacity > MAX_QUEUE {
+        r.add(
+            &[K("journal"), K("queue_capacity")],
+            format!("journal.queue_capacity must be at most {MAX_QUEUE} (it is allocated whole at start)"),
         );
     }
     if j.segment_size.0 < 4096 {
@@ -234,6 +258,14 @@ pub(super) fn security(r: &mut Report<'_>, config: &Config) {
             "auth.hashes_per_ip must be at least 1: at 0 nobody could log in or register".into(),
         );
     }
+    if s.login_backoff.0.is_zero() || s.login_backoff_max.0 < s.login_backoff.0 {
+        r.add(
+            &[k("security"), k("login_backoff_max")],
+            "security.login_backoff must be greater than zero and login_backoff_max at least login_backoff: \
+             a lockout of zero locks nobody out"
+                .into(),
+        );
+    }
     if s.login_max_failures == 0 {
         r.add(
             &[k("security"), k("login_max_failures")],
@@ -261,6 +293,34 @@ pub(super) fn security(r: &mut Report<'_>, config: &Config) {
         r.add(
             &[k("security"), k("claim_token_ttl")],
             "security.claim_token_ttl must be at least 1s".into(),
+        );
+    }
+}
+
+/// The levels `log.level` may name alone (tracing's, and `off`).
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// `log.level` in `RUST_LOG` syntax. A bare word that is no level reads as
+/// a target name (`"warning"` logs only a target called `warning`: the
+/// node then printed nothing, not even why a reload was refused).
+pub(super) fn log(r: &mut Report<'_>, config: &Config) {
+    let level = &config.log.level;
+    let bare_word = level
+        .split(',')
+        .map(str::trim)
+        .find(|d| !d.is_empty() && !d.contains(['=', '[', ':']) && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d)));
+    let problem = match (bare_word, tracing_subscriber::EnvFilter::builder().parse(level)) {
+        (Some(word), _) => Some(format!("`{word}` is not a level")),
+        (None, Err(e)) => Some(e.to_string()),
+        (None, Ok(_)) => None,
+    };
+    if let Some(problem) = problem {
+        r.add(
+            &[K("log"), K("level")],
+            format!(
+                "log.level `{level}`: {problem}; use one of {} or target=level directives",
+                LEVELS.join(", ")
+            ),
         );
     }
 }
