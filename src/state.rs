@@ -296,6 +296,15 @@ impl AppState {
                 );
             }
             new.activities = shared_activities(&self.store)?;
+        } else if new.activities.is_empty() && !running.activities.is_empty() && self.store.shared_with_nodes() {
+            // A node whose file has no `[[activity]]` at start serves
+            // MongoDB's; one that had some and loses them all would serve
+            // nothing (and say it reloaded).
+            return Err(
+                "the config names no activity: a cluster node whose file names none serves the activities \
+                 `ticketd import` stored in MongoDB, which takes a restart"
+                    .into(),
+            );
         }
         let restart = new.restart_only_changes(&running);
         if !restart.is_empty() {

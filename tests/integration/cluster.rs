@@ -732,6 +732,19 @@ async fn a_ticket_type_dropped_by_a_reload_gives_its_leased_codes_back_at_the_st
     assert_ne!(config, dropped);
     let outcome = cluster.nodes[0].reload(&dropped);
     assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
+    // A file left with no `[[activity]]` at all: a node started so serves
+    // MongoDB's activities; this one served none, and said it reloaded.
+    let none = &dropped[..dropped.find("[[activity]]").unwrap()];
+    let outcome = cluster.nodes[0].reload(none);
+    assert!(
+        outcome["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("the config names no activity")),
+        "{outcome}"
+    );
+    std::fs::write(cluster.nodes[0].config_path(), &dropped).unwrap();
+    let listed = cluster.nodes[0].client.get("/act/list", None).await.unwrap();
+    assert_eq!(listed.data()["activities"][0]["actId"], "dt", "{}", listed.body);
     assert_eq!(cluster.nodes[0].stop(), 0);
     assert_lease_returned(&cluster, lease, "tk:{dt}:stock:dt-b", 50).await;
 }
