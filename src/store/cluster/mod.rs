@@ -130,6 +130,19 @@ async fn connect(config: &Config, timeout: Duration) -> Result<(RedisConn, Datab
     options.server_selection_timeout = Some(Duration::from_secs(2));
     options.connect_timeout = Some(Duration::from_secs(2));
     options.app_name = Some("ticketd".into());
+    // A claim leaves Redis's backlog once MongoDB acknowledges it, so that
+    // acknowledgement must survive MongoDB's crash and failover: the
+    // server's default (`w: 1`, journal by its own schedule) could lose
+    // the last ~100 ms of inserts, claims then in neither. An explicit
+    // `w`/`journal` in the URI is the operator's to choose.
+    if options.write_concern.is_none() {
+        options.write_concern = Some(
+            mongodb::options::WriteConcern::builder()
+                .w(mongodb::options::Acknowledgment::Majority)
+                .journal(true)
+                .build(),
+        );
+    }
     let db = mongodb::Client::with_options(options)
         .map_err(mongo_failed)?
         .database(&config.storage.database);
