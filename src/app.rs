@@ -355,8 +355,13 @@ impl App {
                         _ = stop.requested() => true,
                     };
                     let flushing = state.clone();
-                    if let Ok(Err(error)) = tokio::task::spawn_blocking(move || flush_stats(&flushing)).await {
-                        ctl.error(&error);
+                    match tokio::task::spawn_blocking(move || flush_stats(&flushing)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => ctl.error(&error),
+                        Err(error) => {
+                            ctl.error(&error);
+                            tracing::error!(%error, "Flushing the rush statistics failed.");
+                        }
                     }
                     ctl.tick();
                     if last {
@@ -373,10 +378,11 @@ impl App {
             });
         }
         if notifier.is_enabled() {
-            let (state, notifier) = (state.clone(), notifier.clone());
+            // Weak: the runner holds this worker.
+            let (state, notifier, runner) = (state.clone(), notifier.clone(), Arc::downgrade(workers));
             workers.task("watchdog", &rt, move |ctl, mut stop| async move {
                 tokio::select! {
-                    _ = supervise(state, notifier, lanes, ctl) => {}
+                    _ = supervise(state, notifier, lanes, runner, ctl) => {}
                     _ = stop.requested() => {}
                 }
             });
@@ -563,8 +569,14 @@ fn flush_stats(state: &AppState) -> Result<(), crate::store::StoreError> {
 /// Tells systemd how the node is doing: a STATUS line every two seconds,
 /// and WATCHDOG=1 at half the watchdog interval, but only while a round trip
 /// through the claim committer and one through every connection lane
-/// succeed in time.
-async fn supervise(state: Arc<AppState>, notifier: Arc<Notifier>, lanes: Probe, ctl: Ctl) {
+/// succeed in time, and no worker has failed.
+async fn supervise(
+    state: Arc<AppState>,
+    notifier: Arc<Notifier>,
+    lanes: Probe,
+    workers: std::sync::Weak<Runner>,
+    ctl: Ctl,
+) {
     let watchdog = Notifier::watchdog_interval();
     let tick = watchdog.unwrap_or(Duration::from_secs(2)).min(Duration::from_secs(2));
     let mut interval = tokio::time::interval(tick);
@@ -584,7 +596,11 @@ async fn supervise(state: Arc<AppState>, notifier: Arc<Notifier>, lanes: Probe, 
                 }
             };
             let (committer, turning) = tokio::join!(committer, lanes.all_turning(every));
-            if committer && turning {
+            let failed = workers.upgrade().and_then(|w| w.failed());
+            if let Some(worker) = failed {
+                ctl.error(&format_args!("the worker {worker} failed"));
+                tracing::warn!(worker, "A worker failed; not telling the watchdog all is well.");
+            } else if committer && turning {
                 notifier.send("WATCHDOG=1");
             } else if !committer && !state.store.is_healthy() {
                 ctl.error(&"claims are refused: the claim store has failed or is unreachable");

@@ -14,7 +14,10 @@
 //! Two kinds of worker: async tasks on a tokio runtime ([`Runner::task`]),
 //! and OS threads for blocking loops that must not sit on a runtime
 //! ([`Runner::thread`]: fsync, SQLite, file appends). A worker stops when it
-//! returns; a panic is caught, reported as `failed`, and logged.
+//! returns; a panic is caught where it happens, reported as `failed` and
+//! logged at once (not only when the runner stops it at shutdown: until
+//! then a dead worker showed as running), and [`Runner::failed`] names it
+//! so the node stops telling systemd's watchdog all is well.
 //!
 //! This module imports nothing of the node.
 
@@ -28,6 +31,7 @@ use std::{
     time::Instant,
 };
 
+use futures_util::FutureExt;
 use parking_lot::Mutex;
 use tokio::{runtime::Handle, sync::watch};
 
@@ -63,6 +67,19 @@ impl WorkerState {
             WorkerState::Stopped => "stopped",
             WorkerState::Failed => "failed",
         }
+    }
+}
+
+/// Records how a worker ended: stopped, or failed at the moment it
+/// panicked (the runner's join only sees it at shutdown).
+fn ended(status: &Status, panicked: bool) {
+    if panicked {
+        status.state.store(WorkerState::Failed as u8, Ordering::Release);
+        *status.last_error.lock() = Some(("panicked".into(), Instant::now()));
+        status.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(worker = status.name, "Worker failed (panicked).");
+    } else {
+        status.state.store(WorkerState::Stopped as u8, Ordering::Release);
     }
 }
 
@@ -185,8 +202,8 @@ impl Runner {
         let fut = work(Ctl(status.clone()), Stop(stop_rx));
         let done = status.clone();
         let handle = runtime.spawn(async move {
-            fut.await;
-            done.state.store(WorkerState::Stopped as u8, Ordering::Release);
+            let panicked = std::panic::AssertUnwindSafe(fut).catch_unwind().await.is_err();
+            ended(&done, panicked);
         });
         self.workers.lock().push(Registered {
             status,
@@ -210,8 +227,8 @@ impl Runner {
         let ctl = Ctl(status.clone());
         let done = status.clone();
         let handle = std::thread::Builder::new().name(name.into()).spawn(move || {
-            work(ctl);
-            done.state.store(WorkerState::Stopped as u8, Ordering::Release);
+            let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(ctl))).is_err();
+            ended(&done, panicked);
         })?;
         self.workers.lock().push(Registered {
             status,
@@ -241,6 +258,16 @@ impl Runner {
             .collect()
     }
 
+    /// The first worker that panicked, if any: the node runs on without it,
+    /// so it is no longer well (see `app::supervise`).
+    pub fn failed(&self) -> Option<&'static str> {
+        self.workers
+            .lock()
+            .iter()
+            .find(|w| w.status.state.load(Ordering::Acquire) == WorkerState::Failed as u8)
+            .map(|w| w.status.name)
+    }
+
     /// Stops every worker: those named in `order` first, one at a time in
     /// that order (each is asked to stop and waited for before the next),
     /// then any others in reverse start order. Logs a line per worker.
@@ -265,20 +292,28 @@ impl Runner {
                     "Worker has no place in the stop order; stopping it last."
                 );
             }
-            status.state.store(WorkerState::Stopping as u8, Ordering::Release);
+            // A failed worker stays failed.
+            let _ = status.state.compare_exchange(
+                WorkerState::Running as u8,
+                WorkerState::Stopping as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
             if let Some(stop) = stop {
                 stop();
             }
-            let panicked = match join {
-                Some(Join::Task(handle)) => handle.await.is_err(),
-                Some(Join::Thread(handle)) => tokio::task::spawn_blocking(move || handle.join().is_err())
-                    .await
-                    .unwrap_or(true),
-                None => false,
-            };
-            if panicked {
-                status.state.store(WorkerState::Failed as u8, Ordering::Release);
-                tracing::error!(worker = status.name, "Worker failed (panicked).");
+            // A panic was caught and recorded where it happened.
+            match join {
+                Some(Join::Task(handle)) => {
+                    let _ = handle.await;
+                }
+                Some(Join::Thread(handle)) => {
+                    let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+                }
+                None => {}
+            }
+            if WorkerState::from_u8(status.state.load(Ordering::Acquire)) == WorkerState::Failed {
+                tracing::error!(worker = status.name, "Worker had failed (panicked).");
             } else {
                 status.state.store(WorkerState::Stopped as u8, Ordering::Release);
                 tracing::info!(worker = status.name, "Worker stopped.");
@@ -330,8 +365,11 @@ mod tests {
         assert_eq!((t.errors, t.last_error.as_deref()), (1, Some("a hiccup")));
     }
 
+    /// A worker that panics shows as failed at once, not when the runner
+    /// stops it at shutdown (until then it showed as running, so no alert
+    /// fired and the watchdog was fed while the node ran without it).
     #[tokio::test]
-    async fn a_panicking_worker_is_reported_failed() {
+    async fn a_panicking_worker_is_reported_failed_when_it_panics() {
         let runner = Runner::new();
         let ran = Arc::new(AtomicUsize::new(0));
         let r = ran.clone();
@@ -339,8 +377,30 @@ mod tests {
             r.fetch_add(1, Ordering::Relaxed);
             panic!("on purpose");
         });
-        runner.stop(&["boom"]).await;
+        runner
+            .thread("thread-boom", |_| panic!("on purpose too"), || {})
+            .unwrap();
+        runner.task("calm", &Handle::current(), |_, mut stop| async move {
+            stop.requested().await
+        });
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while runner
+            .report()
+            .iter()
+            .filter(|r| r.state == WorkerState::Failed)
+            .count()
+            < 2
+        {
+            assert!(Instant::now() < deadline, "{:?}", runner.report());
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(runner.failed(), Some("boom"));
+        let report = runner.report();
+        assert_eq!(report[0].last_error.as_deref(), Some("panicked"));
+        assert_eq!(report[2].state, WorkerState::Running);
+        runner.stop(&["calm", "thread-boom", "boom"]).await;
         assert_eq!(ran.load(Ordering::Relaxed), 1);
-        assert_eq!(runner.report()[0].state, WorkerState::Failed);
+        let states: Vec<_> = runner.report().iter().map(|r| r.state).collect();
+        assert_eq!(states, [WorkerState::Failed, WorkerState::Failed, WorkerState::Stopped]);
     }
 }
