@@ -34,9 +34,10 @@ pub struct QueueBenchReport {
     pub join: Phase,
     /// Event streams open at once (each the user's own connection).
     pub streams_open: usize,
-    /// The node's resident memory before the streams opened, bytes.
+    /// The nodes' resident memory before the streams opened, bytes (summed
+    /// over every `--url`: the streams are spread over them all).
     pub rss_before: Option<u64>,
-    /// With every stream open, bytes.
+    /// With every stream open, bytes (summed the same way).
     pub rss_with_streams: Option<u64>,
     /// `(rss_with_streams - rss_before) / streams_open`.
     pub bytes_per_waiting_user: Option<u64>,
@@ -59,6 +60,17 @@ async fn rss(addr: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix("ticketd_resident_memory_bytes "))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// The resident memory of every node in `nodes`, summed (`None` if any
+/// would not say). Read from the first alone, the growth of one node was
+/// divided by the streams of all, N nodes' figure N times too small.
+async fn total_rss(nodes: &[String]) -> Option<u64> {
+    let mut total = 0;
+    for node in nodes {
+        total += rss(node).await?;
+    }
+    Some(total)
 }
 
 /// `host:port` of a base URL (`http://host:port`).
@@ -182,8 +194,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<QueueBenchReport> {
 
     // Each user waits on a stream of their own; the node's memory is read
     // before they open and once all of them are open.
-    let node = authority(&args.urls[0])?;
-    let rss_before = rss(&node).await;
+    let mut nodes = args
+        .urls
+        .iter()
+        .map(|u| authority(u))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    nodes.sort();
+    nodes.dedup();
+    let rss_before = total_rss(&nodes).await;
     let opened = Arc::new(AtomicUsize::new(0));
     let all_open = Arc::new(tokio::sync::Notify::new());
     // Waits for admission last minutes, past the request histograms' range.
@@ -251,7 +269,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<QueueBenchReport> {
     let _ = tokio::time::timeout(Duration::from_secs(60), all_open.notified()).await;
     let streams_open = opened.load(Ordering::Acquire);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_with_streams = rss(&node).await;
+    let rss_with_streams = total_rss(&nodes).await;
     let admitting = Instant::now();
     for w in waits {
         w.await?;
