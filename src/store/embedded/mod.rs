@@ -217,6 +217,24 @@ fn migrate_skeletons(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch("CREATE UNIQUE INDEX IF NOT EXISTS users_skeleton ON users (skeleton)")
 }
 
+/// Gives a store from before claims named their node its `claims.node`
+/// column (`CREATE TABLE IF NOT EXISTS` leaves an existing table as it
+/// was): without it every applier batch failed, and after a restart the
+/// replay did, so the node would not start. Idempotent; run by the process
+/// holding the directory's lock.
+fn migrate_claims_node(conn: &Connection) -> rusqlite::Result<()> {
+    let has_node: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('claims') WHERE name = 'node')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_node {
+        conn.execute_batch("ALTER TABLE claims ADD COLUMN node TEXT NOT NULL DEFAULT ''")?;
+        tracing::info!("Added the node column to the claims of an earlier version.");
+    }
+    Ok(())
+}
+
 fn has_skeletons(conn: &Connection) -> rusqlite::Result<bool> {
     conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM pragma_table_info('users') WHERE name = 'skeleton')",
@@ -271,6 +289,7 @@ impl EmbeddedStore {
             // tool beside a node, reads what is there).
             migrate_outcomes(&mut conn)?;
             migrate_skeletons(&conn)?;
+            migrate_claims_node(&conn)?;
         }
         // Every claim in this store was handed out by the node that owns it.
         let node = config.node_id();
@@ -734,6 +753,45 @@ fn import_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store written before claims named their node: the claims table
+    /// has no `node`, and the applier's insert failed on every batch.
+    #[test]
+    fn claims_of_an_earlier_version_get_their_node_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ticketd.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE claims (id INTEGER PRIMARY KEY, activity_id TEXT NOT NULL, ticket_id TEXT NOT NULL,
+                     code TEXT NOT NULL UNIQUE, user_id INTEGER NOT NULL, claimed_at_ms INTEGER NOT NULL,
+                     idempotency_key TEXT);
+                 INSERT INTO claims VALUES (1, 'a', 't', 'OLD', 7, 1, NULL);",
+            )
+            .unwrap();
+        let claim = |id: u64, code: &str| Claim {
+            id,
+            activity_id: "a".into(),
+            ticket_id: "t".into(),
+            code: code.into(),
+            user_id: 8,
+            claimed_at_ms: 2,
+            idempotency_key: None,
+        };
+        let mut conn = open_db(&path).unwrap();
+        assert!(applier::apply_claims(&mut conn, &[claim(2, "NEW")], "n1").is_err());
+        migrate_claims_node(&conn).unwrap();
+        migrate_claims_node(&conn).unwrap();
+        applier::apply_claims(&mut conn, &[claim(2, "NEW")], "n1").unwrap();
+        let nodes: Vec<(String, String)> = conn
+            .prepare("SELECT code, node FROM claims ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(nodes, [("OLD".into(), String::new()), ("NEW".into(), "n1".into())]);
+    }
 
     /// A journal whose first segment (holding claims SQLite had not applied)
     /// was emptied to zeros, with a later segment intact: recovery drops
