@@ -2275,7 +2275,11 @@ async fn a_crowd_asking_for_an_activity_shares_its_looks_at_redis() {
     .await;
     let ran = scripts_run(&cluster).await - before;
     assert!(answers.iter().all(|a| a.status == 200));
-    assert!(ran < 60, "300 requests ran {ran} scripts");
+    // Unshared, each request ran one (300 or more). Shared, a handful, plus
+    // the node's own scripts meanwhile (leases, heartbeats, refreshes),
+    // which on a loaded box (the suite beside it) ran to 66 once: so the
+    // bound is half of the unshared count, not a handful.
+    assert!(ran < 150, "300 requests ran {ran} scripts");
     assert_eq!(node.claim(&tokens[0], "cd").await.status, 200);
     assert_eq!(node.detail("cd").await["claimed"], 1, "the next look counts the claim");
 }

@@ -258,11 +258,12 @@ pub(super) fn security(r: &mut Report<'_>, config: &Config) {
             "auth.hashes_per_ip must be at least 1: at 0 nobody could log in or register".into(),
         );
     }
-    if s.login_backoff.0.is_zero() || s.login_backoff_max.0 < s.login_backoff.0 {
+    // A lockout is the backoff doubled per failure, capped by the max.
+    if s.login_backoff.0.is_zero() || s.login_backoff_max.0.is_zero() {
         r.add(
             &[k("security"), k("login_backoff_max")],
-            "security.login_backoff must be greater than zero and login_backoff_max at least login_backoff: \
-             a lockout of zero locks nobody out"
+            "security.login_backoff and login_backoff_max must be greater than zero: a lockout of zero locks \
+             nobody out"
                 .into(),
         );
     }
