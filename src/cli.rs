@@ -39,6 +39,16 @@ pub enum Command {
     /// Idempotent: running it twice adds nothing twice, and a claimed code is
     /// never put back. A running node picks new codes up on SIGHUP.
     Import,
+    /// Cluster: take an imported activity off sale on the nodes that serve
+    /// the activities `ticketd import` stored (those whose config names
+    /// none), within `cluster.refresh_interval`. Its claims stay; importing
+    /// it again brings it back. (A node that names activities in its file
+    /// serves those: take one out of the file and reload.)
+    Retire {
+        /// The activity id.
+        #[arg(long)]
+        activity: String,
+    },
     /// Manage user accounts.
     #[command(subcommand)]
     User(UserCommand),

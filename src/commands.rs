@@ -118,6 +118,21 @@ pub fn import(config: &Config) -> anyhow::Result<()> {
             "{} activities imported; their unclaimed codes are on the Redis master lists, where running nodes lease them.",
             report.activities
         );
+        // An import adds and changes; it never takes an activity away, so
+        // say which others the nodes following MongoDB still sell.
+        if let Some(stored) = store.shared_activities() {
+            let others: Vec<String> = stored?
+                .into_iter()
+                .filter(|a| !config.activities.iter().any(|c| c.id == a.id))
+                .map(|a| a.id)
+                .collect();
+            if !others.is_empty() {
+                println!(
+                    "Also stored, and served by nodes whose config names no activity: {} (`ticketd retire --activity ID` takes one off sale).",
+                    others.join(", ")
+                );
+            }
+        }
     } else {
         println!(
             "{} activities imported. A running node picks new codes up on SIGHUP.",
@@ -125,6 +140,25 @@ pub fn import(config: &Config) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `ticketd retire --activity ID`.
+pub fn retire(config: &Config, activity: &str) -> anyhow::Result<()> {
+    let store = Store::open(config, Access::Tool)?;
+    match store.retire(activity) {
+        None => bail!(
+            "an embedded node serves the activities in its config: take `{activity}` out of the file and reload (SIGHUP)"
+        ),
+        Some(Ok(true)) => {
+            println!(
+                "activity {activity} retired: nodes whose config names no activity stop listing and selling it within \
+                 cluster.refresh_interval; its claims stay (ticketd import with it brings it back)"
+            );
+            Ok(())
+        }
+        Some(Ok(false)) => bail!("MongoDB holds no imported definition of `{activity}` (never imported, or retired already)"),
+        Some(Err(e)) => Err(e.into()),
+    }
 }
 
 /// `ticketd check-config`.

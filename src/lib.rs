@@ -103,6 +103,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             match command {
                 Command::Serve => commands::serve(config, &cli.config),
                 Command::Import => commands::import(&config),
+                Command::Retire { activity } => commands::retire(&config, &activity),
                 Command::User(u) => commands::user(&config, u),
                 Command::Export(args) => commands::export(&config, args),
                 Command::Report(args) => commands::report(&config, args),

@@ -442,6 +442,16 @@ impl Store {
         }
     }
 
+    /// Takes an imported activity off sale on the nodes that serve
+    /// MongoDB's activities (see `ticketd retire`): `None` embedded (a node
+    /// serves its file's), else whether a stored definition was there.
+    pub fn retire(&self, activity: &str) -> Option<Result<bool, StoreError>> {
+        match self {
+            Store::Embedded(_) => None,
+            Store::Cluster(s) => Some(s.retire(activity)),
+        }
+    }
+
     /// Connection and backlog gauges for `/metrics` (cluster only).
     pub fn gauges(&self) -> Option<crate::metrics::ClusterGauges> {
         match self {

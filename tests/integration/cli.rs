@@ -555,3 +555,17 @@ fn user_list_pages_through_every_account_once() {
     assert_eq!(names.len(), accounts);
     assert!(names.contains("fan00000") && names.contains("fan02344"));
 }
+
+/// `ticketd retire` is a cluster's: an embedded node serves its file's
+/// activities, and the refusal says what to do instead.
+#[test]
+fn retire_on_an_embedded_store_says_to_edit_the_file() {
+    let dir = dir_with(&(base_config() + &open_activity("r", 1, 1)));
+    let out = run_cli(dir.path(), &["retire", "--activity", "r"], None);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("take `r` out of the file and reload (SIGHUP)"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -1039,6 +1039,52 @@ async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
             (&serde_json::json!("春季音乐节"), &serde_json::json!("race"))
         );
     }
+
+    // An import never takes an activity away: one that does not name `fo`
+    // says the nodes still sell it, and `ticketd retire` takes it off sale
+    // (before, nothing could: the nodes sold it for good).
+    activities
+        .update_one(
+            doc! {"_id": "fo"},
+            doc! {"$set": {"definition": stored.get_str("definition").unwrap()}},
+        )
+        .await
+        .unwrap();
+    let config = node_config(&cluster.services, &cluster.db, "importer", "") + &cluster_activity("fx", 1, 1);
+    std::fs::write(importer.path().join("config.toml"), config).unwrap();
+    let out = crate::common::run_cli(importer.path(), &["import"], None);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("served by nodes whose config names no activity: fo (`ticketd retire"),
+        "{said}"
+    );
+    let out = crate::common::run_cli(importer.path(), &["retire", "--activity", "fo"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for node in &cluster.nodes {
+        until("the node to stop listing the retired activity", || async {
+            let list = node.client.get("/act/list", None).await.unwrap();
+            let ids: Vec<_> = list.data()["activities"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["actId"].clone())
+                .collect();
+            ids == [serde_json::json!("fx")]
+        })
+        .await;
+    }
+    crate::common::assert_error(
+        &cluster.nodes[1].claim(&tokens[1], "fo").await,
+        404,
+        "ACTIVITY_NOT_FOUND",
+    );
+    assert_eq!(cluster.drained("fo").await.len(), 2, "its claims stay");
+    let out = crate::common::run_cli(importer.path(), &["retire", "--activity", "fo"], None);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no imported definition of `fo`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -633,6 +633,10 @@ impl ClusterStore {
         self.block(mongo::activities(&self.shared.db))
     }
 
+    pub(super) fn retire(&self, activity: &str) -> Result<bool, StoreError> {
+        Ok(self.block(mongo::retire(&self.shared.db, activity))?)
+    }
+
     /// Up to `limit` claims of `activity_id` after `after` (time, claim
     /// id), in that order, joined with their users.
     pub(super) fn export_page(

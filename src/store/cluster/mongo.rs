@@ -227,6 +227,19 @@ pub async fn import(db: &Database, config: &Config, node_start_ms: i64) -> Resul
     Ok(report)
 }
 
+/// Takes `activity`'s stored definition away, so the nodes that serve
+/// MongoDB's activities stop listing and selling it; its documents and
+/// claims stay. Whether there was one.
+pub async fn retire(db: &Database, activity: &str) -> Result<bool, MongoError> {
+    let done = coll(db, "activities")
+        .update_one(
+            doc! {"_id": activity, "definition": {"$exists": true}},
+            doc! {"$unset": {"definition": ""}},
+        )
+        .await?;
+    Ok(done.matched_count == 1)
+}
+
 /// The activity definitions `ticketd import` stored, by start time and id.
 pub async fn activities(db: &Database) -> Result<Vec<ActivityConfig>, StoreError> {
     let mut cursor = coll(db, "activities")
