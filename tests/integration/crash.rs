@@ -50,7 +50,11 @@ async fn kill_9_mid_rush_keeps_every_acknowledged_claim() {
             }
         }));
     }
-    killed.notified().await;
+    // If the rush never reached 300 codes, fail saying so (not hang until
+    // nextest ends the test).
+    tokio::time::timeout(std::time::Duration::from_secs(60), killed.notified())
+        .await
+        .unwrap_or_else(|_| panic!("300 claims were never acknowledged: {}", count.load(Ordering::SeqCst)));
     app.kill9();
     for t in tasks {
         t.await.unwrap();

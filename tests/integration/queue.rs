@@ -181,7 +181,9 @@ async fn the_draw_ignores_join_order_and_anyone_can_check_it() {
 
     // The start: the shuffle. Every joiner got a place (it would fail here if
     // the joins had not all landed before it).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while app.detail("fair").await["queue"]["seed"].is_null() {
+        assert!(tokio::time::Instant::now() < deadline, "the order was never drawn");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (draw, file) = export_draw(&app, "fair");
@@ -897,11 +899,16 @@ async fn a_room_with_proof_of_work_makes_each_account_pay_for_its_place() {
 
 /// Polls until `token` is admitted, or waits on standby with a place.
 async fn wait_turn_or_standby(client: &ApiClient, token: &str, act: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         let s = status(client, token, act).await;
         if s["state"] != "waiting" || s["standby"] == true {
             return s;
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "neither a turn nor standby: {s}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -926,11 +933,13 @@ async fn a_lottery_draws_once_and_its_waiting_list_replaces_lapsed_winners() {
     // The draw: positions known, before the sale opens; entries close.
     let mut drawn = Vec::new();
     for t in &tokens {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let s = loop {
             let s = status(&app.client, t, "lot").await;
             if s["position"].is_u64() || s["state"] != "waiting" {
                 break s;
             }
+            assert!(tokio::time::Instant::now() < deadline, "never drawn: {s}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         drawn.push((s["position"].as_u64().unwrap(), t.clone()));
@@ -1925,11 +1934,13 @@ async fn a_lottery_across_three_nodes_skips_the_gone_and_passes_lapsed_turns_on(
     let drawn = futures::future::join_all(tokens[..6].iter().enumerate().map(|(i, t)| {
         let client = clients[(i + 1) % 3].clone();
         async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
             loop {
                 let s = status(&client, t, "cl").await;
                 if let Some(p) = s["position"].as_u64() {
                     return (p, i);
                 }
+                assert!(tokio::time::Instant::now() < deadline, "never given a position: {s}");
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
         }
@@ -2025,12 +2036,17 @@ async fn a_lottery_served_from_mongodb_exports_a_draw_that_says_lottery() {
     let tokens = cluster.users("ml", 2).await;
     for t in &tokens {
         // Until the node has picked the activity up from MongoDB.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let res = join(&node.client, t, "ml").await;
             if res.status == 200 {
                 break;
             }
             assert_eq!(res.error_code(), Some("ACTIVITY_NOT_FOUND"), "{}", res.body);
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the node never picked the activity up"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
