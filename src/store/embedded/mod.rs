@@ -410,9 +410,17 @@ impl EmbeddedStore {
         imported
     }
 
+    /// Read on a connection of its own (WAL lets it read beside the
+    /// writers): a reload reads every unclaimed code of every ticket type,
+    /// and on the shared connection logins, registrations and logouts
+    /// waited for all of it.
     pub(super) fn unclaimed_codes(&self, ticket_id: &str) -> Result<Vec<String>, StoreError> {
-        let conn = self.db.lock();
-        let mut stmt = conn.prepare_cached(
+        let conn = Connection::open_with_flags(
+            self.dir.join("ticketd.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        let mut stmt = conn.prepare(
             "SELECT c.code FROM codes c WHERE c.ticket_id = ?1 AND NOT EXISTS (SELECT 1 FROM claims k WHERE k.code = c.code)",
         )?;
         let codes = stmt.query_map([ticket_id], |r| r.get(0))?.collect::<Result<_, _>>()?;
