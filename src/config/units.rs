@@ -139,7 +139,8 @@ impl FromStr for TimeSpec {
         // Every time shown is RFC 3339 in UTC, which writes years 0-9999:
         // `9999-12-31T23:59:59-05:00` (a natural "never") is in year 10000
         // there, and was shown as "".
-        if !(0..=9999).contains(&at.to_offset(time::UtcOffset::UTC).year()) {
+        let utc_year = at.checked_to_offset(time::UtcOffset::UTC).map(|t| t.year());
+        if !utc_year.is_some_and(|y| (0..=9999).contains(&y)) {
             return Err(format!("`{s}` is outside the years 0-9999 in UTC"));
         }
         Ok(TimeSpec::Absolute(at))

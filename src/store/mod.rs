@@ -43,7 +43,7 @@ pub use cluster::{
 pub use embedded::EmbeddedStore;
 pub use types::{
     generate_code, Access, ClaimRow, ClusterError, ImportReport, NewUser, Reconciliation, ReportData, StoreError,
-    TicketImport, TicketReport, User,
+    TicketImport, TicketReport, User, UserPage,
 };
 
 use crate::{
@@ -328,9 +328,9 @@ impl Store {
                 Store::Embedded(s) => s.users_page(after, PAGE)?,
                 Store::Cluster(s) => s.users_page(after, PAGE)?,
             };
-            let full = page.len() == PAGE;
-            for user in page {
-                after = user.id;
+            let full = page.read == PAGE;
+            after = page.last_id.unwrap_or(after);
+            for user in page.users {
                 f(user).map_err(|source| StoreError::Io {
                     what: "cannot write the users to",
                     path: "the output".into(),

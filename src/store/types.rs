@@ -49,6 +49,18 @@ pub enum StoreError {
     Cluster(#[from] ClusterError),
 }
 
+/// One page of the accounts, by id (see `Store::each_user`).
+#[derive(Debug, Default)]
+pub struct UserPage {
+    /// The accounts read.
+    pub users: Vec<User>,
+    /// Records read, those that could not be read as accounts too (a
+    /// short page is the last).
+    pub read: usize,
+    /// The id of the last record read: the next page starts after it.
+    pub last_id: Option<u64>,
+}
+
 /// A registered user.
 #[derive(Debug, Clone)]
 pub struct User {

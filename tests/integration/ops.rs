@@ -117,7 +117,8 @@ async fn a_node_whose_journal_failed_stops_feeding_the_watchdog() {
         let _ = socket.recv(&mut [0u8; 4096]);
     }
     let mut after = Vec::new();
-    let window = Instant::now() + Duration::from_millis(2_500);
+    // STATUS lines come every 2 s; WATCHDOG=1 came every 0.2 s before.
+    let window = Instant::now() + Duration::from_millis(5_000);
     let mut buf = [0u8; 4096];
     while Instant::now() < window {
         if let Ok(n) = socket.recv(&mut buf) {

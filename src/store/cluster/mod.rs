@@ -74,7 +74,7 @@ use shared::{block_on, on, Msg, Serving, Shared};
 use crate::{
     config::{ActivityConfig, Config},
     stats::StatsBatch,
-    store::types::{Access, ClaimRow, ImportReport, NewUser, Reconciliation, ReportData, StoreError, User},
+    store::types::{Access, ClaimRow, ImportReport, NewUser, Reconciliation, ReportData, StoreError, User, UserPage},
     vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
 };
 
@@ -133,22 +133,26 @@ async fn connect(config: &Config, timeout: Duration) -> Result<(RedisConn, Datab
     // A claim leaves Redis's backlog once MongoDB acknowledges it, so that
     // acknowledgement must survive MongoDB's crash and failover: the
     // server's default (`w: 1`, journal by its own schedule) could lose
-    // the last ~100 ms of inserts, claims then in neither. An explicit
-    // `w`/`journal` in the URI is the operator's to choose.
-    if options.write_concern.is_none() {
-        options.write_concern = Some(
-            mongodb::options::WriteConcern::builder()
-                .w(mongodb::options::Acknowledgment::Majority)
-                .journal(true)
-                .build(),
-        );
-    }
+    // the last ~100 ms of inserts, claims then in neither. What the URI
+    // sets (`w`, `journal`, `wtimeoutMS`) is the operator's choice; what
+    // it leaves unset is filled in. The timeout bounds a write a majority
+    // cannot confirm (a replica set with a secondary down): it fails, and
+    // the backlog keeps its claims for the next try, instead of waiting
+    // for ever.
+    let mut concern = options.write_concern.take().unwrap_or_default();
+    concern.w.get_or_insert(mongodb::options::Acknowledgment::Majority);
+    concern.journal.get_or_insert(true);
+    concern.w_timeout.get_or_insert(MONGO_MAJORITY_TIMEOUT);
+    options.write_concern = Some(concern);
     let db = mongodb::Client::with_options(options)
         .map_err(mongo_failed)?
         .database(&config.storage.database);
     mongo::ensure_indexes(&db).await.map_err(mongo_failed)?;
     Ok((redis, db))
 }
+
+/// How long a MongoDB write waits for a majority to confirm it.
+const MONGO_MAJORITY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Refuses a Redis that may lose writes it acknowledged (no AOF, or an AOF
 /// not fsynced on every write, or not while it rewrites the AOF): a commit
@@ -175,16 +179,21 @@ async fn check_durable(config: &Config) -> Result<(), ClusterError> {
         let client = redis::Client::open(url.as_str())?;
         let mut conn = client.get_multiplexed_async_connection().await?;
         let mut settings = HashMap::new();
-        for name in [
-            "appendonly",
-            "appendfsync",
-            "no-appendfsync-on-rewrite",
-            "maxmemory",
-            "maxmemory-policy",
-        ] {
+        for name in ["appendonly", "appendfsync"] {
             let answer: HashMap<String, String> =
                 redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await?;
             settings.extend(answer);
+        }
+        // A server that does not know one of these (a Redis-compatible one,
+        // a proxy) leaves it unknown; the two above still decide.
+        for name in ["no-appendfsync-on-rewrite", "maxmemory", "maxmemory-policy"] {
+            let answer: Result<HashMap<String, String>, _> =
+                redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await;
+            match answer {
+                Ok(answer) => settings.extend(answer),
+                Err(error) if matches!(error.code(), Some("ERR" | "NOPERM")) => {}
+                Err(error) => return Err(error),
+            }
         }
         Ok::<_, redis::RedisError>(settings)
     };
@@ -692,7 +701,7 @@ impl ClusterStore {
         Ok(self.block(mongo::user_by_skeleton(&self.shared.db, skeleton))?)
     }
 
-    pub(super) fn users_page(&self, after: u64, limit: usize) -> Result<Vec<User>, StoreError> {
+    pub(super) fn users_page(&self, after: u64, limit: usize) -> Result<UserPage, StoreError> {
         Ok(self.block(mongo::users_page(&self.shared.db, after, limit as i64))?)
     }
 

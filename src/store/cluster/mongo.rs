@@ -33,7 +33,7 @@ use crate::{
     stats::StatsBatch,
     store::types::{
         code_rng, generate_code, ClaimRow, ImportReport, NewUser, ReportData, StoreError, TicketImport, TicketReport,
-        User,
+        User, UserPage,
     },
 };
 
@@ -463,18 +463,26 @@ pub async fn user_by_skeleton(db: &Database, skeleton: &str) -> Result<Option<Us
         .and_then(user_from))
 }
 
-/// Up to `limit` users with ids above `after`, by id.
-pub async fn users_page(db: &Database, after: u64, limit: i64) -> Result<Vec<User>, MongoError> {
+/// Up to `limit` users with ids above `after`, by id. A record that does
+/// not read as an account is passed over (and logged), but counts as read,
+/// so it does not end the listing early.
+pub async fn users_page(db: &Database, after: u64, limit: i64) -> Result<UserPage, MongoError> {
     let mut cursor = coll(db, "users")
         .find(doc! {"_id": {"$gt": after as i64}})
         .sort(doc! {"_id": 1})
         .limit(limit)
         .await?;
-    let mut out = Vec::with_capacity(limit as usize);
+    let mut page = UserPage::default();
     while let Some(d) = cursor.try_next().await? {
-        out.extend(user_from(&d));
+        page.read += 1;
+        let id = d.get_i64("_id").ok().or_else(|| d.get_i32("_id").ok().map(i64::from));
+        page.last_id = id.map(|id| id as u64).or(page.last_id);
+        match user_from(&d) {
+            Some(user) => page.users.push(user),
+            None => tracing::warn!(id = ?d.get("_id"), "Passing over a user record this version cannot read."),
+        }
     }
-    Ok(out)
+    Ok(page)
 }
 
 /// Records a logged-out session.

@@ -42,7 +42,7 @@ use crate::{
     stats::StatsBatch,
     store::types::{
         code_rng, generate_code, Access, ClaimRow, ImportReport, NewUser, Reconciliation, ReportData, StoreError,
-        TicketImport, User,
+        TicketImport, User, UserPage,
     },
     vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
 };
@@ -572,15 +572,19 @@ impl EmbeddedStore {
         Ok(stmt.query_row([skeleton], user_from_row).optional()?)
     }
 
-    pub(super) fn users_page(&self, after: u64, limit: usize) -> Result<Vec<User>, StoreError> {
+    pub(super) fn users_page(&self, after: u64, limit: usize) -> Result<UserPage, StoreError> {
         let conn = self.db.lock();
         let mut stmt = conn.prepare_cached(
             "SELECT id, username, nickname, password_hash, created_at_ms FROM users WHERE id > ?1 ORDER BY id LIMIT ?2",
         )?;
-        let users = stmt
+        let users: Vec<User> = stmt
             .query_map(params![after as i64, limit as i64], user_from_row)?
             .collect::<Result<_, _>>()?;
-        Ok(users)
+        Ok(UserPage {
+            read: users.len(),
+            last_id: users.last().map(|u| u.id),
+            users,
+        })
     }
 
     pub(super) fn revoke_session(&self, token_id: &str, expires_at_ms: i64) -> Result<(), StoreError> {
@@ -788,8 +792,14 @@ mod tests {
         };
         let mut conn = open_db(&path).unwrap();
         assert!(applier::apply_claims(&mut conn, &[claim(2, "NEW")], "n1").is_err());
-        migrate_claims_node(&conn).unwrap();
-        migrate_claims_node(&conn).unwrap();
+        drop(conn);
+        // Opened as a tool would (the directory's lock held): migrated.
+        let text = format!("[storage]\npath = \"{}\"\n", dir.path().display());
+        let config = Config::from_toml(&text, Path::new("test.toml"), dir.path().to_owned()).unwrap();
+        for _ in 0..2 {
+            drop(EmbeddedStore::open(&config, Access::Tool).unwrap());
+        }
+        let mut conn = open_db(&path).unwrap();
         applier::apply_claims(&mut conn, &[claim(2, "NEW")], "n1").unwrap();
         let nodes: Vec<(String, String)> = conn
             .prepare("SELECT code, node FROM claims ORDER BY id")
