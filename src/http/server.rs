@@ -290,8 +290,9 @@ async fn serve_hyper(
     head_by: tokio::time::Instant,
 ) {
     let write_timeout = http.state.write_timeout();
-    let first_head = Arc::new(AtomicBool::new(false));
-    let head_seen = first_head.clone();
+    // On this future's own state, borrowed by the service: no allocation.
+    let first_head = AtomicBool::new(false);
+    let head_seen = &first_head;
     let svc = service_fn(move |req| {
         let http = http.clone();
         head_seen.store(true, Ordering::Relaxed);
