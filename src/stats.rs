@@ -11,10 +11,12 @@
 //! (`Store::add_stats`), keeping the emptied maps' capacity. The per-source
 //! maps are capped: past [`MAX_SOURCES`] entries between two drains (a
 //! source seen on two lanes takes two), new sources are counted under
-//! "other", so a flood of spoofed sources cannot grow memory without bound.
+//! "other", so a flood of spoofed sources cannot grow memory without bound;
+//! and past [`MAX_STORED_SOURCES`] sources of one activity sent to the
+//! store in the node's life, so it cannot grow the store's rows either.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -33,6 +35,13 @@ use crate::{
 
 /// Most source entries, over all shards, between two drains.
 pub const MAX_SOURCES: usize = 200_000;
+
+/// Most sources (addresses and accounts) of one activity this node sends
+/// to the store over its life; later new ones are counted as "other". The
+/// cap per drain alone let every drain add as many new rows, so a client
+/// rotating through IPv6 /64s (a /48 holds 65,536) grew the store's table
+/// of sources without end. About 4 MB of memory per activity at most.
+pub const MAX_STORED_SOURCES: usize = 100_000;
 
 /// Who sent a claim.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -154,6 +163,9 @@ pub struct RushStats {
     /// What the store refused at the last flush (MongoDB down, a full
     /// disk), summed per key and capped: the next drain returns it too.
     held: Mutex<Held>,
+    /// The sources of each activity drained so far (at most
+    /// [`MAX_STORED_SOURCES`] each). Only [`RushStats::drain`] takes it.
+    stored_sources: Mutex<HashMap<Arc<str>, HashSet<Source, ahash::RandomState>, ahash::RandomState>>,
 }
 
 /// The statistics an outage of the store holds back, and what it cost.
@@ -192,6 +204,7 @@ impl Default for RushStats {
             spares: Mutex::new((0..SHARDS).map(|_| Shard::default()).collect()),
             tracked: AtomicUsize::new(0),
             held: Mutex::new(Held::default()),
+            stored_sources: Mutex::default(),
         }
     }
 }
@@ -230,6 +243,24 @@ type Shard = HashMap<Arc<str>, ActivityStats, ahash::RandomState>;
 /// hours-long one stores a few rows a second.
 pub const OUTCOME_TICK_MS: i64 = 100;
 
+/// Around an activity's start, from a minute before to an hour after, its
+/// claim outcomes are counted per tick; outside it, per minute.
+const RUSH_WINDOW_MS: std::ops::Range<i64> = -60_000..3_600_000;
+
+/// When a claim request made at `now_ms` to an activity starting at
+/// `start_ms` is counted: at `now_ms` during the rush (its tick), at the
+/// start of its minute before and after. Counted per tick at any time, a
+/// few accounts claiming an activity weeks before its start (each refused
+/// `NOT_STARTED`) added a row a tenth of a second to the store, for as
+/// long as they kept at it; now that costs a row a minute per outcome.
+pub fn counted_at(start_ms: i64, now_ms: i64) -> i64 {
+    if RUSH_WINDOW_MS.contains(&now_ms.saturating_sub(start_ms)) {
+        now_ms
+    } else {
+        now_ms - now_ms.rem_euclid(60_000)
+    }
+}
+
 /// The resolution a report reads claim outcomes of a span of `span_ms`
 /// at: the recorded ticks for a short sale, coarser for a long one, so a
 /// report holds about 20,000 rows per outcome at most (a month of ticks
@@ -256,7 +287,8 @@ type Outcomes = [u64; ClaimOutcome::ALL.len()];
 
 impl RushStats {
     /// Records one claim request of `activity` from `ip` (counted under its
-    /// [`client_key`]: see [`Source::Ip`]).
+    /// [`client_key`]: see [`Source::Ip`]) in the tick of `now_ms` (see
+    /// [`counted_at`]).
     pub fn record(
         &self,
         activity: &Arc<str>,
@@ -325,6 +357,29 @@ impl RushStats {
         std::mem::take(&mut held.refused).then(|| std::mem::take(&mut held.dropped))
     }
 
+    /// The drained sources, each activity's new ones past
+    /// [`MAX_STORED_SOURCES`] counted as "other".
+    fn within_stored_cap(
+        &self,
+        sources: HashMap<(Arc<str>, Source), u64, ahash::RandomState>,
+    ) -> Vec<(Arc<str>, Source, u64)> {
+        let mut stored = self.stored_sources.lock();
+        let mut out: HashMap<(Arc<str>, Source), u64, ahash::RandomState> = HashMap::default();
+        for ((activity, source), n) in sources {
+            let known = stored.entry(activity.clone()).or_default();
+            let source = if source == Source::Other || known.contains(&source) {
+                source
+            } else if known.len() < MAX_STORED_SOURCES {
+                known.insert(source.clone());
+                source
+            } else {
+                Source::Other
+            };
+            *out.entry((activity, source)).or_default() += n;
+        }
+        out.into_iter().map(|((a, source), n)| (a, source, n)).collect()
+    }
+
     /// Takes everything recorded so far, shard by shard (each under its
     /// lock, so nothing is counted twice or lost), with the counts of a
     /// tick or a source that several shards saw added up; and whatever
@@ -365,7 +420,7 @@ impl RushStats {
                 .into_iter()
                 .map(|((a, tick, o), n)| (a, tick, ClaimOutcome::ALL[o].label(), n))
                 .collect(),
-            sources: sources.into_iter().map(|((a, source), n)| (a, source, n)).collect(),
+            sources: self.within_stored_cap(sources),
             latency: latency
                 .into_iter()
                 .map(|((a, bucket), n)| {
@@ -387,6 +442,64 @@ impl RushStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Past [`MAX_STORED_SOURCES`] sources of an activity, a new one is
+    /// "other" whichever drain it comes in, while a source already sent
+    /// keeps its own row; another activity has a cap of its own. (The cap
+    /// per drain alone let each drain add as many new sources.)
+    #[test]
+    fn an_activity_sends_the_store_a_bounded_number_of_sources() {
+        let stats = RushStats::default();
+        let (act, other_act): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let ip = |i: usize| IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+        let per_drain = MAX_SOURCES / 2;
+        let mut users = 0;
+        // Each request is two sources (its address and its account).
+        while users < MAX_STORED_SOURCES / 2 {
+            for _ in 0..(per_drain / 2).min(MAX_STORED_SOURCES / 2 - users) {
+                stats.record(
+                    &act,
+                    ClaimOutcome::SoldOut,
+                    ip(users),
+                    users as u64,
+                    120_000,
+                    Duration::ZERO,
+                );
+                users += 1;
+            }
+            let batch = stats.drain();
+            assert!(batch.sources.iter().all(|(_, s, _)| *s != Source::Other));
+        }
+        stats.record(
+            &act,
+            ClaimOutcome::SoldOut,
+            ip(users),
+            users as u64,
+            120_000,
+            Duration::ZERO,
+        );
+        stats.record(&act, ClaimOutcome::SoldOut, ip(0), 0, 120_000, Duration::ZERO);
+        stats.record(
+            &other_act,
+            ClaimOutcome::SoldOut,
+            ip(users),
+            users as u64,
+            120_000,
+            Duration::ZERO,
+        );
+        let mut batch = stats.drain().sources;
+        batch.sort_by_key(|(a, s, _)| (a.clone(), s.parts()));
+        assert_eq!(
+            batch,
+            [
+                (act.clone(), Source::Ip(ip(0)), 1),
+                (act.clone(), Source::Other, 2),
+                (act.clone(), Source::User(0), 1),
+                (other_act.clone(), Source::Ip(ip(users)), 1),
+                (other_act.clone(), Source::User(users as u64), 1),
+            ]
+        );
+    }
 
     #[test]
     fn drains_what_was_recorded_once() {

@@ -374,3 +374,41 @@ async fn an_export_that_fails_halfway_leaves_the_previous_file_whole() {
         .collect();
     assert_eq!(names.len(), 2, "nothing left behind: {names:?}");
 }
+
+/// Claims made long before an activity's start (each refused
+/// `NOT_STARTED`) are counted per minute, not per tenth of a second: a few
+/// accounts at it for weeks added a row to the store every tick. Ten
+/// requests a tick apart are now one row (two if a minute turns between).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_long_before_the_start_are_counted_per_minute_not_per_tick() {
+    let app = TestApp::start(&(base_config() + &crate::common::activity("later", 5, 1, "+30d", "+31d")));
+    let token = app.register("early-bird").await;
+    for _ in 0..10 {
+        let res = app
+            .client
+            .post("/ticket/get", Some(&token), &serde_json::json!({ "actId": "later" }))
+            .await
+            .unwrap();
+        assert_eq!(res.error_code(), Some("NOT_STARTED"), "{}", res.body);
+        // The next request in another tick.
+        tokio::time::sleep(std::time::Duration::from_millis(110)).await;
+    }
+    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let counted = || -> (i64, i64) {
+        db.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(count), 0) FROM stats_outcome_ticks WHERE activity_id = 'later'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    // The statistics reach the store once a second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while counted().1 < 10 {
+        assert!(std::time::Instant::now() < deadline, "counted: {:?}", counted());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (rows, requests) = counted();
+    assert_eq!(requests, 10);
+    assert!(rows <= 2, "{rows} rows for 10 requests a tick apart");
+}

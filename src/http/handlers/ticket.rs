@@ -82,9 +82,14 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
         .await;
     if let Some(activity) = catalog.activity(&body.act_id.0) {
         let outcome = ClaimOutcome::of(&result);
-        state
-            .stats
-            .record(&activity.id, outcome, ip, session.user_id, now_ms(), now.elapsed());
+        state.stats.record(
+            &activity.id,
+            outcome,
+            ip,
+            session.user_id,
+            crate::stats::counted_at(activity.start_ms, now_ms()),
+            now.elapsed(),
+        );
     }
     let claimed = result?;
     Ok(ok(&Claimed {
