@@ -499,22 +499,26 @@ fn export_draw(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
             args.activity
         )
     })?;
-    // The log does not say how the room admits; the activity's definition
-    // does (a change is refused once the room is open): the config's, or in
-    // a cluster whose nodes serve what `import` stored, MongoDB's. Without
-    // one the record names no mode rather than a wrong one: a lottery's
-    // record must say so, or a drawn entrant moved to `late` would verify.
-    let stored = match config.activities.iter().any(|a| a.id == args.activity) {
-        true => None,
-        false => store.shared_activities().transpose()?,
-    };
-    record.admission = config
-        .activities
-        .iter()
-        .chain(stored.iter().flatten())
-        .find(|a| a.id == args.activity)
-        .map(|a| a.admission)
-        .filter(|mode| !mode.is_race());
+    // The log says how the room drew (from this version on: its shuffle
+    // line carries the mode). An earlier version's does not; then the
+    // activity's definition does (a change is refused once the room is
+    // open): the config's, or in a cluster whose nodes serve what `import`
+    // stored, MongoDB's. Without one the record names no mode rather than
+    // a wrong one: a lottery's record must say so, or a drawn entrant moved
+    // to `late` would verify.
+    if record.admission.is_none() {
+        let stored = match config.activities.iter().any(|a| a.id == args.activity) {
+            true => None,
+            false => store.shared_activities().transpose()?,
+        };
+        record.admission = config
+            .activities
+            .iter()
+            .chain(stored.iter().flatten())
+            .find(|a| a.id == args.activity)
+            .map(|a| a.admission)
+            .filter(|mode| !mode.is_race());
+    }
     let json = serde_json::to_vec_pretty(&record)?;
     match &args.out {
         Some(path) => {

@@ -41,6 +41,13 @@ pub enum Event {
     Shuffle {
         /// When.
         t: i64,
+        /// How the room admits, as it drew (absent in logs of earlier
+        /// versions): a start whose config names another mode is refused,
+        /// and the draw's export says this one. (Only a reload was refused:
+        /// a restart could turn a drawn lottery into a queue, whose late
+        /// arrivals `verify-draw` accepts.)
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        m: Option<crate::config::AdmissionMode>,
     },
     /// The next place, user `u`, was admitted at `t` with a pass until `x`.
     Admit {
@@ -97,7 +104,7 @@ impl Event {
     pub fn at(&self) -> Option<i64> {
         match *self {
             Event::Join { t, .. }
-            | Event::Shuffle { t }
+            | Event::Shuffle { t, .. }
             | Event::Admit { t, .. }
             | Event::Skip { t, .. }
             | Event::Close { t }

@@ -319,6 +319,8 @@ struct RoomState {
     /// How many joined before the shuffle (the drawn part of `order`).
     drawn: usize,
     shuffled_ms: Option<i64>,
+    /// How the room admitted when it drew, as its log says.
+    drawn_as: Option<AdmissionMode>,
     /// Places reached (admitted or skipped).
     cursor: usize,
     /// Passes that may still claim: (user, expiry).
@@ -428,6 +430,16 @@ impl Room {
             }
             None => (Seed::generate(), RoomState::new(settings.clone())),
         };
+        if let Some(drawn) = state.drawn_as.filter(|m| *m != settings.mode) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the waiting room of `{activity}` drew its order as a {drawn}, and the config now says admission = \
+                     \"{}\": a drawn room's admission cannot change (set it back to \"{drawn}\")",
+                    settings.mode
+                ),
+            ));
+        }
         let log = RoomLog::open(&path, len)?;
         if events.is_empty() {
             log.append(&Event::Seed { seed: seed.to_hex() });
@@ -821,6 +833,7 @@ impl RoomState {
             order: Vec::new(),
             drawn: 0,
             shuffled_ms: None,
+            drawn_as: None,
             cursor: 0,
             active: VecDeque::new(),
             recent: VecDeque::new(),
@@ -851,7 +864,9 @@ impl RoomState {
             entrants,
             order: drawn.to_vec(),
             late: self.order[self.drawn..].to_vec(),
-            admission: Some(self.settings.mode),
+            // As drawn; unknown in a log of an earlier version (the export
+            // then says what the activity's definition says).
+            admission: self.drawn_as,
         })
     }
 
@@ -981,7 +996,17 @@ impl RoomState {
         match *event {
             Event::Seed { .. } => {}
             Event::Join { u, t } => self.apply_join(u, t),
-            Event::Shuffle { t } => self.apply_shuffle(seed, t),
+            Event::Shuffle { t, m } => {
+                self.drawn_as = m;
+                // A drawn room admits as it drew. (One node's log refuses
+                // another mode at its start: `Room::open`. A cluster's
+                // replica, started with another, follows the room.)
+                if let Some(m) = m.filter(|m| *m != self.settings.mode) {
+                    tracing::warn!(drawn_as = %m, config = %self.settings.mode, "The waiting room drew as another admission than the config says; it admits as it drew. Set admission back.");
+                    self.settings.mode = m;
+                }
+                self.apply_shuffle(seed, t);
+            }
             Event::Admit { u, t, x } => self.apply_admit(u, t, x),
             Event::Skip { u, .. } => self.apply_skip(u),
             Event::Close { t } => self.closed_ms = Some(t),
@@ -1102,7 +1127,10 @@ impl RoomState {
             return Vec::new();
         }
         if self.shuffled_ms.is_none() && now >= self.settings.shuffle_ms {
-            return vec![Event::Shuffle { t: now }];
+            return vec![Event::Shuffle {
+                t: now,
+                m: Some(self.settings.mode),
+            }];
         }
         let before = stock();
         if (before.remaining == 0 && before.settled) || now >= self.settings.end_ms {
@@ -1287,7 +1315,7 @@ mod tests {
         let mut events = vec![
             Event::Seed { seed: seed.to_hex() },
             Event::Join { u: 1, t: 1 },
-            Event::Shuffle { t: 10 },
+            Event::Shuffle { t: 10, m: None },
             Event::Admit { u: 1, t: 11, x: 1_000 },
         ];
         events.extend_from_slice(more);
@@ -1310,6 +1338,27 @@ mod tests {
         }
     }
 
+    /// A cluster's replica started with another admission than the room
+    /// drew as follows the room: a drawn lottery takes no new entrant
+    /// through a node whose config says queue.
+    #[test]
+    fn a_replica_follows_the_admission_the_room_drew_as() {
+        let room = Room::shared("s".into(), settings(), Seed::generate());
+        room.apply_shared(
+            0,
+            &[
+                Event::Join { u: 1, t: 1 },
+                Event::Shuffle {
+                    t: 10,
+                    m: Some(AdmissionMode::Lottery),
+                },
+            ],
+        );
+        assert_eq!(room.settings().mode, AdmissionMode::Lottery);
+        assert_eq!(room.entry(2, 20), Err(JoinError::EntriesClosed));
+        assert_eq!(room.draw_record().unwrap().admission, Some(AdmissionMode::Lottery));
+    }
+
     #[test]
     fn a_log_naming_someone_not_next_moves_nothing_and_never_panics() {
         let dir = tempfile::tempdir().unwrap();
@@ -1321,7 +1370,7 @@ mod tests {
         };
         line(Event::Join { u: 1, t: 1 });
         line(Event::Join { u: 2, t: 2 });
-        line(Event::Shuffle { t: 10 });
+        line(Event::Shuffle { t: 10, m: None });
         let order = draw::shuffle(&seed, &[1, 2]);
         line(Event::Admit {
             u: order[0],
@@ -1360,7 +1409,7 @@ mod tests {
     fn an_account_takes_a_bounded_number_of_places() {
         let dir = tempfile::tempdir().unwrap();
         let seed = Seed::generate();
-        let mut events = vec![Event::Seed { seed: seed.to_hex() }, Event::Shuffle { t: 10 }];
+        let mut events = vec![Event::Seed { seed: seed.to_hex() }, Event::Shuffle { t: 10, m: None }];
         for i in 0..MAX_PLACES_PER_ACCOUNT as i64 {
             events.push(Event::Join { u: 1, t: 20 + i * 10 });
             events.push(Event::Skip { u: 1, t: 25 + i * 10 });
@@ -1544,7 +1593,7 @@ mod tests {
                 Event::Seed { seed: seed.to_hex() },
                 Event::Join { u: 1, t: 1 },
                 Event::Join { u: 2, t: 2 },
-                Event::Shuffle { t: 10 },
+                Event::Shuffle { t: 10, m: None },
                 Event::Admit {
                     u: order[0],
                     t: 11,
@@ -1599,7 +1648,7 @@ mod tests {
             &[
                 Event::Seed { seed: seed.to_hex() },
                 Event::Join { u: 1, t: 1 },
-                Event::Shuffle { t: 10 },
+                Event::Shuffle { t: 10, m: None },
                 Event::Admit {
                     u: 1,
                     t: admitted_at,
@@ -1635,7 +1684,7 @@ mod tests {
             Event::Seed { seed: seed.to_hex() },
             Event::Join { u: 1, t: 1 },
             Event::Join { u: 2, t: 2 },
-            Event::Shuffle { t: 10 },
+            Event::Shuffle { t: 10, m: None },
         ];
         room.apply_shared(0, &events);
         let now = crate::clock::now_ms();
@@ -1659,7 +1708,7 @@ mod tests {
                 Event::Seed { seed: seed.to_hex() },
                 Event::Join { u: 1, t: 1 },
                 Event::Join { u: 2, t: 2 },
-                Event::Shuffle { t: 10 },
+                Event::Shuffle { t: 10, m: None },
             ],
         );
         // An outage longer than grace: the check-ins known are older.

@@ -457,6 +457,17 @@ pub enum AdmissionMode {
     Lottery,
 }
 
+impl std::fmt::Display for AdmissionMode {
+    /// As the config writes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AdmissionMode::Race => "race",
+            AdmissionMode::Queue => "queue",
+            AdmissionMode::Lottery => "lottery",
+        })
+    }
+}
+
 impl AdmissionMode {
     /// Whether this is the plain race.
     pub fn is_race(&self) -> bool {

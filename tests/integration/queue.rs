@@ -2150,3 +2150,46 @@ async fn a_restart_that_moves_a_room_with_places_warns() {
     // Still serving, the fan's place kept.
     assert_eq!(status(&app.client, &fan, "demo").await["state"], "waiting");
 }
+
+/// A drawn room's admission cannot change by a restart either (a reload
+/// was refused; a restart was not): a drawn lottery turned into a queue
+/// took late arrivals, and its export, which took the mode from the
+/// config, said `queue`, so `verify-draw` accepted them. Now the room's
+/// log says how it drew: the start is refused, and the export says
+/// `lottery` whatever the config says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drawn_lottery_cannot_become_a_queue_by_a_restart() {
+    let act = Act::new("md")
+        .window("+3s", "+1h")
+        .with("admission = \"lottery\"")
+        .with("queue_opens = \"-1m\"")
+        .with("draw_time = \"+2s\"")
+        .ticket("md-t", "Ticket", Codes::Generate(2))
+        .toml();
+    let mut app = TestApp::start(&(base_config() + &act));
+    let fan = app.users("md", 1).await.remove(0);
+    assert_eq!(join(&app.client, &fan, "md").await.status, 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while app.detail("md").await["queue"]["seed"].is_null() {
+        assert!(tokio::time::Instant::now() < deadline, "the lottery was never drawn");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.stop(), 0);
+    let config = std::fs::read_to_string(app.config_path()).unwrap();
+    let queue = config
+        .replace("admission = \"lottery\"", "admission = \"queue\"")
+        .replace("draw_time = \"+2s\"\n", "");
+    assert_ne!(queue, config);
+    std::fs::write(app.config_path(), &queue).unwrap();
+    let err = crate::common::serve_refused(
+        app.dir.path(),
+        Duration::from_secs(30),
+        "a node served a drawn lottery as a queue",
+    );
+    assert!(
+        err.contains("drew its order as a lottery") && err.contains("set it back to \"lottery\""),
+        "{err}"
+    );
+    let (draw, _) = export_draw(&app, "md");
+    assert_eq!(draw["admission"], "lottery", "{draw}");
+}
