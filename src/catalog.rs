@@ -165,6 +165,15 @@ impl Catalog {
                         a.id
                     ));
                 }
+                (None, None) => {
+                    if let Some(drawn) = rooms.drawn_on_disk(&a.id) {
+                        problems.push(format!(
+                            "activity `{}`: its waiting room drew its order as a {drawn}; a drawn room's admission \
+                             cannot change (set admission = \"{drawn}\" and its queue_opens back)",
+                            a.id
+                        ));
+                    }
+                }
                 _ => {}
             }
             room_settings.push(settings);

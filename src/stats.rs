@@ -12,8 +12,9 @@
 //! maps are capped: past [`MAX_SOURCES`] entries between two drains (a
 //! source seen on two lanes takes two), new sources are counted under
 //! "other", so a flood of spoofed sources cannot grow memory without bound;
-//! and past [`MAX_STORED_SOURCES`] sources of one activity sent to the
-//! store in the node's life, so it cannot grow the store's rows either.
+//! and past [`MAX_STORED_SOURCES`] client addresses of one activity sent
+//! to the store in the node's life, so it cannot grow the store's rows
+//! either.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -36,11 +37,14 @@ use crate::{
 /// Most source entries, over all shards, between two drains.
 pub const MAX_SOURCES: usize = 200_000;
 
-/// Most sources (addresses and accounts) of one activity this node sends
-/// to the store over its life; later new ones are counted as "other". The
-/// cap per drain alone let every drain add as many new rows, so a client
-/// rotating through IPv6 /64s (a /48 holds 65,536) grew the store's table
-/// of sources without end. About 4 MB of memory per activity at most.
+/// Most client addresses of one activity this node sends to the store over
+/// its life; later new ones are counted as "other". The cap per drain
+/// alone let every drain add as many new rows, so a client rotating
+/// through IPv6 /64s (a /48 holds 65,536) grew the store's table of
+/// sources without end. Accounts are not capped: each is a registration,
+/// which the registration limits bound, and a scalper's account must stay
+/// visible however late it starts. About 4 MB of memory per activity at
+/// most.
 pub const MAX_STORED_SOURCES: usize = 100_000;
 
 /// Who sent a claim.
@@ -163,7 +167,7 @@ pub struct RushStats {
     /// What the store refused at the last flush (MongoDB down, a full
     /// disk), summed per key and capped: the next drain returns it too.
     held: Mutex<Held>,
-    /// The sources of each activity drained so far (at most
+    /// The client addresses of each activity drained so far (at most
     /// [`MAX_STORED_SOURCES`] each). Only [`RushStats::drain`] takes it.
     stored_sources: Mutex<HashMap<Arc<str>, HashSet<Source, ahash::RandomState>, ahash::RandomState>>,
 }
@@ -357,7 +361,7 @@ impl RushStats {
         std::mem::take(&mut held.refused).then(|| std::mem::take(&mut held.dropped))
     }
 
-    /// The drained sources, each activity's new ones past
+    /// The drained sources, each activity's new addresses past
     /// [`MAX_STORED_SOURCES`] counted as "other".
     fn within_stored_cap(
         &self,
@@ -367,7 +371,7 @@ impl RushStats {
         let mut out: HashMap<(Arc<str>, Source), u64, ahash::RandomState> = HashMap::default();
         for ((activity, source), n) in sources {
             let known = stored.entry(activity.clone()).or_default();
-            let source = if source == Source::Other || known.contains(&source) {
+            let source = if !matches!(source, Source::Ip(_)) || known.contains(&source) {
                 source
             } else if known.len() < MAX_STORED_SOURCES {
                 known.insert(source.clone());
@@ -443,10 +447,11 @@ impl RushStats {
 mod tests {
     use super::*;
 
-    /// Past [`MAX_STORED_SOURCES`] sources of an activity, a new one is
-    /// "other" whichever drain it comes in, while a source already sent
-    /// keeps its own row; another activity has a cap of its own. (The cap
-    /// per drain alone let each drain add as many new sources.)
+    /// Past [`MAX_STORED_SOURCES`] addresses of an activity, a new one is
+    /// "other" whichever drain it comes in, while an address already sent
+    /// keeps its own row, and so does every account; another activity has
+    /// a cap of its own. (The cap per drain alone let each drain add as
+    /// many new sources.)
     #[test]
     fn an_activity_sends_the_store_a_bounded_number_of_sources() {
         let stats = RushStats::default();
@@ -455,8 +460,8 @@ mod tests {
         let per_drain = MAX_SOURCES / 2;
         let mut users = 0;
         // Each request is two sources (its address and its account).
-        while users < MAX_STORED_SOURCES / 2 {
-            for _ in 0..(per_drain / 2).min(MAX_STORED_SOURCES / 2 - users) {
+        while users < MAX_STORED_SOURCES {
+            for _ in 0..(per_drain / 2).min(MAX_STORED_SOURCES - users) {
                 stats.record(
                     &act,
                     ClaimOutcome::SoldOut,
@@ -493,8 +498,9 @@ mod tests {
             batch,
             [
                 (act.clone(), Source::Ip(ip(0)), 1),
-                (act.clone(), Source::Other, 2),
+                (act.clone(), Source::Other, 1),
                 (act.clone(), Source::User(0), 1),
+                (act.clone(), Source::User(users as u64), 1),
                 (other_act.clone(), Source::Ip(ip(users)), 1),
                 (other_act.clone(), Source::User(users as u64), 1),
             ]

@@ -45,6 +45,8 @@ use std::{
 use parking_lot::Mutex;
 
 use draw::Seed;
+
+use crate::config::AdmissionMode;
 pub use room::{Entry, JoinError, PlaceState, QueueStatus, Room, RoomSettings, RoomSummary, StockView};
 
 /// Where a shared room's seed comes from (the cluster's store).
@@ -200,6 +202,21 @@ impl Rooms {
         });
         rooms.insert(activity.clone(), room.clone());
         Ok((room, Opened::Now))
+    }
+
+    /// How the room of `activity` drew its order, when this node keeps its
+    /// log (one node) and the log says: a config that makes the activity
+    /// a race, or takes its `queue_opens` away, opens no room, so the
+    /// room's own check never ran. (A cluster's logs are in Redis: not
+    /// looked at here.)
+    pub fn drawn_on_disk(&self, activity: &str) -> Option<AdmissionMode> {
+        if self.seeds.is_some() {
+            return None;
+        }
+        Room::recorded_draw(&self.dir, activity)
+            .ok()
+            .flatten()
+            .and_then(|d| d.admission)
     }
 
     /// Drops the room of `activity` (no longer a queue, and never opened).

@@ -2190,6 +2190,19 @@ async fn a_drawn_lottery_cannot_become_a_queue_by_a_restart() {
         err.contains("drew its order as a lottery") && err.contains("set it back to \"lottery\""),
         "{err}"
     );
+    // Nor by making it a race, which opens no room at all.
+    let race = config
+        .replace("admission = \"lottery\"\n", "")
+        .replace("queue_opens = \"-1m\"\n", "")
+        .replace("draw_time = \"+2s\"\n", "");
+    assert!(!race.contains("lottery") && !race.contains("queue_opens"), "{race}");
+    std::fs::write(app.config_path(), &race).unwrap();
+    let err = crate::common::serve_refused(
+        app.dir.path(),
+        Duration::from_secs(30),
+        "a node sold a drawn lottery as a race",
+    );
+    assert!(err.contains("its waiting room drew its order as a lottery"), "{err}");
     let (draw, _) = export_draw(&app, "md");
     assert_eq!(draw["admission"], "lottery", "{draw}");
 }

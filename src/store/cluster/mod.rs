@@ -140,9 +140,12 @@ async fn connect(config: &Config, timeout: Duration) -> Result<(RedisConn, Datab
     // the backlog keeps its claims for the next try, instead of waiting
     // for ever.
     let mut concern = options.write_concern.take().unwrap_or_default();
-    concern.w.get_or_insert(mongodb::options::Acknowledgment::Majority);
-    concern.journal.get_or_insert(true);
-    concern.w_timeout.get_or_insert(MONGO_MAJORITY_TIMEOUT);
+    let w = concern.w.get_or_insert(mongodb::options::Acknowledgment::Majority);
+    // `w=0` (unacknowledged, the operator's choice) takes no journal flag.
+    if *w != mongodb::options::Acknowledgment::Nodes(0) {
+        concern.journal.get_or_insert(true);
+        concern.w_timeout.get_or_insert(MONGO_MAJORITY_TIMEOUT);
+    }
     options.write_concern = Some(concern);
     let db = mongodb::Client::with_options(options)
         .map_err(mongo_failed)?
