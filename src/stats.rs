@@ -457,41 +457,23 @@ mod tests {
         let stats = RushStats::default();
         let (act, other_act): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         let ip = |i: usize| IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
-        let per_drain = MAX_SOURCES / 2;
+        // Account `i` claims from address `i`: two sources a request.
+        let claim = |act: &Arc<str>, i: usize| {
+            stats.record(act, ClaimOutcome::SoldOut, ip(i), i as u64, 120_000, Duration::ZERO);
+        };
         let mut users = 0;
-        // Each request is two sources (its address and its account).
         while users < MAX_STORED_SOURCES {
-            for _ in 0..(per_drain / 2).min(MAX_STORED_SOURCES - users) {
-                stats.record(
-                    &act,
-                    ClaimOutcome::SoldOut,
-                    ip(users),
-                    users as u64,
-                    120_000,
-                    Duration::ZERO,
-                );
+            // Within the per-drain cap: every source of a drain its own.
+            for _ in 0..(MAX_SOURCES / 2).min(MAX_STORED_SOURCES - users) {
+                claim(&act, users);
                 users += 1;
             }
             let batch = stats.drain();
             assert!(batch.sources.iter().all(|(_, s, _)| *s != Source::Other));
         }
-        stats.record(
-            &act,
-            ClaimOutcome::SoldOut,
-            ip(users),
-            users as u64,
-            120_000,
-            Duration::ZERO,
-        );
-        stats.record(&act, ClaimOutcome::SoldOut, ip(0), 0, 120_000, Duration::ZERO);
-        stats.record(
-            &other_act,
-            ClaimOutcome::SoldOut,
-            ip(users),
-            users as u64,
-            120_000,
-            Duration::ZERO,
-        );
+        claim(&act, users);
+        claim(&act, 0);
+        claim(&other_act, users);
         let mut batch = stats.drain().sources;
         batch.sort_by_key(|(a, s, _)| (a.clone(), s.parts()));
         assert_eq!(

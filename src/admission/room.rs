@@ -420,6 +420,17 @@ impl Room {
     pub fn open(dir: &Path, activity: Arc<str>, settings: RoomSettings) -> io::Result<Room> {
         let path = dir.join(format!("{activity}.log"));
         let (events, len) = log::read(&path)?.unwrap_or_default();
+        // Refused before the replay, which would follow the drawn mode.
+        if let Some(drawn) = drawn_as(&events).filter(|m| *m != settings.mode) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the waiting room of `{activity}` drew its order as a {drawn}, and the config now says admission = \
+                     \"{}\": a drawn room's admission cannot change (set it back to \"{drawn}\")",
+                    settings.mode
+                ),
+            ));
+        }
         let (seed, mut state) = match replay(&path, &events, settings.clone())? {
             Some((seed, mut state)) => {
                 // Nobody could check in while the node was down: every
@@ -430,16 +441,6 @@ impl Room {
             }
             None => (Seed::generate(), RoomState::new(settings.clone())),
         };
-        if let Some(drawn) = state.drawn_as.filter(|m| *m != settings.mode) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "the waiting room of `{activity}` drew its order as a {drawn}, and the config now says admission = \
-                     \"{}\": a drawn room's admission cannot change (set it back to \"{drawn}\")",
-                    settings.mode
-                ),
-            ));
-        }
         let log = RoomLog::open(&path, len)?;
         if events.is_empty() {
             log.append(&Event::Seed { seed: seed.to_hex() });
@@ -784,6 +785,15 @@ impl Room {
     }
 }
 
+/// How a log's room drew its order, if its shuffle line says (lines of
+/// earlier versions do not).
+fn drawn_as(events: &[Event]) -> Option<AdmissionMode> {
+    events.iter().find_map(|e| match e {
+        Event::Shuffle { m, .. } => *m,
+        _ => None,
+    })
+}
+
 /// The seed and state the events of the log at `path` describe; `None` when it is empty.
 fn replay(path: &Path, events: &[Event], settings: RoomSettings) -> io::Result<Option<(Seed, RoomState)>> {
     let (seed, rest) = match events.split_first() {
@@ -1005,9 +1015,8 @@ impl RoomState {
                 // another mode at its start: `Room::open`. A cluster's
                 // replica, started with another, follows the room.)
                 if let Some(m) = m.filter(|m| *m != self.settings.mode) {
-                    // (Not said by a tool reading the log, whose settings
-                    // are a placeholder.)
-                    if self.settings.end_ms != 0 {
+                    // (Not said by a tool reading the log.)
+                    if self.settings != settings_placeholder() {
                         tracing::warn!(drawn_as = %m, config = %self.settings.mode, "The waiting room drew as another admission than the config says; it admits as it drew. Set admission back.");
                     }
                     self.settings.mode = m;

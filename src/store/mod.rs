@@ -73,6 +73,34 @@ pub fn lock_data_dir(dir: &std::path::Path) -> Result<Option<std::fs::File>, Sto
     embedded::try_lock(dir)
 }
 
+/// Rows read per page by [`Store::export_claims`] and [`Store::each_user`].
+const PAGE: usize = 1000;
+
+/// Calls `f` with every item of the pages `next_page` reads (each a read of
+/// its own, returned with whether it was full: a short one is the last),
+/// and returns how many there were; a failed `f` is `what` failed.
+fn page_through<T>(
+    mut next_page: impl FnMut() -> Result<(Vec<T>, bool), StoreError>,
+    what: &'static str,
+    f: &mut dyn FnMut(T) -> std::io::Result<()>,
+) -> Result<u64, StoreError> {
+    let mut n = 0;
+    loop {
+        let (page, full) = next_page()?;
+        for item in page {
+            f(item).map_err(|source| StoreError::Io {
+                what,
+                path: "the output".into(),
+                source,
+            })?;
+            n += 1;
+        }
+        if !full {
+            return Ok(n);
+        }
+    }
+}
+
 impl Store {
     /// Opens the store configured in `config`.
     pub fn open(config: &Config, access: Access<'_>) -> Result<Arc<Store>, StoreError> {
@@ -228,10 +256,8 @@ impl Store {
         activity_id: &str,
         f: &mut dyn FnMut(ClaimRow) -> std::io::Result<()>,
     ) -> Result<u64, StoreError> {
-        const PAGE: usize = 1000;
         let mut last: Option<ClaimRow> = None;
-        let mut n = 0;
-        loop {
+        let next_page = || {
             let page = match self {
                 Store::Embedded(s) => s.export_page(activity_id, last.as_ref().map_or(0, |r| r.claim_id), PAGE)?,
                 Store::Cluster(s) => {
@@ -239,20 +265,11 @@ impl Store {
                     s.export_page(activity_id, after, PAGE)?
                 }
             };
-            let full = page.len() == PAGE;
             last = page.last().cloned();
-            for row in page {
-                f(row).map_err(|source| StoreError::Io {
-                    what: "cannot write the export to",
-                    path: "the output".into(),
-                    source,
-                })?;
-                n += 1;
-            }
-            if !full {
-                return Ok(n);
-            }
-        }
+            let full = page.len() == PAGE;
+            Ok((page, full))
+        };
+        page_through(next_page, "cannot write the export to", f)
     }
 
     /// Whether the store knows `activity_id`.
@@ -320,28 +337,18 @@ impl Store {
     /// each page a read of its own (as [`Store::export_claims`]): a million
     /// accounts are listed in the memory of a page, not of all of them.
     pub fn each_user(&self, f: &mut dyn FnMut(User) -> std::io::Result<()>) -> Result<u64, StoreError> {
-        const PAGE: usize = 1000;
         let mut after = 0;
-        let mut n = 0;
-        loop {
+        let next_page = || {
             let page = match self {
                 Store::Embedded(s) => s.users_page(after, PAGE)?,
                 Store::Cluster(s) => s.users_page(after, PAGE)?,
             };
-            let full = page.read == PAGE;
             after = page.last_id.unwrap_or(after);
-            for user in page.users {
-                f(user).map_err(|source| StoreError::Io {
-                    what: "cannot write the users to",
-                    path: "the output".into(),
-                    source,
-                })?;
-                n += 1;
-            }
-            if !full {
-                return Ok(n);
-            }
-        }
+            // Counted by records read: one that is no account still fills
+            // its place in a full page.
+            Ok((page.users, page.read == PAGE))
+        };
+        page_through(next_page, "cannot write the users to", f)
     }
 
     /// Records that the session `token_id` was logged out.

@@ -211,14 +211,7 @@ fn an_import_that_moves_a_ticket_type_to_another_activity_is_refused() {
     rt.block_on(async {
         let d = app.detail("mv").await;
         assert_eq!(d["tickets"][0]["remaining"], 2, "{d}");
-        let list = app.client.get("/act/list", None).await.unwrap();
-        let ids: Vec<_> = list.data()["activities"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a["actId"].clone())
-            .collect();
-        assert_eq!(ids, ["mv"], "{list:?}");
+        assert_eq!(app.listed().await, ["mv"]);
     });
 }
 

@@ -743,8 +743,7 @@ async fn a_ticket_type_dropped_by_a_reload_gives_its_leased_codes_back_at_the_st
         "{outcome}"
     );
     std::fs::write(cluster.nodes[0].config_path(), &dropped).unwrap();
-    let listed = cluster.nodes[0].client.get("/act/list", None).await.unwrap();
-    assert_eq!(listed.data()["activities"][0]["actId"], "dt", "{}", listed.body);
+    assert_eq!(cluster.nodes[0].listed().await, ["dt"]);
     assert_eq!(cluster.nodes[0].stop(), 0);
     assert_lease_returned(&cluster, lease, "tk:{dt}:stock:dt-b", 50).await;
 }
@@ -959,12 +958,7 @@ async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
     import(&activity);
     for node in &cluster.nodes {
         until("the node to list the imported activity", || async {
-            let list = node.client.get("/act/list", None).await.unwrap();
-            list.data()["activities"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|a| a["actId"] == "fo")
+            node.listed().await.iter().any(|id| id == "fo")
         })
         .await;
     }
@@ -1071,14 +1065,7 @@ async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for node in &cluster.nodes {
         until("the node to stop listing the retired activity", || async {
-            let list = node.client.get("/act/list", None).await.unwrap();
-            let ids: Vec<_> = list.data()["activities"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|a| a["actId"].clone())
-                .collect();
-            ids == [serde_json::json!("fx")]
+            node.listed().await == ["fx"]
         })
         .await;
     }
@@ -2078,6 +2065,16 @@ async fn admin_stats_show_the_cluster_store() {
     .await;
 }
 
+/// `CONFIG SET` of `settings`, at once.
+async fn config_set(redis: &mut ticketd::store::cluster::RedisConn, settings: &[(&str, &str)]) {
+    let mut cmd = redis::cmd("CONFIG");
+    cmd.arg("SET");
+    for (setting, value) in settings {
+        cmd.arg(*setting).arg(*value);
+    }
+    let () = cmd.query_async(redis).await.unwrap();
+}
+
 /// A node's promise that a code goes to one user rests on Redis keeping
 /// what it acknowledged: a Redis that loses its last second of writes in a
 /// crash can hand a claimed code out again. A node now refuses to serve on
@@ -2092,75 +2089,51 @@ async fn a_node_refuses_a_redis_that_could_lose_acknowledged_claims() {
     let services = Services::start();
     let mut redis = services.redis().await;
     let act = cluster_activity("vol", 3, 1);
-    let set = |settings: &[(&str, &str)]| {
-        let mut cmd = redis::cmd("CONFIG");
-        cmd.arg("SET");
-        for (setting, value) in settings {
-            cmd.arg(*setting).arg(*value);
-        }
-        cmd
-    };
-    for (settings, says, want) in [
-        (
-            &[("maxmemory", "64mb"), ("maxmemory-policy", "allkeys-lru")][..],
-            "maxmemory 67108864 and maxmemory-policy allkeys-lru",
-            "maxmemory-policy noeviction",
-        ),
-        (
-            &[("maxmemory-policy", "noeviction"), ("no-appendfsync-on-rewrite", "yes")],
-            "no-appendfsync-on-rewrite yes",
-            "no-appendfsync-on-rewrite no",
-        ),
-    ] {
-        let () = set(settings).query_async(&mut redis).await.unwrap();
-        let node = TestApp::prepare(&(node_config(&services, "vol", "node0", "") + &act), &[]);
-        let err = crate::common::serve_refused(
-            node.dir.path(),
-            Duration::from_secs(30),
-            &format!("the node served on a Redis with {says}"),
-        );
-        assert!(
-            err.contains(says) && err.contains(want) && err.contains("allow_volatile_redis"),
-            "{err}"
-        );
-    }
+    let node_config = |extra: &str| node_config(&services, "vol", "node0", extra) + &act;
     // `maxmemory` with `noeviction`: a full Redis refuses commits, loses none.
-    let () = set(&[("no-appendfsync-on-rewrite", "no")])
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let mut node = TestApp::prepare(&(node_config(&services, "vol", "node0", "") + &act), &[]);
+    config_set(&mut redis, &[("maxmemory", "64mb"), ("maxmemory-policy", "noeviction")]).await;
+    let mut node = TestApp::prepare(&node_config(""), &[]);
     assert!(node.cli(&["import"], None).status.success());
     node.boot();
     let token = node.register("vol-evict").await;
     assert_eq!(node.claim(&token, "vol").await.status, 200);
     assert_eq!(node.stop(), 0);
-    for (setting, value) in [("appendfsync", "everysec"), ("appendonly", "no")] {
-        let () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg(setting)
-            .arg(value)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-        let node = TestApp::prepare(&(node_config(&services, "vol", "node0", "") + &act), &[]);
+    // Each in turn, on top of the ones before: what Redis says, and what
+    // the refusal must name.
+    for (settings, says) in [
+        (
+            &[("maxmemory-policy", "allkeys-lru")][..],
+            &[
+                "maxmemory 67108864 and maxmemory-policy allkeys-lru",
+                "maxmemory-policy noeviction",
+            ][..],
+        ),
+        (
+            &[("maxmemory-policy", "noeviction"), ("no-appendfsync-on-rewrite", "yes")],
+            &["no-appendfsync-on-rewrite yes", "no-appendfsync-on-rewrite no"],
+        ),
+        (
+            &[("no-appendfsync-on-rewrite", "no"), ("appendfsync", "everysec")],
+            &["appendfsync everysec", "appendonly yes", "appendfsync always"],
+        ),
+        (
+            &[("appendonly", "no")],
+            &["appendonly no", "appendonly yes", "appendfsync always"],
+        ),
+    ] {
+        config_set(&mut redis, settings).await;
+        let node = TestApp::prepare(&node_config(""), &[]);
         let err = crate::common::serve_refused(
             node.dir.path(),
             Duration::from_secs(30),
-            &format!("the node served on a Redis with {setting} {value}"),
+            &format!("the node served on a Redis with {}", says[0]),
         );
         assert!(
-            err.contains(&format!("{setting} {value}"))
-                && err.contains("appendonly yes")
-                && err.contains("appendfsync always")
-                && err.contains("allow_volatile_redis"),
+            says.iter().all(|s| err.contains(s)) && err.contains("allow_volatile_redis"),
             "{err}"
         );
     }
-    let mut node = TestApp::prepare(
-        &(node_config(&services, "vol", "node0", "[cluster]\nallow_volatile_redis = true\n") + &act),
-        &[],
-    );
+    let mut node = TestApp::prepare(&node_config("[cluster]\nallow_volatile_redis = true\n"), &[]);
     assert!(node.cli(&["import"], None).status.success());
     node.boot();
     let warned = node.wait_for_log(

@@ -108,6 +108,16 @@ fn spearman(a: &[usize], b: &[usize]) -> f64 {
     1.0 - 6.0 * d2 / (n * (n * n - 1.0))
 }
 
+/// Waits (a minute at most) until `act`'s room has drawn its order: its
+/// seed is shown.
+async fn until_drawn(app: &TestApp, act: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while app.detail(act).await["queue"]["seed"].is_null() {
+        assert!(tokio::time::Instant::now() < deadline, "{act}'s order was never drawn");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn export_draw(app: &TestApp, act: &str) -> (Value, std::path::PathBuf) {
     let file = app.dir.path().join(format!("{act}-draw.json"));
     let out = app.cli(
@@ -181,11 +191,7 @@ async fn the_draw_ignores_join_order_and_anyone_can_check_it() {
 
     // The start: the shuffle. Every joiner got a place (it would fail here if
     // the joins had not all landed before it).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while app.detail("fair").await["queue"]["seed"].is_null() {
-        assert!(tokio::time::Instant::now() < deadline, "the order was never drawn");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_drawn(&app, "fair").await;
     let (draw, file) = export_draw(&app, "fair");
     assert_eq!(draw["commitment"], commitment.as_str());
     // A draw is one JSON document; asked for CSV, the export says so
@@ -2169,11 +2175,7 @@ async fn a_drawn_lottery_cannot_become_a_queue_by_a_restart() {
     let mut app = TestApp::start(&(base_config() + &act));
     let fan = app.users("md", 1).await.remove(0);
     assert_eq!(join(&app.client, &fan, "md").await.status, 200);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while app.detail("md").await["queue"]["seed"].is_null() {
-        assert!(tokio::time::Instant::now() < deadline, "the lottery was never drawn");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_drawn(&app, "md").await;
     assert_eq!(app.stop(), 0);
     let config = std::fs::read_to_string(app.config_path()).unwrap();
     let queue = config

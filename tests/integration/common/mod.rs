@@ -541,6 +541,18 @@ impl TestApp {
         self.client.post("/ticket/get", Some(token), &body).await.unwrap()
     }
 
+    /// The ids `/act/list` lists, in its order.
+    pub async fn listed(&self) -> Vec<String> {
+        let res = self.client.get("/act/list", None).await.unwrap();
+        assert_eq!(res.status, 200, "{}", res.body);
+        res.data()["activities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["actId"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
     pub async fn detail(&self, act: &str) -> Value {
         let res = self
             .client
