@@ -1799,6 +1799,47 @@ async fn export_and_report_say_how_many_claims_are_still_in_a_backlog() {
     assert!(!html.contains("in-transit"), "a whole report has no warning");
 }
 
+/// A claim acknowledged in an activity reaches MongoDB even once no node
+/// sells that activity any more. Only an activity's sellers reaped and
+/// drained its backlogs: a node restarted on a config naming the next event
+/// left its own backlog of the last one in Redis for good, and so did the
+/// node that died with it and never came back; the event's exports warned
+/// of the missing claims forever. Now every node sweeps the activities
+/// MongoDB knows and it does not sell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlogs_of_an_activity_no_node_sells_any_more_still_reach_mongodb() {
+    let extra = "[cluster]\nlease_ttl = \"2s\"\n";
+    let mut cluster = Cluster::start(2, &cluster_activity("lo", 20, 1), extra);
+    let (tokens, _) = users(&cluster, "lo", 6).await;
+    cluster.services.stop_mongo();
+    for (i, token) in tokens.iter().enumerate() {
+        let res = cluster.nodes[i % 2].claim(token, "lo").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    // Both die at once, before either could reap the other; node1 never
+    // comes back, node0 comes back selling the next event only.
+    cluster.nodes[1].kill9();
+    cluster.nodes[0].kill9();
+    cluster.services.restart_mongo();
+    let (outbox0, outbox1) = ("tk:{lo}:outbox:node0", "tk:{lo}:outbox:node1");
+    assert_eq!(llen(&cluster, outbox0).await + llen(&cluster, outbox1).await, 6);
+    let next = node_config(&cluster.services, &cluster.db, "node0", extra) + &cluster_activity("lp", 5, 1);
+    std::fs::write(cluster.nodes[0].config_path(), next).unwrap();
+    let out = cluster.nodes[0].cli(&["import"], None);
+    assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+    cluster.nodes[0].boot();
+
+    assert_eq!(cluster.drained("lo").await.len(), 6);
+    let out = cluster.nodes[0].cli(&["export", "--activity", "lo", "--format", "csv"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(crate::common::parse_csv(&out.stdout).len(), 6);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"));
+    until("both backlogs to empty", || async {
+        llen(&cluster, outbox0).await + llen(&cluster, outbox1).await == 0
+    })
+    .await;
+}
+
 /// A live node that reaps a dead node's backlog while MongoDB is down holds
 /// those claims in its own backlog, but its `ticketd_mongo_backlog` gauge
 /// stayed at what the node had committed itself (here 0): the writer

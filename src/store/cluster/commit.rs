@@ -451,9 +451,16 @@ async fn read_backlog(
     Ok(batch)
 }
 
-/// One pass over every activity's backlog; returns the records left.
+/// One pass over every activity's backlog, the sold ones and the leftover
+/// ([`Shared::leftover`]); returns the records left.
 async fn drain_once(shared: &Shared) -> Result<usize, ClusterError> {
-    let activities: Vec<Arc<str>> = shared.activities.iter().map(|e| e.key().clone()).collect();
+    let mut activities: Vec<Arc<str>> = shared.activities.iter().map(|e| e.key().clone()).collect();
+    {
+        let mut leftover = shared.leftover.lock();
+        // One this node sells again is drained as such.
+        leftover.retain(|a| !shared.activities.contains_key(a));
+        activities.extend(leftover.iter().cloned());
+    }
     let mut redis = shared.redis.clone();
     let mut left = 0;
     for activity in activities {
@@ -499,6 +506,10 @@ async fn drain_once(shared: &Shared) -> Result<usize, ClusterError> {
         }
         let len: usize = redis::cmd("LLEN").arg(&outbox).query_async(&mut redis).await?;
         left += len;
+        if len == 0 && !shared.activities.contains_key(&activity) {
+            // Anything the reaper moves here later, its next sweep finds.
+            shared.leftover.lock().remove(&activity);
+        }
     }
     shared.backlog.store(left, Ordering::Relaxed);
     Ok(left)

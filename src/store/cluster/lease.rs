@@ -516,7 +516,9 @@ async fn resolve_doubts(shared: &Shared) -> Result<Vec<(Arc<str>, String)>, Clus
 }
 
 /// The reaper: every half lease TTL, puts the unclaimed codes of nodes whose
-/// leases expired back on the master lists and takes over their backlogs.
+/// leases expired back on the master lists and takes over their backlogs,
+/// in the activities this node sells and then in every other one MongoDB
+/// knows ([`sweep_unsold`]).
 pub(super) async fn reaper(shared: Arc<Shared>, ctl: Ctl, mut stop: Stop) {
     let every = shared.cfg.lease_ttl.0 / 2;
     loop {
@@ -532,31 +534,73 @@ pub(super) async fn reaper(shared: Arc<Shared>, ctl: Ctl, mut stop: Stop) {
             ctl.error(&error);
             tracing::debug!(%error, "Reaping failed.");
         }
+        if let Err(error) = sweep_unsold(&shared).await {
+            ctl.error(&error);
+            tracing::debug!(%error, "Sweeping the activities this node does not sell failed.");
+        }
     }
 }
 
 async fn reap(shared: &Shared) -> Result<(), ClusterError> {
-    let mut redis = shared.redis.clone();
     for (a, tickets) in shared.activity_list() {
-        let keys = scripts::Keys::new(&a);
-        let mut invocation = scripts::REAP.prepare_invoke();
-        invocation
-            .key(keys.nodes())
-            .key(keys.outbox(&shared.node))
-            .arg(&*shared.node)
-            .arg(keys.prefix());
-        for t in &tickets {
-            invocation.arg(&**t);
+        reap_activity(shared, &a, &tickets).await?;
+    }
+    Ok(())
+}
+
+/// Reaps the dead nodes of one activity ([`scripts::REAP`]; it adds the
+/// activity's own `tickets` set to `tickets`); returns the backlog records
+/// moved to this node.
+async fn reap_activity(shared: &Shared, activity: &str, tickets: &[Arc<str>]) -> Result<usize, ClusterError> {
+    let mut redis = shared.redis.clone();
+    let keys = scripts::Keys::new(activity);
+    let mut invocation = scripts::REAP.prepare_invoke();
+    invocation
+        .key(keys.nodes())
+        .key(keys.outbox(&shared.node))
+        .arg(&*shared.node)
+        .arg(keys.prefix());
+    for t in tickets {
+        invocation.arg(&**t);
+    }
+    let (nodes, codes, moved): (usize, usize, usize) = invocation.invoke_async(&mut redis).await?;
+    if nodes > 0 {
+        metrics::global()
+            .leases_reaped
+            .fetch_add(nodes as u64, Ordering::Relaxed);
+        tracing::warn!(activity, nodes, codes, "Reclaimed the expired leases of stopped nodes: their unclaimed codes are back on the master list and their backlog is now this node's.");
+        // Counted now (the writer's gauge only falls after a pass that
+        // reached MongoDB), and drained by the writer's next pass.
+        shared.backlog.fetch_add(moved, Ordering::Relaxed);
+        shared.backlog_grew.notify_one();
+    }
+    Ok(moved)
+}
+
+/// The activities MongoDB knows that this node does not sell. Nobody may
+/// sell one any more (a config dropped it, `ticketd retire` took it off
+/// sale), yet claims acknowledged in it can still wait in a backlog: this
+/// node's own, left by an earlier run whose config named it, or a dead
+/// node's. Only the activity's sellers reap and drain it, so without this
+/// those claims never reached MongoDB (exports warned of them for good).
+/// Each such activity is reaped, and one whose backlog of this node holds
+/// claims goes to the writer ([`Shared::leftover`]).
+async fn sweep_unsold(shared: &Shared) -> Result<(), ClusterError> {
+    let ids = super::mongo::activity_ids(&shared.db).await?;
+    let mut redis = shared.redis.clone();
+    for a in ids {
+        if shared.activities.contains_key(a.as_str()) {
+            continue;
         }
-        let (nodes, codes, moved): (usize, usize, usize) = invocation.invoke_async(&mut redis).await?;
-        if nodes > 0 {
-            metrics::global()
-                .leases_reaped
-                .fetch_add(nodes as u64, Ordering::Relaxed);
-            tracing::warn!(activity = %a, nodes, codes, "Reclaimed the expired leases of stopped nodes: their unclaimed codes are back on the master list and their backlog is now this node's.");
-            // Counted now (the writer's gauge only falls after a pass that
-            // reached MongoDB), and drained by the writer's next pass.
-            shared.backlog.fetch_add(moved, Ordering::Relaxed);
+        let moved = reap_activity(shared, &a, &[]).await?;
+        let own: usize = redis::cmd("LLEN")
+            .arg(scripts::Keys::new(&a).outbox(&shared.node))
+            .query_async(&mut redis)
+            .await?;
+        if own > 0 && shared.leftover.lock().insert(Arc::from(a.as_str())) {
+            tracing::info!(activity = %a, claims = own, "This node does not sell the activity, but its backlog holds claims: writing them to MongoDB.");
+            // What the reap moved is counted already.
+            shared.backlog.fetch_add(own.saturating_sub(moved), Ordering::Relaxed);
             shared.backlog_grew.notify_one();
         }
     }

@@ -21,7 +21,10 @@
 //! reaches `cluster.max_backlog`, and then answer 503 BACKLOG_FULL. The
 //! backlog lives in Redis, not on the node, so it survives the node: a
 //! restarted node drains its own, and the live nodes take over a dead
-//! node's backlog together with its leases ([`scripts::REAP`]).
+//! node's backlog together with its leases ([`scripts::REAP`]). Backlogs
+//! of activities a node no longer sells (its config dropped them, or they
+//! were retired) are reaped and drained all the same: a claim acknowledged
+//! once reaches MongoDB whatever the configs say later.
 //!
 //! # Module layout
 //! - [`scripts`]: Redis key names and the Lua scripts (one atomic step each);
@@ -48,7 +51,7 @@ mod shared;
 mod users;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     future::Future,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -406,6 +409,7 @@ impl ClusterStore {
             backlog: AtomicUsize::new(0),
             backlog_full: AtomicBool::new(false),
             activities: DashMap::new(),
+            leftover: Mutex::new(HashSet::new()),
             limits: DashMap::new(),
             doubts: Mutex::new(Vec::new()),
             epochs: Mutex::new(HashMap::new()),

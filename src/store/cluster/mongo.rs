@@ -240,6 +240,18 @@ pub async fn retire(db: &Database, activity: &str) -> Result<bool, MongoError> {
     Ok(done.matched_count == 1)
 }
 
+/// Every activity `ticketd import` ever wrote, retired ones too: the ids
+/// whose claims can wait in a backlog in Redis (an activity's codes come
+/// only from an import).
+pub async fn activity_ids(db: &Database) -> Result<Vec<String>, MongoError> {
+    let mut cursor = coll(db, "activities").find(doc! {}).projection(doc! {"_id": 1}).await?;
+    let mut out = Vec::new();
+    while let Some(d) = cursor.try_next().await? {
+        out.push(text(&d, "_id"));
+    }
+    Ok(out)
+}
+
 /// The activity definitions `ticketd import` stored, by start time and id.
 pub async fn activities(db: &Database) -> Result<Vec<ActivityConfig>, StoreError> {
     let mut cursor = coll(db, "activities")

@@ -3,7 +3,7 @@
 //! activities the node sells.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     future::Future,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -65,6 +65,11 @@ pub(crate) struct Shared {
     pub backlog_full: AtomicBool,
     /// Activities this node sells, and their ticket ids (leases taken over at start).
     pub activities: DashMap<Arc<str>, Vec<Arc<str>>>,
+    /// Activities this node does not sell whose backlog of this node holds
+    /// claims: left by an earlier run whose config named them, or taken
+    /// over from a dead node by the reaper's sweep. The writer drains them
+    /// as it does the others, and forgets each once its backlog is empty.
+    pub leftover: Mutex<HashSet<Arc<str>>>,
     /// The per-user limit this node's config sets per activity it sells,
     /// recorded in Redis at start, on reload and with every heartbeat; and
     /// the lowest and highest of the live nodes' at the last record (a
