@@ -23,7 +23,7 @@ use anyhow::Context;
 use tokio::{net::TcpListener, runtime::Handle, sync::mpsc};
 
 use crate::{
-    admission::{draw::Seed, Room, Rooms, StockView},
+    admission::{Room, Rooms, StockView},
     auth::{resolve_secret, Auth, ClaimTokens, Guard},
     catalog::Catalog,
     claim::{ClaimSettings, Claimer},
@@ -104,13 +104,7 @@ impl App {
         let rooms = Arc::new(
             match store.room_source() {
                 // In a cluster each room's log is in Redis; every node replicates it.
-                Some(source) => Rooms::shared(Box::new(move |activity| {
-                    let hex = source
-                        .seed(activity, Seed::generate().to_hex())
-                        .map_err(std::io::Error::other)?;
-                    Seed::from_hex(&hex)
-                        .ok_or_else(|| std::io::Error::other("the room's seed in Redis is not 64 hex digits"))
-                })),
+                Some(source) => Rooms::shared(Box::new(source)),
                 None => Rooms::new(&Rooms::dir_in(&config.storage.path)),
             }
             .with_stream_budget(config.server.max_connections),

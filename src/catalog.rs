@@ -165,15 +165,19 @@ impl Catalog {
                         a.id
                     ));
                 }
-                (None, None) => {
-                    if let Some(drawn) = rooms.drawn_on_disk(&a.id) {
-                        problems.push(format!(
-                            "activity `{}`: its waiting room drew its order as a {drawn}; a drawn room's admission \
-                             cannot change (set admission = \"{drawn}\" and its queue_opens back)",
-                            a.id
-                        ));
-                    }
-                }
+                (None, None) => match rooms.drawn_before(&a.id) {
+                    Ok(None) => {}
+                    Ok(Some(drawn)) => problems.push(format!(
+                        "activity `{}`: its waiting room drew its order as a {drawn}; a drawn room's admission \
+                         cannot change (set admission = \"{drawn}\" and its queue_opens back)",
+                        a.id
+                    )),
+                    Err(e) => problems.push(format!(
+                        "activity `{}`: cannot tell whether its waiting room drew its order, which would \
+                         keep its admission ({e})",
+                        a.id
+                    )),
+                },
                 _ => {}
             }
             room_settings.push(settings);

@@ -21,6 +21,8 @@ use std::{
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use crate::config::AdmissionMode;
+
 /// One thing that happened in a room.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "k", rename_all = "lowercase")]
@@ -47,7 +49,7 @@ pub enum Event {
         /// a restart could turn a drawn lottery into a queue, whose late
         /// arrivals `verify-draw` accepts.)
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        m: Option<crate::config::AdmissionMode>,
+        m: Option<AdmissionMode>,
     },
     /// The next place, user `u`, was admitted at `t` with a pass until `x`.
     Admit {
@@ -113,6 +115,15 @@ impl Event {
             Event::Seed { .. } | Event::Extend { .. } | Event::Unknown => None,
         }
     }
+}
+
+/// How a log's room drew its order, if its shuffle line says (lines of
+/// earlier versions do not).
+pub fn drawn_as(events: &[Event]) -> Option<AdmissionMode> {
+    events.iter().find_map(|e| match e {
+        Event::Shuffle { m, .. } => *m,
+        _ => None,
+    })
 }
 
 /// The append side of a room's log.

@@ -49,8 +49,15 @@ use draw::Seed;
 use crate::config::AdmissionMode;
 pub use room::{Entry, JoinError, PlaceState, QueueStatus, Room, RoomSettings, RoomSummary, StockView};
 
-/// Where a shared room's seed comes from (the cluster's store).
-pub type SeedSource = Box<dyn Fn(&str) -> io::Result<Seed> + Send + Sync>;
+/// Where a cluster's rooms keep their logs (the store's Redis): what a node
+/// asks of a room's log before it holds a replica of it.
+pub trait SharedLogs: Send + Sync {
+    /// The room's seed, the same on every node (the first to ask sets it).
+    fn seed(&self, activity: &str) -> io::Result<Seed>;
+    /// How the room drew its order, once its log holds the draw and says
+    /// (see [`log::drawn_as`]).
+    fn drawn_as(&self, activity: &str) -> io::Result<Option<AdmissionMode>>;
+}
 
 /// Event streams one account may hold open on a node at once (a fan with
 /// a few tabs). Each holds a connection for minutes: without a cap one
@@ -79,7 +86,7 @@ pub enum Opened {
 pub struct Rooms {
     dir: PathBuf,
     /// Set in a cluster: rooms are replicas of logs kept in the store.
-    seeds: Option<SeedSource>,
+    shared: Option<Box<dyn SharedLogs>>,
     rooms: Mutex<HashMap<Arc<str>, Arc<Room>>>,
     closing: AtomicBool,
     /// Open event streams per account (only accounts with one: bounded by
@@ -117,7 +124,7 @@ impl Rooms {
     pub fn new(dir: &Path) -> Rooms {
         Rooms {
             dir: dir.to_owned(),
-            seeds: None,
+            shared: None,
             rooms: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             streams: Mutex::new(HashMap::new()),
@@ -127,11 +134,11 @@ impl Rooms {
     }
 
     /// Rooms that are replicas of logs kept in a cluster's store, each
-    /// with the seed `seeds` gives (the same on every node).
-    pub fn shared(seeds: SeedSource) -> Rooms {
+    /// in `logs` (the same on every node).
+    pub fn shared(logs: Box<dyn SharedLogs>) -> Rooms {
         Rooms {
             dir: PathBuf::new(),
-            seeds: Some(seeds),
+            shared: Some(logs),
             rooms: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             streams: Mutex::new(HashMap::new()),
@@ -187,8 +194,8 @@ impl Rooms {
         if let Some(room) = rooms.get(activity) {
             return Ok((room.clone(), Opened::Before));
         }
-        let room = Arc::new(match &self.seeds {
-            Some(seeds) => Room::shared(activity.clone(), settings, seeds(activity)?),
+        let room = Arc::new(match &self.shared {
+            Some(logs) => Room::shared(activity.clone(), settings, logs.seed(activity)?),
             None => {
                 if !self.dir.exists() {
                     std::fs::create_dir_all(&self.dir)?;
@@ -204,19 +211,20 @@ impl Rooms {
         Ok((room, Opened::Now))
     }
 
-    /// How the room of `activity` drew its order, when this node keeps its
-    /// log (one node) and the log says: a config that makes the activity
-    /// a race, or takes its `queue_opens` away, opens no room, so the
-    /// room's own check never ran. (A cluster's logs are in Redis: not
-    /// looked at here.)
-    pub fn drawn_on_disk(&self, activity: &str) -> Option<AdmissionMode> {
-        if self.seeds.is_some() {
-            return None;
+    /// How the room of `activity` drew its order, if its log says: a
+    /// config that makes the activity a race, or takes its `queue_opens`
+    /// away, opens no room, so the room's own check never ran. One node
+    /// reads its log on disk (one it cannot read is refused when the room
+    /// opens: not here); a cluster's node asks Redis, and an error is
+    /// its caller's to refuse on.
+    pub fn drawn_before(&self, activity: &str) -> io::Result<Option<AdmissionMode>> {
+        if let Some(logs) = &self.shared {
+            return logs.drawn_as(activity);
         }
-        Room::recorded_draw(&self.dir, activity)
+        Ok(Room::recorded_draw(&self.dir, activity)
             .ok()
             .flatten()
-            .and_then(|d| d.admission)
+            .and_then(|d| d.admission))
     }
 
     /// Drops the room of `activity` (no longer a queue, and never opened).

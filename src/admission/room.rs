@@ -421,7 +421,7 @@ impl Room {
         let path = dir.join(format!("{activity}.log"));
         let (events, len) = log::read(&path)?.unwrap_or_default();
         // Refused before the replay, which would follow the drawn mode.
-        if let Some(drawn) = drawn_as(&events).filter(|m| *m != settings.mode) {
+        if let Some(drawn) = log::drawn_as(&events).filter(|m| *m != settings.mode) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
@@ -783,15 +783,6 @@ impl Room {
     pub fn draw_record(&self) -> Option<DrawRecord> {
         self.state.lock().draw_record(&self.activity, &self.seed)
     }
-}
-
-/// How a log's room drew its order, if its shuffle line says (lines of
-/// earlier versions do not).
-fn drawn_as(events: &[Event]) -> Option<AdmissionMode> {
-    events.iter().find_map(|e| match e {
-        Event::Shuffle { m, .. } => *m,
-        _ => None,
-    })
 }
 
 /// The seed and state the events of the log at `path` describe; `None` when it is empty.

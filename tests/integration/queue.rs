@@ -2208,3 +2208,44 @@ async fn a_drawn_lottery_cannot_become_a_queue_by_a_restart() {
     let (draw, _) = export_draw(&app, "md");
     assert_eq!(draw["admission"], "lottery", "{draw}");
 }
+
+/// The same in a cluster, where the room's log is in Redis: a node
+/// restarted with a config that made a drawn lottery a race opened no room
+/// and was not checked, so it sold the lottery's codes to whoever was
+/// fastest, passes or none, beside nodes that held to the draw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drawn_lottery_cannot_become_a_race_on_a_cluster_node() {
+    use crate::cluster::Cluster;
+    use ticketd::clock::{now_ms, rfc3339_ms};
+    let draw = format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 2_000));
+    let act = absolute_room("mc", "lottery", 2, 3_000, &[&draw]);
+    let mut cluster = Cluster::start(1, &act, "");
+    let fan = cluster.users("mc", 1).await.remove(0);
+    let node = &mut cluster.nodes[0];
+    assert_eq!(join(&node.client, &fan, "mc").await.status, 200);
+    until_drawn(node, "mc").await;
+    assert_eq!(node.stop(), 0);
+    let config = std::fs::read_to_string(node.config_path()).unwrap();
+    let race: String = config
+        .lines()
+        .filter(|l| {
+            !["admission =", "queue_opens =", "draw_time ="]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(!race.contains("lottery") && !race.contains("queue_opens"), "{race}");
+    std::fs::write(node.config_path(), &race).unwrap();
+    let err = crate::common::serve_refused(
+        node.dir.path(),
+        Duration::from_secs(30),
+        "a cluster node sold a drawn lottery as a race",
+    );
+    assert!(err.contains("its waiting room drew its order as a lottery"), "{err}");
+
+    // With the lottery set back it serves, and the room is as it drew.
+    std::fs::write(node.config_path(), &config).unwrap();
+    node.boot();
+    assert_eq!(status(&node.client, &fan, "mc").await["position"], 1);
+}

@@ -36,7 +36,13 @@ use super::{
     shared::{block_on, on, Shared},
 };
 use crate::{
-    admission::{log::Event, room::MAX_PLACES_PER_ACCOUNT, Room},
+    admission::{
+        draw::Seed,
+        log::{self, Event},
+        room::MAX_PLACES_PER_ACCOUNT,
+        Room, SharedLogs,
+    },
+    config::AdmissionMode,
     store::types::StoreError,
 };
 
@@ -183,6 +189,18 @@ pub enum Appended {
     },
 }
 
+/// A node's rooms keep their logs here.
+impl SharedLogs for RoomSource {
+    fn seed(&self, activity: &str) -> std::io::Result<Seed> {
+        let hex = RoomSource::seed(self, activity, Seed::generate().to_hex()).map_err(std::io::Error::other)?;
+        Seed::from_hex(&hex).ok_or_else(|| std::io::Error::other("the room's seed in Redis is not 64 hex digits"))
+    }
+
+    fn drawn_as(&self, activity: &str) -> std::io::Result<Option<AdmissionMode>> {
+        RoomSource::drawn_as(self, activity).map_err(std::io::Error::other)
+    }
+}
+
 /// The Redis side of the waiting rooms, for a node or a tool.
 #[derive(Clone)]
 pub struct RoomSource {
@@ -210,6 +228,23 @@ impl RoomSource {
             let seed: String = redis::cmd("GET").arg(&seed_key).query_async(&mut redis).await?;
             Ok::<_, ClusterError>(seed)
         })?)
+    }
+
+    /// How the room drew its order, once its log holds the draw and says
+    /// (see [`log::drawn_as`]). The log is read only when the `shuffled`
+    /// flag is set: a node asks this of every activity its config makes a
+    /// race, at each start and reload. Blocking.
+    pub fn drawn_as(&self, activity: &str) -> Result<Option<AdmissionMode>, StoreError> {
+        let (shared, flag) = (self.shared.clone(), key(activity, "shuffled"));
+        let shuffled = block_on(&self.handle, async move {
+            let mut redis = shared.redis.clone();
+            let set: bool = redis::cmd("EXISTS").arg(&flag).query_async(&mut redis).await?;
+            Ok::<_, ClusterError>(set)
+        })?;
+        if !shuffled {
+            return Ok(None);
+        }
+        Ok(log::drawn_as(&block_on(&self.handle, self.events(activity, 0))?))
     }
 
     /// Takes a place for `user` (the room's checks in one script).
