@@ -2212,9 +2212,12 @@ async fn a_drawn_lottery_cannot_become_a_queue_by_a_restart() {
 /// The same in a cluster, where the room's log is in Redis: a node
 /// restarted with a config that made a drawn lottery a race opened no room
 /// and was not checked, so it sold the lottery's codes to whoever was
-/// fastest, passes or none, beside nodes that held to the draw.
+/// fastest, passes or none, beside nodes that held to the draw. And a node
+/// whose config says `queue` told the join script "not a lottery" until its
+/// replica first read the shuffle line, so a late entrant got into the
+/// drawn lottery: Redis now holds joins to the mode the room drew as.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drawn_lottery_cannot_become_a_race_on_a_cluster_node() {
+async fn a_drawn_lottery_stays_a_lottery_on_a_cluster_node_whatever_its_config_says() {
     use crate::cluster::Cluster;
     use ticketd::clock::{now_ms, rfc3339_ms};
     let draw = format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 2_000));
@@ -2248,4 +2251,12 @@ async fn a_drawn_lottery_cannot_become_a_race_on_a_cluster_node() {
     std::fs::write(node.config_path(), &config).unwrap();
     node.boot();
     assert_eq!(status(&node.client, &fan, "mc").await["position"], 1);
+
+    // A join sent as a queue's (a node whose config says so, its replica
+    // not caught up yet) finds the lottery's entries closed all the same.
+    let config = ticketd::config::Config::load(&node.config_path()).unwrap();
+    let store = ticketd::store::Store::open(&config, ticketd::store::Access::Tool).unwrap();
+    let rooms = store.room_source().unwrap();
+    let late = rooms.join("mc", 1 << 40, now_ms(), false, 1000, None).await.unwrap();
+    assert_eq!(late, ticketd::store::Joined::EntriesClosed);
 }

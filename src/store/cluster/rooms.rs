@@ -9,7 +9,8 @@
 //! q:{A}:waiting    int   places not yet reached (queue_capacity)
 //! q:{A}:taken      hash  user id -> places taken (MAX_PLACES_PER_ACCOUNT; places
 //!                        taken before this key existed are not counted)
-//! q:{A}:shuffled   str   set when the shuffle event is in the log
+//! q:{A}:shuffled   str   set when the shuffle event is in the log: the mode it
+//!                        drew as (`queue`, `lottery`; `1` from earlier versions)
 //! q:{A}:closed     str   set when the close event is in the log
 //! q:{A}:seen       hash  user id -> last check-in (Unix ms), flushed by every node
 //! q:{A}:admitter   str   the node instance that may append admissions (a lease)
@@ -54,13 +55,21 @@ fn key(activity: &str, name: &str) -> String {
     format!("q:{{{activity}}}:{name}")
 }
 
+/// A place for a user: KEYS places, log, closed, shuffled, waiting, taken;
+/// ARGV user, whether the caller's config makes the room a lottery, the
+/// capacity, the join event, the pass expiry the caller saw lapse, the
+/// places one account may take. Once the room has drawn, the mode it drew
+/// as decides, not the caller's: a node whose config disagrees (until its
+/// replica reads the shuffle line) let a late entrant into a drawn lottery.
 static JOIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 local st = redis.call('HGET', KEYS[1], ARGV[1])
-local shuffled = redis.call('EXISTS', KEYS[4]) == 1
+local drawn = redis.call('GET', KEYS[4])
+local shuffled = drawn ~= false
 local lottery = ARGV[2] == '1'
+if drawn == 'lottery' then lottery = true elseif drawn == 'queue' then lottery = false end
 local again = st == 'p' or (ARGV[5] ~= '' and (st == 'a:' .. ARGV[5] or st == 'a'))
 if st and ((not again) or (lottery and shuffled)) then return 0 end
 if (not st) and lottery and shuffled then return -2 end
@@ -112,7 +121,7 @@ for i = 3, #ARGV, 3 do
   elseif kind == 'skip' then
     redis.call('HSET', KEYS[3], user, 'p'); redis.call('DECR', KEYS[4]); redis.call('INCR', KEYS[7])
   elseif kind == 'shuffle' then
-    keep = redis.call('SET', KEYS[5], '1', 'NX') ~= false
+    keep = redis.call('SET', KEYS[5], cjson.decode(json)['m'] or '1', 'NX') ~= false
   elseif kind == 'close' then
     keep = redis.call('SET', KEYS[6], '1', 'NX') ~= false
   elseif kind == 'pause' then
@@ -230,21 +239,24 @@ impl RoomSource {
         })?)
     }
 
-    /// How the room drew its order, once its log holds the draw and says
-    /// (see [`log::drawn_as`]). The log is read only when the `shuffled`
-    /// flag is set: a node asks this of every activity its config makes a
-    /// race, at each start and reload. Blocking.
+    /// How the room drew its order, once its log holds the draw and says:
+    /// the `shuffled` flag names the mode; a flag an earlier version set
+    /// (`1`) sends this to the log's shuffle line ([`log::drawn_as`]).
+    /// Blocking: a node asks it of every activity its config makes a race,
+    /// at each start and reload.
     pub fn drawn_as(&self, activity: &str) -> Result<Option<AdmissionMode>, StoreError> {
         let (shared, flag) = (self.shared.clone(), key(activity, "shuffled"));
-        let shuffled = block_on(&self.handle, async move {
+        let drawn = block_on(&self.handle, async move {
             let mut redis = shared.redis.clone();
-            let set: bool = redis::cmd("EXISTS").arg(&flag).query_async(&mut redis).await?;
-            Ok::<_, ClusterError>(set)
+            let drawn: Option<String> = redis::cmd("GET").arg(&flag).query_async(&mut redis).await?;
+            Ok::<_, ClusterError>(drawn)
         })?;
-        if !shuffled {
-            return Ok(None);
-        }
-        Ok(log::drawn_as(&block_on(&self.handle, self.events(activity, 0))?))
+        Ok(match drawn.as_deref() {
+            None => None,
+            Some("queue") => Some(AdmissionMode::Queue),
+            Some("lottery") => Some(AdmissionMode::Lottery),
+            Some(_) => log::drawn_as(&block_on(&self.handle, self.events(activity, 0))?),
+        })
     }
 
     /// Takes a place for `user` (the room's checks in one script).
