@@ -1801,32 +1801,53 @@ async fn export_and_report_say_how_many_claims_are_still_in_a_backlog() {
 
 /// A claim acknowledged in an activity reaches MongoDB even once no node
 /// sells that activity any more. Only an activity's sellers reaped and
-/// drained its backlogs: a node restarted on a config naming the next event
-/// left its own backlog of the last one in Redis for good, and so did the
-/// node that died with it and never came back; the event's exports warned
-/// of the missing claims forever. Now every node sweeps the activities
-/// MongoDB knows and it does not sell.
+/// drained its backlogs: the backlogs of nodes that died during a MongoDB
+/// outage stayed in Redis for good once the nodes left alive, or restarted,
+/// sold the next event only, and the event's exports warned of the
+/// missing claims forever. Now every node sweeps the activities MongoDB
+/// knows and it does not sell; and one holding such a backlog stays
+/// registered in the activity, so if it dies too, another node takes the
+/// backlog over in turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backlogs_of_an_activity_no_node_sells_any_more_still_reach_mongodb() {
+    const SWEEPING: &str = "Sweeping the backlogs of the activities MongoDB knows and this node does not sell.";
     let extra = "[cluster]\nlease_ttl = \"2s\"\n";
     let mut cluster = Cluster::start(2, &cluster_activity("lo", 20, 1), extra);
+    // node2 sells the next event only.
+    let lp = cluster_activity("lp", 5, 1);
+    let next: Vec<String> = ["node0", "node2"]
+        .iter()
+        .map(|node| node_config(&cluster.services, &cluster.db, node, extra) + &lp)
+        .collect();
+    let mut node2 = TestApp::prepare(&next[1], &[]);
+    let out = node2.cli(&["import"], None);
+    assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+    node2.boot();
+    until("node2 to list what it sweeps", || async {
+        node2.count_logs(SWEEPING) > 0
+    })
+    .await;
+    cluster.nodes.push(node2);
+
     let (tokens, _) = users(&cluster, "lo", 6).await;
     cluster.services.stop_mongo();
     for (i, token) in tokens.iter().enumerate() {
         let res = cluster.nodes[i % 2].claim(token, "lo").await;
         assert_eq!(res.status, 200, "{}", res.body);
     }
-    // Both die at once, before either could reap the other; node1 never
-    // comes back, node0 comes back selling the next event only.
+    // Both sellers die at once, before either could reap the other: node2
+    // takes over their backlogs, and cannot write them while MongoDB is down.
     cluster.nodes[1].kill9();
     cluster.nodes[0].kill9();
+    let outbox = |node: &str| format!("tk:{{lo}}:outbox:{node}");
+    until("node2 to take over both backlogs", || async {
+        llen(&cluster, &outbox("node2")).await == 6
+    })
+    .await;
+    // Then node2 dies too, and node0 comes back selling the next event.
+    cluster.nodes[2].kill9();
     cluster.services.restart_mongo();
-    let (outbox0, outbox1) = ("tk:{lo}:outbox:node0", "tk:{lo}:outbox:node1");
-    assert_eq!(llen(&cluster, outbox0).await + llen(&cluster, outbox1).await, 6);
-    let next = node_config(&cluster.services, &cluster.db, "node0", extra) + &cluster_activity("lp", 5, 1);
-    std::fs::write(cluster.nodes[0].config_path(), next).unwrap();
-    let out = cluster.nodes[0].cli(&["import"], None);
-    assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(cluster.nodes[0].config_path(), &next[0]).unwrap();
     cluster.nodes[0].boot();
 
     assert_eq!(cluster.drained("lo").await.len(), 6);
@@ -1834,8 +1855,12 @@ async fn backlogs_of_an_activity_no_node_sells_any_more_still_reach_mongodb() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(crate::common::parse_csv(&out.stdout).len(), 6);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"));
-    until("both backlogs to empty", || async {
-        llen(&cluster, outbox0).await + llen(&cluster, outbox1).await == 0
+    until("every backlog to empty", || async {
+        let mut left = 0;
+        for node in ["node0", "node1", "node2"] {
+            left += llen(&cluster, &outbox(node)).await;
+        }
+        left == 0
     })
     .await;
 }

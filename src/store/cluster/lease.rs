@@ -521,6 +521,7 @@ async fn resolve_doubts(shared: &Shared) -> Result<Vec<(Arc<str>, String)>, Clus
 /// knows ([`sweep_unsold`]).
 pub(super) async fn reaper(shared: Arc<Shared>, ctl: Ctl, mut stop: Stop) {
     let every = shared.cfg.lease_ttl.0 / 2;
+    let mut known = Known::default();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -534,7 +535,7 @@ pub(super) async fn reaper(shared: Arc<Shared>, ctl: Ctl, mut stop: Stop) {
             ctl.error(&error);
             tracing::debug!(%error, "Reaping failed.");
         }
-        if let Err(error) = sweep_unsold(&shared).await {
+        if let Err(error) = sweep_unsold(&shared, &mut known).await {
             ctl.error(&error);
             tracing::debug!(%error, "Sweeping the activities this node does not sell failed.");
         }
@@ -577,32 +578,94 @@ async fn reap_activity(shared: &Shared, activity: &str, tickets: &[Arc<str>]) ->
     Ok(moved)
 }
 
+/// How often the reaper reads again which activities MongoDB knows: the
+/// list only grows with imports, and a backlog left in one waits for
+/// MongoDB anyway.
+const KNOWN_REFRESH: Duration = Duration::from_secs(30);
+
+/// The activities MongoDB knows, as the reaper last read them.
+#[derive(Default)]
+struct Known {
+    ids: Vec<String>,
+    read: Option<Instant>,
+}
+
 /// The activities MongoDB knows that this node does not sell. Nobody may
 /// sell one any more (a config dropped it, `ticketd retire` took it off
 /// sale), yet claims acknowledged in it can still wait in a backlog: this
 /// node's own, left by an earlier run whose config named it, or a dead
-/// node's. Only the activity's sellers reap and drain it, so without this
-/// those claims never reached MongoDB (exports warned of them for good).
-/// Each such activity is reaped, and one whose backlog of this node holds
-/// claims goes to the writer ([`Shared::leftover`]).
-async fn sweep_unsold(shared: &Shared) -> Result<(), ClusterError> {
-    let ids = super::mongo::activity_ids(&shared.db).await?;
-    let mut redis = shared.redis.clone();
-    for a in ids {
-        if shared.activities.contains_key(a.as_str()) {
+/// node's. Only the activity's sellers reaped and drained it, so those
+/// claims never reached MongoDB (exports warned of them for good).
+///
+/// Each such activity is reaped. One whose backlog of this node holds
+/// claims goes to the writer ([`Shared::leftover`]), and this node keeps
+/// itself registered in the activity as a live node (as a heartbeat does,
+/// renewed by each sweep until the backlog is empty): REAP finds backlogs
+/// only through that registration, so if this node dies before its writer
+/// has drained them, a live node takes them over in turn. An error in one
+/// activity does not stop the others; the first is returned.
+async fn sweep_unsold(shared: &Shared, known: &mut Known) -> Result<(), ClusterError> {
+    if known.read.is_none_or(|at| at.elapsed() >= KNOWN_REFRESH) {
+        // A failed read is tried again after the same wait: MongoDB down
+        // must not hold up the reaping of the activities this node sells.
+        known.read = Some(Instant::now());
+        let ids = super::mongo::activity_ids(&shared.db).await?;
+        if ids != known.ids {
+            let unsold = ids
+                .iter()
+                .filter(|a| !shared.activities.contains_key(a.as_str()))
+                .count();
+            tracing::info!(
+                unsold,
+                "Sweeping the backlogs of the activities MongoDB knows and this node does not sell."
+            );
+            known.ids = ids;
+        }
+    }
+    let mut first_error = None;
+    for a in &known.ids {
+        if a.is_empty() || shared.activities.contains_key(a.as_str()) {
             continue;
         }
-        let moved = reap_activity(shared, &a, &[]).await?;
-        let own: usize = redis::cmd("LLEN")
-            .arg(scripts::Keys::new(&a).outbox(&shared.node))
-            .query_async(&mut redis)
-            .await?;
-        if own > 0 && shared.leftover.lock().insert(Arc::from(a.as_str())) {
-            tracing::info!(activity = %a, claims = own, "This node does not sell the activity, but its backlog holds claims: writing them to MongoDB.");
-            // What the reap moved is counted already.
-            shared.backlog.fetch_add(own.saturating_sub(moved), Ordering::Relaxed);
-            shared.backlog_grew.notify_one();
+        if let Err(error) = sweep_one(shared, a).await {
+            tracing::debug!(activity = %a, %error, "Could not sweep an activity this node does not sell.");
+            first_error.get_or_insert(error);
         }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// [`sweep_unsold`] of one activity.
+async fn sweep_one(shared: &Shared, activity: &str) -> Result<(), ClusterError> {
+    let mut redis = shared.redis.clone();
+    let keys = scripts::Keys::new(activity);
+    let moved = reap_activity(shared, activity, &[]).await?;
+    let own: usize = redis::cmd("LLEN")
+        .arg(keys.outbox(&shared.node))
+        .query_async(&mut redis)
+        .await?;
+    if own == 0 {
+        return Ok(());
+    }
+    let _: Vec<usize> = scripts::HEARTBEAT
+        .key(keys.nodes())
+        .key(keys.sold())
+        .key(keys.epochs())
+        .arg(&*shared.node)
+        .arg(shared.lease_ttl_ms())
+        .invoke_async(&mut redis)
+        .await?;
+    // A reload may have started selling it meanwhile: then `track` counted
+    // its backlog, and the writer drains it as a sold activity's.
+    if !shared.activities.contains_key(activity) && shared.leftover.lock().insert(Arc::from(activity)) {
+        tracing::info!(
+            activity,
+            claims = own,
+            "This node does not sell the activity, but its backlog holds claims: writing them to MongoDB."
+        );
+        // What the reap moved is counted already.
+        shared.backlog.fetch_add(own.saturating_sub(moved), Ordering::Relaxed);
+        shared.backlog_grew.notify_one();
     }
     Ok(())
 }
