@@ -506,6 +506,10 @@ impl Slot {
                 rejected(self, &claim, true);
                 Next::Done(Err(Rejection::QueuePassExpired))
             }
+            CommitOutcome::PassRequired => {
+                rejected(self, &claim, true);
+                Next::Done(Err(Rejection::QueuePassRequired))
+            }
             CommitOutcome::Failed(error) => {
                 rejected(self, &claim, true);
                 Next::Done(Err(error.into()))

@@ -214,9 +214,8 @@ impl Rooms {
     /// How the room of `activity` drew its order, if its log says: a
     /// config that makes the activity a race, or takes its `queue_opens`
     /// away, opens no room, so the room's own check never ran. One node
-    /// reads its log on disk (one it cannot read is refused when the room
-    /// opens: not here); a cluster's node asks Redis, and an error is
-    /// its caller's to refuse on.
+    /// reads its log on disk (a log it cannot read counts as none here);
+    /// a cluster's node asks Redis, and says when it cannot.
     pub fn drawn_before(&self, activity: &str) -> io::Result<Option<AdmissionMode>> {
         if let Some(logs) = &self.shared {
             return logs.drawn_as(activity);

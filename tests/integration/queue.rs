@@ -2224,10 +2224,16 @@ async fn a_drawn_lottery_stays_a_lottery_on_a_cluster_node_whatever_its_config_s
     let act = absolute_room("mc", "lottery", 2, 3_000, &[&draw]);
     let mut cluster = Cluster::start(1, &act, "");
     let fan = cluster.users("mc", 1).await.remove(0);
-    let node = &mut cluster.nodes[0];
+    let Cluster { services, nodes, .. } = &mut cluster;
+    let node = &mut nodes[0];
     assert_eq!(join(&node.client, &fan, "mc").await.status, 200);
     until_drawn(node, "mc").await;
     assert_eq!(node.stop(), 0);
+    // The flag as the version before named no mode (`1`): the log says it.
+    let flag = "q:{mc}:shuffled";
+    let named: String = services.query(redis::cmd("GET").arg(flag)).await;
+    assert_eq!(named, "lottery");
+    let () = services.query(redis::cmd("SET").arg(flag).arg("1")).await;
     let config = std::fs::read_to_string(node.config_path()).unwrap();
     let race: String = config
         .lines()
@@ -2247,10 +2253,16 @@ async fn a_drawn_lottery_stays_a_lottery_on_a_cluster_node_whatever_its_config_s
     );
     assert!(err.contains("its waiting room drew its order as a lottery"), "{err}");
 
-    // With the lottery set back it serves, and the room is as it drew.
+    // With the lottery set back it serves, and the room is as it drew; its
+    // replica, reading the shuffle line, names the mode in the flag.
+    let () = services.query(redis::cmd("SET").arg(flag).arg("1")).await;
     std::fs::write(node.config_path(), &config).unwrap();
     node.boot();
     assert_eq!(status(&node.client, &fan, "mc").await["position"], 1);
+    until("the flag to name the mode", || async {
+        services.query::<String>(redis::cmd("GET").arg(flag)).await == "lottery"
+    })
+    .await;
 
     // A join sent as a queue's (a node whose config says so, its replica
     // not caught up yet) finds the lottery's entries closed all the same.
@@ -2259,4 +2271,51 @@ async fn a_drawn_lottery_stays_a_lottery_on_a_cluster_node_whatever_its_config_s
     let rooms = store.room_source().unwrap();
     let late = rooms.join("mc", 1 << 40, now_ms(), false, 1000, None).await.unwrap();
     assert_eq!(late, ticketd::store::Joined::EntriesClosed);
+}
+
+/// A node whose config makes the activity a race, started before the room
+/// drew (so its start found nothing to refuse), sold the drawn lottery's
+/// codes to whoever claimed first, with no pass. Redis's commit script now
+/// refuses a claim without a pass once the activity's room has drawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_race_node_beside_a_drawn_lottery_sells_nothing_without_a_pass() {
+    use crate::cluster::Cluster;
+    use ticketd::clock::{now_ms, rfc3339_ms};
+    let draw = format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 2_000));
+    let act = absolute_room("rn", "lottery", 4, 3_000, &[&draw]);
+    // node1's config makes it a race.
+    let cluster = Cluster::start_configured(2, &act, "", |config| {
+        if !config.contains("node_id = \"node1\"") {
+            return config;
+        }
+        let race: String = config
+            .lines()
+            .filter(|l| {
+                !["admission =", "queue_opens =", "draw_time ="]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(!race.contains("lottery"), "{race}");
+        race
+    });
+    let (fan, racer) = {
+        let mut tokens = cluster.users("rn", 2).await;
+        (tokens.remove(0), tokens.remove(0))
+    };
+    assert_eq!(join(&cluster.nodes[0].client, &fan, "rn").await.status, 200);
+    until_drawn(&cluster.nodes[0], "rn").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let res = loop {
+        let res = cluster.nodes[1].claim(&racer, "rn").await;
+        if res.status != 409 {
+            break res;
+        }
+        assert_error(&res, 409, "NOT_STARTED");
+        assert!(tokio::time::Instant::now() < deadline, "the sale never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_error(&res, 403, "QUEUE_PASS_REQUIRED");
+    assert_eq!(cluster.redis_claimed("rn").await, 0, "nothing was sold");
 }

@@ -170,6 +170,8 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
             CommitOutcome::CodeTaken
         } else if answer == "LAPSED" {
             CommitOutcome::Lapsed
+        } else if answer == "NOPASS" {
+            CommitOutcome::PassRequired
         } else if answer == "FULL" {
             if !shared.backlog_full.swap(true, Ordering::Relaxed) {
                 tracing::error!(
@@ -225,7 +227,8 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
         .key(keys.sold())
         .key(keys.limits())
         .key(keys.nodes())
-        .key(keys.served());
+        .key(keys.served())
+        .key(keys.drawn());
     // Each claim names its lease set; a batch mostly has one ticket type,
     // so each name is built once.
     let mut leases: Vec<(&str, String)> = Vec::new();

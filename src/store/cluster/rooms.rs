@@ -84,6 +84,17 @@ return 1
     )
 });
 
+/// Names the drawn mode (ARGV[1]) in a `shuffled` flag (KEYS[1]) an
+/// earlier version set to `1`; any other flag stays as it is.
+static NAME_DRAWN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == '1' then redis.call('SET', KEYS[1], ARGV[1]) return 1 end
+return 0
+",
+    )
+});
+
 /// Redis's time (Unix ms), then how many codes each user in ARGV holds
 /// (KEYS[1]: the activity's `users` hash). One script, so the time is that
 /// of the count, on the master that commits the activity's claims. `HMGET`
@@ -255,8 +266,39 @@ impl RoomSource {
             None => None,
             Some("queue") => Some(AdmissionMode::Queue),
             Some("lottery") => Some(AdmissionMode::Lottery),
-            Some(_) => log::drawn_as(&block_on(&self.handle, self.events(activity, 0))?),
+            Some(_) => block_on(&self.handle, self.first_drawn(activity))?,
         })
+    }
+
+    /// The mode the room's shuffle line names, read a chunk at a time up to
+    /// that line (the joins before it can be many), for a flag an earlier
+    /// version set; the flag then names the mode ([`RoomSource::name_drawn`]).
+    async fn first_drawn(&self, activity: &str) -> Result<Option<AdmissionMode>, StoreError> {
+        let mut from = 0;
+        loop {
+            let events = self.chunk(activity, from).await?;
+            if let Some(mode) = log::drawn_as(&events) {
+                self.name_drawn(activity, mode).await?;
+                return Ok(Some(mode));
+            }
+            if (events.len() as isize) < READ_CHUNK {
+                return Ok(None);
+            }
+            from += events.len() as u64;
+        }
+    }
+
+    /// Sets the room's `shuffled` flag to `mode` where an earlier version
+    /// set it to `1`, so the join script holds joins to the mode the room
+    /// drew as (it trusts the caller's config under a `1`).
+    async fn name_drawn(&self, activity: &str, mode: AdmissionMode) -> Result<(), StoreError> {
+        let (shared, flag, mode) = (self.shared.clone(), key(activity, "shuffled"), mode.to_string());
+        Ok(on(&self.handle, async move {
+            let mut redis = shared.redis.clone();
+            let _: i64 = NAME_DRAWN.key(&flag).arg(&mode).invoke_async(&mut redis).await?;
+            Ok::<_, ClusterError>(())
+        })
+        .await?)
     }
 
     /// Takes a place for `user` (the room's checks in one script).
@@ -309,28 +351,36 @@ impl RoomSource {
 
     /// The room log's entries from `from` on.
     pub async fn events(&self, activity: &str, from: u64) -> Result<Vec<Event>, StoreError> {
+        let mut events = Vec::new();
+        loop {
+            let chunk = self.chunk(activity, from + events.len() as u64).await?;
+            let n = chunk.len();
+            events.extend(chunk);
+            if (n as isize) < READ_CHUNK {
+                return Ok(events);
+            }
+        }
+    }
+
+    /// Up to [`READ_CHUNK`] entries of the room's log from `from` on.
+    async fn chunk(&self, activity: &str, from: u64) -> Result<Vec<Event>, StoreError> {
         let (shared, log) = (self.shared.clone(), key(activity, "log"));
         Ok(on(&self.handle, async move {
             let mut redis = shared.redis.clone();
-            let mut events = Vec::new();
-            loop {
-                let start = from as isize + events.len() as isize;
-                let chunk: Vec<String> = redis::cmd("LRANGE")
-                    .arg(&log)
-                    .arg(start)
-                    .arg(start + READ_CHUNK - 1)
-                    .query_async(&mut redis)
-                    .await?;
-                let n = chunk.len();
-                for line in chunk {
-                    let event = serde_json::from_str(&line)
-                        .map_err(|e| ClusterError::Protocol(format!("a room log entry is not an event: {e}")))?;
-                    events.push(event);
-                }
-                if (n as isize) < READ_CHUNK {
-                    return Ok(events);
-                }
-            }
+            let start = from as isize;
+            let lines: Vec<String> = redis::cmd("LRANGE")
+                .arg(&log)
+                .arg(start)
+                .arg(start + READ_CHUNK - 1)
+                .query_async(&mut redis)
+                .await?;
+            lines
+                .iter()
+                .map(|line| {
+                    serde_json::from_str(line)
+                        .map_err(|e| ClusterError::Protocol(format!("a room log entry is not an event: {e}")))
+                })
+                .collect::<Result<Vec<Event>, _>>()
         })
         .await?)
     }
@@ -342,6 +392,10 @@ impl RoomSource {
         let events = self.events(&room.activity, from).await?;
         room.apply_shared(from, &events);
         room.mark_read(at);
+        if let Some(mode) = log::drawn_as(&events) {
+            // Once per node and room: its shuffle line has just been read.
+            self.name_drawn(&room.activity, mode).await?;
+        }
         Ok(())
     }
 
