@@ -128,15 +128,25 @@ const ERRORS = {
   },
 };
 
-/** Codes after which trying again (as the server says) may succeed. NETWORK,
- * UNAVAILABLE (Nginx's own 502/503/504) and OTHER (a 5xx that was not ours)
- * leave a claim's outcome unknown: it is retried with the same
- * Idempotency-Key, which returns the code if the first try took one. */
+/** Codes after which trying again (as the server says) may succeed. NETWORK
+ * (a timeout too), UNAVAILABLE (Nginx's own 502/503/504), INTERNAL (the
+ * node's own 500) and OTHER (a 5xx that was not ours) leave a claim's
+ * outcome unknown: it is retried with the same Idempotency-Key, which
+ * returns the code if the first try took one. */
 const RETRYABLE = new Set(['RATE_LIMITED', 'IN_PROGRESS', 'STOCK_IN_FLIGHT', 'NOT_IMPORTED', 'OVERLOADED',
   'BACKLOG_FULL', 'QUEUE_FULL', 'STORE_UNAVAILABLE', 'OUTCOME_UNKNOWN', 'LOGIN_THROTTLED', 'BUSY', 'UNAVAILABLE',
-  'NETWORK']);
+  'INTERNAL', 'NETWORK']);
 const retryable = (res) => RETRYABLE.has(res.error.code) || (res.error.code === 'OTHER' && res.status >= 500);
 const MAX_TRIES = 6;
+/** A request with no answer by then is given up as NETWORK (and retried as
+ * such): a phone's connection that stalls mid-request would otherwise
+ * leave the grab button on "Grabbing…" for minutes. */
+const REQUEST_TIMEOUT_MS = 20000;
+/** An event stream silent this long is taken for dead and opened again:
+ * the server writes at least every 15 s, and a connection dropped without
+ * a word (a phone changing networks) would otherwise hold the fan's place
+ * on a stream that never says "your turn". */
+const STREAM_SILENCE_MS = 35000;
 /** Codes that end the session: the page forgets the token and asks to log in. */
 const RELOGIN = ['UNAUTHORIZED', 'TOKEN_EXPIRED', 'SESSION_OUTDATED'];
 
@@ -220,17 +230,25 @@ const claimKeys = {
 async function api(method, path, body, extra = {}) {
   const headers = { Accept: 'application/json' };
   if (body !== undefined) headers['Content-Type'] = 'application/json';
-  if (store.token) headers.Authorization = `Bearer ${store.token}`;
+  // The list is the same for everyone (Nginx caches one copy): no token.
+  if (store.token && !path.startsWith('/act/list')) headers.Authorization = `Bearer ${store.token}`;
   Object.assign(headers, extra);
   const sent = Date.now();
+  const network = { ok: false, status: 0, error: { code: 'NETWORK', message: '' }, retryAfter: 0 };
+  const signal = AbortSignal.timeout(REQUEST_TIMEOUT_MS);
   let res;
   try {
-    res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal });
   } catch {
-    return { ok: false, status: 0, error: { code: 'NETWORK', message: '' }, retryAfter: 0 };
+    return network;
   }
   let json = null;
-  try { json = await res.json(); } catch { /* not JSON: handled below */ }
+  try {
+    json = await res.json();
+  } catch {
+    // A body cut off by the timeout is no answer; one that is not JSON is handled below.
+    if (signal.aborted) return network;
+  }
   const out = {
     ok: res.ok && json?.ok === true,
     status: res.status,
@@ -238,7 +256,10 @@ async function api(method, path, body, extra = {}) {
     error: json?.error || (res.ok ? null : { code: 'OTHER', message: `HTTP ${res.status}` }),
     retryAfter: Number(res.headers.get('Retry-After')) || 0,
   };
-  if (json?.data?.serverTime) {
+  // A list Nginx answered from its cache carries an old serverTime and
+  // arrives fast: it would win the clock with a time seconds behind.
+  const cached = ['HIT', 'STALE', 'UPDATING'].includes(res.headers.get('X-Cache'));
+  if (json?.data?.serverTime && !cached) {
     sampleClock(Date.parse(json.data.serverTime), sent, Date.now(), path.startsWith('/act/list'));
   }
   if (out.error && RELOGIN.includes(out.error.code) && store.token) {
@@ -322,8 +343,7 @@ async function listView() {
   const acts = res.data.activities;
   const items = acts.map((a) => {
     const badge = h('span', { class: 'badge' });
-    // Not read aloud each second: <main> is a polite live region.
-    const line = h('p', { class: 'muted', 'aria-live': 'off' });
+    const line = h('p', { class: 'muted' });
     const tick = () => {
       const now = serverNow();
       const st = statusOf(a, now);
@@ -353,17 +373,26 @@ async function detailView(actId) {
   if (!res.ok) return show(h('p', {}, h('a', { href: '#/' }, t('back'))), failedNotice(res.error, retryable(res), 'reload'));
   let a = res.data;
   document.title = `${a.name} · ${t('brand')}`;
-  const start = Date.parse(a.startTime), end = Date.parse(a.endTime);
+  // Read each time: a refresh may move them (the organiser's reload).
+  const start = () => Date.parse(a.startTime), end = () => Date.parse(a.endTime);
   const badge = h('span', { class: 'badge', id: 'status' });
-  const countdown = h('p', { class: 'countdown', id: 'countdown', 'aria-live': 'off' });
+  const countdown = h('p', { class: 'countdown', id: 'countdown' });
   const caption = h('p', { class: 'muted', id: 'countdown-caption' });
-  const rows = a.tickets.map((tk) => h('tr', {},
-    h('td', {}, tk.name), h('td', { class: 'num' }, number(tk.remaining)), h('td', { class: 'num' }, number(tk.total))));
+  const opensAt = h('p', { class: 'muted', id: 'opens-at' });
+  const drawOpensAt = () => { opensAt.textContent = `${t('wait')} ${when(start())} · ${t('limit')} ${number(a.perUserLimit)}`; };
+  drawOpensAt();
+  const cells = new Map();
+  const rows = a.tickets.map((tk) => {
+    const left = h('td', { class: 'num' }, number(tk.remaining));
+    const total = h('td', { class: 'num' }, number(tk.total));
+    cells.set(tk.ticketId, { left, total });
+    return h('tr', { 'data-ticket': tk.ticketId }, h('td', {}, tk.name), left, total);
+  });
   const select = h('select', { id: 'ticket', 'aria-label': t('ticket') },
     h('option', { value: '' }, t('anyTicket')),
     a.tickets.map((tk) => h('option', { value: tk.ticketId }, tk.name)));
   const button = h('button', { type: 'button', class: 'primary', id: 'grab', disabled: true }, t('grab'));
-  const progress = h('progress', { id: 'pow-progress', max: 1, value: 0, hidden: true });
+  const progress = h('progress', { id: 'pow-progress', max: 1, value: 0, hidden: true, 'aria-label': t('pow') });
   const result = h('div', { id: 'result' });
   const loggedIn = Boolean(store.token);
   const queued = a.admission && a.admission !== 'race';
@@ -375,7 +404,7 @@ async function detailView(actId) {
     h('h1', {}, a.name, ' ', badge),
     image,
     a.desc ? h('p', {}, a.desc) : null,
-    h('p', { class: 'muted' }, `${t('wait')} ${when(start)} · ${t('limit')} ${number(a.perUserLimit)}`),
+    opensAt,
     a.accountsBefore
       ? h('p', { class: 'muted', id: 'accounts-before' }, `${t('accountsBefore')} ${when(Date.parse(a.accountsBefore))}`)
       : null,
@@ -391,28 +420,61 @@ async function detailView(actId) {
   if (a.claims?.length) {
     result.replaceChildren(notice('ok', t('held'), ' ', codesList(a.claims.map((c) => c.code))));
   }
+  /** What the sale looks like now: its stock, its times, a pause. A page
+   * drawn once showed the stock it loaded with for good: a "sold out" read
+   * while the last claims were being stored (a failed one puts its code
+   * back) stayed sold out, a pause or a start the organiser moved was never
+   * seen. The list says all of it, and Nginx answers the whole crowd from
+   * one cached copy a second. */
+  const refresh = async () => {
+    const r = await api('GET', '/act/list');
+    if (!r.ok || mine !== navigation) return;
+    const fresh = r.data.activities.find((x) => x.actId === a.actId);
+    if (!fresh) return;
+    for (const k of ['startTime', 'endTime', 'paused', 'remaining', 'claimed']) a[k] = fresh[k];
+    for (const tk of a.tickets) {
+      const now = fresh.tickets.find((x) => x.ticketId === tk.ticketId);
+      const cell = cells.get(tk.ticketId);
+      if (!now || !cell) continue;
+      tk.remaining = now.remaining;
+      tk.total = now.total;
+      cell.left.textContent = number(now.remaining);
+      cell.total.textContent = number(now.total);
+    }
+    drawOpensAt();
+  };
+  // Every 4-8 s, spread so a crowd does not look at once.
+  const nextLook = () => Date.now() + 4000 + Math.random() * 4000;
   let refreshing = false;
-  let nextRefresh = 0;
+  let nextRefresh = nextLook();
+  // A session that ended while the page sat open (it lasts a day) is found
+  // at a random moment 2-5 minutes before the start, not at the tap: the
+  // fan logs in again before the crowd does. A page opened later than
+  // that checked it as it loaded.
+  const checkAt = 120000 + Math.random() * 180000;
+  let sessionChecked = !loggedIn || start() - serverNow() <= checkAt;
   every(200, () => {
     const now = serverNow();
     const st = statusOf(a, now);
-    if (st === 'paused' && !refreshing && Date.now() >= nextRefresh) {
-      // A pause ends by the organiser's hand, not by a clock: look again
-      // every few seconds (spread, so a crowd does not look at once).
+    if (st !== 'ended' && !refreshing && Date.now() >= nextRefresh) {
       refreshing = true;
-      nextRefresh = Date.now() + 4000 + Math.random() * 4000;
-      api('GET', `/act/detail?actId=${encodeURIComponent(a.actId)}`).then((r) => {
-        if (r.ok && mine === navigation) a = r.data;
-        refreshing = false;
+      nextRefresh = nextLook();
+      refresh().finally(() => { refreshing = false; });
+    }
+    if (!sessionChecked && start() - now <= checkAt) {
+      sessionChecked = true;
+      api('GET', `/act/detail?actId=${encodeURIComponent(a.actId)}&claims=0`).then((r) => {
+        // api() forgot the token: drawn again, the grab is a way to log in.
+        if (mine === navigation && !r.ok && RELOGIN.includes(r.error.code) && !button.dataset.busy) route();
       });
     }
     badge.className = `badge ${st}`;
     badge.textContent = t(st);
     if (st === 'upcoming') {
-      countdown.textContent = countdownText(start - now);
+      countdown.textContent = countdownText(start() - now);
       caption.textContent = t('opensIn');
     } else if (st === 'open') {
-      countdown.textContent = countdownText(end - now);
+      countdown.textContent = countdownText(end() - now);
       caption.textContent = t('closesIn');
     } else {
       countdown.textContent = '';
@@ -438,8 +500,8 @@ async function waitingRoom(a, queue) {
     const lines = [h('h2', {}, t(lottery ? 'lottery' : 'queue'))];
     if (s.state === 'waiting' && s.position == null) lines.push(notice('ok', t('joined'), ' ', t('drawNote')));
     if (s.state === 'waiting' && s.position != null) {
-      lines.push(h('p', { class: 'countdown', id: 'queue-position', 'aria-live': 'off' }, `${t('position')}: ${number(s.position)}`),
-        h('p', { class: 'muted', 'aria-live': 'off' }, `${number(s.ahead)} ${t('ahead')}`,
+      lines.push(h('p', { class: 'countdown', id: 'queue-position' }, `${t('position')}: ${number(s.position)}`),
+        h('p', { class: 'muted' }, `${number(s.ahead)} ${t('ahead')}`,
           s.etaMs != null ? ` · ${t('eta')} ${countdownText(s.etaMs)}` : ''));
       if (s.standby) lines.push(notice('', t('standby')));
     }
@@ -466,9 +528,15 @@ async function waitingRoom(a, queue) {
       let res = await api('POST', '/queue/join', body);
       if (!res.ok && res.error.code === 'POW_REQUIRED' && res.error.powChallenge) {
         // The room asks each account to pay a little work for its place.
-        const progress = h('progress', { id: 'join-pow', max: 1, value: 0 });
+        const progress = h('progress', { id: 'join-pow', max: 1, value: 0, 'aria-label': t('pow') });
         panel.append(notice('', t('pow')), progress);
-        body.powNonce = await solvePow(res.error.powChallenge, res.error.powDifficulty, progress);
+        try {
+          body.powNonce = await solvePow(res.error.powChallenge, res.error.powDifficulty, progress);
+        } catch {
+          panel.append(notice('bad', errorText({ code: 'POW_REQUIRED' })));
+          b.disabled = false;
+          return;
+        }
         res = await api('POST', '/queue/join', body);
       }
       if (res.ok) { render(res.data); follow(); } else { panel.append(notice('bad', errorText(res.error))); b.disabled = false; }
@@ -490,9 +558,14 @@ async function waitingRoom(a, queue) {
       const abort = new AbortController();
       streams.push(abort);
       let retryAfter = 0;
+      // Silence, before the answer's head or between its events, ends the
+      // stream: the next one is opened below.
+      let heard = Date.now();
+      const silence = setInterval(() => { if (Date.now() - heard > STREAM_SILENCE_MS) abort.abort(); }, 1000);
       try {
         const res = await fetch(`/queue/events?actId=${encodeURIComponent(a.actId)}`,
           { headers: { Authorization: `Bearer ${store.token}` }, signal: abort.signal });
+        heard = Date.now();
         retryAfter = Number(res.headers.get('Retry-After')) || 0;
         if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}`);
         tries = 1;
@@ -502,13 +575,16 @@ async function waitingRoom(a, queue) {
         for (;;) {
           const { value, done } = await reader.read();
           if (done) break;
+          heard = Date.now();
           buffer += text.decode(value, { stream: true });
           for (let end; (end = buffer.indexOf('\n\n')) >= 0; buffer = buffer.slice(end + 2)) {
             const data = buffer.slice(0, end).split('\n').filter((l) => l.startsWith('data: ')).map((l) => l.slice(6)).join('');
             if (data) render(JSON.parse(data));
           }
         }
-      } catch { /* reconnect below */ }
+      } catch { /* reconnect below */ } finally {
+        clearInterval(silence);
+      }
       if (mine !== navigation || ended()) return;
       // Between streams (refused, cut, or its node draining) the place is
       // kept by checking in every second, as a stream does (a room's grace
@@ -538,7 +614,7 @@ async function waitingRoom(a, queue) {
   if (!first.ok) return panel.replaceChildren(notice('bad', errorText(first.error)), joinButton());
   if (first.data.state !== 'not_joined') { render(first.data); return follow(); }
   if (serverNow() < opens) {
-    const line = h('p', { class: 'muted', 'aria-live': 'off' });
+    const line = h('p', { class: 'muted' });
     panel.replaceChildren(line);
     every(500, () => { line.textContent = `${t('queueOpensIn')} ${countdownText(opens - serverNow())}`; });
     await sleep(Math.max(0, opens - serverNow()) + 200);
@@ -619,7 +695,15 @@ async function grab(a, ticketId, button, progress, result) {
             await sleep(early + Math.random() * 250);
             continue;
           }
-          const code = { soldout: 'SOLD_OUT', paused: 'PAUSED', ended: 'ENDED' }[statusOf(a, serverNow())] || 'NOT_STARTED';
+          const status = statusOf(a, serverNow());
+          // A waiting room's sale that is open gives a token only with a
+          // pass: this node may not have seen the admission yet (another
+          // node's replica told the page), so ask again briefly; then the
+          // words are the room's, not "not started".
+          const roomOpen = a.admission && a.admission !== 'race' && status === 'open';
+          if (roomOpen && tries < 3) { await sleep(400 + Math.random() * 400); continue; }
+          const code = { soldout: 'SOLD_OUT', paused: 'PAUSED', ended: 'ENDED' }[status]
+            || (roomOpen ? 'QUEUE_PASS_REQUIRED' : 'NOT_STARTED');
           if (resumed) {
             // An earlier grab's answer was lost: it may hold the ticket that
             // sold the sale out. Its key asks (no claim token needed for that).
@@ -677,7 +761,9 @@ function accountView(mode) {
   const field = (name, type, label, extra = {}) => h('label', {}, label,
     h('input', { name, type, id: `f-${name}`, required: name !== 'nickname', ...extra }));
   const form = h('form', { class: 'account', id: `${mode}-form` },
-    field('username', 'text', t('username'), { autocomplete: 'username', minlength: 3, maxlength: 32, autocapitalize: 'none' }),
+    // The server counts 3-32 characters after normalising (and takes up to
+    // 256 bytes as typed): a name typed decomposed is longer here.
+    field('username', 'text', t('username'), { autocomplete: 'username', minlength: 3, maxlength: 128, autocapitalize: 'none' }),
     field('password', 'password', t('password'),
       { autocomplete: mode === 'login' ? 'current-password' : 'new-password', minlength: 8, maxlength: 128 }),
     mode === 'register' ? field('nickname', 'text', t('nickname'), { maxlength: 32 }) : null,
@@ -768,7 +854,10 @@ function renderNav() {
   document.getElementById('nav-mine').hidden = !loggedIn;
   document.getElementById('nav-login').hidden = loggedIn;
   document.getElementById('nav-logout').hidden = !loggedIn;
-  document.getElementById('lang').textContent = lang === 'zh' ? 'English' : '中文';
+  // The button names the other language, in that language.
+  const other = document.getElementById('lang');
+  other.textContent = lang === 'zh' ? 'English' : '中文';
+  other.lang = lang === 'zh' ? 'en' : 'zh-CN';
   document.documentElement.lang = lang === 'zh' ? 'zh-CN' : 'en';
   for (const el of document.querySelectorAll('[data-t]')) el.textContent = t(el.dataset.t);
 }
@@ -777,7 +866,13 @@ function route() {
   navigation += 1;
   const [path] = location.hash.replace(/^#/, '').split('?');
   const act = path.match(/^\/act\/(.+)$/);
-  if (act) return detailView(decodeURIComponent(act[1]));
+  if (act) {
+    // A hand-made `#/act/%zz` is no reason to stay on "…": the id as typed
+    // goes to the server, which says there is no such activity.
+    let id = act[1];
+    try { id = decodeURIComponent(id); } catch { /* as typed */ }
+    return detailView(id);
+  }
   if (path === '/login') return accountView('login');
   if (path === '/register') return accountView('register');
   if (path === '/mine') return mineView();
