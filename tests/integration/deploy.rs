@@ -17,15 +17,29 @@ use crate::{
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-/// Nginx started on the shipped config, pointed at `upstream`, on a free port.
+/// Nginx started on the shipped config, pointed at `upstream`: the sale's
+/// server on `port`, its plain-HTTP redirect on `redirect_port`, with a
+/// self-signed certificate made for the test. The sale's server speaks
+/// plain HTTP (the tests' clients and the bench have no TLS) unless started
+/// with [`Nginx::start_tls`].
 struct Nginx {
     child: Child,
     port: u16,
+    redirect_port: u16,
     _dir: tempfile::TempDir,
 }
 
 impl Nginx {
     fn start(upstreams: &[&str]) -> Nginx {
+        Nginx::start_with(upstreams, false)
+    }
+
+    /// As shipped: the sale's server over TLS.
+    fn start_tls(upstreams: &[&str]) -> Nginx {
+        Nginx::start_with(upstreams, true)
+    }
+
+    fn start_with(upstreams: &[&str], tls: bool) -> Nginx {
         let Ok(version) = Command::new("nginx").arg("-v").output() else {
             panic!("nginx is missing: run `apt-get install -y nginx-light` (./scripts/test does it)");
         };
@@ -34,18 +48,19 @@ impl Nginx {
         // probe and Nginx's bind; then Nginx exits and the port still
         // answers — someone else's. So: start, and make sure it is Nginx.
         for _ in 0..5 {
-            if let Some(nginx) = Nginx::try_start(upstreams) {
+            if let Some(nginx) = Nginx::try_start(upstreams, tls) {
                 return nginx;
             }
         }
         panic!("nginx did not start on a free port in 5 tries");
     }
 
-    fn try_start(upstreams: &[&str]) -> Option<Nginx> {
+    fn try_start(upstreams: &[&str], tls: bool) -> Option<Nginx> {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let (port, redirect_port) = (free_port(), free_port());
         let shipped = std::fs::read_to_string(format!("{ROOT}/deploy/nginx.conf")).unwrap();
         let d = dir.path().display();
+        self_signed(dir.path());
         let conf = shipped
             .replace(
                 "pid /run/nginx.pid;",
@@ -53,9 +68,18 @@ impl Nginx {
             )
             .replace("/var/lib/nginx/ticketd-assets", &format!("{d}/cache-assets"))
             .replace("/var/lib/nginx/ticketd", &format!("{d}/cache"))
+            .replace("/etc/letsencrypt/live/tickets.example.com", &d.to_string())
+            .replace("/var/www/letsencrypt", &format!("{d}/acme"))
             // Without reuseport here: two test Nginxes given the same free
             // port would otherwise both bind it and split its connections.
-            .replace("listen 80 reuseport", &format!("listen 127.0.0.1:{port}"))
+            .replace(
+                "listen 80 reuseport backlog=4096;",
+                &format!("listen 127.0.0.1:{redirect_port};"),
+            )
+            .replace(
+                "listen 443 ssl reuseport backlog=4096;",
+                &format!("listen 127.0.0.1:{port}{};", if tls { " ssl" } else { "" }),
+            )
             .replace(
                 "server 127.0.0.1:3000 max_fails=3 fail_timeout=5s;",
                 &upstreams
@@ -85,7 +109,12 @@ impl Nginx {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut nginx = Nginx { child, port, _dir: dir };
+        let mut nginx = Nginx {
+            child,
+            port,
+            redirect_port,
+            _dir: dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if nginx.child.try_wait().unwrap().is_some() {
@@ -99,6 +128,56 @@ impl Nginx {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// A self-signed certificate for the test Nginx, where the shipped config
+/// names certbot's files: `fullchain.pem` and `privkey.pem` in `dir`.
+fn self_signed(dir: &std::path::Path) {
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .args(["-days", "2", "-subj", "/CN=localhost"])
+        .arg("-keyout")
+        .arg(dir.join("privkey.pem"))
+        .arg("-out")
+        .arg(dir.join("fullchain.pem"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run openssl ({e}): run ./scripts/test once, which installs it"));
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One request over TLS to `port` (OpenSSL's client: the tests' own have no
+/// TLS); the whole answer, head and body. The certificate is not checked.
+fn https(port: u16, head: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            "localhost",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl");
+    child.stdin.take().unwrap().write_all(head.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The `Server` header of what answers `GET /admin/` on `port` (the shipped
@@ -468,4 +547,67 @@ async fn nginx_answers_its_own_refusals_in_the_error_shape() {
     .await;
     assert_error_shape(&answer, (503, "UNAVAILABLE"));
     assert_eq!(answer.header("retry-after"), Some("2"), "{}", answer.head);
+}
+
+/// Fans send passwords and bearer tokens: the shipped Nginx served the sale
+/// over plain HTTP only. Now its port 80 redirects every request (a POST
+/// too: 308 keeps the method) to the same URL over HTTPS, the sale is
+/// served over TLS, and its answers carry HSTS. And the page itself is
+/// served from Nginx's copy while the node is down: a fan who reloads in
+/// the rush got the JSON of Nginx's 503 as the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_nginx_serves_the_sale_over_https_and_the_page_through_an_outage() {
+    let mut app = crate::common::TestApp::start(&crate::common::base_config());
+    let nginx = tokio::task::block_in_place(|| Nginx::start_tls(&[app.addr.as_str()]));
+
+    let redirect = exchange(
+        &format!("127.0.0.1:{}", nginx.redirect_port),
+        b"POST /user/login HTTP/1.1\r\nHost: tickets.example.com\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(redirect.status, 308, "{}", redirect.head);
+    assert!(
+        redirect
+            .head
+            .contains("Location: https://tickets.example.com/user/login"),
+        "{}",
+        redirect.head
+    );
+
+    let get = |path: &str| {
+        let head = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        tokio::task::block_in_place(|| https(nginx.port, &head))
+    };
+    let health = get("/healthz");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(
+        health.contains("Strict-Transport-Security: max-age=31536000"),
+        "{health}"
+    );
+    let page = get("/");
+    assert!(
+        page.starts_with("HTTP/1.1 200") && page.contains("<!doctype html>"),
+        "{page}"
+    );
+    assert!(page.contains("Strict-Transport-Security: max-age=31536000"), "{page}");
+
+    // The node goes away: the page still comes, from Nginx's copy, once
+    // that copy is past its ten seconds too.
+    app.kill9();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = get("/");
+        assert!(
+            page.starts_with("HTTP/1.1 200") && page.contains("<!doctype html>"),
+            "{page}"
+        );
+        if page.contains("X-Cache: STALE") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never served stale: {page}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The API says it is down, in its own shape.
+    let list = get("/act/detail?actId=x");
+    assert!(list.starts_with("HTTP/1.1 503"), "{list}");
 }
