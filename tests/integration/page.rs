@@ -625,10 +625,11 @@ async fn a_lost_answer_and_a_reload_claim_once_in_chromium() {
 }
 
 /// The detail page follows the sale while it is open: its stock, a start
-/// the organiser moved, a pause. It showed what it loaded with for good:
-/// a start moved earlier kept the button shut behind the old countdown, the
-/// stock never fell, and a "sold out" read while the last claims were being
-/// stored stayed sold out (from a review of the page).
+/// the organiser moved, a pause, an end brought forward. It showed what it
+/// loaded with for good: a start moved earlier kept the button shut behind
+/// the old countdown, the stock never fell, a sale ended early stayed open,
+/// and a "sold out" read while the last claims were being stored stayed
+/// sold out (from a review of the page).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_detail_page_follows_the_stock_a_moved_start_and_a_pause() {
     let act = |window: (&str, &str), paused: bool| {
@@ -639,7 +640,9 @@ async fn the_detail_page_follows_the_stock_a_moved_start_and_a_pause() {
                 .ticket("moved-t", "Seat", Codes::Generate(3))
                 .toml()
     };
-    let app = TestApp::start(&act(("+1h", "+2h"), false));
+    // Nine minutes off: the page looks every few seconds from ten minutes
+    // before the start (every minute before that).
+    let app = TestApp::start(&act(("+9m", "+2h"), false));
     let url = app.url();
     let mut b = Browser::launch().await;
     register(&mut b, &url, "follower", "#/act/moved").await;
@@ -666,6 +669,14 @@ async fn the_detail_page_follows_the_stock_a_moved_start_and_a_pause() {
     b.wait_for(
         "document.querySelector('#status').className === 'badge paused' && document.querySelector('#grab').disabled",
         "the pause on the page",
+    )
+    .await;
+    // The organiser ends it early: the list no longer has it, the page
+    // asks about it and shows it ended.
+    app.reload(&act(("-2m", "-1s"), false));
+    b.wait_for(
+        "document.querySelector('#status').className === 'badge ended' && document.querySelector('#grab').disabled",
+        "the early end on the page",
     )
     .await;
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
@@ -727,10 +738,12 @@ async fn a_stalled_grab_is_given_up_and_retried_once_in_chromium() {
     click(&mut b, "#grab").await;
     // Held, never answered.
     let _held = b.next_paused().await;
+    // Its 20 s, with room for a loaded box.
     let said = b
-        .wait_for(
+        .wait_for_within(
             "document.querySelector('#result .notice')?.textContent",
             "the page to give the stalled request up",
+            std::time::Duration::from_secs(60),
         )
         .await;
     assert!(

@@ -157,10 +157,8 @@ const store = {
 };
 let lang = localStorage.getItem('ticketd.lang')
   || ((navigator.languages || [navigator.language]).some((l) => /^zh\b/i.test(l)) ? 'zh' : 'en');
-/** Server clock minus ours, from the sample with the shortest round trip.
- * `/act/detail` samples win over `/act/list` ones: Nginx caches the list
- * for a second (and serves it stale while the nodes are down). */
-let clock = { offset: 0, rtt: Infinity, fromList: true };
+/** Server clock minus ours, from the best sample ([`sampleClock`]). */
+let clock = { offset: 0, rtt: Infinity, rank: -1 };
 let timers = [];
 /** Open event streams, closed by each navigation. */
 let streams = [];
@@ -235,7 +233,7 @@ async function api(method, path, body, extra = {}) {
   Object.assign(headers, extra);
   const sent = Date.now();
   const network = { ok: false, status: 0, error: { code: 'NETWORK', message: '' }, retryAfter: 0 };
-  const signal = AbortSignal.timeout(REQUEST_TIMEOUT_MS);
+  const signal = timeoutSignal(REQUEST_TIMEOUT_MS);
   let res;
   try {
     res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal });
@@ -246,8 +244,9 @@ async function api(method, path, body, extra = {}) {
   try {
     json = await res.json();
   } catch {
-    // A body cut off by the timeout is no answer; one that is not JSON is handled below.
-    if (signal.aborted) return network;
+    // A body cut off (by the timeout, or a connection lost mid-answer) is
+    // no answer; a refusal that is not JSON is handled below.
+    if (signal.aborted || res.ok) return network;
   }
   const out = {
     ok: res.ok && json?.ok === true,
@@ -256,11 +255,9 @@ async function api(method, path, body, extra = {}) {
     error: json?.error || (res.ok ? null : { code: 'OTHER', message: `HTTP ${res.status}` }),
     retryAfter: Number(res.headers.get('Retry-After')) || 0,
   };
-  // A list Nginx answered from its cache carries an old serverTime and
-  // arrives fast: it would win the clock with a time seconds behind.
-  const cached = ['HIT', 'STALE', 'UPDATING'].includes(res.headers.get('X-Cache'));
-  if (json?.data?.serverTime && !cached) {
-    sampleClock(Date.parse(json.data.serverTime), sent, Date.now(), path.startsWith('/act/list'));
+  if (json?.data?.serverTime) {
+    const cached = ['HIT', 'STALE', 'UPDATING'].includes(res.headers.get('X-Cache'));
+    sampleClock(Date.parse(json.data.serverTime), sent, Date.now(), path.startsWith('/act/list'), cached);
   }
   if (out.error && RELOGIN.includes(out.error.code) && store.token) {
     store.token = null;
@@ -269,11 +266,27 @@ async function api(method, path, body, extra = {}) {
   return out;
 }
 
-function sampleClock(server, sent, received, fromList) {
+/** An AbortSignal that aborts after `ms` (`AbortSignal.timeout` where the
+ * browser has it: not before Safari 16, and the page serves older phones). */
+function timeoutSignal(ms) {
+  if (typeof AbortSignal.timeout === 'function') return AbortSignal.timeout(ms);
+  const c = new AbortController();
+  setTimeout(() => c.abort(), ms);
+  return c.signal;
+}
+
+/** Keeps the best sample of the server's clock: a detail's over a fresh
+ * list's over one Nginx answered from its cache (an older serverTime that
+ * arrives fastest: it would win on round trip with a time up to a second
+ * behind, or minutes while it serves stale), and within a kind the
+ * shortest round trip. A cached list still beats the device's own clock. */
+function sampleClock(server, sent, received, fromList, cached) {
   const rtt = received - sent;
   if (!Number.isFinite(server)) return;
-  const better = fromList ? clock.fromList && rtt <= clock.rtt : clock.fromList || rtt <= clock.rtt;
-  if (better) clock = { offset: server - (sent + received) / 2, rtt, fromList };
+  const rank = fromList ? (cached ? 0 : 1) : 2;
+  if (rank > clock.rank || (rank === clock.rank && rtt <= clock.rtt)) {
+    clock = { offset: server - (sent + received) / 2, rtt, rank };
+  }
 }
 
 function errorText(error) {
@@ -429,9 +442,15 @@ async function detailView(actId) {
   const refresh = async () => {
     const r = await api('GET', '/act/list');
     if (!r.ok || mine !== navigation) return;
-    const fresh = r.data.activities.find((x) => x.actId === a.actId);
-    if (!fresh) return;
-    for (const k of ['startTime', 'endTime', 'paused', 'remaining', 'claimed']) a[k] = fresh[k];
+    let fresh = r.data.activities.find((x) => x.actId === a.actId);
+    if (!fresh) {
+      // The list leaves out ended sales: one ended early (or taken off)
+      // is asked about on its own.
+      const d = await api('GET', `/act/detail?actId=${encodeURIComponent(a.actId)}&claims=0`);
+      if (!d.ok || mine !== navigation) return;
+      fresh = d.data;
+    }
+    for (const k of ['startTime', 'endTime', 'paused', 'perUserLimit', 'remaining', 'claimed']) a[k] = fresh[k];
     for (const tk of a.tickets) {
       const now = fresh.tickets.find((x) => x.ticketId === tk.ticketId);
       const cell = cells.get(tk.ticketId);
@@ -443,8 +462,13 @@ async function detailView(actId) {
     }
     drawOpensAt();
   };
-  // Every 4-8 s, spread so a crowd does not look at once.
-  const nextLook = () => Date.now() + 4000 + Math.random() * 4000;
+  // Every 4-8 s from ten minutes before the start, spread so a crowd does
+  // not look at once; every minute before that; not while the tab is
+  // hidden (it looks once it is shown again).
+  const nextLook = () => {
+    const far = start() - serverNow() > 600000;
+    return Date.now() + (far ? 60000 : 4000) + Math.random() * (far ? 30000 : 4000);
+  };
   let refreshing = false;
   let nextRefresh = nextLook();
   // A session that ended while the page sat open (it lasts a day) is found
@@ -456,7 +480,7 @@ async function detailView(actId) {
   every(200, () => {
     const now = serverNow();
     const st = statusOf(a, now);
-    if (st !== 'ended' && !refreshing && Date.now() >= nextRefresh) {
+    if (st !== 'ended' && !refreshing && Date.now() >= nextRefresh && !document.hidden) {
       refreshing = true;
       nextRefresh = nextLook();
       refresh().finally(() => { refreshing = false; });

@@ -196,7 +196,12 @@ impl Browser {
 
     /// Waits until `expression` is truthy (for at most 30 s), returning its value.
     pub async fn wait_for(&mut self, expression: &str, what: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_for_within(expression, what, Duration::from_secs(30)).await
+    }
+
+    /// [`Browser::wait_for`], for at most `within`.
+    pub async fn wait_for_within(&mut self, expression: &str, what: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
         loop {
             let v = self.eval(expression).await;
             if !(v.is_null() || v == false || v == "" || v == 0) {
