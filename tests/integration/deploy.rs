@@ -79,8 +79,8 @@ impl Nginx {
                 &format!("listen 127.0.0.1:{redirect_port};"),
             )
             .replace(
-                "listen 443 ssl reuseport backlog=4096;",
-                &format!("listen 127.0.0.1:{port}{};", if tls { " ssl" } else { "" }),
+                "listen 443 ssl http2 reuseport backlog=4096;",
+                &format!("listen 127.0.0.1:{port}{};", if tls { " ssl http2" } else { "" }),
             )
             .replace(
                 "server 127.0.0.1:3000 max_fails=3 fail_timeout=5s;",
@@ -604,6 +604,18 @@ async fn the_shipped_nginx_serves_the_sale_over_https_and_the_page_through_an_ou
         "{page}"
     );
     assert!(page.contains("Strict-Transport-Security: max-age=31536000"), "{page}");
+
+    // A browser gets the page and the list over TLS, by HTTP/2.
+    let mut b = crate::common::cdp::Browser::launch_with(&["--ignore-certificate-errors"]).await;
+    b.goto(&format!("https://localhost:{}/", nginx.port)).await;
+    b.wait_for("document.querySelector('main h1')", "the list over TLS")
+        .await;
+    assert_eq!(
+        b.eval("performance.getEntriesByType('navigation')[0].nextHopProtocol")
+            .await,
+        "h2"
+    );
+    assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 
     // The node goes away: the page still comes, from Nginx's copy, once
     // that copy is past its ten seconds too.
