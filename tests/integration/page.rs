@@ -461,6 +461,24 @@ async fn a_fan_waits_in_the_room_and_grabs_with_the_pass_in_chromium() {
         "the turn",
     )
     .await;
+    // A node that has not seen the admission yet (in a cluster, a replica
+    // behind the one that told the page) gives no claim token: the page
+    // asks again, twice, then says the room's rule. It said "The sale has
+    // not started yet." at once, of a sale that had.
+    b.intercept("*/act/detail*claims=0*").await;
+    click(&mut b, "#grab").await;
+    for _ in 0..3 {
+        let held = b.next_paused().await;
+        b.answer_without(&held, "claimToken").await;
+    }
+    let said = b
+        .wait_for(
+            "document.querySelector('#result .notice.bad')?.textContent",
+            "the refusal",
+        )
+        .await;
+    assert_eq!(said, "Wait for your turn in the waiting room first.");
+    b.call("Fetch.disable", json!({})).await;
     click(&mut b, "#grab").await;
     let code = b
         .wait_for(

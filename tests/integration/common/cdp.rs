@@ -172,6 +172,43 @@ impl Browser {
         }
     }
 
+    /// Passes a held JSON answer on with `field` taken out of its `data`
+    /// (what another node, or an older one, would have answered).
+    pub async fn answer_without(&mut self, paused: &Value, field: &str) {
+        use base64::Engine;
+        let engine = base64::engine::general_purpose::STANDARD;
+        let id = paused["requestId"].clone();
+        let got = self.call("Fetch.getResponseBody", json!({ "requestId": id })).await;
+        let text = got["body"].as_str().unwrap_or_default();
+        let raw = if got["base64Encoded"] == true {
+            engine.decode(text).unwrap()
+        } else {
+            text.as_bytes().to_vec()
+        };
+        let mut answer: Value = serde_json::from_slice(&raw).unwrap();
+        answer["data"].as_object_mut().unwrap().remove(field);
+        let headers: Vec<Value> = paused["responseHeaders"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|h| {
+                let name = h["name"].as_str().unwrap_or_default().to_ascii_lowercase();
+                name != "content-length" && name != "content-encoding"
+            })
+            .collect();
+        self.call(
+            "Fetch.fulfillRequest",
+            json!({
+                "requestId": id,
+                "responseCode": paused["responseStatusCode"],
+                "responseHeaders": headers,
+                "body": engine.encode(answer.to_string()),
+            }),
+        )
+        .await;
+    }
+
     /// Fails a held request as a connection reset: its answer is lost.
     pub async fn lose_answer(&mut self, paused: &Value) {
         let id = paused["requestId"].clone();
