@@ -780,3 +780,42 @@ async fn a_stalled_grab_is_given_up_and_retried_once_in_chromium() {
     let held = app.held(token.as_str().unwrap(), "stall").await;
     assert_eq!(held, vec![code.as_str().unwrap().to_owned()], "one claim, shown");
 }
+
+/// A waiting room's event stream that goes silent (a phone's connection
+/// dropped without a word, its answer never coming) was waited on for
+/// ever: the fan never heard "your turn". The page now takes 35 s without
+/// a byte (the node writes at least every 15 s) for a dead stream, keeps
+/// the place by checking in, and opens another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_event_stream_is_given_up_and_opened_again() {
+    let config = base_config()
+        + &Act::new("quiet")
+            .window("+1h", "+2h")
+            .with("admission = \"queue\"")
+            .with("queue_opens = \"-1m\"")
+            .ticket("quiet-t", "Seat", Codes::Generate(1))
+            .toml();
+    let app = TestApp::start(&config);
+    let url = app.url();
+    let mut b = Browser::launch().await;
+    register(&mut b, &url, "quiet-fan", "#/act/quiet").await;
+    b.intercept("*/queue/events*").await;
+    click(&mut b, "#join").await;
+    // The stream's answer is held: the page hears nothing on it.
+    let _silent = b.next_paused().await;
+    let started = std::time::Instant::now();
+    let again = b.next_paused_within(std::time::Duration::from_secs(60)).await;
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(30),
+        "opened again too soon"
+    );
+    assert!(
+        again["request"]["url"].as_str().unwrap().contains("/queue/events"),
+        "{again}"
+    );
+    // Meanwhile the place was kept by checking in.
+    assert_eq!(
+        b.eval("document.querySelector('#queue').dataset.state").await,
+        "waiting"
+    );
+}

@@ -157,14 +157,19 @@ impl Browser {
 
     /// The next request [`Browser::intercept`] held (waits up to 30 s).
     pub async fn next_paused(&mut self) -> Value {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        self.next_paused_within(Duration::from_secs(30)).await
+    }
+
+    /// [`Browser::next_paused`], waiting up to `within`.
+    pub async fn next_paused_within(&mut self, within: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             if let Some(p) = self.paused.pop_front() {
                 return p;
             }
             let next = tokio::time::timeout_at(deadline, self.socket.next())
                 .await
-                .expect("no intercepted request within 30 s");
+                .unwrap_or_else(|_| panic!("no intercepted request within {within:?}"));
             if let Some(Ok(Message::Text(text))) = next {
                 let v: Value = serde_json::from_str(&text).unwrap();
                 self.event(&v);
