@@ -445,7 +445,16 @@ async fn admit(state: Arc<AppState>, ctl: Ctl) {
     for a in catalog.activities() {
         let Some(room) = &a.room else { continue };
         let result = match &source {
-            Some(source) if room.is_shared() => admit_shared(&state, a, room, source).await,
+            Some(source) if room.is_shared() => {
+                let step = admit_shared(&state, a, room, source).await;
+                if step.is_err() {
+                    // Any step that failed, not only a failed flush (with
+                    // nothing to flush it touches no Redis): the first step
+                    // back must not plan from check-ins made before.
+                    room.regrace_when_back();
+                }
+                step
+            }
             _ => {
                 let stock = || StockView {
                     remaining: a.remaining(),
@@ -472,9 +481,8 @@ async fn admit_shared(
     let seen = room.take_seen();
     if let Err(error) = source.flush_seen(id, seen.clone()).await {
         // Kept for the next flush: a fan who stays while Redis is away
-        // must not look gone once it is back.
+        // must not look gone once it is back (the caller regraces).
         room.restore_seen(seen);
-        room.regrace_when_back();
         return Err(error.to_string());
     }
 

@@ -143,9 +143,9 @@ pub enum CommitOutcome {
     /// before the claim reached it ([`PendingClaim::valid_until`]); nothing
     /// was recorded.
     Lapsed,
-    /// The activity's waiting room has drawn its order (the store says so:
-    /// in a cluster, another node's config may have made it a room while
-    /// this node's makes it a race), and the claim carries no pass;
+    /// The activity has a waiting room that fans have joined (the store
+    /// says so: in a cluster, another node's config may have made it a room
+    /// while this node's makes it a race), and the claim carries no pass;
     /// nothing was recorded.
     PassRequired,
     /// Nothing was recorded.

@@ -1183,7 +1183,19 @@ impl RoomState {
         };
         let mut events = Vec::new();
         let mut cursor = self.cursor;
-        while budget > 0 && self.allowance >= 1.0 && cursor < self.order.len() && events.len() < max_steps {
+        // A pass speaks for `limit` codes. Admitted on fewer than that, a
+        // place would share codes with passes already out, and the fastest
+        // claimer would take the others' (6 codes, limit 4: two passes for
+        // 8). The last codes, fewer than a pass speaks for, go to one more
+        // place only once no pass is out: then they are all its own.
+        let mut outstanding = !self.active.is_empty();
+        let per_pass = limit as usize;
+        while budget > 0
+            && (budget >= per_pass || !outstanding)
+            && self.allowance >= 1.0
+            && cursor < self.order.len()
+            && events.len() < max_steps
+        {
             let user = self.order[cursor];
             cursor += 1;
             let seen = self
@@ -1202,10 +1214,12 @@ impl RoomState {
                 t: now,
                 x: expires,
             });
-            budget = budget.saturating_sub(limit as usize);
+            budget = budget.saturating_sub(per_pass);
+            outstanding = true;
             self.allowance -= 1.0;
         }
-        self.budget = Some(budget);
+        // Held back for passes out, the codes left are spoken for (standby).
+        self.budget = Some(if budget < per_pass && outstanding { 0 } else { budget });
         events
     }
 
@@ -1475,6 +1489,51 @@ mod tests {
         room.tick(|| 3_000, &|| stock, &|_| 0);
         assert_eq!(room.status(1, 3_000, false).state, PlaceState::Waiting, "still in line");
         assert_eq!(room.summary().expired, 1);
+    }
+
+    /// A pass speaks for the per-user limit's codes: with 6 codes and a limit
+    /// of 4, the step admitted two places (passes for 8), and whichever
+    /// claimed first took codes the other's pass spoke for. The last two go
+    /// to the next place once the first pass is used.
+    #[test]
+    fn no_pass_is_admitted_on_codes_another_pass_speaks_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let four = RoomSettings {
+            per_user_limit: 4,
+            ..settings()
+        };
+        let room = Room::open(dir.path(), "four".into(), four).unwrap();
+        for user in 1..=3 {
+            room.join(user, 5).unwrap();
+        }
+        let six = unsettled(6);
+        room.tick(|| 11, &|| six, &|_| 0); // the shuffle
+        room.tick(|| 100, &|| six, &|_| 0);
+        room.log.as_ref().unwrap().sync_now().unwrap();
+        let admitted = |at| {
+            (1..=3)
+                .filter(|&u| room.status(u, at, false).state == PlaceState::Admitted)
+                .count()
+        };
+        assert_eq!(admitted(100), 1, "one pass: the other two codes are not a pass's four");
+        let waiting: Vec<u64> = (1..=3)
+            .filter(|&u| room.status(u, 100, false).state == PlaceState::Waiting)
+            .collect();
+        assert!(
+            waiting.iter().all(|&u| room.status(u, 100, false).standby),
+            "the codes left are spoken for"
+        );
+        // The pass holder claims its four; two codes are left, and no pass is out.
+        let first = (1..=3)
+            .find(|&u| room.status(u, 100, false).state == PlaceState::Admitted)
+            .unwrap();
+        let two = unsettled(2);
+        let claimed = |u: u64| if u == first { 4 } else { 0 };
+        let settled = 100 + PASS_SETTLE_MS + 1;
+        room.tick(|| settled, &|| two, &claimed);
+        room.log.as_ref().unwrap().sync_now().unwrap();
+        assert_eq!(admitted(settled), 1, "the next place, for the last two");
+        assert_eq!(room.status(first, settled, false).state, PlaceState::Done);
     }
 
     /// Entries close at the draw time, not at the admitter's step that

@@ -1284,7 +1284,7 @@ async fn a_commit_failing_halfway_still_backlogs_and_counts_what_it_recorded() {
         .key(keys.limits())
         .key(keys.nodes())
         .key(keys.served())
-        .key(keys.drawn())
+        .key(keys.room_log())
         .key(&lease)
         .key(&lease)
         .arg("n1")

@@ -228,7 +228,7 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
         .key(keys.limits())
         .key(keys.nodes())
         .key(keys.served())
-        .key(keys.drawn());
+        .key(keys.room_log());
     // Each claim names its lease set; a batch mostly has one ticket type,
     // so each name is built once.
     let mut leases: Vec<(&str, String)> = Vec::new();

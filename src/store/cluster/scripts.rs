@@ -154,11 +154,11 @@ impl Keys {
         self.key("fence")
     }
 
-    /// The activity's waiting room's flag that its order is drawn
-    /// (`q:{A}:shuffled`, see `rooms`): under the same hash tag, so the
+    /// The activity's waiting room's log (`q:{A}:log`, see `rooms`): it
+    /// exists once anyone has joined. Under the same hash tag, so the
     /// commit script may read it.
-    pub fn drawn(&self) -> String {
-        format!("q:{}shuffled", &self.prefix["tk:".len()..])
+    pub fn room_log(&self) -> String {
+        format!("q:{}log", &self.prefix["tk:".len()..])
     }
 }
 
@@ -242,7 +242,7 @@ pub fn node_key(node: &str) -> String {
 /// Commits a batch of one activity's claims.
 ///
 /// KEYS: claimed, users, held, idem, outbox, sold, limits, nodes, served,
-/// the room's drawn flag ([`Keys::drawn`]), then one lease set per claim. ARGV: node, limit, max backlog, then per claim: nonce, ticket, code, user, idempotency key (or ""), the record's
+/// the room's log ([`Keys::room_log`]), then one lease set per claim. ARGV: node, limit, max backlog, then per claim: nonce, ticket, code, user, idempotency key (or ""), the record's
 /// JSON up to its `n` value ([`super::record::Record::head`]), the code
 /// as a JSON string, and its pass's expiry (Unix ms, or 0).
 ///
@@ -256,9 +256,10 @@ pub fn node_key(node: &str) -> String {
 /// Per claim, in order: a code already claimed with the same nonce is this
 /// claim retried after an unknown outcome (answer the record again); an
 /// idempotency key already used answers `REPLAY` + that record; a claim
-/// without a pass in an activity whose waiting room has drawn answers
-/// `NOPASS` (a node whose config makes the activity a race, started before
-/// the draw, must not sell the drawn room's codes to the fastest); a
+/// without a pass in an activity whose waiting room anyone has joined
+/// answers `NOPASS` (a node whose config makes the activity a race must not
+/// sell the room's codes to the fastest: not after the draw, nor between
+/// the start and the admitter's shuffle); a
 /// claim made with a waiting-room pass that has expired by Redis's clock
 /// (its expiry in Unix ms; 0 for none) answers `LAPSED`; a full backlog
 /// answers `FULL`; a user at the limit `LIMIT` + their codes; a code no
@@ -289,7 +290,7 @@ for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], now, '+inf')) do
   if theirs and theirs < limit then limit = theirs end
 end
 local backlog = redis.call('LLEN', outbox)
-local drawn = redis.call('EXISTS', KEYS[10]) == 1
+local roomed = redis.call('EXISTS', KEYS[10]) == 1
 local out, recs, sold = {}, {}, {}
 local n = (#ARGV - 3) / 8
 -- Each claim's backlog record and sold count are written after the loop,
@@ -308,7 +309,7 @@ local ok, err = pcall(function()
       if cjson.decode(existing).nonce == nonce then out[i + 1] = existing else out[i + 1] = 'LOST' end
     elseif replay then
       out[i + 1] = 'REPLAY' .. replay
-    elseif drawn and lapses == 0 then
+    elseif roomed and lapses == 0 then
       if redis.call('SISMEMBER', KEYS[11 + i], code) == 1 then out[i + 1] = 'NOPASS' else out[i + 1] = 'LOST' end
     elseif lapses > 0 and now >= lapses then
       -- A code no longer this node's is said so: the node must not put it back.
@@ -726,8 +727,8 @@ mod tests {
         ] {
             assert!(key.starts_with("tk:{1001}:"), "{key}");
         }
-        // The room's flag, which the commit script reads, is the room's
+        // The room's log, which the commit script reads, is the room's
         // key (`rooms`) under the same tag.
-        assert_eq!(k.drawn(), "q:{1001}:shuffled");
+        assert_eq!(k.room_log(), "q:{1001}:log");
     }
 }
