@@ -2220,8 +2220,10 @@ async fn a_drawn_lottery_cannot_become_a_queue_by_a_restart() {
 async fn a_drawn_lottery_stays_a_lottery_on_a_cluster_node_whatever_its_config_says() {
     use crate::cluster::Cluster;
     use ticketd::clock::{now_ms, rfc3339_ms};
-    let draw = format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 2_000));
-    let act = absolute_room("mc", "lottery", 2, 3_000, &[&draw]);
+    // Time for the node's start and the fan's entry before the draw, on a
+    // loaded box too (two seconds were not, once).
+    let draw = format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 8_000));
+    let act = absolute_room("mc", "lottery", 2, 9_000, &[&draw]);
     let mut cluster = Cluster::start(1, &act, "");
     let fan = cluster.users("mc", 1).await.remove(0);
     let Cluster { services, nodes, .. } = &mut cluster;
@@ -2283,8 +2285,9 @@ async fn a_drawn_lottery_stays_a_lottery_on_a_cluster_node_whatever_its_config_s
 async fn a_race_node_beside_a_lottery_sells_nothing_without_a_pass() {
     use crate::cluster::Cluster;
     use ticketd::clock::{now_ms, rfc3339_ms};
-    let draw = format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 2_000));
-    let act = absolute_room("rn", "lottery", 4, 3_000, &[&draw]);
+    // Time for two nodes' start and the fan's entry before the draw.
+    let draw = format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 8_000));
+    let act = absolute_room("rn", "lottery", 4, 9_000, &[&draw]);
     let opened = format!("start_time = \"{}\"\n", rfc3339_ms(now_ms() - 60_000));
     // node1's config makes it a race, open already.
     let cluster = Cluster::start_configured(2, &act, "", |config| {
