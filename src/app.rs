@@ -445,16 +445,7 @@ async fn admit(state: Arc<AppState>, ctl: Ctl) {
     for a in catalog.activities() {
         let Some(room) = &a.room else { continue };
         let result = match &source {
-            Some(source) if room.is_shared() => {
-                let step = admit_shared(&state, a, room, source).await;
-                if step.is_err() {
-                    // Any step that failed, not only a failed flush (with
-                    // nothing to flush it touches no Redis): the first step
-                    // back must not plan from check-ins made before.
-                    room.regrace_when_back();
-                }
-                step
-            }
+            Some(source) if room.is_shared() => admit_shared(&state, a, room, source).await,
             _ => {
                 let stock = || StockView {
                     remaining: a.remaining(),
@@ -481,18 +472,28 @@ async fn admit_shared(
     let seen = room.take_seen();
     if let Err(error) = source.flush_seen(id, seen.clone()).await {
         // Kept for the next flush: a fan who stays while Redis is away
-        // must not look gone once it is back (the caller regraces).
+        // must not look gone once it is back.
         room.restore_seen(seen);
+        room.regrace_when_back();
         return Err(error.to_string());
     }
 
     // The lease first, then the replica: a plan is made from a replica at
     // least as new as every append of the lease's previous holder.
+    // Redis unreachable here too (a step with nothing to flush touched no
+    // Redis above): the first step back must not plan from check-ins made
+    // before. Only these: a step that fails on every try for another
+    // reason would otherwise regrace every place for good, and nobody gone
+    // would ever be skipped.
+    let unreachable = |e: crate::store::StoreError| {
+        room.regrace_when_back();
+        e.to_string()
+    };
     let admitter = source
         .admitter_lease(id, ADMITTER_LEASE_MS)
         .await
-        .map_err(|e| e.to_string())?;
-    source.sync(room).await.map_err(|e| e.to_string())?;
+        .map_err(unreachable)?;
+    source.sync(room).await.map_err(unreachable)?;
     room.regrace_if_back(now_ms());
     let (next, holders) = room.next_and_holders(if admitter { ADMIT_LOOKAHEAD } else { 0 });
     // `counted_ms`: Redis's time of the holders' counts, by which the

@@ -2465,59 +2465,6 @@ async fn rejoin_as_replica(services: &mut Services, master: u16, replica: u16) {
     .await;
 }
 
-/// A place in a waiting room survives a failover as a claim does: with
-/// `cluster.replica_acks`, a join is answered only once a replica holds
-/// it. Before, the fan heard "you are in" once the master had the place,
-/// and a failover to a replica that was behind lost it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_waiting_room_join_is_answered_only_once_a_replica_holds_it() {
-    let services = Services::start_with_replicated_redis_cluster();
-    let act = crate::common::Act::new("rq")
-        .window(&rfc3339_ms(now_ms() + 3_600_000), &rfc3339_ms(now_ms() + 7_200_000))
-        .with("admission = \"queue\"")
-        .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 60_000)))
-        .ticket("rq-t", "Seat", crate::common::Codes::Generate(5))
-        .toml();
-    let mut cluster = Cluster::start_on(services, 1, &act, "[cluster]\nreplica_acks = 1\n", |c| c);
-    let tokens = cluster.users("rq", 2).await;
-    let Cluster { services, nodes, .. } = &mut cluster;
-    let node = &nodes[0];
-    let body = serde_json::json!({ "actId": "rq" });
-    let join = |token| node.client.post("/queue/join", Some(token), &body);
-    assert_eq!(join(&tokens[0]).await.unwrap().status, 200);
-    let (master, replica) = master_and_replica(services, "q:{rq}:log").await;
-
-    // The replica falls behind (frozen, cut off): no join may be acknowledged.
-    let stopped = services.redis_cluster_pid(replica);
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(stopped as i32, libc::SIGSTOP) };
-    let cut: usize = on_server(master, redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("replica"))
-        .await
-        .unwrap();
-    assert_eq!(cut, 1);
-    let behind = join(&tokens[1]).await.unwrap();
-    assert_eq!(
-        behind.status, 503,
-        "a join was acknowledged that no replica had: {}",
-        behind.body
-    );
-
-    // The master dies; the replica takes over (and the old master comes
-    // back as its replica, for `replica_acks`). The first fan's place is
-    // there; the second, told nothing, joins again and is in.
-    kill_master_and_take_over(services, master, replica, stopped).await;
-    rejoin_as_replica(services, master, replica).await;
-    until("the node to answer through the new master", || async {
-        join(&tokens[1]).await.is_ok_and(|r| r.status == 200)
-    })
-    .await;
-    for token in &tokens {
-        let res = node.client.get("/queue/status?actId=rq", Some(token)).await.unwrap();
-        assert_eq!(res.status, 200, "{}", res.body);
-        assert_eq!(res.data()["state"], "waiting", "{}", res.body);
-    }
-}
-
 /// Redis Cluster with replicas: a failover promotes a replica that has
 /// only what reached it. Before, a node answered a claim once the master
 /// had it, so with the replica behind (frozen here), a `kill -9` of the

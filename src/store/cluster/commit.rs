@@ -325,26 +325,13 @@ async fn run_commit(
     keys: &scripts::Keys,
     replica_acks: usize,
 ) -> Result<Vec<String>, ClusterError> {
-    invoke_replicated(redis, invocation, keys, replica_acks).await
-}
-
-/// Runs a script of one activity (its keys under `keys`' hash tag) and,
-/// with `replica_acks`, answers only once that many replicas hold what it
-/// wrote (the fence and `WAIT` of [`run_commit`]): the commit script, and
-/// the waiting room's joins and appends.
-pub(super) async fn invoke_replicated<T: redis::FromRedisValue>(
-    redis: &mut super::connection::RedisConn,
-    invocation: &redis::ScriptInvocation<'_>,
-    keys: &scripts::Keys,
-    replica_acks: usize,
-) -> Result<T, ClusterError> {
     if replica_acks == 0 {
         return Ok(invocation.invoke_async(redis).await?);
     }
     let mut pipe = redis::pipe();
     pipe.invoke_script(invocation);
     fence_and_wait(&mut pipe, keys, replica_acks);
-    let (results, acked): (T, usize) = match pipe.query_async(redis).await {
+    let (results, acked): (Vec<String>, usize) = match pipe.query_async(redis).await {
         // Not loaded on this master yet (a restart, a failover): load, retry.
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             invocation.load_async(redis).await?;

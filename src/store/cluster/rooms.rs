@@ -33,9 +33,7 @@ use redis::Script;
 use tokio::runtime::Handle;
 
 use super::{
-    commit::invoke_replicated,
     error::ClusterError,
-    scripts,
     shared::{block_on, on, Shared},
 };
 use crate::{
@@ -324,24 +322,21 @@ impl RoomSource {
         let shared = self.shared.clone();
         let event = serde_json::to_string(&Event::Join { u: user, t: now }).expect("events serialise");
         let keys = ["places", "log", "closed", "shuffled", "waiting", "taken"].map(|k| key(activity, k));
-        let tagged = scripts::Keys::new(activity);
         Ok(on(&self.handle, async move {
             let mut redis = shared.redis.clone();
             let mut invocation = JOIN.prepare_invoke();
             for k in &keys {
                 invocation.key(k);
             }
-            invocation
+            let answer: i64 = invocation
                 .arg(user)
                 .arg(if lottery { "1" } else { "0" })
                 .arg(capacity)
                 .arg(event)
                 .arg(lapsed.map(|x| x.to_string()).unwrap_or_default())
-                .arg(MAX_PLACES_PER_ACCOUNT);
-            // A place the fan is told of is on a replica (`replica_acks`):
-            // not confirmed, the join is answered 503, and joining again
-            // finds the place if it was kept.
-            let answer: i64 = invoke_replicated(&mut redis, &invocation, &tagged, shared.cfg.replica_acks).await?;
+                .arg(MAX_PLACES_PER_ACCOUNT)
+                .invoke_async(&mut redis)
+                .await?;
             Ok(match answer {
                 1 => Joined::New,
                 0 => Joined::Same,
@@ -445,7 +440,6 @@ impl RoomSource {
             "admitter", "log", "places", "waiting", "shuffled", "closed", "cursor", "paused",
         ]
         .map(|k| key(activity, k));
-        let tagged = scripts::Keys::new(activity);
         let mut args: Vec<String> = Vec::with_capacity(events.len() * 3);
         for e in events {
             let (kind, user) = match e {
@@ -469,8 +463,7 @@ impl RoomSource {
                 invocation.key(k);
             }
             invocation.arg(&shared.instance).arg(cursor).arg(args);
-            // The admitter goes on only from steps a replica holds.
-            let n: i64 = invoke_replicated(&mut redis, &invocation, &tagged, shared.cfg.replica_acks).await?;
+            let n: i64 = invocation.invoke_async(&mut redis).await?;
             Ok(match n {
                 -1 => Appended::NotAdmitter,
                 -2 => Appended::StaleCursor {
