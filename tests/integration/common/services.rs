@@ -531,9 +531,10 @@ impl Services {
     pub fn stop_mongo(&mut self) {
         // SecantusDB's own stop takes up to 2 s for its accept thread and 5 s
         // to drain connections a node still holds, then closes its storage
-        // (a checkpoint): on a loaded box that passed 10 s once, and a clean
-        // stop was failed as a hang.
-        stop_within(self.mongo.take(), libc::SIGTERM, Duration::from_secs(30));
+        // (a checkpoint): on a loaded box that passed 10 s once, and 30 s
+        // once more (eight tests at once), and a clean stop was failed as a
+        // hang. A minute still tells a hang.
+        stop_within(self.mongo.take(), libc::SIGTERM, Duration::from_secs(60));
     }
 
     /// A MongoDB client on the test database `db`.
