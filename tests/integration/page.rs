@@ -664,19 +664,19 @@ async fn the_detail_page_follows_the_stock_a_moved_start_and_a_pause() {
     let url = app.url();
     let mut b = Browser::launch().await;
     register(&mut b, &url, "follower", "#/act/moved").await;
-    b.wait_for(
-        "document.querySelector('#status')?.className === 'badge upcoming'",
-        "the upcoming sale",
-    )
-    .await;
+    // The badge the page shows, and whether its grab button is shut.
+    async fn until_shown(b: &mut Browser, badge: &str, shut: bool, what: &str) {
+        let expression = format!(
+            "document.querySelector('#status')?.className === 'badge {badge}' \
+             && document.querySelector('#grab').disabled === {shut}"
+        );
+        b.wait_for(&expression, what).await;
+    }
+    until_shown(&mut b, "upcoming", true, "the upcoming sale").await;
 
     // The organiser brings the start forward: the page opens the sale.
     app.reload(&act(("-1m", "+2h"), false));
-    b.wait_for(
-        "document.querySelector('#status').className === 'badge open' && !document.querySelector('#grab').disabled",
-        "the sale to open on the page",
-    )
-    .await;
+    until_shown(&mut b, "open", false, "the sale to open on the page").await;
     // Someone else claims: the stock on the page falls.
     let other = app.users("other", 1).await.remove(0);
     assert_eq!(app.claim(&other, "moved").await.status, 200);
@@ -684,19 +684,11 @@ async fn the_detail_page_follows_the_stock_a_moved_start_and_a_pause() {
     b.wait_for(&format!("{left} === '2'"), "the stock to fall to 2").await;
     // A pause shuts the button.
     app.reload(&act(("-1m", "+2h"), true));
-    b.wait_for(
-        "document.querySelector('#status').className === 'badge paused' && document.querySelector('#grab').disabled",
-        "the pause on the page",
-    )
-    .await;
+    until_shown(&mut b, "paused", true, "the pause on the page").await;
     // The organiser ends it early: the list no longer has it, the page
     // asks about it and shows it ended.
     app.reload(&act(("-2m", "-1s"), false));
-    b.wait_for(
-        "document.querySelector('#status').className === 'badge ended' && document.querySelector('#grab').disabled",
-        "the early end on the page",
-    )
-    .await;
+    until_shown(&mut b, "ended", true, "the early end on the page").await;
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 }
 

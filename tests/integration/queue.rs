@@ -2237,16 +2237,7 @@ async fn a_drawn_lottery_stays_a_lottery_on_a_cluster_node_whatever_its_config_s
     assert_eq!(named, "lottery");
     let () = services.query(redis::cmd("SET").arg(flag).arg("1")).await;
     let config = std::fs::read_to_string(node.config_path()).unwrap();
-    let race: String = config
-        .lines()
-        .filter(|l| {
-            !["admission =", "queue_opens =", "draw_time ="]
-                .iter()
-                .any(|k| l.starts_with(k))
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    assert!(!race.contains("lottery") && !race.contains("queue_opens"), "{race}");
+    let race = as_race(&config);
     std::fs::write(node.config_path(), &race).unwrap();
     let err = crate::common::serve_refused(
         node.dir.path(),
@@ -2275,6 +2266,22 @@ async fn a_drawn_lottery_stays_a_lottery_on_a_cluster_node_whatever_its_config_s
     assert_eq!(late, ticketd::store::Joined::EntriesClosed);
 }
 
+/// `config` with its room's lines (`admission`, `queue_opens`,
+/// `draw_time`) taken out: the activity a race.
+fn as_race(config: &str) -> String {
+    let race: String = config
+        .lines()
+        .filter(|l| {
+            !["admission =", "queue_opens =", "draw_time ="]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(!race.contains("lottery") && !race.contains("queue_opens"), "{race}");
+    race
+}
+
 /// A node whose config makes the activity a race, started before the room
 /// drew (so its start found nothing to refuse), sold the lottery's codes to
 /// whoever claimed first, with no pass: after the draw, and (with its own
@@ -2294,13 +2301,8 @@ async fn a_race_node_beside_a_lottery_sells_nothing_without_a_pass() {
         if !config.contains("node_id = \"node1\"") {
             return config;
         }
-        let race: String = config
+        as_race(&config)
             .lines()
-            .filter(|l| {
-                !["admission =", "queue_opens =", "draw_time ="]
-                    .iter()
-                    .any(|k| l.starts_with(k))
-            })
             .map(|l| {
                 if l.starts_with("start_time =") {
                     opened.clone()
@@ -2308,9 +2310,7 @@ async fn a_race_node_beside_a_lottery_sells_nothing_without_a_pass() {
                     format!("{l}\n")
                 }
             })
-            .collect();
-        assert!(!race.contains("lottery"), "{race}");
-        race
+            .collect()
     });
     let (fan, racer) = {
         let mut tokens = cluster.users("rn", 2).await;

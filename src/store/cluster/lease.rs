@@ -353,9 +353,23 @@ async fn record_limit(shared: &Shared, activity: &str) -> Result<(), ClusterErro
 }
 
 async fn release(shared: &Shared, activity: &str, tickets: &[Arc<str>]) -> Result<(usize, usize), ClusterError> {
-    let keys = scripts::Keys::new(activity);
     let mut redis = shared.redis.clone();
-    let mut invocation = scripts::RELEASE.prepare_invoke();
+    Ok(on_this_node(&scripts::RELEASE, shared, activity, tickets)
+        .invoke_async(&mut redis)
+        .await?)
+}
+
+/// [`scripts::RELEASE`] or [`scripts::REAP`] for this node in `activity`:
+/// KEYS nodes and this node's outbox; ARGV this node, the activity's key
+/// prefix, then `tickets`.
+fn on_this_node<'a>(
+    script: &'a redis::Script,
+    shared: &Shared,
+    activity: &str,
+    tickets: &[Arc<str>],
+) -> redis::ScriptInvocation<'a> {
+    let keys = scripts::Keys::new(activity);
+    let mut invocation = script.prepare_invoke();
     invocation
         .key(keys.nodes())
         .key(keys.outbox(&shared.node))
@@ -364,7 +378,7 @@ async fn release(shared: &Shared, activity: &str, tickets: &[Arc<str>]) -> Resul
     for t in tickets {
         invocation.arg(&**t);
     }
-    Ok(invocation.invoke_async(&mut redis).await?)
+    invocation
 }
 
 async fn lease(shared: &Shared, activity: &Arc<str>, ticket: &Arc<str>, want: usize) -> Result<Leased, ClusterError> {
@@ -554,17 +568,9 @@ async fn reap(shared: &Shared) -> Result<(), ClusterError> {
 /// moved to this node.
 async fn reap_activity(shared: &Shared, activity: &str, tickets: &[Arc<str>]) -> Result<usize, ClusterError> {
     let mut redis = shared.redis.clone();
-    let keys = scripts::Keys::new(activity);
-    let mut invocation = scripts::REAP.prepare_invoke();
-    invocation
-        .key(keys.nodes())
-        .key(keys.outbox(&shared.node))
-        .arg(&*shared.node)
-        .arg(keys.prefix());
-    for t in tickets {
-        invocation.arg(&**t);
-    }
-    let (nodes, codes, moved): (usize, usize, usize) = invocation.invoke_async(&mut redis).await?;
+    let (nodes, codes, moved): (usize, usize, usize) = on_this_node(&scripts::REAP, shared, activity, tickets)
+        .invoke_async(&mut redis)
+        .await?;
     if nodes > 0 {
         metrics::global()
             .leases_reaped

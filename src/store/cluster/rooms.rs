@@ -256,13 +256,7 @@ impl RoomSource {
     /// Blocking: a node asks it of every activity its config makes a race,
     /// at each start and reload.
     pub fn drawn_as(&self, activity: &str) -> Result<Option<AdmissionMode>, StoreError> {
-        let (shared, flag) = (self.shared.clone(), key(activity, "shuffled"));
-        let drawn = block_on(&self.handle, async move {
-            let mut redis = shared.redis.clone();
-            let drawn: Option<String> = redis::cmd("GET").arg(&flag).query_async(&mut redis).await?;
-            Ok::<_, ClusterError>(drawn)
-        })?;
-        Ok(match drawn.as_deref() {
+        Ok(match self.get(activity, "shuffled")?.as_deref() {
             None => None,
             Some("queue") => Some(AdmissionMode::Queue),
             Some("lottery") => Some(AdmissionMode::Lottery),
@@ -399,15 +393,21 @@ impl RoomSource {
         Ok(())
     }
 
+    /// One of the room's string keys (`name`), if set. Blocking.
+    fn get(&self, activity: &str, name: &str) -> Result<Option<String>, StoreError> {
+        let (shared, key) = (self.shared.clone(), key(activity, name));
+        Ok(block_on(&self.handle, async move {
+            let mut redis = shared.redis.clone();
+            let value: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut redis).await?;
+            Ok::<_, ClusterError>(value)
+        })?)
+    }
+
     /// Every event of the room's log, with its seed (tools: export, report).
     pub fn whole_log(&self, activity: &str) -> Result<Option<(String, Vec<Event>)>, StoreError> {
-        let (shared, seed_key) = (self.shared.clone(), key(activity, "seed"));
-        let seed = block_on(&self.handle, async move {
-            let mut redis = shared.redis.clone();
-            let seed: Option<String> = redis::cmd("GET").arg(&seed_key).query_async(&mut redis).await?;
-            Ok::<_, ClusterError>(seed)
-        })?;
-        let Some(seed) = seed else { return Ok(None) };
+        let Some(seed) = self.get(activity, "seed")? else {
+            return Ok(None);
+        };
         let events = block_on(&self.handle, self.events(activity, 0))?;
         Ok(Some((seed, events)))
     }
