@@ -12,7 +12,7 @@ use std::{collections::HashMap, sync::Arc};
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::{
-    admission::{Opened, Room, RoomSettings, Rooms},
+    admission::{Opened, Past, Room, RoomSettings, Rooms},
     clock::now_ms,
     config::Config,
     inventory::{CodePool, Inventory, Ledger},
@@ -165,16 +165,23 @@ impl Catalog {
                         a.id
                     ));
                 }
-                (None, None) => match rooms.drawn_before(&a.id) {
-                    Ok(None) => {}
-                    Ok(Some(drawn)) => problems.push(format!(
+                // A restart, or a node whose config never had the room:
+                // the room's log is asked instead.
+                (None, None) => match rooms.past(&a.id) {
+                    Ok(Past::Untouched) => {}
+                    Ok(Past::Drawn(drawn)) => problems.push(format!(
                         "activity `{}`: its waiting room drew its order as a {drawn}; a drawn room's admission \
                          cannot change (set admission = \"{drawn}\" and its queue_opens back)",
                         a.id
                     )),
+                    Ok(Past::Opened) => problems.push(format!(
+                        "activity `{}`: its waiting room has opened (fans hold places in it); admission cannot \
+                         change once its queue has opened (set admission and queue_opens back)",
+                        a.id
+                    )),
                     // Not refused: Redis away must not block a reload. The
-                    // commit script refuses a pass-less claim in a drawn room
-                    // whatever this node's config says.
+                    // commit script refuses a pass-less claim in an opened
+                    // room whatever this node's config says.
                     Err(e) => tracing::warn!(
                         activity = %a.id,
                         error = %e,

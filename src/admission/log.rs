@@ -126,6 +126,32 @@ pub fn drawn_as(events: &[Event]) -> Option<AdmissionMode> {
     })
 }
 
+/// What a room's log says of its past, for a config that would make its
+/// activity a race (which opens no room, so the room's own checks never
+/// run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Past {
+    /// No log, or only its seed: the queue never opened to anyone, and
+    /// the activity may still become a race.
+    Untouched,
+    /// The room has opened (fans joined, or its admitter wrote), its order
+    /// not drawn as a mode the log names.
+    Opened,
+    /// The room drew its order as this mode.
+    Drawn(AdmissionMode),
+}
+
+/// What `events` (a room's whole log) say of the room's past.
+pub fn past(events: &[Event]) -> Past {
+    if let Some(mode) = drawn_as(events) {
+        return Past::Drawn(mode);
+    }
+    if events.iter().any(|e| !matches!(e, Event::Seed { .. } | Event::Unknown)) {
+        return Past::Opened;
+    }
+    Past::Untouched
+}
+
 /// The append side of a room's log.
 pub struct RoomLog {
     inner: Arc<Inner>,

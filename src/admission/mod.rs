@@ -46,7 +46,7 @@ use parking_lot::Mutex;
 
 use draw::Seed;
 
-use crate::config::AdmissionMode;
+pub use log::Past;
 pub use room::{Entry, JoinError, PlaceState, QueueStatus, Room, RoomSettings, RoomSummary, StockView};
 
 /// Where a cluster's rooms keep their logs (the store's Redis): what a node
@@ -54,9 +54,9 @@ pub use room::{Entry, JoinError, PlaceState, QueueStatus, Room, RoomSettings, Ro
 pub trait SharedLogs: Send + Sync {
     /// The room's seed, the same on every node (the first to ask sets it).
     fn seed(&self, activity: &str) -> io::Result<Seed>;
-    /// How the room drew its order, once its log holds the draw and says
-    /// (see [`log::drawn_as`]).
-    fn drawn_as(&self, activity: &str) -> io::Result<Option<AdmissionMode>>;
+    /// What the room's log says of its past (see [`log::past`]): drawn as
+    /// a mode, opened, or untouched.
+    fn past(&self, activity: &str) -> io::Result<Past>;
 }
 
 /// Event streams one account may hold open on a node at once (a fan with
@@ -211,19 +211,20 @@ impl Rooms {
         Ok((room, Opened::Now))
     }
 
-    /// How the room of `activity` drew its order, if its log says: a
-    /// config that makes the activity a race, or takes its `queue_opens`
-    /// away, opens no room, so the room's own check never ran. One node
-    /// reads its log on disk (a log it cannot read counts as none here);
-    /// a cluster's node asks Redis, and says when it cannot.
-    pub fn drawn_before(&self, activity: &str) -> io::Result<Option<AdmissionMode>> {
+    /// What the log of `activity`'s room says of its past: a config that
+    /// makes the activity a race, or takes its `queue_opens` away, opens
+    /// no room, so the room's own checks never ran. One node reads its log
+    /// on disk (a log it cannot read counts as none here); a cluster's
+    /// node asks Redis, and says when it cannot.
+    pub fn past(&self, activity: &str) -> io::Result<Past> {
         if let Some(logs) = &self.shared {
-            return logs.drawn_as(activity);
+            return logs.past(activity);
         }
-        Ok(Room::recorded_draw(&self.dir, activity)
-            .ok()
-            .flatten()
-            .and_then(|d| d.admission))
+        let path = self.dir.join(format!("{activity}.log"));
+        Ok(match log::read(&path) {
+            Ok(Some((events, _))) => log::past(&events),
+            Ok(None) | Err(_) => Past::Untouched,
+        })
     }
 
     /// Drops the room of `activity` (no longer a queue, and never opened).

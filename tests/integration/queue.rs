@@ -2266,6 +2266,55 @@ async fn a_drawn_lottery_stays_a_lottery_on_a_cluster_node_whatever_its_config_s
     assert_eq!(late, ticketd::store::Joined::EntriesClosed);
 }
 
+/// A queue that fans have joined cannot become a race by a restart
+/// (a reload was refused; a restart, which finds no room open, was not).
+/// One node then sold the activity as a race, to the fastest, past the
+/// fans who held places; a cluster's nodes sold nothing at all (Redis
+/// refuses a claim without a pass once the room has a log) and the joins
+/// answered `NO_QUEUE`. The start now reads the room's log, on disk or in
+/// Redis, and says why it refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_queue_cannot_become_a_race_by_a_restart() {
+    let mut app = TestApp::start(&(base_config() + &queue("jq", 2, "+30m", &[])));
+    let fan = app.users("jq", 1).await.remove(0);
+    assert_eq!(join(&app.client, &fan, "jq").await.status, 200);
+    assert_eq!(app.stop(), 0);
+    let config = std::fs::read_to_string(app.config_path()).unwrap();
+    std::fs::write(app.config_path(), as_race(&config)).unwrap();
+    let err = crate::common::serve_refused(
+        app.dir.path(),
+        Duration::from_secs(30),
+        "a node sold a joined queue as a race",
+    );
+    assert!(err.contains("activity `jq`: its waiting room has opened"), "{err}");
+    // Put back, it serves, and the fan's place is kept.
+    std::fs::write(app.config_path(), &config).unwrap();
+    app.boot();
+    assert_eq!(status(&app.client, &fan, "jq").await["state"], "waiting");
+}
+
+/// The same on a cluster node, which asks Redis for the room's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_queue_cannot_become_a_race_on_a_cluster_node() {
+    use crate::cluster::Cluster;
+    let mut cluster = Cluster::start(1, &absolute_room("jc", "queue", 2, 1_800_000, &[]), "");
+    let fan = cluster.users("jc", 1).await.remove(0);
+    let node = &mut cluster.nodes[0];
+    assert_eq!(join(&node.client, &fan, "jc").await.status, 200);
+    assert_eq!(node.stop(), 0);
+    let config = std::fs::read_to_string(node.config_path()).unwrap();
+    std::fs::write(node.config_path(), as_race(&config)).unwrap();
+    let err = crate::common::serve_refused(
+        node.dir.path(),
+        Duration::from_secs(30),
+        "a cluster node served a joined queue as a race",
+    );
+    assert!(err.contains("activity `jc`: its waiting room has opened"), "{err}");
+    std::fs::write(node.config_path(), &config).unwrap();
+    node.boot();
+    assert_eq!(status(&node.client, &fan, "jc").await["state"], "waiting");
+}
+
 /// `config` with its room's lines (`admission`, `queue_opens`,
 /// `draw_time`) taken out: the activity a race.
 fn as_race(config: &str) -> String {

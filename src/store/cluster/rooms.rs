@@ -41,7 +41,7 @@ use crate::{
         draw::Seed,
         log::{self, Event},
         room::MAX_PLACES_PER_ACCOUNT,
-        Room, SharedLogs,
+        Past, Room, SharedLogs,
     },
     config::AdmissionMode,
     store::types::StoreError,
@@ -216,8 +216,8 @@ impl SharedLogs for RoomSource {
         Seed::from_hex(&hex).ok_or_else(|| std::io::Error::other("the room's seed in Redis is not 64 hex digits"))
     }
 
-    fn drawn_as(&self, activity: &str) -> std::io::Result<Option<AdmissionMode>> {
-        RoomSource::drawn_as(self, activity).map_err(std::io::Error::other)
+    fn past(&self, activity: &str) -> std::io::Result<Past> {
+        RoomSource::past(self, activity).map_err(std::io::Error::other)
     }
 }
 
@@ -262,6 +262,24 @@ impl RoomSource {
             Some("lottery") => Some(AdmissionMode::Lottery),
             Some(_) => block_on(&self.handle, self.first_drawn(activity))?,
         })
+    }
+
+    /// What the room's log in Redis says of its past. Any log at all is an
+    /// opened room: the commit script refuses every claim without a pass
+    /// once the log exists ([`super::scripts::COMMIT`]), so a node that
+    /// sold the activity as a race beside it would sell nothing.
+    /// Blocking, as [`RoomSource::drawn_as`].
+    pub fn past(&self, activity: &str) -> Result<Past, StoreError> {
+        if let Some(mode) = self.drawn_as(activity)? {
+            return Ok(Past::Drawn(mode));
+        }
+        let (shared, log) = (self.shared.clone(), key(activity, "log"));
+        let exists = block_on(&self.handle, async move {
+            let mut redis = shared.redis.clone();
+            let exists: bool = redis::cmd("EXISTS").arg(&log).query_async(&mut redis).await?;
+            Ok::<_, ClusterError>(exists)
+        })?;
+        Ok(if exists { Past::Opened } else { Past::Untouched })
     }
 
     /// The mode the room's shuffle line names, read a chunk at a time up to
