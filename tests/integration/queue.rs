@@ -38,15 +38,52 @@ fn ms(rfc3339: &str) -> i64 {
 /// read them: `admission` (`queue` or `lottery`), joins open since a minute
 /// ago, the start `start_in_ms` from now, `codes` codes of ticket `{id}-t`.
 fn absolute_room(id: &str, admission: &str, codes: u32, start_in_ms: i64, extra: &[&str]) -> String {
-    use ticketd::clock::{now_ms, rfc3339_ms};
+    room_from(ticketd::clock::now_ms(), id, admission, codes, start_in_ms, extra)
+}
+
+/// [`absolute_room`] with its times counted from `t0` (Unix ms) instead of now.
+fn room_from(t0: i64, id: &str, admission: &str, codes: u32, start_in_ms: i64, extra: &[&str]) -> String {
+    use ticketd::clock::rfc3339_ms;
     let mut act = Act::new(id)
-        .window(&rfc3339_ms(now_ms() + start_in_ms), &rfc3339_ms(now_ms() + 3_600_000))
+        .window(&rfc3339_ms(t0 + start_in_ms), &rfc3339_ms(t0 + 3_600_000))
         .with(&format!("admission = \"{admission}\""))
-        .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 60_000)));
+        .with(&format!("queue_opens = \"{}\"", rfc3339_ms(t0 - 60_000)));
     for line in extra {
         act = act.with(line);
     }
     act.ticket(&format!("{id}-t"), "Ticket", Codes::Generate(codes)).toml()
+}
+
+/// A lottery's `draw_time` line, `in_ms` after `t0`.
+fn draw_at(t0: i64, in_ms: i64) -> String {
+    format!("draw_time = \"{}\"", ticketd::clock::rfc3339_ms(t0 + in_ms))
+}
+
+/// A cluster of `n` nodes on the activity `act(t0)` (its times counted
+/// from `t0`), with `users` accounts of `prefix` logged in, whose clock
+/// starts only once all that is done: the nodes start with `t0` an hour
+/// away (the room not open yet), and are then reloaded with `t0` now. A
+/// test that counted its seconds from before the start-up lost them to a
+/// loaded box's slow start (its fans arrived after the draw, once).
+async fn cluster_then_open(
+    n: usize,
+    act: impl Fn(i64) -> String,
+    extra: &str,
+    prefix: &str,
+    users: usize,
+) -> (crate::cluster::Cluster, Vec<String>) {
+    use ticketd::clock::now_ms;
+    let later = act(now_ms() + 3_600_000);
+    let cluster = crate::cluster::Cluster::start(n, &later, extra);
+    let tokens = cluster.users(prefix, users).await;
+    let now = act(now_ms());
+    for node in &cluster.nodes {
+        let config = std::fs::read_to_string(node.config_path()).unwrap();
+        assert!(config.contains(&later), "{config}");
+        let applied = node.reload(&config.replace(&later, &now));
+        assert_eq!(applied["message"], "Config reloaded.", "{applied}");
+    }
+    (cluster, tokens)
 }
 
 /// A queue activity: joins open now, the shuffle and the start at `start`.
@@ -289,18 +326,31 @@ async fn the_draw_ignores_join_order_and_anyone_can_check_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admission_never_runs_ahead_of_the_stock() {
+    use ticketd::clock::{now_ms, rfc3339_ms};
     const USERS: usize = 5000;
     const CODES: usize = 1000;
-    let mut app = TestApp::start(
-        &(base_config()
-            + &queue(
-                "room",
-                CODES as u32,
-                "+12s",
-                &["admit_rate = 400.0", "grace = \"1m\"", "pass_ttl = \"1m\""],
-            )),
-    );
+    let room = |opens_in_ms: i64, start_in_ms: i64| {
+        let at = |in_ms: i64| rfc3339_ms(now_ms() + in_ms);
+        base_config()
+            + &Act::new("room")
+                .window(&at(start_in_ms), &at(3_600_000))
+                .with("admission = \"queue\"")
+                .with(&format!("queue_opens = \"{}\"", at(opens_in_ms)))
+                .with("admit_rate = 400.0")
+                .with("grace = \"1m\"")
+                .with("pass_ttl = \"1m\"")
+                .ticket("room-t", "Ticket", Codes::Generate(CODES as u32))
+                .toml()
+    };
+    // The fans' 5,050 accounts and logins first, with the room not open
+    // yet; then the room opens and the sale starts 12 s later, time enough
+    // for the joins however loaded the box is (with the logins inside
+    // those seconds, a loaded box once started the sale mid-joins).
+    let mut app = TestApp::start(&room(1_800_000, 2_700_000));
     let tokens = app.users("q", USERS).await;
+    let impatient_tokens = app.users("i", 50).await;
+    let applied = app.reload(&room(-60_000, 12_000));
+    assert_eq!(applied["message"], "Config reloaded.", "{applied}");
     // Everybody joins before the start.
     let sem = Arc::new(tokio::sync::Semaphore::new(64));
     let joins: Vec<_> = tokens
@@ -320,7 +370,6 @@ async fn admission_never_runs_ahead_of_the_stock() {
     }
     // Meanwhile fifty others try, over and over, without a pass or with a
     // forged one: they get nothing.
-    let impatient_tokens = app.users("i", 50).await;
     let impatient: Vec<_> = impatient_tokens
         .into_iter()
         .map(|t| {
@@ -642,16 +691,16 @@ async fn a_fan_whose_pass_lapsed_joins_again_at_the_back() {
     app.assert_verified();
 }
 
-/// Two nodes sharing a room of two codes, passes of 5 s, starting in 8 s.
-fn two_nodes_with_a_room(id: &str) -> crate::cluster::Cluster {
-    let act = absolute_room(id, "queue", 2, 8_000, &["pass_ttl = \"5s\"", "admit_rate = 100.0"]);
-    crate::cluster::Cluster::start(2, &act, "")
+/// Two nodes sharing a room of two codes, passes of 5 s, starting in 8 s,
+/// and `fans` fans (`id` their prefix).
+async fn two_nodes_with_a_room(id: &str, fans: usize) -> (crate::cluster::Cluster, Vec<String>) {
+    let act = |t0| room_from(t0, id, "queue", 2, 8_000, &["pass_ttl = \"5s\"", "admit_rate = 100.0"]);
+    cluster_then_open(2, act, "", id, fans).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn across_nodes_a_fan_whose_pass_lapsed_joins_again_at_the_back() {
-    let cluster = two_nodes_with_a_room("rj");
-    let tokens = cluster.users("rj", 2).await;
+    let (cluster, tokens) = two_nodes_with_a_room("rj", 2).await;
     let first = lapse_and_rejoin(&cluster.clients(), &tokens, "rj", None).await;
     admitted_again(&cluster.clients(), &tokens, "rj", &first).await;
     // Redis counts each account's places (the bound of eight holds there,
@@ -842,8 +891,7 @@ async fn across_nodes_a_ticket_type_taken_out_is_no_stock_for_the_room() {
 /// read of the log made after the question shows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fan_who_just_joined_through_another_node_is_not_told_not_joined() {
-    let cluster = two_nodes_with_a_room("nj");
-    let tokens = cluster.users("nj", 10).await;
+    let (cluster, tokens) = two_nodes_with_a_room("nj", 10).await;
     let (first, second) = (&cluster.nodes[0], &cluster.nodes[1]);
     for (i, token) in tokens.iter().enumerate() {
         assert_eq!(join(&first.client, token, "nj").await.status, 200);
@@ -863,8 +911,7 @@ async fn a_fan_who_just_joined_through_another_node_is_not_told_not_joined() {
 /// pass lapsed still gets a new place, not a lock-out until the room ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn across_nodes_a_pass_an_earlier_version_wrote_lapses_too() {
-    let cluster = two_nodes_with_a_room("ru");
-    let tokens = cluster.users("ru", 2).await;
+    let (cluster, tokens) = two_nodes_with_a_room("ru", 2).await;
     let first = lapse_and_rejoin(&cluster.clients(), &tokens, "ru", Some(&cluster.services)).await;
     admitted_again(&cluster.clients(), &tokens, "ru", &first).await;
 }
@@ -1158,17 +1205,18 @@ async fn a_paused_sale_holds_the_room_and_gives_passes_their_time_back() {
 /// pass is what Redis holds for the fan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn across_nodes_a_paused_sale_holds_the_room() {
-    use ticketd::clock::{now_ms, rfc3339_ms};
-    let draw = format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 5_000));
-    let act = absolute_room(
-        "pc",
-        "lottery",
-        2,
-        6_000,
-        &[&draw, "pass_ttl = \"5s\"", "grace = \"1h\""],
-    );
-    let cluster = crate::cluster::Cluster::start(2, &act, "");
-    let tokens = cluster.users("pc", 3).await;
+    let act = |t0| {
+        let draw = draw_at(t0, 5_000);
+        room_from(
+            t0,
+            "pc",
+            "lottery",
+            2,
+            6_000,
+            &[&draw, "pass_ttl = \"5s\"", "grace = \"1h\""],
+        )
+    };
+    let (cluster, tokens) = cluster_then_open(2, act, "", "pc", 3).await;
     pause_and_resume(&cluster.clients(), &tokens, "pc", &|paused| {
         for node in &cluster.nodes {
             let config = std::fs::read_to_string(node.config_path()).unwrap();
@@ -1721,18 +1769,19 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_share_one_room_and_a_killed_node_loses_no_place_or_pass() {
-    use crate::cluster::Cluster;
     const USERS: usize = 900;
     const CODES: usize = 300;
-    let act = absolute_room(
-        "cq",
-        "queue",
-        CODES as u32,
-        12_000,
-        &["admit_rate = 150.0", "grace = \"1m\"", "pass_ttl = \"1m\""],
-    );
-    let mut cluster = Cluster::start(3, &act, "[cluster]\nlease_ttl = \"2s\"\n");
-    let tokens = cluster.users("c", USERS).await;
+    let act = |t0| {
+        room_from(
+            t0,
+            "cq",
+            "queue",
+            CODES as u32,
+            12_000,
+            &["admit_rate = 150.0", "grace = \"1m\"", "pass_ttl = \"1m\""],
+        )
+    };
+    let (mut cluster, tokens) = cluster_then_open(3, act, "[cluster]\nlease_ttl = \"2s\"\n", "c", USERS).await;
     let clients = cluster.clients();
     let commitment = cluster.nodes[1].detail("cq").await["queue"]["commitment"].clone();
     assert_eq!(
@@ -1919,18 +1968,18 @@ async fn the_queue_bench_drives_fans_through_the_room_and_weighs_their_streams()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lottery_across_three_nodes_skips_the_gone_and_passes_lapsed_turns_on() {
-    use crate::cluster::Cluster;
-    use ticketd::clock::{now_ms, rfc3339_ms};
-    let draw = format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 9_000));
-    let act = absolute_room(
-        "cl",
-        "lottery",
-        2,
-        11_000,
-        &[&draw, "pass_ttl = \"5s\"", "grace = \"3s\""],
-    );
-    let cluster = Cluster::start(3, &act, "");
-    let tokens = cluster.users("x", 7).await;
+    let act = |t0| {
+        let draw = draw_at(t0, 9_000);
+        room_from(
+            t0,
+            "cl",
+            "lottery",
+            2,
+            11_000,
+            &[&draw, "pass_ttl = \"5s\"", "grace = \"3s\""],
+        )
+    };
+    let (cluster, tokens) = cluster_then_open(3, act, "", "x", 7).await;
     let outsider = tokens[6].clone();
     let clients = cluster.clients();
     for (i, t) in tokens[..6].iter().enumerate() {
