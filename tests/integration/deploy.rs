@@ -588,6 +588,20 @@ async fn the_shipped_nginx_serves_the_sale_over_https_and_the_page_through_an_ou
         redirect.head
     );
 
+    // Plain HTTP sent to the TLS port (a URL typed with :443) is sent on
+    // to HTTPS, not answered with Nginx's HTML 400.
+    let plain = exchange(
+        &format!("127.0.0.1:{}", nginx.port),
+        b"GET /act/list HTTP/1.1\r\nHost: tickets.example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(plain.status, 308, "{}", plain.head);
+    assert!(
+        plain.head.contains("Location: https://tickets.example.com/act/list"),
+        "{}",
+        plain.head
+    );
+
     let get = |path: &str| {
         let head = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         tokio::task::block_in_place(|| https(nginx.port, &head))
