@@ -310,6 +310,15 @@ pub enum Entry {
     },
 }
 
+/// What [`Room::follow_shared`] made of a read of the shared log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Followed {
+    /// The log went on from where this replica stood; what was new is applied.
+    Applied,
+    /// The log is not the one this replica followed: nothing applied.
+    Diverged,
+}
+
 struct RoomState {
     settings: RoomSettings,
     places: HashMap<u64, Place, ahash::RandomState>,
@@ -338,6 +347,9 @@ struct RoomState {
     summary: RoomSummary,
     /// Shared rooms: entries of the shared log applied.
     applied: u64,
+    /// Shared rooms: the last of them, which the next read must start
+    /// with ([`Room::follow_shared`]).
+    last_applied: Option<Event>,
     /// Shared rooms: when the last read of the shared log this replica
     /// applied began (0: none yet).
     read_ms: i64,
@@ -676,7 +688,43 @@ impl Room {
     /// `from` on — those past where the replica stands, so a late answer
     /// never applies anything twice.
     pub fn apply_shared(&self, from: u64, events: &[Event]) {
+        self.apply_locked(&mut self.state.lock(), from, events);
+    }
+
+    /// Shared rooms: applies `events`, the shared log's entries from
+    /// `from` on, read from one entry before where this replica stood
+    /// ([`Room::applied`] less one, or 0): that entry must be the one it
+    /// applied last. If it is not, or the log no longer reaches it, the log
+    /// is not the one this replica followed — a Redis failover promoted a
+    /// replica without the master's last writes — and nothing is applied:
+    /// the caller rebuilds the room from the whole log
+    /// ([`Room::rebuild_shared`]).
+    pub fn follow_shared(&self, from: u64, events: &[Event]) -> Followed {
         let mut st = self.state.lock();
+        // Another reader applied more meanwhile: it checked the log's
+        // continuity itself, and this read only adds what it has not.
+        if st.applied == from + 1 && events.first() != st.last_applied.as_ref() {
+            return Followed::Diverged;
+        }
+        self.apply_locked(&mut st, from, events);
+        Followed::Applied
+    }
+
+    /// Shared rooms: forgets what this replica applied and applies the
+    /// shared log's `events` (the whole log) instead; see
+    /// [`Room::follow_shared`]. The room's settings and the check-ins made
+    /// here and not yet flushed are kept; every place gets its grace again
+    /// from now, as at a node's first catch-up.
+    pub fn rebuild_shared(&self, events: &[Event]) {
+        let mut st = self.state.lock();
+        let mut fresh = RoomState::new(st.settings.clone());
+        fresh.seen_here = std::mem::take(&mut st.seen_here);
+        fresh.read_ms = st.read_ms;
+        *st = fresh;
+        self.apply_locked(&mut st, 0, events);
+    }
+
+    fn apply_locked(&self, st: &mut RoomState, from: u64, events: &[Event]) {
         // Two readers may race (the admitter and a join): apply only what
         // this replica has not, and nothing past a gap.
         let Some(skip) = st.applied.checked_sub(from) else {
@@ -685,6 +733,9 @@ impl Room {
         let new = events.get(skip as usize..).unwrap_or_default();
         for event in new {
             st.replay(&self.seed, event);
+        }
+        if let Some(last) = new.last() {
+            st.last_applied = Some(last.clone());
         }
         if st.applied == 0 && !new.is_empty() {
             // This replica's first catch-up since the node started: as for
@@ -848,6 +899,7 @@ impl RoomState {
             paused_ms: None,
             summary: RoomSummary::default(),
             applied: 0,
+            last_applied: None,
             read_ms: 0,
             regrace_due: false,
             seen_here: HashMap::default(),
@@ -1601,6 +1653,37 @@ mod tests {
         room.join(1, 2_001).unwrap();
         assert_eq!(room.entry(1, 2_002), Ok(Entry::Held));
         assert_eq!(room.status(1, 2_002, false).state, PlaceState::Waiting);
+    }
+
+    /// A replica follows a shared log read from its last entry on, and
+    /// finds out when the log is not the one it read: shorter (a failover
+    /// lost the last writes) or another at that place (and written on
+    /// since). Rebuilt, it holds what the log holds.
+    #[test]
+    fn a_replica_finds_a_log_that_lost_what_it_read() {
+        let room = Room::shared("s".into(), settings(), Seed::generate());
+        let joins: Vec<Event> = (1..=5).map(|u| Event::Join { u, t: u as i64 }).collect();
+        assert_eq!(room.follow_shared(0, &joins[..3]), Followed::Applied);
+        assert_eq!(room.follow_shared(2, &joins[2..]), Followed::Applied);
+        assert_eq!(room.follow_shared(4, &joins[4..]), Followed::Applied);
+        assert_eq!(room.applied(), 5);
+        // Shorter: the read from the last entry finds nothing.
+        assert_eq!(room.follow_shared(4, &[]), Followed::Diverged);
+        // As long again, with another fan where the fifth was.
+        let other = Event::Join { u: 9, t: 9 };
+        assert_eq!(room.follow_shared(4, std::slice::from_ref(&other)), Followed::Diverged);
+        assert_eq!(room.applied(), 5, "nothing applied");
+        let mut log = joins[..4].to_vec();
+        log.push(other);
+        room.rebuild_shared(&log);
+        assert_eq!(room.applied(), 5);
+        assert_eq!(room.status(5, 10, false).state, PlaceState::NotJoined);
+        assert_eq!(room.status(9, 10, false).state, PlaceState::Waiting);
+        assert_eq!(room.follow_shared(4, &log[4..]), Followed::Applied);
+        // A read that began before another reader applied more adds
+        // nothing and finds nothing amiss.
+        assert_eq!(room.follow_shared(1, &log[1..3]), Followed::Applied);
+        assert_eq!(room.applied(), 5);
     }
 
     /// Check-ins a flush could not deliver (Redis away) go with the next

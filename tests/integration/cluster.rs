@@ -2408,7 +2408,7 @@ async fn a_crowd_asking_for_an_activity_shares_its_looks_at_redis() {
 /// The ports of the Redis Cluster master that serves `key`'s slot and of
 /// its replica, from the cluster's own view (`CLUSTER KEYSLOT`, `CLUSTER
 /// NODES` asked of the first server).
-async fn master_and_replica(services: &Services, key: &str) -> (u16, u16) {
+pub(crate) async fn master_and_replica(services: &Services, key: &str) -> (u16, u16) {
     let client = redis::Client::open(services.redis_url()).unwrap();
     let mut r = client.get_multiplexed_async_connection().await.unwrap();
     let slot: u16 = redis::cmd("CLUSTER")
@@ -2448,7 +2448,7 @@ async fn master_and_replica(services: &Services, key: &str) -> (u16, u16) {
 }
 
 /// A command to one server of the Redis Cluster (not routed by key).
-async fn on_server<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+pub(crate) async fn on_server<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
     let mut r = client.get_multiplexed_async_connection().await?;
     cmd.query_async(&mut r).await
@@ -2456,7 +2456,7 @@ async fn on_server<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> red
 
 /// `master` dies (`kill -9`) and its `replica`, frozen as process `frozen`,
 /// thaws and takes over (`CLUSTER FAILOVER TAKEOVER`).
-async fn kill_master_and_take_over(services: &Services, master: u16, replica: u16, frozen: u32) {
+pub(crate) async fn kill_master_and_take_over(services: &Services, master: u16, replica: u16, frozen: u32) {
     let gone = services.redis_cluster_pid(master);
     // SAFETY: signalling our own child processes.
     unsafe {
@@ -2469,7 +2469,7 @@ async fn kill_master_and_take_over(services: &Services, master: u16, replica: u1
 }
 
 /// The old `master` comes back and follows `replica`, now the master.
-async fn rejoin_as_replica(services: &mut Services, master: u16, replica: u16) {
+pub(crate) async fn rejoin_as_replica(services: &mut Services, master: u16, replica: u16) {
     services.restart_redis_cluster_server(master);
     until("the old master to follow the new one", || async {
         let info: redis::RedisResult<String> = on_server(replica, redis::cmd("INFO").arg("replication")).await;

@@ -40,7 +40,7 @@ use crate::{
     admission::{
         draw::Seed,
         log::{self, Event},
-        room::MAX_PLACES_PER_ACCOUNT,
+        room::{Followed, MAX_PLACES_PER_ACCOUNT},
         Past, Room, SharedLogs,
     },
     config::AdmissionMode,
@@ -397,12 +397,30 @@ impl RoomSource {
         .await?)
     }
 
-    /// Brings `room`'s replica up to the shared log.
+    /// Brings `room`'s replica up to the shared log. The read starts one
+    /// entry early, at the last one the replica applied: a log that no
+    /// longer holds it there (a Redis failover promoted a replica without
+    /// the master's last writes) is not the one this replica followed, and
+    /// the room is rebuilt from the whole log. Reading on from where it
+    /// stood, the replica missed every entry written after the failover
+    /// below that count (the shuffle, admissions), and the admitter's
+    /// appends were refused as planned from a stale replica, for good.
     pub async fn sync(&self, room: &Room) -> Result<(), StoreError> {
         let at = crate::clock::now_ms();
-        let from = room.applied();
-        let events = self.events(&room.activity, from).await?;
-        room.apply_shared(from, &events);
+        let stood = room.applied();
+        let from = stood.saturating_sub(1);
+        let mut events = self.events(&room.activity, from).await?;
+        if room.follow_shared(from, &events) == Followed::Diverged {
+            events = self.events(&room.activity, 0).await?;
+            tracing::warn!(
+                activity = %room.activity,
+                applied = stood,
+                log = events.len(),
+                "The waiting room's log in Redis is not the one this node followed (a failover lost its last writes); \
+                 rebuilt from it: fans whose joins it lost are no longer in the room, and may join again."
+            );
+            room.rebuild_shared(&events);
+        }
         room.mark_read(at);
         if let Some(mode) = log::drawn_as(&events) {
             // Once per node and room: its shuffle line has just been read.
