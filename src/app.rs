@@ -521,7 +521,7 @@ async fn admit_shared(
         remaining: look.remaining,
         settled: !look.unsold && a.tickets.iter().all(|t| t.pool.drained()),
     };
-    let cursor = room.cursor();
+    let (cursor, base) = (room.cursor(), room.base());
     let events = room.plan_shared(
         now_ms(),
         counted_ms,
@@ -531,14 +531,25 @@ async fn admit_shared(
         if admitter { ADMIT_LOOKAHEAD } else { 0 },
     );
     if admitter && !events.is_empty() {
-        let appended = source.append(id, cursor, &events).await.map_err(|e| e.to_string())?;
+        let appended = source
+            .append(id, cursor, &base, &events)
+            .await
+            .map_err(|e| e.to_string())?;
         source.sync(room).await.map_err(|e| e.to_string())?;
-        if let crate::store::Appended::StaleCursor { log } = appended {
+        match appended {
             // Said, not hidden: a replica that stays behind its log would
             // stop every admission without a word.
-            return Err(format!(
-                "nothing admitted: the shared log has reached {log} places, this replica {cursor} (it catches up at the next sync)"
-            ));
+            crate::store::Appended::StaleCursor { log } => {
+                return Err(format!(
+                    "nothing admitted: the shared log has reached {log} places, this replica {cursor} (it catches up at the next sync)"
+                ))
+            }
+            crate::store::Appended::Diverged => {
+                return Err(
+                    "nothing admitted: the shared log no longer holds what this replica planned from (a failover?); the replica is rebuilt from it".into(),
+                )
+            }
+            _ => {}
         }
     }
     Ok(())

@@ -175,7 +175,7 @@ impl Catalog {
                         a.id
                     )),
                     Ok(Past::Opened) => problems.push(format!(
-                        "activity `{}`: its waiting room has opened (fans hold places in it); admission cannot \
+                        "activity `{}`: its waiting room has opened (its log records joins or a draw); admission cannot \
                          change once its queue has opened (set admission and queue_opens back)",
                         a.id
                     )),
@@ -185,7 +185,7 @@ impl Catalog {
                     Err(e) => tracing::warn!(
                         activity = %a.id,
                         error = %e,
-                        "Cannot tell whether the activity's waiting room drew its order (a drawn room keeps its admission)."
+                        "Cannot tell whether the activity's waiting room has opened or drew its order (an opened room keeps its admission)."
                     ),
                 },
                 _ => {}

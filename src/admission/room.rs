@@ -310,6 +310,17 @@ pub enum Entry {
     },
 }
 
+/// Where a replica stands in its shared log ([`Room::base`]).
+#[derive(Debug, Clone)]
+pub struct Base {
+    /// Entries applied.
+    pub applied: u64,
+    /// The last of them.
+    pub last: Option<Event>,
+    /// Rebuilds so far.
+    generation: u64,
+}
+
 /// What [`Room::follow_shared`] made of a read of the shared log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Followed {
@@ -350,6 +361,8 @@ struct RoomState {
     /// Shared rooms: the last of them, which the next read must start
     /// with ([`Room::follow_shared`]).
     last_applied: Option<Event>,
+    /// Shared rooms: rebuilds so far ([`Room::rebuild_shared`]).
+    generation: u64,
     /// Shared rooms: when the last read of the shared log this replica
     /// applied began (0: none yet).
     read_ms: i64,
@@ -684,6 +697,17 @@ impl Room {
         self.state.lock().applied
     }
 
+    /// Shared rooms: where this replica stands in the shared log, for a
+    /// read ([`Room::follow_shared`]) or an append planned from it.
+    pub fn base(&self) -> Base {
+        let st = self.state.lock();
+        Base {
+            applied: st.applied,
+            last: st.last_applied.clone(),
+            generation: st.generation,
+        }
+    }
+
     /// Shared rooms: applies `events`, the shared log's entries from
     /// `from` on — those past where the replica stands, so a late answer
     /// never applies anything twice.
@@ -699,12 +723,22 @@ impl Room {
     /// replica without the master's last writes — and nothing is applied:
     /// the caller rebuilds the room from the whole log
     /// ([`Room::rebuild_shared`]).
-    pub fn follow_shared(&self, from: u64, events: &[Event]) -> Followed {
+    ///
+    /// `base` is where the replica stood when the read was sent: a read
+    /// sent before a rebuild is dropped (it may be of the log the rebuild
+    /// left). Another reader may have applied more meanwhile: wherever the
+    /// read covers the replica's last applied entry, that entry is checked.
+    pub fn follow_shared(&self, base: &Base, from: u64, events: &[Event]) -> Followed {
         let mut st = self.state.lock();
-        // Another reader applied more meanwhile: it checked the log's
-        // continuity itself, and this read only adds what it has not.
-        if st.applied == from + 1 && events.first() != st.last_applied.as_ref() {
-            return Followed::Diverged;
+        if st.generation != base.generation {
+            return Followed::Applied;
+        }
+        if let Some(last) = st.applied.checked_sub(1) {
+            let at = last.checked_sub(from).and_then(|i| events.get(i as usize));
+            let short = last == from && events.is_empty();
+            if short || at.is_some_and(|e| Some(e) != st.last_applied.as_ref()) {
+                return Followed::Diverged;
+            }
         }
         self.apply_locked(&mut st, from, events);
         Followed::Applied
@@ -720,6 +754,7 @@ impl Room {
         let mut fresh = RoomState::new(st.settings.clone());
         fresh.seen_here = std::mem::take(&mut st.seen_here);
         fresh.read_ms = st.read_ms;
+        fresh.generation = st.generation + 1;
         *st = fresh;
         self.apply_locked(&mut st, 0, events);
     }
@@ -900,6 +935,7 @@ impl RoomState {
             summary: RoomSummary::default(),
             applied: 0,
             last_applied: None,
+            generation: 0,
             read_ms: 0,
             regrace_due: false,
             seen_here: HashMap::default(),
@@ -1662,28 +1698,36 @@ mod tests {
     #[test]
     fn a_replica_finds_a_log_that_lost_what_it_read() {
         let room = Room::shared("s".into(), settings(), Seed::generate());
-        let joins: Vec<Event> = (1..=5).map(|u| Event::Join { u, t: u as i64 }).collect();
-        assert_eq!(room.follow_shared(0, &joins[..3]), Followed::Applied);
-        assert_eq!(room.follow_shared(2, &joins[2..]), Followed::Applied);
-        assert_eq!(room.follow_shared(4, &joins[4..]), Followed::Applied);
+        let follow = |from: u64, events: &[Event]| room.follow_shared(&room.base(), from, events);
+        let joins: Vec<Event> = (1..=8).map(|u| Event::Join { u, t: u as i64 }).collect();
+        assert_eq!(follow(0, &joins[..3]), Followed::Applied);
+        assert_eq!(follow(2, &joins[2..5]), Followed::Applied);
+        assert_eq!(follow(4, &joins[4..5]), Followed::Applied);
         assert_eq!(room.applied(), 5);
         // Shorter: the read from the last entry finds nothing.
-        assert_eq!(room.follow_shared(4, &[]), Followed::Diverged);
+        assert_eq!(follow(4, &[]), Followed::Diverged);
         // As long again, with another fan where the fifth was.
         let other = Event::Join { u: 9, t: 9 };
-        assert_eq!(room.follow_shared(4, std::slice::from_ref(&other)), Followed::Diverged);
-        assert_eq!(room.applied(), 5, "nothing applied");
+        assert_eq!(follow(4, std::slice::from_ref(&other)), Followed::Diverged);
+        // A read sent earlier (from 2), answered by the new log: the fifth
+        // entry is checked wherever it falls in the read.
         let mut log = joins[..4].to_vec();
-        log.push(other);
+        log.extend([other, Event::Join { u: 10, t: 10 }]);
+        assert_eq!(follow(2, &log[2..]), Followed::Diverged);
+        assert_eq!(room.applied(), 5, "nothing applied");
+        // A read sent before a rebuild is dropped.
+        let before = room.base();
         room.rebuild_shared(&log);
-        assert_eq!(room.applied(), 5);
+        assert_eq!(room.applied(), 6);
+        assert_eq!(room.follow_shared(&before, 4, &joins[4..]), Followed::Applied);
+        assert_eq!(room.applied(), 6, "the old log's entries are not applied");
         assert_eq!(room.status(5, 10, false).state, PlaceState::NotJoined);
         assert_eq!(room.status(9, 10, false).state, PlaceState::Waiting);
-        assert_eq!(room.follow_shared(4, &log[4..]), Followed::Applied);
+        assert_eq!(follow(5, &log[5..]), Followed::Applied);
         // A read that began before another reader applied more adds
         // nothing and finds nothing amiss.
-        assert_eq!(room.follow_shared(1, &log[1..3]), Followed::Applied);
-        assert_eq!(room.applied(), 5);
+        assert_eq!(follow(1, &log[1..3]), Followed::Applied);
+        assert_eq!(room.applied(), 6);
     }
 
     /// Check-ins a flush could not deliver (Redis away) go with the next

@@ -272,7 +272,7 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
     loop {
         let started = Instant::now();
         let mut redis = shared.redis.clone();
-        match run_commit(&mut redis, &invocation, keys, shared.cfg.replica_acks).await {
+        match run_replicated::<Vec<String>>(&mut redis, &invocation, keys, shared.cfg.replica_acks).await {
             Ok(results) if results.len() == work.len() => {
                 metrics::global().redis_commit.observe(started.elapsed());
                 shared.mark_redis(true);
@@ -319,19 +319,22 @@ const REPLICA_WAIT_MS: u64 = 250;
 /// new connection. Only a `WAIT` that is a connection's first command
 /// returns at once. The fence does not depend on which version does what;
 /// no test can tell it is missing on 7.0.)
-async fn run_commit(
+///
+/// The waiting rooms' joins and appends run the same way
+/// ([`super::rooms`]), on a connection of their own.
+pub(super) async fn run_replicated<T: redis::FromRedisValue>(
     redis: &mut super::connection::RedisConn,
     invocation: &redis::ScriptInvocation<'_>,
     keys: &scripts::Keys,
     replica_acks: usize,
-) -> Result<Vec<String>, ClusterError> {
+) -> Result<T, ClusterError> {
     if replica_acks == 0 {
         return Ok(invocation.invoke_async(redis).await?);
     }
     let mut pipe = redis::pipe();
     pipe.invoke_script(invocation);
     fence_and_wait(&mut pipe, keys, replica_acks);
-    let (results, acked): (Vec<String>, usize) = match pipe.query_async(redis).await {
+    let (results, acked): (T, usize) = match pipe.query_async(redis).await {
         // Not loaded on this master yet (a restart, a failover): load, retry.
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             invocation.load_async(redis).await?;
@@ -427,7 +430,7 @@ pub(super) async fn writer(shared: Arc<Shared>, grace: Duration, ctl: Ctl, mut s
 
 /// The head of a backlog, up to `n` records. With `replica_acks`, only
 /// once that many replicas hold them (a fence write and a `WAIT` after
-/// reading, as in [`run_commit`]): a record of a batch that was answered
+/// reading, as in [`run_replicated`]): a record of a batch that was answered
 /// 503 because no replica confirmed it must not reach MongoDB while a
 /// failover could still take it from Redis, and its code go to someone
 /// else.

@@ -114,7 +114,7 @@ impl Drop for ClusterStore {
     }
 }
 
-async fn connect(config: &Config, timeout: Duration) -> Result<(RedisConn, Database), ClusterError> {
+async fn connect(config: &Config, timeout: Duration) -> Result<(RedisConn, RedisConn, Database), ClusterError> {
     let url = config.storage.redis_url().unwrap_or_default();
     let unreachable = |what, url: &str, setting, reason: String| ClusterError::Unreachable {
         what,
@@ -125,6 +125,13 @@ async fn connect(config: &Config, timeout: Duration) -> Result<(RedisConn, Datab
     let redis = RedisConn::connect(url.as_str(), timeout)
         .await
         .map_err(|e| unreachable("Redis", &url, "redis_url", e.to_string()))?;
+    let rooms_redis = if config.cluster.replica_acks == 0 {
+        redis.clone()
+    } else {
+        RedisConn::connect(url.as_str(), timeout)
+            .await
+            .map_err(|e| unreachable("Redis", &url, "redis_url", e.to_string()))?
+    };
     let uri = config.storage.mongodb_uri().unwrap_or_default();
     let mongo_failed = |e: mongodb::error::Error| unreachable("MongoDB", &uri, "mongodb_uri", e.to_string());
     let mut options = mongodb::options::ClientOptions::parse(uri.as_str())
@@ -154,7 +161,7 @@ async fn connect(config: &Config, timeout: Duration) -> Result<(RedisConn, Datab
         .map_err(mongo_failed)?
         .database(&config.storage.database);
     mongo::ensure_indexes(&db).await.map_err(mongo_failed)?;
-    Ok((redis, db))
+    Ok((redis, rooms_redis, db))
 }
 
 /// How long a MongoDB write waits for a majority to confirm it.
@@ -392,13 +399,14 @@ impl ClusterStore {
             Access::Inspect => Duration::from_secs(120),
             _ => Duration::from_secs(1),
         };
-        let (redis, db) = block_on(&handle, connect(config, timeout))?;
+        let (redis, rooms_redis, db) = block_on(&handle, connect(config, timeout))?;
         if matches!(access, Access::Serve(_)) {
             block_on(&handle, check_durable(config))?;
             block_on(&handle, check_replicated(config, &redis))?;
         }
         let shared = Arc::new(Shared {
             redis,
+            rooms_redis,
             db,
             node: Arc::from(config.node_id()),
             instance: format!("{:016x}", rand::random::<u64>()),

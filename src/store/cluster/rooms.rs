@@ -33,14 +33,16 @@ use redis::Script;
 use tokio::runtime::Handle;
 
 use super::{
+    commit::run_replicated,
     error::ClusterError,
+    scripts::Keys,
     shared::{block_on, on, Shared},
 };
 use crate::{
     admission::{
         draw::Seed,
         log::{self, Event},
-        room::{Followed, MAX_PLACES_PER_ACCOUNT},
+        room::{Base, Followed, MAX_PLACES_PER_ACCOUNT},
         Past, Room, SharedLogs,
     },
     config::AdmissionMode,
@@ -117,13 +119,31 @@ return out
     )
 });
 
+/// Appends the admitter's events: KEYS admitter, log, places, waiting,
+/// shuffled, closed, cursor, paused; ARGV the admitter's instance, the
+/// places its plan reached, the index of the last log entry its replica
+/// had applied and that entry (both `''` for none), then per event its
+/// kind, user and JSON. Refused (`-1`) unless the caller holds the lease;
+/// (`-2`) if the log has reached more places; (`-3`) if the log does not
+/// hold that entry there: a failover lost writes the plan was made from
+/// (an admission planned from a lost shuffle, appended to the log without
+/// it, would name a fan no replica sees as next, and stall the room).
+/// Entries compare as JSON objects, not as text (another version may
+/// write the same event's fields in another order).
 static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 if tonumber(redis.call('GET', KEYS[7]) or '0') ~= tonumber(ARGV[2]) then return -2 end
+if ARGV[3] ~= '' then
+  local at = redis.call('LINDEX', KEYS[2], tonumber(ARGV[3]))
+  if not at then return -3 end
+  local a, b = cjson.decode(at), cjson.decode(ARGV[4])
+  for k, v in pairs(a) do if b[k] ~= v then return -3 end end
+  for k, v in pairs(b) do if a[k] ~= v then return -3 end end
+end
 local n, resumed = 0, false
-for i = 3, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   local kind, user, json = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local keep = true
   if kind == 'admit' then
@@ -207,6 +227,10 @@ pub enum Appended {
         /// The places the log has reached.
         log: usize,
     },
+    /// The log does not hold the entry the plan's replica applied last,
+    /// where it applied it: nothing appended (the next sync rebuilds the
+    /// replica; see [`RoomSource::sync`]).
+    Diverged,
 }
 
 /// A node's rooms keep their logs here.
@@ -334,21 +358,21 @@ impl RoomSource {
         let shared = self.shared.clone();
         let event = serde_json::to_string(&Event::Join { u: user, t: now }).expect("events serialise");
         let keys = ["places", "log", "closed", "shuffled", "waiting", "taken"].map(|k| key(activity, k));
+        let fence = Keys::new(activity);
         Ok(on(&self.handle, async move {
-            let mut redis = shared.redis.clone();
+            let mut redis = shared.rooms_redis.clone();
             let mut invocation = JOIN.prepare_invoke();
             for k in &keys {
                 invocation.key(k);
             }
-            let answer: i64 = invocation
+            invocation
                 .arg(user)
                 .arg(if lottery { "1" } else { "0" })
                 .arg(capacity)
                 .arg(event)
                 .arg(lapsed.map(|x| x.to_string()).unwrap_or_default())
-                .arg(MAX_PLACES_PER_ACCOUNT)
-                .invoke_async(&mut redis)
-                .await?;
+                .arg(MAX_PLACES_PER_ACCOUNT);
+            let answer: i64 = run_replicated(&mut redis, &invocation, &fence, shared.cfg.replica_acks).await?;
             Ok(match answer {
                 1 => Joined::New,
                 0 => Joined::Same,
@@ -407,23 +431,26 @@ impl RoomSource {
     /// appends were refused as planned from a stale replica, for good.
     pub async fn sync(&self, room: &Room) -> Result<(), StoreError> {
         let at = crate::clock::now_ms();
-        let stood = room.applied();
-        let from = stood.saturating_sub(1);
+        let base = room.base();
+        let from = base.applied.saturating_sub(1);
         let mut events = self.events(&room.activity, from).await?;
-        if room.follow_shared(from, &events) == Followed::Diverged {
+        // The entry read again to check the log's continuity is not new.
+        let mut new = &events[usize::from(base.applied > 0 && !events.is_empty())..];
+        if room.follow_shared(&base, from, &events) == Followed::Diverged {
             events = self.events(&room.activity, 0).await?;
             tracing::warn!(
                 activity = %room.activity,
-                applied = stood,
+                applied = base.applied,
                 log = events.len(),
                 "The waiting room's log in Redis is not the one this node followed (a failover lost its last writes); \
                  rebuilt from it: fans whose joins it lost are no longer in the room, and may join again."
             );
             room.rebuild_shared(&events);
+            new = &events;
         }
         room.mark_read(at);
-        if let Some(mode) = log::drawn_as(&events) {
-            // Once per node and room: its shuffle line has just been read.
+        if let Some(mode) = log::drawn_as(new) {
+            // About once per node and room: its shuffle line has just been read.
             self.name_drawn(&room.activity, mode).await?;
         }
         Ok(())
@@ -470,7 +497,13 @@ impl RoomSource {
     /// took the lease from a node killed mid-step — appends nothing, and
     /// plans again once caught up). The shuffle and the close are appended
     /// once however often they are sent.
-    pub async fn append(&self, activity: &str, cursor: usize, events: &[Event]) -> Result<Appended, StoreError> {
+    pub async fn append(
+        &self,
+        activity: &str,
+        cursor: usize,
+        base: &Base,
+        events: &[Event],
+    ) -> Result<Appended, StoreError> {
         let shared = self.shared.clone();
         let keys = [
             "admitter", "log", "places", "waiting", "shuffled", "closed", "cursor", "paused",
@@ -492,16 +525,27 @@ impl RoomSource {
             args.push(user.to_string());
             args.push(serde_json::to_string(e).expect("events serialise"));
         }
+        let (last_at, last) = match (base.applied.checked_sub(1), &base.last) {
+            (Some(at), Some(e)) => (at.to_string(), serde_json::to_string(e).expect("events serialise")),
+            _ => (String::new(), String::new()),
+        };
+        let fence = Keys::new(activity);
         Ok(on(&self.handle, async move {
-            let mut redis = shared.redis.clone();
+            let mut redis = shared.rooms_redis.clone();
             let mut invocation = APPEND.prepare_invoke();
             for k in &keys {
                 invocation.key(k);
             }
-            invocation.arg(&shared.instance).arg(cursor).arg(args);
-            let n: i64 = invocation.invoke_async(&mut redis).await?;
+            invocation
+                .arg(&shared.instance)
+                .arg(cursor)
+                .arg(last_at)
+                .arg(last)
+                .arg(args);
+            let n: i64 = run_replicated(&mut redis, &invocation, &fence, shared.cfg.replica_acks).await?;
             Ok(match n {
                 -1 => Appended::NotAdmitter,
+                -3 => Appended::Diverged,
                 -2 => Appended::StaleCursor {
                     log: redis::cmd("GET")
                         .arg(&keys[6])

@@ -155,7 +155,8 @@ impl Keys {
     }
 
     /// The activity's waiting room's log (`q:{A}:log`, see `rooms`): it
-    /// exists once anyone has joined. Under the same hash tag, so the
+    /// exists once anyone has joined (or the admitter drew an empty
+    /// room). Under the same hash tag, so the
     /// commit script may read it.
     pub fn room_log(&self) -> String {
         format!("q:{}log", &self.prefix["tk:".len()..])

@@ -44,6 +44,12 @@ pub(crate) enum Msg {
 /// What the committer, the lease source, the writer and the reaper share.
 pub(crate) struct Shared {
     pub redis: RedisConn,
+    /// The waiting rooms' joins and appends. With `cluster.replica_acks`
+    /// each waits for the replicas (`WAIT`), which holds the connection it
+    /// is sent on: so they have connections of their own, and a join rush
+    /// or a stalled replica never holds up claims, leases or heartbeats.
+    /// Without, the same connection as `redis`.
+    pub rooms_redis: RedisConn,
     pub db: Database,
     pub node: Arc<str>,
     /// Random per process: nonces of a restarted node never repeat.
