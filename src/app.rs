@@ -521,8 +521,7 @@ async fn admit_shared(
         remaining: look.remaining,
         settled: !look.unsold && a.tickets.iter().all(|t| t.pool.drained()),
     };
-    let (cursor, base) = (room.cursor(), room.base());
-    let events = room.plan_shared(
+    let crate::admission::room::Plan { cursor, base, events } = room.plan_shared(
         now_ms(),
         counted_ms,
         &|| stock,

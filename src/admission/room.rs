@@ -315,10 +315,34 @@ pub enum Entry {
 pub struct Base {
     /// Entries applied.
     pub applied: u64,
-    /// The last of them.
-    pub last: Option<Event>,
+    /// The last of them, as the log holds it (its text).
+    pub last: Option<String>,
     /// Rebuilds so far.
     generation: u64,
+}
+
+impl Base {
+    /// `applied` entries read, the last of them `last` (for a tool that
+    /// plans from a log it read itself).
+    pub fn at(applied: u64, last: Option<String>) -> Base {
+        Base {
+            applied,
+            last,
+            generation: 0,
+        }
+    }
+}
+
+/// An admission step's plan ([`Room::plan_shared`]): its events, and the
+/// replica it was made from, read under the same lock (a sync between
+/// them could apply entries the plan then counted on, unchecked).
+pub struct Plan {
+    /// Places reached when planned.
+    pub cursor: usize,
+    /// Where the replica stood in its log.
+    pub base: Base,
+    /// What to append.
+    pub events: Vec<Event>,
 }
 
 /// What [`Room::follow_shared`] made of a read of the shared log.
@@ -328,6 +352,8 @@ pub enum Followed {
     Applied,
     /// The log is not the one this replica followed: nothing applied.
     Diverged,
+    /// The read was sent before the replica was rebuilt: nothing applied.
+    Dropped,
 }
 
 struct RoomState {
@@ -358,9 +384,10 @@ struct RoomState {
     summary: RoomSummary,
     /// Shared rooms: entries of the shared log applied.
     applied: u64,
-    /// Shared rooms: the last of them, which the next read must start
-    /// with ([`Room::follow_shared`]).
-    last_applied: Option<Event>,
+    /// Shared rooms: the last of them as the log holds it (its text, so
+    /// a line of another version compares as written), which the next
+    /// read must start with ([`Room::follow_shared`]).
+    last_line: Option<String>,
     /// Shared rooms: rebuilds so far ([`Room::rebuild_shared`]).
     generation: u64,
     /// Shared rooms: when the last read of the shared log this replica
@@ -700,12 +727,7 @@ impl Room {
     /// Shared rooms: where this replica stands in the shared log, for a
     /// read ([`Room::follow_shared`]) or an append planned from it.
     pub fn base(&self) -> Base {
-        let st = self.state.lock();
-        Base {
-            applied: st.applied,
-            last: st.last_applied.clone(),
-            generation: st.generation,
-        }
+        self.state.lock().base()
     }
 
     /// Shared rooms: applies `events`, the shared log's entries from
@@ -724,23 +746,30 @@ impl Room {
     /// the caller rebuilds the room from the whole log
     /// ([`Room::rebuild_shared`]).
     ///
-    /// `base` is where the replica stood when the read was sent: a read
-    /// sent before a rebuild is dropped (it may be of the log the rebuild
-    /// left). Another reader may have applied more meanwhile: wherever the
-    /// read covers the replica's last applied entry, that entry is checked.
-    pub fn follow_shared(&self, base: &Base, from: u64, events: &[Event]) -> Followed {
+    /// `lines` are the entries as read (their text), `events` the same
+    /// parsed. `base` is where the replica stood when the read was sent: a
+    /// read sent before a rebuild is dropped (it may be of the log the
+    /// rebuild left). Another reader may have applied more meanwhile:
+    /// wherever the read covers the replica's last applied entry, that
+    /// entry is checked.
+    pub fn follow_shared(&self, base: &Base, from: u64, lines: &[String], events: &[Event]) -> Followed {
+        debug_assert_eq!(lines.len(), events.len());
         let mut st = self.state.lock();
         if st.generation != base.generation {
-            return Followed::Applied;
+            return Followed::Dropped;
         }
         if let Some(last) = st.applied.checked_sub(1) {
-            let at = last.checked_sub(from).and_then(|i| events.get(i as usize));
-            let short = last == from && events.is_empty();
-            if short || at.is_some_and(|e| Some(e) != st.last_applied.as_ref()) {
+            let at = last.checked_sub(from).and_then(|i| lines.get(i as usize));
+            let short = last == from && lines.is_empty();
+            if short || at.is_some_and(|l| Some(l) != st.last_line.as_ref()) {
                 return Followed::Diverged;
             }
         }
         self.apply_locked(&mut st, from, events);
+        let skip = st.applied.saturating_sub(from) as usize;
+        if skip > 0 && skip <= lines.len() {
+            st.last_line = Some(lines[skip - 1].clone());
+        }
         Followed::Applied
     }
 
@@ -749,12 +778,13 @@ impl Room {
     /// [`Room::follow_shared`]. The room's settings and the check-ins made
     /// here and not yet flushed are kept; every place gets its grace again
     /// from now, as at a node's first catch-up.
-    pub fn rebuild_shared(&self, events: &[Event]) {
+    pub fn rebuild_shared(&self, lines: &[String], events: &[Event]) {
         let mut st = self.state.lock();
         let mut fresh = RoomState::new(st.settings.clone());
         fresh.seen_here = std::mem::take(&mut st.seen_here);
         fresh.read_ms = st.read_ms;
         fresh.generation = st.generation + 1;
+        fresh.last_line = lines.last().cloned();
         *st = fresh;
         self.apply_locked(&mut st, 0, events);
     }
@@ -768,9 +798,6 @@ impl Room {
         let new = events.get(skip as usize..).unwrap_or_default();
         for event in new {
             st.replay(&self.seed, event);
-        }
-        if let Some(last) = new.last() {
-            st.last_applied = Some(last.clone());
         }
         if st.applied == 0 && !new.is_empty() {
             // This replica's first catch-up since the node started: as for
@@ -833,10 +860,11 @@ impl Room {
         claimed: &dyn Fn(u64) -> u32,
         seen_elsewhere: &dyn Fn(u64) -> Option<i64>,
         max_steps: usize,
-    ) -> Vec<Event> {
-        self.state
-            .lock()
-            .plan(now, counted_ms, stock, claimed, seen_elsewhere, max_steps)
+    ) -> Plan {
+        let mut st = self.state.lock();
+        let (cursor, base) = (st.cursor, st.base());
+        let events = st.plan(now, counted_ms, stock, claimed, seen_elsewhere, max_steps);
+        Plan { cursor, base, events }
     }
 
     /// Shared rooms: the places the admitter reaches next, and the pass holders.
@@ -916,6 +944,14 @@ fn settings_placeholder() -> RoomSettings {
 }
 
 impl RoomState {
+    fn base(&self) -> Base {
+        Base {
+            applied: self.applied,
+            last: self.last_line.clone(),
+            generation: self.generation,
+        }
+    }
+
     fn new(settings: RoomSettings) -> RoomState {
         RoomState {
             settings,
@@ -934,7 +970,7 @@ impl RoomState {
             paused_ms: None,
             summary: RoomSummary::default(),
             applied: 0,
-            last_applied: None,
+            last_line: None,
             generation: 0,
             read_ms: 0,
             regrace_due: false,
@@ -1698,12 +1734,17 @@ mod tests {
     #[test]
     fn a_replica_finds_a_log_that_lost_what_it_read() {
         let room = Room::shared("s".into(), settings(), Seed::generate());
-        let follow = |from: u64, events: &[Event]| room.follow_shared(&room.base(), from, events);
+        let line = |e: &Event| serde_json::to_string(e).unwrap();
+        let follow = |from: u64, events: &[Event]| {
+            let lines: Vec<String> = events.iter().map(line).collect();
+            room.follow_shared(&room.base(), from, &lines, events)
+        };
         let joins: Vec<Event> = (1..=8).map(|u| Event::Join { u, t: u as i64 }).collect();
         assert_eq!(follow(0, &joins[..3]), Followed::Applied);
         assert_eq!(follow(2, &joins[2..5]), Followed::Applied);
         assert_eq!(follow(4, &joins[4..5]), Followed::Applied);
         assert_eq!(room.applied(), 5);
+        assert_eq!(room.base().last, Some(line(&joins[4])));
         // Shorter: the read from the last entry finds nothing.
         assert_eq!(follow(4, &[]), Followed::Diverged);
         // As long again, with another fan where the fifth was.
@@ -1717,9 +1758,11 @@ mod tests {
         assert_eq!(room.applied(), 5, "nothing applied");
         // A read sent before a rebuild is dropped.
         let before = room.base();
-        room.rebuild_shared(&log);
-        assert_eq!(room.applied(), 6);
-        assert_eq!(room.follow_shared(&before, 4, &joins[4..]), Followed::Applied);
+        let lines: Vec<String> = log.iter().map(line).collect();
+        room.rebuild_shared(&lines, &log);
+        assert_eq!((room.applied(), room.base().last), (6, Some(line(&log[5]))));
+        let old: Vec<String> = joins[4..].iter().map(line).collect();
+        assert_eq!(room.follow_shared(&before, 4, &old, &joins[4..]), Followed::Dropped);
         assert_eq!(room.applied(), 6, "the old log's entries are not applied");
         assert_eq!(room.status(5, 10, false).state, PlaceState::NotJoined);
         assert_eq!(room.status(9, 10, false).state, PlaceState::Waiting);
@@ -1727,7 +1770,22 @@ mod tests {
         // A read that began before another reader applied more adds
         // nothing and finds nothing amiss.
         assert_eq!(follow(1, &log[1..3]), Followed::Applied);
-        assert_eq!(room.applied(), 6);
+        assert_eq!((room.applied(), room.base().last), (6, Some(line(&log[5]))));
+        // A line of a later version is kept as written (parsed, it is
+        // `Unknown`, which would serialise as another line): the next read
+        // and the admitter's append compare with what the log holds.
+        let later = r#"{"k":"later","u":11,"z":[1,2]}"#.to_owned();
+        let unknown: Event = serde_json::from_str(&later).unwrap();
+        assert_eq!(unknown, Event::Unknown);
+        let base = room.base();
+        let read = [line(&log[5]), later.clone()];
+        assert_eq!(
+            room.follow_shared(&base, 5, &read, &[log[5].clone(), unknown.clone()]),
+            Followed::Applied
+        );
+        assert_eq!(room.base().last, Some(later.clone()));
+        let base = room.base();
+        assert_eq!(room.follow_shared(&base, 6, &[later], &[unknown]), Followed::Applied);
     }
 
     /// Check-ins a flush could not deliver (Redis away) go with the next
@@ -1881,7 +1939,9 @@ mod tests {
         ];
         room.apply_shared(0, &events);
         let now = crate::clock::now_ms();
-        let planned = room.plan_shared(now, now, &|| unsettled(5), &|_| 0, &|_| Some(5), 10);
+        let planned = room
+            .plan_shared(now, now, &|| unsettled(5), &|_| 0, &|_| Some(5), 10)
+            .events;
         assert_eq!(planned.len(), 2, "{planned:?}");
         assert!(planned.iter().all(|e| matches!(e, Event::Admit { .. })), "{planned:?}");
     }
@@ -1906,17 +1966,23 @@ mod tests {
         );
         // An outage longer than grace: the check-ins known are older.
         let back = crate::clock::now_ms() + settings().grace_ms + 1_000;
-        let planned = room.plan_shared(back, back, &|| unsettled(5), &|_| 0, &|_| Some(5), 10);
+        let planned = room
+            .plan_shared(back, back, &|| unsettled(5), &|_| 0, &|_| Some(5), 10)
+            .events;
         assert!(planned.iter().all(|e| matches!(e, Event::Skip { .. })), "{planned:?}");
         room.regrace_when_back();
         room.regrace_if_back(back);
-        let planned = room.plan_shared(back, back, &|| unsettled(5), &|_| 0, &|_| Some(5), 10);
+        let planned = room
+            .plan_shared(back, back, &|| unsettled(5), &|_| 0, &|_| Some(5), 10)
+            .events;
         assert_eq!(planned.len(), 2, "{planned:?}");
         assert!(planned.iter().all(|e| matches!(e, Event::Admit { .. })), "{planned:?}");
         // Once: a later step plans as usual.
         room.regrace_if_back(back + settings().grace_ms + 1);
         let later = back + settings().grace_ms * 2;
-        let planned = room.plan_shared(later, later, &|| unsettled(5), &|_| 0, &|_| Some(5), 10);
+        let planned = room
+            .plan_shared(later, later, &|| unsettled(5), &|_| 0, &|_| Some(5), 10)
+            .events;
         assert!(planned.iter().all(|e| matches!(e, Event::Skip { .. })), "{planned:?}");
     }
 

@@ -2476,7 +2476,7 @@ async fn a_failover_that_lost_joins_is_found_and_the_room_goes_on() {
 /// planned from a stale cursor. Through the store's own calls, on Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_planned_from_a_log_that_was_lost_is_refused() {
-    use ticketd::admission::{draw::Seed, log::Event, Room};
+    use ticketd::admission::{log::Event, room::Base};
     use ticketd::store::Appended;
     let cluster = crate::cluster::Cluster::start(1, "", "");
     let config = ticketd::config::Config::load(&cluster.nodes[0].config_path()).unwrap();
@@ -2488,9 +2488,12 @@ async fn an_append_planned_from_a_log_that_was_lost_is_refused() {
         assert_eq!(joined, ticketd::store::Joined::New);
     }
     assert!(rooms.admitter_lease("al", 60_000).await.unwrap());
+    // Where a replica stood: two entries read, the second of them `second`'s join.
     let replica = |second: u64| {
-        let log = [Event::Join { u: 1, t: now }, Event::Join { u: second, t: now }];
-        Room::from_shared_log("al".into(), Seed::generate(), &log).base()
+        Base::at(
+            2,
+            Some(serde_json::to_string(&Event::Join { u: second, t: now }).unwrap()),
+        )
     };
     let shuffle = [Event::Shuffle {
         t: now,

@@ -125,23 +125,16 @@ return out
 /// had applied and that entry (both `''` for none), then per event its
 /// kind, user and JSON. Refused (`-1`) unless the caller holds the lease;
 /// (`-2`) if the log has reached more places; (`-3`) if the log does not
-/// hold that entry there: a failover lost writes the plan was made from
-/// (an admission planned from a lost shuffle, appended to the log without
-/// it, would name a fan no replica sees as next, and stall the room).
-/// Entries compare as JSON objects, not as text (another version may
-/// write the same event's fields in another order).
+/// hold that entry there, as the replica read it (its text): a failover
+/// lost writes the plan was made from (an admission planned from a lost
+/// shuffle, appended to the log without it, would name a fan no replica
+/// sees as next, and stall the room).
 static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 if tonumber(redis.call('GET', KEYS[7]) or '0') ~= tonumber(ARGV[2]) then return -2 end
-if ARGV[3] ~= '' then
-  local at = redis.call('LINDEX', KEYS[2], tonumber(ARGV[3]))
-  if not at then return -3 end
-  local a, b = cjson.decode(at), cjson.decode(ARGV[4])
-  for k, v in pairs(a) do if b[k] ~= v then return -3 end end
-  for k, v in pairs(b) do if a[k] ~= v then return -3 end end
-end
+if ARGV[3] ~= '' and redis.call('LINDEX', KEYS[2], tonumber(ARGV[3])) ~= ARGV[4] then return -3 end
 local n, resumed = 0, false
 for i = 5, #ARGV, 3 do
   local kind, user, json = ARGV[i], ARGV[i + 1], ARGV[i + 2]
@@ -312,7 +305,7 @@ impl RoomSource {
     async fn first_drawn(&self, activity: &str) -> Result<Option<AdmissionMode>, StoreError> {
         let mut from = 0;
         loop {
-            let events = self.chunk(activity, from).await?;
+            let (_, events) = self.chunk(activity, from).await?;
             if let Some(mode) = log::drawn_as(&events) {
                 self.name_drawn(activity, mode).await?;
                 return Ok(Some(mode));
@@ -387,19 +380,26 @@ impl RoomSource {
 
     /// The room log's entries from `from` on.
     pub async fn events(&self, activity: &str, from: u64) -> Result<Vec<Event>, StoreError> {
-        let mut events = Vec::new();
+        Ok(self.entries(activity, from).await?.1)
+    }
+
+    /// The room log's entries from `from` on, as written and parsed.
+    async fn entries(&self, activity: &str, from: u64) -> Result<(Vec<String>, Vec<Event>), StoreError> {
+        let (mut lines, mut events) = (Vec::new(), Vec::new());
         loop {
-            let chunk = self.chunk(activity, from + events.len() as u64).await?;
+            let (chunk_lines, chunk) = self.chunk(activity, from + events.len() as u64).await?;
             let n = chunk.len();
+            lines.extend(chunk_lines);
             events.extend(chunk);
             if (n as isize) < READ_CHUNK {
-                return Ok(events);
+                return Ok((lines, events));
             }
         }
     }
 
-    /// Up to [`READ_CHUNK`] entries of the room's log from `from` on.
-    async fn chunk(&self, activity: &str, from: u64) -> Result<Vec<Event>, StoreError> {
+    /// Up to [`READ_CHUNK`] entries of the room's log from `from` on, as
+    /// written and parsed.
+    async fn chunk(&self, activity: &str, from: u64) -> Result<(Vec<String>, Vec<Event>), StoreError> {
         let (shared, log) = (self.shared.clone(), key(activity, "log"));
         Ok(on(&self.handle, async move {
             let mut redis = shared.redis.clone();
@@ -410,13 +410,14 @@ impl RoomSource {
                 .arg(start + READ_CHUNK - 1)
                 .query_async(&mut redis)
                 .await?;
-            lines
+            let events = lines
                 .iter()
                 .map(|line| {
                     serde_json::from_str(line)
                         .map_err(|e| ClusterError::Protocol(format!("a room log entry is not an event: {e}")))
                 })
-                .collect::<Result<Vec<Event>, _>>()
+                .collect::<Result<Vec<Event>, _>>()?;
+            Ok((lines, events))
         })
         .await?)
     }
@@ -433,20 +434,25 @@ impl RoomSource {
         let at = crate::clock::now_ms();
         let base = room.base();
         let from = base.applied.saturating_sub(1);
-        let mut events = self.events(&room.activity, from).await?;
+        let (mut lines, mut events) = self.entries(&room.activity, from).await?;
         // The entry read again to check the log's continuity is not new.
         let mut new = &events[usize::from(base.applied > 0 && !events.is_empty())..];
-        if room.follow_shared(&base, from, &events) == Followed::Diverged {
-            events = self.events(&room.activity, 0).await?;
-            tracing::warn!(
-                activity = %room.activity,
-                applied = base.applied,
-                log = events.len(),
-                "The waiting room's log in Redis is not the one this node followed (a failover lost its last writes); \
-                 rebuilt from it: fans whose joins it lost are no longer in the room, and may join again."
-            );
-            room.rebuild_shared(&events);
-            new = &events;
+        match room.follow_shared(&base, from, &lines, &events) {
+            Followed::Applied => {}
+            // Sent before a rebuild: the rebuild's read is newer.
+            Followed::Dropped => return Ok(()),
+            Followed::Diverged => {
+                (lines, events) = self.entries(&room.activity, 0).await?;
+                tracing::warn!(
+                    activity = %room.activity,
+                    applied = base.applied,
+                    log = events.len(),
+                    "The waiting room's log in Redis is not the one this node followed (a failover lost its last writes); \
+                     rebuilt from it: fans whose joins it lost are no longer in the room, and may join again."
+                );
+                room.rebuild_shared(&lines, &events);
+                new = &events;
+            }
         }
         room.mark_read(at);
         if let Some(mode) = log::drawn_as(new) {
@@ -526,7 +532,7 @@ impl RoomSource {
             args.push(serde_json::to_string(e).expect("events serialise"));
         }
         let (last_at, last) = match (base.applied.checked_sub(1), &base.last) {
-            (Some(at), Some(e)) => (at.to_string(), serde_json::to_string(e).expect("events serialise")),
+            (Some(at), Some(line)) => (at.to_string(), line.clone()),
             _ => (String::new(), String::new()),
         };
         let fence = Keys::new(activity);
