@@ -1598,13 +1598,14 @@ async fn event_streams_answer_bad_heads_and_let_go_of_fans_who_leave() {
     let mut events = Events::open(&app, &token, "lv").await;
     assert_eq!(events.next().await.unwrap()["state"], "waiting");
     let port = events.stream.local_addr().unwrap().port();
+    let node_port = events.stream.peer_addr().unwrap().port();
     // Take the rest of the first chunk, so that closing sends a FIN (a
     // socket closed with unread data sends a reset, and is gone at once).
     events.read_until("\n\n\r\n").await;
     drop(events);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let state = tcp_state(port);
+        let state = tcp_state(port, node_port);
         if state == Some(TCP_TIME_WAIT) {
             break;
         }
@@ -1620,14 +1621,17 @@ const TCP_TIME_WAIT: u8 = 0x06;
 
 /// The state (as in `/proc/net/tcp`) of this host's IPv4 socket bound to
 /// local `port`.
-fn tcp_state(port: u16) -> Option<u8> {
+/// The TCP state of the socket from local port `port` to remote port
+/// `remote`. (Both: a test running beside this one may hold another
+/// connection from the same local port, to another server; matched on the
+/// local port alone, it was read as this one's state once.)
+fn tcp_state(port: u16, remote: u16) -> Option<u8> {
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port_of = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
     table.lines().skip(1).find_map(|line| {
         let mut cols = line.split_whitespace().skip(1);
-        let local = cols.next()?;
-        let state = cols.nth(1)?;
-        let local_port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
-        (local_port == port).then(|| u8::from_str_radix(state, 16).ok())?
+        let (local, peer, state) = (cols.next()?, cols.next()?, cols.next()?);
+        (port_of(local) == Some(port) && port_of(peer) == Some(remote)).then(|| u8::from_str_radix(state, 16).ok())?
     })
 }
 
