@@ -2472,6 +2472,40 @@ async fn a_failover_that_lost_joins_is_found_and_the_room_goes_on() {
     assert_eq!(cluster.redis_claimed("fo").await, 5);
 }
 
+/// With `replica_acks`, joins wait for the replicas, but not one at a
+/// time: a `WAIT` holds the connection it is sent on, so each join with a
+/// `WAIT` of its own made a node's joins go one replica round trip at a
+/// time. Joins whose scripts returned share the next fence and `WAIT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_on_a_replicated_redis_are_confirmed_together() {
+    use crate::cluster::Cluster;
+    const FANS: usize = 200;
+    let services = services::Services::start_with_replicated_redis_cluster();
+    let act = absolute_room("jt", "queue", 1, 1_800_000, &[]);
+    let cluster = Cluster::start_on(services, 1, &act, "[cluster]\nreplica_acks = 1\n", |c| c);
+    let tokens = cluster.users("jt", FANS).await;
+    let client = cluster.clients().remove(0);
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let started = std::time::Instant::now();
+    let joins = futures::future::join_all(tokens.iter().map(|t| {
+        let (client, sem) = (client.clone(), sem.clone());
+        async move {
+            let _p = sem.acquire().await.unwrap();
+            join(&client, t, "jt").await
+        }
+    }))
+    .await;
+    // Printed, not asserted.
+    eprintln!("{FANS} joins, 64 at a time: {:?}", started.elapsed());
+    for res in &joins {
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    assert_eq!(cluster.services.lrange("q:{jt}:log").await.len(), FANS);
+    let fences: usize = cluster.services.query(redis::cmd("GET").arg("tk:{jt}:fence")).await;
+    eprintln!("{FANS} joins, {fences} fences and WAITs");
+    assert!(fences < FANS, "one WAIT per join: {fences}");
+}
+
 /// The admitter's append is refused when the log does not hold, where
 /// its replica applied it, the entry the plan was made from: a step that
 /// synced before a failover and appended after it would otherwise write

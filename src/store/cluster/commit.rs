@@ -17,6 +17,7 @@ use super::{
     error::ClusterError,
     lease,
     record::Record,
+    replicas::{confirmed, fence_and_wait, REPLICA_WAIT_MS},
     scripts,
     shared::{Doubt, Msg, Serving, Shared},
 };
@@ -297,12 +298,6 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
     }
 }
 
-/// How long one `WAIT` gives the replicas. It blocks the connection it is
-/// sent on (every call of this node to that master queues behind it), so
-/// it stays well under the serving node's one-second response timeout; an
-/// unconfirmed batch is retried until `cluster.commit_timeout`.
-const REPLICA_WAIT_MS: u64 = 250;
-
 /// One attempt at a commit: the script, then, with `replica_acks`, a
 /// write to the activity's fence and a `WAIT` in the same pipeline, so they
 /// go to the same master over the same connection (a pipeline follows its
@@ -344,27 +339,6 @@ pub(super) async fn run_replicated<T: redis::FromRedisValue>(
     };
     confirmed(acked, replica_acks)?;
     Ok(results)
-}
-
-/// Appends the activity's fence write and a `WAIT` for `replica_acks`
-/// replicas to `pipe`, whose first keyed command names the activity (so
-/// they go to its master, on that connection); the pipeline's last answer
-/// is then the replicas that confirmed.
-fn fence_and_wait(pipe: &mut redis::Pipeline, keys: &scripts::Keys, replica_acks: usize) {
-    pipe.cmd("INCR")
-        .arg(keys.fence())
-        .ignore()
-        .cmd("WAIT")
-        .arg(replica_acks)
-        .arg(REPLICA_WAIT_MS);
-}
-
-/// Fewer replicas than `cluster.replica_acks` confirmed: an error.
-fn confirmed(acked: usize, wanted: usize) -> Result<(), ClusterError> {
-    if acked < wanted {
-        return Err(ClusterError::NotReplicated { acked, wanted });
-    }
-    Ok(())
 }
 
 /// Drains this node's backlogs to MongoDB: reads up to `cluster.mongo_batch`

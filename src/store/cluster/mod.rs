@@ -32,6 +32,8 @@
 //! - [`mongo`]: the MongoDB collections and every query;
 //! - [`lease`]: the Redis side of leasing ([`LeaseSource`]) and the reaper;
 //! - `commit`: the committer (claims to Redis) and the writer (backlog to MongoDB);
+//! - `replicas`: waiting for Redis replicas (`cluster.replica_acks`), the
+//!   waiting room's joins in groups;
 //! - `record`: the claim record the scripts write; `users`: user ids and accounts;
 //! - `reconcile`: the invariants `ticketd verify` checks;
 //! - `shared`: what the workers share; [`error`]: the cluster's error type;
@@ -45,6 +47,7 @@ pub mod lease;
 pub mod mongo;
 mod reconcile;
 mod record;
+mod replicas;
 pub mod rooms;
 pub mod scripts;
 mod shared;
@@ -407,6 +410,7 @@ impl ClusterStore {
         let shared = Arc::new(Shared {
             redis,
             rooms_redis,
+            join_confirmations: DashMap::new(),
             db,
             node: Arc::from(config.node_id()),
             instance: format!("{:016x}", rand::random::<u64>()),

@@ -35,6 +35,7 @@ use tokio::runtime::Handle;
 use super::{
     commit::run_replicated,
     error::ClusterError,
+    replicas::JoinConfirmations,
     scripts::Keys,
     shared::{block_on, on, Shared},
 };
@@ -351,21 +352,35 @@ impl RoomSource {
         let shared = self.shared.clone();
         let event = serde_json::to_string(&Event::Join { u: user, t: now }).expect("events serialise");
         let keys = ["places", "log", "closed", "shuffled", "waiting", "taken"].map(|k| key(activity, k));
-        let fence = Keys::new(activity);
+        // With `replica_acks`, a join is answered once the replicas hold
+        // it, confirmed with the other joins that returned meanwhile.
+        let confirmations = (shared.cfg.replica_acks > 0).then(|| {
+            shared
+                .join_confirmations
+                .entry(Arc::from(activity))
+                .or_insert_with(|| {
+                    JoinConfirmations::new(shared.rooms_redis.clone(), Keys::new(activity), shared.cfg.replica_acks)
+                })
+                .clone()
+        });
         Ok(on(&self.handle, async move {
             let mut redis = shared.rooms_redis.clone();
             let mut invocation = JOIN.prepare_invoke();
             for k in &keys {
                 invocation.key(k);
             }
-            invocation
+            let answer: i64 = invocation
                 .arg(user)
                 .arg(if lottery { "1" } else { "0" })
                 .arg(capacity)
                 .arg(event)
                 .arg(lapsed.map(|x| x.to_string()).unwrap_or_default())
-                .arg(MAX_PLACES_PER_ACCOUNT);
-            let answer: i64 = run_replicated(&mut redis, &invocation, &fence, shared.cfg.replica_acks).await?;
+                .arg(MAX_PLACES_PER_ACCOUNT)
+                .invoke_async(&mut redis)
+                .await?;
+            if let Some(confirmations) = confirmations {
+                confirmations.confirm().await?;
+            }
             Ok(match answer {
                 1 => Joined::New,
                 0 => Joined::Same,

@@ -19,7 +19,7 @@ use tokio::{
     sync::{mpsc, Notify},
 };
 
-use super::{connection::RedisConn, error::ClusterError};
+use super::{connection::RedisConn, error::ClusterError, replicas::JoinConfirmations};
 use crate::{config::ClusterConfig, vocab::PendingClaim};
 
 /// A code whose commit outcome is unknown (Redis went away mid-commit). The
@@ -50,6 +50,11 @@ pub(crate) struct Shared {
     /// or a stalled replica never holds up claims, leases or heartbeats.
     /// Without, the same connection as `redis`.
     pub rooms_redis: RedisConn,
+    /// Per activity with a waiting room, its joins' confirmations by the
+    /// replicas (with `cluster.replica_acks`; see [`JoinConfirmations`]).
+    /// Joins reach the store only for activities whose config gives them a
+    /// room: bounded by the config.
+    pub join_confirmations: DashMap<Arc<str>, Arc<JoinConfirmations>>,
     pub db: Database,
     pub node: Arc<str>,
     /// Random per process: nonces of a restarted node never repeat.

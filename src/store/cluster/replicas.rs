@@ -1,0 +1,111 @@
+//! Waiting for Redis replicas (`cluster.replica_acks`): a write to the
+//! activity's fence key and a `WAIT` in one pipeline, and the waiting
+//! room's joins confirmed in groups.
+//!
+//! `WAIT` counts the replicas that hold the connection's last write, and
+//! holds that connection until they do (or its timeout): Redis reads
+//! nothing more from it meanwhile. The fence write makes the count mean
+//! something whatever came before on the connection: Redis replicates in
+//! order, so a replica that holds the fence holds every write the master
+//! made before it, on any connection.
+
+use std::sync::Arc;
+
+use futures_util::future::{BoxFuture, FutureExt, Shared as SharedFuture};
+use parking_lot::Mutex;
+
+use super::{connection::RedisConn, error::ClusterError, scripts::Keys};
+
+/// How long one `WAIT` gives the replicas. It blocks the connection it is
+/// sent on (every call of this node to that master on that connection
+/// queues behind it), so it stays well under the serving node's
+/// one-second response timeout; an unconfirmed claim batch is retried
+/// until `cluster.commit_timeout`.
+pub(super) const REPLICA_WAIT_MS: u64 = 250;
+
+/// Appends the activity's fence write and a `WAIT` for `replica_acks`
+/// replicas to `pipe`, whose first keyed command names the activity (so
+/// they go to its master, on that connection); the pipeline's last answer
+/// is then the replicas that confirmed.
+pub(super) fn fence_and_wait(pipe: &mut redis::Pipeline, keys: &Keys, replica_acks: usize) {
+    pipe.cmd("INCR")
+        .arg(keys.fence())
+        .ignore()
+        .cmd("WAIT")
+        .arg(replica_acks)
+        .arg(REPLICA_WAIT_MS);
+}
+
+/// Fewer replicas than `cluster.replica_acks` confirmed: an error.
+pub(super) fn confirmed(acked: usize, wanted: usize) -> Result<(), ClusterError> {
+    if acked < wanted {
+        return Err(ClusterError::NotReplicated { acked, wanted });
+    }
+    Ok(())
+}
+
+/// One activity's waiting-room joins, confirmed in groups: every join
+/// whose script has returned waits for the next fence and `WAIT`, which
+/// one of them sends once the one before has returned. Each join waiting
+/// with a `WAIT` of its own made a node's joins to one master go one
+/// replica round trip at a time (a `WAIT` holds its connection); a group
+/// shares one, as a claim batch does.
+pub(super) struct JoinConfirmations {
+    redis: RedisConn,
+    keys: Keys,
+    replica_acks: usize,
+    /// The next group, not sent yet: joins whose scripts return now join it.
+    next: Mutex<Option<Round>>,
+    /// Held by the group being confirmed: one at a time, so a group's fence
+    /// is sent after every script of its members returned.
+    sending: tokio::sync::Mutex<()>,
+}
+
+/// One group's confirmation, awaited by all its members.
+type Round = SharedFuture<BoxFuture<'static, Result<(), Arc<ClusterError>>>>;
+
+impl JoinConfirmations {
+    /// Groups for `keys`' activity, on `redis` (the rooms' connection).
+    pub(super) fn new(redis: RedisConn, keys: Keys, replica_acks: usize) -> Arc<JoinConfirmations> {
+        Arc::new(JoinConfirmations {
+            redis,
+            keys,
+            replica_acks,
+            next: Mutex::new(None),
+            sending: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Returns once `replica_acks` replicas hold every write this node's
+    /// rooms connection made before the call (a join's script that has
+    /// returned), or fails when they do not confirm in time.
+    pub(super) async fn confirm(self: &Arc<Self>) -> Result<(), ClusterError> {
+        let round = self
+            .next
+            .lock()
+            .get_or_insert_with(|| {
+                let me = self.clone();
+                async move {
+                    let _turn = me.sending.lock().await;
+                    // From here on, a join that returns waits for the next
+                    // group: this fence may be sent before its script.
+                    me.next.lock().take();
+                    let mut pipe = redis::pipe();
+                    fence_and_wait(&mut pipe, &me.keys, me.replica_acks);
+                    let mut redis = me.redis.clone();
+                    let (acked,): (usize,) = pipe.query_async(&mut redis).await.map_err(|e| Arc::new(e.into()))?;
+                    confirmed(acked, me.replica_acks).map_err(Arc::new)
+                }
+                .boxed()
+                .shared()
+            })
+            .clone();
+        round.await.map_err(|e| match &*e {
+            ClusterError::NotReplicated { acked, wanted } => ClusterError::NotReplicated {
+                acked: *acked,
+                wanted: *wanted,
+            },
+            other => ClusterError::Protocol(format!("confirming joins with the replicas: {other}")),
+        })
+    }
+}
