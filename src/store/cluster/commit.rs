@@ -315,8 +315,9 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
 /// returns at once. The fence does not depend on which version does what;
 /// no test can tell it is missing on 7.0.)
 ///
-/// The waiting rooms' joins and appends run the same way
-/// ([`super::rooms`]), on a connection of their own.
+/// The waiting room's admitter appends run the same way
+/// ([`super::rooms`]), on a connection of their own; joins are confirmed
+/// in groups ([`super::replicas::JoinConfirmations`]).
 pub(super) async fn run_replicated<T: redis::FromRedisValue>(
     redis: &mut super::connection::RedisConn,
     invocation: &redis::ScriptInvocation<'_>,

@@ -50,62 +50,102 @@ pub(super) fn confirmed(acked: usize, wanted: usize) -> Result<(), ClusterError>
 /// with a `WAIT` of its own made a node's joins to one master go one
 /// replica round trip at a time (a `WAIT` holds its connection); a group
 /// shares one, as a claim batch does.
+///
+/// A join's script and its group's `WAIT` are two requests, not one
+/// pipeline: if the master changed between them (a failover the client
+/// followed), the `WAIT` would count the new master's replicas. So the
+/// group's pipeline first reads each member's place from the master it
+/// goes to: a member without one there joined on a master that is gone,
+/// and is not confirmed.
 pub(super) struct JoinConfirmations {
     redis: RedisConn,
     keys: Keys,
+    /// The room's places (`q:{A}:places`).
+    places: String,
     replica_acks: usize,
     /// The next group, not sent yet: joins whose scripts return now join it.
-    next: Mutex<Option<Round>>,
+    next: Mutex<Option<Pending>>,
     /// Held by the group being confirmed: one at a time, so a group's fence
     /// is sent after every script of its members returned.
     sending: tokio::sync::Mutex<()>,
 }
 
-/// One group's confirmation, awaited by all its members.
-type Round = SharedFuture<BoxFuture<'static, Result<(), Arc<ClusterError>>>>;
+/// A group not sent yet: its confirmation, and its members (users).
+struct Pending {
+    round: Round,
+    members: Arc<Mutex<Vec<u64>>>,
+}
+
+/// One group's confirmation, awaited by all its members: the members with
+/// no place on the master that confirmed it.
+type Round = SharedFuture<BoxFuture<'static, Result<Arc<Vec<u64>>, Arc<ClusterError>>>>;
 
 impl JoinConfirmations {
-    /// Groups for `keys`' activity, on `redis` (the rooms' connection).
-    pub(super) fn new(redis: RedisConn, keys: Keys, replica_acks: usize) -> Arc<JoinConfirmations> {
+    /// Groups for `keys`' activity, whose room's places are `places`, on
+    /// `redis` (the rooms' connection).
+    pub(super) fn new(redis: RedisConn, keys: Keys, places: String, replica_acks: usize) -> Arc<JoinConfirmations> {
         Arc::new(JoinConfirmations {
             redis,
             keys,
+            places,
             replica_acks,
             next: Mutex::new(None),
             sending: tokio::sync::Mutex::new(()),
         })
     }
 
-    /// Returns once `replica_acks` replicas hold every write this node's
-    /// rooms connection made before the call (a join's script that has
-    /// returned), or fails when they do not confirm in time.
-    pub(super) async fn confirm(self: &Arc<Self>) -> Result<(), ClusterError> {
-        let round = self
-            .next
-            .lock()
-            .get_or_insert_with(|| {
-                let me = self.clone();
-                async move {
-                    let _turn = me.sending.lock().await;
-                    // From here on, a join that returns waits for the next
-                    // group: this fence may be sent before its script.
-                    me.next.lock().take();
-                    let mut pipe = redis::pipe();
-                    fence_and_wait(&mut pipe, &me.keys, me.replica_acks);
-                    let mut redis = me.redis.clone();
-                    let (acked,): (usize,) = pipe.query_async(&mut redis).await.map_err(|e| Arc::new(e.into()))?;
-                    confirmed(acked, me.replica_acks).map_err(Arc::new)
-                }
-                .boxed()
-                .shared()
-            })
-            .clone();
-        round.await.map_err(|e| match &*e {
-            ClusterError::NotReplicated { acked, wanted } => ClusterError::NotReplicated {
-                acked: *acked,
-                wanted: *wanted,
-            },
-            other => ClusterError::Protocol(format!("confirming joins with the replicas: {other}")),
-        })
+    /// Returns once `replica_acks` replicas hold `user`'s place and every
+    /// write this node's rooms connection made before the call (a join's
+    /// script that has returned), or fails when they do not confirm in
+    /// time, or the place is not on the master they follow.
+    pub(super) async fn confirm(self: &Arc<Self>, user: u64) -> Result<(), ClusterError> {
+        let round = {
+            let mut next = self.next.lock();
+            let pending = next.get_or_insert_with(|| self.round());
+            pending.members.lock().push(user);
+            pending.round.clone()
+        };
+        match round.await {
+            Ok(lost) if lost.contains(&user) => Err(ClusterError::Shared(
+                "the place is not on the Redis master that confirmed it (a failover?)".into(),
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => Err(match &*e {
+                ClusterError::NotReplicated { acked, wanted } => ClusterError::NotReplicated {
+                    acked: *acked,
+                    wanted: *wanted,
+                },
+                other => ClusterError::Shared(format!("confirming joins with the replicas: {other}")),
+            }),
+        }
+    }
+
+    /// A new group: it waits for the one being sent, then takes itself out
+    /// of `next` (from then on, a join that returns waits for the next
+    /// group: this fence may be sent before its script), reads its
+    /// members' places, writes the fence and waits for the replicas.
+    fn round(self: &Arc<Self>) -> Pending {
+        let members = Arc::new(Mutex::new(Vec::new()));
+        let (me, joined) = (self.clone(), members.clone());
+        let round = async move {
+            let _turn = me.sending.lock().await;
+            let users = {
+                let mut next = me.next.lock();
+                next.take();
+                std::mem::take(&mut *joined.lock())
+            };
+            let mut pipe = redis::pipe();
+            pipe.cmd("HMGET").arg(&me.places).arg(&users);
+            fence_and_wait(&mut pipe, &me.keys, me.replica_acks);
+            let mut redis = me.redis.clone();
+            let (places, acked): (Vec<Option<String>>, usize) =
+                pipe.query_async(&mut redis).await.map_err(|e| Arc::new(e.into()))?;
+            confirmed(acked, me.replica_acks).map_err(Arc::new)?;
+            let lost = users.iter().zip(&places).filter(|(_, p)| p.is_none()).map(|(u, _)| *u);
+            Ok(Arc::new(lost.collect()))
+        }
+        .boxed()
+        .shared();
+        Pending { round, members }
     }
 }

@@ -359,7 +359,12 @@ impl RoomSource {
                 .join_confirmations
                 .entry(Arc::from(activity))
                 .or_insert_with(|| {
-                    JoinConfirmations::new(shared.rooms_redis.clone(), Keys::new(activity), shared.cfg.replica_acks)
+                    JoinConfirmations::new(
+                        shared.rooms_redis.clone(),
+                        Keys::new(activity),
+                        key(activity, "places"),
+                        shared.cfg.replica_acks,
+                    )
                 })
                 .clone()
         });
@@ -378,8 +383,9 @@ impl RoomSource {
                 .arg(MAX_PLACES_PER_ACCOUNT)
                 .invoke_async(&mut redis)
                 .await?;
-            if let Some(confirmations) = confirmations {
-                confirmations.confirm().await?;
+            // A join refused (closed, full, ...) wrote nothing to confirm.
+            if let Some(confirmations) = confirmations.filter(|_| answer >= 0) {
+                confirmations.confirm(user).await?;
             }
             Ok(match answer {
                 1 => Joined::New,
