@@ -2276,13 +2276,11 @@ async fn a_drawn_lottery_cannot_become_a_queue_by_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drawn_lottery_stays_a_lottery_on_a_cluster_node_whatever_its_config_says() {
     use crate::cluster::Cluster;
-    use ticketd::clock::{now_ms, rfc3339_ms};
-    // Time for the node's start and the fan's entry before the draw, on a
-    // loaded box too (two seconds were not, once).
-    let draw = format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 8_000));
-    let act = absolute_room("mc", "lottery", 2, 9_000, &[&draw]);
-    let mut cluster = Cluster::start(1, &act, "");
-    let fan = cluster.users("mc", 1).await.remove(0);
+    use ticketd::clock::now_ms;
+    // The draw 3 s after the room opens, once the node and the fan are ready.
+    let act = |t0| room_from(t0, "mc", "lottery", 2, 4_000, &[&draw_at(t0, 3_000)]);
+    let (mut cluster, mut fans) = cluster_then_open(1, act, "", "mc", 1).await;
+    let fan = fans.remove(0);
     let Cluster { services, nodes, .. } = &mut cluster;
     let node = &mut nodes[0];
     assert_eq!(join(&node.client, &fan, "mc").await.status, 200);
