@@ -719,11 +719,6 @@ impl Room {
         self.state.lock().cursor
     }
 
-    /// Shared rooms: how many entries of the shared log are applied.
-    pub fn applied(&self) -> u64 {
-        self.state.lock().applied
-    }
-
     /// Shared rooms: where this replica stands in the shared log, for a
     /// read ([`Room::follow_shared`]) or an append planned from it.
     pub fn base(&self) -> Base {
@@ -739,7 +734,7 @@ impl Room {
 
     /// Shared rooms: applies `events`, the shared log's entries from
     /// `from` on, read from one entry before where this replica stood
-    /// ([`Room::applied`] less one, or 0): that entry must be the one it
+    /// ([`Base::applied`] less one, or 0): that entry must be the one it
     /// applied last. If it is not, or the log no longer reaches it, the log
     /// is not the one this replica followed — a Redis failover promoted a
     /// replica without the master's last writes — and nothing is applied:
@@ -1743,7 +1738,7 @@ mod tests {
         assert_eq!(follow(0, &joins[..3]), Followed::Applied);
         assert_eq!(follow(2, &joins[2..5]), Followed::Applied);
         assert_eq!(follow(4, &joins[4..5]), Followed::Applied);
-        assert_eq!(room.applied(), 5);
+        assert_eq!(room.base().applied, 5);
         assert_eq!(room.base().last, Some(line(&joins[4])));
         // Shorter: the read from the last entry finds nothing.
         assert_eq!(follow(4, &[]), Followed::Diverged);
@@ -1755,22 +1750,22 @@ mod tests {
         let mut log = joins[..4].to_vec();
         log.extend([other, Event::Join { u: 10, t: 10 }]);
         assert_eq!(follow(2, &log[2..]), Followed::Diverged);
-        assert_eq!(room.applied(), 5, "nothing applied");
+        assert_eq!(room.base().applied, 5, "nothing applied");
         // A read sent before a rebuild is dropped.
         let before = room.base();
         let lines: Vec<String> = log.iter().map(line).collect();
         room.rebuild_shared(&lines, &log);
-        assert_eq!((room.applied(), room.base().last), (6, Some(line(&log[5]))));
+        assert_eq!((room.base().applied, room.base().last), (6, Some(line(&log[5]))));
         let old: Vec<String> = joins[4..].iter().map(line).collect();
         assert_eq!(room.follow_shared(&before, 4, &old, &joins[4..]), Followed::Dropped);
-        assert_eq!(room.applied(), 6, "the old log's entries are not applied");
+        assert_eq!(room.base().applied, 6, "the old log's entries are not applied");
         assert_eq!(room.status(5, 10, false).state, PlaceState::NotJoined);
         assert_eq!(room.status(9, 10, false).state, PlaceState::Waiting);
         assert_eq!(follow(5, &log[5..]), Followed::Applied);
         // A read that began before another reader applied more adds
         // nothing and finds nothing amiss.
         assert_eq!(follow(1, &log[1..3]), Followed::Applied);
-        assert_eq!((room.applied(), room.base().last), (6, Some(line(&log[5]))));
+        assert_eq!((room.base().applied, room.base().last), (6, Some(line(&log[5]))));
         // A line of a later version is kept as written (parsed, it is
         // `Unknown`, which would serialise as another line): the next read
         // and the admitter's append compare with what the log holds.

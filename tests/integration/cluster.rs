@@ -2448,10 +2448,25 @@ pub(crate) async fn master_and_replica(services: &Services, key: &str) -> (u16, 
 }
 
 /// A command to one server of the Redis Cluster (not routed by key).
-pub(crate) async fn on_server<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+async fn on_server<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
     let mut r = client.get_multiplexed_async_connection().await?;
     cmd.query_async(&mut r).await
+}
+
+/// `replica` falls behind `master`: frozen (`SIGSTOP`) and cut off (what
+/// the master had sent before sits in the replica's socket and is still
+/// read when it thaws; what comes after the cut never reaches it). Returns
+/// the frozen process.
+pub(crate) async fn freeze_and_cut_off(services: &Services, master: u16, replica: u16) -> u32 {
+    let frozen = services.redis_cluster_pid(replica);
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(frozen as i32, libc::SIGSTOP) };
+    let cut: usize = on_server(master, redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("replica"))
+        .await
+        .unwrap();
+    assert_eq!(cut, 1);
+    frozen
 }
 
 /// `master` dies (`kill -9`) and its `replica`, frozen as process `frozen`,
@@ -2517,17 +2532,8 @@ async fn a_failover_to_a_replica_loses_no_acknowledged_claim() {
         acked[i].push(res.data()["code"].as_str().unwrap().to_owned());
     }
 
-    // The replica falls behind: frozen, and cut off (what the master had
-    // sent before sits in the replica's socket and is still read when it
-    // thaws; what comes after the cut never reaches it). Nothing more may
-    // be acknowledged.
-    let stopped = cluster.services.redis_cluster_pid(replica);
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(stopped as i32, libc::SIGSTOP) };
-    let cut: usize = on_server(master, redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("replica"))
-        .await
-        .unwrap();
-    assert_eq!(cut, 1);
+    // The replica falls behind: nothing more may be acknowledged.
+    let stopped = freeze_and_cut_off(&cluster.services, master, replica).await;
     // (A claim that waited out a refill queued behind a `WAIT` hears
     // STOCK_IN_FLIGHT: also not acknowledged, and nothing was committed.)
     let behind = join_all(tokens[10..20].iter().map(|t| node.claim(t, "rp"))).await;

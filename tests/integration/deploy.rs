@@ -574,33 +574,25 @@ async fn the_shipped_nginx_serves_the_sale_over_https_and_the_page_through_an_ou
     let mut app = crate::common::TestApp::start(&crate::common::base_config());
     let nginx = tokio::task::block_in_place(|| Nginx::start_tls(&[app.addr.as_str()]));
 
-    let redirect = exchange(
-        &format!("127.0.0.1:{}", nginx.redirect_port),
-        b"POST /user/login HTTP/1.1\r\nHost: tickets.example.com\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(redirect.status, 308, "{}", redirect.head);
-    assert!(
-        redirect
-            .head
-            .contains("Location: https://tickets.example.com/user/login"),
-        "{}",
-        redirect.head
-    );
-
-    // Plain HTTP sent to the TLS port (a URL typed with :443) is sent on
-    // to HTTPS, not answered with Nginx's HTML 400.
-    let plain = exchange(
-        &format!("127.0.0.1:{}", nginx.port),
-        b"GET /act/list HTTP/1.1\r\nHost: tickets.example.com\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(plain.status, 308, "{}", plain.head);
-    assert!(
-        plain.head.contains("Location: https://tickets.example.com/act/list"),
-        "{}",
-        plain.head
-    );
+    // Port 80 only redirects, keeping the method (308); so does plain HTTP
+    // sent to the TLS port (a URL typed with :443), not answered with
+    // Nginx's HTML 400.
+    for (port, request, to) in [
+        (
+            nginx.redirect_port,
+            "POST /user/login HTTP/1.1\r\nHost: tickets.example.com\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            "https://tickets.example.com/user/login",
+        ),
+        (
+            nginx.port,
+            "GET /act/list HTTP/1.1\r\nHost: tickets.example.com\r\nConnection: close\r\n\r\n",
+            "https://tickets.example.com/act/list",
+        ),
+    ] {
+        let redirect = exchange(&format!("127.0.0.1:{port}"), request.as_bytes()).await;
+        assert_eq!(redirect.status, 308, "{}", redirect.head);
+        assert!(redirect.head.contains(&format!("Location: {to}")), "{}", redirect.head);
+    }
 
     let get = |path: &str| {
         let head = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");

@@ -2332,42 +2332,37 @@ async fn a_drawn_lottery_stays_a_lottery_on_a_cluster_node_whatever_its_config_s
 async fn a_joined_queue_cannot_become_a_race_by_a_restart() {
     let mut app = TestApp::start(&(base_config() + &queue("jq", 2, "+30m", &[])));
     let fan = app.users("jq", 1).await.remove(0);
-    assert_eq!(join(&app.client, &fan, "jq").await.status, 200);
-    assert_eq!(app.stop(), 0);
-    let config = std::fs::read_to_string(app.config_path()).unwrap();
-    std::fs::write(app.config_path(), as_race(&config)).unwrap();
-    let err = crate::common::serve_refused(
-        app.dir.path(),
-        Duration::from_secs(30),
-        "a node sold a joined queue as a race",
-    );
-    assert!(err.contains("activity `jq`: its waiting room has opened"), "{err}");
-    // Put back, it serves, and the fan's place is kept.
-    std::fs::write(app.config_path(), &config).unwrap();
-    app.boot();
-    assert_eq!(status(&app.client, &fan, "jq").await["state"], "waiting");
+    race_refused_and_place_kept(&mut app, &fan, "jq").await;
 }
 
 /// The same on a cluster node, which asks Redis for the room's log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joined_queue_cannot_become_a_race_on_a_cluster_node() {
-    use crate::cluster::Cluster;
-    let mut cluster = Cluster::start(1, &absolute_room("jc", "queue", 2, 1_800_000, &[]), "");
+    let mut cluster = crate::cluster::Cluster::start(1, &absolute_room("jc", "queue", 2, 1_800_000, &[]), "");
     let fan = cluster.users("jc", 1).await.remove(0);
-    let node = &mut cluster.nodes[0];
-    assert_eq!(join(&node.client, &fan, "jc").await.status, 200);
+    race_refused_and_place_kept(&mut cluster.nodes[0], &fan, "jc").await;
+}
+
+/// `fan` joins `act`'s queue on `node`; the node, restarted with a config
+/// that makes `act` a race, refuses to start and says why; with its config
+/// put back it serves, and the fan's place is kept.
+async fn race_refused_and_place_kept(node: &mut TestApp, fan: &str, act: &str) {
+    assert_eq!(join(&node.client, fan, act).await.status, 200);
     assert_eq!(node.stop(), 0);
     let config = std::fs::read_to_string(node.config_path()).unwrap();
     std::fs::write(node.config_path(), as_race(&config)).unwrap();
     let err = crate::common::serve_refused(
         node.dir.path(),
         Duration::from_secs(30),
-        "a cluster node served a joined queue as a race",
+        &format!("a node sold the joined queue `{act}` as a race"),
     );
-    assert!(err.contains("activity `jc`: its waiting room has opened"), "{err}");
+    assert!(
+        err.contains(&format!("activity `{act}`: its waiting room has opened")),
+        "{err}"
+    );
     std::fs::write(node.config_path(), &config).unwrap();
     node.boot();
-    assert_eq!(status(&node.client, &fan, "jc").await["state"], "waiting");
+    assert_eq!(status(&node.client, fan, act).await["state"], "waiting");
 }
 
 /// A Redis failover that promoted a replica without the room's last
@@ -2383,7 +2378,9 @@ async fn a_joined_queue_cannot_become_a_race_on_a_cluster_node() {
 /// not in it, join again, and everyone gets a code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_that_lost_joins_is_found_and_the_room_goes_on() {
-    use crate::cluster::{kill_master_and_take_over, master_and_replica, on_server, rejoin_as_replica, Cluster};
+    use crate::cluster::{
+        freeze_and_cut_off, kill_master_and_take_over, master_and_replica, rejoin_as_replica, Cluster,
+    };
     use ticketd::clock::now_ms;
     let act = |t0| room_from(t0, "fo", "queue", 5, 15_000, &["admit_rate = 100.0", "grace = \"10m\""]);
     let later = act(now_ms() + 3_600_000);
@@ -2397,31 +2394,11 @@ async fn a_failover_that_lost_joins_is_found_and_the_room_goes_on() {
     for t in kept {
         assert_eq!(join(&node.client, t, "fo").await.status, 200);
     }
-    until("the replica to hold the first joins", || async {
-        let info: String = on_server(master, redis::cmd("INFO").arg("replication")).await.unwrap();
-        let offset = |prefix: &str| {
-            info.lines().find_map(|l| l.strip_prefix(prefix)).map(|rest| {
-                rest.split(',')
-                    .find_map(|kv| kv.strip_prefix("offset="))
-                    .unwrap_or(rest)
-                    .trim()
-                    .to_owned()
-            })
-        };
-        let ours = offset("master_repl_offset:");
-        ours.is_some() && offset("slave0:") == ours
-    })
-    .await;
+    // (Answered 200: a replica holds these joins.)
     // The replica falls behind (frozen and cut off); two more fans join:
     // their places are in the master's log, which the node reads, but no
     // replica confirms them, so they are not told they joined.
-    let frozen = cluster.services.redis_cluster_pid(replica);
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(frozen as i32, libc::SIGSTOP) };
-    let cut: usize = on_server(master, redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("replica"))
-        .await
-        .unwrap();
-    assert_eq!(cut, 1);
+    let frozen = freeze_and_cut_off(&cluster.services, master, replica).await;
     for t in lost {
         let res = join(&node.client, t, "fo").await;
         assert_eq!(

@@ -273,7 +273,7 @@ impl RoomSource {
     /// (`1`) sends this to the log's shuffle line ([`log::drawn_as`]).
     /// Blocking: a node asks it of every activity its config makes a race,
     /// at each start and reload.
-    pub fn drawn_as(&self, activity: &str) -> Result<Option<AdmissionMode>, StoreError> {
+    fn drawn_as(&self, activity: &str) -> Result<Option<AdmissionMode>, StoreError> {
         Ok(match self.get(activity, "shuffled")?.as_deref() {
             None => None,
             Some("queue") => Some(AdmissionMode::Queue),
