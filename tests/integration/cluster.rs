@@ -2448,7 +2448,7 @@ pub(crate) async fn master_and_replica(services: &Services, key: &str) -> (u16, 
 }
 
 /// A command to one server of the Redis Cluster (not routed by key).
-async fn on_server<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+pub(crate) async fn on_server<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
     let mut r = client.get_multiplexed_async_connection().await?;
     cmd.query_async(&mut r).await
@@ -2483,12 +2483,31 @@ pub(crate) async fn kill_master_and_take_over(services: &Services, master: u16, 
         .unwrap();
 }
 
-/// The old `master` comes back and follows `replica`, now the master.
+/// The old `master` comes back and follows `replica`, now the master,
+/// and holds everything the new master had once it was listed as its
+/// replica. Listed "online" is not enough: after a diskless full sync,
+/// Redis 7 streams the writes made since only once the replica's first
+/// acknowledgement arrives, so a `WAIT` just after it timed out (seen on
+/// a loaded box).
 pub(crate) async fn rejoin_as_replica(services: &mut Services, master: u16, replica: u16) {
     services.restart_redis_cluster_server(master);
     until("the old master to follow the new one", || async {
         let info: redis::RedisResult<String> = on_server(replica, redis::cmd("INFO").arg("replication")).await;
         info.is_ok_and(|i| i.contains(&format!("port={master},state=online")))
+    })
+    .await;
+    let info = |port: u16, field: &'static str| async move {
+        let info: String = on_server(port, redis::cmd("INFO").arg("replication")).await.ok()?;
+        let line = info.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+        line.trim().parse::<i64>().ok()
+    };
+    let written = info(replica, "master_repl_offset")
+        .await
+        .expect("the new master's offset");
+    until("the old master to hold what the new one had", || async {
+        info(master, "slave_repl_offset")
+            .await
+            .is_some_and(|held| held >= written)
     })
     .await;
 }
