@@ -1256,6 +1256,68 @@ async fn a_users_reads_of_the_shared_store_are_rate_limited() {
     assert_eq!(node.client.get("/ticket/list", Some(&other)).await.unwrap().status, 200);
 }
 
+/// A reaper that takes a dead node's backlog is registered as live by the
+/// same script. A node sweeping an activity it does not sell registered
+/// itself by a later call: killed between the two (seen once, on a loaded
+/// box), it left the claims in its outbox with no registration naming it,
+/// so no node ever reaped them and they never reached MongoDB. Through the
+/// script itself, on Redis: the window is too short to hit through a node.
+#[tokio::test]
+async fn a_reaper_that_takes_a_backlog_is_registered_in_the_same_step() {
+    let services = Services::start_redis_only();
+    let mut r = services.redis().await;
+    let keys = ticketd::store::cluster::scripts::Keys::new("rg");
+    let () = redis::cmd("ZADD")
+        .arg(keys.nodes())
+        .arg(1)
+        .arg("dead")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let () = redis::cmd("RPUSH")
+        .arg(keys.outbox("dead"))
+        .arg("claim 1")
+        .arg("claim 2")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let reap = |reaper: &'static str| {
+        let mut invocation = ticketd::store::cluster::scripts::REAP.prepare_invoke();
+        invocation
+            .key(keys.nodes())
+            .key(keys.outbox(reaper))
+            .arg(reaper)
+            .arg(keys.prefix())
+            .arg(60_000);
+        invocation
+    };
+    let (nodes, _, moved): (usize, usize, usize) = reap("sweeper").invoke_async(&mut r).await.unwrap();
+    assert_eq!((nodes, moved), (1, 2));
+    assert_eq!(services.lrange(&keys.outbox("sweeper")).await.len(), 2);
+    let (secs, _): (i64, i64) = redis::cmd("TIME").query_async(&mut r).await.unwrap();
+    let registered: Option<i64> = redis::cmd("ZSCORE")
+        .arg(keys.nodes())
+        .arg("sweeper")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let until = registered.expect("the reaper holding the backlog is not registered in the activity");
+    assert!(
+        until > secs * 1000 + 30_000,
+        "registered as live for the lease TTL: {until}"
+    );
+    // A reap that moves nothing registers nobody.
+    let (nodes, _, moved): (usize, usize, usize) = reap("idle").invoke_async(&mut r).await.unwrap();
+    assert_eq!((nodes, moved), (0, 0));
+    let idle: Option<i64> = redis::cmd("ZSCORE")
+        .arg(keys.nodes())
+        .arg("idle")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(idle, None);
+}
+
 /// The commit script writes a batch's backlog records and sold counts once,
 /// after its loop. Redis keeps what a failed script wrote before it failed,
 /// so a command failing halfway through a batch must not leave the claims

@@ -361,7 +361,7 @@ async fn release(shared: &Shared, activity: &str, tickets: &[Arc<str>]) -> Resul
 
 /// [`scripts::RELEASE`] or [`scripts::REAP`] for this node in `activity`:
 /// KEYS nodes and this node's outbox; ARGV this node, the activity's key
-/// prefix, then `tickets`.
+/// prefix, the lease TTL, then `tickets`.
 fn on_this_node<'a>(
     script: &'a redis::Script,
     shared: &Shared,
@@ -374,7 +374,8 @@ fn on_this_node<'a>(
         .key(keys.nodes())
         .key(keys.outbox(&shared.node))
         .arg(&*shared.node)
-        .arg(keys.prefix());
+        .arg(keys.prefix())
+        .arg(shared.lease_ttl_ms());
     for t in tickets {
         invocation.arg(&**t);
     }
@@ -606,7 +607,8 @@ struct Known {
 /// Each such activity is reaped. One whose backlog of this node holds
 /// claims goes to the writer ([`Shared::leftover`]), and this node keeps
 /// itself registered in the activity as a live node (as a heartbeat does,
-/// renewed by each sweep until the backlog is empty): REAP finds backlogs
+/// renewed by each sweep until the backlog is empty; a reap that moves a
+/// backlog to it registers it in the same step): REAP finds backlogs
 /// only through that registration, so if this node dies before its writer
 /// has drained them, a live node takes them over in turn. An error in one
 /// activity does not stop the others; the first is returned.

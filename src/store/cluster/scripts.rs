@@ -485,8 +485,16 @@ return out
 /// it moves whole, by `RENAME` when the reaper's own backlog is empty, else
 /// a thousand records per command, never one command per record.
 ///
+/// A reaper that took a backlog is registered as live in the same step
+/// (for the lease TTL, as a heartbeat would), so that if it dies before its
+/// writer drains it, another node finds the backlog through it. A node
+/// sweeping an activity it does not sell is not registered there: it
+/// registered itself by a later call, and a `kill -9` between the two left
+/// the claims in an outbox no registration named, never to reach MongoDB.
+///
 /// KEYS: nodes, the reaper's outbox. ARGV: the reaper, the activity's key
-/// prefix, then its ticket ids. Per-node keys are named from
+/// prefix, the lease's time to live (ms, added to Redis's clock), then its
+/// ticket ids. Per-node keys are named from
 /// the prefix (they share the hash tag, so this is safe on Redis Cluster).
 /// Returns `{nodes reaped, codes returned, backlog records moved}`.
 pub static REAP: LazyLock<Script> = LazyLock::new(|| {
@@ -497,7 +505,7 @@ local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
 local reaped, returned, moved = 0, 0, 0
 for _, d in ipairs(dead) do
   if d ~= ARGV[1] then
-    returned = returned + return_leases(ARGV[2], d, 3)
+    returned = returned + return_leases(ARGV[2], d, 4)
     redis.call('HINCRBY', ARGV[2] .. 'epochs', d, 1)
     local ob = ARGV[2] .. 'outbox:' .. d
     local n = redis.call('LLEN', ob)
@@ -514,6 +522,9 @@ for _, d in ipairs(dead) do
     redis.call('ZREM', KEYS[1], d)
     reaped = reaped + 1
   end
+end
+if moved > 0 then
+  redis.call('ZADD', KEYS[1], 'GT', now + tonumber(ARGV[3]), ARGV[1])
 end
 return {reaped, returned, moved}
 "#
@@ -566,13 +577,14 @@ end
 /// shutdown). If its backlog is not empty it stays registered, expired, so
 /// a live node reaps (and drains) the backlog if this one does not.
 ///
-/// KEYS: nodes, the node's outbox. ARGV: node, prefix, ticket ids.
+/// KEYS: nodes, the node's outbox. ARGV: node, prefix, the lease's time to
+/// live ([`REAP`]'s layout; not used here), ticket ids.
 /// Returns `{codes returned, records in the node's backlog}`.
 pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{NOW}{RETURN_LEASES}{}",
         r#"
-local returned = return_leases(ARGV[2], ARGV[1], 3)
+local returned = return_leases(ARGV[2], ARGV[1], 4)
 redis.call('HINCRBY', ARGV[2] .. 'epochs', ARGV[1], 1)
 local backlog = redis.call('LLEN', KEYS[2])
 if backlog > 0 then
