@@ -495,7 +495,8 @@ fn assert_error_shape(answer: &RawAnswer, want: (u16, &str)) {
 /// Every error answer has ticketd's JSON shape, including those Nginx makes
 /// itself before a node sees the request: a request it cannot read, a body,
 /// header or URI past its limits, an unsupported HTTP feature, a node that
-/// is down. (Nginx's defaults are HTML pages; a redirect to a named location
+/// is down; and on port 80, which only redirects, what it cannot redirect.
+/// (Nginx's defaults are HTML pages; a redirect to a named location
 /// fails with a 500 for a request without a readable first line.) A node's
 /// own error passes through untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -548,6 +549,26 @@ async fn nginx_answers_its_own_refusals_in_the_error_shape() {
     ];
     for (request, want) in cases {
         let answer = exchange(&format!("127.0.0.1:{port}"), &request).await;
+        assert_error_shape(&answer, want);
+    }
+    // Port 80 redirects; what it cannot redirect it answers in the shape.
+    let plain: Vec<(Vec<u8>, (u16, &str))> = vec![
+        (b"GARBAGE\r\n\r\n".to_vec(), (400, "BAD_REQUEST")),
+        (
+            format!("GET /act/list HTTP/1.1\r\nHost: t\r\nX-Big: {long}\r\n\r\n").into_bytes(),
+            (400, "BAD_REQUEST"),
+        ),
+        (
+            format!("GET /{long} HTTP/1.1\r\nHost: t\r\n\r\n").into_bytes(),
+            (414, "URI_TOO_LONG"),
+        ),
+        (
+            b"GET /.well-known/acme-challenge/none HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
+            (404, "ROUTE_NOT_FOUND"),
+        ),
+    ];
+    for (request, want) in plain {
+        let answer = exchange(&format!("127.0.0.1:{}", nginx.redirect_port), &request).await;
         assert_error_shape(&answer, want);
     }
 
