@@ -556,14 +556,26 @@ async fn nginx_answers_its_own_refusals_in_the_error_shape() {
         (b"GARBAGE\r\n\r\n".to_vec(), (400, "BAD_REQUEST")),
         (
             format!("GET /act/list HTTP/1.1\r\nHost: t\r\nX-Big: {long}\r\n\r\n").into_bytes(),
-            (400, "BAD_REQUEST"),
+            (400, "HEADERS_TOO_LARGE"),
         ),
         (
             format!("GET /{long} HTTP/1.1\r\nHost: t\r\n\r\n").into_bytes(),
             (414, "URI_TOO_LONG"),
         ),
         (
+            b"POST /ticket/get HTTP/1.1\r\nHost: t\r\nContent-Length: 2000000\r\n\r\n".to_vec(),
+            (413, "BODY_TOO_LARGE"),
+        ),
+        (
+            b"GET /act/list HTTP/3.0\r\nHost: t\r\n\r\n".to_vec(),
+            (505, "BAD_REQUEST"),
+        ),
+        (
             b"GET /.well-known/acme-challenge/none HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
+            (404, "ROUTE_NOT_FOUND"),
+        ),
+        (
+            b"GET /.errors/plain_http HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
             (404, "ROUTE_NOT_FOUND"),
         ),
     ];
