@@ -45,7 +45,11 @@ use crate::{
 };
 
 /// The order workers stop in at shutdown. Producers before consumers: the
-/// node's own loops first (nothing new reaches the store after them), the
+/// node's own loops first (nothing new reaches the store after them; the
+/// reaper takes no dead node's backlog after it, so the lease worker's
+/// final release sees every record this node holds, and leaves the node
+/// registered but expired for a live node to take them: a reap after that
+/// release registered it live for another lease TTL), the
 /// final statistics flush while the store still takes writes, then the
 /// claim committers (the journal writer writes what is queued; the cluster
 /// committer commits it), then what drains them (the lease worker gives its
@@ -58,11 +62,11 @@ pub const STOP_ORDER: &[&str] = &[
     "reloader",
     "refresher",
     "guard-sweep",
+    "reaper",
     "stats-flush",
     "journal-writer",
     "committer",
     "lease-loop",
-    "reaper",
     "store-applier",
     "mongo-writer",
     "access-log",

@@ -487,10 +487,11 @@ return out
 ///
 /// A reaper that took a backlog is registered as live in the same step
 /// (for the lease TTL, as a heartbeat would), so that if it dies before its
-/// writer drains it, another node finds the backlog through it. A node
-/// sweeping an activity it does not sell is not registered there: it
-/// registered itself by a later call, and a `kill -9` between the two left
-/// the claims in an outbox no registration named, never to reach MongoDB.
+/// writer drains it, another node finds the backlog through it. (A node
+/// sweeping an activity it does not sell is not registered there before;
+/// it used to register itself by a later call, and a `kill -9` between the
+/// two left the claims in an outbox no registration named, never to reach
+/// MongoDB.)
 ///
 /// KEYS: nodes, the reaper's outbox. ARGV: the reaper, the activity's key
 /// prefix, the lease's time to live (ms, added to Redis's clock), then its
