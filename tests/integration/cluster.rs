@@ -1294,14 +1294,23 @@ async fn a_reaper_that_takes_a_backlog_is_registered_in_the_same_step() {
     let (nodes, _, moved): (usize, usize, usize) = reap("sweeper").invoke_async(&mut r).await.unwrap();
     assert_eq!((nodes, moved), (1, 2));
     assert_eq!(services.lrange(&keys.outbox("sweeper")).await.len(), 2);
+    let conn = r.clone();
+    let registered = |node: &'static str| {
+        let (mut r, nodes) = (conn.clone(), keys.nodes());
+        async move {
+            let until: Option<i64> = redis::cmd("ZSCORE")
+                .arg(nodes)
+                .arg(node)
+                .query_async(&mut r)
+                .await
+                .unwrap();
+            until
+        }
+    };
     let (secs, _): (i64, i64) = redis::cmd("TIME").query_async(&mut r).await.unwrap();
-    let registered: Option<i64> = redis::cmd("ZSCORE")
-        .arg(keys.nodes())
-        .arg("sweeper")
-        .query_async(&mut r)
+    let until = registered("sweeper")
         .await
-        .unwrap();
-    let until = registered.expect("the reaper holding the backlog is not registered in the activity");
+        .expect("the reaper holding the backlog is not registered in the activity");
     assert!(
         until > secs * 1000 + 30_000,
         "registered as live for the lease TTL: {until}"
@@ -1309,13 +1318,7 @@ async fn a_reaper_that_takes_a_backlog_is_registered_in_the_same_step() {
     // A reap that moves nothing registers nobody.
     let (nodes, _, moved): (usize, usize, usize) = reap("idle").invoke_async(&mut r).await.unwrap();
     assert_eq!((nodes, moved), (0, 0));
-    let idle: Option<i64> = redis::cmd("ZSCORE")
-        .arg(keys.nodes())
-        .arg("idle")
-        .query_async(&mut r)
-        .await
-        .unwrap();
-    assert_eq!(idle, None);
+    assert_eq!(registered("idle").await, None);
 }
 
 /// The commit script writes a batch's backlog records and sold counts once,
