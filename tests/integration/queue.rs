@@ -2093,7 +2093,9 @@ async fn a_lottery_served_from_mongodb_exports_a_draw_that_says_lottery() {
     use crate::cluster::{node_config, Cluster};
     use ticketd::clock::{now_ms, rfc3339_ms};
     let cluster = Cluster::start(1, "", "");
-    let draw = format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 4_000));
+    let tokens = cluster.users("ml", 2).await;
+    // Time for the import, the node's pick-up and two entries.
+    let draw = format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 6_000));
     let act = absolute_room("ml", "lottery", 2, 60_000, &[&draw]);
     let importer = tempfile::tempdir().unwrap();
     let config = node_config(&cluster.services, &cluster.db, "importer", "") + &act;
@@ -2101,7 +2103,6 @@ async fn a_lottery_served_from_mongodb_exports_a_draw_that_says_lottery() {
     let out = run_cli(importer.path(), &["import"], None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let node = &cluster.nodes[0];
-    let tokens = cluster.users("ml", 2).await;
     for t in &tokens {
         // Until the node has picked the activity up from MongoDB.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
