@@ -19,18 +19,24 @@
 //! A place belongs to a fan who is still there: one seen (a status request
 //! or an open event stream) within `grace` when their place comes is
 //! admitted; one who is not is skipped, and may join again at the back (up
-//! to [`room::MAX_PLACES_PER_ACCOUNT`] places in all).
+//! to [`state::MAX_PLACES_PER_ACCOUNT`] places in all).
 //!
 //! # Layout
 //! - [`draw`]: the seed, its commitment, the shuffle, the exported record;
 //! - [`log`]: each room's append-only log (group-committed; replayed at start);
-//! - [`room`]: one room's state and its admission step;
+//! - [`state`]: what a room is (places, order, passes) and what each event
+//!   of its log does to it, the admitter's plan and a fan's view; no I/O;
+//! - [`room`]: one room: that state behind its mutex, fed by its log file
+//!   or a cluster's shared log, and its admission step;
+//! - `alive`: a room's sign of life on disk, for the time a restart gives back;
 //! - [`report`]: what a room's log says after the sale (`ticketd report`).
 
+mod alive;
 pub mod draw;
 pub mod log;
 pub mod report;
 pub mod room;
+pub mod state;
 
 use std::{
     collections::HashMap,
@@ -47,7 +53,8 @@ use parking_lot::Mutex;
 use draw::Seed;
 
 pub use log::Past;
-pub use room::{Entry, JoinError, PlaceState, QueueStatus, Room, RoomSettings, RoomSummary, StockView};
+pub use room::Room;
+pub use state::{Entry, JoinError, PlaceState, QueueStatus, RoomSettings, RoomSummary, StockView};
 
 /// Where a cluster's rooms keep their logs (the store's Redis): what a node
 /// asks of a room's log before it holds a replica of it.

@@ -2497,7 +2497,7 @@ async fn joins_on_a_replicated_redis_are_confirmed_together() {
 /// planned from a stale cursor. Through the store's own calls, on Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_planned_from_a_log_that_was_lost_is_refused() {
-    use ticketd::admission::{log::Event, room::Base};
+    use ticketd::admission::{log::Event, state::Base};
     use ticketd::store::Appended;
     let cluster = crate::cluster::Cluster::start(1, "", "");
     let config = ticketd::config::Config::load(&cluster.nodes[0].config_path()).unwrap();

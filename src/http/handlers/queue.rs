@@ -130,7 +130,7 @@ fn join_error(e: JoinError, activity: &Activity, now: i64) -> ApiError {
             "NO_MORE_PLACES",
             format!(
                 "this account has taken a place in this waiting room {} times, the most it may",
-                crate::admission::room::MAX_PLACES_PER_ACCOUNT
+                crate::admission::state::MAX_PLACES_PER_ACCOUNT
             ),
         ),
         JoinError::Unavailable => ApiError::new(

@@ -43,7 +43,8 @@ use crate::{
     admission::{
         draw::Seed,
         log::{self, Event},
-        room::{Base, Followed, MAX_PLACES_PER_ACCOUNT},
+        room::Followed,
+        state::{Base, MAX_PLACES_PER_ACCOUNT},
         Past, Room, SharedLogs,
     },
     config::AdmissionMode,
