@@ -113,6 +113,20 @@ fn join_error(e: JoinError, activity: &Activity, now: i64) -> ApiError {
             ApiError::new(StatusCode::CONFLICT, "ENDED", "the sale has ended")
         }
         JoinError::Closed => ApiError::new(StatusCode::GONE, "SOLD_OUT", "everything has been claimed"),
+        // A lottery's entrants all wait until its draw, and none may enter
+        // after it: a place never frees up for a retry.
+        JoinError::Full
+            if activity
+                .room
+                .as_ref()
+                .is_some_and(|r| r.settings().mode == AdmissionMode::Lottery) =>
+        {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "ENTRIES_FULL",
+                "the lottery has taken as many entries as it holds (queue_capacity)",
+            )
+        }
         JoinError::Full => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "QUEUE_FULL",
