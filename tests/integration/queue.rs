@@ -975,6 +975,59 @@ async fn wait_turn_or_standby(client: &ApiClient, token: &str, act: &str) -> Val
     }
 }
 
+/// `queue_capacity` bounds the places still waiting. Past it, a queue's
+/// joiner hears 503 `QUEUE_FULL` (places free up as the line moves). A
+/// lottery's heard the same "try again shortly", so the page tried again
+/// every five seconds until the draw closed entries; but a lottery's
+/// entrants all wait for the draw, so no place ever frees up: it now
+/// answers 409 `ENTRIES_FULL`, which is final. A fan already in keeps the
+/// place. On one node, and through a cluster's join script on Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_room_takes_no_new_place_and_a_full_lottery_says_so_for_good() {
+    let room = |id: &str, admission: &str| {
+        Act::new(id)
+            .window("+1h", "+2h")
+            .with(&format!("admission = \"{admission}\""))
+            .with("queue_opens = \"-1m\"")
+            .with("queue_capacity = 2")
+            .with(if admission == "lottery" {
+                "draw_time = \"+30m\""
+            } else {
+                ""
+            })
+            .ticket(&format!("{id}-t"), "Ticket", Codes::Generate(5))
+            .toml()
+    };
+    let app = TestApp::start(&(base_config() + &room("qf", "queue") + &room("lf", "lottery")));
+    let fans = app.users("full", 3).await;
+    for (act, code, status) in [("qf", "QUEUE_FULL", 503), ("lf", "ENTRIES_FULL", 409)] {
+        for fan in &fans[..2] {
+            assert_eq!(join(&app.client, fan, act).await.status, 200, "{act}");
+        }
+        assert_error(&join(&app.client, &fans[2], act).await, status, code);
+        assert_eq!(
+            join(&app.client, &fans[0], act).await.status,
+            200,
+            "{act}: a place is kept"
+        );
+    }
+
+    let act = absolute_room(
+        "cf",
+        "lottery",
+        5,
+        1_800_000,
+        &["queue_capacity = 2", &draw_at(ticketd::clock::now_ms(), 900_000)],
+    );
+    let cluster = crate::cluster::Cluster::start(1, &act, "");
+    let fans = cluster.users("cfull", 3).await;
+    let client = &cluster.nodes[0].client;
+    for fan in &fans[..2] {
+        assert_eq!(join(client, fan, "cf").await.status, 200);
+    }
+    assert_error(&join(client, &fans[2], "cf").await, 409, "ENTRIES_FULL");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lottery_draws_once_and_its_waiting_list_replaces_lapsed_winners() {
     let act = Act::new("lot")
@@ -2161,11 +2214,15 @@ async fn a_lottery_served_from_mongodb_exports_a_draw_that_says_lottery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admitter_whose_shared_log_moved_on_says_so() {
     use crate::cluster::Cluster;
-    let act = absolute_room("sc", "queue", 5, 3_000, &[]);
+    // Paused until the count is set: nobody is admitted before (on a slow
+    // box the start could otherwise come first and admit both fans, and a
+    // room with nobody left to admit appends nothing).
+    let act = absolute_room("sc", "queue", 5, 3_000, &["paused = true"]);
     let cluster = Cluster::start(1, &act, "");
+    let node = &cluster.nodes[0];
     let tokens = cluster.users("sc", 2).await;
     for t in &tokens {
-        assert_eq!(join(&cluster.nodes[0].client, t, "sc").await.status, 200);
+        assert_eq!(join(&node.client, t, "sc").await.status, 200);
     }
     let mut r = cluster.services.redis().await;
     let _: () = redis::cmd("SET")
@@ -2174,14 +2231,15 @@ async fn an_admitter_whose_shared_log_moved_on_says_so() {
         .query_async(&mut r)
         .await
         .unwrap();
-    let warned = cluster.nodes[0].wait_for_log("The waiting room's admitter could not take its step.", 1);
-    // (This replica's own count: 0, or 1 if the room started, on a slow
-    // box, before the count was set.)
-    let said = warned["error"].as_str().unwrap();
+    let config = std::fs::read_to_string(node.config_path()).unwrap();
+    let applied = node.reload(&config.replace("paused = true\n", ""));
+    assert_eq!(applied["message"], "Config reloaded.", "{applied}");
+    let warned = node.wait_for_log("The waiting room's admitter could not take its step.", 1);
     assert!(
-        ["0", "1"]
-            .iter()
-            .any(|n| said.contains(&format!("the shared log has reached 1000 places, this replica {n} "))),
+        warned["error"]
+            .as_str()
+            .unwrap()
+            .contains("the shared log has reached 1000 places, this replica 0"),
         "{warned}"
     );
 }
