@@ -488,8 +488,8 @@ return out
 /// A reaper that took a backlog is registered as live in the same step
 /// (for the lease TTL, as a heartbeat would), so that if it dies before its
 /// writer drains it, another node finds the backlog through it. (A node
-/// sweeping an activity it does not sell is not registered there before;
-/// it used to register itself by a later call, and a `kill -9` between the
+/// sweeping an activity it does not sell has no registration there of its
+/// own; it used to make one by a later call, and a `kill -9` between the
 /// two left the claims in an outbox no registration named, never to reach
 /// MongoDB.)
 ///

@@ -579,8 +579,7 @@ impl Services {
 /// Signals a service and waits for it to exit. One still running 10 s
 /// after a SIGTERM is killed and the test fails, saying so: the test meant a
 /// clean stop (Redis writing its AOF), and a hang must not pass for one.
-/// SecantusDB once ignored a SIGTERM while a node held connections to it,
-/// and the test waited on it for 17 minutes.
+/// (SecantusDB, whose stop can hang, is stopped by [`Services::stop_mongo`].)
 fn stop(child: Option<Child>, sig: i32) {
     if let Some(mut c) = child {
         if signal_and_wait(&mut c, sig, Duration::from_secs(10)) && !std::thread::panicking() {
