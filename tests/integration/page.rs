@@ -75,7 +75,8 @@ async fn a_fan_grabs_a_ticket_through_the_page_in_chromium() {
     let config = base_config()
         + &Act::new("soon")
             .name("Spring Concert 春季音乐会")
-            .window("+6s", "+1h")
+            // Time for Chromium's start and the list before the sale opens.
+            .window("+9s", "+1h")
             .limit(1)
             .ticket("soon-a", "Floor", Codes::Generate(2))
             .ticket("soon-b", "Balcony", Codes::Generate(2))
