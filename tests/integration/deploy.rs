@@ -552,6 +552,10 @@ async fn nginx_answers_its_own_refusals_in_the_error_shape() {
         assert_error_shape(&answer, want);
     }
     // Port 80 redirects; what it cannot redirect it answers in the shape.
+    // (A challenge file and a folder, for the method and listing refusals.)
+    let challenges = nginx._dir.path().join("acme/.well-known/acme-challenge");
+    std::fs::create_dir_all(challenges.join("folder")).unwrap();
+    std::fs::write(challenges.join("token"), "proof").unwrap();
     let plain: Vec<(Vec<u8>, (u16, &str))> = vec![
         (b"GARBAGE\r\n\r\n".to_vec(), (400, "BAD_REQUEST")),
         (
@@ -578,11 +582,31 @@ async fn nginx_answers_its_own_refusals_in_the_error_shape() {
             b"GET /.errors/plain_http HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
             (404, "ROUTE_NOT_FOUND"),
         ),
+        (
+            b"POST /.well-known/acme-challenge/token HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                .to_vec(),
+            (405, "METHOD_NOT_ALLOWED"),
+        ),
+        (
+            b"GET /.well-known/acme-challenge/folder/ HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
+            (403, "FORBIDDEN"),
+        ),
     ];
     for (request, want) in plain {
         let answer = exchange(&format!("127.0.0.1:{}", nginx.redirect_port), &request).await;
         assert_error_shape(&answer, want);
     }
+    let challenge = exchange(
+        &format!("127.0.0.1:{}", nginx.redirect_port),
+        b"GET /.well-known/acme-challenge/token HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        (challenge.status, challenge.body.as_str()),
+        (200, "proof"),
+        "{}",
+        challenge.head
+    );
 
     // The node down: Nginx's 502 becomes a 503 to retry, in the shape.
     let dead = format!("127.0.0.1:{}", free_port());
