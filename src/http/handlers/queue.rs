@@ -114,7 +114,8 @@ fn join_error(e: JoinError, activity: &Activity, now: i64) -> ApiError {
         }
         JoinError::Closed => ApiError::new(StatusCode::GONE, "SOLD_OUT", "everything has been claimed"),
         // A lottery's entrants all wait until its draw, and none may enter
-        // after it: a place never frees up for a retry.
+        // after it: no place frees up for a retry (only a reload that
+        // raises `queue_capacity` makes room).
         JoinError::Full
             if activity
                 .room
