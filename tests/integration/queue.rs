@@ -54,9 +54,12 @@ fn room_from(t0: i64, id: &str, admission: &str, codes: u32, start_in_ms: i64, e
     act.ticket(&format!("{id}-t"), "Ticket", Codes::Generate(codes)).toml()
 }
 
-/// A lottery's `draw_time` line, `in_ms` after `t0`.
-fn draw_at(t0: i64, in_ms: i64) -> String {
-    format!("draw_time = \"{}\"", ticketd::clock::rfc3339_ms(t0 + in_ms))
+/// A lottery whose draw is `draw_in_ms` and start `start_in_ms` after
+/// `t0` (Unix ms), as [`room_from`].
+fn lottery_from(t0: i64, id: &str, codes: u32, draw_in_ms: i64, start_in_ms: i64, extra: &[&str]) -> String {
+    let draw = format!("draw_time = \"{}\"", ticketd::clock::rfc3339_ms(t0 + draw_in_ms));
+    let lines: Vec<&str> = std::iter::once(draw.as_str()).chain(extra.iter().copied()).collect();
+    room_from(t0, id, "lottery", codes, start_in_ms, &lines)
 }
 
 /// A cluster of `n` nodes on the activity `act(t0)` (its times counted
@@ -1025,12 +1028,13 @@ async fn a_full_room_takes_no_new_place_and_a_full_lottery_says_so_for_good() {
         );
     }
 
-    let act = absolute_room(
+    let act = lottery_from(
+        ticketd::clock::now_ms(),
         "cf",
-        "lottery",
         5,
+        900_000,
         1_800_000,
-        &["queue_capacity = 2", &draw_at(ticketd::clock::now_ms(), 900_000)],
+        &["queue_capacity = 2"],
     );
     let cluster = crate::cluster::Cluster::start(1, &act, "");
     let fans = cluster.users("cfull", 3).await;
@@ -1280,17 +1284,7 @@ async fn a_paused_sale_holds_the_room_and_gives_passes_their_time_back() {
 /// pass is what Redis holds for the fan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn across_nodes_a_paused_sale_holds_the_room() {
-    let act = |t0| {
-        let draw = draw_at(t0, 5_000);
-        room_from(
-            t0,
-            "pc",
-            "lottery",
-            2,
-            6_000,
-            &[&draw, "pass_ttl = \"5s\"", "grace = \"1h\""],
-        )
-    };
+    let act = |t0| lottery_from(t0, "pc", 2, 5_000, 6_000, &["pass_ttl = \"5s\"", "grace = \"1h\""]);
     let (cluster, tokens) = cluster_then_open(2, act, "", "pc", 3).await;
     pause_and_resume(&cluster.clients(), &tokens, "pc", &|paused| {
         for node in &cluster.nodes {
@@ -2047,17 +2041,7 @@ async fn the_queue_bench_drives_fans_through_the_room_and_weighs_their_streams()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lottery_across_three_nodes_skips_the_gone_and_passes_lapsed_turns_on() {
-    let act = |t0| {
-        let draw = draw_at(t0, 9_000);
-        room_from(
-            t0,
-            "cl",
-            "lottery",
-            2,
-            11_000,
-            &[&draw, "pass_ttl = \"5s\"", "grace = \"3s\""],
-        )
-    };
+    let act = |t0| lottery_from(t0, "cl", 2, 9_000, 11_000, &["pass_ttl = \"5s\"", "grace = \"3s\""]);
     let (cluster, tokens) = cluster_then_open(3, act, "", "x", 7).await;
     let outsider = tokens[6].clone();
     let clients = cluster.clients();
@@ -2157,12 +2141,11 @@ async fn a_lottery_across_three_nodes_skips_the_gone_and_passes_lapsed_turns_on(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lottery_served_from_mongodb_exports_a_draw_that_says_lottery() {
     use crate::cluster::{node_config, Cluster};
-    use ticketd::clock::{now_ms, rfc3339_ms};
+    use ticketd::clock::now_ms;
     let cluster = Cluster::start(1, "", "");
     let tokens = cluster.users("ml", 2).await;
     // Time for the import, the node's pick-up and two entries.
-    let draw = format!("draw_time = \"{}\"", rfc3339_ms(now_ms() + 8_000));
-    let act = absolute_room("ml", "lottery", 2, 60_000, &[&draw]);
+    let act = lottery_from(now_ms(), "ml", 2, 8_000, 60_000, &[]);
     let importer = tempfile::tempdir().unwrap();
     let config = node_config(&cluster.services, &cluster.db, "importer", "") + &act;
     std::fs::write(importer.path().join("config.toml"), config).unwrap();
@@ -2371,7 +2354,7 @@ async fn a_drawn_lottery_stays_a_lottery_on_a_cluster_node_whatever_its_config_s
     use crate::cluster::Cluster;
     use ticketd::clock::now_ms;
     // The draw 3 s after the room opens, once the node and the fan are ready.
-    let act = |t0| room_from(t0, "mc", "lottery", 2, 4_000, &[&draw_at(t0, 3_000)]);
+    let act = |t0| lottery_from(t0, "mc", 2, 3_000, 4_000, &[]);
     let (mut cluster, mut fans) = cluster_then_open(1, act, "", "mc", 1).await;
     let fan = fans.remove(0);
     let Cluster { services, nodes, .. } = &mut cluster;
@@ -2655,7 +2638,7 @@ async fn a_race_node_beside_a_lottery_sells_nothing_without_a_pass() {
     use crate::cluster::Cluster;
     use ticketd::clock::{now_ms, rfc3339_ms};
     // The lottery's clock starts once both nodes and the fans are ready.
-    let act = |t0| room_from(t0, "rn", "lottery", 4, 9_000, &[&draw_at(t0, 8_000)]);
+    let act = |t0| lottery_from(t0, "rn", 4, 8_000, 9_000, &[]);
     let later = act(now_ms() + 3_600_000);
     let opened = format!("start_time = \"{}\"\n", rfc3339_ms(now_ms() - 60_000));
     // node1's config makes it a race, open already.
