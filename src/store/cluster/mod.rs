@@ -125,15 +125,17 @@ async fn connect(config: &Config, timeout: Duration) -> Result<(RedisConn, Redis
         setting,
         reason,
     };
-    let redis = RedisConn::connect(url.as_str(), timeout)
-        .await
-        .map_err(|e| unreachable("Redis", &url, "redis_url", e.to_string()))?;
+    let open_redis = || async {
+        RedisConn::connect(url.as_str(), timeout)
+            .await
+            .map_err(|e| unreachable("Redis", &url, "redis_url", e.to_string()))
+    };
+    let redis = open_redis().await?;
+    // With `replica_acks`, the rooms' `WAIT`s hold a connection of their own.
     let rooms_redis = if config.cluster.replica_acks == 0 {
         redis.clone()
     } else {
-        RedisConn::connect(url.as_str(), timeout)
-            .await
-            .map_err(|e| unreachable("Redis", &url, "redis_url", e.to_string()))?
+        open_redis().await?
     };
     let uri = config.storage.mongodb_uri().unwrap_or_default();
     let mongo_failed = |e: mongodb::error::Error| unreachable("MongoDB", &uri, "mongodb_uri", e.to_string());

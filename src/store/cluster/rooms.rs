@@ -355,8 +355,10 @@ impl RoomSource {
         let keys = ["places", "log", "closed", "shuffled", "waiting", "taken"].map(|k| key(activity, k));
         // With `replica_acks`, a join is answered once the replicas hold
         // it, confirmed with the other joins that returned meanwhile.
-        let confirmations = (shared.cfg.replica_acks > 0).then(|| {
-            shared
+        // (Looked up first: the entry's key is allocated only once per room.)
+        let confirmations = (shared.cfg.replica_acks > 0).then(|| match shared.join_confirmations.get(activity) {
+            Some(c) => c.clone(),
+            None => shared
                 .join_confirmations
                 .entry(Arc::from(activity))
                 .or_insert_with(|| {
@@ -367,7 +369,7 @@ impl RoomSource {
                         shared.cfg.replica_acks,
                     )
                 })
-                .clone()
+                .clone(),
         });
         Ok(on(&self.handle, async move {
             let mut redis = shared.rooms_redis.clone();
