@@ -612,7 +612,7 @@ impl Claimer {
         required: bool,
         now: i64,
     ) -> Result<Option<i64>, Rejection> {
-        if activity.room.is_some() {
+        if let Some(room) = &activity.room {
             // A waiting room's activity takes its pass, whatever the node's
             // claim-token setting: the pass is the whole point of the room.
             let token = req.claim_token.ok_or(Rejection::QueuePassRequired)?;
@@ -621,6 +621,9 @@ impl Claimer {
                 .verify_pass(token, req.user_id, &activity.id, activity.start_ms, now)
                 .map_err(|e| match e {
                     ClaimTokenError::Invalid => Rejection::QueuePassRequired,
+                    // The pass may have lapsed during a pause whose resume
+                    // (which gives it its time back) the room has not logged.
+                    ClaimTokenError::Expired if room.held() => Rejection::Paused,
                     ClaimTokenError::Expired => Rejection::QueuePassExpired,
                 })?;
             return check_pow(activity, token, req.pow_nonce).map(|()| Some(expires));

@@ -7,7 +7,14 @@
 //! from the room's shared log in Redis, and checks that the log it reads
 //! goes on from where it stood.
 
-use std::{io, path::Path, sync::Arc};
+use std::{
+    io,
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
 
 use parking_lot::Mutex;
 
@@ -58,6 +65,10 @@ pub struct Room {
     seed: Seed,
     commitment: String,
     state: Mutex<RoomState>,
+    /// Whether the room's log says the sale is paused: a `Pause` not yet
+    /// resumed ([`Room::held`]). Kept beside the state, under its lock, for
+    /// the claim path to read without taking the lock.
+    held: AtomicBool,
     /// The room's own log file; `None` for a replica of a shared log.
     log: Option<RoomLog>,
     /// The room's own sign of life; `None` for a replica of a shared log.
@@ -123,6 +134,7 @@ impl Room {
             activity,
             commitment: seed.commitment(),
             seed,
+            held: AtomicBool::new(state.paused_ms.is_some()),
             state: Mutex::new(state),
             log: Some(log),
             alive: Some(Alive::open(&alive_path)?),
@@ -137,6 +149,7 @@ impl Room {
             commitment: seed.commitment(),
             seed,
             state: Mutex::new(RoomState::new(settings)),
+            held: AtomicBool::new(false),
             log: None,
             alive: None,
         }
@@ -174,6 +187,28 @@ impl Room {
         // A drawn room admits as it drew.
         settings.mode = st.drawn_as.unwrap_or(settings.mode);
         st.settings = settings;
+    }
+
+    /// Whether the room's log says the sale is paused, whatever the config
+    /// says now. An organiser's `paused = false` reaches the claims with the
+    /// reload, but the room only at the admitter's next step, which logs the
+    /// resume and gives every pass running at the pause its paused time
+    /// back; until then a claim whose pass lapsed is answered PAUSED, not
+    /// QUEUE_PASS_EXPIRED as if the fan had let it run out. (In a cluster
+    /// the step may be a while: the admitter's lease can be with a node
+    /// that died.) A node that was down holds its room the same way until
+    /// its first step ([`Room::open`]). A valid pass buys meanwhile, as it
+    /// would after the resume: nobody else is admitted while the log is
+    /// paused, and a lagging replica must not refuse a pass the resume
+    /// already extended.
+    pub fn held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Publishes the state's pause for [`Room::held`]; called under the
+    /// room's lock after every change of the state from the log.
+    fn publish_pause(&self, st: &RoomState) {
+        self.held.store(st.paused_ms.is_some(), Ordering::Release);
     }
 
     /// `SHA-256(seed)`, published before the room opens.
@@ -301,6 +336,7 @@ impl Room {
                 }
             }
         }
+        self.publish_pause(&st);
         last
     }
 
@@ -403,6 +439,7 @@ impl Room {
             st.places.values_mut().for_each(|p| p.seen_ms = p.seen_ms.max(now));
         }
         st.applied += new.len() as u64;
+        self.publish_pause(st);
     }
 
     /// Shared rooms: a read of the shared log that began at `at` is

@@ -1320,6 +1320,95 @@ async fn across_nodes_a_paused_sale_holds_the_room() {
     }
 }
 
+/// Waits until the shared log of `act`'s room has an event of `kind`.
+async fn until_logged(services: &services::Services, act: &str, kind: &str) {
+    let key = format!("q:{{{act}}}:log");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = services.lrange(&key).await;
+        if log.iter().any(|e| e.contains(&format!("\"k\":\"{kind}\""))) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {kind} in the room's log: {log:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An organiser's `paused = false` reached the claims with the reload, but
+/// the room only at the admitter's next step, which logs the resume and
+/// gives the passes running at the pause their paused time back. A claim
+/// in between, with a pass that lapsed during the pause, was refused
+/// QUEUE_PASS_EXPIRED ("your turn went to the next in line"), as if the
+/// fan had let it run out. In a cluster that step can be a lease's length
+/// away: here the admitter's lease is with a node that is gone (a test's
+/// value in Redis), so the room's log stays paused after the reload. The
+/// claim is now answered PAUSED until the log resumes, and once a node
+/// takes the lease and resumes, the pass has its time back and buys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_waits_for_the_rooms_resume_not_only_the_configs() {
+    let act = |t0| lottery_from(t0, "pr", 1, 5_000, 6_000, &["pass_ttl = \"5s\"", "grace = \"1h\""]);
+    let (cluster, tokens) = cluster_then_open(1, act, "", "pr", 1).await;
+    let clients = cluster.clients();
+    let (node, client, fan) = (&cluster.nodes[0], &*clients[0], &tokens[0]);
+    let reload = |paused: bool| {
+        let config = std::fs::read_to_string(node.config_path()).unwrap();
+        let changed = if paused {
+            config.replace("admission = \"lottery\"\n", "admission = \"lottery\"\npaused = true\n")
+        } else {
+            config.replace("paused = true\n", "")
+        };
+        assert_ne!(changed, config);
+        let applied = node.reload(&changed);
+        assert_eq!(applied["message"], "Config reloaded.", "{applied}");
+    };
+    assert_eq!(join(client, fan, "pr").await.status, 200);
+    let before = until_admitted(client, std::slice::from_ref(fan), "pr", 1)
+        .await
+        .remove(0);
+    let (pass, expiry) = (
+        before["pass"].as_str().unwrap(),
+        ms(before["passExpiresAt"].as_str().unwrap()),
+    );
+
+    reload(true);
+    until_logged(&cluster.services, "pr", "pause").await;
+    while cluster.services.query::<Vec<i64>>(&redis::cmd("TIME")).await[0] * 1_000 <= expiry + 500 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The admitter's lease goes to a node that is gone; nothing more is
+    // appended to the room's log until it lapses (here, until deleted).
+    let lease = "q:{pr}:admitter";
+    let () = cluster
+        .services
+        .query(redis::cmd("SET").arg(lease).arg("a-node-gone").arg("PX").arg(600_000))
+        .await;
+    reload(false);
+    assert_error(&claim_with(client, fan, "pr", Some(pass)).await, 409, "PAUSED");
+    assert_eq!(status(client, fan, "pr").await["state"], "admitted");
+    let log = cluster.services.lrange("q:{pr}:log").await;
+    assert!(!log.iter().any(|e| e.contains("\"k\":\"resume\"")), "{log:?}");
+
+    let () = cluster.services.query(redis::cmd("DEL").arg(lease)).await;
+    until_logged(&cluster.services, "pr", "resume").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let now = loop {
+        let s = status(client, fan, "pr").await;
+        if s["passExpiresAt"].as_str().is_some_and(|x| ms(x) > expiry) {
+            break s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no pass given its time back: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let res = claim_retrying(client, fan, "pr", now["pass"].as_str()).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_wait_estimate_is_honest_at_a_steady_rate() {
     const N: usize = 240;
