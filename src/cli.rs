@@ -108,8 +108,8 @@ pub enum UserCommand {
         #[arg(long)]
         nickname: Option<String>,
     },
-    /// Create users from a CSV file with the columns
-    /// username,password,nickname[,created_at] (a header row is optional;
+    /// Create users from a CSV file with the columns username, password,
+    /// nickname and, optionally, created_at (a header row is optional;
     /// created_at, RFC 3339, carries a registration time over from another
     /// system, for min_account_age; default now). Hashes in parallel;
     /// existing usernames are skipped.

@@ -1,7 +1,7 @@
 //! One activity's waiting room: places, the shuffle, admission, passes.
 //!
 //! All of a room's state ([`state`](super::state)) sits behind one short
-//! mutex; every change is appended to the room's [`log`](super::log) under
+//! mutex; every change is appended to the room's [`log`] under
 //! it, so the log's order is the room's, and nobody is told of a change
 //! before the log holds it. A cluster's node holds a replica instead, fed
 //! from the room's shared log in Redis, and checks that the log it reads

@@ -88,7 +88,7 @@ return 1
     )
 });
 
-/// Names the drawn mode (ARGV[1]) in a `shuffled` flag (KEYS[1]) an
+/// Names the drawn mode (`ARGV[1]`) in a `shuffled` flag (`KEYS[1]`) an
 /// earlier version set to `1`; any other flag stays as it is.
 static NAME_DRAWN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -100,7 +100,7 @@ return 0
 });
 
 /// Redis's time (Unix ms), then how many codes each user in ARGV holds
-/// (KEYS[1]: the activity's `users` hash). One script, so the time is that
+/// (`KEYS[1]`: the activity's `users` hash). One script, so the time is that
 /// of the count, on the master that commits the activity's claims. `HMGET`
 /// a thousand users at a time: all at once could `unpack` more arguments
 /// than Lua's stack takes, and one `HGET` each costs Redis (which every
