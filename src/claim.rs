@@ -233,7 +233,7 @@ impl Claimer {
             return Ok(None);
         }
         let activities = [activity.id.clone()];
-        match self.store.claims_of_user(user, &activities).await {
+        match self.store.confirmed_claims_of_user(user, &activities).await {
             Some(Ok(claims)) => Ok(claims
                 .into_iter()
                 .find(|c| c.activity_id == activity.id && c.idempotency_key.as_deref() == Some(key))

@@ -439,6 +439,20 @@ impl Store {
         }
     }
 
+    /// [`Store::claims_of_user`], to answer a claim with: in a cluster,
+    /// only claims `cluster.replica_acks` replicas confirm (see
+    /// [`cluster::ClusterStore::confirmed_claims_of_user`]).
+    pub async fn confirmed_claims_of_user(
+        &self,
+        user: u64,
+        activities: &[Arc<str>],
+    ) -> Option<Result<Vec<Claim>, StoreError>> {
+        match self {
+            Store::Embedded(_) => None,
+            Store::Cluster(s) => Some(s.confirmed_claims_of_user(user, activities).await),
+        }
+    }
+
     /// The activity definitions `ticketd import` stored, which nodes
     /// without `[[activity]]` tables of their own follow (cluster); `None`
     /// where the config file is the only source (embedded).

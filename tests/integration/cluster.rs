@@ -2712,6 +2712,76 @@ async fn a_failover_to_a_replica_loses_no_acknowledged_claim() {
     assert_eq!(stored.len(), 20, "MongoDB holds a claim no replica had: {stored:?}");
 }
 
+/// A claim answered OUTCOME_UNKNOWN while the replica was behind is on the
+/// master only, and a failover may still lose it. Its keyed retry, refused
+/// for a change since (here the sale paused), looked the claim up on the
+/// master and answered 200 with its code: the fan was told of a claim a
+/// failover could lose, its code then sold again to someone else. The
+/// look-up now waits for the replicas as the commit does, and the retry
+/// gets its code once a replica holds the claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_retry_is_not_answered_from_a_claim_no_replica_holds() {
+    let services = Services::start_with_replicated_redis_cluster();
+    let act = cluster_activity("rk", 5, 1);
+    let cluster = Cluster::start_on(services, 1, &act, "[cluster]\nreplica_acks = 1\n", |c| c);
+    let node = &cluster.nodes[0];
+    let tokens = cluster.users("rk", 2).await;
+    let (master, replica) = master_and_replica(&cluster.services, "tk:{rk}:claimed").await;
+    // The node has codes in stock, confirmed by the replica.
+    assert_eq!(node.claim(&tokens[1], "rk").await.status, 200);
+    let token = &tokens[0];
+    let body = node.claim_body(token, "rk").await;
+
+    let stopped = freeze_and_cut_off(&cluster.services, master, replica).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // (STOCK_IN_FLIGHT or STORE_UNAVAILABLE: a refill that waited in
+        // vain for the replica; nothing was committed.)
+        let first = claim_keyed(&node.client, token, &body, "k-1").await;
+        if first.error_code() == Some("OUTCOME_UNKNOWN") {
+            break;
+        }
+        assert!(
+            matches!(first.error_code(), Some("STOCK_IN_FLIGHT" | "STORE_UNAVAILABLE")),
+            "{}",
+            first.body
+        );
+        assert!(Instant::now() < deadline, "no claim reached the master: {}", first.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let on_master: usize = on_server(master, redis::cmd("HLEN").arg("tk:{rk}:claimed"))
+        .await
+        .unwrap();
+    assert_eq!(on_master, 2, "the master has the claim");
+
+    let config = std::fs::read_to_string(node.config_path()).unwrap();
+    let paused = config.replace("per_user_limit = 1\n", "per_user_limit = 1\npaused = true\n");
+    assert_ne!(config, paused);
+    assert_eq!(node.reload(&paused)["message"], "Config reloaded.");
+    let again = claim_keyed(&node.client, token, &body, "k-1").await;
+    assert_error(&again, 409, "PAUSED");
+
+    // The replica thaws, reconnects and takes what it missed: the claim
+    // stands, and the retry gets its code.
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(stopped as i32, libc::SIGCONT) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let replayed = loop {
+        let res = claim_keyed(&node.client, token, &body, "k-1").await;
+        if res.status == 200 {
+            break res;
+        }
+        assert_error(&res, 409, "PAUSED");
+        assert!(Instant::now() < deadline, "the retry never got its code");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(replayed.data()["replayed"], true, "{}", replayed.body);
+    assert_eq!(
+        node.held(token, "rk").await,
+        [replayed.data()["code"].as_str().unwrap()]
+    );
+}
+
 /// Node ids: a node frozen (SIGSTOP) past `lease_ttl` has lost its hold on
 /// its id, and a successor started under the same id takes it. Before, the
 /// old instance, thawed, took the id back with its next heartbeat (an

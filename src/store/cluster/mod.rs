@@ -775,8 +775,24 @@ impl ClusterStore {
     }
 
     /// Every claim `user` holds in the given activities, from Redis (the
-    /// claims made through other nodes included).
+    /// claims made through other nodes included), as the master has them:
+    /// for showing.
     pub async fn claims_of_user(&self, user: u64, activities: &[Arc<str>]) -> Result<Vec<Claim>, StoreError> {
+        self.held_by(user, activities, 0).await
+    }
+
+    /// [`claims_of_user`](Self::claims_of_user), confirmed by
+    /// `cluster.replica_acks` replicas (an error when they do not confirm in
+    /// time): for answering a claim with one, as a keyed retry's replay
+    /// does. A claim only the master has — one answered OUTCOME_UNKNOWN
+    /// while the replicas were behind — is no promise: a failover can lose
+    /// it and sell its code to someone else. (The commit script's own
+    /// replay waits for the replicas in the same way.)
+    pub async fn confirmed_claims_of_user(&self, user: u64, activities: &[Arc<str>]) -> Result<Vec<Claim>, StoreError> {
+        self.held_by(user, activities, self.shared.cfg.replica_acks).await
+    }
+
+    async fn held_by(&self, user: u64, activities: &[Arc<str>], replica_acks: usize) -> Result<Vec<Claim>, StoreError> {
         let shared = self.shared.clone();
         let activities = activities.to_vec();
         Ok(on(&self.handle, async move {
@@ -784,12 +800,9 @@ impl ClusterStore {
             let mut redis = shared.redis.clone();
             for a in &activities {
                 let keys = scripts::Keys::new(a);
-                let records: Vec<String> = scripts::HELD
-                    .key(keys.held())
-                    .key(keys.claimed())
-                    .arg(user)
-                    .invoke_async(&mut redis)
-                    .await?;
+                let mut held = scripts::HELD.prepare_invoke();
+                held.key(keys.held()).key(keys.claimed()).arg(user);
+                let records: Vec<String> = commit::run_replicated(&mut redis, &held, &keys, replica_acks).await?;
                 for r in records {
                     out.push(Record::parse(a, &r)?.to_claim(a));
                 }
