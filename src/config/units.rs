@@ -10,16 +10,27 @@ use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
-/// A duration written the way people write it: `"500ms"`, `"10s"`, `"2h 30m"`.
+/// A duration written the way people write it: `"500ms"`, `"10s"`, `"2h 30m"`;
+/// at most [`MAX_DURATION`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
+
+/// The longest duration (and the furthest relative time) a config may
+/// name: 100 years as humantime counts them (365.25 days). Far beyond any
+/// timeout, lifetime or sale, and safe to add to any clock: humantime
+/// takes up to `u64::MAX` seconds, and a timeout that large, accepted by
+/// a reload, made every new connection panic adding it to the time.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
 impl FromStr for HumanDuration {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        humantime::parse_duration(s.trim())
-            .map(HumanDuration)
-            .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2h\""))
+        let d = humantime::parse_duration(s.trim())
+            .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2h\""))?;
+        if d > MAX_DURATION {
+            return Err(format!("`{s}` is too long: at most 100 years"));
+        }
+        Ok(HumanDuration(d))
     }
 }
 
@@ -114,10 +125,6 @@ impl TimeSpec {
     }
 }
 
-/// The furthest a relative time may reach: 100 years as humantime counts
-/// them (365.25 days).
-const MAX_RELATIVE: std::time::Duration = std::time::Duration::from_secs(100 * 31_557_600);
-
 impl FromStr for TimeSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -127,7 +134,7 @@ impl FromStr for TimeSpec {
                 .map_err(|e| format!("`{s}` is not a relative time ({e}); write e.g. \"+10s\" or \"+2h\""))?;
             // Far enough for any sale, and every time it names is one RFC
             // 3339 can write (`+20000years` was shown as 1970).
-            if d > MAX_RELATIVE {
+            if d > MAX_DURATION {
                 return Err(format!("`{s}` is too far away: at most 100 years"));
             }
             let ms = d.as_millis() as i64;
@@ -258,6 +265,15 @@ mod tests {
             let json = serde_json::to_string(&t).unwrap();
             let back: TimeSpec = serde_json::from_str(&json).unwrap();
             assert_eq!(back.resolve(1_000), t.resolve(1_000), "{text} -> {json}");
+        }
+    }
+
+    #[test]
+    fn durations_stop_at_a_hundred_years() {
+        assert_eq!("100years".parse::<HumanDuration>().unwrap().0, MAX_DURATION);
+        for far in ["101years", "10000000000000000000s", "18446744073709551615s"] {
+            let err = far.parse::<HumanDuration>().unwrap_err();
+            assert!(err.contains("at most 100 years"), "{far}: {err}");
         }
     }
 

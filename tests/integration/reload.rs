@@ -128,6 +128,23 @@ async fn an_invalid_or_restart_only_change_is_refused_and_the_old_config_serves(
         );
     }
 
+    // A duration no clock can be counted on past: it passed as valid, the
+    // reload applied it, and then every new connection's task panicked
+    // adding it to the time (`/healthz` included).
+    let forever = v1.replace(
+        "[server]\n",
+        "[server]\nheader_read_timeout = \"10000000000000000000s\"\n",
+    );
+    assert_ne!(forever, v1);
+    let outcome = app.reload(&forever);
+    assert!(
+        outcome["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("at most 100 years")),
+        "{outcome}"
+    );
+    assert_eq!(app.client.get("/healthz", None).await.unwrap().status, 200);
+
     // A ticket type moved to another activity (here: the activity renamed).
     let moved = v1.replace("id = \"keep\"\n", "id = \"kept\"\n");
     assert_ne!(moved, v1);
