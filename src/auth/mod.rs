@@ -463,14 +463,19 @@ impl Auth {
         Ok((user, token))
     }
 
-    /// Revokes the session until it would have expired.
+    /// Revokes the session until it would have expired: in the store, then
+    /// here. A logout the store could not keep is refused and changes
+    /// nothing: revoked here first, its retry heard 401 (the session
+    /// already gone) while the store, and so every other node and this one
+    /// after a restart, still took the session.
     pub async fn logout(self: &Arc<Self>, session: Session) -> Result<(), AuthError> {
-        self.revoked.insert(session.token_id, session.expires_at_ms);
         let this = self.clone();
         blocking(move || {
             this.store
                 .revoke_session(&session::token_id_hex(&session.token_id), session.expires_at_ms)
-                .map_err(AuthError::from)
+                .map_err(AuthError::from)?;
+            this.revoked.insert(session.token_id, session.expires_at_ms);
+            Ok(())
         })
         .await
     }

@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{base_config, claim_body, open_activity, ApiResponse, TestApp};
+use serde_json::json;
+
+use crate::common::{assert_error, base_config, claim_body, open_activity, ApiResponse, TestApp};
 
 /// Pins an activity's window to absolute times: relative times count from
 /// each node start, and claim tokens are bound to the start time.
@@ -139,6 +141,48 @@ async fn a_node_whose_journal_failed_stops_feeding_the_watchdog() {
         .await
         .unwrap();
     assert_eq!(res.status, 503, "{}", res.body);
+}
+
+/// A logout the store could not keep (a full disk) was answered 503 but
+/// had already revoked the session in the node's memory: its retry heard
+/// 401, as if logged out, while the store (and so the node after a
+/// restart, and in a cluster every other node) still took the session. A
+/// session is now revoked only once the store holds the revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_the_store_could_not_keep_leaves_the_session_as_it_was() {
+    let mut app = TestApp::prepare(&(base_config() + &open_activity("lf", 5, 1)), &[]);
+    let data = app.dir.path().join("data");
+    let _disk = crate::common::Tmpfs::mount(&data, "8m");
+    app.boot();
+    let tokens = app.users("lf", 300).await;
+    let filler = data.join("filler");
+    drop(crate::common::fill_disk(&filler, 4096));
+    async fn logout(app: &TestApp, token: &str) -> ApiResponse {
+        app.client.post("/user/logout", Some(token), &json!({})).await.unwrap()
+    }
+    async fn list(app: &TestApp, token: &str) -> u16 {
+        app.client.get("/ticket/list", Some(token)).await.unwrap().status
+    }
+    // SQLite may still find room in the pages it has: log out until not.
+    let mut failed = None;
+    for t in &tokens {
+        let out = logout(&app, t).await;
+        if out.status != 200 {
+            failed = Some((t, out));
+            break;
+        }
+    }
+    let (token, out) = failed.expect("no logout met the full disk");
+    assert_error(&out, 503, "STORE_UNAVAILABLE");
+    assert_eq!(list(&app, token).await, 200, "the session is as it was");
+    assert_error(&logout(&app, token).await, 503, "STORE_UNAVAILABLE");
+
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(logout(&app, token).await.status, 200);
+    assert_eq!(list(&app, token).await, 401);
+    let token = token.clone();
+    app.restart();
+    assert_eq!(list(&app, &token).await, 401, "the logout outlives the restart");
 }
 
 /// One claim per user, sent by `workers` tasks; every answer goes to `record`.
