@@ -149,22 +149,7 @@ impl Catalog {
             match (&settings, &open_room) {
                 // Out of order: said by `time_problems`.
                 (Some(s), _) if !s.in_order() => {}
-                (Some(new), Some(room)) => {
-                    let frozen = room.settings().frozen_changes(new, now);
-                    if !frozen.is_empty() {
-                        problems.push(format!(
-                            "activity `{}`: {} cannot change once its queue has opened",
-                            a.id,
-                            frozen.join(", ")
-                        ));
-                    }
-                }
-                (None, Some(room)) if now >= room.settings().opens_ms => {
-                    problems.push(format!(
-                        "activity `{}`: admission cannot change once its queue has opened",
-                        a.id
-                    ));
-                }
+                (new, Some(room)) => problems.extend(room.settings().refused_change(&a.id, new.as_ref(), now)),
                 // A restart, or a node whose config never had the room:
                 // the room's log is asked instead.
                 (None, None) => match rooms.past(&a.id) {

@@ -105,6 +105,28 @@ impl RoomSettings {
         self.opens_ms < self.start_ms && self.opens_ms < self.shuffle_ms && self.shuffle_ms <= self.start_ms
     }
 
+    /// Why an activity whose room runs on these settings may not take
+    /// `new` (its config's; `None`: no waiting room) at `now_ms`, in a
+    /// sentence naming `activity`; `None` when it may. One check for a
+    /// node's reload and refresh and for a cluster's `ticketd import`,
+    /// which refuses what every node would (an import the nodes refused
+    /// held up every later one: they refuse the whole stored set).
+    pub fn refused_change(&self, activity: &str, new: Option<&RoomSettings>, now_ms: i64) -> Option<String> {
+        match new {
+            Some(new) => {
+                let frozen = self.frozen_changes(new, now_ms);
+                (!frozen.is_empty()).then(|| {
+                    format!(
+                        "activity `{activity}`: {} cannot change once its queue has opened",
+                        frozen.join(", ")
+                    )
+                })
+            }
+            None => (now_ms >= self.opens_ms)
+                .then(|| format!("activity `{activity}`: admission cannot change once its queue has opened")),
+        }
+    }
+
     /// What may not change once the room has opened, and changed; empty when nothing did.
     pub fn frozen_changes(&self, new: &RoomSettings, now_ms: i64) -> Vec<&'static str> {
         if now_ms < self.opens_ms {

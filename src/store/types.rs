@@ -44,6 +44,10 @@ pub enum StoreError {
     /// (the sentences of [`Config::moved_from`](crate::config::Config::moved_from)).
     #[error("{0}")]
     MovedTicketType(String),
+    /// The config changes what an opened waiting room runs on (the
+    /// sentences of [`RoomSettings::refused_change`](crate::admission::RoomSettings::refused_change)).
+    #[error("{0}")]
+    FrozenRoom(String),
     /// Redis or MongoDB failed (cluster mode).
     #[error(transparent)]
     Cluster(#[from] ClusterError),

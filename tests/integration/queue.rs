@@ -2294,6 +2294,67 @@ async fn a_lottery_served_from_mongodb_exports_a_draw_that_says_lottery() {
     );
 }
 
+/// Nodes that serve what `ticketd import` stored refuse a stored change to
+/// what an opened waiting room runs on (its times, its limit), as a reload
+/// is refused. The import took it and said it was done: every node then
+/// refused the whole stored set at every refresh, so no later import (a
+/// pause, a retirement, another activity) reached them, while a node
+/// started meanwhile served the changed times. The import now refuses
+/// what the nodes would, and a later import goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_that_changes_an_opened_room_is_refused_and_the_next_one_applies() {
+    use crate::cluster::{node_config, Cluster};
+    let cluster = Cluster::start(1, "", "");
+    let tokens = cluster.users("mq", 1).await;
+    let t0 = ticketd::clock::now_ms();
+    let act = |start_in_ms: i64, extra: &[&str]| room_from(t0, "mq", "queue", 2, start_in_ms, extra);
+    let importer = tempfile::tempdir().unwrap();
+    let import = |act: String| {
+        let config = node_config(&cluster.services, &cluster.db, "importer", "") + &act;
+        std::fs::write(importer.path().join("config.toml"), config).unwrap();
+        run_cli(importer.path(), &["import"], None)
+    };
+    let out = import(act(1_800_000, &[]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let node = &cluster.nodes[0];
+    // The queue opened a minute ago; a fan joins once the node has it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let res = join(&node.client, &tokens[0], "mq").await;
+        if res.status == 200 {
+            break;
+        }
+        assert_eq!(res.error_code(), Some("ACTIVITY_NOT_FOUND"), "{}", res.body);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node never picked the activity up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let out = import(act(2_400_000, &[]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("activity `mq`: start_time cannot change once its queue has opened"),
+        "{stderr}"
+    );
+    let out = import(act(1_800_000, &["paused = true"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let detail = node.detail("mq").await;
+        if detail["paused"] == true {
+            assert_eq!(ms(detail["startTime"].as_str().unwrap()), t0 + 1_800_000);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node never took the pause: {detail}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A shared log whose count of places reached is not the replicas' (a
 /// damaged log, or one a node from before the count was kept appended to)
 /// stops admissions: the admitter says so, rather than appending nothing

@@ -78,6 +78,7 @@ use record::Record;
 use shared::{block_on, on, Msg, Serving, Shared};
 
 use crate::{
+    admission::RoomSettings,
     config::{ActivityConfig, Config},
     stats::StatsBatch,
     store::types::{Access, ClaimRow, ImportReport, NewUser, Reconciliation, ReportData, StoreError, User, UserPage},
@@ -640,6 +641,22 @@ impl ClusterStore {
         let moved = config.moved_from(|ticket| stored.get(ticket).cloned());
         if !moved.is_empty() {
             return Err(StoreError::MovedTicketType(moved.join("; ")));
+        }
+        // What the nodes would refuse of it. (Cluster times are absolute:
+        // `node_start_ms` resolves nothing here.)
+        let now = crate::clock::now_ms();
+        let previous = self.block(mongo::activities(&self.shared.db))?;
+        let frozen: Vec<String> = config
+            .activities
+            .iter()
+            .filter_map(|a| {
+                let old = previous.iter().find(|p| p.id == a.id)?;
+                let old = RoomSettings::of(old, node_start_ms)?;
+                old.refused_change(&a.id, RoomSettings::of(a, node_start_ms).as_ref(), now)
+            })
+            .collect();
+        if !frozen.is_empty() {
+            return Err(StoreError::FrozenRoom(frozen.join("; ")));
         }
         let report = self.block(mongo::import(&self.shared.db, config, node_start_ms))?;
         for a in &config.activities {
