@@ -481,6 +481,8 @@ async fn an_export_beside_a_node_says_which_claims_are_still_in_its_journal() {
 ///   code, so that code was another than the one printed, and slipped past
 ///   the duplicate check (`DUP1` was sold twice, once with an invisible
 ///   prefix); invisible characters in a code went through as well;
+/// - a `codes_file` caught while being written, whose last code is cut
+///   off: the cut-off code went on sale for good;
 /// - an argon2 cost without a ceiling (a reload to 4 TiB aborted the
 ///   node), and a hash queue past what a semaphore holds (a panic at start);
 /// - `max_in_flight_per_activity = 0` (every claim 503);
@@ -490,6 +492,7 @@ async fn an_export_beside_a_node_says_which_claims_are_still_in_its_journal() {
 fn check_config_refuses_what_a_node_would_misbehave_on() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("bom.txt"), "\u{feff}DUP1\nX2\n").unwrap();
+    std::fs::write(dir.path().join("half.txt"), "H1\nH2\nK7Q2M9").unwrap();
     let config = base_config()
         .replace("argon2_memory_kib = 8", "argon2_memory_kib = 4294967295")
         .replace("[auth]", "[auth]\nhash_queue = 4611686018427387904")
@@ -497,6 +500,7 @@ fn check_config_refuses_what_a_node_would_misbehave_on() {
         + "\n[cluster]\nrefresh_interval = \"0s\"\n"
         + "\n[[activity]]\nid = \"b\"\nname = \"B\"\nstart_time = \"-1m\"\nend_time = \"+1h\"\n\
            [[activity.ticket]]\nid = \"from-file\"\nname = \"F\"\ncodes_file = \"bom.txt\"\n\
+           [[activity.ticket]]\nid = \"half\"\nname = \"H\"\ncodes_file = \"half.txt\"\n\
            [[activity.ticket]]\nid = \"inline\"\nname = \"I\"\ncodes = [\"DUP1\", \"ZW\u{200b}3\"]\n";
     std::fs::write(dir.path().join("config.toml"), &config).unwrap();
     let out = run_cli(dir.path(), &["check-config"], None);
@@ -505,6 +509,7 @@ fn check_config_refuses_what_a_node_would_misbehave_on() {
     for says in [
         "code `DUP1` appears twice",
         "contains whitespace, control or invisible characters",
+        "half.txt does not end with a line break",
         "auth.argon2_memory_kib must be 8-1048576",
         "auth.hash_queue must be at most",
         "limits.max_in_flight_per_activity must be at least 1",

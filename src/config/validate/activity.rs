@@ -53,6 +53,22 @@ pub(super) fn activities(r: &mut Report<'_>, config: &mut Config) {
                         // "UTF-8 with BOM", as spreadsheets and editors save
                         // it: the mark is not part of the first code.
                         let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+                        // A file caught while being written (copied, saved
+                        // in place, appended to) ends mid-code: its last,
+                        // cut-off code would go on sale for good.
+                        if text.rsplit('\n').next().is_some_and(|last| !last.trim().is_empty()) {
+                            r.add(
+                                &tpath("codes_file"),
+                                format!(
+                                    "ticket `{}`: codes_file {} does not end with a line break, so its last code may be \
+                                     cut off (a file still being written); end every code with a line break, and write \
+                                     the file elsewhere and move it into place",
+                                    ticket.id,
+                                    full.display()
+                                ),
+                            );
+                            continue;
+                        }
                         ticket.codes = Some(
                             text.lines()
                                 .map(str::trim)
