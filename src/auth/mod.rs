@@ -25,7 +25,14 @@ pub mod session;
 pub mod share;
 pub mod username;
 
-use std::{net::IpAddr, sync::Arc, time::Instant};
+use std::{
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicI64, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
@@ -45,6 +52,12 @@ use crate::{
     metrics::{self, Rejected},
     store::{Store, StoreError, User},
 };
+
+/// How far back a refresh of the revoked sessions reads past the last one
+/// ([`Auth::refresh_revoked`]): a logout is stamped with the revoking
+/// node's clock and read by another's, and a write may land just after a
+/// read began. A minute covers any skew a cluster should run with.
+const REVOKED_OVERLAP_MS: i64 = 60_000;
 
 /// The session signing secret: the environment, the config, or one generated
 /// once and kept in the store.
@@ -147,7 +160,7 @@ struct Dummy {
     cost: parking_lot::Mutex<HashCost>,
     /// A thread is making it: one at a time, however often reloads change
     /// the cost (each hash may take a gigabyte).
-    making: std::sync::atomic::AtomicBool,
+    making: AtomicBool,
 }
 
 /// Accounts and sessions.
@@ -156,6 +169,8 @@ pub struct Auth {
     settings: ArcSwap<Settings>,
     /// Logged-out token ids and when they would expire.
     revoked: DashMap<[u8; 16], i64>,
+    /// When [`Auth::refresh_revoked`] last read the store (0: never).
+    revoked_read_ms: AtomicI64,
     /// Verified against when the username is unknown, to spend the same
     /// time; made again, off the reload's path, when the cost changes.
     dummy: Arc<Dummy>,
@@ -211,10 +226,11 @@ impl Auth {
             dummy: Arc::new(Dummy {
                 hash: ArcSwap::from_pointee(password::hash("dummy password", settings.cost)),
                 cost: parking_lot::Mutex::new(settings.cost),
-                making: std::sync::atomic::AtomicBool::new(false),
+                making: AtomicBool::new(false),
             }),
             settings: ArcSwap::from_pointee(settings),
             revoked: DashMap::new(),
+            revoked_read_ms: AtomicI64::new(0),
             hashing: Arc::new(Semaphore::new(config.auth.max_concurrent_hashes())),
             hash_queue: Arc::new(Semaphore::new(config.auth.hash_queue)),
             hash_limits: (config.auth.max_concurrent_hashes(), config.auth.hash_queue),
@@ -232,17 +248,22 @@ impl Auth {
         Ok(auth)
     }
 
-    /// Loads the sessions revoked in the store. A cluster node calls it
-    /// periodically, so a logout through another node takes effect here
-    /// within `cluster.refresh_interval`; expired entries are dropped.
+    /// Loads the sessions revoked in the store: at start all of them,
+    /// then those revoked since the last read, less [`REVOKED_OVERLAP_MS`].
+    /// A cluster node calls it every `cluster.refresh_interval`, so a
+    /// logout through another node takes effect here within that. (It read
+    /// every revocation each time: a day of logouts, at the login rate, a
+    /// second.) Expired entries go with [`Auth::forget_expired_revocations`].
     pub fn refresh_revoked(&self) -> Result<(), StoreError> {
         let now = now_ms();
-        for (id, exp) in self.store.revoked_sessions(now)? {
+        let last = self.revoked_read_ms.load(Ordering::Relaxed);
+        let since = (last > 0).then(|| last - REVOKED_OVERLAP_MS);
+        for (id, exp) in self.store.revoked_sessions(now, since)? {
             if let Some(bytes) = parse_hex16(&id) {
                 self.revoked.insert(bytes, exp);
             }
         }
-        self.revoked.retain(|_, exp| *exp >= now);
+        self.revoked_read_ms.store(now, Ordering::Relaxed);
         Ok(())
     }
 
@@ -260,7 +281,6 @@ impl Auth {
     /// (holding the config's lock, half applied) must not wait for. Until
     /// it is ready, an unknown name is checked against the last one.
     pub fn apply(&self, config: &Config) {
-        use std::sync::atomic::Ordering;
         let new = Settings::from_config(config);
         let cost = new.cost;
         let changed = {

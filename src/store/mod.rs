@@ -359,11 +359,14 @@ impl Store {
         }
     }
 
-    /// Revoked sessions that have not expired yet.
-    pub fn revoked_sessions(&self, now_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
+    /// Revoked sessions that have not expired yet: all of them, or (where
+    /// other nodes revoke them too, a cluster) those revoked since
+    /// `since_ms`. One node's store holds only its own logouts, which it
+    /// reads once, at start: `since_ms` is for a cluster's refresh.
+    pub fn revoked_sessions(&self, now_ms: i64, since_ms: Option<i64>) -> Result<Vec<(String, i64)>, StoreError> {
         match self {
             Store::Embedded(s) => s.revoked_sessions(now_ms),
-            Store::Cluster(s) => s.revoked_sessions(now_ms),
+            Store::Cluster(s) => s.revoked_sessions(now_ms, since_ms),
         }
     }
 

@@ -747,8 +747,12 @@ impl ClusterStore {
         Ok(self.block(mongo::revoke_session(&self.shared.db, token_id, expires_at_ms))?)
     }
 
-    pub(super) fn revoked_sessions(&self, now_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
-        Ok(self.block(mongo::revoked_sessions(&self.shared.db, now_ms))?)
+    pub(super) fn revoked_sessions(
+        &self,
+        now_ms: i64,
+        since_ms: Option<i64>,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(self.block(mongo::revoked_sessions(&self.shared.db, now_ms, since_ms))?)
     }
 
     pub(super) fn secret(&self, name: &str, create: &dyn Fn() -> String) -> Result<String, StoreError> {

@@ -78,9 +78,13 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), MongoError> {
                 .build(),
         )
         .await?;
-    // Expired revocations are deleted at every refresh.
+    // Expired revocations are deleted at every refresh, which reads the
+    // latest ones.
     coll(db, "revoked_sessions")
         .create_index(index(doc! {"expires_at_ms": 1}, false))
+        .await?;
+    coll(db, "revoked_sessions")
+        .create_index(index(doc! {"revoked_at_ms": 1}, false))
         .await?;
     // The report reads one activity's statistics; outcomes come ten rows a
     // second per outcome while a rush runs.
@@ -502,18 +506,27 @@ pub async fn revoke_session(db: &Database, token_id: &str, expires_at_ms: i64) -
     coll(db, "revoked_sessions")
         .update_one(
             doc! {"_id": token_id},
-            doc! {"$setOnInsert": {"expires_at_ms": expires_at_ms}},
+            doc! {"$setOnInsert": {"expires_at_ms": expires_at_ms, "revoked_at_ms": crate::clock::now_ms()}},
         )
         .upsert(true)
         .await?;
     Ok(())
 }
 
-/// Revoked sessions not yet expired (expired ones are deleted).
-pub async fn revoked_sessions(db: &Database, now_ms: i64) -> Result<Vec<(String, i64)>, MongoError> {
+/// Revoked sessions not yet expired (expired ones are deleted): all of
+/// them, or those revoked since `since_ms` (by the revoking node's clock).
+pub async fn revoked_sessions(
+    db: &Database,
+    now_ms: i64,
+    since_ms: Option<i64>,
+) -> Result<Vec<(String, i64)>, MongoError> {
     let c = coll(db, "revoked_sessions");
     c.delete_many(doc! {"expires_at_ms": {"$lt": now_ms}}).await?;
-    let mut cursor = c.find(doc! {}).await?;
+    let filter = match since_ms {
+        Some(since) => doc! {"revoked_at_ms": {"$gte": since}},
+        None => doc! {},
+    };
+    let mut cursor = c.find(filter).await?;
     let mut out = Vec::new();
     while let Some(d) = cursor.try_next().await? {
         if let (Ok(id), Ok(exp)) = (d.get_str("_id"), d.get_i64("expires_at_ms")) {
