@@ -323,6 +323,13 @@ impl Auth {
         Ok(session)
     }
 
+    /// Whether `session` (authenticated earlier) is still good at `now_ms`:
+    /// not expired, not logged out. For what outlives its request, as an
+    /// event stream does.
+    pub fn is_live(&self, session: &Session, now_ms: i64) -> bool {
+        now_ms < session.expires_at_ms && !self.revoked.contains_key(&session.token_id)
+    }
+
     fn issue(&self, user: &User) -> String {
         let ttl = self.settings.load().session_ttl_ms;
         self.key

@@ -1581,6 +1581,27 @@ async fn an_open_event_stream_keeps_the_place_and_tells_each_change() {
     );
 }
 
+/// An open event stream checked its session once, when it opened: after
+/// a logout (or past the session's expiry) it went on keeping the fan's
+/// place and telling it, for as long as the room lasted. It now ends once
+/// its session does; the page then asks `/queue/status`, which says to
+/// log in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_ends_with_its_session() {
+    let app = TestApp::start(&(base_config() + &queue("sl", 1, "+30m", &[])));
+    let token = &app.users("sl", 1).await[0];
+    assert_eq!(join(&app.client, token, "sl").await.status, 200);
+    let mut events = Events::open(&app, token, "sl").await;
+    assert_eq!(events.next().await.unwrap()["state"], "waiting");
+    let out = app.client.post("/user/logout", Some(token), &json!({})).await.unwrap();
+    assert_eq!(out.status, 200, "{}", out.body);
+    let after = tokio::time::timeout(Duration::from_secs(10), events.next()).await;
+    assert!(
+        matches!(after, Ok(None)),
+        "the stream went on after the logout: {after:?}"
+    );
+}
+
 /// Sends `head` in `pieces` writes (each flushed before the next) and reads
 /// the answer to its end.
 async fn send_head(app: &TestApp, pieces: &[&[u8]]) -> String {

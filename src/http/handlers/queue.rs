@@ -26,7 +26,7 @@ use crate::{
     admission::{Entry, JoinError, PlaceState, QueueStatus, Room, Rooms, StreamRefused, StreamSlot},
     auth::{
         claim_token::{join_challenge, pow_ok},
-        Denied, Session,
+        Auth, Denied, Session,
     },
     catalog::{Activity, Status},
     clock::{now_ms, rfc3339_ms},
@@ -289,7 +289,8 @@ pub async fn status(state: &AppState, req: &Request<Incoming>, ip: IpAddr) -> Re
 /// the stream ends when there is nothing to wait for (not joined, done,
 /// sold out, entries closed) or the node shuts down.
 pub fn events<B>(state: &AppState, req: &Request<B>, ip: IpAddr) -> Result<Response<EventStream>, ApiError> {
-    let user = caller(state, req.headers(), ip)?.user_id;
+    let session = caller(state, req.headers(), ip)?;
+    let user = session.user_id;
     let query = Query::parse(req.uri().query());
     let catalog = state.catalog.load();
     let room = room_of(activity(&catalog, query.require("actId")?)?)?.clone();
@@ -313,6 +314,8 @@ pub fn events<B>(state: &AppState, req: &Request<B>, ip: IpAddr) -> Result<Respo
     let stream = EventStream {
         room,
         rooms: state.rooms.clone(),
+        auth: state.auth.clone(),
+        session,
         user,
         opened_ms: now_ms(),
         look,
@@ -341,6 +344,11 @@ const NOT_JOINED_WAIT_MS: i64 = 5_000;
 pub struct EventStream {
     room: Arc<Room>,
     rooms: Arc<Rooms>,
+    /// The session it was opened with, looked at again at each update: a
+    /// stream kept the fan's place (and told it) after a logout, or past
+    /// the session's expiry, for as long as the room lasted.
+    auth: Arc<Auth>,
+    session: Session,
     user: u64,
     /// When it opened: in a shared room, "not joined" waits for a read of
     /// the shared log that began after it.
@@ -381,6 +389,12 @@ impl EventStream {
     /// The next frame to send after looking at the place now, if any.
     fn look(&mut self) -> Option<Bytes> {
         let now = now_ms();
+        if !self.auth.is_live(&self.session, now) {
+            // Ended, not answered: a page then asks `/queue/status`,
+            // which says to log in again.
+            self.ended = true;
+            return None;
+        }
         let status = self.room.status(self.user, now, true);
         // A fan who joined through another node a moment ago is not in
         // this replica until its next read of the shared log (a tenth of a
