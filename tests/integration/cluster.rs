@@ -2535,7 +2535,8 @@ pub(crate) async fn freeze_and_cut_off(services: &Services, master: u16, replica
 }
 
 /// `master` dies (`kill -9`) and its `replica`, frozen as process `frozen`,
-/// thaws and takes over (`CLUSTER FAILOVER TAKEOVER`).
+/// thaws and takes over (`CLUSTER FAILOVER TAKEOVER`), until it is the
+/// master and the cluster is whole.
 pub(crate) async fn kill_master_and_take_over(services: &Services, master: u16, replica: u16, frozen: u32) {
     let gone = services.redis_cluster_pid(master);
     // SAFETY: signalling our own child processes.
@@ -2546,6 +2547,13 @@ pub(crate) async fn kill_master_and_take_over(services: &Services, master: u16, 
     let () = on_server(replica, redis::cmd("CLUSTER").arg("FAILOVER").arg("TAKEOVER"))
         .await
         .unwrap();
+    until("the replica to take over", || async {
+        let role: redis::RedisResult<Vec<redis::Value>> = on_server(replica, &redis::cmd("ROLE")).await;
+        let info: redis::RedisResult<String> = on_server(replica, redis::cmd("CLUSTER").arg("INFO")).await;
+        matches!(role.as_deref(), Ok([redis::Value::BulkString(r), ..]) if r == b"master")
+            && info.is_ok_and(|i| i.contains("cluster_state:ok"))
+    })
+    .await;
 }
 
 /// The old `master` comes back and follows `replica`, now the master,
@@ -2637,13 +2645,6 @@ async fn a_failover_to_a_replica_loses_no_acknowledged_claim() {
 
     // The master dies; the replica, thawed, takes over.
     kill_master_and_take_over(&cluster.services, master, replica, stopped).await;
-    until("the replica to take over", || async {
-        let role: redis::RedisResult<Vec<redis::Value>> = on_server(replica, &redis::cmd("ROLE")).await;
-        let info: redis::RedisResult<String> = on_server(replica, redis::cmd("CLUSTER").arg("INFO")).await;
-        matches!(role.as_deref(), Ok([redis::Value::BulkString(r), ..]) if r == b"master")
-            && info.is_ok_and(|i| i.contains("cluster_state:ok"))
-    })
-    .await;
 
     // Every acknowledged claim survived, under its user. (The node's first
     // calls may still go to the dead master: it retries them.)
@@ -2780,6 +2781,64 @@ async fn a_keyed_retry_is_not_answered_from_a_claim_no_replica_holds() {
         node.held(token, "rk").await,
         [replayed.data()["code"].as_str().unwrap()]
     );
+}
+
+/// A node idle on the last codes gives them back to the master list, for
+/// buyers at other nodes. With the replica behind, a failover could undo
+/// that give-back: the codes were back in the node's lease, which it
+/// renews, and not in its pool, so never sold, and every buyer heard
+/// STOCK_IN_FLIGHT for as long as the node ran. A give-back now waits for
+/// the replicas as a commit does; unconfirmed, the node resynchronises its
+/// lease until one is, and the codes are sold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_give_back_a_failover_undid_leaves_no_code_unsellable() {
+    let services = Services::start_with_replicated_redis_cluster();
+    let act = cluster_activity("gb", 3, 1);
+    let mut cluster = Cluster::start_on(services, 1, &act, "[cluster]\nreplica_acks = 1\n", |c| c);
+    let tokens = cluster.users("gb", 3).await;
+    let (master, replica) = master_and_replica(&cluster.services, "tk:{gb}:claimed").await;
+    let listed = || async {
+        on_server::<usize>(master, redis::cmd("LLEN").arg("tk:{gb}:stock:gb-t"))
+            .await
+            .unwrap()
+    };
+    let held = || async {
+        on_server::<usize>(master, redis::cmd("SCARD").arg("tk:{gb}:lease:gb-t:node0"))
+            .await
+            .unwrap()
+    };
+    // One code sold; the node leases the other two just after (a sale is a
+    // reason to lease ahead), and gives them back two seconds after the
+    // sale, idle with the master list empty: the replica falls behind
+    // before that.
+    assert_eq!(cluster.nodes[0].claim(&tokens[0], "gb").await.status, 200);
+    until("the node to lease the last two codes", || async {
+        held().await == 2 && listed().await == 0
+    })
+    .await;
+    let frozen = freeze_and_cut_off(&cluster.services, master, replica).await;
+    until("the idle node's give-back, on the master only", || async {
+        listed().await == 2
+    })
+    .await;
+    kill_master_and_take_over(&cluster.services, master, replica, frozen).await;
+    rejoin_as_replica(&mut cluster.services, master, replica).await;
+
+    let node = &cluster.nodes[0];
+    for token in &tokens[1..] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let res = node.claim(token, "gb").await;
+            if res.status == 200 {
+                break;
+            }
+            assert_eq!(res.status, 503, "{}", res.body);
+            assert!(Instant::now() < deadline, "the code was never sold again: {}", res.body);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let stored = cluster.drained("gb").await;
+    assert_eq!(stored.len(), 3, "{stored:?}");
 }
 
 /// Node ids: a node frozen (SIGSTOP) past `lease_ttl` has lost its hold on

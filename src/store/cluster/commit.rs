@@ -17,7 +17,7 @@ use super::{
     error::ClusterError,
     lease,
     record::Record,
-    replicas::{confirmed, fence_and_wait, REPLICA_WAIT_MS},
+    replicas::{confirmed, fence_and_wait, run_replicated, REPLICA_WAIT_MS},
     scripts,
     shared::{Doubt, Msg, Serving, Shared},
 };
@@ -296,50 +296,6 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
             }
         }
     }
-}
-
-/// One attempt at a commit: the script, then, with `replica_acks`, a
-/// write to the activity's fence and a `WAIT` in the same pipeline, so they
-/// go to the same master over the same connection (a pipeline follows its
-/// first keyed command; a `WAIT` alone would go to every master).
-///
-/// `WAIT` counts replicas that hold this connection's last write. A retry
-/// (on a new connection, after a lost answer) finds the claims committed
-/// and writes nothing, nor does an answer read back (a replayed key): the
-/// fence's write comes after whatever the script read, and Redis
-/// replicates in order, so a replica that has the fence has the claims.
-/// (Debian's Redis 7.0 makes any command, a read too, set the offset a
-/// later `WAIT` waits for, so there a retried script waits without the
-/// fence: checked by hand, with a frozen replica, a `PING` and a `WAIT` on a
-/// new connection. Only a `WAIT` that is a connection's first command
-/// returns at once. The fence does not depend on which version does what;
-/// no test can tell it is missing on 7.0.)
-///
-/// The waiting room's admitter appends run the same way
-/// ([`super::rooms`]), on a connection of their own; joins are confirmed
-/// in groups ([`super::replicas::JoinConfirmations`]).
-pub(super) async fn run_replicated<T: redis::FromRedisValue>(
-    redis: &mut super::connection::RedisConn,
-    invocation: &redis::ScriptInvocation<'_>,
-    keys: &scripts::Keys,
-    replica_acks: usize,
-) -> Result<T, ClusterError> {
-    if replica_acks == 0 {
-        return Ok(invocation.invoke_async(redis).await?);
-    }
-    let mut pipe = redis::pipe();
-    pipe.invoke_script(invocation);
-    fence_and_wait(&mut pipe, keys, replica_acks);
-    let (results, acked): (T, usize) = match pipe.query_async(redis).await {
-        // Not loaded on this master yet (a restart, a failover): load, retry.
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            invocation.load_async(redis).await?;
-            pipe.query_async(redis).await?
-        }
-        answer => answer?,
-    };
-    confirmed(acked, replica_acks)?;
-    Ok(results)
 }
 
 /// Drains this node's backlogs to MongoDB: reads up to `cluster.mongo_batch`

@@ -15,6 +15,7 @@ use tokio::runtime::Handle;
 
 use super::{
     error::ClusterError,
+    replicas::run_replicated,
     scripts,
     shared::{block_on, on, Shared},
 };
@@ -223,7 +224,13 @@ impl LeaseSource {
         Ok(on(&self.handle, async move { counts(&shared, &activity).await }).await?)
     }
 
-    /// Puts `codes` (leased to this node, unclaimed) back on the master list.
+    /// Puts `codes` (leased to this node, unclaimed) back on the master
+    /// list, confirmed by `cluster.replica_acks` replicas (an error when
+    /// they do not confirm in time). Unconfirmed, a failover could undo it:
+    /// the codes back in this node's lease, which the node renews, and not
+    /// in its pool, so never sold, and every claim told STOCK_IN_FLIGHT for
+    /// as long as the node ran. An error has the caller resynchronise the
+    /// lease until a give-back is confirmed.
     pub async fn give_back(
         &self,
         activity: &Arc<str>,
@@ -235,12 +242,12 @@ impl LeaseSource {
             ensure_node_id(&shared).await?;
             let keys = scripts::Keys::new(&activity);
             let mut redis = shared.redis.clone();
-            let returned: usize = scripts::GIVE_BACK
+            let mut give_back = scripts::GIVE_BACK.prepare_invoke();
+            give_back
                 .key(keys.stock(&ticket))
                 .key(keys.lease(&ticket, &shared.node))
-                .arg(&codes)
-                .invoke_async(&mut redis)
-                .await?;
+                .arg(&codes);
+            let returned: usize = run_replicated(&mut redis, &give_back, &keys, shared.cfg.replica_acks).await?;
             Ok(returned)
         })
         .await?)

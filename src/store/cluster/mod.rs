@@ -823,7 +823,7 @@ impl ClusterStore {
                 let keys = scripts::Keys::new(a);
                 let mut held = scripts::HELD.prepare_invoke();
                 held.key(keys.held()).key(keys.claimed()).arg(user);
-                let records: Vec<String> = commit::run_replicated(&mut redis, &held, &keys, replica_acks).await?;
+                let records: Vec<String> = replicas::run_replicated(&mut redis, &held, &keys, replica_acks).await?;
                 for r in records {
                     out.push(Record::parse(a, &r)?.to_claim(a));
                 }

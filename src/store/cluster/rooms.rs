@@ -33,9 +33,8 @@ use redis::Script;
 use tokio::runtime::Handle;
 
 use super::{
-    commit::run_replicated,
     error::ClusterError,
-    replicas::JoinConfirmations,
+    replicas::{run_replicated, JoinConfirmations},
     scripts::Keys,
     shared::{block_on, on, Shared},
 };
