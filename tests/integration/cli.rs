@@ -437,6 +437,32 @@ fn a_cluster_node_that_cannot_reach_redis_says_so_and_exits_1() {
     assert!(!stderr.contains("EXAMPLE-pw"), "the password is hidden: {stderr}");
 }
 
+/// `ticketd import` beside a serving node wrote the activity's relative
+/// times resolved against the tool's own clock over the ones the node
+/// resolved against its start, so `report` read a window the node never
+/// served (an hour later, its "sold out after" came out negative). A
+/// relative time is the serving node's to write; an import leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_beside_a_node_leaves_the_window_the_node_serves() {
+    use time::{format_description::well_known::Rfc3339, OffsetDateTime};
+    let app = TestApp::start(&(base_config() + &open_activity("rt", 5, 1)));
+    let detail = app.detail("rt").await;
+    let ms = |key: &str| {
+        let t = OffsetDateTime::parse(detail[key].as_str().unwrap(), &Rfc3339).unwrap();
+        (t.unix_timestamp_nanos() / 1_000_000) as i64
+    };
+    let served = (ms("startTime"), ms("endTime"));
+    let out = app.cli(&["import"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let stored: (i64, i64) = db
+        .query_row("SELECT start_ms, end_ms FROM activities WHERE id = 'rt'", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(stored, served);
+}
+
 /// `ticketd export` and `report` beside a serving node read SQLite, which
 /// the node fills from its journal a batch at a time — for long when SQLite
 /// is busy. Claims acknowledged and not yet applied were missing from the
