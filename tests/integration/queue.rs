@@ -2376,6 +2376,30 @@ async fn an_import_that_changes_an_opened_room_is_refused_and_the_next_one_appli
     }
 }
 
+/// Joining again keeps a place, so a cluster's join script changes nothing
+/// for a place the node's replica already holds; but each call cost Redis
+/// a script and a read of the room's log, and one account could ask for
+/// them as fast as its address's claim rate let it. Past the account's
+/// budget of store reads, a join of a held place is answered from the
+/// replica, with no call to Redis (here: Redis frozen, the answer comes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_a_held_place_again_and_again_costs_redis_nothing_past_a_budget() {
+    let act = absolute_room("jh", "queue", 1, 1_800_000, &[]);
+    let cluster = crate::cluster::Cluster::start(1, &act, "");
+    let node = &cluster.nodes[0];
+    let token = &cluster.users("jh", 1).await[0];
+    // The first join and the budget's burst go to Redis; the rest do not.
+    for _ in 0..30 {
+        let res = join(&node.client, token, "jh").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    cluster.services.freeze_redis();
+    let again = join(&node.client, token, "jh").await;
+    cluster.services.thaw_redis();
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.data()["state"], "waiting");
+}
+
 /// A shared log whose count of places reached is not the replicas' (a
 /// damaged log, or one a node from before the count was kept appended to)
 /// stops admissions: the admitter says so, rather than appending nothing

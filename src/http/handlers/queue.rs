@@ -200,7 +200,7 @@ pub async fn join(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Resul
     }
     let now = now_ms();
     match state.store.room_source().filter(|_| room.is_shared()) {
-        Some(source) => join_shared(&source, room, user, now)
+        Some(source) => join_shared(&source, room, user, now, || state.claimer.may_read_store(user))
             .await
             .map_err(|e| join_error(e, activity, now))?,
         None => {
@@ -214,7 +214,20 @@ pub async fn join(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Resul
 
 /// A cluster: the join is one script on the room's shared log; then this
 /// node's replica catches up, so the answer shows the place.
-async fn join_shared(source: &RoomSource, room: &Room, user: u64, now: i64) -> Result<(), JoinError> {
+///
+/// A place this replica already holds for the fan is joined again within
+/// the fan's budget of store reads (`budget`, which takes from it); past
+/// it, the answer is the replica's, with no call to Redis. Joining again
+/// keeps a place, so the script changes nothing there, but each call cost
+/// Redis a script and a read of the log, which any account could ask for
+/// as fast as its address's claim rate let it.
+async fn join_shared(
+    source: &RoomSource,
+    room: &Room,
+    user: u64,
+    now: i64,
+    budget: impl FnOnce() -> bool,
+) -> Result<(), JoinError> {
     let s = room.settings();
     let lottery = s.mode == AdmissionMode::Lottery;
     // The room's entry rules, as this replica knows it. From the draw time
@@ -224,6 +237,9 @@ async fn join_shared(source: &RoomSource, room: &Room, user: u64, now: i64) -> R
     // this replica knows as passed over is read for too: one more round
     // trip, in a refusal that stands.)
     let mut entry = room.entry(user, now);
+    if matches!(entry, Ok(Entry::Held)) && !budget() {
+        return Ok(());
+    }
     if now >= s.shuffle_ms
         && matches!(
             entry,
