@@ -729,6 +729,108 @@ async fn a_session_that_ended_is_found_before_the_start_not_at_the_tap() {
     assert_eq!(b.eval("localStorage.getItem('ticketd.token')").await, Value::Null);
 }
 
+/// The page kept its best sample of the server's clock for good: a phone
+/// whose clock was set while the page sat open (NTP, a carrier's time,
+/// waking from sleep) showed the countdown off by as much: 40 s fast and
+/// set right, it kept the button shut for the sale's first 40 s, and its
+/// looks at the sale, timed by the same clock, stopped as long. A sample
+/// taken after the device's clock moved now replaces the kept one, and the
+/// looks keep their pace. (The page's clock is set two minutes back here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_follows_the_servers_clock_after_the_devices_is_set() {
+    let config = base_config()
+        + &Act::new("step")
+            .window("+15s", "+1h")
+            .ticket("step-t", "Seat", Codes::Generate(1))
+            .toml();
+    let app = TestApp::start(&config);
+    let url = app.url();
+    let mut b = Browser::launch().await;
+    register(&mut b, &url, "stepper", "#/act/step").await;
+    b.wait_for("document.querySelector('#countdown')", "the detail page")
+        .await;
+    b.eval("(() => { const real = Date.now.bind(Date); Date.now = () => real() - 120000; })()")
+        .await;
+    b.wait_for_within(
+        "document.querySelector('#status')?.className === 'badge open' \
+         && !document.querySelector('#grab').disabled",
+        "the sale to open on the page by the server's clock",
+        std::time::Duration::from_secs(60),
+    )
+    .await;
+    click(&mut b, "#grab").await;
+    b.wait_for(
+        "document.querySelector('#claimed-code')?.textContent",
+        "the claimed code",
+    )
+    .await;
+    assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
+}
+
+/// The proof of work's worker script failing to load (a flaky connection
+/// at the opening, a page from before an upgrade) left "Solving the
+/// anti-bot puzzle…" on screen with no word and nothing more done. It is
+/// now tried again as after a lost request, and the grab goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_puzzle_worker_that_fails_to_load_is_tried_again() {
+    let config = base_config()
+        + &Act::new("pw")
+            .window("-1m", "+1h")
+            .with("pow_difficulty = 4")
+            .ticket("pw-t", "Seat", Codes::Generate(1))
+            .toml();
+    let app = TestApp::start(&config);
+    let url = app.url();
+    let mut b = Browser::launch().await;
+    register(&mut b, &url, "puzzled", "#/act/pw").await;
+    b.intercept("*/pow.*").await;
+    click(&mut b, "#grab").await;
+    let held = b.next_paused().await;
+    b.lose_answer(&held).await;
+    b.call("Fetch.disable", json!({})).await;
+    b.wait_for(
+        "document.querySelector('#claimed-code')?.textContent",
+        "the claimed code after the worker loaded",
+    )
+    .await;
+}
+
+/// A logout the server did not take (the store could not keep it, or the
+/// answer was lost) dropped the token all the same, and the page showed
+/// the fan logged out while the session stayed good on the server. The
+/// page now says it may not have gone through, and a second press logs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_that_did_not_go_through_says_so() {
+    let config = base_config()
+        + &Act::new("lo")
+            .window("-1m", "+1h")
+            .ticket("lo-t", "Seat", Codes::Generate(1))
+            .toml();
+    let app = TestApp::start(&config);
+    let url = app.url();
+    let mut b = Browser::launch().await;
+    register(&mut b, &url, "leaver", "#/act/lo").await;
+    b.intercept("*/user/logout*").await;
+    click(&mut b, "#nav-logout").await;
+    let held = b.next_paused().await;
+    b.lose_answer(&held).await;
+    b.wait_for(
+        "document.querySelector('#view .notice.bad')?.textContent.includes('Log out again')",
+        "the page to say the logout may not have gone through",
+    )
+    .await;
+    assert_ne!(b.eval("localStorage.getItem('ticketd.token')").await, Value::Null);
+    b.call("Fetch.disable", json!({})).await;
+    // (The lost answer's logout did go through: the second press hears the
+    // session is gone, and the page logs out.)
+    click(&mut b, "#nav-logout").await;
+    b.wait_for(
+        "localStorage.getItem('ticketd.token') === null && !document.querySelector('#nav-login').hidden",
+        "the second press to log out",
+    )
+    .await;
+}
+
 /// A request whose answer never comes (a phone's connection stalled) left
 /// the button on "Grabbing…" for good. The page gives up after 20 s, says
 /// so, and tries again with the same Idempotency-Key: the fan gets the code

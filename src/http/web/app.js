@@ -25,6 +25,7 @@ const WORDS = {
     reload: 'Reload the page to try again.', tryAgainIn: 'Try again in',
     typeSoldOut: 'This ticket type is sold out; another may have tickets left.',
     gotEarlier: 'An earlier try of yours got a ticket.',
+    logoutFailed: 'Logging out may not have gone through; press Log out again.',
     queue: 'Waiting room', lottery: 'Lottery', joinQueue: 'Join the waiting room', enterLottery: 'Enter the draw',
     queueOpensIn: 'The waiting room opens in', joined: 'You are in.',
     drawNote: 'Everyone who joins before the draw gets a random place: joining early gives no advantage.',
@@ -52,6 +53,7 @@ const WORDS = {
     reload: '请刷新页面重试。', tryAgainIn: '请稍后再试：',
     typeSoldOut: '这个票种已抢完，其他票种可能还有。',
     gotEarlier: '你之前的一次尝试已抢到票。',
+    logoutFailed: '退出可能未成功，请再按一次“退出”。',
     queue: '排队', lottery: '抽签', joinQueue: '进入排队', enterLottery: '参加抽签',
     queueOpensIn: '距开放排队', joined: '你已加入。',
     drawNote: '抽签前加入的人随机排序：早加入没有优势。',
@@ -159,8 +161,12 @@ const store = {
 };
 let lang = localStorage.getItem('ticketd.lang')
   || ((navigator.languages || [navigator.language]).some((l) => /^zh\b/i.test(l)) ? 'zh' : 'en');
+/** Our wall clock minus our steady one. It moves when the device's clock
+ * is set (NTP, a carrier's time, waking from sleep), which makes a sample
+ * of the server's clock taken before wrong by as much. */
+const clockDrift = () => Date.now() - (performance.timeOrigin + performance.now());
 /** Server clock minus ours, from the best sample ([`sampleClock`]). */
-let clock = { offset: 0, rtt: Infinity, rank: -1 };
+let clock = { offset: 0, rtt: Infinity, rank: -1, drift: clockDrift() };
 let timers = [];
 /** Open event streams, closed by each navigation. */
 let streams = [];
@@ -169,6 +175,8 @@ let navigation = 0;
 
 const t = (key) => WORDS[lang][key] ?? WORDS.en[key] ?? key;
 const serverNow = () => Date.now() + clock.offset;
+/** For waits and intervals: a clock the device's clock being set does not move. */
+const steadyNow = () => performance.now();
 const locale = () => (lang === 'zh' ? 'zh-CN' : navigator.language || 'en');
 const number = (n) => new Intl.NumberFormat(locale()).format(n);
 const when = (ms) => new Intl.DateTimeFormat(locale(), { dateStyle: 'medium', timeStyle: 'medium' }).format(new Date(ms));
@@ -281,13 +289,20 @@ function timeoutSignal(ms) {
  * list's over one Nginx answered from its cache (an older serverTime that
  * arrives fastest: it would win on round trip with a time up to a second
  * behind, or minutes while it serves stale), and within a kind the
- * shortest round trip. A cached list still beats the device's own clock. */
+ * shortest round trip. A cached list still beats the device's own clock.
+ * Once the device's clock was set, the kept sample is off by as much and
+ * any new one replaces it: kept, it showed the countdown that far off for
+ * good (a phone 40 s fast, set right while the page sat open, kept the
+ * button shut for the sale's first 40 s). */
 function sampleClock(server, sent, received, fromList, cached) {
   const rtt = received - sent;
-  if (!Number.isFinite(server)) return;
+  // A negative round trip: the device's clock was set while it was out.
+  if (!Number.isFinite(server) || rtt < 0) return;
   const rank = fromList ? (cached ? 0 : 1) : 2;
-  if (rank > clock.rank || (rank === clock.rank && rtt <= clock.rtt)) {
-    clock = { offset: server - (sent + received) / 2, rtt, rank };
+  const drift = clockDrift();
+  const set = Math.abs(drift - clock.drift) > 1000;
+  if (set || rank > clock.rank || (rank === clock.rank && rtt <= clock.rtt)) {
+    clock = { offset: server - (sent + received) / 2, rtt, rank, drift };
   }
 }
 
@@ -469,7 +484,7 @@ async function detailView(actId) {
   // hidden (it looks once it is shown again).
   const nextLook = () => {
     const far = start() - serverNow() > 600000;
-    return Date.now() + (far ? 60000 : 4000) + Math.random() * (far ? 30000 : 4000);
+    return steadyNow() + (far ? 60000 : 4000) + Math.random() * (far ? 30000 : 4000);
   };
   let refreshing = false;
   let nextRefresh = nextLook();
@@ -482,7 +497,7 @@ async function detailView(actId) {
   every(200, () => {
     const now = serverNow();
     const st = statusOf(a, now);
-    if (st !== 'ended' && !refreshing && Date.now() >= nextRefresh && !document.hidden) {
+    if (st !== 'ended' && !refreshing && steadyNow() >= nextRefresh && !document.hidden) {
       refreshing = true;
       nextRefresh = nextLook();
       refresh().finally(() => { refreshing = false; });
@@ -586,12 +601,12 @@ async function waitingRoom(a, queue) {
       let retryAfter = 0;
       // Silence, before the answer's head or between its events, ends the
       // stream: the next one is opened below.
-      let heard = Date.now();
-      const silence = setInterval(() => { if (Date.now() - heard > STREAM_SILENCE_MS) abort.abort(); }, 1000);
+      let heard = steadyNow();
+      const silence = setInterval(() => { if (steadyNow() - heard > STREAM_SILENCE_MS) abort.abort(); }, 1000);
       try {
         const res = await fetch(`/queue/events?actId=${encodeURIComponent(a.actId)}`,
           { headers: { Authorization: `Bearer ${store.token}` }, signal: abort.signal });
-        heard = Date.now();
+        heard = steadyNow();
         retryAfter = Number(res.headers.get('Retry-After')) || 0;
         if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}`);
         tries = 1;
@@ -601,7 +616,7 @@ async function waitingRoom(a, queue) {
         for (;;) {
           const { value, done } = await reader.read();
           if (done) break;
-          heard = Date.now();
+          heard = steadyNow();
           buffer += text.decode(value, { stream: true });
           for (let end; (end = buffer.indexOf('\n\n')) >= 0; buffer = buffer.slice(end + 2)) {
             const data = buffer.slice(0, end).split('\n').filter((l) => l.startsWith('data: ')).map((l) => l.slice(6)).join('');
@@ -618,7 +633,7 @@ async function waitingRoom(a, queue) {
       // gone to log in again. The next stream waits as the server asked,
       // with jitter, so the fans of a draining node do not all come back
       // at once.
-      const next = Date.now() + retryDelay(retryAfter, tries++);
+      const next = steadyNow() + retryDelay(retryAfter, tries++);
       for (;;) {
         const now = await api('GET', `/queue/status?actId=${encodeURIComponent(a.actId)}`);
         if (mine !== navigation) return;
@@ -628,8 +643,8 @@ async function waitingRoom(a, queue) {
         }
         if (now.ok) render(now.data);
         if (ended()) return;
-        if (Date.now() >= next) break;
-        await sleep(Math.min(1000, next - Date.now()));
+        if (steadyNow() >= next) break;
+        await sleep(Math.min(1000, next - steadyNow()));
       }
     }
   };
@@ -743,7 +758,20 @@ async function grab(a, ticketId, button, progress, result) {
         if (ticketId) body.ticketId = ticketId;
         if (a.powDifficulty > 0 && a.claimToken) {
           result.replaceChildren(notice('', t('pow')));
-          body.powNonce = await solvePow(a.claimToken, a.powDifficulty, progress);
+          try {
+            body.powNonce = await solvePow(a.claimToken, a.powDifficulty, progress);
+          } catch {
+            // The puzzle's worker did not load (a flaky connection at the
+            // opening, a page from before an upgrade): tried again as after
+            // a lost request. Uncaught, it left "Solving…" and no word.
+            body = null;
+            const lost = { error: { code: 'NETWORK', message: '' }, retryAfter: 0 };
+            if (tries === MAX_TRIES) return result.replaceChildren(failedNotice(lost.error, true));
+            const ms = retryDelay(0, tries);
+            result.replaceChildren(retryingNotice(lost, ms));
+            await sleep(ms);
+            continue;
+          }
         }
       }
       const res = await api('POST', '/ticket/get', body, { 'Idempotency-Key': key });
@@ -913,7 +941,15 @@ document.addEventListener('DOMContentLoaded', () => {
     route();
   });
   document.getElementById('nav-logout').addEventListener('click', async () => {
-    await api('POST', '/user/logout');
+    const res = await api('POST', '/user/logout');
+    // Refused (the store could not keep it) or unanswered, the session may
+    // still be good on the server: the fan hears so, rather than seeing a
+    // logout that may not have happened, and can press again. (A session
+    // already gone: api() dropped the token, and the fan is logged out.)
+    if (!res.ok && !RELOGIN.includes(res.error.code)) {
+      view().prepend(notice('bad', `${t('logoutFailed')} ${errorText(res.error)}`));
+      return;
+    }
     store.token = null;
     renderNav();
     location.hash = '#/';
