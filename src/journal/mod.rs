@@ -281,7 +281,14 @@ impl SegmentScan {
     ///   a mark after it lies in an earlier, acknowledged group commit (a
     ///   disk that lost a block), and a segment without marks was written
     ///   by a version that laid no zeros: both are corruption, like a
-    ///   flipped bit.
+    ///   flipped bit;
+    /// - the first damage starts inside a sector and runs on in zeros to
+    ///   that sector's end, with no mark after it: the sector the last
+    ///   group commit began in (its mark, or a segment's first commit
+    ///   right after the header) never reached the disk, which still holds
+    ///   what the commit before left there and the zeros laid ahead, while
+    ///   later sectors of the commit did. (Refused as corruption before: a
+    ///   power cut then kept the node from starting.)
     ///
     /// Only the last segment of a journal can have been torn.
     pub fn torn_from(&self) -> Option<usize> {
@@ -347,12 +354,23 @@ pub fn scan_segment(bytes: &[u8]) -> SegmentScan {
     }
     scan.torn_from = scan.damaged.first().and_then(|&(start, stop)| {
         let to_end = scan.damaged.len() == 1 && stop == scan.end;
-        let in_last_commit = !scan.marks.is_empty() && scan.marks.iter().all(|&m| m < start);
+        // No mark after the damage: it is in the last group commit, or is
+        // where that commit's own mark was (a segment's first commit has
+        // no mark before it, only the header).
+        let last_commit = scan.marks.iter().all(|&m| m < start);
+        let in_last_commit = last_commit && (!scan.marks.is_empty() || start == record::MAGIC.len());
+        let zeros = |s: &[u8]| s.iter().all(|&b| b == 0);
         let hole = in_last_commit
             && (start.next_multiple_of(SECTOR)..stop)
                 .step_by(SECTOR)
-                .any(|at| bytes.get(at..at + SECTOR).is_some_and(|s| s.iter().all(|&b| b == 0)));
-        (to_end || hole).then_some(start)
+                .any(|at| bytes.get(at..at + SECTOR).is_some_and(zeros));
+        // The sector the last commit began in never written: what the
+        // commit before left in it, then the zeros laid ahead, up to the
+        // sector's end (the records after it are of the same commit).
+        let head_lost = in_last_commit
+            && start % SECTOR != 0
+            && bytes.get(start..start.next_multiple_of(SECTOR)).is_some_and(zeros);
+        (to_end || hole || head_lost).then_some(start)
     });
     scan
 }
@@ -1122,6 +1140,35 @@ mod tests {
         assert_eq!(r.claims.len(), kept);
         assert_eq!(r.last_seq, kept as u64);
         assert_eq!(fs::metadata(dir.path().join(SEGMENT)).unwrap().len(), cut as u64);
+    }
+
+    /// The sector the last group commit began in can be the one left
+    /// unwritten: on disk it still holds the end of the commit before and
+    /// the zeros laid ahead, with the commit's later sectors after it. The
+    /// same in a segment's first commit, whose first sector holds the
+    /// header. Both are torn writes (they were refused as corruption).
+    #[test]
+    fn the_unwritten_first_sector_of_the_last_commit_is_a_torn_write() {
+        let mut mark = Vec::new();
+        record::encode_mark(1, 1, &mut mark);
+        let (mut bytes, starts) = laid_out(&[5, 55]);
+        let began = starts[5] - mark.len();
+        assert_ne!(began % SECTOR, 0, "the commit begins inside a sector");
+        bytes[began..began.next_multiple_of(SECTOR)].fill(0);
+        let dir = dir_with(&bytes);
+        let r = recover(dir.path()).unwrap();
+        assert_eq!(r.claims.len(), 5);
+        assert_eq!(fs::metadata(dir.path().join(SEGMENT)).unwrap().len(), began as u64);
+
+        let (mut bytes, _) = laid_out(&[40]);
+        bytes[record::MAGIC.len()..SECTOR].fill(0);
+        let dir = dir_with(&bytes);
+        let r = recover(dir.path()).unwrap();
+        assert!(r.claims.is_empty());
+        assert_eq!(
+            fs::metadata(dir.path().join(SEGMENT)).unwrap().len(),
+            record::MAGIC.len() as u64
+        );
     }
 
     /// A zeroed sector with a later group commit's mark after it was in an
