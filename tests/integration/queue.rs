@@ -1582,24 +1582,36 @@ async fn an_open_event_stream_keeps_the_place_and_tells_each_change() {
 }
 
 /// An open event stream checked its session once, when it opened: after
-/// a logout (or past the session's expiry) it went on keeping the fan's
-/// place and telling it, for as long as the room lasted. It now ends once
-/// its session does; the page then asks `/queue/status`, which says to
-/// log in again.
+/// a logout (or past the session's expiry), or once the organiser blocked
+/// the account, it went on keeping the fan's place and telling it, for as
+/// long as the room lasted (a blocked farm's accounts were admitted, their
+/// passes holding codes they could not claim). It now ends then; the page
+/// asks `/queue/status`, which says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_stream_ends_with_its_session() {
-    let app = TestApp::start(&(base_config() + &queue("sl", 1, "+30m", &[])));
-    let token = &app.users("sl", 1).await[0];
-    assert_eq!(join(&app.client, token, "sl").await.status, 200);
-    let mut events = Events::open(&app, token, "sl").await;
-    assert_eq!(events.next().await.unwrap()["state"], "waiting");
-    let out = app.client.post("/user/logout", Some(token), &json!({})).await.unwrap();
+async fn an_event_stream_ends_with_its_session_or_a_block() {
+    let config = base_config() + &queue("sl", 1, "+30m", &[]);
+    let app = TestApp::start(&config);
+    let tokens = app.users("sl", 2).await;
+    let mut streams = Vec::new();
+    for t in &tokens {
+        assert_eq!(join(&app.client, t, "sl").await.status, 200);
+        let mut events = Events::open(&app, t, "sl").await;
+        assert_eq!(events.next().await.unwrap()["state"], "waiting");
+        streams.push(events);
+    }
+    let out = app
+        .client
+        .post("/user/logout", Some(&tokens[0]), &json!({}))
+        .await
+        .unwrap();
     assert_eq!(out.status, 200, "{}", out.body);
-    let after = tokio::time::timeout(Duration::from_secs(10), events.next()).await;
-    assert!(
-        matches!(after, Ok(None)),
-        "the stream went on after the logout: {after:?}"
-    );
+    let blocked = format!("blocked_users = [\"{}\"]\n", crate::common::username("sl", 1));
+    let applied = app.reload(&config.replace("[security]\n", &format!("[security]\n{blocked}")));
+    assert_eq!(applied["message"], "Config reloaded.", "{applied}");
+    for (i, events) in streams.iter_mut().enumerate() {
+        let after = tokio::time::timeout(Duration::from_secs(10), events.next()).await;
+        assert!(matches!(after, Ok(None)), "stream {i} went on: {after:?}");
+    }
 }
 
 /// Sends `head` in `pieces` writes (each flushed before the next) and reads

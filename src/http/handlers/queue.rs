@@ -26,7 +26,7 @@ use crate::{
     admission::{Entry, JoinError, PlaceState, QueueStatus, Room, Rooms, StreamRefused, StreamSlot},
     auth::{
         claim_token::{join_challenge, pow_ok},
-        Auth, Denied, Session,
+        Auth, Denied, Guard, Session,
     },
     catalog::{Activity, Status},
     clock::{now_ms, rfc3339_ms},
@@ -331,7 +331,9 @@ pub fn events<B>(state: &AppState, req: &Request<B>, ip: IpAddr) -> Result<Respo
         room,
         rooms: state.rooms.clone(),
         auth: state.auth.clone(),
+        guard: state.guard.clone(),
         session,
+        ip,
         user,
         opened_ms: now_ms(),
         look,
@@ -360,11 +362,16 @@ const NOT_JOINED_WAIT_MS: i64 = 5_000;
 pub struct EventStream {
     room: Arc<Room>,
     rooms: Arc<Rooms>,
-    /// The session it was opened with, looked at again at each update: a
-    /// stream kept the fan's place (and told it) after a logout, or past
-    /// the session's expiry, for as long as the room lasted.
+    /// The session it was opened with and the caller's address, looked at
+    /// again at each update: a stream kept the fan's place (and told it)
+    /// after a logout, past the session's expiry, or once the account or
+    /// address was blocked, for as long as the room lasted: a blocked
+    /// farm's accounts were admitted, their passes holding codes they
+    /// could not claim.
     auth: Arc<Auth>,
+    guard: Arc<Guard>,
     session: Session,
+    ip: IpAddr,
     user: u64,
     /// When it opened: in a shared room, "not joined" waits for a read of
     /// the shared log that began after it.
@@ -405,9 +412,12 @@ impl EventStream {
     /// The next frame to send after looking at the place now, if any.
     fn look(&mut self) -> Option<Bytes> {
         let now = now_ms();
-        if !self.auth.is_live(&self.session, now) {
+        if !self.auth.is_live(&self.session, now)
+            || self.guard.is_blocked_id(self.user)
+            || self.guard.check_ip(self.ip).is_err()
+        {
             // Ended, not answered: a page then asks `/queue/status`,
-            // which says to log in again.
+            // which says why (log in again, or blocked).
             self.ended = true;
             return None;
         }
