@@ -614,9 +614,15 @@ async fn supervise(
             };
             let (committer, turning) = tokio::join!(committer, lanes.all_turning(every));
             let failed = workers.upgrade().and_then(|w| w.failed());
+            let room = state.rooms.failed_log();
             if let Some(worker) = failed {
                 ctl.error(&format_args!("the worker {worker} failed"));
                 tracing::warn!(worker, "A worker failed; not telling the watchdog all is well.");
+            } else if let Some(activity) = room {
+                // A room that cannot write its log stands still: a restart
+                // replays the log and the room goes on.
+                ctl.error(&format_args!("the waiting room of {activity} cannot write its log"));
+                tracing::warn!(%activity, "A waiting room's log failed; not telling the watchdog all is well.");
             } else if committer && turning {
                 notifier.send("WATCHDOG=1");
             } else if !committer && !state.store.is_healthy() {

@@ -244,6 +244,17 @@ impl Rooms {
         self.rooms.lock().get(activity).cloned()
     }
 
+    /// The activity of a room whose log failed a write, if any: that room
+    /// stands still until a restart, so the node is not healthy
+    /// (`/healthz`, the watchdog), as with a failed claim journal.
+    pub fn failed_log(&self) -> Option<Arc<str>> {
+        self.rooms
+            .lock()
+            .values()
+            .find(|r| r.log_failed())
+            .map(|r| r.activity.clone())
+    }
+
     /// Every room.
     pub fn all(&self) -> Vec<Arc<Room>> {
         self.rooms.lock().values().cloned().collect()

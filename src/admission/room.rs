@@ -340,6 +340,13 @@ impl Room {
         last
     }
 
+    /// Whether the room's own log failed a write: the room then changes
+    /// nothing (admits, skips, closes) until the node restarts and replays
+    /// the log.
+    pub fn log_failed(&self) -> bool {
+        self.log.as_ref().is_some_and(RoomLog::failed)
+    }
+
     /// Whether the room is a replica of a log kept elsewhere (a cluster's
     /// Redis): joins and admissions then go through the store, and the
     /// replica follows the shared log.

@@ -185,6 +185,51 @@ async fn a_logout_the_store_could_not_keep_leaves_the_session_as_it_was() {
     assert_eq!(list(&app, &token).await, 401, "the logout outlives the restart");
 }
 
+/// A waiting room whose log could not be written (a full disk) stood
+/// still: nobody admitted, skipped or closed until someone restarted the
+/// node by hand, while `/healthz` (and the watchdog) said all was well,
+/// the claim journal going on in the zeros it had laid ahead. The node now
+/// says it is unhealthy, as with a failed journal, so it is restarted and
+/// the room replays its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_room_that_cannot_write_its_log_makes_the_node_unhealthy() {
+    let act = crate::common::Act::new("rl")
+        .window("+30m", "+1h")
+        .with("admission = \"queue\"")
+        .with("queue_opens = \"-1m\"")
+        .ticket("rl-t", "Seat", crate::common::Codes::Generate(5))
+        .toml();
+    let mut app = TestApp::prepare(&(base_config() + &act), &[]);
+    let data = app.dir.path().join("data");
+    let _disk = crate::common::Tmpfs::mount(&data, "8m");
+    app.boot();
+    let tokens = app.users("rl", 300).await;
+    assert_eq!(app.client.get("/healthz", None).await.unwrap().status, 200);
+    drop(crate::common::fill_disk(&data.join("filler"), 4096));
+    // The log's last page may still have room: join until it has none.
+    let mut refused = None;
+    for t in &tokens {
+        let res = app
+            .client
+            .post("/queue/join", Some(t), &json!({ "actId": "rl" }))
+            .await
+            .unwrap();
+        if res.status != 200 {
+            refused = Some(res);
+            break;
+        }
+    }
+    let refused = refused.expect("no join met the full disk");
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    let health = app.client.get("/healthz", None).await.unwrap();
+    assert_error(&health, 503, "UNHEALTHY");
+    assert!(
+        health.body["error"]["message"].as_str().unwrap().contains("`rl`"),
+        "{}",
+        health.body
+    );
+}
+
 /// One claim per user, sent by `workers` tasks; every answer goes to `record`.
 struct Load {
     tasks: Vec<tokio::task::JoinHandle<()>>,

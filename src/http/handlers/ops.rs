@@ -9,13 +9,22 @@ use crate::{
     state::AppState,
 };
 
-/// 200 while claims can be committed, 503 otherwise.
+/// 200 while claims can be committed and every waiting room can keep its
+/// log, 503 otherwise.
 pub fn healthz(state: &AppState) -> Response<Full<Bytes>> {
     if !state.store.is_healthy() {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "UNHEALTHY",
             "claims cannot be stored: the journal cannot be written (embedded) or Redis is unreachable (cluster)",
+        )
+        .into_response();
+    }
+    if let Some(activity) = state.rooms.failed_log() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNHEALTHY",
+            format!("the waiting room of `{activity}` cannot write its log: it admits nobody until the node restarts"),
         )
         .into_response();
     }
