@@ -622,6 +622,30 @@ mod tests {
         }
     }
 
+    /// A room closed by its end time tells the fans still waiting the sale
+    /// ended, not that it sold out (it may have codes left); one closed
+    /// because nothing was left says sold out.
+    #[test]
+    fn a_room_closed_at_the_end_says_ended_not_sold_out() {
+        let for_close_at = |t: i64| {
+            let mut s = settings();
+            s.end_ms = 1_000;
+            let room = Room::shared("s".into(), s, Seed::generate());
+            room.apply_shared(
+                0,
+                &[
+                    Event::Join { u: 1, t: 1 },
+                    Event::Join { u: 2, t: 2 },
+                    Event::Shuffle { t: 10, m: None },
+                    Event::Close { t },
+                ],
+            );
+            room.status(2, 1_500, false).state
+        };
+        assert_eq!(for_close_at(500), PlaceState::SoldOut);
+        assert_eq!(for_close_at(1_000), PlaceState::Ended);
+    }
+
     /// A cluster's replica started with another admission than the room
     /// drew as follows the room: a drawn lottery takes no new entrant
     /// through a node whose config says queue.

@@ -176,6 +176,11 @@ pub enum PlaceState {
     PassedOver,
     /// Nothing is left: the room has closed.
     SoldOut,
+    /// The sale ended (`end_time`) before this place's turn came: the room
+    /// closed with codes perhaps left, which nobody may claim now. (Told
+    /// "sold out", a fan read that codes ran out while the activity showed
+    /// stock.)
+    Ended,
     /// A lottery whose entries have closed, for somebody who did not enter.
     EntriesClosed,
 }
@@ -285,7 +290,11 @@ impl QueueStatus {
     /// again at the back.
     pub fn nothing_to_wait_for(&self) -> bool {
         match self.state {
-            PlaceState::SoldOut | PlaceState::EntriesClosed | PlaceState::NotJoined | PlaceState::Done => true,
+            PlaceState::SoldOut
+            | PlaceState::Ended
+            | PlaceState::EntriesClosed
+            | PlaceState::NotJoined
+            | PlaceState::Done => true,
             PlaceState::PassedOver => self.mode == AdmissionMode::Lottery || self.places_left == 0,
             PlaceState::Waiting | PlaceState::Admitted => false,
         }
@@ -845,7 +854,9 @@ impl RoomState {
                 PlaceState::Waiting | PlaceState::NotJoined | PlaceState::PassedOver
             )
         {
-            state = PlaceState::SoldOut;
+            // Closed at the end time, or because nothing was left.
+            let ended = self.closed_ms.is_some_and(|t| t >= s.end_ms);
+            state = if ended { PlaceState::Ended } else { PlaceState::SoldOut };
         } else if state == PlaceState::NotJoined && s.mode == AdmissionMode::Lottery && self.shuffled_ms.is_some() {
             state = PlaceState::EntriesClosed;
         }

@@ -555,6 +555,7 @@ async function waitingRoom(a, queue) {
       if (!lottery && !last) lines.push(joinButton());
     }
     if (s.state === 'sold_out') lines.push(notice('bad', errorText({ code: 'SOLD_OUT' })));
+    if (s.state === 'ended') lines.push(notice('bad', errorText({ code: 'ENDED' })));
     if (s.state === 'entries_closed') lines.push(notice('bad', t('entriesClosed')));
     if (s.state === 'done') lines.push(notice('', t('done')));
     lines.push(h('p', { class: 'muted small' }, `${t('commitment')}: `, h('code', {}, s.commitment)));
@@ -587,7 +588,7 @@ async function waitingRoom(a, queue) {
   let following = false;
   // Passed over is final too in a lottery (no entry after its draw) and
   // with no place left (as QueueStatus::nothing_to_wait_for says).
-  const ended = () => ['sold_out', 'entries_closed', 'done'].includes(panel.dataset.state)
+  const ended = () => ['sold_out', 'ended', 'entries_closed', 'done'].includes(panel.dataset.state)
     || (panel.dataset.state === 'passed_over' && (lottery || panel.dataset.placesLeft === '0'));
   const follow = async () => {
     if (following) return;
