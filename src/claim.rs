@@ -233,17 +233,30 @@ impl Claimer {
             return Ok(None);
         }
         let activities = [activity.id.clone()];
-        match self.store.confirmed_claims_of_user(user, &activities).await {
-            Some(Ok(claims)) => Ok(claims
+        let keyed = |claims: Vec<Claim>| {
+            claims
                 .into_iter()
                 .find(|c| c.activity_id == activity.id && c.idempotency_key.as_deref() == Some(key))
-                .map(|claim| Claimed { claim, replayed: true })),
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "Could not look a retry up in the store.");
-                Err(Rejection::Unavailable)
-            }
-            None => Ok(None),
+        };
+        let unavailable = |e: StoreError| {
+            tracing::warn!(error = %e, "Could not look a retry up in the store.");
+            Rejection::Unavailable
+        };
+        // Read as the master has it; only a claim found there is read again
+        // confirmed by the replicas before it is answered (a look-up that
+        // finds nothing, as most do once a sale sold out, waits for none).
+        let found = match self.store.claims_of_user(user, &activities).await {
+            Some(claims) => keyed(claims.map_err(unavailable)?),
+            None => return Ok(None),
+        };
+        if found.is_none() {
+            return Ok(None);
         }
+        let confirmed = match self.store.confirmed_claims_of_user(user, &activities).await {
+            Some(claims) => keyed(claims.map_err(unavailable)?),
+            None => found,
+        };
+        Ok(confirmed.map(|claim| Claimed { claim, replayed: true }))
     }
 
     /// What a claim that found no code in `tickets` hears. SOLD_OUT is

@@ -2783,6 +2783,28 @@ async fn a_keyed_retry_is_not_answered_from_a_claim_no_replica_holds() {
     );
 }
 
+/// The look-up a keyed claim makes once a sale sold out (its key's claim
+/// may have been made through another node) waits for no replica when it
+/// finds nothing: with the replica behind, a sold-out sale still says
+/// SOLD_OUT. (Waiting for the replicas on every look-up answered these
+/// 503, and the fans' page retried each six times.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_claim_of_a_sold_out_sale_hears_sold_out_with_the_replica_behind() {
+    let services = Services::start_with_replicated_redis_cluster();
+    let act = cluster_activity("so", 1, 1);
+    let cluster = Cluster::start_on(services, 1, &act, "[cluster]\nreplica_acks = 1\n", |c| c);
+    let node = &cluster.nodes[0];
+    let tokens = cluster.users("so", 2).await;
+    assert_eq!(node.claim(&tokens[0], "so").await.status, 200);
+    let (master, replica) = master_and_replica(&cluster.services, "tk:{so}:claimed").await;
+    let body = node.claim_body(&tokens[1], "so").await;
+    let frozen = freeze_and_cut_off(&cluster.services, master, replica).await;
+    let res = claim_keyed(&node.client, &tokens[1], &body, "k-so").await;
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(frozen as i32, libc::SIGCONT) };
+    assert_error(&res, 410, "SOLD_OUT");
+}
+
 /// A node idle on the last codes gives them back to the master list, for
 /// buyers at other nodes. With the replica behind, a failover could undo
 /// that give-back: the codes were back in the node's lease, which it

@@ -57,6 +57,19 @@ async fn fits(b: &mut Browser) -> bool {
         == true
 }
 
+/// Moves the page's idea of the time by `ms`: its wall clock and its
+/// steady one together, as if it had measured the server's clock that far
+/// off (a node a moment behind another, or time passing), not as a device
+/// whose clock was set (which the page notices, by the two parting, and
+/// measures again; [`Browser::eval`] of `Date.now` alone for that).
+async fn shift_page_clock(b: &mut Browser, ms: i64) {
+    b.eval(&format!(
+        "(() => {{ const d = Date.now.bind(Date); const p = performance.now.bind(performance); \
+         Date.now = () => d() + {ms}; performance.now = () => p() + {ms}; }})()"
+    ))
+    .await;
+}
+
 async fn click(b: &mut Browser, selector: &str) {
     b.wait_for(
         &format!(
@@ -564,8 +577,7 @@ async fn a_grab_early_by_the_devices_clock_waits_for_the_start_and_gets_a_code()
     register(&mut b, &url, "early-fan", "#/act/early").await;
     b.wait_for("document.querySelector('#countdown')", "the detail page")
         .await;
-    b.eval("(() => { const real = Date.now.bind(Date); Date.now = () => real() + 3000; })()")
-        .await;
+    shift_page_clock(&mut b, 3000).await;
     click(&mut b, "#grab").await;
     // A guard against a void pass: the button opened before the start.
     assert!(now_ms() < start_ms, "the grab was not early");
@@ -719,8 +731,7 @@ async fn a_session_that_ended_is_found_before_the_start_not_at_the_tap() {
     assert_eq!(out.status, 200, "{}", out.body);
     // Still offered the grab: nothing has asked yet.
     assert_eq!(b.eval("Boolean(document.querySelector('#grab'))").await, true);
-    b.eval("(() => { const real = Date.now.bind(Date); Date.now = () => real() + 240000; })()")
-        .await;
+    shift_page_clock(&mut b, 240_000).await;
     b.wait_for(
         "document.querySelector('#login-to-grab')",
         "the login offered before the start",
