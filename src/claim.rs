@@ -636,7 +636,7 @@ impl Claimer {
                     ClaimTokenError::Invalid => Rejection::QueuePassRequired,
                     // The pass may have lapsed during a pause whose resume
                     // (which gives it its time back) the room has not logged.
-                    ClaimTokenError::Expired if room.held() => Rejection::Paused,
+                    ClaimTokenError::Expired if room.log_paused() => Rejection::Paused,
                     ClaimTokenError::Expired => Rejection::QueuePassExpired,
                 })?;
             return check_pow(activity, token, req.pow_nonce).map(|()| Some(expires));

@@ -66,9 +66,9 @@ pub struct Room {
     commitment: String,
     state: Mutex<RoomState>,
     /// Whether the room's log says the sale is paused: a `Pause` not yet
-    /// resumed ([`Room::held`]). Kept beside the state, under its lock, for
+    /// resumed ([`Room::log_paused`]). Kept beside the state, under its lock, for
     /// the claim path to read without taking the lock.
-    held: AtomicBool,
+    log_paused: AtomicBool,
     /// The room's own log file; `None` for a replica of a shared log.
     log: Option<RoomLog>,
     /// The room's own sign of life; `None` for a replica of a shared log.
@@ -134,7 +134,7 @@ impl Room {
             activity,
             commitment: seed.commitment(),
             seed,
-            held: AtomicBool::new(state.paused_ms.is_some()),
+            log_paused: AtomicBool::new(state.paused_ms.is_some()),
             state: Mutex::new(state),
             log: Some(log),
             alive: Some(Alive::open(&alive_path)?),
@@ -149,7 +149,7 @@ impl Room {
             commitment: seed.commitment(),
             seed,
             state: Mutex::new(RoomState::new(settings)),
-            held: AtomicBool::new(false),
+            log_paused: AtomicBool::new(false),
             log: None,
             alive: None,
         }
@@ -201,14 +201,14 @@ impl Room {
     /// would after the resume: nobody else is admitted while the log is
     /// paused, and a lagging replica must not refuse a pass the resume
     /// already extended.
-    pub fn held(&self) -> bool {
-        self.held.load(Ordering::Acquire)
+    pub fn log_paused(&self) -> bool {
+        self.log_paused.load(Ordering::Acquire)
     }
 
-    /// Publishes the state's pause for [`Room::held`]; called under the
+    /// Publishes the state's pause for [`Room::log_paused`]; called under the
     /// room's lock after every change of the state from the log.
     fn publish_pause(&self, st: &RoomState) {
-        self.held.store(st.paused_ms.is_some(), Ordering::Release);
+        self.log_paused.store(st.paused_ms.is_some(), Ordering::Release);
     }
 
     /// `SHA-256(seed)`, published before the room opens.

@@ -313,11 +313,13 @@ impl Auth {
 
     /// The session behind `token`, if it is valid and not logged out.
     pub fn authenticate(&self, token: &str) -> Result<Session, AuthError> {
-        let session = self.key.verify(token, now_ms()).map_err(|e| match e {
+        let now = now_ms();
+        let session = self.key.verify(token, now).map_err(|e| match e {
             TokenError::Invalid => AuthError::TokenInvalid,
             TokenError::Expired => AuthError::TokenExpired,
         })?;
-        if self.revoked.contains_key(&session.token_id) {
+        // (Expired is said above.)
+        if !self.is_live(&session, now) {
             return Err(AuthError::TokenInvalid);
         }
         Ok(session)

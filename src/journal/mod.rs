@@ -355,10 +355,13 @@ pub fn scan_segment(bytes: &[u8]) -> SegmentScan {
     scan.torn_from = scan.damaged.first().and_then(|&(start, stop)| {
         let to_end = scan.damaged.len() == 1 && stop == scan.end;
         // No mark after the damage: it is in the last group commit, or is
-        // where that commit's own mark was (a segment's first commit has
-        // no mark before it, only the header).
+        // where that commit's own mark was. A segment's first commit has no
+        // mark before it, only the header: then the zeros laid ahead at the
+        // end must show a version that writes marks (one that wrote none
+        // laid no zeros, and its damage is corruption).
         let last_commit = scan.marks.iter().all(|&m| m < start);
-        let in_last_commit = last_commit && (!scan.marks.is_empty() || start == record::MAGIC.len());
+        let first_commit = start == record::MAGIC.len() && scan.end < bytes.len();
+        let in_last_commit = last_commit && (!scan.marks.is_empty() || first_commit);
         let zeros = |s: &[u8]| s.iter().all(|&b| b == 0);
         let hole = in_last_commit
             && (start.next_multiple_of(SECTOR)..stop)
@@ -1169,6 +1172,16 @@ mod tests {
             fs::metadata(dir.path().join(SEGMENT)).unwrap().len(),
             record::MAGIC.len() as u64
         );
+
+        // A version that wrote no marks laid no zeros either: there, a
+        // first sector of zeros is damage to acknowledged claims.
+        let (laid, starts) = laid_out(&[40]);
+        let mut unmarked = record::MAGIC.to_vec();
+        let end = laid.len() - 8192;
+        unmarked.extend_from_slice(&laid[starts[0]..end]);
+        unmarked[record::MAGIC.len()..SECTOR].fill(0);
+        let dir = dir_with(&unmarked);
+        assert!(matches!(recover(dir.path()), Err(JournalError::Corrupt { .. })));
     }
 
     /// A zeroed sector with a later group commit's mark after it was in an

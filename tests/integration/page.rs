@@ -751,7 +751,7 @@ async fn a_session_that_ended_is_found_before_the_start_not_at_the_tap() {
 async fn the_page_follows_the_servers_clock_after_the_devices_is_set() {
     let config = base_config()
         + &Act::new("step")
-            .window("+15s", "+1h")
+            .window("+25s", "+1h")
             .ticket("step-t", "Seat", Codes::Generate(1))
             .toml();
     let app = TestApp::start(&config);
@@ -760,6 +760,12 @@ async fn the_page_follows_the_servers_clock_after_the_devices_is_set() {
     register(&mut b, &url, "stepper", "#/act/step").await;
     b.wait_for("document.querySelector('#countdown')", "the detail page")
         .await;
+    // Still before the start (else the test would show nothing).
+    let badge = b.eval("document.querySelector('#status').className").await;
+    assert_eq!(
+        badge, "badge upcoming",
+        "the sale opened before the device's clock was set"
+    );
     b.eval("(() => { const real = Date.now.bind(Date); Date.now = () => real() - 120000; })()")
         .await;
     b.wait_for_within(

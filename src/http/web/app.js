@@ -948,7 +948,10 @@ document.addEventListener('DOMContentLoaded', () => {
     // logout that may not have happened, and can press again. (A session
     // already gone: api() dropped the token, and the fan is logged out.)
     if (!res.ok && !RELOGIN.includes(res.error.code)) {
-      view().prepend(notice('bad', `${t('logoutFailed')} ${errorText(res.error)}`));
+      document.getElementById('logout-failed')?.remove();
+      const said = notice('bad', `${t('logoutFailed')} ${errorText(res.error)}`);
+      said.id = 'logout-failed';
+      view().prepend(said);
       return;
     }
     store.token = null;

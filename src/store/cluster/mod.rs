@@ -642,9 +642,12 @@ impl ClusterStore {
         if !moved.is_empty() {
             return Err(StoreError::MovedTicketType(moved.join("; ")));
         }
-        // What the nodes would refuse of it. (Cluster times are absolute:
-        // `node_start_ms` resolves nothing here.)
-        let now = crate::clock::now_ms();
+        // What the nodes would refuse of it, now or when they read it: they
+        // refresh within `cluster.refresh_interval`, on clocks a minute off
+        // at most (a queue about to open counts as open). Cluster times are
+        // absolute: `node_start_ms` resolves nothing here.
+        let read_by = i64::try_from(config.cluster.refresh_interval.0.as_millis()).unwrap_or(i64::MAX);
+        let now = crate::clock::now_ms().saturating_add(read_by).saturating_add(60_000);
         let previous = self.block(mongo::activities(&self.shared.db))?;
         let frozen: Vec<String> = config
             .activities

@@ -522,8 +522,13 @@ pub async fn revoked_sessions(
 ) -> Result<Vec<(String, i64)>, MongoError> {
     let c = coll(db, "revoked_sessions");
     c.delete_many(doc! {"expires_at_ms": {"$lt": now_ms}}).await?;
+    // (A revocation without the time was written by a node from before
+    // it was kept, in a rolling upgrade: read until it expires.)
     let filter = match since_ms {
-        Some(since) => doc! {"revoked_at_ms": {"$gte": since}},
+        Some(since) => doc! {"$or": [
+            {"revoked_at_ms": {"$gte": since}},
+            {"revoked_at_ms": {"$exists": false}},
+        ]},
         None => doc! {},
     };
     let mut cursor = c.find(filter).await?;

@@ -36,7 +36,8 @@ pub(super) fn fence_and_wait(pipe: &mut redis::Pipeline, keys: &Keys, replica_ac
         .arg(REPLICA_WAIT_MS);
 }
 
-/// One attempt at a commit: the script, then, with `replica_acks`, a
+/// One call of a script that must be confirmed by the replicas (a claim
+/// batch's commit first of all): the script, then, with `replica_acks`, a
 /// write to the activity's fence and a `WAIT` in the same pipeline, so they
 /// go to the same master over the same connection (a pipeline follows its
 /// first keyed command; a `WAIT` alone would go to every master).
