@@ -1322,19 +1322,11 @@ async fn across_nodes_a_paused_sale_holds_the_room() {
 
 /// Waits until the shared log of `act`'s room has an event of `kind`.
 async fn until_logged(services: &services::Services, act: &str, kind: &str) {
-    let key = format!("q:{{{act}}}:log");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = services.lrange(&key).await;
-        if log.iter().any(|e| e.contains(&format!("\"k\":\"{kind}\""))) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no {kind} in the room's log: {log:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (key, event) = (format!("q:{{{act}}}:log"), format!("\"k\":\"{kind}\""));
+    crate::common::until(&format!("a {kind} in the room's log"), || async {
+        services.lrange(&key).await.iter().any(|e| e.contains(&event))
+    })
+    .await;
 }
 
 /// An organiser's `paused = false` reached the claims with the reload, but
@@ -2379,19 +2371,14 @@ async fn an_import_that_changes_an_opened_room_is_refused_and_the_next_one_appli
     );
     let out = import(act(1_800_000, &["paused = true"]));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let detail = node.detail("mq").await;
-        if detail["paused"] == true {
-            assert_eq!(ms(detail["startTime"].as_str().unwrap()), t0 + 1_800_000);
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the node never took the pause: {detail}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    crate::common::until("the node to take the pause", || async {
+        node.detail("mq").await["paused"] == true
+    })
+    .await;
+    assert_eq!(
+        ms(node.detail("mq").await["startTime"].as_str().unwrap()),
+        t0 + 1_800_000
+    );
 }
 
 /// Joining again keeps a place, so a cluster's join script changes nothing
