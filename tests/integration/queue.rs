@@ -1288,15 +1288,7 @@ async fn across_nodes_a_paused_sale_holds_the_room() {
     let (cluster, tokens) = cluster_then_open(2, act, "", "pc", 3).await;
     pause_and_resume(&cluster.clients(), &tokens, "pc", &|paused| {
         for node in &cluster.nodes {
-            let config = std::fs::read_to_string(node.config_path()).unwrap();
-            let changed = if paused {
-                config.replace("admission = \"lottery\"\n", "admission = \"lottery\"\npaused = true\n")
-            } else {
-                config.replace("paused = true\n", "")
-            };
-            assert_ne!(changed, config);
-            let applied = node.reload(&changed);
-            assert_eq!(applied["message"], "Config reloaded.", "{applied}");
+            reload_lottery_paused(node, paused);
         }
     })
     .await;
@@ -1318,6 +1310,19 @@ async fn across_nodes_a_paused_sale_holds_the_room() {
     for e in events.iter().filter(|e| e["k"] == "extend") {
         assert_eq!(places[&e["u"].to_string()], format!("a:{}", e["x"]), "{places:?}");
     }
+}
+
+/// Reloads `node` with its lottery activity paused, or no longer paused.
+fn reload_lottery_paused(node: &TestApp, paused: bool) {
+    let config = std::fs::read_to_string(node.config_path()).unwrap();
+    let changed = if paused {
+        config.replace("admission = \"lottery\"\n", "admission = \"lottery\"\npaused = true\n")
+    } else {
+        config.replace("paused = true\n", "")
+    };
+    assert_ne!(changed, config);
+    let applied = node.reload(&changed);
+    assert_eq!(applied["message"], "Config reloaded.", "{applied}");
 }
 
 /// Waits until the shared log of `act`'s room has an event of `kind`.
@@ -1345,17 +1350,7 @@ async fn a_claim_waits_for_the_rooms_resume_not_only_the_configs() {
     let (cluster, tokens) = cluster_then_open(1, act, "", "pr", 1).await;
     let clients = cluster.clients();
     let (node, client, fan) = (&cluster.nodes[0], &*clients[0], &tokens[0]);
-    let reload = |paused: bool| {
-        let config = std::fs::read_to_string(node.config_path()).unwrap();
-        let changed = if paused {
-            config.replace("admission = \"lottery\"\n", "admission = \"lottery\"\npaused = true\n")
-        } else {
-            config.replace("paused = true\n", "")
-        };
-        assert_ne!(changed, config);
-        let applied = node.reload(&changed);
-        assert_eq!(applied["message"], "Config reloaded.", "{applied}");
-    };
+    let reload = |paused: bool| reload_lottery_paused(node, paused);
     assert_eq!(join(client, fan, "pr").await.status, 200);
     let before = until_admitted(client, std::slice::from_ref(fan), "pr", 1)
         .await
