@@ -422,7 +422,7 @@ impl Metrics {
             let n = self.rejected[r as usize].load(Ordering::Relaxed);
             let _ = writeln!(out, "ticketd_security_rejections_total{{reason=\"{}\"}} {n}", r.label());
         }
-        out.push_str("# HELP ticketd_stock_remaining Codes in stock by activity and ticket type.\n# TYPE ticketd_stock_remaining gauge\n");
+        out.push_str("# HELP ticketd_stock_remaining Codes in stock by activity and ticket type; in a cluster the cluster's, the same on every node: aggregate with max, not sum.\n# TYPE ticketd_stock_remaining gauge\n");
         for (activity, ticket, remaining) in &gauges.stock {
             let _ = writeln!(
                 out,
@@ -431,7 +431,7 @@ impl Metrics {
                 escape(ticket)
             );
         }
-        out.push_str("# HELP ticketd_claimed Durable claims by activity.\n# TYPE ticketd_claimed gauge\n");
+        out.push_str("# HELP ticketd_claimed Durable claims by activity; in a cluster the cluster's, the same on every node: aggregate with max, not sum.\n# TYPE ticketd_claimed gauge\n");
         for (activity, claimed) in &gauges.claimed {
             let _ = writeln!(out, "ticketd_claimed{{activity=\"{}\"}} {claimed}", escape(activity));
         }
@@ -581,7 +581,10 @@ fn render_queues(out: &mut String, queues: &[(String, crate::admission::RoomSumm
         ),
     ];
     for (name, kind, help, value) in series {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help} In a cluster every node reports the room's: aggregate with max, not sum.\n# TYPE {name} {kind}"
+        );
         for (activity, q) in queues {
             let _ = writeln!(out, "{name}{{activity=\"{activity}\"}} {}", value(q));
         }
