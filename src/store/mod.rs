@@ -442,17 +442,18 @@ impl Store {
         }
     }
 
-    /// [`Store::claims_of_user`], to answer a claim with: in a cluster,
-    /// only claims `cluster.replica_acks` replicas confirm (see
-    /// [`cluster::ClusterStore::confirmed_claims_of_user`]).
+    /// [`Store::claims_of_user`], to answer a claim with: in a cluster
+    /// with `cluster.replica_acks`, only claims that many replicas confirm
+    /// (see [`cluster::ClusterStore::confirmed_claims_of_user`]); `None`
+    /// where what [`Store::claims_of_user`] read needs no confirming.
     pub async fn confirmed_claims_of_user(
         &self,
         user: u64,
         activities: &[Arc<str>],
     ) -> Option<Result<Vec<Claim>, StoreError>> {
         match self {
-            Store::Embedded(_) => None,
-            Store::Cluster(s) => Some(s.confirmed_claims_of_user(user, activities).await),
+            Store::Cluster(s) if s.confirms_reads() => Some(s.confirmed_claims_of_user(user, activities).await),
+            _ => None,
         }
     }
 

@@ -435,16 +435,24 @@ async fn every_metric_in_the_alert_rules_and_dashboard_exists() {
         .iter()
         .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
         .filter_map(|t| t["expr"].as_str().map(str::to_owned))
-        .chain(
-            rules
-                .lines()
-                .filter(|l| l.trim_start().starts_with("expr:"))
-                .map(str::to_owned),
-        );
+        // Each rule whole (an expression may run over several lines).
+        .chain(rules.split("- alert:").map(str::to_owned));
     for expr in exprs {
         for name in &whole {
-            let summed = expr.contains(name) && expr.contains("sum");
-            assert!(!summed, "{expr} sums {name}, which every node reports whole");
+            for (at, _) in expr.match_indices(name) {
+                // The aggregation nearest the series is the one across
+                // nodes: a max (a sum over ticket types may come after).
+                let before = &expr[..at];
+                let nearest = ["sum", "max", "min", "avg", "count"]
+                    .into_iter()
+                    .filter_map(|op| before.rfind(op).map(|i| (i, op)))
+                    .max();
+                let summed = matches!(nearest, Some((_, "sum" | "count")));
+                assert!(
+                    !summed,
+                    "{expr} sums {name} across nodes, which every node reports whole"
+                );
+            }
         }
     }
 }

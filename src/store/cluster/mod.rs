@@ -659,7 +659,11 @@ impl ClusterStore {
             })
             .collect();
         if !frozen.is_empty() {
-            return Err(StoreError::FrozenRoom(frozen.join("; ")));
+            return Err(StoreError::FrozenRoom(format!(
+                "{} (an import counts a queue that opens within the nodes' cluster.refresh_interval and a minute \
+                 of clock skew as opened: they read it up to that much later)",
+                frozen.join("; ")
+            )));
         }
         let report = self.block(mongo::import(&self.shared.db, config, node_start_ms))?;
         for a in &config.activities {
@@ -814,6 +818,12 @@ impl ClusterStore {
     /// replay waits for the replicas in the same way.)
     pub async fn confirmed_claims_of_user(&self, user: u64, activities: &[Arc<str>]) -> Result<Vec<Claim>, StoreError> {
         self.held_by(user, activities, self.shared.cfg.replica_acks).await
+    }
+
+    /// Whether reads that answer a claim wait for replicas
+    /// (`cluster.replica_acks` above 0).
+    pub(super) fn confirms_reads(&self) -> bool {
+        self.shared.cfg.replica_acks > 0
     }
 
     async fn held_by(&self, user: u64, activities: &[Arc<str>], replica_acks: usize) -> Result<Vec<Claim>, StoreError> {
