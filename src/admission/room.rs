@@ -242,7 +242,11 @@ impl Room {
         };
         let event = Event::Join { u: user, t: now };
         st.apply_join(user, now);
-        Ok(log.append(&event))
+        let seq = log.append(&event);
+        if let Some(place) = st.places.get_mut(&user) {
+            place.join_seq = seq;
+        }
+        Ok(seq)
     }
 
     /// What the room's entry rules say of `user` joining at `now`, as this
@@ -738,6 +742,8 @@ mod tests {
         assert_eq!((status.state, status.places_left), (PlaceState::PassedOver, 1));
         assert!(!status.nothing_to_wait_for(), "one more place: the fan may join again");
         assert!(room.join(1, 1_000).is_ok());
+        // (Answered, and shown, once on disk.)
+        room.log.as_ref().unwrap().sync_now().unwrap();
         assert_eq!(room.status(1, 1_000, false).places_left, 0);
         assert_eq!(room.status(2, 1_000, false).places_left, MAX_PLACES_PER_ACCOUNT);
     }
@@ -887,6 +893,12 @@ mod tests {
         );
         room.join(1, 2_001).unwrap();
         assert_eq!(room.entry(1, 2_002), Ok(Entry::Held));
+        assert_eq!(
+            room.status(1, 2_002, false).state,
+            PlaceState::NotJoined,
+            "shown once on disk"
+        );
+        room.log.as_ref().unwrap().sync_now().unwrap();
         assert_eq!(room.status(1, 2_002, false).state, PlaceState::Waiting);
     }
 
@@ -1081,6 +1093,8 @@ mod tests {
         for (t, &fan) in (1..).zip(fans) {
             room.join(fan, t).unwrap();
         }
+        // Each join is answered once on disk.
+        room.log.as_ref().unwrap().sync_now().unwrap();
         let stock = unsettled(remaining);
         room.tick(|| 10, &|| stock, &|_| 0);
         room.tick(|| 1_010, &|| stock, &|_| 0);

@@ -196,6 +196,11 @@ pub(super) struct Place {
     /// The room log's line of the admission: the pass is shown once that
     /// line is on disk (0: replayed from the disk, or a shared log's).
     pub(super) admit_seq: u64,
+    /// The room log's line of the join: the place is shown once that line
+    /// is on disk (0: replayed from the disk, or a shared log's). A join
+    /// whose line the log could not write was answered 503 and is gone at
+    /// the restart; shown meanwhile, the fan was told "waiting".
+    pub(super) join_seq: u64,
     /// Places this account has taken in the room, this one included.
     pub(super) taken: u32,
 }
@@ -532,6 +537,7 @@ impl RoomState {
                 admitted_ms: 0,
                 pass_expires_ms: 0,
                 admit_seq: 0,
+                join_seq: 0,
                 taken,
             },
         );
@@ -829,7 +835,7 @@ impl RoomState {
         durable: u64,
     ) -> QueueStatus {
         let s = &self.settings;
-        let place = self.places.get(&user);
+        let place = self.places.get(&user).filter(|p| p.join_seq <= durable);
         let closed = self.closed_ms.is_some();
         let mut state = place.map_or(PlaceState::NotJoined, |p| p.state);
         let pass_shown = place.is_some_and(|p| p.admission_durable(durable));

@@ -190,7 +190,8 @@ async fn a_logout_the_store_could_not_keep_leaves_the_session_as_it_was() {
 /// node by hand, while `/healthz` (and the watchdog) said all was well,
 /// the claim journal going on in the zeros it had laid ahead. The node now
 /// says it is unhealthy, as with a failed journal, so it is restarted and
-/// the room replays its log.
+/// the room replays its log. And the join the log could not keep, answered
+/// 503, is not shown as a place meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_room_that_cannot_write_its_log_makes_the_node_unhealthy() {
     let act = crate::common::Act::new("rl")
@@ -215,12 +216,16 @@ async fn a_waiting_room_that_cannot_write_its_log_makes_the_node_unhealthy() {
             .await
             .unwrap();
         if res.status != 200 {
-            refused = Some(res);
+            refused = Some((t, res));
             break;
         }
     }
-    let refused = refused.expect("no join met the full disk");
+    let (token, refused) = refused.expect("no join met the full disk");
     assert_eq!(refused.status, 503, "{}", refused.body);
+    // Its place never reached the log: not shown (it was, as waiting,
+    // until the restart forgot it).
+    let status = app.client.get("/queue/status?actId=rl", Some(token)).await.unwrap();
+    assert_eq!(status.data()["state"], "not_joined", "{}", status.body);
     let health = app.client.get("/healthz", None).await.unwrap();
     assert_error(&health, 503, "UNHEALTHY");
     assert!(
