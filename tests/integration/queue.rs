@@ -2250,6 +2250,24 @@ async fn a_lottery_across_three_nodes_skips_the_gone_and_passes_lapsed_turns_on(
     cluster.nodes[0].assert_verified();
 }
 
+/// Joins `act` as `token` once `node` has picked the activity up from
+/// MongoDB (it answers ACTIVITY_NOT_FOUND until then).
+async fn join_once_picked_up(node: &TestApp, token: &str, act: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let res = join(&node.client, token, act).await;
+        if res.status == 200 {
+            return;
+        }
+        assert_eq!(res.error_code(), Some("ACTIVITY_NOT_FOUND"), "{}", res.body);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node never picked the activity up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A lottery that cluster nodes serve from what `ticketd import` stored in
 /// MongoDB (their config names no activity): the exported draw still says
 /// "lottery", so `verify-draw` refuses an entry slipped in after the draw.
@@ -2268,20 +2286,7 @@ async fn a_lottery_served_from_mongodb_exports_a_draw_that_says_lottery() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let node = &cluster.nodes[0];
     for t in &tokens {
-        // Until the node has picked the activity up from MongoDB.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let res = join(&node.client, t, "ml").await;
-            if res.status == 200 {
-                break;
-            }
-            assert_eq!(res.error_code(), Some("ACTIVITY_NOT_FOUND"), "{}", res.body);
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the node never picked the activity up"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        join_once_picked_up(node, t, "ml").await;
     }
     // Once drawn, the node's own config (no activities) exports it.
     let file = node.dir.path().join("ml-draw.json");
@@ -2344,19 +2349,7 @@ async fn an_import_that_changes_an_opened_room_is_refused_and_the_next_one_appli
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let node = &cluster.nodes[0];
     // The queue opened a minute ago; a fan joins once the node has it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let res = join(&node.client, &tokens[0], "mq").await;
-        if res.status == 200 {
-            break;
-        }
-        assert_eq!(res.error_code(), Some("ACTIVITY_NOT_FOUND"), "{}", res.body);
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the node never picked the activity up"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    join_once_picked_up(node, &tokens[0], "mq").await;
 
     let out = import(act(2_400_000, &[]));
     let stderr = String::from_utf8_lossy(&out.stderr);

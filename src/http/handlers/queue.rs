@@ -334,7 +334,6 @@ pub fn events<B>(state: &AppState, req: &Request<B>, ip: IpAddr) -> Result<Respo
         guard: state.guard.clone(),
         session,
         ip,
-        user,
         opened_ms: now_ms(),
         look,
         last: None,
@@ -372,7 +371,6 @@ pub struct EventStream {
     guard: Arc<Guard>,
     session: Session,
     ip: IpAddr,
-    user: u64,
     /// When it opened: in a shared room, "not joined" waits for a read of
     /// the shared log that began after it.
     opened_ms: i64,
@@ -413,7 +411,7 @@ impl EventStream {
     fn look(&mut self) -> Option<Bytes> {
         let now = now_ms();
         if !self.auth.is_live(&self.session, now)
-            || self.guard.is_blocked_id(self.user)
+            || self.guard.is_blocked_id(self.session.user_id)
             || self.guard.check_ip(self.ip).is_err()
         {
             // Ended, not answered: a page then asks `/queue/status`,
@@ -421,7 +419,7 @@ impl EventStream {
             self.ended = true;
             return None;
         }
-        let status = self.room.status(self.user, now, true);
+        let status = self.room.status(self.session.user_id, now, true);
         // A fan who joined through another node a moment ago is not in
         // this replica until its next read of the shared log (a tenth of a
         // second): said at once, "not joined" ended the stream and the
