@@ -616,6 +616,52 @@ async fn a_retry_of_a_claim_still_being_committed_hears_in_progress() {
     assert_replayed(&post().await, &first);
 }
 
+/// While the last code's claim is being committed (its group's `fdatasync`
+/// held here), the pool is empty but the sale is not over: that commit may
+/// still fail and give its code back. A claim meanwhile hears the
+/// retryable 503 STOCK_IN_FLIGHT, not 410 SOLD_OUT, which is final; once
+/// the commit is made, SOLD_OUT. (The rush in `rush.rs` shows the same
+/// under load, but cannot make the window certain.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_while_the_last_code_is_being_committed_hears_stock_in_flight_not_sold_out() {
+    let config = base_config() + &open_activity("last", 1, 1);
+    let mut app = TestApp::prepare(&config, &[]);
+    let lib = slow_journal_disk(app.dir.path());
+    let hold = app.dir.path().join("hold-fsync");
+    app.env.push(("LD_PRELOAD".into(), lib.display().to_string()));
+    app.env
+        .push(("TEST_HOLD_JOURNAL_FSYNC".into(), hold.display().to_string()));
+    app.boot();
+    let (first_fan, second_fan) = (app.register("first").await, app.register("second").await);
+    let (first_body, second_body) = (
+        app.claim_body(&first_fan, "last").await,
+        app.claim_body(&second_fan, "last").await,
+    );
+    std::fs::write(&hold, b"").unwrap();
+    let client = app.client_clone();
+    let first = tokio::spawn(async move { client.post("/ticket/get", Some(&first_fan), &first_body).await.unwrap() });
+    crate::common::until("the last code's claim to wait on the disk", || async {
+        crate::common::metric(&app, "ticketd_claims_in_flight").await == 1.0
+    })
+    .await;
+    let meanwhile = app
+        .client
+        .post("/ticket/get", Some(&second_fan), &second_body)
+        .await
+        .unwrap();
+    assert_error(&meanwhile, 503, "STOCK_IN_FLIGHT");
+    assert!(!first.is_finished(), "the first claim ended while the disk was held");
+    std::fs::remove_file(&hold).unwrap();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 200, "{}", first.body);
+    let after = app
+        .client
+        .post("/ticket/get", Some(&second_fan), &second_body)
+        .await
+        .unwrap();
+    assert_error(&after, 410, "SOLD_OUT");
+}
+
 /// A reload took an activity out after a fan's claim in it, whose first
 /// answer was lost: the retry with the claim's key heard 404
 /// ACTIVITY_NOT_FOUND, though the claim stands (and `/ticket/list` shows

@@ -24,6 +24,10 @@ async fn kill_9_mid_rush_keeps_every_acknowledged_claim() {
     let acked: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
     let count = Arc::new(AtomicUsize::new(0));
     let killed = Arc::new(tokio::sync::Notify::new());
+    // Set just before the kill: an answer seen while it is unset came from
+    // the live node, and must be a code (2,000 fans, 1,000 codes, the kill
+    // at 300: no sell-out, no limit met).
+    let dying = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
     let sem = Arc::new(tokio::sync::Semaphore::new(128));
     // Claim tokens first, as clients fetch them when the sale opens.
@@ -33,11 +37,22 @@ async fn kill_9_mid_rush_keeps_every_acknowledged_claim() {
     }
     for (i, (token, body)) in tokens.iter().zip(bodies).enumerate() {
         let client = app.client_clone();
-        let (acked, count, killed, sem, token) =
-            (acked.clone(), count.clone(), killed.clone(), sem.clone(), token.clone());
+        let (acked, count, killed, sem, token, dying) = (
+            acked.clone(),
+            count.clone(),
+            killed.clone(),
+            sem.clone(),
+            token.clone(),
+            dying.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let _p = sem.acquire().await.unwrap();
-            if let Ok(res) = client.post("/ticket/get", Some(&token), &body).await {
+            let answer = client.post("/ticket/get", Some(&token), &body).await;
+            if !dying.load(Ordering::SeqCst) {
+                let res = answer.as_ref().expect("a transport error before the kill");
+                assert_eq!(res.status, 200, "before the kill: {}", res.body);
+            }
+            if let Ok(res) = answer {
                 if res.status == 200 {
                     acked
                         .lock()
@@ -55,6 +70,7 @@ async fn kill_9_mid_rush_keeps_every_acknowledged_claim() {
     tokio::time::timeout(std::time::Duration::from_secs(60), killed.notified())
         .await
         .unwrap_or_else(|_| panic!("300 claims were never acknowledged: {}", count.load(Ordering::SeqCst)));
+    dying.store(true, Ordering::SeqCst);
     app.kill9();
     for t in tasks {
         t.await.unwrap();
@@ -397,8 +413,12 @@ async fn a_full_disk_mid_rush_leaves_the_store_agreeing_with_every_answer() {
                 assert_eq!(res.data()["code"].as_str(), Some(code.as_str()));
                 assert_eq!(res.data()["replayed"], true);
             }
-            // Not kept: the key has no claim, so the retry is a new claim.
-            None => assert_ne!(res.data()["replayed"], true, "{}", res.body),
+            // Not kept: the key has no claim, so the retry is a new claim,
+            // and there is stock for it (800 fans, 2,000 codes).
+            None => {
+                assert_eq!(res.status, 200, "{}", res.body);
+                assert_ne!(res.data()["replayed"], true, "{}", res.body);
+            }
         }
     }
     println!("outcomes: {outcomes:?}; {} stored", stored.len());

@@ -279,7 +279,8 @@ async fn one_client_holding_requests_open_cannot_shut_out_another() {
     // Another client is served, by Nginx and by the node behind it.
     let (_, status) = send_from("127.0.0.3", nginx.port, list, true).await;
     assert_eq!(status, Some(200));
-    assert_eq!(held.len(), 40);
+    // (The capped connections were held open until here.)
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

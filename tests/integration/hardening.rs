@@ -827,7 +827,8 @@ async fn a_full_public_listener_does_not_lock_the_operator_out() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(held.len(), 8);
+    // (The public connections were held open until here.)
+    drop(held);
 }
 
 /// A few clients could hold every password-hashing place: the limits on

@@ -113,11 +113,16 @@ async fn a_node_whose_journal_failed_stops_feeding_the_watchdog() {
     }
     let refused = refused.expect("the journal never met the full disk");
     assert_eq!(refused.status, 503, "{}", refused.body);
-    // A ping answered just before the failure may still be on its way.
-    let settle = Instant::now() + Duration::from_millis(500);
-    while Instant::now() < settle {
-        let _ = socket.recv(&mut [0u8; 4096]);
-    }
+    // Once the watchdog worker has counted an error, every round of it
+    // from then on sees the failure. What the socket holds now was sent
+    // before (a ping answered just before the failure among it): drained.
+    crate::common::until("the watchdog worker to see the failure", || async {
+        crate::common::metric(&app, "ticketd_worker_errors_total{worker=\"watchdog\"}").await > 0.0
+    })
+    .await;
+    socket.set_nonblocking(true).unwrap();
+    while socket.recv(&mut [0u8; 4096]).is_ok() {}
+    socket.set_nonblocking(false).unwrap();
     let mut after = Vec::new();
     // STATUS lines come every 2 s; WATCHDOG=1 came every 0.2 s before.
     let window = Instant::now() + Duration::from_millis(5_000);

@@ -968,15 +968,18 @@ pub async fn claim_settled(
 }
 
 /// 410 SOLD_OUT is final: no claim sent after a SOLD_OUT answer arrived
-/// got a code.
-pub fn assert_sold_out_is_final(log: &[Answered]) {
+/// got a code. Returns how many SOLD_OUT answers the log holds: with none,
+/// nothing was checked, so a test that expects a sell-out asserts it.
+#[must_use = "a log without a SOLD_OUT checks nothing"]
+pub fn assert_sold_out_is_final(log: &[Answered]) -> usize {
+    let sold_out = log.iter().filter(|a| a.outcome == "410 SOLD_OUT").count();
     let Some(first_final) = log
         .iter()
         .filter(|a| a.outcome == "410 SOLD_OUT")
         .map(|a| a.received)
         .min()
     else {
-        return;
+        return 0;
     };
     let later: Vec<&Answered> = log
         .iter()
@@ -988,6 +991,7 @@ pub fn assert_sold_out_is_final(log: &[Answered]) {
         later.len(),
         later.iter().map(|a| a.sent - first_final).min()
     );
+    sold_out
 }
 
 /// The value of one series (`name` or `name{labels}`) in a node's /metrics (panics when absent).
