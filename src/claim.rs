@@ -202,12 +202,12 @@ impl Claimer {
             .stock(activity.tickets.iter().map(|t| (&*t.id, &*t.pool)), &activity.ledger)
     }
 
-    /// Every claim `user` holds in the catalog's activities: what the store
-    /// sees when it sees every node's claims (a cluster), this node's
-    /// ledgers otherwise.
+    /// Every claim `user` holds, in the catalog's activities and in those
+    /// taken off sale: what the store sees when it sees every node's claims
+    /// (a cluster), this node's ledgers otherwise.
     pub async fn claims_of_user(&self, catalog: &Catalog, user: u64) -> Result<Vec<Claim>, StoreError> {
         let activities: Vec<Arc<str>> = catalog.activities().iter().map(|a| a.id.clone()).collect();
-        match self.store.claims_of_user(user, &activities).await {
+        match self.store.every_claim_of_user(user, &activities).await {
             Some(claims) => claims,
             None => Ok(self.inventory.claims_of_user(user)),
         }

@@ -442,6 +442,18 @@ impl Store {
         }
     }
 
+    /// Every claim `user` holds, in the activities this node `serves` and
+    /// in those no node sells any more, when the store is where claims made
+    /// through other nodes are seen (cluster; see
+    /// [`cluster::ClusterStore::every_claim_of_user`]); `None` when this
+    /// node's ledgers, which keep every activity's, are the whole truth.
+    pub async fn every_claim_of_user(&self, user: u64, serves: &[Arc<str>]) -> Option<Result<Vec<Claim>, StoreError>> {
+        match self {
+            Store::Embedded(_) => None,
+            Store::Cluster(s) => Some(s.every_claim_of_user(user, serves).await),
+        }
+    }
+
     /// [`Store::claims_of_user`], to answer a claim with: in a cluster
     /// with `cluster.replica_acks`, only claims that many replicas confirm
     /// (see [`cluster::ClusterStore::confirmed_claims_of_user`]); `None`

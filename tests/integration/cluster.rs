@@ -995,9 +995,11 @@ async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
         .await;
     }
     let (tokens, _) = users(&cluster, "fo", 2).await;
+    let mut codes = Vec::new();
     for (node, token) in cluster.nodes.iter().zip(&tokens) {
         let res = node.claim(token, "fo").await;
         assert_eq!(res.status, 200, "{}", res.body);
+        codes.push(res.data()["code"].clone());
     }
 
     // Activities named in a follower's file would be replaced by the
@@ -1107,12 +1109,69 @@ async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
         "ACTIVITY_NOT_FOUND",
     );
     assert_eq!(cluster.drained("fo").await.len(), 2, "its claims stay");
+    // And their fans still see them, through either node (the nodes read
+    // their own activities' claims from Redis: these vanished from
+    // `/ticket/list`, and `/ticket/detail` answered 404).
+    for node in &cluster.nodes {
+        for (token, code) in tokens.iter().zip(&codes) {
+            let list = node.client.get("/ticket/list", Some(token)).await.unwrap();
+            assert_eq!(list.status, 200, "{}", list.body);
+            let claims = list.data()["claims"].as_array().unwrap().clone();
+            assert_eq!(claims.len(), 1, "{}", list.body);
+            assert_eq!((&claims[0]["actId"], &claims[0]["code"]), (&"fo".into(), code));
+            let id = &claims[0]["claimId"];
+            let detail = node
+                .client
+                .get(&format!("/ticket/detail?ticketId={id}"), Some(token))
+                .await
+                .unwrap();
+            assert_eq!(detail.status, 200, "{}", detail.body);
+            assert_eq!(&detail.data()["code"], code, "{}", detail.body);
+        }
+    }
     let out = crate::common::run_cli(importer.path(), &["retire", "--activity", "fo"], None);
     assert!(
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no imported definition of `fo`"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `/ticket/list` is newest first by time. It sorted by claim id, and a
+/// cluster's nodes take ids in blocks, so a fan's later claim through the
+/// node with the lower block was listed after an earlier one through the
+/// other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fans_claims_through_two_nodes_are_listed_newest_first() {
+    let cluster = Cluster::start(2, &cluster_activity("nf", 10, 2), "");
+    // node0 takes its block of ids first, node1 the next.
+    let early = cluster.nodes[0].register("nf-early").await;
+    for node in &cluster.nodes {
+        let res = node.claim(&early, "nf").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    let fan = cluster.nodes[0].register("nf-fan").await;
+    let first = cluster.nodes[1].claim(&fan, "nf").await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let at = first.data()["claimedAt"].as_str().unwrap().to_owned();
+    until("the clock to pass the first claim", || async {
+        rfc3339_ms(now_ms()) > at
+    })
+    .await;
+    let second = cluster.nodes[0].claim(&fan, "nf").await;
+    assert_eq!(second.status, 200, "{}", second.body);
+    let id = |res: &ticketd::bench::ApiResponse| res.data()["claimId"].as_u64().unwrap();
+    assert!(id(&second) < id(&first), "the later claim has the smaller id");
+    for node in &cluster.nodes {
+        let list = node.client.get("/ticket/list", Some(&fan)).await.unwrap();
+        let listed: Vec<&serde_json::Value> = list.data()["claims"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| &c["code"])
+            .collect();
+        assert_eq!(listed, [&second.data()["code"], &first.data()["code"]], "{}", list.body);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -122,7 +122,9 @@ pub async fn list(state: &AppState, req: &Request<Incoming>) -> Result<Response<
     let page = query.number("page", 1, 1_000_000)?;
     let page_size = query.number("pageSize", 20, 100)?;
     let mut claims = claims_of(state, session.user_id).await?;
-    claims.sort_by_key(|c| std::cmp::Reverse(c.id));
+    // By time: a cluster's nodes take claim ids in blocks, so a later claim
+    // through another node can have a smaller id.
+    claims.sort_by_key(|c| std::cmp::Reverse((c.claimed_at_ms, c.id)));
     let total = claims.len();
     let views: Vec<ClaimView<'_>> = claims
         .iter()

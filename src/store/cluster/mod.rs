@@ -809,6 +809,36 @@ impl ClusterStore {
         self.held_by(user, activities, 0).await
     }
 
+    /// Every claim `user` holds: in the activities this node `serves` from
+    /// Redis, as [`claims_of_user`](Self::claims_of_user), and in every
+    /// other from MongoDB. An activity taken off sale (`ticketd retire`, or
+    /// out of the nodes' config) keeps its claims, and its fans their codes:
+    /// read from Redis by the activities the node serves, they vanished
+    /// from `/ticket/list`, and `/ticket/detail` answered 404. MongoDB holds
+    /// them once the backlogs have drained. While it is known to be down
+    /// (or does not answer within a second), only the served activities'
+    /// claims are shown: the claims of the sale on now come first.
+    pub async fn every_claim_of_user(&self, user: u64, serves: &[Arc<str>]) -> Result<Vec<Claim>, StoreError> {
+        let mut claims = self.held_by(user, serves, 0).await?;
+        if !self.shared.mongo_up.load(Ordering::Relaxed) {
+            return Ok(claims);
+        }
+        let (shared, serves) = (self.shared.clone(), serves.to_vec());
+        let elsewhere = on(&self.handle, async move {
+            let read = mongo::claims_of_user_outside(&shared.db, user, &serves);
+            match tokio::time::timeout(Duration::from_secs(1), read).await {
+                Ok(found) => Ok(found?),
+                Err(_) => Err(ClusterError::Protocol("MongoDB did not answer within a second".into())),
+            }
+        })
+        .await;
+        match elsewhere {
+            Ok(found) => claims.extend(found),
+            Err(error) => tracing::debug!(%error, "Could not read a user's claims in the activities not on sale."),
+        }
+        Ok(claims)
+    }
+
     /// [`claims_of_user`](Self::claims_of_user), confirmed by
     /// `cluster.replica_acks` replicas (an error when they do not confirm in
     /// time): for answering a claim with one, as a keyed retry's replay

@@ -17,7 +17,10 @@
 //! insert, or two nodes draining the same backlog) is a duplicate-key error
 //! that is ignored: every write here is idempotent.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+};
 
 use futures_util::TryStreamExt;
 use mongodb::{
@@ -35,6 +38,7 @@ use crate::{
         code_rng, generate_code, ClaimRow, ImportReport, NewUser, ReportData, StoreError, TicketImport, TicketReport,
         User, UserPage,
     },
+    vocab::Claim,
 };
 
 /// MongoDB's duplicate key error.
@@ -66,6 +70,10 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), MongoError> {
         .create_index(index(doc! {"activity_id": 1, "claimed_at_ms": 1}, false))
         .await?;
     claims.create_index(index(doc! {"ticket_id": 1}, false)).await?;
+    // A fan's claims in the activities no node sells any more.
+    claims
+        .create_index(index(doc! {"user_id": 1, "activity_id": 1}, false))
+        .await?;
     coll(db, "users")
         .create_index(index(doc! {"username": 1}, true))
         .await?;
@@ -709,6 +717,29 @@ pub async fn export_page(
             }
         })
         .collect())
+}
+
+/// `user`'s claims in every activity but `served`: those no node sells any
+/// more (retired, or taken out of the nodes' config), whose claims MongoDB
+/// keeps once the backlogs have drained.
+pub async fn claims_of_user_outside(db: &Database, user: u64, served: &[Arc<str>]) -> Result<Vec<Claim>, MongoError> {
+    let served: Vec<&str> = served.iter().map(|a| &**a).collect();
+    let mut found = coll(db, "claims")
+        .find(doc! {"user_id": user as i64, "activity_id": {"$nin": served}})
+        .await?;
+    let mut out = Vec::new();
+    while let Some(d) = found.try_next().await? {
+        out.push(Claim {
+            id: int(&d, "claim_id") as u64,
+            activity_id: text(&d, "activity_id").into(),
+            ticket_id: text(&d, "ticket_id").into(),
+            code: text(&d, "code").into(),
+            user_id: user,
+            claimed_at_ms: int(&d, "claimed_at_ms"),
+            idempotency_key: d.get_str("idempotency_key").ok().map(Arc::from),
+        });
+    }
+    Ok(out)
 }
 
 /// How many claims of `activity` MongoDB holds.
