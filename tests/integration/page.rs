@@ -812,6 +812,39 @@ async fn a_puzzle_worker_that_fails_to_load_is_tried_again() {
     .await;
 }
 
+/// A fan holding more than a page of claims (a per-user limit goes up to
+/// 1,000) saw only the first hundred under "My tickets": the page read one
+/// page of `/ticket/list` and ignored its total. It now reads them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn my_tickets_shows_every_claim_not_the_first_page() {
+    let config = base_config()
+        + &Act::new("many")
+            .window("-1m", "+1h")
+            .limit(150)
+            .ticket("many-t", "Seat", Codes::Generate(150))
+            .toml();
+    let app = TestApp::start(&config);
+    let url = app.url();
+    let mut b = Browser::launch().await;
+    register(&mut b, &url, "collector", "#/act/many").await;
+    let token = b.eval("localStorage.getItem('ticketd.token')").await;
+    let token = token.as_str().unwrap().to_owned();
+    for _ in 0..150 {
+        let res = app.claim(&token, "many").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    b.goto(&format!("{url}/#/mine")).await;
+    b.wait_for(
+        "document.querySelectorAll('li.ticket .code').length === 150",
+        "all 150 tickets",
+    )
+    .await;
+    let codes = b
+        .eval("new Set([...document.querySelectorAll('li.ticket .code')].map((e) => e.textContent)).size")
+        .await;
+    assert_eq!(codes, 150);
+}
+
 /// A logout the server did not take (the store could not keep it, or the
 /// answer was lost) dropped the token all the same, and the page showed
 /// the fan logged out while the session stayed good on the server. The

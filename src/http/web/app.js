@@ -865,15 +865,29 @@ function accountView(mode) {
   form.querySelector('input').focus();
 }
 
+/** The most claims `/ticket/list` gives in one page. */
+const LIST_PAGE = 100;
+
 async function mineView() {
   document.title = `${t('mine')} · ${t('brand')}`;
   if (!store.token) { location.hash = '#/login?next=%23%2Fmine'; return; }
   const mine = navigation;
   show(h('p', { class: 'muted' }, t('loading')));
-  const res = await load('/ticket/list?pageSize=100', mine);
-  if (mine !== navigation) return;
-  if (!res.ok) return show(failedNotice(res.error, retryable(res), 'reload'));
-  const claims = res.data.claims;
+  // Every page: a fan may hold more than one (a per-user limit goes up to
+  // 1,000, and the list covers every activity); the first page alone hid
+  // the rest. A claim made meanwhile moves the pages along, so a claim met
+  // twice is shown once.
+  const claims = [];
+  const seen = new Set();
+  for (let page = 1; ; page++) {
+    const res = await load(`/ticket/list?pageSize=${LIST_PAGE}&page=${page}`, mine);
+    if (mine !== navigation) return;
+    if (!res.ok) return show(failedNotice(res.error, retryable(res), 'reload'));
+    for (const c of res.data.claims) {
+      if (!seen.has(c.claimId)) { seen.add(c.claimId); claims.push(c); }
+    }
+    if (res.data.claims.length < LIST_PAGE || page * LIST_PAGE >= res.data.total) break;
+  }
   const cards = claims.map((c) => {
     const qr = h('img', { alt: `QR ${c.code}`, class: 'qr', 'data-claim': c.claimId });
     loadQr(c.claimId, qr);
