@@ -41,7 +41,7 @@ use crate::{
     signals::Signals,
     state::{self, AppState, Setup},
     store::{Access, RoomSource, Store},
-    worker::{Ctl, Runner, Stop},
+    worker::{self, Ctl, Runner},
 };
 
 /// The order workers stop in at shutdown. Producers before consumers: the
@@ -280,8 +280,9 @@ impl App {
             workers.task("reloader", &rt, move |ctl, mut stop| async move {
                 loop {
                     tokio::select! {
-                        msg = reload.recv() => if msg.is_none() { return },
+                        biased;
                         _ = stop.requested() => return,
+                        msg = reload.recv() => if msg.is_none() { return },
                     }
                     notifier.send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
                     let state = state.clone();
@@ -302,7 +303,7 @@ impl App {
             let state = state.clone();
             let every = state.refresh_interval();
             workers.task("refresher", &rt, move |ctl, stop| {
-                every_tick(every, ctl, stop, move |ctl| {
+                worker::every(every, ctl, stop, move |ctl| {
                     let (state, ctl) = (state.clone(), ctl.clone());
                     async move {
                         let round = ctl.clone();
@@ -330,13 +331,13 @@ impl App {
         {
             let state = state.clone();
             workers.task("admitter", &rt, move |ctl, stop| {
-                every_tick(ADMIT_EVERY, ctl, stop, move |ctl| admit(state.clone(), ctl.clone()))
+                worker::every(ADMIT_EVERY, ctl, stop, move |ctl| admit(state.clone(), ctl.clone()))
             });
         }
         {
             let state = state.clone();
             workers.task("guard-sweep", &rt, move |ctl, stop| {
-                every_tick(Duration::from_secs(60), ctl, stop, move |_| {
+                worker::every(Duration::from_secs(60), ctl, stop, move |_| {
                     state.guard.sweep(Instant::now());
                     state.auth.forget_expired_revocations(now_ms());
                     std::future::ready(())
@@ -349,8 +350,9 @@ impl App {
                 let mut every = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     let last = tokio::select! {
-                        _ = every.tick() => false,
+                        biased;
                         _ = stop.requested() => true,
+                        _ = every.tick() => false,
                     };
                     let flushing = state.clone();
                     match tokio::task::spawn_blocking(move || flush_stats(&flushing)).await {
@@ -385,24 +387,6 @@ impl App {
                 }
             });
         }
-    }
-}
-
-/// Runs `round` every `period` until stopped.
-async fn every_tick<F, Fut>(period: Duration, ctl: Ctl, mut stop: Stop, mut round: F)
-where
-    F: FnMut(&Ctl) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let mut interval = tokio::time::interval(period);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {}
-            _ = stop.requested() => return,
-        }
-        round(&ctl).await;
-        ctl.tick();
     }
 }
 

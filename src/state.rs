@@ -346,6 +346,7 @@ impl AppState {
         self.guard.apply(&new, blocked);
         self.claimer.apply(ClaimSettings::from_config(&new));
         self.server.store(Arc::new(new.server.clone()));
+        self.store.set_shutdown_grace(new.server.shutdown_grace.0);
         new.strip_codes();
         *running = new;
         Ok(added)

@@ -406,6 +406,14 @@ impl Store {
         }
     }
 
+    /// Takes a reloaded `server.shutdown_grace`: a cluster's MongoDB writer
+    /// drains its backlog for that long at the stop.
+    pub fn set_shutdown_grace(&self, grace: std::time::Duration) {
+        if let Store::Cluster(s) = self {
+            s.set_shutdown_grace(grace);
+        }
+    }
+
     /// Whether other nodes write to this store too (sessions, activities),
     /// so a node re-reads them every `cluster.refresh_interval`; and whether
     /// adding codes is `ticketd import`'s job rather than a serving node's.

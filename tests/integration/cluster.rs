@@ -943,6 +943,40 @@ async fn export_and_report_read_mongodb_and_match_the_rush() {
     }
 }
 
+/// A reloaded `server.shutdown_grace` bounds the MongoDB writer's drain at
+/// the stop. The writer kept the value the node started with: lowered by
+/// a reload (to fit systemd's `TimeoutStopSec`), a stop with MongoDB down
+/// still waited out the old grace, here an hour, and systemd would have
+/// killed the node before it gave up its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_shutdown_grace_bounds_the_backlogs_drain_at_the_stop() {
+    let mut cluster = Cluster::start_configured(1, &cluster_activity("sg", 5, 1), "", |c| {
+        let longer = c.replace("shutdown_grace = \"5s\"", "shutdown_grace = \"1h\"");
+        assert_ne!(c, longer);
+        longer
+    });
+    let (tokens, _) = users(&cluster, "sg", 1).await;
+    cluster.services.stop_mongo();
+    let node = &mut cluster.nodes[0];
+    let res = node.claim(&tokens[0], "sg").await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    assert_eq!(metric(node, "ticketd_mongo_backlog").await, 1.0);
+    let config = std::fs::read_to_string(node.config_path()).unwrap();
+    let shorter = config.replace("shutdown_grace = \"1h\"", "shutdown_grace = \"1s\"");
+    assert_ne!(config, shorter);
+    assert_eq!(node.reload(&shorter)["message"], "Config reloaded.");
+    node.signal(libc::SIGTERM);
+    assert!(
+        node.exited_within(Duration::from_secs(60)).is_some(),
+        "a minute after the stop the node still drains to a MongoDB that is down: the reloaded grace was not taken"
+    );
+    assert!(
+        node.logs_text().contains("The MongoDB backlog is not empty"),
+        "{}",
+        node.logs_text()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_backlog_refuses_claims_rather_than_lose_them_and_recovers() {
     let mut cluster = Cluster::start(1, &cluster_activity("bf", 100, 1), "[cluster]\nmax_backlog = 5\n");

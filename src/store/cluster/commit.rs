@@ -302,15 +302,17 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
 /// records from the head of each activity's backlog, bulk-inserts them, then
 /// removes exactly those records ([`scripts::ACK`]). On failure it backs off
 /// (100 ms doubling to 5 s) and tries again; nothing is dropped. Once asked
-/// to stop it keeps going until the backlogs are empty or `grace` has
-/// passed (what is left stays in Redis for the next start or a live node),
-/// then gives up this node's id.
-pub(super) async fn writer(shared: Arc<Shared>, grace: Duration, ctl: Ctl, mut stop: Stop) {
+/// to stop it keeps going until the backlogs are empty or
+/// `server.shutdown_grace` (as last loaded: [`Shared::shutdown_grace_ms`])
+/// has passed (what is left stays in Redis for the next start or a live
+/// node), then gives up this node's id.
+pub(super) async fn writer(shared: Arc<Shared>, ctl: Ctl, mut stop: Stop) {
     let mut delay = Duration::from_millis(100);
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         let stopping = stop.is_requested();
         if stopping && deadline.is_none() {
+            let grace = Duration::from_millis(shared.shutdown_grace_ms.load(Ordering::Relaxed));
             deadline = Some(tokio::time::Instant::now() + grace);
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {

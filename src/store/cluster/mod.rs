@@ -423,6 +423,7 @@ impl ClusterStore {
             mongo_up: AtomicBool::new(true),
             backlog: AtomicUsize::new(0),
             backlog_full: AtomicBool::new(false),
+            shutdown_grace_ms: AtomicU64::new(config.server.shutdown_grace.0.as_millis() as u64),
             activities: DashMap::new(),
             leftover: Mutex::new(HashSet::new()),
             limits: DashMap::new(),
@@ -447,10 +448,9 @@ impl ClusterStore {
                 runner.task("committer", &handle, move |ctl, stop| {
                     commit::committer(committer.0, committer.1, rx, ctl, stop)
                 });
-                let grace = config.server.shutdown_grace.0;
                 let writer = shared.clone();
                 runner.task("mongo-writer", &handle, move |ctl, stop| {
-                    commit::writer(writer, grace, ctl, stop)
+                    commit::writer(writer, ctl, stop)
                 });
                 let reaper = shared.clone();
                 runner.task("reaper", &handle, move |ctl, stop| lease::reaper(reaper, ctl, stop));
@@ -807,6 +807,13 @@ impl ClusterStore {
     /// for showing.
     pub async fn claims_of_user(&self, user: u64, activities: &[Arc<str>]) -> Result<Vec<Claim>, StoreError> {
         self.held_by(user, activities, 0).await
+    }
+
+    /// See [`Shared::shutdown_grace_ms`].
+    pub(super) fn set_shutdown_grace(&self, grace: Duration) {
+        self.shared
+            .shutdown_grace_ms
+            .store(grace.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Every claim `user` holds: in the activities this node `serves` from

@@ -74,6 +74,12 @@ pub(crate) struct Shared {
     pub backlog: AtomicUsize,
     /// The commit script answered FULL since the writer last made room.
     pub backlog_full: AtomicBool,
+    /// `server.shutdown_grace` as last loaded, in milliseconds: how long the
+    /// MongoDB writer goes on draining once asked to stop. Live, not the
+    /// value at start: a reload that lowered it to fit systemd's
+    /// `TimeoutStopSec` was taken, yet the writer waited out the old one,
+    /// and systemd killed the node before it gave up its id.
+    pub shutdown_grace_ms: AtomicU64,
     /// Activities this node sells, and their ticket ids (leases taken over at start).
     pub activities: DashMap<Arc<str>, Vec<Arc<str>>>,
     /// Activities this node does not sell whose backlog of this node holds
