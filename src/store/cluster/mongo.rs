@@ -835,9 +835,14 @@ pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<Re
     // The top of each kind, as the embedded report ranks them: sorted and
     // cut by MongoDB, not every source of a rush (one per fan) read here;
     // and `other` (sources past `stats::MAX_SOURCES`) is neither an address
-    // nor an account.
+    // nor an account. No rankings asked for (the rejections export) reads
+    // none: MongoDB takes a limit of 0 as no limit, and read every fan's
+    // row and every fan's account.
     let top_of = |kind: &'static str| async move {
         let mut rows = Vec::new();
+        if top == 0 {
+            return Ok(rows);
+        }
         let mut found = coll(db, "stats_sources")
             .find(doc! {"activity_id": activity, "kind": kind})
             .sort(doc! {"requests": -1, "source": 1})
@@ -852,7 +857,10 @@ pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<Re
     let by_user = top_of("user").await?;
     let ids: Vec<i64> = by_user.iter().filter_map(|(s, _)| s.parse().ok()).collect();
     let mut names = HashMap::new();
-    let mut found = coll(db, "users").find(doc! {"_id": {"$in": ids}}).await?;
+    let mut found = coll(db, "users")
+        .find(doc! {"_id": {"$in": ids}})
+        .projection(doc! {"username": 1})
+        .await?;
     while let Some(u) = found.try_next().await? {
         names.insert(int(&u, "_id").to_string(), text(&u, "username"));
     }
