@@ -29,7 +29,8 @@
 //!   (Redis leases and commit scripts, MongoDB write-behind);
 //! - [`inventory`] — code pools per ticket type, claim ledgers per activity, leasing;
 //! - [`catalog`] — the immutable activity/ticket snapshot behind `ArcSwap`;
-//! - [`auth`] — argon2id passwords, HMAC session tokens and revocation, claim tokens and
+//! - [`auth`] — argon2id passwords, HMAC session tokens and revocation
+//!   (bounded per account), claim tokens and
 //!   proof of work, the guard (blocklists, rate limits, login backoff, trusted proxies),
 //!   each client's share of the password hashing;
 //! - [`claim`] — the claim decision: window, tokens, limit, take, commit, settle;

@@ -21,6 +21,7 @@ pub mod claim_token;
 pub mod guard;
 pub mod password;
 pub mod ratelimit;
+mod revoked;
 pub mod session;
 pub mod share;
 pub mod username;
@@ -35,13 +36,13 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use dashmap::DashMap;
 use rand::RngCore;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use claim_token::{ClaimTokenError, ClaimTokens};
 pub use guard::{Denied, Guard, LoginAttempt};
 pub use password::HashCost;
+use revoked::Revoked;
 pub use session::{Session, SessionKey, TokenError};
 use share::{Share, Shares};
 pub use username::Username;
@@ -167,8 +168,8 @@ struct Dummy {
 pub struct Auth {
     key: SessionKey,
     settings: ArcSwap<Settings>,
-    /// Logged-out token ids and when they would expire.
-    revoked: DashMap<[u8; 16], i64>,
+    /// Logged-out sessions, bounded per account.
+    revoked: Revoked,
     /// When [`Auth::refresh_revoked`] last read the store (0: never).
     revoked_read_ms: AtomicI64,
     /// Verified against when the username is unknown, to spend the same
@@ -229,7 +230,7 @@ impl Auth {
                 making: AtomicBool::new(false),
             }),
             settings: ArcSwap::from_pointee(settings),
-            revoked: DashMap::new(),
+            revoked: Revoked::default(),
             revoked_read_ms: AtomicI64::new(0),
             hashing: Arc::new(Semaphore::new(config.auth.max_concurrent_hashes())),
             hash_queue: Arc::new(Semaphore::new(config.auth.hash_queue)),
@@ -258,10 +259,8 @@ impl Auth {
         let now = now_ms();
         let last = self.revoked_read_ms.load(Ordering::Relaxed);
         let since = (last > 0).then(|| last - REVOKED_OVERLAP_MS);
-        for (id, exp) in self.store.revoked_sessions(now, since)? {
-            if let Some(bytes) = parse_hex16(&id) {
-                self.revoked.insert(bytes, exp);
-            }
+        for revocation in self.store.revoked_sessions(now, since)? {
+            self.revoked.learn(revocation);
         }
         self.revoked_read_ms.store(now, Ordering::Relaxed);
         Ok(())
@@ -271,7 +270,7 @@ impl Auth {
     /// minute, in both modes: before, only a cluster's refresher pruned
     /// them, and an embedded node kept every logout until it restarted).
     pub fn forget_expired_revocations(&self, now_ms: i64) {
-        self.revoked.retain(|_, exp| *exp >= now_ms);
+        self.revoked.forget_expired(now_ms);
     }
 
     /// Applies reloadable settings (registration, argon2 cost, session TTL).
@@ -329,7 +328,7 @@ impl Auth {
     /// not expired, not logged out. For what outlives its request, as an
     /// event stream does.
     pub fn is_live(&self, session: &Session, now_ms: i64) -> bool {
-        now_ms < session.expires_at_ms && !self.revoked.contains_key(&session.token_id)
+        now_ms < session.expires_at_ms && !self.revoked.contains(session)
     }
 
     fn issue(&self, user: &User) -> String {
@@ -501,9 +500,13 @@ impl Auth {
         let this = self.clone();
         blocking(move || {
             this.store
-                .revoke_session(&session::token_id_hex(&session.token_id), session.expires_at_ms)
+                .revoke_session(
+                    session.user_id,
+                    &session::token_id_hex(&session.token_id),
+                    session.expires_at_ms,
+                )
                 .map_err(AuthError::from)?;
-            this.revoked.insert(session.token_id, session.expires_at_ms);
+            this.revoked.add(&session);
             Ok(())
         })
         .await
@@ -517,15 +520,4 @@ async fn blocking<T: Send + 'static>(
         tracing::error!(error = %e, "An account task panicked.");
         Err(AuthError::Internal)
     })
-}
-
-fn parse_hex16(s: &str) -> Option<[u8; 16]> {
-    let mut out = [0u8; 16];
-    if s.len() != 32 {
-        return None;
-    }
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }

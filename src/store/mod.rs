@@ -42,8 +42,8 @@ pub use cluster::{
 };
 pub use embedded::EmbeddedStore;
 pub use types::{
-    generate_code, Access, ClaimRow, ClusterError, ImportReport, NewUser, Reconciliation, ReportData, StoreError,
-    TicketImport, TicketReport, User, UserPage,
+    generate_code, Access, ClaimRow, ClusterError, ImportReport, NewUser, Reconciliation, ReportData, Revocation,
+    StoreError, TicketImport, TicketReport, User, UserPage, REVOKED_PER_ACCOUNT,
 };
 
 use crate::{
@@ -351,19 +351,21 @@ impl Store {
         page_through(next_page, "cannot write the users to", f)
     }
 
-    /// Records that the session `token_id` was logged out.
-    pub fn revoke_session(&self, token_id: &str, expires_at_ms: i64) -> Result<(), StoreError> {
+    /// Records that `user`'s session `token_id` was logged out, keeping at
+    /// most [`REVOKED_PER_ACCOUNT`] of the account's one by one (the
+    /// earliest to expire past them fold into its [`Revocation::Before`]).
+    pub fn revoke_session(&self, user: u64, token_id: &str, expires_at_ms: i64) -> Result<(), StoreError> {
         match self {
-            Store::Embedded(s) => s.revoke_session(token_id, expires_at_ms),
-            Store::Cluster(s) => s.revoke_session(token_id, expires_at_ms),
+            Store::Embedded(s) => s.revoke_session(user, token_id, expires_at_ms),
+            Store::Cluster(s) => s.revoke_session(user, token_id, expires_at_ms),
         }
     }
 
-    /// Revoked sessions that have not expired yet: all of them, or (where
-    /// other nodes revoke them too, a cluster) those revoked since
+    /// Revocations that have not expired yet: all of them, or (where
+    /// other nodes revoke them too, a cluster) those written since
     /// `since_ms`. One node's store holds only its own logouts, which it
     /// reads once, at start: `since_ms` is for a cluster's refresh.
-    pub fn revoked_sessions(&self, now_ms: i64, since_ms: Option<i64>) -> Result<Vec<(String, i64)>, StoreError> {
+    pub fn revoked_sessions(&self, now_ms: i64, since_ms: Option<i64>) -> Result<Vec<Revocation>, StoreError> {
         match self {
             Store::Embedded(s) => s.revoked_sessions(now_ms),
             Store::Cluster(s) => s.revoked_sessions(now_ms, since_ms),

@@ -7,6 +7,40 @@ use crate::{journal::JournalError, worker::Runner};
 
 pub use super::cluster::error::ClusterError;
 
+/// The logged-out sessions an account keeps one by one; past them, the
+/// earliest to expire fold into a mark ([`Revocation::Before`]) that
+/// logs out every session of the account expiring by then, the ones never
+/// logged out too. Each logout added a revocation kept until the session
+/// would have expired, in memory and in the store, and nothing limited the
+/// sessions an account may open: one account logging in and out in a loop
+/// (from many /64s, each with its own budget of logins) grew both for as
+/// long as the password hashing kept up. Real fans log out a few times a
+/// day; a ninth logout within a session's lifetime costs the account its
+/// older sessions, never a session left open.
+pub const REVOKED_PER_ACCOUNT: usize = 8;
+
+/// A logout, as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revocation {
+    /// One session, by its token id (hex).
+    Session {
+        /// The account; `None` when an earlier version wrote it.
+        user: Option<u64>,
+        /// The token id, in hex.
+        token_id: String,
+        /// When the session would have expired, Unix ms.
+        expires_at_ms: i64,
+    },
+    /// Every session of `user` expiring at or before `expires_at_ms` (the
+    /// mark, which is itself forgotten once that time has passed).
+    Before {
+        /// The account.
+        user: u64,
+        /// Sessions expiring at or before this time are logged out.
+        expires_at_ms: i64,
+    },
+}
+
 /// Why the store refused or failed an operation.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

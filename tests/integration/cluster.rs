@@ -1234,6 +1234,68 @@ async fn a_logout_through_one_node_is_honoured_by_the_others() {
     crate::common::assert_error(&res, 401, "UNAUTHORIZED");
 }
 
+/// An account's logouts through two nodes are bounded in MongoDB as in
+/// SQLite: eight one by one and a mark past them, which both nodes honour
+/// (a node may never read the logouts folded into it), while a session
+/// opened after them works on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_logouts_through_two_nodes_are_bounded_and_honoured_by_both() {
+    let cluster = Cluster::start_configured(2, &cluster_activity("lb", 10, 1), "", |c| {
+        crate::common::behind_proxy(c, "")
+    });
+    cluster.nodes[0].register("leaver").await;
+    let creds = serde_json::json!({ "username": "leaver", "password": "password-leaver" });
+    let mut gone = Vec::new();
+    for i in 0..20 {
+        // Five logins from each address: within its budget of ten.
+        let from = format!("203.0.113.{}", i / 5 + 1);
+        let node = &cluster.nodes[i % 2];
+        let res = node
+            .client
+            .call(
+                http::Method::POST,
+                "/user/login",
+                None,
+                Some(&creds),
+                &[("X-Forwarded-For", &from)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status, 200, "{}", res.body);
+        let token = res.data()["token"].as_str().unwrap().to_owned();
+        let out = node
+            .client
+            .post("/user/logout", Some(&token), &serde_json::json!({}))
+            .await
+            .unwrap();
+        assert_eq!(out.status, 200, "{}", out.body);
+        gone.push(token);
+    }
+    let kept = cluster.nodes[1].login("leaver").await;
+    for node in &cluster.nodes {
+        until("the node to refuse every session logged out", || async {
+            for token in &gone {
+                if node.client.get("/ticket/list", Some(token)).await.unwrap().status != 401 {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        let res = node.client.get("/ticket/list", Some(&kept)).await.unwrap();
+        assert_eq!(res.status, 200, "the session opened after the logouts: {}", res.body);
+    }
+    let revoked = cluster.mongo().await.collection::<Document>("revoked_sessions");
+    let stored = revoked.count_documents(doc! {}).await.unwrap();
+    assert!(stored <= 9, "MongoDB keeps {stored} revocations of one account");
+    let mark = revoked
+        .find_one(doc! {"before": true})
+        .await
+        .unwrap()
+        .expect("the account's mark");
+    assert!(mark.get_i64("expires_at_ms").is_ok(), "{mark}");
+}
+
 /// Issue 12, item 4: a retry with the same Idempotency-Key after the
 /// activity sold out got SOLD_OUT instead of its code whenever it reached a
 /// node that had not made the claim (or the same node after a restart):

@@ -905,3 +905,76 @@ async fn an_account_logging_in_again_and_again_is_slowed_down() {
     let res = app.client.post("/user/login", None, &login("other")).await.unwrap();
     assert_eq!(res.status, 200, "another account is not slowed: {}", res.body);
 }
+
+/// Each logout was kept, in memory and in the store, until its session
+/// would have expired, and nothing limited the sessions an account opens:
+/// one account logging in and out in a loop, from address after address
+/// (each with its own budget of logins), grew both for as long as the
+/// password hashing kept up. An account now keeps eight logouts one by
+/// one and a mark past them: every session logged out stays out, before
+/// and after a restart; a session opened after them stays in; and the
+/// store holds at most nine rows of the account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_logouts_are_bounded_and_every_one_stays_out() {
+    let config = base_config().replace("[security]\n", "[security]\ntrusted_proxies = [\"127.0.0.1\"]\n");
+    let mut app = TestApp::start(&(config + &open_activity("lo", 1, 1)));
+    app.register("leaver").await;
+    let creds = json!({ "username": "leaver", "password": "password-leaver" });
+    let mut gone = Vec::new();
+    for i in 0..30 {
+        // Five logins from each address: within its budget of ten.
+        let from = format!("203.0.113.{}", i / 5 + 1);
+        let res = app
+            .client
+            .call(
+                http::Method::POST,
+                "/user/login",
+                None,
+                Some(&creds),
+                &[("X-Forwarded-For", &from)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status, 200, "{}", res.body);
+        let token = res.data()["token"].as_str().unwrap().to_owned();
+        let out = app.client.post("/user/logout", Some(&token), &json!({})).await.unwrap();
+        assert_eq!(out.status, 200, "{}", out.body);
+        gone.push(token);
+    }
+    let kept = app.login("leaver").await;
+    for round in ["before the restart", "after it"] {
+        for token in &gone {
+            let res = app.client.get("/ticket/list", Some(token)).await.unwrap();
+            assert_error(&res, 401, "UNAUTHORIZED");
+        }
+        let res = app.client.get("/ticket/list", Some(&kept)).await.unwrap();
+        assert_eq!(
+            res.status, 200,
+            "{round}: the session opened after the logouts: {}",
+            res.body
+        );
+        if round == "before the restart" {
+            app.restart();
+        }
+    }
+    assert_eq!(app.stop(), 0);
+    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let tables: Vec<String> = db
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'revoked%'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let rows: i64 = tables
+        .iter()
+        .map(|t| {
+            db.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| r.get::<_, i64>(0))
+                .unwrap()
+        })
+        .sum();
+    assert!(
+        rows <= 9,
+        "the store keeps {rows} revocations of one account ({tables:?})"
+    );
+}

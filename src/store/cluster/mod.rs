@@ -81,7 +81,9 @@ use crate::{
     admission::RoomSettings,
     config::{ActivityConfig, Config},
     stats::StatsBatch,
-    store::types::{Access, ClaimRow, ImportReport, NewUser, Reconciliation, ReportData, StoreError, User, UserPage},
+    store::types::{
+        Access, ClaimRow, ImportReport, NewUser, Reconciliation, ReportData, Revocation, StoreError, User, UserPage,
+    },
     vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
 };
 
@@ -750,15 +752,11 @@ impl ClusterStore {
         Ok(self.block(mongo::users_page(&self.shared.db, after, limit as i64))?)
     }
 
-    pub(super) fn revoke_session(&self, token_id: &str, expires_at_ms: i64) -> Result<(), StoreError> {
-        Ok(self.block(mongo::revoke_session(&self.shared.db, token_id, expires_at_ms))?)
+    pub(super) fn revoke_session(&self, user: u64, token_id: &str, expires_at_ms: i64) -> Result<(), StoreError> {
+        Ok(self.block(mongo::revoke_session(&self.shared.db, user, token_id, expires_at_ms))?)
     }
 
-    pub(super) fn revoked_sessions(
-        &self,
-        now_ms: i64,
-        since_ms: Option<i64>,
-    ) -> Result<Vec<(String, i64)>, StoreError> {
+    pub(super) fn revoked_sessions(&self, now_ms: i64, since_ms: Option<i64>) -> Result<Vec<Revocation>, StoreError> {
         Ok(self.block(mongo::revoked_sessions(&self.shared.db, now_ms, since_ms))?)
     }
 

@@ -35,8 +35,8 @@ use crate::{
     config::{ActivityConfig, Config},
     stats::StatsBatch,
     store::types::{
-        code_rng, generate_code, ClaimRow, ImportReport, NewUser, ReportData, StoreError, TicketImport, TicketReport,
-        User, UserPage,
+        code_rng, generate_code, ClaimRow, ImportReport, NewUser, ReportData, Revocation, StoreError, TicketImport,
+        TicketReport, User, UserPage, REVOKED_PER_ACCOUNT,
     },
     vocab::Claim,
 };
@@ -93,6 +93,10 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), MongoError> {
         .await?;
     coll(db, "revoked_sessions")
         .create_index(index(doc! {"revoked_at_ms": 1}, false))
+        .await?;
+    // An account's logouts, latest to expire first, at each logout.
+    coll(db, "revoked_sessions")
+        .create_index(index(doc! {"user_id": 1, "expires_at_ms": -1}, false))
         .await?;
     // The report reads one activity's statistics; outcomes come ten rows a
     // second per outcome while a rush runs.
@@ -510,24 +514,58 @@ pub async fn users_page(db: &Database, after: u64, limit: i64) -> Result<UserPag
 }
 
 /// Records a logged-out session.
-pub async fn revoke_session(db: &Database, token_id: &str, expires_at_ms: i64) -> Result<(), MongoError> {
-    coll(db, "revoked_sessions")
-        .update_one(
-            doc! {"_id": token_id},
-            doc! {"$setOnInsert": {"expires_at_ms": expires_at_ms, "revoked_at_ms": crate::clock::now_ms()}},
-        )
-        .upsert(true)
+/// The `_id` of `user`'s mark ([`Revocation::Before`]) in
+/// `revoked_sessions`: not a token id, so a node of an earlier version
+/// passes over it.
+fn mark_id(user: u64) -> String {
+    format!("before:{user}")
+}
+
+/// Records `user`'s logout of `token_id`, then folds the account's
+/// earliest to expire past [`REVOKED_PER_ACCOUNT`] into its mark. Two
+/// logouts of the account through two nodes at once may both fold: the
+/// mark only ever moves later (`$max`), and a deleted revocation is one
+/// the mark covers.
+pub async fn revoke_session(db: &Database, user: u64, token_id: &str, expires_at_ms: i64) -> Result<(), MongoError> {
+    let c = coll(db, "revoked_sessions");
+    let now = crate::clock::now_ms();
+    c.update_one(
+        doc! {"_id": token_id},
+        doc! {"$setOnInsert": {"user_id": user as i64, "expires_at_ms": expires_at_ms, "revoked_at_ms": now}},
+    )
+    .upsert(true)
+    .await?;
+    let sessions = doc! {"user_id": user as i64, "before": {"$exists": false}};
+    let past = c
+        .find_one(sessions.clone())
+        .sort(doc! {"expires_at_ms": -1})
+        .skip(REVOKED_PER_ACCOUNT as u64)
         .await?;
+    let Some(before) = past.and_then(|d| d.get_i64("expires_at_ms").ok()) else {
+        return Ok(());
+    };
+    c.update_one(
+        doc! {"_id": mark_id(user)},
+        doc! {
+            "$max": {"expires_at_ms": before},
+            "$set": {"user_id": user as i64, "before": true, "revoked_at_ms": now},
+        },
+    )
+    .upsert(true)
+    .await?;
+    let mut covered = sessions;
+    covered.insert("expires_at_ms", doc! {"$lte": before});
+    c.delete_many(covered).await?;
     Ok(())
 }
 
-/// Revoked sessions not yet expired (expired ones are deleted): all of
-/// them, or those revoked since `since_ms` (by the revoking node's clock).
+/// Revocations not yet expired (expired ones are deleted): all of them,
+/// or those written since `since_ms` (by the writing node's clock).
 pub async fn revoked_sessions(
     db: &Database,
     now_ms: i64,
     since_ms: Option<i64>,
-) -> Result<Vec<(String, i64)>, MongoError> {
+) -> Result<Vec<Revocation>, MongoError> {
     let c = coll(db, "revoked_sessions");
     c.delete_many(doc! {"expires_at_ms": {"$lt": now_ms}}).await?;
     // (A revocation without the time was written by a node from before
@@ -542,9 +580,21 @@ pub async fn revoked_sessions(
     let mut cursor = c.find(filter).await?;
     let mut out = Vec::new();
     while let Some(d) = cursor.try_next().await? {
-        if let (Ok(id), Ok(exp)) = (d.get_str("_id"), d.get_i64("expires_at_ms")) {
-            out.push((id.to_owned(), exp));
-        }
+        let (Ok(id), Ok(exp)) = (d.get_str("_id"), d.get_i64("expires_at_ms")) else {
+            continue;
+        };
+        let user = d.get_i64("user_id").ok().map(|u| u as u64);
+        out.push(match (user, d.get_bool("before").unwrap_or(false)) {
+            (Some(user), true) => Revocation::Before {
+                user,
+                expires_at_ms: exp,
+            },
+            _ => Revocation::Session {
+                user,
+                token_id: id.to_owned(),
+                expires_at_ms: exp,
+            },
+        });
     }
     Ok(out)
 }

@@ -41,8 +41,8 @@ use crate::{
     journal::{Found, Journal, JournalSetup},
     stats::StatsBatch,
     store::types::{
-        code_rng, generate_code, Access, ClaimRow, ImportReport, NewUser, Reconciliation, ReportData, StoreError,
-        TicketImport, User, UserPage,
+        code_rng, generate_code, Access, ClaimRow, ImportReport, NewUser, Reconciliation, ReportData, Revocation,
+        StoreError, TicketImport, User, UserPage, REVOKED_PER_ACCOUNT,
     },
     vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
 };
@@ -120,6 +120,8 @@ CREATE TABLE IF NOT EXISTS stats_latency (
     count       INTEGER NOT NULL,
     PRIMARY KEY (activity_id, bound_ms)
 ) WITHOUT ROWID;
+-- Logouts written by earlier versions, without their account: read until
+-- they expire; nothing new is written here.
 CREATE TABLE IF NOT EXISTS revoked_sessions (
     token_id      TEXT PRIMARY KEY,
     expires_at_ms INTEGER NOT NULL
@@ -127,6 +129,21 @@ CREATE TABLE IF NOT EXISTS revoked_sessions (
 -- Every logout deletes the expired ones: without this, a scan of every
 -- logout of the last day, under the lock logins and registrations take.
 CREATE INDEX IF NOT EXISTS revoked_sessions_expiry ON revoked_sessions (expires_at_ms);
+-- Logouts by account, at most REVOKED_PER_ACCOUNT each; the earliest to
+-- expire past them fold into the account's revoked_before.
+CREATE TABLE IF NOT EXISTS revoked_by_account (
+    user_id       INTEGER NOT NULL,
+    token_id      TEXT NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (user_id, token_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS revoked_by_account_expiry ON revoked_by_account (expires_at_ms);
+-- Every session of the account expiring at or before expires_at_ms is
+-- logged out (and the row, once that has passed, is of no more use).
+CREATE TABLE IF NOT EXISTS revoked_before (
+    user_id       INTEGER PRIMARY KEY,
+    expires_at_ms INTEGER NOT NULL
+);
 "#;
 
 /// SQLite and, when serving, the journal (whose writer and applier are
@@ -241,6 +258,14 @@ fn has_skeletons(conn: &Connection) -> rusqlite::Result<bool> {
         [],
         |r| r.get(0),
     )
+}
+
+/// Deletes the revocations of sessions expired by `now_ms`.
+fn prune_revocations(conn: &Connection, now_ms: i64) -> rusqlite::Result<()> {
+    for table in ["revoked_sessions", "revoked_by_account", "revoked_before"] {
+        conn.execute(&format!("DELETE FROM {table} WHERE expires_at_ms < ?1"), [now_ms])?;
+    }
+    Ok(())
 }
 
 /// Opens (creating if needed) the database at `path` with the schema.
@@ -587,33 +612,79 @@ impl EmbeddedStore {
         })
     }
 
-    pub(super) fn revoke_session(&self, token_id: &str, expires_at_ms: i64) -> Result<(), StoreError> {
-        let conn = self.db.lock();
-        conn.execute(
-            "INSERT OR IGNORE INTO revoked_sessions (token_id, expires_at_ms) VALUES (?1, ?2)",
-            params![token_id, expires_at_ms],
+    /// One transaction: the logout, and past [`REVOKED_PER_ACCOUNT`] the
+    /// fold of the account's earliest to expire into its mark.
+    pub(super) fn revoke_session(&self, user: u64, token_id: &str, expires_at_ms: i64) -> Result<(), StoreError> {
+        let mut conn = self.db.lock();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT OR IGNORE INTO revoked_by_account (user_id, token_id, expires_at_ms) VALUES (?1, ?2, ?3)",
+            params![user as i64, token_id, expires_at_ms],
         )?;
-        // The table holds only what has not expired: a node that serves
+        let past: Option<i64> = tx
+            .query_row(
+                "SELECT expires_at_ms FROM revoked_by_account WHERE user_id = ?1
+                 ORDER BY expires_at_ms DESC LIMIT 1 OFFSET ?2",
+                params![user as i64, REVOKED_PER_ACCOUNT as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(before) = past {
+            tx.execute(
+                "INSERT INTO revoked_before (user_id, expires_at_ms) VALUES (?1, ?2)
+                 ON CONFLICT (user_id) DO UPDATE SET expires_at_ms = max(expires_at_ms, excluded.expires_at_ms)",
+                params![user as i64, before],
+            )?;
+            tx.execute(
+                "DELETE FROM revoked_by_account WHERE user_id = ?1 AND expires_at_ms <= ?2",
+                params![user as i64, before],
+            )?;
+        }
+        tx.commit()?;
+        // The tables hold only what has not expired: a node that serves
         // for weeks does not keep every logout since it started. (The
         // revocation is kept either way: a prune that failed is no failed
         // logout, and the next one prunes.)
-        if let Err(error) = conn.execute(
-            "DELETE FROM revoked_sessions WHERE expires_at_ms < ?1",
-            [crate::clock::now_ms()],
-        ) {
+        if let Err(error) = prune_revocations(&conn, crate::clock::now_ms()) {
             tracing::warn!(%error, "Could not prune expired logouts.");
         }
         Ok(())
     }
 
-    pub(super) fn revoked_sessions(&self, now_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
+    pub(super) fn revoked_sessions(&self, now_ms: i64) -> Result<Vec<Revocation>, StoreError> {
         let conn = self.db.lock();
-        conn.execute("DELETE FROM revoked_sessions WHERE expires_at_ms < ?1", [now_ms])?;
-        let mut stmt = conn.prepare("SELECT token_id, expires_at_ms FROM revoked_sessions")?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
-        Ok(rows)
+        prune_revocations(&conn, now_ms)?;
+        let mut out = Vec::new();
+        let mut legacy = conn.prepare("SELECT token_id, expires_at_ms FROM revoked_sessions")?;
+        for row in legacy.query_map([], |r| {
+            Ok(Revocation::Session {
+                user: None,
+                token_id: r.get(0)?,
+                expires_at_ms: r.get(1)?,
+            })
+        })? {
+            out.push(row?);
+        }
+        let mut by_account = conn.prepare("SELECT user_id, token_id, expires_at_ms FROM revoked_by_account")?;
+        for row in by_account.query_map([], |r| {
+            Ok(Revocation::Session {
+                user: Some(r.get::<_, i64>(0)? as u64),
+                token_id: r.get(1)?,
+                expires_at_ms: r.get(2)?,
+            })
+        })? {
+            out.push(row?);
+        }
+        let mut before = conn.prepare("SELECT user_id, expires_at_ms FROM revoked_before")?;
+        for row in before.query_map([], |r| {
+            Ok(Revocation::Before {
+                user: r.get::<_, i64>(0)? as u64,
+                expires_at_ms: r.get(1)?,
+            })
+        })? {
+            out.push(row?);
+        }
+        Ok(out)
     }
 
     pub(super) fn secret(&self, name: &str, create: &dyn Fn() -> String) -> Result<String, StoreError> {
