@@ -237,15 +237,38 @@ impl Leasing {
         }
     }
 
+    /// Starts leasing `activities`' ticket types, all or none: the store
+    /// tracks each first, and only once every one is tracked do their
+    /// ticket types join the leases. A reload refused halfway (one
+    /// activity's Redis call failed) used to have started leasing the
+    /// activities tracked before it: the lease loop leased codes of an
+    /// activity the node did not sell, and renewed them while it ran, so
+    /// the other nodes were short of them at the sell-out. What this call
+    /// tracked is now untracked again.
     pub(super) fn track(&self, pool: &dyn Fn(&str) -> Arc<CodePool>, activities: &[Tracked]) -> Result<(), StoreError> {
+        let mut before = Vec::new();
         for Tracked {
             id: activity, tickets, ..
         } in activities
         {
-            let returned = self.source.track(activity, tickets)?;
-            if returned > 0 {
-                tracing::info!(activity = %activity, codes = returned, "Returned the codes an earlier run of this node had leased.");
+            before.push((activity, self.source.tracked(activity)));
+            match self.source.track(activity, tickets) {
+                Ok(0) => {}
+                Ok(returned) => {
+                    tracing::info!(activity = %activity, codes = returned, "Returned the codes an earlier run of this node had leased.");
+                }
+                Err(error) => {
+                    for (activity, tickets) in before {
+                        self.source.restore(activity, tickets);
+                    }
+                    return Err(error);
+                }
             }
+        }
+        for Tracked {
+            id: activity, tickets, ..
+        } in activities
+        {
             for t in tickets {
                 self.tickets.entry(t.clone()).or_insert_with(|| {
                     Arc::new(TicketLease {

@@ -1234,6 +1234,60 @@ async fn a_logout_through_one_node_is_honoured_by_the_others() {
     crate::common::assert_error(&res, 401, "UNAUTHORIZED");
 }
 
+/// A reload refused halfway through tracking its new activities (here the
+/// second's registry of nodes in Redis is of the wrong type) had already
+/// started leasing the first: its ticket type joined the node's leases,
+/// whose loop leased codes of an activity the node did not sell (its
+/// claims heard 404) and renewed them while it ran, so other nodes were
+/// short of them at the sell-out. The refused reload now leaves nothing
+/// behind; once Redis is mended, the same reload sells both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_refused_halfway_leases_nothing_of_it() {
+    let cluster = Cluster::start(1, &cluster_activity("ha", 5, 1), "");
+    let node = &cluster.nodes[0];
+    let config = std::fs::read_to_string(node.config_path()).unwrap();
+    // `hx` is tracked before `hy` (by start time).
+    let at = |offset_ms: i64| rfc3339_ms(now_ms() + offset_ms);
+    let more = config.clone()
+        + &crate::common::activity("hx", 5, 1, &at(-120_000), &at(3_600_000))
+        + &crate::common::activity("hy", 5, 1, &at(-60_000), &at(3_600_000));
+    std::fs::write(node.config_path(), &more).unwrap();
+    let out = node.cli(&["import"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let broken = "tk:{hy}:nodes";
+    let () = cluster
+        .services
+        .query(redis::cmd("SET").arg(broken).arg("not a set"))
+        .await;
+    let outcome = node.reload(&more);
+    assert!(
+        outcome["reason"].as_str().is_some_and(|r| r.contains("WRONGTYPE")),
+        "{outcome}"
+    );
+    let metrics = node.raw_get("/metrics").await;
+    assert!(
+        !metrics.contains("activity=\"hx\""),
+        "the refused reload's activity is leased: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("hx"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    crate::common::assert_error(
+        &node.claim(&node.register("hx-fan").await, "hx").await,
+        404,
+        "ACTIVITY_NOT_FOUND",
+    );
+    let () = cluster.services.query(redis::cmd("DEL").arg(broken)).await;
+    assert_eq!(node.reload(&more)["message"], "Config reloaded.");
+    let fan = node.register("both").await;
+    for act in ["hx", "hy"] {
+        let res = node.claim(&fan, act).await;
+        assert_eq!(res.status, 200, "{act}: {}", res.body);
+    }
+}
+
 /// An account's logouts through two nodes are bounded in MongoDB as in
 /// SQLite: eight one by one and a mark past them, which both nodes honour
 /// (a node may never read the logouts folded into it), while a session

@@ -139,6 +139,25 @@ impl LeaseSource {
         self.shared.redis_up.load(Ordering::Relaxed)
     }
 
+    /// The ticket types of `activity` this node sells, if it sells it (for
+    /// [`LeaseSource::restore`]).
+    pub fn tracked(&self, activity: &str) -> Option<Vec<Arc<str>>> {
+        self.shared.activities.get(activity).map(|t| t.clone())
+    }
+
+    /// Puts `activity` back as [`LeaseSource::tracked`] saw it, after a
+    /// reload that tracked it was refused.
+    pub fn restore(&self, activity: &Arc<str>, tickets: Option<Vec<Arc<str>>>) {
+        match tickets {
+            Some(tickets) => {
+                self.shared.activities.insert(activity.clone(), tickets);
+            }
+            None => {
+                self.shared.activities.remove(activity);
+            }
+        }
+    }
+
     /// Starts selling `activity`: on first sight, gives back whatever an
     /// earlier run of this node still had leased (returns how many codes)
     /// and counts the backlog it left in the gauge. A ticket type a reload
