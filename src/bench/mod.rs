@@ -285,10 +285,10 @@ async fn login_all(client: &Arc<ApiClient>, args: &BenchArgs, prefix: &str, n: u
                 }
                 if create && res.error_code() == Some("RATE_LIMITED") {
                     anyhow::bail!(
-                        "cannot register {username}: the node answered 429 RATE_LIMITED — \
-                         security.registrations_per_ip_per_hour caps the accounts one address makes. \
-                         Raise it for the bench, or make the accounts with `ticketd user import` \
-                         and leave out --create-users"
+                        "cannot register {username}: 429 RATE_LIMITED — the accounts one address makes \
+                         are capped (each node's security.registrations_per_ip_per_hour, and the shipped \
+                         Nginx's thirty at once, then one a minute). Make the accounts with \
+                         `ticketd user import` and leave out --create-users"
                     );
                 }
                 let token = res.data()["token"]
