@@ -9,9 +9,21 @@ use crate::{
     state::AppState,
 };
 
-/// 200 while claims can be committed and every waiting room can keep its
-/// log, 503 otherwise.
+/// 200 while claims can be committed, every waiting room can keep its
+/// log and every background worker runs; 503 otherwise. (A worker that
+/// panicked showed only in `/metrics`, and only systemd's watchdog acted on
+/// it: a node run without `WatchdogSec`, behind a load balancer that reads
+/// this, went on taking traffic with, say, its store applier or admitter
+/// gone.)
 pub fn healthz(state: &AppState) -> Response<Full<Bytes>> {
+    if let Some(worker) = state.workers.failed() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNHEALTHY",
+            format!("the background worker `{worker}` failed: the node runs without it until it restarts"),
+        )
+        .into_response();
+    }
     if !state.store.is_healthy() {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
