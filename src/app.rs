@@ -331,7 +331,10 @@ impl App {
         {
             let state = state.clone();
             workers.task("admitter", &rt, move |ctl, stop| {
-                worker::every(ADMIT_EVERY, ctl, stop, move |ctl| admit(state.clone(), ctl.clone()))
+                let failing = Arc::new(Failing::default());
+                worker::every(ADMIT_EVERY, ctl, stop, move |ctl| {
+                    admit(state.clone(), ctl.clone(), failing.clone())
+                })
             });
         }
         {
@@ -427,7 +430,7 @@ const ADMIT_LOOKAHEAD: usize = 2_000;
 /// stock allow, or closes; then its log is made durable. In a cluster every
 /// node first brings its replica up to date and shares its fans'
 /// check-ins, and only the holder of the room's admitter lease decides.
-async fn admit(state: Arc<AppState>, ctl: Ctl) {
+async fn admit(state: Arc<AppState>, ctl: Ctl, failing: Arc<Failing>) {
     let catalog = state.catalog.load_full();
     let source = state.store.room_source();
     for a in catalog.activities() {
@@ -443,12 +446,30 @@ async fn admit(state: Arc<AppState>, ctl: Ctl) {
                 room.persist(seq).await.map_err(|e| format!("{e:?}"))
             }
         };
-        if let Err(error) = result {
-            ctl.error(&error);
-            tracing::warn!(activity = %a.id, %error, "The waiting room's admitter could not take its step.");
+        match result {
+            Err(error) => {
+                ctl.error(&error);
+                if failing.0.lock().insert(a.id.clone()) {
+                    tracing::warn!(activity = %a.id, %error, "The waiting room's admitter could not take its step; said once until it takes one again.");
+                } else {
+                    tracing::debug!(activity = %a.id, %error, "The waiting room's admitter could not take its step.");
+                }
+            }
+            Ok(()) => {
+                if failing.0.lock().remove(&a.id) {
+                    tracing::info!(activity = %a.id, "The waiting room's admitter takes its steps again.");
+                }
+            }
         }
     }
 }
+
+/// The rooms whose admitter's last step failed: a step is tried ten times a
+/// second, and each failure of an outage (Redis down) was a warning, ten a
+/// second per room. One an outage now, and one line when it ends. (Rooms
+/// come from the config: bounded by it.)
+#[derive(Default)]
+struct Failing(parking_lot::Mutex<std::collections::HashSet<Arc<str>>>);
 
 async fn admit_shared(
     state: &AppState,

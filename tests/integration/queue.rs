@@ -2861,3 +2861,28 @@ async fn a_race_node_beside_a_lottery_sells_nothing_without_a_pass() {
     assert_error(&cluster.nodes[1].claim(&racer, "rn").await, 403, "QUEUE_PASS_REQUIRED");
     assert_eq!(cluster.redis_claimed("rn").await, 0, "nothing was sold");
 }
+
+/// With Redis down a cluster room's admitter fails its step ten times a
+/// second, and each failure was a warning: ten lines a second per room,
+/// for the whole outage. Now one warning an outage, and a line when the
+/// steps go on again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_one_warning_of_the_admitter_not_ten_a_second() {
+    let act = absolute_room("ow", "queue", 5, 8_000, &[]);
+    let mut cluster = crate::cluster::Cluster::start(1, &act, "");
+    let errors = "ticketd_worker_errors_total{worker=\"admitter\"}";
+    let before = metric(&cluster.nodes[0], errors).await;
+    cluster.services.stop_redis();
+    until("twenty failed steps", || async {
+        metric(&cluster.nodes[0], errors).await >= before + 20.0
+    })
+    .await;
+    let logs = cluster.nodes[0].logs_text();
+    let warnings = logs
+        .lines()
+        .filter(|l| l.contains("\"level\":\"WARN\"") && l.contains("admitter could not take its step"))
+        .count();
+    assert_eq!(warnings, 1, "{logs}");
+    cluster.services.restart_redis();
+    cluster.nodes[0].wait_for_log("The waiting room's admitter takes its steps again.", 1);
+}
