@@ -100,14 +100,16 @@ pub(super) fn confirmed(acked: usize, wanted: usize) -> Result<(), ClusterError>
 /// A join's script and its group's `WAIT` are two requests, not one
 /// pipeline: if the master changed between them (a failover the client
 /// followed), the `WAIT` would count the new master's replicas. So the
-/// group's pipeline first reads each member's place from the master it
-/// goes to: a member without one there joined on a master that is gone,
-/// and is not confirmed.
+/// group's pipeline first reads, from the master it goes to, each member's
+/// place and the log entry its join pushed: a member without its place, or
+/// whose entry is not its join there, joined on a master that is gone, and
+/// is not confirmed. (The place alone passed a re-join a failover lost: the
+/// fan already held a place, the one it had been passed over in.)
 pub(super) struct JoinConfirmations {
     redis: RedisConn,
     keys: Keys,
-    /// The room's places (`q:{A}:places`).
-    places: String,
+    /// The room's places (`q:{A}:places`) and log (`q:{A}:log`).
+    room: [String; 2],
     replica_acks: usize,
     /// The next group, not sent yet: joins whose scripts return now join it.
     next: Mutex<Option<Pending>>,
@@ -116,39 +118,47 @@ pub(super) struct JoinConfirmations {
     sending: tokio::sync::Mutex<()>,
 }
 
-/// A group not sent yet: its confirmation, and its members (users).
+/// A group not sent yet: its confirmation, and its members: each user,
+/// and for a new place the index and text of the entry its join pushed.
 struct Pending {
     round: Round,
-    members: Arc<Mutex<Vec<u64>>>,
+    members: Arc<Mutex<Vec<Member>>>,
 }
+
+type Member = (u64, Option<(i64, String)>);
 
 /// One group's confirmation, awaited by all its members: the members with
 /// no place on the master that confirmed it.
 type Round = SharedFuture<BoxFuture<'static, Result<Arc<Vec<u64>>, Arc<ClusterError>>>>;
 
 impl JoinConfirmations {
-    /// Groups for `keys`' activity, whose room's places are `places`, on
-    /// `redis` (the rooms' connection).
-    pub(super) fn new(redis: RedisConn, keys: Keys, places: String, replica_acks: usize) -> Arc<JoinConfirmations> {
+    /// Groups for `keys`' activity, whose room's places and log are
+    /// `room`, on `redis` (the rooms' connection).
+    pub(super) fn new(redis: RedisConn, keys: Keys, room: [String; 2], replica_acks: usize) -> Arc<JoinConfirmations> {
         Arc::new(JoinConfirmations {
             redis,
             keys,
-            places,
+            room,
             replica_acks,
             next: Mutex::new(None),
             sending: tokio::sync::Mutex::new(()),
         })
     }
 
-    /// Returns once `replica_acks` replicas hold `user`'s place and every
+    /// Returns once `replica_acks` replicas hold `user`'s place (and the
+    /// log entry `pushed`, its index and text, for a new one) and every
     /// write this node's rooms connection made before the call (a join's
     /// script that has returned), or fails when they do not confirm in
-    /// time, or the place is not on the master they follow.
-    pub(super) async fn confirm(self: &Arc<Self>, user: u64) -> Result<(), ClusterError> {
+    /// time, or the place or entry is not on the master they follow.
+    pub(super) async fn confirm(
+        self: &Arc<Self>,
+        user: u64,
+        pushed: Option<(i64, String)>,
+    ) -> Result<(), ClusterError> {
         let round = {
             let mut next = self.next.lock();
             let pending = next.get_or_insert_with(|| self.round());
-            pending.members.lock().push(user);
+            pending.members.lock().push((user, pushed));
             pending.round.clone()
         };
         match round.await {
@@ -171,24 +181,57 @@ impl JoinConfirmations {
     /// group: this fence may be sent before its script), reads its
     /// members' places, writes the fence and waits for the replicas.
     fn round(self: &Arc<Self>) -> Pending {
-        let members = Arc::new(Mutex::new(Vec::new()));
+        let members: Arc<Mutex<Vec<Member>>> = Arc::new(Mutex::new(Vec::new()));
         let (me, joined) = (self.clone(), members.clone());
         let round = async move {
             let _turn = me.sending.lock().await;
-            let users = {
+            let members = {
                 let mut next = me.next.lock();
                 next.take();
                 std::mem::take(&mut *joined.lock())
             };
+            let [places, log] = &me.room;
             let mut pipe = redis::pipe();
-            pipe.cmd("HMGET").arg(&me.places).arg(&users);
+            pipe.cmd("HMGET")
+                .arg(places)
+                .arg(members.iter().map(|(u, _)| *u).collect::<Vec<_>>());
+            for (_, pushed) in &members {
+                if let Some((index, _)) = pushed {
+                    pipe.cmd("LINDEX").arg(log).arg(*index);
+                }
+            }
             fence_and_wait(&mut pipe, &me.keys, me.replica_acks);
             let mut redis = me.redis.clone();
-            let (places, acked): (Vec<Option<String>>, usize) =
-                pipe.query_async(&mut redis).await.map_err(|e| Arc::new(e.into()))?;
+            let answers: Vec<redis::Value> = pipe.query_async(&mut redis).await.map_err(|e| Arc::new(e.into()))?;
+            let parse =
+                |e: redis::ParsingError| Arc::new(ClusterError::Protocol(format!("a join group's answer: {e}")));
+            let (first, rest) = answers
+                .split_first()
+                .ok_or_else(|| Arc::new(ClusterError::Protocol("an empty answer to a join group".into())))?;
+            let (last, entries) = rest
+                .split_last()
+                .ok_or_else(|| Arc::new(ClusterError::Protocol("no WAIT in a join group's answer".into())))?;
+            let held: Vec<Option<String>> = redis::from_redis_value_ref(first).map_err(parse)?;
+            let acked: usize = redis::from_redis_value_ref(last).map_err(parse)?;
             confirmed(acked, me.replica_acks).map_err(Arc::new)?;
-            let lost = users.iter().zip(&places).filter(|(_, p)| p.is_none()).map(|(u, _)| *u);
-            Ok(Arc::new(lost.collect()))
+            let mut entries = entries.iter();
+            let mut lost = Vec::new();
+            for ((user, pushed), place) in members.iter().zip(&held) {
+                let entry_there = match pushed {
+                    None => true,
+                    Some((_, event)) => {
+                        let found: Option<String> = match entries.next() {
+                            Some(v) => redis::from_redis_value_ref(v).map_err(parse)?,
+                            None => None,
+                        };
+                        found.as_deref() == Some(event.as_str())
+                    }
+                };
+                if place.is_none() || !entry_there {
+                    lost.push(*user);
+                }
+            }
+            Ok(Arc::new(lost))
         }
         .boxed()
         .shared();

@@ -61,7 +61,8 @@ fn key(activity: &str, name: &str) -> String {
 /// A place for a user: KEYS places, log, closed, shuffled, waiting, taken;
 /// ARGV user, whether the caller's config makes the room a lottery, the
 /// capacity, the join event, the pass expiry the caller saw lapse, the
-/// places one account may take. Once the room has drawn, the mode it drew
+/// places one account may take. A new place answers the log's length with
+/// its join (at least 1), so its confirmation can find that entry. Once the room has drawn, the mode it drew
 /// as decides, not the caller's: a node whose config disagrees (until its
 /// replica reads the shuffle line) let a late entrant into a drawn lottery.
 static JOIN: LazyLock<Script> = LazyLock::new(|| {
@@ -81,8 +82,7 @@ if again and tonumber(redis.call('HGET', KEYS[6], ARGV[1]) or '1') >= tonumber(A
 redis.call('HSET', KEYS[1], ARGV[1], 'w')
 redis.call('HINCRBY', KEYS[6], ARGV[1], 1)
 redis.call('INCR', KEYS[5])
-redis.call('RPUSH', KEYS[2], ARGV[4])
-return 1
+return redis.call('RPUSH', KEYS[2], ARGV[4])
 ",
     )
 });
@@ -364,7 +364,7 @@ impl RoomSource {
                     JoinConfirmations::new(
                         shared.rooms_redis.clone(),
                         Keys::new(activity),
-                        key(activity, "places"),
+                        [key(activity, "places"), key(activity, "log")],
                         shared.cfg.replica_acks,
                     )
                 })
@@ -380,17 +380,19 @@ impl RoomSource {
                 .arg(user)
                 .arg(if lottery { "1" } else { "0" })
                 .arg(capacity)
-                .arg(event)
+                .arg(&event)
                 .arg(lapsed.map(|x| x.to_string()).unwrap_or_default())
                 .arg(MAX_PLACES_PER_ACCOUNT)
                 .invoke_async(&mut redis)
                 .await?;
-            // A join refused (closed, full, ...) wrote nothing to confirm.
+            // A join refused (closed, full, ...) wrote nothing to confirm;
+            // a new one, its entry in the log.
             if let Some(confirmations) = confirmations.filter(|_| answer >= 0) {
-                confirmations.confirm(user).await?;
+                let pushed = (answer >= 1).then(|| (answer - 1, event));
+                confirmations.confirm(user, pushed).await?;
             }
             Ok(match answer {
-                1 => Joined::New,
+                1.. => Joined::New,
                 0 => Joined::Same,
                 -1 => Joined::Closed,
                 -2 => Joined::EntriesClosed,
