@@ -1,7 +1,12 @@
 //! Logged-out sessions, in memory: at most [`REVOKED_PER_ACCOUNT`] per
 //! account one by one, and past them a mark that logs out every session of
-//! the account expiring by then (the store keeps the same; see
+//! the account issued by then (the store keeps the same; see
 //! [`REVOKED_PER_ACCOUNT`] for why).
+//!
+//! The mark is an issue time, read from the token id ([`issued_ms`]), not
+//! an expiry: with expiries, a reload that shortened `auth.session_ttl`
+//! after a fold issued sessions expiring before the mark, which it then
+//! refused, and the account could not log in until the mark passed.
 //!
 //! Looked up on every authenticated request, claims included: one map
 //! entry per account, by its id, and a scan of at most a few token ids.
@@ -10,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use dashmap::DashMap;
 
-use super::session::Session;
+use super::session::{issued_ms, Session};
 use crate::store::{Revocation, REVOKED_PER_ACCOUNT};
 
 /// Every logout this node knows of that has not expired.
@@ -27,36 +32,50 @@ pub(super) struct Revoked {
 /// One account's logouts.
 #[derive(Default)]
 struct Account {
-    /// Every session expiring at or before this is logged out (0: none).
+    /// The mark: every session issued at or before this is logged out (0:
+    /// no mark).
     before: i64,
+    /// When the mark may go: the latest expiry of the logouts folded into
+    /// it (a session it covers that was never logged out may outlive it,
+    /// and is then the account's own again).
+    mark_expires: i64,
     /// Sessions logged out one by one, with their expiry: at most
-    /// [`REVOKED_PER_ACCOUNT`], each expiring after `before`.
+    /// [`REVOKED_PER_ACCOUNT`] with an issue time, each issued after the
+    /// mark (and any of an earlier version's, which have none).
     sessions: Vec<([u8; 16], i64)>,
 }
 
 impl Account {
-    fn covers(&self, session: &Session) -> bool {
-        session.expires_at_ms <= self.before || self.sessions.iter().any(|(id, _)| *id == session.token_id)
+    fn covers(&self, token_id: &[u8; 16]) -> bool {
+        issued_ms(token_id).is_some_and(|at| at <= self.before) || self.sessions.iter().any(|(id, _)| id == token_id)
     }
 
     /// Moves the mark to `before` if that is later, and drops what it covers.
-    fn mark(&mut self, before: i64) {
+    fn mark(&mut self, before: i64, expires_at_ms: i64) {
         self.before = self.before.max(before);
+        self.mark_expires = self.mark_expires.max(expires_at_ms);
         let mark = self.before;
-        self.sessions.retain(|(_, exp)| *exp > mark);
+        self.sessions
+            .retain(|(id, _)| !issued_ms(id).is_some_and(|at| at <= mark));
     }
 
-    /// Adds a logout; past [`REVOKED_PER_ACCOUNT`], the earliest to expire
-    /// fold into the mark (as the store folds them).
+    /// Adds a logout; past [`REVOKED_PER_ACCOUNT`] with an issue time, the
+    /// earliest issued fold into the mark (as the store folds them).
     fn add(&mut self, token_id: [u8; 16], expires_at_ms: i64) {
-        if expires_at_ms <= self.before || self.sessions.iter().any(|(id, _)| *id == token_id) {
+        if self.covers(&token_id) {
             return;
         }
         self.sessions.push((token_id, expires_at_ms));
-        if self.sessions.len() > REVOKED_PER_ACCOUNT {
-            self.sessions.sort_unstable_by_key(|(_, exp)| std::cmp::Reverse(*exp));
-            let past = self.sessions[REVOKED_PER_ACCOUNT].1;
-            self.mark(past);
+        let mut timed: Vec<(i64, i64)> = self
+            .sessions
+            .iter()
+            .filter_map(|(id, exp)| Some((issued_ms(id)?, *exp)))
+            .collect();
+        if timed.len() > REVOKED_PER_ACCOUNT {
+            timed.sort_unstable_by_key(|(at, _)| std::cmp::Reverse(*at));
+            let folded = &timed[REVOKED_PER_ACCOUNT..];
+            let expires = folded.iter().map(|(_, exp)| *exp).max().unwrap_or(0);
+            self.mark(folded[0].0, expires);
         }
     }
 }
@@ -64,7 +83,11 @@ impl Account {
 impl Revoked {
     /// Whether `session` was logged out (it need not have expired).
     pub(super) fn contains(&self, session: &Session) -> bool {
-        if self.by_account.get(&session.user_id).is_some_and(|a| a.covers(session)) {
+        if self
+            .by_account
+            .get(&session.user_id)
+            .is_some_and(|a| a.covers(&session.token_id))
+        {
             return true;
         }
         self.has_legacy.load(Ordering::Relaxed) && self.legacy.contains_key(&session.token_id)
@@ -95,17 +118,20 @@ impl Revoked {
                     }
                 }
             }
-            Revocation::Before { user, expires_at_ms } => self.by_account.entry(user).or_default().mark(expires_at_ms),
+            Revocation::Before {
+                user,
+                issued_ms,
+                expires_at_ms,
+            } => self.by_account.entry(user).or_default().mark(issued_ms, expires_at_ms),
         }
     }
 
-    /// Forgets what has expired by `now_ms`: a mark once its time has
-    /// passed covers only expired sessions.
+    /// Forgets what has expired by `now_ms`.
     pub(super) fn forget_expired(&self, now_ms: i64) {
         self.by_account.retain(|_, a| {
             a.sessions.retain(|(_, exp)| *exp >= now_ms);
-            if a.before < now_ms {
-                a.before = 0;
+            if a.mark_expires < now_ms {
+                (a.before, a.mark_expires) = (0, 0);
             }
             a.before > 0 || !a.sessions.is_empty()
         });
@@ -128,32 +154,63 @@ fn parse_hex16(s: &str) -> Option<[u8; 16]> {
 mod tests {
     use super::*;
 
-    fn session(user: u64, n: u8, expires_at_ms: i64) -> Session {
+    const T0: i64 = 1_800_000_000_000;
+
+    /// A session of `user` issued at `issued`, told apart by `n`.
+    fn session(user: u64, issued: i64, n: u8, expires_at_ms: i64) -> Session {
+        let mut token_id = [n; 16];
+        token_id[..8].copy_from_slice(&issued.to_be_bytes());
         Session {
             user_id: user,
             expires_at_ms,
-            token_id: [n; 16],
+            token_id,
             account_created_ms: None,
         }
     }
 
     /// However many logouts an account makes, it keeps at most
     /// [`REVOKED_PER_ACCOUNT`] one by one; every session logged out stays
-    /// out, as does one that expires before the latest folded away, while
-    /// a later session never logged out stays in.
+    /// out, as does one issued before the latest folded away, while one
+    /// issued after them stays in, however soon it expires (a shorter
+    /// `session_ttl` since).
     #[test]
     fn an_account_keeps_a_bounded_number_of_logouts_and_loses_none() {
         let revoked = Revoked::default();
-        let sessions: Vec<Session> = (0..40).map(|n| session(7, n, 1_000 + i64::from(n))).collect();
+        let sessions: Vec<Session> = (0..40)
+            .map(|n| session(7, T0 + i64::from(n), n, T0 + 86_400_000))
+            .collect();
         for s in &sessions {
             revoked.add(s);
         }
         assert!(revoked.by_account.get(&7).unwrap().sessions.len() <= REVOKED_PER_ACCOUNT);
         assert!(sessions.iter().all(|s| revoked.contains(s)));
-        assert!(revoked.contains(&session(7, 200, 1_000)));
-        assert!(!revoked.contains(&session(7, 201, 2_000)));
-        assert!(!revoked.contains(&session(8, 0, 1_000)));
-        revoked.forget_expired(1_040);
+        assert!(revoked.contains(&session(7, T0, 200, T0 + 86_400_000)));
+        assert!(!revoked.contains(&session(7, T0 + 100, 201, T0 + 3_600_000)));
+        assert!(!revoked.contains(&session(8, T0, 0, T0 + 86_400_000)));
+        revoked.forget_expired(T0 + 86_400_001);
         assert!(revoked.by_account.is_empty());
+    }
+
+    /// A token of an earlier version has no issue time: its own logout
+    /// holds, no mark covers it, and it never counts toward the bound.
+    #[test]
+    fn a_token_without_an_issue_time_is_kept_by_itself() {
+        let revoked = Revoked::default();
+        let old = Session {
+            user_id: 7,
+            expires_at_ms: T0 + 1_000,
+            token_id: [0xff; 16],
+            account_created_ms: None,
+        };
+        revoked.add(&old);
+        for n in 0..20 {
+            revoked.add(&session(7, T0 + i64::from(n), n, T0 + 1_000));
+        }
+        assert!(revoked.contains(&old));
+        let never = Session {
+            token_id: [0xfe; 16],
+            ..old
+        };
+        assert!(!revoked.contains(&never));
     }
 }

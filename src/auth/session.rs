@@ -15,11 +15,17 @@
 //! into stack buffers and the tag compared in constant time. Logout records
 //! the token id in a revocation set (kept in the store until the token would
 //! have expired anyway).
+//!
+//! A token id begins with its issue time (Unix ms, big-endian), then eight
+//! random bytes: an account's mark of logouts covers the sessions issued
+//! before it, whatever their lifetime ([`issued_ms`]).
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
+
+use crate::store::types::ISSUED_RANGE_MS;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -79,7 +85,8 @@ impl SessionKey {
     /// `account_created_ms`, valid until `expires_at_ms`.
     pub fn issue(&self, user_id: u64, account_created_ms: i64, expires_at_ms: i64) -> (String, Session) {
         let mut token_id = [0u8; 16];
-        rand::rngs::OsRng.fill_bytes(&mut token_id);
+        token_id[..8].copy_from_slice(&crate::clock::now_ms().to_be_bytes());
+        rand::rngs::OsRng.fill_bytes(&mut token_id[8..]);
         let session = Session {
             user_id,
             expires_at_ms,
@@ -148,9 +155,17 @@ fn encode_payload(s: &Session) -> [u8; PAYLOAD_LEN] {
     p
 }
 
-/// Hex of a token id, as stored in the revocation table.
+/// Hex of a token id, as stored in the revocation table. (Its first sixteen
+/// digits are the issue time: ids sort as the sessions were issued.)
 pub fn token_id_hex(id: &[u8; 16]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// When the session `token_id` was issued, Unix ms; `None` for a token of
+/// an earlier version (random ids: see [`ISSUED_RANGE_MS`]).
+pub fn issued_ms(token_id: &[u8; 16]) -> Option<i64> {
+    let at = i64::from_be_bytes(token_id[..8].try_into().expect("8 bytes"));
+    ISSUED_RANGE_MS.contains(&at).then_some(at)
 }
 
 #[cfg(test)]

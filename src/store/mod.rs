@@ -43,7 +43,7 @@ pub use cluster::{
 pub use embedded::EmbeddedStore;
 pub use types::{
     generate_code, Access, ClaimRow, ClusterError, ImportReport, NewUser, Reconciliation, ReportData, Revocation,
-    StoreError, TicketImport, TicketReport, User, UserPage, REVOKED_PER_ACCOUNT,
+    StoreError, TicketImport, TicketReport, User, UserPage, ISSUED_RANGE_MS, REVOKED_PER_ACCOUNT,
 };
 
 use crate::{

@@ -8,9 +8,9 @@ use crate::{journal::JournalError, worker::Runner};
 pub use super::cluster::error::ClusterError;
 
 /// The logged-out sessions an account keeps one by one; past them, the
-/// earliest to expire fold into a mark ([`Revocation::Before`]) that
-/// logs out every session of the account expiring by then, the ones never
-/// logged out too. Each logout added a revocation kept until the session
+/// earliest issued fold into a mark ([`Revocation::Before`]) that logs
+/// out every session of the account issued by then, the ones never logged
+/// out too. Each logout added a revocation kept until the session
 /// would have expired, in memory and in the store, and nothing limited the
 /// sessions an account may open: one account logging in and out in a loop
 /// (from many /64s, each with its own budget of logins) grew both for as
@@ -18,6 +18,28 @@ pub use super::cluster::error::ClusterError;
 /// day; a ninth logout within a session's lifetime costs the account its
 /// older sessions, never a session left open.
 pub const REVOKED_PER_ACCOUNT: usize = 8;
+
+/// The issue times a session's token id may carry (its first eight bytes,
+/// big-endian Unix ms): 2020 to 2100. A token of an earlier version has
+/// sixteen random bytes, whose first eight fall in this window about once
+/// in seven million; outside it, the token has no known issue time.
+pub const ISSUED_RANGE_MS: std::ops::Range<i64> = 1_577_836_800_000..4_102_444_800_000;
+
+/// The hex bounds of the token ids that carry an issue time: their first
+/// sixteen digits, the time, sort as the number does.
+pub fn issued_ids() -> (String, String) {
+    (
+        format!("{:016x}", ISSUED_RANGE_MS.start),
+        format!("{:016x}", ISSUED_RANGE_MS.end),
+    )
+}
+
+/// The issue time a token id's hex carries (`None` for an earlier
+/// version's).
+pub fn issued_of_hex(token_id: &str) -> Option<i64> {
+    let at = i64::from_str_radix(token_id.get(..16)?, 16).ok()?;
+    ISSUED_RANGE_MS.contains(&at).then_some(at)
+}
 
 /// A logout, as the store keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,12 +53,15 @@ pub enum Revocation {
         /// When the session would have expired, Unix ms.
         expires_at_ms: i64,
     },
-    /// Every session of `user` expiring at or before `expires_at_ms` (the
-    /// mark, which is itself forgotten once that time has passed).
+    /// Every session of `user` issued at or before `issued_ms` (by its
+    /// token id: see `auth::session::issued_ms`), until `expires_at_ms`,
+    /// the latest expiry of the logouts folded into it.
     Before {
         /// The account.
         user: u64,
-        /// Sessions expiring at or before this time are logged out.
+        /// Sessions issued at or before this time are logged out.
+        issued_ms: i64,
+        /// When the mark may be forgotten.
         expires_at_ms: i64,
     },
 }

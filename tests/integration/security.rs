@@ -912,12 +912,15 @@ async fn an_account_logging_in_again_and_again_is_slowed_down() {
 /// (each with its own budget of logins), grew both for as long as the
 /// password hashing kept up. An account now keeps eight logouts one by
 /// one and a mark past them: every session logged out stays out, before
-/// and after a restart; a session opened after them stays in; and the
-/// store holds at most nine rows of the account.
+/// and after a restart; a session opened after them stays in, even one
+/// that expires before them (a shorter `session_ttl` since: a mark by
+/// expiry refused it); and the store holds at most nine rows of the
+/// account.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_accounts_logouts_are_bounded_and_every_one_stays_out() {
-    let config = base_config().replace("[security]\n", "[security]\ntrusted_proxies = [\"127.0.0.1\"]\n");
-    let mut app = TestApp::start(&(config + &open_activity("lo", 1, 1)));
+    let config = base_config().replace("[security]\n", "[security]\ntrusted_proxies = [\"127.0.0.1\"]\n")
+        + &open_activity("lo", 1, 1);
+    let mut app = TestApp::start(&config);
     app.register("leaver").await;
     let creds = json!({ "username": "leaver", "password": "password-leaver" });
     let mut gone = Vec::new();
@@ -957,6 +960,17 @@ async fn an_accounts_logouts_are_bounded_and_every_one_stays_out() {
             app.restart();
         }
     }
+    let shorter = config.replace("[auth]\n", "[auth]\nsession_ttl = \"1h\"\n");
+    assert_ne!(config, shorter);
+    assert_eq!(app.reload(&shorter)["message"], "Config reloaded.");
+    let brief = app.login("leaver").await;
+    let res = app.client.get("/ticket/list", Some(&brief)).await.unwrap();
+    assert_eq!(
+        res.status, 200,
+        "a session opened after the logouts, with a shorter life: {}",
+        res.body
+    );
+    assert!(gone.iter().chain([&kept]).all(|t| *t != brief));
     assert_eq!(app.stop(), 0);
     let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
     let tables: Vec<String> = db

@@ -35,8 +35,8 @@ use crate::{
     config::{ActivityConfig, Config},
     stats::StatsBatch,
     store::types::{
-        code_rng, generate_code, ClaimRow, ImportReport, NewUser, ReportData, Revocation, StoreError, TicketImport,
-        TicketReport, User, UserPage, REVOKED_PER_ACCOUNT,
+        code_rng, generate_code, issued_ids, issued_of_hex, ClaimRow, ImportReport, NewUser, ReportData, Revocation,
+        StoreError, TicketImport, TicketReport, User, UserPage, REVOKED_PER_ACCOUNT,
     },
     vocab::Claim,
 };
@@ -94,9 +94,10 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), MongoError> {
     coll(db, "revoked_sessions")
         .create_index(index(doc! {"revoked_at_ms": 1}, false))
         .await?;
-    // An account's logouts, latest to expire first, at each logout.
+    // An account's logouts, latest issued first (token ids begin with
+    // their issue time), at each logout.
     coll(db, "revoked_sessions")
-        .create_index(index(doc! {"user_id": 1, "expires_at_ms": -1}, false))
+        .create_index(index(doc! {"user_id": 1, "_id": -1}, false))
         .await?;
     // The report reads one activity's statistics; outcomes come ten rows a
     // second per outcome while a rush runs.
@@ -522,10 +523,11 @@ fn mark_id(user: u64) -> String {
 }
 
 /// Records `user`'s logout of `token_id`, then folds the account's
-/// earliest to expire past [`REVOKED_PER_ACCOUNT`] into its mark. Two
-/// logouts of the account through two nodes at once may both fold: the
-/// mark only ever moves later (`$max`), and a deleted revocation is one
-/// the mark covers.
+/// earliest issued past [`REVOKED_PER_ACCOUNT`] with an issue time into
+/// its mark (token ids sort as their sessions were issued: see
+/// [`issued_ids`]). Two logouts of the account through two nodes at once
+/// may both fold: the mark only ever moves later (`$max`), and a deleted
+/// revocation is one the mark covers.
 pub async fn revoke_session(db: &Database, user: u64, token_id: &str, expires_at_ms: i64) -> Result<(), MongoError> {
     let c = coll(db, "revoked_sessions");
     let now = crate::clock::now_ms();
@@ -535,27 +537,37 @@ pub async fn revoke_session(db: &Database, user: u64, token_id: &str, expires_at
     )
     .upsert(true)
     .await?;
-    let sessions = doc! {"user_id": user as i64, "before": {"$exists": false}};
+    let (lo, hi) = issued_ids();
+    let timed = doc! {"user_id": user as i64, "_id": {"$gte": lo, "$lt": hi}};
     let past = c
-        .find_one(sessions.clone())
-        .sort(doc! {"expires_at_ms": -1})
+        .find_one(timed.clone())
+        .sort(doc! {"_id": -1})
         .skip(REVOKED_PER_ACCOUNT as u64)
         .await?;
-    let Some(before) = past.and_then(|d| d.get_i64("expires_at_ms").ok()) else {
+    let Some((past, issued)) = past.and_then(|d| {
+        let id = d.get_str("_id").ok()?.to_owned();
+        let issued = issued_of_hex(&id)?;
+        Some((id, issued))
+    }) else {
         return Ok(());
+    };
+    let mut folded = timed;
+    folded.insert("_id", doc! {"$gte": issued_ids().0, "$lte": &past});
+    let mut latest = c.find(folded.clone()).sort(doc! {"expires_at_ms": -1}).limit(1).await?;
+    let expires = match latest.try_next().await? {
+        Some(d) => d.get_i64("expires_at_ms").unwrap_or(expires_at_ms),
+        None => expires_at_ms,
     };
     c.update_one(
         doc! {"_id": mark_id(user)},
         doc! {
-            "$max": {"expires_at_ms": before},
+            "$max": {"issued_ms": issued, "expires_at_ms": expires},
             "$set": {"user_id": user as i64, "before": true, "revoked_at_ms": now},
         },
     )
     .upsert(true)
     .await?;
-    let mut covered = sessions;
-    covered.insert("expires_at_ms", doc! {"$lte": before});
-    c.delete_many(covered).await?;
+    c.delete_many(folded).await?;
     Ok(())
 }
 
@@ -584,9 +596,10 @@ pub async fn revoked_sessions(
             continue;
         };
         let user = d.get_i64("user_id").ok().map(|u| u as u64);
-        out.push(match (user, d.get_bool("before").unwrap_or(false)) {
-            (Some(user), true) => Revocation::Before {
+        out.push(match (user, d.get_i64("issued_ms")) {
+            (Some(user), Ok(issued_ms)) if d.get_bool("before").unwrap_or(false) => Revocation::Before {
                 user,
+                issued_ms,
                 expires_at_ms: exp,
             },
             _ => Revocation::Session {

@@ -41,8 +41,8 @@ use crate::{
     journal::{Found, Journal, JournalSetup},
     stats::StatsBatch,
     store::types::{
-        code_rng, generate_code, Access, ClaimRow, ImportReport, NewUser, Reconciliation, ReportData, Revocation,
-        StoreError, TicketImport, User, UserPage, REVOKED_PER_ACCOUNT,
+        code_rng, generate_code, issued_ids, issued_of_hex, Access, ClaimRow, ImportReport, NewUser, Reconciliation,
+        ReportData, Revocation, StoreError, TicketImport, User, UserPage, REVOKED_PER_ACCOUNT,
     },
     vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
 };
@@ -129,8 +129,9 @@ CREATE TABLE IF NOT EXISTS revoked_sessions (
 -- Every logout deletes the expired ones: without this, a scan of every
 -- logout of the last day, under the lock logins and registrations take.
 CREATE INDEX IF NOT EXISTS revoked_sessions_expiry ON revoked_sessions (expires_at_ms);
--- Logouts by account, at most REVOKED_PER_ACCOUNT each; the earliest to
--- expire past them fold into the account's revoked_before.
+-- Logouts by account, at most REVOKED_PER_ACCOUNT each with an issue time
+-- (the first sixteen hex digits of token_id); the earliest issued past
+-- them fold into the account's revoked_before.
 CREATE TABLE IF NOT EXISTS revoked_by_account (
     user_id       INTEGER NOT NULL,
     token_id      TEXT NOT NULL,
@@ -138,10 +139,11 @@ CREATE TABLE IF NOT EXISTS revoked_by_account (
     PRIMARY KEY (user_id, token_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS revoked_by_account_expiry ON revoked_by_account (expires_at_ms);
--- Every session of the account expiring at or before expires_at_ms is
--- logged out (and the row, once that has passed, is of no more use).
+-- Every session of the account issued at or before issued_ms is logged
+-- out, until expires_at_ms (the latest expiry of the logouts folded in).
 CREATE TABLE IF NOT EXISTS revoked_before (
     user_id       INTEGER PRIMARY KEY,
+    issued_ms     INTEGER NOT NULL,
     expires_at_ms INTEGER NOT NULL
 );
 "#;
@@ -612,33 +614,40 @@ impl EmbeddedStore {
         })
     }
 
-    /// One transaction: the logout, and past [`REVOKED_PER_ACCOUNT`] the
-    /// fold of the account's earliest to expire into its mark.
+    /// One transaction: the logout, and past [`REVOKED_PER_ACCOUNT`] with
+    /// an issue time the fold of the account's earliest issued into its
+    /// mark. (Token ids sort as their sessions were issued; those of an
+    /// earlier version, with no issue time, fall outside [`issued_ids`].)
     pub(super) fn revoke_session(&self, user: u64, token_id: &str, expires_at_ms: i64) -> Result<(), StoreError> {
+        let (lo, hi) = issued_ids();
         let mut conn = self.db.lock();
         let tx = conn.transaction()?;
         tx.execute(
             "INSERT OR IGNORE INTO revoked_by_account (user_id, token_id, expires_at_ms) VALUES (?1, ?2, ?3)",
             params![user as i64, token_id, expires_at_ms],
         )?;
-        let past: Option<i64> = tx
+        let past: Option<String> = tx
             .query_row(
-                "SELECT expires_at_ms FROM revoked_by_account WHERE user_id = ?1
-                 ORDER BY expires_at_ms DESC LIMIT 1 OFFSET ?2",
-                params![user as i64, REVOKED_PER_ACCOUNT as i64],
+                "SELECT token_id FROM revoked_by_account WHERE user_id = ?1 AND token_id >= ?3 AND token_id < ?4
+                 ORDER BY token_id DESC LIMIT 1 OFFSET ?2",
+                params![user as i64, REVOKED_PER_ACCOUNT as i64, lo, hi],
                 |r| r.get(0),
             )
             .optional()?;
-        if let Some(before) = past {
-            tx.execute(
-                "INSERT INTO revoked_before (user_id, expires_at_ms) VALUES (?1, ?2)
-                 ON CONFLICT (user_id) DO UPDATE SET expires_at_ms = max(expires_at_ms, excluded.expires_at_ms)",
-                params![user as i64, before],
+        if let Some((issued, past)) = past.and_then(|p| Some((issued_of_hex(&p)?, p))) {
+            let folded = "FROM revoked_by_account WHERE user_id = ?1 AND token_id >= ?2 AND token_id <= ?3";
+            let expires: i64 = tx.query_row(
+                &format!("SELECT max(expires_at_ms) {folded}"),
+                params![user as i64, lo, past],
+                |r| r.get(0),
             )?;
             tx.execute(
-                "DELETE FROM revoked_by_account WHERE user_id = ?1 AND expires_at_ms <= ?2",
-                params![user as i64, before],
+                "INSERT INTO revoked_before (user_id, issued_ms, expires_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (user_id) DO UPDATE SET issued_ms = max(issued_ms, excluded.issued_ms),
+                     expires_at_ms = max(expires_at_ms, excluded.expires_at_ms)",
+                params![user as i64, issued, expires],
             )?;
+            tx.execute(&format!("DELETE {folded}"), params![user as i64, lo, past])?;
         }
         tx.commit()?;
         // The tables hold only what has not expired: a node that serves
@@ -675,11 +684,12 @@ impl EmbeddedStore {
         })? {
             out.push(row?);
         }
-        let mut before = conn.prepare("SELECT user_id, expires_at_ms FROM revoked_before")?;
+        let mut before = conn.prepare("SELECT user_id, issued_ms, expires_at_ms FROM revoked_before")?;
         for row in before.query_map([], |r| {
             Ok(Revocation::Before {
                 user: r.get::<_, i64>(0)? as u64,
-                expires_at_ms: r.get(1)?,
+                issued_ms: r.get(1)?,
+                expires_at_ms: r.get(2)?,
             })
         })? {
             out.push(row?);
