@@ -56,7 +56,7 @@ use crate::{
     config::Config,
     inventory::{CodeIdx, CodePool, Inventory, Ledger, Reservation, Stock},
     metrics,
-    store::{Store, StoreError},
+    store::{Store, StoreError, UserClaims},
     vocab::{Claim, ClaimOutcome, Claimed, CommitOutcome, CommitReply, PendingClaim, Rejection},
 };
 
@@ -205,11 +205,14 @@ impl Claimer {
     /// Every claim `user` holds, in the catalog's activities and in those
     /// taken off sale: what the store sees when it sees every node's claims
     /// (a cluster), this node's ledgers otherwise.
-    pub async fn claims_of_user(&self, catalog: &Catalog, user: u64) -> Result<Vec<Claim>, StoreError> {
+    pub async fn claims_of_user(&self, catalog: &Catalog, user: u64) -> Result<UserClaims, StoreError> {
         let activities: Vec<Arc<str>> = catalog.activities().iter().map(|a| a.id.clone()).collect();
         match self.store.every_claim_of_user(user, &activities).await {
             Some(claims) => claims,
-            None => Ok(self.inventory.claims_of_user(user)),
+            None => Ok(UserClaims {
+                claims: self.inventory.claims_of_user(user),
+                complete: true,
+            }),
         }
     }
 

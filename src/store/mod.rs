@@ -43,7 +43,7 @@ pub use cluster::{
 pub use embedded::EmbeddedStore;
 pub use types::{
     generate_code, Access, ClaimRow, ClusterError, ImportReport, NewUser, Reconciliation, ReportData, Revocation,
-    StoreError, TicketImport, TicketReport, User, UserPage, ISSUED_RANGE_MS, REVOKED_PER_ACCOUNT,
+    StoreError, TicketImport, TicketReport, User, UserClaims, UserPage, ISSUED_RANGE_MS, REVOKED_PER_ACCOUNT,
 };
 
 use crate::{
@@ -457,7 +457,7 @@ impl Store {
     /// through other nodes are seen (cluster; see
     /// [`cluster::ClusterStore::every_claim_of_user`]); `None` when this
     /// node's ledgers, which keep every activity's, are the whole truth.
-    pub async fn every_claim_of_user(&self, user: u64, serves: &[Arc<str>]) -> Option<Result<Vec<Claim>, StoreError>> {
+    pub async fn every_claim_of_user(&self, user: u64, serves: &[Arc<str>]) -> Option<Result<UserClaims, StoreError>> {
         match self {
             Store::Embedded(_) => None,
             Store::Cluster(s) => Some(s.every_claim_of_user(user, serves).await),

@@ -41,6 +41,17 @@ pub fn issued_of_hex(token_id: &str) -> Option<i64> {
     ISSUED_RANGE_MS.contains(&at).then_some(at)
 }
 
+/// Every claim of a user the store could read, and whether that is all of
+/// them: a cluster reads the claims of activities no node sells from
+/// MongoDB, and shows the rest while MongoDB does not answer.
+#[derive(Debug, Default)]
+pub struct UserClaims {
+    /// The claims read.
+    pub claims: Vec<crate::vocab::Claim>,
+    /// False when some could not be read (MongoDB down or slow).
+    pub complete: bool,
+}
+
 /// A logout, as the store keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Revocation {

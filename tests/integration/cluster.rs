@@ -1012,7 +1012,7 @@ async fn a_full_backlog_refuses_claims_rather_than_lose_them_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
-    let cluster = Cluster::start(2, "", "");
+    let mut cluster = Cluster::start(2, "", "");
     let importer = tempfile::tempdir().unwrap();
     let import = |activity: &str| {
         let config = node_config(&cluster.services, &cluster.db, "importer", "") + activity;
@@ -1143,6 +1143,7 @@ async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
         "ACTIVITY_NOT_FOUND",
     );
     assert_eq!(cluster.drained("fo").await.len(), 2, "its claims stay");
+    let mut ids = Vec::new();
     // And their fans still see them, through either node (the nodes read
     // their own activities' claims from Redis: these vanished from
     // `/ticket/list`, and `/ticket/detail` answered 404).
@@ -1154,6 +1155,7 @@ async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
             assert_eq!(claims.len(), 1, "{}", list.body);
             assert_eq!((&claims[0]["actId"], &claims[0]["code"]), (&"fo".into(), code));
             let id = &claims[0]["claimId"];
+            ids.push(id.clone());
             let detail = node
                 .client
                 .get(&format!("/ticket/detail?ticketId={id}"), Some(token))
@@ -1168,6 +1170,34 @@ async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no imported definition of `fo`"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+
+    // With MongoDB gone, those claims cannot be read: the list says it is
+    // partial (not a fan's whole list without them), and their detail is
+    // unavailable for now (not "you hold no claim").
+    cluster.services.stop_mongo();
+    let node = &cluster.nodes[0];
+    let list = node.client.get("/ticket/list", Some(&tokens[0])).await.unwrap();
+    assert_eq!(list.status, 200, "{}", list.body);
+    assert_eq!(
+        (&list.data()["partial"], &list.data()["total"]),
+        (&true.into(), &0.into()),
+        "{}",
+        list.body
+    );
+    let detail = node
+        .client
+        .get(&format!("/ticket/detail?ticketId={}", ids[0]), Some(&tokens[0]))
+        .await
+        .unwrap();
+    crate::common::assert_error(&detail, 503, "STORE_UNAVAILABLE");
+    cluster.services.restart_mongo();
+    let list = node.client.get("/ticket/list", Some(&tokens[0])).await.unwrap();
+    assert_eq!(
+        (&list.data()["partial"], &list.data()["total"]),
+        (&false.into(), &1.into()),
+        "{}",
+        list.body
     );
 }
 

@@ -964,3 +964,36 @@ async fn a_silent_event_stream_is_given_up_and_opened_again() {
         "waiting"
     );
 }
+
+/// A cluster node reads the claims of activities no node sells any more
+/// from MongoDB; while it cannot, `/ticket/list` says it is partial, and
+/// "My tickets" says some could not be loaded rather than show the rest
+/// as if they were all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn my_tickets_says_when_past_sales_could_not_be_loaded() {
+    use crate::cluster::{cluster_activity, Cluster};
+    let (kept, dropped) = (cluster_activity("pk", 5, 1), cluster_activity("pd", 5, 1));
+    let mut cluster = Cluster::start(1, &(kept.clone() + &dropped), "");
+    let node = &cluster.nodes[0];
+    let token = node.register("past-fan").await;
+    let res = node.claim(&token, "pd").await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    cluster.drained("pd").await;
+    let node = &cluster.nodes[0];
+    let config = std::fs::read_to_string(node.config_path()).unwrap();
+    let without = config.replace(&dropped, "");
+    assert_ne!(config, without);
+    assert_eq!(node.reload(&without)["message"], "Config reloaded.");
+    cluster.services.stop_mongo();
+    let node = &cluster.nodes[0];
+    let mut b = Browser::launch().await;
+    b.goto(&node.url()).await;
+    b.eval(&format!("localStorage.setItem('ticketd.token', {})", json!(token)))
+        .await;
+    b.goto(&format!("{}/#/mine", node.url())).await;
+    b.wait_for(
+        "document.querySelector('#view .notice.bad')?.textContent.includes('could not be loaded')",
+        "the page to say some tickets could not be loaded",
+    )
+    .await;
+}

@@ -19,6 +19,7 @@ use crate::{
     },
     metrics::{self, Rejected},
     state::AppState,
+    store::UserClaims,
     vocab::{Claim, ClaimOutcome, Rejection},
 };
 
@@ -101,7 +102,7 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
 /// Every claim `user` holds (claims made through other nodes included).
 /// In a cluster that is a read of the shared store, within the user's
 /// budget of such reads.
-async fn claims_of(state: &AppState, user: u64) -> Result<Vec<Claim>, ApiError> {
+async fn claims_of(state: &AppState, user: u64) -> Result<UserClaims, ApiError> {
     if state.store.shared_with_nodes() {
         state
             .guard
@@ -121,7 +122,7 @@ pub async fn list(state: &AppState, req: &Request<Incoming>) -> Result<Response<
     let query = Query::parse(req.uri().query());
     let page = query.number("page", 1, 1_000_000)?;
     let page_size = query.number("pageSize", 20, 100)?;
-    let mut claims = claims_of(state, session.user_id).await?;
+    let UserClaims { mut claims, complete } = claims_of(state, session.user_id).await?;
     // By time: a cluster's nodes take claim ids in blocks, so a later claim
     // through another node can have a smaller id.
     claims.sort_by_key(|c| std::cmp::Reverse((c.claimed_at_ms, c.id)));
@@ -137,6 +138,9 @@ pub async fn list(state: &AppState, req: &Request<Incoming>) -> Result<Response<
         "pageSize": page_size,
         "total": total,
         "claims": views,
+        // True when some could not be read (a cluster's MongoDB, for the
+        // activities no node sells): to be read again later.
+        "partial": !complete,
     })))
 }
 
@@ -160,8 +164,13 @@ async fn own_claim(state: &AppState, req: &Request<Incoming>) -> Result<Claim, A
         )
     })?;
     let not_found = || ApiError::not_found("CLAIM_NOT_FOUND", "you hold no claim with this id");
-    let claims = claims_of(state, session.user_id).await?;
-    claims.into_iter().find(|c| c.id == id).ok_or_else(not_found)
+    let UserClaims { claims, complete } = claims_of(state, session.user_id).await?;
+    match claims.into_iter().find(|c| c.id == id) {
+        Some(claim) => Ok(claim),
+        // It may be among those that could not be read: not "you hold none".
+        None if !complete => Err(ApiError::from(Rejection::Unavailable)),
+        None => Err(not_found()),
+    }
 }
 
 /// One claim of the caller.

@@ -19,7 +19,8 @@ const WORDS = {
     username: 'Username', password: 'Password', nickname: 'Nickname (optional)',
     haveAccount: 'Have an account? Log in', noAccount: 'New here? Register',
     success: 'Got it! Your code:', seeMine: 'See my tickets', yourCodes: 'Your codes:',
-    noTickets: 'You have no tickets yet.', claimedAt: 'Claimed', pow: 'Solving the anti-bot puzzle…',
+    noTickets: 'You have no tickets yet.', claimedAt: 'Claimed',
+    partialList: 'Some tickets of past sales could not be loaded just now. Reload the page in a moment.', pow: 'Solving the anti-bot puzzle…',
     retrying: 'Retrying in', seconds: 's', held: 'You hold',
     gaveUp: 'Press the button to try again (a new try never gets you a second ticket).',
     reload: 'Reload the page to try again.', tryAgainIn: 'Try again in',
@@ -47,7 +48,8 @@ const WORDS = {
     username: '用户名', password: '密码', nickname: '昵称（可选）',
     haveAccount: '已有账号？登录', noAccount: '没有账号？注册',
     success: '抢到了！你的券码：', seeMine: '查看我的票', yourCodes: '你的券码：',
-    noTickets: '你还没有票。', claimedAt: '领取时间', pow: '正在完成防机器人验证…',
+    noTickets: '你还没有票。', claimedAt: '领取时间',
+    partialList: '部分往期活动的票暂时无法加载，请稍后刷新页面。', pow: '正在完成防机器人验证…',
     retrying: '重试倒计时', seconds: '秒', held: '你已持有',
     gaveUp: '请再按一次按钮重试（再试不会让你多得一张票）。',
     reload: '请刷新页面重试。', tryAgainIn: '请稍后再试：',
@@ -879,10 +881,14 @@ async function mineView() {
   // twice is shown once.
   const claims = [];
   const seen = new Set();
+  // A page the node could not read whole (a cluster's MongoDB, for past
+  // sales) says so: the fan is told, not shown fewer tickets as if all.
+  let partial = false;
   for (let page = 1; ; page++) {
     const res = await load(`/ticket/list?pageSize=${LIST_PAGE}&page=${page}`, mine);
     if (mine !== navigation) return;
     if (!res.ok) return show(failedNotice(res.error, retryable(res), 'reload'));
+    partial ||= res.data.partial === true;
     for (const c of res.data.claims) {
       if (!seen.has(c.claimId)) { seen.add(c.claimId); claims.push(c); }
     }
@@ -896,7 +902,9 @@ async function mineView() {
         h('p', { class: 'muted' }, `${t('claimedAt')} ${when(Date.parse(c.claimedAt))}`)),
       qr);
   });
-  show(h('h1', {}, t('mine')), cards.length ? h('ul', { class: 'cards tickets' }, cards) : h('p', { class: 'muted' }, t('noTickets')));
+  show(h('h1', {}, t('mine')),
+    partial ? notice('bad', t('partialList')) : null,
+    cards.length ? h('ul', { class: 'cards tickets' }, cards) : h('p', { class: 'muted' }, t('noTickets')));
 }
 
 /** The QR is drawn by the node and only for its owner: fetched with the token, shown from a blob. */

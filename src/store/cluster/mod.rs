@@ -82,7 +82,8 @@ use crate::{
     config::{ActivityConfig, Config},
     stats::StatsBatch,
     store::types::{
-        Access, ClaimRow, ImportReport, NewUser, Reconciliation, ReportData, Revocation, StoreError, User, UserPage,
+        Access, ClaimRow, ImportReport, NewUser, Reconciliation, ReportData, Revocation, StoreError, User, UserClaims,
+        UserPage,
     },
     vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
 };
@@ -822,11 +823,15 @@ impl ClusterStore {
     /// from `/ticket/list`, and `/ticket/detail` answered 404. MongoDB holds
     /// them once the backlogs have drained. While it is known to be down
     /// (or does not answer within a second), only the served activities'
-    /// claims are shown: the claims of the sale on now come first.
-    pub async fn every_claim_of_user(&self, user: u64, serves: &[Arc<str>]) -> Result<Vec<Claim>, StoreError> {
+    /// claims are shown, and the answer says it is not complete: the
+    /// claims of the sale on now come first.
+    pub async fn every_claim_of_user(&self, user: u64, serves: &[Arc<str>]) -> Result<UserClaims, StoreError> {
         let mut claims = self.held_by(user, serves, 0).await?;
         if !self.shared.mongo_up.load(Ordering::Relaxed) {
-            return Ok(claims);
+            return Ok(UserClaims {
+                claims,
+                complete: false,
+            });
         }
         let (shared, serves) = (self.shared.clone(), serves.to_vec());
         let elsewhere = on(&self.handle, async move {
@@ -837,11 +842,17 @@ impl ClusterStore {
             }
         })
         .await;
-        match elsewhere {
-            Ok(found) => claims.extend(found),
-            Err(error) => tracing::debug!(%error, "Could not read a user's claims in the activities not on sale."),
-        }
-        Ok(claims)
+        let complete = match elsewhere {
+            Ok(found) => {
+                claims.extend(found);
+                true
+            }
+            Err(error) => {
+                tracing::debug!(%error, "Could not read a user's claims in the activities not on sale.");
+                false
+            }
+        };
+        Ok(UserClaims { claims, complete })
     }
 
     /// [`claims_of_user`](Self::claims_of_user), confirmed by
