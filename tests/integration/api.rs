@@ -531,6 +531,27 @@ async fn the_list_is_never_stale() {
     }
 }
 
+/// A node on [`slow_journal_disk`], started; and the file that holds its
+/// journal's `fdatasync` while it exists.
+fn on_a_slow_journal_disk(config: &str) -> (TestApp, std::path::PathBuf) {
+    let mut app = TestApp::prepare(config, &[]);
+    let lib = slow_journal_disk(app.dir.path());
+    let hold = app.dir.path().join("hold-fsync");
+    app.env.push(("LD_PRELOAD".into(), lib.display().to_string()));
+    app.env
+        .push(("TEST_HOLD_JOURNAL_FSYNC".into(), hold.display().to_string()));
+    app.boot();
+    (app, hold)
+}
+
+/// Waits until one claim is being committed (held on the slow disk).
+async fn one_claim_waits_on_the_disk(app: &TestApp) {
+    crate::common::until("a claim to wait on the disk", || async {
+        crate::common::metric(app, "ticketd_claims_in_flight").await == 1.0
+    })
+    .await;
+}
+
 /// An `fdatasync` of the journal's that waits while `hold` exists: a disk
 /// slow to make one group commit durable, so that a claim stays in its
 /// commit for as long as the test needs. Built with the system's C
@@ -583,13 +604,7 @@ int fdatasync(int fd) {
 async fn a_retry_of_a_claim_still_being_committed_hears_in_progress() {
     let other = open_activity("other", 1, 1);
     let config = base_config() + &open_activity("ip", 5, 2) + &other;
-    let mut app = TestApp::prepare(&config, &[]);
-    let lib = slow_journal_disk(app.dir.path());
-    let hold = app.dir.path().join("hold-fsync");
-    app.env.push(("LD_PRELOAD".into(), lib.display().to_string()));
-    app.env
-        .push(("TEST_HOLD_JOURNAL_FSYNC".into(), hold.display().to_string()));
-    app.boot();
+    let (app, hold) = on_a_slow_journal_disk(&config);
     let token = app.register("slow").await;
     let body = app.claim_body(&token, "ip").await;
     let post = || {
@@ -598,10 +613,7 @@ async fn a_retry_of_a_claim_still_being_committed_hears_in_progress() {
     };
     std::fs::write(&hold, b"").unwrap();
     let first = tokio::spawn(post());
-    crate::common::until("the first claim to wait on the disk", || async {
-        crate::common::metric(&app, "ticketd_claims_in_flight").await == 1.0
-    })
-    .await;
+    one_claim_waits_on_the_disk(&app).await;
     let paused = config.replace("per_user_limit = 2", "per_user_limit = 2\npaused = true");
     assert_ne!(config, paused);
     assert_eq!(app.reload(&paused)["message"], "Config reloaded.");
@@ -625,13 +637,7 @@ async fn a_retry_of_a_claim_still_being_committed_hears_in_progress() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_while_the_last_code_is_being_committed_hears_stock_in_flight_not_sold_out() {
     let config = base_config() + &open_activity("last", 1, 1);
-    let mut app = TestApp::prepare(&config, &[]);
-    let lib = slow_journal_disk(app.dir.path());
-    let hold = app.dir.path().join("hold-fsync");
-    app.env.push(("LD_PRELOAD".into(), lib.display().to_string()));
-    app.env
-        .push(("TEST_HOLD_JOURNAL_FSYNC".into(), hold.display().to_string()));
-    app.boot();
+    let (app, hold) = on_a_slow_journal_disk(&config);
     let (first_fan, second_fan) = (app.register("first").await, app.register("second").await);
     let (first_body, second_body) = (
         app.claim_body(&first_fan, "last").await,
@@ -640,10 +646,7 @@ async fn a_claim_while_the_last_code_is_being_committed_hears_stock_in_flight_no
     std::fs::write(&hold, b"").unwrap();
     let client = app.client_clone();
     let first = tokio::spawn(async move { client.post("/ticket/get", Some(&first_fan), &first_body).await.unwrap() });
-    crate::common::until("the last code's claim to wait on the disk", || async {
-        crate::common::metric(&app, "ticketd_claims_in_flight").await == 1.0
-    })
-    .await;
+    one_claim_waits_on_the_disk(&app).await;
     let meanwhile = app
         .client
         .post("/ticket/get", Some(&second_fan), &second_body)

@@ -1328,32 +1328,11 @@ async fn an_accounts_logouts_through_two_nodes_are_bounded_and_honoured_by_both(
         crate::common::behind_proxy(c, "")
     });
     cluster.nodes[0].register("leaver").await;
-    let creds = serde_json::json!({ "username": "leaver", "password": "password-leaver" });
     let mut gone = Vec::new();
     for i in 0..20 {
         // Five logins from each address: within its budget of ten.
         let from = format!("203.0.113.{}", i / 5 + 1);
-        let node = &cluster.nodes[i % 2];
-        let res = node
-            .client
-            .call(
-                http::Method::POST,
-                "/user/login",
-                None,
-                Some(&creds),
-                &[("X-Forwarded-For", &from)],
-            )
-            .await
-            .unwrap();
-        assert_eq!(res.status, 200, "{}", res.body);
-        let token = res.data()["token"].as_str().unwrap().to_owned();
-        let out = node
-            .client
-            .post("/user/logout", Some(&token), &serde_json::json!({}))
-            .await
-            .unwrap();
-        assert_eq!(out.status, 200, "{}", out.body);
-        gone.push(token);
+        gone.push(crate::common::log_in_and_out(&cluster.nodes[i % 2].client, "leaver", &from).await);
     }
     let kept = cluster.nodes[1].login("leaver").await;
     for node in &cluster.nodes {

@@ -922,27 +922,11 @@ async fn an_accounts_logouts_are_bounded_and_every_one_stays_out() {
         + &open_activity("lo", 1, 1);
     let mut app = TestApp::start(&config);
     app.register("leaver").await;
-    let creds = json!({ "username": "leaver", "password": "password-leaver" });
     let mut gone = Vec::new();
     for i in 0..30 {
         // Five logins from each address: within its budget of ten.
         let from = format!("203.0.113.{}", i / 5 + 1);
-        let res = app
-            .client
-            .call(
-                http::Method::POST,
-                "/user/login",
-                None,
-                Some(&creds),
-                &[("X-Forwarded-For", &from)],
-            )
-            .await
-            .unwrap();
-        assert_eq!(res.status, 200, "{}", res.body);
-        let token = res.data()["token"].as_str().unwrap().to_owned();
-        let out = app.client.post("/user/logout", Some(&token), &json!({})).await.unwrap();
-        assert_eq!(out.status, 200, "{}", out.body);
-        gone.push(token);
+        gone.push(crate::common::log_in_and_out(&app.client, "leaver", &from).await);
     }
     let kept = app.login("leaver").await;
     for round in ["before the restart", "after it"] {

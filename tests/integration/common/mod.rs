@@ -105,6 +105,28 @@ pub fn behind_proxy(config: String, security: &str) -> String {
     )
 }
 
+/// Logs `username` (password `password-<username>`) in and straight out
+/// again through `client`, as a client at `from` behind the trusted proxy
+/// (`X-Forwarded-For`); returns the token logged out.
+pub async fn log_in_and_out(client: &ApiClient, username: &str, from: &str) -> String {
+    let creds = json!({ "username": username, "password": format!("password-{username}") });
+    let res = client
+        .call(
+            http::Method::POST,
+            "/user/login",
+            None,
+            Some(&creds),
+            &[("X-Forwarded-For", from)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
+    let token = res.data()["token"].as_str().unwrap().to_owned();
+    let out = client.post("/user/logout", Some(&token), &json!({})).await.unwrap();
+    assert_eq!(out.status, 200, "{}", out.body);
+    token
+}
+
 /// Waits (up to 60 s) until `condition` holds, checking every 50 ms.
 pub async fn until<F, Fut>(what: &str, mut condition: F)
 where
