@@ -113,3 +113,55 @@ async fn the_report_and_the_live_page_render_in_chromium() {
     });
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
 }
+
+/// The live page read its admin token from the address and left it there,
+/// so it went into the browser's history, synced history and bookmarks;
+/// it now takes it out at once and keeps it for the tab (a reload still
+/// shows the numbers). And its "refused" counted again the shed (503
+/// OVERLOADED) it shows beside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_page_keeps_its_token_out_of_the_address_and_counts_a_refusal_once() {
+    let config =
+        crate::common::with_admin(base_config()) + "[journal]\nqueue_capacity = 1\n" + &open_activity("sh", 150, 1);
+    let app = TestApp::start(&config);
+    let tokens = app.users("s", 1500).await;
+    rush(&app, "sh", &tokens, 2, 500).await;
+    let admin = format!("http://{}", app.admin_addr());
+    let client = crate::common::ApiClient::new(vec![admin.clone()], 1).unwrap();
+    let stats = client
+        .get("/admin/stats", Some(crate::common::ADMIN_TOKEN))
+        .await
+        .unwrap();
+    let outcomes = stats.data()["claimOutcomes"].as_object().unwrap().clone();
+    let count = |k: &str| outcomes.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    assert!(count("overloaded") > 0, "the journal queue never filled: {outcomes:?}");
+    let refused: u64 = outcomes
+        .iter()
+        .filter(|(k, _)| !["success", "replayed", "overloaded"].contains(&k.as_str()))
+        .map(|(_, v)| v.as_u64().unwrap())
+        .sum();
+
+    let mut b = crate::common::cdp::Browser::launch().await;
+    b.goto(&format!("{admin}/admin#token={}", crate::common::ADMIN_TOKEN))
+        .await;
+    b.wait_for(
+        "document.querySelector('#claimed').textContent === '150'",
+        "the numbers",
+    )
+    .await;
+    assert_eq!(b.eval("location.href").await, format!("{admin}/admin"));
+    assert_eq!(
+        b.eval("document.querySelector('#shed').textContent").await,
+        count("overloaded").to_string()
+    );
+    assert_eq!(
+        b.eval("document.querySelector('#refused').textContent").await,
+        refused.to_string()
+    );
+    b.goto(&format!("{admin}/admin")).await;
+    b.wait_for(
+        "document.querySelector('#claimed').textContent === '150'",
+        "the numbers after a reload, with the token kept for the tab",
+    )
+    .await;
+}
