@@ -50,19 +50,31 @@ impl Account {
         issued_ms(token_id).is_some_and(|at| at <= self.before) || self.sessions.iter().any(|(id, _)| id == token_id)
     }
 
-    /// Moves the mark to `before` if that is later, and drops what it covers.
+    /// Moves the mark to `before` if that is later, and drops what it
+    /// covers, the mark lasting as long as what it dropped.
     fn mark(&mut self, before: i64, expires_at_ms: i64) {
         self.before = self.before.max(before);
-        self.mark_expires = self.mark_expires.max(expires_at_ms);
+        let mut expires = self.mark_expires.max(expires_at_ms);
         let mark = self.before;
-        self.sessions
-            .retain(|(id, _)| !issued_ms(id).is_some_and(|at| at <= mark));
+        self.sessions.retain(|(id, exp)| {
+            let covered = issued_ms(id).is_some_and(|at| at <= mark);
+            if covered {
+                expires = expires.max(*exp);
+            }
+            !covered
+        });
+        self.mark_expires = expires;
     }
 
     /// Adds a logout; past [`REVOKED_PER_ACCOUNT`] with an issue time, the
-    /// earliest issued fold into the mark (as the store folds them).
+    /// earliest issued fold into the mark (as the store folds them). One
+    /// the mark covers already makes the mark last as long as it.
     fn add(&mut self, token_id: [u8; 16], expires_at_ms: i64) {
-        if self.covers(&token_id) {
+        if issued_ms(&token_id).is_some_and(|at| at <= self.before) {
+            self.mark_expires = self.mark_expires.max(expires_at_ms);
+            return;
+        }
+        if self.sessions.iter().any(|(id, _)| *id == token_id) {
             return;
         }
         self.sessions.push((token_id, expires_at_ms));
@@ -189,6 +201,29 @@ mod tests {
         assert!(!revoked.contains(&session(8, T0, 0, T0 + 86_400_000)));
         revoked.forget_expired(T0 + 86_400_001);
         assert!(revoked.by_account.is_empty());
+    }
+
+    /// A mark lasts as long as every logout it covers: one that outlives
+    /// the sessions folded in (issued under a longer `session_ttl`), learnt
+    /// before the mark or logged out after it, came back once the mark was
+    /// forgotten.
+    #[test]
+    fn a_mark_lasts_as_long_as_the_logouts_it_covers() {
+        let revoked = Revoked::default();
+        let day = 86_400_000;
+        let before = session(7, T0, 1, T0 + 2 * day);
+        revoked.add(&before);
+        revoked.learn(Revocation::Before {
+            user: 7,
+            issued_ms: T0 + 10,
+            expires_at_ms: T0 + 3_600_000,
+        });
+        let after = session(7, T0 + 5, 2, T0 + 3 * day);
+        revoked.add(&after);
+        revoked.forget_expired(T0 + 2 * day - 1);
+        assert!(revoked.contains(&before) && revoked.contains(&after));
+        revoked.forget_expired(T0 + 3 * day - 1);
+        assert!(revoked.contains(&after));
     }
 
     /// A token of an earlier version has no issue time: its own logout

@@ -551,13 +551,21 @@ pub async fn revoke_session(db: &Database, user: u64, token_id: &str, expires_at
     }) else {
         return Ok(());
     };
+    // The revocations folded: those read here, and only those are deleted
+    // below. (A logout stored meanwhile through another node, with an id
+    // under `past`, stays as it is, for the next fold: deleted by a range,
+    // it went with an expiry the mark never took, and its session came
+    // back once the mark was forgotten.)
     let mut folded = timed;
     folded.insert("_id", doc! {"$gte": issued_ids().0, "$lte": &past});
-    let mut latest = c.find(folded.clone()).sort(doc! {"expires_at_ms": -1}).limit(1).await?;
-    let expires = match latest.try_next().await? {
-        Some(d) => d.get_i64("expires_at_ms").unwrap_or(expires_at_ms),
-        None => expires_at_ms,
-    };
+    let mut found = c.find(folded).projection(doc! {"expires_at_ms": 1}).await?;
+    let (mut ids, mut expires) = (Vec::new(), expires_at_ms);
+    while let Some(d) = found.try_next().await? {
+        if let Ok(id) = d.get_str("_id") {
+            ids.push(id.to_owned());
+            expires = expires.max(d.get_i64("expires_at_ms").unwrap_or(expires_at_ms));
+        }
+    }
     c.update_one(
         doc! {"_id": mark_id(user)},
         doc! {
@@ -567,7 +575,7 @@ pub async fn revoke_session(db: &Database, user: u64, token_id: &str, expires_at
     )
     .upsert(true)
     .await?;
-    c.delete_many(folded).await?;
+    c.delete_many(doc! {"_id": {"$in": ids}}).await?;
     Ok(())
 }
 
