@@ -353,7 +353,7 @@ impl Store {
 
     /// Records that `user`'s session `token_id` was logged out, keeping at
     /// most [`REVOKED_PER_ACCOUNT`] of the account's one by one (the
-    /// earliest to expire past them fold into its [`Revocation::Before`]).
+    /// earliest issued past them fold into its [`Revocation::Before`]).
     pub fn revoke_session(&self, user: u64, token_id: &str, expires_at_ms: i64) -> Result<(), StoreError> {
         match self {
             Store::Embedded(s) => s.revoke_session(user, token_id, expires_at_ms),

@@ -76,7 +76,8 @@ async fn the_report_and_the_live_page_render_in_chromium() {
         )
     });
     assert!(std::fs::metadata(&shot).unwrap().len() > 1000);
-    // Without the token the page says so instead of showing data.
+    // Without the token the page asks for it instead of showing data (and
+    // sends no request).
     let (dom, _) = tokio::task::block_in_place(|| {
         chromium(
             &[
@@ -87,7 +88,10 @@ async fn the_report_and_the_live_page_render_in_chromium() {
             profile.path(),
         )
     });
-    assert!(dom.contains("ADMIN_TOKEN_REQUIRED"), "{dom}");
+    assert!(dom.contains(r#"<form id="login">"#), "{dom}");
+    assert!(dom.contains(r#"<b id="claimed">–</b>"#), "{dom}");
+    let refused = "ticketd_security_rejections_total{reason=\"admin_unauthorized\"}";
+    assert_eq!(crate::common::metric(&app, refused).await, 0.0);
 
     // The report, from a file, with no network.
     assert_eq!(app.stop(), 0);

@@ -36,7 +36,8 @@ use crate::{
 };
 
 /// The live admin page: static HTML whose script polls `/admin/stats` with
-/// the token from the URL fragment (never sent to the server or logged).
+/// the admin token typed into its field (kept in the tab's sessionStorage,
+/// never in the address, never logged).
 const PAGE: &str = include_str!("assets/admin.html");
 
 /// An answer of the admin API: whole, or an export streamed.

@@ -514,7 +514,6 @@ pub async fn users_page(db: &Database, after: u64, limit: i64) -> Result<UserPag
     Ok(page)
 }
 
-/// Records a logged-out session.
 /// The `_id` of `user`'s mark ([`Revocation::Before`]) in
 /// `revoked_sessions`: not a token id, so a node of an earlier version
 /// passes over it.
