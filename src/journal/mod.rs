@@ -574,7 +574,7 @@ pub fn verify_from(dir: &Path, repair: bool, accounted: Option<u64>) -> Result<V
         };
         // Recovery drops a torn last write; so do the counts and the gaps.
         let torn = scan.torn_from().filter(|_| is_last);
-        let before_tear = |at: &usize| torn.map_or(true, |t| *at < t);
+        let before_tear = |at: &usize| torn.is_none_or(|t| *at < t);
         let mut gaps = Vec::new();
         for (_, found) in scan.found.iter().filter(|(at, _)| before_tear(at)) {
             if let Some(p) = prev {

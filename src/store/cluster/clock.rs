@@ -42,7 +42,7 @@ pub(super) async fn follow_at_start(shared: &Shared) -> Result<(), ClusterError>
     let mut best: Option<(i64, Duration)> = None;
     for _ in 0..AT_START {
         let (offset, round_trip) = measure(shared).await?;
-        if !best.is_some_and(|(_, quickest)| quickest <= round_trip) {
+        if best.is_none_or(|(_, quickest)| quickest > round_trip) {
             best = Some((offset, round_trip));
         }
     }

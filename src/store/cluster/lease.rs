@@ -639,7 +639,7 @@ struct Known {
 /// has drained them, a live node takes them over in turn. An error in one
 /// activity does not stop the others; the first is returned.
 async fn sweep_unsold(shared: &Shared, known: &mut Known) -> Result<(), ClusterError> {
-    if !known.read.is_some_and(|at| at.elapsed() < KNOWN_REFRESH) {
+    if known.read.is_none_or(|at| at.elapsed() >= KNOWN_REFRESH) {
         // A failed read is tried again after the same wait: MongoDB down
         // must not hold up the reaping of the activities this node sells.
         known.read = Some(Instant::now());

@@ -215,7 +215,7 @@ mod tests {
             code: code.into(),
             user_id: id,
             claimed_at_ms: 1_000 + id as i64,
-            idempotency_key: (id % 2 == 0).then(|| Arc::from(format!("k{id}"))),
+            idempotency_key: id.is_multiple_of(2).then(|| Arc::from(format!("k{id}"))),
         }
     }
 
