@@ -25,7 +25,7 @@ use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
 
-use crate::store::types::ISSUED_RANGE_MS;
+use crate::store::types::issue_time;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -162,10 +162,9 @@ pub fn token_id_hex(id: &[u8; 16]) -> String {
 }
 
 /// When the session `token_id` was issued, Unix ms; `None` for a token of
-/// an earlier version (random ids: see [`ISSUED_RANGE_MS`]).
+/// an earlier version (random ids: see [`crate::store::ISSUED_RANGE_MS`]).
 pub fn issued_ms(token_id: &[u8; 16]) -> Option<i64> {
-    let at = i64::from_be_bytes(token_id[..8].try_into().expect("8 bytes"));
-    ISSUED_RANGE_MS.contains(&at).then_some(at)
+    issue_time(i64::from_be_bytes(token_id[..8].try_into().expect("8 bytes")))
 }
 
 #[cfg(test)]

@@ -37,7 +37,12 @@ pub fn issued_ids() -> (String, String) {
 /// The issue time a token id's hex carries (`None` for an earlier
 /// version's).
 pub fn issued_of_hex(token_id: &str) -> Option<i64> {
-    let at = i64::from_str_radix(token_id.get(..16)?, 16).ok()?;
+    issue_time(i64::from_str_radix(token_id.get(..16)?, 16).ok()?)
+}
+
+/// `at`, the first eight bytes of a token id, as an issue time: `None`
+/// outside [`ISSUED_RANGE_MS`] (a token of an earlier version).
+pub fn issue_time(at: i64) -> Option<i64> {
     ISSUED_RANGE_MS.contains(&at).then_some(at)
 }
 

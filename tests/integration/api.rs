@@ -647,22 +647,18 @@ async fn a_claim_while_the_last_code_is_being_committed_hears_stock_in_flight_no
     let client = app.client_clone();
     let first = tokio::spawn(async move { client.post("/ticket/get", Some(&first_fan), &first_body).await.unwrap() });
     one_claim_waits_on_the_disk(&app).await;
-    let meanwhile = app
-        .client
-        .post("/ticket/get", Some(&second_fan), &second_body)
-        .await
-        .unwrap();
-    assert_error(&meanwhile, 503, "STOCK_IN_FLIGHT");
+    let second = || async {
+        app.client
+            .post("/ticket/get", Some(&second_fan), &second_body)
+            .await
+            .unwrap()
+    };
+    assert_error(&second().await, 503, "STOCK_IN_FLIGHT");
     assert!(!first.is_finished(), "the first claim ended while the disk was held");
     std::fs::remove_file(&hold).unwrap();
     let first = first.await.unwrap();
     assert_eq!(first.status, 200, "{}", first.body);
-    let after = app
-        .client
-        .post("/ticket/get", Some(&second_fan), &second_body)
-        .await
-        .unwrap();
-    assert_error(&after, 410, "SOLD_OUT");
+    assert_error(&second().await, 410, "SOLD_OUT");
 }
 
 /// A reload took an activity out after a fan's claim in it, whose first

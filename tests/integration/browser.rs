@@ -146,6 +146,7 @@ async fn the_live_page_keeps_its_token_out_of_the_address_and_counts_a_refusal_o
         .map(|(_, v)| v.as_u64().unwrap())
         .sum();
 
+    let sold = "document.querySelector('#claimed').textContent === '150'";
     let mut b = crate::common::cdp::Browser::launch().await;
     b.goto(&format!("{admin}/admin")).await;
     b.wait_for("!document.querySelector('#login').hidden", "the token's field")
@@ -155,11 +156,7 @@ async fn the_live_page_keeps_its_token_out_of_the_address_and_counts_a_refusal_o
         serde_json::json!(crate::common::ADMIN_TOKEN)
     ))
     .await;
-    b.wait_for(
-        "document.querySelector('#claimed').textContent === '150'",
-        "the numbers",
-    )
-    .await;
+    b.wait_for(sold, "the numbers").await;
     assert_eq!(b.eval("location.href").await, format!("{admin}/admin"));
     assert_eq!(
         b.eval("document.querySelector('#shed').textContent").await,
@@ -170,20 +167,13 @@ async fn the_live_page_keeps_its_token_out_of_the_address_and_counts_a_refusal_o
         refused.to_string()
     );
     b.goto(&format!("{admin}/admin")).await;
-    b.wait_for(
-        "document.querySelector('#claimed').textContent === '150'",
-        "the numbers after a reload, with the token kept for the tab",
-    )
-    .await;
+    b.wait_for(sold, "the numbers after a reload, with the token kept for the tab")
+        .await;
     // An address with the token, as earlier versions were opened, works
     // and is cleaned at once.
     let mut b = crate::common::cdp::Browser::launch().await;
     b.goto(&format!("{admin}/admin#token={}", crate::common::ADMIN_TOKEN))
         .await;
-    b.wait_for(
-        "document.querySelector('#claimed').textContent === '150'",
-        "the numbers",
-    )
-    .await;
+    b.wait_for(sold, "the numbers").await;
     assert_eq!(b.eval("location.href").await, format!("{admin}/admin"));
 }

@@ -16,29 +16,22 @@ use crate::{
 /// this, went on taking traffic with, say, its store applier or admitter
 /// gone.)
 pub fn healthz(state: &AppState) -> Response<Full<Bytes>> {
-    if let Some(worker) = state.workers.failed() {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UNHEALTHY",
-            format!("the background worker `{worker}` failed: the node runs without it until it restarts"),
+    let unhealthy = if let Some(worker) = state.workers.failed() {
+        Some(format!(
+            "the background worker `{worker}` failed: the node runs without it until it restarts"
+        ))
+    } else if !state.store.is_healthy() {
+        Some(
+            "claims cannot be stored: the journal cannot be written (embedded) or Redis is unreachable (cluster)"
+                .to_owned(),
         )
-        .into_response();
-    }
-    if !state.store.is_healthy() {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UNHEALTHY",
-            "claims cannot be stored: the journal cannot be written (embedded) or Redis is unreachable (cluster)",
-        )
-        .into_response();
-    }
-    if let Some(activity) = state.rooms.failed_log() {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UNHEALTHY",
-            format!("the waiting room of `{activity}` cannot write its log: it admits nobody until the node restarts"),
-        )
-        .into_response();
+    } else {
+        state.rooms.failed_log().map(|activity| {
+            format!("the waiting room of `{activity}` cannot write its log: it admits nobody until the node restarts")
+        })
+    };
+    if let Some(why) = unhealthy {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNHEALTHY", why).into_response();
     }
     ok(&serde_json::json!({
         "status": "ok",

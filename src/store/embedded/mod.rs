@@ -683,20 +683,14 @@ impl EmbeddedStore {
         let conn = self.db.lock();
         prune_revocations(&conn, now_ms)?;
         let mut out = Vec::new();
-        let mut legacy = conn.prepare("SELECT token_id, expires_at_ms FROM revoked_sessions")?;
-        for row in legacy.query_map([], |r| {
+        // An earlier version's logouts have no account (NULL).
+        let mut sessions = conn.prepare(
+            "SELECT NULL, token_id, expires_at_ms FROM revoked_sessions
+             UNION ALL SELECT user_id, token_id, expires_at_ms FROM revoked_by_account",
+        )?;
+        for row in sessions.query_map([], |r| {
             Ok(Revocation::Session {
-                user: None,
-                token_id: r.get(0)?,
-                expires_at_ms: r.get(1)?,
-            })
-        })? {
-            out.push(row?);
-        }
-        let mut by_account = conn.prepare("SELECT user_id, token_id, expires_at_ms FROM revoked_by_account")?;
-        for row in by_account.query_map([], |r| {
-            Ok(Revocation::Session {
-                user: Some(r.get::<_, i64>(0)? as u64),
+                user: r.get::<_, Option<i64>>(0)?.map(|u| u as u64),
                 token_id: r.get(1)?,
                 expires_at_ms: r.get(2)?,
             })
