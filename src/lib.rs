@@ -17,6 +17,7 @@
 //! (the integration test `layout` checks that, and that no circle exists).
 //!
 //! - [`clock`] — now, and RFC 3339 text for times;
+//! - [`hex`] — lower-case hex of seeds, token ids and digests;
 //! - [`vocab`] — the claim's vocabulary: `Claim`, `PendingClaim`, `CommitOutcome`, `Rejection`, `ClaimOutcome`;
 //! - [`worker`] — background loops as named workers: one runner starts, reports and stops them in order;
 //! - [`notify`] — the systemd notify protocol (READY, RELOADING, STATUS, WATCHDOG);
@@ -58,6 +59,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod export;
+pub mod hex;
 pub mod http;
 pub mod inventory;
 pub mod journal;

@@ -20,7 +20,10 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::AdmissionMode;
+use crate::{
+    config::AdmissionMode,
+    hex::{from_hex, to_hex},
+};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -170,26 +173,6 @@ impl DrawRecord {
         }
         Ok(())
     }
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
-fn from_hex<const N: usize>(hex: &str) -> Option<[u8; N]> {
-    // Hex digits only: `from_str_radix` would also take a sign (`+a`).
-    if hex.len() != N * 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16).ok()?;
-    }
-    Some(out)
 }
 
 #[cfg(test)]

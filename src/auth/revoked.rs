@@ -16,7 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use dashmap::DashMap;
 
 use super::session::{issued_ms, Session};
-use crate::store::{Revocation, REVOKED_PER_ACCOUNT};
+use crate::{
+    hex::from_hex,
+    store::{Revocation, REVOKED_PER_ACCOUNT},
+};
 
 /// Every logout this node knows of that has not expired.
 #[derive(Default)]
@@ -78,6 +81,9 @@ impl Account {
             return;
         }
         self.sessions.push((token_id, expires_at_ms));
+        if self.sessions.len() <= REVOKED_PER_ACCOUNT {
+            return;
+        }
         let mut timed: Vec<(i64, i64)> = self
             .sessions
             .iter()
@@ -121,7 +127,7 @@ impl Revoked {
                 token_id,
                 expires_at_ms,
             } => {
-                let Some(id) = parse_hex16(&token_id) else { return };
+                let Some(id) = from_hex::<16>(&token_id) else { return };
                 match user {
                     Some(user) => self.by_account.entry(user).or_default().add(id, expires_at_ms),
                     None => {
@@ -148,18 +154,11 @@ impl Revoked {
             a.before > 0 || !a.sessions.is_empty()
         });
         self.legacy.retain(|_, exp| *exp >= now_ms);
+        // Once they have all expired, the claim path stops looking there.
+        // (A cluster reads an earlier version's logouts again at every
+        // refresh, so one learnt meanwhile sets the flag again within it.)
+        self.has_legacy.store(!self.legacy.is_empty(), Ordering::Relaxed);
     }
-}
-
-fn parse_hex16(s: &str) -> Option<[u8; 16]> {
-    let mut out = [0u8; 16];
-    if s.len() != 32 {
-        return None;
-    }
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 #[cfg(test)]

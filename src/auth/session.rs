@@ -158,7 +158,7 @@ fn encode_payload(s: &Session) -> [u8; PAYLOAD_LEN] {
 /// Hex of a token id, as stored in the revocation table. (Its first sixteen
 /// digits are the issue time: ids sort as the sessions were issued.)
 pub fn token_id_hex(id: &[u8; 16]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::to_hex(id)
 }
 
 /// When the session `token_id` was issued, Unix ms; `None` for a token of

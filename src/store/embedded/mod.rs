@@ -278,7 +278,7 @@ fn list_digest(codes: &[&String]) -> String {
         hash.update(code.as_bytes());
         hash.update(b"\n");
     }
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::to_hex(&hash.finalize())
 }
 
 /// Deletes the revocations of sessions expired by `now_ms`.
