@@ -352,11 +352,7 @@ impl App {
             workers.task("stats-flush", &rt, move |ctl, mut stop| async move {
                 let mut every = tokio::time::interval(Duration::from_secs(1));
                 loop {
-                    let last = tokio::select! {
-                        biased;
-                        _ = stop.requested() => true,
-                        _ = every.tick() => false,
-                    };
+                    let last = !stop.tick(&mut every).await;
                     let flushing = state.clone();
                     match tokio::task::spawn_blocking(move || flush_stats(&flushing)).await {
                         Ok(Ok(())) => {}

@@ -129,6 +129,20 @@ impl Stop {
     pub fn is_requested(&self) -> bool {
         *self.0.borrow()
     }
+
+    /// Waits for `interval`'s next tick: true then, false once the stop is
+    /// asked for. The stop comes first: a round slower than the period
+    /// leaves the next tick due when it ends, and `select!` picks among
+    /// ready branches at random (a refresher whose MongoDB calls each
+    /// waited two seconds for a server that was down went round another
+    /// five times after SIGTERM).
+    pub async fn tick(&mut self, interval: &mut tokio::time::Interval) -> bool {
+        tokio::select! {
+            biased;
+            _ = self.requested() => false,
+            _ = interval.tick() => true,
+        }
+    }
 }
 
 /// What `/metrics` and `/admin/stats` show of one worker.
@@ -323,11 +337,7 @@ impl Runner {
 }
 
 /// Runs `round` every `period` until stopped; a stop asked for during a
-/// round ends the loop once that round is done. (A round slower than the
-/// period leaves the next tick due when it ends, and `select!` picks among
-/// ready branches at random: a refresher whose MongoDB calls each waited
-/// two seconds for a server that was down went round another five times
-/// after SIGTERM.)
+/// round ends the loop once that round is done ([`Stop::tick`]).
 pub async fn every<F, Fut>(period: std::time::Duration, ctl: Ctl, mut stop: Stop, mut round: F)
 where
     F: FnMut(&Ctl) -> Fut,
@@ -335,12 +345,7 @@ where
 {
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.requested() => return,
-            _ = interval.tick() => {}
-        }
+    while stop.tick(&mut interval).await {
         round(&ctl).await;
         ctl.tick();
     }

@@ -470,12 +470,8 @@ pub async fn run(leasing: Arc<Leasing>, ctl: Ctl, mut stop: Stop) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        // Stop first: a round slower than the tick leaves the next one due,
-        // and `select!` picks among ready branches at random.
-        tokio::select! {
-            biased;
-            _ = stop.requested() => break,
-            _ = tick.tick() => {}
+        if !stop.tick(&mut tick).await {
+            break;
         }
         ctl.tick();
         let now = Instant::now();
