@@ -377,11 +377,10 @@ impl App {
             });
         }
         if notifier.is_enabled() {
-            // Weak: the runner holds this worker.
-            let (state, notifier, runner) = (state.clone(), notifier.clone(), Arc::downgrade(workers));
+            let (state, notifier) = (state.clone(), notifier.clone());
             workers.task("watchdog", &rt, move |ctl, mut stop| async move {
                 tokio::select! {
-                    _ = supervise(state, notifier, lanes, runner, ctl) => {}
+                    _ = supervise(state, notifier, lanes, ctl) => {}
                     _ = stop.requested() => {}
                 }
             });
@@ -587,14 +586,9 @@ fn flush_stats(state: &AppState) -> Result<(), crate::store::StoreError> {
 /// Tells systemd how the node is doing: a STATUS line every two seconds,
 /// and WATCHDOG=1 at half the watchdog interval, but only while a round trip
 /// through the claim committer and one through every connection lane
-/// succeed in time, and no worker has failed.
-async fn supervise(
-    state: Arc<AppState>,
-    notifier: Arc<Notifier>,
-    lanes: Probe,
-    workers: std::sync::Weak<Runner>,
-    ctl: Ctl,
-) {
+/// succeed in time, and nothing needs a restart
+/// ([`AppState::needs_restart`]).
+async fn supervise(state: Arc<AppState>, notifier: Arc<Notifier>, lanes: Probe, ctl: Ctl) {
     let watchdog = Notifier::watchdog_interval();
     let tick = watchdog.unwrap_or(Duration::from_secs(2)).min(Duration::from_secs(2));
     let mut interval = tokio::time::interval(tick);
@@ -614,16 +608,9 @@ async fn supervise(
                 }
             };
             let (committer, turning) = tokio::join!(committer, lanes.all_turning(every));
-            let failed = workers.upgrade().and_then(|w| w.failed());
-            let room = state.rooms.failed_log();
-            if let Some(worker) = failed {
-                ctl.error(&format_args!("the worker {worker} failed"));
-                tracing::warn!(worker, "A worker failed; not telling the watchdog all is well.");
-            } else if let Some(activity) = room {
-                // A room that cannot write its log stands still: a restart
-                // replays the log and the room goes on.
-                ctl.error(&format_args!("the waiting room of {activity} cannot write its log"));
-                tracing::warn!(%activity, "A waiting room's log failed; not telling the watchdog all is well.");
+            if let Some(reason) = state.needs_restart() {
+                ctl.error(&reason);
+                tracing::warn!(%reason, "Not telling the watchdog all is well: only a restart mends this.");
             } else if committer && turning {
                 notifier.send("WATCHDOG=1");
             } else if !committer && !state.store.is_healthy() {

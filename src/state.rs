@@ -128,6 +128,21 @@ impl AppState {
         self.server.load().write_timeout.0
     }
 
+    /// What only a restart mends, if anything: a background worker that
+    /// failed, or a waiting room that cannot write its log (it admits
+    /// nobody; a restart replays the log). `/healthz` answers 503 for it
+    /// and the node stops feeding systemd's watchdog.
+    pub fn needs_restart(&self) -> Option<String> {
+        if let Some(worker) = self.workers.failed() {
+            return Some(format!(
+                "the background worker `{worker}` failed: the node runs without it until it restarts"
+            ));
+        }
+        self.rooms.failed_log().map(|activity| {
+            format!("the waiting room of `{activity}` cannot write its log: it admits nobody until the node restarts")
+        })
+    }
+
     /// `server.shutdown_grace`.
     pub fn shutdown_grace(&self) -> Duration {
         self.server.load().shutdown_grace.0

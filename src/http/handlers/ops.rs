@@ -16,20 +16,12 @@ use crate::{
 /// this, went on taking traffic with, say, its store applier or admitter
 /// gone.)
 pub fn healthz(state: &AppState) -> Response<Full<Bytes>> {
-    let unhealthy = if let Some(worker) = state.workers.failed() {
-        Some(format!(
-            "the background worker `{worker}` failed: the node runs without it until it restarts"
-        ))
-    } else if !state.store.is_healthy() {
-        Some(
+    let unhealthy = state.needs_restart().or_else(|| {
+        (!state.store.is_healthy()).then(|| {
             "claims cannot be stored: the journal cannot be written (embedded) or Redis is unreachable (cluster)"
-                .to_owned(),
-        )
-    } else {
-        state.rooms.failed_log().map(|activity| {
-            format!("the waiting room of `{activity}` cannot write its log: it admits nobody until the node restarts")
+                .to_owned()
         })
-    };
+    });
     if let Some(why) = unhealthy {
         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNHEALTHY", why).into_response();
     }
