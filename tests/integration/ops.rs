@@ -112,7 +112,10 @@ async fn a_node_whose_journal_failed_stops_feeding_the_watchdog() {
         }
     }
     let refused = refused.expect("the journal never met the full disk");
+    // The journal's failed write, not some other refusal: only that one
+    // stops the watchdog (the claim it held is in doubt).
     assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.error_code(), Some("OUTCOME_UNKNOWN"), "{}", refused.body);
     // Once the watchdog worker has counted an error, every round of it
     // from then on sees the failure. What the socket holds now was sent
     // before (a ping answered just before the failure among it): drained.
