@@ -323,6 +323,11 @@ pub struct Gauges {
     pub leased: Vec<(String, String, usize)>,
     /// Every background worker's state.
     pub workers: Vec<WorkerReport>,
+    /// What `/healthz` says: 200 (true) or 503.
+    pub healthy: bool,
+    /// When the node started, Unix ms (`process_start_time_seconds`: a
+    /// restart systemd's watchdog made between two scrapes shows only there).
+    pub started_ms: i64,
     /// `(table, entries, capacity)` of the guard's per-client tables.
     pub guard_tables: Vec<(&'static str, usize, usize)>,
     /// `(activity, figures)` of each waiting room.
@@ -470,6 +475,16 @@ impl Metrics {
         for (name, help, value) in gauges_list {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         }
+        let _ = writeln!(
+            out,
+            "# HELP ticketd_healthy 1 while /healthz answers 200; 0 while claims cannot be stored or the node needs a restart.\n# TYPE ticketd_healthy gauge\nticketd_healthy {}",
+            u8::from(gauges.healthy)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP process_start_time_seconds Start time of the process since the Unix epoch in seconds.\n# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {:.3}",
+            gauges.started_ms as f64 / 1000.0
+        );
         if let Some(c) = &gauges.cluster {
             self.render_cluster(&mut out, c, &gauges.leased);
         }

@@ -143,6 +143,19 @@ impl AppState {
         })
     }
 
+    /// Why the node should take no traffic, if it should not: what only a
+    /// restart mends, or a claim store that takes no claims. `/healthz`
+    /// answers 503 with it and `/metrics` says `ticketd_healthy 0`, so an
+    /// alert sees what a load balancer sees.
+    pub fn unhealthy(&self) -> Option<String> {
+        self.needs_restart().or_else(|| {
+            (!self.store.is_healthy()).then(|| {
+                "claims cannot be stored: the journal cannot be written (embedded) or Redis is unreachable (cluster)"
+                    .to_owned()
+            })
+        })
+    }
+
     /// `server.shutdown_grace`.
     pub fn shutdown_grace(&self) -> Duration {
         self.server.load().shutdown_grace.0
@@ -186,6 +199,8 @@ impl AppState {
             cluster: self.store.gauges(),
             leased: self.inventory.leasing().map(|l| l.leased()).unwrap_or_default(),
             workers: self.workers.report(),
+            healthy: self.unhealthy().is_none(),
+            started_ms: self.started_ms,
             guard_tables: self.guard.tables().to_vec(),
             queues: self
                 .catalog

@@ -93,9 +93,15 @@ async fn a_node_whose_journal_failed_stops_feeding_the_watchdog() {
     let _disk = crate::common::Tmpfs::mount(&data, "8m");
     app.env.push(("NOTIFY_SOCKET".into(), path.to_str().unwrap().into()));
     app.env.push(("WATCHDOG_USEC".into(), "400000".into()));
+    let booted = ticketd::clock::now_ms() as f64 / 1000.0;
     app.boot();
     let mut seen = Vec::new();
     wait_for(&socket, &mut seen, |s| s.iter().any(|m| m == "WATCHDOG=1"));
+    assert_eq!(crate::common::metric(&app, "ticketd_healthy").await, 1.0);
+    // A restart between two scrapes shows only in the start time.
+    let started = crate::common::metric(&app, "process_start_time_seconds").await;
+    let now = ticketd::clock::now_ms() as f64 / 1000.0;
+    assert!((booted - 1.0..=now).contains(&started), "{booted} {started} {now}");
 
     let tokens = app.users("wd", 300).await;
     let mut bodies = Vec::new();
@@ -123,6 +129,9 @@ async fn a_node_whose_journal_failed_stops_feeding_the_watchdog() {
         crate::common::metric(&app, "ticketd_worker_errors_total{worker=\"watchdog\"}").await > 0.0
     })
     .await;
+    // What /healthz says, for an alert: a scrape sees the failure too.
+    assert_eq!(crate::common::metric(&app, "ticketd_healthy").await, 0.0);
+    assert_eq!(app.client.get("/healthz", None).await.unwrap().status, 503);
     socket.set_nonblocking(true).unwrap();
     while socket.recv(&mut [0u8; 4096]).is_ok() {}
     socket.set_nonblocking(false).unwrap();

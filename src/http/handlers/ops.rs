@@ -16,13 +16,7 @@ use crate::{
 /// this, went on taking traffic with, say, its store applier or admitter
 /// gone.)
 pub fn healthz(state: &AppState) -> Response<Full<Bytes>> {
-    let unhealthy = state.needs_restart().or_else(|| {
-        (!state.store.is_healthy()).then(|| {
-            "claims cannot be stored: the journal cannot be written (embedded) or Redis is unreachable (cluster)"
-                .to_owned()
-        })
-    });
-    if let Some(why) = unhealthy {
+    if let Some(why) = state.unhealthy() {
         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNHEALTHY", why).into_response();
     }
     ok(&serde_json::json!({
