@@ -297,7 +297,12 @@ impl Claimer {
         }
     }
 
-    /// [`replay_from_store`](Self::replay_from_store), else [`no_code`](Self::no_code).
+    /// [`replay_from_store`](Self::replay_from_store) within the user's
+    /// budget of store reads, else [`no_code`](Self::no_code). Past the
+    /// budget (or with Redis out of reach) a keyed claim after the sell-out
+    /// hears what an unkeyed one does: each look-up is a script on the Redis
+    /// every node commits through, and a flood of keyed claims after the
+    /// sell-out made one each.
     async fn replay_or_no_code(
         &self,
         activity: &Activity,
@@ -306,7 +311,11 @@ impl Claimer {
         user: u64,
         key: Option<&str>,
     ) -> Result<Claimed, Rejection> {
-        match self.replay_from_store(activity, user, key).await? {
+        let stored = match key {
+            Some(_) if self.may_read_store(user) => self.replay_from_store(activity, user, key).await?,
+            _ => None,
+        };
+        match stored {
             Some(claimed) => Ok(claimed),
             None => match self.no_code(tickets, one_ticket_type) {
                 // SOLD_OUT is final. The claim with this key may have ended

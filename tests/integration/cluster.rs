@@ -1415,6 +1415,41 @@ async fn an_idempotent_retry_gets_its_code_on_any_node_even_after_the_sell_out_a
     assert_eq!(fresh.error_code(), Some("SOLD_OUT"), "{}", fresh.body);
 }
 
+/// After the sell-out a keyed claim that the ledger does not know is looked
+/// up in Redis (its claim may have been made through another node). That
+/// look-up is a script on the Redis every node commits through, and it ran
+/// for every such claim, outside the user's budget of store reads: one
+/// account sending keyed claims after the sell-out had Redis run a script
+/// per request. Now the budget holds (burst 20, 5 a second), and past it
+/// the claim hears SOLD_OUT as an unkeyed one does (from a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_claims_after_the_sell_out_look_in_redis_only_within_the_budget() {
+    const CLAIMS: usize = 300;
+    let cluster = Cluster::start(1, &cluster_activity("kb", 2, 1), "");
+    let node = &cluster.nodes[0];
+    let tokens = cluster.users("kb", 3).await;
+    for t in &tokens[..2] {
+        assert_eq!(node.claim(t, "kb").await.status, 200);
+    }
+    let body = serde_json::json!({"actId": "kb"});
+    // The node learns the cluster sold out at its next look.
+    until("the node to know the sell-out", || async {
+        node.claim(&tokens[2], "kb").await.error_code() == Some("SOLD_OUT")
+    })
+    .await;
+    // The look-up reads the user's list of held codes: one HGET each.
+    let before = command_calls(&cluster, "hget").await;
+    for i in 1..=CLAIMS {
+        let res = claim_keyed(&node.client, &tokens[2], &body, &format!("kb-{i}")).await;
+        assert_error(&res, 410, "SOLD_OUT");
+    }
+    let looked_up = command_calls(&cluster, "hget").await - before;
+    assert!(
+        looked_up < CLAIMS as u64 / 2,
+        "{looked_up} HGETs in Redis for {CLAIMS} keyed claims after the sell-out"
+    );
+}
+
 /// A retry with the same Idempotency-Key gets its claim "whatever changed
 /// since", and did, on the node that made it. Through another node (or the
 /// same after a restart) the ledger has no such claim, and a refusal at the
