@@ -13,9 +13,10 @@
 //!    caller's own LIMIT_REACHED / idempotent replay, else 410 SOLD_OUT at
 //!    once if no code can come back, or 503 STOCK_IN_FLIGHT while one still
 //!    may (see [`Claimer::no_code`]); with leases (a cluster) a claim first
-//!    waits briefly for the lease worker while a master list has codes,
-//!    and then checks the window again and judges its pass as of after
-//!    the wait;
+//!    waits briefly for the lease worker while a master list has codes —
+//!    only one that could take a code (its claim token and the user's
+//!    limit are checked before: the lease is made for it) — and then
+//!    checks the window again and judges its pass as of after the wait;
 //! 2. the claim token and proof of work (403) — for an activity with a
 //!    waiting room, its pass (403 QUEUE_PASS_REQUIRED / QUEUE_PASS_EXPIRED),
 //!    whatever `require_claim_token` says;
@@ -40,7 +41,9 @@
 //! guard owns the code and the slot, and on drop hands the pending answer
 //! to a small task that applies it when it comes. So a durable claim is
 //! always confirmed in the ledger and a failed one always gives its code
-//! back, whoever is still listening.
+//! back, whoever is still listening (a claim whose outcome is unknown
+//! leaves its code to the store, which settles it once it can tell; a code
+//! another node took was never this node's to give back).
 
 use std::sync::{
     atomic::{AtomicUsize, Ordering},
@@ -407,6 +410,18 @@ impl Claimer {
         // A sell-out of one ticket type is not the activity's.
         let one_of_many = ticket.is_some() && activity.tickets.len() > 1;
         let mut in_stock = tickets.iter().any(|t| t.pool.remaining() > 0);
+        if !in_stock && self.inventory.lease_would_wait(tickets.iter().map(|t| &*t.id)) {
+            // A lease is made for this claim only if it could take a code:
+            // one refused anyway (no claim token, a user at the limit) made
+            // an idle node lease codes, give them back two seconds later and
+            // lease them again at the next such claim, each lease a copy of
+            // the codes in the pool's arena, which never shrinks. Judged as
+            // of before the wait; the token again below, as of after it.
+            if let Some(answer) = peeked(activity, &req) {
+                return answer;
+            }
+            self.check_tokens(activity, &req, settings.require_claim_token, now)?;
+        }
         if !in_stock {
             // With leases, this node's codes are gone but a master list may
             // still have some; the lease worker fetches them while we wait.
@@ -424,19 +439,13 @@ impl Claimer {
         if !in_stock {
             // Sold out is answered from memory with read-only look-ups, so the
             // flood after the sell-out costs no allocation and no write lock.
-            return match activity
-                .ledger
-                .peek(req.user_id, activity.per_user_limit, req.idempotency_key.as_deref())
-            {
-                Some(Reservation::Replay(claim)) => Ok(Claimed { claim, replayed: true }),
-                Some(Reservation::InProgress) => Err(Rejection::InProgress),
-                Some(Reservation::LimitReached(codes)) => Err(Rejection::LimitReached(codes)),
-                _ => {
-                    let key = req.idempotency_key.as_deref();
-                    self.replay_or_no_code(activity, tickets, one_of_many, req.user_id, key)
-                        .await
-                }
-            };
+            if let Some(answer) = peeked(activity, &req) {
+                return answer;
+            }
+            let key = req.idempotency_key.as_deref();
+            return self
+                .replay_or_no_code(activity, tickets, one_of_many, req.user_id, key)
+                .await;
         }
         // Only a claim that could take a code pays for the token check.
         let pass_expires = self.check_tokens(activity, &req, settings.require_claim_token, now)?;
@@ -665,6 +674,20 @@ impl Claimer {
                 ClaimTokenError::Expired => Rejection::ClaimTokenExpired,
             })?;
         check_pow(activity, token, req.pow_nonce).map(|()| None)
+    }
+}
+
+/// What the ledger says of `req` without a code: its claim again (a key it
+/// holds), IN_PROGRESS, or LIMIT_REACHED; `None` if it may claim. Read-only.
+fn peeked(activity: &Activity, req: &ClaimRequest<'_>) -> Option<Result<Claimed, Rejection>> {
+    match activity
+        .ledger
+        .peek(req.user_id, activity.per_user_limit, req.idempotency_key.as_deref())?
+    {
+        Reservation::Replay(claim) => Some(Ok(Claimed { claim, replayed: true })),
+        Reservation::InProgress => Some(Err(Rejection::InProgress)),
+        Reservation::LimitReached(codes) => Some(Err(Rejection::LimitReached(codes))),
+        Reservation::Reserved => None,
     }
 }
 

@@ -443,6 +443,14 @@ impl Leasing {
         }
     }
 
+    /// Codes on `ticket`'s master list, as last seen (0 for a ticket type
+    /// this node does not lease).
+    pub(super) fn upstream(&self, ticket: &str) -> usize {
+        self.tickets
+            .get(ticket)
+            .map_or(0, |t| t.upstream.load(Ordering::Relaxed))
+    }
+
     /// Whether Redis, where the master lists are, answered the last command.
     pub(super) fn source_up(&self) -> bool {
         self.source.is_up()

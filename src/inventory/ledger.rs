@@ -4,7 +4,12 @@
 //! the user's map entry (a short DashMap shard lock, never held across an
 //! await), so fifty parallel requests of one user cannot all pass the check.
 //! A reservation ends exactly once: confirmed when the claim is durable,
-//! released when it is not.
+//! released when it is not, or when its outcome is unknown (OUTCOME_UNKNOWN).
+//! Such a claim may have been kept; on one node the journal then takes no
+//! claim until a restart, which rebuilds the ledger from the store, and in a
+//! cluster the commit script holds the limit across nodes, so a user who
+//! holds the limit this way hears SOLD_OUT or STOCK_IN_FLIGHT here where
+//! LIMIT_REACHED would be the truer answer, but gets no further code.
 
 use std::sync::{
     atomic::{AtomicUsize, Ordering},
@@ -86,7 +91,8 @@ impl Ledger {
         Reservation::Reserved
     }
 
-    /// The answer `reserve` would give without reserving: a replay, a claim
+    /// The answer `reserve` would give without reserving, as of the claims
+    /// held (the ones being committed are not counted): a replay, a claim
     /// with this key in progress, the limit reached, or `None`. Takes only a
     /// read lock and never inserts.
     pub fn peek(&self, user: u64, limit: u32, key: Option<&str>) -> Option<Reservation> {

@@ -6,7 +6,8 @@
 //! claims. On one node the pools are filled at start-up from the store (and
 //! by a reload that adds codes); in a cluster, [`lease`] keeps them stocked
 //! with codes leased from the shared master lists, and knows the
-//! cluster-wide counts. Either way the claim path only ever pops a pool.
+//! cluster-wide counts. Either way the claim path only takes codes from a
+//! pool, and puts back the ones whose commit failed.
 //!
 //! - [`pool`]: the lock-free pool of one ticket type's codes;
 //! - [`ledger`]: one activity's claims per user and the per-user limit;
@@ -163,6 +164,14 @@ impl Inventory {
             Some(leasing) => leasing.unsold(tickets),
             None => false,
         }
+    }
+
+    /// Whether a claim that found `tickets`' pools empty would wait for a
+    /// lease ([`wait_for_stock`](Self::wait_for_stock)): in a cluster, with
+    /// Redis answering, while a master list of one of them has codes.
+    pub fn lease_would_wait<'a>(&self, mut tickets: impl Iterator<Item = &'a str>) -> bool {
+        self.leasing()
+            .is_some_and(|l| l.source_up() && tickets.any(|t| l.upstream(t) > 0))
     }
 
     /// Whether codes come by lease (a cluster) and, at the last look, only

@@ -128,13 +128,15 @@ impl CodeArena {
 
 /// The unclaimed codes of one ticket type.
 pub struct CodePool {
-    /// Swapped (copy on grow) only when codes are added, which is rare (start-up, reload).
+    /// Swapped (copy on grow) only when codes are added: at start-up and on
+    /// reload, and in a cluster at each lease (and when a code whose commit
+    /// outcome was unknown is taken back), never on the claim path.
     arena: ArcSwap<CodeArena>,
     shards: Box<[CachePadded<SegQueue<CodeIdx>>]>,
     /// `remaining` (low 32 bits) and `committing` (high 32 bits); see the
     /// module docs. Both are at most the number of codes, below 2^32.
     counts: CachePadded<AtomicU64>,
-    /// Serialises growers; a reload is the only writer, never the claim path.
+    /// Serialises growers (a reload, the lease worker); never the claim path.
     grow: Mutex<()>,
     /// Codes of this ticket type claimed before this process started: the
     /// store loads only unclaimed codes into the pool, so the arena never

@@ -1415,6 +1415,49 @@ async fn an_idempotent_retry_gets_its_code_on_any_node_even_after_the_sell_out_a
     assert_eq!(fresh.error_code(), Some("SOLD_OUT"), "{}", fresh.body);
 }
 
+/// A claim that found the node's pool empty marked its ticket type hungry,
+/// and the node leased codes for it, before the claim's token or the
+/// user's limit was looked at. A node that had given its idle codes back
+/// thus leased them again for a claim refused anyway (no claim token, a
+/// user at the limit), gave them back two seconds later, and so on, each
+/// lease a copy of the codes in the pool's arena, which never shrinks: one
+/// account grew an idle node's memory for as long as it liked. Now only a
+/// claim that could take a code makes a lease (from a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_claim_that_could_take_a_code_makes_a_lease() {
+    let cluster = Cluster::start(
+        1,
+        &cluster_activity("lz", 2, 1),
+        "[cluster]\nlease_min_batch = 1\nlease_max_batch = 1\n",
+    );
+    let node = &cluster.nodes[0];
+    let tokens = cluster.users("lz", 3).await;
+    let (at_limit, buyer) = (&tokens[0], &tokens[2]);
+    assert_eq!(node.claim(at_limit, "lz").await.status, 200);
+    // The node sold nothing for two seconds with the master list empty:
+    // it gives its last code back, and leases none for two seconds more.
+    node.wait_for_log("Gave idle leased codes back to the master list.", 1);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let leased = || async { crate::common::metric(node, "ticketd_codes_leased_total").await };
+    let before = leased().await;
+    let body = node.claim_body(at_limit, "lz").await;
+    for _ in 0..5 {
+        let res = node.client.post("/ticket/get", Some(at_limit), &body).await.unwrap();
+        assert_error(&res, 409, "LIMIT_REACHED");
+        let res = node
+            .client
+            .post("/ticket/get", Some(&tokens[1]), &serde_json::json!({"actId": "lz"}))
+            .await
+            .unwrap();
+        assert_error(&res, 403, "CLAIM_TOKEN_REQUIRED");
+    }
+    assert_eq!(leased().await, before, "claims refused anyway made the node lease");
+    // A claim that can take a code still gets one leased.
+    let res = node.claim(buyer, "lz").await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    assert_eq!(leased().await, before + 1.0);
+}
+
 /// After the sell-out a keyed claim that the ledger does not know is looked
 /// up in Redis (its claim may have been made through another node). That
 /// look-up is a script on the Redis every node commits through, and it ran

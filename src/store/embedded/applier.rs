@@ -3,8 +3,10 @@
 //! A claim is durable once the journal has it; the applier copies claims
 //! into SQLite in batches afterwards. A claim row is keyed by its journal
 //! sequence number, so applying twice (a replay after a crash that happened
-//! after SQLite committed but before the journal segment was deleted) is an
-//! idempotent `INSERT OR IGNORE`. `meta.applied_seq` records how far the copy
+//! after SQLite committed but before the journal segment was deleted)
+//! inserts nothing: `ON CONFLICT(id) DO NOTHING`, on the id alone. Not
+//! `INSERT OR IGNORE`, which would also drop, without a word, a claim whose
+//! code another claim holds: that batch fails instead. `meta.applied_seq` records how far the copy
 //! got; the journal deletes segments below it, and [`replay_journal`] applies
 //! whatever a stopped node left above it.
 
