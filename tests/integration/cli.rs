@@ -463,6 +463,54 @@ async fn an_import_beside_a_node_leaves_the_window_the_node_serves() {
     assert_eq!(stored, served);
 }
 
+/// The same for the limit and an absolute window: an organiser who edits
+/// the file and runs `ticketd import` (for new codes, say) before the
+/// reload had `report` print the edited limit, and `verify` hold users to
+/// it, while the node still held them to the one it served (from a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_beside_a_node_leaves_the_limit_and_times_the_node_serves() {
+    let start = ticketd::clock::now_ms() - 60_000;
+    use ticketd::clock::rfc3339_ms;
+    let (from, to) = (rfc3339_ms(start), rfc3339_ms(start + 3_600_000));
+    let config = base_config()
+        + &Act::new("lt")
+            .window(&from, &to)
+            .limit(1)
+            .ticket("lt-t", "T", Codes::Generate(5))
+            .toml();
+    let app = TestApp::start(&config);
+    let token = app.register("lt-fan").await;
+    assert_eq!(app.claim(&token, "lt").await.status, 200);
+    let edited = config
+        .replace("per_user_limit = 1\n", "per_user_limit = 5\n")
+        .replace(&to, &rfc3339_ms(start + 7_200_000));
+    assert_ne!(edited, config);
+    std::fs::write(app.config_path(), &edited).unwrap();
+    let out = app.cli(&["import"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let stored: (i64, i64) = db
+        .query_row(
+            "SELECT per_user_limit, end_ms FROM activities WHERE id = 'lt'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(stored, (1, start + 3_600_000));
+    let out = app.cli(&["report", "--activity", "lt", "--out", "lt.html"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let html = std::fs::read_to_string(app.dir.path().join("lt.html")).unwrap();
+    assert!(html.contains("limit 1 per user"), "{html}");
+    // The reload applies them; the node writes what it now serves.
+    assert_eq!(app.reload(&edited)["message"], "Config reloaded.");
+    let limit: i64 = db
+        .query_row("SELECT per_user_limit FROM activities WHERE id = 'lt'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(limit, 5);
+}
+
 /// `ticketd export` and `report` beside a serving node read SQLite, which
 /// the node fills from its journal a batch at a time — for long when SQLite
 /// is busy. Claims acknowledged and not yet applied were missing from the

@@ -37,7 +37,7 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::{
-    config::{Config, TimeSpec},
+    config::Config,
     journal::{Found, Journal, JournalSetup},
     stats::StatsBatch,
     store::types::{
@@ -776,15 +776,18 @@ fn import_in(
         if !moved.is_empty() {
             return Err(StoreError::MovedTicketType(moved.join("; ")));
         }
-        // A relative time counts from the serving node's start: the node
-        // writes it, and a tool's import (beside the node, at another
-        // moment) only where there is none yet (?8, ?9: keep the stored).
+        // The window and the limit are what a serving node holds claims
+        // to, and `report` and `verify` read them here: the node writes
+        // them (at start, on reload), and a tool's import only where there
+        // are none yet (?8: keep the stored). A relative time resolved
+        // against the tool's clock, or a limit edited in the file and not
+        // yet reloaded, is not what the node served.
         let mut upsert_activity = tx.prepare_cached(
                 "INSERT INTO activities (id, name, desc, image, start_ms, end_ms, per_user_limit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT(id) DO UPDATE SET name = excluded.name, desc = excluded.desc, image = excluded.image,
                    start_ms = CASE WHEN ?8 THEN start_ms ELSE excluded.start_ms END,
-                   end_ms = CASE WHEN ?9 THEN end_ms ELSE excluded.end_ms END,
-                   per_user_limit = excluded.per_user_limit",
+                   end_ms = CASE WHEN ?8 THEN end_ms ELSE excluded.end_ms END,
+                   per_user_limit = CASE WHEN ?8 THEN per_user_limit ELSE excluded.per_user_limit END",
             )?;
         let mut record_limit = tx.prepare_cached(
             "INSERT INTO activity_limits (activity_id, highest) VALUES (?1, ?2)
@@ -802,7 +805,6 @@ fn import_in(
         )?;
         let mut owner = tx.prepare_cached("SELECT ticket_id FROM codes WHERE code = ?1")?;
         let mut count = tx.prepare_cached("SELECT COUNT(*) FROM codes WHERE ticket_id = ?1")?;
-        let tools_relative = |t: TimeSpec| !serving && matches!(t, TimeSpec::Relative(_));
         for a in &config.activities {
             upsert_activity.execute(params![
                 a.id,
@@ -812,8 +814,7 @@ fn import_in(
                 a.start_time.resolve(node_start_ms),
                 a.end_time.resolve(node_start_ms),
                 a.per_user_limit,
-                tools_relative(a.start_time),
-                tools_relative(a.end_time)
+                !serving
             ])?;
             if serving {
                 record_limit.execute(params![a.id, a.per_user_limit])?;
