@@ -165,6 +165,52 @@ fn newest_segment(app: &TestApp) -> std::path::PathBuf {
         .expect("a journal segment")
 }
 
+/// `ticketd verify` looked at each journaled claim not yet in SQLite against
+/// SQLite alone: two of them giving one code passed, and it said
+/// "consistent" of a data directory the node then refused to start on (its
+/// applier refuses a second claim of a code). Now it names both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_two_journaled_claims_of_one_code() {
+    use ticketd::{journal::record, vocab::Claim};
+    let mut app = TestApp::start(&(base_config() + &open_activity("dj", 3, 1)));
+    let token = app.register("dj-a").await;
+    assert_eq!(app.claim(&token, "dj").await.status, 200);
+    assert_eq!(app.stop(), 0);
+    let out = app.cli(&["verify"], None);
+    assert!(out.status.success(), "{out:?}");
+    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let (code, next): (String, u64) = db
+        .query_row(
+            "SELECT (SELECT code FROM codes WHERE code NOT IN (SELECT code FROM claims) LIMIT 1),
+                    (SELECT max(CAST(value AS INTEGER)) + 1 FROM meta WHERE key = 'applied_seq')",
+            [],
+            |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)),
+        )
+        .unwrap();
+    drop(db);
+    // Two claims of one unclaimed code, by two users, past what SQLite applied.
+    let mut bytes = record::MAGIC.to_vec();
+    for (i, user) in [(0, 9001), (1, 9002)] {
+        let claim = Claim {
+            id: 0,
+            activity_id: "dj".into(),
+            ticket_id: "dj-t".into(),
+            code: code.as_str().into(),
+            user_id: user,
+            claimed_at_ms: ticketd::clock::now_ms(),
+            idempotency_key: None,
+        };
+        record::encode(&claim, next + i, &mut bytes);
+    }
+    let segment = app.dir.path().join(format!("data/journal/{next:020}.journal"));
+    std::fs::write(&segment, &bytes).unwrap();
+    let out = app.cli(&["verify"], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    let said = format!("journaled claims {next} and {} both give code `{code}`", next + 1);
+    assert!(stdout.contains(&said), "{stdout}");
+}
+
 /// Issue 12, item 1: one flipped byte in the middle of the journal used to
 /// truncate the segment there, deleting every acknowledged claim after it.
 /// Now the node refuses to start and says where; `ticketd verify` reports

@@ -6,9 +6,9 @@
 //! after SQLite committed but before the journal segment was deleted)
 //! inserts nothing: `ON CONFLICT(id) DO NOTHING`, on the id alone. Not
 //! `INSERT OR IGNORE`, which would also drop, without a word, a claim whose
-//! code another claim holds: that batch fails instead. `meta.applied_seq` records how far the copy
-//! got; the journal deletes segments below it, and [`replay_journal`] applies
-//! whatever a stopped node left above it.
+//! code another claim holds: that batch fails instead. `meta.applied_seq`
+//! records how far the copy got; the journal deletes segments below it, and
+//! [`replay_journal`] applies whatever a stopped node left above it.
 
 use std::{
     path::{Path, PathBuf},

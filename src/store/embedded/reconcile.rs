@@ -3,7 +3,7 @@
 //! like (damage, gaps) is `journal::verify`'s report; this is about what
 //! they and the store *say*.
 
-use std::{collections::HashMap, path::Path};
+use std::{collections::HashMap, path::Path, sync::Arc};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -128,6 +128,7 @@ fn journal_agrees(conn: &Connection, journal_dir: &Path, r: &mut Reconciliation)
         by_code: conn.prepare("SELECT id FROM claims WHERE code = ?1 AND id != ?2")?,
         owner: conn.prepare("SELECT ticket_id FROM codes WHERE code = ?1")?,
         pending: HashMap::new(),
+        pending_codes: HashMap::new(),
     };
     let mut failed = None;
     journal::for_each_record(journal_dir, |found| {
@@ -166,6 +167,11 @@ struct JournalCheck<'c> {
     by_code: rusqlite::Statement<'c>,
     owner: rusqlite::Statement<'c>,
     pending: HashMap<(String, u64), usize>,
+    /// The codes of the claims not applied yet, and which claim gives each:
+    /// two of them with one code pass each look in the store, and the
+    /// applier then refuses their batch (a serving node retries it for
+    /// ever; a stopped one does not start).
+    pending_codes: HashMap<Arc<str>, u64>,
 }
 
 impl JournalCheck<'_> {
@@ -215,6 +221,12 @@ impl JournalCheck<'_> {
             r.problems.push(format!(
                 "journaled claim {} would give code `{}` to user {}, but the store gives it to claim {other}",
                 c.id, c.code, c.user_id
+            ));
+        }
+        if let Some(other) = self.pending_codes.insert(c.code.clone(), c.id) {
+            r.problems.push(format!(
+                "journaled claims {other} and {} both give code `{}`",
+                c.id, c.code
             ));
         }
         let ticket: Option<String> = self.owner.query_row(params![&*c.code], |row| row.get(0)).optional()?;
