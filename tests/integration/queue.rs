@@ -2718,6 +2718,55 @@ async fn a_failover_that_lost_joins_is_found_and_the_room_goes_on() {
     assert_eq!(cluster.redis_claimed("fo").await, 5);
 }
 
+/// A room's seed is its commitment's: the commitment goes to every fan at
+/// once, the seed is revealed at the draw. It was written with `SET NX`
+/// and no `WAIT`: a failover that lost it left the room without one, the
+/// next node to open the room wrote another, and the draw would have
+/// revealed a seed that does not match what fans were shown. With
+/// `replica_acks` the room now opens only once a replica holds its seed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rooms_seed_is_on_a_replica_before_its_commitment_is_shown() {
+    use crate::cluster::{
+        cluster_activity, freeze_and_cut_off, kill_master_and_take_over, master_and_replica, rejoin_as_replica, Cluster,
+    };
+    use ticketd::admission::draw::Seed;
+    let services = services::Services::start_with_replicated_redis_cluster();
+    let mut cluster = Cluster::start_on(
+        services,
+        1,
+        &cluster_activity("sr", 3, 1),
+        "[cluster]\nreplica_acks = 1\n",
+        |c| c,
+    );
+    let config = std::fs::read_to_string(cluster.nodes[0].config_path()).unwrap();
+    let with_room = config.clone() + &absolute_room("sd", "queue", 3, 600_000, &[]);
+    let (master, replica) = master_and_replica(&cluster.services, "q:{sd}:seed").await;
+    let frozen = freeze_and_cut_off(&cluster.services, master, replica).await;
+    let refused = cluster.nodes[0].reload(&with_room);
+    assert_eq!(
+        refused["message"], "Reload refused; still serving the previous config.",
+        "a room opened on a seed no replica holds: {refused}"
+    );
+    assert!(
+        refused
+            .to_string()
+            .contains("replica(s) cluster.replica_acks asks for confirmed"),
+        "{refused}"
+    );
+    kill_master_and_take_over(&cluster.services, master, replica, frozen).await;
+    rejoin_as_replica(&mut cluster.services, master, replica).await;
+    let node = &cluster.nodes[0];
+    let applied = node.reload(&with_room);
+    assert_eq!(applied["message"], "Config reloaded.", "{applied}");
+    let seed: String = cluster.services.query(redis::cmd("GET").arg("q:{sd}:seed")).await;
+    let shown = node.detail("sd").await;
+    assert_eq!(
+        shown["queue"]["commitment"],
+        Seed::from_hex(&seed).unwrap().commitment(),
+        "{shown}"
+    );
+}
+
 /// With `replica_acks`, joins wait for the replicas, but not one at a
 /// time: a `WAIT` holds the connection it is sent on, so each join with a
 /// `WAIT` of its own made a node's joins go one replica round trip at a

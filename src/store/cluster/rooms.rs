@@ -58,6 +58,16 @@ fn key(activity: &str, name: &str) -> String {
     format!("q:{{{activity}}}:{name}")
 }
 
+/// The room's seed: the one stored, else ARGV[1] stored first. KEYS seed.
+static SEED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+",
+    )
+});
+
 /// A place for a user: KEYS places, log, closed, shuffled, waiting, taken;
 /// ARGV user, whether the caller's config makes the room a lottery, the
 /// capacity, the join event, the pass expiry the caller saw lapse, the
@@ -253,18 +263,27 @@ impl RoomSource {
 
     /// The room's seed: the one stored, or `fresh` if none was (the first
     /// node to open the room sets it). Blocking: for start-up and reload.
+    ///
+    /// With `cluster.replica_acks`, only once that many replicas hold it
+    /// (retried for `cluster.commit_timeout`, then an error: the start or
+    /// reload that opens the room fails). Its commitment is published to
+    /// the fans at once; a seed only the master held, lost in a failover,
+    /// was replaced by the next node to open the room, and the draw then
+    /// revealed a seed that did not match the commitment fans had seen.
     pub fn seed(&self, activity: &str, fresh: String) -> Result<String, StoreError> {
         let (shared, seed_key) = (self.shared.clone(), key(activity, "seed"));
+        let fence = Keys::new(activity);
         Ok(block_on(&self.handle, async move {
-            let mut redis = shared.redis.clone();
-            let _: Option<String> = redis::cmd("SET")
-                .arg(&seed_key)
-                .arg(&fresh)
-                .arg("NX")
-                .query_async(&mut redis)
-                .await?;
-            let seed: String = redis::cmd("GET").arg(&seed_key).query_async(&mut redis).await?;
-            Ok::<_, ClusterError>(seed)
+            let mut redis = shared.rooms_redis.clone();
+            let mut invocation = SEED.prepare_invoke();
+            invocation.key(&seed_key).arg(&fresh);
+            let deadline = tokio::time::Instant::now() + shared.cfg.commit_timeout.0;
+            loop {
+                match run_replicated(&mut redis, &invocation, &fence, shared.cfg.replica_acks).await {
+                    Err(ClusterError::NotReplicated { .. }) if tokio::time::Instant::now() < deadline => continue,
+                    seed => break seed,
+                }
+            }
         })?)
     }
 
