@@ -10,13 +10,20 @@ use crate::{
 
 fn chromium(args: &[&str], profile: &Path) -> (String, String) {
     let binary = crate::common::cdp::chromium_binary();
-    let out = Command::new(binary)
+    // A page that never settles would hold `--dump-dom` until the test
+    // harness's own timeout, five minutes on: two are plenty, and then it
+    // says so.
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg(binary)
         .args([
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
             "--disable-quic",
             "--no-first-run",
+            // A container's /dev/shm is 64 MB, which a renderer outgrows.
+            "--disable-dev-shm-usage",
         ])
         .args([
             "--disable-background-networking",

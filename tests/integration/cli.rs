@@ -412,7 +412,9 @@ fn export_and_report_with_no_store_say_so_and_create_nothing() {
 #[test]
 fn a_cluster_node_that_cannot_reach_redis_says_so_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();
-    let closed = crate::common::services::free_port();
+    // Port 1: nothing listens there (a free port from the tests' range
+    // could be another test's Redis by the time the node dials it).
+    let closed = 1;
     let storage = format!(
         "[storage]\nmode = \"cluster\"\nredis_url = \"redis://:EXAMPLE-pw@127.0.0.1:{closed}/\"\n\
          mongodb_uri = \"mongodb://127.0.0.1:1/\"\ndatabase = \"x\"\n"

@@ -40,7 +40,7 @@ impl Nginx {
     }
 
     fn start_with(upstreams: &[&str], tls: bool) -> Nginx {
-        let Ok(version) = Command::new("nginx").arg("-v").output() else {
+        let Ok(version) = Command::new(nginx()).arg("-v").output() else {
             panic!("nginx is missing: run `apt-get install -y nginx-light` (./scripts/test does it)");
         };
         assert!(version.status.success());
@@ -97,13 +97,13 @@ impl Nginx {
             );
         let path = dir.path().join("nginx.conf");
         std::fs::write(&path, conf).unwrap();
-        let check = Command::new("nginx").args(["-t", "-c"]).arg(&path).output().unwrap();
+        let check = Command::new(nginx()).args(["-t", "-c"]).arg(&path).output().unwrap();
         assert!(
             check.status.success(),
             "nginx -t: {}",
             String::from_utf8_lossy(&check.stderr)
         );
-        let child = Command::new("nginx")
+        let child = Command::new(nginx())
             .args(["-c"])
             .arg(&path)
             .args(["-g", "daemon off;"])
@@ -134,6 +134,19 @@ impl Nginx {
 
 /// A self-signed certificate for the test Nginx, where the shipped config
 /// names certbot's files: `fullchain.pem` and `privkey.pem` in `dir`.
+/// Debian's nginx, found where `apt-get install nginx-light` puts it even
+/// when `/usr/sbin` is not on the PATH (a user's shell running
+/// `cargo nextest` by hand; `./scripts/test` adds it).
+fn nginx() -> &'static str {
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("nginx").is_file()));
+    if on_path || !std::path::Path::new("/usr/sbin/nginx").is_file() {
+        "nginx"
+    } else {
+        "/usr/sbin/nginx"
+    }
+}
+
 fn self_signed(dir: &std::path::Path) {
     let out = Command::new("openssl")
         .args([
@@ -697,7 +710,8 @@ async fn nginx_answers_its_own_refusals_in_the_error_shape() {
     );
 
     // The node down: Nginx's 502 becomes a 503 to retry, in the shape.
-    let dead = format!("127.0.0.1:{}", free_port());
+    // Port 1: nothing listens there (a free port could be another test's).
+    let dead = "127.0.0.1:1".to_owned();
     let orphan = tokio::task::block_in_place(|| Nginx::start(&[dead.as_str()]));
     let answer = exchange(
         &format!("127.0.0.1:{}", orphan.port),

@@ -54,6 +54,8 @@ impl Browser {
                 "--disable-gpu",
                 "--no-first-run",
                 "--disable-quic",
+                // A container's /dev/shm is 64 MB, which a renderer outgrows.
+                "--disable-dev-shm-usage",
             ])
             .args([
                 "--disable-background-networking",
