@@ -977,6 +977,95 @@ async fn a_reloaded_shutdown_grace_bounds_the_backlogs_drain_at_the_stop() {
     );
 }
 
+/// `n` claim records of activity `act` for `node`'s backlog, as the
+/// commit script writes them (codes `{act}-synthetic-{i}`, one user each).
+fn synthetic_records(act: &str, node: &str, range: std::ops::Range<usize>) -> Vec<String> {
+    let ms = now_ms();
+    range
+        .map(|i| {
+            format!(
+                r#"{{"id":"{}","user":"{}","ms":"{ms}","ticket":"{act}-t","code":"{act}-synthetic-{i}","node":"{node}","nonce":"s","key":"","n":"1"}}"#,
+                1_000_000 + i,
+                1_000_000 + i
+            )
+        })
+        .collect()
+}
+
+/// The MongoDB writer's drain at the stop ends `shutdown_grace` after the
+/// stop. Its deadline was set only at the top of its loop: a pass under
+/// way when the stop came ran on without one, draining a long backlog
+/// (after a MongoDB outage, up to `cluster.max_backlog`) whole, far past
+/// the grace and systemd's TimeoutStopSec. What the grace leaves stays in
+/// Redis (from a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_under_way_at_the_stop_ends_with_the_grace() {
+    const RECORDS: usize = 100_000;
+    let mut cluster = Cluster::start_configured(1, &cluster_activity("gd", 5, 1), "", |c| {
+        let shorter = c.replace("shutdown_grace = \"5s\"", "shutdown_grace = \"1s\"");
+        assert_ne!(c, shorter);
+        shorter
+    });
+    let outbox = "tk:{gd}:outbox:node0";
+    for start in (0..RECORDS).step_by(10_000) {
+        let records = synthetic_records("gd", "node0", start..start + 10_000);
+        let () = cluster
+            .services
+            .query(redis::cmd("RPUSH").arg(outbox).arg(records))
+            .await;
+    }
+    until("the writer to be draining", || async {
+        llen(&cluster, outbox).await < RECORDS
+    })
+    .await;
+    let node = &mut cluster.nodes[0];
+    node.signal(libc::SIGTERM);
+    assert!(node.exited_within(Duration::from_secs(120)).is_some());
+    let left = llen(&cluster, outbox).await;
+    assert!(
+        left > 0,
+        "the node wrote all {RECORDS} records to MongoDB after a stop with a one-second grace"
+    );
+    assert!(
+        cluster.nodes[0]
+            .logs_text()
+            .contains("The MongoDB backlog is not empty"),
+        "{}",
+        cluster.nodes[0].logs_text()
+    );
+}
+
+/// One activity's backlog that cannot be written (here a record that
+/// cannot be read; a Redis master of its keys away is another) ended the
+/// writer's whole pass, so every activity after it in the pass had its
+/// claims wait in Redis, and its backlog fill to `BACKLOG_FULL`. Now only
+/// that activity's turn ends. Two rounds, the bad record in each activity
+/// in turn: whichever the pass takes first (from a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_that_cannot_be_written_holds_up_no_other_activity() {
+    let acts = cluster_activity("ia", 5, 2) + &cluster_activity("ib", 5, 2);
+    let cluster = Cluster::start(1, &acts, "");
+    let (tokens, _) = users(&cluster, "ix", 2).await;
+    let node = &cluster.nodes[0];
+    for (round, (bad, good)) in [("ia", "ib"), ("ib", "ia")].into_iter().enumerate() {
+        let outbox = format!("tk:{{{bad}}}:outbox:node0");
+        let () = cluster
+            .services
+            .query(redis::cmd("RPUSH").arg(&outbox).arg("not a claim record"))
+            .await;
+        let res = node.claim(&tokens[round], good).await;
+        assert_eq!(res.status, 200, "{}", res.body);
+        until(&format!("the claim in {good} to reach MongoDB"), || async {
+            cluster.mongo_claims(good).await.len() == 1
+        })
+        .await;
+        let _: usize = cluster
+            .services
+            .query(redis::cmd("LREM").arg(&outbox).arg(0).arg("not a claim record"))
+            .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_backlog_refuses_claims_rather_than_lose_them_and_recovers() {
     let mut cluster = Cluster::start(1, &cluster_activity("bf", 100, 1), "[cluster]\nmax_backlog = 5\n");

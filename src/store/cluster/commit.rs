@@ -304,8 +304,12 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
 /// (100 ms doubling to 5 s) and tries again; nothing is dropped. Once asked
 /// to stop it keeps going until the backlogs are empty or
 /// `server.shutdown_grace` (as last loaded: [`Shared::shutdown_grace_ms`])
-/// has passed (what is left stays in Redis for the next start or a live
-/// node), then gives up this node's id.
+/// has passed since the stop (what is left stays in Redis for the next
+/// start or a live node), then gives up this node's id. A pass under way
+/// when the stop comes is taken up again under that deadline (it ran on
+/// without one, a long backlog's whole drain past the grace; dropped
+/// between a write and its removal from the backlog, a record is written
+/// again, which MongoDB takes as the same claim).
 pub(super) async fn writer(shared: Arc<Shared>, ctl: Ctl, mut stop: Stop) {
     let mut delay = Duration::from_millis(100);
     let mut deadline: Option<tokio::time::Instant> = None;
@@ -324,7 +328,10 @@ pub(super) async fn writer(shared: Arc<Shared>, ctl: Ctl, mut stop: Stop) {
             Some(d) => tokio::time::timeout_at(d, drain_once(&shared))
                 .await
                 .unwrap_or_else(|_| Ok(shared.backlog.load(Ordering::Relaxed).max(1))),
-            None => drain_once(&shared).await,
+            None => tokio::select! {
+                drained = drain_once(&shared) => drained,
+                () = stop.requested() => continue,
+            },
         };
         match drained {
             Ok(0) if stopping => {
@@ -347,11 +354,13 @@ pub(super) async fn writer(shared: Arc<Shared>, ctl: Ctl, mut stop: Stop) {
                 // Only MongoDB's own failure says it is down: reading the
                 // backlog from Redis fails too while Redis is away, and
                 // nothing would set it back up without a claim to write.
-                if matches!(error, ClusterError::Mongo(_)) && shared.mongo_up.swap(false, Ordering::Relaxed) {
+                if error.is_mongo() && shared.mongo_up.swap(false, Ordering::Relaxed) {
                     tracing::error!(%error, backlog = shared.backlog.load(Ordering::Relaxed), "Writing claims to MongoDB failed; they wait in the backlog and claims continue while it has room.");
                 }
+                // The back-off ends at the stop's deadline, if it comes first.
+                let until = tokio::time::Instant::now() + delay;
                 tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = tokio::time::sleep_until(deadline.map_or(until, |d| d.min(until))) => {}
                     _ = stop.requested(), if !stopping => {}
                 }
                 delay = (delay * 2).min(Duration::from_secs(5));
@@ -390,8 +399,17 @@ async fn read_backlog(
     Ok(batch)
 }
 
+/// Batches one activity's backlog gets in a pass before the next activity's
+/// turn: an activity whose claims came faster than MongoDB took them kept
+/// the pass, and every other activity's claims waited.
+const BATCHES_PER_PASS: usize = 8;
+
 /// One pass over every activity's backlog, the sold ones and the leftover
-/// ([`Shared::leftover`]); returns the records left.
+/// ([`Shared::leftover`]); returns the records left. MongoDB failing ends
+/// the pass (it is every activity's); any other error (a record that
+/// cannot be read, the Redis master of one activity's keys away) ends only
+/// that activity's turn, and the first is returned after the pass: one
+/// activity's trouble held up every activity after it.
 async fn drain_once(shared: &Shared) -> Result<usize, ClusterError> {
     let mut activities: Vec<Arc<str>> = shared.activities.iter().map(|e| e.key().clone()).collect();
     {
@@ -400,56 +418,73 @@ async fn drain_once(shared: &Shared) -> Result<usize, ClusterError> {
         leftover.retain(|a| !shared.activities.contains_key(a));
         activities.extend(leftover.iter().cloned());
     }
-    let mut redis = shared.redis.clone();
     let mut left = 0;
+    let mut first_error = None;
     for activity in activities {
-        let keys = scripts::Keys::new(&activity);
-        let outbox = keys.outbox(&shared.node);
-        loop {
-            let batch = read_backlog(
-                &mut redis,
-                &keys,
-                &outbox,
-                shared.cfg.mongo_batch,
-                shared.cfg.replica_acks,
-            )
-            .await?;
-            if batch.is_empty() {
-                break;
-            }
-            let records: Vec<Record> = batch
-                .iter()
-                .map(|json| Record::parse(&activity, json))
-                .collect::<Result<_, _>>()?;
-            let started = Instant::now();
-            for c in super::mongo::insert_claims(&shared.db, &records).await? {
-                tracing::error!(code = %c.code, user = c.user, claim = c.id, "MongoDB holds another claim of this code (or of this user's claim number): both were acknowledged. Kept in claim_conflicts; Redis lost writes it had acknowledged.");
-            }
-            metrics::global().mongo_write.observe(started.elapsed());
-            if !shared.mongo_up.swap(true, Ordering::Relaxed) {
-                tracing::info!("MongoDB takes writes again; draining the backlog.");
-            }
-            if shared.backlog_full.swap(false, Ordering::Relaxed) {
-                tracing::info!("The MongoDB backlog has room again; claims are accepted.");
-            }
-            let acked: usize = scripts::ACK.key(&outbox).arg(&batch).invoke_async(&mut redis).await?;
-            // Falls as records go, so that a pass stopped by a later error
-            // still shows what it wrote (`left` below resets it exactly).
-            let _ = shared
-                .backlog
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(acked)));
-            if acked < batch.len() {
-                // The head changed under us (a reaper moved it); re-read.
-                tracing::debug!(acked, read = batch.len(), "Backlog head moved while writing.");
+        match drain_activity(shared, &activity).await {
+            Ok(n) => left += n,
+            Err(error) if error.is_mongo() => return Err(error),
+            Err(error) => {
+                tracing::warn!(%activity, %error, "Could not write this activity's backlog to MongoDB; its claims stay in Redis.");
+                first_error.get_or_insert(error);
             }
         }
-        let len: usize = redis::cmd("LLEN").arg(&outbox).query_async(&mut redis).await?;
-        left += len;
-        if len == 0 && !shared.activities.contains_key(&activity) {
-            // Anything the reaper moves here later, its next sweep finds.
-            shared.leftover.lock().remove(&activity);
-        }
+    }
+    if let Some(error) = first_error {
+        return Err(error);
     }
     shared.backlog.store(left, Ordering::Relaxed);
     Ok(left)
+}
+
+/// Up to [`BATCHES_PER_PASS`] batches of one activity's backlog; returns
+/// the records left in it.
+async fn drain_activity(shared: &Shared, activity: &Arc<str>) -> Result<usize, ClusterError> {
+    let mut redis = shared.redis.clone();
+    let keys = scripts::Keys::new(activity);
+    let outbox = keys.outbox(&shared.node);
+    for _ in 0..BATCHES_PER_PASS {
+        let batch = read_backlog(
+            &mut redis,
+            &keys,
+            &outbox,
+            shared.cfg.mongo_batch,
+            shared.cfg.replica_acks,
+        )
+        .await?;
+        if batch.is_empty() {
+            break;
+        }
+        let records: Vec<Record> = batch
+            .iter()
+            .map(|json| Record::parse(activity, json))
+            .collect::<Result<_, _>>()?;
+        let started = Instant::now();
+        for c in super::mongo::insert_claims(&shared.db, &records).await? {
+            tracing::error!(code = %c.code, user = c.user, claim = c.id, "MongoDB holds another claim of this code (or of this user's claim number): both were acknowledged. Kept in claim_conflicts; Redis lost writes it had acknowledged.");
+        }
+        metrics::global().mongo_write.observe(started.elapsed());
+        if !shared.mongo_up.swap(true, Ordering::Relaxed) {
+            tracing::info!("MongoDB takes writes again; draining the backlog.");
+        }
+        if shared.backlog_full.swap(false, Ordering::Relaxed) {
+            tracing::info!("The MongoDB backlog has room again; claims are accepted.");
+        }
+        let acked: usize = scripts::ACK.key(&outbox).arg(&batch).invoke_async(&mut redis).await?;
+        // Falls as records go, so that a pass stopped by a later error
+        // still shows what it wrote (`left` below resets it exactly).
+        let _ = shared
+            .backlog
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(acked)));
+        if acked < batch.len() {
+            // The head changed under us (a reaper moved it); re-read.
+            tracing::debug!(acked, read = batch.len(), "Backlog head moved while writing.");
+        }
+    }
+    let len: usize = redis::cmd("LLEN").arg(&outbox).query_async(&mut redis).await?;
+    if len == 0 && !shared.activities.contains_key(activity) {
+        // Anything the reaper moves here later, its next sweep finds.
+        shared.leftover.lock().remove(activity);
+    }
+    Ok(len)
 }

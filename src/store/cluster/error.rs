@@ -1,5 +1,12 @@
 //! The cluster store's error type.
 
+impl ClusterError {
+    /// MongoDB failed (refused or out of reach), not the data or Redis.
+    pub fn is_mongo(&self) -> bool {
+        matches!(self, ClusterError::Mongo(_))
+    }
+}
+
 /// Why a cluster operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {

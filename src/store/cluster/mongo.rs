@@ -15,7 +15,9 @@
 //!
 //! Claims are keyed by their code, so writing one twice (a retried bulk
 //! insert, or two nodes draining the same backlog) is a duplicate-key error
-//! that is ignored: every write here is idempotent.
+//! that is ignored: writing a claim is idempotent. A duplicate that is not
+//! the same claim (another user's, or another code for the same user's
+//! `n`th) is kept apart in `claim_conflicts` ([`insert_claims`]).
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -307,7 +309,6 @@ pub async fn unclaimed_codes(db: &Database, ticket: &str) -> Result<Vec<String>,
     Ok(codes.into_iter().collect())
 }
 
-/// Writes claim records; duplicates (already written) are ignored.
 /// Inserts claim records; returns those that conflict with a stored claim.
 ///
 /// A record refused as a duplicate is mostly this writer's own retry (the
@@ -631,8 +632,7 @@ pub async fn secret(db: &Database, name: &str, fresh: String) -> Result<String, 
         .unwrap_or_default())
 }
 
-/// Adds drained rush statistics.
-/// Adds `batch` to the stored statistics. On an error `batch` keeps
+/// Adds `batch`, drained rush statistics, to the stored ones. On an error `batch` keeps
 /// exactly the rows not sent (a command whose answer was lost counts as not
 /// sent: statistics are best effort, and such a retry adds twice).
 pub async fn add_stats(db: &Database, batch: &mut StatsBatch) -> Result<(), MongoError> {
