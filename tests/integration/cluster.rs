@@ -997,15 +997,21 @@ fn synthetic_records(act: &str, node: &str, range: std::ops::Range<usize>) -> Ve
 /// way when the stop came ran on without one, draining a long backlog
 /// (after a MongoDB outage, up to `cluster.max_backlog`) whole, far past
 /// the grace and systemd's TimeoutStopSec. What the grace leaves stays in
-/// Redis (from a review).
+/// Redis (from a review). The stop comes during a pass of five batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_under_way_at_the_stop_ends_with_the_grace() {
     const RECORDS: usize = 100_000;
-    let mut cluster = Cluster::start_configured(1, &cluster_activity("gd", 5, 1), "", |c| {
-        let shorter = c.replace("shutdown_grace = \"5s\"", "shutdown_grace = \"1s\"");
-        assert_ne!(c, shorter);
-        shorter
-    });
+    // Five batches: one pass of the writer takes them all.
+    let mut cluster = Cluster::start_configured(
+        1,
+        &cluster_activity("gd", 5, 1),
+        "[cluster]\nmongo_batch = 20000\n",
+        |c| {
+            let shorter = c.replace("shutdown_grace = \"5s\"", "shutdown_grace = \"1s\"");
+            assert_ne!(c, shorter);
+            shorter
+        },
+    );
     let outbox = "tk:{gd}:outbox:node0";
     for start in (0..RECORDS).step_by(10_000) {
         let records = synthetic_records("gd", "node0", start..start + 10_000);

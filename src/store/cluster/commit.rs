@@ -313,6 +313,7 @@ async fn invoke_commit(shared: &Shared, keys: &scripts::Keys, work: &[Attempt]) 
 pub(super) async fn writer(shared: Arc<Shared>, ctl: Ctl, mut stop: Stop) {
     let mut delay = Duration::from_millis(100);
     let mut deadline: Option<tokio::time::Instant> = None;
+    let mut failing = HashMap::new();
     loop {
         let stopping = stop.is_requested();
         if stopping && deadline.is_none() {
@@ -325,22 +326,33 @@ pub(super) async fn writer(shared: Arc<Shared>, ctl: Ctl, mut stop: Stop) {
         }
         ctl.tick();
         let drained = match deadline {
-            Some(d) => tokio::time::timeout_at(d, drain_once(&shared))
+            Some(d) => tokio::time::timeout_at(d, drain_once(&shared, &mut failing))
                 .await
-                .unwrap_or_else(|_| Ok(shared.backlog.load(Ordering::Relaxed).max(1))),
+                .unwrap_or_else(|_| {
+                    // Cut short by the deadline: not drained (the loop's top ends it).
+                    Ok(Pass {
+                        left: shared.backlog.load(Ordering::Relaxed).max(1),
+                        ..Pass::default()
+                    })
+                }),
             None => tokio::select! {
-                drained = drain_once(&shared) => drained,
+                drained = drain_once(&shared, &mut failing) => drained,
                 () = stop.requested() => continue,
             },
         };
         match drained {
-            Ok(0) if stopping => {
+            Ok(pass) if stopping && pass.left == 0 && failing.is_empty() => {
                 tracing::info!("The MongoDB backlog is drained.");
                 break;
             }
-            Ok(_) => {
+            Ok(pass) => {
                 delay = Duration::from_millis(100);
-                if shared.backlog.load(Ordering::Relaxed) > 0 {
+                if let Some(error) = &pass.failed {
+                    ctl.error(error);
+                }
+                // More to write, and writing goes: at once. Otherwise (a
+                // backlog that keeps failing waits its turn) when it grows.
+                if pass.written > 0 && shared.backlog.load(Ordering::Relaxed) > 0 {
                     continue;
                 }
                 tokio::select! {
@@ -404,13 +416,32 @@ async fn read_backlog(
 /// the pass, and every other activity's claims waited.
 const BATCHES_PER_PASS: usize = 8;
 
+/// What one pass of the writer did.
+#[derive(Default)]
+struct Pass {
+    /// Records written to MongoDB.
+    written: usize,
+    /// Records left in the backlogs it looked at.
+    left: usize,
+    /// The first activity whose backlog could not be written.
+    failed: Option<ClusterError>,
+}
+
+/// An activity whose backlog could not be written (see [`drain_once`]):
+/// tried again after `delay`, 100 ms doubling to 5 s, not at every pass.
+struct Failing {
+    retry_at: Instant,
+    delay: Duration,
+}
+
 /// One pass over every activity's backlog, the sold ones and the leftover
-/// ([`Shared::leftover`]); returns the records left. MongoDB failing ends
-/// the pass (it is every activity's); any other error (a record that
+/// ([`Shared::leftover`]). MongoDB failing ends the pass (it is every
+/// activity's: the writer backs off). Any other error (a record that
 /// cannot be read, the Redis master of one activity's keys away) ends only
-/// that activity's turn, and the first is returned after the pass: one
-/// activity's trouble held up every activity after it.
-async fn drain_once(shared: &Shared) -> Result<usize, ClusterError> {
+/// that activity's turn and puts it in `failing` to wait its own back-off:
+/// one activity's trouble ended the pass and held every other activity to
+/// the writer's back-off.
+async fn drain_once(shared: &Shared, failing: &mut HashMap<Arc<str>, Failing>) -> Result<Pass, ClusterError> {
     let mut activities: Vec<Arc<str>> = shared.activities.iter().map(|e| e.key().clone()).collect();
     {
         let mut leftover = shared.leftover.lock();
@@ -418,28 +449,44 @@ async fn drain_once(shared: &Shared) -> Result<usize, ClusterError> {
         leftover.retain(|a| !shared.activities.contains_key(a));
         activities.extend(leftover.iter().cloned());
     }
-    let mut left = 0;
-    let mut first_error = None;
+    let mut pass = Pass::default();
+    failing.retain(|a, _| activities.contains(a));
     for activity in activities {
-        match drain_activity(shared, &activity).await {
-            Ok(n) => left += n,
+        if failing.get(&activity).is_some_and(|f| f.retry_at > Instant::now()) {
+            continue;
+        }
+        match drain_activity(shared, &activity, &mut pass.written).await {
+            Ok(left) => {
+                if failing.remove(&activity).is_some() {
+                    tracing::info!(%activity, "This activity's backlog is written to MongoDB again.");
+                }
+                pass.left += left;
+            }
             Err(error) if error.is_mongo() => return Err(error),
             Err(error) => {
-                tracing::warn!(%activity, %error, "Could not write this activity's backlog to MongoDB; its claims stay in Redis.");
-                first_error.get_or_insert(error);
+                let delay = match failing.get(&activity) {
+                    Some(f) => (f.delay * 2).min(Duration::from_secs(5)),
+                    None => {
+                        tracing::warn!(%activity, %error, "Could not write this activity's backlog to MongoDB; its claims stay in Redis, and the other activities' go on.");
+                        Duration::from_millis(100)
+                    }
+                };
+                let retry_at = Instant::now() + delay;
+                failing.insert(activity, Failing { retry_at, delay });
+                pass.failed.get_or_insert(error);
             }
         }
     }
-    if let Some(error) = first_error {
-        return Err(error);
+    // Exact only when every backlog was looked at.
+    if failing.is_empty() {
+        shared.backlog.store(pass.left, Ordering::Relaxed);
     }
-    shared.backlog.store(left, Ordering::Relaxed);
-    Ok(left)
+    Ok(pass)
 }
 
-/// Up to [`BATCHES_PER_PASS`] batches of one activity's backlog; returns
-/// the records left in it.
-async fn drain_activity(shared: &Shared, activity: &Arc<str>) -> Result<usize, ClusterError> {
+/// Up to [`BATCHES_PER_PASS`] batches of one activity's backlog, counted
+/// in `written`; returns the records left in it.
+async fn drain_activity(shared: &Shared, activity: &Arc<str>, written: &mut usize) -> Result<usize, ClusterError> {
     let mut redis = shared.redis.clone();
     let keys = scripts::Keys::new(activity);
     let outbox = keys.outbox(&shared.node);
@@ -471,6 +518,7 @@ async fn drain_activity(shared: &Shared, activity: &Arc<str>) -> Result<usize, C
             tracing::info!("The MongoDB backlog has room again; claims are accepted.");
         }
         let acked: usize = scripts::ACK.key(&outbox).arg(&batch).invoke_async(&mut redis).await?;
+        *written += records.len();
         // Falls as records go, so that a pass stopped by a later error
         // still shows what it wrote (`left` below resets it exactly).
         let _ = shared
