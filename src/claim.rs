@@ -127,10 +127,26 @@ impl ClaimSettings {
 /// IN_PROGRESS while that claim is being committed; `None` when it knows no
 /// claim with the key (or there is no key). Read-only.
 fn keyed(ledger: &Ledger, user: u64, key: Option<&str>) -> Option<Result<Claimed, Rejection>> {
-    match ledger.peek(user, u32::MAX, Some(key?))? {
+    ledger.peek(user, u32::MAX, Some(key?)).and_then(answer_of)
+}
+
+/// What the ledger says of `req` without a code: its claim again (a key it
+/// holds), IN_PROGRESS, or LIMIT_REACHED; `None` if it may claim. Read-only.
+fn peeked(activity: &Activity, req: &ClaimRequest<'_>) -> Option<Result<Claimed, Rejection>> {
+    activity
+        .ledger
+        .peek(req.user_id, activity.per_user_limit, req.idempotency_key.as_deref())
+        .and_then(answer_of)
+}
+
+/// A reservation the ledger refused or answered, as the claim's answer;
+/// `None` for one it would make.
+fn answer_of(r: Reservation) -> Option<Result<Claimed, Rejection>> {
+    match r {
         Reservation::Replay(claim) => Some(Ok(Claimed { claim, replayed: true })),
         Reservation::InProgress => Some(Err(Rejection::InProgress)),
-        Reservation::Reserved | Reservation::LimitReached(_) => None,
+        Reservation::LimitReached(codes) => Some(Err(Rejection::LimitReached(codes))),
+        Reservation::Reserved => None,
     }
 }
 
@@ -302,10 +318,10 @@ impl Claimer {
 
     /// [`replay_from_store`](Self::replay_from_store) within the user's
     /// budget of store reads, else [`no_code`](Self::no_code). Past the
-    /// budget (or with Redis out of reach) a keyed claim after the sell-out
-    /// hears what an unkeyed one does: each look-up is a script on the Redis
-    /// every node commits through, and a flood of keyed claims after the
-    /// sell-out made one each.
+    /// budget a keyed claim after the sell-out hears what an unkeyed one
+    /// does: each look-up is a script on the Redis every node commits
+    /// through, and a flood of keyed claims after the sell-out made one
+    /// each. With Redis out of reach it hears STORE_UNAVAILABLE, to retry.
     async fn replay_or_no_code(
         &self,
         activity: &Activity,
@@ -315,6 +331,11 @@ impl Claimer {
         key: Option<&str>,
     ) -> Result<Claimed, Rejection> {
         let stored = match key {
+            // Redis away: the claim this key names may be there, and a final
+            // SOLD_OUT would hide it from the fan whose answer was lost.
+            Some(_) if self.store.shared_with_nodes() && !self.store.reachable() => {
+                return Err(Rejection::Unavailable);
+            }
             Some(_) if self.may_read_store(user) => self.replay_from_store(activity, user, key).await?,
             _ => None,
         };
@@ -416,11 +437,12 @@ impl Claimer {
             // an idle node lease codes, give them back two seconds later and
             // lease them again at the next such claim, each lease a copy of
             // the codes in the pool's arena, which never shrinks. Judged as
-            // of before the wait; the token again below, as of after it.
+            // of before the wait (the token first, as with codes in stock),
+            // and the token again below, as of after it.
+            self.check_tokens(activity, &req, settings.require_claim_token, now)?;
             if let Some(answer) = peeked(activity, &req) {
                 return answer;
             }
-            self.check_tokens(activity, &req, settings.require_claim_token, now)?;
         }
         if !in_stock {
             // With leases, this node's codes are gone but a master list may
@@ -438,7 +460,8 @@ impl Claimer {
         }
         if !in_stock {
             // Sold out is answered from memory with read-only look-ups, so the
-            // flood after the sell-out costs no allocation and no write lock.
+            // flood after the sell-out costs no allocation and no write lock
+            // (but a keyed claim's take from its user's budget of store reads).
             if let Some(answer) = peeked(activity, &req) {
                 return answer;
             }
@@ -674,20 +697,6 @@ impl Claimer {
                 ClaimTokenError::Expired => Rejection::ClaimTokenExpired,
             })?;
         check_pow(activity, token, req.pow_nonce).map(|()| None)
-    }
-}
-
-/// What the ledger says of `req` without a code: its claim again (a key it
-/// holds), IN_PROGRESS, or LIMIT_REACHED; `None` if it may claim. Read-only.
-fn peeked(activity: &Activity, req: &ClaimRequest<'_>) -> Option<Result<Claimed, Rejection>> {
-    match activity
-        .ledger
-        .peek(req.user_id, activity.per_user_limit, req.idempotency_key.as_deref())?
-    {
-        Reservation::Replay(claim) => Some(Ok(Claimed { claim, replayed: true })),
-        Reservation::InProgress => Some(Err(Rejection::InProgress)),
-        Reservation::LimitReached(codes) => Some(Err(Rejection::LimitReached(codes))),
-        Reservation::Reserved => None,
     }
 }
 

@@ -197,12 +197,22 @@ impl Rooms {
     /// first use; an open room keeps its settings until they are applied
     /// ([`Room::apply`]), so a reload that is refused later changes nothing.
     pub fn room(&self, activity: &Arc<str>, settings: RoomSettings) -> io::Result<(Arc<Room>, Opened)> {
+        if let Some(room) = self.rooms.lock().get(activity) {
+            return Ok((room.clone(), Opened::Before));
+        }
+        // A shared room's seed is read (or written, and confirmed by the
+        // replicas: up to `cluster.commit_timeout`) before the lock is
+        // taken, which `/healthz`, `/metrics` and the watchdog wait on.
+        let seed = match &self.shared {
+            Some(logs) => Some(logs.seed(activity)?),
+            None => None,
+        };
         let mut rooms = self.rooms.lock();
         if let Some(room) = rooms.get(activity) {
             return Ok((room.clone(), Opened::Before));
         }
-        let room = Arc::new(match &self.shared {
-            Some(logs) => Room::shared(activity.clone(), settings, logs.seed(activity)?),
+        let room = Arc::new(match seed {
+            Some(seed) => Room::shared(activity.clone(), settings, seed),
             None => {
                 if !self.dir.exists() {
                     std::fs::create_dir_all(&self.dir)?;
