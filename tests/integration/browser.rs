@@ -14,7 +14,7 @@ fn chromium(args: &[&str], profile: &Path) -> (String, String) {
     // harness's own timeout, five minutes on: two are plenty, and then it
     // says so.
     let out = Command::new("timeout")
-        .arg("120")
+        .args(["-k", "10", "120"])
         .arg(binary)
         .args([
             "--headless",
@@ -35,7 +35,12 @@ fn chromium(args: &[&str], profile: &Path) -> (String, String) {
         .args(args)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "Chromium ended {} (124: it ran out its two minutes): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

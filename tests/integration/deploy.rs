@@ -132,8 +132,6 @@ impl Nginx {
     }
 }
 
-/// A self-signed certificate for the test Nginx, where the shipped config
-/// names certbot's files: `fullchain.pem` and `privkey.pem` in `dir`.
 /// Debian's nginx, found where `apt-get install nginx-light` puts it even
 /// when `/usr/sbin` is not on the PATH (a user's shell running
 /// `cargo nextest` by hand; `./scripts/test` adds it).
@@ -147,6 +145,8 @@ fn nginx() -> &'static str {
     }
 }
 
+/// A self-signed certificate for the test Nginx, where the shipped config
+/// names certbot's files: `fullchain.pem` and `privkey.pem` in `dir`.
 fn self_signed(dir: &std::path::Path) {
     let out = Command::new("openssl")
         .args([

@@ -223,7 +223,7 @@ impl JournalCheck<'_> {
                 c.id, c.code, c.user_id
             ));
         }
-        if let Some(other) = self.pending_codes.insert(c.code.clone(), c.id) {
+        if let Some(other) = self.pending_codes.insert(c.code.clone(), c.id).filter(|&o| o != c.id) {
             r.problems.push(format!(
                 "journaled claims {other} and {} both give code `{}`",
                 c.id, c.code
