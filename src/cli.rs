@@ -180,8 +180,8 @@ pub struct BenchArgs {
     /// Number of distinct users.
     #[arg(long, default_value_t = 1000)]
     pub users: usize,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 64)]
+    /// Requests in flight at once (1-100000).
+    #[arg(long, default_value_t = 64, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..=100_000), |n| n as usize))]
     pub concurrency: usize,
     /// Claims each user sends (at the same moment, to test the per-user limit).
     #[arg(long, default_value_t = 1)]

@@ -22,7 +22,7 @@
 pub mod client;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -134,6 +134,8 @@ fn new_hist() -> Histogram<u64> {
 /// One account taking part: its session token and its claim body.
 #[derive(Clone)]
 struct Account {
+    /// Its number among all the run's accounts (users first, then bots).
+    id: usize,
     token: String,
     body: Bytes,
 }
@@ -151,6 +153,7 @@ struct Rushed {
 pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     let client = Arc::new(ApiClient::new(args.urls.clone(), args.concurrency)?);
     let detail_path = format!("/act/detail?actId={}", urlencode(&args.activity));
+    let asked = Instant::now();
     let detail = client.get(&detail_path, None).await?;
     if detail.status != 200 {
         bail!(
@@ -176,15 +179,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     let users = login_all(&client, &args, &args.user_prefix, args.users).await?;
     let bots = login_all(&client, &args, &format!("{}bot-", args.user_prefix), args.bots).await?;
 
-    if let Some(start) = detail.data()["startTime"].as_str() {
-        let wait = crate::clock::parse_rfc3339_ms(start).map_or(0, |s| s - crate::clock::now_ms());
-        if wait > 0 {
-            eprintln!("bench: activity opens in {:.1}s; waiting", wait as f64 / 1000.0);
-            tokio::time::sleep(Duration::from_millis(wait as u64 + 50)).await;
+    // The start by the server's clock, not this machine's: with this one
+    // ahead, every claim token was asked for before the sale opened (and
+    // none given), and every claim refused, which checks no invariant.
+    let opens_in = |key: &str| crate::clock::parse_rfc3339_ms(detail.data()[key].as_str()?);
+    if let (Some(start), Some(server_now)) = (opens_in("startTime"), opens_in("serverTime")) {
+        let opens = asked + Duration::from_millis(start.saturating_sub(server_now).max(0) as u64);
+        if let Some(wait) = opens.checked_duration_since(Instant::now()) {
+            eprintln!("bench: activity opens in {:.1}s; waiting", wait.as_secs_f64());
+            tokio::time::sleep(wait + Duration::from_millis(50)).await;
         }
     }
-    let users = prepare(&client, &args, users, &detail_path).await?;
-    let bots = prepare(&client, &args, bots, &detail_path).await?;
+    let users = prepare(&client, &args, users, &detail_path, 0).await?;
+    let bots = prepare(&client, &args, bots, &detail_path, args.users).await?;
 
     eprintln!(
         "bench: rushing with {} claims at concurrency {} ...",
@@ -221,8 +228,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         (merged, Some((report, bot_run.acked)))
     };
 
-    let mut violations = Vec::new();
-    let mut seen = HashSet::new();
+    let mut violations = untested(&rushed.outcomes);
+    let mut seen = HashMap::new();
     check_accounts(&client, &args, &users, &rushed.acked, limit, &mut seen, &mut violations).await?;
     if let Some((_, bot_acked)) = &bot_report {
         check_accounts(&client, &args, &bots, bot_acked, limit, &mut seen, &mut violations).await?;
@@ -312,10 +319,11 @@ async fn prepare(
     args: &BenchArgs,
     tokens: Vec<String>,
     detail_path: &str,
+    first_id: usize,
 ) -> anyhow::Result<Vec<Account>> {
     let mut tasks = Vec::new();
     let sem = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
-    for token in tokens {
+    for (i, token) in tokens.into_iter().enumerate() {
         let (client, sem, path) = (client.clone(), sem.clone(), detail_path.to_owned());
         let (activity, ticket) = (args.activity.clone(), args.ticket.clone());
         tasks.push(tokio::spawn(async move {
@@ -336,6 +344,7 @@ async fn prepare(
                 }
             }
             Ok::<_, anyhow::Error>(Account {
+                id: first_id + i,
                 token,
                 body: Bytes::from(serde_json::to_vec(&body)?),
             })
@@ -432,14 +441,67 @@ async fn rush(
     Ok(rushed)
 }
 
-/// Checks every account against the server's own view of it.
+/// Refusals that say the bench's own accounts could not claim (no valid
+/// session, no claim token, the sale not open yet): a rush made of them
+/// tested nothing, and used to pass as if it had.
+const BENCH_BROKE: &[&str] = &[
+    "UNAUTHORIZED",
+    "TOKEN_EXPIRED",
+    "CLAIM_TOKEN_REQUIRED",
+    "CLAIM_TOKEN_INVALID",
+    "NOT_STARTED",
+];
+
+/// `outcomes` that mean a claim checked nothing: see [`BENCH_BROKE`].
+fn untested(outcomes: &BTreeMap<String, u64>) -> Vec<String> {
+    BENCH_BROKE
+        .iter()
+        .filter_map(|code| {
+            let n = outcomes.get(*code)?;
+            Some(format!(
+                "{n} claims were refused {code}: the bench's accounts could not claim, so they tested nothing"
+            ))
+        })
+        .collect()
+}
+
+/// Every claim of `activity` that `token`'s account holds, all pages, as
+/// the server says; an error when it cannot say (or says the list is
+/// partial): the checks then have nothing to compare with.
+async fn held_codes(client: &ApiClient, token: &str, activity: &str) -> anyhow::Result<HashSet<String>> {
+    let mut held = HashSet::new();
+    for page in 1.. {
+        let list = client
+            .get(&format!("/ticket/list?pageSize=100&page={page}"), Some(token))
+            .await?;
+        if list.status != 200 || list.data()["partial"] == true {
+            bail!("cannot read an account's claims: {} {}", list.status, list.body);
+        }
+        let claims = list.data()["claims"].as_array().cloned().unwrap_or_default();
+        held.extend(
+            claims
+                .iter()
+                .filter(|c| c["actId"] == activity)
+                .filter_map(|c| c["code"].as_str().map(str::to_owned)),
+        );
+        if claims.len() < 100 {
+            break;
+        }
+    }
+    Ok(held)
+}
+
+/// Checks every account against the server's own view of it: what each was
+/// acknowledged, and what each holds (claims answered in error, or never
+/// answered, included), against the limit and against every other
+/// account's (`seen`: code -> the [`Account::id`] that holds it).
 async fn check_accounts(
     client: &Arc<ApiClient>,
     args: &BenchArgs,
     accounts: &[Account],
     acked: &[Vec<String>],
     limit: u64,
-    seen: &mut HashSet<String>,
+    seen: &mut HashMap<String, usize>,
     violations: &mut Vec<String>,
 ) -> anyhow::Result<()> {
     for (i, (account, codes)) in accounts.iter().zip(acked).enumerate() {
@@ -450,21 +512,22 @@ async fn check_accounts(
                 distinct.len()
             ));
         }
-        for code in &distinct {
-            if !seen.insert((*code).clone()) {
-                violations.push(format!("code {code} was acknowledged to two accounts"));
+        let held = held_codes(client, &account.token, &args.activity)
+            .await
+            .with_context(|| format!("checking account {i}"))?;
+        for code in distinct
+            .iter()
+            .map(|c| c.as_str())
+            .chain(held.iter().map(String::as_str))
+        {
+            let holder = seen.entry(code.to_owned()).or_insert(account.id);
+            if *holder != account.id {
+                violations.push(format!(
+                    "code {code} went to two accounts ({holder} and {})",
+                    account.id
+                ));
             }
         }
-        let list = client.get("/ticket/list?pageSize=100", Some(&account.token)).await?;
-        let held: HashSet<String> = list.data()["claims"]
-            .as_array()
-            .map(|cs| {
-                cs.iter()
-                    .filter(|c| c["actId"] == args.activity)
-                    .filter_map(|c| c["code"].as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
         if held.len() as u64 > limit {
             violations.push(format!("account {i} holds {} codes; the limit is {limit}", held.len()));
         }

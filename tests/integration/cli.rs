@@ -353,6 +353,52 @@ fn bench_rushes_and_verifies_the_invariants() {
     assert!(!out.status.success() && err.contains("http://HOST:PORT"), "{err}");
 }
 
+/// `bench` waited for the sale's start by its own clock. Run from a machine
+/// whose clock is ahead, it asked for its claim tokens before the sale
+/// opened (and got none), every claim was refused CLAIM_TOKEN_REQUIRED,
+/// and it reported the invariants kept, having tested nothing. It now
+/// waits by the server's clock, and a rush its accounts could not claim in
+/// is a failure, not a pass; `--concurrency 0` (no request at all) is
+/// refused (from a review).
+#[test]
+fn bench_waits_for_the_start_by_the_servers_clock() {
+    let config = base_config()
+        + &Act::new("sk")
+            .window("+6s", "+1h")
+            .limit(1)
+            .ticket("sk-t", "T", Codes::Generate(20))
+            .toml();
+    let app = TestApp::start(&config);
+    let args = [
+        "bench",
+        "--url",
+        &app.url(),
+        "--json",
+        "--activity",
+        "sk",
+        "--users",
+        "20",
+        "--create-users",
+    ];
+    let out = Command::new(BIN)
+        .args(args)
+        .envs(crate::common::faketime_env("+60s"))
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["outcomes"]["success"], 20, "{report}");
+    assert_eq!(report["violations"], serde_json::json!([]), "{report}");
+
+    let out = Command::new(BIN)
+        .args(["bench", "--url", &app.url(), "--activity", "sk", "--concurrency", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--concurrency"), "{}", text(&out.stderr));
+}
+
 /// `bench --create-users` against a node that lets one address make only a
 /// few accounts (the shipped default is production's) failed with a bare
 /// "cannot log in …: 429 RATE_LIMITED". It names the setting and the way
