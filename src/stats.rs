@@ -251,6 +251,12 @@ pub const OUTCOME_TICK_MS: i64 = 100;
 /// claim outcomes are counted per tick; outside it, per minute.
 const RUSH_WINDOW_MS: std::ops::Range<i64> = -60_000..3_600_000;
 
+/// Where an activity starting at `start_ms` counts its claim outcomes per
+/// tick: the report charts this window, the rest is counted per minute.
+pub fn rush_window(start_ms: i64) -> std::ops::Range<i64> {
+    start_ms.saturating_add(RUSH_WINDOW_MS.start)..start_ms.saturating_add(RUSH_WINDOW_MS.end)
+}
+
 /// When a claim request made at `now_ms` to an activity starting at
 /// `start_ms` is counted: at `now_ms` during the rush (its tick), at the
 /// start of its minute before and after. Counted per tick at any time, a

@@ -202,24 +202,47 @@ pub fn render(activity_id: &str, data: &ReportData, queue: Option<&QueueReport>,
         .collect();
     let latency_chart = bar_chart("Claim latency (server side)", "claims", &latency);
 
-    // Outcomes are recorded per tenth of a second (read in coarser steps
-    // for a long sale); drawn in steps that fit the span of the requests,
-    // like the claims.
-    let first_ms = data.outcomes.first().map_or(0, |o| o.0);
-    let last_ms = data.outcomes.iter().map(|o| o.0).max().unwrap_or(first_ms);
+    // Outcomes are recorded per tenth of a second in the rush window, a
+    // minute before the start to an hour after (read in coarser steps for
+    // a long sale); drawn in steps that fit the span of the requests, like
+    // the claims. Outside it they are counted per minute: drawn as a rate
+    // per step they were spikes that never happened, so they are listed
+    // beside the chart instead.
+    let window = crate::stats::rush_window(start_ms);
+    let (charted, outside): (Vec<_>, Vec<_>) = data.outcomes.iter().partition(|o| window.contains(&o.0));
+    let first_ms = charted.first().map_or(0, |o| o.0);
+    let last_ms = charted.iter().map(|o| o.0).max().unwrap_or(first_ms);
     let outcome_step_ms = claims_chart_step_ms(last_ms - first_ms).max(crate::stats::OUTCOME_TICK_MS);
-    let names: BTreeSet<&str> = data.outcomes.iter().map(|o| o.1.as_str()).collect();
+    let names: BTreeSet<&str> = charted.iter().map(|o| o.1.as_str()).collect();
     let outcome_series: Vec<Series> = names
         .into_iter()
         .map(|name| Series {
             name: name.to_owned(),
             points: rate_points(
-                data.outcomes.iter().filter(|o| o.1 == name).map(|o| (o.0, o.2)),
+                charted.iter().filter(|o| o.1 == name).map(|o| (o.0, o.2)),
                 first_ms,
                 outcome_step_ms,
             ),
         })
         .collect();
+    let mut outside_counts: BTreeMap<&str, u64> = BTreeMap::new();
+    for o in &outside {
+        *outside_counts.entry(o.1.as_str()).or_default() += o.2;
+    }
+    let outside_note = if outside_counts.is_empty() {
+        String::new()
+    } else {
+        let total: u64 = outside_counts.values().sum();
+        let each: Vec<String> = outside_counts
+            .iter()
+            .map(|(o, n)| format!("{} {}", esc(o), fmt_num(*n as f64)))
+            .collect();
+        format!(
+            "<p class=\"muted\" id=\"outside-window\">{} claim requests came outside the chart's window (a minute before the start to an hour after), where they are counted per minute: {}.</p>\n",
+            fmt_num(total as f64),
+            each.join(", ")
+        )
+    };
     let outcomes_chart = line_chart(
         &format!("Claim outcomes per second, in {} steps", duration(outcome_step_ms)),
         "seconds since the first request",
@@ -330,6 +353,7 @@ th {{ background: #f5f5f5; }} .muted {{ color: #666; }} .warn {{ background: #ff
     html.push_str("\n<h2>Latency and outcomes</h2>\n");
     html.push_str(&latency_chart);
     html.push_str(&outcomes_chart);
+    html.push_str(&outside_note);
     if let Some(q) = queue {
         queue_section(&mut html, q);
     }

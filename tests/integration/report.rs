@@ -168,6 +168,47 @@ async fn the_report_and_the_rejections_export_match_the_rush() {
     assert!(chart(&quiet, "Claims per second, in 10 ms steps").contains("no data"));
 }
 
+/// Claim requests outside the rush window (a minute before the start to
+/// an hour after) are counted per minute. The report read every outcome at
+/// the resolution the whole span allowed, so one refused request two
+/// weeks early read the sale itself per minute, drawn in ten-minute steps
+/// (a sell-out in seconds became one point), and drew that request's minute
+/// as a rate per step. The chart now covers the window, and the rest is
+/// listed beside it (from a review). The early request's row is written
+/// into the store as the node writes one (`stats::counted_at`): no test
+/// waits two weeks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_weeks_before_the_start_do_not_blur_the_rushs_chart() {
+    let mut app = TestApp::start(&(base_config() + &open_activity("ow", 5, 1)));
+    let tokens = app.users("ow", 8).await;
+    let (acked, outcomes) = rush(&app, "ow", &tokens, 1, 8).await;
+    assert_eq!(acked.iter().map(Vec::len).sum::<usize>(), 5);
+    let requests: usize = outcomes.values().sum();
+    assert_eq!(app.stop(), 0);
+    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let start: i64 = db
+        .query_row("SELECT start_ms FROM activities WHERE id = 'ow'", [], |r| r.get(0))
+        .unwrap();
+    let early = start - 14 * 86_400_000;
+    db.execute(
+        "INSERT INTO stats_outcome_ticks (activity_id, at_ms, outcome, count) VALUES ('ow', ?1, 'not_started', 7)",
+        [ticketd::stats::counted_at(start, early)],
+    )
+    .unwrap();
+    drop(db);
+    let out = app.cli(&["report", "--activity", "ow", "--out", "ow.html"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(app.dir.path().join("ow.html")).unwrap();
+    let outcomes = chart(&html, "Claim outcomes per second, in 100 ms steps");
+    assert!(!outcomes.contains(">not_started</text>"), "{outcomes}");
+    assert!(outcomes.contains(">success</text>"), "{outcomes}");
+    assert!(
+        html.contains("7 claim requests came outside the chart's window") && html.contains("not_started 7"),
+        "{html}"
+    );
+    assert_eq!(cell(&html, "requests"), (requests + 7).to_string());
+}
+
 fn step_label(ms: i64) -> String {
     if ms < 1000 {
         format!("{ms} ms")

@@ -867,12 +867,18 @@ pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<Re
     // Per tick, summed as it streams in steps the span allows (see
     // `stats::outcome_resolution_ms`); `stats_outcomes` holds what earlier
     // versions wrote, per minute.
+    // The resolution fits the rush window's rows, which the report charts:
+    // one refused request weeks early read the whole sale per minute.
     let ticks = coll(db, "stats_outcome_ticks");
+    let window = data
+        .activity
+        .as_ref()
+        .map_or(i64::MIN..i64::MAX, |a| crate::stats::rush_window(a.1));
     let edge = |order: i32| {
-        let ticks = ticks.clone();
+        let (ticks, window) = (ticks.clone(), window.clone());
         async move {
             let first = ticks
-                .find_one(doc! {"activity_id": activity})
+                .find_one(doc! {"activity_id": activity, "at_ms": {"$gte": window.start, "$lt": window.end}})
                 .sort(doc! {"at_ms": order})
                 .await?;
             Ok::<_, MongoError>(first.map(|d| int(&d, "at_ms")))

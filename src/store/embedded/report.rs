@@ -81,9 +81,15 @@ pub(super) fn report_data(conn: &Connection, activity_id: &str, top: usize) -> R
     data.claims_per_10ms = per_10ms
         .query_map([activity_id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
         .collect::<Result<_, _>>()?;
+    // The resolution fits the rush window's rows, which the report charts:
+    // one refused request weeks early read the whole sale per minute.
+    let window = data
+        .activity
+        .as_ref()
+        .map_or(i64::MIN..i64::MAX, |a| crate::stats::rush_window(a.1));
     let span: Option<i64> = conn.query_row(
-        "SELECT MAX(at_ms) - MIN(at_ms) FROM stats_outcome_ticks WHERE activity_id = ?1",
-        [activity_id],
+        "SELECT MAX(at_ms) - MIN(at_ms) FROM stats_outcome_ticks WHERE activity_id = ?1 AND at_ms >= ?2 AND at_ms < ?3",
+        rusqlite::params![activity_id, window.start, window.end],
         |r| r.get(0),
     )?;
     let step = crate::stats::outcome_resolution_ms(span.unwrap_or(0));
