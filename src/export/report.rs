@@ -233,13 +233,10 @@ pub fn render(activity_id: &str, data: &ReportData, queue: Option<&QueueReport>,
         String::new()
     } else {
         let total: u64 = outside_counts.values().sum();
-        let each: Vec<String> = outside_counts
-            .iter()
-            .map(|(o, n)| format!("{} {}", esc(o), fmt_num(*n as f64)))
-            .collect();
+        let each: Vec<String> = outside_counts.iter().map(|(o, n)| format!("{} {n}", esc(o))).collect();
         format!(
             "<p class=\"muted\" id=\"outside-window\">{} claim requests came outside the chart's window (a minute before the start to an hour after), where they are counted per minute: {}.</p>\n",
-            fmt_num(total as f64),
+            total,
             each.join(", ")
         )
     };
@@ -359,6 +356,14 @@ th {{ background: #f5f5f5; }} .muted {{ color: #666; }} .warn {{ background: #ff
     }
     html.push_str("\n<h2>Who sent the most claims</h2>\n<p class=\"muted\">Addresses and accounts far above the rest are the scalper signal. Counted: claims that reached this activity; those refused before it (over a rate limit, blocked, no valid session) are counted per reason in the node's metrics, not here.</p>\n");
     html.push_str(&top_ip_chart);
+    if data.unranked_ip_requests > 0 {
+        let _ = writeln!(
+            html,
+            "<p class=\"muted\" id=\"unranked-ips\">{} claim requests came from addresses a node met after the first {} of this activity: they are counted together, and none of those addresses is ranked here (a client that first came after that does not show).</p>",
+            data.unranked_ip_requests,
+            crate::stats::MAX_STORED_SOURCES
+        );
+    }
     for (heading, id, rows) in [
         ("address", "top-ips", &data.top_ips),
         ("account", "top-users", &data.top_users),

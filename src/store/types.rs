@@ -247,6 +247,10 @@ pub struct ReportData {
     pub latency: Vec<(f64, u64)>,
     /// The addresses that sent the most claims: `(address, requests)`.
     pub top_ips: Vec<(String, u64)>,
+    /// Requests from addresses a node met past the first
+    /// [`crate::stats::MAX_STORED_SOURCES`] of the activity, counted
+    /// together: none of them is in `top_ips`.
+    pub unranked_ip_requests: u64,
     /// The accounts that sent the most claims: `(username, requests)`.
     pub top_users: Vec<(String, u64)>,
     /// Distinct users holding a claim.

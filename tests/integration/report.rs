@@ -209,6 +209,40 @@ async fn requests_weeks_before_the_start_do_not_blur_the_rushs_chart() {
     assert_eq!(cell(&html, "requests"), (requests + 7).to_string());
 }
 
+/// A node keeps its first 100,000 addresses of an activity apart and
+/// counts the requests of any address after them together: an attacker
+/// who spent the cap before the sale (an IPv6 client has addresses to
+/// spare) kept the scalper's new address out of "Who sent the most
+/// claims", and the report did not say the ranking was incomplete. It now
+/// says how many requests it could not rank. The node's row of them is
+/// written into the store as the node writes it: no test sends from
+/// 100,000 addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_says_how_many_requests_came_from_addresses_past_the_cap() {
+    let mut app = TestApp::start(&(base_config() + &open_activity("uc", 3, 1)));
+    let token = app.register("uc-fan").await;
+    assert_eq!(app.claim(&token, "uc").await.status, 200);
+    assert_eq!(app.stop(), 0);
+    let out = app.cli(&["report", "--activity", "uc", "--out", "before.html"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(app.dir.path().join("before.html")).unwrap();
+    assert!(!html.contains("id=\"unranked-ips\""), "nothing was past the cap");
+    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    db.execute(
+        "INSERT INTO stats_sources (activity_id, kind, source, requests) VALUES ('uc', 'other', '', 4321)",
+        [],
+    )
+    .unwrap();
+    drop(db);
+    let out = app.cli(&["report", "--activity", "uc", "--out", "uc.html"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(app.dir.path().join("uc.html")).unwrap();
+    assert!(
+        html.contains("<p class=\"muted\" id=\"unranked-ips\">4321 claim requests came from addresses"),
+        "{html}"
+    );
+}
+
 fn step_label(ms: i64) -> String {
     if ms < 1000 {
         format!("{ms} ms")

@@ -941,6 +941,12 @@ pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<Re
         names.insert(int(&u, "_id").to_string(), text(&u, "username"));
     }
     data.top_ips = ips;
+    let mut unranked = coll(db, "stats_sources")
+        .find(doc! {"activity_id": activity, "kind": "other"})
+        .await?;
+    while let Some(d) = unranked.try_next().await? {
+        data.unranked_ip_requests += int(&d, "requests") as u64;
+    }
     data.top_users = by_user
         .into_iter()
         .map(|(id, n)| (names.get(&id).cloned().unwrap_or_else(|| format!("#{id}")), n))

@@ -122,6 +122,11 @@ pub(super) fn report_data(conn: &Connection, activity_id: &str, top: usize) -> R
             Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
         })?
         .collect::<Result<_, _>>()?;
+    data.unranked_ip_requests = conn.query_row(
+        "SELECT COALESCE(SUM(requests), 0) FROM stats_sources WHERE activity_id = ?1 AND kind = 'other'",
+        [activity_id],
+        |r| r.get::<_, i64>(0),
+    )? as u64;
     let mut users = conn.prepare(
         "SELECT COALESCE(u.username, '#' || s.source), s.requests FROM stats_sources s
          LEFT JOIN users u ON u.id = CAST(s.source AS INTEGER)
