@@ -557,6 +557,53 @@ async fn a_fan_refused_a_stream_keeps_the_place_and_hears_when_the_session_goes(
     drop(held);
 }
 
+/// A join the room could not take (503 `QUEUE_FULL` here; `BUSY` at the
+/// draw, the store away, or no answer at all are the same) only showed the
+/// error and gave the button back: the fan had to keep tapping, each tap
+/// adding a notice, and a join whose answer was lost lapsed after the
+/// room's grace. The page now tries again as the server asks, in one
+/// notice, and is in the room once there is room (from a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_the_room_could_not_take_is_tried_again_until_it_is_in() {
+    let act = |capacity: u32| {
+        Act::new("cap")
+            .window("+1h", "+2h")
+            .with("admission = \"queue\"")
+            .with("queue_opens = \"-1m\"")
+            .with(&format!("queue_capacity = {capacity}"))
+            .ticket("cap-t", "Seat", Codes::Generate(5))
+            .toml()
+    };
+    let app = TestApp::start(&(base_config() + &act(1)));
+    let url = app.url();
+    let other = app.register("cap-other").await;
+    let joined = app
+        .client
+        .post("/queue/join", Some(&other), &json!({ "actId": "cap" }))
+        .await
+        .unwrap();
+    assert_eq!(joined.status, 200, "{}", joined.body);
+    let mut b = Browser::launch().await;
+    register(&mut b, &url, "cap-fan", "#/act/cap").await;
+    click(&mut b, "#join").await;
+    b.wait_for(
+        "document.querySelector('#join-note')?.innerText.includes('full')",
+        "the full room, said",
+    )
+    .await;
+    // The organiser makes room; the page is in at its next try.
+    let config = std::fs::read_to_string(app.config_path()).unwrap();
+    let roomier = config.replace("queue_capacity = 1\n", "queue_capacity = 10\n");
+    assert_ne!(config, roomier);
+    assert_eq!(app.reload(&roomier)["message"], "Config reloaded.");
+    b.wait_for(
+        "document.querySelector('#queue')?.dataset.state === 'waiting'",
+        "the fan in the room",
+    )
+    .await;
+    assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
+}
+
 /// A device whose clock jumps ahead after the page loaded (or a node a
 /// moment behind the one that set the page's clock): the grab button opens
 /// early, the node says the sale has not started, and the page waits for

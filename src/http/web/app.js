@@ -569,21 +569,37 @@ async function waitingRoom(a, queue) {
     b.addEventListener('click', async () => {
       b.disabled = true;
       const body = { actId: a.actId };
-      let res = await api('POST', '/queue/join', body);
-      if (!res.ok && res.error.code === 'POW_REQUIRED' && res.error.powChallenge) {
-        // The room asks each account to pay a little work for its place.
-        const progress = h('progress', { id: 'join-pow', max: 1, value: 0, 'aria-label': t('pow') });
-        panel.append(notice('', t('pow')), progress);
-        try {
-          body.powNonce = await solvePow(res.error.powChallenge, res.error.powDifficulty, progress);
-        } catch {
-          panel.append(notice('bad', errorText({ code: 'POW_REQUIRED' })));
-          b.disabled = false;
-          return;
+      // What the join is doing, in one place replaced at each try (each
+      // failed tap added another notice).
+      const note = h('div', { id: 'join-note' });
+      panel.append(note);
+      // Joining again keeps a place already taken, so a join that met a
+      // full or busy room, or got no answer (it may have taken the place,
+      // which lapses after the room's grace unless checked in), is tried
+      // again as the server asks, for as long as the fan stays here.
+      for (let tries = 1; mine === navigation; tries++) {
+        let res = await api('POST', '/queue/join', body);
+        if (!res.ok && res.error.code === 'POW_REQUIRED' && res.error.powChallenge) {
+          // The room asks each account to pay a little work for its place.
+          const progress = h('progress', { id: 'join-pow', max: 1, value: 0, 'aria-label': t('pow') });
+          note.replaceChildren(notice('', t('pow')), progress);
+          try {
+            body.powNonce = await solvePow(res.error.powChallenge, res.error.powDifficulty, progress);
+          } catch {
+            note.replaceChildren(notice('bad', errorText({ code: 'POW_REQUIRED' })));
+            b.disabled = false;
+            return;
+          }
+          res = await api('POST', '/queue/join', body);
         }
-        res = await api('POST', '/queue/join', body);
+        if (mine !== navigation) return;
+        if (res.ok) { render(res.data); follow(); return; }
+        if (RELOGIN.includes(res.error.code)) { panel.replaceChildren(loginPrompt(res.error.code)); return; }
+        if (!retryable(res)) { note.replaceChildren(notice('bad', errorText(res.error))); b.disabled = false; return; }
+        const ms = retryDelay(res.retryAfter, tries);
+        note.replaceChildren(retryingNotice(res, ms));
+        await sleep(ms);
       }
-      if (res.ok) { render(res.data); follow(); } else { panel.append(notice('bad', errorText(res.error))); b.disabled = false; }
     });
     return b;
   };
