@@ -13,8 +13,8 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::{
     admission::{Opened, Past, Room, RoomSettings, Rooms},
-    clock::now_ms,
-    config::Config,
+    clock::{now_ms, rfc3339_ms},
+    config::{AdmissionMode, Config},
     inventory::{CodePool, Inventory, Ledger},
     vocab::Rejection,
 };
@@ -150,6 +150,20 @@ impl Catalog {
                 // Out of order: said by `time_problems`.
                 (Some(s), _) if !s.in_order() => {}
                 (new, Some(room)) => problems.extend(room.settings().refused_change(&a.id, new.as_ref(), now)),
+                // A lottery whose draw has passed, never opened (no log):
+                // it would draw nobody at once and take no entry after, and
+                // a drawn room's admission cannot change, so the activity
+                // could never sell.
+                (Some(s), None) if s.mode == AdmissionMode::Lottery && s.shuffle_ms <= now => {
+                    if let Ok(Past::Untouched) = rooms.past(&a.id) {
+                        problems.push(format!(
+                            "activity `{}`: its lottery's draw_time ({}) has passed and nobody has entered it: it \
+                             would draw nobody at once and take no entry after; set draw_time (and start_time) later",
+                            a.id,
+                            rfc3339_ms(s.shuffle_ms)
+                        ));
+                    }
+                }
                 // A restart, or a node whose config never had the room:
                 // the room's log is asked instead.
                 (None, None) => match rooms.past(&a.id) {

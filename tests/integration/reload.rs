@@ -304,3 +304,38 @@ async fn claims_made_under_a_limit_a_reload_lowered_are_not_a_problem() {
         "{stdout}"
     );
 }
+
+/// A reload that made a race a lottery whose draw had passed (its times
+/// in order, all before now) was applied: the room drew nobody at once and
+/// took no entry after, every claim wanted a pass nobody could get, and a
+/// drawn room's admission cannot change, so no reload (and no restart)
+/// could sell the activity again. Such a lottery is now refused, and the
+/// race goes on (from a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lottery_whose_draw_has_passed_is_refused_not_drawn_empty() {
+    let race = |extra: &[&str]| {
+        let mut act = Act::new("ld").window("-10m", "+1h");
+        for line in extra {
+            act = act.with(line);
+        }
+        act.ticket("ld-t", "Seat", Codes::Generate(3)).toml()
+    };
+    let app = TestApp::start(&(base_config() + &race(&[])));
+    let late = base_config()
+        + &race(&[
+            "admission = \"lottery\"",
+            "queue_opens = \"-20m\"",
+            "draw_time = \"-15m\"",
+        ]);
+    let refused = app.reload(&late);
+    assert_eq!(
+        refused["message"], "Reload refused; still serving the previous config.",
+        "{refused}"
+    );
+    assert!(
+        refused.to_string().contains("its lottery's draw_time") && refused.to_string().contains("has passed"),
+        "{refused}"
+    );
+    let token = app.register("ld-fan").await;
+    assert_eq!(app.claim(&token, "ld").await.status, 200, "the race goes on");
+}
