@@ -302,9 +302,24 @@ impl AppState {
     fn prepare_reload(
         &self,
         new: &Config,
+        running: &Config,
         catalog: &Catalog,
     ) -> Result<(HashSet<u64>, CodesByTicket, ImportReport), String> {
-        let blocked = blocked_user_ids(new, &self.store).map_err(|e| e.to_string())?;
+        let blocked = match blocked_user_ids(new, &self.store) {
+            Ok(ids) => ids,
+            // The names the node resolved before, unchanged: kept. A reload
+            // (a pause, say) in a MongoDB outage was refused for them.
+            Err(error) if new.security.blocked_users == running.security.blocked_users => {
+                tracing::warn!(%error, "Could not look the blocked users up; keeping the accounts found before.");
+                self.guard.blocked_user_ids()
+            }
+            Err(error) => {
+                return Err(format!(
+                    "cannot look the accounts of security.blocked_users up ({error}); a reload that changes them \
+                     needs the store"
+                ))
+            }
+        };
         let elsewhere = self.codes_imported_elsewhere(catalog).map_err(|e| e.to_string())?;
         let report = self
             .store
@@ -345,7 +360,7 @@ impl AppState {
             return Err(moved.join("; "));
         }
         let catalog = Catalog::build(&new, self.started_ms, &self.inventory, &self.rooms).map_err(|p| p.join("; "))?;
-        let (blocked, elsewhere, report) = match self.prepare_reload(&new, &catalog) {
+        let (blocked, elsewhere, report) = match self.prepare_reload(&new, &running, &catalog) {
             Ok(prepared) => prepared,
             Err(e) => {
                 catalog.abandon(&self.rooms);

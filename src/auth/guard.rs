@@ -289,6 +289,11 @@ impl Guard {
         }
     }
 
+    /// The ids of `security.blocked_users` as last applied.
+    pub fn blocked_user_ids(&self) -> HashSet<u64> {
+        self.settings.load().blocked_user_ids.clone()
+    }
+
     /// Applies reloaded settings; counters (and their capacity) are kept.
     pub fn apply(&self, config: &Config, blocked_user_ids: HashSet<u64>) {
         self.settings

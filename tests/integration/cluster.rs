@@ -977,6 +977,42 @@ async fn a_reloaded_shutdown_grace_bounds_the_backlogs_drain_at_the_stop() {
     );
 }
 
+/// A reload resolves `security.blocked_users` to accounts, in MongoDB. With
+/// MongoDB down, every reload of a node that blocked anyone was refused
+/// (the lookup's error), a pause during the outage included, while Redis
+/// took claims. A reload that keeps the list now keeps the accounts found
+/// before; one that changes it still needs the store, and says so (from a
+/// review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_in_a_mongodb_outage_keeps_the_blocked_accounts_it_found() {
+    let mut cluster = Cluster::start(1, &cluster_activity("bo", 5, 1), "");
+    let (tokens, _) = users(&cluster, "bo", 2).await;
+    let node = &cluster.nodes[0];
+    let unblocked = std::fs::read_to_string(node.config_path()).unwrap();
+    let config = unblocked.replace("[security]\n", "[security]\nblocked_users = [\"bo-1\"]\n");
+    assert_ne!(config, unblocked);
+    // Blocked by this reload: its session too.
+    assert_eq!(node.reload(&config)["message"], "Config reloaded.");
+    assert_error(&node.claim(&tokens[1], "bo").await, 403, "BLOCKED");
+    cluster.services.stop_mongo();
+    let node = &cluster.nodes[0];
+    let paused = config.replace("per_user_limit = 1\n", "per_user_limit = 1\npaused = true\n");
+    assert_ne!(config, paused);
+    let applied = node.reload(&paused);
+    assert_eq!(applied["message"], "Config reloaded.", "{applied}");
+    assert_error(&node.claim(&tokens[0], "bo").await, 409, "PAUSED");
+    assert_error(&node.claim(&tokens[1], "bo").await, 403, "BLOCKED");
+    let more = paused.replace("blocked_users = [\"bo-1\"]", "blocked_users = [\"bo-1\", \"bo-0\"]");
+    assert_ne!(more, paused);
+    let refused = node.reload(&more);
+    assert!(
+        refused
+            .to_string()
+            .contains("cannot look the accounts of security.blocked_users up"),
+        "{refused}"
+    );
+}
+
 /// `n` claim records of activity `act` for `node`'s backlog, as the
 /// commit script writes them (codes `{act}-synthetic-{i}`, one user each).
 fn synthetic_records(act: &str, node: &str, range: std::ops::Range<usize>) -> Vec<String> {
