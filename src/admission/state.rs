@@ -127,33 +127,38 @@ impl RoomSettings {
         }
     }
 
-    /// What may not change once the room has opened, and changed; empty when nothing did.
-    pub fn frozen_changes(&self, new: &RoomSettings, now_ms: i64) -> Vec<&'static str> {
+    /// What may not change once the room has opened, and changed, each
+    /// with the value the room runs on (what to set it back to: relative
+    /// times were resolved at the node's start, and the file is usually
+    /// overwritten); empty when nothing did.
+    pub fn frozen_changes(&self, new: &RoomSettings, now_ms: i64) -> Vec<String> {
         if now_ms < self.opens_ms {
             return Vec::new();
         }
+        let time = crate::clock::rfc3339_ms;
         let mut changed = Vec::new();
         if new.mode != self.mode {
-            changed.push("admission");
+            changed.push(format!("admission (running: \"{}\")", self.mode));
         }
         if new.opens_ms != self.opens_ms {
-            changed.push("queue_opens");
+            changed.push(format!("queue_opens (running: {})", time(self.opens_ms)));
         }
+        let shuffle_key = if self.mode == AdmissionMode::Lottery {
+            "draw_time"
+        } else {
+            "start_time"
+        };
         if new.shuffle_ms != self.shuffle_ms {
-            changed.push(if self.mode == AdmissionMode::Lottery {
-                "draw_time"
-            } else {
-                "start_time"
-            });
+            changed.push(format!("{shuffle_key} (running: {})", time(self.shuffle_ms)));
         }
-        if new.start_ms != self.start_ms && !changed.contains(&"start_time") {
-            changed.push("start_time");
+        if new.start_ms != self.start_ms && !(new.shuffle_ms != self.shuffle_ms && shuffle_key == "start_time") {
+            changed.push(format!("start_time (running: {})", time(self.start_ms)));
         }
         // The room counts the codes its passes may still claim, and marks a
         // fan done, by it: raised, a done fan's pass (unexpired) would claim
         // again a code promised to the next in line.
         if new.per_user_limit != self.per_user_limit {
-            changed.push("per_user_limit");
+            changed.push(format!("per_user_limit (running: {})", self.per_user_limit));
         }
         changed
     }

@@ -1879,10 +1879,10 @@ async fn a_reload_moves_a_queue_before_it_opens_and_never_after() {
     // A refused reload changes no room, not even what it may change.
     let refused = app.reload(&config("+55m", "5m", "+2h", true));
     assert!(
-        refused["reason"]
-            .as_str()
-            .unwrap()
-            .contains("`open`: start_time cannot change once its queue has opened"),
+        refused["reason"].as_str().unwrap().contains(&format!(
+            "`open`: start_time (running: {}) cannot change once its queue has opened",
+            open_start.as_str().unwrap()
+        )),
         "{refused}"
     );
     let open = app.detail("open").await;
@@ -1900,7 +1900,7 @@ async fn a_reload_moves_a_queue_before_it_opens_and_never_after() {
         refused["reason"]
             .as_str()
             .unwrap()
-            .contains("`open`: per_user_limit cannot change once its queue has opened"),
+            .contains("`open`: per_user_limit (running: 1) cannot change once its queue has opened"),
         "{refused}"
     );
     // A queue switched back to a race before it opened is a race for good:
@@ -2354,7 +2354,9 @@ async fn an_import_that_changes_an_opened_room_is_refused_and_the_next_one_appli
     let out = import(act(2_400_000, &[]));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && stderr.contains("activity `mq`: start_time cannot change once its queue has opened"),
+        !out.status.success()
+            && stderr.contains("activity `mq`: start_time (running: ")
+            && stderr.contains(") cannot change once its queue has opened"),
         "{stderr}"
     );
     let out = import(act(1_800_000, &["paused = true"]));
