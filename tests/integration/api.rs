@@ -533,7 +533,7 @@ async fn the_list_is_never_stale() {
 
 /// A node on [`slow_journal_disk`], started; and the file that holds its
 /// journal's `fdatasync` while it exists.
-fn on_a_slow_journal_disk(config: &str) -> (TestApp, std::path::PathBuf) {
+pub(crate) fn on_a_slow_journal_disk(config: &str) -> (TestApp, std::path::PathBuf) {
     let mut app = TestApp::prepare(config, &[]);
     let lib = slow_journal_disk(app.dir.path());
     let hold = app.dir.path().join("hold-fsync");
@@ -545,7 +545,7 @@ fn on_a_slow_journal_disk(config: &str) -> (TestApp, std::path::PathBuf) {
 }
 
 /// Waits until one claim is being committed (held on the slow disk).
-async fn one_claim_waits_on_the_disk(app: &TestApp) {
+pub(crate) async fn one_claim_waits_on_the_disk(app: &TestApp) {
     crate::common::until("a claim to wait on the disk", || async {
         crate::common::metric(app, "ticketd_claims_in_flight").await == 1.0
     })

@@ -557,6 +557,49 @@ async fn a_fan_refused_a_stream_keeps_the_place_and_hears_when_the_session_goes(
     drop(held);
 }
 
+/// The language switch redraws the page. Pressed while a grab was under
+/// way, the code it got was written into the view no longer shown: the fan
+/// saw the grab button again and no code (from a review). The switch now
+/// waits for the grab; here the claim is held on a slow journal disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_language_switch_waits_for_a_grab_under_way() {
+    let config = base_config()
+        + &Act::new("lang")
+            .window("-1m", "+1h")
+            .ticket("lang-t", "Seat", Codes::Generate(2))
+            .toml();
+    let (app, hold) = crate::api::on_a_slow_journal_disk(&config);
+    let url = app.url();
+    let mut b = Browser::launch().await;
+    register(&mut b, &url, "lang-fan", "#/act/lang").await;
+    b.wait_for(
+        "document.querySelector('#grab') && !document.querySelector('#grab').disabled",
+        "the grab button",
+    )
+    .await;
+    std::fs::write(&hold, b"").unwrap();
+    click(&mut b, "#grab").await;
+    crate::api::one_claim_waits_on_the_disk(&app).await;
+    b.eval("document.getElementById('lang').click()").await;
+    std::fs::remove_file(&hold).unwrap();
+    let code = b
+        .wait_for(
+            "document.querySelector('#claimed-code')?.textContent",
+            "the claimed code",
+        )
+        .await;
+    assert!(!code.as_str().unwrap().is_empty());
+    // Once the grab is over, the switch works.
+    let before = b.eval("document.documentElement.lang").await;
+    b.eval("document.getElementById('lang').click()").await;
+    b.wait_for(
+        &format!("document.documentElement.lang !== {before}"),
+        "the other language",
+    )
+    .await;
+    assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
+}
+
 /// A join the room could not take (503 `QUEUE_FULL` here; `BUSY` at the
 /// draw, the store away, or no answer at all are the same) only showed the
 /// error and gave the button back: the fan had to keep tapping, each tap

@@ -712,6 +712,10 @@ function solvePow(challenge, difficulty, progress) {
 async function grab(a, ticketId, button, progress, result) {
   button.dataset.busy = '1';
   button.disabled = true;
+  // The language switch redraws the page: mid-grab, the code or the error
+  // went to a view no longer shown, and the fan saw a grab button again.
+  const langSwitch = document.getElementById('lang');
+  langSwitch.disabled = true;
   button.textContent = t('grabbing');
   // One key for every retry, and for the next grab while this one's outcome
   // is unknown: a retry can never claim twice.
@@ -824,6 +828,7 @@ async function grab(a, ticketId, button, progress, result) {
     progress.hidden = true;
     delete button.dataset.busy;
     button.textContent = t('grab');
+    langSwitch.disabled = false;
   }
 }
 
