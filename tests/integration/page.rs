@@ -361,6 +361,22 @@ async fn a_chinese_browser_gets_the_page_in_chinese() {
         b.eval("document.querySelector('main').hasAttribute('aria-live')").await,
         false
     );
+    // The node's own failures too: they showed its English message after
+    // "出错了：" (from a review).
+    for code in [
+        "INTERNAL",
+        "REQUEST_TIMEOUT",
+        "BAD_BODY",
+        "CLAIM_NOT_FOUND",
+        "TOO_MANY_STREAMS",
+        "STREAMS_FULL",
+    ] {
+        let said = b
+            .eval(&format!("errorText({{ code: '{code}', message: 'in English' }})"))
+            .await;
+        let said = said.as_str().unwrap();
+        assert!(!said.contains("in English") && !said.is_ascii(), "{code}: {said}");
+    }
     b.goto(&format!("{}/#/act/%zz", app.url())).await;
     b.wait_for(
         "document.querySelector('main .notice')?.textContent === '活动不存在。'",

@@ -105,6 +105,10 @@ const ERRORS = {
     QUEUE_FULL: 'The waiting room is full.',
     ENTRIES_FULL: 'The lottery has taken all the entries it holds.',
     NO_MORE_PLACES: 'This account has joined this waiting room as many times as it may.',
+    INTERNAL: 'The sale had a problem on its side.', REQUEST_TIMEOUT: 'The request took too long to arrive.',
+    BAD_BODY: 'The request broke off on the way.', CLAIM_NOT_FOUND: 'No such ticket.',
+    TOO_MANY_STREAMS: 'This account follows the waiting room in too many tabs.',
+    STREAMS_FULL: 'The waiting room is busy; your place is kept.',
     NETWORK: 'No connection to the sale; check your network.', OTHER: 'Something went wrong:',
   },
   zh: {
@@ -130,6 +134,9 @@ const ERRORS = {
     QUEUE_NOT_OPEN: '排队尚未开放。', ENTRIES_CLOSED: '报名已截止。', QUEUE_FULL: '排队人数已满。',
     ENTRIES_FULL: '抽签报名人数已满。',
     NO_MORE_PLACES: '此账号加入本排队的次数已达上限。',
+    INTERNAL: '系统内部出错。', REQUEST_TIMEOUT: '请求传送超时。', BAD_BODY: '请求在传送中断开。',
+    CLAIM_NOT_FOUND: '没有这张票。', TOO_MANY_STREAMS: '此账号在太多标签页中关注排队。',
+    STREAMS_FULL: '排队系统繁忙，你的位置已保留。',
     NETWORK: '无法连接，请检查网络。', OTHER: '出错了：',
   },
 };
