@@ -109,6 +109,32 @@ pub enum Status {
     Ended,
 }
 
+/// The lotteries an operator's reload would bring whose draw has passed
+/// and that nobody has entered (no room, no log): each would draw nobody
+/// at once and take no entry after, and a drawn room's admission cannot
+/// change, so the activity could never sell again. A reload refuses them.
+/// Not a start: a node that was down across an empty lottery's draw
+/// draws it late, as it is, rather than not starting at all.
+pub fn late_lotteries(config: &Config, node_start_ms: i64, rooms: &Rooms) -> Vec<String> {
+    let now = now_ms();
+    config
+        .activities
+        .iter()
+        .filter_map(|a| {
+            let s = RoomSettings::of(a, node_start_ms)?;
+            let late = s.mode == AdmissionMode::Lottery && s.shuffle_ms <= now && rooms.get(&a.id).is_none();
+            (late && matches!(rooms.past(&a.id), Ok(Past::Untouched))).then(|| {
+                format!(
+                    "activity `{}`: its lottery's draw_time ({}) has passed and nobody has entered it: it would draw \
+                     nobody at once and take no entry after; set draw_time (and start_time) later",
+                    a.id,
+                    rfc3339_ms(s.shuffle_ms)
+                )
+            })
+        })
+        .collect()
+}
+
 /// What [`Catalog::build`] finds wrong with `config`'s times once relative
 /// ones are resolved against `node_start_ms` (the config's validation can
 /// compare only times of one kind): `ticketd check-config` asks it as of a
@@ -150,20 +176,6 @@ impl Catalog {
                 // Out of order: said by `time_problems`.
                 (Some(s), _) if !s.in_order() => {}
                 (new, Some(room)) => problems.extend(room.settings().refused_change(&a.id, new.as_ref(), now)),
-                // A lottery whose draw has passed, never opened (no log):
-                // it would draw nobody at once and take no entry after, and
-                // a drawn room's admission cannot change, so the activity
-                // could never sell.
-                (Some(s), None) if s.mode == AdmissionMode::Lottery && s.shuffle_ms <= now => {
-                    if let Ok(Past::Untouched) = rooms.past(&a.id) {
-                        problems.push(format!(
-                            "activity `{}`: its lottery's draw_time ({}) has passed and nobody has entered it: it \
-                             would draw nobody at once and take no entry after; set draw_time (and start_time) later",
-                            a.id,
-                            rfc3339_ms(s.shuffle_ms)
-                        ));
-                    }
-                }
                 // A restart, or a node whose config never had the room:
                 // the room's log is asked instead.
                 (None, None) => match rooms.past(&a.id) {

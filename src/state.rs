@@ -359,6 +359,14 @@ impl AppState {
         if !moved.is_empty() {
             return Err(moved.join("; "));
         }
+        // An operator's edit, not the activities `ticketd import` stored
+        // (a node that follows them takes what every node takes).
+        if !self.follows_store {
+            let late = crate::catalog::late_lotteries(&new, self.started_ms, &self.rooms);
+            if !late.is_empty() {
+                return Err(late.join("; "));
+            }
+        }
         let catalog = Catalog::build(&new, self.started_ms, &self.inventory, &self.rooms).map_err(|p| p.join("; "))?;
         let (blocked, elsewhere, report) = match self.prepare_reload(&new, &running, &catalog) {
             Ok(prepared) => prepared,

@@ -264,8 +264,13 @@ pub fn rush_window(start_ms: i64) -> std::ops::Range<i64> {
 /// `NOT_STARTED`) added a row a tenth of a second to the store, for as
 /// long as they kept at it; now that costs a row a minute per outcome.
 pub fn counted_at(start_ms: i64, now_ms: i64) -> i64 {
-    if RUSH_WINDOW_MS.contains(&now_ms.saturating_sub(start_ms)) {
+    let since_start = now_ms.saturating_sub(start_ms);
+    if RUSH_WINDOW_MS.contains(&since_start) {
         now_ms
+    } else if since_start >= RUSH_WINDOW_MS.end {
+        // Its minute, but not before the window's end: counted at the start
+        // of a minute the window still held, it was charted as a tick.
+        (now_ms - now_ms.rem_euclid(60_000)).max(start_ms.saturating_add(RUSH_WINDOW_MS.end))
     } else {
         now_ms - now_ms.rem_euclid(60_000)
     }

@@ -122,8 +122,12 @@ impl RoomSettings {
                     )
                 })
             }
-            None => (now_ms >= self.opens_ms)
-                .then(|| format!("activity `{activity}`: admission cannot change once its queue has opened")),
+            None => (now_ms >= self.opens_ms).then(|| {
+                format!(
+                    "activity `{activity}`: admission (running: \"{}\") cannot change once its queue has opened",
+                    self.mode
+                )
+            }),
         }
     }
 

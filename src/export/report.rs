@@ -359,7 +359,7 @@ th {{ background: #f5f5f5; }} .muted {{ color: #666; }} .warn {{ background: #ff
     if data.unranked_ip_requests > 0 {
         let _ = writeln!(
             html,
-            "<p class=\"muted\" id=\"unranked-ips\">{} claim requests came from addresses a node met after the first {} of this activity: they are counted together, and none of those addresses is ranked here (a client that first came after that does not show).</p>",
+            "<p class=\"muted\" id=\"unranked-ips\">{} claim requests were counted without their address or account, past what a node ranks (the first {} addresses of this activity in a node's run, and each flush's cap): none of them is in the rankings here, so a client that first came after that does not show.</p>",
             data.unranked_ip_requests,
             crate::stats::MAX_STORED_SOURCES
         );

@@ -1036,12 +1036,12 @@ fn synthetic_records(act: &str, node: &str, range: std::ops::Range<usize>) -> Ve
 /// Redis (from a review). The stop comes during a pass of five batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_under_way_at_the_stop_ends_with_the_grace() {
-    const RECORDS: usize = 100_000;
+    const RECORDS: usize = 50_000;
     // Five batches: one pass of the writer takes them all.
     let mut cluster = Cluster::start_configured(
         1,
         &cluster_activity("gd", 5, 1),
-        "[cluster]\nmongo_batch = 20000\n",
+        "[cluster]\nmongo_batch = 10000\n",
         |c| {
             let shorter = c.replace("shutdown_grace = \"5s\"", "shutdown_grace = \"1s\"");
             assert_ne!(c, shorter);

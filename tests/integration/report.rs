@@ -238,7 +238,9 @@ async fn the_report_says_how_many_requests_came_from_addresses_past_the_cap() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let html = std::fs::read_to_string(app.dir.path().join("uc.html")).unwrap();
     assert!(
-        html.contains("<p class=\"muted\" id=\"unranked-ips\">4321 claim requests came from addresses"),
+        html.contains(
+            "<p class=\"muted\" id=\"unranked-ips\">4321 claim requests were counted without their address or account"
+        ),
         "{html}"
     );
 }

@@ -578,8 +578,8 @@ async function waitingRoom(a, queue) {
       const body = { actId: a.actId };
       // What the join is doing, in one place replaced at each try (each
       // failed tap added another notice).
-      const note = h('div', { id: 'join-note' });
-      panel.append(note);
+      let note = panel.querySelector('#join-note');
+      if (!note) panel.append(note = h('div', { id: 'join-note' }));
       // Joining again keeps a place already taken, so a join that met a
       // full or busy room, or got no answer (it may have taken the place,
       // which lapses after the room's grace unless checked in), is tried
@@ -597,6 +597,7 @@ async function waitingRoom(a, queue) {
             b.disabled = false;
             return;
           }
+          if (mine !== navigation) return;
           res = await api('POST', '/queue/join', body);
         }
         if (mine !== navigation) return;
