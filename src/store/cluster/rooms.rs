@@ -265,8 +265,8 @@ impl RoomSource {
     /// node to open the room sets it). Blocking: for start-up and reload.
     ///
     /// With `cluster.replica_acks`, only once that many replicas hold it
-    /// (retried for `cluster.commit_timeout`, then an error: the start or
-    /// reload that opens the room fails). Its commitment is published to
+    /// (retried, as after a Redis error, for `cluster.commit_timeout`, then
+    /// an error: the start or reload that opens the room fails). Its commitment is published to
     /// the fans at once; a seed only the master held, lost in a failover,
     /// was replaced by the next node to open the room, and the draw then
     /// revealed a seed that did not match the commitment fans had seen.
@@ -278,9 +278,14 @@ impl RoomSource {
             let mut invocation = SEED.prepare_invoke();
             invocation.key(&seed_key).arg(&fresh);
             let deadline = tokio::time::Instant::now() + shared.cfg.commit_timeout.0;
+            // Unconfirmed, or a Redis error (a failover's aftermath): the
+            // script is the same each time, so it is tried again.
             loop {
                 match run_replicated(&mut redis, &invocation, &fence, shared.cfg.replica_acks).await {
                     Err(ClusterError::NotReplicated { .. }) if tokio::time::Instant::now() < deadline => continue,
+                    Err(ClusterError::Redis(_)) if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
                     seed => break seed,
                 }
             }
