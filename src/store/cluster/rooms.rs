@@ -277,14 +277,16 @@ impl RoomSource {
             let mut redis = shared.rooms_redis.clone();
             let mut invocation = SEED.prepare_invoke();
             invocation.key(&seed_key).arg(&fresh);
-            let deadline = tokio::time::Instant::now() + shared.cfg.commit_timeout.0;
             // Unconfirmed, or a Redis error (a failover's aftermath): the
-            // script is the same each time, so it is tried again.
+            // script is the same each time, so it is tried again, as a
+            // commit batch is.
+            let deadline = tokio::time::Instant::now() + shared.cfg.commit_timeout.0;
+            let mut delay = std::time::Duration::from_millis(20);
             loop {
                 match run_replicated(&mut redis, &invocation, &fence, shared.cfg.replica_acks).await {
-                    Err(ClusterError::NotReplicated { .. }) if tokio::time::Instant::now() < deadline => continue,
-                    Err(ClusterError::Redis(_)) if tokio::time::Instant::now() < deadline => {
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    Err(_) if tokio::time::Instant::now() + delay < deadline => {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(std::time::Duration::from_millis(500));
                     }
                     seed => break seed,
                 }
