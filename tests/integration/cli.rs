@@ -502,7 +502,7 @@ async fn an_import_beside_a_node_leaves_the_window_the_node_serves() {
     let served = (ms("startTime"), ms("endTime"));
     let out = app.cli(&["import"], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let db = app.sqlite();
     let stored: (i64, i64) = db
         .query_row("SELECT start_ms, end_ms FROM activities WHERE id = 'rt'", [], |r| {
             Ok((r.get(0)?, r.get(1)?))
@@ -536,7 +536,7 @@ async fn an_import_beside_a_node_leaves_the_limit_and_times_the_node_serves() {
     std::fs::write(app.config_path(), &edited).unwrap();
     let out = app.cli(&["import"], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let db = app.sqlite();
     let stored: (i64, i64) = db
         .query_row(
             "SELECT per_user_limit, end_ms FROM activities WHERE id = 'lt'",
@@ -569,7 +569,7 @@ async fn an_export_beside_a_node_says_which_claims_are_still_in_its_journal() {
     let app = TestApp::start(&(base_config() + &open_activity("tj", 10, 1)));
     let tokens = app.users("tj", 5).await;
     // Another writer holds SQLite: the node's applier waits.
-    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let db = app.sqlite();
     db.execute_batch("BEGIN IMMEDIATE").unwrap();
     for t in &tokens {
         assert_eq!(app.claim(t, "tj").await.status, 200);

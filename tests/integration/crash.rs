@@ -178,7 +178,7 @@ async fn verify_finds_two_journaled_claims_of_one_code() {
     assert_eq!(app.stop(), 0);
     let out = app.cli(&["verify"], None);
     assert!(out.status.success(), "{out:?}");
-    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let db = app.sqlite();
     let (code, next): (String, u64) = db
         .query_row(
             "SELECT (SELECT code FROM codes WHERE code NOT IN (SELECT code FROM claims) LIMIT 1),
@@ -287,7 +287,7 @@ async fn a_damaged_segment_header_stops_the_node_and_loses_no_claim() {
     assert_eq!(app.stop(), 0);
     // The claims as if SQLite had not applied them yet (a stop applies
     // everything): the damaged segment holds their only copy.
-    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let db = app.sqlite();
     db.execute_batch("DELETE FROM claims; UPDATE meta SET value = '0' WHERE key = 'applied_seq';")
         .unwrap();
     drop(db);
@@ -561,7 +561,7 @@ async fn verify_names_every_broken_invariant_of_the_embedded_store() {
     );
 
     // Tamper with SQLite behind the store's back.
-    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let db = app.sqlite();
     let (alice_id, w_code): (i64, String) = (
         db.query_row("SELECT id FROM users WHERE username = 'alice'", [], |r| r.get(0))
             .unwrap(),

@@ -681,7 +681,7 @@ async fn look_alike_usernames_within_one_script_are_taken() {
 
     // A store from before skeletons: no column, and a look-alike pair.
     assert_eq!(app.stop(), 0, "the node stopped cleanly");
-    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let db = app.sqlite();
     db.execute_batch(
         "DROP INDEX users_skeleton; ALTER TABLE users DROP COLUMN skeleton;
          INSERT INTO users (username, nickname, password_hash, created_at_ms)
@@ -925,7 +925,7 @@ async fn a_login_rehashes_a_password_made_at_an_earlier_cost() {
     let body = json!({ "username": "early", "password": "password-early" });
     let res = app.client.post("/user/login", None, &body).await.unwrap();
     assert_eq!(res.status, 200, "{}", res.body);
-    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let db = app.sqlite();
     let hash_of = |name: &str| -> String {
         db.query_row("SELECT password_hash FROM users WHERE username = ?1", [name], |r| {
             r.get(0)

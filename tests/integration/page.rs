@@ -543,11 +543,7 @@ async fn a_fan_refused_a_stream_keeps_the_place_and_hears_when_the_session_goes(
     // Four other fans hold the node's sixteen streams.
     let mut held = Vec::new();
     for token in app.users("other", 4).await {
-        let joined = app
-            .client
-            .post("/queue/join", Some(&token), &json!({ "actId": "full" }))
-            .await
-            .unwrap();
+        let joined = crate::queue::join(&app.client, &token, "full").await;
         assert_eq!(joined.status, 200, "{}", joined.body);
         for _ in 0..4 {
             held.push(crate::common::open_event_stream(&app.addr, &token, "full").await.0);
@@ -636,11 +632,7 @@ async fn a_join_the_room_could_not_take_is_tried_again_until_it_is_in() {
     let app = TestApp::start(&(base_config() + &act(1)));
     let url = app.url();
     let other = app.register("cap-other").await;
-    let joined = app
-        .client
-        .post("/queue/join", Some(&other), &json!({ "actId": "cap" }))
-        .await
-        .unwrap();
+    let joined = crate::queue::join(&app.client, &other, "cap").await;
     assert_eq!(joined.status, 200, "{}", joined.body);
     let mut b = Browser::launch().await;
     register(&mut b, &url, "cap-fan", "#/act/cap").await;

@@ -110,7 +110,8 @@ fn queue(id: &str, codes: u32, start: &str, extra: &[&str]) -> String {
     act.ticket(&format!("{id}-t"), "Ticket", Codes::Generate(codes)).toml()
 }
 
-async fn join(client: &ApiClient, token: &str, act: &str) -> ApiResponse {
+/// `POST /queue/join` of `act` as `token`'s account.
+pub(crate) async fn join(client: &ApiClient, token: &str, act: &str) -> ApiResponse {
     client
         .post("/queue/join", Some(token), &json!({ "actId": act }))
         .await

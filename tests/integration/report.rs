@@ -107,9 +107,7 @@ async fn the_report_and_the_rejections_export_match_the_rush() {
         "{reasons:?}"
     );
 
-    let out = app.cli(&["report", "--activity", "rep", "--out", "report.html"], None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let html = std::fs::read_to_string(app.dir.path().join("report.html")).unwrap();
+    let html = report_html(&app, "rep");
     for fetch in ["http://", "https://", "<script", "<link", "src=", "@import"] {
         assert!(!html.contains(fetch), "the report must need no network ({fetch})");
     }
@@ -160,9 +158,7 @@ async fn the_report_and_the_rejections_export_match_the_rush() {
     );
 
     // An activity nobody claimed still renders.
-    let out = app.cli(&["report", "--activity", "quiet", "--out", "quiet.html"], None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let quiet = std::fs::read_to_string(app.dir.path().join("quiet.html")).unwrap();
+    let quiet = report_html(&app, "quiet");
     assert_eq!(cell(&quiet, "claimed"), "0");
     assert_eq!(cell(&quiet, "sold-out"), "not sold out");
     assert!(chart(&quiet, "Claims per second, in 10 ms steps").contains("no data"));
@@ -185,7 +181,7 @@ async fn requests_weeks_before_the_start_do_not_blur_the_rushs_chart() {
     assert_eq!(acked.iter().map(Vec::len).sum::<usize>(), 5);
     let requests: usize = outcomes.values().sum();
     assert_eq!(app.stop(), 0);
-    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let db = app.sqlite();
     let start: i64 = db
         .query_row("SELECT start_ms FROM activities WHERE id = 'ow'", [], |r| r.get(0))
         .unwrap();
@@ -196,9 +192,7 @@ async fn requests_weeks_before_the_start_do_not_blur_the_rushs_chart() {
     )
     .unwrap();
     drop(db);
-    let out = app.cli(&["report", "--activity", "ow", "--out", "ow.html"], None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let html = std::fs::read_to_string(app.dir.path().join("ow.html")).unwrap();
+    let html = report_html(&app, "ow");
     let outcomes = chart(&html, "Claim outcomes per second, in 100 ms steps");
     assert!(!outcomes.contains(">not_started</text>"), "{outcomes}");
     assert!(outcomes.contains(">success</text>"), "{outcomes}");
@@ -223,26 +217,29 @@ async fn the_report_says_how_many_requests_came_from_addresses_past_the_cap() {
     let token = app.register("uc-fan").await;
     assert_eq!(app.claim(&token, "uc").await.status, 200);
     assert_eq!(app.stop(), 0);
-    let out = app.cli(&["report", "--activity", "uc", "--out", "before.html"], None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let html = std::fs::read_to_string(app.dir.path().join("before.html")).unwrap();
+    let html = report_html(&app, "uc");
     assert!(!html.contains("id=\"unranked-ips\""), "nothing was past the cap");
-    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let db = app.sqlite();
     db.execute(
         "INSERT INTO stats_sources (activity_id, kind, source, requests) VALUES ('uc', 'other', '', 4321)",
         [],
     )
     .unwrap();
     drop(db);
-    let out = app.cli(&["report", "--activity", "uc", "--out", "uc.html"], None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let html = std::fs::read_to_string(app.dir.path().join("uc.html")).unwrap();
+    let html = report_html(&app, "uc");
     assert!(
         html.contains(
             "<p class=\"muted\" id=\"unranked-ips\">4321 claim requests were counted without their address or account"
         ),
         "{html}"
     );
+}
+
+/// `ticketd report` of `act` beside `app`'s store, its HTML.
+fn report_html(app: &TestApp, act: &str) -> String {
+    let out = app.cli(&["report", "--activity", act, "--out", "report.html"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read_to_string(app.dir.path().join("report.html")).unwrap()
 }
 
 fn step_label(ms: i64) -> String {
@@ -275,9 +272,7 @@ async fn a_64_of_addresses_is_one_source_in_the_report() {
     }
     // Stopping flushes the statistics to the store.
     assert_eq!(app.stop(), 0);
-    let out = app.cli(&["report", "--activity", "six", "--out", "six.html"], None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let html = std::fs::read_to_string(app.dir.path().join("six.html")).unwrap();
+    let html = report_html(&app, "six");
     let table = &html[html.find("<table id=\"top-ips\">").unwrap()..];
     let table = &table[..table.find("</table>").unwrap()];
     assert!(
@@ -370,7 +365,7 @@ async fn an_admin_export_waits_for_the_claims_on_their_way_to_sqlite() {
     let export = "/admin/export?actId=ex&format=jsonl";
     let first = app.register("exa").await;
 
-    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let db = app.sqlite();
     db.execute_batch("BEGIN IMMEDIATE").unwrap();
     assert_eq!(app.claim(&first, "ex").await.status, 200);
     let mut waiting = tokio::spawn(answer(admin_post(&admin, token, export).await));
@@ -470,7 +465,7 @@ async fn claims_long_before_the_start_are_counted_per_minute_not_per_tick() {
         // The next request in another tick.
         tokio::time::sleep(std::time::Duration::from_millis(110)).await;
     }
-    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let db = app.sqlite();
     let counted = || -> (i64, i64) {
         db.query_row(
             "SELECT COUNT(*), COALESCE(SUM(count), 0) FROM stats_outcome_ticks WHERE activity_id = 'later'",

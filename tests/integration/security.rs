@@ -956,7 +956,7 @@ async fn an_accounts_logouts_are_bounded_and_every_one_stays_out() {
     );
     assert!(gone.iter().chain([&kept]).all(|t| *t != brief));
     assert_eq!(app.stop(), 0);
-    let db = rusqlite::Connection::open(app.dir.path().join("data/ticketd.db")).unwrap();
+    let db = app.sqlite();
     let tables: Vec<String> = db
         .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'revoked%'")
         .unwrap()

@@ -477,6 +477,11 @@ impl TestApp {
         }
     }
 
+    /// The node's SQLite store, opened beside it (embedded mode).
+    pub fn sqlite(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.dir.path().join("data/ticketd.db")).unwrap()
+    }
+
     /// Runs a ticketd subcommand in the app's directory (same config).
     pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
         run_cli(self.dir.path(), args, stdin)
