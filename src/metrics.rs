@@ -471,15 +471,15 @@ impl Metrics {
                 "Logins and registrations waiting for a hashing turn (at most auth.hash_queue).",
                 gauges.hashes.1,
             ),
+            (
+                "ticketd_healthy",
+                "1 while /healthz answers 200; 0 while claims cannot be stored or the node needs a restart.",
+                usize::from(gauges.healthy),
+            ),
         ];
         for (name, help, value) in gauges_list {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         }
-        let _ = writeln!(
-            out,
-            "# HELP ticketd_healthy 1 while /healthz answers 200; 0 while claims cannot be stored or the node needs a restart.\n# TYPE ticketd_healthy gauge\nticketd_healthy {}",
-            u8::from(gauges.healthy)
-        );
         let _ = writeln!(
             out,
             "# HELP process_start_time_seconds Start time of the process since the Unix epoch in seconds.\n# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {:.3}",
