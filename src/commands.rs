@@ -192,12 +192,14 @@ pub fn check_config(path: &Path) -> anyhow::Result<()> {
 /// invariants; in a cluster, Redis and MongoDB's. Prints a line per
 /// activity and every problem, and fails if there is one.
 pub fn verify(config: &Config, repair: bool) -> anyhow::Result<()> {
-    if config.storage.mode == crate::config::StorageMode::Embedded {
-        verify_journal(config, repair)?;
-    } else if repair {
+    if config.storage.mode != crate::config::StorageMode::Embedded && repair {
         bail!("--repair rewrites the embedded store's journal; a cluster has none");
     }
+    // First: there must be a store to verify.
     let store = Store::open(config, Access::Inspect)?;
+    if config.storage.mode == crate::config::StorageMode::Embedded {
+        verify_journal(config, repair)?;
+    }
     let found = store.reconcile()?;
     for line in &found.summary {
         println!("{line}");

@@ -98,6 +98,12 @@ pub enum StoreError {
     /// Another process serves this data directory.
     #[error("the data directory {0} is in use by another running ticketd (stop it, or use `kill -HUP` to reload it)")]
     Locked(std::path::PathBuf),
+    /// An inspection found no store to inspect: nothing was imported or
+    /// served in this directory.
+    #[error(
+        "no store in {0}: it holds no ticketd.db, which a node or `ticketd import` creates (is `storage.path` right?)"
+    )]
+    NoStore(std::path::PathBuf),
     /// SQLite failed.
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),

@@ -451,6 +451,30 @@ fn export_and_report_with_no_store_say_so_and_create_nothing() {
     assert!(!dir.path().join("data").exists(), "a data directory was created");
 }
 
+/// `ticketd verify` pointed at a directory with no store (a typo in
+/// `storage.path`, the wrong config) says there is none, and leaves the
+/// directory as it was. It once made an empty store there and called it
+/// "consistent", a green light after an incident for a store never read;
+/// where the directory was missing it spoke of permissions.
+#[test]
+fn verify_with_no_store_says_so_and_creates_nothing() {
+    let dir = dir_with(&(base_config() + &open_activity("none", 3, 1)));
+    for existing in [false, true] {
+        if existing {
+            std::fs::create_dir(dir.path().join("data")).unwrap();
+        }
+        let out = run_cli(dir.path(), &["verify"], None);
+        let (stdout, err) = (text(&out.stdout), text(&out.stderr));
+        assert!(
+            !out.status.success() && err.contains("no store in") && err.contains("storage.path"),
+            "data directory existing: {existing}: {stdout}{err}"
+        );
+        assert!(!stdout.contains("consistent"), "{stdout}");
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("data")).unwrap().collect();
+    assert!(left.is_empty(), "verify wrote into the directory: {left:?}");
+}
+
 /// A cluster node whose Redis cannot be reached at start exits 1 with one
 /// sentence naming the service, its address (password hidden) and the
 /// setting. Before, `serve` panicked dropping the store's runtime inside its

@@ -324,12 +324,15 @@ impl EmbeddedStore {
     /// Opens `storage.path`, creating it if needed.
     pub fn open(config: &Config, access: Access<'_>) -> Result<EmbeddedStore, StoreError> {
         let dir = config.storage.path.clone();
-        std::fs::create_dir_all(&dir).map_err(io("cannot create the data directory", &dir))?;
         let journal_dir = dir.join("journal");
         let db_path = dir.join("ticketd.db");
+        if matches!(access, Access::Inspect) {
+            return EmbeddedStore::inspect(dir, &db_path);
+        }
+        std::fs::create_dir_all(&dir).map_err(io("cannot create the data directory", &dir))?;
         let lock = try_lock(&dir)?;
         let mut conn = open_db(&db_path)?;
-        if lock.is_some() && !matches!(access, Access::Inspect) {
+        if lock.is_some() {
             // Only the process that owns the directory changes its tables:
             // an earlier version may be serving it (an inspection, or a
             // tool beside a node, reads what is there).
@@ -364,13 +367,7 @@ impl EmbeddedStore {
                     _lock: Some(lock),
                 })
             }
-            (Access::Inspect, _) => Ok(EmbeddedStore {
-                db: Mutex::new(conn),
-                journal: None,
-                applied: None,
-                dir,
-                _lock: None,
-            }),
+            (Access::Inspect, _) => unreachable!("opened read-only above"),
             (Access::Tool, lock) => {
                 if lock.is_some() && journal_dir.exists() {
                     // No node is running: fold in whatever a crashed one left.
@@ -385,6 +382,25 @@ impl EmbeddedStore {
                 })
             }
         }
+    }
+
+    /// [`Access::Inspect`]: the store as it is, read only. Nothing is
+    /// created, migrated or replayed, so `ticketd verify` pointed at the
+    /// wrong directory says there is no store there instead of making an
+    /// empty one and finding it consistent.
+    fn inspect(dir: std::path::PathBuf, db_path: &Path) -> Result<EmbeddedStore, StoreError> {
+        if !db_path.exists() {
+            return Err(StoreError::NoStore(dir));
+        }
+        let conn = Connection::open_with_flags(db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        Ok(EmbeddedStore {
+            db: Mutex::new(conn),
+            journal: None,
+            applied: None,
+            dir,
+            _lock: None,
+        })
     }
 
     pub(super) fn commit(&self, pending: PendingClaim) {
