@@ -216,6 +216,9 @@ async fn lists_details_and_other_users_claims() {
     let mine = app.client.get("/ticket/list", Some(&alice)).await.unwrap();
     assert_eq!(mine.data()["total"], 1);
     assert_eq!(mine.data()["claims"][0]["claimId"], claim_id);
+    // With the names the fan knows them by.
+    assert_eq!(mine.data()["claims"][0]["actName"], "Activity open");
+    assert_eq!(mine.data()["claims"][0]["ticketName"], "Ticket open");
     assert_eq!(
         app.client.get("/ticket/list", Some(&bob)).await.unwrap().data()["total"],
         0
@@ -234,6 +237,10 @@ async fn lists_details_and_other_users_claims() {
     let path = format!("/ticket/detail?ticketId={claim_id}");
     let own = app.client.get(&path, Some(&alice)).await.unwrap();
     assert_eq!(own.data()["code"], claim.data()["code"]);
+    assert_eq!(
+        (&own.data()["actName"], &own.data()["ticketName"]),
+        (&json!("Activity open"), &json!("Ticket open"))
+    );
     // Somebody else's claim is indistinguishable from a missing one.
     assert_error(
         &app.client.get(&path, Some(&bob)).await.unwrap(),

@@ -168,6 +168,16 @@ async fn a_fan_grabs_a_ticket_through_the_page_in_chromium() {
         b.eval("document.querySelector('li.ticket .code').textContent").await,
         code.as_str()
     );
+    // By the names the fan knows them by, not the ids.
+    let what = b.eval("document.querySelector('li.ticket .what').textContent").await;
+    assert!(
+        [
+            "Spring Concert 春季音乐会 · Floor",
+            "Spring Concert 春季音乐会 · Balcony"
+        ]
+        .contains(&what.as_str().unwrap()),
+        "{what}"
+    );
     b.wait_for(
         "(() => { const q = document.querySelector('img.qr'); return q && q.complete && q.naturalWidth > 0; })()",
         "the QR code",
@@ -491,6 +501,10 @@ async fn a_fan_waits_in_the_room_and_grabs_with_the_pass_in_chromium() {
         "the turn",
     )
     .await;
+    // Said where a fan in another tab sees it, with the time the pass leaves.
+    assert_eq!(b.eval("document.title").await, "Your turn! Arena Show · ticketd");
+    let left = b.eval("document.querySelector('#pass-left').textContent").await;
+    assert!(left.as_str().unwrap().starts_with("Time left to grab 00:0"), "{left}");
     // A node that has not seen the admission yet (in a cluster, a replica
     // behind the one that told the page) gives no claim token: the page
     // asks again, twice, then says the room's rule. It said "The sale has

@@ -1,4 +1,5 @@
-//! `POST /ticket/get` (the claim), `GET /ticket/list`, `GET /ticket/detail`.
+//! `POST /ticket/get` (the claim), `GET /ticket/list`, `GET /ticket/detail`,
+//! `GET /ticket/qr`.
 
 use std::{net::IpAddr, sync::Arc, time::Instant};
 
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::ClaimView;
 use crate::{
     auth::Denied,
+    catalog::Catalog,
     claim::ClaimRequest,
     clock::now_ms,
     http::{
@@ -34,6 +36,32 @@ struct GetBody {
     claim_token: Option<String>,
     #[serde(default)]
     pow_nonce: Option<String>,
+}
+
+/// A claim as `/ticket/list` and `/ticket/detail` show it: with the names
+/// a fan knows it by, from the catalog. (`/ticket/get` answers from the
+/// activity the fan is looking at, and skips the look-up.) An activity no
+/// longer configured has none: its ids stand alone.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NamedClaim<'a> {
+    #[serde(flatten)]
+    claim: ClaimView<'a>,
+    act_name: Option<&'a str>,
+    ticket_name: Option<&'a str>,
+}
+
+impl<'a> NamedClaim<'a> {
+    fn new(catalog: &'a Catalog, claim: &'a Claim) -> NamedClaim<'a> {
+        let activity = catalog.activity(&claim.activity_id);
+        NamedClaim {
+            claim: ClaimView::from(claim),
+            act_name: activity.map(|a| a.name.as_str()),
+            ticket_name: activity
+                .and_then(|a| a.ticket(&claim.ticket_id))
+                .map(|t| t.name.as_str()),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -127,11 +155,12 @@ pub async fn list(state: &AppState, req: &Request<Incoming>) -> Result<Response<
     // through another node can have a smaller id.
     claims.sort_by_key(|c| std::cmp::Reverse((c.claimed_at_ms, c.id)));
     let total = claims.len();
-    let views: Vec<ClaimView<'_>> = claims
+    let catalog = state.catalog.load();
+    let views: Vec<NamedClaim<'_>> = claims
         .iter()
         .skip(((page - 1) * page_size) as usize)
         .take(page_size as usize)
-        .map(ClaimView::from)
+        .map(|c| NamedClaim::new(&catalog, c))
         .collect();
     Ok(ok(&serde_json::json!({
         "page": page,
@@ -176,7 +205,7 @@ async fn own_claim(state: &AppState, req: &Request<Incoming>) -> Result<Claim, A
 /// One claim of the caller.
 pub async fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
     let claim = own_claim(state, req).await?;
-    Ok(ok(&ClaimView::from(&claim)))
+    Ok(ok(&NamedClaim::new(&state.catalog.load(), &claim)))
 }
 
 /// The caller's claim's code as a QR code (SVG), drawn here: the code never

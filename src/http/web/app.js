@@ -31,6 +31,7 @@ const WORDS = {
     queueOpensIn: 'The waiting room opens in', joined: 'You are in.',
     drawNote: 'Everyone who joins before the draw gets a random place: joining early gives no advantage.',
     position: 'Your place', ahead: 'ahead of you', eta: 'Estimated wait', yourTurn: 'Your turn! Grab before',
+    turnTitle: 'Your turn!', passLeft: 'Time left to grab',
     passedOver: 'Your turn ended without a claim; join again to queue at the back.',
     passedOverDrawn: 'Your turn ended without a claim; the draw is over, so there is no new entry.',
     passedOverLast: 'Your turn ended without a claim, and this account has joined this waiting room as many times as it may.',
@@ -60,6 +61,7 @@ const WORDS = {
     queueOpensIn: '距开放排队', joined: '你已加入。',
     drawNote: '抽签前加入的人随机排序：早加入没有优势。',
     position: '你的位置', ahead: '人在你前面', eta: '预计等待', yourTurn: '轮到你了！请在此之前抢票：',
+    turnTitle: '轮到你了！', passLeft: '剩余抢票时间',
     passedOver: '你的轮次已结束且未抢票，可重新加入，排到队尾。',
     passedOverDrawn: '你的轮次已结束且未抢票；抽签已结束，不能再报名。',
     passedOverLast: '你的轮次已结束且未抢票；此账号加入本排队的次数已达上限。',
@@ -543,8 +545,19 @@ async function waitingRoom(a, queue) {
   const lottery = a.admission === 'lottery';
   const opens = Date.parse(a.queue.opensAt);
   const panel = queue.panel;
+  // The pass's countdown, while the turn lasts.
+  let passTick = null;
   const render = (s) => {
+    const was = queue.admitted;
     queue.admitted = s.state === 'admitted';
+    if (queue.admitted && !was) {
+      // The fan may be in another tab, or have put the phone down after a
+      // long wait: the tab's title and a buzz say the turn has come. (A
+      // page never tapped may not vibrate; it would only be refused.)
+      document.title = `${t('turnTitle')} ${a.name} · ${t('brand')}`;
+      if (navigator.userActivation?.hasBeenActive) navigator.vibrate?.([200, 100, 200]);
+    } else if (was && !queue.admitted) document.title = `${a.name} · ${t('brand')}`;
+    clearInterval(passTick);
     panel.dataset.state = s.state;
     panel.dataset.placesLeft = String(s.placesLeft);
     const lines = [h('h2', {}, t(lottery ? 'lottery' : 'queue'))];
@@ -555,7 +568,14 @@ async function waitingRoom(a, queue) {
           s.etaMs != null ? ` · ${t('eta')} ${countdownText(s.etaMs)}` : ''));
       if (s.standby) lines.push(notice('', t('standby')));
     }
-    if (s.state === 'admitted') lines.push(notice('ok', t('yourTurn'), ' ', when(Date.parse(s.passExpiresAt))));
+    if (s.state === 'admitted') {
+      const expires = Date.parse(s.passExpiresAt);
+      const left = h('p', { class: 'countdown', id: 'pass-left' });
+      const tick = () => { left.textContent = `${t('passLeft')} ${countdownText(expires - serverNow())}`; };
+      tick();
+      timers.push(passTick = setInterval(tick, 500));
+      lines.push(notice('ok', t('yourTurn'), ' ', when(expires)), left);
+    }
     // A lottery takes no entry after its draw, and an account has a
     // number of places: with neither, nothing to join again.
     if (s.state === 'passed_over') {
@@ -927,7 +947,9 @@ async function mineView() {
     const qr = h('img', { alt: `QR ${c.code}`, class: 'qr', 'data-claim': c.claimId });
     loadQr(c.claimId, qr);
     return h('li', { class: 'card ticket' },
-      h('div', {}, h('p', { class: 'muted' }, `${c.actId} · ${c.ticketId}`), h('p', { class: 'code' }, c.code),
+      // By name; an activity no longer configured has only its ids.
+      h('div', {}, h('p', { class: 'muted what' }, `${c.actName ?? c.actId} · ${c.ticketName ?? c.ticketId}`),
+        h('p', { class: 'code' }, c.code),
         h('p', { class: 'muted' }, `${t('claimedAt')} ${when(Date.parse(c.claimedAt))}`)),
       qr);
   });
