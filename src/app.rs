@@ -2,9 +2,9 @@
 //! order.
 //!
 //! Start-up ([`App::start`]): open the store (taking the data-dir lock,
-//! replaying the journal, starting the store's workers), stock the pools
-//! (embedded: import the config and load unclaimed codes; cluster: start
-//! leasing), restore the ledgers, build the catalog once, and set up
+//! replaying the journal, starting the store's workers), build the catalog
+//! once, stock the pools (embedded: import the config and load unclaimed
+//! codes; cluster: start leasing), restore the ledgers, and set up
 //! sessions, the guard and the claim decision.
 //!
 //! [`App::run`] reads as its four steps: start the node's own workers, serve

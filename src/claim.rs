@@ -64,7 +64,8 @@ use crate::{
 };
 
 /// How often a claim whose code turned out to be another node's is retried
-/// with another code before it is answered SOLD_OUT.
+/// with another code before it is answered STOCK_IN_FLIGHT (503: whether
+/// codes are left is for a fresh look to say, not this one).
 const CODE_TAKEN_RETRIES: usize = 4;
 
 /// A claim request after authentication and parsing.

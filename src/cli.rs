@@ -1,4 +1,5 @@
-//! The command line: `ticketd serve | import | user | export | check-config | bench`.
+//! The command line: `ticketd serve | import | retire | user | export |
+//! report | check-config | verify | verify-draw | bench`.
 
 use std::path::PathBuf;
 

@@ -44,7 +44,7 @@
 //! - [`app`] — start-up steps, the node's workers, serving, the shutdown order;
 //! - [`cli`] — clap definitions of every subcommand;
 //! - [`bench`](mod@bench) — the rush simulator behind `ticketd bench` (and `--queue`, fans through a waiting room), and its HTTP client;
-//! - [`commands`] — what each subcommand does (serve, import, user, export, report, verify, verify-draw, check-config).
+//! - [`commands`] — what each subcommand does (serve, import, retire, user, export, report, verify, verify-draw, check-config).
 
 #![warn(missing_docs)]
 

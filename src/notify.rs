@@ -5,9 +5,11 @@
 //! Each message is a datagram of `KEY=VALUE` lines: `READY=1` once the
 //! listener is bound and stock is loaded, `RELOADING=1` / `READY=1` around a
 //! reload, `STOPPING=1` at shutdown, `STATUS=...` for `systemctl status`,
-//! and `WATCHDOG=1` at half the `WATCHDOG_USEC` interval — sent only while
-//! a round trip through the claim journal succeeds, so a wedged claim path
-//! gets the node restarted. Without `NOTIFY_SOCKET` every call is a no-op.
+//! and `WATCHDOG=1` at half the `WATCHDOG_USEC` interval (at most every
+//! 2 s) — sent only while a round trip through the claim committer and one
+//! through every connection lane succeed, and nothing needs a restart (see
+//! `app::supervise`), so a wedged claim path gets the node restarted.
+//! Without `NOTIFY_SOCKET` every call is a no-op.
 
 use std::{os::unix::net::UnixDatagram, path::PathBuf, time::Duration};
 

@@ -9,8 +9,10 @@
 //!
 //! Reloading (SIGHUP) builds a new `Config` the same way and then asks
 //! [`Config::restart_only_changes`] whether it touches settings that only a
-//! restart can apply (listen address, data path, journal); such a reload is
-//! refused whole.
+//! restart can apply (the listen address, the node's id, connection and
+//! thread counts, storage, journal, `[cluster]`, session secrets, hashing
+//! limits, `[admin]`, `[log]`: the list is that function's); such a reload
+//! is refused whole, naming each.
 //!
 //! - [`model`]: the tree itself (one struct per section, defaults, env overrides);
 //! - [`units`]: durations, sizes, address ranges, activity times;

@@ -137,8 +137,10 @@ pub struct ClusterConfig {
     /// for this long before its claims are answered 503. Default `2s`.
     #[serde(default = "default_commit_timeout")]
     pub commit_timeout: HumanDuration,
-    /// Claims acknowledged but not yet in MongoDB, per node. When reached the
-    /// node answers 503 BACKLOG_FULL instead of acknowledging. Default 1000000.
+    /// Claims acknowledged but not yet in MongoDB, per node and activity
+    /// (each activity's backlog is its own Redis list, in its hash slot).
+    /// When reached the node answers that activity's claims 503
+    /// BACKLOG_FULL instead of acknowledging. Default 1000000.
     #[serde(default = "default_max_backlog")]
     pub max_backlog: usize,
     /// Claims written to MongoDB by one bulk insert. Default 1000.
@@ -252,7 +254,8 @@ pub struct AuthConfig {
     pub previous_session_secret: Option<String>,
     /// Secret that signs session tokens. EXAMPLE ONLY in the bundled config;
     /// prefer the `TICKETD_SESSION_SECRET` environment variable. When neither
-    /// is set, a random key is generated once and kept in the data directory.
+    /// is set, a random key is generated once and kept in the data directory
+    /// (in a cluster, in MongoDB's `meta`, where every node finds it).
     #[serde(default)]
     pub session_secret: Option<String>,
 }

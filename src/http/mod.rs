@@ -7,8 +7,9 @@
 //! - [`request`] reads bodies, queries and credentials, refusing bad input
 //!   with 4xx answers;
 //! - [`error`] owns the error shape and status mapping;
-//! - `handlers` hold one module per area (`act`, `ticket`, `user`, `admin`,
-//!   `ops`) and `page`, the fans' page (`web/`, embedded by `build.rs`);
+//! - `handlers` hold one module per area (`act`, `ticket`, `user`, `queue`,
+//!   `admin`, `ops`) and `page`, the fans' page (`web/`, embedded by
+//!   `build.rs`);
 //! - `streaming` serves waiting rooms' event streams beside hyper, on a
 //!   fraction of a hyper connection's memory;
 //! - `write_deadline` lets go of a client that stops reading its answers

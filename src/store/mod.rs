@@ -8,7 +8,8 @@
 //! # The boundary
 //! A store answers in its own terms and never in the API's: a commit is
 //! answered per claim with a [`CommitOutcome`](crate::vocab::CommitOutcome) (committed, a duplicate, the
-//! code taken by another node, the limit reached, failed, in doubt), and the
+//! code taken by another node, the limit reached, the claim's deadline gone
+//! by, a waiting room's pass missing, failed, in doubt), and the
 //! claim decision alone maps that to a rejection and to what happens to the
 //! code and the user's slot. The store holds no pool and no ledger: a store
 //! that hands out codes in batches (the cluster) offers a [`LeaseSource`],

@@ -1,5 +1,5 @@
 //! Checks of the node's own sections: `[server]`, `[storage]`, `[cluster]`,
-//! `[journal]`, `[limits]`, `[auth]`, `[security]`, `[admin]`.
+//! `[journal]`, `[limits]`, `[auth]`, `[security]`, `[admin]`, `[log]`.
 
 use super::report::{valid_id, Report, Seg, MAX_ID_LEN};
 use crate::config::model::{

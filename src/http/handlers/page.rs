@@ -7,7 +7,8 @@
 //! new release reaches fans at once and an unchanged page costs a 304).
 //! The Content-Security-Policy allows scripts, styles, workers and fetches
 //! from this origin only — no inline script, nothing from elsewhere — and
-//! images from here, `blob:` (the QR codes) and https (activity images).
+//! images from here, `data:` (the empty favicon, which spares a request),
+//! `blob:` (the QR codes) and https (activity images).
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};

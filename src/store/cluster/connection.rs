@@ -11,8 +11,8 @@
 //! Nothing else changes between the two, because of how keys are named
 //! (see [`super::scripts`]): every key a script touches belongs to one
 //! activity and carries its hash tag, so a script's keys always share one
-//! slot; the few global keys (claim id blocks, user ids, node ids) are each
-//! used by single-key commands only.
+//! slot; the few global keys (claim id blocks, user ids, node ids, the
+//! import lock) are each used by single-key commands only.
 
 use std::time::Duration;
 

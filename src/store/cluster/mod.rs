@@ -37,7 +37,8 @@
 //! - `record`: the claim record the scripts write; `users`: user ids and accounts;
 //! - `reconcile`: the invariants `ticketd verify` checks;
 //! - `shared`: what the workers share; [`error`]: the cluster's error type;
-//! - `clock`: Redis's clock, which the node's "now" follows.
+//! - `clock`: Redis's clock, which the node's "now" follows;
+//! - [`rooms`]: waiting rooms' logs in Redis, replicated on every node.
 
 mod clock;
 mod commit;

@@ -7,8 +7,10 @@
 //! claims      {_id: code, claim_id, activity_id, ticket_id, code, user_id, n,
 //!              claimed_at, claimed_at_ms, node, idempotency_key}
 //!                                                          unique (activity_id, user_id, n)
-//! users       {_id: id, username, nickname, password_hash, created_at_ms}  unique username
-//! counters    {_id: "users", seq}
+//! claim_conflicts {_id: "code:claim_id", ...as claims}   a second acknowledged claim
+//!                                                          of a code or of a user's nth
+//! users       {_id: id, username, skeleton, nickname, password_hash, created_at_ms}
+//!                                                          unique username, unique sparse skeleton
 //! meta        {_id: "secret.<name>", value}, {_id: "migration.skeletons", upto}
 //! revoked_sessions, stats_outcome_ticks (stats_outcomes: earlier versions'), stats_sources, stats_latency
 //! ```

@@ -28,11 +28,12 @@
 //! tk:ids               int   claim id blocks handed to nodes (not per activity)
 //! tk:user_ids          int   the last user id handed out
 //! tk:node:N            str   held by the running node called N
+//! tk:import_lock       str   held by the one `ticketd import` running
 //! ```
 //!
-//! The three global keys are used only by single-key commands (`INCRBY`,
-//! `SET NX`, the one-key [`RAISE`]; [`CLOCK`] names `tk:ids` only to be
-//! routed), never inside a script with other keys,
+//! The global keys are used only by single-key commands (`INCRBY`,
+//! `SET NX`, the one-key [`RAISE`] and [`LOCK_KEEP_OR_RELEASE`]; [`CLOCK`]
+//! names `tk:ids` only to be routed), never inside a script with other keys,
 //! so on Redis Cluster they may hash to any master. A script that names
 //! per-node keys from the prefix ([`REAP`], [`RELEASE`]) stays within the
 //! activity's slot, since those keys carry its hash tag too.
