@@ -4,6 +4,7 @@
 //! string), so raising the cost later does not lock anybody out. Hashing is
 //! deliberately slow and always runs on a blocking thread.
 
+use crate::config::{MAX_ARGON2_ITERATIONS, MAX_ARGON2_MEMORY_KIB};
 use argon2::{
     password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
     Algorithm, Argon2, Params, Version,
@@ -60,15 +61,29 @@ pub fn has_cost(phc: &str, cost: HashCost) -> bool {
         && params.p_cost() == 1
 }
 
-/// Whether `password` matches the PHC string `phc`. A malformed stored hash never matches.
+/// Whether `password` matches the PHC string `phc`. A malformed stored
+/// hash never matches, nor does one whose costs no config could have set:
+/// the hash names its own memory and passes, and argon2 allocates what it
+/// names, so a stored `m=4294967295` (4 TiB) would abort the process at the
+/// first login, and a huge `t` hold a hashing thread for hours.
 pub fn verify(password: &str, phc: &str) -> bool {
-    match PasswordHash::new(phc) {
-        Ok(parsed) => {
-            counted();
-            Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok()
-        }
-        Err(_) => false,
+    let Ok(parsed) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let Ok(params) = Params::try_from(&parsed) else {
+        return false;
+    };
+    if params.m_cost() > MAX_ARGON2_MEMORY_KIB || params.t_cost() > MAX_ARGON2_ITERATIONS || params.p_cost() > 1 {
+        tracing::error!(
+            m = params.m_cost(),
+            t = params.t_cost(),
+            p = params.p_cost(),
+            "A stored password hash asks for costs beyond any config's; it was not computed, and the login fails."
+        );
+        return false;
     }
+    counted();
+    Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok()
 }
 
 #[cfg(test)]

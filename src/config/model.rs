@@ -217,6 +217,14 @@ pub enum FsyncPolicy {
     Never,
 }
 
+/// The most memory one password hash may take: each of
+/// `max_concurrent_hashes` takes it while it runs, and a reload hashes at
+/// the new cost at once. A stored hash asking for more is not computed
+/// (see `auth::password::verify`).
+pub const MAX_ARGON2_MEMORY_KIB: u32 = 1 << 20;
+/// The most argon2 passes: at the most memory, some seconds a hash already.
+pub const MAX_ARGON2_ITERATIONS: u32 = 64;
+
 /// `[auth]`: accounts and sessions.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

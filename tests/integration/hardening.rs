@@ -939,6 +939,31 @@ async fn a_login_rehashes_a_password_made_at_an_earlier_cost() {
     assert_eq!(res.status, 200, "{}", res.body);
 }
 
+/// A stored hash names its own argon2 costs, and argon2 allocates the
+/// memory it names: a hash with `m=4294967295` (4 TiB; a tampered or
+/// corrupted row) aborted the node at the account's first login. Such a
+/// hash is now refused uncomputed, as a failed login; the node serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_hash_with_impossible_costs_fails_the_login_not_the_node() {
+    let app = TestApp::start(&(base_config() + &open_activity("hc", 1, 1)));
+    app.register("bloated").await;
+    app.register("healthy").await;
+    let changed = app
+        .sqlite()
+        .execute(
+            "UPDATE users SET password_hash = replace(password_hash, '$m=8,', '$m=4294967295,') \
+             WHERE username = 'bloated'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    let body = json!({ "username": "bloated", "password": "password-bloated" });
+    let res = app.client.post("/user/login", None, &body).await.unwrap();
+    assert_eq!(res.status, 401, "{}", res.body);
+    assert_eq!(app.client.get("/healthz", None).await.unwrap().status, 200);
+    app.login("healthy").await;
+}
+
 /// A login refused 503 BUSY (every hashing turn and queue place taken)
 /// used to make its lockout records first: each new key at a full shard
 /// evicted that shard's least recently used record, so a flood of such

@@ -3,8 +3,8 @@
 
 use super::report::{valid_id, Report, Seg, MAX_ID_LEN};
 use crate::config::model::{
-    Config, StorageMode, ADMIN_TOKEN_ENV, MONGODB_URI_ENV, PREVIOUS_SESSION_SECRET_ENV, REDIS_URL_ENV,
-    SESSION_SECRET_ENV,
+    Config, StorageMode, ADMIN_TOKEN_ENV, MAX_ARGON2_ITERATIONS, MAX_ARGON2_MEMORY_KIB, MONGODB_URI_ENV,
+    PREVIOUS_SESSION_SECRET_ENV, REDIS_URL_ENV, SESSION_SECRET_ENV,
 };
 
 const K: fn(&'static str) -> Seg<'static> = Seg::Key;
@@ -163,12 +163,6 @@ pub(super) fn limits(r: &mut Report<'_>, config: &Config) {
     }
 }
 
-/// The most memory one password hash may take: each of
-/// `max_concurrent_hashes` takes it while it runs, and a reload hashes at
-/// the new cost at once.
-const MAX_ARGON2_MEMORY_KIB: u32 = 1 << 20;
-/// The most argon2 passes: at the most memory, some seconds a hash already.
-const MAX_ARGON2_ITERATIONS: u32 = 64;
 /// The most logins and registrations that may wait for a hashing turn.
 const MAX_HASH_QUEUE: usize = 1 << 20;
 
