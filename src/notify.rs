@@ -54,10 +54,13 @@ impl Notifier {
         }
     }
 
-    /// `WATCHDOG_USEC / 2`, when systemd asked for a watchdog.
+    /// `WATCHDOG_USEC / 2`, when systemd asked for a watchdog; at least a
+    /// millisecond. (`WatchdogSec=1us` made it zero, and a zero interval
+    /// panicked the worker that feeds the watchdog: systemd then restarted
+    /// the node, which panicked again.)
     pub fn watchdog_interval() -> Option<Duration> {
         let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-        (usec > 0).then(|| Duration::from_micros(usec / 2))
+        (usec > 0).then(|| Duration::from_micros((usec / 2).max(1000)))
     }
 }
 

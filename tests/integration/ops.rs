@@ -75,6 +75,26 @@ fn systemd_hears_ready_status_watchdog_and_reloading() {
     wait_for(&socket, &mut seen, |s| s[before..].iter().any(|m| m == "STOPPING=1"));
 }
 
+/// A watchdog interval of one microsecond (`WatchdogSec=1us`, a slip of the
+/// unit) made the feeding interval zero, which panicked the worker that
+/// feeds it: no WATCHDOG=1 ever, and systemd restarting the node for good.
+/// The node now feeds it as often as it can.
+#[test]
+fn a_watchdog_of_one_microsecond_is_fed_not_a_panic() {
+    let sock_dir = tempfile::tempdir().unwrap();
+    let path = sock_dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut app = TestApp::prepare(&(base_config() + &open_activity("us", 1, 1)), &[]);
+    app.env.push(("NOTIFY_SOCKET".into(), path.to_str().unwrap().into()));
+    app.env.push(("WATCHDOG_USEC".into(), "1".into()));
+    app.boot();
+    let mut seen = Vec::new();
+    wait_for(&socket, &mut seen, |s| s.iter().any(|m| m == "READY=1"));
+    wait_for(&socket, &mut seen, |s| s.iter().any(|m| m == "WATCHDOG=1"));
+    assert_eq!(app.stop(), 0);
+}
+
 /// A node whose claim journal failed (here: the disk filled) refuses every
 /// claim until a restart. It used to go on feeding systemd's watchdog, its
 /// journal writer idle and quick to answer, so nothing restarted it; now
