@@ -125,13 +125,16 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), MongoError> {
 
 /// Indexes of the documents an unordered insert refused as duplicates; any
 /// other failure is an error.
-fn duplicates(result: Result<(), MongoError>) -> Result<HashSet<usize>, MongoError> {
+fn duplicates(result: Result<(), MongoError>, sent: usize) -> Result<HashSet<usize>, MongoError> {
     match result {
         Ok(()) => Ok(HashSet::new()),
         Err(e) => match e.kind.as_ref() {
             ErrorKind::InsertMany(m) if m.write_concern_error.is_none() => {
                 let errors = m.write_errors.as_deref().unwrap_or_default();
-                if errors.iter().all(|w| w.code == DUPLICATE_KEY) {
+                // The indexes are the server's word, passed on unchecked by
+                // the driver: one past what was sent is an answer not
+                // understood, not a record to look up (and panic on).
+                if errors.iter().all(|w| w.code == DUPLICATE_KEY && w.index < sent) {
                     Ok(errors.iter().map(|w| w.index).collect())
                 } else {
                     Err(e)
@@ -146,7 +149,8 @@ async fn insert_unordered(coll: &Collection<Document>, docs: Vec<Document>) -> R
     if docs.is_empty() {
         return Ok(HashSet::new());
     }
-    duplicates(coll.insert_many(docs).ordered(false).await.map(|_| ()))
+    let sent = docs.len();
+    duplicates(coll.insert_many(docs).ordered(false).await.map(|_| ()), sent)
 }
 
 /// Every stored ticket type's activity, to refuse an import that would
