@@ -178,14 +178,15 @@ pub struct BenchArgs {
     /// The activity to rush.
     #[arg(long)]
     pub activity: String,
-    /// Number of distinct users.
-    #[arg(long, default_value_t = 1000)]
+    /// Number of distinct users (1-10000000).
+    #[arg(long, default_value_t = 1000, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..=10_000_000), |n| n as usize))]
     pub users: usize,
     /// Requests in flight at once (1-100000).
     #[arg(long, default_value_t = 64, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..=100_000), |n| n as usize))]
     pub concurrency: usize,
-    /// Claims each user sends (at the same moment, to test the per-user limit).
-    #[arg(long, default_value_t = 1)]
+    /// Claims each user sends (at the same moment, to test the per-user
+    /// limit; 1-1000, the highest limit an activity may have).
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..=1000), usize::from))]
     pub claims_per_user: usize,
     /// Register users that do not exist yet.
     #[arg(long)]

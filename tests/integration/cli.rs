@@ -433,6 +433,19 @@ fn bench_names_the_registration_limit_it_meets() {
         err.contains("security.registrations_per_ip_per_hour") && err.contains("ticketd user import"),
         "{err}"
     );
+    // Sizes no run could have are refused up front: a hundred trillion
+    // users made the bench panic allocating their tokens.
+    for (flag, n) in [
+        ("--users", "100000000000000"),
+        ("--users", "0"),
+        ("--claims-per-user", "1001"),
+    ] {
+        let args = ["bench", "--url", &app.url(), "--activity", "reg", flag, n];
+        let out = run_cli(app.dir.path(), &args, None);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {n}: {err}");
+        assert!(err.contains(flag), "{flag} {n}: {err}");
+    }
 }
 
 /// Reading tools in a directory where nothing was imported or served say
