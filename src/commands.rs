@@ -438,9 +438,12 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
     }
     let store = Store::open_with_activity(config, &args.activity)?;
     // Counted before the export reads: an overstatement at worst.
-    let in_transit = match args.what {
-        ExportWhat::Claims => store.claims_in_transit(&args.activity)?,
-        _ => 0,
+    let (in_transit, conflicts) = match args.what {
+        ExportWhat::Claims => (
+            store.claims_in_transit(&args.activity)?,
+            store.claim_conflicts(&args.activity)?,
+        ),
+        _ => (0, 0),
     };
     let bom = args.bom && format == ExportFormat::Csv;
     let write = |out: &mut (dyn Write + Send)| -> anyhow::Result<u64> {
@@ -466,7 +469,21 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
         }
     }
     warn_in_transit(in_transit, "this export");
+    warn_conflicts(conflicts, "this export");
     Ok(())
+}
+
+/// Says on stderr that `what` lacks acknowledged claims kept apart as
+/// conflicts ([`Store::claim_conflicts`]).
+fn warn_conflicts(n: u64, what: &str) {
+    if n > 0 {
+        eprintln!(
+            "warning: {} answered success but met another stored claim of the same code (or of the same user's \
+             claim number); they are kept in MongoDB's claim_conflicts, and {what} lacks them. Redis lost writes \
+             it had acknowledged: run `ticketd verify`, and settle each with the users concerned",
+            count(n as usize, "claim was", "claims were")
+        );
+    }
 }
 
 /// Says on stderr that `what` lacks claims still on their way to the store
@@ -630,6 +647,7 @@ pub fn report(config: &Config, args: ReportArgs) -> anyhow::Result<()> {
     write_whole(&args.out, |out| Ok(out.write_all(html.as_bytes())?))?;
     let s = export::report::summary(&data);
     warn_in_transit(data.in_transit, "the report");
+    warn_conflicts(store.claim_conflicts(&args.activity)?, "the report");
     eprintln!(
         "report written to {}: {} of {} codes claimed by {} users",
         args.out.display(),

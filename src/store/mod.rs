@@ -401,6 +401,18 @@ impl Store {
         }
     }
 
+    /// Acknowledged claims of `activity_id` that met another stored claim of
+    /// their code (or of their user's claim number), kept apart from the
+    /// claims exports and reports read: a cluster's `claim_conflicts`, after
+    /// a Redis that lost acknowledged writes. Never any, embedded: one
+    /// journal orders every claim.
+    pub fn claim_conflicts(&self, activity_id: &str) -> Result<u64, StoreError> {
+        match self {
+            Store::Embedded(_) => Ok(0),
+            Store::Cluster(s) => s.claim_conflicts(activity_id),
+        }
+    }
+
     /// What the report shows about `activity_id`; `top` rows of each ranking.
     pub fn report_data(&self, activity_id: &str, top: usize) -> Result<ReportData, StoreError> {
         match self {

@@ -3691,6 +3691,30 @@ async fn a_claim_that_meets_another_in_mongodb_is_kept_as_a_conflict() {
         "MongoDB holds another claim of this code (or of this user's claim number): both were acknowledged. Kept in claim_conflicts; Redis lost writes it had acknowledged.",
         1,
     );
+    // What the organiser reads says so: the export and the report lack
+    // that claim, and verify names it (each once only told of the stored
+    // claims' owners).
+    for args in [
+        &["export", "--activity", "cf"][..],
+        &["report", "--activity", "cf", "--out", "cf.html"],
+    ] {
+        let out = node.cli(args, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {err}");
+        assert!(
+            err.contains("warning: 1 claim was answered success but met another stored claim")
+                && err.contains("claim_conflicts"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = node.cli(&["verify"], None);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("PROBLEM: activity `cf`: 1 acknowledged claim(s) met another stored claim")
+            && said.contains("claim_conflicts"),
+        "{said}"
+    );
 }
 
 /// A node that sold nothing for two seconds while the master list is empty

@@ -802,6 +802,13 @@ impl ClusterStore {
         })?)
     }
 
+    /// See [`Store::claim_conflicts`](crate::store::Store::claim_conflicts).
+    pub(super) fn claim_conflicts(&self, activity_id: &str) -> Result<u64, StoreError> {
+        let shared = self.shared.clone();
+        let activity = activity_id.to_owned();
+        Ok(self.block(async move { mongo::conflicts_of_activity(&shared.db, &activity).await })?)
+    }
+
     /// Every claim `user` holds in the given activities, from Redis (the
     /// claims made through other nodes included), as the master has them:
     /// for showing.

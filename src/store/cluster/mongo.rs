@@ -823,6 +823,13 @@ pub async fn claims_of_activity(db: &Database, activity: &str) -> Result<u64, Mo
     coll(db, "claims").count_documents(doc! {"activity_id": activity}).await
 }
 
+/// Claims of `activity` kept in `claim_conflicts` ([`insert_claims`]).
+pub async fn conflicts_of_activity(db: &Database, activity: &str) -> Result<u64, MongoError> {
+    coll(db, "claim_conflicts")
+        .count_documents(doc! {"activity_id": activity})
+        .await
+}
+
 /// What the report shows about `activity`, computed from the claims and the
 /// recorded statistics.
 pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<ReportData, MongoError> {

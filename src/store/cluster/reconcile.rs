@@ -231,6 +231,17 @@ async fn check_activity(
         }
     }
 
+    // Kept apart by the writer: a second acknowledged claim of a code (or of
+    // a user's nth claim). Two users were told they hold one code.
+    let conflicts = mongo::conflicts_of_activity(&shared.db, activity).await?;
+    if conflicts > 0 {
+        r.problems.push(at(format!(
+            "{conflicts} acknowledged claim(s) met another stored claim of their code (or of their user's claim \
+             number) and are kept in MongoDB's claim_conflicts: both claims were answered success (Redis lost \
+             writes it had acknowledged)"
+        )));
+    }
+
     let known: usize = per_ticket.iter().map(|t| t.0.len()).sum();
     r.summary.push(format!(
         "activity `{activity}`: {known} codes, {} claimed ({} in MongoDB, {} in backlogs), {on_lists} on master lists, {leased} leased to {} nodes, {} users",
