@@ -79,8 +79,16 @@ fn authority(url: &str) -> anyhow::Result<String> {
     Ok(rest.trim_end_matches('/').to_owned())
 }
 
+/// A node writes on an event stream at least every 15 s: one silent this
+/// long is gone (a fan's page gives up after 35 s).
+const STREAM_SILENCE: Duration = Duration::from_secs(45);
+
 /// Reads one user's event stream until the turn, the end, or an error;
 /// calls `opened` at the first event. Returns the state it ended in and when.
+///
+/// A stream the node refuses (503 `STREAMS_FULL`, 429 `TOO_MANY_STREAMS`)
+/// is an error naming the refusal: its JSON answer has no event in it, and
+/// was reported as "the stream ended without a decision".
 async fn wait_turn(
     addr: &str,
     token: &str,
@@ -88,20 +96,48 @@ async fn wait_turn(
     opened: impl FnOnce(),
 ) -> anyhow::Result<(String, Instant)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    // `close`: a refusal ends the connection, so its whole answer is read.
     let req = format!(
-        "GET /queue/events?actId={} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n",
+        "GET /queue/events?actId={} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Connection: close\r\n\r\n",
         urlencode(activity)
     );
     stream.write_all(req.as_bytes()).await?;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
     let mut opened = Some(opened);
+    let mut head_read = false;
     loop {
-        let n = stream.read(&mut chunk).await?;
+        let n = tokio::time::timeout(STREAM_SILENCE, stream.read(&mut chunk))
+            .await
+            .map_err(|_| anyhow::anyhow!("the stream was silent for {} s", STREAM_SILENCE.as_secs()))??;
         if n == 0 {
             bail!("the stream ended without a decision");
         }
         buf.extend_from_slice(&chunk[..n]);
+        if !head_read {
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                if buf.len() > 64 * 1024 {
+                    bail!("an answer head larger than 64 KiB");
+                }
+                continue;
+            };
+            let status = String::from_utf8_lossy(&buf[..end])
+                .split(' ')
+                .nth(1)
+                .unwrap_or_default()
+                .to_owned();
+            if status != "200" {
+                let mut rest = buf.split_off(end + 4);
+                let _ = tokio::time::timeout(STREAM_SILENCE, stream.read_to_end(&mut rest)).await;
+                let code = serde_json::from_slice::<Value>(&rest)
+                    .ok()
+                    .and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
+                bail!("the node refused the stream: {status} {}", code.unwrap_or_default());
+            }
+            buf.drain(..end + 4);
+            head_read = true;
+        }
         while let Some(at) = buf.windows(6).position(|w| w == b"data: ") {
             let Some(end) = buf[at..].iter().position(|b| *b == b'\n') else {
                 break;
@@ -208,6 +244,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<QueueBenchReport> {
     nodes.dedup();
     let rss_before = total_rss(&nodes).await;
     let opened = Arc::new(AtomicUsize::new(0));
+    // Streams opened, and waits that ended before theirs did (refused, cut
+    // off): the memory is read once every one of them is in.
+    let arrived = Arc::new(AtomicUsize::new(0));
     let all_open = Arc::new(tokio::sync::Notify::new());
     // Waits for admission last minutes, past the request histograms' range.
     let admit_hist = Arc::new(Mutex::new(
@@ -219,16 +258,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<QueueBenchReport> {
     for (i, token) in tokens.iter().enumerate() {
         let addr = authority(&args.urls[i % args.urls.len()])?;
         let (token, act, client) = (token.clone(), args.activity.clone(), client.clone());
-        let (opened, all_open, n) = (opened.clone(), all_open.clone(), args.users);
+        let (opened, arrived, all_open, n) = (opened.clone(), arrived.clone(), all_open.clone(), args.users);
         let (admit_hist, claim_hist, outcomes) = (admit_hist.clone(), claim_hist.clone(), outcomes.clone());
         waits.push(tokio::spawn(async move {
             let since = Instant::now();
-            let on_open = || {
-                if opened.fetch_add(1, Ordering::AcqRel) + 1 == n {
+            let arrive = || {
+                if arrived.fetch_add(1, Ordering::AcqRel) + 1 == n {
                     all_open.notify_one();
                 }
             };
-            let outcome = match wait_turn(&addr, &token, &act, on_open).await {
+            let mut was_opened = false;
+            let on_open = || {
+                was_opened = true;
+                opened.fetch_add(1, Ordering::AcqRel);
+                arrive();
+            };
+            let waited = wait_turn(&addr, &token, &act, on_open).await;
+            if !was_opened {
+                arrive();
+            }
+            let outcome = match waited {
                 Ok((state, at)) if state == "admitted" => {
                     let _ = admit_hist
                         .lock()
@@ -275,7 +324,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<QueueBenchReport> {
             *outcomes.lock().entry(outcome).or_default() += 1;
         }));
     }
-    // All open (or a minute passed: some may have been decided already).
+    // All open or ended (or a minute passed: some may have been decided
+    // already).
     let _ = tokio::time::timeout(Duration::from_secs(60), all_open.notified()).await;
     let streams_open = opened.load(Ordering::Acquire);
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -2155,6 +2155,57 @@ async fn the_queue_bench_drives_fans_through_the_room_and_weighs_their_streams()
     assert_eq!(app.detail("qb").await["claimed"], 100);
 }
 
+/// Streams a node refuses are counted as such in the queue bench's
+/// outcomes, and the run goes on without them. Here the node's budget of
+/// streams (`server.max_connections`, 4) is held by another account's
+/// four when the bench's fans open theirs: each hears 503 STREAMS_FULL.
+/// The bench read no event in that answer and reported "the stream ended
+/// without a decision", after waiting a minute for the streams to open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_bench_names_the_streams_a_node_refuses() {
+    let config = base_config().replace(
+        "shutdown_grace = \"5s\"\n",
+        "shutdown_grace = \"5s\"\nmax_connections = 4\n",
+    ) + &queue("qr", 2, "+30m", &[]);
+    assert!(config.contains("max_connections = 4"), "{config}");
+    let app = TestApp::start(&config);
+    let holder = app.register("holder").await;
+    assert_eq!(join(&app.client, &holder, "qr").await.status, 200);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut events = Events::open(&app, &holder, "qr").await;
+        assert_eq!(events.next().await.unwrap()["state"], "waiting");
+        held.push(events);
+    }
+    let report = tokio::task::spawn_blocking({
+        let url = app.url();
+        move || {
+            bench_report(
+                &url,
+                &[
+                    "--queue",
+                    "--activity",
+                    "qr",
+                    "--users",
+                    "2",
+                    "--concurrency",
+                    "1",
+                    "--create-users",
+                ],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        report["outcomes"],
+        json!({ "stream error: the node refused the stream: 503 STREAMS_FULL": 2 }),
+        "{report}"
+    );
+    assert_eq!(report["streams_open"], 0, "{report}");
+    drop(held);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lottery_across_three_nodes_skips_the_gone_and_passes_lapsed_turns_on() {
     let act = |t0| lottery_from(t0, "cl", 2, 9_000, 11_000, &["pass_ttl = \"5s\"", "grace = \"3s\""]);
