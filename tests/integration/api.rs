@@ -419,6 +419,31 @@ async fn bad_input_gets_the_error_shape_never_a_panic() {
         );
         assert_eq!(res.1["ok"], false);
     }
+    // A key the body does not take is named, not skipped: a misspelled
+    // `ticketid` was a claim of whichever ticket type had stock.
+    let res = send_raw(&app, &token, br#"{"actId":"b","ticketid":"b-t"}"#.to_vec()).await;
+    assert_eq!(
+        (res.0, res.1["error"]["code"].as_str()),
+        (400, Some("INVALID_FIELD")),
+        "{}",
+        res.1
+    );
+    let said = res.1["error"]["message"].as_str().unwrap();
+    assert!(
+        said.contains("unknown field `ticketid`") && said.contains("`ticketId`"),
+        "{said}"
+    );
+    assert_eq!(app.detail("b").await["claimed"], 0, "nothing was claimed");
+    let res = app
+        .client
+        .post(
+            "/user/register",
+            None,
+            &json!({ "username": "trent", "password": "password-trent", "nick": "T" }),
+        )
+        .await
+        .unwrap();
+    assert_error(&res, 400, "INVALID_FIELD");
     let res = app.client.get("/no/such/route", None).await.unwrap();
     assert_error(&res, 404, "ROUTE_NOT_FOUND");
     let res = app.client.get("/ticket/get", Some(&token)).await.unwrap();

@@ -49,7 +49,7 @@ const STREAM_UPDATE_EVERY: Duration = Duration::from_secs(1);
 const STREAM_HEARTBEAT: Duration = Duration::from_secs(15);
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct JoinBody {
     act_id: Id,
     /// Solves the activity's proof of work over its join challenge, when

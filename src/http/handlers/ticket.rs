@@ -25,9 +25,10 @@ use crate::{
     vocab::{Claim, ClaimOutcome, Rejection},
 };
 
-/// The claim body.
+/// The claim body. A key it does not know is refused, not skipped: a
+/// misspelled `ticketid` was a claim of any ticket type, with nothing said.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct GetBody {
     act_id: Id,
     #[serde(default)]
