@@ -149,7 +149,9 @@ async fn answer(
         let mut res = ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "METHOD_NOT_ALLOWED",
-            format!("{} takes {allowed}", route.label()),
+            // The path asked for: the route's label is one for several
+            // (`/admin`), or none (`page`).
+            format!("{} takes {allowed}", req.uri().path()),
         )
         .into_response();
         res.headers_mut().insert(

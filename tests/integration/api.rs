@@ -264,6 +264,14 @@ async fn lists_details_and_other_users_claims() {
         400,
         "INVALID_PARAMETER",
     );
+    // Neither: the name to use is said.
+    let res = app.client.get("/ticket/detail?claimId=", Some(&alice)).await.unwrap();
+    assert_error(&res, 400, "MISSING_PARAMETER");
+    assert!(
+        res.body["error"]["message"].as_str().unwrap().contains("`claimId`"),
+        "{}",
+        res.body
+    );
     // `claimId`, the name every claim is shown with, works as well.
     let by_claim_id = format!("/ticket/detail?claimId={claim_id}");
     let own = app.client.get(&by_claim_id, Some(&alice)).await.unwrap();

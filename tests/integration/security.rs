@@ -536,6 +536,11 @@ async fn the_admin_api_needs_the_admin_token_and_its_own_listener() {
         .await
         .unwrap();
     assert_eq!(export.status, 200);
+    // A wrong method names the path asked for (every admin route said
+    // "/admin takes ...").
+    let wrong = admin.get("/admin/export?actId=adm", Some(admin_token)).await.unwrap();
+    assert_error(&wrong, 405, "METHOD_NOT_ALLOWED");
+    assert_eq!(wrong.body["error"]["message"], "/admin/export takes POST");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -182,9 +182,17 @@ async fn own_claim(state: &AppState, req: &Request<Incoming>) -> Result<Claim, A
     // `claimId`, as every claim is shown. The original API named this
     // parameter `ticketId` (here a claim's id, not the ticket type a claim
     // view calls `ticketId`), and its clients still send that.
-    let raw = match query.get("claimId").map(str::trim).filter(|v| !v.is_empty()) {
+    let raw = match ["claimId", "ticketId"]
+        .iter()
+        .find_map(|name| query.get(name).map(str::trim).filter(|v| !v.is_empty()))
+    {
         Some(raw) => raw,
-        None => query.require("ticketId")?,
+        None => {
+            return Err(ApiError::bad_request(
+                "MISSING_PARAMETER",
+                "the query parameter `claimId` (the original API's `ticketId`) is required",
+            ))
+        }
     };
     let id: u64 = raw.parse().map_err(|_| {
         ApiError::bad_request(
