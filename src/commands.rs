@@ -354,10 +354,13 @@ fn read_password() -> anyhow::Result<String> {
         first
     } else {
         let mut line = String::new();
-        io::stdin()
+        let read = io::stdin()
             .lock()
             .read_line(&mut line)
             .context("cannot read the password from stdin")?;
+        if read == 0 {
+            bail!("no password on stdin: pipe one line in, or run on a terminal to be asked for it");
+        }
         line.trim_end_matches(['\r', '\n']).to_owned()
     };
     Ok(password)
@@ -706,7 +709,12 @@ fn write_whole<T>(path: &Path, write: impl FnOnce(&mut (dyn Write + Send)) -> an
         .write(true)
         .create_new(true)
         .open(&part)
-        .with_context(|| format!("cannot create {} to write {}", part.display(), path.display()))?;
+        .with_context(|| {
+            // The file is written beside its place and renamed into it:
+            // the error is the place's (a missing directory, no write
+            // permission there), and says so in its terms.
+            format!("cannot write {}", path.display())
+        })?;
     if let Some(old) = &old {
         let _ = file.set_permissions(old.permissions());
     }

@@ -292,6 +292,13 @@ async fn login_all(client: &Arc<ApiClient>, args: &BenchArgs, prefix: &str, n: u
                 if res.error_code() == Some("USERNAME_TAKEN") {
                     res = client.post_retrying("/user/login", &creds).await?;
                 }
+                if !create && res.error_code() == Some("BAD_CREDENTIALS") {
+                    anyhow::bail!(
+                        "cannot log in {username}: no such account, or another password than --password; \
+                         add --create-users to register the bench's users (or make them with \
+                         `ticketd user import`)"
+                    );
+                }
                 if create && res.error_code() == Some("RATE_LIMITED") {
                     anyhow::bail!(
                         "cannot register {username}: 429 RATE_LIMITED — the accounts one address makes \

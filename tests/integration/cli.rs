@@ -226,6 +226,14 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
     let out = app.cli(&["user", "add", "--username", "zhang"], Some("password-zhang\n"));
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("taken"));
+    // Nothing piped in is no password, said as such (it was "password must
+    // be 8-128 characters").
+    let out = app.cli(&["user", "add", "--username", "nopass"], None);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("no password on stdin"),
+        "{}",
+        text(&out.stderr)
+    );
     // A registration time from another system is refused when it is not a
     // time, or not yet; the file is then imported not at all.
     for (row, says) in [
@@ -317,6 +325,15 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
     let out = app.cli(&["export", "--activity", "nope"], None);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("no activity `nope`"));
+    // A directory that is not there is the error, in the place's terms (it
+    // named the hidden file written beside the place first).
+    let out = app.cli(&["export", "--activity", "exp", "--out", "missing/claims.csv"], None);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot write missing/claims.csv") && !err.contains(".part"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -351,6 +368,24 @@ fn bench_rushes_and_verifies_the_invariants() {
     );
     let err = text(&out.stderr);
     assert!(!out.status.success() && err.contains("http://HOST:PORT"), "{err}");
+    // Accounts that do not exist, without --create-users: the flag is named.
+    let out = run_cli(
+        app.dir.path(),
+        &[
+            "bench",
+            "--url",
+            &app.url(),
+            "--activity",
+            "bench",
+            "--users",
+            "1",
+            "--user-prefix",
+            "nobody-",
+        ],
+        None,
+    );
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("add --create-users"), "{err}");
 }
 
 /// `bench` waited for the sale's start by its own clock. Run from a machine
