@@ -140,9 +140,10 @@ pub struct ReportArgs {
     /// The activity id.
     #[arg(long)]
     pub activity: String,
-    /// The HTML file to write.
-    #[arg(long, default_value = "report.html")]
-    pub out: PathBuf,
+    /// The HTML file to write (default `report-<ID>.html`: one activity's
+    /// report does not overwrite another's).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Rows in the "most claims by address / account" rankings (1-10000).
     #[arg(long, default_value_t = 10, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..=10_000), usize::from))]
     pub top: usize,

@@ -5,7 +5,7 @@
 
 use std::{
     io::{self, BufRead, IsTerminal, Write},
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
 };
 
@@ -647,16 +647,20 @@ pub fn report(config: &Config, args: ReportArgs) -> anyhow::Result<()> {
     let data = store.report_data(&args.activity, args.top)?;
     let queue = queue_report(config, &store, &args.activity, &data)?;
     let html = export::report::render(&args.activity, &data, queue.as_ref(), now_ms());
-    write_whole(&args.out, |out| Ok(out.write_all(html.as_bytes())?))?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("report-{}.html", args.activity)));
+    write_whole(&out, |out| Ok(out.write_all(html.as_bytes())?))?;
     let s = export::report::summary(&data);
     warn_in_transit(data.in_transit, "the report");
     warn_conflicts(store.claim_conflicts(&args.activity)?, "the report");
     eprintln!(
-        "report written to {}: {} of {} codes claimed by {} users",
-        args.out.display(),
+        "report written to {}: {} of {} codes claimed by {}",
+        out.display(),
         s.claimed,
         s.codes,
-        s.users
+        count(s.users as usize, "user", "users")
     );
     Ok(())
 }

@@ -617,9 +617,11 @@ async fn an_import_beside_a_node_leaves_the_limit_and_times_the_node_serves() {
         )
         .unwrap();
     assert_eq!(stored, (1, start + 3_600_000));
-    let out = app.cli(&["report", "--activity", "lt", "--out", "lt.html"], None);
+    // Without --out, the report is named for its activity (another's is
+    // not overwritten).
+    let out = app.cli(&["report", "--activity", "lt"], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let html = std::fs::read_to_string(app.dir.path().join("lt.html")).unwrap();
+    let html = std::fs::read_to_string(app.dir.path().join("report-lt.html")).unwrap();
     assert!(html.contains("limit 1 per user"), "{html}");
     // The reload applies them; the node writes what it now serves.
     assert_eq!(app.reload(&edited)["message"], "Config reloaded.");
