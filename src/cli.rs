@@ -58,8 +58,11 @@ pub enum Command {
     Export(ExportArgs),
     /// Write a self-contained HTML report of an activity's rush (charts as inline SVG).
     Report(ReportArgs),
-    /// Validate the config file and print every problem with its line (a
-    /// syntax or type error alone: the parser stops at it).
+    /// Validate the config file and print every problem with its line
+    /// (misspelled keys all; past a syntax error, or a value the parser
+    /// cannot read, nothing more: it stops there). The file alone: what
+    /// only the store can tell (a ticket type moved to another activity, a
+    /// waiting room already open) import and reload check.
     CheckConfig,
     /// Reconcile the store after an incident; exits 1 listing every problem.
     /// Checks that every claim's code exists and is its ticket's, no code

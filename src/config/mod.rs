@@ -83,16 +83,62 @@ pub enum ConfigError {
 /// log, to stderr and into a refused reload's answer.
 fn parse_error(error: &toml::de::Error, text: &str) -> String {
     let message = without_value(error.message().trim_end());
-    let Some(mut at) = error.span().map(|span| span.start.min(text.len())) else {
-        return format!("TOML parse error: {message}");
-    };
+    match error_at(error, text) {
+        Some((line, column)) => format!("TOML parse error at line {line}, column {column}: {message}"),
+        None => format!("TOML parse error: {message}"),
+    }
+}
+
+/// The line and column (1-based) an error points at.
+fn error_at(error: &toml::de::Error, text: &str) -> Option<(usize, usize)> {
+    let mut at = error.span()?.start.min(text.len());
     while !text.is_char_boundary(at) {
         at -= 1;
     }
     let before = &text[..at];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().unwrap_or_default().chars().count() + 1;
-    format!("TOML parse error at line {line}, column {column}: {message}")
+    Some((line, column))
+}
+
+/// Parses `text`, past every misspelled key: the parser stops at the first
+/// key the schema does not know, so a file with three typos took three
+/// runs of `check-config` to see them. A `key = value` line the parser
+/// stops at is noted and blanked (its line numbers kept), and the parse
+/// goes on. Returns the parse, the keys noted, and the text parsed last
+/// (for the line numbers of what validation finds in it). Any other stop
+/// ends the parse: a syntax error, a value of the wrong type, or an
+/// unknown `[table]` (blanked, its keys would land in the table before).
+fn parse_past_unknown_keys(text: &str) -> (Result<Config, toml::de::Error>, Vec<Problem>, String) {
+    /// More than this many is not a file of typos.
+    const MOST: usize = 100;
+    let mut text = text.to_owned();
+    let mut unknown = Vec::new();
+    loop {
+        let error = match toml::from_str::<Config>(&text) {
+            Ok(config) => return (Ok(config), unknown, text),
+            Err(error) => error,
+        };
+        let line = error_at(&error, &text).map(|(line, _)| line);
+        let key_line = line.and_then(|n| text.split('\n').nth(n - 1).map(|l| (n, l)));
+        // A line that is a whole `key = value` on its own (not a table
+        // header, not the start of a value spanning lines).
+        let whole_key = key_line.filter(|(_, l)| {
+            !l.trim_start().starts_with('[') && toml::from_str::<toml::Table>(l).is_ok_and(|t| t.len() == 1)
+        });
+        match whole_key {
+            Some((n, l)) if error.message().starts_with("unknown field") && unknown.len() < MOST => {
+                unknown.push(Problem {
+                    line: Some(n),
+                    message: without_value(error.message().trim_end()),
+                });
+                let start = text.split('\n').take(n - 1).map(|l| l.len() + 1).sum::<usize>();
+                let blank = " ".repeat(l.len());
+                text.replace_range(start..start + l.len(), &blank);
+            }
+            _ => return (Err(error), unknown, text),
+        }
+    }
 }
 
 /// serde's "invalid type: integer `5`, expected a string" names the value
@@ -127,12 +173,29 @@ impl Config {
 
     /// Parses and validates config text; `path` only names it in errors.
     pub fn from_toml(text: &str, path: &Path, base_dir: PathBuf) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: parse_error(&e, text),
-        })?;
+        let (parsed, mut problems, parsed_text) = parse_past_unknown_keys(text);
+        let mut config = match parsed {
+            Ok(config) => config,
+            Err(e) if problems.is_empty() => {
+                return Err(ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: parse_error(&e, &parsed_text),
+                })
+            }
+            // Misspelled keys, then a stop: all of them, the stop last.
+            Err(e) => {
+                problems.push(Problem {
+                    line: None,
+                    message: parse_error(&e, &parsed_text),
+                });
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    problems,
+                });
+            }
+        };
         config.base_dir = base_dir;
-        let problems = validate::validate(&mut config, text);
+        problems.extend(validate::validate(&mut config, &parsed_text));
         if problems.is_empty() {
             Ok(config)
         } else {

@@ -16,10 +16,13 @@ fn text(b: &[u8]) -> String {
 
 #[test]
 fn check_config_lists_every_problem_with_its_line() {
-    let config = base_config()
+    // Misspelled keys too, each with its line: the parser stopped at the
+    // first, and a file with three typos took three runs to see them.
+    let config = base_config().replace("[server]\n", "[server]\nmax_bdy = 5\n")
         + &Act::new("a")
             .name("A")
             .window("+2h", "+1h")
+            .with("per_user_limt = 2")
             .ticket("t", "T", Codes::List(&["X", "X"]))
             .ticket("none", "None", Codes::List(&[]))
             .toml();
@@ -52,6 +55,13 @@ fn check_config_lists_every_problem_with_its_line() {
         err.contains(&format!("line {none_line}: ticket `none` has no codes")),
         "{err}"
     );
+    for key in ["max_bdy", "per_user_limt"] {
+        let line = config.lines().position(|l| l.starts_with(key)).unwrap() + 1;
+        assert!(
+            err.contains(&format!("line {line}: unknown field `{key}`, expected one of")),
+            "{err}"
+        );
+    }
     assert!(!err.contains("panicked"), "{err}");
 
     let ok = dir_with(&(base_config() + &open_activity("ok", 3, 1)));
