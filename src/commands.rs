@@ -439,6 +439,9 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
     if format == ExportFormat::Parquet && args.out.is_none() {
         bail!("a Parquet export needs --out FILE");
     }
+    if args.bom && format != ExportFormat::Csv {
+        bail!("--bom is for CSV (Excel reads UTF-8 by it); JSON lines and Parquet take no byte-order mark");
+    }
     let store = Store::open_with_activity(config, &args.activity)?;
     // Counted before the export reads: an overstatement at worst.
     let (in_transit, conflicts) = match args.what {
@@ -448,7 +451,7 @@ pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
         ),
         _ => (0, 0),
     };
-    let bom = args.bom && format == ExportFormat::Csv;
+    let bom = args.bom;
     let write = |out: &mut (dyn Write + Send)| -> anyhow::Result<u64> {
         if bom {
             out.write_all("\u{feff}".as_bytes())

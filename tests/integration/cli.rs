@@ -324,6 +324,13 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
         text(&out.stdout)
     );
     assert_eq!(parse_csv(&out.stdout)[0]["nickname"], "张三, \"老张\"");
+    // Asked of another format, the mark is refused, not left out unsaid.
+    let out = app.cli(&["export", "--activity", "exp", "--bom", "--format", "jsonl"], None);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("--bom is for CSV"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = app.cli(&["export", "--activity", "exp", "--format", "jsonl"], None);
     let lines: Vec<serde_json::Value> = text(&out.stdout)
         .lines()
