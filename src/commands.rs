@@ -398,6 +398,17 @@ fn read_user_csv(file: &Path) -> anyhow::Result<Vec<UserRow>> {
             continue;
         }
         let line = || format!("{} line {}", file.display(), i + 1);
+        // A spreadsheet saved with `;` or tabs (many locales' default) is
+        // one field per row here: said as such, not as a bad username.
+        if record.len() == 1 {
+            if let Some(sep) = [';', '\t', '|'].into_iter().find(|s| username.contains(*s)) {
+                bail!(
+                    "{}: one column, holding {sep:?}: the file must be comma-separated \
+                     (username,password,nickname,created_at)",
+                    line()
+                );
+            }
+        }
         let (name, nickname) = validate_account(&username, &password, Some(&nickname)).with_context(line)?;
         let created_at_ms = match field(3).as_str() {
             "" => now,

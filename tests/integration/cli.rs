@@ -282,6 +282,14 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
     .unwrap();
     let out = app.cli(&["user", "import", "h.csv"], None);
     assert!(text(&out.stdout).contains("1 user created"), "{}", text(&out.stdout));
+    // Saved with semicolons, as many locales' spreadsheets do: said so.
+    std::fs::write(app.dir.path().join("semi.csv"), "zhouba;password-zhouba;\n").unwrap();
+    let out = app.cli(&["user", "import", "semi.csv"], None);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("must be comma-separated"),
+        "{}",
+        text(&out.stderr)
+    );
     assert_eq!(users[0]["nickname"], "张三, \"老张\"");
     assert_eq!(users[2]["nickname"], "wangwu");
     assert_eq!(users[1]["created_at"], "2021-06-01T00:00:00Z");
