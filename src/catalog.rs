@@ -13,8 +13,8 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::{
     admission::{Opened, Past, Room, RoomSettings, Rooms},
-    clock::{now_ms, rfc3339_ms},
-    config::{AdmissionMode, Config},
+    clock::now_ms,
+    config::Config,
     inventory::{CodePool, Inventory, Ledger},
     vocab::Rejection,
 };
@@ -107,32 +107,6 @@ pub enum Status {
     Open,
     /// After the end.
     Ended,
-}
-
-/// The lotteries an operator's reload would bring whose draw has passed
-/// and that nobody has entered (no room, no log): each would draw nobody
-/// at once and take no entry after, and a drawn room's admission cannot
-/// change, so the activity could never sell again. A reload refuses them.
-/// Not a start: a node that was down across an empty lottery's draw
-/// draws it late, as it is, rather than not starting at all.
-pub fn late_lotteries(config: &Config, node_start_ms: i64, rooms: &Rooms) -> Vec<String> {
-    let now = now_ms();
-    config
-        .activities
-        .iter()
-        .filter_map(|a| {
-            let s = RoomSettings::of(a, node_start_ms)?;
-            let late = s.mode == AdmissionMode::Lottery && s.shuffle_ms <= now && rooms.get(&a.id).is_none();
-            (late && matches!(rooms.past(&a.id), Ok(Past::Untouched))).then(|| {
-                format!(
-                    "activity `{}`: its lottery's draw_time ({}) has passed and nobody has entered it: it would draw \
-                     nobody at once and take no entry after; set draw_time (and start_time) later",
-                    a.id,
-                    rfc3339_ms(s.shuffle_ms)
-                )
-            })
-        })
-        .collect()
 }
 
 /// What [`Catalog::build`] finds wrong with `config`'s times once relative

@@ -362,7 +362,9 @@ impl AppState {
         // An operator's edit, not the activities `ticketd import` stored
         // (a node that follows them takes what every node takes).
         if !self.follows_store {
-            let late = crate::catalog::late_lotteries(&new, self.started_ms, &self.rooms);
+            let late = crate::admission::late_lotteries(&new, self.started_ms, |id| {
+                self.rooms.get(id).is_none() && matches!(self.rooms.past(id), Ok(crate::admission::Past::Untouched))
+            });
             if !late.is_empty() {
                 return Err(late.join("; "));
             }

@@ -56,6 +56,37 @@ pub use log::Past;
 pub use room::Room;
 pub use state::{Entry, JoinError, PlaceState, QueueStatus, RoomSettings, RoomSummary, StockView};
 
+/// The lotteries in `config` whose draw has passed and that nobody has
+/// entered (`untouched`: no room, no log): each would draw nobody at once
+/// and take no entry after, and a drawn room's admission cannot change, so
+/// the activity could never sell again. An operator's reload refuses them,
+/// and so does a cluster's `ticketd import` (whose nodes would take them
+/// as they are). Not a start: a node that was down across an empty
+/// lottery's draw draws it late, as it is, rather than not starting at all.
+pub fn late_lotteries(
+    config: &crate::config::Config,
+    node_start_ms: i64,
+    untouched: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let now = crate::clock::now_ms();
+    config
+        .activities
+        .iter()
+        .filter_map(|a| {
+            let s = RoomSettings::of(a, node_start_ms)?;
+            let late = s.mode == crate::config::AdmissionMode::Lottery && s.shuffle_ms <= now;
+            (late && untouched(&a.id)).then(|| {
+                format!(
+                    "activity `{}`: its lottery's draw_time ({}) has passed and nobody has entered it: it would draw \
+                     nobody at once and take no entry after; set draw_time (and start_time) later",
+                    a.id,
+                    crate::clock::rfc3339_ms(s.shuffle_ms)
+                )
+            })
+        })
+        .collect()
+}
+
 /// Where a cluster's rooms keep their logs (the store's Redis): what a node
 /// asks of a room's log before it holds a replica of it.
 pub trait SharedLogs: Send + Sync {

@@ -2411,6 +2411,15 @@ async fn an_import_that_changes_an_opened_room_is_refused_and_the_next_one_appli
             && stderr.contains(") cannot change once its queue has opened"),
         "{stderr}"
     );
+    // A lottery nobody entered whose draw has passed, as a node's reload
+    // refuses it: the nodes that follow the store would each draw it empty.
+    let late = lottery_from(t0, "ml", 1, -30_000, -10_000, &[]);
+    let out = import(act(1_800_000, &[]) + &late);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("activity `ml`: its lottery's draw_time"),
+        "{stderr}"
+    );
     let out = import(act(1_800_000, &["paused = true"]));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     crate::common::until("the node to take the pause", || async {

@@ -669,6 +669,15 @@ impl ClusterStore {
                 frozen.join("; ")
             )));
         }
+        // As a node's reload refuses them: the nodes that follow what is
+        // stored would each draw such a lottery empty.
+        let rooms = self.room_source();
+        let late = crate::admission::late_lotteries(config, node_start_ms, |id| {
+            matches!(rooms.past(id), Ok(crate::admission::Past::Untouched))
+        });
+        if !late.is_empty() {
+            return Err(StoreError::FrozenRoom(late.join("; ")));
+        }
         let report = self.block(mongo::import(&self.shared.db, config, node_start_ms))?;
         for a in &config.activities {
             for t in &a.tickets {
