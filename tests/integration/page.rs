@@ -764,6 +764,27 @@ async fn a_lost_answer_and_a_reload_claim_once_in_chromium() {
         "{shown_at_reload}"
     );
     assert_eq!(app.detail("lost").await["claimed"], 1);
+
+    // The node's 408 (the body did not arrive in time: the claim was never
+    // read) is tried again, as the server asks, not the end of the grab.
+    b.intercept_requests("*/ticket/get*").await;
+    click(&mut b, "#grab").await;
+    let first = b.next_paused().await;
+    let timeout =
+        json!({ "ok": false, "error": { "code": "REQUEST_TIMEOUT", "message": "the request took too long" } });
+    b.answer_with(&first, 408, &timeout).await;
+    let retry = b.next_paused().await;
+    b.send_on(&retry).await;
+    b.call("Fetch.disable", json!({})).await;
+    b.wait_for(
+        &format!(
+            "(() => {{ const c = document.querySelector('#claimed-code')?.textContent; return c && c !== {}; }})()",
+            json!(held[0])
+        ),
+        "the second code",
+    )
+    .await;
+    assert_eq!(app.detail("lost").await["claimed"], 2);
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 }
 

@@ -147,10 +147,11 @@ const ERRORS = {
  * (a timeout too), UNAVAILABLE (Nginx's own 502/503/504), INTERNAL (the
  * node's own 500) and OTHER (a 5xx that was not ours) leave a claim's
  * outcome unknown: it is retried with the same Idempotency-Key, which
- * returns the code if the first try took one. */
+ * returns the code if the first try took one. REQUEST_TIMEOUT (408: the
+ * body did not arrive in time, a phone's slow upload) was never read. */
 const RETRYABLE = new Set(['RATE_LIMITED', 'IN_PROGRESS', 'STOCK_IN_FLIGHT', 'NOT_IMPORTED', 'OVERLOADED',
   'BACKLOG_FULL', 'QUEUE_FULL', 'STORE_UNAVAILABLE', 'OUTCOME_UNKNOWN', 'LOGIN_THROTTLED', 'BUSY', 'UNAVAILABLE',
-  'INTERNAL', 'NETWORK']);
+  'INTERNAL', 'NETWORK', 'REQUEST_TIMEOUT']);
 const retryable = (res) => RETRYABLE.has(res.error.code) || (res.error.code === 'OTHER' && res.status >= 500);
 const MAX_TRIES = 6;
 /** A request with no answer by then is given up as NETWORK (and retried as

@@ -157,6 +157,39 @@ impl Browser {
         self.call("Fetch.enable", json!({ "patterns": patterns })).await;
     }
 
+    /// Holds every request whose URL matches `pattern` before it is sent,
+    /// for [`Browser::next_paused`] to hand to the test, which then answers
+    /// it in the server's place ([`Browser::answer_with`]) or sends it on
+    /// ([`Browser::send_on`]).
+    pub async fn intercept_requests(&mut self, pattern: &str) {
+        let patterns = json!([{ "urlPattern": pattern, "requestStage": "Request" }]);
+        self.call("Fetch.enable", json!({ "patterns": patterns })).await;
+    }
+
+    /// Answers a held request with `status` and the JSON `body`: what the
+    /// node says of a request that never reached its handler (a body that
+    /// did not arrive in time, say), without the node.
+    pub async fn answer_with(&mut self, paused: &Value, status: u16, body: &Value) {
+        use base64::Engine;
+        let engine = base64::engine::general_purpose::STANDARD;
+        self.call(
+            "Fetch.fulfillRequest",
+            json!({
+                "requestId": paused["requestId"],
+                "responseCode": status,
+                "responseHeaders": [{ "name": "Content-Type", "value": "application/json" }],
+                "body": engine.encode(body.to_string()),
+            }),
+        )
+        .await;
+    }
+
+    /// Sends a request held before it was sent on to the node.
+    pub async fn send_on(&mut self, paused: &Value) {
+        self.call("Fetch.continueRequest", json!({ "requestId": paused["requestId"] }))
+            .await;
+    }
+
     /// The next request [`Browser::intercept`] held (waits up to 30 s).
     pub async fn next_paused(&mut self) -> Value {
         self.next_paused_within(Duration::from_secs(30)).await
