@@ -195,9 +195,24 @@ pub fn verify(config: &Config, repair: bool) -> anyhow::Result<()> {
     if config.storage.mode != crate::config::StorageMode::Embedded && repair {
         bail!("--repair rewrites the embedded store's journal; a cluster has none");
     }
+    let embedded = config.storage.mode == crate::config::StorageMode::Embedded;
     // First: there must be a store to verify.
-    let store = Store::open(config, Access::Inspect)?;
-    if config.storage.mode == crate::config::StorageMode::Embedded {
+    let store = match Store::open(config, Access::Inspect) {
+        Ok(store) => store,
+        // A journal whose database is gone (deleted by hand): the journal
+        // is checked (and repaired, if asked), and the way on said.
+        Err(crate::store::StoreError::NoStore(dir)) if embedded && dir.join("journal").is_dir() => {
+            verify_journal(config, repair)?;
+            bail!(
+                "{} holds a journal but no ticketd.db: restore ticketd.db from a backup before a node starts here \
+                 (the journal holds only the claims not yet applied to it, and a node would sell the others' codes \
+                 again)",
+                dir.display()
+            );
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if embedded {
         verify_journal(config, repair)?;
     }
     let found = store.reconcile()?;

@@ -5,8 +5,8 @@
 //! Each message is a datagram of `KEY=VALUE` lines: `READY=1` once the
 //! listener is bound and stock is loaded, `RELOADING=1` / `READY=1` around a
 //! reload, `STOPPING=1` at shutdown, `STATUS=...` for `systemctl status`,
-//! and `WATCHDOG=1` at half the `WATCHDOG_USEC` interval (at most every
-//! 2 s) — sent only while a round trip through the claim committer and one
+//! and `WATCHDOG=1` at half the `WATCHDOG_USEC` interval (or every 2 s,
+//! if that is sooner) — sent only while a round trip through the claim committer and one
 //! through every connection lane succeed, and nothing needs a restart (see
 //! `app::supervise`), so a wedged claim path gets the node restarted.
 //! Without `NOTIFY_SOCKET` every call is a no-op.
@@ -54,13 +54,15 @@ impl Notifier {
         }
     }
 
-    /// `WATCHDOG_USEC / 2`, when systemd asked for a watchdog; at least a
-    /// millisecond. (`WatchdogSec=1us` made it zero, and a zero interval
+    /// `WATCHDOG_USEC / 2`, when systemd asked for a watchdog; at least
+    /// 100 ms. (`WatchdogSec=1us` made it zero, and a zero interval
     /// panicked the worker that feeds the watchdog: systemd then restarted
-    /// the node, which panicked again.)
+    /// the node, which panicked again. Each feeding pings the committer and
+    /// every connection lane, which serve claims: not a thousand times a
+    /// second for a unit's slip.)
     pub fn watchdog_interval() -> Option<Duration> {
         let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-        (usec > 0).then(|| Duration::from_micros((usec / 2).max(1000)))
+        (usec > 0).then(|| Duration::from_micros((usec / 2).max(100_000)))
     }
 }
 

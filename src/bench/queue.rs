@@ -128,12 +128,28 @@ async fn wait_turn(
                 .unwrap_or_default()
                 .to_owned();
             if status != "200" {
+                // The JSON error, as long as the head says (a proxy may keep
+                // the connection open past it), else to the close.
+                let length = String::from_utf8_lossy(&buf[..end]).lines().find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                });
                 let mut rest = buf.split_off(end + 4);
-                let _ = tokio::time::timeout(STREAM_SILENCE, stream.read_to_end(&mut rest)).await;
+                let _ = tokio::time::timeout(STREAM_SILENCE, async {
+                    while length.is_none_or(|n| rest.len() < n) {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => rest.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                })
+                .await;
                 let code = serde_json::from_slice::<Value>(&rest)
                     .ok()
-                    .and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
-                bail!("the node refused the stream: {status} {}", code.unwrap_or_default());
+                    .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "(no JSON error)".to_owned());
+                bail!("the node refused the stream: {status} {code}");
             }
             buf.drain(..end + 4);
             head_read = true;

@@ -119,13 +119,21 @@ fn parse_past_unknown_keys(text: &str) -> (Result<Config, toml::de::Error>, Vec<
             Ok(config) => return (Ok(config), unknown, text),
             Err(error) => error,
         };
-        let line = error_at(&error, &text).map(|(line, _)| line);
-        let key_line = line.and_then(|n| text.split('\n').nth(n - 1).map(|l| (n, l)));
+        let at = error_at(&error, &text);
+        let key_line = at.and_then(|(n, column)| text.split('\n').nth(n - 1).map(|l| (n, column, l)));
         // A line that is a whole `key = value` on its own (not a table
-        // header, not the start of a value spanning lines).
-        let whole_key = key_line.filter(|(_, l)| {
-            !l.trim_start().starts_with('[') && toml::from_str::<toml::Table>(l).is_ok_and(|t| t.len() == 1)
-        });
+        // header, not the start of a value spanning lines), whose key is
+        // the one the parser stopped at (not one inside an inline table,
+        // whose line holds known keys too). `\r`: a file saved on Windows.
+        let whole_key = key_line
+            .filter(|&(_, column, l)| {
+                let line = l.trim_end_matches('\r');
+                let before: String = line.chars().take(column - 1).collect();
+                before.trim().is_empty()
+                    && !line.trim_start().starts_with('[')
+                    && toml::from_str::<toml::Table>(line).is_ok_and(|t| t.len() == 1)
+            })
+            .map(|(n, _, l)| (n, l));
         match whole_key {
             Some((n, l)) if error.message().starts_with("unknown field") && unknown.len() < MOST => {
                 unknown.push(Problem {
@@ -184,9 +192,13 @@ impl Config {
             }
             // Misspelled keys, then a stop: all of them, the stop last.
             Err(e) => {
-                problems.push(Problem {
-                    line: None,
-                    message: parse_error(&e, &parsed_text),
+                let message = without_value(e.message().trim_end());
+                problems.push(match error_at(&e, &parsed_text) {
+                    Some((line, column)) => Problem {
+                        line: Some(line),
+                        message: format!("column {column}: {message}"),
+                    },
+                    None => Problem { line: None, message },
                 });
                 return Err(ConfigError::Invalid {
                     path: path.to_owned(),
@@ -313,5 +325,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("line 3"), "{error}");
+    }
+
+    fn problems_of(text: &str) -> String {
+        Config::from_toml(text, Path::new("c.toml"), PathBuf::new())
+            .unwrap_err()
+            .to_string()
+    }
+
+    /// Every misspelled key with its line, in a file saved on Windows too;
+    /// one inside an inline table stops the list there (its line holds
+    /// known keys, which blanked would be reported missing); the stop
+    /// comes last, with its line, and quotes no value.
+    #[test]
+    fn misspelled_keys_are_listed_each_with_its_line() {
+        let text = "[server]\nmax_bdy = 5\n[auth]\nsesion_ttl = \"EXAMPLE-secretish\"\n[limits]\nmax_in_flght = 3\n";
+        let said = problems_of(text);
+        for (line, key) in [(2, "max_bdy"), (4, "sesion_ttl"), (6, "max_in_flght")] {
+            assert!(said.contains(&format!("line {line}: unknown field `{key}`")), "{said}");
+        }
+        assert!(!said.contains("EXAMPLE-secretish"), "{said}");
+        let windows = problems_of(&text.replace('\n', "\r\n"));
+        assert!(
+            windows.contains("3 problem(s)") && windows.contains("line 6: unknown field"),
+            "{windows}"
+        );
+
+        let inline = "[server]\nmax_bdy = 5\n[[activity]]\nid = \"a\"\nname = \"A\"\n\
+                      start_time = \"+1m\"\nend_time = \"+1h\"\nticket = [{ id = \"t\", nmae = \"T\" }]\n";
+        let said = problems_of(inline);
+        assert!(said.contains("line 2: unknown field `max_bdy`"), "{said}");
+        assert!(
+            said.contains("line 8: column") && said.contains("unknown field `nmae`"),
+            "{said}"
+        );
+        assert!(said.contains("2 problem(s)"), "{said}");
     }
 }

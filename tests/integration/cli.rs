@@ -546,6 +546,14 @@ fn verify_with_no_store_says_so_and_creates_nothing() {
     }
     let left: Vec<_> = std::fs::read_dir(dir.path().join("data")).unwrap().collect();
     assert!(left.is_empty(), "verify wrote into the directory: {left:?}");
+    // A journal whose database was deleted: checked, and the way on said.
+    std::fs::create_dir(dir.path().join("data/journal")).unwrap();
+    let out = run_cli(dir.path(), &["verify"], None);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("holds a journal but no ticketd.db: restore ticketd.db"),
+        "{err}"
+    );
 }
 
 /// A cluster node whose Redis cannot be reached at start exits 1 with one

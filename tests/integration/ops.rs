@@ -78,7 +78,7 @@ fn systemd_hears_ready_status_watchdog_and_reloading() {
 /// A watchdog interval of one microsecond (`WatchdogSec=1us`, a slip of the
 /// unit) made the feeding interval zero, which panicked the worker that
 /// feeds it: no WATCHDOG=1 ever, and systemd restarting the node for good.
-/// The node now feeds it as often as it can.
+/// The node now feeds it every 100 ms (the least it waits).
 #[test]
 fn a_watchdog_of_one_microsecond_is_fed_not_a_panic() {
     let sock_dir = tempfile::tempdir().unwrap();

@@ -389,7 +389,12 @@ impl EmbeddedStore {
     /// wrong directory says there is no store there instead of making an
     /// empty one and finding it consistent.
     fn inspect(dir: std::path::PathBuf, db_path: &Path) -> Result<EmbeddedStore, StoreError> {
-        if !db_path.exists() {
+        // `try_exists`: a directory it may not read is said as such (below,
+        // by SQLite), not taken for one with no store.
+        if !db_path
+            .try_exists()
+            .map_err(io("cannot look into the data directory", &dir))?
+        {
             return Err(StoreError::NoStore(dir));
         }
         let conn = Connection::open_with_flags(db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
