@@ -121,6 +121,15 @@ pub enum UserCommand {
         /// The CSV file.
         file: PathBuf,
     },
+    /// Set a user's password (a fan who forgot theirs), read from stdin
+    /// (or prompted for on a terminal). Sessions already open stay valid
+    /// until they expire: to end them at once, add the account to
+    /// `security.blocked_users` and reload.
+    Passwd {
+        /// Login name.
+        #[arg(long)]
+        username: String,
+    },
     /// List users (id, username, nickname, created).
     List,
 }

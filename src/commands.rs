@@ -341,6 +341,24 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
                 hashed.len() - created
             );
         }
+        UserCommand::Passwd { username } => {
+            let password = read_password()?;
+            // The rules registration applies.
+            let (name, _) = validate_account(&username, &password, None)?;
+            let user = match store.user_by_name(name.key())? {
+                Some(user) => Some(user),
+                // An account made before usernames were normalised keeps
+                // the exact name it was registered with (as a login finds it).
+                None => store.user_by_name(&username)?,
+            }
+            .with_context(|| format!("no user `{username}`"))?;
+            store.set_password_hash(user.id, &password::hash(&password, cost(config)))?;
+            println!(
+                "password of {} (id {}) set. Sessions already open stay valid until they expire (auth.session_ttl); \
+                 to end them at once, add the account to security.blocked_users and reload.",
+                user.username, user.id
+            );
+        }
         UserCommand::List => {
             let mut out = crate::export::spreadsheet_csv(io::stdout().lock());
             out.write_record(["id", "username", "nickname", "created_at"])?;

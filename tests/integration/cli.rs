@@ -296,7 +296,27 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
     assert!(users[2]["created_at"].starts_with("20"), "{:?}", users[2]);
     assert_ne!(users[2]["created_at"], users[1]["created_at"], "no column: made now");
 
+    // A fan who forgot the password gets a new one from the organiser: the
+    // old one no longer logs in, the new one does.
+    let out = app.cli(&["user", "add", "--username", "forgot"], Some("password-forgot\n"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = app.cli(&["user", "passwd", "--username", "FORGOT"], Some("a-new-password\n"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
     let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let old = serde_json::json!({ "username": "forgot", "password": "password-forgot" });
+        let res = app.client.post("/user/login", None, &old).await.unwrap();
+        assert_eq!(res.status, 401, "{}", res.body);
+        let new = serde_json::json!({ "username": "forgot", "password": "a-new-password" });
+        let res = app.client.post("/user/login", None, &new).await.unwrap();
+        assert_eq!(res.status, 200, "{}", res.body);
+    });
+    let out = app.cli(&["user", "passwd", "--username", "nobody"], Some("a-new-password\n"));
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("no user `nobody`"),
+        "{}",
+        text(&out.stderr)
+    );
     let codes: Vec<String> = rt.block_on(async {
         let mut codes = Vec::new();
         for name in ["zhang", "lisi"] {
