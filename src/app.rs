@@ -63,6 +63,7 @@ pub const STOP_ORDER: &[&str] = &[
     "refresher",
     "guard-sweep",
     "reaper",
+    "redis-durability",
     "stats-flush",
     "journal-writer",
     "committer",

@@ -150,7 +150,8 @@ impl AppState {
     pub fn unhealthy(&self) -> Option<String> {
         self.needs_restart().or_else(|| {
             (!self.store.is_healthy()).then(|| {
-                "claims cannot be stored: the journal cannot be written (embedded) or Redis is unreachable (cluster)"
+                "claims cannot be stored: the journal cannot be written (embedded), or Redis is unreachable or no \
+                 longer keeps every write it acknowledges (cluster)"
                     .to_owned()
             })
         })

@@ -2738,6 +2738,11 @@ async fn a_node_refuses_a_redis_that_could_lose_acknowledged_claims() {
             says.iter().all(|s| err.contains(s)) && err.contains("allow_volatile_redis"),
             "{err}"
         );
+        // `ticketd import` refuses it too (it pushed every code, and the
+        // nodes then would not start).
+        let out = node.cli(&["import"], None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && says.iter().all(|s| err.contains(s)), "{err}");
     }
     let mut node = TestApp::prepare(&node_config("[cluster]\nallow_volatile_redis = true\n"), &[]);
     assert!(node.cli(&["import"], None).status.success());
@@ -2749,6 +2754,50 @@ async fn a_node_refuses_a_redis_that_could_lose_acknowledged_claims() {
     assert_eq!(warned["appendonly"], "no", "{warned}");
     let token = node.register("vol").await;
     assert_eq!(node.claim(&token, "vol").await.status, 200);
+}
+
+/// A Redis that stops keeping every write while a node serves (restarted
+/// under another config — without its AOF it comes back empty — or
+/// changed by `CONFIG SET`) was asked only at the node's start: claims went
+/// on, acknowledged and losable, with `/healthz` green. The node now asks
+/// again every 2 s, refuses claims while Redis is unfit, and takes them
+/// again once it is fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_stops_keeping_every_write_stops_the_claims_until_it_does() {
+    let cluster = Cluster::start(1, &cluster_activity("dw", 10, 1), "");
+    let node = &cluster.nodes[0];
+    let (tokens, _) = users(&cluster, "dw", 2).await;
+    assert_eq!(node.claim(&tokens[0], "dw").await.status, 200);
+    let mut redis = cluster.services.redis().await;
+    config_set(&mut redis, &[("appendfsync", "everysec")]).await;
+    until("the node to say it is unhealthy", || async {
+        node.client.get("/healthz", None).await.unwrap().status == 503
+    })
+    .await;
+    let refused = node.claim(&tokens[1], "dw").await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    node.wait_for_log(
+        "Redis no longer keeps every write it acknowledges (restarted with another config, or reconfigured); \
+         claims are refused until it does.",
+        1,
+    );
+    config_set(&mut redis, &[("appendfsync", "always")]).await;
+    until("the node to say it is healthy again", || async {
+        node.client.get("/healthz", None).await.unwrap().status == 200
+    })
+    .await;
+    // As a good client does, asking again while the node's codes come back
+    // (STOCK_IN_FLIGHT) until its claim is taken.
+    until("the claim to be taken", || async {
+        let res = node.claim(&tokens[1], "dw").await;
+        assert!(
+            res.status == 200 || res.error_code() == Some("STOCK_IN_FLIGHT"),
+            "{}",
+            res.body
+        );
+        res.status == 200
+    })
+    .await;
 }
 
 /// The rush statistics a node records each second (outcomes, sources,

@@ -115,6 +115,7 @@ async fn cluster_workers_show_in_metrics_and_stop_in_the_declared_order() {
             "committer",
             "mongo-writer",
             "reaper",
+            "redis-durability",
             "lease-loop",
             "refresher",
             "reloader",

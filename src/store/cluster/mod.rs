@@ -87,6 +87,7 @@ use crate::{
         UserPage,
     },
     vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
+    worker::{Ctl, Stop},
 };
 
 /// Redis + MongoDB, and the workers that connect this node to them.
@@ -193,13 +194,57 @@ const MONGO_MAJORITY_TIMEOUT: Duration = Duration::from_secs(5);
 /// with a warning; any other failure (loading, down) stops the start.
 async fn check_durable(config: &Config) -> Result<(), ClusterError> {
     let url = config.storage.redis_url().unwrap_or_default();
+    let refusal = match durability(url.as_str()).await? {
+        Durability::Fit => return Ok(()),
+        Durability::Unsaid(why) => {
+            tracing::warn!(
+                why,
+                "Redis would not say how it persists (CONFIG GET); it must run with appendonly yes and appendfsync \
+                 always."
+            );
+            return Ok(());
+        }
+        Durability::Unfit(refusal) => refusal,
+    };
+    if config.cluster.allow_volatile_redis {
+        let (appendonly, appendfsync) = match &refusal {
+            ClusterError::Volatile {
+                appendonly,
+                appendfsync,
+                ..
+            } => (appendonly.as_str(), appendfsync.as_str()),
+            _ => ("yes", "always"),
+        };
+        tracing::warn!(
+            %appendonly,
+            %appendfsync,
+            why = %refusal,
+            "Redis may lose claims it acknowledged (cluster.allow_volatile_redis = true): never run a sale like this."
+        );
+        return Ok(());
+    }
+    Err(refusal)
+}
+
+/// Whether a Redis keeps every write it acknowledges (see [`check_durable`]).
+enum Durability {
+    Fit,
+    /// It may lose them: why, and what to set.
+    Unfit(ClusterError),
+    /// It will not say (CONFIG renamed away, not allowed, or silent): the
+    /// operator's to check.
+    Unsaid(String),
+}
+
+/// Asks the Redis at `url` how it persists.
+async fn durability(url: &str) -> Result<Durability, ClusterError> {
     let volatile = |appendonly: String, appendfsync: String| ClusterError::Volatile {
-        url: without_password(url.as_str()),
+        url: without_password(url),
         appendonly,
         appendfsync,
     };
     let read = async {
-        let client = redis::Client::open(url.as_str())?;
+        let client = redis::Client::open(url)?;
         let mut conn = client.get_multiplexed_async_connection().await?;
         let mut settings = HashMap::new();
         for name in ["appendonly", "appendfsync"] {
@@ -224,22 +269,20 @@ async fn check_durable(config: &Config) -> Result<(), ClusterError> {
         Ok(settings) => settings,
         // CONFIG renamed away (unknown command) or not allowed: trusted.
         Err(error) if matches!(error.code(), Some("ERR" | "NOPERM")) => {
-            tracing::warn!(%error, "Redis would not say how it persists (CONFIG GET); it must run with appendonly yes and appendfsync always.");
-            return Ok(());
+            return Ok(Durability::Unsaid(error.to_string()));
         }
         Err(error) => return Err(ClusterError::Redis(error)),
     };
     let (Some(appendonly), Some(appendfsync)) = (settings.get("appendonly"), settings.get("appendfsync")) else {
-        tracing::warn!(
-            "Redis did not say how it persists (CONFIG GET); it must run with appendonly yes and appendfsync always."
-        );
-        return Ok(());
+        return Ok(Durability::Unsaid(
+            "CONFIG GET named neither appendonly nor appendfsync".into(),
+        ));
     };
-    let unsafe_setting = if appendonly != "yes" || appendfsync != "always" {
+    let unfit = if appendonly != "yes" || appendfsync != "always" {
         Some(volatile(appendonly.clone(), appendfsync.clone()))
     } else if settings.get("no-appendfsync-on-rewrite").is_some_and(|v| v == "yes") {
         Some(ClusterError::Unsafe {
-            url: without_password(url.as_str()),
+            url: without_password(url),
             setting: "no-appendfsync-on-rewrite yes".into(),
             why: "while it rewrites its AOF it does not fsync, so claims it acknowledged then could be lost in a \
                   crash and their codes handed out again",
@@ -248,7 +291,7 @@ async fn check_durable(config: &Config) -> Result<(), ClusterError> {
     } else {
         match (settings.get("maxmemory"), settings.get("maxmemory-policy")) {
             (Some(max), Some(policy)) if max != "0" && policy != "noeviction" => Some(ClusterError::Unsafe {
-                url: without_password(url.as_str()),
+                url: without_password(url),
                 setting: format!("maxmemory {max} and maxmemory-policy {policy}"),
                 why: "when its memory fills it deletes keys, and the claimed codes, the users' counts and the \
                       claims on their way to MongoDB are keys: a code could be handed out again, a user exceed \
@@ -259,19 +302,53 @@ async fn check_durable(config: &Config) -> Result<(), ClusterError> {
             _ => None,
         }
     };
-    let Some(refusal) = unsafe_setting else {
-        return Ok(());
-    };
-    if config.cluster.allow_volatile_redis {
-        tracing::warn!(
-            %appendonly,
-            %appendfsync,
-            why = %refusal,
-            "Redis may lose claims it acknowledged (cluster.allow_volatile_redis = true): never run a sale like this."
-        );
-        return Ok(());
+    Ok(unfit.map_or(Durability::Fit, Durability::Unfit))
+}
+
+/// How often a serving node asks Redis again how it persists.
+const DURABILITY_EVERY: Duration = Duration::from_secs(2);
+
+/// Asks Redis how it persists, as the start did, every
+/// [`DURABILITY_EVERY`]: a Redis restarted under another config (no AOF:
+/// it also came back empty), or reconfigured by `CONFIG SET`, kept taking
+/// claims it could lose, with `/healthz` green. While it is unfit, claims
+/// are refused (503) and `/healthz` says so; once fit, they resume. Not
+/// run with `cluster.allow_volatile_redis`.
+async fn watch_durability(shared: Arc<Shared>, url: String, ctl: Ctl, mut stop: Stop) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(DURABILITY_EVERY) => {}
+            _ = stop.requested() => return,
+        }
+        ctl.tick();
+        // A Redis that does not answer (frozen, away) is the committer's
+        // gate's to find; this look must not hold up the node's stop.
+        let asked = tokio::select! {
+            asked = tokio::time::timeout(DURABILITY_EVERY, durability(&url)) => asked,
+            _ = stop.requested() => return,
+        };
+        let Ok(asked) = asked else { continue };
+        match asked {
+            // One that will not say was trusted at the start (with a warning).
+            Ok(Durability::Fit | Durability::Unsaid(_)) => {
+                if !shared.redis_durable.swap(true, Ordering::Relaxed) {
+                    tracing::info!("Redis persists every write again; claims resume.");
+                }
+            }
+            Ok(Durability::Unfit(problem)) => {
+                ctl.error(&problem);
+                if shared.redis_durable.swap(false, Ordering::Relaxed) {
+                    tracing::error!(
+                        %problem,
+                        "Redis no longer keeps every write it acknowledges (restarted with another config, or \
+                         reconfigured); claims are refused until it does."
+                    );
+                }
+            }
+            // Unreachable: the committer's gate has that.
+            Err(error) => tracing::debug!(%error, "Could not ask Redis how it persists."),
+        }
     }
-    Err(refusal)
 }
 
 /// Refuses a Redis whose failover could lose acknowledged commits: one
@@ -424,6 +501,7 @@ impl ClusterStore {
             id_kept: Mutex::new(std::time::Instant::now()),
             cfg: config.cluster.clone(),
             redis_up: AtomicBool::new(true),
+            redis_durable: AtomicBool::new(true),
             mongo_up: AtomicBool::new(true),
             backlog: AtomicUsize::new(0),
             backlog_full: AtomicBool::new(false),
@@ -458,6 +536,15 @@ impl ClusterStore {
                 });
                 let reaper = shared.clone();
                 runner.task("reaper", &handle, move |ctl, stop| lease::reaper(reaper, ctl, stop));
+                if !config.cluster.allow_volatile_redis {
+                    let (watched, url) = (
+                        shared.clone(),
+                        config.storage.redis_url().unwrap_or_default().to_string(),
+                    );
+                    runner.task("redis-durability", &handle, move |ctl, stop| {
+                        watch_durability(watched, url, ctl, stop)
+                    });
+                }
                 Some(serving)
             }
         };
@@ -473,7 +560,10 @@ impl ClusterStore {
         let Some(serving) = &self.serving else {
             return refuse(pending, CommitError::Unavailable);
         };
-        if serving.closing.load(Ordering::Relaxed) || !self.shared.redis_up.load(Ordering::Relaxed) {
+        if serving.closing.load(Ordering::Relaxed)
+            || !self.shared.redis_up.load(Ordering::Relaxed)
+            || !self.shared.redis_durable.load(Ordering::Relaxed)
+        {
             // Fail fast: the lease worker probes Redis and reopens the gate.
             return refuse(pending, CommitError::Unavailable);
         }
@@ -519,7 +609,9 @@ impl ClusterStore {
     }
 
     pub(super) fn is_healthy(&self) -> bool {
-        self.serving.is_some() && self.shared.redis_up.load(Ordering::Relaxed)
+        self.serving.is_some()
+            && self.shared.redis_up.load(Ordering::Relaxed)
+            && self.shared.redis_durable.load(Ordering::Relaxed)
     }
 
     pub(super) fn ping(&self) -> Option<tokio::sync::oneshot::Receiver<()>> {
@@ -555,6 +647,9 @@ impl ClusterStore {
     /// is renewed while the import runs, so a crashed import frees it soon.
     pub(super) fn import(&self, config: &Config, node_start_ms: i64) -> Result<ImportReport, StoreError> {
         const IMPORT_LOCK_TTL: Duration = Duration::from_secs(20);
+        // A Redis no node would serve from: said now, not at the nodes'
+        // start after every code was pushed.
+        self.block(check_durable(config))?;
         let token = format!("{}:{:016x}", self.shared.node, rand::random::<u64>());
         let mut redis = self.shared.redis.clone();
         let key = scripts::IMPORT_LOCK_KEY;

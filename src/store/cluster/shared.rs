@@ -68,6 +68,9 @@ pub(crate) struct Shared {
     pub cfg: ClusterConfig,
     /// Redis answered the last command.
     pub redis_up: AtomicBool,
+    /// Redis said at the last look that it keeps every write it
+    /// acknowledges (see `watch_durability`).
+    pub redis_durable: AtomicBool,
     /// MongoDB took the last write.
     pub mongo_up: AtomicBool,
     /// Claims in this node's backlogs at the last look.
