@@ -354,13 +354,21 @@ impl App {
                 let mut every = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     let last = !stop.tick(&mut every).await;
-                    let flushing = state.clone();
-                    match tokio::task::spawn_blocking(move || flush_stats(&flushing)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(error)) => ctl.error(&error),
-                        Err(error) => {
-                            ctl.error(&error);
-                            tracing::error!(%error, "Flushing the rush statistics failed.");
+                    // The last flush, to a MongoDB known to be down, would
+                    // wait out the driver's timeout before the lease worker
+                    // (after this one) gives this node's codes back: other
+                    // nodes could not sell them meanwhile. Not tried.
+                    if last && state.store.gauges().is_some_and(|g| !g.mongo_up) {
+                        state.stats.refused(state.stats.drain());
+                    } else {
+                        let flushing = state.clone();
+                        match tokio::task::spawn_blocking(move || flush_stats(&flushing)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(error)) => ctl.error(&error),
+                            Err(error) => {
+                                ctl.error(&error);
+                                tracing::error!(%error, "Flushing the rush statistics failed.");
+                            }
                         }
                     }
                     ctl.tick();
