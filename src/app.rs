@@ -303,21 +303,43 @@ impl App {
         if state.store.shared_with_nodes() {
             let state = state.clone();
             let every = state.refresh_interval();
+            // Each failing refresh is said once per outage (every round
+            // counts in the worker's errors): a MongoDB down for minutes
+            // wrote two long lines every two seconds.
+            let failing = Arc::new([
+                std::sync::atomic::AtomicBool::new(false),
+                std::sync::atomic::AtomicBool::new(false),
+            ]);
             workers.task("refresher", &rt, move |ctl, stop| {
                 worker::every(every, ctl, stop, move |ctl| {
-                    let (state, ctl) = (state.clone(), ctl.clone());
+                    let (state, ctl, failing) = (state.clone(), ctl.clone(), failing.clone());
                     async move {
                         let round = ctl.clone();
+                        let said = move |which: usize, failed: bool| {
+                            failing[which].swap(failed, std::sync::atomic::Ordering::Relaxed) != failed
+                        };
                         // Both, independently: a failure of one never skips the other.
                         let refreshed = tokio::task::spawn_blocking(move || {
-                            if let Err(reason) = state.refresh_activities() {
-                                round.error(&reason);
-                                tracing::warn!(%reason, "Could not refresh the activities from MongoDB; serving the previous ones.");
+                            match state.refresh_activities() {
+                                Err(reason) => {
+                                    round.error(&reason);
+                                    if said(0, true) {
+                                        tracing::warn!(%reason, "Could not refresh the activities from MongoDB; serving the previous ones (said once until it can).");
+                                    }
+                                }
+                                Ok(_) if said(0, false) => tracing::info!("The activities are refreshed from MongoDB again."),
+                                Ok(_) => {}
                             }
                             // Logouts through other nodes.
-                            if let Err(error) = state.auth.refresh_revoked() {
-                                round.error(&error);
-                                tracing::warn!(%error, "Could not refresh the revoked sessions from MongoDB.");
+                            match state.auth.refresh_revoked() {
+                                Err(error) => {
+                                    round.error(&error);
+                                    if said(1, true) {
+                                        tracing::warn!(%error, "Could not refresh the revoked sessions from MongoDB (said once until it can).");
+                                    }
+                                }
+                                Ok(_) if said(1, false) => tracing::info!("The revoked sessions are refreshed from MongoDB again."),
+                                Ok(_) => {}
                             }
                         })
                         .await;

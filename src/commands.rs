@@ -115,8 +115,8 @@ pub fn import(config: &Config) -> anyhow::Result<()> {
     }
     if store.shared_with_nodes() {
         println!(
-            "{} activities imported; their unclaimed codes are on the Redis master lists, where running nodes lease them.",
-            report.activities
+            "{} imported; their unclaimed codes are on the Redis master lists, where running nodes lease them.",
+            count(report.activities, "activity", "activities")
         );
         // An import adds and changes; it never takes an activity away, so
         // say which others the nodes following MongoDB still sell.
@@ -135,8 +135,8 @@ pub fn import(config: &Config) -> anyhow::Result<()> {
         }
     } else {
         println!(
-            "{} activities imported. A running node picks new codes up on SIGHUP.",
-            report.activities
+            "{} imported. A running node picks new codes up on SIGHUP.",
+            count(report.activities, "activity", "activities")
         );
     }
     Ok(())

@@ -703,7 +703,7 @@ impl Metrics {
             ),
             (
                 "ticketd_leases_reaped_total",
-                "Dead nodes whose leases this node reclaimed.",
+                "Dead nodes' leases this node reclaimed, counted per activity (one dead node selling two activities counts two).",
                 &self.leases_reaped,
             ),
         ];

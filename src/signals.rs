@@ -51,7 +51,7 @@ fn stop(tx: &watch::Sender<bool>, name: &str) {
     if *tx.borrow() {
         tracing::warn!(
             signal = name,
-            "Second stop signal; exiting now (acknowledged claims are in the journal)."
+            "Second stop signal; exiting now (every claim answered is durable already: in the journal, or in a cluster's Redis)."
         );
         std::process::exit(130);
     }

@@ -255,7 +255,8 @@ impl From<Rejection> for ApiError {
             Rejection::Unavailable => ApiError::new(
                 S::SERVICE_UNAVAILABLE,
                 "STORE_UNAVAILABLE",
-                "claims cannot be stored right now",
+                // Said of reads too (a claim list, a claim's detail).
+                "the claim store cannot be reached right now; retry shortly",
             )
             .retry_after(5),
             Rejection::OutcomeUnknown => ApiError::new(

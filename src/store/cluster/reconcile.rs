@@ -244,7 +244,7 @@ async fn check_activity(
 
     let known: usize = per_ticket.iter().map(|t| t.0.len()).sum();
     r.summary.push(format!(
-        "activity `{activity}`: {known} codes, {} claimed ({} in MongoDB, {} in backlogs), {on_lists} on master lists, {leased} leased to {} nodes, {} users",
+        "activity `{activity}`: {known} codes, {} claimed ({} in MongoDB, {} in backlogs), {on_lists} on master lists, {leased} leased to {} node(s), {} user(s)",
         claims.len(),
         stored.len(),
         in_backlog.len(),
