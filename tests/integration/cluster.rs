@@ -2626,7 +2626,10 @@ async fn a_node_refuses_a_ticket_type_moved_to_another_activity() {
     assert_eq!(node.claim(&token, "mv-a").await.status, 200);
     // The refused start let go of the node id: no wait for it to lapse.
     assert_eq!(
-        node.count_logs("Waiting for the previous holder of this node id to expire."),
+        node.count_logs(
+            "This node id is held: by this node's previous run until its hold expires, or by another node \
+             running with the same node_id. Waiting for it to expire."
+        ),
         0
     );
 }
@@ -2754,6 +2757,30 @@ async fn a_node_refuses_a_redis_that_could_lose_acknowledged_claims() {
     assert_eq!(warned["appendonly"], "no", "{warned}");
     let token = node.register("vol").await;
     assert_eq!(node.claim(&token, "vol").await.status, 200);
+}
+
+/// A second node started under a running node's id waits out the hold
+/// (it may be the same node's previous run) and is then refused, naming
+/// the id; the wait is said once (it was said twenty times, as "the
+/// previous holder", of a node alive and well).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_under_a_running_nodes_id_is_refused() {
+    let extra = "[cluster]\nlease_ttl = \"2s\"\n";
+    let cluster = Cluster::start(1, &cluster_activity("dup", 3, 1), extra);
+    let twin = TestApp::prepare(
+        &(node_config(&cluster.services, &cluster.db, "node0", extra) + &cluster_activity("dup", 3, 1)),
+        &[],
+    );
+    let err = crate::common::serve_refused(
+        twin.dir.path(),
+        Duration::from_secs(30),
+        "a second node0 served beside the first",
+    );
+    assert!(err.contains("another node called `node0` is running"), "{err}");
+    assert_eq!(err.matches("This node id is held").count(), 1, "{err}");
+    // The first node serves on.
+    let (tokens, _) = users(&cluster, "dup", 1).await;
+    assert_eq!(cluster.nodes[0].claim(&tokens[0], "dup").await.status, 200);
 }
 
 /// A Redis that stops keeping every write while a node serves (restarted

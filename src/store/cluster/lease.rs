@@ -32,6 +32,7 @@ pub(super) async fn register_node(shared: &Shared) -> Result<(), ClusterError> {
     let ttl = shared.cfg.lease_ttl.0;
     let deadline = Instant::now() + ttl + Duration::from_secs(1);
     let mut redis = shared.redis.clone();
+    let mut told = false;
     loop {
         if scripts::hold(&mut redis, &key, &shared.instance, shared.lease_ttl_ms()).await? {
             *shared.id_kept.lock() = Instant::now();
@@ -40,7 +41,16 @@ pub(super) async fn register_node(shared: &Shared) -> Result<(), ClusterError> {
         if Instant::now() >= deadline {
             return Err(ClusterError::NodeIdTaken(shared.node.to_string()));
         }
-        tracing::info!(node = %shared.node, "Waiting for the previous holder of this node id to expire.");
+        // Once: it was said every half second, twenty times, and of a
+        // holder that may well be alive.
+        if !std::mem::replace(&mut told, true) {
+            tracing::info!(
+                node = %shared.node,
+                wait = ?ttl,
+                "This node id is held: by this node's previous run until its hold expires, or by another node \
+                 running with the same node_id. Waiting for it to expire."
+            );
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
