@@ -2778,6 +2778,7 @@ async fn a_second_node_under_a_running_nodes_id_is_refused() {
     );
     assert!(err.contains("another node called `node0` is running"), "{err}");
     assert_eq!(err.matches("This node id is held").count(), 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
     // The first node serves on.
     let (tokens, _) = users(&cluster, "dup", 1).await;
     assert_eq!(cluster.nodes[0].claim(&tokens[0], "dup").await.status, 200);

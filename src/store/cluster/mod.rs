@@ -487,6 +487,28 @@ impl ClusterStore {
             _ => Duration::from_secs(1),
         };
         let (redis, rooms_redis, db) = block_on(&handle, connect(config, timeout))?;
+        let client = db.client().clone();
+        let started = ClusterStore::start_connected(config, access, &handle, (redis, rooms_redis, db));
+        if started.is_err() {
+            // The driver's pool workers are stopped before the runtime drops
+            // its tasks: dropped in the middle of a request, another of the
+            // driver's tasks panicked (a SendError), once in a few refused
+            // starts, its backtrace printed before the reason.
+            block_on(&handle, async {
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown().immediate(true)).await;
+            });
+        }
+        started
+    }
+
+    /// [`ClusterStore::start`] once Redis and MongoDB are connected.
+    fn start_connected(
+        config: &Config,
+        access: Access<'_>,
+        handle: &Handle,
+        (redis, rooms_redis, db): (RedisConn, RedisConn, Database),
+    ) -> Result<(Arc<Shared>, Option<Serving>), StoreError> {
+        let handle = handle.clone();
         if matches!(access, Access::Serve(_)) {
             block_on(&handle, check_durable(config))?;
             block_on(&handle, check_replicated(config, &redis))?;
