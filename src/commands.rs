@@ -113,6 +113,9 @@ pub fn import(config: &Config) -> anyhow::Result<()> {
     for c in &report.conflicts {
         eprintln!("skipped: {c}");
     }
+    for a in &report.revived {
+        println!("activity `{a}` had been retired: this import puts it back on sale.");
+    }
     if store.shared_with_nodes() {
         println!(
             "{} imported; their unclaimed codes are on the Redis master lists, where running nodes lease them.",

@@ -221,6 +221,9 @@ pub struct ImportReport {
     pub tickets: Vec<TicketImport>,
     /// Codes in the config that already belong to another ticket type (skipped).
     pub conflicts: Vec<String>,
+    /// Activities `ticketd retire` had taken off sale that this import puts
+    /// back (a cluster's; said, not done in silence).
+    pub revived: Vec<String>,
 }
 
 /// One ticket type's import result.

@@ -1330,6 +1330,17 @@ async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
         "{}",
         list.body
     );
+
+    // Imported again, a retired activity is back on sale, and the import
+    // says so (it did so in silence).
+    let config = node_config(&cluster.services, &cluster.db, "importer", "") + &activity;
+    std::fs::write(importer.path().join("config.toml"), config).unwrap();
+    let out = crate::common::run_cli(importer.path(), &["import"], None);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("activity `fo` had been retired: this import puts it back on sale."),
+        "{said}"
+    );
 }
 
 /// `/ticket/list` is newest first by time. It sorted by claim id, and a

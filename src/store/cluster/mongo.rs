@@ -174,6 +174,14 @@ pub async fn import(db: &Database, config: &Config, node_start_ms: i64) -> Resul
     let mut report = ImportReport::default();
     let (activities, tickets, codes) = (coll(db, "activities"), coll(db, "tickets"), coll(db, "codes"));
     for a in &config.activities {
+        // Retired: stored, with no definition for the nodes to serve.
+        let retired = activities
+            .find_one(doc! {"_id": &a.id, "definition": {"$exists": false}})
+            .projection(doc! {"_id": 1})
+            .await?;
+        if retired.is_some() {
+            report.revived.push(a.id.clone());
+        }
         activities
             .update_one(
                 doc! {"_id": &a.id},
