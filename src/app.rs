@@ -303,42 +303,48 @@ impl App {
         if state.store.shared_with_nodes() {
             let state = state.clone();
             let every = state.refresh_interval();
-            // Each failing refresh is said once per outage (every round
-            // counts in the worker's errors): a MongoDB down for minutes
-            // wrote two long lines every two seconds.
-            let failing = Arc::new([
-                std::sync::atomic::AtomicBool::new(false),
-                std::sync::atomic::AtomicBool::new(false),
-            ]);
+            // Each failing refresh is said when it starts, not at every
+            // round (every round counts in the worker's errors): a MongoDB
+            // down for minutes wrote two long lines every two seconds. The
+            // activities' refusal is said again when its reason changes (a
+            // stored definition broken, then another); a driver's errors
+            // are not compared, since their text varies with the topology.
+            let activities_failing: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
+            let revocations_failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
             workers.task("refresher", &rt, move |ctl, stop| {
                 worker::every(every, ctl, stop, move |ctl| {
-                    let (state, ctl, failing) = (state.clone(), ctl.clone(), failing.clone());
+                    let (state, ctl) = (state.clone(), ctl.clone());
+                    let (activities_failing, revocations_failing) =
+                        (activities_failing.clone(), revocations_failing.clone());
                     async move {
                         let round = ctl.clone();
-                        let said = move |which: usize, failed: bool| {
-                            failing[which].swap(failed, std::sync::atomic::Ordering::Relaxed) != failed
-                        };
                         // Both, independently: a failure of one never skips the other.
                         let refreshed = tokio::task::spawn_blocking(move || {
-                            match state.refresh_activities() {
+                            let refreshed = state.refresh_activities();
+                            let now = refreshed.as_ref().err().cloned();
+                            let news = std::mem::replace(&mut *activities_failing.lock(), now.clone()) != now;
+                            match refreshed {
                                 Err(reason) => {
                                     round.error(&reason);
-                                    if said(0, true) {
-                                        tracing::warn!(%reason, "Could not refresh the activities from MongoDB; serving the previous ones (said once until it can).");
+                                    if news {
+                                        tracing::warn!(%reason, "Could not refresh the activities from MongoDB; serving the previous ones (said again only for another reason).");
                                     }
                                 }
-                                Ok(_) if said(0, false) => tracing::info!("The activities are refreshed from MongoDB again."),
+                                Ok(_) if news => tracing::info!("The activities are refreshed from MongoDB again."),
                                 Ok(_) => {}
                             }
                             // Logouts through other nodes.
+                            let said = |failed: bool| {
+                                revocations_failing.swap(failed, std::sync::atomic::Ordering::Relaxed) != failed
+                            };
                             match state.auth.refresh_revoked() {
                                 Err(error) => {
                                     round.error(&error);
-                                    if said(1, true) {
+                                    if said(true) {
                                         tracing::warn!(%error, "Could not refresh the revoked sessions from MongoDB (said once until it can).");
                                     }
                                 }
-                                Ok(_) if said(1, false) => tracing::info!("The revoked sessions are refreshed from MongoDB again."),
+                                Ok(_) if said(false) => tracing::info!("The revoked sessions are refreshed from MongoDB again."),
                                 Ok(_) => {}
                             }
                         })
@@ -376,11 +382,12 @@ impl App {
                 let mut every = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     let last = !stop.tick(&mut every).await;
-                    // The last flush, to a MongoDB known to be down, would
-                    // wait out the driver's timeout before the lease worker
-                    // (after this one) gives this node's codes back: other
-                    // nodes could not sell them meanwhile. Not tried.
-                    if last && state.store.gauges().is_some_and(|g| !g.mongo_up) {
+                    // The last flush, to a MongoDB that refused the one
+                    // before (a second ago, at most), would wait out the
+                    // driver's timeout before the lease worker (after this
+                    // one) gives this node's codes back: other nodes could
+                    // not sell them meanwhile. Not tried.
+                    if last && state.store.shared_with_nodes() && state.stats.refusing() {
                         state.stats.refused(state.stats.drain());
                     } else {
                         let flushing = state.clone();

@@ -346,12 +346,17 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
         }
         UserCommand::Passwd { username } => {
             let password = read_password()?;
-            // The rules registration applies.
-            let (name, _) = validate_account(&username, &password, None)?;
-            let user = match store.user_by_name(name.key())? {
+            // Registration's rule for the password.
+            if !(8..=128).contains(&password.chars().count()) {
+                bail!("password must be 8-128 characters");
+            }
+            // Found as a login finds it: by the name's identity key (case
+            // and width folded), else as typed — an account made before
+            // usernames were normalised keeps the exact name it was
+            // registered with, which today's rules may refuse.
+            let key = crate::auth::username::Username::parse(&username).ok();
+            let user = match key.map(|k| store.user_by_name(k.key())).transpose()?.flatten() {
                 Some(user) => Some(user),
-                // An account made before usernames were normalised keeps
-                // the exact name it was registered with (as a login finds it).
                 None => store.user_by_name(&username)?,
             }
             .with_context(|| format!("no user `{username}`"))?;

@@ -340,6 +340,9 @@ pub struct ClusterGauges {
     pub backlog: usize,
     /// Redis answered the last command.
     pub redis_up: bool,
+    /// Redis said at the last look that it keeps every write it
+    /// acknowledges (the `redis-durability` worker).
+    pub redis_durable: bool,
     /// MongoDB took the last write.
     pub mongo_up: bool,
 }
@@ -664,6 +667,11 @@ impl Metrics {
                 "ticketd_redis_up",
                 "1 if Redis answered the last command.",
                 usize::from(c.redis_up),
+            ),
+            (
+                "ticketd_redis_durable",
+                "1 if Redis said at the last look that it keeps every write it acknowledges (appendonly yes, appendfsync always, no eviction); 0: claims are refused.",
+                usize::from(c.redis_durable),
             ),
             (
                 "ticketd_mongo_up",

@@ -365,6 +365,12 @@ impl RushStats {
         Refused { first, kept }
     }
 
+    /// Whether the store refused the last flush that had rows (an outage
+    /// not known to be over).
+    pub fn refusing(&self) -> bool {
+        self.held.lock().refused
+    }
+
     /// The store took a flush: if that ends an outage, the rows it dropped
     /// past the cap (`Some(0)` when none were).
     pub fn stored(&self) -> Option<usize> {

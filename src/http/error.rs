@@ -256,7 +256,7 @@ impl From<Rejection> for ApiError {
                 S::SERVICE_UNAVAILABLE,
                 "STORE_UNAVAILABLE",
                 // Said of reads too (a claim list, a claim's detail).
-                "the claim store cannot be reached right now; retry shortly",
+                "the claim store is unavailable right now; retry shortly",
             )
             .retry_after(5),
             Rejection::OutcomeUnknown => ApiError::new(

@@ -1228,7 +1228,7 @@ async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
         .unwrap();
     for node in &cluster.nodes {
         let refused = node.wait_for_log(
-            "Could not refresh the activities from MongoDB; serving the previous ones (said once until it can).",
+            "Could not refresh the activities from MongoDB; serving the previous ones (said again only for another reason).",
             1,
         );
         assert!(
@@ -2813,8 +2813,14 @@ async fn a_redis_that_stops_keeping_every_write_stops_the_claims_until_it_does()
         node.client.get("/healthz", None).await.unwrap().status == 503
     })
     .await;
+    assert_eq!(metric(node, "ticketd_redis_durable").await, 0.0);
     let refused = node.claim(&tokens[1], "dw").await;
-    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(
+        (refused.status, refused.error_code()),
+        (503, Some("STORE_UNAVAILABLE")),
+        "{}",
+        refused.body
+    );
     node.wait_for_log(
         "Redis no longer keeps every write it acknowledges (restarted with another config, or reconfigured); \
          claims are refused until it does.",

@@ -118,6 +118,7 @@ fn stats(state: &AppState, connections: usize) -> Response<Full<Bytes>> {
         // Cluster mode: what an operator looks at first in an outage.
         "cluster": state.store.gauges().map(|g| serde_json::json!({
             "redisUp": g.redis_up,
+            "redisDurable": g.redis_durable,
             "mongoUp": g.mongo_up,
             "mongoBacklog": g.backlog,
             "leased": state.inventory.leasing().map(|l| l.leased()).unwrap_or_default().into_iter()

@@ -194,7 +194,12 @@ const MONGO_MAJORITY_TIMEOUT: Duration = Duration::from_secs(5);
 /// with a warning; any other failure (loading, down) stops the start.
 async fn check_durable(config: &Config) -> Result<(), ClusterError> {
     let url = config.storage.redis_url().unwrap_or_default();
-    let refusal = match durability(url.as_str()).await? {
+    let asked = durability(url.as_str()).await;
+    // Allowed a volatile Redis, a failure to ask (loading, slow) stops nothing.
+    if config.cluster.allow_volatile_redis && asked.is_err() {
+        return Ok(());
+    }
+    let refusal = match asked? {
         Durability::Fit => return Ok(()),
         Durability::Unsaid(why) => {
             tracing::warn!(
@@ -236,27 +241,31 @@ enum Durability {
     Unsaid(String),
 }
 
-/// Asks the Redis at `url` how it persists.
+/// Asks the Redis at `url` how it persists, over a connection of its own.
 async fn durability(url: &str) -> Result<Durability, ClusterError> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    durability_on(&mut conn, url).await
+}
+
+/// [`durability`] over `conn`.
+async fn durability_on(conn: &mut redis::aio::MultiplexedConnection, url: &str) -> Result<Durability, ClusterError> {
     let volatile = |appendonly: String, appendfsync: String| ClusterError::Volatile {
         url: without_password(url),
         appendonly,
         appendfsync,
     };
     let read = async {
-        let client = redis::Client::open(url)?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
         let mut settings = HashMap::new();
         for name in ["appendonly", "appendfsync"] {
-            let answer: HashMap<String, String> =
-                redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await?;
+            let answer: HashMap<String, String> = redis::cmd("CONFIG").arg("GET").arg(name).query_async(conn).await?;
             settings.extend(answer);
         }
         // A server that does not know one of these (a Redis-compatible one,
         // a proxy) leaves it unknown; the two above still decide.
         for name in ["no-appendfsync-on-rewrite", "maxmemory", "maxmemory-policy"] {
             let answer: Result<HashMap<String, String>, _> =
-                redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await;
+                redis::cmd("CONFIG").arg("GET").arg(name).query_async(conn).await;
             match answer {
                 Ok(answer) => settings.extend(answer),
                 Err(error) if matches!(error.code(), Some("ERR" | "NOPERM")) => {}
@@ -309,33 +318,61 @@ async fn durability(url: &str) -> Result<Durability, ClusterError> {
 const DURABILITY_EVERY: Duration = Duration::from_secs(2);
 
 /// Asks Redis how it persists, as the start did, every
-/// [`DURABILITY_EVERY`]: a Redis restarted under another config (no AOF:
-/// it also came back empty), or reconfigured by `CONFIG SET`, kept taking
-/// claims it could lose, with `/healthz` green. While it is unfit, claims
-/// are refused (503) and `/healthz` says so; once fit, they resume. Not
-/// run with `cluster.allow_volatile_redis`.
+/// [`DURABILITY_EVERY`]: a Redis restarted under another config, or
+/// reconfigured by `CONFIG SET`, kept taking claims it could lose, with
+/// `/healthz` green. While it is unfit, claims are refused (503) and
+/// `/healthz` and `ticketd_redis_durable` say so. Once fit, claims resume
+/// only when no AOF rewrite is running or due: the AOF that `CONFIG SET
+/// appendonly yes` starts holds nothing until its first rewrite ends.
+///
+/// It asks the server `storage.redis_url` names, as the start does (on a
+/// Redis Cluster, that node: run every node alike). It cannot tell what a
+/// Redis already lost (one restarted without its AOF came back empty):
+/// `ticketd verify` does. One that will not say keeps the state it had; a
+/// round that cannot ask counts in the worker's errors. Not run with
+/// `cluster.allow_volatile_redis`.
 async fn watch_durability(shared: Arc<Shared>, url: String, ctl: Ctl, mut stop: Stop) {
+    let mut conn: Option<redis::aio::MultiplexedConnection> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(DURABILITY_EVERY) => {}
             _ = stop.requested() => return,
         }
         ctl.tick();
+        let was_fit = shared.redis_durable.load(Ordering::Relaxed);
+        let look = async {
+            if conn.is_none() {
+                conn = Some(
+                    redis::Client::open(url.as_str())?
+                        .get_multiplexed_async_connection()
+                        .await?,
+                );
+            }
+            let c = conn.as_mut().expect("connected above");
+            let found = durability_on(c, &url).await?;
+            // Back from unfit: not before the AOF's rewrite is done.
+            if matches!(found, Durability::Fit) && !was_fit {
+                let info: String = redis::cmd("INFO").arg("persistence").query_async(c).await?;
+                let busy = ["aof_rewrite_in_progress:1", "aof_rewrite_scheduled:1"];
+                if info.lines().any(|l| busy.contains(&l.trim())) {
+                    return Ok::<_, ClusterError>(None);
+                }
+            }
+            Ok(Some(found))
+        };
         // A Redis that does not answer (frozen, away) is the committer's
         // gate's to find; this look must not hold up the node's stop.
         let asked = tokio::select! {
-            asked = tokio::time::timeout(DURABILITY_EVERY, durability(&url)) => asked,
+            asked = tokio::time::timeout(DURABILITY_EVERY, look) => asked,
             _ = stop.requested() => return,
         };
-        let Ok(asked) = asked else { continue };
         match asked {
-            // One that will not say was trusted at the start (with a warning).
-            Ok(Durability::Fit | Durability::Unsaid(_)) => {
+            Ok(Ok(Some(Durability::Fit))) => {
                 if !shared.redis_durable.swap(true, Ordering::Relaxed) {
-                    tracing::info!("Redis persists every write again; claims resume.");
+                    tracing::info!("Redis keeps every write again; claims resume.");
                 }
             }
-            Ok(Durability::Unfit(problem)) => {
+            Ok(Ok(Some(Durability::Unfit(problem)))) => {
                 ctl.error(&problem);
                 if shared.redis_durable.swap(false, Ordering::Relaxed) {
                     tracing::error!(
@@ -345,8 +382,16 @@ async fn watch_durability(shared: Arc<Shared>, url: String, ctl: Ctl, mut stop: 
                     );
                 }
             }
-            // Unreachable: the committer's gate has that.
-            Err(error) => tracing::debug!(%error, "Could not ask Redis how it persists."),
+            // Will not say, or an AOF rewrite to wait for: as it was.
+            Ok(Ok(Some(Durability::Unsaid(_)) | None)) => {}
+            Ok(Err(error)) => {
+                conn = None;
+                ctl.error(&error);
+            }
+            Err(_) => {
+                conn = None;
+                ctl.error(&"Redis did not say how it persists within 2 s");
+            }
         }
     }
 }
@@ -657,6 +702,7 @@ impl ClusterStore {
         crate::metrics::ClusterGauges {
             backlog: self.shared.backlog.load(Ordering::Relaxed),
             redis_up: self.shared.redis_up.load(Ordering::Relaxed),
+            redis_durable: self.shared.redis_durable.load(Ordering::Relaxed),
             mongo_up: self.shared.mongo_up.load(Ordering::Relaxed),
         }
     }
