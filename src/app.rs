@@ -80,6 +80,7 @@ pub struct App {
     workers: Arc<Runner>,
     access_log: Option<AccessLog>,
     max_connections: usize,
+    max_connections_per_ip: usize,
     /// Lanes for public connections (`server.threads`, 0 resolved to the core count).
     threads: usize,
 }
@@ -174,7 +175,8 @@ impl App {
             ),
             None => None,
         };
-        let max_connections = config.server.max_connections;
+        let (max_connections, max_connections_per_ip) =
+            (config.server.max_connections, config.server.max_connections_per_ip);
         let threads = config.server.lanes();
         config.strip_codes();
         let state = Arc::new(AppState::new(
@@ -199,6 +201,7 @@ impl App {
             workers,
             access_log,
             max_connections,
+            max_connections_per_ip,
             threads,
         })
     }
@@ -224,7 +227,7 @@ impl App {
         self.start_workers(signals.reload, &notifier, lanes.probe());
         let http = Arc::new(Http {
             state: self.state.clone(),
-            connections: Connections::new(self.max_connections),
+            connections: Connections::new(self.max_connections, self.max_connections_per_ip),
             access_log: self.access_log,
         });
         let admin_server = admin.map(|l| {

@@ -300,6 +300,11 @@ impl Guard {
             .store(Arc::new(Settings::from_config(config, blocked_user_ids)));
     }
 
+    /// Whether `ip` is one of `security.trusted_proxies`.
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        any_contains(&self.settings.load().trusted, ip)
+    }
+
     /// The client's address: the peer, or — when the peer is a trusted
     /// proxy — the nearest `X-Forwarded-For` hop that is not one.
     ///

@@ -262,6 +262,10 @@ impl Config {
                 new.server.max_connections != old.server.max_connections,
                 "server.max_connections",
             ),
+            (
+                new.server.max_connections_per_ip != old.server.max_connections_per_ip,
+                "server.max_connections_per_ip",
+            ),
             (new.server.threads != old.server.threads, "server.threads"),
             (new.storage != old.storage, "storage"),
             (new.cluster != old.cluster, "cluster"),

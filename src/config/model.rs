@@ -60,6 +60,13 @@ pub struct ServerConfig {
     /// Default 10000.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Public connections one client address (an IPv6 /64) may hold open at
+    /// once; trusted proxies are not held to it (Nginx keeps its own
+    /// `limit_conn`). Without it one address could hold every connection
+    /// the node takes. Default 1000 (a carrier's NAT holds many fans, and
+    /// each waiting one holds an event stream). Restart-only.
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
     /// A client must send its full request head within this time (slowloris). Default `5s`.
     #[serde(default = "default_header_read_timeout")]
     pub header_read_timeout: HumanDuration,
@@ -534,6 +541,9 @@ impl ActivityConfig {
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 3000))
+}
+fn default_max_connections_per_ip() -> usize {
+    1000
 }
 fn default_max_connections() -> usize {
     10_000

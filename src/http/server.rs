@@ -11,7 +11,7 @@
 
 use std::{
     convert::Infallible,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
@@ -19,6 +19,7 @@ use std::{
     time::Duration,
 };
 
+use dashmap::DashMap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
@@ -34,7 +35,7 @@ use super::{
     streaming,
     write_deadline::WriteDeadline,
 };
-use crate::state::AppState;
+use crate::{state::AppState, vocab::client_key};
 
 /// What the HTTP layer holds beside the domain state: the connections both
 /// listeners share, and the access log.
@@ -64,18 +65,45 @@ pub struct Connections {
     shutting_down: AtomicBool,
     /// `server.max_connections` (restart-only).
     max: usize,
+    /// Public connections open per client address (an IPv6 /64), trusted
+    /// proxies left out. An entry lives while its address holds one, so
+    /// the map holds at most as many as the connections open.
+    per_ip: DashMap<IpAddr, usize>,
+    /// `server.max_connections_per_ip` (restart-only).
+    max_per_ip: usize,
 }
 
 impl Connections {
-    /// No connections yet; at most `max` at once.
-    pub fn new(max: usize) -> Connections {
+    /// No connections yet; at most `max` at once, `max_per_ip` from one
+    /// client address.
+    pub fn new(max: usize, max_per_ip: usize) -> Connections {
         Connections {
             open: AtomicUsize::new(0),
             admin: AtomicUsize::new(0),
             drained: Notify::new(),
             shutting_down: AtomicBool::new(false),
             max,
+            per_ip: DashMap::new(),
+            max_per_ip,
         }
+    }
+
+    /// Counts a public connection from `key` if its address holds fewer
+    /// than its share.
+    fn take_share(&self, key: IpAddr) -> bool {
+        let mut held = self.per_ip.entry(key).or_insert(0);
+        if *held >= self.max_per_ip {
+            return false;
+        }
+        *held += 1;
+        true
+    }
+
+    fn give_back_share(&self, key: IpAddr) {
+        if let Some(mut held) = self.per_ip.get_mut(&key) {
+            *held = held.saturating_sub(1);
+        }
+        self.per_ip.remove_if(&key, |_, held| *held == 0);
     }
 
     /// Connections open now.
@@ -86,6 +114,15 @@ impl Connections {
     /// Whether shutdown has begun (answers carry `Connection: close`).
     pub fn shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
+    }
+}
+
+/// Gives a connection's share of its address back when it ends.
+struct ShareGuard(Arc<Http>, IpAddr);
+
+impl Drop for ShareGuard {
+    fn drop(&mut self) {
+        self.0.connections.give_back_share(self.1);
     }
 }
 
@@ -167,13 +204,18 @@ pub async fn serve(
             Surface::Admin => conns.admin.fetch_add(1, Ordering::AcqRel) >= MAX_ADMIN_CONNECTIONS,
         };
         let guard = ConnGuard(http.clone(), surface);
-        if over {
+        // One address's share (not a trusted proxy's: Nginx keeps its own).
+        let share = (surface == Surface::Public && !over && !http.state.guard.is_trusted_proxy(peer.ip()))
+            .then(|| client_key(peer.ip()));
+        let over_share = share.is_some_and(|key| !conns.take_share(key));
+        if over || over_share {
             crate::metrics::global()
                 .connections_refused
                 .fetch_add(1, Ordering::Relaxed);
             drop(stream);
             continue;
         }
+        let guard = (guard, share.map(|key| ShareGuard(http.clone(), key)));
         let _ = stream.set_nodelay(true);
         let (http, shutdown) = (http.clone(), shutdown.clone());
         let Some(lanes) = lanes else {
@@ -228,7 +270,7 @@ async fn serve_connection(
     peer: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
     surface: Surface,
-    guard: ConnGuard,
+    guard: (ConnGuard, Option<ShareGuard>),
 ) {
     let _guard = guard;
     let header_read_timeout = http.state.header_read_timeout();

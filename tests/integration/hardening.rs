@@ -831,6 +831,64 @@ async fn a_full_public_listener_does_not_lock_the_operator_out() {
     drop(held);
 }
 
+/// A connection from `from` (a loopback address: 127.0.0.2 is another
+/// client than 127.0.0.1) to `addr`.
+async fn connect_from(from: &str, addr: &str) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(addr.parse().unwrap()).await.unwrap()
+}
+
+/// A `/healthz` over a new connection from `from`: the answer, empty when
+/// the node closed the connection unanswered.
+async fn healthz_from(from: &str, addr: &str) -> Vec<u8> {
+    let mut probe = connect_from(from, addr).await;
+    let _ = probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), probe.read_to_end(&mut answer)).await;
+    answer
+}
+
+/// One address held every connection the node takes (a live red-team held
+/// 10,100 idle keep-alive connections from one address, and no other fan
+/// got an answer): the node left the cap per client to Nginx's
+/// `limit_conn`, and one serving without Nginx had none. An address (an
+/// IPv6 /64) now holds at most `server.max_connections_per_ip`; others are
+/// served meanwhile, a trusted proxy is not held to it, and a connection
+/// closed gives its share back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_every_connection() {
+    let config = base_config().replace(
+        "[server]",
+        "[server]\nmax_connections_per_ip = 4\nheader_read_timeout = \"60s\"",
+    ) + &open_activity("pc", 1, 1);
+    let app = TestApp::start(&config);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect_from("127.0.0.2", &app.addr).await);
+    }
+    // Once the node has accepted them all, a fifth from there is closed unanswered.
+    crate::common::until("the address's share to fill", || async {
+        healthz_from("127.0.0.2", &app.addr).await.is_empty()
+    })
+    .await;
+    for other in ["127.0.0.3", "127.0.0.1"] {
+        let answer = healthz_from(other, &app.addr).await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{other}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    drop(held);
+    crate::common::until("the address's share to come back", || async {
+        healthz_from("127.0.0.2", &app.addr).await.starts_with(b"HTTP/1.1 200")
+    })
+    .await;
+}
+
 /// A few clients could hold every password-hashing place: the limits on
 /// logins were per account or per failure, and per /64, so one account
 /// logging in with its right password from a hundred /64s of one IPv6 /48

@@ -21,6 +21,12 @@ const MAX_QUEUE: usize = 1 << 22;
 
 pub(super) fn server(r: &mut Report<'_>, config: &Config) {
     let s = &config.server;
+    if s.max_connections_per_ip == 0 {
+        r.add(
+            &[K("server"), K("max_connections_per_ip")],
+            "server.max_connections_per_ip must be at least 1".into(),
+        );
+    }
     if s.max_connections == 0 {
         r.add(
             &[K("server"), K("max_connections")],
