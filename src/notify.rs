@@ -16,6 +16,9 @@ use std::{os::unix::net::UnixDatagram, path::PathBuf, time::Duration};
 /// A connection to systemd's notify socket, if there is one.
 pub struct Notifier {
     socket: Option<(UnixDatagram, Target)>,
+    /// The socket's queue was full at the last send (said once until a
+    /// send goes through).
+    full: std::sync::atomic::AtomicBool,
 }
 
 enum Target {
@@ -32,9 +35,19 @@ impl Notifier {
                 Some(name) => Target::Abstract(name.to_vec()),
                 None => Target::Path(PathBuf::from(std::ffi::OsString::from_vec(addr))),
             };
-            UnixDatagram::unbound().ok().map(|s| (s, target))
+            // Never waiting: the sends come from the node's runtime, whose
+            // thread a full queue (a listener slow to read: at most ten
+            // datagrams wait, by default) held for as long as it stayed
+            // full — the supervisor with it, which then never saw a failed
+            // journal, and fed nothing more.
+            let socket = UnixDatagram::unbound().ok()?;
+            socket.set_nonblocking(true).ok()?;
+            Some((socket, target))
         });
-        Notifier { socket }
+        Notifier {
+            socket,
+            full: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     /// Whether a notify socket is configured.
@@ -49,8 +62,14 @@ impl Notifier {
             Target::Path(path) => socket.send_to(message.as_bytes(), path),
             Target::Abstract(name) => send_abstract(socket, name, message.as_bytes()),
         };
-        if let Err(error) = result {
-            tracing::warn!(%error, "Could not notify systemd.");
+        match result {
+            Ok(_) => self.full.store(false, std::sync::atomic::Ordering::Relaxed),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                if !self.full.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!("systemd's notify socket is full; messages are dropped until it reads (the next ones are sent as usual).");
+                }
+            }
+            Err(error) => tracing::warn!(%error, "Could not notify systemd."),
         }
     }
 

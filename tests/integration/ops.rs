@@ -117,6 +117,14 @@ async fn a_node_whose_journal_failed_stops_feeding_the_watchdog() {
     app.boot();
     let mut seen = Vec::new();
     wait_for(&socket, &mut seen, |s| s.iter().any(|m| m == "WATCHDOG=1"));
+    // Not read meanwhile, the socket's queue fills (ten datagrams): the
+    // node must go on without waiting for it. Its sends blocked, and with
+    // them the supervisor, which then never saw the journal fail (the
+    // test failed so beside the whole suite, where what follows is slow).
+    app.wait_for_log(
+        "systemd's notify socket is full; messages are dropped until it reads (the next ones are sent as usual).",
+        1,
+    );
     assert_eq!(crate::common::metric(&app, "ticketd_healthy").await, 1.0);
     // A restart between two scrapes shows only in the start time.
     let started = crate::common::metric(&app, "process_start_time_seconds").await;
