@@ -861,9 +861,10 @@ async fn healthz_from(from: &str, addr: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_cannot_hold_every_connection() {
     let config = base_config().replace(
-        "[server]",
-        "[server]\nmax_connections_per_ip = 4\nheader_read_timeout = \"60s\"",
+        "max_connections_per_ip = 1000000",
+        "max_connections_per_ip = 4\nheader_read_timeout = \"60s\"",
     ) + &open_activity("pc", 1, 1);
+    assert!(config.contains("max_connections_per_ip = 4"), "{config}");
     let app = TestApp::start(&config);
     let mut held = Vec::new();
     for _ in 0..4 {

@@ -32,6 +32,8 @@ pub fn base_config() -> String {
 [server]
 listen = "127.0.0.1:0"
 shutdown_grace = "5s"
+# Every test client is 127.0.0.1: a per-address share would throttle the suite.
+max_connections_per_ip = 1000000
 
 [storage]
 path = "data"
