@@ -373,13 +373,7 @@ impl EmbeddedStore {
                     // No node is running: fold in whatever a crashed one left.
                     applier::replay_journal(&mut conn, &journal_dir, &node)?;
                 }
-                Ok(EmbeddedStore {
-                    db: Mutex::new(conn),
-                    journal: None,
-                    applied: None,
-                    dir,
-                    _lock: None,
-                })
+                Ok(EmbeddedStore::reading(conn, dir))
             }
         }
     }
@@ -399,13 +393,19 @@ impl EmbeddedStore {
         }
         let conn = Connection::open_with_flags(db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.busy_timeout(Duration::from_secs(10))?;
-        Ok(EmbeddedStore {
+        Ok(EmbeddedStore::reading(conn, dir))
+    }
+
+    /// A store for a tool (no journal, no lock): it reads, and writes what
+    /// a tool writes straight to SQLite.
+    fn reading(conn: Connection, dir: std::path::PathBuf) -> EmbeddedStore {
+        EmbeddedStore {
             db: Mutex::new(conn),
             journal: None,
             applied: None,
             dir,
             _lock: None,
-        })
+        }
     }
 
     pub(super) fn commit(&self, pending: PendingClaim) {
