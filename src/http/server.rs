@@ -117,21 +117,16 @@ impl Connections {
     }
 }
 
-/// Gives a connection's share of its address back when it ends.
-struct ShareGuard(Arc<Http>, IpAddr);
-
-impl Drop for ShareGuard {
-    fn drop(&mut self) {
-        self.0.connections.give_back_share(self.1);
-    }
-}
-
-/// Decrements the open-connection gauges when a connection ends.
-struct ConnGuard(Arc<Http>, Surface);
+/// Decrements the open-connection gauges when a connection ends, and gives
+/// back its address's share (the address, when it took one).
+struct ConnGuard(Arc<Http>, Surface, Option<IpAddr>);
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         let c = &self.0.connections;
+        if let Some(key) = self.2 {
+            c.give_back_share(key);
+        }
         if self.1 == Surface::Admin {
             c.admin.fetch_sub(1, Ordering::AcqRel);
         }
@@ -203,19 +198,19 @@ pub async fn serve(
             }
             Surface::Admin => conns.admin.fetch_add(1, Ordering::AcqRel) >= MAX_ADMIN_CONNECTIONS,
         };
-        let guard = ConnGuard(http.clone(), surface);
         // One address's share (not a trusted proxy's: Nginx keeps its own).
-        let share = (surface == Surface::Public && !over && !http.state.guard.is_trusted_proxy(peer.ip()))
+        let key = (surface == Surface::Public && !over && !http.state.guard.is_trusted_proxy(peer.ip()))
             .then(|| client_key(peer.ip()));
-        let over_share = share.is_some_and(|key| !conns.take_share(key));
-        if over || over_share {
+        let share = key.filter(|&key| conns.take_share(key));
+        let guard = ConnGuard(http.clone(), surface, share);
+        // Refused: over the node's budget, or the address's share full.
+        if over || key != share {
             crate::metrics::global()
                 .connections_refused
                 .fetch_add(1, Ordering::Relaxed);
             drop(stream);
             continue;
         }
-        let guard = (guard, share.map(|key| ShareGuard(http.clone(), key)));
         let _ = stream.set_nodelay(true);
         let (http, shutdown) = (http.clone(), shutdown.clone());
         let Some(lanes) = lanes else {
@@ -270,7 +265,7 @@ async fn serve_connection(
     peer: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
     surface: Surface,
-    guard: (ConnGuard, Option<ShareGuard>),
+    guard: ConnGuard,
 ) {
     let _guard = guard;
     let header_read_timeout = http.state.header_read_timeout();
