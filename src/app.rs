@@ -312,42 +312,44 @@ impl App {
             // activities' refusal is said again when its reason changes (a
             // stored definition broken, then another); a driver's errors
             // are not compared, since their text varies with the topology.
-            let activities_failing: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
-            let revocations_failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let failing: Arc<[parking_lot::Mutex<Option<String>>; 2]> = Arc::default();
             workers.task("refresher", &rt, move |ctl, stop| {
                 worker::every(every, ctl, stop, move |ctl| {
                     let (state, ctl) = (state.clone(), ctl.clone());
-                    let (activities_failing, revocations_failing) =
-                        (activities_failing.clone(), revocations_failing.clone());
+                    let failing = failing.clone();
                     async move {
                         let round = ctl.clone();
                         // Both, independently: a failure of one never skips the other.
                         let refreshed = tokio::task::spawn_blocking(move || {
+                            // Whether what a refresh met (a reason, or none:
+                            // it worked) differs from the last round's.
+                            let news = |which: usize, now: Option<String>| {
+                                std::mem::replace(&mut *failing[which].lock(), now.clone()) != now
+                            };
                             let refreshed = state.refresh_activities();
-                            let now = refreshed.as_ref().err().cloned();
-                            let news = std::mem::replace(&mut *activities_failing.lock(), now.clone()) != now;
+                            let news_of_activities = news(0, refreshed.as_ref().err().cloned());
                             match refreshed {
                                 Err(reason) => {
                                     round.error(&reason);
-                                    if news {
+                                    if news_of_activities {
                                         tracing::warn!(%reason, "Could not refresh the activities from MongoDB; serving the previous ones (said again only for another reason).");
                                     }
                                 }
-                                Ok(_) if news => tracing::info!("The activities are refreshed from MongoDB again."),
+                                Ok(_) if news_of_activities => tracing::info!("The activities are refreshed from MongoDB again."),
                                 Ok(_) => {}
                             }
                             // Logouts through other nodes.
-                            let said = |failed: bool| {
-                                revocations_failing.swap(failed, std::sync::atomic::Ordering::Relaxed) != failed
-                            };
-                            match state.auth.refresh_revoked() {
+                            let refreshed = state.auth.refresh_revoked();
+                            // Failing or not, not why: a driver's text varies.
+                            let news_of_revocations = news(1, refreshed.as_ref().err().map(|_| String::new()));
+                            match refreshed {
                                 Err(error) => {
                                     round.error(&error);
-                                    if said(true) {
+                                    if news_of_revocations {
                                         tracing::warn!(%error, "Could not refresh the revoked sessions from MongoDB (said once until it can).");
                                     }
                                 }
-                                Ok(_) if said(false) => tracing::info!("The revoked sessions are refreshed from MongoDB again."),
+                                Ok(_) if news_of_revocations => tracing::info!("The revoked sessions are refreshed from MongoDB again."),
                                 Ok(_) => {}
                             }
                         })
