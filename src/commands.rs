@@ -346,20 +346,11 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
         }
         UserCommand::Passwd { username } => {
             let password = read_password()?;
-            // Registration's rule for the password.
-            if !(8..=128).contains(&password.chars().count()) {
-                bail!("password must be 8-128 characters");
-            }
-            // Found as a login finds it: by the name's identity key (case
-            // and width folded), else as typed — an account made before
-            // usernames were normalised keeps the exact name it was
-            // registered with, which today's rules may refuse.
-            let key = crate::auth::username::Username::parse(&username).ok();
-            let user = match key.map(|k| store.user_by_name(k.key())).transpose()?.flatten() {
-                Some(user) => Some(user),
-                None => store.user_by_name(&username)?,
-            }
-            .with_context(|| format!("no user `{username}`"))?;
+            crate::auth::validate_password(&password)?;
+            // Found as a login finds it (not held to today's username rules).
+            let key = crate::auth::username::identity_key(&username);
+            let user = crate::auth::account_named(&store, &key, &username)?
+                .with_context(|| format!("no user `{username}`"))?;
             store.set_password_hash(user.id, &password::hash(&password, cost(config)))?;
             println!(
                 "password of {} (id {}) set. Sessions already open stay valid until they expire (auth.session_ttl); \

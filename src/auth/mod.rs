@@ -196,9 +196,7 @@ pub fn validate_account(
     nickname: Option<&str>,
 ) -> Result<(Username, String), AuthError> {
     let username = Username::parse(username).map_err(AuthError::InvalidField)?;
-    if !(8..=128).contains(&password.chars().count()) {
-        return Err(AuthError::InvalidField("password must be 8-128 characters".into()));
-    }
+    validate_password(password)?;
     let nickname = nickname
         .map(str::trim)
         .filter(|n| !n.is_empty())
@@ -211,6 +209,25 @@ pub fn validate_account(
     username::check_display_text(nickname).map_err(AuthError::InvalidField)?;
     let nickname = nickname.to_owned();
     Ok((username, nickname))
+}
+
+/// The password rule of registration (and of `ticketd user passwd`).
+pub fn validate_password(password: &str) -> Result<(), AuthError> {
+    if !(8..=128).contains(&password.chars().count()) {
+        return Err(AuthError::InvalidField("password must be 8-128 characters".into()));
+    }
+    Ok(())
+}
+
+/// The account a login names: by `key`, the [`username::identity_key`] of
+/// `typed` (the name as sent), else by `typed` itself — an account made
+/// before usernames were normalised keeps the exact name it was registered
+/// with. A login and `ticketd user passwd` find accounts alike.
+pub fn account_named(store: &Store, key: &str, typed: &str) -> Result<Option<User>, StoreError> {
+    match store.user_by_name(key)? {
+        None if key != typed => store.user_by_name(typed),
+        found => Ok(found),
+    }
 }
 
 impl Auth {
@@ -453,12 +470,7 @@ impl Auth {
         let this = self.clone();
         let user = blocking(move || {
             let _turn = turn;
-            let mut user = this.store.user_by_name(&username_key)?;
-            if user.is_none() && username_key != typed {
-                // An account made before usernames were normalised keeps
-                // the exact name it was registered with.
-                user = this.store.user_by_name(&typed)?;
-            }
+            let user = account_named(&this.store, &username_key, &typed)?;
             let hash = match &user {
                 Some(u) => u.password_hash.clone(),
                 None => this.dummy.hash.load().to_string(),
