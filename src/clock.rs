@@ -68,10 +68,25 @@ pub fn offset_ms() -> i64 {
     OFFSET_MS.load(Ordering::Relaxed)
 }
 
-/// Formats Unix milliseconds as RFC 3339 in UTC, with milliseconds.
+/// Formats Unix milliseconds as RFC 3339 in UTC, always with three digits
+/// of milliseconds (`…T10:35:56.140Z`, `…T04:00:00.000Z`): exports are
+/// sorted as text, and `.14Z` sorted after `.135Z` although it is later.
+/// A time outside years 0–9999 (which no stored time is) gives the epoch.
 pub fn rfc3339_ms(ms: i64) -> String {
-    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    t.format(&Rfc3339).unwrap_or_default()
+    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .filter(|t| (0..=9999).contains(&t.year()))
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
 }
 
 /// Parses an RFC 3339 time into Unix milliseconds.
@@ -87,8 +102,17 @@ mod tests {
 
     #[test]
     fn formats_and_parses_milliseconds() {
-        assert_eq!(rfc3339_ms(1_796_097_600_000), "2026-12-01T04:00:00Z");
+        assert_eq!(rfc3339_ms(1_796_097_600_000), "2026-12-01T04:00:00.000Z");
         assert_eq!(rfc3339_ms(1_796_097_600_123), "2026-12-01T04:00:00.123Z");
+        // Three digits always, so that the text sorts as the time does.
+        assert_eq!(rfc3339_ms(1_796_097_600_140), "2026-12-01T04:00:00.140Z");
+        assert_eq!(rfc3339_ms(1_796_097_600_007), "2026-12-01T04:00:00.007Z");
+        assert!(rfc3339_ms(1_796_097_600_100) < rfc3339_ms(1_796_097_600_150));
+        assert_eq!(rfc3339_ms(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339_ms(i64::MAX), "1970-01-01T00:00:00.000Z");
+        for ms in [0, 1_796_097_600_140, 1_796_097_600_999] {
+            assert_eq!(parse_rfc3339_ms(&rfc3339_ms(ms)), Some(ms));
+        }
         assert_eq!(parse_rfc3339_ms("2026-12-01T12:00:00+08:00"), Some(1_796_097_600_000));
         assert_eq!(parse_rfc3339_ms("yesterday"), None);
         assert!(now_ms() > 1_700_000_000_000);

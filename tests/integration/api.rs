@@ -47,7 +47,7 @@ async fn the_claim_answers_each_outcome_with_its_own_code() {
     assert!(res.body["error"]["startTime"].as_str().is_some());
     let res = app.claim(&alice, "over").await;
     assert_error(&res, 409, "ENDED");
-    assert_eq!(res.body["error"]["endTime"], "2020-01-01T16:00:00Z");
+    assert_eq!(res.body["error"]["endTime"], "2020-01-01T16:00:00.000Z");
     let mut body = app.claim_body(&alice, "two").await;
     body["ticketId"] = "open-t".into();
     let res = app.client.post("/ticket/get", Some(&alice), &body).await.unwrap();

@@ -292,7 +292,7 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
     );
     assert_eq!(users[0]["nickname"], "张三, \"老张\"");
     assert_eq!(users[2]["nickname"], "wangwu");
-    assert_eq!(users[1]["created_at"], "2021-06-01T00:00:00Z");
+    assert_eq!(users[1]["created_at"], "2021-06-01T00:00:00.000Z");
     assert!(users[2]["created_at"].starts_with("20"), "{:?}", users[2]);
     assert_ne!(users[2]["created_at"], users[1]["created_at"], "no column: made now");
 

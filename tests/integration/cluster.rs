@@ -2036,7 +2036,7 @@ async fn an_accounts_age_holds_on_every_node_and_imports_keep_theirs() {
     assert!(
         listed
             .iter()
-            .any(|u| u["username"] == "elder" && u["created_at"] == "2020-01-01T00:00:00Z"),
+            .any(|u| u["username"] == "elder" && u["created_at"] == "2020-01-01T00:00:00.000Z"),
         "{listed:?}"
     );
     let elder = cluster.nodes[1].login("elder").await;
