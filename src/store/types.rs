@@ -125,6 +125,10 @@ pub enum StoreError {
     /// (the sentences of [`Config::moved_from`](crate::config::Config::moved_from)).
     #[error("{0}")]
     MovedTicketType(String),
+    /// The config lists codes the store holds under another ticket type
+    /// ([`StoreError::codes_of_other_tickets`]).
+    #[error("{0}")]
+    CodesOfOtherTickets(String),
     /// The config changes what an opened waiting room runs on (the
     /// sentences of [`RoomSettings::refused_change`](crate::admission::RoomSettings::refused_change)).
     #[error("{0}")]
@@ -132,6 +136,34 @@ pub enum StoreError {
     /// Redis or MongoDB failed (cluster mode).
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+}
+
+impl StoreError {
+    /// At most this many of an import's codes held by other ticket types
+    /// are named; the rest are counted.
+    pub const CODES_NAMED: usize = 5;
+
+    /// The refusal of a config whose codes the store holds under other
+    /// ticket types: `named`, each "code `C` of ticket `T` already belongs
+    /// to ticket `U`", of `total` such codes.
+    ///
+    /// A code is its ticket type's for good: claims, stock and the master
+    /// lists count it there. Such a code used to be skipped with a warning,
+    /// so a ticket type given a new id (the organiser renaming it) kept
+    /// none of its codes, answered `SOLD_OUT`, and the reload said it had
+    /// succeeded.
+    pub fn codes_of_other_tickets(named: &[String], total: usize) -> Self {
+        let more = match total.saturating_sub(named.len()) {
+            0 => String::new(),
+            n => format!(" (and {n} more)"),
+        };
+        Self::CodesOfOtherTickets(format!(
+            "{}{more}: a code stays with the ticket type it was first imported under, whose claims and stock \
+             count it. To rename a ticket type change its `name` and keep its `id`; a new ticket type needs \
+             codes of its own",
+            named.join("; ")
+        ))
+    }
 }
 
 /// One page of the accounts, by id (see `Store::each_user`).
@@ -219,7 +251,10 @@ pub struct ImportReport {
     pub activities: usize,
     /// Per ticket: id, codes added now (never claimed), codes known in total.
     pub tickets: Vec<TicketImport>,
-    /// Codes in the config that already belong to another ticket type (skipped).
+    /// Codes in the config that already belong to another ticket type,
+    /// skipped. An import refuses such a config before it writes
+    /// ([`StoreError::CodesOfOtherTickets`]); in a cluster another import
+    /// can store one in between, which is then skipped and said here.
     pub conflicts: Vec<String>,
     /// Activities `ticketd retire` had taken off sale that this import puts
     /// back (a cluster's; said, not done in silence).

@@ -1201,6 +1201,34 @@ async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
     let activities = cluster.mongo().await.collection::<Document>("activities");
     assert_eq!(activities.count_documents(doc! {"_id": "fo-moved"}).await.unwrap(), 0);
 
+    // Nor one that lists a code MongoDB holds under another ticket type
+    // (a ticket type given a new id keeps none of its codes): it was
+    // imported with the code skipped and a warning, and its ticket type
+    // had no stock.
+    let stored_codes = cluster.mongo().await.collection::<Document>("codes");
+    let held = stored_codes
+        .find_one(doc! {"ticket_id": "fo-t"})
+        .await
+        .unwrap()
+        .unwrap();
+    let held = held.get_str("_id").unwrap();
+    let taken = format!("{activity}\n[[activity.ticket]]\nid = \"fo-x\"\nname = \"X\"\ncodes = [\"{held}\"]\n");
+    std::fs::write(
+        importer.path().join("config.toml"),
+        node_config(&cluster.services, &cluster.db, "importer", "") + &taken,
+    )
+    .unwrap();
+    let out = crate::common::run_cli(importer.path(), &["import"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "code `{held}` of ticket `fo-x` already belongs to ticket `fo-t`"
+        )),
+        "{err}"
+    );
+    assert_eq!(tickets.count_documents(doc! {"_id": "fo-x"}).await.unwrap(), 0);
+
     // A changed definition, imported again, reaches every node without a reload.
     import(&activity.replace("name = \"Activity fo\"", "name = \"春季音乐节\""));
     for node in &cluster.nodes {

@@ -339,3 +339,48 @@ async fn a_lottery_whose_draw_has_passed_is_refused_not_drawn_empty() {
     let token = app.register("ld-fan").await;
     assert_eq!(app.claim(&token, "ld").await.status, 200, "the race goes on");
 }
+
+/// A code is its ticket type's for good. A config that gave a ticket type
+/// a new id (the organiser renaming it) listed its codes under the new
+/// id; they were skipped with a warning in the log, so the new ticket type
+/// had no stock and answered `SOLD_OUT`, and the reload said it succeeded.
+/// A reload, `ticketd import` and a start now refuse such a config, naming
+/// the codes, and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_that_lists_another_ticket_types_codes_is_refused() {
+    let v1 = base_config()
+        + &Act::new("rn")
+            .ticket("rn-a", "Seat", Codes::List(&["R-1", "R-2"]))
+            .toml();
+    let app = TestApp::start(&v1);
+    let renamed = v1.replace("id = \"rn-a\"", "id = \"rn-b\"");
+    assert_ne!(renamed, v1);
+    const SAID: &str = "code `R-1` of ticket `rn-b` already belongs to ticket `rn-a`";
+    let outcome = app.reload(&renamed);
+    assert_eq!(outcome["message"], "Reload refused; still serving the previous config.");
+    let reason = outcome["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(SAID) && reason.contains("change its `name`"),
+        "{reason}"
+    );
+
+    let out = app.cli(&["import"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(SAID));
+
+    // Nothing changed: the ticket type still sells both codes under its id.
+    let d = app.detail("rn").await;
+    assert_eq!(d["tickets"].as_array().unwrap().len(), 1, "{d}");
+    assert_eq!(
+        (&d["tickets"][0]["ticketId"], &d["tickets"][0]["remaining"]),
+        (&"rn-a".into(), &2.into())
+    );
+    let stored: i64 = app
+        .sqlite()
+        .query_row("SELECT COUNT(*) FROM tickets WHERE id = 'rn-b'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(stored, 0, "the refused import wrote the new ticket type");
+    let token = app.register("rn-fan").await;
+    let res = app.claim(&token, "rn").await;
+    assert_eq!(res.status, 200, "{}", res.body);
+}

@@ -841,6 +841,10 @@ impl ClusterStore {
         if !late.is_empty() {
             return Err(StoreError::FrozenRoom(late.join("; ")));
         }
+        let (named, others) = self.block(mongo::codes_of_other_tickets(&self.shared.db, config))?;
+        if others > 0 {
+            return Err(StoreError::codes_of_other_tickets(&named, others));
+        }
         let report = self.block(mongo::import(&self.shared.db, config, node_start_ms))?;
         for a in &config.activities {
             for t in &a.tickets {

@@ -169,6 +169,35 @@ pub async fn ticket_activities(db: &Database) -> Result<HashMap<String, String>,
     Ok(owners)
 }
 
+/// The config's listed codes that MongoDB holds under another ticket type:
+/// up to [`StoreError::CODES_NAMED`] of them described, and how many in
+/// all. Read before an import writes anything, so that it can refuse the
+/// config whole ([`StoreError::codes_of_other_tickets`]).
+pub async fn codes_of_other_tickets(db: &Database, config: &Config) -> Result<(Vec<String>, usize), MongoError> {
+    let codes = coll(db, "codes");
+    let (mut named, mut total) = (Vec::new(), 0);
+    for t in config.activities.iter().flat_map(|a| &a.tickets) {
+        for chunk in t.explicit_codes().chunks(1000) {
+            let mut owners = codes
+                .find(doc! {"_id": {"$in": chunk}, "ticket_id": {"$ne": &t.id}})
+                .projection(doc! {"ticket_id": 1})
+                .await?;
+            while let Some(d) = owners.try_next().await? {
+                total += 1;
+                if named.len() < StoreError::CODES_NAMED {
+                    named.push(format!(
+                        "code `{}` of ticket `{}` already belongs to ticket `{}`",
+                        d.get_str("_id").unwrap_or_default(),
+                        t.id,
+                        d.get_str("ticket_id").unwrap_or_default()
+                    ));
+                }
+            }
+        }
+    }
+    Ok((named, total))
+}
+
 /// Writes the config's activities, tickets and codes; returns what was new.
 pub async fn import(db: &Database, config: &Config, node_start_ms: i64) -> Result<ImportReport, MongoError> {
     let mut report = ImportReport::default();

@@ -826,6 +826,9 @@ fn import_in(
         )?;
         let mut owner = tx.prepare_cached("SELECT ticket_id FROM codes WHERE code = ?1")?;
         let mut count = tx.prepare_cached("SELECT COUNT(*) FROM codes WHERE ticket_id = ?1")?;
+        // Codes the store holds under another ticket type: the whole
+        // import is refused (the transaction dropped), naming a few.
+        let (mut named, mut others) = (Vec::new(), 0);
         for a in &config.activities {
             upsert_activity.execute(params![
                 a.id,
@@ -854,7 +857,6 @@ fn import_in(
                 if known.as_deref() == Some(digest.as_str()) {
                     explicit.clear();
                 }
-                let conflicts = report.conflicts.len();
                 let whole = !explicit.is_empty();
                 for code in explicit {
                     if insert_code.execute(params![code, t.id])? == 1 {
@@ -862,14 +864,17 @@ fn import_in(
                     } else {
                         let holder: String = owner.query_row([code], |r| r.get(0))?;
                         if holder != t.id {
-                            report.conflicts.push(format!(
-                                "code `{code}` of ticket `{}` already belongs to ticket `{holder}`",
-                                t.id
-                            ));
+                            others += 1;
+                            if named.len() < StoreError::CODES_NAMED {
+                                named.push(format!(
+                                    "code `{code}` of ticket `{}` already belongs to ticket `{holder}`",
+                                    t.id
+                                ));
+                            }
                         }
                     }
                 }
-                if whole && report.conflicts.len() == conflicts {
+                if whole {
                     record_list.execute(params![t.id, digest])?;
                 }
                 if let Some(target) = t.generate {
@@ -899,6 +904,9 @@ fn import_in(
                     total: total as usize,
                 });
             }
+        }
+        if others > 0 {
+            return Err(StoreError::codes_of_other_tickets(&named, others));
         }
     }
     tx.commit()?;
