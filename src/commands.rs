@@ -36,6 +36,9 @@ pub fn load_config(path: &Path) -> anyhow::Result<Config> {
 
 /// `ticketd serve`.
 pub fn serve(config: Config, config_path: &Path) -> anyhow::Result<()> {
+    if config.admin.listen.is_some() && config.admin.token().is_none() {
+        bail!("{}", no_admin_token());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ticketd-worker")
@@ -177,6 +180,11 @@ pub fn check_config(path: &Path) -> anyhow::Result<()> {
             problems.join("\n  ")
         );
     }
+    // Not a problem of the file: the token is meant to come from the node's
+    // environment, which this shell need not have.
+    if config.admin.listen.is_some() && config.admin.token().is_none() {
+        println!("note: {}", no_admin_token());
+    }
     let tickets: Vec<_> = config.activities.iter().flat_map(|a| &a.tickets).collect();
     let listed: usize = tickets.iter().map(|t| t.explicit_codes().len()).sum();
     let generated: u64 = tickets.iter().filter_map(|t| t.generate).map(u64::from).sum();
@@ -187,6 +195,16 @@ pub fn check_config(path: &Path) -> anyhow::Result<()> {
         tickets.len(),
     );
     Ok(())
+}
+
+/// What `serve` says of an admin listener without a token (and
+/// `check-config`, as a note).
+fn no_admin_token() -> String {
+    format!(
+        "admin.listen is set but there is no admin token: `serve` needs {} in its environment (the systemd unit \
+         reads it from /etc/ticketd/env) or admin.token in the file",
+        crate::config::ADMIN_TOKEN_ENV
+    )
 }
 
 /// `ticketd verify [--repair]`: the reconciliation to run after any

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::common::{base_config, open_activity, parse_csv, run_cli, Act, Codes, TestApp, BIN};
+use crate::common::{base_config, open_activity, parse_csv, run_cli, serve_refused, Act, Codes, TestApp, BIN};
 
 fn dir_with(config: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -814,5 +814,40 @@ fn retire_on_an_embedded_store_says_to_edit_the_file() {
         text(&out.stderr).contains("take `r` out of the file and reload (SIGHUP)"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+/// The admin token belongs in the node's environment (the unit's env file),
+/// which an operator's shell does not have: with `admin.listen` set and no
+/// token in the file, every command refused to run ("admin.listen is set
+/// but there is no admin token"), `import` and `export` among them, which
+/// do not serve. Only `serve` needs the token now; `check-config` notes it.
+#[test]
+fn tools_run_without_the_admin_token_that_only_serve_needs() {
+    let config =
+        base_config().replace("[log]", "[admin]\nlisten = \"127.0.0.1:0\"\n\n[log]") + &open_activity("tk", 2, 1);
+    let app = TestApp::prepare(&config, &[]);
+    for args in [
+        &["import"][..],
+        &["export", "--activity", "tk", "--out", "-"],
+        &["check-config"],
+    ] {
+        let out = app.cli(args, None);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    let out = app.cli(&["check-config"], None);
+    assert!(
+        text(&out.stdout).contains("note: admin.listen is set but there is no admin token"),
+        "{}",
+        text(&out.stdout)
+    );
+    let err = serve_refused(
+        app.dir.path(),
+        std::time::Duration::from_secs(30),
+        "a node serving an admin listener without a token",
+    );
+    assert!(
+        err.contains("`serve` needs TICKETD_ADMIN_TOKEN in its environment"),
+        "{err}"
     );
 }
