@@ -93,6 +93,17 @@ impl App {
         let started = std::time::Instant::now();
         if let Some(files) = raise_open_files_limit() {
             tracing::debug!(files, "Open-file limit raised.");
+            let needed = files_needed(&config);
+            if files < needed {
+                tracing::warn!(
+                    files,
+                    needed,
+                    "The open-file limit is below what server.max_connections takes (its connections, as many \
+                     event streams, the admin listener's and the store's files): past it, new connections wait \
+                     in the kernel's queue instead of being served or refused. Raise the limit (the shipped \
+                     unit sets LimitNOFILE=65536) or lower server.max_connections."
+                );
+            }
         }
         let store = Store::open(&config, Access::Serve(&workers)).context("cannot open the store")?;
         tracing::info!(store = %store.describe(), "Store opened.");
@@ -452,6 +463,16 @@ pub fn raise_open_files_limit() -> Option<u64> {
         }
     }
     Some(lim.rlim_cur)
+}
+
+/// Files a node may hold at once: `server.max_connections` connections,
+/// as many waiting-room event streams (a budget of their own), the admin
+/// listener's connections, and a margin for the store's files, the
+/// listeners and the connections to Redis and MongoDB.
+fn files_needed(config: &Config) -> u64 {
+    const MARGIN: u64 = 256;
+    let connections = config.server.max_connections as u64;
+    (2 * connections).saturating_add(crate::http::server::MAX_ADMIN_CONNECTIONS as u64 + MARGIN)
 }
 
 /// How often the waiting rooms take their admission step.

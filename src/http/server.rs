@@ -52,7 +52,7 @@ pub struct Http {
 /// from `server.max_connections`: fans filling the public budget must not
 /// lock the operator out. (Event streams are counted apart too: see
 /// `Rooms::with_stream_budget`.)
-const MAX_ADMIN_CONNECTIONS: usize = 32;
+pub const MAX_ADMIN_CONNECTIONS: usize = 32;
 
 /// Open connections across both listeners, and the shutdown drain.
 pub struct Connections {
@@ -142,6 +142,9 @@ impl Drop for ConnGuard {
 /// as we stopped gets an answer instead of a closed socket.
 const LINGER: Duration = Duration::from_millis(500);
 
+/// How often failed accepts are said at most (see [`serve`]).
+const ACCEPT_FAILURES_SAID_EVERY: Duration = Duration::from_secs(10);
+
 /// Resolves once shutdown was requested (at once if it already was).
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
@@ -159,6 +162,10 @@ pub async fn serve(
 ) {
     let conns = &http.connections;
     let mut draining = false;
+    // Failed accepts (the open-file limit reached) are said once per
+    // `ACCEPT_FAILURES_SAID_EVERY`, with how many there were: one warning
+    // per retry filled the log with hundreds a second.
+    let mut accept_failures: (Option<std::time::Instant>, u64) = (None, 0);
     loop {
         let (stream, peer) = if draining {
             // Take what already waits in the backlog (closing the listener
@@ -176,8 +183,15 @@ pub async fn serve(
                 accepted = listener.accept() => match accepted {
                     Ok(conn) => conn,
                     Err(error) => {
-                        // EMFILE and friends: back off briefly instead of spinning.
-                        tracing::warn!(%error, "Accept failed.");
+                        // EMFILE and friends: back off briefly instead of
+                        // spinning; the connection waits in the kernel's queue.
+                        let (said, failures) = &mut accept_failures;
+                        *failures += 1;
+                        if said.is_none_or(|at| at.elapsed() >= ACCEPT_FAILURES_SAID_EVERY) {
+                            tracing::warn!(%error, failures = *failures, "Accept failed; new connections wait in the kernel's queue until a file is free.");
+                            *said = Some(std::time::Instant::now());
+                            *failures = 0;
+                        }
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
                     }

@@ -573,3 +573,45 @@ async fn the_access_log_records_each_request_when_enabled() {
     assert_eq!(lines[3]["path"].as_str().map(str::len), Some(512));
     assert_eq!(lines[3]["truncated"], true);
 }
+
+/// A node whose open-file limit is below what `server.max_connections`
+/// takes (a start outside the shipped unit, whose `LimitNOFILE` is 65536)
+/// said nothing of it, and once out of files it wrote "Accept failed" every
+/// 20 ms while new connections waited in the kernel's queue: a red-team
+/// filled the log with 527 such lines in 15 s. The start now warns with
+/// both numbers, and failed accepts are said once per ten seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_short_of_files_says_so_at_start_and_once_when_they_run_out() {
+    let mut app = TestApp::prepare(&base_config(), &[]);
+    app.open_files = Some(300);
+    app.boot();
+    const SHORT: &str = "The open-file limit is below what server.max_connections takes (its connections, as many \
+                         event streams, the admin listener's and the store's files): past it, new connections wait \
+                         in the kernel's queue instead of being served or refused. Raise the limit (the shipped \
+                         unit sets LimitNOFILE=65536) or lower server.max_connections.";
+    let warned = app.wait_for_log(SHORT, 1);
+    assert_eq!(
+        (warned["files"].as_u64(), warned["needed"].as_u64()),
+        (Some(300), Some(2 * 10_000 + 32 + 256)),
+        "{warned}"
+    );
+
+    // Out of files: more connections than the node can hold.
+    let mut held = Vec::new();
+    for _ in 0..400 {
+        held.push(tokio::net::TcpStream::connect(&app.addr).await.unwrap());
+    }
+    app.wait_for_log(
+        "Accept failed; new connections wait in the kernel's queue until a file is free.",
+        1,
+    );
+    // It retries every 20 ms: a hundred lines in these two seconds before.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        app.count_logs("Accept failed; new connections wait in the kernel's queue until a file is free."),
+        1
+    );
+    drop(held);
+    let res = app.client.get("/healthz", None).await.unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
+}

@@ -259,6 +259,8 @@ pub struct TestApp {
     pub env: Vec<(String, String)>,
     /// A listening socket handed over as fd 3 (socket activation), if any.
     pub listen_fd: Option<std::os::fd::RawFd>,
+    /// The process's open-file limit (soft and hard), if not inherited.
+    pub open_files: Option<u64>,
 }
 
 impl TestApp {
@@ -289,6 +291,7 @@ impl TestApp {
             addr: String::new(),
             env: Vec::new(),
             listen_fd: None,
+            open_files: None,
         }
     }
 
@@ -306,17 +309,31 @@ impl TestApp {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if let Some(fd) = self.listen_fd {
-            use std::os::unix::process::CommandExt;
+        if self.listen_fd.is_some() {
             command.env("LISTEN_FDS", "1");
+        }
+        let (fd, open_files) = (self.listen_fd, self.open_files);
+        if fd.is_some() || open_files.is_some() {
+            use std::os::unix::process::CommandExt;
             // SAFETY: only async-signal-safe calls between fork and exec.
             unsafe {
                 command.pre_exec(move || {
-                    if libc::dup2(fd, 3) < 0 {
-                        return Err(std::io::Error::last_os_error());
+                    if let Some(fd) = fd {
+                        if libc::dup2(fd, 3) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        let flags = libc::fcntl(3, libc::F_GETFD);
+                        libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
                     }
-                    let flags = libc::fcntl(3, libc::F_GETFD);
-                    libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                    if let Some(n) = open_files {
+                        let lim = libc::rlimit {
+                            rlim_cur: n,
+                            rlim_max: n,
+                        };
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
                     Ok(())
                 });
             }
