@@ -201,7 +201,12 @@ pub async fn codes_of_other_tickets(db: &Database, config: &Config) -> Result<(V
 /// Writes the config's activities, tickets and codes; returns what was new.
 pub async fn import(db: &Database, config: &Config, node_start_ms: i64) -> Result<ImportReport, MongoError> {
     let mut report = ImportReport::default();
-    let (activities, tickets, codes) = (coll(db, "activities"), coll(db, "tickets"), coll(db, "codes"));
+    let (activities, tickets, codes, claims) = (
+        coll(db, "activities"),
+        coll(db, "tickets"),
+        coll(db, "codes"),
+        coll(db, "claims"),
+    );
     for a in &config.activities {
         // Retired: stored, with no definition for the nodes to serve.
         let retired = activities
@@ -211,17 +216,25 @@ pub async fn import(db: &Database, config: &Config, node_start_ms: i64) -> Resul
         if retired.is_some() {
             report.revived.push(a.id.clone());
         }
+        let mut set = doc! {
+            "name": &a.name, "desc": &a.desc, "image": &a.image,
+            "end_ms": a.end_time.resolve(node_start_ms),
+            "per_user_limit": i64::from(a.per_user_limit),
+            "definition": a.definition(),
+        };
+        // The start the report counts from stays the one the sale opened
+        // at once it has claims (as the embedded store keeps it); the
+        // nodes sell by the definition's.
+        let sold = claims
+            .find_one(doc! {"activity_id": &a.id})
+            .projection(doc! {"_id": 1})
+            .await?
+            .is_some();
+        if !sold {
+            set.insert("start_ms", a.start_time.resolve(node_start_ms));
+        }
         activities
-            .update_one(
-                doc! {"_id": &a.id},
-                doc! {"$set": {
-                    "name": &a.name, "desc": &a.desc, "image": &a.image,
-                    "start_ms": a.start_time.resolve(node_start_ms),
-                    "end_ms": a.end_time.resolve(node_start_ms),
-                    "per_user_limit": i64::from(a.per_user_limit),
-                    "definition": a.definition(),
-                }},
-            )
+            .update_one(doc! {"_id": &a.id}, doc! {"$set": set})
             .upsert(true)
             .await?;
         report.activities += 1;

@@ -802,11 +802,17 @@ fn import_in(
         // them (at start, on reload), and a tool's import only where there
         // are none yet (?8: keep the stored). A relative time resolved
         // against the tool's clock, or a limit edited in the file and not
-        // yet reloaded, is not what the node served.
+        // yet reloaded, is not what the node served. And the start stays
+        // the one the sale opened at once it has claims: the report counts
+        // from it, and a start moved after the sale (or a relative one
+        // resolved again at a restart) gave negative times and empty charts.
+        // (A claim still on its way from the journal, the applier's 25 ms,
+        // is not seen; a restart replays the journal before this.)
         let mut upsert_activity = tx.prepare_cached(
                 "INSERT INTO activities (id, name, desc, image, start_ms, end_ms, per_user_limit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT(id) DO UPDATE SET name = excluded.name, desc = excluded.desc, image = excluded.image,
-                   start_ms = CASE WHEN ?8 THEN start_ms ELSE excluded.start_ms END,
+                   start_ms = CASE WHEN ?8 OR EXISTS (SELECT 1 FROM claims WHERE activity_id = excluded.id)
+                     THEN start_ms ELSE excluded.start_ms END,
                    end_ms = CASE WHEN ?8 THEN end_ms ELSE excluded.end_ms END,
                    per_user_limit = CASE WHEN ?8 THEN per_user_limit ELSE excluded.per_user_limit END",
             )?;
