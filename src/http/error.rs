@@ -220,7 +220,7 @@ impl From<Rejection> for ApiError {
             )
             .retry_after(1),
             Rejection::SoldOut { one_ticket_type: false } => {
-                ApiError::new(S::GONE, "SOLD_OUT", "every code of this activity has been claimed")
+                ApiError::new(S::GONE, "SOLD_OUT", "every code this activity has on sale has been claimed")
             }
             Rejection::SoldOut { one_ticket_type: true } => ApiError::new(
                 S::GONE,
