@@ -164,10 +164,27 @@ impl Serialize for TimeSpec {
     }
 }
 
+/// A time is a string (`"2026-12-01T12:00:00+08:00"`, `"+10s"`) or a
+/// TOML datetime written without quotes (`2026-12-01T12:00:00+08:00`),
+/// which TOML reads as its own type: that was refused as "invalid type:
+/// map, expected a string", which said nothing of times.
 impl<'de> Deserialize<'de> for TimeSpec {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(de::Error::custom)
+        struct Time;
+        impl<'de> de::Visitor<'de> for Time {
+            type Value = TimeSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a time: \"2026-12-01T12:00:00+08:00\" (RFC 3339) or \"+10s\" (from the node's start)")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<TimeSpec, E> {
+                s.parse().map_err(E::custom)
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<TimeSpec, A::Error> {
+                let native = toml::value::Datetime::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                native.to_string().parse().map_err(de::Error::custom)
+            }
+        }
+        d.deserialize_any(Time)
     }
 }
 
@@ -257,6 +274,28 @@ pub fn any_contains(nets: &[IpNet], ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// TOML's own datetimes (no quotes) are times too; other types are
+    /// refused naming what a time is.
+    #[test]
+    fn times_may_be_toml_datetimes() {
+        #[derive(Deserialize)]
+        struct At {
+            at: TimeSpec,
+        }
+        let at = |text: &str| toml::from_str::<At>(text).map(|a| a.at.resolve(0));
+        assert_eq!(at("at = 2026-12-01T12:00:00+08:00").unwrap(), 1_796_097_600_000);
+        assert_eq!(at("at = 2026-12-01T04:00:00Z").unwrap(), 1_796_097_600_000);
+        assert_eq!(at("at = \"2026-12-01T12:00:00+08:00\"").unwrap(), 1_796_097_600_000);
+        assert_eq!(at("at = \"+10s\"").unwrap(), 10_000);
+        let local = at("at = 2026-12-01T12:00:00").unwrap_err().to_string();
+        assert!(local.contains("is neither RFC 3339"), "{local}");
+        let number = at("at = 5").unwrap_err().to_string();
+        assert!(
+            number.contains("expected a time: \"2026-12-01T12:00:00+08:00\""),
+            "{number}"
+        );
+    }
 
     #[test]
     fn times_survive_a_round_trip_through_json() {
