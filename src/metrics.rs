@@ -279,8 +279,8 @@ pub struct Metrics {
     /// Claims per group commit.
     pub journal_batch: Histogram,
     rejected: [AtomicU64; Rejected::ALL.len()],
-    /// Connections closed at once because `server.max_connections` was reached.
-    pub connections_refused: AtomicU64,
+    /// Connections closed at once, by [`Refused`] (its index).
+    connections_refused: [AtomicU64; Refused::ALL.len()],
     /// Reloads applied.
     pub reloads_applied: AtomicU64,
     /// Reloads refused.
@@ -356,7 +356,7 @@ impl Metrics {
             journal_fsync: Histogram::new(LATENCY_BOUNDS),
             journal_batch: Histogram::new(BATCH_BOUNDS),
             rejected: [const { AtomicU64::new(0) }; Rejected::ALL.len()],
-            connections_refused: AtomicU64::new(0),
+            connections_refused: [const { AtomicU64::new(0) }; Refused::ALL.len()],
             reloads_applied: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
             redis_commit: Histogram::new(LATENCY_BOUNDS),
@@ -381,6 +381,11 @@ impl Metrics {
             .iter()
             .map(|o| (o.label(), self.claims.get(*o)))
             .collect()
+    }
+
+    /// Counts a connection closed at once by `reason`'s cap.
+    pub fn refuse_connection(&self, reason: Refused) {
+        self.connections_refused[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a request turned away by the security layer.
@@ -517,12 +522,20 @@ impl Metrics {
             out,
             "# HELP ticketd_password_hashes_total Argon2 hashes computed: made or verified (a login for an unknown name verifies a dummy one).\n# TYPE ticketd_password_hashes_total counter\nticketd_password_hashes_total {hashes}"
         );
+        out.push_str(
+            "# HELP ticketd_connections_refused_total Connections closed at once, by the cap they met: cap \
+             (server.max_connections), per_address (one address at server.max_connections_per_ip), admin (the \
+             admin listener's 32).\n# TYPE ticketd_connections_refused_total counter\n",
+        );
+        for reason in Refused::ALL {
+            let n = self.connections_refused[reason as usize].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "ticketd_connections_refused_total{{reason=\"{}\"}} {n}",
+                reason.label()
+            );
+        }
         let counters = [
-            (
-                "ticketd_connections_refused_total",
-                "Connections closed at the connection cap.",
-                &self.connections_refused,
-            ),
             (
                 "ticketd_reloads_applied_total",
                 "Config reloads applied.",
@@ -542,6 +555,29 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+/// Which cap closed a connection at once (`ticketd_connections_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// `server.max_connections`: the node's public budget is full.
+    Cap,
+    /// One address (an IPv6 /64) holds `server.max_connections_per_ip`.
+    PerAddress,
+    /// The admin listener holds its 32.
+    Admin,
+}
+
+impl Refused {
+    const ALL: [Refused; 3] = [Refused::Cap, Refused::PerAddress, Refused::Admin];
+
+    fn label(self) -> &'static str {
+        match self {
+            Refused::Cap => "cap",
+            Refused::PerAddress => "per_address",
+            Refused::Admin => "admin",
+        }
     }
 }
 

@@ -219,9 +219,13 @@ pub async fn serve(
         let guard = ConnGuard(http.clone(), surface, share);
         // Refused: over the node's budget, or the address's share full.
         if over || key != share {
-            crate::metrics::global()
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
+            use crate::metrics::Refused;
+            let reason = match surface {
+                Surface::Admin => Refused::Admin,
+                Surface::Public if over => Refused::Cap,
+                Surface::Public => Refused::PerAddress,
+            };
+            crate::metrics::global().refuse_connection(reason);
             drop(stream);
             continue;
         }

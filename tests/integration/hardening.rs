@@ -883,6 +883,11 @@ async fn one_address_cannot_hold_every_connection() {
             String::from_utf8_lossy(&answer)
         );
     }
+    // Counted as the address's cap, not the node's (an alert on this
+    // counter blamed server.max_connections for one greedy client).
+    let refused = |reason: &str| format!("ticketd_connections_refused_total{{reason=\"{reason}\"}}");
+    assert!(crate::common::metric(&app, &refused("per_address")).await >= 1.0);
+    assert_eq!(crate::common::metric(&app, &refused("cap")).await, 0.0);
     drop(held);
     crate::common::until("the address's share to come back", || async {
         healthz_from("127.0.0.2", &app.addr).await.starts_with(b"HTTP/1.1 200")
