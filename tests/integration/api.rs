@@ -84,7 +84,7 @@ async fn the_claim_answers_each_outcome_with_its_own_code() {
     let res = app.claim(&bob, "two").await;
     assert_error(&res, 410, "SOLD_OUT");
     let message = res.body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("every code of this activity"), "{message}");
+    assert!(message.contains("every code this activity has on sale"), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
