@@ -131,7 +131,7 @@ impl App {
         let catalog =
             Catalog::build(&config, started_ms, &inventory, &rooms).map_err(|p| anyhow::anyhow!(p.join("; ")))?;
         let report = store
-            .serve_import(&config, started_ms)
+            .serve_import(&config, started_ms, crate::store::Importer::Start)
             .context("cannot import the config's activities")?;
         state::log_import(&report);
         for t in catalog.activities().iter().flat_map(|a| &a.tickets) {

@@ -778,7 +778,7 @@ per_user_limit = {limit}
         let runner = Runner::new();
         let store = Store::open(&config, Access::Serve(&runner)).unwrap();
         let now = now_ms();
-        store.serve_import(&config, now).unwrap();
+        store.serve_import(&config, now, crate::store::Importer::Start).unwrap();
         let inventory = Arc::new(Inventory::default());
         let catalog = Catalog::build(
             &config,

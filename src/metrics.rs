@@ -281,6 +281,8 @@ pub struct Metrics {
     rejected: [AtomicU64; Rejected::ALL.len()],
     /// Connections closed at once, by [`Refused`] (its index).
     connections_refused: [AtomicU64; Refused::ALL.len()],
+    /// Accepts that failed (the open-file limit reached, mostly).
+    pub accept_failures: AtomicU64,
     /// Reloads applied.
     pub reloads_applied: AtomicU64,
     /// Reloads refused.
@@ -357,6 +359,7 @@ impl Metrics {
             journal_batch: Histogram::new(BATCH_BOUNDS),
             rejected: [const { AtomicU64::new(0) }; Rejected::ALL.len()],
             connections_refused: [const { AtomicU64::new(0) }; Refused::ALL.len()],
+            accept_failures: AtomicU64::new(0),
             reloads_applied: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
             redis_commit: Histogram::new(LATENCY_BOUNDS),
@@ -536,6 +539,11 @@ impl Metrics {
             );
         }
         let counters = [
+            (
+                "ticketd_accept_failures_total",
+                "Accepts that failed, mostly at the open-file limit: those connections wait in the kernel's queue.",
+                &self.accept_failures,
+            ),
             (
                 "ticketd_reloads_applied_total",
                 "Config reloads applied.",

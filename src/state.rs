@@ -324,7 +324,7 @@ impl AppState {
         let elsewhere = self.codes_imported_elsewhere(catalog).map_err(|e| e.to_string())?;
         let report = self
             .store
-            .serve_import(new, self.started_ms)
+            .serve_import(new, self.started_ms, crate::store::Importer::Reload)
             .map_err(|e| e.to_string())?;
         Ok((blocked, elsewhere, report))
     }

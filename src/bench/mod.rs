@@ -467,7 +467,6 @@ const BENCH_BROKE: &[&str] = &[
     "PAUSED",
 ];
 
-/// `outcomes` that mean a claim checked nothing: see [`BENCH_BROKE`].
 /// What is wrong with the activity's counts after the rush, if anything.
 /// Every code is claimed or in stock, except the codes of claims answered
 /// `OUTCOME_UNKNOWN` (`in_doubt`), which stay out of stock until the node's
@@ -487,6 +486,7 @@ fn stock_violation(claimed: u64, remaining: u64, total: u64, in_doubt: u64) -> O
     }
 }
 
+/// `outcomes` that mean a claim checked nothing: see [`BENCH_BROKE`].
 fn untested(outcomes: &BTreeMap<String, u64>) -> Vec<String> {
     BENCH_BROKE
         .iter()

@@ -180,7 +180,10 @@ impl<'de> Deserialize<'de> for TimeSpec {
                 s.parse().map_err(E::custom)
             }
             fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<TimeSpec, A::Error> {
-                let native = toml::value::Datetime::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                // Any other table is no time: said as such, not in the
+                // datetime reader's words.
+                let native = toml::value::Datetime::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map_err(|_: A::Error| de::Error::invalid_type(de::Unexpected::Map, &self))?;
                 native.to_string().parse().map_err(de::Error::custom)
             }
         }
@@ -290,6 +293,8 @@ mod tests {
         assert_eq!(at("at = \"+10s\"").unwrap(), 10_000);
         let local = at("at = 2026-12-01T12:00:00").unwrap_err().to_string();
         assert!(local.contains("is neither RFC 3339"), "{local}");
+        let table = at("at = { when = \"+10s\" }").unwrap_err().to_string();
+        assert!(table.contains("invalid type: map, expected a time"), "{table}");
         let number = at("at = 5").unwrap_err().to_string();
         assert!(
             number.contains("expected a time: \"2026-12-01T12:00:00+08:00\""),

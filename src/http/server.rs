@@ -163,8 +163,9 @@ pub async fn serve(
     let conns = &http.connections;
     let mut draining = false;
     // Failed accepts (the open-file limit reached) are said once per
-    // `ACCEPT_FAILURES_SAID_EVERY`, with how many there were: one warning
-    // per retry filled the log with hundreds a second.
+    // `ACCEPT_FAILURES_SAID_EVERY`, with how many there were since the
+    // last time (all of them: `ticketd_accept_failures_total`): one
+    // warning per retry filled the log with hundreds a second.
     let mut accept_failures: (Option<std::time::Instant>, u64) = (None, 0);
     loop {
         let (stream, peer) = if draining {
@@ -185,6 +186,7 @@ pub async fn serve(
                     Err(error) => {
                         // EMFILE and friends: back off briefly instead of
                         // spinning; the connection waits in the kernel's queue.
+                        crate::metrics::global().accept_failures.fetch_add(1, Ordering::Relaxed);
                         let (said, failures) = &mut accept_failures;
                         *failures += 1;
                         if said.is_none_or(|at| at.elapsed() >= ACCEPT_FAILURES_SAID_EVERY) {

@@ -43,8 +43,9 @@ pub use cluster::{
 };
 pub use embedded::EmbeddedStore;
 pub use types::{
-    generate_code, Access, ClaimRow, ClusterError, ImportReport, NewUser, Reconciliation, ReportData, Revocation,
-    StoreError, TicketImport, TicketReport, User, UserClaims, UserPage, ISSUED_RANGE_MS, REVOKED_PER_ACCOUNT,
+    generate_code, Access, ClaimRow, ClusterError, ImportReport, Importer, NewUser, Reconciliation, ReportData,
+    Revocation, StoreError, TicketImport, TicketReport, User, UserClaims, UserPage, ISSUED_RANGE_MS,
+    REVOKED_PER_ACCOUNT,
 };
 
 use crate::{
@@ -208,7 +209,7 @@ impl Store {
     /// Writes the config's activities, tickets and codes. Idempotent.
     pub fn import(&self, config: &Config, node_start_ms: i64) -> Result<ImportReport, StoreError> {
         match self {
-            Store::Embedded(s) => s.import(config, node_start_ms, false),
+            Store::Embedded(s) => s.import(config, node_start_ms, Importer::Tool),
             Store::Cluster(s) => s.import(config, node_start_ms),
         }
     }
@@ -217,9 +218,9 @@ impl Store {
     /// reload: embedded, the config file is the source of activities and
     /// codes, so it is imported (idempotently); in a cluster that is
     /// `ticketd import`'s job, and a node imports nothing.
-    pub fn serve_import(&self, config: &Config, node_start_ms: i64) -> Result<ImportReport, StoreError> {
+    pub fn serve_import(&self, config: &Config, node_start_ms: i64, by: Importer) -> Result<ImportReport, StoreError> {
         match self {
-            Store::Embedded(s) => s.import(config, node_start_ms, true),
+            Store::Embedded(s) => s.import(config, node_start_ms, by),
             // `ticketd import` fills a cluster's store; a node only refuses
             // a config that moved a ticket type it holds.
             Store::Cluster(s) => s.refuse_moves(config).map(|()| ImportReport::default()),

@@ -244,6 +244,23 @@ pub struct Reconciliation {
     pub problems: Vec<String>,
 }
 
+/// Who imports a config, which decides what it may change and what it
+/// refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Importer {
+    /// `ticketd import`: keeps the window and limit a node wrote.
+    Tool,
+    /// A serving node's own import as it starts. Codes the store holds
+    /// under another ticket type are skipped, said at error level, rather
+    /// than refused: earlier versions skipped them without recording the
+    /// list, so a store they wrote meets them again at every start, and a
+    /// node that would not start mid-sale (systemd restarting it after a
+    /// crash) is worse than a ticket type without those codes.
+    Start,
+    /// A serving node's reload.
+    Reload,
+}
+
 /// What an import added, per ticket type.
 #[derive(Debug, Default)]
 pub struct ImportReport {
@@ -252,9 +269,10 @@ pub struct ImportReport {
     /// Per ticket: id, codes added now (never claimed), codes known in total.
     pub tickets: Vec<TicketImport>,
     /// Codes in the config that already belong to another ticket type,
-    /// skipped. An import refuses such a config before it writes
-    /// ([`StoreError::CodesOfOtherTickets`]); in a cluster another import
-    /// can store one in between, which is then skipped and said here.
+    /// skipped: a node's start ([`Importer::Start`]), or, in a cluster, an
+    /// import whose lock lapsed while another stored them. Otherwise an
+    /// import refuses such a config before it writes
+    /// ([`StoreError::CodesOfOtherTickets`]).
     pub conflicts: Vec<String>,
     /// Activities `ticketd retire` had taken off sale that this import puts
     /// back (a cluster's; said, not done in silence).

@@ -611,6 +611,7 @@ async fn a_node_short_of_files_says_so_at_start_and_once_when_they_run_out() {
         app.count_logs("Accept failed; new connections wait in the kernel's queue until a file is free."),
         1
     );
+    assert!(crate::common::metric(&app, "ticketd_accept_failures_total").await >= 1.0);
     drop(held);
     let res = app.client.get("/healthz", None).await.unwrap();
     assert_eq!(res.status, 200, "{}", res.body);

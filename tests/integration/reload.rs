@@ -383,4 +383,20 @@ async fn a_config_that_lists_another_ticket_types_codes_is_refused() {
     let token = app.register("rn-fan").await;
     let res = app.claim(&token, "rn").await;
     assert_eq!(res.status, 200, "{}", res.body);
+
+    // A node starting on such a config (a store an earlier version wrote
+    // meets it at every start) serves, skipping the codes and saying so
+    // at error level; its reloads still refuse it.
+    let mut app = app;
+    assert_eq!(app.stop(), 0);
+    std::fs::write(app.config_path(), &renamed).unwrap();
+    app.boot();
+    let said = app.logs_text();
+    assert!(
+        said.contains("Codes skipped: the store holds them under other ticket types.") && said.contains(SAID),
+        "{said}"
+    );
+    assert_eq!(app.detail("rn").await["tickets"][0]["remaining"], 0);
+    let outcome = app.reload(&renamed);
+    assert!(outcome["reason"].as_str().unwrap().contains(SAID), "{outcome}");
 }

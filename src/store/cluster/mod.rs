@@ -845,14 +845,14 @@ impl ClusterStore {
         if others > 0 {
             return Err(StoreError::codes_of_other_tickets(&named, others));
         }
+        if lost.load(Ordering::Relaxed) {
+            return Err(lock_lapsed());
+        }
         let report = self.block(mongo::import(&self.shared.db, config, node_start_ms))?;
         for a in &config.activities {
             for t in &a.tickets {
                 if lost.load(Ordering::Relaxed) {
-                    return Err(ClusterError::Protocol(
-                        "the import lock lapsed (Redis unreachable for too long); run the import again".into(),
-                    )
-                    .into());
+                    return Err(lock_lapsed());
                 }
                 let pushed = self.block(lease::push_unclaimed(&self.shared, &a.id, &t.id))?;
                 if pushed > 0 {
@@ -1075,6 +1075,13 @@ impl ClusterStore {
         })
         .await?)
     }
+}
+
+/// An import stopped because its lock may have lapsed (Redis unreachable
+/// for longer than the lock lives): another import may be running.
+fn lock_lapsed() -> StoreError {
+    ClusterError::Protocol("the import lock lapsed (Redis unreachable for too long); run the import again".into())
+        .into()
 }
 
 #[cfg(test)]

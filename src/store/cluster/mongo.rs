@@ -222,16 +222,23 @@ pub async fn import(db: &Database, config: &Config, node_start_ms: i64) -> Resul
             "per_user_limit": i64::from(a.per_user_limit),
             "definition": a.definition(),
         };
-        // The start the report counts from stays the one the sale opened
-        // at once it has claims (as the embedded store keeps it); the
+        // Once the activity has claims, the start the report counts from
+        // may move earlier, not later (as the embedded store keeps it); the
         // nodes sell by the definition's.
-        let sold = claims
-            .find_one(doc! {"activity_id": &a.id})
+        let start_ms = a.start_time.resolve(node_start_ms);
+        let later = activities
+            .find_one(doc! {"_id": &a.id, "start_ms": {"$lt": start_ms}})
             .projection(doc! {"_id": 1})
             .await?
             .is_some();
+        let sold = later
+            && claims
+                .find_one(doc! {"activity_id": &a.id})
+                .projection(doc! {"_id": 1})
+                .await?
+                .is_some();
         if !sold {
-            set.insert("start_ms", a.start_time.resolve(node_start_ms));
+            set.insert("start_ms", start_ms);
         }
         activities
             .update_one(doc! {"_id": &a.id}, doc! {"$set": set})

@@ -41,8 +41,8 @@ use crate::{
     journal::{Found, Journal, JournalSetup},
     stats::StatsBatch,
     store::types::{
-        code_rng, generate_code, issued_ids, issued_of_hex, Access, ClaimRow, ImportReport, NewUser, Reconciliation,
-        ReportData, Revocation, StoreError, TicketImport, User, UserPage, REVOKED_PER_ACCOUNT,
+        code_rng, generate_code, issued_ids, issued_of_hex, Access, ClaimRow, ImportReport, Importer, NewUser,
+        Reconciliation, ReportData, Revocation, StoreError, TicketImport, User, UserPage, REVOKED_PER_ACCOUNT,
     },
     vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
 };
@@ -455,22 +455,17 @@ impl EmbeddedStore {
         self.journal.as_ref().map_or(0, Journal::queue_len)
     }
 
-    /// Imports `config`. `serving`: a serving node's own import (at start,
-    /// on reload), whose per-user limits now hold for claims, so they count
-    /// towards the highest each activity has had; a `ticketd import`'s do
-    /// not (a config imported with a typo and corrected before any node
-    /// served it would raise the bar `ticketd verify` holds users to).
-    pub(super) fn import(
-        &self,
-        config: &Config,
-        node_start_ms: i64,
-        serving: bool,
-    ) -> Result<ImportReport, StoreError> {
+    /// Imports `config`. A serving node's own import (at start, on reload)
+    /// makes its per-user limits hold for claims, so they count towards the
+    /// highest each activity has had; a `ticketd import`'s do not (a config
+    /// imported with a typo and corrected before any node served it would
+    /// raise the bar `ticketd verify` holds users to).
+    pub(super) fn import(&self, config: &Config, node_start_ms: i64, by: Importer) -> Result<ImportReport, StoreError> {
         let mut conn = self.db.lock();
         // A million-code import touches more pages than the default 2 MB
         // page cache holds; spilling made it a pread and a pwrite per code.
         conn.pragma_update(None, "cache_size", -131_072)?;
-        let imported = import_in(&mut conn, config, node_start_ms, serving);
+        let imported = import_in(&mut conn, config, node_start_ms, by);
         // Back to SQLite's default, whatever the import did: a serving
         // node's connection needs no such cache.
         conn.pragma_update(None, "cache_size", -2_000)?;
@@ -779,8 +774,9 @@ fn import_in(
     conn: &mut Connection,
     config: &Config,
     node_start_ms: i64,
-    serving: bool,
+    by: Importer,
 ) -> Result<ImportReport, StoreError> {
+    let serving = by != Importer::Tool;
     // IMMEDIATE: the write lock first. A deferred transaction that reads
     // (the stored ticket types) and then writes fails at once with "database
     // is locked" when another connection (the claim applier) committed in
@@ -802,16 +798,18 @@ fn import_in(
         // them (at start, on reload), and a tool's import only where there
         // are none yet (?8: keep the stored). A relative time resolved
         // against the tool's clock, or a limit edited in the file and not
-        // yet reloaded, is not what the node served. And the start stays
-        // the one the sale opened at once it has claims: the report counts
-        // from it, and a start moved after the sale (or a relative one
-        // resolved again at a restart) gave negative times and empty charts.
-        // (A claim still on its way from the journal, the applier's 25 ms,
-        // is not seen; a restart replays the journal before this.)
+        // yet reloaded, is not what the node served. And once the activity
+        // has claims its start may move earlier, not later: the report
+        // counts from it, and a start moved after the sale (or a relative
+        // one resolved again at a restart) gave negative times and empty
+        // charts. (A claim still on its way from the journal, the
+        // applier's 25 ms, is not seen; a restart replays the journal
+        // before this.)
         let mut upsert_activity = tx.prepare_cached(
                 "INSERT INTO activities (id, name, desc, image, start_ms, end_ms, per_user_limit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT(id) DO UPDATE SET name = excluded.name, desc = excluded.desc, image = excluded.image,
-                   start_ms = CASE WHEN ?8 OR EXISTS (SELECT 1 FROM claims WHERE activity_id = excluded.id)
+                   start_ms = CASE WHEN ?8 THEN start_ms
+                     WHEN excluded.start_ms > start_ms AND EXISTS (SELECT 1 FROM claims WHERE activity_id = excluded.id)
                      THEN start_ms ELSE excluded.start_ms END,
                    end_ms = CASE WHEN ?8 THEN end_ms ELSE excluded.end_ms END,
                    per_user_limit = CASE WHEN ?8 THEN per_user_limit ELSE excluded.per_user_limit END",
@@ -864,6 +862,7 @@ fn import_in(
                     explicit.clear();
                 }
                 let whole = !explicit.is_empty();
+                let others_before = others;
                 for code in explicit {
                     if insert_code.execute(params![code, t.id])? == 1 {
                         added.push(code.clone());
@@ -880,7 +879,9 @@ fn import_in(
                         }
                     }
                 }
-                if whole {
+                // Not with codes skipped (a node's start): the list is
+                // checked again at the next import, and a reload refuses it.
+                if whole && others == others_before {
                     record_list.execute(params![t.id, digest])?;
                 }
                 if let Some(target) = t.generate {
@@ -912,7 +913,16 @@ fn import_in(
             }
         }
         if others > 0 {
-            return Err(StoreError::codes_of_other_tickets(&named, others));
+            let refused = StoreError::codes_of_other_tickets(&named, others);
+            if by != Importer::Start {
+                return Err(refused);
+            }
+            // Skipped, as earlier versions did (see `Importer::Start`).
+            tracing::error!(
+                conflict = %refused,
+                "Codes skipped: the store holds them under other ticket types. A reload or `ticketd import` of this config is refused."
+            );
+            report.conflicts = named;
         }
     }
     tx.commit()?;
