@@ -224,12 +224,7 @@ pub fn verify(config: &Config, repair: bool) -> anyhow::Result<()> {
         // is checked (and repaired, if asked), and the way on said.
         Err(crate::store::StoreError::NoStore(dir)) if embedded && dir.join("journal").is_dir() => {
             verify_journal(config, repair)?;
-            bail!(
-                "{} holds a journal but no ticketd.db: restore ticketd.db from a backup before a node starts here \
-                 (the journal holds only the claims not yet applied to it, and a node would sell the others' codes \
-                 again)",
-                dir.display()
-            );
+            bail!("{}", crate::store::StoreError::JournalWithoutStore(dir));
         }
         Err(e) => return Err(e.into()),
     };

@@ -208,6 +208,14 @@ fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
     dir.join(format!("{first_seq:020}.journal"))
 }
 
+/// Whether `dir` holds any segment (a missing `dir` holds none).
+pub fn has_segments(dir: &Path) -> Result<bool, JournalError> {
+    if !dir.try_exists().map_err(io_err(dir))? {
+        return Ok(false);
+    }
+    Ok(!segments(dir)?.is_empty())
+}
+
 /// The segments in `dir`, oldest first, with their first sequence numbers.
 fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     let mut out = Vec::new();

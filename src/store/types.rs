@@ -104,6 +104,16 @@ pub enum StoreError {
         "no store in {0}: it holds no ticketd.db, which a node or `ticketd import` creates (is `storage.path` right?)"
     )]
     NoStore(std::path::PathBuf),
+    /// The directory holds journal segments but no `ticketd.db` (deleted, or
+    /// left behind by a restore): serving it would replay the journal into
+    /// a new, empty store and sell the codes of every claim it no longer
+    /// holds again (a drill showed it, and user ids given twice).
+    #[error(
+        "{} holds a journal but no ticketd.db: restore ticketd.db from a backup before a node starts here (the \
+         journal holds only the claims not yet applied to it, and a node would sell the others' codes again)",
+        .0.display()
+    )]
+    JournalWithoutStore(std::path::PathBuf),
     /// SQLite failed.
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),

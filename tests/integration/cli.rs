@@ -851,3 +851,41 @@ fn tools_run_without_the_admin_token_that_only_serve_needs() {
         "{err}"
     );
 }
+
+/// A data directory whose ticketd.db is gone but whose journal is there (a
+/// file deleted by hand, a restore that brought the journal only): a node
+/// started on it replayed the journal into a new, empty store, generated
+/// codes afresh and sold the codes of every claim no longer held again, and
+/// gave a new fan the user id (and the tickets) of an old one. The node, and
+/// every tool that would create the store, now refuse, and create nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_without_its_database_is_never_served() {
+    let mut app = TestApp::start(&(base_config() + &open_activity("gone", 5, 1)));
+    let token = app.register("gone-fan").await;
+    assert_eq!(app.claim(&token, "gone").await.status, 200);
+    assert_eq!(app.stop(), 0);
+    let data = app.dir.path().join("data");
+    for f in ["ticketd.db", "ticketd.db-wal", "ticketd.db-shm"] {
+        let _ = std::fs::remove_file(data.join(f));
+    }
+    assert!(
+        std::fs::read_dir(data.join("journal")).unwrap().next().is_some(),
+        "no segment left"
+    );
+    const SAID: &str = "holds a journal but no ticketd.db: restore ticketd.db from a backup";
+    let err = crate::common::serve_refused(
+        app.dir.path(),
+        std::time::Duration::from_secs(30),
+        "a node on a journal alone",
+    );
+    assert!(err.contains(SAID), "{err}");
+    let out = app.cli(&["import"], None);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains(SAID),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!data.join("ticketd.db").exists(), "a store was created");
+    let out = app.cli(&["verify"], None);
+    assert!(text(&out.stderr).contains(SAID), "{}", text(&out.stderr));
+}

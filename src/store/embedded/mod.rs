@@ -331,6 +331,15 @@ impl EmbeddedStore {
         }
         std::fs::create_dir_all(&dir).map_err(io("cannot create the data directory", &dir))?;
         let lock = try_lock(&dir)?;
+        // Before `open_db` creates the file: a journal with no database
+        // beside it is never a new store.
+        if !db_path
+            .try_exists()
+            .map_err(io("cannot look into the data directory", &dir))?
+            && crate::journal::has_segments(&journal_dir)?
+        {
+            return Err(StoreError::JournalWithoutStore(dir));
+        }
         let mut conn = open_db(&db_path)?;
         if lock.is_some() {
             // Only the process that owns the directory changes its tables:
