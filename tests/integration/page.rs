@@ -1130,3 +1130,66 @@ async fn my_tickets_says_when_past_sales_could_not_be_loaded() {
     )
     .await;
 }
+
+/// What a fan's page showed while things moved elsewhere:
+/// - a double tap on the grab button (taps 200-300 ms apart) claimed two
+///   tickets under a limit of two, and the page showed one code: the
+///   button came back as soon as the first claim was answered;
+/// - the activity list was read once, so a sale sold out showed "Open"
+///   with its opening stock;
+/// - a logout in another tab left this one's header saying logged in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_double_tap_claims_once_and_the_list_and_other_tabs_follow() {
+    let config = base_config()
+        + &Act::new("tap")
+            .limit(2)
+            .ticket("tap-t", "Seat", Codes::Generate(3))
+            .toml();
+    let app = TestApp::start(&config);
+    let url = app.url();
+    let mut b = Browser::launch().await;
+    register(&mut b, &url, "tapper", "#/act/tap").await;
+    click(&mut b, "#grab").await;
+    b.wait_for("document.querySelector('#claimed-code')", "the first code")
+        .await;
+    // The second tap of a double tap, a quarter of a second after the first.
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    b.eval("document.querySelector('#grab').click()").await;
+    // Once the button is back and idle, no claim is on its way.
+    b.wait_for(
+        "(() => { const g = document.querySelector('#grab'); return !g.disabled && !g.dataset.busy; })()",
+        "the grab button to come back",
+    )
+    .await;
+    let token = b.eval("localStorage.getItem('ticketd.token')").await;
+    assert_eq!(
+        app.held(token.as_str().unwrap(), "tap").await.len(),
+        1,
+        "a double tap claimed twice"
+    );
+
+    // The list follows the stock: another fan claims, the card shows it.
+    b.goto(&format!("{url}/#/")).await;
+    let card = "document.querySelector('li[data-act=tap] p')?.textContent";
+    b.wait_for(&format!("{card}?.endsWith(' 2 / 3')"), "the list's stock")
+        .await;
+    let other = app.users("tap-other", 1).await.remove(0);
+    assert_eq!(app.claim(&other, "tap").await.status, 200);
+    b.wait_for(&format!("{card}?.endsWith(' 1 / 3')"), "the list to follow the stock")
+        .await;
+
+    // Logged out in another document of the page's origin: the header follows.
+    b.eval(&format!(
+        "new Promise((done) => {{ const f = document.createElement('iframe'); f.src = {u}; \
+         f.onload = () => {{ f.contentWindow.localStorage.removeItem('ticketd.token'); done(true); }}; \
+         document.body.append(f); }})",
+        u = json!(format!("{url}/healthz"))
+    ))
+    .await;
+    b.wait_for(
+        "document.querySelector('#nav-logout').hidden",
+        "the header to say logged out",
+    )
+    .await;
+    assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
+}

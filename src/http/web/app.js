@@ -36,6 +36,7 @@ const WORDS = {
     passedOverDrawn: 'Your turn ended without a claim; the draw is over, so there is no new entry.',
     passedOverLast: 'Your turn ended without a claim, and this account has joined this waiting room as many times as it may.',
     standby: 'Every ticket left is held for fans whose turn came; you move up if they do not claim.',
+    notDrawn: 'The draw did not pick you this time: you are on the waiting list, and get a turn only if a winner does not claim.',
     entriesClosed: 'The draw has been made; entries are closed.', done: 'Your turn is over.',
     commitment: 'Draw commitment (SHA-256 of the seed)', seed: 'Revealed seed',
   },
@@ -66,6 +67,7 @@ const WORDS = {
     passedOverDrawn: '你的轮次已结束且未抢票；抽签已结束，不能再报名。',
     passedOverLast: '你的轮次已结束且未抢票；此账号加入本排队的次数已达上限。',
     standby: '剩余的票都已留给轮到的人；若他们不领，你会往前排。',
+    notDrawn: '这次抽签没有抽中你：你在候补名单上，只有中签者不领时才会轮到你。',
     entriesClosed: '已开奖，报名已截止。', done: '你的轮次已结束。',
     commitment: '抽签承诺（种子的 SHA-256）', seed: '公开的种子',
   },
@@ -154,6 +156,10 @@ const RETRYABLE = new Set(['RATE_LIMITED', 'IN_PROGRESS', 'STOCK_IN_FLIGHT', 'NO
   'INTERNAL', 'NETWORK', 'REQUEST_TIMEOUT']);
 const retryable = (res) => RETRYABLE.has(res.error.code) || (res.error.code === 'OTHER' && res.status >= 500);
 const MAX_TRIES = 6;
+/** After a ticket is got, the grab button stays off this long: a double
+ * tap (200-300 ms apart) claimed two tickets under a limit of two, and the
+ * page showed one. */
+const GRAB_SETTLE_MS = 1500;
 /** A request with no answer by then is given up as NETWORK (and retried as
  * such): a phone's connection that stalls mid-request would otherwise
  * leave the grab button on "Grabbing…" for minutes. */
@@ -383,6 +389,23 @@ async function listView() {
   if (mine !== navigation) return;
   if (!res.ok) return show(failedNotice(res.error, retryable(res), 'reload'));
   const acts = res.data.activities;
+  // The stock moves: read the list again every 5-10 s while it is shown
+  // (it was read once, and a sale sold out showed "Open" with its opening
+  // stock). The node renders the list once per change, and Nginx caches it.
+  let refreshing = false;
+  let nextRefresh = steadyNow() + 5000 + Math.random() * 5000;
+  every(1000, () => {
+    if (refreshing || document.hidden || steadyNow() < nextRefresh) return;
+    refreshing = true;
+    nextRefresh = steadyNow() + 5000 + Math.random() * 5000;
+    api('GET', '/act/list').then((r) => {
+      if (mine !== navigation || !r.ok) return;
+      for (const fresh of r.data.activities) {
+        const a = acts.find((x) => x.actId === fresh.actId);
+        if (a) Object.assign(a, fresh);
+      }
+    }).finally(() => { refreshing = false; });
+  });
   const items = acts.map((a) => {
     const badge = h('span', { class: 'badge' });
     const line = h('p', { class: 'muted' });
@@ -567,12 +590,19 @@ async function waitingRoom(a, queue) {
       lines.push(h('p', { class: 'countdown', id: 'queue-position' }, `${t('position')}: ${number(s.position)}`),
         h('p', { class: 'muted' }, `${number(s.ahead)} ${t('ahead')}`,
           s.etaMs != null ? ` · ${t('eta')} ${countdownText(s.etaMs)}` : ''));
-      if (s.standby) lines.push(notice('', t('standby')));
+      // Standby in a lottery is not being drawn: "0 ahead of you" alone
+      // read as being next.
+      if (s.standby) lines.push(notice('', t(lottery ? 'notDrawn' : 'standby')));
     }
     if (s.state === 'admitted') {
       const expires = Date.parse(s.passExpiresAt);
       const left = h('p', { class: 'countdown', id: 'pass-left' });
-      const tick = () => { left.textContent = `${t('passLeft')} ${countdownText(expires - serverNow())}`; };
+      const tick = () => {
+        left.textContent = `${t('passLeft')} ${countdownText(expires - serverNow())}`;
+        // Out of time: the grab button goes off now, not when the stream
+        // next speaks (a tap at 00:00:00 heard "wait for your turn").
+        if (expires <= serverNow()) queue.admitted = false;
+      };
       tick();
       timers.push(passTick = setInterval(tick, 500));
       lines.push(notice('ok', t('yourTurn'), ' ', when(expires)), left);
@@ -750,7 +780,9 @@ async function grab(a, ticketId, button, progress, result) {
   // is unknown: a retry can never claim twice.
   let resumed = claimKeys.pending(a.actId);
   const key = claimKeys.take(a.actId);
+  let settled = false;
   const got = (res) => {
+    settled = true;
     claimKeys.settle(a.actId);
     result.replaceChildren(notice('ok', h('p', {}, t('success')),
       h('p', { class: 'code', id: 'claimed-code' }, res.data.code), h('a', { href: '#/mine' }, t('seeMine'))));
@@ -855,8 +887,8 @@ async function grab(a, ticketId, button, progress, result) {
     result.replaceChildren(notice('bad', errorText({ code: 'CLAIM_TOKEN_EXPIRED' })));
   } finally {
     progress.hidden = true;
-    delete button.dataset.busy;
-    button.textContent = t('grab');
+    const done = () => { delete button.dataset.busy; button.textContent = t('grab'); };
+    if (settled) setTimeout(done, GRAB_SETTLE_MS); else done();
     langSwitch.disabled = false;
   }
 }
@@ -1033,6 +1065,12 @@ document.addEventListener('DOMContentLoaded', () => {
     location.hash = '#/';
   });
   window.addEventListener('hashchange', () => { route(); view().focus(); });
+  // Logged in or out in another tab: this one's header and view follow.
+  window.addEventListener('storage', (e) => {
+    if (e.key !== 'ticketd.token') return;
+    renderNav();
+    route();
+  });
   renderNav();
   route();
 });
