@@ -829,6 +829,29 @@ mod tests {
         assert_eq!(room.status(first, settled, false).state, PlaceState::Done);
     }
 
+    /// The fan who takes the last code closes the room: that pass is over
+    /// at once, as a used pass is in an open room. It showed "admitted",
+    /// with the pass's countdown, until the pass lapsed (two walkthroughs
+    /// saw "Your turn!" beside "Got it!").
+    #[test]
+    fn the_pass_that_took_the_last_code_is_done_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let room = stepped_room(dir.path(), &[1], 1);
+        room.log.as_ref().unwrap().sync_now().unwrap();
+        assert_eq!(room.status(1, 1_010, false).state, PlaceState::Admitted);
+        let gone = StockView {
+            remaining: 0,
+            settled: true,
+        };
+        let claimed = |_: u64| 1;
+        room.tick(|| 1_100, &|| gone, &claimed); // the close
+        room.tick(|| 1_200, &|| gone, &claimed);
+        room.log.as_ref().unwrap().sync_now().unwrap();
+        let status = room.status(1, 1_200, false);
+        assert!(status.pass_expires_at.is_some());
+        assert_eq!(status.state, PlaceState::Done, "the pass lapses later");
+    }
+
     /// Entries close at the draw time, not at the admitter's step that
     /// draws: a lottery join in between was drawn with the entrants (a
     /// red-team run joined 3 and 13 ms late and was in the draw); a queue

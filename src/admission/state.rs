@@ -741,7 +741,23 @@ impl RoomState {
     ) -> Vec<Event> {
         let elapsed = now.saturating_sub(self.last_tick_ms).max(0);
         self.last_tick_ms = now;
-        if self.closed_ms.is_some() || now < self.settings.opens_ms {
+        if self.closed_ms.is_some() {
+            // Closed (sold out or ended), no pass can claim more: one that
+            // claimed is over now. The fan who took the last code was
+            // shown "your turn" with the pass's countdown until it lapsed.
+            let places = &mut self.places;
+            self.active.retain(|&(user, _)| {
+                let used = claimed(user) > 0;
+                if used {
+                    if let Some(p) = places.get_mut(&user) {
+                        p.state = PlaceState::Done;
+                    }
+                }
+                !used
+            });
+            return Vec::new();
+        }
+        if now < self.settings.opens_ms {
             return Vec::new();
         }
         if self.shuffled_ms.is_none() && now >= self.settings.shuffle_ms {
