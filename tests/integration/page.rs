@@ -1063,7 +1063,8 @@ async fn a_stalled_grab_is_given_up_and_retried_once_in_chromium() {
 /// dropped without a word, its answer never coming) was waited on for
 /// ever: the fan never heard "your turn". The page now takes 35 s without
 /// a byte (the node writes at least every 15 s) for a dead stream, keeps
-/// the place by checking in, and opens another.
+/// the place by checking in, and opens another. The page's clocks are
+/// moved on instead of waited out (35 s of the suite's five minutes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_event_stream_is_given_up_and_opened_again() {
     let config = base_config()
@@ -1081,12 +1082,14 @@ async fn a_silent_event_stream_is_given_up_and_opened_again() {
     click(&mut b, "#join").await;
     // The stream's answer is held: the page hears nothing on it.
     let _silent = b.next_paused().await;
-    let started = std::time::Instant::now();
-    let again = b.next_paused_within(std::time::Duration::from_secs(60)).await;
-    assert!(
-        started.elapsed() >= std::time::Duration::from_secs(30),
-        "opened again too soon"
-    );
+    // 31 s of silence by the page's clocks: still waited on (the page looks
+    // every second).
+    shift_page_clock(&mut b, 31_000).await;
+    let early = b.paused_within(std::time::Duration::from_millis(2_500)).await;
+    assert!(early.is_none(), "opened again too soon: {early:?}");
+    // Past 35 s: given up, and another opened.
+    shift_page_clock(&mut b, 5_000).await;
+    let again = b.next_paused_within(std::time::Duration::from_secs(20)).await;
     assert!(
         again["request"]["url"].as_str().unwrap().contains("/queue/events"),
         "{again}"
@@ -1175,6 +1178,8 @@ async fn a_double_tap_claims_once_and_the_list_and_other_tabs_follow() {
         .await;
     let other = app.users("tap-other", 1).await.remove(0);
     assert_eq!(app.claim(&other, "tap").await.status, 200);
+    // Its next look is 5-10 s away by the page's clocks: moved on, not waited.
+    shift_page_clock(&mut b, 10_000).await;
     b.wait_for(&format!("{card}?.endsWith(' 1 / 3')"), "the list to follow the stock")
         .await;
 

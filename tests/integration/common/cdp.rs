@@ -197,14 +197,19 @@ impl Browser {
 
     /// [`Browser::next_paused`], waiting up to `within`.
     pub async fn next_paused_within(&mut self, within: Duration) -> Value {
+        self.paused_within(within)
+            .await
+            .unwrap_or_else(|| panic!("no intercepted request within {within:?}"))
+    }
+
+    /// The next intercepted request within `within`, if one comes.
+    pub async fn paused_within(&mut self, within: Duration) -> Option<Value> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             if let Some(p) = self.paused.pop_front() {
-                return p;
+                return Some(p);
             }
-            let next = tokio::time::timeout_at(deadline, self.socket.next())
-                .await
-                .unwrap_or_else(|_| panic!("no intercepted request within {within:?}"));
+            let next = tokio::time::timeout_at(deadline, self.socket.next()).await.ok()?;
             if let Some(Ok(Message::Text(text))) = next {
                 let v: Value = serde_json::from_str(&text).unwrap();
                 self.event(&v);
