@@ -836,20 +836,27 @@ mod tests {
     #[test]
     fn the_pass_that_took_the_last_code_is_done_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let room = stepped_room(dir.path(), &[1], 1);
+        let room = stepped_room(dir.path(), &[1, 2], 2);
         room.log.as_ref().unwrap().sync_now().unwrap();
-        assert_eq!(room.status(1, 1_010, false).state, PlaceState::Admitted);
+        for fan in [1, 2] {
+            assert_eq!(room.status(fan, 1_010, false).state, PlaceState::Admitted);
+        }
         let gone = StockView {
             remaining: 0,
             settled: true,
         };
-        let claimed = |_: u64| 1;
+        // Fan 1 took the last code (another way took the other).
+        let claimed = |u: u64| u32::from(u == 1);
         room.tick(|| 1_100, &|| gone, &claimed); // the close
         room.tick(|| 1_200, &|| gone, &claimed);
         room.log.as_ref().unwrap().sync_now().unwrap();
         let status = room.status(1, 1_200, false);
         assert!(status.pass_expires_at.is_some());
         assert_eq!(status.state, PlaceState::Done, "the pass lapses later");
+        // The pass that claimed nothing is over too: shown as sold out,
+        // and no claim token comes of it.
+        assert_eq!(room.status(2, 1_200, false).state, PlaceState::SoldOut);
+        assert_eq!(room.pass_of(2, 1_200), None);
     }
 
     /// Entries close at the draw time, not at the admitter's step that

@@ -742,19 +742,21 @@ impl RoomState {
         let elapsed = now.saturating_sub(self.last_tick_ms).max(0);
         self.last_tick_ms = now;
         if self.closed_ms.is_some() {
-            // Closed (sold out or ended), no pass can claim more: one that
-            // claimed is over now. The fan who took the last code was
-            // shown "your turn" with the pass's countdown until it lapsed.
+            // Closed (sold out or ended, for good), no pass can claim
+            // more: every pass is over now, Done if it claimed (the fan
+            // who took the last code was shown "your turn" and the pass's
+            // countdown until it lapsed), else passed over, which a closed
+            // room shows as sold out or ended.
             let places = &mut self.places;
-            self.active.retain(|&(user, _)| {
-                let used = claimed(user) > 0;
-                if used {
-                    if let Some(p) = places.get_mut(&user) {
-                        p.state = PlaceState::Done;
-                    }
+            for (user, _) in self.active.drain(..) {
+                if let Some(p) = places.get_mut(&user) {
+                    p.state = if claimed(user) > 0 {
+                        PlaceState::Done
+                    } else {
+                        PlaceState::PassedOver
+                    };
                 }
-                !used
-            });
+            }
             return Vec::new();
         }
         if now < self.settings.opens_ms {

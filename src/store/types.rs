@@ -267,7 +267,9 @@ pub enum Importer {
     /// node that would not start mid-sale (systemd restarting it after a
     /// crash) is worse than a ticket type without those codes.
     Start,
-    /// A serving node's reload.
+    /// A serving node's reload: it skips the codes its start skipped (a
+    /// pause is a reload, and must not be refused for them) and refuses
+    /// any other code of another ticket type.
     Reload,
 }
 
@@ -279,10 +281,10 @@ pub struct ImportReport {
     /// Per ticket: id, codes added now (never claimed), codes known in total.
     pub tickets: Vec<TicketImport>,
     /// Codes in the config that already belong to another ticket type,
-    /// skipped: a node's start ([`Importer::Start`]), or, in a cluster, an
-    /// import whose lock lapsed while another stored them. Otherwise an
-    /// import refuses such a config before it writes
-    /// ([`StoreError::CodesOfOtherTickets`]).
+    /// skipped by a cluster's import whose lock lapsed while another stored
+    /// them. Otherwise an import refuses such a config before it writes
+    /// ([`StoreError::CodesOfOtherTickets`]), and a node's start skips them
+    /// and says so itself ([`Importer::Start`]).
     pub conflicts: Vec<String>,
     /// Activities `ticketd retire` had taken off sale that this import puts
     /// back (a cluster's; said, not done in silence).

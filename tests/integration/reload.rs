@@ -386,7 +386,8 @@ async fn a_config_that_lists_another_ticket_types_codes_is_refused() {
 
     // A node starting on such a config (a store an earlier version wrote
     // meets it at every start) serves, skipping the codes and saying so
-    // at error level; its reloads still refuse it.
+    // at error level. Its reloads skip those too (a pause is a reload),
+    // and refuse any other code of another ticket type.
     let mut app = app;
     assert_eq!(app.stop(), 0);
     std::fs::write(app.config_path(), &renamed).unwrap();
@@ -397,6 +398,16 @@ async fn a_config_that_lists_another_ticket_types_codes_is_refused() {
         "{said}"
     );
     assert_eq!(app.detail("rn").await["tickets"][0]["remaining"], 0);
-    let outcome = app.reload(&renamed);
-    assert!(outcome["reason"].as_str().unwrap().contains(SAID), "{outcome}");
+    let paused = renamed.replace("[[activity.ticket]]", "paused = true\n\n[[activity.ticket]]");
+    assert_ne!(paused, renamed);
+    assert_eq!(app.reload(&paused)["message"], "Config reloaded.");
+    let again = renamed.replace("id = \"rn-b\"", "id = \"rn-c\"");
+    let outcome = app.reload(&again);
+    assert!(
+        outcome["reason"]
+            .as_str()
+            .unwrap()
+            .contains("code `R-1` of ticket `rn-c` already belongs to ticket `rn-a`"),
+        "{outcome}"
+    );
 }

@@ -597,11 +597,24 @@ async function waitingRoom(a, queue) {
     if (s.state === 'admitted') {
       const expires = Date.parse(s.passExpiresAt);
       const left = h('p', { class: 'countdown', id: 'pass-left' });
+      let asked = false;
       const tick = () => {
         left.textContent = `${t('passLeft')} ${countdownText(expires - serverNow())}`;
         // Out of time: the grab button goes off now, not when the stream
-        // next speaks (a tap at 00:00:00 heard "wait for your turn").
-        if (expires <= serverNow()) queue.admitted = false;
+        // next speaks (a tap at 00:00:00 heard "wait for your turn"); and
+        // the room is asked once, since a pass extended after a pause
+        // changes nothing the stream tells.
+        if (expires <= serverNow() && !asked) {
+          asked = true;
+          queue.admitted = false;
+          api('GET', `/queue/status?actId=${encodeURIComponent(a.actId)}`).then((r) => {
+            // Extended: the turn goes on. Retired: said. Else the stream
+            // tells of the retirement, as it changes the state.
+            const extended = r.ok && r.data.state === 'admitted' && Date.parse(r.data.passExpiresAt) > expires;
+            if (mine === navigation && r.ok && panel.dataset.state === 'admitted'
+              && (extended || r.data.state !== 'admitted')) render(r.data);
+          });
+        }
       };
       tick();
       timers.push(passTick = setInterval(tick, 500));
@@ -1065,11 +1078,13 @@ document.addEventListener('DOMContentLoaded', () => {
     location.hash = '#/';
   });
   window.addEventListener('hashchange', () => { route(); view().focus(); });
-  // Logged in or out in another tab: this one's header and view follow.
+  // Logged in or out in another tab: this one's header and view follow
+  // (the view once a grab in progress here has its answer: redrawn
+  // mid-grab, the code would go to a view no longer shown).
   window.addEventListener('storage', (e) => {
     if (e.key !== 'ticketd.token') return;
     renderNav();
-    route();
+    if (!document.querySelector('[data-busy]')) route();
   });
   renderNav();
   route();

@@ -22,7 +22,7 @@ mod reconcile;
 mod report;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::{File, OpenOptions},
     os::fd::AsRawFd,
     path::Path,
@@ -167,6 +167,11 @@ pub struct EmbeddedStore {
     dir: std::path::PathBuf,
     /// Held for the life of a serving node.
     _lock: Option<File>,
+    /// Codes of other ticket types the node's start skipped
+    /// ([`Importer::Start`]), as "ticket\ncode": its reloads skip them too, so that a store an
+    /// earlier version wrote can still be reloaded (a pause is a reload),
+    /// while a code newly given to another ticket type is refused.
+    skipped_at_start: Mutex<HashSet<String>>,
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -374,6 +379,7 @@ impl EmbeddedStore {
                     applied: Some(applied),
                     dir,
                     _lock: Some(lock),
+                    skipped_at_start: Mutex::default(),
                 })
             }
             (Access::Inspect, _) => unreachable!("opened read-only above"),
@@ -414,6 +420,7 @@ impl EmbeddedStore {
             applied: None,
             dir,
             _lock: None,
+            skipped_at_start: Mutex::default(),
         }
     }
 
@@ -474,7 +481,8 @@ impl EmbeddedStore {
         // A million-code import touches more pages than the default 2 MB
         // page cache holds; spilling made it a pread and a pwrite per code.
         conn.pragma_update(None, "cache_size", -131_072)?;
-        let imported = import_in(&mut conn, config, node_start_ms, by);
+        let mut skipped = self.skipped_at_start.lock();
+        let imported = import_in(&mut conn, config, node_start_ms, by, &mut skipped);
         // Back to SQLite's default, whatever the import did: a serving
         // node's connection needs no such cache.
         conn.pragma_update(None, "cache_size", -2_000)?;
@@ -784,6 +792,7 @@ fn import_in(
     config: &Config,
     node_start_ms: i64,
     by: Importer,
+    skipped_at_start: &mut HashSet<String>,
 ) -> Result<ImportReport, StoreError> {
     let serving = by != Importer::Tool;
     // IMMEDIATE: the write lock first. A deferred transaction that reads
@@ -841,7 +850,7 @@ fn import_in(
         let mut count = tx.prepare_cached("SELECT COUNT(*) FROM codes WHERE ticket_id = ?1")?;
         // Codes the store holds under another ticket type: the whole
         // import is refused (the transaction dropped), naming a few.
-        let (mut named, mut others) = (Vec::new(), 0);
+        let (mut named, mut others, mut others_skipped) = (Vec::new(), 0, 0);
         for a in &config.activities {
             upsert_activity.execute(params![
                 a.id,
@@ -871,13 +880,20 @@ fn import_in(
                     explicit.clear();
                 }
                 let whole = !explicit.is_empty();
-                let others_before = others;
+                let others_before = others + others_skipped;
                 for code in explicit {
                     if insert_code.execute(params![code, t.id])? == 1 {
                         added.push(code.clone());
                     } else {
                         let holder: String = owner.query_row([code], |r| r.get(0))?;
-                        if holder != t.id {
+                        let skipped_key = format!("{}\n{code}", t.id);
+                        if holder != t.id && by == Importer::Reload && skipped_at_start.contains(&skipped_key) {
+                            // Skipped at the start, and said there.
+                            others_skipped += 1;
+                        } else if holder != t.id {
+                            if by == Importer::Start {
+                                skipped_at_start.insert(skipped_key);
+                            }
                             others += 1;
                             if named.len() < StoreError::CODES_NAMED {
                                 named.push(format!(
@@ -890,7 +906,7 @@ fn import_in(
                 }
                 // Not with codes skipped (a node's start): the list is
                 // checked again at the next import, and a reload refuses it.
-                if whole && others == others_before {
+                if whole && others + others_skipped == others_before {
                     record_list.execute(params![t.id, digest])?;
                 }
                 if let Some(target) = t.generate {
@@ -929,9 +945,8 @@ fn import_in(
             // Skipped, as earlier versions did (see `Importer::Start`).
             tracing::error!(
                 conflict = %refused,
-                "Codes skipped: the store holds them under other ticket types. A reload or `ticketd import` of this config is refused."
+                "Codes skipped: the store holds them under other ticket types. Reloads skip these too; `ticketd import` of this config is refused."
             );
-            report.conflicts = named;
         }
     }
     tx.commit()?;
