@@ -66,13 +66,26 @@ pub fn resolve_secret(config: &Config, store: &Store) -> Result<String, StoreErr
     if let Some(s) = config.auth.session_secret() {
         return Ok(s);
     }
-    store.secret("session", &|| {
+    let made = std::cell::RefCell::new(String::new());
+    let secret = store.secret("session", &|| {
         let mut bytes = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut bytes);
         let mut more = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut more);
-        session::token_id_hex(&bytes) + &session::token_id_hex(&more)
-    })
+        let secret = session::token_id_hex(&bytes) + &session::token_id_hex(&more);
+        made.replace(secret.clone());
+        secret
+    })?;
+    // Made now, for a store that has accounts: their sessions were signed
+    // with a secret that is gone (a restore without it, a row deleted),
+    // and every fan is logged out. That was silent.
+    if secret == *made.borrow() && store.has_users()? {
+        tracing::warn!(
+            "The store had accounts but no session secret: a new one was made, so every session signed before \
+             has ended and fans log in again. (Was the store restored from an incomplete copy?)"
+        );
+    }
+    Ok(secret)
 }
 
 /// Why an account operation failed.

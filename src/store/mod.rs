@@ -335,6 +335,15 @@ impl Store {
         }
     }
 
+    /// Whether the store holds any account.
+    pub fn has_users(&self) -> Result<bool, StoreError> {
+        let page = match self {
+            Store::Embedded(s) => s.users_page(0, 1)?,
+            Store::Cluster(s) => s.users_page(0, 1)?,
+        };
+        Ok(page.read > 0)
+    }
+
     /// Calls `f` with every user, by id, a page of a thousand at a time,
     /// each page a read of its own (as [`Store::export_claims`]): a million
     /// accounts are listed in the memory of a page, not of all of them.

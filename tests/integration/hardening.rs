@@ -1193,3 +1193,22 @@ async fn personal_answers_are_not_cacheable() {
     assert_eq!(status, 200);
     assert!(!answer.contains("no-store"), "{answer}");
 }
+
+/// A store with accounts but no session secret (a restore from an
+/// incomplete copy, a row deleted by hand) got a new secret in silence:
+/// every fan's session ended and nothing said why. The node now says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_secret_made_for_a_store_with_accounts_is_said() {
+    let mut app = TestApp::start(&(base_config() + &open_activity("ss", 1, 1)));
+    const SAID: &str = "The store had accounts but no session secret: a new one was made, so every session signed \
+                        before has ended and fans log in again. (Was the store restored from an incomplete copy?)";
+    assert_eq!(app.count_logs(SAID), 0, "a new store's first secret is no news");
+    let token = app.register("ss-fan").await;
+    assert_eq!(app.stop(), 0);
+    app.sqlite()
+        .execute("DELETE FROM meta WHERE key = 'secret.session'", [])
+        .unwrap();
+    app.boot();
+    assert_eq!(app.count_logs(SAID), 1);
+    assert_eq!(app.claim(&token, "ss").await.status, 401, "the old session ended");
+}
