@@ -820,20 +820,27 @@ async fn the_detail_page_follows_the_stock_a_moved_start_and_a_pause() {
     }
     until_shown(&mut b, "upcoming", true, "the upcoming sale").await;
 
+    // Each change below is seen at the page's next look, 4-8 s away by
+    // its clocks, which are moved on 8 s rather than waited out (the
+    // windows are far wider than the 32 s this moves them).
     // The organiser brings the start forward: the page opens the sale.
     app.reload(&act(("-1m", "+2h"), false));
+    shift_page_clock(&mut b, 8_000).await;
     until_shown(&mut b, "open", false, "the sale to open on the page").await;
     // Someone else claims: the stock on the page falls.
     let other = app.users("other", 1).await.remove(0);
     assert_eq!(app.claim(&other, "moved").await.status, 200);
+    shift_page_clock(&mut b, 8_000).await;
     let left = "document.querySelector('tr[data-ticket=moved-t] td:nth-child(2)').textContent";
     b.wait_for(&format!("{left} === '2'"), "the stock to fall to 2").await;
     // A pause shuts the button.
     app.reload(&act(("-1m", "+2h"), true));
+    shift_page_clock(&mut b, 8_000).await;
     until_shown(&mut b, "paused", true, "the pause on the page").await;
     // The organiser ends it early: the list no longer has it, the page
     // asks about it and shows it ended.
     app.reload(&act(("-2m", "-1s"), false));
+    shift_page_clock(&mut b, 8_000).await;
     until_shown(&mut b, "ended", true, "the early end on the page").await;
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 }
