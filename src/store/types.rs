@@ -153,9 +153,15 @@ impl StoreError {
     /// are named; the rest are counted.
     pub const CODES_NAMED: usize = 5;
 
+    /// One code of a config that the store holds under another ticket
+    /// type, as [`StoreError::codes_of_other_tickets`] names it.
+    pub fn held_elsewhere(code: &str, ticket: &str, holder: &str) -> String {
+        format!("code `{code}` of ticket `{ticket}` already belongs to ticket `{holder}`")
+    }
+
     /// The refusal of a config whose codes the store holds under other
-    /// ticket types: `named`, each "code `C` of ticket `T` already belongs
-    /// to ticket `U`", of `total` such codes.
+    /// ticket types: `named`, each [`StoreError::held_elsewhere`], of
+    /// `total` such codes.
     ///
     /// A code is its ticket type's for good: claims, stock and the master
     /// lists count it there. Such a code used to be skipped with a warning,

@@ -606,7 +606,7 @@ async fn a_node_short_of_files_says_so_at_start_and_once_when_they_run_out() {
         1,
     );
     // It retries every 20 ms: a hundred lines in these two seconds before.
-    std::thread::sleep(Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         app.count_logs("Accept failed; new connections wait in the kernel's queue until a file is free."),
         1

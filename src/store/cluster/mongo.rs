@@ -185,11 +185,10 @@ pub async fn codes_of_other_tickets(db: &Database, config: &Config) -> Result<(V
             while let Some(d) = owners.try_next().await? {
                 total += 1;
                 if named.len() < StoreError::CODES_NAMED {
-                    named.push(format!(
-                        "code `{}` of ticket `{}` already belongs to ticket `{}`",
+                    named.push(StoreError::held_elsewhere(
                         d.get_str("_id").unwrap_or_default(),
-                        t.id,
-                        d.get_str("ticket_id").unwrap_or_default()
+                        &t.id,
+                        d.get_str("ticket_id").unwrap_or_default(),
                     ));
                 }
             }
@@ -270,11 +269,10 @@ pub async fn import(db: &Database, config: &Config, node_start_ms: i64) -> Resul
                         .find(doc! {"_id": {"$in": &refused}, "ticket_id": {"$ne": &t.id}})
                         .await?;
                     while let Some(d) = owners.try_next().await? {
-                        report.conflicts.push(format!(
-                            "code `{}` of ticket `{}` already belongs to ticket `{}`",
+                        report.conflicts.push(StoreError::held_elsewhere(
                             d.get_str("_id").unwrap_or_default(),
-                            t.id,
-                            d.get_str("ticket_id").unwrap_or_default()
+                            &t.id,
+                            d.get_str("ticket_id").unwrap_or_default(),
                         ));
                     }
                 }

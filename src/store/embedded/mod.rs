@@ -850,7 +850,7 @@ fn import_in(
         let mut count = tx.prepare_cached("SELECT COUNT(*) FROM codes WHERE ticket_id = ?1")?;
         // Codes the store holds under another ticket type: the whole
         // import is refused (the transaction dropped), naming a few.
-        let (mut named, mut others, mut others_skipped) = (Vec::new(), 0, 0);
+        let (mut named, mut others) = (Vec::new(), 0);
         for a in &config.activities {
             upsert_activity.execute(params![
                 a.id,
@@ -880,33 +880,35 @@ fn import_in(
                     explicit.clear();
                 }
                 let whole = !explicit.is_empty();
-                let others_before = others + others_skipped;
+                // Whether a listed code is another ticket type's.
+                let mut clash = false;
                 for code in explicit {
                     if insert_code.execute(params![code, t.id])? == 1 {
                         added.push(code.clone());
-                    } else {
-                        let holder: String = owner.query_row([code], |r| r.get(0))?;
-                        let skipped_key = format!("{}\n{code}", t.id);
-                        if holder != t.id && by == Importer::Reload && skipped_at_start.contains(&skipped_key) {
-                            // Skipped at the start, and said there.
-                            others_skipped += 1;
-                        } else if holder != t.id {
-                            if by == Importer::Start {
-                                skipped_at_start.insert(skipped_key);
-                            }
-                            others += 1;
-                            if named.len() < StoreError::CODES_NAMED {
-                                named.push(format!(
-                                    "code `{code}` of ticket `{}` already belongs to ticket `{holder}`",
-                                    t.id
-                                ));
-                            }
+                        continue;
+                    }
+                    let holder: String = owner.query_row([code], |r| r.get(0))?;
+                    if holder == t.id {
+                        continue;
+                    }
+                    clash = true;
+                    let key = format!("{}\n{code}", t.id);
+                    match by {
+                        // Skipped at the start, and said there.
+                        Importer::Reload if skipped_at_start.contains(&key) => continue,
+                        Importer::Start => {
+                            skipped_at_start.insert(key);
                         }
+                        _ => {}
+                    }
+                    others += 1;
+                    if named.len() < StoreError::CODES_NAMED {
+                        named.push(StoreError::held_elsewhere(code, &t.id, &holder));
                     }
                 }
                 // Not with codes skipped (a node's start): the list is
                 // checked again at the next import, and a reload refuses it.
-                if whole && others + others_skipped == others_before {
+                if whole && !clash {
                     record_list.execute(params![t.id, digest])?;
                 }
                 if let Some(target) = t.generate {
