@@ -1695,7 +1695,7 @@ async fn an_account_holds_a_few_event_streams_not_the_nodes_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn waiting_fans_streams_leave_the_connections_claims_need() {
     let app = TestApp::start(
-        &(base_config().replace("[server]", "[server]\nmax_connections = 4")
+        &(base_config().replace("[server]", "[server]\nmax_connections = 8")
             + &queue("wf", 1, "+30m", &[])
             + &open_activity("wc", 5, 1)),
     );
@@ -1703,15 +1703,18 @@ async fn waiting_fans_streams_leave_the_connections_claims_need() {
     for t in &tokens {
         assert_eq!(join(&app.client, t, "wf").await.status, 200);
     }
+    // Eight streams, the whole budget: the same number caps the other
+    // connections, which leaves this test's idle ones, the refused ninth
+    // while it closes and the claims' own more than enough room.
     let mut open = Vec::new();
     for t in &tokens[..2] {
-        for _ in 0..2 {
+        for _ in 0..4 {
             let mut events = Events::open(&app, t, "wf").await;
             assert_eq!(events.next().await.unwrap()["state"], "waiting");
             open.push(events);
         }
     }
-    let fifth = send_head(
+    let ninth = send_head(
         &app,
         &[format!(
             "GET /queue/events?actId=wf HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\r\n",
@@ -1720,10 +1723,10 @@ async fn waiting_fans_streams_leave_the_connections_claims_need() {
         .as_bytes()],
     )
     .await;
-    assert!(fifth.starts_with("HTTP/1.1 503"), "{fifth}");
+    assert!(ninth.starts_with("HTTP/1.1 503"), "{ninth}");
     assert!(
-        fifth.contains(r#"{"ok":false,"error":{"code":"STREAMS_FULL""#),
-        "{fifth}"
+        ninth.contains(r#"{"ok":false,"error":{"code":"STREAMS_FULL""#),
+        "{ninth}"
     );
     // New connections are still served while every stream stays open (a
     // client of its own: none of the suite client's pooled connections).
