@@ -406,6 +406,9 @@ async fn blocklists_refuse_users_and_address_ranges() {
     );
     let app = TestApp::start(&open);
     let token = app.register("mallory").await;
+    let claim = app.claim(&token, "bl").await;
+    assert_eq!(claim.status, 200, "{}", claim.body);
+    let claim_id = &claim.data()["claimId"];
     let body = app.claim_body(&token, "bl").await;
 
     // Block her mid-sale: her live session can no longer claim, nor can she log in.
@@ -418,6 +421,24 @@ async fn blocklists_refuse_users_and_address_ranges() {
         &app.client.post("/ticket/get", Some(&token), &body).await.unwrap(),
         403,
         "BLOCKED",
+    );
+    // Nor read the code she holds, nor get a claim token: blocking is how a
+    // stolen session is ended, and these went on answering it.
+    for path in [
+        "/ticket/list".to_owned(),
+        format!("/ticket/detail?ticketId={claim_id}"),
+        format!("/ticket/qr?ticketId={claim_id}"),
+        "/act/detail?actId=bl".to_owned(),
+    ] {
+        assert_error(&app.client.get(&path, Some(&token)).await.unwrap(), 403, "BLOCKED");
+    }
+    // She may still log out.
+    let out = app.client.post("/user/logout", Some(&token), &json!({})).await.unwrap();
+    assert_eq!(out.status, 200, "{}", out.body);
+    assert_error(
+        &app.client.get("/ticket/list", Some(&token)).await.unwrap(),
+        401,
+        "UNAUTHORIZED",
     );
     let login = json!({ "username": "mallory", "password": "password-mallory" });
     assert_error(
@@ -439,7 +460,7 @@ async fn blocklists_refuse_users_and_address_ranges() {
         403,
         "BLOCKED",
     );
-    assert_eq!(app.detail("bl").await["remaining"], 5);
+    assert_eq!(app.detail("bl").await["remaining"], 4);
 
     // A blocked range behind the trusted proxy (the nearest untrusted hop counts).
     assert_error(&list_via(&app.client, "203.0.113.7").await, 403, "BLOCKED");

@@ -26,7 +26,7 @@ use crate::{
     admission::{Entry, JoinError, PlaceState, QueueStatus, Room, Rooms, StreamRefused, StreamSlot},
     auth::{
         claim_token::{join_challenge, pow_ok},
-        Auth, Denied, Guard, Session,
+        Auth, Guard, Session,
     },
     catalog::{Activity, Status},
     clock::{now_ms, rfc3339_ms},
@@ -159,17 +159,11 @@ fn join_error(e: JoinError, activity: &Activity, now: i64) -> ApiError {
 
 /// The caller's session, allowed by their address's bucket and not blocked.
 fn caller(state: &AppState, req_headers: &http::HeaderMap, ip: IpAddr) -> Result<Session, ApiError> {
-    let m = metrics::global();
     state
         .guard
         .admit_claim_from(ip, Instant::now())
-        .inspect_err(|_| m.reject(Rejected::IpRate))?;
-    let session = session(state, req_headers)?;
-    if state.guard.is_blocked_id(session.user_id) {
-        m.reject(Rejected::Blocked);
-        return Err(Denied::Blocked.into());
-    }
-    Ok(session)
+        .inspect_err(|_| metrics::global().reject(Rejected::IpRate))?;
+    session(state, req_headers)
 }
 
 /// Takes a place (joining again keeps it) and answers with it, once the

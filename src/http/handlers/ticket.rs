@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 
 use super::ClaimView;
 use crate::{
-    auth::Denied,
     catalog::Catalog,
     claim::ClaimRequest,
     clock::now_ms,
@@ -83,11 +82,8 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
         .guard
         .admit_claim_from(ip, now)
         .inspect_err(|_| m.reject(Rejected::IpRate))?;
+    // Refuses a blocked account too.
     let session = session(state, req.headers())?;
-    if state.guard.is_blocked_id(session.user_id) {
-        m.reject(Rejected::Blocked);
-        return Err(Denied::Blocked.into());
-    }
     state
         .guard
         .admit_claim_by(session.user_id, now)

@@ -12,7 +12,7 @@ use crate::{
     auth::{username::identity_key, AuthError, Denied},
     http::{
         error::ApiError,
-        request::{json_body, ok, session},
+        request::{any_session, json_body, ok},
     },
     metrics::{self, Rejected},
     state::AppState,
@@ -135,7 +135,7 @@ fn count_busy(e: &AuthError) {
 
 /// Revokes the caller's token.
 pub async fn logout(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
-    let session = session(state, req.headers())?;
+    let session = any_session(state, req.headers())?;
     state.auth.logout(session).await?;
     Ok(ok(&serde_json::json!({ "loggedOut": true })))
 }
