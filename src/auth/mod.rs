@@ -497,8 +497,15 @@ impl Auth {
                     let cost = this.settings.load().cost;
                     if !password::has_cost(&hash, cost) {
                         let rehashed = password::hash(&password, cost);
-                        if let Err(error) = this.store.set_password_hash(u.id, &rehashed) {
-                            tracing::warn!(%error, "Could not re-hash a password at the current cost.");
+                        // Only over the hash just checked: a password set
+                        // meanwhile (`ticketd user passwd`) stays.
+                        match this.store.rehash_password(u.id, &hash, &rehashed) {
+                            Ok(true) => {}
+                            Ok(false) => tracing::info!(
+                                user_id = u.id,
+                                "A password changed while a login re-hashed the old one; the new one is kept."
+                            ),
+                            Err(error) => tracing::warn!(%error, "Could not re-hash a password at the current cost."),
                         }
                     }
                     Ok(u)

@@ -319,11 +319,23 @@ impl Store {
         }
     }
 
-    /// Replaces a user's password hash (a login re-hashing at the current cost).
+    /// Replaces a user's password hash (`ticketd user passwd`).
     pub fn set_password_hash(&self, user_id: u64, hash: &str) -> Result<(), StoreError> {
         match self {
             Store::Embedded(s) => s.set_password_hash(user_id, hash),
             Store::Cluster(s) => s.set_password_hash(user_id, hash),
+        }
+    }
+
+    /// Replaces a user's password hash `old` with `new` (a login re-hashing
+    /// at the current cost) if `old` is still the stored one; whether it
+    /// was. The re-hash takes as long as a login, and one that overwrote
+    /// whatever was stored undid a `user passwd` made meanwhile: the old
+    /// password logged in again and the new one did not.
+    pub fn rehash_password(&self, user_id: u64, old: &str, new: &str) -> Result<bool, StoreError> {
+        match self {
+            Store::Embedded(s) => s.rehash_password(user_id, old, new),
+            Store::Cluster(s) => s.rehash_password(user_id, old, new),
         }
     }
 

@@ -1002,3 +1002,54 @@ async fn an_accounts_logouts_are_bounded_and_every_one_stays_out() {
         "the store keeps {rows} revocations of one account ({tables:?})"
     );
 }
+
+/// A login whose account's hash was made at an earlier argon2 cost
+/// re-hashes the password at the current one, and that takes as long as a
+/// login. A `ticketd user passwd` made meanwhile was overwritten by the
+/// re-hash (accounts red-team): the old password logged in again, the new
+/// one did not. The re-hash now replaces only the hash it checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_set_while_a_login_rehashes_the_old_one_is_kept() {
+    let cheap = base_config();
+    let app = TestApp::start(&cheap);
+    app.register("resetme").await;
+    // The node's cost goes up; the file then holds the cheap one again, so
+    // `user passwd` (which reads it) is quick while the node's re-hash is not.
+    let costly = cheap.replace(
+        "argon2_memory_kib = 8\nargon2_iterations = 1",
+        "argon2_memory_kib = 131072\nargon2_iterations = 8",
+    );
+    assert_ne!(costly, cheap);
+    assert_eq!(app.reload(&costly)["message"], "Config reloaded.");
+    std::fs::write(app.config_path(), &cheap).unwrap();
+
+    let hashes = metric(&app, "ticketd_password_hashes_total").await;
+    let login = tokio::spawn({
+        let client = ApiClient::new(vec![app.url()], 1).unwrap();
+        async move {
+            let old = json!({ "username": "resetme", "password": "password-resetme" });
+            client.post("/user/login", None, &old).await.unwrap()
+        }
+    });
+    // The old hash verified and the re-hash begun: two hashes counted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&app, "ticketd_password_hashes_total").await < hashes + 2.0 {
+        assert!(Instant::now() < deadline, "the login never began its re-hash");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let out = app.cli(&["user", "passwd", "--username", "resetme"], Some("a-new-password\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !login.is_finished(),
+        "the re-hash ended before `user passwd` did, so this run tested nothing: make it costlier"
+    );
+    // The login checked the old password before the change, so it succeeds.
+    assert_eq!(login.await.unwrap().status, 200);
+
+    let new = json!({ "username": "resetme", "password": "a-new-password" });
+    let res = app.client.post("/user/login", None, &new).await.unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
+    let old = json!({ "username": "resetme", "password": "password-resetme" });
+    let res = app.client.post("/user/login", None, &old).await.unwrap();
+    assert_error(&res, 401, "BAD_CREDENTIALS");
+}

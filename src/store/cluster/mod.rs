@@ -919,7 +919,12 @@ impl ClusterStore {
     }
 
     pub(super) fn set_password_hash(&self, user_id: u64, hash: &str) -> Result<(), StoreError> {
-        Ok(self.block(mongo::set_password_hash(&self.shared.db, user_id, hash))?)
+        self.block(mongo::set_password_hash(&self.shared.db, user_id, None, hash))?;
+        Ok(())
+    }
+
+    pub(super) fn rehash_password(&self, user_id: u64, old: &str, new: &str) -> Result<bool, StoreError> {
+        Ok(self.block(mongo::set_password_hash(&self.shared.db, user_id, Some(old), new))?)
     }
 
     pub(super) fn user_by_skeleton(&self, skeleton: &str) -> Result<Option<User>, StoreError> {

@@ -537,12 +537,17 @@ pub async fn user_by_name(db: &Database, username: &str) -> Result<Option<User>,
         .and_then(user_from))
 }
 
-/// Replaces a user's password hash.
-pub async fn set_password_hash(db: &Database, user_id: u64, hash: &str) -> Result<(), MongoError> {
-    coll(db, "users")
-        .update_one(doc! {"_id": user_id as i64}, doc! {"$set": {"password_hash": hash}})
+/// Replaces a user's password hash, only if it is still `old` when given;
+/// whether a user's was replaced.
+pub async fn set_password_hash(db: &Database, user_id: u64, old: Option<&str>, hash: &str) -> Result<bool, MongoError> {
+    let mut filter = doc! {"_id": user_id as i64};
+    if let Some(old) = old {
+        filter.insert("password_hash", old);
+    }
+    let done = coll(db, "users")
+        .update_one(filter, doc! {"$set": {"password_hash": hash}})
         .await?;
-    Ok(())
+    Ok(done.matched_count == 1)
 }
 
 /// The user whose look-alike key is `skeleton`.

@@ -643,6 +643,14 @@ impl EmbeddedStore {
         Ok(())
     }
 
+    pub(super) fn rehash_password(&self, user_id: u64, old: &str, new: &str) -> Result<bool, StoreError> {
+        let conn = self.db.lock();
+        let changed = conn
+            .prepare_cached("UPDATE users SET password_hash = ?3 WHERE id = ?1 AND password_hash = ?2")?
+            .execute(params![user_id as i64, old, new])?;
+        Ok(changed == 1)
+    }
+
     pub(super) fn user_by_skeleton(&self, skeleton: &str) -> Result<Option<User>, StoreError> {
         let conn = self.db.lock();
         let mut stmt = conn.prepare_cached(
