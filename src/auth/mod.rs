@@ -368,19 +368,30 @@ impl Auth {
             .0
     }
 
-    /// Creates an account and logs it in.
+    /// The account a registration asks for, checked: whether registration
+    /// is open, and the fields' rules. Cheap (no hash yet), so a caller can
+    /// check before it spends anything of an address's budget.
+    pub fn check_registration(
+        &self,
+        username: &str,
+        password: &str,
+        nickname: Option<&str>,
+    ) -> Result<(Username, String), AuthError> {
+        if !self.settings.load().open_registration {
+            return Err(AuthError::RegistrationClosed);
+        }
+        validate_account(username, password, nickname)
+    }
+
+    /// Creates the account [`Auth::check_registration`] checked, and logs
+    /// it in.
     pub async fn register(
         self: &Arc<Self>,
         ip: IpAddr,
-        username: String,
+        (username, nickname): (Username, String),
         password: String,
-        nickname: Option<String>,
     ) -> Result<(User, String), AuthError> {
         let settings = self.settings.load_full();
-        if !settings.open_registration {
-            return Err(AuthError::RegistrationClosed);
-        }
-        let (username, nickname) = validate_account(&username, &password, nickname.as_deref())?;
         let turn = self.hashing_turn(self.reserve_hashing(ip)?).await?;
         let this = self.clone();
         let user = blocking(move || {

@@ -903,6 +903,41 @@ async fn an_ipv6_site_registers_eight_addresses_worth_not_sixty_five_thousand() 
     assert_eq!(res.status, 200, "{}", res.body);
 }
 
+/// The address's registration budget was spent before the body was read,
+/// so every refused request used it up: a fan whose thirty tries had a
+/// short password, a bad name or a blocked one could then not register for
+/// an hour (accounts red-team). Now only a request that hashes a password
+/// spends it; a taken name still does (it costs a hash, and says the name
+/// exists, so the budget also bounds guessing which names do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_registrations_leave_the_addresss_budget_for_real_ones() {
+    let config = limited(
+        base_config() + &open_activity("rb", 1, 1),
+        "registrations_per_ip_per_hour = 2\nblocked_users = [\"banned\"]",
+    );
+    let app = TestApp::start(&config);
+    let post = |body: Value| {
+        let client = app.client_clone();
+        async move { client.post("/user/register", None, &body).await.unwrap() }
+    };
+    for _ in 0..5 {
+        let short = post(json!({ "username": "fan", "password": "short" })).await;
+        assert_error(&short, 400, "INVALID_FIELD");
+        let bad_name = post(json!({ "username": "a b", "password": "password-fan" })).await;
+        assert_error(&bad_name, 400, "INVALID_FIELD");
+        let unknown = post(json!({ "username": "fan", "password": "password-fan", "age": 9 })).await;
+        assert_eq!(unknown.status, 400, "{}", unknown.body);
+        let blocked = post(json!({ "username": "banned", "password": "password-fan" })).await;
+        assert_error(&blocked, 403, "BLOCKED");
+    }
+    let res = post(json!({ "username": "fan", "password": "password-fan" })).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    let taken = post(json!({ "username": "FAN", "password": "password-fan" })).await;
+    assert_error(&taken, 409, "USERNAME_TAKEN");
+    let third = post(json!({ "username": "fan2", "password": "password-fan" })).await;
+    assert_error(&third, 429, "RATE_LIMITED");
+}
+
 /// Successful logins were never counted (only failures have a backoff), so
 /// an account's right password bought unlimited password hashes: a few
 /// accounts could keep every hashing slot busy, and everyone else's logins

@@ -45,11 +45,13 @@ fn logged_in(user: &User, token: &str) -> Response<Full<Bytes>> {
 }
 
 /// Creates an account (when registration is open) and returns a token.
+///
+/// The address's budget (`security.registrations_per_ip_per_hour`) is
+/// spent only by a request that will hash a password: one refused for its
+/// body, its fields, a blocked name or closed registration spent it too, so
+/// thirty typos left a fan unable to register for an hour. A taken name
+/// still spends it: it costs a hash, and tells that the name exists.
 pub async fn register(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result<Response<Full<Bytes>>, ApiError> {
-    state
-        .guard
-        .admit_registration(ip, Instant::now())
-        .inspect_err(|_| metrics::global().reject(Rejected::RegistrationRate))?;
     let body: RegisterBody = json_body(state, req).await?;
     // The length first, as at login: the blocklist's look-alike key (NFKC,
     // case folding, confusables) of a 16 KiB name is work a client should
@@ -65,9 +67,16 @@ pub async fn register(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> R
         metrics::global().reject(Rejected::Blocked);
         return Err(Denied::Blocked.into());
     }
+    let account = state
+        .auth
+        .check_registration(&body.username, &body.password, body.nickname.as_deref())?;
+    state
+        .guard
+        .admit_registration(ip, Instant::now())
+        .inspect_err(|_| metrics::global().reject(Rejected::RegistrationRate))?;
     let (user, token) = state
         .auth
-        .register(ip, body.username, body.password, body.nickname)
+        .register(ip, account, body.password)
         .await
         .inspect_err(count_busy)?;
     Ok(logged_in(&user, &token))
