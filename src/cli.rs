@@ -116,7 +116,8 @@ pub enum UserCommand {
     /// nickname and, optionally, created_at (a header row is optional;
     /// created_at, RFC 3339, carries a registration time over from another
     /// system, for min_account_age; default now). Hashes in parallel;
-    /// existing usernames are skipped.
+    /// existing usernames are skipped. A bad row, or an account named
+    /// twice, refuses the whole file.
     Import {
         /// The CSV file.
         file: PathBuf,

@@ -4,6 +4,7 @@
 //! one sentence and exits non-zero.
 
 use std::{
+    collections::HashMap,
     io::{self, BufRead, IsTerminal, Write},
     path::{Path, PathBuf},
     sync::Arc,
@@ -432,8 +433,17 @@ fn read_user_csv(file: &Path) -> anyhow::Result<Vec<UserRow>> {
         .from_path(file)
         .with_context(|| format!("cannot read {}", file.display()))?;
     let mut rows = Vec::new();
-    for (i, record) in reader.records().enumerate() {
-        let record = record.with_context(|| format!("{} line {}", file.display(), i + 1))?;
+    // Each account's look-alike key, and the line that named it.
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut record = csv::StringRecord::new();
+    for i in 0.. {
+        let read = reader.read_record(&mut record);
+        // The line a record starts on: a quoted field may span lines, so
+        // the count of records named the wrong one.
+        let at = record.position().map_or(0, |p| p.line());
+        if !read.with_context(|| format!("cannot read {}", file.display()))? {
+            break;
+        }
         // Every field trimmed but the password, which is what it says, as
         // registration and `user add` take it.
         let field = |n: usize| record.get(n).unwrap_or("").trim().to_owned();
@@ -442,7 +452,17 @@ fn read_user_csv(file: &Path) -> anyhow::Result<Vec<UserRow>> {
         if i == 0 && username.eq_ignore_ascii_case("username") && password.trim().eq_ignore_ascii_case("password") {
             continue;
         }
-        let line = || format!("{} line {}", file.display(), i + 1);
+        let line = || format!("{} line {at}", file.display());
+        // An unquoted comma in a password or nickname shifts the columns:
+        // refused, not read as another password and nickname.
+        if record.len() > 4 {
+            bail!(
+                "{}: {} columns; a row has at most four (username,password,nickname,created_at), \
+                 and a field holding a comma is quoted",
+                line(),
+                record.len()
+            );
+        }
         // A spreadsheet saved with `;` or tabs (many locales' default) is
         // one field per row here: said as such, not as a bad username.
         if record.len() == 1 {
@@ -455,6 +475,15 @@ fn read_user_csv(file: &Path) -> anyhow::Result<Vec<UserRow>> {
             }
         }
         let (name, nickname) = validate_account(&username, &password, Some(&nickname)).with_context(line)?;
+        // Named twice (or as a look-alike): the second row was skipped as
+        // if the account already existed, its password dropped unsaid.
+        if let Some(first) = seen.insert(skeleton_key(name.key()), at) {
+            bail!(
+                "{}: `{username}` is the account of line {first} (the same name, or one that looks like it); \
+                 a file names each account once",
+                line()
+            );
+        }
         let created_at_ms = match field(3).as_str() {
             "" => now,
             text => created_at(text, now).with_context(line)?,
@@ -686,7 +715,7 @@ fn queue_report(
     // The activity's claims as the export reads them, from either store
     // (`for_each_claim` warms a node at start and reads nothing in a
     // cluster: there every admitted fan counted as never having claimed).
-    let mut first_claim: std::collections::HashMap<u64, i64> = std::collections::HashMap::new();
+    let mut first_claim: HashMap<u64, i64> = HashMap::new();
     store.export_claims(activity, &mut |c| {
         let at = first_claim.entry(c.user_id).or_insert(c.claimed_at_ms);
         *at = (*at).min(c.claimed_at_ms);

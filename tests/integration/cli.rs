@@ -260,6 +260,26 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
         let err = text(&out.stderr);
         assert!(err.contains("bad.csv line 2") && err.contains(says), "{err}");
     }
+    // Refused whole, naming the line a row starts on (a quoted password may
+    // span lines; the count of rows was given): an account named twice,
+    // whose second row was skipped as if it existed, its password dropped;
+    // and a row with an unquoted comma, read as another password.
+    for (rows, says) in [
+        (
+            "wangwu,password-wangwu,\n\"sunqi\",\"pass\nword\",\nWANGWU,password-other,\n",
+            "bad.csv line 4: `WANGWU` is the account of line 1",
+        ),
+        (
+            "sunqi,\"pass\nword\",\nwangwu,pass,word,x,2021-06-01T00:00:00Z\n",
+            "bad.csv line 3: 5 columns",
+        ),
+        ("sunqi,\"pass\nword\",\nw w,password-w,\n", "bad.csv line 3: "),
+    ] {
+        std::fs::write(app.dir.path().join("bad.csv"), rows).unwrap();
+        let out = app.cli(&["user", "import", "bad.csv"], None);
+        let err = text(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{says}: {err}");
+    }
     std::fs::write(
         app.dir.path().join("u.csv"),
         "username,password,nickname,created_at\nlisi,password-lisi,李四,2021-06-01T08:00:00+08:00\n\
