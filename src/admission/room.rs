@@ -294,7 +294,7 @@ impl Room {
     pub fn summary(&self) -> RoomSummary {
         let st = self.state.lock();
         let mut s = st.summary.clone();
-        s.waiting = (st.order.len().saturating_sub(st.cursor)) as u64;
+        s.waiting = st.waiting();
         s.shuffled = st.shuffled_ms.is_some();
         s.closed = st.closed_ms.is_some();
         s.admit_rate = st.measured_rate(st.last_tick_ms).unwrap_or(0.0);

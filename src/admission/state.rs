@@ -430,6 +430,18 @@ pub(super) struct RoomState {
 }
 
 impl RoomState {
+    /// Places still waiting to be reached: none once the room has closed,
+    /// whose fans are told it is over. The places past the cursor stay in
+    /// the order, and were counted as waiting for good: a sold-out
+    /// lottery's `/act/detail`, `/queue/status` and
+    /// `ticketd_queue_waiting` all showed fans waiting for nothing.
+    pub(super) fn waiting(&self) -> u64 {
+        match self.closed_ms {
+            Some(_) => 0,
+            None => self.order.len().saturating_sub(self.cursor) as u64,
+        }
+    }
+
     pub(super) fn base(&self) -> Base {
         Base {
             applied: self.applied,
@@ -923,7 +935,7 @@ impl RoomState {
             state,
             position: ahead.map(|a| a + 1),
             ahead,
-            waiting: (self.order.len().saturating_sub(self.cursor)) as u64,
+            waiting: self.waiting(),
             admitted: self.summary.admitted,
             eta_ms,
             standby,

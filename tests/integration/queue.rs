@@ -488,6 +488,16 @@ async fn admission_never_runs_ahead_of_the_stock() {
     let admitted = log.iter().filter(|e| e["k"] == "admit").count();
     assert_eq!(admitted, CODES, "no pass beyond the stock was handed out");
     app.assert_verified();
+    // Closed, nobody waits: the places never reached were counted as
+    // waiting for good (cluster walkthrough).
+    let queue = &app.detail("room").await["queue"];
+    assert_eq!(
+        (&queue["closed"], &queue["waiting"]),
+        (&json!(true), &json!(0)),
+        "{queue}"
+    );
+    assert_eq!(status(&app.client, &tokens[0], "room").await["waiting"], 0);
+    assert_eq!(metric(&app, "ticketd_queue_waiting{activity=\"room\"}").await, 0.0);
 
     // The report's waiting-room section agrees, and its claims chart is
     // drawn in steps of milliseconds, not seconds, for a sale this short.
