@@ -95,6 +95,34 @@ async fn kill_9_mid_rush_keeps_every_acknowledged_claim() {
     let claimed = detail["claimed"].as_u64().unwrap();
     assert!(claimed >= before.len() as u64);
     assert_eq!(claimed + detail["remaining"].as_u64().unwrap(), 1000);
+    // The kill lost the node's last second of request statistics, and the
+    // report says how many claims have no recorded request (it showed
+    // fewer successes than claims without a word).
+    let recorded: u64 = app
+        .sqlite()
+        .query_row(
+            "SELECT COALESCE(SUM(count), 0) FROM stats_outcome_ticks WHERE activity_id = 'crash' AND outcome = 'success'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap() as u64;
+    let out = app.cli(&["report", "--activity", "crash", "--out", "crash.html"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(app.dir.path().join("crash.html")).unwrap();
+    eprintln!(
+        "{} of {claimed} claims have no recorded request",
+        claimed.saturating_sub(recorded)
+    );
+    if recorded < claimed {
+        let says = format!(
+            "{} of the {claimed} claims have no recorded request",
+            claimed - recorded
+        );
+        assert!(html.contains(&says), "the report does not say `{says}`");
+    } else {
+        // A flush between the last commit and the kill: nothing was lost.
+        assert!(!html.contains("id=\"unrecorded\""));
+    }
 
     // Phase 2: everyone rushes again; the activity sells out exactly.
     let (after, _) = rush(&app, "crash", &tokens, 1, 256).await;
