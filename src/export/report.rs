@@ -308,7 +308,7 @@ table {{ border-collapse: collapse; margin: 8px 0; }} td, th {{ border: 1px soli
 th {{ background: #f5f5f5; }} .muted {{ color: #666; }} .warn {{ background: #fff4e5; border: 1px solid #f0b46c; padding: 8px 12px; }} svg {{ display: block; margin: 8px 0; border: 1px solid #eee; }}
 </style></head><body>
 <h1>Rush report: {title}</h1>
-<p class="muted">Activity <code>{id}</code>, {start} – {end}, limit {limit} per user. Generated {now}.</p>
+<p class="muted">Activity <code>{id}</code>, {start} – {end}, limit {limit} per user{served}. Generated {now}.</p>
 {in_transit}<h2>Summary</h2>
 <table id="summary">
 <tr><th>codes</th><td id="codes">{codes}</td></tr>
@@ -340,6 +340,17 @@ th {{ background: #f5f5f5; }} .muted {{ color: #666; }} .warn {{ background: #ff
         start = rfc3339_ms(start_ms),
         end = rfc3339_ms(end_ms),
         limit = limit,
+        // The stored limit is the last one imported or reloaded; one lowered
+        // after claims, or a cluster's nodes serving their own config's,
+        // left an account holding more than the limit printed, unexplained.
+        served = if data.most_per_user > u64::from(limit) {
+            format!(
+                " (as stored now; an account holds {}: a higher limit was served, earlier or by a node's config)",
+                data.most_per_user
+            )
+        } else {
+            String::new()
+        },
         now = rfc3339_ms(now_ms),
         codes = s.codes,
         claimed = s.claimed,

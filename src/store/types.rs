@@ -335,6 +335,8 @@ pub struct ReportData {
     pub top_users: Vec<(String, u64)>,
     /// Distinct users holding a claim.
     pub users: u64,
+    /// The most claims one user holds.
+    pub most_per_user: u64,
     /// `(node, claims)`: which node handed out how much of the stock.
     pub nodes: Vec<(String, u64)>,
     /// Claims committed but not yet in the store this was read from (a

@@ -529,3 +529,27 @@ async fn a_start_moved_after_the_sale_leaves_the_report_counting_from_the_real_o
     );
     assert!(!html.contains("outside the chart's window"), "{html}");
 }
+
+/// The report printed the stored limit alone. Lowered after claims (or, in
+/// a cluster, below what the nodes' own configs served), an account then
+/// held more than "limit 1 per user" with no word of why (cluster
+/// walkthrough). The report now says the most one account holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_lowered_after_claims_is_explained_in_the_report() {
+    let config = base_config() + &open_activity("lw", 10, 3);
+    let app = TestApp::start(&config);
+    let token = app.register("early").await;
+    for _ in 0..3 {
+        assert_eq!(app.claim(&token, "lw").await.status, 200);
+    }
+    let html = report_html(&app, "lw");
+    assert!(html.contains("limit 3 per user. Generated"), "{html}");
+    let lowered = config.replace("per_user_limit = 3", "per_user_limit = 1");
+    assert_ne!(lowered, config);
+    assert_eq!(app.reload(&lowered)["message"], "Config reloaded.");
+    let html = report_html(&app, "lw");
+    assert!(
+        html.contains("limit 1 per user (as stored now; an account holds 3: a higher limit was served"),
+        "{html}"
+    );
+}

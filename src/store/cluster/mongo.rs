@@ -905,7 +905,7 @@ pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<Re
     let mut per_ticket: HashMap<String, (u64, Option<i64>, Option<i64>)> = HashMap::new();
     let mut per_10ms: BTreeMap<i64, u64> = BTreeMap::new();
     let mut nodes: BTreeMap<String, u64> = BTreeMap::new();
-    let mut users: HashSet<i64> = HashSet::new();
+    let mut users: HashMap<i64, u64> = HashMap::new();
     let mut cursor = coll(db, "claims")
         .find(doc! {"activity_id": activity})
         .projection(doc! {"ticket_id": 1, "claimed_at_ms": 1, "node": 1, "user_id": 1})
@@ -918,11 +918,12 @@ pub async fn report_data(db: &Database, activity: &str, top: usize) -> Result<Re
         t.2 = Some(t.2.map_or(ms, |v| v.max(ms)));
         *per_10ms.entry(ms.div_euclid(10)).or_default() += 1;
         *nodes.entry(text(&d, "node")).or_default() += 1;
-        users.insert(int(&d, "user_id"));
+        *users.entry(int(&d, "user_id")).or_default() += 1;
     }
     data.claims_per_10ms = per_10ms.into_iter().collect();
     data.nodes = nodes.into_iter().collect();
     data.users = users.len() as u64;
+    data.most_per_user = users.values().copied().max().unwrap_or(0);
     let codes = coll(db, "codes");
     let mut tickets = coll(db, "tickets").find(doc! {"activity_id": activity}).await?;
     while let Some(t) = tickets.try_next().await? {

@@ -142,11 +142,12 @@ pub(super) fn report_data(conn: &Connection, activity_id: &str, top: usize) -> R
     data.nodes = nodes
         .query_map([activity_id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
         .collect::<Result<_, _>>()?;
-    data.users = conn.query_row(
-        "SELECT COUNT(DISTINCT user_id) FROM claims WHERE activity_id = ?1",
+    (data.users, data.most_per_user) = conn.query_row(
+        "SELECT COUNT(*), COALESCE(MAX(n), 0) FROM \
+         (SELECT COUNT(*) AS n FROM claims WHERE activity_id = ?1 GROUP BY user_id)",
         [activity_id],
-        |r| r.get::<_, i64>(0),
-    )? as u64;
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )?;
     Ok(data)
 }
 
