@@ -109,8 +109,9 @@ pub enum StoreError {
     /// a new, empty store and sell the codes of every claim it no longer
     /// holds again (a drill showed it, and user ids given twice).
     #[error(
-        "{} holds a journal but no ticketd.db: restore ticketd.db from a backup before a node starts here (the \
-         journal holds only the claims not yet applied to it, and a node would sell the others' codes again)",
+        "{} holds a journal but no ticketd.db (or an empty one): restore ticketd.db from a backup before a node \
+         starts here (the journal holds only the claims not yet applied to it, and a node would sell the others' \
+         codes again)",
         .0.display()
     )]
     JournalWithoutStore(std::path::PathBuf),

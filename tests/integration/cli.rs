@@ -591,7 +591,8 @@ fn verify_with_no_store_says_so_and_creates_nothing() {
     let out = run_cli(dir.path(), &["verify"], None);
     let err = text(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("holds a journal but no ticketd.db: restore ticketd.db"),
+        !out.status.success()
+            && err.contains("holds a journal but no ticketd.db (or an empty one): restore ticketd.db"),
         "{err}"
     );
 }
@@ -892,7 +893,7 @@ async fn a_journal_without_its_database_is_never_served() {
         std::fs::read_dir(data.join("journal")).unwrap().next().is_some(),
         "no segment left"
     );
-    const SAID: &str = "holds a journal but no ticketd.db: restore ticketd.db from a backup";
+    const SAID: &str = "holds a journal but no ticketd.db (or an empty one): restore ticketd.db from a backup";
     let err = crate::common::serve_refused(
         app.dir.path(),
         std::time::Duration::from_secs(30),
@@ -908,4 +909,17 @@ async fn a_journal_without_its_database_is_never_served() {
     assert!(!data.join("ticketd.db").exists(), "a store was created");
     let out = app.cli(&["verify"], None);
     assert!(text(&out.stderr).contains(SAID), "{}", text(&out.stderr));
+
+    // An empty file in its place (a copy that failed, a `touch`) is no
+    // store either: SQLite took it for a new one, and the node served it.
+    std::fs::write(data.join("ticketd.db"), b"").unwrap();
+    let err = crate::common::serve_refused(
+        app.dir.path(),
+        std::time::Duration::from_secs(30),
+        "a node on a journal and an empty database",
+    );
+    assert!(err.contains(SAID), "{err}");
+    let out = app.cli(&["verify"], None);
+    assert!(text(&out.stderr).contains(SAID), "{}", text(&out.stderr));
+    assert_eq!(std::fs::metadata(data.join("ticketd.db")).unwrap().len(), 0);
 }

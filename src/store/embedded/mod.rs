@@ -294,6 +294,17 @@ fn prune_revocations(conn: &Connection, now_ms: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Whether `path` holds a database: a file with something in it (SQLite
+/// writes its header with the schema, so an empty file never held one).
+/// An error is one to say (a directory it may not read), not "none".
+fn has_database(path: &Path) -> std::io::Result<bool> {
+    match std::fs::metadata(path) {
+        Ok(meta) => Ok(meta.len() > 0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Opens (creating if needed) the database at `path` with the schema.
 fn open_db(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
@@ -318,7 +329,7 @@ fn user_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
 /// See [`super::journal_accounted`]. Read only: the file is not created.
 pub fn accounted(dir: &Path) -> Result<u64, StoreError> {
     let db_path = dir.join("ticketd.db");
-    if !db_path.exists() {
+    if !has_database(&db_path).map_err(io("cannot look into the data directory", dir))? {
         return Ok(0);
     }
     let conn = Connection::open_with_flags(&db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
@@ -337,10 +348,9 @@ impl EmbeddedStore {
         std::fs::create_dir_all(&dir).map_err(io("cannot create the data directory", &dir))?;
         let lock = try_lock(&dir)?;
         // Before `open_db` creates the file: a journal with no database
-        // beside it is never a new store.
-        if !db_path
-            .try_exists()
-            .map_err(io("cannot look into the data directory", &dir))?
+        // beside it is never a new store. Nor with an empty file (a copy
+        // that failed, a `touch`): SQLite takes that for a new database.
+        if !has_database(&db_path).map_err(io("cannot look into the data directory", &dir))?
             && crate::journal::has_segments(&journal_dir)?
         {
             return Err(StoreError::JournalWithoutStore(dir));
@@ -400,10 +410,7 @@ impl EmbeddedStore {
     fn inspect(dir: std::path::PathBuf, db_path: &Path) -> Result<EmbeddedStore, StoreError> {
         // `try_exists`: a directory it may not read is said as such (below,
         // by SQLite), not taken for one with no store.
-        if !db_path
-            .try_exists()
-            .map_err(io("cannot look into the data directory", &dir))?
-        {
+        if !has_database(db_path).map_err(io("cannot look into the data directory", &dir))? {
             return Err(StoreError::NoStore(dir));
         }
         let conn = Connection::open_with_flags(db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
