@@ -352,10 +352,17 @@ async fn the_page_is_served_compressed_cacheable_and_locked_down() {
 /// `#/act/%zz` is answered, not left on "…" by a thrown URIError.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chinese_browser_gets_the_page_in_chinese() {
-    let app = TestApp::start(&(base_config() + &crate::common::open_activity("zh", 3, 1)));
+    let lottery = Act::new("draw")
+        .window("+1h", "+2h")
+        .with("admission = \"lottery\"")
+        .with("queue_opens = \"-1m\"")
+        .with("draw_time = \"+30m\"")
+        .ticket("draw-t", "Ticket", Codes::Generate(1))
+        .toml();
+    let app = TestApp::start(&(base_config() + &crate::common::open_activity("zh", 3, 1) + &lottery));
     let mut b = Browser::launch_with(&["--lang=zh-CN", "--accept-lang=zh-CN,zh"]).await;
     b.goto(&format!("{}/", app.url())).await;
-    b.wait_for("document.querySelectorAll('li.card').length === 1", "the list")
+    b.wait_for("document.querySelectorAll('li.card').length === 2", "the list")
         .await;
     assert_eq!(b.eval("document.querySelector('#nav-login').textContent").await, "登录");
     assert_eq!(
@@ -373,6 +380,8 @@ async fn a_chinese_browser_gets_the_page_in_chinese() {
     );
     // The node's own failures too: they showed its English message after
     // "出错了：" (from a review).
+    // And those of requests the page can make wrong, and Nginx's own
+    // (a fan's page walkthrough found them in English).
     for code in [
         "INTERNAL",
         "REQUEST_TIMEOUT",
@@ -380,6 +389,14 @@ async fn a_chinese_browser_gets_the_page_in_chinese() {
         "CLAIM_NOT_FOUND",
         "TOO_MANY_STREAMS",
         "STREAMS_FULL",
+        "MISSING_PARAMETER",
+        "INVALID_PARAMETER",
+        "URI_TOO_LONG",
+        "BODY_TOO_LARGE",
+        "NO_QUEUE",
+        "ROUTE_NOT_FOUND",
+        "FORBIDDEN",
+        "BAD_REQUEST",
     ] {
         let said = b
             .eval(&format!("errorText({{ code: '{code}', message: 'in English' }})"))
@@ -387,12 +404,68 @@ async fn a_chinese_browser_gets_the_page_in_chinese() {
         let said = said.as_str().unwrap();
         assert!(!said.contains("in English") && !said.is_ascii(), "{code}: {said}");
     }
+    // A field's rule, said by the server in English, in Chinese; a day in
+    // a countdown too (`1d`).
+    let said = b
+        .eval("errorText({ code: 'INVALID_FIELD', message: \"username must be 3-32 letters, digits, '_', '-', '.' or '@'\" })")
+        .await;
+    assert!(!said.as_str().unwrap().contains("must"), "{said}");
+    assert_eq!(b.eval("countdownText(2 * 86400000 + 5000)").await, "2天 00:00:05");
+    // A lottery says when it draws (entries close then); it said only when
+    // the sale opens.
+    b.eval("location.hash = '#/act/draw'").await;
+    let said = b
+        .wait_for(
+            "document.querySelector('#opens-at')?.textContent",
+            "the lottery's times",
+        )
+        .await;
+    assert!(said.as_str().unwrap().contains(" · 抽签时间 "), "{said}");
+    // The login form's first field has the focus (the view took it back).
+    b.eval("location.hash = '#/login'").await;
+    b.wait_for("document.querySelector('#login-form')", "the login form")
+        .await;
+    assert_eq!(b.eval("document.activeElement.id").await, "f-username");
+    // The title follows to an error view (it kept "登录").
     b.goto(&format!("{}/#/act/%zz", app.url())).await;
     b.wait_for(
         "document.querySelector('main .notice')?.textContent === '活动不存在。'",
         "the page to say there is no such activity",
     )
     .await;
+    assert_eq!(b.eval("document.title").await, "活动不存在。 · 抢票");
+    // Links hold 4.5:1 against the page (WCAG AA; they held 4.31:1).
+    let contrast = b
+        .eval(
+            "(() => { const rgb = (c) => c.match(/\\d+/g).slice(0, 3).map(Number);
+               const lum = (c) => { const [r, g, bl] = rgb(c).map((v) => { v /= 255;
+                 return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+                 return 0.2126 * r + 0.7152 * g + 0.0722 * bl; };
+               const a = lum(getComputedStyle(document.querySelector('main a')).color);
+               const bg = lum(getComputedStyle(document.body).backgroundColor === 'rgba(0, 0, 0, 0)'
+                 ? getComputedStyle(document.documentElement).backgroundColor : getComputedStyle(document.body).backgroundColor);
+               return (Math.max(a, bg) + 0.05) / (Math.min(a, bg) + 0.05); })()",
+        )
+        .await;
+    assert!(contrast.as_f64().unwrap() >= 4.5, "a link's contrast {contrast}");
+
+    // A grab from the keyboard leaves the focus on its answer: the button
+    // turns off under it, and the focus fell to the page.
+    register(&mut b, &app.url(), "zh-fan", "#/act/zh").await;
+    b.wait_for(
+        "document.querySelector('#grab') && !document.querySelector('#grab').disabled",
+        "the grab button",
+    )
+    .await;
+    b.eval("document.querySelector('#grab').focus(); document.querySelector('#grab').click()")
+        .await;
+    b.wait_for("document.querySelector('#claimed-code')", "the code").await;
+    assert_eq!(b.eval("document.activeElement.id").await, "result");
+    assert_eq!(
+        b.eval("document.querySelector('#result').getAttribute('aria-live')")
+            .await,
+        "polite"
+    );
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 }
 
@@ -505,6 +578,34 @@ async fn a_fan_waits_in_the_room_and_grabs_with_the_pass_in_chromium() {
     assert_eq!(b.eval("document.title").await, "Your turn! Arena Show · ticketd");
     let left = b.eval("document.querySelector('#pass-left').textContent").await;
     assert!(left.as_str().unwrap().starts_with("Time left to grab 00:0"), "{left}");
+    // The pass runs out (the page's clocks moved past it) and the room says
+    // the turn passed: the title no longer says "Your turn!" (it did for
+    // good: the pass's last tick had turned the turn off unsaid).
+    b.intercept_requests("*/queue/status*").await;
+    shift_page_clock(&mut b, 3_600_000).await;
+    let held = b.next_paused().await;
+    let over = json!({ "ok": true, "data": { "actId": "room", "mode": "queue", "state": "passed_over",
+        "placesLeft": 2, "waiting": 0, "admitted": 1, "commitment": "c" } });
+    b.answer_with(&held, 200, &over).await;
+    b.stop_intercepting().await;
+    b.wait_for(
+        "document.title === 'Arena Show · ticketd'",
+        "the title to drop the turn",
+    )
+    .await;
+    shift_page_clock(&mut b, -3_600_000).await;
+    // Joining again keeps the place, and the turn is back; the focus goes
+    // to the room (the button went with the redraw, and the focus with it).
+    b.wait_for("document.querySelector('#join')", "the join button").await;
+    b.eval("document.querySelector('#join').focus()").await;
+    click(&mut b, "#join").await;
+    b.wait_for(
+        "document.querySelector('#queue')?.dataset.state === 'admitted'",
+        "the turn again",
+    )
+    .await;
+    assert_eq!(b.eval("document.activeElement.id").await, "queue");
+    assert_eq!(b.eval("document.title").await, "Your turn! Arena Show · ticketd");
     // A node that has not seen the admission yet (in a cluster, a replica
     // behind the one that told the page) gives no claim token: the page
     // asks again, twice, then says the room's rule. It said "The sale has
@@ -827,6 +928,11 @@ async fn the_detail_page_follows_the_stock_a_moved_start_and_a_pause() {
     app.reload(&act(("-1m", "+2h"), false));
     shift_page_clock(&mut b, 8_000).await;
     until_shown(&mut b, "open", false, "the sale to open on the page").await;
+    // Said to a screen reader, once (the badge changed silently).
+    assert_eq!(
+        b.eval("document.querySelector('#status-said').textContent").await,
+        "Open"
+    );
     // Someone else claims: the stock on the page falls.
     let other = app.users("other", 1).await.remove(0);
     assert_eq!(app.claim(&other, "moved").await.status, 200);
@@ -842,6 +948,26 @@ async fn the_detail_page_follows_the_stock_a_moved_start_and_a_pause() {
     app.reload(&act(("-2m", "-1s"), false));
     shift_page_clock(&mut b, 8_000).await;
     until_shown(&mut b, "ended", true, "the early end on the page").await;
+    // When it ended, not when it opened.
+    let when = b.eval("document.querySelector('#opens-at').textContent").await;
+    assert!(when.as_str().unwrap().starts_with("Ended at "), "{when}");
+
+    // A node too busy to answer the page: it says so while it waits to ask
+    // again ("Loading…" alone stood for half a minute).
+    b.intercept_requests("*/act/detail*").await;
+    b.call("Page.reload", json!({})).await;
+    let held = b.next_paused().await;
+    let busy = json!({ "ok": false, "error": { "code": "OVERLOADED", "message": "busy" } });
+    b.answer_with(&held, 503, &busy).await;
+    b.stop_intercepting().await;
+    let said = b
+        .wait_for("document.querySelector('main .notice')?.textContent", "the busy notice")
+        .await;
+    assert!(
+        said.as_str().unwrap().starts_with("The sale is very busy. Retrying in"),
+        "{said}"
+    );
+    until_shown(&mut b, "ended", true, "the page once the node answers").await;
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 }
 

@@ -39,6 +39,7 @@ const WORDS = {
     notDrawn: 'The draw did not pick you this time: you are on the waiting list, and get a turn only if a winner does not claim.',
     entriesClosed: 'The draw has been made; entries are closed.', done: 'Your turn is over.',
     commitment: 'Draw commitment (SHA-256 of the seed)', seed: 'Revealed seed',
+    sep: ': ', days: 'd', drawAt: 'Draw at', endedAt: 'Ended at',
   },
   zh: {
     brand: '抢票', mine: '我的票', login: '登录', logout: '退出', register: '注册',
@@ -70,6 +71,7 @@ const WORDS = {
     notDrawn: '这次抽签没有抽中你：你在候补名单上，只有中签者不领时才会轮到你。',
     entriesClosed: '已开奖，报名已截止。', done: '你的轮次已结束。',
     commitment: '抽签承诺（种子的 SHA-256）', seed: '公开的种子',
+    sep: '：', days: '天', drawAt: '抽签时间', endedAt: '结束时间',
   },
 };
 
@@ -113,6 +115,15 @@ const ERRORS = {
     BAD_BODY: 'The request broke off on the way.', CLAIM_NOT_FOUND: 'No such ticket.',
     TOO_MANY_STREAMS: 'This account follows the waiting room in too many tabs.',
     STREAMS_FULL: 'The waiting room is busy; your place is kept.',
+    BAD_REQUEST: 'The request was malformed.', FORBIDDEN: 'This request was refused.',
+    BODY_TOO_LARGE: 'The request was too large.', HEADERS_TOO_LARGE: 'The request was too large.',
+    URI_TOO_LONG: 'The address is too long.', METHOD_NOT_ALLOWED: 'This request is not allowed here.',
+    ROUTE_NOT_FOUND: 'No such page.', MISSING_PARAMETER: 'The address is missing something.',
+    INVALID_PARAMETER: 'The address holds a value that is not allowed.',
+    MALFORMED_JSON: 'The request was malformed.', UNSUPPORTED_MEDIA_TYPE: 'The request was malformed.',
+    NO_QUEUE: 'This sale has no waiting room.', INVALID_IDEMPOTENCY_KEY: 'The request was malformed.',
+    IDEMPOTENCY_KEY_REUSED: 'An earlier try of yours got a ticket.',
+    BAD_FORWARDED_FOR: 'The request came through a proxy that garbled it.',
     NETWORK: 'No connection to the sale; check your network.', OTHER: 'Something went wrong:',
   },
   zh: {
@@ -141,7 +152,27 @@ const ERRORS = {
     INTERNAL: '系统内部出错。', REQUEST_TIMEOUT: '请求传送超时。', BAD_BODY: '请求在传送中断开。',
     CLAIM_NOT_FOUND: '没有这张票。', TOO_MANY_STREAMS: '此账号在太多标签页中关注排队。',
     STREAMS_FULL: '排队系统繁忙，你的位置已保留。',
+    BAD_REQUEST: '请求格式有误。', FORBIDDEN: '请求被拒绝。',
+    BODY_TOO_LARGE: '请求过大。', HEADERS_TOO_LARGE: '请求过大。',
+    URI_TOO_LONG: '网址过长。', METHOD_NOT_ALLOWED: '此处不允许这种请求。',
+    ROUTE_NOT_FOUND: '页面不存在。', MISSING_PARAMETER: '网址缺少必要的内容。',
+    INVALID_PARAMETER: '网址中的某个值无效。',
+    MALFORMED_JSON: '请求格式有误。', UNSUPPORTED_MEDIA_TYPE: '请求格式有误。',
+    NO_QUEUE: '本次活动没有排队。', INVALID_IDEMPOTENCY_KEY: '请求格式有误。',
+    IDEMPOTENCY_KEY_REUSED: '你之前的一次尝试已抢到票。',
+    BAD_FORWARDED_FOR: '请求经过的代理把它弄乱了。',
     NETWORK: '无法连接，请检查网络。', OTHER: '出错了：',
+  },
+};
+
+/** The rules a field broke, in the page's language: the server says them
+ * in English (INVALID_FIELD's message names the field first), and a
+ * Chinese page showed "请检查填写内容： username must be 3-32 letters…". */
+const FIELD_RULES = {
+  zh: {
+    username: '用户名须为 3–32 个字母、数字或 _ - . @，同一种文字，且不含不可见字符。',
+    password: '密码须为 8–128 个字符。',
+    nickname: '昵称最多 32 个字符，且不含控制或不可见字符。',
   },
 };
 
@@ -328,7 +359,9 @@ function errorText(error) {
   const words = ERRORS[lang];
   const known = words[error.code];
   if (known && error.code !== 'INVALID_FIELD') return known;
-  return `${known || words.OTHER} ${error.message || error.code}`;
+  const field = /^(username|password|nickname)\b/.exec(error.message || '')?.[1];
+  const rule = field && FIELD_RULES[lang]?.[field];
+  return `${known || words.OTHER} ${rule || error.message || error.code}`;
 }
 
 /** While waiting `ms` to try again: what happened, and when the next try goes. */
@@ -342,14 +375,20 @@ function failedNotice(error, gaveUp, hint = 'gaveUp') {
 }
 
 /** A GET a view needs: retryable failures are retried as the server says,
- * while the fan stays on the view. */
-async function load(path, mine) {
+ * while the fan stays on the view; `waiting(res, ms)` is told of each wait
+ * (a view shows why it is still loading: "Loading…" alone stood for half a
+ * minute while a busy node said to come back). */
+async function load(path, mine, waiting) {
   for (let tries = 1; ; tries++) {
     const res = await api('GET', path);
     if (res.ok || !retryable(res) || tries === MAX_TRIES || mine !== navigation) return res;
-    await backoff(res.retryAfter, tries);
+    const ms = retryDelay(res.retryAfter, tries);
+    waiting?.(res, ms);
+    await sleep(ms);
   }
 }
+/** A view's `waiting`: still loading, and why. */
+const stillLoading = (res, ms) => show(h('p', { class: 'muted' }, t('loading')), retryingNotice(res, ms));
 /** The session is gone: say so, with a way back to this page after login. */
 function loginPrompt(code) {
   return notice('bad', errorText({ code }), ' ',
@@ -362,7 +401,6 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
  * Retry-After do not come back together. */
 const retryDelay = (seconds, tries = 1) =>
   Math.max(1, seconds) * 1000 + Math.random() * Math.min(8000, 500 * 2 ** tries);
-const backoff = (seconds, tries = 1) => sleep(retryDelay(seconds, tries));
 
 // ---------------------------------------------------------------- views
 function statusOf(a, now) {
@@ -378,14 +416,14 @@ function countdownText(ms) {
   const s = Math.max(0, Math.ceil(ms / 1000));
   const d = Math.floor(s / 86400), hh = Math.floor((s % 86400) / 3600), mm = Math.floor((s % 3600) / 60), ss = s % 60;
   const two = (n) => String(n).padStart(2, '0');
-  return `${d ? `${d}d ` : ''}${two(hh)}:${two(mm)}:${two(ss)}`;
+  return `${d ? `${d}${t('days')} ` : ''}${two(hh)}:${two(mm)}:${two(ss)}`;
 }
 
 async function listView() {
   const mine = navigation;
   document.title = `${t('activities')} · ${t('brand')}`;
   show(h('p', { class: 'muted' }, t('loading')));
-  const res = await load('/act/list', mine);
+  const res = await load('/act/list', mine, stillLoading);
   if (mine !== navigation) return;
   if (!res.ok) return show(failedNotice(res.error, retryable(res), 'reload'));
   const acts = res.data.activities;
@@ -430,12 +468,17 @@ async function detailView(actId) {
   const mine = navigation;
   show(h('p', { class: 'muted' }, t('loading')));
   const path = `/act/detail?actId=${encodeURIComponent(actId)}`;
-  let res = await load(path, mine);
+  let res = await load(path, mine, stillLoading);
   // An ended session (api() dropped the token): show the page as to a
   // visitor, whose grab button is a link to log in and come back.
-  if (!res.ok && RELOGIN.includes(res.error.code) && !store.token) res = await load(path, mine);
+  if (!res.ok && RELOGIN.includes(res.error.code) && !store.token) res = await load(path, mine, stillLoading);
   if (mine !== navigation) return;
-  if (!res.ok) return show(h('p', {}, h('a', { href: '#/' }, t('back'))), failedNotice(res.error, retryable(res), 'reload'));
+  if (!res.ok) {
+    // The title too: it went on naming the view before (a tab showed
+    // "Register" over "no such activity").
+    document.title = `${errorText(res.error)} · ${t('brand')}`;
+    return show(h('p', {}, h('a', { href: '#/' }, t('back'))), failedNotice(res.error, retryable(res), 'reload'));
+  }
   let a = res.data;
   document.title = `${a.name} · ${t('brand')}`;
   // Read each time: a refresh may move them (the organiser's reload).
@@ -444,8 +487,20 @@ async function detailView(actId) {
   const countdown = h('p', { class: 'countdown', id: 'countdown' });
   const caption = h('p', { class: 'muted', id: 'countdown-caption' });
   const opensAt = h('p', { class: 'muted', id: 'opens-at' });
-  const drawOpensAt = () => { opensAt.textContent = `${t('wait')} ${when(start())} · ${t('limit')} ${number(a.perUserLimit)}`; };
+  // When it opens (or ended), when a lottery draws, the limit: a lottery's
+  // draw, the moment entries close, was never shown.
+  const drawOpensAt = () => {
+    const ended = serverNow() >= end();
+    const draw = a.admission === 'lottery' && a.queue?.shuffleAt
+      ? ` · ${t('drawAt')} ${when(Date.parse(a.queue.shuffleAt))}` : '';
+    opensAt.textContent = `${ended ? t('endedAt') : t('wait')} ${when(ended ? end() : start())}${draw}`
+      + ` · ${t('limit')} ${number(a.perUserLimit)}`;
+  };
   drawOpensAt();
+  // Said once per change to a screen reader: the badge and the button
+  // change silently otherwise (the countdown is not, ticking every second).
+  const said = h('p', { class: 'sr-only', id: 'status-said', 'aria-live': 'polite' });
+  let shown = null;
   const cells = new Map();
   const rows = a.tickets.map((tk) => {
     const left = h('td', { class: 'num' }, number(tk.remaining));
@@ -458,15 +513,18 @@ async function detailView(actId) {
     a.tickets.map((tk) => h('option', { value: tk.ticketId }, tk.name)));
   const button = h('button', { type: 'button', class: 'primary', id: 'grab', disabled: true }, t('grab'));
   const progress = h('progress', { id: 'pow-progress', max: 1, value: 0, hidden: true, 'aria-label': t('pow') });
-  const result = h('div', { id: 'result' });
+  // Live, and focusable: a grab started from the keyboard moves the focus
+  // here (the button turns off under it, and the focus fell to the page).
+  const result = h('div', { id: 'result', 'aria-live': 'polite', tabindex: '-1' });
   const loggedIn = Boolean(store.token);
   const queued = a.admission && a.admission !== 'race';
-  const queue = queued ? { admitted: false, panel: h('div', { class: 'queue', id: 'queue' }) } : null;
+  const queue = queued ? { admitted: false, panel: h('div', { class: 'queue', id: 'queue', tabindex: '-1' }) } : null;
   button.addEventListener('click', () => grab(a, select.value, button, progress, result));
   const image = /^https:\/\//.test(a.image) ? h('div', { class: 'hero' }, h('img', { src: a.image, alt: '' })) : null;
   show(
     h('p', {}, h('a', { href: '#/' }, t('back'))),
     h('h1', {}, a.name, ' ', badge),
+    said,
     image,
     a.desc ? h('p', {}, a.desc) : null,
     opensAt,
@@ -546,6 +604,11 @@ async function detailView(actId) {
     }
     badge.className = `badge ${st}`;
     badge.textContent = t(st);
+    if (st !== shown) {
+      if (shown !== null) said.textContent = t(st);
+      if (st === 'ended' || shown === 'ended') drawOpensAt();
+      shown = st;
+    }
     if (st === 'upcoming') {
       countdown.textContent = countdownText(start() - now);
       caption.textContent = t('opensIn');
@@ -571,23 +634,30 @@ async function waitingRoom(a, queue) {
   const panel = queue.panel;
   // The pass's countdown, while the turn lasts.
   let passTick = null;
+  // Whether the tab's title says "Your turn!": kept apart from
+  // `queue.admitted`, which the pass's last tick turns off before the
+  // room's answer is drawn (the title said "Your turn!" for good).
+  let titled = false;
   const render = (s) => {
-    const was = queue.admitted;
     queue.admitted = s.state === 'admitted';
-    if (queue.admitted && !was) {
+    if (queue.admitted && !titled) {
       // The fan may be in another tab, or have put the phone down after a
       // long wait: the tab's title and a buzz say the turn has come. (A
       // page never tapped may not vibrate; it would only be refused.)
+      titled = true;
       document.title = `${t('turnTitle')} ${a.name} · ${t('brand')}`;
       if (navigator.userActivation?.hasBeenActive) navigator.vibrate?.([200, 100, 200]);
-    } else if (was && !queue.admitted) document.title = `${a.name} · ${t('brand')}`;
+    } else if (titled && !queue.admitted) {
+      titled = false;
+      document.title = `${a.name} · ${t('brand')}`;
+    }
     clearInterval(passTick);
     panel.dataset.state = s.state;
     panel.dataset.placesLeft = String(s.placesLeft);
     const lines = [h('h2', {}, t(lottery ? 'lottery' : 'queue'))];
     if (s.state === 'waiting' && s.position == null) lines.push(notice('ok', t('joined'), ' ', t('drawNote')));
     if (s.state === 'waiting' && s.position != null) {
-      lines.push(h('p', { class: 'countdown', id: 'queue-position' }, `${t('position')}: ${number(s.position)}`),
+      lines.push(h('p', { class: 'countdown', id: 'queue-position' }, `${t('position')}${t('sep')}${number(s.position)}`),
         h('p', { class: 'muted' }, `${number(s.ahead)} ${t('ahead')}`,
           s.etaMs != null ? ` · ${t('eta')} ${countdownText(s.etaMs)}` : ''));
       // Standby in a lottery is not being drawn: "0 ahead of you" alone
@@ -631,8 +701,8 @@ async function waitingRoom(a, queue) {
     if (s.state === 'ended') lines.push(notice('bad', errorText({ code: 'ENDED' })));
     if (s.state === 'entries_closed') lines.push(notice('bad', t('entriesClosed')));
     if (s.state === 'done') lines.push(notice('', t('done')));
-    lines.push(h('p', { class: 'muted small' }, `${t('commitment')}: `, h('code', {}, s.commitment)));
-    if (s.seed) lines.push(h('p', { class: 'muted small' }, `${t('seed')}: `, h('code', {}, s.seed)));
+    lines.push(h('p', { class: 'muted small' }, `${t('commitment')}${t('sep')}`, h('code', {}, s.commitment)));
+    if (s.seed) lines.push(h('p', { class: 'muted small' }, `${t('seed')}${t('sep')}`, h('code', {}, s.seed)));
     panel.replaceChildren(...lines);
   };
   const joinButton = () => {
@@ -665,7 +735,13 @@ async function waitingRoom(a, queue) {
           res = await api('POST', '/queue/join', body);
         }
         if (mine !== navigation) return;
-        if (res.ok) { render(res.data); follow(); return; }
+        if (res.ok) {
+          // The button is gone with the redraw: the focus goes to the room.
+          render(res.data);
+          if (!panel.contains(document.activeElement)) panel.focus();
+          follow();
+          return;
+        }
         if (RELOGIN.includes(res.error.code)) { panel.replaceChildren(loginPrompt(res.error.code)); return; }
         if (!retryable(res)) { note.replaceChildren(notice('bad', errorText(res.error))); b.disabled = false; return; }
         const ms = retryDelay(res.retryAfter, tries);
@@ -783,6 +859,9 @@ function solvePow(challenge, difficulty, progress) {
 /** The grab: claim token, proof of work, the claim; retries only as the server says. */
 async function grab(a, ticketId, button, progress, result) {
   button.dataset.busy = '1';
+  // Turned off, the button drops the focus: a fan on the keyboard goes on
+  // from the answer, not from the top of the page.
+  if (document.activeElement === button) result.focus();
   button.disabled = true;
   // The language switch redraws the page: mid-grab, the code or the error
   // went to a view no longer shown, and the fan saw a grab button again.
@@ -980,7 +1059,7 @@ async function mineView() {
   // sales) says so: the fan is told, not shown fewer tickets as if all.
   let partial = false;
   for (let page = 1; ; page++) {
-    const res = await load(`/ticket/list?pageSize=${LIST_PAGE}&page=${page}`, mine);
+    const res = await load(`/ticket/list?pageSize=${LIST_PAGE}&page=${page}`, mine, stillLoading);
     if (mine !== navigation) return;
     if (!res.ok) return show(failedNotice(res.error, retryable(res), 'reload'));
     partial ||= res.data.partial === true;
@@ -1077,7 +1156,12 @@ document.addEventListener('DOMContentLoaded', () => {
     renderNav();
     location.hash = '#/';
   });
-  window.addEventListener('hashchange', () => { route(); view().focus(); });
+  // The new view gets the focus, unless it gave it to one of its own (the
+  // login form's first field: it was taken back).
+  window.addEventListener('hashchange', () => {
+    route();
+    if (!view().contains(document.activeElement)) view().focus();
+  });
   // Logged in or out in another tab: this one's header and view follow
   // (the view once a grab in progress here has its answer: redrawn
   // mid-grab, the code would go to a view no longer shown).

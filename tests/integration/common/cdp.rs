@@ -184,6 +184,14 @@ impl Browser {
         .await;
     }
 
+    /// Stops holding requests, and forgets those held but not handed out:
+    /// Chromium lets them go on, and one handed out later was no longer
+    /// held ("Invalid InterceptionId").
+    pub async fn stop_intercepting(&mut self) {
+        self.call("Fetch.disable", json!({})).await;
+        self.paused.clear();
+    }
+
     /// Sends a request held before it was sent on to the node.
     pub async fn send_on(&mut self, paused: &Value) {
         self.call("Fetch.continueRequest", json!({ "requestId": paused["requestId"] }))
