@@ -632,6 +632,13 @@ async fn a_fan_waits_in_the_room_and_grabs_with_the_pass_in_chromium() {
         )
         .await;
     assert!(!code.as_str().unwrap().is_empty());
+    // The turn is over, with the way to the ticket (it read as a turn missed).
+    b.wait_for(
+        "document.querySelector('#queue')?.dataset.state === 'done' \
+         && document.querySelector('#queue .notice a[href=\"#/mine\"]')",
+        "the turn over, with the way to the ticket",
+    )
+    .await;
     assert_eq!(b.csp_violations().await, json!([]), "CSP violations");
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 }

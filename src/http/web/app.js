@@ -700,7 +700,9 @@ async function waitingRoom(a, queue) {
     if (s.state === 'sold_out') lines.push(notice('bad', errorText({ code: 'SOLD_OUT' })));
     if (s.state === 'ended') lines.push(notice('bad', errorText({ code: 'ENDED' })));
     if (s.state === 'entries_closed') lines.push(notice('bad', t('entriesClosed')));
-    if (s.state === 'done') lines.push(notice('', t('done')));
+    // After a claim, mostly: said with the way to the codes ("Your turn is
+    // over" alone read as a turn missed).
+    if (s.state === 'done') lines.push(notice('', t('done'), ' ', h('a', { href: '#/mine' }, t('seeMine'))));
     lines.push(h('p', { class: 'muted small' }, `${t('commitment')}${t('sep')}`, h('code', {}, s.commitment)));
     if (s.seed) lines.push(h('p', { class: 'muted small' }, `${t('seed')}${t('sep')}`, h('code', {}, s.seed)));
     panel.replaceChildren(...lines);
