@@ -384,15 +384,15 @@ impl Auth {
     }
 
     /// Creates the account [`Auth::check_registration`] checked, and logs
-    /// it in.
+    /// it in, hashing in `slot` ([`Auth::reserve_hashing`]).
     pub async fn register(
         self: &Arc<Self>,
-        ip: IpAddr,
+        slot: HashingSlot,
         (username, nickname): (Username, String),
         password: String,
     ) -> Result<(User, String), AuthError> {
         let settings = self.settings.load_full();
-        let turn = self.hashing_turn(self.reserve_hashing(ip)?).await?;
+        let turn = self.hashing_turn(slot).await?;
         let this = self.clone();
         let user = blocking(move || {
             let hash = password::hash(&password, settings.cost);

@@ -938,6 +938,47 @@ async fn refused_registrations_leave_the_addresss_budget_for_real_ones() {
     assert_error(&third, 429, "RATE_LIMITED");
 }
 
+/// A registration refused because every hashing turn was taken (503
+/// BUSY, which the page retries) spent the address's budget too, though it
+/// hashed nothing (from a review): five submits in a login flood could
+/// use a day's budget up. The turn is now reserved before the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_refused_as_busy_leaves_the_budget() {
+    let config = limited(
+        base_config().replace(
+            "argon2_memory_kib = 8\nargon2_iterations = 1",
+            "argon2_memory_kib = 131072\nargon2_iterations = 8\nmax_concurrent_hashes = 1\nhash_queue = 0",
+        ),
+        "registrations_per_ip_per_hour = 2",
+    );
+    assert!(config.contains("hash_queue = 0"), "{config}");
+    let app = TestApp::start(&config);
+    let body = |name: &str| json!({ "username": name, "password": format!("password-{name}") });
+    // The first registration holds the one turn while it hashes.
+    let first = tokio::spawn({
+        let client = ApiClient::new(vec![app.url()], 1).unwrap();
+        let body = body("first");
+        async move { client.post("/user/register", None, &body).await.unwrap() }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&app, "ticketd_password_hashes_running").await < 1.0 {
+        assert!(Instant::now() < deadline, "the first registration never began hashing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let busy = app.client.post("/user/register", None, &body("busy")).await.unwrap();
+    assert!(
+        !first.is_finished(),
+        "the first hash ended before the second came: make it costlier"
+    );
+    assert_error(&busy, 503, "BUSY");
+    assert_eq!(first.await.unwrap().status, 200);
+    // The budget's second registration is still there.
+    let second = app.client.post("/user/register", None, &body("second")).await.unwrap();
+    assert_eq!(second.status, 200, "{}", second.body);
+    let third = app.client.post("/user/register", None, &body("third")).await.unwrap();
+    assert_error(&third, 429, "RATE_LIMITED");
+}
+
 /// Successful logins were never counted (only failures have a backoff), so
 /// an account's right password bought unlimited password hashes: a few
 /// accounts could keep every hashing slot busy, and everyone else's logins

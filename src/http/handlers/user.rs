@@ -48,9 +48,10 @@ fn logged_in(user: &User, token: &str) -> Response<Full<Bytes>> {
 ///
 /// The address's budget (`security.registrations_per_ip_per_hour`) is
 /// spent only by a request that will hash a password: one refused for its
-/// body, its fields, a blocked name or closed registration spent it too, so
-/// thirty typos left a fan unable to register for an hour. A taken name
-/// still spends it: it costs a hash, and tells that the name exists.
+/// body, its fields, a blocked name, closed registration or a full hashing
+/// queue (which the page retries) spent it too, so thirty typos left a fan
+/// unable to register for an hour. A taken name still spends it: it costs
+/// a hash, and tells that the name exists.
 pub async fn register(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result<Response<Full<Bytes>>, ApiError> {
     let body: RegisterBody = json_body(state, req).await?;
     // The length first, as at login: the blocklist's look-alike key (NFKC,
@@ -70,13 +71,17 @@ pub async fn register(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> R
     let account = state
         .auth
         .check_registration(&body.username, &body.password, body.nickname.as_deref())?;
+    // A turn to hash (or a place in its queue) before the budget: refused
+    // as busy, the request hashes nothing and spends nothing. A slot the
+    // budget then refuses is given back as it drops.
+    let slot = state.auth.reserve_hashing(ip).inspect_err(count_busy)?;
     state
         .guard
         .admit_registration(ip, Instant::now())
         .inspect_err(|_| metrics::global().reject(Rejected::RegistrationRate))?;
     let (user, token) = state
         .auth
-        .register(ip, account, body.password)
+        .register(slot, account, body.password)
         .await
         .inspect_err(count_busy)?;
     Ok(logged_in(&user, &token))
