@@ -427,20 +427,24 @@ struct UserRow {
 /// activity's `min_account_age` sees members as old as they are.
 fn read_user_csv(file: &Path) -> anyhow::Result<Vec<UserRow>> {
     let now = now_ms();
+    let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    // A spreadsheet's "CSV UTF-8" starts with a byte-order mark: the header
+    // was then not known for one, and refused for an invisible character.
+    let data = data.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&data);
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
-        .from_path(file)
-        .with_context(|| format!("cannot read {}", file.display()))?;
+        .from_reader(data);
     let mut rows = Vec::new();
     // Each account's look-alike key, and the line that named it.
     let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut lines = Lines { data, byte: 0, line: 1 };
     let mut record = csv::StringRecord::new();
     for i in 0.. {
         let read = reader.read_record(&mut record);
         // The line a record starts on: a quoted field may span lines, so
         // the count of records named the wrong one.
-        let at = record.position().map_or(0, |p| p.line());
+        let at = record.position().map_or(0, |p| lines.of(p.byte() as usize));
         if !read.with_context(|| format!("cannot read {}", file.display()))? {
             break;
         }
@@ -454,8 +458,9 @@ fn read_user_csv(file: &Path) -> anyhow::Result<Vec<UserRow>> {
         }
         let line = || format!("{} line {at}", file.display());
         // An unquoted comma in a password or nickname shifts the columns:
-        // refused, not read as another password and nickname.
-        if record.len() > 4 {
+        // refused, not read as another password and nickname. (Empty ones
+        // past the fourth are a spreadsheet's, and mean nothing.)
+        if record.iter().skip(4).any(|f| !f.trim().is_empty()) {
             bail!(
                 "{}: {} columns; a row has at most four (username,password,nickname,created_at), \
                  and a field holding a comma is quoted",
@@ -496,6 +501,37 @@ fn read_user_csv(file: &Path) -> anyhow::Result<Vec<UserRow>> {
         });
     }
     Ok(rows)
+}
+
+/// The line numbers of a CSV file's records, counted on from one record
+/// to the next (they come in order).
+struct Lines<'a> {
+    data: &'a [u8],
+    /// Where the last record started, and on which line.
+    byte: usize,
+    line: u64,
+}
+
+impl Lines<'_> {
+    /// The line of the record that starts at byte `at`. The csv crate puts
+    /// a record's start before the line ending that precedes it when the
+    /// ending is CRLF (it reads the `\n` with the next record), and before
+    /// any blank lines: those bytes are skipped first, or every record of a
+    /// Windows file was named a line early.
+    fn of(&mut self, mut at: usize) -> u64 {
+        while matches!(self.data.get(at), Some(b'\r' | b'\n')) {
+            at += 1;
+        }
+        let at = at.min(self.data.len()).max(self.byte);
+        // Lines end in `\n`, `\r\n` or a lone `\r` (an old Mac's).
+        let ends = |(i, &b): (usize, &u8)| b == b'\n' || (b == b'\r' && self.data.get(i + 1) != Some(&b'\n'));
+        self.line += (self.byte..at)
+            .zip(&self.data[self.byte..at])
+            .filter(|&e| ends(e))
+            .count() as u64;
+        self.byte = at;
+        self.line
+    }
 }
 
 /// A `created_at` cell: an RFC 3339 time, not after `now`.

@@ -274,6 +274,17 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
             "bad.csv line 3: 5 columns",
         ),
         ("sunqi,\"pass\nword\",\nw w,password-w,\n", "bad.csv line 3: "),
+        // Saved on Windows (CRLF), where every row after the first was
+        // named a line early; and on an old Mac (CR alone).
+        (
+            "wangwu,password-wangwu,\r\n\"sunqi\",\"pass\r\nword\",\r\nWANGWU,password-other,\r\n",
+            "bad.csv line 4: `WANGWU` is the account of line 1",
+        ),
+        (
+            "username,password\r\n\r\nwangwu,password-wangwu\r\nw w,password-w\r\n",
+            "bad.csv line 4: ",
+        ),
+        ("wangwu,password-wangwu,\rw w,password-w,\r", "bad.csv line 2: "),
     ] {
         std::fs::write(app.dir.path().join("bad.csv"), rows).unwrap();
         let out = app.cli(&["user", "import", "bad.csv"], None);
@@ -293,6 +304,15 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
     let names: Vec<&str> = users.iter().map(|u| u["username"].as_str()).collect();
     assert_eq!(names, ["zhang", "lisi", "wangwu", "zhaoliu"]);
     assert_eq!(users[3]["nickname"], "赵六");
+    // A spreadsheet's "CSV UTF-8": a byte-order mark before the header,
+    // and empty columns past the fourth (it was refused for both).
+    std::fs::write(
+        app.dir.path().join("bom.csv"),
+        "\u{feff}username,password,nickname,created_at,,\r\nbomfan,password-bomfan,,,,\r\n",
+    )
+    .unwrap();
+    let out = app.cli(&["user", "import", "bom.csv"], None);
+    assert!(text(&out.stdout).contains("1 user created"), "{}", text(&out.stderr));
     // A header with spaces is a header still, not an account called
     // `username` with the password ` password`.
     std::fs::write(

@@ -410,6 +410,11 @@ async fn a_chinese_browser_gets_the_page_in_chinese() {
         .eval("errorText({ code: 'INVALID_FIELD', message: \"username must be 3-32 letters, digits, '_', '-', '.' or '@'\" })")
         .await;
     assert!(!said.as_str().unwrap().contains("must"), "{said}");
+    // Not the username's rule for login's "username or password is too long".
+    let said = b
+        .eval("errorText({ code: 'INVALID_FIELD', message: 'username or password is too long' })")
+        .await;
+    assert_eq!(said, "请检查填写内容： username or password is too long");
     assert_eq!(b.eval("countdownText(2 * 86400000 + 5000)").await, "2天 00:00:05");
     // A lottery says when it draws (entries close then); it said only when
     // the sale opens.

@@ -359,7 +359,9 @@ function errorText(error) {
   const words = ERRORS[lang];
   const known = words[error.code];
   if (known && error.code !== 'INVALID_FIELD') return known;
-  const field = /^(username|password|nickname)\b/.exec(error.message || '')?.[1];
+  // "username must …": login's "username or password is too long" is no
+  // rule of the username's.
+  const field = /^(username|password|nickname) must\b/.exec(error.message || '')?.[1];
   const rule = field && FIELD_RULES[lang]?.[field];
   return `${known || words.OTHER} ${rule || error.message || error.code}`;
 }
@@ -710,6 +712,8 @@ async function waitingRoom(a, queue) {
   const joinButton = () => {
     const b = h('button', { type: 'button', id: 'join' }, t(lottery ? 'enterLottery' : 'joinQueue'));
     b.addEventListener('click', async () => {
+      // Turned off, the button lets go of the focus (to the page).
+      const focused = document.activeElement === b;
       b.disabled = true;
       const body = { actId: a.actId };
       // What the join is doing, in one place replaced at each try (each
@@ -738,9 +742,11 @@ async function waitingRoom(a, queue) {
         }
         if (mine !== navigation) return;
         if (res.ok) {
-          // The button is gone with the redraw: the focus goes to the room.
+          // The button goes with the redraw: the focus it had goes to the
+          // room, unless the fan moved it on meanwhile.
+          const lost = [b, document.body, null].includes(document.activeElement);
           render(res.data);
-          if (!panel.contains(document.activeElement)) panel.focus();
+          if (focused && lost) panel.focus();
           follow();
           return;
         }
