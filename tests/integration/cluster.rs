@@ -2333,7 +2333,9 @@ async fn activities_nobody_imported_are_not_sold_out_and_sell_once_imported() {
 /// backlog, the export is whole and says nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_and_report_say_how_many_claims_are_still_in_a_backlog() {
-    let mut cluster = Cluster::start(1, &cluster_activity("tr", 20, 1), "");
+    // A short lease: the restart waits out the killed run's hold on its
+    // node id (10 s by default).
+    let mut cluster = Cluster::start(1, &cluster_activity("tr", 20, 1), "[cluster]\nlease_ttl = \"2s\"\n");
     let (tokens, _) = users(&cluster, "tr", 5).await;
     cluster.services.stop_mongo();
     for token in &tokens {

@@ -150,6 +150,10 @@ fn spawn_cluster_server(dir: &Path, port: u16) -> Child {
         .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
         .args(["--cluster-node-timeout", "5000"])
         .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+        // A replica's full sync at once: Redis waits 5 s for more replicas
+        // to share it by default, and every test with replicas (or a master
+        // rejoining as one) waited that out.
+        .args(["--repl-diskless-sync-delay", "0"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
