@@ -1295,7 +1295,7 @@ async fn a_paused_sale_holds_the_room_and_gives_passes_their_time_back() {
 /// pass is what Redis holds for the fan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn across_nodes_a_paused_sale_holds_the_room() {
-    let act = |t0| lottery_from(t0, "pc", 2, 5_000, 6_000, &["pass_ttl = \"5s\"", "grace = \"1h\""]);
+    let act = |t0| lottery_from(t0, "pc", 2, 3_000, 4_000, &["pass_ttl = \"5s\"", "grace = \"1h\""]);
     let (cluster, tokens) = cluster_then_open(2, act, "", "pc", 3).await;
     pause_and_resume(&cluster.clients(), &tokens, "pc", &|paused| {
         for node in &cluster.nodes {
@@ -1357,7 +1357,7 @@ async fn until_logged(services: &services::Services, act: &str, kind: &str) {
 /// takes the lease and resumes, the pass has its time back and buys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_claim_waits_for_the_rooms_resume_not_only_the_configs() {
-    let act = |t0| lottery_from(t0, "pr", 1, 5_000, 6_000, &["pass_ttl = \"5s\"", "grace = \"1h\""]);
+    let act = |t0| lottery_from(t0, "pr", 1, 3_000, 4_000, &["pass_ttl = \"5s\"", "grace = \"1h\""]);
     let (cluster, tokens) = cluster_then_open(1, act, "", "pr", 1).await;
     let clients = cluster.clients();
     let (node, client, fan) = (&cluster.nodes[0], &*clients[0], &tokens[0]);
@@ -2229,7 +2229,7 @@ async fn the_queue_bench_names_the_streams_a_node_refuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lottery_across_three_nodes_skips_the_gone_and_passes_lapsed_turns_on() {
-    let act = |t0| lottery_from(t0, "cl", 2, 9_000, 11_000, &["pass_ttl = \"5s\"", "grace = \"3s\""]);
+    let act = |t0| lottery_from(t0, "cl", 2, 6_000, 8_000, &["pass_ttl = \"5s\"", "grace = \"3s\""]);
     let (cluster, tokens) = cluster_then_open(3, act, "", "x", 7).await;
     let outsider = tokens[6].clone();
     let clients = cluster.clients();
