@@ -426,6 +426,18 @@ async fn a_chinese_browser_gets_the_page_in_chinese() {
         )
         .await;
     assert!(said.as_str().unwrap().contains(" · 抽签时间 "), "{said}");
+    // A session that ended before the page was opened is said so, with
+    // the way to log in (the page showed only "登录后抢票").
+    b.eval("localStorage.setItem('ticketd.token', 'a.forged.token'); location.hash = '#/act/zh'")
+        .await;
+    let said = b
+        .wait_for(
+            "document.querySelector('#result .notice.bad')?.textContent",
+            "the ended session",
+        )
+        .await;
+    assert_eq!(said, "请重新登录。 登录");
+    assert_eq!(b.eval("localStorage.getItem('ticketd.token')").await, Value::Null);
     // The login form's first field has the focus (the view took it back).
     b.eval("location.hash = '#/login'").await;
     b.wait_for("document.querySelector('#login-form')", "the login form")

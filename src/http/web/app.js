@@ -473,7 +473,10 @@ async function detailView(actId) {
   let res = await load(path, mine, stillLoading);
   // An ended session (api() dropped the token): show the page as to a
   // visitor, whose grab button is a link to log in and come back.
-  if (!res.ok && RELOGIN.includes(res.error.code) && !store.token) res = await load(path, mine, stillLoading);
+  // Said on the page, with the way to log in (it showed "Log in to grab a
+  // ticket" and no word of the session that ended).
+  const ended = !res.ok && RELOGIN.includes(res.error.code) && !store.token ? res.error.code : null;
+  if (ended) res = await load(path, mine, stillLoading);
   if (mine !== navigation) return;
   if (!res.ok) {
     // The title too: it went on naming the view before (a tab showed
@@ -545,6 +548,7 @@ async function detailView(actId) {
   if (a.claims?.length) {
     result.replaceChildren(notice('ok', t('held'), ' ', codesList(a.claims.map((c) => c.code))));
   }
+  if (ended) result.replaceChildren(loginPrompt(ended));
   /** What the sale looks like now: its stock, its times, a pause. A page
    * drawn once showed the stock it loaded with for good: a "sold out" read
    * while the last claims were being stored (a failed one puts its code
