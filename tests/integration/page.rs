@@ -593,6 +593,11 @@ async fn a_fan_waits_in_the_room_and_grabs_with_the_pass_in_chromium() {
     .await;
     // Said where a fan in another tab sees it, with the time the pass leaves.
     assert_eq!(b.eval("document.title").await, "Your turn! Arena Show · ticketd");
+    // And to a screen reader, once, by one live region that outlives the
+    // panel's redraws (each redraw's notices were new live regions).
+    let said = b.eval("document.querySelector('#queue-said').textContent").await;
+    assert!(said.as_str().unwrap().starts_with("Your turn! Grab before"), "{said}");
+    assert_eq!(b.eval("document.querySelectorAll('#queue [role]').length").await, 0);
     let left = b.eval("document.querySelector('#pass-left').textContent").await;
     assert!(left.as_str().unwrap().starts_with("Time left to grab 00:0"), "{left}");
     // The pass runs out (the page's clocks moved past it) and the room says

@@ -644,6 +644,13 @@ async function waitingRoom(a, queue) {
   // `queue.admitted`, which the pass's last tick turns off before the
   // room's answer is drawn (the title said "Your turn!" for good).
   let titled = false;
+  // What a screen reader hears of the room: the state when it changes, and
+  // the place at most every 30 s. The panel is drawn anew at each event,
+  // and the status notices in it were new live regions each time ("Your
+  // turn!" said again and again, or not at all).
+  const said = h('p', { class: 'sr-only', id: 'queue-said', 'aria-live': 'polite' });
+  let saidState = null;
+  let placeSaidAt = 0;
   const render = (s) => {
     queue.admitted = s.state === 'admitted';
     if (queue.admitted && !titled) {
@@ -711,7 +718,17 @@ async function waitingRoom(a, queue) {
     if (s.state === 'done') lines.push(notice('', t('done'), ' ', h('a', { href: '#/mine' }, t('seeMine'))));
     lines.push(h('p', { class: 'muted small' }, `${t('commitment')}${t('sep')}`, h('code', {}, s.commitment)));
     if (s.seed) lines.push(h('p', { class: 'muted small' }, `${t('seed')}${t('sep')}`, h('code', {}, s.seed)));
-    panel.replaceChildren(...lines);
+    for (const line of lines) line.removeAttribute('role');
+    const place = s.state === 'waiting' && s.position != null ? `${t('position')}${t('sep')}${number(s.position)}` : '';
+    if (s.state !== saidState) {
+      saidState = s.state;
+      placeSaidAt = steadyNow();
+      said.textContent = lines.find((l) => l.classList.contains('notice'))?.textContent || place;
+    } else if (place && steadyNow() - placeSaidAt >= 30000) {
+      placeSaidAt = steadyNow();
+      said.textContent = place;
+    }
+    panel.replaceChildren(...lines, said);
   };
   const joinButton = () => {
     const b = h('button', { type: 'button', id: 'join' }, t(lottery ? 'enterLottery' : 'joinQueue'));
