@@ -445,7 +445,15 @@ fn read_user_csv(file: &Path) -> anyhow::Result<Vec<UserRow>> {
         // The line a record starts on: a quoted field may span lines, so
         // the count of records named the wrong one.
         let at = record.position().map_or(0, |p| lines.of(p.byte() as usize));
-        if !read.with_context(|| format!("cannot read {}", file.display()))? {
+        let read = match read {
+            // At the line counted here: the csv crate's is a line early in a
+            // CRLF file.
+            Err(e) if matches!(e.kind(), csv::ErrorKind::Utf8 { .. }) => {
+                bail!("{} line {at}: not UTF-8 text; save the file as UTF-8", file.display())
+            }
+            read => read.with_context(|| format!("cannot read {}", file.display()))?,
+        };
+        if !read {
             break;
         }
         // Every field trimmed but the password, which is what it says, as

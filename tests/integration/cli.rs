@@ -291,6 +291,18 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
         let err = text(&out.stderr);
         assert!(!out.status.success() && err.contains(says), "{says}: {err}");
     }
+    // Saved as Latin-1 (é as one byte), on Windows: named at its line too.
+    std::fs::write(
+        app.dir.path().join("bad.csv"),
+        b"wangwu,password-wangwu,\r\nsunqi,password-sunqi,Sun\xe9\r\n",
+    )
+    .unwrap();
+    let out = app.cli(&["user", "import", "bad.csv"], None);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("bad.csv line 2: not UTF-8"),
+        "{err}"
+    );
     std::fs::write(
         app.dir.path().join("u.csv"),
         "username,password,nickname,created_at\nlisi,password-lisi,李四,2021-06-01T08:00:00+08:00\n\

@@ -598,6 +598,14 @@ async fn a_fan_waits_in_the_room_and_grabs_with_the_pass_in_chromium() {
     let said = b.eval("document.querySelector('#queue-said').textContent").await;
     assert!(said.as_str().unwrap().starts_with("Your turn! Grab before"), "{said}");
     assert_eq!(b.eval("document.querySelectorAll('#queue [role]').length").await, 0);
+    // It stays put through the redraws that follow (taken out and put back
+    // as its text changed, it was often not read).
+    b.eval(
+        "window.__saidMoved = 0; new MutationObserver((ms) => { for (const m of ms) \
+         for (const n of m.removedNodes) if (n.id === 'queue-said') window.__saidMoved += 1; }) \
+         .observe(document.querySelector('#queue'), { childList: true, subtree: true })",
+    )
+    .await;
     let left = b.eval("document.querySelector('#pass-left').textContent").await;
     assert!(left.as_str().unwrap().starts_with("Time left to grab 00:0"), "{left}");
     // The pass runs out (the page's clocks moved past it) and the room says
@@ -661,6 +669,7 @@ async fn a_fan_waits_in_the_room_and_grabs_with_the_pass_in_chromium() {
         "the turn over, with the way to the ticket",
     )
     .await;
+    assert_eq!(b.eval("window.__saidMoved").await, 0);
     assert_eq!(b.csp_violations().await, json!([]), "CSP violations");
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 }
@@ -1033,6 +1042,14 @@ async fn a_session_that_ended_is_found_before_the_start_not_at_the_tap() {
     )
     .await;
     assert_eq!(b.eval("localStorage.getItem('ticketd.token')").await, Value::Null);
+    // With a word of why (the page was drawn again without one).
+    let said = b
+        .eval("document.querySelector('#result .notice.bad')?.textContent")
+        .await;
+    assert!(
+        said.as_str().is_some_and(|s| s.starts_with("Please log in again.")),
+        "{said}"
+    );
 }
 
 /// The page kept its best sample of the server's clock for good: a phone

@@ -221,6 +221,8 @@ let timers = [];
 let streams = [];
 /** Bumped by each navigation: a view whose fetch returns after the fan moved on draws nothing. */
 let navigation = 0;
+/** The code of a session found ended by a view, for the view drawn next to say. */
+let sessionEnded = null;
 
 const t = (key) => WORDS[lang][key] ?? WORDS.en[key] ?? key;
 const serverNow = () => Date.now() + clock.offset;
@@ -474,9 +476,14 @@ async function detailView(actId) {
   // An ended session (api() dropped the token): show the page as to a
   // visitor, whose grab button is a link to log in and come back.
   // Said on the page, with the way to log in (it showed "Log in to grab a
-  // ticket" and no word of the session that ended).
-  const ended = !res.ok && RELOGIN.includes(res.error.code) && !store.token ? res.error.code : null;
-  if (ended) res = await load(path, mine, stillLoading);
+  // ticket" and no word of the session that ended): found by this load, or
+  // by the check before the start that drew the page again.
+  let ended = sessionEnded;
+  sessionEnded = null;
+  if (!res.ok && RELOGIN.includes(res.error.code) && !store.token) {
+    ended = res.error.code;
+    res = await load(path, mine, stillLoading);
+  }
   if (mine !== navigation) return;
   if (!res.ok) {
     // The title too: it went on naming the view before (a tab showed
@@ -548,7 +555,7 @@ async function detailView(actId) {
   if (a.claims?.length) {
     result.replaceChildren(notice('ok', t('held'), ' ', codesList(a.claims.map((c) => c.code))));
   }
-  if (ended) result.replaceChildren(loginPrompt(ended));
+  if (ended && !loggedIn) result.replaceChildren(loginPrompt(ended));
   /** What the sale looks like now: its stock, its times, a pause. A page
    * drawn once showed the stock it loaded with for good: a "sold out" read
    * while the last claims were being stored (a failed one puts its code
@@ -605,7 +612,10 @@ async function detailView(actId) {
       sessionChecked = true;
       api('GET', `/act/detail?actId=${encodeURIComponent(a.actId)}&claims=0`).then((r) => {
         // api() forgot the token: drawn again, the grab is a way to log in.
-        if (mine === navigation && !r.ok && RELOGIN.includes(r.error.code) && !button.dataset.busy) route();
+        if (mine === navigation && !r.ok && RELOGIN.includes(r.error.code) && !button.dataset.busy) {
+          sessionEnded = r.error.code;
+          route();
+        }
       });
     }
     badge.className = `badge ${st}`;
@@ -648,7 +658,12 @@ async function waitingRoom(a, queue) {
   // the place at most every 30 s. The panel is drawn anew at each event,
   // and the status notices in it were new live regions each time ("Your
   // turn!" said again and again, or not at all).
+  // The room is drawn into `content`; `said` stays in the panel throughout (a
+  // live region taken out and put back as its text changes is often not
+  // read).
   const said = h('p', { class: 'sr-only', id: 'queue-said', 'aria-live': 'polite' });
+  const content = h('div');
+  panel.replaceChildren(content, said);
   let saidState = null;
   let placeSaidAt = 0;
   const render = (s) => {
@@ -720,15 +735,17 @@ async function waitingRoom(a, queue) {
     if (s.seed) lines.push(h('p', { class: 'muted small' }, `${t('seed')}${t('sep')}`, h('code', {}, s.seed)));
     for (const line of lines) line.removeAttribute('role');
     const place = s.state === 'waiting' && s.position != null ? `${t('position')}${t('sep')}${number(s.position)}` : '';
-    if (s.state !== saidState) {
-      saidState = s.state;
+    // The draw (a place given) and standby change what is said, not the state.
+    const key = `${s.state}/${s.position == null}/${Boolean(s.standby)}`;
+    if (key !== saidState) {
+      saidState = key;
       placeSaidAt = steadyNow();
       said.textContent = lines.find((l) => l.classList.contains('notice'))?.textContent || place;
     } else if (place && steadyNow() - placeSaidAt >= 30000) {
       placeSaidAt = steadyNow();
       said.textContent = place;
     }
-    panel.replaceChildren(...lines, said);
+    content.replaceChildren(...lines);
   };
   const joinButton = () => {
     const b = h('button', { type: 'button', id: 'join' }, t(lottery ? 'enterLottery' : 'joinQueue'));
@@ -739,8 +756,8 @@ async function waitingRoom(a, queue) {
       const body = { actId: a.actId };
       // What the join is doing, in one place replaced at each try (each
       // failed tap added another notice).
-      let note = panel.querySelector('#join-note');
-      if (!note) panel.append(note = h('div', { id: 'join-note' }));
+      let note = content.querySelector('#join-note');
+      if (!note) content.append(note = h('div', { id: 'join-note' }));
       // Joining again keeps a place already taken, so a join that met a
       // full or busy room, or got no answer (it may have taken the place,
       // which lapses after the room's grace unless checked in), is tried
@@ -771,7 +788,7 @@ async function waitingRoom(a, queue) {
           follow();
           return;
         }
-        if (RELOGIN.includes(res.error.code)) { panel.replaceChildren(loginPrompt(res.error.code)); return; }
+        if (RELOGIN.includes(res.error.code)) { content.replaceChildren(loginPrompt(res.error.code)); return; }
         if (!retryable(res)) { note.replaceChildren(notice('bad', errorText(res.error))); b.disabled = false; return; }
         const ms = retryDelay(res.retryAfter, tries);
         note.replaceChildren(retryingNotice(res, ms));
@@ -833,9 +850,10 @@ async function waitingRoom(a, queue) {
       for (;;) {
         const now = await api('GET', `/queue/status?actId=${encodeURIComponent(a.actId)}`);
         if (mine !== navigation) return;
-        if (!now.ok && RELOGIN.includes(now.error.code)) return panel.replaceChildren(loginPrompt(now.error.code));
+        if (!now.ok && RELOGIN.includes(now.error.code)) return content.replaceChildren(loginPrompt(now.error.code));
         if (now.ok && now.data.state === 'not_joined') {
-          return panel.replaceChildren(h('h2', {}, t(lottery ? 'lottery' : 'queue')), joinButton());
+          saidState = null;
+          return content.replaceChildren(h('h2', {}, t(lottery ? 'lottery' : 'queue')), joinButton());
         }
         if (now.ok) render(now.data);
         if (ended()) return;
@@ -848,16 +866,16 @@ async function waitingRoom(a, queue) {
   if (mine !== navigation) return;
   // Not knowing the state is no reason to lose the way in: joining again
   // keeps a place already taken.
-  if (!first.ok) return panel.replaceChildren(notice('bad', errorText(first.error)), joinButton());
+  if (!first.ok) return content.replaceChildren(notice('bad', errorText(first.error)), joinButton());
   if (first.data.state !== 'not_joined') { render(first.data); return follow(); }
   if (serverNow() < opens) {
     const line = h('p', { class: 'muted' });
-    panel.replaceChildren(line);
+    content.replaceChildren(line);
     every(500, () => { line.textContent = `${t('queueOpensIn')} ${countdownText(opens - serverNow())}`; });
     await sleep(Math.max(0, opens - serverNow()) + 200);
     if (mine !== navigation) return;
   }
-  panel.replaceChildren(h('h2', {}, t(lottery ? 'lottery' : 'queue')), h('p', { class: 'muted' }, t('drawNote')), joinButton());
+  content.replaceChildren(h('h2', {}, t(lottery ? 'lottery' : 'queue')), h('p', { class: 'muted' }, t('drawNote')), joinButton());
 }
 
 function codesList(codes) {
