@@ -549,6 +549,11 @@ fn created_at(text: &str, now: i64) -> anyhow::Result<i64> {
     if ms > now {
         bail!("created_at `{text}` is in the future");
     }
+    // No account is older than Unix time: a year 1 or 1900 is a
+    // spreadsheet's empty date, and would pass every `min_account_age`.
+    if ms < 0 {
+        bail!("created_at `{text}` is before 1970");
+    }
     Ok(ms)
 }
 

@@ -249,6 +249,7 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
     for (row, says) in [
         ("lisi,password-lisi,李四,yesterday", "not an RFC 3339 time"),
         ("lisi,password-lisi,李四,2999-01-01T00:00:00Z", "in the future"),
+        ("lisi,password-lisi,李四,1899-12-30T00:00:00Z", "before 1970"),
     ] {
         std::fs::write(
             app.dir.path().join("bad.csv"),

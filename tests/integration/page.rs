@@ -426,6 +426,14 @@ async fn a_chinese_browser_gets_the_page_in_chinese() {
         )
         .await;
     assert!(said.as_str().unwrap().contains(" · 抽签时间 "), "{said}");
+    // Its times name their time zone (a fan abroad read them as their own).
+    let zone = b
+        .eval("new Intl.DateTimeFormat('zh-CN', { timeZoneName: 'short' }).formatToParts(0).find((p) => p.type === 'timeZoneName').value")
+        .await;
+    assert!(
+        said.as_str().unwrap().contains(zone.as_str().unwrap()),
+        "{said} has no {zone}"
+    );
     // A session that ended before the page was opened is said so, with
     // the way to log in (the page showed only "登录后抢票").
     b.eval("localStorage.setItem('ticketd.token', 'a.forged.token'); location.hash = '#/act/zh'")

@@ -230,7 +230,9 @@ const serverNow = () => Date.now() + clock.offset;
 const steadyNow = () => performance.now();
 const locale = () => (lang === 'zh' ? 'zh-CN' : navigator.language || 'en');
 const number = (n) => new Intl.NumberFormat(locale()).format(n);
-const when = (ms) => new Intl.DateTimeFormat(locale(), { dateStyle: 'medium', timeStyle: 'medium' }).format(new Date(ms));
+/** A moment, with its time zone: a fan abroad, or a phone set to another
+ * zone, read an opening time with no zone as their own. */
+const when = (ms) => new Intl.DateTimeFormat(locale(), { dateStyle: 'medium', timeStyle: 'long' }).format(new Date(ms));
 
 // ---------------------------------------------------------------- DOM
 function h(tag, attrs, ...children) {
