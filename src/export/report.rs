@@ -55,6 +55,23 @@ pub fn summary(data: &ReportData) -> Summary {
     }
 }
 
+/// A warning when claims were committed but are not yet in the store the
+/// report reads: they are missing from every figure.
+fn in_transit_note(data: &ReportData) -> String {
+    let claims = match data.in_transit {
+        0 => return String::new(),
+        1 => "1 claim was".to_owned(),
+        n => format!("{n} claims were"),
+    };
+    format!(
+        "<p id=\"in-transit\" class=\"warn\"><strong>Incomplete:</strong> {claims} committed but not yet \
+         in the store this report reads (a cluster node's backlog for MongoDB, or a serving node's \
+         journal not yet applied to SQLite) and missing from every figure below. Generate the \
+         report again in a moment (in a cluster, once <code>ticketd_mongo_backlog</code> is 0 on \
+         every node).</p>\n"
+    )
+}
+
 /// A warning when fewer successful claim requests were recorded than the
 /// store holds claims: a node keeps its last second of statistics in
 /// memory, and one killed (`kill -9`, a crash, a power cut) loses them. The
@@ -309,7 +326,7 @@ th {{ background: #f5f5f5; }} .muted {{ color: #666; }} .warn {{ background: #ff
 </style></head><body>
 <h1>Rush report: {title}</h1>
 <p class="muted">Activity <code>{id}</code>, {start} – {end}, limit {limit} per user{served}. Generated {now}.</p>
-{in_transit}<h2>Summary</h2>
+{notes}<h2>Summary</h2>
 <table id="summary">
 <tr><th>codes</th><td id="codes">{codes}</td></tr>
 <tr><th>claimed</th><td id="claimed">{claimed}</td></tr>
@@ -321,22 +338,7 @@ th {{ background: #f5f5f5; }} .muted {{ color: #666; }} .warn {{ background: #ff
 "#,
         title = esc(&name),
         id = esc(activity_id),
-        in_transit = if data.in_transit > 0 {
-            format!(
-                "<p id=\"in-transit\" class=\"warn\"><strong>Incomplete:</strong> {} committed but not yet \
-                 in the store this report reads (a cluster node's backlog for MongoDB, or a serving node's \
-                 journal not yet applied to SQLite) and missing from every figure below. Generate the \
-                 report again in a moment (in a cluster, once <code>ticketd_mongo_backlog</code> is 0 on \
-                 every node).</p>\n",
-                if data.in_transit == 1 {
-                    "1 claim was".to_owned()
-                } else {
-                    format!("{} claims were", data.in_transit)
-                }
-            )
-        } else {
-            String::new()
-        } + &unrecorded_note(data, s.claimed),
+        notes = in_transit_note(data) + &unrecorded_note(data, s.claimed),
         start = rfc3339_ms(start_ms),
         end = rfc3339_ms(end_ms),
         limit = limit,

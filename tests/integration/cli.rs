@@ -244,6 +244,11 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
         "{}",
         text(&out.stderr)
     );
+    // Writes `rows` to `name` in the app's directory and imports it.
+    let import = |name: &str, rows: &[u8]| {
+        std::fs::write(app.dir.path().join(name), rows).unwrap();
+        app.cli(&["user", "import", name], None)
+    };
     // A registration time from another system is refused when it is not a
     // time, or not yet; the file is then imported not at all.
     for (row, says) in [
@@ -251,12 +256,7 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
         ("lisi,password-lisi,李四,2999-01-01T00:00:00Z", "in the future"),
         ("lisi,password-lisi,李四,1899-12-30T00:00:00Z", "before 1970"),
     ] {
-        std::fs::write(
-            app.dir.path().join("bad.csv"),
-            format!("wangwu,password-wangwu,\n{row}\n"),
-        )
-        .unwrap();
-        let out = app.cli(&["user", "import", "bad.csv"], None);
+        let out = import("bad.csv", format!("wangwu,password-wangwu,\n{row}\n").as_bytes());
         assert!(!out.status.success());
         let err = text(&out.stderr);
         assert!(err.contains("bad.csv line 2") && err.contains(says), "{err}");
@@ -287,30 +287,26 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
         ),
         ("wangwu,password-wangwu,\rw w,password-w,\r", "bad.csv line 2: "),
     ] {
-        std::fs::write(app.dir.path().join("bad.csv"), rows).unwrap();
-        let out = app.cli(&["user", "import", "bad.csv"], None);
+        let out = import("bad.csv", rows.as_bytes());
         let err = text(&out.stderr);
         assert!(!out.status.success() && err.contains(says), "{says}: {err}");
     }
     // Saved as Latin-1 (é as one byte), on Windows: named at its line too.
-    std::fs::write(
-        app.dir.path().join("bad.csv"),
+    let out = import(
+        "bad.csv",
         b"wangwu,password-wangwu,\r\nsunqi,password-sunqi,Sun\xe9\r\n",
-    )
-    .unwrap();
-    let out = app.cli(&["user", "import", "bad.csv"], None);
+    );
     let err = text(&out.stderr);
     assert!(
         !out.status.success() && err.contains("bad.csv line 2: not UTF-8"),
         "{err}"
     );
-    std::fs::write(
-        app.dir.path().join("u.csv"),
+    let out = import(
+        "u.csv",
         "username,password,nickname,created_at\nlisi,password-lisi,李四,2021-06-01T08:00:00+08:00\n\
-         wangwu,password-wangwu,\n zhaoliu ,\"  spaced password  \", 赵六 \n",
-    )
-    .unwrap();
-    let out = app.cli(&["user", "import", "u.csv"], None);
+         wangwu,password-wangwu,\n zhaoliu ,\"  spaced password  \", 赵六 \n"
+            .as_bytes(),
+    );
     assert!(text(&out.stdout).contains("3 users created"), "{}", text(&out.stdout));
     let out = app.cli(&["user", "list"], None);
     let users = parse_csv(&out.stdout);
@@ -319,25 +315,20 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
     assert_eq!(users[3]["nickname"], "赵六");
     // A spreadsheet's "CSV UTF-8": a byte-order mark before the header,
     // and empty columns past the fourth (it was refused for both).
-    std::fs::write(
-        app.dir.path().join("bom.csv"),
-        "\u{feff}username,password,nickname,created_at,,\r\nbomfan,password-bomfan,,,,\r\n",
-    )
-    .unwrap();
-    let out = app.cli(&["user", "import", "bom.csv"], None);
+    let out = import(
+        "bom.csv",
+        "\u{feff}username,password,nickname,created_at,,\r\nbomfan,password-bomfan,,,,\r\n".as_bytes(),
+    );
     assert!(text(&out.stdout).contains("1 user created"), "{}", text(&out.stderr));
     // A header with spaces is a header still, not an account called
     // `username` with the password ` password`.
-    std::fs::write(
-        app.dir.path().join("h.csv"),
-        "username, password, nickname\nsunqi,password-sunqi,\n",
-    )
-    .unwrap();
-    let out = app.cli(&["user", "import", "h.csv"], None);
+    let out = import(
+        "h.csv",
+        "username, password, nickname\nsunqi,password-sunqi,\n".as_bytes(),
+    );
     assert!(text(&out.stdout).contains("1 user created"), "{}", text(&out.stdout));
     // Saved with semicolons, as many locales' spreadsheets do: said so.
-    std::fs::write(app.dir.path().join("semi.csv"), "zhouba;password-zhouba;\n").unwrap();
-    let out = app.cli(&["user", "import", "semi.csv"], None);
+    let out = import("semi.csv", "zhouba;password-zhouba;\n".as_bytes());
     assert!(
         !out.status.success() && text(&out.stderr).contains("must be comma-separated"),
         "{}",

@@ -106,9 +106,7 @@ async fn kill_9_mid_rush_keeps_every_acknowledged_claim() {
             |r| r.get::<_, i64>(0),
         )
         .unwrap() as u64;
-    let out = app.cli(&["report", "--activity", "crash", "--out", "crash.html"], None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let html = std::fs::read_to_string(app.dir.path().join("crash.html")).unwrap();
+    let html = app.report_html("crash");
     eprintln!(
         "{} of {claimed} claims have no recorded request",
         claimed.saturating_sub(recorded)

@@ -107,7 +107,7 @@ async fn the_report_and_the_rejections_export_match_the_rush() {
         "{reasons:?}"
     );
 
-    let html = report_html(&app, "rep");
+    let html = app.report_html("rep");
     for fetch in ["http://", "https://", "<script", "<link", "src=", "@import"] {
         assert!(!html.contains(fetch), "the report must need no network ({fetch})");
     }
@@ -158,7 +158,7 @@ async fn the_report_and_the_rejections_export_match_the_rush() {
     );
 
     // An activity nobody claimed still renders.
-    let quiet = report_html(&app, "quiet");
+    let quiet = app.report_html("quiet");
     assert_eq!(cell(&quiet, "claimed"), "0");
     assert_eq!(cell(&quiet, "sold-out"), "not sold out");
     assert!(chart(&quiet, "Claims per second, in 10 ms steps").contains("no data"));
@@ -192,7 +192,7 @@ async fn requests_weeks_before_the_start_do_not_blur_the_rushs_chart() {
     )
     .unwrap();
     drop(db);
-    let html = report_html(&app, "ow");
+    let html = app.report_html("ow");
     let outcomes = chart(&html, "Claim outcomes per second, in 100 ms steps");
     assert!(!outcomes.contains(">not_started</text>"), "{outcomes}");
     assert!(outcomes.contains(">success</text>"), "{outcomes}");
@@ -217,7 +217,7 @@ async fn the_report_says_how_many_requests_came_from_addresses_past_the_cap() {
     let token = app.register("uc-fan").await;
     assert_eq!(app.claim(&token, "uc").await.status, 200);
     assert_eq!(app.stop(), 0);
-    let html = report_html(&app, "uc");
+    let html = app.report_html("uc");
     assert!(!html.contains("id=\"unranked-ips\""), "nothing was past the cap");
     let db = app.sqlite();
     db.execute(
@@ -226,20 +226,13 @@ async fn the_report_says_how_many_requests_came_from_addresses_past_the_cap() {
     )
     .unwrap();
     drop(db);
-    let html = report_html(&app, "uc");
+    let html = app.report_html("uc");
     assert!(
         html.contains(
             "<p class=\"muted\" id=\"unranked-ips\">4321 claim requests were counted without their address or account"
         ),
         "{html}"
     );
-}
-
-/// `ticketd report` of `act` beside `app`'s store, its HTML.
-fn report_html(app: &TestApp, act: &str) -> String {
-    let out = app.cli(&["report", "--activity", act, "--out", "report.html"], None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    std::fs::read_to_string(app.dir.path().join("report.html")).unwrap()
 }
 
 fn step_label(ms: i64) -> String {
@@ -272,7 +265,7 @@ async fn a_64_of_addresses_is_one_source_in_the_report() {
     }
     // Stopping flushes the statistics to the store.
     assert_eq!(app.stop(), 0);
-    let html = report_html(&app, "six");
+    let html = app.report_html("six");
     let table = &html[html.find("<table id=\"top-ips\">").unwrap()..];
     let table = &table[..table.find("</table>").unwrap()];
     assert!(
@@ -516,7 +509,7 @@ async fn a_start_moved_after_the_sale_leaves_the_report_counting_from_the_real_o
     assert_eq!(app.reload(&moved)["message"], "Config reloaded.");
     assert_eq!(app.stop(), 0);
     assert_eq!(start_of(&app), opened, "the stored start moved after the sale");
-    let html = report_html(&app, "ms");
+    let html = app.report_html("ms");
     assert!(html.contains(&ticketd::clock::rfc3339_ms(opened)), "{html}");
     let sold_out = html
         .split("<td id=\"sold-out\">")
@@ -542,12 +535,12 @@ async fn a_limit_lowered_after_claims_is_explained_in_the_report() {
     for _ in 0..3 {
         assert_eq!(app.claim(&token, "lw").await.status, 200);
     }
-    let html = report_html(&app, "lw");
+    let html = app.report_html("lw");
     assert!(html.contains("limit 3 per user. Generated"), "{html}");
     let lowered = config.replace("per_user_limit = 3", "per_user_limit = 1");
     assert_ne!(lowered, config);
     assert_eq!(app.reload(&lowered)["message"], "Config reloaded.");
-    let html = report_html(&app, "lw");
+    let html = app.report_html("lw");
     assert!(
         html.contains("limit 1 per user (as stored now; an account holds 3: a higher limit was served"),
         "{html}"

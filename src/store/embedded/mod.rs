@@ -168,10 +168,10 @@ pub struct EmbeddedStore {
     /// Held for the life of a serving node.
     _lock: Option<File>,
     /// Codes of other ticket types the node's start skipped
-    /// ([`Importer::Start`]), as "ticket\ncode": its reloads skip them too, so that a store an
+    /// ([`Importer::Start`]), as (ticket, code): its reloads skip them too, so that a store an
     /// earlier version wrote can still be reloaded (a pause is a reload),
     /// while a code newly given to another ticket type is refused.
-    skipped_at_start: Mutex<HashSet<String>>,
+    skipped_at_start: Mutex<HashSet<(String, String)>>,
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -807,7 +807,7 @@ fn import_in(
     config: &Config,
     node_start_ms: i64,
     by: Importer,
-    skipped_at_start: &mut HashSet<String>,
+    skipped_at_start: &mut HashSet<(String, String)>,
 ) -> Result<ImportReport, StoreError> {
     let serving = by != Importer::Tool;
     // IMMEDIATE: the write lock first. A deferred transaction that reads
@@ -907,7 +907,7 @@ fn import_in(
                         continue;
                     }
                     clash = true;
-                    let key = format!("{}\n{code}", t.id);
+                    let key = (t.id.clone(), code.clone());
                     match by {
                         // Skipped at the start, and said there.
                         Importer::Reload if skipped_at_start.contains(&key) => continue,

@@ -501,6 +501,13 @@ impl TestApp {
         rusqlite::Connection::open(self.dir.path().join("data/ticketd.db")).unwrap()
     }
 
+    /// `ticketd report` of `act` beside this node's store: its HTML.
+    pub fn report_html(&self, act: &str) -> String {
+        let out = self.cli(&["report", "--activity", act, "--out", "report.html"], None);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read_to_string(self.dir.path().join("report.html")).unwrap()
+    }
+
     /// Runs a ticketd subcommand in the app's directory (same config).
     pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
         run_cli(self.dir.path(), args, stdin)
