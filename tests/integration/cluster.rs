@@ -3168,6 +3168,31 @@ pub(crate) async fn rejoin_as_replica(services: &mut Services, master: u16, repl
             .is_some_and(|held| held >= written)
     })
     .await;
+    // And every server's topology has it as a replica, not failed: a node
+    // that starts now counts replicas from `CLUSTER NODES` of whichever
+    // server it asks, and one still flagging the old master failed gave
+    // none ("has 0 replica(s)"). Redis took 5 s to sync a replica, which
+    // left the gossip time enough; it syncs at once now.
+    let me = format!("127.0.0.1:{master}@");
+    let ports = services.redis_cluster_ports();
+    until("every server to see the old master as a replica", || async {
+        for &port in &ports {
+            let nodes: redis::RedisResult<String> = on_server(port, redis::cmd("CLUSTER").arg("NODES")).await;
+            let Ok(nodes) = nodes else { return false };
+            let ok = nodes.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(1).is_some_and(|a| a.starts_with(&me))
+                    && f.get(2).is_some_and(|flags| {
+                        flags.split(',').any(|x| x == "slave") && !flags.split(',').any(|x| x == "fail" || x == "fail?")
+                    })
+            });
+            if !ok {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
 }
 
 /// Redis Cluster with replicas: a failover promotes a replica that has

@@ -392,11 +392,16 @@ impl Services {
         child.id()
     }
 
+    /// The ports of the Redis Cluster's servers (empty for a single Redis).
+    pub fn redis_cluster_ports(&self) -> Vec<u16> {
+        self.cluster.iter().map(|(port, _)| *port).collect()
+    }
+
     /// The URLs of the Redis Cluster's servers (empty for a single Redis).
     pub fn redis_cluster_urls(&self) -> Vec<String> {
-        self.cluster
-            .iter()
-            .map(|(port, _)| format!("redis://127.0.0.1:{port}/"))
+        self.redis_cluster_ports()
+            .into_iter()
+            .map(|port| format!("redis://127.0.0.1:{port}/"))
             .collect()
     }
 
