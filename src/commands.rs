@@ -557,8 +557,82 @@ fn created_at(text: &str, now: i64) -> anyhow::Result<i64> {
     Ok(ms)
 }
 
+/// Where an output file must not go: the node's own files. `--out` is
+/// written beside its place and renamed over it, so a mistyped or
+/// tab-completed `--out data/ticketd.db` replaced the store's database
+/// (every account, code and claim) with a CSV, and said "rows written";
+/// `--out config.toml` the config. Resolved through symbolic links and
+/// `..`, as the rename would.
+struct NodeFiles {
+    /// `storage.path`, resolved (absent: nothing there to harm).
+    store: Option<PathBuf>,
+    /// The config file, resolved.
+    config: Option<PathBuf>,
+}
+
+impl NodeFiles {
+    fn of(config: &Config, config_path: &Path) -> NodeFiles {
+        NodeFiles {
+            store: std::fs::canonicalize(&config.storage.path).ok(),
+            config: std::fs::canonicalize(config_path).ok(),
+        }
+    }
+
+    /// Refuses `out` if it is the config file or anywhere in the store's
+    /// directory.
+    fn refuse(&self, out: &Path) -> anyhow::Result<()> {
+        let Some(resolved) = resolved(out) else {
+            // Its directory is not there: the write fails, and says so.
+            return Ok(());
+        };
+        if let Some(store) = self.store.as_deref().filter(|s| resolved.starts_with(s)) {
+            bail!(
+                "{} is in the store's directory {} (storage.path): writing there would replace the node's own \
+                 files; write it elsewhere",
+                out.display(),
+                store.display()
+            );
+        }
+        if self.config.as_deref() == Some(resolved.as_path()) {
+            bail!(
+                "{} is the config file: writing there would replace it; write it elsewhere",
+                out.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `path` as the write would reach it: the file itself through any link if
+/// it exists, else its resolved directory joined with its name.
+fn resolved(path: &Path) -> Option<PathBuf> {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return Some(p);
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    Some(std::fs::canonicalize(dir).ok()?.join(path.file_name()?))
+}
+
+/// The `--out` of a tool: `-` is standard output, as the convention goes
+/// (it made a file named `-`); any other path is checked against
+/// [`NodeFiles`].
+fn out_file(args_out: Option<&Path>, config: &Config, config_path: &Path) -> anyhow::Result<Option<PathBuf>> {
+    match args_out {
+        None => Ok(None),
+        Some(p) if p == Path::new("-") => Ok(None),
+        Some(p) => {
+            NodeFiles::of(config, config_path).refuse(p)?;
+            Ok(Some(p.to_owned()))
+        }
+    }
+}
+
 /// `ticketd export`.
-pub fn export(config: &Config, args: ExportArgs) -> anyhow::Result<()> {
+pub fn export(config: &Config, config_path: &Path, mut args: ExportArgs) -> anyhow::Result<()> {
+    args.out = out_file(args.out.as_deref(), config, config_path)?;
     if args.what == ExportWhat::Draw {
         if let Some(format) = args.format.and_then(|f| clap::ValueEnum::to_possible_value(&f)) {
             let name = format.get_name();
@@ -779,22 +853,31 @@ fn queue_report(
 }
 
 /// `ticketd report`.
-pub fn report(config: &Config, args: ReportArgs) -> anyhow::Result<()> {
-    let store = Store::open_with_activity(config, &args.activity)?;
-    let data = store.report_data(&args.activity, args.top)?;
-    let queue = queue_report(config, &store, &args.activity, &data)?;
-    let html = export::report::render(&args.activity, &data, queue.as_ref(), now_ms());
+pub fn report(config: &Config, config_path: &Path, args: ReportArgs) -> anyhow::Result<()> {
+    // Without --out, the report is named for its activity.
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("report-{}.html", args.activity)));
-    write_whole(&out, |out| Ok(out.write_all(html.as_bytes())?))?;
+    let out = out_file(Some(&out), config, config_path)?;
+    let store = Store::open_with_activity(config, &args.activity)?;
+    let data = store.report_data(&args.activity, args.top)?;
+    let queue = queue_report(config, &store, &args.activity, &data)?;
+    let html = export::report::render(&args.activity, &data, queue.as_ref(), now_ms());
+    match &out {
+        Some(path) => write_whole(path, |out| Ok(out.write_all(html.as_bytes())?))?,
+        None => io::stdout()
+            .lock()
+            .write_all(html.as_bytes())
+            .context("cannot write the report")?,
+    }
     let s = export::report::summary(&data);
     warn_in_transit(data.in_transit, "the report");
     warn_conflicts(store.claim_conflicts(&args.activity)?, "the report");
     eprintln!(
         "report written to {}: {} of {} codes claimed by {}",
-        out.display(),
+        out.as_deref()
+            .map_or_else(|| "standard output".to_owned(), |p| p.display().to_string()),
         s.claimed,
         s.codes,
         count(s.users as usize, "user", "users")

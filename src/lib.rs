@@ -108,8 +108,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Import => commands::import(&config),
                 Command::Retire { activity } => commands::retire(&config, &activity),
                 Command::User(u) => commands::user(&config, u),
-                Command::Export(args) => commands::export(&config, args),
-                Command::Report(args) => commands::report(&config, args),
+                Command::Export(args) => commands::export(&config, &cli.config, args),
+                Command::Report(args) => commands::report(&config, &cli.config, args),
                 Command::Verify(args) => commands::verify(&config, args.repair),
                 Command::CheckConfig | Command::Bench(_) | Command::VerifyDraw { .. } => {
                     unreachable!("handled above")

@@ -947,3 +947,67 @@ async fn a_journal_without_its_database_is_never_served() {
     assert!(text(&out.stderr).contains(SAID), "{}", text(&out.stderr));
     assert_eq!(std::fs::metadata(data.join("ticketd.db")).unwrap().len(), 0);
 }
+
+/// `--out` never lands on the node's own files. A mistyped (or
+/// tab-completed) `export --out data/ticketd.db` replaced the store's
+/// database with a CSV and said "rows written": every account, code and
+/// claim gone, the node unable to start again; `report --out config.toml`
+/// replaced the config (an exports walkthrough). Through a link or `..`
+/// too. And `--out -` is standard output, as the convention goes (it made a
+/// file named `-`).
+#[test]
+fn exports_and_reports_never_replace_the_nodes_own_files() {
+    let dir = dir_with(&(base_config() + &open_activity("own", 3, 1)));
+    let out = run_cli(dir.path(), &["import"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let db = std::fs::read(dir.path().join("data/ticketd.db")).unwrap();
+    let config = std::fs::read(dir.path().join("config.toml")).unwrap();
+    std::os::unix::fs::symlink("data/ticketd.db", dir.path().join("link.csv")).unwrap();
+    for (args, names) in [
+        (
+            &["export", "--activity", "own", "--out", "data/ticketd.db"][..],
+            "store's directory",
+        ),
+        (
+            &["export", "--activity", "own", "--out", "link.csv"],
+            "store's directory",
+        ),
+        (
+            &["export", "--activity", "own", "--out", "data/../data/new.csv"],
+            "store's directory",
+        ),
+        (
+            &["report", "--activity", "own", "--out", "data/r.html"],
+            "store's directory",
+        ),
+        (
+            &["report", "--activity", "own", "--out", "./config.toml"],
+            "is the config file",
+        ),
+        (
+            &["export", "--activity", "own", "--what", "draw", "--out", "config.toml"],
+            "is the config file",
+        ),
+    ] {
+        let out = run_cli(dir.path(), args, None);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(names) && err.contains("write it elsewhere"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(std::fs::read(dir.path().join("data/ticketd.db")).unwrap() == db);
+    assert!(std::fs::read(dir.path().join("config.toml")).unwrap() == config);
+    assert!(!dir.path().join("data/new.csv").exists());
+    for args in [
+        &["export", "--activity", "own", "--out", "-"][..],
+        &["report", "--activity", "own", "--out", "-"],
+    ] {
+        let out = run_cli(dir.path(), args, None);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        assert!(!out.stdout.is_empty(), "{args:?} wrote nothing to standard output");
+    }
+    assert!(!dir.path().join("-").exists(), "`--out -` made a file named `-`");
+    assert!(text(&run_cli(dir.path(), &["report", "--activity", "own", "--out", "-"], None).stdout).contains("<html"));
+}
