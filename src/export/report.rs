@@ -171,47 +171,69 @@ pub fn claims_chart_step_ms(span_ms: i64) -> i64 {
 }
 
 /// Counts stamped in milliseconds, as a rate per second in steps of
-/// `step_ms` from `origin_ms`: one point (seconds since the origin, rate)
-/// per step that had any.
-fn rate_points(counts: impl Iterator<Item = (i64, u64)>, origin_ms: i64, step_ms: i64) -> Vec<(f64, f64)> {
+/// `step_ms` from `origin_ms`: a point (seconds since `zero_ms`, rate) per
+/// step that had any, and a zero at each edge of a run of steps that had
+/// none. Without the zeros a stall mid-rush was a line drawn straight
+/// across it, which read as steady claiming (an exports walkthrough); two
+/// at most per gap keep the points as few as the steps with data.
+fn rate_points(
+    counts: impl Iterator<Item = (i64, u64)>,
+    origin_ms: i64,
+    step_ms: i64,
+    zero_ms: i64,
+) -> Vec<(f64, f64)> {
     let mut steps: BTreeMap<i64, u64> = BTreeMap::new();
     for (at_ms, n) in counts {
-        *steps.entry((at_ms - origin_ms) / step_ms).or_default() += n;
+        *steps.entry((at_ms - origin_ms).div_euclid(step_ms)).or_default() += n;
     }
-    steps
-        .into_iter()
-        .map(|(b, n)| ((b * step_ms) as f64 / 1000.0, n as f64 * 1000.0 / step_ms as f64))
-        .collect()
+    let point = |b: i64, n: u64| {
+        (
+            (origin_ms + b * step_ms - zero_ms) as f64 / 1000.0,
+            n as f64 * 1000.0 / step_ms as f64,
+        )
+    };
+    let mut points = Vec::with_capacity(steps.len());
+    let mut last: Option<i64> = None;
+    for (b, n) in steps {
+        if let Some(prev) = last.filter(|&p| b - p > 1) {
+            points.push(point(prev + 1, 0));
+            if b - prev > 2 {
+                points.push(point(b - 1, 0));
+            }
+        }
+        points.push(point(b, n));
+        last = Some(b);
+    }
+    points
 }
 
 /// Renders the report of `activity_id`, generated at `now_ms`.
 pub fn render(activity_id: &str, data: &ReportData, queue: Option<&QueueReport>, now_ms: i64) -> String {
     let s = summary(data);
     let (name, start_ms, end_ms, limit) = data.activity.clone().unwrap_or((activity_id.to_owned(), 0, 0, 0));
-    // The resolution fits the rush: a sale gone in two seconds is drawn in
-    // 10-20 ms steps, an hour-long one in minutes (about 100-200 points).
-    let first_10ms = data
-        .claims_per_10ms
-        .first()
-        .map_or(start_ms / 10, |f| f.0.min(start_ms / 10));
+    // The resolution fits the rush, from its first claim to its last: a
+    // sale gone in two seconds is drawn in 10-20 ms steps, an hour-long one
+    // in minutes (about 100-200 points). Measured from the start, a rush
+    // an hour and a half after it was one dot in 30 s steps.
+    let first_10ms = data.claims_per_10ms.first().map_or(start_ms / 10, |f| f.0);
     let last_10ms = data.claims_per_10ms.last().map_or(first_10ms, |l| l.0);
     let step_ms = claims_chart_step_ms(((last_10ms - first_10ms) * 10).max(0));
-    let origin_ms = first_10ms * 10;
     let per_step = Series {
         // A rate, whatever the step: "claims per 10 ms" over values per
         // second read a hundred times too high.
         name: "claims/s".to_owned(),
         points: rate_points(
             data.claims_per_10ms.iter().map(|&(t, n)| (t * 10, n)),
-            origin_ms,
+            first_10ms * 10,
             step_ms,
+            start_ms,
         ),
     };
     let marker_text;
     let marker = match s.sold_out_ms {
         Some(ms) => {
             marker_text = format!("sold out after {}", duration(ms - start_ms));
-            Some(((ms - origin_ms) as f64 / 1000.0, marker_text.as_str()))
+            Some(((ms - start_ms) as f64 / 1000.0, marker_text.as_str()))
         }
         None => None,
     };
@@ -267,6 +289,7 @@ pub fn render(activity_id: &str, data: &ReportData, queue: Option<&QueueReport>,
                 charted.iter().filter(|o| o.1 == name).map(|o| (o.0, o.2)),
                 first_ms,
                 outcome_step_ms,
+                first_ms,
             ),
         })
         .collect();

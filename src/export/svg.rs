@@ -96,7 +96,9 @@ pub fn fmt_num(v: f64) -> String {
     if v >= 1e6 {
         format!("{:.1}M", v / 1e6)
     } else if v >= 1e4 {
-        format!("{:.0}k", v / 1e3)
+        // 12.5k, not 12k or 13k, for a gridline a quarter of 50k up.
+        let k = format!("{:.1}", v / 1e3);
+        format!("{}k", k.strip_suffix(".0").unwrap_or(&k))
     } else if v.fract() == 0.0 {
         format!("{v:.0}")
     } else {
@@ -123,7 +125,10 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series], 
         x_min = x_min.min(m);
         x_max = x_max.max(m);
     }
-    let span = (x_max - x_min).max(1.0);
+    // One point (or a marker on it) spans nothing: a second around it.
+    // A wider floor squeezed a sell-out of a quarter second into a quarter
+    // of the width, under labels that named the data's own ends.
+    let span = if x_max > x_min { x_max - x_min } else { 1.0 };
     let y_max = nice_max(y_top);
     axes(&mut out, y_max, x_label, y_label);
     let sx = |x: f64| LEFT + (x - x_min) / span * (W - LEFT - RIGHT);
@@ -135,7 +140,7 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series], 
         fmt_num(x_min),
         W - RIGHT,
         H - BOTTOM + 14.0,
-        fmt_num(x_max)
+        fmt_num(x_min + span)
     );
     for (i, s) in series.iter().enumerate() {
         let colour = PALETTE[i % PALETTE.len()];
@@ -216,4 +221,21 @@ pub fn bar_chart(title: &str, y_label: &str, bars: &[(String, f64)]) -> String {
     }
     out.push_str("</svg>");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fmt_num;
+
+    /// The gridlines a quarter and three quarters up a 50k axis read 12.5k
+    /// and 37.5k (they read 12k and 38k).
+    #[test]
+    fn axis_numbers_keep_a_tenth_of_a_thousand() {
+        assert_eq!(fmt_num(12_500.0), "12.5k");
+        assert_eq!(fmt_num(37_500.0), "37.5k");
+        assert_eq!(fmt_num(50_000.0), "50k");
+        assert_eq!(fmt_num(2_500_000.0), "2.5M");
+        assert_eq!(fmt_num(0.25), "0.25");
+        assert_eq!(fmt_num(400.0), "400");
+    }
 }

@@ -59,9 +59,10 @@ async fn the_report_and_the_rejections_export_match_the_rush() {
             / 1_000_000) as i64
     };
     let at: Vec<i64> = claims.iter().map(|c| ms(&c["claimed_at"])).collect();
-    let origin = at.iter().copied().min().unwrap().min(ms(&start_time)) / 10 * 10;
+    let origin = at.iter().copied().min().unwrap() / 10 * 10;
     let step = ticketd::export::report::claims_chart_step_ms(at.iter().max().unwrap() / 10 * 10 - origin);
     let steps: BTreeSet<i64> = at.iter().map(|t| (t / 10 * 10 - origin) / step).collect();
+    assert!(ms(&start_time) <= origin);
     assert!(
         claims.iter().all(|c| c["node"] == "node-a"),
         "every claim names its node"
@@ -121,9 +122,10 @@ async fn the_report_and_the_rejections_export_match_the_rush() {
         "{}",
         cell(&html, "sold-out")
     );
-    // One point per step that had claims (the step fits the rush), and the sell-out marker.
+    // One point per step that had claims (the step fits the rush), a zero
+    // at each edge of a gap, and the sell-out marker.
     let per_second = chart(&html, &format!("Claims per second, in {} steps", step_label(step)));
-    assert_eq!(per_second.matches("class=\"pt\"").count(), steps.len());
+    assert_eq!(per_second.matches("class=\"pt\"").count(), points_for(&steps));
     assert_eq!(per_second.matches("class=\"marker\"").count(), 1);
     assert_eq!(
         chart(&html, "Time to sell out per ticket type")
@@ -233,6 +235,74 @@ async fn the_report_says_how_many_requests_came_from_addresses_past_the_cap() {
         ),
         "{html}"
     );
+}
+
+/// The points a chart draws for `steps` (those with data): one each, and a
+/// zero at each edge of a gap between them.
+fn points_for(steps: &BTreeSet<i64>) -> usize {
+    let gaps: usize = steps
+        .iter()
+        .zip(steps.iter().skip(1))
+        .map(|(a, b)| (b - a - 1).clamp(0, 2) as usize)
+        .sum();
+    steps.len() + gaps
+}
+
+/// The `cx` of each point of `svg`, in order.
+fn xs(svg: &str) -> Vec<f64> {
+    svg.split("class=\"pt\" cx=\"")
+        .skip(1)
+        .map(|p| p.split('"').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// A rush long after the start, with a stall in it, is drawn as it went
+/// (an exports walkthrough): in steps that fit the rush from its first
+/// claim (measured from the start, claims an hour and a half after it were
+/// one dot in 30 s steps); with the stall at zero (points only where there
+/// were claims joined across it, which read as steady claiming); and
+/// across the whole width (a span under a second was widened to one, under
+/// labels naming the data's ends, and a quarter-second sell-out was drawn
+/// in a quarter of the chart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_rush_with_a_stall_is_drawn_as_it_went() {
+    let mut app = TestApp::start(&(base_config() + &crate::common::activity("late", 5, 1, "-90m", "+1h")));
+    let tokens = app.users("late", 3).await;
+    for (i, token) in tokens.iter().enumerate() {
+        if i == 2 {
+            // The stall: 400 ms without a claim.
+            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        }
+        assert_eq!(app.claim(token, "late").await.status, 200);
+    }
+    assert_eq!(app.stop(), 0);
+    let out = app.cli(&["export", "--activity", "late", "--format", "jsonl"], None);
+    let at: BTreeSet<i64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["claimed_at_ms"]
+                .as_i64()
+                .unwrap()
+                / 10
+        })
+        .collect();
+    assert_eq!(out.stdout.iter().filter(|&&b| b == b'\n').count(), 3);
+    let html = app.report_html("late");
+    let per_second = chart(&html, "Claims per second, in 10 ms steps");
+    let first = at.first().unwrap();
+    let steps: BTreeSet<i64> = at.iter().map(|t| t - first).collect();
+    assert!(steps.last().unwrap() >= &40, "the stall: {steps:?}");
+    assert_eq!(
+        per_second.matches("class=\"pt\"").count(),
+        points_for(&steps),
+        "{per_second}"
+    );
+    assert!(
+        per_second.contains(&format!("cy=\"{:.1}\"", 260.0 - 40.0)),
+        "no point at zero: {per_second}"
+    );
+    let xs = xs(per_second);
+    assert_eq!((xs[0], *xs.last().unwrap()), (60.0, 740.0), "{per_second}");
 }
 
 fn step_label(ms: i64) -> String {
