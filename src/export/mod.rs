@@ -151,6 +151,8 @@ pub fn rejections<W: Write>(store: &Store, activity_id: &str, format: ExportForm
 pub fn spreadsheet_csv<W: std::io::Write>(out: W) -> csv::Writer<W> {
     csv::WriterBuilder::new()
         .quote_style(csv::QuoteStyle::NonNumeric)
+        // RFC 4180's line ending, as README promises (it was `\n`).
+        .terminator(csv::Terminator::CRLF)
         .from_writer(out)
 }
 

@@ -396,6 +396,10 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
         text(&out.stdout)
     );
     assert_eq!(parse_csv(&out.stdout)[0]["nickname"], "张三, \"老张\"");
+    // RFC 4180's CRLF ends every record, as README says (it was LF).
+    let csv = text(&out.stdout);
+    assert_eq!(csv.matches("\r\n").count(), 3, "{csv:?}");
+    assert_eq!(csv.matches('\n').count(), 3, "{csv:?}");
     // Asked of another format, the mark is refused, not left out unsaid.
     let out = app.cli(&["export", "--activity", "exp", "--bom", "--format", "jsonl"], None);
     assert!(
