@@ -373,18 +373,20 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
             );
         }
         UserCommand::List => {
-            let mut out = crate::export::spreadsheet_csv(io::stdout().lock());
-            out.write_record(["id", "username", "nickname", "created_at"])?;
-            store.each_user(&mut |u| {
-                out.write_record([
-                    u.id.to_string().as_str(),
-                    &crate::export::cell(&u.username),
-                    &crate::export::cell(&u.nickname),
-                    &crate::clock::rfc3339_ms(u.created_at_ms),
-                ])
-                .map_err(std::io::Error::from)
+            to_stdout(|out| {
+                let mut out = crate::export::spreadsheet_csv(out);
+                out.write_record(["id", "username", "nickname", "created_at"])?;
+                store.each_user(&mut |u| {
+                    out.write_record([
+                        u.id.to_string().as_str(),
+                        &crate::export::cell(&u.username),
+                        &crate::export::cell(&u.nickname),
+                        &crate::clock::rfc3339_ms(u.created_at_ms),
+                    ])
+                    .map_err(std::io::Error::from)
+                })?;
+                Ok(out.flush()?)
             })?;
-            out.flush()?;
         }
     }
     Ok(())
@@ -677,9 +679,9 @@ pub fn export(config: &Config, config_path: &Path, mut args: ExportArgs) -> anyh
             eprintln!("{} written to {}", count(n as usize, "row", "rows"), path.display());
         }
         None => {
-            let mut out = io::BufWriter::new(io::stdout());
-            write(&mut out)?;
-            out.flush().context("cannot write the export")?;
+            if to_stdout(write)?.is_none() {
+                return Ok(());
+            }
         }
     }
     warn_in_transit(in_transit, "this export");
@@ -764,9 +766,10 @@ fn export_draw(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
             );
         }
         None => {
-            let mut out = io::stdout().lock();
-            out.write_all(&json)?;
-            out.write_all(b"\n")?;
+            to_stdout(|out| {
+                out.write_all(&json)?;
+                Ok(out.write_all(b"\n")?)
+            })?;
         }
     }
     Ok(())
@@ -866,10 +869,11 @@ pub fn report(config: &Config, config_path: &Path, args: ReportArgs) -> anyhow::
     let html = export::report::render(&args.activity, &data, queue.as_ref(), now_ms());
     match &out {
         Some(path) => write_whole(path, |out| Ok(out.write_all(html.as_bytes())?))?,
-        None => io::stdout()
-            .lock()
-            .write_all(html.as_bytes())
-            .context("cannot write the report")?,
+        None => {
+            if to_stdout(|out| Ok(out.write_all(html.as_bytes())?))?.is_none() {
+                return Ok(());
+            }
+        }
     }
     let s = export::report::summary(&data);
     warn_in_transit(data.in_transit, "the report");
@@ -883,6 +887,42 @@ pub fn report(config: &Config, config_path: &Path, args: ReportArgs) -> anyhow::
         count(s.users as usize, "user", "users")
     );
     Ok(())
+}
+
+/// Standard output, noting whether its reader went away.
+struct Stdout {
+    inner: io::Stdout,
+    closed: bool,
+}
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let r = self.inner.write(buf);
+        self.closed |= r.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::BrokenPipe);
+        r
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let r = self.inner.flush();
+        self.closed |= r.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::BrokenPipe);
+        r
+    }
+}
+
+/// Runs `write` on standard output, buffered. A reader that went away
+/// (`ticketd export ... | head`) ends it quietly with `None`, as `cat`
+/// does: it said "Broken pipe" and exited 1. Any other failure, the store's
+/// included, is still the error.
+fn to_stdout<T>(write: impl FnOnce(&mut (dyn Write + Send)) -> anyhow::Result<T>) -> anyhow::Result<Option<T>> {
+    let mut out = io::BufWriter::new(Stdout {
+        inner: io::stdout(),
+        closed: false,
+    });
+    let result = write(&mut out).and_then(|t| Ok(out.flush().map(|()| t)?));
+    match result {
+        Err(_) if out.get_ref().closed => Ok(None),
+        result => result.map(Some),
+    }
 }
 
 /// Writes the file at `path` whole or not at all: into a new file beside

@@ -850,6 +850,22 @@ fn user_list_pages_through_every_account_once() {
     let names: std::collections::BTreeSet<&str> = users.iter().map(|u| u["username"].as_str()).collect();
     assert_eq!(names.len(), accounts);
     assert!(names.contains("fan00000") && names.contains("fan02344"));
+    // A reader that stops early (`ticketd user list | head`) ends the list
+    // quietly, as `cat` would: it said "Broken pipe" and exited 1. The
+    // list is more than a pipe holds, so the write meets the closed end.
+    assert!(out.stdout.len() > 100_000);
+    let mut list = Command::new(BIN)
+        .args(["--config", "config.toml", "user", "list"])
+        .current_dir(app.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 16];
+    std::io::Read::read_exact(list.stdout.as_mut().unwrap(), &mut head).unwrap();
+    drop(list.stdout.take());
+    let out = list.wait_with_output().unwrap();
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
 }
 
 /// `ticketd retire` is a cluster's: an embedded node serves its file's
