@@ -117,8 +117,13 @@ impl Store {
     pub fn open_with_activity(config: &Config, activity_id: &str) -> Result<Arc<Store>, StoreError> {
         // Embedded, with no store here yet: say so, rather than create an
         // empty one only to find the activity missing from it.
+        // Named whole: a relative `storage.path` is the working directory's,
+        // and a tool run from elsewhere said the activity was missing.
         if config.storage.mode == StorageMode::Embedded && !config.storage.path.exists() {
-            return Err(StoreError::UnknownActivity(activity_id.to_owned()));
+            let path = &config.storage.path;
+            return Err(StoreError::NoStore(
+                std::path::absolute(path).unwrap_or_else(|_| path.clone()),
+            ));
         }
         let store = Store::open(config, Access::Tool)?;
         if !store.has_activity(activity_id)? {

@@ -584,8 +584,13 @@ fn export_and_report_with_no_store_say_so_and_create_nothing() {
     for args in [&["export", "--activity", "none"][..], &["report", "--activity", "none"]] {
         let out = run_cli(dir.path(), args, None);
         let err = text(&out.stderr);
+        // Where it looked, whole (a relative storage.path is the working
+        // directory's; run elsewhere, it said the activity was missing).
+        let data = dir.path().canonicalize().unwrap().join("data");
         assert!(
-            !out.status.success() && err.contains("run `ticketd import`"),
+            !out.status.success()
+                && err.contains(&format!("no store in {}", data.display()))
+                && err.contains("`ticketd import` creates"),
             "{args:?}: {err}"
         );
     }
