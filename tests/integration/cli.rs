@@ -790,7 +790,8 @@ async fn an_export_beside_a_node_says_which_claims_are_still_in_its_journal() {
 ///   node), and a hash queue past what a semaphore holds (a panic at start);
 /// - `max_in_flight_per_activity = 0` (every claim 503);
 /// - `cluster.refresh_interval = "0s"` (its worker died at its first tick);
-/// - a relative start beside an absolute end before it (`serve` refused it).
+/// - a relative start beside an absolute end before it (`serve` refused it);
+/// - a name with a control or direction-changing character.
 #[test]
 fn check_config_refuses_what_a_node_would_misbehave_on() {
     let dir = tempfile::tempdir().unwrap();
@@ -801,9 +802,9 @@ fn check_config_refuses_what_a_node_would_misbehave_on() {
         .replace("[auth]", "[auth]\nhash_queue = 4611686018427387904")
         + "\n[limits]\nmax_in_flight_per_activity = 0\n"
         + "\n[cluster]\nrefresh_interval = \"0s\"\n"
-        + "\n[[activity]]\nid = \"b\"\nname = \"B\"\nstart_time = \"-1m\"\nend_time = \"+1h\"\n\
+        + "\n[[activity]]\nid = \"b\"\nname = \"B\\u202Eevil\"\nstart_time = \"-1m\"\nend_time = \"+1h\"\n\
            [[activity.ticket]]\nid = \"from-file\"\nname = \"F\"\ncodes_file = \"bom.txt\"\n\
-           [[activity.ticket]]\nid = \"half\"\nname = \"H\"\ncodes_file = \"half.txt\"\n\
+           [[activity.ticket]]\nid = \"half\"\nname = \"H\\u0007\"\ncodes_file = \"half.txt\"\n\
            [[activity.ticket]]\nid = \"inline\"\nname = \"I\"\ncodes = [\"DUP1\", \"ZW\u{200b}3\"]\n";
     std::fs::write(dir.path().join("config.toml"), &config).unwrap();
     let out = run_cli(dir.path(), &["check-config"], None);
@@ -817,6 +818,10 @@ fn check_config_refuses_what_a_node_would_misbehave_on() {
         "auth.hash_queue must be at most",
         "limits.max_in_flight_per_activity must be at least 1",
         "cluster.refresh_interval must be at least 100ms",
+        // Names shown raw: a bell in the report's HTML, a name drawn
+        // backwards (an exports walkthrough).
+        "activity `b`: its name holds U+202E, a control or direction-changing character",
+        "ticket `half`: its name holds U+0007",
     ] {
         assert!(err.contains(says), "no `{says}` in:\n{err}");
     }

@@ -123,6 +123,11 @@ pub(super) fn check_tickets(r: &mut Report<'_>, ai: usize, act: &ActivityConfig,
         }
         if ticket.name.trim().is_empty() {
             r.add(&tpath("name"), format!("ticket `{}` needs a name", ticket.id));
+        } else if let Some(c) = unshowable(&ticket.name) {
+            r.add(
+                &tpath("name"),
+                format!("ticket `{}`: its name holds {}", ticket.id, unshowable_text(c)),
+            );
         }
         if let (Some(s), Some(e)) = (ticket.start_time, ticket.end_time) {
             if !ends_after_start(s, e) {
@@ -160,6 +165,11 @@ pub(super) fn check_activity(
     }
     if act.name.trim().is_empty() {
         r.add(&field("name"), format!("activity `{}` needs a name", act.id));
+    } else if let Some(c) = unshowable(&act.name) {
+        r.add(
+            &field("name"),
+            format!("activity `{}`: its name holds {}", act.id, unshowable_text(c)),
+        );
     }
     let relative = |t: TimeSpec| matches!(t, TimeSpec::Relative(_));
     if mode == StorageMode::Cluster && (relative(act.start_time) || relative(act.end_time)) {
@@ -349,6 +359,25 @@ fn check_admission(r: &mut Report<'_>, ai: usize, act: &ActivityConfig, mode: St
             format!("activity `{id}`: queue_capacity must be 1-10000000"),
         );
     }
+}
+
+/// The first character of a name that no page, report or spreadsheet
+/// should show: a control character (a bell went raw into the report's
+/// HTML), or one that turns the direction of the text after it (U+202E
+/// shows "Concert\u{202E}PIV" as "ConcertVIP" backwards, as nicknames
+/// refuse it). Emoji joiners and variation selectors are a name's own.
+fn unshowable(name: &str) -> Option<char> {
+    name.chars().find(|&c| {
+        c.is_control()
+            || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    })
+}
+
+fn unshowable_text(c: char) -> String {
+    format!(
+        "U+{:04X}, a control or direction-changing character: a name is shown as it is written",
+        u32::from(c)
+    )
 }
 
 fn mode_name(mode: AdmissionMode) -> &'static str {
