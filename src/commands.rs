@@ -996,11 +996,12 @@ fn write_whole<T>(path: &Path, write: impl FnOnce(&mut (dyn Write + Send)) -> an
     if result.is_err() {
         let _ = std::fs::remove_file(&part);
     }
-    result.with_context(|| {
-        format!(
-            "cannot write {} (a file already there is left as it was)",
+    result.with_context(|| match old {
+        Some(_) => format!(
+            "cannot write {} (the file already there is left as it was)",
             path.display()
-        )
+        ),
+        None => format!("cannot write {}", path.display()),
     })
 }
 

@@ -16,8 +16,23 @@ fn main() -> ExitCode {
     match ticketd::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ticketd: {e:#}");
+            eprintln!("ticketd: {}", sentence(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: many errors name their cause
+/// in their own message and hold it as their source too, and the chain
+/// printed both (a full disk said "No space left on device" twice).
+fn sentence(e: &anyhow::Error) -> String {
+    let mut said = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !said.contains(&cause) {
+            said.push_str(": ");
+            said.push_str(&cause);
+        }
+    }
+    said
 }

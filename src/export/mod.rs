@@ -165,8 +165,16 @@ pub fn cell(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// The I/O error itself when there is one (wrapped, a full disk said so
+/// twice).
 fn csv_io(e: csv::Error) -> std::io::Error {
-    std::io::Error::other(e)
+    if !e.is_io_error() {
+        return std::io::Error::other(e);
+    }
+    match e.into_kind() {
+        csv::ErrorKind::Io(io) => io,
+        kind => std::io::Error::other(format!("{kind:?}")),
+    }
 }
 
 fn io_err(e: std::io::Error) -> StoreError {

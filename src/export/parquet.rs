@@ -33,8 +33,16 @@ message claim {
     REQUIRED INT64 claimed_at (TIMESTAMP(MILLIS, true));
 }";
 
+/// The I/O error itself when there is one (a full disk said so three times,
+/// after "External:"s).
 fn io(e: ParquetError) -> std::io::Error {
-    std::io::Error::other(e)
+    match e {
+        ParquetError::External(inner) => match inner.downcast::<std::io::Error>() {
+            Ok(io) => *io,
+            Err(other) => std::io::Error::other(other),
+        },
+        e => std::io::Error::other(e),
+    }
 }
 
 /// Column buffers of one row group.

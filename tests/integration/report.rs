@@ -503,6 +503,8 @@ async fn an_export_that_fails_halfway_leaves_the_previous_file_whole() {
         "the previous export, whole"
     );
     assert!(stderr.contains("left as it was"), "{stderr}");
+    // The disk's error once (the wrapped CSV error said it twice).
+    assert_eq!(stderr.matches("No space left on device").count(), 1, "{stderr}");
     let names: Vec<_> = std::fs::read_dir(&disk)
         .unwrap()
         .map(|e| e.unwrap().file_name())
