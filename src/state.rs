@@ -300,12 +300,7 @@ impl AppState {
     /// activities into SQLite), the last step but `track` that can refuse
     /// it: the blocked users' ids, codes other processes imported, and
     /// what the write added.
-    fn prepare_reload(
-        &self,
-        new: &Config,
-        running: &Config,
-        catalog: &Catalog,
-    ) -> Result<(HashSet<u64>, CodesByTicket, ImportReport), String> {
+    fn prepare_reload(&self, new: &Config, running: &Config, catalog: &Catalog) -> Result<Prepared, String> {
         let blocked = match blocked_user_ids(new, &self.store) {
             Ok(ids) => ids,
             // The names the node resolved before, unchanged: kept. A reload
@@ -321,12 +316,20 @@ impl AppState {
                 ))
             }
         };
+        // Counted before the read: codes another process adds after it
+        // show in the count after the write (see `try_reload`).
+        let stored = self.store.code_count().map_err(|e| e.to_string())?;
         let elsewhere = self.codes_imported_elsewhere(catalog).map_err(|e| e.to_string())?;
         let report = self
             .store
             .serve_import(new, self.started_ms, crate::store::Importer::Reload)
             .map_err(|e| e.to_string())?;
-        Ok((blocked, elsewhere, report))
+        Ok(Prepared {
+            blocked,
+            stored,
+            elsewhere,
+            report,
+        })
     }
 
     fn try_reload(&self) -> Result<usize, String> {
@@ -371,7 +374,12 @@ impl AppState {
             }
         }
         let catalog = Catalog::build(&new, self.started_ms, &self.inventory, &self.rooms).map_err(|p| p.join("; "))?;
-        let (blocked, elsewhere, report) = match self.prepare_reload(&new, &running, &catalog) {
+        let Prepared {
+            blocked,
+            stored,
+            elsewhere,
+            report,
+        } = match self.prepare_reload(&new, &running, &catalog) {
             Ok(prepared) => prepared,
             Err(e) => {
                 catalog.abandon(&self.rooms);
@@ -384,10 +392,35 @@ impl AppState {
             self.inventory.pool(&t.ticket_id).add_codes(&t.added);
             added += t.added.len();
         }
-        for (ticket, codes) in elsewhere {
-            tracing::info!(%ticket, codes = codes.len(), "Codes imported by another process are now in stock.");
-            self.inventory.pool(&ticket).add_codes(&codes);
-            added += codes.len();
+        let mut add_elsewhere = |elsewhere: CodesByTicket| {
+            for (ticket, codes) in elsewhere {
+                tracing::info!(%ticket, codes = codes.len(), "Codes imported by another process are now in stock.");
+                self.inventory.pool(&ticket).add_codes(&codes);
+                added += codes.len();
+            }
+        };
+        add_elsewhere(elsewhere);
+        // An import that held SQLite's write lock while this reload waited
+        // for it committed its codes after the read above, and the write
+        // then found them stored and added none: they stayed out of stock,
+        // answered SOLD_OUT for good, until another reload (a reload
+        // walkthrough). More codes stored than this reload wrote means
+        // another process added some: read again (the pools hold the first
+        // read's by now, so only those are new). A read that fails leaves
+        // them to the next reload.
+        let written: usize = report.tickets.iter().map(|t| t.added.len()).sum();
+        if self
+            .store
+            .code_count()
+            .map_or(true, |now| now > stored + written as u64)
+        {
+            match self.codes_imported_elsewhere(&catalog) {
+                Ok(meanwhile) => add_elsewhere(meanwhile),
+                Err(error) => tracing::warn!(
+                    %error,
+                    "Could not look for codes imported while this reload waited; the next reload adds them."
+                ),
+            }
         }
         // Fails only when leasing, in a cluster, where `serve_import` wrote
         // nothing.
@@ -411,6 +444,18 @@ impl AppState {
 
 /// Codes, by the ticket type they belong to.
 type CodesByTicket = Vec<(Arc<str>, Vec<String>)>;
+
+/// What a reload read and wrote before it changes what the node serves.
+struct Prepared {
+    /// The accounts of `security.blocked_users`.
+    blocked: HashSet<u64>,
+    /// The codes stored before the reload read them.
+    stored: u64,
+    /// Codes other processes imported, not yet in the pools.
+    elsewhere: CodesByTicket,
+    /// What the reload's write added.
+    report: ImportReport,
+}
 
 /// Starts selling the catalog's ticket types (with leases: leasing them).
 pub fn track(inventory: &Inventory, catalog: &Catalog) -> Result<(), StoreError> {

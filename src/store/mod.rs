@@ -241,6 +241,16 @@ impl Store {
         }
     }
 
+    /// How many codes the store holds (a cluster node's: none it tracks
+    /// here). A reload compares it before and after its write to tell
+    /// whether another process imported codes meanwhile.
+    pub fn code_count(&self) -> Result<u64, StoreError> {
+        match self {
+            Store::Embedded(s) => s.code_count(),
+            Store::Cluster(_) => Ok(0),
+        }
+    }
+
     /// Calls `f` with every durable claim this node must know at start, in
     /// id order (embedded: all of them; a cluster node's limit is kept by the
     /// Redis commit script, so none).

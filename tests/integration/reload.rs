@@ -233,6 +233,75 @@ async fn codes_imported_by_another_process_are_sold_after_sighup() {
     assert_eq!(app.detail("more").await["remaining"], 0);
 }
 
+/// A reload that overlaps `ticketd import` puts the import's codes in
+/// stock. The reload read what other processes had imported, then waited
+/// for SQLite's write lock, which the import held; once the import
+/// committed, the reload's own write found every code stored and added
+/// none. The new ticket type was served with no stock, answered SOLD_OUT
+/// ("every code has been claimed", final) until another reload (a reload
+/// walkthrough). The SIGHUP is sent while the import is seen holding the
+/// write lock, as it is for most of its run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_beside_an_import_in_progress_stocks_what_it_imported() {
+    const CODES: u32 = 200_000;
+    let act = |big: bool| {
+        let a = Act::new("race")
+            .window("-1m", "+1h")
+            .ticket("race-a", "A", Codes::Generate(1));
+        match big {
+            true => a.ticket("race-b", "B", Codes::Generate(CODES)),
+            false => a,
+        }
+        .toml()
+    };
+    let app = TestApp::start(&(base_config() + &act(false)));
+    let token = app.register("race-fan").await;
+    std::fs::write(app.config_path(), base_config() + &act(true)).unwrap();
+    let mut import = std::process::Command::new(crate::common::BIN)
+        .args(["--config", "config.toml", "import"])
+        .current_dir(app.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The import's write transaction, seen from beside it.
+    let db = app.sqlite();
+    db.busy_timeout(std::time::Duration::ZERO).unwrap();
+    loop {
+        match db.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => db.execute_batch("ROLLBACK").unwrap(),
+            Err(_) => break,
+        }
+        assert!(
+            import.try_wait().unwrap().is_none(),
+            "the import ended before its write was seen: {:?}",
+            import.wait_with_output()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let reloads = app.count_logs("Config reloaded.");
+    app.signal(libc::SIGHUP);
+    let out = import.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let outcome = app.wait_for_log("Config reloaded.", reloads + 1);
+    assert_eq!(outcome["codes_added"], CODES, "{outcome}");
+    let tickets = app.detail("race").await["tickets"].clone();
+    let b = tickets
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["ticketId"] == "race-b")
+        .unwrap();
+    assert_eq!(
+        (b["total"].as_u64(), b["remaining"].as_u64()),
+        (Some(u64::from(CODES)), Some(u64::from(CODES))),
+        "{b}"
+    );
+    let body = serde_json::json!({ "actId": "race", "ticketId": "race-b", "claimToken": app.claim_body(&token, "race").await["claimToken"] });
+    let res = app.client.post("/ticket/get", Some(&token), &body).await.unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
+}
+
 /// A reload refused after its catalog was built changes nothing. Here
 /// SQLite refuses it: ticket type `r-b` still belongs to activity `r`
 /// there, though the running config dropped it, and the reload gives it to

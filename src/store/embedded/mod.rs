@@ -513,6 +513,18 @@ impl EmbeddedStore {
         Ok(codes)
     }
 
+    /// Every code stored, of any ticket type (on its own read-only
+    /// connection, as [`unclaimed_codes`](Self::unclaimed_codes)).
+    pub(super) fn code_count(&self) -> Result<u64, StoreError> {
+        let conn = Connection::open_with_flags(
+            self.dir.join("ticketd.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        let n: i64 = conn.query_row("SELECT COUNT(*) FROM codes", [], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
     pub(super) fn for_each_claim(&self, f: &mut dyn FnMut(Claim)) -> Result<(), StoreError> {
         let conn = self.db.lock();
         let mut stmt = conn.prepare(
