@@ -100,6 +100,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             bench::print(&report, json)
         }
         command => {
+            if matches!(command, Command::Serve) {
+                signals::hold_early_reloads();
+            }
             let config = commands::load_config(&cli.config)?;
             let format = cli.log_format.unwrap_or(config.log.format);
             init_logging(format, &config.log.level);

@@ -6,6 +6,8 @@
 //! every acknowledged claim is already in the journal, so an immediate exit
 //! loses none.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio::{
     runtime::Handle,
     signal::unix::{signal, SignalKind},
@@ -22,13 +24,38 @@ pub struct Signals {
     pub shutdown: watch::Receiver<bool>,
 }
 
+/// A SIGHUP that came before [`install`].
+static EARLY_HUP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn note_early_hup(_: libc::c_int) {
+    // An atomic store is all a signal handler may safely do here.
+    EARLY_HUP.store(true, Ordering::Relaxed);
+}
+
+/// Holds a SIGHUP until [`install`] turns it into a reload. Called first
+/// thing by `serve`: until the runtime's handler was installed (after the
+/// config, codes files and all, was read), SIGHUP's default action ended
+/// the node at once, exit 129 and not a line in the log (a reload
+/// walkthrough: a `kill -HUP` right after a restart).
+pub fn hold_early_reloads() {
+    // SAFETY: installs a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGHUP, note_early_hup as *const () as libc::sighandler_t);
+    }
+}
+
 /// Installs the handlers as the worker `signals` on `runner`. Must be
-/// called inside the runtime.
+/// called inside the runtime. A SIGHUP held by [`hold_early_reloads`] is a
+/// reload request at once (the config may have changed after it was read).
 pub fn install(runner: &Runner) -> std::io::Result<Signals> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let (reload_tx, reload) = mpsc::channel(4);
+    if EARLY_HUP.swap(false, Ordering::Relaxed) {
+        tracing::info!("A SIGHUP came while the node was starting; reloading.");
+        let _ = reload_tx.try_send(());
+    }
     let (shutdown_tx, shutdown) = watch::channel(false);
     runner.task("signals", &Handle::current(), move |ctl, mut stopping| async move {
         loop {

@@ -302,6 +302,68 @@ async fn a_reload_beside_an_import_in_progress_stocks_what_it_imported() {
     assert_eq!(res.status, 200, "{}", res.body);
 }
 
+/// A SIGHUP while the node starts is a reload once it serves. Until the
+/// runtime's handler was installed, after the whole config (codes files
+/// included) was read, SIGHUP's default action ended the node at once:
+/// exit 129, not a line in the log (a reload walkthrough: a `kill -HUP`
+/// right after a restart). The signal is sent once the node is seen
+/// catching SIGHUP (`SigCgt` in /proc), while it still reads its long
+/// codes file.
+#[test]
+fn a_sighup_while_the_node_starts_is_a_reload_not_its_end() {
+    use std::io::BufRead;
+    let codes: String = (0..200_000).map(|i| format!("START{i:07}\n")).collect();
+    let config = base_config()
+        + &Act::new("boot")
+            .window("-1m", "+1h")
+            .ticket("boot-t", "T", Codes::File("codes.txt"))
+            .toml();
+    let app = TestApp::prepare(&config, &[("codes.txt", &codes)]);
+    let mut node = std::process::Command::new(crate::common::BIN)
+        .args(["--config", "config.toml", "--log-format", "json", "serve"])
+        .current_dir(app.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = node.id() as i32;
+    let catches_hup = || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1 << (libc::SIGHUP - 1)) != 0)
+    };
+    while !catches_hup() {
+        assert!(
+            node.try_wait().unwrap().is_none(),
+            "the node ended before it caught SIGHUP"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // SAFETY: a signal to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let mut lines = std::io::BufReader::new(node.stderr.take().unwrap()).lines();
+    let mut said = Vec::new();
+    while !said.iter().any(|l: &String| l.contains("\"Config reloaded.\"")) {
+        match lines.next() {
+            Some(line) => said.push(line.unwrap()),
+            None => panic!("the node ended: {:?}\n{}", node.wait(), said.join("\n")),
+        }
+    }
+    let said = said.join("\n");
+    assert!(
+        said.contains("A SIGHUP came while the node was starting; reloading."),
+        "{said}"
+    );
+    assert!(said.contains("\"Listening.\""), "{said}");
+    assert!(node.try_wait().unwrap().is_none());
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert_eq!(node.wait().unwrap().code(), Some(0));
+}
+
 /// A reload refused after its catalog was built changes nothing. Here
 /// SQLite refuses it: ticket type `r-b` still belongs to activity `r`
 /// there, though the running config dropped it, and the reload gives it to
