@@ -104,6 +104,15 @@ async fn the_report_and_the_live_page_render_in_chromium() {
     assert!(dom.contains(r#"<b id="claimed">–</b>"#), "{dom}");
     let refused = "ticketd_security_rejections_total{reason=\"admin_unauthorized\"}";
     assert_eq!(crate::common::metric(&app, refused).await, 0.0);
+    // No other site may frame it (the fans' page said so; this one did not).
+    let page = crate::common::exchange(&admin_addr, b"GET /admin HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(page.header("x-frame-options"), Some("DENY"));
+    assert!(
+        page.header("content-security-policy")
+            .is_some_and(|csp| csp.contains("frame-ancestors 'none'")),
+        "{:?}",
+        page.header("content-security-policy")
+    );
 
     // The report, from a file, with no network.
     assert_eq!(app.stop(), 0);
