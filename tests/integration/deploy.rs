@@ -294,6 +294,8 @@ async fn the_shipped_nginx_limits_an_addresss_registrations_across_nodes() {
     let (_, answer) = exchange_from("127.0.0.2", nginx.port, &register(100), true).await;
     let answer = answer.unwrap();
     assert!(answer.contains("\"code\":\"RATE_LIMITED\""), "{answer}");
+    // When to come back: the zone refills one a minute (it said 1 s).
+    assert!(answer.to_ascii_lowercase().contains("retry-after: 60\r\n"), "{answer}");
     let (_, status) = send_from("127.0.0.3", nginx.port, &register(101), true).await;
     assert_eq!(status, Some(200), "another address registers");
 }
