@@ -301,7 +301,7 @@ impl App {
                     }
                     notifier.send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
                     let state = state.clone();
-                    match tokio::task::spawn_blocking(move || state.reload()).await {
+                    match tokio::task::spawn_blocking(move || state.reload("SIGHUP")).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(reason)) => ctl.error(&reason),
                         Err(e) => {

@@ -216,20 +216,25 @@ impl AppState {
     /// Re-reads the config file: build, validate, diff, swap — or refuse and
     /// keep serving the old one. Never touches stock or claims except to add
     /// codes. Returns the codes added, or why the reload was refused.
-    pub fn reload(&self) -> Result<usize, String> {
+    pub fn reload(&self, by: &str) -> Result<usize, String> {
         let m = metrics::global();
         let result = self.try_reload();
-        match &result {
-            Ok(added) => {
+        match result {
+            Ok((added, changes)) => {
                 m.reloads_applied.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(codes_added = added, "Config reloaded.");
+                let changes = match changes.is_empty() {
+                    true => "none".to_owned(),
+                    false => changes.join("; "),
+                };
+                tracing::info!(codes_added = added, by, changes, "Config reloaded.");
+                Ok(added)
             }
             Err(reason) => {
                 m.reloads_refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%reason, "Reload refused; still serving the previous config.");
+                tracing::warn!(%reason, by, "Reload refused; still serving the previous config.");
+                Err(reason)
             }
         }
-        result
     }
 
     /// Activities from the store (cluster, no `[[activity]]` in the file):
@@ -332,7 +337,8 @@ impl AppState {
         })
     }
 
-    fn try_reload(&self) -> Result<usize, String> {
+    /// The reload; the codes it added and what it changed.
+    fn try_reload(&self) -> Result<(usize, Vec<String>), String> {
         let mut running = self.config.lock();
         let mut new = Config::load(&self.config_path).map_err(|e| e.to_string())?;
         if self.follows_store {
@@ -436,9 +442,10 @@ impl AppState {
         self.claimer.apply(ClaimSettings::from_config(&new));
         self.server.store(Arc::new(new.server.clone()));
         self.store.set_shutdown_grace(new.server.shutdown_grace.0);
+        let changes = new.changes_from(&running);
         new.strip_codes();
         *running = new;
-        Ok(added)
+        Ok((added, changes))
     }
 }
 

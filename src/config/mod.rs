@@ -22,7 +22,7 @@ pub mod model;
 pub mod units;
 mod validate;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 pub use model::*;
@@ -168,6 +168,27 @@ fn without_value(message: &str) -> String {
     }
 }
 
+/// `key +a +b -c`: what a list gained and lost (the first ten of each,
+/// then how many more); `None` if neither.
+fn listed<T: std::fmt::Display>(key: &str, new: &[T], old: &[T]) -> Option<String> {
+    const SHOWN: usize = 10;
+    let text = |list: &[T]| list.iter().map(ToString::to_string).collect::<Vec<_>>();
+    let (new, old) = (text(new), text(old));
+    let (in_new, in_old): (HashSet<&str>, HashSet<&str>) = (
+        new.iter().map(String::as_str).collect(),
+        old.iter().map(String::as_str).collect(),
+    );
+    let mut parts = Vec::new();
+    for (sign, from, other) in [('+', &new, &in_old), ('-', &old, &in_new)] {
+        let moved: Vec<&String> = from.iter().filter(|x| !other.contains(x.as_str())).collect();
+        parts.extend(moved.iter().take(SHOWN).map(|x| format!("{sign}{x}")));
+        if moved.len() > SHOWN {
+            parts.push(format!("{sign}{} more", moved.len() - SHOWN));
+        }
+    }
+    (!parts.is_empty()).then(|| format!("{key} {}", parts.join(" ")))
+}
+
 impl Config {
     /// Reads, parses and validates the file at `path`, reading `codes_file` lists.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -250,6 +271,71 @@ impl Config {
                 })
             })
             .collect()
+    }
+
+    /// What a reload to `self` changes of `running`, a phrase each, for the
+    /// log line that says it reloaded: which activity was paused, which
+    /// limit moved, who was blocked. It said `codes_added` alone, and an
+    /// operator asking afterwards who paused the sale, or since when an
+    /// account was blocked, found nothing (an operations walkthrough).
+    pub fn changes_from(&self, running: &Config) -> Vec<String> {
+        let mut said = Vec::new();
+        for (section, changed) in [
+            ("[server]", self.server != running.server),
+            ("[auth]", self.auth != running.auth),
+            ("[limits]", self.limits != running.limits),
+        ] {
+            if changed {
+                said.push(format!("{section} changed"));
+            }
+        }
+        let (new, old) = (&self.security, &running.security);
+        said.extend(listed("security.blocked_users", &new.blocked_users, &old.blocked_users));
+        said.extend(listed("security.blocked_ips", &new.blocked_ips, &old.blocked_ips));
+        let unlisted = |s: &model::SecurityConfig| model::SecurityConfig {
+            blocked_users: Vec::new(),
+            blocked_ips: Vec::new(),
+            ..s.clone()
+        };
+        if unlisted(new) != unlisted(old) {
+            said.push("[security] changed".into());
+        }
+        for a in &self.activities {
+            let Some(was) = running.activities.iter().find(|r| r.id == a.id) else {
+                said.push(format!("activity `{}` added", a.id));
+                continue;
+            };
+            let mut what = Vec::new();
+            if a.paused != was.paused {
+                what.push(if a.paused { "paused" } else { "resumed" }.to_owned());
+            }
+            if a.per_user_limit != was.per_user_limit {
+                what.push(format!("per_user_limit {} → {}", was.per_user_limit, a.per_user_limit));
+            }
+            for (key, changed) in [
+                ("start_time", a.start_time != was.start_time),
+                ("end_time", a.end_time != was.end_time),
+                ("name", a.name != was.name),
+                ("pow_difficulty", a.pow_difficulty != was.pow_difficulty),
+                ("min_account_age", a.min_account_age != was.min_account_age),
+                ("admission", a.admission != was.admission),
+            ] {
+                if changed {
+                    what.push(key.to_owned());
+                }
+            }
+            let ids = |acts: &ActivityConfig| acts.tickets.iter().map(|t| t.id.clone()).collect::<Vec<_>>();
+            what.extend(listed("tickets", &ids(a), &ids(was)));
+            if !what.is_empty() {
+                said.push(format!("activity `{}`: {}", a.id, what.join(", ")));
+            }
+        }
+        for was in &running.activities {
+            if !self.activities.iter().any(|a| a.id == was.id) {
+                said.push(format!("activity `{}` removed", was.id));
+            }
+        }
+        said
     }
 
     /// Names the settings that differ from `running` but only apply on restart.

@@ -173,7 +173,7 @@ async fn answer(
     }
     let mut res = match route {
         // The one route that may stream (an export).
-        Route::Admin => match handlers::admin::handle(state, req, served.connections).await {
+        Route::Admin => match handlers::admin::handle(state, req, served.connections, ip).await {
             Ok(res) => res.map(|body| match body {
                 Either::Left(whole) => Either::Left(whole),
                 Either::Right(export) => Either::Right(Either::Right(export)),

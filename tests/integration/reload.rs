@@ -171,13 +171,29 @@ async fn pausing_refuses_claims_and_unpausing_resumes_with_stock_intact() {
     let b = app.register("paul").await;
     assert_eq!(app.claim(&a, "p").await.status, 200);
 
-    let paused = v1.replace("per_user_limit = 1", "per_user_limit = 1\npaused = true");
-    assert_eq!(app.reload(&paused)["message"], "Config reloaded.");
+    let paused = v1
+        .replace("per_user_limit = 1", "per_user_limit = 1\npaused = true")
+        .replace("[security]", "[security]\nblocked_users = [\"mallory\", \"trudy\"]");
+    assert_ne!(paused.matches("mallory").count(), 0);
+    // The log says who reloaded and what changed (it said `codes_added`
+    // alone: who paused the sale, or blocked whom, was nowhere).
+    let said = app.reload(&paused);
+    assert_eq!(said["message"], "Config reloaded.");
+    assert_eq!(said["by"], "SIGHUP", "{said}");
+    assert_eq!(
+        said["changes"], "security.blocked_users +mallory +trudy; activity `p`: paused",
+        "{said}"
+    );
     let res = app.claim(&b, "p").await;
     assert_eq!((res.status, res.error_code()), (409, Some("PAUSED")), "{}", res.body);
     assert_eq!(app.detail("p").await["paused"], true);
 
-    assert_eq!(app.reload(&v1)["message"], "Config reloaded.");
+    let said = app.reload(&v1);
+    assert_eq!(said["message"], "Config reloaded.");
+    assert_eq!(
+        said["changes"], "security.blocked_users -mallory -trudy; activity `p`: resumed",
+        "{said}"
+    );
     assert_eq!(app.detail("p").await["remaining"], 2);
     assert_eq!(app.claim(&b, "p").await.status, 200);
     assert_eq!(app.detail("p").await["remaining"], 1);

@@ -546,6 +546,9 @@ async fn the_admin_api_needs_the_admin_token_and_its_own_listener() {
         .await
         .unwrap();
     assert_eq!(reload.data()["reloaded"], true, "{}", reload.body);
+    let said = app.wait_for_log("Config reloaded.", 1);
+    assert_eq!(said["by"], "admin API from 127.0.0.1", "{said}");
+    assert_eq!(said["changes"], "none", "{said}");
     let export = admin
         .call(
             http::Method::POST,

@@ -48,6 +48,7 @@ pub async fn handle(
     state: &AppState,
     req: Request<Incoming>,
     connections: usize,
+    ip: std::net::IpAddr,
 ) -> Result<Response<AdminBody>, ApiError> {
     let whole = |res: Response<Full<Bytes>>| res.map(Either::Left);
     if req.uri().path() == "/admin" {
@@ -83,7 +84,8 @@ pub async fn handle(
     match req.uri().path() {
         "/admin/stats" => Ok(whole(stats(state, connections))),
         "/admin/reload" => {
-            let result = tokio::task::block_in_place(|| state.reload());
+            let by = format!("admin API from {ip}");
+            let result = tokio::task::block_in_place(|| state.reload(&by));
             match result {
                 Ok(added) => Ok(whole(ok(&serde_json::json!({ "reloaded": true, "codesAdded": added })))),
                 Err(reason) => Err(ApiError::new(StatusCode::CONFLICT, "RELOAD_REFUSED", reason)),
