@@ -396,6 +396,11 @@ impl Metrics {
         self.rejected[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Requests turned away for `why` so far.
+    pub fn rejected(&self, why: Rejected) -> u64 {
+        self.rejected[why as usize].load(Ordering::Relaxed)
+    }
+
     /// Renders everything in the Prometheus text exposition format.
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut out = String::with_capacity(16 << 10);

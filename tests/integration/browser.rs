@@ -59,12 +59,27 @@ fn assert_no_console_errors(stderr: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_report_and_the_live_page_render_in_chromium() {
     let admin_token = crate::common::ADMIN_TOKEN;
-    let config = crate::common::with_admin(base_config()) + &open_activity("web", 30, 1);
+    let config = crate::common::with_admin(base_config())
+        .replace("claim_rate_per_user = 1000000.0", "claim_rate_per_user = 0.001")
+        .replace("claim_burst_per_user = 1000000", "claim_burst_per_user = 3")
+        + &open_activity("web", 30, 1);
     let mut app = TestApp::start(&config);
     let admin_addr = app.admin_addr();
     let tokens = app.users("w", 40).await;
     let (acked, _) = rush(&app, "web", &tokens, 1, 20).await;
     assert_eq!(acked.iter().map(Vec::len).sum::<usize>(), 30);
+    // One account past its rate: turned away before the claim decision,
+    // which the page did not count ("refused" stayed put in a bot attack).
+    let limited = {
+        let body = app.claim_body(&tokens[0], "web").await;
+        let mut limited = 0;
+        for _ in 0..6 {
+            let res = app.client.post("/ticket/get", Some(&tokens[0]), &body).await.unwrap();
+            limited += usize::from(res.status == 429);
+        }
+        limited
+    };
+    assert!(limited >= 3, "{limited}");
     let profile = tempfile::tempdir().unwrap();
 
     // The live page: the numbers arrive through its own polling.
@@ -74,6 +89,7 @@ async fn the_report_and_the_live_page_render_in_chromium() {
     assert_no_console_errors(&stderr);
     assert!(dom.contains(r#"<b id="claimed">30</b>"#), "{dom}");
     assert!(dom.contains(r#"<b id="stock">0</b>"#), "{dom}");
+    assert!(dom.contains(&format!(r#"<b id="limited">{limited}</b>"#)), "{dom}");
     assert!(dom.contains("<td>web</td>"), "{dom}");
     let shot = app.dir.path().join("admin.png");
     tokio::task::block_in_place(|| {

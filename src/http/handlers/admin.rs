@@ -133,6 +133,10 @@ fn stats(state: &AppState, connections: usize) -> Response<Full<Bytes>> {
         })),
         "uptimeSecs": state.started.elapsed().as_secs(),
         "claimOutcomes": metrics::global().claim_outcomes(),
+        // Claims turned away before the claim decision, which
+        // `claimOutcomes` does not count: a bot attack showed as "refused
+        // 0" on the page (an operations walkthrough).
+        "claimsRateLimited": metrics::global().rejected(Rejected::UserRate) + metrics::global().rejected(Rejected::IpRate),
     }))
 }
 
