@@ -257,7 +257,17 @@ pub async fn serve(
     }
     drop(listener);
     let grace = http.state.shutdown_grace();
-    tracing::info!(connections = conns.open.load(Ordering::Acquire), grace = ?grace, "Stopped accepting; draining connections.");
+    // Each listener says so: which one, as there may be two.
+    let listener = match surface {
+        Surface::Public => "public",
+        Surface::Admin => "admin",
+    };
+    tracing::info!(
+        listener,
+        connections = conns.open.load(Ordering::Acquire),
+        grace = ?grace,
+        "Stopped accepting; draining connections."
+    );
     let drained = async {
         loop {
             let notified = conns.drained.notified();
