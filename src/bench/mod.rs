@@ -149,6 +149,14 @@ struct Rushed {
     acked: Vec<Vec<String>>,
 }
 
+/// The codes of every ticket type in an `/act/detail` answer.
+fn stock_total(detail: &ApiResponse) -> u64 {
+    detail.data()["tickets"]
+        .as_array()
+        .map(|ts| ts.iter().filter_map(|t| t["total"].as_u64()).sum())
+        .unwrap_or(0)
+}
+
 /// Runs the bench; returns the report. Errors if the activity cannot be read.
 pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     let client = Arc::new(ApiClient::new(args.urls.clone(), args.concurrency)?);
@@ -166,10 +174,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         );
     }
     let limit = detail.data()["perUserLimit"].as_u64().unwrap_or(1);
-    let total_codes: u64 = detail.data()["tickets"]
-        .as_array()
-        .map(|ts| ts.iter().filter_map(|t| t["total"].as_u64()).sum())
-        .unwrap_or(0);
+    let total_codes = stock_total(&detail);
 
     let baseline = if args.baseline {
         Some(hello_baseline(&args).await?)
@@ -231,14 +236,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     };
 
     let mut violations = untested(&rushed.outcomes);
+    let after = client.get(&detail_path, None).await?;
+    let claimed_after = after.data()["claimed"].as_u64().unwrap_or(0);
+    let remaining_after = after.data()["remaining"].as_u64().unwrap_or(0);
+    // A reload during the rush may raise the limit or add codes: the
+    // higher of the two readings is what the node may have served (with
+    // the first alone, a raise read as thousands of violations; a reload
+    // walkthrough). Codes are never taken away.
+    let limit = limit.max(after.data()["perUserLimit"].as_u64().unwrap_or(limit));
+    let total_codes = total_codes.max(stock_total(&after));
     let mut seen = HashMap::new();
     check_accounts(&client, &args, &users, &rushed.acked, limit, &mut seen, &mut violations).await?;
     if let Some((_, bot_acked)) = &bot_report {
         check_accounts(&client, &args, &bots, bot_acked, limit, &mut seen, &mut violations).await?;
     }
-    let after = client.get(&detail_path, None).await?;
-    let claimed_after = after.data()["claimed"].as_u64().unwrap_or(0);
-    let remaining_after = after.data()["remaining"].as_u64().unwrap_or(0);
     let in_doubt = [Some(&rushed.outcomes), bot_report.as_ref().map(|(r, _)| &r.outcomes)]
         .into_iter()
         .flatten()

@@ -1041,3 +1041,57 @@ fn exports_and_reports_never_replace_the_nodes_own_files() {
     assert!(!dir.path().join("-").exists(), "`--out -` made a file named `-`");
     assert!(text(&run_cli(dir.path(), &["report", "--activity", "own", "--out", "-"], None).stdout).contains("<html"));
 }
+
+/// `bench` judges the accounts by the highest limit the node served
+/// during its run: it read the limit once, before the rush, and a reload
+/// that raised it mid-run read as thousands of violations (a reload
+/// walkthrough). The reload comes once the rush has begun, at a rate that
+/// leaves it seconds to go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_takes_a_limit_raised_during_its_rush() {
+    use std::io::BufRead;
+    let act = |limit: u32| {
+        Act::new("br")
+            .window("-1m", "+1h")
+            .limit(limit)
+            .ticket("br-t", "T", Codes::Generate(2000))
+            .toml()
+    };
+    let app = TestApp::start(&(base_config() + &act(1)));
+    let mut bench = Command::new(BIN)
+        .args([
+            "bench",
+            "--url",
+            &app.url(),
+            "--json",
+            "--activity",
+            "br",
+            "--users",
+            "200",
+        ])
+        .args([
+            "--concurrency",
+            "8",
+            "--claims-per-user",
+            "2",
+            "--rate",
+            "100",
+            "--create-users",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = std::io::BufReader::new(bench.stderr.take().unwrap()).lines();
+    let rushing = said.by_ref().map(Result::unwrap).find(|l| l.contains("bench: rushing"));
+    assert!(rushing.is_some(), "bench never rushed: {:?}", bench.wait_with_output());
+    let outcome = app.reload(&(base_config() + &act(2)));
+    assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
+    let rest: Vec<String> = said.map(Result::unwrap).collect();
+    let out = bench.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(out.status.success(), "{report}\n{}", rest.join("\n"));
+    assert_eq!(report["violations"], serde_json::json!([]), "{report}");
+    // The raise came while it rushed: accounts took a second code.
+    assert!(report["acknowledged"].as_u64().unwrap() > 200, "{report}");
+}
