@@ -301,7 +301,13 @@ pub struct Metrics {
     pub access_log_dropped: AtomicU64,
     /// Argon2 hashes computed (made or verified, a dummy one included).
     pub password_hashes: AtomicU64,
+    /// Requests hyper answered itself, unparsed, by [`UNPARSED_STATUSES`].
+    unparsed: [AtomicU64; UNPARSED_STATUSES.len()],
 }
+
+/// The statuses hyper answers a request it cannot parse with (the last
+/// slot: any other).
+pub const UNPARSED_STATUSES: [u16; 4] = [400, 414, 431, 505];
 
 /// State read from its owners at scrape time.
 pub struct Gauges {
@@ -369,6 +375,7 @@ impl Metrics {
             leases_reaped: AtomicU64::new(0),
             access_log_dropped: AtomicU64::new(0),
             password_hashes: AtomicU64::new(0),
+            unparsed: [const { AtomicU64::new(0) }; UNPARSED_STATUSES.len()],
         }
     }
 
@@ -389,6 +396,14 @@ impl Metrics {
     /// Counts a connection closed at once by `reason`'s cap.
     pub fn refuse_connection(&self, reason: Refused) {
         self.connections_refused[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request hyper could not parse and answered with `status`
+    /// before any route saw it: a flood of them did not show in
+    /// `ticketd_http_requests_total` at all (an operations walkthrough).
+    pub fn unparsed(&self, status: u16) {
+        let slot = UNPARSED_STATUSES.iter().position(|&s| s == status).unwrap_or(0);
+        self.unparsed[slot].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a request turned away by the security layer.
@@ -525,6 +540,15 @@ impl Metrics {
             out,
             "# HELP ticketd_access_log_dropped_total Access-log lines dropped because the writer fell behind.\n# TYPE ticketd_access_log_dropped_total counter\nticketd_access_log_dropped_total {dropped}"
         );
+        out.push_str(
+            "# HELP ticketd_unparsed_requests_total Requests the HTTP parser refused before routing (a garbled \
+             request line or header, a URI or header section past its limit), by the status answered; not in \
+             ticketd_http_requests_total.\n# TYPE ticketd_unparsed_requests_total counter\n",
+        );
+        for (status, n) in UNPARSED_STATUSES.iter().zip(&self.unparsed) {
+            let n = n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "ticketd_unparsed_requests_total{{status=\"{status}\"}} {n}");
+        }
         let hashes = self.password_hashes.load(Ordering::Relaxed);
         let _ = writeln!(
             out,

@@ -129,6 +129,7 @@ fn shaped(buf: &[u8]) -> Option<Vec<u8>> {
     let status_line = lines.next()?;
     let headers: Vec<&str> = lines.collect();
     let status = status_line.get(9..12)?;
+    crate::metrics::global().unparsed(status.parse().unwrap_or(400));
     let (code, message) = match status {
         "414" => ("URI_TOO_LONG", "the request URI is too long"),
         "431" => ("HEADERS_TOO_LARGE", "the request's headers are too large"),

@@ -737,6 +737,10 @@ async fn requests_hyper_cannot_parse_get_the_json_error_shape() {
             "HEADERS_TOO_LARGE",
         ),
     ];
+    let counted = |text: &str, status: u16| {
+        crate::common::metric_in(text, &format!("ticketd_unparsed_requests_total{{status=\"{status}\"}}"))
+    };
+    let before = app.raw_get("/metrics").await;
     for (head, status, code) in cases {
         let (got, headers, body) = raw(&app.addr, &head, b"").await;
         let shown = String::from_utf8_lossy(&head[..head.len().min(60)]).into_owned();
@@ -749,6 +753,11 @@ async fn requests_hyper_cannot_parse_get_the_json_error_shape() {
         assert!(headers.contains("content-type: application/json"), "{shown}: {headers}");
     }
     assert_eq!(app.client.get("/act/list", None).await.unwrap().status, 200);
+    // Counted, by status: a flood of them did not show in /metrics.
+    let after = app.raw_get("/metrics").await;
+    for (status, n) in [(400, 3.0), (414, 1.0), (431, 1.0)] {
+        assert_eq!(counted(&after, status) - counted(&before, status), n, "{status}");
+    }
 }
 
 /// hyper answers an unparsable request in the HTTP version of the request
