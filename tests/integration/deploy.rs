@@ -650,6 +650,11 @@ async fn nginx_answers_its_own_refusals_in_the_error_shape() {
             b"POST /ticket/get HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: bogus\r\n\r\n".to_vec(),
             (501, "BAD_REQUEST"),
         ),
+        (
+            b"POST /user/register HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 20000\r\n\r\n"
+                .to_vec(),
+            (413, "BODY_TOO_LARGE"),
+        ),
         // The error pages themselves are not reachable from outside.
         (
             b"GET /.errors/bad_request HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
@@ -715,13 +720,16 @@ async fn nginx_answers_its_own_refusals_in_the_error_shape() {
     // Port 1: nothing listens there (a free port could be another test's).
     let dead = "127.0.0.1:1".to_owned();
     let orphan = tokio::task::block_in_place(|| Nginx::start(&[dead.as_str()]));
-    let answer = exchange(
-        &format!("127.0.0.1:{}", orphan.port),
-        b"GET /act/list HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_error_shape(&answer, (503, "UNAVAILABLE"));
-    assert_eq!(answer.header("retry-after"), Some("2"), "{}", answer.head);
+    // Registration too, the opening's busiest route with a location of
+    // its own (an error_page set there would drop these).
+    for request in [
+        &b"GET /act/list HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"[..],
+        b"POST /user/register HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    ] {
+        let answer = exchange(&format!("127.0.0.1:{}", orphan.port), request).await;
+        assert_error_shape(&answer, (503, "UNAVAILABLE"));
+        assert_eq!(answer.header("retry-after"), Some("2"), "{}", answer.head);
+    }
 }
 
 /// Fans send passwords and bearer tokens: the shipped Nginx served the sale
