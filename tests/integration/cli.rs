@@ -820,7 +820,7 @@ fn check_config_refuses_what_a_node_would_misbehave_on() {
         "cluster.refresh_interval must be at least 100ms",
         // Names shown raw: a bell in the report's HTML, a name drawn
         // backwards (an exports walkthrough).
-        "activity `b`: its name holds U+202E, a control or direction-changing character",
+        "activity `b`: its name holds U+202E, a control character or a direction override",
         "ticket `half`: its name holds U+0007",
     ] {
         assert!(err.contains(says), "no `{says}` in:\n{err}");

@@ -21,6 +21,7 @@ pub(super) fn activities(r: &mut Report<'_>, config: &mut Config) {
     for (ai, act) in config.activities.iter_mut().enumerate() {
         check_activity(r, ai, act, config.storage.mode, &mut activity_ids);
         check_tickets(r, ai, act, &mut ticket_ids);
+        check_names(r, ai, act);
         for (ti, ticket) in act.tickets.iter_mut().enumerate() {
             let tpath = |f: &'static str| [k("activity"), Seg::Index(ai), k("ticket"), Seg::Index(ti), k(f)];
             let sources = [
@@ -123,11 +124,6 @@ pub(super) fn check_tickets(r: &mut Report<'_>, ai: usize, act: &ActivityConfig,
         }
         if ticket.name.trim().is_empty() {
             r.add(&tpath("name"), format!("ticket `{}` needs a name", ticket.id));
-        } else if let Some(c) = unshowable(&ticket.name) {
-            r.add(
-                &tpath("name"),
-                format!("ticket `{}`: its name holds {}", ticket.id, unshowable_text(c)),
-            );
         }
         if let (Some(s), Some(e)) = (ticket.start_time, ticket.end_time) {
             if !ends_after_start(s, e) {
@@ -165,11 +161,6 @@ pub(super) fn check_activity(
     }
     if act.name.trim().is_empty() {
         r.add(&field("name"), format!("activity `{}` needs a name", act.id));
-    } else if let Some(c) = unshowable(&act.name) {
-        r.add(
-            &field("name"),
-            format!("activity `{}`: its name holds {}", act.id, unshowable_text(c)),
-        );
     }
     let relative = |t: TimeSpec| matches!(t, TimeSpec::Relative(_));
     if mode == StorageMode::Cluster && (relative(act.start_time) || relative(act.end_time)) {
@@ -361,23 +352,41 @@ fn check_admission(r: &mut Report<'_>, ai: usize, act: &ActivityConfig, mode: St
     }
 }
 
-/// The first character of a name that no page, report or spreadsheet
-/// should show: a control character (a bell went raw into the report's
-/// HTML), or one that turns the direction of the text after it (U+202E
-/// shows "Concert\u{202E}PIV" as "ConcertVIP" backwards, as nicknames
-/// refuse it). Emoji joiners and variation selectors are a name's own.
-fn unshowable(name: &str) -> Option<char> {
-    name.chars().find(|&c| {
-        c.is_control()
-            || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
-    })
-}
-
-fn unshowable_text(c: char) -> String {
-    format!(
-        "U+{:04X}, a control or direction-changing character: a name is shown as it is written",
-        u32::from(c)
-    )
+/// Names in the file hold no character that no page, report or
+/// spreadsheet should show: a control character (a bell went raw into the
+/// report's HTML), or an embedding or override that turns the text after
+/// it around (U+202E shows "Concert\u{202E}PIV" backwards). The marks and
+/// isolates that mixed Arabic or Hebrew text is written with (U+200E,
+/// U+200F, U+061C, U+2066–2069), emoji joiners and variation selectors
+/// are a name's own. Only the file's: definitions a cluster stored before
+/// this check are served as they are (a node refusing them would not
+/// start after an upgrade).
+fn check_names(r: &mut Report<'_>, ai: usize, act: &ActivityConfig) {
+    let k = Seg::Key;
+    let unshowable = |name: &str| {
+        name.chars()
+            .find(|&c| c.is_control() || matches!(c, '\u{202A}'..='\u{202E}'))
+            .map(|c| {
+                format!(
+                    "U+{:04X}, a control character or a direction override: a name is shown as it is written",
+                    u32::from(c)
+                )
+            })
+    };
+    if let Some(why) = unshowable(&act.name) {
+        r.add(
+            &[k("activity"), Seg::Index(ai), k("name")],
+            format!("activity `{}`: its name holds {why}", act.id),
+        );
+    }
+    for (ti, ticket) in act.tickets.iter().enumerate() {
+        if let Some(why) = unshowable(&ticket.name) {
+            r.add(
+                &[k("activity"), Seg::Index(ai), k("ticket"), Seg::Index(ti), k("name")],
+                format!("ticket `{}`: its name holds {why}", ticket.id),
+            );
+        }
+    }
 }
 
 fn mode_name(mode: AdmissionMode) -> &'static str {
