@@ -578,42 +578,51 @@ fn created_at(text: &str, now: i64) -> anyhow::Result<i64> {
 /// written beside its place and renamed over it, so a mistyped or
 /// tab-completed `--out data/ticketd.db` replaced the store's database
 /// (every account, code and claim) with a CSV, and said "rows written";
-/// `--out config.toml` the config. Resolved through symbolic links and
+/// `--out config.toml` the config, and `--out codes.txt` would feed CSV rows
+/// to the next import. Only those: the store's directory may be the
+/// working directory too (`/var/lib/ticketd` is both in the shipped unit),
+/// where a report lands by default. Resolved through symbolic links and
 /// `..`, as the rename would.
 struct NodeFiles {
-    /// `storage.path`, resolved (absent: nothing there to harm).
-    store: Option<PathBuf>,
-    /// The config file, resolved.
-    config: Option<PathBuf>,
+    /// The store's files, its journal's and rooms' directories (what is
+    /// in them too), the config and its codes files; resolved.
+    files: Vec<PathBuf>,
+    dirs: Vec<PathBuf>,
 }
 
 impl NodeFiles {
     fn of(config: &Config, config_path: &Path) -> NodeFiles {
-        NodeFiles {
-            store: std::fs::canonicalize(&config.storage.path).ok(),
-            config: std::fs::canonicalize(config_path).ok(),
+        let mut files: Vec<PathBuf> = std::fs::canonicalize(config_path).into_iter().collect();
+        let mut dirs = Vec::new();
+        if let Ok(store) = std::fs::canonicalize(&config.storage.path) {
+            for name in ["ticketd.db", "ticketd.db-wal", "ticketd.db-shm", "ticketd.lock"] {
+                files.push(store.join(name));
+            }
+            dirs.push(store.join("journal"));
+            dirs.push(Rooms::dir_in(&store));
         }
+        files.extend(
+            config
+                .activities
+                .iter()
+                .flat_map(|a| &a.tickets)
+                .filter_map(|t| t.codes_file.as_ref())
+                .filter_map(|f| std::fs::canonicalize(config.base_dir.join(f)).ok()),
+        );
+        NodeFiles { files, dirs }
     }
 
-    /// Refuses `out` if it is the config file or anywhere in the store's
-    /// directory.
+    /// Refuses `out` if it is one of the node's files.
     fn refuse(&self, out: &Path) -> anyhow::Result<()> {
         let Some(resolved) = resolved(out) else {
             // Its directory is not there: the write fails, and says so.
             return Ok(());
         };
-        if let Some(store) = self.store.as_deref().filter(|s| resolved.starts_with(s)) {
+        if self.files.contains(&resolved) || self.dirs.iter().any(|d| resolved.starts_with(d)) {
             bail!(
-                "{} is in the store's directory {} (storage.path): writing there would replace the node's own \
-                 files; write it elsewhere",
+                "{} is the node's own ({}): writing there would replace it; write it elsewhere",
                 out.display(),
-                store.display()
-            );
-        }
-        if self.config.as_deref() == Some(resolved.as_path()) {
-            bail!(
-                "{} is the config file: writing there would replace it; write it elsewhere",
-                out.display()
+                resolved.display()
             );
         }
         Ok(())

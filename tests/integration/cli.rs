@@ -983,53 +983,48 @@ async fn a_journal_without_its_database_is_never_served() {
 /// database with a CSV and said "rows written": every account, code and
 /// claim gone, the node unable to start again; `report --out config.toml`
 /// replaced the config (an exports walkthrough). Through a link or `..`
-/// too. And `--out -` is standard output, as the convention goes (it made a
-/// file named `-`).
+/// too, and a codes file. Anything else in the store's directory may be
+/// written: it may be the working directory too (a review). And `--out -`
+/// is standard output, as the convention goes (it made a file named `-`).
 #[test]
 fn exports_and_reports_never_replace_the_nodes_own_files() {
-    let dir = dir_with(&(base_config() + &open_activity("own", 3, 1)));
+    let config = base_config()
+        + &Act::new("own")
+            .window("-1m", "+1h")
+            .ticket("own-t", "T", Codes::File("codes.txt"))
+            .toml();
+    let dir = dir_with(&config);
+    std::fs::write(dir.path().join("codes.txt"), "OWN1\nOWN2\n").unwrap();
     let out = run_cli(dir.path(), &["import"], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let db = std::fs::read(dir.path().join("data/ticketd.db")).unwrap();
-    let config = std::fs::read(dir.path().join("config.toml")).unwrap();
+    let kept = ["data/ticketd.db", "config.toml", "codes.txt"].map(|f| std::fs::read(dir.path().join(f)).unwrap());
     std::os::unix::fs::symlink("data/ticketd.db", dir.path().join("link.csv")).unwrap();
-    for (args, names) in [
-        (
-            &["export", "--activity", "own", "--out", "data/ticketd.db"][..],
-            "store's directory",
-        ),
-        (
-            &["export", "--activity", "own", "--out", "link.csv"],
-            "store's directory",
-        ),
-        (
-            &["export", "--activity", "own", "--out", "data/../data/new.csv"],
-            "store's directory",
-        ),
-        (
-            &["report", "--activity", "own", "--out", "data/r.html"],
-            "store's directory",
-        ),
-        (
-            &["report", "--activity", "own", "--out", "./config.toml"],
-            "is the config file",
-        ),
-        (
-            &["export", "--activity", "own", "--what", "draw", "--out", "config.toml"],
-            "is the config file",
-        ),
+    for args in [
+        &["export", "--activity", "own", "--out", "data/ticketd.db"][..],
+        &["export", "--activity", "own", "--out", "link.csv"],
+        &["export", "--activity", "own", "--out", "data/../data/ticketd.db-wal"],
+        &["report", "--activity", "own", "--out", "./data/ticketd.lock"],
+        &["report", "--activity", "own", "--out", "./config.toml"],
+        &["export", "--activity", "own", "--what", "draw", "--out", "config.toml"],
+        &["export", "--activity", "own", "--out", "codes.txt"],
     ] {
         let out = run_cli(dir.path(), args, None);
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(
-            err.contains(names) && err.contains("write it elsewhere"),
+            err.contains("is the node's own") && err.contains("write it elsewhere"),
             "{args:?}: {err}"
         );
     }
-    assert!(std::fs::read(dir.path().join("data/ticketd.db")).unwrap() == db);
-    assert!(std::fs::read(dir.path().join("config.toml")).unwrap() == config);
-    assert!(!dir.path().join("data/new.csv").exists());
+    let now = ["data/ticketd.db", "config.toml", "codes.txt"].map(|f| std::fs::read(dir.path().join(f)).unwrap());
+    assert!(now == kept, "a node's file changed");
+    // Beside them, an export of its own is fine.
+    let out = run_cli(
+        dir.path(),
+        &["export", "--activity", "own", "--out", "data/claims.csv"],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
     for args in [
         &["export", "--activity", "own", "--out", "-"][..],
         &["report", "--activity", "own", "--out", "-"],
