@@ -301,12 +301,16 @@ pub struct Metrics {
     pub access_log_dropped: AtomicU64,
     /// Argon2 hashes computed (made or verified, a dummy one included).
     pub password_hashes: AtomicU64,
+    /// Claims turned away by the address's or the user's claim rate,
+    /// before the claim decision (the admin page's "rate-limited": the
+    /// security rejections' `ip_rate` counts a waiting room's calls too).
+    pub claims_rate_limited: AtomicU64,
     /// Requests hyper answered itself, unparsed, by [`UNPARSED_STATUSES`].
     unparsed: [AtomicU64; UNPARSED_STATUSES.len()],
 }
 
-/// The statuses hyper answers a request it cannot parse with (the last
-/// slot: any other).
+/// The statuses hyper answers a request it cannot parse with (any other
+/// is counted as 400).
 pub const UNPARSED_STATUSES: [u16; 4] = [400, 414, 431, 505];
 
 /// State read from its owners at scrape time.
@@ -375,6 +379,7 @@ impl Metrics {
             leases_reaped: AtomicU64::new(0),
             access_log_dropped: AtomicU64::new(0),
             password_hashes: AtomicU64::new(0),
+            claims_rate_limited: AtomicU64::new(0),
             unparsed: [const { AtomicU64::new(0) }; UNPARSED_STATUSES.len()],
         }
     }
@@ -409,11 +414,6 @@ impl Metrics {
     /// Counts a request turned away by the security layer.
     pub fn reject(&self, why: Rejected) {
         self.rejected[why as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Requests turned away for `why` so far.
-    pub fn rejected(&self, why: Rejected) -> u64 {
-        self.rejected[why as usize].load(Ordering::Relaxed)
     }
 
     /// Renders everything in the Prometheus text exposition format.
