@@ -326,6 +326,31 @@ impl Config {
             }
             let ids = |acts: &ActivityConfig| acts.tickets.iter().map(|t| t.id.clone()).collect::<Vec<_>>();
             what.extend(listed("tickets", &ids(a), &ids(was)));
+            // A ticket type's own keys (its codes are `codes_added`'s).
+            let bare = |t: &model::TicketConfig| model::TicketConfig {
+                codes: None,
+                ..t.clone()
+            };
+            for t in &a.tickets {
+                if was.tickets.iter().any(|w| w.id == t.id && bare(w) != bare(t)) {
+                    what.push(format!("ticket `{}`", t.id));
+                }
+            }
+            // And whatever else moved (a lottery's draw time, the room's
+            // rate, the description), said at least.
+            let mut rest = a.clone();
+            rest.paused = was.paused;
+            rest.per_user_limit = was.per_user_limit;
+            rest.start_time = was.start_time;
+            rest.end_time = was.end_time;
+            rest.name.clone_from(&was.name);
+            rest.pow_difficulty = was.pow_difficulty;
+            rest.min_account_age = was.min_account_age;
+            rest.admission = was.admission;
+            rest.tickets.clone_from(&was.tickets);
+            if rest != *was {
+                what.push("other settings".to_owned());
+            }
             if !what.is_empty() {
                 said.push(format!("activity `{}`: {}", a.id, what.join(", ")));
             }

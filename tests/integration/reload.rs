@@ -194,6 +194,15 @@ async fn pausing_refuses_claims_and_unpausing_resumes_with_stock_intact() {
         said["changes"], "security.blocked_users -mallory -trudy; activity `p`: resumed",
         "{said}"
     );
+    // A ticket type's name, and a key of the activity's it names by no
+    // name of its own, are said too (they read "none").
+    let renamed = v1
+        .replace("name = \"Ticket p\"", "name = \"Seat p\"")
+        .replace("per_user_limit = 1", "per_user_limit = 1\ndesc = \"Row A\"");
+    assert_ne!(renamed.matches("Seat p").count(), 0);
+    let said = app.reload(&renamed);
+    assert_eq!(said["changes"], "activity `p`: ticket `p-t`, other settings", "{said}");
+    assert_eq!(app.reload(&v1)["message"], "Config reloaded.");
     assert_eq!(app.detail("p").await["remaining"], 2);
     assert_eq!(app.claim(&b, "p").await.status, 200);
     assert_eq!(app.detail("p").await["remaining"], 1);
