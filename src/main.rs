@@ -24,15 +24,18 @@ fn main() -> ExitCode {
 
 /// The error and its causes, each said once: many errors name their cause
 /// in their own message and hold it as their source too, and the chain
-/// printed both (a full disk said "No space left on device" twice).
+/// printed both (a full disk said "No space left on device" twice). A
+/// cause is left out only when the error it caused already says it.
 fn sentence(e: &anyhow::Error) -> String {
     let mut said = e.to_string();
+    let mut parent = said.clone();
     for cause in e.chain().skip(1) {
         let cause = cause.to_string();
-        if !said.contains(&cause) {
+        if !parent.contains(&cause) {
             said.push_str(": ");
             said.push_str(&cause);
         }
+        parent = cause;
     }
     said
 }
