@@ -345,6 +345,25 @@ async fn the_page_is_served_compressed_cacheable_and_locked_down() {
     assert_eq!(err["error"]["code"], "ROUTE_NOT_FOUND");
 }
 
+/// A German browser gets the page in English, and its dates in English
+/// too, written as its region writes them: it read "7. Dez. 2026" on the
+/// English page (German month names from the browser's own locale).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_german_browser_reads_english_dates_on_the_english_page() {
+    let app = TestApp::start(&(base_config() + &crate::common::open_activity("de", 3, 1)));
+    let mut b = Browser::launch_with(&["--lang=de-DE", "--accept-lang=de-DE,de"]).await;
+    b.goto(&format!("{}/", app.url())).await;
+    b.wait_for("document.querySelectorAll('li.card').length === 1", "the list")
+        .await;
+    assert_eq!(b.eval("navigator.language").await, "de-DE");
+    assert_eq!(b.eval("document.documentElement.lang").await, "en");
+    let day = b.eval("when(Date.UTC(2026, 11, 7, 12))").await;
+    let day = day.as_str().unwrap();
+    assert!(day.contains("Dec") && !day.contains("Dez"), "{day}");
+    // Day before month, as in Germany.
+    assert!(day.starts_with('7'), "{day}");
+}
+
 /// A browser whose languages put Chinese first gets the page in Chinese.
 /// The language button names the other language in that language (its
 /// text, not an English `aria-label`, is what a screen reader says), and

@@ -228,7 +228,18 @@ const t = (key) => WORDS[lang][key] ?? WORDS.en[key] ?? key;
 const serverNow = () => Date.now() + clock.offset;
 /** For waits and intervals: a clock the device's clock being set does not move. */
 const steadyNow = () => performance.now();
-const locale = () => (lang === 'zh' ? 'zh-CN' : navigator.language || 'en');
+/** The locale dates and numbers are written in: the page's language,
+ * in the fan's region. A German browser read the English page with
+ * German month names ("7. Dez. 2026"); English of its region ("en-DE")
+ * keeps the order of day and month it knows, in the page's words. */
+const locale = () => {
+  if (lang === 'zh') return 'zh-CN';
+  const tags = navigator.languages?.length ? navigator.languages : [navigator.language || 'en'];
+  const english = tags.find((l) => /^en\b/i.test(l));
+  if (english) return english;
+  const region = /^[a-z]{2,3}-([a-z]{2})$/i.exec(tags[0] || '')?.[1];
+  return region ? `en-${region.toUpperCase()}` : 'en';
+};
 const number = (n) => new Intl.NumberFormat(locale()).format(n);
 /** A moment, with its time zone: a fan abroad, or a phone set to another
  * zone, read an opening time with no zone as their own. */
