@@ -35,6 +35,22 @@ pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     Ok(Config::load(path)?)
 }
 
+/// The config for a tool that only reads the store (`export`, `report`):
+/// a file with problems is read anyway, with a warning, as its
+/// `[storage]` is all such a tool needs. Mid-sale, with an edit the node
+/// refused, they would not run until the file was fixed.
+pub fn load_config_to_read(path: &Path) -> anyhow::Result<Config> {
+    let (config, problems) = Config::load_with_problems(path)?;
+    if !problems.is_empty() {
+        eprintln!(
+            "warning: {} has {} (`ticketd check-config` lists them); reading the store with it anyway",
+            path.display(),
+            count(problems.len(), "problem", "problems")
+        );
+    }
+    Ok(config)
+}
+
 /// Connections the kernel completes for a listener before the node
 /// accepts them, as `ticketd.socket`'s `Backlog=` (the kernel caps it at
 /// `net.core.somaxconn`, 4096 by default). `TcpListener::bind` asks for

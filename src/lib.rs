@@ -103,7 +103,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if matches!(command, Command::Serve) {
                 signals::hold_early_reloads();
             }
-            let config = commands::load_config(&cli.config)?;
+            let config = match command {
+                Command::Export(_) | Command::Report(_) => commands::load_config_to_read(&cli.config)?,
+                _ => commands::load_config(&cli.config)?,
+            };
             let format = cli.log_format.unwrap_or(config.log.format);
             init_logging(format, &config.log.level);
             match command {

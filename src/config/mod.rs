@@ -192,16 +192,45 @@ fn listed<T: std::fmt::Display>(key: &str, new: &[T], old: &[T]) -> Option<Strin
 impl Config {
     /// Reads, parses and validates the file at `path`, reading `codes_file` lists.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let (config, problems) = Config::load_with_problems(path)?;
+        match problems.is_empty() {
+            true => Ok(config),
+            false => Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            }),
+        }
+    }
+
+    /// Like [`Config::load`], with a file that parsed but has problems
+    /// given back with them: for the tools that only read the store
+    /// (`export`, `report`), which need its `[storage]` alone. An organiser
+    /// whose edit a node refused mid-sale could not export until the file
+    /// was fixed (an exports walkthrough).
+    pub fn load_with_problems(path: &Path) -> Result<(Config, Vec<Problem>), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
             error,
         })?;
         let base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
-        Config::from_toml(&text, path, base_dir)
+        Config::parse_with_problems(&text, path, base_dir)
     }
 
     /// Parses and validates config text; `path` only names it in errors.
     pub fn from_toml(text: &str, path: &Path, base_dir: PathBuf) -> Result<Config, ConfigError> {
+        let (config, problems) = Config::parse_with_problems(text, path, base_dir)?;
+        match problems.is_empty() {
+            true => Ok(config),
+            false => Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            }),
+        }
+    }
+
+    /// Parses and validates config text: the config and its problems, or
+    /// an error if it did not parse.
+    fn parse_with_problems(text: &str, path: &Path, base_dir: PathBuf) -> Result<(Config, Vec<Problem>), ConfigError> {
         let (parsed, mut problems, parsed_text) = parse_past_unknown_keys(text);
         let mut config = match parsed {
             Ok(config) => config,
@@ -229,14 +258,7 @@ impl Config {
         };
         config.base_dir = base_dir;
         problems.extend(validate::validate(&mut config, &parsed_text));
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid {
-                path: path.to_owned(),
-                problems,
-            })
-        }
+        Ok((config, problems))
     }
 
     /// Ticket types that belong to another activity here than in `running`
