@@ -611,12 +611,23 @@ impl NodeFiles {
         let mut files: Vec<PathBuf> = std::fs::canonicalize(config_path).into_iter().collect();
         let mut dirs = Vec::new();
         if let Ok(store) = std::fs::canonicalize(&config.storage.path) {
+            // Each as named and, if it is a link (a journal on a disk of
+            // its own, say), where it leads: the write follows it.
+            let both = |p: PathBuf| [std::fs::canonicalize(&p).ok(), Some(p)].into_iter().flatten();
             for name in ["ticketd.db", "ticketd.db-wal", "ticketd.db-shm", "ticketd.lock"] {
-                files.push(store.join(name));
+                files.extend(both(store.join(name)));
             }
-            dirs.push(store.join("journal"));
-            dirs.push(Rooms::dir_in(&store));
+            dirs.extend(both(store.join("journal")));
+            dirs.extend(both(Rooms::dir_in(&store)));
         }
+        // The access log: the node would go on appending to a deleted file.
+        files.extend(
+            config
+                .log
+                .access_log
+                .iter()
+                .filter_map(|f| std::fs::canonicalize(f).ok()),
+        );
         files.extend(
             config
                 .activities

@@ -999,6 +999,9 @@ fn exports_and_reports_never_replace_the_nodes_own_files() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let kept = ["data/ticketd.db", "config.toml", "codes.txt"].map(|f| std::fs::read(dir.path().join(f)).unwrap());
     std::os::unix::fs::symlink("data/ticketd.db", dir.path().join("link.csv")).unwrap();
+    // A journal on a disk of its own, linked in.
+    std::fs::create_dir(dir.path().join("fast")).unwrap();
+    std::os::unix::fs::symlink("../fast", dir.path().join("data/journal")).unwrap();
     for args in [
         &["export", "--activity", "own", "--out", "data/ticketd.db"][..],
         &["export", "--activity", "own", "--out", "link.csv"],
@@ -1007,6 +1010,20 @@ fn exports_and_reports_never_replace_the_nodes_own_files() {
         &["report", "--activity", "own", "--out", "./config.toml"],
         &["export", "--activity", "own", "--what", "draw", "--out", "config.toml"],
         &["export", "--activity", "own", "--out", "codes.txt"],
+        &[
+            "export",
+            "--activity",
+            "own",
+            "--out",
+            "data/journal/00000000000000000001.journal",
+        ],
+        &[
+            "export",
+            "--activity",
+            "own",
+            "--out",
+            "fast/00000000000000000001.journal",
+        ],
     ] {
         let out = run_cli(dir.path(), args, None);
         let err = text(&out.stderr);
