@@ -236,20 +236,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     };
 
     let mut violations = untested(&rushed.outcomes);
-    let after = client.get(&detail_path, None).await?;
-    let claimed_after = after.data()["claimed"].as_u64().unwrap_or(0);
-    let remaining_after = after.data()["remaining"].as_u64().unwrap_or(0);
     // A reload during the rush may raise the limit or add codes: the
     // higher of the two readings is what the node may have served (with
     // the first alone, a raise read as thousands of violations; a reload
     // walkthrough). Codes are never taken away.
-    let limit = limit.max(after.data()["perUserLimit"].as_u64().unwrap_or(limit));
-    let total_codes = total_codes.max(stock_total(&after));
+    let ended = client.get(&detail_path, None).await?;
+    let limit = limit.max(ended.data()["perUserLimit"].as_u64().unwrap_or(limit));
+    let total_codes = total_codes.max(stock_total(&ended));
     let mut seen = HashMap::new();
     check_accounts(&client, &args, &users, &rushed.acked, limit, &mut seen, &mut violations).await?;
     if let Some((_, bot_acked)) = &bot_report {
         check_accounts(&client, &args, &bots, bot_acked, limit, &mut seen, &mut violations).await?;
     }
+    // Read after the lists: a claim in doubt that lands meanwhile is in
+    // both, never in a list alone ("claimed" only grows).
+    let after = client.get(&detail_path, None).await?;
+    let claimed_after = after.data()["claimed"].as_u64().unwrap_or(0);
+    let remaining_after = after.data()["remaining"].as_u64().unwrap_or(0);
+    let total_codes = total_codes.max(stock_total(&after));
     let in_doubt = [Some(&rushed.outcomes), bot_report.as_ref().map(|(r, _)| &r.outcomes)]
         .into_iter()
         .flatten()
