@@ -336,7 +336,19 @@ async fn a_reload_beside_an_import_in_progress_stocks_what_it_imported() {
 /// catching SIGHUP by then (`SigCgt` in /proc).
 #[test]
 fn a_sighup_while_the_node_starts_is_a_reload_not_its_end() {
-    use std::io::{BufRead, Write};
+    use std::{
+        io::{BufRead, Write},
+        os::unix::fs::OpenOptionsExt,
+        time::{Duration, Instant},
+    };
+    /// The node, killed if the test ends early (it may be waiting on the FIFO).
+    struct Node(std::process::Child);
+    impl Drop for Node {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let config = base_config() + &open_activity("boot", 5, 1);
     let app = TestApp::prepare(&config, &[("config.real", &config)]);
     let fifo = app.config_path();
@@ -344,14 +356,16 @@ fn a_sighup_while_the_node_starts_is_a_reload_not_its_end() {
     let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: a NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
-    let mut node = std::process::Command::new(crate::common::BIN)
-        .args(["--config", "config.toml", "--log-format", "json", "serve"])
-        .current_dir(app.dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = node.id() as i32;
+    let mut node = Node(
+        std::process::Command::new(crate::common::BIN)
+            .args(["--config", "config.toml", "--log-format", "json", "serve"])
+            .current_dir(app.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = node.0.id() as i32;
     let catches_hup = || {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         status
@@ -361,32 +375,55 @@ fn a_sighup_while_the_node_starts_is_a_reload_not_its_end() {
             .is_some_and(|mask| mask & (1 << (libc::SIGHUP - 1)) != 0)
     };
     // Nothing of the config is read yet: the FIFO has no writer.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10);
     while !catches_hup() {
         assert!(
-            node.try_wait().unwrap().is_none(),
+            node.0.try_wait().unwrap().is_none(),
             "the node ended before it read its config"
         );
-        if std::time::Instant::now() > deadline {
-            let _ = node.kill();
-            panic!("the node does not catch SIGHUP while it reads its config");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
+        assert!(
+            Instant::now() < deadline,
+            "the node does not catch SIGHUP while it reads its config"
+        );
+        std::thread::sleep(Duration::from_millis(1));
     }
     // SAFETY: a signal to our own child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
-    // Opened once the node has it open; the file put in its place before
-    // the node reads on, for the reload to read.
-    let mut writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    // Opened once the node has it open (until then: ENXIO); the file put in
+    // its place before the node reads on, for the reload to read.
+    let mut writer = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+        {
+            Ok(writer) => break writer,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                assert!(node.0.try_wait().unwrap().is_none(), "the node ended: {e}");
+                assert!(Instant::now() < deadline, "the node never opened its config");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     std::fs::rename(app.dir.path().join("config.real"), &fifo).unwrap();
+    // Far less than a pipe holds: written whole at once.
     writer.write_all(config.as_bytes()).unwrap();
     drop(writer);
-    let mut lines = std::io::BufReader::new(node.stderr.take().unwrap()).lines();
+    let stderr = node.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
     let mut said = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !said.iter().any(|l: &String| l.contains("\"Config reloaded.\"")) {
-        match lines.next() {
-            Some(line) => said.push(line.unwrap()),
-            None => panic!("the node ended: {:?}\n{}", node.wait(), said.join("\n")),
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => said.push(line),
+            Err(_) => panic!("no reload: {:?}\n{}", node.0.try_wait(), said.join("\n")),
         }
     }
     let said = said.join("\n");
@@ -394,10 +431,10 @@ fn a_sighup_while_the_node_starts_is_a_reload_not_its_end() {
         said.contains("A SIGHUP came while the node was starting; reloading."),
         "{said}"
     );
-    assert!(node.try_wait().unwrap().is_none());
+    assert!(node.0.try_wait().unwrap().is_none());
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    assert_eq!(node.wait().unwrap().code(), Some(0));
+    assert_eq!(node.0.wait().unwrap().code(), Some(0));
 }
 
 /// A reload refused after its catalog was built changes nothing. Here
