@@ -65,7 +65,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ShapedErrors<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if self.pending.is_none() {
             match shaped(buf) {
-                Some(answer) => self.pending = Some((answer, 0, buf.len())),
+                Some(answer) => {
+                    count(buf);
+                    self.pending = Some((answer, 0, buf.len()));
+                }
                 None => return Pin::new(&mut self.inner).poll_write(cx, buf),
             }
         }
@@ -82,7 +85,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ShapedErrors<S> {
         if self.pending.is_none() {
             let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
             match shaped(first) {
-                Some(answer) => self.pending = Some((answer, 0, first.len())),
+                Some(answer) => {
+                    count(first);
+                    self.pending = Some((answer, 0, first.len()));
+                }
                 None => return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs),
             }
         }
@@ -102,6 +108,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ShapedErrors<S> {
         ready!(self.drive(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
+}
+
+/// Counts hyper's error answer `head` (`HTTP/1.1 414 ...`) in
+/// `ticketd_unparsed_requests_total`.
+fn count(head: &[u8]) {
+    let status = head.get(9..12).and_then(|s| std::str::from_utf8(s).ok()?.parse().ok());
+    crate::metrics::global().unparsed(status.unwrap_or(400));
 }
 
 /// hyper answers in the version of the connection's last request: after
@@ -129,7 +142,6 @@ fn shaped(buf: &[u8]) -> Option<Vec<u8>> {
     let status_line = lines.next()?;
     let headers: Vec<&str> = lines.collect();
     let status = status_line.get(9..12)?;
-    crate::metrics::global().unparsed(status.parse().unwrap_or(400));
     let (code, message) = match status {
         "414" => ("URI_TOO_LONG", "the request URI is too long"),
         "431" => ("HEADERS_TOO_LARGE", "the request's headers are too large"),
