@@ -120,6 +120,14 @@ fn finish(
         res.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    // Every answer of such a route, its refusals before any handler too
+    // (a cross-site POST, a blocked address, a bad X-Forwarded-For, a
+    // stream refused): they went out without it (a README walkthrough).
+    if personal(route) {
+        res.headers_mut()
+            .entry(header::CACHE_CONTROL)
+            .or_insert(HeaderValue::from_static("private, no-store"));
+    }
     res
 }
 
@@ -171,7 +179,7 @@ async fn answer(
             return whole(ApiError::from(denied).into_response());
         }
     }
-    let mut res = match route {
+    match route {
         // The one route that may stream (an export).
         Route::Admin => match handlers::admin::handle(state, req, served.connections, ip).await {
             Ok(res) => res.map(|body| match body {
@@ -185,13 +193,7 @@ async fn answer(
                 .await
                 .unwrap_or_else(ApiError::into_response),
         ),
-    };
-    if personal(route) {
-        res.headers_mut()
-            .entry(header::CACHE_CONTROL)
-            .or_insert(HeaderValue::from_static("private, no-store"));
     }
-    res
 }
 
 /// Whether a route answers for one person (a session token, a claim

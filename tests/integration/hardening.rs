@@ -1198,6 +1198,17 @@ async fn personal_answers_are_not_cacheable() {
         assert_eq!(status, 200, "{head}: {answer}");
         assert!(answer.contains("cache-control: private, no-store"), "{head}: {answer}");
     }
+    // Their refusals before any handler too, as a cross-site POST's (they
+    // went out without it; a README walkthrough).
+    for (path, body) in [("/ticket/get", claim.as_str()), ("/user/login", login.as_str())] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: t\r\n{auth}\r\nOrigin: https://evil.example\r\nContent-Type: application/json\r\nContent-Length: {}",
+            body.len()
+        );
+        let (status, answer, _) = raw(&app.addr, head.as_bytes(), body.as_bytes()).await;
+        assert_eq!(status, 403, "{head}: {answer}");
+        assert!(answer.contains("cache-control: private, no-store"), "{head}: {answer}");
+    }
     let (status, answer, _) = raw(&app.addr, b"GET /act/list HTTP/1.1\r\nHost: t", b"").await;
     assert_eq!(status, 200);
     assert!(!answer.contains("no-store"), "{answer}");
