@@ -239,10 +239,10 @@ fn limited(config: String, settings: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_are_rate_limited_per_user_and_per_address() {
-    let config = limited(
+    let config = crate::common::with_admin(limited(
         base_config() + &open_activity("rl", 50, 50),
         "claim_rate_per_user = 0.01\nclaim_burst_per_user = 2\nclaim_rate_per_ip = 0.01\nclaim_burst_per_ip = 5\nregistrations_per_ip_per_hour = 100",
-    );
+    ));
     let app = TestApp::start(&config);
     let first = app.register("rapid").await;
     let body = app.claim_body(&first, "rl").await;
@@ -285,6 +285,21 @@ async fn claims_are_rate_limited_per_user_and_per_address() {
     let retry = raw_retry_after(&app, &third, &body3).await;
     assert!(retry >= 1, "Retry-After {retry}");
     assert_eq!(app.detail("rl").await["claimed"], 4, "refused claims took nothing");
+    // The admin page counts the three claims the limits turned away, and
+    // not a waiting room's call the address's limit turned away too (it
+    // counted every `ip_rate` refusal as a claim's).
+    let join = app
+        .client
+        .post("/queue/join", Some(&third), &json!({ "actId": "rl" }))
+        .await
+        .unwrap();
+    assert_error(&join, 429, "RATE_LIMITED");
+    let admin = ApiClient::new(vec![format!("http://{}", app.admin_addr())], 1).unwrap();
+    let stats = admin
+        .get("/admin/stats", Some(crate::common::ADMIN_TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(stats.data()["claimsRateLimited"], 3, "{}", stats.body);
 }
 
 async fn raw_retry_after(app: &TestApp, token: &str, body: &Value) -> u64 {
