@@ -91,12 +91,7 @@ async fn the_report_and_the_live_page_render_in_chromium() {
     assert!(dom.contains(r#"<b id="stock">0</b>"#), "{dom}");
     // As /admin/stats counts them (the rush's retries may have met the
     // rate too).
-    let stats = crate::common::ApiClient::new(vec![format!("http://{admin_addr}")], 1)
-        .unwrap()
-        .get("/admin/stats", Some(admin_token))
-        .await
-        .unwrap();
-    let counted = stats.data()["claimsRateLimited"].as_u64().unwrap();
+    let counted = app.admin_stats().await["claimsRateLimited"].as_u64().unwrap();
     assert!(counted >= limited as u64, "{counted} < {limited}");
     assert!(dom.contains(&format!(r#"<b id="limited">{counted}</b>"#)), "{dom}");
     assert!(dom.contains("<td>web</td>"), "{dom}");
@@ -178,12 +173,7 @@ async fn the_live_page_keeps_its_token_out_of_the_address_and_counts_a_refusal_o
     let tokens = app.users("s", 1500).await;
     rush(&app, "sh", &tokens, 2, 500).await;
     let admin = format!("http://{}", app.admin_addr());
-    let client = crate::common::ApiClient::new(vec![admin.clone()], 1).unwrap();
-    let stats = client
-        .get("/admin/stats", Some(crate::common::ADMIN_TOKEN))
-        .await
-        .unwrap();
-    let outcomes = stats.data()["claimOutcomes"].as_object().unwrap().clone();
+    let outcomes = app.admin_stats().await["claimOutcomes"].as_object().unwrap().clone();
     let count = |k: &str| outcomes.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
     assert!(count("overloaded") > 0, "the journal queue never filled: {outcomes:?}");
     let refused: u64 = outcomes

@@ -294,12 +294,8 @@ async fn claims_are_rate_limited_per_user_and_per_address() {
         .await
         .unwrap();
     assert_error(&join, 429, "RATE_LIMITED");
-    let admin = ApiClient::new(vec![format!("http://{}", app.admin_addr())], 1).unwrap();
-    let stats = admin
-        .get("/admin/stats", Some(crate::common::ADMIN_TOKEN))
-        .await
-        .unwrap();
-    assert_eq!(stats.data()["claimsRateLimited"], 3, "{}", stats.body);
+    let stats = app.admin_stats().await;
+    assert_eq!(stats["claimsRateLimited"], 3, "{stats}");
 }
 
 async fn raw_retry_after(app: &TestApp, token: &str, body: &Value) -> u64 {

@@ -454,6 +454,14 @@ impl TestApp {
             .to_owned()
     }
 
+    /// `GET /admin/stats` with [`ADMIN_TOKEN`]: its `data`.
+    pub async fn admin_stats(&self) -> Value {
+        let admin = ApiClient::new(vec![format!("http://{}", self.admin_addr())], 1).unwrap();
+        let res = admin.get("/admin/stats", Some(ADMIN_TOKEN)).await.unwrap();
+        assert_eq!(res.status, 200, "{}", res.body);
+        res.data().clone()
+    }
+
     pub fn wait_for_log(&self, message: &str, n: usize) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
