@@ -286,8 +286,8 @@ async fn claims_are_rate_limited_per_user_and_per_address() {
     assert!(retry >= 1, "Retry-After {retry}");
     assert_eq!(app.detail("rl").await["claimed"], 4, "refused claims took nothing");
     // The admin page counts the three claims the limits turned away, and
-    // not a waiting room's call the address's limit turned away too (it
-    // counted every `ip_rate` refusal as a claim's).
+    // not a waiting room's call the address's limit turned away too, which
+    // /metrics counts apart (`ip_rate` counted both).
     let join = app
         .client
         .post("/queue/join", Some(&third), &json!({ "actId": "rl" }))
@@ -296,6 +296,9 @@ async fn claims_are_rate_limited_per_user_and_per_address() {
     assert_error(&join, 429, "RATE_LIMITED");
     let stats = app.admin_stats().await;
     assert_eq!(stats["claimsRateLimited"], 3, "{stats}");
+    let rejected = |reason: &str| format!("ticketd_security_rejections_total{{reason=\"{reason}\"}}");
+    assert_eq!(crate::common::metric(&app, &rejected("ip_rate")).await, 2.0);
+    assert_eq!(crate::common::metric(&app, &rejected("queue_ip_rate")).await, 1.0);
 }
 
 async fn raw_retry_after(app: &TestApp, token: &str, body: &Value) -> u64 {

@@ -136,7 +136,7 @@ fn stats(state: &AppState, connections: usize) -> Response<Full<Bytes>> {
         // Claims turned away before the claim decision, which
         // `claimOutcomes` does not count: a bot attack showed as "refused
         // 0" on the page (an operations walkthrough).
-        "claimsRateLimited": metrics::global().claims_rate_limited.load(std::sync::atomic::Ordering::Relaxed),
+        "claimsRateLimited": metrics::global().claims_rate_limited(),
     }))
 }
 

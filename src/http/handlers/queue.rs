@@ -162,7 +162,7 @@ fn caller(state: &AppState, req_headers: &http::HeaderMap, ip: IpAddr) -> Result
     state
         .guard
         .admit_claim_from(ip, Instant::now())
-        .inspect_err(|_| metrics::global().reject(Rejected::IpRate))?;
+        .inspect_err(|_| metrics::global().reject(Rejected::QueueIpRate))?;
     session(state, req_headers)
 }
 

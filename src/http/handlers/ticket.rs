@@ -78,20 +78,16 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
     // user's rate; the body is read only after all of them.
     let now = Instant::now();
     let m = metrics::global();
-    let limited = |why| {
-        m.reject(why);
-        m.claims_rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    };
     state
         .guard
         .admit_claim_from(ip, now)
-        .inspect_err(|_| limited(Rejected::IpRate))?;
+        .inspect_err(|_| m.reject(Rejected::IpRate))?;
     // Refuses a blocked account too.
     let session = session(state, req.headers())?;
     state
         .guard
         .admit_claim_by(session.user_id, now)
-        .inspect_err(|_| limited(Rejected::UserRate))?;
+        .inspect_err(|_| m.reject(Rejected::UserRate))?;
     let key = idempotency_key(req.headers())?.map(Arc::<str>::from);
     let body: GetBody = json_body(state, req).await?;
     let catalog = state.catalog.load();
@@ -136,7 +132,7 @@ async fn claims_of(state: &AppState, user: u64) -> Result<UserClaims, ApiError> 
         state
             .guard
             .admit_store_read(user, Instant::now())
-            .inspect_err(|_| metrics::global().reject(Rejected::UserRate))?;
+            .inspect_err(|_| metrics::global().reject(Rejected::StoreReadRate))?;
     }
     let catalog = state.catalog.load();
     state.claimer.claims_of_user(&catalog, user).await.map_err(|e| {
