@@ -254,7 +254,7 @@ pub fn verify(config: &Config, repair: bool) -> anyhow::Result<()> {
         Ok(store) => store,
         // A journal whose database is gone (deleted by hand): the journal
         // is checked (and repaired, if asked), and the way on said.
-        Err(crate::store::StoreError::NoStore(dir)) if embedded && dir.join("journal").is_dir() => {
+        Err(crate::store::StoreError::NoStore(dir)) if embedded && crate::store::journal_dir(&dir).is_dir() => {
             verify_journal(config, repair)?;
             bail!("{}", crate::store::StoreError::JournalWithoutStore(dir));
         }
@@ -295,7 +295,7 @@ fn verify_journal(config: &Config, repair: bool) -> anyhow::Result<()> {
         Some(_) => Some(crate::store::journal_accounted(&dir)?),
         None => None,
     };
-    let reports = crate::journal::verify_from(&dir.join("journal"), repair, accounted)?;
+    let reports = crate::journal::verify_from(&crate::store::journal_dir(&dir), repair, accounted)?;
     let mut broken = 0;
     for r in &reports {
         let state = if r.is_broken() {
@@ -614,10 +614,8 @@ impl NodeFiles {
             // Each as named and, if it is a link (a journal on a disk of
             // its own, say), where it leads: the write follows it.
             let both = |p: PathBuf| [std::fs::canonicalize(&p).ok(), Some(p)].into_iter().flatten();
-            for name in ["ticketd.db", "ticketd.db-wal", "ticketd.db-shm", "ticketd.lock"] {
-                files.extend(both(store.join(name)));
-            }
-            dirs.extend(both(store.join("journal")));
+            files.extend(crate::store::own_files(&store).into_iter().flat_map(both));
+            dirs.extend(both(crate::store::journal_dir(&store)));
             dirs.extend(both(Rooms::dir_in(&store)));
         }
         // The access log: the node would go on appending to a deleted file.

@@ -41,7 +41,7 @@ pub use cluster::{
     rooms::{Appended, Joined, RoomSource},
     ClusterStore,
 };
-pub use embedded::EmbeddedStore;
+pub use embedded::{journal_dir, own_files, EmbeddedStore};
 pub use types::{
     generate_code, Access, ClaimRow, ClusterError, ImportReport, Importer, NewUser, Reconciliation, ReportData,
     Revocation, StoreError, TicketImport, TicketReport, User, UserClaims, UserPage, ISSUED_RANGE_MS,

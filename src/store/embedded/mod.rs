@@ -21,11 +21,30 @@ mod applier;
 mod reconcile;
 mod report;
 
+/// The database's file in the data directory.
+const DB_FILE: &str = "ticketd.db";
+/// The journal's directory in the data directory.
+const JOURNAL_DIR: &str = "journal";
+/// The serving node's lock in the data directory.
+const LOCK_FILE: &str = "ticketd.lock";
+
+/// The store's own files in `dir`: the database, SQLite's WAL and
+/// shared-memory files beside it, the lock.
+pub fn own_files(dir: &Path) -> [PathBuf; 4] {
+    let db = |suffix: &str| dir.join(format!("{DB_FILE}{suffix}"));
+    [db(""), db("-wal"), db("-shm"), dir.join(LOCK_FILE)]
+}
+
+/// The journal's directory in `dir`.
+pub fn journal_dir(dir: &Path) -> PathBuf {
+    dir.join(JOURNAL_DIR)
+}
+
 use std::{
     collections::{HashMap, HashSet},
     fs::{File, OpenOptions},
     os::fd::AsRawFd,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -184,7 +203,7 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 
 /// Takes the directory lock without waiting; `None` if another process has it.
 pub(super) fn try_lock(dir: &Path) -> Result<Option<File>, StoreError> {
-    let path = dir.join("ticketd.lock");
+    let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -328,7 +347,7 @@ fn user_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
 
 /// See [`super::journal_accounted`]. Read only: the file is not created.
 pub fn accounted(dir: &Path) -> Result<u64, StoreError> {
-    let db_path = dir.join("ticketd.db");
+    let db_path = dir.join(DB_FILE);
     if !has_database(&db_path).map_err(io("cannot look into the data directory", dir))? {
         return Ok(0);
     }
@@ -340,8 +359,8 @@ impl EmbeddedStore {
     /// Opens `storage.path`, creating it if needed.
     pub fn open(config: &Config, access: Access<'_>) -> Result<EmbeddedStore, StoreError> {
         let dir = config.storage.path.clone();
-        let journal_dir = dir.join("journal");
-        let db_path = dir.join("ticketd.db");
+        let journal_dir = dir.join(JOURNAL_DIR);
+        let db_path = dir.join(DB_FILE);
         if matches!(access, Access::Inspect) {
             return EmbeddedStore::inspect(dir, &db_path);
         }
@@ -444,7 +463,7 @@ impl EmbeddedStore {
     }
 
     pub(super) fn reconcile(&self) -> Result<Reconciliation, StoreError> {
-        reconcile::reconcile(&self.db.lock(), &self.dir.join("journal"))
+        reconcile::reconcile(&self.db.lock(), &self.dir.join(JOURNAL_DIR))
     }
 
     pub(super) fn is_healthy(&self) -> bool {
@@ -502,7 +521,7 @@ impl EmbeddedStore {
     /// waited for all of it.
     pub(super) fn unclaimed_codes(&self, ticket_id: &str) -> Result<Vec<String>, StoreError> {
         let conn = Connection::open_with_flags(
-            self.dir.join("ticketd.db"),
+            self.dir.join(DB_FILE),
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(Duration::from_secs(10))?;
@@ -517,7 +536,7 @@ impl EmbeddedStore {
     /// connection, as [`unclaimed_codes`](Self::unclaimed_codes)).
     pub(super) fn code_count(&self) -> Result<u64, StoreError> {
         let conn = Connection::open_with_flags(
-            self.dir.join("ticketd.db"),
+            self.dir.join(DB_FILE),
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(Duration::from_secs(10))?;
@@ -551,8 +570,7 @@ impl EmbeddedStore {
     /// registration and statistics flush of a serving node waited for it
     /// (WAL: this reader and the node's writers do not block each other).
     pub(super) fn export_page(&self, activity_id: &str, after: u64, limit: usize) -> Result<Vec<ClaimRow>, StoreError> {
-        let conn =
-            Connection::open_with_flags(self.dir.join("ticketd.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let conn = Connection::open_with_flags(self.dir.join(DB_FILE), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         let mut stmt = conn.prepare(
             "SELECT k.id, k.activity_id, k.ticket_id, k.code, k.user_id, COALESCE(u.username, ''), COALESCE(u.nickname, ''), k.claimed_at_ms, k.node
@@ -803,7 +821,7 @@ impl EmbeddedStore {
     pub(super) fn claims_in_transit(&self, activity_id: &str) -> Result<u64, StoreError> {
         let applied = applier::applied_seq(&self.db.lock())?;
         let mut pending = 0;
-        crate::journal::for_each_record(&self.dir.join("journal"), |found| {
+        crate::journal::for_each_record(&self.dir.join(JOURNAL_DIR), |found| {
             if matches!(&found, Found::Claim(c) if c.id > applied && &*c.activity_id == activity_id) {
                 pending += 1;
             }
