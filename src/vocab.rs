@@ -365,7 +365,7 @@ pub enum Rejection {
     /// A queue or lottery activity: no pass, or not a valid one for this
     /// user and activity (the claim token of such an activity is its pass).
     QueuePassRequired,
-    /// The pass has expired: its place went to the next in line.
+    /// The pass has expired: its turn goes to the next in line.
     QueuePassExpired,
     /// The activity needs proof of work; the nonce is missing or wrong.
     ProofOfWork {

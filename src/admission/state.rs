@@ -785,6 +785,10 @@ impl RoomState {
             return vec![Event::Close { t: now }];
         }
         if now < self.settings.start_ms {
+            // No pass is out before the start: the codes left are what the
+            // start's admissions share, and a lottery's status tells its
+            // winners from its waiting list by them.
+            self.budget = Some(before.remaining);
             return Vec::new();
         }
         // Paused, nothing moves: a pass retired now would be lost to a fan
@@ -910,12 +914,29 @@ impl RoomState {
         // Standby is news for those still in line. Not for a fan whose
         // admission only waits for the disk: it took the code that left
         // nothing to admit, and is about to see its pass.
+        //
+        // A lottery's waiting list is on standby from the draw: the start
+        // admits only the places the stock covers (told by the admitter's
+        // last step). Before, every place drawn heard "your turn at the
+        // start", the losers' as the winners'.
+        let per_pass = s.per_user_limit.max(1) as usize;
+        let places_covered = |budget: usize| match budget {
+            b if b >= per_pass => b / per_pass,
+            // The last codes, fewer than a pass speaks for, go to the first place.
+            b => usize::from(b > 0),
+        };
         let standby = state == PlaceState::Waiting
             && !admission_pending
             && !closed
             && self.shuffled_ms.is_some()
-            && now >= s.start_ms
-            && self.budget == Some(0);
+            && if now >= s.start_ms {
+                self.budget == Some(0)
+            } else {
+                s.mode == AdmissionMode::Lottery
+                    && ahead
+                        .zip(self.budget)
+                        .is_some_and(|(ahead, budget)| ahead as usize >= places_covered(budget))
+            };
         // On standby the wait depends on passes lapsing, not on a rate.
         let eta_ms = ahead.filter(|_| !standby).and_then(|ahead| {
             let until_start = s.start_ms.saturating_sub(now).max(0);

@@ -290,7 +290,12 @@ impl From<Rejection> for ApiError {
             Rejection::QueuePassExpired => ApiError::new(
                 S::FORBIDDEN,
                 "QUEUE_PASS_EXPIRED",
-                "your pass expired unused and your turn went to the next in line; you may join again",
+                // One text for both kinds of room, true of each: it said
+                // "you may join again" to a lottery's winner, and a lottery
+                // takes no entry after its draw.
+                "your pass expired unused and its turn goes to the next in line; GET /queue/status says where you \
+                 stand (after a pause, your pass with its time given back; in a queue you may join again at the \
+                 back; a lottery takes no entry after its draw)",
             ),
             Rejection::ProofOfWork { difficulty } => ApiError::new(
                 S::FORBIDDEN,

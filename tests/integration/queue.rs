@@ -1123,10 +1123,15 @@ async fn a_lottery_draws_once_and_its_waiting_list_replaces_lapsed_winners() {
     assert!(passed_over.await.unwrap(), "the stream never said passed_over");
     let ended = tokio::time::timeout(Duration::from_secs(5), lapsing.next()).await;
     assert!(matches!(ended, Ok(None)), "the stream stayed open: {ended:?}");
-    assert_error(
-        &claim_with(&app.client, &drawn[1].1, "lot", w2["pass"].as_str()).await,
-        403,
-        "QUEUE_PASS_EXPIRED",
+    let lapsed = claim_with(&app.client, &drawn[1].1, "lot", w2["pass"].as_str()).await;
+    assert_error(&lapsed, 403, "QUEUE_PASS_EXPIRED");
+    // Not "you may join again" alone, to a lottery's winner.
+    assert!(
+        lapsed.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("a lottery takes no entry after its draw")),
+        "{}",
+        lapsed.body
     );
     assert_eq!(
         claim_with(&app.client, &drawn[2].1, "lot", w3["pass"].as_str())
@@ -1164,6 +1169,43 @@ async fn a_lottery_draws_once_and_its_waiting_list_replaces_lapsed_winners() {
         "{stdout}"
     );
     app.assert_verified();
+}
+
+/// From the draw, a lottery's status tells its winners from its waiting
+/// list: the places the stock covers (3 codes at two a pass: one place)
+/// expect their turn at the start, the rest are on standby with no
+/// estimate. Until then every place drawn heard "your turn at the start".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lottery_tells_its_waiting_list_from_its_winners_before_the_start() {
+    let act = Act::new("wl")
+        .window("+1h", "+2h")
+        .limit(2)
+        .with("admission = \"lottery\"")
+        .with("queue_opens = \"-1m\"")
+        .with("draw_time = \"+2s\"")
+        .ticket("wl-t", "Ticket", Codes::Generate(3))
+        .toml();
+    let app = TestApp::start(&(base_config() + &act));
+    let tokens = app.users("w", 4).await;
+    for t in &tokens {
+        assert_eq!(join(&app.client, t, "wl").await.status, 200);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let drawn = loop {
+        let states = futures::future::join_all(tokens.iter().map(|t| status(&app.client, t, "wl"))).await;
+        if states.iter().filter(|s| s["standby"] == true).count() == 3 {
+            break states;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no waiting list: {states:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for s in &drawn {
+        assert_eq!(s["state"], "waiting", "{s}");
+        let winner = s["position"] == 1;
+        assert_eq!(s["standby"], !winner, "{s}");
+        // The winner's wait is the time to the start; the list's is unknown.
+        assert_eq!(s["etaMs"].is_u64(), winner, "{s}");
+    }
 }
 
 /// The states of `tokens` once `n` of them hold a pass (10 s at most).
