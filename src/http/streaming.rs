@@ -36,7 +36,8 @@ use crate::state::AppState;
 
 /// What a connection to be served here starts with.
 const EVENTS_LINE: &[u8] = b"GET /queue/events";
-/// The longest request head read here (cookies included); longer is 431.
+/// The longest request head read here (cookies included); longer is 431
+/// (414 when the request line alone is).
 const MAX_HEAD: usize = 16 * 1024;
 /// The most headers a request may carry here.
 const MAX_HEADERS: usize = 64;
@@ -102,11 +103,7 @@ async fn read_head(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<R
     loop {
         if buf.len() == buf.capacity() {
             if buf.len() >= MAX_HEAD {
-                return Err(Unreadable::Refused(ApiError::new(
-                    http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    "HEADERS_TOO_LARGE",
-                    format!("the request head is larger than {MAX_HEAD} bytes"),
-                )));
+                return Err(Unreadable::Refused(too_large(&buf)));
             }
             buf.reserve(buf.len().min(MAX_HEAD - buf.len()));
         }
@@ -118,6 +115,23 @@ async fn read_head(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<R
             return Ok(req);
         }
     }
+}
+
+/// The refusal of a head past [`MAX_HEAD`]: `414` when its request line
+/// alone is (what hyper answers on every other route), else `431`.
+fn too_large(buf: &[u8]) -> ApiError {
+    if !buf.contains(&b'\n') {
+        return ApiError::new(
+            http::StatusCode::URI_TOO_LONG,
+            "URI_TOO_LONG",
+            format!("the request URI is longer than {MAX_HEAD} bytes"),
+        );
+    }
+    ApiError::new(
+        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "HEADERS_TOO_LARGE",
+        format!("the request head is larger than {MAX_HEAD} bytes"),
+    )
 }
 
 /// The request in `buf`, `None` while its head is incomplete.

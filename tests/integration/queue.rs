@@ -1806,6 +1806,15 @@ async fn event_streams_answer_bad_heads_and_let_go_of_fans_who_leave() {
     let big = send_head(&app, &[big.as_bytes()]).await;
     assert!(big.starts_with("HTTP/1.1 431"), "{big}");
     assert!(big.contains(r#""code":"HEADERS_TOO_LARGE""#), "{big}");
+    // A request line past the cap is a URI too long, as on every route
+    // (it was 431, the head's).
+    let long = format!(
+        "GET /queue/events?actId={} HTTP/1.1\r\nHost: t\r\n\r\n",
+        "l".repeat(20_000)
+    );
+    let long = send_head(&app, &[long.as_bytes()]).await;
+    assert!(long.starts_with("HTTP/1.1 414"), "{long}");
+    assert!(long.contains(r#""code":"URI_TOO_LONG""#), "{long}");
 
     // A request line that arrives in pieces is still answered (by hyper).
     let head = format!("ts?actId=lv HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n");
