@@ -8,7 +8,9 @@ use crate::{
     rush::rush,
 };
 
-fn chromium(args: &[&str], profile: &Path) -> (String, String) {
+/// Runs headless Chromium with `args` on the profile `profile`: its stdout
+/// (a `--dump-dom`) and stderr.
+pub(crate) fn chromium(args: &[&str], profile: &Path) -> (String, String) {
     let binary = crate::common::cdp::chromium_binary();
     // A page that never settles would hold `--dump-dom` until the test
     // harness's own timeout, five minutes on: two are plenty, and then it

@@ -2833,7 +2833,7 @@ async fn a_second_node_under_a_running_nodes_id_is_refused() {
 /// again once it is fit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_stops_keeping_every_write_stops_the_claims_until_it_does() {
-    let cluster = Cluster::start(1, &cluster_activity("dw", 10, 1), "");
+    let cluster = Cluster::start_configured(1, &cluster_activity("dw", 10, 1), "", crate::common::with_admin);
     let node = &cluster.nodes[0];
     let (tokens, _) = users(&cluster, "dw", 2).await;
     assert_eq!(node.claim(&tokens[0], "dw").await.status, 200);
@@ -2844,6 +2844,18 @@ async fn a_redis_that_stops_keeping_every_write_stops_the_claims_until_it_does()
     })
     .await;
     assert_eq!(metric(node, "ticketd_redis_durable").await, 0.0);
+    // The operator's page says so: it said "Redis up" in the normal
+    // colour while the node sold nothing.
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!(
+        "http://{}/admin#token={}",
+        node.admin_addr(),
+        crate::common::ADMIN_TOKEN
+    );
+    let (dom, _) = tokio::task::block_in_place(|| {
+        crate::browser::chromium(&["--virtual-time-budget=3000", "--dump-dom", &url], profile.path())
+    });
+    assert!(dom.contains("Redis up but NOT DURABLE (claims refused)"), "{dom}");
     let refused = node.claim(&tokens[1], "dw").await;
     assert_eq!(
         (refused.status, refused.error_code()),
