@@ -38,7 +38,8 @@ pub enum Command {
     /// Load the config's activities, ticket types and codes into the store.
     ///
     /// Idempotent: running it twice adds nothing twice, and a claimed code is
-    /// never put back. A running node picks new codes up on SIGHUP.
+    /// never put back. A running node picks new codes up on SIGHUP (a
+    /// cluster's nodes lease them from Redis with no reload).
     Import,
     /// Cluster: take an imported activity off sale on the nodes that serve
     /// the activities `ticketd import` stored (those whose config names

@@ -127,7 +127,17 @@ impl Store {
         }
         let store = Store::open(config, Access::Tool)?;
         if !store.has_activity(activity_id)? {
-            return Err(StoreError::UnknownActivity(activity_id.to_owned()));
+            // A cluster node serves the activities in its file without
+            // storing them: "or ticketd serve" sent an operator round.
+            let hint = if store.shared_with_nodes() {
+                "run `ticketd import` with it first: in a cluster only the import stores an activity"
+            } else {
+                "run `ticketd import` or `ticketd serve` first"
+            };
+            return Err(StoreError::UnknownActivity {
+                id: activity_id.to_owned(),
+                hint,
+            });
         }
         Ok(store)
     }

@@ -121,9 +121,15 @@ pub enum StoreError {
     /// The journal could not be replayed or opened.
     #[error(transparent)]
     Journal(#[from] JournalError),
-    /// The store has no such activity (run `ticketd import` or `ticketd serve` first).
-    #[error("the store has no activity `{0}` (run `ticketd import` or `ticketd serve` first)")]
-    UnknownActivity(String),
+    /// The store has no such activity; `hint` says what stores one (a
+    /// cluster's nodes never do: only `ticketd import`).
+    #[error("the store has no activity `{id}` ({hint})")]
+    UnknownActivity {
+        /// The activity asked for.
+        id: String,
+        /// What to run first.
+        hint: &'static str,
+    },
     /// The data directory's tables predate look-alike keys for usernames,
     /// and another process (an older node) owns it, so this one may not
     /// upgrade them.

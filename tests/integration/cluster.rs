@@ -857,6 +857,14 @@ async fn export_and_report_read_mongodb_and_match_the_rush() {
     let listed = llen(&cluster, "tk:{ex}:stock:ex-t").await;
     assert_eq!(listed, 0, "a claimed code went back on the master list");
 
+    // An activity never imported: only the import stores one here (the
+    // node serving it from its file does not), and the error says so.
+    let out = node.cli(&["export", "--activity", "never", "--format", "csv"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("in a cluster only the import stores an activity"),
+        "{stderr}"
+    );
     let out = node.cli(&["export", "--activity", "ex", "--format", "csv"], None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rows = crate::common::parse_csv(&out.stdout);
