@@ -1422,3 +1422,80 @@ async fn a_double_tap_claims_once_and_the_list_and_other_tabs_follow() {
     .await;
     assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
 }
+
+/// What a walkthrough of the page on a 320 px phone met: a description
+/// holding a long URL made the page scroll sideways; an Arabic name was laid
+/// out left to right (its "!" at the wrong end); "back" after logging in
+/// showed the form again to a fan logged in; a queue already drawn still
+/// promised that joining early buys nothing, to fans who now join at the
+/// back; "My tickets" after the session ended said so with no way to log
+/// in; and a proxy's HTML 502 read "Something went wrong:" with nothing after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_keeps_long_and_right_to_left_text_in_shape_and_every_dead_end_has_a_way_out() {
+    let name = "مهرجان الربيع 2026!";
+    let config = base_config()
+        + &Act::new("rtl")
+            .name(name)
+            .with("desc = \"https://tickets.example.com/events/2026/spring-gala/seating-plan-and-accessibility-information\"")
+            .window("-1m", "+1h")
+            .ticket("rtl-t", "تذكرة (VIP)", Codes::Generate(2))
+            .toml()
+        + &Act::new("late")
+            .window("-1m", "+1h")
+            .with("admission = \"queue\"")
+            .with("queue_opens = \"-2m\"")
+            .ticket("late-t", "Seat", Codes::Generate(2))
+            .toml();
+    let app = TestApp::start(&config);
+    let url = app.url();
+    let mut b = Browser::launch().await;
+    b.viewport(320, 640, true).await;
+    b.goto(&format!("{url}/#/act/rtl")).await;
+    b.wait_for("document.querySelector('main h1')", "the detail").await;
+    b.eval("location.hash = '#/register?next=%23%2Fact%2Frtl'").await;
+    b.wait_for("document.querySelector('#register-form')", "the register form")
+        .await;
+    b.eval(
+        "(() => { const f = document.querySelector('#register-form');
+            f.username.value = 'phone'; f.password.value = 'password-phone'; f.requestSubmit(); })()",
+    )
+    .await;
+    b.wait_for(
+        "!document.querySelector('#nav-logout').hidden && location.hash === '#/act/rtl' && document.querySelector('#grab')",
+        "the detail after registering",
+    )
+    .await;
+    assert!(fits(&mut b).await, "the detail is wider than a phone");
+    let laid_out = b
+        .eval("(() => { const n = document.querySelector('main h1 bdi'); return n && [n.textContent, getComputedStyle(n).direction]; })()")
+        .await;
+    assert_eq!(laid_out, json!([name, "rtl"]));
+    // Back from the detail goes where the fan was before the form.
+    b.eval("history.back()").await;
+    b.wait_for(
+        "location.hash === '#/act/rtl' || location.hash.startsWith('#/register')",
+        "the way back",
+    )
+    .await;
+    assert_eq!(b.eval("location.hash").await, "#/act/rtl");
+    assert_eq!(b.eval("Boolean(document.querySelector('#register-form'))").await, false);
+
+    b.eval("location.hash = '#/act/late'").await;
+    let note = b
+        .wait_for("document.querySelector('#join-note')?.textContent", "the queue's join")
+        .await;
+    assert!(note.as_str().unwrap().contains("first come, first served"), "{note}");
+
+    let said = b.eval("errorText({ code: 'OTHER', message: 'HTTP 502' })").await;
+    assert_eq!(said, "Something went wrong: HTTP 502");
+
+    b.eval("localStorage.setItem('ticketd.token', 'a.forged.token'); location.hash = '#/mine'")
+        .await;
+    let back = b
+        .wait_for(
+            "document.querySelector('#relogin')?.getAttribute('href')",
+            "a way to log in",
+        )
+        .await;
+    assert_eq!(back, "#/login?next=%23%2Fmine");
+}

@@ -30,6 +30,7 @@ const WORDS = {
     queue: 'Waiting room', lottery: 'Lottery', joinQueue: 'Join the waiting room', enterLottery: 'Enter the draw',
     queueOpensIn: 'The waiting room opens in', joined: 'You are in.',
     drawNote: 'Everyone who joins before the draw gets a random place: joining early gives no advantage.',
+    lateNote: 'The draw is over: joining now takes a place at the back, first come, first served.',
     position: 'Your place', ahead: 'ahead of you', eta: 'Estimated wait', yourTurn: 'Your turn! Grab before',
     turnTitle: 'Your turn!', passLeft: 'Time left to grab',
     passedOver: 'Your turn ended without a claim; join again to queue at the back.',
@@ -62,6 +63,7 @@ const WORDS = {
     queue: '排队', lottery: '抽签', joinQueue: '进入排队', enterLottery: '参加抽签',
     queueOpensIn: '距开放排队', joined: '你已加入。',
     drawNote: '抽签前加入的人随机排序：早加入没有优势。',
+    lateNote: '抽签已结束：现在加入排在队尾，先到先得。',
     position: '你的位置', ahead: '人在你前面', eta: '预计等待', yourTurn: '轮到你了！请在此之前抢票：',
     turnTitle: '轮到你了！', passLeft: '剩余抢票时间',
     passedOver: '你的轮次已结束且未抢票，可重新加入，排到队尾。',
@@ -373,7 +375,9 @@ function sampleClock(server, sent, received, fromList, cached) {
 function errorText(error) {
   const words = ERRORS[lang];
   const known = words[error.code];
-  if (known && error.code !== 'INVALID_FIELD') return known;
+  // OTHER (an answer that was no JSON: a proxy's 502 page) keeps its
+  // "HTTP 502": "Something went wrong:" alone ended in a colon.
+  if (known && error.code !== 'INVALID_FIELD' && error.code !== 'OTHER') return known;
   // "username must …": login's "username or password is too long" is no
   // rule of the username's.
   const field = /^(username|password|nickname) must\b/.exec(error.message || '')?.[1];
@@ -475,7 +479,7 @@ async function listView() {
     };
     every(250, tick);
     return h('li', { class: 'card', 'data-act': a.actId },
-      h('h2', {}, h('a', { class: 'title', href: `#/act/${encodeURIComponent(a.actId)}` }, a.name)), badge, line);
+      h('h2', {}, h('a', { class: 'title', href: `#/act/${encodeURIComponent(a.actId)}`, dir: 'auto' }, a.name)), badge, line);
   });
   const list = items.length ? h('ul', { class: 'cards' }, items) : h('p', { class: 'muted' }, t('none'));
   view().replaceChildren(h('h1', {}, t('activities')), list);
@@ -531,11 +535,11 @@ async function detailView(actId) {
     const left = h('td', { class: 'num' }, number(tk.remaining));
     const total = h('td', { class: 'num' }, number(tk.total));
     cells.set(tk.ticketId, { left, total });
-    return h('tr', { 'data-ticket': tk.ticketId }, h('td', {}, tk.name), left, total);
+    return h('tr', { 'data-ticket': tk.ticketId }, h('td', { dir: 'auto' }, tk.name), left, total);
   });
   const select = h('select', { id: 'ticket', 'aria-label': t('ticket') },
     h('option', { value: '' }, t('anyTicket')),
-    a.tickets.map((tk) => h('option', { value: tk.ticketId }, tk.name)));
+    a.tickets.map((tk) => h('option', { value: tk.ticketId, dir: 'auto' }, tk.name)));
   const button = h('button', { type: 'button', class: 'primary', id: 'grab', disabled: true }, t('grab'));
   const progress = h('progress', { id: 'pow-progress', max: 1, value: 0, hidden: true, 'aria-label': t('pow') });
   // Live, and focusable: a grab started from the keyboard moves the focus
@@ -548,10 +552,13 @@ async function detailView(actId) {
   const image = /^https:\/\//.test(a.image) ? h('div', { class: 'hero' }, h('img', { src: a.image, alt: '' })) : null;
   show(
     h('p', {}, h('a', { href: '#/' }, t('back'))),
-    h('h1', {}, a.name, ' ', badge),
+    // Names and descriptions are the organiser's, in any script: each laid
+    // out in its own direction (an Arabic name ending in "!" had it at the
+    // wrong end, and its parentheses crossed).
+    h('h1', {}, h('bdi', {}, a.name), ' ', badge),
     said,
     image,
-    a.desc ? h('p', {}, a.desc) : null,
+    a.desc ? h('p', { dir: 'auto' }, a.desc) : null,
     opensAt,
     a.accountsBefore
       ? h('p', { class: 'muted', id: 'accounts-before' }, `${t('accountsBefore')} ${when(Date.parse(a.accountsBefore))}`)
@@ -888,7 +895,11 @@ async function waitingRoom(a, queue) {
     await sleep(Math.max(0, opens - serverNow()) + 200);
     if (mine !== navigation) return;
   }
-  content.replaceChildren(h('h2', {}, t(lottery ? 'lottery' : 'queue')), h('p', { class: 'muted' }, t('drawNote')), joinButton());
+  // After the draw a queue takes newcomers at the back: "joining early
+  // gives no advantage" was a promise to those who joined before it.
+  const drawn = serverNow() >= Date.parse(first.data.shuffleAt);
+  content.replaceChildren(h('h2', {}, t(lottery ? 'lottery' : 'queue')),
+    h('p', { class: 'muted', id: 'join-note' }, t(drawn ? 'lateNote' : 'drawNote')), joinButton());
 }
 
 function codesList(codes) {
@@ -1072,7 +1083,8 @@ function accountView(mode) {
         if (res.ok) {
           store.token = res.data.token;
           renderNav();
-          location.hash = next;
+          // In place of the form: "back" showed the form to a fan logged in.
+          location.replace(next);
           return;
         }
         if (res.retryAfter > 30) {
@@ -1121,6 +1133,9 @@ async function mineView() {
   for (let page = 1; ; page++) {
     const res = await load(`/ticket/list?pageSize=${LIST_PAGE}&page=${page}`, mine, stillLoading);
     if (mine !== navigation) return;
+    // An ended session: the way to log in and back here (at the gate, this
+    // is the one page a fan needs; it said only that the session ended).
+    if (!res.ok && RELOGIN.includes(res.error.code)) return show(loginPrompt(res.error.code));
     if (!res.ok) return show(failedNotice(res.error, retryable(res), 'reload'));
     partial ||= res.data.partial === true;
     for (const c of res.data.claims) {
@@ -1133,7 +1148,7 @@ async function mineView() {
     loadQr(c.claimId, qr);
     return h('li', { class: 'card ticket' },
       // By name; an activity no longer configured has only its ids.
-      h('div', {}, h('p', { class: 'muted what' }, `${c.actName ?? c.actId} · ${c.ticketName ?? c.ticketId}`),
+      h('div', {}, h('p', { class: 'muted what' }, h('bdi', {}, c.actName ?? c.actId), ' · ', h('bdi', {}, c.ticketName ?? c.ticketId)),
         h('p', { class: 'code' }, c.code),
         h('p', { class: 'muted' }, `${t('claimedAt')} ${when(Date.parse(c.claimedAt))}`)),
       qr);
