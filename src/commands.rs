@@ -97,7 +97,16 @@ pub fn serve(config: Config, config_path: &Path) -> anyhow::Result<()> {
         };
         let workers = Arc::new(Runner::new());
         let signals = signals::install(&workers).context("cannot install signal handlers")?;
-        let app = App::start(config, config_path.to_owned(), workers)?;
+        let app = match App::start(config, config_path.to_owned(), workers) {
+            Ok(app) => app,
+            // Asked to stop while starting (waiting for a cluster node id):
+            // a stop, not a failure — systemd would mark the unit failed.
+            Err(error) if signals::stop_requested() => {
+                tracing::info!(error = %format!("{error:#}"), "Stopped before serving.");
+                return Ok(());
+            }
+            Err(error) => return Err(error),
+        };
         app.run(listener, admin, signals).await
     })
 }

@@ -27,6 +27,15 @@ pub struct Signals {
 /// A SIGHUP that came before [`install`].
 static EARLY_HUP: AtomicBool = AtomicBool::new(false);
 
+/// Set by the first SIGTERM/SIGINT: read by waits of the start-up that the
+/// shutdown `watch` does not reach yet (a cluster node waiting for its id).
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// Whether a stop signal has come.
+pub fn stop_requested() -> bool {
+    STOPPING.load(Ordering::Relaxed)
+}
+
 extern "C" fn note_early_hup(_: libc::c_int) {
     // An atomic store is all a signal handler may safely do here.
     EARLY_HUP.store(true, Ordering::Relaxed);
@@ -83,5 +92,6 @@ fn stop(tx: &watch::Sender<bool>, name: &str) {
         std::process::exit(130);
     }
     tracing::info!(signal = name, "Shutting down.");
+    STOPPING.store(true, Ordering::Relaxed);
     let _ = tx.send(true);
 }

@@ -2828,6 +2828,51 @@ async fn a_second_node_under_a_running_nodes_id_is_refused() {
     assert!(err.contains("another node called `node0` is running"), "{err}");
     assert_eq!(err.matches("This node id is held").count(), 1, "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    // A SIGTERM during the wait stops the node there, exit 0 (the wait went
+    // on to its end, then a start or a refusal: exit 1). Its wait here is
+    // 11 s, far past the signal.
+    let patient = TestApp::prepare(
+        &(node_config(
+            &cluster.services,
+            &cluster.db,
+            "node0",
+            "[cluster]\nlease_ttl = \"10s\"\n",
+        ) + &cluster_activity("dup", 3, 1)),
+        &[],
+    );
+    let said = tokio::task::block_in_place(|| {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(crate::common::BIN)
+            .args(["--config", "config.toml", "serve"])
+            .current_dir(patient.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut said = String::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            said += &line;
+            said.push('\n');
+            if line.contains("This node id is held") {
+                break;
+            }
+        }
+        // SAFETY: a signal to our own child.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+        for line in lines {
+            said += &line.unwrap();
+            said.push('\n');
+        }
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{status}: {said}");
+        said
+    });
+    assert!(
+        said.contains("Stopped before serving.") && said.contains("stopped while waiting for this node id"),
+        "{said}"
+    );
     // The first node serves on.
     let (tokens, _) = users(&cluster, "dup", 1).await;
     assert_eq!(cluster.nodes[0].claim(&tokens[0], "dup").await.status, 200);

@@ -102,6 +102,9 @@ pub enum ClusterError {
         "another node called `{0}` is running (or stopped less than cluster.lease_ttl ago); node ids must be unique"
     )]
     NodeIdTaken(String),
+    /// A stop signal came while the node waited for its id.
+    #[error("stopped while waiting for this node id")]
+    StoppedWhileWaiting,
     /// A script answered something this version does not understand.
     #[error("unexpected answer from Redis: {0}")]
     Protocol(String),
