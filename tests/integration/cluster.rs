@@ -2113,6 +2113,28 @@ async fn with_redis_down_a_node_without_codes_says_the_store_is_unavailable() {
             .unwrap();
         assert_error(&res, 503, "STORE_UNAVAILABLE");
     }
+    // A fan's list is not asked of a Redis known to be away, and no line
+    // is logged per request (one each flooded the log in an outage).
+    let node = &mut cluster.nodes[0];
+    for _ in 0..5 {
+        let res = node.client.get("/ticket/list", Some(&tokens[0])).await.unwrap();
+        assert_error(&res, 503, "STORE_UNAVAILABLE");
+    }
+    assert_eq!(
+        node.count_logs("Could not read a user's claims."),
+        0,
+        "{}",
+        node.logs_text()
+    );
+    // Stopped meanwhile, it says it could not read its backlog, not that the
+    // backlog is "not empty" with 0 claims.
+    assert_eq!(node.stop(), 0);
+    let said = node.logs_text();
+    assert!(
+        said.contains("The MongoDB backlog could not be read (Redis is not answering)")
+            && !said.contains("The MongoDB backlog is not empty"),
+        "{said}"
+    );
 }
 
 /// Look-alike usernames in cluster mode: registered through different

@@ -128,6 +128,12 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
 /// In a cluster that is a read of the shared store, within the user's
 /// budget of such reads.
 async fn claims_of(state: &AppState, user: u64) -> Result<UserClaims, ApiError> {
+    // A Redis known to be away is not asked again per request (nor is each
+    // failure logged: one line per `/ticket/list` flooded the log in an
+    // outage the node already reported); its probe finds it back.
+    if !state.store.reachable() {
+        return Err(ApiError::from(Rejection::Unavailable));
+    }
     if state.store.shared_with_nodes() {
         state
             .guard
