@@ -596,6 +596,12 @@ async fn a_fan_waits_in_the_room_and_grabs_with_the_pass_in_chromium() {
     let mut b = Browser::launch().await;
     b.viewport(1280, 800, false).await;
     register(&mut b, &url, "queue-fan", "#/act/room").await;
+    // A target a thumb finds (WCAG's 44 px), as the grab is.
+    b.wait_for("document.querySelector('#join')", "the join button").await;
+    let tall = b
+        .eval("document.querySelector('#join').getBoundingClientRect().height")
+        .await;
+    assert!(tall.as_f64().unwrap() >= 44.0, "{tall}");
     click(&mut b, "#join").await;
     let note = b
         .wait_for(

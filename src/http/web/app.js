@@ -768,7 +768,9 @@ async function waitingRoom(a, queue) {
     content.replaceChildren(...lines);
   };
   const joinButton = () => {
-    const b = h('button', { type: 'button', id: 'join' }, t(lottery ? 'enterLottery' : 'joinQueue'));
+    // The room's one action until the turn: as large to tap as the grab
+    // (the browser's default button was 24 px tall on a phone).
+    const b = h('button', { type: 'button', class: 'primary', id: 'join' }, t(lottery ? 'enterLottery' : 'joinQueue'));
     b.addEventListener('click', async () => {
       // Turned off, the button lets go of the focus (to the page).
       const focused = document.activeElement === b;
