@@ -1486,6 +1486,24 @@ async fn a_phone_keeps_long_and_right_to_left_text_in_shape_and_every_dead_end_h
     assert_eq!(b.eval("location.hash").await, "#/act/rtl");
     assert_eq!(b.eval("Boolean(document.querySelector('#register-form'))").await, false);
 
+    // `next` stays on this page: the login replaces itself with it, and a
+    // link's `?next=https://…` would have sent a fan off the site.
+    b.eval("localStorage.removeItem('ticketd.token'); location.hash = '#/login?next=https%3A%2F%2Fexample.com%2F'")
+        .await;
+    b.wait_for("document.querySelector('#login-form')", "the login form")
+        .await;
+    b.eval(
+        "(() => { const f = document.querySelector('#login-form');
+            f.username.value = 'phone'; f.password.value = 'password-phone'; f.requestSubmit(); })()",
+    )
+    .await;
+    b.wait_for(
+        "!document.querySelector('#nav-logout').hidden && location.hash === '#/'",
+        "the list after logging in",
+    )
+    .await;
+    assert_eq!(b.eval("location.origin").await, url.as_str());
+
     b.eval("location.hash = '#/act/late'").await;
     let note = b
         .wait_for("document.querySelector('#join-note')?.textContent", "the queue's join")

@@ -1059,7 +1059,10 @@ async function grab(a, ticketId, button, progress, result) {
 }
 
 function accountView(mode) {
-  const next = new URLSearchParams(location.hash.split('?')[1] || '').get('next') || '#/';
+  // A view of this page only: `next` goes to location.replace, where
+  // `?next=https://…` would leave the site.
+  const asked = new URLSearchParams(location.hash.split('?')[1] || '').get('next');
+  const next = asked && asked.startsWith('#/') ? asked : '#/';
   document.title = `${t(mode)} · ${t('brand')}`;
   const message = h('div', { id: 'form-message' });
   const field = (name, type, label, extra = {}) => h('label', {}, label,
