@@ -168,7 +168,10 @@ impl App {
 
         let secret = resolve_secret(&config, &store).context("cannot set up sessions")?;
         let auth = Arc::new(Auth::new(&config, store.clone(), &secret).context("cannot set up sessions")?);
-        let guard = Arc::new(Guard::new(&config, state::blocked_user_ids(&config, &store)?));
+        let blocked = state::blocked_user_ids(&config, &store)?;
+        // Blocked while the node was down: ended as a reload's block is.
+        state::end_blocked_sessions(&auth, blocked.iter().copied().collect());
+        let guard = Arc::new(Guard::new(&config, blocked));
         let claimer = Claimer::new(
             store.clone(),
             inventory.clone(),

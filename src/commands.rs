@@ -408,7 +408,8 @@ pub fn user(config: &Config, command: UserCommand) -> anyhow::Result<()> {
             store.set_password_hash(user.id, &password::hash(&password, cost(config)))?;
             println!(
                 "password of {} (id {}) set. Sessions already open stay valid until they expire (auth.session_ttl); \
-                 to end them at once, add the account to security.blocked_users and reload.",
+                 to end them at once, add the account to security.blocked_users and reload (a block ends them for \
+                 good: take it out again and reload, and the account logs in afresh).",
                 user.username, user.id
             );
         }

@@ -438,7 +438,9 @@ impl AppState {
         self.catalog.store(catalog.clone());
         catalog.apply_rooms(&self.rooms);
         self.auth.apply(&new);
+        let newly_blocked: Vec<u64> = blocked.difference(&self.guard.blocked_user_ids()).copied().collect();
         self.guard.apply(&new, blocked);
+        end_blocked_sessions(&self.auth, newly_blocked);
         self.claimer.apply(ClaimSettings::from_config(&new));
         self.server.store(Arc::new(new.server.clone()));
         self.store.set_shutdown_grace(new.server.shutdown_grace.0);
@@ -488,6 +490,24 @@ pub fn shared_activities(store: &Store) -> Result<Vec<ActivityConfig>, String> {
         .map_err(|e| e.to_string())?;
     crate::config::check_definitions(&activities).map_err(|e| e.to_string())?;
     Ok(activities)
+}
+
+/// Ends the sessions of accounts just blocked, for good: the block refuses
+/// them only while it lasts. Not done (said, and the block holds) when the
+/// store cannot keep it; the block is not given up for that.
+pub fn end_blocked_sessions(auth: &Auth, users: Vec<u64>) {
+    let n = users.len();
+    if n == 0 {
+        return;
+    }
+    match auth.end_sessions(users) {
+        Ok(()) => tracing::info!(accounts = n, "Sessions of blocked accounts ended."),
+        Err(error) => tracing::warn!(
+            %error,
+            "Could not end the blocked accounts' sessions in the store: they are refused while blocked, and \
+             come back if unblocked before they expire."
+        ),
+    }
 }
 
 /// The ids of the accounts `security.blocked_users` names: the ones whose

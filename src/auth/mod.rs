@@ -51,7 +51,7 @@ use crate::{
     clock::now_ms,
     config::Config,
     metrics::{self, Rejected},
-    store::{Store, StoreError, User},
+    store::{Revocation, Store, StoreError, User},
 };
 
 /// How far back a refresh of the revoked sessions reads past the last one
@@ -103,9 +103,16 @@ pub enum AuthError {
     /// A field is unacceptable.
     #[error("{0}")]
     InvalidField(String),
-    /// The token is missing, malformed, forged or revoked.
+    /// The token is missing, malformed or forged.
     #[error("the token is invalid")]
     TokenInvalid,
+    /// The session was logged out (by its holder, or ended by a block of
+    /// its account, which the caller then names while it lasts).
+    #[error("the session is logged out")]
+    LoggedOut {
+        /// The account.
+        user: u64,
+    },
     /// The token expired.
     #[error("the token has expired; log in again")]
     TokenExpired,
@@ -349,9 +356,28 @@ impl Auth {
         })?;
         // (Expiry is `verify`'s: said above.)
         if self.revoked.contains(&session) {
-            return Err(AuthError::TokenInvalid);
+            return Err(AuthError::LoggedOut { user: session.user_id });
         }
         Ok(session)
+    }
+
+    /// Logs out every session `users` hold now, for good: a mark in the
+    /// store (read by every node, and by this one after a restart), then
+    /// here. A block alone only suspends an account's sessions, and lifting
+    /// it gave a stolen one back (an accounts walkthrough). The mark lasts
+    /// as long as a session issued now would.
+    pub fn end_sessions(&self, users: impl IntoIterator<Item = u64>) -> Result<(), StoreError> {
+        let now = now_ms();
+        let expires_at_ms = now.saturating_add(self.settings.load().session_ttl_ms);
+        for user in users {
+            self.store.revoke_issued_before(user, now, expires_at_ms)?;
+            self.revoked.learn(Revocation::Before {
+                user,
+                issued_ms: now,
+                expires_at_ms,
+            });
+        }
+        Ok(())
     }
 
     /// Whether `session` (authenticated earlier) is still good at `now_ms`:

@@ -371,7 +371,9 @@ impl From<AuthError> for ApiError {
                 ApiError::new(S::UNAUTHORIZED, "BAD_CREDENTIALS", "wrong username or password")
             }
             AuthError::InvalidField(m) => ApiError::bad_request("INVALID_FIELD", m),
-            AuthError::TokenInvalid => ApiError::unauthorized("the token is invalid or logged out; log in again"),
+            AuthError::TokenInvalid | AuthError::LoggedOut { .. } => {
+                ApiError::unauthorized("the token is invalid or logged out; log in again")
+            }
             AuthError::TokenExpired => {
                 ApiError::new(S::UNAUTHORIZED, "TOKEN_EXPIRED", "the token has expired; log in again")
             }

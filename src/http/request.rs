@@ -13,7 +13,10 @@ use hyper::body::Incoming;
 use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize};
 
 use super::error::ApiError;
-use crate::{auth::Session, state::AppState};
+use crate::{
+    auth::{AuthError, Session},
+    state::AppState,
+};
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 128;
@@ -181,23 +184,43 @@ fn bearer(value: &str) -> Option<&str> {
 /// room, a blocked session still listed the account's codes, showed them
 /// as QR codes and was issued claim tokens.
 pub fn session(state: &AppState, headers: &HeaderMap) -> Result<Session, ApiError> {
-    let session = any_session(state, headers)?;
+    let session = match presented(state, headers) {
+        // A block ends the account's sessions for good (lifted, it gave a
+        // stolen one back); while it lasts, they hear why.
+        Some(Err(AuthError::LoggedOut { user })) if state.guard.is_blocked_id(user) => return Err(blocked()),
+        Some(verified) => verified?,
+        None => return Err(no_token()),
+    };
     if state.guard.is_blocked_id(session.user_id) {
-        crate::metrics::global().reject(crate::metrics::Rejected::Blocked);
-        return Err(crate::auth::Denied::Blocked.into());
+        return Err(blocked());
     }
     Ok(session)
+}
+
+fn blocked() -> ApiError {
+    crate::metrics::global().reject(crate::metrics::Rejected::Blocked);
+    crate::auth::Denied::Blocked.into()
+}
+
+fn no_token() -> ApiError {
+    ApiError::unauthorized("log in first, then send `Authorization: Bearer <token>`")
+}
+
+/// The session behind the caller's token as [`Auth::authenticate`] finds
+/// it; `None` when no token was sent.
+///
+/// [`Auth::authenticate`]: crate::auth::Auth::authenticate
+pub fn presented(state: &AppState, headers: &HeaderMap) -> Option<Result<Session, AuthError>> {
+    match token(headers) {
+        Some(t) if !t.is_empty() => Some(state.auth.authenticate(t)),
+        _ => None,
+    }
 }
 
 /// The caller's session, a blocked account's too: logging out is the one
 /// thing a blocked session may still do.
 pub fn any_session(state: &AppState, headers: &HeaderMap) -> Result<Session, ApiError> {
-    match token(headers) {
-        Some(t) if !t.is_empty() => Ok(state.auth.authenticate(t)?),
-        _ => Err(ApiError::unauthorized(
-            "log in first, then send `Authorization: Bearer <token>`",
-        )),
-    }
+    Ok(presented(state, headers).ok_or_else(no_token)??)
 }
 
 /// The caller's session if a token was sent (an invalid one, or a blocked

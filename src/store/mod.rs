@@ -409,6 +409,16 @@ impl Store {
         }
     }
 
+    /// Records that every session of `user` issued at or before
+    /// `issued_ms` is logged out, until `expires_at_ms` (a mark only moves
+    /// later): how a block ends an account's sessions for good.
+    pub fn revoke_issued_before(&self, user: u64, issued_ms: i64, expires_at_ms: i64) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => s.revoke_issued_before(user, issued_ms, expires_at_ms),
+            Store::Cluster(s) => s.revoke_issued_before(user, issued_ms, expires_at_ms),
+        }
+    }
+
     /// Revocations that have not expired yet: all of them, or (where
     /// other nodes revoke them too, a cluster) those written since
     /// `since_ms`. One node's store holds only its own logouts, which it

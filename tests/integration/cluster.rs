@@ -999,9 +999,13 @@ async fn a_reload_in_a_mongodb_outage_keeps_the_blocked_accounts_it_found() {
     let unblocked = std::fs::read_to_string(node.config_path()).unwrap();
     let config = unblocked.replace("[security]\n", "[security]\nblocked_users = [\"bo-1\"]\n");
     assert_ne!(config, unblocked);
-    // Blocked by this reload: its session too.
+    // Blocked by this reload: its session too, ended for good in MongoDB.
     assert_eq!(node.reload(&config)["message"], "Config reloaded.");
     assert_error(&node.claim(&tokens[1], "bo").await, 403, "BLOCKED");
+    assert_eq!(
+        node.wait_for_log("Sessions of blocked accounts ended.", 1)["accounts"],
+        1
+    );
     cluster.services.stop_mongo();
     let node = &cluster.nodes[0];
     let paused = config.replace("per_user_limit = 1\n", "per_user_limit = 1\npaused = true\n");

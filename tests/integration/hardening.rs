@@ -303,7 +303,7 @@ async fn cross_site_and_non_json_posts_are_refused() {
 async fn usernames_are_one_identity_however_they_are_typed() {
     let config =
         base_config().replace("[security]", "[security]\nblocked_users = [\"blockme\"]") + &open_activity("u", 1, 1);
-    let app = TestApp::start(&config);
+    let mut app = TestApp::start(&config);
     let register = |name: &str, nickname: Option<&str>| {
         let mut body = json!({ "username": name, "password": "password-common" });
         if let Some(n) = nickname {
@@ -364,6 +364,17 @@ async fn usernames_are_one_identity_however_they_are_typed() {
     assert_eq!(app.reload(&blocked)["message"], "Config reloaded.");
     let res = app.claim(&token, "u").await;
     assert_error(&res, 403, "BLOCKED");
+    // The block ended that session for good: lifted, it did not bring back
+    // a session stolen before it (nor does a restart); the owner logs in.
+    assert_eq!(app.reload(&config)["message"], "Config reloaded.");
+    let res = app.client.get("/ticket/list", Some(&token)).await.unwrap();
+    assert_eq!(res.status, 401, "{}", res.body);
+    app.restart();
+    let res = app.client.get("/ticket/list", Some(&token)).await.unwrap();
+    assert_eq!(res.status, 401, "{}", res.body);
+    let fresh = app.login("latecomer").await;
+    let res = app.client.get("/ticket/list", Some(&fresh)).await.unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
     for (name, nickname) in [
         ("p\u{0430}ypal", None),
         ("zero\u{200B}width", None),

@@ -446,13 +446,14 @@ async fn blocklists_refuse_users_and_address_ranges() {
     ] {
         assert_error(&app.client.get(&path, Some(&token)).await.unwrap(), 403, "BLOCKED");
     }
-    // She may still log out.
+    // She may still log out (the block ended the session already), and
+    // the session, over, hears why while the block lasts.
     let out = app.client.post("/user/logout", Some(&token), &json!({})).await.unwrap();
     assert_eq!(out.status, 200, "{}", out.body);
     assert_error(
         &app.client.get("/ticket/list", Some(&token)).await.unwrap(),
-        401,
-        "UNAUTHORIZED",
+        403,
+        "BLOCKED",
     );
     let login = json!({ "username": "mallory", "password": "password-mallory" });
     assert_error(

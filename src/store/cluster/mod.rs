@@ -939,6 +939,15 @@ impl ClusterStore {
         Ok(self.block(mongo::revoke_session(&self.shared.db, user, token_id, expires_at_ms))?)
     }
 
+    pub(super) fn revoke_issued_before(&self, user: u64, issued_ms: i64, expires_at_ms: i64) -> Result<(), StoreError> {
+        Ok(self.block(mongo::revoke_issued_before(
+            &self.shared.db,
+            user,
+            issued_ms,
+            expires_at_ms,
+        ))?)
+    }
+
     pub(super) fn revoked_sessions(&self, now_ms: i64, since_ms: Option<i64>) -> Result<Vec<Revocation>, StoreError> {
         Ok(self.block(mongo::revoked_sessions(&self.shared.db, now_ms, since_ms))?)
     }

@@ -645,6 +645,28 @@ pub async fn revoke_session(db: &Database, user: u64, token_id: &str, expires_at
     Ok(())
 }
 
+/// Marks every session of `user` issued at or before `issued_ms` logged
+/// out until `expires_at_ms`; the mark only moves later (`$max`), as a
+/// fold's does, and other nodes read it at their next refresh.
+pub async fn revoke_issued_before(
+    db: &Database,
+    user: u64,
+    issued_ms: i64,
+    expires_at_ms: i64,
+) -> Result<(), MongoError> {
+    coll(db, "revoked_sessions")
+        .update_one(
+            doc! {"_id": mark_id(user)},
+            doc! {
+                "$max": {"issued_ms": issued_ms, "expires_at_ms": expires_at_ms},
+                "$set": {"user_id": user as i64, "before": true, "revoked_at_ms": crate::clock::now_ms()},
+            },
+        )
+        .upsert(true)
+        .await?;
+    Ok(())
+}
+
 /// Revocations not yet expired (expired ones are deleted): all of them,
 /// or those written since `since_ms` (by the writing node's clock).
 pub async fn revoked_sessions(

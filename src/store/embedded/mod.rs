@@ -757,6 +757,16 @@ impl EmbeddedStore {
         Ok(())
     }
 
+    pub(super) fn revoke_issued_before(&self, user: u64, issued_ms: i64, expires_at_ms: i64) -> Result<(), StoreError> {
+        self.db.lock().execute(
+            "INSERT INTO revoked_before (user_id, issued_ms, expires_at_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (user_id) DO UPDATE SET issued_ms = max(issued_ms, excluded.issued_ms),
+                 expires_at_ms = max(expires_at_ms, excluded.expires_at_ms)",
+            params![user as i64, issued_ms, expires_at_ms],
+        )?;
+        Ok(())
+    }
+
     pub(super) fn revoked_sessions(&self, now_ms: i64) -> Result<Vec<Revocation>, StoreError> {
         let conn = self.db.lock();
         prune_revocations(&conn, now_ms)?;
