@@ -26,7 +26,7 @@ use crate::{
     config::Config,
     export::{self, ExportFormat},
     signals,
-    store::{Access, NewUser, Store},
+    store::{Access, ClusterError, NewUser, Store, StoreError},
     worker::Runner,
 };
 
@@ -99,15 +99,30 @@ pub fn serve(config: Config, config_path: &Path) -> anyhow::Result<()> {
         let signals = signals::install(&workers).context("cannot install signal handlers")?;
         let app = match App::start(config, config_path.to_owned(), workers) {
             Ok(app) => app,
-            // Asked to stop while starting (waiting for a cluster node id):
-            // a stop, not a failure — systemd would mark the unit failed.
-            Err(error) if signals::stop_requested() => {
+            // Asked to stop while waiting for a cluster node id: a stop,
+            // not a failure (systemd would mark the unit failed). Any other
+            // start failure stays one, stop or no stop.
+            Err(error) if stopped_while_waiting(&error) => {
                 tracing::info!(error = %format!("{error:#}"), "Stopped before serving.");
                 return Ok(());
             }
             Err(error) => return Err(error),
         };
         app.run(listener, admin, signals).await
+    })
+}
+
+/// Whether `error` is the start-up's wait for a node id ended by a stop.
+fn stopped_while_waiting(error: &anyhow::Error) -> bool {
+    // (A `StoreError` wraps it transparently: not a cause of its own.)
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<StoreError>(),
+            Some(StoreError::Cluster(ClusterError::StoppedWhileWaiting))
+        ) || matches!(
+            cause.downcast_ref::<ClusterError>(),
+            Some(ClusterError::StoppedWhileWaiting)
+        )
     })
 }
 

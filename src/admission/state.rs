@@ -405,8 +405,11 @@ pub(super) struct RoomState {
     pub(super) allowance: f64,
     pub(super) last_tick_ms: i64,
     /// Codes left minus those spoken for by passes, at the last admission
-    /// step (none before the first).
+    /// step; before the start, the codes left (none before the first step).
     pub(super) budget: Option<usize>,
+    /// `budget` was read before the start: what the start's admissions
+    /// will share, not what is left after them.
+    pub(super) budget_before_start: bool,
     pub(super) closed_ms: Option<i64>,
     /// Since when the sale is paused, as the log says ([`Event::Pause`]).
     pub(super) paused_ms: Option<i64>,
@@ -464,6 +467,7 @@ impl RoomState {
             allowance: 0.0,
             last_tick_ms: 0,
             budget: None,
+            budget_before_start: false,
             closed_ms: None,
             paused_ms: None,
             summary: RoomSummary::default(),
@@ -789,6 +793,7 @@ impl RoomState {
             // start's admissions share, and a lottery's status tells its
             // winners from its waiting list by them.
             self.budget = Some(before.remaining);
+            self.budget_before_start = true;
             return Vec::new();
         }
         // Paused, nothing moves: a pass retired now would be lost to a fan
@@ -864,7 +869,13 @@ impl RoomState {
             self.allowance -= 1.0;
         }
         // Held back for passes out, the codes left are spoken for (standby).
-        self.budget = Some(if budget < per_pass && outstanding { 0 } else { budget });
+        // A replica whose log has not yet brought the start's admissions
+        // (a follower, stepping none) still knows the stock they share.
+        let reached = self.cursor > 0 || !events.is_empty();
+        if reached || !self.budget_before_start {
+            self.budget = Some(if budget < per_pass && outstanding { 0 } else { budget });
+            self.budget_before_start = false;
+        }
         events
     }
 
@@ -929,13 +940,16 @@ impl RoomState {
             && !admission_pending
             && !closed
             && self.shuffled_ms.is_some()
-            && if now >= s.start_ms {
-                self.budget == Some(0)
-            } else {
-                s.mode == AdmissionMode::Lottery
-                    && ahead
-                        .zip(self.budget)
-                        .is_some_and(|(ahead, budget)| ahead as usize >= places_covered(budget))
+            && match self.budget {
+                // Until the start's admissions run (a step, a pause across
+                // the start, a follower's catch-up), judged as before it:
+                // the waiting list flickered off and on at the start.
+                Some(budget) if self.budget_before_start => {
+                    s.mode == AdmissionMode::Lottery
+                        && ahead.is_some_and(|ahead| ahead as usize >= places_covered(budget))
+                }
+                Some(budget) => now >= s.start_ms && budget == 0,
+                None => false,
             };
         // On standby the wait depends on passes lapsing, not on a rate.
         let eta_ms = ahead.filter(|_| !standby).and_then(|ahead| {

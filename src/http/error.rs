@@ -293,9 +293,9 @@ impl From<Rejection> for ApiError {
                 // One text for both kinds of room, true of each: it said
                 // "you may join again" to a lottery's winner, and a lottery
                 // takes no entry after its draw.
-                "your pass expired unused and its turn goes to the next in line; GET /queue/status says where you \
-                 stand (after a pause, your pass with its time given back; in a queue you may join again at the \
-                 back; a lottery takes no entry after its draw)",
+                "your pass has expired; GET /queue/status says where you stand (after a pause, your pass with its \
+                 time given back; a turn left unused goes to the next in line, and in a queue you may join again at \
+                 the back; a lottery takes no entry after its draw)",
             ),
             Rejection::ProofOfWork { difficulty } => ApiError::new(
                 S::FORBIDDEN,

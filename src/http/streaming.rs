@@ -118,7 +118,8 @@ async fn read_head(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<R
 }
 
 /// The refusal of a head past [`MAX_HEAD`]: `414` when its request line
-/// alone is (what hyper answers on every other route), else `431`.
+/// alone is (the URI is what is too long, as Nginx says of it too), else
+/// `431`.
 fn too_large(buf: &[u8]) -> ApiError {
     if !buf.contains(&b'\n') {
         return ApiError::new(

@@ -1182,7 +1182,8 @@ async fn a_lottery_tells_its_waiting_list_from_its_winners_before_the_start() {
         .limit(2)
         .with("admission = \"lottery\"")
         .with("queue_opens = \"-1m\"")
-        .with("draw_time = \"+2s\"")
+        // Time for the start-up, four logins and joins on a slow box.
+        .with("draw_time = \"+6s\"")
         .ticket("wl-t", "Ticket", Codes::Generate(3))
         .toml();
     let app = TestApp::start(&(base_config() + &act));
@@ -1806,8 +1807,8 @@ async fn event_streams_answer_bad_heads_and_let_go_of_fans_who_leave() {
     let big = send_head(&app, &[big.as_bytes()]).await;
     assert!(big.starts_with("HTTP/1.1 431"), "{big}");
     assert!(big.contains(r#""code":"HEADERS_TOO_LARGE""#), "{big}");
-    // A request line past the cap is a URI too long, as on every route
-    // (it was 431, the head's).
+    // A request line past the cap is a URI too long (it was 431, the
+    // head's).
     let long = format!(
         "GET /queue/events?actId={} HTTP/1.1\r\nHost: t\r\n\r\n",
         "l".repeat(20_000)

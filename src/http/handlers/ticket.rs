@@ -128,10 +128,12 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
 /// In a cluster that is a read of the shared store, within the user's
 /// budget of such reads.
 async fn claims_of(state: &AppState, user: u64) -> Result<UserClaims, ApiError> {
+    let catalog = state.catalog.load();
     // A Redis known to be away is not asked again per request (nor is each
     // failure logged: one line per `/ticket/list` flooded the log in an
-    // outage the node already reported); its probe finds it back.
-    if !state.store.reachable() {
+    // outage the node already reported); its probe finds it back. (A node
+    // selling nothing reads MongoDB alone, and still answers.)
+    if !state.store.reachable() && !catalog.activities().is_empty() {
         return Err(ApiError::from(Rejection::Unavailable));
     }
     if state.store.shared_with_nodes() {
@@ -140,7 +142,6 @@ async fn claims_of(state: &AppState, user: u64) -> Result<UserClaims, ApiError> 
             .admit_store_read(user, Instant::now())
             .inspect_err(|_| metrics::global().reject(Rejected::StoreReadRate))?;
     }
-    let catalog = state.catalog.load();
     state.claimer.claims_of_user(&catalog, user).await.map_err(|e| {
         tracing::warn!(error = %e, "Could not read a user's claims.");
         ApiError::from(Rejection::Unavailable)

@@ -37,7 +37,7 @@ const WORDS = {
     passedOverDrawn: 'Your turn ended without a claim; the draw is over, so there is no new entry.',
     passedOverLast: 'Your turn ended without a claim, and this account has joined this waiting room as many times as it may.',
     standby: 'Every ticket left is held for fans whose turn came; you move up if they do not claim.',
-    notDrawn: 'The draw did not pick you this time: you are on the waiting list, and get a turn only if a winner does not claim.',
+    notDrawn: 'The draw did not pick you this time: you are on the waiting list. Stay on this page: you get a turn if a winner is not here at the start or does not claim.',
     entriesClosed: 'The draw has been made; entries are closed.', done: 'Your turn is over.',
     commitment: 'Draw commitment (SHA-256 of the seed)', seed: 'Revealed seed',
     sep: ': ', days: 'd', drawAt: 'Draw at', endedAt: 'Ended at',
@@ -70,7 +70,7 @@ const WORDS = {
     passedOverDrawn: '你的轮次已结束且未抢票；抽签已结束，不能再报名。',
     passedOverLast: '你的轮次已结束且未抢票；此账号加入本排队的次数已达上限。',
     standby: '剩余的票都已留给轮到的人；若他们不领，你会往前排。',
-    notDrawn: '这次抽签没有抽中你：你在候补名单上，只有中签者不领时才会轮到你。',
+    notDrawn: '这次抽签没有抽中你：你在候补名单上。请留在此页：若中签者开售时不在或不领，就会轮到你。',
     entriesClosed: '已开奖，报名已截止。', done: '你的轮次已结束。',
     commitment: '抽签承诺（种子的 SHA-256）', seed: '公开的种子',
     sep: '：', days: '天', drawAt: '抽签时间', endedAt: '结束时间',
@@ -899,9 +899,10 @@ async function waitingRoom(a, queue) {
   }
   // After the draw a queue takes newcomers at the back: "joining early
   // gives no advantage" was a promise to those who joined before it.
-  const drawn = serverNow() >= Date.parse(first.data.shuffleAt);
+  // (A lottery drawn takes no entry: it shows entries closed instead.)
+  const drawn = !lottery && serverNow() >= Date.parse(first.data.shuffleAt);
   content.replaceChildren(h('h2', {}, t(lottery ? 'lottery' : 'queue')),
-    h('p', { class: 'muted', id: 'join-note' }, t(drawn ? 'lateNote' : 'drawNote')), joinButton());
+    h('p', { class: 'muted', id: 'join-rules' }, t(drawn ? 'lateNote' : 'drawNote')), joinButton());
 }
 
 function codesList(codes) {
@@ -1114,7 +1115,11 @@ function accountView(mode) {
     }
   });
   const other = mode === 'login' ? ['#/register', t('noAccount')] : ['#/login', t('haveAccount')];
-  show(h('h1', {}, t(mode)), form, h('p', {}, h('a', { href: `${other[0]}?next=${encodeURIComponent(next)}` }, other[1])));
+  // The other form in place of this one: "back" after logging in from
+  // either must not find a form.
+  const switchTo = h('a', { href: `${other[0]}?next=${encodeURIComponent(next)}` }, other[1]);
+  switchTo.addEventListener('click', (e) => { e.preventDefault(); location.replace(switchTo.getAttribute('href')); });
+  show(h('h1', {}, t(mode)), form, h('p', {}, switchTo));
   form.querySelector('input').focus();
 }
 
@@ -1123,7 +1128,7 @@ const LIST_PAGE = 100;
 
 async function mineView() {
   document.title = `${t('mine')} · ${t('brand')}`;
-  if (!store.token) { location.hash = '#/login?next=%23%2Fmine'; return; }
+  if (!store.token) { location.replace('#/login?next=%23%2Fmine'); return; }
   const mine = navigation;
   show(h('p', { class: 'muted' }, t('loading')));
   // Every page: a fan may hold more than one (a per-user limit goes up to

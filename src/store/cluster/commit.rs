@@ -321,12 +321,13 @@ pub(super) async fn writer(shared: Arc<Shared>, ctl: Ctl, mut stop: Stop) {
             deadline = Some(tokio::time::Instant::now() + grace);
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-            if shared.redis_up.load(Ordering::Relaxed) {
+            // With a backlog that could not be read (Redis away), the gauge
+            // holds an old count, not what is left: it said "not empty",
+            // claims 0.
+            if failing.is_empty() {
                 tracing::warn!(claims = shared.backlog.load(Ordering::Relaxed), "The MongoDB backlog is not empty; it stays in Redis and is written by this node's next start or by a live node.");
             } else {
-                // Unread, not empty: the gauge holds the last count read
-                // ("not empty", claims 0, in a Redis outage).
-                tracing::warn!("The MongoDB backlog could not be read (Redis is not answering); what it holds stays in Redis and is written by this node's next start or by a live node.");
+                tracing::warn!(activities = failing.len(), "The MongoDB backlog could not be read (Redis is not answering); what it holds stays in Redis and is written by this node's next start or by a live node.");
             }
             break;
         }

@@ -34,17 +34,18 @@ pub(super) async fn register_node(shared: &Shared) -> Result<(), ClusterError> {
     let mut redis = shared.redis.clone();
     let mut told = false;
     loop {
+        // Asked to stop: not after the wait, a start and a bind (a
+        // cluster walkthrough's SIGTERM took effect 7.6 s later); and not
+        // by taking an id that came free meanwhile.
+        if crate::signals::stop_requested() {
+            return Err(ClusterError::StoppedWhileWaiting);
+        }
         if scripts::hold(&mut redis, &key, &shared.instance, shared.lease_ttl_ms()).await? {
             *shared.id_kept.lock() = Instant::now();
             return Ok(());
         }
         if Instant::now() >= deadline {
             return Err(ClusterError::NodeIdTaken(shared.node.to_string()));
-        }
-        // Asked to stop: not after the wait, a start and a bind (a
-        // cluster walkthrough's SIGTERM took effect 7.6 s later).
-        if crate::signals::stop_requested() {
-            return Err(ClusterError::StoppedWhileWaiting);
         }
         // Once: it was said every half second, twenty times, and of a
         // holder that may well be alive.
