@@ -64,6 +64,18 @@ const REVOKED_OVERLAP_MS: i64 = 60_000;
 /// once and kept in the store.
 pub fn resolve_secret(config: &Config, store: &Store) -> Result<String, StoreError> {
     if let Some(s) = config.auth.session_secret() {
+        // The one generated before goes: a later start without this one
+        // (the variable dropped from the unit) fell back to it and brought
+        // back every session it had signed, ended by the switch — those of
+        // a restore's re-issued user ids among them (an accounts
+        // walkthrough). Such a start now makes a new secret: all log in.
+        if store.forget_secret("session")? {
+            tracing::warn!(
+                "The session secret is set (auth.session_secret or TICKETD_SESSION_SECRET): the one generated \
+                 and kept in the store is deleted, and the sessions it signed have ended. Keep this secret set \
+                 from now on."
+            );
+        }
         return Ok(s);
     }
     let made = std::cell::RefCell::new(String::new());

@@ -430,6 +430,15 @@ impl Store {
         }
     }
 
+    /// Deletes the secret `name` the store keeps, if it keeps one; whether
+    /// it did.
+    pub fn forget_secret(&self, name: &str) -> Result<bool, StoreError> {
+        match self {
+            Store::Embedded(s) => s.forget_secret(name),
+            Store::Cluster(s) => s.forget_secret(name),
+        }
+    }
+
     /// A secret kept in the store (the session key when none is configured), created on first use.
     pub fn secret(&self, name: &str, create: &dyn Fn() -> String) -> Result<String, StoreError> {
         match self {

@@ -1243,3 +1243,40 @@ async fn a_session_secret_made_for_a_store_with_accounts_is_said() {
     assert_eq!(app.count_logs(SAID), 1);
     assert_eq!(app.claim(&token, "ss").await.status, 401, "the old session ended");
 }
+
+/// A secret set in the environment replaced the one the store generated,
+/// which stayed there: a later start without the variable (dropped from
+/// the unit) fell back to it and brought back every session it had signed,
+/// ended by the switch. The stored one now goes when a secret is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_secret_dropped_again_brings_back_no_session_it_ended() {
+    let mut app = TestApp::start(&(base_config() + &open_activity("sd", 1, 1)));
+    let first = app.register("keeper").await;
+    let list = |app: &TestApp, token: &str| {
+        let (client, token) = (app.client_clone(), token.to_owned());
+        async move { client.get("/ticket/list", Some(&token)).await.unwrap().status }
+    };
+    assert_eq!(list(&app, &first).await, 200);
+    app.env.push((
+        "TICKETD_SESSION_SECRET".into(),
+        "EXAMPLE-ONLY-session-secret-0123456789abcdef".into(),
+    ));
+    app.restart();
+    assert_eq!(list(&app, &first).await, 401);
+    let second = app.login("keeper").await;
+    app.env.clear();
+    app.restart();
+    assert_eq!(
+        list(&app, &first).await,
+        401,
+        "the generated secret's session came back"
+    );
+    assert_eq!(list(&app, &second).await, 401);
+    assert_eq!(
+        app.count_logs(
+            "The store had accounts but no session secret: a new one was made, so every session signed before \
+             has ended and fans log in again. (Was the store restored from an incomplete copy?)"
+        ),
+        1
+    );
+}

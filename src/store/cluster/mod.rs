@@ -952,6 +952,10 @@ impl ClusterStore {
         Ok(self.block(mongo::revoked_sessions(&self.shared.db, now_ms, since_ms))?)
     }
 
+    pub(super) fn forget_secret(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.block(mongo::forget_secret(&self.shared.db, name))?)
+    }
+
     pub(super) fn secret(&self, name: &str, create: &dyn Fn() -> String) -> Result<String, StoreError> {
         Ok(self.block(mongo::secret(&self.shared.db, name, create()))?)
     }

@@ -708,6 +708,14 @@ pub async fn revoked_sessions(
     Ok(out)
 }
 
+/// Deletes the shared secret `name`; whether there was one.
+pub async fn forget_secret(db: &Database, name: &str) -> Result<bool, MongoError> {
+    let gone = coll(db, "meta")
+        .delete_one(doc! {"_id": format!("secret.{name}")})
+        .await?;
+    Ok(gone.deleted_count > 0)
+}
+
 /// A secret shared by every node, created by the first to ask.
 pub async fn secret(db: &Database, name: &str, fresh: String) -> Result<String, MongoError> {
     let c = coll(db, "meta");

@@ -798,6 +798,14 @@ impl EmbeddedStore {
         Ok(out)
     }
 
+    pub(super) fn forget_secret(&self, name: &str) -> Result<bool, StoreError> {
+        let deleted = self
+            .db
+            .lock()
+            .execute("DELETE FROM meta WHERE key = ?1", [format!("secret.{name}")])?;
+        Ok(deleted > 0)
+    }
+
     pub(super) fn secret(&self, name: &str, create: &dyn Fn() -> String) -> Result<String, StoreError> {
         let conn = self.db.lock();
         let key = format!("secret.{name}");
