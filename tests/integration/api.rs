@@ -287,6 +287,23 @@ async fn lists_details_and_other_users_claims() {
 async fn accounts_register_login_logout() {
     let app = TestApp::start(&(base_config() + &open_activity("u", 1, 1)));
     let token = app.register("dora").await;
+    // The store holds the session key and the password hashes: its
+    // directory and files are the owner's alone, whatever the umask (they
+    // were 0755 and 0644 under the usual 022).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |name: &str| {
+            std::fs::metadata(app.dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode("data"), 0o700);
+        for file in ["data/ticketd.db", "data/ticketd.db-wal", "data/ticketd.db-shm"] {
+            assert_eq!(mode(file), 0o600, "{file}");
+        }
+    }
     let res = app
         .client
         .post(

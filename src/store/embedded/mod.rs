@@ -364,7 +364,17 @@ impl EmbeddedStore {
         if matches!(access, Access::Inspect) {
             return EmbeddedStore::inspect(dir, &db_path);
         }
-        std::fs::create_dir_all(&dir).map_err(io("cannot create the data directory", &dir))?;
+        // Owner-only, whatever the umask: the database holds the session
+        // key and every password hash, and outside the shipped unit (its
+        // `StateDirectoryMode=0750`) `./data` was world-readable.
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(io("cannot create the data directory", &dir))?;
+        }
         let lock = try_lock(&dir)?;
         // Before `open_db` creates the file: a journal with no database
         // beside it is never a new store. Nor with an empty file (a copy
@@ -373,6 +383,17 @@ impl EmbeddedStore {
             && crate::journal::has_segments(&journal_dir)?
         {
             return Err(StoreError::JournalWithoutStore(dir));
+        }
+        if lock.is_some() && !db_path.exists() {
+            // Made here, 0600, for SQLite to fill: its -wal and -shm take
+            // the database's mode.
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&db_path)
+                .map_err(io("cannot create the database", &db_path))?;
         }
         let mut conn = open_db(&db_path)?;
         if lock.is_some() {
