@@ -70,7 +70,9 @@ pub fn is_invisible(c: char) -> bool {
             | '\u{180B}'..='\u{180F}'   // Mongolian variation selectors, vowel separator
             | '\u{200B}'..='\u{200F}'   // zero-width space/joiners, LRM, RLM
             | '\u{202A}'..='\u{202E}'   // LRE, RLE, PDF, LRO, RLO
+            | '\u{2028}' | '\u{2029}'   // line and paragraph separators (no control, yet they break lines)
             | '\u{2060}'..='\u{206F}'   // word joiner, invisible operators, LRI..PDI
+            | '\u{2800}'                // braille pattern blank (a blank "letter", as the Hangul filler)
             | '\u{3164}'                // Hangul filler
             | '\u{FE00}'..='\u{FE0F}'   // variation selectors
             | '\u{FEFF}'                // BOM / zero-width no-break space

@@ -229,10 +229,20 @@ pub fn validate_account(
 ) -> Result<(Username, String), AuthError> {
     let username = Username::parse(username).map_err(AuthError::InvalidField)?;
     validate_password(password)?;
-    let nickname = nickname
-        .map(str::trim)
-        .filter(|n| !n.is_empty())
-        .unwrap_or(username.display());
+    // None given: the username as typed, or composed if typed longer than
+    // a nickname may be (`e` and a combining accent, twenty times, is a
+    // valid name of 20: its typed form of 40 was refused as a nickname
+    // nobody sent).
+    let typed = username.display();
+    let composed: String;
+    let nickname = match nickname.map(str::trim).filter(|n| !n.is_empty()) {
+        Some(given) => given,
+        None if typed.chars().count() > 32 => {
+            composed = unicode_normalization::UnicodeNormalization::nfkc(typed).collect();
+            &composed
+        }
+        None => typed,
+    };
     if nickname.chars().count() > 32 {
         return Err(AuthError::InvalidField(
             "nickname must be at most 32 printable characters".into(),

@@ -123,20 +123,59 @@ pub fn skeleton_key(name: &str) -> String {
 /// The identity key of any string (NFKC, case fold, NFKC), valid or not:
 /// login looks accounts up by it without telling which names are well formed.
 pub fn identity_key(raw: &str) -> String {
-    let folded = caseless::default_case_fold_str(&raw.nfkc().collect::<String>());
+    // `İ` (Turkish) folds to `i` and a combining dot, which no username may
+    // hold: `İstanbul` was refused as malformed. It is `i` here, as the
+    // Turkic folding has it.
+    let composed: String = raw.nfkc().map(|c| if c == '\u{130}' { 'I' } else { c }).collect();
+    let folded = caseless::default_case_fold_str(&composed);
     folded.nfkc().collect()
 }
 
 /// Checks display text (a nickname): no control, invisible or
 /// direction-changing character.
 pub fn check_display_text(text: &str) -> Result<(), String> {
-    match text.chars().find(|&c| c.is_control() || is_invisible(c)) {
+    let chars: Vec<char> = text.chars().collect();
+    let refused = (0..chars.len()).find(|&i| {
+        let c = chars[i];
+        (c.is_control() || is_invisible(c)) && !emoji_joiner(&chars, i)
+    });
+    match refused.map(|i| chars[i]) {
         Some(c) => Err(format!(
             "nickname must not contain control, invisible or direction-changing characters (U+{:04X})",
             u32::from(c)
         )),
         None => Ok(()),
     }
+}
+
+/// Whether `chars[i]`, invisible itself, is part of an emoji a phone's
+/// keyboard writes (`❤️`, `1️⃣`, `👩‍💻`, `🏳️‍🌈`): a variation selector
+/// 16 after a pictograph or keycap base, or a zero-width joiner between
+/// two pictographs. Nicknames refused them, and README's own example.
+fn emoji_joiner(chars: &[char], i: usize) -> bool {
+    let before = i.checked_sub(1).map(|j| chars[j]);
+    let after = chars.get(i + 1).copied();
+    match chars[i] {
+        '\u{FE0F}' => before.is_some_and(|b| pictograph(b) || matches!(b, '0'..='9' | '#' | '*')),
+        '\u{200D}' => {
+            // A selector may sit between the pictograph and the joiner.
+            let base = match before {
+                Some('\u{FE0F}') => i.checked_sub(2).map(|j| chars[j]),
+                b => b,
+            };
+            base.is_some_and(pictograph) && after.is_some_and(pictograph)
+        }
+        _ => false,
+    }
+}
+
+/// Pictographs, roughly as Unicode's `Extended_Pictographic`: the blocks
+/// where emoji live (a joiner or selector next to one is how they combine).
+fn pictograph(c: char) -> bool {
+    matches!(u32::from(c),
+        0x00A9 | 0x00AE | 0x203C | 0x2049 | 0x2122 | 0x2139
+        | 0x2190..=0x21FF | 0x2300..=0x23FF | 0x25A0..=0x27BF | 0x2900..=0x297F
+        | 0x2B00..=0x2BFF | 0x3030 | 0x303D | 0x3297 | 0x3299 | 0x1F000..=0x1FAFF)
 }
 
 /// Whether UTS #39 lets `c` into identifiers: recommended, an inclusion,

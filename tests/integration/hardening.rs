@@ -375,11 +375,37 @@ async fn usernames_are_one_identity_however_they_are_typed() {
     let fresh = app.login("latecomer").await;
     let res = app.client.get("/ticket/list", Some(&fresh)).await.unwrap();
     assert_eq!(res.status, 200, "{}", res.body);
+    // Turkish `İ` is `i` (its fold's combining dot refused `İstanbul`); a
+    // name typed decomposed, longer than a nickname, still registers with
+    // none given; emoji as phones write them are nicknames.
+    for (name, nickname) in [
+        ("İstanbul", None),
+        (&"e\u{0301}".repeat(20), None),
+        ("emoji1", Some("小明❤\u{FE0F}")),
+        ("emoji2", Some("👩\u{200D}💻 1\u{FE0F}\u{20E3} 🏳\u{FE0F}\u{200D}🌈")),
+    ] {
+        let res = app
+            .client
+            .post("/user/register", None, &register(name, nickname))
+            .await
+            .unwrap();
+        assert_eq!(res.status, 200, "{name}: {}", res.body);
+    }
+    let res = app
+        .client
+        .post("/user/register", None, &register("ISTANBUL", None))
+        .await
+        .unwrap();
+    assert_error(&res, 409, "USERNAME_TAKEN");
     for (name, nickname) in [
         ("p\u{0430}ypal", None),
         ("zero\u{200B}width", None),
         ("fan", Some("evil\u{202E}gnp.exe")),
         ("fan", Some("hidden\u{2066}x")),
+        // Blank, line-breaking, or a joiner with no emoji about it.
+        ("fan", Some("\u{2800}\u{2800}\u{2800}")),
+        ("fan", Some("a\u{2028}b")),
+        ("fan", Some("ad\u{200D}min")),
     ] {
         let res = app
             .client
