@@ -603,7 +603,13 @@ impl Lines<'_> {
 /// A `created_at` cell: an RFC 3339 time, not after `now`.
 fn created_at(text: &str, now: i64) -> anyhow::Result<i64> {
     let ms = parse_rfc3339_ms(text)
-        .with_context(|| format!("created_at `{text}` is not an RFC 3339 time, like 2024-03-01T09:30:00+08:00"))?;
+        // Escaped: a file's terminal escapes went raw to the operator's terminal.
+        .with_context(|| {
+            format!(
+                "created_at `{}` is not an RFC 3339 time, like 2024-03-01T09:30:00+08:00",
+                text.escape_debug()
+            )
+        })?;
     if ms > now {
         bail!("created_at `{text}` is in the future");
     }

@@ -253,6 +253,11 @@ fn users_from_the_command_line_and_exports_in_both_formats() {
     // time, or not yet; the file is then imported not at all.
     for (row, says) in [
         ("lisi,password-lisi,李四,yesterday", "not an RFC 3339 time"),
+        // A terminal escape in the file is shown, not sent to the terminal.
+        (
+            "lisi,password-lisi,李四,\u{1b}]0;PWNED\u{7}",
+            "created_at `\\u{1b}]0;PWNED\\u{7}`",
+        ),
         ("lisi,password-lisi,李四,2999-01-01T00:00:00Z", "in the future"),
         ("lisi,password-lisi,李四,1899-12-30T00:00:00Z", "before 1970"),
     ] {
