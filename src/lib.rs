@@ -21,6 +21,8 @@
 //! - [`vocab`] — the claim's vocabulary: `Claim`, `PendingClaim`, `CommitOutcome`, `Rejection`, `ClaimOutcome`;
 //! - [`worker`] — background loops as named workers: one runner starts, reports and stops them in order;
 //! - [`notify`] — the systemd notify protocol (READY, RELOADING, STATUS, WATCHDOG);
+//! - [`signals`] — SIGHUP → reload, SIGTERM/SIGINT → the one shutdown watch (and the flag that
+//!   start-up waits, such as a cluster node's for its id, look at);
 //! - [`config`] — the config tree, its units (durations, sizes, address ranges, times), validation per section;
 //! - [`admission`] — fair admission: waiting rooms and lotteries, the verifiable draw, passes' lifetimes;
 //! - [`metrics`] — lock-free counters and histograms, Prometheus text;
@@ -40,7 +42,6 @@
 //! - [`http`] — accept loop and connection limits, the lanes (single-threaded runtimes)
 //!   public connections live on, router, request parsing, the error shape, handlers
 //!   (public API, admin API and live page, the fans' page), the access log;
-//! - [`signals`] — SIGHUP → reload, SIGTERM/SIGINT → the one shutdown watch;
 //! - [`app`] — start-up steps, the node's workers, serving, the shutdown order;
 //! - [`cli`] — clap definitions of every subcommand;
 //! - [`bench`](mod@bench) — the rush simulator behind `ticketd bench` (and `--queue`, fans through a waiting room), and its HTTP client;

@@ -2923,18 +2923,6 @@ async fn a_redis_that_stops_keeping_every_write_stops_the_claims_until_it_does()
     })
     .await;
     assert_eq!(metric(node, "ticketd_redis_durable").await, 0.0);
-    // The operator's page says so: it said "Redis up" in the normal
-    // colour while the node sold nothing.
-    let profile = tempfile::tempdir().unwrap();
-    let url = format!(
-        "http://{}/admin#token={}",
-        node.admin_addr(),
-        crate::common::ADMIN_TOKEN
-    );
-    let (dom, _) = tokio::task::block_in_place(|| {
-        crate::browser::chromium(&["--virtual-time-budget=3000", "--dump-dom", &url], profile.path())
-    });
-    assert!(dom.contains("Redis up but NOT DURABLE (claims refused)"), "{dom}");
     let refused = node.claim(&tokens[1], "dw").await;
     assert_eq!(
         (refused.status, refused.error_code()),
@@ -2947,6 +2935,18 @@ async fn a_redis_that_stops_keeping_every_write_stops_the_claims_until_it_does()
          claims are refused until it does.",
         1,
     );
+    // The operator's page says so: it said "Redis up" in the normal
+    // colour while the node sold nothing.
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!(
+        "http://{}/admin#token={}",
+        node.admin_addr(),
+        crate::common::ADMIN_TOKEN
+    );
+    let (dom, _) = tokio::task::block_in_place(|| {
+        crate::browser::chromium(&["--virtual-time-budget=3000", "--dump-dom", &url], profile.path())
+    });
+    assert!(dom.contains("Redis up but NOT DURABLE (claims refused)"), "{dom}");
     config_set(&mut redis, &[("appendfsync", "always")]).await;
     until("the node to say it is healthy again", || async {
         node.client.get("/healthz", None).await.unwrap().status == 200
