@@ -2096,7 +2096,10 @@ async fn an_accounts_age_holds_on_every_node_and_imports_keep_theirs() {
 /// say STORE_UNAVAILABLE, whichever is which.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_a_node_without_codes_says_the_store_is_unavailable() {
-    let mut cluster = Cluster::start(2, &cluster_activity("dry", 1, 1), "");
+    // (The stop below waits out its grace for a Redis that is gone.)
+    let mut cluster = Cluster::start_configured(2, &cluster_activity("dry", 1, 1), "", |c| {
+        c.replace("shutdown_grace = \"5s\"", "shutdown_grace = \"1s\"")
+    });
     let (tokens, _) = users(&cluster, "dry", 2).await;
     let mut bodies = Vec::new();
     for (node, token) in cluster.nodes.iter().zip(&tokens) {
