@@ -458,6 +458,22 @@ async fn environment_secrets_meet_the_minimum_and_bearer_is_case_insensitive() {
             format!("{stdout}{stderr}").contains(&format!("{var} must be at least 32 characters")),
             "{var}: {stdout}{stderr}"
         );
+        // Forty spaces met the length; an admin token ending in a newline
+        // (an env file's) can never be sent: HTTP trims header values.
+        for blank in [" ".repeat(40), format!("EXAMPLE-ONLY-{}\n", "x".repeat(32))] {
+            let out = Command::new(BIN)
+                .arg("--config")
+                .arg(&path)
+                .arg("check-config")
+                .env(var, &blank)
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && said.contains(&format!("{var} must not begin or end with whitespace")),
+                "{var}: {said}"
+            );
+        }
     }
 
     let admin_token = crate::common::ADMIN_TOKEN;

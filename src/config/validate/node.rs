@@ -196,11 +196,8 @@ pub(super) fn auth(r: &mut Report<'_>, config: &Config) {
         ("session_secret", &a.session_secret),
         ("previous_session_secret", &a.previous_session_secret),
     ] {
-        if secret.as_ref().is_some_and(|s| s.len() < 32) {
-            r.add(
-                &[K("auth"), K(key)],
-                format!("auth.{key} must be at least 32 characters"),
-            );
+        if let Some(why) = secret.as_deref().and_then(weak_secret) {
+            r.add(&[K("auth"), K(key)], format!("auth.{key} {why}"));
         }
     }
     // A secret from the environment overrides the file's and meets the same bar.
@@ -209,12 +206,12 @@ pub(super) fn auth(r: &mut Report<'_>, config: &Config) {
         (PREVIOUS_SESSION_SECRET_ENV, "auth"),
         (ADMIN_TOKEN_ENV, "admin"),
     ] {
-        let short = std::env::var(var).is_ok_and(|v| !v.is_empty() && v.chars().count() < 32);
-        if short {
-            r.add(
-                &[K(section)],
-                format!("the environment variable {var} must be at least 32 characters"),
-            );
+        let weak = std::env::var(var)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .and_then(|v| weak_secret(&v));
+        if let Some(why) = weak {
+            r.add(&[K(section)], format!("the environment variable {var} {why}"));
         }
     }
     if a.max_concurrent_hashes.is_some_and(|n| n == 0 || n > 1024) {
@@ -330,14 +327,25 @@ pub(super) fn log(r: &mut Report<'_>, config: &Config) {
     }
 }
 
+/// Why `secret` is no secret to sign or compare with, if it is not: too
+/// short, or whitespace at an end — forty spaces passed the length check,
+/// and an admin token ending in a stray space or newline (an env file's)
+/// can never be sent, since HTTP trims header values.
+fn weak_secret(secret: &str) -> Option<&'static str> {
+    if secret.len() < 32 {
+        Some("must be at least 32 characters")
+    } else if secret.trim() != secret {
+        Some("must not begin or end with whitespace (nor be blank)")
+    } else {
+        None
+    }
+}
+
 pub(super) fn admin(r: &mut Report<'_>, config: &Config) {
     let k = Seg::Key;
     if let Some(token) = &config.admin.token {
-        if token.len() < 32 {
-            r.add(
-                &[k("admin"), k("token")],
-                "admin.token must be at least 32 characters".into(),
-            );
+        if let Some(why) = weak_secret(token) {
+            r.add(&[k("admin"), k("token")], format!("admin.token {why}"));
         }
     }
     // Whether the token is there is `serve`'s to check, not the file's:
