@@ -77,6 +77,14 @@ pub fn serve(config: Config, config_path: &Path) -> anyhow::Result<()> {
     if config.admin.listen.is_some() && config.admin.token().is_none() {
         bail!("{}", no_admin_token());
     }
+    // Everything the node writes is its own alone: the journal's segments
+    // hold the codes claimed (a code is the ticket), the rooms' logs who
+    // waited, the access log addresses. Under the usual umask 022 they
+    // were world-readable, in a directory systemd or an operator made.
+    // SAFETY: umask only swaps the process's file-mode mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ticketd-worker")

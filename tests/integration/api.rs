@@ -303,6 +303,21 @@ async fn accounts_register_login_logout() {
         for file in ["data/ticketd.db", "data/ticketd.db-wal", "data/ticketd.db-shm"] {
             assert_eq!(mode(file), 0o600, "{file}");
         }
+        // And everything else the node writes: the journal holds the
+        // codes claimed, in a directory systemd may have made 0750.
+        assert_eq!(mode("data/journal"), 0o700);
+        let segments: Vec<_> = std::fs::read_dir(app.dir.path().join("data/journal"))
+            .unwrap()
+            .collect();
+        assert!(!segments.is_empty());
+        for segment in segments {
+            let path = segment.unwrap().path();
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600,
+                "{path:?}"
+            );
+        }
     }
     let res = app
         .client
@@ -737,4 +752,27 @@ async fn a_keyed_retry_gets_its_claim_after_a_reload_took_the_activity_out() {
     // Without the key it is an activity like any unknown one.
     let res = app.client.post("/ticket/get", Some(&token), &body).await.unwrap();
     assert_error(&res, 404, "ACTIVITY_NOT_FOUND");
+}
+
+/// A data directory the node did not make (systemd's `StateDirectory`, an
+/// operator's `mkdir`) kept the mode it was given, 0755 under the usual
+/// umask, with nothing said: the node now says so at start, and what it
+/// writes there itself is its own alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_others_may_read_is_said_so() {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let mut app = TestApp::prepare(&(base_config() + &open_activity("m", 1, 1)), &[]);
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(app.dir.path().join("data"))
+        .unwrap();
+    app.boot();
+    let said = app.wait_for_log(
+        "Others may read this: it holds the session key, the password hashes and the codes claimed. Make it \
+         the service user's alone (chmod 700 for the directory, 600 for the database).",
+        1,
+    );
+    assert_eq!(said["mode"], "755", "{said}");
+    let journal = std::fs::metadata(app.dir.path().join("data/journal")).unwrap();
+    assert_eq!(journal.permissions().mode() & 0o777, 0o700);
 }

@@ -324,6 +324,25 @@ fn has_database(path: &Path) -> std::io::Result<bool> {
     }
 }
 
+/// Says so when others may read the data directory or its database (a
+/// store made before they were created owner-only, or a directory made
+/// by hand): they hold the session key, the password hashes and the codes.
+fn warn_if_shared(dir: &Path, db: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for path in [dir, db] {
+        let Ok(meta) = std::fs::metadata(path) else { continue };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                "Others may read this: it holds the session key, the password hashes and the codes claimed. \
+                 Make it the service user's alone (chmod 700 for the directory, 600 for the database)."
+            );
+        }
+    }
+}
+
 /// Opens (creating if needed) the database at `path` with the schema.
 fn open_db(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
@@ -375,6 +394,7 @@ impl EmbeddedStore {
                 .create(&dir)
                 .map_err(io("cannot create the data directory", &dir))?;
         }
+        warn_if_shared(&dir, &db_path);
         let lock = try_lock(&dir)?;
         // Before `open_db` creates the file: a journal with no database
         // beside it is never a new store. Nor with an empty file (a copy
