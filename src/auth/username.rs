@@ -126,8 +126,10 @@ pub fn identity_key(raw: &str) -> String {
     // `İ` (Turkish) folds to `i` and a combining dot, which no username may
     // hold: `İstanbul` was refused as malformed. It is `i` here, as the
     // Turkic folding has it.
+    // (So is `i` with the dot, its full fold, which JavaScript's
+    // `toLowerCase` also gives.)
     let composed: String = raw.nfkc().map(|c| if c == '\u{130}' { 'I' } else { c }).collect();
-    let folded = caseless::default_case_fold_str(&composed);
+    let folded = caseless::default_case_fold_str(&composed).replace("i\u{307}", "i");
     folded.nfkc().collect()
 }
 
@@ -150,13 +152,20 @@ pub fn check_display_text(text: &str) -> Result<(), String> {
 
 /// Whether `chars[i]`, invisible itself, is part of an emoji a phone's
 /// keyboard writes (`❤️`, `1️⃣`, `👩‍💻`, `🏳️‍🌈`): a variation selector
-/// 16 after a pictograph or keycap base, or a zero-width joiner between
+/// 16 (or 15, text style) after a pictograph or keycap base, the tags of
+/// a subdivision flag after 🏴, or a zero-width joiner between
 /// two pictographs. Nicknames refused them, and README's own example.
 fn emoji_joiner(chars: &[char], i: usize) -> bool {
     let before = i.checked_sub(1).map(|j| chars[j]);
     let after = chars.get(i + 1).copied();
     match chars[i] {
-        '\u{FE0F}' => before.is_some_and(|b| pictograph(b) || matches!(b, '0'..='9' | '#' | '*')),
+        // Emoji presentation, or text presentation (`☺︎`).
+        '\u{FE0E}' | '\u{FE0F}' => before.is_some_and(|b| pictograph(b) || matches!(b, '0'..='9' | '#' | '*')),
+        // The tags of a subdivision's flag (England's: 🏴 and `gbeng`, then
+        // the cancel tag).
+        '\u{E0020}'..='\u{E007F}' => {
+            before.is_some_and(|b| b == '\u{1F3F4}' || ('\u{E0020}'..='\u{E007E}').contains(&b))
+        }
         '\u{200D}' => {
             // A selector may sit between the pictograph and the joiner.
             let base = match before {

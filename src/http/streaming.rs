@@ -37,8 +37,11 @@ use crate::state::AppState;
 /// What a connection to be served here starts with.
 const EVENTS_LINE: &[u8] = b"GET /queue/events";
 /// The longest request head read here (cookies included); longer is 431
-/// (414 when the request line alone is).
-const MAX_HEAD: usize = 16 * 1024;
+/// (414 when the request line alone is). As hyper's buffer for every
+/// other route (`server`'s `max_buf_size`): at 16 KiB, a URL or cookie
+/// that worked everywhere else broke only the waiting room's stream. The
+/// buffer goes once the head is read.
+const MAX_HEAD: usize = 64 * 1024;
 /// The most headers a request may carry here.
 const MAX_HEADERS: usize = 64;
 

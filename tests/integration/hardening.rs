@@ -380,7 +380,12 @@ async fn usernames_are_one_identity_however_they_are_typed() {
     // none given; emoji as phones write them are nicknames.
     for (name, nickname) in [
         ("İstanbul", None),
+        ("i\u{0307}zmir", None),
         (&"e\u{0301}".repeat(20), None),
+        (
+            "emoji3",
+            Some("☺\u{FE0E} 🏴\u{E0067}\u{E0062}\u{E0065}\u{E006E}\u{E0067}\u{E007F}"),
+        ),
         ("emoji1", Some("小明❤\u{FE0F}")),
         ("emoji2", Some("👩\u{200D}💻 1\u{FE0F}\u{20E3} 🏳\u{FE0F}\u{200D}🌈")),
     ] {
@@ -397,6 +402,10 @@ async fn usernames_are_one_identity_however_they_are_typed() {
         .await
         .unwrap();
     assert_error(&res, 409, "USERNAME_TAKEN");
+    // Its full fold (JavaScript's `toLowerCase`) logs in too.
+    let login = json!({ "username": "i\u{0307}stanbul", "password": "password-common" });
+    let res = app.client.post("/user/login", None, &login).await.unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
     for (name, nickname) in [
         ("p\u{0430}ypal", None),
         ("zero\u{200B}width", None),
