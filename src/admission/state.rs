@@ -292,7 +292,8 @@ pub struct QueueStatus {
     pub seed: Option<String>,
     /// Places this account may still take here (one is taken by each join
     /// after being passed over; see [`MAX_PLACES_PER_ACCOUNT`]): with none
-    /// left, being passed over is final.
+    /// left, being passed over is final. In a lottery, one entry, before
+    /// the draw.
     pub places_left: u32,
 }
 
@@ -981,7 +982,13 @@ impl RoomState {
             shuffle_at: rfc3339_ms(s.shuffle_ms),
             commitment: commitment.to_owned(),
             seed: self.shuffled_ms.map(|_| seed.to_hex()),
-            places_left: MAX_PLACES_PER_ACCOUNT.saturating_sub(place.map_or(0, |p| p.taken)),
+            // A lottery takes one entry per account, and none after its
+            // draw: it said 7 places left to fans who could take none.
+            places_left: match s.mode {
+                AdmissionMode::Lottery if place.is_some() || self.shuffled_ms.is_some() => 0,
+                AdmissionMode::Lottery => 1,
+                _ => MAX_PLACES_PER_ACCOUNT.saturating_sub(place.map_or(0, |p| p.taken)),
+            },
         }
     }
 }

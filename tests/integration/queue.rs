@@ -1206,6 +1206,8 @@ async fn a_lottery_tells_its_waiting_list_from_its_winners_before_the_start() {
         assert_eq!(s["standby"], !winner, "{s}");
         // The winner's wait is the time to the start; the list's is unknown.
         assert_eq!(s["etaMs"].is_u64(), winner, "{s}");
+        // No place is left to take in a lottery drawn (it said 7).
+        assert_eq!(s["placesLeft"], 0, "{s}");
     }
 }
 
