@@ -122,14 +122,11 @@ pub fn serve(config: Config, config_path: &Path) -> anyhow::Result<()> {
 
 /// Whether `error` is the start-up's wait for a node id ended by a stop.
 fn stopped_while_waiting(error: &anyhow::Error) -> bool {
-    // (A `StoreError` wraps it transparently: not a cause of its own.)
+    // (A `StoreError` wraps it transparently: it is not a cause of its own.)
     error.chain().any(|cause| {
         matches!(
             cause.downcast_ref::<StoreError>(),
             Some(StoreError::Cluster(ClusterError::StoppedWhileWaiting))
-        ) || matches!(
-            cause.downcast_ref::<ClusterError>(),
-            Some(ClusterError::StoppedWhileWaiting)
         )
     })
 }

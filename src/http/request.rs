@@ -202,7 +202,8 @@ fn blocked() -> ApiError {
     crate::auth::Denied::Blocked.into()
 }
 
-fn no_token() -> ApiError {
+/// 401: no token was sent.
+pub fn no_token() -> ApiError {
     ApiError::unauthorized("log in first, then send `Authorization: Bearer <token>`")
 }
 
@@ -215,12 +216,6 @@ pub fn presented(state: &AppState, headers: &HeaderMap) -> Option<Result<Session
         Some(t) if !t.is_empty() => Some(state.auth.authenticate(t)),
         _ => None,
     }
-}
-
-/// The caller's session, a blocked account's too: logging out is the one
-/// thing a blocked session may still do.
-pub fn any_session(state: &AppState, headers: &HeaderMap) -> Result<Session, ApiError> {
-    Ok(presented(state, headers).ok_or_else(no_token)??)
 }
 
 /// The caller's session if a token was sent (an invalid one, or a blocked

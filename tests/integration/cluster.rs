@@ -2871,13 +2871,7 @@ async fn a_second_node_under_a_running_nodes_id_is_refused() {
     );
     let said = tokio::task::block_in_place(|| {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(crate::common::BIN)
-            .args(["--config", "config.toml", "serve"])
-            .current_dir(patient.dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = crate::common::spawn_ticketd(patient.dir.path(), &["serve"]);
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
         let mut said = String::new();
         for line in lines.by_ref() {

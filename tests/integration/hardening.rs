@@ -448,38 +448,34 @@ async fn environment_secrets_meet_the_minimum_and_bearer_is_case_insensitive() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, base_config()).unwrap();
+    // `check-config` with `var` set to `value`: whether it passed, and what it said.
+    let check = |var: &str, value: &str| {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .arg("check-config")
+            .env(var, value)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), said)
+    };
     for var in [
         "TICKETD_SESSION_SECRET",
         "TICKETD_SESSION_SECRET_PREVIOUS",
         "TICKETD_ADMIN_TOKEN",
     ] {
-        let out = Command::new(BIN)
-            .arg("--config")
-            .arg(&path)
-            .arg("check-config")
-            .env(var, "EXAMPLE-too-short")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(!out.status.success(), "{var}: {stdout}{stderr}");
+        let (passed, said) = check(var, "EXAMPLE-too-short");
         assert!(
-            format!("{stdout}{stderr}").contains(&format!("{var} must be at least 32 characters")),
-            "{var}: {stdout}{stderr}"
+            !passed && said.contains(&format!("{var} must be at least 32 characters")),
+            "{var}: {said}"
         );
         // Forty spaces met the length; an admin token ending in a newline
         // (an env file's) can never be sent: HTTP trims header values.
         for blank in [" ".repeat(40), format!("EXAMPLE-ONLY-{}\n", "x".repeat(32))] {
-            let out = Command::new(BIN)
-                .arg("--config")
-                .arg(&path)
-                .arg("check-config")
-                .env(var, &blank)
-                .output()
-                .unwrap();
-            let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+            let (passed, said) = check(var, &blank);
             assert!(
-                !out.status.success() && said.contains(&format!("{var} must not begin or end with whitespace")),
+                !passed && said.contains(&format!("{var} must not begin or end with whitespace")),
                 "{var}: {said}"
             );
         }

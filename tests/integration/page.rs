@@ -29,16 +29,22 @@ fn shots_dir() -> (Option<tempfile::TempDir>, PathBuf) {
 /// Fills the register form and submits it; waits until logged in.
 async fn register(b: &mut Browser, url: &str, username: &str, next: &str) {
     b.goto(&format!("{url}/#/register?next={}", urlencode(next))).await;
-    b.wait_for("document.querySelector('#register-form')", "the register form")
+    submit_account(b, "register", username).await;
+    b.wait_for("!document.querySelector('#nav-logout').hidden", "the login to take")
+        .await;
+}
+
+/// Fills the page's `mode` form (`register` or `login`, already routed to)
+/// as `username`, whose password is `password-<username>`, and submits it.
+async fn submit_account(b: &mut Browser, mode: &str, username: &str) {
+    b.wait_for(&format!("document.querySelector('#{mode}-form')"), "the account form")
         .await;
     b.eval(&format!(
-        "(() => {{ const f = document.querySelector('#register-form');
+        "(() => {{ const f = document.querySelector('#{mode}-form');
             f.username.value = {u}; f.password.value = 'password-' + {u}; f.requestSubmit(); }})()",
         u = json!(username)
     ))
     .await;
-    b.wait_for("!document.querySelector('#nav-logout').hidden", "the login to take")
-        .await;
 }
 
 fn urlencode(s: &str) -> String {
@@ -1462,11 +1468,7 @@ async fn a_phone_keeps_long_and_right_to_left_text_in_shape_and_every_dead_end_h
     b.wait_for("document.querySelector('#register-form')", "the register form")
         .await;
     let entries = b.eval("history.length").await;
-    b.eval(
-        "(() => { const f = document.querySelector('#register-form');
-            f.username.value = 'phone'; f.password.value = 'password-phone'; f.requestSubmit(); })()",
-    )
-    .await;
+    submit_account(&mut b, "register", "phone").await;
     b.wait_for(
         "!document.querySelector('#nav-logout').hidden && location.hash === '#/act/rtl' && document.querySelector('#grab')",
         "the detail after registering",
@@ -1485,13 +1487,7 @@ async fn a_phone_keeps_long_and_right_to_left_text_in_shape_and_every_dead_end_h
     // link's `?next=https://…` would have sent a fan off the site.
     b.eval("localStorage.removeItem('ticketd.token'); location.hash = '#/login?next=https%3A%2F%2Fexample.com%2F'")
         .await;
-    b.wait_for("document.querySelector('#login-form')", "the login form")
-        .await;
-    b.eval(
-        "(() => { const f = document.querySelector('#login-form');
-            f.username.value = 'phone'; f.password.value = 'password-phone'; f.requestSubmit(); })()",
-    )
-    .await;
+    submit_account(&mut b, "login", "phone").await;
     b.wait_for(
         "!document.querySelector('#nav-logout').hidden && location.hash === '#/'",
         "the list after logging in",

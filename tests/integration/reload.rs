@@ -284,13 +284,7 @@ async fn a_reload_beside_an_import_in_progress_stocks_what_it_imported() {
     let app = TestApp::start(&(base_config() + &act(false)));
     let token = app.register("race-fan").await;
     std::fs::write(app.config_path(), base_config() + &act(true)).unwrap();
-    let mut import = std::process::Command::new(crate::common::BIN)
-        .args(["--config", "config.toml", "import"])
-        .current_dir(app.dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut import = crate::common::spawn_ticketd(app.dir.path(), &["import"]);
     // The import's write transaction, seen from beside it.
     let db = app.sqlite();
     db.busy_timeout(std::time::Duration::ZERO).unwrap();

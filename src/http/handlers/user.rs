@@ -12,7 +12,7 @@ use crate::{
     auth::{username::identity_key, AuthError, Denied},
     http::{
         error::ApiError,
-        request::{any_session, json_body, ok, presented},
+        request::{json_body, no_token, ok, presented},
     },
     metrics::{self, Rejected},
     state::AppState,
@@ -149,13 +149,14 @@ fn count_busy(e: &AuthError) {
 
 /// Revokes the caller's token.
 pub async fn logout(state: &AppState, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
-    // Ended by its account's block already: logged out, as asked.
-    if let Some(Err(AuthError::LoggedOut { user })) = presented(state, req.headers()) {
-        if state.guard.is_blocked_id(user) {
+    let session = match presented(state, req.headers()) {
+        // Ended by its account's block already: logged out, as asked.
+        Some(Err(AuthError::LoggedOut { user })) if state.guard.is_blocked_id(user) => {
             return Ok(ok(&serde_json::json!({ "loggedOut": true })));
         }
-    }
-    let session = any_session(state, req.headers())?;
+        Some(verified) => verified?,
+        None => return Err(no_token()),
+    };
     state.auth.logout(session).await?;
     Ok(ok(&serde_json::json!({ "loggedOut": true })))
 }

@@ -914,13 +914,7 @@ pub fn run_cli(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
 /// test fails with `serving`), asserts the exit is a failure, and returns
 /// what it wrote to stderr.
 pub fn serve_refused(dir: &Path, within: Duration, serving: &str) -> String {
-    let mut child = Command::new(BIN)
-        .args(["--config", "config.toml", "serve"])
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ticketd");
+    let mut child = spawn_ticketd(dir, &["serve"]);
     let deadline = Instant::now() + within;
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
@@ -933,6 +927,19 @@ pub fn serve_refused(dir: &Path, within: Duration, serving: &str) -> String {
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success(), "{serving}: it exited with success");
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `ticketd --config config.toml <args>` started in `dir` (its config
+/// there), stderr piped for the test to read, stdout dropped.
+pub fn spawn_ticketd(dir: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(BIN)
+        .args(["--config", "config.toml"])
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ticketd")
 }
 
 /// The environment that runs a process with its wall clock `offset` from
