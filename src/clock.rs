@@ -73,20 +73,57 @@ pub fn offset_ms() -> i64 {
 /// sorted as text, and `.14Z` sorted after `.135Z` although it is later.
 /// A time outside years 0–9999 (which no stored time is) gives the epoch.
 pub fn rfc3339_ms(ms: i64) -> String {
-    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .filter(|t| (0..=9999).contains(&t.year()))
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
+    Rfc3339Ms::new(ms).as_str().to_owned()
+}
+
+/// [`rfc3339_ms`]'s text in a fixed buffer, for a time written into an
+/// answer (it serialises as a string): every successful claim's answer
+/// carries one, and a `String` made with `format!` for it was an
+/// allocation and a pass through `core::fmt` per claim.
+#[derive(Clone, Copy)]
+pub struct Rfc3339Ms([u8; 24]);
+
+impl Rfc3339Ms {
+    /// The text of `ms` (see [`rfc3339_ms`]).
+    pub fn new(ms: i64) -> Rfc3339Ms {
+        let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+            .ok()
+            .filter(|t| (0..=9999).contains(&t.year()))
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let mut b = *b"0000-00-00T00:00:00.000Z";
+        let mut put = |at: usize, width: usize, mut n: u32| {
+            for i in (at..at + width).rev() {
+                b[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+        };
+        put(0, 4, t.year() as u32);
+        put(5, 2, u32::from(u8::from(t.month())));
+        put(8, 2, u32::from(t.day()));
+        put(11, 2, u32::from(t.hour()));
+        put(14, 2, u32::from(t.minute()));
+        put(17, 2, u32::from(t.second()));
+        put(20, 3, u32::from(t.millisecond()));
+        Rfc3339Ms(b)
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and the separators above are ever written.
+        std::str::from_utf8(&self.0).expect("ASCII")
+    }
+}
+
+impl std::fmt::Debug for Rfc3339Ms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl serde::Serialize for Rfc3339Ms {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
 }
 
 /// Parses an RFC 3339 time into Unix milliseconds.
@@ -110,6 +147,33 @@ mod tests {
         assert!(rfc3339_ms(1_796_097_600_100) < rfc3339_ms(1_796_097_600_150));
         assert_eq!(rfc3339_ms(-1), "1969-12-31T23:59:59.999Z");
         assert_eq!(rfc3339_ms(i64::MAX), "1970-01-01T00:00:00.000Z");
+        // The fixed buffer writes what `format!` wrote, year 0 to 9999.
+        for ms in [
+            -62_167_219_200_000,
+            -1,
+            0,
+            951_782_400_123,
+            1_796_097_600_140,
+            253_402_300_799_999,
+        ] {
+            let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap();
+            let formatted = format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.millisecond()
+            );
+            assert_eq!(rfc3339_ms(ms), formatted);
+        }
+        assert_eq!(
+            rfc3339_ms(253_402_300_800_000),
+            "1970-01-01T00:00:00.000Z",
+            "year 10000"
+        );
         for ms in [0, 1_796_097_600_140, 1_796_097_600_999] {
             assert_eq!(parse_rfc3339_ms(&rfc3339_ms(ms)), Some(ms));
         }

@@ -10,7 +10,7 @@ pub mod user;
 
 use serde::Serialize;
 
-use crate::{clock::rfc3339_ms, vocab::Claim};
+use crate::{clock::Rfc3339Ms, vocab::Claim};
 
 /// A claim as the API shows it to its owner.
 #[derive(Debug, Serialize)]
@@ -20,7 +20,7 @@ pub struct ClaimView<'a> {
     act_id: &'a str,
     ticket_id: &'a str,
     code: &'a str,
-    claimed_at: String,
+    claimed_at: Rfc3339Ms,
 }
 
 impl<'a> From<&'a Claim> for ClaimView<'a> {
@@ -30,7 +30,7 @@ impl<'a> From<&'a Claim> for ClaimView<'a> {
             act_id: &c.activity_id,
             ticket_id: &c.ticket_id,
             code: &c.code,
-            claimed_at: rfc3339_ms(c.claimed_at_ms),
+            claimed_at: Rfc3339Ms::new(c.claimed_at_ms),
         }
     }
 }
