@@ -124,11 +124,10 @@ pub fn skeleton_key(name: &str) -> String {
 /// login looks accounts up by it without telling which names are well formed.
 pub fn identity_key(raw: &str) -> String {
     // `İ` (Turkish) folds to `i` and a combining dot, which no username may
-    // hold: `İstanbul` was refused as malformed. It is `i` here, as the
-    // Turkic folding has it.
-    // (So is `i` with the dot, its full fold, which JavaScript's
-    // `toLowerCase` also gives.)
-    let composed: String = raw.nfkc().map(|c| if c == '\u{130}' { 'I' } else { c }).collect();
+    // hold: `İstanbul` was refused as malformed. `i` with that dot (İ's
+    // full fold, and what JavaScript's `toLowerCase` gives) is `i` here,
+    // as the Turkic folding has it.
+    let composed: String = raw.nfkc().collect();
     let folded = caseless::default_case_fold_str(&composed).replace("i\u{307}", "i");
     folded.nfkc().collect()
 }

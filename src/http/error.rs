@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::{
     auth::{AuthError, Denied},
-    clock::rfc3339_ms,
+    clock::Rfc3339Ms,
     store::StoreError,
     vocab::Rejection,
 };
@@ -60,9 +60,9 @@ struct ErrorObject<'a> {
     code: &'static str,
     message: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    start_time: Option<String>,
+    start_time: Option<Rfc3339Ms>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    end_time: Option<String>,
+    end_time: Option<Rfc3339Ms>,
     #[serde(skip_serializing_if = "Option::is_none")]
     codes: Option<Vec<&'a str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -70,7 +70,7 @@ struct ErrorObject<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pow_challenge: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    accounts_before: Option<String>,
+    accounts_before: Option<Rfc3339Ms>,
 }
 
 impl ApiError {
@@ -152,8 +152,8 @@ impl ApiError {
         match &self.detail {
             Detail::None => {}
             Detail::Window { start_ms, end_ms } => {
-                start_time = Some(rfc3339_ms(*start_ms));
-                end_time = Some(rfc3339_ms(*end_ms));
+                start_time = Some(Rfc3339Ms::new(*start_ms));
+                end_time = Some(Rfc3339Ms::new(*end_ms));
             }
             Detail::Codes(c) => codes = Some(c.iter().map(|c| &**c).collect()),
             Detail::Difficulty(d) => pow_difficulty = Some(*d),
@@ -161,7 +161,7 @@ impl ApiError {
                 pow_difficulty = Some(*difficulty);
                 pow_challenge = Some(challenge.as_str());
             }
-            Detail::AccountsBefore(ms) => accounts_before = Some(rfc3339_ms(*ms)),
+            Detail::AccountsBefore(ms) => accounts_before = Some(Rfc3339Ms::new(*ms)),
         }
         let body = Body {
             ok: false,

@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::ClaimView;
 use crate::{
     catalog::{Activity, Listing, Status},
-    clock::{now_ms, rfc3339_ms},
+    clock::{now_ms, rfc3339_ms, Rfc3339Ms},
     config::AdmissionMode,
     http::{
         error::ApiError,
@@ -131,12 +131,12 @@ pub fn list(state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
         }
     };
     // `{"ok":true,"data":{"activities":[...],"serverTime":"..."}}`
-    let server_time = rfc3339_ms(now);
-    let mut body = Vec::with_capacity(json.len() + server_time.len() + 64);
+    let server_time = Rfc3339Ms::new(now);
+    let mut body = Vec::with_capacity(json.len() + server_time.as_str().len() + 64);
     body.extend_from_slice(br#"{"ok":true,"data":{"activities":"#);
     body.extend_from_slice(&json);
     body.extend_from_slice(br#","serverTime":""#);
-    body.extend_from_slice(server_time.as_bytes());
+    body.extend_from_slice(server_time.as_str().as_bytes());
     body.extend_from_slice(br#""}}"#);
     let mut res = Response::new(Full::new(Bytes::from(body)));
     res.headers_mut().insert(

@@ -29,7 +29,7 @@ use crate::{
         Auth, Guard, Session,
     },
     catalog::{Activity, Status},
-    clock::{now_ms, rfc3339_ms},
+    clock::{now_ms, rfc3339_ms, Rfc3339Ms},
     config::AdmissionMode,
     http::{
         error::ApiError,
@@ -66,7 +66,7 @@ struct StatusView {
     status: QueueStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pass: Option<String>,
-    server_time: String,
+    server_time: Rfc3339Ms,
 }
 
 fn room_of(activity: &Activity) -> Result<&Arc<Room>, ApiError> {
@@ -93,7 +93,7 @@ fn view(state: &AppState, activity: &Activity, user: u64, status: QueueStatus, n
     StatusView {
         status,
         pass,
-        server_time: rfc3339_ms(now),
+        server_time: Rfc3339Ms::new(now),
     }
 }
 
