@@ -547,14 +547,16 @@ impl Auth {
                 Some(u) => u.password_hash.clone(),
                 None => this.dummy.hash.load().to_string(),
             };
-            let ok = password::verify(&password, &hash);
+            let verified = password::verify(&password, &hash);
             match user {
-                Some(u) if ok => {
+                Some(u) if verified.matched() => {
                     attempt.succeeded();
-                    // Made at an earlier cost: at the current one from now
-                    // on (the turn is still held; this login pays for it).
+                    // Made at an earlier cost, or of the password as typed
+                    // before passwords were normalised: as `hash` makes them
+                    // now from now on (the turn is still held; this login
+                    // pays for it).
                     let cost = this.settings.load().cost;
-                    if !password::has_cost(&hash, cost) {
+                    if verified == password::Verified::AsTyped || !password::has_cost(&hash, cost) {
                         let rehashed = password::hash(&password, cost);
                         // Only over the hash just checked: a password set
                         // meanwhile (`ticketd user passwd`) stays.

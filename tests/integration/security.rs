@@ -1147,3 +1147,39 @@ async fn a_password_set_while_a_login_rehashes_the_old_one_is_kept() {
     let res = app.client.post("/user/login", None, &old).await.unwrap();
     assert_error(&res, 401, "BAD_CREDENTIALS");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_typed_in_another_unicode_form_logs_in() {
+    let app = TestApp::start(&base_config());
+    // Registered from a device that composes `é` and types a no-break space.
+    let typed = json!({ "username": "accent", "password": "caf\u{e9} au\u{a0}lait" });
+    let res = app.client.post("/user/register", None, &typed).await.unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
+    // Logged into from one that sends `e` and a combining accent, and a
+    // plain space.
+    let other = json!({ "username": "accent", "password": "cafe\u{301} au lait" });
+    let res = app.client.post("/user/login", None, &other).await.unwrap();
+    assert_eq!(res.status, 200, "the same password in another form: {}", res.body);
+    let res = app.client.post("/user/login", None, &typed).await.unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
+    // Another password is still another password.
+    let wrong = json!({ "username": "accent", "password": "cafe au lait" });
+    let res = app.client.post("/user/login", None, &wrong).await.unwrap();
+    assert_error(&res, 401, "BAD_CREDENTIALS");
+    // `user passwd` sets it in the same form.
+    let out = app.cli(
+        &["user", "passwd", "--username", "accent"],
+        Some("ne\u{301}e-password\n"),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let res = app
+        .client
+        .post(
+            "/user/login",
+            None,
+            &json!({ "username": "accent", "password": "n\u{e9}e-password" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status, 200, "{}", res.body);
+}
