@@ -1,6 +1,6 @@
 //! Importing a million codes into the embedded store, in-process: what
 //! `ticketd import` does after start-up (the whole command, start-up
-//! included, is measured with `farm-bench` in README).
+//! included, is measured with `farm-bench` in docs/performance-log.md).
 //!
 //! - `import/generate_1m`: an activity with `generate = 1000000`;
 //! - `import/codes_file_1m`: a 1,000,000-line `codes_file` (20 hex

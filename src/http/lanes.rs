@@ -20,7 +20,8 @@
 //! connections. Lanes with home delivery, measured against the shared
 //! runtime alternated on the same 2-core box (`scripts/bench-side-by-side`'s
 //! all-success rush, wrk -c64): 56–58k claims/s against 47–52k, with
-//! slightly less CPU per claim (README, Performance).
+//! slightly less CPU per claim (docs/performance-log.md, "Lanes and home
+//! delivery").
 //!
 //! The admin listener and the node's background workers stay on the shared
 //! runtime (the admin API uses `block_in_place`, which a single-threaded
