@@ -149,11 +149,23 @@ impl AppState {
     /// alert sees what a load balancer sees.
     pub fn unhealthy(&self) -> Option<String> {
         self.needs_restart().or_else(|| {
-            (!self.store.is_healthy()).then(|| {
-                "claims cannot be stored: the journal cannot be written (embedded), or Redis is unreachable or no \
-                 longer keeps every write it acknowledges (cluster)"
-                    .to_owned()
-            })
+            if !self.store.is_healthy() {
+                Some(
+                    "claims cannot be stored: the journal cannot be written (embedded), or Redis is unreachable or \
+                     no longer keeps every write it acknowledges (cluster)"
+                        .to_owned(),
+                )
+            } else if self.store.backlog_full() {
+                // Every claim answers 503 BACKLOG_FULL until MongoDB takes
+                // writes again: as much out of service as with Redis away.
+                Some(
+                    "claims are refused: MongoDB has taken no writes for so long that the backlog in Redis is full \
+                     (cluster.max_backlog)"
+                        .to_owned(),
+                )
+            } else {
+                None
+            }
         })
     }
 

@@ -159,6 +159,15 @@ impl Store {
         }
     }
 
+    /// Whether claims are refused because MongoDB has taken no writes for
+    /// so long that the backlog in Redis is full (cluster; never embedded).
+    pub fn backlog_full(&self) -> bool {
+        match self {
+            Store::Embedded(_) => false,
+            Store::Cluster(s) => s.backlog_full(),
+        }
+    }
+
     /// Whether codes whose commit outcome was unknown are still unsettled
     /// in a way the claim path cannot see, so that no activity may be
     /// called sold out for good. Embedded: after a failed journal write,

@@ -1129,11 +1129,23 @@ async fn a_full_backlog_refuses_claims_rather_than_lose_them_and_recovers() {
     assert_eq!(acked.iter().map(Vec::len).sum::<usize>(), 5, "{outcomes:?}");
     assert_eq!(outcomes.get("503 BACKLOG_FULL"), Some(&15), "{outcomes:?}");
     assert_eq!(metric(&cluster.nodes[0], "ticketd_mongo_backlog").await, 5.0);
+    // Every claim is refused: a load balancer and an alert hear so (it
+    // said 200 and `ticketd_healthy 1` through the whole outage).
+    let health = cluster.nodes[0].client.get("/healthz", None).await.unwrap();
+    assert_error(&health, 503, "UNHEALTHY");
+    let why = health.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(why.contains("backlog"), "{}", health.body);
+    assert_eq!(metric(&cluster.nodes[0], "ticketd_healthy").await, 0.0);
     cluster.services.restart_mongo();
     until("the backlog to drain", || async {
         metric(&cluster.nodes[0], "ticketd_mongo_backlog").await == 0.0
     })
     .await;
+    until("the node to say it is healthy again", || async {
+        cluster.nodes[0].client.get("/healthz", None).await.unwrap().status == 200
+    })
+    .await;
+    assert_eq!(metric(&cluster.nodes[0], "ticketd_healthy").await, 1.0);
     // Ten more, five at a time: each five fit the backlog however slowly
     // MongoDB drains it (ten in a row met a full backlog once, on a loaded
     // box, before the writer had caught up).

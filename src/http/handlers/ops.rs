@@ -9,7 +9,8 @@ use crate::{
     state::AppState,
 };
 
-/// 200 while claims can be committed, every waiting room can keep its
+/// 200 while claims can be committed (in a cluster: Redis keeps them, and
+/// the backlog for MongoDB has room), every waiting room can keep its
 /// log and every background worker runs; 503 otherwise. (A worker that
 /// panicked showed only in `/metrics`, and only systemd's watchdog acted on
 /// it: a node run without `WatchdogSec`, behind a load balancer that reads

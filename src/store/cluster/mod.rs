@@ -681,6 +681,12 @@ impl ClusterStore {
             && self.shared.redis_durable.load(Ordering::Relaxed)
     }
 
+    /// Whether claims are refused because this node's MongoDB backlog
+    /// reached `cluster.max_backlog` (until the writer drains some of it).
+    pub(super) fn backlog_full(&self) -> bool {
+        self.shared.backlog_full.load(Ordering::Relaxed)
+    }
+
     pub(super) fn ping(&self) -> Option<tokio::sync::oneshot::Receiver<()>> {
         let tx = self.serving.as_ref()?.commits.lock().clone()?;
         let (reply, rx) = tokio::sync::oneshot::channel();
