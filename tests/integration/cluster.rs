@@ -1165,6 +1165,31 @@ async fn a_full_backlog_refuses_claims_rather_than_lose_them_and_recovers() {
     cluster.nodes[0].assert_verified();
 }
 
+/// The 503 of a full backlog follows the backlog, not the events that fill
+/// and drain it: a `FULL` answer counted after the writer's last write (a
+/// race), or a backlog emptied another way, left the node saying 503 — out
+/// of its load balancer — with room in its backlog and nothing left to
+/// write that would have said so. Here the backlog is emptied by hand while
+/// MongoDB is still down, so nothing reaches MongoDB that could end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backlogs_503_ends_when_the_backlog_has_room() {
+    let mut cluster = Cluster::start(1, &cluster_activity("bh", 100, 1), "[cluster]\nmax_backlog = 3\n");
+    let (tokens, _) = users(&cluster, "bh", 5).await;
+    cluster.services.stop_mongo();
+    let (_, outcomes) = rush(&cluster.clients(), "bh", &tokens, 1, 1).await;
+    assert_eq!(outcomes.get("503 BACKLOG_FULL"), Some(&2), "{outcomes:?}");
+    let node = &cluster.nodes[0];
+    assert_error(&node.client.get("/healthz", None).await.unwrap(), 503, "UNHEALTHY");
+    let _: usize = cluster
+        .services
+        .query(redis::cmd("DEL").arg("tk:{bh}:outbox:node0"))
+        .await;
+    until("the node to say it is healthy again", || async {
+        node.client.get("/healthz", None).await.unwrap().status == 200
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_without_activities_follow_what_import_stored_in_mongodb() {
     let mut cluster = Cluster::start(2, "", "");

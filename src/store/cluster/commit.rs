@@ -174,12 +174,7 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
         } else if answer == "NOPASS" {
             CommitOutcome::PassRequired
         } else if answer == "FULL" {
-            if !shared.backlog_full.swap(true, Ordering::Relaxed) {
-                tracing::error!(
-                    max = shared.cfg.max_backlog,
-                    "The MongoDB backlog is full: claims are refused (503 BACKLOG_FULL) until it drains."
-                );
-            }
+            set_backlog_full(shared, true);
             CommitOutcome::Failed(CommitError::BacklogFull)
         } else if let Some(codes) = answer.strip_prefix("LIMIT") {
             let codes: Vec<String> = serde_json::from_str(codes).unwrap_or_default();
@@ -389,6 +384,27 @@ pub(super) async fn writer(shared: Arc<Shared>, ctl: Ctl, mut stop: Stop) {
     lease::unregister_node(&shared).await;
 }
 
+/// Says whether claims are refused for a full backlog (`/healthz` 503 while
+/// they are), and logs each change. Set by a claim answered `FULL`, and
+/// from the backlogs themselves after each pass of the writer that looked
+/// at all of them: set and cleared by events alone, a `FULL` answer counted
+/// after the writer's last write (or a backlog emptied by a reaper) left
+/// the node saying 503, taken out by its load balancer, with room in its
+/// backlog and nothing left to write that would have cleared it.
+fn set_backlog_full(shared: &Shared, full: bool) {
+    if shared.backlog_full.swap(full, Ordering::Relaxed) == full {
+        return;
+    }
+    if full {
+        tracing::error!(
+            max = shared.cfg.max_backlog,
+            "The MongoDB backlog is full: claims are refused (503 BACKLOG_FULL) until it drains."
+        );
+    } else {
+        tracing::info!("The MongoDB backlog has room again; claims are accepted.");
+    }
+}
+
 /// The head of a backlog, up to `n` records. With `replica_acks`, only
 /// once that many replicas hold them (a fence write and a `WAIT` after
 /// reading, as in [`run_replicated`]): a record of a batch that was answered
@@ -430,6 +446,8 @@ struct Pass {
     written: usize,
     /// Records left in the backlogs it looked at.
     left: usize,
+    /// The most left in any one of them (each is refused at `max_backlog`).
+    fullest: usize,
     /// The first activity whose backlog could not be written.
     failed: Option<ClusterError>,
 }
@@ -468,6 +486,7 @@ async fn drain_once(shared: &Shared, failing: &mut HashMap<Arc<str>, Failing>) -
                     tracing::info!(%activity, "This activity's backlog is written to MongoDB again.");
                 }
                 pass.left += left;
+                pass.fullest = pass.fullest.max(left);
             }
             Err(error) if error.is_mongo() => return Err(error),
             Err(error) => {
@@ -487,6 +506,7 @@ async fn drain_once(shared: &Shared, failing: &mut HashMap<Arc<str>, Failing>) -
     // Exact only when every backlog was looked at.
     if failing.is_empty() {
         shared.backlog.store(pass.left, Ordering::Relaxed);
+        set_backlog_full(shared, pass.fullest >= shared.cfg.max_backlog);
     }
     Ok(pass)
 }
@@ -520,9 +540,6 @@ async fn drain_activity(shared: &Shared, activity: &Arc<str>, written: &mut usiz
         metrics::global().mongo_write.observe(started.elapsed());
         if !shared.mongo_up.swap(true, Ordering::Relaxed) {
             tracing::info!("MongoDB takes writes again; draining the backlog.");
-        }
-        if shared.backlog_full.swap(false, Ordering::Relaxed) {
-            tracing::info!("The MongoDB backlog has room again; claims are accepted.");
         }
         let acked: usize = scripts::ACK.key(&outbox).arg(&batch).invoke_async(&mut redis).await?;
         *written += records.len();
