@@ -253,9 +253,11 @@ pub fn validate_account(
     Ok((username, nickname))
 }
 
-/// The password rule of registration (and of `ticketd user passwd`).
+/// The password rule of registration (and of `ticketd user passwd`),
+/// counted in the form it is hashed in: eight characters typed as four
+/// letters and four combining accents are four.
 pub fn validate_password(password: &str) -> Result<(), AuthError> {
-    if !(8..=128).contains(&password.chars().count()) {
+    if !(8..=128).contains(&password::normalise(password).chars().count()) {
         return Err(AuthError::InvalidField("password must be 8-128 characters".into()));
     }
     Ok(())

@@ -1162,6 +1162,11 @@ async fn a_password_typed_in_another_unicode_form_logs_in() {
     assert_eq!(res.status, 200, "the same password in another form: {}", res.body);
     let res = app.client.post("/user/login", None, &typed).await.unwrap();
     assert_eq!(res.status, 200, "{}", res.body);
+    // Counted in that form too: four letters with four combining accents
+    // are four characters, short of the eight a password needs.
+    let short = json!({ "username": "short", "password": "e\u{301}e\u{301}e\u{301}e\u{301}" });
+    let res = app.client.post("/user/register", None, &short).await.unwrap();
+    assert_error(&res, 400, "INVALID_FIELD");
     // Another password is still another password.
     let wrong = json!({ "username": "accent", "password": "cafe au lait" });
     let res = app.client.post("/user/login", None, &wrong).await.unwrap();
