@@ -18,9 +18,9 @@
 //! - with `--inline`, no writer thread: each lane keeps its own file and
 //!   commits its own groups, once every request that was ready has queued
 //!   its record, blocking its thread in `fdatasync` before answering them.
-//!   No wake-up crosses threads, two lanes make two commits in flight (each
-//!   on its own file), and while one waits on the disk the other has the
-//!   CPU. A lane's connections all wait while it is blocked, which is why
+//!   No wake-up crosses threads, there are as many commits in flight as
+//!   lanes (each on its own file), and while one lane waits on the disk
+//!   another has the CPU. A lane's connections all wait while it is blocked, which is why
 //!   ticketd, whose lanes also serve reads and refusals, does not do this.
 //!
 //! `scripts/bench-side-by-side` runs both beside the hello-world: the ratio
@@ -114,7 +114,7 @@ fn main() -> std::io::Result<()> {
 
     for (stream, n) in listener.incoming().zip((0..count).cycle()) {
         let stream = stream?;
-        stream.set_nodelay(true)?;
+        let _ = stream.set_nodelay(true);
         stream.set_nonblocking(true)?;
         if lanes[n].send(stream).is_err() {
             return Err(std::io::Error::other("a lane stopped"));
