@@ -178,7 +178,7 @@ async fn lane(mut incoming: mpsc::UnboundedReceiver<TcpStream>, commit: Commit, 
         Commit::Inline(file) => {
             let committer = Rc::clone(&waiting);
             tokio::task::spawn_local(async move {
-                if let Err(error) = commit_inline(&committer, &file, sync).await {
+                if let Err(error) = commit_inline(&committer, file, sync).await {
                     eprintln!("hello_durable: a lane's commit failed: {error}");
                     std::process::exit(1);
                 }
@@ -238,8 +238,8 @@ fn writer(
 /// A lane's own group commit: waits for a record, lets every other ready
 /// request run first (so they join the group), then writes the group and
 /// blocks the thread in `fdatasync` before answering it.
-async fn commit_inline(waiting: &Waiting, file: &File, sync: bool) -> std::io::Result<()> {
-    let mut log = Log::new(file.try_clone()?, sync)?;
+async fn commit_inline(waiting: &Waiting, file: File, sync: bool) -> std::io::Result<()> {
+    let mut log = Log::new(file, sync)?;
     loop {
         waiting.queued.notified().await;
         tokio::task::yield_now().await;

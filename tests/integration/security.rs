@@ -1151,25 +1151,28 @@ async fn a_password_set_while_a_login_rehashes_the_old_one_is_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_typed_in_another_unicode_form_logs_in() {
     let app = TestApp::start(&base_config());
+    let post = |path: &'static str, username: &'static str, password: &'static str| {
+        let client = &app.client;
+        async move {
+            let body = json!({ "username": username, "password": password });
+            client.post(path, None, &body).await.unwrap()
+        }
+    };
     // Registered from a device that composes `é` and types a no-break space.
-    let typed = json!({ "username": "accent", "password": "caf\u{e9} au\u{a0}lait" });
-    let res = app.client.post("/user/register", None, &typed).await.unwrap();
+    let res = post("/user/register", "accent", "caf\u{e9} au\u{a0}lait").await;
     assert_eq!(res.status, 200, "{}", res.body);
     // Logged into from one that sends `e` and a combining accent, and a
     // plain space.
-    let other = json!({ "username": "accent", "password": "cafe\u{301} au lait" });
-    let res = app.client.post("/user/login", None, &other).await.unwrap();
+    let res = post("/user/login", "accent", "cafe\u{301} au lait").await;
     assert_eq!(res.status, 200, "the same password in another form: {}", res.body);
-    let res = app.client.post("/user/login", None, &typed).await.unwrap();
+    let res = post("/user/login", "accent", "caf\u{e9} au\u{a0}lait").await;
     assert_eq!(res.status, 200, "{}", res.body);
     // Counted in that form too: four letters with four combining accents
     // are four characters, short of the eight a password needs.
-    let short = json!({ "username": "short", "password": "e\u{301}e\u{301}e\u{301}e\u{301}" });
-    let res = app.client.post("/user/register", None, &short).await.unwrap();
+    let res = post("/user/register", "short", "e\u{301}e\u{301}e\u{301}e\u{301}").await;
     assert_error(&res, 400, "INVALID_FIELD");
     // Another password is still another password.
-    let wrong = json!({ "username": "accent", "password": "cafe au lait" });
-    let res = app.client.post("/user/login", None, &wrong).await.unwrap();
+    let res = post("/user/login", "accent", "cafe au lait").await;
     assert_error(&res, 401, "BAD_CREDENTIALS");
     // `user passwd` sets it in the same form.
     let out = app.cli(
@@ -1177,14 +1180,6 @@ async fn a_password_typed_in_another_unicode_form_logs_in() {
         Some("ne\u{301}e-password\n"),
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let res = app
-        .client
-        .post(
-            "/user/login",
-            None,
-            &json!({ "username": "accent", "password": "n\u{e9}e-password" }),
-        )
-        .await
-        .unwrap();
+    let res = post("/user/login", "accent", "n\u{e9}e-password").await;
     assert_eq!(res.status, 200, "{}", res.body);
 }
