@@ -23,10 +23,10 @@ use crate::{
     auth::{password, username::skeleton_key, validate_account, HashCost},
     cli::{ExportArgs, ExportWhat, ReportArgs, UserCommand},
     clock::{now_ms, parse_rfc3339_ms},
-    config::Config,
-    export::{self, ExportFormat},
+    config::{AdmissionMode, Config},
+    export::{self, report::RoomRecord, ExportFormat},
     signals,
-    store::{Access, ClusterError, NewUser, Store, StoreError},
+    store::{Access, ClusterError, InTransit, NewUser, Store, StoreError},
     worker::Runner,
 };
 
@@ -744,7 +744,7 @@ pub fn export(config: &Config, config_path: &Path, mut args: ExportArgs) -> anyh
             store.claims_in_transit(&args.activity)?,
             store.claim_conflicts(&args.activity)?,
         ),
-        _ => (0, 0),
+        _ => (InTransit::Counted(0), 0),
     };
     let bom = args.bom;
     let write = |out: &mut (dyn Write + Send)| -> anyhow::Result<u64> {
@@ -769,7 +769,7 @@ pub fn export(config: &Config, config_path: &Path, mut args: ExportArgs) -> anyh
             }
         }
     }
-    warn_in_transit(in_transit, "this export");
+    warn_in_transit(&in_transit, "this export");
     warn_conflicts(conflicts, "this export");
     Ok(())
 }
@@ -788,16 +788,24 @@ fn warn_conflicts(n: u64, what: &str) {
 }
 
 /// Says on stderr that `what` lacks claims still on their way to the store
-/// it reads.
-fn warn_in_transit(n: u64, what: &str) {
-    if n > 0 {
-        eprintln!(
+/// it reads, or may lack some (Redis, which holds a cluster's backlogs,
+/// did not answer).
+fn warn_in_transit(in_transit: &InTransit, what: &str) {
+    match in_transit {
+        InTransit::Counted(0) => {}
+        InTransit::Counted(n) => eprintln!(
             "warning: {} committed but not yet where {what} reads them (a cluster node's backlog for \
              MongoDB, or a serving node's journal not yet applied to SQLite): {what} lacks them; run it \
              again in a moment (in a cluster, once ticketd_mongo_backlog is 0 on every node: a dead \
              node's backlog is written once a live node reaps it)",
-            count(n as usize, "claim is", "claims are")
-        );
+            count(*n as usize, "claim is", "claims are")
+        ),
+        InTransit::Unknown(why) => eprintln!(
+            "warning: Redis could not be asked how many claims are still on their way to MongoDB ({why}): \
+             {what} holds every claim MongoDB has, and lacks any still in a node's backlog (there are \
+             some only if MongoDB was out of reach, or a node died, since they were made); run it again \
+             once Redis is back to be sure"
+        ),
     }
 }
 
@@ -827,17 +835,7 @@ fn export_draw(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
     // a wrong one: a lottery's record must say so, or a drawn entrant moved
     // to `late` would verify.
     if record.admission.is_none() {
-        let stored = match config.activities.iter().any(|a| a.id == args.activity) {
-            true => None,
-            false => store.shared_activities().transpose()?,
-        };
-        record.admission = config
-            .activities
-            .iter()
-            .chain(stored.iter().flatten())
-            .find(|a| a.id == args.activity)
-            .map(|a| a.admission)
-            .filter(|mode| !mode.is_race());
+        record.admission = admission_of(config, &store, &args.activity)?.filter(|mode| !mode.is_race());
     }
     let json = serde_json::to_vec_pretty(&record)?;
     match &args.out {
@@ -908,19 +906,46 @@ pub fn verify_draw(file: &Path, published: Option<&str>) -> anyhow::Result<()> {
 }
 
 /// The waiting room's section of the report, when the activity has a room log.
+/// How `activity` admits fans: by the config's definition, or in a cluster
+/// whose nodes serve what `import` stored, by MongoDB's; `None` if neither
+/// has it.
+fn admission_of(config: &Config, store: &Store, activity: &str) -> anyhow::Result<Option<AdmissionMode>> {
+    let stored = match config.activities.iter().any(|a| a.id == activity) {
+        true => None,
+        false => store.shared_activities().transpose()?,
+    };
+    Ok(config
+        .activities
+        .iter()
+        .chain(stored.iter().flatten())
+        .find(|a| a.id == activity)
+        .map(|a| a.admission))
+}
+
+/// The report's waiting room: `Unread` when it is in Redis and Redis does
+/// not answer (the rest of the report, read from MongoDB, does not need it).
 fn queue_report(
     config: &Config,
     store: &Store,
     activity: &str,
     data: &crate::store::ReportData,
-) -> anyhow::Result<Option<QueueReport>> {
+) -> anyhow::Result<RoomRecord> {
     let dir = Rooms::dir_in(&config.storage.path);
     let shared = match store.room_source() {
-        Some(source) => match source.whole_log(activity)? {
-            Some(log) => Some(log),
-            None => return Ok(None),
+        Some(source) => match source.whole_log(activity) {
+            Ok(Some(log)) => Some(log),
+            Ok(None) => return Ok(RoomRecord::None),
+            Err(e) if e.is_redis() => {
+                // Only a queue or a lottery has a room to miss.
+                let mode = admission_of(config, store, activity)?;
+                return Ok(match mode {
+                    Some(mode) if !mode.is_race() => RoomRecord::Unread(e.to_string()),
+                    _ => RoomRecord::None,
+                });
+            }
+            Err(e) => return Err(e.into()),
         },
-        None if !dir.join(format!("{activity}.log")).exists() => return Ok(None),
+        None if !dir.join(format!("{activity}.log")).exists() => return Ok(RoomRecord::None),
         None => None,
     };
     // The activity's claims as the export reads them, from either store
@@ -934,8 +959,14 @@ fn queue_report(
     })?;
     let start_ms = data.activity.as_ref().map_or(0, |a| a.1);
     match shared {
-        Some((seed, events)) => Ok(Some(QueueReport::of(Some(&seed), &events, start_ms, &first_claim))),
+        Some((seed, events)) => Ok(RoomRecord::Read(QueueReport::of(
+            Some(&seed),
+            &events,
+            start_ms,
+            &first_claim,
+        ))),
         None => QueueReport::read(&dir, activity, start_ms, &first_claim)
+            .map(|q| q.map_or(RoomRecord::None, RoomRecord::Read))
             .with_context(|| format!("cannot read the waiting room of `{activity}`")),
     }
 }
@@ -950,8 +981,8 @@ pub fn report(config: &Config, config_path: &Path, args: ReportArgs) -> anyhow::
     let out = out_file(Some(&out), config, config_path)?;
     let store = Store::open_with_activity(config, &args.activity)?;
     let data = store.report_data(&args.activity, args.top)?;
-    let queue = queue_report(config, &store, &args.activity, &data)?;
-    let html = export::report::render(&args.activity, &data, queue.as_ref(), now_ms());
+    let room = queue_report(config, &store, &args.activity, &data)?;
+    let html = export::report::render(&args.activity, &data, &room, now_ms());
     match &out {
         Some(path) => write_whole(path, |out| Ok(out.write_all(html.as_bytes())?))?,
         None => {
@@ -961,7 +992,13 @@ pub fn report(config: &Config, config_path: &Path, args: ReportArgs) -> anyhow::
         }
     }
     let s = export::report::summary(&data);
-    warn_in_transit(data.in_transit, "the report");
+    warn_in_transit(&data.in_transit, "the report");
+    if let RoomRecord::Unread(why) = &room {
+        eprintln!(
+            "warning: the waiting room's record is in Redis, which did not answer ({why}): the report does not \
+             show it; generate it again once Redis is back"
+        );
+    }
     warn_conflicts(store.claim_conflicts(&args.activity)?, "the report");
     eprintln!(
         "report written to {}: {} of {} codes claimed by {}",

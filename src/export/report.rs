@@ -18,7 +18,7 @@ use super::svg::{bar_chart, esc, fmt_num, line_chart, Series};
 use crate::{
     admission::report::{percentile, QueueReport},
     clock::rfc3339_ms,
-    store::ReportData,
+    store::{InTransit, ReportData},
     vocab::ClaimOutcome,
 };
 
@@ -56,12 +56,22 @@ pub fn summary(data: &ReportData) -> Summary {
 }
 
 /// A warning when claims were committed but are not yet in the store the
-/// report reads: they are missing from every figure.
+/// report reads: they are missing from every figure. Or when that could
+/// not be counted (Redis, which holds a cluster's backlogs, did not answer).
 fn in_transit_note(data: &ReportData) -> String {
-    let claims = match data.in_transit {
-        0 => return String::new(),
-        1 => "1 claim was".to_owned(),
-        n => format!("{n} claims were"),
+    let claims = match &data.in_transit {
+        InTransit::Counted(0) => return String::new(),
+        InTransit::Counted(1) => "1 claim was".to_owned(),
+        InTransit::Counted(n) => format!("{n} claims were"),
+        InTransit::Unknown(why) => {
+            return format!(
+                "<p id=\"in-transit\" class=\"warn\"><strong>Perhaps incomplete:</strong> Redis could not be \
+                 asked how many claims are still in a node's backlog for MongoDB ({}). The figures below hold \
+                 every claim MongoDB has; claims made while MongoDB was out of reach (or by a node that died \
+                 since) may be missing. Generate the report again once Redis is back.</p>\n",
+                esc(why)
+            )
+        }
     };
     format!(
         "<p id=\"in-transit\" class=\"warn\"><strong>Incomplete:</strong> {claims} committed but not yet \
@@ -107,6 +117,16 @@ fn duration(ms: i64) -> String {
     } else {
         format!("{:.1} min", ms as f64 / 60_000.0)
     }
+}
+
+/// The waiting room's part of a report.
+pub enum RoomRecord {
+    /// The activity had no waiting room (a race), or it has not opened.
+    None,
+    /// Its record, read.
+    Read(QueueReport),
+    /// Its record is in Redis, which did not answer (why).
+    Unread(String),
 }
 
 /// The waiting room: entrants, admissions, abandonment, the waits.
@@ -208,7 +228,7 @@ fn rate_points(
 }
 
 /// Renders the report of `activity_id`, generated at `now_ms`.
-pub fn render(activity_id: &str, data: &ReportData, queue: Option<&QueueReport>, now_ms: i64) -> String {
+pub fn render(activity_id: &str, data: &ReportData, room: &RoomRecord, now_ms: i64) -> String {
     let s = summary(data);
     let (name, start_ms, end_ms, limit) = data.activity.clone().unwrap_or((activity_id.to_owned(), 0, 0, 0));
     // The resolution fits the rush, from its first claim to its last: a
@@ -415,8 +435,18 @@ th {{ background: #f5f5f5; }} .muted {{ color: #666; }} .warn {{ background: #ff
     html.push_str(&latency_chart);
     html.push_str(&outcomes_chart);
     html.push_str(&outside_note);
-    if let Some(q) = queue {
-        queue_section(&mut html, q);
+    match room {
+        RoomRecord::None => {}
+        RoomRecord::Read(q) => queue_section(&mut html, q),
+        RoomRecord::Unread(why) => {
+            let _ = write!(
+                html,
+                "\n<h2>Waiting room</h2>\n<p id=\"queue-unread\" class=\"warn\">The waiting room's record is in \
+                 Redis, which did not answer ({}): its entrants, admissions and waits are not shown. Generate \
+                 the report again once Redis is back.</p>\n",
+                esc(why)
+            );
+        }
     }
     html.push_str("\n<h2>Who sent the most claims</h2>\n<p class=\"muted\">Addresses and accounts far above the rest are the scalper signal. Counted: claims that reached this activity; those refused before it (over a rate limit, blocked, no valid session) are counted per reason in the node's metrics, not here.</p>\n");
     html.push_str(&top_ip_chart);

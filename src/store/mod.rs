@@ -43,8 +43,8 @@ pub use cluster::{
 };
 pub use embedded::{journal_dir, own_files, EmbeddedStore};
 pub use types::{
-    generate_code, Access, ClaimRow, ClusterError, ImportReport, Importer, NewUser, Reconciliation, ReportData,
-    Revocation, StoreError, TicketImport, TicketReport, User, UserClaims, UserPage, ISSUED_RANGE_MS,
+    generate_code, Access, ClaimRow, ClusterError, ImportReport, Importer, InTransit, NewUser, Reconciliation,
+    ReportData, Revocation, StoreError, TicketImport, TicketReport, User, UserClaims, UserPage, ISSUED_RANGE_MS,
     REVOKED_PER_ACCOUNT,
 };
 
@@ -112,8 +112,9 @@ impl Store {
         }))
     }
 
-    /// Opens the store for a command-line tool and checks that it knows
-    /// `activity_id` (export, report).
+    /// Opens the store for a command-line tool that reads the record of
+    /// `activity_id` (export, report: [`Access::Record`]) and checks that
+    /// it knows the activity.
     pub fn open_with_activity(config: &Config, activity_id: &str) -> Result<Arc<Store>, StoreError> {
         // Embedded, with no store here yet: say so, rather than create an
         // empty one only to find the activity missing from it.
@@ -125,7 +126,7 @@ impl Store {
                 std::path::absolute(path).unwrap_or_else(|_| path.clone()),
             ));
         }
-        let store = Store::open(config, Access::Tool)?;
+        let store = Store::open(config, Access::Record)?;
         if !store.has_activity(activity_id)? {
             // A cluster node serves the activities in its file without
             // storing them: "or ticketd serve" sent an operator round.
@@ -469,7 +470,7 @@ impl Store {
     /// reports read them: a cluster node's backlog for MongoDB; a serving
     /// node's journal not yet applied to SQLite (a tool applies it itself
     /// when no node serves).
-    pub fn claims_in_transit(&self, activity_id: &str) -> Result<u64, StoreError> {
+    pub fn claims_in_transit(&self, activity_id: &str) -> Result<InTransit, StoreError> {
         match self {
             Store::Embedded(s) => s.claims_in_transit(activity_id),
             Store::Cluster(s) => s.claims_in_transit(activity_id),

@@ -156,6 +156,11 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Redis failed (refused, or out of reach), not MongoDB or the data.
+    pub fn is_redis(&self) -> bool {
+        matches!(self, StoreError::Cluster(ClusterError::Redis(_)))
+    }
+
     /// At most this many of an import's codes held by other ticket types
     /// are named; the rest are counted.
     pub const CODES_NAMED: usize = 5;
@@ -348,7 +353,25 @@ pub struct ReportData {
     pub nodes: Vec<(String, u64)>,
     /// Claims committed but not yet in the store this was read from (a
     /// cluster node's backlog for MongoDB): missing from every figure above.
-    pub in_transit: u64,
+    pub in_transit: InTransit,
+}
+
+/// How many acknowledged claims are not yet where exports and reports read
+/// them (see [`Store::claims_in_transit`](crate::store::Store::claims_in_transit)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InTransit {
+    /// This many (0: the record is whole).
+    Counted(u64),
+    /// Not counted: in a cluster the backlogs are in Redis, and Redis did
+    /// not answer (why, as text). The record in MongoDB is still read:
+    /// during a Redis outage it is the only one there is.
+    Unknown(String),
+}
+
+impl Default for InTransit {
+    fn default() -> Self {
+        InTransit::Counted(0)
+    }
 }
 
 /// One ticket type in the report.
@@ -378,6 +401,12 @@ pub enum Access<'a> {
     /// A command-line tool: shares the store with a running node; when none
     /// runs, first applies any journal a crashed node left behind.
     Tool,
+    /// `ticketd export` and `report`: like [`Access::Tool`], but they read
+    /// the record (MongoDB in a cluster), which must not depend on Redis:
+    /// opened while Redis is down, the store connects to it at its first
+    /// command, and the count of claims still on their way is
+    /// [`InTransit::Unknown`] if Redis is still down then.
+    Record,
     /// `ticketd verify`: like [`Access::Tool`], but changes nothing — the
     /// journal is read, never replayed, so the check sees the store exactly
     /// as a crash left it (and the next start still does its own recovery);

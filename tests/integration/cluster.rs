@@ -2454,6 +2454,85 @@ async fn export_and_report_say_how_many_claims_are_still_in_a_backlog() {
     assert!(!html.contains("in-transit"), "a whole report has no warning");
 }
 
+/// MongoDB is the record: with Redis down, the export (tool and admin) and
+/// the report still read it, and say that the claims still on their way
+/// there could not be counted. Both tools refused to start ("cannot use
+/// Redis"), and the admin export answered 503, though Redis only answers
+/// how many claims a backlog still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_and_report_read_mongodb_while_redis_is_down() {
+    let token = crate::common::ADMIN_TOKEN;
+    let admin_config = format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\"\n");
+    // And a waiting room, whose record is in Redis.
+    let room = crate::common::Act::new("rq")
+        .window(&rfc3339_ms(now_ms() - 60_000), &rfc3339_ms(now_ms() + 3_600_000))
+        .with("admission = \"queue\"")
+        .with(&format!("queue_opens = \"{}\"", rfc3339_ms(now_ms() - 120_000)))
+        .ticket("rq-t", "Ticket", crate::common::Codes::Generate(1))
+        .toml();
+    let mut cluster = Cluster::start(1, &(cluster_activity("rd", 20, 1) + &room), &admin_config);
+    let (tokens, _) = users(&cluster, "rd", 4).await;
+    let mut codes = HashSet::new();
+    for token in &tokens {
+        let res = cluster.nodes[0].claim(token, "rd").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+        codes.insert(res.data()["code"].as_str().unwrap().to_owned());
+    }
+    cluster.drained("rd").await;
+    cluster.services.stop_redis();
+    let node = &cluster.nodes[0];
+    const UNKNOWN: &str = "warning: Redis could not be asked how many claims are still on their way to MongoDB";
+
+    let out = node.cli(&["export", "--activity", "rd", "--format", "jsonl"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(crate::common::jsonl_codes(&String::from_utf8_lossy(&out.stdout)), codes);
+    assert!(stderr.contains(UNKNOWN) && stderr.contains("this export"), "{stderr}");
+
+    let out = node.cli(&["report", "--activity", "rd", "--out", "rd.html"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(UNKNOWN) && stderr.contains("the report"), "{stderr}");
+    let html = std::fs::read_to_string(node.dir.path().join("rd.html")).unwrap();
+    assert!(
+        html.contains("id=\"in-transit\"") && html.contains("could not be asked"),
+        "{html}"
+    );
+    assert!(!html.contains("Waiting room"), "a race has none to miss: {html}");
+    let out = node.cli(&["report", "--activity", "rq", "--out", "rq.html"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: the waiting room's record is in Redis"),
+        "{stderr}"
+    );
+    let html = std::fs::read_to_string(node.dir.path().join("rq.html")).unwrap();
+    assert!(html.contains("id=\"queue-unread\""), "{html}");
+
+    let request = format!(
+        "POST /admin/export?actId=rd&format=jsonl HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let answer = crate::common::exchange(&node.admin_addr(), request.as_bytes()).await;
+    assert_eq!(answer.status, 200, "{} {}", answer.head, answer.body);
+    assert_eq!(answer.header("x-claims-in-transit"), Some("unknown"), "{}", answer.head);
+    let body = crate::common::unchunked(&answer.head, &answer.body);
+    assert_eq!(crate::common::jsonl_codes(&body), codes);
+
+    // Back, the count is known again: none in transit, no warning.
+    cluster.services.restart_redis();
+    let out = cluster.nodes[0].cli(&["export", "--activity", "rd", "--format", "jsonl"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("warning"), "{stderr}");
+    // The node's connection comes back by itself, at its next command.
+    let admin = cluster.nodes[0].admin_addr();
+    until("the admin export to count the claims in transit again", || async {
+        let answer = crate::common::exchange(&admin, request.as_bytes()).await;
+        answer.header("x-claims-in-transit") == Some("0")
+    })
+    .await;
+}
+
 /// A claim acknowledged in an activity reaches MongoDB even once no node
 /// sells that activity any more. Only an activity's sellers reaped and
 /// drained its backlogs: the backlogs of nodes that died during a MongoDB

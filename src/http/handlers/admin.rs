@@ -32,7 +32,7 @@ use crate::{
     },
     metrics::{self, Rejected},
     state::AppState,
-    store::{Store, StoreError},
+    store::{InTransit, Store, StoreError},
 };
 
 /// The live admin page: static HTML whose script polls `/admin/stats` with
@@ -145,7 +145,8 @@ const EXPORT_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The claims of the activity an export could not wait for: answered, and
 /// still on their way to the store it reads (SQLite busy or its disk full;
-/// in a cluster, MongoDB behind).
+/// in a cluster, MongoDB behind); `unknown` while Redis, which holds a
+/// cluster's backlogs, does not answer.
 const IN_TRANSIT: header::HeaderName = header::HeaderName::from_static("x-claims-in-transit");
 
 /// Chunks of an export on their way: a few, so that a slow client holds
@@ -243,7 +244,7 @@ async fn export(state: &AppState, req: &Request<Incoming>) -> Result<Response<Ex
     // Caught up, none is missing (and the journal need not be read); else
     // counted before the export reads: an overstatement at worst.
     let in_transit = if caught_up {
-        0
+        InTransit::Counted(0)
     } else {
         tokio::task::block_in_place(|| store.claims_in_transit(activity))?
     };
@@ -288,7 +289,13 @@ async fn export(state: &AppState, req: &Request<Incoming>) -> Result<Response<Ex
         None => None,
     };
     let mut res = Response::new(ExportBody { first, chunks });
-    res.headers_mut().insert(IN_TRANSIT, HeaderValue::from(in_transit));
+    let in_transit = match in_transit {
+        InTransit::Counted(n) => HeaderValue::from(n),
+        // Redis did not answer: MongoDB's claims are all there, and those
+        // still in a backlog could not be counted.
+        InTransit::Unknown(_) => HeaderValue::from_static("unknown"),
+    };
+    res.headers_mut().insert(IN_TRANSIT, in_transit);
     let ct = if format == ExportFormat::Csv {
         "text/csv; charset=utf-8"
     } else {

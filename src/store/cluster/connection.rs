@@ -68,6 +68,23 @@ impl RedisConn {
         Ok(RedisConn::Cluster(cluster))
     }
 
+    /// A connection to the one server at `url`, made at its first command
+    /// (and again at each later one while it fails): for a tool that can do
+    /// without Redis ([`Access::Record`](crate::store::Access::Record)),
+    /// opened while Redis was down. Whether `url` is a Redis Cluster cannot
+    /// be asked then; if it is, commands for the other masters' slots fail
+    /// (`MOVED`) as if it were still down.
+    pub fn lazy(url: &str, response_timeout: Duration) -> RedisResult<RedisConn> {
+        let client = redis::Client::open(url)?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(response_timeout))
+            .set_number_of_retries(0);
+        Ok(RedisConn::Single(ConnectionManager::new_lazy_with_config(
+            client, manager,
+        )?))
+    }
+
     /// Whether this is a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         matches!(self, RedisConn::Cluster(_))

@@ -83,8 +83,8 @@ use crate::{
     config::{ActivityConfig, Config},
     stats::StatsBatch,
     store::types::{
-        Access, ClaimRow, ImportReport, NewUser, Reconciliation, ReportData, Revocation, StoreError, User, UserClaims,
-        UserPage,
+        Access, ClaimRow, ImportReport, InTransit, NewUser, Reconciliation, ReportData, Revocation, StoreError, User,
+        UserClaims, UserPage,
     },
     vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
     worker::{Ctl, Stop},
@@ -123,7 +123,14 @@ impl Drop for ClusterStore {
     }
 }
 
-async fn connect(config: &Config, timeout: Duration) -> Result<(RedisConn, RedisConn, Database), ClusterError> {
+/// Connects to Redis (twice with `replica_acks`) and MongoDB. With
+/// [`Access::Record`], a Redis that cannot be reached stops nothing: the
+/// connection is then made at its first command.
+async fn connect(
+    config: &Config,
+    access: Access<'_>,
+    timeout: Duration,
+) -> Result<(RedisConn, RedisConn, Database), ClusterError> {
     let url = config.storage.redis_url().unwrap_or_default();
     let unreachable = |what, url: &str, setting, reason: String| ClusterError::Unreachable {
         what,
@@ -136,9 +143,14 @@ async fn connect(config: &Config, timeout: Duration) -> Result<(RedisConn, Redis
             .await
             .map_err(|e| unreachable("Redis", &url, "redis_url", e.to_string()))
     };
-    let redis = open_redis().await?;
+    let redis = match open_redis().await {
+        Err(_) if matches!(access, Access::Record) => RedisConn::lazy(url.as_str(), timeout)
+            .map_err(|e| unreachable("Redis", &url, "redis_url", e.to_string()))?,
+        redis => redis?,
+    };
     // With `replica_acks`, the rooms' `WAIT`s hold a connection of their own.
-    let rooms_redis = if config.cluster.replica_acks == 0 {
+    // An export or report waits for no replica (and may find Redis down).
+    let rooms_redis = if config.cluster.replica_acks == 0 || matches!(access, Access::Record) {
         redis.clone()
     } else {
         open_redis().await?
@@ -531,7 +543,7 @@ impl ClusterStore {
             Access::Inspect => Duration::from_secs(120),
             _ => Duration::from_secs(1),
         };
-        let (redis, rooms_redis, db) = block_on(&handle, connect(config, timeout))?;
+        let (redis, rooms_redis, db) = block_on(&handle, connect(config, access, timeout))?;
         let client = db.client().clone();
         let started = ClusterStore::start_connected(config, access, &handle, (redis, rooms_redis, db));
         if started.is_err() {
@@ -584,7 +596,7 @@ impl ClusterStore {
         });
         let queue_capacity = config.journal.queue_capacity;
         let serving = match access {
-            Access::Tool | Access::Inspect => None,
+            Access::Tool | Access::Record | Access::Inspect => None,
             Access::Serve(runner) => {
                 block_on(&handle, lease::register_node(&shared))?;
                 // Before the first request: sale times are Redis's.
@@ -982,7 +994,11 @@ impl ClusterStore {
     /// Claims of `activity_id` committed in Redis and not in MongoDB yet:
     /// on their way in a node's backlog (for long while MongoDB is down, or
     /// when the node died and no live node has reaped its backlog yet).
-    pub(super) fn claims_in_transit(&self, activity_id: &str) -> Result<u64, StoreError> {
+    ///
+    /// MongoDB must answer (it is what the count is taken from); Redis need
+    /// not: the count is then [`InTransit::Unknown`], and the export or
+    /// report goes on with what MongoDB holds.
+    pub(super) fn claims_in_transit(&self, activity_id: &str) -> Result<InTransit, StoreError> {
         let shared = self.shared.clone();
         let activity = activity_id.to_owned();
         Ok(self.block(async move {
@@ -993,12 +1009,14 @@ impl ClusterStore {
                 .await
                 .map_err(ClusterError::from)?;
             let mut redis = shared.redis.clone();
-            let committed: u64 = redis::cmd("HLEN")
+            let committed: Result<u64, _> = redis::cmd("HLEN")
                 .arg(scripts::Keys::new(&activity).claimed())
                 .query_async(&mut redis)
-                .await
-                .map_err(ClusterError::from)?;
-            Ok::<_, ClusterError>(committed.saturating_sub(stored))
+                .await;
+            Ok::<_, ClusterError>(match committed {
+                Ok(committed) => InTransit::Counted(committed.saturating_sub(stored)),
+                Err(e) => InTransit::Unknown(e.to_string()),
+            })
         })?)
     }
 

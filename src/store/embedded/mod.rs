@@ -60,8 +60,8 @@ use crate::{
     journal::{Found, Journal, JournalSetup},
     stats::StatsBatch,
     store::types::{
-        code_rng, generate_code, issued_ids, issued_of_hex, Access, ClaimRow, ImportReport, Importer, NewUser,
-        Reconciliation, ReportData, Revocation, StoreError, TicketImport, User, UserPage, REVOKED_PER_ACCOUNT,
+        code_rng, generate_code, issued_ids, issued_of_hex, Access, ClaimRow, ImportReport, Importer, InTransit,
+        NewUser, Reconciliation, ReportData, Revocation, StoreError, TicketImport, User, UserPage, REVOKED_PER_ACCOUNT,
     },
     vocab::{Claim, CommitError, CommitOutcome, PendingClaim},
 };
@@ -453,7 +453,7 @@ impl EmbeddedStore {
                 })
             }
             (Access::Inspect, _) => unreachable!("opened read-only above"),
-            (Access::Tool, lock) => {
+            (Access::Tool | Access::Record, lock) => {
                 if lock.is_some() && journal_dir.exists() {
                     // No node is running: fold in whatever a crashed one left.
                     applier::replay_journal(&mut conn, &journal_dir, &node)?;
@@ -877,7 +877,7 @@ impl EmbeddedStore {
     /// serving node applies its journal a batch at a time (25 ms and more
     /// behind; for long if SQLite is busy or its disk full), and a tool
     /// beside it reads SQLite only.
-    pub(super) fn claims_in_transit(&self, activity_id: &str) -> Result<u64, StoreError> {
+    pub(super) fn claims_in_transit(&self, activity_id: &str) -> Result<InTransit, StoreError> {
         let applied = applier::applied_seq(&self.db.lock())?;
         let mut pending = 0;
         crate::journal::for_each_record(&self.dir.join(JOURNAL_DIR), |found| {
@@ -885,7 +885,7 @@ impl EmbeddedStore {
                 pending += 1;
             }
         })?;
-        Ok(pending)
+        Ok(InTransit::Counted(pending))
     }
 }
 
