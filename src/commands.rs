@@ -77,6 +77,7 @@ pub fn serve(config: Config, config_path: &Path) -> anyhow::Result<()> {
     if config.admin.listen.is_some() && config.admin.token().is_none() {
         bail!("{}", no_admin_token());
     }
+    config.log_warnings();
     // Everything the node writes is its own alone: the journal's segments
     // hold the codes claimed (a code is the ticket), the rooms' logs who
     // waited, the access log addresses. Under the usual umask 022 they
@@ -245,6 +246,9 @@ pub fn check_config(path: &Path) -> anyhow::Result<()> {
     // environment, which this shell need not have.
     if config.admin.listen.is_some() && config.admin.token().is_none() {
         println!("note: {}", no_admin_token());
+    }
+    for warning in &config.warnings {
+        println!("warning: {warning}");
     }
     let tickets: Vec<_> = config.activities.iter().flat_map(|a| &a.tickets).collect();
     let listed: usize = tickets.iter().map(|t| t.explicit_codes().len()).sum();

@@ -456,6 +456,7 @@ impl AppState {
         self.claimer.apply(ClaimSettings::from_config(&new));
         self.server.store(Arc::new(new.server.clone()));
         self.store.set_shutdown_grace(new.server.shutdown_grace.0);
+        new.log_warnings();
         let changes = new.changes_from(&running);
         new.strip_codes();
         *running = new;

@@ -190,6 +190,14 @@ fn listed<T: std::fmt::Display>(key: &str, new: &[T], old: &[T]) -> Option<Strin
 }
 
 impl Config {
+    /// Logs each key the file sets to no effect ([`Config::warnings`]): at
+    /// start, and at each reload that applies.
+    pub fn log_warnings(&self) {
+        for warning in &self.warnings {
+            tracing::warn!(%warning, "The config sets a key that has no effect.");
+        }
+    }
+
     /// Reads, parses and validates the file at `path`, reading `codes_file` lists.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let (config, problems) = Config::load_with_problems(path)?;

@@ -46,6 +46,10 @@ pub struct Config {
     /// The directory of the config file; `codes_file` paths are relative to it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// Keys the file sets to no effect (an activity's `admit_rate` on a
+    /// lottery, say), found by validation: said, not refused.
+    #[serde(skip)]
+    pub warnings: Vec<super::Problem>,
 }
 
 /// `[server]`: the HTTP listener.

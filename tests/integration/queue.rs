@@ -1944,6 +1944,69 @@ fn check_config_explains_admission_mistakes() {
     }
 }
 
+/// A waiting room's key set where it does nothing (`admit_rate` on a
+/// lottery, a room's keys on a race: an organiser who switched the bundled
+/// queue to a lottery, or commented out `admission`) is said by
+/// `check-config`, at start and at a reload that applies, and refused by
+/// none: a config an earlier version ran still starts. Nothing said it.
+#[tokio::test]
+async fn keys_a_waiting_room_ignores_are_said_not_refused() {
+    const IGNORED: &str = "The config sets a key that has no effect.";
+    let lottery = Act::new("lot")
+        .window("+1h", "+2h")
+        .with("admission = \"lottery\"")
+        .with("queue_opens = \"+10m\"")
+        .with("admit_rate = 20.0")
+        .ticket("lot-t", "T", Codes::Generate(1))
+        .toml();
+    let race = |room_keys: bool| {
+        let act = Act::new("race").window("+1h", "+2h");
+        let act = match room_keys {
+            true => act.with("pass_ttl = \"2m\"").with("queue_capacity = 1000"),
+            false => act,
+        };
+        act.ticket("race-t", "T", Codes::Generate(1)).toml()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.toml"), base_config() + &lottery + &race(true)).unwrap();
+    let out = run_cli(dir.path(), &["check-config"], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said: Vec<&str> = stdout.lines().filter(|l| l.starts_with("warning: line ")).collect();
+    assert_eq!(said.len(), 3, "{stdout}");
+    for expected in [
+        "activity `lot`: admit_rate has no effect with admission = \"lottery\"",
+        "activity `race`: pass_ttl has no effect with admission = \"race\"",
+        "activity `race`: queue_capacity has no effect with admission = \"race\"",
+    ] {
+        assert!(
+            said.iter().any(|l| l.contains(expected)),
+            "missing `{expected}` in:\n{stdout}"
+        );
+    }
+
+    // A queue paced by its admit_rate, and a race with no room's keys: nothing to say.
+    let quiet = base_config() + &queue("q", 1, "+10m", &["admit_rate = 20.0"]) + &race(false);
+    std::fs::write(dir.path().join("config.toml"), &quiet).unwrap();
+    let out = run_cli(dir.path(), &["check-config"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("warning"));
+
+    let app = TestApp::start(&(base_config() + &lottery + &race(false)));
+    let logged = app.wait_for_log(IGNORED, 1);
+    assert!(
+        logged["warning"]
+            .as_str()
+            .unwrap()
+            .contains("activity `lot`: admit_rate has no effect"),
+        "{logged}"
+    );
+    assert_eq!(app.count_logs(IGNORED), 1);
+    let applied = app.reload(&(base_config() + &lottery + &race(true)));
+    assert_eq!(applied["message"], "Config reloaded.", "{applied}");
+    assert_eq!(app.count_logs(IGNORED), 4, "the lottery's, and the race's two");
+}
+
 #[tokio::test]
 async fn a_reload_moves_a_queue_before_it_opens_and_never_after() {
     let config = |open_start: &str, open_ttl: &str, later_start: &str, later_queue: bool| {

@@ -270,6 +270,31 @@ fn check_admission(r: &mut Report<'_>, ai: usize, act: &ActivityConfig, mode: St
     let k = Seg::Key;
     let field = |f: &'static str| [k("activity"), Seg::Index(ai), k(f)];
     let id = &act.id;
+    // Set to no effect: said, not refused (an earlier version ran it).
+    let ignored: &[(&str, &str)] = match act.admission {
+        AdmissionMode::Race => &[
+            ("admit_rate", "a race has no waiting room"),
+            ("pass_ttl", "a race has no waiting room"),
+            ("grace", "a race has no waiting room"),
+            ("queue_capacity", "a race has no waiting room"),
+        ],
+        AdmissionMode::Lottery => &[(
+            "admit_rate",
+            "a lottery admits the drawn as far as the stock goes; admit_rate paces a queue",
+        )],
+        AdmissionMode::Queue => &[],
+    };
+    for (key, why) in ignored {
+        if r.lines.sets(&field(key)) {
+            r.warn(
+                &field(key),
+                format!(
+                    "activity `{id}`: {key} has no effect with admission = \"{}\" ({why})",
+                    mode_name(act.admission)
+                ),
+            );
+        }
+    }
     if act.admission == AdmissionMode::Race {
         for (key, set) in [
             ("queue_opens", act.queue_opens.is_some()),

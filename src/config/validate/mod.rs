@@ -20,7 +20,7 @@ use super::model::{ActivityConfig, Config, StorageMode};
 
 /// Checks `config` against its source `text`, one section at a time; reads
 /// `codes_file` lists into `codes`. Returns every problem found (empty when
-/// the config is usable).
+/// the config is usable); keys set to no effect go to `config.warnings`.
 pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
     let mut r = Report {
         lines: Lines {
@@ -28,6 +28,7 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
             doc: ImDocument::parse(text).ok(),
         },
         problems: Vec::new(),
+        warnings: Vec::new(),
     };
     node::server(&mut r, config);
     node::storage(&mut r, config);
@@ -39,6 +40,7 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
     node::admin(&mut r, config);
     node::log(&mut r, config);
     activity::activities(&mut r, config);
+    config.warnings = r.warnings;
     r.problems
 }
 
@@ -52,6 +54,7 @@ pub fn definitions(activities: &[ActivityConfig]) -> Vec<Problem> {
     let mut r = Report {
         lines: Lines { text: "", doc: None },
         problems: Vec::new(),
+        warnings: Vec::new(),
     };
     let (mut ids, mut ticket_ids) = (std::collections::HashSet::new(), std::collections::HashSet::new());
     for (ai, act) in activities.iter().enumerate() {

@@ -52,6 +52,31 @@ pub(super) struct Lines<'t> {
 }
 
 impl Lines<'_> {
+    /// Whether the file itself sets the key at `path` (not a default).
+    /// Always false without a document (definitions stored in MongoDB).
+    pub fn sets(&self, path: &[Seg<'_>]) -> bool {
+        let Some(doc) = self.doc.as_ref() else {
+            return false;
+        };
+        let mut table: &Table = doc.as_table();
+        let mut segs = path.iter().peekable();
+        while let Some(seg) = segs.next() {
+            let Seg::Key(key) = *seg else { return false };
+            let Some(item) = table.get(key) else { return false };
+            match (item, segs.peek()) {
+                (_, None) => return true,
+                (Item::Table(t), _) => table = t,
+                (Item::ArrayOfTables(array), Some(Seg::Index(i))) => {
+                    let Some(t) = array.get(*i) else { return false };
+                    table = t;
+                    segs.next();
+                }
+                _ => return false,
+            }
+        }
+        false
+    }
+
     /// The line of the deepest item on `path` that the document has.
     fn of(&self, path: &[Seg<'_>]) -> Option<usize> {
         let doc = self.doc.as_ref()?;
@@ -85,12 +110,21 @@ impl Lines<'_> {
 pub(super) struct Report<'t> {
     pub lines: Lines<'t>,
     pub problems: Vec<Problem>,
+    /// Keys set to no effect: said (by `check-config`, at start and at a
+    /// reload), not refused — a config an earlier version ran must still
+    /// start after an upgrade.
+    pub warnings: Vec<Problem>,
 }
 
 impl Report<'_> {
     pub fn add(&mut self, path: &[Seg<'_>], message: String) {
         let line = self.lines.of(path);
         self.problems.push(Problem { line, message });
+    }
+
+    pub fn warn(&mut self, path: &[Seg<'_>], message: String) {
+        let line = self.lines.of(path);
+        self.warnings.push(Problem { line, message });
     }
 }
 
