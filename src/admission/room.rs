@@ -290,6 +290,12 @@ impl Room {
         (p.admission_durable(self.durable()) && now < p.pass_expires_ms).then_some(p.pass_expires_ms)
     }
 
+    /// Nobody can claim through this room any more (see
+    /// [`RoomState::admits_no_more`]).
+    pub fn admits_no_more(&self) -> bool {
+        self.state.lock().admits_no_more()
+    }
+
     /// Room-wide figures.
     pub fn summary(&self) -> RoomSummary {
         let st = self.state.lock();
@@ -902,6 +908,41 @@ mod tests {
         room.join(3, 12).unwrap();
         let record = room.draw_record().unwrap();
         assert_eq!(record.late, vec![3], "after the draw: at the back, not drawn");
+    }
+
+    /// A lottery whose every drawn place was reached, with no pass out,
+    /// admits nobody any more though codes are left (a queue takes later
+    /// arrivals, so it never does before it closes).
+    #[test]
+    fn a_lottery_that_reached_every_place_admits_no_more() {
+        let stock = unsettled(5);
+        let lottery = RoomSettings {
+            mode: AdmissionMode::Lottery,
+            ..settings()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let room = Room::open(dir.path(), "l".into(), lottery).unwrap();
+        room.join(1, 5).unwrap();
+        assert!(!room.admits_no_more(), "entries are open");
+        room.tick(|| 11, &|| stock, &|_| 0); // the draw
+        assert!(!room.admits_no_more(), "drawn, nobody admitted yet");
+        room.tick(|| 100, &|| stock, &|_| 0); // the first admission
+        assert!(!room.admits_no_more(), "a pass is out");
+        let lapsed = 60_100 + PASS_SETTLE_MS;
+        room.tick(|| lapsed, &|| stock, &|_| 0);
+        assert!(room.admits_no_more(), "the only entrant's pass lapsed");
+        assert!(
+            !room.summary().closed,
+            "not closed: nothing was sold out, and the sale runs on"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let room = Room::open(dir.path(), "q".into(), settings()).unwrap();
+        room.join(1, 5).unwrap();
+        room.tick(|| 11, &|| stock, &|_| 0);
+        room.tick(|| 100, &|| stock, &|_| 0);
+        room.tick(|| lapsed, &|| stock, &|_| 0);
+        assert!(!room.admits_no_more(), "a queue takes whoever comes next");
     }
 
     /// A queue's fan whose pass lapsed unused may join again, at the back;

@@ -446,6 +446,22 @@ impl RoomState {
         }
     }
 
+    /// Nobody can claim through this room any more, codes left or not:
+    /// it has closed (sold out, or the sale ended), or it is a lottery that
+    /// has reached every place it drew with no pass still out — it takes no
+    /// entry after its draw, so nobody is left to admit. Such a lottery
+    /// stays open until its end (its codes are not sold out, and its
+    /// entrants are told they were passed over), and showed fans an open
+    /// sale with codes left. A replica that has not retired a pass yet
+    /// (claimed through another node) says so once the pass lapses.
+    pub(super) fn admits_no_more(&self) -> bool {
+        self.closed_ms.is_some()
+            || (self.settings.mode == AdmissionMode::Lottery
+                && self.shuffled_ms.is_some()
+                && self.cursor >= self.order.len()
+                && self.active.is_empty())
+    }
+
     pub(super) fn base(&self) -> Base {
         Base {
             applied: self.applied,

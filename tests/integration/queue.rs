@@ -1073,6 +1073,78 @@ async fn a_full_room_takes_no_new_place_and_a_full_lottery_says_so_for_good() {
     assert_error(&join(client, &fans[2], "cf").await, 409, "ENTRIES_FULL");
 }
 
+/// A lottery that has reached every place it drew, with no pass out,
+/// admits nobody any more (it takes no entry after its draw), though codes
+/// are left and the sale runs on to its end: `/act/list` and `/act/detail`
+/// say `closed`, and the fans' page shows it closed. They showed an open
+/// sale with 4 codes left, and the page a live "Open" badge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lottery_that_reached_every_place_it_drew_shows_closed() {
+    let act = Act::new("lu")
+        .window("+6s", "+1h")
+        .with("admission = \"lottery\"")
+        .with("queue_opens = \"-1m\"")
+        .with("draw_time = \"+5s\"")
+        .with("pass_ttl = \"5s\"")
+        .with("grace = \"1m\"")
+        .ticket("lu-t", "Ticket", Codes::Generate(5))
+        .toml();
+    let app = TestApp::start(&(base_config() + &act));
+    let tokens = app.users("lu", 2).await;
+    for t in &tokens {
+        assert_eq!(join(&app.client, t, "lu").await.status, 200);
+    }
+    let passes: Vec<Value> = futures::future::join_all(tokens.iter().map(|t| wait_turn(&app.client, t, "lu"))).await;
+    assert!(passes.iter().all(|p| p["state"] == "admitted"), "{passes:?}");
+    let bought = claim_with(&app.client, &tokens[0], "lu", passes[0]["pass"].as_str()).await;
+    assert_eq!(bought.status, 200, "{}", bought.body);
+    let detail = app.detail("lu").await;
+    assert_eq!(
+        (&detail["closed"], &detail["remaining"]),
+        (&json!(false), &json!(4)),
+        "a pass is out: {detail}"
+    );
+
+    // The other winner lets the pass lapse: nobody is left to admit.
+    eventually(&app.client, &tokens[1], "lu", "passed_over").await;
+    until("the lottery to say it admits nobody any more", || async {
+        app.detail("lu").await["closed"] == true
+    })
+    .await;
+    let detail = app.detail("lu").await;
+    assert_eq!(
+        (&detail["status"], &detail["remaining"]),
+        (&json!("open"), &json!(4)),
+        "{detail}"
+    );
+    let list = app.client.get("/act/list", None).await.unwrap();
+    let listed = list.data()["activities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["actId"] == "lu")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (&listed["closed"], &listed["remaining"]),
+        (&json!(true), &json!(4)),
+        "{listed}"
+    );
+    // The fans' page: closed, not open with 4 left.
+    let mut b = crate::common::cdp::Browser::launch().await;
+    b.goto(&format!("{}/", app.url())).await;
+    b.wait_for(
+        "document.querySelector('[data-act=lu] .badge')?.className === 'badge closed'",
+        "the list to show the lottery closed",
+    )
+    .await;
+    let said = b
+        .eval("document.querySelector('[data-act=lu] .badge').textContent")
+        .await;
+    assert_eq!(said, "Closed");
+    assert!(b.errors.is_empty(), "console errors: {:#?}", b.errors);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lottery_draws_once_and_its_waiting_list_replaces_lapsed_winners() {
     let act = Act::new("lot")

@@ -42,6 +42,9 @@ struct ActivityView<'a> {
     accounts_before: Option<String>,
     /// `"race"`, `"queue"` or `"lottery"`.
     admission: AdmissionMode,
+    /// Nobody can claim any more, codes left or not: the waiting room is
+    /// over (closed; or a lottery that has reached every place it drew).
+    closed: bool,
     remaining: usize,
     claimed: usize,
     tickets: Vec<TicketView<'a>>,
@@ -59,6 +62,11 @@ struct TicketView<'a> {
     total: usize,
 }
 
+/// Whether `a`'s waiting room admits nobody any more (a race: never).
+fn closed(a: &Activity) -> bool {
+    a.room.as_ref().is_some_and(|r| r.admits_no_more())
+}
+
 fn view<'a>(a: &'a Activity, now: i64, stock: &Stock) -> ActivityView<'a> {
     ActivityView {
         act_id: &a.id,
@@ -73,6 +81,7 @@ fn view<'a>(a: &'a Activity, now: i64, stock: &Stock) -> ActivityView<'a> {
         pow_difficulty: a.pow_difficulty,
         accounts_before: a.accounts_before_ms.map(rfc3339_ms),
         admission: a.room.as_ref().map_or(AdmissionMode::Race, |r| r.settings().mode),
+        closed: closed(a),
         remaining: stock.remaining,
         claimed: stock.claimed,
         tickets: a
@@ -105,6 +114,7 @@ pub fn list(state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
         for a in catalog.activities() {
             h.write_u8(a.status(now) as u8);
             h.write_u8(u8::from(a.paused));
+            h.write_u8(u8::from(closed(a)));
             let tickets = a.tickets.iter().map(|t| (&*t.id, &*t.pool));
             state.inventory.hash_stock(tickets, &a.ledger, &mut h);
         }

@@ -12,7 +12,7 @@ const WORDS = {
   en: {
     brand: 'ticketd', mine: 'My tickets', login: 'Log in', logout: 'Log out', register: 'Register',
     activities: 'On sale', none: 'Nothing on sale right now.', loading: 'Loading…',
-    open: 'Open', upcoming: 'Opens soon', soldout: 'Sold out', ended: 'Ended', paused: 'Paused',
+    open: 'Open', upcoming: 'Opens soon', soldout: 'Sold out', ended: 'Ended', paused: 'Paused', closed: 'Closed',
     opensIn: 'Opens in', closesIn: 'Closes in', remaining: 'Left', total: 'Total', ticket: 'Ticket',
     anyTicket: 'Any ticket type', grab: 'Grab a ticket', grabbing: 'Grabbing…', wait: 'Opens at',
     limit: 'Per person', accountsBefore: 'Open to accounts made before', loginToGrab: 'Log in to grab a ticket', back: '← All activities',
@@ -45,7 +45,7 @@ const WORDS = {
   zh: {
     brand: '抢票', mine: '我的票', login: '登录', logout: '退出', register: '注册',
     activities: '正在售票', none: '暂无活动。', loading: '加载中…',
-    open: '进行中', upcoming: '即将开始', soldout: '已抢完', ended: '已结束', paused: '已暂停',
+    open: '进行中', upcoming: '即将开始', soldout: '已抢完', ended: '已结束', paused: '已暂停', closed: '已截止',
     opensIn: '距开抢', closesIn: '距结束', remaining: '剩余', total: '总数', ticket: '票种',
     anyTicket: '任意票种', grab: '立即抢票', grabbing: '抢票中…', wait: '开抢时间',
     limit: '每人限', accountsBefore: '仅限此时间前注册的账号：', loginToGrab: '登录后抢票', back: '← 全部活动',
@@ -428,6 +428,9 @@ function statusOf(a, now) {
   if (a.paused) return 'paused';
   if (now >= Date.parse(a.endTime)) return 'ended';
   if (now < Date.parse(a.startTime)) return 'upcoming';
+  // Nobody can claim any more, codes left or not (a lottery that has
+  // reached every place it drew): not an open sale.
+  if (a.closed) return a.remaining > 0 ? 'closed' : 'soldout';
   // A ticket type with no code at all is not sold out: its codes are not
   // in yet (a cluster node before its first count, or nobody imported it).
   return a.remaining > 0 || a.tickets.some((tk) => tk.total === 0) ? 'open' : 'soldout';
@@ -593,7 +596,7 @@ async function detailView(actId) {
       if (!d.ok || mine !== navigation) return;
       fresh = d.data;
     }
-    for (const k of ['startTime', 'endTime', 'paused', 'perUserLimit', 'remaining', 'claimed']) a[k] = fresh[k];
+    for (const k of ['startTime', 'endTime', 'paused', 'perUserLimit', 'remaining', 'claimed', 'closed']) a[k] = fresh[k];
     for (const tk of a.tickets) {
       const now = fresh.tickets.find((x) => x.ticketId === tk.ticketId);
       const cell = cells.get(tk.ticketId);
@@ -993,7 +996,7 @@ async function grab(a, ticketId, button, progress, result) {
           // words are the room's, not "not started".
           const roomOpen = a.admission && a.admission !== 'race' && status === 'open';
           if (roomOpen && tries < 3) { await sleep(400 + Math.random() * 400); continue; }
-          const code = { soldout: 'SOLD_OUT', paused: 'PAUSED', ended: 'ENDED' }[status]
+          const code = { soldout: 'SOLD_OUT', paused: 'PAUSED', ended: 'ENDED', closed: 'ENDED' }[status]
             || (roomOpen ? 'QUEUE_PASS_REQUIRED' : 'NOT_STARTED');
           if (resumed) {
             // An earlier grab's answer was lost: it may hold the ticket that
