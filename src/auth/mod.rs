@@ -553,12 +553,11 @@ impl Auth {
             match user {
                 Some(u) if verified.matched() => {
                     attempt.succeeded();
-                    // Made at an earlier cost, or of the password as typed
-                    // before passwords were normalised: as `hash` makes them
-                    // now from now on (the turn is still held; this login
+                    // Made at an earlier cost, or before passwords were
+                    // normalised: as `hash` makes them now from now on (the turn is still held; this login
                     // pays for it).
                     let cost = this.settings.load().cost;
-                    if verified == password::Verified::AsTyped || !password::has_cost(&hash, cost) {
+                    if verified == password::Verified::AsTyped || !password::is_current(&hash, cost) {
                         let rehashed = password::hash(&password, cost);
                         // Only over the hash just checked: a password set
                         // meanwhile (`ticketd user passwd`) stays.

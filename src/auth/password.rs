@@ -6,9 +6,9 @@
 //!
 //! A password is hashed in one Unicode form ([`normalise`]): the same
 //! password typed on a phone that composes `é` and on a laptop that sends
-//! `e` and a combining accent is the same password. Hashes made before
-//! that still verify against the password as typed, and a login that
-//! matches one that way re-hashes it.
+//! `e` and a combining accent is the same password. Such a hash says so in
+//! its argon2 associated data ([`FORM`]). Hashes made before that still
+//! verify against the password as typed, and a login re-hashes them.
 
 use std::borrow::Cow;
 
@@ -17,7 +17,7 @@ use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 use crate::config::{MAX_ARGON2_ITERATIONS, MAX_ARGON2_MEMORY_KIB};
 use argon2::{
     password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
-    Algorithm, Argon2, Params, Version,
+    Algorithm, Argon2, AssociatedData, Params, ParamsBuilder, Version,
 };
 
 /// Counts one argon2 computation (`ticketd_password_hashes_total`): the
@@ -38,9 +38,26 @@ pub struct HashCost {
     pub iterations: u32,
 }
 
+/// The associated data of a hash made of a [`normalise`]d password
+/// (`data=bmZj` in its PHC string). Argon2 binds it into the hash, so it
+/// cannot be stripped to pass one off as a hash of the password as typed;
+/// and every version verifies it (a verifier reads the parameters from the
+/// hash), so nodes of an earlier version beside this one still log these
+/// accounts in. Without it, a wrong password in another Unicode form cost
+/// two hashes for every account (normalised, then as typed, for the hashes
+/// made before normalisation): a flood of such guesses held each rationed
+/// hashing turn twice as long.
+const FORM: &[u8] = b"nfc";
+
 fn hasher(cost: HashCost) -> Argon2<'static> {
     // Params are validated by the config (memory >= 8 KiB, iterations >= 1).
-    let params = Params::new(cost.memory_kib.max(8), cost.iterations.max(1), 1, None).expect("valid argon2 params");
+    let params = ParamsBuilder::new()
+        .m_cost(cost.memory_kib.max(8))
+        .t_cost(cost.iterations.max(1))
+        .p_cost(1)
+        .data(AssociatedData::new(FORM).expect("a short associated data"))
+        .build()
+        .expect("valid argon2 params");
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
@@ -82,11 +99,12 @@ pub fn hash(password: &str, cost: HashCost) -> String {
         .to_string()
 }
 
-/// Whether the PHC string `phc` is an argon2id hash at `cost` (what
-/// [`hash`] makes now). One made at an earlier cost still verifies; a
-/// login re-hashes it, since an unknown name is checked at the current cost
+/// Whether the PHC string `phc` is what [`hash`] makes now: an argon2id
+/// hash at `cost`, of the [`normalise`]d password ([`FORM`]). One made at
+/// an earlier cost, or before normalisation, still verifies; a login
+/// re-hashes it, since an unknown name is checked against a hash made now,
 /// and the difference in time would tell old accounts from names nobody has.
-pub fn has_cost(phc: &str, cost: HashCost) -> bool {
+pub fn is_current(phc: &str, cost: HashCost) -> bool {
     let Ok(parsed) = PasswordHash::new(phc) else {
         return false;
     };
@@ -97,6 +115,7 @@ pub fn has_cost(phc: &str, cost: HashCost) -> bool {
         && params.m_cost() == cost.memory_kib.max(8)
         && params.t_cost() == cost.iterations.max(1)
         && params.p_cost() == 1
+        && params.data() == FORM
 }
 
 /// How a password matched a stored hash.
@@ -125,10 +144,13 @@ impl Verified {
 /// names, so a stored `m=4294967295` (4 TiB) would abort the process at the
 /// first login, and a huge `t` hold a hashing thread for hours.
 ///
-/// A password typed in a form [`normalise`] changes costs two hashes when
-/// it is wrong (its normalised form, then as typed, for the hashes made
-/// before normalisation), whether or not the account exists: the caller
-/// checks an unknown name against a dummy hash through this same function.
+/// One hash, against the [`normalise`]d password, for a hash made so
+/// ([`FORM`]), as every hash made now is (the dummy an unknown name is
+/// checked against too). A hash made before normalisation takes a second,
+/// as typed, when the normalised form does not match and differs: until
+/// that account logs in again, a wrong password in another Unicode form
+/// takes twice as long for it as for a name nobody has (as after a change
+/// of `argon2_*`; see [`is_current`]).
 pub fn verify(password: &str, phc: &str) -> Verified {
     let Ok(parsed) = PasswordHash::new(phc) else {
         return Verified::No;
@@ -150,9 +172,10 @@ pub fn verify(password: &str, phc: &str) -> Verified {
         Argon2::default().verify_password(form.as_bytes(), &parsed).is_ok()
     };
     let normalised = normalise(password);
+    let made_before_normalisation = params.data() != FORM;
     if matches(&normalised) {
         Verified::Yes
-    } else if normalised != password && matches(password) {
+    } else if made_before_normalisation && normalised != password && matches(password) {
         Verified::AsTyped
     } else {
         Verified::No
@@ -174,14 +197,14 @@ mod tests {
         assert_eq!(verify("correct horse", &h), Verified::Yes);
         assert_eq!(verify("correct horsE", &h), Verified::No);
         assert_eq!(verify("correct horse", "not a hash"), Verified::No);
-        assert!(has_cost(&h, cost));
+        assert!(is_current(&h, cost));
         let raised = HashCost {
             memory_kib: 16,
             iterations: 1,
         };
-        assert!(!has_cost(&h, raised));
-        assert!(has_cost(&hash("correct horse", raised), raised));
-        assert!(!has_cost("not a hash", cost));
+        assert!(!is_current(&h, raised));
+        assert!(is_current(&hash("correct horse", raised), raised));
+        assert!(!is_current("not a hash", cost));
     }
 
     const CHEAP: HashCost = HashCost {
@@ -205,18 +228,27 @@ mod tests {
 
     #[test]
     fn a_hash_made_before_normalisation_verifies_as_typed() {
-        // What `hash` made before it normalised: the bytes as typed.
+        // What `hash` made before it normalised: the bytes as typed, and
+        // no associated data.
         let typed = "cafe\u{301}";
         let salt = SaltString::generate(&mut OsRng);
-        let old = hasher(CHEAP)
+        let params = Params::new(CHEAP.memory_kib, CHEAP.iterations, 1, None).unwrap();
+        let old = Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
             .hash_password(typed.as_bytes(), &salt)
             .unwrap()
             .to_string();
+        assert!(!old.contains("data="));
+        assert!(!is_current(&old, CHEAP), "a login re-hashes it");
         assert_eq!(verify(typed, &old), Verified::AsTyped);
         assert_eq!(verify("other", &old), Verified::No);
         // The re-hash a login then makes takes either form.
         let new = hash(typed, CHEAP);
+        assert!(new.contains(",data=bmZj$"), "{new}");
         assert_eq!(verify("caf\u{e9}", &new), Verified::Yes);
         assert_eq!(verify(typed, &new), Verified::Yes);
+        // The mark is bound into the hash: without it, nothing matches.
+        let stripped = new.replace(",data=bmZj", "");
+        assert_eq!(verify("caf\u{e9}", &stripped), Verified::No);
+        assert_eq!(verify(typed, &stripped), Verified::No);
     }
 }

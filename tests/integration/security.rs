@@ -1171,9 +1171,54 @@ async fn a_password_typed_in_another_unicode_form_logs_in() {
     // are four characters, short of the eight a password needs.
     let res = post("/user/register", "short", "e\u{301}e\u{301}e\u{301}e\u{301}").await;
     assert_error(&res, 400, "INVALID_FIELD");
-    // Another password is still another password.
+    // Another password is still another password, and a wrong one in
+    // another form costs one hash, as for a name nobody has (it cost two:
+    // normalised, then as typed, for hashes made before normalisation).
+    let hashes = || metric(&app, "ticketd_password_hashes_total");
     let res = post("/user/login", "accent", "cafe au lait").await;
     assert_error(&res, 401, "BAD_CREDENTIALS");
+    for username in ["accent", "nobody"] {
+        let before = hashes().await;
+        let res = post("/user/login", username, "cafe\u{301} au\u{a0}lai").await;
+        assert_error(&res, 401, "BAD_CREDENTIALS");
+        assert_eq!(hashes().await - before, 1.0, "{username}: one hash");
+    }
+    // A hash made before normalisation (no `data=` mark), of the password
+    // as typed in another form: it logs in as typed, and is made again as
+    // hashes are now.
+    let typed = "cafe\u{301}-cre\u{300}me";
+    let salt = argon2::password_hash::SaltString::encode_b64(b"sixteen byte salt").unwrap();
+    let legacy = argon2::PasswordHasher::hash_password(
+        &argon2::Argon2::new(
+            argon2::Algorithm::Argon2id,
+            argon2::Version::V0x13,
+            argon2::Params::new(8, 1, 1, None).unwrap(),
+        ),
+        typed.as_bytes(),
+        &salt,
+    )
+    .unwrap()
+    .to_string();
+    let stored = |db: &rusqlite::Connection| -> String {
+        db.query_row("SELECT password_hash FROM users WHERE username = 'accent'", [], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    };
+    let db = app.sqlite();
+    db.execute(
+        "UPDATE users SET password_hash = ?1 WHERE username = 'accent'",
+        [&legacy],
+    )
+    .unwrap();
+    let before = hashes().await;
+    let res = post("/user/login", "accent", "cafe\u{301}-cre\u{300}me").await;
+    assert_eq!(res.status, 200, "as typed: {}", res.body);
+    assert_eq!(hashes().await - before, 3.0, "normalised, as typed, and the new hash");
+    let rehashed = stored(&db);
+    assert!(rehashed != legacy && rehashed.contains(",data=bmZj$"), "{rehashed}");
+    let res = post("/user/login", "accent", "caf\u{e9}-cr\u{e8}me").await;
+    assert_eq!(res.status, 200, "now in either form: {}", res.body);
     // `user passwd` sets it in the same form.
     let out = app.cli(
         &["user", "passwd", "--username", "accent"],
