@@ -165,6 +165,11 @@ fn activated_listener() -> anyhow::Result<Option<TcpListener>> {
 
 /// `ticketd import`.
 pub fn import(config: &Config) -> anyhow::Result<()> {
+    // Said here too: in a cluster, the nodes serving what this stores
+    // never read the file.
+    for warning in &config.warnings {
+        eprintln!("warning: {warning}");
+    }
     let store = Store::open(config, Access::Tool)?;
     let report = store.import(config, now_ms())?;
     for t in &report.tickets {
@@ -909,7 +914,6 @@ pub fn verify_draw(file: &Path, published: Option<&str>) -> anyhow::Result<()> {
     }
 }
 
-/// The waiting room's section of the report, when the activity has a room log.
 /// How `activity` admits fans: by the config's definition, or in a cluster
 /// whose nodes serve what `import` stored, by MongoDB's; `None` if neither
 /// has it.
@@ -926,8 +930,9 @@ fn admission_of(config: &Config, store: &Store, activity: &str) -> anyhow::Resul
         .map(|a| a.admission))
 }
 
-/// The report's waiting room: `Unread` when it is in Redis and Redis does
-/// not answer (the rest of the report, read from MongoDB, does not need it).
+/// The waiting room's section of the report, when the activity has a room
+/// log: `Unread` when it is in Redis and Redis cannot be reached (the rest
+/// of the report, read from MongoDB, does not need it).
 fn queue_report(
     config: &Config,
     store: &Store,
@@ -939,12 +944,17 @@ fn queue_report(
         Some(source) => match source.whole_log(activity) {
             Ok(Some(log)) => Some(log),
             Ok(None) => return Ok(RoomRecord::None),
-            Err(e) if e.is_redis() => {
-                // Only a queue or a lottery has a room to miss.
-                let mode = admission_of(config, store, activity)?;
-                return Ok(match mode {
-                    Some(mode) if !mode.is_race() => RoomRecord::Unread(e.to_string()),
-                    _ => RoomRecord::None,
+            Err(e) if e.is_redis_out_of_reach() => {
+                // Only a queue or a lottery has a room to miss. A retired
+                // activity's, or one no longer in the config, is not known
+                // here: it may have had one.
+                return Ok(match admission_of(config, store, activity)? {
+                    Some(mode) if mode.is_race() => RoomRecord::None,
+                    Some(_) => RoomRecord::Unread(e.to_string()),
+                    None => RoomRecord::Unread(format!(
+                        "{e}; this config and MongoDB's definitions no longer say how the activity admitted \
+                         fans, so it may have had none"
+                    )),
                 });
             }
             Err(e) => return Err(e.into()),

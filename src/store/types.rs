@@ -156,9 +156,10 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Redis failed (refused, or out of reach), not MongoDB or the data.
-    pub fn is_redis(&self) -> bool {
-        matches!(self, StoreError::Cluster(ClusterError::Redis(_)))
+    /// Redis could not be reached ([`RedisConn::out_of_reach`](crate::store::cluster::RedisConn::out_of_reach)),
+    /// not a refusal by Redis, MongoDB or the data.
+    pub fn is_redis_out_of_reach(&self) -> bool {
+        matches!(self, StoreError::Cluster(ClusterError::Redis(e)) if crate::store::cluster::RedisConn::out_of_reach(e))
     }
 
     /// At most this many of an import's codes held by other ticket types

@@ -1085,7 +1085,9 @@ async fn a_lottery_that_reached_every_place_it_drew_shows_closed() {
         .with("admission = \"lottery\"")
         .with("queue_opens = \"-1m\"")
         .with("draw_time = \"+5s\"")
-        .with("pass_ttl = \"5s\"")
+        // Long enough that the first check below comes before it lapses
+        // on a busy machine.
+        .with("pass_ttl = \"15s\"")
         .with("grace = \"1m\"")
         .ticket("lu-t", "Ticket", Codes::Generate(5))
         .toml();
@@ -1106,11 +1108,11 @@ async fn a_lottery_that_reached_every_place_it_drew_shows_closed() {
     );
 
     // The other winner lets the pass lapse: nobody is left to admit.
-    eventually(&app.client, &tokens[1], "lu", "passed_over").await;
     until("the lottery to say it admits nobody any more", || async {
         app.detail("lu").await["closed"] == true
     })
     .await;
+    assert_eq!(status(&app.client, &tokens[1], "lu").await["state"], "passed_over");
     let detail = app.detail("lu").await;
     assert_eq!(
         (&detail["status"], &detail["remaining"]),
@@ -2056,6 +2058,28 @@ async fn keys_a_waiting_room_ignores_are_said_not_refused() {
             "missing `{expected}` in:\n{stdout}"
         );
     }
+
+    // `import` says them too: a cluster's nodes serving what it stores
+    // never read the file.
+    let out = run_cli(dir.path(), &["import"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.lines().filter(|l| l.starts_with("warning: line ")).count(),
+        3,
+        "{stderr}"
+    );
+    // An activity written as an inline table is read alike.
+    let inline = "activity = [{ id = \"inl\", name = \"I\", start_time = \"+1h\", end_time = \"+2h\", \
+                  grace = \"1m\", ticket = [{ id = \"inl-t\", name = \"T\", generate = 1 }] }]\n";
+    std::fs::write(dir.path().join("config.toml"), inline.to_owned() + &base_config()).unwrap();
+    let out = run_cli(dir.path(), &["check-config"], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("warning: line 1: activity `inl`: grace has no effect with admission = \"race\""),
+        "{stdout}"
+    );
 
     // A queue paced by its admit_rate, and a race with no room's keys: nothing to say.
     let quiet = base_config() + &queue("q", 1, "+10m", &["admit_rate = 20.0"]) + &race(false);

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use toml_edit::{ImDocument, Item, Table};
+use toml_edit::{ImDocument, Item, Table, TableLike, Value};
 
 /// Longest accepted activity or ticket id, in bytes.
 pub(super) const MAX_ID_LEN: usize = 64;
@@ -52,27 +52,35 @@ pub(super) struct Lines<'t> {
 }
 
 impl Lines<'_> {
-    /// Whether the file itself sets the key at `path` (not a default).
-    /// Always false without a document (definitions stored in MongoDB).
+    /// Whether the file itself sets the key at `path` (not a default),
+    /// in tables or inline ones (`activity = [{ id = "a", … }]`). Always
+    /// false without a document (definitions stored in MongoDB).
     pub fn sets(&self, path: &[Seg<'_>]) -> bool {
         let Some(doc) = self.doc.as_ref() else {
             return false;
         };
-        let mut table: &Table = doc.as_table();
+        let mut table: &dyn TableLike = doc.as_table();
         let mut segs = path.iter().peekable();
         while let Some(seg) = segs.next() {
             let Seg::Key(key) = *seg else { return false };
             let Some(item) = table.get(key) else { return false };
-            match (item, segs.peek()) {
+            let next: Option<&dyn TableLike> = match (item, segs.peek()) {
                 (_, None) => return true,
-                (Item::Table(t), _) => table = t,
-                (Item::ArrayOfTables(array), Some(Seg::Index(i))) => {
-                    let Some(t) = array.get(*i) else { return false };
-                    table = t;
+                (Item::ArrayOfTables(array), Some(&&Seg::Index(i))) => {
                     segs.next();
+                    array.get(i).map(|t| t as &dyn TableLike)
                 }
-                _ => return false,
-            }
+                (Item::Value(Value::Array(array)), Some(&&Seg::Index(i))) => {
+                    segs.next();
+                    array
+                        .get(i)
+                        .and_then(Value::as_inline_table)
+                        .map(|t| t as &dyn TableLike)
+                }
+                (item, _) => item.as_table_like(),
+            };
+            let Some(next) = next else { return false };
+            table = next;
         }
         false
     }

@@ -248,6 +248,15 @@ async fn export(state: &AppState, req: &Request<Incoming>) -> Result<Response<Ex
     } else {
         tokio::task::block_in_place(|| store.claims_in_transit(activity))?
     };
+    let in_transit = match in_transit {
+        InTransit::Counted(n) => HeaderValue::from(n),
+        // Redis out of reach: MongoDB's claims are all there, and those
+        // still in a backlog could not be counted.
+        InTransit::Unknown(reason) => {
+            tracing::warn!(%activity, %reason, "An export could not count the claims still in a backlog for MongoDB: Redis is out of reach.");
+            HeaderValue::from_static("unknown")
+        }
+    };
     let (tx, chunks) = mpsc::channel(EXPORT_CHUNKS);
     let (store, activity) = (state.store.clone(), activity.to_owned());
     let on_panic = tx.clone();
@@ -289,12 +298,6 @@ async fn export(state: &AppState, req: &Request<Incoming>) -> Result<Response<Ex
         None => None,
     };
     let mut res = Response::new(ExportBody { first, chunks });
-    let in_transit = match in_transit {
-        InTransit::Counted(n) => HeaderValue::from(n),
-        // Redis did not answer: MongoDB's claims are all there, and those
-        // still in a backlog could not be counted.
-        InTransit::Unknown(_) => HeaderValue::from_static("unknown"),
-    };
     res.headers_mut().insert(IN_TRANSIT, in_transit);
     let ct = if format == ExportFormat::Csv {
         "text/csv; charset=utf-8"

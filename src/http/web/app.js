@@ -92,6 +92,8 @@ const ERRORS = {
     ACTIVITY_NOT_FOUND: 'This activity does not exist (any more).',
     TICKET_NOT_FOUND: 'This ticket type does not exist in this activity.',
     NOT_STARTED: 'The sale has not started yet.', ENDED: 'The sale has ended.',
+    // The page's own: a lottery that has reached everyone it drew.
+    CLOSED: 'Everyone drawn has had their turn; nobody more can claim.',
     PAUSED: 'The organiser paused the sale; stay on this page.',
     LIMIT_REACHED: 'You already hold as many tickets as one person may.',
     IN_PROGRESS: 'Your previous try is still being processed.',
@@ -137,6 +139,7 @@ const ERRORS = {
     SESSION_OUTDATED: '请重新登录后参与本次活动。',
     ACTIVITY_NOT_FOUND: '活动不存在。', TICKET_NOT_FOUND: '该活动没有这个票种。',
     NOT_STARTED: '活动还没开始。', ENDED: '活动已结束。', PAUSED: '主办方暂停了活动，请留在本页。',
+    CLOSED: '所有中签者都已轮过，无法再领取。',
     LIMIT_REACHED: '你已达到每人限购数量。', IN_PROGRESS: '上一次请求仍在处理中。',
     SOLD_OUT: '已抢完，所有票都被领走了。', OVERLOADED: '人太多了。',
     STOCK_IN_FLIGHT: '最后几张票正在发放中，可能还会释放出来。', NOT_IMPORTED: '票还没有上架。',
@@ -996,7 +999,7 @@ async function grab(a, ticketId, button, progress, result) {
           // words are the room's, not "not started".
           const roomOpen = a.admission && a.admission !== 'race' && status === 'open';
           if (roomOpen && tries < 3) { await sleep(400 + Math.random() * 400); continue; }
-          const code = { soldout: 'SOLD_OUT', paused: 'PAUSED', ended: 'ENDED', closed: 'ENDED' }[status]
+          const code = { soldout: 'SOLD_OUT', paused: 'PAUSED', ended: 'ENDED', closed: 'CLOSED' }[status]
             || (roomOpen ? 'QUEUE_PASS_REQUIRED' : 'NOT_STARTED');
           if (resumed) {
             // An earlier grab's answer was lost: it may hold the ticket that

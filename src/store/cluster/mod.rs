@@ -143,10 +143,13 @@ async fn connect(
             .await
             .map_err(|e| unreachable("Redis", &url, "redis_url", e.to_string()))
     };
-    let redis = match open_redis().await {
-        Err(_) if matches!(access, Access::Record) => RedisConn::lazy(url.as_str(), timeout)
-            .map_err(|e| unreachable("Redis", &url, "redis_url", e.to_string()))?,
-        redis => redis?,
+    let redis = match RedisConn::connect(url.as_str(), timeout).await {
+        Ok(redis) => redis,
+        Err(e) if matches!(access, Access::Record) && RedisConn::out_of_reach(&e) => {
+            RedisConn::lazy(url.as_str(), timeout)
+                .map_err(|e| unreachable("Redis", &url, "redis_url", e.to_string()))?
+        }
+        Err(e) => return Err(unreachable("Redis", &url, "redis_url", e.to_string())),
     };
     // With `replica_acks`, the rooms' `WAIT`s hold a connection of their own.
     // An export or report waits for no replica (and may find Redis down).
@@ -996,8 +999,9 @@ impl ClusterStore {
     /// when the node died and no live node has reaped its backlog yet).
     ///
     /// MongoDB must answer (it is what the count is taken from); Redis need
-    /// not: the count is then [`InTransit::Unknown`], and the export or
-    /// report goes on with what MongoDB holds.
+    /// not: out of reach, the count is [`InTransit::Unknown`], and the
+    /// export or report goes on with what MongoDB holds. (Redis refusing
+    /// the read, a wrong password say, is an error as before.)
     pub(super) fn claims_in_transit(&self, activity_id: &str) -> Result<InTransit, StoreError> {
         let shared = self.shared.clone();
         let activity = activity_id.to_owned();
@@ -1015,7 +1019,8 @@ impl ClusterStore {
                 .await;
             Ok::<_, ClusterError>(match committed {
                 Ok(committed) => InTransit::Counted(committed.saturating_sub(stored)),
-                Err(e) => InTransit::Unknown(e.to_string()),
+                Err(e) if RedisConn::out_of_reach(&e) => InTransit::Unknown(e.to_string()),
+                Err(e) => return Err(e.into()),
             })
         })?)
     }
