@@ -291,7 +291,7 @@ impl Room {
     }
 
     /// Nobody can claim through this room any more (see
-    /// [`RoomState::admits_no_more`]).
+    /// [`RoomSummary::admits_no_more`]).
     pub fn admits_no_more(&self) -> bool {
         self.state.lock().admits_no_more()
     }
@@ -303,6 +303,7 @@ impl Room {
         s.waiting = st.waiting();
         s.shuffled = st.shuffled_ms.is_some();
         s.closed = st.closed_ms.is_some();
+        s.admits_no_more = st.admits_no_more();
         s.admit_rate = st.measured_rate(st.last_tick_ms).unwrap_or(0.0);
         s
     }

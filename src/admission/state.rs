@@ -336,6 +336,9 @@ pub struct RoomSummary {
     pub shuffled: bool,
     /// The room has closed.
     pub closed: bool,
+    /// Nobody can claim through it any more ([`RoomState::admits_no_more`]):
+    /// closed, or a lottery that has reached every place it drew.
+    pub admits_no_more: bool,
 }
 
 /// What the admitter needs to know about the stock.

@@ -48,8 +48,9 @@ pub struct Config {
     pub base_dir: PathBuf,
     /// Keys the file sets to no effect (an activity's `admit_rate` on a
     /// lottery, say), found by validation: said, not refused.
+    /// Each as shown: `line N: …`.
     #[serde(skip)]
-    pub warnings: Vec<super::Problem>,
+    pub warnings: Vec<String>,
 }
 
 /// `[server]`: the HTTP listener.

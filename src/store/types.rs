@@ -156,10 +156,10 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Redis could not be reached ([`RedisConn::out_of_reach`](crate::store::cluster::RedisConn::out_of_reach)),
+    /// Redis could not be reached ([`ClusterError::is_redis_out_of_reach`]),
     /// not a refusal by Redis, MongoDB or the data.
     pub fn is_redis_out_of_reach(&self) -> bool {
-        matches!(self, StoreError::Cluster(ClusterError::Redis(e)) if crate::store::cluster::RedisConn::out_of_reach(e))
+        matches!(self, StoreError::Cluster(e) if e.is_redis_out_of_reach())
     }
 
     /// At most this many of an import's codes held by other ticket types

@@ -1091,7 +1091,17 @@ async fn a_lottery_that_reached_every_place_it_drew_shows_closed() {
         .with("grace = \"1m\"")
         .ticket("lu-t", "Ticket", Codes::Generate(5))
         .toml();
-    let app = TestApp::start(&(base_config() + &act));
+    let app = TestApp::start(&crate::common::with_admin(base_config() + &act));
+    let room = || async {
+        let stats = app.admin_stats().await;
+        let act = stats["activities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["actId"] == "lu")
+            .cloned();
+        act.unwrap()["queue"].clone()
+    };
     let tokens = app.users("lu", 2).await;
     for t in &tokens {
         assert_eq!(join(&app.client, t, "lu").await.status, 200);
@@ -1106,6 +1116,7 @@ async fn a_lottery_that_reached_every_place_it_drew_shows_closed() {
         (&json!(false), &json!(4)),
         "a pass is out: {detail}"
     );
+    assert_eq!(room().await["admitsNoMore"], false);
 
     // The other winner lets the pass lapse: nobody is left to admit.
     until("the lottery to say it admits nobody any more", || async {
@@ -1113,6 +1124,13 @@ async fn a_lottery_that_reached_every_place_it_drew_shows_closed() {
     })
     .await;
     assert_eq!(status(&app.client, &tokens[1], "lu").await["state"], "passed_over");
+    // The organiser's figures say so; the room itself has not closed.
+    let queue = room().await;
+    assert_eq!(
+        (&queue["admitsNoMore"], &queue["closed"]),
+        (&json!(true), &json!(false)),
+        "{queue}"
+    );
     let detail = app.detail("lu").await;
     assert_eq!(
         (&detail["status"], &detail["remaining"]),

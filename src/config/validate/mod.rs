@@ -40,7 +40,7 @@ pub(super) fn validate(config: &mut Config, text: &str) -> Vec<Problem> {
     node::admin(&mut r, config);
     node::log(&mut r, config);
     activity::activities(&mut r, config);
-    config.warnings = r.warnings;
+    config.warnings = r.warnings.iter().map(ToString::to_string).collect();
     r.problems
 }
 

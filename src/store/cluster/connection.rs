@@ -85,14 +85,6 @@ impl RedisConn {
         )?))
     }
 
-    /// Whether `error` says Redis could not be reached (refused, dropped,
-    /// timed out), rather than that it answered with a refusal (a wrong
-    /// password, a wrong key type, `MOVED`): what a tool that can do
-    /// without Redis goes on past, and nothing else.
-    pub fn out_of_reach(error: &redis::RedisError) -> bool {
-        error.is_io_error() || error.is_timeout() || error.is_connection_refusal() || error.is_connection_dropped()
-    }
-
     /// Whether this is a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         matches!(self, RedisConn::Cluster(_))

@@ -5,6 +5,19 @@ impl ClusterError {
     pub fn is_mongo(&self) -> bool {
         matches!(self, ClusterError::Mongo(_))
     }
+
+    /// Redis could not be reached ([`out_of_reach`]).
+    pub fn is_redis_out_of_reach(&self) -> bool {
+        matches!(self, ClusterError::Redis(e) if out_of_reach(e))
+    }
+}
+
+/// Whether `error` says Redis could not be reached (refused, dropped,
+/// timed out), rather than that it answered with a refusal (a wrong
+/// password, a wrong key type, `MOVED`): what a tool that can do without
+/// Redis goes on past, and nothing else.
+pub fn out_of_reach(error: &redis::RedisError) -> bool {
+    error.is_io_error() || error.is_timeout() || error.is_connection_refusal() || error.is_connection_dropped()
 }
 
 /// Why a cluster operation failed.

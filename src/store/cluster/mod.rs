@@ -145,10 +145,8 @@ async fn connect(
     };
     let redis = match RedisConn::connect(url.as_str(), timeout).await {
         Ok(redis) => redis,
-        Err(e) if matches!(access, Access::Record) && RedisConn::out_of_reach(&e) => {
-            RedisConn::lazy(url.as_str(), timeout)
-                .map_err(|e| unreachable("Redis", &url, "redis_url", e.to_string()))?
-        }
+        Err(e) if matches!(access, Access::Record) && error::out_of_reach(&e) => RedisConn::lazy(url.as_str(), timeout)
+            .map_err(|e| unreachable("Redis", &url, "redis_url", e.to_string()))?,
         Err(e) => return Err(unreachable("Redis", &url, "redis_url", e.to_string())),
     };
     // With `replica_acks`, the rooms' `WAIT`s hold a connection of their own.
@@ -1019,7 +1017,7 @@ impl ClusterStore {
                 .await;
             Ok::<_, ClusterError>(match committed {
                 Ok(committed) => InTransit::Counted(committed.saturating_sub(stored)),
-                Err(e) if RedisConn::out_of_reach(&e) => InTransit::Unknown(e.to_string()),
+                Err(e) if error::out_of_reach(&e) => InTransit::Unknown(e.to_string()),
                 Err(e) => return Err(e.into()),
             })
         })?)
