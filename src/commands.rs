@@ -236,7 +236,18 @@ pub fn retire(config: &Config, activity: &str) -> anyhow::Result<()> {
 
 /// `ticketd check-config`.
 pub fn check_config(path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(path)?;
+    // The warnings too when there are problems: a file is mended once.
+    let (config, problems) = Config::load_with_problems(path)?;
+    for warning in &config.warnings {
+        println!("warning: {warning}");
+    }
+    if !problems.is_empty() {
+        return Err(crate::config::ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        }
+        .into());
+    }
     // Relative times next to absolute ones, as a node starting now would
     // resolve them: `serve` would refuse these.
     let problems = crate::catalog::time_problems(&config, now_ms());
@@ -251,9 +262,6 @@ pub fn check_config(path: &Path) -> anyhow::Result<()> {
     // environment, which this shell need not have.
     if config.admin.listen.is_some() && config.admin.token().is_none() {
         println!("note: {}", no_admin_token());
-    }
-    for warning in &config.warnings {
-        println!("warning: {warning}");
     }
     let tickets: Vec<_> = config.activities.iter().flat_map(|a| &a.tickets).collect();
     let listed: usize = tickets.iter().map(|t| t.explicit_codes().len()).sum();

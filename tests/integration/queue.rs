@@ -2060,6 +2060,15 @@ async fn keys_a_waiting_room_ignores_are_said_not_refused() {
         act.ticket("race-t", "T", Codes::Generate(1)).toml()
     };
     let dir = tempfile::tempdir().unwrap();
+    // Said beside the problems too (here, an activity with no ticket type).
+    let broken = base_config() + &lottery + &Act::new("bad").with("grace = \"1m\"").toml();
+    std::fs::write(dir.path().join("config.toml"), broken).unwrap();
+    let out = run_cli(dir.path(), &["check-config"], None);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("activity `lot`: admit_rate has no effect"), "{stdout}");
+    assert!(stdout.contains("activity `bad`: grace has no effect"), "{stdout}");
+
     std::fs::write(dir.path().join("config.toml"), base_config() + &lottery + &race(true)).unwrap();
     let out = run_cli(dir.path(), &["check-config"], None);
     let stdout = String::from_utf8_lossy(&out.stdout);
