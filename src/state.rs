@@ -487,6 +487,7 @@ pub fn track(inventory: &Inventory, catalog: &Catalog) -> Result<(), StoreError>
         .map(|a| Tracked {
             id: a.id.clone(),
             per_user_limit: a.per_user_limit,
+            paused: a.paused,
             tickets: a.tickets.iter().map(|t| t.id.clone()).collect(),
         })
         .collect();

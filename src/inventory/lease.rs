@@ -50,6 +50,9 @@ pub struct Tracked {
     /// The per-user limit this node's config sets (in a cluster, claims hold
     /// to the lowest of the live nodes').
     pub per_user_limit: u32,
+    /// Whether this node's config pauses it (in a cluster, said when the
+    /// live nodes differ).
+    pub paused: bool,
     /// Its ticket types' ids.
     pub tickets: Vec<Arc<str>>,
 }
@@ -286,7 +289,10 @@ impl Leasing {
         }
         // Only once every activity is tracked: a reload refused halfway
         // must not have published the new limits.
-        let limits: Vec<(Arc<str>, u32)> = activities.iter().map(|a| (a.id.clone(), a.per_user_limit)).collect();
+        let limits: Vec<(Arc<str>, u32, bool)> = activities
+            .iter()
+            .map(|a| (a.id.clone(), a.per_user_limit, a.paused))
+            .collect();
         self.source.set_limits(&limits);
         Ok(())
     }

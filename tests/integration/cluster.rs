@@ -2686,6 +2686,49 @@ async fn nodes_that_disagree_on_the_limit_hold_to_the_lowest() {
     cluster.nodes[0].assert_verified();
 }
 
+/// Nodes with the activity in their own files are paused one reload at a
+/// time; one left out sells on while the others refuse, and nothing said
+/// so. Now each node records its pause in Redis beside its limit, and a
+/// node that sees the live nodes differ says so, once per change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_on_some_nodes_only_is_said() {
+    const DIFFERS: &str =
+        "paused differs across the live nodes: the nodes not paused sell on while the others refuse. Reload every node with the same setting.";
+    let act = cluster_activity("pz", 20, 5);
+    let cluster = Cluster::start(2, &act, "");
+    let (tokens, _) = users(&cluster, "pz", 1).await;
+    // Both nodes have leased (so both are live in Redis) before the reload.
+    for node in &cluster.nodes {
+        let res = node.claim(&tokens[0], "pz").await;
+        assert_eq!(res.status, 200, "{}", res.body);
+    }
+    let config = std::fs::read_to_string(cluster.nodes[1].config_path()).unwrap();
+    let paused = config.replace("[[activity]]\n", "[[activity]]\npaused = true\n");
+    assert_ne!(config, paused);
+    let outcome = cluster.nodes[1].reload(&paused);
+    assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
+    assert_error(&cluster.nodes[1].claim(&tokens[0], "pz").await, 409, "PAUSED");
+    assert_eq!(cluster.nodes[0].claim(&tokens[0], "pz").await.status, 200);
+    // Said by the node reloaded, and by the other at its next heartbeat.
+    let here = cluster.nodes[1].wait_for_log(DIFFERS, 1);
+    assert_eq!(here["paused_here"], true, "{here}");
+    let there = cluster.nodes[0].wait_for_log(DIFFERS, 1);
+    assert_eq!(there["paused_here"], false, "{there}");
+
+    // Both paused: nothing more to say, and nobody sells.
+    let config0 = std::fs::read_to_string(cluster.nodes[0].config_path()).unwrap();
+    let outcome = cluster.nodes[0].reload(&config0.replace("[[activity]]\n", "[[activity]]\npaused = true\n"));
+    assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
+    assert_error(&cluster.nodes[0].claim(&tokens[0], "pz").await, 409, "PAUSED");
+    assert_eq!(
+        (
+            cluster.nodes[0].count_logs(DIFFERS),
+            cluster.nodes[1].count_logs(DIFFERS)
+        ),
+        (1, 1)
+    );
+}
+
 /// On a Redis Cluster, the client re-sends a call whose connection dropped
 /// before its answer came back, and the call may have run. A lease that
 /// ran twice moved two batches into the node's lease set and the node

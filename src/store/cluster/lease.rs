@@ -17,7 +17,7 @@ use super::{
     error::ClusterError,
     replicas::run_replicated,
     scripts,
-    shared::{block_on, on, Shared},
+    shared::{block_on, on, NodeSettings, Shared},
 };
 use crate::{
     metrics,
@@ -200,18 +200,21 @@ impl LeaseSource {
     }
 
     /// After every activity is tracked (start-up, each reload): the per-user
-    /// limit this node's config sets for each, recorded in Redis, and the
-    /// record of an activity the config dropped removed (it would hold the
-    /// other nodes to it). Best effort, and not while Redis is known down:
-    /// every heartbeat records them too ([`record_limit`]).
-    pub fn set_limits(&self, limits: &[(Arc<str>, u32)]) {
+    /// limit and the pause this node's config sets for each, recorded in
+    /// Redis, and the record of an activity the config dropped removed (it
+    /// would hold the other nodes to it). Best effort, and not while Redis
+    /// is known down: every heartbeat records them too ([`record_limit`]).
+    pub fn set_limits(&self, limits: &[(Arc<str>, u32, bool)]) {
         for mut e in self.shared.limits.iter_mut() {
-            if !limits.iter().any(|(a, _)| a == e.key()) {
+            if !limits.iter().any(|(a, _, _)| a == e.key()) {
                 e.here = None;
             }
         }
-        for (activity, limit) in limits {
-            self.shared.limits.entry(activity.clone()).or_default().here = Some(*limit);
+        for (activity, limit, paused) in limits {
+            self.shared.limits.entry(activity.clone()).or_default().here = Some(NodeSettings {
+                limit: *limit,
+                paused: *paused,
+            });
         }
         if !self.is_up() {
             return;
@@ -340,12 +343,15 @@ impl LeaseSource {
     }
 }
 
-/// Records this node's per-user limit of `activity` ([`scripts::LIMITS`]),
-/// or removes the record once a reload dropped the activity (and then its
-/// entry: nothing more to do for it). The commit script holds every claim
-/// to the lowest of the live nodes' limits, so a difference is safe, but an
-/// operator should hear of it (once per change): a raise does not apply
-/// until every node has it.
+/// Records this node's per-user limit of `activity` and whether it pauses
+/// it ([`scripts::LIMITS`]), or removes the records once a reload dropped
+/// the activity (and then its entry: nothing more to do for it). The
+/// commit script holds every claim to the lowest of the live nodes' limits,
+/// so a difference is safe, but an operator should hear of it (once per
+/// change): a raise does not apply until every node has it. A pause is each
+/// node's own (nodes with `[[activity]]` in their files are reloaded one by
+/// one): one node left out of it sells on while the others refuse, which
+/// the operator hears of too.
 async fn record_limit(shared: &Shared, activity: &str) -> Result<(), ClusterError> {
     // A heartbeat and a reload may record at once: each records the limit it
     // read, and records again if the limit changed while its write was on
@@ -361,27 +367,30 @@ async fn record_limit(shared: &Shared, activity: &str) -> Result<(), ClusterErro
         written = Some(here);
         let keys = scripts::Keys::new(activity);
         let mut redis = shared.redis.clone();
-        let Some(limit) = here else {
-            redis::cmd("HDEL")
-                .arg(keys.limits())
-                .arg(&*shared.node)
-                .query_async::<()>(&mut redis)
-                .await?;
+        let Some(NodeSettings { limit, paused }) = here else {
+            for hash in [keys.limits(), keys.paused()] {
+                redis::cmd("HDEL")
+                    .arg(hash)
+                    .arg(&*shared.node)
+                    .query_async::<()>(&mut redis)
+                    .await?;
+            }
             // Gone unless a reload took the activity back meanwhile.
             shared.limits.remove_if(activity, |_, e| e.here.is_none());
             continue;
         };
-        let (lowest, highest): (u32, u32) = scripts::LIMITS
-            .key(keys.limits())
-            .key(keys.nodes())
-            .arg(&*shared.node)
-            .arg(limit)
-            .invoke_async(&mut redis)
-            .await?;
-        let before = shared
+        let mut spread = async |hash: String, value: u32| -> Result<(u32, u32), ClusterError> {
+            let mut invocation = scripts::LIMITS.prepare_invoke();
+            invocation.key(hash).key(keys.nodes()).arg(&*shared.node).arg(value);
+            Ok(invocation.invoke_async(&mut redis).await?)
+        };
+        let (lowest, highest) = spread(keys.limits(), limit).await?;
+        let pauses = spread(keys.paused(), u32::from(paused)).await?;
+        let (before, paused_before) = shared
             .limits
             .get_mut(activity)
-            .and_then(|mut e| e.spread.replace((lowest, highest)));
+            .map(|mut e| (e.spread.replace((lowest, highest)), e.pauses.replace(pauses)))
+            .unwrap_or_default();
         if lowest != highest && before != Some((lowest, highest)) {
             tracing::warn!(
                 activity,
@@ -389,6 +398,13 @@ async fn record_limit(shared: &Shared, activity: &str) -> Result<(), ClusterErro
                 lowest,
                 highest,
                 "per_user_limit differs across the live nodes: claims hold to the lowest until every node has the same."
+            );
+        }
+        if pauses.0 != pauses.1 && paused_before != Some(pauses) {
+            tracing::warn!(
+                activity,
+                paused_here = paused,
+                "paused differs across the live nodes: the nodes not paused sell on while the others refuse. Reload every node with the same setting."
             );
         }
     }

@@ -16,6 +16,8 @@
 //!                            given up (RELEASE): a node that sees it change
 //!                            knows the codes in its pools are not its own
 //! tk:{A}:limits        hash  node -> per_user_limit of its config (the lowest live one holds)
+//! tk:{A}:paused        hash  node -> 1 if its config pauses the activity, else 0 (said
+//!                            when the live nodes differ)
 //! tk:{A}:served        int   the highest limit a claim was committed under (`ticketd verify`'s)
 //! tk:{A}:claimed       hash  code -> claim record (JSON)
 //! tk:{A}:users         hash  user id -> claims held (the per-user limit)
@@ -108,6 +110,11 @@ impl Keys {
     /// Node -> the per-user limit its config sets.
     pub fn limits(&self) -> String {
         self.key("limits")
+    }
+
+    /// Node -> 1 if its config pauses the activity, else 0.
+    pub fn paused(&self) -> String {
+        self.key("paused")
     }
 
     /// The highest per-user limit a claim was committed under (see [`COMMIT`]).
@@ -355,11 +362,12 @@ return out
     ))
 });
 
-/// Records the per-user limit a node's config sets for one activity, and
-/// reads the live nodes' (see [`COMMIT`]).
+/// Records a number a node's config sets for one activity — its per-user
+/// limit (see [`COMMIT`]), or its pause (0 or 1) — and reads the live
+/// nodes'.
 ///
-/// KEYS: limits, nodes. ARGV: node, limit. Returns `{lowest, highest}` of
-/// this node's limit and the live nodes'.
+/// KEYS: the hash of them (limits, paused), nodes. ARGV: node, its number.
+/// Returns `{lowest, highest}` of this node's and the live nodes'.
 pub static LIMITS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{NOW}{}",

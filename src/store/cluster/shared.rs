@@ -90,10 +90,10 @@ pub(crate) struct Shared {
     /// over from a dead node by the reaper's sweep. The writer drains them
     /// as it does the others, and forgets each once its backlog is empty.
     pub leftover: Mutex<HashSet<Arc<str>>>,
-    /// The per-user limit this node's config sets per activity it sells,
-    /// recorded in Redis at start, on reload and with every heartbeat; and
-    /// the lowest and highest of the live nodes' at the last record (a
-    /// change to a difference is warned of once).
+    /// The per-user limit and the pause this node's config sets per
+    /// activity it sells, recorded in Redis at start, on reload and with
+    /// every heartbeat; and the live nodes' at the last record (a change to
+    /// a difference is warned of once).
     pub limits: DashMap<Arc<str>, LimitRecord>,
     pub doubts: Mutex<Vec<Doubt>>,
     /// The lease epoch (see [`super::scripts::HEARTBEAT`]) last seen per
@@ -211,13 +211,26 @@ impl Serving {
     }
 }
 
-/// This node's per-user limit of one activity, and what the live nodes'
-/// were at the last record.
+/// This node's per-user limit of one activity and whether it pauses it,
+/// and what the live nodes' were at the last record.
 #[derive(Debug, Default)]
 pub struct LimitRecord {
-    /// The limit this node's config sets; `None` once a reload dropped the
+    /// What this node's config sets; `None` once a reload dropped the
     /// activity (the entry goes when its record in Redis has).
-    pub here: Option<u32>,
+    pub here: Option<NodeSettings>,
     /// `(lowest, highest)` of the live nodes' limits at the last record.
     pub spread: Option<(u32, u32)>,
+    /// `(lowest, highest)` of the live nodes' pauses (0 or 1) at the last
+    /// record: `(0, 1)` while some pause the sale and others sell.
+    pub pauses: Option<(u32, u32)>,
+}
+
+/// What one node's config sets for an activity that all the nodes must
+/// agree on to sell it as one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeSettings {
+    /// `per_user_limit` (claims hold to the lowest of the live nodes').
+    pub limit: u32,
+    /// `paused` (each node refuses its own claims; the others sell on).
+    pub paused: bool,
 }
