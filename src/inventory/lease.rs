@@ -288,12 +288,12 @@ impl Leasing {
             }
         }
         // Only once every activity is tracked: a reload refused halfway
-        // must not have published the new limits.
-        let limits: Vec<(Arc<str>, u32, bool)> = activities
+        // must not have published the new limits and pauses.
+        let settings: Vec<(Arc<str>, u32, bool)> = activities
             .iter()
             .map(|a| (a.id.clone(), a.per_user_limit, a.paused))
             .collect();
-        self.source.set_limits(&limits);
+        self.source.set_node_settings(&settings);
         Ok(())
     }
 

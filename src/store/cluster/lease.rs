@@ -203,15 +203,15 @@ impl LeaseSource {
     /// limit and the pause this node's config sets for each, recorded in
     /// Redis, and the record of an activity the config dropped removed (it
     /// would hold the other nodes to it). Best effort, and not while Redis
-    /// is known down: every heartbeat records them too ([`record_limit`]).
-    pub fn set_limits(&self, limits: &[(Arc<str>, u32, bool)]) {
-        for mut e in self.shared.limits.iter_mut() {
-            if !limits.iter().any(|(a, _, _)| a == e.key()) {
+    /// is known down: every heartbeat records them too ([`record_settings`]).
+    pub fn set_node_settings(&self, settings: &[(Arc<str>, u32, bool)]) {
+        for mut e in self.shared.settings.iter_mut() {
+            if !settings.iter().any(|(a, _, _)| a == e.key()) {
                 e.here = None;
             }
         }
-        for (activity, limit, paused) in limits {
-            self.shared.limits.entry(activity.clone()).or_default().here = Some(NodeSettings {
+        for (activity, limit, paused) in settings {
+            self.shared.settings.entry(activity.clone()).or_default().here = Some(NodeSettings {
                 limit: *limit,
                 paused: *paused,
             });
@@ -219,11 +219,11 @@ impl LeaseSource {
         if !self.is_up() {
             return;
         }
-        let activities: Vec<Arc<str>> = self.shared.limits.iter().map(|e| e.key().clone()).collect();
+        let activities: Vec<Arc<str>> = self.shared.settings.iter().map(|e| e.key().clone()).collect();
         block_on(&self.handle, async {
             for activity in &activities {
-                if let Err(error) = record_limit(&self.shared, activity).await {
-                    tracing::warn!(%activity, %error, "Could not record per_user_limit in Redis; the next heartbeat will.");
+                if let Err(error) = record_settings(&self.shared, activity).await {
+                    tracing::warn!(%activity, %error, "Could not record per_user_limit and paused in Redis; the next heartbeat will.");
                 }
             }
         });
@@ -352,13 +352,13 @@ impl LeaseSource {
 /// node's own (nodes with `[[activity]]` in their files are reloaded one by
 /// one): one node left out of it sells on while the others refuse, which
 /// the operator hears of too.
-async fn record_limit(shared: &Shared, activity: &str) -> Result<(), ClusterError> {
+async fn record_settings(shared: &Shared, activity: &str) -> Result<(), ClusterError> {
     // A heartbeat and a reload may record at once: each records the limit it
     // read, and records again if the limit changed while its write was on
     // the way, so an older write landing last is put right at once.
     let mut written = None;
     loop {
-        let Some(here) = shared.limits.get(activity).map(|e| e.here) else {
+        let Some(here) = shared.settings.get(activity).map(|e| e.here) else {
             return Ok(());
         };
         if written == Some(here) {
@@ -376,7 +376,7 @@ async fn record_limit(shared: &Shared, activity: &str) -> Result<(), ClusterErro
                     .await?;
             }
             // Gone unless a reload took the activity back meanwhile.
-            shared.limits.remove_if(activity, |_, e| e.here.is_none());
+            shared.settings.remove_if(activity, |_, e| e.here.is_none());
             continue;
         };
         let mut spread = async |hash: String, value: u32| -> Result<(u32, u32), ClusterError> {
@@ -387,7 +387,7 @@ async fn record_limit(shared: &Shared, activity: &str) -> Result<(), ClusterErro
         let (lowest, highest) = spread(keys.limits(), limit).await?;
         let pauses = spread(keys.paused(), u32::from(paused)).await?;
         let (before, paused_before) = shared
-            .limits
+            .settings
             .get_mut(activity)
             .map(|mut e| (e.spread.replace((lowest, highest)), e.pauses.replace(pauses)))
             .unwrap_or_default();
@@ -487,8 +487,8 @@ async fn heartbeat(shared: &Shared) -> Result<Vec<TicketCounts>, ClusterError> {
         }
         let answer: Vec<usize> = invocation.invoke_async(&mut redis).await?;
         // Best effort: the heartbeat's own work (renewals, counts) stands.
-        if let Err(error) = record_limit(shared, &a).await {
-            tracing::debug!(activity = %a, %error, "Could not record per_user_limit in Redis.");
+        if let Err(error) = record_settings(shared, &a).await {
+            tracing::debug!(activity = %a, %error, "Could not record per_user_limit and paused in Redis.");
         }
         let epoch = answer.first().copied().unwrap_or_default() as u64;
         for (t, counts) in tickets.iter().zip(answer.get(1..).unwrap_or_default().chunks(3)) {

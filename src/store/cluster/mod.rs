@@ -588,7 +588,7 @@ impl ClusterStore {
             shutdown_grace_ms: AtomicU64::new(config.server.shutdown_grace.0.as_millis() as u64),
             activities: DashMap::new(),
             leftover: Mutex::new(HashSet::new()),
-            limits: DashMap::new(),
+            settings: DashMap::new(),
             doubts: Mutex::new(Vec::new()),
             epochs: Mutex::new(HashMap::new()),
             ids: Mutex::new((0, 0)),

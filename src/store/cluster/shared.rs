@@ -94,7 +94,7 @@ pub(crate) struct Shared {
     /// activity it sells, recorded in Redis at start, on reload and with
     /// every heartbeat; and the live nodes' at the last record (a change to
     /// a difference is warned of once).
-    pub limits: DashMap<Arc<str>, LimitRecord>,
+    pub settings: DashMap<Arc<str>, SettingsRecord>,
     pub doubts: Mutex<Vec<Doubt>>,
     /// The lease epoch (see [`super::scripts::HEARTBEAT`]) last seen per
     /// activity and ticket type: each ticket type's pool acts on a change
@@ -214,7 +214,7 @@ impl Serving {
 /// This node's per-user limit of one activity and whether it pauses it,
 /// and what the live nodes' were at the last record.
 #[derive(Debug, Default)]
-pub struct LimitRecord {
+pub struct SettingsRecord {
     /// What this node's config sets; `None` once a reload dropped the
     /// activity (the entry goes when its record in Redis has).
     pub here: Option<NodeSettings>,
