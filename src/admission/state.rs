@@ -336,8 +336,8 @@ pub struct RoomSummary {
     pub shuffled: bool,
     /// The room has closed.
     pub closed: bool,
-    /// Nobody can claim through it any more ([`RoomState::admits_no_more`]):
-    /// closed, or a lottery that has reached every place it drew.
+    /// Nobody can claim through it any more: closed, or a lottery that has
+    /// reached every place it drew with no pass still out.
     pub admits_no_more: bool,
 }
 

@@ -2693,7 +2693,7 @@ async fn nodes_that_disagree_on_the_limit_hold_to_the_lowest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_on_some_nodes_only_is_said() {
     const DIFFERS: &str =
-        "paused differs across the live nodes: the nodes not paused sell on while the others refuse. Reload every node with the same setting.";
+        "paused differs across the live nodes: those not paused sell on while the others refuse. Nodes serving MongoDB's activities agree within cluster.refresh_interval; nodes with the activity in their own files each need a reload with the same setting.";
     let act = cluster_activity("pz", 20, 5);
     let cluster = Cluster::start(2, &act, "");
     let (tokens, _) = users(&cluster, "pz", 1).await;

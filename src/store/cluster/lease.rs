@@ -386,11 +386,18 @@ async fn record_settings(shared: &Shared, activity: &str) -> Result<(), ClusterE
         };
         let (lowest, highest) = spread(keys.limits(), limit).await?;
         let pauses = spread(keys.paused(), u32::from(paused)).await?;
-        let (before, paused_before) = shared
+        // Settings changed while these were on the way: what they read is
+        // already old (the last node resuming, a heartbeat's write of the
+        // pause landing after the reload's would say the nodes differ).
+        // Record again, and keep and say only what that finds.
+        let Some((before, paused_before)) = shared
             .settings
             .get_mut(activity)
+            .filter(|e| e.here == Some(NodeSettings { limit, paused }))
             .map(|mut e| (e.spread.replace((lowest, highest)), e.pauses.replace(pauses)))
-            .unwrap_or_default();
+        else {
+            continue;
+        };
         if lowest != highest && before != Some((lowest, highest)) {
             tracing::warn!(
                 activity,
@@ -404,7 +411,7 @@ async fn record_settings(shared: &Shared, activity: &str) -> Result<(), ClusterE
             tracing::warn!(
                 activity,
                 paused_here = paused,
-                "paused differs across the live nodes: the nodes not paused sell on while the others refuse. Reload every node with the same setting."
+                "paused differs across the live nodes: those not paused sell on while the others refuse. Nodes serving MongoDB's activities agree within cluster.refresh_interval; nodes with the activity in their own files each need a reload with the same setting."
             );
         }
     }
