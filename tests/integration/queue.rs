@@ -231,6 +231,7 @@ async fn the_draw_ignores_join_order_and_anyone_can_check_it() {
     app.restart();
     let detail = app.detail("fair").await;
     assert_eq!(detail["admission"], "queue");
+    assert_eq!(detail["queue"]["admitRate"], 50.0, "the default pace");
     let commitment = detail["queue"]["commitment"].as_str().unwrap().to_owned();
     assert_eq!(commitment.len(), 64);
     assert_eq!(
@@ -1111,6 +1112,11 @@ async fn a_lottery_that_reached_every_place_it_drew_shows_closed() {
     let bought = claim_with(&app.client, &tokens[0], "lu", passes[0]["pass"].as_str()).await;
     assert_eq!(bought.status, 200, "{}", bought.body);
     let detail = app.detail("lu").await;
+    assert_eq!(
+        detail["queue"]["admitRate"],
+        Value::Null,
+        "a lottery has no pace: {detail}"
+    );
     assert_eq!(
         (&detail["closed"], &detail["remaining"]),
         (&json!(false), &json!(4)),

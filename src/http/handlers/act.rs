@@ -217,7 +217,9 @@ pub async fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Respons
                     "shuffleAt": rfc3339_ms(s.shuffle_ms),
                     "passTtlMs": s.pass_ttl_ms,
                     "graceMs": s.grace_ms,
-                    "admitRate": s.admit_rate,
+                    // A queue's pace; a lottery admits as far as the
+                    // stock goes (its `admit_rate` showed, meaning nothing).
+                    "admitRate": (s.mode == AdmissionMode::Queue).then_some(s.admit_rate),
                     "commitment": room.commitment(),
                     "seed": room.revealed_seed(),
                     "waiting": summary.waiting,
