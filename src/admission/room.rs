@@ -875,13 +875,8 @@ mod tests {
     #[test]
     fn entries_close_at_the_draw_time_not_at_the_step() {
         let stock = unsettled(5);
-        let lottery = RoomSettings {
-            mode: AdmissionMode::Lottery,
-            ..settings()
-        };
         let dir = tempfile::tempdir().unwrap();
-        let room = Room::open(dir.path(), "l".into(), lottery).unwrap();
-        room.join(1, 5).unwrap();
+        let room = lottery_of_one(dir.path());
         // `entry` is what a shared room asks before its log's join script.
         assert_eq!(room.entry(2, 10), Err(JoinError::EntriesClosed));
         assert_eq!(room.entry(1, 10), Ok(Entry::Held));
@@ -911,19 +906,25 @@ mod tests {
         assert_eq!(record.late, vec![3], "after the draw: at the back, not drawn");
     }
 
+    /// A lottery room in `dir` with one entrant: user 1, joined at 5.
+    fn lottery_of_one(dir: &std::path::Path) -> Room {
+        let lottery = RoomSettings {
+            mode: AdmissionMode::Lottery,
+            ..settings()
+        };
+        let room = Room::open(dir, "l".into(), lottery).unwrap();
+        room.join(1, 5).unwrap();
+        room
+    }
+
     /// A lottery whose every drawn place was reached, with no pass out,
     /// admits nobody any more though codes are left (a queue takes later
     /// arrivals, so it never does before it closes).
     #[test]
     fn a_lottery_that_reached_every_place_admits_no_more() {
         let stock = unsettled(5);
-        let lottery = RoomSettings {
-            mode: AdmissionMode::Lottery,
-            ..settings()
-        };
         let dir = tempfile::tempdir().unwrap();
-        let room = Room::open(dir.path(), "l".into(), lottery).unwrap();
-        room.join(1, 5).unwrap();
+        let room = lottery_of_one(dir.path());
         assert!(!room.admits_no_more(), "entries are open");
         room.tick(|| 11, &|| stock, &|_| 0); // the draw
         assert!(!room.admits_no_more(), "drawn, nobody admitted yet");
