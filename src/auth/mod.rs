@@ -554,8 +554,8 @@ impl Auth {
                 Some(u) if verified.matched() => {
                     attempt.succeeded();
                     // Made at an earlier cost, or before passwords were
-                    // normalised: as `hash` makes them now from now on (the turn is still held; this login
-                    // pays for it).
+                    // normalised: as `hash` makes them now from now on
+                    // (the turn is still held; this login pays for it).
                     let cost = this.settings.load().cost;
                     if verified == password::Verified::AsTyped || !password::is_current(&hash, cost) {
                         let rehashed = password::hash(&password, cost);

@@ -110,6 +110,20 @@ fn queue(id: &str, codes: u32, start: &str, extra: &[&str]) -> String {
     act.ticket(&format!("{id}-t"), "Ticket", Codes::Generate(codes)).toml()
 }
 
+/// A lottery `id` of `codes` codes (ticket `{id}-t`), open for entries,
+/// drawn in 5 s and on sale a second later, its passes good for `pass_ttl`.
+fn drawn_in_5s(id: &str, codes: u32, pass_ttl: &str) -> String {
+    Act::new(id)
+        .window("+6s", "+1h")
+        .with("admission = \"lottery\"")
+        .with("queue_opens = \"-1m\"")
+        .with("draw_time = \"+5s\"")
+        .with(&format!("pass_ttl = \"{pass_ttl}\""))
+        .with("grace = \"1m\"")
+        .ticket(&format!("{id}-t"), "Ticket", Codes::Generate(codes))
+        .toml()
+}
+
 /// `POST /queue/join` of `act` as `token`'s account.
 pub(crate) async fn join(client: &ApiClient, token: &str, act: &str) -> ApiResponse {
     client
@@ -1081,17 +1095,9 @@ async fn a_full_room_takes_no_new_place_and_a_full_lottery_says_so_for_good() {
 /// sale with 4 codes left, and the page a live "Open" badge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lottery_that_reached_every_place_it_drew_shows_closed() {
-    let act = Act::new("lu")
-        .window("+6s", "+1h")
-        .with("admission = \"lottery\"")
-        .with("queue_opens = \"-1m\"")
-        .with("draw_time = \"+5s\"")
-        // Long enough that the first check below comes before it lapses
-        // on a busy machine.
-        .with("pass_ttl = \"15s\"")
-        .with("grace = \"1m\"")
-        .ticket("lu-t", "Ticket", Codes::Generate(5))
-        .toml();
+    // A pass long enough that the first check below comes before it
+    // lapses on a busy machine.
+    let act = drawn_in_5s("lu", 5, "15s");
     let app = TestApp::start(&crate::common::with_admin(base_config() + &act));
     let room = || async {
         let stats = app.admin_stats().await;
@@ -1173,15 +1179,7 @@ async fn a_lottery_that_reached_every_place_it_drew_shows_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lottery_draws_once_and_its_waiting_list_replaces_lapsed_winners() {
-    let act = Act::new("lot")
-        .window("+6s", "+1h")
-        .with("admission = \"lottery\"")
-        .with("queue_opens = \"-1m\"")
-        .with("draw_time = \"+5s\"")
-        .with("pass_ttl = \"5s\"")
-        .with("grace = \"1m\"")
-        .ticket("lot-t", "Ticket", Codes::Generate(2))
-        .toml();
+    let act = drawn_in_5s("lot", 2, "5s");
     let app = TestApp::start(&(base_config() + &act));
     let tokens = app.users("l", 6).await;
     let outsider = app.users("o", 1).await.remove(0);

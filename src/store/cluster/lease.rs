@@ -344,7 +344,7 @@ impl LeaseSource {
 }
 
 /// Records this node's per-user limit of `activity` and whether it pauses
-/// it ([`scripts::LIMITS`]), or removes the records once a reload dropped
+/// it ([`scripts::NODE_SETTING`]), or removes the records once a reload dropped
 /// the activity (and then its entry: nothing more to do for it). The
 /// commit script holds every claim to the lowest of the live nodes' limits,
 /// so a difference is safe, but an operator should hear of it (once per
@@ -380,7 +380,7 @@ async fn record_settings(shared: &Shared, activity: &str) -> Result<(), ClusterE
             continue;
         };
         let mut spread = async |hash: String, value: u32| -> Result<(u32, u32), ClusterError> {
-            let mut invocation = scripts::LIMITS.prepare_invoke();
+            let mut invocation = scripts::NODE_SETTING.prepare_invoke();
             invocation.key(hash).key(keys.nodes()).arg(&*shared.node).arg(value);
             Ok(invocation.invoke_async(&mut redis).await?)
         };

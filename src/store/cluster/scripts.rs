@@ -256,7 +256,7 @@ pub fn node_key(node: &str) -> String {
 /// as a JSON string, and its pass's expiry (Unix ms, or 0).
 ///
 /// The per-user limit is the lowest that this node's config and the live
-/// nodes' (as [`LIMITS`] recorded them at start, on reload and with each
+/// nodes' (as [`NODE_SETTING`] recorded them at start, on reload and with each
 /// heartbeat) set: nodes that disagree — a rolling reload, a node forgotten
 /// — never let a user hold more than any of them allows. (The batch's own
 /// limit is not recorded here: claims decided before a reload and committed
@@ -368,7 +368,7 @@ return out
 ///
 /// KEYS: the hash of them (limits, paused), nodes. ARGV: node, its number.
 /// Returns `{lowest, highest}` of this node's and the live nodes'.
-pub static LIMITS: LazyLock<Script> = LazyLock::new(|| {
+pub static NODE_SETTING: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{NOW}{}",
         r#"
