@@ -176,8 +176,8 @@ impl ApiError {
                 accounts_before,
             },
         };
-        let body = serde_json::to_vec(&body).unwrap_or_default();
-        let mut res = Response::new(Full::new(Bytes::from(body)));
+        let body = super::json::to_bytes(&body).unwrap_or_default();
+        let mut res = Response::new(Full::new(body));
         *res.status_mut() = self.status;
         res.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -7,6 +7,8 @@
 //! - [`request`] reads bodies, queries and credentials, refusing bad input
 //!   with 4xx answers;
 //! - [`error`] owns the error shape and status mapping;
+//! - `json` renders answers' JSON into a buffer each thread keeps, so an
+//!   answer costs one allocation of its own size;
 //! - `handlers` hold one module per area (`act`, `ticket`, `user`, `queue`,
 //!   `admin`, `ops`) and `page`, the fans' page (`web/`, embedded by
 //!   `build.rs`);
@@ -21,6 +23,7 @@
 pub mod access_log;
 pub mod error;
 mod handlers;
+mod json;
 pub mod lanes;
 mod parse_errors;
 pub mod request;

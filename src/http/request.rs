@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body as _;
@@ -31,6 +31,12 @@ const MAX_IDEMPOTENCY_KEY: usize = 128;
 /// `Content-Length` above the cap is answered 413 before a byte of the body
 /// is read (and without `100 Continue`).
 pub async fn json_body<T: DeserializeOwned>(state: &AppState, req: Request<Incoming>) -> Result<T, ApiError> {
+    parse_json(&json_bytes(state, req).await?)
+}
+
+/// The bytes of a JSON body, read as [`json_body`] reads them, for a type
+/// that borrows its strings from them ([`parse_json`]).
+pub async fn json_bytes(state: &AppState, req: Request<Incoming>) -> Result<Bytes, ApiError> {
     if !is_json(req.headers()) {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -51,20 +57,42 @@ pub async fn json_body<T: DeserializeOwned>(state: &AppState, req: Request<Incom
     if body.size_hint().lower() > max as u64 {
         return Err(too_large());
     }
-    let collect = tokio::time::timeout(state.request_timeout(), Limited::new(body, max).collect());
-    let bytes = match collect.await {
-        Err(_elapsed) => {
-            return Err(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "REQUEST_TIMEOUT",
-                "the request body did not arrive in time",
-            ))
+    match tokio::time::timeout(state.request_timeout(), whole(Limited::new(body, max))).await {
+        Err(_elapsed) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "REQUEST_TIMEOUT",
+            "the request body did not arrive in time",
+        )),
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(_)) => Err(ApiError::bad_request("BAD_BODY", "the request body could not be read")),
+    }
+}
+
+/// A body's data frames as one buffer. A body that came in one frame (a
+/// claim's, which arrives with its head) is that frame itself: no list of
+/// frames and no copy, as `BodyExt::collect` would make.
+async fn whole<B>(mut body: B) -> Result<Bytes, B::Error>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    let mut first = Bytes::new();
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        // Trailers carry nothing a JSON body needs.
+        let Ok(data) = frame?.into_data() else { continue };
+        match &mut joined {
+            Some(buf) => buf.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
+                let mut buf = BytesMut::with_capacity(first.len() + data.len());
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&data);
+                joined = Some(buf);
+            }
         }
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Ok(Err(_)) => return Err(ApiError::bad_request("BAD_BODY", "the request body could not be read")),
-    };
-    parse_json(&bytes)
+    }
+    Ok(joined.map_or(first, BytesMut::freeze))
 }
 
 /// Whether the Content-Type is `application/json` (any parameters, any case).
@@ -76,8 +104,9 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// Parses `bytes` as JSON into `T`, with a sentence on failure.
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+/// Parses `bytes` as JSON into `T` (which may borrow its strings from
+/// them), with a sentence on failure.
+pub fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
         return Err(ApiError::bad_request(
             "MALFORMED_JSON",
@@ -250,9 +279,9 @@ pub fn ok<T: Serialize>(data: &T) -> Response<Full<Bytes>> {
         ok: bool,
         data: &'a T,
     }
-    match serde_json::to_vec(&Envelope { ok: true, data }) {
+    match super::json::to_bytes(&Envelope { ok: true, data }) {
         Ok(body) => {
-            let mut res = Response::new(Full::new(Bytes::from(body)));
+            let mut res = Response::new(Full::new(body));
             res.headers_mut()
                 .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
             res
@@ -267,31 +296,47 @@ pub fn ok<T: Serialize>(data: &T) -> Response<Full<Bytes>> {
 /// An id sent as a JSON string or number (`"1001"` or `1001`); at most 64
 /// bytes. Whitespace around a string is dropped, as the query path drops it
 /// (a configured id has none), so `{"actId":"1001 "}` finds what
-/// `?actId=1001+` finds.
+/// `?actId=1001+` finds. Borrowed from the body when it can be (a string
+/// without escapes): a claim's ids cost no allocation.
 #[derive(Debug)]
-pub struct Id(pub String);
+pub struct Id<'a>(pub Cow<'a, str>);
 
-impl<'de> Deserialize<'de> for Id {
+impl Id<'_> {
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Id<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct IdVisitor;
-        impl serde::de::Visitor<'_> for IdVisitor {
-            type Value = Id;
+
+        fn checked<E: serde::de::Error>(v: &str) -> Result<&str, E> {
+            let v = v.trim();
+            if v.is_empty() || v.len() > 64 {
+                return Err(E::invalid_length(v.len(), &IdVisitor));
+            }
+            Ok(v)
+        }
+
+        impl<'de> serde::de::Visitor<'de> for IdVisitor {
+            type Value = Id<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("an id: a string of 1-64 characters or a whole number")
             }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Id, E> {
-                let v = v.trim();
-                if v.is_empty() || v.len() > 64 {
-                    return Err(E::invalid_length(v.len(), &self));
-                }
-                Ok(Id(v.to_owned()))
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Id<'de>, E> {
+                Ok(Id(Cow::Borrowed(checked(v)?)))
             }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Id, E> {
-                Ok(Id(v.to_string()))
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Id<'de>, E> {
+                Ok(Id(Cow::Owned(checked(v)?.to_owned())))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Id<'de>, E> {
+                Ok(Id(Cow::Owned(v.to_string())))
             }
             // JSON reads a whole number past 2^64 as a float; say so rather
             // than "invalid type: floating point `1e23`".
-            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Id, E> {
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Id<'de>, E> {
                 Err(E::custom(if v.fract() == 0.0 && v >= 18_446_744_073_709_551_616.0 {
                     "an id that is a number must be below 2^64 (send a longer id as a string)"
                 } else {
@@ -310,9 +355,11 @@ mod tests {
     #[derive(Debug, Deserialize)]
     #[serde(rename_all = "camelCase")]
     #[allow(dead_code)]
-    struct ClaimBody {
-        act_id: Id,
-        ticket_id: Option<Id>,
+    struct ClaimBody<'a> {
+        #[serde(borrow)]
+        act_id: Id<'a>,
+        #[serde(borrow)]
+        ticket_id: Option<Id<'a>>,
         claim_token: Option<String>,
     }
 
@@ -357,6 +404,66 @@ mod tests {
         let e = parse_json::<ClaimBody>(br#"{"actId":99999999999999999999999}"#).unwrap_err();
         assert!(e.message().contains("below 2^64"), "{}", e.message());
         assert!(!e.message().contains("floating point"), "{}", e.message());
+    }
+
+    /// A body that yields the given frames.
+    struct Frames(std::collections::VecDeque<hyper::body::Frame<Bytes>>);
+
+    impl hyper::body::Body for Frames {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    fn frames(parts: &[&'static str]) -> Frames {
+        Frames(
+            parts
+                .iter()
+                .map(|p| hyper::body::Frame::data(Bytes::from_static(p.as_bytes())))
+                .collect(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_body_is_its_one_frame_or_its_frames_joined() {
+        let one = Bytes::from_static(b"{\"actId\":1}");
+        let read = whole(Frames([hyper::body::Frame::data(one.clone())].into()))
+            .await
+            .unwrap();
+        assert_eq!(read, one);
+        // The very frame, not a copy of it.
+        assert_eq!(read.as_ptr(), one.as_ptr());
+        for parts in [
+            &["{\"ac", "tId\":", "1}"][..],
+            &["", "{\"actId\":1}", ""],
+            &["{\"actId\"", ":1}"],
+        ] {
+            assert_eq!(whole(frames(parts)).await.unwrap(), one, "{parts:?}");
+        }
+        let mut with_trailers = frames(&["{\"actId\"", ":1}"]);
+        with_trailers
+            .0
+            .push_back(hyper::body::Frame::trailers(HeaderMap::new()));
+        assert_eq!(whole(with_trailers).await.unwrap(), one);
+        assert!(whole(frames(&[])).await.unwrap().is_empty());
+        // Past the cap, in whichever frame, the limit's error.
+        let limited = whole(Limited::new(frames(&["{\"actId\"", ":1}"]), 8)).await;
+        assert!(limited.unwrap_err().is::<http_body_util::LengthLimitError>());
+    }
+
+    #[test]
+    fn ids_are_borrowed_unless_escaped_or_numbers() {
+        let body = br#"{"actId":"a-1","ticketId":"t\u002d1"}"#;
+        let parsed: ClaimBody<'_> = parse_json(body).unwrap();
+        assert!(matches!(parsed.act_id.0, Cow::Borrowed("a-1")));
+        assert!(matches!(parsed.ticket_id.unwrap().0, Cow::Owned(ref t) if t == "t-1"));
+        let parsed: ClaimBody<'_> = parse_json(br#"{"actId":7}"#).unwrap();
+        assert_eq!(parsed.act_id.as_str(), "7");
     }
 
     proptest::proptest! {

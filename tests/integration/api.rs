@@ -519,6 +519,35 @@ async fn bad_input_gets_the_error_shape_never_a_panic() {
     assert_eq!(app.claim(&token, "b").await.status, 200);
 }
 
+/// A claim's body in several chunks (each a frame of its own to the
+/// server), with an id written with a JSON escape, is read whole: the
+/// claim reads a body that came in one frame as that frame and borrows its
+/// strings from it, and must still join frames and unescape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_body_in_chunks_and_with_escapes_is_read_whole() {
+    let app = TestApp::start(&(base_config() + &open_activity("chunk", 2, 1)));
+    let token = app.register("chen").await;
+    let mut body = app.claim_body(&token, "chunk").await;
+    // "ch\u0075nk": the id "chunk" with an escaped letter.
+    body["actId"] = "@".into();
+    let text = body.to_string().replace("\"@\"", "\"ch\\u0075nk\"");
+    assert!(text.contains(r"ch\u0075nk"), "{text}");
+    let (first, rest) = text.split_at(text.len() / 2);
+    let mut request = format!(
+        "POST /ticket/get HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    for piece in [first, rest] {
+        request += &format!("{:x}\r\n{piece}\r\n", piece.len());
+    }
+    request += "0\r\n\r\n";
+    let answer = exchange(&app.addr, request.as_bytes()).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let claimed = answer.json();
+    assert_eq!(claimed["data"]["actId"], "chunk", "{claimed}");
+    assert_eq!(app.held(&token, "chunk").await.len(), 1);
+}
+
 /// POSTs raw bytes to /ticket/get over a plain TCP connection.
 async fn send_raw(app: &TestApp, token: &str, body: Vec<u8>) -> (u16, Value) {
     let mut request = format!(

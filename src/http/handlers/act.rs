@@ -142,12 +142,19 @@ pub fn list(state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
     };
     // `{"ok":true,"data":{"activities":[...],"serverTime":"..."}}`
     let server_time = Rfc3339Ms::new(now);
-    let mut body = Vec::with_capacity(json.len() + server_time.as_str().len() + 64);
-    body.extend_from_slice(br#"{"ok":true,"data":{"activities":"#);
-    body.extend_from_slice(&json);
-    body.extend_from_slice(br#","serverTime":""#);
-    body.extend_from_slice(server_time.as_str().as_bytes());
-    body.extend_from_slice(br#""}}"#);
+    let parts: [&[u8]; 5] = [
+        br#"{"ok":true,"data":{"activities":"#,
+        &json,
+        br#","serverTime":""#,
+        server_time.as_str().as_bytes(),
+        br#""}}"#,
+    ];
+    // Exactly its length: a `Vec` with room to spare would cost `Bytes` a
+    // second allocation.
+    let mut body = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for part in parts {
+        body.extend_from_slice(part);
+    }
     let mut res = Response::new(Full::new(Bytes::from(body)));
     res.headers_mut().insert(
         http::header::CONTENT_TYPE,

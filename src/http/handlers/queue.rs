@@ -33,7 +33,7 @@ use crate::{
     config::AdmissionMode,
     http::{
         error::ApiError,
-        request::{json_body, ok, session, Id, Query},
+        request::{json_bytes, ok, parse_json, session, Id, Query},
     },
     metrics::{self, Rejected},
     state::AppState,
@@ -50,8 +50,9 @@ const STREAM_HEARTBEAT: Duration = Duration::from_secs(15);
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct JoinBody {
-    act_id: Id,
+struct JoinBody<'a> {
+    #[serde(borrow)]
+    act_id: Id<'a>,
     /// Solves the activity's proof of work over its join challenge, when
     /// it has `pow_difficulty`.
     #[serde(default)]
@@ -171,9 +172,10 @@ fn caller(state: &AppState, req_headers: &http::HeaderMap, ip: IpAddr) -> Result
 pub async fn join(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result<Response<Full<Bytes>>, ApiError> {
     let session = caller(state, req.headers(), ip)?;
     let user = session.user_id;
-    let body: JoinBody = json_body(state, req).await?;
+    let bytes = json_bytes(state, req).await?;
+    let body: JoinBody<'_> = parse_json(&bytes)?;
     let catalog = state.catalog.load();
-    let activity = activity(&catalog, &body.act_id.0)?;
+    let activity = activity(&catalog, body.act_id.as_str())?;
     let room = room_of(activity)?;
     activity.admits_account(session.account_created_ms).inspect_err(|why| {
         metrics::global().reject(match why {

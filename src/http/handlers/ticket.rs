@@ -1,7 +1,7 @@
 //! `POST /ticket/get` (the claim), `GET /ticket/list`, `GET /ticket/detail`,
 //! `GET /ticket/qr`.
 
-use std::{net::IpAddr, sync::Arc, time::Instant};
+use std::{borrow::Cow, net::IpAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -16,7 +16,7 @@ use crate::{
     clock::now_ms,
     http::{
         error::ApiError,
-        request::{idempotency_key, json_body, ok, session, Id, Query},
+        request::{idempotency_key, json_bytes, ok, parse_json, session, Id, Query},
     },
     metrics::{self, Rejected},
     state::AppState,
@@ -28,14 +28,17 @@ use crate::{
 /// misspelled `ticketid` was a claim of any ticket type, with nothing said.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct GetBody {
-    act_id: Id,
-    #[serde(default)]
-    ticket_id: Option<Id>,
-    #[serde(default)]
-    claim_token: Option<String>,
-    #[serde(default)]
-    pow_nonce: Option<String>,
+struct GetBody<'a> {
+    // Borrowed from the body (strings without escapes): a claim's fields
+    // cost no allocation.
+    #[serde(borrow)]
+    act_id: Id<'a>,
+    #[serde(default, borrow)]
+    ticket_id: Option<Id<'a>>,
+    #[serde(default, borrow)]
+    claim_token: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pow_nonce: Option<Cow<'a, str>>,
 }
 
 /// A claim as `/ticket/list` and `/ticket/detail` show it: with the names
@@ -89,7 +92,8 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
         .admit_claim_by(session.user_id, now)
         .inspect_err(|_| m.reject(Rejected::UserRate))?;
     let key = idempotency_key(req.headers())?.map(Arc::<str>::from);
-    let body: GetBody = json_body(state, req).await?;
+    let bytes = json_bytes(state, req).await?;
+    let body: GetBody<'_> = parse_json(&bytes)?;
     let catalog = state.catalog.load();
     let result = state
         .claimer
@@ -98,15 +102,15 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
             ClaimRequest {
                 user_id: session.user_id,
                 account_created_ms: session.account_created_ms,
-                activity_id: &body.act_id.0,
-                ticket_id: body.ticket_id.as_ref().map(|t| t.0.as_str()),
+                activity_id: body.act_id.as_str(),
+                ticket_id: body.ticket_id.as_ref().map(Id::as_str),
                 idempotency_key: key,
                 claim_token: body.claim_token.as_deref(),
                 pow_nonce: body.pow_nonce.as_deref(),
             },
         )
         .await;
-    if let Some(activity) = catalog.activity(&body.act_id.0) {
+    if let Some(activity) = catalog.activity(body.act_id.as_str()) {
         let outcome = ClaimOutcome::of(&result);
         state.stats.record(
             &activity.id,
