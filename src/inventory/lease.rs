@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 use super::{pool::CodePool, stock::Stock};
 use crate::{
     config::ClusterConfig,
-    store::{ClusterError, LeaseSource, Leased, StoreError},
+    store::{ClusterError, LeaseSource, Leased, NodeSettings, StoreError},
     worker::{Ctl, Stop},
 };
 
@@ -289,9 +289,15 @@ impl Leasing {
         }
         // Only once every activity is tracked: a reload refused halfway
         // must not have published the new limits and pauses.
-        let settings: Vec<(Arc<str>, u32, bool)> = activities
+        let settings: Vec<_> = activities
             .iter()
-            .map(|a| (a.id.clone(), a.per_user_limit, a.paused))
+            .map(|a| {
+                let here = NodeSettings {
+                    limit: a.per_user_limit,
+                    paused: a.paused,
+                };
+                (a.id.clone(), here)
+            })
             .collect();
         self.source.set_node_settings(&settings);
         Ok(())

@@ -39,7 +39,7 @@ use std::sync::Arc;
 pub use cluster::{
     lease::{LeaseSource, Leased},
     rooms::{Appended, Joined, RoomSource},
-    ClusterStore,
+    ClusterStore, NodeSettings,
 };
 pub use embedded::{journal_dir, own_files, EmbeddedStore};
 pub use types::{

@@ -204,17 +204,14 @@ impl LeaseSource {
     /// Redis, and the record of an activity the config dropped removed (it
     /// would hold the other nodes to it). Best effort, and not while Redis
     /// is known down: every heartbeat records them too ([`record_settings`]).
-    pub fn set_node_settings(&self, settings: &[(Arc<str>, u32, bool)]) {
+    pub fn set_node_settings(&self, settings: &[(Arc<str>, NodeSettings)]) {
         for mut e in self.shared.settings.iter_mut() {
-            if !settings.iter().any(|(a, _, _)| a == e.key()) {
+            if !settings.iter().any(|(a, _)| a == e.key()) {
                 e.here = None;
             }
         }
-        for (activity, limit, paused) in settings {
-            self.shared.settings.entry(activity.clone()).or_default().here = Some(NodeSettings {
-                limit: *limit,
-                paused: *paused,
-            });
+        for (activity, here) in settings {
+            self.shared.settings.entry(activity.clone()).or_default().here = Some(*here);
         }
         if !self.is_up() {
             return;

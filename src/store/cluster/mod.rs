@@ -76,6 +76,7 @@ pub use connection::RedisConn;
 pub use error::ClusterError;
 use lease::LeaseSource;
 use record::Record;
+pub use shared::NodeSettings;
 use shared::{block_on, on, Msg, Serving, Shared};
 
 use crate::{
