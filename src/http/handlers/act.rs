@@ -67,7 +67,9 @@ fn closed(a: &Activity) -> bool {
     a.room.as_ref().is_some_and(|r| r.admits_no_more())
 }
 
-fn view<'a>(a: &'a Activity, now: i64, stock: &Stock) -> ActivityView<'a> {
+/// `a` as the API shows it; `closed` as [`closed`] finds it, or as a
+/// summary of its room taken at the same time says.
+fn view<'a>(a: &'a Activity, now: i64, stock: &Stock, closed: bool) -> ActivityView<'a> {
     ActivityView {
         act_id: &a.id,
         name: &a.name,
@@ -81,7 +83,7 @@ fn view<'a>(a: &'a Activity, now: i64, stock: &Stock) -> ActivityView<'a> {
         pow_difficulty: a.pow_difficulty,
         accounts_before: a.accounts_before_ms.map(rfc3339_ms),
         admission: a.room.as_ref().map_or(AdmissionMode::Race, |r| r.settings().mode),
-        closed: closed(a),
+        closed,
         remaining: stock.remaining,
         claimed: stock.claimed,
         tickets: a
@@ -131,8 +133,8 @@ pub fn list(state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
                 .filter(|a| a.status(now) != Status::Ended)
                 .map(|a| (a, state.claimer.stock(a)))
                 .collect();
-            let activities: Vec<_> = stock.iter().map(|(a, stock)| view(a, now, stock)).collect();
-            let json = Bytes::from(serde_json::to_vec(&activities).map_err(|_| ApiError::internal())?);
+            let activities: Vec<_> = stock.iter().map(|(a, stock)| view(a, now, stock, closed(a))).collect();
+            let json = crate::http::json::to_bytes(&activities).map_err(|_| ApiError::internal())?;
             catalog.keep_listing(Listing {
                 fingerprint,
                 json: json.clone(),
@@ -209,14 +211,17 @@ pub async fn detail(state: &AppState, req: &Request<Incoming>) -> Result<Respons
     }
     let now = now_ms();
     let stock = state.claimer.stock(activity);
-    let mut data = serde_json::to_value(view(activity, now, &stock)).map_err(|_| ApiError::internal())?;
+    // One look at the room: `closed` and the queue's figures from the same
+    // moment (two looks could say "closed" beside a room still admitting).
+    let room = activity.room.as_ref().map(|room| (room, room.summary()));
+    let closed = room.as_ref().is_some_and(|(_, summary)| summary.admits_no_more);
+    let mut data = serde_json::to_value(view(activity, now, &stock, closed)).map_err(|_| ApiError::internal())?;
     if let Some(obj) = data.as_object_mut() {
         obj.insert("serverTime".into(), rfc3339_ms(now).into());
-        if let Some(room) = &activity.room {
+        if let Some((room, summary)) = room {
             // The commitment is public before anyone can join; the seed once
             // the order is drawn (see `ticketd verify-draw`).
             let s = room.settings();
-            let summary = room.summary();
             obj.insert(
                 "queue".into(),
                 serde_json::json!({
