@@ -70,8 +70,8 @@ pub async fn json_bytes(state: &AppState, req: Request<Incoming>) -> Result<Byte
 }
 
 /// A body's data frames as one buffer. A body that came in one frame (a
-/// claim's, which arrives with its head) is that frame itself: no list of
-/// frames and no copy, as `BodyExt::collect` would make.
+/// claim's, which arrives with its head) is that frame itself, without the
+/// list of frames `BodyExt::collect` makes.
 async fn whole<B>(mut body: B) -> Result<Bytes, B::Error>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin,
@@ -290,6 +290,21 @@ pub fn ok<T: Serialize>(data: &T) -> Response<Full<Bytes>> {
             tracing::error!(error = %e, "Could not serialise a response.");
             ApiError::internal().into_response()
         }
+    }
+}
+
+/// A JSON string, borrowed from the body when it has no escapes (a claim
+/// token, a proof-of-work nonce: base64url and digits, which never do).
+/// serde borrows only a field that is itself a `Cow`, not one inside an
+/// `Option`: hence this type.
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+pub struct Text<'a>(#[serde(borrow)] pub Cow<'a, str>);
+
+impl Text<'_> {
+    /// The string.
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 

@@ -1,7 +1,7 @@
 //! `POST /ticket/get` (the claim), `GET /ticket/list`, `GET /ticket/detail`,
 //! `GET /ticket/qr`.
 
-use std::{borrow::Cow, net::IpAddr, sync::Arc, time::Instant};
+use std::{net::IpAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -16,7 +16,7 @@ use crate::{
     clock::now_ms,
     http::{
         error::ApiError,
-        request::{idempotency_key, json_bytes, ok, parse_json, session, Id, Query},
+        request::{idempotency_key, json_bytes, ok, parse_json, session, Id, Query, Text},
     },
     metrics::{self, Rejected},
     state::AppState,
@@ -36,9 +36,9 @@ struct GetBody<'a> {
     #[serde(default, borrow)]
     ticket_id: Option<Id<'a>>,
     #[serde(default, borrow)]
-    claim_token: Option<Cow<'a, str>>,
+    claim_token: Option<Text<'a>>,
     #[serde(default, borrow)]
-    pow_nonce: Option<Cow<'a, str>>,
+    pow_nonce: Option<Text<'a>>,
 }
 
 /// A claim as `/ticket/list` and `/ticket/detail` show it: with the names
@@ -105,8 +105,8 @@ pub async fn get(state: &AppState, req: Request<Incoming>, ip: IpAddr) -> Result
                 activity_id: body.act_id.as_str(),
                 ticket_id: body.ticket_id.as_ref().map(Id::as_str),
                 idempotency_key: key,
-                claim_token: body.claim_token.as_deref(),
-                pow_nonce: body.pow_nonce.as_deref(),
+                claim_token: body.claim_token.as_ref().map(Text::as_str),
+                pow_nonce: body.pow_nonce.as_ref().map(Text::as_str),
             },
         )
         .await;
@@ -246,4 +246,25 @@ pub async fn qr(state: &AppState, req: &Request<Incoming>) -> Result<Response<Fu
         http::HeaderValue::from_static("private, no-store"),
     );
     Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+
+    #[test]
+    fn a_claims_strings_are_borrowed_from_its_body() {
+        let body = br#"{"actId":"a-1","ticketId":"t-1","claimToken":"AbC_-9.xyz","powNonce":"42"}"#;
+        let b: GetBody<'_> = parse_json(body).unwrap();
+        assert!(matches!(b.act_id.0, Cow::Borrowed("a-1")));
+        assert!(matches!(b.ticket_id.map(|t| t.0), Some(Cow::Borrowed("t-1"))));
+        assert!(matches!(b.claim_token.map(|t| t.0), Some(Cow::Borrowed("AbC_-9.xyz"))));
+        assert!(matches!(b.pow_nonce.map(|t| t.0), Some(Cow::Borrowed("42"))));
+        // Escaped, it is unescaped into a copy.
+        let b: GetBody<'_> = parse_json(br#"{"actId":"a","claimToken":"x\u002dy"}"#).unwrap();
+        let token = b.claim_token.map(|t| t.0);
+        assert!(matches!(&token, Some(Cow::Owned(t)) if t == "x-y"), "{token:?}");
+    }
 }
