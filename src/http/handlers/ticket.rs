@@ -266,5 +266,17 @@ mod tests {
         let b: GetBody<'_> = parse_json(br#"{"actId":"a","claimToken":"x\u002dy"}"#).unwrap();
         let token = b.claim_token.map(|t| t.0);
         assert!(matches!(&token, Some(Cow::Owned(t)) if t == "x-y"), "{token:?}");
+        // As `Option<String>` read them: null or missing is none, a number no string.
+        for body in [
+            &br#"{"actId":"a","claimToken":null,"powNonce":null}"#[..],
+            br#"{"actId":"a"}"#,
+        ] {
+            let b: GetBody<'_> = parse_json(body).unwrap();
+            assert!(b.claim_token.is_none() && b.pow_nonce.is_none());
+        }
+        let e = parse_json::<GetBody<'_>>(br#"{"actId":"a","claimToken":1}"#)
+            .err()
+            .unwrap();
+        assert_eq!(e.code(), "INVALID_FIELD");
     }
 }
