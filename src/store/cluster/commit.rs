@@ -138,8 +138,6 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
         })
         .collect();
     let keys = scripts::Keys::new(&activity);
-    // Its records reach the backlog before they are counted here.
-    let counting = shared.backlog.begin();
     let results = match invoke_commit(shared, &keys, &work).await {
         Ok(r) => r,
         Err(error) => {
@@ -202,8 +200,8 @@ async fn commit_activity(shared: &Shared, activity: Arc<str>, claims: Vec<Pendin
     // One message per lane for this activity's claims, not a wake-up per
     // claim (see `vocab::Home`); the failure paths above do the same.
     answer_all(answers);
-    counting.done(committed);
     if committed > 0 {
+        shared.backlog.fetch_add(committed, Ordering::Relaxed);
         shared.backlog_grew.notify_one();
     }
 }
@@ -322,7 +320,7 @@ pub(super) async fn writer(shared: Arc<Shared>, ctl: Ctl, mut stop: Stop) {
             // holds an old count, not what is left: it said "not empty",
             // claims 0.
             if failing.is_empty() {
-                tracing::warn!(claims = shared.backlog.get(), "The MongoDB backlog is not empty; it stays in Redis and is written by this node's next start or by a live node.");
+                tracing::warn!(claims = shared.backlog.load(Ordering::Relaxed), "The MongoDB backlog is not empty; it stays in Redis and is written by this node's next start or by a live node.");
             } else {
                 tracing::warn!(activities = failing.len(), "The MongoDB backlog could not be read (Redis is not answering); what it holds stays in Redis and is written by this node's next start or by a live node.");
             }
@@ -335,7 +333,7 @@ pub(super) async fn writer(shared: Arc<Shared>, ctl: Ctl, mut stop: Stop) {
                 .unwrap_or_else(|_| {
                     // Cut short by the deadline: not drained (the loop's top ends it).
                     Ok(Pass {
-                        left: shared.backlog.get().max(1),
+                        left: shared.backlog.load(Ordering::Relaxed).max(1),
                         ..Pass::default()
                     })
                 }),
@@ -356,7 +354,7 @@ pub(super) async fn writer(shared: Arc<Shared>, ctl: Ctl, mut stop: Stop) {
                 }
                 // More to write, and writing goes: at once. Otherwise (a
                 // backlog that keeps failing waits its turn) when it grows.
-                if pass.written > 0 && shared.backlog.get() > 0 {
+                if pass.written > 0 && shared.backlog.load(Ordering::Relaxed) > 0 {
                     continue;
                 }
                 tokio::select! {
@@ -371,7 +369,7 @@ pub(super) async fn writer(shared: Arc<Shared>, ctl: Ctl, mut stop: Stop) {
                 // backlog from Redis fails too while Redis is away, and
                 // nothing would set it back up without a claim to write.
                 if error.is_mongo() && shared.mongo_up.swap(false, Ordering::Relaxed) {
-                    tracing::error!(%error, backlog = shared.backlog.get(), "Writing claims to MongoDB failed; they wait in the backlog and claims continue while it has room.");
+                    tracing::error!(%error, backlog = shared.backlog.load(Ordering::Relaxed), "Writing claims to MongoDB failed; they wait in the backlog and claims continue while it has room.");
                 }
                 // The back-off ends at the stop's deadline, if it comes first.
                 let until = tokio::time::Instant::now() + delay;
@@ -477,7 +475,6 @@ async fn drain_once(shared: &Shared, failing: &mut HashMap<Arc<str>, Failing>) -
         activities.extend(leftover.iter().cloned());
     }
     let mut pass = Pass::default();
-    let look = shared.backlog.look();
     failing.retain(|a, _| activities.contains(a));
     for activity in activities {
         if failing.get(&activity).is_some_and(|f| f.retry_at > Instant::now()) {
@@ -508,7 +505,7 @@ async fn drain_once(shared: &Shared, failing: &mut HashMap<Arc<str>, Failing>) -
     }
     // Exact only when every backlog was looked at.
     if failing.is_empty() {
-        shared.backlog.set_exact(look, pass.left);
+        shared.backlog.store(pass.left, Ordering::Relaxed);
         set_backlog_full(shared, pass.fullest >= shared.cfg.max_backlog);
     }
     Ok(pass)
@@ -548,7 +545,9 @@ async fn drain_activity(shared: &Shared, activity: &Arc<str>, written: &mut usiz
         *written += records.len();
         // Falls as records go, so that a pass stopped by a later error
         // still shows what it wrote (`left` below resets it exactly).
-        shared.backlog.acknowledged(acked);
+        let _ = shared
+            .backlog
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(acked)));
         if acked < batch.len() {
             // The head changed under us (a reaper moved it); re-read.
             tracing::debug!(acked, read = batch.len(), "Backlog head moved while writing.");

@@ -190,15 +190,12 @@ impl LeaseSource {
             return Ok(0);
         }
         let shared = &self.shared;
-        // Drained from now on (the writer's passes read its backlog), and
-        // counted here: not by both.
-        let counting = shared.backlog.begin();
         let (returned, backlog) = block_on(&self.handle, release(shared, activity, tickets))?;
         // Known only once released: a failed release is tried again by the
         // next track. The backlog an earlier run left is counted now (the
         // gauge falls as the writer acknowledges records).
         shared.activities.insert(activity.clone(), tickets.to_vec());
-        counting.done(backlog);
+        shared.backlog.fetch_add(backlog, Ordering::Relaxed);
         Ok(returned)
     }
 
@@ -579,9 +576,7 @@ async fn resolve_doubts(shared: &Shared) -> Result<Vec<(Arc<str>, String)>, Clus
     if committed > 0 {
         // One line per pass: a lagging replica puts whole batches here.
         tracing::warn!(claims = committed, "Claims answered 503 had in fact been committed: they stay their buyers' (a retry with the same Idempotency-Key returns them).");
-        // (Counted twice if a pass of the writer took an exact count since
-        // their commit: until its next.)
-        shared.backlog.begin().done(committed);
+        shared.backlog.fetch_add(committed, Ordering::Relaxed);
         shared.backlog_grew.notify_one();
     }
     match failure {
@@ -636,7 +631,6 @@ async fn reap(shared: &Shared) -> Result<(), ClusterError> {
 /// moved to this node.
 async fn reap_activity(shared: &Shared, activity: &str, tickets: &[Arc<str>]) -> Result<usize, ClusterError> {
     let mut redis = shared.redis.clone();
-    let counting = shared.backlog.begin();
     let (nodes, codes, moved): (usize, usize, usize) = on_this_node(&scripts::REAP, shared, activity, tickets)
         .invoke_async(&mut redis)
         .await?;
@@ -647,9 +641,9 @@ async fn reap_activity(shared: &Shared, activity: &str, tickets: &[Arc<str>]) ->
         tracing::warn!(activity, nodes, codes, "Reclaimed the expired leases of stopped nodes: their unclaimed codes are back on the master list and their backlog is now this node's.");
         // Counted now (the writer's gauge only falls after a pass that
         // reached MongoDB), and drained by the writer's next pass.
+        shared.backlog.fetch_add(moved, Ordering::Relaxed);
         shared.backlog_grew.notify_one();
     }
-    counting.done(moved);
     Ok(moved)
 }
 
@@ -733,7 +727,6 @@ async fn sweep_one(shared: &Shared, activity: &str) -> Result<(), ClusterError> 
         .await?;
     // A reload may have started selling it meanwhile: then `track` counted
     // its backlog, and the writer drains it as a sold activity's.
-    let counting = shared.backlog.begin();
     if !shared.activities.contains_key(activity) && shared.leftover.lock().insert(Arc::from(activity)) {
         tracing::info!(
             activity,
@@ -741,7 +734,7 @@ async fn sweep_one(shared: &Shared, activity: &str) -> Result<(), ClusterError> 
             "This node does not sell the activity, but its backlog holds claims: writing them to MongoDB."
         );
         // What the reap moved is counted already.
-        counting.done(own.saturating_sub(moved));
+        shared.backlog.fetch_add(own.saturating_sub(moved), Ordering::Relaxed);
         shared.backlog_grew.notify_one();
     }
     Ok(())

@@ -58,7 +58,7 @@ use std::{
     collections::{HashMap, HashSet},
     future::Future,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -584,7 +584,7 @@ impl ClusterStore {
             redis_up: AtomicBool::new(true),
             redis_durable: AtomicBool::new(true),
             mongo_up: AtomicBool::new(true),
-            backlog: shared::BacklogCount::default(),
+            backlog: AtomicUsize::new(0),
             backlog_full: AtomicBool::new(false),
             shutdown_grace_ms: AtomicU64::new(config.server.shutdown_grace.0.as_millis() as u64),
             activities: DashMap::new(),
@@ -720,7 +720,7 @@ impl ClusterStore {
     /// Backlog and connection state, for `/metrics`.
     pub fn gauges(&self) -> crate::metrics::ClusterGauges {
         crate::metrics::ClusterGauges {
-            backlog: self.shared.backlog.get(),
+            backlog: self.shared.backlog.load(Ordering::Relaxed),
             redis_up: self.shared.redis_up.load(Ordering::Relaxed),
             redis_durable: self.shared.redis_durable.load(Ordering::Relaxed),
             mongo_up: self.shared.mongo_up.load(Ordering::Relaxed),

@@ -6,7 +6,7 @@ use std::{
     collections::{HashMap, HashSet},
     future::Future,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
 };
@@ -73,8 +73,8 @@ pub(crate) struct Shared {
     pub redis_durable: AtomicBool,
     /// MongoDB took the last write.
     pub mongo_up: AtomicBool,
-    /// Claims in this node's backlogs (the `ticketd_mongo_backlog` gauge).
-    pub backlog: BacklogCount,
+    /// Claims in this node's backlogs at the last look.
+    pub backlog: AtomicUsize,
     /// The commit script answered FULL since the writer last made room.
     pub backlog_full: AtomicBool,
     /// `server.shutdown_grace` as last loaded, in milliseconds: how long the
@@ -233,128 +233,4 @@ pub struct NodeSettings {
     pub limit: u32,
     /// `paused` (each node refuses its own claims; the others sell on).
     pub paused: bool,
-}
-
-/// How many claims this node's backlogs hold: added to by what puts records
-/// there (a commit, a doubt found committed, a reap, a backlog found at
-/// start), taken from as the writer's records are acknowledged, and set
-/// exactly by a pass of the writer that read every backlog's length.
-///
-/// An exact count must not land between a change's write to Redis and its
-/// addition here: the length read after the write already holds the
-/// records, and the addition after it counted them twice (one claim with
-/// MongoDB down showed a backlog of 2 until MongoDB came back). So every
-/// change is bracketed ([`BacklogCount::begin`], [`Counting::done`]), and
-/// an exact count is taken only if none was under way or began while the
-/// lengths were read ([`BacklogCount::look`], [`BacklogCount::set_exact`]).
-/// Under a steady rush that is seldom: the count then goes by its additions
-/// and acknowledgements, each exact.
-#[derive(Debug, Default)]
-pub struct BacklogCount(Mutex<Count>);
-
-#[derive(Debug, Default)]
-struct Count {
-    records: usize,
-    /// Changes begun and not done.
-    busy: usize,
-    /// Changes begun, ever.
-    begun: u64,
-}
-
-/// A look before reading the backlogs' lengths (see [`BacklogCount::set_exact`]).
-#[derive(Debug, Clone, Copy)]
-pub struct Look {
-    quiet: bool,
-    begun: u64,
-}
-
-/// A change to the backlogs under way; [`Counting::done`] counts what it
-/// added (dropped without, it added nothing).
-#[must_use]
-pub struct Counting<'a>(&'a BacklogCount);
-
-impl BacklogCount {
-    /// Claims counted now.
-    pub fn get(&self) -> usize {
-        self.0.lock().records
-    }
-
-    /// Before a change that puts records in a backlog is sent to Redis.
-    pub fn begin(&self) -> Counting<'_> {
-        let mut c = self.0.lock();
-        c.busy += 1;
-        c.begun += 1;
-        Counting(self)
-    }
-
-    /// `n` records written to MongoDB and taken out of a backlog.
-    pub fn acknowledged(&self, n: usize) {
-        let mut c = self.0.lock();
-        c.records = c.records.saturating_sub(n);
-    }
-
-    /// Before the lengths of every backlog are read.
-    pub fn look(&self) -> Look {
-        let c = self.0.lock();
-        Look {
-            quiet: c.busy == 0,
-            begun: c.begun,
-        }
-    }
-
-    /// The lengths read since `look`, summed: taken when no change was
-    /// under way then and none began since. Says whether it was taken.
-    pub fn set_exact(&self, look: Look, records: usize) -> bool {
-        let mut c = self.0.lock();
-        let taken = look.quiet && c.busy == 0 && c.begun == look.begun;
-        if taken {
-            c.records = records;
-        }
-        taken
-    }
-}
-
-impl Counting<'_> {
-    /// The change is in Redis (or failed): `added` records are counted.
-    pub fn done(self, added: usize) {
-        self.0 .0.lock().records += added;
-        // `Drop` ends it.
-    }
-}
-
-impl Drop for Counting<'_> {
-    fn drop(&mut self) {
-        self.0 .0.lock().busy -= 1;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_count_read_while_a_change_is_under_way_is_not_taken() {
-        let count = BacklogCount::default();
-        // A commit's script has put one record in the backlog; its addition
-        // is yet to come when the writer reads the length (1).
-        let commit = count.begin();
-        let look = count.look();
-        assert!(!count.set_exact(look, 1));
-        commit.done(1);
-        assert_eq!(count.get(), 1, "counted once, not twice");
-        // A change that begins and ends while the lengths are read.
-        let look = count.look();
-        count.begin().done(1);
-        assert!(!count.set_exact(look, 2));
-        assert_eq!(count.get(), 2);
-        // Quiet throughout: the lengths are the count.
-        let look = count.look();
-        assert!(count.set_exact(look, 5));
-        assert_eq!(count.get(), 5);
-        count.acknowledged(7);
-        assert_eq!(count.get(), 0);
-        // A change that failed adds nothing and ends all the same.
-        drop(count.begin());
-        assert!(count.set_exact(count.look(), 3));
-    }
 }
