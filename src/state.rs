@@ -18,7 +18,7 @@ use crate::{
     inventory::{Inventory, Stock, Tracked},
     metrics::{self, Gauges},
     stats::RushStats,
-    store::{ImportReport, Store, StoreError},
+    store::{ImportReport, NodeSettings, Store, StoreError},
     worker::Runner,
 };
 
@@ -486,8 +486,10 @@ pub fn track(inventory: &Inventory, catalog: &Catalog) -> Result<(), StoreError>
         .iter()
         .map(|a| Tracked {
             id: a.id.clone(),
-            per_user_limit: a.per_user_limit,
-            paused: a.paused,
+            settings: NodeSettings {
+                limit: a.per_user_limit,
+                paused: a.paused,
+            },
             tickets: a.tickets.iter().map(|t| t.id.clone()).collect(),
         })
         .collect();

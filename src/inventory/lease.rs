@@ -47,12 +47,10 @@ const UNCOUNTED: u64 = u64::MAX;
 pub struct Tracked {
     /// The activity's id.
     pub id: Arc<str>,
-    /// The per-user limit this node's config sets (in a cluster, claims hold
-    /// to the lowest of the live nodes').
-    pub per_user_limit: u32,
-    /// Whether this node's config pauses it (in a cluster, said when the
-    /// live nodes differ).
-    pub paused: bool,
+    /// Its per-user limit and pause as this node's config sets them (in a
+    /// cluster, claims hold to the lowest of the live nodes' limits, and a
+    /// difference in either is said).
+    pub settings: NodeSettings,
     /// Its ticket types' ids.
     pub tickets: Vec<Arc<str>>,
 }
@@ -289,16 +287,7 @@ impl Leasing {
         }
         // Only once every activity is tracked: a reload refused halfway
         // must not have published the new limits and pauses.
-        let settings: Vec<_> = activities
-            .iter()
-            .map(|a| {
-                let here = NodeSettings {
-                    limit: a.per_user_limit,
-                    paused: a.paused,
-                };
-                (a.id.clone(), here)
-            })
-            .collect();
+        let settings: Vec<_> = activities.iter().map(|a| (a.id.clone(), a.settings)).collect();
         self.source.set_node_settings(&settings);
         Ok(())
     }

@@ -2655,11 +2655,7 @@ async fn nodes_that_disagree_on_the_limit_hold_to_the_lowest() {
         let res = node.claim(token, "lm").await;
         assert_eq!(res.status, 200, "{}", res.body);
     }
-    let config = std::fs::read_to_string(cluster.nodes[1].config_path()).unwrap();
-    let lowered = config.replace("per_user_limit = 2", "per_user_limit = 1");
-    assert_ne!(config, lowered);
-    let outcome = cluster.nodes[1].reload(&lowered);
-    assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
+    let config = cluster.nodes[1].reload_replacing("per_user_limit = 2", "per_user_limit = 1");
     let warned = cluster.nodes[1].wait_for_log(
         "per_user_limit differs across the live nodes: claims hold to the lowest until every node has the same.",
         1,
@@ -2702,11 +2698,8 @@ async fn a_pause_on_some_nodes_only_is_said() {
         let res = node.claim(&tokens[0], "pz").await;
         assert_eq!(res.status, 200, "{}", res.body);
     }
-    let config = std::fs::read_to_string(cluster.nodes[1].config_path()).unwrap();
-    let paused = config.replace("[[activity]]\n", "[[activity]]\npaused = true\n");
-    assert_ne!(config, paused);
-    let outcome = cluster.nodes[1].reload(&paused);
-    assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
+    let pause = ("[[activity]]\n", "[[activity]]\npaused = true\n");
+    cluster.nodes[1].reload_replacing(pause.0, pause.1);
     assert_error(&cluster.nodes[1].claim(&tokens[0], "pz").await, 409, "PAUSED");
     assert_eq!(cluster.nodes[0].claim(&tokens[0], "pz").await.status, 200);
     // Said by the node reloaded, and by the other at its next heartbeat.
@@ -2716,9 +2709,7 @@ async fn a_pause_on_some_nodes_only_is_said() {
     assert_eq!(there["paused_here"], false, "{there}");
 
     // Both paused: nothing more to say, and nobody sells.
-    let config0 = std::fs::read_to_string(cluster.nodes[0].config_path()).unwrap();
-    let outcome = cluster.nodes[0].reload(&config0.replace("[[activity]]\n", "[[activity]]\npaused = true\n"));
-    assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
+    cluster.nodes[0].reload_replacing(pause.0, pause.1);
     assert_error(&cluster.nodes[0].claim(&tokens[0], "pz").await, 409, "PAUSED");
     assert_eq!(
         (

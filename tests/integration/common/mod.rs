@@ -504,6 +504,18 @@ impl TestApp {
         }
     }
 
+    /// Reloads the node's config file with `from` replaced by `to` (which
+    /// must change it), asserting the reload applied; returns the file as
+    /// it was, to reload back.
+    pub fn reload_replacing(&self, from: &str, to: &str) -> String {
+        let config = std::fs::read_to_string(self.config_path()).unwrap();
+        let changed = config.replace(from, to);
+        assert_ne!(config, changed, "`{from}` is not in the config");
+        let outcome = self.reload(&changed);
+        assert_eq!(outcome["message"], "Config reloaded.", "{outcome}");
+        config
+    }
+
     /// The node's SQLite store, opened beside it (embedded mode).
     pub fn sqlite(&self) -> rusqlite::Connection {
         rusqlite::Connection::open(self.dir.path().join("data/ticketd.db")).unwrap()
